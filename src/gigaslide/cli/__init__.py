@@ -1,0 +1,1 @@
+"""Stage 9 — cli: the ``gigaslide`` command (see :mod:`gigaslide.cli.main`)."""

@@ -1,0 +1,3 @@
+"""CLI commands of the ssl stage (filled in by that stage)."""
+
+COMMANDS: dict = {}

@@ -1,0 +1,3 @@
+"""CLI commands of the streaming stage (filled in by that stage)."""
+
+COMMANDS: dict = {}

@@ -1,0 +1,26 @@
+"""One exception type for every user-facing failure.
+
+A :class:`GigaslideError` carries a one-line message that names the file (or value) at fault
+and says how to fix it. The CLI prints ``error: <message>`` and exits non-zero; it never shows a
+library traceback for bad input.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class GigaslideError(Exception):
+    """A user-facing error: ``what`` went wrong with ``path`` and ``fix`` says what to do."""
+
+    def __init__(self, what: str, *, path: str | os.PathLike | None = None, fix: str | None = None):
+        self.what = what
+        self.path = None if path is None else os.fspath(path)
+        self.fix = fix
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        parts = [f"{self.path}: {self.what}" if self.path else self.what]
+        if self.fix:
+            parts.append(f"fix: {self.fix}")
+        return " -- ".join(parts).replace("\n", " ")

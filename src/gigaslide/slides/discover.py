@@ -1,0 +1,53 @@
+"""Turn command-line inputs (files, folders) into a list of slide files."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from gigaslide.errors import GigaslideError
+from gigaslide.slides.slide import SLIDE_EXTENSIONS
+
+#: Whole-slide formats searched for in folders (plain images are accepted only when named directly).
+WSI_EXTENSIONS = tuple(e for e in SLIDE_EXTENSIONS if e not in (".png", ".jpg", ".jpeg"))
+
+
+def _is_slide(p: Path) -> bool:
+    return p.is_file() and p.name.lower().endswith(WSI_EXTENSIONS) and not p.name.startswith(".")
+
+
+def find_slides(inputs: Iterable[str | os.PathLike], recursive: bool = True) -> list[Path]:
+    """Files are taken as they are; folders are searched for slide files.
+
+    A DICOM WSI is a folder of ``.dcm`` files; only its first file (sorted) is listed, since
+    OpenSlide opens the whole series from any of them.
+    """
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if not p.exists():
+            raise GigaslideError("input not found", path=p, fix="check the path")
+        if p.is_file():
+            out.append(p)
+            continue
+        found = sorted(f for f in (p.rglob("*") if recursive else p.iterdir()) if _is_slide(f))
+        dicom_dirs: set[Path] = set()
+        n_before = len(out)
+        for f in found:
+            if f.suffix.lower() == ".dcm":
+                if f.parent in dicom_dirs:
+                    continue
+                dicom_dirs.add(f.parent)
+            out.append(f)
+        if len(out) == n_before:
+            raise GigaslideError("no slide files in this folder", path=p,
+                                 fix=f"put slides ({', '.join(WSI_EXTENSIONS[:6])}, ...) there or pass files directly")
+    seen: set[Path] = set()
+    unique = []
+    for f in out:
+        r = f.resolve()
+        if r not in seen:
+            seen.add(r)
+            unique.append(f)
+    return unique

@@ -1,0 +1,217 @@
+"""A thin slide handle: geometry, resolution, and region reads at a physical resolution.
+
+Tissue detection, tiling and encoding live in their own stages and take a :class:`Slide`; this
+class only knows how to read pixels. Coordinates are always level-0 pixels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from gigaslide.errors import GigaslideError
+from gigaslide.slides.backend import open_backend
+from gigaslide.slides.mpp import Mpp, mpp_from_properties, resolve_override
+
+#: A target resolution may be this much finer than the scan before it is refused (rounding in metadata).
+MPP_TOLERANCE = 0.1
+
+
+@dataclass(frozen=True)
+class LevelChoice:
+    level: int
+    level_downsample: float  # level-0 px per level px
+    scale: float  # level px per target px (>= 1 means we shrink after reading)
+
+
+class Slide:
+    """An open slide. Use as a context manager or call :meth:`close`."""
+
+    def __init__(self, path: str | os.PathLike, *, mpp: float | str | None = None, slide_id: str | None = None):
+        self.path = Path(path)
+        self.id = slide_id or slide_id_from_path(self.path)
+        self._handle, self.backend = open_backend(self.path)
+        override = resolve_override(mpp, self.id)
+        if override is not None:
+            self._mpp: Mpp | None = Mpp(override, override, "override")
+        else:
+            self._mpp = mpp_from_properties(self.properties)
+
+    # -- geometry -----------------------------------------------------------------------------
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        w, h = self._handle.dimensions
+        return int(w), int(h)
+
+    @property
+    def level_count(self) -> int:
+        return int(self._handle.level_count)
+
+    @property
+    def level_dimensions(self) -> list[tuple[int, int]]:
+        return [(int(w), int(h)) for w, h in self._handle.level_dimensions]
+
+    @property
+    def level_downsamples(self) -> list[float]:
+        return [float(d) for d in self._handle.level_downsamples]
+
+    @property
+    def properties(self) -> dict[str, str]:
+        return {str(k): str(v) for k, v in dict(self._handle.properties).items()}
+
+    @property
+    def associated_images(self) -> list[str]:
+        try:
+            return sorted(self._handle.associated_images.keys())
+        except Exception:  # noqa: BLE001
+            return []
+
+    @property
+    def vendor(self) -> str:
+        p = self.properties
+        return p.get("openslide.vendor") or p.get("tiffslide.vendor") or self.backend
+
+    # -- resolution ---------------------------------------------------------------------------
+    @property
+    def has_mpp(self) -> bool:
+        return self._mpp is not None
+
+    @property
+    def mpp_info(self) -> Mpp:
+        if self._mpp is None:
+            raise GigaslideError(
+                "slide has no resolution (mpp) in its metadata",
+                path=self.path,
+                fix="give it with --slide-mpp 0.25 (µm/px at level 0) or a CSV with columns slide_id,mpp",
+            )
+        return self._mpp
+
+    @property
+    def mpp(self) -> float:
+        return self.mpp_info.mean
+
+    def check_target_mpp(self, target_mpp: float) -> None:
+        if target_mpp <= 0:
+            raise GigaslideError(f"target mpp {target_mpp} must be positive", fix="use e.g. --mpp 0.5")
+        if target_mpp < self.mpp * (1 - MPP_TOLERANCE):
+            raise GigaslideError(
+                f"target resolution {target_mpp} µm/px is finer than the scan ({self.mpp:.4g} µm/px, from {self.mpp_info.source})",
+                path=self.path,
+                fix=f"use --mpp {self.mpp:.3g} or coarser (or correct the scan resolution with --slide-mpp)",
+            )
+
+    def choose_level(self, target_mpp: float) -> LevelChoice:
+        """Coarsest level that is still at least as fine as ``target_mpp``."""
+        want = target_mpp / self.mpp  # level-0 px per target px
+        best = 0
+        for i, d in enumerate(self.level_downsamples):
+            if d <= want * (1 + 1e-3):
+                best = i
+        d = self.level_downsamples[best]
+        return LevelChoice(best, d, want / d)
+
+    # -- pixels ---------------------------------------------------------------------------------
+    def read_region(self, location: tuple[int, int], size: tuple[int, int], target_mpp: float,
+                    level: LevelChoice | None = None) -> np.ndarray:
+        """RGB uint8 array of ``size`` (w, h) target px whose top-left is ``location`` in level-0 px."""
+        ch = level or self.choose_level(target_mpp)
+        w, h = size
+        lw = max(1, math.ceil(w * ch.scale - 1e-6))
+        lh = max(1, math.ceil(h * ch.scale - 1e-6))
+        try:
+            img = self._handle.read_region((int(location[0]), int(location[1])), ch.level, (lw, lh))
+        except Exception as e:  # noqa: BLE001
+            raise GigaslideError(
+                f"cannot read pixels at {tuple(location)} level {ch.level} ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+                path=self.path,
+                fix="the file is damaged or incomplete; re-copy or re-scan it, or exclude it from the batch",
+            ) from None
+        if (lw, lh) != (w, h):
+            img = img.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=None if ch.scale < 2 else 2.0)
+        return to_rgb(img)
+
+    def thumbnail(self, max_size: int = 1024) -> tuple[np.ndarray, float]:
+        """RGB thumbnail whose longer side is at most ``max_size``; returns (array, level-0 px per thumb px)."""
+        W, H = self.dimensions
+        ds = max(W, H) / max_size
+        ds = max(ds, 1.0)
+        tw, th = max(1, round(W / ds)), max(1, round(H / ds))
+        level = 0
+        for i, d in enumerate(self.level_downsamples):
+            if d <= ds * (1 + 1e-3):
+                level = i
+        lw, lh = self.level_dimensions[level]
+        try:
+            img = self._handle.read_region((0, 0), level, (lw, lh)) if lw * lh <= 64e6 else None
+        except Exception as e:  # noqa: BLE001
+            raise GigaslideError(f"cannot read the slide's pixels ({str(e).splitlines()[0]})", path=self.path,
+                                 fix="the file is damaged or incomplete; re-copy or re-scan it") from None
+        if img is None:
+            img = self._handle.get_thumbnail((tw, th))
+        img = img.resize((tw, th), Image.Resampling.BILINEAR) if img.size != (tw, th) else img
+        return to_rgb(img), W / tw
+
+    def info(self) -> dict[str, Any]:
+        mpp = self._mpp
+        return {
+            "path": str(self.path),
+            "slide_id": self.id,
+            "backend": self.backend,
+            "vendor": self.vendor,
+            "dimensions": list(self.dimensions),
+            "level_count": self.level_count,
+            "level_dimensions": [list(d) for d in self.level_dimensions],
+            "level_downsamples": self.level_downsamples,
+            "mpp": None if mpp is None else [mpp.x, mpp.y],
+            "mpp_source": None if mpp is None else mpp.source,
+            "objective_power": self.properties.get("openslide.objective-power"),
+            "associated_images": self.associated_images,
+        }
+
+    def close(self) -> None:
+        try:
+            self._handle.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Slide({str(self.path)!r}, {self.dimensions[0]}x{self.dimensions[1]}, mpp={self._mpp and round(self._mpp.mean, 4)})"
+
+
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """RGBA (transparent outside the scanned area) -> RGB on white."""
+    if img.mode == "RGBA":
+        arr = np.asarray(img)
+        rgb = arr[..., :3]
+        alpha = arr[..., 3:4]
+        if alpha.min() == 255:
+            return np.ascontiguousarray(rgb)
+        a = alpha.astype(np.uint16)
+        return ((rgb.astype(np.uint16) * a + 255 * (255 - a)) // 255).astype(np.uint8)
+    return np.asarray(img.convert("RGB"))
+
+
+def slide_id_from_path(path: Path) -> str:
+    name = path.name
+    for ext in sorted(SLIDE_EXTENSIONS, key=len, reverse=True):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return path.stem
+
+
+SLIDE_EXTENSIONS = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
+    ".qptiff", ".ome.tif", ".ome.tiff", ".czi", ".png", ".jpg", ".jpeg",
+)

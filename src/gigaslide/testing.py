@@ -1,0 +1,72 @@
+"""Helpers for tests and benchmarks: synthetic pyramidal slides and tiny encoders.
+
+Everything here is generated on the fly; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from gigaslide.slides.writer import write_pyramidal_tiff
+
+H_AND_E = np.array([[200, 120, 170], [120, 60, 150], [235, 170, 200]], np.float32)  # eosin, hematoxylin, light
+
+
+def _hash_noise(x: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
+    """Deterministic per-pixel noise in [0, 1) from integer coordinates (no state, any tile order)."""
+    h = (x.astype(np.uint64) * np.uint64(73856093)) ^ (y.astype(np.uint64) * np.uint64(19349663)) ^ np.uint64(seed * 83492791 + 1)
+    h = (h ^ (h >> np.uint64(13))) * np.uint64(0x5BD1E995)
+    h = h ^ (h >> np.uint64(15))
+    return (h & np.uint64(0xFFFF)).astype(np.float32) / 65536.0
+
+
+def tissue_fn(width: int, height: int, seed: int = 0, blobs: int = 3):  # noqa: ANN201
+    """A tile callback drawing ``blobs`` elliptical H&E-like tissue pieces on white glass."""
+    rng = np.random.default_rng(seed)
+    cx = rng.uniform(0.2, 0.8, blobs) * width
+    cy = rng.uniform(0.2, 0.8, blobs) * height
+    rx = rng.uniform(0.12, 0.25, blobs) * width
+    ry = rng.uniform(0.12, 0.25, blobs) * height
+
+    def fn(x0: int, y0: int, w: int, h: int, ds: float) -> np.ndarray:
+        xs = x0 + (np.arange(w, dtype=np.float64) + 0.5) * ds
+        ys = y0 + (np.arange(h, dtype=np.float64) + 0.5) * ds
+        X, Y = np.meshgrid(xs, ys)
+        inside = np.zeros((h, w), bool)
+        for i in range(blobs):
+            inside |= ((X - cx[i]) / rx[i]) ** 2 + ((Y - cy[i]) / ry[i]) ** 2 <= 1.0
+        out = np.full((h, w, 3), 245, np.float32)
+        if inside.any():
+            cell = 24.0  # level-0 px per "nucleus" cell
+            n = _hash_noise((X // cell).astype(np.int64), (Y // cell).astype(np.int64), seed)
+            nucleus = n < 0.25
+            base = np.where(nucleus[..., None], H_AND_E[1], H_AND_E[0])
+            jitter = (_hash_noise(X.astype(np.int64), Y.astype(np.int64), seed + 1)[..., None] - 0.5) * 30
+            out = np.where(inside[..., None], base + jitter, out)
+        return out.clip(0, 255).astype(np.uint8)
+
+    return fn
+
+
+def make_slide(path: str | os.PathLike, size: tuple[int, int] = (2048, 1536), *, mpp: float | None = 0.5, seed: int = 0,
+               blobs: int = 3, blank: bool = False, tile: int = 256, compression: str = "jpeg") -> Path:
+    """Write a synthetic pyramidal TIFF slide with tissue-like blobs (or blank glass)."""
+    w, h = size
+    fn = (lambda x0, y0, tw, th, ds: np.full((th, tw, 3), 245, np.uint8)) if blank else tissue_fn(w, h, seed, blobs)
+    return write_pyramidal_tiff(path, w, h, fn, mpp=mpp, tile=tile, compression=compression)
+
+
+def shared_data_dir() -> Path | None:
+    """``../shared/data`` relative to the repository (or $GIGASLIDE_SHARED_DATA), if present."""
+    env = os.environ.get("GIGASLIDE_SHARED_DATA")
+    candidates = [Path(env)] if env else []
+    here = Path(__file__).resolve()
+    candidates += [p / "shared" / "data" for p in here.parents]
+    candidates.append(Path.cwd().parent / "shared" / "data")
+    for c in candidates:
+        if (c / "MANIFEST.md").is_file():
+            return c
+    return None
