@@ -22,6 +22,7 @@ from gigaslide.errors import GigaslideError
 STAGE_MODULES = (
     "gigaslide.cli.spine",
     "gigaslide.cli.ssl",
+    "gigaslide.cli.slide_ssl",
     "gigaslide.cli.mil",
     "gigaslide.cli.streaming",
 )
@@ -106,8 +107,8 @@ def _add(parser, commands: dict[str, Any]) -> None:  # noqa: ANN001
     for name, cmd in commands.items():
         if isinstance(cmd, dict):
             group = ArgumentParser(description=f"{name}: " + ", ".join(cmd), formatter_class=_formatter())
-            _add(group, cmd)
             sub.add_subcommand(name, group, help=f"{name} " + "|".join(cmd))
+            _add(group, cmd)  # jsonargparse wants levels added top-down
         else:
             sub.add_subcommand(name, _sub_parser(cmd), help=_summary(cmd.func))
 

@@ -1,19 +1,173 @@
 """Commands of the spine: info, tile, encoders, encode."""
+
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 from gigaslide.cli.main import Command
+from gigaslide.errors import GigaslideError
 
 
-def info(slide: str, slide_mpp: float | str | None = None) -> None:
+def info(slide: str, slide_mpp: float | str | None = None, json_out: bool = False) -> None:
     """Show a slide's levels, dimensions, mpp (and where it came from), vendor and associated images.
 
-    Example: gigaslide info ../shared/data/slides/cmu-1-small-region.svs
+    Example:
+        gigaslide info ../shared/data/slides/cmu-1-small-region.svs
 
     Args:
         slide: slide file
         slide_mpp: override the resolution (µm/px at level 0), or a CSV with columns slide_id,mpp
+        json_out: print JSON instead of a table
     """
-    print(slide, slide_mpp)
+    from gigaslide.slides import open_slide
+
+    with open_slide(slide, mpp=slide_mpp) as s:
+        d = s.info()
+    if json_out:
+        print(json.dumps(d, indent=2))
+        return
+    print(f"slide       {d['path']}")
+    print(f"reader      {d['backend']} ({d['vendor']})")
+    mpp = "unknown (give --slide-mpp)" if d["mpp"] is None else f"{d['mpp'][0]:.4f} x {d['mpp'][1]:.4f} µm/px (from {d['mpp_source']})"
+    print(f"mpp         {mpp}")
+    if d["objective_power"]:
+        print(f"objective   {d['objective_power']}x")
+    print(f"levels      {d['level_count']}")
+    for i, (dim, ds) in enumerate(zip(d["level_dimensions"], d["level_downsamples"])):
+        print(f"  level {i}   {dim[0]} x {dim[1]} px  (downsample {ds:.3g})")
+    print(f"associated  {', '.join(d['associated_images']) or '-'}")
 
 
-COMMANDS = {"info": Command(info, positional="slide", nargs=None)}
+def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, overlap: int = 0, min_tissue: float = 0.25,
+         slide_mpp: float | str | None = None) -> None:
+    """Segment tissue and tile slides at a physical resolution; writes coords (level-0 px), overlays, GeoJSON.
+
+    Example:
+        gigaslide tile ../shared/data/slides/cmu-1-small-region.svs --out tiles_out --mpp 0.5 --tile-size 224
+
+    Output: OUT/patches/<slide>.h5 (coords, CLAM/TRIDENT layout), OUT/tissue/<slide>.png|.geojson (QuPath),
+    OUT/grid/<slide>.png, OUT/tile_manifest.json.
+
+    Args:
+        slides: slide files or folders of slides
+        out: output folder
+        mpp: target resolution in µm per pixel (0.5 ~ 20x)
+        tile_size: tile size in pixels at the target resolution
+        overlap: overlap between neighbouring tiles in pixels at the target resolution
+        min_tissue: keep tiles whose tissue fraction is at least this
+        slide_mpp: scan resolution override (µm/px at level 0) for slides without it, or a CSV slide_id,mpp
+    """
+    from gigaslide import atomic
+    from gigaslide.features.manifest import Manifest
+    from gigaslide.slides import find_slides, slide_id_from_path
+    from gigaslide.tiling import TilingParams, tile_slide
+
+    files = find_slides(slides)
+    outp = atomic.ensure_writable_dir(out)
+    params = TilingParams(mpp, tile_size, overlap, min_tissue)
+    man = Manifest(outp / "tile_manifest.json", {"command": "tile", **params.as_dict()})
+    failures: dict[str, str] = {}
+    for f in files:
+        try:
+            g = tile_slide(f, outp, params, slide_mpp=slide_mpp)
+            man.set(g.slide_id, "done", path=str(f), tiles=len(g))
+            print(f"{g.slide_id}: {len(g)} tiles")
+        except GigaslideError as e:
+            failures[slide_id_from_path(Path(f))] = e.one_line()
+            man.set(slide_id_from_path(Path(f)), "failed", path=str(f), error=e.one_line())
+            print(f"failed: {e.one_line()}", file=sys.stderr)
+    print(f"tiled {len(files) - len(failures)}/{len(files)} slides -> {outp}")
+    _raise_if_failed(failures, len(files), outp / "tile_manifest.json")
+
+
+def _raise_if_failed(failures: dict[str, str], n: int, manifest: Path) -> None:
+    n_fail = len(failures)
+    if n == 1 and n_fail == 1:  # a single slide: its own reason is the most useful line
+        raise GigaslideError(next(iter(failures.values())))
+    if n_fail:
+        raise GigaslideError(f"{n_fail} of {n} slides failed (the others finished)", path=manifest,
+                             fix="see each slide's error in the manifest; fix or remove those slides and re-run (finished slides are skipped)")
+
+
+def encoders() -> None:
+    """List the encoder registry: name, embedding size, input size, normalisation, native mpp, weight source.
+
+    Example:
+        gigaslide encoders
+    """
+    from gigaslide.encoders import ENCODERS
+
+    rows = [("name", "arch", "dim", "input", "mean / std", "mpp", "weights")]
+    for name, s in ENCODERS.items():
+        norm = "/".join(f"{m:.3g}" for m in s.mean) + " / " + "/".join(f"{v:.3g}" for v in s.std)
+        rows.append((name, s.arch, str(s.embed_dim or "auto"), str(s.input_size), norm,
+                     "-" if s.native_mpp is None else str(s.native_mpp), s.hub or s.weight_source))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print("\nweights: --weights PATH (.safetensors/.pt), a hub id from the local cache (default), RUN_DIR/encoder "
+          "exports, or 'random' (tests/benchmarks only)")
+
+
+def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str = "default", mpp: float = 0.5,
+           tile_size: int = 224, overlap: int = 0, min_tissue: float = 0.25, batch_size: int = 64, workers: int = 1,
+           precision: str = "auto", device: str = "auto", slide_mpp: float | str | None = None, threads: int = 2) -> None:
+    """Tile and encode slides into one HDF5 feature file per slide (CLAM/TRIDENT layout); resumable.
+
+    Example:
+        gigaslide encode ../shared/data/slides/cmu-1-small-region.svs --out feats --encoder resnet18 --weights random
+
+    Output: OUT/features/<slide>.h5 (features [N,D], coords [N,2] level-0 px, provenance attrs),
+    OUT/patches/, OUT/tissue/, OUT/grid/ and OUT/manifest.json (status, error and timing per slide).
+    A re-run skips finished slides; a broken slide is reported and the others go on.
+
+    Args:
+        slides: slide files or folders of slides
+        out: output folder
+        encoder: registry name (see `gigaslide encoders`) or an exported encoder folder (RUN_DIR/encoder)
+        weights: default (the encoder's own / local hub cache), a .safetensors/.pt path, or random (tests only)
+        mpp: target resolution in µm per pixel
+        tile_size: tile size in pixels at the target resolution (resized to the encoder's input size)
+        overlap: overlap between tiles in pixels at the target resolution
+        min_tissue: keep tiles whose tissue fraction is at least this
+        batch_size: tiles per forward pass
+        workers: DataLoader worker processes reading and decoding tiles (0 = in the main process)
+        precision: auto (bf16 on CPU when it matches fp32 to cosine 0.999; AMP on CUDA), bf16, fp16 or fp32
+        device: auto, cpu, cuda or cuda:N
+        slide_mpp: scan resolution override (µm/px at level 0), or a CSV slide_id,mpp
+        threads: torch CPU threads for the model
+    """
+    import torch
+
+    from gigaslide.cli.progress import progress_bar
+    from gigaslide.encoders import build_encoder
+    from gigaslide.features.extract import encode_slides
+    from gigaslide.slides import find_slides
+    from gigaslide.tiling import TilingParams
+
+    if precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise GigaslideError(f"unknown precision '{precision}'", fix="use auto, bf16, fp16 or fp32")
+    torch.set_num_threads(max(1, threads))
+    files = find_slides(slides)
+    enc = build_encoder(encoder, weights)
+    if weights == "random":
+        print("note: random weights -- features are for tests and benchmarks only", file=sys.stderr)
+    with progress_bar("encode") as update:
+        res = encode_slides(files, out, enc, TilingParams(mpp, tile_size, overlap, min_tissue), batch_size=batch_size,
+                            workers=workers, precision=precision, device=device, slide_mpp=slide_mpp, progress=update)
+    rate = res.tiles / res.seconds if res.seconds else 0.0
+    print(f"encoded {len(res.done)} slides ({res.tiles} tiles, {rate:.1f} tiles/s, {res.precision}), "
+          f"skipped {len(res.skipped)} finished, failed {len(res.failed)} -> {Path(out) / 'features'}")
+    for sid, err in res.failed.items():
+        print(f"failed {sid}: {err}", file=sys.stderr)
+    _raise_if_failed(res.failed, len(files), Path(out) / "manifest.json")
+
+
+COMMANDS = {
+    "info": Command(info, positional="slide", nargs=None),
+    "tile": Command(tile, positional="slides"),
+    "encoders": Command(encoders),
+    "encode": Command(encode, positional="slides"),
+}

@@ -42,6 +42,9 @@ def open_backend(path: str | os.PathLike) -> tuple[Any, str]:
     for name, opener in (("openslide", _open_openslide), ("tiffslide", _open_tiffslide), ("image", _open_image)):
         try:
             handle = opener(p)
+            if name != "openslide":  # fallbacks open lazily: prove that pixels decode
+                last = handle.level_count - 1
+                handle.read_region((0, 0), last, (1, 1))
         except Exception as e:  # noqa: BLE001 - every reader's failure is collected
             errors.append(f"{name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
             continue

@@ -1,0 +1,165 @@
+"""Build an encoder: a timm trunk plus its preprocessing, with weights from a file, a local hub
+cache, a gigaslide export folder, or random (tests and benchmarks only)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gigaslide import atomic
+from gigaslide.encoders.specs import ENCODERS, EncoderSpec
+from gigaslide.encoders.weights import file_sha256, read_state_dict, resolve_hub_weights, strip_prefixes
+from gigaslide.errors import GigaslideError
+
+EXPORT_SPEC = "encoder.json"
+EXPORT_WEIGHTS = "weights.safetensors"
+
+
+class TruncatedResNet(nn.Module):
+    """A timm ResNet up to ``out_stage`` (1-4), average-pooled (CLAM's resnet50_trunc uses stage 3)."""
+
+    def __init__(self, arch: str, out_stage: int):
+        super().__init__()
+        import timm
+
+        m = timm.create_model(arch, pretrained=False, num_classes=0)
+        self.conv1, self.bn1, self.act1, self.maxpool = m.conv1, m.bn1, m.act1, m.maxpool
+        self.layers = nn.Sequential(*[getattr(m, f"layer{i}") for i in range(1, out_stage + 1)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        return self.layers(x).mean(dim=(2, 3))
+
+
+def create_trunk(spec: EncoderSpec) -> nn.Module:
+    """The architecture with random weights and no classifier (forward -> [N, embed_dim])."""
+    import timm
+
+    kw = dict(spec.timm_kwargs)
+    if "out_stage" in kw:
+        return TruncatedResNet(spec.arch, int(kw.pop("out_stage")))
+    return timm.create_model(spec.arch, pretrained=False, num_classes=0, **kw)
+
+
+class Encoder(nn.Module):
+    """``forward(uint8 NHWC or float NCHW in [0, 1]) -> [N, D]`` with the spec's preprocessing."""
+
+    def __init__(self, spec: EncoderSpec, trunk: nn.Module, weights_id: str):
+        super().__init__()
+        self.spec = spec
+        self.trunk = trunk
+        self.weights_id = weights_id
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.spec.embed_dim
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, H, W, 3] (as read from slides) or float [N, 3, H, W] in [0, 1] -> normalised float NCHW."""
+        if x.dtype == torch.uint8:
+            x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        s = self.spec.input_size
+        if x.shape[-2:] != (s, s):
+            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=x.shape[-1] > s)
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.spec.family == "cnn" else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(self.preprocess(x))
+
+
+def _load_into(trunk: nn.Module, sd: dict[str, torch.Tensor], source: str, spec: EncoderSpec) -> None:
+    own = trunk.state_dict()
+    sd = strip_prefixes(sd, set(own))
+    # drop classifier / projection heads the trunk does not have
+    sd = {k: v for k, v in sd.items() if k in own or not k.startswith(("fc.", "head.", "classifier.", "projection", "prototypes"))}
+    if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
+        from timm.layers import resample_abs_pos_embed
+
+        n_prefix = getattr(trunk, "num_prefix_tokens", 1)
+        gs = getattr(getattr(trunk, "patch_embed", None), "grid_size", None)
+        if gs is not None:
+            sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], new_size=list(gs), num_prefix_tokens=n_prefix)
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    bad_shape = [k for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or bad_shape:
+        raise GigaslideError(
+            f"weights do not fit encoder '{spec.name}' ({spec.arch}): {len(missing)} missing "
+            f"(e.g. {missing[:2]}), {len(bad_shape)} with other shapes (e.g. {bad_shape[:2]}), {len(unexpected)} unexpected",
+            path=source, fix="pick the --encoder these weights were trained for (see `gigaslide encoders`)",
+        )
+    trunk.load_state_dict({k: sd[k] for k in own}, strict=True)
+
+
+def _spec_from_export(folder: Path) -> EncoderSpec:
+    try:
+        return EncoderSpec.from_dict(json.loads((folder / EXPORT_SPEC).read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise GigaslideError(f"bad encoder export ({e})", path=folder / EXPORT_SPEC, fix="re-export the encoder") from None
+
+
+def build_encoder(name: str, weights: str | None = "default", *, seed: int = 0) -> Encoder:
+    """An :class:`Encoder` in eval mode.
+
+    ``name``: a registry name (``gigaslide encoders``) or a folder exported by :func:`export_encoder`
+    (e.g. ``RUN_DIR/encoder``). ``weights``: ``"default"`` (the export's own weights, or the entry's
+    hub weights from the local cache), ``"random"`` (tests and benchmarks only: the features mean
+    nothing), or a path to ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin``.
+    """
+    folder = Path(name)
+    if (folder / EXPORT_SPEC).is_file():
+        spec = _spec_from_export(folder)
+        if weights in (None, "default"):
+            weights = str(folder / EXPORT_WEIGHTS)
+    elif os.sep in name or name.endswith((".json",)):
+        raise GigaslideError("not an encoder export folder (no encoder.json)", path=name,
+                             fix="pass a registry name (see `gigaslide encoders`) or RUN_DIR/encoder")
+    else:
+        spec = ENCODERS.get(name)
+    torch.manual_seed(seed)
+    trunk = create_trunk(spec)
+    if spec.embed_dim == 0:  # tiny test architectures: read the size off the model
+        spec = _with_dim(spec, trunk)
+    if weights == "random":
+        weights_id = f"random-seed{seed}"
+    else:
+        if weights in (None, "default"):
+            if not spec.hub:
+                raise GigaslideError(f"encoder '{spec.name}' has no default weights", fix="pass --weights PATH or --weights random")
+            path = resolve_hub_weights(spec.hub)
+        else:
+            path = Path(weights)
+        _load_into(trunk, read_state_dict(path), str(path), spec)
+        weights_id = "sha256:" + file_sha256(path)
+    enc = Encoder(spec, trunk, weights_id).eval()
+    return enc
+
+
+def _with_dim(spec: EncoderSpec, trunk: nn.Module) -> EncoderSpec:
+    import dataclasses
+
+    dim = int(getattr(trunk, "num_features", 0))
+    if not dim:
+        with torch.no_grad():
+            dim = int(trunk(torch.zeros(1, 3, spec.input_size, spec.input_size)).shape[-1])
+    return dataclasses.replace(spec, embed_dim=dim)
+
+
+def export_encoder(folder: str | os.PathLike, trunk: nn.Module, spec: EncoderSpec) -> Path:
+    """Write ``folder/encoder.json`` + ``folder/weights.safetensors`` so ``build_encoder(folder)`` loads it."""
+    from safetensors.torch import save_file
+
+    folder = atomic.ensure_writable_dir(folder)
+    sd = {k: v.detach().cpu().contiguous() for k, v in trunk.state_dict().items()}
+    with atomic.atomic_path(folder / EXPORT_WEIGHTS, suffix=".safetensors") as tmp:
+        save_file(sd, str(tmp), metadata={"format": "pt", "encoder": spec.name, "arch": spec.arch})
+    atomic.write_text(folder / EXPORT_SPEC, spec.to_json())
+    return folder

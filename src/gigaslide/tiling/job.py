@@ -1,0 +1,69 @@
+"""Tile one slide end to end: tissue mask -> grid -> coords file + overlays (resumable)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from gigaslide.errors import GigaslideError
+from gigaslide.slides import open_slide
+from gigaslide.tiling.grid import TileGrid, make_grid
+from gigaslide.tiling.overlay import grid_overlay_png
+from gigaslide.tiling.store import load_grid, save_grid
+from gigaslide.tiling.tissue import overlay_png, save_geojson, segment_tissue
+
+
+@dataclass(frozen=True)
+class TilingParams:
+    mpp: float = 0.5
+    tile_size: int = 224
+    overlap: int = 0
+    min_tissue: float = 0.25
+
+    def matches(self, grid: TileGrid) -> bool:
+        return (abs(grid.target_mpp - self.mpp) < 1e-9 and grid.tile_size == self.tile_size
+                and grid.overlap == self.overlap and abs(grid.min_tissue - self.min_tissue) < 1e-9)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def layout(out: str | os.PathLike, slide_id: str) -> dict[str, Path]:
+    o = Path(out)
+    return {
+        "coords": o / "patches" / f"{slide_id}.h5",
+        "tissue_png": o / "tissue" / f"{slide_id}.png",
+        "tissue_geojson": o / "tissue" / f"{slide_id}.geojson",
+        "grid_png": o / "grid" / f"{slide_id}.png",
+        "features": o / "features" / f"{slide_id}.h5",
+    }
+
+
+def tile_slide(path: str | os.PathLike, out: str | os.PathLike, params: TilingParams, *,
+               slide_mpp: float | str | None = None, overlays: bool = True, reuse: bool = True) -> TileGrid:
+    """Tile ``path`` into ``out`` (see :func:`layout`); reuses an existing coords file made with the same params."""
+    with open_slide(path, mpp=slide_mpp) as slide:
+        paths = layout(out, slide.id)
+        if reuse and paths["coords"].is_file():
+            try:
+                grid = load_grid(paths["coords"])
+                if params.matches(grid):
+                    return grid
+            except GigaslideError:
+                pass
+        slide.check_target_mpp(params.mpp) if slide.has_mpp else slide.mpp_info  # mpp_info raises a clear error
+        tissue, thumb = segment_tissue(slide)
+        grid = make_grid(slide, tissue, target_mpp=params.mpp, tile_size=params.tile_size, overlap=params.overlap,
+                         min_tissue=params.min_tissue)
+        if overlays:
+            overlay_png(thumb, tissue.mask, paths["tissue_png"])
+            save_geojson(tissue, paths["tissue_geojson"])
+            grid_overlay_png(thumb, tissue.downsample, grid, paths["grid_png"])
+        if len(grid) == 0:
+            raise GigaslideError(
+                f"no tissue tiles found (tissue covers {100 * tissue.fraction:.1f}% of the thumbnail; min tissue {params.min_tissue})",
+                path=slide.path, fix="check the slide is not blank; lower --min-tissue or use a smaller --tile-size",
+            )
+        save_grid(grid, paths["coords"])
+        return grid

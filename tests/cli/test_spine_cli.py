@@ -1,0 +1,124 @@
+"""The spine's commands, and every bad input of the spine issue: one clear line, no traceback, nothing half-written."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from gigaslide.cli.main import main
+from gigaslide.testing import make_slide
+
+ENC = ["--encoder", "test_resnet", "--weights", "random", "--mpp", "1.0", "--tile-size", "64", "--workers", "0"]
+
+
+def _one_line_error(capsys, *must: str) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
+    for m in must:
+        assert m in lines[0], lines[0]
+    assert "fix:" in lines[0]
+    return lines[0]
+
+
+def test_help_has_example_for_every_command(capsys):
+    from gigaslide.cli.main import _collect
+
+    def walk(cmds, prefix):  # noqa: ANN001, ANN202
+        for name, c in cmds.items():
+            if isinstance(c, dict):
+                yield from walk(c, [*prefix, name])
+            else:
+                yield [*prefix, name]
+
+    for path in walk(_collect(), []):
+        with pytest.raises(SystemExit) as e:
+            main([*path, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert "Example" in out and "gigaslide " + " ".join(path) in out, path
+
+
+def test_info_and_encoders(capsys, real_slides):
+    assert main(["info", str(real_slides / "cmu-1-small-region.svs")]) == 0
+    out = capsys.readouterr().out
+    assert "0.4990" in out and "aperio" in out and "label" in out
+    assert main(["encoders"]) == 0
+    assert "vit_small_dinov2" in capsys.readouterr().out
+
+
+def test_encode_end_to_end_with_dashes_and_config(tmp_path, synthetic_slide, capsys):
+    assert main(["encode", str(synthetic_slide), "--out", str(tmp_path / "o"), *ENC]) == 0
+    assert (tmp_path / "o" / "features" / "synth.h5").is_file()
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("encoder: test_resnet\nweights: random\nmpp: 1.0\ntile_size: 64\nworkers: 0\n")
+    assert main(["encode", str(synthetic_slide), "--out", str(tmp_path / "o"), "--config", str(cfg)]) == 0
+    assert "skipped 1 finished" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["unopenable", "unreadable", "missing", "empty_dir", "no_mpp", "mpp_too_fine",
+                                  "tile_too_big", "blank", "truncated", "unwritable"])
+def test_bad_input(case, tmp_path, real_slides, capsys):
+    out = tmp_path / "out"
+    args = ENC
+    if case == "unopenable":
+        src, must = real_slides / "corrupt" / "unopenable.tiff", ["unopenable.tiff"]
+    elif case == "unreadable":
+        src, must = real_slides / "corrupt" / "unreadable.svs", ["unreadable.svs", "damaged"]
+    elif case == "missing":
+        src, must = tmp_path / "nope.svs", ["nope.svs", "not found"]
+    elif case == "empty_dir":
+        (tmp_path / "empty").mkdir()
+        src, must = tmp_path / "empty", ["no slide files"]
+    elif case == "no_mpp":
+        src, must = real_slides / "tcga-cr-7395-01a-01-ts1.svs", ["tcga-cr-7395-01a-01-ts1.svs", "--slide-mpp"]
+    elif case == "mpp_too_fine":
+        src, must = real_slides / "cmu-1-small-region.svs", ["cmu-1-small-region.svs", "finer than the scan"]
+        args = [*ENC, "--mpp", "0.25"]
+    elif case == "tile_too_big":
+        src, must = real_slides / "cmu-1-small-region.svs", ["cmu-1-small-region.svs", "more than the slide"]
+        args = [*ENC, "--tile-size", "5000"]
+    elif case == "blank":
+        src, must = make_slide(tmp_path / "blank.tiff", (800, 800), blank=True), ["blank.tiff", "no tissue"]
+    elif case == "truncated":
+        data = (real_slides / "cmu-1-small-region.svs").read_bytes()
+        src = tmp_path / "trunc.svs"
+        src.write_bytes(data[: len(data) // 2])
+        must = ["trunc.svs"]
+    else:  # unwritable: the output path sits under a regular file
+        (tmp_path / "file").write_text("x")
+        src, must, out = real_slides / "cmu-1-small-region.svs", ["cannot create output directory"], tmp_path / "file" / "o"
+    code = main(["encode", str(src), "--out", str(out), *args])
+    assert code == 2
+    _one_line_error(capsys, *must)
+    if out.is_dir():
+        assert not list(out.rglob(".tmp-*"))
+        assert not list((out / "features").glob("*.h5")) if (out / "features").is_dir() else True
+
+
+@pytest.mark.parametrize("case,expect", [("no_mpp", "--slide-mpp"), ("mpp_too_fine", "finer than the scan"),
+                                         ("tile_too_big", "more than the slide"), ("blank", "no tissue")])
+def test_per_slide_errors_name_slide_and_fix(case, expect, tmp_path, real_slides, capsys):
+    """In a batch the per-slide reason goes to stderr (and the manifest); it names the slide and the fix."""
+    tile_args = ["--mpp", "1.0", "--tile-size", "64"]
+    if case == "no_mpp":
+        src = real_slides / "tcga-cr-7395-01a-01-ts1.svs"
+    elif case == "mpp_too_fine":
+        src, tile_args = real_slides / "cmu-1-small-region.svs", ["--mpp", "0.25"]
+    elif case == "tile_too_big":
+        src, tile_args = real_slides / "cmu-1-small-region.svs", ["--tile-size", "5000"]
+    else:
+        src = make_slide(tmp_path / "blank.tiff", (800, 800), blank=True)
+    assert main(["tile", str(src), "--out", str(tmp_path / "o"), *tile_args]) == 2
+    err = capsys.readouterr().err
+    line = next(ln for ln in err.splitlines() if ln.startswith("failed:"))
+    assert src.name in line and expect in line and "fix:" in line
+
+
+def test_no_mpp_slide_works_with_override(tmp_path, real_slides, capsys):
+    src = tmp_path / "tcga.svs"
+    shutil.copy(real_slides / "tcga-cr-7395-01a-01-ts1.svs", src)
+    assert main(["tile", str(src), "--out", str(tmp_path / "o"), "--slide-mpp", "0.25", "--mpp", "1.0"]) == 0
+    assert (tmp_path / "o" / "patches" / "tcga.h5").is_file()

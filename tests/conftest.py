@@ -1,0 +1,31 @@
+"""Fixtures shared by every stage's tests: real data location, synthetic slides, a quiet torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gigaslide.testing import make_slide, shared_data_dir
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    d = shared_data_dir()
+    if d is None:
+        pytest.skip("../shared/data is not present")
+    return d
+
+
+@pytest.fixture(scope="session")
+def real_slides(shared_data: Path) -> Path:
+    return shared_data / "slides"
+
+
+@pytest.fixture(scope="session")
+def synthetic_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2048x1536 pyramidal TIFF at 0.5 µm/px with three tissue blobs."""
+    return make_slide(tmp_path_factory.mktemp("slides") / "synth.tiff", (2048, 1536), mpp=0.5, seed=0)

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from gigaslide.encoders import ENCODERS, build_encoder, create_trunk, export_encoder
+from gigaslide.errors import GigaslideError
+
+
+def _x() -> torch.Tensor:
+    return torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def test_registry_entries_carry_preprocessing():
+    for name, spec in ENCODERS.items():
+        assert len(spec.mean) == 3 and len(spec.std) == 3 and spec.input_size > 0, name
+        assert spec.weight_source
+    assert ENCODERS.get("encoder/resnet18").embed_dim == 512
+    assert ENCODERS.get("vit_small_dinov2").arch.endswith("patch14_dinov2")
+    with pytest.raises(GigaslideError, match="unknown encoder"):
+        ENCODERS.get("nope")
+
+
+def test_golden_tiny_resnet():
+    enc = build_encoder("test_resnet", "random", seed=0)
+    with torch.no_grad():
+        f = enc(_x())
+    assert f.shape == (2, 96)
+    assert f.sum().item() == pytest.approx(18.8708, rel=1e-3)
+    assert f[0, :3].tolist() == pytest.approx([0.079722, 0.0, 0.143286], abs=1e-4)
+
+
+def test_uint8_and_float_inputs_agree():
+    enc = build_encoder("test_resnet", "random")
+    x = _x()
+    with torch.no_grad():
+        a = enc(x)
+        b = enc(x.permute(0, 3, 1, 2).float() / 255)
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_weights_roundtrip_and_prefix_stripping(tmp_path, suffix):
+    src = build_encoder("test_resnet", "random", seed=3)
+    sd = {"module.backbone." + k: v for k, v in src.trunk.state_dict().items()}
+    sd["head.fc.weight"] = torch.zeros(2, 2)  # a classifier head the trunk does not have is dropped
+    path = tmp_path / f"w{suffix}"
+    save_file(sd, str(path)) if suffix == ".safetensors" else torch.save({"state_dict": sd}, path)
+    enc = build_encoder("test_resnet", str(path))
+    with torch.no_grad():
+        torch.testing.assert_close(enc(_x()), src(_x()))
+    assert enc.weights_id.startswith("sha256:")
+
+
+def test_wrong_architecture_weights_refused(tmp_path):
+    vit = create_trunk(ENCODERS.get("test_vit"))
+    path = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
+    with pytest.raises(GigaslideError, match="do not fit encoder 'test_resnet'"):
+        build_encoder("test_resnet", str(path))
+
+
+def test_pickled_objects_are_never_loaded(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "obj": object()}, path)
+    with pytest.raises(GigaslideError, match="cannot load weights"):
+        build_encoder("test_resnet", str(path))
+
+
+def test_hub_weights_from_local_cache(tmp_path, monkeypatch):
+    src = build_encoder("resnet18", "random", seed=1)
+    snap = tmp_path / "models--timm--resnet18.a1_in1k" / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    sd = {k: v.contiguous() for k, v in src.trunk.state_dict().items()}
+    sd["fc.weight"], sd["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)
+    save_file(sd, str(snap / "model.safetensors"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    enc = build_encoder("resnet18")  # default weights = the entry's hub id, from the cache
+    x = torch.randint(0, 256, (1, 224, 224, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x), src(x))
+
+
+def test_missing_hub_weights_clear_offline_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(GigaslideError) as e:
+        build_encoder("uni")
+    assert "MahmoodLab/UNI" in str(e.value) and "--weights" in str(e.value)
+
+
+def test_export_roundtrip_keeps_preprocessing(tmp_path):
+    import dataclasses
+
+    enc = build_encoder("test_vit", "random", seed=2)
+    spec = dataclasses.replace(enc.spec, name="my_ssl", mean=(0.7, 0.5, 0.6), std=(0.2, 0.25, 0.2))
+    export_encoder(tmp_path / "encoder", enc.trunk, spec)
+    back = build_encoder(str(tmp_path / "encoder"))
+    assert back.spec.name == "my_ssl" and back.spec.mean == (0.7, 0.5, 0.6) and back.spec.input_size == 64
+    assert torch.allclose(back.mean.flatten(), torch.tensor([0.7, 0.5, 0.6]))
+
+
+def test_dinov2_pos_embed_is_resampled(tmp_path):
+    """A DINOv2 checkpoint at 518 px (37x37 patches) loads into the 224 px (16x16) entry."""
+    import timm
+
+    big = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=518)
+    path = tmp_path / "dinov2.safetensors"
+    save_file({k: v.contiguous() for k, v in big.state_dict().items()}, str(path))
+    enc = build_encoder("vit_small_dinov2", str(path))
+    assert enc.trunk.pos_embed.shape[1] == 1 + 16 * 16
+    with torch.no_grad():
+        assert enc(torch.zeros(1, 224, 224, 3, dtype=torch.uint8)).shape == (1, 384)

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from gigaslide.encoders import build_encoder
+from gigaslide.features import store
+from gigaslide.features.extract import encode_slides
+from gigaslide.slides import open_slide
+from gigaslide.testing import make_slide
+from gigaslide.tiling import TilingParams
+
+PARAMS = TilingParams(mpp=1.0, tile_size=64, min_tissue=0.5)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return build_encoder("test_resnet", "random", seed=0)
+
+
+@pytest.fixture(scope="module")
+def two_slides(tmp_path_factory):
+    d = tmp_path_factory.mktemp("two")
+    return [make_slide(d / "a.tiff", (1024, 768), seed=1), make_slide(d / "b.tiff", (768, 768), seed=2)]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_encode_matches_direct_forward(tmp_path, encoder, two_slides, workers):
+    res = encode_slides(two_slides, tmp_path, encoder, PARAMS, batch_size=7, workers=workers, precision="fp32")
+    assert sorted(res.done) == ["a", "b"] and not res.failed
+    ff = store.load(tmp_path / "features" / "a.h5")
+    assert ff.features.shape == (len(ff.coords), encoder.embed_dim)
+    assert ff.attrs["encoder"] == "test_resnet" and ff.attrs["mpp"] == 1.0 and ff.attrs["tile_size"] == 64
+    assert ff.attrs["encoder_weights_sha256"] == "random-seed0"
+    assert ff.coords_attrs["patch_size_level0"] == pytest.approx(128)
+    with open_slide(two_slides[0]) as s:  # tile 3 re-read by hand gives the stored feature
+        tile = s.read_region(tuple(ff.coords[3]), (64, 64), 1.0)
+    with torch.no_grad():
+        direct = encoder(torch.from_numpy(tile[None])).numpy()
+    np.testing.assert_allclose(ff.features[3], direct[0], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_skips_finished_and_manifest(tmp_path, encoder, two_slides):
+    encode_slides(two_slides[:1], tmp_path, encoder, PARAMS, workers=0, precision="fp32")
+    res = encode_slides(two_slides, tmp_path, encoder, PARAMS, workers=0, precision="fp32")
+    assert res.skipped == ["a"] and res.done == ["b"]
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    assert man["slides"]["a"]["status"] == "done" and man["slides"]["b"]["tiles"] > 0
+    other = build_encoder("test_resnet", "random", seed=1)  # other weights: not "finished"
+    res = encode_slides(two_slides[:1], tmp_path, other, PARAMS, workers=0, precision="fp32")
+    assert res.done == ["a"]
+
+
+def test_broken_slide_is_reported_and_batch_goes_on(tmp_path, encoder, two_slides, real_slides):
+    bad = [real_slides / "corrupt" / "unreadable.svs", real_slides / "corrupt" / "unopenable.tiff"]
+    trunc = tmp_path / "trunc.svs"
+    data = (real_slides / "cmu-1-small-region.svs").read_bytes()
+    trunc.write_bytes(data[: len(data) // 3])
+    res = encode_slides([*bad, trunc, *two_slides], tmp_path / "out", encoder, PARAMS, workers=1, precision="fp32")
+    assert sorted(res.done) == ["a", "b"]
+    assert set(res.failed) == {"unreadable", "unopenable", "trunc"}
+    for msg in res.failed.values():
+        assert "fix:" in msg and "\n" not in msg
+    assert not (tmp_path / "out" / "features" / "trunc.h5").exists()
+    assert not list((tmp_path / "out").rglob(".tmp-*"))
+
+
+def test_bf16_auto_only_when_it_matches_fp32(tmp_path, encoder, two_slides):
+    res = encode_slides(two_slides[:1], tmp_path, encoder, PARAMS, workers=0, precision="auto")
+    assert res.precision in ("bf16", "fp32") and res.bf16_cosine is not None
+    assert (res.precision == "bf16") == (res.bf16_cosine >= 0.999)
+    ref = encode_slides(two_slides[:1], tmp_path / "fp32", encoder, PARAMS, workers=0, precision="fp32")
+    assert ref.precision == "fp32"
+    a = store.load(tmp_path / "features" / "a.h5").features
+    b = store.load(tmp_path / "fp32" / "features" / "a.h5").features
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+    assert cos.min() >= 0.99
+
+
+def test_interrupted_write_leaves_nothing_half_written(tmp_path, encoder, two_slides, monkeypatch):
+    import gigaslide.features.store as st
+
+    def boom(*a, **k):  # noqa: ANN002, ANN003
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(st.h5py.File, "create_dataset", boom, raising=True)
+    with pytest.raises(KeyboardInterrupt):
+        encode_slides(two_slides[:1], tmp_path, encoder, PARAMS, workers=0, precision="fp32")
+    monkeypatch.undo()
+    assert not (tmp_path / "features" / "a.h5").exists()
+    assert not list(tmp_path.rglob(".tmp-*"))
+    shutil.rmtree(tmp_path / "patches", ignore_errors=True)
+    res = encode_slides(two_slides[:1], tmp_path, encoder, PARAMS, workers=0, precision="fp32")
+    assert res.done == ["a"]

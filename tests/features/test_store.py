@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from gigaslide.errors import GigaslideError
+from gigaslide.features import store
+
+
+def test_roundtrip_with_provenance(tmp_path):
+    f = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
+    c = np.arange(10).reshape(5, 2)
+    store.save(tmp_path / "s.h5", f, c, attrs={"encoder": "resnet18", "mpp": 0.5, "tile_size": 224, "slide_id": "s"},
+               coords_attrs={"patch_size": 224, "patch_size_level0": 448}, labels=np.array([0, 1, 0, 1, 1]))
+    ff = store.load(tmp_path / "s.h5")
+    np.testing.assert_array_equal(ff.features, f)
+    np.testing.assert_array_equal(ff.coords, c)
+    assert ff.encoder == "resnet18" and ff.mpp == 0.5 and ff.tile_size_level0 == 448 and ff.slide_id == "s"
+    assert ff.attrs["format_version"] == 1 and "gigaslide_version" in ff.attrs
+    assert ff.labels.tolist() == [0, 1, 0, 1, 1]
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_reads_clam_and_trident_files(tmp_path):
+    with h5py.File(tmp_path / "clam.h5", "w") as h:  # CLAM: features [N, D], coords [N, 2]
+        h["features"] = np.ones((3, 4), np.float32)
+        h["coords"] = np.zeros((3, 2), np.int64)
+        h["coords"].attrs["patch_size"] = 256
+    with h5py.File(tmp_path / "trident.h5", "w") as h:  # TRIDENT-style [1, N, D]
+        h["features"] = np.ones((1, 3, 4), np.float32)
+        h["coords"] = np.zeros((3, 2), np.int32)
+        h["coords"].attrs["patch_size_level0"] = 512
+    a, b = store.load(tmp_path / "clam.h5"), store.load(tmp_path / "trident.h5")
+    assert a.features.shape == b.features.shape == (3, 4)
+    assert a.slide_id == "clam" and b.tile_size_level0 == 512 and b.coords.dtype == np.int64
+
+
+def test_bad_files_give_clear_errors(tmp_path):
+    with pytest.raises(GigaslideError, match="not found"):
+        store.load(tmp_path / "missing.h5")
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    with pytest.raises(GigaslideError, match="cannot read HDF5"):
+        store.load(tmp_path / "junk.h5")
+    with h5py.File(tmp_path / "nofeat.h5", "w") as h:
+        h["coords"] = np.zeros((1, 2))
+    with pytest.raises(GigaslideError, match="no 'features'"):
+        store.load(tmp_path / "nofeat.h5")
+
+
+def test_load_dir_refuses_mixed_encoders(tmp_path):
+    store.save(tmp_path / "a.h5", np.zeros((2, 8), np.float32), attrs={"encoder": "resnet18", "slide_id": "a"})
+    store.save(tmp_path / "b.h5", np.zeros((2, 16), np.float32), attrs={"encoder": "vit_small", "slide_id": "b"})
+    with pytest.raises(GigaslideError, match="mix encoders"):
+        store.load_dir(tmp_path)
+    with pytest.raises(GigaslideError, match="no feature files"):
+        store.list_feature_files(tmp_path / "nothing")  # type: ignore[arg-type]

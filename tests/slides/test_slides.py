@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gigaslide.errors import GigaslideError
+from gigaslide.slides import find_slides, load_mpp_table, mpp_from_properties, open_slide
+from gigaslide.testing import make_slide
+
+
+def test_synthetic_slide_geometry_and_mpp(synthetic_slide):
+    with open_slide(synthetic_slide) as s:
+        assert s.dimensions == (2048, 1536)
+        assert s.level_count >= 2
+        assert s.level_downsamples[1] == pytest.approx(2.0)
+        assert s.mpp == pytest.approx(0.5, rel=1e-3)
+        assert s.backend == "openslide"
+
+
+def test_read_region_at_coarser_mpp_picks_level_and_resizes(synthetic_slide):
+    with open_slide(synthetic_slide) as s:
+        ch = s.choose_level(1.0)
+        assert ch.level == 1 and ch.scale == pytest.approx(1.0)
+        ch = s.choose_level(1.5)
+        assert ch.level == 1 and ch.scale == pytest.approx(1.5)
+        tile = s.read_region((0, 0), (64, 48), 1.5)
+        assert tile.shape == (48, 64, 3) and tile.dtype == np.uint8
+        # the same area read at level 0 then downsampled agrees with the pyramid read
+        full = s.read_region((800, 600), (100, 100), 0.5).astype(float)
+        half = s.read_region((800, 600), (50, 50), 1.0).astype(float)
+        pooled = full.reshape(50, 2, 50, 2, 3).mean(axis=(1, 3))
+        assert np.abs(pooled - half).mean() < 12
+
+
+def test_mpp_finer_than_scan_is_refused(synthetic_slide):
+    with open_slide(synthetic_slide) as s:
+        with pytest.raises(GigaslideError, match="finer than the scan"):
+            s.check_target_mpp(0.25)
+        s.check_target_mpp(0.47)  # within rounding tolerance
+
+
+def test_mpp_override_number_and_csv(tmp_path, synthetic_slide):
+    with open_slide(synthetic_slide, mpp=0.25) as s:
+        assert s.mpp == 0.25 and s.mpp_info.source == "override"
+    csv = tmp_path / "mpp.csv"
+    csv.write_text("slide_id,mpp\nsynth,0.3\n")
+    with open_slide(synthetic_slide, mpp=str(csv)) as s:
+        assert s.mpp == pytest.approx(0.3)
+    assert load_mpp_table(csv) == {"synth": 0.3}
+    bad = tmp_path / "bad.csv"
+    bad.write_text("slide_id,mpp\nx,abc\n")
+    with pytest.raises(GigaslideError, match="not a positive number"):
+        load_mpp_table(bad)
+
+
+def test_mpp_from_tiff_tags_ignores_72_dpi():
+    assert mpp_from_properties({"tiff.XResolution": "72", "tiff.ResolutionUnit": "inch"}) is None
+    m = mpp_from_properties({"tiff.XResolution": "40000", "tiff.YResolution": "40000", "tiff.ResolutionUnit": "centimeter"})
+    assert m is not None and m.x == pytest.approx(0.25) and m.source == "tiff.Resolution"
+    assert mpp_from_properties({"aperio.MPP": "0.2527"}).x == pytest.approx(0.2527)
+
+
+def test_no_mpp_slide_refused_with_fix(tmp_path):
+    p = make_slide(tmp_path / "nompp.tiff", (600, 600), mpp=None)
+    with open_slide(p) as s:
+        assert not s.has_mpp
+        with pytest.raises(GigaslideError) as e:
+            _ = s.mpp
+    assert "--slide-mpp" in str(e.value) and "nompp.tiff" in str(e.value)
+
+
+def test_find_slides(tmp_path, synthetic_slide):
+    (tmp_path / "a").mkdir()
+    make_slide(tmp_path / "a" / "x.tiff", (300, 300))
+    (tmp_path / "a" / "notes.txt").write_text("x")
+    assert [p.name for p in find_slides([tmp_path / "a"])] == ["x.tiff"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(GigaslideError, match="no slide files"):
+        find_slides([tmp_path / "empty"])
+    with pytest.raises(GigaslideError, match="not found"):
+        find_slides([tmp_path / "missing.svs"])
+
+
+# --- real formats from ../shared/data/slides -------------------------------------------------------------
+@pytest.mark.realdata
+@pytest.mark.parametrize("name,dims,mpp", [
+    ("cmu-1-small-region.svs", (2220, 2967), 0.499),
+    ("tcga-cr-7395-01a-01-ts1.svs", (4443, 3567), None),
+    ("kidney-48-5.tif", (1493, 901), None),
+    ("formats/boxes.tiff", (300, 250), None),  # 72-dpi style tags (352 µm/px) are ignored
+    ("formats/boxes_0.dcm", (16, 16), 0.499),
+    ("formats/small.svs", None, 0.499),
+])
+def test_real_formats_open(real_slides, name, dims, mpp):
+    with open_slide(real_slides / name) as s:
+        if dims:
+            assert s.dimensions == dims
+        assert s.has_mpp == (mpp is not None)
+        if mpp:
+            assert s.mpp == pytest.approx(mpp, rel=1e-3)
+        region = s.read_region((0, 0), (16, 16), s.mpp if s.has_mpp else 1.0) if s.has_mpp else None
+        if region is not None:
+            assert region.shape == (16, 16, 3)
+
+
+@pytest.mark.realdata
+def test_dicom_folder_is_one_slide(real_slides):
+    found = find_slides([real_slides / "formats"])
+    assert sum(p.suffix == ".dcm" for p in found) == 1
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("name", ["corrupt/unopenable.tiff"])
+def test_unopenable_gives_one_line(real_slides, name):
+    with pytest.raises(GigaslideError) as e:
+        open_slide(real_slides / name)
+    msg = str(e.value)
+    assert "unopenable.tiff" in msg and "fix:" in msg and "\n" not in msg

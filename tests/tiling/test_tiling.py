@@ -1,0 +1,146 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gigaslide.errors import GigaslideError
+from gigaslide.slides import open_slide
+from gigaslide.testing import make_slide
+from gigaslide.tiling import (TilingParams, TissueMask, grid_positions, load_grid, make_grid, mask_to_geojson,
+                              segment_array, segment_tissue, tile_slide)
+
+
+@pytest.fixture(scope="module")
+def slide_and_mask(synthetic_slide):
+    s = open_slide(synthetic_slide)
+    tm, thumb = segment_tissue(s)
+    yield s, tm, thumb
+    s.close()
+
+
+def test_tissue_mask_finds_blobs_not_glass(slide_and_mask):
+    s, tm, thumb = slide_and_mask
+    assert 0.05 < tm.fraction < 0.8
+    glass = np.all(thumb > 235, axis=-1)
+    assert (tm.mask & glass).mean() < 0.01  # almost no glass inside the mask
+    assert tm.downsample == pytest.approx(s.dimensions[0] / thumb.shape[1], rel=1e-3)
+
+
+def test_blank_slide_has_no_tissue():
+    rgb = np.full((200, 300, 3), 244, np.uint8)
+    rgb += np.random.default_rng(0).integers(0, 6, rgb.shape, dtype=np.uint8)
+    assert not segment_array(rgb).any()
+
+
+def test_holes_are_filled_and_specks_removed():
+    rgb = np.full((100, 100, 3), 245, np.uint8)
+    rgb[20:80, 20:80] = (200, 120, 170)
+    rgb[45:55, 45:55] = 245  # a hole
+    rgb[2:4, 2:4] = (200, 120, 170)  # a speck
+    m = segment_array(rgb, min_area_px=30)
+    assert m[50, 50] and not m[3, 3] and m[25, 25]
+
+
+def test_box_fraction_matches_bruteforce():
+    rng = np.random.default_rng(0)
+    mask = rng.random((40, 50)) > 0.5
+    tm = TissueMask(mask, 4.0, (200, 160))
+    xs, ys = np.array([0, 8, 100, 196]), np.array([0, 12, 80, 156])
+    got = tm.box_fraction(xs, ys, 16.0)
+    for x, y, g in zip(xs, ys, got):
+        sub = mask[int(y // 4): int(np.ceil((y + 16) / 4)), int(x // 4): int(np.ceil((x + 16) / 4))]
+        assert g == pytest.approx(sub.mean())
+
+
+def test_grid_at_coarser_mpp_and_overlap(slide_and_mask):
+    s, tm, _ = slide_and_mask
+    g = make_grid(s, tm, target_mpp=1.0, tile_size=128, overlap=32, min_tissue=0.5)
+    assert len(g) > 0
+    assert g.tile_size_level0 == pytest.approx(256)
+    steps = np.diff(np.unique(g.coords[:, 0]))
+    assert steps.min() % 192 == 0  # stride = (128 - 32) * 2 level-0 px
+    assert (g.tissue >= 0.5).all()
+
+
+def test_tile_larger_than_slide_refused(slide_and_mask):
+    s, tm, _ = slide_and_mask
+    with pytest.raises(GigaslideError, match="more than the slide"):
+        make_grid(s, tm, target_mpp=0.5, tile_size=4000)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mpp=st.floats(0.5, 4.0), tile=st.integers(16, 700), overlap_frac=st.floats(0, 0.9), min_tissue=st.floats(0, 1))
+def test_grid_properties(slide_and_mask, mpp, tile, overlap_frac, min_tissue):
+    s, tm, _ = slide_and_mask
+    overlap = int(tile * overlap_frac)
+    W, H = s.dimensions
+    try:
+        g = make_grid(s, tm, target_mpp=mpp, tile_size=tile, overlap=overlap, min_tissue=min_tissue)
+    except GigaslideError as e:
+        assert "more than the slide" in str(e)
+        return
+    t0 = g.tile_size_level0
+    assert g.coords.dtype == np.int64
+    if len(g):
+        assert (g.coords >= 0).all()
+        assert (g.coords[:, 0] + t0 <= W + 1e-6).all() and (g.coords[:, 1] + t0 <= H + 1e-6).all()
+        assert (g.tissue >= min_tissue).all()
+        if min_tissue > 0:
+            assert (g.tissue > 0).all()
+
+
+@given(length=st.integers(1, 5000), tile=st.floats(1, 800), stride_frac=st.floats(0.05, 1.0))
+def test_grid_positions_inside(length, tile, stride_frac):
+    pos = grid_positions(length, tile, tile * stride_frac)
+    assert (pos >= 0).all()
+    assert (pos + tile <= length + 1e-6).all()
+    if tile <= length:
+        assert len(pos) >= 1
+
+
+def test_geojson_in_level0_coords(slide_and_mask):
+    s, tm, _ = slide_and_mask
+    gj = mask_to_geojson(tm)
+    assert gj["type"] == "FeatureCollection" and len(gj["features"]) >= 1
+    W, H = s.dimensions
+    for f in gj["features"]:
+        ring = np.array(f["geometry"]["coordinates"][0])
+        assert ring[0].tolist() == ring[-1].tolist()
+        assert (ring[:, 0] >= -tm.downsample).all() and (ring[:, 0] <= W + tm.downsample).all()
+        assert (ring[:, 1] <= H + tm.downsample).all()
+        assert f["properties"]["classification"]["name"] == "Tissue"
+
+
+def test_tile_slide_writes_artifacts_and_reuses(tmp_path, synthetic_slide):
+    params = TilingParams(mpp=1.0, tile_size=128)
+    g = tile_slide(synthetic_slide, tmp_path, params)
+    for sub, ext in (("patches", "h5"), ("tissue", "png"), ("tissue", "geojson"), ("grid", "png")):
+        assert (tmp_path / sub / f"synth.{ext}").is_file()
+    json.loads((tmp_path / "tissue" / "synth.geojson").read_text())
+    back = load_grid(tmp_path / "patches" / "synth.h5")
+    np.testing.assert_array_equal(back.coords, g.coords)
+    assert back.target_mpp == 1.0 and back.tile_size == 128 and back.slide_mpp == pytest.approx(0.5, rel=1e-3)
+    assert back.extra["format_version"] == 1
+    mtime = (tmp_path / "patches" / "synth.h5").stat().st_mtime_ns
+    tile_slide(synthetic_slide, tmp_path, params)
+    assert (tmp_path / "patches" / "synth.h5").stat().st_mtime_ns == mtime  # reused, not rewritten
+
+
+def test_blank_slide_tiling_refused(tmp_path):
+    p = make_slide(tmp_path / "blank.tiff", (1024, 1024), blank=True)
+    with pytest.raises(GigaslideError, match="no tissue"):
+        tile_slide(p, tmp_path / "out", TilingParams(0.5, 128))
+    assert not (tmp_path / "out" / "patches" / "blank.h5").exists()
+
+
+@pytest.mark.realdata
+def test_real_slide_tiles_on_tissue(real_slides, tmp_path):
+    g = tile_slide(real_slides / "cmu-1-small-region.svs", tmp_path, TilingParams(0.5, 224, min_tissue=0.5))
+    assert 40 < len(g) < 130  # the CMU region is mostly tissue: 9 x 13 grid at most
+    with open_slide(real_slides / "cmu-1-small-region.svs") as s:
+        tile = s.read_region(tuple(g.coords[0]), (224, 224), 0.5)
+    assert tile.mean() < 230  # not glass
