@@ -25,6 +25,7 @@ STAGE_MODULES = (
     "gigaslide.cli.slide_ssl",
     "gigaslide.cli.mil",
     "gigaslide.cli.streaming",
+    "gigaslide.cli.demo",
 )
 
 

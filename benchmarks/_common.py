@@ -1,0 +1,48 @@
+"""Shared helpers for benchmark scripts: machine description, result files, peak RSS of a child."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+
+
+def write_result(topic: str, markdown: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    p = RESULTS / f"{topic}.md"
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    p.write_text(f"{markdown.rstrip()}\n\n_Measured {stamp} on {machine()}; command: `{' '.join([Path(sys.executable).name, *sys.argv])}`_\n")
+    return p
+
+
+def run_child_peak_rss(code: str, timeout: float = 1800) -> tuple[float, str]:
+    """Run ``python -c code`` and return (peak RSS in GB of that child, its stdout)."""
+    wrapper = ("import resource, sys\n" + code +
+               "\nprint('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    kb = max(int(ln.split()[1]) for ln in proc.stderr.splitlines() if ln.startswith("PEAK_KB"))
+    return kb / 1024**2, proc.stdout

@@ -1,0 +1,103 @@
+"""Encode end to end vs the same model's forward pass alone on the same tiles (same run).
+
+Target (spine issue): ratio >= 0.95, i.e. reading + decoding fully hidden behind compute.
+Also: peak RSS of encoding one slide as the slide grows (generated 10k², 20k², 40k²).
+
+    .venv/bin/python benchmarks/bench_encode.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import run_child_peak_rss, write_result  # noqa: E402
+
+from gigaslide.encoders import build_encoder  # noqa: E402
+from gigaslide.features.extract import TileBatches, autocast_ctx, encode_slides  # noqa: E402
+from gigaslide.testing import make_slide, shared_data_dir  # noqa: E402
+from gigaslide.tiling import TilingParams, tile_slide  # noqa: E402
+
+
+def forward_only(encoder, batches, precision: str) -> float:  # noqa: ANN001
+    dev = torch.device("cpu")
+    t = time.perf_counter()
+    with torch.inference_mode(), autocast_ctx(dev, precision):
+        for b in batches:
+            encoder(b)
+    return time.perf_counter() - t
+
+
+def e2e_vs_forward(slide: Path, encoder_name: str, params: TilingParams, repeats: int, work: Path) -> dict:
+    torch.set_num_threads(2)
+    enc = build_encoder(encoder_name, "random").to(memory_format=torch.channels_last)
+    grid = tile_slide(slide, work / "tiles", params, overlays=False)
+    from gigaslide.features.extract import SlideJob
+
+    job = SlideJob(str(slide), grid.slide_id, grid.coords, params.tile_size, params.mpp, None)
+    ds = TileBatches([job], 64)
+    batches = [ds[i][2] for i in range(len(ds))]  # tiles pre-read into memory
+    n = len(grid)
+    e2e, fwd = [], []
+    for r in range(repeats):  # interleaved so background load hits both alike
+        out = work / f"e2e{r}"
+        tile_slide(slide, out, params, overlays=False)  # tiles exist, so encode_slides only reads + encodes
+        res = encode_slides([slide], out, enc, params, batch_size=64, workers=1, precision="bf16", overlays=False)
+        e2e.append(res.seconds)
+        fwd.append(forward_only(enc, batches, "bf16"))
+    e, f = statistics.median(e2e), statistics.median(fwd)
+    return {"tiles": n, "e2e_s": e, "fwd_s": f, "e2e_tps": n / e, "fwd_tps": n / f, "ratio": f / e}
+
+
+def rss_vs_size(sizes: list[int], work: Path) -> list[tuple[int, float, int]]:
+    rows = []
+    for s in sizes:
+        p = make_slide(work / f"gen{s}.tiff", (s, s), mpp=0.5, seed=s, blobs=4)
+        code = (f"import torch; torch.set_num_threads(2)\n"
+                f"from gigaslide.encoders import build_encoder\n"
+                f"from gigaslide.features.extract import encode_slides\n"
+                f"from gigaslide.tiling import TilingParams\n"
+                f"r = encode_slides([{str(p)!r}], {str(work / f'rss{s}')!r}, build_encoder('resnet18', 'random'), "
+                f"TilingParams(1.0, 224, 0, 0.25), workers=1, precision='bf16', overlays=False)\n"
+                f"print(r.tiles)\n")
+        gb, out = run_child_peak_rss(code)
+        rows.append((s, gb, int(out.strip().splitlines()[-1])))
+        print(f"  {s}²: peak RSS {gb:.2f} GB, {rows[-1][2]} tiles", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="gs-bench-"))
+    shared = shared_data_dir()
+    slide = shared / "slides" / "cmu-1-small-region.svs" if shared else make_slide(work / "s.tiff", (4096, 4096))
+    lines = ["# Spine: encode throughput and memory", ""]
+    lines += ["## Encode end to end vs forward pass alone (same tiles, same run)", "",
+              "ResNet-18 (random weights; speed does not depend on them), bf16 autocast, channels_last, batch 64, "
+              "1 DataLoader worker + 2 torch threads. `ratio` = forward-only time / end-to-end time (1.0 = reading fully hidden).", "",
+              "| slide | encoder | tiles | end-to-end tiles/s | forward-only tiles/s | ratio |", "|---|---|---|---|---|---|"]
+    for name, params in [("resnet18", TilingParams(0.5, 224, 0, 0.25))]:
+        r = e2e_vs_forward(slide, name, params, 1 if args.quick else 3, work)
+        print(r, flush=True)
+        lines.append(f"| {slide.name} @0.5 µm/px | {name} | {r['tiles']} | {r['e2e_tps']:.1f} | {r['fwd_tps']:.1f} | **{r['ratio']:.3f}** |")
+    lines += ["", "## Peak RSS of encoding one generated slide as it grows", "",
+              "Generated pyramidal TIFF, tiles of 224 px at 1 µm/px, ResNet-18, each size in a fresh process.", "",
+              "| slide | tiles | peak RSS (GB) |", "|---|---|---|"]
+    sizes = [10_000, 20_000] if args.quick else [10_000, 20_000, 40_000]
+    for s, gb, n in rss_vs_size(sizes, work):
+        lines.append(f"| {s}×{s} | {n} | {gb:.2f} |")
+    print(write_result("encode", "\n".join(lines)).read_text())
+
+
+if __name__ == "__main__":
+    main()
