@@ -79,9 +79,14 @@ def segment_array(rgb: np.ndarray, *, min_area_px: int = 16, closing: int = 2) -
     return mask
 
 
-def segment_tissue(slide: Slide, *, thumb_size: int = 2048, min_area_um2: float = 20_000.0) -> tuple[TissueMask, np.ndarray]:
+def default_thumb_size(dimensions: tuple[int, int]) -> int:
+    """About 32 level-0 px per mask px, between 1024 and 4096 px on the longer side."""
+    return int(min(4096, max(1024, max(dimensions) / 32)))
+
+
+def segment_tissue(slide: Slide, *, thumb_size: int | None = None, min_area_um2: float = 20_000.0) -> tuple[TissueMask, np.ndarray]:
     """Tissue mask of ``slide`` from a thumbnail; returns (mask, thumbnail RGB)."""
-    thumb, ds = slide.thumbnail(thumb_size)
+    thumb, ds = slide.thumbnail(thumb_size or default_thumb_size(slide.dimensions))
     px_area_um2 = (ds * slide.mpp) ** 2 if slide.has_mpp else None
     min_area_px = int(max(4, min_area_um2 / px_area_um2)) if px_area_um2 else 16
     mask = segment_array(thumb, min_area_px=min_area_px)
