@@ -144,3 +144,8 @@ def test_real_slide_tiles_on_tissue(real_slides, tmp_path):
     with open_slide(real_slides / "cmu-1-small-region.svs") as s:
         tile = s.read_region(tuple(g.coords[0]), (224, 224), 0.5)
     assert tile.mean() < 230  # not glass
+
+
+def test_grid_is_centred():
+    pos = grid_positions(1000, 300, 300)  # 3 tiles, 100 px of slack -> 50 px each side
+    assert pos.tolist() == [50, 350, 650]

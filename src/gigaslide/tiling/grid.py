@@ -41,11 +41,12 @@ class TileGrid:
 
 
 def grid_positions(length0: int, tile0: float, stride0: float) -> np.ndarray:
-    """Level-0 starts of tiles of ``tile0`` px at ``stride0`` px that lie fully inside ``[0, length0)``."""
+    """Level-0 starts of tiles of ``tile0`` px at ``stride0`` px that lie fully inside ``[0, length0)``, centred."""
     if tile0 > length0 + 1e-6:
         return np.zeros(0, dtype=np.int64)
     n = int(np.floor((length0 - tile0) / stride0 + 1e-9)) + 1
-    return np.floor(np.arange(n) * stride0 + 1e-9).astype(np.int64)
+    margin = (length0 - tile0 - (n - 1) * stride0) / 2  # centre the grid: equal slack on both sides
+    return np.floor(margin + np.arange(n) * stride0 + 1e-9).astype(np.int64)
 
 
 def make_grid(slide: Slide, tissue: TissueMask | None, *, target_mpp: float, tile_size: int, overlap: int = 0,

@@ -1,0 +1,179 @@
+"""Tile SSL on real PCam tiles: each method vs a random init of the same architecture, equal CPU budget.
+
+Pre-trains SimCLR, MoCo v2, Barlow Twins, SwAV and DINO (pathology augmentation) and SimCLR with
+ImageNet-style augmentation on the unlabelled PCam train tiles (10,000 96² H&E tiles) for the same
+wall-clock budget each, then probes frozen features on PCam valid (3,000 tiles): linear probe
+(logistic regression, C chosen on a validation split) and k-NN (k=20, cosine), balanced accuracy
+and AUC with bootstrap 95 % CIs (``gigaslide.evaluation.tiles``). Probes train on a random subset
+of the train tiles' features.
+
+    .venv/bin/python benchmarks/bench_tile_ssl.py            # ~25 min on 2 shared CPU cores
+    .venv/bin/python benchmarks/bench_tile_ssl.py --budget-s 20 --probe-train 200 --valid 300  # smoke
+
+Writes ``benchmarks/results/tile_ssl.md`` (and ``tile_ssl.json``). Runs go to ``--runs-dir``; a
+re-run resumes finished/partial runs instead of training again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from gigaslide import atomic  # noqa: E402
+from gigaslide.testing import shared_data_dir  # noqa: E402
+
+RUNS = [("simclr", "pathology"), ("mocov2", "pathology"), ("barlowtwins", "pathology"), ("swav", "pathology"),
+        ("dino", "pathology"), ("simclr", "imagenet")]
+#: Small-run method settings (the papers' sizes do not fit a few CPU minutes); recorded in the report.
+METHOD_ARGS = {
+    "simclr": {"hidden_dim": 512, "out_dim": 128, "temperature": 0.2},
+    "mocov2": {"hidden_dim": 512, "out_dim": 128, "queue": 1024, "momentum": 0.99},
+    "barlowtwins": {"proj_dim": 1024},
+    "swav": {"hidden_dim": 512, "out_dim": 128, "n_prototypes": 300, "freeze_prototypes_steps": 20},
+    "dino": {"hidden_dim": 512, "bottleneck_dim": 128, "out_dim": 2048, "momentum": 0.99, "freeze_last_layer_steps": 10,
+             "warmup_teacher_temp_frac": 0.0},
+}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_split(folder: Path, n: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from gigaslide.ssl.tile.data import read_image
+    from gigaslide.ssl.tile.embed import labelled_images
+
+    files, labels, _ = labelled_images(folder)
+    if n is not None and n < len(files):
+        rng = np.random.default_rng(seed)
+        keep = np.concatenate([rng.choice(np.flatnonzero(labels == c), n // 2, replace=False) for c in (0, 1)])
+        files, labels = [files[i] for i in keep], labels[keep]
+    return np.stack([read_image(f) for f in files]), labels
+
+
+def probe(enc, tr, te, n_boot: int) -> dict:  # noqa: ANN001
+    from gigaslide.evaluation.tiles import evaluate_tile_features
+    from gigaslide.ssl.tile.embed import embed_arrays
+
+    t0 = time.perf_counter()
+    xtr = embed_arrays(enc, tr[0], 128)
+    xte = embed_arrays(enc, te[0], 128)
+    t_embed = time.perf_counter() - t0
+    rep = evaluate_tile_features((xtr, tr[1]), (xte, te[1]), "linear,knn", n_bootstrap=n_boot, seed=0)
+    out = {p: {m: rep["protocols"][p][m] for m in ("balanced_accuracy", "auc")} for p in ("linear", "knn")}
+    out["embed_images_per_s"] = round((len(xtr) + len(xte)) / t_embed, 1)
+    return out
+
+
+def ci(d: dict) -> str:
+    return f"{d['value']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--budget-s", type=float, default=150.0, help="training wall-clock seconds per run")
+    ap.add_argument("--backbone", default="resnet18")
+    ap.add_argument("--tile-size", type=int, default=64, help="crop size the encoder trains and is probed at")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--probe-train", type=int, default=1000, help="train tiles (balanced) the probes fit on")
+    ap.add_argument("--valid", type=int, default=None, help="valid tiles to test on (default: all 3,000)")
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", default=",".join(f"{m}:{a}" for m, a in RUNS), help="method:augment,... to train")
+    ap.add_argument("--runs-dir", default="/tmp/gigaslide-bench-tile-ssl")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tile_ssl.md"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    data = shared_data_dir()
+    if data is None:
+        sys.exit("shared data not found (../shared/data)")
+    pcam = data / "tiles" / "pcam"
+    from gigaslide.encoders import Encoder, build_encoder, create_trunk
+    from gigaslide.ssl.tile.init import run_spec, with_embed_dim
+    from gigaslide.ssl.tile.train import PretrainConfig, pretrain
+
+    t_start = time.perf_counter()
+    load0 = os.getloadavg()[0]
+    tr = load_split(pcam / "train", args.probe_train, seed=0)
+    te = load_split(pcam / "valid", args.valid, seed=1)
+    print(f"probe train {len(tr[1])} tiles, valid {len(te[1])} tiles")
+    results = []
+    # random init of the same architecture, same preprocessing
+    spec = run_spec(args.backbone, "random", args.tile_size, [0.97], "none")
+    torch.manual_seed(0)
+    trunk = create_trunk(spec)
+    spec = with_embed_dim(spec, trunk)
+    enc = Encoder(spec, trunk, "random-seed0").eval()
+    r = probe(enc, tr, te, args.bootstrap)
+    results.append({"name": "random init", "method": "-", "augment": "-", **r})
+    print("random init", ci(r["linear"]["balanced_accuracy"]), ci(r["knn"]["balanced_accuracy"]), flush=True)
+    for item in args.runs.split(","):
+        method, augment = item.split(":")
+        run_dir = Path(args.runs_dir) / f"{method}-{augment}-{args.backbone}-{args.tile_size}"
+        cfg = PretrainConfig(data=str(pcam / "train"), out=str(run_dir), method=method, backbone=args.backbone,
+                             mpp=[0.97], tile_size=args.tile_size, budget_s=args.budget_s, augment=augment,
+                             batch_size=args.batch_size, n_local=4, method_args=METHOD_ARGS[method], workers=args.workers,
+                             lr=1e-3, warmup_frac=0.1, data_kind="tiles", checkpoint_every_s=1e9)
+        s = pretrain(cfg)
+        enc = build_encoder(str(run_dir / "encoder"))
+        r = probe(enc, tr, te, args.bootstrap)
+        results.append({"name": f"{method} ({augment})", "method": method, "augment": augment, "steps": s["steps"],
+                        "images": s["images"], "train_images_per_s": s["images_per_s"], "first_loss": s["first_loss"],
+                        "final_loss": s["final_loss"], "device": s["device"], **r})
+        print(f"{method} ({augment}) steps {s['steps']} {s['images_per_s']} img/s  linear {ci(r['linear']['balanced_accuracy'])}"
+              f"  knn {ci(r['knn']['balanced_accuracy'])}", flush=True)
+    total = time.perf_counter() - t_start
+    write_report(args, results, total, load0)
+
+
+def write_report(args, results: list[dict], total: float, load0: float) -> None:  # noqa: ANN001
+    base = results[0]
+    cmd = "`.venv/bin/python benchmarks/bench_tile_ssl.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "") + "`"
+    lines = [
+        "# Tile-level SSL on PatchCamelyon (CPU, equal budget per method)", "",
+        f"Command: {cmd}  ",
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores shared with other jobs (load average {load0:.1f} at start, "
+        f"{os.getloadavg()[0]:.1f} at end), {args.threads} torch threads, no GPU. Total wall time {total / 60:.1f} min.", "",
+        f"Setup: backbone {args.backbone} (random init, timm), pre-trained on the 10,000 unlabelled PCam train tiles "
+        f"(96² H&E, ≈0.97 µm/px) with random-resized crops to {args.tile_size} px, batch {args.batch_size}, AdamW lr 1e-3, "
+        f"**{args.budget_s:.0f} s of training per run**. Probes on frozen features at {args.tile_size} px: linear "
+        f"(logistic regression, C on a validation split) and k-NN (k=20, cosine), fitted on {args.probe_train} balanced "
+        f"train tiles, tested on PCam valid ({args.valid or 3000} tiles); 95 % bootstrap CIs ({args.bootstrap} resamples).", "",
+        "| encoder | steps | train img/s | loss first → last | linear bal. acc. | k-NN bal. acc. | linear AUC | Δ linear vs random | Δ k-NN vs random |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        dl = r["linear"]["balanced_accuracy"]["value"] - base["linear"]["balanced_accuracy"]["value"]
+        dk = r["knn"]["balanced_accuracy"]["value"] - base["knn"]["balanced_accuracy"]["value"]
+        loss = f"{r['first_loss']:.3f} → {r['final_loss']:.3f}" if r.get("first_loss") is not None else "-"
+        lines.append(f"| {r['name']} | {r.get('steps', '-')} | {r.get('train_images_per_s', '-')} | {loss} | "
+                     f"{ci(r['linear']['balanced_accuracy'])} | {ci(r['knn']['balanced_accuracy'])} | {ci(r['linear']['auc'])} | "
+                     f"{dl:+.3f} | {dk:+.3f} |")
+    lines += ["", f"Method settings (shrunk for minutes of CPU): `{json.dumps(METHOD_ARGS)}`", "",
+              "Train img/s counts source tiles per second (each yields 2 views, or 2 global + 4 local crops for SwAV/DINO), "
+              "including augmentation in 1 data-loader worker.", ""]
+    atomic.write_text(args.out, "\n".join(lines) + "\n")
+    atomic.write_json(Path(args.out).with_suffix(".json"), {"args": vars(args), "results": results, "total_s": total})
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
