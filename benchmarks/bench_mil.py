@@ -190,7 +190,7 @@ def write_report(a, results, tile_rep, timings, total, enc) -> None:  # noqa: AN
         "pretrained weights are available offline, so these features are a weak, honest baseline; a pathology "
         "encoder should do far better.",
         f"* MIL: {a.folds}-fold stratified CV (patient = slide), early stopping on a 20 % validation split inside the "
-        f"training folds (val loss, patience {a.patience}, max {a.epochs} epochs), Adam 2e-4, weighted CE, hidden 128. "
+        f"training folds (val loss, patience {a.patience}, max {a.epochs} epochs), Adam 1e-3, weighted CE, hidden 128, tile features z-scored with training-fold statistics. "
         f"Few-shot: n = {a.few_shot} training slides (incl. validation) drawn from each training fold, "
         f"{a.repeats} draws per fold (Giga-SSL protocol); metrics averaged over draws.",
         f"* AUC / balanced accuracy: pooled out-of-fold predictions, 95 % bootstrap CI (B={a.bootstrap}) resampling "
@@ -214,8 +214,13 @@ def write_report(a, results, tile_rep, timings, total, enc) -> None:  # noqa: AN
         lines.append("")
     lines += ["## Timings (wall, s)", "", "| step | s |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
-    lines += ["", "Observations are written by hand below after the run.", ""]
-    write_text(a.out, "\n".join(lines) + "\n")
+    keep = ""
+    if Path(a.out).is_file():  # hand-written observations survive a re-run
+        old = Path(a.out).read_text()
+        if "## Observations" in old:
+            keep = old[old.index("## Observations"):]
+    lines += [""]
+    write_text(a.out, "\n".join(lines) + "\n" + keep)
     print("\n".join(lines))
 
 

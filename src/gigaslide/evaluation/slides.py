@@ -1,0 +1,267 @@
+"""Slide-level evaluation: the one protocol every slide-level method of gigaslide reports with.
+
+Prediction CSV contract (written by MIL, Giga-SSL, SLPD, StreamingCLAM ... ; read here)
+---------------------------------------------------------------------------------------
+One row per (slide, fold[, repeat]) *test* prediction, UTF-8, comma-separated, with a header::
+
+    slide_id,label,prob_0,prob_1,...,prob_{C-1},fold[,repeat]
+
+* ``slide_id``: str, the slide's id (feature file stem); ``label``: int ground truth 0..C-1;
+* ``prob_c``: float probability of class c (rows should sum to 1; they are re-normalised);
+* ``fold``: int, the cross-validation fold in which the slide was in the test set;
+* ``repeat`` (optional): int, the few-shot draw / repeated run; every repeat is a full CV.
+
+A slide appears once per repeat (cross-validation: every slide is tested exactly once). A run
+directory may hold this as ``predictions.csv`` or as ``fold*/predictions.csv`` (concatenated);
+:func:`write_predictions` writes it atomically. Methods store the folds they used in the run
+(``splits.json``, from :mod:`gigaslide.evaluation.splits`) and pick checkpoints on a validation
+split inside the training folds, never on the test fold.
+
+Reported metrics: AUC (ROC; macro one-vs-rest for C > 2) and balanced accuracy (plus macro-F1)
+on the pooled out-of-fold predictions, with a 95 % percentile bootstrap CI that resamples slides
+within each fold (B = ``n_bootstrap``); the per-fold mean ± std is reported too. With repeats,
+the value is the mean over repeats and each bootstrap replicate averages over the repeats.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gigaslide import atomic
+from gigaslide.artifacts import provenance
+from gigaslide.errors import GigaslideError
+from gigaslide.evaluation.metrics import METRICS, bootstrap_indices, fmt_ci
+
+SLIDE_METRICS = ("auc", "balanced_accuracy", "macro_f1")
+
+
+@dataclass
+class Predictions:
+    slide_ids: list[str]
+    labels: np.ndarray  # [N]
+    probs: np.ndarray  # [N, C]
+    folds: np.ndarray  # [N]
+    repeats: np.ndarray  # [N] (zeros when absent)
+    source: str = ""
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.probs.shape[1])
+
+
+def write_predictions(path: str | os.PathLike, slide_ids: Sequence[str], labels: Sequence[int], probs: np.ndarray,
+                      folds: Sequence[int] | int, repeats: Sequence[int] | int | None = None) -> Path:
+    """Write a prediction CSV in the contract above (atomic)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    n, c = probs.shape
+    folds = [folds] * n if isinstance(folds, (int, np.integer)) else list(folds)
+    reps = None if repeats is None else ([repeats] * n if isinstance(repeats, (int, np.integer)) else list(repeats))
+    header = ["slide_id", "label"] + [f"prob_{k}" for k in range(c)] + ["fold"] + (["repeat"] if reps is not None else [])
+    with atomic.atomic_path(path, suffix=".csv") as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            for i in range(n):
+                row = [slide_ids[i], int(labels[i])] + [f"{v:.6g}" for v in probs[i]] + [int(folds[i])]
+                w.writerow(row + ([int(reps[i])] if reps is not None else []))
+    return Path(path)
+
+
+def _csv_files(source: str | os.PathLike) -> list[Path]:
+    p = Path(source)
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise GigaslideError("predictions not found", path=p, fix="pass a run directory or a predictions CSV")
+    if (p / "predictions.csv").is_file():
+        return [p / "predictions.csv"]
+    files = sorted(p.glob("fold*/predictions.csv"))
+    if not files:
+        raise GigaslideError("no predictions.csv or fold*/predictions.csv here", path=p,
+                             fix="pass the --out directory of a finished training run")
+    return files
+
+
+def read_predictions(source: str | os.PathLike) -> Predictions:
+    """Read a run directory or CSV in the contract above, validating every row."""
+    ids: list[str] = []
+    labels, folds, reps, probs = [], [], [], []
+    n_classes = None
+    for f in _csv_files(source):
+        with open(f, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            cols = reader.fieldnames or []
+            pcols = sorted((c for c in cols if c.startswith("prob_")), key=lambda c: int(c[5:]))
+            missing = [c for c in ("slide_id", "label", "fold") if c not in cols]
+            if missing or len(pcols) < 2:
+                raise GigaslideError(f"missing column(s) {', '.join(missing) or 'prob_0, prob_1'}", path=f,
+                                     fix="header must be slide_id,label,prob_0..prob_{C-1},fold[,repeat]")
+            if n_classes is not None and len(pcols) != n_classes:
+                raise GigaslideError(f"{len(pcols)} prob columns, other files have {n_classes}", path=f,
+                                     fix="evaluate one run at a time")
+            n_classes = len(pcols)
+            for line, r in enumerate(reader, start=2):
+                try:
+                    probs.append([float(r[c]) for c in pcols])
+                    labels.append(int(r["label"]))
+                    folds.append(int(r["fold"]))
+                    reps.append(int(r["repeat"]) if r.get("repeat") not in (None, "") else 0)
+                except (TypeError, ValueError):
+                    raise GigaslideError(f"line {line}: non-numeric label/prob/fold", path=f,
+                                         fix="labels, folds and repeats are integers, probs are floats") from None
+                ids.append(r["slide_id"])
+    if not ids:
+        raise GigaslideError("predictions are empty", path=source, fix="check that training finished")
+    P = np.asarray(probs)
+    if not np.isfinite(P).all():
+        raise GigaslideError("predictions contain NaN/inf probabilities", path=source, fix="the model diverged; retrain")
+    P = P / np.clip(P.sum(axis=1, keepdims=True), 1e-12, None)
+    pred = Predictions(ids, np.asarray(labels), P, np.asarray(folds), np.asarray(reps), str(source))
+    key = list(zip(pred.slide_ids, pred.repeats.tolist()))
+    if len(set(key)) != len(key):
+        raise GigaslideError("a slide is predicted twice in the same repeat", path=source,
+                             fix="each slide must be in exactly one test fold per repeat")
+    if pred.labels.max() >= n_classes or pred.labels.min() < 0:
+        raise GigaslideError(f"labels outside 0..{n_classes - 1}", path=source, fix="write one prob column per class")
+    return pred
+
+
+def evaluate_predictions(pred: Predictions | str | os.PathLike, *, n_bootstrap: int = 1000, seed: int = 0,
+                         out: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Pooled out-of-fold metrics with bootstrap CIs (resampling slides within folds), per-fold mean ± std."""
+    if not isinstance(pred, Predictions):
+        pred = read_predictions(pred)
+    rep_ids = np.unique(pred.repeats)
+    # align repeats on the slides they share so one bootstrap draw resamples the same slides in each
+    per_rep = []
+    base_ids = None
+    for r in rep_ids:
+        m = pred.repeats == r
+        order = np.argsort(np.asarray(pred.slide_ids, dtype=object)[m].astype(str), kind="stable")
+        idx = np.flatnonzero(m)[order]
+        ids = [pred.slide_ids[i] for i in idx]
+        if base_ids is None:
+            base_ids = ids
+        elif ids != base_ids:
+            raise GigaslideError(f"repeat {r} predicts a different set of slides than repeat {rep_ids[0]}",
+                                 path=pred.source, fix="every repeat must be a full cross-validation of the same slides")
+        per_rep.append(idx)
+    first = per_rep[0]
+    strata = pred.folds[first]
+    res: dict[str, Any] = {"n_slides": len(first), "n_classes": pred.n_classes, "n_repeats": len(rep_ids),
+                           "n_folds": int(len(np.unique(pred.folds))), "n_bootstrap": n_bootstrap, "seed": seed,
+                           "class_counts": np.bincount(pred.labels[first], minlength=pred.n_classes).tolist(),
+                           "source": pred.source, "metrics": {}}
+    boot = bootstrap_indices(len(first), n_bootstrap, seed, strata) if n_bootstrap > 0 else np.zeros((0, len(first)), int)
+    for name in SLIDE_METRICS:
+        fn = METRICS[name]
+        vals = [fn(pred.labels[i], pred.probs[i]) for i in per_rep]
+        value = float(np.mean(vals)) if not np.isnan(vals).all() else float("nan")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN replicates (one class drawn) are dropped
+            reps = [np.nanmean([fn(pred.labels[i[b]], pred.probs[i[b]]) for i in per_rep]) for b in boot]
+        reps = [v for v in reps if not np.isnan(v)]
+        lo, hi = (np.percentile(reps, [2.5, 97.5]) if reps else (np.nan, np.nan))
+        fold_vals = [fn(pred.labels[i][pred.folds[i] == k], pred.probs[i][pred.folds[i] == k])
+                     for i in per_rep for k in np.unique(pred.folds[i])]
+        fv = np.asarray([v for v in fold_vals if not np.isnan(v)])
+        res["metrics"][name] = {"value": value, "ci_low": float(lo), "ci_high": float(hi),
+                                "fold_mean": float(fv.mean()) if len(fv) else float("nan"),
+                                "fold_std": float(fv.std()) if len(fv) else float("nan")}
+    if out is not None:
+        d = Path(out)
+        target = d if d.suffix == ".json" else (d / "evaluation.json")
+        atomic.write_json(target, {**provenance(kind="slide_evaluation"), **res})
+        atomic.write_text(target.with_suffix(".md"), evaluation_markdown(res))
+    return res
+
+
+def evaluation_markdown(res: dict[str, Any], title: str = "Slide-level evaluation") -> str:
+    m = res["metrics"]
+    return (f"# {title}\n\n{res['n_slides']} slides {res['class_counts']}, {res['n_folds']} folds, "
+            f"{res['n_repeats']} repeat(s); 95 % bootstrap CI over slides within folds (B={res['n_bootstrap']})\n\n"
+            "| metric | pooled [95 % CI] | per-fold mean ± std |\n|---|---|---|\n"
+            + "".join(f"| {k} | {fmt_ci(v)} | {v['fold_mean']:.3f} ± {v['fold_std']:.3f} |\n" for k, v in m.items()))
+
+
+def linear_probe_slides(embeddings: np.ndarray, labels: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]], *,
+                        slide_ids: Sequence[str] | None = None, C: float = 1.0, seed: int = 0,
+                        out_csv: str | os.PathLike | None = None, repeat: int | None = None) -> Predictions:
+    """Cross-validated linear probe on slide embeddings [N, D]: StandardScaler + balanced LogisticRegression.
+
+    ``folds`` come from :func:`gigaslide.evaluation.splits.make_folds`. Returns the out-of-fold
+    :class:`Predictions` (and writes them as a prediction CSV with ``out_csv``)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X = np.asarray(embeddings, dtype=np.float64)
+    y = np.asarray(labels).astype(int)
+    if X.ndim != 2 or len(X) != len(y):
+        raise GigaslideError(f"embeddings must be [N, D] with N labels, got {X.shape} and {y.shape}")
+    ids = list(slide_ids) if slide_ids is not None else [str(i) for i in range(len(y))]
+    n_classes = int(y.max()) + 1
+    probs = np.zeros((len(y), n_classes))
+    fold_of = np.full(len(y), -1)
+    for k, (tr, te) in enumerate(folds):
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, class_weight="balanced", max_iter=2000,
+                                                                 random_state=seed))
+        clf.fit(X[tr], y[tr])
+        classes = clf.classes_
+        probs[np.ix_(te, classes)] = clf.predict_proba(X[te])
+        fold_of[te] = k
+    tested = fold_of >= 0
+    pred = Predictions([ids[i] for i in np.flatnonzero(tested)], y[tested], probs[tested], fold_of[tested],
+                       np.full(int(tested.sum()), repeat or 0))
+    if out_csv is not None:
+        write_predictions(out_csv, pred.slide_ids, pred.labels, pred.probs, pred.folds, repeat)
+    return pred
+
+
+def linear_probe_run(embeddings: dict[str, np.ndarray], labels: str | os.PathLike, out: str | os.PathLike, *,
+                     folds: int = 5, seed: int = 0, train_slides: int | None = None, repeats: int = 1, C: float = 1.0,
+                     on_missing: str = "error", n_bootstrap: int = 1000) -> dict[str, Any]:
+    """The whole slide-embedding protocol in one call (for Giga-SSL / SLPD style slide encoders).
+
+    ``embeddings``: ``{slide_id: [D] vector}``; ``labels``: labels.csv. Reads and validates the
+    labels, makes the stratified patient-grouped folds (saved as ``out/splits.json``), optionally
+    draws ``train_slides`` training slides per fold ``repeats`` times (few-shot), fits the balanced
+    linear probe, writes ``out/predictions.csv`` and ``out/evaluation.{json,md}``; returns the evaluation.
+    """
+    from gigaslide.evaluation import splits as S
+
+    table = S.read_labels(labels)
+    m = S.match_features(table, list(embeddings), on_missing=on_missing)
+    t = m.table
+    dims = {np.asarray(embeddings[s]).reshape(-1).shape[0] for s in t.slide_ids}
+    if len(dims) > 1:
+        raise GigaslideError(f"slide embeddings have different sizes {sorted(dims)}",
+                             fix="embed every slide with the same slide encoder")
+    X = np.stack([np.asarray(embeddings[s], dtype=np.float64).reshape(-1) for s in t.slide_ids])
+    fold_idx = S.make_folds(t.labels, t.patient_ids, folds, seed, where=labels)
+    out_d = atomic.ensure_writable_dir(out)
+    rec = S.splits_record(t, fold_idx)
+    rec["left_out"] = {"labeled_without_features": m.skipped_missing, "features_without_label": m.skipped_unlabeled}
+    atomic.write_json(out_d / "splits.json", rec)
+    parts = []
+    for r in range(repeats):
+        rf = []
+        for k, (tr, te) in enumerate(fold_idx):
+            if train_slides:
+                tr = S.few_shot_draws(tr, t.labels, train_slides, repeats, seed=seed * 1000 + k)[r]
+            rf.append((tr, te))
+        parts.append(linear_probe_slides(X, t.labels, rf, slide_ids=t.slide_ids, C=C, seed=seed, repeat=r))
+    pred = Predictions(sum((p.slide_ids for p in parts), []), np.concatenate([p.labels for p in parts]),
+                       np.concatenate([p.probs for p in parts]), np.concatenate([p.folds for p in parts]),
+                       np.concatenate([p.repeats for p in parts]), str(out_d))
+    write_predictions(out_d / "predictions.csv", pred.slide_ids, pred.labels, pred.probs, pred.folds,
+                      pred.repeats if repeats > 1 else None)
+    return evaluate_predictions(out_d / "predictions.csv", n_bootstrap=n_bootstrap, seed=seed, out=out_d)

@@ -1,0 +1,218 @@
+"""Slide labels and data splits shared by every slide-level method.
+
+``labels.csv`` has columns ``slide_id,label`` and optionally ``patient_id`` (any extra columns are
+ignored). Labels are integers 0..C-1 (class names are not accepted: map them first). Every check
+fails with a :class:`GigaslideError` naming the file, the offending ids/values and the fix.
+
+Splits: :func:`make_folds` gives stratified folds grouped by patient (sklearn
+``StratifiedGroupKFold``), so no patient is in both train and test; :func:`validation_split`
+carves an early-stopping validation set out of a training fold (never out of test);
+:func:`few_shot_draws` gives the Giga-SSL few-shot protocol (n training slides drawn at random
+from the training fold, repeated with different seeds, every class present).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gigaslide.errors import GigaslideError
+
+
+@dataclass
+class LabelTable:
+    slide_ids: list[str]
+    labels: np.ndarray  # [N] int in 0..C-1
+    patient_ids: list[str]  # = slide id when the CSV has no patient_id column
+    path: Path | None = None
+    has_patients: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.labels.max()) + 1
+
+    def __len__(self) -> int:
+        return len(self.slide_ids)
+
+    def subset(self, ids: list[str]) -> LabelTable:
+        pos = {s: i for i, s in enumerate(self.slide_ids)}
+        idx = [pos[s] for s in ids]
+        return LabelTable([self.slide_ids[i] for i in idx], self.labels[idx],
+                          [self.patient_ids[i] for i in idx], self.path, self.has_patients)
+
+
+def _preview(items: list[str], n: int = 5) -> str:
+    items = sorted(items)
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def read_labels(path: str | os.PathLike, *, min_classes: int = 2) -> LabelTable:
+    """Read and validate ``labels.csv`` (see the module docstring)."""
+    p = Path(path)
+    if not p.is_file():
+        raise GigaslideError("labels file not found", path=p, fix="pass a CSV with columns slide_id,patient_id,label")
+    with open(p, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        cols = [c.strip() for c in (reader.fieldnames or [])]
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+    missing_cols = [c for c in ("slide_id", "label") if c not in cols]
+    if missing_cols:
+        raise GigaslideError(f"missing column(s) {', '.join(missing_cols)} (found: {', '.join(cols) or 'none'})", path=p,
+                             fix="the header must be slide_id,patient_id,label (patient_id optional)")
+    if not rows:
+        raise GigaslideError("labels file has no rows", path=p, fix="add one row per slide")
+    has_pat = "patient_id" in cols
+    ids = [r["slide_id"] for r in rows]
+    empty = [str(i + 2) for i, s in enumerate(ids) if not s]
+    if empty:
+        raise GigaslideError(f"empty slide_id on line(s) {_preview(empty)}", path=p, fix="give every row a slide_id")
+    dup = [s for s, c in Counter(ids).items() if c > 1]
+    if dup:
+        raise GigaslideError(f"duplicate slide_id(s): {_preview(dup)}", path=p, fix="keep one row per slide")
+    labels: list[int] = []
+    bad: list[str] = []
+    for r in rows:
+        v = r["label"]
+        try:
+            fv = float(v)
+            if not np.isfinite(fv) or fv != int(fv) or fv < 0:
+                raise ValueError
+            labels.append(int(fv))
+        except ValueError:
+            bad.append(f"{r['slide_id']}={v!r}")
+    if bad:
+        raise GigaslideError(f"non-numeric or invalid label(s): {_preview(bad)}", path=p,
+                             fix="labels must be integers 0..C-1 (map class names to integers first)")
+    y = np.asarray(labels, dtype=np.int64)
+    classes = np.unique(y)
+    if len(classes) < min_classes:
+        raise GigaslideError(f"only {len(classes)} class present (label {', '.join(map(str, classes))}); "
+                             f"{len(ids)} slides", path=p, fix="a classifier needs slides of at least two classes")
+    if not np.array_equal(classes, np.arange(len(classes))):
+        raise GigaslideError(f"labels are {classes.tolist()}, not 0..{len(classes) - 1}", path=p,
+                             fix="renumber the classes as consecutive integers starting at 0")
+    pats = [r.get("patient_id") or r["slide_id"] for r in rows] if has_pat else list(ids)
+    return LabelTable(ids, y, pats, p, has_pat)
+
+
+@dataclass
+class Matched:
+    table: LabelTable
+    skipped_unlabeled: list[str]  # feature files without a label row
+    skipped_missing: list[str]  # label rows without a feature file
+
+    def report(self) -> str:
+        parts = []
+        if self.skipped_missing:
+            parts.append(f"{len(self.skipped_missing)} labeled slide(s) have no features: {_preview(self.skipped_missing)}")
+        if self.skipped_unlabeled:
+            parts.append(f"{len(self.skipped_unlabeled)} feature file(s) have no label: {_preview(self.skipped_unlabeled)}")
+        return "; ".join(parts)
+
+
+def match_features(table: LabelTable, feature_ids: list[str] | set[str], *, on_missing: str = "error",
+                   features_dir: str | os.PathLike | None = None) -> Matched:
+    """Intersect labels and feature files. ``on_missing="error"`` refuses any mismatch; ``"skip"``
+    keeps the intersection and lists what was left out (callers write it into the run)."""
+    feats = set(feature_ids)
+    missing = [s for s in table.slide_ids if s not in feats]
+    unlabeled = sorted(feats - set(table.slide_ids))
+    m = Matched(table, unlabeled, missing)
+    if (missing or unlabeled) and on_missing != "skip":
+        raise GigaslideError(m.report(), path=table.path if missing else features_dir,
+                             fix="make labels.csv and the features folder list the same slides, "
+                                 "or pass --on-missing skip to use the slides present in both")
+    keep = [s for s in table.slide_ids if s in feats]
+    if not keep:
+        raise GigaslideError("no slide has both a label and features", path=table.path,
+                             fix="check that slide_id values match the feature file names (without .h5)")
+    sub = table.subset(keep)
+    if len(np.unique(sub.labels)) < 2:
+        raise GigaslideError("after matching labels to features only one class is left", path=table.path,
+                             fix="encode slides of every class")
+    m.table = sub
+    return m
+
+
+def _groups_as_int(groups: list[str] | np.ndarray) -> np.ndarray:
+    _, inv = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    return inv
+
+
+def make_folds(labels: np.ndarray, groups: list[str] | np.ndarray | None, n_folds: int, seed: int = 0,
+               where: str | os.PathLike | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified, patient-grouped ``(train_idx, test_idx)`` folds, fixed by ``seed``."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    y = np.asarray(labels)
+    g = _groups_as_int(groups if groups is not None else np.arange(len(y)).astype(str))
+    if n_folds < 2:
+        raise GigaslideError(f"--folds {n_folds}: need at least 2 folds", fix="use --folds 2 or more")
+    counts = Counter(zip(g.tolist(), y.tolist()))
+    per_class_groups = Counter(c for (_, c) in counts)
+    smallest = min(per_class_groups.values())
+    if smallest < n_folds:
+        cls = min(per_class_groups, key=per_class_groups.get)
+        raise GigaslideError(f"class {cls} has only {smallest} patient(s)/slide(s), fewer than --folds {n_folds}",
+                             path=where, fix=f"use --folds {max(2, smallest)} or fewer, or add slides of class {cls}")
+    sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    folds = [(np.sort(tr), np.sort(te)) for tr, te in sgkf.split(np.zeros(len(y)), y, g)]
+    for tr, te in folds:
+        assert not set(g[tr]) & set(g[te])
+    return folds
+
+
+def validation_split(idx: np.ndarray, labels: np.ndarray, groups: list[str] | np.ndarray | None, *,
+                     fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Split training indices ``idx`` into (train, val), stratified and patient-grouped.
+
+    Falls back to a stratified ungrouped split when there are too few patients, and returns an
+    empty validation set when some class has fewer than two slides."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    idx = np.asarray(idx)
+    y = np.asarray(labels)[idx]
+    g = _groups_as_int(np.asarray(groups)[idx] if groups is not None else idx.astype(str))
+    if fraction <= 0 or min(Counter(y.tolist()).values()) < 2:
+        return idx, idx[:0]
+    k = max(2, round(1 / fraction))
+    n_groups_min = min(len(set(g[y == c])) for c in np.unique(y))
+    k = min(k, n_groups_min)
+    if k < 2:
+        return idx, idx[:0]
+    tr, va = next(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, g))
+    return np.sort(idx[tr]), np.sort(idx[va])
+
+
+def few_shot_draws(idx: np.ndarray, labels: np.ndarray, n: int, repeats: int, seed: int = 0) -> list[np.ndarray]:
+    """``repeats`` random draws of ``n`` indices from ``idx`` (each with every class present)."""
+    idx = np.asarray(idx)
+    y = np.asarray(labels)[idx]
+    classes = np.unique(y)
+    if n >= len(idx):
+        return [np.sort(idx) for _ in range(repeats)]
+    if n < len(classes):
+        raise GigaslideError(f"--train-slides {n} is smaller than the number of classes ({len(classes)})",
+                             fix=f"use --train-slides {len(classes)} or more")
+    draws = []
+    for r in range(repeats):
+        rng = np.random.default_rng([seed, r])
+        first = [rng.choice(idx[y == c]) for c in classes]  # one per class, then the rest at random
+        rest = rng.permutation(np.setdiff1d(idx, first))[: n - len(first)]
+        draws.append(np.sort(np.concatenate([first, rest])))
+    return draws
+
+
+def splits_record(table: LabelTable, folds: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """JSON-able record of the folds by slide id (saved with every run)."""
+    ids = table.slide_ids
+    return {"n_folds": len(folds), "folds": [{"train": [ids[i] for i in tr], "test": [ids[i] for i in te]}
+                                             for tr, te in folds]}

@@ -1,0 +1,1 @@
+"""Slide-level supervised learning: MIL models, training, mosaic benchmark slides, heatmaps."""

@@ -1,0 +1,203 @@
+"""``gigaslide benchmark``: tile-level and slide-level scores of several encoders in one table.
+
+For each encoder (registry name or exported encoder folder, see ``gigaslide encoders``):
+
+* tile level -- the labelled tile folders ``TILES/train`` and ``TILES/valid`` (or ``TILES/test``)
+  are encoded (class sub-folders, sorted: ``0``, ``1``, ...) and probed with
+  :func:`gigaslide.evaluation.tiles.evaluate_tile_features` (linear probe and 20-NN);
+* slide level -- the mosaic slides ``SLIDES/slides/*.tiff`` are encoded by the spine
+  (:func:`gigaslide.features.extract.encode_slides`, i.e. ``gigaslide encode``), then ABMIL is
+  cross-validated on ``SLIDES/labels.csv`` and the attention-localisation AUC is measured against
+  ``SLIDES/ground_truth``.
+
+Output ``OUT/``: ``{encoder}/tiles/{train,test}.h5``, ``{encoder}/slides/`` (encode output),
+``{encoder}/mil/`` (run), ``{encoder}/tile_report/``, and ``leaderboard.{md,json,png}``.
+Everything already computed is reused (resume).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gigaslide import atomic
+from gigaslide.artifacts import provenance
+from gigaslide.errors import GigaslideError
+from gigaslide.evaluation.metrics import fmt_ci
+
+IMAGE_EXT = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).name if os.sep in name else name)
+
+
+def encode_tile_folder(encoder: Any, folder: str | os.PathLike, out_h5: str | os.PathLike, *, batch_size: int = 128,
+                       max_per_class: int | None = None, seed: int = 0) -> Path:
+    """Encode a labelled tile folder (one sub-folder per class) into a feature file with ``labels``."""
+    from PIL import Image
+
+    from gigaslide.features import store
+
+    out_h5 = Path(out_h5)
+    if out_h5.is_file():
+        ff = store.load(out_h5)
+        if ff.encoder == encoder.spec.name and ff.attrs.get("encoder_weights_sha256") == encoder.weights_id:
+            return out_h5
+    d = Path(folder)
+    classes = sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+    if len(classes) < 2:
+        raise GigaslideError("need a tile folder with one sub-folder per class (at least two)", path=d,
+                             fix="e.g. tiles/pcam/train with 0/ and 1/")
+    rng = np.random.default_rng(seed)
+    files, labels = [], []
+    for c, name in enumerate(classes):
+        fs = sorted(p for p in (d / name).iterdir() if p.suffix.lower() in IMAGE_EXT)
+        if max_per_class and len(fs) > max_per_class:
+            fs = [fs[i] for i in np.sort(rng.choice(len(fs), max_per_class, replace=False))]
+        files += fs
+        labels += [c] * len(fs)
+    dev = next(encoder.parameters()).device
+    feats = []
+    with torch.inference_mode():
+        for s in range(0, len(files), batch_size):
+            batch = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files[s:s + batch_size]])
+            ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+            with ctx:
+                feats.append(encoder(torch.from_numpy(batch).to(dev)).float().cpu().numpy())
+    return store.save(out_h5, np.concatenate(feats), labels=np.asarray(labels),
+                      attrs={"encoder": encoder.spec.name, "encoder_weights_sha256": encoder.weights_id,
+                             "tile_folder": str(d), "classes": ",".join(classes), "slide_id": d.name})
+
+
+def _test_folder(tiles: Path) -> Path:
+    for name in ("valid", "test", "val"):
+        if (tiles / name).is_dir():
+            return tiles / name
+    raise GigaslideError("tile folder needs train/ and valid/ (or test/) sub-folders", path=tiles,
+                         fix="pass e.g. ../shared/data/tiles/pcam")
+
+
+def benchmark_encoder(name: str, out: Path, *, tiles: Path | None, slides: Path | None, weights: str, mpp: float,
+                      tile_size: int, folds: int, mil_model: str, epochs: int, max_tiles_per_class: int | None,
+                      n_bootstrap: int, seed: int, verbose: bool = True) -> dict[str, Any]:
+    from gigaslide.encoders import build_encoder
+
+    enc = build_encoder(name, weights)
+    row: dict[str, Any] = {"encoder": name, "dim": enc.embed_dim, "weights": enc.weights_id}
+    d = atomic.ensure_writable_dir(out / _safe(name))
+    if tiles is not None:
+        from gigaslide.evaluation.tiles import evaluate_tile_features
+
+        t0 = time.perf_counter()
+        tr = encode_tile_folder(enc, tiles / "train", d / "tiles" / "train.h5", max_per_class=max_tiles_per_class, seed=seed)
+        te = encode_tile_folder(enc, _test_folder(tiles), d / "tiles" / "test.h5", max_per_class=max_tiles_per_class,
+                                seed=seed)
+        row["tile_encode_seconds"] = round(time.perf_counter() - t0, 1)
+        rep = evaluate_tile_features(tr, te, ["linear", "knn"], n_bootstrap=n_bootstrap, seed=seed, out=d / "tile_report")
+        row["tile"] = {p: rep["protocols"][p] for p in ("linear", "knn")}
+    if slides is not None:
+        from gigaslide.features.extract import encode_slides
+        from gigaslide.mil.cv import run_cv
+        from gigaslide.mil.heatmap import run_localisation
+        from gigaslide.mil.train import TrainConfig
+        from gigaslide.slides import find_slides
+        from gigaslide.tiling import TilingParams
+
+        t0 = time.perf_counter()
+        res = encode_slides(find_slides([str(slides / "slides")]), d / "slides", enc, TilingParams(mpp, tile_size, 0, 0.25),
+                            seed=seed, overlays=False)
+        if res.failed:
+            raise GigaslideError(f"{len(res.failed)} slide(s) failed to encode: {next(iter(res.failed.values()))}",
+                                 path=d / "slides" / "manifest.json", fix="see the manifest for every failure")
+        row["slide_encode_seconds"] = round(time.perf_counter() - t0, 1)
+        ev = run_cv(d / "slides" / "features", slides / "labels.csv", d / "mil",
+                    cfg=TrainConfig(model=mil_model, epochs=epochs, seed=seed), folds=folds, n_bootstrap=n_bootstrap,
+                    verbose=verbose)
+        row["slide"] = {"model": mil_model, **ev["metrics"], "seconds_per_fold": ev.get("seconds_per_fold")}
+        row["localisation"] = run_localisation(d / "mil", slides / "ground_truth", n_bootstrap=n_bootstrap, seed=seed)
+    return row
+
+
+def leaderboard_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| encoder | D | tile linear AUC | tile linear bal-acc | tile 20-NN AUC | slide ABMIL AUC | slide bal-acc | "
+             "attention loc. AUC |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t, s = r.get("tile", {}), r.get("slide", {})
+        cell = (lambda d: fmt_ci(d) if d else "-")
+        lines.append(f"| {r['encoder']} | {r['dim']} | {cell(t.get('linear', {}).get('auc'))} | "
+                     f"{cell(t.get('linear', {}).get('balanced_accuracy'))} | {cell(t.get('knn', {}).get('auc'))} | "
+                     f"{cell(s.get('auc'))} | {cell(s.get('balanced_accuracy'))} | {cell(r.get('localisation'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_leaderboard(rows: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = [("tile linear AUC", lambda r: r.get("tile", {}).get("linear", {}).get("auc")),
+            ("tile 20-NN AUC", lambda r: r.get("tile", {}).get("knn", {}).get("auc")),
+            ("slide ABMIL AUC", lambda r: r.get("slide", {}).get("auc")),
+            ("attention loc. AUC", lambda r: r.get("localisation"))]
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows) + 2), 3.6))
+    w = 0.8 / len(cols)
+    for j, (label, get) in enumerate(cols):
+        v, lo, hi = [], [], []
+        for r in rows:
+            m = get(r) or {}
+            v.append(m.get("value", np.nan))
+            lo.append(m.get("ci_low", np.nan))
+            hi.append(m.get("ci_high", np.nan))
+        v, lo, hi = map(np.asarray, (v, lo, hi))
+        ax.bar(np.arange(len(rows)) + (j - 1.5) * w, np.nan_to_num(v), w, label=label,
+               yerr=np.nan_to_num(np.stack([v - lo, hi - v])), capsize=2)
+    ax.set_xticks(np.arange(len(rows)), [r["encoder"] for r in rows], rotation=15)
+    ax.set_ylim(0, 1.05)
+    ax.axhline(0.5, color="grey", lw=0.6, ls="--")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("encoders: tile-level vs slide-level (95 % bootstrap CIs)")
+    fig.tight_layout()
+    with atomic.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_benchmark(encoders: list[str], out: str | os.PathLike, *, tiles: str | os.PathLike | None = None,
+                  slides: str | os.PathLike | None = None, weights: str = "default", mpp: float = 0.97,
+                  tile_size: int = 96, folds: int = 5, mil_model: str = "abmil", epochs: int = 30,
+                  max_tiles_per_class: int | None = None, n_bootstrap: int = 1000, seed: int = 0,
+                  verbose: bool = True) -> list[dict[str, Any]]:
+    """Benchmark every encoder; writes ``leaderboard.{md,json,png}`` into ``out``."""
+    if not encoders:
+        raise GigaslideError("no encoders given", fix="pass --encoders a,b,c (see `gigaslide encoders`)")
+    if tiles is None and slides is None:
+        raise GigaslideError("nothing to benchmark", fix="pass --tiles (tile-level) and/or --slides (mosaic slide-level)")
+    tiles_p = Path(tiles) if tiles is not None else None
+    slides_p = Path(slides) if slides is not None else None
+    if tiles_p is not None and not (tiles_p / "train").is_dir():
+        raise GigaslideError("tile folder has no train/ sub-folder", path=tiles_p, fix="pass e.g. ../shared/data/tiles/pcam")
+    if slides_p is not None and not (slides_p / "labels.csv").is_file():
+        raise GigaslideError("not a mosaic folder (no labels.csv)", path=slides_p,
+                             fix="build one with `gigaslide mosaic --tiles ... --out DIR` and pass DIR")
+    out_d = atomic.ensure_writable_dir(out)
+    rows = []
+    for name in encoders:
+        if verbose:
+            print(f"== {name}")
+        rows.append(benchmark_encoder(name, out_d, tiles=tiles_p, slides=slides_p, weights=weights, mpp=mpp,
+                                      tile_size=tile_size, folds=folds, mil_model=mil_model, epochs=epochs,
+                                      max_tiles_per_class=max_tiles_per_class, n_bootstrap=n_bootstrap, seed=seed,
+                                      verbose=verbose))
+    atomic.write_json(out_d / "leaderboard.json", {**provenance(kind="benchmark", seed=seed), "rows": rows})
+    atomic.write_text(out_d / "leaderboard.md", "# Encoder benchmark\n\n" + leaderboard_markdown(rows))
+    plot_leaderboard(rows, out_d / "leaderboard.png")
+    return rows

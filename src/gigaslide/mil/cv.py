@@ -1,0 +1,137 @@
+"""Cross-validated MIL training run: labels + feature folder -> RUN_DIR.
+
+Layout of RUN_DIR::
+
+    run.json            config, provenance (encoder, dim, mpp, seed), slides left out and why
+    splits.json         test folds by slide id (+ train/val/few-shot slides per fold and repeat)
+    fold{k}/            repeat 0 of fold k; fold{k}_r{r}/ for further few-shot repeats
+        model.safetensors, config.json, history.json, predictions.csv, attention.h5
+    predictions.csv     all test predictions (the contract of gigaslide.evaluation.slides)
+    evaluation.json/.md AUC / balanced accuracy with bootstrap CIs
+
+A fold whose ``predictions.csv`` exists is not retrained (resume after an interruption).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from gigaslide import atomic
+from gigaslide.artifacts import provenance
+from gigaslide.errors import GigaslideError
+from gigaslide.evaluation import splits as S
+from gigaslide.evaluation.slides import evaluate_predictions, read_predictions, write_predictions
+from gigaslide.mil.train import TrainConfig, predict, save_model, train_fold
+
+
+def load_bags(features: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``{slide_id: FeatureFile}`` (one encoder, one dim) and shared metadata; refuses empty bags."""
+    from gigaslide.features import store
+
+    files = store.load_dir(features)
+    empty = sorted(s for s, ff in files.items() if len(ff) == 0)
+    if empty:
+        raise GigaslideError(f"{len(empty)} slide(s) have no tiles (empty bag): {S._preview(empty)}",
+                             path=features, fix="re-tile those slides (tissue not found?) or remove their .h5 files")
+    first = next(iter(files.values()))
+    meta = {"encoder": first.encoder, "in_dim": first.dim, "mpp": first.mpp, "tile_size_level0": first.tile_size_level0}
+    return files, meta
+
+
+def _fold_dirname(k: int, r: int) -> str:
+    return f"fold{k}" if r == 0 else f"fold{k}_r{r}"
+
+
+def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os.PathLike, *,
+           cfg: TrainConfig | None = None, folds: int = 5, train_slides: int | None = None, repeats: int = 1,
+           on_missing: str = "error", val_fraction: float = 0.2, n_bootstrap: int = 1000,
+           verbose: bool = True) -> dict[str, Any]:
+    """Train ``cfg.model`` with stratified, patient-grouped ``folds``-fold CV; returns the evaluation."""
+    cfg = cfg or TrainConfig()
+    out_d = atomic.ensure_writable_dir(out)
+    atomic.clean_stale_tmp(out_d)
+    table = S.read_labels(labels)
+    files, meta = load_bags(features)
+    matched = S.match_features(table, list(files), on_missing=on_missing, features_dir=features)
+    if matched.report() and verbose:
+        print(f"warning: {matched.report()} (left out; listed in {out_d / 'run.json'})")
+    t = matched.table
+    fold_idx = S.make_folds(t.labels, t.patient_ids, folds, cfg.seed, where=labels)
+    n_classes = t.n_classes
+    bags = [torch.from_numpy(np.asarray(files[s].features, dtype=np.float32)) for s in t.slide_ids]
+    run_meta = provenance(kind="mil_run", **{k: v for k, v in meta.items() if v is not None},
+                          n_classes=n_classes, labels=str(labels), features=str(features), folds=folds,
+                          train_slides=train_slides, repeats=repeats, val_fraction=val_fraction,
+                          seed=cfg.seed, train_config=asdict(cfg),
+                          left_out={"labeled_without_features": matched.skipped_missing,
+                                    "features_without_label": matched.skipped_unlabeled})
+    prev = out_d / "run.json"
+    if prev.is_file():
+        old = json.loads(prev.read_text())
+        keys = ("train_config", "folds", "train_slides", "repeats", "encoder", "in_dim", "val_fraction")
+        if any(old.get(k) != run_meta.get(k) for k in keys):
+            raise GigaslideError("this run directory holds a run with different settings", path=out_d,
+                                 fix="choose a new --out, or delete the old run to start over")
+    atomic.write_json(prev, run_meta)
+    rec = S.splits_record(t, fold_idx)
+    rec["per_fold"] = {}
+    ids = t.slide_ids
+    for k, (tr_all, te) in enumerate(fold_idx):
+        draws = (S.few_shot_draws(tr_all, t.labels, train_slides, repeats, seed=cfg.seed * 1000 + k)
+                 if train_slides else [tr_all] * repeats)
+        for r, tr_pool in enumerate(draws):
+            name = _fold_dirname(k, r)
+            tr, va = S.validation_split(tr_pool, t.labels, t.patient_ids, fraction=val_fraction, seed=cfg.seed + r)
+            rec["per_fold"][name] = {"train": [ids[i] for i in tr], "val": [ids[i] for i in va],
+                                     "test": [ids[i] for i in te]}
+            fd = out_d / name
+            if (fd / "predictions.csv").is_file():
+                continue
+            model, info = train_fold([bags[i] for i in tr], t.labels[tr], [bags[i] for i in va], t.labels[va],
+                                     meta["in_dim"], n_classes, cfg)
+            probs, scores = predict(model, [bags[i] for i in te])
+            save_model(fd, model, cfg, in_dim=meta["in_dim"], n_classes=n_classes,
+                       extra={k2: v for k2, v in {**meta, "fold": k, "repeat": r}.items() if v is not None})
+            atomic.write_json(fd / "history.json", info)
+            with atomic.atomic_path(fd / "attention.h5", suffix=".h5") as tmp:
+                with h5py.File(tmp, "w") as f:
+                    for i, sc in zip(te, scores):
+                        g = f.create_group(ids[i])
+                        g.create_dataset("scores", data=sc.astype(np.float32))
+                        g.create_dataset("coords", data=files[ids[i]].coords)
+            write_predictions(fd / "predictions.csv", [ids[i] for i in te], t.labels[te], probs, k,
+                              r if repeats > 1 else None)
+            if verbose:
+                print(f"{name}: {len(tr)} train / {len(va)} val / {len(te)} test slides, "
+                      f"best epoch {info['best_epoch']} of {info['epochs_run']}, {info['seconds']:.1f}s")
+    atomic.write_json(out_d / "splits.json", rec)
+    pred = read_predictions_dirs(out_d, fold_idx, repeats)
+    write_predictions(out_d / "predictions.csv", pred.slide_ids, pred.labels, pred.probs, pred.folds,
+                      pred.repeats if repeats > 1 else None)
+    res = evaluate_predictions(out_d / "predictions.csv", n_bootstrap=n_bootstrap, seed=cfg.seed, out=out_d)
+    res["seconds_per_fold"] = fold_seconds(out_d)
+    atomic.write_json(out_d / "evaluation.json", {**provenance(kind="slide_evaluation"), **res})
+    return res
+
+
+def read_predictions_dirs(out_d: Path, fold_idx: list, repeats: int):  # noqa: ANN201
+    """Concatenate this run's fold prediction CSVs (only the folds of this run)."""
+    from gigaslide.evaluation.slides import Predictions
+
+    parts = [read_predictions(out_d / _fold_dirname(k, r) / "predictions.csv")
+             for k in range(len(fold_idx)) for r in range(repeats)]
+    return Predictions(sum((p.slide_ids for p in parts), []), np.concatenate([p.labels for p in parts]),
+                       np.concatenate([p.probs for p in parts]), np.concatenate([p.folds for p in parts]),
+                       np.concatenate([p.repeats for p in parts]), str(out_d))
+
+
+def fold_seconds(out_d: Path) -> list[float]:
+    return [json.loads(h.read_text())["seconds"] for h in sorted(out_d.glob("fold*/history.json"))]

@@ -1,0 +1,168 @@
+"""Attention / prediction heatmaps over the slide thumbnail, and attention-localisation AUC.
+
+Per-tile scores are the model's ``instance_scores`` (attention for attention models, the tile's
+positive-class logit margin for mean/max pooling), shown as percentiles (CLAM-style, so a few
+tiles with huge attention do not wash out the map) over the thumbnail with a colour bar. When
+tile ground truth exists (mosaic slides: ``ground_truth/{slide}.csv``), the tumour tiles are
+outlined and the localisation AUC -- ROC AUC of the raw tile scores against tumour / normal --
+is reported.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gigaslide import atomic
+from gigaslide.errors import GigaslideError
+from gigaslide.evaluation.metrics import auc
+from gigaslide.mil.mosaic import read_ground_truth, tumor_labels_for_coords
+from gigaslide.mil.train import load_model
+
+
+def localisation_auc(scores: np.ndarray, coords: np.ndarray, gt: np.ndarray, tile_size0: float) -> float:
+    """AUC of tile scores against tumour ground truth (NaN when the slide has no tumour tiles)."""
+    y = tumor_labels_for_coords(gt, coords, tile_size0)
+    return auc(y, np.asarray(scores, dtype=np.float64)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def _min_step(coords: np.ndarray) -> float:
+    steps = np.concatenate([np.diff(np.unique(np.asarray(coords)[:, i])) for i in (0, 1)])
+    steps = steps[steps > 0]
+    return float(steps.min()) if len(steps) else float("nan")
+
+
+def tile_size_of(ff: Any) -> float:
+    """Level-0 tile side of a feature file (attrs, else the smallest coordinate step)."""
+    if ff.tile_size_level0:
+        return float(ff.tile_size_level0)
+    step = _min_step(ff.coords)
+    if np.isnan(step):
+        raise GigaslideError("cannot tell the tile size (no patch_size_level0 attr, one tile)", path=ff.path,
+                             fix="re-encode with `gigaslide encode` so the coords carry patch_size_level0")
+    return step
+
+
+def find_ground_truth(slide: str | os.PathLike) -> Path | None:
+    """``MOSAIC/ground_truth/{id}.csv`` next to ``MOSAIC/slides/{id}.tiff``, if present."""
+    p = Path(slide)
+    cand = p.parent.parent / "ground_truth" / f"{p.stem}.csv"
+    return cand if cand.is_file() else None
+
+
+def _percentile(s: np.ndarray) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    return (rankdata(s) - 1) / max(1, len(s) - 1)
+
+
+def draw_heatmap(thumb: np.ndarray, downsample: float, coords: np.ndarray, values: np.ndarray, tile_size0: float,
+                 out: str | os.PathLike, *, title: str = "", label: str = "attention (percentile)",
+                 tumor_coords: np.ndarray | None = None, alpha: float = 0.5) -> Path:
+    """Paint per-tile ``values`` in [0, 1] over ``thumb`` (``downsample`` level-0 px per thumb px), PNG + colour bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h, w = thumb.shape[:2]
+    grid = np.full((h, w), np.nan)
+    side = max(1, int(round(tile_size0 / downsample)))
+    for (x, y), v in zip(np.asarray(coords), values):
+        x0, y0 = int(x / downsample), int(y / downsample)
+        grid[y0:y0 + side, x0:x0 + side] = v
+    fig, ax = plt.subplots(figsize=(7, 7 * h / max(w, 1) + 0.4))
+    ax.imshow(thumb)
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap="jet", alpha=alpha, vmin=0, vmax=1, interpolation="nearest")
+    if tumor_coords is not None and len(tumor_coords):
+        t = np.zeros((h, w))
+        for x, y in tumor_coords:
+            t[int(y / downsample):int(y / downsample) + side, int(x / downsample):int(x / downsample) + side] = 1
+        ax.contour(t, levels=[0.5], colors="lime", linewidths=1.2)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label=label)
+    fig.tight_layout()
+    with atomic.atomic_path(out, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return Path(out)
+
+
+def heatmap(slide: str | os.PathLike, features: str | os.PathLike, model_dir: str | os.PathLike,
+            out: str | os.PathLike, *, ground_truth: str | os.PathLike | None = None, thumb_size: int = 1024,
+            slide_mpp: float | None = None) -> dict[str, Any]:
+    """Draw a slide's MIL attention heatmap; returns probabilities, n tiles and localisation AUC (if known)."""
+    from gigaslide.features import store
+    from gigaslide.slides import open_slide
+
+    model, meta = load_model(model_dir)
+    ff = store.load(features)
+    if ff.dim != int(meta["in_dim"]):
+        raise GigaslideError(f"features are {ff.dim}-d but the model was trained on {meta['in_dim']}-d features",
+                             path=features, fix="use features from the encoder the model was trained with")
+    if meta.get("encoder") and ff.encoder and ff.encoder != meta["encoder"]:
+        raise GigaslideError(f"features come from encoder '{ff.encoder}', the model from '{meta['encoder']}'",
+                             path=features, fix="encode the slide with the model's encoder")
+    with torch.no_grad():
+        res = model(torch.from_numpy(np.asarray(ff.features, np.float32)))
+    probs = torch.softmax(res["logits"].float(), -1).numpy()
+    scores = res["instance_scores"].float().numpy()
+    tile0 = tile_size_of(ff)
+    s = open_slide(slide, mpp=slide_mpp)
+    thumb, ds = s.thumbnail(thumb_size)
+    gt_path = Path(ground_truth) if ground_truth else find_ground_truth(slide)
+    out_info: dict[str, Any] = {"slide": str(slide), "probs": probs.tolist(), "n_tiles": len(scores),
+                                "model": meta["model"], "out": str(out), "localisation_auc": None}
+    tumor_xy = None
+    title = f"{Path(slide).stem}  {meta['model']}  P(class {len(probs) - 1}) = {probs[-1]:.3f}"
+    if gt_path is not None:
+        gt = read_ground_truth(gt_path)
+        la = localisation_auc(scores, ff.coords, gt, tile0)
+        out_info["localisation_auc"] = None if np.isnan(la) else la
+        tumor_xy = gt[gt[:, 3] == 1][:, :2]
+        if not np.isnan(la):
+            title += f"  attention AUC vs tumour = {la:.3f}"
+    kind = "attention" if res["attention"] is not None else "tile score"
+    draw_heatmap(thumb, ds, ff.coords, _percentile(scores), tile0, out, title=title, label=f"{kind} (percentile)",
+                 tumor_coords=tumor_xy)
+    return out_info
+
+
+def run_localisation(run_dir: str | os.PathLike, ground_truth_dir: str | os.PathLike, *, n_bootstrap: int = 1000,
+                     seed: int = 0) -> dict[str, Any]:
+    """Mean attention-localisation AUC over the positive test slides of a run (``fold*/attention.h5``),
+    with a percentile bootstrap 95 % CI over slides. Only repeat 0 of each fold is used."""
+    import h5py
+
+    run, gtd = Path(run_dir), Path(ground_truth_dir)
+    meta = {}
+    vals: list[float] = []
+    for fd in sorted(run.glob("fold*")):
+        if "_r" in fd.name or not (fd / "attention.h5").is_file():
+            continue
+        if not meta:
+            import json
+
+            meta = json.loads((fd / "config.json").read_text())
+        tile0 = float(meta.get("tile_size_level0") or 0)
+        with h5py.File(fd / "attention.h5", "r") as f:
+            for sid in f:
+                gp = gtd / f"{sid}.csv"
+                if not gp.is_file():
+                    continue
+                coords = f[sid]["coords"][:]
+                v = localisation_auc(f[sid]["scores"][:], coords, read_ground_truth(gp), tile0 or _min_step(coords))
+                if not np.isnan(v):
+                    vals.append(v)
+    if not vals:
+        return {"value": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n_slides": 0}
+    a = np.asarray(vals)
+    rng = np.random.default_rng(seed)
+    boots = a[rng.integers(0, len(a), size=(n_bootstrap, len(a)))].mean(1) if n_bootstrap > 0 else a[None]
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return {"value": float(a.mean()), "ci_low": float(lo), "ci_high": float(hi), "n_slides": len(a)}

@@ -1,0 +1,228 @@
+"""Mosaic benchmark: CAMELYON-like pyramidal TIFF slides built from a labelled tile folder.
+
+Like MNIST-bags, but with real tissue. From ``TILES/0`` (normal) and ``TILES/1`` (tumour), e.g.
+PCam's 96 x 96 tiles at ~0.97 um/px, each slide is a ``grid x grid`` mosaic of tiles:
+
+* a tissue-shaped mask (smoothed random field, thresholded, largest connected piece) on a white
+  glass-like background;
+* negative slides contain only normal tiles;
+* positive slides contain one spatially contiguous (4-connected) tumour region covering a
+  ``tumor_fraction`` of the tissue tiles (drawn per slide from a range), grown from a random
+  seed tile; every other tissue tile is normal.
+
+Tiles are drawn with replacement (each with a random 90-degree rotation / flip), so a tile can
+appear in several slides; PCam label 0 means "no tumour in the central 32 x 32 px".
+
+Output (``OUT/``): ``slides/{slide_id}.tiff`` (OpenSlide-readable pyramidal TIFF, mpp set),
+``labels.csv`` (``slide_id,patient_id,label,tumor_fraction,n_tissue_tiles,n_tumor_tiles``),
+``ground_truth/{slide_id}.csv`` (``x,y,size,is_tumor``: every tissue tile, level-0 px) and
+``mosaic.json`` (provenance and settings). Existing slides are kept, so a re-run resumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gigaslide import atomic
+from gigaslide.artifacts import provenance
+from gigaslide.errors import GigaslideError
+
+IMAGE_EXT = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+
+
+@dataclass
+class MosaicConfig:
+    slides: int = 200
+    positive_fraction: float = 0.5
+    tumor_fraction: tuple[float, float] = (0.02, 0.2)
+    grid: int = 24  # tiles per side
+    tissue_fraction: tuple[float, float] = (0.35, 0.6)  # of the grid cells
+    mpp: float = 0.97
+    seed: int = 0
+    normal_class: str = "0"
+    tumor_class: str = "1"
+
+
+def parse_range(value: str | float | tuple[float, float], name: str = "--tumor-fraction") -> tuple[float, float]:
+    """``"0.02-0.2"`` -> (0.02, 0.2); ``"0.1"`` -> (0.1, 0.1)."""
+    if isinstance(value, (tuple, list)):
+        lo, hi = float(value[0]), float(value[1])
+    else:
+        s = str(value).strip()
+        try:
+            parts = s.split("-") if "-" in s[1:] else [s]
+            lo, hi = float(parts[0]), float(parts[-1])
+        except ValueError:
+            raise GigaslideError(f"{name} {value!r} is not a number or range", fix=f"write e.g. {name} 0.02-0.2 or 0.1") from None
+    if not (0 < lo <= hi <= 1):
+        raise GigaslideError(f"{name} {value!r} must lie in (0, 1] with low <= high", fix=f"e.g. {name} 0.02-0.2")
+    return lo, hi
+
+
+def list_tiles(tiles: str | os.PathLike, cls: str) -> list[Path]:
+    d = Path(tiles) / cls
+    if not d.is_dir():
+        raise GigaslideError(f"no class folder '{cls}/'", path=tiles,
+                             fix="pass a tile folder with sub-folders 0/ (normal) and 1/ (tumour), e.g. tiles/pcam/train")
+    files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXT)
+    if not files:
+        raise GigaslideError("class folder has no image tiles", path=d, fix="check the path")
+    return files
+
+
+def tissue_mask(grid: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """A blob-shaped boolean [grid, grid] mask covering about ``fraction`` of the cells."""
+    from scipy import ndimage
+
+    field = ndimage.gaussian_filter(rng.normal(size=(grid, grid)), sigma=grid / 6, mode="constant")
+    yy, xx = np.mgrid[:grid, :grid]
+    r2 = ((yy - (grid - 1) / 2) ** 2 + (xx - (grid - 1) / 2) ** 2) / (grid / 2) ** 2
+    field = field / (field.std() + 1e-9) - 3.0 * r2  # favour the centre, keep off the edges
+    field[[0, -1], :] = field[:, [0, -1]] = -1e6  # a one-tile margin of glass
+    mask = field >= np.quantile(field, 1 - fraction)
+    lab, n = ndimage.label(mask)
+    if n > 1:
+        sizes = ndimage.sum(mask, lab, index=np.arange(1, n + 1))
+        mask = lab == (1 + int(np.argmax(sizes)))
+    return mask
+
+
+def grow_region(mask: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """A 4-connected region of ``n`` cells inside ``mask``, grown from a random seed cell."""
+    cells = np.argwhere(mask)
+    n = int(min(max(n, 1), len(cells)))
+    region = np.zeros_like(mask)
+    start = tuple(cells[rng.integers(len(cells))])
+    region[start] = True
+    frontier = {start}
+    count = 1
+    while count < n and frontier:
+        # pick a frontier cell at random, add one random free neighbour
+        cell = list(frontier)[rng.integers(len(frontier))]
+        y, x = cell
+        nbrs = [(y + dy, x + dx) for dy, dx in ((0, 1), (1, 0), (0, -1), (-1, 0))
+                if 0 <= y + dy < mask.shape[0] and 0 <= x + dx < mask.shape[1]
+                and mask[y + dy, x + dx] and not region[y + dy, x + dx]]
+        if not nbrs:
+            frontier.discard(cell)
+            continue
+        nb = nbrs[rng.integers(len(nbrs))]
+        region[nb] = True
+        frontier.add(nb)
+        count += 1
+    return region
+
+
+def _read_tile(path: Path, size: int, rng: np.random.Generator) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        a = np.asarray(im.convert("RGB"))
+    if a.shape[:2] != (size, size):
+        a = np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR))
+    a = np.rot90(a, int(rng.integers(4)))
+    return a[:, ::-1] if rng.integers(2) else a
+
+
+def build_slide(normal: list[Path], tumor: list[Path], *, positive: bool, tumor_fraction: float, grid: int,
+                tissue_fraction: float, tile_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """RGB mosaic [grid*t, grid*t, 3], tissue mask and tumour mask [grid, grid]."""
+    tissue = tissue_mask(grid, tissue_fraction, rng)
+    tum = grow_region(tissue, round(tumor_fraction * tissue.sum()), rng) if positive else np.zeros_like(tissue)
+    t = tile_size
+    img = (243 + rng.integers(-3, 4, size=(grid * t, grid * t, 1))).clip(0, 255).astype(np.uint8).repeat(3, axis=2)
+    for (y, x) in np.argwhere(tissue):
+        src = tumor if tum[y, x] else normal
+        img[y * t:(y + 1) * t, x * t:(x + 1) * t] = _read_tile(src[rng.integers(len(src))], t, rng)
+    return img, tissue, tum
+
+
+def _tile_size(path: Path) -> int:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return int(im.size[0])
+
+
+def build_mosaic(tiles: str | os.PathLike, out: str | os.PathLike, cfg: MosaicConfig | None = None,
+                 verbose: bool = True) -> dict[str, Any]:
+    """Write ``cfg.slides`` mosaic slides + labels + ground truth into ``out`` (resumable)."""
+    from gigaslide.slides.writer import write_array_as_slide
+
+    cfg = cfg or MosaicConfig()
+    if cfg.slides < 2:
+        raise GigaslideError(f"--slides {cfg.slides}: need at least 2", fix="use --slides 2 or more")
+    if not 0 < cfg.positive_fraction < 1:
+        raise GigaslideError(f"--positive-fraction {cfg.positive_fraction} must be in (0, 1)", fix="e.g. 0.5")
+    if cfg.grid < 4:
+        raise GigaslideError(f"--grid {cfg.grid} is too small", fix="use --grid 8 or more")
+    normal, tumor = list_tiles(tiles, cfg.normal_class), list_tiles(tiles, cfg.tumor_class)
+    t = _tile_size(normal[0])
+    out_d = atomic.ensure_writable_dir(out)
+    for sub in ("slides", "ground_truth"):
+        atomic.ensure_writable_dir(out_d / sub)
+        atomic.clean_stale_tmp(out_d / sub)
+    rng = np.random.default_rng(cfg.seed)
+    n_pos = int(round(cfg.positive_fraction * cfg.slides))
+    is_pos = rng.permutation(np.arange(cfg.slides) < n_pos)
+    rows = []
+    for i in range(cfg.slides):
+        sid = f"mosaic_{i:04d}"
+        srng = np.random.default_rng([cfg.seed, i])
+        tf = float(srng.uniform(*cfg.tumor_fraction)) if is_pos[i] else 0.0
+        tissue_frac = float(srng.uniform(*cfg.tissue_fraction))
+        sp, gp = out_d / "slides" / f"{sid}.tiff", out_d / "ground_truth" / f"{sid}.csv"
+        if sp.is_file() and gp.is_file():
+            gt = read_ground_truth(gp)
+        else:
+            img, tissue, tum = build_slide(normal, tumor, positive=bool(is_pos[i]), tumor_fraction=tf, grid=cfg.grid,
+                                           tissue_fraction=tissue_frac, tile_size=t, rng=srng)
+            cells = np.argwhere(tissue)
+            gt = np.column_stack([cells[:, 1] * t, cells[:, 0] * t, np.full(len(cells), t), tum[tissue].astype(int)])
+            write_array_as_slide(sp, img, mpp=cfg.mpp)
+            buf = io.StringIO()
+            w = csv.writer(buf)
+            w.writerow(["x", "y", "size", "is_tumor"])
+            w.writerows(gt.tolist())
+            atomic.write_text(gp, buf.getvalue())
+        n_tis, n_tum = len(gt), int(gt[:, 3].sum())
+        rows.append([sid, sid, int(is_pos[i]), f"{n_tum / max(1, n_tis):.4f}", n_tis, n_tum])
+        if verbose and (i + 1) % 25 == 0:
+            print(f"{i + 1}/{cfg.slides} slides")
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["slide_id", "patient_id", "label", "tumor_fraction", "n_tissue_tiles", "n_tumor_tiles"])
+    w.writerows(rows)
+    atomic.write_text(out_d / "labels.csv", buf.getvalue())
+    meta = provenance(kind="mosaic", tiles=str(tiles), tile_size=t, mpp=cfg.mpp, seed=cfg.seed,
+                      n_normal_tiles=len(normal), n_tumor_tiles=len(tumor), config=asdict(cfg),
+                      n_positive=n_pos, n_negative=cfg.slides - n_pos)
+    atomic.write_json(out_d / "mosaic.json", meta)
+    return meta
+
+
+def read_ground_truth(path: str | os.PathLike) -> np.ndarray:
+    """``[M, 4]`` int array ``x, y, size, is_tumor`` (level-0 px) of a mosaic slide's tissue tiles."""
+    p = Path(path)
+    if not p.is_file():
+        raise GigaslideError("ground-truth file not found", path=p, fix="pass MOSAIC_DIR/ground_truth/SLIDE.csv")
+    a = np.loadtxt(p, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
+    return a.reshape(-1, 4)
+
+
+def tumor_labels_for_coords(gt: np.ndarray, coords: np.ndarray, tile_size0: float) -> np.ndarray:
+    """1 where a tile (level-0 top-left ``coords``, side ``tile_size0``) has its centre in a tumour cell."""
+    if len(gt) == 0:
+        return np.zeros(len(coords), np.int64)
+    cell = int(gt[0, 2])
+    tum = {(int(x) // cell, int(y) // cell) for x, y, s, t in gt if t}
+    cx = (np.asarray(coords)[:, 0] + tile_size0 / 2) // cell
+    cy = (np.asarray(coords)[:, 1] + tile_size0 / 2) // cell
+    return np.array([(int(a), int(b)) in tum for a, b in zip(cx, cy)], dtype=np.int64)

@@ -1,0 +1,229 @@
+"""Train one MIL model on one fold (CPU-fast), save / load it, predict.
+
+Tile features are z-scored per dimension with the training fold's statistics (stored in the
+model as buffers, so prediction and heatmaps apply the same transform). Bag-at-a-time Adam with
+class-weighted cross-entropy (CLAM models add their instance loss with
+weight ``1 - bag_weight``); after every epoch the validation split (carved from the training
+fold, never the test fold) is scored and the best epoch by ``monitor`` (validation loss, or AUC
+with loss as tie-break) is kept; training stops after ``patience`` epochs without improvement.
+A model is saved as ``model.safetensors`` + ``config.json`` (atomic writes); loading never
+unpickles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gigaslide import atomic
+from gigaslide.artifacts import provenance
+from gigaslide.errors import GigaslideError
+from gigaslide.evaluation.metrics import auc as auc_metric
+from gigaslide.mil.models import build_model
+
+
+@dataclass
+class TrainConfig:
+    model: str = "abmil"
+    epochs: int = 40
+    patience: int = 8
+    min_epochs: int = 3
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    hidden: int = 128
+    dropout: float = 0.25
+    bag_weight: float = 0.7  # CLAM: weight of the bag loss vs the instance-clustering loss
+    monitor: str = "loss"  # "loss" or "auc" on the validation split
+    max_tiles: int | None = None  # random subset of tiles per bag and step in training (None = all)
+    standardize: bool = True  # z-score features with the training fold's per-dimension tile mean / std
+    seed: int = 0
+    device: str = "auto"  # "auto" -> cuda if available
+    bf16: bool = False  # bf16 autocast (always on CUDA)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class Standardized(torch.nn.Module):
+    """A MIL model behind a fixed per-dimension z-scoring of the tile features (buffers ``mean``, ``std``)."""
+
+    def __init__(self, mil: torch.nn.Module, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.mil = mil
+        self.register_buffer("mean", mean.float().reshape(1, -1))
+        self.register_buffer("std", std.float().reshape(1, -1))
+
+    def forward(self, bag: torch.Tensor, label: int | None = None) -> dict[str, Any]:
+        if bag.ndim == 2 and bag.shape[0] > 0:
+            bag = (bag - self.mean) / self.std
+        return self.mil(bag, label=label)
+
+
+def feature_stats(bags: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean / std over all tiles of ``bags`` (float64 accumulation; std floored at 1e-6)."""
+    n = sum(len(b) for b in bags)
+    s1 = sum(b.double().sum(0) for b in bags)
+    s2 = sum((b.double() ** 2).sum(0) for b in bags)
+    mean = s1 / n
+    std = (s2 / n - mean**2).clamp_min(0).sqrt().clamp_min(1e-6)
+    return mean.float(), std.float()
+
+
+def _build(cfg: TrainConfig, in_dim: int, n_classes: int, stats: tuple[torch.Tensor, torch.Tensor] | None = None
+           ) -> torch.nn.Module:
+    model = build_model(cfg.model, in_dim, n_classes, hidden=cfg.hidden, dropout=cfg.dropout, **cfg.model_kwargs)
+    if cfg.standardize:
+        mean, std = stats if stats is not None else (torch.zeros(in_dim), torch.ones(in_dim))
+        model = Standardized(model, mean, std)
+    return model
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _autocast(device: torch.device, bf16: bool):  # noqa: ANN202
+    if device.type == "cuda" or bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def cpu_threads(device: torch.device, n: int = 1):  # noqa: ANN201
+    """MIL steps are tiny: on CPU one thread is fastest (several threads on a shared CPU are 10-100x slower)."""
+    if device.type != "cpu":
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    w = np.where(counts > 0, len(y) / (n_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, bags: list[torch.Tensor], device: torch.device | None = None,
+            bf16: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Class probabilities [N, C] and per-tile scores (attention or instance score) of each bag."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    probs, scores = [], []
+    with cpu_threads(device):
+        for b in bags:
+            with _autocast(device, bf16):
+                out = model(b.to(device))
+            probs.append(torch.softmax(out["logits"].float(), -1).cpu().numpy())
+            scores.append(out["instance_scores"].float().cpu().numpy())
+    return np.stack(probs), scores
+
+
+def _val_scores(model: torch.nn.Module, bags: list[torch.Tensor], y: np.ndarray, device: torch.device,
+                bf16: bool) -> tuple[float, float]:
+    probs, _ = predict(model, bags, device, bf16)
+    loss = float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-8)), torch.from_numpy(y)).item())
+    return loss, auc_metric(y, probs)
+
+
+def train_fold(bags_tr: list[torch.Tensor], y_tr: np.ndarray, bags_va: list[torch.Tensor], y_va: np.ndarray,
+               in_dim: int, n_classes: int, cfg: TrainConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train ``cfg.model``; returns the best model (on CPU) and its training history."""
+    with cpu_threads(resolve_device(cfg.device)):
+        return _train_fold(bags_tr, y_tr, bags_va, y_va, in_dim, n_classes, cfg)
+
+
+def _train_fold(bags_tr: list[torch.Tensor], y_tr: np.ndarray, bags_va: list[torch.Tensor], y_va: np.ndarray,
+                in_dim: int, n_classes: int, cfg: TrainConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = resolve_device(cfg.device)
+    model = _build(cfg, in_dim, n_classes, feature_stats(bags_tr) if cfg.standardize else None)
+    model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    w = class_weights(y_tr, n_classes).to(device)
+    best_key, best_state, best_epoch, bad = None, None, -1, 0
+    hist: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        model.train()
+        total = 0.0
+        for i in rng.permutation(len(bags_tr)):
+            bag = bags_tr[i]
+            if cfg.max_tiles and len(bag) > cfg.max_tiles:
+                bag = bag[torch.from_numpy(rng.choice(len(bag), cfg.max_tiles, replace=False))]
+            label = int(y_tr[i])
+            with _autocast(device, cfg.bf16):
+                out = model(bag.to(device), label=label)
+            loss = F.cross_entropy(out["logits"].float()[None], torch.tensor([label], device=device), weight=w)
+            if "instance_loss" in out:
+                loss = cfg.bag_weight * loss + (1 - cfg.bag_weight) * out["instance_loss"].float()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+        rec = {"epoch": epoch, "train_loss": total / max(1, len(bags_tr))}
+        if len(bags_va):
+            vl, va = _val_scores(model, bags_va, y_va, device, cfg.bf16)
+            rec.update(val_loss=vl, val_auc=va)
+            key = (-vl,) if cfg.monitor == "loss" else (np.nan_to_num(va, nan=0.0), -vl)
+        else:
+            key = (epoch,)  # no validation split: keep the last epoch
+        hist.append(rec)
+        if best_key is None or key > best_key:
+            best_key, best_state, best_epoch, bad = key, copy.deepcopy(model.state_dict()), epoch, 0
+        else:
+            bad += 1
+            if bad >= cfg.patience and epoch + 1 >= cfg.min_epochs:
+                break
+    model.load_state_dict(best_state)
+    model.to("cpu").eval()
+    return model, {"history": hist, "best_epoch": best_epoch, "epochs_run": len(hist),
+                   "seconds": round(time.perf_counter() - t0, 3), "device": str(device)}
+
+
+def save_model(fold_dir: str | os.PathLike, model: torch.nn.Module, cfg: TrainConfig, *, in_dim: int, n_classes: int,
+               extra: dict[str, Any] | None = None) -> Path:
+    """``model.safetensors`` + ``config.json`` (everything needed to rebuild the model)."""
+    from safetensors.torch import save_file
+
+    d = atomic.ensure_writable_dir(fold_dir)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic.atomic_path(d / "model.safetensors", suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    meta = provenance(kind="mil_model", **(extra or {}))
+    meta.update(model=cfg.model, in_dim=in_dim, n_classes=n_classes, train_config=asdict(cfg))
+    atomic.write_json(d / "config.json", meta)
+    return d
+
+
+def load_model(fold_dir: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild a saved MIL model (safetensors only) and return it with its config."""
+    from safetensors.torch import load_file
+
+    d = Path(fold_dir)
+    cfg_p, w_p = d / "config.json", d / "model.safetensors"
+    if not cfg_p.is_file() or not w_p.is_file():
+        raise GigaslideError("no trained MIL model here (config.json + model.safetensors)", path=d,
+                             fix="pass RUN_DIR/foldK of a finished `gigaslide train-mil` run")
+    meta = json.loads(cfg_p.read_text())
+    tc = dict(meta["train_config"])
+    cfg = TrainConfig(**{k: v for k, v in tc.items() if k in TrainConfig.__dataclass_fields__})
+    model = _build(cfg, int(meta["in_dim"]), int(meta["n_classes"]))
+    model.load_state_dict(load_file(str(w_p)))
+    return model.eval(), meta

@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+
+from gigaslide.errors import GigaslideError
+from gigaslide.evaluation import splits as S
+
+
+def _csv(tmp_path, text, name="labels.csv"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def _table(n=40, patients=20, seed=0):
+    r = np.random.default_rng(seed)
+    pat = [f"p{i % patients}" for i in range(n)]
+    lab = {f"p{i}": int(r.integers(0, 2)) for i in range(patients)}
+    lab["p0"], lab["p1"] = 0, 1
+    return "slide_id,patient_id,label\n" + "".join(f"s{i},{pat[i]},{lab[pat[i]]}\n" for i in range(n))
+
+
+def test_read_labels_ok(tmp_path):
+    t = S.read_labels(_csv(tmp_path, _table()))
+    assert len(t) == 40 and t.has_patients and t.n_classes == 2
+    t2 = S.read_labels(_csv(tmp_path, "slide_id,label\na,0\nb,1\n", "l2.csv"))
+    assert t2.patient_ids == ["a", "b"] and not t2.has_patients
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("slide_id,label\na,0\na,1\n", "duplicate slide_id"),
+    ("slide_id,label\na,0\nb,tumor\n", "non-numeric"),
+    ("slide_id,label\na,1\nb,1\n", "only 1 class"),
+    ("slide,label\na,0\n", "missing column"),
+    ("slide_id,label\n", "no rows"),
+    ("slide_id,label\na,0\nb,2\n", "not 0..1"),
+    ("slide_id,label\na,0\nb,0.5\n", "non-numeric or invalid"),
+])
+def test_read_labels_errors(tmp_path, text, needle):
+    with pytest.raises(GigaslideError, match=needle) as e:
+        S.read_labels(_csv(tmp_path, text))
+    assert "fix:" in str(e.value) and "labels.csv" in str(e.value)
+
+
+def test_match_features_reports_missing_and_unknown(tmp_path):
+    t = S.read_labels(_csv(tmp_path, "slide_id,label\na,0\nb,1\nc,1\nd,0\n"))
+    with pytest.raises(GigaslideError, match="1 labeled slide\\(s\\) have no features: d.*1 feature file\\(s\\) have no label: z"):
+        S.match_features(t, {"a", "b", "c", "z"})
+    m = S.match_features(t, {"a", "b", "c", "z"}, on_missing="skip")
+    assert m.table.slide_ids == ["a", "b", "c"] and m.skipped_missing == ["d"] and m.skipped_unlabeled == ["z"]
+    with pytest.raises(GigaslideError, match="only one class"):
+        S.match_features(t, {"b", "c"}, on_missing="skip")
+
+
+def test_folds_grouped_stratified_deterministic(tmp_path):
+    t = S.read_labels(_csv(tmp_path, _table(60, 30)))
+    f1 = S.make_folds(t.labels, t.patient_ids, 5, seed=3)
+    f2 = S.make_folds(t.labels, t.patient_ids, 5, seed=3)
+    assert all((a[1] == b[1]).all() for a, b in zip(f1, f2))
+    test_all = np.concatenate([te for _, te in f1])
+    assert sorted(test_all) == list(range(60))
+    pats = np.array(t.patient_ids)
+    for tr, te in f1:
+        assert not set(pats[tr]) & set(pats[te])
+        assert len(np.unique(t.labels[te])) == 2
+        trn, val = S.validation_split(tr, t.labels, t.patient_ids, fraction=0.2, seed=0)
+        assert len(val) > 0 and not set(pats[trn]) & set(pats[val]) and set(trn) | set(val) == set(tr)
+        assert not set(val) & set(te)
+    f3 = S.make_folds(t.labels, t.patient_ids, 5, seed=4)
+    assert any((a[1] != b[1]).any() if len(a[1]) == len(b[1]) else True for a, b in zip(f1, f3))
+
+
+def test_too_many_folds_error():
+    y = np.array([0, 0, 0, 1, 1])
+    with pytest.raises(GigaslideError, match="class 1 has only 2"):
+        S.make_folds(y, None, 3)
+
+
+def test_few_shot_draws():
+    y = np.repeat([0, 1], [80, 20])
+    idx = np.arange(100)
+    d = S.few_shot_draws(idx, y, 25, repeats=4, seed=0)
+    assert len(d) == 4 and all(len(x) == 25 and len(set(x)) == 25 for x in d)
+    assert all(set(y[x]) == {0, 1} for x in d)
+    assert not all((d[0] == x).all() for x in d[1:])
+    assert (S.few_shot_draws(idx, y, 25, 4, seed=0)[2] == d[2]).all()
+    assert len(S.few_shot_draws(idx, y, 500, 2)[0]) == 100

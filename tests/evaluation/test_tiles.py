@@ -1,0 +1,70 @@
+import json
+
+import numpy as np
+import pytest
+
+from gigaslide.errors import GigaslideError
+from gigaslide.evaluation.tiles import evaluate_tile_features
+from gigaslide.features import store
+
+
+def _split(n, seed, sep=1.5, d=8, c=2):
+    r = np.random.default_rng(seed)
+    y = r.integers(0, c, n)
+    centers = np.random.default_rng(99).normal(size=(c, d)) * sep
+    return (centers[y] + r.normal(size=(n, d))).astype(np.float32), y
+
+
+def test_separable_vs_random_features(tmp_path):
+    rep = evaluate_tile_features(_split(300, 0), _split(200, 1), ["linear", "knn"], n_bootstrap=100, out=tmp_path / "r")
+    for p in ("linear", "knn"):
+        assert rep["protocols"][p]["auc"]["value"] > 0.95
+        assert rep["protocols"][p]["auc"]["ci_low"] <= rep["protocols"][p]["auc"]["value"]
+    X, y = _split(300, 0)
+    Xt, yt = _split(200, 1)
+    rnd = evaluate_tile_features((np.random.default_rng(5).normal(size=X.shape), y), (Xt, yt), "linear", n_bootstrap=50)
+    assert abs(rnd["protocols"]["linear"]["auc"]["value"] - 0.5) < 0.12
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["protocols"]["linear"]["C"] > 0
+    assert (tmp_path / "r" / "report.png").stat().st_size > 1000
+    assert "| linear |" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_fewshot_multiclass_from_files(tmp_path):
+    for name, seed, n in (("tr", 0, 400), ("te", 1, 150)):
+        X, y = _split(n, seed, c=3)
+        store.save(tmp_path / f"{name}.h5", X, labels=y, attrs={"encoder": "toy"})
+    rep = evaluate_tile_features(tmp_path / "tr.h5", tmp_path / "te.h5", "fewshot", n_bootstrap=30, fewshot_repeats=2)
+    fs = rep["protocols"]
+    assert set(fs) == {"fewshot_1%", "fewshot_10%", "fewshot_1/class", "fewshot_5/class", "fewshot_10/class"}
+    assert fs["fewshot_1/class"]["n_labels"] == 3 and fs["fewshot_10%"]["n_labels"] == 40
+    assert fs["fewshot_10%"]["auc"]["value"] > fs["fewshot_1/class"]["auc"]["value"] - 0.05
+    assert fs["fewshot_10%"]["auc"]["value"] > 0.9
+
+
+def test_bad_inputs(tmp_path):
+    X, y = _split(50, 0)
+    store.save(tmp_path / "nolab.h5", X)
+    with pytest.raises(GigaslideError, match="no 'labels'"):
+        evaluate_tile_features(tmp_path / "nolab.h5", (X, y))
+    with pytest.raises(GigaslideError, match="8-d but test features are 4-d"):
+        evaluate_tile_features((X, y), (X[:, :4], y))
+    with pytest.raises(GigaslideError, match="unknown protocol"):
+        evaluate_tile_features((X, y), (X, y), "svm")
+    with pytest.raises(GigaslideError, match="single class"):
+        evaluate_tile_features((X, np.zeros_like(y)), (X, y))
+    store.save(tmp_path / "a.h5", X, labels=y, attrs={"encoder": "a"})
+    store.save(tmp_path / "b.h5", X, labels=y, attrs={"encoder": "b"})
+    with pytest.raises(GigaslideError, match="differs from test encoder"):
+        evaluate_tile_features(tmp_path / "a.h5", tmp_path / "b.h5")
+
+
+def test_cli_evaluate_tiles(tmp_path, cli, capsys):
+    for name, seed in (("tr", 0), ("te", 1)):
+        X, y = _split(200, seed)
+        store.save(tmp_path / f"{name}.h5", X, labels=y, attrs={"encoder": "toy"})
+    rc = cli(["evaluate", "tiles", "--train", str(tmp_path / "tr.h5"), "--test", str(tmp_path / "te.h5"),
+              "--protocol", "knn", "--bootstrap", "20", "--out", str(tmp_path / "rep")])
+    assert rc == 0 and (tmp_path / "rep" / "report.json").is_file()
+    assert cli(["evaluate", "tiles", "--train", str(tmp_path / "missing.h5"), "--test", str(tmp_path / "te.h5"),
+                "--out", str(tmp_path / "rep")]) == 2
+    assert "feature file not found" in capsys.readouterr().err

@@ -1,0 +1,98 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gigaslide.errors import GigaslideError
+from gigaslide.features import store
+from gigaslide.mil.cv import run_cv
+from gigaslide.mil.train import TrainConfig
+
+torch.set_num_threads(1)
+
+
+def _make(tmp_path, n=24, d=8, encoder="toy", skip=()):
+    r = np.random.default_rng(0)
+    feats = tmp_path / "feats"
+    rows = ["slide_id,patient_id,label"]
+    for i in range(n):
+        y = i % 2
+        x = r.normal(size=(int(r.integers(6, 14)), d)).astype(np.float32)
+        if y:
+            x[:3, :2] += 3.0
+        if f"s{i}" not in skip:
+            store.save(feats / f"s{i}.h5", x, r.integers(0, 900, (len(x), 2)), attrs={"encoder": encoder, "slide_id": f"s{i}"})
+        rows.append(f"s{i},p{i // 2 * 2 + y},{y}")  # two slides per patient
+    lab = tmp_path / "labels.csv"
+    lab.write_text("\n".join(rows) + "\n")
+    return feats, lab
+
+
+FAST = dict(epochs=4, lr=3e-3, hidden=16, patience=4)
+
+
+def test_run_cv_layout_grouping_resume(tmp_path):
+    feats, lab = _make(tmp_path)
+    out = tmp_path / "run"
+    res = run_cv(feats, lab, out, cfg=TrainConfig(model="abmil", **FAST), folds=3, n_bootstrap=50, verbose=False)
+    assert res["n_slides"] == 24 and res["metrics"]["auc"]["value"] > 0.8
+    assert len(res["seconds_per_fold"]) == 3
+    for k in range(3):
+        assert {"model.safetensors", "config.json", "predictions.csv", "attention.h5", "history.json"} <= {
+            p.name for p in (out / f"fold{k}").iterdir()}
+    sp = json.loads((out / "splits.json").read_text())
+    pat = {f"s{i}": f"p{i // 2 * 2 + i % 2}" for i in range(24)}
+    for name, f in sp["per_fold"].items():
+        tr, va, te = ({pat[s] for s in f[key]} for key in ("train", "val", "test"))
+        assert not (tr | va) & te and not tr & va, name
+    mtime = (out / "fold0" / "model.safetensors").stat().st_mtime_ns
+    run_cv(feats, lab, out, cfg=TrainConfig(model="abmil", **FAST), folds=3, n_bootstrap=50, verbose=False)
+    assert (out / "fold0" / "model.safetensors").stat().st_mtime_ns == mtime  # resumed, not retrained
+    with pytest.raises(GigaslideError, match="different settings"):
+        run_cv(feats, lab, out, cfg=TrainConfig(model="mean", **FAST), folds=3, verbose=False)
+
+
+def test_few_shot_repeats(tmp_path):
+    feats, lab = _make(tmp_path)
+    res = run_cv(feats, lab, tmp_path / "fs", cfg=TrainConfig(model="mean", **FAST), folds=2, train_slides=6,
+                 repeats=2, n_bootstrap=20, verbose=False)
+    assert res["n_repeats"] == 2 and res["n_slides"] == 24
+    sp = json.loads((tmp_path / "fs" / "splits.json").read_text())["per_fold"]
+    assert set(sp) == {"fold0", "fold0_r1", "fold1", "fold1_r1"}
+    assert all(len(f["train"]) + len(f["val"]) == 6 for f in sp.values())
+
+
+def test_missing_and_unknown_slides(tmp_path, capsys):
+    feats, lab = _make(tmp_path, skip=("s3",))
+    with pytest.raises(GigaslideError, match="1 labeled slide\\(s\\) have no features: s3"):
+        run_cv(feats, lab, tmp_path / "r", cfg=TrainConfig(**FAST), folds=2, verbose=False)
+    store.save(feats / "extra.h5", np.zeros((4, 8), np.float32), attrs={"encoder": "toy", "slide_id": "extra"})
+    res = run_cv(feats, lab, tmp_path / "r", cfg=TrainConfig(model="mean", **FAST), folds=2, on_missing="skip", n_bootstrap=0)
+    assert res["n_slides"] == 23
+    assert "left out" in capsys.readouterr().out
+    left = json.loads((tmp_path / "r" / "run.json").read_text())["left_out"]
+    assert left == {"labeled_without_features": ["s3"], "features_without_label": ["extra"]}
+
+
+def test_mixed_encoders_and_empty_bag(tmp_path):
+    feats, lab = _make(tmp_path)
+    store.save(feats / "s0.h5", np.zeros((5, 16), np.float32), attrs={"encoder": "other", "slide_id": "s0"})
+    with pytest.raises(GigaslideError, match="mix encoders"):
+        run_cv(feats, lab, tmp_path / "r", cfg=TrainConfig(**FAST), folds=2, verbose=False)
+    store.save(feats / "s0.h5", np.zeros((0, 8), np.float32), attrs={"encoder": "toy", "slide_id": "s0"})
+    with pytest.raises(GigaslideError, match="empty bag"):
+        run_cv(feats, lab, tmp_path / "r", cfg=TrainConfig(**FAST), folds=2, verbose=False)
+
+
+def test_cli_train_mil_and_evaluate(tmp_path, cli, capsys):
+    feats, lab = _make(tmp_path)
+    out = tmp_path / "cli"
+    assert cli(["train-mil", "--features", str(feats), "--labels", str(lab), "--model", "clam_sb", "--folds", "2",
+                "--epochs", "2", "--hidden", "16", "--bootstrap", "20", "--out", str(out)]) == 0
+    assert "clam_sb: slide-level" in capsys.readouterr().out
+    assert cli(["evaluate", "slides", "--predictions", str(out), "--bootstrap", "20"]) == 0
+    (tmp_path / "bad.csv").write_text("slide_id,label\ns0,0\ns0,1\n")
+    assert cli(["train-mil", "--features", str(feats), "--labels", str(tmp_path / "bad.csv"), "--out", str(out / "x")]) == 2
+    assert "duplicate slide_id" in capsys.readouterr().err
+    assert cli(["train-mil", "--features", str(feats), "--labels", str(lab), "--model", "nope", "--out", str(out / "y")]) == 2

@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gigaslide.errors import GigaslideError
+from gigaslide.features import store
+from gigaslide.mil.heatmap import heatmap, localisation_auc
+from gigaslide.mil.mosaic import MosaicConfig, build_mosaic, read_ground_truth
+from gigaslide.mil.train import TrainConfig, save_model, train_fold
+
+torch.set_num_threads(1)
+
+
+def _tiles(tmp_path, size=32):
+    d = tmp_path / "tiles"
+    for cls, col in {"0": (230, 120, 180), "1": (90, 40, 140)}.items():
+        (d / cls).mkdir(parents=True)
+        Image.fromarray(np.full((size, size, 3), col, np.uint8)).save(d / cls / "t.png")
+    return d
+
+
+def _feats_from_gt(gt, rng, d=8):
+    x = rng.normal(size=(len(gt), d)).astype(np.float32)
+    x[gt[:, 3] == 1, :2] += 3.0
+    return x
+
+
+@pytest.fixture(scope="module")
+def mosaic_and_model(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hm")
+    out = tmp / "mosaic"
+    build_mosaic(_tiles(tmp), out, MosaicConfig(slides=40, grid=10, tumor_fraction=(0.1, 0.2), seed=0), verbose=False)
+    rng = np.random.default_rng(0)
+    bags, ys = [], []
+    for i in range(40):
+        sid = f"mosaic_{i:04d}"
+        gt = read_ground_truth(out / "ground_truth" / f"{sid}.csv")
+        x = _feats_from_gt(gt, rng)
+        store.save(tmp / "feats" / f"{sid}.h5", x, gt[:, :2], attrs={"encoder": "toy", "slide_id": sid},
+                   coords_attrs={"patch_size_level0": 32})
+        bags.append(torch.from_numpy(x))
+        ys.append(int(gt[:, 3].any()))
+    cfg = TrainConfig(model="abmil", epochs=10, lr=3e-3, hidden=16, patience=10)
+    model, _ = train_fold(bags[:32], np.array(ys[:32]), bags[32:], np.array(ys[32:]), 8, 2, cfg)
+    save_model(tmp / "run" / "fold0", model, cfg, in_dim=8, n_classes=2, extra={"encoder": "toy"})
+    return tmp, out, ys
+
+
+def test_heatmap_png_and_localisation(mosaic_and_model, cli, capsys):
+    tmp, out, ys = mosaic_and_model
+    pos = [i for i, y in enumerate(ys) if y][0]
+    sid = f"mosaic_{pos:04d}"
+    info = heatmap(out / "slides" / f"{sid}.tiff", tmp / "feats" / f"{sid}.h5", tmp / "run" / "fold0", tmp / "h.png",
+                   thumb_size=256)
+    assert info["localisation_auc"] is not None and info["localisation_auc"] > 0.9
+    assert info["probs"][1] > 0.5
+    im = Image.open(tmp / "h.png")
+    assert im.size[0] > 300  # thumbnail + colour bar
+    rc = cli(["heatmap", str(out / "slides" / f"{sid}.tiff"), "--features", str(tmp / "feats" / f"{sid}.h5"),
+              "--model", str(tmp / "run" / "fold0"), "--out", str(tmp / "h2.png")])
+    assert rc == 0 and "localisation AUC" in capsys.readouterr().out
+
+
+def test_negative_slide_has_no_localisation(mosaic_and_model):
+    tmp, out, ys = mosaic_and_model
+    neg = f"mosaic_{ys.index(0):04d}"
+    info = heatmap(out / "slides" / f"{neg}.tiff", tmp / "feats" / f"{neg}.h5", tmp / "run" / "fold0", tmp / "n.png",
+                   thumb_size=128)
+    assert info["localisation_auc"] is None and info["probs"][0] > 0.5
+
+
+def test_heatmap_refuses_other_encoder(mosaic_and_model):
+    tmp, out, _ = mosaic_and_model
+    store.save(tmp / "other.h5", np.zeros((3, 8), np.float32), attrs={"encoder": "resnet18"})
+    with pytest.raises(GigaslideError, match="encoder 'resnet18'"):
+        heatmap(out / "slides" / "mosaic_0000.tiff", tmp / "other.h5", tmp / "run" / "fold0", tmp / "x.png")
+    store.save(tmp / "dim.h5", np.zeros((3, 4), np.float32), attrs={"encoder": "toy"})
+    with pytest.raises(GigaslideError, match="4-d but the model"):
+        heatmap(out / "slides" / "mosaic_0000.tiff", tmp / "dim.h5", tmp / "run" / "fold0", tmp / "x.png")
+
+
+def test_localisation_auc_golden():
+    gt = np.array([[0, 0, 10, 1], [10, 0, 10, 0], [20, 0, 10, 0]])
+    coords = gt[:, :2]
+    assert localisation_auc(np.array([0.9, 0.1, 0.2]), coords, gt, 10) == 1.0
+    assert localisation_auc(np.array([0.1, 0.9, 0.2]), coords, gt, 10) == 0.0
+    assert np.isnan(localisation_auc(np.ones(3), coords, gt * [1, 1, 1, 0], 10))
