@@ -28,7 +28,7 @@ def _slides(work: Path) -> tuple[list[Path], str]:
 
 
 def demo(out: str = "demo_out", encoder: str = "resnet18", weights: str = "random", mpp: float = 1.0,
-         tile_size: int = 224) -> None:
+         tile_size: int = 224, mosaic_slides: int = 24) -> None:
     """Run the main job end to end on the embedded default data and write a report.
 
     Example:
@@ -43,6 +43,7 @@ def demo(out: str = "demo_out", encoder: str = "resnet18", weights: str = "rando
         weights: encoder weights; random by default because no weights can be downloaded here
         mpp: target resolution in µm/px
         tile_size: tile size in px at the target resolution
+        mosaic_slides: slides of the CAMELYON-like mosaic benchmark built from PCam tiles (0 skips the slide-level part)
     """
     import torch
 
@@ -58,7 +59,8 @@ def demo(out: str = "demo_out", encoder: str = "resnet18", weights: str = "rando
     mpp_csv = outp / "assumed_mpp.csv"
     atomic.write_text(mpp_csv, "slide_id,mpp\n" + "".join(f"{k},{v}\n" for k, v in DEMO_MPP.items()))
     enc = build_encoder(encoder, weights)
-    print(f"[1/1] tiles -> features: {len(slides)} {source}, {encoder} ({weights} weights), {mpp} µm/px, {tile_size} px")
+    n_steps = 2 if mosaic_slides else 1
+    print(f"[1/{n_steps}] tiles -> features: {len(slides)} {source}, {encoder} ({weights} weights), {mpp} µm/px, {tile_size} px")
     res = encode_slides(slides, outp / "spine", enc, TilingParams(mpp, tile_size, 0, 0.25), batch_size=32, workers=1,
                         slide_mpp=str(mpp_csv))  # the table lists only slides whose files carry no mpp
     lines = ["# gigaslide demo report", "", f"Source: {source}. Encoder `{encoder}` with {weights} weights "
@@ -76,10 +78,48 @@ def demo(out: str = "demo_out", encoder: str = "resnet18", weights: str = "rando
         lines.append(f"| {sid} | failed (reported, batch went on) | 0 | {err.replace('|', '/')} |")
     lines += ["", f"Encoded {res.tiles} tiles at {res.tiles / max(res.seconds, 1e-9):.1f} tiles/s ({res.precision}); "
               f"total {time.perf_counter() - t0:.1f} s."]
-    report = atomic.write_text(outp / "REPORT.md", "\n".join(lines) + "\n")
     print("\n".join(lines[6:]))
+    if mosaic_slides:
+        lines += _slide_level(outp, encoder, weights, mosaic_slides, n_steps)
+    report = atomic.write_text(outp / "REPORT.md", "\n".join(lines) + "\n")
     print(f"\nreport: {report}\nfeatures: {outp / 'spine' / 'features'}\noverlays: {outp / 'spine' / 'tissue'}, "
           f"{outp / 'spine' / 'grid'}", file=sys.stdout)
+
+
+def _slide_level(outp: Path, encoder: str, weights: str, n_slides: int, n_steps: int) -> list[str]:
+    """Mosaic slides from PCam tiles -> encode -> ABMIL cross-validation -> evaluation -> heatmap."""
+    import csv
+    import json
+
+    from gigaslide.cli.main import run
+    from gigaslide.testing import shared_data_dir
+
+    shared = shared_data_dir()
+    tiles = shared / "tiles" / "pcam" / "train" if shared else None
+    if tiles is None or not tiles.is_dir():
+        return ["", "## Slide level", "", "Skipped: no labelled tiles (../shared/data/tiles/pcam/train) to build mosaic slides from."]
+    print(f"[2/{n_steps}] slide level: {n_slides} mosaic slides from PCam -> encode -> ABMIL (4-fold CV) -> heatmap")
+    mos, feats, runs = outp / "mosaic", outp / "mosaic_features", outp / "runs" / "abmil"
+    run(["mosaic", "--tiles", str(tiles), "--out", str(mos), "--slides", str(n_slides), "--grid", "14",
+         "--tumor-fraction", "0.15-0.3", "--seed", "0"])
+    run(["encode", str(mos / "slides"), "--out", str(feats), "--encoder", encoder, "--weights", weights, "--mpp", "0.97",
+         "--tile-size", "96", "--min-tissue", "0.1", "--batch-size", "64"])
+    run(["train-mil", "--features", str(feats), "--labels", str(mos / "labels.csv"), "--model", "abmil", "--folds", "4",
+         "--epochs", "20", "--patience", "5", "--bootstrap", "500", "--out", str(runs)])
+    with open(mos / "labels.csv", newline="") as fh:
+        positive = next(r["slide_id"] for r in csv.DictReader(fh) if r["label"] == "1")
+    slide = next((mos / "slides").glob(f"{positive}.*"))
+    fold = next(d for d in sorted(runs.glob("fold*")) if d.is_dir())
+    run(["heatmap", str(slide), "--features", str(feats / "features" / f"{positive}.h5"), "--model", str(fold),
+         "--out", str(outp / "heatmap.png")])
+    ev = json.loads((runs / "evaluation.json").read_text())
+    from gigaslide.evaluation.slides import evaluation_markdown
+
+    table = evaluation_markdown(ev, "ABMIL on mosaic slides").split("\n", 2)[2]
+    return ["", "## Slide level: mosaic benchmark (CAMELYON-like slides built from PCam train tiles)", "",
+            f"{n_slides} pyramidal TIFF slides (`mosaic/`), encoded by the same spine (`mosaic_features/`), "
+            f"ABMIL with patient-grouped 4-fold cross-validation (`runs/abmil/`); attention heatmap of {positive}: `heatmap.png`.",
+            "", table]
 
 
 COMMANDS = {"demo": Command(demo)}
