@@ -1,0 +1,166 @@
+"""Whole-slide canvases for streaming training, and whole-image augmentation.
+
+A slide is read at ``mpp`` over the bounding box of its tissue (from :func:`segment_tissue`); a box
+larger than ``image_size`` is centre-cropped to it; the canvas is padded with white glass on the
+right/bottom to a multiple of the trunk's stride so feature-map positions map to fixed level-0
+boxes. Canvases are uint8 ``[3, H, W]`` (4 x smaller than float) and cached as ``.npy``.
+Augmentation (flips, rot90, light stain jitter) acts on the whole image; the stain jitter is a per-
+image affine colour change applied crop by crop in the streamer's ``transform`` (pixel-wise, so
+streaming stays exact).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gigaslide import atomic
+from gigaslide.errors import GigaslideError
+
+GLASS = 245  # padding value (white glass, as background)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Canvas:
+    """A slide region read at ``mpp``; ``origin`` is its top-left in level-0 px."""
+
+    slide_id: str
+    image: np.ndarray  # uint8 [3, H, W]
+    origin: tuple[int, int]
+    mpp: float
+    slide_mpp: float
+    content_size: tuple[int, int]  # (h, w) before padding
+
+    def tensor(self) -> torch.Tensor:
+        """The canvas as a uint8 tensor [3, H, W] in memory (a copy when the cache is memory-mapped)."""
+        return torch.from_numpy(np.array(self.image, copy=True))
+
+    @property
+    def level0_per_px(self) -> float:
+        return self.mpp / self.slide_mpp
+
+    def position_coords(self, fmap_hw: tuple[int, int], stride: int) -> np.ndarray:
+        """Level-0 top-left (x, y) of every feature-map position (row-major), as int64 [h*w, 2]."""
+        h, w = fmap_hw
+        ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        step = stride * self.level0_per_px
+        x = self.origin[0] + xs.ravel() * step
+        y = self.origin[1] + ys.ravel() * step
+        return np.stack([x, y], 1).round().astype(np.int64)
+
+
+def tissue_box(slide, pad_frac: float = 0.02) -> tuple[int, int, int, int]:  # noqa: ANN001
+    """Level-0 (x0, y0, x1, y1) of the slide's tissue (the whole slide if none is found)."""
+    from gigaslide.tiling import segment_tissue
+
+    tm, _ = segment_tissue(slide)
+    W, H = slide.dimensions
+    if not tm.mask.any():
+        return 0, 0, W, H
+    rows = np.flatnonzero(tm.mask.any(1))
+    cols = np.flatnonzero(tm.mask.any(0))
+    d = tm.downsample
+    pad = pad_frac * max(W, H)
+    x0, x1 = max(0, cols[0] * d - pad), min(W, (cols[-1] + 1) * d + pad)
+    y0, y1 = max(0, rows[0] * d - pad), min(H, (rows[-1] + 1) * d + pad)
+    return int(x0), int(y0), int(math.ceil(x1)), int(math.ceil(y1))
+
+
+def read_canvas(path: str | os.PathLike, mpp: float, image_size: int, multiple: int, *, slide_mpp: float | None = None) -> Canvas:
+    """Read the tissue box of slide ``path`` at ``mpp`` (at most ``image_size`` px a side), padded to ``multiple``."""
+    from gigaslide.slides import open_slide
+
+    with open_slide(path, mpp=slide_mpp) as slide:
+        slide.check_target_mpp(mpp)
+        x0, y0, x1, y1 = tissue_box(slide)
+        scale = slide.mpp / mpp  # target px per level-0 px
+        w, h = max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale))
+        if w > image_size:  # centre-crop the tissue box to image_size
+            x0 += int(round((w - image_size) / 2 / scale))
+            w = image_size
+        if h > image_size:
+            y0 += int(round((h - image_size) / 2 / scale))
+            h = image_size
+        rgb = slide.read_region((x0, y0), (w, h), mpp)
+        sid, smpp = slide.id, slide.mpp
+    ph, pw = _round_up(h, multiple), _round_up(w, multiple)
+    img = np.full((3, ph, pw), GLASS, np.uint8)
+    img[:, :h, :w] = rgb.transpose(2, 0, 1)
+    return Canvas(sid, img, (x0, y0), float(mpp), float(smpp), (h, w))
+
+
+def _round_up(n: int, m: int) -> int:
+    return int(math.ceil(n / m) * m)
+
+
+def cached_canvas(path: str | os.PathLike, cache_dir: str | os.PathLike, mpp: float, image_size: int, multiple: int,
+                  *, slide_mpp: float | None = None) -> Canvas:
+    """:func:`read_canvas`, cached as ``<cache>/<slide_id>.npy`` + ``.json`` (atomic; keyed by mpp/size/multiple).
+
+    The returned image is memory-mapped from the cache, so a training set of large canvases does not
+    have to fit in RAM (one slide is copied in per step)."""
+    from gigaslide.slides import slide_id_from_path
+
+    sid = slide_id_from_path(Path(path))
+    npy, meta = Path(cache_dir) / f"{sid}.npy", Path(cache_dir) / f"{sid}.json"
+    key = {"mpp": float(mpp), "image_size": int(image_size), "multiple": int(multiple)}
+    if npy.is_file() and meta.is_file():
+        m = json.loads(meta.read_text())
+        if all(m.get(k) == v for k, v in key.items()):
+            return Canvas(m["slide_id"], np.load(npy, mmap_mode="r"), tuple(m["origin"]), m["mpp"], m["slide_mpp"],
+                          tuple(m["content_size"]))
+    c = read_canvas(path, mpp, image_size, multiple, slide_mpp=slide_mpp)
+    with atomic.atomic_path(npy, suffix=".npy") as tmp:
+        np.save(tmp, c.image)
+    atomic.write_json(meta, {**key, "slide_id": c.slide_id, "origin": list(c.origin), "mpp": c.mpp, "slide_mpp": c.slide_mpp,
+                             "content_size": list(c.content_size)})
+    c.image = np.load(npy, mmap_mode="r")
+    return c
+
+
+@dataclass(frozen=True)
+class Augment:
+    """One draw of whole-image augmentation."""
+
+    flip: bool = False
+    rot90: int = 0
+    gain: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    @staticmethod
+    def draw(rng: np.random.Generator, stain: float = 0.05) -> Augment:
+        return Augment(bool(rng.random() < 0.5), int(rng.integers(4)),
+                       tuple(float(v) for v in 1 + rng.uniform(-stain, stain, 3)),  # type: ignore[arg-type]
+                       tuple(float(v) for v in rng.uniform(-stain, stain, 3) * 255 * 0.5))  # type: ignore[arg-type]
+
+    def geometric(self, image: torch.Tensor) -> torch.Tensor:
+        """Flip / rotate a [.., H, W] tensor (a view-free copy)."""
+        x = image.flip(-1) if self.flip else image
+        return torch.rot90(x, self.rot90, dims=(-2, -1)).contiguous() if self.rot90 else x.contiguous()
+
+
+class Normalize:
+    """uint8 crop -> float, light stain jitter (per-channel gain/bias), ImageNet normalisation. Pixel-wise."""
+
+    def __init__(self, aug: Augment | None = None, dtype: torch.dtype = torch.float32):
+        a = aug or Augment()
+        self.gain = torch.tensor(a.gain).view(1, 3, 1, 1)
+        self.bias = torch.tensor(a.bias).view(1, 3, 1, 1)
+        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+        self.dtype = dtype
+
+    def __call__(self, crop: torch.Tensor) -> torch.Tensor:
+        dev = crop.device
+        x = crop.float() * self.gain.to(dev) + self.bias.to(dev)
+        x = (x.clamp(0, 255) - self.mean.to(dev)) / self.std.to(dev)
+        return x.to(self.dtype)
+

@@ -1,0 +1,161 @@
+"""StreamingCNN: run a convolutional trunk tile by tile with exact outputs and exact gradients.
+
+Forward: every crop of the tile plan runs under ``no_grad`` and its exact part is stitched into the
+feature map, so memory is bounded by one tile (plus the input and the feature map). Backward: given
+the gradient of the whole feature map, each crop is re-run with autograd on and the gradient of its
+exact part is back-propagated; parameter (and input) gradients are summed over crops. Both equal
+the whole-image pass up to floating-point summation order.
+
+Images that fit in a single tile are run as one (dense) pass -- that is exact by definition; pass
+``small_image="error"`` to refuse them instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from gigaslide.errors import GigaslideError
+from gigaslide.streaming.geometry import Geometry, check_modes, trace
+from gigaslide.streaming.tiles import Tile, plan
+
+
+class StreamingCNN(nn.Module):
+    """``StreamingCNN(trunk, tile_size)(image)`` equals ``trunk(image)``, computed tile by tile.
+
+    Args:
+        trunk: conv/pool/BatchNorm(eval)/activation network returning a feature map, e.g. a ResNet
+            without its global pooling and classifier.
+        tile_size: input crop size in px (at least :attr:`min_tile_size`).
+        transform: optional callable applied to every crop before the trunk (e.g. uint8 -> normalised
+            float), so the whole image can stay compact in memory. Must act pixel by pixel.
+        channels_last: run crops in channels-last memory format (faster CNNs on CPU and CUDA).
+        small_image: ``"dense"`` runs an image no larger than one tile in one pass; ``"error"`` refuses it.
+
+    The image may be uint8 (with a ``transform``) and may live on the CPU while the trunk is on a GPU:
+    crops are moved to the trunk's device; the feature map is returned there.
+    """
+
+    def __init__(self, trunk: nn.Module, tile_size: int, *, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 channels_last: bool = False, small_image: str = "dense"):
+        super().__init__()
+        if small_image not in ("dense", "error"):
+            raise GigaslideError(f"small_image={small_image!r}", fix="use 'dense' or 'error'")
+        self.trunk = trunk
+        self.geometry: Geometry = trace(trunk)
+        self.tile_size = int(tile_size)
+        self.transform = transform
+        self.channels_last = channels_last
+        self.small_image = small_image
+        if self.tile_size < self.min_tile_size:
+            raise GigaslideError(
+                f"tile size {self.tile_size} px is smaller than this trunk's minimum {self.min_tile_size} px "
+                f"(receptive field {max(self.geometry.field)} px, stride {max(self.geometry.stride)})",
+                fix=f"use --tile-size {self.min_tile_size} or larger (several times the receptive field is efficient)")
+
+    @property
+    def min_tile_size(self) -> int:
+        return self.geometry.min_tile()
+
+    @property
+    def stride(self) -> int:
+        return max(self.geometry.stride)
+
+    def train(self, mode: bool = True) -> StreamingCNN:
+        """Train mode for wrappers; the trunk itself stays in eval mode (frozen BatchNorm statistics)."""
+        super().train(mode)
+        self.trunk.eval()
+        return self
+
+    def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        return self.geometry.output_size(size)
+
+    def tiles(self, size: tuple[int, int]) -> list[Tile]:
+        """The tile plan for an input of ``size`` (h, w)."""
+        out = self.output_size(size)
+        if out[0] <= 0 or out[1] <= 0:
+            raise GigaslideError(f"image {size[0]}x{size[1]} px is too small for this trunk (empty feature map)",
+                                 fix=f"use images of at least {max(self.geometry.stride)} px per side")
+        if size[0] <= self.tile_size and size[1] <= self.tile_size and self.small_image == "error":
+            raise GigaslideError(f"image {size[0]}x{size[1]} px fits in one tile of {self.tile_size} px: nothing to stream",
+                                 fix="use a smaller --tile-size, a larger image, or small_image='dense'")
+        return plan(size, self.tile_size, self.geometry.axes, out)
+
+    def run_crop(self, crop: torch.Tensor) -> torch.Tensor:
+        """Run the trunk on one crop (moved to the trunk's device: the image may stay in CPU memory)."""
+        dev = next((p.device for p in self.trunk.parameters()), crop.device)
+        x = crop.to(dev, non_blocking=True) if crop.device != dev else crop
+        x = self.transform(x) if self.transform is not None else x
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.trunk(x)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if image.dim() != 4:
+            raise GigaslideError(f"expected an image batch [B, C, H, W], got shape {tuple(image.shape)}",
+                                 fix="add a batch dimension: image[None]")
+        check_modes(self.trunk)
+        tiles = self.tiles((int(image.shape[-2]), int(image.shape[-1])))
+        params = [p for p in self.trunk.parameters() if p.requires_grad]
+        needs_grad = torch.is_grad_enabled() and (bool(params) or image.requires_grad)
+        if not needs_grad:
+            with torch.no_grad():
+                return _stitch(self, image, tiles)
+        return _StreamFunction.apply(image, self, tiles, *params)
+
+
+def _stitch(stream: StreamingCNN, image: torch.Tensor, tiles: Sequence[Tile]) -> torch.Tensor:
+    s_y, s_x = stream.geometry.stride
+    out_h, out_w = stream.output_size((int(image.shape[-2]), int(image.shape[-1])))
+    out: torch.Tensor | None = None
+    for t in tiles:
+        y = stream.run_crop(image[..., t.rows.start:t.rows.stop, t.cols.start:t.cols.stop])
+        if out is None:
+            out = y.new_empty((y.shape[0], y.shape[1], out_h, out_w)).contiguous()
+        out[..., t.rows.out_start:t.rows.out_stop, t.cols.out_start:t.cols.out_stop] = y[..., t.rows.local(s_y), t.cols.local(s_x)]
+    assert out is not None
+    return out
+
+
+class _StreamFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, image: torch.Tensor, stream: StreamingCNN, tiles: list[Tile], *params: torch.Tensor) -> torch.Tensor:
+        dev = next((p.device.type for p in stream.trunk.parameters()), image.device.type)  # where the trunk runs
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        ctx.stream, ctx.tiles = stream, tiles
+        ctx.save_for_backward(image, *params)
+        with torch.no_grad():
+            return _stitch(stream, image, tiles)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        image, *params = ctx.saved_tensors
+        stream: StreamingCNN = ctx.stream
+        want_image = ctx.needs_input_grad[0]
+        want = [p for p, need in zip(params, ctx.needs_input_grad[3:]) if need]
+        grads: list[torch.Tensor | None] = [None] * len(want)
+        grad_image = torch.zeros_like(image) if want_image else None
+        s_y, s_x = stream.geometry.stride
+        dev, enabled, dtype = ctx.autocast
+        for t in ctx.tiles:
+            rows, cols = slice(t.rows.start, t.rows.stop), slice(t.cols.start, t.cols.stop)
+            g = grad_out[..., t.rows.out_start:t.rows.out_stop, t.cols.out_start:t.cols.out_stop]
+            crop = image[..., rows, cols].detach()
+            if want_image:
+                crop.requires_grad_(True)
+            with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
+                y = stream.run_crop(crop)[..., t.rows.local(s_y), t.cols.local(s_x)]
+            inputs = want + ([crop] if want_image else [])
+            got = torch.autograd.grad(y, inputs, g.to(y.dtype), allow_unused=True)
+            for i, gi in enumerate(got[: len(want)]):
+                if gi is not None:
+                    grads[i] = gi if grads[i] is None else grads[i].add_(gi)
+            if want_image and got[-1] is not None:
+                grad_image[..., rows, cols] += got[-1]
+            del y, got
+        it = iter(grads)
+        param_grads = [next(it) if need else None for need in ctx.needs_input_grad[3:]]
+        return (grad_image, None, None, *param_grads)
