@@ -1,0 +1,232 @@
+"""The Giga-SSL augmented-view cache: per slide, ``views`` random tile subsets, each encoded from
+augmented images with ONE augmentation shared by all tiles of the view, plus the plain features.
+
+Layout of ``CACHE/``: ``features/<slide_id>.h5`` (one per slide, a regular feature file, so
+``embed-slides --features CACHE`` and every feature-file reader work on it) holding
+
+* ``features`` [N, D] float32 and ``coords`` [N, 2] level-0 px: the plain (non-augmented) tiles,
+* ``views`` [V, T, D] float16 and ``view_coords`` [V, T, 2] level-0 px: the augmented views,
+* ``view_tiles`` [V, T] int: which plain tile each view tile is,
+* attrs: provenance (encoder, weights, mpp, tile size, views, tiles per view, seed, augmentation);
+
+``patches/<slide_id>.h5``: the tile grid (spine); ``cache.json``: the cache's parameters.
+
+Slides with fewer tissue tiles than ``tiles_per_view`` are **kept**: their views are drawn with
+replacement (a warning names them and ``attrs['with_replacement']`` is set); slides with no tiles
+are skipped and listed. Each slide is written atomically; a re-run skips finished slides; a disk
+budget stops the run with a clear message before the slide that would exceed it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gigaslide import atomic
+from gigaslide.encoders import Encoder, build_encoder
+from gigaslide.errors import GigaslideError
+from gigaslide.features import store
+from gigaslide.slides import open_slide
+from gigaslide.tiling import TilingParams, tile_slide
+
+CACHE_JSON = "cache.json"
+#: Parameters that must agree between runs writing into one cache.
+CACHE_KEYS = ("encoder", "encoder_weights_sha256", "mpp", "tile_size", "views", "tiles_per_view", "seed", "augment")
+
+
+@dataclass
+class CacheResult:
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # already finished
+    empty: list[str] = field(default_factory=list)  # no tissue tiles
+    with_replacement: list[str] = field(default_factory=list)
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+
+def slide_rng(seed: int, slide_id: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(slide_id.encode())])
+
+
+def draw_views(n_tiles: int, views: int, tiles_per_view: int, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
+    """[V, T] tile indices: each view a random subset (with replacement only when n_tiles < T)."""
+    if n_tiles <= 0:
+        raise ValueError("no tiles")
+    replace_ = n_tiles < tiles_per_view
+    idx = np.stack([rng.choice(n_tiles, size=tiles_per_view, replace=replace_) for _ in range(views)])
+    return idx.astype(np.int64), replace_
+
+
+class SharedAugment:
+    """One random augmentation per view, applied identically to every tile of it (same generator
+    state for each tile: same crop box, flips, rotation, stain and colour jitter). Uses the tile-SSL
+    ``pathology`` recipe (Kang et al. 2023) with a milder crop and no grayscale."""
+
+    def __init__(self, tile_size: int):
+        from gigaslide.ssl.tile.augment import PRESETS
+
+        self.recipe = replace(PRESETS["pathology"], size=tile_size, scale=(0.5, 1.0), gray=0.0)
+
+    def __call__(self, tiles: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """uint8 [T, H, W, 3] -> float [T, 3, H, W] in [0, 1]."""
+        from gigaslide.ssl.tile.augment import apply_view, to_float
+
+        state = g.get_state()
+        out = []
+        for t in tiles:
+            g.set_state(state)
+            out.append(apply_view(to_float(t), self.recipe, g))
+        return torch.stack(out)
+
+
+def _encode(encoder: Encoder, batches: Sequence[torch.Tensor], device: torch.device, precision: str) -> np.ndarray:
+    from gigaslide.features.extract import autocast_ctx
+
+    outs = []
+    with torch.inference_mode(), autocast_ctx(device, precision):
+        for b in batches:
+            outs.append(encoder(b.to(device)).float().cpu())
+    return torch.cat(outs).numpy()
+
+
+def _read(slide, coords: np.ndarray, tile_size: int, mpp: float) -> np.ndarray:  # noqa: ANN001
+    out = np.empty((len(coords), tile_size, tile_size, 3), np.uint8)
+    level = slide.choose_level(mpp)
+    for k, (x, y) in enumerate(coords):
+        out[k] = slide.read_region((int(x), int(y)), (tile_size, tile_size), mpp, level=level)
+    return out
+
+
+def _check_manifest(out: Path, params: dict) -> None:
+    import json
+
+    mf = out / CACHE_JSON
+    if not mf.is_file():
+        return
+    try:
+        old = json.loads(mf.read_text())
+    except ValueError:
+        raise GigaslideError("cache.json is not valid JSON", path=mf, fix="delete the cache folder and rebuild it") from None
+    diff = [k for k in CACHE_KEYS if k in old and old[k] != params[k]]
+    if diff:
+        desc = ", ".join(f"{k}: {old[k]} (cache) vs {params[k]} (now)" for k in diff)
+        raise GigaslideError(f"this cache was built with other parameters ({desc}); one cache holds one encoder/recipe",
+                             path=out, fix="use a new --out for the new encoder or parameters")
+
+
+def cache_bytes(n_tiles: int, dim: int, views: int, tiles_per_view: int) -> int:
+    """Estimated file size of one slide: plain fp32 features + fp16 views + coords."""
+    return n_tiles * (dim * 4 + 16) + views * tiles_per_view * (dim * 2 + 16 + 8) + 16_384
+
+
+def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathLike, encoder: Encoder | str, *,
+                        weights: str = "default", views: int = 25, tiles_per_view: int = 25, mpp: float = 0.5,
+                        tile_size: int = 224, min_tissue: float = 0.25, seed: int = 0, max_gb: float | None = None,
+                        batch_size: int = 64, precision: str = "fp32", device: str = "auto",
+                        slide_mpp: float | str | None = None, log=print) -> CacheResult:  # noqa: ANN001
+    """Build (or resume) the augmented-view cache of ``slides`` under ``out`` (see module doc)."""
+    from gigaslide.features.extract import pick_device
+
+    if views < 2:
+        raise GigaslideError(f"--views {views}: SimCLR needs at least 2 views per slide", fix="use e.g. --views 25")
+    if tiles_per_view < 1:
+        raise GigaslideError(f"--tiles-per-view {tiles_per_view} must be >= 1", fix="use e.g. --tiles-per-view 25")
+    if not slides:
+        raise GigaslideError("no slides given", fix="pass slide files: gigaslide augment-cache a.svs b.svs --out CACHE")
+    enc = build_encoder(encoder, weights, seed=seed) if isinstance(encoder, str) else encoder
+    dev = pick_device(device)
+    enc = enc.to(dev).eval()
+    out = atomic.ensure_writable_dir(out)
+    feat_dir = atomic.ensure_writable_dir(out / "features")
+    atomic.clean_stale_tmp(feat_dir)
+    params = {"encoder": enc.spec.name, "encoder_weights_sha256": enc.weights_id, "mpp": float(mpp),
+              "tile_size": int(tile_size), "views": int(views), "tiles_per_view": int(tiles_per_view), "seed": int(seed),
+              "augment": "shared-view pathology (flip/rot90/crop 0.5-1/stain/colour/blur)", "embed_dim": enc.embed_dim}
+    _check_manifest(out, params)
+    atomic.write_json(out / CACHE_JSON, params)
+    tiling = TilingParams(mpp=mpp, tile_size=tile_size, min_tissue=min_tissue)
+    aug = SharedAugment(tile_size)
+    budget = None if max_gb is None else int(max_gb * 1e9)
+    used = sum(f.stat().st_size for f in feat_dir.glob("*.h5"))
+    res = CacheResult()
+    t0 = time.perf_counter()
+    for i, path in enumerate(slides):
+        with open_slide(path, mpp=slide_mpp) as s:
+            sid = s.id
+        target = feat_dir / f"{sid}.h5"
+        if _finished(target, params):
+            res.skipped.append(sid)
+            continue
+        try:
+            grid = tile_slide(path, out, tiling, slide_mpp=slide_mpp, overlays=False)
+        except GigaslideError as e:
+            if "no tissue tiles" not in e.what:
+                raise
+            warnings.warn(f"{sid}: no tissue tiles, skipped", stacklevel=2)
+            res.empty.append(sid)
+            continue
+        need = cache_bytes(len(grid), enc.embed_dim, views, tiles_per_view)
+        if budget is not None and used + need > budget:
+            raise GigaslideError(
+                f"disk budget of {max_gb} GB reached: {len(res.done) + len(res.skipped)} slides cached, the next "
+                f"({sid}, ~{need / 1e6:.1f} MB) would exceed it; finished slides are kept",
+                path=out, fix="raise --max-gb (or free space) and re-run the same command: it resumes")
+        rng = slide_rng(seed, sid)
+        idx, with_repl = draw_views(len(grid), views, tiles_per_view, rng)
+        if with_repl:
+            warnings.warn(f"{sid}: {len(grid)} tiles < --tiles-per-view {tiles_per_view}; views drawn with replacement",
+                          stacklevel=2)
+            res.with_replacement.append(sid)
+        g = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        with open_slide(path, mpp=slide_mpp) as s:
+            tiles = _read(s, grid.coords, tile_size, mpp)
+        plain = _encode(enc, [torch.from_numpy(tiles[j:j + batch_size]) for j in range(0, len(tiles), batch_size)], dev, precision)
+        view_feats = np.empty((views, tiles_per_view, enc.embed_dim), np.float16)
+        group = max(1, batch_size // tiles_per_view)  # views encoded together (fills the batch)
+        for v0 in range(0, views, group):
+            augmented = torch.cat([aug(torch.from_numpy(tiles[idx[v]]), g) for v in range(v0, min(v0 + group, views))])
+            f = _encode(enc, [augmented[j:j + batch_size] for j in range(0, len(augmented), batch_size)], dev, precision)
+            view_feats[v0:v0 + group] = f.reshape(-1, tiles_per_view, enc.embed_dim).astype(np.float16)
+        attrs = {**params, "slide_id": sid, "slide_path": str(path), "slide_mpp": grid.slide_mpp,
+                 "with_replacement": int(with_repl), "precision": precision, "cache_kind": "gigassl_views", "complete": 1}
+        coords_attrs = {"patch_size": tile_size, "patch_size_level0": grid.tile_size_level0,
+                        "patch_level": grid.read_level, "target_mpp": float(mpp), "level0_mpp": grid.slide_mpp}
+        store.save(target, plain.astype(np.float32), grid.coords, attrs=attrs, coords_attrs=coords_attrs,
+                   extra={"views": view_feats, "view_coords": grid.coords[idx], "view_tiles": idx})
+        size = target.stat().st_size
+        used += size
+        res.bytes_written += size
+        res.done.append(sid)
+        log(f"[{i + 1}/{len(slides)}] {sid}: {len(grid)} tiles, {views}x{tiles_per_view} views, {size / 1e6:.2f} MB")
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _finished(path: Path, params: dict) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            a = dict(f.attrs)
+            ok = "views" in f and int(a.get("complete", 0)) == 1
+    except OSError:
+        return False
+    return ok and all(_same(a.get(k), params[k]) for k in ("encoder", "views", "tiles_per_view", "tile_size"))
+
+
+def _same(a, b) -> bool:  # noqa: ANN001
+    if isinstance(a, bytes):
+        a = a.decode()
+    if isinstance(b, (int, float)) and a is not None:
+        return abs(float(a) - float(b)) < 1e-9
+    return a == b

@@ -1,0 +1,92 @@
+"""Regions for SLPD: tiles grouped into square regions from their level-0 coordinates, at any mpp.
+
+The region side is given as ``region_size`` px at ``region_mpp`` µm/px (SLPD/HIPT: 4096 px at 20x,
+i.e. 0.5 µm/px = 2048 µm) and converted to level-0 px with the feature file's level-0 mpp. A tile
+belongs to the region containing its top-left corner; inside a region, tiles sit on a
+``grid x grid`` lattice (``grid = ceil(region side / tile side)``) used for positional embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gigaslide.errors import GigaslideError
+from gigaslide.features.store import FeatureFile
+from gigaslide.ssl.slide.views import tile_size_level0
+
+
+@dataclass
+class SlideRegions:
+    slide_id: str
+    origins: np.ndarray  # [R, 2] level-0 region corners
+    members: list[np.ndarray]  # per region: tile indices into the feature file
+    local: list[np.ndarray]  # per region: [n, 2] (x, y) positions on the region lattice
+    grid: int  # lattice side
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+
+def level0_mpp(ff: FeatureFile) -> float:
+    a, c = ff.attrs, ff.coords_attrs
+    v = c.get("level0_mpp", a.get("slide_mpp"))
+    if v is None and a.get("mpp") is not None and a.get("tile_size") is not None and c.get("patch_size_level0"):
+        v = float(a["mpp"]) * float(a["tile_size"]) / float(c["patch_size_level0"])
+    if v is None:
+        raise GigaslideError("feature file does not say its level-0 µm/px (coords attr level0_mpp)", path=ff.path,
+                             fix="re-encode with `gigaslide encode` (it stores the resolution)")
+    return float(v)
+
+
+def group_regions(coords: np.ndarray, tile0: float, region0: float, *, min_tiles: int = 1,
+                  slide_id: str = "") -> SlideRegions:
+    """Group tiles (level-0 corners ``coords`` [N, 2], tile side ``tile0``) into regions of side ``region0``."""
+    if region0 < tile0:
+        raise GigaslideError(f"region side ({region0:.0f} level-0 px) is smaller than a tile ({tile0:.0f} px)",
+                             fix="use a larger --region-size")
+    grid = max(1, math.ceil(region0 / tile0 - 1e-9))
+    cell = np.floor(coords / region0 + 1e-9).astype(np.int64)
+    keys, inverse = np.unique(cell, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    origins, members, local = [], [], []
+    for r, key in enumerate(keys):
+        idx = np.flatnonzero(inverse == r)
+        if len(idx) < min_tiles:
+            continue
+        origin = key * region0
+        lp = np.clip(np.floor((coords[idx] - origin) / tile0 + 1e-6).astype(np.int64), 0, grid - 1)
+        origins.append(np.round(origin).astype(np.int64))
+        members.append(idx)
+        local.append(lp)
+    o = np.stack(origins) if origins else np.zeros((0, 2), np.int64)
+    return SlideRegions(slide_id, o, members, local, grid)
+
+
+def regions_of(ff: FeatureFile, region_size: int, region_mpp: float = 0.5, min_tiles: int = 1) -> SlideRegions:
+    """Regions of one feature file (region side = ``region_size`` px at ``region_mpp`` µm/px)."""
+    tile0 = tile_size_level0(ff.coords_attrs, ff.attrs, ff.path or "")
+    region0 = region_size * region_mpp / level0_mpp(ff)
+    return group_regions(ff.coords, tile0, region0, min_tiles=min_tiles, slide_id=ff.slide_id)
+
+
+def pack(feats: np.ndarray, regions: SlideRegions, which: list[int] | np.ndarray,
+         max_tiles: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Regions -> padded ``feats`` [R, T, D] float32, lattice index [R, T] long (y * grid + x), mask [R, T]."""
+    sel = [regions.members[i] for i in which]
+    t = max(len(m) for m in sel)
+    if max_tiles is not None:
+        t = min(t, max_tiles)
+    d = feats.shape[1]
+    f = np.zeros((len(sel), t, d), np.float32)
+    p = np.zeros((len(sel), t), np.int64)
+    m = np.zeros((len(sel), t), bool)
+    for k, i in enumerate(which):
+        idx, lp = regions.members[i][:t], regions.local[i][:t]
+        f[k, : len(idx)] = feats[idx]
+        p[k, : len(idx)] = lp[:, 1] * regions.grid + lp[:, 0]
+        m[k, : len(idx)] = True
+    return torch.from_numpy(f), torch.from_numpy(p), torch.from_numpy(m)

@@ -1,0 +1,116 @@
+"""augment-cache: layout, shared augmentation per view, resume, disk budget, few tiles, mixed encoders, CLI."""
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from gigaslide.cli.main import main
+from gigaslide.errors import GigaslideError
+from gigaslide.features import store
+from gigaslide.ssl.slide.cache import SharedAugment, build_augment_cache, draw_views
+from gigaslide.testing import make_slide
+
+KW = dict(encoder="test_resnet", weights="random", views=3, tiles_per_view=6, mpp=2.0, tile_size=32, log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    d = tmp_path_factory.mktemp("slides")
+    return [str(make_slide(d / f"s{i}.tiff", (640, 448), mpp=2.0, seed=i)) for i in range(3)]
+
+
+def test_cache_layout_and_provenance(slides, tmp_path):
+    res = build_augment_cache(slides[:2], tmp_path / "c", **KW)
+    assert res.done == ["s0", "s1"]
+    with h5py.File(tmp_path / "c" / "features" / "s0.h5") as f:
+        n, d = f["features"].shape
+        assert f["views"].shape == (3, 6, d) and f["views"].dtype == np.float16
+        assert f["view_coords"].shape == (3, 6, 2)
+        idx = f["view_tiles"][:]
+        np.testing.assert_array_equal(f["view_coords"][:], f["coords"][:][idx])
+        for v in idx:
+            assert len(set(v.tolist())) == 6  # a subset, without replacement
+        a = dict(f.attrs)
+        assert a["encoder"] == "test_resnet" and a["views"] == 3 and a["tiles_per_view"] == 6 and a["mpp"] == 2.0
+        assert "gigaslide_version" in a and a["seed"] == 0
+        # augmented view features differ from the plain ones of the same tiles
+        assert not np.allclose(f["views"][0].astype(np.float32), f["features"][:][idx[0]], atol=1e-3)
+    ff = store.load(tmp_path / "c" / "features" / "s0.h5")  # also a regular feature file
+    assert ff.encoder == "test_resnet" and len(ff) == n
+
+
+def test_shared_augmentation_is_one_per_view():
+    aug = SharedAugment(16)
+    t = torch.randint(0, 255, (1, 16, 16, 3), dtype=torch.uint8)
+    tiles = t.repeat(3, 1, 1, 1)
+    g = torch.Generator().manual_seed(0)
+    v1 = aug(tiles, g)
+    v2 = aug(tiles, g)
+    torch.testing.assert_close(v1[0], v1[1])  # same augmentation for every tile of a view
+    torch.testing.assert_close(v1[0], v1[2])
+    assert not torch.allclose(v1[0], v2[0])  # the next view gets another one
+
+
+def test_draw_views_with_replacement_only_when_needed():
+    rng = np.random.default_rng(0)
+    idx, repl = draw_views(10, 4, 5, rng)
+    assert idx.shape == (4, 5) and not repl and all(len(set(r)) == 5 for r in idx.tolist())
+    idx, repl = draw_views(3, 2, 5, rng)
+    assert repl and idx.shape == (2, 5) and idx.max() < 3
+
+
+def test_resume_budget_and_few_tiles(slides, tmp_path):
+    out = tmp_path / "c"
+    build_augment_cache(slides[:1], out, **KW)
+    one = (out / "features" / "s0.h5").stat().st_size
+    with pytest.raises(GigaslideError, match="disk budget"):
+        build_augment_cache(slides, out, **{**KW, "max_gb": (one * 1.5) / 1e9})
+    assert sorted(p.name for p in (out / "features").glob("*")) == ["s0.h5"]  # nothing half-written
+    mtime = (out / "features" / "s0.h5").stat().st_mtime_ns
+    res = build_augment_cache(slides, out, **KW)
+    assert res.skipped == ["s0"] and res.done == ["s1", "s2"]
+    assert (out / "features" / "s0.h5").stat().st_mtime_ns == mtime
+    n = len(store.load(out / "features" / "s0.h5"))
+    with pytest.warns(UserWarning, match="with replacement"):
+        r2 = build_augment_cache(slides[:1], tmp_path / "few", **{**KW, "views": 2, "tiles_per_view": n + 1})
+    assert r2.with_replacement == ["s0"]
+    with h5py.File(tmp_path / "few" / "features" / "s0.h5") as f:
+        assert f.attrs["with_replacement"] == 1 and f["views"].shape[:2] == (2, n + 1)
+
+
+def test_mixed_encoders_refused(slides, tmp_path):
+    build_augment_cache(slides[:1], tmp_path / "c", **KW)
+    with pytest.raises(GigaslideError, match="other parameters"):
+        build_augment_cache(slides[:1], tmp_path / "c", **{**KW, "encoder": "test_vit"})
+
+
+def test_cli_end_to_end_and_errors(slides, tmp_path, capsys):
+    c, r = str(tmp_path / "cache"), str(tmp_path / "run")
+    assert main(["augment-cache", *slides, "--encoder", "test_resnet", "--weights", "random", "--views", "3",
+                 "--tiles-per-view", "6", "--mpp", "2.0", "--tile-size", "32", "--out", c]) == 0
+    assert main(["pretrain-slides", "--method", "gigassl", "--cache", c, "--out", r, "--epochs", "2",
+                 "--out-dim", "16"]) == 0
+    assert main(["embed-slides", "--model", r, "--features", c, "--ensemble", "4", "--fp16", "true",
+                 "--out", str(tmp_path / "e.h5")]) == 0
+    out = capsys.readouterr().out
+    assert "3 slides x 16-d float16" in out and "32 bytes per slide" in out
+    # bad input: clear one-line errors, exit code 2
+    assert main(["pretrain-slides", "--method", "gigassl", "--cache", str(tmp_path / "none"), "--out", r + "2"]) == 2
+    assert main(["pretrain-slides", "--method", "gigassl", "--out", r + "3"]) == 2
+    assert main(["pretrain-slides", "--method", "byol", "--cache", c, "--out", r + "4"]) == 2
+    assert main(["embed-slides", "--model", str(tmp_path), "--features", c]) == 2
+    err = capsys.readouterr().err
+    assert "cache folder not found" in err and "needs --cache" in err and "unknown --method" in err
+    assert "not a slide-SSL run folder" in err and "Traceback" not in err
+
+
+def test_interrupted_cache_resumes(slides, tmp_path):
+    def boom(msg):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_augment_cache(slides[:2], tmp_path / "c", **{**KW, "log": boom})
+    files = sorted(p.name for p in (tmp_path / "c" / "features").iterdir())
+    assert files == ["s0.h5"]  # the finished slide, no temporary leftovers
+    res = build_augment_cache(slides[:2], tmp_path / "c", **KW)
+    assert res.skipped == ["s0"] and res.done == ["s1"]
