@@ -64,7 +64,9 @@ def one(mode: str, size: int, tile: int, max_tiles: int, grads_out: str | None) 
         y.square().mean().backward()
         info.update(tiles=1, tiles_run=1)
     else:
-        stream = StreamingCNN(trunk, tile, transform=_norm, channels_last=True)
+        ckpt = os.environ.get("BENCH_CKPT") == "1"
+        stream = StreamingCNN(trunk, tile, transform=_norm, channels_last=True, checkpoint_blocks=ckpt)
+        info["checkpoint_blocks"] = ckpt
         plan = stream.tiles((size, size))
         n = len(plan)
         info.update(tiles=n)

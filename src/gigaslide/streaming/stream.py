@@ -40,7 +40,7 @@ class StreamingCNN(nn.Module):
     """
 
     def __init__(self, trunk: nn.Module, tile_size: int, *, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 channels_last: bool = False, small_image: str = "dense"):
+                 channels_last: bool = False, small_image: str = "dense", checkpoint_blocks: bool = False):
         super().__init__()
         if small_image not in ("dense", "error"):
             raise GigaslideError(f"small_image={small_image!r}", fix="use 'dense' or 'error'")
@@ -50,6 +50,9 @@ class StreamingCNN(nn.Module):
         self.transform = transform
         self.channels_last = channels_last
         self.small_image = small_image
+        self.checkpoint_blocks = checkpoint_blocks
+        if checkpoint_blocks:
+            _checkpoint_blocks(trunk)  # after tracing: fx must see the original forwards
         if self.tile_size < self.min_tile_size:
             raise GigaslideError(
                 f"tile size {self.tile_size} px is smaller than this trunk's minimum {self.min_tile_size} px "
@@ -105,6 +108,31 @@ class StreamingCNN(nn.Module):
             with torch.no_grad():
                 return _stitch(self, image, tiles)
         return _StreamFunction.apply(image, self, tiles, *params)
+
+
+def _checkpoint_blocks(trunk: nn.Module) -> int:
+    """Give every block (a non-Sequential child of a Sequential that holds convolutions) a forward that
+    checkpoints its activations while autograd records; returns how many blocks were wrapped."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    def ckpt_forward(block_forward: Callable[..., torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return checkpoint(block_forward, x, use_reentrant=False)
+        return block_forward(x)
+
+    blocks = [b for seq in trunk.modules() if isinstance(seq, nn.Sequential) for b in seq
+              if not isinstance(b, nn.Sequential) and any(isinstance(c, nn.Conv2d) for c in b.modules())]
+    inner = {id(c) for b in blocks for c in b.modules() if c is not b}  # e.g. a block's downsample conv
+    n = 0
+    for block in blocks:
+        if id(block) in inner or getattr(block, "_gigaslide_ckpt", False):
+            continue
+        block.forward = functools.partial(ckpt_forward, block.forward)  # instance attribute: state_dict unchanged
+        block._gigaslide_ckpt = True
+        n += 1
+    return n
 
 
 def _stitch(stream: StreamingCNN, image: torch.Tensor, tiles: Sequence[Tile]) -> torch.Tensor:

@@ -50,6 +50,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     slide_mpp: float | None = None
+    checkpoint_blocks: bool = True  # recompute block activations in backward: lower memory per tile
 
 
 def pick_device(name: str) -> torch.device:
@@ -70,7 +71,8 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
 def build_model(cfg: TrainConfig, n_classes: int, device: torch.device) -> StreamingMIL:
     torch.manual_seed(cfg.seed)  # same trunk initialisation (without --weights) in every fold and baseline
     trunk = build_trunk(cfg.encoder, cfg.weights)
-    stream = StreamingCNN(trunk, cfg.tile_size, transform=Normalize(), channels_last=True)
+    stream = StreamingCNN(trunk, cfg.tile_size, transform=Normalize(), channels_last=True,
+                          checkpoint_blocks=cfg.checkpoint_blocks)
     model = StreamingMIL(stream, cfg.head, n_classes).to(device)
     trunk.to(memory_format=torch.channels_last)
     return model
