@@ -98,7 +98,8 @@ def _slide_level(outp: Path, encoder: str, weights: str, n_slides: int, n_steps:
     tiles = shared / "tiles" / "pcam" / "train" if shared else None
     if tiles is None or not tiles.is_dir():
         return ["", "## Slide level", "", "Skipped: no labelled tiles (../shared/data/tiles/pcam/train) to build mosaic slides from."]
-    print(f"[2/{n_steps}] slide level: {n_slides} mosaic slides from PCam -> encode -> ABMIL (4-fold CV) -> heatmap")
+    print(f"[2/{n_steps}] slide level: {n_slides} mosaic slides from PCam -> encode -> ABMIL (4-fold CV) -> heatmap "
+          "-> Giga-SSL slide embeddings -> linear probe")
     mos, feats, runs = outp / "mosaic", outp / "mosaic_features", outp / "runs" / "abmil"
     run(["mosaic", "--tiles", str(tiles), "--out", str(mos), "--slides", str(n_slides), "--grid", "14",
          "--tumor-fraction", "0.15-0.3", "--seed", "0"])
@@ -112,14 +113,28 @@ def _slide_level(outp: Path, encoder: str, weights: str, n_slides: int, n_steps:
     fold = next(d for d in sorted(runs.glob("fold*")) if d.is_dir())
     run(["heatmap", str(slide), "--features", str(feats / "features" / f"{positive}.h5"), "--model", str(fold),
          "--out", str(outp / "heatmap.png")])
-    ev = json.loads((runs / "evaluation.json").read_text())
+    # slide-level SSL: Giga-SSL views -> slide encoder without labels -> one small vector per slide -> linear probe
+    cache, gssl, emb, lin = outp / "gigassl_cache", outp / "runs" / "gigassl", outp / "embeddings.h5", outp / "runs" / "gigassl_linear"
+    run(["augment-cache", *[str(p) for p in sorted((mos / "slides").glob("*.tif*"))], "--out", str(cache),
+         "--encoder", encoder, "--weights", weights, "--views", "4", "--tiles-per-view", "12", "--mpp", "0.97",
+         "--tile-size", "96", "--min-tissue", "0.1", "--precision", "bf16"])
+    run(["pretrain-slides", "--method", "gigassl", "--cache", str(cache), "--out", str(gssl), "--epochs", "40",
+         "--batch-size", "24", "--out-dim", "128"])
+    run(["embed-slides", "--model", str(gssl), "--features", str(feats), "--ensemble", "10", "--out", str(emb), "--fp16", "true"])
+    run(["evaluate", "embeddings", "--embeddings", str(emb), "--labels", str(mos / "labels.csv"), "--folds", "4",
+         "--bootstrap", "500", "--out", str(lin)])
     from gigaslide.evaluation.slides import evaluation_markdown
 
-    table = evaluation_markdown(ev, "ABMIL on mosaic slides").split("\n", 2)[2]
+    def table(run_dir: Path, title: str) -> str:
+        return evaluation_markdown(json.loads((run_dir / "evaluation.json").read_text()), title).split("\n", 2)[2]
+
     return ["", "## Slide level: mosaic benchmark (CAMELYON-like slides built from PCam train tiles)", "",
-            f"{n_slides} pyramidal TIFF slides (`mosaic/`), encoded by the same spine (`mosaic_features/`), "
-            f"ABMIL with patient-grouped 4-fold cross-validation (`runs/abmil/`); attention heatmap of {positive}: `heatmap.png`.",
-            "", table]
+            f"{n_slides} pyramidal TIFF slides (`mosaic/`), encoded by the same spine (`mosaic_features/`).", "",
+            f"### ABMIL, patient-grouped 4-fold cross-validation (`runs/abmil/`); attention heatmap of {positive}: `heatmap.png`",
+            "", table(runs, "ABMIL"),
+            "### Giga-SSL slide embeddings (no labels) + linear probe, same protocol (`runs/gigassl_linear/`)", "",
+            f"Augment cache `gigassl_cache/` (4 views x 12 tiles per slide), SparseConvMIL slide encoder `runs/gigassl/`, "
+            f"embeddings `{emb.name}` (128-d fp16: 256 bytes per slide).", "", table(lin, "Giga-SSL + linear")]
 
 
 COMMANDS = {"demo": Command(demo)}

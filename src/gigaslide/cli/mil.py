@@ -51,6 +51,36 @@ def evaluate_slides(predictions: str, bootstrap: int = 1000, seed: int = 0, out:
     print(evaluation_markdown(res))
 
 
+def evaluate_embeddings(embeddings: str, labels: str, out: str, folds: int = 5, train_slides: int | None = None,
+                        repeats: int | None = None, seed: int = 0, bootstrap: int = 1000, on_missing: str = "error") -> None:
+    """Linear evaluation of slide embeddings (Giga-SSL / SLPD): StandardScaler + balanced logistic regression, CV with CIs.
+
+    Example: gigaslide evaluate embeddings --embeddings embeddings.h5 --labels labels.csv --folds 5 --out runs/linear
+
+    Args:
+        embeddings: HDF5 written by `gigaslide embed-slides` (slide_ids + embeddings)
+        labels: CSV with columns slide_id,patient_id,label (patient_id optional)
+        out: run directory (splits.json, predictions.csv, evaluation.json/.md)
+        folds: number of stratified, patient-grouped folds
+        train_slides: few-shot: train on this many slides per training fold (None = all)
+        repeats: few-shot draws per fold (default 3 with --train-slides, else 1)
+        seed: seed of folds and draws
+        bootstrap: bootstrap resamples for the 95 % CIs
+        on_missing: error (default) or skip: slides with a label but no embedding, or the reverse
+    """
+    from gigaslide.evaluation.slides import evaluation_markdown, linear_probe_run
+    from gigaslide.ssl.slide.embed import load_embeddings
+
+    e = load_embeddings(embeddings)
+    vecs = dict(zip(e.slide_ids, e.embeddings))
+    if repeats is None:
+        repeats = 3 if train_slides else 1
+    res = linear_probe_run(vecs, labels, out, folds=folds, seed=seed, train_slides=train_slides, repeats=repeats,
+                           on_missing=on_missing, n_bootstrap=bootstrap)
+    print(evaluation_markdown(res, f"linear probe on {embeddings}"))
+    print(f"wrote {out}")
+
+
 def train_mil(features: str, labels: str, out: str, model: str = "abmil", folds: int = 5,
               train_slides: int | None = None, repeats: int | None = None, seed: int = 0, epochs: int = 40, patience: int = 8,
               lr: float = 1e-3, hidden: int = 128, monitor: str = "loss", max_tiles: int | None = None,
@@ -192,6 +222,7 @@ COMMANDS: dict = {
     "mosaic": Command(mosaic, positional=None),
     "train-mil": Command(train_mil, positional=None),
     "evaluate": {
+        "embeddings": Command(evaluate_embeddings, positional=None),
         "tiles": Command(evaluate_tiles, positional=None),
         "slides": Command(evaluate_slides, positional=None),
     },
