@@ -108,9 +108,9 @@ def _mem_available_gb() -> float:
     return 0.0
 
 
-def _spawn(mode: str, size: int, tile: int, max_tiles: int = 0, grads: str | None = None) -> dict:
+def _spawn(mode: str, size: int, tile: int, max_tiles: int = 0, grads: str | None = None, ckpt: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--one", mode, str(size), str(tile), str(max_tiles), grads or ""]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "BENCH_CKPT": "1" if ckpt else "0"})
     if r.returncode != 0:
         return {"mode": mode, "size": size, "tile": tile, "error": (r.stderr.strip().splitlines() or ["?"])[-1]}
     res = json.loads(r.stdout.strip().splitlines()[-1])
@@ -162,9 +162,11 @@ def main() -> None:
             rows += [d, s]
         if args.dense_4096 and _mem_available_gb() >= 16:
             rows.append(_spawn("dense", 4096, 4096))
+        rows.append(_spawn("stream", 2048, 1536, ckpt=True))
         for size in (int(v) for v in args.big.split(",") if v):
             for tile in (int(v) for v in args.big_tiles.split(",") if v):
                 rows.append(_spawn("stream", size, tile, max_tiles=args.tiles))
+                rows.append(_spawn("stream", size, tile, max_tiles=args.tiles, ckpt=True))
     extra = e2e(args) if args.e2e else []
     write_results(rows, time.time() - t_start, args, extra)
 
@@ -285,6 +287,7 @@ def write_results(rows: list[dict], wall: float, args: argparse.Namespace, extra
         "",
         "| image | mode | tile | tiles (run) | peak RSS GB | time s | grad rel. error vs dense |",
         "|---|---|---|---|---|---|---|",
+        # mode "stream+ckpt": StreamingCNN(checkpoint_blocks=True), activation checkpointing per residual block
     ]
     dense = {r["size"]: r for r in rows if r.get("mode") == "dense" and "error" not in r}
     for r in rows:
@@ -299,7 +302,8 @@ def write_results(rows: list[dict], wall: float, args: argparse.Namespace, extra
         ge = f"{r['grad_rel_error']:.1e}" if "grad_rel_error" in r else ""
         tiles = f"{r['tiles']} ({r['tiles_run']})" if r["mode"] == "stream" else "1"
         tile = r["tile"] if r["mode"] == "stream" else "-"
-        lines.append(f"| {r['size']}² | {r['mode']} | {tile} | {tiles} | {r['peak_rss_gb']:.2f} | {t} | {ge} |")
+        mode = "stream+ckpt" if r.get("checkpoint_blocks") else r["mode"]
+        lines.append(f"| {r['size']}² | {mode} | {tile} | {tiles} | {r['peak_rss_gb']:.2f} | {t} | {ge} |")
     lines += [
         "",
         "Grad rel. error: max over parameter tensors of max|g_stream - g_dense| / max|g_dense|.",
