@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -168,7 +169,7 @@ def main() -> None:
 def write_report(args, results: list[dict], total: float, load0: float) -> None:  # noqa: ANN001
     base = results[0]
     recal = next((r for r in results if "BN" in r["name"]), base)
-    cmd = "`.venv/bin/python benchmarks/bench_tile_ssl.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "") + "`"
+    cmd = "`.venv/bin/python benchmarks/bench_tile_ssl.py" + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "") + "`"
     lines = [
         f"## {args.title}", "",
         f"Command: {cmd}  ",

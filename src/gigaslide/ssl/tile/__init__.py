@@ -1,0 +1,1 @@
+"""Tile-level self-supervised pre-training (Kang et al. 2023; Roth et al. 2024)."""

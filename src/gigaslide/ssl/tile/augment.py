@@ -1,0 +1,233 @@
+"""Pathology augmentations on tensors, each driven by an explicit ``torch.Generator``.
+
+Kang et al. (2023) found that pathology SSL benefits from (i) stain augmentation instead of strong
+colour changes, (ii) vertical flips and 90° rotations (tissue has no "up"), and (iii) no
+solarisation. :data:`PRESETS` holds that ``pathology`` recipe next to the usual ``imagenet`` one
+(SimCLR/BYOL/DINO-style colour jitter, grayscale, solarisation) for comparison.
+
+All functions take a float image ``[3, H, W]`` in ``[0, 1]`` and return one in ``[0, 1]``.
+Randomness comes from the generator passed in, so a (seed, step, sample) triple always yields
+the same views: training resumes bit-for-bit and data-loader workers need no RNG plumbing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torchvision.transforms.v2.functional as TF
+
+#: Ruifrok & Johnston stain vectors (rows: hematoxylin, eosin, DAB), as in ``skimage.color.rgb_from_hed``.
+RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64)
+HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
+_OD_EPS = 1e-3  # darkest intensity before log (keeps OD finite for black pixels)
+
+
+def _u(g: torch.Generator, lo: float = 0.0, hi: float = 1.0, n: int | None = None) -> torch.Tensor | float:
+    x = torch.rand(n or 1, generator=g, dtype=torch.float64) * (hi - lo) + lo
+    return x if n else float(x)
+
+
+def _p(g: torch.Generator, p: float) -> bool:
+    return p > 0 and (p >= 1 or _u(g) < p)
+
+
+# -- stain (H&E) -------------------------------------------------------------------------------
+def rgb_to_hed(img: torch.Tensor) -> torch.Tensor:
+    """Stain concentrations (optical density along H, E, D) of ``[..., 3, H, W]`` RGB in [0, 1]."""
+    od = -torch.log(img.clamp(min=_OD_EPS))
+    return torch.einsum("...chw,cs->...shw", od, HED_FROM_RGB.to(img.dtype))
+
+
+def hed_to_rgb(hed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rgb_to_hed` (clipped to [0, 1])."""
+    od = torch.einsum("...shw,sc->...chw", hed, RGB_FROM_HED.to(hed.dtype))
+    return torch.exp(-od).clamp(0.0, 1.0)
+
+
+def stain_weight(od_sum: torch.Tensor) -> torch.Tensor:
+    """How much a pixel is stained, from its total optical density: 0 for glass (lighter than ~225
+    grey), 1 for tissue (OD sum >= 0.6), linear in between."""
+    return ((od_sum - 0.2) / 0.4).clamp(0.0, 1.0)
+
+
+def stain_jitter(img: torch.Tensor, alpha: torch.Tensor | list[float], beta: torch.Tensor | list[float]) -> torch.Tensor:
+    """Scale (``alpha``) and shift (``beta``) each stain's concentration (HED-light, Tellez et al. 2019).
+
+    The change is weighted per pixel by :func:`stain_weight`, so glass stays glass: unstained
+    background keeps its colour and only the stain amounts of tissue change. In optical density
+    ``od`` (row vector) with ``R`` = :data:`RGB_FROM_HED`:
+    ``od' = od + w * (od @ (R^-1 diag(alpha) R - I) + beta @ R)``; for tissue (w = 1) this is exactly
+    ``hed' = alpha * hed + beta``.
+    """
+    a = torch.as_tensor(alpha, dtype=torch.float64).flatten()
+    b = torch.as_tensor(beta, dtype=torch.float64).flatten()
+    delta = (HED_FROM_RGB @ torch.diag(a) @ RGB_FROM_HED - torch.eye(3, dtype=torch.float64)).to(torch.float32)
+    bias = (b @ RGB_FROM_HED).to(torch.float32)
+    x = img.float()
+    od = (-torch.log(x.clamp(min=_OD_EPS))).movedim(-3, -1)  # [..., H, W, 3]
+    w = stain_weight(od.sum(-1, keepdim=True))
+    out = torch.exp(-(od + w * (od @ delta + bias))).clamp(0.0, 1.0)
+    return out.movedim(-1, -3).to(img.dtype).contiguous()
+
+
+def random_stain_jitter(img: torch.Tensor, g: torch.Generator, sigma: float = 0.05, bias: float = 0.02) -> torch.Tensor:
+    alpha = _u(g, 1 - sigma, 1 + sigma, 3)
+    beta = _u(g, -bias, bias, 3)
+    return stain_jitter(img, alpha, beta)
+
+
+# -- geometry ----------------------------------------------------------------------------------
+def random_resized_crop(img: torch.Tensor, g: torch.Generator, size: int, scale: tuple[float, float],
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """torchvision's RandomResizedCrop parameter sampling, with our generator."""
+    _, h, w = img.shape
+    area = h * w
+    for _ in range(10):
+        target = area * _u(g, *scale)
+        ar = math.exp(_u(g, math.log(ratio[0]), math.log(ratio[1])))
+        cw = int(round(math.sqrt(target * ar)))
+        ch = int(round(math.sqrt(target / ar)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(torch.randint(0, h - ch + 1, (1,), generator=g))
+            left = int(torch.randint(0, w - cw + 1, (1,), generator=g))
+            break
+    else:  # centre crop fallback
+        ch, cw = h, w
+        top = left = 0
+    return TF.resized_crop(img, top, left, ch, cw, [size, size], antialias=True)
+
+
+def random_flip_rotate(img: torch.Tensor, g: torch.Generator, hflip: float, vflip: float, rot90: bool) -> torch.Tensor:
+    if _p(g, hflip):
+        img = img.flip(-1)
+    if _p(g, vflip):
+        img = img.flip(-2)
+    if rot90:
+        k = int(torch.randint(0, 4, (1,), generator=g))
+        img = torch.rot90(img, k, dims=(-2, -1))
+    return img
+
+
+# -- colour, blur --------------------------------------------------------------------------------
+def random_color_jitter(img: torch.Tensor, g: torch.Generator, strength: tuple[float, float, float, float]) -> torch.Tensor:
+    b, c, s, h = strength
+    ops = torch.randperm(4, generator=g).tolist()
+    for op in ops:
+        if op == 0 and b > 0:
+            img = TF.adjust_brightness(img, _u(g, 1 - b, 1 + b))
+        elif op == 1 and c > 0:
+            img = TF.adjust_contrast(img, _u(g, 1 - c, 1 + c))
+        elif op == 2 and s > 0:
+            img = TF.adjust_saturation(img, _u(g, 1 - s, 1 + s))
+        elif op == 3 and h > 0:
+            img = TF.adjust_hue(img, _u(g, -h, h))
+    return img.clamp(0.0, 1.0)
+
+
+def random_blur(img: torch.Tensor, g: torch.Generator, sigma: tuple[float, float] = (0.1, 2.0)) -> torch.Tensor:
+    s = _u(g, *sigma)
+    k = max(3, int(round(img.shape[-1] * 0.07)) | 1)
+    return TF.gaussian_blur(img, [k, k], [s, s])
+
+
+# -- recipes -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ViewAug:
+    """One view's recipe; probabilities are per image."""
+
+    size: int
+    scale: tuple[float, float] = (0.2, 1.0)
+    hflip: float = 0.5
+    vflip: float = 0.0
+    rot90: bool = False
+    stain: float = 0.0  # probability of H&E stain jitter
+    stain_sigma: float = 0.05
+    stain_bias: float = 0.02
+    color: float = 0.8  # probability of colour jitter
+    color_strength: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    gray: float = 0.2
+    blur: float = 0.5
+    solarize: float = 0.0
+
+
+def apply_view(img: torch.Tensor, cfg: ViewAug, g: torch.Generator) -> torch.Tensor:
+    """One augmented view of ``img`` (float [3, H, W] in [0, 1])."""
+    x = random_resized_crop(img, g, cfg.size, cfg.scale)
+    x = random_flip_rotate(x, g, cfg.hflip, cfg.vflip, cfg.rot90)
+    if _p(g, cfg.stain):
+        x = random_stain_jitter(x, g, cfg.stain_sigma, cfg.stain_bias)
+    if _p(g, cfg.color):
+        x = random_color_jitter(x, g, cfg.color_strength)
+    if _p(g, cfg.gray):
+        x = TF.rgb_to_grayscale(x, num_output_channels=3)
+    if _p(g, cfg.blur):
+        x = random_blur(x, g)
+    if _p(g, cfg.solarize):
+        x = TF.solarize(x, 0.5)
+    return x.clamp(0.0, 1.0).contiguous()
+
+
+PRESETS: dict[str, ViewAug] = {
+    # Kang et al. 2023: stain jitter, v+h flips, 90° rotations, milder colour changes, no solarisation.
+    "pathology": ViewAug(size=0, scale=(0.2, 1.0), hflip=0.5, vflip=0.5, rot90=True, stain=0.8,
+                         color=0.5, color_strength=(0.2, 0.2, 0.1, 0.02), gray=0.1, blur=0.3, solarize=0.0),
+    # SimCLR / BYOL / DINO ImageNet recipe.
+    "imagenet": ViewAug(size=0, scale=(0.08, 1.0), hflip=0.5, color=0.8, color_strength=(0.4, 0.4, 0.2, 0.1),
+                        gray=0.2, blur=0.5, solarize=0.0),
+}
+
+
+def _local_size(tile_size: int, multiple: int) -> int:
+    s = max(2 * multiple, int(round(tile_size * 96 / 224 / multiple)) * multiple)
+    return min(s, tile_size)
+
+
+def view_recipes(kind: str, preset: str, tile_size: int, n_local: int = 6, multiple: int = 8) -> list[ViewAug]:
+    """Per-view recipes: ``kind`` is ``"two"`` (SimCLR, MoCo, Barlow Twins) or ``"multicrop"`` (DINO, SwAV).
+
+    Two-view recipes follow BYOL's asymmetry (view 2: less blur; solarisation only in the
+    ``imagenet`` preset). Multi-crop: 2 global crops at ``tile_size`` + ``n_local`` local crops at
+    ~43 % of it (96/224, rounded to a multiple of the ViT patch size ``multiple``).
+    """
+    from gigaslide.errors import GigaslideError
+
+    if preset not in PRESETS:
+        raise GigaslideError(f"unknown augmentation preset '{preset}'", fix=f"use one of: {', '.join(PRESETS)}")
+    base = PRESETS[preset]
+    imagenet = preset == "imagenet"
+    if kind == "two":
+        return [replace(base, size=tile_size, blur=1.0 if imagenet else base.blur),
+                replace(base, size=tile_size, blur=0.1 if imagenet else base.blur, solarize=0.2 if imagenet else 0.0)]
+    if kind == "multicrop":
+        g_scale = (0.32, 1.0) if imagenet else (0.4, 1.0)
+        l_scale = (0.05, 0.32) if imagenet else (0.1, 0.4)
+        glob = [replace(base, size=tile_size, scale=g_scale, blur=1.0 if imagenet else base.blur),
+                replace(base, size=tile_size, scale=g_scale, blur=0.1 if imagenet else base.blur,
+                        solarize=0.2 if imagenet else 0.0)]
+        loc = replace(base, size=_local_size(tile_size, multiple), scale=l_scale)
+        return glob + [loc] * n_local
+    raise ValueError(f"unknown view kind {kind!r}")
+
+
+class MultiView:
+    """Callable turning one image into a list of views (one per recipe)."""
+
+    def __init__(self, recipes: list[ViewAug]):
+        self.recipes = recipes
+
+    def __call__(self, img: torch.Tensor, g: torch.Generator) -> list[torch.Tensor]:
+        if img.dtype == torch.uint8:
+            img = to_float(img)
+        return [apply_view(img, r, g) for r in self.recipes]
+
+    def __len__(self) -> int:
+        return len(self.recipes)
+
+
+def to_float(img: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[H, W, 3]`` (as read) -> float ``[3, H, W]`` in [0, 1]."""
+    if img.dtype == torch.uint8:
+        img = img.permute(2, 0, 1).float().div_(255.0) if img.shape[-1] == 3 else img.float().div_(255.0)
+    return img

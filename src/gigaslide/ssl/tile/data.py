@@ -1,0 +1,253 @@
+"""Unlabelled tiles for SSL: an image folder, or random tissue tiles read straight from slides.
+
+A *source* returns one RGB uint8 tile for an index and a generator; :class:`ViewDataset` turns it
+into augmented views. :class:`StepSampler` draws each step's batch from ``(seed, step)`` alone, so
+a resumed run sees exactly the batches it would have seen and workers need no shared state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gigaslide.errors import GigaslideError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Image files under ``folder`` (sorted); a clear error when it is missing or holds none."""
+    d = Path(folder)
+    if not d.exists():
+        raise GigaslideError("image folder not found", path=d, fix="check the --data path")
+    if not d.is_dir():
+        raise GigaslideError("not a folder", path=d, fix="pass a folder of tiles (jpg/png/tif) or of slides")
+    it = d.rglob("*") if recursive else d.iterdir()
+    files = sorted(p for p in it if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise GigaslideError("no images (jpg/png/tif) in this folder", path=d,
+                             fix="point --data at a folder of tiles, or at a folder of slides")
+    return files
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """RGB uint8 [H, W, 3]; GigaslideError naming the file when it cannot be decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise GigaslideError(f"cannot read image ({str(e).splitlines()[0][:120]})", path=path,
+                             fix="delete or re-export the file") from None
+
+
+class ImageFolderSource:
+    """Every image under a folder (recursive). Unreadable files are skipped (logged once each)."""
+
+    def __init__(self, folder: str | os.PathLike, tile_size: int | None = None):
+        self.folder = Path(folder)
+        self.files = list_images(folder)
+        self.tile_size = tile_size
+        self._bad: set[int] = set()
+        read_image(self.files[0])  # fail fast on an obviously broken folder
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, idx: int, g: torch.Generator) -> np.ndarray:
+        for k in range(min(20, len(self.files))):
+            i = (idx + k) % len(self.files)
+            if i in self._bad:
+                continue
+            try:
+                return read_image(self.files[i])
+            except GigaslideError as e:
+                self._bad.add(i)
+                log.warning("skipping %s", e.one_line())
+        raise GigaslideError("too many unreadable images in a row", path=self.folder, fix="check the folder's files")
+
+    def describe(self) -> dict:
+        return {"kind": "image_folder", "path": str(self.folder), "n_images": len(self.files)}
+
+
+class SlideSource:
+    """Random tissue tiles across slides and magnifications, read on the fly (no JPEG dump).
+
+    At construction each slide is segmented once (thumbnail) and its tissue grid at every ``mpp``
+    is kept as level-0 coordinates; slides are re-opened lazily in each worker. An index picks a
+    grid cell; the tile is shifted by a random offset of up to half a tile so crops vary across epochs.
+    """
+
+    def __init__(self, slides: Sequence[str | os.PathLike], mpps: Sequence[float], tile_size: int,
+                 min_tissue: float = 0.5, slide_mpp: float | None = None):
+        from gigaslide.slides import open_slide
+        from gigaslide.tiling import make_grid, segment_tissue
+
+        self.paths = [str(p) for p in slides]
+        self.mpps = [float(m) for m in mpps]
+        self.tile_size = int(tile_size)
+        self.slide_mpp = slide_mpp
+        entries = []  # (slide index, mpp index, x0, y0)
+        self.skipped: list[str] = []
+        for si, p in enumerate(self.paths):
+            try:
+                with open_slide(p, mpp=slide_mpp) as s:
+                    tissue, _ = segment_tissue(s)
+                    for mi, m in enumerate(self.mpps):
+                        grid = make_grid(s, tissue, target_mpp=m, tile_size=self.tile_size, min_tissue=min_tissue)
+                        for x, y in grid.coords:
+                            entries.append((si, mi, int(x), int(y)))
+            except GigaslideError as e:
+                self.skipped.append(e.one_line())
+                log.warning("skipping slide: %s", e.one_line())
+        if not entries:
+            why = f" ({self.skipped[0]})" if self.skipped else ""
+            raise GigaslideError(f"no tissue tiles at {self.mpps} µm/px in {len(self.paths)} slide(s){why}",
+                                 fix="check the slides, lower --min-tissue, or use a smaller --tile-size / finer --mpp")
+        self.entries = np.asarray(entries, dtype=np.int64)
+        self._open: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _slide(self, si: int):  # noqa: ANN202
+        from gigaslide.slides import open_slide
+
+        if si not in self._open:
+            self._open[si] = open_slide(self.paths[si], mpp=self.slide_mpp)
+        return self._open[si]
+
+    def load(self, idx: int, g: torch.Generator) -> np.ndarray:
+        si, mi, x, y = (int(v) for v in self.entries[idx % len(self.entries)])
+        s = self._slide(si)
+        m = self.mpps[mi]
+        tile0 = self.tile_size * m / s.mpp
+        W, H = s.dimensions
+        dx, dy = ((torch.rand(2, generator=g) - 0.5) * tile0).tolist()
+        x = int(min(max(0, x + dx), max(0, W - tile0)))
+        y = int(min(max(0, y + dy), max(0, H - tile0)))
+        return s.read_region((x, y), (self.tile_size, self.tile_size), m)
+
+    def __getstate__(self) -> dict:  # open handles stay in their process
+        d = dict(self.__dict__)
+        d["_open"] = {}
+        return d
+
+    def describe(self) -> dict:
+        return {"kind": "slides", "n_slides": len(self.paths), "mpps": self.mpps, "n_tiles": len(self),
+                "skipped": self.skipped}
+
+
+def looks_like_slide(path: str | os.PathLike) -> bool:
+    """A whole-slide format, or a TIFF that is pyramidal or larger than 8k px (not a tile)."""
+    from gigaslide.slides.discover import WSI_EXTENSIONS
+
+    p = Path(path)
+    name = p.name.lower()
+    if not name.endswith(WSI_EXTENSIONS) or name.startswith("."):
+        return False
+    if p.suffix.lower() not in (".tif", ".tiff"):
+        return True
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(p) as t:
+            s = t.series[0]
+            return len(s.levels) > 1 or max(s.shape[:2]) > 8192
+    except Exception:  # noqa: BLE001 - unreadable: let the tile reader report it
+        return False
+
+
+def build_source(data: str | os.PathLike, mpps: Sequence[float], tile_size: int, min_tissue: float = 0.5,
+                 kind: str = "auto"):  # noqa: ANN201
+    """Slides (a slide file or a folder of slides) -> :class:`SlideSource`; tiles -> :class:`ImageFolderSource`.
+
+    ``kind``: ``auto`` (slides when the folder holds whole-slide files), ``slides`` or ``tiles``.
+    """
+    p = Path(data)
+    if not p.exists():
+        raise GigaslideError("--data not found", path=p, fix="pass a folder of tiles or of slides (or a slide file)")
+    if kind not in ("auto", "slides", "tiles"):
+        raise GigaslideError(f"unknown data kind '{kind}'", fix="use auto, slides or tiles")
+    if p.is_file():
+        return SlideSource([p], mpps, tile_size, min_tissue)
+    if kind == "tiles":
+        return ImageFolderSource(p, tile_size)
+    slides = sorted(f for f in p.rglob("*") if f.is_file() and looks_like_slide(f))
+    if slides or kind == "slides":
+        if not slides:
+            raise GigaslideError("no slide files in this folder", path=p, fix="pass a folder of slides or use --data-kind tiles")
+        return SlideSource(slides, mpps, tile_size, min_tissue)
+    return ImageFolderSource(p, tile_size)
+
+
+class ViewDataset(torch.utils.data.Dataset):
+    """``dataset[(index, sample_seed)] -> list of views`` (float [3, h, w] each)."""
+
+    def __init__(self, source, views, tile_size: int):  # noqa: ANN001
+        self.source = source
+        self.views = views
+        self.tile_size = tile_size
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]) -> list[torch.Tensor]:
+        idx, sample_seed = key
+        g = torch.Generator().manual_seed(int(sample_seed))
+        rgb = torch.from_numpy(np.array(self.source.load(int(idx), g), dtype=np.uint8, copy=True))
+        return self.views(rgb, g)
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Yields, for steps ``start_step, start_step+1, ...``, a batch of ``(index, sample_seed)``.
+
+    Indices run through a fresh permutation per epoch (drawn from ``(seed, epoch)``); sample seeds
+    come from ``(seed, step, position)``. Nothing depends on what ran before, so resume is exact.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0, num_steps: int | None = None,
+                 rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start_step, self.num_steps = start_step, num_steps
+        self.rank, self.world_size = rank, world_size
+
+    def batch(self, step: int) -> list[tuple[int, int]]:
+        gb = self.batch_size * self.world_size
+        lo = (step * gb + self.rank * self.batch_size)
+        out = []
+        perm_cache: dict[int, np.ndarray] = {}
+        for j in range(lo, lo + self.batch_size):
+            epoch, pos = divmod(j, self.n)
+            if epoch not in perm_cache:
+                perm_cache[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            sample_seed = int(np.random.SeedSequence([self.seed, step, j]).generate_state(1)[0])
+            out.append((int(perm_cache[epoch][pos]), sample_seed))
+        return out
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step = self.start_step
+        while self.num_steps is None or step < self.start_step + self.num_steps:
+            yield self.batch(step)
+            step += 1
+
+    def __len__(self) -> int:
+        return self.num_steps if self.num_steps is not None else 2**31
+
+
+def collate_views(batch: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    return [torch.stack([sample[v] for sample in batch]) for v in range(len(batch[0]))]
+
+
+def make_loader(dataset: ViewDataset, sampler: StepSampler, workers: int = 0) -> torch.utils.data.DataLoader:
+    kw = {"persistent_workers": False, "prefetch_factor": 4} if workers > 0 else {}
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_views,
+                                       pin_memory=torch.cuda.is_available(), **kw)

@@ -1,0 +1,112 @@
+"""The run's encoder spec, and ``--init``: start from an existing encoder (Roth et al. 2024).
+
+``--init`` accepts a registry name (hub weights from the local cache, e.g. ``vit_small_dinov2``),
+an export folder (``RUN_DIR/encoder``), a run folder or its ``checkpoint/``, or a weights file.
+The source must have the same architecture as ``--backbone``; ViT positional embeddings are
+resampled to the run's tile size on load (``gigaslide.encoders.model._load_into``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gigaslide.encoders import ENCODERS, EncoderSpec, read_state_dict, resolve_hub_weights
+from gigaslide.errors import GigaslideError
+
+
+def run_spec(backbone: str, method: str, tile_size: int, mpps: Sequence[float] | None, augment: str) -> EncoderSpec:
+    """The spec the trained encoder is exported with: the backbone's architecture at ``tile_size``."""
+    base = ENCODERS.get(backbone)
+    if "out_stage" in base.timm_kwargs:
+        raise GigaslideError(f"backbone '{backbone}' is a truncated feature extractor, not trainable here",
+                             fix="use resnet18, resnet50, vit_small or vit_small_dinov2")
+    kw = dict(base.timm_kwargs)
+    if base.family == "vit":
+        kw.update(img_size=int(tile_size), dynamic_img_size=True)  # multi-crop local views have other sizes
+    return dataclasses.replace(
+        base, name=f"{backbone}_{method}", input_size=int(tile_size), timm_kwargs=kw, hub=None,
+        native_mpp=float(mpps[0]) if mpps else None,
+        weight_source=f"gigaslide pretrain --method {method} --augment {augment}",
+        description=f"{base.arch} self-supervised with {method} on pathology tiles ({tile_size} px, mpp {list(mpps or [])})",
+    )
+
+
+def with_embed_dim(spec: EncoderSpec, trunk: nn.Module) -> EncoderSpec:
+    dim = int(getattr(trunk, "num_features", 0) or 0)
+    if not dim:
+        with torch.no_grad():
+            dim = int(trunk(torch.zeros(1, 3, spec.input_size, spec.input_size)).shape[-1])
+    return dataclasses.replace(spec, embed_dim=dim)
+
+
+def _arch_of_export(folder: Path) -> tuple[str, dict]:
+    try:
+        d = json.loads((folder / "encoder.json").read_text())
+        return d["arch"], dict(d.get("timm_kwargs") or {})
+    except (OSError, ValueError, KeyError) as e:
+        raise GigaslideError(f"bad encoder export ({e})", path=folder / "encoder.json", fix="re-export the encoder") from None
+
+
+def _check_arch(init: str, arch: str, spec: EncoderSpec, backbone: str) -> None:
+    if arch != spec.arch:
+        same = [n for n, s in ENCODERS.items() if s.arch == arch and "out_stage" not in s.timm_kwargs]
+        hint = f"--backbone {same[0]}" if same else f"a --backbone with architecture {arch}"
+        raise GigaslideError(f"--init is a {arch} encoder but --backbone {backbone} is {spec.arch}", path=init,
+                             fix=f"use {hint}, or an --init trained with {spec.arch}")
+
+
+def resolve_init(init: str, spec: EncoderSpec, backbone: str) -> tuple[dict[str, torch.Tensor], str]:
+    """(state_dict, source description) for ``--init``; refuses another architecture."""
+    from gigaslide.ssl.tile.checkpoint import backbone_state, checkpoint_dir
+
+    p = Path(init)
+    if p.is_dir():
+        run = p.parent if (p / "state.json").is_file() and p.name == "checkpoint" else p
+        if (p / "encoder.json").is_file():
+            arch, _ = _arch_of_export(p)
+            _check_arch(init, arch, spec, backbone)
+            return read_state_dict(p / "weights.safetensors"), str(p)
+        if (run / "encoder" / "encoder.json").is_file():
+            arch, _ = _arch_of_export(run / "encoder")
+            _check_arch(init, arch, spec, backbone)
+            return read_state_dict(run / "encoder" / "weights.safetensors"), str(run / "encoder")
+        if (checkpoint_dir(run) / "state.json").is_file():
+            state = json.loads((checkpoint_dir(run) / "state.json").read_text())
+            arch = state.get("spec", {}).get("arch")
+            if arch:
+                _check_arch(init, arch, spec, backbone)
+            return backbone_state(run), str(checkpoint_dir(run))
+        raise GigaslideError("folder is neither an encoder export nor a pretrain run", path=p,
+                             fix="pass RUN_DIR, RUN_DIR/encoder, a weights file, or an encoder name")
+    if p.is_file():
+        return read_state_dict(p), str(p)
+    if any(c in init for c in "/\\") or init.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        raise GigaslideError("--init not found", path=init, fix="check the path, or pass an encoder name (see `gigaslide encoders`)")
+    src = ENCODERS.get(init)
+    _check_arch(init, src.arch, spec, backbone)
+    if not src.hub:
+        raise GigaslideError(f"encoder '{init}' has no pretrained weights to start from", fix="pass a weights file or export folder")
+    try:
+        path = resolve_hub_weights(src.hub)
+    except GigaslideError as e:
+        raise GigaslideError(e.what, path=e.path, fix=(e.fix or "").replace("--weights PATH", "--init PATH")) from None
+    return read_state_dict(path), f"{init} ({path})"
+
+
+def load_init(trunk: nn.Module, spec: EncoderSpec, init: str, backbone: str) -> str:
+    """Load ``--init`` weights into ``trunk`` in place; returns where they came from."""
+    from gigaslide.encoders.model import _load_into
+
+    sd, source = resolve_init(init, spec, backbone)
+    try:
+        _load_into(trunk, sd, source, spec)
+    except GigaslideError as e:
+        raise GigaslideError(e.what, path=e.path,
+                             fix=f"these weights are not a {spec.arch}: pick the --backbone they were trained with") from None
+    return source

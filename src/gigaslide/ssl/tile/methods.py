@@ -1,0 +1,267 @@
+"""SSL methods built from lightly's heads, losses and momentum utilities.
+
+Each method wraps a timm trunk (``gigaslide.encoders.create_trunk``) and exposes
+``loss(views, step, progress)``, ``after_step(progress)`` (momentum/EMA updates) and
+``export_trunk()`` (the backbone to export: the EMA teacher for DINO, the query encoder otherwise).
+Views arrive as float tensors in [0, 1]; the method normalises them with the run's mean/std.
+
+Defaults are the papers' recipes shrunk for small runs (projection sizes, prototypes, queue).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gigaslide.registry import Registry
+
+SSL_METHODS: Registry[type[SSLMethod]] = Registry("ssl_method")
+
+
+def _cosine(progress: float, start: float, end: float) -> float:
+    import math
+
+    p = min(max(progress, 0.0), 1.0)
+    return end - (end - start) * (math.cos(math.pi * p) + 1) / 2
+
+
+class SSLMethod(nn.Module):
+    """Base class: a trunk, its input normalisation and a head; subclasses define the loss."""
+
+    view_kind = "two"  # "two" or "multicrop"
+    default_lr = 1e-3
+    hparams: dict[str, Any] = {}
+
+    def __init__(self, trunk: nn.Module, embed_dim: int, mean, std, channels_last: bool = False, **kw: Any):  # noqa: ANN001
+        super().__init__()
+        unknown = set(kw) - set(self.hparams)
+        if unknown:
+            from gigaslide.errors import GigaslideError
+
+            raise GigaslideError(f"unknown option(s) {sorted(unknown)} for {type(self).__name__}",
+                                 fix=f"--method-args accepts: {', '.join(sorted(self.hparams))}")
+        self.hp = {**self.hparams, **kw}
+        self.backbone = trunk
+        self.embed_dim = embed_dim
+        self.channels_last = channels_last
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def prep(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def embed(self, x: torch.Tensor, trunk: nn.Module | None = None) -> torch.Tensor:
+        return (trunk or self.backbone)(self.prep(x)).flatten(1)
+
+    def loss(self, views: list[torch.Tensor], step: int, progress: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_step(self, progress: float) -> None:
+        """Momentum / EMA updates after the optimiser step."""
+
+    def prepare_distributed(self) -> None:
+        """Once the process group exists (DDP): gather negatives / codes / statistics across ranks."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            crit = getattr(self, "criterion", None)
+            for attr in ("gather_distributed", "sinkhorn_gather_distributed"):
+                if crit is not None and hasattr(crit, attr):
+                    setattr(crit, attr, True)
+
+    def before_optimizer_step(self, step: int) -> None:
+        """Gradient surgery (e.g. DINO freezes its last layer for the first steps)."""
+
+    def export_trunk(self) -> nn.Module:
+        return self.backbone
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
+
+
+def _frozen_copy(m: nn.Module) -> nn.Module:
+    from lightly.models.utils import deactivate_requires_grad
+
+    c = copy.deepcopy(m)
+    deactivate_requires_grad(c)
+    return c
+
+
+def _ema(model: nn.Module, ema: nn.Module, m: float) -> None:
+    from lightly.models.utils import update_momentum
+
+    update_momentum(model, ema, m)
+    for b, be in zip(model.buffers(), ema.buffers()):  # BN running stats follow the student
+        be.copy_(b)
+
+
+@SSL_METHODS.register("simclr")
+class SimCLR(SSLMethod):
+    """SimCLR (Chen et al. 2020): NT-Xent between two views, both views in one batch (global BN)."""
+
+    hparams = {"hidden_dim": 2048, "out_dim": 128, "temperature": 0.2}
+
+    def __init__(self, trunk: nn.Module, embed_dim: int, mean, std, channels_last: bool = False, **kw: Any):  # noqa: ANN001
+        super().__init__(trunk, embed_dim, mean, std, channels_last, **kw)
+        from lightly.loss import NTXentLoss
+        from lightly.models.modules import SimCLRProjectionHead
+
+        self.head = SimCLRProjectionHead(embed_dim, self.hp["hidden_dim"], self.hp["out_dim"])
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.criterion = NTXentLoss(temperature=self.hp["temperature"], gather_distributed=dist)
+
+    def loss(self, views: list[torch.Tensor], step: int, progress: float) -> torch.Tensor:
+        z = self.head(self.embed(torch.cat(views[:2])))
+        z0, z1 = z.chunk(2)
+        return self.criterion(z0, z1)
+
+
+@SSL_METHODS.register("mocov2")
+class MoCoV2(SSLMethod):
+    """MoCo v2 (Chen et al. 2020): query vs momentum-encoder key with a queue of negatives, symmetrised."""
+
+    hparams = {"hidden_dim": 2048, "out_dim": 128, "temperature": 0.2, "queue": 4096, "momentum": 0.99}
+
+    def __init__(self, trunk: nn.Module, embed_dim: int, mean, std, channels_last: bool = False, **kw: Any):  # noqa: ANN001
+        super().__init__(trunk, embed_dim, mean, std, channels_last, **kw)
+        from lightly.loss import NTXentLoss
+        from lightly.models.modules import MoCoProjectionHead
+
+        self.head = MoCoProjectionHead(embed_dim, self.hp["hidden_dim"], self.hp["out_dim"])
+        self.backbone_m = _frozen_copy(self.backbone)
+        self.head_m = _frozen_copy(self.head)
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.criterion = NTXentLoss(temperature=self.hp["temperature"],
+                                    memory_bank_size=(int(self.hp["queue"]), int(self.hp["out_dim"])), gather_distributed=dist)
+
+    def loss(self, views: list[torch.Tensor], step: int, progress: float) -> torch.Tensor:
+        v = torch.cat(views[:2])
+        q0, q1 = self.head(self.embed(v)).chunk(2)
+        with torch.no_grad():
+            k0, k1 = self.head_m(self.embed(v, self.backbone_m)).chunk(2)
+        return 0.5 * (self.criterion(q0, k1.detach()) + self.criterion(q1, k0.detach()))
+
+    def after_step(self, progress: float) -> None:
+        m = _cosine(progress, self.hp["momentum"], 1.0)
+        _ema(self.backbone, self.backbone_m, m)
+        _ema(self.head, self.head_m, m)
+
+
+@SSL_METHODS.register("barlowtwins")
+class BarlowTwins(SSLMethod):
+    """Barlow Twins (Zbontar et al. 2021): cross-correlation of the two views' embeddings towards identity."""
+
+    hparams = {"proj_dim": 2048, "lambda_param": 5e-3}
+
+    def __init__(self, trunk: nn.Module, embed_dim: int, mean, std, channels_last: bool = False, **kw: Any):  # noqa: ANN001
+        super().__init__(trunk, embed_dim, mean, std, channels_last, **kw)
+        from lightly.loss import BarlowTwinsLoss
+        from lightly.models.modules import BarlowTwinsProjectionHead
+
+        d = int(self.hp["proj_dim"])
+        self.head = BarlowTwinsProjectionHead(embed_dim, d, d)
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.criterion = BarlowTwinsLoss(lambda_param=self.hp["lambda_param"], gather_distributed=dist)
+
+    def loss(self, views: list[torch.Tensor], step: int, progress: float) -> torch.Tensor:
+        z0 = self.head(self.embed(views[0]))  # separate passes: per-view batch statistics, as in the paper
+        z1 = self.head(self.embed(views[1]))
+        return self.criterion(z0, z1)
+
+
+def _by_size(views: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """Consecutive runs of same-sized views -> [(start, end)], so each resolution is one forward pass."""
+    runs, start = [], 0
+    for i in range(1, len(views) + 1):
+        if i == len(views) or views[i].shape[-2:] != views[start].shape[-2:]:
+            runs.append((start, i))
+            start = i
+    return runs
+
+
+@SSL_METHODS.register("swav")
+class SwAV(SSLMethod):
+    """SwAV (Caron et al. 2020): swapped prediction of Sinkhorn cluster codes, multi-crop."""
+
+    view_kind = "multicrop"
+    hparams = {"hidden_dim": 2048, "out_dim": 128, "n_prototypes": 1000, "freeze_prototypes_steps": 100,
+               "temperature": 0.1, "sinkhorn_epsilon": 0.05}
+
+    def __init__(self, trunk: nn.Module, embed_dim: int, mean, std, channels_last: bool = False, **kw: Any):  # noqa: ANN001
+        super().__init__(trunk, embed_dim, mean, std, channels_last, **kw)
+        from lightly.loss import SwaVLoss
+        from lightly.models.modules import SwaVProjectionHead, SwaVPrototypes
+
+        self.head = SwaVProjectionHead(embed_dim, self.hp["hidden_dim"], self.hp["out_dim"])
+        self.prototypes = SwaVPrototypes(self.hp["out_dim"], int(self.hp["n_prototypes"]),
+                                         n_steps_frozen_prototypes=int(self.hp["freeze_prototypes_steps"]))
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.criterion = SwaVLoss(temperature=self.hp["temperature"], sinkhorn_epsilon=self.hp["sinkhorn_epsilon"],
+                                  sinkhorn_gather_distributed=dist)
+
+    def loss(self, views: list[torch.Tensor], step: int, progress: float) -> torch.Tensor:
+        self.prototypes.normalize()
+        outs: list[torch.Tensor] = []
+        for a, b in _by_size(views):
+            z = F.normalize(self.head(self.embed(torch.cat(views[a:b]))), dim=1)
+            outs += list(self.prototypes(z, step).chunk(b - a))
+        return self.criterion(outs[:2], outs[2:]).reshape(())  # lightly returns shape [1]
+
+
+@SSL_METHODS.register("dino")
+class DINO(SSLMethod):
+    """DINO (Caron et al. 2021): student matches the EMA teacher's centred, sharpened output; multi-crop.
+
+    With ``--init`` a DINOv2 ViT this is Roth et al.'s continued pre-training (teacher and student
+    both start from the foundation model; the exported encoder is the teacher).
+    """
+
+    view_kind = "multicrop"
+    default_lr = 5e-4
+    hparams = {"hidden_dim": 2048, "bottleneck_dim": 256, "out_dim": 4096, "teacher_temp": 0.04,
+               "warmup_teacher_temp": 0.04, "warmup_teacher_temp_frac": 0.1, "student_temp": 0.1,
+               "momentum": 0.996, "freeze_last_layer_steps": 50, "batch_norm_head": False}
+
+    def __init__(self, trunk: nn.Module, embed_dim: int, mean, std, channels_last: bool = False, **kw: Any):  # noqa: ANN001
+        super().__init__(trunk, embed_dim, mean, std, channels_last, **kw)
+        from lightly.loss import DINOLoss
+        from lightly.models.modules import DINOProjectionHead
+
+        hp = self.hp
+        self.head = DINOProjectionHead(embed_dim, hp["hidden_dim"], hp["bottleneck_dim"], int(hp["out_dim"]),
+                                       batch_norm=bool(hp["batch_norm_head"]), freeze_last_layer=int(hp["freeze_last_layer_steps"]))
+        self.teacher_backbone = _frozen_copy(self.backbone)
+        self.teacher_head = DINOProjectionHead(embed_dim, hp["hidden_dim"], hp["bottleneck_dim"], int(hp["out_dim"]),
+                                               batch_norm=bool(hp["batch_norm_head"]))  # weight-norm: no deepcopy
+        self.teacher_head.load_state_dict(self.head.state_dict())
+        from lightly.models.utils import deactivate_requires_grad
+
+        deactivate_requires_grad(self.teacher_head)
+        self.criterion = DINOLoss(output_dim=int(hp["out_dim"]), warmup_teacher_temp=hp["warmup_teacher_temp"],
+                                  teacher_temp=hp["teacher_temp"], student_temp=hp["student_temp"])
+
+    def loss(self, views: list[torch.Tensor], step: int, progress: float) -> torch.Tensor:
+        hp = self.hp
+        w = hp["warmup_teacher_temp_frac"]
+        t = hp["teacher_temp"] if progress >= w or w <= 0 else (
+            hp["warmup_teacher_temp"] + (hp["teacher_temp"] - hp["warmup_teacher_temp"]) * progress / w)
+        with torch.no_grad():
+            teacher = list(self.teacher_head(self.embed(torch.cat(views[:2]), self.teacher_backbone)).chunk(2))
+        student: list[torch.Tensor] = []
+        for a, b in _by_size(views):
+            student += list(self.head(self.embed(torch.cat(views[a:b]))).chunk(b - a))
+        return self.criterion(teacher, student, teacher_temp=t)
+
+    def before_optimizer_step(self, step: int) -> None:
+        self.head.cancel_last_layer_gradients(step)
+
+    def after_step(self, progress: float) -> None:
+        m = _cosine(progress, self.hp["momentum"], 1.0)
+        _ema(self.backbone, self.teacher_backbone, m)
+        _ema(self.head, self.teacher_head, m)
+
+    def export_trunk(self) -> nn.Module:
+        return self.teacher_backbone

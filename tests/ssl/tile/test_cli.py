@@ -1,0 +1,103 @@
+"""`gigaslide pretrain` and `gigaslide embed-tiles` end to end, and their bad-input messages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gigaslide.cli.main import main
+from gigaslide.cli.ssl import parse_duration, parse_mpps
+from gigaslide.errors import GigaslideError
+from gigaslide.features import store
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("labelled")
+    rng = np.random.default_rng(0)
+    for cls, colour in (("normal", [230, 150, 200]), ("tumor", [110, 60, 150])):
+        (d / cls).mkdir()
+        for i in range(6):
+            img = np.array(colour, np.float32) + rng.normal(0, 20, (32, 32, 3))
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(d / cls / f"{i}.png")
+    return d
+
+
+def test_durations_and_mpps():
+    assert parse_duration("2h") == 7200 and parse_duration("1h30m") == 5400 and parse_duration("90") == 90
+    assert parse_duration(None) is None
+    with pytest.raises(GigaslideError, match="duration"):
+        parse_duration("two hours")
+    assert parse_mpps("0.5,1.0,2.0") == [0.5, 1.0, 2.0]
+    with pytest.raises(GigaslideError, match="mpp"):
+        parse_mpps("0.5,-1")
+
+
+def test_pretrain_then_embed_then_evaluate(labelled, tmp_path, capsys):
+    run = tmp_path / "run"
+    rc = main(["pretrain", "--data", str(labelled), "--out", str(run), "--method", "simclr", "--backbone", "test_resnet",
+               "--tile-size", "32", "--steps", "2", "--batch-size", "4", "--workers", "0",
+               "--method-args", '{"hidden_dim": 16, "out_dim": 8}'])
+    assert rc == 0, capsys.readouterr().err
+    assert (run / "encoder" / "encoder.json").is_file()
+    # --encoder may be the run folder, its checkpoint/ or its encoder/
+    for enc in (run, run / "checkpoint", run / "encoder"):
+        out = tmp_path / f"{enc.name}.h5"
+        assert main(["embed-tiles", str(labelled), "--encoder", str(enc), "--out", str(out)]) == 0
+    ff = store.load(tmp_path / "encoder.h5")
+    assert ff.features.shape == (12, 96) and sorted(set(ff.labels.tolist())) == [0, 1]
+    assert json.loads(ff.attrs["classes"]) == ["normal", "tumor"]
+    assert ff.encoder == "test_resnet_simclr" and ff.attrs["encoder_weights_sha256"].startswith("sha256:")
+    np.testing.assert_allclose(store.load(tmp_path / "run.h5").features, ff.features, atol=1e-5)
+    rc = main(["evaluate", "tiles", "--train", str(tmp_path / "encoder.h5"), "--test", str(tmp_path / "encoder.h5"),
+               "--protocol", "linear,knn", "--bootstrap", "10", "--out", str(tmp_path / "report")])
+    assert rc == 0 and (tmp_path / "report" / "report.json").is_file()
+
+
+def test_bad_inputs_give_one_line_errors(labelled, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["pretrain", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r"), "--steps", "1"]) == 2
+    assert "no images" in capsys.readouterr().err
+    assert main(["pretrain", "--data", str(labelled), "--out", str(tmp_path / "r"), "--steps", "1",
+                 "--method-args", "{oops"]) == 2
+    assert "not JSON" in capsys.readouterr().err
+    assert main(["embed-tiles", str(tmp_path / "empty"), "--encoder", "test_resnet", "--weights", "random",
+                 "--out", str(tmp_path / "f.h5")]) == 2
+    assert "no images" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    (broken / "x").mkdir(parents=True)
+    (broken / "x" / "bad.jpg").write_bytes(b"not a jpeg")
+    (broken / "y").mkdir()
+    (broken / "y" / "ok.png").write_bytes((labelled / "tumor" / "0.png").read_bytes())
+    assert main(["embed-tiles", str(broken), "--encoder", "test_resnet", "--weights", "random",
+                 "--out", str(tmp_path / "b.h5")]) == 2
+    assert "bad.jpg: unreadable image" in capsys.readouterr().err and not (tmp_path / "b.h5").exists()
+    # a half-started run (checkpoint folder, no export yet) is named as such
+    (tmp_path / "run" / "checkpoint").mkdir(parents=True)
+    assert main(["embed-tiles", str(labelled), "--encoder", str(tmp_path / "run"), "--out", str(tmp_path / "g.h5")]) == 2
+    assert "no exported encoder" in capsys.readouterr().err
+
+
+def test_one_class_folder_embeds_but_cannot_be_evaluated(labelled, tmp_path, capsys):
+    one = tmp_path / "one"
+    (one / "tumor").mkdir(parents=True)
+    for f in (labelled / "tumor").iterdir():
+        (one / "tumor" / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "one.h5"
+    assert main(["embed-tiles", str(one), "--encoder", "test_resnet", "--weights", "random", "--out", str(out)]) == 0
+    assert main(["evaluate", "tiles", "--train", str(out), "--test", str(out), "--out", str(tmp_path / "rep")]) == 2
+    assert "single class" in capsys.readouterr().err
+
+
+def test_flat_folder_embeds_without_labels(labelled, tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in (labelled / "normal").iterdir():
+        (flat / f.name).write_bytes(f.read_bytes())
+    assert main(["embed-tiles", str(flat), "--encoder", "test_resnet", "--weights", "random", "--out", str(tmp_path / "f.h5")]) == 0
+    ff = store.load(tmp_path / "f.h5")
+    assert ff.labels is None and len(ff) == 6

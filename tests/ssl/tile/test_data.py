@@ -1,0 +1,90 @@
+"""Unlabelled tile sources: image folders, random tissue tiles from slides, deterministic batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gigaslide.errors import GigaslideError
+from gigaslide.ssl.tile.augment import MultiView, view_recipes
+from gigaslide.ssl.tile.data import (ImageFolderSource, SlideSource, StepSampler, ViewDataset, build_source, collate_views,
+                                     list_images)
+
+
+def _folder(root: Path, n: int = 6, size: int = 40) -> Path:
+    rng = np.random.default_rng(0)
+    (root / "sub").mkdir(parents=True)
+    for i in range(n):
+        arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(root / ("sub" if i % 2 else "") / f"t{i}.png")
+    return root
+
+
+def test_empty_and_missing_folders_are_clear(tmp_path):
+    with pytest.raises(GigaslideError, match="not found"):
+        list_images(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(GigaslideError, match="no images"):
+        build_source(tmp_path / "empty", [0.5], 32)
+
+
+def test_image_folder_recursive_and_skips_unreadable(tmp_path):
+    d = _folder(tmp_path / "tiles")
+    (d / "zz_broken.jpg").write_bytes(b"not a jpeg")
+    src = ImageFolderSource(d)
+    assert len(src) == 7
+    g = torch.Generator().manual_seed(0)
+    broken = [i for i, f in enumerate(src.files) if f.name == "zz_broken.jpg"][0]
+    img = src.load(broken, g)  # falls through to the next readable file
+    assert img.shape == (40, 40, 3) and img.dtype == np.uint8
+
+
+def test_all_unreadable_folder_fails_fast(tmp_path):
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "a.jpg").write_bytes(b"garbage")
+    with pytest.raises(GigaslideError, match="cannot read image"):
+        ImageFolderSource(d)
+
+
+def test_slide_source_multi_magnification(tmp_path, synthetic_slide):
+    src = build_source(synthetic_slide, [0.5, 1.0], 64, min_tissue=0.5)
+    assert isinstance(src, SlideSource)
+    mpps = set(src.entries[:, 1].tolist())
+    assert mpps == {0, 1}
+    g = torch.Generator().manual_seed(0)
+    tiles = [src.load(i, g) for i in range(0, len(src), max(1, len(src) // 8))]
+    assert all(t.shape == (64, 64, 3) for t in tiles)
+    # tissue, not glass (synthetic glass is 245 grey)
+    assert np.mean([t.mean() < 235 for t in tiles]) > 0.7
+    # a folder holding that slide is read as slides too
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    (folder / synthetic_slide.name).symlink_to(synthetic_slide)
+    assert isinstance(build_source(folder, [1.0], 64), SlideSource)
+
+
+def test_step_sampler_is_deterministic_and_covers_epoch():
+    s = StepSampler(10, 4, seed=1)
+    a = [s.batch(k) for k in range(5)]
+    b = [StepSampler(10, 4, seed=1, start_step=k).batch(k) for k in range(5)]
+    assert a == b
+    first_epoch = [i for batch in a for i, _ in batch][:10]
+    assert sorted(first_epoch) == list(range(10))
+    ranks = [StepSampler(10, 2, seed=1, rank=r, world_size=2).batch(0) for r in range(2)]
+    assert ranks[0] + ranks[1] == StepSampler(10, 4, seed=1).batch(0)
+
+
+def test_view_dataset_same_key_same_views(tmp_path):
+    src = ImageFolderSource(_folder(tmp_path / "tiles"))
+    ds = ViewDataset(src, MultiView(view_recipes("two", "pathology", 32)), 32)
+    v1, v2 = ds[(0, 123)], ds[(0, 123)]
+    assert all(torch.equal(a, b) for a, b in zip(v1, v2))
+    assert not torch.equal(ds[(0, 124)][0], v1[0])
+    batch = collate_views([ds[(i, i)] for i in range(3)])
+    assert [tuple(b.shape) for b in batch] == [(3, 3, 32, 32)] * 2

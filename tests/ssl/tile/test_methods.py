@@ -1,0 +1,76 @@
+"""SSL methods from lightly parts: finite losses, gradients, momentum/EMA, registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gigaslide.encoders import ENCODERS, create_trunk
+from gigaslide.errors import GigaslideError
+from gigaslide.ssl.tile.methods import SSL_METHODS
+
+SMALL = {
+    "simclr": {"hidden_dim": 32, "out_dim": 16},
+    "mocov2": {"hidden_dim": 32, "out_dim": 16, "queue": 32},
+    "barlowtwins": {"proj_dim": 32},
+    "swav": {"hidden_dim": 32, "out_dim": 16, "n_prototypes": 8, "freeze_prototypes_steps": 0},
+    "dino": {"hidden_dim": 32, "bottleneck_dim": 16, "out_dim": 64, "freeze_last_layer_steps": 0},
+}
+
+
+def _method(name: str):  # noqa: ANN202
+    torch.manual_seed(0)
+    trunk = create_trunk(ENCODERS.get("test_resnet"))
+    return SSL_METHODS.get(name)(trunk, trunk.num_features, (0.5,) * 3, (0.25,) * 3, **SMALL[name])
+
+
+def _views(kind: str, b: int = 4) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    glob = [torch.rand(b, 3, 32, 32, generator=g) for _ in range(2)]
+    return glob + ([torch.rand(b, 3, 16, 16, generator=g) for _ in range(2)] if kind == "multicrop" else [])
+
+
+def test_registry_has_the_five_methods():
+    assert SSL_METHODS.names() == ["barlowtwins", "dino", "mocov2", "simclr", "swav"]
+    with pytest.raises(GigaslideError, match="unknown ssl_method"):
+        SSL_METHODS.get("byol")
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_loss_finite_and_gradients_reach_the_trunk(name):
+    m = _method(name)
+    loss = m.loss(_views(m.view_kind), step=0, progress=0.0)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in m.backbone.parameters() if p.grad is not None]
+    assert grads and sum(float(g.abs().sum()) for g in grads) > 0
+
+
+@pytest.mark.parametrize("name", ["mocov2", "dino"])
+def test_momentum_encoder_moves_towards_student(name):
+    m = _method(name)
+    teacher = m.backbone_m if name == "mocov2" else m.teacher_backbone
+    assert all(not p.requires_grad for p in teacher.parameters())
+    with torch.no_grad():
+        for p in m.backbone.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in teacher.parameters()]
+    m.after_step(progress=0.0)
+    after = list(teacher.parameters())
+    moved = [float((a - b).abs().mean()) for a, b in zip(after, before)]
+    assert all(0 < d < 0.05 for d in moved)  # EMA: a small step towards the student
+    if name == "dino":
+        assert m.export_trunk() is m.teacher_backbone
+
+
+def test_unknown_method_args_are_refused():
+    trunk = create_trunk(ENCODERS.get("test_resnet"))
+    with pytest.raises(GigaslideError, match="unknown option"):
+        SSL_METHODS.get("simclr")(trunk, 96, (0.5,) * 3, (0.25,) * 3, temprature=0.1)
+
+
+def test_head_parameters_exclude_trunk_and_frozen_copies():
+    m = _method("dino")
+    heads = {id(p) for p in m.head_parameters()}
+    assert heads and not heads & {id(p) for p in m.backbone.parameters()}
+    assert not heads & {id(p) for p in m.teacher_head.parameters()}
