@@ -251,7 +251,7 @@ def main() -> None:
 
     cache_bytes = float(np.mean([f.stat().st_size for f in (work / "cache" / "features").glob("*.h5")]))
     tile_bytes = float(np.mean([files[i].features.astype(np.float16).nbytes for i in ids]))
-    md = [f"# Slide-level SSL: Giga-SSL and SLPD vs ABMIL / mean pooling (mosaic benchmark)\n",
+    md = ["# Slide-level SSL: Giga-SSL and SLPD vs ABMIL / mean pooling (mosaic benchmark)\n",
           f"{len(ids)} mosaic slides ({int(y.sum())} tumour, {int((1 - y).sum())} normal) built from PCam **train** tiles "
           f"(grid {args.grid}x{args.grid}, 96 px tiles at 0.97 µm/px, tumour fraction 2-20 % of tissue tiles in positives); "
           f"{n_tiles.mean():.0f} tissue tiles per slide on average (min {n_tiles.min()}, max {n_tiles.max()}).",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
@@ -28,10 +27,3 @@ def narrow_resnet(name: str, seed: int = 0, width: int = 4) -> torch.nn.Module:
             mod.bias.data.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
     return m.eval()
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -75,7 +75,7 @@ class Encoder(nn.Module):
         return self.trunk(self.preprocess(x))
 
 
-def _load_into(trunk: nn.Module, sd: dict[str, torch.Tensor], source: str, spec: EncoderSpec) -> None:
+def load_weights_into(trunk: nn.Module, sd: dict[str, torch.Tensor], source: str, spec: EncoderSpec) -> None:
     own = trunk.state_dict()
     sd = strip_prefixes(sd, set(own))
     # drop classifier / projection heads the trunk does not have
@@ -137,7 +137,7 @@ def build_encoder(name: str, weights: str | None = "default", *, seed: int = 0) 
             path = resolve_hub_weights(spec.hub)
         else:
             path = Path(weights)
-        _load_into(trunk, read_state_dict(path), str(path), spec)
+        load_weights_into(trunk, read_state_dict(path), str(path), spec)
         weights_id = "sha256:" + file_sha256(path)
     enc = Encoder(spec, trunk, weights_id).eval()
     return enc

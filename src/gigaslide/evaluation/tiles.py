@@ -31,7 +31,7 @@ import numpy as np
 from gigaslide import atomic
 from gigaslide.artifacts import provenance
 from gigaslide.errors import GigaslideError
-from gigaslide.evaluation.metrics import METRICS, as_probs, bootstrap_indices, fmt_ci, summarize
+from gigaslide.evaluation.metrics import METRICS, bootstrap_indices, fmt_ci, summarize
 
 PROTOCOLS = ("linear", "knn", "fewshot")
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from gigaslide import atomic
-from gigaslide.errors import GigaslideError
 
 GLASS = 245  # padding value (white glass, as background)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

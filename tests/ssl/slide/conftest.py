@@ -3,19 +3,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from gigaslide.features import store
 
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one thread is fastest; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def write_fake_cache(folder: Path, n_slides: int = 6, views: int = 4, tiles: int = 6, dim: int = 8, n_tiles: int = 20,

@@ -3,7 +3,7 @@
 ``--init`` accepts a registry name (hub weights from the local cache, e.g. ``vit_small_dinov2``),
 an export folder (``RUN_DIR/encoder``), a run folder or its ``checkpoint/``, or a weights file.
 The source must have the same architecture as ``--backbone``; ViT positional embeddings are
-resampled to the run's tile size on load (``gigaslide.encoders.model._load_into``).
+resampled to the run's tile size on load (``gigaslide.encoders.model.load_weights_into``).
 """
 
 from __future__ import annotations
@@ -101,11 +101,11 @@ def resolve_init(init: str, spec: EncoderSpec, backbone: str) -> tuple[dict[str,
 
 def load_init(trunk: nn.Module, spec: EncoderSpec, init: str, backbone: str) -> str:
     """Load ``--init`` weights into ``trunk`` in place; returns where they came from."""
-    from gigaslide.encoders.model import _load_into
+    from gigaslide.encoders.model import load_weights_into
 
     sd, source = resolve_init(init, spec, backbone)
     try:
-        _load_into(trunk, sd, source, spec)
+        load_weights_into(trunk, sd, source, spec)
     except GigaslideError as e:
         raise GigaslideError(e.what, path=e.path,
                              fix=f"these weights are not a {spec.arch}: pick the --backbone they were trained with") from None
