@@ -91,6 +91,11 @@ class EncodeResult:
     bf16_cosine: float | None = None
 
 
+def _reader_init(worker_id: int) -> None:
+    """Readers decode JPEG tiles; they need no torch threads of their own."""
+    torch.set_num_threads(1)
+
+
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -195,7 +200,7 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
     ds = TileBatches(jobs, batch_size)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
                                          prefetch_factor=4 if workers > 0 else None, pin_memory=dev.type == "cuda",
-                                         persistent_workers=False)
+                                         persistent_workers=False, worker_init_fn=_reader_init if workers > 0 else None)
     bufs: dict[int, list[np.ndarray]] = {}
     t_slide: dict[int, float] = {}
     failed_jobs: set[int] = set()
