@@ -46,6 +46,7 @@ def test_cli_train_resume_and_heatmap(slides, tmp_path) -> None:  # noqa: ANN001
     assert 0.0 <= ev["metrics"]["auc"]["value"] <= 1.0 and ev["n_slides"] == 6
     state = json.loads((run / "fold0" / "state.json").read_text())
     assert [h["trunk_frozen"] for h in state["history"]] == [True, False]
+    assert state["best_epoch"] == 1  # selection starts when the trunk unfreezes: the kept model is end-to-end trained
     assert (run / "fold0" / "best.safetensors").is_file()
     before = (run / "fold1" / "predictions.csv").stat().st_mtime_ns
     assert main(args) == 0  # finished folds are skipped on a re-run

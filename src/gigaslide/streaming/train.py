@@ -3,7 +3,8 @@
 Per fold (stratified, patient-grouped, from :mod:`gigaslide.evaluation.splits`): a validation split
 inside the training slides picks the checkpoint (early stopping on validation loss); the trunk is
 frozen for ``freeze_epochs`` epochs (head only, no trunk backward) and then trained at a lower
-learning rate; one slide per step with gradient accumulation; AMP on CUDA (bf16, else fp16 with a
+learning rate; checkpoint selection and patience start when the trunk unfreezes, so the kept model is
+trained end to end; one slide per step with gradient accumulation; AMP on CUDA (bf16, else fp16 with a
 grad scaler), optional bf16 autocast on CPU. Checkpoints are safetensors written atomically; an
 interrupted run resumes from the last finished epoch, finished folds are skipped. Test predictions
 are written per fold as ``fold<k>/predictions.csv`` and pooled/evaluated by :mod:`gigaslide.evaluation.slides`.
@@ -154,11 +155,14 @@ def train_fold(fold_dir: Path, model: StreamingMIL, train: list[tuple[Canvas, in
                 scaler.update()
                 opt.zero_grad(set_to_none=True)
         val_loss, _ = evaluate(model, [c for c, _ in val], [y for _, y in val], cfg, device, dtype) if val else (float(np.mean(losses)), None)
-        improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"]
+        # the frozen epochs warm the head up: checkpoint selection and patience start once the trunk trains,
+        # so the model kept is trained end to end (unless the trunk never unfreezes)
+        selecting = not frozen or cfg.freeze_epochs >= cfg.epochs
+        improved = selecting and (state["best_val_loss"] is None or val_loss < state["best_val_loss"])
         if improved:
             state.update(best_val_loss=val_loss, best_epoch=epoch, bad_epochs=0)
             _save(model, fold_dir / "best.safetensors")
-        else:
+        elif selecting:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
         state["history"].append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss, "trunk_frozen": frozen})
