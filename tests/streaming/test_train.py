@@ -51,6 +51,7 @@ def test_cli_train_resume_and_heatmap(slides, tmp_path) -> None:  # noqa: ANN001
     before = (run / "fold1" / "predictions.csv").stat().st_mtime_ns
     assert main(args) == 0  # finished folds are skipped on a re-run
     assert (run / "fold1" / "predictions.csv").stat().st_mtime_ns == before
+    assert main([*args[:-2], "--seed", "1"]) == 2  # other settings in the same run folder: refused, nothing mixed
     png = tmp_path / "att.png"
     assert main(["heatmap-streaming", str(slides / "s1.tif"), "--run", str(run), "--out", str(png)]) == 0
     assert png.stat().st_size > 1000

@@ -174,6 +174,23 @@ def train_fold(fold_dir: Path, model: StreamingMIL, train: list[tuple[Canvas, in
     return state
 
 
+def _check_same_config(path: Path, cfg: TrainConfig) -> None:
+    """A run folder resumes only the run it holds: other settings would mix folds trained differently."""
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text()).get("config", {})
+    except (OSError, ValueError):
+        return
+    new = asdict(cfg)
+    diff = [k for k in new if k != "device" and k in old and old[k] != new[k]]
+    if diff:
+        k = diff[0]
+        raise GigaslideError(f"run folder holds a run with other settings ({k}: {old[k]!r} -> {new[k]!r}"
+                             f"{f' and {len(diff) - 1} more' if len(diff) > 1 else ''})", path=path.parent,
+                             fix="use a new --out for new settings, or the same options to resume this run")
+
+
 def run_training(slides: str, labels: str, out: str, cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
     """Cross-validated StreamingCLAM training; returns the pooled evaluation (AUC, balanced accuracy with CIs)."""
     from gigaslide.evaluation.slides import evaluate_predictions, write_predictions
@@ -196,6 +213,7 @@ def run_training(slides: str, labels: str, out: str, cfg: TrainConfig, log: Any 
     y = table.labels.astype(int)
     folds = make_folds(y, table.patient_ids if table.has_patients else None, cfg.folds, cfg.seed, where=labels)
     atomic.write_json(out_dir / "splits.json", splits_record(table, folds))
+    _check_same_config(out_dir / "config.json", cfg)
     atomic.write_json(out_dir / "config.json", {**provenance(kind="streaming_run", mpp=cfg.mpp, tile_size=cfg.tile_size,
                                                             encoder=cfg.encoder, seed=cfg.seed), "config": asdict(cfg)})
     pred_files = []
