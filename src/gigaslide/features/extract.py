@@ -8,7 +8,6 @@ goes on; finished slides are skipped on a re-run; every file is written atomical
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from gigaslide import atomic
+from gigaslide.devices import autocast_ctx, pick_device
 from gigaslide.encoders import Encoder
 from gigaslide.errors import GigaslideError
 from gigaslide.features import store
@@ -94,19 +94,6 @@ class EncodeResult:
 def _reader_init(worker_id: int) -> None:
     """Readers decode JPEG tiles; they need no torch threads of their own."""
     torch.set_num_threads(1)
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def autocast_ctx(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def choose_precision(encoder: Encoder, sample: torch.Tensor, device: torch.device, precision: str) -> tuple[str, float | None]:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from gigaslide import atomic
 from gigaslide.artifacts import provenance
+from gigaslide.devices import pick_device
 from gigaslide.errors import GigaslideError
 from gigaslide.evaluation.metrics import auc as auc_metric
 from gigaslide.mil.models import build_model
@@ -86,12 +87,6 @@ def _build(cfg: TrainConfig, in_dim: int, n_classes: int, stats: tuple[torch.Ten
     return model
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _autocast(device: torch.device, bf16: bool):  # noqa: ANN202
     if device.type == "cuda" or bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -144,7 +139,7 @@ def _val_scores(model: torch.nn.Module, bags: list[torch.Tensor], y: np.ndarray,
 def train_fold(bags_tr: list[torch.Tensor], y_tr: np.ndarray, bags_va: list[torch.Tensor], y_va: np.ndarray,
                in_dim: int, n_classes: int, cfg: TrainConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train ``cfg.model``; returns the best model (on CPU) and its training history."""
-    with cpu_threads(resolve_device(cfg.device)):
+    with cpu_threads(pick_device(cfg.device)):
         return _train_fold(bags_tr, y_tr, bags_va, y_va, in_dim, n_classes, cfg)
 
 
@@ -152,7 +147,7 @@ def _train_fold(bags_tr: list[torch.Tensor], y_tr: np.ndarray, bags_va: list[tor
                 in_dim: int, n_classes: int, cfg: TrainConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = pick_device(cfg.device)
     model = _build(cfg, in_dim, n_classes, feature_stats(bags_tr) if cfg.standardize else None)
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

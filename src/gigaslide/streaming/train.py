@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from gigaslide import atomic
 from gigaslide.artifacts import provenance
+from gigaslide.devices import pick_device
 from gigaslide.errors import GigaslideError
 from gigaslide.streaming.data import Augment, Canvas, Normalize, cached_canvas
 from gigaslide.streaming.head import StreamingMIL, build_trunk
@@ -52,12 +53,6 @@ class TrainConfig:
     device: str = "auto"
     slide_mpp: float | None = None
     checkpoint_blocks: bool = True  # recompute block activations in backward: lower memory per tile
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
