@@ -111,7 +111,7 @@ def main() -> None:
     from gigaslide.encoders import build_encoder
     from gigaslide.evaluation.tiles import evaluate_tile_features
     from gigaslide.features.extract import encode_slides
-    from gigaslide.mil.benchmark import encode_tile_folder
+    from gigaslide.features.tiles import embed_tile_folder
     from gigaslide.mil.cv import run_cv
     from gigaslide.mil.heatmap import run_localisation
     from gigaslide.mil.mosaic import MosaicConfig, build_mosaic
@@ -125,8 +125,8 @@ def main() -> None:
     # tile level
     t0 = time.perf_counter()
     pcam = data / "tiles" / "pcam"
-    tr = encode_tile_folder(enc, pcam / "train", work / "tiles" / f"train_{a.tile_cap}.h5", max_per_class=a.tile_cap)
-    te = encode_tile_folder(enc, pcam / "valid", work / "tiles" / f"valid_{a.tile_cap}.h5", max_per_class=a.tile_cap)
+    tr = embed_tile_folder(enc, pcam / "train", work / "tiles" / f"train_{a.tile_cap}.h5", max_per_class=a.tile_cap)["out"]
+    te = embed_tile_folder(enc, pcam / "valid", work / "tiles" / f"valid_{a.tile_cap}.h5", max_per_class=a.tile_cap)["out"]
     tile_rep = evaluate_tile_features(tr, te, ["linear", "knn"], n_bootstrap=a.bootstrap, out=work / "tile_report")
     timings["tile encode + probes"] = time.perf_counter() - t0
     print("tile level:", {p: round(tile_rep["protocols"][p]["auc"]["value"], 3) for p in ("linear", "knn")})

@@ -24,56 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from gigaslide import atomic
 from gigaslide.artifacts import provenance
 from gigaslide.errors import GigaslideError
 from gigaslide.evaluation.metrics import fmt_ci
 
-IMAGE_EXT = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
-
-
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).name if os.sep in name else name)
-
-
-def encode_tile_folder(encoder: Any, folder: str | os.PathLike, out_h5: str | os.PathLike, *, batch_size: int = 128,
-                       max_per_class: int | None = None, seed: int = 0) -> Path:
-    """Encode a labelled tile folder (one sub-folder per class) into a feature file with ``labels``."""
-    from PIL import Image
-
-    from gigaslide.features import store
-
-    out_h5 = Path(out_h5)
-    if out_h5.is_file():
-        ff = store.load(out_h5)
-        if ff.encoder == encoder.spec.name and ff.attrs.get("encoder_weights_sha256") == encoder.weights_id:
-            return out_h5
-    d = Path(folder)
-    classes = sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
-    if len(classes) < 2:
-        raise GigaslideError("need a tile folder with one sub-folder per class (at least two)", path=d,
-                             fix="e.g. tiles/pcam/train with 0/ and 1/")
-    rng = np.random.default_rng(seed)
-    files, labels = [], []
-    for c, name in enumerate(classes):
-        fs = sorted(p for p in (d / name).iterdir() if p.suffix.lower() in IMAGE_EXT)
-        if max_per_class and len(fs) > max_per_class:
-            fs = [fs[i] for i in np.sort(rng.choice(len(fs), max_per_class, replace=False))]
-        files += fs
-        labels += [c] * len(fs)
-    dev = next(encoder.parameters()).device
-    feats = []
-    with torch.inference_mode():
-        for s in range(0, len(files), batch_size):
-            batch = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files[s:s + batch_size]])
-            ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
-            with ctx:
-                feats.append(encoder(torch.from_numpy(batch).to(dev)).float().cpu().numpy())
-    return store.save(out_h5, np.concatenate(feats), labels=np.asarray(labels),
-                      attrs={"encoder": encoder.spec.name, "encoder_weights_sha256": encoder.weights_id,
-                             "tile_folder": str(d), "classes": ",".join(classes), "slide_id": d.name})
 
 
 def _test_folder(tiles: Path) -> Path:
@@ -96,9 +54,12 @@ def benchmark_encoder(name: str, out: Path, *, tiles: Path | None, slides: Path 
         from gigaslide.evaluation.tiles import evaluate_tile_features
 
         t0 = time.perf_counter()
-        tr = encode_tile_folder(enc, tiles / "train", d / "tiles" / "train.h5", max_per_class=max_tiles_per_class, seed=seed)
-        te = encode_tile_folder(enc, _test_folder(tiles), d / "tiles" / "test.h5", max_per_class=max_tiles_per_class,
-                                seed=seed)
+        from gigaslide.features.tiles import embed_tile_folder
+
+        tr = embed_tile_folder(enc, tiles / "train", d / "tiles" / "train.h5", max_per_class=max_tiles_per_class, seed=seed,
+                               source=name)["out"]
+        te = embed_tile_folder(enc, _test_folder(tiles), d / "tiles" / "test.h5", max_per_class=max_tiles_per_class,
+                               seed=seed, source=name)["out"]
         row["tile_encode_seconds"] = round(time.perf_counter() - t0, 1)
         rep = evaluate_tile_features(tr, te, ["linear", "knn"], n_bootstrap=n_bootstrap, seed=seed, out=d / "tile_report")
         row["tile"] = {p: rep["protocols"][p] for p in ("linear", "knn")}
@@ -125,15 +86,18 @@ def benchmark_encoder(name: str, out: Path, *, tiles: Path | None, slides: Path 
     return row
 
 
+def _cell(d: dict | None) -> str:
+    return fmt_ci(d) if d else "-"
+
+
 def leaderboard_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| encoder | D | tile linear AUC | tile linear bal-acc | tile 20-NN AUC | slide ABMIL AUC | slide bal-acc | "
              "attention loc. AUC |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t, s = r.get("tile", {}), r.get("slide", {})
-        cell = (lambda d: fmt_ci(d) if d else "-")
-        lines.append(f"| {r['encoder']} | {r['dim']} | {cell(t.get('linear', {}).get('auc'))} | "
-                     f"{cell(t.get('linear', {}).get('balanced_accuracy'))} | {cell(t.get('knn', {}).get('auc'))} | "
-                     f"{cell(s.get('auc'))} | {cell(s.get('balanced_accuracy'))} | {cell(r.get('localisation'))} |")
+        lines.append(f"| {r['encoder']} | {r['dim']} | {_cell(t.get('linear', {}).get('auc'))} | "
+                     f"{_cell(t.get('linear', {}).get('balanced_accuracy'))} | {_cell(t.get('knn', {}).get('auc'))} | "
+                     f"{_cell(s.get('auc'))} | {_cell(s.get('balanced_accuracy'))} | {_cell(r.get('localisation'))} |")
     return "\n".join(lines) + "\n"
 
 

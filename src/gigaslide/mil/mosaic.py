@@ -33,8 +33,8 @@ import numpy as np
 from gigaslide import atomic
 from gigaslide.artifacts import provenance
 from gigaslide.errors import GigaslideError
+from gigaslide.tiling.folders import IMAGE_EXTENSIONS
 
-IMAGE_EXT = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 
 
 @dataclass
@@ -71,7 +71,7 @@ def list_tiles(tiles: str | os.PathLike, cls: str) -> list[Path]:
     if not d.is_dir():
         raise GigaslideError(f"no class folder '{cls}/'", path=tiles,
                              fix="pass a tile folder with sub-folders 0/ (normal) and 1/ (tumour), e.g. tiles/pcam/train")
-    files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXT)
+    files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise GigaslideError("class folder has no image tiles", path=d, fix="check the path")
     return files

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from gigaslide import atomic
 from gigaslide.artifacts import provenance
-from gigaslide.devices import pick_device
+from gigaslide.devices import autocast_ctx, pick_device
 from gigaslide.errors import GigaslideError
 from gigaslide.evaluation.metrics import auc as auc_metric
 from gigaslide.mil.models import build_model
@@ -87,12 +87,6 @@ def _build(cfg: TrainConfig, in_dim: int, n_classes: int, stats: tuple[torch.Ten
     return model
 
 
-def _autocast(device: torch.device, bf16: bool):  # noqa: ANN202
-    if device.type == "cuda" or bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @contextlib.contextmanager
 def cpu_threads(device: torch.device, n: int = 1):  # noqa: ANN201
     """MIL steps are tiny: on CPU one thread is fastest (several threads on a shared CPU are 10-100x slower)."""
@@ -122,7 +116,7 @@ def predict(model: torch.nn.Module, bags: list[torch.Tensor], device: torch.devi
     probs, scores = [], []
     with cpu_threads(device):
         for b in bags:
-            with _autocast(device, bf16):
+            with autocast_ctx(device, "bf16" if bf16 else "auto"):
                 out = model(b.to(device))
             probs.append(torch.softmax(out["logits"].float(), -1).cpu().numpy())
             scores.append(out["instance_scores"].float().cpu().numpy())
@@ -163,7 +157,7 @@ def _train_fold(bags_tr: list[torch.Tensor], y_tr: np.ndarray, bags_va: list[tor
             if cfg.max_tiles and len(bag) > cfg.max_tiles:
                 bag = bag[torch.from_numpy(rng.choice(len(bag), cfg.max_tiles, replace=False))]
             label = int(y_tr[i])
-            with _autocast(device, cfg.bf16):
+            with autocast_ctx(device, "bf16" if cfg.bf16 else "auto"):
                 out = model(bag.to(device), label=label)
             loss = F.cross_entropy(out["logits"].float()[None], torch.tensor([label], device=device), weight=w)
             if "instance_loss" in out:

@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
+from gigaslide.devices import autocast_dtype, pick_device
 from gigaslide.errors import GigaslideError
 from gigaslide.streaming.data import Normalize, read_canvas
-from gigaslide.streaming.train import TrainConfig, _load, autocast_dtype, build_model, pick_device
+from gigaslide.streaming.train import TrainConfig, _load, build_model
 
 
 def load_run_model(run: str | os.PathLike, fold: int = 0, device: str = "auto") -> tuple[Any, TrainConfig, int]:
@@ -49,7 +50,7 @@ def streaming_heatmap(slide: str | os.PathLike, run: str | os.PathLike, out: str
     dev = pick_device(device)
     canvas = read_canvas(slide, cfg.mpp, cfg.image_size, model.stream.stride, slide_mpp=cfg.slide_mpp)
     model.stream.transform = Normalize()
-    dtype = autocast_dtype(cfg, dev)
+    dtype = autocast_dtype(dev, cfg.precision)
     with torch.no_grad(), torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         res = model(canvas.tensor()[None])
     probs = torch.softmax(res["logits"].float().reshape(-1), 0).cpu().numpy()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from gigaslide import atomic
 from gigaslide.artifacts import provenance
-from gigaslide.devices import pick_device
+from gigaslide.devices import autocast_dtype, pick_device
 from gigaslide.errors import GigaslideError
 from gigaslide.streaming.data import Augment, Canvas, Normalize, cached_canvas
 from gigaslide.streaming.head import StreamingMIL, build_trunk
@@ -53,15 +53,6 @@ class TrainConfig:
     device: str = "auto"
     slide_mpp: float | None = None
     checkpoint_blocks: bool = True  # recompute block activations in backward: lower memory per tile
-
-
-def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    p = cfg.precision
-    if p == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
 
 
 def build_model(cfg: TrainConfig, n_classes: int, device: torch.device) -> StreamingMIL:
@@ -118,7 +109,7 @@ def _load(model: torch.nn.Module, path: Path) -> None:
 def train_fold(fold_dir: Path, model: StreamingMIL, train: list[tuple[Canvas, int]], val: list[tuple[Canvas, int]],
                cfg: TrainConfig, device: torch.device, log: Any = print, fold: int = 0) -> dict[str, Any]:
     """Train one fold with early stopping on ``val``; resumes from ``fold_dir/state.json``. Returns the state."""
-    dtype = autocast_dtype(cfg, device)
+    dtype = autocast_dtype(device, cfg.precision)
     opt = torch.optim.AdamW([{"params": model.head_parameters(), "lr": cfg.lr},
                              {"params": model.trunk_parameters(), "lr": cfg.trunk_lr}], weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16 and device.type == "cuda")
@@ -226,7 +217,7 @@ def run_training(slides: str, labels: str, out: str, cfg: TrainConfig, log: Any 
         train_fold(fold_dir, model, [(canvases[i], int(y[i])) for i in tr_i], [(canvases[i], int(y[i])) for i in va_i],
                    cfg, device, log, fold=k)
         _load(model, fold_dir / "best.safetensors")
-        _, probs = evaluate(model, [canvases[i] for i in te], [int(y[i]) for i in te], cfg, device, autocast_dtype(cfg, device))
+        _, probs = evaluate(model, [canvases[i] for i in te], [int(y[i]) for i in te], cfg, device, autocast_dtype(device, cfg.precision))
         write_predictions(pred_path, [table.slide_ids[i] for i in te], y[te], probs, k)
     import csv
 

@@ -51,13 +51,13 @@ def test_prototype_distill_loss_known_values():
     # one-hot-like teacher on class 2, student logits l: loss = -log_softmax(l / 0.1)[2]
     t = torch.full((1, k), -1e4)
     t[0, 2] = 0
-    l = torch.tensor([[0.0, 0.1, 0.2, 0.0, 0.0]])
-    expect = -torch.log_softmax(l / 0.1, -1)[0, 2].item()
-    assert prototype_distill_loss(l, t).item() == pytest.approx(expect, rel=1e-6)
+    logits = torch.tensor([[0.0, 0.1, 0.2, 0.0, 0.0]])
+    expect = -torch.log_softmax(logits / 0.1, -1)[0, 2].item()
+    assert prototype_distill_loss(logits, t).item() == pytest.approx(expect, rel=1e-6)
     assert prototype_distill_loss(torch.zeros(0, k), torch.zeros(0, k)).item() == 0.0
-    # centring by the teacher's own logits makes the target uniform: loss = mean_k -log_softmax(l / 0.1)_k
-    expect = -torch.log_softmax(l / 0.1, -1).mean().item()
-    assert prototype_distill_loss(l, t, center=t).item() == pytest.approx(expect, rel=1e-6)
+    # centring by the teacher's own logits makes the target uniform: loss = mean_k -log_softmax(logits / 0.1)_k
+    expect = -torch.log_softmax(logits / 0.1, -1).mean().item()
+    assert prototype_distill_loss(logits, t, center=t).item() == pytest.approx(expect, rel=1e-6)
 
 
 def test_dino_loss_known_value():

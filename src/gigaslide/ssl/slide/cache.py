@@ -88,7 +88,7 @@ class SharedAugment:
 
 
 def _encode(encoder: Encoder, batches: Sequence[torch.Tensor], device: torch.device, precision: str) -> np.ndarray:
-    from gigaslide.features.extract import autocast_ctx
+    from gigaslide.devices import autocast_ctx
 
     outs = []
     with torch.inference_mode(), autocast_ctx(device, precision):

@@ -12,7 +12,6 @@ of ``tiles_per_view`` plain (non-augmented) tiles — the paper's "ensembling".
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from typing import Any
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gigaslide.devices import autocast_ctx
 from gigaslide.errors import GigaslideError
 from gigaslide.ssl.slide import run as runs
 from gigaslide.ssl.slide.encoders import build_slide_encoder
@@ -39,12 +39,6 @@ class GigaSSLModel(nn.Module):
 
     def forward(self, feats: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(feats, pos))
-
-
-def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 def pretrain_gigassl(cache: str | os.PathLike, out: str | os.PathLike, *, encoder: str = "sparseconvmil",
@@ -108,7 +102,7 @@ def pretrain_gigassl(cache: str | os.PathLike, out: str | os.PathLike, *, encode
             f1 = torch.stack([vc.views[i][p[1]] for i, p in zip(batch, pairs)]).to(dev, torch.float32)
             p0 = torch.stack([vc.pos[i][p[0]] for i, p in zip(batch, pairs)]).to(dev)
             p1 = torch.stack([vc.pos[i][p[1]] for i, p in zip(batch, pairs)]).to(dev)
-            with _autocast(dev, bf16):
+            with autocast_ctx(dev, "bf16" if bf16 and dev.type != "cuda" else "auto"):
                 z = model(torch.cat([f0, f1]), torch.cat([p0, p1])).float()
             loss = loss_fn(z[: len(batch)], z[len(batch):])
             if not torch.isfinite(loss):

@@ -16,37 +16,9 @@ import numpy as np
 import torch
 
 from gigaslide.errors import GigaslideError
+from gigaslide.tiling.folders import IMAGE_EXTENSIONS, list_images, read_image  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
-
-
-def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
-    """Image files under ``folder`` (sorted); a clear error when it is missing or holds none."""
-    d = Path(folder)
-    if not d.exists():
-        raise GigaslideError("image folder not found", path=d, fix="check the --data path")
-    if not d.is_dir():
-        raise GigaslideError("not a folder", path=d, fix="pass a folder of tiles (jpg/png/tif) or of slides")
-    it = d.rglob("*") if recursive else d.iterdir()
-    files = sorted(p for p in it if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise GigaslideError("no images (jpg/png/tif) in this folder", path=d,
-                             fix="point --data at a folder of tiles, or at a folder of slides")
-    return files
-
-
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """RGB uint8 [H, W, 3]; GigaslideError naming the file when it cannot be decoded."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise GigaslideError(f"cannot read image ({str(e).splitlines()[0][:120]})", path=path,
-                             fix="delete or re-export the file") from None
 
 
 class ImageFolderSource:

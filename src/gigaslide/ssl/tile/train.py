@@ -24,6 +24,7 @@ import torch
 
 from gigaslide import atomic
 from gigaslide.artifacts import provenance
+from gigaslide.devices import autocast_ctx
 from gigaslide.errors import GigaslideError
 from gigaslide.ssl.tile import checkpoint as ckpt
 
@@ -123,14 +124,6 @@ def lr_at(progress: float, base: float, warmup: float) -> float:
     return base * (0.5 * (1 + math.cos(math.pi * min(p, 1.0))) * 0.99 + 0.01)
 
 
-def _autocast(device: torch.device, precision: str):  # noqa: ANN202
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return contextlib.nullcontext()
-    if precision == "fp16":
-        return torch.autocast(device.type, dtype=torch.float16)
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 class _Stop:
     """Turns SIGTERM into a clean stop at the end of the current step."""
 
@@ -217,7 +210,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                 progress = progress_of(step, elapsed)
                 for g in opt.param_groups:
                     g["lr"] = lr_at(progress, base_lr, cfg.warmup_frac) * g["lr_scale"]
-                with _autocast(device, cfg.precision):
+                with autocast_ctx(device, cfg.precision):
                     loss = model.loss(batch, step, progress)
                 if not torch.isfinite(loss):
                     raise GigaslideError(f"loss became {loss.item()} at step {step}", path=out,

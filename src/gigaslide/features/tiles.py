@@ -1,0 +1,87 @@
+"""Features of tile images (a labelled tile folder or arrays), for tile-level probes and benchmarks.
+
+:func:`embed_tile_folder` writes a ``gigaslide.features.store`` file (``features``, zero ``coords``,
+``labels``) with attrs ``classes`` (JSON list, index = label), ``encoder``,
+``encoder_weights_sha256``, ``tile_size``, ``source_folder`` and provenance; ``gigaslide evaluate
+tiles`` reads it directly. A file already made by the same encoder weights from the same tiles is
+reused (resume).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gigaslide.devices import autocast_ctx
+from gigaslide.errors import GigaslideError
+from gigaslide.tiling.folders import labelled_images, read_image, subsample
+
+
+@torch.no_grad()
+def embed_arrays(encoder, images: np.ndarray | list[np.ndarray], batch_size: int = 128) -> np.ndarray:  # noqa: ANN001
+    """Features of uint8 RGB tiles ``[N, H, W, 3]`` (or a list of them, each its own size)."""
+    device = next(encoder.parameters()).device
+    out = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i:i + batch_size]
+        with autocast_ctx(device, "auto"):
+            if isinstance(chunk, list):
+                if len({a.shape for a in chunk}) > 1:  # mixed sizes: resize via the encoder one by one
+                    feats = [encoder(torch.from_numpy(np.ascontiguousarray(a))[None].to(device)).float() for a in chunk]
+                    out.append(torch.cat(feats).cpu().numpy())
+                    continue
+                chunk = np.stack(chunk)
+            out.append(encoder(torch.from_numpy(np.ascontiguousarray(chunk)).to(device)).float().cpu().numpy())
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, encoder.embed_dim), np.float32)
+
+
+def _read(path: Path) -> np.ndarray:
+    try:
+        return read_image(path)
+    except GigaslideError as e:
+        raise GigaslideError(f"unreadable image ({e.what})", path=path, fix="delete or re-export it, then re-run") from None
+
+
+def embed_tile_folder(encoder, folder: str | os.PathLike, out: str | os.PathLike, *, batch_size: int = 128,  # noqa: ANN001
+                      limit: int | None = None, max_per_class: int | None = None, seed: int = 0,
+                      source: str | None = None) -> dict[str, Any]:
+    """Embed ``folder`` (class-per-subfolder, or flat: no labels) with a built ``encoder`` into ``out``
+    (.h5); returns a summary. Only one batch of pixels is in memory at a time."""
+    from gigaslide.features import store
+
+    files, labels, classes = labelled_images(folder)
+    files, labels = subsample(files, labels, limit=limit, max_per_class=max_per_class, seed=seed)
+    out = Path(out)
+    attrs = {"encoder": encoder.spec.name, "encoder_weights_sha256": encoder.weights_id,
+             "encoder_source": source or encoder.spec.name, "tile_size": int(encoder.spec.input_size),
+             "mpp": encoder.spec.native_mpp, "source_folder": str(Path(folder).resolve()), "classes": json.dumps(classes),
+             "slide_id": out.stem, "seed": seed, "n_tiles": len(files)}
+    if out.is_file():
+        try:
+            old = store.load(out)
+        except GigaslideError:
+            old = None
+        if old is not None and all(str(old.attrs.get(k)) == str(attrs[k])
+                                   for k in ("encoder_weights_sha256", "source_folder", "n_tiles", "seed", "tile_size")):
+            return {"out": str(out), "n": len(files), "dim": int(old.features.shape[1]), "classes": classes,
+                    "images_per_s": None, "encoder": encoder.spec.name, "reused": True}
+    if torch.cuda.is_available() and next(encoder.parameters()).device.type == "cpu":
+        encoder = encoder.cuda()
+    t0 = time.perf_counter()
+    chunks = []
+    for i in range(0, len(files), batch_size):
+        chunks.append(embed_arrays(encoder, [_read(f) for f in files[i:i + batch_size]], batch_size))
+    feats = np.concatenate(chunks) if chunks else np.zeros((0, encoder.embed_dim), np.float32)
+    dt = time.perf_counter() - t0
+    store.save(out, feats, attrs=attrs, labels=labels)
+    return {"out": str(out), "n": len(files), "dim": int(feats.shape[1]), "classes": classes,
+            "images_per_s": round(len(files) / dt, 1) if dt > 0 else None, "encoder": encoder.spec.name, "reused": False}
+
+
+__all__ = ["embed_arrays", "embed_tile_folder"]

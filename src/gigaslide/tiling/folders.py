@@ -1,0 +1,77 @@
+"""Folders of tiles that already exist as image files (PCam, NCT-CRC, a JPEG dump).
+
+The one place that lists, reads and labels them: the class of a tile is its first-level
+sub-folder (sorted names -> labels 0, 1, ...); a flat folder has no labels.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from gigaslide.errors import GigaslideError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Image files under ``folder`` (sorted); a clear error when it is missing or holds none."""
+    d = Path(folder)
+    if not d.exists():
+        raise GigaslideError("image folder not found", path=d, fix="check the --data path")
+    if not d.is_dir():
+        raise GigaslideError("not a folder", path=d, fix="pass a folder of tiles (jpg/png/tif) or of slides")
+    it = d.rglob("*") if recursive else d.iterdir()
+    files = sorted(p for p in it if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise GigaslideError("no images (jpg/png/tif) in this folder", path=d,
+                             fix="point --data at a folder of tiles, or at a folder of slides")
+    return files
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """RGB uint8 [H, W, 3]; GigaslideError naming the file when it cannot be decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise GigaslideError(f"cannot read image ({str(e).splitlines()[0][:120]})", path=path,
+                             fix="delete or re-export the file") from None
+
+
+def labelled_images(folder: str | os.PathLike) -> tuple[list[Path], np.ndarray | None, list[str]]:
+    """(files, labels, class names): class = first-level sub-folder. A flat folder gives labels None."""
+    d = Path(folder)
+    files = list_images(d)
+    top = sorted({f.relative_to(d).parts[0] for f in files if len(f.relative_to(d).parts) > 1})
+    if not top:
+        return files, None, []
+    loose = [f for f in files if len(f.relative_to(d).parts) == 1]
+    if loose:
+        raise GigaslideError(f"{len(loose)} image(s) lie beside the class sub-folders (e.g. {loose[0].name})", path=d,
+                             fix="move every image into its class sub-folder")
+    index = {c: i for i, c in enumerate(top)}
+    labels = np.array([index[f.relative_to(d).parts[0]] for f in files], dtype=np.int64)
+    return files, labels, top
+
+
+def subsample(files: list[Path], labels: np.ndarray | None, *, limit: int | None = None,
+              max_per_class: int | None = None, seed: int = 0) -> tuple[list[Path], np.ndarray | None]:
+    """A random subset fixed by ``seed``, in the original order: at most ``limit`` in all and/or
+    ``max_per_class`` per class."""
+    rng = np.random.default_rng(seed)
+    keep = np.arange(len(files))
+    if max_per_class is not None and labels is not None:
+        keep = np.concatenate([idx if len(idx) <= max_per_class else rng.choice(idx, max_per_class, replace=False)
+                               for idx in (np.flatnonzero(labels == c) for c in np.unique(labels))])
+    if limit is not None and limit < len(keep):
+        keep = rng.choice(keep, size=limit, replace=False)
+    keep = np.sort(keep)
+    return [files[i] for i in keep], None if labels is None else labels[keep]
+
+
+__all__ = ["IMAGE_EXTENSIONS", "labelled_images", "list_images", "read_image", "subsample"]

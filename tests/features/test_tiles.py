@@ -1,0 +1,51 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gigaslide.encoders import build_encoder
+from gigaslide.errors import GigaslideError
+from gigaslide.features import store
+from gigaslide.features.tiles import embed_arrays, embed_tile_folder
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "tiles" / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "tiles" / c / f"{i}.png")
+    return tmp_path / "tiles"
+
+
+def test_folder_features_equal_array_features_and_carry_labels(folder, tmp_path):
+    enc = build_encoder("test_resnet", "random", seed=0)
+    s = embed_tile_folder(enc, folder, tmp_path / "f.h5", batch_size=3, max_per_class=4)
+    ff = store.load(tmp_path / "f.h5")
+    assert s["n"] == 8 and not s["reused"] and np.bincount(ff.labels).tolist() == [4, 4]
+    assert json.loads(ff.attrs["classes"]) == ["a", "b"] and ff.attrs["encoder_weights_sha256"] == enc.weights_id
+    imgs = [np.asarray(Image.open(folder / c / f"{i}.png")) for c in "ab" for i in range(5)]
+    ref = embed_arrays(enc, np.stack(imgs))
+    # every stored row equals the direct embedding of one of the folder's images
+    d = np.abs(ff.features[:, None] - ref[None]).max(-1)
+    assert (d.min(1) < 1e-5).all()
+
+
+def test_same_encoder_reuses_the_file_other_weights_rewrite_it(folder, tmp_path):
+    enc = build_encoder("test_resnet", "random", seed=0)
+    embed_tile_folder(enc, folder, tmp_path / "f.h5")
+    assert embed_tile_folder(enc, folder, tmp_path / "f.h5")["reused"]
+    other = build_encoder("test_resnet", "random", seed=1)
+    assert other.weights_id != enc.weights_id
+    assert not embed_tile_folder(other, folder, tmp_path / "f.h5")["reused"]
+    assert store.load(tmp_path / "f.h5").attrs["encoder_weights_sha256"] == other.weights_id
+
+
+def test_unreadable_tile_names_the_file_and_writes_nothing(folder, tmp_path):
+    (folder / "a" / "9.png").write_bytes(b"broken")
+    enc = build_encoder("test_resnet", "random", seed=0)
+    with pytest.raises(GigaslideError, match="9.png: unreadable image"):
+        embed_tile_folder(enc, folder, tmp_path / "f.h5")
+    assert not (tmp_path / "f.h5").exists()

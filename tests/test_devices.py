@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+from gigaslide.devices import PRECISIONS, autocast_ctx, autocast_dtype, pick_device, resolve_precision
+from gigaslide.errors import GigaslideError
+
+CPU = torch.device("cpu")
+
+
+def test_auto_is_fp32_on_cpu_and_explicit_names_pass_through():
+    assert resolve_precision(CPU, "auto") == "fp32"
+    for p in ("fp32", "bf16", "fp16"):
+        assert resolve_precision(CPU, p) == p
+    assert autocast_dtype(CPU, "auto") is None
+    assert autocast_dtype(CPU, "bf16") is torch.bfloat16
+
+
+def test_autocast_ctx_changes_matmul_dtype_only_when_asked():
+    a = torch.randn(4, 4)
+    with autocast_ctx(CPU, "auto"):
+        assert (a @ a).dtype == torch.float32
+    with autocast_ctx(CPU, "bf16"):
+        assert (a @ a).dtype == torch.bfloat16
+
+
+def test_unknown_precision_is_a_clear_error():
+    with pytest.raises(GigaslideError, match="unknown precision 'fp8'") as e:
+        resolve_precision(CPU, "fp8")
+    assert all(p in e.value.one_line() for p in PRECISIONS)
+
+
+def test_pick_device():
+    assert pick_device("cpu").type == "cpu"
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
