@@ -24,3 +24,13 @@ class GigaslideError(Exception):
         if self.fix:
             parts.append(f"fix: {self.fix}")
         return " -- ".join(parts).replace("\n", " ")
+
+
+def check_finite_loss(loss, at: str, run: str | os.PathLike) -> None:  # noqa: ANN001
+    """Stop a training run whose loss became NaN/inf, saying that the last checkpoint is kept."""
+    import math
+
+    value = float(loss)
+    if not math.isfinite(value):
+        raise GigaslideError(f"loss became {value} at {at}", path=run,
+                             fix="lower --lr; the last good checkpoint is kept and a re-run resumes from it")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from gigaslide.devices import autocast_ctx
-from gigaslide.errors import GigaslideError
+from gigaslide.errors import GigaslideError, check_finite_loss
 from gigaslide.ssl.slide import run as runs
 from gigaslide.ssl.slide.encoders import build_slide_encoder
 from gigaslide.ssl.slide.views import load_cache
@@ -105,9 +105,7 @@ def pretrain_gigassl(cache: str | os.PathLike, out: str | os.PathLike, *, encode
             with autocast_ctx(dev, "bf16" if bf16 and dev.type != "cuda" else "auto"):
                 z = model(torch.cat([f0, f1]), torch.cat([p0, p1])).float()
             loss = loss_fn(z[: len(batch)], z[len(batch):])
-            if not torch.isfinite(loss):
-                raise GigaslideError(f"loss became {loss.item()} at epoch {epoch}", path=run,
-                                     fix="lower --lr; the last good checkpoint is kept and a re-run resumes from it")
+            check_finite_loss(loss, f"epoch {epoch}", run)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

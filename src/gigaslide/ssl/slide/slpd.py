@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gigaslide.errors import GigaslideError
+from gigaslide.errors import GigaslideError, check_finite_loss
 from gigaslide.features import store
 from gigaslide.ssl.slide import run as runs
 from gigaslide.ssl.slide.prototypes import assign_nearest, nearest_slides, prototype_distill_loss, slide_prototypes
@@ -166,9 +166,7 @@ def pretrain_slpd(features: str | os.PathLike, out: str | os.PathLike, *, region
                                  for v in range(2)) / 2
                         loss = loss + w * li
                         sums[name].append(float(li.detach()))
-            if not torch.isfinite(loss):
-                raise GigaslideError(f"loss became {float(loss)} at epoch {epoch}", path=run,
-                                     fix="lower --lr; the last good checkpoint is kept and a re-run resumes from it")
+            check_finite_loss(loss, f"epoch {epoch}", run)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -25,7 +25,7 @@ import torch
 from gigaslide import atomic
 from gigaslide.artifacts import provenance
 from gigaslide.devices import autocast_ctx
-from gigaslide.errors import GigaslideError
+from gigaslide.errors import GigaslideError, check_finite_loss
 from gigaslide.ssl.tile import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -212,9 +212,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                     g["lr"] = lr_at(progress, base_lr, cfg.warmup_frac) * g["lr_scale"]
                 with autocast_ctx(device, cfg.precision):
                     loss = model.loss(batch, step, progress)
-                if not torch.isfinite(loss):
-                    raise GigaslideError(f"loss became {loss.item()} at step {step}", path=out,
-                                         fix="lower --lr (the last checkpoint is kept; re-run resumes from it)")
+                check_finite_loss(loss, f"step {step}", out)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(opt)
