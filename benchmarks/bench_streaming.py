@@ -130,6 +130,10 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=1, help="tiles run at the large streamed sizes (time extrapolated)")
     ap.add_argument("--big", default="4096,8192,16384", help="streamed-only sizes (partial runs)")
     ap.add_argument("--big-tiles", default="2048,1536", help="tile sizes for the streamed-only sizes")
+    ap.add_argument("--big-modes", default="stream,ckpt",
+                    help="streamed modes at the big sizes: stream (plain) and/or ckpt (per-block activation checkpointing)")
+    ap.add_argument("--full-up-to", type=int, default=0,
+                    help="big sizes up to this side run every tile (measured time) instead of --tiles (extrapolated)")
     ap.add_argument("--dense-4096", action="store_true", help="also run dense at 4096^2 (~11 GB) if >= 16 GB free")
     ap.add_argument("--e2e", action="store_true", help="also train end to end on mosaic slides (slow)")
     ap.add_argument("--e2e-only", action="store_true", help="only the end-to-end part (appended to the results file)")
@@ -143,6 +147,9 @@ def main() -> None:
     ap.add_argument("--e2e-folds", type=int, default=3)
     ap.add_argument("--e2e-epochs", type=int, default=6)
     ap.add_argument("--e2e-freeze", type=int, default=4)
+    ap.add_argument("--e2e-weights", default="random",
+                    help="trunk weights, comma-separated: 'random' and/or a ResNet-18 weights file or exported encoder "
+                         "folder (e.g. a `gigaslide pretrain` run's encoder/); both methods run once per entry")
     args = ap.parse_args()
     if args.e2e_only:
         lines = e2e(args)
@@ -163,29 +170,24 @@ def main() -> None:
         if args.dense_4096 and _mem_available_gb() >= 16:
             rows.append(_spawn("dense", 4096, 4096))
         rows.append(_spawn("stream", 2048, 1536, ckpt=True))
+        modes = args.big_modes.split(",")
         for size in (int(v) for v in args.big.split(",") if v):
             for tile in (int(v) for v in args.big_tiles.split(",") if v):
-                rows.append(_spawn("stream", size, tile, max_tiles=args.tiles))
-                rows.append(_spawn("stream", size, tile, max_tiles=args.tiles, ckpt=True))
+                n = 0 if size <= args.full_up_to else args.tiles
+                for m in modes:
+                    rows.append(_spawn("stream", size, tile, max_tiles=n, ckpt=m == "ckpt"))
     extra = e2e(args) if args.e2e else []
     write_results(rows, time.time() - t_start, args, extra)
 
 
 def e2e(args: argparse.Namespace) -> list[str]:
-    """StreamingCLAM end to end on mosaic slides vs ABMIL on frozen features of the same trunk and canvases."""
-    import numpy as np
+    """StreamingCLAM end to end on mosaic slides vs ABMIL on frozen features of the same trunk and canvases,
+    once per trunk initialisation in ``--e2e-weights``."""
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from gigaslide.evaluation.slides import evaluate_predictions, write_predictions
-    from gigaslide.evaluation.splits import make_folds, read_labels, validation_split
     from gigaslide.mil.mosaic import MosaicConfig, build_mosaic
-    from gigaslide.mil.train import TrainConfig as MilConfig
-    from gigaslide.mil.train import predict, train_fold
-    from gigaslide.streaming import StreamingCNN
-    from gigaslide.streaming.data import Normalize, cached_canvas
-    from gigaslide.streaming.head import build_trunk
-    from gigaslide.streaming.train import TrainConfig, run_training
+    from gigaslide.streaming.train import TrainConfig
     from gigaslide.testing import shared_data_dir
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
@@ -197,18 +199,56 @@ def e2e(args: argparse.Namespace) -> list[str]:
     mdir = work / f"mosaic_{args.e2e_slides}x{args.e2e_grid}_{int(frac * 100)}pct"
     build_mosaic(data / "tiles" / "pcam" / "train", mdir, MosaicConfig(slides=args.e2e_slides, grid=args.e2e_grid,
                  tumor_fraction=(frac, frac), seed=0), verbose=False)
-    cfg = TrainConfig(mpp=args.e2e_mpp, image_size=args.e2e_image, tile_size=args.e2e_tile, encoder="resnet18", head="clam_sb",
-                      folds=args.e2e_folds, epochs=args.e2e_epochs, freeze_epochs=args.e2e_freeze, accumulate=2, patience=3,
-                      seed=0, device="cpu")
-    run = work / "streaming_run"
+    rows, notes, sizes = [], [], []
+    for k, w in enumerate(args.e2e_weights.split(",")):
+        weights = None if w == "random" else w
+        name = "random init" if weights is None else f"init `{w}`"
+        cfg = TrainConfig(mpp=args.e2e_mpp, image_size=args.e2e_image, tile_size=args.e2e_tile, encoder="resnet18",
+                          weights=weights, head="clam_sb", folds=args.e2e_folds, epochs=args.e2e_epochs,
+                          freeze_epochs=args.e2e_freeze, accumulate=2, patience=3, seed=0, device="cpu")
+        run = work / f"streaming_run_{k}" if k else work / "streaming_run"
+        res_s, res_a, t_stream, t_abmil, sizes = _e2e_pair(mdir, run, work / f"abmil_frozen_{k}", cfg)
+        rows += [_e2e_row(f"StreamingCLAM (end to end), {name}", res_s, t_stream),
+                 _e2e_row(f"ABMIL on the frozen trunk, {name}", res_a, t_abmil)]
+        notes.append(f"{name}: " + _checkpoint_note(run, cfg))
+    multi = sum(1 for h, w in sizes if max(h, w) > args.e2e_tile)
+    return [
+        "", "## End-to-end: StreamingCLAM vs ABMIL on frozen features (mosaic slides)", "",
+        f"{args.e2e_slides} mosaic slides ({args.e2e_grid}x{args.e2e_grid} PCam train tiles, half positive, tumour "
+        f"{frac:.0%} of tissue tiles in positives), read at {args.e2e_mpp} µm/px into tissue-cropped canvases "
+        f"(max side {args.e2e_image}; sizes {min(min(s) for s in sizes)}-{max(max(s) for s in sizes)} px, {multi} of "
+        f"{len(sizes)} larger than the {args.e2e_tile} px tile, i.e. streamed over several tiles). ResNet-18 trunk "
+        "(initialisation per row), same seed for both methods, same canvases and folds "
+        f"({args.e2e_folds}-fold CV, validation split inside training folds). StreamingCLAM: CLAM-SB head, {args.e2e_epochs} "
+        f"epochs max ({args.e2e_freeze} with the trunk frozen), accumulation 2, early stopping on validation loss "
+        "(counted from the first unfrozen epoch), flips/rot90/stain jitter. ABMIL: on the frozen trunk's feature-map "
+        "positions (one 512-d instance per 32 px), 30 epochs max, early stopping.", "",
+        "| method | AUC [95 % CI] | balanced accuracy [95 % CI] | minutes |", "|---|---|---|---|",
+        *rows, "", *[f"* {n}" for n in notes],
+    ]
+
+
+def _e2e_pair(mdir: Path, run: Path, abmil_dir: Path, cfg):  # noqa: ANN001, ANN202
+    import numpy as np
+    import torch
+
+    from gigaslide.evaluation.slides import evaluate_predictions, write_predictions
+    from gigaslide.evaluation.splits import make_folds, read_labels, validation_split
+    from gigaslide.mil.train import TrainConfig as MilConfig
+    from gigaslide.mil.train import predict, train_fold
+    from gigaslide.streaming import StreamingCNN
+    from gigaslide.streaming.data import Normalize, cached_canvas
+    from gigaslide.streaming.head import build_trunk
+    from gigaslide.streaming.train import run_training
+
     t0 = time.perf_counter()
     res_s = run_training(str(mdir / "slides"), str(mdir / "labels.csv"), str(run), cfg)
     t_stream = time.perf_counter() - t0
-    # baseline: the same random-init ResNet-18 (seeded as in training), frozen; ABMIL on its feature-map positions
+    # baseline: the same trunk (seeded as in training, same weights), frozen; ABMIL on its feature-map positions
     t0 = time.perf_counter()
     table = read_labels(mdir / "labels.csv")
     torch.manual_seed(cfg.seed)
-    stream = StreamingCNN(build_trunk(cfg.encoder), cfg.tile_size, transform=Normalize(), channels_last=True)
+    stream = StreamingCNN(build_trunk(cfg.encoder, cfg.weights), cfg.tile_size, transform=Normalize(), channels_last=True)
     canvases = [cached_canvas(mdir / "slides" / f"{s}.tiff", run / "canvases", cfg.mpp, cfg.image_size, stream.stride)
                 for s in table.slide_ids]
     with torch.no_grad():
@@ -222,32 +262,16 @@ def e2e(args: argparse.Namespace) -> list[str]:
                               MilConfig(model="abmil", epochs=30, patience=8, seed=cfg.seed, device="cpu"))
         probs[te], _ = predict(model, [bags[i] for i in te])
         fold_of[te] = k
-    write_predictions(work / "abmil_frozen" / "predictions.csv", table.slide_ids, y, probs, fold_of)
-    res_a = evaluate_predictions(work / "abmil_frozen" / "predictions.csv", out=work / "abmil_frozen")
-    t_abmil = time.perf_counter() - t0
-    sizes = [c.image.shape[1:] for c in canvases]
-    multi = sum(1 for h, w in sizes if max(h, w) > cfg.tile_size)
+    write_predictions(abmil_dir / "predictions.csv", table.slide_ids, y, probs, fold_of)
+    res_a = evaluate_predictions(abmil_dir / "predictions.csv", out=abmil_dir)
+    return res_s, res_a, t_stream, time.perf_counter() - t0, [c.image.shape[1:] for c in canvases]
 
-    def row(name: str, r: dict, t: float) -> str:
-        m = r["metrics"]
-        return (f"| {name} | {m['auc']['value']:.3f} [{m['auc']['ci_low']:.3f}, {m['auc']['ci_high']:.3f}] | "
-                f"{m['balanced_accuracy']['value']:.3f} [{m['balanced_accuracy']['ci_low']:.3f}, "
-                f"{m['balanced_accuracy']['ci_high']:.3f}] | {t / 60:.1f} |")
 
-    return [
-        "", "## End-to-end: StreamingCLAM vs ABMIL on frozen features (mosaic slides)", "",
-        f"{args.e2e_slides} mosaic slides ({args.e2e_grid}x{args.e2e_grid} PCam train tiles, half positive, tumour "
-        f"{frac:.0%} of tissue tiles in positives), read at {cfg.mpp} µm/px into tissue-cropped canvases "
-        f"(max side {cfg.image_size}; sizes {min(min(s) for s in sizes)}-{max(max(s) for s in sizes)} px, {multi} of "
-        f"{len(sizes)} larger than the {cfg.tile_size} px tile, i.e. streamed over several tiles). ResNet-18 trunk, "
-        "random init (no pretrained weights on this machine), same seed for both methods, same canvases and folds "
-        f"({cfg.folds}-fold CV, validation split inside training folds). StreamingCLAM: CLAM-SB head, {cfg.epochs} epochs "
-        f"max ({cfg.freeze_epochs} with the trunk frozen), accumulation {cfg.accumulate}, early stopping on validation loss, flips/rot90/stain jitter. ABMIL: on the frozen "
-        "trunk's feature-map positions (one 512-d instance per 32 px), 30 epochs max, early stopping.", "",
-        "| method | AUC [95 % CI] | balanced accuracy [95 % CI] | minutes |", "|---|---|---|---|",
-        row("StreamingCLAM (end to end)", res_s, t_stream), row("ABMIL, frozen random trunk", res_a, t_abmil),
-        "", _checkpoint_note(run, cfg),
-    ]
+def _e2e_row(name: str, r: dict, t: float) -> str:
+    m = r["metrics"]
+    return (f"| {name} | {m['auc']['value']:.3f} [{m['auc']['ci_low']:.3f}, {m['auc']['ci_high']:.3f}] | "
+            f"{m['balanced_accuracy']['value']:.3f} [{m['balanced_accuracy']['ci_low']:.3f}, "
+            f"{m['balanced_accuracy']['ci_high']:.3f}] | {t / 60:.1f} |")
 
 
 def _checkpoint_note(run: Path, cfg: object) -> str:
@@ -256,7 +280,7 @@ def _checkpoint_note(run: Path, cfg: object) -> str:
     frozen = sum(1 for b in best if b is not None and b < cfg.freeze_epochs)  # type: ignore[attr-defined]
     return (f"Checkpoints kept by early stopping (best epoch per fold): {best}; {frozen} of {len(best)} folds kept an "
             f"epoch with the trunk still frozen (epochs < {cfg.freeze_epochs}), i.e. their test predictions use the "  # type: ignore[attr-defined]
-            "random trunk, not an end-to-end trained one.")
+            "initial trunk, not an end-to-end trained one.")
 
 
 def _cpu_model() -> str:
@@ -283,7 +307,9 @@ def write_results(rows: list[dict], wall: float, args: argparse.Namespace, extra
         "channels_last, random-init timm resnet34 trunk (no global pool / fc), uint8 image normalised per crop. "
         f"Wall time of the whole benchmark: {wall / 60:.1f} min.",
         "",
-        f"Command: `.venv/bin/python benchmarks/bench_streaming.py --tiles {args.tiles} --big {args.big} --big-tiles {args.big_tiles}`",
+        f"Command: `.venv/bin/python benchmarks/bench_streaming.py --tiles {args.tiles} --big {args.big} "
+        f"--big-tiles {args.big_tiles} --big-modes {args.big_modes} --full-up-to {args.full_up_to}"
+        f"{' --dense-4096' if args.dense_4096 else ''}`",
         "",
         "| image | mode | tile | tiles (run) | peak RSS GB | time s | grad rel. error vs dense |",
         "|---|---|---|---|---|---|---|",

@@ -41,3 +41,25 @@ def test_streaming_mil_head_gradients_match_dense() -> None:
     worst = max(float((g[n] - p.grad).abs().max() / p.grad.abs().max())
                 for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().max() > 1e-6)
     assert worst <= 1e-4
+
+
+def test_build_trunk_loads_an_exported_encoder_folder(tmp_path) -> None:
+    import dataclasses
+
+    import pytest
+
+    from gigaslide.encoders import ENCODERS
+    from gigaslide.encoders.model import export_encoder
+    from gigaslide.errors import GigaslideError
+    from gigaslide.streaming.head import build_trunk
+
+    src = build_trunk("resnet18")
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(0.01)
+    export_encoder(tmp_path / "encoder", src, dataclasses.replace(ENCODERS.get("resnet18"), name="resnet18_mine"))
+    loaded = build_trunk("resnet18", str(tmp_path / "encoder"))
+    for (k, a), b in zip(src.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(GigaslideError, match="no tensor in the file matches resnet34|cover only"):
+        build_trunk("resnet34", str(tmp_path / "encoder"))

@@ -161,17 +161,17 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
     for p in slides:
         sid = slide_id_from_path(Path(p))
         try:
-            with open_slide(p, mpp=slide_mpp) as s:
+            with open_slide(p, mpp=slide_mpp) as s:  # opened once: id, then tissue + grid
                 sid = s.id
-            if sid in seen:
-                raise GigaslideError(f"slide id '{sid}' also used by {seen[sid]}", path=p,
-                                     fix="rename one of the slides; ids come from file names")
-            seen[sid] = str(p)
-            if is_finished(layout(out, sid)["features"], encoder, params):
-                res.skipped.append(sid)
-                manifest.set(sid, "done", path=str(p), note="already encoded (skipped)")
-                continue
-            grid = tile_slide(p, out, params, slide_mpp=slide_mpp, overlays=overlays)
+                if sid in seen:
+                    raise GigaslideError(f"slide id '{sid}' also used by {seen[sid]}", path=p,
+                                         fix="rename one of the slides; ids come from file names")
+                seen[sid] = str(p)
+                if is_finished(layout(out, sid)["features"], encoder, params):
+                    res.skipped.append(sid)
+                    manifest.set(sid, "done", path=str(p), note="already encoded (skipped)")
+                    continue
+                grid = tile_slide(s, out, params, overlays=overlays)
         except GigaslideError as e:
             res.failed[sid] = e.one_line()
             manifest.set(sid, "failed", path=str(p), error=e.one_line())

@@ -6,6 +6,7 @@ every position of the full feature map, so its attention is a map over the image
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,7 +17,8 @@ from gigaslide.streaming.stream import StreamingCNN
 
 
 def build_trunk(encoder: str = "resnet34", weights: str | None = None) -> nn.Module:
-    """A timm CNN without global pooling/classifier (eval mode), optionally loading a state_dict file."""
+    """A timm CNN without global pooling/classifier (eval mode), optionally loading a state_dict file or the
+    weights of an exported encoder folder (``RUN_DIR/encoder`` of `gigaslide pretrain`)."""
     import timm
 
     try:
@@ -25,17 +27,24 @@ def build_trunk(encoder: str = "resnet34", weights: str | None = None) -> nn.Mod
         raise GigaslideError(f"unknown encoder '{encoder}' ({str(e).splitlines()[0][:120]})",
                              fix="use a timm CNN name such as resnet18, resnet34 or resnet50") from None
     if weights:
+        from gigaslide.encoders.model import EXPORT_SPEC, EXPORT_WEIGHTS
         from gigaslide.encoders.weights import read_state_dict, strip_prefixes
 
+        if (Path(weights) / EXPORT_SPEC).is_file():  # an exported encoder, e.g. a `gigaslide pretrain` RUN/encoder
+            weights = str(Path(weights) / EXPORT_WEIGHTS)
         own = set(trunk.state_dict())
         sd = {k: v for k, v in strip_prefixes(read_state_dict(weights), own).items() if k in own}
         if not sd:
             raise GigaslideError(f"no tensor in the file matches {encoder}", path=weights,
                                  fix=f"give weights of a {encoder} (timm names)")
-        missing = trunk.load_state_dict(sd, strict=False).missing_keys
-        if len(missing) > len(own) // 2:
-            raise GigaslideError(f"the weights cover only {len(own) - len(missing)} of {len(own)} tensors of {encoder}",
-                                 path=weights, fix=f"give weights of a {encoder} (timm names)")
+        bad = [k for k, v in sd.items() if v.shape != trunk.state_dict()[k].shape]
+        missing = [k for k in trunk.load_state_dict({k: v for k, v in sd.items() if k not in bad}, strict=False).missing_keys
+                   if not k.endswith("num_batches_tracked")]
+        if missing or bad:  # a partly loaded trunk would silently train from a half-random start
+            first = (bad or missing)[0]
+            raise GigaslideError(f"the weights cover only {len(own) - len(missing) - len(bad)} of {len(own)} tensors of "
+                                 f"{encoder} (e.g. '{first}' is {'of another shape' if bad else 'missing'})",
+                                 path=weights, fix=f"give weights of a {encoder} (timm names), or pick --encoder to match them")
     return trunk.eval()
 
 

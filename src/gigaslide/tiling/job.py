@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gigaslide.errors import GigaslideError
-from gigaslide.slides import open_slide
+from gigaslide.slides import Slide, open_slide
 from gigaslide.tiling.grid import TileGrid, make_grid
 from gigaslide.tiling.overlay import grid_overlay_png
 from gigaslide.tiling.store import load_grid, save_grid
@@ -40,10 +41,13 @@ def layout(out: str | os.PathLike, slide_id: str) -> dict[str, Path]:
     }
 
 
-def tile_slide(path: str | os.PathLike, out: str | os.PathLike, params: TilingParams, *,
+def tile_slide(path: str | os.PathLike | Slide, out: str | os.PathLike, params: TilingParams, *,
                slide_mpp: float | str | None = None, overlays: bool = True, reuse: bool = True) -> TileGrid:
-    """Tile ``path`` into ``out`` (see :func:`layout`); reuses an existing coords file made with the same params."""
-    with open_slide(path, mpp=slide_mpp) as slide:
+    """Tile ``path`` into ``out`` (see :func:`layout`); reuses an existing coords file made with the same params.
+
+    ``path`` may be a slide that is already open (it stays open; ``slide_mpp`` is then ignored)."""
+    opened = contextlib.nullcontext(path) if isinstance(path, Slide) else open_slide(path, mpp=slide_mpp)
+    with opened as slide:
         paths = layout(out, slide.id)
         if reuse and paths["coords"].is_file():
             try:
