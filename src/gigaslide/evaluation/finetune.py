@@ -1,0 +1,288 @@
+"""Fine-tune evaluation of a tile encoder: the whole encoder plus a linear head trained end to end on
+labelled tiles (Kang et al.'s second protocol), on all labels or a fraction of them (low-label).
+
+For each label fraction the training folder's tiles are subsampled (stratified, at least two per
+class), a stratified validation split is held out for model selection (lowest validation loss;
+early stopping), and the selected model is tested on the test folder with the same metrics and
+bootstrap 95 % CIs as the frozen probes (:mod:`gigaslide.evaluation.tiles`), so the rows of one
+``report.md`` compare directly with ``gigaslide evaluate tiles``.
+
+Layout of ``OUT``: ``report.{json,md,png}`` and one folder per fraction (``fraction_10pct/``) with
+``result.json`` (reused when the settings match: a re-run resumes), ``checkpoint/`` (the last
+epoch: model, optimiser and history; an interrupted run continues from it), ``best.safetensors``
+and ``encoder/`` (the fine-tuned encoder as an export folder that ``gigaslide encode`` and
+``embed-tiles`` load).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gigaslide import atomic
+from gigaslide.errors import GigaslideError, check_finite_loss
+from gigaslide.tiling.folders import labelled_images, read_image
+
+AUGMENTS = ("pathology", "none")
+
+
+@dataclass
+class FinetuneConfig:
+    fractions: tuple[float, ...] = (1.0,)  # label fractions, e.g. (0.01, 0.1, 1.0)
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-4  # encoder
+    head_lr: float = 1e-3
+    weight_decay: float = 1e-4
+    val_fraction: float = 0.2
+    patience: int = 3  # epochs without a lower validation loss before stopping
+    augment: str = "pathology"  # flips, 90° rotations, light H&E stain jitter; or "none"
+    max_train: int | None = None  # random subset of the training folder (before fractions)
+    precision: str = "auto"
+    device: str = "auto"
+    workers: int = 1
+    seed: int = 0
+    n_bootstrap: int = 1000
+
+
+class Classifier(nn.Module):
+    """An :class:`~gigaslide.encoders.model.Encoder` and a linear head."""
+
+    def __init__(self, encoder: nn.Module, n_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.embed_dim, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x).float())
+
+
+class TileImages(torch.utils.data.Dataset):
+    """float [3, S, S] in [0, 1] at the encoder's input size, optionally augmented (seeded per epoch and index)."""
+
+    def __init__(self, files: list[Path], labels: np.ndarray, size: int, augment: bool, seed: int):
+        self.files, self.labels, self.size, self.augment, self.seed, self.epoch = files, labels, size, augment, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from gigaslide.ssl.tile.augment import random_flip_rotate, random_stain_jitter, to_float
+
+        try:
+            x = to_float(torch.from_numpy(read_image(self.files[i]).copy()))
+        except GigaslideError as e:
+            raise GigaslideError(f"unreadable image ({e.what})", path=self.files[i], fix="delete or re-export it, then re-run") from None
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x[None], size=(self.size, self.size), mode="bilinear", align_corners=False,
+                              antialias=x.shape[-1] > self.size)[0]
+        if self.augment:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 100_003 + i)
+            x = random_flip_rotate(x, g, 0.5, 0.5, True)
+            if torch.rand((), generator=g) < 0.5:
+                x = random_stain_jitter(x, g, sigma=0.03, bias=0.01).clamp(0.0, 1.0)
+        return x.contiguous(), int(self.labels[i])
+
+
+def label_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Indices of a stratified ``fraction`` of ``labels`` with at least two per class (train + validation)."""
+    if not 0 < fraction <= 1:
+        raise GigaslideError(f"label fraction {fraction} is outside (0, 1]", fix="use e.g. 0.01,0.1,1.0")
+    rng = np.random.default_rng([seed, int(round(fraction * 1e6))])
+    keep = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        n = min(len(idx), max(2, int(round(fraction * len(idx)))))
+        keep.append(rng.choice(idx, n, replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def _val_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (train, validation) positions with at least one of each class on both sides."""
+    rng = np.random.default_rng([seed, 7])
+    tr, va = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_va = min(len(idx) - 1, max(1, int(round(fraction * len(idx)))))
+        va.append(idx[:n_va])
+        tr.append(idx[n_va:])
+    return np.sort(np.concatenate(tr)), np.sort(np.concatenate(va))
+
+
+def _loader(ds: TileImages, cfg: FinetuneConfig, shuffle: bool, seed: int = 0) -> torch.utils.data.DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=shuffle, generator=g,
+                                       num_workers=cfg.workers, persistent_workers=False)
+
+
+@torch.no_grad()
+def predict_tiles(model: Classifier, ds: TileImages, cfg: FinetuneConfig, device: torch.device) -> tuple[np.ndarray, float]:
+    """(class probabilities [N, C], mean cross-entropy) of ``ds`` (no augmentation)."""
+    from gigaslide.devices import autocast_ctx
+
+    model.eval()
+    probs, loss_sum = [], 0.0
+    for x, y in _loader(ds, cfg, shuffle=False):
+        with autocast_ctx(device, cfg.precision):
+            logits = model(x.to(device)).float()
+        loss_sum += F.cross_entropy(logits, y.to(device), reduction="sum").item()
+        probs.append(logits.softmax(-1).cpu().numpy())
+    return np.concatenate(probs), loss_sum / max(1, len(ds))
+
+
+def run_key(cfg: FinetuneConfig, encoder: str, weights: str, n_train: int) -> str:
+    """What a fraction's result and checkpoint depend on (not the list of fractions or the worker count)."""
+    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("fractions", "workers")}
+    return json.dumps({**d, "encoder": str(encoder), "weights": str(weights), "n_train": n_train}, sort_keys=True)
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def finetune_fraction(encoder: str, weights: str, train: tuple[list[Path], np.ndarray], val: tuple[list[Path], np.ndarray],
+                      test: tuple[list[Path], np.ndarray], n_classes: int, cfg: FinetuneConfig, run_dir: Path) -> dict[str, Any]:
+    """Fine-tune one model on ``train``, select on ``val``, test on ``test``; resumes from ``run_dir/checkpoint``."""
+    from safetensors.torch import load_file, save_file
+
+    from gigaslide.devices import autocast_ctx, pick_device
+    from gigaslide.encoders import build_encoder
+    from gigaslide.encoders.model import export_encoder
+    from gigaslide.evaluation.metrics import METRICS, summarize
+    from gigaslide.mil.train import class_weights
+    from gigaslide.ssl.tile.checkpoint import load_checkpoint, model_tensors, read_state, save_checkpoint
+
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    enc = build_encoder(encoder, weights, seed=cfg.seed)
+    model = Classifier(enc, n_classes).to(device)
+    size = enc.spec.input_size
+    ds_tr = TileImages(*train, size, cfg.augment == "pathology", cfg.seed)
+    ds_va, ds_te = TileImages(*val, size, False, cfg.seed), TileImages(*test, size, False, cfg.seed)
+    opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr": cfg.lr},
+                             {"params": model.head.parameters(), "lr": cfg.head_lr}], weight_decay=cfg.weight_decay)
+    base = [g["lr"] for g in opt.param_groups]
+    per_epoch = math.ceil(len(ds_tr) / cfg.batch_size)
+    total, warmup = cfg.epochs * per_epoch, min(per_epoch, 50)
+    weight = class_weights(train[1], n_classes).to(device)
+    key = run_key(cfg, encoder, weights, len(ds_tr))
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "best_val_loss": None, "best_epoch": None, "bad_epochs": 0,
+                             "history": [], "key": key, "train_seconds": 0.0}
+    old = read_state(run_dir)
+    if old is not None and old.get("key") == key:
+        state, opt_state = load_checkpoint(run_dir, model)
+        opt.load_state_dict(opt_state["optimizer"])
+    best_file = run_dir / "best.safetensors"
+    while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
+        model.train()
+        ds_tr.epoch = state["epoch"]
+        t0, seen, losses = time.perf_counter(), 0, []
+        for x, y in _loader(ds_tr, cfg, shuffle=True, seed=cfg.seed * 1000 + state["epoch"]):
+            if len(y) < 2:  # BatchNorm cannot train on a batch of one
+                continue
+            for g, b in zip(opt.param_groups, base):
+                g["lr"] = b * _lr_factor(state["step"], total, warmup)
+            x, y = x.to(device), y.to(device)
+            with autocast_ctx(device, cfg.precision):
+                loss = F.cross_entropy(model(x).float(), y, weight=weight)
+            check_finite_loss(loss, f"epoch {state['epoch']} step {state['step']}", run_dir)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            state["step"] += 1
+            seen += len(y)
+            losses.append(loss.item())
+        state["train_seconds"] += time.perf_counter() - t0
+        p_va, val_loss = predict_tiles(model, ds_va, cfg, device)
+        state["history"].append({"epoch": state["epoch"], "train_loss": float(np.mean(losses)) if losses else None,
+                                 "val_loss": val_loss, "val_balanced_accuracy": METRICS["balanced_accuracy"](val[1], p_va),
+                                 "images_per_s": round(seen / max(1e-9, time.perf_counter() - t0), 1)})
+        if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
+            state.update(best_val_loss=val_loss, best_epoch=state["epoch"], bad_epochs=0)
+            with atomic.atomic_path(best_file, suffix=".safetensors") as tmp:
+                save_file(model_tensors(model), str(tmp))
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] += 1
+        save_checkpoint(run_dir, model, {"optimizer": opt.state_dict()}, state)
+    sd = load_file(str(best_file), device="cpu")
+    model.load_state_dict({k: v for k, v in sd.items() if "::" not in k})
+    spec = dataclasses.replace(enc.spec, name=f"{enc.spec.name}_finetuned", hub=None,
+                               weight_source=f"gigaslide evaluate finetune of {encoder} on {len(train[1])} labelled tiles")
+    export_encoder(run_dir / "encoder", model.encoder.trunk, spec)
+    probs, _ = predict_tiles(model, ds_te, cfg, device)
+    ips = [h["images_per_s"] for h in state["history"]]
+    return {**summarize(test[1], probs, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed), "n_labels": len(train[1]) + len(val[1]),
+            "n_train": len(train[1]), "n_val": len(val[1]), "best_epoch": state["best_epoch"],
+            "epochs_run": state["epoch"], "train_seconds": round(state["train_seconds"], 1),
+            "train_images_per_s": round(float(np.median(ips)), 1) if ips else None, "history": state["history"], "key": key}
+
+
+def _folder(path: str | os.PathLike, role: str) -> tuple[list[Path], np.ndarray, list[str]]:
+    files, labels, classes = labelled_images(path)
+    if labels is None:
+        raise GigaslideError(f"{role} folder has no class sub-folders", path=path,
+                             fix="put the tiles of each class in their own sub-folder")
+    return files, labels, classes
+
+
+def finetune_tiles(train_folder: str | os.PathLike, test_folder: str | os.PathLike, encoder: str,
+                   out: str | os.PathLike, *, weights: str = "default", cfg: FinetuneConfig | None = None) -> dict[str, Any]:
+    """Fine-tune ``encoder`` at each label fraction of ``cfg`` and write ``out/report.{json,md,png}``."""
+    from gigaslide.encoders import build_encoder
+    from gigaslide.evaluation.tiles import write_report
+    from gigaslide.tiling.folders import subsample
+
+    cfg = cfg or FinetuneConfig()
+    if cfg.augment not in AUGMENTS:
+        raise GigaslideError(f"unknown augmentation '{cfg.augment}'", fix=f"use one of: {', '.join(AUGMENTS)}")
+    files, labels, classes = _folder(train_folder, "training")
+    te_files, te_labels, te_classes = _folder(test_folder, "test")
+    if te_classes != classes:
+        raise GigaslideError(f"test classes {te_classes} differ from training classes {classes}", path=test_folder,
+                             fix="use the same class sub-folder names in both folders")
+    if len(classes) < 2:
+        raise GigaslideError("training tiles have a single class", path=train_folder, fix="use a tile folder with at least two classes")
+    if cfg.max_train:
+        files, labels = subsample(files, labels, limit=cfg.max_train, seed=cfg.seed)
+    probe = build_encoder(encoder, weights, seed=cfg.seed)  # fail early on a bad encoder / weights
+    out = atomic.ensure_writable_dir(out)
+    n_classes = len(classes)
+    report: dict[str, Any] = {
+        "train": {"path": str(train_folder), "encoder": probe.spec.name, "encoder_weights": probe.weights_id, "dim": probe.embed_dim,
+                  "n": len(labels), "class_counts": np.bincount(labels, minlength=n_classes).tolist()},
+        "test": {"path": str(test_folder), "n": len(te_labels), "class_counts": np.bincount(te_labels, minlength=n_classes).tolist()},
+        "classes": classes, "n_classes": n_classes, "n_bootstrap": cfg.n_bootstrap, "seed": cfg.seed,
+        "config": dataclasses.asdict(cfg), "protocols": {}}
+    del probe
+    for frac in cfg.fractions:
+        name = f"finetune_{frac * 100:g}%"
+        run_dir = atomic.ensure_writable_dir(out / f"fraction_{frac * 100:g}pct".replace(".", "p"))
+        sub = label_subset(labels, frac, cfg.seed)
+        tr, va = _val_split(labels[sub], cfg.val_fraction, cfg.seed)
+        tr, va = sub[tr], sub[va]
+        result_file = run_dir / "result.json"
+        res = json.loads(result_file.read_text()) if result_file.is_file() else None
+        if res is None or res.get("key") != run_key(cfg, encoder, weights, len(tr)):
+            res = finetune_fraction(encoder, weights, ([files[i] for i in tr], labels[tr]), ([files[i] for i in va], labels[va]),
+                                    (te_files, te_labels), n_classes, cfg, run_dir)
+            atomic.write_json(result_file, res)
+        report["protocols"][name] = {k: v for k, v in res.items() if k not in ("history", "key")}
+    write_report(report, out)
+    return report
+
+
+__all__ = ["AUGMENTS", "Classifier", "FinetuneConfig", "finetune_fraction", "finetune_tiles", "label_subset", "predict_tiles"]

@@ -1,0 +1,143 @@
+"""Fine-tune evaluation: learns an easy task, low-label subsets, resume, exported encoder, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gigaslide.encoders import build_encoder
+from gigaslide.errors import GigaslideError
+from gigaslide.evaluation.finetune import FinetuneConfig, finetune_tiles, label_subset
+
+
+def _folder(root, n_per_class, seed, classes=("normal", "tumor")):
+    """Class 0: pale pink tiles; class 1: dark purple blobs (separable by colour and texture)."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(n_per_class):
+            base = np.array([235, 190, 215] if c == 0 else [120, 60, 150], np.float32)
+            img = base + rng.normal(0, 25, (32, 32, 3))
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / name / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ft")
+    return _folder(d / "train", 40, 0), _folder(d / "test", 20, 1)
+
+
+CFG = dict(epochs=3, batch_size=16, lr=1e-3, head_lr=1e-2, workers=0, n_bootstrap=50, patience=3)
+
+
+def test_label_subset_is_stratified_with_two_per_class():
+    y = np.array([0] * 90 + [1] * 10)
+    idx = label_subset(y, 0.01, seed=0)
+    assert np.bincount(y[idx]).tolist() == [2, 2]  # 1 % would give 1 and 0: at least two per class
+    idx = label_subset(y, 0.5, seed=0)
+    assert np.bincount(y[idx]).tolist() == [45, 5]
+    assert np.array_equal(idx, label_subset(y, 0.5, seed=0))
+    with pytest.raises(GigaslideError, match="outside"):
+        label_subset(y, 0.0, seed=0)
+
+
+def test_finetune_learns_reports_resumes_and_exports(folders, tmp_path):
+    train, test = folders
+    out = tmp_path / "ft"
+    cfg = FinetuneConfig(fractions=(0.1, 1.0), **CFG)
+    rep = finetune_tiles(train, test, "test_resnet", out, weights="random", cfg=cfg)
+    full, low = rep["protocols"]["finetune_100%"], rep["protocols"]["finetune_10%"]
+    assert full["balanced_accuracy"]["value"] >= 0.9, full
+    assert full["n_labels"] == 80 and low["n_labels"] == 8  # 10 % of 40 per class = 4 per class
+    assert full["n_val"] == 16 and low["n_val"] == 2
+    assert full["auc"]["ci_low"] <= full["auc"]["value"] <= full["auc"]["ci_high"]
+    for f in ("report.json", "report.md", "report.png"):
+        assert (out / f).is_file()
+    assert "finetune_10%" in (out / "report.md").read_text()
+    # the fine-tuned encoder is an export folder that differs from the random start
+    enc = build_encoder(str(out / "fraction_100pct" / "encoder"))
+    assert enc.weights_id != build_encoder("test_resnet", "random").weights_id and enc.spec.name == "test_resnet_finetuned"
+    # same settings: finished fractions are reused, not re-trained
+    stamp = (out / "fraction_100pct" / "result.json").stat().st_mtime_ns
+    rep2 = finetune_tiles(train, test, "test_resnet", out, weights="random", cfg=cfg)
+    assert (out / "fraction_100pct" / "result.json").stat().st_mtime_ns == stamp
+    assert rep2["protocols"]["finetune_100%"]["auc"] == full["auc"]
+    # lost result, checkpoint kept (interrupted after the last epoch): resumes without training again
+    (out / "fraction_100pct" / "result.json").unlink()
+    state = json.loads((out / "fraction_100pct" / "checkpoint" / "state.json").read_text())
+    assert state["epoch"] == 3 and len(state["history"]) == 3
+    rep3 = finetune_tiles(train, test, "test_resnet", out, weights="random", cfg=cfg)
+    assert rep3["protocols"]["finetune_100%"]["auc"]["value"] == pytest.approx(full["auc"]["value"])
+    assert rep3["protocols"]["finetune_100%"]["train_seconds"] == full["train_seconds"]
+
+
+def test_interrupted_run_resumes_from_the_last_epoch(folders, tmp_path, monkeypatch):
+    import gigaslide.evaluation.finetune as ft
+
+    train, test = folders
+    out = tmp_path / "ft"
+    cfg = FinetuneConfig(**CFG)
+    real, calls = ft.predict_tiles, []
+
+    def interrupt_in_second_validation(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ft, "predict_tiles", interrupt_in_second_validation)
+    with pytest.raises(KeyboardInterrupt):
+        finetune_tiles(train, test, "test_resnet", out, weights="random", cfg=cfg)
+    run = out / "fraction_100pct"
+    assert not (run / "result.json").exists() and not (out / "report.json").exists()
+    first = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert first["epoch"] == 1
+    monkeypatch.setattr(ft, "predict_tiles", real)
+    rep = finetune_tiles(train, test, "test_resnet", out, weights="random", cfg=cfg)
+    hist = json.loads((run / "result.json").read_text())["history"]
+    assert [h["epoch"] for h in hist] == [0, 1, 2] and hist[0] == first["history"][0]  # epoch 0 not re-trained
+    assert rep["protocols"]["finetune_100%"]["epochs_run"] == 3
+    # other settings: the checkpoint is not reused, the run starts over
+    rep = finetune_tiles(train, test, "test_resnet", out, weights="random", cfg=FinetuneConfig(**{**CFG, "epochs": 1}))
+    assert rep["protocols"]["finetune_100%"]["epochs_run"] == 1
+
+
+def test_bad_input(folders, tmp_path):
+    train, test = folders
+    cfg = FinetuneConfig(**CFG)
+    other = _folder(tmp_path / "other", 2, 0, classes=("a", "b"))
+    with pytest.raises(GigaslideError, match="differ from training classes"):
+        finetune_tiles(train, other, "test_resnet", tmp_path / "o1", weights="random", cfg=cfg)
+    one = _folder(tmp_path / "one", 3, 0, classes=("only",))
+    with pytest.raises(GigaslideError, match="single class"):
+        finetune_tiles(one, one, "test_resnet", tmp_path / "o2", weights="random", cfg=cfg)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(flat / "a.png")
+    with pytest.raises(GigaslideError, match="no class sub-folders"):
+        finetune_tiles(flat, test, "test_resnet", tmp_path / "o3", weights="random", cfg=cfg)
+    with pytest.raises(GigaslideError, match="augmentation"):
+        finetune_tiles(train, test, "test_resnet", tmp_path / "o4", weights="random", cfg=FinetuneConfig(**{**CFG, "augment": "x"}))
+    (train / "normal" / "broken.png").write_bytes(b"not a png")
+    try:
+        with pytest.raises(GigaslideError, match="broken.png"):
+            finetune_tiles(train, test, "test_resnet", tmp_path / "o5", weights="random", cfg=cfg)
+    finally:
+        (train / "normal" / "broken.png").unlink()
+
+
+def test_cli_finetune(folders, tmp_path, cli, capsys):
+    train, test = folders
+    out = tmp_path / "cli"
+    rc = cli(["evaluate", "finetune", "--train", str(train), "--test", str(test), "--encoder", "test_resnet",
+              "--weights", "random", "--out", str(out), "--epochs", "1", "--batch-size", "16", "--workers", "0",
+              "--bootstrap", "20", "--fractions", "0.5"])
+    assert rc == 0
+    assert "finetune_50%" in capsys.readouterr().out
+    assert (out / "fraction_50pct" / "encoder" / "encoder.json").is_file()
+    assert cli(["evaluate", "finetune", "--train", str(train), "--test", str(test), "--encoder", "test_resnet",
+                "--out", str(out), "--fractions", "x"]) == 2
