@@ -24,22 +24,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_tile_ssl import ci, cpu_name, merge_section  # noqa: E402
+from bench_tile_ssl import ci, cpu_name, merge_section, pcam_dir, random_trunk  # noqa: E402
 
 from gigaslide import atomic  # noqa: E402
-from gigaslide.testing import shared_data_dir  # noqa: E402
 
 
 def random_encoder(folder: Path, backbone: str, tile_size: int) -> Path:
     """A random-init ``backbone`` exported at ``tile_size`` (seed 0), like the SSL runs' starting point."""
-    from gigaslide.encoders import create_trunk
     from gigaslide.encoders.model import export_encoder
-    from gigaslide.ssl.tile.init import run_spec, with_embed_dim
 
-    spec = run_spec(backbone, "random", tile_size, [0.97], "none")
-    torch.manual_seed(0)
-    trunk = create_trunk(spec)
-    return export_encoder(folder, trunk, with_embed_dim(spec, trunk))
+    return export_encoder(folder, *random_trunk(backbone, tile_size))
 
 
 def main() -> None:
@@ -58,10 +52,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tile_ssl.md"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    data = shared_data_dir()
-    if data is None:
-        sys.exit("shared data not found (../shared/data)")
-    pcam = data / "tiles" / "pcam"
+    pcam = pcam_dir()
     from gigaslide.evaluation.finetune import FinetuneConfig, finetune_tiles
 
     t_start, load0 = time.perf_counter(), os.getloadavg()[0]

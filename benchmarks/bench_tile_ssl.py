@@ -57,6 +57,25 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def pcam_dir() -> Path:
+    """``../shared/data/tiles/pcam`` (exits with a message when the shared data is absent)."""
+    data = shared_data_dir()
+    if data is None:
+        sys.exit("shared data not found (../shared/data)")
+    return data / "tiles" / "pcam"
+
+
+def random_trunk(backbone: str, tile_size: int) -> tuple[torch.nn.Module, object]:
+    """(trunk, spec): ``backbone`` with random weights (seed 0) at ``tile_size``, the SSL runs' starting point."""
+    from gigaslide.encoders import create_trunk
+    from gigaslide.ssl.tile.init import run_spec, with_embed_dim
+
+    spec = run_spec(backbone, "random", tile_size, [0.97], "none")
+    torch.manual_seed(0)
+    trunk = create_trunk(spec)
+    return trunk, with_embed_dim(spec, trunk)
+
+
 def load_split(folder: Path, n: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
     from gigaslide.tiling.folders import labelled_images, read_image
 
@@ -119,12 +138,8 @@ def main() -> None:
     ap.add_argument("--title", default="Tile-level SSL on PatchCamelyon (CPU, equal budget per method)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    data = shared_data_dir()
-    if data is None:
-        sys.exit("shared data not found (../shared/data)")
-    pcam = data / "tiles" / "pcam"
-    from gigaslide.encoders import Encoder, build_encoder, create_trunk
-    from gigaslide.ssl.tile.init import run_spec, with_embed_dim
+    pcam = pcam_dir()
+    from gigaslide.encoders import Encoder, build_encoder
     from gigaslide.ssl.tile.train import PretrainConfig, pretrain
 
     t_start = time.perf_counter()
@@ -134,10 +149,7 @@ def main() -> None:
     print(f"probe train {len(tr[1])} tiles, valid {len(te[1])} tiles")
     results = []
     # random init of the same architecture, same preprocessing
-    spec = run_spec(args.backbone, "random", args.tile_size, [0.97], "none")
-    torch.manual_seed(0)
-    trunk = create_trunk(spec)
-    spec = with_embed_dim(spec, trunk)
+    trunk, spec = random_trunk(args.backbone, args.tile_size)
     enc = Encoder(spec, trunk, "random-seed0").eval()
     r = probe(enc, tr, te, args.bootstrap)
     results.append({"name": "random init", "method": "-", "augment": "-", **r})

@@ -32,7 +32,7 @@ from torch import nn
 
 from gigaslide import atomic
 from gigaslide.errors import GigaslideError, check_finite_loss
-from gigaslide.tiling.folders import labelled_images, read_image
+from gigaslide.tiling.folders import labelled_images
 
 AUGMENTS = ("pathology", "none")
 
@@ -78,12 +78,10 @@ class TileImages(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from gigaslide.features.tiles import read_tile
         from gigaslide.ssl.tile.augment import random_flip_rotate, random_stain_jitter, to_float
 
-        try:
-            x = to_float(torch.from_numpy(read_image(self.files[i]).copy()))
-        except GigaslideError as e:
-            raise GigaslideError(f"unreadable image ({e.what})", path=self.files[i], fix="delete or re-export it, then re-run") from None
+        x = to_float(torch.from_numpy(read_tile(self.files[i]).copy()))
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x[None], size=(self.size, self.size), mode="bilinear", align_corners=False,
                               antialias=x.shape[-1] > self.size)[0]

@@ -41,7 +41,8 @@ def embed_arrays(encoder, images: np.ndarray | list[np.ndarray], batch_size: int
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, encoder.embed_dim), np.float32)
 
 
-def _read(path: Path) -> np.ndarray:
+def read_tile(path: str | os.PathLike) -> np.ndarray:
+    """RGB uint8 tile; an unreadable file is a GigaslideError naming it (a batch job stops on it)."""
     try:
         return read_image(path)
     except GigaslideError as e:
@@ -76,7 +77,7 @@ def embed_tile_folder(encoder, folder: str | os.PathLike, out: str | os.PathLike
     t0 = time.perf_counter()
     chunks = []
     for i in range(0, len(files), batch_size):
-        chunks.append(embed_arrays(encoder, [_read(f) for f in files[i:i + batch_size]], batch_size))
+        chunks.append(embed_arrays(encoder, [read_tile(f) for f in files[i:i + batch_size]], batch_size))
     feats = np.concatenate(chunks) if chunks else np.zeros((0, encoder.embed_dim), np.float32)
     dt = time.perf_counter() - t0
     store.save(out, feats, attrs=attrs, labels=labels)
@@ -84,4 +85,4 @@ def embed_tile_folder(encoder, folder: str | os.PathLike, out: str | os.PathLike
             "images_per_s": round(len(files) / dt, 1) if dt > 0 else None, "encoder": encoder.spec.name, "reused": False}
 
 
-__all__ = ["embed_arrays", "embed_tile_folder"]
+__all__ = ["embed_arrays", "embed_tile_folder", "read_tile"]

@@ -210,7 +210,7 @@ def _checkpoint_stem(trunk: nn.Module) -> nn.Module | None:
     prev = next((n for n in nodes if n.op == "placeholder"), None)
     stage_follows = False
     for n in nodes:
-        if n.op in ("placeholder", "get_attr"):
+        if n.op == "placeholder":
             continue
         mod = trunk.get_submodule(str(n.target)) if n.op == "call_module" else None
         stage_follows = isinstance(mod, nn.Sequential) and n.args == (prev,)
