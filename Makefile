@@ -18,7 +18,7 @@ demo: install
 	$(VENV)/bin/gigaslide demo --out $(DEMO_OUT)
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist worksteal
 
 bench: install
 	$(PY) benchmarks/run_all.py

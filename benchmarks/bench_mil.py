@@ -127,7 +127,10 @@ def main() -> None:
     pcam = data / "tiles" / "pcam"
     tr = embed_tile_folder(enc, pcam / "train", work / "tiles" / f"train_{a.tile_cap}.h5", max_per_class=a.tile_cap)["out"]
     te = embed_tile_folder(enc, pcam / "valid", work / "tiles" / f"valid_{a.tile_cap}.h5", max_per_class=a.tile_cap)["out"]
-    tile_rep = evaluate_tile_features(tr, te, ["linear", "knn"], n_bootstrap=a.bootstrap, out=work / "tile_report")
+    from gigaslide.features import store
+
+    tile_rep = evaluate_tile_features(store.load(tr), store.load(te), ["linear", "knn"], n_bootstrap=a.bootstrap,
+                                      out=work / "tile_report")
     timings["tile encode + probes"] = time.perf_counter() - t0
     print("tile level:", {p: round(tile_rep["protocols"][p]["auc"]["value"], 3) for p in ("linear", "knn")})
 

@@ -1,26 +1,30 @@
-"""Slide-level SSL benchmark: Giga-SSL and SLPD embeddings vs ABMIL and mean pooling on the mosaic slides.
+"""Slide-level SSL benchmark: Giga-SSL and SLPD embeddings vs MIL on mosaic slides, where their claims live.
 
-Pipeline (everything through the library, resumable in --work):
-1. mosaic slides from PCam *train* tiles (gigaslide.mil.mosaic), labels = slide contains tumour;
-2. ``augment-cache`` with a random-init ResNet-18 truncated after layer 3 (256-d, the paper's layer;
-   random weights: the only offline option) at the tiles' native 96 px / 0.97 µm/px; its plain
-   features are the tile features every method uses;
-3. Giga-SSL pre-training (SparseConvMIL, SimCLR T=0.05) and SLPD pre-training (region ViT + DINO +
-   prototypes), both on all slides without labels, then ``embed-slides``;
-4. evaluation: the same stratified 5-fold split for everyone; linear probe (StandardScaler +
-   balanced logistic regression) on Giga-SSL, SLPD and mean-pooled tile features; ABMIL trained
-   on the tile features (gigaslide.mil.train, fixed epochs, last epoch); full training folds and
-   few-shot draws of n = 25 / 50 training slides; AUC with 95 % bootstrap CIs.
+One command (everything through the library, cached and resumable in --work):
+1. tile features from the project's own SSL tile encoder: ``gigaslide pretrain`` (SimCLR, ResNet-18) on
+   PCam train tiles, used truncated after layer 3 (``resnet18_layer3``, 256-d, the paper's tile features);
+   its tile linear AUC on PCam valid is measured; a random-weight encoder is kept as a control row;
+2. mosaic slides from PCam train tiles for (a) the CAMELYON-like tumour task and (b) the context task
+   (same tumour fraction in both classes, contiguous vs scattered tumour tiles);
+3. per task: ``augment-cache`` -> Giga-SSL pre-training -> embeddings; SLPD in three modes (DINO only,
+   +intra, +intra+inter) -> embeddings; methods: linear (C=10) on Giga-SSL, on each SLPD mode and on the
+   mean of tile features; ABMIL, CLAM-SB and TransMIL through ``gigaslide.mil.cv.run_cv``;
+4. n = --ns training slides per fold (few-shot draws, --draws repeats; "all" = every training slide, one
+   draw), stratified patient-grouped folds (the same ones for every method); AUC per draw, mean over draws;
+   paired bootstrap (over test slides, the same resample for both methods) of AUC differences;
+   bytes per slide and training time.
 
-Run: .venv/bin/python benchmarks/bench_slide_ssl.py   (about 10-15 min on 2 shared CPU cores)
+Run: .venv/bin/python benchmarks/bench_slide_ssl.py            (the full setting; hours on 2 CPU cores)
+     .venv/bin/python benchmarks/bench_slide_ssl.py --small    (the reduced setting used for the results file)
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,263 +33,363 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write_result  # noqa: E402
 
-from gigaslide.encoders import ENCODERS, Encoder, create_trunk  # noqa: E402
-from gigaslide.evaluation.metrics import fmt_ci, summarize  # noqa: E402
-from gigaslide.evaluation.slides import linear_probe_slides  # noqa: E402
-from gigaslide.evaluation.splits import few_shot_draws, make_folds  # noqa: E402
+from gigaslide.evaluation import splits as S  # noqa: E402
+from gigaslide.evaluation.metrics import auc  # noqa: E402
+from gigaslide.evaluation.slides import linear_probe_slides, read_predictions  # noqa: E402
 from gigaslide.features import store  # noqa: E402
 from gigaslide.testing import shared_data_dir  # noqa: E402
 
-
-def tile_encoder(seed: int = 0) -> Encoder:
-    spec = dataclasses.replace(ENCODERS.get("resnet18"), name="resnet18_layer3", embed_dim=256, input_size=96,
-                               timm_kwargs={"out_stage": 3}, hub=None, weight_source="random")
-    torch.manual_seed(seed)
-    return Encoder(spec, create_trunk(spec), f"random-seed{seed}").eval()
-
-
-def read_labels(mosaic: Path) -> dict[str, int]:
-    import csv
-
-    with open(mosaic / "labels.csv") as f:
-        return {r["slide_id"]: int(r["label"]) for r in csv.DictReader(f)}
+MIL = {"ABMIL": "abmil", "CLAM-SB": "clam_sb", "TransMIL": "transmil"}
+SLPD_MODES = {"SLPD DINO only": "dino", "SLPD +intra": "dino+intra", "SLPD +intra+inter": "dino+intra+inter"}
+TIMES: dict[str, float] = {}
+SAVED: dict[str, float] = {}  # times measured when a step really ran (work/times.json), reused when it resumes as done
+TIMES_FILE: list[Path] = []
 
 
-def pooled(pred_list: list[tuple[np.ndarray, np.ndarray]], n_boot: int) -> tuple[str, float, float]:
-    """Concatenate (y, p1) of every repeat; AUC with bootstrap CI (within repeats) + sd over repeats."""
-    from gigaslide.evaluation.metrics import auc
-
-    y = np.concatenate([a for a, _ in pred_list])
-    p = np.concatenate([b for _, b in pred_list])
-    strata = np.concatenate([np.full(len(a), i) for i, (a, _) in enumerate(pred_list)])
-    probs = np.stack([1 - p, p], 1)
-    s = summarize(y, probs, n_bootstrap=n_boot, strata=strata, metrics=("auc",))["auc"]
-    per = [auc(a, np.stack([1 - b, b], 1)) for a, b in pred_list]
-    return fmt_ci(s), float(np.mean(per)), float(np.std(per))
-
-
-def _auc(cell: tuple) -> tuple[float, float, float]:
-    """(value, ci_low, ci_high) from a formatted ``0.700 [0.600, 0.800]`` cell."""
-    v, rest = cell[0].split(" [")
-    lo, hi = rest.rstrip("]").split(", ")
-    return float(v), float(lo), float(hi)
-
-
-def claims(rows: dict[str, dict[str, tuple]]) -> list[str]:
-    """Plain statements: does each paper claim hold here (point estimates, and whether the CIs overlap)."""
-    out = []
-    g, s, m, a = (rows[k] for k in ("Giga-SSL (linear)", "SLPD (linear)", "mean pooling (linear)", "ABMIL (tile features)"))
-
-    def cmp(x: dict, y: dict, setting: str, xn: str, yn: str) -> str:
-        (xv, xl, xh), (yv, yl, yh) = _auc(x[setting]), _auc(y[setting])
-        sep = "CIs do not overlap" if xl > yh or yl > xh else "CIs overlap"
-        return f"{xn} {xv:.3f} vs {yn} {yv:.3f} ({setting}; diff {xv - yv:+.3f}, {sep})"
-
-    ok = lambda x, y, st: _auc(x[st])[0] >= _auc(y[st])[0]  # noqa: E731
-    out.append(f"- Giga-SSL linear eval matches or beats MIL on full tile features: "
-               f"**{'reproduces' if ok(g, a, 'full') else 'does not reproduce'}** — {cmp(g, a, 'full', 'Giga-SSL', 'ABMIL')}.")
-    for st in ("n=50", "n=25"):
-        d = _auc(g[st])[0] - _auc(a[st])[0]
-        out.append(f"- Giga-SSL wins clearly in the few-shot regime (paper: +6.3 AUC at ~50 slides): "
-                   f"**{'reproduces' if d >= 0.03 else 'does not reproduce'}** at {st} — {cmp(g, a, st, 'Giga-SSL', 'ABMIL')}.")
-    out.append(f"- Giga-SSL vs a plain mean of tile features (not a claim of the paper, the obvious baseline): "
-               f"{cmp(g, m, 'full', 'Giga-SSL', 'mean pooling')}; {cmp(g, m, 'n=25', 'Giga-SSL', 'mean pooling')}.")
-    out.append(f"- SLPD slide embeddings are competitive for slide classification: {cmp(s, a, 'full', 'SLPD', 'ABMIL')}; "
-               f"{cmp(s, m, 'full', 'SLPD', 'mean pooling')}; {cmp(s, m, 'n=25', 'SLPD', 'mean pooling')}.")
-    for trained, ctrl, nm in (("Giga-SSL (linear)", "Giga-SSL encoder, untrained (control)", "Giga-SSL"),
-                              ("SLPD (linear)", "SLPD region ViT, untrained (control)", "SLPD")):
-        if ctrl in rows:
-            out.append(f"- {nm} pre-training improves on the same encoder at initialisation: "
-                       f"{cmp(rows[trained], rows[ctrl], 'full', nm, 'untrained')}; "
-                       f"{cmp(rows[trained], rows[ctrl], 'n=25', nm, 'untrained')}.")
-    out.append("- Tiny slide representations (1 KB per slide for Giga-SSL 512-d fp16): **reproduces** (see bytes table).")
-    out.append("- Caveats: random-init tile encoder (the paper uses ImageNet / SSL weights), 120 small mosaic slides "
-               "(not TCGA), 8x16 cached views instead of 25x25 and far fewer pre-training steps, 2 shared CPU cores; "
-               "a non-reproduction here is weak evidence against the paper, not a refutation.")
+def timed(key: str, fn, *a, done: Path | None = None, **kw):  # noqa: ANN001, ANN201
+    """Run ``fn`` and record its wall time; a step whose output ``done`` already existed keeps its first time."""
+    was_done = done is not None and done.exists() and key in SAVED
+    t = time.perf_counter()
+    out = fn(*a, **kw)
+    TIMES[key] = SAVED[key] if was_done else time.perf_counter() - t
+    SAVED[key] = TIMES[key]
+    if TIMES_FILE:
+        TIMES_FILE[0].write_text(json.dumps(SAVED, indent=1))
+    print(f"{key}: {TIMES[key]:.1f} s", flush=True)
     return out
 
 
-def untrained_controls(work: Path, files: dict, ids: list[str], tiles_per_view: int) -> dict[str, np.ndarray]:
-    """Embeddings from the same encoders at their initialisation (no pre-training): does SSL add anything?"""
-    import zlib
+def tile_encoder(work: Path, pcam: Path, args) -> tuple[object, str]:  # noqa: ANN001
+    """The project's SSL tile encoder (trained here once, cached), truncated after layer 3, at 48 px."""
+    from gigaslide.cli.main import run as cli
+    from gigaslide.encoders import build_encoder
 
-    from gigaslide.ssl.slide import run as runs
-    from gigaslide.ssl.slide.encoders import build_slide_encoder
-    from gigaslide.ssl.slide.gigassl import embed_views
-    from gigaslide.ssl.slide.slpd import RegionViT, embed_regions
+    run = work / "tile_ssl"
+    if not (run / "encoder" / "weights.safetensors").is_file() or not (run / "run.json").is_file():
+        cli(["pretrain", "--data", str(pcam / "train"), "--out", str(run), "--method", "simclr", "--backbone", "resnet18",
+             "--mpp", "0.97", "--tile-size", "48", "--budget", args.tile_ssl_budget, "--batch-size", "32",
+             "--threads", "1", "--precision", "bf16", "--workers", "1"])
+    enc = build_encoder("resnet18_layer3", str(run / "encoder" / "weights.safetensors"))
+    enc.spec = replace(enc.spec, input_size=48)
+    return enc, f"SimCLR ResNet-18 trained {args.tile_ssl_budget} on PCam train (`{run}`), layer-3 features"
 
+
+def random_encoder():  # noqa: ANN201
+    from gigaslide.encoders import build_encoder
+
+    enc = build_encoder("resnet18_layer3", "random")
+    enc.spec = replace(enc.spec, input_size=48)
+    return enc
+
+
+@torch.no_grad()
+def tile_auc(enc, pcam: Path, n: int) -> float:  # noqa: ANN001
+    """Linear probe (StandardScaler + logistic regression) on n tiles per class of PCam train -> AUC on PCam valid."""
+    from PIL import Image
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    def load(split: str):  # noqa: ANN202
+        xs, ys = [], []
+        for c in (0, 1):
+            files = sorted((pcam / split / str(c)).glob("*.jpg"))[:n]
+            imgs = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+            for i in range(0, len(imgs), 128):
+                xs.append(enc(torch.from_numpy(imgs[i:i + 128])).float().numpy())
+            ys += [c] * len(files)
+        return np.concatenate(xs), np.array(ys)
+
+    (xt, yt), (xv, yv) = load("train"), load("valid")
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=3000)).fit(xt, yt)
+    return auc(yv, clf.predict_proba(xv))
+
+
+def splits(labels_csv: Path, ids: list[str], args):  # noqa: ANN001, ANN201
+    """The label table in run_cv's order and, per n, per draw, per fold: (train, test) indices — run_cv's own."""
+    t = S.match_features(S.read_labels(labels_csv), ids).table
+    folds = S.make_folds(t.labels, t.patient_ids, args.folds, 0, where=labels_csv)
+    plan = {}
+    for n in args.ns:
+        if n == "all":
+            plan[n] = [[(tr, te) for tr, te in folds]]
+        else:
+            per_fold = [S.few_shot_draws(tr, t.labels, int(n), args.draws, seed=k) for k, (tr, _) in enumerate(folds)]
+            plan[n] = [[(per_fold[k][r], te) for k, (_, te) in enumerate(folds)] for r in range(args.draws)]
+    return t, plan
+
+
+def linear_rows(X: np.ndarray, t, plan) -> dict:  # noqa: ANN001
+    """{n: [R, N] out-of-fold P(class 1)} for the linear probe (C=10, the paper's)."""
     out = {}
-    cfg = runs.read_config(work / "run_gigassl")
-    e = cfg["encoder"]
-    torch.manual_seed(cfg["train"]["seed"])  # the initialisation pre-training started from
-    enc = build_slide_encoder(e["name"], e["in_dim"], out_dim=e["out_dim"], hidden=e["hidden"]).eval()
-    vecs = []
-    for sid in ids:
-        ff = files[sid]
-        pos = np.round(ff.coords / ff.tile_size_level0).astype(np.int64)
-        vecs.append(embed_views(enc, ff.features, pos, ensemble=20, tiles_per_view=tiles_per_view,
-                                rng=np.random.default_rng([0, zlib.crc32(sid.encode())])))
-    out["Giga-SSL encoder, untrained (control)"] = np.stack(vecs)
-    cfg = runs.read_config(work / "run_slpd")
-    e = cfg["encoder"]
-    torch.manual_seed(cfg["train"]["seed"])
-    vit = RegionViT(e["in_dim"], e["dim"], e["depth"], e["heads"], e["grid"]).eval()
-    out["SLPD region ViT, untrained (control)"] = np.stack([embed_regions(vit, files[sid], cfg) for sid in ids])
+    for n, draws in plan.items():
+        p = np.full((len(draws), len(t.labels)), np.nan)
+        for r, fl in enumerate(draws):
+            pr = linear_probe_slides(X, t.labels, fl, slide_ids=t.slide_ids, C=10.0, seed=0)
+            p[r, [t.slide_ids.index(s) for s in pr.slide_ids]] = pr.probs[:, 1]
+        out[n] = p
+    return out
+
+
+def mil_rows(model: str, features: Path, labels_csv: Path, out: Path, t, args) -> dict:  # noqa: ANN001
+    from gigaslide.mil.cv import run_cv
+    from gigaslide.mil.train import TrainConfig
+
+    res = {}
+    for n in args.ns:
+        draws = 1 if n == "all" else args.draws
+        d = out / f"{model}_n{n}"
+        cfg = TrainConfig(model=model, epochs=args.mil_epochs, patience=max(3, args.mil_epochs // 3), seed=0, device="cpu")
+        run_cv(features, labels_csv, d, cfg=cfg, folds=args.folds, train_slides=None if n == "all" else int(n),
+               repeats=draws, n_bootstrap=100, verbose=False)
+        pred = read_predictions(d / "predictions.csv")
+        p = np.full((draws, len(t.labels)), np.nan)
+        for sid, pr, r in zip(pred.slide_ids, pred.probs[:, 1], pred.repeats):
+            p[int(r), t.slide_ids.index(sid)] = pr
+        res[n] = p
+    return res
+
+
+def mean_auc(y: np.ndarray, p: np.ndarray, idx: np.ndarray | None = None) -> float:
+    idx = np.arange(len(y)) if idx is None else idx
+    return float(np.mean([auc(y[idx], np.stack([1 - q[idx], q[idx]], 1)) for q in p]))
+
+
+def paired(y: np.ndarray, pa: np.ndarray, pb: np.ndarray, n_boot: int, seed: int = 0) -> tuple[float, float, float, float]:
+    """Mean-over-draws AUC difference a - b, its 95 % paired bootstrap CI over test slides, and P(diff <= 0)."""
+    rng = np.random.default_rng(seed)
+    d0 = mean_auc(y, pa) - mean_auc(y, pb)
+    ds = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        if len(set(y[idx])) < 2:
+            continue
+        ds.append(mean_auc(y, pa, idx) - mean_auc(y, pb, idx))
+    ds = np.array(ds)
+    return d0, float(np.percentile(ds, 2.5)), float(np.percentile(ds, 97.5)), float((ds <= 0).mean())
+
+
+def run_task(task: str, work: Path, pcam: Path, enc, args) -> dict:  # noqa: ANN001
+    from gigaslide.mil.mosaic import MosaicConfig, build_mosaic
+    from gigaslide.ssl.slide.cache import build_augment_cache
+    from gigaslide.ssl.slide.embed import embed_slides
+    from gigaslide.ssl.slide.gigassl import pretrain_gigassl
+    from gigaslide.ssl.slide.slpd import pretrain_slpd
+
+    w = work / task
+    tf = (0.1, 0.3) if task == "context" else (0.05, 0.2)
+    timed(f"{task}: mosaic slides", build_mosaic, pcam / "train", w / "mosaic",
+          MosaicConfig(slides=args.slides, grid=args.grid, tumor_fraction=tf, seed=0, task=task), verbose=False,
+          done=w / "mosaic" / "labels.csv")
+    slides = sorted(str(p) for p in (w / "mosaic" / "slides").glob("*.tiff"))
+    quiet = lambda *a: None  # noqa: E731
+    cres = timed(f"{task}: augment-cache", build_augment_cache, slides, w / "cache", enc, views=args.views,
+                 tiles_per_view=args.tiles_per_view, mpp=0.97, tile_size=96, min_tissue=0.5, batch_size=128,
+                 precision="bf16", log=quiet, done=w / "cache" / "cache.json")
+    files = store.load_dir(w / "cache")
+    labels_csv = w / "mosaic" / "labels.csv"
+    t, plan = splits(labels_csv, sorted(files), args)
+    g = timed(f"{task}: Giga-SSL pre-training", pretrain_gigassl, w / "cache", w / "gigassl", epochs=args.gigassl_epochs,
+              tiles_per_step=args.tiles_per_step, batch_size=args.gigassl_batch, log=quiet,
+              done=w / "gigassl" / "model.safetensors")
+    emb = {"Giga-SSL": timed(f"{task}: Giga-SSL embed", embed_slides, w / "gigassl", w / "cache", w / "emb_gigassl.h5",
+                             ensemble=20, fp16=True)}
+    collapse = {}
+    for name, mode in SLPD_MODES.items():
+        r = timed(f"{task}: {name} pre-training", pretrain_slpd, w / "cache", w / f"slpd_{mode}", losses=mode,
+                  region_size=args.region_size, prototypes=2, warmup=max(1, args.slpd_epochs // 3),
+                  epochs=args.slpd_epochs, batch_size=64, log=quiet, done=w / f"slpd_{mode}" / "model.safetensors")
+        collapse[name] = r["collapse"]
+        emb[name] = embed_slides(w / f"slpd_{mode}", w / "cache", w / f"emb_{mode}.h5", fp16=True)
+    X = {k: np.asarray(v.embeddings, np.float32)[[v.slide_ids.index(s) for s in t.slide_ids]] for k, v in emb.items()}
+    X["mean pooling"] = np.stack([files[s].features.mean(0) for s in t.slide_ids])
+    preds = {f"{k} (linear)": linear_rows(x, t, plan) for k, x in X.items()}
+    for name, model in (MIL.items() if not args.no_mil else []):
+        preds[name] = timed(f"{task}: {name} (all n, draws, folds)", mil_rows, model, w / "cache", labels_csv,
+                            w / "mil", t, args, done=w / "mil" / f"{model}_n{args.ns[-1]}" / "predictions.csv")
+    info = {"n_slides": len(t.labels), "n_pos": int(t.labels.sum()), "cache_slides": len(cres.done) + len(cres.skipped),
+            "tiles": float(np.mean([len(f) for f in files.values()])), "collapse": collapse,
+            "bytes": {"Giga-SSL embedding (fp16)": int(emb["Giga-SSL"].attrs["bytes_per_slide"]),
+                      "SLPD embedding (fp16)": int(emb["SLPD +intra+inter"].attrs["bytes_per_slide"]),
+                      "tile features (fp16)": float(np.mean([files[s].features.astype(np.float16).nbytes for s in files])),
+                      "augmented-view cache file": float(np.mean([f.stat().st_size for f in (w / "cache" / "features").glob("*.h5")]))},
+            "gigassl_final": g["history"][-1]}
+    return {"y": t.labels, "preds": preds, "info": info}
+
+
+def random_control(work: Path, pcam: Path, args) -> dict:
+    """Tumour task, random-weight tile encoder: mean pooling + linear and ABMIL only (a control row)."""
+    from gigaslide.ssl.slide.cache import build_augment_cache
+
+    w = work / "tumour"
+    slides = sorted(str(p) for p in (w / "mosaic" / "slides").glob("*.tiff"))
+    timed("control: random-feature cache", build_augment_cache, slides, work / "random_cache", random_encoder(), views=2,
+          tiles_per_view=4, mpp=0.97, tile_size=96, min_tissue=0.5, batch_size=128, precision="bf16", log=lambda *a: None,
+          done=work / "random_cache" / "cache.json")
+    files = store.load_dir(work / "random_cache")
+    t, plan = splits(w / "mosaic" / "labels.csv", sorted(files), args)
+    X = np.stack([files[s].features.mean(0) for s in t.slide_ids])
+    out = {"random features: mean pooling (linear)": linear_rows(X, t, plan)}
+    if not args.no_mil:
+        out["random features: ABMIL"] = mil_rows("abmil", work / "random_cache", w / "mosaic" / "labels.csv",
+                                                 work / "random_mil", t, args)
+    return out
+
+
+def report(results: dict, tile: dict, args, enc_desc: str) -> str:
+    md = ["# Slide-level SSL: Giga-SSL and SLPD vs MIL on mosaic slides\n"]
+    if args.small:
+        md.append("**Reduced run on a shared, busy 2-core CPU machine** (`--small`: few slides, few draws, few epochs); "
+                  "the script's defaults are the full setting. Read the numbers as a check of the machinery and of the "
+                  "direction of effects, not as a reproduction at the papers' scale.\n")
+    md.append(f"Tile encoder: {enc_desc}; tile linear AUC on PCam valid ({args.tile_n} train / {args.tile_n} valid tiles "
+              f"per class): SSL **{tile['ssl']:.3f}** vs random weights {tile['random']:.3f}. Slides: {args.slides} per task, "
+              f"grid {args.grid}, 96 px PCam train tiles at 0.97 µm/px. Cache {args.views} views x {args.tiles_per_view} "
+              f"tiles; Giga-SSL {args.gigassl_epochs} epochs, {args.tiles_per_step} tiles per step, SparseConvMIL "
+              f"(2 sparse residual blocks, BatchNorm, stride-2 pooling); SLPD {args.slpd_epochs} epochs, regions "
+              f"{args.region_size} px at 0.5 µm/px, k=2. Linear = StandardScaler + balanced logistic regression, C=10. "
+              f"MIL = gigaslide.mil.cv.run_cv ({args.mil_epochs} epochs max, early stopping on a validation split). "
+              f"{args.folds} stratified patient-grouped folds; few-shot: {args.draws} draws per fold; AUC = mean over draws "
+              f"of the out-of-fold AUC.\n")
+    for task, res in results.items():
+        y, preds, info = res["y"], res["preds"], res["info"]
+        md.append(f"## Task: {task} ({info['n_slides']} slides, {info['n_pos']} positive, {info['tiles']:.0f} tiles per slide)\n")
+        md.append("| method | " + " | ".join(f"n = {n}" for n in args.ns) + " |")
+        md.append("|---|" + "---|" * len(args.ns))
+        for name, p in preds.items():
+            md.append(f"| {name} | " + " | ".join(f"{mean_auc(y, p[n]):.3f}" for n in args.ns) + " |")
+        md.append("\nPaired bootstrap of AUC differences (same test slides, "
+                  f"{args.bootstrap} resamples): diff [95 % CI], P(diff <= 0)\n")
+        md.append("| comparison | " + " | ".join(f"n = {n}" for n in args.ns) + " |")
+        md.append("|---|" + "---|" * len(args.ns))
+        verdicts = []
+        ref = "ABMIL" if "ABMIL" in preds else "mean pooling (linear)"
+        pairs = [("Giga-SSL (linear)", ref), ("Giga-SSL (linear)", "mean pooling (linear)"),
+                 ("SLPD +intra+inter (linear)", "SLPD DINO only (linear)"), ("SLPD +intra (linear)", "SLPD DINO only (linear)"),
+                 ("SLPD +intra+inter (linear)", ref)]
+        for a, b in pairs:
+            cells = []
+            for n in args.ns:
+                d, lo, hi, pneg = paired(y, preds[a][n], preds[b][n], args.bootstrap)
+                cells.append(f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}], {pneg:.2f}")
+                if n == args.ns[0] or n == "50":
+                    verdicts.append((a, b, n, d, lo, hi))
+            md.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+        md.append("")
+        for a, b, n, d, lo, hi in verdicts:
+            word = "better (CI above 0)" if lo > 0 else "worse (CI below 0)" if hi < 0 else "no clear difference (CI spans 0)"
+            md.append(f"- {task}, n = {n}: {a} vs {b}: {d:+.3f} — {word}.")
+        col = {k: v for k, v in info["collapse"].items() if v}
+        md.append(f"- SLPD collapse monitor: {'collapsed: ' + ', '.join(f'{k} ({v})' for k, v in col.items()) if col else 'no run collapsed'}.")
+        gf = info["gigassl_final"]
+        md.append(f"- Giga-SSL final epoch: loss {gf['loss']:.3f}, label-free view retrieval top-1 {gf['retrieval_top1']:.3f}.\n")
+        md.append("| artifact | bytes per slide |\n|---|---|")
+        md += [f"| {k} | {v:.0f} |" for k, v in info["bytes"].items()]
+        md.append("")
+    md.append("## Claims\n")
+    md += claims(results, args)
+    md.append("- Why slide-level SSL has little to learn from on mosaics: every mosaic slide draws its tiles from one shared "
+              "PCam pool, so two random tile subsets of one slide share nothing slide-specific (no patient, stain or "
+              "scanner identity) beyond its tumour content and tissue shape; instance discrimination (Giga-SSL) and "
+              "slide-level prototypes (SLPD) then have almost no signal, which the view-retrieval monitor above measures. "
+              "The papers' slides (TCGA) carry strong per-slide identity.")
+    md.append("\n| step | seconds |\n|---|---|")
+    md += [f"| {k} | {v:.1f} |" for k, v in TIMES.items()]
+    md.append(f"\nMachine: {machine()}; 2 cores shared with other engineers' jobs (timings are wall-clock and noisy).")
+    return "\n".join(md)
+
+
+def verdict(lo: float, hi: float, margin: float = 0.0) -> str:
+    """Three-way verdict from a paired CI of (method - reference): above ``-margin`` / below 0 / neither."""
+    if lo > -margin:
+        return "reproduces"
+    if hi < 0:
+        return "does not reproduce (contradicted: CI below 0)"
+    return "not shown at this scale (CI spans 0)"
+
+
+def claims(results: dict, args) -> list[str]:
+    """Plain verdicts computed from the rows above (paired bootstrap CIs)."""
+    out = []
+    for task, res in results.items():
+        y, p = res["y"], res["preds"]
+        ref = "ABMIL" if "ABMIL" in p else "mean pooling (linear)"
+        small = next((n for n in args.ns if n != "all"), args.ns[0])
+        gf = res["info"]["gigassl_final"]
+        chance = 1.0 / res["info"]["n_slides"]
+        if gf["retrieval_top1"] <= 2 * chance:
+            out.append(f"- {task}: Giga-SSL's label-free monitor (view retrieval top-1 {gf['retrieval_top1']:.3f}, chance "
+                       f"{chance:.3f}) says its pre-training did **not learn** in this budget: its rows test an "
+                       "untrained-like encoder, not the method.")
+        for n, what, margin in ((small, f"few-shot gain over {ref} (paper: +6.3 AUC at ~50 slides)", 0.0),
+                                ("all", f"maintains {ref}'s AUC with all training slides (non-inferiority margin 0.05)", 0.05)):
+            if n not in args.ns:
+                continue
+            d, lo, hi, _ = paired(y, p["Giga-SSL (linear)"][n], p[ref][n], args.bootstrap)
+            ra = mean_auc(y, p[ref][n])
+            word = verdict(lo, hi, margin) if ra >= 0.6 else f"not testable: {ref} itself is near chance (AUC {ra:.3f})"
+            out.append(f"- Giga-SSL {what}, {task} task, n = {n}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}] — **{word}**.")
+        d, lo, hi, _ = paired(y, p["SLPD +intra+inter (linear)"][small], p["SLPD DINO only (linear)"][small], args.bootstrap)
+        out.append(f"- SLPD prototype distillation beats DINO-only region pre-training, {task} task, n = {small}: {d:+.3f} "
+                   f"[{lo:+.3f}, {hi:+.3f}] — **{verdict(lo, hi)}**.")
+        if task == "context":
+            best = max(p, key=lambda k: mean_auc(y, p[k]["all" if "all" in args.ns else small]))
+            a = mean_auc(y, p[best]["all" if "all" in args.ns else small])
+            out.append(f"- Context task (only spatial arrangement differs): best method {best} at AUC {a:.3f}; "
+                       f"mean pooling {mean_auc(y, p['mean pooling (linear)'][small]):.3f} at n = {small} (a bag mean "
+                       "cannot see arrangement by construction).")
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/gigaslide_bench_slide_ssl")
-    ap.add_argument("--slides", type=int, default=120)
+    ap.add_argument("--small", action="store_true", help="the reduced setting (minutes on a busy CPU)")
+    ap.add_argument("--tasks", default="tumour,context")
+    ap.add_argument("--slides", type=int, default=200)
     ap.add_argument("--grid", type=int, default=16)
-    ap.add_argument("--views", type=int, default=8)
-    ap.add_argument("--tiles-per-view", type=int, default=16)
-    ap.add_argument("--gigassl-epochs", type=int, default=400)
-    ap.add_argument("--slpd-epochs", type=int, default=10)
-    ap.add_argument("--region-size", type=int, default=745, help="px at 0.5 µm/px (372 µm = 4x4 mosaic tiles of 96 px at 0.97)")
+    ap.add_argument("--views", type=int, default=25)
+    ap.add_argument("--tiles-per-view", type=int, default=32)
+    ap.add_argument("--tiles-per-step", type=int, default=16)
+    ap.add_argument("--gigassl-epochs", type=int, default=300)
+    ap.add_argument("--gigassl-batch", type=int, default=None)
+    ap.add_argument("--slpd-epochs", type=int, default=30)
+    ap.add_argument("--region-size", type=int, default=745, help="px at 0.5 µm/px (372 µm = 4x4 mosaic tiles)")
     ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--abmil-epochs", type=int, default=30)
+    ap.add_argument("--draws", type=int, default=10)
+    ap.add_argument("--ns", default="25,50,100,all")
+    ap.add_argument("--mil-epochs", type=int, default=40)
+    ap.add_argument("--no-mil", action="store_true")
+    ap.add_argument("--no-random-control", action="store_true")
     ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--tile-ssl-budget", default="6m")
+    ap.add_argument("--tile-n", type=int, default=500)
     args = ap.parse_args()
-    torch.set_num_threads(1)  # 2 cores shared by 5 jobs: more threads only spin
+    if args.small:
+        args.slides, args.grid, args.views, args.tiles_per_view = 24, 10, 3, 12
+        args.gigassl_epochs, args.slpd_epochs, args.folds, args.draws = 80, 4, 3, 3
+        args.ns, args.mil_epochs, args.bootstrap, args.tile_n, args.gigassl_batch = "8,all", 10, 300, 200, 12
+        args.tiles_per_step, args.work = 8, args.work + "_small"
+    args.ns = [s.strip() for s in args.ns.split(",")]
+    torch.set_num_threads(1)
     shared = shared_data_dir()
     if shared is None:
         print("no shared data (PCam tiles): cannot run")
         return
-    work = Path(args.work)
-
-    import json
-
+    pcam, work = shared / "tiles" / "pcam", Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    tfile = work / "times.json"
-    saved = json.loads(tfile.read_text()) if tfile.is_file() else {}
-
-    class Times(dict):
-        """Step timings; a step skipped on a resumed run keeps the time measured when it ran."""
-
-        def record(self, k: str, v: float, did_work: bool = True) -> None:
-            if not did_work and k in saved:
-                v = saved[k]
-            print(f"{k}: {v:.1f} s", flush=True)
-            self[k] = saved[k] = v
-            tfile.write_text(json.dumps(saved, indent=1))
-
-    times = Times()
-    from gigaslide.mil.mosaic import MosaicConfig, build_mosaic
-
-    t = time.perf_counter()
-    build_mosaic(shared / "tiles" / "pcam" / "train", work / "mosaic",
-                 MosaicConfig(slides=args.slides, grid=args.grid, seed=0), verbose=False)
-    times.record("mosaic slides", time.perf_counter() - t, did_work=time.perf_counter() - t > 5)
-    labels = read_labels(work / "mosaic")
-    slides = sorted(str(p) for p in (work / "mosaic" / "slides").glob("*.tiff"))
-
-    from gigaslide.ssl.slide.cache import build_augment_cache
-
-    t = time.perf_counter()
-    cres = build_augment_cache(slides, work / "cache", tile_encoder(), views=args.views,
-                               tiles_per_view=args.tiles_per_view, mpp=0.97, tile_size=96, min_tissue=0.5,
-                               batch_size=128, precision="bf16", log=lambda *a: None)
-    times.record("augment-cache (plain + views)", time.perf_counter() - t, did_work=bool(cres.done))
-    files = store.load_dir(work / "cache")
-    ids = sorted(files)
-    y = np.array([labels[i] for i in ids])
-    n_tiles = np.array([len(files[i]) for i in ids])
-
-    from gigaslide.ssl.slide.embed import embed_slides
-    from gigaslide.ssl.slide.gigassl import pretrain_gigassl
-    from gigaslide.ssl.slide.slpd import pretrain_slpd
-
-    t = time.perf_counter()
-    g = pretrain_gigassl(work / "cache", work / "run_gigassl", epochs=args.gigassl_epochs, batch_size=32,
-                         log=lambda *a: None)
-    times.record("Giga-SSL pre-training", g["history"][-1]["seconds"])
-    t = time.perf_counter()
-    s = pretrain_slpd(work / "cache", work / "run_slpd", region_size=args.region_size, prototypes=2, warmup=3,
-                      epochs=args.slpd_epochs, batch_size=64, log=lambda *a: None)
-    times.record("SLPD pre-training", s["history"][-1]["seconds"])
-    t = time.perf_counter()
-    eg = embed_slides(work / "run_gigassl", work / "cache", work / "emb_gigassl.h5", ensemble=20, fp16=True)
-    times.record("Giga-SSL embed (ensemble 20)", time.perf_counter() - t)
-    es = embed_slides(work / "run_slpd", work / "cache", work / "emb_slpd.h5", fp16=True)
-    emb = {"Giga-SSL (linear)": eg, "SLPD (linear)": es}
-    X = {k: np.asarray(v.embeddings, np.float32)[[v.slide_ids.index(i) for i in ids]] for k, v in emb.items()}
-    X["mean pooling (linear)"] = np.stack([files[i].features.mean(0) for i in ids])
-    X.update(untrained_controls(work, files, ids, args.tiles_per_view))
-
-    folds = make_folds(y, None, args.folds, seed=0)
-    settings = [("full", None), ("n=50", 50), ("n=25", 25)]
-    rows: dict[str, dict[str, tuple]] = {}
-    for name, Xm in X.items():
-        rows[name] = {}
-        for sname, n in settings:
-            preds = []
-            for r in range(1 if n is None else args.repeats):
-                fl = folds if n is None else [(few_shot_draws(tr, y, n, 1, seed=100 * r + k)[0], te)
-                                              for k, (tr, te) in enumerate(folds)]
-                pr = linear_probe_slides(Xm, y, fl, slide_ids=ids, seed=0)
-                order = np.argsort([ids.index(i) for i in pr.slide_ids])
-                preds.append((pr.labels[order], pr.probs[order, 1]))
-            rows[name][sname] = pooled(preds, args.bootstrap)
-
-    from gigaslide.mil.train import TrainConfig, predict, train_fold
-
-    bags = [torch.from_numpy(files[i].features.astype(np.float32)) for i in ids]
-    t = time.perf_counter()
-    rows["ABMIL (tile features)"] = {}
-    for sname, n in settings:
-        preds = []
-        for r in range(1 if n is None else args.repeats):
-            p1 = np.full(len(y), np.nan)
-            for k, (tr, te) in enumerate(folds):
-                trn = tr if n is None else few_shot_draws(tr, y, n, 1, seed=100 * r + k)[0]
-                cfg = TrainConfig(model="abmil", epochs=args.abmil_epochs, seed=r, device="cpu")
-                model, _ = train_fold([bags[i] for i in trn], y[trn], [], y[:0], 256, 2, cfg)
-                probs, _ = predict(model, [bags[i] for i in te])
-                p1[te] = probs[:, 1]
-            preds.append((y, p1))
-        rows["ABMIL (tile features)"][sname] = pooled(preds, args.bootstrap)
-    times.record("ABMIL training (all folds/draws)", time.perf_counter() - t)
-
-    cache_bytes = float(np.mean([f.stat().st_size for f in (work / "cache" / "features").glob("*.h5")]))
-    tile_bytes = float(np.mean([files[i].features.astype(np.float16).nbytes for i in ids]))
-    md = ["# Slide-level SSL: Giga-SSL and SLPD vs ABMIL / mean pooling (mosaic benchmark)\n",
-          f"{len(ids)} mosaic slides ({int(y.sum())} tumour, {int((1 - y).sum())} normal) built from PCam **train** tiles "
-          f"(grid {args.grid}x{args.grid}, 96 px tiles at 0.97 µm/px, tumour fraction 2-20 % of tissue tiles in positives); "
-          f"{n_tiles.mean():.0f} tissue tiles per slide on average (min {n_tiles.min()}, max {n_tiles.max()}).",
-          "Tile encoder: ResNet-18 truncated after layer 3 (256-d, as in Giga-SSL) with **random weights** (no "
-          "pretrained weights are reachable offline), at the tiles' native 96 px, bf16 autocast (min cosine to fp32 >= 0.999 checked separately). Augmented-view cache: "
-          f"{args.views} views x {args.tiles_per_view} tiles per slide (paper: 25 x 25), one shared augmentation per view.",
-          f"Giga-SSL: SparseConvMIL (1 submanifold 3x3 conv), 512-d, SimCLR T=0.05, Adam 1e-3, batch 32 slides, "
-          f"{args.gigassl_epochs} epochs, embedding = mean over 20 random views of {args.tiles_per_view} plain tiles. "
-          f"SLPD: region ViT (2 layers, 192-d) over regions of {args.region_size} px at 0.5 µm/px "
-          f"({args.region_size * 0.5:.0f} µm, about 4 mosaic tiles per side (border tiles make some 5); the paper's 4096 px regions would be larger than these "
-          f"slides), DINO + intra/inter prototype losses, k=2, warm-up 3, {args.slpd_epochs} epochs; embedding = mean "
-          "of region embeddings. Both pre-trained on all slides without labels (transductive, as usual for SSL).",
-          f"Evaluation: the same {args.folds} stratified folds for all methods; linear = StandardScaler + "
-          f"LogisticRegression(class_weight='balanced'); ABMIL = gigaslide.mil ABMIL, {args.abmil_epochs} epochs, last "
-          f"epoch, no validation split. Few-shot: n training slides drawn from each training fold, {args.repeats} "
-          f"repeats. AUC of pooled out-of-fold predictions [95 % bootstrap CI, {args.bootstrap} resamples, within "
-          "repeats]; then mean ± sd of the per-repeat AUC.\n",
-          "| method | full | n = 50 | n = 25 |", "|---|---|---|---|"]
-    for name, r in rows.items():
-        md.append(f"| {name} | " + " | ".join(f"{r[s][0]} ({r[s][1]:.3f} ± {r[s][2]:.3f})" for s, _ in settings) + " |")
-    md += ["", "| artifact | bytes per slide |", "|---|---|",
-           f"| Giga-SSL embedding (512-d fp16) | {eg.attrs['bytes_per_slide']} |",
-           f"| SLPD embedding (192-d fp16) | {es.attrs['bytes_per_slide']} |",
-           f"| tile features (N x 256 fp16, mean) | {tile_bytes:.0f} |",
-           f"| augmented-view cache file incl. plain fp32 features (mean) | {cache_bytes:.0f} |",
-           "", "| step | seconds |", "|---|---|"]
-    md += [f"| {k} | {v:.1f} |" for k, v in times.items()]
-    md += ["", "## Paper claims on this benchmark", ""] + claims(rows)
-    md.append(f"\nGiga-SSL final loss {g['history'][-1]['loss']:.3f} (first {g['history'][0]['loss']:.3f}); "
-              f"SLPD final DINO loss {s['history'][-1]['dino']:.3f}.")
-    md.append("\nCPU: 2 cores shared with other jobs; timings are wall-clock and noisy. " + machine())
-    text = "\n".join(line for line in md if line is not None)
-    print(text)
-    print(write_result("slide_ssl", text))
+    TIMES_FILE.append(work / "times.json")
+    if TIMES_FILE[0].is_file():
+        SAVED.update(json.loads(TIMES_FILE[0].read_text()))
+    enc, desc = timed("tile encoder (load; its SSL training budget is stated above)", tile_encoder, work, pcam, args,
+                      done=work / "tile_ssl" / "encoder" / "weights.safetensors")
+    tile = {"ssl": timed("tile linear AUC", tile_auc, enc, pcam, args.tile_n),
+            "random": tile_auc(random_encoder(), pcam, args.tile_n)}
+    results = {task: run_task(task, work, pcam, enc, args) for task in args.tasks.split(",")}
+    if not args.no_random_control and "tumour" in results:
+        results["tumour"]["preds"].update(random_control(work, pcam, args))
+    (work / "results.json").write_text(json.dumps({"times": TIMES, "tile": tile}, indent=1))
+    print(write_result("slide_ssl", report(results, tile, args, desc)))
 
 
 if __name__ == "__main__":

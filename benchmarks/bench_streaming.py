@@ -1,16 +1,24 @@
-"""Streaming vs dense ResNet-34 forward+backward: peak RSS, time, gradient error.
+"""Streamed vs dense ResNet-34 forward+backward, with and without StreamingCLAM's max-pool: peak RSS, time, gradient error.
 
-Every configuration runs in a fresh subprocess (peak RSS = that process's VmHWM / ru_maxrss). The
-image is kept as uint8 and normalised crop by crop (``transform``), for dense as well (dense
-converts the whole image). Loss: mean of squares of the feature map. Dense runs only where it
-fits safely (<= 2048^2 here; 4096^2 needs ~11 GB and is run only with --dense-4096 and >= 16 GB free).
+Every configuration runs in a fresh subprocess, one at a time, every tile of the plan (nothing is
+extrapolated). Peak RSS = that process's VmHWM; the uint8 image is held once and its bytes are
+reported next to it, so ``peak RSS - image`` is what streaming itself costs (goal: <= 3 GB at every
+size). A watchdog kills a run whose RSS passes ``--max-rss-gb`` (the machine is shared).
 
-Large streamed sizes are *partial*: the full-size buffers (uint8 image, feature map, its gradient,
-parameter gradients) are allocated and the first ``--tiles`` full-size tiles are run forward and
-backward, so the measured peak RSS is that of a full run (every tile has the same size); the time is
-extrapolated as (time per tile) x (number of tiles) and marked as such.
+* ``stream``: ``StreamingCNN(checkpoint_blocks=True, trim_memory=True, pool_kernel=k)`` (train-streaming's
+  low-memory mode); ``k = 8`` pools each tile's output as it is produced (the full-resolution feature map
+  is never held whole); ``k = 1`` keeps the full map.
+* ``dense``: the whole image in one pass of the plain trunk, with activation checkpointing (stem and each
+  residual block, torch.utils.checkpoint) so that it fits where the un-checkpointed pass (11.8 GB at
+  4096²) would not; recomputation does not change the gradients. One forward, two backward passes: the
+  loss without pooling and the loss after ``max_pool2d(k, ceil_mode=True)``, the references for both
+  streamed runs.
 
-Run: .venv/bin/python benchmarks/bench_streaming.py
+Loss: mean of squares of the (pooled) feature map. Grad rel. error: max over parameter tensors of
+max|g_stream - g_dense| / max|g_dense|.
+
+Run (shared machine: one size at a time):  nice .venv/bin/python benchmarks/bench_streaming.py --sizes 4096
+Full table (a quiet machine with >= 24 GB): --sizes 4096,8192,16384,32768 --dense-up-to 4096
 """
 
 from __future__ import annotations
@@ -19,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -27,6 +34,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "streaming.md"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
 def _trunk():  # noqa: ANN202
@@ -48,245 +56,150 @@ def _norm(u):  # noqa: ANN001, ANN202
     return (u.float() - 128.0) / 64.0
 
 
-def one(mode: str, size: int, tile: int, max_tiles: int, grads_out: str | None) -> dict:
+def _dense_checkpointed(trunk, img):  # noqa: ANN001, ANN202
+    """The plain trunk on the whole image, activations recomputed per stem / residual block in backward."""
     import torch
+    from torch.utils.checkpoint import checkpoint
+
+    def stem(u):  # noqa: ANN001, ANN202
+        x = _norm(u).contiguous(memory_format=torch.channels_last)
+        return trunk.maxpool(trunk.act1(trunk.bn1(trunk.conv1(x))))
+
+    x = checkpoint(stem, img, use_reentrant=False)
+    for stage in (trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4):
+        for block in stage:
+            x = checkpoint(block, x, use_reentrant=False)
+    return x
+
+
+def one(mode: str, size: int, tile: int, pool: int, grads_out: str | None) -> dict:
+    import torch
+    import torch.nn.functional as F
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     from gigaslide.streaming import StreamingCNN
 
     trunk = _trunk()
-    img = _image(size)
+    params = [p for _, p in trunk.named_parameters()]
+    names = [n for n, _ in trunk.named_parameters()]
     rss0 = _hwm()
+    img = _image(size)
+    info: dict = {"mode": mode, "size": size, "tile": tile, "pool": pool, "image_gb": img.numel() / 1e9}
     t0 = time.perf_counter()
-    info: dict = {"mode": mode, "size": size, "tile": tile}
+    saved: dict = {}
     if mode == "dense":
-        y = trunk(_norm(img).contiguous(memory_format=torch.channels_last))
-        y.square().mean().backward()
-        info.update(tiles=1, tiles_run=1)
+        y = _dense_checkpointed(trunk, img)
+        info.update(tiles=1, fmap=list(y.shape[-2:]))
+        g1 = torch.autograd.grad(y.square().mean(), params, retain_graph=True)
+        g8 = torch.autograd.grad(F.max_pool2d(y, pool, pool, ceil_mode=True).square().mean(), params)
+        saved = {**{f"p1/{n}": g for n, g in zip(names, g1)}, **{f"p{pool}/{n}": g for n, g in zip(names, g8)}}
     else:
-        ckpt = os.environ.get("BENCH_CKPT") == "1"
-        stream = StreamingCNN(trunk, tile, transform=_norm, channels_last=True, checkpoint_blocks=ckpt, trim_memory=ckpt)
-        info["checkpoint_blocks"] = ckpt
-        plan = stream.tiles((size, size))
-        n = len(plan)
-        info.update(tiles=n)
-        if max_tiles and n > max_tiles:
-            full = [t for t in plan if t.rows.stop - t.rows.start == tile and t.cols.stop - t.cols.start == tile]
-            chosen = (full or plan)[:max_tiles]
-            stream.tiles = lambda _size: chosen  # type: ignore[method-assign]
-            info.update(tiles_run=len(chosen), partial=True)
-        else:
-            info.update(tiles_run=n)
+        stream = StreamingCNN(trunk, tile, transform=_norm, channels_last=True, checkpoint_blocks=True,
+                              trim_memory=True, pool_kernel=pool)
+        info["tiles"] = len(stream.tiles((size, size)))
         y = stream(img)
+        info["fmap"] = list(y.shape[-2:])
         y.square().mean().backward()
+        saved = {f"p{pool}/{n}": p.grad for n, p in trunk.named_parameters()}
     info["seconds"] = time.perf_counter() - t0
-    if info.get("partial"):
-        info["seconds_extrapolated"] = info["seconds"] / info["tiles_run"] * info["tiles"]
     info["peak_rss_gb"] = _hwm() / 1e9
     info["baseline_rss_gb"] = rss0 / 1e9
     if grads_out:
         from safetensors.torch import save_file
 
-        save_file({k: p.grad.contiguous() for k, p in trunk.named_parameters()}, grads_out)
+        save_file({k: v.contiguous() for k, v in saved.items()}, grads_out)
     return info
 
 
-def _hwm() -> int:
+def _hwm(pid: str = "self", key: str = "VmHWM:") -> int:
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return 0
 
 
-def _mem_available_gb() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / 1e6
-    return 0.0
-
-
-def _spawn(mode: str, size: int, tile: int, max_tiles: int = 0, grads: str | None = None, ckpt: bool = False) -> dict:
-    cmd = [sys.executable, __file__, "--one", mode, str(size), str(tile), str(max_tiles), grads or ""]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "BENCH_CKPT": "1" if ckpt else "0"})
-    if r.returncode != 0:
-        return {"mode": mode, "size": size, "tile": tile, "error": (r.stderr.strip().splitlines() or ["?"])[-1]}
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+def _spawn(mode: str, size: int, tile: int, pool: int, grads: str | None, max_rss_gb: float) -> dict:
+    cmd = [sys.executable, __file__, "--one", mode, str(size), str(tile), str(pool), grads or ""]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while p.poll() is None:  # watchdog: the machine is shared
+        peak = max(peak, _hwm(str(p.pid), "VmRSS:"))
+        if peak > max_rss_gb * 1e9:
+            p.kill()
+            p.wait()
+            return {"mode": mode, "size": size, "tile": tile, "pool": pool,
+                    "error": f"stopped: RSS passed {max_rss_gb:g} GB (--max-rss-gb)"}
+        time.sleep(0.2)
+    out, err = p.communicate()
+    if p.returncode != 0:
+        why = f"killed by signal {-p.returncode}" if p.returncode < 0 else (err.strip().splitlines() or ["?"])[-1]
+        return {"mode": mode, "size": size, "tile": tile, "pool": pool, "error": why}
+    res = json.loads(out.strip().splitlines()[-1])
     print(json.dumps(res), flush=True)
     return res
 
 
-def _grad_error(a_path: str, b_path: str) -> float:
+def _grad_error(a_path: str, b_path: str, prefix: str) -> float:
     from safetensors.torch import load_file
 
     a, b = load_file(a_path), load_file(b_path)
-    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in b)
+    keys = [k for k in b if k.startswith(prefix)]
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in keys)
+
+
+def _run(work: Path, mode: str, size: int, tile: int, pool: int, max_rss_gb: float) -> tuple[dict, str]:
+    """One configuration, measured once: its row and gradients are kept in ``work`` and reused by later
+    invocations (so a shared machine can run the configurations one at a time, in any order)."""
+    key = f"{mode}_{size}_{tile if mode == 'stream' else size}_{pool}"
+    row_f, grads = work / f"{key}.json", str(work / f"{key}.safetensors")
+    if row_f.is_file():  # measured (or failed, e.g. over --max-rss-gb) by an earlier invocation
+        print(f"reusing {row_f}", flush=True)
+        return {**json.loads(row_f.read_text()), "reused": True}, grads
+    row = _spawn(mode, size, tile, pool, grads, max_rss_gb)
+    row_f.write_text(json.dumps(row))
+    return row, grads
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tiles", type=int, default=1, help="tiles run at the large streamed sizes (time extrapolated)")
-    ap.add_argument("--big", default="4096,8192,16384", help="streamed-only sizes (partial runs)")
-    ap.add_argument("--big-tiles", default="2048,1536", help="tile sizes for the streamed-only sizes")
-    ap.add_argument("--big-modes", default="stream,ckpt",
-                    help="streamed modes at the big sizes: stream (plain) and/or ckpt (low-memory: activation checkpointing + "
-                         "freed memory returned to the OS)")
-    ap.add_argument("--full-up-to", type=int, default=0,
-                    help="big sizes up to this side run every tile (measured time) instead of --tiles (extrapolated)")
-    ap.add_argument("--dense-4096", action="store_true", help="also run dense at 4096^2 (~11 GB) if >= 16 GB free")
-    ap.add_argument("--e2e", action="store_true", help="also train end to end on mosaic slides (slow)")
-    ap.add_argument("--e2e-only", action="store_true", help="only the end-to-end part (appended to the results file)")
-    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "gigaslide_bench_streaming"))
-    ap.add_argument("--e2e-slides", type=int, default=30)
-    ap.add_argument("--e2e-grid", type=int, default=12)
-    ap.add_argument("--e2e-tumor", type=float, default=0.25)
-    ap.add_argument("--e2e-mpp", type=float, default=1.94)
-    ap.add_argument("--e2e-image", type=int, default=1024)
-    ap.add_argument("--e2e-tile", type=int, default=480)
-    ap.add_argument("--e2e-folds", type=int, default=3)
-    ap.add_argument("--e2e-epochs", type=int, default=6)
-    ap.add_argument("--e2e-freeze", type=int, default=4)
-    ap.add_argument("--e2e-weights", default="random",
-                    help="trunk weights, comma-separated: 'random' and/or a ResNet-18 weights file or exported encoder "
-                         "folder (e.g. a `gigaslide pretrain` run's encoder/); both methods run once per entry")
+    ap.add_argument("--sizes", default="4096", help="image sides; 8192,16384,32768 are pending a quiet machine here")
+    ap.add_argument("--tile", default="2048", help="streaming tile size (px), or per size: 2048:1536,4096:2048")
+    ap.add_argument("--pool", type=int, default=8, help="the max-pool kernel measured next to no pooling")
+    ap.add_argument("--runs", default="stream-pool,dense,stream", help="which runs, in this order: stream-pool "
+                    "(pool kernel --pool), dense (the reference for both), stream (no pooling)")
+    ap.add_argument("--dense-up-to", type=int, default=4096, help="run the dense reference at sizes up to this side")
+    ap.add_argument("--max-rss-gb", type=float, default=6.0, help="kill a run whose RSS passes this (shared machine)")
+    ap.add_argument("--pending", default="8192,16384,32768", help="sizes named as pending in the results")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "gigaslide_bench_streaming"),
+                    help="where each run's row and gradients are kept (finished runs are reused)")
     args = ap.parse_args()
-    if args.e2e_only:
-        lines = e2e(args)
-        old = RESULTS.read_text().split("\n## End-to-end")[0].rstrip("\n") if RESULTS.is_file() else ""
-        _write(old + "\n" + "\n".join(lines) + f"\n\nCommand: `{' '.join(['.venv/bin/python', *sys.argv])}`\n")
-        print("\n".join(lines))
-        return
-    t_start = time.time()
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for size, tile in ((1024, 992), (2048, 1536)):
-            gd, gs = f"{tmp}/d{size}.safetensors", f"{tmp}/s{size}.safetensors"
-            d = _spawn("dense", size, size, grads=gd)
-            s = _spawn("stream", size, tile, grads=gs)
-            if "error" not in d and "error" not in s:
-                s["grad_rel_error"] = _grad_error(gs, gd)
-            rows += [d, s]
-            if size == 2048:  # low-memory mode: same gradients
-                gl = f"{tmp}/l{size}.safetensors"
-                low = _spawn("stream", size, tile, grads=gl, ckpt=True)
-                if "error" not in d and "error" not in low:
-                    low["grad_rel_error"] = _grad_error(gl, gd)
-                rows.append(low)
-        if args.dense_4096 and _mem_available_gb() >= 16:
-            rows.append(_spawn("dense", 4096, 4096))
-        modes = args.big_modes.split(",")
-        for size in (int(v) for v in args.big.split(",") if v):
-            for tile in (int(v) for v in args.big_tiles.split(",") if v):
-                n = 0 if size <= args.full_up_to else args.tiles
-                for m in modes:
-                    rows.append(_spawn("stream", size, tile, max_tiles=n, ckpt=m == "ckpt"))
-    extra = e2e(args) if args.e2e else []
-    write_results(rows, time.time() - t_start, args, extra)
-
-
-def e2e(args: argparse.Namespace) -> list[str]:
-    """StreamingCLAM end to end on mosaic slides vs ABMIL on frozen features of the same trunk and canvases,
-    once per trunk initialisation in ``--e2e-weights``."""
-    import torch
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from gigaslide.mil.mosaic import MosaicConfig, build_mosaic
-    from gigaslide.streaming.train import TrainConfig
-    from gigaslide.testing import shared_data_dir
-
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    data = shared_data_dir()
-    if data is None:
-        return ["", "## End-to-end", "", "skipped: no shared data (PCam tiles) found"]
     work = Path(args.work)
-    frac = args.e2e_tumor
-    mdir = work / f"mosaic_{args.e2e_slides}x{args.e2e_grid}_{int(frac * 100)}pct"
-    build_mosaic(data / "tiles" / "pcam" / "train", mdir, MosaicConfig(slides=args.e2e_slides, grid=args.e2e_grid,
-                 tumor_fraction=(frac, frac), seed=0), verbose=False)
-    rows, notes, sizes = [], [], []
-    for k, w in enumerate(args.e2e_weights.split(",")):
-        weights = None if w == "random" else w
-        name = "random init" if weights is None else f"init `{w}`"
-        cfg = TrainConfig(mpp=args.e2e_mpp, image_size=args.e2e_image, tile_size=args.e2e_tile, encoder="resnet18",
-                          weights=weights, head="clam_sb", folds=args.e2e_folds, epochs=args.e2e_epochs,
-                          freeze_epochs=args.e2e_freeze, accumulate=2, patience=3, seed=0, device="cpu")
-        run = work / f"streaming_run_{k}" if k else work / "streaming_run"
-        res_s, res_a, t_stream, t_abmil, sizes = _e2e_pair(mdir, run, work / f"abmil_frozen_{k}", cfg)
-        rows += [_e2e_row(f"StreamingCLAM (end to end), {name}", res_s, t_stream),
-                 _e2e_row(f"ABMIL on the frozen trunk, {name}", res_a, t_abmil)]
-        notes.append(f"{name}: " + _checkpoint_note(run, cfg))
-    multi = sum(1 for h, w in sizes if max(h, w) > args.e2e_tile)
-    return [
-        "", "## End-to-end: StreamingCLAM vs ABMIL on frozen features (mosaic slides)", "",
-        f"{args.e2e_slides} mosaic slides ({args.e2e_grid}x{args.e2e_grid} PCam train tiles, half positive, tumour "
-        f"{frac:.0%} of tissue tiles in positives), read at {args.e2e_mpp} µm/px into tissue-cropped canvases "
-        f"(max side {args.e2e_image}; sizes {min(min(s) for s in sizes)}-{max(max(s) for s in sizes)} px, {multi} of "
-        f"{len(sizes)} larger than the {args.e2e_tile} px tile, i.e. streamed over several tiles). ResNet-18 trunk "
-        "(initialisation per row), same seed for both methods, same canvases and folds "
-        f"({args.e2e_folds}-fold CV, validation split inside training folds). StreamingCLAM: CLAM-SB head, {args.e2e_epochs} "
-        f"epochs max ({args.e2e_freeze} with the trunk frozen), accumulation 2, early stopping on validation loss "
-        "(counted from the first unfrozen epoch), flips/rot90/stain jitter. ABMIL: on the frozen trunk's feature-map "
-        "positions (one 512-d instance per 32 px), 30 epochs max, early stopping.", "",
-        "| method | AUC [95 % CI] | balanced accuracy [95 % CI] | minutes |", "|---|---|---|---|",
-        *rows, "", *[f"* {n}" for n in notes],
-    ]
-
-
-def _e2e_pair(mdir: Path, run: Path, abmil_dir: Path, cfg):  # noqa: ANN001, ANN202
-    import numpy as np
-    import torch
-
-    from gigaslide.evaluation.slides import evaluate_predictions, write_predictions
-    from gigaslide.evaluation.splits import make_folds, read_labels, validation_split
-    from gigaslide.mil.train import TrainConfig as MilConfig
-    from gigaslide.mil.train import predict, train_fold
-    from gigaslide.streaming import StreamingCNN
-    from gigaslide.streaming.data import Normalize, cached_canvas
-    from gigaslide.streaming.head import build_trunk
-    from gigaslide.streaming.train import run_training
-
-    t0 = time.perf_counter()
-    res_s = run_training(str(mdir / "slides"), str(mdir / "labels.csv"), str(run), cfg)
-    t_stream = time.perf_counter() - t0
-    # baseline: the same trunk (seeded as in training, same weights), frozen; ABMIL on its feature-map positions
-    t0 = time.perf_counter()
-    table = read_labels(mdir / "labels.csv")
-    torch.manual_seed(cfg.seed)
-    stream = StreamingCNN(build_trunk(cfg.encoder, cfg.weights), cfg.tile_size, transform=Normalize(), channels_last=True)
-    canvases = [cached_canvas(mdir / "slides" / f"{s}.tiff", run / "canvases", cfg.mpp, cfg.image_size, stream.stride)
-                for s in table.slide_ids]
-    with torch.no_grad():
-        bags = [stream(c.tensor()[None])[0].flatten(1).T.contiguous() for c in canvases]
-    y = table.labels.astype(int)
-    groups = table.patient_ids if table.has_patients else None
-    probs, fold_of = np.zeros((len(y), 2)), np.zeros(len(y), int)
-    for k, (tr, te) in enumerate(make_folds(y, groups, cfg.folds, cfg.seed)):
-        tr_i, va_i = validation_split(tr, y, groups, fraction=cfg.val_fraction, seed=cfg.seed + k)
-        model, _ = train_fold([bags[i] for i in tr_i], y[tr_i], [bags[i] for i in va_i], y[va_i], bags[0].shape[1], 2,
-                              MilConfig(model="abmil", epochs=30, patience=8, seed=cfg.seed, device="cpu"))
-        probs[te], _ = predict(model, [bags[i] for i in te])
-        fold_of[te] = k
-    write_predictions(abmil_dir / "predictions.csv", table.slide_ids, y, probs, fold_of)
-    res_a = evaluate_predictions(abmil_dir / "predictions.csv", out=abmil_dir)
-    return res_s, res_a, t_stream, time.perf_counter() - t0, [c.image.shape[1:] for c in canvases]
-
-
-def _e2e_row(name: str, r: dict, t: float) -> str:
-    m = r["metrics"]
-    return (f"| {name} | {m['auc']['value']:.3f} [{m['auc']['ci_low']:.3f}, {m['auc']['ci_high']:.3f}] | "
-            f"{m['balanced_accuracy']['value']:.3f} [{m['balanced_accuracy']['ci_low']:.3f}, "
-            f"{m['balanced_accuracy']['ci_high']:.3f}] | {t / 60:.1f} |")
-
-
-def _checkpoint_note(run: Path, cfg: object) -> str:
-    """Which epochs early stopping kept (frozen-trunk epochs mean the test predictions never used a trained trunk)."""
-    best = [json.loads(f.read_text())["best_epoch"] for f in sorted(run.glob("fold*/state.json"))]
-    frozen = sum(1 for b in best if b is not None and b < cfg.freeze_epochs)  # type: ignore[attr-defined]
-    return (f"Checkpoints kept by early stopping (best epoch per fold): {best}; {frozen} of {len(best)} folds kept an "
-            f"epoch with the trunk still frozen (epochs < {cfg.freeze_epochs}), i.e. their test predictions use the "  # type: ignore[attr-defined]
-            "initial trunk, not an end-to-end trained one.")
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    rows: list[dict] = []
+    sizes = [int(v) for v in args.sizes.split(",") if v]
+    pending = [s for s in (int(v) for v in args.pending.split(",") if v) if s not in sizes]
+    tiles = {int(k): int(v) for k, v in (t.split(":") for t in args.tile.split(",") if ":" in t)}
+    for size in sizes:
+        tile = tiles.get(size, int(args.tile) if ":" not in args.tile else 2048)
+        got, dense = {}, None
+        for what in args.runs.split(","):
+            if what == "dense":
+                if size <= args.dense_up_to:
+                    dense, gd = _run(work, "dense", size, size, args.pool, args.max_rss_gb)
+                    rows.append(dense)
+            else:
+                pool = args.pool if what == "stream-pool" else 1
+                r, got[pool] = _run(work, "stream", size, tile, pool, args.max_rss_gb)
+                rows.append(r)
+            write_results(rows, time.time() - t_start, args, pending, partial=True)  # rows so far, if stopped
+        for r in rows:
+            if r["size"] == size and r["mode"] == "stream" and "error" not in r and dense and "error" not in dense:
+                r["grad_rel_error"] = _grad_error(got[r["pool"]], gd, f"p{r['pool']}/")
+    write_results(rows, time.time() - t_start, args, pending)
 
 
 def _cpu_model() -> str:
@@ -296,63 +209,75 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _write(text: str) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+def write_results(rows: list[dict], wall: float, args: argparse.Namespace, pending: list[int], partial: bool = False) -> None:
     from gigaslide.atomic import write_text
 
-    write_text(RESULTS, text)
-
-
-def write_results(rows: list[dict], wall: float, args: argparse.Namespace, extra: list[str]) -> None:
     lines = [
-        "# Streaming convolution: ResNet-34 forward+backward, streamed vs dense",
+        "# Streaming convolution: ResNet-34 forward+backward, streamed (with / without max-pool) vs dense",
         "",
-        f"Machine: {_cpu_model()}, {os.cpu_count()} cores shared with other jobs "
-        f"(load average at the end {os.getloadavg()[0]:.1f}), torch threads {os.environ.get('BENCH_THREADS', '2')}, fp32, "
-        "channels_last, random-init timm resnet34 trunk (no global pool / fc), uint8 image normalised per crop. "
-        f"Wall time of the whole benchmark: {wall / 60:.1f} min.",
+        f"Machine: {_cpu_model()}, {os.cpu_count()} cores **shared with other engineers' jobs** (load average at the "
+        f"end {os.getloadavg()[0]:.1f}), torch threads {os.environ.get('BENCH_THREADS', '2')}, fp32, channels_last, "
+        "random-init timm resnet34 trunk (no global pool / fc), uint8 image normalised per crop, every tile run. "
+        f"Wall time of this invocation: {wall / 60:.1f} min. Times on a busy machine are upper bounds.",
+        *(["", "**Incomplete: the benchmark was still running (or was stopped) when this was written.**"] if partial else []),
         "",
-        f"Command: `.venv/bin/python benchmarks/bench_streaming.py --tiles {args.tiles} --big {args.big} "
-        f"--big-tiles {args.big_tiles} --big-modes {args.big_modes} --full-up-to {args.full_up_to}"
-        f"{' --dense-4096' if args.dense_4096 else ''}`",
+        f"Command: `nice .venv/bin/python benchmarks/bench_streaming.py --sizes {args.sizes} --tile {args.tile} "
+        f"--pool {args.pool} --runs {args.runs} --dense-up-to {args.dense_up_to} --max-rss-gb {args.max_rss_gb:g}` "
+        "(each configuration in its own process, one at a time; a configuration measured by an earlier invocation "
+        "with the same --work is reused, and its time is that invocation's).",
         "",
-        "| image | mode | tile | tiles (run) | peak RSS GB | time s | grad rel. error vs dense |",
-        "|---|---|---|---|---|---|---|",
+        "| image | mode | pool kernel | tile | tiles | map to head | peak RSS GB | image GB | peak RSS − image GB | time s | grad rel. error vs dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    dense = {r["size"]: r for r in rows if r.get("mode") == "dense" and "error" not in r}
     for r in rows:
+        pool = r["pool"] if r["mode"] == "stream" else f"1 and {r['pool']}"
+        r_time = f"{r.get('seconds', 0):.0f}" + (" (earlier invocation)" if r.get("reused") else "")
         if "error" in r:
-            lines.append(f"| {r['size']}² | {r['mode']} | {r['tile']} | | failed: {r['error']} | | |")
+            lines.append(f"| {r['size']}² | {r['mode']} | {pool} | {r['tile']} | | | failed: {r['error']} | | | | |")
             continue
-        t = f"{r['seconds']:.0f}"
-        if r.get("partial"):
-            t = f"~{r['seconds_extrapolated']:.0f} (extrapolated from {r['tiles_run']} tile(s): {r['seconds']:.0f})"
-        elif r["mode"] == "stream" and r["size"] in dense:
-            t += f" ({r['seconds'] / dense[r['size']]['seconds']:.2f}x dense)"
         ge = f"{r['grad_rel_error']:.1e}" if "grad_rel_error" in r else ""
-        tiles = f"{r['tiles']} ({r['tiles_run']})" if r["mode"] == "stream" else "1"
+        mode = "stream, low-memory" if r["mode"] == "stream" else "dense (checkpointed)"
         tile = r["tile"] if r["mode"] == "stream" else "-"
-        mode = "stream, low-memory" if r.get("checkpoint_blocks") else r["mode"]
-        lines.append(f"| {r['size']}² | {mode} | {tile} | {tiles} | {r['peak_rss_gb']:.2f} | {t} | {ge} |")
+        fmap = "×".join(str(v) for v in r["fmap"]) + (" (before pooling)" if r["mode"] == "dense" else "")
+        lines.append(f"| {r['size']}² | {mode} | {pool} | {tile} | {r['tiles']} | {fmap} | {r['peak_rss_gb']:.2f} | "
+                     f"{r['image_gb']:.2f} | {r['peak_rss_gb'] - r['image_gb']:.2f} | {r_time} | {ge} |")
+    ok = [r for r in rows if "error" not in r and r["mode"] == "stream"]
+    lines += ["", "Verdicts (computed from the rows above):"]
+    for r in ok:
+        over = r["peak_rss_gb"] - r["image_gb"]
+        lines.append(f"* {r['size']}², pool {r['pool']}: peak RSS − image = {over:.2f} GB "
+                     f"{'<=' if over <= 3 else '>'} 3 GB goal ({'met' if over <= 3 else 'NOT met'})")
+        if "grad_rel_error" in r:
+            e = r["grad_rel_error"]
+            lines.append(f"* {r['size']}², pool {r['pool']}: gradient error {e:.1e} "
+                         f"{'<=' if e <= 1e-4 else '>'} 1e-4 ({'exact to tolerance' if e <= 1e-4 else 'NOT within tolerance'})")
+    by = {(r["size"], r["pool"]): r for r in ok}
+    for size in sorted({r["size"] for r in ok}):
+        a, b = by.get((size, args.pool)), by.get((size, 1))
+        if a and b:
+            same = not a.get("reused") and not b.get("reused")  # times comparable only within one invocation
+            lines.append(f"* {size}²: pooling {args.pool} changes peak RSS − image by "
+                         f"{(a['peak_rss_gb'] - a['image_gb']) - (b['peak_rss_gb'] - b['image_gb']):+.2f} GB"
+                         + (f" and time ×{a['seconds'] / b['seconds']:.2f} ({a['tiles']} vs {b['tiles']} tiles)" if same
+                            else " (times measured in different invocations under different load: not compared)"))
+    if pending:
+        lines.append(f"* Not measured in this run: {', '.join(f'{s}²' for s in pending)} -- pending a quiet machine "
+                     f"(`--sizes {','.join(map(str, pending))}`; each takes tens of minutes to hours on 2 cores).")
     lines += [
         "",
-        "Grad rel. error: max over parameter tensors of max|g_stream - g_dense| / max|g_dense|.",
-        "Low-memory: `StreamingCNN(checkpoint_blocks=True, trim_memory=True)` (train-streaming's default): activations",
-        "recomputed per residual block and for the stem in backward, and freed tile buffers returned to the OS at once",
-        "(glibc mallopt) instead of being cached by malloc.",
-        "Peak RSS is the whole process: torch + the model (~0.85 GB) and the uint8 image (0.2 GB at 8192², 0.8 GB at 16384²) are in it; the rest grows only with the feature map (512 × (side/32)² floats), its gradient and the loss's saved copy, not with the tile count.",
-        "The ResNet-34 receptive field is 899 px, so a 2048 px tile yields ~1150 px of exact output per tile",
-        "(the rest is context); compute overhead grows as (tile / (tile - 898))² plus one extra forward.",
+        "Peak RSS is the whole process: torch + the model (~0.5–0.9 GB) and the uint8 image are in it; with pooling",
+        "off the rest grows with the feature map (512 × (side/32)² floats), its gradient and the loss's copy; with",
+        "pooling on only the pooled map (64× smaller) is held whole. The ResNet-34 receptive field is 899 px; with",
+        "pool kernel 8 each tile's exact outputs end on a window boundary (multiples of 8 × 32 px), so a 2048 px tile",
+        "yields 1024 px of exact output instead of ~1150 px.",
     ]
-    lines += extra
-    _write("\n".join(lines) + "\n")
+    write_text(RESULTS, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--one":
-        mode, size, tile, max_tiles, grads = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
-        print(json.dumps(one(mode, size, tile, max_tiles, grads or None)))
+        mode, size, tile, pool, grads = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+        print(json.dumps(one(mode, size, tile, pool, grads or None)))
     else:
         main()

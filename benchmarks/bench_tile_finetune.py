@@ -1,11 +1,11 @@
 """Fine-tune evaluation on real PCam tiles: a self-supervised encoder vs a random init of the same
 architecture, fine-tuned end to end on 1 %, 10 % and 100 % of the training labels.
 
-    .venv/bin/python benchmarks/bench_tile_finetune.py --encoders random,/tmp/gs-tssl/simclr-pathology-resnet18-48/encoder
+    .venv/bin/python benchmarks/bench_tile_finetune.py --encoders random,/tmp/gigaslide-bench-tile-ssl-defaults/simclr-resnet18-96-15m/encoder
 
 ``random`` is a randomly initialised ResNet-18 exported at ``--tile-size`` (the same architecture and
 input size as the SSL runs of ``bench_tile_ssl.py``). Every encoder is fine-tuned with the same
-settings (``gigaslide.evaluation.finetune``) and tested on PCam valid with bootstrap 95 % CIs.
+settings (``gigaslide.ssl.tile.finetune``) and tested on PCam valid with bootstrap 95 % CIs.
 Writes the ``finetune`` section of ``benchmarks/results/tile_ssl.md`` (other sections are kept).
 """
 
@@ -38,13 +38,13 @@ def random_encoder(folder: Path, backbone: str, tile_size: int) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--encoders", default="random,/tmp/gigaslide-bench-tile-ssl/simclr-pathology-resnet18-48/encoder",
+    ap.add_argument("--encoders", default="random,/tmp/gigaslide-bench-tile-ssl-defaults/simclr-resnet18-96-15m/encoder",
                     help="comma-separated: 'random' and/or encoder export folders (default: bench_tile_ssl.py's SimCLR run)")
     ap.add_argument("--fractions", default="0.01,0.1,1.0")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--backbone", default="resnet18")
-    ap.add_argument("--tile-size", type=int, default=48)
+    ap.add_argument("--tile-size", type=int, default=96, help="PCam's native size, as bench_tile_ssl.py")
     ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bootstrap", type=int, default=1000)
@@ -53,7 +53,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     pcam = pcam_dir()
-    from gigaslide.evaluation.finetune import FinetuneConfig, finetune_tiles
+    from gigaslide.ssl.tile.finetune import FinetuneConfig, finetune_tiles
 
     t_start, load0 = time.perf_counter(), os.getloadavg()[0]
     work = Path(args.work)

@@ -12,7 +12,14 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["encode", "tiling", "tile_ssl", "tile_finetune", "mil", "slide_ssl", "streaming"]  # tile_finetune: into tile_ssl.md
+#: Sections in data-flow order; any other bench_<name>.py / results/<name>.md follows alphabetically.
+ORDER = ["reader", "encode", "tiling", "tile_ssl", "tile_finetune", "tile_ablation", "dinov2", "nuclei", "mil",
+         "slide_ssl", "streaming", "viewer", "reliability"]  # tile_finetune: into tile_ssl.md
+
+
+def scripts() -> list[str]:
+    found = {p.stem.removeprefix("bench_") for p in HERE.glob("bench_*.py")}
+    return [n for n in ORDER if n in found] + sorted(found - set(ORDER))
 
 
 def collect() -> Path:
@@ -32,7 +39,7 @@ def collect() -> Path:
 def main() -> None:
     args = sys.argv[1:]
     if args != ["--collect"]:
-        for n in args or ORDER:
+        for n in args or scripts():
             script = HERE / f"bench_{n}.py"
             if script.is_file():
                 print(f"== {script.name}", flush=True)

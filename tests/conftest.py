@@ -37,3 +37,10 @@ def real_slides(shared_data: Path) -> Path:
 def synthetic_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2048x1536 pyramidal TIFF at 0.5 µm/px with three tissue blobs."""
     return make_slide(tmp_path_factory.mktemp("slides") / "synth.tiff", (2048, 1536), mpp=0.5, seed=0)
+
+
+def pytest_collection_modifyitems(config, items):  # noqa: ANN001, ARG001
+    """Every test that reads ../shared/data (through the shared_data fixture, at any depth) is marked realdata."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("realdata"):
+            item.add_marker(pytest.mark.realdata)

@@ -32,3 +32,19 @@ def test_unknown_precision_is_a_clear_error():
 def test_pick_device():
     assert pick_device("cpu").type == "cpu"
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_auto_on_cpu_uses_bf16_only_when_the_probe_agrees_with_fp32():
+    from gigaslide.devices import BF16_MIN_COSINE, choose_precision
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(8, 64)
+    good = choose_precision(CPU, "auto", probe=lambda: lin(x))
+    assert good.resolved == "bf16" and good.bf16_cosine >= BF16_MIN_COSINE
+    # outputs that cancel almost exactly: bf16 rounding destroys them, so auto must stay fp32
+    big = torch.full((8, 64), 1001.0)  # not representable in bf16 (8-bit mantissa)
+    bad = choose_precision(CPU, "auto", probe=lambda: (big @ torch.eye(64) - big + x * 1e-3))
+    assert bad.resolved == "fp32" and bad.bf16_cosine < BF16_MIN_COSINE
+    assert choose_precision(CPU, "auto").resolved == "fp32"  # no probe: nothing checked, fp32
+    assert choose_precision(CPU, "bf16").record() == {"requested": "bf16", "resolved": "bf16"}

@@ -7,6 +7,8 @@ carry a ``.tmp-`` prefix so a resumed job can recognise and remove them.
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import json
 import os
 import tempfile
@@ -33,21 +35,55 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     return p
 
 
+#: errno of a storage fault -> how to fix it. Raised while writing, they become one GigaslideError line
+#: naming the file (the half-written temporary file is removed; the old target, if any, is untouched).
+STORAGE_FIXES = {
+    errno.ENOSPC: "free disk space (or write to another --out) and re-run: finished files are kept and skipped",
+    errno.EDQUOT: "free space within your disk quota (or write to another --out) and re-run",
+    errno.EFBIG: "the file system cannot hold a file this large; write to another --out",
+    errno.EROFS: "the file system is read-only: choose a writable --out",
+    errno.EACCES: "check the folder's permissions, or choose an output folder you can write to",
+    errno.EPERM: "check the folder's permissions, or choose an output folder you can write to",
+    errno.EIO: "the disk or network share reported an I/O error: check it, then re-run (finished files are kept)",
+}
+
+
+def storage_error(e: OSError, target: str | os.PathLike) -> GigaslideError | None:
+    """A one-line error for a storage fault while writing ``target``; None for other OSErrors."""
+    fix = STORAGE_FIXES.get(e.errno) if e.errno is not None else None
+    if fix is None:
+        return None
+    reason = e.strerror or os.strerror(e.errno)
+    return GigaslideError(f"cannot write ({reason})", path=target, fix=fix)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path in the target's directory; rename it onto ``target`` on success."""
+    """Yield a temporary path in the target's directory; rename it onto ``target`` on success.
+
+    A storage fault (disk full, quota, read-only, permission, I/O error) while writing becomes one
+    :class:`GigaslideError` line naming ``target``; the temporary file never stays behind."""
     target = Path(target)
     ensure_writable_dir(target.parent)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + target.name + ".", suffix=suffix, dir=target.parent)
-    os.close(fd)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + target.name + ".", suffix=suffix, dir=target.parent)
+        os.close(fd)
+    except OSError as e:
+        err = storage_error(e, target)
+        if err is None:
+            raise
+        raise err from None
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as e:
+        with contextlib.suppress(OSError):
             tmp_path.unlink()
-        raise
+        err = storage_error(e, target) if isinstance(e, OSError) else None
+        if err is None:
+            raise
+        raise err from None
 
 
 def write_bytes(target: str | os.PathLike, data: bytes) -> Path:
@@ -76,6 +112,19 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def clean_stale_tmp_for(target: str | os.PathLike) -> int:
+    """Remove temporary files an interrupted run left for ``target`` only (safe beside other live runs
+    that write other targets into the same folder); returns how many were removed."""
+    t = Path(target)
+    n = 0
+    if t.parent.is_dir():
+        for f in t.parent.glob(TMP_PREFIX + glob.escape(t.name) + ".*"):
+            with contextlib.suppress(OSError):
+                f.unlink()
+                n += 1
+    return n
 
 
 def clean_stale_tmp(directory: str | os.PathLike) -> int:

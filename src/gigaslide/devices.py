@@ -1,39 +1,84 @@
-"""Where models run: one device choice and one autocast policy for every stage.
+"""Where models run: one device choice and one precision policy for every stage.
 
-Precision names used by every command: ``auto`` (bf16 autocast on CUDA, or fp16 where the GPU has
-no bf16; plain fp32 on CPU), ``fp32``, ``bf16`` (autocast; on CPU ~1.3-2x faster here) and ``fp16``.
+Precision names used by every command: ``auto``, ``fp32``, ``bf16`` (autocast) and ``fp16``.
+
+``auto`` has one meaning everywhere: **the fastest autocast that stays accurate**. On CUDA that is
+bf16 (fp16 where the GPU has no bf16). On CPU it is bf16 only when a *check* passes: the caller's
+``probe`` (a forward pass on its first real batch) gives outputs whose min cosine similarity to the
+fp32 outputs is >= :data:`BF16_MIN_COSINE`; without a probe, or when the check fails, CPU runs fp32.
+Inference stages (encode, embedding, whole-slide nuclei inference) pass a probe. Training loops do not: a
+forward-pass check says nothing about bf16 gradients (DINO with bf16 autocast diverged on CPU here while its
+forward passes agreed), so on CPU ``auto`` trains in fp32 — ask for ``--precision bf16`` explicitly.
+:func:`choose_precision` returns a :class:`PrecisionChoice` that every stage records in its
+provenance (``precision`` requested, ``resolved``, and the measured ``bf16_cosine``).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
 import torch
 
 from gigaslide.errors import GigaslideError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: bf16 is used on CPU under ``auto`` only when it agrees with fp32 at least this well (min cosine).
+BF16_MIN_COSINE = 0.999
 
 
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise GigaslideError(f"unknown device '{device}'", fix="use auto, cpu, cuda or cuda:N") from None
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """What a stage asked for, what it runs, and the evidence (recorded in provenance)."""
+
+    requested: str
+    resolved: str  # fp32 | bf16 | fp16
+    bf16_cosine: float | None = None
+
+    def record(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def _check_name(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise GigaslideError(f"unknown precision '{precision}'", fix=f"use one of: {', '.join(PRECISIONS)}")
+
+
+def choose_precision(device: torch.device, precision: str = "auto",
+                     probe: Callable[[], torch.Tensor] | None = None) -> PrecisionChoice:
+    """Resolve ``precision`` on ``device``; on CPU ``auto`` runs ``probe`` in fp32 and bf16 and compares them."""
+    _check_name(precision)
+    if precision != "auto":
+        return PrecisionChoice(precision, precision)
+    if device.type == "cuda":
+        return PrecisionChoice("auto", "bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    if probe is None:
+        return PrecisionChoice("auto", "fp32")
+    with torch.no_grad():
+        a = probe().float().flatten(1)
+        with autocast_ctx(device, "bf16"):
+            b = probe().float().flatten(1)
+    cos = float(torch.nn.functional.cosine_similarity(a, b, dim=1).min())
+    return PrecisionChoice("auto", "bf16" if cos >= BF16_MIN_COSINE else "fp32", round(cos, 6))
 
 
 def resolve_precision(device: torch.device, precision: str = "auto") -> str:
-    """The concrete precision (``fp32``/``bf16``/``fp16``) that ``precision`` means on ``device``."""
-    if precision not in PRECISIONS:
-        raise GigaslideError(f"unknown precision '{precision}'", fix=f"use one of: {', '.join(PRECISIONS)}")
-    if precision != "auto":
-        return precision
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    """The concrete precision (``fp32``/``bf16``/``fp16``) of ``precision`` on ``device`` without a probe."""
+    return choose_precision(device, precision).resolved
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device``; None for plain fp32."""
+    """The autocast dtype for ``precision`` (a name or a resolved choice) on ``device``; None for plain fp32."""
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[resolve_precision(device, precision)]
 
 
@@ -43,4 +88,22 @@ def autocast_ctx(device: torch.device, precision: str = "auto") -> contextlib.Ab
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
-__all__ = ["PRECISIONS", "autocast_ctx", "autocast_dtype", "pick_device", "resolve_precision"]
+def device_name(device: torch.device) -> str:
+    """A human-readable description of ``device`` for run records."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import os
+    import platform
+    from pathlib import Path
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"CPU {cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+__all__ = ["BF16_MIN_COSINE", "PRECISIONS", "PrecisionChoice", "autocast_ctx",
+           "autocast_dtype", "choose_precision", "device_name", "pick_device", "resolve_precision"]

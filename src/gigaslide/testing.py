@@ -70,3 +70,37 @@ def shared_data_dir() -> Path | None:
         if (c / "MANIFEST.md").is_file():
             return c
     return None
+
+
+#: Colours of the two classes of :func:`make_tile_folder`: pale pink (normal) and dark purple (tumour).
+TILE_CLASS_COLOURS = ((235, 190, 215), (120, 60, 150))
+
+
+def make_tile_folder(root: str | os.PathLike, n_per_class: int | None = 6, *, size: int = 32, seed: int = 0,
+                     classes: tuple[str, ...] = ("normal", "tumor"), noise: float = 25.0, flat: int | None = None,
+                     ext: str = "png") -> Path:
+    """A folder of small H&E-like tiles, separable by colour and texture.
+
+    With ``classes`` (default) one sub-folder per class holds ``n_per_class`` tiles, class ``k`` drawn around
+    :data:`TILE_CLASS_COLOURS` ``[k % 2]`` with Gaussian noise; with ``flat=N`` the N tiles lie directly in
+    ``root`` (alternating colours, unlabelled), as a tile-SSL source.
+    """
+    from PIL import Image
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+
+    def tile(k: int) -> Image.Image:
+        img = np.asarray(TILE_CLASS_COLOURS[k % 2], np.float32) + rng.normal(0, noise, (size, size, 3))
+        return Image.fromarray(img.clip(0, 255).astype(np.uint8))
+
+    if flat is not None:
+        root.mkdir(parents=True, exist_ok=True)
+        for i in range(flat):
+            tile(i).save(root / f"t{i:03d}.{ext}")
+        return root
+    for k, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class or 0):
+            tile(k).save(root / name / f"{i:03d}.{ext}")
+    return root

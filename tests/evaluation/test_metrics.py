@@ -54,3 +54,39 @@ def test_perfect_and_random_golden():
     assert m.balanced_accuracy(y, np.full(100, 0.9)) == 0.5
     r = np.random.default_rng(3).random(100)
     assert abs(m.auc(y, r) - 0.5) < 0.12
+
+
+def test_paired_difference_on_the_same_items():
+    from gigaslide.evaluation.metrics import paired_difference
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 60)
+    good = np.clip(y * 0.6 + rng.normal(0.2, 0.2, 120), 0, 1)
+    weak = np.clip(y * 0.1 + rng.normal(0.45, 0.2, 120), 0, 1)
+    d = paired_difference(y, good, weak, "auc", n_bootstrap=400, seed=1)
+    assert d["diff"] > 0.3 and d["ci_low"] > 0 and d["p_value"] <= 0.01
+    back = paired_difference(y, weak, good, "auc", n_bootstrap=400, seed=1)
+    assert back["diff"] == pytest.approx(-d["diff"]) and back["ci_high"] < 0
+    same = paired_difference(y, good, good, "auc", n_bootstrap=100)
+    assert same["diff"] == 0 and same["ci_low"] == same["ci_high"] == 0 and same["p_value"] == 1.0
+    # two models that differ only by noise: the CI covers 0
+    a = np.clip(good + rng.normal(0, 0.02, 120), 0, 1)
+    b = np.clip(good + rng.normal(0, 0.02, 120), 0, 1)
+    close = paired_difference(y, a, b, "auc", n_bootstrap=400)
+    assert close["ci_low"] <= 0 <= close["ci_high"] and close["p_value"] > 0.05
+    with pytest.raises(ValueError, match="same 120 items"):
+        paired_difference(y, good, weak[:10])
+
+
+def test_bootstrap_replicates_is_the_one_loop_and_respects_strata():
+    from gigaslide.evaluation.metrics import bootstrap_replicates, percentile_ci
+
+    x = np.array([0.0, 0.0, 10.0, 10.0])
+    strata = np.array([0, 0, 1, 1])
+    reps = bootstrap_replicates(lambda i: x[i].mean(), 4, n_bootstrap=200, seed=0, strata=strata)
+    assert np.all(reps == 5.0)  # each stratum resampled within itself: the mean cannot move
+    free = bootstrap_replicates(lambda i: x[i].mean(), 4, n_bootstrap=200, seed=0)
+    assert free.min() < 5.0 < free.max()
+    assert np.isnan(percentile_ci(np.array([np.nan, np.nan]))[0])
+    assert percentile_ci(np.array([1.0, np.nan, 2.0])) == pytest.approx((1.025, 1.975))
+    assert bootstrap_replicates(lambda i: 1.0, 4, n_bootstrap=0).shape == (0,)

@@ -33,7 +33,7 @@ def test_fewshot_multiclass_from_files(tmp_path):
     for name, seed, n in (("tr", 0, 400), ("te", 1, 150)):
         X, y = _split(n, seed, c=3)
         store.save(tmp_path / f"{name}.h5", X, labels=y, attrs={"encoder": "toy"})
-    rep = evaluate_tile_features(tmp_path / "tr.h5", tmp_path / "te.h5", "fewshot", n_bootstrap=30, fewshot_repeats=2)
+    rep = evaluate_tile_features(store.load(tmp_path / "tr.h5"), store.load(tmp_path / "te.h5"), "fewshot", n_bootstrap=30, fewshot_repeats=2)
     fs = rep["protocols"]
     assert set(fs) == {"fewshot_1%", "fewshot_10%", "fewshot_1/class", "fewshot_5/class", "fewshot_10/class"}
     assert fs["fewshot_1/class"]["n_labels"] == 3 and fs["fewshot_10%"]["n_labels"] == 40
@@ -45,7 +45,7 @@ def test_bad_inputs(tmp_path):
     X, y = _split(50, 0)
     store.save(tmp_path / "nolab.h5", X)
     with pytest.raises(GigaslideError, match="no 'labels'"):
-        evaluate_tile_features(tmp_path / "nolab.h5", (X, y))
+        evaluate_tile_features(store.load(tmp_path / "nolab.h5"), (X, y))
     with pytest.raises(GigaslideError, match="8-d but test features are 4-d"):
         evaluate_tile_features((X, y), (X[:, :4], y))
     with pytest.raises(GigaslideError, match="unknown protocol"):
@@ -55,7 +55,7 @@ def test_bad_inputs(tmp_path):
     store.save(tmp_path / "a.h5", X, labels=y, attrs={"encoder": "a"})
     store.save(tmp_path / "b.h5", X, labels=y, attrs={"encoder": "b"})
     with pytest.raises(GigaslideError, match="differs from test encoder"):
-        evaluate_tile_features(tmp_path / "a.h5", tmp_path / "b.h5")
+        evaluate_tile_features(store.load(tmp_path / "a.h5"), store.load(tmp_path / "b.h5"))
 
 
 def test_cli_evaluate_tiles(tmp_path, cli, capsys):

@@ -55,6 +55,7 @@ def test_resume_skips_finished_and_manifest(tmp_path, encoder, two_slides):
     assert res.done == ["a"]
 
 
+@pytest.mark.realdata
 def test_broken_slide_is_reported_and_batch_goes_on(tmp_path, encoder, two_slides, real_slides):
     bad = [real_slides / "corrupt" / "unreadable.svs", real_slides / "corrupt" / "unopenable.tiff"]
     trunc = tmp_path / "trunc.svs"
@@ -96,3 +97,28 @@ def test_interrupted_write_leaves_nothing_half_written(tmp_path, encoder, two_sl
     shutil.rmtree(tmp_path / "patches", ignore_errors=True)
     res = encode_slides(two_slides[:1], tmp_path, encoder, PARAMS, workers=0, precision="fp32")
     assert res.done == ["a"]
+
+
+def test_precision_choice_and_read_resolution_are_recorded(tmp_path, encoder):
+    slide = make_slide(tmp_path / "a.tiff", (1024, 768), mpp=0.499, seed=1)
+    res = encode_slides([slide], tmp_path, encoder, PARAMS, workers=0, precision="auto")
+    ff = store.load(tmp_path / "features" / "a.h5")
+    assert res.precision_choice["requested"] == "auto" and res.precision_choice["resolved"] == res.precision
+    assert ff.attrs["precision"] == res.precision and ff.attrs["precision_requested"] == "auto"
+    assert ff.attrs["bf16_cosine"] == pytest.approx(res.bf16_cosine)
+    man = json.loads((tmp_path / "manifest.json").read_text())["slides"]["a"]
+    assert man["precision"] == res.precision_choice
+    # 1.0 µm/px is level 1 (2 x 0.499 = 0.998, within 1 %): read as it is, not resampled, and recorded
+    assert ff.attrs["read_mpp"] == pytest.approx(0.998) and ff.attrs["mpp"] == 1.0
+    assert ff.attrs["reader"] == "direct" and man["reader"] == "direct"
+
+
+def test_direct_reader_and_openslide_give_the_same_features(tmp_path, encoder, two_slides):
+    encode_slides(two_slides[:1], tmp_path / "d", encoder, PARAMS, workers=1, precision="fp32")
+    encode_slides(two_slides[:1], tmp_path / "o", encoder, PARAMS, workers=0, precision="fp32", direct=False)
+    a = store.load(tmp_path / "d" / "features" / "a.h5")
+    b = store.load(tmp_path / "o" / "features" / "a.h5")
+    assert a.attrs["reader"] == "direct" and b.attrs["reader"] == "openslide"
+    np.testing.assert_array_equal(a.coords, b.coords)
+    cos = (a.features * b.features).sum(1) / (np.linalg.norm(a.features, axis=1) * np.linalg.norm(b.features, axis=1))
+    assert cos.min() > 0.999  # pixels differ by at most 2 grey levels (sub-pixel painting)

@@ -51,7 +51,46 @@ def test_bad_files_give_clear_errors(tmp_path):
 def test_load_dir_refuses_mixed_encoders(tmp_path):
     store.save(tmp_path / "a.h5", np.zeros((2, 8), np.float32), attrs={"encoder": "resnet18", "slide_id": "a"})
     store.save(tmp_path / "b.h5", np.zeros((2, 16), np.float32), attrs={"encoder": "vit_small", "slide_id": "b"})
-    with pytest.raises(GigaslideError, match="mix encoders"):
+    with pytest.raises(GigaslideError, match=r"a.h5 and b.h5 differ in encoder \('resnet18' vs 'vit_small'\)"):
         store.load_dir(tmp_path)
     with pytest.raises(GigaslideError, match="no feature files"):
         store.list_feature_files(tmp_path / "nothing")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("key", "a", "b"), [("encoder_weights_sha256", "aa11", "bb22"), ("mpp", 0.5, 1.0),
+                                             ("tile_size", 224, 256)])
+def test_load_dir_refuses_files_from_other_weights_mpp_or_tile_size(tmp_path, key, a, b):
+    base = {"encoder": "resnet18", "encoder_weights_sha256": "aa11", "mpp": 0.5, "tile_size": 224}
+    store.save(tmp_path / "s1.h5", np.zeros((2, 8), np.float32), attrs={**base, key: a, "slide_id": "s1"})
+    store.save(tmp_path / "s2.h5", np.zeros((2, 8), np.float32), attrs={**base, "slide_id": "s2"})
+    store.save(tmp_path / "s3.h5", np.zeros((2, 8), np.float32), attrs={**base, key: b, "slide_id": "s3"})
+    with pytest.raises(GigaslideError, match=rf"s1.h5 and s3.h5 differ in {key}") as e:
+        store.load_dir(tmp_path)
+    assert "--out" in str(e.value)
+
+
+def test_same_encoder_other_dimension_is_refused(tmp_path):
+    store.save(tmp_path / "a.h5", np.zeros((2, 8), np.float32), attrs={"encoder": "x"})
+    store.save(tmp_path / "b.h5", np.zeros((2, 4), np.float32), attrs={"encoder": "x"})
+    with pytest.raises(GigaslideError, match=r"differ in feature dimension \(4 vs 8\)"):
+        store.load_dir(tmp_path)
+
+
+def test_missing_mpp_is_absent_and_legacy_zero_reads_as_absent(tmp_path):
+    store.save(tmp_path / "a.h5", np.zeros((2, 8), np.float32), attrs={"encoder": "x", "mpp": None})
+    store.save(tmp_path / "b.h5", np.zeros((2, 8), np.float32), attrs={"encoder": "x", "mpp": 0.0})
+    a, b = store.load(tmp_path / "a.h5"), store.load(tmp_path / "b.h5")
+    assert "mpp" not in a.attrs and a.mpp is None and b.mpp is None and b.provenance.mpp is None
+    store.load_dir(tmp_path)  # both unknown: compatible
+
+
+def test_tile_size_level0_from_attrs_or_coordinate_step(tmp_path):
+    c = np.array([[0, 0], [448, 0], [0, 448]])
+    store.save(tmp_path / "a.h5", np.zeros((3, 2), np.float32), c, attrs={"mpp": 0.5, "tile_size": 224},
+               coords_attrs={"level0_mpp": 0.25})
+    store.save(tmp_path / "b.h5", np.zeros((3, 2), np.float32), c)
+    store.save(tmp_path / "c.h5", np.zeros((1, 2), np.float32), c[:1])
+    assert store.load(tmp_path / "a.h5").tile_size_level0 == 448.0
+    assert store.load(tmp_path / "b.h5").tile_size_level0 == 448.0
+    with pytest.raises(GigaslideError, match="cannot tell the tile size"):
+        store.load(tmp_path / "c.h5").require_tile_size_level0()

@@ -49,3 +49,12 @@ def test_unreadable_tile_names_the_file_and_writes_nothing(folder, tmp_path):
     with pytest.raises(GigaslideError, match="9.png: unreadable image"):
         embed_tile_folder(enc, folder, tmp_path / "f.h5")
     assert not (tmp_path / "f.h5").exists()
+
+
+def test_provenance_records_the_tiles_read_not_the_encoder(folder, tmp_path):
+    enc = build_encoder("test_resnet", "random", seed=0)  # input size 64; the tiles are 40 px, mpp unknown
+    embed_tile_folder(enc, folder, tmp_path / "f.h5")
+    attrs = store.load(tmp_path / "f.h5").attrs
+    assert attrs["tile_size"] == 40 and "mpp" not in attrs
+    embed_tile_folder(enc, folder, tmp_path / "g.h5", mpp=0.97)
+    assert store.load(tmp_path / "g.h5").attrs["mpp"] == pytest.approx(0.97)

@@ -49,8 +49,11 @@ def test_run_cv_layout_grouping_resume(tmp_path):
     mtime = (out / "fold0" / "model.safetensors").stat().st_mtime_ns
     run_cv(feats, lab, out, cfg=TrainConfig(model="abmil", **FAST), folds=3, n_bootstrap=50, verbose=False)
     assert (out / "fold0" / "model.safetensors").stat().st_mtime_ns == mtime  # resumed, not retrained
-    with pytest.raises(GigaslideError, match="different settings"):
+    with pytest.raises(GigaslideError, match=r"another run \(train_config.model: 'abmil' -> 'mean'\)"):
         run_cv(feats, lab, out, cfg=TrainConfig(model="mean", **FAST), folds=3, verbose=False)
+    store.save(feats / "s0.h5", np.ones((5, 8), np.float32), attrs={"encoder": "toy", "slide_id": "s0"})
+    with pytest.raises(GigaslideError, match=r"another run \(input:features"):  # features changed under the run
+        run_cv(feats, lab, out, cfg=TrainConfig(model="abmil", **FAST), folds=3, verbose=False)
 
 
 def test_few_shot_repeats(tmp_path):
@@ -78,7 +81,7 @@ def test_missing_and_unknown_slides(tmp_path, capsys):
 def test_mixed_encoders_and_empty_bag(tmp_path):
     feats, lab = _make(tmp_path)
     store.save(feats / "s0.h5", np.zeros((5, 16), np.float32), attrs={"encoder": "other", "slide_id": "s0"})
-    with pytest.raises(GigaslideError, match="mix encoders"):
+    with pytest.raises(GigaslideError, match="differ in encoder"):
         run_cv(feats, lab, tmp_path / "r", cfg=TrainConfig(**FAST), folds=2, verbose=False)
     store.save(feats / "s0.h5", np.zeros((0, 8), np.float32), attrs={"encoder": "toy", "slide_id": "s0"})
     with pytest.raises(GigaslideError, match="empty bag"):
@@ -96,3 +99,32 @@ def test_cli_train_mil_and_evaluate(tmp_path, cli, capsys):
     assert cli(["train-mil", "--features", str(feats), "--labels", str(tmp_path / "bad.csv"), "--out", str(out / "x")]) == 2
     assert "duplicate slide_id" in capsys.readouterr().err
     assert cli(["train-mil", "--features", str(feats), "--labels", str(lab), "--model", "nope", "--out", str(out / "y")]) == 2
+
+
+def test_interrupted_run_resumes_to_the_same_predictions(tmp_path, monkeypatch):
+    import gigaslide.mil.cv as cv
+
+    feats, lab = _make(tmp_path)
+    ref = tmp_path / "ref"
+    run_cv(feats, lab, ref, cfg=TrainConfig(model="abmil", **FAST), folds=3, n_bootstrap=0, verbose=False)
+    real, calls = cv.train_fold, []
+
+    def dies_on_third_fold(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as if killed while training fold 2
+        return real(*a, **k)
+
+    monkeypatch.setattr(cv, "train_fold", dies_on_third_fold)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_cv(feats, lab, out, cfg=TrainConfig(model="abmil", **FAST), folds=3, n_bootstrap=0, verbose=False)
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["folds_done"] == ["fold0", "fold1"] and rec["status"] == "running"
+    assert not (out / "predictions.csv").exists()
+    monkeypatch.setattr(cv, "train_fold", real)
+    run_cv(feats, lab, out, cfg=TrainConfig(model="abmil", **FAST), folds=3, n_bootstrap=0, verbose=False)
+    assert (out / "predictions.csv").read_text() == (ref / "predictions.csv").read_text()
+    sidecar = json.loads((out / "predictions.provenance.json").read_text())
+    assert sidecar["kind"] == "predictions" and sidecar["encoder"] == "toy" and sidecar["model"] == "abmil"
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"

@@ -1,15 +1,31 @@
-"""StreamingCLAM end to end on tiny synthetic slides: canvases, CLI training, resume, heatmap."""
+"""StreamingCLAM end to end on tiny synthetic slides: canvases, CLI training on the run layer, resume
+(budget stop and kill -9, bit-exact), refusals, pooled heatmap coordinates."""
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from gigaslide.cli.main import main
-from gigaslide.streaming.data import read_canvas
+from gigaslide.streaming.data import cached_canvas, read_canvas, tissue_box
 from gigaslide.testing import make_slide
+
+# test_resnet (tiny timm ResNet, stride 32), pool kernel 2: the two-blob slides' canvases (256 x 320 px) stream
+# over 2 tiles of 256 px; the one-blob slides give canvases smaller than one tile (a single dense pass)
+ARGS = ["--mpp", "1.5", "--image-size", "320", "--tile-size", "256", "--encoder", "test_resnet", "--weights", "random",
+        "--pool-kernel", "2", "--folds", "2", "--epochs", "2", "--freeze-epochs", "1", "--accumulate", "1",
+        "--precision", "fp32", "--seed", "0", "--checkpoint-blocks", "false"]
 
 
 @pytest.fixture(scope="module")
@@ -23,57 +39,211 @@ def slides(tmp_path_factory):  # noqa: ANN001, ANN201
     return d
 
 
+def _args(slides: Path, out: Path, *extra: str) -> list[str]:
+    return ["train-streaming", "--slides", str(slides), "--labels", str(slides / "labels.csv"), "--out", str(out), *ARGS, *extra]
+
+
+@pytest.fixture(scope="module")
+def ref_run(slides, tmp_path_factory):  # noqa: ANN001, ANN201
+    """One uninterrupted run (1 torch thread, like the subprocess runs it is compared with)."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(_args(slides, out)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _same_results(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    assert (a / "predictions.csv").read_bytes() == (b / "predictions.csv").read_bytes()
+    for k in (0, 1):
+        x, y = load_file(str(a / f"fold{k}" / "best.safetensors")), load_file(str(b / f"fold{k}" / "best.safetensors"))
+        assert x.keys() == y.keys() and all(torch.equal(x[n], y[n]) for n in x)
+
+
 def test_canvas_is_tissue_cropped_and_padded(slides) -> None:  # noqa: ANN001
-    c = read_canvas(slides / "s0.tif", mpp=2.0, image_size=4096, multiple=32)
+    from gigaslide.slides import open_slide
+
+    with open_slide(slides / "s1.tif") as s:
+        x0, y0, x1, y1 = tissue_box(s)
+    assert (x1 - x0) * (y1 - y0) < 0.5 * 1024 * 768  # one blob: the box is well inside the slide
+    c = read_canvas(slides / "s1.tif", mpp=2.0, image_size=4096, multiple=32)
+    assert c.content_size == (round((y1 - y0) / 4), round((x1 - x0) / 4)) and c.origin == (x0, y0)
     h, w = c.content_size
-    assert c.image.dtype == np.uint8 and c.image.shape[0] == 3
-    assert c.image.shape[1] % 32 == 0 and c.image.shape[2] % 32 == 0
-    assert h < 768 // 4 + 8 or w < 1024 // 4 + 8  # cropped to tissue (or close to the whole slide)
-    assert (c.image[:, h:, :] == 245).all()
+    assert c.image.dtype == np.uint8 and c.image.shape == (3, -(-h // 32) * 32, -(-w // 32) * 32)
+    assert (c.image[:, h:, :] == 245).all() and (c.image[:, :, w:] == 245).all()
+    assert not (c.image[:, :h, :w] == 245).all()
     capped = read_canvas(slides / "s0.tif", mpp=2.0, image_size=64, multiple=32)
     assert capped.image.shape[1:] == (64, 64)
 
 
-def test_cli_train_resume_and_heatmap(slides, tmp_path) -> None:  # noqa: ANN001
-    args = ["train-streaming", "--slides", str(slides), "--labels", str(slides / "labels.csv"), "--out", str(tmp_path / "run"),
-            "--mpp", "4.0", "--image-size", "256", "--tile-size", "512", "--encoder", "resnet18", "--folds", "2",
-            "--epochs", "2", "--freeze-epochs", "1", "--accumulate", "2", "--seed", "0"]
-    assert main(args) == 0
-    run = tmp_path / "run"
-    pred = (run / "predictions.csv").read_text().splitlines()
-    assert pred[0].startswith("slide_id,label,prob_0,prob_1,fold") and len(pred) == 7
-    ev = json.loads((run / "evaluation.json").read_text())
-    assert 0.0 <= ev["metrics"]["auc"]["value"] <= 1.0 and ev["n_slides"] == 6
-    state = json.loads((run / "fold0" / "state.json").read_text())
-    assert [h["trunk_frozen"] for h in state["history"]] == [True, False]
-    assert state["best_epoch"] == 1  # selection starts when the trunk unfreezes: the kept model is end-to-end trained
-    assert (run / "fold0" / "best.safetensors").is_file()
-    before = (run / "fold1" / "predictions.csv").stat().st_mtime_ns
-    assert main(args) == 0  # finished folds are skipped on a re-run
-    assert (run / "fold1" / "predictions.csv").stat().st_mtime_ns == before
-    assert main([*args[:-2], "--seed", "1"]) == 2  # other settings in the same run folder: refused, nothing mixed
-    png = tmp_path / "att.png"
-    assert main(["heatmap-streaming", str(slides / "s1.tif"), "--run", str(run), "--out", str(png)]) == 0
-    assert png.stat().st_size > 1000
+def test_cli_trains_pools_folds_and_refuses_another_pool_kernel(slides, ref_run, tmp_path, capsys) -> None:  # noqa: ANN001
+    from sklearn.metrics import roc_auc_score
+
+    from gigaslide import runs
+
+    with open(ref_run / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["slide_id"] for r in rows) == [f"s{i}" for i in range(6)] and {r["fold"] for r in rows} == {"0", "1"}
+    # a slide smaller than one tile (s1: one blob) is run as a single dense pass and predicted like the others
+    assert max(read_canvas(slides / "s1.tif", 1.5, 320, 32).shape) < 256 < max(read_canvas(slides / "s0.tif", 1.5, 320, 32).shape)
+    ev = json.loads((ref_run / "evaluation.json").read_text())
+    auc = roc_auc_score([int(r["label"]) for r in rows], [float(r["prob_1"]) for r in rows])
+    assert ev["metrics"]["auc"]["value"] == pytest.approx(auc, abs=1e-6) and ev["class_counts"] == [3, 3]
+    rec = runs.read_run(ref_run)
+    assert rec["status"] == "finished" and rec["identity"]["pool_kernel"] == 2 and "device" not in rec["identity"]
+    assert rec["precision"] == {"requested": "fp32", "resolved": "fp32"} and rec["provenance"]["pool_kernel"] == 2
+    ck = runs.load_checkpoint(ref_run, "fold0")
+    assert [h["trunk_frozen"] for h in ck["history"]] == [True, False]
+    assert ck["selection"]["best_epoch"] == 1  # selection starts when the trunk unfreezes
+    before = (ref_run / "fold1" / "predictions.csv").stat().st_mtime_ns
+    assert main(_args(slides, ref_run, "--device", "cpu")) == 0  # memory/device-only change: resumes (folds skipped)
+    assert (ref_run / "fold1" / "predictions.csv").stat().st_mtime_ns == before
+    capsys.readouterr()
+    assert main(_args(slides, ref_run, "--pool-kernel", "4", "--tile-size", "320")) == 2
+    err = capsys.readouterr().err
+    assert "another run (pool_kernel: 2 -> 4" in err and err.count("\n") == 1
+
+
+def test_budget_stop_then_resume_is_bit_exact(slides, ref_run, tmp_path) -> None:  # noqa: ANN001
+    from gigaslide import runs
+
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(_args(slides, out, "--budget", "0.01s")) == 0  # stops at the first optimizer step
+        rec = runs.read_run(out)
+        assert rec["status"] == "stopped" and rec["stop_reason"] == "budget"
+        ck = runs.load_checkpoint(out, "fold0")
+        assert (ck["epoch"], ck["pos"]) == (0, 1)  # mid-epoch: the next slide of the permutation
+        assert main(_args(slides, out)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    _same_results(out, ref_run)
+
+
+KILLABLE = textwrap.dedent('''
+    import sys, time, torch
+    torch.set_num_threads(1)
+    import gigaslide.streaming.train as T
+    slow = float(sys.argv[1])
+    if slow:
+        step = T.step_loss
+        def slow_step(*a, **k):
+            time.sleep(slow)
+            return step(*a, **k)
+        T.step_loss = slow_step
+    from gigaslide.cli.main import main
+    sys.exit(main(sys.argv[2:]))
+''')
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_is_bit_exact(slides, ref_run, tmp_path) -> None:  # noqa: ANN001
+    script = tmp_path / "train.py"
+    script.write_text(KILLABLE)
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    p = subprocess.Popen([sys.executable, str(script), "0.25", *_args(slides, out)], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    rec = out / "checkpoint" / "fold0.json"
+    deadline = time.time() + 900  # generous: a loaded machine is slow to start the subprocess
+    while time.time() < deadline and p.poll() is None:
+        if rec.is_file() and json.loads(rec.read_text())["payload"]["epoch"] >= 1:
+            break
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait(10)
+    assert json.loads(rec.read_text())["payload"]["epoch"] >= 1 and not (out / "predictions.csv").exists()
+    r = subprocess.run([sys.executable, str(script), "0", *_args(slides, out)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "resuming at epoch" in r.stdout
+    _same_results(out, ref_run)
+
+
+def test_heatmap_maps_pooled_positions_to_level0(slides, ref_run, tmp_path) -> None:  # noqa: ANN001
+    from gigaslide.streaming.heatmap import streaming_heatmap
+
+    res = streaming_heatmap(slides / "s1.tif", ref_run, tmp_path / "att.png", device="cpu")
+    c = read_canvas(slides / "s1.tif", 1.5, 320, 32)
+    step = 32 * 2 * 1.5 / 0.5  # stride x pool kernel canvas px, at 3 level-0 px per canvas px
+    assert res["box_level0_px"] == step
+    xy = np.asarray(res["coords"])
+    h, w = c.content_size
+    assert len(xy) == -(-h // 64) * -(-w // 64)  # positions over padding only are not drawn
+    assert tuple(xy[0]) == c.origin and xy[1, 0] - xy[0, 0] == step and xy[-1, 1] - xy[0, 1] == step * (-(-h // 64) - 1)
+    assert (tmp_path / "att.png").stat().st_size > 1000
 
 
 def test_cli_refuses_bad_input(slides, tmp_path, capsys) -> None:  # noqa: ANN001
     base = ["train-streaming", "--slides", str(slides), "--labels", str(slides / "labels.csv"), "--out", str(tmp_path / "r")]
-    assert main(base + ["--tile-size", "256", "--encoder", "resnet18"]) == 2
-    assert "minimum 480 px" in capsys.readouterr().err
-    assert main(base + ["--encoder", "no_such_net"]) == 2
+    assert main(base + ["--tile-size", "256", "--encoder", "resnet18", "--weights", "random"]) == 2
+    assert "minimum 704 px" in capsys.readouterr().err and not (tmp_path / "r").exists()  # pool kernel 8 by default
+    assert main(base + ["--encoder", "no_such_net", "--weights", "random"]) == 2
     assert "unknown encoder 'no_such_net'" in capsys.readouterr().err
+    assert main(base + ["--pool-kernel", "0", "--weights", "random"]) == 2
+    assert "pool kernel 0" in capsys.readouterr().err
+    os.environ.setdefault("GIGASLIDE_WEIGHTS", str(tmp_path / "no_cache"))
+    assert main(base + ["--encoder", "resnet34"]) == 2  # default weights: from the local cache only, never downloaded
+    assert "not in the local cache" in capsys.readouterr().err
     assert main(["heatmap-streaming", str(slides / "s1.tif"), "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "x.png")]) == 2
 
 
 def test_canvas_cache_is_reused_and_memory_mapped(slides, tmp_path) -> None:  # noqa: ANN001
-    from gigaslide.streaming.data import cached_canvas
-
     a = cached_canvas(slides / "s2.tif", tmp_path / "cache", 2.0, 4096, 32)
     b = cached_canvas(slides / "s2.tif", tmp_path / "cache", 2.0, 4096, 32)
     assert isinstance(b.image, np.memmap) and np.array_equal(np.asarray(a.image), np.asarray(b.image))
     assert b.origin == a.origin and b.content_size == a.content_size
+    assert torch.equal(b.pixels(), torch.from_numpy(np.array(a.image)))
     c = cached_canvas(slides / "s2.tif", tmp_path / "cache", 4.0, 4096, 32)  # other mpp: re-read, not the stale cache
     assert c.image.shape[1] < a.image.shape[1]
     xy = a.position_coords((2, 3), 32)
     assert xy.shape == (6, 2) and tuple(xy[0]) == a.origin and xy[1, 0] - xy[0, 0] == 32 * 4  # 2.0 / 0.5 level-0 px per px
+
+
+HELD_ONCE = textwrap.dedent('''
+    import sys, numpy as np, torch
+    from torch import nn
+    torch.set_num_threads(1)
+    from gigaslide.encoders import ENCODERS
+    from gigaslide.streaming import StreamingCNN
+    from gigaslide.streaming.data import Augment, Canvas
+    from gigaslide.streaming.head import StreamingMIL
+    from gigaslide.streaming.train import TrainConfig, step_loss
+    def status(key):
+        return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+    trunk = nn.Sequential(nn.Conv2d(3, 8, 8, stride=8), nn.ReLU(), nn.Conv2d(8, 16, 8, stride=8), nn.ReLU()).eval()
+    model = StreamingMIL(StreamingCNN(trunk, 256, pool_kernel=2, trim_memory=True), "abmil", 2).train()
+    model.spec = ENCODERS.get("resnet18")
+    cfg = TrainConfig(precision="fp32")
+    def canvas(side, path):
+        np.save(path, np.random.default_rng(0).integers(0, 256, (3, side, side), dtype=np.uint8))
+        return Canvas("x", np.load(path, mmap_mode="r"), (0, 0), 1.0, 0.5, (side, side), path)
+    aug = Augment(flip=True, rot90=1, gain=(1.02, 0.98, 1.0))
+    step_loss(model, canvas(1024, sys.argv[1] + "/warm.npy"), 1, cfg, torch.device("cpu"), None, aug)[0].backward()
+    big = canvas(4096, sys.argv[1] + "/big.npy")
+    base = status("VmRSS:")
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+    loss, _ = step_loss(model, big, 1, cfg, torch.device("cpu"), None, aug)
+    loss.backward()
+    print((status("VmHWM:") - base) / (3 * 4096 * 4096))
+''')
+
+
+def test_a_training_step_holds_the_canvas_once(tmp_path) -> None:
+    """Peak RSS of one augmented training step (flip + rot90) above the warm process, in units of the canvas's
+    bytes: ~1 (read once, crops augmented one by one) -- a memory-mapped read plus a whole-image flip/rotate
+    would be ~3."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("Linux /proc only")
+    script = tmp_path / "held.py"
+    script.write_text(HELD_ONCE)
+    r = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ratio = float(r.stdout.strip().splitlines()[-1])
+    assert 0.9 <= ratio <= 1.2, ratio

@@ -49,11 +49,13 @@ def test_box_fraction_matches_bruteforce():
     rng = np.random.default_rng(0)
     mask = rng.random((40, 50)) > 0.5
     tm = TissueMask(mask, 4.0, (200, 160))
-    xs, ys = np.array([0, 8, 100, 196]), np.array([0, 12, 80, 156])
+    xs, ys = np.array([0, 8, 100, 196, 5]), np.array([0, 12, 80, 156, 7])
     got = tm.box_fraction(xs, ys, 16.0)
+    fine = np.zeros((176, 216), bool)  # level-0 px; outside the mask counts as glass (edge tiles are padded with glass)
+    fine[:160, :200] = np.kron(mask, np.ones((4, 4), bool))
     for x, y, g in zip(xs, ys, got):
-        sub = mask[int(y // 4): int(np.ceil((y + 16) / 4)), int(x // 4): int(np.ceil((x + 16) / 4))]
-        assert g == pytest.approx(sub.mean())
+        assert g == pytest.approx(fine[y: y + 16, x: x + 16].mean())  # exact, also for boxes not on mask px
+    assert got[3] == pytest.approx(mask[39:, 49:].sum() / 16)  # the corner box: 1 of its 16 mask px is inside
 
 
 def test_grid_at_coarser_mpp_and_overlap(slide_and_mask):
@@ -84,22 +86,13 @@ def test_grid_properties(slide_and_mask, mpp, tile, overlap_frac, min_tissue):
         assert "more than the slide" in str(e)
         return
     t0 = g.tile_size_level0
-    assert g.coords.dtype == np.int64
+    assert g.coords.dtype == np.int64 and g.padding.shape == (len(g),)
     if len(g):
-        assert (g.coords >= 0).all()
-        assert (g.coords[:, 0] + t0 <= W + 1e-6).all() and (g.coords[:, 1] + t0 <= H + 1e-6).all()
+        assert (g.coords >= 0).all() and (g.coords[:, 0] < W).all() and (g.coords[:, 1] < H).all()  # start inside
         assert (g.tissue >= min_tissue).all()
         if min_tissue > 0:
             assert (g.tissue > 0).all()
-
-
-@given(length=st.integers(1, 5000), tile=st.floats(1, 800), stride_frac=st.floats(0.05, 1.0))
-def test_grid_positions_inside(length, tile, stride_frac):
-    pos = grid_positions(length, tile, tile * stride_frac)
-    assert (pos >= 0).all()
-    assert (pos + tile <= length + 1e-6).all()
-    if tile <= length:
-        assert len(pos) >= 1
+        assert (g.tissue <= 1 - g.padding + 1e-6).all()  # the padding is glass
 
 
 def test_geojson_in_level0_coords(slide_and_mask):
@@ -146,6 +139,18 @@ def test_real_slide_tiles_on_tissue(real_slides, tmp_path):
     assert tile.mean() < 230  # not glass
 
 
-def test_grid_is_centred():
-    pos = grid_positions(1000, 300, 300)  # 3 tiles, 100 px of slack -> 50 px each side
-    assert pos.tolist() == [50, 350, 650]
+def test_grid_is_anchored_at_the_origin():
+    assert grid_positions(1000, 300, 300).tolist() == [0, 300, 600, 900]  # the last tile is 2/3 outside
+    assert grid_positions(900, 300, 300).tolist() == [0, 300, 600]  # exact fit: no padding
+    assert grid_positions(1000, 300, 200).tolist() == [0, 200, 400, 600, 800]
+
+
+def test_coords_file_without_mpp_is_refused_not_read_as_zero(tmp_path):
+    import h5py
+
+    with h5py.File(tmp_path / "clam.h5", "w") as f:  # a CLAM-style patches file: coords, patch size, no resolution
+        f["coords"] = np.zeros((3, 2), np.int64)
+        f["coords"].attrs["patch_size"] = 256
+    with pytest.raises(GigaslideError, match="has no mpp") as e:
+        load_grid(tmp_path / "clam.h5")
+    assert "clam.h5" in str(e.value)

@@ -12,6 +12,7 @@ import importlib
 import inspect
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,10 @@ STAGE_MODULES = (
     "gigaslide.cli.ssl",
     "gigaslide.cli.slide_ssl",
     "gigaslide.cli.mil",
+    "gigaslide.cli.evaluate",
     "gigaslide.cli.streaming",
+    "gigaslide.cli.nuclei",
+    "gigaslide.cli.viewer",
     "gigaslide.cli.demo",
 )
 
@@ -56,10 +60,9 @@ def _collect() -> dict[str, Any]:
     for mod_name in STAGE_MODULES:
         mod = importlib.import_module(mod_name)
         for name, cmd in getattr(mod, "COMMANDS", {}).items():
-            if name in commands and isinstance(commands[name], dict) and isinstance(cmd, dict):
-                commands[name] = {**commands[name], **cmd}
-            else:
-                commands[name] = cmd
+            if name in commands:  # one definition per command (and per group): never overwrite silently
+                raise RuntimeError(f"command '{name}' is defined twice ({mod_name} and an earlier stage module)")
+            commands[name] = cmd
     return commands
 
 
@@ -73,7 +76,7 @@ def _sub_parser(cmd: Command):  # noqa: ANN202
 
     doc = inspect.getdoc(cmd.func) or ""
     desc = doc.split("\n\nArgs:")[0]
-    p = ArgumentParser(description=desc, formatter_class=_formatter())
+    p = ArgumentParser(description=desc, formatter_class=_formatter(), exit_on_error=False)
     p.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
     skip = set()
     if cmd.positional:
@@ -94,7 +97,7 @@ def _param_help(func: Callable[..., Any], name: str) -> str:
 def _build(commands: dict[str, Any]):  # noqa: ANN202
     from jsonargparse import ArgumentParser
 
-    root = ArgumentParser(prog="gigaslide", formatter_class=_formatter(), description="gigapixel slides -> tiles -> features -> slide predictions. "
+    root = ArgumentParser(prog="gigaslide", formatter_class=_formatter(), exit_on_error=False, description="gigapixel slides -> tiles -> features -> slide predictions. "
                           "Run `gigaslide COMMAND --help` for each command's options and an example.")
     root.add_argument("--version", action="version", version=_version())
     _add(root, commands)
@@ -107,7 +110,7 @@ def _add(parser, commands: dict[str, Any]) -> None:  # noqa: ANN001
     sub = parser.add_subcommands(dest="command", required=True)
     for name, cmd in commands.items():
         if isinstance(cmd, dict):
-            group = ArgumentParser(description=f"{name}: " + ", ".join(cmd), formatter_class=_formatter())
+            group = ArgumentParser(description=f"{name}: " + ", ".join(cmd), formatter_class=_formatter(), exit_on_error=False)
             sub.add_subcommand(name, group, help=f"{name} " + "|".join(cmd))
             _add(group, cmd)  # jsonargparse wants levels added top-down
         else:
@@ -141,14 +144,101 @@ def _resolve(commands: dict[str, Any], cfg: Any) -> tuple[Command, Any]:
     return node, sub_cfg
 
 
-def run(argv: Sequence[str] | None = None) -> Any:
+def _command_name(commands: dict[str, Any], argv: Sequence[str]) -> str:
+    """The (sub)command named in ``argv``, for error messages ("" when none)."""
+    node: Any = commands
+    words: list[str] = []
+    for a in argv:
+        if not isinstance(node, dict):
+            break
+        if a in node:
+            words.append(a)
+            node = node[a]
+        elif not a.startswith("-"):
+            break
+    return " ".join(words)
+
+
+def _only(commands: dict[str, Any], name: str) -> dict[str, Any]:
+    """Just the branch of ``commands`` leading to the command ``name`` (building every command's parser
+    costs ~0.5 s per call); all of them when ``name`` is not a complete command (root help, typos)."""
+    words = name.split()
+    node: Any = commands
+    for w in words:
+        node = node[w]
+    if not words or isinstance(node, dict):
+        return commands
+    for w in reversed(words):
+        node = {w: node}
+    return node
+
+
+def _check_configs(args: Sequence[str]) -> None:
+    """``--config`` files pass the safe YAML check (no object tags, no alias bombs) before jsonargparse loads them."""
+    from gigaslide.safe_parse import check_config_arg
+
+    for i, a in enumerate(args):
+        if a == "--config" and i + 1 < len(args):
+            check_config_arg(args[i + 1])
+        elif a.startswith("--config="):
+            check_config_arg(a.split("=", 1)[1])
+
+
+def parse(argv: Sequence[str] | None = None) -> tuple[Command, dict[str, Any]]:
+    """The command and its checked keyword arguments. Every failure here is one :class:`GigaslideError`
+    line (wrong type, unknown option, a value no command can use: see :mod:`gigaslide.cli.validate`),
+    never a traceback; ``--help`` and ``--version`` still exit 0 through ``SystemExit``."""
+    from jsonargparse import ArgumentError
+
+    from gigaslide.cli.validate import check_options, parse_error_line
+
+    args = normalise_argv(list(sys.argv[1:] if argv is None else argv))
+    _check_configs(args)
     commands = _collect()
-    parser = _build(commands)
-    cfg = parser.parse_args(normalise_argv(list(sys.argv[1:] if argv is None else argv)))
-    cmd, sub_cfg = _resolve(commands, cfg)
-    params = inspect.signature(cmd.func).parameters
-    kwargs = {k: sub_cfg[k] for k in params if k in sub_cfg}
+    name = _command_name(commands, args)
+    try:
+        cfg = _build(_only(commands, name)).parse_args(args)
+        cmd, sub_cfg = _resolve(commands, cfg)
+        params = inspect.signature(cmd.func).parameters
+        kwargs = {k: sub_cfg[k] for k in params if k in sub_cfg}
+        check_options(cmd.func, kwargs)
+    except (GigaslideError, SystemExit, KeyboardInterrupt):
+        raise
+    except ArgumentError as e:
+        raise parse_error_line(str(e), name) from None
+    except Exception as e:  # noqa: BLE001 - a parser/validation failure must stay one line
+        raise parse_error_line(f"cannot read the command line ({type(e).__name__}: {e})", name) from None
+    return cmd, kwargs
+
+
+def run(argv: Sequence[str] | None = None) -> Any:
+    cmd, kwargs = parse(argv)
     return cmd.func(**kwargs)
+
+
+#: errno values of storage faults: a one-line error naming the file instead of a traceback.
+_STORAGE_ERRNOS = {"ENOSPC": "free disk space (or choose another --out) and re-run: finished outputs are kept",
+                   "EDQUOT": "free space within your quota (or choose another --out) and re-run",
+                   "EROFS": "the file system is read-only: choose a writable --out",
+                   "EACCES": "check permissions, or choose an output folder you can write to",
+                   "EPERM": "check permissions, or choose an output folder you can write to",
+                   "ENOENT": "a file disappeared while the command ran (moved, deleted, share unmounted); restore it and re-run",
+                   "EIO": "the disk or network share reported an I/O error; check it and re-run"}
+
+
+def _storage_error(e: OSError) -> str | None:
+    import errno
+
+    name = errno.errorcode.get(e.errno or -1, "")
+    if name not in _STORAGE_ERRNOS:
+        return None
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or name} -- fix: {_STORAGE_ERRNOS[name]}"
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    text = " ".join(str(message).split()) or category.__name__
+    print(f"warning: {text}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -158,9 +248,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(int(torch_threads))
     try:
-        run(argv)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning  # one line per warning (e.g. a non-H&E slide), no source line
+            warnings.filterwarnings("always", message=".*looks like")  # once per slide, also on a second run
+            run(argv)
     except GigaslideError as e:
         print(f"error: {e.one_line()}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        msg = _storage_error(e)
+        if msg is None:
+            raise
+        print(f"error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished outputs are kept and a re-run resumes", file=sys.stderr)

@@ -1,84 +1,8 @@
-"""Commands of the slide-level supervised stage: evaluate tiles|slides, mosaic, train-mil, heatmap, benchmark."""
+"""Commands of the slide-level supervised stage: mosaic, train-mil, heatmap, benchmark."""
 
 from __future__ import annotations
 
 from gigaslide.cli.main import Command
-
-
-def evaluate_tiles(train: str, test: str, out: str, protocol: str = "linear,knn,fewshot", bootstrap: int = 1000,
-                   k: int = 20, fewshot_repeats: int = 5, seed: int = 0) -> None:
-    """Probe frozen tile features (linear, k-NN, few-shot) with bootstrap CIs; writes report.{md,json,png}.
-
-    Example: gigaslide evaluate tiles --train feats/train.h5 --test feats/valid.h5 --protocol linear,knn --out report/
-
-    Args:
-        train: feature file (.h5 with a 'labels' dataset) of the training tiles
-        test: feature file of the test tiles (same encoder)
-        out: report directory
-        protocol: comma-separated subset of linear,knn,fewshot
-        bootstrap: bootstrap resamples for the 95 % CIs (0 = none)
-        k: neighbours of the k-NN probe (cosine)
-        fewshot_repeats: random draws per few-shot setting
-        seed: random seed (validation split, few-shot draws, bootstrap)
-    """
-    from gigaslide.evaluation.tiles import evaluate_tile_features, report_markdown
-
-    rep = evaluate_tile_features(train, test, protocol, n_bootstrap=bootstrap, seed=seed, k=k,
-                                 fewshot_repeats=fewshot_repeats, out=out)
-    print(report_markdown(rep))
-    print(f"wrote {out}/report.md, report.json, report.png")
-
-
-def evaluate_slides(predictions: str, bootstrap: int = 1000, seed: int = 0, out: str | None = None) -> None:
-    """Slide-level AUC / balanced accuracy with bootstrap 95 % CIs from a run's prediction CSVs.
-
-    Example: gigaslide evaluate slides --predictions runs/abmil --bootstrap 1000
-
-    Args:
-        predictions: run directory (predictions.csv or fold*/predictions.csv) or a CSV file
-        bootstrap: bootstrap resamples (slides resampled within folds; 0 = none)
-        seed: bootstrap seed
-        out: where to write evaluation.json/.md (default: the run directory; a .json path also works)
-    """
-    from pathlib import Path
-
-    from gigaslide.evaluation.slides import evaluate_predictions, evaluation_markdown
-
-    if out is None:
-        p = Path(predictions)
-        out = str(p if p.is_dir() else p.parent)
-    res = evaluate_predictions(predictions, n_bootstrap=bootstrap, seed=seed, out=out)
-    print(evaluation_markdown(res))
-
-
-def evaluate_embeddings(embeddings: str, labels: str, out: str, folds: int = 5, train_slides: int | None = None,
-                        repeats: int | None = None, seed: int = 0, bootstrap: int = 1000, on_missing: str = "error") -> None:
-    """Linear evaluation of slide embeddings (Giga-SSL / SLPD): StandardScaler + balanced logistic regression, CV with CIs.
-
-    Example: gigaslide evaluate embeddings --embeddings embeddings.h5 --labels labels.csv --folds 5 --out runs/linear
-
-    Args:
-        embeddings: HDF5 written by `gigaslide embed-slides` (slide_ids + embeddings)
-        labels: CSV with columns slide_id,patient_id,label (patient_id optional)
-        out: run directory (splits.json, predictions.csv, evaluation.json/.md)
-        folds: number of stratified, patient-grouped folds
-        train_slides: few-shot: train on this many slides per training fold (None = all)
-        repeats: few-shot draws per fold (default 3 with --train-slides, else 1)
-        seed: seed of folds and draws
-        bootstrap: bootstrap resamples for the 95 % CIs
-        on_missing: error (default) or skip: slides with a label but no embedding, or the reverse
-    """
-    from gigaslide.evaluation.slides import evaluation_markdown, linear_probe_run
-    from gigaslide.ssl.slide.embed import load_embeddings
-
-    e = load_embeddings(embeddings)
-    vecs = dict(zip(e.slide_ids, e.embeddings))
-    if repeats is None:
-        repeats = 3 if train_slides else 1
-    res = linear_probe_run(vecs, labels, out, folds=folds, seed=seed, train_slides=train_slides, repeats=repeats,
-                           on_missing=on_missing, n_bootstrap=bootstrap)
-    print(evaluation_markdown(res, f"linear probe on {embeddings}"))
-    print(f"wrote {out}")
 
 
 def train_mil(features: str, labels: str, out: str, model: str = "abmil", folds: int = 5,
@@ -133,7 +57,8 @@ def train_mil(features: str, labels: str, out: str, model: str = "abmil", folds:
 
 
 def mosaic(tiles: str, out: str, slides: int = 200, positive_fraction: float = 0.5, tumor_fraction: str = "0.02-0.2",
-           grid: int = 24, mpp: float = 0.97, seed: int = 0) -> None:
+           grid: int = 24, mpp: float = 0.97, seed: int = 0, arrangement: str = "contiguous",
+           task: str = "tumour") -> None:
     """Build CAMELYON-like mosaic slides (pyramidal TIFF) from a labelled tile folder, with labels and tile ground truth.
 
     Example: gigaslide mosaic --tiles ../shared/data/tiles/pcam/train --out mosaic/ --slides 200 --tumor-fraction 0.02-0.2
@@ -147,11 +72,14 @@ def mosaic(tiles: str, out: str, slides: int = 200, positive_fraction: float = 0
         grid: tiles per side of a slide (24 x 96 px = 2304 px)
         mpp: resolution written into the TIFF (um/px; PCam is ~0.97)
         seed: random seed (labels, masks, regions, tile choice)
+        arrangement: tumour tiles of a positive slide: contiguous (one region), scattered (random cells) or mixed
+        task: tumour (label = slide has tumour) or context (every slide has tumour at --tumor-fraction;
+            label 1 = one contiguous region, 0 = scattered tiles: only spatial context tells them apart)
     """
     from gigaslide.mil.mosaic import MosaicConfig, build_mosaic, parse_range
 
     cfg = MosaicConfig(slides=slides, positive_fraction=positive_fraction, tumor_fraction=parse_range(tumor_fraction),
-                       grid=grid, mpp=mpp, seed=seed)
+                       grid=grid, mpp=mpp, seed=seed, arrangement=arrangement, task=task)
     meta = build_mosaic(tiles, out, cfg)
     print(f"wrote {slides} slides ({meta['n_positive']} positive) to {out}/slides, labels to {out}/labels.csv")
 
@@ -221,9 +149,4 @@ COMMANDS: dict = {
     "heatmap": Command(heatmap, positional="slide", nargs=None),
     "mosaic": Command(mosaic, positional=None),
     "train-mil": Command(train_mil, positional=None),
-    "evaluate": {
-        "embeddings": Command(evaluate_embeddings, positional=None),
-        "tiles": Command(evaluate_tiles, positional=None),
-        "slides": Command(evaluate_slides, positional=None),
-    },
 }

@@ -60,59 +60,83 @@ def _mpp(v: str | None) -> float | str | None:
 
 def pretrain_slides(method: str = "gigassl", out: str = "slide_ssl_run", cache: str | None = None,
                     features: str | None = None, encoder: str = "sparseconvmil", epochs: int | None = None,
-                    batch_size: int | None = None, lr: float | None = None, temperature: float = 0.05,
-                    out_dim: int = 512, region_size: int = 4096, region_mpp: float = 0.5, prototypes: int = 4,
-                    warmup: int = 5, device: str = "auto", bf16: bool = False, seed: int = 0) -> None:
+                    batch_size: int | None = None, lr: float | None = None, budget: str | None = None,
+                    temperature: float = 0.05, out_dim: int = 512, width: int = 256, blocks: int = 2,
+                    norm: str = "batch", downsample: bool = True, tiles_per_step: int = 16, grid_augment: bool = True,
+                    warmup_epochs: int = 5, select: str = "best", patience: int | None = None,
+                    region_size: int = 4096, region_mpp: float = 0.5, prototypes: int = 4,
+                    losses: str = "dino+intra+inter", warmup: int = 5, head_dim: int = 1024, n_local: int = 8,
+                    teacher_temp: float = 0.06, device: str = "auto", precision: str = "fp32", seed: int = 0) -> None:
     """Pre-train a slide encoder without labels: Giga-SSL (on an augment cache) or SLPD (on tile features).
 
-    Resumes from RUN/checkpoint.pt when re-run with the same options; exports RUN/model.safetensors.
+    Re-running the same command resumes bit-exactly from RUN/checkpoint (gigaslide.runs); other options
+    in an existing RUN are refused. Stops cleanly on Ctrl-C / SIGTERM / --budget. Exports RUN/model.safetensors.
 
-    Example: gigaslide pretrain-slides --method gigassl --cache cache/ --out runs/gigassl
+    Example: gigaslide pretrain-slides --method gigassl --cache cache/ --out runs/gigassl --tiles-per-step 16
 
     Args:
         method: gigassl or slpd
-        out: run folder
+        out: run folder (run.json, checkpoint/, model.safetensors, history.json)
         cache: augment-cache folder (gigassl)
         features: tile feature folder (slpd)
         encoder: gigassl slide encoder: sparseconvmil, abmil or mean
         epochs: training epochs (default 50 gigassl, 20 slpd)
-        batch_size: slides per batch (gigassl, default 32) or regions per batch (slpd, default 64)
-        lr: learning rate (default 1e-3 gigassl, 5e-4 slpd)
+        batch_size: slides per step (gigassl, default: all slides up to 512) or regions per step (slpd, default 64)
+        lr: peak learning rate, linear warm-up then cosine (default 1e-3 gigassl, 5e-4 slpd)
+        budget: wall-clock budget, e.g. 30m (a clean stop; re-run to continue)
         temperature: SimCLR NT-Xent temperature (gigassl)
         out_dim: slide embedding size (gigassl)
+        width: channels of the sparse ResNet (gigassl)
+        blocks: submanifold residual blocks (gigassl sparseconvmil; 0 = no geometry)
+        norm: normalisation in the blocks: batch, layer or none (gigassl)
+        downsample: stride-2 sparse max-pooling between blocks (gigassl)
+        tiles_per_step: tiles per view, re-drawn every step from a random cached version (gigassl; paper 5-16)
+        grid_augment: rotate / flip / scale the tile grid of every view (gigassl)
+        warmup_epochs: learning-rate warm-up epochs (gigassl)
+        select: exported epoch: best (label-free view-retrieval monitor) or last (gigassl)
+        patience: stop after this many epochs without monitor improvement (gigassl; default: never)
         region_size: region side in px at --region-mpp (slpd; 4096 at 0.5 µm/px = HIPT's 4096 px at 20x)
         region_mpp: resolution the region size is given at, µm/px (slpd)
         prototypes: k-means prototypes per slide (slpd; 4 NSCLC, 2 BRCA in the paper)
+        losses: slpd objective: dino (ablation), dino+intra, or dino+intra+inter (the paper)
         warmup: epochs of plain DINO before the prototype losses (slpd)
+        head_dim: DINO head output size K (slpd; small K is a collapse guard on small data)
+        n_local: local feature-grid crops per region (slpd; 2 global crops always)
+        teacher_temp: final DINO teacher temperature after its warm-up from 0.04 (slpd)
         device: auto, cpu or cuda
-        bf16: bf16 autocast on CPU (gigassl; CUDA always uses AMP)
+        precision: fp32, bf16, fp16 or auto (gigassl autocast)
         seed: random seed
     """
     m = method.lower()
+    kw = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items() if v is not None}
     if m == "gigassl":
         if not cache:
             raise GigaslideError("--method gigassl needs --cache", fix="build one with `gigaslide augment-cache` and pass --cache DIR")
         from gigaslide.ssl.slide.gigassl import pretrain_gigassl
 
-        kw = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items() if v is not None}
-        res = pretrain_gigassl(cache, out, encoder=encoder, temperature=temperature, out_dim=out_dim, seed=seed,
-                               device=device, bf16=bf16, **kw)
+        res = pretrain_gigassl(cache, out, encoder=encoder, temperature=temperature, out_dim=out_dim, hidden=width,
+                               blocks=blocks, norm=norm, downsample=downsample, tiles_per_step=tiles_per_step,
+                               grid_augment=grid_augment, warmup_epochs=warmup_epochs, select=select, patience=patience,
+                               precision=precision, seed=seed, device=device, budget=budget, **kw)
     elif m == "slpd":
         if not features:
             raise GigaslideError("--method slpd needs --features", fix="pass a folder of tile feature files (gigaslide encode --out)")
         from gigaslide.ssl.slide.slpd import pretrain_slpd
 
-        kw = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items() if v is not None}
         res = pretrain_slpd(features, out, region_size=region_size, region_mpp=region_mpp, prototypes=prototypes,
-                            warmup=warmup, seed=seed, device=device, **kw)
+                            losses=losses, warmup=warmup, head_dim=head_dim, n_local=n_local, teacher_temp=teacher_temp,
+                            seed=seed, device=device, budget=budget, **kw)
+        if res.get("collapse"):
+            print(f"slpd: COLLAPSED ({res['collapse']}); see {res['run']}/run.json 'collapse'")
     else:
         raise GigaslideError(f"unknown --method '{method}'", fix="use --method gigassl or --method slpd")
-    state = "finished" if res["finished"] else "stopped early (re-run to resume)"
+    state = "finished" if res["finished"] else f"stopped ({res.get('stopped')}; re-run the same command to resume)"
     print(f"{m}: {state}; {len(res['history'])} epochs in {res['seconds']:.1f} s -> {res['run']}")
 
 
 def embed_slides(model: str, features: str, out: str = "embeddings.h5", ensemble: int = 20,
-                 tiles_per_view: int | None = None, fp16: bool = False, device: str = "auto", seed: int = 0) -> None:
+                 tiles_per_view: int | None = None, fp16: bool = False, device: str = "auto", seed: int = 0,
+                 regions_out: str | None = None) -> None:
     """Embed slides with a pre-trained slide-SSL run: HDF5 with slide_ids and embeddings.
 
     Example: gigaslide embed-slides --model runs/gigassl --features features/ --ensemble 20 --out embeddings.h5
@@ -122,16 +146,19 @@ def embed_slides(model: str, features: str, out: str = "embeddings.h5", ensemble
         features: tile feature folder (or an augment cache: its plain features are used)
         out: output HDF5
         ensemble: random views averaged per slide (gigassl)
-        tiles_per_view: tiles per view (gigassl; default: the cache's)
+        tiles_per_view: tiles per view (gigassl; default: the run's --tiles-per-step)
         fp16: store embeddings as float16
         device: auto, cpu or cuda
         seed: seed of the random views
+        regions_out: slpd: also write per-region embeddings as a feature folder (for train-mil over regions)
     """
     from gigaslide.ssl.slide.embed import embed_slides as run_embed
 
-    e = run_embed(model, features, out, ensemble=ensemble, tiles_per_view=tiles_per_view, fp16=fp16, seed=seed, device=device)
+    e = run_embed(model, features, out, ensemble=ensemble, tiles_per_view=tiles_per_view, fp16=fp16, seed=seed, device=device,
+                  regions_out=regions_out)
     n, d = e.embeddings.shape
-    print(f"{n} slides x {d}-d {e.embeddings.dtype} -> {out}; {e.attrs['bytes_per_slide']} bytes per slide")
+    print(f"{n} slides x {d}-d {e.embeddings.dtype} -> {out}; {e.attrs['bytes_per_slide']} bytes per slide"
+          + (f"; region embeddings -> {regions_out}" if regions_out else ""))
 
 
 COMMANDS = {

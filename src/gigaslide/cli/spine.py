@@ -41,7 +41,7 @@ def info(slide: str, slide_mpp: float | str | None = None, json_out: bool = Fals
 
 
 def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, overlap: int = 0, min_tissue: float = 0.25,
-         slide_mpp: float | str | None = None) -> None:
+         slide_mpp: float | str | None = None, background: str = "auto") -> None:
     """Segment tissue and tile slides at a physical resolution; writes coords (level-0 px), overlays, GeoJSON.
 
     Example:
@@ -58,6 +58,7 @@ def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, ov
         overlap: overlap between neighbouring tiles in pixels at the target resolution
         min_tissue: keep tiles whose tissue fraction is at least this
         slide_mpp: scan resolution override (µm/px at level 0) for slides without it, or a CSV slide_id,mpp
+        background: auto (detected from the thumbnail), bright (bright-field glass) or dark (fluorescence)
     """
     from gigaslide import atomic
     from gigaslide.features.manifest import Manifest
@@ -66,14 +67,14 @@ def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, ov
 
     files = find_slides(slides)
     outp = atomic.ensure_writable_dir(out)
-    params = TilingParams(mpp, tile_size, overlap, min_tissue)
+    params = TilingParams(mpp, tile_size, overlap, min_tissue, background)
     man = Manifest(outp / "tile_manifest.json", {"command": "tile", **params.as_dict()})
     failures: dict[str, str] = {}
     for f in files:
         try:
             g = tile_slide(f, outp, params, slide_mpp=slide_mpp)
             man.set(g.slide_id, "done", path=str(f), tiles=len(g))
-            print(f"{g.slide_id}: {len(g)} tiles")
+            print(f"{g.slide_id}: {len(g)} tiles" + (f" ({g.extra['stain']})" if g.extra.get("stain_warning") else ""))
         except GigaslideError as e:
             failures[slide_id_from_path(Path(f))] = e.one_line()
             man.set(slide_id_from_path(Path(f)), "failed", path=str(f), error=e.one_line())
@@ -112,8 +113,9 @@ def encoders() -> None:
 
 
 def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str = "default", mpp: float = 0.5,
-           tile_size: int = 224, overlap: int = 0, min_tissue: float = 0.25, batch_size: int = 64, workers: int = 1,
-           precision: str = "auto", device: str = "auto", slide_mpp: float | str | None = None, threads: int = 2) -> None:
+           tile_size: int = 224, overlap: int = 0, min_tissue: float = 0.25, batch_size: int = 64, workers: int | None = None,
+           precision: str = "auto", device: str = "auto", slide_mpp: float | str | None = None, threads: int = 2,
+           compile: bool = False, background: str = "auto") -> None:  # noqa: A002 - the option's name
     """Tile and encode slides into one HDF5 feature file per slide (CLAM/TRIDENT layout); resumable.
 
     Example:
@@ -121,7 +123,9 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
 
     Output: OUT/features/<slide>.h5 (features [N,D], coords [N,2] level-0 px, provenance attrs),
     OUT/patches/, OUT/tissue/, OUT/grid/ and OUT/manifest.json (status, error and timing per slide).
-    A re-run skips finished slides; a broken slide is reported and the others go on.
+    A re-run skips finished slides; a broken slide is reported and the others go on. Several runs (or
+    `torchrun --nproc-per-node N -m gigaslide encode ...`, or SLURM tasks) may share one OUT: slides are
+    locked one by one (OUT/locks/), split longest first, and a dead run's slides are taken over.
 
     Args:
         slides: slide files or folders of slides
@@ -133,11 +137,13 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
         overlap: overlap between tiles in pixels at the target resolution
         min_tissue: keep tiles whose tissue fraction is at least this
         batch_size: tiles per forward pass
-        workers: DataLoader worker processes reading and decoding tiles (0 = in the main process)
+        workers: reader processes decoding tiles (0 = in the main process; default: 1 on CPU, the spare cores up to 16 on CUDA)
         precision: auto (bf16 on CPU when it matches fp32 to cosine 0.999; AMP on CUDA), bf16, fp16 or fp32
         device: auto, cpu, cuda or cuda:N
         slide_mpp: scan resolution override (µm/px at level 0), or a CSV slide_id,mpp
         threads: torch CPU threads for the model
+        compile: torch.compile the encoder (worth it on a GPU for long jobs)
+        background: auto (detected from the thumbnail), bright (bright-field glass) or dark (fluorescence)
     """
     import torch
 
@@ -155,11 +161,14 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
     if weights == "random":
         print("note: random weights -- features are for tests and benchmarks only", file=sys.stderr)
     with progress_bar("encode") as update:
-        res = encode_slides(files, out, enc, TilingParams(mpp, tile_size, overlap, min_tissue), batch_size=batch_size,
-                            workers=workers, precision=precision, device=device, slide_mpp=slide_mpp, progress=update)
+        res = encode_slides(files, out, enc, TilingParams(mpp, tile_size, overlap, min_tissue, background), batch_size=batch_size,
+                            workers=workers, precision=precision, device=device, slide_mpp=slide_mpp, progress=update,
+                            compile_model=compile)
     rate = res.tiles / res.seconds if res.seconds else 0.0
     print(f"encoded {len(res.done)} slides ({res.tiles} tiles, {rate:.1f} tiles/s, {res.precision}), "
           f"skipped {len(res.skipped)} finished, failed {len(res.failed)} -> {Path(out) / 'features'}")
+    for sid, who in res.others.items():
+        print(f"left to another process: {sid} (locked by {who})", file=sys.stderr)
     for sid, err in res.failed.items():
         print(f"failed {sid}: {err}", file=sys.stderr)
     _raise_if_failed(res.failed, len(files), Path(out) / "manifest.json")

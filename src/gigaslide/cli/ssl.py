@@ -1,31 +1,13 @@
-"""CLI commands of the tile-level SSL stage: ``pretrain``, ``embed-tiles`` and ``evaluate finetune``."""
+"""CLI commands of the tile-level SSL stage: ``pretrain`` and ``embed-tiles`` (``evaluate finetune`` is in cli/evaluate.py)."""
 
 from __future__ import annotations
 
 import json
-import re
 import sys
 
 from gigaslide.cli.main import Command
 from gigaslide.errors import GigaslideError
-
-
-def parse_duration(text: str | float | int | None) -> float | None:
-    """``2h``, ``15m``, ``90s``, ``1h30m`` or plain seconds -> seconds."""
-    if text is None or text == "":
-        return None
-    if isinstance(text, (int, float)):
-        return float(text)
-    s = str(text).strip().lower()
-    try:
-        return float(s)
-    except ValueError:
-        pass
-    parts = re.findall(r"(\d+(?:\.\d+)?)\s*(d|h|m|s)", s)
-    if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*(d|h|m|s)", "", s).strip():
-        raise GigaslideError(f"cannot read duration '{text}'", fix="use e.g. 2h, 15m, 90s or 1h30m")
-    mult = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-    return sum(float(v) * mult[u] for v, u in parts)
+from gigaslide.runs import parse_duration  # noqa: F401  (re-exported: the CLI's duration parser)
 
 
 def parse_mpps(mpp: str | float) -> list[float]:
@@ -40,39 +22,53 @@ def parse_mpps(mpp: str | float) -> list[float]:
 
 def pretrain(data: str, out: str, method: str = "dino", backbone: str = "resnet18", mpp: str = "0.5", tile_size: int = 224,
              init: str | None = None, budget: str | None = None, steps: int | None = None, augment: str = "pathology",
-             batch_size: int = 64, lr: float | None = None, layer_decay: float | None = None, n_local: int = 6,
-             method_args: str | None = None, devices: int = 1, precision: str = "auto", workers: int = 2, seed: int = 0,
-             checkpoint_every: str = "10m", min_tissue: float = 0.5, data_kind: str = "auto", threads: int | None = None) -> None:
+             batch_size: int | None = None, crop_size: int | None = None, lr: float | None = None,
+             weight_decay: float | None = None, warmup_frac: float | None = None, layer_decay: float | None = None,
+             patch_embed_lr_mult: float | None = None, drop_path: float | None = None, n_local: int | None = None,
+             local_size: int | None = None, method_args: str | None = None, devices: int = 1, precision: str = "auto",
+             workers: int = 2, seed: int = 0, checkpoint_every: str = "10m", monitor_every: int | None = None,
+             min_tissue: float = 0.5, data_kind: str = "auto", threads: int | None = None) -> None:
     """Self-supervised pre-training of a tile encoder (SimCLR, MoCo v2, Barlow Twins, SwAV, DINO) on your tiles or slides.
 
     Example: gigaslide pretrain --data slides/ --mpp 0.5,1.0 --method dino --backbone vit_small_dinov2 --init vit_small_dinov2 --budget 2h --out runs/dino
 
     Tiles are sampled at random from tissue across slides and magnifications (no tile dump needed),
-    or read from an image folder. Stops cleanly at --budget / --steps / Ctrl-C, leaving
-    OUT/checkpoint (re-run the same command to resume) and OUT/encoder, which
+    or read from an image folder. With --budget the step time of the first steps decides how many
+    steps fit, and the lr warm-up + cosine span exactly those (logged). A label-free monitor (RankMe
+    effective rank and same-tile view retrieval on a fixed set of tiles) is logged ~8 times per run
+    into OUT/run.json, so you see whether the run still improves. Stops cleanly at --budget /
+    --steps / Ctrl-C / SIGTERM, leaving OUT/checkpoint (re-run the same command to resume exactly;
+    a changed --data, --mpp, --init weights or option is refused) and OUT/encoder, which
     `gigaslide encode --encoder OUT/encoder` and `gigaslide embed-tiles --encoder OUT/encoder` load.
 
     Args:
         data: folder of slides (or one slide file), or folder of image tiles (jpg/png/tif, searched recursively)
-        out: run folder (checkpoint/, encoder/, run.json)
-        method: simclr, mocov2, barlowtwins, swav or dino
+        out: run folder (run.json, checkpoint/, encoder/)
+        method: simclr, mocov2, barlowtwins, swav or dino (or another registered method, e.g. dinov2)
         backbone: encoder architecture from `gigaslide encoders` (resnet18, resnet50, vit_small, vit_small_dinov2, ...)
         mpp: resolution(s) in µm/px to sample slides at, comma-separated for several magnifications (recorded for tile folders)
-        tile_size: training crop size in px (also the exported encoder's input size)
+        tile_size: the tiles' native size in px: the exported encoder's input size
         init: start from an encoder: registry name (local hub cache), RUN_DIR or RUN_DIR/encoder, or a weights file
         budget: wall-clock training budget, e.g. 2h, 15m, 90s (with or instead of --steps)
         steps: number of optimiser steps (default 2000, as Roth et al., when neither --steps nor --budget is given)
         augment: pathology (stain jitter, flips, 90° rotations, mild colour, no solarisation) or imagenet
-        batch_size: tiles per step (per device)
-        lr: peak AdamW learning rate (default: the method's, 1e-3; DINO 5e-4), cosine schedule with warm-up
-        layer_decay: layer-wise lr decay for the trunk (default 0.75 for a ViT with --init, else off)
-        n_local: local crops per tile for DINO and SwAV
+        batch_size: tiles per step per device (default: the method's recipe, else 64)
+        crop_size: global training crop size (default: the tile size for ViTs; ~2/3 of it, a multiple of 8, for CNNs, which then embed at the full tile size)
+        lr: peak AdamW learning rate (default: the method's, 1e-3; DINO 5e-4), linear warm-up then cosine
+        weight_decay: AdamW weight decay (default 0.04)
+        warmup_frac: share of the planned steps spent warming up the lr (default 0.05)
+        layer_decay: layer-wise lr decay for a ViT trunk (default: the method's recipe; 0.75 for a ViT with --init; else off)
+        patch_embed_lr_mult: lr multiplier of a ViT's patch embedding (default: the method's recipe, else 1)
+        drop_path: stochastic depth rate of a ViT trunk (default: the method's recipe, else 0)
+        n_local: local crops per tile for multi-crop methods (DINO, SwAV; default 6)
+        local_size: local crop size in px (default ~43 % of the crop size, a multiple of the ViT patch)
         method_args: JSON object overriding method settings, e.g. '{"out_dim": 8192, "temperature": 0.1}'
         devices: number of GPUs; more than 1 runs DDP through PyTorch Lightning
-        precision: auto (bf16 AMP on CUDA, fp32 on CPU), bf16 (autocast, also on CPU: ~1.3x more steps here), fp16 or fp32
+        precision: auto (bf16 on CUDA; on CPU bf16 only if it matches fp32 on the first batch, recorded), bf16, fp16 or fp32
         workers: data-loader worker processes (0 = in the main process)
         seed: random seed (model init, tile order, augmentations)
         checkpoint_every: checkpoint interval in wall-clock time (e.g. 10m)
+        monitor_every: steps between label-free monitor points (default ~8 per run; 0 = off)
         min_tissue: minimum tissue fraction of a sampled slide tile
         data_kind: auto, slides or tiles (how to read --data)
         threads: torch CPU threads (default: torch's)
@@ -81,8 +77,8 @@ def pretrain(data: str, out: str, method: str = "dino", backbone: str = "resnet1
 
     import torch
 
-    from gigaslide.ssl.tile.train import PretrainConfig
-    from gigaslide.ssl.tile.train import pretrain as run_pretrain
+    from gigaslide.ssl.tile.engine import PretrainConfig
+    from gigaslide.ssl.tile.engine import pretrain as run_pretrain
 
     if threads:
         torch.set_num_threads(threads)
@@ -97,13 +93,17 @@ def pretrain(data: str, out: str, method: str = "dino", backbone: str = "resnet1
         steps = 2000
     cfg = PretrainConfig(data=data, out=out, method=method, backbone=backbone, mpp=parse_mpps(mpp), tile_size=tile_size,
                          init=init, steps=steps, budget_s=parse_duration(budget), augment=augment, batch_size=batch_size,
-                         lr=lr, layer_decay=layer_decay, n_local=n_local, method_args=margs, devices=devices,
+                         crop_size=crop_size, lr=lr, weight_decay=weight_decay, warmup_frac=warmup_frac,
+                         layer_decay=layer_decay, patch_embed_lr_mult=patch_embed_lr_mult, drop_path=drop_path,
+                         n_local=n_local, local_size=local_size, method_args=margs, devices=devices,
                          precision=precision, workers=workers, seed=seed,
-                         checkpoint_every_s=parse_duration(checkpoint_every) or 600.0, min_tissue=min_tissue,
-                         data_kind=data_kind)
+                         checkpoint_every_s=parse_duration(checkpoint_every) or 600.0, monitor_every=monitor_every,
+                         min_tissue=min_tissue, data_kind=data_kind)
     s = run_pretrain(cfg)
+    mon = s.get("monitor") or {}
+    tail = f"; RankMe {mon['rankme']}, view top-1 {mon['view_top1']}" if mon else ""
     print(f"{s['method']} {s['backbone']}: {s['steps']} steps in {s['elapsed_s']} s ({s.get('images_per_s')} img/s), "
-          f"stopped by {s.get('stopped_by', 'steps')}; encoder -> {s.get('encoder', out + '/encoder')}")
+          f"stopped by {s.get('stopped_by', 'steps')}{tail}; encoder -> {s.get('encoder', out + '/encoder')}")
 
 
 def embed_tiles(image_folder: str, encoder: str, out: str, weights: str = "default", batch_size: int = 128,
@@ -138,57 +138,7 @@ def embed_tiles(image_folder: str, encoder: str, out: str, weights: str = "defau
     print(f"embedded {s['n']} tiles -> {s['out']} ({s['dim']}-d, {cls}, {s['images_per_s']} tiles/s)")
 
 
-def evaluate_finetune(train: str, test: str, encoder: str, out: str, weights: str = "default", fractions: str = "1.0",
-                      epochs: int = 10, batch_size: int = 64, lr: float = 1e-4, head_lr: float = 1e-3,
-                      augment: str = "pathology", max_train: int | None = None, precision: str = "auto",
-                      workers: int = 1, bootstrap: int = 1000, seed: int = 0, threads: int | None = None) -> None:
-    """Fine-tune an encoder end to end (plus a linear head) on labelled tiles; test with bootstrap CIs.
-
-    Example: gigaslide evaluate finetune --train pcam/train --test pcam/valid --encoder runs/dino/encoder --fractions 0.01,0.1,1 --out ft/
-
-    The low-label protocol of Kang et al.: each fraction of the training labels (stratified) is
-    fine-tuned separately, with a validation split for model selection. Writes report.{md,json,png}
-    (same metrics as `evaluate tiles`) and per fraction the fine-tuned encoder (fraction_*/encoder).
-    Re-running with the same settings reuses finished fractions and resumes an interrupted one.
-
-    Args:
-        train: folder with one sub-folder of images per class (training tiles)
-        test: folder with the same class sub-folders (test tiles)
-        encoder: RUN_DIR/encoder (from pretrain), another export folder, or a registry name (see `gigaslide encoders`)
-        out: report directory
-        weights: default (the export's / local hub cache), a weights file, or random (a from-scratch baseline)
-        fractions: comma-separated label fractions, e.g. 0.01,0.1,1.0
-        epochs: maximum epochs per fraction (early stopping on validation loss)
-        batch_size: tiles per step
-        lr: encoder learning rate (AdamW, warm-up then cosine)
-        head_lr: linear head learning rate
-        augment: pathology (flips, 90° rotations, light stain jitter) or none
-        max_train: use a random subset of this many training tiles (fixed by --seed)
-        precision: auto (bf16 AMP on CUDA, fp32 on CPU), bf16, fp16 or fp32
-        workers: data-loader worker processes
-        bootstrap: bootstrap resamples for the 95 % CIs
-        seed: random seed (subsets, splits, head init, augmentation)
-        threads: torch CPU threads (default: torch's)
-    """
-    import torch
-
-    from gigaslide.evaluation.finetune import FinetuneConfig, finetune_tiles
-    from gigaslide.evaluation.tiles import report_markdown
-
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        fr = tuple(float(f) for f in str(fractions).split(",") if f.strip())
-    except ValueError:
-        raise GigaslideError(f"--fractions '{fractions}' is not a list of numbers", fix="use e.g. 0.01,0.1,1.0") from None
-    cfg = FinetuneConfig(fractions=fr, epochs=epochs, batch_size=batch_size, lr=lr, head_lr=head_lr, augment=augment,
-                         max_train=max_train, precision=precision, workers=workers, seed=seed, n_bootstrap=bootstrap)
-    print(report_markdown(finetune_tiles(train, test, encoder, out, weights=weights, cfg=cfg)))
-    print(f"wrote {out}/report.md, report.json, report.png")
-
-
 COMMANDS = {
     "pretrain": Command(pretrain, positional=None),
     "embed-tiles": Command(embed_tiles, positional="image_folder", nargs=None),
-    "evaluate": {"finetune": Command(evaluate_finetune, positional=None)},
 }

@@ -5,53 +5,66 @@ from __future__ import annotations
 from gigaslide.cli.main import Command
 
 
-def train_streaming(slides: str, labels: str, out: str, *, mpp: float = 8.0, image_size: int = 8192,
-                    tile_size: int = 2048, encoder: str = "resnet34", weights: str | None = None, head: str = "clam_sb",
-                    folds: int = 5, epochs: int = 20, freeze_epochs: int = 5, lr: float = 2e-4, trunk_lr: float = 2e-5,
-                    accumulate: int = 4, patience: int = 5, precision: str = "auto", seed: int = 0,
-                    device: str = "auto", slide_mpp: float | None = None, checkpoint_blocks: bool = True,
-                    trim_memory: bool = True) -> dict:
-    """Train StreamingCLAM end to end on whole slides with slide labels only (streamed CNN trunk + CLAM head).
+def train_streaming(slides: str, labels: str, out: str, *, mpp: float = 0.5, image_size: int = 65536,
+                    tile_size: int = 3200, encoder: str = "resnet34", weights: str = "default", head: str = "clam_sb",
+                    pool_kernel: int = 8, folds: int = 5, epochs: int = 100, freeze_epochs: int = 15, lr: float = 1e-3,
+                    trunk_lr: float = 1e-3, accumulate: int = 4, patience: int = 10, precision: str = "auto",
+                    seed: int = 0, device: str = "auto", slide_mpp: float | None = None, checkpoint_blocks: bool = True,
+                    trim_memory: bool = True, budget: str | None = None) -> dict:
+    """Train StreamingCLAM end to end on whole slides with slide labels only (streamed CNN trunk, max-pool, CLAM head).
 
-    Example: gigaslide train-streaming --slides DIR --labels labels.csv --mpp 8.0 --image-size 8192 --tile-size 2048 --encoder resnet34 --head clam_sb --folds 5 --out RUN
+    The defaults are the paper's scale (Dooper et al. 2023; the authors' reference implementation): ResNet-34
+    with its registry weights, canvases up to 65536 px at 0.5 µm/px, 3200 px tiles, max-pool 8 before the head,
+    trunk frozen for 15 epochs, lr 1e-3, 4 slides per optimizer step, mixed precision -- a GPU job. A CPU-sized
+    run: --mpp 8.0 --image-size 4096 --tile-size 2048 --epochs 8 --freeze-epochs 2 --accumulate 2.
+
+    Example: gigaslide train-streaming --slides DIR --labels labels.csv --encoder resnet34 --pool-kernel 8 --folds 5 --out RUN
 
     Args:
         slides: folder of slides (file name without extension = slide_id).
         labels: CSV with columns slide_id,label (and optional patient_id for grouped folds).
-        out: run folder (canvases cache, per-fold checkpoints, predictions.csv, evaluation.json); a re-run resumes.
+        out: run folder (run.json, canvases cache, checkpoints, per-fold predictions, evaluation.json); a re-run
+            resumes; a folder holding a run with other settings (e.g. another --pool-kernel) is refused.
         mpp: resolution the whole slide is read at (µm/px).
         image_size: largest canvas side in px (the tissue box is centre-cropped to it).
-        tile_size: streaming tile size in px (at least the trunk's receptive field + stride, e.g. 960 for resnet34).
-        encoder: timm CNN trunk (resnet18, resnet34, resnet50 ...).
-        weights: optional trunk weights (.safetensors or state_dict file, timm names); random init otherwise.
-        head: MIL head on the feature-map positions (clam_sb, clam_mb, abmil, ...).
+        tile_size: streaming tile size in px (at least the trunk's receptive field + pool kernel x stride:
+            1184 px for resnet34 with --pool-kernel 8); as large as memory allows (speed only, same results).
+        encoder: a registry CNN (`gigaslide encoders`: resnet18, resnet34, resnet50 ...) or an exported
+            encoder folder (RUN/encoder of `gigaslide pretrain`): architecture, weights and mean/std come from it.
+        weights: default (the entry's / export's own weights; hub weights from the local cache), random
+            (benchmarks and tests only), a weights file, or an exported encoder folder of the same architecture.
+        head: MIL head on the pooled feature-map positions (clam_sb, clam_mb, abmil, ...).
+        pool_kernel: max-pool kernel (and stride) between trunk and head, streamed: 8 as in StreamingCLAM, 1 = off.
+            The last window of a feature map not divisible by it pools the positions that exist.
         folds: number of cross-validation folds.
         epochs: maximum epochs per fold.
-        freeze_epochs: first epochs train the head only (trunk frozen), as in the paper.
+        freeze_epochs: first epochs train the head only (trunk frozen); the trunk unfreezes after them.
         lr: head learning rate.
         trunk_lr: trunk learning rate after unfreezing.
         accumulate: slides per optimiser step (gradient accumulation).
-        patience: early stopping after this many epochs without a better validation loss.
-        precision: auto (bf16/fp16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16.
+        patience: early stopping after this many epochs without a better validation loss (counted once the trunk trains).
+        precision: auto (bf16, else fp16 AMP on CUDA; on CPU bf16 only when it agrees with fp32), fp32, bf16 or fp16.
         seed: seed for folds, augmentation and initialisation.
-        device: auto, cpu or cuda.
+        device: auto, cpu or cuda (memory/speed only: a run may resume on another device).
         slide_mpp: level-0 resolution for slides without it in their metadata.
         checkpoint_blocks: recompute each residual block's activations during the backward pass of a tile
             (activation checkpointing): lower peak memory for about one extra forward; gradients unchanged.
         trim_memory: return buffers freed between tiles to the OS at once (Linux/glibc mallopt) instead of
             letting malloc cache them: ~1 GB lower peak RSS on CPU for ~10 % more time.
+        budget: wall-clock budget (e.g. 12h): stops cleanly at an optimizer step; re-run to continue.
     """
-    from gigaslide.streaming.train import TrainConfig, run_training
+    from gigaslide.devices import PRECISIONS
+    from gigaslide.errors import GigaslideError
+    from gigaslide.streaming.cv import run_training
+    from gigaslide.streaming.train import TrainConfig
 
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        from gigaslide.errors import GigaslideError
-
-        raise GigaslideError(f"--precision {precision}", fix="use auto, fp32, bf16 or fp16")
+    if precision not in PRECISIONS:
+        raise GigaslideError(f"--precision {precision}", fix=f"use one of: {', '.join(PRECISIONS)}")
     cfg = TrainConfig(mpp=mpp, image_size=image_size, tile_size=tile_size, encoder=encoder, weights=weights, head=head,
-                      folds=folds, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr, trunk_lr=trunk_lr,
-                      accumulate=accumulate, patience=patience, precision=precision, seed=seed, device=device,
-                      slide_mpp=slide_mpp, checkpoint_blocks=checkpoint_blocks,
-                      trim_memory=trim_memory)
+                      pool_kernel=pool_kernel, folds=folds, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr,
+                      trunk_lr=trunk_lr, accumulate=accumulate, patience=patience, precision=precision, seed=seed,
+                      device=device, slide_mpp=slide_mpp, checkpoint_blocks=checkpoint_blocks, trim_memory=trim_memory,
+                      budget=budget)
     return run_training(slides, labels, out, cfg)
 
 

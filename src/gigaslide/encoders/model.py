@@ -29,11 +29,15 @@ class TruncatedResNet(nn.Module):
 
         m = timm.create_model(arch, pretrained=False, num_classes=0)
         self.conv1, self.bn1, self.act1, self.maxpool = m.conv1, m.bn1, m.act1, m.maxpool
-        self.layers = nn.Sequential(*[getattr(m, f"layer{i}") for i in range(1, out_stage + 1)])
+        self.out_stage = out_stage
+        for i in range(1, out_stage + 1):  # timm's names, so timm / SSL-trained full-ResNet weights load
+            setattr(self, f"layer{i}", getattr(m, f"layer{i}"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
-        return self.layers(x).mean(dim=(2, 3))
+        for i in range(1, self.out_stage + 1):
+            x = getattr(self, f"layer{i}")(x)
+        return x.mean(dim=(2, 3))
 
 
 def create_trunk(spec: EncoderSpec) -> nn.Module:
@@ -153,13 +157,22 @@ def _with_dim(spec: EncoderSpec, trunk: nn.Module) -> EncoderSpec:
     return dataclasses.replace(spec, embed_dim=dim)
 
 
-def export_encoder(folder: str | os.PathLike, trunk: nn.Module, spec: EncoderSpec) -> Path:
-    """Write ``folder/encoder.json`` + ``folder/weights.safetensors`` so ``build_encoder(folder)`` loads it."""
+def export_encoder(folder: str | os.PathLike, trunk: nn.Module, spec: EncoderSpec,
+                   provenance: dict | None = None) -> Path:
+    """Write ``folder/encoder.json`` + ``folder/weights.safetensors`` so ``build_encoder(folder)`` loads it.
+
+    ``provenance`` (optional, e.g. ``Provenance(...).to_dict()``: version, seed, run folder, steps) is stored
+    under ``"provenance"`` in ``encoder.json``, where :func:`gigaslide.provenance.read_provenance` finds it.
+    """
     from safetensors.torch import save_file
 
     folder = atomic.ensure_writable_dir(folder)
     sd = {k: v.detach().cpu().contiguous() for k, v in trunk.state_dict().items()}
     with atomic.atomic_path(folder / EXPORT_WEIGHTS, suffix=".safetensors") as tmp:
         save_file(sd, str(tmp), metadata={"format": "pt", "encoder": spec.name, "arch": spec.arch})
-    atomic.write_text(folder / EXPORT_SPEC, spec.to_json())
+    if provenance is None:
+        atomic.write_text(folder / EXPORT_SPEC, spec.to_json())
+    else:
+        atomic.write_text(folder / EXPORT_SPEC, json.dumps({**json.loads(spec.to_json()), "provenance": provenance},
+                                                           indent=2, default=str))
     return folder

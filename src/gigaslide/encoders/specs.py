@@ -75,6 +75,18 @@ _add(EncoderSpec("vit_small_dinov2", "vit_small_patch14_dinov2", 384, input_size
 _add(EncoderSpec("vit_base_dinov2", "vit_base_patch14_dinov2", 768, input_size=224, family="vit",
                  hub="hf-hub:timm/vit_base_patch14_dinov2.lvd142m", weight_source="DINOv2 LVD-142M (timm) from local cache",
                  timm_kwargs={"img_size": 224}))
+for _size, _dim in (("large", 1024), ("giant", 1536)):
+    _add(EncoderSpec(f"vit_{_size}_dinov2", f"vit_{_size}_patch14_dinov2", _dim, input_size=224, family="vit",
+                     hub=f"hf-hub:timm/vit_{_size}_patch14_dinov2.lvd142m", weight_source="DINOv2 LVD-142M (timm) from local cache",
+                     timm_kwargs={"img_size": 224}))
+for _size, _dim in (("small", 384), ("base", 768), ("large", 1024), ("giant", 1536)):
+    _add(EncoderSpec(f"vit_{_size}_dinov2_reg", f"vit_{_size}_patch14_reg4_dinov2", _dim, input_size=224, family="vit",
+                     hub=f"hf-hub:timm/vit_{_size}_patch14_reg4_dinov2.lvd142m",
+                     weight_source="DINOv2 with 4 register tokens, LVD-142M (timm) from local cache",
+                     timm_kwargs={"img_size": 224}, description=f"DINOv2 ViT-{_size[0].upper()}/14 with registers, at 224 px"))
+_add(EncoderSpec("vit_tiny_dinov2", "vit_small_patch14_dinov2", 192, input_size=98, family="vit", weight_source="random",
+                 timm_kwargs={"img_size": 98, "embed_dim": 192, "num_heads": 3},
+                 description="ViT-Ti/14 in the DINOv2 layout (LayerScale), no pretrained weights: small foundation models on CPU"))
 # Third-party pathology encoders (weights from a local hub cache; gated models must be fetched by the user).
 _add(EncoderSpec("lunit_dino_vits16", "vit_small_patch16_224", 384, mean=LUNIT_MEAN, std=LUNIT_STD, native_mpp=0.5, family="vit",
                  hub="hf-hub:1aurent/vit_small_patch16_224.lunit_dino", weight_source="Lunit DINO ViT-S/16 (Kang et al. 2023)"))
@@ -92,3 +104,13 @@ _add(EncoderSpec("test_resnet", "test_resnet", 0, input_size=64, weight_source="
                  description="tiny timm ResNet for tests"))
 _add(EncoderSpec("test_vit", "test_vit", 0, input_size=64, family="vit", weight_source="random (tests only)",
                  timm_kwargs={"img_size": 64}, description="tiny timm ViT for tests"))
+_add(EncoderSpec("test_vit_dinov2", "vit_small_patch14_dinov2", 0, input_size=56, family="vit", weight_source="random (tests only)",
+                 timm_kwargs={"img_size": 56, "embed_dim": 32, "depth": 2, "num_heads": 2},
+                 description="tiny DINOv2-layout ViT/14 for tests"))
+_add(EncoderSpec("test_vit_dinov2_reg", "vit_small_patch14_reg4_dinov2", 0, input_size=56, family="vit",
+                 weight_source="random (tests only)", timm_kwargs={"img_size": 56, "embed_dim": 32, "depth": 2, "num_heads": 2},
+                 description="tiny DINOv2-layout ViT/14 with 4 register tokens for tests"))
+# Giga-SSL's tile features (Lazard et al. 2023): ResNet-18 truncated after layer3, average-pooled 256-d.
+_add(EncoderSpec("resnet18_layer3", "resnet18", 256, hub="hf-hub:timm/resnet18.a1_in1k",
+                 weight_source="ImageNet (timm) from local cache", timm_kwargs={"out_stage": 3},
+                 description="ResNet-18 truncated after layer3, average-pooled 256-d (Giga-SSL's tile features)"))

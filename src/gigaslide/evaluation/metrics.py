@@ -97,22 +97,37 @@ def bootstrap_indices(n: int, n_bootstrap: int, seed: int = 0, strata: np.ndarra
     return out
 
 
+def bootstrap_replicates(stat: Callable[[np.ndarray], float | Sequence[float]], n: int, *, n_bootstrap: int = 1000,
+                         seed: int = 0, strata: np.ndarray | None = None) -> np.ndarray:
+    """``stat(idx)`` on ``n_bootstrap`` resamples of ``range(n)`` -> [B] (or [B, K] for a vector ``stat``).
+
+    The one bootstrap loop of gigaslide: every CI (tile probes, slide predictions, localisation, nuclei
+    metrics, paired differences) is a percentile of these replicates (:func:`percentile_ci`).
+    """
+    if n_bootstrap <= 0 or n == 0:
+        return np.zeros((0,), np.float64)
+    return np.asarray([stat(idx) for idx in bootstrap_indices(n, n_bootstrap, seed, strata)], np.float64)
+
+
+def percentile_ci(replicates: np.ndarray, alpha: float = 0.05) -> tuple[float, float] | tuple[np.ndarray, np.ndarray]:
+    """Percentile (1 - alpha) interval of replicates (NaN replicates skipped; NaN when none is left)."""
+    r = np.asarray(replicates, np.float64)
+    if r.ndim == 2:
+        cols = [percentile_ci(r[:, k], alpha) for k in range(r.shape[1])]
+        return np.array([c[0] for c in cols]), np.array([c[1] for c in cols])
+    r = r[~np.isnan(r)]
+    if not len(r):
+        return float("nan"), float("nan")
+    lo, hi = np.percentile(r, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(lo), float(hi)
+
+
 def bootstrap_ci(fn: MetricFn, y: np.ndarray, probs: np.ndarray, *, n_bootstrap: int = 1000, seed: int = 0,
                  strata: np.ndarray | None = None, alpha: float = 0.05) -> tuple[float, float]:
     """Percentile bootstrap (1 - alpha) CI of ``fn(y, probs)`` over samples (NaN replicates skipped)."""
-    y = np.asarray(y)
-    p = as_probs(probs)
-    if n_bootstrap <= 0 or len(y) == 0:
-        return float("nan"), float("nan")
-    vals = []
-    for idx in bootstrap_indices(len(y), n_bootstrap, seed, strata):
-        v = fn(y[idx], p[idx])
-        if not np.isnan(v):
-            vals.append(v)
-    if not vals:
-        return float("nan"), float("nan")
-    lo, hi = np.percentile(vals, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return float(lo), float(hi)
+    y, p = np.asarray(y), as_probs(probs)
+    reps = bootstrap_replicates(lambda i: fn(y[i], p[i]), len(y), n_bootstrap=n_bootstrap, seed=seed, strata=strata)
+    return percentile_ci(reps, alpha)
 
 
 def summarize(y: np.ndarray, probs: np.ndarray, *, n_bootstrap: int = 1000, seed: int = 0,
@@ -122,20 +137,38 @@ def summarize(y: np.ndarray, probs: np.ndarray, *, n_bootstrap: int = 1000, seed
     y = np.asarray(y).astype(int)
     p = as_probs(probs)
     out: dict[str, dict[str, float]] = {m: {"value": METRICS[m](y, p)} for m in metrics}
-    if n_bootstrap > 0 and len(y):
-        reps: dict[str, list[float]] = {m: [] for m in metrics}
-        for idx in bootstrap_indices(len(y), n_bootstrap, seed, strata):
-            for m in metrics:
-                v = METRICS[m](y[idx], p[idx])
-                if not np.isnan(v):
-                    reps[m].append(v)
-        for m in metrics:
-            lo, hi = (np.percentile(reps[m], [2.5, 97.5]) if reps[m] else (np.nan, np.nan))
-            out[m].update(ci_low=float(lo), ci_high=float(hi))
-    else:
-        for m in metrics:
-            out[m].update(ci_low=float("nan"), ci_high=float("nan"))
+    reps = bootstrap_replicates(lambda i: [METRICS[m](y[i], p[i]) for m in metrics], len(y),
+                                n_bootstrap=n_bootstrap, seed=seed, strata=strata)
+    for k, m in enumerate(metrics):
+        lo, hi = percentile_ci(reps[:, k]) if len(reps) else (float("nan"), float("nan"))
+        out[m].update(ci_low=float(lo), ci_high=float(hi))
     return out
+
+
+def paired_difference(y: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, metric: str = "auc", *,
+                      n_bootstrap: int = 1000, seed: int = 0, strata: np.ndarray | None = None) -> dict[str, float]:
+    """Paired bootstrap of ``metric(a) - metric(b)`` on the *same* test items (both resampled with one index).
+
+    Returns ``diff``, its 95 % ``ci_low``/``ci_high`` and a two-sided bootstrap ``p_value`` (twice the smaller
+    share of replicates on either side of 0, floored at 1/B).
+    """
+    y = np.asarray(y).astype(int)
+    pa, pb = as_probs(probs_a), as_probs(probs_b)
+    if len(pa) != len(y) or len(pb) != len(y):
+        raise ValueError(f"paired comparison needs predictions for the same {len(y)} items")
+    fn = METRICS[metric]
+    diff = fn(y, pa) - fn(y, pb)
+    reps = bootstrap_replicates(lambda i: fn(y[i], pa[i]) - fn(y[i], pb[i]), len(y), n_bootstrap=n_bootstrap,
+                                seed=seed, strata=strata)
+    reps = reps[~np.isnan(reps)] if len(reps) else reps
+    lo, hi = percentile_ci(reps) if len(reps) else (float("nan"), float("nan"))
+    if len(reps):
+        p = min(1.0, 2 * min(np.mean(reps <= 0), np.mean(reps >= 0)))
+        p = max(p, 1.0 / len(reps))
+    else:
+        p = float("nan")
+    return {"metric": metric, "diff": float(diff), "ci_low": float(lo), "ci_high": float(hi), "p_value": float(p),
+            "n": int(len(y)), "n_bootstrap": int(n_bootstrap)}
 
 
 def fmt_ci(d: dict[str, float], digits: int = 3) -> str:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import csv
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 
 from gigaslide import atomic
-from gigaslide.artifacts import provenance
+from gigaslide.provenance import provenance, write_sidecar
 from gigaslide.errors import GigaslideError
-from gigaslide.evaluation.metrics import METRICS, bootstrap_indices, fmt_ci
+from gigaslide.evaluation.metrics import METRICS, bootstrap_replicates, fmt_ci, percentile_ci
 
 SLIDE_METRICS = ("auc", "balanced_accuracy", "macro_f1")
 
@@ -58,8 +58,10 @@ class Predictions:
 
 
 def write_predictions(path: str | os.PathLike, slide_ids: Sequence[str], labels: Sequence[int], probs: np.ndarray,
-                      folds: Sequence[int] | int, repeats: Sequence[int] | int | None = None) -> Path:
-    """Write a prediction CSV in the contract above (atomic)."""
+                      folds: Sequence[int] | int, repeats: Sequence[int] | int | None = None,
+                      record: Mapping[str, Any] | None = None) -> Path:
+    """Write a prediction CSV in the contract above (atomic); ``record`` (provenance of the features/model
+    it came from: encoder, weights hash, mpp, tile size, seed, run) goes to its ``.provenance.json`` sidecar."""
     probs = np.asarray(probs, dtype=np.float64)
     n, c = probs.shape
     folds = [folds] * n if isinstance(folds, (int, np.integer)) else list(folds)
@@ -72,7 +74,24 @@ def write_predictions(path: str | os.PathLike, slide_ids: Sequence[str], labels:
             for i in range(n):
                 row = [slide_ids[i], int(labels[i])] + [f"{v:.6g}" for v in probs[i]] + [int(folds[i])]
                 w.writerow(row + ([int(reps[i])] if reps is not None else []))
+    if record is not None:
+        write_sidecar(path, provenance(kind="predictions", **dict(record)))
     return Path(path)
+
+
+def pool_predictions(parts: Sequence[str | os.PathLike], out: str | os.PathLike,
+                     record: Mapping[str, Any] | None = None) -> Predictions:
+    """Concatenate per-fold prediction CSVs (in the order given) into ``out`` — the one way runs pool folds."""
+    preds = [read_predictions(p) for p in parts]
+    if not preds:
+        raise GigaslideError("no fold predictions to pool", path=out, fix="check that training finished")
+    pooled = Predictions(sum((p.slide_ids for p in preds), []), np.concatenate([p.labels for p in preds]),
+                         np.concatenate([p.probs for p in preds]), np.concatenate([p.folds for p in preds]),
+                         np.concatenate([p.repeats for p in preds]), str(out))
+    with_repeats = len(np.unique(pooled.repeats)) > 1
+    write_predictions(out, pooled.slide_ids, pooled.labels, pooled.probs, pooled.folds,
+                      pooled.repeats if with_repeats else None, record=record)
+    return pooled
 
 
 def _csv_files(source: str | os.PathLike) -> list[Path]:
@@ -160,16 +179,17 @@ def evaluate_predictions(pred: Predictions | str | os.PathLike, *, n_bootstrap: 
                            "n_folds": int(len(np.unique(pred.folds))), "n_bootstrap": n_bootstrap, "seed": seed,
                            "class_counts": np.bincount(pred.labels[first], minlength=pred.n_classes).tolist(),
                            "source": pred.source, "metrics": {}}
-    boot = bootstrap_indices(len(first), n_bootstrap, seed, strata) if n_bootstrap > 0 else np.zeros((0, len(first)), int)
     for name in SLIDE_METRICS:
         fn = METRICS[name]
         vals = [fn(pred.labels[i], pred.probs[i]) for i in per_rep]
         value = float(np.mean(vals)) if not np.isnan(vals).all() else float("nan")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN replicates (one class drawn) are dropped
-            reps = [np.nanmean([fn(pred.labels[i[b]], pred.probs[i[b]]) for i in per_rep]) for b in boot]
-        reps = [v for v in reps if not np.isnan(v)]
-        lo, hi = (np.percentile(reps, [2.5, 97.5]) if reps else (np.nan, np.nan))
+
+        def stat(b: np.ndarray, fn=fn) -> float:  # one resample of slides, the same in every repeat
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN replicates (one class drawn) are dropped
+                return float(np.nanmean([fn(pred.labels[i[b]], pred.probs[i[b]]) for i in per_rep]))
+
+        lo, hi = percentile_ci(bootstrap_replicates(stat, len(first), n_bootstrap=n_bootstrap, seed=seed, strata=strata))
         fold_vals = [fn(pred.labels[i][pred.folds[i] == k], pred.probs[i][pred.folds[i] == k])
                      for i in per_rep for k in np.unique(pred.folds[i])]
         fv = np.asarray([v for v in fold_vals if not np.isnan(v)])

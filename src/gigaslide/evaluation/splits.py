@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from gigaslide.errors import GigaslideError
+from gigaslide.safe_parse import check_slide_id
 
 
 @dataclass
@@ -74,6 +75,8 @@ def read_labels(path: str | os.PathLike, *, min_classes: int = 2) -> LabelTable:
     empty = [str(i + 2) for i, s in enumerate(ids) if not s]
     if empty:
         raise GigaslideError(f"empty slide_id on line(s) {_preview(empty)}", path=p, fix="give every row a slide_id")
+    for s in ids:  # ids become file names (canvas caches, heatmaps, predictions): no '../', separators, NULs
+        check_slide_id(s, path=p)
     dup = [s for s, c in Counter(ids).items() if c > 1]
     if dup:
         raise GigaslideError(f"duplicate slide_id(s): {_preview(dup)}", path=p, fix="keep one row per slide")

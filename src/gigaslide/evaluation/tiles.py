@@ -1,7 +1,8 @@
 """Tile-level evaluation of frozen features: linear probe, k-NN and few-shot probes.
 
-Inputs are ``gigaslide.features.store`` files with a ``labels`` dataset (tile folders), loaded
-:class:`~gigaslide.features.store.FeatureFile` objects, or ``(features [N, D], labels [N])`` arrays.
+Inputs are ``(features [N, D], labels [N])`` arrays or loaded feature files (any object with
+``features``, ``labels``, ``path``, ``encoder`` and ``dim``, e.g. :class:`gigaslide.features.store.FeatureFile`;
+this base-layer module reads no files itself — load them with ``gigaslide.features.store.load``).
 
 * ``linear``: ``StandardScaler`` + ``LogisticRegression`` (lbfgs); C picked on a stratified 20 %
   validation split of the training set, then refit on the whole training set.
@@ -29,22 +30,20 @@ from typing import Any
 import numpy as np
 
 from gigaslide import atomic
-from gigaslide.artifacts import provenance
+from gigaslide.provenance import provenance
 from gigaslide.errors import GigaslideError
-from gigaslide.evaluation.metrics import METRICS, bootstrap_indices, fmt_ci, summarize
+from gigaslide.evaluation.metrics import METRICS, bootstrap_replicates, fmt_ci, percentile_ci, summarize
 
 PROTOCOLS = ("linear", "knn", "fewshot")
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
-TileInput = Any  # FeatureFile | str | os.PathLike | tuple[np.ndarray, np.ndarray]
+TileInput = Any  # a loaded FeatureFile-like object | tuple[np.ndarray, np.ndarray]
 
 
 def _as_arrays(x: TileInput, role: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    from gigaslide.features import store
-
     if isinstance(x, (str, os.PathLike)):
-        x = store.load(x)
-    if isinstance(x, store.FeatureFile):
+        raise TypeError("pass loaded features (gigaslide.features.store.load(path)) or (features, labels) arrays")
+    if hasattr(x, "features") and hasattr(x, "labels"):
         if x.labels is None:
             raise GigaslideError(f"{role} feature file has no 'labels' dataset", path=x.path,
                                  fix="encode a labelled tile folder (class sub-folders) so tile labels are stored")
@@ -130,7 +129,6 @@ def few_shot(Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.ndarray,
     sc = StandardScaler().fit(Xtr)
     Xs, Xt = sc.transform(Xtr), sc.transform(Xte)
     out: dict[str, Any] = {}
-    boot = bootstrap_indices(len(yte), n_bootstrap, seed) if n_bootstrap > 0 else np.zeros((0, len(yte)), int)
     for si, setting in enumerate(settings):
         probs = []
         n_used = 0
@@ -143,11 +141,13 @@ def few_shot(Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.ndarray,
         res: dict[str, Any] = {"n_labels": n_used, "repeats": repeats}
         for m, fn in METRICS.items():
             per_draw = [fn(yte, p) for p in probs]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                reps = [np.nanmean([fn(yte[b], p[b]) for p in probs]) for b in boot]
-            reps = [v for v in reps if not np.isnan(v)]
-            lo, hi = np.percentile(reps, [2.5, 97.5]) if reps else (np.nan, np.nan)
+
+            def stat(b: np.ndarray, fn=fn, probs=probs) -> float:  # a replicate averages over the draws
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    return float(np.nanmean([fn(yte[b], p[b]) for p in probs]))
+
+            lo, hi = percentile_ci(bootstrap_replicates(stat, len(yte), n_bootstrap=n_bootstrap, seed=seed))
             res[m] = {"value": float(np.mean(per_draw)), "std": float(np.std(per_draw)),
                       "ci_low": float(lo), "ci_high": float(hi)}
         out[setting] = res

@@ -1,16 +1,28 @@
 """Batched feature extraction: slides -> tiles -> encoder -> one HDF5 feature file per slide.
 
-Reading and JPEG decoding run in DataLoader worker processes while the model runs in the main
-process (channels_last; bf16 autocast on CPU when it agrees with fp32 to cosine >= 0.999; AMP on
-CUDA). A batch never spans two slides. A broken slide is reported in the manifest and the batch
-goes on; finished slides are skipped on a re-run; every file is written atomically.
+Reading runs in a persistent pool of reader processes (:class:`gigaslide.slides.pool.ReaderPool`,
+the decode-limited path of :func:`gigaslide.slides.iter_tiles`) that serves every slide of the job:
+the next slide's batches are read while the current one is encoded. The model runs in the main
+process on uint8 batches (pinned and copied ``non_blocking`` on CUDA, normalised on the device),
+channels_last for CNNs, with the precision policy of :func:`gigaslide.devices.choose_precision`
+(recorded per slide), optionally ``torch.compile``-d. A batch never spans two slides; a finished
+slide's file and manifest entry are written by a thread while the next slide is encoded.
+
+Several processes may encode into one folder (two ``gigaslide encode`` runs, or ``torchrun`` /
+SLURM ranks, see :mod:`gigaslide.features.parallel`): each slide is tiled and encoded under a lock
+file (:mod:`gigaslide.locks`), so no two processes ever write the same file, and a dead process's
+slides are taken over. A broken slide is reported in the manifest and the batch goes on; finished
+slides are skipped on a re-run; every file is written atomically.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,65 +31,35 @@ import numpy as np
 import torch
 
 from gigaslide import atomic
-from gigaslide.devices import autocast_ctx, pick_device
+from gigaslide.devices import PrecisionChoice, autocast_ctx, choose_precision, pick_device
 from gigaslide.encoders import Encoder
 from gigaslide.errors import GigaslideError
 from gigaslide.features import store
 from gigaslide.features.manifest import Manifest
-from gigaslide.slides import open_slide, slide_id_from_path
-from gigaslide.tiling import TileGrid, TilingParams, layout, tile_slide
+from gigaslide.features.parallel import RankInfo, auto_workers, rank_device, rank_info, rank_order
+from gigaslide.locks import ItemLock
+from gigaslide.slides import slide_id_from_path
+from gigaslide.slides.pool import ReaderPool, ReadTask
+from gigaslide.tiling import TileGrid, TilingParams, layout, load_grid, tile_slide
 
-#: bf16 is used on CPU only when its features agree with fp32 at least this well (min cosine).
-BF16_MIN_COSINE = 0.999
+#: Seconds between heartbeats on a held slide lock (other hosts judge staleness by them).
+HEARTBEAT_S = 30.0
 
 
 @dataclass
 class SlideJob:
     path: str
     slide_id: str
-    coords: np.ndarray
-    tile_size: int
-    mpp: float
-    slide_mpp: float | str | None
+    grid: TileGrid | None = None  # None: not tiled yet (another process was tiling it)
+    lock: ItemLock | None = None
+    feats: list[torch.Tensor] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    failed: bool = False
+    t0: float = 0.0
 
-
-class TileBatches(torch.utils.data.Dataset):
-    """Item i = one batch of tiles of one slide, read in a worker: ``(job_index, start, uint8 [B,H,W,3] | error)``."""
-
-    def __init__(self, jobs: Sequence[SlideJob], batch_size: int):
-        self.jobs = list(jobs)
-        self.index: list[tuple[int, int, int]] = []
-        for j, job in enumerate(self.jobs):
-            for s in range(0, len(job.coords), batch_size):
-                self.index.append((j, s, min(s + batch_size, len(job.coords))))
-        self._open: tuple[int, Any] | None = None
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def _slide(self, j: int):  # noqa: ANN202
-        if self._open is None or self._open[0] != j:
-            if self._open is not None:
-                self._open[1].close()
-            job = self.jobs[j]
-            s = open_slide(job.path, mpp=job.slide_mpp, slide_id=job.slide_id)
-            self._open = (j, s, s.choose_level(job.mpp))
-        return self._open
-
-    def __getitem__(self, i: int) -> tuple[int, int, torch.Tensor | str]:
-        j, start, stop = self.index[i]
-        job = self.jobs[j]
-        try:
-            _, slide, level = self._slide(j)
-            ts = job.tile_size
-            out = np.empty((stop - start, ts, ts, 3), np.uint8)
-            for k, (x, y) in enumerate(job.coords[start:stop]):
-                out[k] = slide.read_region((int(x), int(y)), (ts, ts), job.mpp, level=level)
-            return j, start, torch.from_numpy(out)
-        except GigaslideError as e:
-            return j, start, e.one_line()
-        except Exception as e:  # noqa: BLE001 - a damaged slide must not stop the batch
-            return j, start, f"{job.path}: cannot read tiles ({type(e).__name__}: {str(e)[:200]})"
+    @property
+    def n(self) -> int:
+        return 0 if self.grid is None else len(self.grid)
 
 
 @dataclass
@@ -85,37 +67,23 @@ class EncodeResult:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    others: dict[str, str] = field(default_factory=dict)  # slides another live process holds: who
     tiles: int = 0
     seconds: float = 0.0
     precision: str = "fp32"
     bf16_cosine: float | None = None
+    precision_choice: dict[str, Any] = field(default_factory=dict)
 
 
-def _reader_init(worker_id: int) -> None:
-    """Readers decode JPEG tiles; they need no torch threads of their own."""
-    torch.set_num_threads(1)
-
-
-def choose_precision(encoder: Encoder, sample: torch.Tensor, device: torch.device, precision: str) -> tuple[str, float | None]:
-    """``auto``: AMP on CUDA; on CPU bf16 only if it agrees with fp32 (min cosine >= 0.999) on ``sample``."""
-    if precision != "auto":
-        return precision, None
-    if device.type == "cuda":
-        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16"), None
-    with torch.inference_mode():
-        a = encoder(sample.to(device)).float()
-        with autocast_ctx(device, "bf16"):
-            b = encoder(sample.to(device)).float()
-    cos = float(torch.nn.functional.cosine_similarity(a, b, dim=1).min())
-    return ("bf16" if cos >= BF16_MIN_COSINE else "fp32"), cos
-
-
-def _feature_attrs(encoder: Encoder, params: TilingParams, grid: TileGrid, precision: str, seed: int | None) -> dict:
+def _feature_attrs(encoder: Encoder, params: TilingParams, grid: TileGrid, choice: PrecisionChoice, seed: int | None,
+                   info: dict[str, Any]) -> dict:
     return {
         "encoder": encoder.spec.name, "encoder_weights_sha256": encoder.weights_id, "embed_dim": encoder.embed_dim,
-        "mpp": params.mpp, "tile_size": params.tile_size, "overlap": params.overlap, "min_tissue": params.min_tissue,
-        "slide_id": grid.slide_id, "slide_path": grid.slide_path, "slide_mpp": grid.slide_mpp, "precision": precision,
-        "encoder_input_size": encoder.spec.input_size, "seed": seed,
+        "mpp": params.mpp, "read_mpp": info.get("read_mpp"), "tile_size": params.tile_size, "overlap": params.overlap,
+        "min_tissue": params.min_tissue, "slide_id": grid.slide_id, "slide_path": grid.slide_path,
+        "slide_mpp": grid.slide_mpp, "precision": choice.resolved, "precision_requested": choice.requested,
+        "bf16_cosine": choice.bf16_cosine, "encoder_input_size": encoder.spec.input_size, "seed": seed,
+        "reader": "direct" if info.get("direct") else "openslide",
     }
 
 
@@ -138,91 +106,230 @@ def is_finished(path: Path, encoder: Encoder, params: TilingParams) -> bool:
             and int(a.get("overlap", -1)) == params.overlap)
 
 
-def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, encoder: Encoder, params: TilingParams, *,
-                  batch_size: int = 64, workers: int = 1, precision: str = "auto", device: str = "auto",
-                  slide_mpp: float | str | None = None, overlays: bool = True, seed: int | None = 0,
-                  progress: Callable[[str, int, int], None] | None = None) -> EncodeResult:
-    """Tile (or reuse tiles) and encode every slide into ``out/features/<slide_id>.h5``."""
-    out = atomic.ensure_writable_dir(out)
+def _clean_own_tmp(out: Path, slide_id: str) -> None:
+    """Temporary files of this slide left by a dead run (others' slides' temporaries may be in use)."""
     for sub in ("features", "patches"):
-        atomic.clean_stale_tmp(out / sub)
-    dev = pick_device(device)
+        for f in (out / sub).glob(f"{atomic.TMP_PREFIX}{glob.escape(slide_id)}.h5.*"):
+            with contextlib.suppress(OSError):
+                f.unlink()
+
+
+class _Run:
+    """One encode job's state: the slides, their locks, the manifest and the result."""
+
+    def __init__(self, out: Path, encoder: Encoder, params: TilingParams, manifest: Manifest, slide_mpp, overlays: bool,  # noqa: ANN001
+                 rank: RankInfo, progress: Callable[[str, int, int], None] | None):
+        self.out, self.encoder, self.params, self.manifest = out, encoder, params, manifest
+        self.slide_mpp, self.overlays, self.rank, self.progress = slide_mpp, overlays, rank, progress
+        self.res = EncodeResult()
+        self.locks = out / "locks"
+
+    def finished(self, sid: str) -> bool:
+        return is_finished(layout(self.out, sid)["features"], self.encoder, self.params)
+
+    def fail(self, job: SlideJob, msg: str) -> None:
+        job.failed = True
+        job.feats.clear()
+        self.res.failed[job.slide_id] = msg
+        self.manifest.set(job.slide_id, "failed", path=job.path, error=msg, rank=self.rank.rank)
+        if job.lock is not None:
+            job.lock.release()
+        if self.progress:
+            self.progress(f"failed {job.slide_id}", 0, 0)
+
+    def skip(self, job: SlideJob, note: str) -> None:
+        self.res.skipped.append(job.slide_id)
+        self.manifest.set(job.slide_id, "done", keep_done=True, path=job.path, note=note)
+
+    def tile(self, job: SlideJob) -> bool:
+        """Tile ``job`` (its lock held); False when the slide failed."""
+        try:
+            job.grid = tile_slide(job.path, self.out, self.params, slide_mpp=self.slide_mpp, overlays=self.overlays)
+            return True
+        except GigaslideError as e:
+            self.fail(job, e.one_line())
+            return False
+
+    def collect(self, slides: Sequence[str | os.PathLike]) -> list[SlideJob]:
+        """Slide ids, finished slides skipped, every free slide tiled (this rank's round-robin share first)."""
+        jobs: list[SlideJob] = []
+        seen: dict[str, str] = {}
+        for p in slides:
+            sid = slide_id_from_path(Path(p))  # = the opened slide's id; a slide that cannot be opened fails when tiled
+            job = SlideJob(str(p), sid)
+            if sid in seen:
+                self.fail(job, GigaslideError(f"slide id '{sid}' also used by {seen[sid]}", path=p,
+                                              fix="rename one of the slides; ids come from file names").one_line())
+                continue
+            seen[sid] = str(p)
+            if self.finished(sid):
+                self.skip(job, "already encoded (skipped)")
+                continue
+            jobs.append(job)
+        r, w = self.rank.rank, self.rank.world
+        for job in [j for i, j in enumerate(jobs) if i % w == r] + [j for i, j in enumerate(jobs) if i % w != r]:
+            coords = layout(self.out, job.slide_id)["coords"]
+            with contextlib.suppress(GigaslideError):
+                if coords.is_file() and self.params.matches(g := load_grid(coords)):
+                    job.grid = g
+                    continue
+            lock = ItemLock(self.locks, job.slide_id)
+            if lock.acquire():
+                with lock:
+                    _clean_own_tmp(self.out, job.slide_id)
+                    self.tile(job)
+        return [j for j in jobs if not j.failed]
+
+    def claims(self, jobs: list[SlideJob]) -> Iterator[SlideJob]:
+        """Jobs this process locks, in rank order (longest first); retried while others' locks go stale."""
+        order = [jobs[i] for i in rank_order([j.n for j in jobs], self.rank)]
+        while order:
+            rest, took = [], False
+            for job in order:
+                if self.finished(job.slide_id):
+                    self.skip(job, "encoded by another process")
+                    continue
+                lock = ItemLock(self.locks, job.slide_id)
+                if not lock.acquire():
+                    rest.append(job)
+                    continue
+                if self.finished(job.slide_id):  # finished between the check and the lock
+                    lock.release()
+                    self.skip(job, "encoded by another process")
+                    continue
+                job.lock = lock
+                _clean_own_tmp(self.out, job.slide_id)
+                if job.grid is None and not self.tile(job):
+                    continue
+                took = True
+                yield job
+            if not took:
+                for job in rest:
+                    self.res.others[job.slide_id] = ItemLock(self.locks, job.slide_id).describe()
+                return
+            order = rest
+
+    def release_all(self, jobs: Sequence[SlideJob]) -> None:
+        for j in jobs:
+            if j.lock is not None:
+                j.lock.release()
+
+
+def _prepare(encoder: Encoder, dev: torch.device, compile_model: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     encoder = encoder.to(dev).eval()
     if encoder.spec.family == "cnn":
         encoder = encoder.to(memory_format=torch.channels_last)
+    return torch.compile(encoder, dynamic=True) if compile_model else encoder
+
+
+def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, encoder: Encoder, params: TilingParams, *,
+                  batch_size: int = 64, workers: int | None = 1, precision: str = "auto", device: str = "auto",
+                  slide_mpp: float | str | None = None, overlays: bool = True, seed: int | None = 0,
+                  progress: Callable[[str, int, int], None] | None = None, compile_model: bool = False,
+                  direct: bool = True, rank: RankInfo | None = None) -> EncodeResult:
+    """Tile (or reuse tiles) and encode every slide into ``out/features/<slide_id>.h5``.
+
+    ``workers``: reader processes (0: read in this process; None: sized to the machine, see
+    :func:`~gigaslide.features.parallel.auto_workers`). ``direct=False`` reads through OpenSlide
+    only. ``rank`` defaults to the torchrun / SLURM environment.
+    """
+    t_start = time.perf_counter()
+    out = atomic.ensure_writable_dir(out)
+    rank = rank or rank_info()
+    dev = rank_device(device, rank)
+    workers = auto_workers(dev, rank) if workers is None else workers
+    model = _prepare(encoder, dev, compile_model)
     manifest = Manifest(out / "manifest.json", {
         "command": "encode", "encoder": encoder.spec.name, "weights": encoder.weights_id, **params.as_dict(),
-        "batch_size": batch_size, "workers": workers, "precision": precision, "device": str(dev)})
-    res = EncodeResult()
-    t_start = time.perf_counter()
-    jobs: list[SlideJob] = []
-    grids: list[TileGrid] = []
-    seen: dict[str, str] = {}
-    for p in slides:
-        sid = slide_id_from_path(Path(p))
-        try:
-            with open_slide(p, mpp=slide_mpp) as s:  # opened once: id, then tissue + grid
-                sid = s.id
-                if sid in seen:
-                    raise GigaslideError(f"slide id '{sid}' also used by {seen[sid]}", path=p,
-                                         fix="rename one of the slides; ids come from file names")
-                seen[sid] = str(p)
-                if is_finished(layout(out, sid)["features"], encoder, params):
-                    res.skipped.append(sid)
-                    manifest.set(sid, "done", path=str(p), note="already encoded (skipped)")
-                    continue
-                grid = tile_slide(s, out, params, overlays=overlays)
-        except GigaslideError as e:
-            res.failed[sid] = e.one_line()
-            manifest.set(sid, "failed", path=str(p), error=e.one_line())
-            if progress:
-                progress(f"failed {sid}", 0, 0)
-            continue
-        jobs.append(SlideJob(str(p), grid.slide_id, grid.coords, params.tile_size, params.mpp, slide_mpp))
-        grids.append(grid)
-    if not jobs:
-        res.seconds = time.perf_counter() - t_start
-        return res
+        "batch_size": batch_size, "workers": workers, "precision": precision, "device": str(dev), "world": rank.world})
+    run = _Run(out, encoder, params, manifest, slide_mpp, overlays, rank, progress)
+    res = run.res
+    jobs = run.collect(slides)
+    claims = run.claims(jobs)
+    held: list[SlideJob] = []  # claimed, by key
+    untiled = {id(j) for j in jobs if j.grid is None}
+    total = sum(j.n for j in jobs)
+    pool = ReaderPool(workers, slot_bytes=batch_size * params.tile_size**2 * 3)
+    inflight = pool.max_pending
+    cur: list[Any] = [None, 0]  # job being submitted, next start
 
-    ds = TileBatches(jobs, batch_size)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
-                                         prefetch_factor=4 if workers > 0 else None, pin_memory=dev.type == "cuda",
-                                         persistent_workers=False, worker_init_fn=_reader_init if workers > 0 else None)
-    bufs: dict[int, list[np.ndarray]] = {}
-    t_slide: dict[int, float] = {}
-    failed_jobs: set[int] = set()
-    chosen: str | None = None
-    total_tiles = sum(len(j.coords) for j in jobs)
-    done_tiles = 0
-    for j, start, batch in loader:
-        if j in failed_jobs:
-            continue
-        job, grid = jobs[j], grids[j]
-        t_slide.setdefault(j, time.perf_counter())
-        if isinstance(batch, str):
-            failed_jobs.add(j)
-            bufs.pop(j, None)
-            res.failed[job.slide_id] = batch
-            manifest.set(job.slide_id, "failed", path=job.path, error=batch)
-            continue
-        x = batch.to(dev, non_blocking=True)
-        if chosen is None:
-            chosen, res.bf16_cosine = choose_precision(encoder, x[:8], dev, precision)
-            res.precision = chosen
-        with torch.inference_mode(), autocast_ctx(dev, chosen):
-            f = encoder(x)
-        bufs.setdefault(j, []).append(f.float().cpu().numpy())
-        done_tiles += len(batch)
-        if progress:
-            progress(job.slide_id, done_tiles, total_tiles)
-        if start + len(batch) >= len(job.coords):
-            feats = np.concatenate(bufs.pop(j), axis=0)
-            store.save(layout(out, job.slide_id)["features"], feats, grid.coords,
-                       attrs=_feature_attrs(encoder, params, grid, chosen, seed), coords_attrs=_coords_attrs(grid))
-            secs = time.perf_counter() - t_slide[j]
-            manifest.set(job.slide_id, "done", path=job.path, tiles=len(feats), seconds=round(secs, 3),
-                         precision=chosen, bf16_cosine=res.bf16_cosine)
-            res.done.append(job.slide_id)
-            res.tiles += len(feats)
+    def top_up() -> None:
+        nonlocal total
+        while pool.pending < inflight:
+            job, start = cur
+            if job is None or start >= job.n:
+                job = next(claims, None)
+                if job is None:
+                    return
+                held.append(job)
+                total += job.n if id(job) in untiled else 0
+                job.t0 = time.perf_counter()
+                cur[:] = [job, 0]
+                start = 0
+            stop = min(start + batch_size, job.n)
+            pool.submit(ReadTask((len(held) - 1, start), job.path, job.grid.coords[start:stop], params.tile_size, params.mpp,
+                                 slide_mpp, job.slide_id, direct=direct))
+            cur[1] = stop
+
+    choice: PrecisionChoice | None = None
+    done_tiles, beat = 0, time.monotonic()
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gigaslide-write")
+    writes: list[Future] = []
+    try:
+        top_up()
+        while pool.pending:
+            task, px, info = pool.get()  # px is valid until the next get
+            top_up()  # keep the readers busy while the model runs
+            k, start = task.key
+            job = held[k]
+            if job.failed:
+                continue
+            if isinstance(px, str):
+                run.fail(job, px)
+                continue
+            job.info = job.info or info
+            x = px.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else px
+            if choice is None:
+                choice = choose_precision(dev, precision, probe=lambda: model(x[:8]))
+                res.precision, res.bf16_cosine, res.precision_choice = choice.resolved, choice.bf16_cosine, choice.record()
+            with torch.inference_mode(), autocast_ctx(dev, choice.resolved):
+                job.feats.append(model(x))
+            done_tiles += len(px)
+            if progress:
+                progress(job.slide_id, done_tiles, max(total, done_tiles))
+            if time.monotonic() - beat > HEARTBEAT_S:
+                beat = time.monotonic()
+                for j in held:
+                    if j.lock is not None and j.lock.held:
+                        j.lock.refresh()
+            if start + len(px) >= job.n:  # written by a thread while the next slide is encoded
+                feats = torch.cat(job.feats).float().cpu().numpy()
+                job.feats.clear()
+                for f in [f for f in writes if f.done()]:
+                    writes.remove(f)
+                    f.result()  # a write that failed (e.g. a full disk) stops the job here
+                writes.append(writer.submit(_finish, run, job, feats, choice, seed))
+        for f in writes:
+            f.result()
+    finally:
+        writer.shutdown(wait=True)
+        pool.close()
+        run.release_all(held)
     res.seconds = time.perf_counter() - t_start
     return res
+
+
+def _finish(run: _Run, job: SlideJob, feats: np.ndarray, choice: PrecisionChoice, seed: int | None) -> None:
+    grid = job.grid
+    store.save(layout(run.out, job.slide_id)["features"], feats, grid.coords,
+               attrs=_feature_attrs(run.encoder, run.params, grid, choice, seed, job.info), coords_attrs=_coords_attrs(grid))
+    secs = time.perf_counter() - job.t0
+    run.manifest.set(job.slide_id, "done", path=job.path, tiles=len(feats), seconds=round(secs, 3),
+                     precision=choice.record(), read_mpp=job.info.get("read_mpp"), reader="direct" if job.info.get("direct") else "openslide",
+                     rank=run.rank.rank)
+    job.lock.release()
+    run.res.done.append(job.slide_id)
+    run.res.tiles += len(feats)
+
+
+__all__ = ["EncodeResult", "SlideJob", "encode_slides", "is_finished", "pick_device"]

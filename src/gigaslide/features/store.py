@@ -18,8 +18,9 @@ import h5py
 import numpy as np
 
 from gigaslide import atomic
-from gigaslide.artifacts import decode_attrs, provenance
+from gigaslide.provenance import COMPAT_KEYS, Provenance, check_same, decode_attrs, provenance
 from gigaslide.errors import GigaslideError
+from gigaslide.safe_parse import is_safe_slide_id
 
 
 @dataclass
@@ -33,7 +34,9 @@ class FeatureFile:
 
     @property
     def slide_id(self) -> str:
-        return str(self.attrs.get("slide_id") or (self.path.stem if self.path else ""))
+        """The ``slide_id`` attr, unless it is unsafe as a file name (``../x``: another tool's metadata): then the file's stem."""
+        sid = str(self.attrs.get("slide_id") or "")
+        return sid if sid and is_safe_slide_id(sid) else (self.path.stem if self.path else "")
 
     @property
     def encoder(self) -> str | None:
@@ -46,12 +49,37 @@ class FeatureFile:
     @property
     def mpp(self) -> float | None:
         v = self.attrs.get("mpp", self.coords_attrs.get("target_mpp"))
-        return None if v is None else float(v)
+        return None if v is None or not float(v) > 0 else float(v)  # old files wrote a missing mpp as 0
 
     @property
     def tile_size_level0(self) -> float | None:
+        """Tile side in level-0 px: the ``patch_size_level0`` attr, else ``tile_size * mpp / level0_mpp``,
+        else the smallest step between tile coordinates; None when none of these can tell."""
         v = self.coords_attrs.get("patch_size_level0")
-        return None if v is None else float(v)
+        if v is not None:
+            return float(v)
+        ts = self.attrs.get("tile_size", self.coords_attrs.get("patch_size"))
+        l0 = self.coords_attrs.get("level0_mpp", self.attrs.get("slide_mpp"))
+        if self.mpp is not None and ts is not None and l0:
+            return float(ts) * self.mpp / float(l0)
+        if len(self.coords) > 1:
+            steps = np.concatenate([np.diff(np.unique(self.coords[:, i])) for i in (0, 1)])
+            steps = steps[steps > 0]
+            if len(steps):
+                return float(steps.min())
+        return None
+
+    def require_tile_size_level0(self) -> float:
+        """:attr:`tile_size_level0`, or a one-line error naming the file."""
+        v = self.tile_size_level0
+        if v is None:
+            raise GigaslideError("cannot tell the tile size in level-0 px (no patch_size_level0 attr, one tile)",
+                                 path=self.path, fix="re-encode with `gigaslide encode` (it stores patch_size_level0)")
+        return v
+
+    @property
+    def provenance(self) -> Provenance:
+        return Provenance.from_dict(self.attrs)
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -70,8 +98,8 @@ def save(path: str | os.PathLike, features: np.ndarray, coords: np.ndarray | Non
         raise ValueError(f"coords must be [{n}, 2], got {coords.shape}")
     with atomic.atomic_path(path, suffix=".h5") as tmp:
         with h5py.File(tmp, "w") as f:
-            f.create_dataset("features", data=features)
-            c = f.create_dataset("coords", data=coords)
+            f.create_dataset("features", data=features, **_checksummed(features))
+            c = f.create_dataset("coords", data=coords, **_checksummed(coords))
             c.attrs.update({k: v for k, v in (coords_attrs or {}).items() if v is not None})
             if labels is not None:
                 f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
@@ -79,6 +107,12 @@ def save(path: str | os.PathLike, features: np.ndarray, coords: np.ndarray | Non
                 f.create_dataset(k, data=v)
             f.attrs.update(provenance(kind="features", **(attrs or {})))
     return Path(path)
+
+
+def _checksummed(a: np.ndarray) -> dict[str, Any]:
+    """Fletcher-32 checksums (a standard HDF5 filter: CLAM / TRIDENT / h5py read it) so that a file damaged
+    on disk fails to load instead of giving other numbers; needs chunks, so not for empty arrays."""
+    return {"fletcher32": True, "chunks": True} if a.size else {}
 
 
 def load(path: str | os.PathLike) -> FeatureFile:
@@ -105,8 +139,11 @@ def load(path: str | os.PathLike) -> FeatureFile:
                 coords, coords_attrs = np.zeros((len(feats), 2), np.int64), {}
             labels = np.asarray(f["labels"][:]) if "labels" in f else None
             attrs = decode_attrs(f.attrs)
-    except OSError as e:
-        raise GigaslideError(f"cannot read HDF5 ({str(e).splitlines()[0]})", path=p,
+    except GigaslideError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:  # damaged file
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise GigaslideError(f"cannot read HDF5 ({first})", path=p,
                              fix="the file is truncated or not HDF5; delete it and re-run encode") from None
     if len(coords) != len(feats):
         raise GigaslideError(f"{len(feats)} features but {len(coords)} coords", path=p, fix="re-run encode for this slide")
@@ -127,7 +164,8 @@ def list_feature_files(directory: str | os.PathLike) -> list[Path]:
 
 
 def load_dir(directory: str | os.PathLike) -> dict[str, FeatureFile]:
-    """Load every feature file of a folder keyed by slide id; refuses mixed encoders or dimensions."""
+    """Load every feature file of a folder keyed by slide id; refuses files whose encoder, weights, mpp,
+    tile size or dimension differ (naming two of them)."""
     out: dict[str, FeatureFile] = {}
     for f in list_feature_files(directory):
         ff = load(f)
@@ -137,8 +175,17 @@ def load_dir(directory: str | os.PathLike) -> dict[str, FeatureFile]:
 
 
 def check_consistent(files, where: str | os.PathLike | None = None) -> None:  # noqa: ANN001
-    encs = {(ff.encoder, ff.dim) for ff in files}
-    if len(encs) > 1:
-        desc = ", ".join(sorted(f"{e or 'unknown'}:{d}" for e, d in encs))
-        raise GigaslideError(f"feature files mix encoders/dimensions ({desc})", path=where,
+    """Refuse feature files that cannot be used together: other encoder, weights, mpp, tile size or dimension."""
+    files = list(files)
+    check_same([(ff.path or ff.slide_id, ff.provenance) for ff in files], COMPAT_KEYS, where=where)
+    dims = {ff.dim for ff in files}
+    if len(dims) > 1:
+        a = next(ff for ff in files if ff.dim == min(dims))
+        b = next(ff for ff in files if ff.dim == max(dims))
+        raise GigaslideError(f"{_name(a)} and {_name(b)} differ in feature dimension ({a.dim} vs {b.dim}): "
+                             "they cannot be used together", path=where,
                              fix="keep one encoder's features per folder (encode each encoder into its own --out)")
+
+
+def _name(ff: FeatureFile) -> str:
+    return ff.path.name if ff.path else ff.slide_id

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from gigaslide.devices import autocast_ctx
 from gigaslide.errors import GigaslideError
@@ -41,6 +42,18 @@ def embed_arrays(encoder, images: np.ndarray | list[np.ndarray], batch_size: int
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, encoder.embed_dim), np.float32)
 
 
+def _first_side(files: list[Path]) -> int | None:
+    """Side of the first image (header only), for the reuse check; None when it is not square."""
+    if not files:
+        return None
+    try:
+        with Image.open(files[0]) as im:
+            w, h = im.size
+    except OSError:
+        return None
+    return int(w) if w == h else None
+
+
 def read_tile(path: str | os.PathLike) -> np.ndarray:
     """RGB uint8 tile; an unreadable file is a GigaslideError naming it (a batch job stops on it)."""
     try:
@@ -51,17 +64,21 @@ def read_tile(path: str | os.PathLike) -> np.ndarray:
 
 def embed_tile_folder(encoder, folder: str | os.PathLike, out: str | os.PathLike, *, batch_size: int = 128,  # noqa: ANN001
                       limit: int | None = None, max_per_class: int | None = None, seed: int = 0,
-                      source: str | None = None) -> dict[str, Any]:
+                      source: str | None = None, mpp: float | None = None) -> dict[str, Any]:
     """Embed ``folder`` (class-per-subfolder, or flat: no labels) with a built ``encoder`` into ``out``
-    (.h5); returns a summary. Only one batch of pixels is in memory at a time."""
+    (.h5); returns a summary. Only one batch of pixels is in memory at a time.
+
+    Provenance records what the tiles are: ``tile_size`` is the side of the images read (absent when
+    they differ or are not square), ``mpp`` only when the caller knows it (absent otherwise, never 0).
+    """
     from gigaslide.features import store
 
     files, labels, classes = labelled_images(folder)
     files, labels = subsample(files, labels, limit=limit, max_per_class=max_per_class, seed=seed)
     out = Path(out)
     attrs = {"encoder": encoder.spec.name, "encoder_weights_sha256": encoder.weights_id,
-             "encoder_source": source or encoder.spec.name, "tile_size": int(encoder.spec.input_size),
-             "mpp": encoder.spec.native_mpp, "source_folder": str(Path(folder).resolve()), "classes": json.dumps(classes),
+             "encoder_source": source or encoder.spec.name, "tile_size": _first_side(files),
+             "mpp": mpp, "source_folder": str(Path(folder).resolve()), "classes": json.dumps(classes),
              "slide_id": out.stem, "seed": seed, "n_tiles": len(files)}
     if out.is_file():
         try:
@@ -69,18 +86,22 @@ def embed_tile_folder(encoder, folder: str | os.PathLike, out: str | os.PathLike
         except GigaslideError:
             old = None
         if old is not None and all(str(old.attrs.get(k)) == str(attrs[k])
-                                   for k in ("encoder_weights_sha256", "source_folder", "n_tiles", "seed", "tile_size")):
+                                   for k in ("encoder_weights_sha256", "source_folder", "n_tiles", "seed")):
             return {"out": str(out), "n": len(files), "dim": int(old.features.shape[1]), "classes": classes,
                     "images_per_s": None, "encoder": encoder.spec.name, "reused": True}
     if torch.cuda.is_available() and next(encoder.parameters()).device.type == "cpu":
         encoder = encoder.cuda()
     t0 = time.perf_counter()
-    chunks = []
+    chunks, shapes = [], set()
     for i in range(0, len(files), batch_size):
-        chunks.append(embed_arrays(encoder, [read_tile(f) for f in files[i:i + batch_size]], batch_size))
+        tiles = [read_tile(f) for f in files[i:i + batch_size]]
+        shapes.update(t.shape[:2] for t in tiles)
+        chunks.append(embed_arrays(encoder, tiles, batch_size))
     feats = np.concatenate(chunks) if chunks else np.zeros((0, encoder.embed_dim), np.float32)
     dt = time.perf_counter() - t0
-    store.save(out, feats, attrs=attrs, labels=labels)
+    (h, w), = shapes if len(shapes) == 1 else ((0, 1),)
+    attrs["tile_size"] = int(h) if h == w else None
+    store.save(out, feats, attrs={k: v for k, v in attrs.items() if v is not None}, labels=labels)
     return {"out": str(out), "n": len(files), "dim": int(feats.shape[1]), "classes": classes,
             "images_per_s": round(len(files) / dt, 1) if dt > 0 else None, "encoder": encoder.spec.name, "reused": False}
 

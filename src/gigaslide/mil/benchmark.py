@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from gigaslide import atomic
-from gigaslide.artifacts import provenance
+from gigaslide.provenance import provenance
 from gigaslide.errors import GigaslideError
 from gigaslide.evaluation.metrics import fmt_ci
 
@@ -61,7 +61,10 @@ def benchmark_encoder(name: str, out: Path, *, tiles: Path | None, slides: Path 
         te = embed_tile_folder(enc, _test_folder(tiles), d / "tiles" / "test.h5", max_per_class=max_tiles_per_class,
                                seed=seed, source=name)["out"]
         row["tile_encode_seconds"] = round(time.perf_counter() - t0, 1)
-        rep = evaluate_tile_features(tr, te, ["linear", "knn"], n_bootstrap=n_bootstrap, seed=seed, out=d / "tile_report")
+        from gigaslide.features import store
+
+        rep = evaluate_tile_features(store.load(tr), store.load(te), ["linear", "knn"], n_bootstrap=n_bootstrap, seed=seed,
+                                     out=d / "tile_report")
         row["tile"] = {p: rep["protocols"][p] for p in ("linear", "knn")}
     if slides is not None:
         from gigaslide.features.extract import encode_slides

@@ -2,14 +2,17 @@
 
 Layout of RUN_DIR::
 
-    run.json            config, provenance (encoder, dim, mpp, seed), slides left out and why
+    run.json            identity, config, input fingerprints, provenance (encoder, weights, mpp), slides left out
     splits.json         test folds by slide id (+ train/val/few-shot slides per fold and repeat)
     fold{k}/            repeat 0 of fold k; fold{k}_r{r}/ for further few-shot repeats
         model.safetensors, config.json, history.json, predictions.csv, attention.h5
     predictions.csv     all test predictions (the contract of gigaslide.evaluation.slides)
     evaluation.json/.md AUC / balanced accuracy with bootstrap CIs
 
-A fold whose ``predictions.csv`` exists is not retrained (resume after an interruption).
+The run stands on :mod:`gigaslide.runs`: its identity (training config, folds, few-shot draws and the
+content of the features folder and labels file) must match to resume; finished folds are recorded in
+``run.json`` (``folds_done``) after their files are written atomically, so an interrupted run retrains
+only unfinished folds — deterministically, so the result is the same as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ import h5py
 import numpy as np
 import torch
 
-from gigaslide import atomic
-from gigaslide.artifacts import provenance
+from gigaslide import atomic, runs
+from gigaslide.provenance import provenance
 from gigaslide.errors import GigaslideError
 from gigaslide.evaluation import splits as S
-from gigaslide.evaluation.slides import evaluate_predictions, read_predictions, write_predictions
+from gigaslide.evaluation.slides import evaluate_predictions, pool_predictions, write_predictions
 from gigaslide.mil.train import TrainConfig, predict, save_model, train_fold
 
 
@@ -42,7 +45,9 @@ def load_bags(features: str | os.PathLike) -> tuple[dict[str, Any], dict[str, An
         raise GigaslideError(f"{len(empty)} slide(s) have no tiles (empty bag): {S._preview(empty)}",
                              path=features, fix="re-tile those slides (tissue not found?) or remove their .h5 files")
     first = next(iter(files.values()))
-    meta = {"encoder": first.encoder, "in_dim": first.dim, "mpp": first.mpp, "tile_size_level0": first.tile_size_level0}
+    prov = first.provenance
+    meta = {"encoder": first.encoder, "in_dim": first.dim, "mpp": first.mpp, "tile_size_level0": first.tile_size_level0,
+            "tile_size": prov.tile_size, "encoder_weights_sha256": prov.encoder_weights_sha256}
     return files, meta
 
 
@@ -67,20 +72,17 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
     fold_idx = S.make_folds(t.labels, t.patient_ids, folds, cfg.seed, where=labels)
     n_classes = t.n_classes
     bags = [torch.from_numpy(np.asarray(files[s].features, dtype=np.float32)) for s in t.slide_ids]
-    run_meta = provenance(kind="mil_run", **{k: v for k, v in meta.items() if v is not None},
-                          n_classes=n_classes, labels=str(labels), features=str(features), folds=folds,
-                          train_slides=train_slides, repeats=repeats, val_fraction=val_fraction,
-                          seed=cfg.seed, train_config=asdict(cfg),
-                          left_out={"labeled_without_features": matched.skipped_missing,
-                                    "features_without_label": matched.skipped_unlabeled})
-    prev = out_d / "run.json"
-    if prev.is_file():
-        old = json.loads(prev.read_text())
-        keys = ("train_config", "folds", "train_slides", "repeats", "encoder", "in_dim", "val_fraction")
-        if any(old.get(k) != run_meta.get(k) for k in keys):
-            raise GigaslideError("this run directory holds a run with different settings", path=out_d,
-                                 fix="choose a new --out, or delete the old run to start over")
-    atomic.write_json(prev, run_meta)
+    identity = {"train_config": {k: v for k, v in asdict(cfg).items() if k != "device"}, "folds": folds,
+                "train_slides": train_slides, "repeats": repeats, "val_fraction": val_fraction, "on_missing": on_missing}
+    run = runs.open_run(out_d, "mil", identity, {**identity, "features": str(features), "labels": str(labels)},
+                        seed=cfg.seed, inputs={"features": features, "labels": labels},
+                        provenance={k: v for k, v in meta.items() if v is not None})
+    run.update(n_classes=n_classes, encoder=meta["encoder"], in_dim=meta["in_dim"],
+               left_out={"labeled_without_features": matched.skipped_missing,
+                         "features_without_label": matched.skipped_unlabeled})
+    done = set(run.record.get("folds_done", []))
+    pred_record = {k: v for k, v in meta.items() if k in ("encoder", "encoder_weights_sha256", "mpp", "tile_size")}
+    pred_record.update(seed=cfg.seed, run=str(out_d), model=cfg.model)
     rec = S.splits_record(t, fold_idx)
     rec["per_fold"] = {}
     ids = t.slide_ids
@@ -93,7 +95,7 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
             rec["per_fold"][name] = {"train": [ids[i] for i in tr], "val": [ids[i] for i in va],
                                      "test": [ids[i] for i in te]}
             fd = out_d / name
-            if (fd / "predictions.csv").is_file():
+            if name in done and (fd / "predictions.csv").is_file():
                 continue
             model, info = train_fold([bags[i] for i in tr], t.labels[tr], [bags[i] for i in va], t.labels[va],
                                      meta["in_dim"], n_classes, cfg)
@@ -108,30 +110,28 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
                         g.create_dataset("scores", data=sc.astype(np.float32))
                         g.create_dataset("coords", data=files[ids[i]].coords)
             write_predictions(fd / "predictions.csv", [ids[i] for i in te], t.labels[te], probs, k,
-                              r if repeats > 1 else None)
+                              r if repeats > 1 else None, record=pred_record)
+            done.add(name)
+            run.update(folds_done=sorted(done))
             if verbose:
                 print(f"{name}: {len(tr)} train / {len(va)} val / {len(te)} test slides, "
                       f"best epoch {info['best_epoch']} of {info['epochs_run']}, {info['seconds']:.1f}s")
     atomic.write_json(out_d / "splits.json", rec)
-    pred = read_predictions_dirs(out_d, fold_idx, repeats)
-    write_predictions(out_d / "predictions.csv", pred.slide_ids, pred.labels, pred.probs, pred.folds,
-                      pred.repeats if repeats > 1 else None)
+    pool_predictions([out_d / _fold_dirname(k, r) / "predictions.csv" for k in range(len(fold_idx))
+                      for r in range(repeats)], out_d / "predictions.csv", record=pred_record)
     res = evaluate_predictions(out_d / "predictions.csv", n_bootstrap=n_bootstrap, seed=cfg.seed, out=out_d)
     res["seconds_per_fold"] = fold_seconds(out_d)
     atomic.write_json(out_d / "evaluation.json", {**provenance(kind="slide_evaluation"), **res})
+    run.finish(auc=res["metrics"]["auc"]["value"], balanced_accuracy=res["metrics"]["balanced_accuracy"]["value"])
     return res
 
 
-def read_predictions_dirs(out_d: Path, fold_idx: list, repeats: int):  # noqa: ANN201
-    """Concatenate this run's fold prediction CSVs (only the folds of this run)."""
-    from gigaslide.evaluation.slides import Predictions
-
-    parts = [read_predictions(out_d / _fold_dirname(k, r) / "predictions.csv")
-             for k in range(len(fold_idx)) for r in range(repeats)]
-    return Predictions(sum((p.slide_ids for p in parts), []), np.concatenate([p.labels for p in parts]),
-                       np.concatenate([p.probs for p in parts]), np.concatenate([p.folds for p in parts]),
-                       np.concatenate([p.repeats for p in parts]), str(out_d))
-
-
-def fold_seconds(out_d: Path) -> list[float]:
-    return [json.loads(h.read_text())["seconds"] for h in sorted(out_d.glob("fold*/history.json"))]
+def fold_seconds(out_d: Path) -> list[float | None]:
+    """Training time of each finished fold; None for a history.json that is unreadable (damaged by another tool)."""
+    out: list[float | None] = []
+    for h in sorted(out_d.glob("fold*/history.json")):
+        try:
+            out.append(float(json.loads(h.read_text())["seconds"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            out.append(None)
+    return out

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from gigaslide import atomic
-from gigaslide.errors import GigaslideError
-from gigaslide.evaluation.metrics import auc
+from gigaslide.evaluation.metrics import auc, bootstrap_replicates, percentile_ci
+from gigaslide.features.store import FeatureFile
 from gigaslide.mil.mosaic import read_ground_truth, tumor_labels_for_coords
-from gigaslide.mil.train import load_model
+from gigaslide.mil.train import check_features_fit, load_model
 
 
 def localisation_auc(scores: np.ndarray, coords: np.ndarray, gt: np.ndarray, tile_size0: float) -> float:
@@ -30,21 +30,9 @@ def localisation_auc(scores: np.ndarray, coords: np.ndarray, gt: np.ndarray, til
     return auc(y, np.asarray(scores, dtype=np.float64)) if 0 < y.sum() < len(y) else float("nan")
 
 
-def _min_step(coords: np.ndarray) -> float:
-    steps = np.concatenate([np.diff(np.unique(np.asarray(coords)[:, i])) for i in (0, 1)])
-    steps = steps[steps > 0]
-    return float(steps.min()) if len(steps) else float("nan")
-
-
 def tile_size_of(ff: Any) -> float:
-    """Level-0 tile side of a feature file (attrs, else the smallest coordinate step)."""
-    if ff.tile_size_level0:
-        return float(ff.tile_size_level0)
-    step = _min_step(ff.coords)
-    if np.isnan(step):
-        raise GigaslideError("cannot tell the tile size (no patch_size_level0 attr, one tile)", path=ff.path,
-                             fix="re-encode with `gigaslide encode` so the coords carry patch_size_level0")
-    return step
+    """Level-0 tile side of a feature file (see :attr:`gigaslide.features.store.FeatureFile.tile_size_level0`)."""
+    return ff.require_tile_size_level0()
 
 
 def find_ground_truth(slide: str | os.PathLike) -> Path | None:
@@ -102,12 +90,7 @@ def heatmap(slide: str | os.PathLike, features: str | os.PathLike, model_dir: st
 
     model, meta = load_model(model_dir)
     ff = store.load(features)
-    if ff.dim != int(meta["in_dim"]):
-        raise GigaslideError(f"features are {ff.dim}-d but the model was trained on {meta['in_dim']}-d features",
-                             path=features, fix="use features from the encoder the model was trained with")
-    if meta.get("encoder") and ff.encoder and ff.encoder != meta["encoder"]:
-        raise GigaslideError(f"features come from encoder '{ff.encoder}', the model from '{meta['encoder']}'",
-                             path=features, fix="encode the slide with the model's encoder")
+    check_features_fit(meta, ff, features)
     with torch.no_grad():
         res = model(torch.from_numpy(np.asarray(ff.features, np.float32)))
     probs = torch.softmax(res["logits"].float(), -1).numpy()
@@ -156,13 +139,12 @@ def run_localisation(run_dir: str | os.PathLike, ground_truth_dir: str | os.Path
                 if not gp.is_file():
                     continue
                 coords = f[sid]["coords"][:]
-                v = localisation_auc(f[sid]["scores"][:], coords, read_ground_truth(gp), tile0 or _min_step(coords))
+                size0 = tile0 or FeatureFile(np.zeros((len(coords), 0)), coords).require_tile_size_level0()
+                v = localisation_auc(f[sid]["scores"][:], coords, read_ground_truth(gp), size0)
                 if not np.isnan(v):
                     vals.append(v)
     if not vals:
         return {"value": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n_slides": 0}
     a = np.asarray(vals)
-    rng = np.random.default_rng(seed)
-    boots = a[rng.integers(0, len(a), size=(n_bootstrap, len(a)))].mean(1) if n_bootstrap > 0 else a[None]
-    lo, hi = np.percentile(boots, [2.5, 97.5])
+    lo, hi = percentile_ci(bootstrap_replicates(lambda i: a[i].mean(), len(a), n_bootstrap=n_bootstrap, seed=seed))
     return {"value": float(a.mean()), "ci_low": float(lo), "ci_high": float(hi), "n_slides": len(a)}

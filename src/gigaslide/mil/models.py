@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gigaslide.errors import GigaslideError
+from gigaslide.layers import GatedAttention
 from gigaslide.registry import Registry
 
 MIL_MODELS: Registry = Registry("mil")
@@ -51,19 +52,6 @@ def _check_bag(bag: torch.Tensor) -> torch.Tensor:
 
 def _mlp(in_dim: int, hidden: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
-
-
-class GatedAttention(nn.Module):
-    """Ilse et al. gated attention: a = W (tanh(V h) * sigmoid(U h)); ``n_heads`` outputs."""
-
-    def __init__(self, dim: int, attn_dim: int, n_heads: int = 1, dropout: float = 0.0):
-        super().__init__()
-        self.V = nn.Sequential(nn.Linear(dim, attn_dim), nn.Tanh(), nn.Dropout(dropout))
-        self.U = nn.Sequential(nn.Linear(dim, attn_dim), nn.Sigmoid(), nn.Dropout(dropout))
-        self.w = nn.Linear(attn_dim, n_heads)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:  # [N, dim] -> raw scores [N, heads]
-        return self.w(self.V(h) * self.U(h))
 
 
 @MIL_MODELS.register("mean")

@@ -8,13 +8,17 @@ PCam's 96 x 96 tiles at ~0.97 um/px, each slide is a ``grid x grid`` mosaic of t
 * negative slides contain only normal tiles;
 * positive slides contain one spatially contiguous (4-connected) tumour region covering a
   ``tumor_fraction`` of the tissue tiles (drawn per slide from a range), grown from a random
-  seed tile; every other tissue tile is normal.
+  seed tile; every other tissue tile is normal. ``arrangement="scattered"`` places the same
+  number of tumour tiles at random tissue cells instead, ``"mixed"`` picks one of the two per slide;
+* ``task="context"``: *every* slide holds tumour at the same ``tumor_fraction`` range, and the
+  label is the spatial arrangement (1 = one contiguous region, 0 = scattered tiles), so a bag
+  model that ignores where tiles are cannot tell the classes apart.
 
 Tiles are drawn with replacement (each with a random 90-degree rotation / flip), so a tile can
 appear in several slides; PCam label 0 means "no tumour in the central 32 x 32 px".
 
 Output (``OUT/``): ``slides/{slide_id}.tiff`` (OpenSlide-readable pyramidal TIFF, mpp set),
-``labels.csv`` (``slide_id,patient_id,label,tumor_fraction,n_tissue_tiles,n_tumor_tiles``),
+``labels.csv`` (``slide_id,patient_id,label,tumor_fraction,n_tissue_tiles,n_tumor_tiles,arrangement``),
 ``ground_truth/{slide_id}.csv`` (``x,y,size,is_tumor``: every tissue tile, level-0 px) and
 ``mosaic.json`` (provenance and settings). Existing slides are kept, so a re-run resumes.
 """
@@ -31,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from gigaslide import atomic
-from gigaslide.artifacts import provenance
+from gigaslide.provenance import provenance
 from gigaslide.errors import GigaslideError
 from gigaslide.tiling.folders import IMAGE_EXTENSIONS
 
@@ -48,6 +52,12 @@ class MosaicConfig:
     seed: int = 0
     normal_class: str = "0"
     tumor_class: str = "1"
+    arrangement: str = "contiguous"  # of the tumour tiles in positive slides: contiguous | scattered | mixed
+    task: str = "tumour"  # tumour (label = has tumour) | context (label = contiguous vs scattered, same fraction)
+
+
+ARRANGEMENTS = ("contiguous", "scattered", "mixed")
+TASKS = ("tumour", "context")
 
 
 def parse_range(value: str | float | tuple[float, float], name: str = "--tumor-fraction") -> tuple[float, float]:
@@ -120,6 +130,16 @@ def grow_region(mask: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarra
     return region
 
 
+def scatter_region(mask: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` cells of ``mask`` chosen uniformly at random (no spatial structure)."""
+    cells = np.argwhere(mask)
+    n = int(min(max(n, 1), len(cells)))
+    region = np.zeros_like(mask)
+    pick = cells[rng.choice(len(cells), size=n, replace=False)]
+    region[pick[:, 0], pick[:, 1]] = True
+    return region
+
+
 def _read_tile(path: Path, size: int, rng: np.random.Generator) -> np.ndarray:
     from PIL import Image
 
@@ -132,10 +152,12 @@ def _read_tile(path: Path, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def build_slide(normal: list[Path], tumor: list[Path], *, positive: bool, tumor_fraction: float, grid: int,
-                tissue_fraction: float, tile_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                tissue_fraction: float, tile_size: int, rng: np.random.Generator,
+                arrangement: str = "contiguous") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """RGB mosaic [grid*t, grid*t, 3], tissue mask and tumour mask [grid, grid]."""
     tissue = tissue_mask(grid, tissue_fraction, rng)
-    tum = grow_region(tissue, round(tumor_fraction * tissue.sum()), rng) if positive else np.zeros_like(tissue)
+    place = scatter_region if arrangement == "scattered" else grow_region
+    tum = place(tissue, round(tumor_fraction * tissue.sum()), rng) if positive else np.zeros_like(tissue)
     t = tile_size
     img = (243 + rng.integers(-3, 4, size=(grid * t, grid * t, 1))).clip(0, 255).astype(np.uint8).repeat(3, axis=2)
     for (y, x) in np.argwhere(tissue):
@@ -163,6 +185,11 @@ def build_mosaic(tiles: str | os.PathLike, out: str | os.PathLike, cfg: MosaicCo
         raise GigaslideError(f"--positive-fraction {cfg.positive_fraction} must be in (0, 1)", fix="e.g. 0.5")
     if cfg.grid < 4:
         raise GigaslideError(f"--grid {cfg.grid} is too small", fix="use --grid 8 or more")
+    if cfg.arrangement not in ARRANGEMENTS:
+        raise GigaslideError(f"--arrangement {cfg.arrangement!r}", fix=f"use one of {', '.join(ARRANGEMENTS)}")
+    if cfg.task not in TASKS:
+        raise GigaslideError(f"--task {cfg.task!r}", fix=f"use one of {', '.join(TASKS)}")
+    context = cfg.task == "context"
     normal, tumor = list_tiles(tiles, cfg.normal_class), list_tiles(tiles, cfg.tumor_class)
     t = _tile_size(normal[0])
     out_d = atomic.ensure_writable_dir(out)
@@ -176,14 +203,21 @@ def build_mosaic(tiles: str | os.PathLike, out: str | os.PathLike, cfg: MosaicCo
     for i in range(cfg.slides):
         sid = f"mosaic_{i:04d}"
         srng = np.random.default_rng([cfg.seed, i])
-        tf = float(srng.uniform(*cfg.tumor_fraction)) if is_pos[i] else 0.0
+        tf = float(srng.uniform(*cfg.tumor_fraction)) if is_pos[i] or context else 0.0
         tissue_frac = float(srng.uniform(*cfg.tissue_fraction))
+        if context:  # label = arrangement; every slide has tumour
+            arr = "contiguous" if is_pos[i] else "scattered"
+        elif cfg.arrangement == "mixed":
+            arr = "contiguous" if srng.integers(2) == 0 else "scattered"
+        else:
+            arr = cfg.arrangement
+        arr = arr if tf > 0 else "none"
         sp, gp = out_d / "slides" / f"{sid}.tiff", out_d / "ground_truth" / f"{sid}.csv"
         if sp.is_file() and gp.is_file():
             gt = read_ground_truth(gp)
         else:
-            img, tissue, tum = build_slide(normal, tumor, positive=bool(is_pos[i]), tumor_fraction=tf, grid=cfg.grid,
-                                           tissue_fraction=tissue_frac, tile_size=t, rng=srng)
+            img, tissue, tum = build_slide(normal, tumor, positive=tf > 0, tumor_fraction=tf, grid=cfg.grid,
+                                           tissue_fraction=tissue_frac, tile_size=t, rng=srng, arrangement=arr)
             cells = np.argwhere(tissue)
             gt = np.column_stack([cells[:, 1] * t, cells[:, 0] * t, np.full(len(cells), t), tum[tissue].astype(int)])
             write_array_as_slide(sp, img, mpp=cfg.mpp)
@@ -193,12 +227,12 @@ def build_mosaic(tiles: str | os.PathLike, out: str | os.PathLike, cfg: MosaicCo
             w.writerows(gt.tolist())
             atomic.write_text(gp, buf.getvalue())
         n_tis, n_tum = len(gt), int(gt[:, 3].sum())
-        rows.append([sid, sid, int(is_pos[i]), f"{n_tum / max(1, n_tis):.4f}", n_tis, n_tum])
+        rows.append([sid, sid, int(is_pos[i]), f"{n_tum / max(1, n_tis):.4f}", n_tis, n_tum, arr])
         if verbose and (i + 1) % 25 == 0:
             print(f"{i + 1}/{cfg.slides} slides")
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["slide_id", "patient_id", "label", "tumor_fraction", "n_tissue_tiles", "n_tumor_tiles"])
+    w.writerow(["slide_id", "patient_id", "label", "tumor_fraction", "n_tissue_tiles", "n_tumor_tiles", "arrangement"])
     w.writerows(rows)
     atomic.write_text(out_d / "labels.csv", buf.getvalue())
     meta = provenance(kind="mosaic", tiles=str(tiles), tile_size=t, mpp=cfg.mpp, seed=cfg.seed,

@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from gigaslide import atomic
-from gigaslide.artifacts import provenance
+from gigaslide.provenance import provenance
 from gigaslide.devices import autocast_ctx, pick_device
 from gigaslide.errors import GigaslideError
 from gigaslide.evaluation.metrics import auc as auc_metric
 from gigaslide.mil.models import build_model
+from gigaslide.runs import Selection
 
 
 @dataclass
@@ -146,7 +147,8 @@ def _train_fold(bags_tr: list[torch.Tensor], y_tr: np.ndarray, bags_va: list[tor
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     w = class_weights(y_tr, n_classes).to(device)
-    best_key, best_state, best_epoch, bad = None, None, -1, 0
+    sel = Selection("max", patience=cfg.patience)
+    best_state = None
     hist: list[dict[str, float]] = []
     t0 = time.perf_counter()
     for epoch in range(cfg.epochs):
@@ -174,15 +176,13 @@ def _train_fold(bags_tr: list[torch.Tensor], y_tr: np.ndarray, bags_va: list[tor
         else:
             key = (epoch,)  # no validation split: keep the last epoch
         hist.append(rec)
-        if best_key is None or key > best_key:
-            best_key, best_state, best_epoch, bad = key, copy.deepcopy(model.state_dict()), epoch, 0
-        else:
-            bad += 1
-            if bad >= cfg.patience and epoch + 1 >= cfg.min_epochs:
-                break
+        if sel.update(key, epoch) or best_state is None:
+            best_state = copy.deepcopy(model.state_dict())
+        elif sel.stop and epoch + 1 >= cfg.min_epochs:
+            break
     model.load_state_dict(best_state)
     model.to("cpu").eval()
-    return model, {"history": hist, "best_epoch": best_epoch, "epochs_run": len(hist),
+    return model, {"history": hist, "best_epoch": sel.best_epoch if sel.best_epoch is not None else 0, "epochs_run": len(hist),
                    "seconds": round(time.perf_counter() - t0, 3), "device": str(device)}
 
 
@@ -199,6 +199,17 @@ def save_model(fold_dir: str | os.PathLike, model: torch.nn.Module, cfg: TrainCo
     meta.update(model=cfg.model, in_dim=in_dim, n_classes=n_classes, train_config=asdict(cfg))
     atomic.write_json(d / "config.json", meta)
     return d
+
+
+def check_features_fit(meta: dict[str, Any], ff: Any, where: str | os.PathLike,
+                       fix: str = "use features from the encoder the model was trained with") -> None:
+    """Refuse a feature file a saved MIL model (``meta`` from :func:`load_model`) was not trained on."""
+    if ff.dim != int(meta["in_dim"]):
+        raise GigaslideError(f"features are {ff.dim}-d but the model was trained on {meta['in_dim']}-d features",
+                             path=where, fix=fix)
+    if meta.get("encoder") and ff.encoder and ff.encoder != meta["encoder"]:
+        raise GigaslideError(f"features come from encoder '{ff.encoder}', the model from '{meta['encoder']}'",
+                             path=where, fix=fix)
 
 
 def load_model(fold_dir: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -16,11 +16,18 @@ import numpy as np
 from PIL import Image
 
 from gigaslide.errors import GigaslideError
+from gigaslide.safe_parse import check_slide_id
 from gigaslide.slides.backend import open_backend
 from gigaslide.slides.mpp import Mpp, mpp_from_properties, resolve_override
 
 #: A target resolution may be this much finer than the scan before it is refused (rounding in metadata).
 MPP_TOLERANCE = 0.1
+
+
+#: A read is not resampled when its scale is this close (relative) to 1, 2, 4 or 8 (see :meth:`LevelChoice.factor`).
+SCALE_TOLERANCE = 0.01
+#: Integer shrink factors applied by exact box averaging instead of a resize.
+BOX_FACTORS = (1, 2, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -29,13 +36,20 @@ class LevelChoice:
     level_downsample: float  # level-0 px per level px
     scale: float  # level px per target px (>= 1 means we shrink after reading)
 
+    def factor(self, tolerance: float = SCALE_TOLERANCE) -> int:
+        """1, 2, 4 or 8 when ``scale`` is that within ``tolerance`` (read k*size px, box-average by k); else 0."""
+        for k in BOX_FACTORS:
+            if abs(self.scale - k) <= tolerance * k:
+                return k
+        return 0
+
 
 class Slide:
     """An open slide. Use as a context manager or call :meth:`close`."""
 
     def __init__(self, path: str | os.PathLike, *, mpp: float | str | None = None, slide_id: str | None = None):
         self.path = Path(path)
-        self.id = slide_id or slide_id_from_path(self.path)
+        self.id = check_slide_id(slide_id, path=self.path) if slide_id else slide_id_from_path(self.path)
         self._handle, self.backend = open_backend(self.path)
         override = resolve_override(mpp, self.id)
         if override is not None:
@@ -106,24 +120,35 @@ class Slide:
                 fix=f"use --mpp {self.mpp:.3g} or coarser (or correct the scan resolution with --slide-mpp)",
             )
 
-    def choose_level(self, target_mpp: float) -> LevelChoice:
-        """Coarsest level that is still at least as fine as ``target_mpp``."""
+    def choose_level(self, target_mpp: float, tolerance: float = SCALE_TOLERANCE) -> LevelChoice:
+        """Coarsest level that is still at least as fine as ``target_mpp`` (or coarser by at most ``tolerance``)."""
         want = target_mpp / self.mpp  # level-0 px per target px
         best = 0
         for i, d in enumerate(self.level_downsamples):
-            if d <= want * (1 + 1e-3):
+            if d <= want * (1 + max(tolerance, 1e-3)):
                 best = i
         d = self.level_downsamples[best]
         return LevelChoice(best, d, want / d)
 
     # -- pixels ---------------------------------------------------------------------------------
+    def read_mpp(self, target_mpp: float, tolerance: float = SCALE_TOLERANCE, level: LevelChoice | None = None) -> float:
+        """The resolution of the pixels :meth:`read_region` returns for ``target_mpp`` (differs within ``tolerance``)."""
+        ch = level or self.choose_level(target_mpp, tolerance)
+        k = ch.factor(tolerance)
+        return self.mpp * ch.level_downsample * k if k else float(target_mpp)
+
     def read_region(self, location: tuple[int, int], size: tuple[int, int], target_mpp: float,
-                    level: LevelChoice | None = None) -> np.ndarray:
-        """RGB uint8 array of ``size`` (w, h) target px whose top-left is ``location`` in level-0 px."""
-        ch = level or self.choose_level(target_mpp)
+                    level: LevelChoice | None = None, tolerance: float = SCALE_TOLERANCE) -> np.ndarray:
+        """RGB uint8 array of ``size`` (w, h) target px whose top-left is ``location`` in level-0 px.
+
+        When the level's scale is within ``tolerance`` of 1, 2, 4 or 8 the level is read at that
+        multiple and box-averaged (no resampling, see :meth:`read_mpp`); otherwise it is resized.
+        Pixels outside the slide are white.
+        """
+        ch = level or self.choose_level(target_mpp, tolerance)
         w, h = size
-        lw = max(1, math.ceil(w * ch.scale - 1e-6))
-        lh = max(1, math.ceil(h * ch.scale - 1e-6))
+        k = ch.factor(tolerance)
+        lw, lh = (w * k, h * k) if k else (max(1, math.ceil(w * ch.scale - 1e-6)), max(1, math.ceil(h * ch.scale - 1e-6)))
         try:
             img = self._handle.read_region((int(location[0]), int(location[1])), ch.level, (lw, lh))
         except Exception as e:  # noqa: BLE001
@@ -132,9 +157,30 @@ class Slide:
                 path=self.path,
                 fix="the file is damaged or incomplete; re-copy or re-scan it, or exclude it from the batch",
             ) from None
-        if (lw, lh) != (w, h):
-            img = img.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=None if ch.scale < 2 else 2.0)
+        img = self._glass_outside(img, location, ch)
+        if k:
+            return box_reduce(to_rgb(img), k)
+        img = img.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=None if ch.scale < 2 else 2.0)
         return to_rgb(img)
+
+    def _glass_outside(self, img: Image.Image, location: tuple[int, int], ch: LevelChoice) -> Image.Image:
+        """Pixels outside the slide as white glass. OpenSlide returns them transparent (``to_rgb`` puts them
+        on white); tiffslide returns them black, so they are painted white here."""
+        if img.mode == "RGBA":
+            return img
+        lw_all, lh_all = self.level_dimensions[ch.level]
+        x = int(location[0]) / ch.level_downsample
+        y = int(location[1]) / ch.level_downsample
+        x0, y0 = max(0, math.ceil(-x - 1e-6)), max(0, math.ceil(-y - 1e-6))  # first inside column / row
+        x1, y1 = max(0, math.ceil(lw_all - x - 1e-6)), max(0, math.ceil(lh_all - y - 1e-6))  # first outside
+        if x0 == 0 and y0 == 0 and x1 >= img.size[0] and y1 >= img.size[1]:
+            return img
+        arr = np.array(img.convert("RGB"))
+        arr[:, :x0] = 255
+        arr[:y0] = 255
+        arr[:, x1:] = 255
+        arr[y1:] = 255
+        return Image.fromarray(arr)
 
     def thumbnail(self, max_size: int = 1024) -> tuple[np.ndarray, float]:
         """RGB thumbnail whose longer side is at most ``max_size``; returns (array, level-0 px per thumb px)."""
@@ -194,10 +240,17 @@ class Slide:
         return f"Slide({str(self.path)!r}, {self.dimensions[0]}x{self.dimensions[1]}, mpp={self._mpp and round(self._mpp.mean, 4)})"
 
 
+def box_reduce(rgb: np.ndarray, k: int) -> np.ndarray:
+    """Average ``k`` x ``k`` blocks of an RGB uint8 array (exact, rounded; PIL's reduce)."""
+    if k == 1:
+        return rgb
+    return np.asarray(Image.fromarray(rgb).reduce(k))
+
+
 def to_rgb(img: Image.Image) -> np.ndarray:
     """RGBA (transparent outside the scanned area) -> RGB on white."""
     if img.mode == "RGBA":
-        if img.getextrema()[3][0] == 255:  # fully opaque (the usual case): drop alpha in C
+        if img.getchannel("A").getextrema()[0] == 255:  # fully opaque (the usual case): drop alpha in C
             return np.asarray(img.convert("RGB"))
         arr = np.asarray(img)
         rgb = arr[..., :3]
@@ -210,8 +263,9 @@ def slide_id_from_path(path: Path) -> str:
     name = path.name
     for ext in sorted(SLIDE_EXTENSIONS, key=len, reverse=True):
         if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return path.stem
+            sid = name[: -len(ext)]
+            return sid if sid not in ("", ".", "..") else name  # "..svs" must not become the id ".."
+    return path.stem if path.stem not in ("", ".", "..") else name
 
 
 SLIDE_EXTENSIONS = (

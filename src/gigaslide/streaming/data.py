@@ -4,9 +4,13 @@ A slide is read at ``mpp`` over the bounding box of its tissue (from :func:`segm
 larger than ``image_size`` is centre-cropped to it; the canvas is padded with white glass on the
 right/bottom to a multiple of the trunk's stride so feature-map positions map to fixed level-0
 boxes. Canvases are uint8 ``[3, H, W]`` (4 x smaller than float) and cached as ``.npy``.
-Augmentation (flips, rot90, light stain jitter) acts on the whole image; the stain jitter is a per-
-image affine colour change applied crop by crop in the streamer's ``transform`` (pixel-wise, so
-streaming stays exact).
+
+Memory: a training step holds the canvas once. :meth:`Canvas.pixels` reads the cached ``.npy`` into
+one array (a plain read, not a memory map whose touched pages would count in the process's RSS on
+top of the copy); whole-image augmentation (flips, rot90) is applied *per crop* by
+:class:`AugmentedImage`, never to a second full-size copy; the light stain jitter is a per-image affine
+colour change applied crop by crop in the streamer's ``transform`` together with the encoder's own
+normalisation (:class:`Normalize`, mean/std from the encoder spec). All of it is exact under streaming.
 """
 
 from __future__ import annotations
@@ -23,8 +27,6 @@ import torch
 from gigaslide import atomic
 
 GLASS = 245  # padding value (white glass, as background)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -37,10 +39,22 @@ class Canvas:
     mpp: float
     slide_mpp: float
     content_size: tuple[int, int]  # (h, w) before padding
+    path: Path | None = None  # the cached .npy, when the canvas comes from the cache
 
-    def tensor(self) -> torch.Tensor:
-        """The canvas as a uint8 tensor [3, H, W] in memory (a copy when the cache is memory-mapped)."""
-        return torch.from_numpy(np.array(self.image, copy=True))
+    def pixels(self) -> torch.Tensor:
+        """The canvas as a uint8 tensor [3, H, W], held once: read from the cache file (no memory map), or
+        the in-memory array itself (no copy)."""
+        if self.path is not None:
+            return torch.from_numpy(np.load(self.path))
+        arr = self.image if self.image.flags.writeable else np.array(self.image)
+        return torch.from_numpy(np.ascontiguousarray(arr))
+
+    tensor = pixels  # older name
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(H, W) of the padded canvas."""
+        return int(self.image.shape[1]), int(self.image.shape[2])
 
     @property
     def level0_per_px(self) -> float:
@@ -115,13 +129,13 @@ def cached_canvas(path: str | os.PathLike, cache_dir: str | os.PathLike, mpp: fl
         m = json.loads(meta.read_text())
         if all(m.get(k) == v for k, v in key.items()):
             return Canvas(m["slide_id"], np.load(npy, mmap_mode="r"), tuple(m["origin"]), m["mpp"], m["slide_mpp"],
-                          tuple(m["content_size"]))
+                          tuple(m["content_size"]), npy)
     c = read_canvas(path, mpp, image_size, multiple, slide_mpp=slide_mpp)
     with atomic.atomic_path(npy, suffix=".npy") as tmp:
         np.save(tmp, c.image)
     atomic.write_json(meta, {**key, "slide_id": c.slide_id, "origin": list(c.origin), "mpp": c.mpp, "slide_mpp": c.slide_mpp,
                              "content_size": list(c.content_size)})
-    c.image = np.load(npy, mmap_mode="r")
+    c.image, c.path = np.load(npy, mmap_mode="r"), npy
     return c
 
 
@@ -141,20 +155,56 @@ class Augment:
                        tuple(float(v) for v in rng.uniform(-stain, stain, 3) * 255 * 0.5))  # type: ignore[arg-type]
 
     def geometric(self, image: torch.Tensor) -> torch.Tensor:
-        """Flip / rotate a [.., H, W] tensor (a view-free copy)."""
+        """Flip / rotate a whole [.., H, W] tensor (a copy; training uses :class:`AugmentedImage` instead)."""
         x = image.flip(-1) if self.flip else image
         return torch.rot90(x, self.rot90, dims=(-2, -1)).contiguous() if self.rot90 else x.contiguous()
 
+    def shape(self, hw: tuple[int, int]) -> tuple[int, int]:
+        """(H, W) of an image of ``hw`` after the augmentation."""
+        return (hw[1], hw[0]) if self.rot90 % 2 else hw
+
+    def source_box(self, hw: tuple[int, int], rows: slice, cols: slice) -> tuple[slice, slice]:
+        """The box of the *original* image (of ``hw``) that holds the augmented image's ``[rows, cols]``:
+        ``geometric(x)[..., rows, cols] == geometric(x[..., box])``."""
+        r0, r1, c0, c1 = rows.start, rows.stop, cols.start, cols.stop
+        h, w = hw
+        shapes = [(h, w)]
+        for _ in range(self.rot90 % 4):
+            shapes.append((shapes[-1][1], shapes[-1][0]))
+        for k in range(self.rot90 % 4, 0, -1):  # undo each rot90: out[i, j] = z[j, W_z - 1 - i]
+            wz = shapes[k - 1][1]
+            r0, r1, c0, c1 = c0, c1, wz - r1, wz - r0
+        if self.flip:
+            r0, r1, c0, c1 = r0, r1, w - c1, w - c0
+        return slice(r0, r1), slice(c0, c1)
+
+
+class AugmentedImage:
+    """A crop source (see :mod:`gigaslide.streaming.stream`): the geometric augmentation of ``image``
+    ([B, C, H, W] or [C, H, W]), made crop by crop so the image is held once."""
+
+    def __init__(self, image: torch.Tensor, aug: Augment | None = None):
+        self.image = image if image.dim() == 4 else image[None]
+        self.aug = aug or Augment()
+        h, w = self.aug.shape((int(self.image.shape[-2]), int(self.image.shape[-1])))
+        self.shape = (*self.image.shape[:2], h, w)
+
+    def crop(self, rows: slice, cols: slice) -> torch.Tensor:
+        r, c = self.aug.source_box(tuple(self.image.shape[-2:]), rows, cols)
+        return self.aug.geometric(self.image[..., r, c])
+
 
 class Normalize:
-    """uint8 crop -> float, light stain jitter (per-channel gain/bias), ImageNet normalisation. Pixel-wise."""
+    """uint8 crop -> float: light stain jitter (per-channel gain/bias), then the encoder's normalisation
+    (``mean``/``std`` in [0, 1] units, from its :class:`~gigaslide.encoders.EncoderSpec`). Pixel-wise."""
 
-    def __init__(self, aug: Augment | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(self, mean: tuple[float, float, float], std: tuple[float, float, float], aug: Augment | None = None,
+                 dtype: torch.dtype = torch.float32):
         a = aug or Augment()
         self.gain = torch.tensor(a.gain).view(1, 3, 1, 1)
         self.bias = torch.tensor(a.bias).view(1, 3, 1, 1)
-        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255
         self.dtype = dtype
 
     def __call__(self, crop: torch.Tensor) -> torch.Tensor:
@@ -162,4 +212,3 @@ class Normalize:
         x = crop.float() * self.gain.to(dev) + self.bias.to(dev)
         x = (x.clamp(0, 255) - self.mean.to(dev)) / self.std.to(dev)
         return x.to(self.dtype)
-

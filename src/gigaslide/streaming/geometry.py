@@ -129,9 +129,10 @@ class Geometry:
             lens.append(max(out, 0))
         return lens[self.output]
 
-    def min_tile(self) -> int:
-        """Smallest input tile (px) that yields at least one exact output position per tile."""
-        need = max(ax.field + ax.stride for ax in self.axes)
+    def min_tile(self, align: int = 1) -> int:
+        """Smallest input tile (px) that yields at least ``align`` (one pooling window of) exact output
+        positions per tile, wherever the tile starts."""
+        need = max(ax.field + align * ax.stride for ax in self.axes)
         s = max(self.stride)
         return int(math.ceil(need / s) * s)
 

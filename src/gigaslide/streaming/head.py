@@ -1,7 +1,10 @@
-"""End-to-end model: streamed CNN trunk -> feature-map positions as a bag -> MIL head (CLAM-SB by default).
+"""End-to-end model: streamed CNN trunk -> (max-pooled) feature-map positions as a bag -> MIL head (CLAM-SB).
 
-The head is taken from :data:`gigaslide.mil.models.MIL_MODELS` (``clam_sb``, ``abmil``, ...); it sees
-every position of the full feature map, so its attention is a map over the image.
+The trunk comes from the encoder registry (:mod:`gigaslide.encoders`): a registry name or an exported
+``RUN/encoder`` folder gives the architecture, the weights and the normalisation (mean/std) the
+weights were trained with. The head is taken from :data:`gigaslide.mil.models.MIL_MODELS`
+(``clam_sb``, ``abmil``, ...); with ``pool_kernel = 8`` (StreamingCLAM) each instance is the max over
+8 x 8 trunk positions, streamed (see :class:`~gigaslide.streaming.stream.StreamingCNN`).
 """
 
 from __future__ import annotations
@@ -12,40 +15,36 @@ from typing import Any
 import torch
 from torch import nn
 
+from gigaslide.encoders import EncoderSpec, build_encoder
+from gigaslide.encoders.model import EXPORT_SPEC, EXPORT_WEIGHTS
 from gigaslide.errors import GigaslideError
 from gigaslide.streaming.stream import StreamingCNN
 
 
-def build_trunk(encoder: str = "resnet34", weights: str | None = None) -> nn.Module:
-    """A timm CNN without global pooling/classifier (eval mode), optionally loading a state_dict file or the
-    weights of an exported encoder folder (``RUN_DIR/encoder`` of `gigaslide pretrain`)."""
-    import timm
+def build_trunk(encoder: str = "resnet34", weights: str | None = "default", *, seed: int = 0
+                ) -> tuple[nn.Module, EncoderSpec, str]:
+    """``(trunk, spec, weights_id)``: the encoder's CNN without global pooling / classifier, in eval mode.
 
-    try:
-        trunk = timm.create_model(encoder, pretrained=False, num_classes=0, global_pool="")
-    except Exception as e:  # noqa: BLE001
-        raise GigaslideError(f"unknown encoder '{encoder}' ({str(e).splitlines()[0][:120]})",
-                             fix="use a timm CNN name such as resnet18, resnet34 or resnet50") from None
-    if weights:
-        from gigaslide.encoders.model import EXPORT_SPEC, EXPORT_WEIGHTS
-        from gigaslide.encoders.weights import read_state_dict, strip_prefixes
-
-        if (Path(weights) / EXPORT_SPEC).is_file():  # an exported encoder, e.g. a `gigaslide pretrain` RUN/encoder
-            weights = str(Path(weights) / EXPORT_WEIGHTS)
-        own = set(trunk.state_dict())
-        sd = {k: v for k, v in strip_prefixes(read_state_dict(weights), own).items() if k in own}
-        if not sd:
-            raise GigaslideError(f"no tensor in the file matches {encoder}", path=weights,
-                                 fix=f"give weights of a {encoder} (timm names)")
-        bad = [k for k, v in sd.items() if v.shape != trunk.state_dict()[k].shape]
-        missing = [k for k in trunk.load_state_dict({k: v for k, v in sd.items() if k not in bad}, strict=False).missing_keys
-                   if not k.endswith("num_batches_tracked")]
-        if missing or bad:  # a partly loaded trunk would silently train from a half-random start
-            first = (bad or missing)[0]
-            raise GigaslideError(f"the weights cover only {len(own) - len(missing) - len(bad)} of {len(own)} tensors of "
-                                 f"{encoder} (e.g. '{first}' is {'of another shape' if bad else 'missing'})",
-                                 path=weights, fix=f"give weights of a {encoder} (timm names), or pick --encoder to match them")
-    return trunk.eval()
+    ``encoder``: a registry name (``gigaslide encoders``) or an exported encoder folder. ``weights``:
+    ``default`` (the export's own weights, or the entry's hub weights from the local cache), ``random``,
+    a weights file, or an exported encoder folder of the same architecture (its spec, with its mean/std,
+    is then used).
+    """
+    if weights not in (None, "default", "random") and (Path(weights) / EXPORT_SPEC).is_file():
+        exported = build_encoder(str(weights), "default", seed=seed)
+        own = build_encoder(encoder, "random", seed=seed).spec
+        if exported.spec.arch != own.arch:
+            raise GigaslideError(f"the exported encoder is a {exported.spec.arch}, not a {own.arch} ('{encoder}')",
+                                 path=Path(weights) / EXPORT_WEIGHTS,
+                                 fix=f"pass --encoder {weights} (or the registry name of a {exported.spec.arch})")
+        enc = exported
+    else:
+        enc = build_encoder(encoder, "default" if weights is None else weights, seed=seed)
+    trunk = enc.trunk
+    if hasattr(trunk, "reset_classifier"):  # timm: keep the feature map (no global pooling, no classifier)
+        trunk.reset_classifier(0, "")
+    # anything else that mixes positions (e.g. resnet50_trunc's mean) is refused by StreamingCNN, naming the layer
+    return trunk.eval(), enc.spec, enc.weights_id
 
 
 def feature_dim(trunk: nn.Module) -> int:
@@ -57,7 +56,10 @@ def feature_dim(trunk: nn.Module) -> int:
 
 
 class StreamingMIL(nn.Module):
-    """``image [1, 3, H, W] -> {'logits', 'attention' [h*w], 'fmap_size', ...}``."""
+    """``image [1, 3, H, W] (or a crop source) -> {'logits', 'attention' [h*w], 'fmap_size', ...}``.
+
+    ``fmap_size`` is the (pooled) map the head saw; position ``(i, j)`` covers canvas px
+    ``[i, j] * stream.out_stride`` onwards."""
 
     def __init__(self, stream: StreamingCNN, head: str = "clam_sb", n_classes: int = 2, **head_kw: Any):
         super().__init__()
@@ -67,12 +69,12 @@ class StreamingMIL(nn.Module):
         self.head_name = head
         self.head = build_model(head, feature_dim(stream.trunk), n_classes, **head_kw)
 
-    def forward(self, image: torch.Tensor, label: int | None = None) -> dict[str, Any]:
+    def forward(self, image: torch.Tensor | Any, label: int | None = None) -> dict[str, Any]:
         if image.shape[0] != 1:
             raise GigaslideError(f"one slide per step, got a batch of {image.shape[0]}",
                                  fix="use gradient accumulation instead of batches")
-        fmap = self.stream(image)  # [1, C, h, w]
-        bag = fmap[0].flatten(1).transpose(0, 1).float()  # [h*w, C]
+        fmap = self.stream(image)  # [1, C, h, w], pooled when stream.pool_kernel > 1
+        bag = fmap[0].flatten(1).transpose(0, 1)  # [h*w, C], a view in the trunk's dtype (no float copy)
         kw = {"label": label} if label is not None and self.head_name.startswith("clam") else {}
         out = dict(self.head(bag, **kw))
         out["fmap_size"] = tuple(fmap.shape[-2:])

@@ -1,39 +1,47 @@
-"""Attention heatmaps of a trained StreamingCLAM model: the head's attention over feature-map positions.
+"""Attention heatmaps of a trained StreamingCLAM model: the head's attention over the (pooled) feature map.
 
-Each feature-map position covers ``stride`` canvas px = ``stride * mpp / slide_mpp`` level-0 px from
-the canvas origin; the attention (as percentiles) is painted on the slide thumbnail.
+Each position of the map the head sees covers ``out_stride = stride * pool_kernel`` canvas px, i.e.
+``out_stride * mpp / slide_mpp`` level-0 px from the canvas origin; the attention (as percentiles) is
+painted on the slide thumbnail at those level-0 boxes.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from gigaslide import runs
 from gigaslide.devices import autocast_dtype, pick_device
+from gigaslide.encoders.model import EXPORT_SPEC
 from gigaslide.errors import GigaslideError
 from gigaslide.streaming.data import Normalize, read_canvas
-from gigaslide.streaming.train import TrainConfig, _load, build_model
+from gigaslide.streaming.train import TrainConfig, build_model, load_weights
 
 
 def load_run_model(run: str | os.PathLike, fold: int = 0, device: str = "auto") -> tuple[Any, TrainConfig, int]:
     """The best checkpoint of ``fold`` in a ``train-streaming`` run -> (model, config, n_classes)."""
     run_dir = Path(run)
-    cfg_file, ckpt = run_dir / "config.json", run_dir / f"fold{fold}" / "best.safetensors"
-    if not cfg_file.is_file() or not ckpt.is_file():
-        raise GigaslideError(f"no trained fold {fold} here (config.json / fold{fold}/best.safetensors missing)", path=run_dir,
-                             fix="pass the --out folder of a finished `gigaslide train-streaming` run")
-    cfg = TrainConfig(**json.loads(cfg_file.read_text())["config"])
-    from safetensors.torch import load_file
+    rec, ckpt = runs.read_run(run_dir), run_dir / f"fold{fold}" / "best.safetensors"
+    if rec is None or rec.get("run_kind") != "streaming" or not ckpt.is_file():
+        raise GigaslideError(f"no trained fold {fold} here (run.json of a streaming run / fold{fold}/best.safetensors missing)",
+                             path=run_dir, fix="pass the --out folder of a finished `gigaslide train-streaming` run")
+    known = TrainConfig.__dataclass_fields__
+    cfg = TrainConfig(**{k: v for k, v in rec["config"].items() if k in known})
+    # the checkpoint holds every trunk weight: build without loading weights again (an export folder is still
+    # read, for its own spec: mean/std)
+    weights = cfg.weights if (Path(cfg.weights) / EXPORT_SPEC).is_file() else "random"
+    from safetensors.torch import safe_open
 
-    sd = load_file(str(ckpt))
-    n_classes = int(sd["head.classifier.weight"].shape[0]) if "head.classifier.weight" in sd else 2
+    with safe_open(str(ckpt), "pt") as f:
+        keys = set(f.keys())
+        n_classes = int(f.get_tensor("head.classifier.weight").shape[0]) if "head.classifier.weight" in keys else 2
     dev = pick_device(device)
-    model = build_model(cfg, n_classes, dev)
-    _load(model, ckpt)
+    model = build_model(dataclasses.replace(cfg, weights=weights), n_classes, dev)
+    load_weights(model, ckpt)
     model.eval()
     return model, cfg, n_classes
 
@@ -49,15 +57,16 @@ def streaming_heatmap(slide: str | os.PathLike, run: str | os.PathLike, out: str
     model, cfg, _ = load_run_model(run, fold, device)
     dev = pick_device(device)
     canvas = read_canvas(slide, cfg.mpp, cfg.image_size, model.stream.stride, slide_mpp=cfg.slide_mpp)
-    model.stream.transform = Normalize()
-    dtype = autocast_dtype(dev, cfg.precision)
+    model.stream.transform = Normalize(model.spec.mean, model.spec.std)
+    rec = runs.read_run(run) or {}
+    dtype = autocast_dtype(dev, (rec.get("precision") or {}).get("resolved", cfg.precision))
     with torch.no_grad(), torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        res = model(canvas.tensor()[None])
+        res = model(canvas.pixels()[None])
     probs = torch.softmax(res["logits"].float().reshape(-1), 0).cpu().numpy()
     h, w = res["fmap_size"]
     att = res["attention"].float().cpu().numpy().reshape(h, w)
-    # positions over padding (beyond the slide content) are not drawn
-    s = model.stream.stride
+    # positions wholly over padding (beyond the slide content) are not drawn
+    s = model.stream.out_stride
     ch, cw = canvas.content_size
     att = att[: -(-ch // s), : -(-cw // s)]
     coords = canvas.position_coords(att.shape, s)
@@ -65,4 +74,5 @@ def streaming_heatmap(slide: str | os.PathLike, run: str | os.PathLike, out: str
         thumb, ds = sl.thumbnail(thumb_size)
     title = f"{Path(slide).stem}  StreamingCLAM  P(class {len(probs) - 1}) = {float(probs[-1]):.3f}"
     draw_heatmap(thumb, ds, coords, (rankdata(att.ravel()) - 1) / max(1, att.size - 1), s * canvas.level0_per_px, out, title=title)
-    return {"probs": probs.tolist(), "fmap_size": [h, w], "out": str(out)}
+    return {"probs": probs.tolist(), "fmap_size": [h, w], "out": str(out), "coords": coords.tolist(),
+            "box_level0_px": s * canvas.level0_per_px}

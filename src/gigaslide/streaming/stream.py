@@ -8,6 +8,17 @@ the whole-image pass up to floating-point summation order.
 
 Images that fit in a single tile are run as one (dense) pass -- that is exact by definition; pass
 ``small_image="error"`` to refuse them instead.
+
+Pooling (``pool_kernel = k > 1``, StreamingCLAM's max-pool before the attention head): the tile plan
+aligns every crop's exact outputs to multiples of ``k`` and each crop's output is max-pooled as it is
+produced, so the full-resolution feature map is never held whole (forward or backward); the result
+equals ``max_pool2d(trunk(image), k, k, ceil_mode=True)``. Padding rule: when ``k`` does not divide the
+feature map, the last row / column of windows pools only the positions that exist (``ceil_mode``:
+the map is padded with -inf, never with zeros or glass features).
+
+The image may be a tensor or any *crop source* (an object with ``shape`` ``[B, C, H, W]`` and
+``crop(rows, cols) -> tensor``), e.g. :class:`gigaslide.streaming.data.AugmentedImage`, which flips and
+rotates each crop instead of the whole image so the image is held once.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from gigaslide.errors import GigaslideError
@@ -35,6 +47,7 @@ class StreamingCNN(nn.Module):
             float), so the whole image can stay compact in memory. Must act pixel by pixel.
         channels_last: run crops in channels-last memory format (faster CNNs on CPU and CUDA).
         small_image: ``"dense"`` runs an image no larger than one tile in one pass; ``"error"`` refuses it.
+        pool_kernel: max-pool kernel (= stride) applied to the trunk's output, streamed (1 = no pooling).
         checkpoint_blocks: recompute activations in backward: per residual block, and the stem (conv, BN,
             activation, pool before the first stage) as one segment. Lower memory, same gradients.
         trim_memory: on Linux (glibc), have allocations of 1 MB and more served by ``mmap`` and freed
@@ -47,10 +60,14 @@ class StreamingCNN(nn.Module):
 
     def __init__(self, trunk: nn.Module, tile_size: int, *, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  channels_last: bool = False, small_image: str = "dense", checkpoint_blocks: bool = False,
-                 trim_memory: bool = False):
+                 trim_memory: bool = False, pool_kernel: int = 1):
         super().__init__()
         if small_image not in ("dense", "error"):
             raise GigaslideError(f"small_image={small_image!r}", fix="use 'dense' or 'error'")
+        if isinstance(pool_kernel, bool) or not isinstance(pool_kernel, int) or pool_kernel < 1:
+            raise GigaslideError(f"pool kernel {pool_kernel!r} is not a positive integer",
+                                 fix="use --pool-kernel 8 (as StreamingCLAM) or 1 (no pooling)")
+        self.pool_kernel = int(pool_kernel)
         self.trunk = trunk
         self.geometry: Geometry = trace(trunk)
         self.tile_size = int(tile_size)
@@ -69,16 +86,23 @@ class StreamingCNN(nn.Module):
         if self.tile_size < self.min_tile_size:
             raise GigaslideError(
                 f"tile size {self.tile_size} px is smaller than this trunk's minimum {self.min_tile_size} px "
-                f"(receptive field {max(self.geometry.field)} px, stride {max(self.geometry.stride)})",
+                f"(receptive field {max(self.geometry.field)} px, stride {max(self.geometry.stride)}"
+                f"{f', pool kernel {self.pool_kernel}' if self.pool_kernel > 1 else ''})",
                 fix=f"use --tile-size {self.min_tile_size} or larger (several times the receptive field is efficient)")
 
     @property
     def min_tile_size(self) -> int:
-        return self.geometry.min_tile()
+        return self.geometry.min_tile(self.pool_kernel)
 
     @property
     def stride(self) -> int:
+        """The trunk's stride (canvas px per trunk output position)."""
         return max(self.geometry.stride)
+
+    @property
+    def out_stride(self) -> int:
+        """Canvas px per position of the returned (pooled) map: ``stride * pool_kernel``."""
+        return self.stride * self.pool_kernel
 
     def train(self, mode: bool = True) -> StreamingCNN:
         """Train mode for wrappers; the trunk itself stays in eval mode (frozen BatchNorm statistics)."""
@@ -86,19 +110,26 @@ class StreamingCNN(nn.Module):
         self.trunk.eval()
         return self
 
-    def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
+    def trunk_output_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The trunk's (unpooled) output (h, w) for an input of ``size``."""
         return self.geometry.output_size(size)
+
+    def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The returned map's (h, w): the trunk's output, max-pooled with ``ceil_mode`` when ``pool_kernel > 1``."""
+        h, w = self.geometry.output_size(size)
+        k = self.pool_kernel
+        return -(-h // k), -(-w // k)
 
     def tiles(self, size: tuple[int, int]) -> list[Tile]:
         """The tile plan for an input of ``size`` (h, w)."""
-        out = self.output_size(size)
+        out = self.trunk_output_size(size)
         if out[0] <= 0 or out[1] <= 0:
             raise GigaslideError(f"image {size[0]}x{size[1]} px is too small for this trunk (empty feature map)",
                                  fix=f"use images of at least {max(self.geometry.stride)} px per side")
         if size[0] <= self.tile_size and size[1] <= self.tile_size and self.small_image == "error":
             raise GigaslideError(f"image {size[0]}x{size[1]} px fits in one tile of {self.tile_size} px: nothing to stream",
                                  fix="use a smaller --tile-size, a larger image, or small_image='dense'")
-        return plan(size, self.tile_size, self.geometry.axes, out)
+        return plan(size, self.tile_size, self.geometry.axes, out, self.pool_kernel)
 
     def run_crop(self, crop: torch.Tensor) -> torch.Tensor:
         """Run the trunk on one crop (moved to the trunk's device: the image may stay in CPU memory)."""
@@ -109,14 +140,21 @@ class StreamingCNN(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         return (self._runner or self.trunk)(x)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        if image.dim() != 4:
+    def exact_output(self, crop: torch.Tensor, t: Tile) -> torch.Tensor:
+        """Run one crop of the plan and keep its exact outputs, pooled when ``pool_kernel > 1``."""
+        y = self.run_crop(crop)[..., t.rows.local(self.geometry.stride[0]), t.cols.local(self.geometry.stride[1])]
+        k = self.pool_kernel
+        return F.max_pool2d(y, k, k, ceil_mode=True) if k > 1 else y
+
+    def forward(self, image: torch.Tensor | Any) -> torch.Tensor:
+        if len(image.shape) != 4:
             raise GigaslideError(f"expected an image batch [B, C, H, W], got shape {tuple(image.shape)}",
                                  fix="add a batch dimension: image[None]")
         check_modes(self.trunk)
         tiles = self.tiles((int(image.shape[-2]), int(image.shape[-1])))
         params = [p for p in self.trunk.parameters() if p.requires_grad]
-        needs_grad = torch.is_grad_enabled() and (bool(params) or image.requires_grad)
+        wants_input = isinstance(image, torch.Tensor) and image.requires_grad
+        needs_grad = torch.is_grad_enabled() and (bool(params) or wants_input)
         if not needs_grad:
             with torch.no_grad():
                 return _stitch(self, image, tiles)
@@ -231,47 +269,66 @@ def _checkpoint_stem(trunk: nn.Module) -> nn.Module | None:
     return fx.GraphModule(root, graph)
 
 
-def _stitch(stream: StreamingCNN, image: torch.Tensor, tiles: Sequence[Tile]) -> torch.Tensor:
-    s_y, s_x = stream.geometry.stride
+def _crop(image: torch.Tensor | Any, rows: slice, cols: slice) -> torch.Tensor:
+    """A crop of a tensor or of a crop source (see the module docstring)."""
+    return image[..., rows, cols] if isinstance(image, torch.Tensor) else image.crop(rows, cols)
+
+
+def _out_box(t: Tile, k: int) -> tuple[slice, slice]:
+    """Where a tile's (pooled) exact outputs go in the returned map."""
+    return (slice(t.rows.out_start // k, -(-t.rows.out_stop // k)), slice(t.cols.out_start // k, -(-t.cols.out_stop // k)))
+
+
+def _stitch(stream: StreamingCNN, image: torch.Tensor | Any, tiles: Sequence[Tile]) -> torch.Tensor:
     out_h, out_w = stream.output_size((int(image.shape[-2]), int(image.shape[-1])))
     out: torch.Tensor | None = None
     for t in tiles:
-        y = stream.run_crop(image[..., t.rows.start:t.rows.stop, t.cols.start:t.cols.stop])
+        y = stream.exact_output(_crop(image, slice(t.rows.start, t.rows.stop), slice(t.cols.start, t.cols.stop)), t)
         if out is None:
             out = y.new_empty((y.shape[0], y.shape[1], out_h, out_w)).contiguous()
-        out[..., t.rows.out_start:t.rows.out_stop, t.cols.out_start:t.cols.out_stop] = y[..., t.rows.local(s_y), t.cols.local(s_x)]
+        r, c = _out_box(t, stream.pool_kernel)
+        out[..., r, c] = y
+        del y
     assert out is not None
     return out
 
 
 class _StreamFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, image: torch.Tensor, stream: StreamingCNN, tiles: list[Tile], *params: torch.Tensor) -> torch.Tensor:
-        dev = next((p.device.type for p in stream.trunk.parameters()), image.device.type)  # where the trunk runs
+    def forward(ctx: Any, image: torch.Tensor | Any, stream: StreamingCNN, tiles: list[Tile], *params: torch.Tensor) -> torch.Tensor:
+        dev = next((p.device.type for p in stream.trunk.parameters()), "cpu")  # where the trunk runs
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         ctx.stream, ctx.tiles = stream, tiles
-        ctx.save_for_backward(image, *params)
+        ctx.is_tensor = isinstance(image, torch.Tensor)
+        if ctx.is_tensor:
+            ctx.save_for_backward(image, *params)
+        else:  # a crop source: kept as it is (it holds the image once; crops are made again in backward)
+            ctx.source = image
+            ctx.save_for_backward(*params)
         with torch.no_grad():
             return _stitch(stream, image, tiles)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        image, *params = ctx.saved_tensors
+        if ctx.is_tensor:
+            image, *params = ctx.saved_tensors
+        else:
+            image, params = ctx.source, list(ctx.saved_tensors)
         stream: StreamingCNN = ctx.stream
-        want_image = ctx.needs_input_grad[0]
+        want_image = bool(ctx.needs_input_grad[0]) and ctx.is_tensor
         want = [p for p, need in zip(params, ctx.needs_input_grad[3:]) if need]
         grads: list[torch.Tensor | None] = [None] * len(want)
         grad_image = torch.zeros_like(image) if want_image else None
-        s_y, s_x = stream.geometry.stride
         dev, enabled, dtype = ctx.autocast
         for t in ctx.tiles:
             rows, cols = slice(t.rows.start, t.rows.stop), slice(t.cols.start, t.cols.stop)
-            g = grad_out[..., t.rows.out_start:t.rows.out_stop, t.cols.out_start:t.cols.out_stop]
-            crop = image[..., rows, cols].detach()
+            r, c = _out_box(t, stream.pool_kernel)
+            g = grad_out[..., r, c]
+            crop = _crop(image, rows, cols).detach()
             if want_image:
                 crop.requires_grad_(True)
             with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
-                y = stream.run_crop(crop)[..., t.rows.local(s_y), t.cols.local(s_x)]
+                y = stream.exact_output(crop, t)
             inputs = want + ([crop] if want_image else [])
             got = torch.autograd.grad(y, inputs, g.to(y.dtype), allow_unused=True)
             for i, gi in enumerate(got[: len(want)]):
@@ -279,7 +336,7 @@ class _StreamFunction(torch.autograd.Function):
                     grads[i] = gi if grads[i] is None else grads[i].add_(gi)
             if want_image and got[-1] is not None:
                 grad_image[..., rows, cols] += got[-1]
-            del y, got
+            del y, got, crop
         it = iter(grads)
         param_grads = [next(it) if need else None for need in ctx.needs_input_grad[3:]]
         return (grad_image, None, None, *param_grads)

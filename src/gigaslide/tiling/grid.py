@@ -2,6 +2,14 @@
 
 Coordinates are level-0 pixels of each tile's top-left corner. A tile of ``tile_size`` target px
 covers ``tile_size * target_mpp / slide_mpp`` level-0 px.
+
+The grid is anchored at the slide's top-left corner (0, 0) and runs until every pixel of the
+slide lies in some tile, so tissue at the edges is tiled too: every tile starts inside the slide,
+and the last row and column may reach past its right / bottom edge by less than one stride. That
+part is read as glass (white: ``Slide.read_region`` composites out-of-slide pixels onto white) and
+counts as glass in the tile's tissue fraction; ``TileGrid.padding`` records each tile's outside
+fraction. (Before grid rule 2 the grid held only tiles fully inside the slide, centred, dropping up
+to one tile of tissue on every side.)
 """
 
 from __future__ import annotations
@@ -13,6 +21,9 @@ import numpy as np
 from gigaslide.errors import GigaslideError
 from gigaslide.slides.slide import Slide
 from gigaslide.tiling.tissue import TissueMask
+
+#: Version of the rule placing tiles (stored with every grid; a grid made by another rule is recomputed).
+GRID_RULE = 2
 
 
 @dataclass
@@ -31,6 +42,11 @@ class TileGrid:
     read_level: int
     min_tissue: float
     extra: dict = field(default_factory=dict)
+    padding: np.ndarray | None = None  # float32 [N]: fraction of each tile outside the slide (read as glass)
+
+    def __post_init__(self) -> None:
+        if self.padding is None:
+            self.padding = np.zeros(len(self.coords), np.float32)
 
     @property
     def tile_size_level0(self) -> float:
@@ -41,12 +57,45 @@ class TileGrid:
 
 
 def grid_positions(length0: int, tile0: float, stride0: float) -> np.ndarray:
-    """Level-0 starts of tiles of ``tile0`` px at ``stride0`` px that lie fully inside ``[0, length0)``, centred."""
-    if tile0 > length0 + 1e-6:
+    """Level-0 starts (0, stride, 2 stride, ..., floored) of tiles of ``tile0`` px until every pixel of
+    ``[0, length0)`` lies in one; every start is inside, the last tile may reach past ``length0``."""
+    if length0 < 1 or tile0 <= 0 or stride0 <= 0:
         return np.zeros(0, dtype=np.int64)
-    n = int(np.floor((length0 - tile0) / stride0 + 1e-9)) + 1
-    margin = (length0 - tile0 - (n - 1) * stride0) / 2  # centre the grid: equal slack on both sides
-    return np.floor(margin + np.arange(n) * stride0 + 1e-9).astype(np.int64)
+    n = max(1, int(np.ceil((length0 - tile0) / stride0 - 1e-9)) + 1)
+    while n > 1 and np.floor((n - 2) * stride0 + 1e-9) + tile0 > length0 - 1:  # one fewer still covers
+        n -= 1
+    while np.floor((n - 1) * stride0 + 1e-9) + tile0 <= length0 - 1:  # flooring left the last pixel out
+        n += 1
+    return np.floor(np.arange(n) * stride0 + 1e-9).astype(np.int64)
+
+
+def padding_fraction(coords: np.ndarray, tile0: float, dimensions: tuple[int, int]) -> np.ndarray:
+    """Fraction of each tile's area that lies outside the slide."""
+    W, H = dimensions
+    if len(coords) == 0:
+        return np.zeros(0, np.float32)
+    iw = np.clip(W - coords[:, 0], 0, tile0)
+    ih = np.clip(H - coords[:, 1], 0, tile0)
+    return (1.0 - iw * ih / (tile0 * tile0)).clip(0, 1).astype(np.float32)
+
+
+def select_tiles(tissue: TissueMask | None, dimensions: tuple[int, int], tile0: float, stride0: float,
+                 min_tissue: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(coords, tissue fraction, padding fraction) of the grid's tiles kept at ``min_tissue``."""
+    W, H = dimensions
+    xs = grid_positions(W, tile0, stride0)
+    ys = grid_positions(H, tile0, stride0)
+    gx, gy = np.meshgrid(xs, ys)
+    coords = np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.int64)
+    pad = padding_fraction(coords, tile0, (W, H))
+    if tissue is not None:
+        frac = tissue.box_fraction(coords[:, 0], coords[:, 1], tile0).astype(np.float32)
+    else:
+        frac = (1.0 - pad).astype(np.float32)
+    keep = frac >= min_tissue if min_tissue > 0 else np.ones(len(coords), bool)
+    if min_tissue > 0:
+        keep &= frac > 0
+    return coords[keep], frac[keep], pad[keep]
 
 
 def make_grid(slide: Slide, tissue: TissueMask | None, *, target_mpp: float, tile_size: int, overlap: int = 0,
@@ -68,19 +117,11 @@ def make_grid(slide: Slide, tissue: TissueMask | None, *, target_mpp: float, til
             path=slide.path,
             fix=f"use a smaller --tile-size (at most {int(min(W, H) / f)}) or a finer --mpp",
         )
-    xs = grid_positions(W, tile0, stride0)
-    ys = grid_positions(H, tile0, stride0)
-    gx, gy = np.meshgrid(xs, ys)
-    coords = np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.int64)
-    if tissue is not None:
-        frac = tissue.box_fraction(coords[:, 0], coords[:, 1], tile0).astype(np.float32)
-    else:
-        frac = np.ones(len(coords), dtype=np.float32)
-    keep = frac >= min_tissue if min_tissue > 0 else np.ones(len(coords), bool)
-    if min_tissue > 0:
-        keep &= frac > 0
+    coords, frac, pad = select_tiles(tissue, (W, H), tile0, stride0, min_tissue)
+    extra = {"grid_rule": GRID_RULE, **(tissue.info if tissue is not None else {})}
     return TileGrid(
-        coords=coords[keep], tissue=frac[keep], slide_id=slide.id, slide_path=str(slide.path),
+        coords=coords, tissue=frac, slide_id=slide.id, slide_path=str(slide.path),
         target_mpp=float(target_mpp), tile_size=int(tile_size), overlap=int(overlap), slide_mpp=float(slide.mpp),
         slide_dimensions=(W, H), read_level=slide.choose_level(target_mpp).level, min_tissue=float(min_tissue),
+        extra=extra, padding=pad,
     )

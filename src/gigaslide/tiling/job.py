@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from gigaslide import atomic
 from gigaslide.errors import GigaslideError
 from gigaslide.slides import Slide, open_slide
-from gigaslide.tiling.grid import TileGrid, make_grid
+from gigaslide.tiling.grid import GRID_RULE, TileGrid, make_grid
 from gigaslide.tiling.overlay import grid_overlay_png
 from gigaslide.tiling.store import load_grid, save_grid
-from gigaslide.tiling.tissue import overlay_png, save_geojson, segment_tissue
+from gigaslide.tiling.stain import StainWarning
+from gigaslide.tiling.tissue import check_background, overlay_png, save_geojson, segment_tissue
 
 
 @dataclass(frozen=True)
@@ -21,10 +24,13 @@ class TilingParams:
     tile_size: int = 224
     overlap: int = 0
     min_tissue: float = 0.25
+    background: str = "auto"  # auto, bright (glass) or dark (fluorescence): see tiling.tissue
 
     def matches(self, grid: TileGrid) -> bool:
         return (abs(grid.target_mpp - self.mpp) < 1e-9 and grid.tile_size == self.tile_size
-                and grid.overlap == self.overlap and abs(grid.min_tissue - self.min_tissue) < 1e-9)
+                and grid.overlap == self.overlap and abs(grid.min_tissue - self.min_tissue) < 1e-9
+                and grid.extra.get("grid_rule") == GRID_RULE
+                and grid.extra.get("background_option", "auto") == self.background)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -45,7 +51,10 @@ def tile_slide(path: str | os.PathLike | Slide, out: str | os.PathLike, params: 
                slide_mpp: float | str | None = None, overlays: bool = True, reuse: bool = True) -> TileGrid:
     """Tile ``path`` into ``out`` (see :func:`layout`); reuses an existing coords file made with the same params.
 
-    ``path`` may be a slide that is already open (it stays open; ``slide_mpp`` is then ignored)."""
+    ``path`` may be a slide that is already open (it stays open; ``slide_mpp`` is then ignored).
+    A slide that does not look like bright-field H&E gets one :class:`StainWarning` (also stored in
+    the coords file and ``grid.extra["stain_warning"]``)."""
+    check_background(params.background)
     opened = contextlib.nullcontext(path) if isinstance(path, Slide) else open_slide(path, mpp=slide_mpp)
     with opened as slide:
         paths = layout(out, slide.id)
@@ -53,11 +62,14 @@ def tile_slide(path: str | os.PathLike | Slide, out: str | os.PathLike, params: 
             try:
                 grid = load_grid(paths["coords"])
                 if params.matches(grid):
+                    _warn_stain(grid)
                     return grid
             except GigaslideError:
                 pass
         slide.check_target_mpp(params.mpp) if slide.has_mpp else slide.mpp_info  # mpp_info raises a clear error
-        tissue, thumb = segment_tissue(slide)
+        for key in ("coords", "tissue_png", "tissue_geojson", "grid_png"):  # a killed run's temporary files, this slide only
+            atomic.clean_stale_tmp_for(paths[key])
+        tissue, thumb = segment_tissue(slide, background=params.background)
         grid = make_grid(slide, tissue, target_mpp=params.mpp, tile_size=params.tile_size, overlap=params.overlap,
                          min_tissue=params.min_tissue)
         if overlays:
@@ -69,5 +81,12 @@ def tile_slide(path: str | os.PathLike | Slide, out: str | os.PathLike, params: 
                 f"no tissue tiles found (tissue covers {100 * tissue.fraction:.1f}% of the thumbnail; min tissue {params.min_tissue})",
                 path=slide.path, fix="check the slide is not blank; lower --min-tissue or use a smaller --tile-size",
             )
+        _warn_stain(grid)
         save_grid(grid, paths["coords"])
         return grid
+
+
+def _warn_stain(grid: TileGrid) -> None:
+    msg = grid.extra.get("stain_warning")
+    if msg:
+        warnings.warn(f"{grid.slide_id}: {msg}", StainWarning, stacklevel=3)

@@ -2,7 +2,9 @@
 
 Dataset ``coords`` [N, 2] int64 level-0 (x, y), with attrs ``patch_size`` (target px),
 ``patch_size_level0``, ``patch_level`` (pyramid level read), ``target_mpp``, ``level0_mpp``; plus
-``tissue`` [N] and file-level provenance attrs.
+``tissue`` [N] (tissue fraction, outside the slide counted as glass), ``padding`` [N] (fraction of
+the tile outside the slide, read as white glass) and file-level provenance attrs, among them
+``grid_rule``, ``background`` and ``stain`` (plus ``stain_warning`` when it is not H&E).
 """
 
 from __future__ import annotations
@@ -14,27 +16,44 @@ import h5py
 import numpy as np
 
 from gigaslide import atomic
-from gigaslide.artifacts import decode_attrs, provenance
+from gigaslide.provenance import decode_attrs, provenance
 from gigaslide.errors import GigaslideError
 from gigaslide.tiling.grid import TileGrid
+
+#: ``TileGrid.extra`` keys written as file attrs (scalars / strings only).
+EXTRA_KEYS = ("grid_rule", "background", "background_option", "stain", "stain_warning")
+
+
+def _checksummed(a: np.ndarray) -> dict:
+    """Fletcher-32 checksums: a file damaged on disk is refused (and recomputed) instead of read wrong."""
+    return {"fletcher32": True, "chunks": True} if np.asarray(a).size else {}
 
 
 def save_grid(grid: TileGrid, path: str | os.PathLike, *, seed: int | None = None) -> Path:
     with atomic.atomic_path(path, suffix=".h5") as tmp:
         with h5py.File(tmp, "w") as f:
-            d = f.create_dataset("coords", data=grid.coords.astype(np.int64))
+            d = f.create_dataset("coords", data=grid.coords.astype(np.int64), **_checksummed(grid.coords))
             d.attrs.update({
                 "patch_size": grid.tile_size, "patch_size_level0": grid.tile_size_level0, "patch_level": grid.read_level,
                 "target_mpp": grid.target_mpp, "level0_mpp": grid.slide_mpp, "overlap": grid.overlap,
                 "level_dim": list(grid.slide_dimensions), "name": grid.slide_id,
             })
-            f.create_dataset("tissue", data=grid.tissue.astype(np.float32))
+            f.create_dataset("tissue", data=grid.tissue.astype(np.float32), **_checksummed(grid.tissue))
+            f.create_dataset("padding", data=np.asarray(grid.padding, np.float32), **_checksummed(grid.tissue))
             f.attrs.update(provenance(
                 kind="tile_coords", slide_id=grid.slide_id, slide_path=grid.slide_path, mpp=grid.target_mpp,
                 tile_size=grid.tile_size, overlap=grid.overlap, min_tissue=grid.min_tissue, slide_mpp=grid.slide_mpp,
-                seed=seed,
+                seed=seed, **{k: grid.extra[k] for k in EXTRA_KEYS if grid.extra.get(k) is not None},
             ))
     return Path(path)
+
+
+def _positive(v: object) -> float | None:
+    try:
+        f = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return f if f > 0 and f == f else None
 
 
 def load_grid(path: str | os.PathLike) -> TileGrid:
@@ -45,14 +64,24 @@ def load_grid(path: str | os.PathLike) -> TileGrid:
             ca = decode_attrs(f["coords"].attrs)
             fa = decode_attrs(f.attrs)
             tissue = np.asarray(f["tissue"][:], np.float32) if "tissue" in f else np.ones(len(coords), np.float32)
-    except (OSError, KeyError) as e:
-        raise GigaslideError(f"not a tile-coordinate file ({e})", path=p, fix="re-run `gigaslide tile`") from None
-    target_mpp = float(ca.get("target_mpp", fa.get("mpp", 0)) or 0)
-    slide_mpp = float(ca.get("level0_mpp", fa.get("slide_mpp", 0)) or 0)
+            padding = np.asarray(f["padding"][:], np.float32) if "padding" in f else None
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError) as e:  # truncated / damaged / another tool's file
+        raise GigaslideError(f"not a readable tile-coordinate file ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})",
+                             path=p, fix="delete it and re-run `gigaslide tile` (or encode)") from None
+    n = len(coords) if coords.ndim == 2 and coords.shape[1:] == (2,) else -1
+    if n < 0 or len(tissue) != n or (padding is not None and len(padding) != n):
+        raise GigaslideError(f"inconsistent tile-coordinate file (coords {coords.shape}, tissue {tissue.shape})", path=p,
+                             fix="delete it and re-run `gigaslide tile` (or encode)")
+    target_mpp = _positive(ca.get("target_mpp", fa.get("mpp")))
+    slide_mpp = _positive(ca.get("level0_mpp", fa.get("slide_mpp")))
+    if target_mpp is None or slide_mpp is None:  # a missing mpp is absent, never 0: refuse instead of guessing
+        raise GigaslideError("tile-coordinate file has no mpp (target_mpp / level0_mpp attrs)", path=p,
+                             fix="re-run `gigaslide tile` (or encode) so the coords carry their resolution")
     dims = ca.get("level_dim", [0, 0])
     return TileGrid(
         coords=coords, tissue=tissue, slide_id=str(fa.get("slide_id", ca.get("name", p.stem))),
         slide_path=str(fa.get("slide_path", "")), target_mpp=target_mpp, tile_size=int(ca.get("patch_size", 0)),
         overlap=int(ca.get("overlap", 0)), slide_mpp=slide_mpp, slide_dimensions=(int(dims[0]), int(dims[1])),
         read_level=int(ca.get("patch_level", 0)), min_tissue=float(fa.get("min_tissue", 0.0)), extra=fa,
+        padding=padding,
     )

@@ -1,15 +1,20 @@
 """Tissue segmentation on a low-resolution thumbnail.
 
-Saturation (HSV) with an Otsu threshold and a floor (so a blank slide has no tissue), bright
-background removed, then closing, hole filling and removal of pieces below a minimum area.
-The mask maps to level-0 pixels through ``downsample`` (level-0 px per mask px).
+Bright-field (glass background): saturation (HSV) with an Otsu threshold and a floor (so a blank
+slide has no tissue); dark background (fluorescence, ``background="dark"``): brightness (max
+channel) the same way. Otsu is used only when it separates background from tissue: when the
+pixels below its threshold are mostly stained themselves (no glass at all -- a crop of a region,
+a TMA core image -- or very little), the floor alone decides, so a slide covered with tissue to
+every edge is all tissue. Then closing, hole filling and removal of pieces below a minimum area
+(the morphology treats the image border as continuing the edge pixels, so tissue touching the
+edge is not eroded). The mask maps to level-0 pixels through ``downsample`` (level-0 px per mask px).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +22,19 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from gigaslide import atomic
+from gigaslide.errors import GigaslideError
 from gigaslide.slides.slide import Slide
+from gigaslide.tiling.stain import detect_background, detect_stain
 
 #: Saturation (0-255) below which nothing counts as tissue, whatever Otsu says.
 MIN_SATURATION = 20
 #: Pixels brighter than this on every channel are glass.
 BACKGROUND_BRIGHTNESS = 235
+#: Dark background (fluorescence): max channel (0-255) below which nothing counts as tissue.
+DARK_FLOOR = 25
+#: Otsu's lower class must be at least this fraction background (below the floor) to be trusted.
+OTSU_MIN_BACKGROUND = 0.5
+BACKGROUNDS = ("auto", "bright", "dark")
 
 
 @dataclass
@@ -30,6 +42,7 @@ class TissueMask:
     mask: np.ndarray  # bool [h, w]
     downsample: float  # level-0 px per mask px
     slide_dimensions: tuple[int, int]
+    info: dict = field(default_factory=dict)  # background, stain (see tiling.stain)
 
     @property
     def fraction(self) -> float:
@@ -42,33 +55,60 @@ class TissueMask:
         return s
 
     def box_fraction(self, x0: np.ndarray, y0: np.ndarray, size0: float, integral: np.ndarray | None = None) -> np.ndarray:
-        """Tissue fraction of level-0 boxes [x0, x0+size0) x [y0, y0+size0)."""
+        """Tissue fraction of level-0 boxes [x0, x0+size0) x [y0, y0+size0), exact for the mask taken as
+        piecewise constant (partly covered mask px count by their covered area); outside the mask is glass."""
         s = self.integral() if integral is None else integral
-        h, w = self.mask.shape
         d = self.downsample
-        ax = np.clip(np.floor(np.asarray(x0) / d).astype(np.int64), 0, w)
-        ay = np.clip(np.floor(np.asarray(y0) / d).astype(np.int64), 0, h)
-        bx = np.clip(np.ceil((np.asarray(x0) + size0) / d).astype(np.int64), 0, w)
-        by = np.clip(np.ceil((np.asarray(y0) + size0) / d).astype(np.int64), 0, h)
-        area = np.maximum((bx - ax) * (by - ay), 1)
-        tissue = s[by, bx] - s[ay, bx] - s[by, ax] + s[ay, ax]
-        return tissue / area
+        x0 = np.asarray(x0, np.float64) / d
+        y0 = np.asarray(y0, np.float64) / d
+        k = float(size0) / d
+        lim = (self.slide_dimensions[0] / d, self.slide_dimensions[1] / d)  # the mask may overhang the slide a little
+
+        def at(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+            return _sat_at(s, x, y, lim)
+
+        tissue = at(x0 + k, y0 + k) - at(x0, y0 + k) - at(x0 + k, y0) + at(x0, y0)
+        return np.clip(tissue / max(k * k, 1e-12), 0.0, 1.0)
 
 
-def segment_array(rgb: np.ndarray, *, min_area_px: int = 16, closing: int = 2) -> np.ndarray:
-    """Boolean tissue mask of an RGB thumbnail."""
+def _sat_at(s: np.ndarray, x: np.ndarray, y: np.ndarray, lim: tuple[float, float]) -> np.ndarray:
+    """The summed-area table at fractional mask coordinates: bilinear interpolation is exact for a
+    piecewise-constant mask; coordinates outside the mask (or the slide, ``lim``) are clipped: outside adds nothing."""
+    h, w = s.shape[0] - 1, s.shape[1] - 1
+    x = np.clip(x, 0, min(w, lim[0]))
+    y = np.clip(y, 0, min(h, lim[1]))
+    j = np.minimum(np.floor(x).astype(np.int64), max(w - 1, 0))
+    i = np.minimum(np.floor(y).astype(np.int64), max(h - 1, 0))
+    fx, fy = x - j, y - i
+    return (s[i, j] * (1 - fx) * (1 - fy) + s[i, j + 1] * fx * (1 - fy) + s[i + 1, j] * (1 - fx) * fy
+            + s[i + 1, j + 1] * fx * fy)
+
+
+def segment_array(rgb: np.ndarray, *, min_area_px: int = 16, closing: int = 2, background: str = "bright") -> np.ndarray:
+    """Boolean tissue mask of an RGB thumbnail on a ``bright`` (glass) or ``dark`` (fluorescence) background."""
     from skimage.filters import threshold_otsu
 
-    hsv = np.asarray(Image.fromarray(rgb).convert("HSV"))
-    sat = hsv[..., 1]
-    not_glass = ~np.all(rgb >= BACKGROUND_BRIGHTNESS, axis=-1)
-    if sat.max() < MIN_SATURATION:
-        return np.zeros(sat.shape, dtype=bool)
-    t = threshold_otsu(sat) if sat.min() != sat.max() else MIN_SATURATION
-    mask = (sat >= max(float(t), MIN_SATURATION)) & not_glass
+    if background == "dark":
+        signal, floor = rgb.max(axis=-1), DARK_FLOOR
+        excluded = signal < DARK_FLOOR
+    else:
+        signal, floor = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).convert("HSV"))[..., 1], MIN_SATURATION
+        excluded = np.all(rgb >= BACKGROUND_BRIGHTNESS, axis=-1)
+    if signal.size == 0 or signal.max() < floor:
+        return np.zeros(signal.shape, dtype=bool)
+    t = float(floor)
+    if signal.min() != signal.max():
+        otsu = float(threshold_otsu(signal))
+        below = signal[signal < otsu]
+        if below.size and (below < floor).mean() >= OTSU_MIN_BACKGROUND:  # Otsu split background from tissue
+            t = max(otsu, float(floor))
+    mask = (signal >= t) & ~excluded
     if closing > 0:
-        mask = ndi.binary_closing(mask, structure=np.ones((3, 3)), iterations=closing, border_value=0)
-        mask = ndi.binary_opening(mask, structure=np.ones((3, 3)), iterations=1)
+        pad = closing + 1
+        m = np.pad(mask, pad, mode="edge")
+        m = ndi.binary_closing(m, structure=np.ones((3, 3)), iterations=closing)
+        m = ndi.binary_opening(m, structure=np.ones((3, 3)), iterations=1)
+        mask = m[pad:-pad, pad:-pad]
     mask = ndi.binary_fill_holes(mask)
     if min_area_px > 1 and mask.any():
         lab, n = ndi.label(mask)
@@ -79,18 +119,31 @@ def segment_array(rgb: np.ndarray, *, min_area_px: int = 16, closing: int = 2) -
     return mask
 
 
+def check_background(background: str) -> str:
+    if background not in BACKGROUNDS:
+        raise GigaslideError(f"unknown background '{background}'", fix="use --background auto, bright or dark")
+    return background
+
+
 def default_thumb_size(dimensions: tuple[int, int]) -> int:
     """About 32 level-0 px per mask px, between 1024 and 4096 px on the longer side."""
     return int(min(4096, max(1024, max(dimensions) / 32)))
 
 
-def segment_tissue(slide: Slide, *, thumb_size: int | None = None, min_area_um2: float = 20_000.0) -> tuple[TissueMask, np.ndarray]:
-    """Tissue mask of ``slide`` from a thumbnail; returns (mask, thumbnail RGB)."""
+def segment_tissue(slide: Slide, *, thumb_size: int | None = None, min_area_um2: float = 20_000.0,
+                   background: str = "auto") -> tuple[TissueMask, np.ndarray]:
+    """Tissue mask of ``slide`` from a thumbnail; returns (mask, thumbnail RGB).
+
+    ``background``: ``auto`` (detected, see :mod:`gigaslide.tiling.stain`), ``bright`` or ``dark``.
+    The mask's ``info`` holds the background used and the stain guess."""
+    check_background(background)
     thumb, ds = slide.thumbnail(thumb_size or default_thumb_size(slide.dimensions))
     px_area_um2 = (ds * slide.mpp) ** 2 if slide.has_mpp else None
     min_area_px = int(max(4, min_area_um2 / px_area_um2)) if px_area_um2 else 16
-    mask = segment_array(thumb, min_area_px=min_area_px)
-    return TissueMask(mask, ds, slide.dimensions), thumb
+    bg = detect_background(thumb) if background == "auto" else background
+    mask = segment_array(thumb, min_area_px=min_area_px, background=bg)
+    info = {**detect_stain(thumb).as_attrs(), "background": bg, "background_option": background}
+    return TissueMask(mask, ds, slide.dimensions, info), thumb
 
 
 def overlay_png(thumb: np.ndarray, mask: np.ndarray, path: str | os.PathLike, color=(0, 160, 0)) -> Path:

@@ -39,3 +39,36 @@ def make_fake_cache():
 @pytest.fixture
 def fake_cache(tmp_path):
     return write_fake_cache(tmp_path / "cache")
+
+
+def write_stain_cache(folder: Path, n_slides: int = 24, views: int = 6, tiles: int = 24, n_tiles: int = 36,
+                      dim: int = 16, seed: int = 0) -> tuple[Path, np.ndarray]:
+    """A cache with known slide structure: two slide types differ in the "morphology" dims
+    (the last 3/4); the first 1/4 carry a large per-slide "stain" offset that each cached augmented version shifts
+    again (as colour augmentation does). An encoder that ignores stain separates the types; a random
+    one is dominated by stain. Returns (folder, slide types)."""
+    rng = np.random.default_rng(seed)
+    types = np.arange(n_slides) % 2
+    tile0 = 64.0
+    side = int(np.ceil(np.sqrt(n_tiles)))
+    grid = np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2)[:n_tiles]
+    coords = (grid * tile0).astype(np.int64)
+    for s in range(n_slides):
+        ns = dim // 4
+        morph = rng.normal(size=(n_tiles, dim - ns)) + 1.0 * types[s] + rng.normal(scale=0.7, size=dim - ns)
+        stain = np.broadcast_to(rng.normal(scale=3.0, size=ns), (n_tiles, ns))
+        feats = np.concatenate([stain, morph], 1).astype(np.float32)
+        idx = np.stack([rng.choice(n_tiles, tiles, replace=False) for _ in range(views)])
+        shift = np.concatenate([rng.normal(scale=6.0, size=(views, 1, ns)), np.zeros((views, 1, dim - ns))], 2)
+        vfeats = (feats[idx] + shift + rng.normal(scale=0.1, size=(views, tiles, dim))).astype(np.float16)
+        store.save(folder / "features" / f"slide{s:02d}.h5", feats, coords,
+                   attrs={"encoder": "fake", "encoder_weights_sha256": "x", "mpp": 0.5, "tile_size": 64,
+                          "slide_id": f"slide{s:02d}", "views": views, "tiles_per_view": tiles, "complete": 1},
+                   coords_attrs={"patch_size": 64, "patch_size_level0": tile0, "target_mpp": 0.5, "level0_mpp": 0.5},
+                   extra={"views": vfeats, "view_coords": coords[idx], "view_tiles": idx})
+    return folder, types
+
+
+@pytest.fixture
+def make_stain_cache():
+    return write_stain_cache

@@ -7,6 +7,7 @@ import torch
 from gigaslide.cli.main import main
 from gigaslide.errors import GigaslideError
 from gigaslide.features import store
+from gigaslide.provenance import read_provenance
 from gigaslide.ssl.slide.cache import SharedAugment, build_augment_cache, draw_views
 from gigaslide.testing import make_slide
 
@@ -37,6 +38,10 @@ def test_cache_layout_and_provenance(slides, tmp_path):
         assert not np.allclose(f["views"][0].astype(np.float32), f["features"][:][idx[0]], atol=1e-3)
     ff = store.load(tmp_path / "c" / "features" / "s0.h5")  # also a regular feature file
     assert ff.encoder == "test_resnet" and len(ff) == n
+    assert ff.provenance.mpp == 2.0 and ff.provenance.tile_size == 32 and ff.provenance.encoder_weights_sha256
+    rec = read_provenance(tmp_path / "c" / "cache.json")  # cache.json: the full provenance record
+    assert rec.kind == "augment_cache" and rec.mpp == 2.0 and rec.tile_size == 32 and rec.seed == 0
+    assert rec.encoder == "test_resnet" and rec.encoder_weights_sha256 == ff.provenance.encoder_weights_sha256
 
 
 def test_shared_augmentation_is_one_per_view():
@@ -89,7 +94,7 @@ def test_cli_end_to_end_and_errors(slides, tmp_path, capsys):
     assert main(["augment-cache", *slides, "--encoder", "test_resnet", "--weights", "random", "--views", "3",
                  "--tiles-per-view", "6", "--mpp", "2.0", "--tile-size", "32", "--out", c]) == 0
     assert main(["pretrain-slides", "--method", "gigassl", "--cache", c, "--out", r, "--epochs", "2",
-                 "--out-dim", "16"]) == 0
+                 "--out-dim", "16", "--width", "16", "--blocks", "1", "--norm", "layer", "--tiles-per-step", "4"]) == 0
     assert main(["embed-slides", "--model", r, "--features", c, "--ensemble", "4", "--fp16", "true",
                  "--out", str(tmp_path / "e.h5")]) == 0
     out = capsys.readouterr().out

@@ -1,49 +1,131 @@
-"""Giga-SSL pre-training: learns, resumes exactly, exports, embeds; bad input gives clear errors."""
+"""Giga-SSL pre-training: learns slide structure, per-step views, bit-exact resume on the run layer, exports, embeds."""
+import json
+
 import h5py
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from gigaslide import runs
 from gigaslide.errors import GigaslideError
+from gigaslide.features import store
 from gigaslide.ssl.slide.embed import embed_slides, load_embeddings
-from gigaslide.ssl.slide.gigassl import pretrain_gigassl
+from gigaslide.ssl.slide.gigassl import GigaSSLModel, embed_views, load_encoder, lr_at, make_encoder, pretrain_gigassl
+from gigaslide.ssl.slide.sampling import augment_grid, draw_pairs
 from gigaslide.ssl.slide.views import load_cache
 
-KW = dict(out_dim=16, hidden=16, proj_dim=8, batch_size=6, lr=1e-3, log=lambda *a: None)
+KW = dict(out_dim=16, hidden=16, proj_dim=8, batch_size=4, lr=1e-3, tiles_per_step=4, blocks=1, warmup_epochs=1,
+          log=lambda *a: None)
+
+
+def _one_nn(x, y):
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    s = x @ x.T
+    np.fill_diagonal(s, -np.inf)
+    return float((y[s.argmax(1)] == y).mean())
 
 
 def test_load_cache_reads_views_and_positions(fake_cache):
     vc = load_cache(fake_cache)
-    assert len(vc) == 6 and vc.dim == 8
-    assert vc.views[0].shape == (4, 6, 8) and vc.views[0].dtype == torch.float16
-    assert vc.pos[0].dtype == torch.long and int(vc.pos[0].max()) <= 4  # 20 tiles on a 5x5 lattice
+    assert len(vc) == 6 and vc.dim == 8 and vc.provenance.mpp == 0.5 and vc.provenance.encoder == "fake"
+    assert vc.views[0].shape == (4, 6, 8) and vc.views[0].dtype == np.float16
+    assert vc.pos[0].dtype == np.int64 and int(vc.pos[0].max()) <= 4  # 20 tiles on a 5x5 lattice
 
 
-def test_pretrain_loss_decreases_and_exports(fake_cache, tmp_path):
-    res = pretrain_gigassl(fake_cache, tmp_path / "run", epochs=30, **KW)
+def test_views_are_redrawn_every_step_and_grid_augment_keeps_geometry():
+    rng = np.random.default_rng(0)
+    views = [np.random.default_rng(1).normal(size=(3, 10, 4)).astype(np.float16)]
+    pos = [np.stack([np.arange(10), np.zeros(10, int)], 1)[None].repeat(3, 0)]
+    a = draw_pairs(views, pos, np.array([0]), 5, rng, grid_augment=False)
+    b = draw_pairs(views, pos, np.array([0]), 5, rng, grid_augment=False)
+    assert not torch.equal(a[0], b[0])  # not a frozen cached view
+    few = draw_pairs(views, pos, np.array([0]), 15, rng)  # more tiles than cached: with replacement
+    assert few[0].shape == (1, 15, 4)
+    p = np.array([[0, 0], [3, 0], [3, 2], [5, 7]])
+    d = lambda q: sorted(np.abs(q[:, None] - q[None]).sum(-1).ravel().tolist())  # noqa: E731
+    for s in range(8):  # rotations / flips preserve all L1 distances; a scale multiplies them
+        q = augment_grid(p, np.random.default_rng(s), scale=(1.0, 1.0))
+        assert d(q) == d(p) and q.min() == 0
+    q2 = augment_grid(p, np.random.default_rng(0), scale=(2.0, 2.0))
+    assert d(q2) == [2 * v for v in d(p)]
+
+
+def test_warmup_cosine_schedule():
+    assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1) and lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5) and lr_at(100, 100, 10, 1.0) == pytest.approx(0.0)
+
+
+def test_embeddings_separate_slide_types_better_than_the_untrained_encoder(tmp_path, make_stain_cache):
+    cache, types = make_stain_cache(tmp_path / "c")
+    kw = dict(out_dim=16, hidden=32, proj_dim=16, batch_size=8, lr=2e-3, tiles_per_step=16, blocks=1, temperature=0.1,
+              warmup_epochs=2, log=lambda *a: None)
+    res = pretrain_gigassl(cache, tmp_path / "run", epochs=40, **kw)
     assert res["finished"]
-    losses = [h["loss"] for h in res["history"]]
-    assert losses[-1] < losses[0] - 0.1
-    assert (tmp_path / "run" / "model.safetensors").is_file()
+    enc, cfg = load_encoder(tmp_path / "run")
+    torch.manual_seed(0)  # the initialisation training started from
+    init = GigaSSLModel(make_encoder(cfg["encoder"], 16), 16, 16).encoder.eval()
+    files = store.load_dir(cache)
+
+    def emb(e):
+        return np.stack([embed_views(e, ff.features, np.round(ff.coords / 64).astype(np.int64), ensemble=8,
+                                     tiles_per_view=16, rng=np.random.default_rng(0)) for ff in files.values()])
+
+    trained, untrained = _one_nn(emb(enc), types), _one_nn(emb(init), types)
+    assert trained >= 0.85 and trained >= untrained + 0.2, (trained, untrained)
+    hist = res["history"]
+    assert hist[-1]["retrieval_top1"] > hist[0]["retrieval_top1"]  # the label-free monitor sees it too
 
 
-def test_resume_equals_uninterrupted(fake_cache, tmp_path):
-    pretrain_gigassl(fake_cache, tmp_path / "a", epochs=4, **KW)
-    part = pretrain_gigassl(fake_cache, tmp_path / "b", epochs=4, stop_after=2, **KW)
-    assert not part["finished"] and not (tmp_path / "b" / "model.safetensors").exists()
+def test_resume_mid_epoch_is_bit_exact_on_the_run_layer(fake_cache, tmp_path):
+    pretrain_gigassl(fake_cache, tmp_path / "a", epochs=3, **KW)  # 2 steps per epoch
+    part = pretrain_gigassl(fake_cache, tmp_path / "b", epochs=3, stop_after_steps=3, **KW)  # stops mid-epoch 2
+    assert not part["finished"] and part["stopped"] == "stop_after" and not (tmp_path / "b" / "model.safetensors").exists()
+    assert runs.read_run(tmp_path / "b")["status"] == "stopped"
     with pytest.raises(GigaslideError, match="did not finish"):
         embed_slides(tmp_path / "b", fake_cache, tmp_path / "e.h5")
-    pretrain_gigassl(fake_cache, tmp_path / "b", epochs=4, **KW)  # resumes at epoch 2
+    pretrain_gigassl(fake_cache, tmp_path / "b", epochs=3, **KW)  # resumes at epoch 1, step 1
     a = load_file(str(tmp_path / "a" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "model.safetensors"))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k])
-    with pytest.raises(GigaslideError, match="other settings"):
-        pretrain_gigassl(fake_cache, tmp_path / "b", epochs=4, **{**KW, "lr": 0.5})
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rec = runs.read_run(tmp_path / "b")
+    assert rec["status"] == "finished" and len(rec["invocations"]) == 2 and rec["run_kind"] == "gigassl"
+    assert rec["provenance"]["mpp"] == 0.5 and rec["inputs"]["cache"]["files"] >= 6
+    assert not list((tmp_path / "b").glob("*.pt"))  # pickle-free
+    c = pretrain_gigassl(fake_cache, tmp_path / "c", epochs=3, **{**KW, "select": "last", "seed": 1})
+    assert c["finished"]
+    cw = load_file(str(tmp_path / "c" / "model.safetensors"))
+    assert not all(torch.equal(a[k], cw[k]) for k in a)  # the comparison above can fail
+    with pytest.raises(GigaslideError, match="another run"):
+        pretrain_gigassl(fake_cache, tmp_path / "b", epochs=3, **{**KW, "lr": 0.5})
 
 
-def test_embed_slides_fp16_and_bytes(fake_cache, tmp_path):
+def test_budget_is_a_clean_stop_that_resumes(fake_cache, tmp_path):
+    st = pretrain_gigassl(fake_cache, tmp_path / "run", epochs=2, budget=1e-9, **KW)
+    assert st["stopped"] == "budget" and not st["finished"] and st["history"] == []
+    done = pretrain_gigassl(fake_cache, tmp_path / "run", epochs=2, **KW)
+    assert done["finished"] and len(done["history"]) == 2
+
+
+def test_slides_with_fewer_tiles_than_a_view_are_sampled_with_replacement_and_reported(fake_cache, tmp_path):
+    logs = []
+    res = pretrain_gigassl(fake_cache, tmp_path / "run", epochs=1, **{**KW, "tiles_per_step": 10, "log": logs.append})
+    assert res["finished"] and any("fewer tiles than a view needs" in m for m in logs)
+    assert len(runs.read_run(tmp_path / "run")["few_tiles"]) == 6  # every slide caches 6 tiles per view
+
+
+def test_best_epoch_is_exported_by_the_monitor(fake_cache, tmp_path):
+    res = pretrain_gigassl(fake_cache, tmp_path / "run", epochs=4, **KW)
+    rec = runs.read_run(tmp_path / "run")
+    best = max(range(len(res["history"])), key=lambda i: (res["history"][i]["retrieval_top1"]
+                                                          + 0.01 * res["history"][i]["cosine_gap"], -i))
+    assert rec["summary"]["exported_epoch"] == best + 1
+    exported = load_file(str(tmp_path / "run" / "model.safetensors"))
+    saved = runs.load_checkpoint(tmp_path / "run", "best")["encoder"]
+    assert all(torch.equal(exported[k], saved[k].to(exported[k].dtype)) for k in exported)
+
+
+def test_embed_slides_fp16_bytes_and_provenance(fake_cache, tmp_path):
     pretrain_gigassl(fake_cache, tmp_path / "run", epochs=2, **KW)
     e = embed_slides(tmp_path / "run", fake_cache, tmp_path / "emb.h5", ensemble=5, fp16=True)
     assert e.embeddings.shape == (6, 16) and e.embeddings.dtype == np.float16
@@ -52,10 +134,18 @@ def test_embed_slides_fp16_and_bytes(fake_cache, tmp_path):
     assert back.slide_ids == [f"slide{i}" for i in range(6)]
     np.testing.assert_array_equal(back.embeddings, e.embeddings)
     with h5py.File(tmp_path / "emb.h5") as f:
-        assert f.attrs["method"] == "gigassl" and f.attrs["ensemble"] == 5
-    # ensembling is deterministic per seed
+        a = dict(f.attrs)
+        assert a["method"] == "gigassl" and a["ensemble"] == 5 and a["mpp"] == 0.5 and a["tile_size"] == 64
+        assert a["encoder"] == "fake" and a["encoder_weights_sha256"] == "x" and a["run"] == str(tmp_path / "run")
     e2 = embed_slides(tmp_path / "run", fake_cache, tmp_path / "emb2.h5", ensemble=5, fp16=True)
-    np.testing.assert_array_equal(e.embeddings, e2.embeddings)
+    np.testing.assert_array_equal(e.embeddings, e2.embeddings)  # deterministic per seed
+
+
+def test_features_of_another_encoder_are_refused(fake_cache, tmp_path, make_fake_cache):
+    pretrain_gigassl(fake_cache, tmp_path / "run", epochs=1, **KW)
+    other = make_fake_cache(tmp_path / "other", n_slides=2, encoder="enc_b")
+    with pytest.raises(GigaslideError, match="differ in encoder"):
+        embed_slides(tmp_path / "run", other, tmp_path / "e.h5")
 
 
 def test_bad_caches(tmp_path, make_fake_cache):
@@ -67,14 +157,20 @@ def test_bad_caches(tmp_path, make_fake_cache):
     make_fake_cache(tmp_path / "mixed", n_slides=2, encoder="enc_a")
     make_fake_cache(tmp_path / "other", n_slides=1, encoder="enc_b")
     (tmp_path / "other" / "features" / "slide0.h5").rename(tmp_path / "mixed" / "features" / "zz.h5")
-    with pytest.raises(GigaslideError, match="mixes encoders"):
+    with pytest.raises(GigaslideError, match="differ in encoder"):
         load_cache(tmp_path / "mixed")
     make_fake_cache(tmp_path / "one", n_slides=1)
     with pytest.raises(GigaslideError, match="at least 2 slides"):
         pretrain_gigassl(tmp_path / "one", tmp_path / "run", epochs=1, **KW)
+    plain = tmp_path / "plain"
+    store.save(plain / "features" / "a.h5", np.zeros((3, 8), np.float32), np.zeros((3, 2)),
+               attrs={"encoder": "fake"}, coords_attrs={"patch_size_level0": 64.0})
+    with pytest.raises(GigaslideError, match="not an augmented-view cache"):
+        load_cache(plain)
 
 
 @pytest.mark.parametrize("name", ["abmil", "mean"])
 def test_other_slide_encoders_train(fake_cache, tmp_path, name):
     res = pretrain_gigassl(fake_cache, tmp_path / name, encoder=name, epochs=2, **KW)
     assert res["finished"] and np.isfinite(res["history"][-1]["loss"])
+    assert json.loads((tmp_path / name / "run.json").read_text())["config"]["encoder"]["encoder"] == name

@@ -11,8 +11,11 @@ from gigaslide.features import store
 from gigaslide.ssl.slide.embed import embed_slides
 from gigaslide.ssl.slide.prototypes import (assign_nearest, nearest_slides, prototype_distill_loss, set_distance,
                                             slide_prototypes)
-from gigaslide.ssl.slide.regions import group_regions, level0_mpp, pack, regions_of
-from gigaslide.ssl.slide.slpd import RegionViT, pretrain_slpd
+from gigaslide import runs
+from gigaslide.ssl.slide.export import read_config
+from gigaslide.ssl.slide.regions import grid_crop, group_regions, level0_mpp, pack, regions_of
+from gigaslide.ssl.slide.slpd import (RegionViT, collapse_verdict, load_encoder, load_slides, pretrain_slpd,
+                                      slide_partners, teacher_stats)
 
 
 def test_group_regions_known_layout():
@@ -60,13 +63,45 @@ def test_prototype_distill_loss_known_values():
     assert prototype_distill_loss(logits, t, center=t).item() == pytest.approx(expect, rel=1e-6)
 
 
-def test_dino_loss_known_value():
-    from lightly.loss import DINOLoss
+def test_teacher_monitor_and_collapse_verdict_known_values():
+    k = 4
+    zeros = [torch.zeros(4, k)] * 2
+    st = teacher_stats(zeros, zeros, torch.zeros(1, 1, k), temp=0.04)
+    assert st["teacher_entropy"] == pytest.approx(1.0) and st["teacher_batch_entropy"] == pytest.approx(1.0)
+    assert st["kl"] == pytest.approx(0.0, abs=1e-6) and collapse_verdict(st) == "uniform"
+    one = torch.full((4, k), -10.0)
+    one[:, 2] = 10.0  # every sample on output 2
+    st = teacher_stats([one, one], [one, one], torch.zeros(1, 1, k), temp=0.04)
+    assert st["teacher_entropy"] < 1e-3 and st["teacher_batch_entropy"] < 1e-3 and collapse_verdict(st) == "single-output"
+    diverse = torch.eye(k) * 20 - 10  # sample i on output i: sharp and spread, no collapse
+    logits = torch.tensor([[0.0, 0.1, 0.2, 0.0]]).repeat(k, 1)
+    st = teacher_stats([diverse], [logits], torch.zeros(1, 1, k), temp=0.04)
+    assert st["teacher_entropy"] < 1e-3 and st["teacher_batch_entropy"] == pytest.approx(1.0, abs=1e-4)
+    assert collapse_verdict(st) is None
+    expect = float(np.mean([-torch.log_softmax(logits[0] / 0.1, -1)[i].item() for i in range(k)]))
+    assert st["kl"] == pytest.approx(expect, rel=1e-4)  # KL(one-hot || s) = -log s at the hot output
+    # the centre is subtracted before sharpening: centring on the outputs themselves leaves a uniform teacher
+    st = teacher_stats([one], [one], one.mean(0, keepdim=True)[None], temp=0.04)
+    assert st["teacher_entropy"] == pytest.approx(1.0)
 
-    loss = DINOLoss(output_dim=7, warmup_teacher_temp_epochs=1)
-    zeros = [torch.zeros(4, 7)] * 2
-    # teacher uniform after centring, student uniform -> log 7
-    assert loss(zeros, zeros + [torch.zeros(4, 7)], epoch=0).item() == pytest.approx(math.log(7), abs=1e-5)
+
+def test_grid_crops_are_contiguous_non_empty_sub_grids():
+    rng = np.random.default_rng(0)
+    grid = 6
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(50, grid * grid, generator=g) < 0.6
+    mask[:, 0] = True
+    lattice = torch.arange(grid * grid).expand(50, -1)
+    for side, max_side in (((0.5, 1.0), 6), ((0.2, 0.45), 3)):
+        crop = grid_crop(lattice, mask, grid, side, rng)
+        assert (crop & ~mask).sum() == 0 and crop.any(dim=1).all()
+        for r in range(50):
+            idx = torch.nonzero(crop[r]).squeeze(1)
+            x, y = idx % grid, idx // grid
+            assert int(x.max() - x.min()) < max_side and int(y.max() - y.min()) < max_side
+    small = grid_crop(lattice, mask, grid, (0.2, 0.45), rng).sum(1).float().mean()
+    big = grid_crop(lattice, mask, grid, (0.5, 1.0), rng).sum(1).float().mean()
+    assert small < big / 2
 
 
 def test_set_distance_and_matching_known():
@@ -104,18 +139,82 @@ KW = dict(region_size=256, region_mpp=0.5, prototypes=2, warmup=1, batch_size=16
           head_dim=64, n_local=2, log=lambda *a: None)
 
 
-def test_pretrain_slpd_resume_and_embed(tmp_path, make_fake_cache):
+def _planted(folder, n_pairs=3, regions=8, dim=12, seed=0):
+    """Slides in pairs; both slides of pair j hold regions of the same two planted types (2j, 2j+1),
+    4 x 4 tiles of 64 px per region (128 µm at 0.5 µm/px). Returns (folder, per-slide region types)."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(scale=3.0, size=(2 * n_pairs, dim))
+    kinds = []
+    for s in range(2 * n_pairs):
+        pair = s // 2
+        types = np.array([2 * pair + (r % 2) for r in range(regions)])
+        coords, feats = [], []
+        for r, t in enumerate(types):
+            ox, oy = (r % 4) * 256, (r // 4) * 256
+            for dx in range(4):
+                for dy in range(4):
+                    coords.append([ox + dx * 64, oy + dy * 64])
+                    feats.append(means[t] + rng.normal(size=dim))
+        store.save(folder / f"s{s}.h5", np.array(feats, np.float32), np.array(coords),
+                   attrs={"encoder": "fake", "encoder_weights_sha256": "x", "mpp": 0.5, "tile_size": 64, "slide_id": f"s{s}"},
+                   coords_attrs={"patch_size_level0": 64.0, "level0_mpp": 0.5})
+        kinds.append(types)
+    return folder, kinds
+
+
+def test_prototypes_recover_planted_region_types_and_the_right_partner(tmp_path):
+    from sklearn.metrics import adjusted_rand_score
+
+    feats, kinds = _planted(tmp_path / "f")
+    res = pretrain_slpd(feats, tmp_path / "run", epochs=3, **KW)
+    assert res["finished"] and len(res["history"]) == 3
+    backbone, _ = load_encoder(tmp_path / "run")
+    _, slides = load_slides(feats, 256, 0.5)
+    order = [int(sid[1:]) for sid, _, _ in slides]
+    _, fits, _, partner = slide_partners(backbone, slides, 2, torch.device("cpu"), seed=0)
+    for i, fit in enumerate(fits):
+        regs = slides[i][2]
+        truth = [kinds[order[i]][int(o[1] // 256 * 4 + o[0] // 256)] for o in regs.origins]
+        assert adjusted_rand_score(truth, fit[1]) == pytest.approx(1.0)
+    # each slide's inter-slide partner is the other slide of its pair
+    assert [order[j] // 2 for j in partner] == [order[i] // 2 for i in range(len(order))]
+    assert all(order[j] != order[i] for i, j in enumerate(partner))
+
+
+def test_pretrain_slpd_resume_embed_and_region_export(tmp_path, make_fake_cache):
     # 6 slides of 36 tiles of 64 px at 0.5 µm/px; regions of 128 µm = 4x4 tiles -> 4 regions per slide
     feats = make_fake_cache(tmp_path / "f", n_slides=6, n_tiles=36)
     full = pretrain_slpd(feats, tmp_path / "a", epochs=3, **KW)
     h = full["history"]
     assert h[0]["intra"] is None and h[1]["intra"] is not None and h[1]["inter"] is not None
+    assert all(0 <= x["teacher_entropy"] <= 1 and x["kl"] >= 0 for x in h)
     part = pretrain_slpd(feats, tmp_path / "b", epochs=3, stop_after=2, **KW)
     assert not part["finished"]
     pretrain_slpd(feats, tmp_path / "b", epochs=3, **KW)
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k])
-    e = embed_slides(tmp_path / "a", feats, tmp_path / "emb.h5")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rec = runs.read_run(tmp_path / "b")
+    assert rec["status"] == "finished" and rec["run_kind"] == "slpd" and "collapse" in rec
+    e = embed_slides(tmp_path / "a", feats, tmp_path / "emb.h5", regions_out=tmp_path / "regions")
     assert e.embeddings.shape == (6, 16) and np.isfinite(e.embeddings).all()
-    assert e.attrs["method"] == "slpd"
+    assert e.attrs["method"] == "slpd" and e.attrs["mpp"] == 0.5 and "collapsed" in e.attrs
+    reg = store.load_dir(tmp_path / "regions")
+    ff = reg["slide0"]
+    assert len(ff) == 4 and ff.dim == 16 and ff.require_tile_size_level0() == pytest.approx(256.0)
+    np.testing.assert_allclose(ff.features.mean(0), e.embeddings[e.slide_ids.index("slide0")], rtol=1e-5, atol=1e-6)
+
+
+def test_dino_only_ablation_and_collapse_is_named(tmp_path, make_fake_cache, capsys):
+    feats = make_fake_cache(tmp_path / "f", n_slides=4, n_tiles=36)
+    d = pretrain_slpd(feats, tmp_path / "dino", epochs=2, **{**KW, "losses": "dino"})
+    assert all(x["intra"] is None and x["inter"] is None for x in d["history"])
+    # a teacher temperature of 100 makes the teacher uniform: the run must say it collapsed
+    logs = []
+    c = pretrain_slpd(feats, tmp_path / "hot", epochs=2, **{**KW, "warmup_teacher_temp": 100.0, "teacher_temp": 100.0,
+                                                              "log": logs.append})
+    assert c["collapse"] == "uniform" and any("COLLAPSED" in m for m in logs)
+    rec = runs.read_run(tmp_path / "hot")
+    assert rec["collapse"]["collapsed"] and rec["summary"]["collapse_kind"] == "uniform"
+    assert read_config(tmp_path / "dino")["collapse"]["collapsed"] is False
+    with pytest.raises(GigaslideError, match="--losses"):
+        pretrain_slpd(feats, tmp_path / "x", epochs=1, **{**KW, "losses": "intra"})

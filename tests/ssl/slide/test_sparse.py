@@ -4,7 +4,7 @@ import torch
 
 from gigaslide.ssl.slide.encoders import SLIDE_ENCODERS, build_slide_encoder
 from gigaslide.ssl.slide.sparse import (SubmanifoldConv2d, dense_reference, grid_positions, neighbour_index,
-                                        segment_max, segment_mean)
+                                        segment_max, segment_mean, sparse_max_pool)
 
 
 
@@ -48,10 +48,21 @@ def test_grid_positions_and_segment_pooling():
     assert segment_max(x, b, 3).squeeze(1).tolist() == [3.0, 0.0, 5.0]
 
 
-@pytest.mark.parametrize("name", ["sparseconvmil", "abmil", "mean"])
-def test_slide_encoders_shapes_and_mask(name):
+def test_sparse_max_pool_merges_2x2_cells_per_bag():
+    x = torch.tensor([[1.0], [5.0], [2.0], [7.0], [3.0]])
+    pos = torch.tensor([[0, 0], [1, 1], [2, 0], [0, 0], [3, 1]])
+    batch = torch.tensor([0, 0, 0, 1, 0])
+    out, p, b = sparse_max_pool(x, pos, batch)
+    got = {(int(bb), int(pp[0]), int(pp[1])): float(v) for v, pp, bb in zip(out[:, 0], p, b)}
+    assert got == {(0, 0, 0): 5.0, (0, 1, 0): 3.0, (1, 0, 0): 7.0}  # bags never merge
+
+
+@pytest.mark.parametrize("name,kw", [("sparseconvmil", {}), ("sparseconvmil", {"blocks": 3, "norm": "layer"}),
+                                     ("sparseconvmil", {"blocks": 2, "norm": "none", "downsample": False}),
+                                     ("abmil", {}), ("mean", {})])
+def test_slide_encoders_shapes_and_mask(name, kw):
     torch.manual_seed(0)
-    enc = build_slide_encoder(name, in_dim=8, out_dim=16, hidden=12).eval()
+    enc = build_slide_encoder(name, in_dim=8, out_dim=16, hidden=12, **kw).eval()
     feats = torch.randn(2, 5, 8)
     pos = torch.stack([torch.arange(5), torch.zeros(5, dtype=torch.long)], 1).expand(2, 5, 2)
     mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
@@ -66,6 +77,7 @@ def test_slide_encoders_shapes_and_mask(name):
 def test_sparseconvmil_uses_geometry():
     torch.manual_seed(0)
     enc = build_slide_encoder("sparseconvmil", in_dim=4, out_dim=6, hidden=8).eval()
+    assert len(enc.blocks) == 2 and sum(isinstance(m, torch.nn.BatchNorm1d) for m in enc.modules()) == 4
     feats = torch.randn(1, 4, 4)
     line = torch.tensor([[[0, 0], [1, 0], [2, 0], [3, 0]]])
     spread = torch.tensor([[[0, 0], [5, 0], [10, 0], [15, 0]]])

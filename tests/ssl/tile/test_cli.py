@@ -7,24 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from gigaslide.cli.main import main
 from gigaslide.cli.ssl import parse_duration, parse_mpps
 from gigaslide.errors import GigaslideError
 from gigaslide.features import store
+from gigaslide.testing import make_tile_folder
 
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("labelled")
-    rng = np.random.default_rng(0)
-    for cls, colour in (("normal", [230, 150, 200]), ("tumor", [110, 60, 150])):
-        (d / cls).mkdir()
-        for i in range(6):
-            img = np.array(colour, np.float32) + rng.normal(0, 20, (32, 32, 3))
-            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(d / cls / f"{i}.png")
-    return d
+    return make_tile_folder(tmp_path_factory.mktemp("labelled"), 6, size=32, noise=20.0)
 
 
 def test_durations_and_mpps():
@@ -72,7 +65,7 @@ def test_bad_inputs_give_one_line_errors(labelled, tmp_path, capsys):
     (broken / "x").mkdir(parents=True)
     (broken / "x" / "bad.jpg").write_bytes(b"not a jpeg")
     (broken / "y").mkdir()
-    (broken / "y" / "ok.png").write_bytes((labelled / "tumor" / "0.png").read_bytes())
+    (broken / "y" / "ok.png").write_bytes((labelled / "tumor" / "000.png").read_bytes())
     assert main(["embed-tiles", str(broken), "--encoder", "test_resnet", "--weights", "random",
                  "--out", str(tmp_path / "b.h5")]) == 2
     assert "bad.jpg: unreadable image" in capsys.readouterr().err and not (tmp_path / "b.h5").exists()

@@ -7,21 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from gigaslide.errors import GigaslideError
 from gigaslide.ssl.tile.augment import MultiView, view_recipes
 from gigaslide.ssl.tile.data import (ImageFolderSource, SlideSource, StepSampler, ViewDataset, build_source, collate_views,
                                      list_images)
+from gigaslide.testing import make_tile_folder
 
 
 def _folder(root: Path, n: int = 6, size: int = 40) -> Path:
-    rng = np.random.default_rng(0)
-    (root / "sub").mkdir(parents=True)
-    for i in range(n):
-        arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-        Image.fromarray(arr).save(root / ("sub" if i % 2 else "") / f"t{i}.png")
-    return root
+    """``n`` tiles, half directly in ``root`` and half in ``root/sub`` (a recursive folder)."""
+    return make_tile_folder(root, n // 2, size=size, classes=("", "sub"))
 
 
 def test_empty_and_missing_folders_are_clear(tmp_path):

@@ -12,21 +12,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from gigaslide.encoders import build_encoder
+from gigaslide.testing import make_tile_folder
 
 pytest.importorskip("pytorch_lightning")
 
 
 def test_two_process_ddp_run_trains_resumes_and_exports(tmp_path):
-    data = tmp_path / "tiles"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(data / f"t{i:02d}.png")
+    data = make_tile_folder(tmp_path / "tiles", size=40, flat=16)
     exe = Path(sys.executable).parent / "gigaslide"
     if not exe.is_file():
         pytest.skip("console script not installed")
@@ -37,11 +32,11 @@ def test_two_process_ddp_run_trains_resumes_and_exports(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
     r = subprocess.run([*cmd, "--steps", "2"], capture_output=True, text=True, env=env, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
-    s = json.loads((run / "run.json").read_text())
+    s = json.loads((run / "run.json").read_text())["summary"]
     assert s["devices"] == 2 and s["engine"] == "pytorch-lightning" and s["steps"] == 2
     first = build_encoder(str(run / "encoder"))
     r = subprocess.run([*cmd, "--steps", "3"], capture_output=True, text=True, env=env, timeout=240)  # resume: one more step
     assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads((run / "run.json").read_text())["steps"] == 3
+    assert json.loads((run / "run.json").read_text())["summary"]["steps"] == 3
     second = build_encoder(str(run / "encoder"))
     assert second.weights_id != first.weights_id

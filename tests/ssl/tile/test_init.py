@@ -1,7 +1,9 @@
-"""--init (Roth et al.): continue from an encoder; wrong architectures refused; ViT pos-embed and layer decay."""
+"""--init (Roth et al.): continue from an encoder; DINOv2 layouts (registers or not, original or timm, hub cache,
+export) load with the position embedding resampled; other architectures / patch sizes refused in one line."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +15,14 @@ from safetensors.torch import save_file
 
 from gigaslide.encoders import ENCODERS, build_encoder, create_trunk, export_encoder
 from gigaslide.errors import GigaslideError
-from gigaslide.ssl.tile.init import run_spec
-from gigaslide.ssl.tile.train import PretrainConfig, build_model, param_groups, pretrain
+from gigaslide.ssl.tile.config import resolve_config
+from gigaslide.ssl.tile.engine import PretrainConfig, pretrain
+from gigaslide.ssl.tile.init import load_init, run_spec
+from gigaslide.ssl.tile.methods import SSL_METHODS
+from gigaslide.ssl.tile.step import build_model, param_groups
 
 DINO = {"hidden_dim": 32, "bottleneck_dim": 16, "out_dim": 64, "freeze_last_layer_steps": 0}
+TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 
 
 @pytest.fixture(scope="module")
@@ -24,60 +30,153 @@ def tiles(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tiles")
     rng = np.random.default_rng(1)
     for i in range(8):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"t{i}.png")
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(d / f"t{i}.png")
     return d
+
+
+def _save(sd: dict[str, torch.Tensor], path: Path) -> Path:
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path
+
+
+def _source_vit(arch: str, img_size: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = timm.create_model(arch, pretrained=False, num_classes=0, img_size=img_size, **TINY)
+    with torch.no_grad():  # non-trivial tokens so a wrong conversion shows
+        m.cls_token.normal_()
+        if m.reg_token is not None:
+            m.reg_token.normal_()
+    return m.eval()
+
+
+def _original_layout(m: torch.nn.Module, chunked: bool = False) -> dict[str, torch.Tensor]:
+    """timm weights -> the original facebookresearch/dinov2 layout (mask_token, register_tokens, pos_embed with cls;
+    ``chunked``: blocks grouped as ``blocks.<chunk>.<block>.`` like DINOv2 training checkpoints)."""
+    import re
+
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    if chunked:
+        sd = {re.sub(r"^blocks\.(\d+)\.", r"blocks.0.\1.", k): v for k, v in sd.items()}
+    sd["mask_token"] = torch.zeros(1, m.embed_dim)
+    if "reg_token" in sd:
+        sd["register_tokens"] = sd.pop("reg_token")
+        sd["pos_embed"] = torch.cat([torch.zeros(1, 1, m.embed_dim), sd["pos_embed"]], dim=1)
+    return {"teacher.backbone." + k: v for k, v in sd.items()}  # as in a DINOv2 training checkpoint
+
+
+def _transformers_layout(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The original layout renamed as transformers' convert_dinov2_to_hf.py does (q/k/v split, ``dinov2.`` prefix
+    of a task model)."""
+    import re
+
+    orig = {k.removeprefix("teacher.backbone."): v for k, v in _original_layout(m).items()}
+    top = {"cls_token": "embeddings.cls_token", "mask_token": "embeddings.mask_token", "pos_embed": "embeddings.position_embeddings",
+           "register_tokens": "embeddings.register_tokens", "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+           "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias", "norm.weight": "layernorm.weight",
+           "norm.bias": "layernorm.bias"}
+    block = {"attn.proj.": "attention.output.dense.", "ls1.gamma": "layer_scale1.lambda1", "ls2.gamma": "layer_scale2.lambda1"}
+    out = {}
+    for k, v in orig.items():
+        g = re.match(r"blocks\.(\d+)\.(.*)", k)
+        if g is None:
+            out[top[k]] = v
+        elif g.group(2).startswith("attn.qkv."):
+            for name, part in zip(("query", "key", "value"), v.chunk(3)):
+                out[f"encoder.layer.{g.group(1)}.attention.attention.{name}.{g.group(2).rsplit('.', 1)[1]}"] = part
+        else:
+            rest = next((g.group(2).replace(a, b) for a, b in block.items() if g.group(2).startswith(a)), g.group(2))
+            out[f"encoder.layer.{g.group(1)}.{rest}"] = v
+    return {"dinov2." + k: v for k, v in out.items()}
+
+
+def _trunk(backbone: str, tile: int):  # noqa: ANN202
+    spec = run_spec(backbone, "dinov2", tile, [0.5], "pathology")
+    torch.manual_seed(1)
+    return create_trunk(spec), dataclasses.replace(spec, embed_dim=32)
+
+
+@pytest.mark.parametrize("backbone,arch", [("test_vit_dinov2", "vit_small_patch14_dinov2"),
+                                           ("test_vit_dinov2_reg", "vit_small_patch14_reg4_dinov2")])
+@pytest.mark.parametrize("layout", ["timm", "original", "chunked", "transformers"])
+def test_dinov2_checkpoints_load_with_and_without_registers(tmp_path, backbone, arch, layout):
+    src = _source_vit(arch, 56)
+    sd = {"timm": lambda: src.state_dict(), "transformers": lambda: _transformers_layout(src)}.get(
+        layout, lambda: _original_layout(src, chunked=layout == "chunked"))()
+    f = _save(sd, tmp_path / "w.safetensors")
+    trunk, spec = _trunk(backbone, 56)
+    assert "w.safetensors" in load_init(trunk, spec, str(f), backbone)
+    x = torch.rand(2, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.allclose(trunk.eval()(x), src(x), atol=1e-5)  # same function, not just same shapes
+        trunk(torch.rand(1, 3, 28, 28))  # local crops: position embedding resampled on the fly
+
+
+def test_position_embedding_is_resampled_to_the_run_tile_size(tmp_path):
+    src = _source_vit("vit_small_patch14_reg4_dinov2", 98)  # 7x7 grid, e.g. a 518 px release at 37x37
+    f = _save(_original_layout(src), tmp_path / "w.safetensors")
+    trunk, spec = _trunk("test_vit_dinov2_reg", 56)
+    load_init(trunk, spec, str(f), "test_vit_dinov2_reg")
+    assert trunk.pos_embed.shape == (1, 16, 32)  # 4x4 patches, no class entry (registers layout)
+    assert torch.equal(trunk.blocks[1].ls1.gamma, src.blocks[1].ls1.gamma)  # LayerScale kept
+    assert torch.equal(trunk.reg_token, src.reg_token)
+
+
+def test_other_architectures_are_refused_in_one_line_naming_what_fits(tmp_path):
+    trunk, spec = _trunk("test_vit_dinov2", 56)
+    reg = _save(_source_vit("vit_small_patch14_reg4_dinov2", 56).state_dict(), tmp_path / "reg.safetensors")
+    with pytest.raises(GigaslideError, match=r"4 register tokens but --backbone test_vit_dinov2 has .*no register.*"
+                                             r"use --backbone test_vit_dinov2_reg") as e:
+        load_init(trunk, spec, str(reg), "test_vit_dinov2")
+    assert "\n" not in str(e.value)
+    p16 = _save(create_trunk(ENCODERS.get("test_vit")).state_dict(), tmp_path / "p16.safetensors")
+    with pytest.raises(GigaslideError, match=r"patch 16, 64-d, 6 blocks.* has patch 14, 32-d, 2 blocks.*--backbone test_vit"):
+        load_init(trunk, spec, str(p16), "test_vit_dinov2")
+    cnn = _save(create_trunk(ENCODERS.get("test_resnet")).state_dict(), tmp_path / "cnn.safetensors")
+    with pytest.raises(GigaslideError, match="not a ViT checkpoint"):
+        load_init(trunk, spec, str(cnn), "test_vit_dinov2")
+
+
+def test_hub_cache_snapshot_and_hub_id(tmp_path, monkeypatch):
+    src = _source_vit("vit_small_patch14_dinov2", 56)
+    snap = tmp_path / "hub" / "models--timm--tiny_dinov2" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    _save(src.state_dict(), snap / "model.safetensors")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    for init in ("hf-hub:timm/tiny_dinov2", str(snap)):
+        trunk, spec = _trunk("test_vit_dinov2", 56)
+        load_init(trunk, spec, init, "test_vit_dinov2")
+        assert torch.equal(trunk.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+    with pytest.raises(GigaslideError, match="not in the local cache"):
+        load_init(*_trunk("test_vit_dinov2", 56), "hf-hub:timm/absent", "test_vit_dinov2")
 
 
 def test_wrong_architecture_init_is_refused(tiles, tmp_path):
     torch.manual_seed(0)
     export_encoder(tmp_path / "enc", create_trunk(ENCODERS.get("test_resnet")), ENCODERS.get("test_resnet"))
     cfg = PretrainConfig(data=str(tiles), out=str(tmp_path / "run"), method="simclr", backbone="test_vit", tile_size=32,
-                         init=str(tmp_path / "enc"), steps=1, method_args={"hidden_dim": 16})
+                         init=str(tmp_path / "enc"), steps=1, method_args={"hidden_dim": 16}, monitor_every=0)
     with pytest.raises(GigaslideError, match="--init is a test_resnet encoder but --backbone test_vit"):
-        pretrain(cfg)
-    # a raw weights file of another architecture: refused by the loader, with our fix
-    sd = create_trunk(ENCODERS.get("test_resnet")).state_dict()
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "w.safetensors"))
-    cfg.init = str(tmp_path / "w.safetensors")
-    with pytest.raises(GigaslideError, match="pick the --backbone"):
         pretrain(cfg)
     assert not (tmp_path / "run" / "checkpoint").exists()  # nothing half-written
 
 
-def test_init_from_previous_run_continues_its_weights(tiles, tmp_path):
-    base = dict(data=str(tiles), method="dino", backbone="test_resnet", tile_size=32, batch_size=4, n_local=2,
-                method_args=DINO, steps=2)
-    pretrain(PretrainConfig(out=str(tmp_path / "a"), **base))
+def test_continued_dinov2_run_starts_teacher_and_student_from_the_init_export(tiles, tmp_path):
+    src = _source_vit("vit_small_patch14_reg4_dinov2", 98)
+    f = _save(_original_layout(src), tmp_path / "dinov2.safetensors")
+    base = dict(data=str(tiles), method="dinov2", backbone="test_vit_dinov2_reg", tile_size=56, batch_size=2, n_local=1,
+                method_args=DINO, steps=1, monitor_every=0, precision="fp32")
+    s = pretrain(PretrainConfig(out=str(tmp_path / "a"), init=str(f), **base))
+    assert s["steps"] == 1 and np.isfinite(s["final_loss"]) and "dinov2.safetensors" in s["init"]
     exported = build_encoder(str(tmp_path / "a" / "encoder")).trunk.state_dict()
-    model, _, source = build_model(PretrainConfig(out=str(tmp_path / "b"), init=str(tmp_path / "a"), **base))
+    cfg = resolve_config(PretrainConfig(out=str(tmp_path / "b"), init=str(tmp_path / "a" / "encoder"), **base),
+                         SSL_METHODS.get("dinov2"), "vit")
+    model, _, source = build_model(cfg)
     assert source.endswith("encoder")
-    got = model.backbone.state_dict()
-    assert all(torch.equal(got[k], v) for k, v in exported.items())
-    # the teacher starts from the same weights (teacher/student EMA from the foundation model)
-    t = model.teacher_backbone.state_dict()
-    assert all(torch.equal(t[k], v) for k, v in exported.items())
-
-
-def test_dinov2_layout_vit_init_resamples_pos_embed_and_uses_layer_decay(tiles, tmp_path):
-    """A DINOv2 ViT-S/14 checkpoint at 224 px continued at 28 px tiles: pos_embed 16x16 -> 2x2."""
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    src = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=224)
-    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "dinov2.safetensors"))
-    cfg = PretrainConfig(data=str(tiles), out=str(tmp_path / "run"), method="dino", backbone="vit_small_dinov2",
-                         tile_size=28, init=str(tmp_path / "dinov2.safetensors"), batch_size=2, n_local=1,
-                         method_args=DINO, steps=1, workers=0)
-    model, spec, _ = build_model(cfg)
-    assert model.backbone.pos_embed.shape == (1, 1 + 4, 384)
-    assert torch.equal(model.backbone.blocks[3].ls1.gamma, src.blocks[3].ls1.gamma)  # LayerScale kept
-    groups = param_groups(model, cfg, spec.family)
-    scales = sorted({round(g["lr_scale"], 6) for g in groups})
-    assert len(scales) > 5 and min(scales) < 0.1 and max(scales) == 1.0  # 0.75 ** 13 for the patch embed
-    s = pretrain(cfg)
-    assert s["steps"] == 1 and np.isfinite(s["final_loss"])
-    enc = build_encoder(str(tmp_path / "run" / "encoder"))
-    assert enc.spec.arch == "vit_small_patch14_dinov2" and enc.spec.input_size == 28
-    assert enc(torch.zeros(1, 28, 28, 3, dtype=torch.uint8)).shape == (1, 384)
+    for part in (model.backbone, model.teacher_backbone):
+        got = part.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in exported.items())
+    scales = sorted({round(g["lr_scale"], 6) for g in param_groups(model, cfg, "vit")})
+    assert scales[-1] == 1.0 and scales[-2] == pytest.approx(0.9) and scales[0] == pytest.approx(0.2 * scales[1])  # LLRD 0.9, patch embed x0.2
 
 
 def test_run_spec_for_vits_allows_multicrop_sizes():
@@ -86,3 +185,18 @@ def test_run_spec_for_vits_allows_multicrop_sizes():
     assert spec.native_mpp == 0.5 and spec.hub is None and spec.name == "vit_small_dino"
     with pytest.raises(GigaslideError, match="truncated"):
         run_spec("resnet50_trunc", "dino", 96, [0.5], "pathology")
+
+
+def test_dinov2_registry_entries_match_their_models():
+    """The shape read from each entry's name (used to suggest a --backbone) is the model's, and so is embed_dim."""
+    from gigaslide.ssl.tile.vit_layout import VitShape, spec_shape, trunk_shape
+
+    names = [n for n, s in ENCODERS.items() if "dinov2" in s.arch]
+    assert {"vit_small_dinov2", "vit_giant_dinov2", "vit_small_dinov2_reg", "vit_giant_dinov2_reg", "vit_tiny_dinov2"} <= set(names)
+    for n in names:
+        spec = ENCODERS.get(n)
+        with torch.device("meta"):
+            trunk = create_trunk(spec)
+        assert spec_shape(spec) == trunk_shape(trunk), n
+        assert spec.embed_dim in (0, trunk.num_features), n
+    assert spec_shape(ENCODERS.get("vit_giant_dinov2_reg")) == VitShape(14, 1536, 40, 4)

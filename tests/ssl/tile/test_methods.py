@@ -30,8 +30,8 @@ def _views(kind: str, b: int = 4) -> list[torch.Tensor]:
     return glob + ([torch.rand(b, 3, 16, 16, generator=g) for _ in range(2)] if kind == "multicrop" else [])
 
 
-def test_registry_has_the_five_methods():
-    assert SSL_METHODS.names() == ["barlowtwins", "dino", "mocov2", "simclr", "swav"]
+def test_registry_has_the_six_methods():
+    assert SSL_METHODS.names() == ["barlowtwins", "dino", "dinov2", "mocov2", "simclr", "swav"]
     with pytest.raises(GigaslideError, match="unknown ssl_method"):
         SSL_METHODS.get("byol")
 

@@ -6,7 +6,8 @@
 * :mod:`.gigassl` — SimCLR over cached views (``gigaslide pretrain-slides --method gigassl``);
 * :mod:`.regions`, :mod:`.prototypes`, :mod:`.slpd` — SLPD (``--method slpd``);
 * :mod:`.embed` — ``gigaslide embed-slides`` (HDF5 ``slide_ids`` + ``embeddings``);
-* :mod:`.run` — run folders (config, atomic checkpoints, safetensors export).
+* :mod:`.sampling` — Giga-SSL per-step views and the view-retrieval monitor;
+* :mod:`.export` — run folders on :mod:`gigaslide.runs` (safetensors export, config, feature checks).
 
 Imports are lazy: ``import gigaslide.ssl.slide.gigassl`` etc.
 """

@@ -9,7 +9,8 @@ Layout of ``CACHE/``: ``features/<slide_id>.h5`` (one per slide, a regular featu
 * ``view_tiles`` [V, T] int: which plain tile each view tile is,
 * attrs: provenance (encoder, weights, mpp, tile size, views, tiles per view, seed, augmentation);
 
-``patches/<slide_id>.h5``: the tile grid (spine); ``cache.json``: the cache's parameters.
+``patches/<slide_id>.h5``: the tile grid (spine); ``cache.json``: the cache's parameters and its full
+provenance record (tile mpp, tile size, encoder, encoder weights sha256, seed; ``gigaslide.provenance``).
 
 Slides with fewer tissue tiles than ``tiles_per_view`` are **kept**: their views are drawn with
 replacement (a warning names them and ``attrs['with_replacement']`` is set); slides with no tiles
@@ -133,7 +134,8 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
                         batch_size: int = 64, precision: str = "fp32", device: str = "auto",
                         slide_mpp: float | str | None = None, log=print) -> CacheResult:  # noqa: ANN001
     """Build (or resume) the augmented-view cache of ``slides`` under ``out`` (see module doc)."""
-    from gigaslide.features.extract import pick_device
+    from gigaslide.devices import pick_device
+    from gigaslide.provenance import provenance
 
     if views < 2:
         raise GigaslideError(f"--views {views}: SimCLR needs at least 2 views per slide", fix="use e.g. --views 25")
@@ -151,7 +153,9 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
               "tile_size": int(tile_size), "views": int(views), "tiles_per_view": int(tiles_per_view), "seed": int(seed),
               "augment": "shared-view pathology (flip/rot90/crop 0.5-1/stain/colour/blur)", "embed_dim": enc.embed_dim}
     _check_manifest(out, params)
-    atomic.write_json(out / CACHE_JSON, params)
+    atomic.write_json(out / CACHE_JSON, {**provenance("augment_cache", mpp=float(mpp), tile_size=int(tile_size),
+                                                      encoder=enc.spec.name, encoder_weights_sha256=enc.weights_id,
+                                                      seed=int(seed), run=str(out)), **params})
     tiling = TilingParams(mpp=mpp, tile_size=tile_size, min_tissue=min_tissue)
     aug = SharedAugment(tile_size)
     budget = None if max_gb is None else int(max_gb * 1e9)
@@ -195,7 +199,7 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
             augmented = torch.cat([aug(torch.from_numpy(tiles[idx[v]]), g) for v in range(v0, min(v0 + group, views))])
             f = _encode(enc, [augmented[j:j + batch_size] for j in range(0, len(augmented), batch_size)], dev, precision)
             view_feats[v0:v0 + group] = f.reshape(-1, tiles_per_view, enc.embed_dim).astype(np.float16)
-        attrs = {**params, "slide_id": sid, "slide_path": str(path), "slide_mpp": grid.slide_mpp,
+        attrs = {**params, "run": str(out), "slide_id": sid, "slide_path": str(path), "slide_mpp": grid.slide_mpp,
                  "with_replacement": int(with_repl), "precision": precision, "cache_kind": "gigassl_views", "complete": 1}
         coords_attrs = {"patch_size": tile_size, "patch_size_level0": grid.tile_size_level0,
                         "patch_level": grid.read_level, "target_mpp": float(mpp), "level0_mpp": grid.slide_mpp}

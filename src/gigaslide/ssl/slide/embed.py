@@ -1,14 +1,20 @@
-"""``embed-slides``: one vector per slide from a pre-trained slide-SSL run.
+"""``embed-slides``: one vector per slide (and, for SLPD, per region) from a pre-trained slide-SSL run.
 
 Output HDF5: ``slide_ids`` [N] (UTF-8 strings), ``embeddings`` [N, D] float32 (or float16 with
-``fp16``), attrs: provenance + method, run, tile encoder, ensemble, ``bytes_per_slide`` (D x item size).
+``fp16``), attrs: the full provenance (tile encoder, its weights sha256, tile mpp, tile size, seed,
+run) + method, ensemble, ``bytes_per_slide`` (D x item size), and the run's collapse verdict.
 Giga-SSL: mean over ``ensemble`` random views of ``tiles_per_view`` plain tiles; SLPD: mean of the
-region embeddings (see :mod:`gigaslide.ssl.slide.slpd`).
+region embeddings. ``regions_out`` (SLPD): a feature folder with one file per slide whose rows are
+its region embeddings and whose coords are the regions' level-0 corners (``patch_size_level0`` =
+the region side), so ``gigaslide train-mil --features REGIONS`` runs MIL over regions.
+
+Features made by another tile encoder / weights / mpp / tile size than the run's are refused.
 """
 
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,11 +22,11 @@ import h5py
 import numpy as np
 
 from gigaslide import atomic
-from gigaslide.artifacts import provenance
+from gigaslide.devices import pick_device
 from gigaslide.errors import GigaslideError
 from gigaslide.features import store
-from gigaslide.ssl.slide import run as runs
-from gigaslide.ssl.slide.views import tile_size_level0
+from gigaslide.provenance import provenance
+from gigaslide.ssl.slide.export import check_features, read_config
 
 
 @dataclass
@@ -31,49 +37,52 @@ class Embeddings:
 
 
 def embed_slides(model: str | os.PathLike, features: str | os.PathLike, out: str | os.PathLike, *, ensemble: int = 20,
-                 tiles_per_view: int | None = None, fp16: bool = False, seed: int = 0, device: str = "auto") -> Embeddings:
+                 tiles_per_view: int | None = None, fp16: bool = False, seed: int = 0, device: str = "auto",
+                 regions_out: str | os.PathLike | None = None) -> Embeddings:
     """Embed every feature file under ``features`` with the run ``model``; writes ``out`` atomically."""
-    import zlib
-
-    cfg = runs.read_config(model)
-    method = cfg.get("method")
-    dev = runs.device_of(device)
-    files = store.load_dir(features)
-    data = cfg["data"]
-    for sid, ff in files.items():
-        if ff.dim != data["dim"] or (data.get("tile_encoder") and ff.encoder and ff.encoder != data["tile_encoder"]):
-            raise GigaslideError(f"features of {sid} are {ff.encoder}:{ff.dim}, the run was trained on "
-                                 f"{data.get('tile_encoder')}:{data['dim']}", path=ff.path,
-                                 fix="embed features made with the tile encoder the run was trained on")
-        break
+    cfg = read_config(model)
+    method = cfg["method"]
+    dev = pick_device(device)
     if ensemble < 1:
         raise GigaslideError(f"--ensemble {ensemble} must be >= 1", fix="use e.g. --ensemble 20")
+    if regions_out is not None and method != "slpd":
+        raise GigaslideError("--regions-out needs an SLPD run (Giga-SSL embeds whole slides)", path=model,
+                             fix="drop --regions-out, or pass an SLPD run")
+    files = store.load_dir(features)  # one encoder / weights / mpp / tile size in the folder
+    data = cfg["data"]
+    ff0 = next(iter(files.values()))
+    check_features(model, data, ff0.provenance, ff0.path or features, ff0.dim)
     ids, vecs = [], []
     if method == "gigassl":
         from gigaslide.ssl.slide.gigassl import embed_views, load_encoder
 
         enc, _ = load_encoder(model)
         enc = enc.to(dev)
-        t = int(tiles_per_view or data["tiles_per_view"])
+        t = int(tiles_per_view or cfg["train"].get("tiles_per_step") or data["tiles_per_view"])
         for sid, ff in files.items():
-            pos = np.round(ff.coords / tile_size_level0(ff.coords_attrs, ff.attrs, ff.path or "")).astype(np.int64)
+            pos = np.round(ff.coords / ff.require_tile_size_level0()).astype(np.int64)
             rng = np.random.default_rng([seed, zlib.crc32(sid.encode())])
             vecs.append(embed_views(enc, ff.features, pos, ensemble=ensemble, tiles_per_view=t, rng=rng, device=dev))
             ids.append(sid)
-    elif method == "slpd":
+    else:
         from gigaslide.ssl.slide.slpd import embed_regions, load_encoder
 
         enc, _ = load_encoder(model)
         enc = enc.to(dev)
         for sid, ff in files.items():
-            vecs.append(embed_regions(enc, ff, cfg, dev))
+            emb, regs = embed_regions(enc, ff, cfg, dev, per_region=True)
+            vecs.append(emb.mean(0))
             ids.append(sid)
-    else:
-        raise GigaslideError(f"unknown method '{method}' in the run config", path=model, fix="re-run pretrain-slides")
+            if regions_out is not None:
+                _write_regions(Path(regions_out), sid, ff, emb, regs, data, model)
     emb = np.stack(vecs).astype(np.float16 if fp16 else np.float32)
-    attrs = provenance(kind="slide_embeddings", method=method, run=str(model), tile_encoder=data.get("tile_encoder"),
-                       ensemble=ensemble if method == "gigassl" else None, dim=int(emb.shape[1]),
-                       dtype=str(emb.dtype), bytes_per_slide=int(emb.shape[1] * emb.itemsize), seed=seed)
+    collapse = (cfg.get("collapse") or {}).get("kind")
+    attrs = provenance("slide_embeddings", method=method, run=str(model), encoder=data.get("tile_encoder"),
+                       encoder_weights_sha256=data.get("encoder_weights_sha256"), mpp=data.get("mpp"),
+                       tile_size=data.get("tile_size"), tile_encoder=data.get("tile_encoder"),
+                       ensemble=ensemble if method == "gigassl" else None, dim=int(emb.shape[1]), dtype=str(emb.dtype),
+                       bytes_per_slide=int(emb.shape[1] * emb.itemsize), seed=seed,
+                       collapsed=None if method != "slpd" else int(collapse is not None), collapse_kind=collapse)
     with atomic.atomic_path(out, suffix=".h5") as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("slide_ids", data=np.array(ids, dtype=object), dtype=h5py.string_dtype())
@@ -82,9 +91,21 @@ def embed_slides(model: str | os.PathLike, features: str | os.PathLike, out: str
     return Embeddings(ids, emb, attrs)
 
 
+def _write_regions(folder: Path, sid: str, ff, emb: np.ndarray, regs, data: dict, model) -> None:  # noqa: ANN001
+    from gigaslide.ssl.slide.regions import level0_mpp
+
+    side0 = float(data["region_size"]) * float(data["region_mpp"]) / level0_mpp(ff)
+    store.save(folder / "features" / f"{sid}.h5", emb.astype(np.float32), regs.origins,
+               attrs={"slide_id": sid, "encoder": f"slpd:{Path(model).name}", "mpp": data["region_mpp"],
+                      "tile_size": int(data["region_size"]), "tile_encoder": data.get("tile_encoder"),
+                      "encoder_weights_sha256": data.get("encoder_weights_sha256"), "run": str(model),
+                      "unit": "region", "region_mpp": data["region_mpp"]},
+               coords_attrs={"patch_size_level0": side0, "level0_mpp": level0_mpp(ff)})
+
+
 def load_embeddings(path: str | os.PathLike) -> Embeddings:
     """Read an ``embed-slides`` output."""
-    from gigaslide.artifacts import decode_attrs
+    from gigaslide.provenance import decode_attrs
 
     p = Path(path)
     if not p.is_file():

@@ -1,32 +1,65 @@
 """Giga-SSL (Lazard et al., CVPRW 2023): SimCLR at slide level over cached augmented views.
 
-A training step takes ``batch_size`` slides, two different cached views of each (a view = a random
-tile subset encoded under one shared augmentation), encodes both with the slide encoder
-(SparseConvMIL by default), projects them (lightly ``SimCLRProjectionHead``) and applies lightly's
-``NTXentLoss(temperature=0.05)``; Adam. Each epoch's randomness is seeded by (seed, epoch), so a
-run resumed from its per-epoch checkpoint ends with the same weights as an uninterrupted one.
+Each step takes ``batch_size`` slides (default: all, up to 512 — "as large as memory allows") and
+draws, *afresh*, two views of each: a random subset of ``tiles_per_step`` tiles (paper: 5-16) of two
+different random cached augmented versions, with the tile grid rotated / flipped / scaled
+(:mod:`.sampling`). Both go through the slide encoder (SparseConvMIL, a small sparse ResNet by
+default), a lightly ``SimCLRProjectionHead`` and lightly's ``NTXentLoss``; AdamW with linear
+warm-up then cosine decay. After every epoch a label-free monitor (held-out-draw view retrieval,
+:func:`.sampling.view_retrieval`) scores the encoder; ``select="best"`` exports the best-scoring
+epoch (``runs.Selection``), ``"last"`` the last.
 
-Embedding (:func:`embed_views`): the average of the encoder's output over ``ensemble`` random views
-of ``tiles_per_view`` plain (non-augmented) tiles — the paper's "ensembling".
+The loop stands on :mod:`gigaslide.runs`: ``run.json`` identity (options + cache fingerprint),
+pickle-free checkpoints with model, optimiser, all RNG states (torch/python/numpy and the sampling
+``numpy.random.Generator``), the epoch's order and position, so a run stopped (``runs.Stopper``:
+SIGTERM, Ctrl-C, ``budget``) or killed resumes bit-exactly.
+
+Embedding (:func:`embed_views`): the mean of the encoder's output over ``ensemble`` random views of
+``tiles_per_view`` plain (non-augmented) tiles — the paper's "ensembling".
 """
 
 from __future__ import annotations
 
+import math
 import os
-import time
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from gigaslide.devices import autocast_ctx
+from gigaslide import runs
+from gigaslide.devices import autocast_ctx, choose_precision, pick_device
 from gigaslide.errors import GigaslideError, check_finite_loss
-from gigaslide.ssl.slide import run as runs
 from gigaslide.ssl.slide.encoders import build_slide_encoder
+from gigaslide.ssl.slide.export import data_record, export_model, read_config
+from gigaslide.ssl.slide.sampling import draw_pairs, view_retrieval
 from gigaslide.ssl.slide.views import load_cache
 
-RESUME_KEYS = ("method", "encoder", "data", "train")
+
+@dataclass
+class GigaSSLConfig:
+    encoder: str = "sparseconvmil"
+    out_dim: int = 512
+    hidden: int = 256
+    blocks: int = 2
+    norm: str = "batch"
+    downsample: bool = True
+    proj_dim: int = 128
+    temperature: float = 0.05
+    epochs: int = 50
+    batch_size: int | None = None  # slides per step; None = all slides (at most 512)
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    warmup_epochs: int = 5
+    tiles_per_step: int = 16
+    grid_augment: bool = True
+    scale: tuple[float, float] = (0.8, 1.25)
+    select: str = "best"  # best (monitor) | last
+    patience: int | None = None
+    seed: int = 0
+    precision: str = "fp32"
 
 
 class GigaSSLModel(nn.Module):
@@ -41,92 +74,146 @@ class GigaSSLModel(nn.Module):
         return self.head(self.encoder(feats, pos))
 
 
-def pretrain_gigassl(cache: str | os.PathLike, out: str | os.PathLike, *, encoder: str = "sparseconvmil",
-                     epochs: int = 50, batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 1e-6,
-                     temperature: float = 0.05, out_dim: int = 512, hidden: int = 256, proj_dim: int = 128,
-                     seed: int = 0, device: str = "auto", bf16: bool = False, stop_after: int | None = None,
-                     log=print) -> dict[str, Any]:  # noqa: ANN001
+def make_encoder(cfg: dict[str, Any], in_dim: int) -> nn.Module:
+    return build_slide_encoder(cfg["encoder"], in_dim, out_dim=cfg["out_dim"], hidden=cfg["hidden"],
+                               blocks=cfg["blocks"], norm=cfg["norm"], downsample=cfg["downsample"])
+
+
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def pretrain_gigassl(cache: str | os.PathLike, out: str | os.PathLike, cfg: GigaSSLConfig | None = None, *,
+                     device: str = "auto", budget: str | float | None = None, stop_after_steps: int | None = None,
+                     log=print, **overrides: Any) -> dict[str, Any]:  # noqa: ANN001
     """Pre-train (or resume) a Giga-SSL slide encoder on an augmented-view cache; exports RUN/model.safetensors.
 
-    ``stop_after``: stop after this many epochs *in this call* (tests simulate an interruption)."""
+    ``overrides`` set :class:`GigaSSLConfig` fields; ``stop_after_steps``: stop after this many optimiser
+    steps *in this call* (tests simulate an interruption mid-epoch)."""
     from lightly.loss import NTXentLoss
 
+    cfg = GigaSSLConfig(**{**asdict(cfg or GigaSSLConfig()), **overrides})
+    if cfg.select not in ("best", "last"):
+        raise GigaslideError(f"--select {cfg.select!r}", fix="use best or last")
+    if cfg.tiles_per_step < 1:
+        raise GigaslideError(f"--tiles-per-step {cfg.tiles_per_step} must be >= 1", fix="use e.g. 16 (paper: 5-16)")
     vc = load_cache(cache)
     if len(vc) < 2:
         raise GigaslideError(f"SimCLR needs at least 2 slides, the cache has {len(vc)}", path=cache,
                              fix="cache more slides with augment-cache")
-    n_views = min(int(v.shape[0]) for v in vc.views)
-    if n_views < 2:
+    if min(int(v.shape[0]) for v in vc.views) < 2:
         raise GigaslideError("each slide needs at least 2 cached views", path=cache, fix="rebuild with --views 2 or more")
-    bs = max(2, min(batch_size, len(vc)))
-    a = vc.attrs
-    config = {
-        "method": "gigassl",
-        "encoder": {"name": encoder, "in_dim": vc.dim, "out_dim": out_dim, "hidden": hidden},
-        "data": {"tile_encoder": a.get("encoder"), "encoder_weights_sha256": a.get("encoder_weights_sha256"),
-                 "dim": vc.dim, "mpp": a.get("mpp"), "tile_size": a.get("tile_size"),
-                 "tiles_per_view": int(vc.views[0].shape[1]), "n_slides": len(vc)},
-        "train": {"epochs": epochs, "batch_size": bs, "lr": lr, "weight_decay": weight_decay, "temperature": temperature,
-                  "proj_dim": proj_dim, "seed": seed},
-        "cache": str(cache),
-    }
-    run, ck = runs.prepare(out, config, RESUME_KEYS)
-    dev = runs.device_of(device)
-    torch.manual_seed(seed)
-    model = GigaSSLModel(build_slide_encoder(encoder, vc.dim, out_dim=out_dim, hidden=hidden), out_dim, proj_dim).to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    loss_fn = NTXentLoss(temperature=temperature)
-    start, history = 0, []
+    few = [s for s, v in zip(vc.slide_ids, vc.views) if v.shape[1] < cfg.tiles_per_step]
+    if few or vc.few_tiles:
+        log(f"warning: {len(set(few) | set(vc.few_tiles))} slide(s) have fewer tiles than a view needs; "
+            f"their views are drawn with replacement (e.g. {sorted(set(few) | set(vc.few_tiles))[0]})")
+    bs = max(2, min(cfg.batch_size or 512, len(vc)))
+    dev = pick_device(device)
+    prec = choose_precision(dev, cfg.precision)
+    tcfg = {**asdict(cfg), "batch_size": bs}
+    data = {**data_record(vc.provenance), "dim": vc.dim, "tiles_per_view": int(vc.views[0].shape[1]),
+            "n_slides": len(vc)}
+    config = {"encoder": {k: tcfg[k] for k in ("encoder", "out_dim", "hidden", "blocks", "norm", "downsample")},
+              "data": data, "train": tcfg, "cache": str(cache)}
+    run = runs.open_run(out, "gigassl", {"encoder": config["encoder"], "train": tcfg, "data": data}, config,
+                        seed=cfg.seed, inputs={"cache": cache}, provenance={**vc.provenance.to_dict(), "run": str(out)})
+    run.update(precision=prec.record(), few_tiles=sorted(set(few) | set(vc.few_tiles)))
+    torch.manual_seed(cfg.seed)
+    model = GigaSSLModel(make_encoder(config["encoder"], vc.dim), cfg.out_dim, cfg.proj_dim).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = NTXentLoss(temperature=cfg.temperature)
+    rng = np.random.default_rng([cfg.seed, 1])
+    monitor_pairs = draw_pairs(vc.views, vc.pos, np.arange(len(vc)), cfg.tiles_per_step,
+                               np.random.default_rng([cfg.seed, 2]), cfg.grid_augment, cfg.scale)  # fixed, not trained on
+    steps_per_epoch = math.ceil(len(vc) / bs)
+    total, warm = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    sel = runs.Selection("max", patience=cfg.patience)
+    epoch, pos_in_epoch, step, history, order, elapsed = 0, 0, 0, [], None, 0.0
+    losses: list[float] = []
+    ck = run.load()
     if ck is not None:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optim"])
-        start, history = int(ck["epoch"]), list(ck.get("history", []))
-        log(f"resuming {run} at epoch {start}/{epochs}")
-    t0 = time.perf_counter()
-    base = history[-1]["seconds"] if history else 0.0  # training seconds are cumulative over resumes
-    done_now = 0
-    for epoch in range(start, epochs):
-        if stop_after is not None and done_now >= stop_after:
-            break
-        rng = np.random.default_rng([seed, epoch])
-        torch.manual_seed(seed * 100_003 + epoch)
-        model.train()
-        order = rng.permutation(len(vc))
-        losses = []
-        for s in range(0, len(order) - 1, bs):
-            batch = order[s:s + bs]
-            if len(batch) < 2:
-                continue
-            pairs = [rng.choice(n_views, size=2, replace=False) for _ in batch]
-            f0 = torch.stack([vc.views[i][p[0]] for i, p in zip(batch, pairs)]).to(dev, torch.float32)
-            f1 = torch.stack([vc.views[i][p[1]] for i, p in zip(batch, pairs)]).to(dev, torch.float32)
-            p0 = torch.stack([vc.pos[i][p[0]] for i, p in zip(batch, pairs)]).to(dev)
-            p1 = torch.stack([vc.pos[i][p[1]] for i, p in zip(batch, pairs)]).to(dev)
-            with autocast_ctx(dev, "bf16" if bf16 and dev.type != "cuda" else "auto"):
-                z = model(torch.cat([f0, f1]), torch.cat([p0, p1])).float()
-            loss = loss_fn(z[: len(batch)], z[len(batch):])
-            check_finite_loss(loss, f"epoch {epoch}", run)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"),
-                        "seconds": base + time.perf_counter() - t0})
-        runs.save_checkpoint(run, {"model": model.state_dict(), "optim": opt.state_dict(), "epoch": epoch + 1,
-                                   "history": history})
-        done_now += 1
-        log(f"epoch {epoch + 1}/{epochs} loss {history[-1]['loss']:.4f}")
-    finished = bool(history) and history[-1]["epoch"] >= epochs
+        runs.load_module_state(model, ck["model"], run.dir)
+        opt.load_state_dict(ck["optimizer"])
+        runs.set_rng_state(ck["rng"])
+        rng.bit_generator.state = ck["gen"]
+        epoch, pos_in_epoch, step = int(ck["epoch"]), int(ck["pos"]), int(ck["step"])
+        history, order, elapsed = list(ck["history"]), ck.get("order"), float(ck["elapsed"])
+        sel = runs.Selection.from_state(ck["selection"])
+        losses = list(ck.get("losses") or [])
+        log(f"resuming {run.dir} at epoch {epoch}/{cfg.epochs}" + (f", step {pos_in_epoch}" if pos_in_epoch else ""))
+
+    def save(name: str = "last") -> None:
+        run.save({"model": runs.module_state(model), "optimizer": opt.state_dict(), "rng": runs.rng_state(),
+                  "gen": rng.bit_generator.state, "epoch": epoch, "pos": pos_in_epoch, "step": step,
+                  "order": order, "losses": losses, "history": history, "selection": sel.state(), "elapsed": stopper.elapsed})
+
+    done_now, stopped = 0, None
+    with runs.Stopper(runs.parse_duration(budget), elapsed_s=elapsed) as stopper:
+        while epoch < cfg.epochs and not sel.stop:
+            if order is None:
+                order, pos_in_epoch, losses = rng.permutation(len(vc)), 0, []
+            model.train()
+            while pos_in_epoch < steps_per_epoch:
+                stopped = stopped or stopper.reason() or (
+                    "stop_after" if stop_after_steps is not None and done_now >= stop_after_steps else None)
+                if stopped:
+                    break
+                batch = order[pos_in_epoch * bs:(pos_in_epoch + 1) * bs]
+                if len(batch) < 2:  # a last batch of one slide has no negatives: give it a partner
+                    batch = np.concatenate([batch, order[:1]])
+                f0, p0, f1, p1 = draw_pairs(vc.views, vc.pos, batch, cfg.tiles_per_step, rng, cfg.grid_augment, cfg.scale)
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step, total, warm, cfg.lr)
+                with autocast_ctx(dev, prec.resolved):
+                    z = model(torch.cat([f0, f1]).to(dev), torch.cat([p0, p1]).to(dev)).float()
+                loss = loss_fn(z[: len(batch)], z[len(batch):])
+                check_finite_loss(loss, f"epoch {epoch}", run.dir)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+                pos_in_epoch, step, done_now = pos_in_epoch + 1, step + 1, done_now + 1
+            if stopped:
+                break
+            mon = view_retrieval(model.encoder, monitor_pairs, dev)
+            score = mon["retrieval_top1"] + 0.01 * mon["cosine_gap"]
+            improved = sel.update(score, epoch + 1)
+            history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **mon, "lr": lr_at(step - 1, total, warm, cfg.lr),
+                            "seconds": stopper.elapsed})
+            epoch, order, pos_in_epoch = epoch + 1, None, 0
+            if improved:
+                run.save({"encoder": runs.module_state(model.encoder), "epoch": epoch}, name="best")
+            save()
+            h = history[-1]
+            log(f"epoch {epoch}/{cfg.epochs} loss {h['loss']:.4f} view-retrieval {h['retrieval_top1']:.3f} "
+                f"gap {h['cosine_gap']:.3f}{' *' if improved else ''}")
+        if stopped:
+            save()
+    finished = not stopped and (epoch >= cfg.epochs or sel.stop)
+    seconds = stopper.elapsed
     if finished:
-        runs.export(run, model.encoder, history)
-    return {"run": str(run), "finished": finished, "history": history, "seconds": base + time.perf_counter() - t0}
+        best = run.load("best") if cfg.select == "best" else None
+        state = best["encoder"] if best is not None else runs.module_state(model.encoder)
+        export_model(run.dir, {k: v for k, v in state.items() if not k.startswith(runs.BUFFER_PREFIX)}, history)
+        chosen = int(best["epoch"]) if best is not None else epoch
+        run.update(history=history)
+        run.finish(epochs=epoch, exported_epoch=chosen, select=cfg.select, seconds=seconds,
+                   final_loss=history[-1]["loss"] if history else None)
+        log(f"exported epoch {chosen} ({cfg.select}) -> {run.dir / 'model.safetensors'}")
+    else:
+        run.update(status="stopped", stop_reason=stopped, history=history)
+        log(f"stopped ({stopped}) at epoch {epoch}, step {pos_in_epoch}: re-run the same command to resume")
+    return {"run": str(run.dir), "finished": finished, "history": history, "seconds": seconds, "stopped": stopped}
 
 
 def load_encoder(run: str | os.PathLike) -> tuple[nn.Module, dict]:
-    cfg = runs.read_config(run)
-    e = cfg["encoder"]
-    enc = build_slide_encoder(e["name"], e["in_dim"], out_dim=e["out_dim"], hidden=e["hidden"])
-    return runs.load_weights(run, enc), cfg
+    from gigaslide.ssl.slide.export import load_weights
+
+    cfg = read_config(run)
+    return load_weights(run, make_encoder(cfg["encoder"], cfg["data"]["dim"])), cfg
 
 
 @torch.no_grad()
@@ -138,4 +225,4 @@ def embed_views(encoder: nn.Module, feats: np.ndarray, pos: np.ndarray, *, ensem
     idx = np.stack([rng.choice(n, size=t, replace=False) for _ in range(max(1, ensemble))])
     f = torch.as_tensor(feats[idx], dtype=torch.float32, device=device)
     p = torch.as_tensor(pos[idx], dtype=torch.long, device=device)
-    return encoder(f, p).mean(0).float().cpu().numpy()
+    return encoder.eval()(f, p).mean(0).float().cpu().numpy()

@@ -4,6 +4,8 @@ The region side is given as ``region_size`` px at ``region_mpp`` µm/px (SLPD/HI
 i.e. 0.5 µm/px = 2048 µm) and converted to level-0 px with the feature file's level-0 mpp. A tile
 belongs to the region containing its top-left corner; inside a region, tiles sit on a
 ``grid x grid`` lattice (``grid = ceil(region side / tile side)``) used for positional embeddings.
+:func:`grid_crop` cuts SLPD's region views as contiguous sub-grids of that lattice (the feature-level
+analogue of DINO's image crops: 2 large "global" and several small "local" crops).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import torch
 
 from gigaslide.errors import GigaslideError
 from gigaslide.features.store import FeatureFile
-from gigaslide.ssl.slide.views import tile_size_level0
 
 
 @dataclass
@@ -68,7 +69,7 @@ def group_regions(coords: np.ndarray, tile0: float, region0: float, *, min_tiles
 
 def regions_of(ff: FeatureFile, region_size: int, region_mpp: float = 0.5, min_tiles: int = 1) -> SlideRegions:
     """Regions of one feature file (region side = ``region_size`` px at ``region_mpp`` µm/px)."""
-    tile0 = tile_size_level0(ff.coords_attrs, ff.attrs, ff.path or "")
+    tile0 = ff.require_tile_size_level0()
     region0 = region_size * region_mpp / level0_mpp(ff)
     return group_regions(ff.coords, tile0, region0, min_tiles=min_tiles, slide_id=ff.slide_id)
 
@@ -90,3 +91,24 @@ def pack(feats: np.ndarray, regions: SlideRegions, which: list[int] | np.ndarray
         p[k, : len(idx)] = lp[:, 1] * regions.grid + lp[:, 0]
         m[k, : len(idx)] = True
     return torch.from_numpy(f), torch.from_numpy(p), torch.from_numpy(m)
+
+
+def grid_crop(lattice: torch.Tensor, mask: torch.Tensor, grid: int, side: tuple[float, float],
+              rng: np.random.Generator) -> torch.Tensor:
+    """A random contiguous square sub-grid per region: the tiles of ``mask`` [R, T] whose lattice index
+    ``lattice`` [R, T] (y * grid + x) falls inside it. The crop side is ``side`` (fractions of ``grid``,
+    at least one tile) and the crop is placed to contain a random present tile, so no crop is empty."""
+    r, t = mask.shape
+    x, y = (lattice % grid).numpy(), (lattice // grid).numpy()
+    m = mask.numpy()
+    out = np.zeros_like(m)
+    for i in range(r):
+        present = np.flatnonzero(m[i])
+        if len(present) == 0:
+            continue
+        s = int(np.clip(round(rng.uniform(*side) * grid), 1, grid))
+        a = present[rng.integers(len(present))]
+        x0 = int(rng.integers(max(0, x[i, a] - s + 1), min(x[i, a], grid - s) + 1))
+        y0 = int(rng.integers(max(0, y[i, a] - s + 1), min(y[i, a], grid - s) + 1))
+        out[i] = m[i] & (x[i] >= x0) & (x[i] < x0 + s) & (y[i] >= y0) & (y[i] < y0 + s)
+    return torch.from_numpy(out)

@@ -1,37 +1,78 @@
 """SLPD (Yu et al., MICCAI 2023): slide-level prototypical distillation over regions.
 
-Region encoder: a small HIPT-style ViT over a region's tile features (Linear -> + learned lattice
-position embedding -> CLS + pre-norm Transformer -> CLS). Training: DINO self-distillation
-(student/teacher, EMA; lightly ``DINOProjectionHead``, ``DINOLoss``, ``update_momentum``) with
-feature-level views of a region = random tile subsets (2 global keeping 60-100 % of tiles, ``n_local``
-local keeping 20-40 %). After ``warmup`` epochs, at the start of each epoch the teacher's region
-embeddings are clustered per slide (k-means, ``prototypes`` per slide; slides with fewer than
-``2 * prototypes`` regions are skipped), each slide is matched to its nearest slide by the
-bipartite set distance of prototype sets, and two losses are added on the global views:
-intra-slide (region -> its own prototype) and inter-slide (region -> its most similar prototype of
-the matched slide), both as teacher-head-of-prototype -> student-head-of-region cross-entropy.
+Region encoder: a small HIPT-style ViT over a region's tile features (standardised with the
+training set's per-dimension mean / sd -> Linear -> + learned lattice position embedding -> CLS +
+pre-norm Transformer -> CLS). Training: DINO self-distillation (student / teacher EMA; lightly
+``DINOProjectionHead``, ``DINOLoss``, ``update_momentum``) over *feature-grid crops* of a region:
+``n_global`` (2) contiguous sub-grids covering 50-100 % of the region side and ``n_local`` (8)
+covering 20-45 % (:func:`.regions.grid_crop`). ``losses``: ``dino`` (DINO only, the ablation),
+``dino+intra`` or ``dino+intra+inter`` (default). After ``warmup`` epochs, each epoch starts by
+clustering every slide's teacher region embeddings (k-means, ``prototypes`` per slide; slides with
+fewer than ``2 * prototypes`` regions are skipped) and matching each slide to its nearest slide by
+the bipartite set distance of prototype sets (:mod:`.prototypes`); intra-slide (region -> its own
+prototype) and inter-slide (region -> the most similar prototype of the matched slide) terms are
+added on the global crops.
 
-Slide embedding (:func:`embed_regions`): the mean of the teacher backbone's CLS embeddings of all
-the slide's regions (all tiles, no augmentation).
+Collapse guards: teacher temperature warm-up (``warmup_teacher_temp`` -> ``teacher_temp`` over
+``teacher_temp_epochs``), a modest head (``head_dim`` 1024), input standardisation, and a monitor
+logged every epoch — teacher per-sample entropy and entropy of the batch-mean teacher distribution
+(both / log K) and KL(teacher || student). A run whose teacher ends near uniform (per-sample entropy
+> 0.95 log K: the old log(4096) plateau) or on one output (batch-mean entropy < 0.05 log K) is
+named COLLAPSED in the log and in ``run.json`` (``collapse``).
+
+Checkpoints (gigaslide.runs) at every epoch end: student, teacher, DINO centre, optimiser, all RNG
+states; a stop (Stopper / kill) resumes bit-exactly from the last finished epoch.
 """
 
 from __future__ import annotations
 
+import math
 import os
-import time
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from gigaslide import runs
+from gigaslide.devices import pick_device
 from gigaslide.errors import GigaslideError, check_finite_loss
 from gigaslide.features import store
-from gigaslide.ssl.slide import run as runs
+from gigaslide.ssl.slide.export import data_record, export_model, read_config
+from gigaslide.ssl.slide.gigassl import lr_at
 from gigaslide.ssl.slide.prototypes import assign_nearest, nearest_slides, prototype_distill_loss, slide_prototypes
-from gigaslide.ssl.slide.regions import SlideRegions, pack, regions_of
+from gigaslide.ssl.slide.regions import SlideRegions, grid_crop, pack, regions_of
 
-RESUME_KEYS = ("method", "encoder", "data", "train")
+LOSSES = ("dino", "dino+intra", "dino+intra+inter")
+
+
+@dataclass
+class SLPDConfig:
+    region_size: int = 4096
+    region_mpp: float = 0.5
+    prototypes: int = 4
+    losses: str = "dino+intra+inter"
+    epochs: int = 20
+    warmup: int = 5  # epochs of DINO only before the prototype terms
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.04
+    dim: int = 192
+    depth: int = 2
+    heads: int = 3
+    head_dim: int = 1024
+    n_global: int = 2
+    n_local: int = 8
+    global_crop: tuple[float, float] = (0.5, 1.0)
+    local_crop: tuple[float, float] = (0.2, 0.45)
+    momentum: float = 0.99
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.06
+    teacher_temp_epochs: int = 5
+    intra_weight: float = 1.0
+    inter_weight: float = 1.0
+    seed: int = 0
 
 
 class RegionViT(nn.Module):
@@ -40,6 +81,8 @@ class RegionViT(nn.Module):
     def __init__(self, in_dim: int, dim: int = 192, depth: int = 2, heads: int = 3, grid: int = 16, dropout: float = 0.0):
         super().__init__()
         self.grid, self.out_dim = grid, dim
+        self.register_buffer("in_mean", torch.zeros(in_dim))
+        self.register_buffer("in_std", torch.ones(in_dim))
         self.proj = nn.Sequential(nn.Linear(in_dim, dim), nn.GELU())
         self.pos = nn.Parameter(torch.zeros(grid * grid, dim))
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
@@ -50,23 +93,14 @@ class RegionViT(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, feats: torch.Tensor, lattice: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.proj(feats) + self.pos[lattice.clamp(0, self.grid * self.grid - 1)]
+        x = self.proj((feats - self.in_mean) / self.in_std) + self.pos[lattice.clamp(0, self.grid * self.grid - 1)]
         x = torch.cat([self.cls.expand(len(x), -1, -1), x], dim=1)
         pad = torch.cat([torch.zeros_like(mask[:, :1]), ~mask], dim=1)
         return self.norm(self.blocks(x, src_key_padding_mask=pad)[:, 0])
 
 
-def _subset(mask: torch.Tensor, keep: tuple[float, float], g: torch.Generator) -> torch.Tensor:
-    """Random tile subsets of each region (at least one tile kept)."""
-    r = torch.rand(mask.shape[0], 1, generator=g) * (keep[1] - keep[0]) + keep[0]
-    m = mask & (torch.rand(mask.shape, generator=g) < r)
-    first = mask.float().argmax(dim=1)
-    m[torch.arange(len(m)), first] |= ~m.any(dim=1)
-    return m
-
-
-def _load_slides(features: str | os.PathLike, region_size: int, region_mpp: float):
-    files = store.load_dir(features)
+def load_slides(features: str | os.PathLike, region_size: int, region_mpp: float):  # noqa: ANN201
+    files = store.load_dir(features)  # refuses mixed encoders / weights / mpp / tile size
     slides: list[tuple[str, np.ndarray, SlideRegions]] = []
     for sid, ff in files.items():
         regs = regions_of(ff, region_size, region_mpp)
@@ -78,7 +112,9 @@ def _load_slides(features: str | os.PathLike, region_size: int, region_mpp: floa
 
 
 @torch.no_grad()
-def _region_embeddings(backbone: nn.Module, feats: np.ndarray, regs: SlideRegions, dev: torch.device, bs: int = 64) -> np.ndarray:
+def region_embeddings(backbone: nn.Module, feats: np.ndarray, regs: SlideRegions, dev: torch.device, bs: int = 64) -> np.ndarray:
+    """CLS embedding of every region of one slide (all its tiles) [R, dim]."""
+    backbone.eval()
     out = []
     for s in range(0, len(regs), bs):
         f, p, m = pack(feats, regs, list(range(s, min(s + bs, len(regs)))))
@@ -86,105 +122,54 @@ def _region_embeddings(backbone: nn.Module, feats: np.ndarray, regs: SlideRegion
     return np.concatenate(out)
 
 
-def pretrain_slpd(features: str | os.PathLike, out: str | os.PathLike, *, region_size: int = 4096, region_mpp: float = 0.5,
-                  prototypes: int = 4, epochs: int = 20, warmup: int = 5, batch_size: int = 64, lr: float = 5e-4,
-                  weight_decay: float = 0.04, dim: int = 192, depth: int = 2, heads: int = 3, head_dim: int = 4096,
-                  n_local: int = 4, momentum: float = 0.996, intra_weight: float = 1.0, inter_weight: float = 1.0,
-                  seed: int = 0, device: str = "auto", stop_after: int | None = None, log=print) -> dict[str, Any]:  # noqa: ANN001
-    """Pre-train (or resume) an SLPD region encoder on tile feature files; exports RUN/model.safetensors."""
-    from lightly.loss import DINOLoss
-    from lightly.models.modules import DINOProjectionHead
-    from lightly.models.utils import update_momentum
+@torch.no_grad()
+def teacher_stats(t_out: list[torch.Tensor], s_out: list[torch.Tensor], center: torch.Tensor, temp: float,
+                  student_temp: float = 0.1) -> dict[str, float]:
+    """Collapse monitor of one step: teacher per-sample entropy and batch-mean entropy (both / log K) and
+    KL(teacher || student) of the same crops, with the teacher centred and sharpened as the DINO loss does."""
+    k = t_out[0].shape[-1]
+    t = torch.softmax((torch.stack(t_out).float() - center.float()) / temp, dim=-1)  # [V, B, K]
+    s = torch.log_softmax(torch.stack(s_out[: len(t_out)]).float() / student_temp, dim=-1)
+    logt = torch.log(t.clamp_min(1e-12))
+    ent = float(-(t * logt).sum(-1).mean()) / math.log(k)
+    mean = t.reshape(-1, k).mean(0)
+    marg = float(-(mean * torch.log(mean.clamp_min(1e-12))).sum()) / math.log(k)
+    kl = float((t * (logt - s)).sum(-1).mean())
+    return {"teacher_entropy": ent, "teacher_batch_entropy": marg, "kl": kl}
 
-    files, slides = _load_slides(features, region_size, region_mpp)
-    ff0 = next(iter(files.values()))
-    grid = max(r.grid for _, _, r in slides)
-    n_regions = sum(len(r) for _, _, r in slides)
-    config = {
-        "method": "slpd",
-        "encoder": {"name": "region_vit", "in_dim": ff0.dim, "dim": dim, "depth": depth, "heads": heads, "grid": grid},
-        "data": {"tile_encoder": ff0.encoder, "dim": ff0.dim, "mpp": ff0.mpp, "region_size": region_size,
-                 "region_mpp": region_mpp, "n_slides": len(slides), "n_regions": n_regions},
-        "train": {"epochs": epochs, "warmup": warmup, "prototypes": prototypes, "batch_size": batch_size, "lr": lr,
-                  "weight_decay": weight_decay, "head_dim": head_dim, "n_local": n_local, "momentum": momentum,
-                  "intra_weight": intra_weight, "inter_weight": inter_weight, "seed": seed},
-        "features": str(features),
-    }
-    run, ck = runs.prepare(out, config, RESUME_KEYS)
-    dev = runs.device_of(device)
-    def make() -> nn.ModuleDict:
-        torch.manual_seed(seed)
-        return nn.ModuleDict({"backbone": RegionViT(ff0.dim, dim, depth, heads, grid),
-                              "head": DINOProjectionHead(dim, 512, 128, head_dim)}).to(dev)
 
-    student, teacher = make(), make()  # (weight-normed heads cannot be deep-copied)
-    teacher.load_state_dict(student.state_dict())
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=weight_decay)
-    dino = DINOLoss(output_dim=head_dim, warmup_teacher_temp_epochs=max(1, warmup)).to(dev)
-    start, history = 0, []
-    if ck is not None:
-        student.load_state_dict(ck["student"])
-        teacher.load_state_dict(ck["teacher"])
-        opt.load_state_dict(ck["optim"])
-        dino.center.copy_(ck["center"])
-        start, history = int(ck["epoch"]), list(ck.get("history", []))
-        log(f"resuming {run} at epoch {start}/{epochs}")
-    index = [(s, r) for s, (_, _, regs) in enumerate(slides) for r in range(len(regs))]
-    t0, done_now = time.perf_counter(), 0
-    base = history[-1]["seconds"] if history else 0.0  # training seconds are cumulative over resumes
-    for epoch in range(start, epochs):
-        if stop_after is not None and done_now >= stop_after:
-            break
-        rng = np.random.default_rng([seed, epoch])
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        targets = _prototype_targets(teacher["backbone"], slides, prototypes, dev, seed) if epoch >= warmup else None
-        student.train()
-        sums = {"dino": [], "intra": [], "inter": []}
-        order = rng.permutation(len(index))
-        for b in range(0, len(order), batch_size):
-            items = [index[i] for i in order[b:b + batch_size]]
-            f, p, m = _pack_items(slides, items)
-            f, p, m = f.to(dev), p.to(dev), m.to(dev)
-            glob = [_subset(m.cpu(), (0.6, 1.0), g).to(dev) for _ in range(2)]
-            loc = [_subset(m.cpu(), (0.2, 0.4), g).to(dev) for _ in range(n_local)]
-            with torch.no_grad():
-                t_out = [teacher["head"](teacher["backbone"](f, p, gm)) for gm in glob]
-            s_emb = [student["backbone"](f, p, vm) for vm in glob + loc]
-            s_out = [student["head"](e) for e in s_emb]
-            loss = dino(t_out, s_out, epoch=epoch)
-            sums["dino"].append(float(loss.detach()))
-            if targets is not None:
-                for name, w in (("intra", intra_weight), ("inter", inter_weight)):
-                    ok = [k for k, it in enumerate(items) if it in targets[name]]
-                    if ok and w > 0:
-                        protos = torch.as_tensor(np.stack([targets[name][items[k]] for k in ok]), dtype=torch.float32, device=dev)
-                        with torch.no_grad():
-                            t_logit = teacher["head"](protos)
-                        li = sum(prototype_distill_loss(s_out[v][ok], t_logit, teacher_temp=dino.teacher_temp, center=dino.center)
-                                 for v in range(2)) / 2
-                        loss = loss + w * li
-                        sums[name].append(float(li.detach()))
-            check_finite_loss(loss, f"epoch {epoch}", run)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            update_momentum(student, teacher, m=momentum)
-        history.append({"epoch": epoch + 1, **{k: float(np.mean(v)) if v else None for k, v in sums.items()},
-                        "seconds": base + time.perf_counter() - t0})
-        runs.save_checkpoint(run, {"student": student.state_dict(), "teacher": teacher.state_dict(),
-                                   "optim": opt.state_dict(), "center": dino.center.detach().cpu(),
-                                   "epoch": epoch + 1, "history": history})
-        done_now += 1
-        h = history[-1]
-        log(f"epoch {epoch + 1}/{epochs} dino {h['dino']:.4f}"
-            + (f" intra {h['intra']:.4f}" if h["intra"] is not None else "")
-            + (f" inter {h['inter']:.4f}" if h["inter"] is not None else ""))
-    finished = bool(history) and history[-1]["epoch"] >= epochs
-    if finished:
-        runs.export(run, teacher["backbone"], history)
-    return {"run": str(run), "finished": finished, "history": history, "seconds": base + time.perf_counter() - t0}
+def collapse_verdict(stats: dict[str, float]) -> str | None:
+    """``uniform`` / ``single-output`` / None from an epoch's mean :func:`teacher_stats`."""
+    if stats["teacher_entropy"] > 0.95:
+        return "uniform"
+    if stats["teacher_batch_entropy"] < 0.05:
+        return "single-output"
+    return None
+
+
+def slide_partners(backbone: nn.Module, slides, k: int, dev: torch.device, seed: int):  # noqa: ANN001, ANN201
+    """(region embeddings, k-means fits, scaled prototypes, nearest-slide partner) from ``backbone``."""
+    embs = [region_embeddings(backbone, feats, regs, dev) for _, feats, regs in slides]
+    fits = [slide_prototypes(e, k, seed=seed) for e in embs]
+    scale = [float(np.linalg.norm(e, axis=1).mean()) for e in embs]  # centres back at the embeddings' norm
+    protos = [None if fit is None else fit[0] * scale[s] for s, fit in enumerate(fits)]
+    return embs, fits, protos, nearest_slides(protos)
+
+
+def prototype_targets(backbone: nn.Module, slides, k: int, dev: torch.device, seed: int) -> dict[str, dict]:  # noqa: ANN001
+    """{"intra": {(slide, region): prototype}, "inter": {...}} from the current teacher backbone."""
+    embs, fits, protos, partner = slide_partners(backbone, slides, k, dev, seed)
+    intra, inter = {}, {}
+    for s, fit in enumerate(fits):
+        if fit is None:
+            continue
+        for r, lab in enumerate(fit[1]):
+            intra[(s, r)] = protos[s][lab]
+        j = partner[s]
+        if j >= 0:
+            for r, c in enumerate(assign_nearest(embs[s], protos[j])):
+                inter[(s, r)] = protos[j][c]
+    return {"intra": intra, "inter": inter}
 
 
 def _pack_items(slides, items):  # noqa: ANN001, ANN202
@@ -198,39 +183,161 @@ def _pack_items(slides, items):  # noqa: ANN001, ANN202
     return torch.stack([pad(x, 0.0) for x in fs]), torch.stack([pad(x, 0) for x in ps]), torch.stack([pad(x, False) for x in ms])
 
 
-def _prototype_targets(backbone: nn.Module, slides, k: int, dev: torch.device, seed: int) -> dict[str, dict]:  # noqa: ANN001
-    """{"intra": {(slide, region): prototype}, "inter": {...}} from the current teacher backbone."""
-    backbone.eval()
-    embs = [_region_embeddings(backbone, feats, regs, dev) for _, feats, regs in slides]
-    fits = [slide_prototypes(e, k, seed=seed) for e in embs]
-    scale = [float(np.linalg.norm(e, axis=1).mean()) for e in embs]  # centres back at the embeddings' norm
-    protos = [None if fit is None else fit[0] * scale[s] for s, fit in enumerate(fits)]
-    partner = nearest_slides(protos)
-    intra, inter = {}, {}
-    for s, fit in enumerate(fits):
-        if fit is None:
-            continue
-        centres, labels = protos[s], fit[1]
-        for r, lab in enumerate(labels):
-            intra[(s, r)] = centres[lab]
-        j = partner[s]
-        if j >= 0:
-            near = assign_nearest(embs[s], protos[j])
-            for r, c in enumerate(near):
-                inter[(s, r)] = protos[j][c]
-    return {"intra": intra, "inter": inter}
+def _make(in_dim: int, cfg: SLPDConfig, grid: int, dev: torch.device, stats: tuple[np.ndarray, np.ndarray]) -> nn.ModuleDict:
+    from lightly.models.modules import DINOProjectionHead
+
+    torch.manual_seed(cfg.seed)
+    m = nn.ModuleDict({"backbone": RegionViT(in_dim, cfg.dim, cfg.depth, cfg.heads, grid),
+                       "head": DINOProjectionHead(cfg.dim, 512, 128, cfg.head_dim)})
+    m["backbone"].in_mean.copy_(torch.from_numpy(stats[0]))
+    m["backbone"].in_std.copy_(torch.from_numpy(stats[1]))
+    return m.to(dev)
+
+
+def pretrain_slpd(features: str | os.PathLike, out: str | os.PathLike, cfg: SLPDConfig | None = None, *,
+                  device: str = "auto", budget: str | float | None = None, stop_after: int | None = None,
+                  log=print, **overrides: Any) -> dict[str, Any]:  # noqa: ANN001
+    """Pre-train (or resume) an SLPD region encoder on tile feature files; exports RUN/model.safetensors.
+    ``stop_after``: stop after this many epochs in this call (tests simulate an interruption)."""
+    from lightly.loss import DINOLoss
+    from lightly.models.utils import update_momentum
+
+    cfg = SLPDConfig(**{**asdict(cfg or SLPDConfig()), **overrides})
+    if cfg.losses not in LOSSES:
+        raise GigaslideError(f"--losses {cfg.losses!r}", fix=f"use one of {', '.join(LOSSES)}")
+    files, slides = load_slides(features, cfg.region_size, cfg.region_mpp)
+    ff0 = next(iter(files.values()))
+    grid = max(r.grid for _, _, r in slides)
+    allf = np.concatenate([f for _, f, _ in slides])
+    stats = (allf.mean(0).astype(np.float32), (allf.std(0) + 1e-6).astype(np.float32))
+    data = {**data_record(ff0.provenance), "dim": ff0.dim, "region_size": cfg.region_size, "region_mpp": cfg.region_mpp,
+            "n_slides": len(slides), "n_regions": sum(len(r) for _, _, r in slides)}
+    enc = {"name": "region_vit", "in_dim": ff0.dim, "dim": cfg.dim, "depth": cfg.depth, "heads": cfg.heads, "grid": grid}
+    config = {"encoder": enc, "data": data, "train": asdict(cfg), "features": str(features)}
+    run = runs.open_run(out, "slpd", {"encoder": enc, "data": data, "train": asdict(cfg)}, config, seed=cfg.seed,
+                        inputs={"features": features}, provenance={**ff0.provenance.to_dict(), "run": str(out)})
+    dev = pick_device(device)
+    student, teacher = _make(ff0.dim, cfg, grid, dev, stats), _make(ff0.dim, cfg, grid, dev, stats)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    dino = DINOLoss(output_dim=cfg.head_dim, warmup_teacher_temp=cfg.warmup_teacher_temp, teacher_temp=cfg.teacher_temp,
+                    warmup_teacher_temp_epochs=max(1, cfg.teacher_temp_epochs)).to(dev)
+    rng = np.random.default_rng([cfg.seed, 3])
+    epoch, history = 0, []
+    ck = run.load()
+    if ck is not None:
+        runs.load_module_state(student, ck["student"], run.dir)
+        runs.load_module_state(teacher, ck["teacher"], run.dir)
+        runs.load_module_state(dino, ck["dino"], run.dir)
+        opt.load_state_dict(ck["optimizer"])
+        runs.set_rng_state(ck["rng"])
+        rng.bit_generator.state = ck["gen"]
+        epoch, history = int(ck["epoch"]), list(ck["history"])
+        log(f"resuming {run.dir} at epoch {epoch}/{cfg.epochs}")
+    index = [(s, r) for s, (_, _, regs) in enumerate(slides) for r in range(len(regs))]
+    steps_per_epoch = math.ceil(len(index) / cfg.batch_size)
+    total, warm = cfg.epochs * steps_per_epoch, min(cfg.warmup, cfg.epochs) * steps_per_epoch
+    use = {"intra": "intra" in cfg.losses, "inter": "inter" in cfg.losses}
+    weight = {"intra": cfg.intra_weight, "inter": cfg.inter_weight}
+    stopped, done_now = None, 0
+    with runs.Stopper(runs.parse_duration(budget), elapsed_s=history[-1]["seconds"] if history else 0.0) as stopper:
+        while epoch < cfg.epochs:
+            if stop_after is not None and done_now >= stop_after:
+                stopped = "stop_after"
+                break
+            temp = float(dino.teacher_temp_schedule[epoch]) if epoch < dino.warmup_teacher_temp_epochs else cfg.teacher_temp
+            targets = (prototype_targets(teacher["backbone"], slides, cfg.prototypes, dev, cfg.seed)
+                       if epoch >= cfg.warmup and (use["intra"] or use["inter"]) else None)
+            student.train()
+            sums: dict[str, list[float]] = {k: [] for k in ("dino", "intra", "inter", "teacher_entropy",
+                                                             "teacher_batch_entropy", "kl")}
+            order = rng.permutation(len(index))
+            for b in range(steps_per_epoch):
+                stopped = stopper.reason()
+                if stopped:
+                    break
+                items = [index[i] for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
+                f, p, m = _pack_items(slides, items)
+                crops = ([grid_crop(p, m, grid, cfg.global_crop, rng) for _ in range(cfg.n_global)]
+                         + [grid_crop(p, m, grid, cfg.local_crop, rng) for _ in range(cfg.n_local)])
+                f, p = f.to(dev), p.to(dev)
+                with torch.no_grad():
+                    t_out = [teacher["head"](teacher["backbone"](f, p, c.to(dev))) for c in crops[: cfg.n_global]]
+                s_out = [student["head"](student["backbone"](f, p, c.to(dev))) for c in crops]
+                for k2, v in teacher_stats(t_out, s_out, dino.center, temp).items():
+                    sums[k2].append(v)
+                loss = dino(t_out, s_out, teacher_temp=temp)
+                sums["dino"].append(float(loss.detach()))
+                for name in ("intra", "inter"):
+                    ok = [k for k, it in enumerate(items) if targets is not None and use[name] and it in targets[name]]
+                    if ok and weight[name] > 0:
+                        protos = torch.as_tensor(np.stack([targets[name][items[k]] for k in ok]), dtype=torch.float32, device=dev)
+                        with torch.no_grad():
+                            t_logit = teacher["head"](protos)
+                        li = sum(prototype_distill_loss(s_out[v][ok], t_logit, teacher_temp=temp, center=dino.center)
+                                 for v in range(cfg.n_global)) / cfg.n_global
+                        loss = loss + weight[name] * li
+                        sums[name].append(float(li.detach()))
+                check_finite_loss(loss, f"epoch {epoch}", run.dir)
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(epoch * steps_per_epoch + b, total, warm, cfg.lr)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                update_momentum(student, teacher, m=cfg.momentum)
+            if stopped:
+                break
+            epoch += 1
+            h = {"epoch": epoch, **{k: float(np.mean(v)) if v else None for k, v in sums.items()},
+                 "teacher_temp": temp, "seconds": stopper.elapsed}
+            h["collapse"] = collapse_verdict(h)
+            history.append(h)
+            run.save({"student": runs.module_state(student), "teacher": runs.module_state(teacher),
+                      "dino": runs.module_state(dino), "optimizer": opt.state_dict(), "rng": runs.rng_state(),
+                      "gen": rng.bit_generator.state, "epoch": epoch, "history": history})
+            done_now += 1
+            log(f"epoch {epoch}/{cfg.epochs} dino {h['dino']:.4f}"
+                + (f" intra {h['intra']:.4f}" if h["intra"] is not None else "")
+                + (f" inter {h['inter']:.4f}" if h["inter"] is not None else "")
+                + f" | teacher entropy {h['teacher_entropy']:.3f} logK, batch-mean {h['teacher_batch_entropy']:.3f} logK,"
+                  f" KL {h['kl']:.3f}" + (f" | {h['collapse']} collapse" if h["collapse"] else ""))
+    finished = stopped is None and epoch >= cfg.epochs
+    seconds = stopper.elapsed
+    if finished:
+        export_model(run.dir, {k: v for k, v in runs.module_state(teacher["backbone"]).items()
+                               if not k.startswith(runs.BUFFER_PREFIX)}, history)
+        verdict = history[-1]["collapse"] if history else None
+        collapse = {"collapsed": verdict is not None, "kind": verdict,
+                    "teacher_entropy": history[-1]["teacher_entropy"] if history else None,
+                    "teacher_batch_entropy": history[-1]["teacher_batch_entropy"] if history else None}
+        run.update(history=history, collapse=collapse)
+        run.finish(epochs=epoch, seconds=seconds, collapsed=collapse["collapsed"], collapse_kind=verdict,
+                   final_dino=history[-1]["dino"] if history else None)
+        if verdict:
+            log(f"COLLAPSED ({verdict} teacher: entropy {collapse['teacher_entropy']:.3f} log K, batch-mean "
+                f"{collapse['teacher_batch_entropy']:.3f} log K): the region embeddings carry little information; "
+                "try a lower --teacher-temp, a smaller --head-dim or more epochs")
+    else:
+        run.update(status="stopped", stop_reason=stopped, history=history)
+    return {"run": str(run.dir), "finished": finished, "history": history, "seconds": seconds, "stopped": stopped,
+            "collapse": history[-1]["collapse"] if history else None}
 
 
 def load_encoder(run: str | os.PathLike) -> tuple[nn.Module, dict]:
-    cfg = runs.read_config(run)
+    from gigaslide.ssl.slide.export import load_weights
+
+    cfg = read_config(run)
     e = cfg["encoder"]
-    enc = RegionViT(e["in_dim"], e["dim"], e["depth"], e["heads"], e["grid"])
-    return runs.load_weights(run, enc), cfg
+    return load_weights(run, RegionViT(e["in_dim"], e["dim"], e["depth"], e["heads"], e["grid"])), cfg
 
 
 @torch.no_grad()
-def embed_regions(backbone: nn.Module, ff, cfg: dict, device: torch.device = torch.device("cpu")) -> np.ndarray:  # noqa: ANN001
-    """Slide embedding = mean of the region CLS embeddings (all tiles, no augmentation)."""
+def embed_regions(backbone: nn.Module, ff, cfg: dict, device: torch.device = torch.device("cpu"),  # noqa: ANN001
+                  per_region: bool = False) -> np.ndarray | tuple[np.ndarray, SlideRegions]:
+    """Slide embedding = mean of the region CLS embeddings (all tiles, no augmentation); with
+    ``per_region`` the [R, dim] region embeddings and the regions themselves."""
     d = cfg["data"]
     regs = regions_of(ff, int(d["region_size"]), float(d["region_mpp"]))
-    return _region_embeddings(backbone, ff.features.astype(np.float32), regs, device).mean(0)
+    emb = region_embeddings(backbone, ff.features.astype(np.float32), regs, device)
+    return (emb, regs) if per_region else emb.mean(0)

@@ -107,3 +107,16 @@ def segment_max(x: torch.Tensor, batch: torch.Tensor, n: int) -> torch.Tensor:
     out = x.new_full((n, x.shape[1]), float("-inf"))
     out = out.scatter_reduce(0, batch[:, None].expand_as(x), x, reduce="amax", include_self=True)
     return torch.where(torch.isinf(out), torch.zeros_like(out), out)
+
+
+def sparse_max_pool(x: torch.Tensor, pos: torch.Tensor, batch: torch.Tensor, stride: int = 2
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stride-``stride`` max pooling on the sparse grid: sites ``pos // stride`` of one bag merge (max of
+    their rows). Returns the pooled rows, their grid positions and bag indices (like a strided sparse
+    max-pool in SparseConvNet / spconv, which SparseConvMIL's ResNet uses between stages)."""
+    coarse = torch.div(pos, stride, rounding_mode="floor")
+    keys = torch.cat([batch[:, None], coarse], dim=1)
+    uniq, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    out = x.new_full((len(uniq), x.shape[1]), float("-inf"))
+    out = out.scatter_reduce(0, inverse[:, None].expand_as(x), x, reduce="amax", include_self=True)
+    return out, uniq[:, 1:], uniq[:, 0]

@@ -1,4 +1,9 @@
-"""Reading an augmented-view cache back for pre-training (all views in memory, fp16)."""
+"""Reading an augmented-view cache back for pre-training (all views in memory, fp16).
+
+The cache is read through :func:`gigaslide.features.store.load_dir`, which refuses a folder whose
+files differ in encoder, weights, mpp, tile size or dimension; a plain feature folder (no
+``views``) is refused with a message saying how to build a cache.
+"""
 
 from __future__ import annotations
 
@@ -8,34 +13,23 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
 
-from gigaslide.artifacts import decode_attrs
 from gigaslide.errors import GigaslideError
 from gigaslide.features import store
+from gigaslide.provenance import Provenance
 
 
 @dataclass
 class ViewCache:
     slide_ids: list[str]
-    views: list[torch.Tensor]  # per slide [V, T, D] float16
-    pos: list[torch.Tensor]  # per slide [V, T, 2] long grid positions
-    attrs: dict
+    views: list[np.ndarray]  # per slide [V, T, D] float16 (cached augmented versions)
+    pos: list[np.ndarray]  # per slide [V, T, 2] int64 grid positions
+    provenance: Provenance  # of the first file (all agree: load_dir checks encoder/weights/mpp/tile size)
     dim: int
+    few_tiles: list[str]  # slides whose cached views were drawn with replacement
 
     def __len__(self) -> int:
         return len(self.slide_ids)
-
-
-def tile_size_level0(coords_attrs: dict, attrs: dict, where: str | os.PathLike) -> float:
-    v = coords_attrs.get("patch_size_level0")
-    if v is None:
-        mpp, ts, l0 = attrs.get("mpp"), attrs.get("tile_size"), coords_attrs.get("level0_mpp", attrs.get("slide_mpp"))
-        if mpp is None or ts is None or l0 is None:
-            raise GigaslideError("feature file has no tile size in level-0 px (coords attr patch_size_level0)", path=where,
-                                 fix="re-encode with gigaslide encode (it stores patch_size_level0)")
-        v = float(ts) * float(mpp) / float(l0)
-    return float(v)
 
 
 def load_cache(directory: str | os.PathLike) -> ViewCache:
@@ -44,34 +38,28 @@ def load_cache(directory: str | os.PathLike) -> ViewCache:
     if not d.exists():
         raise GigaslideError("cache folder not found", path=d, fix="build it with `gigaslide augment-cache SLIDES --out CACHE`")
     try:
-        files = store.list_feature_files(d)
-    except GigaslideError:
+        files = store.load_dir(d)
+    except GigaslideError as e:
+        if "no feature files" not in e.what:
+            raise
         raise GigaslideError("empty cache: no slide files (features/*.h5)", path=d,
                              fix="build it with `gigaslide augment-cache SLIDES --out CACHE` (or check the path)") from None
-    ids, views, pos, seen = [], [], [], {}
-    attrs0: dict = {}
-    for f in files:
+    ids, views, pos, few = [], [], [], []
+    for sid, ff in files.items():
         try:
-            with h5py.File(f, "r") as h:
+            with h5py.File(ff.path, "r") as h:
                 if "views" not in h:
-                    raise GigaslideError("not an augmented-view cache file (no 'views' dataset)", path=f,
+                    raise GigaslideError("not an augmented-view cache file (no 'views' dataset)", path=ff.path,
                                          fix="pass a folder written by `gigaslide augment-cache`, not plain features")
-                v = np.asarray(h["views"][:])
+                v = np.asarray(h["views"][:], dtype=np.float16)
                 vc = np.asarray(h["view_coords"][:])
-                attrs = decode_attrs(h.attrs)
-                cattrs = decode_attrs(h["coords"].attrs)
         except OSError as e:
-            raise GigaslideError(f"cannot read cache file ({str(e).splitlines()[0]})", path=f,
+            raise GigaslideError(f"cannot read cache file ({str(e).splitlines()[0]})", path=ff.path,
                                  fix="delete this file and re-run augment-cache (it resumes)") from None
-        key = (attrs.get("encoder"), attrs.get("encoder_weights_sha256"), v.shape[-1], attrs.get("tile_size"))
-        seen.setdefault(key, f.name)
-        if len(seen) > 1:
-            desc = "; ".join(f"{k[0]} ({k[2]}-d, tile {k[3]}) e.g. {n}" for k, n in seen.items())
-            raise GigaslideError(f"cache mixes encoders or tile sizes: {desc}", path=d,
-                                 fix="keep one encoder per cache folder (augment-cache each encoder into its own --out)")
-        ts0 = tile_size_level0(cattrs, attrs, f)
-        ids.append(str(attrs.get("slide_id") or f.stem))
-        views.append(torch.from_numpy(v.astype(np.float16)))
-        pos.append(torch.from_numpy(np.round(vc / ts0).astype(np.int64)))
-        attrs0 = attrs0 or attrs
-    return ViewCache(ids, views, pos, attrs0, int(views[0].shape[-1]))
+        ids.append(sid)
+        views.append(v)
+        pos.append(np.round(vc / ff.require_tile_size_level0()).astype(np.int64))
+        if int(ff.attrs.get("with_replacement", 0)):
+            few.append(sid)
+    first = next(iter(files.values()))
+    return ViewCache(ids, views, pos, first.provenance, int(views[0].shape[-1]), few)

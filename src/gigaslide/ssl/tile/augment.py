@@ -12,11 +12,18 @@ the same views: training resumes bit-for-bit and data-loader workers need no RNG
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, replace
 
 import torch
 import torchvision.transforms.v2.functional as TF
+
+from gigaslide.ssl.tile.crops import MIN_PATCHES, check_scale, check_tile_pixels, plan_crops  # noqa: F401  (re-exported)
+from gigaslide.ssl.tile.randstain import lab_statistics, random_lab_transfer
+
+#: Stain augmentations: HED-light jitter (Tellez et al. 2019) or RandStainNA (Shen et al. 2022, Lab).
+STAIN_MODES = ("hed", "randstainna")
 
 #: Ruifrok & Johnston stain vectors (rows: hematoxylin, eosin, DAB), as in ``skimage.color.rgb_from_hed``.
 RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64)
@@ -142,7 +149,9 @@ class ViewAug:
     hflip: float = 0.5
     vflip: float = 0.0
     rot90: bool = False
-    stain: float = 0.0  # probability of H&E stain jitter
+    stain: float = 0.0  # probability of a stain augmentation (``stain_mode``)
+    stain_mode: str = "hed"  # hed: HED-light jitter; randstainna: Lab statistics drawn from the training set's
+    lab_stats: tuple | None = None  # randstainna: (mean, std) of per-tile Lab statistics (MultiView.prepare fills it)
     stain_sigma: float = 0.05
     stain_bias: float = 0.02
     color: float = 0.8  # probability of colour jitter
@@ -157,7 +166,12 @@ def apply_view(img: torch.Tensor, cfg: ViewAug, g: torch.Generator) -> torch.Ten
     x = random_resized_crop(img, g, cfg.size, cfg.scale)
     x = random_flip_rotate(x, g, cfg.hflip, cfg.vflip, cfg.rot90)
     if _p(g, cfg.stain):
-        x = random_stain_jitter(x, g, cfg.stain_sigma, cfg.stain_bias)
+        if cfg.stain_mode == "randstainna":
+            if cfg.lab_stats is None:
+                raise RuntimeError("stain_mode=randstainna needs the training set's statistics: call MultiView.prepare(source)")
+            x = random_lab_transfer(x, g, cfg.lab_stats)
+        else:
+            x = random_stain_jitter(x, g, cfg.stain_sigma, cfg.stain_bias)
     if _p(g, cfg.color):
         x = random_color_jitter(x, g, cfg.color_strength)
     if _p(g, cfg.gray):
@@ -184,31 +198,81 @@ def _local_size(tile_size: int, multiple: int) -> int:
     return min(s, tile_size)
 
 
-def view_recipes(kind: str, preset: str, tile_size: int, n_local: int = 6, multiple: int = 8) -> list[ViewAug]:
-    """Per-view recipes: ``kind`` is ``"two"`` (SimCLR, MoCo, Barlow Twins) or ``"multicrop"`` (DINO, SwAV).
+def view_recipes(kind: str, preset: str, tile_size: int, n_local: int = 6, multiple: int = 8, *,
+                 patch: int | None = None, local_size: int | None = None,
+                 global_scale: tuple[float, float] | None = None, local_scale: tuple[float, float] | None = None,
+                 what: str = "the backbone", flag: str = "--tile-size") -> list[ViewAug]:
+    """Per-view recipes: ``kind`` is ``"two"`` (SimCLR, MoCo, Barlow Twins), ``"multicrop"`` (DINO, SwAV)
+    or ``"dinov2"`` (Roth et al.: 2 global crops, scale 0.32-1, + ``n_local`` local crops of 98/224
+    of the tile, scale 0.05-0.32, sizes whole multiples of the ViT patch).
 
     Two-view recipes follow BYOL's asymmetry (view 2: less blur; solarisation only in the
     ``imagenet`` preset). Multi-crop: 2 global crops at ``tile_size`` + ``n_local`` local crops at
-    ~43 % of it (96/224, rounded to a multiple of the ViT patch size ``multiple``).
+    ~43 % of it (96/224, rounded to a multiple of ``multiple``). ``patch`` (a ViT's patch size, read
+    from the model) makes every size a checked multiple of it (:func:`plan_crops`). ``preset`` may
+    carry overrides of :class:`ViewAug` fields, e.g. ``pathology,stain_mode=randstainna,rot90=0``
+    (:func:`parse_augment`).
     """
     from gigaslide.errors import GigaslideError
 
-    if preset not in PRESETS:
-        raise GigaslideError(f"unknown augmentation preset '{preset}'", fix=f"use one of: {', '.join(PRESETS)}")
-    base = PRESETS[preset]
-    imagenet = preset == "imagenet"
+    name, overrides = parse_augment(preset)
+    base = replace(PRESETS[name], **overrides)
+    imagenet = name == "imagenet"
+    if kind not in ("two", "multicrop", "dinov2"):
+        raise ValueError(f"unknown view kind {kind!r}")
+    n_loc = 0 if kind == "two" else int(n_local)
+    if n_loc < 0:
+        raise GigaslideError(f"--n-local {n_local} must be 0 or more")
+    if patch is not None:
+        glob_size, loc_size = plan_crops(tile_size, patch, local_size, n_local=n_loc, what=what, flag=flag)
+    else:
+        glob_size = int(tile_size)
+        loc_size = (int(local_size) if local_size else _local_size(glob_size, multiple)) if n_loc else None
     if kind == "two":
-        return [replace(base, size=tile_size, blur=1.0 if imagenet else base.blur),
-                replace(base, size=tile_size, blur=0.1 if imagenet else base.blur, solarize=0.2 if imagenet else 0.0)]
-    if kind == "multicrop":
-        g_scale = (0.32, 1.0) if imagenet else (0.4, 1.0)
-        l_scale = (0.05, 0.32) if imagenet else (0.1, 0.4)
-        glob = [replace(base, size=tile_size, scale=g_scale, blur=1.0 if imagenet else base.blur),
-                replace(base, size=tile_size, scale=g_scale, blur=0.1 if imagenet else base.blur,
-                        solarize=0.2 if imagenet else 0.0)]
-        loc = replace(base, size=_local_size(tile_size, multiple), scale=l_scale)
-        return glob + [loc] * n_local
-    raise ValueError(f"unknown view kind {kind!r}")
+        views = [replace(base, size=glob_size, blur=1.0 if imagenet else base.blur),
+                 replace(base, size=glob_size, blur=0.1 if imagenet else base.blur, solarize=0.2 if imagenet else base.solarize)]
+        return views
+    if kind == "dinov2":
+        g_default, l_default = (0.32, 1.0), (0.05, 0.32)
+    else:
+        g_default, l_default = ((0.32, 1.0), (0.05, 0.32)) if imagenet else ((0.4, 1.0), (0.1, 0.4))
+    g_scale = check_scale("global_scale", global_scale or g_default)
+    l_scale = check_scale("local_scale", local_scale or l_default)
+    glob = [replace(base, size=glob_size, scale=g_scale, blur=1.0 if imagenet else base.blur),
+            replace(base, size=glob_size, scale=g_scale, blur=0.1 if imagenet else base.blur,
+                    solarize=0.2 if imagenet else base.solarize)]
+    return glob + [replace(base, size=loc_size, scale=l_scale)] * n_loc
+
+
+def parse_augment(text: str) -> tuple[str, dict]:
+    """``"pathology,vflip=0,rot90=0,stain_mode=randstainna"`` -> (preset name, :class:`ViewAug` overrides)."""
+    from gigaslide.errors import GigaslideError
+
+    name, *items = [t.strip() for t in str(text).split(",") if t.strip()] or [""]
+    if name not in PRESETS:
+        raise GigaslideError(f"unknown augmentation preset '{name}'", fix=f"use one of: {', '.join(PRESETS)}")
+    fields = {f.name: f for f in dataclasses.fields(ViewAug)} if items else {}
+    out: dict = {}
+    for it in items:
+        key, _, val = it.partition("=")
+        if key not in fields or key in ("size", "scale", "lab_stats") or not val:
+            allowed = ", ".join(k for k in fields if k not in ("size", "scale", "lab_stats"))
+            raise GigaslideError(f"cannot read augmentation option '{it}' in --augment {text}", fix=f"use KEY=VALUE with KEY one of: {allowed}")
+        cur = getattr(PRESETS[name], key)
+        try:
+            if isinstance(cur, bool):
+                out[key] = val.lower() in ("1", "true", "yes", "on")
+            elif isinstance(cur, str):
+                out[key] = val
+            elif isinstance(cur, tuple):
+                out[key] = tuple(float(v) for v in val.split("/"))
+            else:
+                out[key] = type(cur)(float(val))
+        except ValueError:
+            raise GigaslideError(f"augmentation option '{it}' has a bad value", fix=f"{key} is a {type(cur).__name__}") from None
+    if out.get("stain_mode", "hed") not in STAIN_MODES:
+        raise GigaslideError(f"unknown stain_mode '{out['stain_mode']}'", fix=f"use one of: {', '.join(STAIN_MODES)}")
+    return name, out
 
 
 class MultiView:
@@ -216,6 +280,24 @@ class MultiView:
 
     def __init__(self, recipes: list[ViewAug]):
         self.recipes = recipes
+
+    def needs_fit(self) -> bool:
+        return any(r.stain > 0 and r.stain_mode == "randstainna" and r.lab_stats is None for r in self.recipes)
+
+    def prepare(self, source, patch: int | None = None, n: int = 256, seed: int = 0) -> MultiView:  # noqa: ANN001
+        """Look at the data before training: refuse tiles smaller than the smallest crop the model can take
+        (:func:`check_tile_pixels`), and fill RandStainNA's statistics from up to ``n`` tiles (fixed by ``seed``)."""
+        import numpy as np
+
+        g = torch.Generator().manual_seed(seed)
+        first = source.load(0, g)
+        check_tile_pixels(np.asarray(first).shape, patch, getattr(source, "folder", None) or getattr(source, "paths", [None])[0])
+        if not self.needs_fit():
+            return self
+        idx = np.random.default_rng(seed).permutation(len(source))[:n]
+        stats = lab_statistics(source.load(int(i), g) for i in idx)
+        self.recipes = [replace(r, lab_stats=stats) if r.stain_mode == "randstainna" else r for r in self.recipes]
+        return self
 
     def __call__(self, img: torch.Tensor, g: torch.Generator) -> list[torch.Tensor]:
         if img.dtype == torch.uint8:

@@ -1,9 +1,17 @@
 """The run's encoder spec, and ``--init``: start from an existing encoder (Roth et al. 2024).
 
 ``--init`` accepts a registry name (hub weights from the local cache, e.g. ``vit_small_dinov2``),
-an export folder (``RUN_DIR/encoder``), a run folder or its ``checkpoint/``, or a weights file.
-The source must have the same architecture as ``--backbone``; ViT positional embeddings are
-resampled to the run's tile size on load (``gigaslide.encoders.model.load_weights_into``).
+a hub id (``hf-hub:timm/vit_small_patch14_dinov2.lvd142m``, local cache only), an export folder
+(``RUN_DIR/encoder``), a run folder or its ``checkpoint/``, a folder holding ``model.safetensors``
+(a Hugging Face cache snapshot), or a weights file. Weights in timm's layout, in the original
+DINOv2 layout (``mask_token``, ``register_tokens``, ``w12``/``w3`` SwiGLU, block chunks; converted by
+timm's ``checkpoint_filter_fn``) and in Hugging Face ``transformers``' Dinov2 layout are read
+(:mod:`gigaslide.ssl.tile.vit_layout`); DINOv2 ViT-S/B/L/g with or without register tokens.
+
+The source must have the same architecture as ``--backbone``: a ViT's patch size, width, depth and
+register tokens are compared before loading and a mismatch is one line naming both and the
+registry entries that would fit. Positional embeddings are resampled to the run's tile size on
+load; other crop sizes are resampled on the fly (timm ``dynamic_img_size``).
 """
 
 from __future__ import annotations
@@ -16,8 +24,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gigaslide import runs
 from gigaslide.encoders import ENCODERS, EncoderSpec, read_state_dict, resolve_hub_weights
 from gigaslide.errors import GigaslideError
+from gigaslide.ssl.tile.vit_layout import check_vit_state, patch_size_of, to_timm_layout
+
+__all__ = ["load_init", "patch_size_of", "resolve_init", "run_spec", "with_embed_dim"]
 
 
 def run_spec(backbone: str, method: str, tile_size: int, mpps: Sequence[float] | None, augment: str) -> EncoderSpec:
@@ -63,11 +75,15 @@ def _check_arch(init: str, arch: str, spec: EncoderSpec, backbone: str) -> None:
 
 def resolve_init(init: str, spec: EncoderSpec, backbone: str) -> tuple[dict[str, torch.Tensor], str]:
     """(state_dict, source description) for ``--init``; refuses another architecture."""
-    from gigaslide.ssl.tile.checkpoint import backbone_state, checkpoint_dir
-
     p = Path(init)
+    if init.startswith(("hf-hub:", "hf_hub:")):
+        return read_state_dict(resolve_hub_weights(init)), init
+    if p.is_dir() and not (p / "encoder.json").is_file():
+        for name in ("model.safetensors", "pytorch_model.bin"):  # a Hugging Face cache snapshot / model folder
+            if (p / name).is_file():
+                return read_state_dict(p / name), str(p / name)
     if p.is_dir():
-        run = p.parent if (p / "state.json").is_file() and p.name == "checkpoint" else p
+        run = p.parent if p.name == runs.CHECKPOINT_DIR and (p / "last.json").is_file() else p
         if (p / "encoder.json").is_file():
             arch, _ = _arch_of_export(p)
             _check_arch(init, arch, spec, backbone)
@@ -76,12 +92,13 @@ def resolve_init(init: str, spec: EncoderSpec, backbone: str) -> tuple[dict[str,
             arch, _ = _arch_of_export(run / "encoder")
             _check_arch(init, arch, spec, backbone)
             return read_state_dict(run / "encoder" / "weights.safetensors"), str(run / "encoder")
-        if (checkpoint_dir(run) / "state.json").is_file():
-            state = json.loads((checkpoint_dir(run) / "state.json").read_text())
-            arch = state.get("spec", {}).get("arch")
+        if runs.read_checkpoint_record(run) is not None:  # a pretrain run not exported yet: its checkpoint's trunk
+            ck = runs.load_checkpoint(run)
+            arch = (ck.get("spec") or {}).get("arch")
             if arch:
                 _check_arch(init, arch, spec, backbone)
-            return backbone_state(run), str(checkpoint_dir(run))
+            pre = ck.get("export_prefix", "backbone.")
+            return {k[len(pre):]: v for k, v in ck["model"].items() if k.startswith(pre)}, str(runs.checkpoint_dir(run))
         raise GigaslideError("folder is neither an encoder export nor a pretrain run", path=p,
                              fix="pass RUN_DIR, RUN_DIR/encoder, a weights file, or an encoder name")
     if p.is_file():
@@ -104,6 +121,9 @@ def load_init(trunk: nn.Module, spec: EncoderSpec, init: str, backbone: str) -> 
     from gigaslide.encoders.model import load_weights_into
 
     sd, source = resolve_init(init, spec, backbone)
+    if spec.family == "vit":
+        sd = to_timm_layout(sd, trunk)
+        check_vit_state(sd, trunk, source, backbone)
     try:
         load_weights_into(trunk, sd, source, spec)
     except GigaslideError as e:

@@ -1,66 +1,80 @@
-"""``--devices N``: the same method, data and checkpoints, driven by PyTorch Lightning (DDP, AMP).
+"""``--devices N``: the same run driven by PyTorch Lightning (DDP), as a thin wrapper.
 
-One thin :class:`SSLModule`; everything else (views, sampler, schedules, checkpoint format,
-export) is shared with :mod:`gigaslide.ssl.tile.train`. Each rank draws its own slice of every
-step's global batch from :class:`~gigaslide.ssl.tile.data.StepSampler`; rank 0 writes the
-checkpoint (same pickle-free format, so single-process runs can resume it and vice versa) and the
-export. Lightning's own ``.ckpt`` files are not written.
+Everything but the process launch and gradient all-reduce is the native engine's: the run is opened
+by :func:`~gigaslide.ssl.tile.session.open_session` (same run folder, identity, checkpoint format,
+precision policy, monitor and export), and each step is :func:`~gigaslide.ssl.tile.step.train_step`
+under Lightning's manual optimisation (``manual_backward``; Lightning runs in ``32-true`` and the
+run's own autocast applies). Each rank draws its slice of every step's global batch from
+:class:`~gigaslide.ssl.tile.data.StepSampler`; rank 0 writes checkpoints and the export, so a
+single-process run can resume a Lightning run and vice versa. A budget's step plan is measured on
+rank 0 and broadcast, so every rank follows one schedule; the budget itself is Lightning's
+``max_time`` (one decision for all ranks). Lightning's own ``.ckpt`` files are not written.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import os
 import time
 from typing import Any
 
 import torch
 
-from gigaslide import atomic
 from gigaslide.errors import GigaslideError
-from gigaslide.ssl.tile import checkpoint as ckpt
-from gigaslide.ssl.tile.train import PretrainConfig, _export_prefix, build_model, json_spec, lr_at, param_groups
+from gigaslide.ssl.tile.config import PretrainConfig, check_config
+from gigaslide.ssl.tile.session import Session, open_session
+from gigaslide.ssl.tile.step import StepPlan, train_step
 
 
 def _module_class():  # noqa: ANN202
-    import pytorch_lightning as pl
+    import pytorch_lightning as pl  # optional heavy dependency, only for --devices > 1 / --engine lightning
 
     class SSLModule(pl.LightningModule):
-        def __init__(self, model: torch.nn.Module, cfg: PretrainConfig, family: str, start_step: int, elapsed: float):
+        def __init__(self, session: Session):
             super().__init__()
-            self.model, self.cfg, self.family = model, cfg, family
-            self.start_step, self.elapsed0, self.t0 = start_step, elapsed, None
-            self.base_lr = cfg.lr if cfg.lr is not None else model.default_lr
-            self.opt_state: dict | None = None
-
-        def progress(self, step: int) -> float:
-            el = self.elapsed0 + (time.monotonic() - self.t0 if self.t0 else 0.0)
-            return max(step / self.cfg.steps if self.cfg.steps else 0.0, el / self.cfg.budget_s if self.cfg.budget_s else 0.0)
+            self.model = session.model
+            self.session = session
+            self.automatic_optimization = False
+            self.local = 0
+            self.images_this_run = 0
+            self.train_s = 0.0
+            self.t0 = self.t_ckpt = time.monotonic()
 
         def on_train_start(self) -> None:
-            self.t0 = time.monotonic()
             self.model.prepare_distributed()
+            self.t0 = self.t_ckpt = time.monotonic()
+
+        def on_train_epoch_start(self) -> None:
+            self.session.restore_rng()
 
         def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
-            step = self.start_step + batch_idx
-            p = self.progress(step)
-            for g in self.optimizers().param_groups:
-                g["lr"] = lr_at(p, self.base_lr, self.cfg.warmup_frac) * g["lr_scale"]
-            loss = self.model.loss(batch, step, p)
+            s, cfg = self.session, self.session.cfg
+            t = time.monotonic()
+            loss = train_step(self.model, batch, self.optimizers(), s.scaler, s.step, s.plan.progress(s.step),
+                              base_lr=cfg.lr, warmup_frac=cfg.warmup_frac, device=self.device,
+                              precision=s.precision.resolved, run_dir=cfg.out, backward=self.manual_backward)
+            s.step, self.local = s.step + 1, self.local + 1
+            n = batch[0].shape[0] * self.trainer.world_size
+            s.images, self.images_this_run = s.images + n, self.images_this_run + n
+            dt = time.monotonic() - t
+            self.train_s += dt
+            s.elapsed = self.elapsed0 + time.monotonic() - self.t0
+            s.plan.observe(self.local, dt, s.step, s.elapsed)
+            if cfg.budget_s is not None and self.local in StepPlan.CALIBRATE_AT:
+                s.plan.planned = int(self.trainer.strategy.broadcast(s.plan.planned, src=0))  # one schedule for all
+            if s.run is not None:
+                if s.step % cfg.log_every == 0 or self.local == 1:
+                    s.history.append({"step": s.step, "loss": round(float(loss), 5),
+                                      "lr": self.optimizers().param_groups[0]["lr"], "elapsed_s": round(s.elapsed, 2)})
+                if s.monitor_due():
+                    s.run_monitor()
+                if time.monotonic() - self.t_ckpt >= cfg.checkpoint_every_s:
+                    s.save("periodic")
+                    self.t_ckpt = time.monotonic()
             self.log("loss", loss, prog_bar=True, sync_dist=False)
             return loss
 
-        def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-            self.model.before_optimizer_step(self.start_step + self.global_step)
-
-        def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-            self.model.after_step(self.progress(self.start_step + batch_idx))
-
         def configure_optimizers(self) -> torch.optim.Optimizer:
-            opt = torch.optim.AdamW(param_groups(self.model, self.cfg, self.family), lr=self.base_lr,
-                                    weight_decay=self.cfg.weight_decay)
-            if self.opt_state is not None:
-                opt.load_state_dict(self.opt_state)
-            return opt
+            return self.session.opt
 
     return SSLModule
 
@@ -68,59 +82,49 @@ def _module_class():  # noqa: ANN202
 def pretrain_lightning(cfg: PretrainConfig) -> dict[str, Any]:
     """DDP pre-training over ``cfg.devices`` GPUs (or CPU processes when no GPU is present)."""
     try:
-        import pytorch_lightning as pl
+        import pytorch_lightning as pl  # optional heavy dependency
     except ImportError:  # pragma: no cover
         raise GigaslideError("--devices > 1 needs pytorch-lightning", fix="pip install pytorch-lightning") from None
-    from gigaslide.encoders import export_encoder
-    from gigaslide.ssl.tile.augment import MultiView, view_recipes
-    from gigaslide.ssl.tile.data import StepSampler, ViewDataset, build_source, make_loader
-
-    out = atomic.ensure_writable_dir(cfg.out)
-    prev = ckpt.read_state(out)
-    if prev is not None and prev.get("identity") != json_loads_identity(cfg):
-        raise GigaslideError(f"this run folder holds another run ({prev.get('identity')})", path=out,
-                             fix="re-run with the same options to resume, or choose a new --out")
-    model, spec, init_source = build_model(dataclasses.replace(cfg, init=None) if prev else cfg)
-    step, elapsed, opt_state = 0, 0.0, None
-    if prev is not None:
-        state, opt = ckpt.load_checkpoint(out, model)
-        step, elapsed, opt_state, init_source = state["step"], state["elapsed_s"], opt["optimizer"], state.get("init")
+    check_config(cfg)
     cuda = torch.cuda.is_available()
-    precision = {"fp32": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}.get(cfg.precision, "bf16-mixed" if cuda else "32-true")
-    remaining = None if cfg.steps is None else max(0, cfg.steps - step)
-    trainer = pl.Trainer(accelerator="gpu" if cuda else "cpu", devices=cfg.devices, strategy="ddp_find_unused_parameters_true" if cfg.devices > 1 else "auto",
-                         precision=precision, max_steps=remaining if remaining is not None else -1,
-                         max_time={"seconds": max(1.0, cfg.budget_s - elapsed)} if cfg.budget_s else None,
-                         gradient_clip_val=3.0, enable_checkpointing=False, logger=False, use_distributed_sampler=False,
-                         enable_model_summary=False, log_every_n_steps=cfg.log_every)
-    module = _module_class()(model, cfg, spec.family, step, elapsed)
-    module.opt_state = opt_state
-    source = build_source(cfg.data, cfg.mpp, cfg.tile_size, cfg.min_tissue, cfg.data_kind)
-    multiple = 16 if spec.family == "vit" else 8
-    views = MultiView(view_recipes(model.view_kind, cfg.augment, cfg.tile_size, cfg.n_local, multiple))
-    sampler = StepSampler(len(source), cfg.batch_size, cfg.seed, step, remaining,
-                          rank=trainer.global_rank, world_size=trainer.world_size)
-    loader = make_loader(ViewDataset(source, views, cfg.tile_size), sampler, cfg.workers)
-    t0 = time.monotonic()
-    trainer.fit(module, loader)
-    dt = time.monotonic() - t0
-    step += trainer.global_step
-    elapsed += dt
-    summary = {"run": str(out), "method": cfg.method, "backbone": cfg.backbone, "steps": step, "elapsed_s": round(elapsed, 1),
-               "images_per_s": round(trainer.global_step * cfg.batch_size * trainer.world_size / dt, 2) if dt else None,
-               "devices": trainer.world_size, "precision": precision, "engine": "pytorch-lightning", "init": init_source}
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{rank}") if cuda else torch.device("cpu")
+    s = open_session(cfg, write=rank == 0, device=device)
+    cfg = s.cfg
+    remaining = None if cfg.steps is None else max(0, cfg.steps - s.step)
+    if cfg.stop_after_steps is not None:
+        remaining = cfg.stop_after_steps if remaining is None else min(remaining, cfg.stop_after_steps)
+    left_s = None if cfg.budget_s is None else max(1.0, cfg.budget_s - s.elapsed)
+    trainer = pl.Trainer(accelerator="gpu" if cuda else "cpu", devices=cfg.devices,
+                         strategy="ddp_find_unused_parameters_true" if cfg.devices > 1 else "auto",
+                         precision="32-true", max_steps=remaining if remaining is not None else -1,
+                         max_time={"seconds": left_s} if left_s else None, enable_checkpointing=False, logger=False,
+                         use_distributed_sampler=False, enable_model_summary=False, enable_progress_bar=False,
+                         log_every_n_steps=cfg.log_every)
+    module = _module_class()(s)
+    module.elapsed0 = s.elapsed
+    done = (remaining == 0) or (cfg.budget_s is not None and s.elapsed >= cfg.budget_s)
+    if not done:
+        trainer.fit(module, s.loader(rank=trainer.global_rank, world_size=trainer.world_size))
+    s.elapsed = module.elapsed0 + (time.monotonic() - module.t0 if not done else 0.0)
+    if cfg.steps is not None and s.step >= cfg.steps:
+        reason = "steps"
+    elif cfg.budget_s is not None and s.elapsed >= cfg.budget_s - 1.0:
+        reason = "budget"
+    else:
+        reason = "stop_after_steps" if cfg.stop_after_steps is not None else "signal"
     if trainer.is_global_zero:
-        model = module.model.cpu()
-        state = {"step": step, "elapsed_s": elapsed, "images": step * cfg.batch_size * trainer.world_size,
-                 "identity": json_loads_identity(cfg), "config": json_loads_identity(cfg, full=True),
-                 "spec": json_spec(spec), "init": init_source, "reason": "lightning", "export_prefix": _export_prefix(model)}
-        ckpt.save_checkpoint(out, model, {"optimizer": trainer.optimizers[0].state_dict()}, state)
-        export_encoder(out / "encoder", model.export_trunk(), spec)
-        atomic.write_json(out / "run.json", summary)
+        s.model.cpu()
+        s.device = torch.device("cpu")
+        if s.monitor is not None and (not s.monitor_log or s.monitor_log[-1]["step"] != s.step):
+            s.run_monitor()
+    summary = s.summary(reason, module.images_this_run, module.train_s, engine="pytorch-lightning",
+                        devices=trainer.world_size)
+    if trainer.is_global_zero:
+        s.save(reason)
+        s.export()
+        s.finish(summary)
     return summary
 
 
-def json_loads_identity(cfg: PretrainConfig, full: bool = False) -> dict[str, Any]:
-    import json
-
-    return json.loads(json.dumps(dataclasses.asdict(cfg) if full else cfg.identity(), default=str))
+__all__ = ["pretrain_lightning"]

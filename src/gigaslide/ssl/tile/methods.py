@@ -5,7 +5,9 @@ Each method wraps a timm trunk (``gigaslide.encoders.create_trunk``) and exposes
 ``export_trunk()`` (the backbone to export: the EMA teacher for DINO, the query encoder otherwise).
 Views arrive as float tensors in [0, 1]; the method normalises them with the run's mean/std.
 
-Defaults are the papers' recipes shrunk for small runs (projection sizes, prototypes, queue).
+Defaults are the papers' recipes shrunk for small runs (projection sizes, prototypes, queue); they
+were not tuned here. Each method's ``recipe`` (see :class:`SSLMethod`) fills run options the user
+left unset.
 """
 
 from __future__ import annotations
@@ -32,9 +34,14 @@ def _cosine(progress: float, start: float, end: float) -> float:
 class SSLMethod(nn.Module):
     """Base class: a trunk, its input normalisation and a head; subclasses define the loss."""
 
-    view_kind = "two"  # "two" or "multicrop"
+    view_kind = "two"  # "two", "multicrop" or "dinov2" (gigaslide.ssl.tile.augment.view_recipes)
     default_lr = 1e-3
     hparams: dict[str, Any] = {}
+    #: Recipe defaults for :class:`~gigaslide.ssl.tile.config.PretrainConfig` fields the user left ``None``
+    #: (e.g. ``batch_size``, ``lr``, ``warmup_frac``, ``layer_decay``, ``patch_embed_lr_mult``, ``drop_path``,
+    #: ``n_local``, ``crop_size``, ``local_size``, ``local_scale``, ``global_scale``), plus ``method_args``
+    #: merged under the user's ``--method-args``. Applied by ``config.resolve_config``; unknown keys are refused.
+    recipe: dict[str, Any] = {}
 
     def __init__(self, trunk: nn.Module, embed_dim: int, mean, std, channels_last: bool = False, **kw: Any):  # noqa: ANN001
         super().__init__()
@@ -215,8 +222,9 @@ class SwAV(SSLMethod):
 class DINO(SSLMethod):
     """DINO (Caron et al. 2021): student matches the EMA teacher's centred, sharpened output; multi-crop.
 
-    With ``--init`` a DINOv2 ViT this is Roth et al.'s continued pre-training (teacher and student
-    both start from the foundation model; the exported encoder is the teacher).
+    With ``--init`` teacher and student both start from the given encoder (the exported encoder is
+    the teacher), but the loss is DINO v1's only: Roth et al.'s continued pre-training of a DINOv2
+    ViT (DINO + iBOT + KoLeo, Sinkhorn-Knopp) is ``--method dinov2`` (:mod:`gigaslide.ssl.tile.dinov2`).
     """
 
     view_kind = "multicrop"

@@ -8,27 +8,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from gigaslide import runs
+from gigaslide.cli.main import main as cli
 from gigaslide.encoders import build_encoder
 from gigaslide.errors import GigaslideError
-from gigaslide.evaluation.finetune import FinetuneConfig, finetune_tiles, label_subset
-
-
-def _folder(root, n_per_class, seed, classes=("normal", "tumor")):
-    """Class 0: pale pink tiles; class 1: dark purple blobs (separable by colour and texture)."""
-    rng = np.random.default_rng(seed)
-    for c, name in enumerate(classes):
-        (root / name).mkdir(parents=True)
-        for i in range(n_per_class):
-            base = np.array([235, 190, 215] if c == 0 else [120, 60, 150], np.float32)
-            img = base + rng.normal(0, 25, (32, 32, 3))
-            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / name / f"{i:03d}.png")
-    return root
+from gigaslide.ssl.tile.finetune import FinetuneConfig, finetune_tiles, label_subset
+from gigaslide.testing import make_tile_folder
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     d = tmp_path_factory.mktemp("ft")
-    return _folder(d / "train", 40, 0), _folder(d / "test", 20, 1)
+    return make_tile_folder(d / "train", 40, seed=0), make_tile_folder(d / "test", 20, seed=1)
 
 
 CFG = dict(epochs=3, batch_size=16, lr=1e-3, head_lr=1e-2, workers=0, n_bootstrap=50, patience=3)
@@ -68,7 +59,7 @@ def test_finetune_learns_reports_resumes_and_exports(folders, tmp_path):
     assert rep2["protocols"]["finetune_100%"]["auc"] == full["auc"]
     # lost result, checkpoint kept (interrupted after the last epoch): resumes without training again
     (out / "fraction_100pct" / "result.json").unlink()
-    state = json.loads((out / "fraction_100pct" / "checkpoint" / "state.json").read_text())
+    state = runs.load_checkpoint(out / "fraction_100pct")["state"]
     assert state["epoch"] == 3 and len(state["history"]) == 3
     rep3 = finetune_tiles(train, test, "test_resnet", out, weights="random", cfg=cfg)
     assert rep3["protocols"]["finetune_100%"]["auc"]["value"] == pytest.approx(full["auc"]["value"])
@@ -76,7 +67,7 @@ def test_finetune_learns_reports_resumes_and_exports(folders, tmp_path):
 
 
 def test_interrupted_run_resumes_from_the_last_epoch(folders, tmp_path, monkeypatch):
-    import gigaslide.evaluation.finetune as ft
+    import gigaslide.ssl.tile.finetune as ft
 
     train, test = folders
     out = tmp_path / "ft"
@@ -94,7 +85,7 @@ def test_interrupted_run_resumes_from_the_last_epoch(folders, tmp_path, monkeypa
         finetune_tiles(train, test, "test_resnet", out, weights="random", cfg=cfg)
     run = out / "fraction_100pct"
     assert not (run / "result.json").exists() and not (out / "report.json").exists()
-    first = json.loads((run / "checkpoint" / "state.json").read_text())
+    first = runs.load_checkpoint(run)["state"]
     assert first["epoch"] == 1
     monkeypatch.setattr(ft, "predict_tiles", real)
     rep = finetune_tiles(train, test, "test_resnet", out, weights="random", cfg=cfg)
@@ -109,10 +100,10 @@ def test_interrupted_run_resumes_from_the_last_epoch(folders, tmp_path, monkeypa
 def test_bad_input(folders, tmp_path):
     train, test = folders
     cfg = FinetuneConfig(**CFG)
-    other = _folder(tmp_path / "other", 2, 0, classes=("a", "b"))
+    other = make_tile_folder(tmp_path / "other", 2, classes=("a", "b"))
     with pytest.raises(GigaslideError, match="differ from training classes"):
         finetune_tiles(train, other, "test_resnet", tmp_path / "o1", weights="random", cfg=cfg)
-    one = _folder(tmp_path / "one", 3, 0, classes=("only",))
+    one = make_tile_folder(tmp_path / "one", 3, classes=("only",))
     with pytest.raises(GigaslideError, match="single class"):
         finetune_tiles(one, one, "test_resnet", tmp_path / "o2", weights="random", cfg=cfg)
     flat = tmp_path / "flat"
@@ -130,7 +121,7 @@ def test_bad_input(folders, tmp_path):
         (train / "normal" / "broken.png").unlink()
 
 
-def test_cli_finetune(folders, tmp_path, cli, capsys):
+def test_cli_finetune(folders, tmp_path, capsys):
     train, test = folders
     out = tmp_path / "cli"
     rc = cli(["evaluate", "finetune", "--train", str(train), "--test", str(test), "--encoder", "test_resnet",

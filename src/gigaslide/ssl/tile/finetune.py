@@ -9,7 +9,8 @@ bootstrap 95 % CIs as the frozen probes (:mod:`gigaslide.evaluation.tiles`), so 
 
 Layout of ``OUT``: ``report.{json,md,png}`` and one folder per fraction (``fraction_10pct/``) with
 ``result.json`` (reused when the settings match: a re-run resumes), ``checkpoint/`` (the last
-epoch: model, optimiser and history; an interrupted run continues from it), ``best.safetensors``
+epoch: model, optimiser and history, :func:`gigaslide.runs.save_checkpoint`; an interrupted run
+continues from it), ``best.safetensors``
 and ``encoder/`` (the fine-tuned encoder as an export folder that ``gigaslide encode`` and
 ``embed-tiles`` load).
 """
@@ -28,11 +29,19 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from gigaslide import atomic
+from gigaslide import atomic, runs
+from gigaslide.devices import autocast_ctx, pick_device
+from gigaslide.encoders import build_encoder
+from gigaslide.encoders.model import export_encoder
 from gigaslide.errors import GigaslideError, check_finite_loss
-from gigaslide.tiling.folders import labelled_images
+from gigaslide.evaluation.metrics import METRICS, summarize
+from gigaslide.evaluation.tiles import write_report
+from gigaslide.features.tiles import read_tile
+from gigaslide.ssl.tile.augment import random_flip_rotate, random_stain_jitter, to_float
+from gigaslide.tiling.folders import labelled_images, subsample
 
 AUGMENTS = ("pathology", "none")
 
@@ -78,9 +87,6 @@ class TileImages(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from gigaslide.features.tiles import read_tile
-        from gigaslide.ssl.tile.augment import random_flip_rotate, random_stain_jitter, to_float
-
         x = to_float(torch.from_numpy(read_tile(self.files[i]).copy()))
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x[None], size=(self.size, self.size), mode="bilinear", align_corners=False,
@@ -127,8 +133,6 @@ def _loader(ds: TileImages, cfg: FinetuneConfig, shuffle: bool, seed: int = 0) -
 @torch.no_grad()
 def predict_tiles(model: Classifier, ds: TileImages, cfg: FinetuneConfig, device: torch.device) -> tuple[np.ndarray, float]:
     """(class probabilities [N, C], mean cross-entropy) of ``ds`` (no augmentation)."""
-    from gigaslide.devices import autocast_ctx
-
     model.eval()
     probs, loss_sum = [], 0.0
     for x, y in _loader(ds, cfg, shuffle=False):
@@ -145,6 +149,12 @@ def run_key(cfg: FinetuneConfig, encoder: str, weights: str, n_train: int) -> st
     return json.dumps({**d, "encoder": str(encoder), "weights": str(weights), "n_train": n_train}, sort_keys=True)
 
 
+def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Balanced cross-entropy weights ``n / (C * count_c)`` (0 for a class absent from ``y``)."""
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    return torch.tensor(np.where(counts > 0, len(y) / (n_classes * np.maximum(counts, 1)), 0.0), dtype=torch.float32)
+
+
 def _lr_factor(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -154,15 +164,6 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 def finetune_fraction(encoder: str, weights: str, train: tuple[list[Path], np.ndarray], val: tuple[list[Path], np.ndarray],
                       test: tuple[list[Path], np.ndarray], n_classes: int, cfg: FinetuneConfig, run_dir: Path) -> dict[str, Any]:
     """Fine-tune one model on ``train``, select on ``val``, test on ``test``; resumes from ``run_dir/checkpoint``."""
-    from safetensors.torch import load_file, save_file
-
-    from gigaslide.devices import autocast_ctx, pick_device
-    from gigaslide.encoders import build_encoder
-    from gigaslide.encoders.model import export_encoder
-    from gigaslide.evaluation.metrics import METRICS, summarize
-    from gigaslide.mil.train import class_weights
-    from gigaslide.ssl.tile.checkpoint import load_checkpoint, model_tensors, read_state, save_checkpoint
-
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     enc = build_encoder(encoder, weights, seed=cfg.seed)
@@ -179,10 +180,11 @@ def finetune_fraction(encoder: str, weights: str, train: tuple[list[Path], np.nd
     key = run_key(cfg, encoder, weights, len(ds_tr))
     state: dict[str, Any] = {"step": 0, "epoch": 0, "best_val_loss": None, "best_epoch": None, "bad_epochs": 0,
                              "history": [], "key": key, "train_seconds": 0.0}
-    old = read_state(run_dir)
-    if old is not None and old.get("key") == key:
-        state, opt_state = load_checkpoint(run_dir, model)
-        opt.load_state_dict(opt_state["optimizer"])
+    ck = runs.load_checkpoint(run_dir) if runs.read_checkpoint_record(run_dir) is not None else None
+    if ck is not None and ck["state"].get("key") == key:  # other settings: start over (the result is re-made)
+        state = ck["state"]
+        runs.load_module_state(model, ck["model"], runs.checkpoint_dir(run_dir))
+        opt.load_state_dict(ck["optimizer"])
     best_file = run_dir / "best.safetensors"
     while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
         model.train()
@@ -211,11 +213,11 @@ def finetune_fraction(encoder: str, weights: str, train: tuple[list[Path], np.nd
         if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
             state.update(best_val_loss=val_loss, best_epoch=state["epoch"], bad_epochs=0)
             with atomic.atomic_path(best_file, suffix=".safetensors") as tmp:
-                save_file(model_tensors(model), str(tmp))
+                save_file({k: v.cpu().contiguous() for k, v in runs.module_state(model).items()}, str(tmp))
         else:
             state["bad_epochs"] += 1
         state["epoch"] += 1
-        save_checkpoint(run_dir, model, {"optimizer": opt.state_dict()}, state)
+        runs.save_checkpoint(run_dir, {"model": runs.module_state(model), "optimizer": opt.state_dict(), "state": state})
     sd = load_file(str(best_file), device="cpu")
     model.load_state_dict({k: v for k, v in sd.items() if "::" not in k})
     spec = dataclasses.replace(enc.spec, name=f"{enc.spec.name}_finetuned", hub=None,
@@ -240,10 +242,6 @@ def _folder(path: str | os.PathLike, role: str) -> tuple[list[Path], np.ndarray,
 def finetune_tiles(train_folder: str | os.PathLike, test_folder: str | os.PathLike, encoder: str,
                    out: str | os.PathLike, *, weights: str = "default", cfg: FinetuneConfig | None = None) -> dict[str, Any]:
     """Fine-tune ``encoder`` at each label fraction of ``cfg`` and write ``out/report.{json,md,png}``."""
-    from gigaslide.encoders import build_encoder
-    from gigaslide.evaluation.tiles import write_report
-    from gigaslide.tiling.folders import subsample
-
     cfg = cfg or FinetuneConfig()
     if cfg.augment not in AUGMENTS:
         raise GigaslideError(f"unknown augmentation '{cfg.augment}'", fix=f"use one of: {', '.join(AUGMENTS)}")

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Every GPU check of gigaslide, in one script that runs in <= 10 minutes on a lent GPU.
+#
+#   bash benchmarks/gpu_check.sh [--tiny] [OUT_DIR]      (default OUT_DIR: $OUT, else bench_out/gpu)
+#
+# Sections (each a python script `benchmarks/gpu_<name>.py --mode tiny|full --out FILE.md`, with its own
+# time limit so one slow section cannot eat the others' time):
+#   encode     model-only forward vs end-to-end encode tiles/s (ResNet-50, ViT-S/16, ViT-L/16 @224),
+#              reader-only tiles/s with 1/4/8/16 processes
+#   streaming  StreamingCLAM ResNet-34 fwd+bwd time and peak GPU memory at 8192², 16384², 32768²,
+#              and the end-to-end StreamingCLAM vs two-stage experiment sized from a 1-minute probe
+# --tiny (or no CUDA device): a CPU smoke mode that runs in seconds; the test suite runs it so it cannot rot.
+# The collected report is OUT_DIR/gpu_check.md; the exit code is non-zero if any section failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mode=full
+if [ "${1:-}" = "--tiny" ]; then mode=tiny; shift; fi
+out=${1:-${OUT:-bench_out/gpu}}
+py=${PYTHON:-.venv/bin/python}
+[ -x "$py" ] || py=python3
+mkdir -p "$out"
+if [ "$mode" = full ] && ! "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "no CUDA device here: running the tiny CPU mode instead"
+  mode=tiny
+fi
+declare -A limit_full=([encode]=240 [streaming]=330)
+declare -A limit_tiny=([encode]=120 [streaming]=120)
+report="$out/gpu_check.md"
+{ echo "# GPU check ($mode mode)"; echo; echo "$(date -u +%FT%TZ) on $(hostname)"; echo; } > "$report"
+status=0
+for name in encode streaming; do
+  script="benchmarks/gpu_${name}.py"
+  if [ ! -f "$script" ]; then
+    echo "- section $name: MISSING ($script not found)" >> "$report"; status=1; continue
+  fi
+  if [ "$mode" = full ]; then lim=${limit_full[$name]}; else lim=${limit_tiny[$name]}; fi
+  t0=$(date +%s)
+  timeout "$lim" "$py" "$script" --mode "$mode" --out "$out/gpu_${name}.md"
+  rc=$?
+  dt=$(( $(date +%s) - t0 ))
+  if [ $rc -eq 0 ] && [ -s "$out/gpu_${name}.md" ]; then
+    echo "- section $name: ok (${dt} s)" >> "$report"
+  else
+    echo "- section $name: FAILED (exit $rc after ${dt} s, limit ${lim} s)" >> "$report"; status=1
+  fi
+done
+echo >> "$report"
+for name in encode streaming; do
+  [ -s "$out/gpu_${name}.md" ] && { cat "$out/gpu_${name}.md"; echo; } >> "$report"
+done
+cat "$report"
+exit $status

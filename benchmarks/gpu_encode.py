@@ -1,0 +1,144 @@
+"""GPU encode throughput: model-only forward vs end-to-end encode, and reader-only tiles/s by process count.
+
+    .venv/bin/python benchmarks/gpu_encode.py --mode tiny --out /tmp/gpu_tiny.md   # CPU, seconds (CI)
+    .venv/bin/python benchmarks/gpu_encode.py --mode full --out benchmarks/results/gpu_encode.md   # a lent GPU
+
+``full``: ResNet-50, ViT-S/16 and ViT-L/16 at 224 px with random weights (speed does not depend on
+them), batch 256, the device's autocast (bf16), on a generated pyramidal JPEG TIFF at 0.5 µm/px
+(tiled once beforehand, so end to end = reading + decoding + copying + the model). Model-only runs
+the same number of batches of uint8 tiles already on the device (normalisation included). The
+end-to-end path is ``gigaslide encode``'s: a persistent reader pool (``--readers``, default sized to
+the machine), uint8 batches pinned and copied ``non_blocking``, normalised on the GPU.
+``tiny``: the same code on CPU with the tiny test encoders and a small slide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine  # noqa: E402
+
+from gigaslide.devices import autocast_ctx, choose_precision, pick_device  # noqa: E402
+from gigaslide.encoders import build_encoder  # noqa: E402
+from gigaslide.features.extract import encode_slides  # noqa: E402
+from gigaslide.features.parallel import auto_workers, rank_info  # noqa: E402
+from gigaslide.slides.pool import ReaderPool, ReadTask  # noqa: E402
+from gigaslide.testing import make_slide  # noqa: E402
+from gigaslide.tiling import TilingParams, tile_slide  # noqa: E402
+
+MODES = {
+    "tiny": {"encoders": ["test_resnet", "test_vit"], "size": 1024, "tile": 64, "mpp": 0.5, "batch": 16,
+             "readers": [1, 2]},
+    "full": {"encoders": ["resnet50", "vit_small", "uni"], "size": 16384, "tile": 224, "mpp": 0.5, "batch": 256,
+             "readers": [1, 4, 8, 16]},
+}
+READER_BATCH = 64  # small enough that 16 processes all get work
+LABEL = {"uni": "ViT-L/16 (uni arch)", "vit_small": "ViT-S/16", "resnet50": "ResNet-50"}
+
+
+def model_only(enc, dev: torch.device, n: int, tile: int, batch: int, precision: str, compile_model: bool) -> float:  # noqa: ANN001
+    model = enc.to(dev).eval()
+    if enc.spec.family == "cnn":
+        model = model.to(memory_format=torch.channels_last)
+    if compile_model:
+        model = torch.compile(model)
+    x = torch.randint(0, 256, (batch, tile, tile, 3), dtype=torch.uint8, device=dev)
+    choice = choose_precision(dev, precision, probe=lambda: model(x[:8]))
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    with torch.inference_mode(), autocast_ctx(dev, choice.resolved):
+        model(x)  # warm-up (and compilation)
+        sync()
+        t = time.perf_counter()
+        for _ in range(max(1, n // batch)):
+            model(x)
+        sync()
+    return max(1, n // batch) * batch / (time.perf_counter() - t)
+
+
+def reader_only(coords, slide: Path, tile: int, mpp: float, batch: int, procs: int) -> float:  # noqa: ANN001
+    t = time.perf_counter()
+    with ReaderPool(procs, slot_bytes=batch * tile * tile * 3) as pool:
+        nxt, n = 0, 0
+        while nxt < len(coords) or pool.pending:
+            while nxt < len(coords) and pool.pending < pool.max_pending:
+                pool.submit(ReadTask(nxt, str(slide), coords[nxt:nxt + batch], tile, mpp))
+                nxt += batch
+            _, px, _ = pool.get()
+            assert not isinstance(px, str), px
+            n += len(px)
+    return n / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", choices=sorted(MODES), default="tiny")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--readers", type=int, default=None, help="reader processes for end to end (default: sized to the machine)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the encoder (model-only and end to end)")
+    ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    args = ap.parse_args()
+    cfg = MODES[args.mode]
+    dev = pick_device("auto") if args.mode == "full" else torch.device("cpu")
+    if args.mode == "full" and dev.type != "cuda":
+        raise SystemExit("--mode full needs a CUDA device")
+    torch.set_num_threads(int(os.environ.get("GIGASLIDE_THREADS", "2")))
+    work = Path(args.work or tempfile.mkdtemp(prefix="gs-gpu-"))
+    s = cfg["size"]
+    t = time.perf_counter()
+    slide = make_slide(work / f"gen{s}.tiff", (s, s), mpp=0.5, seed=3, blobs=5)
+    t_make = time.perf_counter() - t
+    params = TilingParams(cfg["mpp"], cfg["tile"], 0, 0.25)
+    grid = tile_slide(slide, work / "tiles", params, overlays=False)
+    coords = grid.coords
+    readers = args.readers if args.readers is not None else auto_workers(dev, rank_info())
+    lines = [f"# Encode throughput on {'the GPU' if dev.type == 'cuda' else 'CPU'} ({args.mode} mode)", "",
+             f"Generated {s}² pyramidal JPEG TIFF (made in {t_make:.0f} s), {len(grid)} tissue tiles of {cfg['tile']} px at "
+             f"{cfg['mpp']} µm/px. Batch {cfg['batch']}, random weights, precision auto "
+             f"(bf16 autocast on CUDA), compile={args.compile}. End to end: `encode_slides` with {readers} reader processes "
+             "(persistent pool, pinned uint8 batches, non_blocking copies, normalisation on the device), tiles already made.",
+             "", "| encoder | model-only tiles/s | end-to-end tiles/s | ratio |", "|---|---|---|---|"]
+    for name in cfg["encoders"]:
+        try:
+            enc = build_encoder(name, "random")
+            fwd = model_only(enc, dev, len(coords), cfg["tile"], cfg["batch"], "auto", args.compile)
+            out = work / f"e2e-{name}"
+            tile_slide(slide, out, params, overlays=False)
+            res = encode_slides([slide], out, enc, params, batch_size=cfg["batch"], workers=readers, precision="auto",
+                                device=str(dev), overlays=False, compile_model=args.compile)
+            assert res.done and res.tiles == len(coords), (res.failed, res.tiles)
+            e2e = res.tiles / res.seconds
+            lines.append(f"| {LABEL.get(name, name)} | {fwd:.0f} | {e2e:.0f} | {e2e / fwd:.2f} |")
+        except Exception as e:  # noqa: BLE001 - one encoder failing must not lose the other rows (full mode)
+            if args.mode == "tiny":
+                raise
+            lines.append(f"| {LABEL.get(name, name)} | failed: {type(e).__name__}: {str(e)[:120]} | | |")
+        print(lines[-1], flush=True)
+        _write(args.out, lines)  # partial results survive a time limit
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    lines += ["", f"Reader only (decode + cut, no model), {len(coords)} tiles, batches of {READER_BATCH}:", "",
+              "| reader processes | tiles/s |", "|---|---|"]
+    for p in cfg["readers"]:
+        lines.append(f"| {p} | {reader_only(coords, slide, cfg['tile'], cfg['mpp'], READER_BATCH, p):.0f} |")
+        print(lines[-1], flush=True)
+        _write(args.out, lines)
+    print(Path(args.out).read_text())
+
+
+def _write(out: str, lines: list[str]) -> None:
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text("\n".join(lines) + f"\n\n_Measured {stamp} on {machine()}; command: "
+                         f"`{' '.join([Path(sys.executable).name, *sys.argv])}`_\n")
+
+
+if __name__ == "__main__":
+    main()

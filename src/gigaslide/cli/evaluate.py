@@ -1,0 +1,148 @@
+"""The ``evaluate`` command group, defined in one place: tiles, finetune, slides, embeddings.
+
+Every group member scores with the one protocol of :mod:`gigaslide.evaluation` (bootstrap CIs,
+paired comparisons, the predictions contract).
+"""
+
+from __future__ import annotations
+
+from gigaslide.cli.main import Command
+from gigaslide.errors import GigaslideError
+
+
+def evaluate_tiles(train: str, test: str, out: str, protocol: str = "linear,knn,fewshot", bootstrap: int = 1000,
+                   k: int = 20, fewshot_repeats: int = 5, seed: int = 0) -> None:
+    """Probe frozen tile features (linear, k-NN, few-shot) with bootstrap CIs; writes report.{md,json,png}.
+
+    Example: gigaslide evaluate tiles --train feats/train.h5 --test feats/valid.h5 --protocol linear,knn --out report/
+
+    Args:
+        train: feature file (.h5 with a 'labels' dataset) of the training tiles
+        test: feature file of the test tiles (same encoder)
+        out: report directory
+        protocol: comma-separated subset of linear,knn,fewshot
+        bootstrap: bootstrap resamples for the 95 % CIs (0 = none)
+        k: neighbours of the k-NN probe (cosine)
+        fewshot_repeats: random draws per few-shot setting
+        seed: random seed (validation split, few-shot draws, bootstrap)
+    """
+    from gigaslide.evaluation.tiles import evaluate_tile_features, report_markdown
+    from gigaslide.features import store
+
+    rep = evaluate_tile_features(store.load(train), store.load(test), protocol, n_bootstrap=bootstrap, seed=seed, k=k,
+                                 fewshot_repeats=fewshot_repeats, out=out)
+    print(report_markdown(rep))
+    print(f"wrote {out}/report.md, report.json, report.png")
+
+
+def evaluate_finetune(train: str, test: str, encoder: str, out: str, weights: str = "default", fractions: str = "1.0",
+                      epochs: int = 10, batch_size: int = 64, lr: float = 1e-4, head_lr: float = 1e-3,
+                      augment: str = "pathology", max_train: int | None = None, precision: str = "auto",
+                      workers: int = 1, bootstrap: int = 1000, seed: int = 0, threads: int | None = None) -> None:
+    """Fine-tune an encoder end to end (plus a linear head) on labelled tiles; test with bootstrap CIs.
+
+    Example: gigaslide evaluate finetune --train pcam/train --test pcam/valid --encoder runs/dino/encoder --fractions 0.01,0.1,1 --out ft/
+
+    The low-label protocol of Kang et al.: each fraction of the training labels (stratified) is
+    fine-tuned separately, with a validation split for model selection. Writes report.{md,json,png}
+    (same metrics as `evaluate tiles`) and per fraction the fine-tuned encoder (fraction_*/encoder).
+    Re-running with the same settings reuses finished fractions and resumes an interrupted one.
+
+    Args:
+        train: folder with one sub-folder of images per class (training tiles)
+        test: folder with the same class sub-folders (test tiles)
+        encoder: RUN_DIR/encoder (from pretrain), another export folder, or a registry name (see `gigaslide encoders`)
+        out: report directory
+        weights: default (the export's / local hub cache), a weights file, or random (a from-scratch baseline)
+        fractions: comma-separated label fractions, e.g. 0.01,0.1,1.0
+        epochs: maximum epochs per fraction (early stopping on validation loss)
+        batch_size: tiles per step
+        lr: encoder learning rate (AdamW, warm-up then cosine)
+        head_lr: linear head learning rate
+        augment: pathology (flips, 90° rotations, light stain jitter) or none
+        max_train: use a random subset of this many training tiles (fixed by --seed)
+        precision: auto (bf16 AMP on CUDA, fp32 on CPU), bf16, fp16 or fp32
+        workers: data-loader worker processes
+        bootstrap: bootstrap resamples for the 95 % CIs
+        seed: random seed (subsets, splits, head init, augmentation)
+        threads: torch CPU threads (default: torch's)
+    """
+    import torch
+
+    from gigaslide.evaluation.tiles import report_markdown
+    from gigaslide.ssl.tile.finetune import FinetuneConfig, finetune_tiles
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        fr = tuple(float(f) for f in str(fractions).split(",") if f.strip())
+    except ValueError:
+        raise GigaslideError(f"--fractions '{fractions}' is not a list of numbers", fix="use e.g. 0.01,0.1,1.0") from None
+    cfg = FinetuneConfig(fractions=fr, epochs=epochs, batch_size=batch_size, lr=lr, head_lr=head_lr, augment=augment,
+                         max_train=max_train, precision=precision, workers=workers, seed=seed, n_bootstrap=bootstrap)
+    print(report_markdown(finetune_tiles(train, test, encoder, out, weights=weights, cfg=cfg)))
+    print(f"wrote {out}/report.md, report.json, report.png")
+
+
+def evaluate_slides(predictions: str, bootstrap: int = 1000, seed: int = 0, out: str | None = None) -> None:
+    """Slide-level AUC / balanced accuracy with bootstrap 95 % CIs from a run's prediction CSVs.
+
+    Example: gigaslide evaluate slides --predictions runs/abmil --bootstrap 1000
+
+    Args:
+        predictions: run directory (predictions.csv or fold*/predictions.csv) or a CSV file
+        bootstrap: bootstrap resamples (slides resampled within folds; 0 = none)
+        seed: bootstrap seed
+        out: where to write evaluation.json/.md (default: the run directory; a .json path also works)
+    """
+    from pathlib import Path
+
+    from gigaslide.evaluation.slides import evaluate_predictions, evaluation_markdown
+
+    if out is None:
+        p = Path(predictions)
+        out = str(p if p.is_dir() else p.parent)
+    res = evaluate_predictions(predictions, n_bootstrap=bootstrap, seed=seed, out=out)
+    print(evaluation_markdown(res))
+
+
+def evaluate_embeddings(embeddings: str, labels: str, out: str, folds: int = 5, train_slides: int | None = None,
+                        repeats: int | None = None, seed: int = 0, bootstrap: int = 1000, on_missing: str = "error",
+                        c: float = 10.0) -> None:
+    """Linear evaluation of slide embeddings (Giga-SSL / SLPD): StandardScaler + balanced logistic regression, CV with CIs.
+
+    Example: gigaslide evaluate embeddings --embeddings embeddings.h5 --labels labels.csv --folds 5 --out runs/linear
+
+    Args:
+        embeddings: HDF5 written by `gigaslide embed-slides` (slide_ids + embeddings)
+        labels: CSV with columns slide_id,patient_id,label (patient_id optional)
+        out: run directory (splits.json, predictions.csv, evaluation.json/.md)
+        folds: number of stratified, patient-grouped folds
+        train_slides: few-shot: train on this many slides per training fold (None = all)
+        repeats: few-shot draws per fold (default 3 with --train-slides, else 1)
+        seed: seed of folds and draws
+        bootstrap: bootstrap resamples for the 95 % CIs
+        on_missing: error (default) or skip: slides with a label but no embedding, or the reverse
+        c: inverse L2 strength C of the logistic regression (10, as in Giga-SSL's linear evaluation)
+    """
+    from gigaslide.evaluation.slides import evaluation_markdown, linear_probe_run
+    from gigaslide.ssl.slide.embed import load_embeddings
+
+    e = load_embeddings(embeddings)
+    vecs = dict(zip(e.slide_ids, e.embeddings))
+    if repeats is None:
+        repeats = 3 if train_slides else 1
+    res = linear_probe_run(vecs, labels, out, folds=folds, seed=seed, train_slides=train_slides, repeats=repeats,
+                           C=c, on_missing=on_missing, n_bootstrap=bootstrap)
+    print(evaluation_markdown(res, f"linear probe on {embeddings}"))
+    print(f"wrote {out}")
+
+
+COMMANDS: dict = {
+    "evaluate": {
+        "tiles": Command(evaluate_tiles, positional=None),
+        "finetune": Command(evaluate_finetune, positional=None),
+        "slides": Command(evaluate_slides, positional=None),
+        "embeddings": Command(evaluate_embeddings, positional=None),
+    },
+}

@@ -1,0 +1,117 @@
+"""Central checks of command-line values, by option name, for every command (before it runs).
+
+A command's typed signature already makes jsonargparse refuse wrong types; these rules refuse the
+values that type-check but cannot work (``--batch-size 0``, ``--mpp -1``, ``--lr 1e400`` = inf,
+``--min-tissue 2``): one :class:`GigaslideError` line naming the option and a working value, instead
+of a traceback from deep inside a stage. Rules go by parameter name, so a new command gets them
+for free; a name not listed is only checked for finiteness (floats) and size (ints).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from gigaslide.errors import GigaslideError
+
+#: Integers that must be >= 1.
+AT_LEAST_ONE = frozenset({
+    "batch_size", "tile_size", "epochs", "steps", "folds", "views", "tiles_per_view", "ensemble", "prototypes",
+    "image_size", "region_size", "out_dim", "hidden", "k", "fewshot_repeats", "repeats", "train_slides", "limit",
+    "max_train", "max_tiles", "max_tiles_per_class", "slides", "grid", "devices", "threads", "accumulate",
+    "thumb_size", "max_tiles_per_slide", "tiles_per_slide", "n_tiles", "size", "crop", "crop_size",
+})
+#: Integers that must be >= 0.
+NON_NEGATIVE = frozenset({
+    "workers", "overlap", "seed", "bootstrap", "patience", "freeze_epochs", "warmup", "fold", "mosaic_slides", "n_local",
+    "checkpoint_every_steps", "level",
+})
+#: Floats that must be > 0.
+POSITIVE = frozenset({"mpp", "region_mpp", "lr", "head_lr", "temperature", "max_gb", "slide_mpp", "scale"})
+#: Floats that must be >= 0.
+NON_NEGATIVE_FLOAT = frozenset({"trunk_lr", "weight_decay", "dropout_rate"})
+#: Floats in [0, 1].
+FRACTION = frozenset({"min_tissue", "positive_fraction", "layer_decay", "dropout", "fraction", "val_fraction"})
+#: Strings with a closed set of values.
+CHOICES: dict[str, tuple[str, ...]] = {"background": ("auto", "bright", "dark")}
+#: Larger integers overflow torch / numpy (seeds, sizes) deep inside a stage.
+MAX_INT = 2**31 - 1
+#: An example value for the fix line when the option's default cannot serve as one.
+EXAMPLES = {"batch_size": 64, "tile_size": 224, "epochs": 10, "steps": 100, "folds": 5, "mpp": 0.5, "lr": 0.001,
+            "threads": 2, "workers": 1, "seed": 0}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _example(name: str, default: Any) -> str:
+    good = EXAMPLES.get(name, default)
+    if good is None or good is inspect.Parameter.empty or isinstance(good, bool):
+        good = {True: 1}.get(name in AT_LEAST_ONE, 0)
+    return f"use e.g. {_flag(name)} {good}"
+
+
+def _check_number(name: str, v: Any, default: Any) -> None:
+    def bad(what: str) -> GigaslideError:
+        return GigaslideError(f"{_flag(name)} {v!r} {what}", fix=_example(name, default))
+
+    if isinstance(v, bool):
+        return
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise bad("is not a finite number")
+        if name in POSITIVE and not v > 0:
+            raise bad("must be positive")
+        if name in NON_NEGATIVE_FLOAT and v < 0:
+            raise bad("must not be negative")
+        if name in FRACTION and not 0.0 <= v <= 1.0:
+            raise bad("must be between 0 and 1")
+        if name in AT_LEAST_ONE | NON_NEGATIVE and (v < 0 or v > MAX_INT):
+            raise bad(f"must be between 0 and {MAX_INT}")
+    elif isinstance(v, int):
+        if abs(v) > MAX_INT:
+            raise bad(f"is too large (at most {MAX_INT})")
+        if name in AT_LEAST_ONE and v < 1:
+            raise bad("must be at least 1")
+        if (name in NON_NEGATIVE or name in POSITIVE) and v < 0:
+            raise bad("must not be negative")
+        if name in POSITIVE and v == 0:
+            raise bad("must be positive")
+        if name in FRACTION and not 0 <= v <= 1:
+            raise bad("must be between 0 and 1")
+
+
+def check_options(func: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+    """Raise a one-line :class:`GigaslideError` for the first value no command could use."""
+    params = inspect.signature(func).parameters
+    for name, v in kwargs.items():
+        default = params[name].default if name in params else None
+        values: Sequence[Any] = v if isinstance(v, (list, tuple)) else [v]
+        for item in values:
+            if isinstance(item, (int, float)):
+                _check_number(name, item, default)
+            elif isinstance(item, str):
+                if "\x00" in item:
+                    raise GigaslideError(f"{_flag(name)} contains a NUL character", fix="pass a plain path or value")
+                if name in CHOICES and item not in CHOICES[name]:
+                    raise GigaslideError(f"{_flag(name)} '{item}' is not one of {', '.join(CHOICES[name])}",
+                                         fix=f"use e.g. {_flag(name)} {CHOICES[name][0]}")
+
+
+def parse_error_line(message: str, command: str) -> GigaslideError:
+    """jsonargparse's (multi-line) message about the command line -> one line with a fix."""
+    import re
+
+    text = " ".join(ln.strip() for ln in str(message).splitlines() if ln.strip())
+    text = re.sub(r'Parser key "([a-z0-9_.]+)"', lambda m: _flag(m.group(1).split(".")[-1]), text)
+    text = text.replace("<class '", "").replace("'>", "")
+    if len(text) > 300:
+        text = text[:297] + "..."
+    where = f"gigaslide {command}".strip()
+    return GigaslideError(f"{where}: {text or 'invalid command line'}", fix=f"see `{where} --help`")
+
+
+__all__ = ["AT_LEAST_ONE", "CHOICES", "FRACTION", "MAX_INT", "NON_NEGATIVE", "POSITIVE", "check_options", "parse_error_line"]

@@ -1,0 +1,76 @@
+"""Per-slide QuPath GeoJSON: one square Polygon per tile (level-0 px) with its scores as measurements.
+
+Each file is a ``FeatureCollection``; each tile a ``Feature`` with ``properties.objectType = "tile"``
+(QuPath imports it as a tile object; drag the file onto the slide, or *File > Import objects*),
+``properties.measurements`` = ``{name: number}`` (so *Measure > Show measurement maps* colours by
+it) and ``properties.name`` = ``"tile <row>"``. Non-finite values are left out (JSON has no NaN).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gigaslide import atomic
+from gigaslide.errors import GigaslideError
+from gigaslide.features import store
+from gigaslide.mil.heatmap import tile_size_of
+from gigaslide.export.catalog import scan
+from gigaslide.export.runs import TileScorer, load_runs
+from gigaslide.export.tables import run_columns, tissue_fraction
+
+
+def tile_size_level0(ff: Any) -> float:
+    return float(tile_size_of(ff))
+
+
+def tiles_geojson(coords: np.ndarray, size0: float, measurements: dict[str, np.ndarray],
+                  object_type: str = "tile") -> dict[str, Any]:
+    """FeatureCollection of the tiles ``coords`` (top-left, level-0 px) of side ``size0`` level-0 px."""
+    feats = []
+    names = list(measurements)
+    cols = [np.asarray(measurements[k], np.float64) for k in names]
+    for i, (x, y) in enumerate(np.asarray(coords, np.float64)):
+        x1, y1 = x + size0, y + size0
+        m = {k: float(c[i]) for k, c in zip(names, cols) if math.isfinite(c[i])}
+        feats.append({
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x1, y], [x1, y1], [x, y1], [x, y]]]},
+            "properties": {"objectType": object_type, "name": f"tile {i}", "measurements": m},
+        })
+    return {"type": "FeatureCollection", "features": feats}
+
+
+def export_qupath(out_dirs: list[str | os.PathLike], out: str | os.PathLike, runs: list[str | os.PathLike] = (),
+                  object_type: str = "tile", tile_probability: bool = True) -> tuple[list[Path], list[str]]:
+    """Write ``out/<slide>.geojson`` for every encoded slide; returns (files, problems)."""
+    if object_type not in ("tile", "detection", "annotation"):
+        raise GigaslideError(f"object type '{object_type}' is not one QuPath imports here",
+                             fix="use --object-type tile (or detection)")
+    entries, problems = scan(list(out_dirs))
+    run_list = load_runs(list(runs))
+    scorer = TileScorer()
+    out_d = atomic.ensure_writable_dir(out)
+    written = []
+    for e in entries.values():
+        if e.features is None:
+            problems.append(f"{e.slide_id}: no features/{e.slide_id}.h5 ({e.error or 'not encoded'}) -- left out")
+            continue
+        ff = store.load(e.features)
+        if len(ff) == 0:
+            problems.append(f"{e.slide_id}: no tiles -- left out")
+            continue
+        cols, probs = run_columns(e, ff, run_list, scorer, tile_probability)
+        problems += probs
+        meas = {"tissue fraction": tissue_fraction(e, ff.coords), **cols}
+        gj = tiles_geojson(ff.coords, tile_size_level0(ff), meas, object_type)
+        written.append(atomic.write_text(out_d / f"{e.key}.geojson", json.dumps(gj)))
+    if not written:
+        raise GigaslideError("no encoded slides to export", path=", ".join(map(str, out_dirs)),
+                             fix="run `gigaslide encode SLIDES --out OUT_DIR` and pass OUT_DIR")
+    return written, problems

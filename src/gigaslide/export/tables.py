@@ -1,0 +1,67 @@
+"""Per-tile columns shared by the exports: tissue fraction and, per run, the held-out fold's scores."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h5py
+import numpy as np
+
+from gigaslide.errors import GigaslideError
+from gigaslide.export.catalog import SlideEntry
+from gigaslide.export.runs import Run, TileScorer
+
+
+def tissue_fraction(entry: SlideEntry, coords: np.ndarray) -> np.ndarray:
+    """Tissue fraction of each tile from ``patches/<id>.h5`` (matched by coordinates; NaN where unknown)."""
+    out = np.full(len(coords), np.nan, np.float32)
+    if entry.patches is None:
+        return out
+    try:
+        with h5py.File(entry.patches, "r") as f:
+            pc = np.asarray(f["coords"][:], np.int64)
+            pt = np.asarray(f["tissue"][:], np.float32) if "tissue" in f else None
+    except (OSError, KeyError):
+        return out
+    if pt is None:
+        return out
+    index = {(int(x), int(y)): i for i, (x, y) in enumerate(pc)}
+    for i, (x, y) in enumerate(np.asarray(coords, np.int64)):
+        j = index.get((int(x), int(y)))
+        if j is not None:
+            out[i] = pt[j]
+    return out
+
+
+def fold_for(run: Run, slide_id: str) -> str | None:
+    """The held-out fold of a slide, else the first fold (the slide was not in this run's CV)."""
+    return run.held_out_fold(slide_id) or (run.folds[0] if run.folds else None)
+
+
+def run_columns(entry: SlideEntry, ff: Any, runs: list[Run], scorer: TileScorer,
+                tile_probability: bool = True) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Per-tile columns ``<run> attention``, ``<run> attention percentile``, ``<run> tile P(class c)`` and the
+    slide-level ``<run> P(class c)`` / ``<run> fold`` (held-out prediction) broadcast to every tile."""
+    cols: dict[str, np.ndarray] = {}
+    problems: list[str] = []
+    n = len(ff)
+    for run in runs:
+        pred = run.predictions.get(entry.slide_id)
+        if pred is not None:
+            for c, p in enumerate(pred["probs"]):
+                cols[f"{run.name} P(class {c})"] = np.full(n, p, np.float32)
+            cols[f"{run.name} label"] = np.full(n, pred["label"], np.float32)
+            cols[f"{run.name} fold"] = np.full(n, pred["fold"], np.float32)
+        fold = fold_for(run, entry.slide_id)
+        if run.kind != "mil" or fold is None:
+            continue
+        try:
+            cols[f"{run.name} attention"] = scorer.scores(run, fold, ff, "attention").astype(np.float32)
+            cols[f"{run.name} attention percentile"] = scorer.scores(run, fold, ff, "attention_pct").astype(np.float32)
+            if tile_probability:
+                probs = scorer.scores(run, fold, ff, "probability")
+                for c in range(probs.shape[1]):
+                    cols[f"{run.name} tile P(class {c})"] = probs[:, c].astype(np.float32)
+        except GigaslideError as e:
+            problems.append(f"{entry.slide_id}, run {run.name}: {e.one_line()}")
+    return cols, problems

@@ -1,0 +1,82 @@
+"""Slide-parallel encoding: which rank this process is, which device and how many readers it gets, and
+in which order it takes slides.
+
+Ranks come from ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) or from SLURM
+(``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``); without either the process is rank 0 of
+1. No process group is needed: ranks coordinate through per-slide lock files in the output folder
+(:mod:`gigaslide.locks`), so a rank that dies only loses its current slide, which the others (or a
+re-run) take over. Each rank first takes its own share of a longest-first (LPT) split of the slides
+by tile count, then any slide no rank has taken yet, longest first.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from gigaslide.devices import pick_device
+
+#: Most reader processes per rank on CUDA (beyond this the decoder is rarely the limit).
+MAX_GPU_READERS = 16
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+    source: str = "single"  # single | torchrun | slurm
+
+
+def rank_info(env: Mapping[str, str] | None = None) -> RankInfo:
+    e = os.environ if env is None else env
+    if "RANK" in e and "WORLD_SIZE" in e:
+        return RankInfo(int(e["RANK"]), int(e["WORLD_SIZE"]), int(e.get("LOCAL_RANK", 0)),
+                        int(e.get("LOCAL_WORLD_SIZE", e["WORLD_SIZE"])), "torchrun")
+    if int(e.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in e:
+        n = int(e["SLURM_NTASKS"])
+        per_node = e.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+        return RankInfo(int(e["SLURM_PROCID"]), n, int(e.get("SLURM_LOCALID", 0)),
+                        int(per_node) if per_node.isdigit() else n, "slurm")
+    return RankInfo()
+
+
+def rank_device(device: str, info: RankInfo) -> torch.device:
+    """``auto`` on a multi-GPU node gives each local rank its own GPU."""
+    dev = pick_device(device)
+    if dev.type == "cuda" and dev.index is None and device == "auto":
+        return torch.device("cuda", info.local_rank % max(1, torch.cuda.device_count()))
+    return dev
+
+
+def auto_workers(dev: torch.device, info: RankInfo) -> int:
+    """Reader processes: 1 on CPU (the model needs the cores), the node's spare cores per rank on CUDA."""
+    if dev.type != "cuda":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, min(MAX_GPU_READERS, cores // max(1, info.local_world) - 1))
+
+
+def lpt_shares(sizes: Sequence[int], world: int) -> list[int]:
+    """Rank of each item under longest-processing-time-first assignment (ties: lower index, lower rank)."""
+    load = [0] * max(1, world)
+    owner = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(len(load)), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += sizes[i]
+    return owner
+
+
+def rank_order(sizes: Sequence[int], info: RankInfo) -> list[int]:
+    """Indices in the order this rank tries them: its own LPT share longest first, then the rest longest first."""
+    owner = lpt_shares(sizes, info.world)
+    longest = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
+    return [i for i in longest if owner[i] == info.rank] + [i for i in longest if owner[i] != info.rank]
+
+
+__all__ = ["RankInfo", "auto_workers", "lpt_shares", "rank_device", "rank_info", "rank_order"]

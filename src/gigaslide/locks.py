@@ -1,0 +1,150 @@
+"""Per-item lock files, so several processes (or SLURM / torchrun ranks) can share one output folder.
+
+A lock is a small JSON file (``pid``, ``host``, process start time, creation time) created with
+``O_CREAT | O_EXCL``: only one process can hold it. A lock is *stale* — and is taken over — when
+its owner is on this host and no longer runs (the pid is gone, or now belongs to a process started
+at another time), or when it is on another host and has not been refreshed for ``stale_after``
+seconds (owners call :meth:`ItemLock.refresh` as a heartbeat). Checking and breaking a stale lock
+happen under an ``flock`` on ``<dir>/.guard`` so two processes never both take it over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+#: A lock from another host is stale after this many seconds without a heartbeat.
+STALE_AFTER_S = 600.0
+#: A lock file that cannot be parsed is only taken over once it is this old (it may be being written).
+UNREADABLE_GRACE_S = 10.0
+
+
+def _start_time(pid: int) -> str | None:
+    """Process start time in clock ticks since boot (Linux), to tell a reused pid from the owner."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    now = _start_time(pid)
+    return start is None or now is None or now == start
+
+
+def owner_record() -> dict[str, Any]:
+    pid = os.getpid()
+    return {"pid": pid, "host": socket.gethostname(), "start": _start_time(pid), "time": time.time()}
+
+
+class ItemLock:
+    """A non-blocking lock on one item (e.g. a slide id) in ``directory``."""
+
+    def __init__(self, directory: str | os.PathLike, name: str, *, stale_after: float = STALE_AFTER_S):
+        self.directory = Path(directory)
+        self.path = self.directory / f"{name}.lock"
+        self.stale_after = stale_after
+        self.held = False
+
+    def owner(self) -> dict[str, Any] | None:
+        """The holder's record, ``{}`` when the file exists but cannot be read, None when unlocked."""
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+
+    def is_stale(self, rec: dict[str, Any] | None = None) -> bool:
+        rec = self.owner() if rec is None else rec
+        if rec is None:
+            return False
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        if not rec:
+            return age > UNREADABLE_GRACE_S
+        if rec.get("host") == socket.gethostname():
+            return not _alive(int(rec.get("pid", -1)), rec.get("start"))
+        return age > self.stale_after
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as fh:
+            json.dump(owner_record(), fh)
+        self.held = True
+        return True
+
+    def acquire(self) -> bool:
+        """Take the lock if it is free or stale; False when another live process holds it."""
+        if self.held:
+            return True
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self._create():
+            return True
+        with file_lock(self.directory / ".guard"):
+            rec = self.owner()
+            if rec is None or self.is_stale(rec):
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+                return self._create()
+        return False
+
+    def refresh(self) -> None:
+        """Heartbeat: mark the lock as in use now (for processes on other hosts)."""
+        if self.held:
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        rec = self.owner()
+        if rec and rec.get("pid") == os.getpid() and rec.get("host") == socket.gethostname():
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    def describe(self) -> str:
+        rec = self.owner() or {}
+        return f"pid {rec.get('pid', '?')} on {rec.get('host', '?')}"
+
+    def __enter__(self) -> ItemLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """A blocking ``flock`` on ``path`` (created if needed): a short critical section across processes."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+__all__ = ["STALE_AFTER_S", "ItemLock", "file_lock", "owner_record"]

@@ -1,0 +1,252 @@
+"""Reading nuclei annotations into instance maps: Aperio / MoNuSeg XML polygons, QuPath GeoJSON,
+label images (PNG / TIFF), HoVer-Net ``.npy`` and CoNSeP ``.mat``.
+
+Every reader returns an :class:`Annotation`: an instance label map (int32, 0 = background) of the
+image's size, an optional type per instance, and notes about what was repaired (polygons clipped at
+the image border, dropped because degenerate or entirely outside, self-intersecting ones rasterised
+with the even-odd rule). XML is parsed without external entities or entity expansion (defusedxml).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from gigaslide.errors import GigaslideError
+from gigaslide.safe_parse import parse_xml
+
+ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json", ".png", ".tif", ".tiff", ".npy", ".mat")
+
+
+@dataclass
+class Annotation:
+    inst: np.ndarray  # int32 [H, W]
+    types: dict[int, int] | None = None  # instance id -> type (1..T)
+    type_names: dict[int, str] | None = None
+    mpp: float | None = None  # µm/px when the file says so (MoNuSeg XML: MicronsPerPixel)
+    notes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return int(len(np.unique(self.inst)) - (1 if (self.inst == 0).any() else 0))
+
+
+def _parse_xml(path: Path):  # noqa: ANN202
+    return parse_xml(path)  # the project's safe parser (defusedxml: no entities, no external references)
+
+
+def _self_intersects(xy: np.ndarray) -> bool:
+    """True when two non-adjacent edges of the closed polygon cross (O(n²), n is small for nuclei)."""
+    p = xy
+    n = len(p)
+    if n < 4:
+        return False
+    a, b = p, np.roll(p, -1, axis=0)
+
+    def orient(p1, p2, p3):  # noqa: ANN001, ANN202
+        return np.sign((p2[..., 0] - p1[..., 0]) * (p3[..., 1] - p1[..., 1]) - (p2[..., 1] - p1[..., 1]) * (p3[..., 0] - p1[..., 0]))
+
+    A, B = a[:, None], b[:, None]
+    C, D = a[None, :], b[None, :]
+    cross = (orient(A, B, C) * orient(A, B, D) < 0) & (orient(C, D, A) * orient(C, D, B) < 0)
+    i, j = np.triu_indices(n, 2)
+    keep = ~((i == 0) & (j == n - 1))
+    return bool(cross[i[keep], j[keep]].any())
+
+
+def rasterise(polygons: list[np.ndarray], shape: tuple[int, int], types: list[int] | None = None,
+              path: str | os.PathLike | None = None) -> Annotation:
+    """Instance map of ``polygons`` ([K, 2] x, y in px; pixel centres at integer coordinates). Later polygons
+    overwrite earlier ones where they overlap; a nucleus left with no pixel is dropped."""
+    from skimage.draw import polygon as draw_polygon
+
+    h, w = shape
+    inst = np.zeros((h, w), np.int32)
+    notes = {"polygons": len(polygons), "dropped_degenerate": 0, "dropped_outside": 0, "clipped": 0,
+             "self_intersecting": 0}
+    kept_types: dict[int, int] = {}
+    nid = 0
+    for k, xy in enumerate(polygons):
+        xy = np.asarray(xy, np.float64)
+        if xy.ndim != 2 or len(xy) < 3 or not np.isfinite(xy).all():
+            notes["dropped_degenerate"] += 1
+            continue
+        if (xy[:, 0].max() < -0.5 or xy[:, 1].max() < -0.5 or xy[:, 0].min() > w - 0.5 or xy[:, 1].min() > h - 0.5):
+            notes["dropped_outside"] += 1
+            continue
+        if xy[:, 0].min() < 0 or xy[:, 1].min() < 0 or xy[:, 0].max() > w - 1 or xy[:, 1].max() > h - 1:
+            notes["clipped"] += 1
+        if _self_intersects(xy):
+            notes["self_intersecting"] += 1  # rasterised with the even-odd rule
+        rr, cc = draw_polygon(xy[:, 1], xy[:, 0], shape=(h, w))
+        if len(rr) == 0:
+            notes["dropped_degenerate"] += 1
+            continue
+        nid += 1
+        inst[rr, cc] = nid
+        if types is not None:
+            kept_types[nid] = int(types[k])
+    inst, remap = _compact(inst)
+    t = {remap[k]: v for k, v in kept_types.items() if k in remap} if types is not None else None
+    lost = nid - len(remap)
+    if lost:
+        notes["dropped_overlapped"] = lost
+    return Annotation(inst, t, notes=notes)
+
+
+def _compact(inst: np.ndarray) -> tuple[np.ndarray, dict[int, int]]:
+    ids = np.unique(inst)
+    ids = ids[ids > 0]
+    lut = np.zeros(int(inst.max(initial=0)) + 1, np.int32)
+    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
+    return lut[inst], {int(o): int(n) for o, n in zip(ids, lut[ids])}
+
+
+def read_aperio_xml(path: Path, shape: tuple[int, int]) -> Annotation:
+    try:
+        tree = _parse_xml(path)
+        root = tree.getroot() if hasattr(tree, "getroot") else tree
+    except GigaslideError as e:
+        raise GigaslideError(f"cannot read annotation XML ({e.what})", path=path,
+                             fix="give an Aperio / MoNuSeg XML file without DTD entities") from None
+    except Exception as e:  # noqa: BLE001 - malformed or unsafe XML (entities) is a bad file for the user
+        raise GigaslideError(f"cannot read annotation XML ({type(e).__name__}: {str(e)[:120]})", path=path,
+                             fix="give an Aperio / MoNuSeg XML file without DTD entities") from None
+    polys = []
+    for region in root.iter("Region"):
+        try:
+            xy = [(float(v.get("X")), float(v.get("Y"))) for v in region.iter("Vertex")]
+        except (TypeError, ValueError):
+            xy = []
+        polys.append(np.array(xy, np.float64).reshape(-1, 2))
+    ann = rasterise(polys, shape, path=path)
+    mpp = root.get("MicronsPerPixel")
+    try:
+        ann.mpp = float(mpp) if mpp else None
+    except ValueError:
+        ann.mpp = None
+    return ann
+
+
+def _geojson_features(obj: object) -> list[dict]:
+    if isinstance(obj, list):
+        return [f for o in obj for f in _geojson_features(o)]
+    if isinstance(obj, dict):
+        if obj.get("type") == "FeatureCollection":
+            return list(obj.get("features", []))
+        if obj.get("type") == "Feature":
+            return [obj]
+    return []
+
+
+def read_geojson(path: Path, shape: tuple[int, int]) -> Annotation:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise GigaslideError(f"cannot read GeoJSON ({e})", path=path, fix="export the annotations from QuPath as GeoJSON") from None
+    polys, names = [], []
+    for f in _geojson_features(obj):
+        geom = f.get("geometry") or {}
+        props = f.get("properties") or {}
+        cls = props.get("classification") or {}
+        name = cls.get("name") if isinstance(cls, dict) else None
+        rings = []
+        if geom.get("type") == "Polygon":
+            rings = [geom["coordinates"][0]] if geom.get("coordinates") else []
+        elif geom.get("type") == "MultiPolygon":
+            rings = [p[0] for p in geom.get("coordinates", []) if p]
+        for r in rings:  # pixel centres at integer coordinates; QuPath uses corner coordinates
+            polys.append(np.asarray(r, np.float64).reshape(-1, 2) - 0.5)
+            names.append(name)
+    if any(n is not None for n in names):
+        labels = sorted({n for n in names if n is not None})
+        code = {n: i + 1 for i, n in enumerate(labels)}
+        ann = rasterise(polys, shape, [code.get(n, 0) for n in names], path=path)
+        ann.type_names = {v: k for k, v in code.items()}
+        ann.types = {k: v for k, v in (ann.types or {}).items() if v > 0}
+        return ann
+    return rasterise(polys, shape, path=path)
+
+
+def read_label_image(path: Path) -> Annotation:
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            arr = tifffile.imread(str(path))
+        elif suffix == ".npy":
+            arr = np.load(str(path), allow_pickle=False)
+        else:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                arr = np.asarray(im)
+    except Exception as e:  # noqa: BLE001
+        raise GigaslideError(f"cannot read label image ({type(e).__name__}: {str(e)[:120]})", path=path,
+                             fix="give an instance label image (one integer id per nucleus, 0 = background)") from None
+    types = None
+    if arr.ndim == 3 and arr.shape[-1] >= 2 and suffix == ".npy":  # HoVer-Net layout: [..., inst, type] after RGB
+        inst_c, type_c = (3, 4) if arr.shape[-1] >= 5 else (0, 1)
+        tmap = arr[..., type_c].astype(np.int64)
+        arr = arr[..., inst_c]
+        types = _types_from_map(arr.astype(np.int64), tmap)
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise GigaslideError(f"label image must be a 2-D integer array (got {arr.dtype} {arr.shape})", path=path,
+                             fix="save instance ids (not an RGB overlay) as 16- or 32-bit PNG / TIFF")
+    inst, remap = _compact(arr.astype(np.int64))
+    t = {remap[k]: v for k, v in types.items() if k in remap and v > 0} if types else None
+    return Annotation(inst.astype(np.int32), t, notes={"instances": len(remap)})
+
+
+def _types_from_map(inst: np.ndarray, tmap: np.ndarray) -> dict[int, int]:
+    out = {}
+    for i in np.unique(inst):
+        if i > 0:
+            vals = tmap[inst == i]
+            out[int(i)] = int(np.bincount(vals[vals >= 0]).argmax()) if vals.size else 0
+    return out
+
+
+def read_mat(path: Path) -> Annotation:
+    from scipy.io import loadmat
+
+    try:
+        d = loadmat(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise GigaslideError(f"cannot read .mat ({str(e)[:120]})", path=path, fix="give a CoNSeP-style .mat with inst_map") from None
+    if "inst_map" not in d:
+        raise GigaslideError("no inst_map in .mat", path=path, fix="give a CoNSeP-style .mat (inst_map, optional type_map)")
+    inst = d["inst_map"].astype(np.int64)
+    types = _types_from_map(inst, d["type_map"].astype(np.int64)) if "type_map" in d else None
+    inst2, remap = _compact(inst)
+    t = {remap[k]: v for k, v in types.items() if k in remap and v > 0} if types else None
+    return Annotation(inst2.astype(np.int32), t)
+
+
+def read_annotation(path: str | os.PathLike, shape: tuple[int, int]) -> Annotation:
+    """Read any supported annotation file for an image of ``shape`` (h, w)."""
+    p = Path(path)
+    s = p.suffix.lower()
+    if s == ".xml":
+        ann = read_aperio_xml(p, shape)
+    elif s in (".geojson", ".json"):
+        ann = read_geojson(p, shape)
+    elif s == ".mat":
+        ann = read_mat(p)
+    elif s in (".png", ".tif", ".tiff", ".npy"):
+        ann = read_label_image(p)
+    else:
+        raise GigaslideError(f"unknown annotation format '{s}'", path=p, fix=f"use one of {', '.join(ANNOTATION_SUFFIXES)}")
+    if ann.inst.shape != tuple(shape):
+        raise GigaslideError(f"annotation is {ann.inst.shape[1]}x{ann.inst.shape[0]} px but its image is "
+                             f"{shape[1]}x{shape[0]} px", path=p, fix="pair each image with its own annotation file")
+    return ann
+
+
+__all__ = ["ANNOTATION_SUFFIXES", "Annotation", "rasterise", "read_annotation", "read_aperio_xml", "read_geojson",
+           "read_label_image", "read_mat"]

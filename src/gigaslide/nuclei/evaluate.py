@@ -1,0 +1,101 @@
+"""Scoring a nuclei model on annotated images: per-image statistics, pooled and image-mean metrics with
+bootstrap CIs, a per-image CSV and a Markdown report."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gigaslide import atomic
+from gigaslide.errors import GigaslideError
+from gigaslide.nuclei import metrics
+from gigaslide.nuclei.data import Item, find_pairs, load_item, read_organs, read_split, resize
+from gigaslide.nuclei.infer import load_model, model_dir, read_spec, segment
+from gigaslide.nuclei.model import HoVerNet
+
+
+def predict_item(model: HoVerNet, item: Item, precision: str = "fp32") -> tuple[np.ndarray, dict[int, int]]:
+    """Predicted instances at the image's own resolution, and ``id -> type``."""
+    inst, types, _ = segment(model, item.image, precision=precision)
+    if inst.shape != item.inst_orig.shape:
+        inst = resize(inst, item.inst_orig.shape, nearest=True)
+    return inst, {k: t for k, (t, _) in types.items()}
+
+
+def score_items(model: HoVerNet, items: list[Item], precision: str = "fp32") -> list[metrics.ImageStats]:
+    out = []
+    for it in items:
+        pred, ptypes = predict_item(model, it, precision)
+        typed = bool(model.spec.n_types) and it.types is not None
+        out.append(metrics.image_stats(it.inst_orig, pred, it.types if typed else None, ptypes if typed else None))
+    return out
+
+
+def _fmt(d: dict[str, float]) -> str:
+    v, lo, hi = d["value"], d["ci_low"], d["ci_high"]
+    if np.isnan(v):
+        return "n/a"
+    return f"{v:.3f}" if np.isnan(lo) else f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def evaluate(model_path: str | os.PathLike, images: str | os.PathLike, annotations: str | os.PathLike,
+             out: str | os.PathLike, *, subset: str = "auto", image_mpp: float | None = None, n_bootstrap: int = 1000,
+             precision: str = "fp32", seed: int = 0, progress=None) -> dict[str, Any]:  # noqa: ANN001
+    """Evaluate ``model_path`` on the annotated images; ``subset``: auto (the run's test images when the
+    folder holds images the run trained or selected on), test, or all."""
+    model = load_model(model_path)
+    spec, rec = read_spec(model_path)
+    pairs, problems = find_pairs(images, annotations)
+    split_file = model_dir(model_path).parent / "split.csv"
+    split = read_split(split_file) if split_file.is_file() else {}
+    seen = [p.id for p in pairs if split.get(p.id) in ("train", "val")]
+    if subset not in ("auto", "test", "all"):
+        raise GigaslideError(f"--subset {subset}", fix="use auto, test or all")
+    if subset == "test" or (subset == "auto" and seen):
+        pairs = [p for p in pairs if split.get(p.id) == "test"]
+        if not pairs:
+            raise GigaslideError("none of these images is in the run's test split", path=split_file,
+                                 fix="evaluate on other images, or pass --subset all (scores on training images are not a test)")
+    organs = read_organs(images)
+    stats, rows = [], []
+    for k, p in enumerate(pairs):
+        try:
+            item = load_item(p, spec.mpp, image_mpp, organs.get(p.id, ""))
+        except GigaslideError as e:
+            problems.append(e.one_line())
+            continue
+        st = score_items(model, [item], precision)[0]
+        stats.append(st)
+        rows.append({"image_id": p.id, "organ": item.organ, "nuclei_true": st.tp + st.fn, "nuclei_pred": st.tp + st.fp,
+                     **{m: round(v, 6) for m, v in metrics.per_image(st).items()}})
+        if progress:
+            progress(p.id, k + 1, len(pairs))
+    if not stats:
+        raise GigaslideError("no image could be evaluated", path=images, fix="; ".join(problems[:3]) or None)
+    summary = metrics.summarize(stats, n_bootstrap=n_bootstrap, seed=seed)
+    out = atomic.ensure_writable_dir(out)
+    cols = list(rows[0])
+    atomic.write_text(out / "per_image.csv", "\n".join([",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in rows]) + "\n")
+    report = {"model": str(Path(model_path).resolve()), "backbone": spec.encoder_spec.name, "mpp": spec.mpp,
+              "images": [r["image_id"] for r in rows], "subset": subset if not (subset == "auto" and seen) else "test",
+              "metrics": summary, "per_image": rows, "problems": problems, "bootstrap": n_bootstrap,
+              "stats": [s.to_dict() for s in stats],
+              "definitions": "PQ/DQ/SQ at IoU>0.5 (F1 == DQ); image_mean: mean over images of per-image values "
+                             "(undefined ones left out); pooled: statistics summed over images (CoNIC mPQ+ style); "
+                             "CIs: percentile bootstrap over images"}
+    atomic.write_json(out / "report.json", report)
+    lines = [f"# Nuclei evaluation: {len(rows)} images, backbone {spec.encoder_spec.name}, {spec.mpp} µm/px", "",
+             "| metric | mean over images [95 % CI] | pooled [95 % CI] |", "|---|---|---|"]
+    for m in metrics.METRIC_NAMES:
+        lines.append(f"| {m} | {_fmt(summary['image_mean'][m])} | {_fmt(summary['pooled'][m])} |")
+    if "mpq" in summary["pooled"]:
+        lines.append(f"| mPQ+ | | {_fmt(summary['pooled']['mpq'])} |")
+    lines += ["", report["definitions"] + ".", ""] + [f"- {p}" for p in problems]
+    atomic.write_text(out / "report.md", "\n".join(lines) + "\n")
+    return report
+
+
+__all__ = ["evaluate", "predict_item", "score_items"]

@@ -1,0 +1,227 @@
+"""``gigaslide nuclei``: whole-slide nuclei segmentation, tissue-only, tile by tile, resumable.
+
+The slide is cut into *regions* of ``region`` px at the model's mpp (a tile grid anchored at (0, 0),
+kept where there is tissue); each is read with ``margin`` px of context on every side, segmented, and
+keeps exactly the nuclei whose centroid falls in its own grid cell — so a nucleus crossing a region
+border is kept once, by the region owning its centroid, and is complete (the margin is wider than a
+nucleus). Memory is one region at a time whatever the slide's size. Outputs per slide, under
+``OUT/nuclei/`` (each written to a temporary file and renamed; ``<slide>.json`` last, marking the slide done):
+
+* ``<slide>.geojson`` — QuPath detections (polygon, measurements: area µm², centroid, probability; type as
+  classification), level-0 px;
+* ``<slide>.csv`` — one row per nucleus: id, centroid x/y (level-0 px), area µm², bbox, type, probability;
+* ``<slide>_tiles.h5`` — per-tile nucleus count, density (per mm²), mean area (and per-type counts) on the
+  coordinates of ``OUT/features/<slide>.h5`` when it exists (the same order, so MIL can join them), otherwise
+  on a grid of ``tile_size`` px at ``tile_mpp``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gigaslide import atomic, runs
+from gigaslide.devices import pick_device
+from gigaslide.errors import GigaslideError
+from gigaslide.features.manifest import Manifest
+from gigaslide.nuclei.export import TABLE_COLUMNS, GeoJSONWriter, Nucleus, polygon_of, table_row, tile_counts, write_tiles_h5
+from gigaslide.nuclei.infer import MODEL_WEIGHTS, load_model, model_dir, segment
+from gigaslide.slides import open_slide, slide_id_from_path
+from gigaslide.tiling import grid_positions, make_grid, segment_tissue
+
+SLIDE_FORMAT = "gigaslide.nuclei-slide/1"
+
+
+@dataclass
+class SlideParams:
+    region: int = 1024
+    margin: int = 64
+    tissue_only: bool = True
+    min_tissue: float = 0.01
+    tile_mpp: float = 0.5
+    tile_size: int = 224
+    window: int = 512  # network input (px at the model mpp) inside a region
+    precision: str = "fp32"
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class NucleiResult:
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    nuclei: int = 0
+    megapixels: float = 0.0
+    seconds: float = 0.0
+
+
+def outputs(out: Path, sid: str) -> dict[str, Path]:
+    d = out / "nuclei"
+    return {"geojson": d / f"{sid}.geojson", "table": d / f"{sid}.csv", "tiles": d / f"{sid}_tiles.h5",
+            "record": d / f"{sid}.json"}
+
+
+def _is_done(rec_path: Path, key: dict[str, Any]) -> bool:
+    try:
+        rec = json.loads(rec_path.read_text())
+    except (OSError, ValueError):
+        return False
+    return rec.get("format") == SLIDE_FORMAT and rec.get("key") == key and all(
+        (rec_path.parent / f).is_file() for f in rec.get("files", []))
+
+
+def _count_coords(out: Path, sid: str, slide, tissue, p: SlideParams) -> tuple[np.ndarray, float, str]:  # noqa: ANN001
+    """Tile coordinates and side (level-0 px) for the per-tile counts: the feature store's, else an own grid."""
+    f = out / "features" / f"{sid}.h5"
+    if f.is_file():
+        import h5py
+
+        with h5py.File(f, "r") as h:
+            coords = np.asarray(h["coords"][:], np.int64)
+            a = dict(h["coords"].attrs)
+            tile0 = float(a.get("patch_size_level0") or (float(h.attrs["tile_size"]) * float(h.attrs["mpp"]) / slide.mpp))
+        return coords, tile0, str(f)
+    g = make_grid(slide, tissue, target_mpp=p.tile_mpp, tile_size=p.tile_size, min_tissue=0.0 if not p.tissue_only else 0.25)
+    return g.coords, g.tile_size_level0, f"grid {p.tile_size} px at {p.tile_mpp} µm/px"
+
+
+def _nuclei_of_region(inst: np.ndarray, types: dict[int, tuple[int, float]], npp: np.ndarray, loc: tuple[int, int],
+                      f: float, mpp: float, owner: Callable[[np.ndarray], np.ndarray], type_names: dict[str, str]):  # noqa: ANN202
+    from scipy import ndimage as ndi
+
+    objs = ndi.find_objects(inst)
+    for k, sl in enumerate(objs, start=1):
+        if sl is None:
+            continue
+        m = inst[sl] == k
+        ys, xs = np.nonzero(m)
+        cx = loc[0] + (xs.mean() + sl[1].start + 0.5) * f
+        cy = loc[1] + (ys.mean() + sl[0].start + 0.5) * f
+        if not owner(np.array([cx, cy])):
+            continue
+        poly = polygon_of(m)
+        poly = np.stack([loc[0] + (poly[:, 0] + sl[1].start + 0.5) * f, loc[1] + (poly[:, 1] + sl[0].start + 0.5) * f], 1)
+        t, prob = types.get(k, (None, float(npp[sl][m].mean())))
+        bbox = (loc[0] + sl[1].start * f, loc[1] + sl[0].start * f, loc[0] + sl[1].stop * f, loc[1] + sl[0].stop * f)
+        yield (poly, (float(cx), float(cy)), float(m.sum()) * mpp * mpp, bbox, t,
+               None if t is None else type_names.get(str(t), f"type{t}"), prob)
+
+
+def segment_slide(path: str | os.PathLike, out: Path, model, p: SlideParams, *, slide_mpp=None,  # noqa: ANN001, C901
+                  progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    spec = model.spec
+    mpp = float(spec.mpp)
+    with open_slide(path, mpp=slide_mpp) as s:
+        s.check_target_mpp(mpp)  # a slide coarser than the model's mpp is refused, naming both
+        sid = s.id
+        f = mpp / s.mpp  # level-0 px per model px
+        W, H = s.dimensions
+        tissue = segment_tissue(s)[0] if p.tissue_only else None
+        region = int(min(p.region, int(min(W, H) / f)))
+        grid = make_grid(s, tissue, target_mpp=mpp, tile_size=region, min_tissue=p.min_tissue if p.tissue_only else 0.0)
+        tile0 = grid.tile_size_level0
+        xs_all, ys_all = grid_positions(W, tile0, tile0), grid_positions(H, tile0, tile0)
+        files = outputs(out, sid)
+        atomic.ensure_writable_dir(files["geojson"].parent)
+        cents, areas, tys = [], [], []
+        n_id = 0
+        t0 = time.perf_counter()
+        with atomic.atomic_path(files["geojson"], suffix=".geojson") as gtmp, \
+                atomic.atomic_path(files["table"], suffix=".csv") as ttmp:
+            with open(gtmp, "w") as gf, open(ttmp, "w") as tf:
+                gw = GeoJSONWriter(gf, sid)
+                tf.write(",".join(TABLE_COLUMNS) + "\n")
+                for r, (x0, y0) in enumerate(grid.coords):
+                    kx, ky = int(np.searchsorted(xs_all, x0, "right") - 1), int(np.searchsorted(ys_all, y0, "right") - 1)
+
+                    def owner(c: np.ndarray, kx: int = kx, ky: int = ky) -> bool:
+                        return (int(np.searchsorted(xs_all, c[0], "right") - 1) == kx
+                                and int(np.searchsorted(ys_all, c[1], "right") - 1) == ky)
+
+                    loc = (int(np.floor(x0 - p.margin * f)), int(np.floor(y0 - p.margin * f)))
+                    size = region + 2 * p.margin
+                    img = s.read_region(loc, (size, size), mpp)
+                    inst, types, npp = segment(model, img, precision=p.precision, pad_mode="constant", tile=p.window,
+                                                 margin=32)
+                    for poly, c, a, bbox, t, tname, prob in _nuclei_of_region(inst, types, npp, loc, f, mpp, owner,
+                                                                              spec.type_names):
+                        n_id += 1
+                        nuc = Nucleus(n_id, poly, c, a, bbox, t, tname, prob)
+                        gw.add(nuc)
+                        tf.write(table_row(nuc))
+                        cents.append(c)
+                        areas.append(a)
+                        tys.append(t or 0)
+                    if progress:
+                        progress(sid, r + 1, len(grid.coords))
+                gw.close()
+            coords, ctile0, source = _count_coords(out, sid, s, tissue, p)
+            c_arr = np.asarray(cents, np.float64).reshape(-1, 2)
+            stats = tile_counts(coords, ctile0, c_arr, np.asarray(areas, np.float64), np.asarray(tys, np.int64),
+                                spec.n_types)
+            write_tiles_h5(files["tiles"], coords, ctile0, s.mpp, stats, {
+                "kind": "nuclei-tiles", "slide_id": sid, "coords_source": source, "nuclei_mpp": mpp,
+                "encoder": spec.encoder_spec.name, "nuclei_model": str(model_dir_of(model)),
+                "type_names": spec.type_names or None})
+        megapixels = len(grid.coords) * region * region / 1e6
+        rec = {"format": SLIDE_FORMAT, "key": _key(model, p), "slide": str(path), "slide_id": sid, "nuclei": n_id,
+               "regions": len(grid.coords), "megapixels": megapixels, "seconds": round(time.perf_counter() - t0, 3),
+               "mpp": mpp, "slide_mpp": s.mpp, "files": [files[k].name for k in ("geojson", "table", "tiles")],
+               "coords_source": source}
+        atomic.write_json(files["record"], rec)
+    return rec
+
+
+def model_dir_of(model) -> str:  # noqa: ANN001
+    return getattr(model, "source", "")
+
+
+def _key(model, p: SlideParams) -> dict[str, Any]:  # noqa: ANN001
+    return {"model_sha256": getattr(model, "weights_sha256", ""), **p.as_dict()}
+
+
+def segment_slides(slides: Sequence[str | os.PathLike], model_path: str | os.PathLike, out: str | os.PathLike,
+                   params: SlideParams = SlideParams(), *, slide_mpp: float | str | None = None, device: str = "auto",
+                   progress: Callable[[str, int, int], None] | None = None) -> NucleiResult:
+    """Segment every slide into ``out/nuclei/``; finished slides are skipped, a broken one is reported."""
+    out = atomic.ensure_writable_dir(out)
+    atomic.clean_stale_tmp(out / "nuclei")
+    dev = pick_device(device)
+    model = load_model(model_path, dev)
+    model.source = str(model_dir(model_path))
+    model.weights_sha256 = runs.file_sha256(model_dir(model_path) / MODEL_WEIGHTS)
+    manifest = Manifest(out / "nuclei" / "manifest.json", {"command": "nuclei", "model": model.source,
+                                                           "model_sha256": model.weights_sha256, **params.as_dict()})
+    res = NucleiResult()
+    t = time.perf_counter()
+    for pth in slides:
+        sid = slide_id_from_path(Path(pth))
+        if _is_done(outputs(out, sid)["record"], _key(model, params)):
+            res.skipped.append(sid)
+            continue
+        try:
+            with torch.inference_mode():
+                rec = segment_slide(pth, out, model, params, slide_mpp=slide_mpp, progress=progress)
+        except GigaslideError as e:
+            res.failed[sid] = e.one_line()
+            manifest.set(sid, "failed", path=str(pth), error=e.one_line())
+            continue
+        manifest.set(sid, "done", path=str(pth), nuclei=rec["nuclei"], seconds=rec["seconds"])
+        res.done.append(sid)
+        res.nuclei += rec["nuclei"]
+        res.megapixels += rec["megapixels"]
+    res.seconds = time.perf_counter() - t
+    return res
+
+
+__all__ = ["NucleiResult", "SlideParams", "outputs", "segment_slide", "segment_slides"]

@@ -1,0 +1,137 @@
+"""Read many tiles of one slide at a target resolution, at the speed of the JPEG decoder where possible.
+
+:func:`iter_tiles` is the path ``gigaslide encode`` reads with. A :class:`TileReader` decodes the
+stored tiles of a tiled TIFF/SVS level directly (:mod:`gigaslide.slides.tiled`) when
+
+* OpenSlide opened the slide as an Aperio SVS or a generic tiled TIFF,
+* the target resolution is a pyramid level, or that level divided by 2, 4 or 8 (within
+  ``tolerance``, default 1 %: the pixels then have the level's own resolution, see
+  :meth:`TileReader.read_mpp`), and
+* a check read at open gives the same pixels as OpenSlide (max difference <= 2 per channel);
+
+and reads through :meth:`Slide.read_region` (OpenSlide) otherwise, or for single tiles that the
+direct path cannot reproduce (a sub-pixel offset at the level's border). Both paths give the same
+pixels: white outside the slide, box averages for the /2, /4, /8 cases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from gigaslide.slides.slide import SCALE_TOLERANCE, Slide, box_reduce
+from gigaslide.slides.tiled import TiffLevel, open_tiff_level, shift_bilinear, split_offset
+
+#: OpenSlide vendors whose levels are plain tiled TIFF pages painted without overlap.
+DIRECT_VENDORS = ("aperio", "generic-tiff")
+#: Largest per-channel difference to OpenSlide that the check read at open accepts.
+CHECK_MAX_DIFF = 2
+
+
+class TileReader:
+    """Reads ``tile_size`` x ``tile_size`` tiles at ``mpp`` whose top-left corners are level-0 coords."""
+
+    def __init__(self, slide: Slide, tile_size: int, mpp: float, *, tolerance: float = SCALE_TOLERANCE,
+                 direct: bool = True):
+        self.slide, self.tile_size, self.mpp, self.tolerance = slide, int(tile_size), float(mpp), tolerance
+        self.level = slide.choose_level(mpp, tolerance)
+        self.factor = self.level.factor(tolerance)
+        self._tiff: TiffLevel | None = None
+        self.fallback_tiles = 0  # tiles read through OpenSlide while the direct path is on
+        if direct and self.factor and slide.backend == "openslide" and slide.vendor in DIRECT_VENDORS:
+            self._tiff = open_tiff_level(slide.path, slide.level_dimensions[self.level.level], self.tile_size * self.factor)
+            if self._tiff is not None and not self._check():
+                self._tiff.close()
+                self._tiff = None
+
+    @property
+    def direct(self) -> bool:
+        """True when tiles are decoded from the stored TIFF tiles (not through OpenSlide)."""
+        return self._tiff is not None
+
+    @property
+    def decoded_tiles(self) -> int:
+        return 0 if self._tiff is None else self._tiff.decoded
+
+    def read_mpp(self) -> float:
+        """The resolution of the pixels returned (the level's when resampling is skipped within tolerance)."""
+        return self.slide.read_mpp(self.mpp, self.tolerance, self.level)
+
+    def _check(self) -> bool:
+        """Compare one region near the level's centre with OpenSlide's pixels."""
+        W, H = self.slide.dimensions
+        size = min(self.tile_size, 64)
+        x, y = W // 2 + 1, H // 2 + 1  # odd: a sub-pixel offset on levels with non-integer downsamples
+        mine = self._read_direct(x, y, size)
+        ref = self.slide.read_region((x, y), (size, size), self.mpp, level=self.level, tolerance=self.tolerance)
+        self._tiff._cache.clear()  # noqa: SLF001 - the check must not count as a decode of the pass
+        self._tiff.decoded = 0
+        return mine is not None and int(np.abs(mine.astype(np.int16) - ref).max()) <= CHECK_MAX_DIFF
+
+    def _read_direct(self, x: int, y: int, size: int, out: np.ndarray | None = None) -> np.ndarray | None:
+        t = self._tiff
+        assert t is not None
+        n = size * self.factor
+        ds = self.level.level_downsample
+        ix, wx = split_offset(x / ds)  # OpenSlide's level coordinate: level-0 location / downsample
+        iy, wy = split_offset(y / ds)
+        if wx == 0 and wy == 0:
+            if self.factor == 1:
+                return t.region(ix, iy, n, n, out=out)
+            px = t.region(ix, iy, n, n)
+        elif ix >= 0 and iy >= 0 and ix + n + 1 <= t.width and iy + n + 1 <= t.height:
+            px = shift_bilinear(t.region(ix, iy, n + 1, n + 1), wx, wy, n, n)
+        else:  # a sub-pixel offset that touches the border: OpenSlide blends with transparency there
+            return None
+        return box_reduce(px, self.factor)
+
+    def read(self, x: int, y: int, out: np.ndarray | None = None) -> np.ndarray:
+        """One RGB uint8 tile ``[tile_size, tile_size, 3]`` (written into ``out`` when given)."""
+        if self._tiff is not None:
+            px = self._read_direct(int(x), int(y), self.tile_size, out)
+            if px is not None:
+                if out is not None and px is not out:
+                    out[:] = px
+                return px if out is None else out
+            self.fallback_tiles += 1
+        ts = self.tile_size
+        px = self.slide.read_region((int(x), int(y)), (ts, ts), self.mpp, level=self.level, tolerance=self.tolerance)
+        if out is not None:
+            out[:] = px
+            return out
+        return px
+
+    def read_batch(self, coords: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Tiles of ``coords`` [N, 2] into ``out`` (uint8 [N, T, T, 3], allocated when None)."""
+        ts = self.tile_size
+        if out is None:
+            out = np.empty((len(coords), ts, ts, 3), np.uint8)
+        for k, (x, y) in enumerate(np.asarray(coords).tolist()):
+            self.read(x, y, out[k])
+        return out
+
+    def close(self) -> None:
+        if self._tiff is not None:
+            self._tiff.close()
+            self._tiff = None
+
+
+def iter_tiles(slide: Slide | str | Path, coords: Iterable, tile_size: int, mpp: float, *,
+               tolerance: float = SCALE_TOLERANCE) -> Iterator[np.ndarray]:
+    """RGB uint8 tiles ``[tile_size, tile_size, 3]`` at ``mpp``, one per level-0 ``(x, y)`` of ``coords``, in order.
+
+    ``slide`` may be an open :class:`Slide` (it stays open) or a path. This is the reader
+    ``gigaslide encode`` uses; see the module docstring for when it decodes stored tiles directly.
+    """
+    own = not isinstance(slide, Slide)
+    s = Slide(slide) if own else slide
+    reader = TileReader(s, tile_size, mpp, tolerance=tolerance)
+    try:
+        for x, y in coords:
+            yield reader.read(x, y)
+    finally:
+        reader.close()
+        if own:
+            s.close()

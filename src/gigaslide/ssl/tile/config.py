@@ -1,0 +1,158 @@
+"""Pre-training options, the methods' recipe defaults, and what a run's identity is.
+
+A field left ``None`` is filled, in this order, from the method's ``recipe`` (a class attribute of
+:class:`~gigaslide.ssl.tile.methods.SSLMethod`: defaults for :class:`PretrainConfig` fields, plus
+``method_args`` merged under the user's), then from :data:`DEFAULTS` and the rules of
+:func:`resolve_config` (layer decay for a continued ViT, training crop size). The resolved values are
+what the run records and what its identity holds, so a re-run with other effective settings is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gigaslide.errors import GigaslideError
+
+ENGINES = ("auto", "native", "lightning")
+
+#: Fallbacks for fields neither the user nor the method's recipe set. Not tuned: the values of the
+#: papers' recipes that fit a single device (batch 64, AdamW weight decay 0.04, 5 % warm-up).
+DEFAULTS: dict[str, Any] = {"batch_size": 64, "weight_decay": 0.04, "warmup_frac": 0.05, "n_local": 6,
+                            "patch_embed_lr_mult": 1.0, "drop_path": 0.0}
+
+
+@dataclass
+class PretrainConfig:
+    data: str
+    out: str
+    method: str = "dino"
+    backbone: str = "resnet18"
+    mpp: list[float] = field(default_factory=lambda: [0.5])
+    tile_size: int = 224  # the tiles' native size: the exported encoder's input size
+    crop_size: int | None = None  # global training crop (None: tile_size for ViTs, ~2/3 of it for CNNs)
+    init: str | None = None
+    steps: int | None = None
+    budget_s: float | None = None
+    augment: str = "pathology"
+    batch_size: int | None = None
+    lr: float | None = None  # None: the method's recipe / default_lr
+    weight_decay: float | None = None
+    warmup_frac: float | None = None
+    layer_decay: float | None = None  # None: 0.75 for a ViT with --init, else 1 (off)
+    patch_embed_lr_mult: float | None = None  # lr multiplier of a ViT's patch embedding
+    drop_path: float | None = None  # timm drop_path_rate of a ViT trunk
+    n_local: int | None = None
+    local_size: int | None = None
+    local_scale: tuple[float, float] | None = None
+    global_scale: tuple[float, float] | None = None
+    method_args: dict[str, Any] = field(default_factory=dict)
+    workers: int = 0
+    seed: int = 0
+    devices: int = 1
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (gigaslide.devices.choose_precision)
+    checkpoint_every_s: float = 600.0
+    min_tissue: float = 0.5
+    data_kind: str = "auto"
+    log_every: int = 10
+    monitor_every: int | None = None  # steps between label-free monitor points (None: ~8 per run, 0: off)
+    monitor_size: int = 128  # tiles of the monitor set
+    export_bn_tiles: int = 512  # native-size tiles to re-estimate BatchNorm statistics of the export on (0: off)
+    engine: str = "auto"  # auto (lightning when devices > 1) | native | lightning
+    stop_after_steps: int | None = None  # stop this invocation after N steps, as if interrupted (tests, chunked jobs)
+
+
+#: Fields that do not change what is learned (or are fingerprinted as inputs instead of compared as values).
+NOT_IDENTITY = ("data", "out", "init", "steps", "budget_s", "workers", "precision", "checkpoint_every_s", "log_every",
+                "monitor_every", "monitor_size", "export_bn_tiles", "engine", "stop_after_steps")
+
+
+def check_config(cfg: PretrainConfig) -> None:
+    if cfg.steps is None and cfg.budget_s is None:
+        raise GigaslideError("give --steps N or --budget (e.g. 2h, 15m)", fix="add --steps 1000 or --budget 2h")
+    if cfg.steps is not None and cfg.steps < 1:
+        raise GigaslideError(f"--steps {cfg.steps} must be at least 1")
+    if cfg.budget_s is not None and cfg.budget_s <= 0:
+        raise GigaslideError(f"--budget {cfg.budget_s}s must be positive")
+    if cfg.batch_size is not None and cfg.batch_size < 2:
+        raise GigaslideError(f"--batch-size {cfg.batch_size} must be at least 2 (contrastive losses need pairs)")
+    if cfg.tile_size < 16:
+        raise GigaslideError(f"--tile-size {cfg.tile_size} is too small", fix="use 32 px or more")
+    if cfg.crop_size is not None and not 16 <= cfg.crop_size <= cfg.tile_size:
+        raise GigaslideError(f"--crop-size {cfg.crop_size} must be between 16 and --tile-size {cfg.tile_size}")
+    if cfg.engine not in ENGINES:
+        raise GigaslideError(f"unknown engine '{cfg.engine}'", fix=f"use {', '.join(ENGINES)}")
+    if cfg.devices < 1:
+        raise GigaslideError(f"--devices {cfg.devices} must be at least 1")
+
+
+def _round_to(x: float, multiple: int) -> int:
+    return max(multiple, int(round(x / multiple)) * multiple)
+
+
+def resolve_config(cfg: PretrainConfig, method_cls: type, family: str, patch: int | None = None) -> PretrainConfig:
+    """``cfg`` with every ``None`` filled (user > method recipe > :data:`DEFAULTS` / rules)."""
+    recipe = dict(getattr(method_cls, "recipe", {}) or {})
+    names = {f.name for f in dataclasses.fields(PretrainConfig)}
+    unknown = set(recipe) - names
+    if unknown:
+        raise GigaslideError(f"{method_cls.__name__}.recipe has unknown keys {sorted(unknown)}",
+                             fix=f"use PretrainConfig fields: {', '.join(sorted(names))}")
+    upd: dict[str, Any] = {}
+    for k, v in recipe.items():
+        if k == "method_args":
+            upd[k] = {**v, **cfg.method_args}
+        elif getattr(cfg, k) is None:
+            upd[k] = v
+    for k, v in DEFAULTS.items():
+        if getattr(cfg, k) is None and k not in upd:
+            upd[k] = v
+    if cfg.lr is None and "lr" not in upd:
+        upd["lr"] = float(method_cls.default_lr)
+    if cfg.layer_decay is None and "layer_decay" not in upd:
+        upd["layer_decay"] = 0.75 if (cfg.init and family == "vit") else 1.0
+    if cfg.crop_size is None and "crop_size" not in upd:
+        # CNNs: train on ~2/3-size crops and embed at the native size (FixRes, Touvron et al. 2019: random-resized
+        # crops zoom in, so testing above the training size matches apparent object size); ~2.2x the steps per budget.
+        upd["crop_size"] = cfg.tile_size if family == "vit" else min(cfg.tile_size, _round_to(cfg.tile_size * 2 / 3, 8))
+    for k in ("local_scale", "global_scale"):
+        v = upd.get(k, getattr(cfg, k))
+        if v is not None:
+            upd[k] = tuple(float(x) for x in v)
+    out = dataclasses.replace(cfg, **upd)
+    check_config(out)
+    return out
+
+
+def identity(cfg: PretrainConfig) -> dict[str, Any]:
+    """The options (resolved) that must match to resume a run; ``--data`` and ``--init`` files join as inputs."""
+    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY}
+    if cfg.init and not init_file(cfg.init):
+        d["init"] = cfg.init  # a registry name / hub id: compared by value
+    return d
+
+
+def init_file(init: str | None) -> Path | None:
+    """The weights file behind ``--init`` (a file, an export folder, a run folder), or None (a registry name)."""
+    if not init:
+        return None
+    p = Path(init)
+    if p.is_file():
+        return p
+    for cand in (p / "weights.safetensors", p / "encoder" / "weights.safetensors", p / "model.safetensors",
+                 p / "pytorch_model.bin"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def config_dict(cfg: PretrainConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    d["data"] = os.fspath(cfg.data)
+    return d
+
+
+__all__ = ["DEFAULTS", "ENGINES", "PretrainConfig", "check_config", "config_dict", "identity", "init_file", "resolve_config"]

@@ -1,0 +1,225 @@
+"""One tile-SSL run on the run layer, shared by the native loop and the Lightning wrapper.
+
+:func:`open_session` resolves the config (method recipe, defaults), builds data, views and model,
+opens ``RUN_DIR`` with :func:`gigaslide.runs.open_run` (kind ``tile_ssl``; identity: the resolved
+options plus the content of ``--data`` and of the ``--init`` weights file, so a changed folder,
+mpp or weights is refused in one line) and restores the last checkpoint: model (incl. non-persistent
+buffers such as MoCo's queue), optimiser, AMP scaler, RNG states, step (the sampler's position: each
+step's batch depends on ``(seed, step)`` only), the step plan, history and monitor log. A resumed run
+therefore continues bit-exactly. :meth:`Session.export` writes ``RUN_DIR/encoder`` with provenance; a
+CNN's BatchNorm statistics are re-measured (on a copy) on ``export_bn_tiles`` native-size tiles first,
+since training saw smaller augmented crops.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gigaslide import __version__, runs
+from gigaslide.devices import PrecisionChoice, choose_precision, device_name, pick_device
+from gigaslide.encoders import export_encoder
+from gigaslide.provenance import Provenance
+from gigaslide.ssl.tile.augment import MultiView, view_recipes
+from gigaslide.ssl.tile.config import PretrainConfig, config_dict, identity, init_file, resolve_config
+from gigaslide.ssl.tile.data import StepSampler, ViewDataset, build_source, make_loader
+from gigaslide.ssl.tile.init import run_spec
+from gigaslide.ssl.tile.methods import SSL_METHODS
+from gigaslide.ssl.tile.monitor import Monitor, native_tiles, recalibrate_bn
+from gigaslide.ssl.tile.step import StepPlan, build_model, param_groups, trunk_patch_size
+
+log = logging.getLogger("gigaslide.ssl.tile")
+RUN_KIND = "tile_ssl"
+MONITOR_POINTS = 8  # default monitor points per run
+
+
+@dataclass
+class Session:
+    cfg: PretrainConfig  # resolved
+    run: runs.Run | None  # None on DDP ranks > 0 (read-only)
+    model: torch.nn.Module
+    spec: Any
+    device: torch.device
+    precision: PrecisionChoice
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    plan: StepPlan
+    source: Any
+    dataset: ViewDataset
+    monitor: Monitor | None
+    init_source: str | None
+    step: int = 0
+    images: int = 0
+    elapsed: float = 0.0
+    history: list[dict] = field(default_factory=list)
+    monitor_log: list[dict] = field(default_factory=list)
+    rng: dict | None = None  # RNG states to restore once the data iterator exists
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    def loader(self, rank: int = 0, world_size: int = 1) -> torch.utils.data.DataLoader:
+        remaining = None if self.cfg.steps is None else max(0, self.cfg.steps - self.step)
+        sampler = StepSampler(len(self.dataset), self.cfg.batch_size, self.cfg.seed, self.step, remaining,
+                              rank=rank, world_size=world_size)
+        return make_loader(self.dataset, sampler, self.cfg.workers)
+
+    def restore_rng(self) -> None:
+        """Restore the checkpoint's RNG states (call after creating the data iterator, which draws from torch's RNG)."""
+        if self.rng is not None:
+            runs.set_rng_state(self.rng)
+            self.rng = None
+
+    # ------------------------------------------------------------------ monitor
+    def monitor_every(self) -> int:
+        if self.cfg.monitor_every is not None:
+            return int(self.cfg.monitor_every)
+        return max(1, self.plan.planned // MONITOR_POINTS)
+
+    def monitor_due(self) -> bool:
+        if self.monitor is None or self.monitor_every() <= 0:
+            return False
+        last = self.monitor_log[-1]["step"] if self.monitor_log else None
+        return last is None or self.step - last >= self.monitor_every()
+
+    def run_monitor(self) -> dict:
+        m = self.monitor(self.model, self.device, self.precision.resolved)
+        entry = {"step": self.step, **m}
+        self.monitor_log.append(entry)
+        self.plan.monitor_cost_s = m["seconds"]
+        every = self.monitor_every()
+        self.plan.monitor_points_left = max(0.0, (self.plan.planned - self.step) / every) if every > 0 else 0.0
+        loss = self.history[-1]["loss"] if self.history else None
+        log.info("monitor step %d/%d: RankMe %s (of %d), view top-1 %s, loss %s", self.step, self.plan.planned,
+                 m["rankme"], m["n"], m["view_top1"], loss)
+        return entry
+
+    # ------------------------------------------------------------------ checkpoint / export
+    def export_prefix(self) -> str:
+        trunk = self.model.export_trunk()
+        for name, mod in self.model.named_children():
+            if mod is trunk:
+                return name + "."
+        return "backbone."
+
+    def payload(self, reason: str) -> dict[str, Any]:
+        return {"model": runs.module_state(self.model), "optimizer": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": runs.rng_state(), "step": self.step, "images": self.images,
+                "elapsed_s": self.elapsed, "planned_steps": self.plan.planned, "history": self.history[-2000:],
+                "monitor": self.monitor_log[-500:], "init": self.init_source, "precision": self.precision.record(),
+                "export_prefix": self.export_prefix(), "spec": json.loads(self.spec.to_json()), "reason": reason}
+
+    def save(self, reason: str) -> None:
+        if self.run is None:
+            return
+        self.run.save(self.payload(reason))
+        self.run.update(history=self.history[-2000:], monitor=self.monitor_log, planned_steps=self.plan.planned,
+                        precision=self.precision.record())
+
+    def export(self) -> Any:
+        prov = Provenance(kind="encoder", seed=self.cfg.seed, mpp=float(self.cfg.mpp[0]), tile_size=self.cfg.tile_size,
+                          encoder=self.spec.name, run=str(self.out.resolve()),
+                          extra={"gigaslide": __version__, "run_kind": RUN_KIND, "method": self.cfg.method,
+                                 "backbone": self.cfg.backbone, "steps": self.step, "images": self.images,
+                                 "init": self.init_source, "precision": self.precision.resolved})
+        trunk = self.model.export_trunk()
+        n_bn_tiles = 0
+        if self.cfg.export_bn_tiles > 0 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in trunk.modules()):
+            trunk = copy.deepcopy(trunk).cpu()  # the training model (and so a resume) is left untouched
+            tiles = native_tiles(self.source, self.cfg.export_bn_tiles, self.cfg.tile_size, self.cfg.seed, 4099)
+            prep = self.model.prep
+            recalibrate_bn(trunk, lambda x: prep(x.to(self.model.mean.device)).cpu(), tiles)
+            n_bn_tiles = len(tiles)
+        prov = prov.with_extra(bn_recalibrated_on_tiles=n_bn_tiles or None)
+        return export_encoder(self.out / "encoder", trunk, self.spec, provenance=prov.to_dict())
+
+    def summary(self, reason: str, images_this_run: int, train_s: float, **extra: Any) -> dict[str, Any]:
+        first = next((h["loss"] for h in self.history if h.get("loss") is not None), None)
+        return {"run": str(self.out), "method": self.cfg.method, "backbone": self.cfg.backbone, "steps": self.step,
+                "planned_steps": self.plan.planned, "stopped_by": reason, "elapsed_s": round(self.elapsed, 1),
+                "images": self.images, "images_per_s": round(images_this_run / train_s, 2) if train_s > 0 else None,
+                "seconds_per_step": round(self.plan.seconds_per_step, 4) if self.plan.seconds_per_step else None,
+                "device": device_name(self.device), "precision": self.precision.record(), "init": self.init_source,
+                "data": self.source.describe(), "encoder": str(self.out / "encoder"),
+                "final_loss": self.history[-1].get("loss") if self.history else None, "first_loss": first,
+                "monitor": self.monitor_log[-1] if self.monitor_log else None,
+                "crop_size": self.cfg.crop_size, "batch_size": self.cfg.batch_size, "lr": self.cfg.lr, **extra}
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        if self.run is not None:
+            if summary["stopped_by"] in ("steps", "budget"):
+                self.run.finish(**summary)
+            else:
+                self.run.update(status="stopped", summary=summary)
+        return summary
+
+
+def open_session(cfg: PretrainConfig, *, write: bool = True, device: torch.device | None = None) -> Session:
+    """Resolve, build and open (or resume) the run ``cfg.out``; ``write=False`` for DDP ranks > 0."""
+    cls = SSL_METHODS.get(cfg.method)
+    family = run_spec(cfg.backbone, cfg.method, cfg.tile_size, cfg.mpp, cfg.augment).family
+    cfg = resolve_config(cfg, cls, family)
+    device = device or pick_device("auto")
+    source = build_source(cfg.data, cfg.mpp, cfg.tile_size, cfg.min_tissue, cfg.data_kind)
+    has_ckpt = runs.read_checkpoint_record(cfg.out) is not None if os.path.isdir(cfg.out) else False
+    model, spec, init_source = build_model(cfg, load=not has_ckpt)  # --init is checked before the folder is touched
+    patch = trunk_patch_size(model)
+    recipes = view_recipes(model.view_kind, cfg.augment, cfg.crop_size, cfg.n_local, patch or 8, patch=patch,
+                           local_size=cfg.local_size, global_scale=cfg.global_scale, local_scale=cfg.local_scale)
+    views = MultiView(recipes).prepare(source, patch=patch, seed=cfg.seed)  # tile size check; RandStainNA statistics
+    recipes = views.recipes
+    dataset = ViewDataset(source, views, cfg.tile_size)
+    run = None
+    if write:
+        run = runs.open_run(cfg.out, RUN_KIND, identity(cfg), config_dict(cfg), seed=cfg.seed,
+                            inputs={"data": cfg.data, "init": init_file(cfg.init)},
+                            provenance={"mpp": float(cfg.mpp[0]), "tile_size": cfg.tile_size, "encoder": spec.name,
+                                        "method": cfg.method})
+    ck = runs.load_checkpoint(cfg.out) if has_ckpt else None
+    model.to(device)
+    opt = torch.optim.AdamW(param_groups(model, cfg, spec.family), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if ck is None:
+        precision = choose_precision(device, cfg.precision)  # training: no forward probe (see gigaslide.devices)
+    else:
+        precision = PrecisionChoice(**ck["precision"])
+        runs.load_module_state(model, ck["model"], runs.checkpoint_dir(cfg.out),
+                               fix="resume with the same options, or use a new --out")
+        opt.load_state_dict(ck["optimizer"])
+        init_source = ck.get("init")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.resolved == "fp16" and device.type == "cuda")
+    if ck is not None and ck.get("scaler"):
+        scaler.load_state_dict(ck["scaler"])
+    plan = StepPlan(cfg.steps, cfg.budget_s, planned=int(ck["planned_steps"]) if ck and not cfg.steps else 0)
+    monitor = None
+    if write and cfg.monitor_every != 0 and cfg.monitor_size > 1:  # rank 0 monitors
+        monitor = Monitor(source, recipes, cfg.tile_size, cfg.monitor_size, cfg.seed)
+    s = Session(cfg, run, model, spec, device, precision, opt, scaler, plan, source, dataset, monitor, init_source)
+    if ck is not None:
+        s.step, s.images, s.elapsed = int(ck["step"]), int(ck["images"]), float(ck["elapsed_s"])
+        s.history, s.monitor_log, s.rng = list(ck.get("history", [])), list(ck.get("monitor", [])), ck["rng"]
+        log.info("resuming %s at step %d (%.0f s spent)%s", cfg.out, s.step, s.elapsed,
+                 "; --init is not re-applied (the checkpoint holds the weights)" if cfg.init else "")
+    if run is not None:
+        run.update(precision=precision.record(), resolved={k: v for k, v in dataclasses.asdict(cfg).items()
+                                                           if k in ("batch_size", "lr", "crop_size", "n_local",
+                                                                    "layer_decay", "warmup_frac", "weight_decay")})
+    if cfg.steps:
+        log.info("%s %s: %d steps planned (batch %d, crops %d px, tiles %d px, lr %.2g, %s)", cfg.method, cfg.backbone,
+                 plan.planned, cfg.batch_size, cfg.crop_size, cfg.tile_size, cfg.lr, precision.resolved)
+    else:
+        log.info("%s %s: budget %.0f s; the step time of the first steps sets the number of steps the lr "
+                 "warm-up + cosine span (batch %d, crops %d px, tiles %d px, lr %.2g, %s)", cfg.method, cfg.backbone,
+                 cfg.budget_s, cfg.batch_size, cfg.crop_size, cfg.tile_size, cfg.lr, precision.resolved)
+    return s
+
+
+__all__ = ["RUN_KIND", "Session", "open_session"]

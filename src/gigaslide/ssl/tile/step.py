@@ -1,0 +1,160 @@
+"""What every tile-SSL engine shares: the model, its parameter groups, the lr schedule, one training step
+and the step plan of a ``--budget``.
+
+:func:`train_step` is the one optimisation step of both the native loop (:mod:`.train`) and the
+Lightning wrapper (:mod:`.lightning`): lr of each group (``lr_scale``: layer decay and the patch
+embedding's multiplier), the method's loss under the run's autocast, the non-finite-loss guard,
+backward through the AMP scaler, gradient clipping, the method's gradient surgery and momentum updates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+
+from gigaslide.devices import autocast_ctx
+from gigaslide.encoders import create_trunk
+from gigaslide.errors import check_finite_loss
+from gigaslide.ssl.tile.config import PretrainConfig
+from gigaslide.ssl.tile.init import load_init, patch_size_of, run_spec, with_embed_dim
+from gigaslide.ssl.tile.methods import SSL_METHODS
+
+CLIP_GRAD_NORM = 3.0
+
+
+def build_model(cfg: PretrainConfig, *, load: bool = True):  # noqa: ANN201
+    """(method module, export spec, init source or None); ``load=False`` skips ``--init`` (a checkpoint follows)."""
+    cls = SSL_METHODS.get(cfg.method)
+    spec = run_spec(cfg.backbone, cfg.method, cfg.tile_size, cfg.mpp, cfg.augment)
+    torch.manual_seed(cfg.seed)
+    build_spec = spec
+    if spec.family == "vit" and cfg.drop_path:
+        build_spec = dataclasses.replace(spec, timm_kwargs={**spec.timm_kwargs, "drop_path_rate": float(cfg.drop_path)})
+    trunk = create_trunk(build_spec)
+    spec = with_embed_dim(spec, trunk)
+    source = load_init(trunk, spec, cfg.init, cfg.backbone) if (cfg.init and load) else None
+    model = cls(trunk, spec.embed_dim, spec.mean, spec.std, channels_last=spec.family == "cnn", **cfg.method_args)
+    if spec.family == "cnn":
+        model = model.to(memory_format=torch.channels_last)
+    return model, spec, source
+
+
+def trunk_patch_size(model: torch.nn.Module) -> int | None:
+    """The ViT patch size read from the trunk (``patch_embed.patch_size``); None for CNNs."""
+    return patch_size_of(model.backbone)
+
+
+def param_groups(model, cfg: PretrainConfig, family: str) -> list[dict[str, Any]]:  # noqa: ANN001
+    """Trunk groups (timm: layer-wise lr decay, no weight decay on norms/biases; the patch embedding's own
+    ``lr_scale`` times ``cfg.patch_embed_lr_mult``) + head groups. Every group has ``lr_scale``."""
+    ld = 1.0 if cfg.layer_decay is None else float(cfg.layer_decay)
+    wd = 0.0 if cfg.weight_decay is None else float(cfg.weight_decay)
+    trunk = model.backbone
+    if ld < 1.0 and hasattr(trunk, "group_matcher"):
+        groups = param_groups_layer_decay(trunk, weight_decay=wd, layer_decay=ld)
+    else:
+        groups = param_groups_weight_decay(trunk, weight_decay=wd)
+    groups = [{**g, "lr_scale": g.get("lr_scale", 1.0)} for g in groups]
+    mult = 1.0 if cfg.patch_embed_lr_mult is None else float(cfg.patch_embed_lr_mult)
+    if mult != 1.0:
+        pe = {id(p) for n, p in trunk.named_parameters() if n.startswith("patch_embed.")}
+        split = []
+        for g in groups:
+            inside = [p for p in g["params"] if id(p) in pe]
+            rest = [p for p in g["params"] if id(p) not in pe]
+            split.append({**g, "params": rest})
+            if inside:
+                split.append({**g, "params": inside, "lr_scale": g["lr_scale"] * mult})
+        groups = split
+    heads = model.head_parameters()
+    groups += [{"params": [p for p in heads if p.ndim > 1], "weight_decay": wd, "lr_scale": 1.0},
+               {"params": [p for p in heads if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": 1.0}]
+    return [g for g in groups if g["params"]]
+
+
+def lr_at(progress: float, base: float, warmup: float) -> float:
+    """Linear warm-up over ``warmup`` of the run, then cosine to 1 % of ``base``."""
+    if progress < warmup:
+        return base * progress / warmup
+    p = (progress - warmup) / max(1e-8, 1 - warmup)
+    return base * (0.5 * (1 + math.cos(math.pi * min(p, 1.0))) * 0.99 + 0.01)
+
+
+def train_step(model: torch.nn.Module, batch: list[torch.Tensor], opt: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, step: int, progress: float, *, base_lr: float, warmup_frac: float,
+               device: torch.device, precision: str, run_dir: Any,
+               backward: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """One optimisation step at ``step`` / ``progress`` (0..1 of the planned run); returns the detached loss.
+
+    ``precision`` is the resolved one (``fp32``/``bf16``/``fp16``); ``backward`` replaces ``loss.backward()``
+    (Lightning passes its ``manual_backward``).
+    """
+    for g in opt.param_groups:
+        g["lr"] = lr_at(progress, base_lr, warmup_frac) * g["lr_scale"]
+    with autocast_ctx(device, precision):
+        loss = model.loss(batch, step, progress)
+    check_finite_loss(loss, f"step {step}", run_dir)
+    opt.zero_grad(set_to_none=True)
+    scaled = scaler.scale(loss)
+    (backward or torch.Tensor.backward)(scaled)
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_GRAD_NORM)
+    model.before_optimizer_step(step)
+    scaler.step(opt)
+    scaler.update()
+    model.after_step(progress)
+    return loss.detach()
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """How many steps the schedules span: ``--steps``, or for a ``--budget`` an estimate from measured step times.
+
+    A budget run plans from the first step's time (start-up included: pessimistic, so the lr warm-up
+    is not spread over steps that never come) and re-estimates after :data:`CALIBRATE_AT` local steps
+    from the mean step time (excluding the first step and monitor points), minus the time the
+    remaining monitor points will take. Progress is ``step / planned``.
+    """
+
+    steps: int | None
+    budget_s: float | None
+    planned: int = 0
+    step_times: list[float] = dataclasses.field(default_factory=list)
+    monitor_cost_s: float = 0.0
+    monitor_points_left: float = 0.0
+
+    CALIBRATE_AT = (1, 5, 30, 100)
+
+    def __post_init__(self) -> None:
+        if not self.planned:
+            self.planned = self.steps or max(10, int(self.budget_s or 0))
+
+    def progress(self, step: int) -> float:
+        return min(1.0, step / max(1, self.planned))
+
+    def observe(self, local_step: int, seconds: float, step: int, elapsed: float) -> bool:
+        """Record one step's time; at a calibration point re-estimate ``planned``; True when it changed."""
+        if local_step > 1:
+            self.step_times.append(seconds)
+        if self.budget_s is None or local_step not in self.CALIBRATE_AT:
+            return False
+        # the first step (start-up included) gives a pessimistic first plan: a quick warm-up rather than none
+        per = sum(self.step_times) / len(self.step_times) if self.step_times else seconds
+        left = self.budget_s - elapsed - self.monitor_cost_s * self.monitor_points_left
+        est = step + max(0, int(left / per))
+        new = min(self.steps, est) if self.steps else est
+        changed = new != self.planned
+        self.planned = max(step + 1, new)
+        return changed
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        return sum(self.step_times) / len(self.step_times) if self.step_times else None
+
+
+__all__ = ["CLIP_GRAD_NORM", "StepPlan", "build_model", "lr_at", "param_groups", "train_step", "trunk_patch_size"]

@@ -1,0 +1,157 @@
+"""The viewer's HTTP API (read-only: GET only) and its static page.
+
+Every route addresses slides by their key in the catalogue, never by a file path, so nothing but
+the deep-zoom / overlay renderings of the slides named by the given folders and the packaged
+static files can be fetched (the static folder is served by Starlette, which refuses ``..``).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+from gigaslide.errors import GigaslideError
+from gigaslide.viewer.deepzoom import Geometry, TileOutside
+from gigaslide.viewer.overlays import COLORMAPS, render_grid, render_scores, to_png
+from gigaslide.viewer.state import ViewerState
+
+STATIC = Path(__file__).parent / "static"
+OVERLAY_TILE = 256
+log = logging.getLogger("gigaslide.viewer")
+
+
+class NotFound(LookupError):
+    pass
+
+
+def _tile_address(tile: str) -> tuple[int, int]:
+    try:
+        col, row = tile.split("_")
+        return int(col), int(row)
+    except ValueError:
+        raise NotFound(f"bad tile address '{tile}' (want COL_ROW)") from None
+
+
+def build_app(state: ViewerState):  # noqa: ANN201, C901 - one place that lists every route
+    # FastAPI is imported when a viewer is built, not whenever the CLI lists its commands
+    from fastapi import FastAPI, Query, Request
+    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.staticfiles import StaticFiles
+
+    app = FastAPI(title="gigaslide viewer", docs_url=None, redoc_url=None, openapi_url=None)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    cache = {"Cache-Control": "max-age=600"}
+
+    @app.exception_handler(NotFound)
+    @app.exception_handler(TileOutside)
+    @app.exception_handler(KeyError)
+    @app.exception_handler(IndexError)
+    async def not_found(request: Request, exc: Exception) -> JSONResponse:  # noqa: ARG001
+        return JSONResponse({"detail": f"not found: {exc}".replace("'", "")}, status_code=404)
+
+    @app.exception_handler(GigaslideError)
+    async def unavailable(request: Request, exc: GigaslideError) -> JSONResponse:  # noqa: ARG001
+        return JSONResponse({"detail": exc.one_line()}, status_code=404)
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, exc: Exception) -> JSONResponse:
+        line = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        log.warning("%s -> %s", request.url.path, line)
+        return JSONResponse({"detail": line}, status_code=500)
+
+    def key_of(key: str) -> str:
+        if key not in state.entries:
+            raise NotFound(f"no slide '{key}'")
+        return key
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/api/state")
+    def api_state() -> dict[str, Any]:
+        return {"slides": [state.slide_row(k) for k in state.entries], "runs": [r.summary() for r in state.runs],
+                "problems": state.problems, "out_dirs": state.out_dirs, "colormaps": list(COLORMAPS)}
+
+    @app.get("/api/slides/{key}.dzi")
+    def dzi(key: str) -> Response:
+        return Response(state.tiles(key_of(key)).geometry.dzi(), media_type="application/xml")
+
+    @app.get("/api/slides/{key}")
+    def slide(key: str) -> dict[str, Any]:
+        t = state.tiles(key_of(key))
+        g = t.geometry
+        mpp, src = state.mpp(key)
+        try:
+            lat = state.lattice(key)
+            size0, n_tiles = lat.size0, len(lat.coords)
+        except GigaslideError:
+            size0, n_tiles = None, 0
+        return {**state.slide_row(key), "width": g.width, "height": g.height, "levels": g.level_count,
+                "tile_size": g.tile_size, "overlap": g.overlap, "overlay_tile_size": OVERLAY_TILE, "mpp": mpp,
+                "mpp_source": src, "backend": t.backend, "tile_size0": size0, "n_tiles": n_tiles,
+                "layers": state.layers(key)}
+
+    @app.get("/api/slides/{key}/dz/{level}/{tile}.jpeg")
+    def slide_tile(key: str, level: int, tile: str) -> Response:
+        col, row = _tile_address(tile)
+        return Response(state.tiles(key_of(key)).tile(level, col, row), media_type="image/jpeg", headers=cache)
+
+    @app.get("/api/slides/{key}/overlay/{layer}/{level}/{tile}.png")
+    def overlay_tile(key: str, layer: str, level: int, tile: str, fold: str | None = None,
+                     threshold: float = Query(0.0, ge=0.0, le=1.0), cmap: str = "jet") -> Response:
+        col, row = _tile_address(tile)
+        if cmap not in COLORMAPS:
+            raise NotFound(f"colour map '{cmap}' (choose one of {', '.join(COLORMAPS)})")
+        g = state.tiles(key_of(key)).geometry
+        og = Geometry(g.width, g.height, OVERLAY_TILE, 0)
+        box = og.tile_box(level, col, row)
+        scale = og.scale(level)
+        if layer == "tissue":
+            rgba = state.tissue(key).render(box, scale)
+        elif layer == "grid":
+            rgba = render_grid(state.lattice(key), box, scale)
+        elif layer == "nuclei":
+            rgba = state.nuclei(key).render(box, scale)
+        else:
+            values = state.layer_values(key, layer, fold)
+            rgba = render_scores(state.lattice(key), values, box, scale, cmap, threshold)
+        return Response(to_png(rgba), media_type="image/png", headers=cache)
+
+    @app.get("/api/slides/{key}/tile_at")
+    def tile_at(key: str, x: float, y: float) -> dict[str, Any]:
+        i = state.lattice(key_of(key)).at(x, y)
+        if i < 0:
+            raise NotFound(f"no tile at ({x:.0f}, {y:.0f})")
+        return state.tile_info(key, i)
+
+    @app.get("/api/slides/{key}/tiles/{i}.jpeg")
+    def tile_thumb(key: str, i: int, px: int = Query(96, ge=16, le=512)) -> Response:
+        ff = state.features(key_of(key))
+        if not 0 <= i < len(ff):
+            raise NotFound(f"tile {i} (slide has {len(ff)})")
+        img = state.tiles(key).region(int(ff.coords[i, 0]), int(ff.coords[i, 1]), state.lattice(key).size0, px)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=85)
+        return Response(buf.getvalue(), media_type="image/jpeg", headers=cache)
+
+    @app.get("/api/slides/{key}/tiles/{i}")
+    def tile_info(key: str, i: int) -> dict[str, Any]:
+        return state.tile_info(key_of(key), i)
+
+    @app.get("/api/slides/{key}/tiles/{i}/neighbours")
+    def neighbours(key: str, i: int, k: int = Query(8, ge=1, le=100)) -> dict[str, Any]:
+        ff = state.features(key_of(key))
+        if not 0 <= i < len(ff):
+            raise NotFound(f"tile {i} (slide has {len(ff)})")
+        idx = state.index(key)
+        out = []
+        for n in idx.query(key, i, k):
+            c = state.features(n.slide).coords[n.index]
+            out.append({"slide": n.slide, "index": n.index, "similarity": n.similarity, "x": int(c[0]), "y": int(c[1]),
+                        "size0": state.lattice(n.slide).size0})
+        return {"slide": key, "index": i, "searched": len(idx), "neighbours": out}
+
+    return app

@@ -1,0 +1,184 @@
+"""Overlay layers rendered server side as RGBA PNG tiles of the deep-zoom pyramid (level-0 coordinates).
+
+Per-tile values live on the tile lattice (one cell per tile, see :class:`TileLattice`); an overlay
+tile samples that lattice at its output pixels (nearest cell), so a layer costs the same whatever
+the number of tiles, and the browser draws one image per screen tile instead of a DOM element per
+tile. The tissue mask is rasterised once from ``tissue/<id>.geojson``; nuclei outlines are drawn
+from ``nuclei/<id>.geojson`` per screen tile (only the polygons whose box meets it).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from gigaslide.errors import GigaslideError
+
+#: Colour maps offered in the viewer (matplotlib names).
+COLORMAPS = ("jet", "viridis", "magma", "inferno", "plasma", "turbo", "coolwarm", "RdYlBu_r", "Reds", "Greens")
+
+
+def lut(name: str) -> np.ndarray:
+    """uint8 [256, 3] RGB table of a colour map."""
+    import matplotlib  # heavy: only when a score layer is first drawn
+
+    if name not in COLORMAPS:
+        raise KeyError(name)
+    return (matplotlib.colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
+
+
+class TileLattice:
+    """Where each tile of a slide lies: ``coords`` (top-left, level-0 px) of squares of side ``size0`` on a
+    lattice of step ``step0`` (``size0`` unless tiles overlap)."""
+
+    def __init__(self, coords: np.ndarray, size0: float, step0: float | None = None):
+        self.coords = np.asarray(coords, np.float64).reshape(-1, 2)
+        self.size0 = float(size0)
+        self.step0 = float(step0 or size0)
+        self.origin = self.coords.min(0) if len(self.coords) else np.zeros(2)
+        ij = np.rint((self.coords - self.origin) / self.step0).astype(np.int64)
+        nx, ny = (ij.max(0) + 1) if len(ij) else (0, 0)
+        self.cells = np.full((int(ny) + 1, int(nx) + 1), -1, np.int64)  # one spare row / column for clipping
+        self.cells[ij[:, 1], ij[:, 0]] = np.arange(len(ij))
+
+    def sample(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """Tile index under each (x, y) of a grid of level-0 positions ``xs`` [w] x ``ys`` [h] (-1: no tile)."""
+        ix = np.floor((xs - self.origin[0]) / self.step0).astype(np.int64)
+        iy = np.floor((ys - self.origin[1]) / self.step0).astype(np.int64)
+        ny, nx = self.cells.shape
+        okx, oky = (ix >= 0) & (ix < nx), (iy >= 0) & (iy < ny)
+        idx = self.cells[np.clip(iy, 0, ny - 1)[:, None], np.clip(ix, 0, nx - 1)[None, :]]
+        idx = np.where(oky[:, None] & okx[None, :], idx, -1)
+        if len(self.coords):  # a lattice cell is wider than its tile when tiles are spaced apart
+            safe = np.maximum(idx, 0)
+            dx, dy = xs[None, :] - self.coords[safe, 0], ys[:, None] - self.coords[safe, 1]
+            tol = 1.0  # level-0 px: tile starts are floored onto the lattice
+            inside = (dx < self.size0 + tol) & (dy < self.size0 + tol) & (dx >= -tol) & (dy >= -tol)
+            idx = np.where(inside, idx, -1)
+        return idx
+
+    def at(self, x: float, y: float) -> int:
+        """Index of the tile containing level-0 point (x, y), -1 when none does."""
+        return int(self.sample(np.array([float(x)]), np.array([float(y)]))[0, 0])
+
+
+def pixel_centres(box: tuple[int, int, int, int], scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Level-0 centres of the pixels of a box given in px of a level ``scale`` times smaller."""
+    x0, y0, x1, y1 = box
+    return (np.arange(x0, x1) + 0.5) * scale, (np.arange(y0, y1) + 0.5) * scale
+
+
+def render_scores(lattice: TileLattice, values: np.ndarray, box: tuple[int, int, int, int], scale: float,
+                  cmap: str, threshold: float) -> np.ndarray:
+    """RGBA of per-tile ``values`` in [0, 1]; tiles below ``threshold`` (or NaN) stay transparent."""
+    xs, ys = pixel_centres(box, scale)
+    idx = lattice.sample(xs, ys)
+    v = np.asarray(values, np.float64)
+    val = np.where(idx >= 0, v[np.maximum(idx, 0)], np.nan)
+    show = np.isfinite(val) & (val >= threshold)
+    rgba = np.zeros((*idx.shape, 4), np.uint8)
+    table = lut(cmap)
+    rgba[..., :3] = table[np.clip(np.nan_to_num(val, nan=0.0) * 255, 0, 255).astype(np.int64)]
+    rgba[..., 3] = np.where(show, 255, 0)
+    return rgba
+
+
+def render_grid(lattice: TileLattice, box: tuple[int, int, int, int], scale: float,
+                colour: tuple[int, int, int] = (20, 60, 220)) -> np.ndarray:
+    """RGBA outlines of every tile (about one screen pixel wide at any zoom)."""
+    xs, ys = pixel_centres(box, scale)
+    idx = lattice.sample(xs, ys)
+    rgba = np.zeros((*idx.shape, 4), np.uint8)
+    if not len(lattice.coords):
+        return rgba
+    safe = np.maximum(idx, 0)
+    lx = xs[None, :] - lattice.coords[safe, 0]
+    ly = ys[:, None] - lattice.coords[safe, 1]
+    w = max(scale, lattice.size0 / 64)  # line width in level-0 px: >= 1 screen px
+    edge = (idx >= 0) & ((lx < w) | (ly < w) | (lattice.size0 - lx <= w) | (lattice.size0 - ly <= w))
+    rgba[edge] = (*colour, 255)
+    return rgba
+
+
+class TissueRaster:
+    """Tissue polygons of ``tissue/<id>.geojson`` rasterised once (about 2048 px on the longer side)."""
+
+    def __init__(self, geojson: Path, dimensions: tuple[int, int], max_px: int = 2048):
+        w, h = dimensions
+        self.ds = max(w, h) / max_px
+        img = Image.new("L", (max(1, int(np.ceil(w / self.ds))), max(1, int(np.ceil(h / self.ds)))), 0)
+        draw = ImageDraw.Draw(img)
+        for ring in _rings(_read_geojson(geojson)):
+            draw.polygon([(x / self.ds, y / self.ds) for x, y in ring], fill=255)
+        self.mask = np.asarray(img) > 0
+
+    def render(self, box: tuple[int, int, int, int], scale: float, colour=(0, 170, 0)) -> np.ndarray:
+        xs, ys = pixel_centres(box, scale)
+        h, w = self.mask.shape
+        ix = np.clip((xs / self.ds).astype(np.int64), 0, w - 1)
+        iy = np.clip((ys / self.ds).astype(np.int64), 0, h - 1)
+        m = self.mask[iy[:, None], ix[None, :]]
+        rgba = np.zeros((*m.shape, 4), np.uint8)
+        rgba[m] = (*colour, 255)
+        return rgba
+
+
+class NucleiOutlines:
+    """Nuclei polygons (QuPath GeoJSON detections) with their bounding boxes for per-tile selection."""
+
+    def __init__(self, geojson: Path):
+        self.rings = [np.asarray(r, np.float64) for r in _rings(_read_geojson(geojson)) if len(r) >= 3]
+        self.boxes = (np.array([[r[:, 0].min(), r[:, 1].min(), r[:, 0].max(), r[:, 1].max()] for r in self.rings])
+                      if self.rings else np.zeros((0, 4)))
+
+    def __len__(self) -> int:
+        return len(self.rings)
+
+    def render(self, box: tuple[int, int, int, int], scale: float, colour=(255, 255, 0), limit: int = 20000) -> np.ndarray:
+        x0, y0, x1, y1 = box
+        bx0, by0, bx1, by1 = x0 * scale, y0 * scale, x1 * scale, y1 * scale
+        img = Image.new("RGBA", (x1 - x0, y1 - y0), (0, 0, 0, 0))
+        if len(self.boxes):
+            hit = np.flatnonzero((self.boxes[:, 2] >= bx0) & (self.boxes[:, 0] <= bx1) & (self.boxes[:, 3] >= by0)
+                                 & (self.boxes[:, 1] <= by1))
+            draw = ImageDraw.Draw(img)
+            for i in hit[:limit]:
+                pts = (self.rings[i] - (bx0, by0)) / scale
+                if scale > 4:  # a nucleus is a few px at this zoom: a dot
+                    cx, cy = pts.mean(0)
+                    draw.point((float(cx), float(cy)), fill=(*colour, 255))
+                else:
+                    draw.line([tuple(p) for p in pts] + [tuple(pts[0])], fill=(*colour, 255), width=1)
+        return np.asarray(img)
+
+
+def _read_geojson(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise GigaslideError(f"unreadable GeoJSON ({e})", path=path, fix="re-run the job that wrote it") from None
+
+
+def _rings(gj: dict):  # noqa: ANN202
+    """Outer rings of every Polygon / MultiPolygon of a Feature, FeatureCollection or list of features."""
+    feats = gj.get("features", []) if isinstance(gj, dict) else gj
+    if isinstance(gj, dict) and gj.get("type") == "Feature":
+        feats = [gj]
+    for f in feats or []:
+        g = (f or {}).get("geometry") or {}
+        if g.get("type") == "Polygon" and g.get("coordinates"):
+            yield g["coordinates"][0]
+        elif g.get("type") == "MultiPolygon":
+            for poly in g.get("coordinates") or []:
+                if poly:
+                    yield poly[0]
+
+
+def to_png(rgba: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()

@@ -1,0 +1,220 @@
+"""Everything the viewer serves, opened lazily and kept: slides, features, tile lattices, layers, search index."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from gigaslide.errors import GigaslideError
+from gigaslide.export.catalog import SlideEntry, scan
+from gigaslide.export.once import Once
+from gigaslide.export.runs import Run, TileScorer, load_runs
+from gigaslide.export.tables import fold_for, tissue_fraction
+from gigaslide.features import store
+from gigaslide.mil.heatmap import tile_size_of
+from gigaslide.viewer.deepzoom import SlideTiles
+from gigaslide.viewer.neighbours import FeatureIndex
+from gigaslide.viewer.overlays import NucleiOutlines, TileLattice, TissueRaster
+
+
+class ViewerState:
+    def __init__(self, out_dirs: list[str | os.PathLike], runs: list[str | os.PathLike] = ()):
+        self.out_dirs = [str(d) for d in out_dirs]
+        self.entries, self.problems = scan(list(out_dirs))
+        self.runs: list[Run] = load_runs(runs, self.problems)
+        if not runs:
+            self.problems.append("no runs given: attention / probability layers need `--runs RUN_DIR` "
+                                 "(the --out folder of `gigaslide train-mil`)")
+        for run in self.runs:
+            self.problems += [f"run {run.name}: {p}" for p in run.problems]
+        self.scorer = TileScorer()
+        self._once = Once()
+
+    # -- lazily opened things ---------------------------------------------------------------------
+    def _get(self, what: str, key: str, make):  # noqa: ANN001, ANN202
+        return self._once.get((what, key), make)
+
+    def entry(self, key: str) -> SlideEntry:
+        if key not in self.entries:
+            raise KeyError(key)
+        return self.entries[key]
+
+    def tiles(self, key: str) -> SlideTiles:
+        e = self.entry(key)
+
+        def make() -> SlideTiles:
+            if e.slide_path is None:
+                raise GigaslideError("no slide file recorded for this slide", path=e.out_dir,
+                                     fix="re-run `gigaslide encode` (its manifest records each slide's path)")
+            return SlideTiles(e.slide_path, e.slide_mpp)
+
+        return self._get("tiles", key, make)
+
+    def features(self, key: str):  # noqa: ANN201
+        e = self.entry(key)
+
+        def make():  # noqa: ANN202
+            if e.features is None:
+                raise GigaslideError(f"no features/{e.slide_id}.h5", path=e.out_dir,
+                                     fix=f"run `gigaslide encode` for this slide{f' ({e.error})' if e.error else ''}")
+            return store.load(e.features)
+
+        return self._get("features", key, make)
+
+    def lattice(self, key: str) -> TileLattice:
+        def make() -> TileLattice:
+            ff = self.features(key)
+            size0 = float(tile_size_of(ff))
+            ts, ov = int(ff.attrs.get("tile_size", 0) or 0), int(ff.attrs.get("overlap", 0) or 0)
+            step0 = size0 * (ts - ov) / ts if ts and 0 < ov < ts else size0
+            return TileLattice(ff.coords, size0, step0)
+
+        return self._get("lattice", key, make)
+
+    def tissue(self, key: str) -> TissueRaster:
+        e = self.entry(key)
+
+        def make() -> TissueRaster:
+            if e.tissue_geojson is None:
+                raise GigaslideError(f"no tissue/{e.slide_id}.geojson", path=e.out_dir, fix="re-run `gigaslide tile`")
+            g = self.tiles(key).geometry
+            return TissueRaster(e.tissue_geojson, (g.width, g.height))
+
+        return self._get("tissue", key, make)
+
+    def nuclei(self, key: str) -> NucleiOutlines:
+        e = self.entry(key)
+
+        def make() -> NucleiOutlines:
+            if e.nuclei_geojson is None:
+                raise GigaslideError(f"no nuclei/{e.slide_id}.geojson", path=e.out_dir,
+                                     fix="run nuclei segmentation into OUT_DIR/nuclei/")
+            return NucleiOutlines(e.nuclei_geojson)
+
+        return self._get("nuclei", key, make)
+
+    def index(self, key: str) -> FeatureIndex:
+        """The search index of all slides whose features share this slide's encoder and dimension."""
+        ff = self.features(key)
+        group = (str(ff.encoder), ff.dim)
+
+        def make() -> FeatureIndex:
+            feats = {}
+            for k in self.entries:
+                if self.status(k)[0] == "broken":  # its tiles could not be shown as thumbnails
+                    continue
+                try:
+                    other = self.features(k)
+                except GigaslideError:
+                    continue
+                if (str(other.encoder), other.dim) == group:
+                    feats[k] = other.features
+            return FeatureIndex(feats)
+
+        return self._get("index", f"{group[0]}:{group[1]}", make)
+
+    # -- what the page shows ------------------------------------------------------------------------
+    def status(self, key: str) -> tuple[str, str | None]:
+        e = self.entry(key)
+        try:
+            self.tiles(key)
+        except GigaslideError as err:
+            return "broken", err.one_line()
+        if e.features is None:
+            return "no features", f"features/{e.slide_id}.h5 is missing ({e.error or 'not encoded'})"
+        return "ok", None
+
+    def slide_row(self, key: str) -> dict[str, Any]:
+        e = self.entry(key)
+        st, why = self.status(key)
+        preds = {}
+        for r in self.runs:
+            p = r.predictions.get(e.slide_id)
+            if p is not None:
+                preds[r.name] = {"label": p["label"], "prob": p["probs"][-1], "fold": p["fold"],
+                                 "predicted": int(np.argmax(p["probs"]))}
+        return {"key": key, "slide_id": e.slide_id, "status": st, "reason": why, "out_dir": str(e.out_dir),
+                "predictions": preds}
+
+    def mpp(self, key: str) -> tuple[float | None, str]:
+        t = self.tiles(key)
+        if t.metadata_mpp:
+            return t.metadata_mpp, "slide metadata"
+        e = self.entry(key)
+        return (e.slide_mpp, "tiling record (patches/features attrs)") if e.slide_mpp else (None, "unknown")
+
+    def layers(self, key: str) -> list[dict[str, Any]]:
+        e = self.entry(key)
+        feats_ok = e.features is not None
+        why_feats = None if feats_ok else f"features/{e.slide_id}.h5 is missing"
+        out = [
+            _layer("tissue", "tissue mask", "mask", e.tissue_geojson is not None, f"no tissue/{e.slide_id}.geojson"),
+            _layer("grid", "tile grid", "grid", feats_ok, why_feats),
+            _layer("nuclei", "nuclei outlines", "nuclei", e.nuclei_geojson is not None,
+                   f"no nuclei/{e.slide_id}.geojson in {e.out_dir}"),
+        ]
+        for r_i, run in enumerate(self.runs):
+            if run.kind != "mil":
+                continue
+            fold = fold_for(run, e.slide_id)
+            held = run.held_out_fold(e.slide_id) is not None
+            n_classes = int(run.meta.get("n_classes", 2) or 2)
+            common = dict(folds=run.folds, fold=fold, held_out=held, run=run.name)
+            out.append(_layer(f"run{r_i}-attention", f"{run.name}: attention (percentile)", "score", feats_ok, why_feats,
+                              cmap="jet", **common))
+            for c in range(1, n_classes):
+                out.append(_layer(f"run{r_i}-prob{c}", f"{run.name}: tile P(class {c})", "score", feats_ok, why_feats,
+                                  cmap="viridis", **common))
+        return out
+
+    def layer_values(self, key: str, layer: str, fold: str | None) -> np.ndarray:
+        """Per-tile values in [0, 1] of a score layer (``run<i>-attention`` / ``run<i>-prob<c>``)."""
+        try:
+            run_part, kind = layer.split("-", 1)
+            run = self.runs[int(run_part[3:])]
+        except (ValueError, IndexError):
+            raise KeyError(layer) from None
+        fold = fold or fold_for(run, self.entry(key).slide_id)
+        ff = self.features(key)
+        if kind == "attention":
+            return self.scorer.scores(run, fold, ff, "attention_pct")
+        if kind.startswith("prob") and kind[4:].isdigit():
+            probs = self.scorer.scores(run, fold, ff, "probability")
+            c = int(kind[4:])
+            if c >= probs.shape[1]:
+                raise KeyError(layer)
+            return probs[:, c]
+        raise KeyError(layer)
+
+    def tile_info(self, key: str, i: int) -> dict[str, Any]:
+        ff = self.features(key)
+        lat = self.lattice(key)
+        if not 0 <= i < len(ff):
+            raise IndexError(i)
+        e = self.entry(key)
+        scores = []
+        for run in self.runs:
+            if run.kind != "mil":
+                continue
+            default = fold_for(run, e.slide_id)
+            for fold in run.folds:
+                rec: dict[str, Any] = {"run": run.name, "fold": fold, "held_out": fold == run.held_out_fold(e.slide_id)}
+                try:
+                    rec["attention"] = float(self.scorer.scores(run, fold, ff, "attention")[i])
+                    rec["attention_percentile"] = float(self.scorer.scores(run, fold, ff, "attention_pct")[i])
+                    if fold == default:  # one forward pass per tile: only for the fold the layers show first
+                        rec["tile_probs"] = [float(v) for v in self.scorer.scores(run, fold, ff, "probability")[i]]
+                    rec["slide_probs"] = [float(v) for v in self.scorer.scores(run, fold, ff, "slide_probs")]
+                except GigaslideError as err:
+                    rec["error"] = err.one_line()
+                scores.append(rec)
+        tissue = float(tissue_fraction(e, ff.coords[i:i + 1])[0])
+        return {"slide": key, "index": i, "x": int(ff.coords[i, 0]), "y": int(ff.coords[i, 1]), "size0": lat.size0,
+                "tissue": None if np.isnan(tissue) else tissue, "scores": scores}
+
+
+def _layer(lid: str, name: str, kind: str, available: bool, reason: str | None, **extra: Any) -> dict[str, Any]:
+    return {"id": lid, "name": name, "kind": kind, "available": bool(available), "reason": None if available else reason,
+            **extra}

@@ -1,0 +1,240 @@
+// gigaslide viewer: OpenSeadragon deep-zoom slide + server-rendered overlay tile layers (level-0 coordinates).
+"use strict";
+
+const G = {
+  state: null, slide: null, viewer: null, layers: [], selected: null, highlight: null,
+  allLoaded() {
+    const w = G.viewer && G.viewer.world;
+    if (!w || w.getItemCount() === 0) return false;
+    for (let i = 0; i < w.getItemCount(); i++) if (!w.getItemAt(i).getFullyLoaded()) return false;
+    return G.layers.every(l => !l.timer && (!l.on || l.item));
+  },
+};
+window.gigaslide = G;
+
+const $ = sel => document.querySelector(sel);
+function el(tag, attrs, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") e.className = v; else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else if (v !== undefined && v !== null && v !== false) e.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children) if (c !== null && c !== undefined) e.append(c instanceof Node ? c : String(c));
+  return e;
+}
+async function getJSON(url) {
+  const r = await fetch(url);
+  const body = await r.json();
+  if (!r.ok) throw new Error(body.detail || r.statusText);
+  return body;
+}
+function fmt(v, d = 3) { return v === null || v === undefined ? "–" : Number(v).toFixed(d); }
+function status(text) { $("#status").textContent = text; }
+const enc = encodeURIComponent;
+
+// -- slide list ---------------------------------------------------------------------------------
+function renderProblems(problems) {
+  const box = $("#problems");
+  box.replaceChildren(...problems.map(p => el("div", {class: "problem"}, p)));
+}
+
+function renderSlides() {
+  const runs = G.state.runs.map(r => r.name);
+  $("#slides thead").replaceChildren(el("tr", {}, el("th", {}, "slide"), el("th", {}, "status"),
+    ...runs.map(r => el("th", {title: "label / held-out P(last class) (fold)"}, r))));
+  const rows = G.state.slides.map(s => {
+    const cells = runs.map(r => {
+      const p = s.predictions[r];
+      return el("td", {}, p ? `${p.label} / ${fmt(p.prob, 2)} (f${p.fold})` : "–");
+    });
+    const broken = s.status === "broken";
+    return el("tr", {class: "slide" + (broken ? " broken" : ""), "data-slide": s.key, title: s.reason || "",
+                     onclick: () => { if (!broken) openSlide(s.key); else status(s.reason); }},
+      el("td", {}, s.slide_id), el("td", {class: "st"}, s.status), ...cells);
+  });
+  if (!rows.length) rows.push(el("tr", {}, el("td", {colspan: 2 + runs.length, class: "hint"}, "No slides: see the notes above.")));
+  $("#slides tbody").replaceChildren(...rows);
+}
+
+// -- viewer ---------------------------------------------------------------------------------------
+function slideSource(info) {
+  return {width: info.width, height: info.height, tileSize: info.tile_size, tileOverlap: info.overlap,
+          minLevel: 0, maxLevel: info.levels - 1,
+          getTileUrl: (level, x, y) => `/api/slides/${enc(info.key)}/dz/${level}/${x}_${y}.jpeg`};
+}
+
+function overlaySource(info, layer) {
+  const q = new URLSearchParams({threshold: layer.threshold, cmap: layer.cmap});
+  if (layer.fold) q.set("fold", layer.fold);
+  return {width: info.width, height: info.height, tileSize: info.overlay_tile_size, tileOverlap: 0,
+          minLevel: 0, maxLevel: info.levels - 1,
+          getTileUrl: (level, x, y) => `/api/slides/${enc(info.key)}/overlay/${enc(layer.id)}/${level}/${x}_${y}.png?${q}`};
+}
+
+function makeViewer() {
+  G.viewer = OpenSeadragon({
+    id: "osd", showNavigationControl: false, showNavigator: false, animationTime: 0.3, maxZoomPixelRatio: 4,
+    gestureSettingsMouse: {clickToZoom: false}, crossOriginPolicy: false, imageLoaderLimit: 8,
+    // the 2D canvas drawer: exact colour blending of the overlays, and no software-WebGL stalls on machines without a GPU
+    drawer: "canvas",
+  });
+  G.viewer.addHandler("canvas-click", e => { if (e.quick) clickAt(e.position); });
+  G.viewer.addHandler("animation", updateScaleBar);
+  G.viewer.addHandler("open", updateScaleBar);
+  G.viewer.addHandler("resize", updateScaleBar);
+}
+
+function openSlide(key) {
+  return getJSON(`/api/slides/${enc(key)}`).then(info => new Promise(resolve => {
+    G.slide = info; G.selected = null; G.highlight = null;
+    document.querySelectorAll("#slides tr").forEach(tr => tr.classList.toggle("current", tr.dataset.slide === key));
+    status(`${info.slide_id}: ${info.width}×${info.height} px, ${info.mpp ? fmt(info.mpp, 4) + " µm/px (" + info.mpp_source + ")" : "no mpp"}, ${info.n_tiles} tiles`);
+    const keep = new Map(G.layers.map(l => [l.id, l]));
+    G.layers = info.layers.map(l => {
+      const old = keep.get(l.id);
+      return {...l, on: old ? old.on && l.available : false, opacity: old ? old.opacity : 0.5,
+              threshold: old ? old.threshold : 0, cmap: old ? old.cmap : (l.cmap || "jet"), fold: l.fold || null,
+              item: null, gen: 0};
+    });
+    renderLayers();
+    $("#tile").replaceChildren(el("p", {class: "hint"}, "Click a tile on the slide."));
+    G.viewer.addOnceHandler("open", () => {
+      G.slideItem = G.viewer.world.getItemAt(0);
+      G.layers.filter(l => l.on).forEach(addLayer);
+      updateScaleBar();
+      resolve(info);
+    });
+    G.viewer.open(slideSource(info));
+  })).catch(err => status(`cannot open ${key}: ${err.message}`));
+}
+
+// -- layers ---------------------------------------------------------------------------------------
+// A tiled image is only removed once none of its tiles is in flight (OpenSeadragon warns about tiles that
+// arrive after their image was destroyed): until then it is hidden (opacity 0, still loading: preload).
+function retire(item) {
+  item.setOpacity(0);
+  const go = () => {
+    if (G.viewer.world.getIndexOfItem(item) < 0) return;
+    if (item.getFullyLoaded()) G.viewer.world.removeItem(item);
+    else item.addOnceHandler("fully-loaded-change", go);
+  };
+  go();
+}
+function addLayer(layer) {
+  const gen = ++layer.gen;
+  G.viewer.addTiledImage({
+    tileSource: overlaySource(G.slide, layer), x: 0, y: 0, width: 1, opacity: layer.opacity, preload: true,
+    success: ev => { if (gen !== layer.gen || !layer.on) retire(ev.item); else layer.item = ev.item; },
+    error: ev => status(`layer ${layer.name}: ${ev.message}`),
+  });
+}
+function removeLayer(layer) {
+  layer.gen++;
+  if (layer.item) { retire(layer.item); layer.item = null; }
+}
+function refreshLayer(layer) {  // new threshold / colours / model: new tile URLs (debounced while a slider moves)
+  clearTimeout(layer.timer);
+  layer.timer = setTimeout(() => { layer.timer = null; removeLayer(layer); if (layer.on) addLayer(layer); }, 250);
+}
+
+function renderLayers() {
+  const rows = G.layers.map(layer => {
+    const box = el("div", {class: "layer" + (layer.available ? "" : " unavailable"), "data-layer": layer.id});
+    const toggle = el("input", {type: "checkbox", class: "toggle", disabled: !layer.available, checked: layer.on,
+      onchange: e => { layer.on = e.target.checked; if (layer.on) addLayer(layer); else removeLayer(layer); }});
+    box.append(el("label", {class: "name"}, toggle, " ", layer.name));
+    if (!layer.available) { box.append(el("div", {class: "hint"}, layer.reason)); return box; }
+    const controls = el("div", {class: "controls"});
+    controls.append(el("div", {}, el("label", {}, "opacity"), el("input", {type: "range", class: "opacity", min: 0, max: 1,
+      step: 0.05, value: layer.opacity, oninput: e => { layer.opacity = +e.target.value; if (layer.item) layer.item.setOpacity(layer.opacity); }})));
+    if (layer.kind === "score") {
+      const thv = el("span", {class: "thv"}, fmt(layer.threshold, 2));
+      controls.append(el("div", {}, el("label", {}, "threshold"), el("input", {type: "range", class: "threshold", min: 0, max: 1,
+        step: 0.05, value: layer.threshold, oninput: e => { thv.textContent = fmt(e.target.value, 2); },
+        onchange: e => { layer.threshold = +e.target.value; refreshLayer(layer); }}), " ", thv));
+      const cmap = el("select", {class: "cmap", onchange: e => { layer.cmap = e.target.value; refreshLayer(layer); }},
+        ...G.state.colormaps.map(c => el("option", {value: c, selected: c === layer.cmap}, c)));
+      const fold = el("select", {class: "fold", onchange: e => { layer.fold = e.target.value; refreshLayer(layer); }},
+        ...layer.folds.map(f => el("option", {value: f, selected: f === layer.fold},
+          f + (f === layer.fold && layer.held_out ? " (held out)" : ""))));
+      controls.append(el("div", {}, el("label", {}, "colours"), cmap, " ", el("label", {}, "model"), fold));
+    }
+    box.append(controls);
+    return box;
+  });
+  $("#layers").replaceChildren(...rows);
+}
+
+// -- scale bar ------------------------------------------------------------------------------------
+function updateScaleBar() {
+  const item = G.viewer && G.viewer.world.getItemAt(0);
+  const mpp = G.slide && G.slide.mpp;
+  if (!item || !mpp) { $("#scalebar").style.display = "none"; return; }
+  const umPerScreenPx = mpp / item.viewportToImageZoom(G.viewer.viewport.getZoom(true));
+  const want = 120 * umPerScreenPx;
+  const p = Math.pow(10, Math.floor(Math.log10(want)));
+  const nice = [5, 2, 1].map(m => m * p).find(v => v <= want) || p;
+  $("#scalebar").style.display = "block";
+  $("#scalebar-bar").style.width = `${Math.round(nice / umPerScreenPx)}px`;
+  $("#scalebar-label").textContent = nice >= 1000 ? `${nice / 1000} mm` : `${nice >= 1 ? nice : nice.toPrecision(1)} µm`;
+}
+
+// -- tiles: click, info, neighbours ---------------------------------------------------------------
+function clickAt(pixel) {
+  if (!G.slideItem || !G.slide) return;
+  const p = G.slideItem.viewportToImageCoordinates(G.viewer.viewport.pointFromPixel(pixel));
+  fetch(`/api/slides/${enc(G.slide.key)}/tile_at?x=${p.x.toFixed(1)}&y=${p.y.toFixed(1)}`).then(async r => {
+    const body = await r.json();
+    if (!r.ok) { $("#tile").replaceChildren(el("p", {class: "hint"}, `No tile at (${Math.round(p.x)}, ${Math.round(p.y)}).`)); return; }
+    showTile(body);
+  });
+}
+
+function showTile(t) {
+  G.selected = t;
+  const rect = G.slideItem.imageToViewportRectangle(t.x, t.y, t.size0, t.size0);
+  if (G.highlight) G.viewer.removeOverlay(G.highlight);
+  G.highlight = el("div", {class: "selected-tile"});
+  G.viewer.addOverlay({element: G.highlight, location: rect});
+  const rows = [["tile", `#${t.index}`], ["x, y (level 0)", `${t.x}, ${t.y}`], ["size (level 0)", `${Math.round(t.size0)} px`],
+                ["tissue fraction", fmt(t.tissue, 2)]];
+  for (const s of t.scores) {
+    const tag = `${s.run} ${s.fold}${s.held_out ? " (held out)" : ""}`;
+    if (s.error) { rows.push([tag, s.error]); continue; }
+    rows.push([tag + " attention", `${fmt(s.attention, 4)} (pct ${fmt(s.attention_percentile, 2)})`]);
+    if (s.tile_probs) rows.push([tag + " tile P", s.tile_probs.map(v => fmt(v, 3)).join(" / ")]);
+    rows.push([tag + " slide P", s.slide_probs.map(v => fmt(v, 3)).join(" / ")]);
+  }
+  const nb = el("div", {class: "neighbours"}, el("span", {class: "hint"}, "searching similar tiles…"));
+  $("#tile").replaceChildren(el("table", {class: "tile-info"}, ...rows.map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", {}, v)))),
+                             el("h3", {}, "Most similar tiles (cosine)"), nb);
+  $("#tile").scrollIntoView({block: "nearest"});
+  getJSON(`/api/slides/${enc(t.slide)}/tiles/${t.index}/neighbours?k=8`).then(res => {
+    if (!G.selected || G.selected.index !== t.index || G.selected.slide !== t.slide) return;
+    nb.replaceChildren(...res.neighbours.map(n => el("div", {class: "neighbour", "data-slide": n.slide, "data-index": n.index,
+        title: `${n.slide} tile ${n.index}`, onclick: () => jumpTo(n.slide, n.index)},
+      el("img", {src: `/api/slides/${enc(n.slide)}/tiles/${n.index}.jpeg`, alt: `${n.slide} #${n.index}`}),
+      `${n.slide} #${n.index}`, el("br"), `cos ${fmt(n.similarity, 3)}`)));
+    nb.scrollIntoView({block: "nearest"});
+  }).catch(err => nb.replaceChildren(el("span", {class: "hint"}, `no search: ${err.message}`)));
+}
+
+async function jumpTo(slide, index) {
+  if (!G.slide || G.slide.key !== slide) await openSlide(slide);
+  const t = await getJSON(`/api/slides/${enc(slide)}/tiles/${index}`);
+  const pad = t.size0 * 3;
+  G.viewer.viewport.fitBounds(G.slideItem.imageToViewportRectangle(t.x - pad, t.y - pad, t.size0 + 2 * pad, t.size0 + 2 * pad));
+  showTile(t);
+}
+
+// -- start ---------------------------------------------------------------------------------------
+async function main() {
+  makeViewer();
+  G.state = await getJSON("/api/state");
+  renderProblems(G.state.problems);
+  renderSlides();
+  const first = G.state.slides.find(s => s.status !== "broken");
+  if (first) await openSlide(first.key);
+  else status("nothing to show: " + (G.state.slides.length ? "every slide is broken" : "no slides"));
+}
+main().catch(err => status(`error: ${err.message}`));

@@ -1,0 +1,123 @@
+"""Reading annotations, pairing, resolution and the split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gigaslide.errors import GigaslideError
+from gigaslide.nuclei.annotations import read_annotation, rasterise
+from gigaslide.nuclei.data import check_mpp, find_pairs, hv_maps, load_item, make_split, subset_fraction
+
+from .conftest import disc_image, write_xml
+
+
+def test_xml_polygons_rasterise_to_the_discs(tmp_path: Path) -> None:
+    _, inst, polys = disc_image(96, 5, seed=1)
+    write_xml(tmp_path / "a.xml", polys, mpp=0.2527)
+    ann = read_annotation(tmp_path / "a.xml", inst.shape)
+    assert ann.count == len(polys) == 5 and ann.mpp == pytest.approx(0.2527)
+    for k in range(1, 6):  # each rasterised polygon overlaps its disc with IoU > 0.8
+        a = ann.inst == k
+        b = inst == np.bincount(inst[a]).argmax()
+        assert (a & b).sum() / (a | b).sum() > 0.8
+
+
+def test_polygons_outside_clipped_and_self_intersecting(tmp_path: Path) -> None:
+    inside = np.array([[2, 2], [8, 2], [8, 8], [2, 8]], float)
+    outside = inside + 100
+    crossing = np.array([[-3, 12], [5, 12], [5, 18], [-3, 18]], float)  # crosses the left border
+    bowtie = np.array([[12, 12], [18, 18], [18, 12], [12, 18]], float)
+    ann = rasterise([inside, outside, crossing, bowtie, np.zeros((2, 2))], (20, 20))
+    assert ann.count == 3
+    assert ann.notes["dropped_outside"] == 1 and ann.notes["clipped"] == 1
+    assert ann.notes["self_intersecting"] == 1 and ann.notes["dropped_degenerate"] == 1
+    assert (ann.inst[12:19, 0] > 0).all()  # the clipped part inside the image is kept
+
+
+def test_xml_with_entities_is_refused(tmp_path: Path) -> None:
+    f = tmp_path / "bomb.xml"
+    f.write_text('<?xml version="1.0"?><!DOCTYPE a [<!ENTITY x "xxxxxxxx"><!ENTITY y "&x;&x;&x;">]>'
+                 '<Annotations><Region><Vertices><Vertex X="&y;" Y="1"/></Vertices></Region></Annotations>')
+    with pytest.raises(GigaslideError, match="bomb.xml: cannot read annotation XML"):
+        read_annotation(f, (10, 10))
+
+
+def test_geojson_and_label_image_give_the_same_instances(tmp_path: Path) -> None:
+    _, inst, polys = disc_image(80, 4, seed=2)
+    feats = [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [(p + 0.5).tolist()]},
+              "properties": {"classification": {"name": "tumor" if k % 2 else "immune"}}} for k, p in enumerate(polys)]
+    (tmp_path / "a.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    g = read_annotation(tmp_path / "a.geojson", inst.shape)
+    assert g.count == 4 and sorted(g.type_names.values()) == ["immune", "tumor"]
+    assert sorted(g.types.values()) == [1, 1, 2, 2]
+    Image.fromarray(inst.astype(np.uint16)).save(tmp_path / "a.png")
+    lab = read_annotation(tmp_path / "a.png", inst.shape)
+    assert lab.count == 4 and np.array_equal(lab.inst > 0, inst > 0)
+    np.save(tmp_path / "b.npy", inst)
+    assert np.array_equal(read_annotation(tmp_path / "b.npy", inst.shape).inst, lab.inst)
+    with pytest.raises(GigaslideError, match="its image is"):
+        read_annotation(tmp_path / "a.png", (10, 10))
+
+
+def test_unpaired_files_are_reported_and_left_out(tmp_path: Path) -> None:
+    (tmp_path / "im").mkdir()
+    (tmp_path / "an").mkdir()
+    img, _, polys = disc_image(64, 3)
+    for n in ("a", "b"):
+        Image.fromarray(img).save(tmp_path / "im" / f"{n}.png")
+    write_xml(tmp_path / "an" / "a.xml", polys)
+    write_xml(tmp_path / "an" / "c.xml", polys)
+    pairs, problems = find_pairs(tmp_path / "im", tmp_path / "an")
+    assert [p.id for p in pairs] == ["a"]
+    assert any("b.png: image has no annotation" in p for p in problems)
+    assert any("c.xml: annotation has no image" in p for p in problems)
+
+
+def test_image_without_nuclei_loads_as_empty(tmp_path: Path) -> None:
+    (tmp_path / "im").mkdir()
+    (tmp_path / "an").mkdir()
+    Image.fromarray(np.full((40, 40, 3), 230, np.uint8)).save(tmp_path / "im" / "e.png")
+    write_xml(tmp_path / "an" / "e.xml", [], mpp=0.25)
+    item = load_item(find_pairs(tmp_path / "im", tmp_path / "an")[0][0], 0.25)
+    assert item.inst.max() == 0 and item.image.shape == (40, 40, 3)
+
+
+def test_resolution_resampling_and_refusal(tmp_path: Path) -> None:
+    assert check_mpp(0.2527, 0.25, "x") == pytest.approx(1.0108)
+    assert check_mpp(0.251, 0.25, "x") == 1.0
+    with pytest.raises(GigaslideError, match=r"0.5 µm/px, coarser than the model's 0.25"):
+        check_mpp(0.5, 0.25, "x.png")
+    (tmp_path / "im").mkdir()
+    (tmp_path / "an").mkdir()
+    img, _, polys = disc_image(100, 4)
+    Image.fromarray(img).save(tmp_path / "im" / "a.png")
+    write_xml(tmp_path / "an" / "a.xml", polys, mpp=0.125)
+    item = load_item(find_pairs(tmp_path / "im", tmp_path / "an")[0][0], 0.25)
+    assert item.image.shape[:2] == (50, 50) and item.inst_orig.shape == (100, 100) and item.inst.max() == 4
+
+
+def test_split_is_fixed_stratified_and_fraction_nested() -> None:
+    ids = [f"i{k}" for k in range(10)]
+    organs = {i: ["kidney", "lung", "colon", "brain", "bladder"][k % 5] for k, i in enumerate(ids)}
+    s = make_split(ids, organs, seed=0)
+    assert s == make_split(ids, organs, seed=0)
+    assert sum(v == "test" for v in s.values()) == 3 and sum(v == "val" for v in s.values()) >= 1
+    test_organs = [organs[i] for i, v in s.items() if v == "test"]
+    assert len(set(test_organs)) == 3  # three test images from three organs
+    train = [i for i, v in s.items() if v == "train"]
+    assert len(subset_fraction(train, organs, 0.2)) == 1
+    assert set(subset_fraction(train, organs, 0.5)) <= set(train)
+
+
+def test_hv_maps_point_away_from_the_centre() -> None:
+    inst = np.zeros((11, 11), np.int32)
+    inst[3:8, 2:9] = 1
+    hv = hv_maps(inst)
+    assert hv[0, 5, 2] == -1.0 and hv[0, 5, 8] == 1.0 and hv[0, 5, 5] == 0.0
+    assert hv[1, 3, 5] == -1.0 and hv[1, 7, 5] == 1.0
+    assert (hv[:, inst == 0] == 0).all()

@@ -1,0 +1,105 @@
+"""Nuclei metrics on hand-made label maps with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gigaslide.nuclei import metrics as M
+
+
+def _square(a: np.ndarray, y: int, x: int, s: int, v: int) -> None:
+    a[y:y + s, x:x + s] = v
+
+
+def test_all_hit_is_perfect_and_ids_do_not_matter() -> None:
+    gt = np.zeros((20, 20), int)
+    _square(gt, 1, 1, 4, 1)
+    _square(gt, 10, 10, 5, 2)
+    pred = np.where(gt == 1, 7, np.where(gt == 2, 3, 0))
+    m = M.per_image(M.image_stats(gt, pred))
+    assert m["pq"] == m["dq"] == m["sq"] == m["aji"] == m["dice"] == m["f1"] == 1.0
+
+
+def test_all_miss_is_zero_not_nan() -> None:
+    gt = np.zeros((20, 20), int)
+    _square(gt, 1, 1, 4, 1)
+    pred = np.zeros_like(gt)
+    _square(pred, 12, 12, 4, 1)
+    m = M.per_image(M.image_stats(gt, pred))
+    assert m["pq"] == 0.0 and m["dq"] == 0.0 and m["dice"] == 0.0 and m["aji"] == 0.0 and np.isnan(m["sq"])
+
+
+def test_empty_images() -> None:
+    z = np.zeros((8, 8), int)
+    m = M.per_image(M.image_stats(z, z))
+    assert all(np.isnan(m[k]) for k in ("pq", "dq", "dice", "aji"))
+    p = z.copy()
+    p[2, 2] = 1  # a false positive on an image without nuclei
+    m = M.per_image(M.image_stats(z, p))
+    assert m["pq"] == 0.0 and m["dice"] == 0.0 and m["aji"] == 0.0
+    # an empty image is left out of the image mean but its false positive counts when pooled
+    gt = np.zeros((8, 8), int)
+    gt[0:2, 0:2] = 1
+    stats = [M.image_stats(gt, gt), M.image_stats(z, z), M.image_stats(z, p)]
+    assert M.image_mean(stats[:2], "pq") == 1.0
+    assert M.pooled(stats)["dq"] == pytest.approx(1 / (1 + 0.5))
+
+
+def test_one_pixel_nuclei() -> None:
+    gt = np.zeros((5, 5), int)
+    gt[1, 1], gt[3, 3] = 1, 2
+    pred = np.zeros_like(gt)
+    pred[1, 1] = 5  # exact; the other missed
+    st = M.image_stats(gt, pred)
+    assert (st.tp, st.fp, st.fn) == (1, 0, 1)
+    m = M.per_image(st)
+    assert m["dq"] == pytest.approx(1 / 1.5) and m["sq"] == 1.0 and m["aji"] == pytest.approx(1 / 2)
+    assert m["dice"] == pytest.approx(2 * 1 / 3)
+
+
+def test_touching_nuclei_merged_by_prediction() -> None:
+    """Two touching 4x4 nuclei predicted as one 4x8 blob: IoU 0.5 each -> no match (strict >), AJI 8/(32+...)."""
+    gt = np.zeros((10, 10), int)
+    gt[0:4, 0:4], gt[0:4, 4:8] = 1, 2
+    pred = (gt > 0).astype(int)
+    st = M.image_stats(gt, pred)
+    assert (st.tp, st.fp, st.fn) == (0, 1, 2)
+    m = M.per_image(st)
+    # AJI: both gt pick the blob (IoU 0.5): C = 16 + 16, U = 32 + 32
+    assert m["aji"] == pytest.approx(0.5) and m["dice"] == 1.0 and m["pq"] == 0.0
+
+
+def test_partial_overlap_known_values() -> None:
+    gt = np.zeros((10, 10), int)
+    gt[0:4, 0:4] = 1  # 16 px
+    pred = np.zeros_like(gt)
+    pred[0:4, 1:5] = 1  # 16 px, 12 overlap -> IoU 12/20 = 0.6
+    m = M.per_image(M.image_stats(gt, pred))
+    assert m["sq"] == pytest.approx(0.6) and m["dq"] == 1.0 and m["pq"] == pytest.approx(0.6)
+    assert m["aji"] == pytest.approx(0.6) and m["dice"] == pytest.approx(24 / 32)
+
+
+def test_mpq_per_type_pooled() -> None:
+    gt = np.zeros((10, 10), int)
+    gt[0:3, 0:3], gt[5:8, 5:8] = 1, 2
+    pred = gt.copy()
+    st = M.image_stats(gt, pred, {1: 1, 2: 2}, {1: 1, 2: 1})  # second nucleus typed wrong
+    p = M.pooled([st])
+    assert p["pq_type1"] == pytest.approx(1 / 1.5) and p["pq_type2"] == 0.0
+    assert p["mpq"] == pytest.approx((1 / 1.5 + 0.0) / 2) and p["pq"] == 1.0
+
+
+def test_bootstrap_cis_bracket_and_degenerate_when_identical() -> None:
+    gt = np.zeros((10, 10), int)
+    gt[0:4, 0:4] = 1
+    good = M.image_stats(gt, gt)
+    bad_pred = np.zeros_like(gt)
+    bad_pred[0:4, 1:5] = 1
+    bad = M.image_stats(gt, bad_pred)
+    s = M.summarize([good, good, bad, bad], n_bootstrap=300, seed=0)
+    pq = s["image_mean"]["pq"]
+    assert pq["value"] == pytest.approx(0.8)
+    assert 0.6 <= pq["ci_low"] < 0.8 < pq["ci_high"] <= 1.0
+    same = M.summarize([good, good, good], n_bootstrap=50)
+    assert same["pooled"]["aji"]["ci_low"] == same["pooled"]["aji"]["ci_high"] == 1.0

@@ -1,0 +1,114 @@
+"""Whole-slide nuclei: each nucleus exactly once across region borders, exports, feature-store join, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from gigaslide.errors import GigaslideError
+from gigaslide.nuclei import slide as nslide
+from gigaslide.slides.writer import write_pyramidal_tiff
+
+from .conftest import disc_image
+
+
+def _disc_slide(path: Path, size: int = 600, mpp: float = 0.25) -> np.ndarray:
+    img, inst, _ = disc_image(size, 80, radius=(5, 8), seed=3)
+    write_pyramidal_tiff(path, size, size, lambda x0, y0, w, h, ds: img[int(y0):int(y0) + h * int(ds):int(ds),
+                                                                          int(x0):int(x0) + w * int(ds):int(ds)],
+                         mpp=mpp, compression="zlib", tile=128)
+    return inst
+
+
+def _oracle(model, img, **kw):  # noqa: ANN001, ANN003, ANN202
+    """Dark pixels, connected components: translation-consistent, so borders are the only thing under test."""
+    from scipy import ndimage as ndi
+
+    fg = img.mean(-1) < 150
+    inst = ndi.label(fg)[0].astype(np.int32)
+    return inst, {}, fg.astype(np.float32)
+
+
+@pytest.fixture
+def oracle(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nslide, "segment", _oracle)
+
+
+def test_nuclei_across_region_borders_are_kept_exactly_once(tiny_run: Path, tmp_path: Path, oracle: None) -> None:
+    truth = _disc_slide(tmp_path / "s.tiff")
+    n_true = len(np.unique(truth)) - 1
+    res = nslide.segment_slides([tmp_path / "s.tiff"], tiny_run / "run", tmp_path / "out",
+                                nslide.SlideParams(region=128, margin=24, tissue_only=False, window=128))
+    assert res.done == ["s"] and res.nuclei == n_true
+    g = json.loads((tmp_path / "out" / "nuclei" / "s.geojson").read_text())
+    assert g["type"] == "FeatureCollection" and len(g["features"]) == n_true
+    f0 = g["features"][0]
+    assert f0["geometry"]["type"] == "Polygon" and f0["properties"]["objectType"] == "detection"
+    assert f0["geometry"]["coordinates"][0][0] == f0["geometry"]["coordinates"][0][-1]
+    cents = np.array([[f["properties"]["measurements"]["centroid_x"], f["properties"]["measurements"]["centroid_y"]]
+                      for f in g["features"]])
+    from scipy import ndimage as ndi
+
+    true_c = np.array(ndi.center_of_mass(truth > 0, truth, range(1, n_true + 1)))[:, ::-1] + 0.5
+    d = np.linalg.norm(cents[:, None] - true_c[None], axis=2)
+    assert (d.min(1) < 0.05).all() and len(set(d.argmin(1))) == n_true  # every disc once, at its centroid
+    area = np.array([f["properties"]["measurements"]["area_um2"] for f in g["features"]])
+    true_area = np.bincount(truth.ravel())[1:] * 0.25 ** 2
+    assert np.allclose(np.sort(area), np.sort(true_area), atol=1e-3)
+    table = (tmp_path / "out" / "nuclei" / "s.csv").read_text().splitlines()
+    assert table[0].startswith("id,centroid_x,centroid_y,area_um2,bbox_x0") and len(table) == n_true + 1
+
+
+def test_tile_counts_join_the_feature_store_and_resume_is_identical(tiny_run: Path, tmp_path: Path, oracle: None) -> None:
+    truth = _disc_slide(tmp_path / "s.tiff")
+    out = tmp_path / "out"
+    (out / "features").mkdir(parents=True)
+    coords = np.array([[0, 0], [200, 0], [0, 200], [400, 400]], np.int64)
+    with h5py.File(out / "features" / "s.h5", "w") as f:
+        f.create_dataset("features", data=np.zeros((4, 8), np.float32))
+        f.create_dataset("coords", data=coords).attrs["patch_size_level0"] = 200.0
+    p = nslide.SlideParams(region=160, margin=24, tissue_only=False, window=128)
+    nslide.segment_slides([tmp_path / "s.tiff"], tiny_run / "run", out, p)
+    with h5py.File(out / "nuclei" / "s_tiles.h5") as f:
+        assert np.array_equal(f["coords"][:], coords)
+        counts = f["count"][:]
+        dens = f["density_per_mm2"][:]
+    from scipy import ndimage as ndi
+
+    c = np.array(ndi.center_of_mass(truth > 0, truth, range(1, truth.max() + 1)))[:, ::-1] + 0.5
+    want = [int(((c[:, 0] >= x) & (c[:, 0] < x + 200) & (c[:, 1] >= y) & (c[:, 1] < y + 200)).sum()) for x, y in coords]
+    assert counts.tolist() == want and dens[0] == pytest.approx(want[0] / (200 * 0.25 / 1000) ** 2)
+    before = {q.name: q.read_bytes() for q in (out / "nuclei").glob("s*")}
+    # a killed run leaves temporary files and no record: the re-run redoes the slide, identically
+    (out / "nuclei" / "s.json").unlink()
+    (out / "nuclei" / ".tmp-s.geojson.x.geojson").write_text("partial")
+    res = nslide.segment_slides([tmp_path / "s.tiff"], tiny_run / "run", out, p)
+    assert res.done == ["s"]
+    after = {q.name: q.read_bytes() for q in (out / "nuclei").glob("s*")}
+    assert before.keys() == after.keys()
+    assert all(before[k] == after[k] for k in before if not k.endswith((".json", ".h5")))
+    assert not list((out / "nuclei").glob(".tmp-*"))
+    assert nslide.segment_slides([tmp_path / "s.tiff"], tiny_run / "run", out, p).skipped == ["s"]
+
+
+def test_slide_coarser_than_the_model_is_refused(tiny_run: Path, tmp_path: Path) -> None:
+    _disc_slide(tmp_path / "coarse.tiff", size=300, mpp=0.5)
+    res = nslide.segment_slides([tmp_path / "coarse.tiff"], tiny_run / "run", tmp_path / "out")
+    assert "0.25 µm/px is finer than the scan (0.5 µm/px" in res.failed["coarse"]
+
+
+def test_real_model_runs_on_a_generated_slide(tiny_run: Path, tmp_path: Path) -> None:
+    from gigaslide.testing import make_slide
+
+    make_slide(tmp_path / "g.tiff", (700, 500), mpp=0.25)
+    res = nslide.segment_slides([tmp_path / "g.tiff"], tiny_run / "run", tmp_path / "out",
+                                nslide.SlideParams(region=256, margin=32, tissue_only=False, window=256))
+    assert res.done == ["g"] and not res.failed
+    rec = json.loads((tmp_path / "out" / "nuclei" / "g.json").read_text())
+    assert rec["nuclei"] == res.nuclei and rec["regions"] == 6
+    with pytest.raises(GigaslideError, match="not a nuclei model"):
+        nslide.segment_slides([tmp_path / "g.tiff"], tmp_path, tmp_path / "out")

@@ -1,0 +1,113 @@
+"""Training on the run layer: export, identity, bit-exact resume after kill -9, evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gigaslide import runs
+from gigaslide.errors import GigaslideError
+from gigaslide.nuclei.evaluate import evaluate
+from gigaslide.nuclei.infer import load_model
+from gigaslide.nuclei.train import NucleiTrainConfig, train_nuclei
+
+from .conftest import TINY
+
+
+def test_run_folder_export_and_identity(tiny_run: Path) -> None:
+    run = tiny_run / "run"
+    rec = runs.read_run(run)
+    assert rec["status"] == "finished" and rec["run_kind"] == "nuclei"
+    assert {"input:images", "input:annotations"} <= set(rec["identity"])
+    split = (run / "split.csv").read_text().splitlines()
+    assert split[0] == "image_id,organ,split" and len(split) == 7
+    assert sum(",test" in s for s in split) == 2 and sum(",val" in s for s in split) == 1
+    spec = json.loads((run / "model" / "model.json").read_text())
+    assert spec["provenance"]["kind"] == "nuclei-model" and spec["provenance"]["mpp"] == 0.25
+    assert spec["provenance"]["encoder"] == "test_resnet" and len(spec["provenance"]["weights_sha256"]) == 64
+    # the exported model is the best epoch's
+    best = runs.load_checkpoint(run, "best")
+    model = load_model(run)
+    sd = runs.module_state(model)
+    assert all(torch.equal(sd[k], best["model"][k]) for k in best["model"])
+    cfg = NucleiTrainConfig(images=str(tiny_run / "images"), annotations=str(tiny_run / "annotations"),
+                            out=str(run), **{**TINY, "lr": 5e-4})
+    with pytest.raises(GigaslideError, match=r"another run \(lr: 0.001 -> 0.0005\)"):
+        train_nuclei(cfg)
+
+
+def test_model_of_another_backbone_is_refused(tiny_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_run / "run" / "model", d)
+    rec = json.loads((d / "model.json").read_text())
+    rec["spec"]["backbone"] = {**rec["spec"]["backbone"], "name": "test_vit", "arch": "test_vit", "family": "vit",
+                               "timm_kwargs": {"img_size": 64}}
+    (d / "model.json").write_text(json.dumps(rec))
+    with pytest.raises(GigaslideError, match="model.safetensors: checkpoint does not fit this model") as e:
+        load_model(d)
+    assert "\n" not in str(e.value) and "test_vit" in str(e.value)
+
+
+def test_evaluation_uses_only_the_test_images(tiny_run: Path, tmp_path: Path) -> None:
+    r = evaluate(tiny_run / "run", tiny_run / "images", tiny_run / "annotations", tmp_path / "rep", n_bootstrap=50)
+    split = dict(line.split(",")[::2] for line in (tiny_run / "run" / "split.csv").read_text().splitlines()[1:])
+    assert sorted(r["images"]) == sorted(i for i, s in split.items() if s == "test") and r["subset"] == "test"
+    pq = r["metrics"]["image_mean"]["pq"]
+    per = [row["pq"] for row in r["per_image"]]
+    assert pq["value"] == pytest.approx(sum(per) / len(per), abs=1e-5)
+    assert (tmp_path / "rep" / "report.md").read_text().count("|") > 20
+    r_all = evaluate(tiny_run / "run", tiny_run / "images", tiny_run / "annotations", tmp_path / "rep2",
+                     subset="all", n_bootstrap=0)
+    assert len(r_all["images"]) == 6
+
+
+SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+from gigaslide.nuclei.train import NucleiTrainConfig, train_nuclei
+img, ann, out = sys.argv[1:4]
+train_nuclei(NucleiTrainConfig(images=img, annotations=ann, out=out, backbone="test_resnet", weights="random",
+             epochs=4, steps_per_epoch=3, batch_size=2, crop=64, lr=1e-3, precision="fp32"))
+"""
+
+
+def _train(tiny_run: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, str(tiny_run / "images"), str(tiny_run / "annotations"),
+                             str(out)], env={**os.environ, "PYTHONHASHSEED": "0"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_is_bit_exact(tiny_run: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    killed = _train(tiny_run, tmp_path / "killed")
+    rec = tmp_path / "killed" / "checkpoint" / "last.json"
+    deadline = time.time() + 600  # generous: a loaded machine starts the child slowly
+    while time.time() < deadline and killed.poll() is None:
+        if rec.is_file() and json.loads(rec.read_text())["payload"]["epoch"] >= 1:
+            break
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(10)
+    torch.set_num_threads(1)  # the reference, uninterrupted, in this process
+    train_nuclei(NucleiTrainConfig(images=str(tiny_run / "images"), annotations=str(tiny_run / "annotations"),
+                                   out=str(tmp_path / "ref"), **{**TINY, "epochs": 4}))
+    at_kill = json.loads(rec.read_text())["payload"]["epoch"]
+    assert 1 <= at_kill < 4 and not (tmp_path / "killed" / "model").exists()
+    again = _train(tiny_run, tmp_path / "killed")
+    assert again.wait(180) == 0, again.stderr.read().decode()[-2000:]
+    a = load_file(str(tmp_path / "ref" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(runs.read_run(tmp_path / "killed")["invocations"]) == 2

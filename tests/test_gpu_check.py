@@ -1,0 +1,44 @@
+"""benchmarks/gpu_check.sh (every GPU check in one script) runs in its tiny CPU mode, so it cannot rot.
+
+The tiny mode runs the GPU sections' real code paths on CPU with tiny models and synthetic slides;
+the assertions check that each section's report is computed from its own rows.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_check_tiny_mode_runs_every_section(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "GIGASLIDE_THREADS": "1"}
+    p = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--tiny", str(tmp_path)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    report = (tmp_path / "gpu_check.md").read_text()
+    assert p.returncode == 0, report + p.stderr[-2000:]
+    assert "# GPU check (tiny mode)" in report
+    for name in ("encode", "streaming"):
+        assert f"- section {name}: ok" in report
+    enc = (tmp_path / "gpu_encode.md").read_text()
+    rows = dict(re.findall(r"^\| (test_resnet|test_vit) \| (\d+) \| \d+ \| [\d.]+ \|$", enc, re.M))
+    assert set(rows) == {"test_resnet", "test_vit"} and all(int(v) > 0 for v in rows.values())
+    readers = re.findall(r"^\| (\d+) \| (\d+) \|$", enc, re.M)
+    assert [r for r, _ in readers] == ["1", "2"] and all(int(v) > 0 for _, v in readers)
+    text = (tmp_path / "gpu_streaming.md").read_text()
+    assert "## 1. Scale" in text and "## 2. End to end" in text and "Tiny mode" in text
+    sizes = {m[0]: m for m in re.findall(r"^\| (\d+)² \| (\d+) \| (\d+)×(\d+) \|", text, flags=re.M)}
+    assert set(sizes) == {"384", "512"} and sizes["512"][2:] == ("8", "8")  # 512 px / (stride 32 x pool 2)
+    aucs = [float(v) for v in re.findall(r"^\| (?:StreamingCLAM|ABMIL)[^|]*\| ([0-9.]+) \|", text, flags=re.M)]
+    diff = float(re.search(r"StreamingCLAM − ABMIL = ([+-][0-9.]+)", text).group(1))
+    assert len(aucs) == 2 and diff == pytest.approx(aucs[0] - aucs[1], abs=2e-3)
+    n = int(re.search(r"^(\d+) mosaic slides", text, flags=re.M).group(1))
+    split = re.search(r"Split: (\d+) train, (\d+) validation, (\d+) test", text)
+    assert n == 8 and sum(int(v) for v in split.groups()) == n

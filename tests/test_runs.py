@@ -1,0 +1,217 @@
+"""The run layer: identity refusal, pickle-free checkpoints, bit-exact resume after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gigaslide import runs
+from gigaslide.errors import GigaslideError
+
+TRAIN = textwrap.dedent('''
+    import sys, time, torch, numpy as np
+    from gigaslide import runs
+    out, steps, slow = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    torch.set_num_threads(1)
+    run = runs.open_run(out, "toy", {"lr": 0.01, "steps": steps}, seed=0)
+    torch.manual_seed(0); np.random.seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.3), torch.nn.Linear(16, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    step, rng = 0, np.random.default_rng(0)
+    ck = run.load()
+    if ck:
+        runs.load_module_state(model, ck["model"], out); opt.load_state_dict(ck["optimizer"])
+        runs.set_rng_state(ck["rng"]); rng.bit_generator.state = ck["gen"]; step = ck["step"]
+    while step < steps:
+        x = torch.randn(4, 8) + float(rng.normal())
+        loss = model(x).pow(2).mean()
+        opt.zero_grad(); loss.backward(); opt.step(); step += 1
+        run.save({"model": runs.module_state(model), "optimizer": opt.state_dict(), "rng": runs.rng_state(),
+                  "gen": rng.bit_generator.state, "step": step})
+        time.sleep(slow)
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out + "/final.safetensors")
+    run.finish(steps=step)
+''')
+
+
+def _train(tmp: Path, out: Path, steps: int, slow: float = 0.0) -> subprocess.Popen:
+    script = tmp / "train.py"
+    script.write_text(TRAIN)
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    return subprocess.Popen([sys.executable, str(script), str(out), str(steps), str(slow)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _final(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "final.safetensors"))
+
+
+@pytest.mark.slow
+def test_kill_9_in_the_middle_then_resume_is_bit_exact(tmp_path: Path) -> None:
+    ref = tmp_path / "ref"
+    p = _train(tmp_path, ref, 12)
+    assert p.wait(120) == 0, p.stderr.read().decode()
+    killed = tmp_path / "killed"
+    p = _train(tmp_path, killed, 12, slow=0.15)
+    rec = killed / "checkpoint" / "last.json"
+    deadline = time.time() + 60
+    while time.time() < deadline:  # wait until a few steps are checkpointed, then kill -9
+        if rec.is_file() and json.loads(rec.read_text())["payload"]["step"] >= 4:
+            break
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait(10)
+    step_at_kill = json.loads(rec.read_text())["payload"]["step"]
+    assert 4 <= step_at_kill < 12 and not (killed / "final.safetensors").exists()
+    p = _train(tmp_path, killed, 12)
+    assert p.wait(120) == 0, p.stderr.read().decode()
+    a, b = _final(ref), _final(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    record = runs.read_run(killed)
+    assert record["status"] == "finished" and len(record["invocations"]) == 2
+    # an interrupted run did not reach the same weights: the comparison above can fail
+    c = _train(tmp_path, tmp_path / "short", 11)
+    assert c.wait(120) == 0
+    assert not all(torch.equal(a[k], _final(tmp_path / "short")[k]) for k in a)
+
+
+def test_changed_identity_or_input_content_is_refused_naming_the_key(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("1")
+    runs.open_run(tmp_path / "run", "toy", {"lr": 0.1, "mpp": 0.5}, inputs={"data": data})
+    runs.open_run(tmp_path / "run", "toy", {"lr": 0.1, "mpp": 0.5}, inputs={"data": data})  # same: resumes
+    with pytest.raises(GigaslideError, match=r"another run \(mpp: 0.5 -> 1.0\)") as e:
+        runs.open_run(tmp_path / "run", "toy", {"lr": 0.1, "mpp": 1.0}, inputs={"data": data})
+    assert "\n" not in str(e.value) and "--out" in str(e.value)
+    (data / "b.txt").write_text("22")
+    with pytest.raises(GigaslideError, match=r"input:data"):
+        runs.open_run(tmp_path / "run", "toy", {"lr": 0.1, "mpp": 0.5}, inputs={"data": data})
+    runs.open_run(tmp_path / "run2", "toy", {}, inputs={"data": data})
+    (data / "b.txt").write_text("33")  # same name, same size, other bytes
+    with pytest.raises(GigaslideError, match=r"another run \(input:data.listing_sha256: "):
+        runs.open_run(tmp_path / "run2", "toy", {}, inputs={"data": data})
+    moved = tmp_path / "moved"
+    data.rename(moved)
+    (moved / "b.txt").unlink()
+    runs.open_run(tmp_path / "run", "toy", {"lr": 0.1, "mpp": 0.5}, inputs={"data": moved})  # same content elsewhere
+    with pytest.raises(GigaslideError, match="another kind"):
+        runs.open_run(tmp_path / "run", "other", {"lr": 0.1, "mpp": 0.5}, inputs={"data": moved})
+
+
+def test_weights_file_hash_joins_the_identity(tmp_path: Path) -> None:
+    w = tmp_path / "w.bin"
+    w.write_bytes(b"\x00" * 10)
+    runs.open_run(tmp_path / "run", "toy", {}, inputs={"weights": w})
+    w.write_bytes(b"\x01" * 10)  # same size, other bytes
+    with pytest.raises(GigaslideError, match="input:weights"):
+        runs.open_run(tmp_path / "run", "toy", {}, inputs={"weights": w})
+
+
+def test_run_json_records_environment_config_and_fingerprints(tmp_path: Path) -> None:
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"abc")
+    run = runs.open_run(tmp_path / "run", "toy", {"k": 1}, {"k": 1, "extra": "x"}, seed=7, inputs={"data": f},
+                        provenance={"mpp": 0.5, "tile_size": 224, "encoder": "resnet18"})
+    rec = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert rec["seed"] == 7 and rec["config"] == {"k": 1, "extra": "x"}
+    assert rec["inputs"]["data"]["sha256"] == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert rec["provenance"]["mpp"] == 0.5 and rec["provenance"]["encoder"] == "resnet18"
+    env = rec["invocations"][0]["environment"]
+    assert env["torch"] == torch.__version__ and env["gigaslide"]
+    run.finish(auc=0.9)
+    assert runs.read_run(tmp_path / "run")["summary"] == {"auc": 0.9}
+
+
+def test_checkpoint_round_trips_nested_payloads_without_pickle(tmp_path: Path) -> None:
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    payload = {"opt": opt.state_dict(), "arr": np.arange(5, dtype=np.int16), "t": (1, 2.5, "x"), "nan": float("nan"),
+               "int_keys": {3: "a"}, "bf16": torch.ones(2, dtype=torch.bfloat16), "rng": runs.rng_state()}
+    runs.save_checkpoint(tmp_path, payload)
+    back = runs.load_checkpoint(tmp_path)
+    assert back["t"] == (1, 2.5, "x") and back["int_keys"] == {3: "a"} and np.isnan(back["nan"])
+    assert back["arr"].dtype == np.int16 and back["arr"].tolist() == [0, 1, 2, 3, 4]
+    assert back["bf16"].dtype == torch.bfloat16
+    opt2 = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters())
+    opt2.load_state_dict(back["opt"])
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    # no pickle anywhere: the record is JSON, the tensors safetensors
+    files = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
+    assert files == ["last-00000001.safetensors", "last.json"]
+    runs.save_checkpoint(tmp_path, payload)  # a newer checkpoint supersedes the old tensor file
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["last-00000002.safetensors", "last.json"]
+    with pytest.raises(TypeError):
+        runs.save_checkpoint(tmp_path, {"obj": object()})
+
+
+def test_rng_state_restores_every_generator(tmp_path: Path) -> None:
+    import random
+
+    st = runs.rng_state()
+    runs.save_checkpoint(tmp_path, {"rng": st})
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    runs.set_rng_state(runs.load_checkpoint(tmp_path)["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+def test_damaged_checkpoint_is_a_one_line_error(tmp_path: Path) -> None:
+    runs.save_checkpoint(tmp_path, {"w": torch.ones(3)})
+    tf = next((tmp_path / "checkpoint").glob("*.safetensors"))
+    tf.write_bytes(tf.read_bytes()[:20])
+    with pytest.raises(GigaslideError, match="damaged") as e:
+        runs.load_checkpoint(tmp_path)
+    assert tf.name in str(e.value) and "delete RUN/checkpoint" in str(e.value)
+    (tmp_path / "checkpoint" / "last.json").write_text("{not json")
+    with pytest.raises(GigaslideError, match="last.json"):
+        runs.load_checkpoint(tmp_path)
+
+
+def test_selection_keeps_the_best_and_counts_patience() -> None:
+    sel = runs.Selection("min", patience=2)
+    assert [sel.update(v, e) for e, v in enumerate([3.0, 2.0, 2.5, float("nan"), 1.0])] == [True, True, False, False, True]
+    assert sel.best == 1.0 and sel.best_epoch == 4 and not sel.stop
+    sel.update(5.0, 5)
+    sel.update(5.0, 6)
+    assert sel.stop
+    assert runs.Selection.from_state(sel.state()) == sel
+    up = runs.Selection("max")
+    assert up.update(0.5, 0) and not up.update(0.4, 1) and up.update(0.6, 2)
+
+
+def test_stopper_budget_and_sigterm() -> None:
+    with runs.Stopper(budget_s=100.0, elapsed_s=99.99) as s:
+        time.sleep(0.02)
+        assert s.reason() == "budget"
+    with runs.Stopper() as s:
+        assert s.reason() is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert s.reason() == "signal"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("2h", 7200.0), ("15m", 900.0), ("1h30m", 5400.0), ("90", 90.0)])
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert runs.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["abc", "0", "-5m", "nan", "5x"])
+def test_parse_duration_refuses_nonsense(bad: str) -> None:
+    with pytest.raises(GigaslideError):
+        runs.parse_duration(bad)

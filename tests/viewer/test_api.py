@@ -1,0 +1,233 @@
+"""The viewer's HTTP API in process (FastAPI TestClient): tiles, overlays, tile info, search, refusals."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gigaslide.errors import GigaslideError
+from gigaslide.features import store
+from gigaslide.viewer import Server, ViewerState, build_app
+from gigaslide.viewer.deepzoom import Geometry
+from gigaslide.viewer.overlays import lut
+
+
+@pytest.fixture(scope="module")
+def client(tiny):
+    from fastapi.testclient import TestClient
+
+    state = ViewerState([tiny.out], [tiny.run])
+    return TestClient(build_app(state)), state
+
+
+def _png(r) -> np.ndarray:
+    assert r.status_code == 200, r.text
+    return np.asarray(Image.open(io.BytesIO(r.content)))
+
+
+def test_deepzoom_tiles_match_the_slide(client, tiny):
+    c, _ = client
+    info = c.get("/api/slides/s0").json()
+    assert (info["width"], info["height"], info["mpp"]) == (1024, 768, 1.0)
+    assert info["levels"] == 11 and info["tile_size0"] == 64 and info["n_tiles"] == len(store.load(tiny.out / "features" / "s0.h5"))
+    top = info["levels"] - 1  # full resolution: tile (1, 1) starts at 254 - 1 px
+    img = np.asarray(Image.open(io.BytesIO(c.get(f"/api/slides/s0/dz/{top}/1_1.jpeg").content)).convert("RGB"))
+    assert img.shape == (256, 256, 3)
+    from gigaslide.slides import open_slide
+
+    with open_slide(tiny.slides[0]) as s:
+        ref = s.read_region((253, 253), (256, 256), 1.0)
+    assert np.abs(img.astype(int) - ref.astype(int)).mean() < 6  # JPEG re-encoding only
+    dzi = c.get("/api/slides/s0.dzi").text
+    assert 'Width="1024"' in dzi and 'TileSize="254"' in dzi and 'Overlap="1"' in dzi
+
+
+def test_attention_overlay_paints_each_tile_its_colour(client, tiny):
+    c, state = client
+    ff = store.load(tiny.out / "features" / "s0.h5")
+    pct = state.layer_values("s0", "run0-attention", None)
+    g = Geometry(1024, 768, 256, 0)
+    top = g.level_count - 1
+    table = lut("jet")
+    for col, row in ((0, 0), (1, 1), (2, 1), (3, 2)):
+        img = _png(c.get(f"/api/slides/s0/overlay/run0-attention/{top}/{col}_{row}.png?cmap=jet"))
+        for i, (x, y) in enumerate(ff.coords):
+            cx, cy = x + 32 - col * 256, y + 32 - row * 256
+            if 0 <= cx < img.shape[1] and 0 <= cy < img.shape[0]:
+                assert img[cy, cx, 3] == 255
+                np.testing.assert_array_equal(img[cy, cx, :3], table[int(np.clip(pct[i] * 255, 0, 255))])
+    # the threshold hides tiles below it; a pixel without a tile is transparent
+    half = _png(c.get(f"/api/slides/s0/overlay/run0-attention/{top}/1_1.png?threshold=0.5"))
+    shown = [half[y + 32 - 256, x + 32 - 256, 3] for (x, y), p in zip(ff.coords, pct) if 256 <= x < 480 and 256 <= y < 480]
+    expect = [255 if p >= 0.5 else 0 for (x, y), p in zip(ff.coords, pct) if 256 <= x < 480 and 256 <= y < 480]
+    assert shown == expect and 0 in shown and 255 in shown
+    lat = state.lattice("s0")
+    empty = [(x, y) for x in range(8, 1024, 64) for y in range(8, 768, 64) if lat.at(x, y) < 0]
+    x, y = empty[0]
+    img = _png(c.get(f"/api/slides/s0/overlay/run0-attention/{top}/{x // 256}_{y // 256}.png"))
+    assert img[y % 256, x % 256, 3] == 0
+
+
+def test_tile_info_scores_and_neighbours(client, tiny):
+    c, state = client
+    ff = store.load(tiny.out / "features" / "s1.h5")
+    x, y = ff.coords[3]
+    t = c.get(f"/api/slides/s1/tile_at?x={x + 10}&y={y + 50}").json()
+    assert t["index"] == 3 and (t["x"], t["y"]) == (int(x), int(y))
+    assert 0.25 <= t["tissue"] <= 1.0
+    held = [s for s in t["scores"] if s["held_out"]]
+    assert [s["fold"] for s in held] == ["fold1"]  # s1 is tested in fold 1 (labels + 2-fold CV of the tiny run)
+    from gigaslide.mil.train import load_model, predict
+    import torch
+
+    model, _ = load_model(tiny.run / "fold1")
+    probs, scores = predict(model, [torch.from_numpy(ff.features)])
+    assert held[0]["attention"] == pytest.approx(float(scores[0][3]), rel=1e-5)
+    assert held[0]["slide_probs"] == pytest.approx(list(probs[0]), rel=1e-5)
+    alone, _ = predict(model, [torch.from_numpy(ff.features[3:4])])
+    assert held[0]["tile_probs"] == pytest.approx(list(alone[0]), rel=1e-5)
+    nb = c.get("/api/slides/s1/tiles/3/neighbours?k=5").json()["neighbours"]
+    # exact cosine search, checked by brute force over every tile of every slide
+    allf = {k: store.load(tiny.out / "features" / f"{k}.h5").features for k in state.entries}
+    q = ff.features[3] / np.linalg.norm(ff.features[3])
+    ranked = sorted(((float(f[i] @ q / np.linalg.norm(f[i])), k, i) for k, f in allf.items() for i in range(len(f))
+                     if not (k == "s1" and i == 3)), reverse=True)[:5]
+    assert [(n["slide"], n["index"]) for n in nb] == [(k, i) for _, k, i in ranked]
+    assert [n["similarity"] for n in nb] == pytest.approx([s for s, _, _ in ranked], abs=1e-5)
+    thumb = Image.open(io.BytesIO(c.get(f"/api/slides/{nb[0]['slide']}/tiles/{nb[0]['index']}.jpeg").content))
+    assert thumb.size == (96, 96)
+
+
+def test_refusals_outside_tiles_traversal_read_only(client):
+    c, _ = client
+    for url in ("/api/slides/s0/dz/11/0_0.jpeg", "/api/slides/s0/dz/10/5_0.jpeg", "/api/slides/s0/dz/3/0_-1.jpeg",
+                "/api/slides/s0/overlay/grid/10/0_9.png", "/api/slides/s0/tiles/999", "/api/slides/nope",
+                "/api/slides/s0/tile_at?x=-5&y=3", "/api/slides/s0/overlay/run7-attention/3/0_0.png",
+                "/static/../../export/runs.py", "/static/%2e%2e/app.py", "/static/..%2fapp.py",
+                "/api/slides/..%2F..%2Fetc%2Fpasswd", "/api/slides/s0/overlay/grid/3/0_0.png?cmap=__import__"):
+        r = c.get(url)
+        assert r.status_code == 404, url
+        assert "Traceback" not in r.text and "def " not in r.text
+    assert c.get("/api/slides/s0/overlay/run0-attention/3/0_0.png?threshold=2").status_code == 422
+    assert c.get("/static/openseadragon.min.js").status_code == 200
+    assert c.get("/static/openseadragon-LICENSE.txt").status_code == 200
+    for method in ("post", "put", "delete"):
+        assert getattr(c, method)("/api/state").status_code == 405
+
+
+def test_bad_input_is_listed_not_fatal(tiny, tiny_copy):
+    from fastapi.testclient import TestClient
+
+    t = tiny_copy
+    t.slides[5].write_bytes(b"II*\x00" + b"\x00" * 100)  # a slide that no longer opens
+    (t.out / "features" / "s4.h5").unlink()  # a slide whose features are gone
+    rj = t.run / "run.json"  # the features folder the run was trained on is gone (the viewer reads OUT_DIR's)
+    assert str(tiny.out) in rj.read_text()
+    rj.write_text(rj.read_text().replace(str(tiny.out), str(t.root / "gone")))
+    c = TestClient(build_app(ViewerState([t.out], [t.run])))
+    st = c.get("/api/state").json()
+    rows = {s["key"]: s for s in st["slides"]}
+    assert rows["s5"]["status"] == "broken" and "s5.tiff" in rows["s5"]["reason"]
+    assert rows["s4"]["status"] == "no features" and rows["s0"]["status"] == "ok"
+    assert any("features folder" in p and "gone" in p for p in st["problems"])
+    r = c.get("/api/slides/s5/dz/0/0_0.jpeg")
+    assert r.status_code == 404 and "s5.tiff" in r.json()["detail"]
+    info = c.get("/api/slides/s4").json()  # the slide is still shown, its layers say why they are not
+    layers = {l["id"]: l for l in info["layers"]}
+    assert not layers["run0-attention"]["available"] and "s4.h5" in layers["run0-attention"]["reason"]
+    assert layers["tissue"]["available"]
+    assert c.get("/api/slides/s4/dz/10/0_0.jpeg").status_code == 200
+    assert c.get("/api/slides/s0/overlay/run0-attention/10/0_0.png").status_code == 200  # from OUT_DIR features
+    nb = c.get("/api/slides/s0/tiles/0/neighbours?k=50").json()["neighbours"]
+    assert {n["slide"] for n in nb} <= {"s0", "s1", "s2", "s3"}  # not the broken slide, not the one without features
+
+
+def test_empty_folder_says_what_is_missing(tmp_path):
+    from fastapi.testclient import TestClient
+
+    st = TestClient(build_app(ViewerState([tmp_path], []))).get("/api/state").json()
+    assert st["slides"] == []
+    assert any("no slides" in p and "gigaslide encode" in p for p in st["problems"])
+    assert any("no runs given" in p and "--runs" in p for p in st["problems"])
+
+
+def test_port_in_use_is_one_line(tiny, capsys):
+    from gigaslide.cli.main import main as cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        with pytest.raises(GigaslideError, match=f"port {port} on 127.0.0.1 is already in use"):
+            Server(build_app(ViewerState([tiny.out])), port=port)
+        assert cli(["view", str(tiny.out), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"port {port}" in err[0] and "--port" in err[0]
+
+
+def test_nuclei_outlines_drawn_where_the_geojson_says(tiny_copy):
+    from fastapi.testclient import TestClient
+
+    t = tiny_copy
+    ring = [[300, 200], [340, 200], [340, 240], [300, 240], [300, 200]]
+    gj = {"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                                                     "properties": {"objectType": "detection"}}]}
+    (t.out / "nuclei").mkdir()
+    (t.out / "nuclei" / "s0.geojson").write_text(json.dumps(gj))
+    c = TestClient(build_app(ViewerState([t.out], [t.run])))
+    img = _png(c.get("/api/slides/s0/overlay/nuclei/10/1_0.png"))  # level-0 px 256..511
+    assert img[200, 300 - 256 + 20, 3] == 255 and img[220, 300 - 256, 3] == 255  # on the outline
+    assert img[220, 320 - 256, 3] == 0 and img[100, 100, 3] == 0  # inside it / elsewhere
+
+
+def test_non_openslide_image_goes_through_open_slide(tmp_path):
+    from fastapi.testclient import TestClient
+
+    yy, xx = np.mgrid[0:300, 0:500]
+    arr = np.stack([xx * 255 // 499, yy * 255 // 299, np.full_like(xx, 128)], -1).astype(np.uint8)  # smooth: JPEG keeps it
+    Image.fromarray(arr).save(tmp_path / "photo.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"slides": {"photo": {"status": "failed", "path": str(tmp_path / "photo.png"),
+                                                                         "error": "no mpp"}}}))
+    c = TestClient(build_app(ViewerState([out])))
+    info = c.get("/api/slides/photo").json()
+    assert info["backend"].startswith("gigaslide-") and (info["width"], info["height"]) == (500, 300)
+    assert info["mpp"] is None and info["status"] == "no features"
+    top = info["levels"] - 1
+    tile = np.asarray(Image.open(io.BytesIO(c.get(f"/api/slides/photo/dz/{top}/1_0.jpeg").content)).convert("RGB"))
+    assert tile.shape == (255, 247, 3)  # x 253..499 (1 px overlap on the left), y 0..254 (1 px overlap below)
+    assert np.abs(tile.astype(int) - arr[:255, 253:].astype(int)).mean() < 3
+    assert np.abs(tile.astype(int) - arr[45:300, 0:247].astype(int)).mean() > 40  # not some other crop
+    small = np.asarray(Image.open(io.BytesIO(c.get(f"/api/slides/photo/dz/{top - 1}/0_0.jpeg").content)))
+    assert small.shape[:2] == (150, 250)
+
+
+def test_view_command_prints_the_url_serves_and_stops_on_ctrl_c(tiny):
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "gigaslide.cli.main", "view", str(tiny.out), "--runs", str(tiny.run),
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**__import__("os").environ, "GIGASLIDE_THREADS": "1"})
+    try:
+        line = proc.stdout.readline()
+        while line.startswith("note:"):
+            line = proc.stdout.readline()
+        assert line.startswith("http://127.0.0.1:"), line
+        url = line.split()[0]
+        assert "6 of 6 slides, 1 run(s)" in line
+        with urllib.request.urlopen(url + "/api/state", timeout=30) as r:
+            assert [s["slide_id"] for s in json.loads(r.read())["slides"]] == [f"s{i}" for i in range(6)]
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "viewer stopped" in out and "Traceback" not in err
