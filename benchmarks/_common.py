@@ -46,3 +46,13 @@ def run_child_peak_rss(code: str, timeout: float = 1800) -> tuple[float, str]:
         raise RuntimeError(proc.stderr[-2000:])
     kb = max(int(ln.split()[1]) for ln in proc.stderr.splitlines() if ln.startswith("PEAK_KB"))
     return kb / 1024**2, proc.stdout
+
+
+_START_LOAD = os.getloadavg()[0]  # taken when a benchmark imports this module, before it loads the machine itself
+
+
+def load_note() -> str:
+    """How busy the machine was when the benchmark started (1-minute load average over the cores): measured, not assumed."""
+    load, cores = _START_LOAD, os.cpu_count() or 1
+    state = "quiet" if load < 0.5 * cores else ("busy" if load > 1.5 * cores else "partly loaded")
+    return f"machine {state} at start (1-min load average {load:.1f} on {cores} cores)"

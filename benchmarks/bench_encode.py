@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import run_child_peak_rss, write_result  # noqa: E402
+from _common import load_note, run_child_peak_rss, write_result  # noqa: E402
 
 from gigaslide.devices import autocast_ctx  # noqa: E402
 from gigaslide.encoders import build_encoder  # noqa: E402
@@ -97,8 +97,8 @@ def main() -> None:
               "1 reader process (the persistent pool of `encode`, reading with `iter_tiles`' decode-once path) + 2 torch threads, "
               "median of 5 (--quick: 3) back-to-back pairs. `ratio` = median over pairs of forward-only time / end-to-end time (1.0 = "
               "reading fully hidden). End to end includes the reader pool's start-up and the pipeline fill and, on 2 cores, "
-              "the reader's CPU is taken from the model's two threads. **Measured on a shared, busy machine (other "
-              "engineers' jobs running)**: the VM's speed drifts, hence back-to-back pairs. TARGET_LINE", "",
+              "the reader's CPU is taken from the model's two threads. " + load_note() + ": the VM's speed drifts, hence "
+              "back-to-back pairs. TARGET_LINE", "",
               "| slide | encoder | tiles | end-to-end tiles/s | forward-only tiles/s | ratio (per pair) |", "|---|---|---|---|---|---|"]
     gen = make_slide(work / "generated-6k.tiff", (6144, 6144), mpp=0.5, seed=7, blobs=5)
     big = work / "generated-12k.tiff" if args.quick else make_slide(work / "generated-12k.tiff", (12288, 12288), mpp=0.5,

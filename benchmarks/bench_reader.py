@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, write_result  # noqa: E402
+from _common import ROOT, load_note, write_result  # noqa: E402
 
 from gigaslide.slides import Slide, TileReader  # noqa: E402
 from gigaslide.testing import make_slide, shared_data_dir  # noqa: E402
@@ -101,8 +101,8 @@ def main() -> None:
     lines = ["# Slide reading: gigaslide's decode-once reader vs plain OpenSlide", "",
              f"Tiles of {TILE} px at {MPP} µm/px on the tissue grid of `gigaslide tile`, read in grid order as RGB uint8; "
              "all readers get the identical coordinates. 2 processes = the coordinates split into two contiguous halves. "
-             f"Median of {reps} interleaved rounds. **Measured on a shared, busy 2-core machine (other engineers' jobs "
-             "running): absolute rates are noisy and low; the ratios on identical work are the result.** "
+             f"Median of {reps} interleaved rounds; {load_note()} (absolute rates drift with load; the ratios on identical "
+             "work are the result). "
              "`equal-work ratio` = gigaslide iter_tiles tiles/s ÷ plain OpenSlide tiles/s at the same process count. "
              "Raw decode = every stored level-0 tile decoded once (tifffile + imagecodecs), in 224²-tile equivalents.",
              "", "| slide | tiles | tiling s | procs | gigaslide iter_tiles | gigaslide via OpenSlide | plain OpenSlide | "

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, write_result  # noqa: E402
+from _common import ROOT, load_note, write_result  # noqa: E402
 
 PY = sys.executable
 RESULTS_JSON = ROOT / "benchmarks" / "results" / "reliability.json"
@@ -259,7 +259,7 @@ def main() -> None:
         n_ok = sum(r["ok"] for r in rows)
         lines = ["# Reliability", "",
                  "Faults and bad inputs thrown at the CLI (`benchmarks/bench_reliability.py`). Goal: zero tracebacks, zero "
-                 "half-written files, zero differing outputs. Measured on a shared, busy 2-core machine (kill points are "
+                 f"half-written files, zero differing outputs. Last run: {load_note()} (kill points are "
                  "drawn from the uninterrupted run's duration, so they land at different stages on each run).", "",
                  "| fault or bad input | tried | outcome | data lost | verdict |", "|---|---|---|---|---|"]
         lines += [f"| {r['fault']} | {r['tried']} | {r['outcome']} | {r['lost']} | {'ok' if r['ok'] else '**FAILS**'} |"

@@ -70,16 +70,40 @@ def test_broken_slide_is_reported_and_batch_goes_on(tmp_path, encoder, two_slide
     assert not list((tmp_path / "out").rglob(".tmp-*"))
 
 
-def test_bf16_auto_only_when_it_matches_fp32(tmp_path, encoder, two_slides):
-    res = encode_slides(two_slides[:1], tmp_path, encoder, PARAMS, workers=0, precision="auto")
-    assert res.precision in ("bf16", "fp32") and res.bf16_cosine is not None
-    assert (res.precision == "bf16") == (res.bf16_cosine >= 0.999)
-    ref = encode_slides(two_slides[:1], tmp_path / "fp32", encoder, PARAMS, workers=0, precision="fp32")
-    assert ref.precision == "fp32"
-    a = store.load(tmp_path / "features" / "a.h5").features
-    b = store.load(tmp_path / "fp32" / "features" / "a.h5").features
-    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
-    assert cos.min() >= 0.99
+def test_auto_precision_follows_the_check_it_records(tmp_path, encoder, two_slides, monkeypatch):
+    import gigaslide.devices as devices
+
+    fp32 = encode_slides(two_slides[:1], tmp_path / "fp32", encoder, PARAMS, workers=0, precision="fp32")
+    bf16 = encode_slides(two_slides[:1], tmp_path / "bf16", encoder, PARAMS, workers=0, precision="bf16")
+    a32 = store.load(tmp_path / "fp32" / "features" / "a.h5").features
+    a16 = store.load(tmp_path / "bf16" / "features" / "a.h5").features
+    assert not np.array_equal(a32, a16)  # bf16 autocast really ran
+    monkeypatch.setattr(devices, "BF16_MIN_COSINE", 1.01)  # no bf16 output can pass: auto must give fp32 bits
+    strict = encode_slides(two_slides[:1], tmp_path / "strict", encoder, PARAMS, workers=0, precision="auto")
+    assert strict.precision == fp32.precision == "fp32" and strict.bf16_cosine < 1.01
+    np.testing.assert_array_equal(store.load(tmp_path / "strict" / "features" / "a.h5").features, a32)
+    monkeypatch.setattr(devices, "BF16_MIN_COSINE", -1.0)  # any bf16 output passes: auto must give bf16 bits
+    lax = encode_slides(two_slides[:1], tmp_path / "lax", encoder, PARAMS, workers=0, precision="auto")
+    assert lax.precision == bf16.precision == "bf16"
+    ff = store.load(tmp_path / "lax" / "features" / "a.h5")
+    np.testing.assert_array_equal(ff.features, a16)
+    assert ff.attrs["precision_requested"] == "auto" and ff.attrs["bf16_cosine"] == pytest.approx(lax.bf16_cosine)
+
+
+def test_features_from_an_older_grid_rule_or_other_background_are_redone(tmp_path, encoder, two_slides):
+    import h5py
+
+    encode_slides(two_slides[:1], tmp_path, encoder, PARAMS, workers=0, precision="fp32")
+    f = tmp_path / "features" / "a.h5"
+    assert store.load(f).attrs["grid_rule"] == 2 and store.load(f).attrs["stain"]
+    man = json.loads((tmp_path / "manifest.json").read_text())["slides"]["a"]
+    assert man["stain"] == store.load(f).attrs["stain"] and man["background"] == store.load(f).attrs["background"]
+    assert encode_slides(two_slides[:1], tmp_path, encoder, PARAMS, workers=0, precision="fp32").skipped == ["a"]
+    with h5py.File(f, "r+") as h:  # as written by the old, centred grid
+        h.attrs["grid_rule"] = 1
+    assert encode_slides(two_slides[:1], tmp_path, encoder, PARAMS, workers=0, precision="fp32").done == ["a"]
+    dark = TilingParams(mpp=1.0, tile_size=64, min_tissue=0.5, background="bright")
+    assert encode_slides(two_slides[:1], tmp_path, encoder, dark, workers=0, precision="fp32").done == ["a"]
 
 
 def test_interrupted_write_leaves_nothing_half_written(tmp_path, encoder, two_slides, monkeypatch):

@@ -128,3 +128,15 @@ def test_interrupted_run_resumes_to_the_same_predictions(tmp_path, monkeypatch):
     sidecar = json.loads((out / "predictions.provenance.json").read_text())
     assert sidecar["kind"] == "predictions" and sidecar["encoder"] == "toy" and sidecar["model"] == "abmil"
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
+def test_a_damaged_model_of_a_finished_fold_is_retrained(tmp_path):
+    feats, lab = _make(tmp_path)
+    out = tmp_path / "run"
+    run_cv(feats, lab, out, cfg=TrainConfig(model="abmil", **FAST), folds=3, n_bootstrap=0, verbose=False)
+    ref = (out / "fold1" / "model.safetensors").read_bytes()
+    (out / "fold1" / "model.safetensors").write_bytes(ref[:100])  # truncated by another tool / a full disk
+    mtime0 = (out / "fold0" / "model.safetensors").stat().st_mtime_ns
+    run_cv(feats, lab, out, cfg=TrainConfig(model="abmil", **FAST), folds=3, n_bootstrap=0, verbose=False)
+    assert (out / "fold1" / "model.safetensors").read_bytes() == ref  # redone, deterministically
+    assert (out / "fold0" / "model.safetensors").stat().st_mtime_ns == mtime0  # intact folds are kept

@@ -47,6 +47,11 @@ def augment_cache(slides: list[str], out: str, encoder: str = "resnet18", weight
         print(f"warning: {w.message}")
     print(f"cached {len(res.done)} slides ({res.bytes_written / 1e6:.1f} MB) in {res.seconds:.1f} s; "
           f"{len(res.skipped)} already done; {len(res.empty)} without tissue; {len(res.with_replacement)} with replacement")
+    if res.failed:
+        for sid, why in res.failed.items():
+            print(f"failed: {why}")
+        raise GigaslideError(f"{len(res.failed)} of {len(slides)} slide(s) failed (listed above); the others are cached",
+                             path=out, fix="fix or remove those slides and re-run the same command: it resumes")
 
 
 def _mpp(v: str | None) -> float | str | None:

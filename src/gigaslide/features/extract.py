@@ -40,7 +40,7 @@ from gigaslide.features.parallel import RankInfo, auto_workers, rank_device, ran
 from gigaslide.locks import ItemLock
 from gigaslide.slides import slide_id_from_path
 from gigaslide.slides.pool import ReaderPool, ReadTask
-from gigaslide.tiling import TileGrid, TilingParams, layout, load_grid, tile_slide
+from gigaslide.tiling import GRID_RULE, TileGrid, TilingParams, layout, load_grid, tile_slide
 
 #: Seconds between heartbeats on a held slide lock (other hosts judge staleness by them).
 HEARTBEAT_S = 30.0
@@ -83,7 +83,9 @@ def _feature_attrs(encoder: Encoder, params: TilingParams, grid: TileGrid, choic
         "min_tissue": params.min_tissue, "slide_id": grid.slide_id, "slide_path": grid.slide_path,
         "slide_mpp": grid.slide_mpp, "precision": choice.resolved, "precision_requested": choice.requested,
         "bf16_cosine": choice.bf16_cosine, "encoder_input_size": encoder.spec.input_size, "seed": seed,
-        "reader": "direct" if info.get("direct") else "openslide",
+        "reader": "direct" if info.get("direct") else "openslide", "grid_rule": grid.extra.get("grid_rule"),
+        "background_option": params.background, "background": grid.extra.get("background"),
+        "stain": grid.extra.get("stain"), "stain_warning": grid.extra.get("stain_warning"),
     }
 
 
@@ -103,7 +105,8 @@ def is_finished(path: Path, encoder: Encoder, params: TilingParams) -> bool:
     a = ff.attrs
     return (a.get("encoder") == encoder.spec.name and a.get("encoder_weights_sha256") == encoder.weights_id
             and abs(float(a.get("mpp", -1)) - params.mpp) < 1e-9 and int(a.get("tile_size", -1)) == params.tile_size
-            and int(a.get("overlap", -1)) == params.overlap)
+            and int(a.get("overlap", -1)) == params.overlap and abs(float(a.get("min_tissue", -1)) - params.min_tissue) < 1e-9
+            and a.get("grid_rule") == GRID_RULE and a.get("background_option", "auto") == params.background)
 
 
 def _clean_own_tmp(out: Path, slide_id: str) -> None:
@@ -326,7 +329,8 @@ def _finish(run: _Run, job: SlideJob, feats: np.ndarray, choice: PrecisionChoice
     secs = time.perf_counter() - job.t0
     run.manifest.set(job.slide_id, "done", path=job.path, tiles=len(feats), seconds=round(secs, 3),
                      precision=choice.record(), read_mpp=job.info.get("read_mpp"), reader="direct" if job.info.get("direct") else "openslide",
-                     rank=run.rank.rank)
+                     rank=run.rank.rank, stain=grid.extra.get("stain"), background=grid.extra.get("background"),
+                     stain_warning=grid.extra.get("stain_warning"))
     job.lock.release()
     run.res.done.append(job.slide_id)
     run.res.tiles += len(feats)

@@ -31,8 +31,8 @@ from gigaslide import atomic, runs
 from gigaslide.provenance import provenance
 from gigaslide.errors import GigaslideError
 from gigaslide.evaluation import splits as S
-from gigaslide.evaluation.slides import evaluate_predictions, pool_predictions, write_predictions
-from gigaslide.mil.train import TrainConfig, predict, save_model, train_fold
+from gigaslide.evaluation.slides import evaluate_predictions, pool_predictions, read_predictions, write_predictions
+from gigaslide.mil.train import TrainConfig, load_model, predict, save_model, train_fold
 
 
 def load_bags(features: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -95,7 +95,7 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
             rec["per_fold"][name] = {"train": [ids[i] for i in tr], "val": [ids[i] for i in va],
                                      "test": [ids[i] for i in te]}
             fd = out_d / name
-            if name in done and (fd / "predictions.csv").is_file():
+            if name in done and _fold_intact(fd):
                 continue
             model, info = train_fold([bags[i] for i in tr], t.labels[tr], [bags[i] for i in va], t.labels[va],
                                      meta["in_dim"], n_classes, cfg)
@@ -124,6 +124,16 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
     atomic.write_json(out_d / "evaluation.json", {**provenance(kind="slide_evaluation"), **res})
     run.finish(auc=res["metrics"]["auc"]["value"], balanced_accuracy=res["metrics"]["balanced_accuracy"]["value"])
     return res
+
+
+def _fold_intact(fd: Path) -> bool:
+    """A finished fold whose model and predictions still load (else it is retrained: deterministic, same result)."""
+    try:
+        load_model(fd)
+        read_predictions(fd / "predictions.csv")
+    except Exception:  # noqa: BLE001 - any damage (truncated, garbage, missing) means: redo this fold
+        return False
+    return True
 
 
 def fold_seconds(out_d: Path) -> list[float | None]:

@@ -119,3 +119,15 @@ def test_interrupted_cache_resumes(slides, tmp_path):
     assert files == ["s0.h5"]  # the finished slide, no temporary leftovers
     res = build_augment_cache(slides[:2], tmp_path / "c", **KW)
     assert res.skipped == ["s0"] and res.done == ["s1"]
+
+
+def test_a_broken_slide_is_reported_and_the_batch_goes_on(slides, tmp_path, capsys):
+    bad = tmp_path / "broken.tiff"
+    bad.write_bytes(b"II*\x00not a tiff at all")
+    res = build_augment_cache([slides[0], str(bad), slides[1]], tmp_path / "c", **KW)
+    assert res.done == ["s0", "s1"] and list(res.failed) == ["broken"]
+    assert "broken.tiff" in res.failed["broken"] and "\n" not in res.failed["broken"]
+    rc = main(["augment-cache", slides[0], str(bad), "--encoder", "test_resnet", "--weights", "random", "--views", "3",
+               "--tiles-per-view", "6", "--mpp", "2.0", "--tile-size", "32", "--out", str(tmp_path / "c")])
+    cap = capsys.readouterr()
+    assert rc == 2 and "1 already done" in cap.out and "1 of 2 slide(s) failed" in cap.err and "Traceback" not in cap.err

@@ -35,7 +35,7 @@ from gigaslide import atomic
 from gigaslide.encoders import Encoder, build_encoder
 from gigaslide.errors import GigaslideError
 from gigaslide.features import store
-from gigaslide.slides import open_slide
+from gigaslide.slides import open_slide, slide_id_from_path
 from gigaslide.tiling import TilingParams, tile_slide
 
 CACHE_JSON = "cache.json"
@@ -49,6 +49,7 @@ class CacheResult:
     skipped: list[str] = field(default_factory=list)  # already finished
     empty: list[str] = field(default_factory=list)  # no tissue tiles
     with_replacement: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # slide id -> one-line reason (the batch went on)
     bytes_written: int = 0
     seconds: float = 0.0
 
@@ -163,53 +164,60 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
     res = CacheResult()
     t0 = time.perf_counter()
     for i, path in enumerate(slides):
-        with open_slide(path, mpp=slide_mpp) as s:
-            sid = s.id
-        target = feat_dir / f"{sid}.h5"
-        if _finished(target, params):
-            res.skipped.append(sid)
-            continue
+        sid = slide_id_from_path(Path(path))
         try:
-            grid = tile_slide(path, out, tiling, slide_mpp=slide_mpp, overlays=False)
+            with open_slide(path, mpp=slide_mpp) as s:
+                sid = s.id
+            target = feat_dir / f"{sid}.h5"
+            if _finished(target, params):
+                res.skipped.append(sid)
+                continue
+            try:
+                grid = tile_slide(path, out, tiling, slide_mpp=slide_mpp, overlays=False)
+            except GigaslideError as e:
+                if "no tissue tiles" not in e.what:
+                    raise
+                warnings.warn(f"{sid}: no tissue tiles, skipped", stacklevel=2)
+                res.empty.append(sid)
+                continue
+            need = cache_bytes(len(grid), enc.embed_dim, views, tiles_per_view)
+            if budget is not None and used + need > budget:
+                raise GigaslideError(
+                    f"disk budget of {max_gb} GB reached: {len(res.done) + len(res.skipped)} slides cached, the next "
+                    f"({sid}, ~{need / 1e6:.1f} MB) would exceed it; finished slides are kept",
+                    path=out, fix="raise --max-gb (or free space) and re-run the same command: it resumes")
+            rng = slide_rng(seed, sid)
+            idx, with_repl = draw_views(len(grid), views, tiles_per_view, rng)
+            if with_repl:
+                warnings.warn(f"{sid}: {len(grid)} tiles < --tiles-per-view {tiles_per_view}; views drawn with replacement",
+                              stacklevel=2)
+                res.with_replacement.append(sid)
+            g = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            with open_slide(path, mpp=slide_mpp) as s:
+                tiles = _read(s, grid.coords, tile_size, mpp)
+            plain = _encode(enc, [torch.from_numpy(tiles[j:j + batch_size]) for j in range(0, len(tiles), batch_size)], dev, precision)
+            view_feats = np.empty((views, tiles_per_view, enc.embed_dim), np.float16)
+            group = max(1, batch_size // tiles_per_view)  # views encoded together (fills the batch)
+            for v0 in range(0, views, group):
+                augmented = torch.cat([aug(torch.from_numpy(tiles[idx[v]]), g) for v in range(v0, min(v0 + group, views))])
+                f = _encode(enc, [augmented[j:j + batch_size] for j in range(0, len(augmented), batch_size)], dev, precision)
+                view_feats[v0:v0 + group] = f.reshape(-1, tiles_per_view, enc.embed_dim).astype(np.float16)
+            attrs = {**params, "run": str(out), "slide_id": sid, "slide_path": str(path), "slide_mpp": grid.slide_mpp,
+                     "with_replacement": int(with_repl), "precision": precision, "cache_kind": "gigassl_views", "complete": 1}
+            coords_attrs = {"patch_size": tile_size, "patch_size_level0": grid.tile_size_level0,
+                            "patch_level": grid.read_level, "target_mpp": float(mpp), "level0_mpp": grid.slide_mpp}
+            store.save(target, plain.astype(np.float32), grid.coords, attrs=attrs, coords_attrs=coords_attrs,
+                       extra={"views": view_feats, "view_coords": grid.coords[idx], "view_tiles": idx})
+            size = target.stat().st_size
+            used += size
+            res.bytes_written += size
+            res.done.append(sid)
+            log(f"[{i + 1}/{len(slides)}] {sid}: {len(grid)} tiles, {views}x{tiles_per_view} views, {size / 1e6:.2f} MB")
         except GigaslideError as e:
-            if "no tissue tiles" not in e.what:
-                raise
-            warnings.warn(f"{sid}: no tissue tiles, skipped", stacklevel=2)
-            res.empty.append(sid)
-            continue
-        need = cache_bytes(len(grid), enc.embed_dim, views, tiles_per_view)
-        if budget is not None and used + need > budget:
-            raise GigaslideError(
-                f"disk budget of {max_gb} GB reached: {len(res.done) + len(res.skipped)} slides cached, the next "
-                f"({sid}, ~{need / 1e6:.1f} MB) would exceed it; finished slides are kept",
-                path=out, fix="raise --max-gb (or free space) and re-run the same command: it resumes")
-        rng = slide_rng(seed, sid)
-        idx, with_repl = draw_views(len(grid), views, tiles_per_view, rng)
-        if with_repl:
-            warnings.warn(f"{sid}: {len(grid)} tiles < --tiles-per-view {tiles_per_view}; views drawn with replacement",
-                          stacklevel=2)
-            res.with_replacement.append(sid)
-        g = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        with open_slide(path, mpp=slide_mpp) as s:
-            tiles = _read(s, grid.coords, tile_size, mpp)
-        plain = _encode(enc, [torch.from_numpy(tiles[j:j + batch_size]) for j in range(0, len(tiles), batch_size)], dev, precision)
-        view_feats = np.empty((views, tiles_per_view, enc.embed_dim), np.float16)
-        group = max(1, batch_size // tiles_per_view)  # views encoded together (fills the batch)
-        for v0 in range(0, views, group):
-            augmented = torch.cat([aug(torch.from_numpy(tiles[idx[v]]), g) for v in range(v0, min(v0 + group, views))])
-            f = _encode(enc, [augmented[j:j + batch_size] for j in range(0, len(augmented), batch_size)], dev, precision)
-            view_feats[v0:v0 + group] = f.reshape(-1, tiles_per_view, enc.embed_dim).astype(np.float16)
-        attrs = {**params, "run": str(out), "slide_id": sid, "slide_path": str(path), "slide_mpp": grid.slide_mpp,
-                 "with_replacement": int(with_repl), "precision": precision, "cache_kind": "gigassl_views", "complete": 1}
-        coords_attrs = {"patch_size": tile_size, "patch_size_level0": grid.tile_size_level0,
-                        "patch_level": grid.read_level, "target_mpp": float(mpp), "level0_mpp": grid.slide_mpp}
-        store.save(target, plain.astype(np.float32), grid.coords, attrs=attrs, coords_attrs=coords_attrs,
-                   extra={"views": view_feats, "view_coords": grid.coords[idx], "view_tiles": idx})
-        size = target.stat().st_size
-        used += size
-        res.bytes_written += size
-        res.done.append(sid)
-        log(f"[{i + 1}/{len(slides)}] {sid}: {len(grid)} tiles, {views}x{tiles_per_view} views, {size / 1e6:.2f} MB")
+            if e.what.startswith("disk budget"):
+                raise  # the batch stops by design; finished slides are kept
+            res.failed[sid] = e.one_line()  # a broken slide is reported, the batch goes on
+            log(f"[{i + 1}/{len(slides)}] {sid}: failed -- {e.one_line()}")
     res.seconds = time.perf_counter() - t0
     return res
 
