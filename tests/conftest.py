@@ -44,3 +44,28 @@ def pytest_collection_modifyitems(config, items):  # noqa: ANN001, ARG001
     for item in items:
         if "shared_data" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("realdata"):
             item.add_marker(pytest.mark.realdata)
+
+
+def _tiny_project():  # noqa: ANN202
+    """tests/viewer/tiny_project.py, loaded once (shared by the viewer and export tests)."""
+    import importlib.util
+    import sys
+
+    name = "gigaslide_tiny_project"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "viewer" / "tiny_project.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Six generated slides encoded with a tiny random ResNet + a 2-fold ABMIL run on them (viewer and export tests)."""
+    return _tiny_project().build_once(tmp_path_factory)
+
+
+@pytest.fixture
+def tiny_copy(tiny, tmp_path):
+    return _tiny_project().copy(tiny, tmp_path / "copy")

@@ -21,7 +21,7 @@ from gigaslide.errors import GigaslideError
 from gigaslide.features import store
 from gigaslide.export.catalog import scan
 from gigaslide.export.runs import TileScorer, load_runs
-from gigaslide.export.tables import run_columns, tissue_fraction
+from gigaslide.export.tables import encoded_slides, run_columns, tissue_fraction
 from gigaslide.provenance import provenance
 
 
@@ -50,14 +50,7 @@ def build_anndata(out_dirs: list[str | os.PathLike], runs: list[str | os.PathLik
     run_list = load_runs(list(runs))
     scorer = TileScorer()
     X, obs_parts, spatial, slides_uns, files = [], [], [], {}, []
-    for e in entries.values():
-        if e.features is None:
-            problems.append(f"{e.slide_id}: no features/{e.slide_id}.h5 ({e.error or 'not encoded'}) -- left out")
-            continue
-        ff = store.load(e.features)
-        if len(ff) == 0:
-            problems.append(f"{e.slide_id}: no tiles -- left out")
-            continue
+    for e, ff in encoded_slides(entries.values(), problems):
         files.append(ff)
         cols, probs = run_columns(e, ff, run_list, scorer, tile_probability)
         problems += probs

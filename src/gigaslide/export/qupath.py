@@ -18,11 +18,10 @@ import numpy as np
 
 from gigaslide import atomic
 from gigaslide.errors import GigaslideError
-from gigaslide.features import store
 from gigaslide.mil.heatmap import tile_size_of
 from gigaslide.export.catalog import scan
 from gigaslide.export.runs import TileScorer, load_runs
-from gigaslide.export.tables import run_columns, tissue_fraction
+from gigaslide.export.tables import encoded_slides, run_columns, tissue_fraction
 
 
 def tile_size_level0(ff: Any) -> float:
@@ -57,14 +56,7 @@ def export_qupath(out_dirs: list[str | os.PathLike], out: str | os.PathLike, run
     scorer = TileScorer()
     out_d = atomic.ensure_writable_dir(out)
     written = []
-    for e in entries.values():
-        if e.features is None:
-            problems.append(f"{e.slide_id}: no features/{e.slide_id}.h5 ({e.error or 'not encoded'}) -- left out")
-            continue
-        ff = store.load(e.features)
-        if len(ff) == 0:
-            problems.append(f"{e.slide_id}: no tiles -- left out")
-            continue
+    for e, ff in encoded_slides(entries.values(), problems):
         cols, probs = run_columns(e, ff, run_list, scorer, tile_probability)
         problems += probs
         meas = {"tissue fraction": tissue_fraction(e, ff.coords), **cols}

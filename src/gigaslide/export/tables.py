@@ -9,7 +9,21 @@ import numpy as np
 
 from gigaslide.errors import GigaslideError
 from gigaslide.export.catalog import SlideEntry
+from gigaslide.features import store
 from gigaslide.export.runs import Run, TileScorer
+
+
+def encoded_slides(entries: Any, problems: list[str]):  # noqa: ANN201
+    """``(entry, FeatureFile)`` of every slide with tiles; the others are noted in ``problems`` and left out."""
+    for e in entries:
+        if e.features is None:
+            problems.append(f"{e.slide_id}: no features/{e.slide_id}.h5 ({e.error or 'not encoded'}) -- left out")
+            continue
+        ff = store.load(e.features)
+        if len(ff) == 0:
+            problems.append(f"{e.slide_id}: no tiles -- left out")
+            continue
+        yield e, ff
 
 
 def tissue_fraction(entry: SlideEntry, coords: np.ndarray) -> np.ndarray:
