@@ -37,34 +37,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, load_note, write_result  # noqa: E402
 
+from gigaslide.testing import output_arrays  # noqa: E402
+
 PY = sys.executable
 RESULTS_JSON = ROOT / "benchmarks" / "results" / "reliability.json"
 ENV = {**os.environ, "GIGASLIDE_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
 ENC = ["--encoder", "test_resnet", "--weights", "random", "--workers", "0", "--precision", "fp32"]
-
-
-def arrays(out: Path, keep: Callable[[str], bool]) -> dict[str, bytes]:
-    """Bytes of every array under ``out`` whose relative path passes ``keep``."""
-    import h5py
-    import numpy as np
-
-    got: dict[str, bytes] = {}
-    for f in sorted(out.rglob("*")):
-        rel = str(f.relative_to(out))
-        if not f.is_file() or f.name.startswith(".") or not keep(rel):
-            continue
-        if f.suffix == ".h5":
-            with h5py.File(f, "r") as h:
-                h.visititems(lambda k, v: got.__setitem__(f"{rel}:{k}", np.asarray(v[()]).tobytes())
-                             if isinstance(v, h5py.Dataset) else None)
-        elif f.suffix == ".safetensors":
-            from safetensors.numpy import load_file
-
-            for k, v in sorted(load_file(str(f)).items()):
-                got[f"{rel}:{k}"] = v.tobytes()
-        elif f.suffix == ".csv" and "pred" in f.name:
-            got[rel] = f.read_bytes()
-    return got
 
 
 def incomplete(out: Path, keep: Callable[[str], bool]) -> int:
@@ -74,7 +52,7 @@ def incomplete(out: Path, keep: Callable[[str], bool]) -> int:
         rel = str(f.relative_to(out))
         if f.is_file() and not f.name.startswith(".") and keep(rel) and f.suffix in (".h5", ".safetensors"):
             try:
-                arrays(f.parent, lambda r, name=f.name: r == name)
+                output_arrays(f.parent, lambda r, name=f.name: r == name)
             except Exception:  # noqa: BLE001 - any failure to read counts
                 n += 1
     return n
@@ -93,7 +71,7 @@ def kill_campaign(name: str, argv_for: Callable[[Path], list[str]], keep: Callab
     if rc != 0:
         return {"fault": f"kill -9 during `{name}`", "tried": 0, "outcome": f"reference run failed: {err.strip()[-200:]}",
                 "lost": "-", "ok": False}
-    ref = arrays(ref_dir, keep)
+    ref = output_arrays(ref_dir, keep)
     same = clean = killed = half = kept_lost = tracebacks = 0
     wanted, stop_at = n, time.perf_counter() + budget_s
     for k in range(wanted):
@@ -114,7 +92,7 @@ def kill_campaign(name: str, argv_for: Callable[[Path], list[str]], keep: Callab
                   if f.is_file() and not f.name.startswith(".") and keep(str(f.relative_to(out)))}
         rc, err, _ = cli(argv_for(out))
         tracebacks += "Traceback" in err
-        after = arrays(out, keep) if rc == 0 else {}
+        after = output_arrays(out, keep) if rc == 0 else {}
         same += rc == 0 and after == ref
         clean += not list(out.rglob(".tmp-*"))
         kept_lost += sum(not Path(f).is_file() for f in before)

@@ -20,39 +20,14 @@ What is and is not deterministic:
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
 
 from gigaslide.cli.main import main
-from gigaslide.testing import make_slide, make_tile_folder
-
-
-def arrays(out: Path) -> dict[str, bytes]:
-    """Every array under ``out``: HDF5 datasets, safetensors tensors, .npy, and prediction CSVs."""
-    got: dict[str, bytes] = {}
-    for f in sorted(out.rglob("*")):
-        rel = str(f.relative_to(out))
-        if f.name.startswith(".") or not f.is_file():
-            continue
-        if f.suffix == ".h5":
-            with h5py.File(f, "r") as h:
-                h.visititems(lambda k, v: got.__setitem__(f"{rel}:{k}", np.asarray(v[()]).tobytes())
-                             if isinstance(v, h5py.Dataset) else None)
-        elif f.suffix == ".safetensors":
-            from safetensors.numpy import load_file
-
-            for k, v in sorted(load_file(str(f)).items()):
-                got[f"{rel}:{k}"] = v.tobytes()
-        elif f.suffix == ".npy":
-            got[rel] = np.load(f).tobytes()
-        elif f.suffix == ".csv" and "pred" in f.name:
-            got[rel] = f.read_bytes()
-    return got
+from gigaslide.testing import make_slide, make_tile_folder, output_arrays
 
 
 def twice(argv_for, tmp_path: Path, *, min_arrays: int = 1, skip=None) -> dict[str, bytes]:  # noqa: ANN001
@@ -62,7 +37,7 @@ def twice(argv_for, tmp_path: Path, *, min_arrays: int = 1, skip=None) -> dict[s
     for k in ("a", "b"):
         out = tmp_path / k
         assert main(argv_for(out)) == 0
-        runs.append({key: v for key, v in arrays(out).items() if skip is None or not skip(key)})
+        runs.append({key: v for key, v in output_arrays(out).items() if skip is None or not skip(key)})
     assert len(runs[0]) >= min_arrays and sorted(runs[0]) == sorted(runs[1])
     diff = [k for k in runs[0] if runs[0][k] != runs[1][k]]
     assert not diff, f"differ between two identical runs: {diff[:5]}"

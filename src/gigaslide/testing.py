@@ -104,3 +104,30 @@ def make_tile_folder(root: str | os.PathLike, n_per_class: int | None = 6, *, si
         for i in range(n_per_class or 0):
             tile(k).save(root / name / f"{i:03d}.{ext}")
     return root
+
+
+def output_arrays(out: str | os.PathLike, keep=None) -> dict[str, bytes]:  # noqa: ANN001
+    """Bytes of every array a command wrote under ``out`` (HDF5 datasets, safetensors tensors, ``.npy``, prediction
+    CSVs), keyed by relative path (and dataset / tensor name); ``keep(rel_path)`` filters files. Timestamps and other
+    metadata are left out, so two runs of a deterministic command compare equal (tests, reliability benchmark)."""
+    import h5py
+    from safetensors.numpy import load_file
+
+    out = Path(out)
+    got: dict[str, bytes] = {}
+    for f in sorted(out.rglob("*")):
+        rel = str(f.relative_to(out))
+        if not f.is_file() or f.name.startswith(".") or (keep is not None and not keep(rel)):
+            continue
+        if f.suffix == ".h5":
+            with h5py.File(f, "r") as h:
+                h.visititems(lambda k, v: got.__setitem__(f"{rel}:{k}", np.asarray(v[()]).tobytes())
+                             if isinstance(v, h5py.Dataset) else None)
+        elif f.suffix == ".safetensors":
+            for k, v in sorted(load_file(str(f)).items()):
+                got[f"{rel}:{k}"] = v.tobytes()
+        elif f.suffix == ".npy":
+            got[rel] = np.load(f).tobytes()
+        elif f.suffix == ".csv" and "pred" in f.name:
+            got[rel] = f.read_bytes()
+    return got
