@@ -216,13 +216,8 @@ def write_report(a, results, tile_rep, timings, total, enc) -> None:  # noqa: AN
         lines.append("")
     lines += ["## Timings (wall, s)", "", "| step | s |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
-    keep = ""
-    if Path(a.out).is_file():  # hand-written observations survive a re-run
-        old = Path(a.out).read_text()
-        if "## Observations" in old:
-            keep = old[old.index("## Observations"):]
     lines += [""]
-    write_text(a.out, "\n".join(lines) + "\n" + keep)
+    write_text(a.out, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

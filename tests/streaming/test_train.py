@@ -178,6 +178,14 @@ def test_heatmap_maps_pooled_positions_to_level0(slides, ref_run, tmp_path) -> N
     assert len(xy) == -(-h // 64) * -(-w // 64)  # positions over padding only are not drawn
     assert tuple(xy[0]) == c.origin and xy[1, 0] - xy[0, 0] == step and xy[-1, 1] - xy[0, 1] == step * (-(-h // 64) - 1)
     assert (tmp_path / "att.png").stat().st_size > 1000
+    # the grid the viewer shows: saved in the run folder, the same positions and attention
+    from gigaslide.streaming.grids import grid_folds, load_grid
+
+    assert res["grid"] == str(ref_run / "heatmaps" / "fold0" / "s1.npz") and grid_folds(ref_run, "s1") == [0]
+    g = load_grid(ref_run, "s1", 0)
+    np.testing.assert_array_equal(g.coords, xy)
+    assert g.box_level0_px == step and g.slide_size == (1024, 768) and len(g.attention) == len(xy)
+    assert g.probs.tolist() == pytest.approx(res["probs"]) and g.instance_probs is None  # clam_sb: attention only
 
 
 def test_cli_refuses_bad_input(slides, tmp_path, capsys) -> None:  # noqa: ANN001

@@ -85,7 +85,8 @@ def test_viewer_in_chromium_overlays_click_neighbours(browser, tiny, tmp_path_fa
     t.slides[5].write_bytes(b"II*\x00" + b"\x00" * 100)  # a slide that no longer opens: listed as broken
     shots = Path(os.environ.get("GIGASLIDE_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))  # to look at them
     shots.mkdir(parents=True, exist_ok=True)
-    server, state = _serve([t.out], [t.run])
+    stream = sys.modules["gigaslide_tiny_project"].streaming_run(t.root / "stream", {("s0", 1): (4, 3)}, {"s0": 1})
+    server, state = _serve([t.out], [t.run, stream])
     try:
         ff = state.features("s0")
         pct = state.layer_values("s0", "run0-attention", None)
@@ -147,6 +148,20 @@ def test_viewer_in_chromium_overlays_click_neighbours(browser, tiny, tmp_path_fa
             sx, sy = _screen(page, *(ff.coords[i] + size0 / 2))
             assert np.abs(pr[sy, sx] - (base[sy, sx] + magma[int(np.clip(prob[i] * 255, 0, 255))]) / 2).max() <= 4
         page.locator('[data-layer="run0-prob1"] input.toggle').uncheck()
+
+        # a StreamingCLAM run's saved attention grid: its highest position (column 4, row 3 of 100 px boxes) is the
+        # top of the colour map, and nothing is drawn outside the grid
+        page.locator('[data-layer="run1-attention"] input.toggle').check()
+        _slider(page, "run1-attention", "opacity", "ArrowRight", 10)
+        _loaded(page)
+        sc = _shot(page, shots / "4c-streaming-attention.png")
+        px, py = _screen(page, 40 + 4 * 100 + 50, 24 + 3 * 100 + 50)
+        assert np.abs(sc[py, px] - table[255]).max() <= 3
+        qx, qy = _screen(page, 40 + 5 * 100 + 50, 24 + 3 * 100 + 50)  # its neighbour: lower attention, another colour
+        assert np.abs(sc[qy, qx] - table[255]).max() > 30
+        gx, gy = _screen(page, 10, 10)
+        assert np.abs(sc[gy, gx] - base[gy, gx]).max() <= 3
+        page.locator('[data-layer="run1-attention"] input.toggle').uncheck()
 
         page.locator('[data-layer="tissue"] input.toggle').check()
         _loaded(page)

@@ -64,3 +64,39 @@ def copy(t: Tiny, dest: Path) -> Tiny:
         v["path"] = str(dest / "slides" / Path(v["path"]).name)
     (out / "manifest.json").write_text(json.dumps(man))
     return Tiny(dest, out, dest / "run", [dest / "slides" / p.name for p in t.slides])
+
+
+ORIGIN, STEP = (40, 24), 100  # the fake StreamingCLAM grids: 100 level-0 px positions from (40, 24)
+
+
+def grid_cell(x: float, y: float) -> tuple[int, int]:
+    """(column, row) of the fake grid position containing level-0 point (x, y)."""
+    return int((x - ORIGIN[0]) // STEP), int((y - ORIGIN[1]) // STEP)
+
+
+def streaming_run(dest: Path, planted: dict[tuple[str, int], tuple[int, int]], held_out: dict[str, int],
+                  size: tuple[int, int] = SIZE, with_probs: bool = False) -> Path:
+    """A StreamingCLAM run folder as ``heatmap-streaming`` leaves it, without training: for each (slide_id, fold)
+    of ``planted``, a 9 x 7 attention grid (100 px positions from (40, 24)) whose single high-attention position is
+    ``planted[...]`` (column, row); ``held_out`` gives each slide's test fold (predictions.csv). ``with_probs``:
+    per-position P(class 1) = column / 8 (a mean / max head)."""
+    import json
+
+    import numpy as np
+
+    from gigaslide.evaluation.slides import write_predictions
+    from gigaslide.streaming.grids import AttentionGrid, save_grid
+
+    dest.mkdir(parents=True)
+    (dest / "run.json").write_text(json.dumps({"run_kind": "streaming", "config": {"head": "clam_sb"}}))
+    ids = sorted(held_out)
+    write_predictions(dest / "predictions.csv", ids, [0] * len(ids), np.full((len(ids), 2), 0.5), [held_out[s] for s in ids])
+    cols, rows = np.meshgrid(np.arange(9), np.arange(7))
+    coords = np.stack([ORIGIN[0] + cols.ravel() * STEP, ORIGIN[1] + rows.ravel() * STEP], 1)
+    rng = np.random.default_rng(0)
+    for (sid, fold), (c, r) in planted.items():
+        att = rng.uniform(0, 0.1, len(coords))
+        att[r * 9 + c] = 5.0
+        probs = np.stack([1 - cols.ravel() / 8, cols.ravel() / 8], 1) if with_probs else None
+        save_grid(dest, AttentionGrid(sid, fold, coords, att, STEP, (7, 9), np.array([0.3, 0.7]), size, probs))
+    return dest

@@ -84,7 +84,10 @@ def demo(out: str = "demo_out", encoder: str = "resnet18", weights: str = "rando
     report = atomic.write_text(outp / "REPORT.md", "\n".join(lines) + "\n")
     print(f"\nreport: {report}\nfeatures: {outp / 'spine' / 'features'}\noverlays: {outp / 'spine' / 'tissue'}, "
           f"{outp / 'spine' / 'grid'}", file=sys.stdout)
-    print(f"open in the browser: gigaslide view {outp / 'spine'}" + (f" {outp / 'mosaic_features'} --runs {outp / 'runs' / 'abmil'}" if (outp / "runs" / "abmil" / "predictions.csv").is_file() else ""))
+    runs = [str(outp / "runs" / "abmil")] if (outp / "runs" / "abmil" / "predictions.csv").is_file() else []
+    runs += [str(outp / "runs" / "gigassl")] if runs and (outp / "runs" / "gigassl" / "model.safetensors").is_file() else []
+    print(f"open in the browser: gigaslide view {outp / 'spine'}"
+          + (f" {outp / 'mosaic_features'} --runs {','.join(runs)}" if runs else ""))
 
 
 def _slide_level(outp: Path, encoder: str, weights: str, n_slides: int, n_steps: int) -> list[str]:

@@ -7,7 +7,14 @@ import sys
 
 from gigaslide.cli.main import Command
 from gigaslide.errors import GigaslideError
-from gigaslide.runs import parse_duration  # noqa: F401  (re-exported: the CLI's duration parser)
+
+
+def parse_duration(text: str | float | None) -> float | None:
+    """The CLI's duration parser (``2h``, ``15m``, ``90s``): :func:`gigaslide.runs.parse_duration`, imported on use
+    so that collecting the commands does not import torch (``gigaslide tile`` starts in well under a second)."""
+    from gigaslide.runs import parse_duration as parse
+
+    return parse(text)
 
 
 def parse_mpps(mpp: str | float) -> list[float]:
@@ -20,12 +27,58 @@ def parse_mpps(mpp: str | float) -> list[float]:
     return vals
 
 
+def parse_pair(flag: str, value: str | None, single_ok: bool = False) -> tuple[float, ...] | None:
+    """``"0.32,1.0"`` -> (0.32, 1.0); with ``single_ok`` one value is allowed too."""
+    if value is None or value == "":
+        return None
+    try:
+        vals = tuple(float(v) for v in str(value).split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != 2 and not (single_ok and len(vals) == 1) or any(v != v or v < 0 for v in vals):
+        raise GigaslideError(f"cannot read {flag} '{value}'", fix=f"give MIN,MAX, e.g. {flag} 0.1,0.5")
+    if len(vals) == 2 and vals[0] > vals[1]:
+        raise GigaslideError(f"{flag} '{value}': the first value must not exceed the second", fix=f"e.g. {flag} 0.1,0.5")
+    return vals
+
+
+def recipe_flags(teacher_temp: str | None = None, mask_ratio: str | None = None, ibot_weight: float | None = None,
+                 koleo_weight: float | None = None, momentum: float | None = None) -> dict:
+    """The recipe flags of DINO / DINOv2 / MoCo as ``method_args`` keys (``--method-args`` still wins)."""
+    out: dict = {}
+    tt = parse_pair("--teacher-temp", teacher_temp, single_ok=True)
+    if tt is not None:
+        if any(v <= 0 for v in tt):
+            raise GigaslideError(f"--teacher-temp '{teacher_temp}' must be positive", fix="e.g. --teacher-temp 0.04,0.07")
+        out["teacher_temp"] = tt[-1]
+        if len(tt) == 2:
+            out["warmup_teacher_temp"] = tt[0]
+    mr = parse_pair("--mask-ratio", mask_ratio)
+    if mr is not None:
+        if mr[1] > 1:
+            raise GigaslideError(f"--mask-ratio '{mask_ratio}' must lie in [0, 1]", fix="e.g. --mask-ratio 0.1,0.5")
+        out["mask_ratio_min"], out["mask_ratio_max"] = mr
+    for name, v in (("ibot_weight", ibot_weight), ("koleo_weight", koleo_weight)):
+        if v is not None:
+            if not v >= 0:
+                raise GigaslideError(f"--{name.replace('_', '-')} {v} must be >= 0", fix="0 turns the loss off")
+            out[name] = float(v)
+    if momentum is not None:
+        if not 0 <= momentum < 1:
+            raise GigaslideError(f"--momentum {momentum} must lie in [0, 1)", fix="e.g. --momentum 0.996")
+        out["momentum"] = float(momentum)
+    return out
+
+
 def pretrain(data: str, out: str, method: str = "dino", backbone: str = "resnet18", mpp: str = "0.5", tile_size: int = 224,
              init: str | None = None, budget: str | None = None, steps: int | None = None, augment: str = "pathology",
              batch_size: int | None = None, crop_size: int | None = None, lr: float | None = None,
              weight_decay: float | None = None, warmup_frac: float | None = None, layer_decay: float | None = None,
              patch_embed_lr_mult: float | None = None, drop_path: float | None = None, n_local: int | None = None,
-             local_size: int | None = None, method_args: str | None = None, devices: int = 1, precision: str = "auto",
+             local_size: int | None = None, global_scale: str | None = None, local_scale: str | None = None,
+             teacher_temp: str | None = None, mask_ratio: str | None = None, ibot_weight: float | None = None,
+             koleo_weight: float | None = None, momentum: float | None = None,
+             method_args: str | None = None, devices: int = 1, precision: str = "auto",
              workers: int = 2, seed: int = 0, checkpoint_every: str = "10m", monitor_every: int | None = None,
              min_tissue: float = 0.5, data_kind: str = "auto", threads: int | None = None) -> None:
     """Self-supervised pre-training of a tile encoder (SimCLR, MoCo v2, Barlow Twins, SwAV, DINO) on your tiles or slides.
@@ -62,6 +115,13 @@ def pretrain(data: str, out: str, method: str = "dino", backbone: str = "resnet1
         drop_path: stochastic depth rate of a ViT trunk (default: the method's recipe, else 0)
         n_local: local crops per tile for multi-crop methods (DINO, SwAV; default 6)
         local_size: local crop size in px (default ~43 % of the crop size, a multiple of the ViT patch)
+        global_scale: area range of the global crops as MIN,MAX (default: the method's, DINOv2 0.32,1.0)
+        local_scale: area range of the local crops as MIN,MAX (default: the method's, DINOv2 0.05,0.32)
+        teacher_temp: teacher temperature FINAL or WARMUP,FINAL (DINO, DINOv2; DINOv2 default 0.04,0.07)
+        mask_ratio: iBOT mask ratio range MIN,MAX of masked global crops (DINOv2; default 0.1,0.5)
+        ibot_weight: weight of the iBOT masked-patch loss (DINOv2; default 1, 0 = off)
+        koleo_weight: weight of the KoLeo regulariser (DINOv2; default 0.1, 0 = off)
+        momentum: EMA momentum of the teacher / key encoder (DINO, DINOv2, MoCo v2)
         method_args: JSON object overriding method settings, e.g. '{"out_dim": 8192, "temperature": 0.1}'
         devices: number of GPUs; more than 1 runs DDP through PyTorch Lightning
         precision: auto (bf16 on CUDA; on CPU bf16 only if it matches fp32 on the first batch, recorded), bf16, fp16 or fp32
@@ -88,6 +148,8 @@ def pretrain(data: str, out: str, method: str = "dino", backbone: str = "resnet1
         raise GigaslideError(f"--method-args is not JSON ({e})", fix='use e.g. \'{"out_dim": 8192}\'') from None
     if not isinstance(margs, dict):
         raise GigaslideError("--method-args must be a JSON object", fix='use e.g. \'{"out_dim": 8192}\'')
+    margs = {**recipe_flags(teacher_temp=teacher_temp, mask_ratio=mask_ratio, ibot_weight=ibot_weight,
+                            koleo_weight=koleo_weight, momentum=momentum), **margs}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if steps is None and not budget:
         steps = 2000
@@ -95,7 +157,9 @@ def pretrain(data: str, out: str, method: str = "dino", backbone: str = "resnet1
                          init=init, steps=steps, budget_s=parse_duration(budget), augment=augment, batch_size=batch_size,
                          crop_size=crop_size, lr=lr, weight_decay=weight_decay, warmup_frac=warmup_frac,
                          layer_decay=layer_decay, patch_embed_lr_mult=patch_embed_lr_mult, drop_path=drop_path,
-                         n_local=n_local, local_size=local_size, method_args=margs, devices=devices,
+                         n_local=n_local, local_size=local_size, method_args=margs,
+                         global_scale=parse_pair("--global-scale", global_scale),
+                         local_scale=parse_pair("--local-scale", local_scale), devices=devices,
                          precision=precision, workers=workers, seed=seed,
                          checkpoint_every_s=parse_duration(checkpoint_every) or 600.0, monitor_every=monitor_every,
                          min_tissue=min_tissue, data_kind=data_kind)

@@ -71,6 +71,9 @@ def train_streaming(slides: str, labels: str, out: str, *, mpp: float = 0.5, ima
 def heatmap_streaming(slide: str, run: str, out: str, *, fold: int = 0, thumb_size: int = 1024, device: str = "auto") -> dict:
     """Draw a StreamingCLAM model's attention over the feature map of one slide on its thumbnail.
 
+    The attention grid is also saved as RUN/heatmaps/fold<k>/<slide_id>.npz: `gigaslide view OUT --runs RUN`
+    then shows it as a layer on the slide.
+
     Example: gigaslide heatmap-streaming slide.tif --run RUN --out slide_attention.png
 
     Args:
@@ -84,7 +87,8 @@ def heatmap_streaming(slide: str, run: str, out: str, *, fold: int = 0, thumb_si
     from gigaslide.streaming.heatmap import streaming_heatmap
 
     res = streaming_heatmap(slide, run, out, fold=fold, thumb_size=thumb_size, device=device)
-    print(f"{out}: P = {[round(p, 3) for p in res['probs']]}, feature map {res['fmap_size']}")
+    print(f"{out}: P = {[round(p, 3) for p in res['probs']]}, feature map {res['fmap_size']}; "
+          + (f"grid -> {res['grid']}" if res["grid"] else f"grid not saved ({res['grid_error']})"))
     return res
 
 

@@ -20,7 +20,8 @@ def view(out_dirs: list[str], runs: list[str] | str | None = None, port: int = 8
 
     Args:
         out_dirs: encode output folder(s) (OUT/manifest.json, OUT/features/, OUT/patches/, OUT/tissue/, OUT/nuclei/)
-        runs: training run folder(s) (`gigaslide train-mil --out RUN_DIR`) whose attention and probabilities are shown; several: --runs A,B
+        runs: run folder(s) shown as layers: `train-mil` (attention, tile probabilities), `train-streaming` (the attention
+            grids `heatmap-streaming` saved), `pretrain-slides` (SLPD prototype / Giga-SSL cluster per tile); several: --runs A,B
         port: TCP port (0 picks a free one)
         host: address to listen on; 127.0.0.1 keeps the viewer on this machine
     """
@@ -29,6 +30,9 @@ def view(out_dirs: list[str], runs: list[str] | str | None = None, port: int = 8
     state = ViewerState(out_dirs, _paths(runs))
     server = Server(build_app(state), host=host, port=port)
     n_ok = sum(1 for k in state.entries if state.status(k)[0] != "broken")
+    import threading
+
+    threading.Thread(target=state.warm, name="viewer-warm", daemon=True).start()  # the first slide, while the page loads
     for p in state.problems:
         print(f"note: {p}")
     try:

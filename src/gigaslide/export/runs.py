@@ -9,8 +9,10 @@ are recomputed from a slide's features with the fold's model through the public
   margin for mean / max pooling) and its percentile within the slide (CLAM-style display);
 * ``probability``: P(class) of the tile alone, i.e. the model applied to a one-tile bag.
 
-A StreamingCLAM run (``gigaslide train-streaming``) contributes its slide predictions only: its
-attention needs a full forward pass of the CNN over the slide (``gigaslide heatmap-streaming``).
+A StreamingCLAM run (``gigaslide train-streaming``) contributes its slide predictions, and the
+attention grids ``gigaslide heatmap-streaming`` saved in ``RUN/heatmaps`` (a full CNN pass per slide:
+never recomputed here). A slide-SSL run (``gigaslide pretrain-slides``: kind ``slpd`` / ``gigassl``)
+contributes per-tile cluster ids (:mod:`gigaslide.ssl.slide.assign`).
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ from gigaslide.errors import GigaslideError
 from gigaslide.evaluation.slides import read_predictions
 from gigaslide.export.once import Once
 from gigaslide.mil.train import check_features_fit, load_model, predict
+from gigaslide.ssl.slide.export import KINDS as SSL_KINDS
 
 
 @dataclass
 class Run:
     path: Path
     name: str
-    kind: str  # "mil", "streaming" or "predictions"
+    kind: str  # "mil", "streaming", "slpd", "gigassl" or "predictions"
     folds: list[str] = field(default_factory=list)  # fold folders holding a model
     predictions: dict[str, dict[str, Any]] = field(default_factory=dict)  # slide_id -> label, probs, fold
     meta: dict[str, Any] = field(default_factory=dict)
@@ -78,7 +81,15 @@ def load_run(path: str | os.PathLike, name: str | None = None) -> Run:
             run.problems.append(f"{p / run.folds[0] / 'config.json'}: unreadable")
     elif run.meta.get("run_kind") == "streaming" or list(p.glob("fold*/best.safetensors")):
         run.kind = "streaming"
-        run.problems.append("StreamingCLAM run: slide predictions only (its attention needs `gigaslide heatmap-streaming`)")
+        if not list(p.glob("heatmaps/fold*/*.npz")):
+            run.problems.append("StreamingCLAM run without attention grids: run `gigaslide heatmap-streaming SLIDE "
+                                f"--run {p} --fold K --out PNG` for the slides to show its attention")
+    elif run.meta.get("run_kind") in SSL_KINDS:
+        run.kind = run.meta["run_kind"]
+        if not (p / "model.safetensors").is_file():
+            run.problems.append("no model.safetensors: pre-training did not finish (re-run the same `gigaslide "
+                                "pretrain-slides` command: it resumes and exports)")
+        return run
     try:
         pred = read_predictions(p)
         for i, sid in enumerate(pred.slide_ids):

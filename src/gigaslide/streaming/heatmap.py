@@ -2,7 +2,8 @@
 
 Each position of the map the head sees covers ``out_stride = stride * pool_kernel`` canvas px, i.e.
 ``out_stride * mpp / slide_mpp`` level-0 px from the canvas origin; the attention (as percentiles) is
-painted on the slide thumbnail at those level-0 boxes.
+painted on the slide thumbnail at those level-0 boxes, and the grid is saved as
+``RUN/heatmaps/fold<k>/<slide_id>.npz`` (:mod:`gigaslide.streaming.grids`) for ``gigaslide view``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from gigaslide.devices import autocast_dtype, pick_device
 from gigaslide.encoders.model import EXPORT_SPEC
 from gigaslide.errors import GigaslideError
 from gigaslide.streaming.data import Normalize, read_canvas
+from gigaslide.streaming.grids import AttentionGrid, save_grid
 from gigaslide.streaming.train import TrainConfig, build_model, load_weights
 
 
@@ -48,7 +50,8 @@ def load_run_model(run: str | os.PathLike, fold: int = 0, device: str = "auto") 
 
 def streaming_heatmap(slide: str | os.PathLike, run: str | os.PathLike, out: str | os.PathLike, *, fold: int = 0,
                       thumb_size: int = 1024, device: str = "auto") -> dict[str, Any]:
-    """Predict ``slide`` with a trained run and draw the attention over the feature map on its thumbnail."""
+    """Predict ``slide`` with a trained run, draw the attention over the feature map on its thumbnail and save
+    the grid in the run folder (``grid``: its path, or None with ``grid_error`` when it cannot be written)."""
     from scipy.stats import rankdata
 
     from gigaslide.mil.heatmap import draw_heatmap
@@ -64,15 +67,27 @@ def streaming_heatmap(slide: str | os.PathLike, run: str | os.PathLike, out: str
         res = model(canvas.pixels()[None])
     probs = torch.softmax(res["logits"].float().reshape(-1), 0).cpu().numpy()
     h, w = res["fmap_size"]
-    att = res["attention"].float().cpu().numpy().reshape(h, w)
+    att = res["attention"] if res.get("attention") is not None else res["instance_scores"]  # mean / max: logit margin
+    att = att.float().cpu().numpy().reshape(h, w)
     # positions wholly over padding (beyond the slide content) are not drawn
     s = model.stream.out_stride
     ch, cw = canvas.content_size
     att = att[: -(-ch // s), : -(-cw // s)]
     coords = canvas.position_coords(att.shape, s)
+    inst = res.get("instance_logits")
+    if inst is not None:  # mean / max heads: a class probability per position
+        inst = torch.softmax(inst.float(), -1).cpu().numpy().reshape(h, w, -1)[: att.shape[0], : att.shape[1]]
+        inst = inst.reshape(att.size, -1)
     with open_slide(slide, mpp=cfg.slide_mpp) as sl:
         thumb, ds = sl.thumbnail(thumb_size)
+        size = tuple(int(v) for v in sl.dimensions)
     title = f"{Path(slide).stem}  StreamingCLAM  P(class {len(probs) - 1}) = {float(probs[-1]):.3f}"
     draw_heatmap(thumb, ds, coords, (rankdata(att.ravel()) - 1) / max(1, att.size - 1), s * canvas.level0_per_px, out, title=title)
+    grid, err = None, None
+    try:
+        grid = str(save_grid(run, AttentionGrid(canvas.slide_id, fold, coords, att.ravel(), s * canvas.level0_per_px,
+                                                att.shape, probs, size, inst)))
+    except GigaslideError as e:  # a read-only run folder: the PNG is still made
+        err = e.one_line()
     return {"probs": probs.tolist(), "fmap_size": [h, w], "out": str(out), "coords": coords.tolist(),
-            "box_level0_px": s * canvas.level0_per_px}
+            "box_level0_px": s * canvas.level0_per_px, "grid": grid, "grid_error": err}

@@ -161,7 +161,7 @@ def overlay_png(thumb: np.ndarray, mask: np.ndarray, path: str | os.PathLike, co
 
 def mask_to_geojson(tm: TissueMask, *, tolerance: float = 1.0) -> dict:
     """Outer boundary of each tissue piece as a GeoJSON polygon in level-0 px (QuPath opens it)."""
-    from skimage.measure import approximate_polygon, find_contours
+    from gigaslide.tiling.polygon import find_contours, simplify
 
     features = []
     lab, n = ndi.label(tm.mask)
@@ -171,7 +171,7 @@ def mask_to_geojson(tm: TissueMask, *, tolerance: float = 1.0) -> dict:
         if not contours:
             continue
         c = max(contours, key=len)
-        c = approximate_polygon(c, tolerance=tolerance)
+        c = simplify(c, tolerance)
         # (row, col) in padded mask px -> (x, y) level-0 px
         xy = [[float((col - 1 + 0.5) * tm.downsample), float((row - 1 + 0.5) * tm.downsample)] for row, col in c]
         if len(xy) < 4:

@@ -6,7 +6,9 @@
   open go through :func:`gigaslide.slides.open_slide`), shown with OpenSeadragon (shipped as package
   data, nothing is fetched at run time);
 * overlays in slide (level-0) coordinates, each a tiled layer rendered server side as PNG tiles of the
-  same pyramid: tissue mask, tile grid, per-tile attention / probability of any MIL fold, nuclei outlines;
+  same pyramid: tissue mask, tile grid, per-tile attention / probability of any MIL fold, nuclei outlines,
+  StreamingCLAM attention grids saved by ``heatmap-streaming``, and per-tile SLPD prototype / Giga-SSL
+  cluster ids of slide-SSL runs (:mod:`gigaslide.viewer.runlayers`);
 * per-tile information and the most similar tiles of all slides (exact cosine search).
 
 Why FastAPI + uvicorn rather than Flask: uvicorn is a production server that serves many tile

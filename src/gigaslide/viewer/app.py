@@ -14,7 +14,7 @@ from typing import Any
 
 from gigaslide.errors import GigaslideError
 from gigaslide.viewer.deepzoom import Geometry, TileOutside
-from gigaslide.viewer.overlays import COLORMAPS, render_grid, render_scores, to_png
+from gigaslide.viewer.overlays import COLORMAPS, render_categories, render_grid, render_scores, to_png
 from gigaslide.viewer.state import ViewerState
 
 STATIC = Path(__file__).parent / "static"
@@ -116,8 +116,9 @@ def build_app(state: ViewerState):  # noqa: ANN201, C901 - one place that lists 
         elif layer == "nuclei":
             rgba = state.nuclei(key).render(box, scale)
         else:
-            values = state.layer_values(key, layer, fold)
-            rgba = render_scores(state.lattice(key), values, box, scale, cmap, threshold)
+            d = state.layer_data(key, layer, fold)
+            rgba = (render_categories(d.lattice, d.values, box, scale, d.k) if d.kind == "category"
+                    else render_scores(d.lattice, d.values, box, scale, cmap, threshold))
         return Response(to_png(rgba), media_type="image/png", headers=cache)
 
     @app.get("/api/slides/{key}/tile_at")

@@ -22,6 +22,18 @@ from gigaslide.errors import GigaslideError
 COLORMAPS = ("jet", "viridis", "magma", "inferno", "plasma", "turbo", "coolwarm", "RdYlBu_r", "Reds", "Greens")
 
 
+#: Categorical palettes (matplotlib's tab10 / tab20, written out so a cluster layer needs no matplotlib).
+TAB10 = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+TAB20 = ("#1f77b4", "#aec7e8", "#ff7f0e", "#ffbb78", "#2ca02c", "#98df8a", "#d62728", "#ff9896", "#9467bd", "#c5b0d5",
+         "#8c564b", "#c49c94", "#e377c2", "#f7b6d2", "#7f7f7f", "#c7c7c7", "#bcbd22", "#dbdb8d", "#17becf", "#9edae5")
+
+
+def palette(k: int) -> list[str]:
+    """``k`` category colours (hex): tab10 up to 10, tab20 up to 20, then tab20 again."""
+    table = TAB10 if k <= 10 else TAB20
+    return [table[i % len(table)] for i in range(k)]
+
+
 def lut(name: str) -> np.ndarray:
     """uint8 [256, 3] RGB table of a colour map."""
     import matplotlib  # heavy: only when a score layer is first drawn
@@ -84,6 +96,21 @@ def render_scores(lattice: TileLattice, values: np.ndarray, box: tuple[int, int,
     table = lut(cmap)
     rgba[..., :3] = table[np.clip(np.nan_to_num(val, nan=0.0) * 255, 0, 255).astype(np.int64)]
     rgba[..., 3] = np.where(show, 255, 0)
+    return rgba
+
+
+def render_categories(lattice: TileLattice, ids: np.ndarray, box: tuple[int, int, int, int], scale: float,
+                      k: int) -> np.ndarray:
+    """RGBA of per-tile category ids in [0, k) in :func:`palette` colours; -1 (no id) stays transparent."""
+    xs, ys = pixel_centres(box, scale)
+    idx = lattice.sample(xs, ys)
+    v = np.asarray(ids, np.int64)
+    cat = np.where(idx >= 0, v[np.maximum(idx, 0)] if len(v) else -1, -1)
+    table = np.array([[int(h[i:i + 2], 16) for i in (1, 3, 5)] for h in palette(max(1, k))], np.uint8)
+    rgba = np.zeros((*idx.shape, 4), np.uint8)
+    show = cat >= 0
+    rgba[show, :3] = table[cat[show] % len(table)]
+    rgba[show, 3] = 255
     return rgba
 
 

@@ -17,6 +17,7 @@ from gigaslide.mil.heatmap import tile_size_of
 from gigaslide.viewer.deepzoom import SlideTiles
 from gigaslide.viewer.neighbours import FeatureIndex
 from gigaslide.viewer.overlays import NucleiOutlines, TileLattice, TissueRaster
+from gigaslide.viewer.runlayers import ClusterLayers, LayerData, StreamingLayers, layer as _layer
 
 
 class ViewerState:
@@ -25,11 +26,13 @@ class ViewerState:
         self.entries, self.problems = scan(list(out_dirs))
         self.runs: list[Run] = load_runs(runs, self.problems)
         if not runs:
-            self.problems.append("no runs given: attention / probability layers need `--runs RUN_DIR` "
-                                 "(the --out folder of `gigaslide train-mil`)")
+            self.problems.append("no runs given: attention / probability / cluster layers need `--runs RUN_DIR` "
+                                 "(the --out folder of `gigaslide train-mil`, `train-streaming` or `pretrain-slides`)")
         for run in self.runs:
             self.problems += [f"run {run.name}: {p}" for p in run.problems]
         self.scorer = TileScorer()
+        self.streaming = StreamingLayers()
+        self.clusters = ClusterLayers()
         self._once = Once()
 
     # -- lazily opened things ---------------------------------------------------------------------
@@ -135,8 +138,23 @@ class ViewerState:
             if p is not None:
                 preds[r.name] = {"label": p["label"], "prob": p["probs"][-1], "fold": p["fold"],
                                  "predicted": int(np.argmax(p["probs"]))}
-        return {"key": key, "slide_id": e.slide_id, "status": st, "reason": why, "out_dir": str(e.out_dir),
-                "predictions": preds}
+        row = {"key": key, "slide_id": e.slide_id, "status": st, "reason": why, "out_dir": str(e.out_dir),
+               "predictions": preds}
+        if st != "broken":  # the page opens the deep-zoom pyramid with these, before the slide's details arrive
+            g = self.tiles(key).geometry
+            row.update(width=g.width, height=g.height, levels=g.level_count, tile_size=g.tile_size, overlap=g.overlap)
+        return row
+
+    def warm(self) -> None:
+        """Open what the first screenful needs (every slide, the first slide's features and layers) ahead of the page."""
+        for key in self.entries:
+            if self.status(key)[0] == "ok":
+                try:
+                    self.lattice(key)
+                    self.layers(key)
+                except GigaslideError:
+                    pass
+                return
 
     def mpp(self, key: str) -> tuple[float | None, str]:
         t = self.tiles(key)
@@ -156,6 +174,10 @@ class ViewerState:
                    f"no nuclei/{e.slide_id}.geojson in {e.out_dir}"),
         ]
         for r_i, run in enumerate(self.runs):
+            if run.kind == "streaming":
+                out += self.streaming.layers(r_i, run, e.slide_id, self._size(key))
+            elif run.kind in ("slpd", "gigassl"):
+                out.append(self.clusters.layer(r_i, run, key, self.features if feats_ok else None, why_feats))
             if run.kind != "mil":
                 continue
             fold = fold_for(run, e.slide_id)
@@ -169,13 +191,36 @@ class ViewerState:
                                   cmap="viridis", **common))
         return out
 
-    def layer_values(self, key: str, layer: str, fold: str | None) -> np.ndarray:
-        """Per-tile values in [0, 1] of a score layer (``run<i>-attention`` / ``run<i>-prob<c>``)."""
+    def _size(self, key: str) -> tuple[int, int]:
+        g = self.tiles(key).geometry
+        return g.width, g.height
+
+    def layer_data(self, key: str, layer: str, fold: str | None) -> LayerData:
+        """What a run's layer (``run<i>-attention`` / ``run<i>-prob<c>`` / ``run<i>-clusters``) draws."""
         try:
             run_part, kind = layer.split("-", 1)
             run = self.runs[int(run_part[3:])]
         except (ValueError, IndexError):
             raise KeyError(layer) from None
+        sid = self.entry(key).slide_id
+        if run.kind == "streaming":
+            return self.streaming.values(run, sid, kind, fold, self._size(key))
+        if run.kind in ("slpd", "gigassl") and kind == "clusters":
+            c = self.clusters.ids(run, key, self.features(key))
+            return LayerData(self.lattice(key), c.ids, "category", c.k)
+        if run.kind != "mil":
+            raise KeyError(layer)
+        return LayerData(self.lattice(key), self.layer_values(key, layer, fold))
+
+    def layer_values(self, key: str, layer: str, fold: str | None) -> np.ndarray:
+        """Per-tile values in [0, 1] of a MIL score layer (``run<i>-attention`` / ``run<i>-prob<c>``)."""
+        try:
+            run_part, kind = layer.split("-", 1)
+            run = self.runs[int(run_part[3:])]
+        except (ValueError, IndexError):
+            raise KeyError(layer) from None
+        if run.kind != "mil":
+            return self.layer_data(key, layer, fold).values
         fold = fold or fold_for(run, self.entry(key).slide_id)
         ff = self.features(key)
         if kind == "attention":
@@ -194,8 +239,13 @@ class ViewerState:
         if not 0 <= i < len(ff):
             raise IndexError(i)
         e = self.entry(key)
-        scores = []
+        scores, clusters = [], []
+        cx, cy = float(ff.coords[i, 0]) + lat.size0 / 2, float(ff.coords[i, 1]) + lat.size0 / 2
         for run in self.runs:
+            if run.kind == "streaming":
+                scores += self.streaming.info(run, e.slide_id, cx, cy, self._size(key))
+            elif run.kind in ("slpd", "gigassl"):
+                clusters.append(self.clusters.info(run, key, ff, i))
             if run.kind != "mil":
                 continue
             default = fold_for(run, e.slide_id)
@@ -212,9 +262,5 @@ class ViewerState:
                 scores.append(rec)
         tissue = float(tissue_fraction(e, ff.coords[i:i + 1])[0])
         return {"slide": key, "index": i, "x": int(ff.coords[i, 0]), "y": int(ff.coords[i, 1]), "size0": lat.size0,
-                "tissue": None if np.isnan(tissue) else tissue, "scores": scores}
+                "tissue": None if np.isnan(tissue) else tissue, "scores": scores, "clusters": clusters}
 
-
-def _layer(lid: str, name: str, kind: str, available: bool, reason: str | None, **extra: Any) -> dict[str, Any]:
-    return {"id": lid, "name": name, "kind": kind, "available": bool(available), "reason": None if available else reason,
-            **extra}

@@ -56,7 +56,7 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def test_run_exports_a_registry_encoder_with_provenance(tiles, tmp_path):
-    s = pretrain(_cfg(tiles, tmp_path / "run", steps=3, precision="auto"))
+    s = pretrain(_cfg(tiles, tmp_path / "run", steps=3, precision="auto", export_bn_tiles=16))
     assert s["steps"] == 3 and s["stopped_by"] == "steps" and np.isfinite(s["final_loss"])
     enc = build_encoder(str(tmp_path / "run" / "encoder"))
     assert enc.spec.input_size == 32 and enc.spec.name == "test_resnet_simclr"  # embeds at the native tile size
@@ -67,7 +67,7 @@ def test_run_exports_a_registry_encoder_with_provenance(tiles, tmp_path):
     exported = dict(enc.trunk.state_dict())
     stats = {k for k in exported if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
     assert stats and all(torch.equal(trunk[k], v) for k, v in exported.items() if k not in stats)  # trained weights
-    # BatchNorm statistics re-measured on the native-size tiles the export embeds (training saw 24 px crops)
+    # with export_bn_tiles: BatchNorm statistics re-measured on the native-size tiles the export embeds (training saw 24 px crops)
     assert not all(torch.equal(trunk[k], exported[k]) for k in stats)
     assert enc(torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)).shape == (2, enc.embed_dim)
     prov = read_provenance(tmp_path / "run" / "encoder")
@@ -77,6 +77,16 @@ def test_run_exports_a_registry_encoder_with_provenance(tiles, tmp_path):
     assert rec["run_kind"] == "tile_ssl" and rec["status"] == "finished" and rec["summary"]["images"] == 12
     assert rec["identity"]["lr"] == 1e-3 and rec["identity"]["mpp"] == [0.5] and "input:data" in rec["identity"]
     assert rec["precision"] == {"requested": "auto", "resolved": "fp32"}  # training on CPU: auto means fp32
+
+
+def test_default_export_keeps_the_trained_batchnorm_statistics(tiles, tmp_path):
+    pretrain(_cfg(tiles, tmp_path / "run", steps=2))
+    ck = runs.load_checkpoint(tmp_path / "run")
+    trunk = {k[len("backbone."):]: v for k, v in ck["model"].items() if k.startswith("backbone.")}
+    exported = dict(build_encoder(str(tmp_path / "run" / "encoder")).trunk.state_dict())
+    assert any(k.endswith("running_mean") for k in exported)
+    assert all(torch.equal(trunk[k], v) for k, v in exported.items())
+    assert read_provenance(tmp_path / "run" / "encoder").get("bn_recalibrated_on_tiles") is None
 
 
 def test_loss_decreases_and_the_monitor_is_logged(tiles, tmp_path):

@@ -60,7 +60,10 @@ class PretrainConfig:
     log_every: int = 10
     monitor_every: int | None = None  # steps between label-free monitor points (None: ~8 per run, 0: off)
     monitor_size: int = 128  # tiles of the monitor set
-    export_bn_tiles: int = 512  # native-size tiles to re-estimate BatchNorm statistics of the export on (0: off)
+    # native-size tiles to re-estimate the export's BatchNorm statistics on (0: keep the trained statistics). Off by
+    # default: on PCam (bench_tile_ssl.py, 15 min per method, 64 px crops embedded at 96 px) the re-estimate never
+    # helped the linear probe and hurt MoCo v2 and Barlow Twins.
+    export_bn_tiles: int = 0
     engine: str = "auto"  # auto (lightning when devices > 1) | native | lightning
     stop_after_steps: int | None = None  # stop this invocation after N steps, as if interrupted (tests, chunked jobs)
 

@@ -7,8 +7,8 @@ mpp or weights is refused in one line) and restores the last checkpoint: model (
 buffers such as MoCo's queue), optimiser, AMP scaler, RNG states, step (the sampler's position: each
 step's batch depends on ``(seed, step)`` only), the step plan, history and monitor log. A resumed run
 therefore continues bit-exactly. :meth:`Session.export` writes ``RUN_DIR/encoder`` with provenance; a
-CNN's BatchNorm statistics are re-measured (on a copy) on ``export_bn_tiles`` native-size tiles first,
-since training saw smaller augmented crops.
+CNN's BatchNorm statistics can be re-measured (on a copy) on ``export_bn_tiles`` native-size tiles first
+(off by default: the trained statistics probed better, see ``PretrainConfig.export_bn_tiles``).
 """
 
 from __future__ import annotations

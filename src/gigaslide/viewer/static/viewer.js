@@ -2,9 +2,10 @@
 "use strict";
 
 const G = {
-  state: null, slide: null, viewer: null, layers: [], selected: null, highlight: null,
+  state: null, slide: null, viewer: null, layers: [], selected: null, highlight: null, ready: false,
   allLoaded() {
     const w = G.viewer && G.viewer.world;
+    if (!G.ready) return false;
     if (!w || w.getItemCount() === 0) return false;
     for (let i = 0; i < w.getItemCount(); i++) if (!w.getItemAt(i).getFullyLoaded()) return false;
     return G.layers.every(l => !l.timer && (!l.on || l.item));
@@ -75,6 +76,8 @@ function makeViewer() {
   G.viewer = OpenSeadragon({
     id: "osd", showNavigationControl: false, showNavigator: false, animationTime: 0.3, maxZoomPixelRatio: 4,
     gestureSettingsMouse: {clickToZoom: false}, crossOriginPolicy: false, imageLoaderLimit: 8,
+    // the needed level only, not every blurrier level first: far fewer tile requests before the first screenful
+    immediateRender: true,
     // the 2D canvas drawer: exact colour blending of the overlays, and no software-WebGL stalls on machines without a GPU
     drawer: "canvas",
   });
@@ -85,11 +88,21 @@ function makeViewer() {
 }
 
 function openSlide(key) {
-  return getJSON(`/api/slides/${enc(key)}`).then(info => new Promise(resolve => {
-    G.slide = info; G.selected = null; G.highlight = null;
-    document.querySelectorAll("#slides tr").forEach(tr => tr.classList.toggle("current", tr.dataset.slide === key));
+  // the pyramid opens at once from the slide list's geometry; the slide's details (layers, mpp) arrive meanwhile
+  const row = (G.state.slides || []).find(s => s.key === key);
+  const keep = new Map(G.layers.map(l => [l.id, l]));
+  G.layers.forEach(l => { clearTimeout(l.timer); l.timer = null; l.gen++; });
+  G.layers = []; G.ready = false; G.slide = null; G.selected = null; G.highlight = null;
+  document.querySelectorAll("#slides tr").forEach(tr => tr.classList.toggle("current", tr.dataset.slide === key));
+  const opened = new Promise(resolve => G.viewer.addOnceHandler("open", () => {
+    G.slideItem = G.viewer.world.getItemAt(0); resolve();
+  }));
+  const early = row && row.width;
+  if (early) G.viewer.open(slideSource(row));
+  return getJSON(`/api/slides/${enc(key)}`).then(info => {
+    if (!early) G.viewer.open(slideSource(info));
+    G.slide = info;
     status(`${info.slide_id}: ${info.width}×${info.height} px, ${info.mpp ? fmt(info.mpp, 4) + " µm/px (" + info.mpp_source + ")" : "no mpp"}, ${info.n_tiles} tiles`);
-    const keep = new Map(G.layers.map(l => [l.id, l]));
     G.layers = info.layers.map(l => {
       const old = keep.get(l.id);
       return {...l, on: old ? old.on && l.available : false, opacity: old ? old.opacity : 0.5,
@@ -98,14 +111,13 @@ function openSlide(key) {
     });
     renderLayers();
     $("#tile").replaceChildren(el("p", {class: "hint"}, "Click a tile on the slide."));
-    G.viewer.addOnceHandler("open", () => {
-      G.slideItem = G.viewer.world.getItemAt(0);
+    return opened.then(() => {
       G.layers.filter(l => l.on).forEach(addLayer);
       updateScaleBar();
-      resolve(info);
+      G.ready = true;
+      return info;
     });
-    G.viewer.open(slideSource(info));
-  })).catch(err => status(`cannot open ${key}: ${err.message}`));
+  }).catch(err => status(`cannot open ${key}: ${err.message}`));
 }
 
 // -- layers ---------------------------------------------------------------------------------------
@@ -159,6 +171,10 @@ function renderLayers() {
           f + (f === layer.fold && layer.held_out ? " (held out)" : ""))));
       controls.append(el("div", {}, el("label", {}, "colours"), cmap, " ", el("label", {}, "model"), fold));
     }
+    if (layer.kind === "category" && layer.palette) {  // one colour per cluster / prototype id
+      controls.append(el("div", {class: "legend"}, ...layer.palette.map((c, i) =>
+        el("span", {class: "swatch", "data-id": i, title: `id ${i}`, style: `background:${c}`}, String(i)))));
+    }
     box.append(controls);
     return box;
   });
@@ -205,6 +221,11 @@ function showTile(t) {
     if (s.tile_probs) rows.push([tag + " tile P", s.tile_probs.map(v => fmt(v, 3)).join(" / ")]);
     rows.push([tag + " slide P", s.slide_probs.map(v => fmt(v, 3)).join(" / ")]);
   }
+  for (const c of t.clusters || []) {
+    const v = c.error ? c.error : c.cluster === null ? "none" : el("span", {}, el("span", {class: "swatch", style: `background:${c.colour}`}),
+      ` #${c.cluster} of ${c.k}`);
+    rows.push([`${c.run} ${c.method === "slpd" ? "prototype" : "cluster"}`, v]);
+  }
   const nb = el("div", {class: "neighbours"}, el("span", {class: "hint"}, "searching similar tiles…"));
   $("#tile").replaceChildren(el("table", {class: "tile-info"}, ...rows.map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", {}, v)))),
                              el("h3", {}, "Most similar tiles (cosine)"), nb);
@@ -230,7 +251,7 @@ async function jumpTo(slide, index) {
 // -- start ---------------------------------------------------------------------------------------
 async function main() {
   makeViewer();
-  G.state = await getJSON("/api/state");
+  G.state = await getJSON("/api/state");  // preloaded by the page's <link rel="preload">
   renderProblems(G.state.problems);
   renderSlides();
   const first = G.state.slides.find(s => s.status !== "broken");
