@@ -90,6 +90,23 @@ def demo(out: str = "demo_out", encoder: str = "resnet18", weights: str = "rando
           + (f" {outp / 'mosaic_features'} --runs {','.join(runs)}" if runs else ""))
 
 
+def _train(run, argv: list[str], out: Path) -> None:  # noqa: ANN001
+    """A demo training step; when an earlier demo left a run of other inputs in ``out`` (e.g. features re-encoded by a
+    newer gigaslide), that old demo run is replaced instead of stopping the demo."""
+    import shutil
+
+    from gigaslide.errors import GigaslideError
+
+    try:
+        run([*argv, "--out", str(out)])
+    except GigaslideError as e:
+        if "holds another run" not in str(e) or not out.is_dir():
+            raise
+        print(f"note: {out} is an earlier demo's run of other inputs ({e.what}); training it again")
+        shutil.rmtree(out)
+        run([*argv, "--out", str(out)])
+
+
 def _slide_level(outp: Path, encoder: str, weights: str, n_slides: int, n_steps: int) -> list[str]:
     """Mosaic slides from PCam tiles -> encode -> ABMIL cross-validation -> evaluation -> heatmap."""
     import csv
@@ -109,8 +126,8 @@ def _slide_level(outp: Path, encoder: str, weights: str, n_slides: int, n_steps:
          "--tumor-fraction", "0.15-0.3", "--seed", "0"])
     run(["encode", str(mos / "slides"), "--out", str(feats), "--encoder", encoder, "--weights", weights, "--mpp", "0.97",
          "--tile-size", "96", "--min-tissue", "0.1", "--batch-size", "64"])
-    run(["train-mil", "--features", str(feats), "--labels", str(mos / "labels.csv"), "--model", "abmil", "--folds", "4",
-         "--epochs", "20", "--patience", "5", "--bootstrap", "500", "--out", str(runs)])
+    _train(run, ["train-mil", "--features", str(feats), "--labels", str(mos / "labels.csv"), "--model", "abmil",
+                 "--folds", "4", "--epochs", "20", "--patience", "5", "--bootstrap", "500"], runs)
     with open(mos / "labels.csv", newline="") as fh:
         positive = next(r["slide_id"] for r in csv.DictReader(fh) if r["label"] == "1")
     slide = next((mos / "slides").glob(f"{positive}.*"))
@@ -122,8 +139,8 @@ def _slide_level(outp: Path, encoder: str, weights: str, n_slides: int, n_steps:
     run(["augment-cache", *[str(p) for p in sorted((mos / "slides").glob("*.tif*"))], "--out", str(cache),
          "--encoder", encoder, "--weights", weights, "--views", "4", "--tiles-per-view", "16", "--mpp", "0.97",
          "--tile-size", "96", "--min-tissue", "0.1", "--precision", "bf16"])
-    run(["pretrain-slides", "--method", "gigassl", "--cache", str(cache), "--out", str(gssl), "--epochs", "40",
-         "--batch-size", "12", "--out-dim", "128", "--tiles-per-step", "12"])
+    _train(run, ["pretrain-slides", "--method", "gigassl", "--cache", str(cache), "--epochs", "40",
+                 "--batch-size", "12", "--out-dim", "128", "--tiles-per-step", "12"], gssl)
     run(["embed-slides", "--model", str(gssl), "--features", str(feats), "--ensemble", "10", "--out", str(emb), "--fp16", "true"])
     run(["evaluate", "embeddings", "--embeddings", str(emb), "--labels", str(mos / "labels.csv"), "--folds", "4",
          "--bootstrap", "500", "--out", str(lin)])
