@@ -72,3 +72,26 @@ def write_stain_cache(folder: Path, n_slides: int = 24, views: int = 6, tiles: i
 @pytest.fixture
 def make_stain_cache():
     return write_stain_cache
+
+
+def write_planted_slide(path: Path, sid: str, types, dim: int, means: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A feature file of regions of 4 x 4 tiles of 64 px (128 µm at 0.5 µm/px), region r of type ``types[r]``
+    (features ``means[type]`` + noise), 4 regions per row; returns each tile's type."""
+    coords, feats, kind = [], [], []
+    for r, t in enumerate(types):
+        ox, oy = (r % 4) * 256, (r // 4) * 256
+        for dx in range(4):
+            for dy in range(4):
+                coords.append([ox + dx * 64, oy + dy * 64])
+                feats.append(means[t] + rng.normal(size=dim))
+                kind.append(t)
+    store.save(path, np.array(feats, np.float32), np.array(coords),
+               attrs={"encoder": "fake", "encoder_weights_sha256": "x", "mpp": 0.5, "tile_size": 64, "slide_id": sid},
+               coords_attrs={"patch_size_level0": 64.0, "level0_mpp": 0.5})
+    return np.array(kind)
+
+
+@pytest.fixture
+def planted_slide():
+    """The :func:`write_planted_slide` helper."""
+    return write_planted_slide

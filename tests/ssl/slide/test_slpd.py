@@ -139,33 +139,23 @@ KW = dict(region_size=256, region_mpp=0.5, prototypes=2, warmup=1, batch_size=16
           head_dim=64, n_local=2, log=lambda *a: None)
 
 
-def _planted(folder, n_pairs=3, regions=8, dim=12, seed=0):
+def _planted(folder, write, n_pairs=3, regions=8, dim=12, seed=0):
     """Slides in pairs; both slides of pair j hold regions of the same two planted types (2j, 2j+1),
     4 x 4 tiles of 64 px per region (128 µm at 0.5 µm/px). Returns (folder, per-slide region types)."""
     rng = np.random.default_rng(seed)
     means = rng.normal(scale=3.0, size=(2 * n_pairs, dim))
     kinds = []
     for s in range(2 * n_pairs):
-        pair = s // 2
-        types = np.array([2 * pair + (r % 2) for r in range(regions)])
-        coords, feats = [], []
-        for r, t in enumerate(types):
-            ox, oy = (r % 4) * 256, (r // 4) * 256
-            for dx in range(4):
-                for dy in range(4):
-                    coords.append([ox + dx * 64, oy + dy * 64])
-                    feats.append(means[t] + rng.normal(size=dim))
-        store.save(folder / f"s{s}.h5", np.array(feats, np.float32), np.array(coords),
-                   attrs={"encoder": "fake", "encoder_weights_sha256": "x", "mpp": 0.5, "tile_size": 64, "slide_id": f"s{s}"},
-                   coords_attrs={"patch_size_level0": 64.0, "level0_mpp": 0.5})
+        types = np.array([2 * (s // 2) + (r % 2) for r in range(regions)])
+        write(folder / f"s{s}.h5", f"s{s}", types, dim, means, rng)
         kinds.append(types)
     return folder, kinds
 
 
-def test_prototypes_recover_planted_region_types_and_the_right_partner(tmp_path):
+def test_prototypes_recover_planted_region_types_and_the_right_partner(tmp_path, planted_slide):
     from sklearn.metrics import adjusted_rand_score
 
-    feats, kinds = _planted(tmp_path / "f")
+    feats, kinds = _planted(tmp_path / "f", planted_slide)
     res = pretrain_slpd(feats, tmp_path / "run", epochs=3, **KW)
     assert res["finished"] and len(res["history"]) == 3
     backbone, _ = load_encoder(tmp_path / "run")
