@@ -48,6 +48,14 @@ def run_child_peak_rss(code: str, timeout: float = 1800) -> tuple[float, str]:
     return kb / 1024**2, proc.stdout
 
 
+def stop_if_interrupted(summary: dict) -> dict:
+    """A training run that stopped on SIGTERM / Ctrl-C has saved its checkpoint and returned; the benchmark that
+    called it in-process must stop too (re-running the benchmark resumes that run), not go on to the next run."""
+    if summary.get("stopped_by") in ("signal", "interrupt"):
+        sys.exit(f"interrupted during {summary.get('run', 'a training run')} (checkpoint saved; re-run this command to resume)")
+    return summary
+
+
 _START_LOAD = os.getloadavg()[0]  # taken when a benchmark imports this module, before it loads the machine itself
 
 

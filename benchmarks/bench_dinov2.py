@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import write_result  # noqa: E402
+from _common import stop_if_interrupted, write_result  # noqa: E402
 from bench_tile_ssl import load_split, pcam_dir, random_trunk  # noqa: E402
 
 from gigaslide import atomic  # noqa: E402
@@ -93,7 +93,7 @@ def train(name: str, runs: Path, data: Path, args, steps: int | None, budget_s: 
                          budget_s=budget_s, method_args=margs, data_kind="tiles", seed=args.seed, monitor_every=0,
                          log_every=max(1, (steps or 100) // 10), workers=args.workers, **kw)
     t0 = time.monotonic()
-    s = pretrain(cfg)
+    s = stop_if_interrupted(pretrain(cfg))
     s["wall_s"] = round(time.monotonic() - t0, 1)
     return s
 

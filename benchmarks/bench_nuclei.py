@@ -1,19 +1,20 @@
 """Nuclei instance segmentation on MoNuSeg (Kang et al. 2023's HoVer-Net experiment, reduced to CPU minutes).
 
-Arms, each trained for the same wall-clock budget on the same organ-stratified split (test images are
-never used for training or selection): random-init ResNet-18, the project's own SSL-pretrained ResNet-18
-(a `gigaslide pretrain` run on PCam tiles), and the same SSL backbone frozen; at 100 % and ~20 % of the
-training images. Then whole-slide throughput and peak RSS on a generated slide and on CMU-1-small-region.
+Arms, each trained for the same wall-clock budget (or, with --arm-steps, the same number of optimiser
+steps) on the same organ-stratified split (test images are never used for training or selection):
+random-init ResNet-18, the project's own SSL-pretrained ResNet-18 (a `gigaslide pretrain` run on PCam
+tiles: made here, or an existing run's encoder via --ssl-encoder), and the same SSL backbone frozen; at
+100 % and ~20 % of the training images. Then whole-slide throughput and peak RSS on a generated slide
+and on CMU-1-small-region.
 
-    nice .venv/bin/python benchmarks/bench_nuclei.py                      # reduced run (~20 min on 2 busy cores)
-    nice .venv/bin/python benchmarks/bench_nuclei.py --arm-budget 1800 --pretrain-budget 3600   # bigger
+    .venv/bin/python benchmarks/bench_nuclei.py                      # reduced run (~20 min on 2 busy cores)
+    .venv/bin/python benchmarks/bench_nuclei.py --arm-steps 300 --ssl-encoder RUN/encoder   # equal steps
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "src"))
 
-from _common import RESULTS, run_child_peak_rss, write_result  # noqa: E402
+from _common import RESULTS, load_note, run_child_peak_rss, stop_if_interrupted, write_result  # noqa: E402
 
 from gigaslide.testing import make_slide, shared_data_dir  # noqa: E402
 
@@ -33,19 +34,28 @@ REFERENCE = {"dice": 0.826, "aji": 0.641, "pq": 0.597}  # HoVer-Net, GPU, ImageN
 
 
 def pretrain(args: argparse.Namespace, data: Path) -> tuple[Path, dict]:
-    try:  # the ssl.tile stage moved its entry points (config / engine) at one point
-        from gigaslide.ssl.tile.config import PretrainConfig
-        from gigaslide.ssl.tile.engine import pretrain as run_pretrain
-    except ImportError:
-        from gigaslide.ssl.tile.train import PretrainConfig
-        from gigaslide.ssl.tile.train import pretrain as run_pretrain
+    """The SSL encoder of the SSL arms and its run summary: --ssl-encoder's, or a SimCLR run made here."""
+    from gigaslide.ssl.tile.config import PretrainConfig
+    from gigaslide.ssl.tile.engine import pretrain as run_pretrain
 
+    if args.ssl_encoder:
+        enc = Path(args.ssl_encoder)
+        run_json = enc.parent / "run.json"
+        summary = json.loads(run_json.read_text()).get("summary", {}) if run_json.is_file() else {}
+        return enc, {**summary, "given": str(enc)}
     out = Path(args.work) / "ssl-simclr-resnet18"
     cfg = PretrainConfig(data=str(data / "tiles" / "pcam" / "train"), out=str(out), method="simclr", backbone="resnet18",
                          mpp=[0.97], tile_size=64, budget_s=args.pretrain_budget, batch_size=32, n_local=0, workers=1,
                          lr=1e-3, warmup_frac=0.1, data_kind="tiles", checkpoint_every_s=1e9, precision="bf16")
-    s = run_pretrain(cfg)
-    return out / "encoder", s
+    s = stop_if_interrupted(run_pretrain(cfg))
+    return out / "encoder", {**s, "crop_size": 64}
+
+
+def describe_pretrain(ps: dict) -> str:
+    """One phrase for the report, from the run's own summary."""
+    what = (f"{ps.get('method', '?')} {ps.get('backbone', '?')}, {ps.get('steps', '?')} steps"
+            f" ({ps.get('elapsed_s', float('nan')) / 60:.1f} min) on {ps.get('crop_size', '?')}-px crops of PCam train")
+    return f"the given encoder `{ps['given']}` ({what})" if "given" in ps else f"pre-trained here: {what}"
 
 
 def train_arm(args: argparse.Namespace, mon: Path, name: str, backbone: str, weights: str, freeze: bool,
@@ -86,18 +96,22 @@ def paired(a: dict, b: dict, n_boot: int) -> dict:
     return {"mean": float(d.mean()), "ci_low": lo, "ci_high": hi, "wins": int((d > 0).sum()), "n": len(d)}
 
 
-def throughput(run: Path, slide: Path, out: Path, slide_mpp: float | None) -> dict:
-    code = (f"import torch, json, time; torch.set_num_threads(2)\n"
+def throughput(run: Path, slide: Path, out: Path, slide_mpp: float | None, precision: str = "auto",
+               threads: int = 2) -> dict:
+    code = (f"import torch, json, time; torch.set_num_threads({threads})\n"
             f"from gigaslide.nuclei.slide import segment_slides, SlideParams\n"
-            f"t=time.perf_counter(); r=segment_slides([{str(slide)!r}], {str(run)!r}, {str(out)!r}, SlideParams(), "
-            f"slide_mpp={slide_mpp!r})\n"
+            f"t=time.perf_counter(); r=segment_slides([{str(slide)!r}], {str(run)!r}, {str(out)!r}, "
+            f"SlideParams(precision={precision!r}), slide_mpp={slide_mpp!r})\n"
             f"print(json.dumps({{'nuclei': r.nuclei, 'mp': r.megapixels, 's': time.perf_counter()-t, 'failed': r.failed}}))\n")
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
     rss, stdout = run_child_peak_rss(code, timeout=900)
     d = json.loads(stdout.strip().splitlines()[-1])
-    return {"slide": slide.name, "nuclei": d["nuclei"], "megapixels": round(d["mp"], 2), "seconds": round(d["s"], 1),
+    recs = list((out / "nuclei").glob("*.json"))
+    rec = next((json.loads(r.read_text()) for r in recs if r.name != "manifest.json"), {})
+    return {"slide": slide.name, "precision": precision, "resolved": rec.get("precision", {}).get("resolved", "-"),
+            "bf16_cosine": rec.get("precision", {}).get("bf16_cosine"), "nuclei": d["nuclei"], "megapixels": round(d["mp"], 2), "seconds": round(d["s"], 1),
             "nuclei_per_s": round(d["nuclei"] / d["s"], 1), "mp_per_s": round(d["mp"] / d["s"], 3),
             "peak_rss_gb": round(rss, 2), "failed": d["failed"], "slide_mpp_override": slide_mpp}
 
@@ -131,6 +145,8 @@ def main() -> None:  # noqa: C901
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arm-budget", type=float, default=75.0, help="training seconds per arm")
     ap.add_argument("--pretrain-budget", type=float, default=120.0, help="SSL pre-training seconds (PCam, SimCLR)")
+    ap.add_argument("--ssl-encoder", default=None,
+                    help="an exported `gigaslide pretrain` encoder (RUN/encoder) for the SSL arms, instead of pre-training here")
     ap.add_argument("--arm-steps", type=int, default=None,
                     help="equal compute: train every arm for exactly N steps (one epoch) instead of --arm-budget seconds")
     ap.add_argument("--max-epochs", type=int, default=None)
@@ -151,30 +167,36 @@ def main() -> None:  # noqa: C901
     mon = data / "nuclei" / "monuseg2018-test"
     Path(args.work).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    load0 = os.getloadavg()[0]
     enc, ps = pretrain(args, data)
-    print("pretrain", ps.get("steps"), "steps", flush=True)
+    print("pretrain:", describe_pretrain(ps), flush=True)
     arms = []
+    ssl_name = f"SSL (PCam {ps.get('method', 'simclr')})"
     for frac in [float(f) for f in args.fractions.split(",")]:
-        for name, bb, w, fr in (("random init", "resnet18", "random", False), ("SSL (PCam SimCLR)", str(enc), "default", False),
+        for name, bb, w, fr in (("random init", "resnet18", "random", False), (ssl_name, str(enc), "default", False),
                                 ("SSL frozen", str(enc), "default", True)):
             a = train_arm(args, mon, name, bb, w, fr, frac)
             arms.append(a)
             print(name, frac, a["steps"], "steps", fmt(a["metrics"]["image_mean"]["pq"]), flush=True)
     best = max((a for a in arms if a["fraction"] == 1.0), key=lambda a: a["metrics"]["image_mean"]["pq"]["value"])
     gen = make_slide(Path(args.work) / "generated.tiff", (args.slide_size, args.slide_size), mpp=0.25, seed=1)
-    thr = [throughput(Path(best["run"]), gen, Path(args.work) / "slide-gen", None)]
     cmu = data / "slides" / "cmu-1-small-region.svs"
-    refused = throughput(Path(best["run"]), cmu, Path(args.work) / "slide-cmu-refused", None)
-    thr.append(throughput(Path(best["run"]), cmu, Path(args.work) / "slide-cmu", 0.25))
+    thr = []
+    for slide, smpp, tag in ((gen, None, "gen"), (cmu, 0.25, "cmu")):
+        for prec in ("fp32", "auto"):  # side by side: the same model and slide, one precision after the other
+            thr.append(throughput(Path(best["run"]), slide, Path(args.work) / f"slide-{tag}-{prec}", smpp, prec, args.threads))
+    refused = throughput(Path(best["run"]), cmu, Path(args.work) / "slide-cmu-refused", None, "fp32", args.threads)
+    from gigaslide.nuclei.evaluate import evaluate
+
+    bf = evaluate(Path(best["run"]), mon / "images", mon / "annotations", Path(best["run"]) / "test_report_bf16",
+                  n_bootstrap=args.bootstrap, precision="bf16")
+    best_bf16 = {**best, "metrics": bf["metrics"], "per_image_pq": [row["pq"] for row in bf["per_image"]]}
     png = RESULTS / "nuclei_outlines.png"
     outline_png(Path(best["run"]), mon, best["test_images"][0], png)
     total = time.perf_counter() - t0
     # ---- report (every number below comes from the rows measured above)
     L = ["# Nuclei instance segmentation (HoVer-Net-style, MoNuSeg)", "",
-         f"**Reduced run on a shared, busy machine** (2 CPU cores shared by ~8 engineers, load {load0:.1f} at start; "
-         f"{args.threads} torch threads, `nice`): SSL pre-training {args.pretrain_budget:.0f} s "
-         f"({ps.get('steps')} SimCLR steps on PCam 64-px crops, ResNet-18), then "
+         f"**Reduced run on a 2-core CPU** ({load_note()}; {args.threads} torch threads). SSL backbone: "
+         f"{describe_pretrain(ps)}; then "
          f"{str(args.arm_steps) + ' steps' if args.arm_steps else f'{args.arm_budget:.0f} s'} of training per "
          f"arm ({args.crop}-px crops, batch 4, AdamW lr {args.lr}); total {total / 60:.1f} min wall-clock. "
          f"Data: the {len(arms[0]['test_images']) + arms[0]['train_images'] + arms[0]['val_images']} shared MoNuSeg-2018 "
@@ -189,17 +211,19 @@ def main() -> None:  # noqa: C901
         L.append(f"| {a['name']} | {a['train_images']} ({a['fraction']:.0%}) | {a['steps']} | {fmt(m['pq'])} | {fmt(m['aji'])} | "
                  f"{fmt(m['dice'])} | {fmt(m['f1'])} | {fmt(m['sq'])} |")
     steps = [a["steps"] for a in arms]
-    L += ["", f"**Unequal compute:** budgets are wall-clock, and the machine's load changed during the run, so the arms "
-              f"got {min(steps)} to {max(steps)} optimiser steps (column *steps*); the comparisons below (SSL vs random, "
-              f"100 % vs 20 %) are confounded by that and by the tiny number of steps. The throughput model is the 100 % arm "
-              f"with the highest test PQ (used for timing only)."]
+    if min(steps) == max(steps):
+        L += ["", f"**Equal compute:** every arm ran {steps[0]} optimiser steps (column *steps*)."]
+    else:
+        L += ["", f"**Unequal compute:** budgets are wall-clock, so the arms got {min(steps)} to {max(steps)} optimiser "
+                  f"steps (column *steps*); the comparisons below (SSL vs random, 100 % vs 20 %) are confounded by that."]
+    L[-1] += " The throughput model is the 100 % arm with the highest test PQ (used for timing only)."
     L += ["", "Values are means over the test images with percentile-bootstrap 95 % CIs over images "
               "(pooled values are in each run's `test_report/report.json`). PQ = DQ × SQ at IoU > 0.5; F1 at IoU 0.5 equals DQ.", ""]
     L += ["Paired comparisons (same test images; mean per-image PQ difference, bootstrap CI over images):", ""]
     verdicts = []
     for frac in sorted({a["fraction"] for a in arms}, reverse=True):
         by = {a["name"]: a for a in arms if a["fraction"] == frac}
-        for other in ("SSL (PCam SimCLR)", "SSL frozen"):
+        for other in (ssl_name, "SSL frozen"):
             p = paired(by["random init"], by[other], args.bootstrap)
             shows = p["ci_low"] > 0
             L.append(f"- {frac:.0%} of training images, {other} − random init: {p['mean']:+.3f} "
@@ -212,18 +236,35 @@ def main() -> None:  # noqa: C901
               f"{best['steps']} steps) reaches PQ {ref_best['pq']['value']:.3f} = {ref_best['pq']['value'] / REFERENCE['pq']:.0%} "
               f"of the reference, Dice {ref_best['dice']['value']:.3f}, AJI {ref_best['aji']['value']:.3f}.",
           f"Verdict: the SSL gain {'shows in ' + str(sum(verdicts)) + ' of ' + str(len(verdicts)) + ' paired comparisons' if any(verdicts) else 'does not show at this scale'} "
-          f"(only {len(best['per_image_pq'])} test images: CIs are wide; minutes of CPU training, far from convergence).", ""]
-    L += ["## Whole-slide inference (best arm, fp32, tissue-only, regions of 1024² + 64 px margin, 512-px windows)", "",
-          "| slide | nuclei | megapixels (regions) | seconds | nuclei/s | MP/s | peak RSS GB |", "|---|---|---|---|---|---|---|"]
+          f"(only {len(best['per_image_pq'])} test images: CIs are wide; CPU training of at most {max(steps)} steps, far from convergence).", ""]
+    L += [f"## Whole-slide inference (best arm, tissue-only, regions of 1024² + 64 px margin, 512-px windows, "
+          f"{args.threads} torch threads)", "",
+          "`--precision auto` (the default of `gigaslide nuclei`) runs bf16 autocast on CPU when the first region's NP and "
+          "HV maps in bf16 agree with fp32 (min cosine >= 0.999), else fp32; each row is its own process, fp32 and auto "
+          "one after the other on the same slide.", "",
+          "| slide | precision (resolved, cosine) | nuclei | megapixels (regions) | seconds | nuclei/s | MP/s | peak RSS GB |",
+          "|---|---|---|---|---|---|---|---|"]
     for t in thr:
         note = " (read as 0.25 µm/px via --slide-mpp to measure throughput)" if t["slide_mpp_override"] else ""
-        L.append(f"| {t['slide']}{note} | {t['nuclei']} | {t['megapixels']} | {t['seconds']} | {t['nuclei_per_s']} | "
-                 f"{t['mp_per_s']} | {t['peak_rss_gb']} |")
+        cos = f", {t['bf16_cosine']:.5f}" if t["bf16_cosine"] is not None else ""
+        L.append(f"| {t['slide']}{note} | {t['precision']} ({t['resolved']}{cos}) | {t['nuclei']} | {t['megapixels']} | "
+                 f"{t['seconds']} | {t['nuclei_per_s']} | {t['mp_per_s']} | {t['peak_rss_gb']} |")
+    L.append("")
+    for tag in sorted({t["slide"] for t in thr}):
+        f32 = next(t for t in thr if t["slide"] == tag and t["precision"] == "fp32")
+        au = next(t for t in thr if t["slide"] == tag and t["precision"] == "auto")
+        L.append(f"- {tag}: auto ({au['resolved']}) runs at {au['mp_per_s'] / f32['mp_per_s']:.2f}× the MP/s of fp32.")
+    pb = paired(best, best_bf16, args.bootstrap)
+    m32, m16 = best["metrics"]["image_mean"], best_bf16["metrics"]["image_mean"]
+    L += [f"- Accuracy of bf16 on the test images (best arm, same images, bf16 − fp32): PQ {m16['pq']['value']:.4f} vs "
+          f"{m32['pq']['value']:.4f}, mean per-image difference {pb['mean']:+.4f} [{pb['ci_low']:+.4f}, {pb['ci_high']:+.4f}]; "
+          f"Dice {m16['dice']['value']:.4f} vs {m32['dice']['value']:.4f}.", ""]
     L += ["", f"CMU-1-small-region at its real resolution (0.499 µm/px) is refused, as it must be for a 0.25 µm/px model: "
               f"`{next(iter(refused['failed'].values()), 'NOT REFUSED')}`", "",
           f"![outlines](nuclei_outlines.png) — `nuclei_outlines.png`: predicted outlines (yellow) and ground truth (green) "
           f"on {best['test_images'][0]} (test image, top-left 400²).", ""]
-    (Path(args.work) / "nuclei.json").write_text(json.dumps({"arms": arms, "throughput": thr, "pretrain": ps}, default=str, indent=1))
+    (Path(args.work) / "nuclei.json").write_text(json.dumps({"arms": arms, "throughput": thr, "pretrain": ps,
+                                                             "best_bf16": best_bf16}, default=str, indent=1))
     print(write_result("nuclei", "\n".join(L)))
 
 

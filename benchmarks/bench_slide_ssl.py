@@ -179,7 +179,8 @@ def run_task(task: str, work: Path, pcam: Path, enc, args) -> dict:  # noqa: ANN
     w = work / task
     tf = (0.1, 0.3) if task == "context" else (0.05, 0.2)
     timed(f"{task}: mosaic slides", build_mosaic, pcam / "train", w / "mosaic",
-          MosaicConfig(slides=args.slides, grid=args.grid, tumor_fraction=tf, seed=0, task=task), verbose=False,
+          MosaicConfig(slides=args.slides, grid=args.grid, tumor_fraction=tf, seed=0, task=task,
+                       slide_stain=args.slide_stain), verbose=False,
           done=w / "mosaic" / "labels.csv")
     slides = sorted(str(p) for p in (w / "mosaic" / "slides").glob("*.tiff"))
     quiet = lambda *a: None  # noqa: E731
@@ -244,7 +245,8 @@ def report(results: dict, tile: dict, args, enc_desc: str) -> str:
                   "direction of effects, not as a reproduction at the papers' scale.\n")
     md.append(f"Tile encoder: {enc_desc}; tile linear AUC on PCam valid ({args.tile_n} train / {args.tile_n} valid tiles "
               f"per class): SSL **{tile['ssl']:.3f}** vs random weights {tile['random']:.3f}. Slides: {args.slides} per task, "
-              f"grid {args.grid}, 96 px PCam train tiles at 0.97 µm/px. Cache {args.views} views x {args.tiles_per_view} "
+              f"grid {args.grid}, 96 px PCam train tiles at 0.97 µm/px"
+              f"{f', per-slide stain {args.slide_stain}' if args.slide_stain else ''}. Cache {args.views} views x {args.tiles_per_view} "
               f"tiles; Giga-SSL {args.gigassl_epochs} epochs, {args.tiles_per_step} tiles per step, SparseConvMIL "
               f"(2 sparse residual blocks, BatchNorm, stride-2 pooling); SLPD {args.slpd_epochs} epochs, regions "
               f"{args.region_size} px at 0.5 µm/px, k=2. Linear = StandardScaler + balanced logistic regression, C=10. "
@@ -348,6 +350,8 @@ def main() -> None:
     ap.add_argument("--tasks", default="tumour,context")
     ap.add_argument("--slides", type=int, default=200)
     ap.add_argument("--grid", type=int, default=16)
+    ap.add_argument("--slide-stain", type=float, default=0.0,
+                    help="each mosaic slide its own H&E stain (gigaslide mosaic --slide-stain), as real cohorts have")
     ap.add_argument("--views", type=int, default=25)
     ap.add_argument("--tiles-per-view", type=int, default=32)
     ap.add_argument("--tiles-per-step", type=int, default=16)

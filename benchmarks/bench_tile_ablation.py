@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import write_result  # noqa: E402
+from _common import stop_if_interrupted, write_result  # noqa: E402
 from bench_tile_ssl import load_split, pcam_dir  # noqa: E402
 
 from gigaslide import atomic  # noqa: E402
@@ -97,7 +97,7 @@ def main() -> None:
                                  method_args=METHOD_ARGS.get(args.method, {}), monitor_every=0, workers=args.workers,
                                  log_every=max(1, args.steps // 10))
             t0 = time.monotonic()
-            s = pretrain(cfg)
+            s = stop_if_interrupted(pretrain(cfg))
             runs[(name, seed)] = {"steps": s["steps"], "wall_s": round(time.monotonic() - t0, 1),
                                   "images_per_s": s["images_per_s"]}
             enc = build_encoder(str(out / "encoder"))

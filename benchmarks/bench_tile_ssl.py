@@ -36,6 +36,9 @@ sys.path.insert(0, str(ROOT / "src"))
 from gigaslide import atomic  # noqa: E402
 from gigaslide.testing import shared_data_dir  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _common import stop_if_interrupted  # noqa: E402
+
 METHODS = ("simclr", "mocov2", "barlowtwins", "swav", "dino")
 FULL_BUDGET_S = 900.0  # the protocol: 15 min per method
 PCAM_MPP = 0.97  # PCam: 96 px tiles at ~0.97 µm/px (10x)
@@ -170,7 +173,7 @@ def main() -> None:
         cfg = PretrainConfig(data=str(pcam / "train"), out=str(run_dir), method=method, backbone=args.backbone,
                              mpp=[PCAM_MPP], tile_size=args.tile_size, budget_s=budget_s, workers=args.workers,
                              data_kind="tiles")
-        s = pretrain(cfg)
+        s = stop_if_interrupted(pretrain(cfg))
         mon = read_run(run_dir).get("monitor") or []
         r = probe(build_encoder(str(run_dir / "encoder")), tr, te, args.bootstrap)
         row = len(results)

@@ -70,6 +70,68 @@ def test_build_mosaic_layout_and_ground_truth(tmp_path):
     assert (out / "slides" / "mosaic_0000.tiff").stat().st_mtime_ns == mtime  # resumed
 
 
+def test_slide_stain_gives_each_slide_its_own_colour(tmp_path):
+    """Per-slide stain: tissue colours change consistently within a slide and differ between slides; the layout,
+    labels and glass are those of the same mosaic without it; the draws are recorded."""
+    import json
+
+    from gigaslide.mil.mosaic import apply_stain
+
+    tiles = _tile_folder(tmp_path)
+    base = dict(slides=4, tumor_fraction=(0.2, 0.2), grid=8, seed=3)
+    build_mosaic(tiles, tmp_path / "plain", MosaicConfig(**base), verbose=False)
+    build_mosaic(tiles, tmp_path / "stained", MosaicConfig(**base, slide_stain=0.3), verbose=False)
+    meta = json.loads((tmp_path / "stained" / "mosaic.json").read_text())
+    assert set(meta["slide_stain_draws"]) == {f"mosaic_{i:04d}" for i in range(4)}
+    assert "slide_stain_draws" not in json.loads((tmp_path / "plain" / "mosaic.json").read_text())
+    assert (tmp_path / "plain" / "labels.csv").read_text() == (tmp_path / "stained" / "labels.csv").read_text()
+    normal_colours = []
+    for i in range(4):
+        sid = f"mosaic_{i:04d}"
+        gt = read_ground_truth(tmp_path / "stained" / "ground_truth" / f"{sid}.csv")
+        assert (gt == read_ground_truth(tmp_path / "plain" / "ground_truth" / f"{sid}.csv")).all()
+        plain = open_slide(tmp_path / "plain" / "slides" / f"{sid}.tiff").read_region((0, 0), (256, 256), 0.97).astype(int)
+        px = open_slide(tmp_path / "stained" / "slides" / f"{sid}.tiff").read_region((0, 0), (256, 256), 0.97).astype(int)
+        glass = np.ones((256, 256), bool)
+        for x, y, size, _ in gt:
+            glass[y:y + size, x:x + size] = False
+        glass_full = glass.copy()
+        glass = ndimage.binary_erosion(glass, iterations=8)  # away from tissue: JPEG blocks straddle the tile edges
+        assert np.abs(px[glass] - plain[glass]).max() <= 2  # glass untouched (JPEG rounding only)
+        normal = [px[y + size // 2, x + size // 2] for x, y, size, t in gt if not t]
+        assert np.ptp(np.array(normal), axis=0).max() <= 6  # one stain per slide: all normal tiles alike
+        # the recorded draw, applied to the unstained slide's tissue, gives the stained slide (up to JPEG rounding),
+        # and fits it better than any other slide's draw
+        tissue = ~glass_full
+
+        def err(draw):
+            e = apply_stain(plain[tissue][None].astype(np.uint8), np.array(draw["scale"]), np.array(draw["shift"]))[0]
+            return np.abs(px[tissue] - e.astype(int)).mean()
+
+        errs = {other: err(draw) for other, draw in meta["slide_stain_draws"].items()}
+        assert errs[sid] <= 5 and errs[sid] == min(errs.values()), errs
+        normal_colours.append(normal[0])
+    spread = np.ptp(np.array(normal_colours), axis=0).max()
+    assert spread > 15, f"slides should differ in colour, spread {spread}"
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    tiles = _tile_folder(tmp_path)
+    out = tmp_path / "m"
+    build_mosaic(tiles, out, MosaicConfig(slides=4, grid=8, seed=0), verbose=False)
+    labels = (out / "labels.csv").read_text()
+    build_mosaic(tiles, out, MosaicConfig(slides=4, grid=8, seed=0), verbose=False)  # same settings: resumes
+    assert (out / "labels.csv").read_text() == labels
+    with pytest.raises(GigaslideError, match=r"other settings \(slide_stain 0.0 -> 0.1\)"):
+        build_mosaic(tiles, out, MosaicConfig(slides=4, grid=8, seed=0, slide_stain=0.1), verbose=False)
+    with pytest.raises(GigaslideError, match="seed 0 -> 1"):
+        build_mosaic(tiles, out, MosaicConfig(slides=4, grid=8, seed=1), verbose=False)
+    # more slides would re-draw which slides are positive while the old images are kept: refused too
+    with pytest.raises(GigaslideError, match="slides 4 -> 6"):
+        build_mosaic(tiles, out, MosaicConfig(slides=6, grid=8, seed=0), verbose=False)
+    assert (out / "labels.csv").read_text() == labels
+
+
 def test_tumor_labels_for_coords():
     gt = np.array([[0, 0, 96, 0], [96, 0, 96, 1], [0, 96, 96, 0]])
     coords = np.array([[96, 0], [0, 0], [100, 10], [0, 96]])

@@ -112,3 +112,31 @@ def test_real_model_runs_on_a_generated_slide(tiny_run: Path, tmp_path: Path) ->
     assert rec["nuclei"] == res.nuclei and rec["regions"] == 6
     with pytest.raises(GigaslideError, match="not a nuclei model"):
         nslide.segment_slides([tmp_path / "g.tiff"], tmp_path, tmp_path / "out")
+
+
+def test_auto_precision_is_chosen_on_the_first_region_and_recorded(tiny_run: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto`` compares bf16 with fp32 on the slide's first region: where they agree it runs exactly what an explicit
+    ``--precision bf16`` runs, where they do not (threshold above 1) exactly what ``fp32`` runs; the record says which."""
+    from gigaslide import devices
+    from gigaslide.testing import make_slide
+
+    make_slide(tmp_path / "g.tiff", (700, 500), mpp=0.25)
+    kw = dict(region=256, margin=32, tissue_only=False, window=256)
+
+    def run(name: str, precision: str) -> tuple[dict, str]:
+        out = tmp_path / name
+        res = nslide.segment_slides([tmp_path / "g.tiff"], tiny_run / "run", out, nslide.SlideParams(**kw, precision=precision))
+        assert not res.failed, res.failed
+        return json.loads((out / "nuclei" / "g.json").read_text()), (out / "nuclei" / "g.csv").read_text()
+
+    rec_auto, table_auto = run("auto", "auto")
+    assert rec_auto["precision"]["requested"] == "auto" and 0.9 < rec_auto["precision"]["bf16_cosine"] < 1.001  # float32 rounding over ~200k values
+    resolved = rec_auto["precision"]["resolved"]
+    assert resolved == ("bf16" if rec_auto["precision"]["bf16_cosine"] >= devices.BF16_MIN_COSINE else "fp32")
+    assert table_auto == run("explicit", resolved)[1]
+    monkeypatch.setattr(devices, "BF16_MIN_COSINE", 1.01)  # no bf16 output can pass: auto must fall back to fp32
+    rec_strict, table_strict = run("strict", "auto")
+    assert rec_strict["precision"]["resolved"] == "fp32"
+    assert table_strict == run("fp32", "fp32")[1]
+    assert run("fp32", "fp32")[0]["precision"] == {"requested": "fp32", "resolved": "fp32"}

@@ -107,6 +107,20 @@ def _train(run, argv: list[str], out: Path) -> None:  # noqa: ANN001
         run([*argv, "--out", str(out)])
 
 
+def _replace_other_mosaic(mos: Path, feats: Path, n_slides: int) -> None:
+    """An earlier demo's mosaic of other settings (e.g. --mosaic-slides) is rebuilt, with its features: these are the
+    demo's own folders, and a mosaic refuses to resume with other settings."""
+    import shutil
+
+    from gigaslide.mil.mosaic import MosaicConfig, parse_range, settings_diff
+
+    cfg = MosaicConfig(slides=n_slides, grid=14, tumor_fraction=parse_range("0.15-0.3"), seed=0)
+    if settings_diff(mos / "mosaic.json", cfg):
+        print(f"  {mos} holds a mosaic of other settings: rebuilding it")
+        shutil.rmtree(mos)
+        shutil.rmtree(feats, ignore_errors=True)
+
+
 def _slide_level(outp: Path, encoder: str, weights: str, n_slides: int, n_steps: int) -> list[str]:
     """Mosaic slides from PCam tiles -> encode -> ABMIL cross-validation -> evaluation -> heatmap."""
     import csv
@@ -122,6 +136,7 @@ def _slide_level(outp: Path, encoder: str, weights: str, n_slides: int, n_steps:
     print(f"[2/{n_steps}] slide level: {n_slides} mosaic slides from PCam -> encode -> ABMIL (4-fold CV) -> heatmap "
           "-> Giga-SSL slide embeddings -> linear probe")
     mos, feats, runs = outp / "mosaic", outp / "mosaic_features", outp / "runs" / "abmil"
+    _replace_other_mosaic(mos, feats, n_slides)
     run(["mosaic", "--tiles", str(tiles), "--out", str(mos), "--slides", str(n_slides), "--grid", "14",
          "--tumor-fraction", "0.15-0.3", "--seed", "0"])
     run(["encode", str(mos / "slides"), "--out", str(feats), "--encoder", encoder, "--weights", weights, "--mpp", "0.97",

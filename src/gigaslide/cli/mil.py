@@ -58,7 +58,7 @@ def train_mil(features: str, labels: str, out: str, model: str = "abmil", folds:
 
 def mosaic(tiles: str, out: str, slides: int = 200, positive_fraction: float = 0.5, tumor_fraction: str = "0.02-0.2",
            grid: int = 24, mpp: float = 0.97, seed: int = 0, arrangement: str = "contiguous",
-           task: str = "tumour") -> None:
+           task: str = "tumour", slide_stain: float = 0.0) -> None:
     """Build CAMELYON-like mosaic slides (pyramidal TIFF) from a labelled tile folder, with labels and tile ground truth.
 
     Example: gigaslide mosaic --tiles ../shared/data/tiles/pcam/train --out mosaic/ --slides 200 --tumor-fraction 0.02-0.2
@@ -75,11 +75,14 @@ def mosaic(tiles: str, out: str, slides: int = 200, positive_fraction: float = 0
         arrangement: tumour tiles of a positive slide: contiguous (one region), scattered (random cells) or mixed
         task: tumour (label = slide has tumour) or context (every slide has tumour at --tumor-fraction;
             label 1 = one contiguous region, 0 = scattered tiles: only spatial context tells them apart)
+        slide_stain: give every slide its own stain, as real slides from different labs / batches have: one draw per
+            slide of an H / E / D density scale in [1-s, 1+s] and shift in [-s, s] (e.g. 0.1); 0 = tiles keep their colours
     """
     from gigaslide.mil.mosaic import MosaicConfig, build_mosaic, parse_range
 
     cfg = MosaicConfig(slides=slides, positive_fraction=positive_fraction, tumor_fraction=parse_range(tumor_fraction),
-                       grid=grid, mpp=mpp, seed=seed, arrangement=arrangement, task=task)
+                       grid=grid, mpp=mpp, seed=seed, arrangement=arrangement, task=task,
+                       slide_stain=slide_stain)
     meta = build_mosaic(tiles, out, cfg)
     print(f"wrote {slides} slides ({meta['n_positive']} positive) to {out}/slides, labels to {out}/labels.csv")
 

@@ -89,7 +89,7 @@ def nuclei_eval(model: str, images: str, annotations: str, out: str, *, subset: 
 
 def nuclei(slides: list[str], model: str, out: str, *, mpp: float | None = None, tissue_only: bool = True,
            region: int = 1024, margin: int = 64, tile_mpp: float = 0.5, tile_size: int = 224,
-           slide_mpp: float | None = None, precision: str = "fp32", device: str = "auto") -> dict:
+           slide_mpp: float | None = None, precision: str = "auto", device: str = "auto") -> dict:
     """Segment nuclei on whole slides: QuPath GeoJSON detections, a table and per-tile counts under OUT/nuclei/.
 
     Example: gigaslide nuclei slides/ --model NUC_RUN --out OUT --tissue-only
@@ -105,7 +105,7 @@ def nuclei(slides: list[str], model: str, out: str, *, mpp: float | None = None,
         tile_mpp: resolution of the count grid when OUT has no feature files.
         tile_size: tile size of the count grid when OUT has no feature files.
         slide_mpp: level-0 µm/px for slides without it in their metadata.
-        precision: fp32 or bf16.
+        precision: auto (bf16 on CPU where it agrees with fp32 on the slide's first region), fp32, bf16.
         device: auto, cpu or cuda.
     """
     from gigaslide.cli.progress import progress_bar

@@ -17,6 +17,13 @@ PCam's 96 x 96 tiles at ~0.97 um/px, each slide is a ``grid x grid`` mosaic of t
 Tiles are drawn with replacement (each with a random 90-degree rotation / flip), so a tile can
 appear in several slides; PCam label 0 means "no tumour in the central 32 x 32 px".
 
+Real slides differ in staining from one another (lab, batch, scanner), mosaics of tiles pooled from
+many source slides do not. ``slide_stain=s > 0`` gives every slide its own stain: one draw per slide
+of a scale in [1 - s, 1 + s] and a shift in [-s, s] per haematoxylin / eosin / DAB channel (colour
+deconvolution, scikit-image's ``rgb2hed``; Tellez et al. 2018), applied to all its tissue tiles (glass
+untouched). The draws are written to ``mosaic.json`` (``slide_stain_draws``). With ``s = 0`` (default)
+slides are pixel-identical to earlier versions.
+
 Output (``OUT/``): ``slides/{slide_id}.tiff`` (OpenSlide-readable pyramidal TIFF, mpp set),
 ``labels.csv`` (``slide_id,patient_id,label,tumor_fraction,n_tissue_tiles,n_tumor_tiles,arrangement``),
 ``ground_truth/{slide_id}.csv`` (``x,y,size,is_tumor``: every tissue tile, level-0 px) and
@@ -54,6 +61,7 @@ class MosaicConfig:
     tumor_class: str = "1"
     arrangement: str = "contiguous"  # of the tumour tiles in positive slides: contiguous | scattered | mixed
     task: str = "tumour"  # tumour (label = has tumour) | context (label = contiguous vs scattered, same fraction)
+    slide_stain: float = 0.0  # per-slide HED scale / shift half-width (0 = no per-slide stain)
 
 
 ARRANGEMENTS = ("contiguous", "scattered", "mixed")
@@ -151,10 +159,28 @@ def _read_tile(path: Path, size: int, rng: np.random.Generator) -> np.ndarray:
     return a[:, ::-1] if rng.integers(2) else a
 
 
+def draw_slide_stain(strength: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One slide's stain: (scale, shift) per H / E / D channel, scale in [1 - s, 1 + s], shift in [-s, s]."""
+    return rng.uniform(1 - strength, 1 + strength, 3), rng.uniform(-strength, strength, 3)
+
+
+def apply_stain(rgb: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """``rgb`` (uint8, H x W x 3) with each HED optical density channel d replaced by ``scale * d + shift * spread``,
+    where ``spread`` is the channel's largest density in the image (so ``shift`` is relative to the stain present)."""
+    from skimage.color import hed2rgb, rgb2hed
+
+    hed = rgb2hed(rgb)
+    spread = np.maximum(np.abs(hed).reshape(-1, 3).max(axis=0), 1e-6)
+    out = hed2rgb(hed * scale + shift * spread)
+    return (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
 def build_slide(normal: list[Path], tumor: list[Path], *, positive: bool, tumor_fraction: float, grid: int,
                 tissue_fraction: float, tile_size: int, rng: np.random.Generator,
-                arrangement: str = "contiguous") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """RGB mosaic [grid*t, grid*t, 3], tissue mask and tumour mask [grid, grid]."""
+                arrangement: str = "contiguous",
+                stain: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """RGB mosaic [grid*t, grid*t, 3], tissue mask and tumour mask [grid, grid]; ``stain`` = (scale, shift) of
+    :func:`apply_stain` for every tissue tile of this slide."""
     tissue = tissue_mask(grid, tissue_fraction, rng)
     place = scatter_region if arrangement == "scattered" else grow_region
     tum = place(tissue, round(tumor_fraction * tissue.sum()), rng) if positive else np.zeros_like(tissue)
@@ -163,6 +189,9 @@ def build_slide(normal: list[Path], tumor: list[Path], *, positive: bool, tumor_
     for (y, x) in np.argwhere(tissue):
         src = tumor if tum[y, x] else normal
         img[y * t:(y + 1) * t, x * t:(x + 1) * t] = _read_tile(src[rng.integers(len(src))], t, rng)
+    if stain is not None and tissue.any():  # one colour transform for all tissue tiles at once: they share the slide's stain
+        cells = np.kron(tissue, np.ones((t, t), bool))
+        img[cells] = apply_stain(img[cells][None], *stain)[0]
     return img, tissue, tum
 
 
@@ -189,17 +218,20 @@ def build_mosaic(tiles: str | os.PathLike, out: str | os.PathLike, cfg: MosaicCo
         raise GigaslideError(f"--arrangement {cfg.arrangement!r}", fix=f"use one of {', '.join(ARRANGEMENTS)}")
     if cfg.task not in TASKS:
         raise GigaslideError(f"--task {cfg.task!r}", fix=f"use one of {', '.join(TASKS)}")
+    if not 0 <= cfg.slide_stain < 1:
+        raise GigaslideError(f"--slide-stain {cfg.slide_stain} must be in [0, 1)", fix="e.g. 0.05 (mild) to 0.2 (strong); 0 = off")
     context = cfg.task == "context"
     normal, tumor = list_tiles(tiles, cfg.normal_class), list_tiles(tiles, cfg.tumor_class)
     t = _tile_size(normal[0])
     out_d = atomic.ensure_writable_dir(out)
+    _check_same_settings(out_d / "mosaic.json", cfg)
     for sub in ("slides", "ground_truth"):
         atomic.ensure_writable_dir(out_d / sub)
         atomic.clean_stale_tmp(out_d / sub)
     rng = np.random.default_rng(cfg.seed)
     n_pos = int(round(cfg.positive_fraction * cfg.slides))
     is_pos = rng.permutation(np.arange(cfg.slides) < n_pos)
-    rows = []
+    rows, draws = [], {}
     for i in range(cfg.slides):
         sid = f"mosaic_{i:04d}"
         srng = np.random.default_rng([cfg.seed, i])
@@ -212,12 +244,16 @@ def build_mosaic(tiles: str | os.PathLike, out: str | os.PathLike, cfg: MosaicCo
         else:
             arr = cfg.arrangement
         arr = arr if tf > 0 else "none"
+        stain = draw_slide_stain(cfg.slide_stain, np.random.default_rng([cfg.seed, i, 1])) if cfg.slide_stain > 0 else None
+        if stain is not None:
+            draws[sid] = {"scale": [round(float(v), 6) for v in stain[0]], "shift": [round(float(v), 6) for v in stain[1]]}
         sp, gp = out_d / "slides" / f"{sid}.tiff", out_d / "ground_truth" / f"{sid}.csv"
         if sp.is_file() and gp.is_file():
             gt = read_ground_truth(gp)
         else:
             img, tissue, tum = build_slide(normal, tumor, positive=tf > 0, tumor_fraction=tf, grid=cfg.grid,
-                                           tissue_fraction=tissue_frac, tile_size=t, rng=srng, arrangement=arr)
+                                           tissue_fraction=tissue_frac, tile_size=t, rng=srng, arrangement=arr,
+                                           stain=stain)
             cells = np.argwhere(tissue)
             gt = np.column_stack([cells[:, 1] * t, cells[:, 0] * t, np.full(len(cells), t), tum[tissue].astype(int)])
             write_array_as_slide(sp, img, mpp=cfg.mpp)
@@ -237,9 +273,40 @@ def build_mosaic(tiles: str | os.PathLike, out: str | os.PathLike, cfg: MosaicCo
     atomic.write_text(out_d / "labels.csv", buf.getvalue())
     meta = provenance(kind="mosaic", tiles=str(tiles), tile_size=t, mpp=cfg.mpp, seed=cfg.seed,
                       n_normal_tiles=len(normal), n_tumor_tiles=len(tumor), config=asdict(cfg),
-                      n_positive=n_pos, n_negative=cfg.slides - n_pos)
+                      n_positive=n_pos, n_negative=cfg.slides - n_pos,
+                      **({"slide_stain_draws": draws} if draws else {}))
     atomic.write_json(out_d / "mosaic.json", meta)
     return meta
+
+
+def settings_diff(meta_path: Path, cfg: MosaicConfig) -> dict[str, tuple[Any, Any]]:
+    """Settings (old, new) in which the mosaic recorded at ``meta_path`` differs from ``cfg``; empty when it is the
+    same mosaic or there is none yet."""
+    import json
+
+    if not meta_path.is_file():
+        return {}
+    try:
+        old = json.loads(meta_path.read_text()).get("config", {})
+    except (OSError, ValueError):
+        return {}  # an unreadable mosaic.json is rewritten at the end
+    new = asdict(cfg)
+    old.setdefault("slide_stain", 0.0)  # written before the option existed
+    return {k: (old[k], new[k]) for k in new if k in old and _norm(old[k]) != _norm(new[k])}
+
+
+def _check_same_settings(meta_path: Path, cfg: MosaicConfig) -> None:
+    """A re-run resumes only the same mosaic: other settings (seed, grid, stain, ...) would mix two mosaics in one folder.
+    That includes ``slides``: which slides are positive is a permutation drawn over all of them."""
+    diff = settings_diff(meta_path, cfg)
+    if diff:
+        shown = ", ".join(f"{k} {o!r} -> {n!r}" for k, (o, n) in diff.items())
+        raise GigaslideError(f"this folder holds a mosaic built with other settings ({shown})", path=meta_path,
+                             fix="use another --out for the new settings, or the same settings to resume")
+
+
+def _norm(v: Any) -> Any:
+    return [float(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
 def read_ground_truth(path: str | os.PathLike) -> np.ndarray:

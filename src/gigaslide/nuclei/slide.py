@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from gigaslide import atomic, runs
-from gigaslide.devices import pick_device
+from gigaslide.devices import PrecisionChoice, choose_precision, pick_device
 from gigaslide.errors import GigaslideError
 from gigaslide.features.manifest import Manifest
 from gigaslide.nuclei.export import TABLE_COLUMNS, GeoJSONWriter, Nucleus, polygon_of, table_row, tile_counts, write_tiles_h5
-from gigaslide.nuclei.infer import MODEL_WEIGHTS, load_model, model_dir, segment
+from gigaslide.nuclei.infer import MODEL_WEIGHTS, load_model, model_dir, predict_maps, segment
 from gigaslide.slides import open_slide, slide_id_from_path
 from gigaslide.tiling import grid_positions, make_grid, segment_tissue
 
@@ -49,7 +49,7 @@ class SlideParams:
     tile_mpp: float = 0.5
     tile_size: int = 224
     window: int = 512  # network input (px at the model mpp) inside a region
-    precision: str = "fp32"
+    precision: str = "auto"  # auto: bf16 on CPU where it agrees with fp32 on the slide's first region (devices policy)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -117,6 +117,18 @@ def _nuclei_of_region(inst: np.ndarray, types: dict[int, tuple[int, float]], npp
                None if t is None else type_names.get(str(t), f"type{t}"), prob)
 
 
+def choose_region_precision(model, img: np.ndarray, p: SlideParams) -> PrecisionChoice:  # noqa: ANN001
+    """``p.precision`` resolved on one region: under ``auto`` the NP and HV maps of its first window in bf16 are
+    compared with fp32 (:func:`gigaslide.devices.choose_precision`)."""
+    crop = img[: p.window, : p.window]
+
+    def probe() -> torch.Tensor:  # the caller's autocast (bf16 for the second call) wraps predict_maps' fp32 one
+        npp, hv, _ = predict_maps(model, crop, tile=p.window, margin=32, precision="fp32", pad_mode="constant")
+        return torch.from_numpy(np.concatenate([npp[None], hv]).reshape(1, -1))
+
+    return choose_precision(next(model.parameters()).device, p.precision, probe=probe)
+
+
 def segment_slide(path: str | os.PathLike, out: Path, model, p: SlideParams, *, slide_mpp=None,  # noqa: ANN001, C901
                   progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     spec = model.spec
@@ -135,6 +147,7 @@ def segment_slide(path: str | os.PathLike, out: Path, model, p: SlideParams, *, 
         atomic.ensure_writable_dir(files["geojson"].parent)
         cents, areas, tys = [], [], []
         n_id = 0
+        choice: PrecisionChoice | None = None
         t0 = time.perf_counter()
         with atomic.atomic_path(files["geojson"], suffix=".geojson") as gtmp, \
                 atomic.atomic_path(files["table"], suffix=".csv") as ttmp:
@@ -151,7 +164,9 @@ def segment_slide(path: str | os.PathLike, out: Path, model, p: SlideParams, *, 
                     loc = (int(np.floor(x0 - p.margin * f)), int(np.floor(y0 - p.margin * f)))
                     size = region + 2 * p.margin
                     img = s.read_region(loc, (size, size), mpp)
-                    inst, types, npp = segment(model, img, precision=p.precision, pad_mode="constant", tile=p.window,
+                    if choice is None:
+                        choice = choose_region_precision(model, img, p)
+                    inst, types, npp = segment(model, img, precision=choice.resolved, pad_mode="constant", tile=p.window,
                                                  margin=32)
                     for poly, c, a, bbox, t, tname, prob in _nuclei_of_region(inst, types, npp, loc, f, mpp, owner,
                                                                               spec.type_names):
@@ -177,7 +192,7 @@ def segment_slide(path: str | os.PathLike, out: Path, model, p: SlideParams, *, 
         rec = {"format": SLIDE_FORMAT, "key": _key(model, p), "slide": str(path), "slide_id": sid, "nuclei": n_id,
                "regions": len(grid.coords), "megapixels": megapixels, "seconds": round(time.perf_counter() - t0, 3),
                "mpp": mpp, "slide_mpp": s.mpp, "files": [files[k].name for k in ("geojson", "table", "tiles")],
-               "coords_source": source}
+               "coords_source": source, "precision": (choice or PrecisionChoice(p.precision, "fp32")).record()}
         atomic.write_json(files["record"], rec)
     return rec
 

@@ -1,0 +1,31 @@
+"""The demo re-runs over an earlier demo's output: a mosaic of other settings is rebuilt (with its features), the same
+mosaic is kept (it resumes)."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from gigaslide.cli.demo import _replace_other_mosaic
+from gigaslide.mil.mosaic import MosaicConfig, build_mosaic, parse_range
+
+
+def _tiles(tmp_path):
+    d = tmp_path / "tiles"
+    for cls, col in {"0": (230, 120, 180), "1": (90, 40, 140)}.items():
+        (d / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((16, 16, 3), col, np.uint8)).save(d / cls / f"t{i}.png")
+    return d
+
+
+def test_mosaic_of_other_settings_is_rebuilt_same_is_kept(tmp_path):
+    mos, feats = tmp_path / "mosaic", tmp_path / "mosaic_features"
+    build_mosaic(_tiles(tmp_path), mos, MosaicConfig(slides=4, grid=14, tumor_fraction=parse_range("0.15-0.3"), seed=0),
+                 verbose=False)
+    feats.mkdir()
+    (feats / "old.h5").write_bytes(b"x")
+    _replace_other_mosaic(mos, feats, 4)  # the demo's own settings: resumed, nothing removed
+    assert (mos / "slides" / "mosaic_0003.tiff").is_file() and (feats / "old.h5").is_file()
+    _replace_other_mosaic(mos, feats, 6)  # --mosaic-slides changed: both folders go
+    assert not mos.exists() and not feats.exists()

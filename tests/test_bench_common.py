@@ -1,0 +1,24 @@
+"""benchmarks/_common.py: a benchmark that runs training in-process stops when that run was interrupted, instead
+of going on to the next run with a half-trained encoder."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _common import stop_if_interrupted  # noqa: E402
+
+
+@pytest.mark.parametrize("reason", ["signal", "interrupt"])
+def test_interrupted_run_stops_the_benchmark(reason: str) -> None:
+    with pytest.raises(SystemExit, match="interrupted during /runs/a .*re-run this command to resume"):
+        stop_if_interrupted({"stopped_by": reason, "run": "/runs/a"})
+
+
+@pytest.mark.parametrize("reason", ["steps", "budget", None])
+def test_finished_run_passes_through(reason: str | None) -> None:
+    summary = {"stopped_by": reason, "steps": 3}
+    assert stop_if_interrupted(summary) is summary
