@@ -28,11 +28,14 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
-def write_result(topic: str, markdown: str) -> Path:
+def write_result(topic: str, markdown: str, command: list[str] | None = None, stamp: str | None = None) -> Path:
+    """``results/<topic>.md`` with the time and machine of the measurement and the command that made it (``command`` /
+    ``stamp``: those of an earlier measurement whose saved rows are re-rendered)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     p = RESULTS / f"{topic}.md"
-    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    p.write_text(f"{markdown.rstrip()}\n\n_Measured {stamp} on {machine()}; command: `{' '.join([Path(sys.executable).name, *sys.argv])}`_\n")
+    stamp = stamp or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    cmd = " ".join([Path(sys.executable).name, *(command if command is not None else sys.argv)])
+    p.write_text(f"{markdown.rstrip()}\n\n_Measured {stamp} on {machine()}; command: `{cmd}`_\n")
     return p
 
 

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import stop_if_interrupted, write_result  # noqa: E402
+from _common import load_note, stop_if_interrupted, write_result  # noqa: E402
 from bench_tile_ssl import load_split, pcam_dir, random_trunk  # noqa: E402
 
 from gigaslide import atomic  # noqa: E402
@@ -82,6 +82,15 @@ def foundation_tiles(out: Path, tile: int = 96) -> Path:
     if n < 20:
         sys.exit(f"only {n} foundation tiles found under {data}")
     return out
+
+
+ROWS = {  # name: (what, extra PretrainConfig fields)
+    "continued": ("foundation + dinov2 on PCam for b (LLRD 0.9)", {}),
+    "scratch": ("dinov2 from random on PCam for B + b", {}),
+    "ibot_off": ("continued, iBOT off", {"method_args": {"ibot_weight": 0.0}}),
+    "koleo_off": ("continued, KoLeo off", {"method_args": {"koleo_weight": 0.0}}),
+    "llrd_1.0": ("continued, layer-wise lr decay 1.0", {"layer_decay": 1.0}),
+}
 
 
 def train(name: str, runs: Path, data: Path, args, steps: int | None, budget_s: float | None, **kw) -> dict:  # noqa: ANN001
@@ -127,7 +136,13 @@ def main() -> None:  # noqa: PLR0915
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs-dir", default="/tmp/gigaslide-bench-dinov2")
+    ap.add_argument("--render", action="store_true",
+                    help="only re-write dinov2.md from the rows saved in results/dinov2.json (no training)")
     args = ap.parse_args()
+    if args.render:
+        render()
+        return
+    load_at_start = load_note()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("GIGASLIDE_THREADS", str(args.threads))
     logging.basicConfig(level=logging.WARNING)
@@ -146,13 +161,7 @@ def main() -> None:  # noqa: PLR0915
     total = (lambda x, y: None if x is None else x + y)
     summaries = {"foundation": train("foundation", runs, found_data, args, B, Bs)}
     foundation = str(runs / "foundation" / "encoder")
-    rows = {  # name: (what, extra PretrainConfig fields)
-        "continued": ("foundation + dinov2 on PCam for b (LLRD 0.9)", {}),
-        "scratch": ("dinov2 from random on PCam for B + b", {}),
-        "ibot_off": ("continued, iBOT off", {"method_args": {"ibot_weight": 0.0}}),
-        "koleo_off": ("continued, KoLeo off", {"method_args": {"koleo_weight": 0.0}}),
-        "llrd_1.0": ("continued, layer-wise lr decay 1.0", {"layer_decay": 1.0}),
-    }
+    rows = ROWS
     for name, (_, kw) in rows.items():
         if name == "scratch":
             summaries[name] = train(name, runs, pcam / "train", args, total(B, b), total(Bs, bs), **kw)
@@ -181,10 +190,25 @@ def main() -> None:  # noqa: PLR0915
              for a, c in pairs}
     elapsed = time.monotonic() - t_all
     report = {"args": vars(args), "foundation_tiles": n_found, "n_test": int(len(y)), "n_probe_train": int(len(tr[1])), "summaries": summaries, "results": results, "diffs": diffs,
-              "train_s": round(t_train, 1), "total_s": round(elapsed, 1)}
+              "train_s": round(t_train, 1), "total_s": round(elapsed, 1), "load_note": load_at_start,
+              "command": list(sys.argv),
+              "stamp": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     atomic.write_json(ROOT / "benchmarks" / "results" / "dinov2.json", report)
-    write_result("dinov2", markdown(report, rows))
+    write_result("dinov2", markdown(report, ROWS), report["command"], report["stamp"])
     print((ROOT / "benchmarks" / "results" / "dinov2.md").read_text())
+
+
+def render() -> None:
+    """dinov2.md from the saved rows, with the command and time of the run that measured them."""
+    import json
+
+    report = json.loads((ROOT / "benchmarks" / "results" / "dinov2.json").read_text())
+    a = report["args"]
+    command = report.get("command") or ["benchmarks/bench_dinov2.py", *[
+        f"--{k.replace('_', '-')}={v}" for k, v in a.items() if v is not None and k != "render"]]
+    stamp = report.get("stamp") or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(
+        (ROOT / "benchmarks" / "results" / "dinov2.json").stat().st_mtime))
+    print(write_result("dinov2", markdown(report, ROWS), command, stamp).read_text())
 
 
 def _ci(d: dict) -> str:
@@ -209,8 +233,10 @@ def markdown(r: dict, rows: dict) -> str:
               if a["foundation_budget_s"] is not None and a["continue_budget_s"] is not None
               else f"B = {a['foundation_steps']} steps, b = {a['continue_steps']} steps")
     lines = ["# DINOv2 continued pre-training (Roth et al. 2024), in miniature", "",
-             f"**Smoke-scale run on a busy shared machine (2 CPU cores, ~8 engineers): the numbers check the machinery, "
-             f"they do not test the paper.** {budget}, batch {a['batch_size']}, {a['backbone']} (ViT-Ti/14, DINOv2 "
+             (f"**Smoke-scale run ({a['foundation_steps']} foundation steps): the numbers check the machinery, they do "
+              f"not test the paper.** " if (a.get("foundation_steps") or 10**9) < 100 else "")
+             + f"2-core CPU, {r.get('load_note', 'machine load not recorded')}; {a['threads']} torch thread(s). "
+             f"{budget}, batch {a['batch_size']}, {a['backbone']} (ViT-Ti/14, DINOv2 "
              f"layout) at {a['tile_size']} px with 2 global + {a['n_local']} local crops; heads {HEADS}.", "",
              f"Foundation data: {r['foundation_tiles']} real non-PCam tissue tiles (MoNuSeg images of 7 organs and the "
              f"CMU-1 slide, resampled to {PCAM_MPP} µm/px, 96 px). Continuation / scratch data: PCam train (10,000 "
@@ -238,7 +264,7 @@ def markdown(r: dict, rows: dict) -> str:
               f"- Roth et al.'s claim (continuation beats both): {'reproduces' if claim else 'does not reproduce'} at this scale.",
               *[f"- {k.split(' - ')[0]} vs continued: 20-NN {_verdict(d['knn'])}, linear {_verdict(d['linear'])}."
                 for k, d in r["diffs"].items() if k.split(" - ")[1] == "continued"],
-              "", f"Training took {r['train_s']} s and the whole benchmark {r['total_s']} s of wall-clock on the shared machine."]
+              "", f"Training took {r['train_s']} s and the whole benchmark {r['total_s']} s of wall-clock."]
     return "\n".join(lines)
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, write_result  # noqa: E402
+from _common import load_note, machine, write_result  # noqa: E402
 
 from gigaslide.evaluation import splits as S  # noqa: E402
 from gigaslide.evaluation.metrics import auc  # noqa: E402
@@ -240,7 +240,7 @@ def random_control(work: Path, pcam: Path, args) -> dict:
 def report(results: dict, tile: dict, args, enc_desc: str) -> str:
     md = ["# Slide-level SSL: Giga-SSL and SLPD vs MIL on mosaic slides\n"]
     if args.small:
-        md.append("**Reduced run on a shared, busy 2-core CPU machine** (`--small`: few slides, few draws, few epochs); "
+        md.append(f"**Reduced run on a 2-core CPU** ({load_note()}; `--small`: few slides, few draws, few epochs); "
                   "the script's defaults are the full setting. Read the numbers as a check of the machinery and of the "
                   "direction of effects, not as a reproduction at the papers' scale.\n")
     md.append(f"Tile encoder: {enc_desc}; tile linear AUC on PCam valid ({args.tile_n} train / {args.tile_n} valid tiles "
@@ -290,14 +290,19 @@ def report(results: dict, tile: dict, args, enc_desc: str) -> str:
         md.append("")
     md.append("## Claims\n")
     md += claims(results, args)
-    md.append("- Why slide-level SSL has little to learn from on mosaics: every mosaic slide draws its tiles from one shared "
-              "PCam pool, so two random tile subsets of one slide share nothing slide-specific (no patient, stain or "
-              "scanner identity) beyond its tumour content and tissue shape; instance discrimination (Giga-SSL) and "
-              "slide-level prototypes (SLPD) then have almost no signal, which the view-retrieval monitor above measures. "
-              "The papers' slides (TCGA) carry strong per-slide identity.")
+    if args.slide_stain:
+        md.append(f"- Slide identity: every mosaic slide here has its own H&E stain (`gigaslide mosaic --slide-stain "
+                  f"{args.slide_stain:g}`), as slides from different labs and batches do; the stain is unrelated to the "
+                  "label, so a slide encoder can tell slides apart by it without learning anything about the task.")
+    else:
+        md.append("- Slide identity: every mosaic slide draws its tiles from one shared PCam pool, so two random tile subsets "
+                  "of one slide share nothing slide-specific (no patient, stain or scanner identity) beyond its tumour "
+                  "content and tissue shape; instance discrimination (Giga-SSL) and slide-level prototypes (SLPD) have "
+                  "little slide-specific signal to learn from (the view-retrieval monitor above measures it). The papers' "
+                  "slides (TCGA) carry strong per-slide identity: `--slide-stain` gives mosaic slides their own stain.")
     md.append("\n| step | seconds |\n|---|---|")
     md += [f"| {k} | {v:.1f} |" for k, v in TIMES.items()]
-    md.append(f"\nMachine: {machine()}; 2 cores shared with other engineers' jobs (timings are wall-clock and noisy).")
+    md.append(f"\nMachine: {machine()}; timings are wall-clock ({load_note()}).")
     return "\n".join(md)
 
 
@@ -345,7 +350,8 @@ def claims(results: dict, args) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--work", default="/tmp/gigaslide_bench_slide_ssl")
+    ap.add_argument("--work", default=None, help="(default /tmp/gigaslide_bench_slide_ssl, + _stainS with --slide-stain S)")
+    ap.add_argument("--topic", default="slide_ssl", help="results/<topic>.md this run writes")
     ap.add_argument("--small", action="store_true", help="the reduced setting (minutes on a busy CPU)")
     ap.add_argument("--tasks", default="tumour,context")
     ap.add_argument("--slides", type=int, default=200)
@@ -369,6 +375,8 @@ def main() -> None:
     ap.add_argument("--tile-ssl-budget", default="6m")
     ap.add_argument("--tile-n", type=int, default=500)
     args = ap.parse_args()
+    if args.work is None:
+        args.work = "/tmp/gigaslide_bench_slide_ssl" + (f"_stain{args.slide_stain:g}" if args.slide_stain else "")
     if args.small:
         args.slides, args.grid, args.views, args.tiles_per_view = 24, 10, 3, 12
         args.gigassl_epochs, args.slpd_epochs, args.folds, args.draws = 80, 4, 3, 3
@@ -393,7 +401,7 @@ def main() -> None:
     if not args.no_random_control and "tumour" in results:
         results["tumour"]["preds"].update(random_control(work, pcam, args))
     (work / "results.json").write_text(json.dumps({"times": TIMES, "tile": tile}, indent=1))
-    print(write_result("slide_ssl", report(results, tile, args, desc)))
+    print(write_result(args.topic, report(results, tile, args, desc)))
 
 
 if __name__ == "__main__":

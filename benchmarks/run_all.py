@@ -3,10 +3,17 @@
     .venv/bin/python benchmarks/run_all.py                 # all
     .venv/bin/python benchmarks/run_all.py encode tiling   # some
     .venv/bin/python benchmarks/run_all.py --collect       # only rebuild RESULTS.md
+    .venv/bin/python benchmarks/run_all.py --dry-run       # print the commands only
+
+A benchmark whose results file records the command(s) that measured it (``command: `...` `` footers, ``Command:``
+lines of sectioned files) is re-run with exactly those arguments, so ``make bench`` reproduces what RESULTS.md
+shows; one without a result yet runs with its defaults.
 """
 
 from __future__ import annotations
 
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +27,38 @@ ORDER = ["reader", "encode", "tiling", "startup", "tile_ssl", "tile_finetune", "
 def scripts() -> list[str]:
     found = {p.stem.removeprefix("bench_") for p in HERE.glob("bench_*.py")}
     return [n for n in ORDER if n in found] + sorted(found - set(ORDER))
+
+
+_COMMAND = re.compile(r"[Cc]ommand: `([^`]*bench_[a-z_0-9]+\.py[^`]*)`")
+
+
+def recorded_commands(text: str) -> list[list[str]]:
+    """The benchmark commands a results file records, in order, each once, as argv for this interpreter."""
+    out: list[list[str]] = []
+    for m in _COMMAND.finditer(text):
+        argv = shlex.split(m.group(1).split("&&")[-1])
+        while argv and argv[0] in ("nice", "env"):
+            argv = argv[1:]
+        i = next(k for k, a in enumerate(argv) if a.endswith(".py"))
+        script = HERE / Path(argv[i]).name
+        cmd = [sys.executable, str(script), *argv[i + 1:]]
+        if script.is_file() and cmd not in out:
+            out.append(cmd)
+    return out
+
+
+def plan(names: list[str]) -> list[list[str]]:
+    """Commands for the named benchmarks: the commands their results files record (``<name>.md``, ``<name>_*.md``),
+    else the script's defaults unless another results file records a run of that script (e.g. a section)."""
+    results = {p.stem: recorded_commands(p.read_text()) for p in sorted((HERE / "results").glob("*.md"))}
+    everywhere = {Path(c[1]).name for cmds in results.values() for c in cmds}
+    out: list[list[str]] = []
+    for n in names:
+        recorded = [c for t, cmds in results.items() if t == n or t.startswith(n + "_") for c in cmds]
+        if not recorded and (HERE / f"bench_{n}.py").is_file() and f"bench_{n}.py" not in everywhere:
+            recorded = [[sys.executable, str(HERE / f"bench_{n}.py")]]
+        out += [c for c in recorded if c not in out]
+    return out
 
 
 def collect() -> Path:
@@ -38,13 +77,15 @@ def collect() -> Path:
 
 def main() -> None:
     args = sys.argv[1:]
+    dry = "--dry-run" in args
+    args = [a for a in args if a != "--dry-run"]
     if args != ["--collect"]:
-        for n in args or scripts():
-            script = HERE / f"bench_{n}.py"
-            if script.is_file():
-                print(f"== {script.name}", flush=True)
-                subprocess.run([sys.executable, str(script)], check=False)
-    print(collect())
+        for cmd in plan(args or scripts()):
+            print("== " + " ".join(shlex.quote(c) for c in cmd[1:]), flush=True)
+            if not dry:
+                subprocess.run(cmd, check=False)
+    if not dry:
+        print(collect())
 
 
 if __name__ == "__main__":

@@ -22,3 +22,17 @@ def test_interrupted_run_stops_the_benchmark(reason: str) -> None:
 def test_finished_run_passes_through(reason: str | None) -> None:
     summary = {"stopped_by": reason, "steps": 3}
     assert stop_if_interrupted(summary) is summary
+
+
+def test_make_bench_reruns_the_recorded_commands(tmp_path: Path) -> None:
+    """run_all re-runs what a results file says measured it (footers and section lines, `nice` / `cd ... &&` dropped,
+    each once), so `make bench` reproduces RESULTS.md rather than the scripts' defaults."""
+    import run_all
+
+    text = ("## a\nCommand: `nice .venv/bin/python benchmarks/bench_mil.py --quick --x 1`  \n"
+            "## b\nCommand: `cd /w && .venv/bin/python benchmarks/bench_mil.py`\n"
+            "_Measured 2026 on cpu; command: `python benchmarks/bench_mil.py --quick --x 1`_\n"
+            "_Measured 2026 on cpu; command: `python benchmarks/not_a_bench.py`_\n")
+    cmds = run_all.recorded_commands(text)
+    script = str(run_all.HERE / "bench_mil.py")
+    assert cmds == [[sys.executable, script, "--quick", "--x", "1"], [sys.executable, script]]
