@@ -175,11 +175,11 @@ def main() -> None:
 def write_report(a, results, tile_rep, timings, total, enc) -> None:  # noqa: ANN001
     from gigaslide.atomic import write_text
 
-    cmd = "cd /work/main && .venv/bin/python benchmarks/bench_mil.py " + " ".join(sys.argv[1:])
+    cmd = ".venv/bin/python benchmarks/bench_mil.py " + " ".join(sys.argv[1:])
     lines = [
         "# MIL on mosaic slides (PCam train tiles) -- slide-level benchmark", "",
         f"Command: `{cmd.strip()}`  ",
-        f"Machine: {cpu_name()}, {os.cpu_count()} cores **shared with 4 other engineers' jobs**, no GPU; torch "
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores (1-min load average at the end {os.getloadavg()[0]:.1f}), no GPU; torch "
         f"{torch.__version__}. Total wall time {total / 60:.1f} min.", "",
         "## Setup", "",
         f"* Mosaic slides: {a.slides} per setting ({a.grid}x{a.grid} PCam tiles of 96 px = {a.grid * 96} px, "

@@ -215,10 +215,10 @@ def write_results(rows: list[dict], wall: float, args: argparse.Namespace, pendi
     lines = [
         "# Streaming convolution: ResNet-34 forward+backward, streamed (with / without max-pool) vs dense",
         "",
-        f"Machine: {_cpu_model()}, {os.cpu_count()} cores **shared with other engineers' jobs** (load average at the "
-        f"end {os.getloadavg()[0]:.1f}), torch threads {os.environ.get('BENCH_THREADS', '2')}, fp32, channels_last, "
+        f"Machine: {_cpu_model()}, {os.cpu_count()} cores (1-min load average at the end {os.getloadavg()[0]:.1f}), "
+        f"torch threads {os.environ.get('BENCH_THREADS', '2')}, fp32, channels_last, "
         "random-init timm resnet34 trunk (no global pool / fc), uint8 image normalised per crop, every tile run. "
-        f"Wall time of this invocation: {wall / 60:.1f} min. Times on a busy machine are upper bounds.",
+        f"Wall time of this invocation: {wall / 60:.1f} min. Times measured under load are upper bounds.",
         *(["", "**Incomplete: the benchmark was still running (or was stopped) when this was written.**"] if partial else []),
         "",
         f"Command: `nice .venv/bin/python benchmarks/bench_streaming.py --sizes {args.sizes} --tile {args.tile} "

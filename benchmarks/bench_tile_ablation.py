@@ -150,7 +150,7 @@ def markdown(r: dict) -> str:
              f"tiles; differences against the baseline are seed-averaged, paired bootstrap over the same test tiles "
              f"({a['bootstrap']} resamples, 95 % CI). Heads: {METHOD_ARGS.get(a['method'], 'the method defaults')}.", ""]
     if smoke:
-        lines += [f"**This is a run at {a['steps']} steps to check that the benchmark works, on a busy shared machine: "
+        lines += [f"**This is a run at {a['steps']} steps to check that the benchmark works: "
                   "the numbers say nothing about the augmentations. The full run (`--steps 300` or more) is pending a quiet "
                   "machine.**", ""]
     lines += ["| setting | --augment | linear bal. acc. (per seed) | 20-NN bal. acc. (per seed) | Δ linear bal. acc. | "

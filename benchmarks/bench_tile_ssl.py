@@ -240,14 +240,13 @@ def write_report(args, budget_s: float, results: list[dict], total: float, load0
     missing = [m for m in METHODS if m not in {r["method"] for r in methods}]
     if budget_s < FULL_BUDGET_S or missing:
         lines += ["", f"**Partial run.** The issue's protocol is all five methods at 15 min each; this run has "
-                  f"{len(methods)} method(s) at {budget_s / 60:g} min on a shared, busy machine"
-                  + (f" (not run: {', '.join(missing)})" if missing else "") + ". The full run is pending a quiet machine: "
+                  f"{len(methods)} method(s) at {budget_s / 60:g} min"
+                  + (f" (not run: {', '.join(missing)})" if missing else "") + ". The full run: "
                   "`.venv/bin/python benchmarks/bench_tile_ssl.py`."]
     lines += ["", "Steps are planned from the measured step time after the first steps (lr warm-up + cosine span them); "
               "train img/s counts source tiles per second. RankMe is the effective rank of 128 fixed PCam train tiles' "
               "embeddings (at most 128); view top-1 is how often a tile's second augmented view retrieves its first "
-              "(chance 1/128). The `main` section above (if present) was measured by an earlier version of this script "
-              "(48 px crops, hand-shrunk heads, probes at 48 px), not by the command's defaults.", ""]
+              "(chance 1/128).", ""]
     text = merge_section(Path(args.out), args.section, "\n".join(lines) + "\n")
     atomic.write_text(args.out, text)
     js = Path(args.out).with_suffix(".json")

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import load_note, write_result  # noqa: E402
 
 os.environ.setdefault("GIGASLIDE_THREADS", "1")
 
@@ -214,8 +214,7 @@ def main() -> None:
              f"Generated slide {args.size:,}² px (0.25 µm/px), {setup['tiles']:,} tissue tiles of 224 px at 0.5 µm/px "
              f"(tissue + grid in {setup['tissue + tile grid (s)']:.1f} s); random 64-d features, ABMIL run on random bags. "
              f"{args.requests} distinct random tile addresses per row, one request at a time over HTTP (uvicorn, 127.0.0.1). "
-             "Measured on a shared, busy 2-core machine (other engineers' jobs were running): absolute numbers are "
-             "pessimistic.", "",
+             f"{load_note()[0].upper() + load_note()[1:]}.", "",
              "| tile | zoom | median ms | p95 ms | max ms |", "|---|---|---|---|---|"]
     lines += [f"| {what} | {zoom} | {pct(ms)} |" for what, zoom, ms in rows]
     lines += ["", f"First request of the attention layer (loads the model, scores {setup['tiles']:,} tiles): "

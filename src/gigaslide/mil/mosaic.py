@@ -19,10 +19,11 @@ appear in several slides; PCam label 0 means "no tumour in the central 32 x 32 p
 
 Real slides differ in staining from one another (lab, batch, scanner), mosaics of tiles pooled from
 many source slides do not. ``slide_stain=s > 0`` gives every slide its own stain: one draw per slide
-of a scale in [1 - s, 1 + s] and a shift in [-s, s] per haematoxylin / eosin / DAB channel (colour
-deconvolution, scikit-image's ``rgb2hed``; Tellez et al. 2018), applied to all its tissue tiles (glass
-untouched). The draws are written to ``mosaic.json`` (``slide_stain_draws``). With ``s = 0`` (default)
-slides are pixel-identical to earlier versions.
+of a scale in [1 - s, 1 + s] and a shift in [-0.4 s, 0.4 s] of each haematoxylin / eosin / DAB optical
+density (HED colour deconvolution, Tellez et al. 2019; the transform tile SSL's stain jitter uses, so
+``s = 0.05`` is that jitter's strength), applied to the whole slide with glass kept as glass. The draws
+are written to ``mosaic.json`` (``slide_stain_draws``). With ``s = 0`` (default) slides are
+pixel-identical to earlier versions.
 
 Output (``OUT/``): ``slides/{slide_id}.tiff`` (OpenSlide-readable pyramidal TIFF, mpp set),
 ``labels.csv`` (``slide_id,patient_id,label,tumor_fraction,n_tissue_tiles,n_tumor_tiles,arrangement``),
@@ -160,19 +161,22 @@ def _read_tile(path: Path, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def draw_slide_stain(strength: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One slide's stain: (scale, shift) per H / E / D channel, scale in [1 - s, 1 + s], shift in [-s, s]."""
-    return rng.uniform(1 - strength, 1 + strength, 3), rng.uniform(-strength, strength, 3)
+    """One slide's stain: per H / E / D channel a scale in [1 - s, 1 + s] and a shift in [-0.4 s, 0.4 s] of the optical
+    density (the ratio of the tile-SSL stain jitter's defaults, 0.05 / 0.02, so ``s = 0.05`` matches that jitter)."""
+    return rng.uniform(1 - strength, 1 + strength, 3), rng.uniform(-0.4 * strength, 0.4 * strength, 3)
 
 
 def apply_stain(rgb: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
-    """``rgb`` (uint8, H x W x 3) with each HED optical density channel d replaced by ``scale * d + shift * spread``,
-    where ``spread`` is the channel's largest density in the image (so ``shift`` is relative to the stain present)."""
-    from skimage.color import hed2rgb, rgb2hed
+    """``rgb`` (uint8, H x W x 3) with every stain's optical density scaled and shifted (``hed' = scale * hed + shift``,
+    HED colour deconvolution), glass kept as glass: :func:`gigaslide.ssl.tile.augment.stain_jitter`, the same
+    transform tile SSL augments with."""
+    import torch
 
-    hed = rgb2hed(rgb)
-    spread = np.maximum(np.abs(hed).reshape(-1, 3).max(axis=0), 1e-6)
-    out = hed2rgb(hed * scale + shift * spread)
-    return (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
+    from gigaslide.ssl.tile.augment import stain_jitter
+
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
+    out = stain_jitter(x, torch.as_tensor(scale), torch.as_tensor(shift))
+    return out.mul_(255.0).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def build_slide(normal: list[Path], tumor: list[Path], *, positive: bool, tumor_fraction: float, grid: int,
@@ -189,9 +193,8 @@ def build_slide(normal: list[Path], tumor: list[Path], *, positive: bool, tumor_
     for (y, x) in np.argwhere(tissue):
         src = tumor if tum[y, x] else normal
         img[y * t:(y + 1) * t, x * t:(x + 1) * t] = _read_tile(src[rng.integers(len(src))], t, rng)
-    if stain is not None and tissue.any():  # one colour transform for all tissue tiles at once: they share the slide's stain
-        cells = np.kron(tissue, np.ones((t, t), bool))
-        img[cells] = apply_stain(img[cells][None], *stain)[0]
+    if stain is not None:  # one stain for the whole slide (glass stays glass)
+        img = apply_stain(img, *stain)
     return img, tissue, tum
 
 
