@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "src"))
 
+from gigaslide.devices import BF16_MIN_COSINE  # noqa: E402
 from _common import RESULTS, load_note, run_child_peak_rss, stop_if_interrupted, write_result  # noqa: E402
 
 from gigaslide.testing import make_slide, shared_data_dir  # noqa: E402
@@ -239,14 +240,14 @@ def main() -> None:  # noqa: C901
           f"(only {len(best['per_image_pq'])} test images: CIs are wide; CPU training of at most {max(steps)} steps, far from convergence).", ""]
     L += [f"## Whole-slide inference (best arm, tissue-only, regions of 1024² + 64 px margin, 512-px windows, "
           f"{args.threads} torch threads)", "",
-          "`--precision auto` (the default of `gigaslide nuclei`) runs bf16 autocast on CPU when the first region's NP and "
-          "HV maps in bf16 agree with fp32 (min cosine >= 0.999), else fp32; each row is its own process, fp32 and auto "
-          "one after the other on the same slide.", "",
+          "`--precision auto` (the default of `gigaslide nuclei`) runs bf16 autocast on CPU when the NP and HV logits of "
+          f"the first region's most stained window in bf16 agree with fp32 (cosine >= {BF16_MIN_COSINE}), else fp32; "
+          "each row is its own process, fp32 and auto one after the other on the same slide.", "",
           "| slide | precision (resolved, cosine) | nuclei | megapixels (regions) | seconds | nuclei/s | MP/s | peak RSS GB |",
           "|---|---|---|---|---|---|---|---|"]
     for t in thr:
         note = " (read as 0.25 µm/px via --slide-mpp to measure throughput)" if t["slide_mpp_override"] else ""
-        cos = f", {t['bf16_cosine']:.5f}" if t["bf16_cosine"] is not None else ""
+        cos = f", {t['bf16_cosine']:.6f}" if t["bf16_cosine"] is not None else ""
         L.append(f"| {t['slide']}{note} | {t['precision']} ({t['resolved']}{cos}) | {t['nuclei']} | {t['megapixels']} | "
                  f"{t['seconds']} | {t['nuclei_per_s']} | {t['mp_per_s']} | {t['peak_rss_gb']} |")
     L.append("")

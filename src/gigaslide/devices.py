@@ -65,9 +65,9 @@ def choose_precision(device: torch.device, precision: str = "auto",
     if probe is None:
         return PrecisionChoice("auto", "fp32")
     with torch.no_grad():
-        a = probe().float().flatten(1)
+        a = probe().double().flatten(1)  # float64: a cosine over many values in float32 can exceed 1
         with autocast_ctx(device, "bf16"):
-            b = probe().float().flatten(1)
+            b = probe().double().flatten(1)
     cos = float(torch.nn.functional.cosine_similarity(a, b, dim=1).min())
     return PrecisionChoice("auto", "bf16" if cos >= BF16_MIN_COSINE else "fp32", round(cos, 6))
 

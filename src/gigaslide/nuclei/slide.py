@@ -33,7 +33,7 @@ from gigaslide.devices import PrecisionChoice, choose_precision, pick_device
 from gigaslide.errors import GigaslideError
 from gigaslide.features.manifest import Manifest
 from gigaslide.nuclei.export import TABLE_COLUMNS, GeoJSONWriter, Nucleus, polygon_of, table_row, tile_counts, write_tiles_h5
-from gigaslide.nuclei.infer import MODEL_WEIGHTS, load_model, model_dir, predict_maps, segment
+from gigaslide.nuclei.infer import MODEL_WEIGHTS, load_model, model_dir, segment
 from gigaslide.slides import open_slide, slide_id_from_path
 from gigaslide.tiling import grid_positions, make_grid, segment_tissue
 
@@ -118,15 +118,23 @@ def _nuclei_of_region(inst: np.ndarray, types: dict[int, tuple[int, float]], npp
 
 
 def choose_region_precision(model, img: np.ndarray, p: SlideParams) -> PrecisionChoice:  # noqa: ANN001
-    """``p.precision`` resolved on one region: under ``auto`` the NP and HV maps of its first window in bf16 are
-    compared with fp32 (:func:`gigaslide.devices.choose_precision`)."""
-    crop = img[: p.window, : p.window]
+    """``p.precision`` resolved on one region: under ``auto`` the NP and HV logits of the region's most stained window
+    in bf16 are compared with fp32 (:func:`gigaslide.devices.choose_precision`); glass says nothing about precision."""
+    w = max(32, min(p.window, img.shape[0], img.shape[1]) // 32 * 32)
 
-    def probe() -> torch.Tensor:  # the caller's autocast (bf16 for the second call) wraps predict_maps' fp32 one
-        npp, hv, _ = predict_maps(model, crop, tile=p.window, margin=32, precision="fp32", pad_mode="constant")
-        return torch.from_numpy(np.concatenate([npp[None], hv]).reshape(1, -1))
+    def starts(n: int) -> list[int]:
+        return sorted({0, max(0, (n - w) // 2), max(0, n - w)})
 
-    return choose_precision(next(model.parameters()).device, p.precision, probe=probe)
+    crop = min((img[y:y + w, x:x + w] for y in starts(img.shape[0]) for x in starts(img.shape[1])),
+               key=lambda c: float(c.mean()))
+    dev = next(model.parameters()).device
+    x = torch.from_numpy(np.ascontiguousarray(crop)).to(dev).permute(2, 0, 1)[None].float().div_(255.0)
+
+    def probe() -> torch.Tensor:
+        out = model(x)
+        return torch.cat([out["np"].float().flatten(1), out["hv"].float().flatten(1)], 1)
+
+    return choose_precision(dev, p.precision, probe=probe)
 
 
 def segment_slide(path: str | os.PathLike, out: Path, model, p: SlideParams, *, slide_mpp=None,  # noqa: ANN001, C901
