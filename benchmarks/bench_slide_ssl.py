@@ -238,7 +238,8 @@ def random_control(work: Path, pcam: Path, args) -> dict:
 
 
 def report(results: dict, tile: dict, args, enc_desc: str) -> str:
-    md = ["# Slide-level SSL: Giga-SSL and SLPD vs MIL on mosaic slides\n"]
+    md = ["# Slide-level SSL: Giga-SSL and SLPD vs MIL on mosaic slides"
+          + (f" with per-slide stain {args.slide_stain:g}" if args.slide_stain else "") + "\n"]
     if args.small:
         md.append(f"**Reduced run on a 2-core CPU** ({load_note()}; `--small`: few slides, few draws, few epochs); "
                   "the script's defaults are the full setting. Read the numbers as a check of the machinery and of the "

@@ -37,10 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import stop_if_interrupted, write_result  # noqa: E402
+from _common import load_note, stop_if_interrupted, write_result  # noqa: E402
 from bench_tile_ssl import load_split, pcam_dir  # noqa: E402
 
 from gigaslide import atomic  # noqa: E402
+
+LOAD_AT_START = load_note()  # before this benchmark loads the machine
 
 #: Small-run heads (the papers' sizes do not fit CPU minutes); recorded in the report.
 METHOD_ARGS = {"simclr": {"hidden_dim": 512, "out_dim": 128, "temperature": 0.2},
@@ -125,7 +127,7 @@ def main() -> None:
         rows[name] = row
     report = {"args": vars(args), "seeds": seeds, "n_test": int(len(y)), "n_probe_train": int(len(tr[1])),
               "runs": {f"{k[0]}-seed{k[1]}": v for k, v in runs.items()}, "rows": rows,
-              "not_measured": dict(NOT_MEASURED), "total_s": round(time.monotonic() - t_all, 1)}
+              "not_measured": dict(NOT_MEASURED), "total_s": round(time.monotonic() - t_all, 1), "load_note": LOAD_AT_START}
     atomic.write_json(ROOT / "benchmarks" / "results" / "tile_ablation.json", report)
     write_result("tile_ablation", markdown(report))
     print((ROOT / "benchmarks" / "results" / "tile_ablation.md").read_text())
@@ -171,7 +173,7 @@ def markdown(r: dict) -> str:
     lines += ["", "| run | steps | train s (this invocation) | train img/s |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['steps']} | {v['wall_s']} | {v['images_per_s'] or '— (trained in an earlier invocation)'} |"
               for k, v in r["runs"].items()]
-    lines += ["", f"Whole benchmark: {r['total_s']} s wall-clock on a shared machine."]
+    lines += ["", f"Whole benchmark: {r['total_s']} s wall-clock ({r.get('load_note', 'machine load not recorded')})."]
     return "\n".join(lines)
 
 
