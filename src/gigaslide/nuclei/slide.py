@@ -200,7 +200,7 @@ def segment_slide(path: str | os.PathLike, out: Path, model, p: SlideParams, *, 
         rec = {"format": SLIDE_FORMAT, "key": _key(model, p), "slide": str(path), "slide_id": sid, "nuclei": n_id,
                "regions": len(grid.coords), "megapixels": megapixels, "seconds": round(time.perf_counter() - t0, 3),
                "mpp": mpp, "slide_mpp": s.mpp, "files": [files[k].name for k in ("geojson", "table", "tiles")],
-               "coords_source": source, "precision": (choice or PrecisionChoice(p.precision, "fp32")).record()}
+               "coords_source": source, "precision": (choice or PrecisionChoice(p.precision, "fp32" if p.precision == "auto" else p.precision)).record()}
         atomic.write_json(files["record"], rec)
     return rec
 
