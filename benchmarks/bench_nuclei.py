@@ -83,6 +83,7 @@ def train_arm(args: argparse.Namespace, mon: Path, name: str, backbone: str, wei
     steps = sum(h["steps"] for h in s["history"])
     return {"name": name, "fraction": fraction, "train_images": s["train_images"], "val_images": s["val_images"],
             "steps": steps, "epochs": s["epochs"], "best_epoch": s["best_epoch"], "train_s": round(train_s, 1),
+            "train_s_recorded": round(sum(h.get("seconds", 0.0) for h in s["history"]), 1),
             "precision": s["precision"]["resolved"], "test_images": r["images"], "metrics": r["metrics"],
             "per_image_pq": [row["pq"] for row in r["per_image"]], "run": str(out)}
 
@@ -199,17 +200,21 @@ def main() -> None:  # noqa: C901
          f"**Reduced run on a 2-core CPU** ({load_note()}; {args.threads} torch threads). SSL backbone: "
          f"{describe_pretrain(ps)}; then "
          f"{str(args.arm_steps) + ' steps' if args.arm_steps else f'{args.arm_budget:.0f} s'} of training per "
-         f"arm ({args.crop}-px crops, batch 4, AdamW lr {args.lr}); total {total / 60:.1f} min wall-clock. "
+         f"arm ({args.crop}-px crops, batch 4, AdamW lr {args.lr}); {total / 60:.1f} min wall-clock for this invocation"
+         + (" (arms finished by an earlier invocation with the same settings were reused: column *train s* is what "
+            "each run recorded while training)" if any(a["train_s"] < 0.5 * a["train_s_recorded"] for a in arms) else "")
+         + ". "
          f"Data: the {len(arms[0]['test_images']) + arms[0]['train_images'] + arms[0]['val_images']} shared MoNuSeg-2018 "
          f"images (1000², 0.2527 µm/px, resampled to 0.25), split by image, organ-stratified, fixed (seed 0): "
          f"test = {', '.join(arms[0]['test_images'])} (never used for training or selection); "
          + ("the budget ended the first epoch of every arm, so the model is the last (and only) epoch's "
             "(validation PQ is recorded but selected nothing)." if all(a["epochs"] == 1 for a in arms)
             else "best epoch by validation PQ."),
-         "", "| arm | train images | steps | PQ | AJI | Dice | F1 (IoU 0.5) | SQ |", "|---|---|---|---|---|---|---|---|"]
+         "", "| arm | train images | steps | train s | PQ | AJI | Dice | F1 (IoU 0.5) | SQ |", "|---|---|---|---|---|---|---|---|---|"]
     for a in arms:
         m = a["metrics"]["image_mean"]
-        L.append(f"| {a['name']} | {a['train_images']} ({a['fraction']:.0%}) | {a['steps']} | {fmt(m['pq'])} | {fmt(m['aji'])} | "
+        L.append(f"| {a['name']} | {a['train_images']} ({a['fraction']:.0%}) | {a['steps']} | {a['train_s_recorded']:.0f} | "
+                 f"{fmt(m['pq'])} | {fmt(m['aji'])} | "
                  f"{fmt(m['dice'])} | {fmt(m['f1'])} | {fmt(m['sq'])} |")
     steps = [a["steps"] for a in arms]
     if min(steps) == max(steps):

@@ -9,6 +9,7 @@
 #              reader-only tiles/s with 1/4/8/16 processes
 #   streaming  StreamingCLAM ResNet-34 fwd+bwd time and peak GPU memory at 8192², 16384², 32768²,
 #              and the end-to-end StreamingCLAM vs two-stage experiment sized from a 1-minute probe
+#   dinov2     `pretrain --method dinov2` ViT-S/14 at 224 px: CUDA autocast vs fp32, and the Lightning engine
 # --tiny (or no CUDA device): a CPU smoke mode that runs in seconds; the test suite runs it so it cannot rot.
 # The collected report is OUT_DIR/gpu_check.md; the exit code is non-zero if any section failed.
 set -uo pipefail
@@ -23,12 +24,12 @@ if [ "$mode" = full ] && ! "$py" -c "import sys, torch; sys.exit(0 if torch.cuda
   echo "no CUDA device here: running the tiny CPU mode instead"
   mode=tiny
 fi
-declare -A limit_full=([encode]=240 [streaming]=330)
-declare -A limit_tiny=([encode]=120 [streaming]=120)
+declare -A limit_full=([encode]=210 [streaming]=330 [dinov2]=60)  # sums to 600 s
+declare -A limit_tiny=([encode]=120 [streaming]=120 [dinov2]=120)
 report="$out/gpu_check.md"
 { echo "# GPU check ($mode mode)"; echo; echo "$(date -u +%FT%TZ) on $(hostname)"; echo; } > "$report"
 status=0
-for name in encode streaming; do
+for name in encode streaming dinov2; do
   script="benchmarks/gpu_${name}.py"
   if [ ! -f "$script" ]; then
     echo "- section $name: MISSING ($script not found)" >> "$report"; status=1; continue
@@ -45,7 +46,7 @@ for name in encode streaming; do
   fi
 done
 echo >> "$report"
-for name in encode streaming; do
+for name in encode streaming dinov2; do
   [ -s "$out/gpu_${name}.md" ] && { cat "$out/gpu_${name}.md"; echo; } >> "$report"
 done
 cat "$report"

@@ -25,8 +25,15 @@ def test_gpu_check_tiny_mode_runs_every_section(tmp_path):
     report = (tmp_path / "gpu_check.md").read_text()
     assert p.returncode == 0, report + p.stderr[-2000:]
     assert "# GPU check (tiny mode)" in report
-    for name in ("encode", "streaming"):
+    for name in ("encode", "streaming", "dinov2"):
         assert f"- section {name}: ok" in report
+    dv = (tmp_path / "gpu_dinov2.md").read_text()
+    rows = re.findall(r"^\| (native|lightning) \| (auto|fp32) \((\w+)\) \| (\d+) \| ([0-9.]+) \|", dv, re.M)
+    assert [(r[0], r[1], r[3]) for r in rows] == [("native", "auto", "3"), ("native", "fp32", "3"), ("lightning", "auto", "3")]
+    assert all(float(r[4]) > 0 for r in rows)
+    # both engines run the same recipe on the same data and seed: the same losses (CPU, fp32)
+    diff = float(re.search(r"difference ([+-][0-9.e+-]+)\)", dv).group(1))
+    assert abs(diff) < 1e-4
     enc = (tmp_path / "gpu_encode.md").read_text()
     rows = dict(re.findall(r"^\| (test_resnet|test_vit) \| (\d+) \| \d+ \| [\d.]+ \|$", enc, re.M))
     assert set(rows) == {"test_resnet", "test_vit"} and all(int(v) > 0 for v in rows.values())
