@@ -161,8 +161,7 @@ def main() -> None:  # noqa: PLR0915
     total = (lambda x, y: None if x is None else x + y)
     summaries = {"foundation": train("foundation", runs, found_data, args, B, Bs)}
     foundation = str(runs / "foundation" / "encoder")
-    rows = ROWS
-    for name, (_, kw) in rows.items():
+    for name, (_, kw) in ROWS.items():
         if name == "scratch":
             summaries[name] = train(name, runs, pcam / "train", args, total(B, b), total(Bs, bs), **kw)
         else:
@@ -173,7 +172,7 @@ def main() -> None:  # noqa: PLR0915
     te = load_split(pcam / "valid", args.valid, args.seed)
     trunk, spec = random_trunk(args.backbone, args.tile_size)
     encoders = {"random init (frozen)": Encoder(spec, trunk, "random-seed0").eval(), "foundation (frozen)": foundation}
-    encoders.update({name: str(runs / name / "encoder") for name in rows})
+    encoders.update({name: str(runs / name / "encoder") for name in ROWS})
     probs = {}
     for label, enc in encoders.items():
         probs[label] = probe_probs(build_encoder(enc) if isinstance(enc, str) else enc, tr, te, args.seed)

@@ -110,8 +110,11 @@ def throughput(run: Path, slide: Path, out: Path, slide_mpp: float | None, preci
     shutil.rmtree(out, ignore_errors=True)
     rss, stdout = run_child_peak_rss(code, timeout=900)
     d = json.loads(stdout.strip().splitlines()[-1])
-    recs = list((out / "nuclei").glob("*.json"))
-    rec = next((json.loads(r.read_text()) for r in recs if r.name != "manifest.json"), {})
+    from gigaslide.nuclei.slide import outputs
+    from gigaslide.slides import slide_id_from_path
+
+    record = outputs(out, slide_id_from_path(slide))["record"]
+    rec = json.loads(record.read_text()) if record.is_file() else {}  # none when the slide was refused
     return {"slide": slide.name, "precision": precision, "resolved": rec.get("precision", {}).get("resolved", "-"),
             "bf16_cosine": rec.get("precision", {}).get("bf16_cosine"), "nuclei": d["nuclei"], "megapixels": round(d["mp"], 2), "seconds": round(d["s"], 1),
             "nuclei_per_s": round(d["nuclei"] / d["s"], 1), "mp_per_s": round(d["mp"] / d["s"], 3),

@@ -48,12 +48,10 @@ def run_row(engine: str, precision: str, data: Path, out: Path, m: dict) -> dict
     t = time.perf_counter()
     s = pretrain(cfg)
     wall = time.perf_counter() - t
-    hist = s.get("history") or []
-    losses = [h["loss"] for h in hist if "loss" in h]
     return {"engine": engine, "precision": precision, "resolved": (s.get("precision") or {}).get("resolved", "?"),
             "steps": s.get("steps"), "images_per_s": s.get("images_per_s"), "wall_s": wall,
             "peak_gb": torch.cuda.max_memory_allocated() / 1024**3 if cuda else float("nan"),
-            "first_loss": losses[0] if losses else s.get("first_loss"), "last_loss": s.get("final_loss")}
+            "first_loss": s.get("first_loss"), "last_loss": s.get("final_loss")}
 
 
 def main() -> None:
