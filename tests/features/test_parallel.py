@@ -17,7 +17,7 @@ import pytest
 from gigaslide.encoders import build_encoder
 from gigaslide.features import store
 from gigaslide.features.extract import encode_slides
-from gigaslide.features.parallel import RankInfo, lpt_shares, rank_info, rank_order
+from gigaslide.features.parallel import MAX_GPU_READERS, RankInfo, auto_workers, lpt_shares, rank_info, rank_order
 from gigaslide.testing import make_slide
 from gigaslide.tiling import TilingParams
 
@@ -81,6 +81,20 @@ def test_rank_from_torchrun_or_slurm_env():
     s = rank_info({"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_LOCALID": "2", "SLURM_NTASKS_PER_NODE": "3(x2)"})
     assert (s.rank, s.world, s.local_rank, s.local_world, s.source) == (5, 6, 2, 3, "slurm")
     assert rank_info({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).world == 1
+
+
+def test_auto_workers_gives_a_cpu_reader_process_only_a_core_of_its_own():
+    import torch
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert auto_workers(cpu, RankInfo(), cores=2, torch_threads=2) == 0  # reading inline: no core to spare
+    assert auto_workers(cpu, RankInfo(), cores=4, torch_threads=2) == 1
+    assert auto_workers(cpu, RankInfo(), cores=2, torch_threads=1) == 1
+    assert auto_workers(cuda, RankInfo(), cores=16) == 15
+    assert auto_workers(cuda, RankInfo(), cores=64) == MAX_GPU_READERS
+    assert auto_workers(cuda, RankInfo(), cores=1) == 1  # a GPU always gets a reader process
+    four_ranks = RankInfo(0, 4, 0, 4, "torchrun")
+    assert auto_workers(cuda, four_ranks) == max(1, min(MAX_GPU_READERS, len(os.sched_getaffinity(0)) // 4 - 1))
 
 
 def test_lpt_shares_balance_tile_counts_longest_first():

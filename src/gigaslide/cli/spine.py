@@ -137,7 +137,7 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
         overlap: overlap between tiles in pixels at the target resolution
         min_tissue: keep tiles whose tissue fraction is at least this
         batch_size: tiles per forward pass
-        workers: reader processes decoding tiles (0 = in the main process; default: 1 on CPU, the spare cores up to 16 on CUDA)
+        workers: reader processes decoding tiles (0 = in the main process; default: on CPU 1 when a core is left beside the torch threads, else 0; on CUDA the spare cores up to 16)
         precision: auto (bf16 on CPU when it matches fp32 to cosine 0.999; AMP on CUDA), bf16, fp16 or fp32
         device: auto, cpu, cuda or cuda:N
         slide_mpp: scan resolution override (µm/px at level 0), or a CSV slide_id,mpp

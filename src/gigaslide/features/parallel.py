@@ -53,12 +53,25 @@ def rank_device(device: str, info: RankInfo) -> torch.device:
     return dev
 
 
-def auto_workers(dev: torch.device, info: RankInfo) -> int:
-    """Reader processes: 1 on CPU (the model needs the cores), the node's spare cores per rank on CUDA."""
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+
+
+def auto_workers(dev: torch.device, info: RankInfo, *, cores: int | None = None, torch_threads: int | None = None) -> int:
+    """Reader processes: the node's spare cores per rank on CUDA (at most :data:`MAX_GPU_READERS`); on CPU
+    one reader process only when this rank has a core that its torch threads do not use, else 0 (read
+    between forward passes, in this process).
+
+    Why 0 on a full CPU: a reader process sharing the model's cores preempts one of its OpenMP threads,
+    and every parallel region then waits for the preempted one. On 2 cores with 2 torch threads this
+    cost end-to-end encode 20-35 % of the forward-pass rate, against 3-15 % for reading inline, where
+    decoding at ~3,000 tiles/s is a few percent of a CPU forward pass (``benchmarks/bench_encode.py``).
+    """
+    cores = (_cores() // max(1, info.local_world)) if cores is None else cores
     if dev.type != "cuda":
-        return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    return max(1, min(MAX_GPU_READERS, cores // max(1, info.local_world) - 1))
+        threads = torch.get_num_threads() if torch_threads is None else torch_threads
+        return 1 if cores > threads else 0
+    return max(1, min(MAX_GPU_READERS, cores - 1))
 
 
 def lpt_shares(sizes: Sequence[int], world: int) -> list[int]:
