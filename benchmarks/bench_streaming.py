@@ -165,12 +165,14 @@ def _run(work: Path, mode: str, size: int, tile: int, pool: int, max_rss_gb: flo
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="4096", help="image sides; 8192,16384,32768 are pending a quiet machine here")
+    ap.add_argument("--sizes", default="4096", help="image sides, each configuration in its own process")
     ap.add_argument("--tile", default="2048", help="streaming tile size (px), or per size: 2048:1536,4096:2048")
     ap.add_argument("--pool", type=int, default=8, help="the max-pool kernel measured next to no pooling")
     ap.add_argument("--runs", default="stream-pool,dense,stream", help="which runs, in this order: stream-pool "
                     "(pool kernel --pool), dense (the reference for both), stream (no pooling)")
     ap.add_argument("--dense-up-to", type=int, default=4096, help="run the dense reference at sizes up to this side")
+    ap.add_argument("--stream-up-to", type=int, default=0, help="run the un-pooled stream at sizes up to this side "
+                    "(0: every size)")
     ap.add_argument("--max-rss-gb", type=float, default=6.0, help="kill a run whose RSS passes this (shared machine)")
     ap.add_argument("--pending", default="8192,16384,32768", help="sizes named as pending in the results")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "gigaslide_bench_streaming"),
@@ -191,7 +193,7 @@ def main() -> None:
                 if size <= args.dense_up_to:
                     dense, gd = _run(work, "dense", size, size, args.pool, args.max_rss_gb)
                     rows.append(dense)
-            else:
+            elif what == "stream-pool" or not args.stream_up_to or size <= args.stream_up_to:
                 pool = args.pool if what == "stream-pool" else 1
                 r, got[pool] = _run(work, "stream", size, tile, pool, args.max_rss_gb)
                 rows.append(r)
@@ -209,6 +211,12 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _field() -> int:
+    from gigaslide.streaming.geometry import trace
+
+    return int(max(trace(_trunk()).field))
+
+
 def write_results(rows: list[dict], wall: float, args: argparse.Namespace, pending: list[int], partial: bool = False) -> None:
     from gigaslide.atomic import write_text
 
@@ -222,7 +230,8 @@ def write_results(rows: list[dict], wall: float, args: argparse.Namespace, pendi
         *(["", "**Incomplete: the benchmark was still running (or was stopped) when this was written.**"] if partial else []),
         "",
         f"Command: `nice .venv/bin/python benchmarks/bench_streaming.py --sizes {args.sizes} --tile {args.tile} "
-        f"--pool {args.pool} --runs {args.runs} --dense-up-to {args.dense_up_to} --max-rss-gb {args.max_rss_gb:g}` "
+        f"--pool {args.pool} --runs {args.runs} --dense-up-to {args.dense_up_to}"
+        + (f" --stream-up-to {args.stream_up_to}" if args.stream_up_to else "") + f" --max-rss-gb {args.max_rss_gb:g}` "
         "(each configuration in its own process, one at a time; a configuration measured by an earlier invocation "
         "with the same --work is reused, and its time is that invocation's).",
         "",
@@ -261,15 +270,19 @@ def write_results(rows: list[dict], wall: float, args: argparse.Namespace, pendi
                          + (f" and time ×{a['seconds'] / b['seconds']:.2f} ({a['tiles']} vs {b['tiles']} tiles)" if same
                             else " (times measured in different invocations under different load: not compared)"))
     if pending:
-        lines.append(f"* Not measured in this run: {', '.join(f'{s}²' for s in pending)} -- pending a quiet machine "
-                     f"(`--sizes {','.join(map(str, pending))}`; each takes tens of minutes to hours on 2 cores).")
+        lines.append(f"* Not measured: {', '.join(f'{s}²' for s in pending)} (`--sizes {','.join(map(str, pending))}`; "
+                     "a stream run's time grows with its tile count, which grows with the image area).")
+    base = [r["baseline_rss_gb"] for r in rows if "baseline_rss_gb" in r]
+    field = _field()
     lines += [
         "",
-        "Peak RSS is the whole process: torch + the model (~0.5–0.9 GB) and the uint8 image are in it; with pooling",
-        "off the rest grows with the feature map (512 × (side/32)² floats), its gradient and the loss's copy; with",
-        "pooling on only the pooled map (64× smaller) is held whole. The ResNet-34 receptive field is 899 px; with",
-        "pool kernel 8 each tile's exact outputs end on a window boundary (multiples of 8 × 32 px), so a 2048 px tile",
-        "yields 1024 px of exact output instead of ~1150 px.",
+        "Peak RSS is the whole process: torch + the model"
+        + (f" ({min(base):.2f}–{max(base):.2f} GB in these runs, measured before the image is made)" if base else "")
+        + " and the uint8 image are in it; with pooling off the rest grows with the feature map (512 × (side/32)²"
+        " floats), its gradient and the loss's copy; with pooling on only the pooled map"
+        f" ({args.pool ** 2}× smaller) is held whole. The ResNet-34 receptive field is {field} px (traced from the model);"
+        f" with pool kernel {args.pool} each tile's exact outputs end on a pooling-window boundary (multiples of"
+        f" {args.pool} × 32 px).",
     ]
     write_text(RESULTS, "\n".join(lines) + "\n")
     print("\n".join(lines))

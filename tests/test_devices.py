@@ -48,3 +48,38 @@ def test_auto_on_cpu_uses_bf16_only_when_the_probe_agrees_with_fp32():
     assert bad.resolved == "fp32" and bad.bf16_cosine < BF16_MIN_COSINE
     assert choose_precision(CPU, "auto").resolved == "fp32"  # no probe: nothing checked, fp32
     assert choose_precision(CPU, "bf16").record() == {"requested": "bf16", "resolved": "bf16"}
+
+
+def test_a_training_loop_measured_in_bf16_gets_it_on_a_cpu_with_native_bf16_only(monkeypatch):
+    from gigaslide import devices
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    got = devices.choose_precision(cpu, "auto", bf16_measured="bench X")
+    assert (got.resolved, got.record()) == ("bf16", {"requested": "auto", "resolved": "bf16", "basis": "bench X"})
+    assert devices.choose_precision(cpu, "auto").resolved == "fp32"  # nothing measured: fp32
+    assert devices.choose_precision(cpu, "fp32", bf16_measured="bench X").resolved == "fp32"  # the user's word wins
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)  # emulated bf16 is slower than fp32
+    assert devices.choose_precision(cpu, "auto", bf16_measured="bench X").resolved == "fp32"
+
+
+def test_native_bf16_detection_matches_the_cpu_flags():
+    from pathlib import Path
+
+    from gigaslide.devices import cpu_has_native_bf16
+
+    info = Path("/proc/cpuinfo")
+    if not info.is_file():
+        pytest.skip("no /proc/cpuinfo")
+    flags = set(info.read_text().split())
+    assert cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
+
+
+def test_loader_workers_leave_the_model_its_cores():
+    from gigaslide.devices import loader_workers
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert loader_workers(cpu, cores=2, torch_threads=2) == 0  # the model uses every core: load in the main process
+    assert loader_workers(cpu, cores=8, torch_threads=2) == 4  # spare cores, at most `most`
+    assert loader_workers(cpu, cores=3, torch_threads=2) == 1
+    assert loader_workers(cuda, cores=16) == 8 and loader_workers(cuda, cores=4) == 3 and loader_workers(cuda, cores=1) == 1

@@ -8,7 +8,10 @@ bf16 (fp16 where the GPU has no bf16). On CPU it is bf16 only when a *check* pas
 fp32 outputs is >= :data:`BF16_MIN_COSINE`; without a probe, or when the check fails, CPU runs fp32.
 Inference stages (encode, embedding, whole-slide nuclei inference) pass a probe. Training loops do not: a
 forward-pass check says nothing about bf16 gradients (DINO with bf16 autocast diverged on CPU here while its
-forward passes agreed), so on CPU ``auto`` trains in fp32 — ask for ``--precision bf16`` explicitly.
+forward passes agreed), so on CPU ``auto`` trains in fp32 unless the caller names a measurement that showed
+this training loop as good in bf16 per step (``bf16_measured``, e.g. the tile-SSL methods measured by
+``benchmarks/bench_tile_precision.py``) and the CPU computes bf16 natively (AVX512-BF16 or AMX; elsewhere
+bf16 is emulated and slower than fp32).
 :func:`choose_precision` returns a :class:`PrecisionChoice` that every stage records in its
 provenance (``precision`` requested, ``resolved``, and the measured ``bf16_cosine``).
 """
@@ -44,6 +47,7 @@ class PrecisionChoice:
     requested: str
     resolved: str  # fp32 | bf16 | fp16
     bf16_cosine: float | None = None
+    basis: str | None = None  # for bf16 on CPU without a probe: the measurement it stands on
 
     def record(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -54,14 +58,53 @@ def _check_name(precision: str) -> None:
         raise GigaslideError(f"unknown precision '{precision}'", fix=f"use one of: {', '.join(PRECISIONS)}")
 
 
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def loader_workers(device: torch.device, *, cores: int | None = None, torch_threads: int | None = None,
+                   most: int = 4) -> int:
+    """Data-loader worker processes for a training loop: on CUDA the cores but one (at most ``2 * most``);
+    on CPU only the cores the torch threads leave free (at most ``most``), so 0 -- loading in the main
+    process -- when the model uses every core: a worker sharing the model's cores preempts one of its
+    OpenMP threads and every parallel region waits for it (measured here, see
+    :func:`gigaslide.features.parallel.auto_workers`)."""
+    cores = cpu_cores() if cores is None else cores
+    if device.type == "cuda":
+        return max(1, min(2 * most, cores - 1))
+    threads = torch.get_num_threads() if torch_threads is None else torch_threads
+    return max(0, min(most, cores - threads))
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX tiles)."""
+    cpu = getattr(torch, "cpu", None)
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        try:
+            if getattr(cpu, name)():
+                return True
+        except (AttributeError, RuntimeError):
+            continue
+    return False
+
+
 def choose_precision(device: torch.device, precision: str = "auto",
-                     probe: Callable[[], torch.Tensor] | None = None) -> PrecisionChoice:
-    """Resolve ``precision`` on ``device``; on CPU ``auto`` runs ``probe`` in fp32 and bf16 and compares them."""
+                     probe: Callable[[], torch.Tensor] | None = None, *,
+                     bf16_measured: str | None = None) -> PrecisionChoice:
+    """Resolve ``precision`` on ``device``; on CPU ``auto`` runs ``probe`` in fp32 and bf16 and compares them.
+
+    ``bf16_measured``: for a training loop (no probe), where a measurement showed it as good in bf16 per
+    step; on a CPU with native bf16, ``auto`` then resolves to bf16 and records that basis."""
     _check_name(precision)
     if precision != "auto":
         return PrecisionChoice(precision, precision)
     if device.type == "cuda":
         return PrecisionChoice("auto", "bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    if probe is None and bf16_measured and cpu_has_native_bf16():
+        return PrecisionChoice("auto", "bf16", basis=bf16_measured)
     if probe is None:
         return PrecisionChoice("auto", "fp32")
     with torch.no_grad():

@@ -61,7 +61,7 @@ def demo(out: str = "demo_out", encoder: str = "resnet18", weights: str = "rando
     enc = build_encoder(encoder, weights)
     n_steps = 2 if mosaic_slides else 1
     print(f"[1/{n_steps}] tiles -> features: {len(slides)} {source}, {encoder} ({weights} weights), {mpp} µm/px, {tile_size} px")
-    res = encode_slides(slides, outp / "spine", enc, TilingParams(mpp, tile_size, 0, 0.25), batch_size=32, workers=1,
+    res = encode_slides(slides, outp / "spine", enc, TilingParams(mpp, tile_size, 0, 0.25), batch_size=32,
                         slide_mpp=str(mpp_csv))  # the table lists only slides whose files carry no mpp
     lines = ["# gigaslide demo report", "", f"Source: {source}. Encoder `{encoder}` with {weights} weights "
              "(no weights can be downloaded on this machine; features of a random network are a pipeline check, not a result).",

@@ -79,7 +79,7 @@ def pretrain(data: str, out: str, method: str = "dino", backbone: str = "resnet1
              teacher_temp: str | None = None, mask_ratio: str | None = None, ibot_weight: float | None = None,
              koleo_weight: float | None = None, momentum: float | None = None,
              method_args: str | None = None, devices: int = 1, precision: str = "auto",
-             workers: int = 2, seed: int = 0, checkpoint_every: str = "10m", monitor_every: int | None = None,
+             workers: int | None = None, seed: int = 0, checkpoint_every: str = "10m", monitor_every: int | None = None,
              min_tissue: float = 0.5, data_kind: str = "auto", threads: int | None = None) -> None:
     """Self-supervised pre-training of a tile encoder (SimCLR, MoCo v2, Barlow Twins, SwAV, DINO) on your tiles or slides.
 
@@ -124,8 +124,8 @@ def pretrain(data: str, out: str, method: str = "dino", backbone: str = "resnet1
         momentum: EMA momentum of the teacher / key encoder (DINO, DINOv2, MoCo v2)
         method_args: JSON object overriding method settings, e.g. '{"out_dim": 8192, "temperature": 0.1}'
         devices: number of GPUs; more than 1 runs DDP through PyTorch Lightning
-        precision: auto (bf16 on CUDA; on CPU bf16 only if it matches fp32 on the first batch, recorded), bf16, fp16 or fp32
-        workers: data-loader worker processes (0 = in the main process)
+        precision: auto (bf16 on CUDA; on a CPU with native bf16, bf16 for the methods measured as good in it per step, see benchmarks/results/tile_precision.md, else fp32; recorded in run.json), bf16, fp16 or fp32
+        workers: data-loader worker processes (default: on CPU the cores the torch threads leave free, at most 4, so 0 = the main process when the model uses every core; on CUDA the cores but one, at most 8)
         seed: random seed (model init, tile order, augmentations)
         checkpoint_every: checkpoint interval in wall-clock time (e.g. 10m)
         monitor_every: steps between label-free monitor points (default ~8 per run; 0 = off)

@@ -2,7 +2,9 @@
 
 Reading runs in a persistent pool of reader processes (:class:`gigaslide.slides.pool.ReaderPool`,
 the decode-limited path of :func:`gigaslide.slides.iter_tiles`) that serves every slide of the job:
-the next slide's batches are read while the current one is encoded. The model runs in the main
+the next slide's batches are read while the current one is encoded. Where the model's torch threads
+already use every CPU core, reading runs in the main process between forward passes instead
+(``workers=0``, chosen by :func:`~gigaslide.features.parallel.auto_workers`). The model runs in the main
 process on uint8 batches (pinned and copied ``non_blocking`` on CUDA, normalised on the device),
 channels_last for CNNs, with the precision policy of :func:`gigaslide.devices.choose_precision`
 (recorded per slide), optionally ``torch.compile``-d. A batch never spans two slides; a finished
@@ -226,7 +228,7 @@ def _prepare(encoder: Encoder, dev: torch.device, compile_model: bool) -> Callab
 
 
 def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, encoder: Encoder, params: TilingParams, *,
-                  batch_size: int = 64, workers: int | None = 1, precision: str = "auto", device: str = "auto",
+                  batch_size: int = 64, workers: int | None = None, precision: str = "auto", device: str = "auto",
                   slide_mpp: float | str | None = None, overlays: bool = True, seed: int | None = 0,
                   progress: Callable[[str, int, int], None] | None = None, compile_model: bool = False,
                   direct: bool = True, rank: RankInfo | None = None) -> EncodeResult:

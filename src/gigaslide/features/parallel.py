@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gigaslide.devices import pick_device
+from gigaslide.devices import cpu_cores, pick_device
 
 #: Most reader processes per rank on CUDA (beyond this the decoder is rarely the limit).
 MAX_GPU_READERS = 16
@@ -53,10 +53,6 @@ def rank_device(device: str, info: RankInfo) -> torch.device:
     return dev
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-
-
 def auto_workers(dev: torch.device, info: RankInfo, *, cores: int | None = None, torch_threads: int | None = None) -> int:
     """Reader processes: the node's spare cores per rank on CUDA (at most :data:`MAX_GPU_READERS`); on CPU
     one reader process only when this rank has a core that its torch threads do not use, else 0 (read
@@ -67,7 +63,7 @@ def auto_workers(dev: torch.device, info: RankInfo, *, cores: int | None = None,
     cost end-to-end encode 20-35 % of the forward-pass rate, against 3-15 % for reading inline, where
     decoding at ~3,000 tiles/s is a few percent of a CPU forward pass (``benchmarks/bench_encode.py``).
     """
-    cores = (_cores() // max(1, info.local_world)) if cores is None else cores
+    cores = (cpu_cores() // max(1, info.local_world)) if cores is None else cores
     if dev.type != "cuda":
         threads = torch.get_num_threads() if torch_threads is None else torch_threads
         return 1 if cores > threads else 0

@@ -76,7 +76,24 @@ def test_run_exports_a_registry_encoder_with_provenance(tiles, tmp_path):
     rec = runs.read_run(tmp_path / "run")
     assert rec["run_kind"] == "tile_ssl" and rec["status"] == "finished" and rec["summary"]["images"] == 12
     assert rec["identity"]["lr"] == 1e-3 and rec["identity"]["mpp"] == [0.5] and "input:data" in rec["identity"]
-    assert rec["precision"] == {"requested": "auto", "resolved": "fp32"}  # training on CPU: auto means fp32
+    assert rec["precision"]["requested"] == "auto"  # what auto resolves to: the next test
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_trains_in_bf16_on_cpu_only_for_a_method_measured_in_it(tiles, tmp_path, monkeypatch, native):
+    from gigaslide import devices
+    from gigaslide.ssl.tile.methods import SSL_METHODS
+
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native)
+    assert SSL_METHODS.get("simclr").cpu_bf16_basis and SSL_METHODS.get("dino").cpu_bf16_basis is None
+    pretrain(_cfg(tiles, tmp_path / "simclr", steps=1, precision="auto"))
+    pretrain(_cfg(tiles, tmp_path / "dino", "dino", steps=1, precision="auto"))
+    got = runs.read_run(tmp_path / "simclr")["precision"]
+    if native:
+        assert got["resolved"] == "bf16" and "tile_precision" in got["basis"]
+    else:  # emulated bf16 would be slower than fp32
+        assert got == {"requested": "auto", "resolved": "fp32"}
+    assert runs.read_run(tmp_path / "dino")["precision"] == {"requested": "auto", "resolved": "fp32"}
 
 
 def test_default_export_keeps_the_trained_batchnorm_statistics(tiles, tmp_path):
@@ -87,6 +104,13 @@ def test_default_export_keeps_the_trained_batchnorm_statistics(tiles, tmp_path):
     assert any(k.endswith("running_mean") for k in exported)
     assert all(torch.equal(trunk[k], v) for k, v in exported.items())
     assert read_provenance(tmp_path / "run" / "encoder").get("bn_recalibrated_on_tiles") is None
+
+
+def test_calling_a_finished_run_again_keeps_its_training_rates(tiles, tmp_path):
+    first = pretrain(_cfg(tiles, tmp_path / "run", steps=2))
+    again = pretrain(_cfg(tiles, tmp_path / "run", steps=2))  # nothing left to train
+    assert first["images_per_s"] and again["images_per_s"] == first["images_per_s"]
+    assert again["steps"] == 2 and runs.read_run(tmp_path / "run")["summary"]["images_per_s"] == first["images_per_s"]
 
 
 def test_loss_decreases_and_the_monitor_is_logged(tiles, tmp_path):
@@ -101,13 +125,14 @@ def test_loss_decreases_and_the_monitor_is_logged(tiles, tmp_path):
     assert rec["monitor"][0] != rec["monitor"][-1]  # measured on the changing encoder
 
 
-@pytest.mark.parametrize("method", ["mocov2", "dino"])
-def test_interrupted_run_resumes_bit_exactly(tiles, tmp_path, method):
-    full = pretrain(_cfg(tiles, tmp_path / "full", method))
-    part = pretrain(_cfg(tiles, tmp_path / "part", method, stop_after_steps=2))
+@pytest.mark.parametrize(("method", "precision"), [("mocov2", "fp32"), ("dino", "fp32"), ("simclr", "bf16"), ("mocov2", "bf16")])
+def test_interrupted_run_resumes_bit_exactly(tiles, tmp_path, method, precision):
+    """Also in bf16 autocast for the methods `--precision auto` trains in bf16 on CPU."""
+    full = pretrain(_cfg(tiles, tmp_path / "full", method, precision=precision))
+    part = pretrain(_cfg(tiles, tmp_path / "part", method, stop_after_steps=2, precision=precision))
     assert part["steps"] == 2 and part["stopped_by"] == "stop_after_steps"
     assert not _same(_export(tmp_path / "full"), _export(tmp_path / "part"))  # the comparison below can fail
-    resumed = pretrain(_cfg(tiles, tmp_path / "part", method))
+    resumed = pretrain(_cfg(tiles, tmp_path / "part", method, precision=precision))
     assert resumed["steps"] == full["steps"] == 4
     assert _same(_export(tmp_path / "full"), _export(tmp_path / "part")), "resumed weights differ"
     a, b = runs.load_checkpoint(tmp_path / "full")["model"], runs.load_checkpoint(tmp_path / "part")["model"]

@@ -50,7 +50,7 @@ class PretrainConfig:
     local_scale: tuple[float, float] | None = None
     global_scale: tuple[float, float] | None = None
     method_args: dict[str, Any] = field(default_factory=dict)
-    workers: int = 0
+    workers: int | None = None  # data-loader worker processes (None: gigaslide.devices.loader_workers)
     seed: int = 0
     devices: int = 1
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (gigaslide.devices.choose_precision)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from gigaslide import __version__, runs
-from gigaslide.devices import PrecisionChoice, choose_precision, device_name, pick_device
+from gigaslide.devices import PrecisionChoice, choose_precision, device_name, loader_workers, pick_device
 from gigaslide.encoders import export_encoder
 from gigaslide.provenance import Provenance
 from gigaslide.ssl.tile.augment import MultiView, view_recipes
@@ -144,10 +144,14 @@ class Session:
 
     def summary(self, reason: str, images_this_run: int, train_s: float, **extra: Any) -> dict[str, Any]:
         first = next((h["loss"] for h in self.history if h.get("loss") is not None), None)
+        # an invocation that trained nothing (the run was finished) keeps the rates the run was trained at
+        prev = (self.run.record.get("summary") or {}) if self.run is not None else {}
+        rate = round(images_this_run / train_s, 2) if images_this_run and train_s > 0 else prev.get("images_per_s")
+        per_step = round(self.plan.seconds_per_step, 4) if images_this_run and self.plan.seconds_per_step else None
         return {"run": str(self.out), "method": self.cfg.method, "backbone": self.cfg.backbone, "steps": self.step,
                 "planned_steps": self.plan.planned, "stopped_by": reason, "elapsed_s": round(self.elapsed, 1),
-                "images": self.images, "images_per_s": round(images_this_run / train_s, 2) if train_s > 0 else None,
-                "seconds_per_step": round(self.plan.seconds_per_step, 4) if self.plan.seconds_per_step else None,
+                "images": self.images, "images_per_s": rate,
+                "seconds_per_step": per_step if per_step is not None else prev.get("seconds_per_step"),
                 "device": device_name(self.device), "precision": self.precision.record(), "init": self.init_source,
                 "data": self.source.describe(), "encoder": str(self.out / "encoder"),
                 "final_loss": self.history[-1].get("loss") if self.history else None, "first_loss": first,
@@ -169,6 +173,8 @@ def open_session(cfg: PretrainConfig, *, write: bool = True, device: torch.devic
     family = run_spec(cfg.backbone, cfg.method, cfg.tile_size, cfg.mpp, cfg.augment).family
     cfg = resolve_config(cfg, cls, family)
     device = device or pick_device("auto")
+    if cfg.workers is None:
+        cfg = dataclasses.replace(cfg, workers=loader_workers(device))
     source = build_source(cfg.data, cfg.mpp, cfg.tile_size, cfg.min_tissue, cfg.data_kind)
     has_ckpt = runs.read_checkpoint_record(cfg.out) is not None if os.path.isdir(cfg.out) else False
     model, spec, init_source = build_model(cfg, load=not has_ckpt)  # --init is checked before the folder is touched
@@ -188,7 +194,8 @@ def open_session(cfg: PretrainConfig, *, write: bool = True, device: torch.devic
     model.to(device)
     opt = torch.optim.AdamW(param_groups(model, cfg, spec.family), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if ck is None:
-        precision = choose_precision(device, cfg.precision)  # training: no forward probe (see gigaslide.devices)
+        # training: no forward probe; bf16 on CPU only for a method measured as good in it (see gigaslide.devices)
+        precision = choose_precision(device, cfg.precision, bf16_measured=cls.cpu_bf16_basis)
     else:
         precision = PrecisionChoice(**ck["precision"])
         runs.load_module_state(model, ck["model"], runs.checkpoint_dir(cfg.out),
@@ -213,12 +220,14 @@ def open_session(cfg: PretrainConfig, *, write: bool = True, device: torch.devic
                                                            if k in ("batch_size", "lr", "crop_size", "n_local",
                                                                     "layer_decay", "warmup_frac", "weight_decay")})
     if cfg.steps:
-        log.info("%s %s: %d steps planned (batch %d, crops %d px, tiles %d px, lr %.2g, %s)", cfg.method, cfg.backbone,
-                 plan.planned, cfg.batch_size, cfg.crop_size, cfg.tile_size, cfg.lr, precision.resolved)
+        log.info("%s %s: %d steps planned (batch %d, crops %d px, tiles %d px, lr %.2g, %s, %d loader workers)", cfg.method,
+                 cfg.backbone, plan.planned, cfg.batch_size, cfg.crop_size, cfg.tile_size, cfg.lr, precision.resolved,
+                 cfg.workers)
     else:
         log.info("%s %s: budget %.0f s; the step time of the first steps sets the number of steps the lr "
-                 "warm-up + cosine span (batch %d, crops %d px, tiles %d px, lr %.2g, %s)", cfg.method, cfg.backbone,
-                 cfg.budget_s, cfg.batch_size, cfg.crop_size, cfg.tile_size, cfg.lr, precision.resolved)
+                 "warm-up + cosine span (batch %d, crops %d px, tiles %d px, lr %.2g, %s, %d loader workers)", cfg.method,
+                 cfg.backbone, cfg.budget_s, cfg.batch_size, cfg.crop_size, cfg.tile_size, cfg.lr, precision.resolved,
+                 cfg.workers)
     return s
 
 
