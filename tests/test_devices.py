@@ -80,6 +80,6 @@ def test_loader_workers_leave_the_model_its_cores():
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert loader_workers(cpu, cores=2, torch_threads=2) == 0  # the model uses every core: load in the main process
-    assert loader_workers(cpu, cores=8, torch_threads=2) == 4  # spare cores, at most `most`
+    assert loader_workers(cpu, cores=8, torch_threads=2) == 4  # spare cores, at most `cpu_most`
     assert loader_workers(cpu, cores=3, torch_threads=2) == 1
     assert loader_workers(cuda, cores=16) == 8 and loader_workers(cuda, cores=4) == 3 and loader_workers(cuda, cores=1) == 1

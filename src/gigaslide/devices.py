@@ -66,17 +66,17 @@ def cpu_cores() -> int:
 
 
 def loader_workers(device: torch.device, *, cores: int | None = None, torch_threads: int | None = None,
-                   most: int = 4) -> int:
-    """Data-loader worker processes for a training loop: on CUDA the cores but one (at most ``2 * most``);
-    on CPU only the cores the torch threads leave free (at most ``most``), so 0 -- loading in the main
-    process -- when the model uses every core: a worker sharing the model's cores preempts one of its
+                   cpu_most: int = 4, cuda_most: int = 8) -> int:
+    """Worker processes that feed a model (data loaders, slide readers): on CUDA the cores but one (at most
+    ``cuda_most``); on CPU only the cores the torch threads leave free (at most ``cpu_most``), so 0 -- the
+    main process -- when the model uses every core: a worker sharing the model's cores preempts one of its
     OpenMP threads and every parallel region waits for it (measured here, see
     :func:`gigaslide.features.parallel.auto_workers`)."""
     cores = cpu_cores() if cores is None else cores
     if device.type == "cuda":
-        return max(1, min(2 * most, cores - 1))
+        return max(1, min(cuda_most, cores - 1))
     threads = torch.get_num_threads() if torch_threads is None else torch_threads
-    return max(0, min(most, cores - threads))
+    return max(0, min(cpu_most, cores - threads))
 
 
 def cpu_has_native_bf16() -> bool:

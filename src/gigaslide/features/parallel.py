@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gigaslide.devices import cpu_cores, pick_device
+from gigaslide.devices import cpu_cores, loader_workers, pick_device
 
 #: Most reader processes per rank on CUDA (beyond this the decoder is rarely the limit).
 MAX_GPU_READERS = 16
@@ -64,10 +64,7 @@ def auto_workers(dev: torch.device, info: RankInfo, *, cores: int | None = None,
     decoding at ~3,000 tiles/s is a few percent of a CPU forward pass (``benchmarks/bench_encode.py``).
     """
     cores = (cpu_cores() // max(1, info.local_world)) if cores is None else cores
-    if dev.type != "cuda":
-        threads = torch.get_num_threads() if torch_threads is None else torch_threads
-        return 1 if cores > threads else 0
-    return max(1, min(MAX_GPU_READERS, cores - 1))
+    return loader_workers(dev, cores=cores, torch_threads=torch_threads, cpu_most=1, cuda_most=MAX_GPU_READERS)
 
 
 def lpt_shares(sizes: Sequence[int], world: int) -> list[int]:

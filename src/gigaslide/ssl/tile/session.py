@@ -147,11 +147,12 @@ class Session:
         # an invocation that trained nothing (the run was finished) keeps the rates the run was trained at
         prev = (self.run.record.get("summary") or {}) if self.run is not None else {}
         rate = round(images_this_run / train_s, 2) if images_this_run and train_s > 0 else prev.get("images_per_s")
-        per_step = round(self.plan.seconds_per_step, 4) if images_this_run and self.plan.seconds_per_step else None
+        per_step = (round(self.plan.seconds_per_step, 4) if images_this_run and self.plan.seconds_per_step
+                    else prev.get("seconds_per_step"))
         return {"run": str(self.out), "method": self.cfg.method, "backbone": self.cfg.backbone, "steps": self.step,
                 "planned_steps": self.plan.planned, "stopped_by": reason, "elapsed_s": round(self.elapsed, 1),
                 "images": self.images, "images_per_s": rate,
-                "seconds_per_step": per_step if per_step is not None else prev.get("seconds_per_step"),
+                "seconds_per_step": per_step,
                 "device": device_name(self.device), "precision": self.precision.record(), "init": self.init_source,
                 "data": self.source.describe(), "encoder": str(self.out / "encoder"),
                 "final_loss": self.history[-1].get("loss") if self.history else None, "first_loss": first,
