@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_note, run_child_peak_rss, write_result  # noqa: E402
 
-from gigaslide.devices import autocast_ctx  # noqa: E402
+from gigaslide.devices import autocast_ctx, cpu_has_native_bf16  # noqa: E402
 from gigaslide.encoders import build_encoder  # noqa: E402
 from gigaslide.features.extract import encode_slides  # noqa: E402
 from gigaslide.slides import iter_tiles  # noqa: E402
@@ -39,6 +39,12 @@ def forward_only(encoder, batches, precision: str) -> float:  # noqa: ANN001
     return time.perf_counter() - t
 
 
+#: what ``encode --precision auto`` runs here: bf16 autocast where the CPU computes bf16 natively, else fp32
+PRECISION = "bf16" if cpu_has_native_bf16() else "fp32"
+PRECISION_TEXT = ("bf16 autocast (this CPU has native bf16)" if PRECISION == "bf16" else
+                  "fp32 (this CPU has no native bf16: emulated bf16 is slower)")
+
+
 def e2e_vs_forward(slides: list[Path], encoder_name: str, params: TilingParams, repeats: int, work: Path) -> dict:
     """``encode_slides`` over ``slides`` (tiles made beforehand) with its default readers and with one reader
     process, each against the forward pass on the same tiles right after it (back-to-back pairs)."""
@@ -51,7 +57,7 @@ def e2e_vs_forward(slides: list[Path], encoder_name: str, params: TilingParams, 
         tiles = np.stack(list(iter_tiles(slide, grid.coords, params.tile_size, params.mpp)))  # pre-read into memory
         batches += [torch.from_numpy(tiles[i:i + 64]) for i in range(0, len(tiles), 64)]
         n += len(grid)
-    forward_only(enc, batches, "bf16")  # warm-up: first-call kernel selection is not part of any arm
+    forward_only(enc, batches, PRECISION)  # warm-up: first-call kernel selection is not part of any arm
     read_s = []
     for _ in range(3):  # reading alone, opening each slide included: what reading inline adds to the forward pass
         t = time.perf_counter()
@@ -67,10 +73,10 @@ def e2e_vs_forward(slides: list[Path], encoder_name: str, params: TilingParams, 
             out = work / f"e2e-{arm}{r}"
             for slide in slides:
                 tile_slide(slide, out, params, overlays=False)  # tiles exist, so encode_slides only reads + encodes
-            res = encode_slides(slides, out, enc, params, batch_size=64, workers=arms[arm], precision="bf16", overlays=False)
+            res = encode_slides(slides, out, enc, params, batch_size=64, workers=arms[arm], precision=PRECISION, overlays=False)
             assert res.tiles == n, (res.tiles, n, res.failed)
             rows[arm]["e2e"].append(res.seconds)
-            rows[arm]["fwd"].append(forward_only(enc, batches, "bf16"))
+            rows[arm]["fwd"].append(forward_only(enc, batches, PRECISION))
             rows[arm]["workers"].append(json.loads((out / "manifest.json").read_text())["config"]["workers"])
             for f in (out / "features").glob("*.h5"):
                 f.unlink()
@@ -84,6 +90,35 @@ def e2e_vs_forward(slides: list[Path], encoder_name: str, params: TilingParams, 
     return out
 
 
+def precision_rows(quick: bool) -> list[str]:
+    """Forward-only tiles/s in fp32 and in bf16 autocast on this CPU, alternating back-to-back pairs: the basis of
+    ``--precision auto`` choosing bf16 only on CPUs with native bf16 (gigaslide.devices)."""
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 256, (32, 224, 224, 3), dtype=torch.uint8, generator=gen) for _ in range(2 if quick else 4)]
+    n = sum(len(b) for b in batches)
+    lines = ["", "## Precision on this CPU: forward-only fp32 vs bf16 autocast", "",
+             f"Native bf16 (AVX512-BF16 / AMX): **{'yes' if cpu_has_native_bf16() else 'no'}**. {n} random uint8 tiles (HWC, as read) "
+             "of 224 px per measurement, batch 32, channels_last, 2 torch threads, after one warm-up pass each; "
+             "median of 3 alternating back-to-back pairs. `encode --precision auto` runs "
+             f"**{PRECISION}** here.", "",
+             "| encoder | fp32 tiles/s | bf16 tiles/s | bf16 / fp32 (per pair) |", "|---|---|---|---|"]
+    for name in ("resnet18", "vit_small"):
+        enc = build_encoder(name, "random").eval()
+        if name.startswith("resnet"):
+            enc = enc.to(memory_format=torch.channels_last)
+        forward_only(enc, batches[:1], "fp32")
+        forward_only(enc, batches[:1], "bf16")
+        t = {"fp32": [], "bf16": []}
+        for r in range(3):
+            for prec in (("fp32", "bf16") if r % 2 == 0 else ("bf16", "fp32")):
+                t[prec].append(forward_only(enc, batches, prec))
+        ratios = [a / b for a, b in zip(t["fp32"], t["bf16"])]
+        lines.append(f"| {name} | {n / statistics.median(t['fp32']):.1f} | {n / statistics.median(t['bf16']):.1f} | "
+                     f"{statistics.median(ratios):.2f} ({', '.join(f'{x:.2f}' for x in ratios)}) |")
+    return lines
+
+
 def rss_vs_size(sizes: list[int], work: Path) -> list[tuple[int, float, int]]:
     rows = []
     for s in sizes:
@@ -93,7 +128,7 @@ def rss_vs_size(sizes: list[int], work: Path) -> list[tuple[int, float, int]]:
                 f"from gigaslide.features.extract import encode_slides\n"
                 f"from gigaslide.tiling import TilingParams\n"
                 f"r = encode_slides([{str(p)!r}], {str(work / f'rss{s}')!r}, build_encoder('resnet18', 'random'), "
-                f"TilingParams(1.0, 224, 0, 0.25), precision='bf16', overlays=False)\n"
+                f"TilingParams(1.0, 224, 0, 0.25), precision={PRECISION!r}, overlays=False)\n"
                 f"print(r.tiles)\n")
         gb, out = run_child_peak_rss(code)
         rows.append((s, gb, int(out.strip().splitlines()[-1])))
@@ -110,7 +145,7 @@ def main() -> None:
     slide = shared / "slides" / "cmu-1-small-region.svs" if shared else make_slide(work / "s.tiff", (4096, 4096))
     lines = ["# Spine: encode throughput and memory", ""]
     lines += ["## Encode end to end vs forward pass alone (same tiles, same run)", "",
-              "ResNet-18 (random weights; speed does not depend on them), bf16 autocast, channels_last, batch 64, 2 torch "
+              f"ResNet-18 (random weights; speed does not depend on them), {PRECISION_TEXT}, channels_last, batch 64, 2 torch "
               "threads, reading with `iter_tiles`' decode-once path. Two arms, each timed against the forward pass on the same "
               "tiles right after it, in alternating order, median of 5 (--quick: 3) pairs: `encode`'s default readers "
               "(`workers` unset: a reader process only when a core is left beside the torch threads, else reading in the "
@@ -158,6 +193,7 @@ def main() -> None:
                         f"{len(pairs)}: the machine's drift is larger than the reading cost, so the target is not shown "
                         "at this noise level, only not contradicted.")
         lines = [ln.replace("TARGET_LINE", verdict) for ln in lines]
+    lines += precision_rows(args.quick)
     lines += ["", "## Peak RSS of encoding one generated slide as it grows", "",
               "Generated pyramidal TIFF, tiles of 224 px at 1 µm/px, ResNet-18, each size in a fresh process.", "",
               "| slide | tiles | peak RSS (GB) |", "|---|---|---|"]

@@ -248,7 +248,7 @@ def main() -> None:  # noqa: C901
           f"(only {len(best['per_image_pq'])} test images: CIs are wide; CPU training of at most {max(steps)} steps, far from convergence).", ""]
     L += [f"## Whole-slide inference (best arm, tissue-only, regions of 1024² + 64 px margin, 512-px windows, "
           f"{args.threads} torch threads)", "",
-          "`--precision auto` (the default of `gigaslide nuclei`) runs bf16 autocast on CPU when the NP and HV logits of "
+          "`--precision auto` (the default of `gigaslide nuclei`) runs bf16 autocast on a CPU with native bf16 when the NP and HV logits of "
           f"the first region's most stained window in bf16 agree with fp32 (cosine >= {BF16_MIN_COSINE}), else fp32; "
           "each row is its own process, fp32 and auto one after the other on the same slide.", "",
           "| slide | precision (resolved, cosine) | nuclei | megapixels (regions) | seconds | nuclei/s | MP/s | peak RSS GB |",

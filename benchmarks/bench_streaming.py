@@ -34,6 +34,9 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "streaming.md"
+#: every measured row, keyed by configuration, with the command that measured it: an invocation replaces its own
+#: configurations' rows and keeps the others, so sizes measured one at a time (hours each) make one table
+STORE = RESULTS.with_suffix(".json")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
@@ -199,7 +202,8 @@ def main() -> None:
                 rows.append(r)
             write_results(rows, time.time() - t_start, args, pending, partial=True)  # rows so far, if stopped
         for r in rows:
-            if r["size"] == size and r["mode"] == "stream" and "error" not in r and dense and "error" not in dense:
+            if (r["size"] == size and r["mode"] == "stream" and "error" not in r and dense and "error" not in dense
+                    and Path(got[r["pool"]]).is_file() and Path(gd).is_file()):
                 r["grad_rel_error"] = _grad_error(got[r["pool"]], gd, f"p{r['pool']}/")
     write_results(rows, time.time() - t_start, args, pending)
 
@@ -217,8 +221,37 @@ def _field() -> int:
     return int(max(trace(_trunk()).field))
 
 
+_MODE_ORDER = {"stream-pool": 0, "dense": 1, "stream": 2}
+
+
+def _key(r: dict) -> str:
+    return f"{r['mode']}_{r['size']}_{r['tile'] if r['mode'] == 'stream' else r['size']}_{r['pool']}"
+
+
+def _command(args: argparse.Namespace) -> str:
+    return (f"nice .venv/bin/python benchmarks/bench_streaming.py --sizes {args.sizes} --tile {args.tile} "
+            f"--pool {args.pool} --runs {args.runs} --dense-up-to {args.dense_up_to}"
+            + (f" --stream-up-to {args.stream_up_to}" if args.stream_up_to else "") + f" --max-rss-gb {args.max_rss_gb:g}")
+
+
+def merge_rows(stored: list[dict], rows: list[dict], command: str) -> list[dict]:
+    """``stored`` with this invocation's ``rows`` (tagged with ``command``) in place of the same configurations,
+    ordered by image size, then stream-pool / dense / stream."""
+    new = {_key(r): {**r, "command": r.get("command") or command} for r in rows}
+    merged = {**{_key(r): r for r in stored}, **new}
+    return sorted(merged.values(), key=lambda r: (r["size"], _MODE_ORDER["stream-pool" if r["mode"] == "stream" and
+                                                                          r["pool"] > 1 else r["mode"]]))
+
+
 def write_results(rows: list[dict], wall: float, args: argparse.Namespace, pending: list[int], partial: bool = False) -> None:
-    from gigaslide.atomic import write_text
+    from gigaslide.atomic import write_json, write_text
+
+    stored = json.loads(STORE.read_text())["rows"] if STORE.is_file() else []
+    rows = merge_rows(stored, rows, _command(args))
+    write_json(STORE, {"rows": rows})
+    commands = list(dict.fromkeys(r["command"] for r in rows))
+    measured = {s for r in rows if "error" not in r for s in [r["size"]]}
+    pending = [s for s in pending if s not in measured]
 
     lines = [
         "# Streaming convolution: ResNet-34 forward+backward, streamed (with / without max-pool) vs dense",
@@ -229,27 +262,29 @@ def write_results(rows: list[dict], wall: float, args: argparse.Namespace, pendi
         f"Wall time of this invocation: {wall / 60:.1f} min. Times measured under load are upper bounds.",
         *(["", "**Incomplete: the benchmark was still running (or was stopped) when this was written.**"] if partial else []),
         "",
-        f"Command: `nice .venv/bin/python benchmarks/bench_streaming.py --sizes {args.sizes} --tile {args.tile} "
-        f"--pool {args.pool} --runs {args.runs} --dense-up-to {args.dense_up_to}"
-        + (f" --stream-up-to {args.stream_up_to}" if args.stream_up_to else "") + f" --max-rss-gb {args.max_rss_gb:g}` "
-        "(each configuration in its own process, one at a time; a configuration measured by an earlier invocation "
-        "with the same --work is reused, and its time is that invocation's).",
+        "Commands (each configuration in its own process, one at a time; a configuration measured by an earlier "
+        "invocation with the same --work is reused, and its time is that invocation's; rows of sizes another "
+        f"command measured are kept from `{STORE.name}`; the `cmd` column says which command measured a row):",
         "",
-        "| image | mode | pool kernel | tile | tiles | map to head | peak RSS GB | image GB | peak RSS − image GB | time s | grad rel. error vs dense |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *[f"{i + 1}. Command: `{c}`" for i, c in enumerate(commands)],
+        "",
+        "| image | mode | pool kernel | tile | tiles | map to head | peak RSS GB | image GB | peak RSS − image GB | time s | grad rel. error vs dense | cmd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         pool = r["pool"] if r["mode"] == "stream" else f"1 and {r['pool']}"
         r_time = f"{r.get('seconds', 0):.0f}" + (" (earlier invocation)" if r.get("reused") else "")
         if "error" in r:
-            lines.append(f"| {r['size']}² | {r['mode']} | {pool} | {r['tile']} | | | failed: {r['error']} | | | | |")
+            lines.append(f"| {r['size']}² | {r['mode']} | {pool} | {r['tile']} | | | failed: {r['error']} | | | | | "
+                         f"{commands.index(r['command']) + 1} |")
             continue
         ge = f"{r['grad_rel_error']:.1e}" if "grad_rel_error" in r else ""
         mode = "stream, low-memory" if r["mode"] == "stream" else "dense (checkpointed)"
         tile = r["tile"] if r["mode"] == "stream" else "-"
         fmap = "×".join(str(v) for v in r["fmap"]) + (" (before pooling)" if r["mode"] == "dense" else "")
         lines.append(f"| {r['size']}² | {mode} | {pool} | {tile} | {r['tiles']} | {fmap} | {r['peak_rss_gb']:.2f} | "
-                     f"{r['image_gb']:.2f} | {r['peak_rss_gb'] - r['image_gb']:.2f} | {r_time} | {ge} |")
+                     f"{r['image_gb']:.2f} | {r['peak_rss_gb'] - r['image_gb']:.2f} | {r_time} | {ge} | "
+                     f"{commands.index(r['command']) + 1} |")
     ok = [r for r in rows if "error" not in r and r["mode"] == "stream"]
     lines += ["", "Verdicts (computed from the rows above):"]
     for r in ok:
@@ -264,7 +299,8 @@ def write_results(rows: list[dict], wall: float, args: argparse.Namespace, pendi
     for size in sorted({r["size"] for r in ok}):
         a, b = by.get((size, args.pool)), by.get((size, 1))
         if a and b:
-            same = not a.get("reused") and not b.get("reused")  # times comparable only within one invocation
+            # times comparable only when measured side by side in one invocation
+            same = not a.get("reused") and not b.get("reused") and a["command"] == b["command"]
             lines.append(f"* {size}²: pooling {args.pool} changes peak RSS − image by "
                          f"{(a['peak_rss_gb'] - a['image_gb']) - (b['peak_rss_gb'] - b['image_gb']):+.2f} GB"
                          + (f" and time ×{a['seconds'] / b['seconds']:.2f} ({a['tiles']} vs {b['tiles']} tiles)" if same

@@ -34,9 +34,11 @@ def test_pick_device():
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def test_auto_on_cpu_uses_bf16_only_when_the_probe_agrees_with_fp32():
+def test_auto_on_cpu_uses_bf16_only_when_the_probe_agrees_with_fp32(monkeypatch):
+    from gigaslide import devices
     from gigaslide.devices import BF16_MIN_COSINE, choose_precision
 
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 32)
     x = torch.randn(8, 64)
@@ -61,6 +63,19 @@ def test_a_training_loop_measured_in_bf16_gets_it_on_a_cpu_with_native_bf16_only
     assert devices.choose_precision(cpu, "fp32", bf16_measured="bench X").resolved == "fp32"  # the user's word wins
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)  # emulated bf16 is slower than fp32
     assert devices.choose_precision(cpu, "auto", bf16_measured="bench X").resolved == "fp32"
+
+
+def test_auto_on_a_cpu_without_native_bf16_runs_fp32_even_where_bf16_would_be_accurate(monkeypatch):
+    """Emulated bf16 autocast is several times slower than fp32 (AVX2-only CPUs): ``auto`` must not pick it,
+    and says why in the record."""
+    from gigaslide import devices
+
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(8, 64)
+    got = devices.choose_precision(CPU, "auto", probe=lambda: lin(x))
+    assert got.record() == {"requested": "auto", "resolved": "fp32", "basis": devices.NO_NATIVE_BF16}
+    assert devices.choose_precision(CPU, "bf16").resolved == "bf16"  # asked for by name: the user's word wins
 
 
 def test_native_bf16_detection_matches_the_cpu_flags():

@@ -3,7 +3,9 @@
 Precision names used by every command: ``auto``, ``fp32``, ``bf16`` (autocast) and ``fp16``.
 
 ``auto`` has one meaning everywhere: **the fastest autocast that stays accurate**. On CUDA that is
-bf16 (fp16 where the GPU has no bf16). On CPU it is bf16 only when a *check* passes: the caller's
+bf16 (fp16 where the GPU has no bf16). On CPU it is bf16 only where the CPU computes bf16 natively
+(AVX512-BF16 or AMX: :func:`cpu_has_native_bf16`; elsewhere autocast emulates bf16, several times slower
+than fp32: ``benchmarks/bench_encode.py`` measures both on the machine it runs on) and a *check* passes: the caller's
 ``probe`` (a forward pass on its first real batch) gives outputs whose min cosine similarity to the
 fp32 outputs is >= :data:`BF16_MIN_COSINE`; without a probe, or when the check fails, CPU runs fp32.
 Inference stages (encode, embedding, whole-slide nuclei inference) pass a probe. Training loops do not: a
@@ -29,6 +31,8 @@ from gigaslide.errors import GigaslideError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: bf16 is used on CPU under ``auto`` only when it agrees with fp32 at least this well (min cosine).
 BF16_MIN_COSINE = 0.999
+#: the ``basis`` of an ``auto`` that stayed fp32 on CPU although bf16 was a candidate
+NO_NATIVE_BF16 = "this CPU has no native bf16 (AVX512-BF16 / AMX): emulated bf16 is slower than fp32"
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -103,7 +107,9 @@ def choose_precision(device: torch.device, precision: str = "auto",
         return PrecisionChoice(precision, precision)
     if device.type == "cuda":
         return PrecisionChoice("auto", "bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    if probe is None and bf16_measured and cpu_has_native_bf16():
+    if not cpu_has_native_bf16():  # emulated bf16 is slower than fp32: nothing to gain
+        return PrecisionChoice("auto", "fp32", basis=NO_NATIVE_BF16 if (probe is not None or bf16_measured) else None)
+    if probe is None and bf16_measured:
         return PrecisionChoice("auto", "bf16", basis=bf16_measured)
     if probe is None:
         return PrecisionChoice("auto", "fp32")

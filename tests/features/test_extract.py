@@ -73,6 +73,7 @@ def test_broken_slide_is_reported_and_batch_goes_on(tmp_path, encoder, two_slide
 def test_auto_precision_follows_the_check_it_records(tmp_path, encoder, two_slides, monkeypatch):
     import gigaslide.devices as devices
 
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)  # the probe decides (see test_devices)
     fp32 = encode_slides(two_slides[:1], tmp_path / "fp32", encoder, PARAMS, workers=0, precision="fp32")
     bf16 = encode_slides(two_slides[:1], tmp_path / "bf16", encoder, PARAMS, workers=0, precision="bf16")
     a32 = store.load(tmp_path / "fp32" / "features" / "a.h5").features
@@ -123,7 +124,10 @@ def test_interrupted_write_leaves_nothing_half_written(tmp_path, encoder, two_sl
     assert res.done == ["a"]
 
 
-def test_precision_choice_and_read_resolution_are_recorded(tmp_path, encoder):
+def test_precision_choice_and_read_resolution_are_recorded(tmp_path, encoder, monkeypatch):
+    import gigaslide.devices as devices
+
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)  # so that the probe runs and is recorded
     slide = make_slide(tmp_path / "a.tiff", (1024, 768), mpp=0.499, seed=1)
     res = encode_slides([slide], tmp_path, encoder, PARAMS, workers=0, precision="auto")
     ff = store.load(tmp_path / "features" / "a.h5")

@@ -121,6 +121,7 @@ def test_auto_precision_is_chosen_on_the_first_region_and_recorded(tiny_run: Pat
     from gigaslide import devices
     from gigaslide.testing import make_slide
 
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)  # the probe decides (see test_devices)
     make_slide(tmp_path / "g.tiff", (700, 500), mpp=0.25)
     kw = dict(region=256, margin=32, tissue_only=False, window=256)
 

@@ -157,7 +157,8 @@ class Session:
                 "data": self.source.describe(), "encoder": str(self.out / "encoder"),
                 "final_loss": self.history[-1].get("loss") if self.history else None, "first_loss": first,
                 "monitor": self.monitor_log[-1] if self.monitor_log else None,
-                "crop_size": self.cfg.crop_size, "batch_size": self.cfg.batch_size, "lr": self.cfg.lr, **extra}
+                "crop_size": self.cfg.crop_size, "batch_size": self.cfg.batch_size, "lr": self.cfg.lr,
+                "workers": self.cfg.workers, **extra}
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         if self.run is not None:
