@@ -100,7 +100,7 @@ def precision_rows(quick: bool) -> list[str]:
     lines = ["", "## Precision on this CPU: forward-only fp32 vs bf16 autocast", "",
              f"Native bf16 (AVX512-BF16 / AMX): **{'yes' if cpu_has_native_bf16() else 'no'}**. {n} random uint8 tiles (HWC, as read) "
              "of 224 px per measurement, batch 32, channels_last, 2 torch threads, after one warm-up pass each; "
-             "median of 3 alternating back-to-back pairs. `encode --precision auto` runs "
+             "median of 3 alternating back-to-back pairs (" + load_note() + "). `encode --precision auto` runs "
              f"**{PRECISION}** here.", "",
              "| encoder | fp32 tiles/s | bf16 tiles/s | bf16 / fp32 (per pair) |", "|---|---|---|---|"]
     for name in ("resnet18", "vit_small"):
@@ -117,6 +117,12 @@ def precision_rows(quick: bool) -> list[str]:
         lines.append(f"| {name} | {n / statistics.median(t['fp32']):.1f} | {n / statistics.median(t['bf16']):.1f} | "
                      f"{statistics.median(ratios):.2f} ({', '.join(f'{x:.2f}' for x in ratios)}) |")
     return lines
+
+
+def write_precision(quick: bool) -> None:
+    """results/encode_precision.md: :func:`precision_rows` on this machine."""
+    print(write_result("encode_precision", "\n".join(["# Encode: precision policy measured", *precision_rows(quick)[1:]]))
+          .read_text())
 
 
 def rss_vs_size(sizes: list[int], work: Path) -> list[tuple[int, float, int]]:
@@ -139,7 +145,11 @@ def rss_vs_size(sizes: list[int], work: Path) -> list[tuple[int, float, int]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--precision-only", action="store_true",
+                    help="only the fp32 vs bf16 forward table (results/encode_precision.md)")
     args = ap.parse_args()
+    if args.precision_only:
+        return write_precision(args.quick)
     work = Path(tempfile.mkdtemp(prefix="gs-bench-"))
     shared = shared_data_dir()
     slide = shared / "slides" / "cmu-1-small-region.svs" if shared else make_slide(work / "s.tiff", (4096, 4096))
@@ -193,7 +203,7 @@ def main() -> None:
                         f"{len(pairs)}: the machine's drift is larger than the reading cost, so the target is not shown "
                         "at this noise level, only not contradicted.")
         lines = [ln.replace("TARGET_LINE", verdict) for ln in lines]
-    lines += precision_rows(args.quick)
+    write_precision(args.quick)
     lines += ["", "## Peak RSS of encoding one generated slide as it grows", "",
               "Generated pyramidal TIFF, tiles of 224 px at 1 µm/px, ResNet-18, each size in a fresh process.", "",
               "| slide | tiles | peak RSS (GB) |", "|---|---|---|"]

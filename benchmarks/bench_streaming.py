@@ -256,7 +256,7 @@ def write_results(rows: list[dict], wall: float, args: argparse.Namespace, pendi
     lines = [
         "# Streaming convolution: ResNet-34 forward+backward, streamed (with / without max-pool) vs dense",
         "",
-        f"Machine: {_cpu_model()}, {os.cpu_count()} cores (1-min load average at the end {os.getloadavg()[0]:.1f}), "
+        f"Machine: {_cpu_model()}, {os.cpu_count()} cores (1-min load average at the end of this invocation {os.getloadavg()[0]:.1f}), "
         f"torch threads {os.environ.get('BENCH_THREADS', '2')}, fp32, channels_last, "
         "random-init timm resnet34 trunk (no global pool / fc), uint8 image normalised per crop, every tile run. "
         f"Wall time of this invocation: {wall / 60:.1f} min. Times measured under load are upper bounds.",
