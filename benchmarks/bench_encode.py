@@ -99,7 +99,7 @@ def precision_rows(quick: bool) -> list[str]:
     n = sum(len(b) for b in batches)
     lines = ["", "## Precision on this CPU: forward-only fp32 vs bf16 autocast", "",
              f"Native bf16 (AVX512-BF16 / AMX): **{'yes' if cpu_has_native_bf16() else 'no'}**. {n} random uint8 tiles (HWC, as read) "
-             "of 224 px per measurement, batch 32, channels_last, 2 torch threads, after one warm-up pass each; "
+             "of 224 px per measurement, batch 32, channels_last for the ResNet, 2 torch threads, after one warm-up pass each; "
              "median of 3 alternating back-to-back pairs (" + load_note() + "). `encode --precision auto` runs "
              f"**{PRECISION}** here.", "",
              "| encoder | fp32 tiles/s | bf16 tiles/s | bf16 / fp32 (per pair) |", "|---|---|---|---|"]
