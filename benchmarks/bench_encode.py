@@ -203,7 +203,6 @@ def main() -> None:
                         f"{len(pairs)}: the machine's drift is larger than the reading cost, so the target is not shown "
                         "at this noise level, only not contradicted.")
         lines = [ln.replace("TARGET_LINE", verdict) for ln in lines]
-    write_precision(args.quick)
     lines += ["", "## Peak RSS of encoding one generated slide as it grows", "",
               "Generated pyramidal TIFF, tiles of 224 px at 1 µm/px, ResNet-18, each size in a fresh process.", "",
               "| slide | tiles | peak RSS (GB) |", "|---|---|---|"]
