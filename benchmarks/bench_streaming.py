@@ -250,7 +250,7 @@ def write_results(rows: list[dict], wall: float, args: argparse.Namespace, pendi
     rows = merge_rows(stored, rows, _command(args))
     write_json(STORE, {"rows": rows})
     commands = list(dict.fromkeys(r["command"] for r in rows))
-    measured = {s for r in rows if "error" not in r for s in [r["size"]]}
+    measured = {r["size"] for r in rows if "error" not in r}
     pending = [s for s in pending if s not in measured]
 
     lines = [
