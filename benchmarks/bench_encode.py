@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_note, run_child_peak_rss, write_result  # noqa: E402
 
-from gigaslide.devices import autocast_ctx, cpu_has_native_bf16  # noqa: E402
+from gigaslide.devices import PrecisionChoice, autocast_ctx, choose_precision, cpu_has_native_bf16  # noqa: E402
 from gigaslide.encoders import build_encoder  # noqa: E402
 from gigaslide.features.extract import encode_slides  # noqa: E402
 from gigaslide.slides import iter_tiles  # noqa: E402
@@ -39,10 +39,17 @@ def forward_only(encoder, batches, precision: str) -> float:  # noqa: ANN001
     return time.perf_counter() - t
 
 
-#: what ``encode --precision auto`` runs here: bf16 autocast where the CPU computes bf16 natively, else fp32
-PRECISION = "bf16" if cpu_has_native_bf16() else "fp32"
-PRECISION_TEXT = ("bf16 autocast (this CPU has native bf16)" if PRECISION == "bf16" else
-                  "fp32 (this CPU has no native bf16: emulated bf16 is slower)")
+def auto_precision(encoder, batch: torch.Tensor) -> PrecisionChoice:  # noqa: ANN001
+    """What ``encode --precision auto`` runs here for ``encoder``: its own rule, probed on ``batch`` as encode probes
+    its first batch (gigaslide.devices.choose_precision)."""
+    return choose_precision(torch.device("cpu"), "auto", probe=lambda: encoder(batch[:8]))
+
+
+def precision_text(choice: PrecisionChoice) -> str:
+    """The choice and the evidence it recorded (its basis, or the probe's bf16-vs-fp32 cosine)."""
+    why = choice.basis or (f"bf16 vs fp32 cosine {choice.bf16_cosine} on the first batch" if choice.bf16_cosine
+                           is not None else "no probe")
+    return f"{'bf16 autocast' if choice.resolved == 'bf16' else choice.resolved} (`--precision auto`; {why})"
 
 
 def e2e_vs_forward(slides: list[Path], encoder_name: str, params: TilingParams, repeats: int, work: Path) -> dict:
@@ -57,7 +64,9 @@ def e2e_vs_forward(slides: list[Path], encoder_name: str, params: TilingParams, 
         tiles = np.stack(list(iter_tiles(slide, grid.coords, params.tile_size, params.mpp)))  # pre-read into memory
         batches += [torch.from_numpy(tiles[i:i + 64]) for i in range(0, len(tiles), 64)]
         n += len(grid)
-    forward_only(enc, batches, PRECISION)  # warm-up: first-call kernel selection is not part of any arm
+    choice = auto_precision(enc, batches[0])
+    prec = choice.resolved
+    forward_only(enc, batches, prec)  # warm-up: first-call kernel selection is not part of any arm
     read_s = []
     for _ in range(3):  # reading alone, opening each slide included: what reading inline adds to the forward pass
         t = time.perf_counter()
@@ -73,14 +82,14 @@ def e2e_vs_forward(slides: list[Path], encoder_name: str, params: TilingParams, 
             out = work / f"e2e-{arm}{r}"
             for slide in slides:
                 tile_slide(slide, out, params, overlays=False)  # tiles exist, so encode_slides only reads + encodes
-            res = encode_slides(slides, out, enc, params, batch_size=64, workers=arms[arm], precision=PRECISION, overlays=False)
-            assert res.tiles == n, (res.tiles, n, res.failed)
+            res = encode_slides(slides, out, enc, params, batch_size=64, workers=arms[arm], precision="auto", overlays=False)
+            assert res.tiles == n and res.precision == prec, (res.tiles, n, res.failed, res.precision, prec)
             rows[arm]["e2e"].append(res.seconds)
-            rows[arm]["fwd"].append(forward_only(enc, batches, PRECISION))
+            rows[arm]["fwd"].append(forward_only(enc, batches, prec))
             rows[arm]["workers"].append(json.loads((out / "manifest.json").read_text())["config"]["workers"])
             for f in (out / "features").glob("*.h5"):
                 f.unlink()
-    out = {"tiles": n, "read_tps": n / statistics.median(read_s), "read_s": statistics.median(read_s)}
+    out = {"tiles": n, "read_tps": n / statistics.median(read_s), "read_s": statistics.median(read_s), "precision": choice}
     for arm, d in rows.items():
         e, f = statistics.median(d["e2e"]), statistics.median(d["fwd"])
         # this VM's speed drifts by up to 2x over minutes: the ratio is taken per back-to-back pair, then the median
@@ -101,7 +110,7 @@ def precision_rows(quick: bool) -> list[str]:
              f"Native bf16 (AVX512-BF16 / AMX): **{'yes' if cpu_has_native_bf16() else 'no'}**. {n} random uint8 tiles (HWC, as read) "
              "of 224 px per measurement, batch 32, channels_last for the ResNet, 2 torch threads, after one warm-up pass each; "
              "median of 3 alternating back-to-back pairs (" + load_note() + "). `encode --precision auto` runs "
-             f"**{PRECISION}** here.", "",
+             f"**{auto_precision(build_encoder('resnet18', 'random').eval(), batches[0]).resolved}** here for the ResNet-18.", "",
              "| encoder | fp32 tiles/s | bf16 tiles/s | bf16 / fp32 (per pair) |", "|---|---|---|---|"]
     for name in ("resnet18", "vit_small"):
         enc = build_encoder(name, "random").eval()
@@ -134,7 +143,7 @@ def rss_vs_size(sizes: list[int], work: Path) -> list[tuple[int, float, int]]:
                 f"from gigaslide.features.extract import encode_slides\n"
                 f"from gigaslide.tiling import TilingParams\n"
                 f"r = encode_slides([{str(p)!r}], {str(work / f'rss{s}')!r}, build_encoder('resnet18', 'random'), "
-                f"TilingParams(1.0, 224, 0, 0.25), precision={PRECISION!r}, overlays=False)\n"
+                f"TilingParams(1.0, 224, 0, 0.25), precision='auto', overlays=False)\n"
                 f"print(r.tiles)\n")
         gb, out = run_child_peak_rss(code)
         rows.append((s, gb, int(out.strip().splitlines()[-1])))
@@ -155,7 +164,7 @@ def main() -> None:
     slide = shared / "slides" / "cmu-1-small-region.svs" if shared else make_slide(work / "s.tiff", (4096, 4096))
     lines = ["# Spine: encode throughput and memory", ""]
     lines += ["## Encode end to end vs forward pass alone (same tiles, same run)", "",
-              f"ResNet-18 (random weights; speed does not depend on them), {PRECISION_TEXT}, channels_last, batch 64, 2 torch "
+              "ResNet-18 (random weights; speed does not depend on them), PRECISION_TEXT, channels_last, batch 64, 2 torch "
               "threads, reading with `iter_tiles`' decode-once path. Two arms, each timed against the forward pass on the same "
               "tiles right after it, in alternating order, median of 5 (--quick: 3) pairs: `encode`'s default readers "
               "(`workers` unset: a reader process only when a core is left beside the torch threads, else reading in the "
@@ -176,10 +185,11 @@ def main() -> None:
     params = TilingParams(0.5, 224, 0, 0.25)
     cases = [([slide], "resnet18", slide.name), (smalls, "resnet18", "8 generated 2k² slides, one run"),
              ([gen], "resnet18", gen.name), ([big], "resnet18", big.name), ([gen], "resnet50", gen.name)]
-    measured, pairs, gains, ceilings = [], [], [], []
+    measured, pairs, gains, ceilings, precisions = [], [], [], [], []
     for sl, name, label in cases[:3] if args.quick else cases:
         r = e2e_vs_forward(sl, name, params, 3 if args.quick else 5, work)
         print(r, flush=True)
+        precisions.append((name, r["precision"]))
         a, o = r["auto"], r["one"]
         measured.append((a["ratio"], f"{name}, {label}"))
         pairs += a["ratios"]
@@ -203,6 +213,9 @@ def main() -> None:
                         f"{len(pairs)}: the machine's drift is larger than the reading cost, so the target is not shown "
                         "at this noise level, only not contradicted.")
         lines = [ln.replace("TARGET_LINE", verdict) for ln in lines]
+    text = precision_text(precisions[0][1]) + ("" if len({p.resolved for _, p in precisions}) == 1 else
+                                               f" (per row: {', '.join(f'{n}: {p.resolved}' for n, p in precisions)})")
+    lines = [ln.replace("PRECISION_TEXT", text) for ln in lines]
     lines += ["", "## Peak RSS of encoding one generated slide as it grows", "",
               "Generated pyramidal TIFF, tiles of 224 px at 1 µm/px, ResNet-18, each size in a fresh process.", "",
               "| slide | tiles | peak RSS (GB) |", "|---|---|---|"]

@@ -186,7 +186,7 @@ def run_task(task: str, work: Path, pcam: Path, enc, args) -> dict:  # noqa: ANN
     quiet = lambda *a: None  # noqa: E731
     cres = timed(f"{task}: augment-cache", build_augment_cache, slides, w / "cache", enc, views=args.views,
                  tiles_per_view=args.tiles_per_view, mpp=0.97, tile_size=96, min_tissue=0.5, batch_size=128,
-                 precision="bf16", log=quiet, done=w / "cache" / "cache.json")
+                 precision="auto", log=quiet, done=w / "cache" / "cache.json")
     files = store.load_dir(w / "cache")
     labels_csv = w / "mosaic" / "labels.csv"
     t, plan = splits(labels_csv, sorted(files), args)
@@ -225,7 +225,7 @@ def random_control(work: Path, pcam: Path, args) -> dict:
     w = work / "tumour"
     slides = sorted(str(p) for p in (w / "mosaic" / "slides").glob("*.tiff"))
     timed("control: random-feature cache", build_augment_cache, slides, work / "random_cache", random_encoder(), views=2,
-          tiles_per_view=4, mpp=0.97, tile_size=96, min_tissue=0.5, batch_size=128, precision="bf16", log=lambda *a: None,
+          tiles_per_view=4, mpp=0.97, tile_size=96, min_tissue=0.5, batch_size=128, precision="auto", log=lambda *a: None,
           done=work / "random_cache" / "cache.json")
     files = store.load_dir(work / "random_cache")
     t, plan = splits(w / "mosaic" / "labels.csv", sorted(files), args)

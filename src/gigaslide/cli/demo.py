@@ -127,10 +127,8 @@ def _slide_level(outp: Path, encoder: str, weights: str, n_slides: int, n_steps:
     import json
 
     from gigaslide.cli.main import run
-    from gigaslide.devices import cpu_has_native_bf16
     from gigaslide.testing import shared_data_dir
 
-    demo_precision = "bf16" if cpu_has_native_bf16() else "fp32"  # emulated bf16 is slower than fp32
     shared = shared_data_dir()
     tiles = shared / "tiles" / "pcam" / "train" if shared else None
     if tiles is None or not tiles.is_dir():
@@ -155,7 +153,7 @@ def _slide_level(outp: Path, encoder: str, weights: str, n_slides: int, n_steps:
     cache, gssl, emb, lin = outp / "gigassl_cache", outp / "runs" / "gigassl", outp / "embeddings.h5", outp / "runs" / "gigassl_linear"
     run(["augment-cache", *[str(p) for p in sorted((mos / "slides").glob("*.tif*"))], "--out", str(cache),
          "--encoder", encoder, "--weights", weights, "--views", "4", "--tiles-per-view", "16", "--mpp", "0.97",
-         "--tile-size", "96", "--min-tissue", "0.1", "--precision", demo_precision])
+         "--tile-size", "96", "--min-tissue", "0.1"])  # --precision auto: probed on the first batch
     _train(run, ["pretrain-slides", "--method", "gigassl", "--cache", str(cache), "--epochs", "40",
                  "--batch-size", "12", "--out-dim", "128", "--tiles-per-step", "12"], gssl)
     run(["embed-slides", "--model", str(gssl), "--features", str(feats), "--ensemble", "10", "--out", str(emb), "--fp16", "true"])

@@ -10,7 +10,7 @@ from gigaslide.errors import GigaslideError
 
 def augment_cache(slides: list[str], out: str, encoder: str = "resnet18", weights: str = "default", views: int = 25,
                   tiles_per_view: int = 25, mpp: float = 0.5, tile_size: int = 224, min_tissue: float = 0.25,
-                  max_gb: float | None = None, batch_size: int = 64, precision: str = "fp32", device: str = "auto",
+                  max_gb: float | None = None, batch_size: int = 64, precision: str = "auto", device: str = "auto",
                   slide_mpp: str | None = None, seed: int = 0) -> None:
     """Build the Giga-SSL augmented-view feature cache (one shared augmentation per view) plus plain features.
 
@@ -31,7 +31,8 @@ def augment_cache(slides: list[str], out: str, encoder: str = "resnet18", weight
         min_tissue: minimum tissue fraction of a kept tile
         max_gb: disk budget for the cache in GB; stops before the slide that would exceed it
         batch_size: tiles per encoder batch
-        precision: fp32, bf16 (CPU autocast) or fp16 (CUDA)
+        precision: auto (bf16 on CUDA; on CPU bf16 only with native bf16 and when the first batch agrees with fp32),
+            fp32, bf16 (CPU autocast) or fp16 (CUDA)
         device: auto, cpu or cuda
         slide_mpp: override the level-0 resolution (µm/px), or a CSV slide_id,mpp
         seed: seed of view sampling and augmentations
@@ -45,7 +46,8 @@ def augment_cache(slides: list[str], out: str, encoder: str = "resnet18", weight
                                   batch_size=batch_size, precision=precision, device=device, slide_mpp=_mpp(slide_mpp))
     for w in caught:
         print(f"warning: {w.message}")
-    print(f"cached {len(res.done)} slides ({res.bytes_written / 1e6:.1f} MB) in {res.seconds:.1f} s; "
+    prec = f" in {res.precision['resolved']}" if res.precision else ""
+    print(f"cached {len(res.done)} slides ({res.bytes_written / 1e6:.1f} MB) in {res.seconds:.1f} s{prec}; "
           f"{len(res.skipped)} already done; {len(res.empty)} without tissue; {len(res.with_replacement)} with replacement")
     if res.failed:
         for sid, why in res.failed.items():

@@ -131,3 +131,28 @@ def test_a_broken_slide_is_reported_and_the_batch_goes_on(slides, tmp_path, caps
                "--tiles-per-view", "6", "--mpp", "2.0", "--tile-size", "32", "--out", str(tmp_path / "c")])
     cap = capsys.readouterr()
     assert rc == 2 and "1 already done" in cap.out and "1 of 2 slide(s) failed" in cap.err and "Traceback" not in cap.err
+
+
+def test_auto_precision_follows_the_probe_it_records(slides, tmp_path, monkeypatch):
+    import gigaslide.devices as devices
+
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)  # the probe decides (see test_devices)
+    runs = {p: build_augment_cache(slides[:1], tmp_path / p, **{**KW, "precision": p}) for p in ("fp32", "bf16")}
+    f32, f16 = (store.load(tmp_path / p / "features" / "s0.h5") for p in ("fp32", "bf16"))
+    assert not np.array_equal(f32.features, f16.features)  # bf16 autocast really ran
+    assert runs["fp32"].precision == {"requested": "fp32", "resolved": "fp32"}
+    for threshold, want, ref in ((1.01, "fp32", tmp_path / "fp32"), (-1.0, "bf16", tmp_path / "bf16")):
+        monkeypatch.setattr(devices, "BF16_MIN_COSINE", threshold)  # 1.01: no bf16 output passes; -1: any does
+        out = tmp_path / f"auto{threshold}"
+        res = build_augment_cache(slides[:1], out, **KW)  # precision defaults to auto
+        assert res.precision["requested"] == "auto" and res.precision["resolved"] == want
+        with h5py.File(out / "features" / "s0.h5") as a, h5py.File(ref / "features" / "s0.h5") as b:
+            np.testing.assert_array_equal(a["features"][:], b["features"][:])  # the bits of the precision chosen
+            np.testing.assert_array_equal(a["views"][:], b["views"][:])
+            assert a.attrs["precision"] == want and a.attrs["precision_requested"] == "auto"
+            assert a.attrs["bf16_cosine"] == pytest.approx(res.precision["bf16_cosine"])
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)  # emulated bf16: fp32 without a probe
+    res = build_augment_cache(slides[:1], tmp_path / "emulated", **KW)
+    assert res.precision == {"requested": "auto", "resolved": "fp32", "basis": devices.NO_NATIVE_BF16}
+    with h5py.File(tmp_path / "emulated" / "features" / "s0.h5") as a:
+        assert a.attrs["precision_basis"] == devices.NO_NATIVE_BF16 and "bf16_cosine" not in a.attrs

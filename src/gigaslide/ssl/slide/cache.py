@@ -20,6 +20,7 @@ budget stops the run with a clear message before the slide that would exceed it.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import warnings
@@ -52,6 +53,7 @@ class CacheResult:
     failed: dict[str, str] = field(default_factory=dict)  # slide id -> one-line reason (the batch went on)
     bytes_written: int = 0
     seconds: float = 0.0
+    precision: dict | None = None  # the PrecisionChoice record this invocation encoded with (None: nothing encoded)
 
 
 def slide_rng(seed: int, slide_id: str) -> np.random.Generator:
@@ -108,8 +110,6 @@ def _read(slide, coords: np.ndarray, tile_size: int, mpp: float) -> np.ndarray: 
 
 
 def _check_manifest(out: Path, params: dict) -> None:
-    import json
-
     mf = out / CACHE_JSON
     if not mf.is_file():
         return
@@ -132,10 +132,16 @@ def cache_bytes(n_tiles: int, dim: int, views: int, tiles_per_view: int) -> int:
 def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathLike, encoder: Encoder | str, *,
                         weights: str = "default", views: int = 25, tiles_per_view: int = 25, mpp: float = 0.5,
                         tile_size: int = 224, min_tissue: float = 0.25, seed: int = 0, max_gb: float | None = None,
-                        batch_size: int = 64, precision: str = "fp32", device: str = "auto",
+                        batch_size: int = 64, precision: str = "auto", device: str = "auto",
                         slide_mpp: float | str | None = None, log=print) -> CacheResult:  # noqa: ANN001
-    """Build (or resume) the augmented-view cache of ``slides`` under ``out`` (see module doc)."""
-    from gigaslide.devices import pick_device
+    """Build (or resume) the augmented-view cache of ``slides`` under ``out`` (see module doc).
+
+    ``precision="auto"`` is resolved once per invocation, on the first slide's first batch, by
+    :func:`gigaslide.devices.choose_precision` with that batch as its probe (as ``encode`` does): bf16 on
+    CPU only where the CPU computes it natively and it agrees with fp32. The choice is recorded in every
+    slide file written (``precision``, ``precision_requested``, ``bf16_cosine``, ``precision_basis``, as
+    ``encode`` does) and returned in :attr:`CacheResult.precision`."""
+    from gigaslide.devices import PrecisionChoice, choose_precision, pick_device
     from gigaslide.provenance import provenance
 
     if views < 2:
@@ -162,6 +168,7 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
     budget = None if max_gb is None else int(max_gb * 1e9)
     used = sum(f.stat().st_size for f in feat_dir.glob("*.h5"))
     res = CacheResult()
+    choice: PrecisionChoice | None = None
     t0 = time.perf_counter()
     for i, path in enumerate(slides):
         sid = slide_id_from_path(Path(path))
@@ -195,15 +202,24 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
             g = torch.Generator().manual_seed(int(rng.integers(2**62)))
             with open_slide(path, mpp=slide_mpp) as s:
                 tiles = _read(s, grid.coords, tile_size, mpp)
-            plain = _encode(enc, [torch.from_numpy(tiles[j:j + batch_size]) for j in range(0, len(tiles), batch_size)], dev, precision)
+            if choice is None:  # the first batch of the invocation is the probe (encoded in fp32 and bf16 by auto)
+                first = torch.from_numpy(tiles[:batch_size]).to(dev)
+                choice = choose_precision(dev, precision, probe=lambda first=first: enc(first[:8]))
+                res.precision = choice.record()
+                del first
+            plain = _encode(enc, [torch.from_numpy(tiles[j:j + batch_size]) for j in range(0, len(tiles), batch_size)], dev,
+                            choice.resolved)
             view_feats = np.empty((views, tiles_per_view, enc.embed_dim), np.float16)
             group = max(1, batch_size // tiles_per_view)  # views encoded together (fills the batch)
             for v0 in range(0, views, group):
                 augmented = torch.cat([aug(torch.from_numpy(tiles[idx[v]]), g) for v in range(v0, min(v0 + group, views))])
-                f = _encode(enc, [augmented[j:j + batch_size] for j in range(0, len(augmented), batch_size)], dev, precision)
+                f = _encode(enc, [augmented[j:j + batch_size] for j in range(0, len(augmented), batch_size)], dev,
+                            choice.resolved)
                 view_feats[v0:v0 + group] = f.reshape(-1, tiles_per_view, enc.embed_dim).astype(np.float16)
             attrs = {**params, "run": str(out), "slide_id": sid, "slide_path": str(path), "slide_mpp": grid.slide_mpp,
-                     "with_replacement": int(with_repl), "precision": precision, "cache_kind": "gigassl_views", "complete": 1}
+                     "with_replacement": int(with_repl), "precision": choice.resolved,
+                     "precision_requested": choice.requested, "bf16_cosine": choice.bf16_cosine,
+                     "precision_basis": choice.basis, "cache_kind": "gigassl_views", "complete": 1}
             coords_attrs = {"patch_size": tile_size, "patch_size_level0": grid.tile_size_level0,
                             "patch_level": grid.read_level, "target_mpp": float(mpp), "level0_mpp": grid.slide_mpp}
             store.save(target, plain.astype(np.float32), grid.coords, attrs=attrs, coords_attrs=coords_attrs,
