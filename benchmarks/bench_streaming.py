@@ -105,6 +105,8 @@ def one(mode: str, size: int, tile: int, pool: int, grads_out: str | None) -> di
         y.square().mean().backward()
         saved = {f"p{pool}/{n}": p.grad for n, p in trunk.named_parameters()}
     info["seconds"] = time.perf_counter() - t0
+    info["cpu"] = f"{_cpu_model()}, {torch.backends.cpu.get_cpu_capability()}"  # rows may come from other machines
+    info["load"] = round(os.getloadavg()[0], 1)  # 1-min load average at the end of the run
     info["peak_rss_gb"] = _hwm() / 1e9
     info["baseline_rss_gb"] = rss0 / 1e9
     if grads_out:
@@ -243,6 +245,11 @@ def merge_rows(stored: list[dict], rows: list[dict], command: str) -> list[dict]
                                                                           r["pool"] > 1 else r["mode"]]))
 
 
+def machine(r: dict) -> str:
+    """A row's CPU and load ("not recorded" for rows measured before rows carried them)."""
+    return f"{r['cpu']}, {r['load']:.1f}" if "cpu" in r else "not recorded"
+
+
 def write_results(rows: list[dict], wall: float, args: argparse.Namespace, pending: list[int], partial: bool = False) -> None:
     from gigaslide.atomic import write_json, write_text
 
@@ -259,7 +266,8 @@ def write_results(rows: list[dict], wall: float, args: argparse.Namespace, pendi
         f"Machine: {_cpu_model()}, {os.cpu_count()} cores (1-min load average at the end of this invocation {os.getloadavg()[0]:.1f}), "
         f"torch threads {os.environ.get('BENCH_THREADS', '2')}, fp32, channels_last, "
         "random-init timm resnet34 trunk (no global pool / fc), uint8 image normalised per crop, every tile run. "
-        f"Wall time of this invocation: {wall / 60:.1f} min. Times measured under load are upper bounds.",
+        f"Wall time of this invocation: {wall / 60:.1f} min. Times measured under load are upper bounds, and rows "
+        "measured on other machines (the CPU column; this VM's CPU varies between sessions) are not comparable in time.",
         *(["", "**Incomplete: the benchmark was still running (or was stopped) when this was written.**"] if partial else []),
         "",
         "Commands (each configuration in its own process, one at a time; a configuration measured by an earlier "
@@ -268,14 +276,15 @@ def write_results(rows: list[dict], wall: float, args: argparse.Namespace, pendi
         "",
         *[f"{i + 1}. Command: `{c}`" for i, c in enumerate(commands)],
         "",
-        "| image | mode | pool kernel | tile | tiles | map to head | peak RSS GB | image GB | peak RSS − image GB | time s | grad rel. error vs dense | cmd |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| image | mode | pool kernel | tile | tiles | map to head | peak RSS GB | image GB | peak RSS − image GB | time s | "
+        "CPU (ISA), load at end | grad rel. error vs dense | cmd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         pool = r["pool"] if r["mode"] == "stream" else f"1 and {r['pool']}"
         r_time = f"{r.get('seconds', 0):.0f}" + (" (earlier invocation)" if r.get("reused") else "")
         if "error" in r:
-            lines.append(f"| {r['size']}² | {r['mode']} | {pool} | {r['tile']} | | | failed: {r['error']} | | | | | "
+            lines.append(f"| {r['size']}² | {r['mode']} | {pool} | {r['tile']} | | | failed: {r['error']} | | | | | | "
                          f"{commands.index(r['command']) + 1} |")
             continue
         ge = f"{r['grad_rel_error']:.1e}" if "grad_rel_error" in r else ""
@@ -283,7 +292,7 @@ def write_results(rows: list[dict], wall: float, args: argparse.Namespace, pendi
         tile = r["tile"] if r["mode"] == "stream" else "-"
         fmap = "×".join(str(v) for v in r["fmap"]) + (" (before pooling)" if r["mode"] == "dense" else "")
         lines.append(f"| {r['size']}² | {mode} | {pool} | {tile} | {r['tiles']} | {fmap} | {r['peak_rss_gb']:.2f} | "
-                     f"{r['image_gb']:.2f} | {r['peak_rss_gb'] - r['image_gb']:.2f} | {r_time} | {ge} | "
+                     f"{r['image_gb']:.2f} | {r['peak_rss_gb'] - r['image_gb']:.2f} | {r_time} | {machine(r)} | {ge} | "
                      f"{commands.index(r['command']) + 1} |")
     ok = [r for r in rows if "error" not in r and r["mode"] == "stream"]
     lines += ["", "Verdicts (computed from the rows above):"]

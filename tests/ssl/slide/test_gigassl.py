@@ -11,7 +11,8 @@ from gigaslide import runs
 from gigaslide.errors import GigaslideError
 from gigaslide.features import store
 from gigaslide.ssl.slide.embed import embed_slides, load_embeddings
-from gigaslide.ssl.slide.gigassl import GigaSSLModel, embed_views, load_encoder, lr_at, make_encoder, pretrain_gigassl
+from gigaslide.ssl.slide.gigassl import (GigaSSLModel, embed_views, learned_over, load_encoder, lr_at, make_encoder,
+                                        pretrain_gigassl)
 from gigaslide.ssl.slide.sampling import augment_grid, draw_pairs
 from gigaslide.ssl.slide.views import load_cache
 
@@ -75,6 +76,29 @@ def test_embeddings_separate_slide_types_better_than_the_untrained_encoder(tmp_p
     assert trained >= 0.85 and trained >= untrained + 0.2, (trained, untrained)
     hist = res["history"]
     assert hist[-1]["retrieval_top1"] > hist[0]["retrieval_top1"]  # the label-free monitor sees it too
+    # ... and beats the untrained encoder, scored on the same monitor views before the first step
+    assert res["learned"] is True and res["untrained_monitor"]["retrieval_top1"] < hist[res["exported_epoch"] - 1]["retrieval_top1"]
+    rec = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert rec["untrained_monitor"] == res["untrained_monitor"] and rec["summary"]["learned"] is True
+
+
+def test_a_run_that_cannot_beat_the_untrained_encoder_is_finished_as_not_learned(fake_cache, tmp_path):
+    logs = []
+    # lr 0 and no BatchNorm: the exported encoder is the untrained one, so it cannot score above it
+    res = pretrain_gigassl(fake_cache, tmp_path / "run", epochs=2, out_dim=8, hidden=8, proj_dim=8, lr=0.0, norm="none",
+                           tiles_per_step=4, warmup_epochs=0, log=logs.append)
+    assert res["finished"] and res["learned"] is False
+    assert res["history"][0]["retrieval_top1"] == pytest.approx(res["untrained_monitor"]["retrieval_top1"])
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["summary"]["learned"] is False
+    assert any(m.startswith("warning: pre-training did not beat the untrained encoder") for m in logs)
+
+
+def test_learned_compares_the_exported_epoch_with_the_untrained_encoder():
+    u = {"retrieval_top1": 0.10, "cosine_gap": 0.2}
+    assert learned_over({"retrieval_top1": 0.12, "cosine_gap": 0.0}, u) is True
+    assert learned_over({"retrieval_top1": 0.10, "cosine_gap": 0.1}, u) is False  # equal top-1: the gap decides
+    assert learned_over({"retrieval_top1": 0.05, "cosine_gap": 0.9}, u) is False
+    assert learned_over(None, u) is None and learned_over(u, None) is None
 
 
 def test_resume_mid_epoch_is_bit_exact_on_the_run_layer(fake_cache, tmp_path):

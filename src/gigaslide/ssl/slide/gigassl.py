@@ -7,7 +7,9 @@ different random cached augmented versions, with the tile grid rotated / flipped
 default), a lightly ``SimCLRProjectionHead`` and lightly's ``NTXentLoss``; AdamW with linear
 warm-up then cosine decay. After every epoch a label-free monitor (held-out-draw view retrieval,
 :func:`.sampling.view_retrieval`) scores the encoder; ``select="best"`` exports the best-scoring
-epoch (``runs.Selection``), ``"last"`` the last.
+epoch (``runs.Selection``), ``"last"`` the last. The untrained encoder is scored first: a run whose
+exported epoch does not beat it is finished with ``learned: false`` in ``run.json`` and a warning
+(its embeddings are no better than a random slide encoder's by the method's own measure).
 
 The loop stands on :mod:`gigaslide.runs`: ``run.json`` identity (options + cache fingerprint),
 pickle-free checkpoints with model, optimiser, all RNG states (torch/python/numpy and the sampling
@@ -134,6 +136,9 @@ def pretrain_gigassl(cache: str | os.PathLike, out: str | os.PathLike, cfg: Giga
     epoch, pos_in_epoch, step, history, order, elapsed = 0, 0, 0, [], None, 0.0
     losses: list[float] = []
     ck = run.load()
+    if ck is None:  # the untrained encoder on the monitor: what training has to beat (eval mode: no RNG, no BN update)
+        run.update(untrained_monitor=view_retrieval(model.encoder, monitor_pairs, dev))
+    untrained = run.record.get("untrained_monitor")
     if ck is not None:
         runs.load_module_state(model, ck["model"], run.dir)
         opt.load_state_dict(ck["optimizer"])
@@ -179,7 +184,7 @@ def pretrain_gigassl(cache: str | os.PathLike, out: str | os.PathLike, cfg: Giga
             if stopped:
                 break
             mon = view_retrieval(model.encoder, monitor_pairs, dev)
-            score = mon["retrieval_top1"] + 0.01 * mon["cosine_gap"]
+            score = monitor_score(mon)
             improved = sel.update(score, epoch + 1)
             history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **mon, "lr": lr_at(step - 1, total, warm, cfg.lr),
                             "seconds": stopper.elapsed})
@@ -199,14 +204,36 @@ def pretrain_gigassl(cache: str | os.PathLike, out: str | os.PathLike, cfg: Giga
         state = best["encoder"] if best is not None else runs.module_state(model.encoder)
         export_model(run.dir, {k: v for k, v in state.items() if not k.startswith(runs.BUFFER_PREFIX)}, history)
         chosen = int(best["epoch"]) if best is not None else epoch
+        learned = learned_over(history[chosen - 1] if 0 < chosen <= len(history) else None, untrained)
         run.update(history=history)
         run.finish(epochs=epoch, exported_epoch=chosen, select=cfg.select, seconds=seconds,
-                   final_loss=history[-1]["loss"] if history else None)
+                   final_loss=history[-1]["loss"] if history else None, learned=learned)
         log(f"exported epoch {chosen} ({cfg.select}) -> {run.dir / 'model.safetensors'}")
+        if learned is False:
+            u, c = untrained["retrieval_top1"], history[chosen - 1]["retrieval_top1"]
+            log(f"warning: pre-training did not beat the untrained encoder on the label-free monitor (view retrieval "
+                f"top-1 {c:.3f} at the exported epoch {chosen} vs {u:.3f} untrained, chance {1 / len(vc):.3f}): the "
+                "slides may share no identity that survives the cached augmentations, or the run is too short "
+                "(more epochs, a smaller --batch-size for more steps)")
     else:
         run.update(status="stopped", stop_reason=stopped, history=history)
         log(f"stopped ({stopped}) at epoch {epoch}, step {pos_in_epoch}: re-run the same command to resume")
-    return {"run": str(run.dir), "finished": finished, "history": history, "seconds": seconds, "stopped": stopped}
+    summ = (run.record.get("summary") or {}) if finished else {}
+    return {"run": str(run.dir), "finished": finished, "history": history, "seconds": seconds, "stopped": stopped,
+            "untrained_monitor": untrained, "exported_epoch": summ.get("exported_epoch"), "learned": summ.get("learned")}
+
+
+def monitor_score(mon: dict[str, float]) -> float:
+    """What ``select="best"`` maximises: view-retrieval top-1, ties broken by the positive-negative cosine gap."""
+    return mon["retrieval_top1"] + 0.01 * mon["cosine_gap"]
+
+
+def learned_over(exported: dict[str, float] | None, untrained: dict[str, float] | None) -> bool | None:
+    """Whether the exported epoch's monitor beats the untrained encoder's (None where either is unknown, e.g. a
+    run started before untrained monitors were recorded)."""
+    if exported is None or untrained is None:
+        return None
+    return monitor_score(exported) > monitor_score(untrained)
 
 
 def load_encoder(run: str | os.PathLike) -> tuple[nn.Module, dict]:
