@@ -156,3 +156,23 @@ def test_auto_precision_follows_the_probe_it_records(slides, tmp_path, monkeypat
     assert res.precision == {"requested": "auto", "resolved": "fp32", "basis": devices.NO_NATIVE_BF16}
     with h5py.File(tmp_path / "emulated" / "features" / "s0.h5") as a:
         assert a.attrs["precision_basis"] == devices.NO_NATIVE_BF16 and "bf16_cosine" not in a.attrs
+
+
+def test_a_resumed_build_leaves_the_cache_fingerprint_unchanged(slides, tmp_path, monkeypatch):
+    import gigaslide.provenance as provenance
+    from gigaslide.runs import fingerprint
+
+    out = tmp_path / "c"
+    build_augment_cache(slides[:2], out, **KW)
+    before = fingerprint(out)  # what a slide-SSL run trained on this cache records and checks when it resumes
+    import datetime as dt
+
+    class Later(dt.datetime):  # the re-run happens a day later
+        @classmethod
+        def now(cls, tz=None):  # noqa: ANN001, ANN206
+            return dt.datetime.now(tz) + dt.timedelta(days=1)
+
+    monkeypatch.setattr(provenance._dt, "datetime", Later)
+    res = build_augment_cache(slides[:2], out, **KW)  # e.g. a pipeline re-run: every slide is done
+    assert res.skipped == ["s0", "s1"] and not res.done
+    assert fingerprint(out) == before

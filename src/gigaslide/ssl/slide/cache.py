@@ -160,9 +160,11 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
               "tile_size": int(tile_size), "views": int(views), "tiles_per_view": int(tiles_per_view), "seed": int(seed),
               "augment": "shared-view pathology (flip/rot90/crop 0.5-1/stain/colour/blur)", "embed_dim": enc.embed_dim}
     _check_manifest(out, params)
-    atomic.write_json(out / CACHE_JSON, {**provenance("augment_cache", mpp=float(mpp), tile_size=int(tile_size),
-                                                      encoder=enc.spec.name, encoder_weights_sha256=enc.weights_id,
-                                                      seed=int(seed), run=str(out)), **params})
+    if not (out / CACHE_JSON).is_file():  # written once: a resumed build leaves it (and so the cache's fingerprint,
+        # which runs trained on the cache check when they resume) unchanged
+        atomic.write_json(out / CACHE_JSON, {**provenance("augment_cache", mpp=float(mpp), tile_size=int(tile_size),
+                                                          encoder=enc.spec.name, encoder_weights_sha256=enc.weights_id,
+                                                          seed=int(seed), run=str(out)), **params})
     tiling = TilingParams(mpp=mpp, tile_size=tile_size, min_tissue=min_tissue)
     aug = SharedAugment(tile_size)
     budget = None if max_gb is None else int(max_gb * 1e9)
