@@ -159,13 +159,14 @@ def test_auto_precision_follows_the_probe_it_records(slides, tmp_path, monkeypat
 
 
 def test_a_resumed_build_leaves_the_cache_fingerprint_unchanged(slides, tmp_path, monkeypatch):
+    import datetime as dt
+
     import gigaslide.provenance as provenance
     from gigaslide.runs import fingerprint
 
     out = tmp_path / "c"
     build_augment_cache(slides[:2], out, **KW)
     before = fingerprint(out)  # what a slide-SSL run trained on this cache records and checks when it resumes
-    import datetime as dt
 
     class Later(dt.datetime):  # the re-run happens a day later
         @classmethod
