@@ -11,6 +11,14 @@ The run's label-free monitor (RankMe, view top-1) is reported next to the probe.
 
     .venv/bin/python benchmarks/bench_tile_ssl.py                       # the issue's protocol: 5 methods x 15 min
     nice .venv/bin/python benchmarks/bench_tile_ssl.py --methods mocov2 --budget 4m   # one short row
+    .venv/bin/python benchmarks/bench_tile_ssl.py --methods mocov2 --budget 5m,15m,45m  # what more budget buys
+    .venv/bin/python benchmarks/bench_tile_ssl.py --methods swav,dino --variants ';n_local=2'  # one option changed
+
+With several budgets each method runs once per budget (each run's lr schedule spans its own budget, as a
+user's would) and each budget is compared with the next smaller one on the same test tiles (paired); that
+run writes the ``budget`` section instead. With ``--variants`` (``;``-separated sets of ``pretrain`` options,
+``key=value key=value``; the empty set is the defaults) each variant is compared with the defaults of the same
+method and budget (paired), into the ``variants`` section.
 
 Writes the ``defaults`` section of ``benchmarks/results/tile_ssl.md`` (+ ``tile_ssl.json``; other
 sections are kept). Runs go to ``--runs-dir``; a re-run resumes them (an exhausted budget trains no more).
@@ -22,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -73,15 +82,23 @@ def random_trunk(backbone: str, tile_size: int) -> tuple[torch.nn.Module, object
     return trunk, with_embed_dim(spec, trunk)
 
 
-def load_split(folder: Path, n: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def load_split(folder: Path, n: int | None, seed: int, exclude: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` balanced labelled tiles of ``folder`` (all when None); ``exclude=N``: none of the ``N`` tiles that
+    ``load_split(folder, N, seed=0)`` draws (a held-out split of the same folder)."""
     from gigaslide.tiling.folders import labelled_images, read_image
 
     files, labels, _ = labelled_images(folder)
-    if n is not None and n < len(files):
-        rng = np.random.default_rng(seed)
-        keep = np.concatenate([rng.choice(np.flatnonzero(labels == c), n // 2, replace=False) for c in (0, 1)])
-        files, labels = [files[i] for i in keep], labels[keep]
-    return np.stack([read_image(f) for f in files]), labels
+    pool = np.arange(len(files))
+    if exclude:
+        pool = np.setdiff1d(pool, _draw(labels, pool, exclude, 0))
+    if n is not None and n < len(pool):
+        pool = _draw(labels, pool, n, seed)
+    return np.stack([read_image(files[i]) for i in pool]), labels[pool]
+
+
+def _draw(labels: np.ndarray, pool: np.ndarray, n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.choice(pool[labels[pool] == c], n // 2, replace=False) for c in (0, 1)])
 
 
 def probe(enc, tr, te, n_boot: int) -> dict:  # noqa: ANN001
@@ -134,13 +151,17 @@ def main() -> None:
     from gigaslide.runs import parse_duration
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--budget", default="15m", help="training wall-clock budget per method (e.g. 15m, 4m, 90s)")
+    ap.add_argument("--budget", default="15m",
+                    help="training wall-clock budget per method (e.g. 15m, 4m, 90s), or a comma-separated list (a budget curve)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (default: all five)")
     ap.add_argument("--backbone", default="resnet18")
     ap.add_argument("--tile-size", type=int, default=96, help="PCam's native size: pretrain --tile-size and probes")
     ap.add_argument("--probe-train", type=int, default=2000, help="balanced PCam train tiles the probes fit on")
     ap.add_argument("--valid", type=int, default=None, help="PCam valid tiles to score on (default: all)")
     ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--score-on", choices=("valid", "train-holdout"), default="valid",
+                    help="score probes on PCam valid (the protocol), or on PCam train tiles the probe does not fit on "
+                         "(for choosing defaults without looking at valid)")
     ap.add_argument("--ablate-bn", action="store_true",
                     help="also probe each run's trunk with BatchNorm statistics as trained (only differs from the export "
                          "when the export re-measures them: PretrainConfig.export_bn_tiles > 0)")
@@ -149,13 +170,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs-dir", default="/tmp/gigaslide-bench-tile-ssl-defaults")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tile_ssl.md"))
-    ap.add_argument("--section", default="defaults", help="report section this run (re)writes; others are kept")
+    ap.add_argument("--section", default=None,
+                    help="report section this run (re)writes; others are kept (default: defaults, or budget for a budget list)")
+    ap.add_argument("--variants", default="",
+                    help="';'-separated option sets applied on top of the defaults, e.g. ';n_local=2' (the empty set: defaults)")
     ap.add_argument("--goal-only", action="store_true",
                     help="only (re)write the 'goal' section from the measured rows in tile_ssl.json (no training)")
     args = ap.parse_args()
+    budgets = [b.strip() for b in args.budget.split(",") if b.strip()]
+    variants = [v.strip() for v in args.variants.split(";")] if args.variants else [""]
+    args.section = args.section or ("budget" if len(budgets) > 1 else "variants" if any(variants) else "defaults")
     if args.goal_only:
         return write_goal(Path(args.out), args.section)
-    budget_s = parse_duration(args.budget)
+    budget_s = min(parse_duration(b) for b in budgets)
     torch.set_num_threads(args.threads)
     pcam = pcam_dir()
     from gigaslide.encoders import Encoder, build_encoder
@@ -164,7 +191,8 @@ def main() -> None:
 
     t_start, load0 = time.perf_counter(), os.getloadavg()[0]
     tr = load_split(pcam / "train", args.probe_train, seed=0)
-    te = load_split(pcam / "valid", args.valid, seed=1)
+    te = (load_split(pcam / "valid", args.valid, seed=1) if args.score_on == "valid"
+          else load_split(pcam / "train", args.valid or 3000, seed=1, exclude=args.probe_train))
     print(f"probe train {len(tr[1])} tiles, valid {len(te[1])} tiles", flush=True)
     trunk, spec = random_trunk(args.backbone, args.tile_size)
     enc = Encoder(spec, trunk, "random-seed0").eval()
@@ -174,19 +202,30 @@ def main() -> None:
     recalibrate_bn(enc, tr[0])  # SSL also adapts BN statistics: this separates "learned features" from "adapted BN"
     r = probe(enc, tr, te, args.bootstrap)
     results.append({"name": "random init + BN recalibrated", **r, "paired": paired(te[1], r, base, args.bootstrap)})
-    for method in args.methods.split(","):
-        run_dir = Path(args.runs_dir) / f"{method}-{args.backbone}-{args.tile_size}-{args.budget}"
+    for method, budget, variant in [(m, b, v) for m in args.methods.split(",") for b in budgets for v in variants]:
+        run_dir = Path(args.runs_dir) / (f"{method}-{args.backbone}-{args.tile_size}-{budget}"
+                                         + (f"-{re.sub(r'[^A-Za-z0-9.]+', '-', variant).strip('-')}" if variant else ""))
         cfg = PretrainConfig(data=str(pcam / "train"), out=str(run_dir), method=method, backbone=args.backbone,
-                             mpp=[PCAM_MPP], tile_size=args.tile_size, budget_s=budget_s, workers=args.workers,
-                             data_kind="tiles")
+                             mpp=[PCAM_MPP], tile_size=args.tile_size, budget_s=parse_duration(budget), workers=args.workers,
+                             data_kind="tiles", **parse_variant(variant))
+        t_run = time.perf_counter()
         s = stop_if_interrupted(pretrain(cfg))
         mon = read_run(run_dir).get("monitor") or []
         r = probe(build_encoder(str(run_dir / "encoder")), tr, te, args.bootstrap)
         row = len(results)
-        results.append({"name": method, "method": method, **{k: s.get(k) for k in (
+        # compared with: the same method and budget with the defaults (a variant), else the next smaller budget
+        defaults = [q for q in results if q.get("method") == method and not q.get("variant")]
+        than = (next((q for q in defaults if q["budget"] == budget), None) if variant
+                else defaults[-1] if defaults and len(budgets) > 1 else None)
+        name = ", ".join([method] + ([budget] if len(budgets) > 1 else []) + ([variant] if variant else []))
+        results.append({"name": name, "method": method, "budget": budget, "variant": variant,
+                        "trained_here": bool(s.get("images_this_invocation")), "wall_s": round(time.perf_counter() - t_run, 1),
+                        **{k: s.get(k) for k in (
             "steps", "planned_steps", "images_per_s", "seconds_per_step", "first_loss", "final_loss", "batch_size",
             "crop_size", "lr", "precision", "device", "workers")}, "monitor": [mon[0], mon[-1]] if mon else [],
             **r, "paired": paired(te[1], r, base, args.bootstrap)})
+        if than is not None:  # same test tiles
+            results[row]["paired_vs"] = {"than": than["name"], **paired(te[1], r, than, args.bootstrap)}
         if args.ablate_bn:  # the same trained weights with BatchNorm statistics as trained (no native-size re-estimate)
             enc = build_encoder(str(run_dir / "encoder"))
             ck = load_checkpoint(run_dir)
@@ -197,7 +236,21 @@ def main() -> None:
                             "paired_vs_export": paired(te[1], r, r2, args.bootstrap)})
         print(f"{method}: {s['steps']} steps ({s['images_per_s']} img/s) linear {ci(r['linear']['balanced_accuracy'])} "
               f"vs random {dci(results[row]['paired']['linear_balanced_accuracy'])}", flush=True)
-    write_report(args, budget_s, results, time.perf_counter() - t_start, load0, len(tr[1]), len(te[1]))
+    write_report(args, budgets, results, time.perf_counter() - t_start, load0, len(tr[1]), len(te[1]))
+
+
+def parse_variant(variant: str) -> dict:
+    """``'n_local=2 local_size=32'`` -> ``{'n_local': 2, 'local_size': 32}`` (values read as JSON where they parse)."""
+    out: dict = {}
+    for item in re.split(r"\s+(?![^\[]*\])", variant.strip()) if variant.strip() else []:  # spaces outside [...]
+        key, sep, val = item.partition("=")
+        if not sep:
+            sys.exit(f"--variants: '{item}' is not key=value")
+        try:
+            out[key.strip()] = json.loads(val)
+        except json.JSONDecodeError:
+            out[key.strip()] = val
+    return out
 
 
 def _verdict(r: dict) -> str:
@@ -219,11 +272,15 @@ def _shared(load0: float, load1: float, threads: int) -> str:
     return " **shared with other jobs**" if max(load0, load1) > threads + 0.5 else ""
 
 
-def write_report(args, budget_s: float, results: list[dict], total: float, load0: float, n_tr: int, n_te: int) -> None:  # noqa: ANN001
+def write_report(args, budgets: list[str], results: list[dict], total: float, load0: float, n_tr: int, n_te: int) -> None:  # noqa: ANN001
+    from gigaslide.runs import parse_duration
+
+    budget_s = min(parse_duration(b) for b in budgets)
     cmd = "`.venv/bin/python benchmarks/bench_tile_ssl.py" + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "") + "`"
     methods = [r for r in results if r.get("method")]
     lines = [
-        f"## Tile SSL with the command's own defaults at PCam's native {args.tile_size} px ({budget_s / 60:g} min per method)", "",
+        f"## Tile SSL with the command's own defaults at PCam's native {args.tile_size} px "
+        + (f"({budget_s / 60:g} min per method)" if len(budgets) == 1 else f"(budgets {', '.join(budgets)} per method)"), "",
         f"Command: {cmd}  ",
         f"Machine: {cpu_name()}, {os.cpu_count()} cores{_shared(load0, os.getloadavg()[0], args.threads)} (load average "
         f"{load0:.1f} at start, {os.getloadavg()[0]:.1f} at end), {args.threads} torch threads, no GPU. "
@@ -247,7 +304,10 @@ def write_report(args, budget_s: float, results: list[dict], total: float, load0
         hp = (f"{r['batch_size']}, {r['crop_size']}, {r['lr']:g}, {_precision(r)}, {r.get('workers', '-')}"
               if r.get("method") else "-")
         steps = f"{r['steps']} / {r['planned_steps']}" if r.get("method") else "-"
-        lines.append(f"| {r['name']} | {steps} | {r.get('images_per_s', '-')} | {hp} | {rk} | {vt} | "
+        ips = r.get("images_per_s", "-")
+        if r.get("method") and r.get("trained_here") is False:
+            ips = f"{ips} (earlier invocation)"  # a finished run reused: its rate is the one it was trained at
+        lines.append(f"| {r['name']} | {steps} | {ips} | {hp} | {rk} | {vt} | "
                      f"{ci(r['linear']['balanced_accuracy'])} | {dci(p['linear_balanced_accuracy']) if p else '-'} | "
                      f"{ci(r['linear']['auc'])} | {dci(p['linear_auc']) if p else '-'} | "
                      f"{ci(r['knn']['balanced_accuracy'])} | {dci(p['knn_balanced_accuracy']) if p else '-'} |")
@@ -257,8 +317,9 @@ def write_report(args, budget_s: float, results: list[dict], total: float, load0
         if r.get("paired_vs_export"):
             d = r["paired_vs_export"]["linear_balanced_accuracy"]
             lines.append(f"- the export's native-size BatchNorm statistics vs {r['name']}: Δ linear bal. acc. {dci(d)}")
+    lines += comparison_lines(results, budgets)
     missing = [m for m in METHODS if m not in {r["method"] for r in methods}]
-    if budget_s < FULL_BUDGET_S or missing:
+    if args.section == "defaults" and (budget_s < FULL_BUDGET_S or missing):
         lines += ["", f"**Partial run.** The issue's protocol is all five methods at 15 min each; this run has "
                   f"{len(methods)} method(s) at {budget_s / 60:g} min"
                   + (f" (not run: {', '.join(missing)})" if missing else "") + ". The full run: "
@@ -276,7 +337,30 @@ def write_report(args, budget_s: float, results: list[dict], total: float, load0
                                       "results": [{k: v for k, v in r.items() if k != "probs"} for r in results]}
     atomic.write_json(js, prev)
     print("\n".join(lines))
-    write_goal(Path(args.out), args.section)
+    if args.section == "defaults":  # the goal is stated for the defaults protocol (15 min per method)
+        write_goal(Path(args.out), args.section)
+
+
+def comparison_lines(results: list[dict], budgets: list[str]) -> list[str]:
+    """Each row vs the row it is compared with (paired), and for a budget curve the first budget meeting the goal."""
+    out = []
+    for r in results:
+        if r.get("paired_vs"):
+            d = r["paired_vs"]["linear_balanced_accuracy"]
+            word = ("better" if d["ci_low"] > 0 else "worse" if d["ci_high"] < 0 else "not distinguishable")
+            out.append(f"- {r['name']} vs {r['paired_vs']['than']}: Δ linear bal. acc. {dci(d)}: **{word}**")
+    curves: dict[str, list[dict]] = {}
+    for r in results:
+        if len(budgets) > 1 and r.get("method") and not r.get("variant"):
+            curves.setdefault(r["method"], []).append(r)
+    for m, rows in curves.items():
+        meets = [r["budget"] for r in rows if r["paired"]["linear_balanced_accuracy"]["diff"] >= GOAL_DELTA
+                 and r["linear"]["balanced_accuracy"]["value"] >= GOAL_BEST]
+        delta = [r["budget"] for r in rows if r["paired"]["linear_balanced_accuracy"]["diff"] >= GOAL_DELTA]
+        out.append(f"- {m}: Δ ≥ {GOAL_DELTA:+.2f} over random init first at "
+                   f"{delta[0] if delta else 'none of ' + ', '.join(r['budget'] for r in rows)}; Δ goal and "
+                   f"≥ {GOAL_BEST:.2f} together at {meets[0] if meets else 'none of these budgets'}")
+    return out
 
 
 #: the issue's goal (#19): every method >= +0.05 linear balanced accuracy over random init with disjoint CIs,

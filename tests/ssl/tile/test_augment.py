@@ -210,3 +210,12 @@ def test_randstainna_moves_tiles_to_the_training_sets_lab_statistics():
     assert all(torch.equal(u, v) for u, v in zip(a, b))  # seeded: resume draws the same views
     with pytest.raises(GigaslideError, match="at least 2"):
         A.MultiView(A.view_recipes("two", "pathology,stain_mode=randstainna", 32)).prepare(_ListSource(dark[:1]))
+
+
+def test_two_view_recipes_take_the_global_scale_flag():
+    default = A.view_recipes("two", "pathology", 96)
+    assert [v.scale for v in default] == [A.PRESETS["pathology"].scale] * 2
+    wide = A.view_recipes("two", "pathology", 96, global_scale=(0.5, 1.0))
+    assert [v.scale for v in wide] == [(0.5, 1.0)] * 2  # both views, not only the multi-crop ones
+    with pytest.raises(GigaslideError):
+        A.view_recipes("two", "pathology", 96, global_scale=(0.9, 0.5))

@@ -228,9 +228,11 @@ def view_recipes(kind: str, preset: str, tile_size: int, n_local: int = 6, multi
     else:
         glob_size = int(tile_size)
         loc_size = (int(local_size) if local_size else _local_size(glob_size, multiple)) if n_loc else None
-    if kind == "two":
-        views = [replace(base, size=glob_size, blur=1.0 if imagenet else base.blur),
-                 replace(base, size=glob_size, blur=0.1 if imagenet else base.blur, solarize=0.2 if imagenet else base.solarize)]
+    if kind == "two":  # the preset's crop scale unless --global-scale is given
+        g2 = check_scale("global_scale", global_scale) if global_scale else base.scale
+        views = [replace(base, size=glob_size, scale=g2, blur=1.0 if imagenet else base.blur),
+                 replace(base, size=glob_size, scale=g2, blur=0.1 if imagenet else base.blur,
+                         solarize=0.2 if imagenet else base.solarize)]
         return views
     if kind == "dinov2":
         g_default, l_default = (0.32, 1.0), (0.05, 0.32)

@@ -151,7 +151,7 @@ class Session:
                     else prev.get("seconds_per_step"))
         return {"run": str(self.out), "method": self.cfg.method, "backbone": self.cfg.backbone, "steps": self.step,
                 "planned_steps": self.plan.planned, "stopped_by": reason, "elapsed_s": round(self.elapsed, 1),
-                "images": self.images, "images_per_s": rate,
+                "images": self.images, "images_this_invocation": images_this_run, "images_per_s": rate,
                 "seconds_per_step": per_step,
                 "device": device_name(self.device), "precision": self.precision.record(), "init": self.init_source,
                 "data": self.source.describe(), "encoder": str(self.out / "encoder"),

@@ -1,0 +1,52 @@
+"""benchmarks/bench_tile_ssl.py: option variants are read as typed ``pretrain`` options, and the verdicts of a
+budget curve / a variant come from the paired rows (which budget first meets the goal, better / worse / not
+distinguishable from the row compared with)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_tile_ssl  # noqa: E402
+
+
+def test_variants_are_typed_options() -> None:
+    assert bench_tile_ssl.parse_variant("") == {}
+    assert bench_tile_ssl.parse_variant("n_local=2  local_scale=[0.05, 0.4] augment=pathology,rot90=0") == {
+        "n_local": 2, "local_scale": [0.05, 0.4], "augment": "pathology,rot90=0"}
+    with pytest.raises(SystemExit, match="not key=value"):
+        bench_tile_ssl.parse_variant("n_local")
+
+
+def _d(diff: float, lo: float, hi: float) -> dict:
+    return {"diff": diff, "ci_low": lo, "ci_high": hi, "p_value": 0.01}
+
+
+def _row(name: str, budget: str, acc: float, delta: float, vs: tuple | None = None, variant: str = "") -> dict:
+    r = {"name": name, "method": "mocov2", "budget": budget, "variant": variant,
+         "linear": {"balanced_accuracy": {"value": acc, "ci_low": acc - 0.01, "ci_high": acc + 0.01}},
+         "paired": {"linear_balanced_accuracy": _d(delta, delta - 0.01, delta + 0.01)}}
+    if vs:
+        r["paired_vs"] = {"than": vs[0], "linear_balanced_accuracy": _d(*vs[1:])}
+    return r
+
+
+def test_budget_curve_verdicts_come_from_the_rows() -> None:
+    rows = [{"name": "random init"}, _row("mocov2, 5m", "5m", 0.76, 0.02),
+            _row("mocov2, 15m", "15m", 0.79, 0.052, ("mocov2, 5m", 0.03, 0.01, 0.05)),
+            _row("mocov2, 45m", "45m", 0.85, 0.11, ("mocov2, 15m", 0.06, -0.01, 0.12))]
+    lines = bench_tile_ssl.comparison_lines(rows, ["5m", "15m", "45m"])
+    assert lines[0].startswith("- mocov2, 15m vs mocov2, 5m: Δ linear bal. acc. +0.030") and lines[0].endswith("**better**")
+    assert lines[1].endswith("**not distinguishable**")
+    # the Δ goal first at 15m; Δ and >= 0.84 together only at 45m
+    assert lines[2] == ("- mocov2: Δ ≥ +0.05 over random init first at 15m; Δ goal and ≥ 0.84 together at 45m")
+
+
+def test_a_variant_is_compared_with_its_defaults_and_makes_no_curve() -> None:
+    rows = [{"name": "random init"}, _row("mocov2", "15m", 0.78, 0.04),
+            _row("mocov2, n_local=2", "15m", 0.75, 0.01, ("mocov2", -0.03, -0.05, -0.01), variant="n_local=2")]
+    assert bench_tile_ssl.comparison_lines(rows, ["15m"]) == [
+        "- mocov2, n_local=2 vs mocov2: Δ linear bal. acc. -0.030 [-0.050, -0.010], p=0.01: **worse**"]
