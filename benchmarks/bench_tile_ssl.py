@@ -193,7 +193,7 @@ def main() -> None:
     tr = load_split(pcam / "train", args.probe_train, seed=0)
     te = (load_split(pcam / "valid", args.valid, seed=1) if args.score_on == "valid"
           else load_split(pcam / "train", args.valid or 3000, seed=1, exclude=args.probe_train))
-    print(f"probe train {len(tr[1])} tiles, valid {len(te[1])} tiles", flush=True)
+    print(f"probe train {len(tr[1])} tiles, scored on {len(te[1])} {scored_on(args)} tiles", flush=True)
     trunk, spec = random_trunk(args.backbone, args.tile_size)
     enc = Encoder(spec, trunk, "random-seed0").eval()
     base = probe(enc, tr, te, args.bootstrap)
@@ -239,6 +239,14 @@ def main() -> None:
     write_report(args, budgets, results, time.perf_counter() - t_start, load0, len(tr[1]), len(te[1]))
 
 
+def scored_on(args: argparse.Namespace) -> str:
+    """What the probes are scored on, in words (``--score-on``)."""
+    if args.score_on == "valid":
+        return "PCam valid"
+    return ("held-out PCam train (disjoint from the probe's training tiles, unlabelled-seen by pre-training, "
+            "for tuning without looking at valid)")
+
+
 def parse_variant(variant: str) -> dict:
     """``'n_local=2 local_size=32'`` -> ``{'n_local': 2, 'local_size': 32}`` (values read as JSON where they parse)."""
     out: dict = {}
@@ -279,8 +287,10 @@ def write_report(args, budgets: list[str], results: list[dict], total: float, lo
     cmd = "`.venv/bin/python benchmarks/bench_tile_ssl.py" + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "") + "`"
     methods = [r for r in results if r.get("method")]
     lines = [
-        f"## Tile SSL with the command's own defaults at PCam's native {args.tile_size} px "
-        + (f"({budget_s / 60:g} min per method)" if len(budgets) == 1 else f"(budgets {', '.join(budgets)} per method)"), "",
+        f"## Tile SSL {'variants against ' if args.variants and any(v.strip() for v in args.variants.split(';')) else 'with '}the command's own defaults "
+        f"at PCam's native {args.tile_size} px "
+        + (f"({budget_s / 60:g} min per method" if len(budgets) == 1 else f"(budgets {', '.join(budgets)} per method")
+        + (", scored on held-out PCam train for tuning)" if args.score_on != "valid" else ")"), "",
         f"Command: {cmd}  ",
         f"Machine: {cpu_name()}, {os.cpu_count()} cores{_shared(load0, os.getloadavg()[0], args.threads)} (load average "
         f"{load0:.1f} at start, {os.getloadavg()[0]:.1f} at end), {args.threads} torch threads, no GPU. "
@@ -289,8 +299,8 @@ def write_report(args, budgets: list[str], results: list[dict], total: float, lo
         f"--budget {args.budget}` with nothing else set"
         + (f" but {args.workers} data-loader worker(s)" if args.workers is not None else "")
         + f" (precision and loader workers as the command resolved them, in the table); the 10,000 unlabelled PCam train tiles. "
-        f"Probes on frozen features at {args.tile_size} px, fitted on {n_tr} balanced PCam train tiles, scored on {n_te} PCam "
-        f"valid tiles: linear (logistic regression, C on a validation split) and k-NN (k=20, cosine); 95 % bootstrap CIs "
+        f"Probes on frozen features at {args.tile_size} px, fitted on {n_tr} balanced PCam train tiles, scored on {n_te} "
+        f"{scored_on(args)} tiles: linear (logistic regression, C on a validation split) and k-NN (k=20, cosine); 95 % bootstrap CIs "
         f"and a paired bootstrap of Δ vs random init on the same test tiles ({args.bootstrap} resamples).", "",
         "| encoder | steps done / planned | train img/s | batch, crop px, lr, precision, loader workers | RankMe first → last | view top-1 first → last "
         "| linear bal. acc. | Δ linear bal. acc. vs random (paired) | linear AUC | Δ linear AUC (paired) | k-NN bal. acc. | Δ k-NN (paired) |",
