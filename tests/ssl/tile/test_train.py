@@ -236,6 +236,24 @@ def test_changed_data_mpp_options_or_init_weights_are_refused(tiles, tmp_path):
         pretrain(_cfg(tiles, tmp_path / "c", steps=2, init=str(init)))
 
 
+def test_a_run_made_under_other_method_defaults_is_not_resumed_under_the_new_ones(tiles, tmp_path, monkeypatch):
+    """A method's class defaults (e.g. MoCo v2's temperature) are part of the run's identity and record, so a
+    code change to them cannot silently mix two settings in one run."""
+    from gigaslide.ssl.tile import methods
+
+    pretrain(_cfg(tiles, tmp_path / "run", "mocov2", steps=2))
+    rec = runs.read_run(tmp_path / "run")
+    assert rec["resolved"]["method_hparams"] == {**methods.MoCoV2.hparams, **SMALL["mocov2"]}
+    monkeypatch.setattr(methods.MoCoV2, "hparams", {**methods.MoCoV2.hparams, "temperature": 0.5})
+    with pytest.raises(GigaslideError, match=r"another run \(method_hparams"):
+        pretrain(_cfg(tiles, tmp_path / "run", "mocov2", steps=3))
+    # the same setting given explicitly is the same run
+    tau = rec["resolved"]["method_hparams"]["temperature"]
+    again = pretrain(_cfg(tiles, tmp_path / "run", "mocov2", steps=3,
+                          method_args={**SMALL["mocov2"], "temperature": tau}))
+    assert again["steps"] == 3
+
+
 def test_damaged_checkpoint_is_a_clear_error(tiles, tmp_path):
     pretrain(_cfg(tiles, tmp_path / "run", steps=2))
     rec = runs.read_checkpoint_record(tmp_path / "run")

@@ -130,12 +130,23 @@ def resolve_config(cfg: PretrainConfig, method_cls: type, family: str, patch: in
     return out
 
 
-def identity(cfg: PretrainConfig) -> dict[str, Any]:
-    """The options (resolved) that must match to resume a run; ``--data`` and ``--init`` files join as inputs."""
+def identity(cfg: PretrainConfig, method_hparams: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The options (resolved) that must match to resume a run; ``--data`` and ``--init`` files join as inputs.
+
+    ``method_hparams`` (the method class's defaults) joins as ``method_hparams``, merged under ``method_args``,
+    so a run made when a method's defaults were other values is not resumed under the new ones."""
     d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY}
+    if method_hparams is not None:  # the effective settings, however they were given
+        d["method_hparams"] = method_settings(cfg, method_hparams)
+        del d["method_args"]
     if cfg.init and not init_file(cfg.init):
         d["init"] = cfg.init  # a registry name / hub id: compared by value
     return d
+
+
+def method_settings(cfg: PretrainConfig, method_hparams: dict[str, Any]) -> dict[str, Any]:
+    """Every setting the method runs with: its class defaults under the resolved ``method_args``."""
+    return {**method_hparams, **cfg.method_args}
 
 
 def init_file(init: str | None) -> Path | None:
@@ -158,4 +169,5 @@ def config_dict(cfg: PretrainConfig) -> dict[str, Any]:
     return d
 
 
-__all__ = ["DEFAULTS", "ENGINES", "PretrainConfig", "check_config", "config_dict", "identity", "init_file", "resolve_config"]
+__all__ = ["DEFAULTS", "ENGINES", "PretrainConfig", "check_config", "config_dict", "identity", "init_file",
+           "method_settings", "resolve_config"]

@@ -29,7 +29,7 @@ from gigaslide.devices import PrecisionChoice, choose_precision, device_name, lo
 from gigaslide.encoders import export_encoder
 from gigaslide.provenance import Provenance
 from gigaslide.ssl.tile.augment import MultiView, view_recipes
-from gigaslide.ssl.tile.config import PretrainConfig, config_dict, identity, init_file, resolve_config
+from gigaslide.ssl.tile.config import PretrainConfig, config_dict, identity, init_file, method_settings, resolve_config
 from gigaslide.ssl.tile.data import StepSampler, ViewDataset, build_source, make_loader
 from gigaslide.ssl.tile.init import run_spec
 from gigaslide.ssl.tile.methods import SSL_METHODS
@@ -188,7 +188,7 @@ def open_session(cfg: PretrainConfig, *, write: bool = True, device: torch.devic
     dataset = ViewDataset(source, views, cfg.tile_size)
     run = None
     if write:
-        run = runs.open_run(cfg.out, RUN_KIND, identity(cfg), config_dict(cfg), seed=cfg.seed,
+        run = runs.open_run(cfg.out, RUN_KIND, identity(cfg, cls.hparams), config_dict(cfg), seed=cfg.seed,
                             inputs={"data": cfg.data, "init": init_file(cfg.init)},
                             provenance={"mpp": float(cfg.mpp[0]), "tile_size": cfg.tile_size, "encoder": spec.name,
                                         "method": cfg.method})
@@ -220,7 +220,8 @@ def open_session(cfg: PretrainConfig, *, write: bool = True, device: torch.devic
     if run is not None:
         run.update(precision=precision.record(), resolved={k: v for k, v in dataclasses.asdict(cfg).items()
                                                            if k in ("batch_size", "lr", "crop_size", "n_local",
-                                                                    "layer_decay", "warmup_frac", "weight_decay")})
+                                                                    "layer_decay", "warmup_frac", "weight_decay")}
+                   | {"method_hparams": method_settings(cfg, cls.hparams)})
     if cfg.steps:
         log.info("%s %s: %d steps planned (batch %d, crops %d px, tiles %d px, lr %.2g, %s, %d loader workers)", cfg.method,
                  cfg.backbone, plan.planned, cfg.batch_size, cfg.crop_size, cfg.tile_size, cfg.lr, precision.resolved,
