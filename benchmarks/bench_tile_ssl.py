@@ -176,15 +176,12 @@ def main() -> None:
                     help="';'-separated option sets applied on top of the defaults, e.g. ';n_local=2' (the empty set: defaults)")
     ap.add_argument("--goal-only", action="store_true",
                     help="only (re)write the 'goal' section from the measured rows in tile_ssl.json (no training)")
-    ap.add_argument("--goal-from", default=None,
-                    help="with --goal-only: a later section of the same protocol whose defaults rows replace the same "
-                         "methods' rows (after a method's defaults changed)")
     args = ap.parse_args()
     budgets = [b.strip() for b in args.budget.split(",") if b.strip()]
     variants = [v.strip() for v in args.variants.split(";")] if args.variants else [""]
     args.section = args.section or ("budget" if len(budgets) > 1 else "variants" if any(variants) else "defaults")
     if args.goal_only:
-        return write_goal(Path(args.out), args.section, args.goal_from)
+        return write_goal(Path(args.out), args.section)
     budget_s = min(parse_duration(b) for b in budgets)
     torch.set_num_threads(args.threads)
     pcam = pcam_dir()
@@ -418,40 +415,13 @@ def goal_lines(results: list[dict]) -> list[str]:
     return out
 
 
-def newer_defaults(results: list[dict], newer: list[dict]) -> tuple[list[dict], list[str]]:
-    """``results`` with each method's defaults row replaced by the defaults row (no variant) of the same method in
-    ``newer`` (a later run of the same protocol, e.g. after that method's defaults changed); the replaced names."""
-    fresh = {r["method"]: r for r in newer if r.get("method") and not r.get("variant")}
-    out = [fresh.get(r.get("method"), r) if r.get("method") and not r.get("variant") else r for r in results]
-    return out, [r["name"] for r in results if r.get("method") in fresh and not r.get("variant")]
-
-
-def write_goal(out: Path, section: str, newer: str | None = None) -> None:
-    """The ``goal`` section: the issue's goal checked against ``section``'s measured rows in ``tile_ssl.json``
-    (with ``newer``'s defaults rows in place of the same methods' rows, when given)."""
-    sections = json.loads(out.with_suffix(".json").read_text())["sections"]
-    data, results, swapped = sections[section], sections[section]["results"], []
-    if newer:
-        later = sections[newer]
-        protocol = {"score_on": "valid"}  # keys older runs did not record, at the value they ran with
-        for key in ("budget", "score_on", "valid", "probe_train", "tile_size", "backbone"):
-            if later["args"].get(key, protocol.get(key)) != data["args"].get(key, protocol.get(key)):
-                raise SystemExit(f"--goal-from {newer}: its {key} ({later['args'].get(key)}) differs from the "
-                                 f"`{section}` rows' ({data['args'].get(key)}); re-run it with the same protocol")
-        rand = [next(r for r in rs if r["name"] == "random init")["linear"]["balanced_accuracy"]["value"]
-                for rs in (results, later["results"])]
-        if rand[0] != rand[1]:  # the same test tiles and random trunk give the same baseline
-            raise SystemExit(f"--goal-from {newer}: its random-init row ({rand[1]:.4f}) differs from `{section}`'s "
-                             f"({rand[0]:.4f}); the two were not scored on the same tiles")
-        results, swapped = newer_defaults(results, later["results"])
-    src = f"the `{section}` rows" + (f", {', '.join(swapped)} from the later `{newer}` run (its defaults changed since)"
-                                     if swapped else "")
-    cmd = ([f"Command: `.venv/bin/python benchmarks/bench_tile_ssl.py --goal-only --section {section} --goal-from {newer}`"
-            " (no training)", ""] if newer else [])
-    lines = [f"## Against the issue's goal (computed from {src}, linear probe)", "", *cmd,
+def write_goal(out: Path, section: str) -> None:
+    """The ``goal`` section: the issue's goal checked against ``section``'s measured rows in ``tile_ssl.json``."""
+    data = json.loads(out.with_suffix(".json").read_text())["sections"][section]
+    lines = [f"## Against the issue's goal (computed from the `{section}` rows, linear probe)", "",
              f"Goal: every method ≥ {GOAL_DELTA:+.2f} balanced accuracy over random init with disjoint 95 % CIs, the best "
              f"≥ {GOAL_BEST:.2f}. Rows at {data['args'].get('budget', '?')} per method.", "",
-             *goal_lines(results), ""]
+             *goal_lines(data["results"]), ""]
     atomic.write_text(out, merge_section(out, "goal", "\n".join(lines) + "\n"))
     print("\n".join(lines))
 

@@ -52,20 +52,6 @@ def test_a_variant_is_compared_with_its_defaults_and_makes_no_curve() -> None:
         "- mocov2, n_local=2 vs mocov2: Δ linear bal. acc. -0.030 [-0.050, -0.010], p=0.01: **worse**"]
 
 
-def test_the_goal_takes_a_later_defaults_row_only_for_its_own_method() -> None:
-    rand = {"name": "random init", "linear": {"balanced_accuracy": {"value": 0.74, "ci_low": 0.725, "ci_high": 0.755}}}
-    old = [rand, _row("simclr", "15m", 0.77, 0.03), _row("mocov2", "15m", 0.78, 0.047)]
-    old[1]["method"] = "simclr"
-    later = [rand, _row("mocov2", "15m", 0.80, 0.06),
-             _row("mocov2, temperature 0.2", "15m", 0.78, 0.04, variant="method_args={}")]
-    rows, swapped = bench_tile_ssl.newer_defaults(old, later)
-    assert swapped == ["mocov2"]
-    assert [r["linear"]["balanced_accuracy"]["value"] for r in rows[1:]] == [0.77, 0.80]  # the variant is not taken
-    lines = bench_tile_ssl.goal_lines(rows)
-    assert lines[1].startswith("- mocov2: Δ +0.060") and lines[1].endswith("**met**")
-    assert lines[-1] == "- 1 of 2 rows meet the Δ goal."
-
-
 def test_each_row_states_the_settings_its_run_recorded() -> None:
     rows = [{"name": "mocov2", "method_hparams": {"temperature": 0.2, "queue": 4096}, "git_commit": "abcdef0123"},
             {"name": "mocov2, old", "method_hparams": None, "git_commit": None}]
