@@ -252,6 +252,13 @@ def test_a_run_made_under_other_method_defaults_is_not_resumed_under_the_new_one
     again = pretrain(_cfg(tiles, tmp_path / "run", "mocov2", steps=3,
                           method_args={**SMALL["mocov2"], "temperature": tau}))
     assert again["steps"] == 3
+    # a folder from before runs recorded method settings: refused with the reason, not as "options changed"
+    rec = json.loads((tmp_path / "run" / "run.json").read_text())
+    del rec["identity"]["method_hparams"]
+    (tmp_path / "run" / "run.json").write_text(json.dumps(rec))
+    with pytest.raises(GigaslideError, match="made before runs recorded their method settings") as e:
+        pretrain(_cfg(tiles, tmp_path / "run", "mocov2", steps=4))
+    assert "new --out" in str(e.value)
 
 
 def test_damaged_checkpoint_is_a_clear_error(tiles, tmp_path):

@@ -27,6 +27,7 @@ import torch
 from gigaslide import __version__, runs
 from gigaslide.devices import PrecisionChoice, choose_precision, device_name, loader_workers, pick_device
 from gigaslide.encoders import export_encoder
+from gigaslide.errors import GigaslideError
 from gigaslide.provenance import Provenance
 from gigaslide.ssl.tile.augment import MultiView, view_recipes
 from gigaslide.ssl.tile.config import PretrainConfig, config_dict, identity, init_file, method_settings, resolve_config
@@ -188,6 +189,11 @@ def open_session(cfg: PretrainConfig, *, write: bool = True, device: torch.devic
     dataset = ViewDataset(source, views, cfg.tile_size)
     run = None
     if write:
+        prev = runs.read_run(cfg.out)
+        if prev and prev.get("run_kind") == RUN_KIND and "method_hparams" not in (prev.get("identity") or {}):
+            raise GigaslideError("run folder was made before runs recorded their method settings, so its method "
+                                 "defaults cannot be checked", path=cfg.out,
+                                 fix="choose a new --out (or resume it with the gigaslide version that made it)")
         run = runs.open_run(cfg.out, RUN_KIND, identity(cfg, cls.hparams), config_dict(cfg), seed=cfg.seed,
                             inputs={"data": cfg.data, "init": init_file(cfg.init)},
                             provenance={"mpp": float(cfg.mpp[0]), "tile_size": cfg.tile_size, "encoder": spec.name,
