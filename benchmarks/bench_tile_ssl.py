@@ -301,7 +301,7 @@ def write_report(args, budgets: list[str], results: list[dict], total: float, lo
     budget_s = min(parse_duration(b) for b in budgets)
     cmd = "`.venv/bin/python benchmarks/bench_tile_ssl.py" + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "") + "`"
     methods = [r for r in results if r.get("method")]
-    against = "variants against " if args.variants and any(v.strip() for v in args.variants.split(";")) else "with "
+    against = "variants against " if any(r.get("variant") for r in methods) else "with "
     lines = [
         f"## Tile SSL {against}the command's own defaults at PCam's native {args.tile_size} px "
         + (f"({budget_s / 60:g} min per method" if len(budgets) == 1 else f"(budgets {', '.join(budgets)} per method")
