@@ -216,7 +216,7 @@ def run_task(task: str, work: Path, pcam: Path, enc, args) -> dict:  # noqa: ANN
                       "augmented-view cache file": float(np.mean([f.stat().st_size for f in (w / "cache" / "features").glob("*.h5")]))},
             "gigassl_final": g["history"][-1], "gigassl_epochs": len(g["history"]),
             "gigassl_exported_epoch": g.get("exported_epoch"), "gigassl_learned": g.get("learned"),
-            "gigassl_untrained": g.get("untrained_monitor"),
+            "gigassl_untrained": g.get("untrained_monitor"), "gigassl_raw": g.get("raw_monitor"),
             "gigassl_exported": (g["history"][g["exported_epoch"] - 1] if g.get("exported_epoch") else None)}
     return {"y": t.labels, "preds": preds, "info": info}
 
@@ -333,6 +333,8 @@ def gigassl_monitor_line(info: dict) -> str:
         line += f"; exported epoch {info['gigassl_exported_epoch']} (best by the monitor): top-1 {ex['retrieval_top1']:.3f}"
     if u is not None:
         line += f"; untrained encoder: top-1 {u['retrieval_top1']:.3f}"
+    if info.get("gigassl_raw") is not None:  # the identity the cached views carry before any model
+        line += f"; the views' mean raw features: top-1 {info['gigassl_raw']['retrieval_top1']:.3f}"
     return line + f" (chance {1.0 / info['n_slides']:.3f})."
 
 

@@ -13,7 +13,7 @@ from gigaslide.features import store
 from gigaslide.ssl.slide.embed import embed_slides, load_embeddings
 from gigaslide.ssl.slide.gigassl import (GigaSSLModel, embed_views, learned_over, load_encoder, lr_at, make_encoder,
                                         pretrain_gigassl)
-from gigaslide.ssl.slide.sampling import augment_grid, draw_pairs
+from gigaslide.ssl.slide.sampling import augment_grid, draw_pairs, raw_view_retrieval
 from gigaslide.ssl.slide.views import load_cache
 
 KW = dict(out_dim=16, hidden=16, proj_dim=8, batch_size=4, lr=1e-3, tiles_per_step=4, blocks=1, warmup_epochs=1,
@@ -50,6 +50,38 @@ def test_views_are_redrawn_every_step_and_grid_augment_keeps_geometry():
         assert d(q) == d(p) and q.min() == 0
     q2 = augment_grid(p, np.random.default_rng(0), scale=(2.0, 2.0))
     assert d(q2) == [2 * v for v in d(p)]
+
+
+def _views(identity: float, n: int = 40, t: int = 16, d: int = 32, common: float = 0.0, seed: int = 0):
+    """Two views per slide: tiles drawn independently from one shared pool, plus a per-slide offset of size
+    ``identity`` (0: the views share nothing slide-specific) and an offset ``common`` that every slide shares."""
+    rng = np.random.default_rng(seed)
+    off = rng.normal(scale=identity, size=(n, 1, d)) + common
+    f0, f1 = (torch.as_tensor(rng.normal(size=(n, t, d)) + off, dtype=torch.float32) for _ in range(2))
+    pos = torch.zeros(n, t, 2, dtype=torch.long)
+    return f0, pos, f1, pos
+
+
+def test_raw_view_retrieval_measures_the_identity_the_views_carry_whatever_every_slide_shares():
+    strong, none_ = raw_view_retrieval(_views(1.0)), raw_view_retrieval(_views(0.0))
+    assert strong["retrieval_top1"] == 1.0  # offset 1.0 vs a 16-tile mean's noise of 0.25 per dim
+    assert none_["retrieval_top1"] <= 0.1  # chance is 1/40: no identity, no retrieval
+    # a large offset shared by all slides (post-ReLU features' common mean) must not hide the identity:
+    # without centring over slides every cosine would be ~1 and top-1 near chance
+    assert raw_view_retrieval(_views(1.0, common=50.0)) == strong
+    assert raw_view_retrieval(_views(0.0, common=50.0)) == none_
+
+
+def test_the_untrained_run_records_how_much_identity_its_cache_carries(tmp_path, make_stain_cache):
+    cache, _ = make_stain_cache(tmp_path / "c")
+    logs = []
+    res = pretrain_gigassl(cache, tmp_path / "run", epochs=1, **{**KW, "log": logs.append})
+    raw = res["raw_monitor"]["retrieval_top1"]
+    vc = load_cache(cache)  # the monitor's own fixed views (seed [0, 2]), scored without any model
+    pairs = draw_pairs(vc.views, vc.pos, np.arange(len(vc)), KW["tiles_per_step"], np.random.default_rng([0, 2]))
+    assert res["raw_monitor"] == raw_view_retrieval(pairs)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["raw_monitor"] == res["raw_monitor"]
+    assert any(m.startswith("slide identity in the cached views before training") and f"{raw:.3f}" in m for m in logs)
 
 
 def test_warmup_cosine_schedule():
