@@ -142,10 +142,9 @@ def pretrain_gigassl(cache: str | os.PathLike, out: str | os.PathLike, cfg: Giga
     if ck is None:  # the untrained encoder on the monitor: what training has to beat (eval mode: no RNG, no BN update)
         run.update(untrained_monitor=view_retrieval(model.encoder, monitor_pairs, dev),
                    raw_monitor=raw_view_retrieval(monitor_pairs))
-    untrained, raw = run.record.get("untrained_monitor"), run.record.get("raw_monitor")
-    if ck is None and raw is not None:
         log(f"slide identity in the cached views before training: mean-feature view retrieval top-1 "
-            f"{raw['retrieval_top1']:.3f} (chance {1 / len(vc):.3f})")
+            f"{run.record['raw_monitor']['retrieval_top1']:.3f} (chance {1 / len(vc):.3f})")
+    untrained, raw = run.record.get("untrained_monitor"), run.record.get("raw_monitor")
     if ck is not None:
         runs.load_module_state(model, ck["model"], run.dir)
         opt.load_state_dict(ck["optimizer"])

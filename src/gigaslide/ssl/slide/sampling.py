@@ -62,7 +62,7 @@ def view_retrieval(encoder: torch.nn.Module, pairs: tuple[torch.Tensor, ...], de
     encoder.train(was)
     sim = z0 @ z1.T
     n = len(sim)
-    top1 = float((sim.argmax(dim=1) == torch.arange(n, device=sim.device)).float().mean())
+    top1 = _top1(sim)
     pos_ = float(sim.diag().mean())
     neg = float((sim.sum() - sim.diag().sum()) / max(1, n * n - n))
     return {"retrieval_top1": top1, "cosine_gap": pos_ - neg}
@@ -77,4 +77,9 @@ def raw_view_retrieval(pairs: tuple[torch.Tensor, ...]) -> dict[str, float]:
     z0, z1 = (f.float().mean(dim=1) for f in (f0, f1))
     z0, z1 = z0 - z0.mean(dim=0), z1 - z1.mean(dim=0)
     sim = torch.nn.functional.normalize(z0, dim=1) @ torch.nn.functional.normalize(z1, dim=1).T
-    return {"retrieval_top1": float((sim.argmax(dim=1) == torch.arange(len(sim))).float().mean())}
+    return {"retrieval_top1": _top1(sim)}
+
+
+def _top1(sim: torch.Tensor) -> float:
+    """How often row i's most similar column is column i (view 0 of slide i finds its view 1)."""
+    return float((sim.argmax(dim=1) == torch.arange(len(sim), device=sim.device)).float().mean())
