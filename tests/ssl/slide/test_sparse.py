@@ -84,3 +84,24 @@ def test_sparseconvmil_uses_geometry():
     assert not torch.allclose(enc(feats, line), enc(feats, spread))
     mean = build_slide_encoder("mean", in_dim=4, out_dim=6, hidden=8).eval()
     torch.testing.assert_close(mean(feats, line), mean(feats, spread))
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer"])
+def test_a_normalised_residual_block_starts_as_the_identity(norm):
+    """The last norm's scale is zero-initialised, so a fresh block passes its (post-ReLU) input through
+    unchanged; with the default unit scale its conv branch (random weights over random neighbourhoods)
+    swamps the tile features, and Giga-SSL on real mosaic views learned nothing (view retrieval fell below
+    the untrained encoder's)."""
+    from gigaslide.ssl.slide.encoders import SparseBasicBlock
+
+    torch.manual_seed(0)
+    block = SparseBasicBlock(8, 3, norm)
+    pos = _sites(12, 5, 5, 0)
+    h = torch.relu(torch.randn(len(pos), 8))
+    nbr = neighbour_index(pos, torch.zeros(len(pos), dtype=torch.long), 3)
+    for mode in (True, False):
+        block.train(mode)
+        torch.testing.assert_close(block(h, nbr), h)
+    # ... and it is a block, not a constant identity: once its scale moves it mixes neighbours
+    torch.nn.init.ones_(block.norm2.weight)
+    assert not torch.allclose(block(h, nbr), h, atol=1e-3)

@@ -181,8 +181,11 @@ def test_kill_9_then_resume_is_bit_exact(tiles, tmp_path):
     assert len(runs.read_run(killed)["invocations"]) == 2
 
 
-def test_budget_plans_the_schedule_and_stops_cleanly(tiles, tmp_path):
-    s = pretrain(_cfg(tiles, tmp_path / "run", steps=None, budget_s=3.0, monitor_every=0))
+def test_budget_plans_the_schedule_and_stops_cleanly(tiles, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="gigaslide"):
+        s = pretrain(_cfg(tiles, tmp_path / "run", steps=None, budget_s=3.0, monitor_every=0))
+    plans = [r.getMessage() for r in caplog.records if "steps for the budget" in r.msg]  # formats at the first step too
+    assert plans and "start-up included" in plans[0] and any("s/step measured" in m for m in plans[1:]), plans
     assert s["stopped_by"] == "budget" and s["steps"] >= 6 and s["elapsed_s"] >= 3.0
     # the schedule spans the steps the measured step time allows: planned is within a factor 2 of those done
     assert s["steps"] / 2 <= s["planned_steps"] <= 2 * s["steps"], s

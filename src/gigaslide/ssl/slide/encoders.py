@@ -47,6 +47,8 @@ class SparseBasicBlock(nn.Module):
         super().__init__()
         self.conv1, self.norm1 = SubmanifoldConv2d(dim, dim, kernel_size, bias=norm == "none"), _norm(norm, dim)
         self.conv2, self.norm2 = SubmanifoldConv2d(dim, dim, kernel_size, bias=norm == "none"), _norm(norm, dim)
+        if isinstance(self.norm2, (nn.BatchNorm1d, nn.LayerNorm)):  # zero-init the last norm's scale: the block
+            nn.init.zeros_(self.norm2.weight)  # starts as the identity (Goyal et al. 2017; timm's zero_init_last)
 
     def forward(self, h: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
         y = torch.relu(self.norm1(self.conv1(h, nbr)))

@@ -64,8 +64,9 @@ def pretrain_native(cfg: PretrainConfig) -> dict[str, Any]:
             train_s += dt
             s.elapsed = stopper.elapsed
             if s.plan.observe(local, dt, s.step, s.elapsed):
-                log.info("planned %d steps for the budget (%.3f s/step measured)", s.plan.planned,
-                         s.plan.seconds_per_step)
+                per = s.plan.seconds_per_step
+                log.info("planned %d steps for the budget (%s)", s.plan.planned,
+                         f"{per:.3f} s/step measured" if per is not None else f"first step {dt:.3f} s, start-up included")
             if s.step % cfg.log_every == 0 or local == 1:
                 _log_step(s, float(loss), images_this_run, train_s)
             if s.monitor_due():
