@@ -107,7 +107,7 @@ def tile_auc(enc, pcam: Path, n: int) -> float:  # noqa: ANN001
 
 def splits(labels_csv: Path, ids: list[str], args):  # noqa: ANN001, ANN201
     """The label table in run_cv's order and, per n, per draw, per fold: (train, test) indices — run_cv's own."""
-    t = S.match_features(S.read_labels(labels_csv), ids).table
+    t = S.match_features(S.read_labels(labels_csv), ids, on_missing="skip").table  # slides without tissue: left out
     folds = S.make_folds(t.labels, t.patient_ids, args.folds, 0, where=labels_csv)
     plan = {}
     for n in args.ns:
@@ -141,7 +141,7 @@ def mil_rows(model: str, features: Path, labels_csv: Path, out: Path, t, args) -
         d = out / f"{model}_n{n}"
         cfg = TrainConfig(model=model, epochs=args.mil_epochs, patience=max(3, args.mil_epochs // 3), seed=0, device="cpu")
         run_cv(features, labels_csv, d, cfg=cfg, folds=args.folds, train_slides=None if n == "all" else int(n),
-               repeats=draws, n_bootstrap=100, verbose=False)
+               repeats=draws, n_bootstrap=100, on_missing="skip", verbose=False)
         pred = read_predictions(d / "predictions.csv")
         p = np.full((draws, len(t.labels)), np.nan)
         for sid, pr, r in zip(pred.slide_ids, pred.probs[:, 1], pred.repeats):
@@ -180,7 +180,8 @@ def run_task(task: str, work: Path, pcam: Path, enc, args) -> dict:  # noqa: ANN
     tf = (0.1, 0.3) if task == "context" else (0.05, 0.2)
     timed(f"{task}: mosaic slides", build_mosaic, pcam / "train", w / "mosaic",
           MosaicConfig(slides=args.slides, grid=args.grid, tumor_fraction=tf, seed=0, task=task,
-                       slide_stain=args.slide_stain), verbose=False,
+                       slide_stain=args.slide_stain, slide_composition=args.slide_composition,
+                       tissue_kinds=args.tissue_kinds), verbose=False,
           done=w / "mosaic" / "labels.csv")
     slides = sorted(str(p) for p in (w / "mosaic" / "slides").glob("*.tiff"))
     quiet = lambda *a: None  # noqa: E731
@@ -209,6 +210,7 @@ def run_task(task: str, work: Path, pcam: Path, enc, args) -> dict:  # noqa: ANN
         preds[name] = timed(f"{task}: {name} (all n, draws, folds)", mil_rows, model, w / "cache", labels_csv,
                             w / "mil", t, args, done=w / "mil" / f"{model}_n{args.ns[-1]}" / "predictions.csv")
     info = {"n_slides": len(t.labels), "n_pos": int(t.labels.sum()), "cache_slides": len(cres.done) + len(cres.skipped),
+            "no_tissue": sorted(set(S.read_labels(labels_csv).slide_ids) - set(files)),
             "tiles": float(np.mean([len(f) for f in files.values()])), "collapse": collapse,
             "bytes": {"Giga-SSL embedding (fp16)": int(emb["Giga-SSL"].attrs["bytes_per_slide"]),
                       "SLPD embedding (fp16)": int(emb["SLPD +intra+inter"].attrs["bytes_per_slide"]),
@@ -246,8 +248,8 @@ SCALE = ("slides", "grid", "views", "tiles_per_view", "tiles_per_step", "gigassl
 
 
 def report(results: dict, tile: dict, args, enc_desc: str) -> str:
-    md = ["# Slide-level SSL: Giga-SSL and SLPD vs MIL on mosaic slides"
-          + (f" with per-slide stain {args.slide_stain:g}" if args.slide_stain else "") + "\n"]
+    md = ["# Slide-level SSL: Giga-SSL and SLPD vs MIL on mosaic slides" + (f" with {identity(args)}" if identity(args) else "")
+          + "\n"]
     if args.reduced:
         what = ", ".join(f"{k.replace('_', '-')} {v} (default {d})" for k, (v, d) in args.reduced.items())
         md.append(f"**Reduced run on a 2-core CPU** ({load_note()}; {'`--small`: ' if args.small else ''}{what}); "
@@ -256,9 +258,9 @@ def report(results: dict, tile: dict, args, enc_desc: str) -> str:
     md.append(f"Tile encoder: {enc_desc}; tile linear AUC on PCam valid ({args.tile_n} train / {args.tile_n} valid tiles "
               f"per class): SSL **{tile['ssl']:.3f}** vs random weights {tile['random']:.3f}. Slides: {args.slides} per task, "
               f"grid {args.grid}, 96 px PCam train tiles at 0.97 µm/px"
-              f"{f', per-slide stain {args.slide_stain}' if args.slide_stain else ''}. Cache {args.views} views x {args.tiles_per_view} "
+              f"{f', {identity(args)}' if identity(args) else ''}. Cache {args.views} views x {args.tiles_per_view} "
               f"tiles; Giga-SSL {args.gigassl_epochs} epochs, {args.tiles_per_step} tiles per step, SparseConvMIL "
-              f"(2 sparse residual blocks, BatchNorm, stride-2 pooling); SLPD {args.slpd_epochs} epochs, regions "
+              f"(2 sparse residual blocks, BatchNorm with zero-initialised last scale, stride-2 pooling); SLPD {args.slpd_epochs} epochs, regions "
               f"{args.region_size} px at 0.5 µm/px, k=2. Linear = StandardScaler + balanced logistic regression, C=10. "
               f"MIL = gigaslide.mil.cv.run_cv ({args.mil_epochs} epochs max, early stopping on a validation split). "
               f"{args.folds} stratified patient-grouped folds; few-shot: {args.draws} draws per fold; AUC = mean over draws "
@@ -266,6 +268,9 @@ def report(results: dict, tile: dict, args, enc_desc: str) -> str:
     for task, res in results.items():
         y, preds, info = res["y"], res["preds"], res["info"]
         md.append(f"## Task: {task} ({info['n_slides']} slides, {info['n_pos']} positive, {info['tiles']:.0f} tiles per slide)\n")
+        if info.get("no_tissue"):
+            md.append(f"{len(info['no_tissue'])} slide(s) with no tile at the tissue threshold (min-tissue 0.5) are left out of "
+                      f"every row: {', '.join(info['no_tissue'])}.\n")
         md.append("| method | " + " | ".join(f"n = {n}" for n in args.ns) + " |")
         md.append("|---|" + "---|" * len(args.ns))
         for name, p in preds.items():
@@ -303,7 +308,12 @@ def report(results: dict, tile: dict, args, enc_desc: str) -> str:
         md.append(f"- Slide identity: every mosaic slide here has its own H&E stain (`gigaslide mosaic --slide-stain "
                   f"{args.slide_stain:g}`), as slides from different labs and batches do; the stain is unrelated to the "
                   "label, so a slide encoder can tell slides apart by it without learning anything about the task.")
-    else:
+    if args.slide_composition:
+        md.append(f"- Slide identity: every mosaic slide here has its own mix of normal tissue (`gigaslide mosaic "
+                  f"--slide-composition {args.slide_composition:g} --tissue-kinds {args.tissue_kinds}`: {args.tissue_kinds} "
+                  "k-means kinds of PCam normal tiles, each slide's weights over them drawn from a Dirichlet), as lymph "
+                  "nodes differ in fat, follicles and sinus; the mix is drawn independently of the label.")
+    if not (args.slide_stain or args.slide_composition):
         md.append("- Slide identity: every mosaic slide draws its tiles from one shared PCam pool, so two random tile subsets "
                   "of one slide share nothing slide-specific (no patient, stain or scanner identity) beyond its tumour "
                   "content and tissue shape; instance discrimination (Giga-SSL) and slide-level prototypes (SLPD) have "
@@ -313,6 +323,14 @@ def report(results: dict, tile: dict, args, enc_desc: str) -> str:
     md += [f"| {k} | {v:.1f} |" for k, v in TIMES.items()]
     md.append(f"\nMachine: {machine()}; timings are wall-clock ({load_note()}).")
     return "\n".join(md)
+
+
+def identity(args) -> str:  # noqa: ANN001
+    """The per-slide identity the mosaic slides were given ("" for none)."""
+    parts = ([f"per-slide stain {args.slide_stain:g}"] if args.slide_stain else []) + (
+        [f"per-slide tissue composition (Dirichlet {args.slide_composition:g} over {args.tissue_kinds} kinds)"]
+        if args.slide_composition else [])
+    return " and ".join(parts)
 
 
 def verdict(lo: float, hi: float, margin: float = 0.0) -> str:
@@ -378,7 +396,8 @@ def claims(results: dict, args) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--work", default=None, help="(default /tmp/gigaslide_bench_slide_ssl, + _stainS with --slide-stain S)")
+    ap.add_argument("--work", default=None, help="(default /tmp/gigaslide_bench_slide_ssl, + _stainS / _compA with "
+                    "--slide-stain S / --slide-composition A)")
     ap.add_argument("--topic", default="slide_ssl", help="results/<topic>.md this run writes")
     ap.add_argument("--small", action="store_true", help="the reduced setting (minutes on a busy CPU)")
     ap.add_argument("--tasks", default="tumour,context")
@@ -386,6 +405,9 @@ def main() -> None:
     ap.add_argument("--grid", type=int, default=16)
     ap.add_argument("--slide-stain", type=float, default=0.0,
                     help="each mosaic slide its own H&E stain (gigaslide mosaic --slide-stain), as real cohorts have")
+    ap.add_argument("--slide-composition", type=float, default=0.0,
+                    help="each mosaic slide its own mix of normal tissue kinds (gigaslide mosaic --slide-composition)")
+    ap.add_argument("--tissue-kinds", type=int, default=8)
     ap.add_argument("--views", type=int, default=25)
     ap.add_argument("--tiles-per-view", type=int, default=32)
     ap.add_argument("--tiles-per-step", type=int, default=16)
@@ -404,7 +426,8 @@ def main() -> None:
     ap.add_argument("--tile-n", type=int, default=500)
     args = ap.parse_args()
     if args.work is None:
-        args.work = "/tmp/gigaslide_bench_slide_ssl" + (f"_stain{args.slide_stain:g}" if args.slide_stain else "")
+        args.work = ("/tmp/gigaslide_bench_slide_ssl" + (f"_stain{args.slide_stain:g}" if args.slide_stain else "")
+                     + (f"_comp{args.slide_composition:g}" if args.slide_composition else ""))
     if args.small:
         args.slides, args.grid, args.views, args.tiles_per_view = 24, 10, 3, 12
         args.gigassl_epochs, args.slpd_epochs, args.folds, args.draws = 80, 4, 3, 3

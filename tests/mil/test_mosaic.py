@@ -115,6 +115,49 @@ def test_slide_stain_gives_each_slide_its_own_colour(tmp_path):
     assert spread > 15, f"slides should differ in colour, spread {spread}"
 
 
+def test_slide_composition_gives_each_slide_its_own_tissue_mix(tmp_path):
+    """Two visibly different normal kinds (pink, blue): k-means finds them exactly; with a small Dirichlet
+    concentration each slide is dominated by one kind and the slides differ, without it every slide mixes
+    both; masks, labels and ground truth stay those of the plain mosaic; the mixes are recorded."""
+    import json
+
+    from gigaslide.mil.mosaic import list_tiles, tissue_kinds
+
+    tiles = _tile_folder(tmp_path)
+    for i in range(6):  # a second normal kind
+        Image.fromarray(np.full((32, 32, 3), (120, 150, 230), np.uint8)).save(tiles / "0" / f"u{i}.png")
+    normal = list_tiles(tiles, "0")
+    kinds = tissue_kinds(normal, 2, seed=2)  # the mosaic's own seed: the same k-means labels
+    blue = np.array([p.name.startswith("u") for p in normal])
+    assert len(set(kinds[blue])) == 1 and len(set(kinds[~blue])) == 1 and kinds[blue][0] != kinds[~blue][0]
+    base = dict(slides=8, tumor_fraction=(0.1, 0.1), grid=10, seed=2)
+    build_mosaic(tiles, tmp_path / "plain", MosaicConfig(**base), verbose=False)
+    build_mosaic(tiles, tmp_path / "mixed", MosaicConfig(**base, slide_composition=0.05, tissue_kinds=2), verbose=False)
+    meta = json.loads((tmp_path / "mixed" / "mosaic.json").read_text())
+    assert meta["tissue_kinds"] == [6, 6] and len(meta["slide_composition_draws"]) == 8
+    assert "slide_composition_draws" not in json.loads((tmp_path / "plain" / "mosaic.json").read_text())
+    assert (tmp_path / "plain" / "labels.csv").read_text() == (tmp_path / "mixed" / "labels.csv").read_text()
+
+    def blue_share(folder, sid):
+        gt = read_ground_truth(folder / "ground_truth" / f"{sid}.csv")
+        px = open_slide(folder / "slides" / f"{sid}.tiff").read_region((0, 0), (320, 320), 0.97).astype(int)
+        centre = np.array([px[y + s // 2, x + s // 2] for x, y, s, t in gt if not t])
+        return float((centre[:, 2] > centre[:, 0]).mean())  # blue channel above red: the blue kind
+
+    shares = []
+    for i in range(8):
+        sid = f"mosaic_{i:04d}"
+        assert (read_ground_truth(tmp_path / "mixed" / "ground_truth" / f"{sid}.csv")
+                == read_ground_truth(tmp_path / "plain" / "ground_truth" / f"{sid}.csv")).all()
+        plain, mixed = blue_share(tmp_path / "plain", sid), blue_share(tmp_path / "mixed", sid)
+        assert 0.2 < plain < 0.8  # the pool's mix: both kinds in every slide
+        w = meta["slide_composition_draws"][sid][int(kinds[blue][0])]  # the recorded weight of the blue kind
+        assert abs(mixed - w) < 0.25, (sid, mixed, w)
+        shares.append(mixed)
+    assert np.mean([max(s, 1 - s) for s in shares]) > 0.85  # one kind dominates a slide ...
+    assert min(shares) < 0.2 and max(shares) > 0.8  # ... and not the same one in every slide
+
+
 def test_resume_refuses_other_settings(tmp_path):
     tiles = _tile_folder(tmp_path)
     out = tmp_path / "m"
@@ -124,6 +167,9 @@ def test_resume_refuses_other_settings(tmp_path):
     assert (out / "labels.csv").read_text() == labels
     with pytest.raises(GigaslideError, match=r"other settings \(slide_stain 0.0 -> 0.1\)"):
         build_mosaic(tiles, out, MosaicConfig(slides=4, grid=8, seed=0, slide_stain=0.1), verbose=False)
+    with pytest.raises(GigaslideError, match=r"other settings \(slide_composition 0.0 -> 0.5\)"):
+        build_mosaic(tiles, out, MosaicConfig(slides=4, grid=8, seed=0, slide_composition=0.5), verbose=False)
+    build_mosaic(tiles, out, MosaicConfig(slides=4, grid=8, seed=0, tissue_kinds=3), verbose=False)  # unused: resumes
     with pytest.raises(GigaslideError, match="seed 0 -> 1"):
         build_mosaic(tiles, out, MosaicConfig(slides=4, grid=8, seed=1), verbose=False)
     # more slides would re-draw which slides are positive while the old images are kept: refused too

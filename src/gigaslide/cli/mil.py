@@ -58,7 +58,7 @@ def train_mil(features: str, labels: str, out: str, model: str = "abmil", folds:
 
 def mosaic(tiles: str, out: str, slides: int = 200, positive_fraction: float = 0.5, tumor_fraction: str = "0.02-0.2",
            grid: int = 24, mpp: float = 0.97, seed: int = 0, arrangement: str = "contiguous",
-           task: str = "tumour", slide_stain: float = 0.0) -> None:
+           task: str = "tumour", slide_stain: float = 0.0, slide_composition: float = 0.0, tissue_kinds: int = 8) -> None:
     """Build CAMELYON-like mosaic slides (pyramidal TIFF) from a labelled tile folder, with labels and tile ground truth.
 
     Example: gigaslide mosaic --tiles ../shared/data/tiles/pcam/train --out mosaic/ --slides 200 --tumor-fraction 0.02-0.2
@@ -78,12 +78,16 @@ def mosaic(tiles: str, out: str, slides: int = 200, positive_fraction: float = 0
         slide_stain: give every slide its own stain, as real slides from different labs / batches have: one draw per
             slide of an H / E / D density scale in [1-s, 1+s] and shift in [-0.4s, 0.4s] (0.05 = tile SSL's stain jitter,
             e.g. 0.2 for strong lab-to-lab variation); 0 = tiles keep their colours
+        slide_composition: give every slide its own mix of normal tissue, as real slides have: normal tiles are
+            grouped into --tissue-kinds kinds (k-means on colour statistics) and each slide draws its weights over
+            them from a Dirichlet(a) (0.3 = one or two kinds per slide, 3 = mild); 0 = every slide the pool's mix
+        tissue_kinds: number of normal tissue kinds --slide-composition mixes
     """
     from gigaslide.mil.mosaic import MosaicConfig, build_mosaic, parse_range
 
     cfg = MosaicConfig(slides=slides, positive_fraction=positive_fraction, tumor_fraction=parse_range(tumor_fraction),
                        grid=grid, mpp=mpp, seed=seed, arrangement=arrangement, task=task,
-                       slide_stain=slide_stain)
+                       slide_stain=slide_stain, slide_composition=slide_composition, tissue_kinds=tissue_kinds)
     meta = build_mosaic(tiles, out, cfg)
     print(f"wrote {slides} slides ({meta['n_positive']} positive) to {out}/slides, labels to {out}/labels.csv")
 

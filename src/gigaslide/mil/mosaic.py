@@ -25,6 +25,16 @@ density (HED colour deconvolution, Tellez et al. 2019; the transform tile SSL's 
 are written to ``mosaic.json`` (``slide_stain_draws``). With ``s = 0`` (default) slides are
 pixel-identical to earlier versions.
 
+Real slides also differ in what tissue they hold (a lymph node rich in fat, another in follicles or sinus);
+a mosaic whose normal tiles are drawn uniformly from one pool gives every slide the same mix.
+``slide_composition=a > 0`` gives every slide its own mix: the normal tiles are grouped into ``tissue_kinds``
+kinds (k-means on per-tile colour statistics: mean and spread of R, G, B and the share of glass-white
+pixels), each slide draws its weights over the kinds from a symmetric Dirichlet(a) (small ``a``: one or
+two kinds dominate a slide; large: every slide near the pool's mix) and picks each normal tile's kind from
+them. The mix is drawn independently of the label, and tumour tiles stay uniform. The kinds' sizes and
+every slide's weights go to ``mosaic.json`` (``tissue_kinds``, ``slide_composition_draws``); masks, labels
+and ground truth are those of the same mosaic without it.
+
 Output (``OUT/``): ``slides/{slide_id}.tiff`` (OpenSlide-readable pyramidal TIFF, mpp set),
 ``labels.csv`` (``slide_id,patient_id,label,tumor_fraction,n_tissue_tiles,n_tumor_tiles,arrangement``),
 ``ground_truth/{slide_id}.csv`` (``x,y,size,is_tumor``: every tissue tile, level-0 px) and
@@ -63,6 +73,8 @@ class MosaicConfig:
     arrangement: str = "contiguous"  # of the tumour tiles in positive slides: contiguous | scattered | mixed
     task: str = "tumour"  # tumour (label = has tumour) | context (label = contiguous vs scattered, same fraction)
     slide_stain: float = 0.0  # per-slide HED scale / shift half-width (0 = no per-slide stain)
+    slide_composition: float = 0.0  # Dirichlet concentration of each slide's mix of normal tissue kinds (0 = off)
+    tissue_kinds: int = 8  # k-means groups of the normal tiles that slide_composition mixes
 
 
 ARRANGEMENTS = ("contiguous", "scattered", "mixed")
@@ -160,6 +172,33 @@ def _read_tile(path: Path, size: int, rng: np.random.Generator) -> np.ndarray:
     return a[:, ::-1] if rng.integers(2) else a
 
 
+def tile_descriptor(path: Path) -> np.ndarray:
+    """Colour statistics of one tile: mean and standard deviation of R, G, B (0-1) and the share of near-white
+    (glass / fat) pixels."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        a = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    px = a.reshape(-1, 3)
+    return np.concatenate([px.mean(0), px.std(0), [(px.min(1) > 0.85).mean()]])
+
+
+def tissue_kinds(files: list[Path], k: int, seed: int) -> np.ndarray:
+    """A kind in ``0..k-1`` for every tile: k-means (scikit-learn) on standardised :func:`tile_descriptor` rows."""
+    from sklearn.cluster import KMeans
+
+    x = np.stack([tile_descriptor(f) for f in files])
+    x = (x - x.mean(0)) / (x.std(0) + 1e-9)
+    return KMeans(n_clusters=min(k, len(files)), n_init=4, random_state=seed).fit_predict(x).astype(np.int64)
+
+
+def composition_probs(kinds: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Per-tile draw probabilities that give each kind its ``weights`` share (uniform within a kind)."""
+    counts = np.bincount(kinds, minlength=len(weights)).astype(np.float64)
+    p = weights[kinds] / counts[kinds]
+    return p / p.sum()
+
+
 def draw_slide_stain(strength: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """One slide's stain: per H / E / D channel a scale in [1 - s, 1 + s] and a shift in [-0.4 s, 0.4 s] of the optical
     density (the ratio of the tile-SSL stain jitter's defaults, 0.05 / 0.02, so ``s = 0.05`` matches that jitter)."""
@@ -182,17 +221,22 @@ def apply_stain(rgb: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.nda
 def build_slide(normal: list[Path], tumor: list[Path], *, positive: bool, tumor_fraction: float, grid: int,
                 tissue_fraction: float, tile_size: int, rng: np.random.Generator,
                 arrangement: str = "contiguous",
-                stain: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                stain: tuple[np.ndarray, np.ndarray] | None = None,
+                normal_probs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """RGB mosaic [grid*t, grid*t, 3], tissue mask and tumour mask [grid, grid]; ``stain`` = (scale, shift) of
-    :func:`apply_stain` for every tissue tile of this slide."""
+    :func:`apply_stain` for every tissue tile of this slide; ``normal_probs``: each normal tile's probability of
+    being drawn (:func:`composition_probs`; None = uniform)."""
     tissue = tissue_mask(grid, tissue_fraction, rng)
     place = scatter_region if arrangement == "scattered" else grow_region
     tum = place(tissue, round(tumor_fraction * tissue.sum()), rng) if positive else np.zeros_like(tissue)
     t = tile_size
     img = (243 + rng.integers(-3, 4, size=(grid * t, grid * t, 1))).clip(0, 255).astype(np.uint8).repeat(3, axis=2)
     for (y, x) in np.argwhere(tissue):
-        src = tumor if tum[y, x] else normal
-        img[y * t:(y + 1) * t, x * t:(x + 1) * t] = _read_tile(src[rng.integers(len(src))], t, rng)
+        if tum[y, x]:
+            path = tumor[rng.integers(len(tumor))]
+        else:
+            path = normal[rng.integers(len(normal)) if normal_probs is None else rng.choice(len(normal), p=normal_probs)]
+        img[y * t:(y + 1) * t, x * t:(x + 1) * t] = _read_tile(path, t, rng)
     if stain is not None:  # one stain for the whole slide (glass stays glass)
         img = apply_stain(img, *stain)
     return img, tissue, tum
@@ -223,6 +267,11 @@ def build_mosaic(tiles: str | os.PathLike, out: str | os.PathLike, cfg: MosaicCo
         raise GigaslideError(f"--task {cfg.task!r}", fix=f"use one of {', '.join(TASKS)}")
     if not 0 <= cfg.slide_stain < 1:
         raise GigaslideError(f"--slide-stain {cfg.slide_stain} must be in [0, 1)", fix="e.g. 0.05 (mild) to 0.2 (strong); 0 = off")
+    if cfg.slide_composition < 0:
+        raise GigaslideError(f"--slide-composition {cfg.slide_composition} must be >= 0",
+                             fix="e.g. 0.3 (one or two tissue kinds per slide) to 3 (mild); 0 = off")
+    if cfg.slide_composition > 0 and cfg.tissue_kinds < 2:
+        raise GigaslideError(f"--tissue-kinds {cfg.tissue_kinds}: a composition needs at least 2 kinds", fix="e.g. 8")
     context = cfg.task == "context"
     normal, tumor = list_tiles(tiles, cfg.normal_class), list_tiles(tiles, cfg.tumor_class)
     t = _tile_size(normal[0])
@@ -231,10 +280,12 @@ def build_mosaic(tiles: str | os.PathLike, out: str | os.PathLike, cfg: MosaicCo
     for sub in ("slides", "ground_truth"):
         atomic.ensure_writable_dir(out_d / sub)
         atomic.clean_stale_tmp(out_d / sub)
+    kinds = tissue_kinds(normal, cfg.tissue_kinds, cfg.seed) if cfg.slide_composition > 0 else None
+    n_kinds = int(kinds.max()) + 1 if kinds is not None else 0
     rng = np.random.default_rng(cfg.seed)
     n_pos = int(round(cfg.positive_fraction * cfg.slides))
     is_pos = rng.permutation(np.arange(cfg.slides) < n_pos)
-    rows, draws = [], {}
+    rows, draws, mixes = [], {}, {}
     for i in range(cfg.slides):
         sid = f"mosaic_{i:04d}"
         srng = np.random.default_rng([cfg.seed, i])
@@ -250,13 +301,18 @@ def build_mosaic(tiles: str | os.PathLike, out: str | os.PathLike, cfg: MosaicCo
         stain = draw_slide_stain(cfg.slide_stain, np.random.default_rng([cfg.seed, i, 1])) if cfg.slide_stain > 0 else None
         if stain is not None:
             draws[sid] = {"scale": [round(float(v), 6) for v in stain[0]], "shift": [round(float(v), 6) for v in stain[1]]}
+        probs = None
+        if kinds is not None:  # this slide's mix of normal tissue kinds (its own generator: masks and labels unchanged)
+            mix = np.random.default_rng([cfg.seed, i, 2]).dirichlet(np.full(n_kinds, cfg.slide_composition))
+            mixes[sid] = [round(float(v), 6) for v in mix]
+            probs = composition_probs(kinds, mix)
         sp, gp = out_d / "slides" / f"{sid}.tiff", out_d / "ground_truth" / f"{sid}.csv"
         if sp.is_file() and gp.is_file():
             gt = read_ground_truth(gp)
         else:
             img, tissue, tum = build_slide(normal, tumor, positive=tf > 0, tumor_fraction=tf, grid=cfg.grid,
                                            tissue_fraction=tissue_frac, tile_size=t, rng=srng, arrangement=arr,
-                                           stain=stain)
+                                           stain=stain, normal_probs=probs)
             cells = np.argwhere(tissue)
             gt = np.column_stack([cells[:, 1] * t, cells[:, 0] * t, np.full(len(cells), t), tum[tissue].astype(int)])
             write_array_as_slide(sp, img, mpp=cfg.mpp)
@@ -277,7 +333,9 @@ def build_mosaic(tiles: str | os.PathLike, out: str | os.PathLike, cfg: MosaicCo
     meta = provenance(kind="mosaic", tiles=str(tiles), tile_size=t, mpp=cfg.mpp, seed=cfg.seed,
                       n_normal_tiles=len(normal), n_tumor_tiles=len(tumor), config=asdict(cfg),
                       n_positive=n_pos, n_negative=cfg.slides - n_pos,
-                      **({"slide_stain_draws": draws} if draws else {}))
+                      **({"slide_stain_draws": draws} if draws else {}),
+                      **({"tissue_kinds": np.bincount(kinds).tolist(), "slide_composition_draws": mixes}
+                         if kinds is not None else {}))
     atomic.write_json(out_d / "mosaic.json", meta)
     return meta
 
@@ -294,8 +352,12 @@ def settings_diff(meta_path: Path, cfg: MosaicConfig) -> dict[str, tuple[Any, An
     except (OSError, ValueError):
         return {}  # an unreadable mosaic.json is rewritten at the end
     new = asdict(cfg)
-    old.setdefault("slide_stain", 0.0)  # written before the option existed
-    return {k: (old[k], new[k]) for k in new if k in old and _norm(old[k]) != _norm(new[k])}
+    for k, v in (("slide_stain", 0.0), ("slide_composition", 0.0), ("tissue_kinds", 8)):
+        old.setdefault(k, v)  # written before the option existed
+    diff = {k: (old[k], new[k]) for k in new if k in old and _norm(old[k]) != _norm(new[k])}
+    if not old["slide_composition"] and not new["slide_composition"]:
+        diff.pop("tissue_kinds", None)  # unused without a composition
+    return diff
 
 
 def _check_same_settings(meta_path: Path, cfg: MosaicConfig) -> None:
