@@ -158,6 +158,29 @@ def test_slide_composition_gives_each_slide_its_own_tissue_mix(tmp_path):
     assert min(shares) < 0.2 and max(shares) > 0.8  # ... and not the same one in every slide
 
 
+def test_composition_task_labels_slides_by_their_tissue_mix(tmp_path):
+    """task=composition: no tumour anywhere, and each class's recorded half of the kinds carries more of its
+    slides' weight than of the other class's slides (Dirichlet base 3:1); without a composition it is refused."""
+    import json
+
+    tiles = _tile_folder(tmp_path)
+    for i in range(6):
+        Image.fromarray(np.full((32, 32, 3), (120, 150, 230), np.uint8)).save(tiles / "0" / f"u{i}.png")
+    cfg = MosaicConfig(slides=16, grid=8, seed=4, task="composition", slide_composition=1.0, tissue_kinds=2)
+    build_mosaic(tiles, tmp_path / "m", cfg, verbose=False)
+    meta = json.loads((tmp_path / "m" / "mosaic.json").read_text())
+    halves = meta["composition_classes"]
+    assert sorted(halves["0"] + halves["1"]) == [0, 1] and len(halves["1"]) == 1
+    rows = list(csv.DictReader(open(tmp_path / "m" / "labels.csv")))
+    assert sum(int(r["label"]) for r in rows) == 8 and all(r["n_tumor_tiles"] == "0" for r in rows)
+    w1 = {r["slide_id"]: meta["slide_composition_draws"][r["slide_id"]][halves["1"][0]] for r in rows}
+    pos = np.mean([w1[r["slide_id"]] for r in rows if r["label"] == "1"])
+    neg = np.mean([w1[r["slide_id"]] for r in rows if r["label"] == "0"])
+    assert pos - neg > 0.25, (pos, neg)  # expected 0.75 vs 0.25
+    with pytest.raises(GigaslideError, match="needs --slide-composition"):
+        build_mosaic(tiles, tmp_path / "n", MosaicConfig(slides=4, grid=8, task="composition"), verbose=False)
+
+
 def test_resume_refuses_other_settings(tmp_path):
     tiles = _tile_folder(tmp_path)
     out = tmp_path / "m"

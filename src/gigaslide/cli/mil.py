@@ -75,6 +75,7 @@ def mosaic(tiles: str, out: str, slides: int = 200, positive_fraction: float = 0
         arrangement: tumour tiles of a positive slide: contiguous (one region), scattered (random cells) or mixed
         task: tumour (label = slide has tumour) or context (every slide has tumour at --tumor-fraction;
             label 1 = one contiguous region, 0 = scattered tiles: only spatial context tells them apart)
+            or composition (no tumour; label = the slide's tissue mix, like a subtype: needs --slide-composition)
         slide_stain: give every slide its own stain, as real slides from different labs / batches have: one draw per
             slide of an H / E / D density scale in [1-s, 1+s] and shift in [-0.4s, 0.4s] (0.05 = tile SSL's stain jitter,
             e.g. 0.2 for strong lab-to-lab variation); 0 = tiles keep their colours

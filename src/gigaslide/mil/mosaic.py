@@ -13,6 +13,11 @@ PCam's 96 x 96 tiles at ~0.97 um/px, each slide is a ``grid x grid`` mosaic of t
 * ``task="context"``: *every* slide holds tumour at the same ``tumor_fraction`` range, and the
   label is the spatial arrangement (1 = one contiguous region, 0 = scattered tiles), so a bag
   model that ignores where tiles are cannot tell the classes apart.
+* ``task="composition"`` (needs ``slide_composition``): no slide holds tumour, and the label is the
+  slide's tissue mix, like a subtype: the kinds are split at random into two halves, and a class-``c``
+  slide draws its weights from a Dirichlet whose base measure gives its class's half three times the
+  weight of the other half (same total concentration as without a task), so the classes overlap slide by
+  slide and differ on average. The halves are recorded (``composition_classes``).
 
 Tiles are drawn with replacement (each with a random 90-degree rotation / flip), so a tile can
 appear in several slides; PCam label 0 means "no tumour in the central 32 x 32 px".
@@ -71,14 +76,14 @@ class MosaicConfig:
     normal_class: str = "0"
     tumor_class: str = "1"
     arrangement: str = "contiguous"  # of the tumour tiles in positive slides: contiguous | scattered | mixed
-    task: str = "tumour"  # tumour (label = has tumour) | context (label = contiguous vs scattered, same fraction)
+    task: str = "tumour"  # tumour (label = has tumour) | context (contiguous vs scattered) | composition (tissue mix)
     slide_stain: float = 0.0  # per-slide HED scale / shift half-width (0 = no per-slide stain)
     slide_composition: float = 0.0  # Dirichlet concentration of each slide's mix of normal tissue kinds (0 = off)
     tissue_kinds: int = 8  # k-means groups of the normal tiles that slide_composition mixes
 
 
 ARRANGEMENTS = ("contiguous", "scattered", "mixed")
-TASKS = ("tumour", "context")
+TASKS = ("tumour", "context", "composition")
 
 
 def parse_range(value: str | float | tuple[float, float], name: str = "--tumor-fraction") -> tuple[float, float]:
@@ -192,6 +197,16 @@ def tissue_kinds(files: list[Path], k: int, seed: int) -> np.ndarray:
     return KMeans(n_clusters=min(k, len(files)), n_init=4, random_state=seed).fit_predict(x).astype(np.int64)
 
 
+def class_concentration(n_kinds: int, alpha: float, half: np.ndarray, positive: bool) -> np.ndarray:
+    """Dirichlet parameters of a ``task="composition"`` slide: total ``alpha * n_kinds`` as without a task, with
+    the class's own half of the kinds (``half`` for class 1, the rest for class 0) weighted 3:1."""
+    own = np.zeros(n_kinds, bool)
+    own[half] = True
+    own = own if positive else ~own
+    base = np.where(own, 3.0, 1.0)
+    return alpha * n_kinds * base / base.sum()
+
+
 def composition_probs(kinds: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Per-tile draw probabilities that give each kind its ``weights`` share (uniform within a kind)."""
     counts = np.bincount(kinds, minlength=len(weights)).astype(np.float64)
@@ -272,7 +287,10 @@ def build_mosaic(tiles: str | os.PathLike, out: str | os.PathLike, cfg: MosaicCo
                              fix="e.g. 0.3 (one or two tissue kinds per slide) to 3 (mild); 0 = off")
     if cfg.slide_composition > 0 and cfg.tissue_kinds < 2:
         raise GigaslideError(f"--tissue-kinds {cfg.tissue_kinds}: a composition needs at least 2 kinds", fix="e.g. 8")
-    context = cfg.task == "context"
+    if cfg.task == "composition" and cfg.slide_composition <= 0:
+        raise GigaslideError("--task composition labels slides by their tissue mix, which needs --slide-composition",
+                             fix="add e.g. --slide-composition 0.3")
+    context, by_mix = cfg.task == "context", cfg.task == "composition"
     normal, tumor = list_tiles(tiles, cfg.normal_class), list_tiles(tiles, cfg.tumor_class)
     t = _tile_size(normal[0])
     out_d = atomic.ensure_writable_dir(out)
@@ -282,6 +300,7 @@ def build_mosaic(tiles: str | os.PathLike, out: str | os.PathLike, cfg: MosaicCo
         atomic.clean_stale_tmp(out_d / sub)
     kinds = tissue_kinds(normal, cfg.tissue_kinds, cfg.seed) if cfg.slide_composition > 0 else None
     n_kinds = int(kinds.max()) + 1 if kinds is not None else 0
+    half = np.random.default_rng([cfg.seed, 3]).permutation(n_kinds)[: n_kinds // 2] if by_mix else None
     rng = np.random.default_rng(cfg.seed)
     n_pos = int(round(cfg.positive_fraction * cfg.slides))
     is_pos = rng.permutation(np.arange(cfg.slides) < n_pos)
@@ -289,7 +308,7 @@ def build_mosaic(tiles: str | os.PathLike, out: str | os.PathLike, cfg: MosaicCo
     for i in range(cfg.slides):
         sid = f"mosaic_{i:04d}"
         srng = np.random.default_rng([cfg.seed, i])
-        tf = float(srng.uniform(*cfg.tumor_fraction)) if is_pos[i] or context else 0.0
+        tf = float(srng.uniform(*cfg.tumor_fraction)) if (is_pos[i] or context) and not by_mix else 0.0
         tissue_frac = float(srng.uniform(*cfg.tissue_fraction))
         if context:  # label = arrangement; every slide has tumour
             arr = "contiguous" if is_pos[i] else "scattered"
@@ -303,7 +322,9 @@ def build_mosaic(tiles: str | os.PathLike, out: str | os.PathLike, cfg: MosaicCo
             draws[sid] = {"scale": [round(float(v), 6) for v in stain[0]], "shift": [round(float(v), 6) for v in stain[1]]}
         probs = None
         if kinds is not None:  # this slide's mix of normal tissue kinds (its own generator: masks and labels unchanged)
-            mix = np.random.default_rng([cfg.seed, i, 2]).dirichlet(np.full(n_kinds, cfg.slide_composition))
+            mix = np.random.default_rng([cfg.seed, i, 2]).dirichlet(
+                class_concentration(n_kinds, cfg.slide_composition, half, bool(is_pos[i])) if by_mix
+                else np.full(n_kinds, cfg.slide_composition))
             mixes[sid] = [round(float(v), 6) for v in mix]
             probs = composition_probs(kinds, mix)
         sp, gp = out_d / "slides" / f"{sid}.tiff", out_d / "ground_truth" / f"{sid}.csv"
@@ -335,7 +356,10 @@ def build_mosaic(tiles: str | os.PathLike, out: str | os.PathLike, cfg: MosaicCo
                       n_positive=n_pos, n_negative=cfg.slides - n_pos,
                       **({"slide_stain_draws": draws} if draws else {}),
                       **({"tissue_kinds": np.bincount(kinds).tolist(), "slide_composition_draws": mixes}
-                         if kinds is not None else {}))
+                         if kinds is not None else {}),
+                      **({"composition_classes": {"1": sorted(int(k) for k in half),
+                                                  "0": sorted(set(range(n_kinds)) - {int(k) for k in half})}}
+                         if by_mix else {}))
     atomic.write_json(out_d / "mosaic.json", meta)
     return meta
 
