@@ -314,7 +314,12 @@ def report(results: dict, tile: dict, args, enc_desc: str) -> str:
         md.append(f"- Slide identity: every mosaic slide here has its own mix of normal tissue (`gigaslide mosaic "
                   f"--slide-composition {args.slide_composition:g} --tissue-kinds {args.tissue_kinds}`: {args.tissue_kinds} "
                   "k-means kinds of PCam normal tiles, each slide's weights over them drawn from a Dirichlet), as lymph "
-                  "nodes differ in fat, follicles and sinus; the mix is drawn independently of the label.")
+                  "nodes differ in fat, follicles and sinus; in the tumour and context tasks the mix is drawn "
+                  "independently of the label.")
+    if "composition" in results:
+        md.append("- Composition task (`gigaslide mosaic --task composition`): no slide holds tumour; the label is the "
+                  "slide's tissue mix, as a subtype is: each class's Dirichlet favours its own random half of the kinds "
+                  "3:1, so single slides of the two classes overlap and only the averages differ.")
     if not (args.slide_stain or args.slide_composition):
         md.append("- Slide identity: every mosaic slide draws its tiles from one shared PCam pool, so two random tile subsets "
                   "of one slide share nothing slide-specific (no patient, stain or scanner identity) beyond its tumour "
