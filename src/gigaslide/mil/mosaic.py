@@ -36,9 +36,9 @@ a mosaic whose normal tiles are drawn uniformly from one pool gives every slide 
 kinds (k-means on per-tile colour statistics: mean and spread of R, G, B and the share of glass-white
 pixels), each slide draws its weights over the kinds from a symmetric Dirichlet(a) (small ``a``: one or
 two kinds dominate a slide; large: every slide near the pool's mix) and picks each normal tile's kind from
-them. The mix is drawn independently of the label (except in ``task="composition"``), and tumour tiles stay uniform. The kinds' sizes and
-every slide's weights go to ``mosaic.json`` (``tissue_kinds``, ``slide_composition_draws``); masks, labels
-and ground truth are those of the same mosaic without it.
+them. The mix is drawn independently of the label (except in ``task="composition"``), and tumour tiles
+stay uniform. The kinds' sizes and every slide's weights go to ``mosaic.json`` (``tissue_kinds``,
+``slide_composition_draws``); masks, labels and ground truth are those of the same mosaic without it.
 
 Output (``OUT/``): ``slides/{slide_id}.tiff`` (OpenSlide-readable pyramidal TIFF, mpp set),
 ``labels.csv`` (``slide_id,patient_id,label,tumor_fraction,n_tissue_tiles,n_tumor_tiles,arrangement``),
