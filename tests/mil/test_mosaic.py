@@ -115,6 +115,14 @@ def test_slide_stain_gives_each_slide_its_own_colour(tmp_path):
     assert spread > 15, f"slides should differ in colour, spread {spread}"
 
 
+def _two_kind_folder(tmp_path):
+    """:func:`_tile_folder` plus a second normal kind: six blue tiles ``u*.png`` beside the pink ones."""
+    tiles = _tile_folder(tmp_path)
+    for i in range(6):
+        Image.fromarray(np.full((32, 32, 3), (120, 150, 230), np.uint8)).save(tiles / "0" / f"u{i}.png")
+    return tiles
+
+
 def test_slide_composition_gives_each_slide_its_own_tissue_mix(tmp_path):
     """Two visibly different normal kinds (pink, blue): k-means finds them exactly; with a small Dirichlet
     concentration each slide is dominated by one kind and the slides differ, without it every slide mixes
@@ -123,9 +131,7 @@ def test_slide_composition_gives_each_slide_its_own_tissue_mix(tmp_path):
 
     from gigaslide.mil.mosaic import list_tiles, tissue_kinds
 
-    tiles = _tile_folder(tmp_path)
-    for i in range(6):  # a second normal kind
-        Image.fromarray(np.full((32, 32, 3), (120, 150, 230), np.uint8)).save(tiles / "0" / f"u{i}.png")
+    tiles = _two_kind_folder(tmp_path)
     normal = list_tiles(tiles, "0")
     kinds = tissue_kinds(normal, 2, seed=2)  # the mosaic's own seed: the same k-means labels
     blue = np.array([p.name.startswith("u") for p in normal])
@@ -163,9 +169,7 @@ def test_composition_task_labels_slides_by_their_tissue_mix(tmp_path):
     slides' weight than of the other class's slides (Dirichlet base 3:1); without a composition it is refused."""
     import json
 
-    tiles = _tile_folder(tmp_path)
-    for i in range(6):
-        Image.fromarray(np.full((32, 32, 3), (120, 150, 230), np.uint8)).save(tiles / "0" / f"u{i}.png")
+    tiles = _two_kind_folder(tmp_path)
     cfg = MosaicConfig(slides=16, grid=8, seed=4, task="composition", slide_composition=1.0, tissue_kinds=2)
     build_mosaic(tiles, tmp_path / "m", cfg, verbose=False)
     meta = json.loads((tmp_path / "m" / "mosaic.json").read_text())
