@@ -51,15 +51,25 @@ PCAM_MPP = 0.97
 HEADS = {"hidden_dim": 256, "bottleneck_dim": 64, "out_dim": 1024, "freeze_last_layer_steps": 2}
 
 
-def foundation_tiles(out: Path, tile: int = 96) -> Path:
-    """Real non-PCam tissue at PCam's resolution: MoNuSeg images (0.2527 µm/px) and the CMU slide, cut into tiles."""
+#: colorectal tile samples and their resolution (Kather et al. 2016: 150 px at 0.495 µm/px; NCT-CRC-HE-100K: 224 px
+#: at 0.5 µm/px); their glob under the shared data's ``tiles`` folder
+CRC_SAMPLES = {"kather2016-samples/*/*": 0.495, "nct-crc-he-samples/*": 0.5}
+
+
+def foundation_tiles(out: Path, mpps: tuple[float, ...] = (PCAM_MPP,), tile: int = 96) -> Path:
+    """Real non-PCam tissue, cut into ``tile``-px tiles at each of ``mpps`` (µm/px): the MoNuSeg images (0.2527 µm/px,
+    7 organs), the CMU-1 slide and, where they hold a whole tile at that resolution, the colorectal tile samples."""
     from PIL import Image
 
     from gigaslide.slides import open_slide
 
     if out.is_dir() and len(list(out.glob("*.png"))) > 20:
         return out
-    out.mkdir(parents=True, exist_ok=True)
+    import shutil
+
+    tmp = out.with_name(out.name + ".partial")  # a half-cut folder is never taken for a finished one
+    shutil.rmtree(tmp, ignore_errors=True)  # an interrupted cut starts over
+    tmp.mkdir(parents=True)
     data = shared_data_dir()
     n = 0
 
@@ -69,19 +79,38 @@ def foundation_tiles(out: Path, tile: int = 96) -> Path:
             for x in range(0, rgb.shape[1] - tile + 1, tile * 3 // 4):
                 t = rgb[y:y + tile, x:x + tile]
                 if (t.mean(-1) < 210).mean() >= 0.5:  # at least half stained tissue
-                    Image.fromarray(t).save(out / f"{name}_{y}_{x}.png")
+                    Image.fromarray(t).save(tmp / f"{name}_{y}_{x}.png")
                     n += 1
 
-    for f in sorted((data / "nuclei" / "monuseg2018-test").glob("*.png")):
-        im = Image.open(f).convert("RGB")
-        scale = 0.2527 / PCAM_MPP
-        cut(np.asarray(im.resize((round(im.width * scale), round(im.height * scale)), Image.LANCZOS)), f.stem)
-    with open_slide(data / "slides" / "cmu-1-small-region.svs") as s:
-        w, h = s.dimensions
-        cut(np.asarray(s.read_region((0, 0), (int(w * s.mpp / PCAM_MPP), int(h * s.mpp / PCAM_MPP)), PCAM_MPP)), "cmu1")
+    def resampled(im: Image.Image, src_mpp: float, mpp: float) -> np.ndarray:
+        scale = src_mpp / mpp
+        return np.asarray(im.convert("RGB").resize((round(im.width * scale), round(im.height * scale)), Image.LANCZOS))
+
+    for mpp in mpps:
+        for f in sorted((data / "nuclei" / "monuseg2018-test" / "images").glob("*.png")):
+            cut(resampled(Image.open(f), 0.2527, mpp), f"{mpp:g}_{f.stem}")
+        for pattern, src_mpp in CRC_SAMPLES.items():
+            for f in sorted((data / "tiles").glob(pattern)):
+                cut(resampled(Image.open(f), src_mpp, mpp), f"{mpp:g}_crc_{f.stem}")
+        with open_slide(data / "slides" / "cmu-1-small-region.svs") as s:
+            w, h = s.dimensions
+            cut(np.asarray(s.read_region((0, 0), (int(w * s.mpp / mpp), int(h * s.mpp / mpp)), mpp)), f"{mpp:g}_cmu1")
     if n < 20:
         sys.exit(f"only {n} foundation tiles found under {data}")
+    tmp.rename(out)
     return out
+
+
+def source_counts(folder: Path) -> dict[str, int]:
+    """Foundation tiles per source and resolution, from the names :func:`foundation_tiles` gives them."""
+    from collections import Counter
+
+    def source(name: str) -> str:
+        mpp, rest = name.split("_", 1)
+        kind = "colorectal samples" if rest.startswith("crc_") else "CMU-1" if rest.startswith("cmu1") else "MoNuSeg"
+        return f"{kind} at {mpp} µm/px"
+
+    return dict(sorted(Counter(source(p.name) for p in folder.glob("*.png")).items()))
 
 
 ROWS = {  # name: (what, extra PretrainConfig fields)
@@ -135,6 +164,9 @@ def main() -> None:  # noqa: PLR0915
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--foundation-mpps", default="0.97,0.5",
+                    help="resolutions (µm/px) the foundation tiles are cut at: PCam's and, for a larger, multi-magnification "
+                    "source, finer ones")
     ap.add_argument("--runs-dir", default="/tmp/gigaslide-bench-dinov2")
     ap.add_argument("--render", action="store_true",
                     help="only re-write dinov2.md from the rows saved in results/dinov2.json (no training)")
@@ -153,8 +185,10 @@ def main() -> None:  # noqa: PLR0915
     t_all = time.monotonic()
     runs = Path(args.runs_dir)
     pcam = pcam_dir()
-    found_data = foundation_tiles(runs / "foundation_tiles")
+    mpps = tuple(float(v) for v in args.foundation_mpps.split(","))
+    found_data = foundation_tiles(runs / f"foundation_tiles_{'_'.join(f'{m:g}' for m in mpps)}", mpps)
     n_found = len(list(found_data.glob("*.png")))
+    by_source = source_counts(found_data)
     use_s = args.foundation_budget_s is not None and args.continue_budget_s is not None
     B, b = (None, None) if use_s else (args.foundation_steps, args.continue_steps)
     Bs, bs = (args.foundation_budget_s, args.continue_budget_s) if use_s else (None, None)
@@ -188,7 +222,7 @@ def main() -> None:  # noqa: PLR0915
                                                   n_bootstrap=args.bootstrap) for pr in ("knn", "linear")}
              for a, c in pairs}
     elapsed = time.monotonic() - t_all
-    report = {"args": vars(args), "foundation_tiles": n_found, "n_test": int(len(y)), "n_probe_train": int(len(tr[1])), "summaries": summaries, "results": results, "diffs": diffs,
+    report = {"args": vars(args), "foundation_tiles": n_found, "foundation_sources": by_source, "n_test": int(len(y)), "n_probe_train": int(len(tr[1])), "summaries": summaries, "results": results, "diffs": diffs,
               "train_s": round(t_train, 1), "total_s": round(elapsed, 1), "load_note": load_at_start,
               "command": list(sys.argv),
               "stamp": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -237,8 +271,11 @@ def markdown(r: dict, rows: dict) -> str:
              + f"2-core CPU, {r.get('load_note', 'machine load not recorded')}; {a['threads']} torch thread(s). "
              f"{budget}, batch {a['batch_size']}, {a['backbone']} (ViT-Ti/14, DINOv2 "
              f"layout) at {a['tile_size']} px with 2 global + {a['n_local']} local crops; heads {HEADS}.", "",
-             f"Foundation data: {r['foundation_tiles']} real non-PCam tissue tiles (MoNuSeg images of 7 organs and the "
-             f"CMU-1 slide, resampled to {PCAM_MPP} µm/px, 96 px). Continuation / scratch data: PCam train (10,000 "
+             f"Foundation data: {r['foundation_tiles']} real non-PCam tissue tiles of 96 px (MoNuSeg test images, "
+             f"the CMU-1 slide and colorectal tile samples where a whole tile fits, resampled to "
+             f"{' and '.join(str(a.get('foundation_mpps', PCAM_MPP)).split(','))} µm/px"
+             + (f": {', '.join(f'{k} {v}' for k, v in r['foundation_sources'].items())}" if r.get("foundation_sources") else "")
+             + "). Continuation / scratch data: PCam train (10,000 "
              f"unlabelled tiles). Probes fitted on {r['n_probe_train']} PCam train tiles, tested on {r['n_test']} PCam valid "
              f"tiles; 95 % bootstrap CIs ({a['bootstrap']} resamples).", "",
              "| run | what | steps | train s | train img/s |", "|---|---|---|---|---|"]

@@ -208,7 +208,7 @@ def run_task(task: str, work: Path, pcam: Path, enc, args) -> dict:  # noqa: ANN
     X = {k: np.asarray(v.embeddings, np.float32)[[v.slide_ids.index(s) for s in t.slide_ids]] for k, v in emb.items()}
     X["mean pooling"] = np.stack([files[s].features.mean(0) for s in t.slide_ids])
     preds = {f"{k} (linear)": linear_rows(x, t, plan) for k, x in X.items()}
-    for name, model in (MIL.items() if not args.no_mil else []):
+    for name, model in ([(k, v) for k, v in MIL.items() if k in args.mil_models] if not args.no_mil else []):
         preds[name] = timed(f"{task}: {name} (all n, draws, folds)", mil_rows, model, w / "cache", labels_csv,
                             w / "mil", t, args, done=w / "mil" / f"{model}_n{args.ns[-1]}" / "predictions.csv")
     info = {"n_slides": len(t.labels), "n_pos": int(t.labels.sum()), "cache_slides": len(cres.done) + len(cres.skipped),
@@ -246,12 +246,13 @@ def random_control(work: Path, pcam: Path, args) -> dict:
 
 #: the settings that size the run (those a reduced run states next to their defaults)
 SCALE = ("slides", "grid", "views", "tiles_per_view", "tiles_per_step", "gigassl_epochs", "gigassl_batch", "slpd_epochs",
-         "folds", "draws", "ns", "mil_epochs", "bootstrap", "tile_ssl_budget", "tile_n")
+         "folds", "draws", "ns", "mil_epochs", "mil_models", "bootstrap", "tile_ssl_budget", "tile_n")
 
 
 def report(results: dict, tile: dict, args, enc_desc: str) -> str:
+    tasks = args.tasks.split(",")
     md = ["# Slide-level SSL: Giga-SSL and SLPD vs MIL on mosaic slides" + (f" with {identity(args)}" if identity(args) else "")
-          + "\n"]
+          + f": {' and '.join(tasks)} task{'s' if len(tasks) > 1 else ''}, {args.slides} slides\n"]
     if args.reduced:
         what = ", ".join(f"{k.replace('_', '-')} {v} (default {d})" for k, (v, d) in args.reduced.items())
         md.append(f"**Reduced run on a 2-core CPU** ({args.load_note}; {'`--small`: ' if args.small else ''}{what}); "
@@ -433,6 +434,7 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=10)
     ap.add_argument("--ns", default="25,50,100,all")
     ap.add_argument("--mil-epochs", type=int, default=40)
+    ap.add_argument("--mil-models", default=",".join(MIL), help="which MIL baselines run (TransMIL is the slowest)")
     ap.add_argument("--no-mil", action="store_true")
     ap.add_argument("--no-random-control", action="store_true")
     ap.add_argument("--bootstrap", type=int, default=1000)
@@ -451,6 +453,10 @@ def main() -> None:
     args.reduced = {k: (v, defaults[k]) for k, v in vars(args).items()  # the settings below the full (default) one
                     if k in SCALE and v != defaults[k]}
     args.ns = [s.strip() for s in args.ns.split(",")]
+    unknown = sorted(set(m.strip() for m in args.mil_models.split(",")) - set(MIL))
+    if unknown:
+        ap.error(f"--mil-models: unknown {', '.join(unknown)} (choose from {', '.join(MIL)})")
+    args.mil_models = [m.strip() for m in args.mil_models.split(",")]
     torch.set_num_threads(1)
     shared = shared_data_dir()
     if shared is None:
