@@ -74,3 +74,37 @@ def test_head_parameters_exclude_trunk_and_frozen_copies():
     heads = {id(p) for p in m.head_parameters()}
     assert heads and not heads & {id(p) for p in m.backbone.parameters()}
     assert not heads & {id(p) for p in m.teacher_head.parameters()}
+
+
+def test_swav_queue_joins_the_sinkhorn_step_once_it_holds_only_real_features():
+    from lightly.loss import SwaVLoss
+
+    torch.manual_seed(0)
+    trunk = create_trunk(ENCODERS.get("test_resnet"))
+    m = SSL_METHODS.get("swav")(trunk, trunk.num_features, (0.5,) * 3, (0.25,) * 3, **SMALL["swav"], queue_length=8)
+    plain = SSL_METHODS.get("swav")(create_trunk(ENCODERS.get("test_resnet")), trunk.num_features, (0.5,) * 3,
+                                    (0.25,) * 3, **SMALL["swav"])
+    plain.load_state_dict(m.state_dict())  # the queues are not in it (lightly keeps them non-persistent)
+    m.eval(), plain.eval()  # BN in eval: features depend on the views only
+    g = torch.Generator().manual_seed(1)
+    batches = [[torch.rand(4, 3, s, s, generator=g) for s in (32, 32, 16, 16)] for _ in range(3)]  # batch 4
+    with torch.no_grad():
+        z = [[torch.nn.functional.normalize(m.head(m.embed(v)), dim=1) for v in b] for b in batches]
+        for b in batches[:2]:  # the queue of 8 holds random vectors, then half real ones: not used yet
+            assert torch.equal(m.loss(b, step=0, progress=0.0), plain.loss(b, step=0, progress=0.0))
+        assert int(m.queue_seen) == 8
+        queued = [torch.cat([z[0][i], z[1][i]]) for i in range(2)]  # each global crop's features, oldest first
+        for i in range(2):
+            torch.testing.assert_close(m.queues[i].bank, queued[i])
+        got = m.loss(batches[2], step=0, progress=0.0)
+        p = [m.prototypes(v, 0) for v in z[2]]
+        want = SwaVLoss(temperature=0.1, sinkhorn_epsilon=0.05)(p[:2], p[2:], [m.prototypes(q, 0) for q in queued])
+        assert torch.allclose(got, want.reshape(()), atol=1e-6)
+        plain_loss = plain.loss(batches[2], step=0, progress=0.0)
+        assert not torch.allclose(got, plain_loss, atol=1e-4)  # other batches in the Sinkhorn step change the codes
+
+
+def test_swav_negative_queue_length_is_refused():
+    trunk = create_trunk(ENCODERS.get("test_resnet"))
+    with pytest.raises(GigaslideError, match="queue_length"):
+        SSL_METHODS.get("swav")(trunk, trunk.num_features, (0.5,) * 3, (0.25,) * 3, queue_length=-1)

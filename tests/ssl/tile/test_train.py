@@ -304,3 +304,16 @@ def test_pretrain_samples_tiles_straight_from_slides(synthetic_slide, tmp_path):
     assert s["data"]["kind"] == "slides" and s["data"]["mpps"] == [0.5, 1.0] and s["data"]["n_tiles"] > 100
     assert np.isfinite(s["final_loss"]) and s["precision"]["resolved"] == "bf16"  # bf16 autocast on CPU
     assert build_encoder(str(tmp_path / "run" / "encoder")).spec.native_mpp == 0.5
+
+
+def test_swav_with_a_queue_resumes_bit_exactly(tiles, tmp_path):
+    """The queue (batch 4, length 4) is full from step 1, so the steps after the resume use the checkpointed one."""
+    args = {**SMALL["swav"], "queue_length": 4}
+    full = pretrain(_cfg(tiles, tmp_path / "full", "swav", method_args=args))
+    pretrain(_cfg(tiles, tmp_path / "part", "swav", method_args=args, stop_after_steps=2))
+    resumed = pretrain(_cfg(tiles, tmp_path / "part", "swav", method_args=args))
+    assert resumed["steps"] == full["steps"] == 4
+    assert _same(_export(tmp_path / "full"), _export(tmp_path / "part")), "resumed weights differ"
+    a, b = runs.load_checkpoint(tmp_path / "full")["model"], runs.load_checkpoint(tmp_path / "part")["model"]
+    assert _same(a, b) and int(a["queue_seen"]) == 16
+    assert any(k.startswith("buffer::queues.") for k in a)

@@ -6,7 +6,8 @@ Each method wraps a timm trunk (``gigaslide.encoders.create_trunk``) and exposes
 Views arrive as float tensors in [0, 1]; the method normalises them with the run's mean/std.
 
 Defaults are the papers' recipes shrunk for small runs (projection sizes, prototypes, queue); they
-were not tuned here (MoCo v2's temperature was tried, and the paper's value kept: see :class:`MoCoV2`).
+were not tuned here (MoCo v2's temperature and SwAV's queue, prototypes and prototype freezing were tried, and
+the defaults kept: see :class:`MoCoV2` and :class:`SwAV`).
 Each method's ``recipe`` (see :class:`SSLMethod`) fills run options the user
 left unset.
 """
@@ -208,8 +209,13 @@ class SwAV(SSLMethod):
     """SwAV (Caron et al. 2020): swapped prediction of Sinkhorn cluster codes, multi-crop."""
 
     view_kind = "multicrop"
+    #: queue_length: features of past batches' global crops (per crop) added to the Sinkhorn step, as the paper does
+    #: for batches of 256 or fewer (its queue: 3840); used once it holds only real features. 0: no queue.
+    #: Queues of 1024 and 3840, 300 prototypes and 20 frozen-prototype steps were each no better than these defaults
+    #: at 5 min on held-out PCam train tiles (tile_ssl.md section ``tune_swav``, paired Δ CIs all include 0), so the
+    #: queue stays off: at this scale it fills only after 16-60 of ~160 steps.
     hparams = {"hidden_dim": 2048, "out_dim": 128, "n_prototypes": 1000, "freeze_prototypes_steps": 100,
-               "temperature": 0.1, "sinkhorn_epsilon": 0.05}
+               "temperature": 0.1, "sinkhorn_epsilon": 0.05, "queue_length": 0}
 
     def __init__(self, trunk: nn.Module, embed_dim: int, mean, std, channels_last: bool = False, **kw: Any):  # noqa: ANN001
         super().__init__(trunk, embed_dim, mean, std, channels_last, **kw)
@@ -222,14 +228,37 @@ class SwAV(SSLMethod):
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.criterion = SwaVLoss(temperature=self.hp["temperature"], sinkhorn_epsilon=self.hp["sinkhorn_epsilon"],
                                   sinkhorn_gather_distributed=dist)
+        n = int(self.hp["queue_length"])
+        if n < 0:
+            from gigaslide.errors import GigaslideError
+
+            raise GigaslideError(f"swav queue_length {n} is negative", fix="give 0 (no queue) or a positive length")
+        self.queues = None
+        if n:
+            from lightly.models.modules.memory_bank import MemoryBankModule
+
+            self.queues = nn.ModuleList([MemoryBankModule((n, int(self.hp["out_dim"])), gather_distributed=dist,
+                                                          feature_dim_first=False) for _ in range(2)])
+        # how many real features the queues have taken in (their random initial entries are never used)
+        self.register_buffer("queue_seen", torch.zeros((), dtype=torch.long))
 
     def loss(self, views: list[torch.Tensor], step: int, progress: float) -> torch.Tensor:
         self.prototypes.normalize()
         outs: list[torch.Tensor] = []
+        z_global: list[torch.Tensor] = []
         for a, b in _by_size(views):
             z = F.normalize(self.head(self.embed(torch.cat(views[a:b]))), dim=1)
+            z_global += list(z.chunk(b - a))[: max(0, 2 - a)]
             outs += list(self.prototypes(z, step).chunk(b - a))
-        return self.criterion(outs[:2], outs[2:]).reshape(())  # lightly returns shape [1]
+        queue_outputs = None
+        if self.queues is not None:
+            with torch.no_grad():
+                full = int(self.queue_seen) >= self.queues[0].size[0]
+                banks = [q(z.detach().float(), update=True)[1] for q, z in zip(self.queues, z_global)]  # before update
+                self.queue_seen += z_global[0].shape[0]
+                if full:
+                    queue_outputs = [self.prototypes(bank.to(z_global[0].dtype), step) for bank in banks]
+        return self.criterion(outs[:2], outs[2:], queue_outputs).reshape(())  # lightly returns shape [1]
 
 
 @SSL_METHODS.register("dino")
