@@ -16,6 +16,7 @@ from typing import Any
 import h5py
 
 from gigaslide.errors import GigaslideError
+from gigaslide.features.manifest import read_slides
 from gigaslide.provenance import decode_attrs
 
 
@@ -78,9 +79,10 @@ def scan_out_dir(out: str | os.PathLike) -> tuple[list[SlideEntry], list[str]]:
     mp = d / "manifest.json"
     if mp.is_file():
         try:
-            manifest = json.loads(mp.read_text()).get("slides", {})
-        except (OSError, ValueError):
+            json.loads(mp.read_text()).get("slides", {})
+        except (OSError, ValueError, AttributeError):
             problems.append(f"{mp}: unreadable manifest (ignored)")
+    manifest = read_slides(mp)  # with the journal of a job still running, or killed
     ids = set(manifest)
     for sub in ("features", "patches"):
         if (d / sub).is_dir():
