@@ -184,12 +184,12 @@ def test_slide_vanishes_mid_run(slides, reference, tmp_path, capsys, monkeypatch
     and once it is back the next run encodes just it, to the same features."""
     import shutil
 
-    from gigaslide.features import extract
+    from gigaslide.tiling import parallel
 
     src = tmp_path / "src"
     src.mkdir()
     copies = [shutil.copy(s, src / s.name) for s in slides]
-    real_tile = extract.tile_slide
+    real_tile = parallel.tile_slide
     moved = tmp_path / "a.tiff.away"
 
     def tile_then_vanish(s, out, params, **kw):  # noqa: ANN001, ANN003, ANN202
@@ -198,14 +198,14 @@ def test_slide_vanishes_mid_run(slides, reference, tmp_path, capsys, monkeypatch
             os.replace(copies[0], moved)
         return g
 
-    monkeypatch.setattr(extract, "tile_slide", tile_then_vanish)
+    monkeypatch.setattr(parallel, "tile_slide", tile_then_vanish)  # in the tiling worker processes too (forked)
     out = tmp_path / "o"
     assert main(["encode", *map(str, copies), "--out", str(out), *ENC]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "a.tiff" in err and ("not found" in err or "cannot" in err)
     assert not (out / "features" / "a.h5").exists() and (out / "features" / "b.h5").is_file()
     _no_partial(out)
-    monkeypatch.setattr(extract, "tile_slide", real_tile)
+    monkeypatch.setattr(parallel, "tile_slide", real_tile)
     os.replace(moved, copies[0])
     assert main(["encode", *map(str, copies), "--out", str(out), *ENC]) == 0
     assert "skipped 1 finished" in capsys.readouterr().out

@@ -145,3 +145,14 @@ def test_real_slides_stain(real_slides):
         with open_slide(real_slides / name, mpp=0.5) as s:
             info = detect_stain(s.thumbnail(1024)[0])
         assert info.background == "bright" and info.stain == stain, (name, info)
+
+
+def test_a_slide_tiled_in_a_worker_process_is_warned_about_once_here(slides, tmp_path):
+    from gigaslide.tiling.parallel import tile_many
+
+    with pytest.warns(StainWarning) as rec:
+        got = {p.stem: (g, err) for p, g, err in tile_many([slides["ihc"], slides["he"]], str, tmp_path,
+                                                           TilingParams(mpp=1.0, tile_size=64), workers=2)}
+    stain = [str(w.message) for w in rec if issubclass(w.category, StainWarning)]
+    assert len(stain) == 1 and "ihc:" in stain[0]
+    assert got["ihc"][0].extra["stain"] == NON_HE and got["he"][0].extra["stain"] == H_AND_E

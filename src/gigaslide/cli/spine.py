@@ -44,6 +44,8 @@ def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, ov
          slide_mpp: float | str | None = None, background: str = "auto") -> None:
     """Segment tissue and tile slides at a physical resolution; writes coords (level-0 px), overlays, GeoJSON.
 
+    Several slides are tiled at once, one per CPU core (each slide's files are written atomically).
+
     Example:
         gigaslide tile ../shared/data/slides/cmu-1-small-region.svs --out tiles_out --mpp 0.5 --tile-size 224
 
@@ -63,22 +65,25 @@ def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, ov
     from gigaslide import atomic
     from gigaslide.features.manifest import Manifest
     from gigaslide.slides import find_slides, slide_id_from_path
-    from gigaslide.tiling import TilingParams, tile_slide
+    from gigaslide.tiling import TilingParams
+    from gigaslide.tiling.parallel import tile_many, tiling_workers
 
     files = find_slides(slides)
     outp = atomic.ensure_writable_dir(out)
     params = TilingParams(mpp, tile_size, overlap, min_tissue, background)
     man = Manifest(outp / "tile_manifest.json", {"command": "tile", **params.as_dict()})
     failures: dict[str, str] = {}
-    for f in files:
-        try:
-            g = tile_slide(f, outp, params, slide_mpp=slide_mpp)
-            man.set(g.slide_id, "done", path=str(f), tiles=len(g))
-            print(f"{g.slide_id}: {len(g)} tiles" + (f" ({g.extra['stain']})" if g.extra.get("stain_warning") else ""))
-        except GigaslideError as e:
-            failures[slide_id_from_path(Path(f))] = e.one_line()
-            man.set(slide_id_from_path(Path(f)), "failed", path=str(f), error=e.one_line())
-            print(f"failed: {e.one_line()}", file=sys.stderr)
+    try:
+        for f, g, err in tile_many(files, str, outp, params, slide_mpp=slide_mpp, workers=tiling_workers(len(files))):
+            if err is None:
+                man.set(g.slide_id, "done", path=str(f), tiles=len(g))
+                print(f"{g.slide_id}: {len(g)} tiles" + (f" ({g.extra['stain']})" if g.extra.get("stain_warning") else ""))
+            else:
+                failures[slide_id_from_path(Path(f))] = err
+                man.set(slide_id_from_path(Path(f)), "failed", path=str(f), error=err)
+                print(f"failed: {err}", file=sys.stderr)
+    finally:
+        man.flush()
     print(f"tiled {len(files) - len(failures)}/{len(files)} slides -> {outp}")
     _raise_if_failed(failures, len(files), outp / "tile_manifest.json")
 

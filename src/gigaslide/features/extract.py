@@ -42,7 +42,8 @@ from gigaslide.features.parallel import RankInfo, auto_workers, rank_device, ran
 from gigaslide.locks import ItemLock
 from gigaslide.slides import slide_id_from_path
 from gigaslide.slides.pool import ReaderPool, ReadTask
-from gigaslide.tiling import GRID_RULE, TileGrid, TilingParams, layout, load_grid, tile_slide
+from gigaslide.tiling import GRID_RULE, TileGrid, TilingParams, layout, load_grid
+from gigaslide.tiling.parallel import tile_many, tiling_workers
 
 #: Seconds between heartbeats on a held slide lock (other hosts judge staleness by them).
 HEARTBEAT_S = 30.0
@@ -123,8 +124,9 @@ class _Run:
     """One encode job's state: the slides, their locks, the manifest and the result."""
 
     def __init__(self, out: Path, encoder: Encoder, params: TilingParams, manifest: Manifest, slide_mpp, overlays: bool,  # noqa: ANN001
-                 rank: RankInfo, progress: Callable[[str, int, int], None] | None):
+                 rank: RankInfo, progress: Callable[[str, int, int], None] | None, tile_workers: int | None = None):
         self.out, self.encoder, self.params, self.manifest = out, encoder, params, manifest
+        self.tile_workers = tile_workers
         self.slide_mpp, self.overlays, self.rank, self.progress = slide_mpp, overlays, rank, progress
         self.res = EncodeResult()
         self.locks = out / "locks"
@@ -148,12 +150,13 @@ class _Run:
 
     def tile(self, job: SlideJob) -> bool:
         """Tile ``job`` (its lock held); False when the slide failed."""
-        try:
-            job.grid = tile_slide(job.path, self.out, self.params, slide_mpp=self.slide_mpp, overlays=self.overlays)
-            return True
-        except GigaslideError as e:
-            self.fail(job, e.one_line())
-            return False
+        for _, grid, err in tile_many([job], lambda j: j.path, self.out, self.params, slide_mpp=self.slide_mpp,
+                                      overlays=self.overlays):
+            if err is not None:
+                self.fail(job, err)
+                return False
+            job.grid = grid
+        return True
 
     def collect(self, slides: Sequence[str | os.PathLike]) -> list[SlideJob]:
         """Slide ids, finished slides skipped, every free slide tiled (this rank's round-robin share first)."""
@@ -172,17 +175,37 @@ class _Run:
                 continue
             jobs.append(job)
         r, w = self.rank.rank, self.rank.world
+        untiled: list[SlideJob] = []
         for job in [j for i, j in enumerate(jobs) if i % w == r] + [j for i, j in enumerate(jobs) if i % w != r]:
             coords = layout(self.out, job.slide_id)["coords"]
             with contextlib.suppress(GigaslideError):
                 if coords.is_file() and self.params.matches(g := load_grid(coords)):
                     job.grid = g
                     continue
-            lock = ItemLock(self.locks, job.slide_id)
-            if lock.acquire():
-                with lock:
+            untiled.append(job)
+        locks: dict[str, ItemLock] = {}
+
+        def free(todo: list[SlideJob]) -> Iterator[SlideJob]:  # each slide locked as it is drawn; others' are left
+            for job in todo:
+                lock = ItemLock(self.locks, job.slide_id)
+                if lock.acquire():
+                    locks[job.slide_id] = lock
                     _clean_own_tmp(self.out, job.slide_id)
-                    self.tile(job)
+                    yield job
+
+        workers = self.tile_workers
+        if workers is None:  # the model has not started: every core of this rank can tile
+            workers = tiling_workers(len(untiled), ranks_per_node=self.rank.local_world)
+        try:
+            for job, grid, err in tile_many(free(untiled), lambda j: j.path, self.out, self.params,
+                                            slide_mpp=self.slide_mpp, overlays=self.overlays, workers=workers):
+                with locks.pop(job.slide_id):
+                    if err is not None:
+                        self.fail(job, err)
+                    job.grid = grid
+        finally:  # interrupted (Ctrl-C, a full disk): the slides being tiled are free for the next run
+            for lock in locks.values():
+                lock.release()
         return [j for j in jobs if not j.failed]
 
     def claims(self, jobs: list[SlideJob]) -> Iterator[SlideJob]:
@@ -231,12 +254,13 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
                   batch_size: int = 64, workers: int | None = None, precision: str = "auto", device: str = "auto",
                   slide_mpp: float | str | None = None, overlays: bool = True, seed: int | None = 0,
                   progress: Callable[[str, int, int], None] | None = None, compile_model: bool = False,
-                  direct: bool = True, rank: RankInfo | None = None) -> EncodeResult:
+                  direct: bool = True, rank: RankInfo | None = None, tile_workers: int | None = None) -> EncodeResult:
     """Tile (or reuse tiles) and encode every slide into ``out/features/<slide_id>.h5``.
 
     ``workers``: reader processes (0: read in this process; None: sized to the machine, see
     :func:`~gigaslide.features.parallel.auto_workers`). ``direct=False`` reads through OpenSlide
-    only. ``rank`` defaults to the torchrun / SLURM environment.
+    only. ``rank`` defaults to the torchrun / SLURM environment. ``tile_workers``: processes that tile the
+    slides without a tile grid before encoding starts (None: this rank's cores; 0 or 1: one after another here).
     """
     t_start = time.perf_counter()
     out = atomic.ensure_writable_dir(out)
@@ -247,7 +271,7 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
     manifest = Manifest(out / "manifest.json", {
         "command": "encode", "encoder": encoder.spec.name, "weights": encoder.weights_id, **params.as_dict(),
         "batch_size": batch_size, "workers": workers, "precision": precision, "device": str(dev), "world": rank.world})
-    run = _Run(out, encoder, params, manifest, slide_mpp, overlays, rank, progress)
+    run = _Run(out, encoder, params, manifest, slide_mpp, overlays, rank, progress, tile_workers)
     res = run.res
     jobs = run.collect(slides)
     claims = run.claims(jobs)
@@ -320,6 +344,7 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
         writer.shutdown(wait=True)
         pool.close()
         run.release_all(held)
+        manifest.flush()
     res.seconds = time.perf_counter() - t_start
     return res
 

@@ -227,22 +227,25 @@ def segment_slides(slides: Sequence[str | os.PathLike], model_path: str | os.Pat
                                                            "model_sha256": model.weights_sha256, **params.as_dict()})
     res = NucleiResult()
     t = time.perf_counter()
-    for pth in slides:
-        sid = slide_id_from_path(Path(pth))
-        if _is_done(outputs(out, sid)["record"], _key(model, params)):
-            res.skipped.append(sid)
-            continue
-        try:
-            with torch.inference_mode():
-                rec = segment_slide(pth, out, model, params, slide_mpp=slide_mpp, progress=progress)
-        except GigaslideError as e:
-            res.failed[sid] = e.one_line()
-            manifest.set(sid, "failed", path=str(pth), error=e.one_line())
-            continue
-        manifest.set(sid, "done", path=str(pth), nuclei=rec["nuclei"], seconds=rec["seconds"])
-        res.done.append(sid)
-        res.nuclei += rec["nuclei"]
-        res.megapixels += rec["megapixels"]
+    try:
+        for pth in slides:
+            sid = slide_id_from_path(Path(pth))
+            if _is_done(outputs(out, sid)["record"], _key(model, params)):
+                res.skipped.append(sid)
+                continue
+            try:
+                with torch.inference_mode():
+                    rec = segment_slide(pth, out, model, params, slide_mpp=slide_mpp, progress=progress)
+            except GigaslideError as e:
+                res.failed[sid] = e.one_line()
+                manifest.set(sid, "failed", path=str(pth), error=e.one_line())
+                continue
+            manifest.set(sid, "done", path=str(pth), nuclei=rec["nuclei"], seconds=rec["seconds"])
+            res.done.append(sid)
+            res.nuclei += rec["nuclei"]
+            res.megapixels += rec["megapixels"]
+    finally:
+        manifest.flush()
     res.seconds = time.perf_counter() - t
     return res
 

@@ -1,0 +1,111 @@
+"""Tile many slides at once: one slide per process, results as each slide finishes.
+
+Tissue segmentation + tiling costs 0.2-1 s per slide in one process (thumbnail read, mask, grid, overlays).
+Done one slide after another before a batch's first forward pass, it was 39-46 % of ``encode``'s wall time
+with a fast model (a proxy for a GPU; ``benchmarks/bench_tiling_parallel.py``), and a GPU that embeds
+thousands of tiles a second waits on it. :func:`tile_many` spreads the slides over ``workers`` processes
+(forked; each slide's files are written atomically by :func:`~gigaslide.tiling.job.tile_slide` in the
+worker); the caller gets each slide's :class:`TileGrid` -- loaded in the calling process, where a stain
+warning is raised once as for a slide tiled there -- or its one-line error. A slide that cannot be tiled
+never stops the others. ``workers <= 1`` tiles in the calling process.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import TypeVar
+
+from gigaslide.errors import GigaslideError
+from gigaslide.slides import slide_id_from_path
+from gigaslide.tiling.grid import TileGrid
+from gigaslide.tiling.job import TilingParams, _warn_stain, layout, tile_slide
+from gigaslide.tiling.store import load_grid
+
+T = TypeVar("T")
+
+
+def _tile_quietly(path: str, out: str, params: TilingParams, slide_mpp: float | str | None, overlays: bool) -> str | None:
+    """In a worker: tile one slide; None when done, else its one-line error (the caller warns, not the worker)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _tile_here(path, out, params, slide_mpp, overlays)[1]
+
+
+def _tile_here(path: str, out: str, params: TilingParams, slide_mpp: float | str | None,
+               overlays: bool) -> tuple[TileGrid | None, str | None]:
+    try:
+        return tile_slide(path, out, params, slide_mpp=slide_mpp, overlays=overlays), None
+    except GigaslideError as e:
+        return None, e.one_line()
+    except Exception as e:  # noqa: BLE001 - a damaged slide must not stop the batch
+        return None, f"{path}: cannot tile this slide ({type(e).__name__}: {str(e)[:200]})"
+
+
+def _load_tiled(path: str, out: str) -> tuple[TileGrid | None, str | None]:
+    try:
+        grid = load_grid(layout(out, slide_id_from_path(Path(path)))["coords"])
+    except GigaslideError as e:
+        return None, e.one_line()
+    _warn_stain(grid)
+    return grid, None
+
+
+def tile_many(items: Iterable[T], path_of: Callable[[T], str | os.PathLike], out: str | os.PathLike, params: TilingParams, *,
+              slide_mpp: float | str | None = None, overlays: bool = True, workers: int = 1
+              ) -> Iterator[tuple[T, TileGrid | None, str | None]]:
+    """``(item, grid, None)`` or ``(item, None, error line)`` for every item, in the order they finish.
+
+    ``items`` is consumed lazily, at most ``2 * workers`` ahead of the results (e.g. a generator that takes
+    each slide's lock as it is drawn)."""
+    out_s = str(out)
+    if workers <= 1:
+        for item in items:
+            yield (item, *_tile_here(str(path_of(item)), out_s, params, slide_mpp, overlays))
+        return
+    import multiprocessing as mp
+
+    it = iter(items)
+    pending: dict[Future, T] = {}
+    left: list[T] = []  # drawn, not finished when the pool broke: tiled here instead
+    ctx = mp.get_context("fork" if os.name == "posix" else "spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        while True:
+            while len(pending) < 2 * workers and not left and (item := next(it, _END)) is not _END:
+                try:
+                    pending[pool.submit(_tile_quietly, str(path_of(item)), out_s, params, slide_mpp, overlays)] = item
+                except BrokenProcessPool:
+                    left.append(item)
+            if not pending:
+                break
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                item = pending.pop(fut)
+                try:
+                    err = fut.result()
+                except BrokenProcessPool:
+                    left.append(item)
+                    continue
+                if err is not None:
+                    yield item, None, err
+                else:  # the worker wrote the coords file: load it here (and warn here, once), as for a slide tiled here
+                    yield (item, *_load_tiled(str(path_of(item)), out_s))
+    for item in left + list(it):  # a worker died (e.g. a crash inside a C reader): the rest here, one by one
+        yield (item, *_tile_here(str(path_of(item)), out_s, params, slide_mpp, overlays))
+
+
+_END = object()
+
+
+def tiling_workers(slides: int, *, ranks_per_node: int = 1) -> int:
+    """Processes for tiling ``slides`` slides: this rank's share of the cores, at most one per slide."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(slides, cores // max(1, ranks_per_node)))
+
+
+__all__ = ["tile_many", "tiling_workers"]
+
