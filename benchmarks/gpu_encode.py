@@ -9,6 +9,8 @@ them), batch 256, the device's autocast (bf16), on a generated pyramidal JPEG TI
 the same number of batches of uint8 tiles already on the device (normalisation included). The
 end-to-end path is ``gigaslide encode``'s: a persistent reader pool (``--readers``, default sized to
 the machine), uint8 batches pinned and copied ``non_blocking``, normalised on the GPU.
+Then ``encode`` from scratch on a batch of small untiled slides (16 of 4096² in full mode): how much of the run is
+tiling, done over the cores before the first forward pass (``EncodeResult.tiling_seconds``).
 ``tiny``: the same code on CPU with the tiny test encoders and a small slide.
 """
 
@@ -36,9 +38,9 @@ from gigaslide.tiling import TilingParams, tile_slide  # noqa: E402
 
 MODES = {
     "tiny": {"encoders": ["test_resnet", "test_vit"], "size": 1024, "tile": 64, "mpp": 0.5, "batch": 16,
-             "readers": [1, 2]},
+             "readers": [1, 2], "scratch_slides": 2, "scratch_size": 768},
     "full": {"encoders": ["resnet50", "vit_small", "uni"], "size": 16384, "tile": 224, "mpp": 0.5, "batch": 256,
-             "readers": [1, 4, 8, 16]},
+             "readers": [1, 4, 8, 16], "scratch_slides": 16, "scratch_size": 4096},
 }
 READER_BATCH = 64  # small enough that 16 processes all get work
 LABEL = {"uni": "ViT-L/16 (uni arch)", "vit_small": "ViT-S/16", "resnet50": "ResNet-50"}
@@ -75,6 +77,24 @@ def reader_only(coords, slide: Path, tile: int, mpp: float, batch: int, procs: i
             assert not isinstance(px, str), px
             n += len(px)
     return n / (time.perf_counter() - t)
+
+
+def from_scratch(cfg: dict, dev: torch.device, readers: int, work: Path) -> list[str]:
+    """``encode`` on a batch of untiled slides, the first encoder: how much of the run is tiling (done over the
+    cores before the first forward pass) -- what a GPU waits for when a batch holds many small slides."""
+    n, size = cfg["scratch_slides"], cfg["scratch_size"]
+    slides = [make_slide(work / f"scratch{i}.tiff", (size, size), mpp=0.5, seed=50 + i, blobs=5) for i in range(n)]
+    params = TilingParams(cfg["mpp"], cfg["tile"], 0, 0.25)
+    enc = build_encoder(cfg["encoders"][0], "random")
+    res = encode_slides(slides, work / "scratch-out", enc, params, batch_size=cfg["batch"], workers=readers,
+                        precision="auto", device=str(dev))
+    assert len(res.done) == n, res.failed
+    return ["", f"From scratch: `encode_slides` on {n} untiled {size}² slides ({res.tiles} tiles, "
+            f"{LABEL.get(cfg['encoders'][0], cfg['encoders'][0])}, overlays on as in `gigaslide encode`):", "",
+            "| slides | tiles | total s | tiling s (before the first forward pass) | tiling share | end-to-end tiles/s |",
+            "|---|---|---|---|---|---|",
+            f"| {n} | {res.tiles} | {res.seconds:.2f} | {res.tiling_seconds:.2f} | {res.tiling_seconds / res.seconds:.0%} | "
+            f"{res.tiles / res.seconds:.0f} |"]
 
 
 def main() -> None:
@@ -124,6 +144,8 @@ def main() -> None:
         _write(args.out, lines)  # partial results survive a time limit
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    lines += from_scratch(cfg, dev, readers, work)
+    _write(args.out, lines)
     lines += ["", f"Reader only (decode + cut, no model), {len(coords)} tiles, batches of {READER_BATCH}:", "",
               "| reader processes | tiles/s |", "|---|---|"]
     for p in cfg["readers"]:

@@ -73,6 +73,7 @@ class EncodeResult:
     others: dict[str, str] = field(default_factory=dict)  # slides another live process holds: who
     tiles: int = 0
     seconds: float = 0.0
+    tiling_seconds: float = 0.0  # of ``seconds``: tiling the slides without a tile grid, before the first forward pass
     precision: str = "fp32"
     bf16_cosine: float | None = None
     precision_choice: dict[str, Any] = field(default_factory=dict)
@@ -273,7 +274,9 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
         "batch_size": batch_size, "workers": workers, "precision": precision, "device": str(dev), "world": rank.world})
     run = _Run(out, encoder, params, manifest, slide_mpp, overlays, rank, progress, tile_workers)
     res = run.res
+    t_tiling = time.perf_counter()
     jobs = run.collect(slides)
+    res.tiling_seconds = time.perf_counter() - t_tiling
     claims = run.claims(jobs)
     held: list[SlideJob] = []  # claimed, by key
     untiled = {id(j) for j in jobs if j.grid is None}
