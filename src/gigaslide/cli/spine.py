@@ -171,7 +171,7 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
                             compile_model=compile)
     rate = res.tiles / res.seconds if res.seconds else 0.0
     print(f"encoded {len(res.done)} slides ({res.tiles} tiles, {rate:.1f} tiles/s, {res.precision}; "
-          f"tiling {res.tiling_seconds:.1f} s of {res.seconds:.1f} s), "
+          f"{res.tiling_seconds:.1f} s of {res.seconds:.1f} s tiling before encoding), "
           f"skipped {len(res.skipped)} finished, failed {len(res.failed)} -> {Path(out) / 'features'}")
     for sid, who in res.others.items():
         print(f"left to another process: {sid} (locked by {who})", file=sys.stderr)

@@ -43,7 +43,7 @@ from gigaslide.locks import ItemLock
 from gigaslide.slides import slide_id_from_path
 from gigaslide.slides.pool import ReaderPool, ReadTask
 from gigaslide.tiling import GRID_RULE, TileGrid, TilingParams, layout, load_grid
-from gigaslide.tiling.parallel import tile_many, tiling_workers
+from gigaslide.tiling.parallel import TileAhead, tile_many, tiling_workers
 
 #: Seconds between heartbeats on a held slide lock (other hosts judge staleness by them).
 HEARTBEAT_S = 30.0
@@ -73,7 +73,7 @@ class EncodeResult:
     others: dict[str, str] = field(default_factory=dict)  # slides another live process holds: who
     tiles: int = 0
     seconds: float = 0.0
-    tiling_seconds: float = 0.0  # of ``seconds``: tiling the slides without a tile grid, before the first forward pass
+    tiling_seconds: float = 0.0  # of ``seconds``: tiling done before the first forward pass (none with tile_ahead)
     precision: str = "fp32"
     bf16_cosine: float | None = None
     precision_choice: dict[str, Any] = field(default_factory=dict)
@@ -159,8 +159,9 @@ class _Run:
             job.grid = grid
         return True
 
-    def collect(self, slides: Sequence[str | os.PathLike]) -> list[SlideJob]:
-        """Slide ids, finished slides skipped, every free slide tiled (this rank's round-robin share first)."""
+    def collect(self, slides: Sequence[str | os.PathLike], tile: bool = True) -> list[SlideJob]:
+        """Slide ids, finished slides skipped, every free slide tiled (this rank's round-robin share first; with
+        ``tile=False`` they are left to :meth:`claims`)."""
         jobs: list[SlideJob] = []
         seen: dict[str, str] = {}
         for p in slides:
@@ -184,6 +185,8 @@ class _Run:
                     job.grid = g
                     continue
             untiled.append(job)
+        if not tile:
+            return jobs
         locks: dict[str, ItemLock] = {}
 
         def free(todo: list[SlideJob]) -> Iterator[SlideJob]:  # each slide locked as it is drawn; others' are left
@@ -209,12 +212,47 @@ class _Run:
                 lock.release()
         return [j for j in jobs if not j.failed]
 
-    def claims(self, jobs: list[SlideJob]) -> Iterator[SlideJob]:
-        """Jobs this process locks, in rank order (longest first); retried while others' locks go stale."""
+    def claims(self, jobs: list[SlideJob], tile_ahead: int = 0) -> Iterator[SlideJob]:
+        """Jobs this process locks, in rank order (longest first); retried while others' locks go stale.
+
+        ``tile_ahead > 0``: slides without a tile grid are tiled by that many processes in the background, in this
+        order, while the slides before them are encoded (each under its lock while it is tiled)."""
         order = [jobs[i] for i in rank_order([j.n for j in jobs], self.rank)]
+        ahead = self._tile_ahead([j for j in order if j.grid is None], tile_ahead)
+        try:
+            yield from self._claim_in_order(order, ahead)
+        finally:
+            if ahead is not None:
+                ahead.close()
+
+    def _tile_ahead(self, untiled: list[SlideJob], workers: int) -> TileAhead | None:
+        if workers <= 0 or not untiled:
+            return None
+        locks: dict[str, ItemLock] = {}
+
+        def claim(job: SlideJob) -> bool:
+            if self.finished(job.slide_id):
+                return False
+            lock = ItemLock(self.locks, job.slide_id)
+            if not lock.acquire():
+                return False
+            locks[job.slide_id] = lock
+            _clean_own_tmp(self.out, job.slide_id)
+            return True
+
+        return TileAhead(untiled, lambda j: j.slide_id, lambda j: j.path, self.out, self.params, slide_mpp=self.slide_mpp,
+                         overlays=self.overlays, workers=workers, claim=claim,
+                         release=lambda j: locks.pop(j.slide_id).release())
+
+    def _claim_in_order(self, order: list[SlideJob], ahead: TileAhead | None) -> Iterator[SlideJob]:
         while order:
             rest, took = [], False
             for job in order:
+                if job.grid is None and ahead is not None and (answer := ahead.wait(job.slide_id)) is not None:
+                    if answer[1] is not None:
+                        self.fail(job, answer[1])
+                        continue
+                    job.grid = answer[0]
                 if self.finished(job.slide_id):
                     self.skip(job, "encoded by another process")
                     continue
@@ -255,13 +293,17 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
                   batch_size: int = 64, workers: int | None = None, precision: str = "auto", device: str = "auto",
                   slide_mpp: float | str | None = None, overlays: bool = True, seed: int | None = 0,
                   progress: Callable[[str, int, int], None] | None = None, compile_model: bool = False,
-                  direct: bool = True, rank: RankInfo | None = None, tile_workers: int | None = None) -> EncodeResult:
+                  direct: bool = True, rank: RankInfo | None = None, tile_workers: int | None = None,
+                  tile_ahead: bool | None = None) -> EncodeResult:
     """Tile (or reuse tiles) and encode every slide into ``out/features/<slide_id>.h5``.
 
     ``workers``: reader processes (0: read in this process; None: sized to the machine, see
     :func:`~gigaslide.features.parallel.auto_workers`). ``direct=False`` reads through OpenSlide
     only. ``rank`` defaults to the torchrun / SLURM environment. ``tile_workers``: processes that tile the
-    slides without a tile grid before encoding starts (None: this rank's cores; 0 or 1: one after another here).
+    slides without a tile grid (None: this rank's cores before encoding starts, half of them while it runs;
+    0 or 1: one after another here). ``tile_ahead``: tile those slides while earlier ones are encoded instead of
+    all before the first forward pass (None: on CUDA with one rank, where the cores are free while the GPU works;
+    on a CPU the model's threads use them, and a second busy process slows every OpenMP region).
     """
     t_start = time.perf_counter()
     out = atomic.ensure_writable_dir(out)
@@ -274,10 +316,16 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
         "batch_size": batch_size, "workers": workers, "precision": precision, "device": str(dev), "world": rank.world})
     run = _Run(out, encoder, params, manifest, slide_mpp, overlays, rank, progress, tile_workers)
     res = run.res
+    # one rank only: ranks order slides by tile count (longest first), which needs every slide tiled first
+    ahead = (dev.type == "cuda" and rank.world == 1) if tile_ahead is None else bool(tile_ahead)
     t_tiling = time.perf_counter()
-    jobs = run.collect(slides)
+    jobs = run.collect(slides, tile=not ahead)
     res.tiling_seconds = time.perf_counter() - t_tiling
-    claims = run.claims(jobs)
+    ahead_workers = 0
+    if ahead:
+        ahead_workers = tile_workers if tile_workers is not None else max(
+            1, tiling_workers(len(jobs), ranks_per_node=rank.local_world) // 2)
+    claims = run.claims(jobs, tile_ahead=ahead_workers)
     held: list[SlideJob] = []  # claimed, by key
     untiled = {id(j) for j in jobs if j.grid is None}
     total = sum(j.n for j in jobs)
@@ -344,6 +392,7 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
         for f in writes:
             f.result()
     finally:
+        claims.close()  # stops the background tiler, if any (its slides' locks released)
         writer.shutdown(wait=True)
         pool.close()
         run.release_all(held)

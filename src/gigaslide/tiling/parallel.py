@@ -13,12 +13,13 @@ never stops the others. ``workers <= 1`` tiles in the calling process.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from gigaslide.errors import GigaslideError
 from gigaslide.slides import slide_id_from_path
@@ -56,12 +57,13 @@ def _load_tiled(path: str, out: str) -> tuple[TileGrid | None, str | None]:
 
 
 def tile_many(items: Iterable[T], path_of: Callable[[T], str | os.PathLike], out: str | os.PathLike, params: TilingParams, *,
-              slide_mpp: float | str | None = None, overlays: bool = True, workers: int = 1
+              slide_mpp: float | str | None = None, overlays: bool = True, workers: int = 1, start: str = "fork"
               ) -> Iterator[tuple[T, TileGrid | None, str | None]]:
     """``(item, grid, None)`` or ``(item, None, error line)`` for every item, in the order they finish.
 
     ``items`` is consumed lazily, at most ``2 * workers`` ahead of the results (e.g. a generator that takes
-    each slide's lock as it is drawn)."""
+    each slide's lock as it is drawn). ``start``: how worker processes start; ``spawn`` from a thread of a
+    process whose other threads may hold locks a forked child would inherit locked (h5py's, the allocator's)."""
     out_s = str(out)
     if workers <= 1:
         for item in items:
@@ -72,7 +74,7 @@ def tile_many(items: Iterable[T], path_of: Callable[[T], str | os.PathLike], out
     it = iter(items)
     pending: dict[Future, T] = {}
     left: list[T] = []  # drawn, not finished when the pool broke: tiled here instead
-    ctx = mp.get_context("fork" if os.name == "posix" else "spawn")
+    ctx = mp.get_context(start if os.name == "posix" else "spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         while True:
             while len(pending) < 2 * workers and not left and (item := next(it, _END)) is not _END:
@@ -107,5 +109,68 @@ def tiling_workers(slides: int, *, ranks_per_node: int = 1) -> int:
     return max(1, min(slides, cores // max(1, ranks_per_node)))
 
 
-__all__ = ["tile_many", "tiling_workers"]
+class TileAhead(Generic[T]):
+    """:func:`tile_many` in a background thread, so slides are tiled while earlier ones are encoded.
+
+    ``wait(key)`` blocks until that item is answered: ``(grid, None)``, ``(None, error line)``, or None when it
+    was not tiled here (``claim(item)`` refused it, e.g. another process holds its lock; or the tiler stopped).
+    ``claim`` runs before an item is tiled, ``release`` after its answer. Workers are spawned, not forked."""
+
+    def __init__(self, items: list[T], key: Callable[[T], str], path_of: Callable[[T], str | os.PathLike],
+                 out: str | os.PathLike, params: TilingParams, *, slide_mpp: float | str | None = None,
+                 overlays: bool = True, workers: int = 1, claim: Callable[[T], bool] = lambda item: True,
+                 release: Callable[[T], None] = lambda item: None):
+        self._key, self._claim, self._release = key, claim, release
+        self._answers: dict[str, tuple[TileGrid | None, str | None] | None] = {}
+        self._pending = {key(i) for i in items}
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        args = (items, path_of, out, params, slide_mpp, overlays, workers)
+        self._thread = threading.Thread(target=self._work, args=args, name="gigaslide-tile-ahead", daemon=True)
+        self._thread.start()
+
+    def _answer(self, k: str, value: tuple[TileGrid | None, str | None] | None) -> None:
+        with self._cond:
+            self._answers[k] = value
+            self._pending.discard(k)
+            self._cond.notify_all()
+
+    def _work(self, items: list[T], path_of, out, params, slide_mpp, overlays, workers) -> None:  # noqa: ANN001
+        held: dict[str, T] = {}
+
+        def claimed() -> Iterator[T]:
+            for item in items:
+                if self._stop.is_set():
+                    return
+                if self._claim(item):
+                    held[self._key(item)] = item
+                    yield item
+                else:
+                    self._answer(self._key(item), None)
+
+        try:
+            for item, grid, err in tile_many(claimed(), path_of, out, params, slide_mpp=slide_mpp, overlays=overlays,
+                                             workers=workers, start="spawn"):
+                self._release(held.pop(self._key(item)))  # before the answer: the waiter takes the same lock next
+                self._answer(self._key(item), (grid, err))
+        finally:  # stopped or failed: what is still claimed is released, and whoever waits tiles its slide itself
+            for item in held.values():
+                self._release(item)
+            with self._cond:
+                self._pending.clear()
+                self._cond.notify_all()
+
+    def wait(self, key: str) -> tuple[TileGrid | None, str | None] | None:
+        with self._cond:
+            while key in self._pending:
+                self._cond.wait()
+            return self._answers.pop(key, None)
+
+    def close(self) -> None:
+        """Stop drawing new slides; returns once the slides being tiled are done (and released)."""
+        self._stop.set()
+        self._thread.join()
+
+
+__all__ = ["TileAhead", "tile_many", "tiling_workers"]
 
