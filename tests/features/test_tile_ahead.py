@@ -30,12 +30,13 @@ def _features(out):  # noqa: ANN001, ANN202
     return {p.stem: store.load(p) for p in (out / "features").glob("*.h5")}
 
 
-def test_tiling_ahead_gives_the_features_of_tiling_first_and_reports_a_broken_slide(slides, tmp_path):
+@pytest.mark.parametrize("tile_workers", [1, 2])  # 1: the tiler thread tiles itself; 2: spawned processes
+def test_tiling_ahead_gives_the_features_of_tiling_first_and_reports_a_broken_slide(slides, tmp_path, tile_workers):
     good, broken = slides
     enc = build_encoder("test_resnet", "random", seed=0)
     first = encode_slides(good, tmp_path / "first", enc, PARAMS, batch_size=16, workers=0, precision="fp32", tile_ahead=False)
     ahead = encode_slides([good[0], broken, *good[1:]], tmp_path / "ahead", enc, PARAMS, batch_size=16, workers=0,
-                          precision="fp32", tile_ahead=True, tile_workers=1)
+                          precision="fp32", tile_ahead=True, tile_workers=tile_workers)
     assert sorted(ahead.done) == sorted(first.done) == [p.stem for p in good]
     assert list(ahead.failed) == ["broken"] and "broken.tiff" in ahead.failed["broken"]
     a, b = _features(tmp_path / "first"), _features(tmp_path / "ahead")

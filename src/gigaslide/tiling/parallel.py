@@ -114,7 +114,8 @@ class TileAhead(Generic[T]):
 
     ``wait(key)`` blocks until that item is answered: ``(grid, None)``, ``(None, error line)``, or None when it
     was not tiled here (``claim(item)`` refused it, e.g. another process holds its lock; or the tiler stopped).
-    ``claim`` runs before an item is tiled, ``release`` after its answer. Workers are spawned, not forked."""
+    ``claim`` runs before an item is tiled, ``release`` after its answer. With ``workers > 1`` the worker processes
+    are spawned, not forked (this thread's process runs other threads); with 1 the thread tiles each slide itself."""
 
     def __init__(self, items: list[T], key: Callable[[T], str], path_of: Callable[[T], str | os.PathLike],
                  out: str | os.PathLike, params: TilingParams, *, slide_mpp: float | str | None = None,
