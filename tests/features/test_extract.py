@@ -150,3 +150,18 @@ def test_direct_reader_and_openslide_give_the_same_features(tmp_path, encoder, t
     np.testing.assert_array_equal(a.coords, b.coords)
     cos = (a.features * b.features).sum(1) / (np.linalg.norm(a.features, axis=1) * np.linalg.norm(b.features, axis=1))
     assert cos.min() > 0.999  # pixels differ by at most 2 grey levels (sub-pixel painting)
+
+
+def test_a_rerun_skips_untouched_finished_slides_without_reading_their_features(tmp_path, encoder, two_slides, monkeypatch):
+    encode_slides(two_slides, tmp_path, encoder, PARAMS, workers=0, precision="fp32")
+    stamps = {k: v["file_stamp"] for k, v in json.loads((tmp_path / "manifest.json").read_text())["slides"].items()}
+    assert stamps["a"][0] == (tmp_path / "features" / "a.h5").stat().st_size
+    reads = []
+    real = store.load
+    monkeypatch.setattr(store, "load", lambda p: (reads.append(p), real(p))[1])
+    again = encode_slides(two_slides, tmp_path, encoder, PARAMS, workers=0, precision="fp32")
+    assert sorted(again.skipped) == ["a", "b"] and reads == []  # attributes only: the data were whole when written
+    f = tmp_path / "features" / "a.h5"
+    f.write_bytes(f.read_bytes())  # touched since (same bytes, new mtime): read in full, checksums verified
+    third = encode_slides(two_slides, tmp_path, encoder, PARAMS, workers=0, precision="fp32")
+    assert sorted(third.skipped) == ["a", "b"] and [p.name for p in reads] == ["a.h5"]

@@ -99,14 +99,28 @@ def _coords_attrs(grid: TileGrid) -> dict:
             "name": grid.slide_id}
 
 
-def is_finished(path: Path, encoder: Encoder, params: TilingParams) -> bool:
+def file_stamp(path: Path) -> list[int]:
+    """``[size, mtime_ns]``: recorded in the manifest when encode writes a feature file."""
+    st = path.stat()
+    return [int(st.st_size), int(st.st_mtime_ns)]
+
+
+def is_finished(path: Path, encoder: Encoder, params: TilingParams, *, stamp: Sequence[int] | None = None) -> bool:
+    """``path`` holds this encoder's features at these tiling settings.
+
+    ``stamp``: the :func:`file_stamp` this job's manifest recorded when encode wrote the file. A file that still
+    has it is one encode wrote whole (atomically) and nothing has touched since: its attributes are enough. Any
+    other file (no record, or changed since: replaced, damaged, written by another tool) is read in full with
+    its checksums verified, so a damaged file is encoded again (benchmarks/results/manifest.md measures both). Bits
+    that rot on disk without changing size or mtime are caught where the features are read (``store.load``: a
+    checksum error naming the file and the fix)."""
     if not path.is_file():
         return False
     try:
-        ff = store.load(path)
-    except GigaslideError:
+        a = (store.read_attrs(path) if stamp is not None and list(stamp) == file_stamp(path)
+             else store.load(path).attrs)
+    except (GigaslideError, OSError):
         return False
-    a = ff.attrs
     return (a.get("encoder") == encoder.spec.name and a.get("encoder_weights_sha256") == encoder.weights_id
             and abs(float(a.get("mpp", -1)) - params.mpp) < 1e-9 and int(a.get("tile_size", -1)) == params.tile_size
             and int(a.get("overlap", -1)) == params.overlap and abs(float(a.get("min_tissue", -1)) - params.min_tissue) < 1e-9
@@ -133,7 +147,9 @@ class _Run:
         self.locks = out / "locks"
 
     def finished(self, sid: str) -> bool:
-        return is_finished(layout(self.out, sid)["features"], self.encoder, self.params)
+        entry = self.manifest.data["slides"].get(sid) or {}
+        stamp = entry.get("file_stamp") if entry.get("status") == "done" else None
+        return is_finished(layout(self.out, sid)["features"], self.encoder, self.params, stamp=stamp)
 
     def fail(self, job: SlideJob, msg: str) -> None:
         job.failed = True
@@ -403,10 +419,11 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
 
 def _finish(run: _Run, job: SlideJob, feats: np.ndarray, choice: PrecisionChoice, seed: int | None) -> None:
     grid = job.grid
-    store.save(layout(run.out, job.slide_id)["features"], feats, grid.coords,
-               attrs=_feature_attrs(run.encoder, run.params, grid, choice, seed, job.info), coords_attrs=_coords_attrs(grid))
+    path = store.save(layout(run.out, job.slide_id)["features"], feats, grid.coords,
+                      attrs=_feature_attrs(run.encoder, run.params, grid, choice, seed, job.info),
+                      coords_attrs=_coords_attrs(grid))
     secs = time.perf_counter() - job.t0
-    run.manifest.set(job.slide_id, "done", path=job.path, tiles=len(feats), seconds=round(secs, 3),
+    run.manifest.set(job.slide_id, "done", path=job.path, tiles=len(feats), seconds=round(secs, 3), file_stamp=file_stamp(path),
                      precision=choice.record(), read_mpp=job.info.get("read_mpp"), reader="direct" if job.info.get("direct") else "openslide",
                      rank=run.rank.rank, stain=grid.extra.get("stain"), background=grid.extra.get("background"),
                      stain_warning=grid.extra.get("stain_warning"))
@@ -415,4 +432,4 @@ def _finish(run: _Run, job: SlideJob, feats: np.ndarray, choice: PrecisionChoice
     run.res.tiles += len(feats)
 
 
-__all__ = ["EncodeResult", "SlideJob", "encode_slides", "is_finished", "pick_device"]
+__all__ = ["EncodeResult", "SlideJob", "encode_slides", "file_stamp", "is_finished", "pick_device"]

@@ -150,6 +150,23 @@ def load(path: str | os.PathLike) -> FeatureFile:
     return FeatureFile(feats, coords.astype(np.int64), attrs, coords_attrs, labels, p)
 
 
+def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
+    """A feature file's attributes alone (no arrays read): for checks that need only its provenance."""
+    p = Path(path)
+    try:
+        with h5py.File(p, "r") as f:
+            if "features" not in f or "coords" not in f or len(f["features"]) != len(f["coords"]):
+                raise GigaslideError("not a complete gigaslide feature file (features / coords)", path=p,
+                                     fix="delete it and re-run encode")
+            return decode_attrs(f.attrs)
+    except GigaslideError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError) as e:
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise GigaslideError(f"cannot read HDF5 ({first})", path=p,
+                             fix="the file is truncated or not HDF5; delete it and re-run encode") from None
+
+
 def list_feature_files(directory: str | os.PathLike) -> list[Path]:
     """All ``*.h5`` under ``directory`` (a ``features/`` subfolder is used when present)."""
     d = Path(directory)
