@@ -41,7 +41,7 @@ def info(slide: str, slide_mpp: float | str | None = None, json_out: bool = Fals
 
 
 def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, overlap: int = 0, min_tissue: float = 0.25,
-         slide_mpp: float | str | None = None, background: str = "auto") -> None:
+         slide_mpp: float | str | None = None, background: str = "auto", workers: int | None = None) -> None:
     """Segment tissue and tile slides at a physical resolution; writes coords (level-0 px), overlays, GeoJSON.
 
     Several slides are tiled at once, one per CPU core (each slide's files are written atomically).
@@ -61,6 +61,7 @@ def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, ov
         min_tissue: keep tiles whose tissue fraction is at least this
         slide_mpp: scan resolution override (µm/px at level 0) for slides without it, or a CSV slide_id,mpp
         background: auto (detected from the thumbnail), bright (bright-field glass) or dark (fluorescence)
+        workers: processes tiling slides at once, one slide each (default: the cores; 1 = one after another)
     """
     from gigaslide import atomic
     from gigaslide.features.manifest import Manifest
@@ -74,7 +75,8 @@ def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, ov
     man = Manifest(outp / "tile_manifest.json", {"command": "tile", **params.as_dict()})
     failures: dict[str, str] = {}
     try:
-        for f, g, err in tile_many(files, str, outp, params, slide_mpp=slide_mpp, workers=tiling_workers(len(files))):
+        n_workers = tiling_workers(len(files)) if workers is None else workers
+        for f, g, err in tile_many(files, str, outp, params, slide_mpp=slide_mpp, workers=n_workers):
             if err is None:
                 man.set(g.slide_id, "done", path=str(f), tiles=len(g))
                 print(f"{g.slide_id}: {len(g)} tiles" + (f" ({g.extra['stain']})" if g.extra.get("stain_warning") else ""))
@@ -120,7 +122,8 @@ def encoders() -> None:
 def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str = "default", mpp: float = 0.5,
            tile_size: int = 224, overlap: int = 0, min_tissue: float = 0.25, batch_size: int = 64, workers: int | None = None,
            precision: str = "auto", device: str = "auto", slide_mpp: float | str | None = None, threads: int = 2,
-           compile: bool = False, background: str = "auto") -> None:  # noqa: A002 - the option's name
+           compile: bool = False, background: str = "auto", tile_workers: int | None = None,
+           tile_ahead: bool | None = None) -> None:  # noqa: A002 - the option's name
     """Tile and encode slides into one HDF5 feature file per slide (CLAM/TRIDENT layout); resumable.
 
     Example:
@@ -149,6 +152,8 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
         threads: torch CPU threads for the model
         compile: torch.compile the encoder (worth it on a GPU for long jobs)
         background: auto (detected from the thumbnail), bright (bright-field glass) or dark (fluorescence)
+        tile_workers: processes tiling slides that have no tile grid yet (default: the cores, one slide each; half of them when tiling ahead)
+        tile_ahead: tile while earlier slides are encoded (default: on CUDA with one rank; else all slides first)
     """
     import torch
 
@@ -168,7 +173,7 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
     with progress_bar("encode") as update:
         res = encode_slides(files, out, enc, TilingParams(mpp, tile_size, overlap, min_tissue, background), batch_size=batch_size,
                             workers=workers, precision=precision, device=device, slide_mpp=slide_mpp, progress=update,
-                            compile_model=compile)
+                            compile_model=compile, tile_workers=tile_workers, tile_ahead=tile_ahead)
     rate = res.tiles / res.seconds if res.seconds else 0.0
     print(f"encoded {len(res.done)} slides ({res.tiles} tiles, {rate:.1f} tiles/s, {res.precision}; "
           f"{res.tiling_seconds:.1f} s of {res.seconds:.1f} s tiling before encoding), "
