@@ -147,7 +147,12 @@ def main() -> None:
         _write(args.out, lines)  # partial results survive a time limit
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    lines += from_scratch(cfg, dev, readers, work)
+    try:
+        lines += from_scratch(cfg, dev, readers, work)
+    except Exception as e:  # noqa: BLE001 - keep the reader rows (full mode)
+        if args.mode == "tiny":
+            raise
+        lines += ["", f"From scratch: failed: {type(e).__name__}: {str(e)[:200]}"]
     _write(args.out, lines)
     lines += ["", f"Reader only (decode + cut, no model), {len(coords)} tiles, batches of {READER_BATCH}:", "",
               "| reader processes | tiles/s |", "|---|---|"]

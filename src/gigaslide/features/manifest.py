@@ -3,9 +3,9 @@
 Each slide's update is appended at once, as one JSON line, to a journal beside the manifest
 (``.manifest.json.journal``), so an interrupted batch still shows exactly what finished; the merged
 ``manifest.json`` is rewritten atomically from it, at most :data:`REWRITE_SHARE` of the wall time
-(a rewrite costs O(slides): with a rewrite per slide, a 5,000-slide job spent 86 ms per slide on
-its manifest alone) and always by :meth:`Manifest.flush` at the end of a job, which removes the
-journal. Reading a manifest with :func:`read_slides` (or opening one with :class:`Manifest`) replays
+(a rewrite costs O(slides), so one per slide made a batch quadratic in its size:
+``benchmarks/results/manifest.md``) and always by :meth:`Manifest.flush` at the end of a job, which
+removes the journal. Reading a manifest with :func:`read_slides` (or opening one with :class:`Manifest`) replays
 a journal left by a killed job, so nothing a dead process recorded is lost.
 
 Several processes may write one manifest (two ``encode`` runs on one folder, or the ranks of a

@@ -1,9 +1,9 @@
 """Tile many slides at once: one slide per process, results as each slide finishes.
 
-Tissue segmentation + tiling costs 0.2-1 s per slide in one process (thumbnail read, mask, grid, overlays).
-Done one slide after another before a batch's first forward pass, it was 39-46 % of ``encode``'s wall time
-with a fast model (a proxy for a GPU; ``benchmarks/bench_tiling_parallel.py``), and a GPU that embeds
-thousands of tiles a second waits on it. :func:`tile_many` spreads the slides over ``workers`` processes
+Tissue segmentation + tiling costs a fraction of a second per slide in one process (thumbnail read, mask,
+grid, overlays). Done one slide after another before a batch's first forward pass, it was a large share of
+``encode``'s wall time with a fast model (a proxy for a GPU; ``benchmarks/results/tiling_parallel.md``), and
+a GPU that embeds thousands of tiles a second waits on it. :func:`tile_many` spreads the slides over ``workers`` processes
 (forked; each slide's files are written atomically by :func:`~gigaslide.tiling.job.tile_slide` in the
 worker); the caller gets each slide's :class:`TileGrid` -- loaded in the calling process, where a stain
 warning is raised once as for a slide tiled there -- or its one-line error. A slide that cannot be tiled
