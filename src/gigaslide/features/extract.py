@@ -206,12 +206,7 @@ class _Run:
         locks: dict[str, ItemLock] = {}
 
         def free(todo: list[SlideJob]) -> Iterator[SlideJob]:  # each slide locked as it is drawn; others' are left
-            for job in todo:
-                lock = ItemLock(self.locks, job.slide_id)
-                if lock.acquire():
-                    locks[job.slide_id] = lock
-                    _clean_own_tmp(self.out, job.slide_id)
-                    yield job
+            yield from (job for job in todo if self._lock_to_tile(job, locks))
 
         workers = self.tile_workers
         if workers is None:  # the model has not started: every core of this rank can tile
@@ -245,20 +240,19 @@ class _Run:
         if workers <= 0 or not untiled:
             return None
         locks: dict[str, ItemLock] = {}
-
-        def claim(job: SlideJob) -> bool:
-            if self.finished(job.slide_id):
-                return False
-            lock = ItemLock(self.locks, job.slide_id)
-            if not lock.acquire():
-                return False
-            locks[job.slide_id] = lock
-            _clean_own_tmp(self.out, job.slide_id)
-            return True
-
         return TileAhead(untiled, lambda j: j.slide_id, lambda j: j.path, self.out, self.params, slide_mpp=self.slide_mpp,
-                         overlays=self.overlays, workers=workers, claim=claim,
+                         overlays=self.overlays, workers=workers,
+                         claim=lambda j: not self.finished(j.slide_id) and self._lock_to_tile(j, locks),
                          release=lambda j: locks.pop(j.slide_id).release())
+
+    def _lock_to_tile(self, job: SlideJob, locks: dict[str, ItemLock]) -> bool:
+        """Take ``job``'s lock for tiling (kept in ``locks``) and clear its dead temporaries; False if another holds it."""
+        lock = ItemLock(self.locks, job.slide_id)
+        if not lock.acquire():
+            return False
+        locks[job.slide_id] = lock
+        _clean_own_tmp(self.out, job.slide_id)
+        return True
 
     def _claim_in_order(self, order: list[SlideJob], ahead: TileAhead | None) -> Iterator[SlideJob]:
         while order:
