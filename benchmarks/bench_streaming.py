@@ -15,7 +15,10 @@ size). A watchdog kills a run whose RSS passes ``--max-rss-gb`` (the machine is 
   streamed runs.
 
 Loss: mean of squares of the (pooled) feature map. Grad rel. error: max over parameter tensors of
-max|g_stream - g_dense| / max|g_dense|.
+max|g_stream - g_dense| / max|g_dense|. In stream runs the loss's gradient (2y/n) is written into the map's
+own storage, so backward holds one map-sized tensor, as a training step does (the head hands the stream
+its bag's gradient, the map is freed); rows measured before this carry ``map copies in backward: ≥ 2`` (the
+map, kept alive, its gradient and the autograd temporaries of ``y.square().mean()``).
 
 Run (shared machine: one size at a time):  nice .venv/bin/python benchmarks/bench_streaming.py --sizes 4096
 Full table (a quiet machine with >= 24 GB): --sizes 4096,8192,16384,32768 --dense-up-to 4096
@@ -102,7 +105,14 @@ def one(mode: str, size: int, tile: int, pool: int, grads_out: str | None) -> di
         info["tiles"] = len(stream.tiles((size, size)))
         y = stream(img)
         info["fmap"] = list(y.shape[-2:])
-        y.square().mean().backward()
+        # d mean(y²)/dy = 2y/n, written into the map's own storage: the stream's backward gets one map-sized
+        # gradient and the map is not held beside it -- as in a training step, where the head hands the stream
+        # the gradient of its bag and the map itself is freed. (Autograd of y.square().mean() holds y, its gradient
+        # and the loss's temporaries: several map-sized tensors, a cost of this stand-in loss only.)
+        grad = y.detach().mul_(2.0 / y.numel())
+        y.backward(grad)
+        del y, grad
+        info["map_copies"] = 1
         saved = {f"p{pool}/{n}": p.grad for n, p in trunk.named_parameters()}
     info["seconds"] = time.perf_counter() - t0
     info["cpu"] = f"{_cpu_model()}, {torch.backends.cpu.get_cpu_capability()}"  # rows may come from other machines
@@ -245,6 +255,15 @@ def merge_rows(stored: list[dict], rows: list[dict], command: str) -> list[dict]
                                                                           r["pool"] > 1 else r["mode"]]))
 
 
+def map_copies(r: dict) -> str:
+    """How many map-sized tensors a stream row's backward held: 1 (the gradient, in the map's storage); rows
+    measured before that held at least 2 (the map, kept alive, and its gradient, plus the autograd temporaries
+    of the stand-in loss). "-" for the dense reference."""
+    if r["mode"] != "stream":
+        return "-"
+    return str(r["map_copies"]) if "map_copies" in r else "≥ 2 (earlier procedure)"
+
+
 def machine(r: dict) -> str:
     """A row's CPU and load ("not recorded" for rows measured before rows carried them)."""
     return f"{r['cpu']}, {r['load']:.1f}" if "cpu" in r else "not recorded"
@@ -277,14 +296,14 @@ def write_results(rows: list[dict], wall: float, args: argparse.Namespace, pendi
         *[f"{i + 1}. Command: `{c}`" for i, c in enumerate(commands)],
         "",
         "| image | mode | pool kernel | tile | tiles | map to head | peak RSS GB | image GB | peak RSS − image GB | time s | "
-        "CPU (ISA), load at end | grad rel. error vs dense | cmd |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "CPU (ISA), load at end | grad rel. error vs dense | map copies in backward | cmd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         pool = r["pool"] if r["mode"] == "stream" else f"1 and {r['pool']}"
         r_time = f"{r.get('seconds', 0):.0f}" + (" (earlier invocation)" if r.get("reused") else "")
         if "error" in r:
-            lines.append(f"| {r['size']}² | {r['mode']} | {pool} | {r['tile']} | | | failed: {r['error']} | | | | | | "
+            lines.append(f"| {r['size']}² | {r['mode']} | {pool} | {r['tile']} | | | failed: {r['error']} | | | | | | | "
                          f"{commands.index(r['command']) + 1} |")
             continue
         ge = f"{r['grad_rel_error']:.1e}" if "grad_rel_error" in r else ""
@@ -293,7 +312,7 @@ def write_results(rows: list[dict], wall: float, args: argparse.Namespace, pendi
         fmap = "×".join(str(v) for v in r["fmap"]) + (" (before pooling)" if r["mode"] == "dense" else "")
         lines.append(f"| {r['size']}² | {mode} | {pool} | {tile} | {r['tiles']} | {fmap} | {r['peak_rss_gb']:.2f} | "
                      f"{r['image_gb']:.2f} | {r['peak_rss_gb'] - r['image_gb']:.2f} | {r_time} | {machine(r)} | {ge} | "
-                     f"{commands.index(r['command']) + 1} |")
+                     f"{map_copies(r)} | {commands.index(r['command']) + 1} |")
     ok = [r for r in rows if "error" not in r and r["mode"] == "stream"]
     lines += ["", "Verdicts (computed from the rows above):"]
     for r in ok:
@@ -324,7 +343,7 @@ def write_results(rows: list[dict], wall: float, args: argparse.Namespace, pendi
         "Peak RSS is the whole process: torch + the model"
         + (f" ({min(base):.2f}–{max(base):.2f} GB in these runs, measured before the image is made)" if base else "")
         + " and the uint8 image are in it; with pooling off the rest grows with the feature map (512 × (side/32)²"
-        " floats), its gradient and the loss's copy; with pooling on only the pooled map"
+        " floats) and the copies of it that backward holds (the column); with pooling on only the pooled map"
         f" ({args.pool ** 2}× smaller) is held whole. The ResNet-34 receptive field is {field} px (traced from the model);"
         f" with pool kernel {args.pool} each tile's exact outputs end on a pooling-window boundary (multiples of"
         f" {args.pool} × 32 px).",

@@ -94,3 +94,23 @@ def test_tile_size_level0_from_attrs_or_coordinate_step(tmp_path):
     assert store.load(tmp_path / "b.h5").tile_size_level0 == 448.0
     with pytest.raises(GigaslideError, match="cannot tell the tile size"):
         store.load(tmp_path / "c.h5").require_tile_size_level0()
+
+
+def test_lazy_loads_read_clam_and_trident_layouts_and_name_a_file_damaged_after_opening(tmp_path):
+    with h5py.File(tmp_path / "trident.h5", "w") as h:  # TRIDENT-style [1, N, D]
+        h["features"] = np.arange(12, dtype=np.float32).reshape(1, 3, 4)
+        h["coords"] = np.zeros((3, 2), np.int32)
+    lazy = store.load(tmp_path / "trident.h5", arrays=False)
+    assert isinstance(lazy.features, store.LazyFeatures) and lazy.dim == 4 and len(lazy) == 3
+    np.testing.assert_array_equal(np.asarray(lazy.features), store.load(tmp_path / "trident.h5").features)
+    np.testing.assert_array_equal(lazy.features.read(own_mapping=True), np.arange(12).reshape(3, 4))
+    x = np.random.default_rng(0).normal(size=(400, 64)).astype(np.float32)
+    store.save(tmp_path / "s.h5", x, attrs={"encoder": "e", "slide_id": "s"})
+    ff = store.load(tmp_path / "s.h5", arrays=False)
+    with h5py.File(tmp_path / "s.h5", "r") as h:
+        offset = h["features"].id.get_chunk_info(0).byte_offset  # the first stored chunk of features
+    raw = bytearray((tmp_path / "s.h5").read_bytes())
+    raw[offset + 100] ^= 0xFF  # one flipped byte: the Fletcher-32 checksum no longer matches
+    (tmp_path / "s.h5").write_bytes(bytes(raw))
+    with pytest.raises(GigaslideError, match=r"s\.h5: cannot read HDF5"):
+        np.asarray(ff.features)

@@ -92,13 +92,18 @@ def test_cli_train_mil_and_evaluate(tmp_path, cli, capsys):
     feats, lab = _make(tmp_path)
     out = tmp_path / "cli"
     assert cli(["train-mil", "--features", str(feats), "--labels", str(lab), "--model", "clam_sb", "--folds", "2",
-                "--epochs", "2", "--hidden", "16", "--bootstrap", "20", "--out", str(out)]) == 0
-    assert "clam_sb: slide-level" in capsys.readouterr().out
+                "--epochs", "2", "--hidden", "16", "--bootstrap", "20", "--bag-memory-gb", "0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "clam_sb: slide-level" in printed and "read from disk at every use" in printed
+    assert json.loads((out / "run.json").read_text())["bags"]["kept_bags"] == 0
     assert cli(["evaluate", "slides", "--predictions", str(out), "--bootstrap", "20"]) == 0
     (tmp_path / "bad.csv").write_text("slide_id,label\ns0,0\ns0,1\n")
     assert cli(["train-mil", "--features", str(feats), "--labels", str(tmp_path / "bad.csv"), "--out", str(out / "x")]) == 2
     assert "duplicate slide_id" in capsys.readouterr().err
     assert cli(["train-mil", "--features", str(feats), "--labels", str(lab), "--model", "nope", "--out", str(out / "y")]) == 2
+    assert cli(["train-mil", "--features", str(feats), "--labels", str(lab), "--bag-memory-gb", "lots",
+                "--out", str(out / "z")]) == 2
+    assert "bag memory budget 'lots'" in capsys.readouterr().err
 
 
 def test_interrupted_run_resumes_to_the_same_predictions(tmp_path, monkeypatch):
@@ -140,3 +145,17 @@ def test_a_damaged_model_of_a_finished_fold_is_retrained(tmp_path):
     run_cv(feats, lab, out, cfg=TrainConfig(model="abmil", **FAST), folds=3, n_bootstrap=0, verbose=False)
     assert (out / "fold1" / "model.safetensors").read_bytes() == ref  # redone, deterministically
     assert (out / "fold0" / "model.safetensors").stat().st_mtime_ns == mtime0  # intact folds are kept
+
+
+def test_a_bag_budget_below_the_cohort_gives_the_same_run(tmp_path):
+    """Bags read from disk at every use (budget 0) train the same models as bags held in memory."""
+    feats, lab = _make(tmp_path)
+    cfg = TrainConfig(model="clam_sb", **FAST)
+    run_cv(feats, lab, tmp_path / "mem", cfg=cfg, folds=3, n_bootstrap=0, verbose=False)
+    run_cv(feats, lab, tmp_path / "disk", cfg=cfg, folds=3, n_bootstrap=0, verbose=False, bag_memory_gb=0)
+    for k in range(3):
+        a = (tmp_path / "mem" / f"fold{k}" / "predictions.csv").read_text()
+        assert a == (tmp_path / "disk" / f"fold{k}" / "predictions.csv").read_text()
+    rec = json.loads((tmp_path / "disk" / "run.json").read_text())["bags"]
+    assert rec["kept_bags"] == 0 and rec["reads"] > 24 * 4  # every slide read more than once per epoch's worth
+    assert json.loads((tmp_path / "mem" / "run.json").read_text())["bags"]["kept_bags"] == 24

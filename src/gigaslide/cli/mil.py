@@ -9,7 +9,8 @@ def train_mil(features: str, labels: str, out: str, model: str = "abmil", folds:
               train_slides: int | None = None, repeats: int | None = None, seed: int = 0, epochs: int = 40, patience: int = 8,
               lr: float = 1e-3, hidden: int = 128, monitor: str = "loss", max_tiles: int | None = None,
               standardize: bool = True,
-              on_missing: str = "error", bootstrap: int = 1000, device: str = "auto", bf16: bool = False) -> None:
+              on_missing: str = "error", bootstrap: int = 1000, device: str = "auto", bf16: bool = False,
+              bag_memory_gb: str = "auto") -> None:
     """Train a MIL model with stratified, patient-grouped cross-validation and report AUC with CIs.
 
     Example: gigaslide train-mil --features feats/ --labels labels.csv --model abmil --folds 5 --out runs/abmil
@@ -34,6 +35,8 @@ def train_mil(features: str, labels: str, out: str, model: str = "abmil", folds:
         bootstrap: bootstrap resamples for the 95 % CIs
         device: auto, cpu or cuda
         bf16: bf16 autocast on CPU (always used on CUDA)
+        bag_memory_gb: memory the slides' features may take, in GB (auto: half of what is available); the
+            bags beyond it are read from their files at every use (same result, more disk reads)
     """
     from gigaslide.errors import GigaslideError
     from gigaslide.evaluation.slides import evaluation_markdown
@@ -51,7 +54,7 @@ def train_mil(features: str, labels: str, out: str, model: str = "abmil", folds:
     if repeats is None:
         repeats = 3 if train_slides else 1
     res = run_cv(features, labels, out, cfg=cfg, folds=folds, train_slides=train_slides, repeats=repeats,
-                 on_missing=on_missing, n_bootstrap=bootstrap)
+                 on_missing=on_missing, n_bootstrap=bootstrap, bag_memory_gb=bag_memory_gb)
     print(evaluation_markdown(res, f"{model}: slide-level cross-validation"))
     print(f"wrote {out}")
 

@@ -9,6 +9,7 @@ optional ``labels`` [N] (tile folders) and file attrs: ``encoder``, ``encoder_we
 
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from gigaslide.safe_parse import is_safe_slide_id
 
 @dataclass
 class FeatureFile:
-    features: np.ndarray  # [N, D]
+    features: np.ndarray  # [N, D] (a LazyFeatures from ``load(arrays=False)``)
     coords: np.ndarray  # [N, 2] level-0 px (zeros for tile folders)
     attrs: dict[str, Any] = field(default_factory=dict)
     coords_attrs: dict[str, Any] = field(default_factory=dict)
@@ -115,8 +116,74 @@ def _checksummed(a: np.ndarray) -> dict[str, Any]:
     return {"fletcher32": True, "chunks": True} if a.size else {}
 
 
-def load(path: str | os.PathLike) -> FeatureFile:
-    """Read a gigaslide, CLAM or TRIDENT feature file."""
+class LazyFeatures:
+    """The ``features`` of a feature file, read from disk each time they are asked for
+    (``np.asarray(ff.features)``); ``shape`` / ``dtype`` / ``len`` without reading. From ``load(arrays=False)``."""
+
+    ndim = 2
+
+    def __init__(self, path: Path, shape: tuple[int, int], dtype: np.dtype):
+        self.path, self.shape, self.dtype = path, (int(shape[0]), int(shape[1])), np.dtype(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read(self, *, own_mapping: bool = False) -> np.ndarray:
+        """The array, checked against the shape seen at open (a file replaced since then is refused).
+
+        ``own_mapping``: in memory of its own (an anonymous ``mmap``, returned to the OS when the array is dropped)
+        instead of the C heap, for arrays kept long while short-lived ones come and go around them."""
+        p = self.path
+        try:
+            with h5py.File(p, "r") as f:
+                d = f["features"]
+                if own_mapping and d.size:
+                    buf = mmap.mmap(-1, d.size * d.dtype.itemsize)
+                    raw = np.frombuffer(buf, dtype=d.dtype, count=d.size).reshape(d.shape)
+                    d.read_direct(raw)
+                else:
+                    raw = np.asarray(d[:])
+                feats = _features_2d(raw)
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
+            raise _damaged(p, e) from None
+        if feats.shape != self.shape:
+            raise GigaslideError(f"features changed on disk: {feats.shape} now, {self.shape} when the folder was read",
+                                 path=p, fix="do not re-encode a folder while a job reads it; re-run the job")
+        return feats
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        a = self.read()
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        return self.read()[idx]
+
+
+def _features_2d(feats: Any) -> Any:
+    """CLAM / TRIDENT layouts ([1, N, D], [D]) as [N, D]; works on arrays and on shapes."""
+    shape = feats if isinstance(feats, tuple) else feats.shape
+    if len(shape) == 3 and shape[0] == 1:
+        return shape[1:] if isinstance(feats, tuple) else feats[0]
+    if len(shape) == 1:
+        return (1, shape[0]) if isinstance(feats, tuple) else feats[None, :]
+    return feats
+
+
+def _damaged(p: Path, e: BaseException) -> GigaslideError:
+    first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    return GigaslideError(f"cannot read HDF5 ({first})", path=p,
+                          fix="the file is truncated or not HDF5; delete it and re-run encode")
+
+
+def load(path: str | os.PathLike, *, arrays: bool = True) -> FeatureFile:
+    """Read a gigaslide, CLAM or TRIDENT feature file.
+
+    ``arrays=False``: everything but the feature array, which is read when used (:class:`LazyFeatures`), so a
+    cohort's files can be opened and checked without holding every slide's features in memory."""
     p = Path(path)
     if not p.is_file():
         raise GigaslideError("feature file not found", path=p, fix="run `gigaslide encode` first or check the path")
@@ -125,11 +192,10 @@ def load(path: str | os.PathLike) -> FeatureFile:
             if "features" not in f:
                 raise GigaslideError("HDF5 file has no 'features' dataset", path=p,
                                      fix="pass a feature file written by gigaslide encode, CLAM or TRIDENT")
-            feats = np.asarray(f["features"][:])
-            if feats.ndim == 3 and feats.shape[0] == 1:
-                feats = feats[0]
-            if feats.ndim == 1:
-                feats = feats[None, :]
+            if arrays:
+                feats = _features_2d(np.asarray(f["features"][:]))
+            else:
+                feats = LazyFeatures(p, _features_2d(tuple(f["features"].shape)), f["features"].dtype)
             if "coords" in f:
                 coords = np.asarray(f["coords"][:])
                 if coords.ndim == 3 and coords.shape[0] == 1:
@@ -142,9 +208,7 @@ def load(path: str | os.PathLike) -> FeatureFile:
     except GigaslideError:
         raise
     except (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:  # damaged file
-        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise GigaslideError(f"cannot read HDF5 ({first})", path=p,
-                             fix="the file is truncated or not HDF5; delete it and re-run encode") from None
+        raise _damaged(p, e) from None
     if len(coords) != len(feats):
         raise GigaslideError(f"{len(feats)} features but {len(coords)} coords", path=p, fix="re-run encode for this slide")
     return FeatureFile(feats, coords.astype(np.int64), attrs, coords_attrs, labels, p)
@@ -162,9 +226,7 @@ def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
     except GigaslideError:
         raise
     except (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError) as e:
-        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise GigaslideError(f"cannot read HDF5 ({first})", path=p,
-                             fix="the file is truncated or not HDF5; delete it and re-run encode") from None
+        raise _damaged(p, e) from None
 
 
 def list_feature_files(directory: str | os.PathLike) -> list[Path]:
@@ -180,12 +242,12 @@ def list_feature_files(directory: str | os.PathLike) -> list[Path]:
     return files
 
 
-def load_dir(directory: str | os.PathLike) -> dict[str, FeatureFile]:
+def load_dir(directory: str | os.PathLike, *, arrays: bool = True) -> dict[str, FeatureFile]:
     """Load every feature file of a folder keyed by slide id; refuses files whose encoder, weights, mpp,
-    tile size or dimension differ (naming two of them)."""
+    tile size or dimension differ (naming two of them). ``arrays=False``: see :func:`load`."""
     out: dict[str, FeatureFile] = {}
     for f in list_feature_files(directory):
-        ff = load(f)
+        ff = load(f, arrays=arrays)
         out[ff.slide_id or f.stem] = ff
     check_consistent(out.values(), where=directory)
     return out

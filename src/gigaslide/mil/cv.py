@@ -25,21 +25,24 @@ from typing import Any
 
 import h5py
 import numpy as np
-import torch
 
 from gigaslide import atomic, runs
 from gigaslide.provenance import provenance
 from gigaslide.errors import GigaslideError
 from gigaslide.evaluation import splits as S
 from gigaslide.evaluation.slides import evaluate_predictions, pool_predictions, read_predictions, write_predictions
+from gigaslide.mil.bags import Bags, budget_note, resolve_budget
 from gigaslide.mil.train import TrainConfig, load_model, predict, save_model, train_fold
 
 
-def load_bags(features: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``{slide_id: FeatureFile}`` (one encoder, one dim) and shared metadata; refuses empty bags."""
+def load_bags(features: str | os.PathLike, *, arrays: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``{slide_id: FeatureFile}`` (one encoder, one dim) and shared metadata; refuses empty bags.
+
+    ``arrays=False`` (default): coordinates and attributes only; each slide's features are read when its bag
+    is used (:class:`gigaslide.mil.bags.Bags`)."""
     from gigaslide.features import store
 
-    files = store.load_dir(features)
+    files = store.load_dir(features, arrays=arrays)
     empty = sorted(s for s, ff in files.items() if len(ff) == 0)
     if empty:
         raise GigaslideError(f"{len(empty)} slide(s) have no tiles (empty bag): {S._preview(empty)}",
@@ -58,8 +61,11 @@ def _fold_dirname(k: int, r: int) -> str:
 def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os.PathLike, *,
            cfg: TrainConfig | None = None, folds: int = 5, train_slides: int | None = None, repeats: int = 1,
            on_missing: str = "error", val_fraction: float = 0.2, n_bootstrap: int = 1000,
-           verbose: bool = True) -> dict[str, Any]:
-    """Train ``cfg.model`` with stratified, patient-grouped ``folds``-fold CV; returns the evaluation."""
+           bag_memory_gb: float | str | None = "auto", verbose: bool = True) -> dict[str, Any]:
+    """Train ``cfg.model`` with stratified, patient-grouped ``folds``-fold CV; returns the evaluation.
+
+    ``bag_memory_gb``: memory the slides' features may take (:class:`~gigaslide.mil.bags.Bags`; ``auto``: half of
+    what is available); bags beyond it are read from their files at every use. It does not change the result."""
     cfg = cfg or TrainConfig()
     out_d = atomic.ensure_writable_dir(out)
     atomic.clean_stale_tmp(out_d)
@@ -71,7 +77,9 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
     t = matched.table
     fold_idx = S.make_folds(t.labels, t.patient_ids, folds, cfg.seed, where=labels)
     n_classes = t.n_classes
-    bags = [torch.from_numpy(np.asarray(files[s].features, dtype=np.float32)) for s in t.slide_ids]
+    bags = Bags([files[s] for s in t.slide_ids], resolve_budget(bag_memory_gb))
+    if verbose:
+        print(budget_note(bags))
     identity = {"train_config": {k: v for k, v in asdict(cfg).items() if k != "device"}, "folds": folds,
                 "train_slides": train_slides, "repeats": repeats, "val_fraction": val_fraction, "on_missing": on_missing}
     run = runs.open_run(out_d, "mil", identity, {**identity, "features": str(features), "labels": str(labels)},
@@ -97,9 +105,9 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
             fd = out_d / name
             if name in done and _fold_intact(fd):
                 continue
-            model, info = train_fold([bags[i] for i in tr], t.labels[tr], [bags[i] for i in va], t.labels[va],
-                                     meta["in_dim"], n_classes, cfg)
-            probs, scores = predict(model, [bags[i] for i in te])
+            model, info = train_fold(bags.take(tr), t.labels[tr], bags.take(va), t.labels[va], meta["in_dim"], n_classes,
+                                     cfg)
+            probs, scores = predict(model, bags.take(te))
             save_model(fd, model, cfg, in_dim=meta["in_dim"], n_classes=n_classes,
                        extra={k2: v for k2, v in {**meta, "fold": k, "repeat": r}.items() if v is not None})
             atomic.write_json(fd / "history.json", info)
@@ -122,6 +130,7 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
     res = evaluate_predictions(out_d / "predictions.csv", n_bootstrap=n_bootstrap, seed=cfg.seed, out=out_d)
     res["seconds_per_fold"] = fold_seconds(out_d)
     atomic.write_json(out_d / "evaluation.json", {**provenance(kind="slide_evaluation"), **res})
+    run.update(bags=bags.stats())
     run.finish(auc=res["metrics"]["auc"]["value"], balanced_accuracy=res["metrics"]["balanced_accuracy"]["value"])
     return res
 

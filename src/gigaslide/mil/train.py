@@ -17,6 +17,7 @@ import copy
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,11 +70,13 @@ class Standardized(torch.nn.Module):
         return self.mil(bag, label=label)
 
 
-def feature_stats(bags: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean / std over all tiles of ``bags`` (float64 accumulation; std floored at 1e-6)."""
-    n = sum(len(b) for b in bags)
-    s1 = sum(b.double().sum(0) for b in bags)
-    s2 = sum((b.double() ** 2).sum(0) for b in bags)
+def feature_stats(bags: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean / std over all tiles of ``bags`` (float64 accumulation; std floored at 1e-6).
+    One pass: each bag is used once (bags may be read from disk)."""
+    n, s1, s2 = 0, 0.0, 0.0
+    for b in bags:
+        d = b.double()
+        n, s1, s2 = n + len(b), s1 + d.sum(0), s2 + (d**2).sum(0)
     mean = s1 / n
     std = (s2 / n - mean**2).clamp_min(0).sqrt().clamp_min(1e-6)
     return mean.float(), std.float()
@@ -109,7 +112,7 @@ def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, bags: list[torch.Tensor], device: torch.device | None = None,
+def predict(model: torch.nn.Module, bags: Sequence[torch.Tensor], device: torch.device | None = None,
             bf16: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
     """Class probabilities [N, C] and per-tile scores (attention or instance score) of each bag."""
     device = device or next(model.parameters()).device
@@ -124,21 +127,21 @@ def predict(model: torch.nn.Module, bags: list[torch.Tensor], device: torch.devi
     return np.stack(probs), scores
 
 
-def _val_scores(model: torch.nn.Module, bags: list[torch.Tensor], y: np.ndarray, device: torch.device,
+def _val_scores(model: torch.nn.Module, bags: Sequence[torch.Tensor], y: np.ndarray, device: torch.device,
                 bf16: bool) -> tuple[float, float]:
     probs, _ = predict(model, bags, device, bf16)
     loss = float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-8)), torch.from_numpy(y)).item())
     return loss, auc_metric(y, probs)
 
 
-def train_fold(bags_tr: list[torch.Tensor], y_tr: np.ndarray, bags_va: list[torch.Tensor], y_va: np.ndarray,
+def train_fold(bags_tr: Sequence[torch.Tensor], y_tr: np.ndarray, bags_va: Sequence[torch.Tensor], y_va: np.ndarray,
                in_dim: int, n_classes: int, cfg: TrainConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train ``cfg.model``; returns the best model (on CPU) and its training history."""
     with cpu_threads(pick_device(cfg.device)):
         return _train_fold(bags_tr, y_tr, bags_va, y_va, in_dim, n_classes, cfg)
 
 
-def _train_fold(bags_tr: list[torch.Tensor], y_tr: np.ndarray, bags_va: list[torch.Tensor], y_va: np.ndarray,
+def _train_fold(bags_tr: Sequence[torch.Tensor], y_tr: np.ndarray, bags_va: Sequence[torch.Tensor], y_va: np.ndarray,
                 in_dim: int, n_classes: int, cfg: TrainConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)

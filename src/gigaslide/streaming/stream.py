@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gigaslide.errors import GigaslideError
+from gigaslide.memory import set_malloc_thresholds
 from gigaslide.streaming.geometry import Geometry, check_modes, trace
 from gigaslide.streaming.tiles import Tile, plan
 
@@ -187,21 +188,9 @@ def _checkpoint_blocks(trunk: nn.Module) -> int:
 
 
 def trim_freed_memory(threshold: int = 1 << 20) -> bool:
-    """glibc: serve allocations of ``threshold`` bytes or more with ``mmap`` and trim the heap above it
-    (``mallopt`` M_MMAP_THRESHOLD / M_TRIM_THRESHOLD), so large buffers freed between tiles are returned
-    to the OS at once. False where unavailable (other platforms, other C libraries)."""
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, threshold)) and bool(mallopt(m_trim_threshold, threshold))
+    """glibc: serve allocations of ``threshold`` bytes or more with ``mmap`` and trim the heap above it, so
+    large buffers freed between tiles are returned to the OS at once. False where unavailable."""
+    return set_malloc_thresholds(threshold, threshold)
 
 
 class _CheckpointedChain(nn.Module):
