@@ -93,3 +93,12 @@ def test_a_manifest_rebuilt_from_a_damaged_file_keeps_the_journal(tmp_path, neve
     m.set("a", "done")
     m.flush()
     assert set(_on_disk(path)) == {"a"}
+
+
+def test_the_catalog_names_a_damaged_manifest_once_and_still_lists_the_journal(tmp_path, never_due):
+    path = tmp_path / "manifest.json"
+    Manifest(path, {}).set("a", "done", tiles=2)  # killed before its flush: the entry is in the journal only
+    path.write_text("{not json")
+    entries, problems = scan_out_dir(tmp_path)
+    assert [(e.slide_id, e.encode_status) for e in entries] == [("a", "done")]
+    assert problems == [f"{path}: unreadable manifest (ignored)"]

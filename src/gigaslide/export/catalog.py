@@ -7,7 +7,6 @@ A slide is listed when any of these names it; what is missing is said, never gue
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,14 +74,7 @@ def scan_out_dir(out: str | os.PathLike) -> tuple[list[SlideEntry], list[str]]:
     if not d.is_dir():
         raise GigaslideError("output folder not found", path=d, fix="pass the --out folder of `gigaslide encode`")
     problems: list[str] = []
-    manifest: dict[str, Any] = {}
-    mp = d / "manifest.json"
-    if mp.is_file():
-        try:
-            json.loads(mp.read_text()).get("slides", {})
-        except (OSError, ValueError, AttributeError):
-            problems.append(f"{mp}: unreadable manifest (ignored)")
-    manifest = read_slides(mp)  # with the journal of a job still running, or killed
+    manifest = read_slides(d / "manifest.json", problems)  # with the journal of a job still running, or killed
     ids = set(manifest)
     for sub in ("features", "patches"):
         if (d / sub).is_dir():

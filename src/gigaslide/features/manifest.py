@@ -45,13 +45,19 @@ def _apply(slides: dict[str, Any], slide_id: str, entry: dict[str, Any], keep_do
     slides[slide_id] = entry
 
 
-def read_slides(path: str | os.PathLike) -> dict[str, Any]:
+def read_slides(path: str | os.PathLike, problems: list[str] | None = None) -> dict[str, Any]:
     """Every slide's entry: ``manifest.json``'s, updated by its journal's lines in order (a torn last line is
-    skipped). Empty when neither file can be read; a damaged manifest is rebuilt from the journal alone."""
+    skipped). Empty when neither file can be read; a damaged manifest is rebuilt from the journal alone (and
+    named in ``problems`` when given)."""
     p = Path(path)
     slides: dict[str, Any] = {}
-    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+    try:
         slides = dict(json.loads(p.read_text()).get("slides", {}))
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, AttributeError, TypeError):
+        if problems is not None:
+            problems.append(f"{p}: unreadable manifest (ignored)")
     with contextlib.suppress(OSError):
         for line in journal_path(p).read_text().splitlines():
             try:
