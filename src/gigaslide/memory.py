@@ -56,4 +56,6 @@ def set_malloc_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
     libc = _libc()
     if libc is None:
         return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(libc.mallopt(M_TRIM_THRESHOLD, int(trim_threshold)))
+    cap = (1 << 31) - 1  # mallopt takes a C int
+    return (bool(libc.mallopt(M_MMAP_THRESHOLD, min(int(mmap_threshold), cap)))
+            and bool(libc.mallopt(M_TRIM_THRESHOLD, min(int(trim_threshold), cap))))
