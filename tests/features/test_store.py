@@ -104,6 +104,9 @@ def test_lazy_loads_read_clam_and_trident_layouts_and_name_a_file_damaged_after_
     assert isinstance(lazy.features, store.LazyFeatures) and lazy.dim == 4 and len(lazy) == 3
     np.testing.assert_array_equal(np.asarray(lazy.features), store.load(tmp_path / "trident.h5").features)
     np.testing.assert_array_equal(lazy.features.read(own_mapping=True), np.arange(12).reshape(3, 4))
+    eager = store.load(tmp_path / "trident.h5")
+    assert eager.loaded() is eager and isinstance(lazy.loaded().features, np.ndarray)
+    np.testing.assert_array_equal(lazy.loaded().features, eager.features)
     x = np.random.default_rng(0).normal(size=(400, 64)).astype(np.float32)
     store.save(tmp_path / "s.h5", x, attrs={"encoder": "e", "slide_id": "s"})
     ff = store.load(tmp_path / "s.h5", arrays=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,10 @@ class FeatureFile:
     def __len__(self) -> int:
         return int(self.features.shape[0])
 
+    def loaded(self) -> FeatureFile:
+        """This file with its features in memory (itself when they already are; see ``load(arrays=False)``)."""
+        return self if isinstance(self.features, np.ndarray) else replace(self, features=np.asarray(self.features))
+
 
 def save(path: str | os.PathLike, features: np.ndarray, coords: np.ndarray | None = None, *,
          attrs: dict[str, Any] | None = None, coords_attrs: dict[str, Any] | None = None,
@@ -147,7 +151,7 @@ class LazyFeatures:
                     d.read_direct(raw)
                 else:
                     raw = np.asarray(d[:])
-                feats = _features_2d(raw)
+                feats = raw.reshape(_shape_2d(raw.shape))
         except (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
             raise _damaged(p, e) from None
         if feats.shape != self.shape:
@@ -163,14 +167,13 @@ class LazyFeatures:
         return self.read()[idx]
 
 
-def _features_2d(feats: Any) -> Any:
-    """CLAM / TRIDENT layouts ([1, N, D], [D]) as [N, D]; works on arrays and on shapes."""
-    shape = feats if isinstance(feats, tuple) else feats.shape
+def _shape_2d(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """CLAM / TRIDENT layouts ([1, N, D], [D]) as [N, D]."""
     if len(shape) == 3 and shape[0] == 1:
-        return shape[1:] if isinstance(feats, tuple) else feats[0]
+        return tuple(shape[1:])
     if len(shape) == 1:
-        return (1, shape[0]) if isinstance(feats, tuple) else feats[None, :]
-    return feats
+        return (1, shape[0])
+    return tuple(shape)
 
 
 def _damaged(p: Path, e: BaseException) -> GigaslideError:
@@ -193,9 +196,10 @@ def load(path: str | os.PathLike, *, arrays: bool = True) -> FeatureFile:
                 raise GigaslideError("HDF5 file has no 'features' dataset", path=p,
                                      fix="pass a feature file written by gigaslide encode, CLAM or TRIDENT")
             if arrays:
-                feats = _features_2d(np.asarray(f["features"][:]))
+                raw = np.asarray(f["features"][:])
+                feats = raw.reshape(_shape_2d(raw.shape))
             else:
-                feats = LazyFeatures(p, _features_2d(tuple(f["features"].shape)), f["features"].dtype)
+                feats = LazyFeatures(p, _shape_2d(f["features"].shape), f["features"].dtype)
             if "coords" in f:
                 coords = np.asarray(f["coords"][:])
                 if coords.ndim == 3 and coords.shape[0] == 1:

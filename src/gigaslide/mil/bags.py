@@ -66,7 +66,9 @@ class Bags(Sequence[torch.Tensor]):
         self.kept_bytes = 0
         self.reads = 0  # bag reads from disk (a kept bag is read once)
         self.trims = 0  # times the process was over its bound and malloc's free pages were handed back
-        largest = max((self.nbytes(i) for i in range(len(self._files))), default=0)
+        sizes = [self.nbytes(i) for i in range(len(self._files))]
+        self.total_bytes = sum(sizes)
+        largest = max(sizes, default=0)
         #: memory beyond the kept bags that a training step may use (the model, a bag, its temporaries) before
         #: malloc's free pages are handed back (see :mod:`gigaslide.memory`)
         self.slack_bytes = max(SLACK_MIN, SLACK_BAGS * largest)
@@ -125,8 +127,7 @@ class Bags(Sequence[torch.Tensor]):
 
     def stats(self) -> dict[str, Any]:
         """What was kept: for run.json and logs."""
-        total = sum(self.nbytes(i) for i in range(len(self)))
-        return {"bags": len(self), "bytes": total, "kept_bags": len(self._kept), "kept_bytes": self.kept_bytes,
+        return {"bags": len(self), "bytes": self.total_bytes, "kept_bags": len(self._kept), "kept_bytes": self.kept_bytes,
                 "budget_bytes": self.budget_bytes, "reads": self.reads, "slack_bytes": self.slack_bytes,
                 "trims": self.trims}
 
@@ -150,7 +151,7 @@ class BagSubset(Sequence[torch.Tensor]):
 
 def budget_note(bags: Bags) -> str:
     """One line for the log, before training: whether every bag fits in the budget."""
-    total = sum(bags.nbytes(i) for i in range(len(bags)))
+    total = bags.total_bytes
     if total <= bags.budget_bytes:
         return f"bags: {len(bags)} slides, {total / 1e9:.2f} GB, all kept in memory"
     return (f"bags: {len(bags)} slides, {total / 1e9:.2f} GB, over the {bags.budget_bytes / 1e9:.2f} GB bag budget: "

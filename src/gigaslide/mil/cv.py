@@ -35,14 +35,12 @@ from gigaslide.mil.bags import Bags, budget_note, resolve_budget
 from gigaslide.mil.train import TrainConfig, load_model, predict, save_model, train_fold
 
 
-def load_bags(features: str | os.PathLike, *, arrays: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``{slide_id: FeatureFile}`` (one encoder, one dim) and shared metadata; refuses empty bags.
-
-    ``arrays=False`` (default): coordinates and attributes only; each slide's features are read when its bag
-    is used (:class:`gigaslide.mil.bags.Bags`)."""
+def load_bags(features: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``{slide_id: FeatureFile}`` (one encoder, one dim) and shared metadata; refuses empty bags. Coordinates and
+    attributes only: each slide's features are read when its bag is used (:class:`gigaslide.mil.bags.Bags`)."""
     from gigaslide.features import store
 
-    files = store.load_dir(features, arrays=arrays)
+    files = store.load_dir(features, arrays=False)
     empty = sorted(s for s, ff in files.items() if len(ff) == 0)
     if empty:
         raise GigaslideError(f"{len(empty)} slide(s) have no tiles (empty bag): {S._preview(empty)}",

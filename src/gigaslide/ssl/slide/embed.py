@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -51,6 +51,7 @@ def embed_slides(model: str | os.PathLike, features: str | os.PathLike, out: str
     # one encoder / weights / mpp / tile size in the folder; each slide's features read when it is embedded, so a
     # cohort of any size is embedded in the memory of one slide
     files = store.load_dir(features, arrays=False)
+    slides = ((sid, ff.loaded()) for sid, ff in files.items())
     data = cfg["data"]
     ff0 = next(iter(files.values()))
     check_features(model, data, ff0.provenance, ff0.path or features, ff0.dim)
@@ -61,8 +62,7 @@ def embed_slides(model: str | os.PathLike, features: str | os.PathLike, out: str
         enc, _ = load_encoder(model)
         enc = enc.to(dev)
         t = int(tiles_per_view or cfg["train"].get("tiles_per_step") or data["tiles_per_view"])
-        for sid, ff in files.items():
-            ff = replace(ff, features=np.asarray(ff.features))
+        for sid, ff in slides:
             pos = np.round(ff.coords / ff.require_tile_size_level0()).astype(np.int64)
             rng = np.random.default_rng([seed, zlib.crc32(sid.encode())])
             vecs.append(embed_views(enc, ff.features, pos, ensemble=ensemble, tiles_per_view=t, rng=rng, device=dev))
@@ -72,8 +72,7 @@ def embed_slides(model: str | os.PathLike, features: str | os.PathLike, out: str
 
         enc, _ = load_encoder(model)
         enc = enc.to(dev)
-        for sid, ff in files.items():
-            ff = replace(ff, features=np.asarray(ff.features))
+        for sid, ff in slides:
             emb, regs = embed_regions(enc, ff, cfg, dev, per_region=True)
             vecs.append(emb.mean(0))
             ids.append(sid)
