@@ -31,6 +31,7 @@ from gigaslide.provenance import provenance
 from gigaslide.devices import autocast_ctx, pick_device
 from gigaslide.errors import GigaslideError
 from gigaslide.evaluation.metrics import auc as auc_metric
+from gigaslide.features import stats
 from gigaslide.mil.models import build_model
 from gigaslide.runs import Selection
 
@@ -70,16 +71,18 @@ class Standardized(torch.nn.Module):
         return self.mil(bag, label=label)
 
 
+def _numpy(b: Any) -> Any:
+    if not isinstance(b, torch.Tensor):
+        return b
+    b = b.detach().cpu()
+    return (b.float() if b.dtype == torch.bfloat16 else b).numpy()
+
+
 def feature_stats(bags: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean / std over all tiles of ``bags`` (float64 accumulation; std floored at 1e-6).
-    One pass: each bag is used once (bags may be read from disk)."""
-    n, s1, s2 = 0, 0.0, 0.0
-    for b in bags:
-        d = b.double()
-        n, s1, s2 = n + len(b), s1 + d.sum(0), s2 + (d**2).sum(0)
-    mean = s1 / n
-    std = (s2 / n - mean**2).clamp_min(0).sqrt().clamp_min(1e-6)
-    return mean.float(), std.float()
+    """Per-dimension mean / std over all tiles of ``bags`` (:func:`gigaslide.features.stats.feature_stats`:
+    one pass, float64 accumulation, std floored at 1e-6; bags may be read from disk)."""
+    mean, std = stats.feature_stats(_numpy(b) for b in bags)
+    return torch.from_numpy(mean), torch.from_numpy(std)
 
 
 def _build(cfg: TrainConfig, in_dim: int, n_classes: int, stats: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -208,3 +208,22 @@ def test_dino_only_ablation_and_collapse_is_named(tmp_path, make_fake_cache, cap
     assert read_config(tmp_path / "dino")["collapse"]["collapsed"] is False
     with pytest.raises(GigaslideError, match="--losses"):
         pretrain_slpd(feats, tmp_path / "x", epochs=1, **{**KW, "losses": "intra"})
+
+
+def test_float16_features_stay_float16_and_input_stats_cover_every_tile(tmp_path, planted_slide):
+    feats, _ = _planted(tmp_path / "f", planted_slide, n_pairs=2)
+    half = tmp_path / "half"
+    half.mkdir()
+    for p in sorted(feats.glob("*.h5")):  # the same cohort, stored as float16 (encode's default)
+        ff = store.load(p)
+        keep = ("encoder", "encoder_weights_sha256", "mpp", "tile_size", "slide_id")
+        store.save(half / p.name, ff.features.astype(np.float16), ff.coords, attrs={k: ff.attrs[k] for k in keep},
+                   coords_attrs={"patch_size_level0": 64.0, "level0_mpp": 0.5})
+    _, slides = load_slides(half, 256, 0.5)
+    assert all(f.dtype == np.float16 for _, f, _ in slides)  # no float32 copy of the cohort is held
+    res = pretrain_slpd(half, tmp_path / "run", epochs=1, **KW)
+    assert res["finished"]
+    backbone, _ = load_encoder(tmp_path / "run")
+    allf = np.concatenate([f for _, f, _ in slides]).astype(np.float64)
+    np.testing.assert_allclose(backbone.in_mean.numpy(), allf.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(backbone.in_std.numpy(), allf.std(0), rtol=1e-5)

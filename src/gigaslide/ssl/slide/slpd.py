@@ -39,6 +39,7 @@ from gigaslide import runs
 from gigaslide.devices import pick_device
 from gigaslide.errors import GigaslideError, check_finite_loss
 from gigaslide.features import store
+from gigaslide.features.stats import feature_stats
 from gigaslide.ssl.slide.export import data_record, export_model, read_config
 from gigaslide.ssl.slide.gigassl import lr_at
 from gigaslide.ssl.slide.prototypes import assign_nearest, nearest_slides, prototype_distill_loss, slide_prototypes
@@ -105,7 +106,7 @@ def load_slides(features: str | os.PathLike, region_size: int, region_mpp: float
     for sid, ff in files.items():
         regs = regions_of(ff, region_size, region_mpp)
         if len(regs):
-            slides.append((sid, ff.features.astype(np.float32), regs))
+            slides.append((sid, ff.features, regs))  # stored dtype (float16 costs half); pack() makes float32
     if not slides:
         raise GigaslideError("no regions in these feature files", path=features, fix="check --features")
     return files, slides
@@ -208,8 +209,7 @@ def pretrain_slpd(features: str | os.PathLike, out: str | os.PathLike, cfg: SLPD
     files, slides = load_slides(features, cfg.region_size, cfg.region_mpp)
     ff0 = next(iter(files.values()))
     grid = max(r.grid for _, _, r in slides)
-    allf = np.concatenate([f for _, f, _ in slides])
-    stats = (allf.mean(0).astype(np.float32), (allf.std(0) + 1e-6).astype(np.float32))
+    stats = feature_stats(f for _, f, _ in slides)  # one pass: no second copy of the cohort
     data = {**data_record(ff0.provenance), "dim": ff0.dim, "region_size": cfg.region_size, "region_mpp": cfg.region_mpp,
             "n_slides": len(slides), "n_regions": sum(len(r) for _, _, r in slides)}
     enc = {"name": "region_vit", "in_dim": ff0.dim, "dim": cfg.dim, "depth": cfg.depth, "heads": cfg.heads, "grid": grid}
