@@ -49,3 +49,40 @@ def test_gpu_check_tiny_mode_runs_every_section(tmp_path):
     n = int(re.search(r"^(\d+) mosaic slides", text, flags=re.M).group(1))
     split = re.search(r"Split: (\d+) train, (\d+) validation, (\d+) test", text)
     assert n == 8 and sum(int(v) for v in split.groups()) == n
+
+
+def test_gpu_check_stops_at_once_naming_what_the_environment_lacks(tmp_path):
+    # a Python without its site-packages (as a GPU image without gigaslide's dependencies): the script puts
+    # src/ on the path itself, then stops before any section, naming the missing modules
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--tiny", str(tmp_path / "out")],
+                       env={**env, "PYTHON": str(fake)}, capture_output=True, text=True, timeout=120)
+    report = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert p.returncode == 1
+    missing = re.search(r"- environment: missing (.*?) --", report).group(1).split()
+    assert "torch" in missing and "h5py" in missing and "gigaslide" not in missing
+    assert "gpu_prepare.sh" in report and "section" not in report
+
+
+def test_gpu_prepare_selects_the_first_tiles_of_each_class(tmp_path):
+    data = tmp_path / "data"
+    (data / "MANIFEST.md").parent.mkdir()
+    (data / "MANIFEST.md").write_text("# data\n")
+    for c in ("0", "1"):
+        (data / "tiles" / "pcam" / "train" / c).mkdir(parents=True)
+        for i in (5, 1, 9, 3):
+            (data / "tiles" / "pcam" / "train" / c / f"p{i}.jpg").write_bytes(b"x" * i)
+    out = tmp_path / "gpu"
+    p = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_prepare.sh"), "--no-wheels", "--tiles-per-class", "2",
+                        "--out", str(out)], env={**os.environ, "GIGASLIDE_SHARED_DATA": str(data)},
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    for c in ("0", "1"):
+        got = sorted(f.name for f in (out / "data" / "tiles" / "pcam" / "train" / c).iterdir())
+        assert got == ["p1.jpg", "p3.jpg"]
+        assert (out / "data" / "tiles" / "pcam" / "train" / c / "p3.jpg").read_bytes() == b"xxx"
+    assert (out / "data" / "MANIFEST.md").read_text() == "# data\n"
+    assert "4 tiles" in p.stdout

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Prepares, here, what benchmarks/gpu_check.sh needs on a lent GPU machine. That machine has Python 3.12
+# with PyTorch, timm, h5py, scikit-image, scikit-learn and Lightning, but not gigaslide's other
+# dependencies, no ../shared/data, and no package index. This writes .gpu/ (git-ignored, never committed):
+#   .gpu/whl/   wheels (CPython 3.12, manylinux x86-64) of the packages the GPU sections import that the
+#               device image lacks, at the versions pyproject.toml pins (timm too, to run the pinned version)
+#   .gpu/data/  MANIFEST.md and the first N PCam train tiles of each class (hard links into ../shared/data
+#               where the file system allows, else copies) for the streaming section's end-to-end experiment
+# Then one device call runs every check (gpu_check.sh installs the wheels and finds the data itself):
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".gpu"], timeout_s=600)
+#
+#   bash benchmarks/gpu_prepare.sh [--tiles-per-class N] [--no-wheels] [--out DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+n=1200 wheels=1 out=.gpu
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --tiles-per-class) n=$2; shift 2 ;;
+    --no-wheels) wheels=0; shift ;;
+    --out) out=$2; shift 2 ;;
+    *) echo "gpu_prepare.sh: unknown option $1 (see the header of benchmarks/gpu_prepare.sh)" >&2; exit 2 ;;
+  esac
+done
+py=${PYTHON:-.venv/bin/python}
+[ -x "$py" ] || py=python3
+PACKAGES="openslide-python openslide-bin imagecodecs lightly defusedxml timm"
+
+if [ "$wheels" = 1 ]; then
+  rm -rf "$out/whl" && mkdir -p "$out/whl"
+  for name in $PACKAGES; do
+    spec=$(grep -oE "\"$name==[^\"]+\"" pyproject.toml | tr -d '"') || true
+    [ -n "$spec" ] || { echo "gpu_prepare.sh: $name is not pinned in pyproject.toml" >&2; exit 1; }
+    "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+      --platform manylinux1_x86_64 -d "$out/whl" "$spec" 2>&1 | grep -v "is ignored: it is neither" || true
+    ls "$out/whl" | grep -qi "^${name//-/_}-" || { echo "gpu_prepare.sh: no wheel downloaded for $spec" >&2; exit 1; }
+  done
+fi
+
+data=${GIGASLIDE_SHARED_DATA:-../shared/data}
+src="$data/tiles/pcam/train"
+[ -d "$src/0" ] && [ -d "$src/1" ] || { echo "gpu_prepare.sh: no PCam train tiles in $src" >&2; exit 1; }
+rm -rf "$out/data" && mkdir -p "$out/data/tiles/pcam/train"
+cp "$data/MANIFEST.md" "$out/data/MANIFEST.md"
+for c in 0 1; do
+  mkdir -p "$out/data/tiles/pcam/train/$c"
+  mapfile -t names < <(ls "$src/$c" | LC_ALL=C sort)
+  for f in "${names[@]:0:$n}"; do
+    ln "$src/$c/$f" "$out/data/tiles/pcam/train/$c/$f" 2>/dev/null || cp "$src/$c/$f" "$out/data/tiles/pcam/train/$c/$f"
+  done
+done
+mb=$(du -smL "$out" | cut -f1)
+echo "$out: $(ls "$out/whl" 2>/dev/null | wc -l) wheels, $(find "$out/data/tiles" -type f | wc -l) tiles, ${mb} MB" \
+  "(the device call carries at most 64 MiB with the working tree)"
+[ "$mb" -le 58 ] || { echo "gpu_prepare.sh: $out is over 58 MB; use fewer --tiles-per-class" >&2; exit 1; }
