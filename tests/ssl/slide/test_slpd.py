@@ -227,3 +227,24 @@ def test_float16_features_stay_float16_and_input_stats_cover_every_tile(tmp_path
     allf = np.concatenate([f for _, f, _ in slides]).astype(np.float64)
     np.testing.assert_allclose(backbone.in_mean.numpy(), allf.mean(0), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(backbone.in_std.numpy(), allf.std(0), rtol=1e-5)
+
+
+def test_compact_crops_keep_the_encoder_output_and_drop_the_padding():
+    from gigaslide.ssl.slide.regions import compact
+
+    torch.manual_seed(0)
+    grid, r, t, d = 4, 6, 16, 8
+    feats = torch.randn(r, t, d)
+    lattice = torch.arange(t).repeat(r, 1)
+    mask = torch.rand(r, t) < 0.7
+    mask[:, 0] = True
+    crop = grid_crop(lattice, mask, grid, (0.2, 0.5), np.random.default_rng(0))
+    f, p, m = compact(feats, lattice, crop)
+    assert m.shape[1] == int(crop.sum(1).max()) < t  # only as long as the largest crop
+    for i in range(r):  # each region's kept tiles, in order, then padding
+        k = int(crop[i].sum())
+        assert m[i, :k].all() and not m[i, k:].any()
+        assert torch.equal(p[i, :k], lattice[i][crop[i]]) and torch.equal(f[i, :k], feats[i][crop[i]])
+    enc = RegionViT(d, dim=16, depth=2, heads=2, grid=grid).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(enc(f, p, m), enc(feats, lattice, crop), atol=1e-5, rtol=1e-5)

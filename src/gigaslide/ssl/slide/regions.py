@@ -112,3 +112,17 @@ def grid_crop(lattice: torch.Tensor, mask: torch.Tensor, grid: int, side: tuple[
         y0 = int(rng.integers(max(0, y[i, a] - s + 1), min(y[i, a], grid - s) + 1))
         out[i] = m[i] & (x[i] >= x0) & (x[i] < x0 + s) & (y[i] >= y0) & (y[i] < y0 + s)
     return torch.from_numpy(out)
+
+
+def compact(feats: torch.Tensor, lattice: torch.Tensor, mask: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A crop's tiles only: ``feats`` [R, T, D], ``lattice`` [R, T], ``mask`` [R, T] -> the same with T = the most
+    tiles any region keeps, each region's kept tiles first in their order, padding masked out.
+
+    The encoder's output does not change (padding is masked from attention), but a small crop then costs its own
+    tiles, not the whole region's: SLPD's local crops keep 4-20 % of a region."""
+    keep = mask.sum(1)
+    t = max(1, int(keep.max()))
+    idx = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :t]
+    f = torch.gather(feats, 1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+    return f, torch.gather(lattice, 1, idx), torch.arange(t, device=mask.device)[None] < keep[:, None]

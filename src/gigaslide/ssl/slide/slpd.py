@@ -43,7 +43,7 @@ from gigaslide.features.stats import feature_stats
 from gigaslide.ssl.slide.export import data_record, export_model, read_config
 from gigaslide.ssl.slide.gigassl import lr_at
 from gigaslide.ssl.slide.prototypes import assign_nearest, nearest_slides, prototype_distill_loss, slide_prototypes
-from gigaslide.ssl.slide.regions import SlideRegions, grid_crop, pack, regions_of
+from gigaslide.ssl.slide.regions import SlideRegions, compact, grid_crop, pack, regions_of
 
 LOSSES = ("dino", "dino+intra", "dino+intra+inter")
 
@@ -263,8 +263,8 @@ def pretrain_slpd(features: str | os.PathLike, out: str | os.PathLike, cfg: SLPD
                          + [grid_crop(p, m, grid, cfg.local_crop, rng) for _ in range(cfg.n_local)])
                 f, p = f.to(dev), p.to(dev)
                 with torch.no_grad():
-                    t_out = [teacher["head"](teacher["backbone"](f, p, c.to(dev))) for c in crops[: cfg.n_global]]
-                s_out = [student["head"](student["backbone"](f, p, c.to(dev))) for c in crops]
+                    t_out = [teacher["head"](teacher["backbone"](*compact(f, p, c.to(dev)))) for c in crops[: cfg.n_global]]
+                s_out = [student["head"](student["backbone"](*compact(f, p, c.to(dev)))) for c in crops]
                 for k2, v in teacher_stats(t_out, s_out, dino.center, temp).items():
                     sums[k2].append(v)
                 loss = dino(t_out, s_out, teacher_temp=temp)
