@@ -67,7 +67,7 @@ def train(folder: Path, out: Path, side: int, epochs: int, compact: bool) -> dic
     res = slpd.pretrain_slpd(folder, out, epochs=epochs, warmup=1, region_size=side * TILE, region_mpp=0.5,
                              prototypes=2, log=lambda *a: None)
     seconds = time.perf_counter() - t
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = json.loads((out / "run.json").read_text())["config"]
     return {"seconds": seconds, "regions": cfg["data"]["n_regions"], "history": res["history"]}
 
 
