@@ -8,9 +8,9 @@ side by side here, alternating, on the same synthetic cohort and seed (the full-
 ``compact`` with the identity), and the loss histories are compared.
 
 Two cohort shapes: the mosaic benchmark's (4 x 4-tile regions, ~78 tissue tiles per slide) and SLPD's
-own (4096-px regions of 256-px tiles: 16 x 16 tiles per region). Start-up memory: peak RSS of a process
-that opens the cohort and computes its input statistics (``epochs=0``) minus one that only imports, next
-to the bytes of the features on disk (SLPD keeps them in their stored dtype).
+own (4096-px regions of 256-px tiles: 16 x 16 tiles per region). Start-up memory, on a third, larger
+cohort: peak RSS of a process that opens the cohort and computes its input statistics (``epochs=0``) minus
+one that only imports, next to the bytes of the features on disk (SLPD keeps them in their stored dtype).
 
     .venv/bin/python benchmarks/bench_slpd.py [--epochs 2 --rounds 2]
 """
@@ -35,9 +35,12 @@ from _common import load_note, run_child_peak_rss, write_result  # noqa: E402
 COHORTS = {"mosaic (4 × 4-tile regions)": (200, 4, 78, (4, 4)),
            "SLPD scale (16 × 16-tile regions)": (40, 16, None, (2, 1))}
 DIM, TILE = 256, 64
+#: Start-up memory only: 60 slides x 4,900 tiles x 1,024-d (0.6 GB of float16 features), 14 x 14-tile regions.
+MEMORY = (60, 14, None, (5, 5), 1024)
 
 
-def make_cohort(folder: Path, slides: int, side: int, tissue: int | None, regions: tuple[int, int], seed: int = 0) -> int:
+def make_cohort(folder: Path, slides: int, side: int, tissue: int | None, regions: tuple[int, int], dim: int = DIM,
+                seed: int = 0) -> int:
     """Feature files (float16, as `encode` writes them) of tiles of 64 px at 0.5 µm/px; returns bytes of features."""
     from gigaslide.features import store
 
@@ -47,7 +50,7 @@ def make_cohort(folder: Path, slides: int, side: int, tissue: int | None, region
     total = 0
     for s in range(slides):
         xy = cells if tissue is None else cells[np.sort(rng.choice(len(cells), tissue, replace=False))]
-        f = rng.normal(size=(len(xy), DIM)).astype(np.float16)
+        f = rng.standard_normal((len(xy), dim), dtype=np.float32).astype(np.float16)
         total += f.nbytes
         store.save(folder / f"s{s:03d}.h5", f, xy * TILE,
                    attrs={"encoder": "synthetic", "encoder_weights_sha256": "x", "mpp": 0.5, "tile_size": TILE,
@@ -88,7 +91,14 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="gs-bench-slpd-"))
     rows = []
     try:
-        base_gb, _ = run_child_peak_rss("import gigaslide.ssl.slide.slpd")
+        base_gb, _ = run_child_peak_rss("import gigaslide.ssl.slide.slpd\nfrom lightly.loss import DINOLoss\n"
+                                        "from lightly.models.modules import DINOProjectionHead")
+        slides, side, tissue, regions, dim = MEMORY
+        folder = work / "memory"
+        mem = {"slides": slides, "tiles": side * side * regions[0] * regions[1], "dim": dim,
+               "features_gb": make_cohort(folder, slides, side, tissue, regions, dim) / 1e9}
+        mem["start_above_gb"] = _child(folder, work / "memory-start", side, 0, True)["peak_gb"] - base_gb
+        shutil.rmtree(folder, ignore_errors=True)
         for name, (slides, side, tissue, regions) in COHORTS.items():
             folder = work / name.split()[0]
             nbytes = make_cohort(folder, slides, side, tissue, regions)
@@ -105,7 +115,7 @@ def main() -> None:
             shutil.rmtree(folder, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    write_result(args.topic, render(rows, args))
+    write_result(args.topic, render(rows, args, mem))
 
 
 def _loss_diff(a: list[dict], b: list[dict]) -> float:
@@ -113,7 +123,7 @@ def _loss_diff(a: list[dict], b: list[dict]) -> float:
     return max(abs(x[k] - y[k]) for x, y in zip(a, b, strict=True) for k in keys if x[k] is not None)
 
 
-def render(rows: list[dict], args: argparse.Namespace) -> str:
+def render(rows: list[dict], args: argparse.Namespace, mem: dict) -> str:
     lines = ["# SLPD pre-training: crops at their own length vs at the region's length", "",
              f"Synthetic cohorts of {DIM}-d float16 tile features (64-px tiles at 0.5 µm/px); `pretrain_slpd` with its "
              f"defaults (region encoder dim 192, depth 2, batch 64 regions, 2 global + 8 local crops) for {args.epochs} "
@@ -137,6 +147,11 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
         same = diff < 1e-3
         verdicts.append(f"- {r['cohort']}: compact crops train ×{full / comp:.2f} as fast; the loss histories "
                         f"{'agree' if same else 'DIFFER'} (largest difference {diff:.1e} over {args.epochs} epochs).")
+    ratio = mem["start_above_gb"] / mem["features_gb"]
+    lines += ["", f"Start-up memory at a larger cohort ({mem['slides']} slides × {mem['tiles']} tiles × {mem['dim']}-d, float16):", "",
+              "| features on disk GB | start-up above imports GB | ratio |", "|---|---|---|",
+              f"| {mem['features_gb']:.2f} | {mem['start_above_gb']:.2f} | {ratio:.2f} |"]
+    verdicts.append(f"- start-up holds {ratio:.2f}× the float16 features on disk (a float32 copy alone would be 2×).")
     return "\n".join([*lines, "", "Verdicts (computed from the rows above):", "", *verdicts])
 
 

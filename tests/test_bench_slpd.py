@@ -32,6 +32,8 @@ def test_verdicts_come_from_the_rows():
     runs = {True: [{"seconds": 10.0, "regions": 7, "history": _hist(1.0)}, {"seconds": 12.0, "regions": 7, "history": _hist(1.0)}],
             False: [{"seconds": 30.0, "regions": 7, "history": _hist(1.0 + 2e-3)}, {"seconds": 20.0, "regions": 7, "history": _hist(1.0)}]}
     row = {"cohort": "c", "slides": 3, "side": 4, "tissue": None, "features_gb": 0.001, "start_above_gb": 0.1, "runs": runs}
-    text = bench.render([row], argparse.Namespace(epochs=2, rounds=2))
+    mem = {"slides": 2, "tiles": 5, "dim": 4, "features_gb": 0.5, "start_above_gb": 0.6}
+    text = bench.render([row], argparse.Namespace(epochs=2, rounds=2), mem)
     assert "| c | 3 | 7 | 16 | 0.001 | 0.10 | 25.0 | 11.0 | ×2.27 | 2.0e-03 |" in text
     assert "×2.27 as fast; the loss histories DIFFER (largest difference 2.0e-03" in text
+    assert "| 0.50 | 0.60 | 1.20 |" in text and "start-up holds 1.20× the float16 features" in text
