@@ -31,7 +31,7 @@ from gigaslide.provenance import provenance
 from gigaslide.devices import autocast_ctx, pick_device
 from gigaslide.errors import GigaslideError
 from gigaslide.evaluation.metrics import auc as auc_metric
-from gigaslide.features import stats
+from gigaslide.features.stats import feature_stats as cohort_stats
 from gigaslide.mil.models import build_model
 from gigaslide.runs import Selection
 
@@ -81,7 +81,7 @@ def _numpy(b: Any) -> Any:
 def feature_stats(bags: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean / std over all tiles of ``bags`` (:func:`gigaslide.features.stats.feature_stats`:
     one pass, float64 accumulation, std floored at 1e-6; bags may be read from disk)."""
-    mean, std = stats.feature_stats(_numpy(b) for b in bags)
+    mean, std = cohort_stats(_numpy(b) for b in bags)
     return torch.from_numpy(mean), torch.from_numpy(std)
 
 
