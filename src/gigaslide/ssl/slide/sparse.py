@@ -67,12 +67,22 @@ class SubmanifoldConv2d(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(self, feats: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
-        """``feats`` [M, C_in] at the active sites, ``nbr`` from :func:`neighbour_index` -> [M, C_out]."""
-        m, c = feats.shape
-        padded = torch.cat([feats, feats.new_zeros(1, c)], dim=0)
-        gathered = padded[torch.where(nbr < 0, m, nbr)]  # [M, k*k, C_in]
-        w = self.weight.permute(2, 3, 1, 0).reshape(-1, self.out_channels)  # [(dy, dx, C_in), C_out]
-        out = gathered.reshape(m, -1) @ w.to(feats.dtype)
+        """``feats`` [M, C_in] at the active sites, ``nbr`` from :func:`neighbour_index` -> [M, C_out].
+
+        One matrix product per kernel offset over the sites that have a neighbour there (a "rulebook", as
+        spconv / SparseConvNet do), so absent neighbours cost nothing: a Giga-SSL view of 16 scattered tiles
+        has about 1.5 of its 9 neighbours, and gathering all 9 (zeros included) was 4x the work."""
+        m = feats.shape[0]
+        kk = nbr.shape[1]
+        w = self.weight.permute(2, 3, 1, 0).reshape(kk, self.in_channels, self.out_channels).to(feats.dtype)
+        out = feats.new_zeros(m, self.out_channels)
+        for k in range(kk):
+            col = nbr[:, k]
+            rows = (col >= 0).nonzero().squeeze(1)
+            if len(rows) == m:  # every site has this neighbour (the centre, always)
+                out = out + feats[col] @ w[k]
+            elif len(rows):
+                out = out.index_add(0, rows, feats[col[rows]] @ w[k])
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
 
