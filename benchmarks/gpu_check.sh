@@ -31,7 +31,7 @@ if ! "$py" -c "import gigaslide" 2>/dev/null; then export PYTHONPATH="$PWD/src${
 if ls .gpu/whl/*.whl >/dev/null 2>&1 && ! "$py" -c "import openslide, imagecodecs, lightly" 2>/dev/null; then
   site=${TMPDIR:-/tmp}/gigaslide-gpu-site
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .gpu/whl/*.whl \
-    && export PYTHONPATH="$site:$PYTHONPATH"
+    && export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 if [ -z "${GIGASLIDE_SHARED_DATA:-}" ] && [ ! -f ../shared/data/MANIFEST.md ] && [ -f .gpu/data/MANIFEST.md ]; then
   export GIGASLIDE_SHARED_DATA="$PWD/.gpu/data"
