@@ -28,6 +28,20 @@ def test_submanifold_conv_matches_dense_conv2d(k, seed, shape):
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
 
+def test_submanifold_conv_under_bf16_autocast_and_with_no_sites():
+    torch.manual_seed(0)
+    pos = _sites(12, 5, 5, 0)
+    feats = torch.randn(len(pos), 8)
+    conv = SubmanifoldConv2d(8, 6, 3)
+    nbr = neighbour_index(pos, torch.zeros(len(pos), dtype=torch.long), 3)
+    ref = dense_reference(feats, pos, conv)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # products in bf16, summed in one dtype
+        out = conv(feats, nbr)
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+    empty = conv(feats[:0], neighbour_index(pos[:0], torch.zeros(0, dtype=torch.long), 3))
+    assert empty.shape == (0, 6)
+
+
 def test_batches_do_not_see_each_other():
     pos = torch.tensor([[0, 0], [1, 0], [0, 0], [1, 0]])
     batch = torch.tensor([0, 0, 1, 1])

@@ -70,19 +70,24 @@ class SubmanifoldConv2d(nn.Module):
         """``feats`` [M, C_in] at the active sites, ``nbr`` from :func:`neighbour_index` -> [M, C_out].
 
         One matrix product per kernel offset over the sites that have a neighbour there (a "rulebook", as
-        spconv / SparseConvNet do), so absent neighbours cost nothing: a Giga-SSL view of 16 scattered tiles
-        has about 1.5 of its 9 neighbours, and gathering all 9 (zeros included) was 4x the work."""
+        spconv / SparseConvNet do), so absent neighbours cost nothing: a Giga-SSL view of 16 tiles scattered
+        over a slide's tissue has few of its k x k neighbours, and gathering all of them multiplied zeros."""
         m = feats.shape[0]
         kk = nbr.shape[1]
         w = self.weight.permute(2, 3, 1, 0).reshape(kk, self.in_channels, self.out_channels).to(feats.dtype)
-        out = feats.new_zeros(m, self.out_channels)
+        out: torch.Tensor | None = None
         for k in range(kk):
             col = nbr[:, k]
             rows = (col >= 0).nonzero().squeeze(1)
-            if len(rows) == m:  # every site has this neighbour (the centre, always)
-                out = out + feats[col] @ w[k]
-            elif len(rows):
-                out = out.index_add(0, rows, feats[col[rows]] @ w[k])
+            if not len(rows):
+                continue
+            part = feats[col[rows]] @ w[k]  # under autocast, in the autocast dtype
+            if out is None:
+                out = part.new_zeros(m, self.out_channels)
+            part = part.to(out.dtype)
+            out = out + part if len(rows) == m else out.index_add(0, rows, part)  # all rows: the centre, always
+        if out is None:  # no sites
+            out = feats.new_zeros(m, self.out_channels)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
 
