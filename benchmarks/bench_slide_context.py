@@ -166,8 +166,8 @@ def main() -> None:
               f"{res['SSL tile encoder: tile classifier, mean probability'][0]:.3f} (matched by design)."]
     lines += ["", "The slide methods' AUCs on this mosaic configuration are the context rows of `slide_ssl.md` (same "
               "`MosaicConfig`, another run, so not paired here). Only methods that see positions can use the arrangement "
-              "at all: attention pooling (ABMIL, CLAM) and mean pooling are permutation-invariant by construction; "
-              "TransMIL (PPEG), Giga-SSL's SparseConvMIL and SLPD's region crops see the grid.",
+              "at all: attention pooling (ABMIL, CLAM), mean pooling and gigaslide's TransMIL (no PPEG) are "
+              "permutation-invariant by construction; Giga-SSL's SparseConvMIL and SLPD's region crops see the grid.",
               "", f"Wall time {time.perf_counter() - t0:.0f} s (tile encoder and features cached in `{work}`)."]
     write_result("slide_context", "\n".join(lines))
     print("\n".join(lines))
