@@ -124,7 +124,7 @@ def train(method: str, data: Path, out: Path, epochs: int, current: bool, side: 
         losses = [[h["loss"]] for h in res["history"]]
     seconds = time.perf_counter() - t
     cfg = json.loads((out / "run.json").read_text())["config"]
-    return {"seconds": seconds, "losses": losses, "steps": cfg.get("data", {}).get("n_regions")}
+    return {"seconds": seconds, "losses": losses, "regions": cfg.get("data", {}).get("n_regions")}
 
 
 def _child(method: str, data: Path, out: Path, epochs: int, current: bool, side: int = 0) -> dict:
@@ -168,7 +168,7 @@ def main() -> None:
             folder = work / name.split()[0]
             make_cohort(folder, slides, side, tissue, regions)
             runs = _pairs("slpd", folder, work, args.epochs, args.rounds, side, f"SLPD {name}")
-            rows.append({"method": "SLPD", "cohort": f"{name}, {slides} slides, {runs[True][0]['steps']} regions",
+            rows.append({"method": "SLPD", "cohort": f"{name}, {slides} slides, {runs[True][0]['regions']} regions",
                          "change": "crops at their own length (`regions.compact`)", "epochs": args.epochs, "runs": runs})
             shutil.rmtree(folder, ignore_errors=True)
         slides, views, tiles, tissue = CACHE

@@ -41,8 +41,8 @@ def test_cache_trains_and_the_former_convolution_matches_the_current_one(tmp_pat
 
 
 def _runs(current_s, former_s, former_loss):
-    return {True: [{"seconds": s, "losses": [[1.0], [6.0, 5.0]], "steps": 7} for s in current_s],
-            False: [{"seconds": s, "losses": [[1.0], [6.0, 5.0 + former_loss]], "steps": 7} for s in former_s]}
+    return {True: [{"seconds": s, "losses": [[1.0], [6.0, 5.0]], "regions": 7} for s in current_s],
+            False: [{"seconds": s, "losses": [[1.0], [6.0, 5.0 + former_loss]], "regions": 7} for s in former_s]}
 
 
 def test_verdicts_come_from_the_rows():

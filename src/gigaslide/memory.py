@@ -1,4 +1,4 @@
-"""Process memory on Linux / glibc: resident size, and the ``malloc`` settings the memory-bound stages use.
+"""Process memory on Linux / glibc: resident size, available memory, and the ``malloc`` settings the memory-bound stages use.
 
 glibc serves large blocks from its heap once one of that size has been freed, and a small block that
 outlives them can split a freed hole so that the next large block no longer fits there: a loop that
@@ -39,6 +39,19 @@ def rss_bytes() -> int | None:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations now (``MemAvailable`` of ``/proc/meminfo``), None where it
+    cannot be read."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def malloc_trim() -> bool:

@@ -11,30 +11,18 @@ LRU cache smaller than the cohort would miss on almost every read, while a fixed
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from gigaslide.errors import GigaslideError
-from gigaslide.memory import malloc_trim, rss_bytes
+from gigaslide.memory import available_memory, malloc_trim, rss_bytes
 
 #: Share of the memory available at start that ``budget="auto"`` lets bags take.
 AUTO_SHARE = 0.5
 #: Memory beyond the kept bags before free heap pages are handed back: this many of the largest bag, at least SLACK_MIN.
 SLACK_BAGS, SLACK_MIN = 8, 512 << 20
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available now (Linux ``MemAvailable``), None where it cannot be read."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def resolve_budget(budget_gb: float | str | None) -> int:

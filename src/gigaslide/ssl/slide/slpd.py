@@ -339,5 +339,5 @@ def embed_regions(backbone: nn.Module, ff, cfg: dict, device: torch.device = tor
     ``per_region`` the [R, dim] region embeddings and the regions themselves."""
     d = cfg["data"]
     regs = regions_of(ff, int(d["region_size"]), float(d["region_mpp"]))
-    emb = region_embeddings(backbone, ff.features.astype(np.float32), regs, device)
+    emb = region_embeddings(backbone, ff.features, regs, device)  # pack() makes each batch float32
     return (emb, regs) if per_region else emb.mean(0)
