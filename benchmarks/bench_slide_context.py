@@ -11,7 +11,11 @@ tile-level tumour labels of the training slides:
   (true tumour labels), its out-of-fold tumour probabilities on the test slides;
 * ``tile classifier, mean probability``: the same probabilities averaged (the tumour fraction: matched between the
   classes by design, so this should stay at chance);
-* the same with the features of the untrained encoder.
+* the same with the features of the untrained encoder;
+* supervised MIL on the SSL features with slide labels only (what the slide methods compete with): ABMIL and TransMIL
+  without PPEG, with the paper's PPEG (tiles in file order = row-major on the slide's grid, wrapped on a square) and
+  with PPEG on the slide's tiling grid (``layout="grid"``), through ``run_cv`` on the same folds, ``--mil-seeds``
+  seeds each (AUC = mean over seeds; paired bootstrap over slides).
 
 Contiguity of a slide = the tumour-weighted mean, over tiles, of the mean tumour probability of a tile's 4
 grid neighbours, minus the slide's mean probability (how much more tumour surrounds tumour than the slide has):
@@ -93,6 +97,34 @@ def paired_diff(y: np.ndarray, a: np.ndarray, b: np.ndarray, n_boot: int) -> tup
     return auc(y, a) - auc(y, b), float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))
 
 
+#: label -> (MIL model, its settings)
+MIL = {"ABMIL": ("abmil", {}), "TransMIL-noPPEG": ("transmil", {"ppeg": False}), "TransMIL (PPEG)": ("transmil", {}),
+       "TransMIL-grid (PPEG on the tiling grid)": ("transmil", {"layout": "grid"})}
+
+
+def mil_oof(feature_dir: Path, labels_csv: Path, out: Path, t, folds, model: str, kw: dict, args) -> np.ndarray:  # noqa: ANN001
+    """[seeds, slides] out-of-fold P(contiguous) of one MIL model, on ``folds`` (checked against run_cv's)."""
+    from gigaslide.evaluation.slides import read_predictions
+    from gigaslide.mil.cv import run_cv
+    from gigaslide.mil.train import TrainConfig
+
+    p = np.full((args.mil_seeds, len(t.labels)), np.nan)
+    for seed in range(args.mil_seeds):
+        d = out / f"seed{seed}"
+        cfg = TrainConfig(model=model, epochs=args.mil_epochs, patience=max(3, args.mil_epochs // 3), seed=seed,
+                          device="cpu", model_kwargs=dict(kw))
+        # the folds come from the seed too: fold seed 0 (this script's folds) for every training seed
+        run_cv(feature_dir, labels_csv, d, cfg=cfg, folds=args.folds, n_bootstrap=0, on_missing="skip", verbose=False,
+               fold_seed=0)
+        pred = read_predictions(d / "predictions.csv")
+        for sid, pr in zip(pred.slide_ids, pred.probs[:, 1]):
+            p[seed, t.slide_ids.index(sid)] = pr
+        test_of = {sid: int(f) for sid, f in zip(pred.slide_ids, pred.folds)}
+        assert all(test_of[t.slide_ids[i]] == k for k, (_, te) in enumerate(folds) for i in te), "fold mismatch"
+    assert not np.isnan(p).any()
+    return p
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/gs-ctx")
@@ -101,6 +133,8 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--tile-ssl-budget", default="6m")
+    ap.add_argument("--mil-epochs", type=int, default=40)
+    ap.add_argument("--mil-seeds", type=int, default=3)
     args = ap.parse_args()
     t0 = time.perf_counter()
     work = Path(args.work)
@@ -130,6 +164,14 @@ def main() -> None:
         rows[f"{k}: tile classifier, mean probability"] = sc["mean"]
         tile_aucs[k] = sc["tile_auc"]
     res = {k: (auc(y, v), *bootstrap_ci(auc, y, v, n_bootstrap=args.bootstrap)) for k, v in rows.items()}
+    mil, mil_s = {}, {}
+    for name, (model, kw) in MIL.items():
+        t1 = time.perf_counter()
+        mil[name] = mil_oof(work / "context" / "features_0" / "features", mosaic / "labels.csv",
+                            work / "context" / "mil" / (name.split(" (")[0] + ("_PPEG" if name == "TransMIL (PPEG)" else "")),
+                            t, folds, model, kw, args)
+        mil_s[name] = time.perf_counter() - t1
+    mil_auc = {k: B.mean_auc(y, v) for k, v in mil.items()}
     frac = np.array([truth[s].mean() for s in t.slide_ids])
     lines = ["# Slide SSL: is the context task solvable from the tile features? A supervised reference", "",
              f"Mosaic: `bench_slide_ssl`'s reduced context setting ({len(y)} slides with tissue, {int(y.sum())} contiguous, "
@@ -164,10 +206,39 @@ def main() -> None:
                  "this scale; it says nothing for or against the methods."),
               f"- the tumour fraction alone (mean probability, SSL features): AUC "
               f"{res['SSL tile encoder: tile classifier, mean probability'][0]:.3f} (matched by design)."]
-    lines += ["", "The slide methods' AUCs on this mosaic configuration are the context rows of `slide_ssl.md` (same "
-              "`MosaicConfig`, another run, so not paired here). Only methods that see positions can use the arrangement "
-              "at all: attention pooling (ABMIL, CLAM), mean pooling and gigaslide's TransMIL (no PPEG) are "
-              "permutation-invariant by construction; Giga-SSL's SparseConvMIL and SLPD's region crops see the grid.",
+    n_tiles = np.array([len(any_files[s].coords) for s in t.slide_ids])
+    full = int((n_tiles == args.grid ** 2).sum())
+    lines += ["", "## Supervised MIL on the same slides, slide labels only (SSL features)", "",
+              f"`run_cv` on the folds above ({args.mil_epochs} epochs max, early stopping on a validation split of the "
+              f"training fold), {args.mil_seeds} training seeds per model; AUC = mean over seeds of the out-of-fold AUC; "
+              f"paired bootstrap over slides ({args.bootstrap} resamples), each resample averaging over the seeds. "
+              f"TransMIL's PPEG lays a slide's tiles out row by row on a square of ceil(sqrt(N)) columns in file order "
+              f"(row-major on the tiling grid): {full} of {len(n_tiles)} slides have all {args.grid}x{args.grid} grid "
+              f"cells as tissue tiles, where that square is the slide's grid; on the others "
+              f"(median {int(np.median(n_tiles))} tiles) rows wrap. TransMIL-grid puts each tile on its own cell of the "
+              f"tiling grid (`layout=\"grid\"`).", "",
+              "| model | AUC (mean over seeds) | per seed | seconds (all seeds, folds) |", "|---|---|---|---|"]
+    for k, v in mil.items():
+        per = ", ".join(f"{auc(y, q):.3f}" for q in v)
+        lines.append(f"| {k} | {mil_auc[k]:.3f} | {per} | {mil_s[k]:.0f} |")
+    ab, npe, pe, gr = MIL
+    pairs = [(pe, npe), (gr, pe), (gr, npe), (gr, ab)]
+    diffs = {(x, z): B.paired(y, mil[x], mil[z], args.bootstrap) for x, z in pairs}
+    d_ref = B.paired(y, rows[ssl_c][None], mil[gr], args.bootstrap)
+    lines += ["", "Paired bootstrap of AUC differences (same slides):", ""]
+    lines += [f"- {x} − {z}: {v[0]:+.3f} [{v[1]:+.3f}, {v[2]:+.3f}]" for (x, z), v in diffs.items()]
+    lines.append(f"- tile classifier + contiguity (tile labels) − {gr}: {d_ref[0]:+.3f} [{d_ref[1]:+.3f}, {d_ref[2]:+.3f}]")
+
+    def verdict(v: tuple) -> str:
+        return "higher (CI above 0)" if v[1] > 0 else ("lower (CI below 0)" if v[2] < 0 else "not distinguishable (CI spans 0)")
+
+    lines += ["", "Verdicts (computed from the rows above):", ""]
+    lines += [f"- {x} ({mil_auc[x]:.3f}) vs {z} ({mil_auc[z]:.3f}): {verdict(v)}." for (x, z), v in diffs.items()]
+    lines.append(f"- the tile-label reference ({a:.3f}) vs slide labels only ({gr}): the reference is {verdict(d_ref)}.")
+    lines += ["", "The slide SSL methods' AUCs on this mosaic configuration are the context rows of `slide_ssl.md` (same "
+              "`MosaicConfig`, another run, so not paired here). Attention pooling (ABMIL, CLAM), mean pooling and "
+              "TransMIL-noPPEG are tile-order invariant by construction; TransMIL's PPEG (either layout), Giga-SSL's "
+              "SparseConvMIL and SLPD's region crops see the layout.",
               "", f"Wall time {time.perf_counter() - t0:.0f} s (tile encoder and features cached in `{work}`)."]
     write_result("slide_context", "\n".join(lines))
     print("\n".join(lines))

@@ -8,7 +8,8 @@ One command (everything through the library, cached and resumable in --work):
    (same tumour fraction in both classes, contiguous vs scattered tumour tiles);
 3. per task: ``augment-cache`` -> Giga-SSL pre-training -> embeddings; SLPD in three modes (DINO only,
    +intra, +intra+inter) -> embeddings; methods: linear (C=10) on Giga-SSL, on each SLPD mode and on the
-   mean of tile features; ABMIL, CLAM-SB and TransMIL through ``gigaslide.mil.cv.run_cv``;
+   mean of tile features; ABMIL, CLAM-SB and TransMIL (with its PPEG; TransMIL-noPPEG on request) through
+   ``gigaslide.mil.cv.run_cv``;
 4. n = --ns training slides per fold (few-shot draws, --draws repeats; "all" = every training slide, one
    draw), stratified patient-grouped folds (the same ones for every method); AUC per draw, mean over draws;
    paired bootstrap (over test slides, the same resample for both methods) of AUC differences;
@@ -39,7 +40,15 @@ from gigaslide.evaluation.slides import linear_probe_slides, read_predictions  #
 from gigaslide.features import store  # noqa: E402
 from gigaslide.testing import shared_data_dir  # noqa: E402
 
-MIL = {"ABMIL": "abmil", "CLAM-SB": "clam_sb", "TransMIL": "transmil"}
+#: label -> (MIL model, its settings, run folder name). TransMIL has its PPEG (position encoding over the tiles in
+#: file order, row-major on the grid); TransMIL-grid lays them out on the slide's tiling grid; TransMIL-noPPEG is the
+#: tile-order-invariant variant (gigaslide's only TransMIL before PPEG existed, so the results files measured before it
+#: show it under this label).
+MIL = {"ABMIL": ("abmil", {}, "abmil"), "CLAM-SB": ("clam_sb", {}, "clam_sb"),
+       "TransMIL-noPPEG": ("transmil", {"ppeg": False}, "transmil_noppeg"), "TransMIL": ("transmil", {}, "transmil"),
+       "TransMIL-grid": ("transmil", {"layout": "grid"}, "transmil_grid")}
+#: what runs unless --mil-models says otherwise
+MIL_DEFAULT = ["ABMIL", "CLAM-SB", "TransMIL"]
 SLPD_MODES = {"SLPD DINO only": "dino", "SLPD +intra": "dino+intra", "SLPD +intra+inter": "dino+intra+inter"}
 TIMES: dict[str, float] = {}
 SAVED: dict[str, float] = {}  # times measured when a step really ran (work/times.json), reused when it resumes as done
@@ -131,7 +140,8 @@ def linear_rows(X: np.ndarray, t, plan) -> dict:  # noqa: ANN001
     return out
 
 
-def mil_rows(model: str, features: Path, labels_csv: Path, out: Path, t, args) -> dict:  # noqa: ANN001
+def mil_rows(model: str, features: Path, labels_csv: Path, out: Path, t, args, kwargs: dict | None = None,  # noqa: ANN001
+             tag: str | None = None) -> dict:
     from gigaslide.mil.cv import run_cv
     from gigaslide.mil.train import TrainConfig
 
@@ -140,8 +150,9 @@ def mil_rows(model: str, features: Path, labels_csv: Path, out: Path, t, args) -
     on_missing = "skip" if set(S.read_labels(labels_csv).slide_ids) - set(t.slide_ids) else "error"
     for n in args.ns:
         draws = 1 if n == "all" else args.draws
-        d = out / f"{model}_n{n}"
-        cfg = TrainConfig(model=model, epochs=args.mil_epochs, patience=max(3, args.mil_epochs // 3), seed=0, device="cpu")
+        d = out / f"{tag or model}_n{n}"
+        cfg = TrainConfig(model=model, epochs=args.mil_epochs, patience=max(3, args.mil_epochs // 3), seed=0, device="cpu",
+                          model_kwargs=dict(kwargs or {}))
         run_cv(features, labels_csv, d, cfg=cfg, folds=args.folds, train_slides=None if n == "all" else int(n),
                repeats=draws, n_bootstrap=100, on_missing=on_missing, verbose=False)
         pred = read_predictions(d / "predictions.csv")
@@ -208,9 +219,9 @@ def run_task(task: str, work: Path, pcam: Path, enc, args) -> dict:  # noqa: ANN
     X = {k: np.asarray(v.embeddings, np.float32)[[v.slide_ids.index(s) for s in t.slide_ids]] for k, v in emb.items()}
     X["mean pooling"] = np.stack([files[s].features.mean(0) for s in t.slide_ids])
     preds = {f"{k} (linear)": linear_rows(x, t, plan) for k, x in X.items()}
-    for name, model in ([(k, v) for k, v in MIL.items() if k in args.mil_models] if not args.no_mil else []):
+    for name, (model, kw, tag) in ([(k, v) for k, v in MIL.items() if k in args.mil_models] if not args.no_mil else []):
         preds[name] = timed(f"{task}: {name} (all n, draws, folds)", mil_rows, model, w / "cache", labels_csv,
-                            w / "mil", t, args, done=w / "mil" / f"{model}_n{args.ns[-1]}" / "predictions.csv")
+                            w / "mil", t, args, kw, tag, done=w / "mil" / f"{tag}_n{args.ns[-1]}" / "predictions.csv")
     info = {"n_slides": len(t.labels), "n_pos": int(t.labels.sum()), "cache_slides": len(cres.done) + len(cres.skipped),
             "no_tissue": sorted(set(S.read_labels(labels_csv).slide_ids) - set(files)),
             "tiles": float(np.mean([len(f) for f in files.values()])), "collapse": collapse,
@@ -434,7 +445,8 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=10)
     ap.add_argument("--ns", default="25,50,100,all")
     ap.add_argument("--mil-epochs", type=int, default=40)
-    ap.add_argument("--mil-models", default=",".join(MIL), help="which MIL baselines run (TransMIL is the slowest)")
+    ap.add_argument("--mil-models", default=",".join(MIL_DEFAULT),
+                    help=f"which MIL baselines run, of {', '.join(MIL)} (TransMIL is the slowest)")
     ap.add_argument("--no-mil", action="store_true")
     ap.add_argument("--no-random-control", action="store_true")
     ap.add_argument("--bootstrap", type=int, default=1000)

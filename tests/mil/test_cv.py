@@ -56,6 +56,22 @@ def test_run_cv_layout_grouping_resume(tmp_path):
         run_cv(feats, lab, out, cfg=TrainConfig(model="abmil", **FAST), folds=3, verbose=False)
 
 
+
+def test_fold_seed_keeps_the_folds_while_the_training_seed_changes(tmp_path):
+    feats, lab = _make(tmp_path, n=30)
+
+    def test_folds(out, seed, fold_seed=None):
+        run_cv(feats, lab, out, cfg=TrainConfig(model="abmil", seed=seed, **FAST), folds=3, n_bootstrap=0,
+               verbose=False, fold_seed=fold_seed)
+        sp = json.loads((out / "splits.json").read_text())
+        return [sorted(f["test"]) for f in sp["per_fold"].values()]
+
+    base = test_folds(tmp_path / "a", 0)
+    assert test_folds(tmp_path / "b", 1) != base  # by default the folds follow the seed
+    assert test_folds(tmp_path / "c", 1, fold_seed=0) == base
+    pa = (tmp_path / "a" / "fold0" / "predictions.csv").read_text()
+    assert (tmp_path / "c" / "fold0" / "predictions.csv").read_text() != pa  # another training seed, another model
+
 def test_few_shot_repeats(tmp_path):
     feats, lab = _make(tmp_path)
     res = run_cv(feats, lab, tmp_path / "fs", cfg=TrainConfig(model="mean", **FAST), folds=2, train_slides=6,
@@ -104,6 +120,26 @@ def test_cli_train_mil_and_evaluate(tmp_path, cli, capsys):
     assert cli(["train-mil", "--features", str(feats), "--labels", str(lab), "--bag-memory-gb", "lots",
                 "--out", str(out / "z")]) == 2
     assert "bag memory budget 'lots'" in capsys.readouterr().err
+
+
+
+def test_cli_train_mil_model_args(tmp_path, cli, capsys):
+    from gigaslide.mil.train import load_model
+
+    feats, lab = _make(tmp_path)
+    out = tmp_path / "cli"
+    assert cli(["train-mil", "--features", str(feats), "--labels", str(lab), "--model", "transmil", "--folds", "2",
+                "--epochs", "1", "--hidden", "16", "--bootstrap", "0", "--model-args", '{"ppeg": false}',
+                "--out", str(out)]) == 0
+    model, meta = load_model(out / "fold0")
+    assert meta["train_config"]["model_kwargs"] == {"ppeg": False} and model.mil.ppeg is None
+    capsys.readouterr()
+    assert cli(["train-mil", "--features", str(feats), "--labels", str(lab), "--model", "transmil",
+                "--model-args", '{"pe": false}', "--out", str(out / "x")]) == 2
+    assert "transmil has no setting pe" in (err := capsys.readouterr().err) and "heads, layers, ppeg" in err
+    assert cli(["train-mil", "--features", str(feats), "--labels", str(lab), "--model-args", "{ppeg",
+                "--out", str(out / "y")]) == 2
+    assert "is not JSON" in capsys.readouterr().err
 
 
 def test_interrupted_run_resumes_to_the_same_predictions(tmp_path, monkeypatch):

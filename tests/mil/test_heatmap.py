@@ -86,3 +86,22 @@ def test_localisation_auc_golden():
     assert localisation_auc(np.array([0.9, 0.1, 0.2]), coords, gt, 10) == 1.0
     assert localisation_auc(np.array([0.1, 0.9, 0.2]), coords, gt, 10) == 0.0
     assert np.isnan(localisation_auc(np.ones(3), coords, gt * [1, 1, 1, 0], 10))
+
+
+def test_grid_layout_transmil_gets_its_cells_from_the_files_in_training_and_heatmaps(mosaic_and_model):
+    """Bags hand each slide's grid cells to the model (a grid-layout TransMIL raises without them), in training,
+    validation and the heatmap; the cells are the mosaic's own grid."""
+    from gigaslide.mil.bags import Bags, grid_cells
+
+    tmp, out, ys = mosaic_and_model
+    files = [store.load(tmp / "feats" / f"mosaic_{i:04d}.h5") for i in range(40)]
+    gt = read_ground_truth(out / "ground_truth" / "mosaic_0000.csv")
+    np.testing.assert_array_equal(grid_cells(files[0]), (gt[:, :2] - gt[:, :2].min(0)) // 32)
+    bags = Bags(files, 1 << 30)
+    cfg = TrainConfig(model="transmil", epochs=2, hidden=16, model_kwargs={"layout": "grid"})
+    model, _ = train_fold(bags.take(range(32)), np.array(ys[:32]), bags.take(range(32, 40)), np.array(ys[32:]), 8, 2, cfg)
+    save_model(tmp / "run_tm" / "fold0", model, cfg, in_dim=8, n_classes=2, extra={"encoder": "toy"})
+    sid = next(f"mosaic_{i:04d}" for i in range(40) if ys[i])
+    info = heatmap(out / "slides" / f"{sid}.tiff", tmp / "feats" / f"{sid}.h5", tmp / "run_tm" / "fold0", tmp / "tm.png")
+    assert info["n_tiles"] == len(read_ground_truth(out / "ground_truth" / f"{sid}.csv"))
+    assert (tmp / "tm.png").stat().st_size > 0

@@ -16,10 +16,14 @@ def test_registry_has_all_models():
         build_model("gcn", 8, 2)
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_shapes_and_order_invariance(name):
+#: every model, TransMIL without its position encoding: these must not depend on tile order
+INVARIANT = [(n, {"ppeg": False} if n == "transmil" else {}) for n in ALL]
+
+
+@pytest.mark.parametrize("name,kw", INVARIANT)
+def test_shapes_and_order_invariance(name, kw):
     torch.manual_seed(0)
-    m = build_model(name, 16, 3).eval()
+    m = build_model(name, 16, 3, **kw).eval()
     x = torch.randn(37, 16)
     with torch.no_grad():
         out = m(x)
@@ -96,3 +100,203 @@ def test_learns_key_instance_bags(name, tmp_path):
 def test_load_model_missing(tmp_path):
     with pytest.raises(GigaslideError, match="no trained MIL model"):
         load_model(tmp_path)
+
+
+def test_model_settings_include_base_class_keywords():
+    from gigaslide.mil.models import model_settings
+
+    assert model_settings("transmil") == ["heads", "layers", "ppeg", "layout"]
+    assert model_settings("clam_sb") == ["attn_dim", "k_sample", "subtyping"]  # k_sample reaches _CLAMBase via **kw
+    assert model_settings("mean") == []
+
+
+def test_ppeg_lays_tokens_out_row_by_row():
+    """One non-zero token at row 2, column 5 of a 9x9 square reaches exactly the tokens within 3 rows and 3 columns
+    of it (the 7x7 kernel) -- a column-major or flat layout would reach other tokens."""
+    from gigaslide.mil.models import PPEG
+
+    torch.manual_seed(0)
+    ppeg = PPEG(4).eval()
+    side, r, c = 9, 2, 5
+    x = torch.zeros(side * side, 4)
+    x[r * side + c] = 1.0
+    with torch.no_grad():
+        y = ppeg(x, side) - ppeg(torch.zeros_like(x), side)  # remove the biases
+    reached = {(i // side, i % side) for i in torch.nonzero(y.abs().sum(1) > 1e-7)[:, 0].tolist()}
+    assert reached == {(i, j) for i in range(side) for j in range(side) if abs(i - r) <= 3 and abs(j - c) <= 3}
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 36, 37])
+def test_transmil_ppeg_pads_to_a_square_and_folds_attention_back(n):
+    torch.manual_seed(0)
+    m = build_model("transmil", 16, 2).eval()
+    x = torch.randn(n, 16)
+    with torch.no_grad():
+        out = m(x)
+    assert out["attention"].shape == (n,) and float(out["attention"].sum()) == pytest.approx(1.0, abs=1e-5)
+    if n == 37:  # 49 tokens: tiles 0-11 appear twice, so they hold their own and their copy's attention
+        captured = {}
+        m.layers[-1].register_forward_hook(lambda mod, inp, o: captured.update(a=o[1]))
+        with torch.no_grad():
+            m(x)
+        raw = captured["a"][1:]
+        assert raw.shape == (49,)
+        expect = raw[:37].clone()
+        expect[:12] += raw[37:]
+        torch.testing.assert_close(out["attention"], expect / expect.sum(), atol=1e-6, rtol=1e-5)
+
+
+def test_transmil_ppeg_depends_on_tile_order():
+    torch.manual_seed(0)
+    m = build_model("transmil", 16, 2).eval()
+    x = torch.randn(36, 16)
+    with torch.no_grad():
+        a, b = m(x)["logits"], m(x[torch.randperm(36)])["logits"]
+    assert float((a - b).abs().max()) > 1e-3
+
+
+def _context_bags(n, seed, side=8, k=4, d=8):
+    """Every bag has k*k 'tumour' tiles (features 0, 1 shifted by +2) on a side x side grid in row-major order:
+    in one contiguous k x k block (label 1) or scattered (label 0). The multiset of tiles has the same law in both."""
+    r = np.random.default_rng(seed)
+    bags, ys = [], []
+    for i in range(n):
+        y = i % 2
+        mask = np.zeros((side, side), bool)
+        if y:
+            r0, c0 = r.integers(0, side - k + 1, 2)
+            mask[r0:r0 + k, c0:c0 + k] = True
+        else:
+            mask.ravel()[r.choice(side * side, k * k, replace=False)] = True
+        x = r.normal(size=(side * side, d)).astype(np.float32)
+        x[mask.ravel(), :2] += 2.0
+        bags.append(torch.from_numpy(x))
+        ys.append(y)
+    return bags, np.array(ys)
+
+
+def test_transmil_ppeg_learns_spatial_arrangement_that_order_invariant_transmil_cannot():
+    from gigaslide.evaluation.metrics import auc
+
+    bags, y = _context_bags(100, 0)
+    tb, ty = _context_bags(300, 1)
+    res = {}
+    for ppeg in (True, False):
+        cfg = TrainConfig(model="transmil", epochs=15, lr=2e-3, hidden=32, seed=0, patience=20,
+                          model_kwargs={"ppeg": ppeg})
+        model, _ = train_fold(bags[:80], y[:80], bags[80:], y[80:], 8, 2, cfg)
+        res[ppeg] = auc(ty, predict(model, tb)[0])
+    assert res[True] > 0.95, res  # measured 0.998
+    assert res[False] < 0.65, res  # measured 0.558: a tile-order-invariant model sees the same multiset
+
+
+def test_load_model_saved_before_ppeg(tmp_path):
+    """A TransMIL saved without PPEG weights and without a ppeg setting (gigaslide before PPEG) still loads."""
+    import json
+
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    m = build_model("transmil", 8, 2, hidden=16, ppeg=False)
+    save_model(tmp_path / "m", m, TrainConfig(model="transmil", hidden=16, standardize=False, model_kwargs={"ppeg": False}),
+               in_dim=8, n_classes=2)
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    meta["train_config"]["model_kwargs"] = {}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(meta))
+    assert not any("ppeg" in k for k in load_file(str(tmp_path / "m" / "model.safetensors")))
+    m2, _ = load_model(tmp_path / "m")
+    x = torch.randn(10, 8)
+    torch.testing.assert_close(m2(x)["logits"], m.eval()(x)["logits"])
+
+
+def test_ppeg_on_grid_reaches_grid_neighbours_only():
+    """On a sparse grid, a token's PPEG output reaches the tokens within 3 columns and 3 rows of its cell, whatever
+    their order in the bag."""
+    from gigaslide.mil.models import PPEG
+
+    torch.manual_seed(0)
+    ppeg = PPEG(4).eval()
+    r = np.random.default_rng(0)
+    grid = np.stack(np.meshgrid(np.arange(12), np.arange(9)), -1).reshape(-1, 2)  # (column, row)
+    cells = torch.from_numpy(grid[r.permutation(len(grid))[:60]])  # 60 of 108 cells, in random order
+    src = 7
+    x = torch.zeros(60, 4)
+    x[src] = 1.0
+    with torch.no_grad():
+        y = ppeg.on_grid(x, cells) - ppeg.on_grid(torch.zeros_like(x), cells)
+    reached = set(torch.nonzero(y.abs().sum(1) > 1e-7)[:, 0].tolist())
+    near = {i for i in range(60) if (cells[i] - cells[src]).abs().max() <= 3}
+    assert reached == near and len(near) < 60
+
+
+def test_transmil_grid_layout_follows_the_cells_not_the_order():
+    torch.manual_seed(0)
+    m = build_model("transmil", 16, 2, layout="grid").eval()
+    x = torch.randn(30, 16)
+    cells = torch.from_numpy(np.random.default_rng(0).permutation(64)[:30, None] // np.array([[1, 8]]) % 8)
+    perm = torch.randperm(30)
+    with torch.no_grad():
+        out = m(x, cells=cells)
+        torch.testing.assert_close(m(x[perm], cells=cells[perm])["logits"], out["logits"], atol=1e-5, rtol=1e-5)
+        moved = cells.clone()
+        moved[:, 0] = 7 - moved[:, 0]  # the same tiles mirrored on the slide
+        assert float((m(x, cells=moved)["logits"] - out["logits"]).abs().max()) > 1e-3
+    with pytest.raises(GigaslideError, match="needs the tiles' grid positions"):
+        m(x)
+    with pytest.raises(GigaslideError, match="layout 'diagonal'"):
+        build_model("transmil", 16, 2, layout="diagonal")
+
+
+def _irregular_context_bags(n, seed, side=10, k=4, d=8, keep=0.6):
+    """As _context_bags on irregular tissue: each grid cell is tissue with probability ``keep`` (a contiguous
+    block is tissue by definition); bags list the tissue tiles row by row, ``cells`` are (column, row)."""
+    r = np.random.default_rng(seed)
+    bags, cells, ys = [], [], []
+    for i in range(n):
+        y = i % 2
+        tissue = r.random((side, side)) < keep
+        mask = np.zeros((side, side), bool)
+        if y:
+            r0, c0 = r.integers(0, side - k + 1, 2)
+            mask[r0:r0 + k, c0:c0 + k] = True
+            tissue |= mask
+        else:
+            mask.ravel()[r.choice(np.flatnonzero(tissue), k * k, replace=False)] = True
+        rows, cols = np.nonzero(tissue)
+        x = r.normal(size=(len(rows), d)).astype(np.float32)
+        x[mask[rows, cols], :2] += 2.0
+        bags.append(torch.from_numpy(x))
+        cells.append(np.stack([cols, rows], 1))
+        ys.append(y)
+    return bags, cells, np.array(ys)
+
+
+def test_transmil_grid_layout_sees_arrangement_on_irregular_tissue_where_rows_wrap():
+    from gigaslide.evaluation.metrics import auc
+
+    bags, cells, y = _irregular_context_bags(100, 0)
+    tb, tc, ty = _irregular_context_bags(300, 1)
+    res = {}
+    for name, kw in {"grid": {"layout": "grid"}, "sequence": {}, "none": {"ppeg": False}}.items():
+        cfg = TrainConfig(model="transmil", epochs=15, lr=2e-3, hidden=32, seed=0, patience=20, model_kwargs=kw)
+        model, _ = train_fold(bags[:80], y[:80], bags[80:], y[80:], 8, 2, cfg, cells_tr=cells[:80], cells_va=cells[80:])
+        res[name] = auc(ty, predict(model, tb, cells=tc)[0])
+    assert res["grid"] > 0.95, res  # measured 1.000
+    assert res["sequence"] < 0.92, res  # measured 0.837: wrapped rows put non-neighbours side by side
+    assert res["none"] < 0.65, res  # measured 0.541
+
+
+def test_grid_cells_undo_fractional_strides_and_overlap(tmp_path):
+    from gigaslide.features import store
+    from gigaslide.mil.bags import grid_cells
+
+    cols, rows = np.meshgrid(np.arange(0, 300, 7), np.arange(3, 40, 3))
+    k = np.stack([cols.ravel(), rows.ravel()], 1)
+    tile0, ts, ov = 193.7, 224, 32  # level-0 tile side, tile px, overlap px: stride 193.7 * 192 / 224 = 166.03
+    stride = tile0 * (ts - ov) / ts
+    coords = np.floor(k * stride + 1e-9).astype(np.int64) + 1000
+    store.save(tmp_path / "a.h5", np.zeros((len(k), 4), np.float32), coords,
+               attrs={"tile_size": ts, "overlap": ov}, coords_attrs={"patch_size_level0": tile0})
+    np.testing.assert_array_equal(grid_cells(store.load(tmp_path / "a.h5")), k - k.min(0))
+    store.save(tmp_path / "b.h5", np.zeros((5, 4), np.float32))  # a tile folder: no positions
+    assert grid_cells(store.load(tmp_path / "b.h5")) is None

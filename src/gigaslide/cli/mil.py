@@ -10,7 +10,7 @@ def train_mil(features: str, labels: str, out: str, model: str = "abmil", folds:
               lr: float = 1e-3, hidden: int = 128, monitor: str = "loss", max_tiles: int | None = None,
               standardize: bool = True,
               on_missing: str = "error", bootstrap: int = 1000, device: str = "auto", bf16: bool = False,
-              bag_memory_gb: str = "auto") -> None:
+              bag_memory_gb: str = "auto", model_args: str | None = None) -> None:
     """Train a MIL model with stratified, patient-grouped cross-validation and report AUC with CIs.
 
     Example: gigaslide train-mil --features feats/ --labels labels.csv --model abmil --folds 5 --out runs/abmil
@@ -37,20 +37,38 @@ def train_mil(features: str, labels: str, out: str, model: str = "abmil", folds:
         bf16: bf16 autocast on CPU (always used on CUDA)
         bag_memory_gb: memory the slides' features may take, in GB (auto: half of what is available); the
             bags beyond it are read from their files at every use (same result, more disk reads)
+        model_args: JSON object of model settings, e.g. '{"layout": "grid"}' (TransMIL's position encoding on
+            the slide's tiling grid instead of the paper's square of tiles in file order), '{"ppeg": false}'
+            (TransMIL without it: tile-order invariant) or '{"k_sample": 16}' (CLAM)
     """
+    import json
+
     from gigaslide.errors import GigaslideError
     from gigaslide.evaluation.slides import evaluation_markdown
     from gigaslide.mil.cv import run_cv
-    from gigaslide.mil.models import MIL_MODELS
+    from gigaslide.mil.models import MIL_MODELS, model_settings
     from gigaslide.mil.train import TrainConfig
 
     MIL_MODELS.get(model)
+    try:
+        margs = json.loads(model_args) if model_args else {}
+    except json.JSONDecodeError as e:
+        raise GigaslideError(f"--model-args {model_args!r} is not JSON ({e.msg})",
+                             fix="give a JSON object, e.g. '{\"ppeg\": false}'") from None
+    if not isinstance(margs, dict):
+        raise GigaslideError(f"--model-args {model_args!r}", fix="give a JSON object, e.g. '{\"ppeg\": false}'")
+    known = model_settings(model)
+    unknown = sorted(set(margs) - set(known))
+    if unknown:
+        raise GigaslideError(f"--model-args: {model} has no setting {', '.join(unknown)}",
+                             fix=f"use some of: {', '.join(known)}")
     if monitor not in ("loss", "auc"):
         raise GigaslideError(f"--monitor {monitor}", fix="use loss or auc")
     if on_missing not in ("error", "skip"):
         raise GigaslideError(f"--on-missing {on_missing}", fix="use error or skip")
     cfg = TrainConfig(model=model, epochs=epochs, patience=patience, lr=lr, hidden=hidden, monitor=monitor,
-                      max_tiles=max_tiles, standardize=standardize, seed=seed, device=device, bf16=bf16)
+                      max_tiles=max_tiles, standardize=standardize, seed=seed, device=device, bf16=bf16,
+                      model_kwargs=margs)
     if repeats is None:
         repeats = 3 if train_slides else 1
     res = run_cv(features, labels, out, cfg=cfg, folds=folds, train_slides=train_slides, repeats=repeats,

@@ -40,6 +40,24 @@ def resolve_budget(budget_gb: float | str | None) -> int:
     return int(gb * 1e9)
 
 
+def grid_cells(ff: Any) -> np.ndarray | None:
+    """[N, 2] int64 (column, row) of each tile of feature file ``ff`` on its slide's tiling grid, the top-left
+    tile's cell at 0 (coordinates / the grid's stride, rounded: gigaslide's tilings floor fractional strides to
+    whole pixels). None for a file without tile positions (a tile folder: every coordinate 0)."""
+    c = np.asarray(ff.coords, np.int64).reshape(-1, 2)
+    if len(c) == 0:
+        return np.zeros((0, 2), np.int64)
+    if len(c) > 1 and not c.any():
+        return None
+    stride = ff.tile_size_level0
+    ts, ov = ff.attrs.get("tile_size"), ff.attrs.get("overlap") or 0
+    if stride and ts and 0 <= float(ov) < float(ts):
+        stride = stride * (float(ts) - float(ov)) / float(ts)
+    if not stride:  # one tile
+        return np.zeros((len(c), 2), np.int64)
+    return np.rint((c - c.min(0)) / float(stride)).astype(np.int64)
+
+
 class Bags(Sequence[torch.Tensor]):
     """``bags[i]``: the float32 ``[N, D]`` tensor of slide ``i``'s features (``files[i].features``, an array or a
     :class:`~gigaslide.features.store.LazyFeatures`), kept in memory while the kept bags fit in ``budget_bytes``.
@@ -64,6 +82,10 @@ class Bags(Sequence[torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self._files)
+
+    def cells(self, i: int) -> np.ndarray | None:
+        """Slide ``i``'s tiles on its tiling grid (:func:`grid_cells`), for models that see the layout."""
+        return grid_cells(self._files[int(i)])
 
     def nbytes(self, i: int) -> int:
         f = self._files[i].features
@@ -135,6 +157,9 @@ class BagSubset(Sequence[torch.Tensor]):
     def __iter__(self) -> Iterator[torch.Tensor]:
         for j in self._indices:
             yield self._bags[j]
+
+    def cells(self, i: int) -> np.ndarray | None:
+        return self._bags.cells(self._indices[i])
 
 
 def budget_note(bags: Bags) -> str:

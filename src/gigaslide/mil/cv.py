@@ -59,11 +59,13 @@ def _fold_dirname(k: int, r: int) -> str:
 def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os.PathLike, *,
            cfg: TrainConfig | None = None, folds: int = 5, train_slides: int | None = None, repeats: int = 1,
            on_missing: str = "error", val_fraction: float = 0.2, n_bootstrap: int = 1000,
-           bag_memory_gb: float | str | None = "auto", verbose: bool = True) -> dict[str, Any]:
+           bag_memory_gb: float | str | None = "auto", verbose: bool = True,
+           fold_seed: int | None = None) -> dict[str, Any]:
     """Train ``cfg.model`` with stratified, patient-grouped ``folds``-fold CV; returns the evaluation.
 
     ``bag_memory_gb``: memory the slides' features may take (:class:`~gigaslide.mil.bags.Bags`; ``auto``: half of
-    what is available); bags beyond it are read from their files at every use. It does not change the result."""
+    what is available); bags beyond it are read from their files at every use. It does not change the result.
+    ``fold_seed``: seed of the folds (default ``cfg.seed``); fix it to train several seeds on the same folds."""
     cfg = cfg or TrainConfig()
     out_d = atomic.ensure_writable_dir(out)
     atomic.clean_stale_tmp(out_d)
@@ -73,13 +75,16 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
     if matched.report() and verbose:
         print(f"warning: {matched.report()} (left out; listed in {out_d / 'run.json'})")
     t = matched.table
-    fold_idx = S.make_folds(t.labels, t.patient_ids, folds, cfg.seed, where=labels)
+    fold_seed = cfg.seed if fold_seed is None else int(fold_seed)
+    fold_idx = S.make_folds(t.labels, t.patient_ids, folds, fold_seed, where=labels)
     n_classes = t.n_classes
     bags = Bags([files[s] for s in t.slide_ids], resolve_budget(bag_memory_gb))
     if verbose:
         print(budget_note(bags))
     identity = {"train_config": {k: v for k, v in asdict(cfg).items() if k != "device"}, "folds": folds,
                 "train_slides": train_slides, "repeats": repeats, "val_fraction": val_fraction, "on_missing": on_missing}
+    if fold_seed != cfg.seed:  # (absent otherwise: runs recorded before fold_seed existed still resume)
+        identity["fold_seed"] = fold_seed
     run = runs.open_run(out_d, "mil", identity, {**identity, "features": str(features), "labels": str(labels)},
                         seed=cfg.seed, inputs={"features": features, "labels": labels},
                         provenance={k: v for k, v in meta.items() if v is not None})

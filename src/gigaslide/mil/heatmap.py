@@ -86,13 +86,16 @@ def heatmap(slide: str | os.PathLike, features: str | os.PathLike, model_dir: st
             slide_mpp: float | None = None) -> dict[str, Any]:
     """Draw a slide's MIL attention heatmap; returns probabilities, n tiles and localisation AUC (if known)."""
     from gigaslide.features import store
+    from gigaslide.mil.bags import grid_cells
     from gigaslide.slides import open_slide
 
     model, meta = load_model(model_dir)
     ff = store.load(features)
     check_features_fit(meta, ff, features)
+    cells = grid_cells(ff)
     with torch.no_grad():
-        res = model(torch.from_numpy(np.asarray(ff.features, np.float32)))
+        res = model(torch.from_numpy(np.asarray(ff.features, np.float32)),
+                    cells=None if cells is None else torch.from_numpy(cells))
     probs = torch.softmax(res["logits"].float(), -1).numpy()
     scores = res["instance_scores"].float().numpy()
     tile0 = tile_size_of(ff)

@@ -18,14 +18,27 @@ Models:
   instance-clustering loss: the ``k_sample`` highest-attention tiles of the true class branch are
   pseudo-labelled positive, the ``k_sample`` lowest negative (and, with ``subtyping``, the highest
   tiles of the other branches negative); cross-entropy instead of CLAM's smooth top-1 SVM.
-* ``transmil`` -- a simplified TransMIL (Shao et al., 2021): linear projection, class token, two
-  pre-norm multi-head self-attention layers (exact attention via ``scaled_dot_product_attention``
-  instead of Nystrom attention), **no PPEG** positional convolution; the class token's last-layer
-  attention is returned. Without PPEG it is invariant to tile order like the others.
+* ``transmil`` -- TransMIL (Shao et al., 2021): linear projection, class token, two pre-norm multi-head
+  self-attention layers with the **PPEG** (depth-wise 7/5/3 convolutions over the tokens laid out in 2-D)
+  between them; exact attention via ``scaled_dot_product_attention`` instead of Nystrom attention. The class
+  token's last-layer attention is returned. ``layout`` says how PPEG lays the tokens out:
+
+  - ``"sequence"`` (default, the paper's): in file order, row by row on a square of ``ceil(sqrt(N))``
+    columns, the first tiles repeated to fill it (their copies' attention folded back onto them). For
+    gigaslide's tilings the file order is row-major over the slide's grid, so rows wrap wherever the tissue
+    is not a full rectangle of that width;
+  - ``"grid"``: each tile at its own cell of the slide's tiling grid (``cells`` [N, 2] = column, row, from
+    :func:`gigaslide.mil.bags.grid_cells`), cells without a tile zero: neighbours on the slide are neighbours
+    for the convolutions.
+
+  ``ppeg=False`` drops PPEG: a tile-order-invariant model like the others.
+
+Every ``forward`` takes ``cells`` (the tiles' grid positions, or None); only TransMIL's grid layout uses it.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -50,6 +63,17 @@ def _check_bag(bag: torch.Tensor) -> torch.Tensor:
     return bag
 
 
+def _check_cells(cells: Any, n: int, device: torch.device) -> torch.Tensor:
+    if cells is None:
+        raise GigaslideError("TransMIL with layout 'grid' needs the tiles' grid positions (cells), got none",
+                             fix="train on feature files with tile coordinates (`gigaslide encode`), or use layout "
+                                 "sequence")
+    c = torch.as_tensor(cells, device=device).long()
+    if c.shape != (n, 2) or (n and int(c.min()) < 0):
+        raise GigaslideError(f"cells must be [{n}, 2] non-negative (column, row), got {tuple(c.shape)}")
+    return c
+
+
 def _mlp(in_dim: int, hidden: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
 
@@ -64,7 +88,8 @@ class MeanMIL(nn.Module):
         self.fc = _mlp(in_dim, hidden, dropout)
         self.classifier = nn.Linear(hidden, n_classes)
 
-    def forward(self, bag: torch.Tensor, label: int | None = None) -> dict[str, Any]:
+    def forward(self, bag: torch.Tensor, label: int | None = None, cells: torch.Tensor | None = None
+                ) -> dict[str, Any]:
         bag = _check_bag(bag)
         inst = self.classifier(self.fc(bag))  # [N, C]
         logits = inst.mean(0) if self.pool == "mean" else inst.max(0).values
@@ -86,7 +111,8 @@ class ABMIL(nn.Module):
         self.attention = GatedAttention(hidden, attn_dim, 1, dropout)
         self.classifier = nn.Linear(hidden, n_classes)
 
-    def forward(self, bag: torch.Tensor, label: int | None = None) -> dict[str, Any]:
+    def forward(self, bag: torch.Tensor, label: int | None = None, cells: torch.Tensor | None = None
+                ) -> dict[str, Any]:
         h = self.fc(_check_bag(bag))
         a = torch.softmax(self.attention(h)[:, 0], dim=0)  # [N]
         z = a @ h
@@ -131,7 +157,8 @@ class CLAM_SB(_CLAMBase):
         self.attention = GatedAttention(hidden, attn_dim, 1, dropout)
         self.classifier = nn.Linear(hidden, n_classes)
 
-    def forward(self, bag: torch.Tensor, label: int | None = None) -> dict[str, Any]:
+    def forward(self, bag: torch.Tensor, label: int | None = None, cells: torch.Tensor | None = None
+                ) -> dict[str, Any]:
         h = self.fc(_check_bag(bag))
         raw = self.attention(h)  # [N, 1]
         a = torch.softmax(raw[:, 0], dim=0)
@@ -149,7 +176,8 @@ class CLAM_MB(_CLAMBase):
         self.attention = GatedAttention(hidden, attn_dim, n_classes, dropout)
         self.classifiers = nn.ModuleList([nn.Linear(hidden, 1) for _ in range(n_classes)])
 
-    def forward(self, bag: torch.Tensor, label: int | None = None) -> dict[str, Any]:
+    def forward(self, bag: torch.Tensor, label: int | None = None, cells: torch.Tensor | None = None
+                ) -> dict[str, Any]:
         h = self.fc(_check_bag(bag))
         raw = self.attention(h)  # [N, C]
         A = torch.softmax(raw, dim=0)  # per-branch attention over tiles
@@ -180,29 +208,90 @@ class _SelfAttention(nn.Module):
         return x + self.proj(o.transpose(0, 1).reshape(n, d)), cls_attn
 
 
+class PPEG(nn.Module):
+    """TransMIL's pyramid position encoding generator: ``x + dw7(x) + dw5(x) + dw3(x)`` with depth-wise
+    convolutions over tokens laid out row by row on a ``side x side`` square."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim) for k in (7, 5, 3)])
+
+    def forward(self, tokens: torch.Tensor, side: int) -> torch.Tensor:
+        """Tokens [side * side, D] laid out row by row on a square."""
+        n, d = tokens.shape
+        if n != side * side:
+            raise ValueError(f"PPEG needs {side}x{side} tokens, got {n}")
+        x = tokens.T.reshape(1, d, side, side)
+        x = x + sum(conv(x) for conv in self.convs)
+        return x.reshape(d, n).T
+
+    def on_grid(self, tokens: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """Tokens [N, D] each at its cell (column, row) of a grid whose other cells are zero."""
+        n, d = tokens.shape
+        w, h = (int(v) + 1 for v in cells.max(0).values)
+        flat = cells[:, 1] * w + cells[:, 0]
+        x = tokens.new_zeros(d, h * w)
+        x[:, flat] = tokens.T
+        x = x.reshape(1, d, h, w)
+        x = x + sum(conv(x) for conv in self.convs)
+        return x.reshape(d, h * w)[:, flat].T
+
+
 @MIL_MODELS.register("transmil")
 class TransMIL(nn.Module):
     def __init__(self, in_dim: int, n_classes: int = 2, hidden: int = 128, heads: int = 4, layers: int = 2,
-                 dropout: float = 0.1, **_: Any):
+                 dropout: float = 0.1, ppeg: bool = True, layout: str = "sequence", **_: Any):
         super().__init__()
+        if layout not in ("sequence", "grid"):
+            raise GigaslideError(f"TransMIL layout {layout!r}", fix="use sequence (the paper's) or grid")
+        self.layout = layout
         self.fc = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU())
         self.cls_token = nn.Parameter(torch.randn(1, hidden) * 0.02)
         self.layers = nn.ModuleList([_SelfAttention(hidden, heads, dropout) for _ in range(layers)])
         self.ff = nn.ModuleList([nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 2 * hidden), nn.GELU(),
                                                nn.Linear(2 * hidden, hidden)) for _ in range(layers)])
+        self.ppeg = PPEG(hidden) if ppeg else None
         self.norm = nn.LayerNorm(hidden)
         self.classifier = nn.Linear(hidden, n_classes)
 
-    def forward(self, bag: torch.Tensor, label: int | None = None) -> dict[str, Any]:
-        x = torch.cat([self.cls_token, self.fc(_check_bag(bag))])
+    def forward(self, bag: torch.Tensor, label: int | None = None, cells: torch.Tensor | None = None
+                ) -> dict[str, Any]:
+        h = self.fc(_check_bag(bag))
+        n = h.shape[0]
+        grid = self.ppeg is not None and self.layout == "grid"
+        if grid:
+            cells = _check_cells(cells, n, h.device)
+        side = math.isqrt(n - 1) + 1 if self.ppeg is not None and not grid else 0
+        if side * side > n:  # the paper's padding: the first tiles again
+            h = torch.cat([h, h[torch.arange(side * side - n, device=h.device) % n]])
+        x = torch.cat([self.cls_token, h])
         attn = None
         for i, (sa, ff) in enumerate(zip(self.layers, self.ff)):
             x, attn = sa(x, return_cls_attention=i == len(self.layers) - 1)
             x = x + ff(x)
-        a = attn[1:] / attn[1:].sum().clamp_min(1e-12)
+            if i == 0 and self.ppeg is not None:
+                x = torch.cat([x[:1], self.ppeg.on_grid(x[1:], cells) if grid else self.ppeg(x[1:], side)])
+        a = attn[1:]
+        if a.shape[0] > n:  # a repeated token's attention belongs to its tile
+            a = a[:n].index_add(0, torch.arange(a.shape[0] - n, device=a.device) % n, a[n:])
+        a = a / a.sum().clamp_min(1e-12)
         return {"logits": self.classifier(self.norm(x[0])), "attention": a, "instance_scores": a}
 
 
 def build_model(name: str, in_dim: int, n_classes: int, **kw: Any) -> nn.Module:
     """``MIL_MODELS.get(name)(in_dim, n_classes, **kw)`` with a clear error for unknown names."""
     return MIL_MODELS.get(name)(in_dim, n_classes, **kw)
+
+
+def model_settings(name: str) -> list[str]:
+    """The keyword settings model ``name`` takes beyond ``in_dim``, ``n_classes``, ``hidden`` and ``dropout``
+    (its own and those its base classes take through ``**kw``)."""
+    out: list[str] = []
+    for klass in MIL_MODELS.get(name).__mro__:
+        if "__init__" not in vars(klass) or klass is nn.Module or klass is object:
+            continue
+        for p in inspect.signature(klass.__init__).parameters.values():
+            if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD:
+                if p.name not in ("self", "in_dim", "n_classes", "hidden", "dropout") and p.name not in out:
+                    out.append(p.name)
+    return out

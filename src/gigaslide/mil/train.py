@@ -17,7 +17,7 @@ import copy
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,10 +65,10 @@ class Standardized(torch.nn.Module):
         self.register_buffer("mean", mean.float().reshape(1, -1))
         self.register_buffer("std", std.float().reshape(1, -1))
 
-    def forward(self, bag: torch.Tensor, label: int | None = None) -> dict[str, Any]:
+    def forward(self, bag: torch.Tensor, label: int | None = None, cells: torch.Tensor | None = None) -> dict[str, Any]:
         if bag.ndim == 2 and bag.shape[0] > 0:
             bag = (bag - self.mean) / self.std
-        return self.mil(bag, label=label)
+        return self.mil(bag, label=label, cells=cells)
 
 
 def _numpy(b: Any) -> Any:
@@ -114,38 +114,56 @@ def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
     return torch.tensor(w, dtype=torch.float32)
 
 
+def _cells_of(bags: Sequence[torch.Tensor], cells: Sequence[np.ndarray | None] | None) -> Callable[[int], Any]:
+    """Bag ``i``'s grid positions: from ``cells``, else from the bags (a :class:`Bags` knows its files'), else None."""
+    if cells is not None:
+        return lambda i: cells[i]
+    of = getattr(bags, "cells", None)
+    return of if callable(of) else (lambda i: None)
+
+
+def _cells_tensor(c: np.ndarray | None, device: torch.device) -> torch.Tensor | None:
+    return None if c is None else torch.as_tensor(np.asarray(c), dtype=torch.long, device=device)
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, bags: Sequence[torch.Tensor], device: torch.device | None = None,
-            bf16: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Class probabilities [N, C] and per-tile scores (attention or instance score) of each bag."""
+            bf16: bool = False, cells: Sequence[np.ndarray | None] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Class probabilities [N, C] and per-tile scores (attention or instance score) of each bag. ``cells``: each
+    bag's tiles on their slide's grid (:func:`~gigaslide.mil.bags.grid_cells`; default: the bags' own, if any)."""
     device = device or next(model.parameters()).device
     model.eval()
     probs, scores = [], []
+    cells_of = _cells_of(bags, cells)
     with cpu_threads(device):
-        for b in bags:
+        for i, b in enumerate(bags):
             with autocast_ctx(device, "bf16" if bf16 else "auto"):
-                out = model(b.to(device))
+                out = model(b.to(device), cells=_cells_tensor(cells_of(i), device))
             probs.append(torch.softmax(out["logits"].float(), -1).cpu().numpy())
             scores.append(out["instance_scores"].float().cpu().numpy())
     return np.stack(probs), scores
 
 
 def _val_scores(model: torch.nn.Module, bags: Sequence[torch.Tensor], y: np.ndarray, device: torch.device,
-                bf16: bool) -> tuple[float, float]:
-    probs, _ = predict(model, bags, device, bf16)
+                bf16: bool, cells: Sequence[np.ndarray | None] | None = None) -> tuple[float, float]:
+    probs, _ = predict(model, bags, device, bf16, cells)
     loss = float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-8)), torch.from_numpy(y)).item())
     return loss, auc_metric(y, probs)
 
 
 def train_fold(bags_tr: Sequence[torch.Tensor], y_tr: np.ndarray, bags_va: Sequence[torch.Tensor], y_va: np.ndarray,
-               in_dim: int, n_classes: int, cfg: TrainConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Train ``cfg.model``; returns the best model (on CPU) and its training history."""
+               in_dim: int, n_classes: int, cfg: TrainConfig, *, cells_tr: Sequence[np.ndarray | None] | None = None,
+               cells_va: Sequence[np.ndarray | None] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train ``cfg.model``; returns the best model (on CPU) and its training history. ``cells_tr`` / ``cells_va``:
+    each bag's tiles on their slide's grid, for models that see the layout (default: the bags' own, if any)."""
     with cpu_threads(pick_device(cfg.device)):
-        return _train_fold(bags_tr, y_tr, bags_va, y_va, in_dim, n_classes, cfg)
+        return _train_fold(bags_tr, y_tr, bags_va, y_va, in_dim, n_classes, cfg, cells_tr, cells_va)
 
 
 def _train_fold(bags_tr: Sequence[torch.Tensor], y_tr: np.ndarray, bags_va: Sequence[torch.Tensor], y_va: np.ndarray,
-                in_dim: int, n_classes: int, cfg: TrainConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
+                in_dim: int, n_classes: int, cfg: TrainConfig, cells_tr_: Sequence[np.ndarray | None] | None,
+                cells_va: Sequence[np.ndarray | None] | None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    cells_tr = _cells_of(bags_tr, cells_tr_)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = pick_device(cfg.device)
@@ -161,12 +179,14 @@ def _train_fold(bags_tr: Sequence[torch.Tensor], y_tr: np.ndarray, bags_va: Sequ
         model.train()
         total = 0.0
         for i in rng.permutation(len(bags_tr)):
-            bag = bags_tr[i]
+            bag, cells = bags_tr[i], cells_tr(i)
             if cfg.max_tiles and len(bag) > cfg.max_tiles:
-                bag = bag[torch.from_numpy(rng.choice(len(bag), cfg.max_tiles, replace=False))]
+                # in file order: TransMIL's PPEG reads the order as the layout
+                keep = np.sort(rng.choice(len(bag), cfg.max_tiles, replace=False))
+                bag, cells = bag[torch.from_numpy(keep)], (None if cells is None else np.asarray(cells)[keep])
             label = int(y_tr[i])
             with autocast_ctx(device, "bf16" if cfg.bf16 else "auto"):
-                out = model(bag.to(device), label=label)
+                out = model(bag.to(device), label=label, cells=_cells_tensor(cells, device))
             loss = F.cross_entropy(out["logits"].float()[None], torch.tensor([label], device=device), weight=w)
             if "instance_loss" in out:
                 loss = cfg.bag_weight * loss + (1 - cfg.bag_weight) * out["instance_loss"].float()
@@ -176,7 +196,7 @@ def _train_fold(bags_tr: Sequence[torch.Tensor], y_tr: np.ndarray, bags_va: Sequ
             total += float(loss.detach())
         rec = {"epoch": epoch, "train_loss": total / max(1, len(bags_tr))}
         if len(bags_va):
-            vl, va = _val_scores(model, bags_va, y_va, device, cfg.bf16)
+            vl, va = _val_scores(model, bags_va, y_va, device, cfg.bf16, cells_va)
             rec.update(val_loss=vl, val_auc=va)
             key = (-vl,) if cfg.monitor == "loss" else (np.nan_to_num(va, nan=0.0), -vl)
         else:
@@ -230,6 +250,10 @@ def load_model(fold_dir: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, 
     meta = json.loads(cfg_p.read_text())
     tc = dict(meta["train_config"])
     cfg = TrainConfig(**{k: v for k, v in tc.items() if k in TrainConfig.__dataclass_fields__})
+    state = load_file(str(w_p))
+    if cfg.model == "transmil" and "ppeg" not in cfg.model_kwargs and not any(".ppeg." in k or k.startswith("ppeg.")
+                                                                               for k in state):
+        cfg.model_kwargs = {**cfg.model_kwargs, "ppeg": False}  # saved before TransMIL had its PPEG
     model = _build(cfg, int(meta["in_dim"]), int(meta["n_classes"]))
-    model.load_state_dict(load_file(str(w_p)))
+    model.load_state_dict(state)
     return model.eval(), meta
