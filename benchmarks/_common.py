@@ -39,10 +39,22 @@ def write_result(topic: str, markdown: str, command: list[str] | None = None, st
     return p
 
 
+#: The child's own peak RSS in kB: VmHWM of its memory map (Linux). Not ``ru_maxrss``: across fork + exec that keeps
+#: the forking parent's RSS at the fork, so a child of a 2 GB benchmark process would report at least 2 GB.
+PEAK_KB_CODE = ("def _peak_kb():\n"
+                "    try:\n"
+                "        for _l in open('/proc/self/status'):\n"
+                "            if _l.startswith('VmHWM:'):\n"
+                "                return int(_l.split()[1])\n"
+                "    except OSError:\n"
+                "        pass\n"
+                "    import resource\n"
+                "    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n")
+
+
 def run_child_peak_rss(code: str, timeout: float = 1800) -> tuple[float, str]:
     """Run ``python -c code`` and return (peak RSS in GB of that child, its stdout)."""
-    wrapper = ("import resource, sys\n" + code +
-               "\nprint('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+    wrapper = ("import sys\n" + code + "\n" + PEAK_KB_CODE + "print('PEAK_KB', _peak_kb(), file=sys.stderr)\n")
     proc = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     if proc.returncode != 0:

@@ -36,3 +36,15 @@ def test_make_bench_reruns_the_recorded_commands(tmp_path: Path) -> None:
     cmds = run_all.recorded_commands(text)
     script = str(run_all.HERE / "bench_mil.py")
     assert cmds == [[sys.executable, script, "--quick", "--x", "1"], [sys.executable, script]]
+
+
+def test_child_peak_rss_is_the_childs_own_not_the_forking_parents() -> None:
+    """ru_maxrss survives fork + exec: a child of a big process would report the parent's RSS. The child here
+    allocates ~200 MB while this process holds ~600 MB: the measured peak must be the child's."""
+    import numpy as np
+    from _common import run_child_peak_rss
+
+    held = np.ones(600 * 2**20 // 8)  # touched: 600 MB resident in this process
+    gb, out = run_child_peak_rss("import numpy as np\na = np.ones(200 * 2**20 // 8)\nprint(int(a.sum()))")
+    assert int(out.strip()) == 200 * 2**20 // 8 and held[0] == 1.0
+    assert 0.2 < gb < 0.45, gb  # 200 MB + the interpreter and numpy, far below the parent's 600 MB

@@ -31,9 +31,15 @@ from gigaslide.encoders import build_encoder
 from gigaslide.features.extract import encode_slides
 from gigaslide.tiling import TilingParams
 enc = build_encoder("test_resnet", "random", seed=0)
-if sys.argv[2] == "slow":  # a rank slow enough to be killed in the middle of a slide
-    fwd = enc.forward
-    enc.forward = lambda x: (time.sleep(0.3), fwd(x))[1]
+if sys.argv[2] == "slow":  # a rank slow enough to be killed in the middle of a slide: slow the model encode runs
+    import gigaslide.features.extract as X
+    real = X.for_inference
+    def slow(e):
+        f = real(e)
+        fwd = f.forward
+        f.forward = lambda x: (time.sleep(0.3), fwd(x))[1]
+        return f
+    X.for_inference = slow
 r = encode_slides(sys.argv[3:], sys.argv[1], enc, TilingParams(mpp=1.0, tile_size=64, min_tissue=0.5), batch_size=8,
                   workers=0, precision="fp32", overlays=False)
 print("DONE", " ".join(sorted(r.done)), "| FAILED", " ".join(sorted(r.failed)))

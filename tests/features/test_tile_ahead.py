@@ -48,12 +48,21 @@ def test_tiling_ahead_gives_the_features_of_tiling_first_and_reports_a_broken_sl
     assert ahead.tiling_seconds < first.tiling_seconds  # nothing is tiled before the first forward pass
 
 
-def test_the_first_slide_is_encoded_before_the_last_one_is_tiled(slides, tmp_path):
+def test_the_first_slide_is_encoded_before_the_last_one_is_tiled(slides, tmp_path, monkeypatch):
+    import gigaslide.features.extract as X
+
     good, _ = slides
     enc = build_encoder("test_resnet", "random", seed=0)
     first_forward: list[float] = []
-    fwd = enc.forward
-    enc.forward = lambda x: (first_forward.append(time.time()) if not first_forward else None, fwd(x))[1]
+    real = X.for_inference
+
+    def timed(e):  # the model encode runs (batch norms folded): note when it first runs
+        f = real(e)
+        fwd = f.forward
+        f.forward = lambda x: (first_forward.append(time.time()) if not first_forward else None, fwd(x))[1]
+        return f
+
+    monkeypatch.setattr(X, "for_inference", timed)
     res = encode_slides(good, tmp_path, enc, PARAMS, batch_size=16, workers=0, precision="fp32", tile_ahead=True,
                         tile_workers=1)
     assert sorted(res.done) == [p.stem for p in good]

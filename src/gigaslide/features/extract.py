@@ -35,6 +35,7 @@ import torch
 from gigaslide import atomic
 from gigaslide.devices import PrecisionChoice, autocast_ctx, choose_precision, pick_device
 from gigaslide.encoders import Encoder
+from gigaslide.encoders.inference import for_inference
 from gigaslide.errors import GigaslideError
 from gigaslide.features import store
 from gigaslide.features.manifest import Manifest
@@ -77,6 +78,7 @@ class EncodeResult:
     precision: str = "fp32"
     bf16_cosine: float | None = None
     precision_choice: dict[str, Any] = field(default_factory=dict)
+    bn_folded: bool = False  # the encoder ran with its batch norms folded into its convolutions
 
 
 def _feature_attrs(encoder: Encoder, params: TilingParams, grid: TileGrid, choice: PrecisionChoice, seed: int | None,
@@ -293,9 +295,9 @@ class _Run:
 
 
 def _prepare(encoder: Encoder, dev: torch.device, compile_model: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    encoder = encoder.to(dev).eval()
-    if encoder.spec.family == "cnn":
-        encoder = encoder.to(memory_format=torch.channels_last)
+    """The encoder on ``dev`` for inference: batch norms folded, channels_last for CNNs (see
+    :func:`gigaslide.encoders.inference.for_inference`), optionally ``torch.compile``-d."""
+    encoder = for_inference(encoder.to(dev))
     return torch.compile(encoder, dynamic=True) if compile_model else encoder
 
 
@@ -323,9 +325,11 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
     model = _prepare(encoder, dev, compile_model)
     manifest = Manifest(out / "manifest.json", {
         "command": "encode", "encoder": encoder.spec.name, "weights": encoder.weights_id, **params.as_dict(),
-        "batch_size": batch_size, "workers": workers, "precision": precision, "device": str(dev), "world": rank.world})
+        "batch_size": batch_size, "workers": workers, "precision": precision, "device": str(dev), "world": rank.world,
+        "bn_folded": bool(getattr(model, "bn_folded", False))})
     run = _Run(out, encoder, params, manifest, slide_mpp, overlays, rank, progress, tile_workers)
     res = run.res
+    res.bn_folded = bool(getattr(model, "bn_folded", False))
     # one rank only: ranks order slides by tile count (longest first), which needs every slide tiled first
     ahead = (dev.type == "cuda" and rank.world == 1) if tile_ahead is None else bool(tile_ahead)
     t_tiling = time.perf_counter()
