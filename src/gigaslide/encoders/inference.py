@@ -4,7 +4,8 @@ A CNN's batch norm in eval mode is a fixed per-channel affine map, so it can be 
 bias of the convolution that feeds it (``torch.fx.experimental.optimization.fuse``, PyTorch's own pass). That
 saves one pass over every activation map (``benchmarks/bench_encode.py`` measures the forward pass with and
 without it); the features agree within float rounding. Models without batch norm (ViTs) and models fx cannot
-trace are returned unchanged. The caller's encoder is never modified.
+trace are returned unchanged. The caller's encoder is never modified. ``gigaslide encode``, ``augment-cache``
+and ``embed-tiles`` run their encoder through :func:`for_inference`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def for_inference(encoder: Encoder) -> Encoder:
     """``encoder`` in eval mode with its batch norms folded (a new :class:`Encoder` sharing the spec and weights id),
     channels_last for CNNs; ``encoder`` itself (in eval mode) when nothing can be folded."""
     encoder = encoder.eval()
+    if not isinstance(encoder, Encoder):  # another module that embeds tiles: used as it is
+        return encoder
     fused = fold_batchnorm(encoder.trunk)  # in eval mode now
     out = encoder if fused is None else Encoder(encoder.spec, fused, encoder.weights_id).to(encoder.mean.device).eval()
     if out.spec.family == "cnn":

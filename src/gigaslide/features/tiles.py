@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from gigaslide.devices import autocast_ctx
+from gigaslide.encoders.inference import for_inference
 from gigaslide.errors import GigaslideError
 from gigaslide.tiling.folders import labelled_images, read_image, subsample
 
@@ -91,6 +92,7 @@ def embed_tile_folder(encoder, folder: str | os.PathLike, out: str | os.PathLike
                     "images_per_s": None, "encoder": encoder.spec.name, "reused": True}
     if torch.cuda.is_available() and next(encoder.parameters()).device.type == "cpu":
         encoder = encoder.cuda()
+    encoder = for_inference(encoder)  # batch norms folded: inference only
     t0 = time.perf_counter()
     chunks, shapes = [], set()
     for i in range(0, len(files), batch_size):

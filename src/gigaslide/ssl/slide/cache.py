@@ -34,6 +34,7 @@ import torch
 
 from gigaslide import atomic
 from gigaslide.encoders import Encoder, build_encoder
+from gigaslide.encoders.inference import for_inference
 from gigaslide.errors import GigaslideError
 from gigaslide.features import store
 from gigaslide.slides import open_slide, slide_id_from_path
@@ -152,7 +153,7 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
         raise GigaslideError("no slides given", fix="pass slide files: gigaslide augment-cache a.svs b.svs --out CACHE")
     enc = build_encoder(encoder, weights, seed=seed) if isinstance(encoder, str) else encoder
     dev = pick_device(device)
-    enc = enc.to(dev).eval()
+    enc = for_inference(enc.to(dev))  # batch norms folded: inference only
     out = atomic.ensure_writable_dir(out)
     feat_dir = atomic.ensure_writable_dir(out / "features")
     atomic.clean_stale_tmp(feat_dir)
