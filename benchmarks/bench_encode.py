@@ -86,22 +86,26 @@ def e2e_vs_forward(slides: list[Path], encoder_name: str, params: TilingParams, 
             for _tile in iter_tiles(slide, grid.coords, params.tile_size, params.mpp):
                 pass
         read_s.append(time.perf_counter() - t)
-    arms = {"auto": None, "one": 1}
+    arms = {"auto": (None, True), "one": (1, True), "unfolded": (None, False)}  # (workers, fold_bn)
     rows: dict[str, dict[str, list]] = {a: {"e2e": [], "fwd": [], "workers": []} for a in arms}
     for r in range(repeats):  # arms alternate their order so the VM's drift hits both alike
         for arm in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
             out = work / f"e2e-{arm}{r}"
             for slide in slides:
                 tile_slide(slide, out, params, overlays=False)  # tiles exist, so encode_slides only reads + encodes
-            res = encode_slides(slides, out, enc, params, batch_size=64, workers=arms[arm], precision=prec, overlays=False)
+            res = encode_slides(slides, out, enc, params, batch_size=64, workers=arms[arm][0], precision=prec,
+                                overlays=False, fold_bn=arms[arm][1])
+            assert res.bn_folded == arms[arm][1]
             assert res.tiles == n, (res.tiles, n, res.failed)
             rows[arm]["e2e"].append(res.seconds)
-            rows[arm]["fwd"].append(forward_only(fast, batches, prec))
+            rows[arm]["fwd"].append(forward_only(fast if arms[arm][1] else enc, batches, prec))
             rows[arm]["workers"].append(json.loads((out / "manifest.json").read_text())["config"]["workers"])
             for f in (out / "features").glob("*.h5"):
                 f.unlink()
     out = {"tiles": n, "read_tps": n / statistics.median(read_s), "read_s": statistics.median(read_s), "precision": choice,
            "fold": statistics.median(fold), "folds": [round(x, 3) for x in fold]}
+    e2e_gain = [u / a for a, u in zip(rows["auto"]["e2e"], rows["unfolded"]["e2e"])]  # the same round of arms
+    out["e2e_fold"], out["e2e_folds"] = statistics.median(e2e_gain), [round(x, 3) for x in e2e_gain]
     for arm, d in rows.items():
         e, f = statistics.median(d["e2e"]), statistics.median(d["fwd"])
         # this VM's speed drifts by up to 2x over minutes: the ratio is taken per back-to-back pair, then the median
@@ -187,12 +191,14 @@ def main() -> None:
               "`inline ceiling` = forward / (forward + read-only): the best ratio reading in the main process can reach, "
               "as nothing overlaps there. Every arm runs the model as `encode` does, batch norms folded into the "
               "convolutions (`gigaslide.encoders.inference.for_inference`); `BN folding` = forward time of the unfolded "
-              "model / the folded one on the same tiles, back to back in alternating order (median over pairs). "
+              "model / the folded one on the same tiles, back to back in alternating order (median over pairs); "
+              "`end to end, BN folding ×` = `encode --fold-bn false` time / the default's, both with the default readers, "
+              "in the same round of arms (median over rounds). "
               + load_note() + ": the VM's speed drifts, hence back-to-back pairs. TARGET_LINE", "",
               "| slide | encoder | tiles | default: reader processes | end-to-end tiles/s | forward-only tiles/s | "
               "**ratio** (per pair) | read-only tiles/s | inline ceiling | 1 reader process: end-to-end tiles/s | ratio (per pair) "
-              "| BN folding: forward × (per pair) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| BN folding: forward × (per pair) | end to end, BN folding × (per round) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     gen = make_slide(work / "generated-6k.tiff", (6144, 6144), mpp=0.5, seed=7, blobs=5)
     big = work / "generated-12k.tiff" if args.quick else make_slide(work / "generated-12k.tiff", (12288, 12288), mpp=0.5,
                                                                     seed=8, blobs=5)
@@ -200,7 +206,7 @@ def main() -> None:
     params = TilingParams(0.5, 224, 0, 0.25)
     cases = [([slide], "resnet18", slide.name), (smalls, "resnet18", "8 generated 2k² slides, one run"),
              ([gen], "resnet18", gen.name), ([big], "resnet18", big.name), ([gen], "resnet50", gen.name)]
-    measured, pairs, gains, ceilings, precisions, folds = [], [], [], [], [], []
+    measured, pairs, gains, ceilings, precisions, folds, e2e_folds = [], [], [], [], [], [], []
     for sl, name, label in cases[:3] if args.quick else cases:
         r = e2e_vs_forward(sl, name, params, 3 if args.quick else 5, work)
         print(r, flush=True)
@@ -213,7 +219,9 @@ def main() -> None:
         ceilings.append(ceil)
         lines.append(f"| {label} @0.5 µm/px | {name} | {r['tiles']} | {a['workers']} | {a['e2e_tps']:.1f} | {a['fwd_tps']:.1f} | "
                      f"**{a['ratio']:.3f}** ({', '.join(map(str, a['ratios']))}) | {r['read_tps']:.0f} | {ceil:.3f} | {o['e2e_tps']:.1f} | {o['ratio']:.3f} "
-                     f"({', '.join(map(str, o['ratios']))}) | ×{r['fold']:.3f} ({', '.join(map(str, r['folds']))}) |")
+                     f"({', '.join(map(str, o['ratios']))}) | ×{r['fold']:.3f} ({', '.join(map(str, r['folds']))}) | "
+                     f"×{r['e2e_fold']:.3f} ({', '.join(map(str, r['e2e_folds']))}) |")
+        e2e_folds.append((r["e2e_fold"], f"{name}, {label}"))
         folds.append((r["fold"], f"{name}, {label}"))
     if measured:
         ok = sum(r >= 0.95 for r, _ in measured)
@@ -230,7 +238,9 @@ def main() -> None:
                         "at this noise level, only not contradicted.")
         faster = sum(f > 1 for f, _ in folds)
         verdict += (f" Batch-norm folding: the forward pass faster on {faster} of {len(folds)} rows (×{min(folds)[0]:.2f} "
-                    f"{min(folds)[1]} to ×{max(folds)[0]:.2f} {max(folds)[1]}).")
+                    f"{min(folds)[1]} to ×{max(folds)[0]:.2f} {max(folds)[1]}); `encode` end to end faster with it on "
+                    f"{sum(f > 1 for f, _ in e2e_folds)} of {len(e2e_folds)} rows (×{min(e2e_folds)[0]:.2f} "
+                    f"{min(e2e_folds)[1]} to ×{max(e2e_folds)[0]:.2f} {max(e2e_folds)[1]}), the folding itself included.")
         lines = [ln.replace("TARGET_LINE", verdict) for ln in lines]
     text = precision_text(precisions[0][1]) + ("" if len({p.resolved for _, p in precisions}) == 1 else
                                                f" (per row: {', '.join(f'{n}: {p.resolved}' for n, p in precisions)})")

@@ -123,7 +123,7 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
            tile_size: int = 224, overlap: int = 0, min_tissue: float = 0.25, batch_size: int = 64, workers: int | None = None,
            precision: str = "auto", device: str = "auto", slide_mpp: float | str | None = None, threads: int = 2,
            compile: bool = False, background: str = "auto", tile_workers: int | None = None,
-           tile_ahead: bool | None = None) -> None:  # noqa: A002 - the option's name
+           tile_ahead: bool | None = None, fold_bn: bool = True) -> None:  # noqa: A002 - the option's name
     """Tile and encode slides into one HDF5 feature file per slide (CLAM/TRIDENT layout); resumable.
 
     Example:
@@ -154,6 +154,8 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
         background: auto (detected from the thumbnail), bright (bright-field glass) or dark (fluorescence)
         tile_workers: processes tiling slides that have no tile grid yet (default: the cores, one slide each; half of them when tiling ahead)
         tile_ahead: tile while earlier slides are encoded (default: on CUDA with one rank; else all slides first)
+        fold_bn: run the encoder with its batch norms folded into the convolutions before them (faster; the same
+            features within float rounding); --fold-bn false runs the model as it is
     """
     import torch
 
@@ -173,7 +175,8 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
     with progress_bar("encode") as update:
         res = encode_slides(files, out, enc, TilingParams(mpp, tile_size, overlap, min_tissue, background), batch_size=batch_size,
                             workers=workers, precision=precision, device=device, slide_mpp=slide_mpp, progress=update,
-                            compile_model=compile, tile_workers=tile_workers, tile_ahead=tile_ahead)
+                            compile_model=compile, tile_workers=tile_workers, tile_ahead=tile_ahead,
+                            fold_bn=fold_bn)
     rate = res.tiles / res.seconds if res.seconds else 0.0
     print(f"encoded {len(res.done)} slides ({res.tiles} tiles, {rate:.1f} tiles/s, {res.precision}; "
           f"{res.tiling_seconds:.1f} s of {res.seconds:.1f} s tiling before encoding), "

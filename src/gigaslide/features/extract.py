@@ -294,10 +294,15 @@ class _Run:
                 j.lock.release()
 
 
-def _prepare(encoder: Encoder, dev: torch.device, compile_model: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The encoder on ``dev`` for inference: batch norms folded, channels_last for CNNs (see
-    :func:`gigaslide.encoders.inference.for_inference`), optionally ``torch.compile``-d."""
-    encoder = for_inference(encoder.to(dev))
+def _prepare(encoder: Encoder, dev: torch.device, compile_model: bool, fold_bn: bool = True
+             ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The encoder on ``dev`` for inference: batch norms folded (unless ``fold_bn`` is False), channels_last for
+    CNNs (see :func:`gigaslide.encoders.inference.for_inference`), optionally ``torch.compile``-d."""
+    encoder = encoder.to(dev).eval()
+    if fold_bn:
+        encoder = for_inference(encoder)
+    elif encoder.spec.family == "cnn":
+        encoder = encoder.to(memory_format=torch.channels_last)
     return torch.compile(encoder, dynamic=True) if compile_model else encoder
 
 
@@ -306,7 +311,7 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
                   slide_mpp: float | str | None = None, overlays: bool = True, seed: int | None = 0,
                   progress: Callable[[str, int, int], None] | None = None, compile_model: bool = False,
                   direct: bool = True, rank: RankInfo | None = None, tile_workers: int | None = None,
-                  tile_ahead: bool | None = None) -> EncodeResult:
+                  tile_ahead: bool | None = None, fold_bn: bool = True) -> EncodeResult:
     """Tile (or reuse tiles) and encode every slide into ``out/features/<slide_id>.h5``.
 
     ``workers``: reader processes (0: read in this process; None: sized to the machine, see
@@ -315,14 +320,15 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
     slides without a tile grid (None: this rank's cores before encoding starts, half of them while it runs;
     0 or 1: one after another here). ``tile_ahead``: tile those slides while earlier ones are encoded instead of
     all before the first forward pass (None: on CUDA with one rank, where the cores are free while the GPU works;
-    on a CPU the model's threads use them, and a second busy process slows every OpenMP region).
+    on a CPU the model's threads use them, and a second busy process slows every OpenMP region). ``fold_bn``: run
+    the encoder with its batch norms folded into its convolutions (:mod:`gigaslide.encoders.inference`).
     """
     t_start = time.perf_counter()
     out = atomic.ensure_writable_dir(out)
     rank = rank or rank_info()
     dev = rank_device(device, rank)
     workers = auto_workers(dev, rank) if workers is None else workers
-    model = _prepare(encoder, dev, compile_model)
+    model = _prepare(encoder, dev, compile_model, fold_bn)
     manifest = Manifest(out / "manifest.json", {
         "command": "encode", "encoder": encoder.spec.name, "weights": encoder.weights_id, **params.as_dict(),
         "batch_size": batch_size, "workers": workers, "precision": precision, "device": str(dev), "world": rank.world,
