@@ -38,8 +38,9 @@ def view(out_dirs: list[str], runs: list[str] | str | None = None, port: int = 8
     try:
         server.run(on_ready=lambda url: print(f"{url}   ({n_ok} of {len(state.entries)} slides, {len(state.runs)} run(s); "
                                                "Ctrl-C stops)", flush=True))
-    except KeyboardInterrupt:
-        print("viewer stopped")
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown, or returns: both end here
+        pass
+    print("viewer stopped", flush=True)
 
 
 def export_anndata(out_dirs: list[str], out: str = "features.h5ad", runs: list[str] | str | None = None,
