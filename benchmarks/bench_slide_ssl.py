@@ -298,6 +298,10 @@ def report(results: dict, tile: dict, args, enc_desc: str) -> str:
         pairs = [("Giga-SSL (linear)", ref), ("Giga-SSL (linear)", "mean pooling (linear)"),
                  ("SLPD +intra+inter (linear)", "SLPD DINO only (linear)"), ("SLPD +intra (linear)", "SLPD DINO only (linear)"),
                  ("SLPD +intra+inter (linear)", ref)]
+        for pe in ("TransMIL", "TransMIL-grid"):  # position encoding: what it adds, and slide SSL against it
+            if pe in preds:
+                pairs += ([(pe, "TransMIL-noPPEG")] if "TransMIL-noPPEG" in preds else []) + [
+                    ("SLPD +intra+inter (linear)", pe)]
         for a, b in pairs:
             cells = []
             for n in args.ns:
