@@ -97,9 +97,10 @@ def paired_diff(y: np.ndarray, a: np.ndarray, b: np.ndarray, n_boot: int) -> tup
     return auc(y, a) - auc(y, b), float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))
 
 
-#: label -> (MIL model, its settings)
-MIL = {"ABMIL": ("abmil", {}), "TransMIL-noPPEG": ("transmil", {"ppeg": False}), "TransMIL (PPEG)": ("transmil", {}),
-       "TransMIL-grid (PPEG on the tiling grid)": ("transmil", {"layout": "grid"})}
+#: label -> (MIL model, its settings, run folder under WORK/context/mil)
+MIL = {"ABMIL": ("abmil", {}, "ABMIL"), "TransMIL-noPPEG": ("transmil", {"ppeg": False}, "TransMIL-noPPEG"),
+       "TransMIL (PPEG)": ("transmil", {}, "TransMIL_PPEG"),
+       "TransMIL-grid (PPEG on the tiling grid)": ("transmil", {"layout": "grid"}, "TransMIL-grid")}
 
 
 def mil_oof(feature_dir: Path, labels_csv: Path, out: Path, t, folds, model: str, kw: dict, args) -> np.ndarray:  # noqa: ANN001
@@ -165,11 +166,10 @@ def main() -> None:
         tile_aucs[k] = sc["tile_auc"]
     res = {k: (auc(y, v), *bootstrap_ci(auc, y, v, n_bootstrap=args.bootstrap)) for k, v in rows.items()}
     mil, mil_s = {}, {}
-    for name, (model, kw) in MIL.items():
+    for name, (model, kw, folder) in MIL.items():
         t1 = time.perf_counter()
         mil[name] = mil_oof(work / "context" / "features_0" / "features", mosaic / "labels.csv",
-                            work / "context" / "mil" / (name.split(" (")[0] + ("_PPEG" if name == "TransMIL (PPEG)" else "")),
-                            t, folds, model, kw, args)
+                            work / "context" / "mil" / folder, t, folds, model, kw, args)
         mil_s[name] = time.perf_counter() - t1
     mil_auc = {k: B.mean_auc(y, v) for k, v in mil.items()}
     frac = np.array([truth[s].mean() for s in t.slide_ids])

@@ -34,8 +34,8 @@ enc = build_encoder("test_resnet", "random", seed=0)
 if sys.argv[2] == "slow":  # a rank slow enough to be killed in the middle of a slide: slow the model encode runs
     import gigaslide.features.extract as X
     real = X.for_inference
-    def slow(e):
-        f = real(e)
+    def slow(e, **kw):
+        f = real(e, **kw)
         fwd = f.forward
         f.forward = lambda x: (time.sleep(0.3), fwd(x))[1]
         return f

@@ -56,8 +56,8 @@ def test_the_first_slide_is_encoded_before_the_last_one_is_tiled(slides, tmp_pat
     first_forward: list[float] = []
     real = X.for_inference
 
-    def timed(e):  # the model encode runs (batch norms folded): note when it first runs
-        f = real(e)
+    def timed(e, **kw):  # the model encode runs (batch norms folded): note when it first runs
+        f = real(e, **kw)
         fwd = f.forward
         f.forward = lambda x: (first_forward.append(time.time()) if not first_forward else None, fwd(x))[1]
         return f

@@ -16,8 +16,8 @@ from torch import nn
 from gigaslide.encoders.model import Encoder
 
 
-def _has_batchnorm(m: nn.Module) -> bool:
-    return any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())  # noqa: SLF001
+def _batchnorms(m: nn.Module) -> int:
+    return sum(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())  # noqa: SLF001
 
 
 def fold_batchnorm(trunk: nn.Module) -> nn.Module | None:
@@ -27,7 +27,8 @@ def fold_batchnorm(trunk: nn.Module) -> nn.Module | None:
     from torch.fx import symbolic_trace
     from torch.fx.experimental.optimization import fuse
 
-    if not _has_batchnorm(trunk) or trunk.training:
+    n_before = _batchnorms(trunk)
+    if not n_before or trunk.training:
         return None
     try:
         # the traced module holds new containers around the same layers; fuse puts new convs (copies, folded) and
@@ -35,18 +36,17 @@ def fold_batchnorm(trunk: nn.Module) -> nn.Module | None:
         fused = fuse(symbolic_trace(trunk), inplace=True, no_trace=True)
     except Exception:  # noqa: BLE001 - an untraceable model is used as it is
         return None
-    n_before = sum(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in trunk.modules())  # noqa: SLF001
-    n_after = sum(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in fused.modules())  # noqa: SLF001
-    return fused if n_after < n_before else None
+    return fused if _batchnorms(fused) < n_before else None
 
 
-def for_inference(encoder: Encoder) -> Encoder:
-    """``encoder`` in eval mode with its batch norms folded (a new :class:`Encoder` sharing the spec and weights id),
-    channels_last for CNNs; ``encoder`` itself (in eval mode) when nothing can be folded."""
+def for_inference(encoder: Encoder, fold: bool = True) -> Encoder:
+    """``encoder`` in eval mode with its batch norms folded (a new :class:`Encoder` sharing the spec and weights id;
+    not with ``fold=False``), channels_last for CNNs; ``encoder`` itself (in eval mode) when nothing is folded.
+    ``bn_folded`` on the result says which."""
     encoder = encoder.eval()
     if not isinstance(encoder, Encoder):  # another module that embeds tiles: used as it is
         return encoder
-    fused = fold_batchnorm(encoder.trunk)  # in eval mode now
+    fused = fold_batchnorm(encoder.trunk) if fold else None  # in eval mode now
     out = encoder if fused is None else Encoder(encoder.spec, fused, encoder.weights_id).to(encoder.mean.device).eval()
     if out.spec.family == "cnn":
         out = out.to(memory_format=torch.channels_last)

@@ -298,11 +298,7 @@ def _prepare(encoder: Encoder, dev: torch.device, compile_model: bool, fold_bn: 
              ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The encoder on ``dev`` for inference: batch norms folded (unless ``fold_bn`` is False), channels_last for
     CNNs (see :func:`gigaslide.encoders.inference.for_inference`), optionally ``torch.compile``-d."""
-    encoder = encoder.to(dev).eval()
-    if fold_bn:
-        encoder = for_inference(encoder)
-    elif encoder.spec.family == "cnn":
-        encoder = encoder.to(memory_format=torch.channels_last)
+    encoder = for_inference(encoder.to(dev), fold=fold_bn)
     return torch.compile(encoder, dynamic=True) if compile_model else encoder
 
 
@@ -329,13 +325,14 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
     dev = rank_device(device, rank)
     workers = auto_workers(dev, rank) if workers is None else workers
     model = _prepare(encoder, dev, compile_model, fold_bn)
+    bn_folded = bool(getattr(model, "bn_folded", False))
     manifest = Manifest(out / "manifest.json", {
         "command": "encode", "encoder": encoder.spec.name, "weights": encoder.weights_id, **params.as_dict(),
         "batch_size": batch_size, "workers": workers, "precision": precision, "device": str(dev), "world": rank.world,
-        "bn_folded": bool(getattr(model, "bn_folded", False))})
+        "bn_folded": bn_folded})
     run = _Run(out, encoder, params, manifest, slide_mpp, overlays, rank, progress, tile_workers)
     res = run.res
-    res.bn_folded = bool(getattr(model, "bn_folded", False))
+    res.bn_folded = bn_folded
     # one rank only: ranks order slides by tile count (longest first), which needs every slide tiled first
     ahead = (dev.type == "cuda" and rank.world == 1) if tile_ahead is None else bool(tile_ahead)
     t_tiling = time.perf_counter()

@@ -70,6 +70,14 @@ class FeatureFile:
                 return float(steps.min())
         return None
 
+    @property
+    def tile_step_level0(self) -> float | None:
+        """Distance between neighbouring tiles of the grid in level-0 px: the tile side, less the overlap where the
+        tiles overlap (``overlap`` px of ``tile_size`` at the target mpp); None when the tile side is unknown."""
+        size0 = self.tile_size_level0
+        ts, ov = int(self.attrs.get("tile_size", 0) or 0), int(self.attrs.get("overlap", 0) or 0)
+        return size0 * (ts - ov) / ts if size0 and ts and 0 < ov < ts else size0
+
     def require_tile_size_level0(self) -> float:
         """:attr:`tile_size_level0`, or a one-line error naming the file."""
         v = self.tile_size_level0

@@ -42,17 +42,14 @@ def resolve_budget(budget_gb: float | str | None) -> int:
 
 def grid_cells(ff: Any) -> np.ndarray | None:
     """[N, 2] int64 (column, row) of each tile of feature file ``ff`` on its slide's tiling grid, the top-left
-    tile's cell at 0 (coordinates / the grid's stride, rounded: gigaslide's tilings floor fractional strides to
-    whole pixels). None for a file without tile positions (a tile folder: every coordinate 0)."""
+    tile's cell at 0 (coordinates / :attr:`~gigaslide.features.store.FeatureFile.tile_step_level0`, rounded:
+    gigaslide's tilings floor fractional strides to whole pixels). None for a file without tile positions (a tile folder: every coordinate 0)."""
     c = np.asarray(ff.coords, np.int64).reshape(-1, 2)
     if len(c) == 0:
         return np.zeros((0, 2), np.int64)
     if len(c) > 1 and not c.any():
         return None
-    stride = ff.tile_size_level0
-    ts, ov = ff.attrs.get("tile_size"), ff.attrs.get("overlap") or 0
-    if stride and ts and 0 <= float(ov) < float(ts):
-        stride = stride * (float(ts) - float(ov)) / float(ts)
+    stride = ff.tile_step_level0
     if not stride:  # one tile
         return np.zeros((len(c), 2), np.int64)
     return np.rint((c - c.min(0)) / float(stride)).astype(np.int64)

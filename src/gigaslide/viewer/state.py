@@ -69,10 +69,7 @@ class ViewerState:
     def lattice(self, key: str) -> TileLattice:
         def make() -> TileLattice:
             ff = self.features(key)
-            size0 = float(tile_size_of(ff))
-            ts, ov = int(ff.attrs.get("tile_size", 0) or 0), int(ff.attrs.get("overlap", 0) or 0)
-            step0 = size0 * (ts - ov) / ts if ts and 0 < ov < ts else size0
-            return TileLattice(ff.coords, size0, step0)
+            return TileLattice(ff.coords, float(tile_size_of(ff)), ff.tile_step_level0)
 
         return self._get("lattice", key, make)
 
