@@ -117,3 +117,23 @@ def test_lazy_loads_read_clam_and_trident_layouts_and_name_a_file_damaged_after_
     (tmp_path / "s.h5").write_bytes(bytes(raw))
     with pytest.raises(GigaslideError, match=r"s\.h5: cannot read HDF5"):
         np.asarray(ff.features)
+
+
+def test_grid_cells_undo_fractional_strides_and_overlap(tmp_path):
+    """Cells are the tiling's (column, row) indices from the file's top-left tile: a floored fractional stride and
+    an overlap (step < tile side) map back to whole cells; a subset of the tiles (a view) keeps the file's origin."""
+    cols, rows = np.meshgrid(np.arange(0, 300, 7), np.arange(3, 40, 3))
+    k = np.stack([cols.ravel(), rows.ravel()], 1)
+    tile0, ts, ov = 193.7, 224, 32  # level-0 tile side, tile px, overlap px: stride 193.7 * 192 / 224 = 166.03
+    stride = tile0 * (ts - ov) / ts
+    coords = np.floor(k * stride + 1e-9).astype(np.int64) + 1000
+    store.save(tmp_path / "a.h5", np.zeros((len(k), 4), np.float32), coords,
+               attrs={"tile_size": ts, "overlap": ov}, coords_attrs={"patch_size_level0": tile0})
+    ff = store.load(tmp_path / "a.h5")
+    np.testing.assert_array_equal(ff.grid_cells(), k - k.min(0))
+    view = np.array([[5, 9], [40, 2]])  # [V, T] tile indices: cells keep their shape and the file's origin
+    np.testing.assert_array_equal(ff.grid_cells(coords[view]), (k - k.min(0))[view])
+    store.save(tmp_path / "b.h5", np.zeros((5, 4), np.float32))  # a tile folder: no positions
+    assert store.load(tmp_path / "b.h5").grid_cells() is None
+    store.save(tmp_path / "c.h5", np.zeros((1, 4), np.float32), np.array([[512, 256]]))  # one tile: its own cell 0
+    np.testing.assert_array_equal(store.load(tmp_path / "c.h5").grid_cells(), [[0, 0]])

@@ -91,12 +91,12 @@ def test_localisation_auc_golden():
 def test_grid_layout_transmil_gets_its_cells_from_the_files_in_training_and_heatmaps(mosaic_and_model):
     """Bags hand each slide's grid cells to the model (a grid-layout TransMIL raises without them), in training,
     validation and the heatmap; the cells are the mosaic's own grid."""
-    from gigaslide.mil.bags import Bags, grid_cells
+    from gigaslide.mil.bags import Bags
 
     tmp, out, ys = mosaic_and_model
     files = [store.load(tmp / "feats" / f"mosaic_{i:04d}.h5") for i in range(40)]
     gt = read_ground_truth(out / "ground_truth" / "mosaic_0000.csv")
-    np.testing.assert_array_equal(grid_cells(files[0]), (gt[:, :2] - gt[:, :2].min(0)) // 32)
+    np.testing.assert_array_equal(files[0].grid_cells(), (gt[:, :2] - gt[:, :2].min(0)) // 32)
     bags = Bags(files, 1 << 30)
     cfg = TrainConfig(model="transmil", epochs=2, hidden=16, model_kwargs={"layout": "grid"})
     model, _ = train_fold(bags.take(range(32)), np.array(ys[:32]), bags.take(range(32, 40)), np.array(ys[32:]), 8, 2, cfg)

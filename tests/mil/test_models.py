@@ -284,19 +284,3 @@ def test_transmil_grid_layout_sees_arrangement_on_irregular_tissue_where_rows_wr
     assert res["grid"] > 0.95, res  # measured 1.000
     assert res["sequence"] < 0.92, res  # measured 0.837: wrapped rows put non-neighbours side by side
     assert res["none"] < 0.65, res  # measured 0.541
-
-
-def test_grid_cells_undo_fractional_strides_and_overlap(tmp_path):
-    from gigaslide.features import store
-    from gigaslide.mil.bags import grid_cells
-
-    cols, rows = np.meshgrid(np.arange(0, 300, 7), np.arange(3, 40, 3))
-    k = np.stack([cols.ravel(), rows.ravel()], 1)
-    tile0, ts, ov = 193.7, 224, 32  # level-0 tile side, tile px, overlap px: stride 193.7 * 192 / 224 = 166.03
-    stride = tile0 * (ts - ov) / ts
-    coords = np.floor(k * stride + 1e-9).astype(np.int64) + 1000
-    store.save(tmp_path / "a.h5", np.zeros((len(k), 4), np.float32), coords,
-               attrs={"tile_size": ts, "overlap": ov}, coords_attrs={"patch_size_level0": tile0})
-    np.testing.assert_array_equal(grid_cells(store.load(tmp_path / "a.h5")), k - k.min(0))
-    store.save(tmp_path / "b.h5", np.zeros((5, 4), np.float32))  # a tile folder: no positions
-    assert grid_cells(store.load(tmp_path / "b.h5")) is None

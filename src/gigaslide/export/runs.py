@@ -30,7 +30,6 @@ from scipy.stats import rankdata
 from gigaslide.errors import GigaslideError
 from gigaslide.evaluation.slides import read_predictions
 from gigaslide.export.once import Once
-from gigaslide.mil.bags import grid_cells
 from gigaslide.mil.train import check_features_fit, load_model, predict
 from gigaslide.ssl.slide.export import KINDS as SSL_KINDS
 
@@ -163,7 +162,7 @@ class TileScorer:
             model, meta = self.model(fold_dir)
             self._check(meta, ff, fold_dir)
             bag = torch.from_numpy(np.asarray(ff.features, np.float32))
-            cells = grid_cells(ff)
+            cells = ff.grid_cells()
             if group == "probability":
                 probs, _ = predict(model, [bag[i:i + 1] for i in range(len(bag))],
                                    cells=[None if cells is None else cells[i:i + 1] for i in range(len(bag))])

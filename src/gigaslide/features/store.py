@@ -78,6 +78,22 @@ class FeatureFile:
         ts, ov = int(self.attrs.get("tile_size", 0) or 0), int(self.attrs.get("overlap", 0) or 0)
         return size0 * (ts - ov) / ts if size0 and ts and 0 < ov < ts else size0
 
+    def grid_cells(self, coords: np.ndarray | None = None) -> np.ndarray | None:
+        """``[..., 2]`` int64 (column, row) cells of level-0 ``coords`` (default: this file's tiles) on the slide's
+        tiling grid, the file's top-left tile at cell 0: ``(coords - min) /`` :attr:`tile_step_level0`, rounded
+        (gigaslide's tilings floor fractional strides to whole pixels; overlapping tiles step by less than their
+        side). None for a file without tile positions (several tiles, every coordinate 0: a tile folder)."""
+        own = np.asarray(self.coords, np.int64).reshape(-1, 2)
+        c = own if coords is None else np.asarray(coords, np.int64)
+        if c.size == 0 or len(own) == 0:
+            return np.zeros(c.shape, np.int64)
+        if len(own) > 1 and not own.any():
+            return None
+        step = self.tile_step_level0
+        if not step:  # one tile
+            return np.zeros(c.shape, np.int64)
+        return np.rint((c - own.min(0)) / float(step)).astype(np.int64)
+
     def require_tile_size_level0(self) -> float:
         """:attr:`tile_size_level0`, or a one-line error naming the file."""
         v = self.tile_size_level0

@@ -40,21 +40,6 @@ def resolve_budget(budget_gb: float | str | None) -> int:
     return int(gb * 1e9)
 
 
-def grid_cells(ff: Any) -> np.ndarray | None:
-    """[N, 2] int64 (column, row) of each tile of feature file ``ff`` on its slide's tiling grid, the top-left
-    tile's cell at 0 (coordinates / :attr:`~gigaslide.features.store.FeatureFile.tile_step_level0`, rounded:
-    gigaslide's tilings floor fractional strides to whole pixels). None for a file without tile positions (a tile folder: every coordinate 0)."""
-    c = np.asarray(ff.coords, np.int64).reshape(-1, 2)
-    if len(c) == 0:
-        return np.zeros((0, 2), np.int64)
-    if len(c) > 1 and not c.any():
-        return None
-    stride = ff.tile_step_level0
-    if not stride:  # one tile
-        return np.zeros((len(c), 2), np.int64)
-    return np.rint((c - c.min(0)) / float(stride)).astype(np.int64)
-
-
 class Bags(Sequence[torch.Tensor]):
     """``bags[i]``: the float32 ``[N, D]`` tensor of slide ``i``'s features (``files[i].features``, an array or a
     :class:`~gigaslide.features.store.LazyFeatures`), kept in memory while the kept bags fit in ``budget_bytes``.
@@ -81,8 +66,9 @@ class Bags(Sequence[torch.Tensor]):
         return len(self._files)
 
     def cells(self, i: int) -> np.ndarray | None:
-        """Slide ``i``'s tiles on its tiling grid (:func:`grid_cells`), for models that see the layout."""
-        return grid_cells(self._files[int(i)])
+        """Slide ``i``'s tiles on its tiling grid (:meth:`~gigaslide.features.store.FeatureFile.grid_cells`), for
+        models that see the layout."""
+        return self._files[int(i)].grid_cells()
 
     def nbytes(self, i: int) -> int:
         f = self._files[i].features

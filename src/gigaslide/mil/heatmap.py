@@ -86,13 +86,12 @@ def heatmap(slide: str | os.PathLike, features: str | os.PathLike, model_dir: st
             slide_mpp: float | None = None) -> dict[str, Any]:
     """Draw a slide's MIL attention heatmap; returns probabilities, n tiles and localisation AUC (if known)."""
     from gigaslide.features import store
-    from gigaslide.mil.bags import grid_cells
     from gigaslide.slides import open_slide
 
     model, meta = load_model(model_dir)
     ff = store.load(features)
     check_features_fit(meta, ff, features)
-    cells = grid_cells(ff)
+    cells = ff.grid_cells()
     with torch.no_grad():
         res = model(torch.from_numpy(np.asarray(ff.features, np.float32)),
                     cells=None if cells is None else torch.from_numpy(cells))

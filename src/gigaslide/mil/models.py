@@ -28,7 +28,7 @@ Models:
     gigaslide's tilings the file order is row-major over the slide's grid, so rows wrap wherever the tissue
     is not a full rectangle of that width;
   - ``"grid"``: each tile at its own cell of the slide's tiling grid (``cells`` [N, 2] = column, row, from
-    :func:`gigaslide.mil.bags.grid_cells`), cells without a tile zero: neighbours on the slide are neighbours
+    :meth:`gigaslide.features.store.FeatureFile.grid_cells`), cells without a tile zero: neighbours on the slide are neighbours
     for the convolutions.
 
   ``ppeg=False`` drops PPEG: a tile-order-invariant model like the others.

@@ -130,7 +130,7 @@ def _cells_tensor(c: np.ndarray | None, device: torch.device) -> torch.Tensor | 
 def predict(model: torch.nn.Module, bags: Sequence[torch.Tensor], device: torch.device | None = None,
             bf16: bool = False, cells: Sequence[np.ndarray | None] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
     """Class probabilities [N, C] and per-tile scores (attention or instance score) of each bag. ``cells``: each
-    bag's tiles on their slide's grid (:func:`~gigaslide.mil.bags.grid_cells`; default: the bags' own, if any)."""
+    bag's tiles on their slide's grid (:meth:`~gigaslide.features.store.FeatureFile.grid_cells`; default: the bags' own, if any)."""
     device = device or next(model.parameters()).device
     model.eval()
     probs, scores = [], []

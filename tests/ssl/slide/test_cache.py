@@ -177,3 +177,17 @@ def test_a_resumed_build_leaves_the_cache_fingerprint_unchanged(slides, tmp_path
     res = build_augment_cache(slides[:2], out, **KW)  # e.g. a pipeline re-run: every slide is done
     assert res.skipped == ["s0", "s1"] and not res.done
     assert fingerprint(out) == before
+
+
+def test_slide_encoders_refuse_features_without_tile_positions(tmp_path):
+    """Giga-SSL's sparse convolutions need each tile's cell: a tile folder's features (every coordinate 0) get a
+    one-line error naming the file, not one cell shared by all tiles."""
+    from gigaslide.ssl.slide.views import tile_cells
+
+    store.save(tmp_path / "tiles.h5", np.zeros((4, 2), np.float32))
+    with pytest.raises(GigaslideError, match="no tile positions") as e:
+        tile_cells(store.load(tmp_path / "tiles.h5"))
+    assert "tiles.h5" in str(e.value) and "gigaslide encode" in str(e.value)
+    store.save(tmp_path / "slide.h5", np.zeros((3, 2), np.float32), np.array([[10, 10], [266, 10], [266, 266]]),
+               coords_attrs={"patch_size_level0": 256.0})
+    np.testing.assert_array_equal(tile_cells(store.load(tmp_path / "slide.h5")), [[0, 0], [1, 0], [1, 1]])

@@ -45,6 +45,16 @@ def test_region_size_in_microns_at_any_mpp(tmp_path):
     assert [m.tolist() for m in r.members] == [[0, 1], [2]] and r.grid == 16
 
 
+def test_overlapping_tiles_get_their_own_lattice_cells(tmp_path):
+    """Tiles overlapping by half step by half a side: the lattice is twice as fine, no two tiles share a cell."""
+    k = np.stack(np.meshgrid(np.arange(8), np.arange(8)), -1).reshape(-1, 2)
+    store.save(tmp_path / "a.h5", np.zeros((64, 2), np.float32), k * 256, attrs={"mpp": 0.5, "tile_size": 256, "overlap": 128},
+               coords_attrs={"patch_size_level0": 512.0, "level0_mpp": 0.25})
+    r = regions_of(store.load(tmp_path / "a.h5"), 4096, 0.5)  # 8192 level-0 px: one region, lattice side 32
+    assert len(r) == 1 and r.grid == 32
+    np.testing.assert_array_equal(r.local[0], k)
+
+
 def test_prototype_distill_loss_known_values():
     k = 5
     # uniform student -> cross-entropy log K whatever the teacher

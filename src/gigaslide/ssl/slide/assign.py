@@ -20,6 +20,7 @@ import torch
 
 from gigaslide.errors import GigaslideError
 from gigaslide.ssl.slide.export import check_features, read_config
+from gigaslide.ssl.slide.views import tile_cells
 
 GIGASSL_CLUSTERS = 8
 
@@ -83,7 +84,7 @@ def gigassl_tile_states(encoder: torch.nn.Module, ff: Any) -> np.ndarray:
     h = encoder.reduce(x)
     blocks = getattr(encoder, "blocks", None)
     if blocks:  # SparseConvMIL: the first residual block sees each tile's grid neighbours, at full resolution
-        pos = torch.as_tensor(np.round(ff.coords / ff.require_tile_size_level0()).astype(np.int64))
+        pos = torch.as_tensor(tile_cells(ff))
         h = blocks[0](h, neighbour_index(pos, torch.zeros(len(pos), dtype=torch.long), encoder.kernel_size))
     return h.float().numpy()
 

@@ -27,6 +27,7 @@ from gigaslide.errors import GigaslideError
 from gigaslide.features import store
 from gigaslide.provenance import provenance
 from gigaslide.ssl.slide.export import check_features, read_config
+from gigaslide.ssl.slide.views import tile_cells
 
 
 @dataclass
@@ -63,7 +64,7 @@ def embed_slides(model: str | os.PathLike, features: str | os.PathLike, out: str
         enc = enc.to(dev)
         t = int(tiles_per_view or cfg["train"].get("tiles_per_step") or data["tiles_per_view"])
         for sid, ff in slides:
-            pos = np.round(ff.coords / ff.require_tile_size_level0()).astype(np.int64)
+            pos = tile_cells(ff)
             rng = np.random.default_rng([seed, zlib.crc32(sid.encode())])
             vecs.append(embed_views(enc, ff.features, pos, ensemble=ensemble, tiles_per_view=t, rng=rng, device=dev))
             ids.append(sid)

@@ -3,7 +3,8 @@
 The region side is given as ``region_size`` px at ``region_mpp`` µm/px (SLPD/HIPT: 4096 px at 20x,
 i.e. 0.5 µm/px = 2048 µm) and converted to level-0 px with the feature file's level-0 mpp. A tile
 belongs to the region containing its top-left corner; inside a region, tiles sit on a
-``grid x grid`` lattice (``grid = ceil(region side / tile side)``) used for positional embeddings.
+``grid x grid`` lattice (``grid = ceil(region side / tile step)``, the step being the tile side less any
+overlap) used for positional embeddings.
 :func:`grid_crop` cuts SLPD's region views as contiguous sub-grids of that lattice (the feature-level
 analogue of DINO's image crops: 2 large "global" and several small "local" crops).
 """
@@ -44,12 +45,14 @@ def level0_mpp(ff: FeatureFile) -> float:
 
 
 def group_regions(coords: np.ndarray, tile0: float, region0: float, *, min_tiles: int = 1,
-                  slide_id: str = "") -> SlideRegions:
-    """Group tiles (level-0 corners ``coords`` [N, 2], tile side ``tile0``) into regions of side ``region0``."""
+                  slide_id: str = "", step: float | None = None) -> SlideRegions:
+    """Group tiles (level-0 corners ``coords`` [N, 2], tile side ``tile0``, grid step ``step``: default the tile
+    side, less where tiles overlap) into regions of side ``region0``."""
     if region0 < tile0:
         raise GigaslideError(f"region side ({region0:.0f} level-0 px) is smaller than a tile ({tile0:.0f} px)",
                              fix="use a larger --region-size")
-    grid = max(1, math.ceil(region0 / tile0 - 1e-9))
+    step = float(step or tile0)
+    grid = max(1, math.ceil(region0 / step - 1e-9))
     cell = np.floor(coords / region0 + 1e-9).astype(np.int64)
     keys, inverse = np.unique(cell, axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
@@ -59,7 +62,7 @@ def group_regions(coords: np.ndarray, tile0: float, region0: float, *, min_tiles
         if len(idx) < min_tiles:
             continue
         origin = key * region0
-        lp = np.clip(np.floor((coords[idx] - origin) / tile0 + 1e-6).astype(np.int64), 0, grid - 1)
+        lp = np.clip(np.floor((coords[idx] - origin) / step + 1e-6).astype(np.int64), 0, grid - 1)
         origins.append(np.round(origin).astype(np.int64))
         members.append(idx)
         local.append(lp)
@@ -71,7 +74,8 @@ def regions_of(ff: FeatureFile, region_size: int, region_mpp: float = 0.5, min_t
     """Regions of one feature file (region side = ``region_size`` px at ``region_mpp`` µm/px)."""
     tile0 = ff.require_tile_size_level0()
     region0 = region_size * region_mpp / level0_mpp(ff)
-    return group_regions(ff.coords, tile0, region0, min_tiles=min_tiles, slide_id=ff.slide_id)
+    return group_regions(ff.coords, tile0, region0, min_tiles=min_tiles, slide_id=ff.slide_id,
+                         step=ff.tile_step_level0)
 
 
 def pack(feats: np.ndarray, regions: SlideRegions, which: list[int] | np.ndarray,

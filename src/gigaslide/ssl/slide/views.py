@@ -19,6 +19,17 @@ from gigaslide.features import store
 from gigaslide.provenance import Provenance
 
 
+def tile_cells(ff: store.FeatureFile, coords: np.ndarray | None = None) -> np.ndarray:
+    """Grid cells of a slide's tiles for the sparse slide encoders (:meth:`~gigaslide.features.store.FeatureFile.grid_cells`
+    of ``coords``, default the file's tiles: overlap and fractional strides undone), or a one-line error for
+    features without tile positions."""
+    cells = ff.grid_cells(coords)
+    if cells is None:
+        raise GigaslideError("features have no tile positions (every coordinate is 0, as from a tile folder)",
+                             path=ff.path, fix="encode whole slides with `gigaslide encode` (a slide encoder needs the layout)")
+    return cells
+
+
 @dataclass
 class ViewCache:
     slide_ids: list[str]
@@ -58,7 +69,7 @@ def load_cache(directory: str | os.PathLike) -> ViewCache:
                                  fix="delete this file and re-run augment-cache (it resumes)") from None
         ids.append(sid)
         views.append(v)
-        pos.append(np.round(vc / ff.require_tile_size_level0()).astype(np.int64))
+        pos.append(tile_cells(ff, vc))
         if int(ff.attrs.get("with_replacement", 0)):
             few.append(sid)
     first = next(iter(files.values()))
