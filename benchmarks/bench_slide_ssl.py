@@ -50,6 +50,20 @@ MIL = {"ABMIL": ("abmil", {}, "abmil"), "CLAM-SB": ("clam_sb", {}, "clam_sb"),
 #: what runs unless --mil-models says otherwise
 MIL_DEFAULT = ["ABMIL", "CLAM-SB", "TransMIL"]
 SLPD_MODES = {"SLPD DINO only": "dino", "SLPD +intra": "dino+intra", "SLPD +intra+inter": "dino+intra+inter"}
+FULL_SLPD = "SLPD +intra+inter"
+
+
+def slpd_variants(spec: str) -> list[tuple[str, str, dict]]:
+    """``--slpd-variants "seed=1,seed=2,epochs=8"`` -> (row name, run-folder suffix, pretrain_slpd overrides) of the
+    full SLPD (+intra+inter) pre-trained again with one setting changed: its seed spread, its epoch budget."""
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        key, _, val = item.partition("=")
+        if key not in ("seed", "epochs") or not val.isdigit():
+            raise SystemExit(f"--slpd-variants: {item!r} (use seed=N or epochs=N, comma-separated)")
+        v = int(val)
+        out.append((f"{FULL_SLPD} ({'seed ' + val if key == 'seed' else val + ' epochs'})", f"_{key}{v}", {key: v}))
+    return out
 TIMES: dict[str, float] = {}
 SAVED: dict[str, float] = {}  # times measured when a step really ran (work/times.json), reused when it resumes as done
 TIMES_FILE: list[Path] = []
@@ -210,12 +224,15 @@ def run_task(task: str, work: Path, pcam: Path, enc, args) -> dict:  # noqa: ANN
     emb = {"Giga-SSL": timed(f"{task}: Giga-SSL embed", embed_slides, w / "gigassl", w / "cache", w / "emb_gigassl.h5",
                              ensemble=20, fp16=True)}
     collapse = {}
-    for name, mode in SLPD_MODES.items():
-        r = timed(f"{task}: {name} pre-training", pretrain_slpd, w / "cache", w / f"slpd_{mode}", losses=mode,
-                  region_size=args.region_size, prototypes=2, warmup=max(1, args.slpd_epochs // 3),
-                  epochs=args.slpd_epochs, batch_size=64, log=quiet, done=w / f"slpd_{mode}" / "model.safetensors")
+    runs_ = [(name, mode, "", {}) for name, mode in SLPD_MODES.items()]
+    runs_ += [(name, SLPD_MODES[FULL_SLPD], sfx, kw) for name, sfx, kw in slpd_variants(args.slpd_variants)]
+    for name, mode, sfx, kw in runs_:
+        ep = kw.get("epochs", args.slpd_epochs)
+        r = timed(f"{task}: {name} pre-training", pretrain_slpd, w / "cache", w / f"slpd_{mode}{sfx}", losses=mode,
+                  region_size=args.region_size, prototypes=2, warmup=max(1, ep // 3), batch_size=64, log=quiet,
+                  **{"epochs": args.slpd_epochs, **kw}, done=w / f"slpd_{mode}{sfx}" / "model.safetensors")
         collapse[name] = r["collapse"]
-        emb[name] = embed_slides(w / f"slpd_{mode}", w / "cache", w / f"emb_{mode}.h5", fp16=True)
+        emb[name] = embed_slides(w / f"slpd_{mode}{sfx}", w / "cache", w / f"emb_{mode}{sfx}.h5", fp16=True)
     X = {k: np.asarray(v.embeddings, np.float32)[[v.slide_ids.index(s) for s in t.slide_ids]] for k, v in emb.items()}
     X["mean pooling"] = np.stack([files[s].features.mean(0) for s in t.slide_ids])
     preds = {f"{k} (linear)": linear_rows(x, t, plan) for k, x in X.items()}
@@ -298,6 +315,7 @@ def report(results: dict, tile: dict, args, enc_desc: str) -> str:
         pairs = [("Giga-SSL (linear)", ref), ("Giga-SSL (linear)", "mean pooling (linear)"),
                  ("SLPD +intra+inter (linear)", "SLPD DINO only (linear)"), ("SLPD +intra (linear)", "SLPD DINO only (linear)"),
                  ("SLPD +intra+inter (linear)", ref)]
+        pairs += [(f"{v} (linear)", f"{FULL_SLPD} (linear)") for v, _, _ in slpd_variants(args.slpd_variants)]
         for pe in ("TransMIL", "TransMIL-grid"):  # position encoding: what it adds, and slide SSL against it
             if pe in preds:
                 pairs += ([(pe, "TransMIL-noPPEG")] if "TransMIL-noPPEG" in preds else []) + [
@@ -421,6 +439,16 @@ def claims(results: dict, args) -> list[str]:
             out.append(f"- Context task (only spatial arrangement differs): best method {best} at AUC {a:.3f}; "
                        f"mean pooling {mean_auc(y, p['mean pooling (linear)'][small]):.3f} at n = {small} (a bag mean "
                        "cannot see arrangement by construction).")
+        variants = [v for v, _, _ in slpd_variants(args.slpd_variants)]
+        if variants:
+            last = args.ns[-1]
+            aucs = {k: mean_auc(y, p[f"{k} (linear)"][last]) for k in [FULL_SLPD, *variants]}
+            seeds = [aucs[FULL_SLPD]] + [a for k, a in aucs.items() if "seed" in k]
+            out.append(f"- {FULL_SLPD} pre-trained again, {task} task, n = {last}: AUC {aucs[FULL_SLPD]:.3f} as run above "
+                       f"(seed 0, {args.slpd_epochs} epochs); " + "; ".join(f"{k.split('(')[-1].rstrip(')')}: {aucs[k]:.3f}"
+                                                                          for k in variants)
+                       + (f". Spread over {len(seeds)} pre-training seeds: {max(seeds) - min(seeds):.3f} AUC (one SLPD run's "
+                          "result moves this much with its seed alone)." if len(seeds) > 1 else "."))
     return out
 
 
@@ -444,6 +472,8 @@ def main() -> None:
     ap.add_argument("--gigassl-epochs", type=int, default=300)
     ap.add_argument("--gigassl-batch", type=int, default=None)
     ap.add_argument("--slpd-epochs", type=int, default=30)
+    ap.add_argument("--slpd-variants", default="",
+                    help="the full SLPD again with one setting changed, paired against it: e.g. seed=1,seed=2,epochs=8")
     ap.add_argument("--region-size", type=int, default=745, help="px at 0.5 µm/px (372 µm = 4x4 mosaic tiles)")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--draws", type=int, default=10)
