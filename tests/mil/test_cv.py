@@ -56,6 +56,22 @@ def test_run_cv_layout_grouping_resume(tmp_path):
         run_cv(feats, lab, out, cfg=TrainConfig(model="abmil", **FAST), folds=3, verbose=False)
 
 
+def test_a_run_of_an_older_network_is_not_resumed_as_the_newer(tmp_path):
+    """TransMIL gained PPEG (arch 2) with the same settings: a run folder its first version trained (no model_arch
+    in run.json) is refused, not finished with the other network; abmil (version 1) runs keep resuming."""
+    feats, lab = _make(tmp_path, n=12)
+    for model in ("transmil", "abmil"):
+        out = tmp_path / model
+        run_cv(feats, lab, out, cfg=TrainConfig(model=model, **FAST), folds=2, n_bootstrap=0, verbose=False)
+        rec = json.loads((out / "run.json").read_text())
+        assert rec["identity"].pop("model_arch", None) == (2 if model == "transmil" else None)
+        (out / "run.json").write_text(json.dumps(rec))  # as the first version recorded it
+        if model == "transmil":
+            with pytest.raises(GigaslideError, match=r"another run \(model_arch: None -> 2\)"):
+                run_cv(feats, lab, out, cfg=TrainConfig(model=model, **FAST), folds=2, n_bootstrap=0, verbose=False)
+        else:
+            run_cv(feats, lab, out, cfg=TrainConfig(model=model, **FAST), folds=2, n_bootstrap=0, verbose=False)
+
 
 def test_fold_seed_keeps_the_folds_while_the_training_seed_changes(tmp_path):
     feats, lab = _make(tmp_path, n=30)

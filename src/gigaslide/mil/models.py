@@ -239,6 +239,9 @@ class PPEG(nn.Module):
 
 @MIL_MODELS.register("transmil")
 class TransMIL(nn.Module):
+    #: 2: PPEG between the attention layers (version 1 had none); see :func:`arch_version`
+    arch_version = 2
+
     def __init__(self, in_dim: int, n_classes: int = 2, hidden: int = 128, heads: int = 4, layers: int = 2,
                  dropout: float = 0.1, ppeg: bool = True, layout: str = "sequence", **_: Any):
         super().__init__()
@@ -281,6 +284,12 @@ class TransMIL(nn.Module):
 def build_model(name: str, in_dim: int, n_classes: int, **kw: Any) -> nn.Module:
     """``MIL_MODELS.get(name)(in_dim, n_classes, **kw)`` with a clear error for unknown names."""
     return MIL_MODELS.get(name)(in_dim, n_classes, **kw)
+
+
+def arch_version(name: str) -> int:
+    """What a config of model ``name`` builds, numbered: raised when the same settings start to build a different
+    network (TransMIL 2: PPEG added), so a run folder trained by the older network is not resumed as the newer."""
+    return int(getattr(MIL_MODELS.get(name), "arch_version", 1))
 
 
 def model_settings(name: str) -> list[str]:
