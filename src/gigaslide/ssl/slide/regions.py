@@ -46,8 +46,9 @@ def level0_mpp(ff: FeatureFile) -> float:
 
 def group_regions(coords: np.ndarray, tile0: float, region0: float, *, min_tiles: int = 1,
                   slide_id: str = "", step: float | None = None) -> SlideRegions:
-    """Group tiles (level-0 corners ``coords`` [N, 2], tile side ``tile0``, grid step ``step``: default the tile
-    side, less where tiles overlap) into regions of side ``region0``."""
+    """Group tiles (level-0 corners ``coords`` [N, 2], tile side ``tile0``) into regions of side ``region0``; the
+    lattice inside a region steps by ``step`` (the tiling's stride: less than the side where tiles overlap;
+    default the side)."""
     if region0 < tile0:
         raise GigaslideError(f"region side ({region0:.0f} level-0 px) is smaller than a tile ({tile0:.0f} px)",
                              fix="use a larger --region-size")
