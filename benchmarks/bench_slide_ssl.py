@@ -293,7 +293,9 @@ def report(results: dict, tile: dict, args, enc_desc: str) -> str:
               f"tiles; Giga-SSL {args.gigassl_epochs} epochs, {args.tiles_per_step} tiles per step, SparseConvMIL "
               f"(2 sparse residual blocks, BatchNorm with zero-initialised last scale, stride-2 pooling); SLPD {args.slpd_epochs} epochs, regions "
               f"{args.region_size} px at 0.5 µm/px, k=2. Linear = StandardScaler + balanced logistic regression, C=10. "
-              f"MIL = gigaslide.mil.cv.run_cv ({args.mil_epochs} epochs max, early stopping on a validation split). "
+              + ("MIL: not run (`--no-mil`). " if args.no_mil else
+                 f"MIL = gigaslide.mil.cv.run_cv ({args.mil_epochs} epochs max, early stopping on a validation split). ")
+              + 
               f"{args.folds} stratified patient-grouped folds; few-shot: {args.draws} draws per fold; AUC = mean over draws "
               f"of the out-of-fold AUC.\n")
     for task, res in results.items():
@@ -320,7 +322,7 @@ def report(results: dict, tile: dict, args, enc_desc: str) -> str:
             if pe in preds:
                 pairs += ([(pe, "TransMIL-noPPEG")] if "TransMIL-noPPEG" in preds else []) + [
                     ("SLPD +intra+inter (linear)", pe)]
-        for a, b in pairs:
+        for a, b in dict.fromkeys(pairs):  # (without MIL the reference is mean pooling: that pair once)
             cells = []
             for n in args.ns:
                 d, lo, hi, pneg = paired(y, preds[a][n], preds[b][n], args.bootstrap)
@@ -449,6 +451,12 @@ def claims(results: dict, args) -> list[str]:
                                                                           for k in variants)
                        + (f". Spread over {len(seeds)} pre-training seeds: {max(seeds) - min(seeds):.3f} AUC (one SLPD run's "
                           "result moves this much with its seed alone)." if len(seeds) > 1 else "."))
+            vs = {k: paired(y, p[f"{k} (linear)"][last], p["mean pooling (linear)"][last], args.bootstrap)
+                  for k in [FULL_SLPD, *variants]}
+            out.append(f"- Each {FULL_SLPD} run against mean pooling, {task} task, n = {last} (paired): " + "; ".join(
+                f"{'as run above' if k == FULL_SLPD else k.split('(')[-1].rstrip(')')} {d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+                for k, (d, lo, hi, _) in vs.items()) + f" — CI above 0 for {sum(v[1] > 0 for v in vs.values())} of "
+                f"{len(vs)} runs.")
     return out
 
 
