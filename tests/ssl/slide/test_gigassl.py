@@ -114,6 +114,23 @@ def test_embeddings_separate_slide_types_better_than_the_untrained_encoder(tmp_p
     assert rec["untrained_monitor"] == res["untrained_monitor"] and rec["summary"]["learned"] is True
 
 
+def test_embeddings_do_not_depend_on_where_the_slide_starts_on_its_grid():
+    """SparseConvMIL's stride-2 pooling pairs cells by their parity: embed_views places every view's top-left at cell
+    0 as training does, so moving a slide by an odd number of cells leaves its embedding unchanged (bit-exact)."""
+    torch.manual_seed(0)
+    enc = make_encoder({"encoder": "sparseconvmil", "out_dim": 6, "hidden": 16, "blocks": 2, "norm": "batch",
+                        "downsample": True}, 8).eval()
+    r = np.random.default_rng(0)
+    feats = r.normal(size=(40, 8)).astype(np.float32)
+    pos = np.stack(np.unravel_index(r.choice(100, 40, replace=False), (10, 10)), 1).astype(np.int64)
+
+    def emb(p):
+        return embed_views(enc, feats, p, ensemble=4, tiles_per_view=12, rng=np.random.default_rng(1))
+
+    np.testing.assert_array_equal(emb(pos + [3, 7]), emb(pos))
+    assert not np.allclose(emb(pos[::-1].copy()), emb(pos))  # (the positions do matter)
+
+
 def test_a_run_that_cannot_beat_the_untrained_encoder_is_finished_as_not_learned(fake_cache, tmp_path):
     logs = []
     # lr 0 and no BatchNorm: the exported encoder is the untrained one, so it cannot score above it

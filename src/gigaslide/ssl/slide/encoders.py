@@ -2,7 +2,7 @@
 
 Every encoder has the same call: ``forward(feats [B, T, D], pos [B, T, 2] long, mask [B, T] bool
 or None) -> [B, out_dim]``; ``pos`` are integer tile-grid positions (see
-:func:`gigaslide.ssl.slide.sparse.grid_positions`), used only by SparseConvMIL.
+:func:`gigaslide.ssl.slide.views.tile_cells`), used only by SparseConvMIL.
 
 Registry ``SLIDE_ENCODERS``: ``sparseconvmil`` (Giga-SSL's encoder: tile reduction -> a small
 sparse ResNet of submanifold residual blocks over the tile grid, with optional normalisation and

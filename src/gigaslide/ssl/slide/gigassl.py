@@ -254,10 +254,13 @@ def load_encoder(run: str | os.PathLike) -> tuple[nn.Module, dict]:
 @torch.no_grad()
 def embed_views(encoder: nn.Module, feats: np.ndarray, pos: np.ndarray, *, ensemble: int, tiles_per_view: int,
                 rng: np.random.Generator, device: torch.device = torch.device("cpu")) -> np.ndarray:
-    """Mean embedding over ``ensemble`` random views of ``tiles_per_view`` tiles (all tiles if fewer)."""
+    """Mean embedding over ``ensemble`` random views of ``tiles_per_view`` tiles (all tiles if fewer), each view's
+    top-left cell moved to 0 as in training (:func:`~gigaslide.ssl.slide.sampling.draw_view`): the stride-2
+    pooling then pairs cells the same way whatever the slide's origin."""
     n = len(feats)
     t = min(tiles_per_view, n)
     idx = np.stack([rng.choice(n, size=t, replace=False) for _ in range(max(1, ensemble))])
     f = torch.as_tensor(feats[idx], dtype=torch.float32, device=device)
-    p = torch.as_tensor(pos[idx], dtype=torch.long, device=device)
+    p = pos[idx]
+    p = torch.as_tensor(p - p.min(axis=1, keepdims=True), dtype=torch.long, device=device)
     return encoder.eval()(f, p).mean(0).float().cpu().numpy()

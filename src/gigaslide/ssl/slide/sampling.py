@@ -27,11 +27,12 @@ def augment_grid(pos: np.ndarray, rng: np.random.Generator, scale: tuple[float, 
 
 def draw_view(views: np.ndarray, pos: np.ndarray, version: int, tiles: int, rng: np.random.Generator,
               grid_augment: bool, scale: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """``tiles`` random tiles of cached version ``version`` -> (features [tiles, D], positions [tiles, 2])."""
+    """``tiles`` random tiles of cached version ``version`` -> (features [tiles, D], positions [tiles, 2], the
+    view's top-left cell at 0 as :func:`~gigaslide.ssl.slide.gigassl.embed_views` places its views)."""
     n = views.shape[1]
     sel = rng.choice(n, size=tiles, replace=n < tiles)
     p = pos[version, sel]
-    return views[version, sel], augment_grid(p, rng, scale) if grid_augment else p
+    return views[version, sel], augment_grid(p, rng, scale) if grid_augment else p - p.min(axis=0)
 
 
 def draw_pairs(views: list[np.ndarray], pos: list[np.ndarray], slides: np.ndarray, tiles: int, rng: np.random.Generator,

@@ -1,7 +1,8 @@
 """Submanifold sparse convolution over a tile grid, in plain PyTorch (CPU or CUDA).
 
-A slide (or a view of it) is a set of tiles at integer grid positions ``(gx, gy)`` =
-``level-0 coords // tile size in level-0 px``. :class:`SubmanifoldConv2d` computes a k x k
+A slide (or a view of it) is a set of tiles at integer grid positions ``(gx, gy)`` (the tiling's cells,
+:func:`gigaslide.ssl.slide.views.tile_cells`; each view's top-left at 0, so stride-2 pooling pairs the
+same cells in training and embedding). :class:`SubmanifoldConv2d` computes a k x k
 convolution *only at active sites*: each active tile gathers the features of the active tiles
 at the k x k offsets around it (absent neighbours count as zero), exactly like a dense
 ``conv2d`` on the scattered grid read back at the active sites (the tests check this), but in
@@ -21,13 +22,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-def grid_positions(coords: torch.Tensor, tile_size_level0: float) -> torch.Tensor:
-    """Level-0 (x, y) tile corners [..., 2] -> integer grid positions [..., 2] (x, y)."""
-    if tile_size_level0 <= 0:
-        raise ValueError(f"tile size in level-0 px must be > 0, got {tile_size_level0}")
-    return torch.div(coords.to(torch.float64), float(tile_size_level0)).round().to(torch.long)
 
 
 def neighbour_index(pos: torch.Tensor, batch: torch.Tensor, kernel_size: int) -> torch.Tensor:
