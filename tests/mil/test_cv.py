@@ -58,19 +58,22 @@ def test_run_cv_layout_grouping_resume(tmp_path):
 
 def test_a_run_of_an_older_network_is_not_resumed_as_the_newer(tmp_path):
     """TransMIL gained PPEG (arch 2) with the same settings: a run folder its first version trained (no model_arch
-    in run.json) is refused, not finished with the other network; abmil (version 1) runs keep resuming."""
+    in run.json) is refused, not finished with the other network; runs of networks that did not change (abmil,
+    TransMIL with ppeg=False: version 1) keep resuming."""
     feats, lab = _make(tmp_path, n=12)
-    for model in ("transmil", "abmil"):
-        out = tmp_path / model
-        run_cv(feats, lab, out, cfg=TrainConfig(model=model, **FAST), folds=2, n_bootstrap=0, verbose=False)
+    for name, model, kw in (("ppeg", "transmil", {}), ("noppeg", "transmil", {"ppeg": False}), ("abmil", "abmil", {})):
+        out, cfg = tmp_path / name, TrainConfig(model=model, model_kwargs=kw, **FAST)
+        run_cv(feats, lab, out, cfg=cfg, folds=2, n_bootstrap=0, verbose=False)
         rec = json.loads((out / "run.json").read_text())
-        assert rec["identity"].pop("model_arch", None) == (2 if model == "transmil" else None)
+        assert rec["identity"].pop("model_arch", None) == (2 if name == "ppeg" else None)
         (out / "run.json").write_text(json.dumps(rec))  # as the first version recorded it
-        if model == "transmil":
+        if name == "ppeg":
             with pytest.raises(GigaslideError, match=r"another run \(model_arch: None -> 2\)"):
-                run_cv(feats, lab, out, cfg=TrainConfig(model=model, **FAST), folds=2, n_bootstrap=0, verbose=False)
+                run_cv(feats, lab, out, cfg=cfg, folds=2, n_bootstrap=0, verbose=False)
         else:
-            run_cv(feats, lab, out, cfg=TrainConfig(model=model, **FAST), folds=2, n_bootstrap=0, verbose=False)
+            mtime = (out / "fold0" / "model.safetensors").stat().st_mtime_ns
+            run_cv(feats, lab, out, cfg=cfg, folds=2, n_bootstrap=0, verbose=False)
+            assert (out / "fold0" / "model.safetensors").stat().st_mtime_ns == mtime  # resumed, not retrained
 
 
 def test_fold_seed_keeps_the_folds_while_the_training_seed_changes(tmp_path):

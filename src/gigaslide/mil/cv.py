@@ -86,8 +86,9 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
                 "train_slides": train_slides, "repeats": repeats, "val_fraction": val_fraction, "on_missing": on_missing}
     if fold_seed != cfg.seed:  # (absent otherwise: runs recorded before fold_seed existed still resume)
         identity["fold_seed"] = fold_seed
-    if arch_version(cfg.model) != 1:  # (absent for version 1: the runs recorded before versions existed)
-        identity["model_arch"] = arch_version(cfg.model)
+    arch = arch_version(cfg.model, cfg.model_kwargs)
+    if arch != 1:  # (absent for version 1: the runs recorded before versions existed)
+        identity["model_arch"] = arch
     run = runs.open_run(out_d, "mil", identity, {**identity, "features": str(features), "labels": str(labels)},
                         seed=cfg.seed, inputs={"features": features, "labels": labels},
                         provenance={k: v for k, v in meta.items() if v is not None})

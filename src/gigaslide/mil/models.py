@@ -239,8 +239,11 @@ class PPEG(nn.Module):
 
 @MIL_MODELS.register("transmil")
 class TransMIL(nn.Module):
-    #: 2: PPEG between the attention layers (version 1 had none); see :func:`arch_version`
-    arch_version = 2
+    @staticmethod
+    def arch_version(ppeg: bool = True, **_: Any) -> int:
+        """2: PPEG between the attention layers (version 1 had none; ``ppeg=False`` builds it); see
+        :func:`~gigaslide.mil.models.arch_version`."""
+        return 2 if ppeg else 1
 
     def __init__(self, in_dim: int, n_classes: int = 2, hidden: int = 128, heads: int = 4, layers: int = 2,
                  dropout: float = 0.1, ppeg: bool = True, layout: str = "sequence", **_: Any):
@@ -286,10 +289,12 @@ def build_model(name: str, in_dim: int, n_classes: int, **kw: Any) -> nn.Module:
     return MIL_MODELS.get(name)(in_dim, n_classes, **kw)
 
 
-def arch_version(name: str) -> int:
-    """What a config of model ``name`` builds, numbered: raised when the same settings start to build a different
-    network (TransMIL 2: PPEG added), so a run folder trained by the older network is not resumed as the newer."""
-    return int(getattr(MIL_MODELS.get(name), "arch_version", 1))
+def arch_version(name: str, kwargs: dict[str, Any] | None = None) -> int:
+    """What model ``name`` with settings ``kwargs`` builds, numbered: raised where the same settings start to build
+    a different network (TransMIL with its default PPEG: 2), so a run folder trained by the older network is not
+    resumed as the newer. 1 for every model and setting that builds what it always did."""
+    fn = getattr(MIL_MODELS.get(name), "arch_version", None)
+    return int(fn(**(kwargs or {}))) if fn else 1
 
 
 def model_settings(name: str) -> list[str]:
