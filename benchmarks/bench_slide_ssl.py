@@ -274,7 +274,7 @@ def random_control(work: Path, pcam: Path, args) -> dict:
 
 #: the settings that size the run (those a reduced run states next to their defaults)
 SCALE = ("slides", "grid", "views", "tiles_per_view", "tiles_per_step", "gigassl_epochs", "gigassl_batch", "slpd_epochs",
-         "folds", "draws", "ns", "mil_epochs", "mil_models", "bootstrap", "tile_ssl_budget", "tile_n")
+         "folds", "draws", "ns", "mil_epochs", "bootstrap", "tile_ssl_budget", "tile_n")
 
 
 def report(results: dict, tile: dict, args, enc_desc: str) -> str:
@@ -294,7 +294,9 @@ def report(results: dict, tile: dict, args, enc_desc: str) -> str:
               f"(2 sparse residual blocks, BatchNorm with zero-initialised last scale, stride-2 pooling); SLPD {args.slpd_epochs} epochs, regions "
               f"{args.region_size} px at 0.5 µm/px, k=2. Linear = StandardScaler + balanced logistic regression, C=10. "
               + ("MIL: not run (`--no-mil`). " if args.no_mil else
-                 f"MIL = gigaslide.mil.cv.run_cv ({args.mil_epochs} epochs max, early stopping on a validation split). ")
+                 f"MIL = gigaslide.mil.cv.run_cv ({args.mil_epochs} epochs max, early stopping on a validation split)"
+                 + ("" if args.mil_models == MIL_DEFAULT else f": {', '.join(args.mil_models)} (the default runs "
+                                                               f"{', '.join(MIL_DEFAULT)})") + ". ")
               + 
               f"{args.folds} stratified patient-grouped folds; few-shot: {args.draws} draws per fold; AUC = mean over draws "
               f"of the out-of-fold AUC.\n")
