@@ -13,7 +13,10 @@ One command (everything through the library, cached and resumable in --work):
 4. n = --ns training slides per fold (few-shot draws, --draws repeats; "all" = every training slide, one
    draw), stratified patient-grouped folds (the same ones for every method); AUC per draw, mean over draws;
    paired bootstrap (over test slides, the same resample for both methods) of AUC differences;
-   bytes per slide and training time.
+   bytes per slide and training time;
+5. ``--slpd-variants seed=1,seed=2,epochs=8``: the full SLPD (+intra+inter) pre-trained again with one setting
+   changed, each paired against it and against mean pooling (how far one run's result moves with its seed,
+   whether the epoch budget matters).
 
 Run: .venv/bin/python benchmarks/bench_slide_ssl.py            (the full setting; hours on 2 CPU cores)
      .venv/bin/python benchmarks/bench_slide_ssl.py --small    (the reduced setting used for the results file)
