@@ -41,8 +41,7 @@ def train_mil(features: str, labels: str, out: str, model: str = "abmil", folds:
             the slide's tiling grid instead of the paper's square of tiles in file order), '{"ppeg": false}'
             (TransMIL without it: tile-order invariant) or '{"k_sample": 16}' (CLAM)
     """
-    import json
-
+    from gigaslide.cli.validate import json_object
     from gigaslide.errors import GigaslideError
     from gigaslide.evaluation.slides import evaluation_markdown
     from gigaslide.mil.cv import run_cv
@@ -50,13 +49,7 @@ def train_mil(features: str, labels: str, out: str, model: str = "abmil", folds:
     from gigaslide.mil.train import TrainConfig
 
     MIL_MODELS.get(model)
-    try:
-        margs = json.loads(model_args) if model_args else {}
-    except json.JSONDecodeError as e:
-        raise GigaslideError(f"--model-args {model_args!r} is not JSON ({e.msg})",
-                             fix="give a JSON object, e.g. '{\"ppeg\": false}'") from None
-    if not isinstance(margs, dict):
-        raise GigaslideError(f"--model-args {model_args!r}", fix="give a JSON object, e.g. '{\"ppeg\": false}'")
+    margs = json_object("--model-args", model_args, '{"ppeg": false}')
     known = model_settings(model)
     unknown = sorted(set(margs) - set(known))
     if unknown:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 from gigaslide.cli.main import Command
+from gigaslide.cli.validate import json_object
 from gigaslide.errors import GigaslideError
 
 
@@ -142,12 +142,7 @@ def pretrain(data: str, out: str, method: str = "dino", backbone: str = "resnet1
 
     if threads:
         torch.set_num_threads(threads)
-    try:
-        margs = json.loads(method_args) if method_args else {}
-    except ValueError as e:
-        raise GigaslideError(f"--method-args is not JSON ({e})", fix='use e.g. \'{"out_dim": 8192}\'') from None
-    if not isinstance(margs, dict):
-        raise GigaslideError("--method-args must be a JSON object", fix='use e.g. \'{"out_dim": 8192}\'')
+    margs = json_object("--method-args", method_args, '{"out_dim": 8192}')
     margs = {**recipe_flags(teacher_temp=teacher_temp, mask_ratio=mask_ratio, ibot_weight=ibot_weight,
                             koleo_weight=koleo_weight, momentum=momentum), **margs}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

@@ -10,6 +10,7 @@ for free; a name not listed is only checked for finiteness (floats) and size (in
 from __future__ import annotations
 
 import inspect
+import json
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -99,6 +100,18 @@ def check_options(func: Callable[..., Any], kwargs: dict[str, Any]) -> None:
                 if name in CHOICES and item not in CHOICES[name]:
                     raise GigaslideError(f"{_flag(name)} '{item}' is not one of {', '.join(CHOICES[name])}",
                                          fix=f"use e.g. {_flag(name)} {CHOICES[name][0]}")
+
+
+def json_object(flag: str, text: str | None, example: str) -> dict[str, Any]:
+    """The JSON object an option like ``--model-args`` holds ({} when not given), or a one-line error naming
+    ``flag`` with ``example`` as the fix."""
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as e:
+        raise GigaslideError(f"{flag} {text!r} is not JSON ({e.msg})", fix=f"give a JSON object, e.g. '{example}'") from None
+    if not isinstance(value, dict):
+        raise GigaslideError(f"{flag} {text!r} must be a JSON object", fix=f"give a JSON object, e.g. '{example}'")
+    return value
 
 
 def parse_error_line(message: str, command: str) -> GigaslideError:
