@@ -240,12 +240,12 @@ def run_task(task: str, work: Path, pcam: Path, enc, args) -> dict:  # noqa: ANN
                              ensemble=20, fp16=True)}
     collapse = {}
     runs_ = [(name, mode, "", {}) for name, mode in SLPD_MODES.items()]
-    runs_ += [(name, SLPD_MODES[FULL_SLPD], sfx, kw) for name, sfx, kw in slpd_variants(args.slpd_variants)]
+    runs_ += [(name, SLPD_MODES[FULL_SLPD], sfx, kw) for name, sfx, kw in args.variants]
     for name, mode, sfx, kw in runs_:
-        ep = kw.get("epochs", args.slpd_epochs)
+        kw = {"epochs": args.slpd_epochs, **kw}
         r = timed(f"{task}: {name} pre-training", pretrain_slpd, w / "cache", w / f"slpd_{mode}{sfx}", losses=mode,
-                  region_size=args.region_size, prototypes=2, warmup=max(1, ep // 3), batch_size=64, log=quiet,
-                  **{"epochs": args.slpd_epochs, **kw}, done=w / f"slpd_{mode}{sfx}" / "model.safetensors")
+                  region_size=args.region_size, prototypes=2, warmup=max(1, kw["epochs"] // 3), batch_size=64,
+                  log=quiet, **kw, done=w / f"slpd_{mode}{sfx}" / "model.safetensors")
         collapse[name] = r["collapse"]
         emb[name] = embed_slides(w / f"slpd_{mode}{sfx}", w / "cache", w / f"emb_{mode}{sfx}.h5", fp16=True)
     X = {k: np.asarray(v.embeddings, np.float32)[[v.slide_ids.index(s) for s in t.slide_ids]] for k, v in emb.items()}
@@ -335,7 +335,7 @@ def report(results: dict, tile: dict, args, enc_desc: str) -> str:
         pairs = [("Giga-SSL (linear)", ref), ("Giga-SSL (linear)", "mean pooling (linear)"),
                  ("SLPD +intra+inter (linear)", "SLPD DINO only (linear)"), ("SLPD +intra (linear)", "SLPD DINO only (linear)"),
                  ("SLPD +intra+inter (linear)", ref)]
-        pairs += [(f"{v} (linear)", f"{FULL_SLPD} (linear)") for v, _, _ in slpd_variants(args.slpd_variants)]
+        pairs += [(f"{v} (linear)", f"{FULL_SLPD} (linear)") for v, _, _ in args.variants]
         for pe in ("TransMIL", "TransMIL-grid"):  # position encoding: what it adds, and slide SSL against it
             if pe in preds:
                 pairs += ([(pe, "TransMIL-noPPEG")] if "TransMIL-noPPEG" in preds else []) + [
@@ -466,20 +466,19 @@ def claims(results: dict, args) -> list[str]:
                        f"mean pooling {mean_auc(y, p['mean pooling (linear)'][small]):.3f} at n = {small} and "
                        f"{mean_auc(y, p['mean pooling (linear)'][args.ns[-1]]):.3f} at n = {args.ns[-1]} (a bag mean "
                        "cannot see the arrangement itself, only what differs in the set of tiles kept, as above).")
-        variants = [v for v, _, _ in slpd_variants(args.slpd_variants)]
-        if variants:
+        if args.variants:
             last = args.ns[-1]
-            aucs = {k: mean_auc(y, p[f"{k} (linear)"][last]) for k in [FULL_SLPD, *variants]}
-            seeds = [aucs[FULL_SLPD]] + [a for k, a in aucs.items() if "seed" in k]
+            label = {FULL_SLPD: "as run above", **{v: v[len(FULL_SLPD) + 2:-1] for v, _, _ in args.variants}}
+            aucs = {k: mean_auc(y, p[f"{k} (linear)"][last]) for k in label}
+            seeds = [aucs[FULL_SLPD]] + [aucs[v] for v, _, kw in args.variants if "seed" in kw]
             out.append(f"- {FULL_SLPD} pre-trained again, {task} task, n = {last}: AUC {aucs[FULL_SLPD]:.3f} as run above "
-                       f"(seed 0, {args.slpd_epochs} epochs); " + "; ".join(f"{k.split('(')[-1].rstrip(')')}: {aucs[k]:.3f}"
-                                                                          for k in variants)
+                       f"(seed 0, {args.slpd_epochs} epochs); " + "; ".join(f"{label[v]}: {aucs[v]:.3f}"
+                                                                          for v, _, _ in args.variants)
                        + (f". Spread over {len(seeds)} pre-training seeds: {max(seeds) - min(seeds):.3f} AUC (one SLPD run's "
                           "result moves this much with its seed alone)." if len(seeds) > 1 else "."))
-            vs = {k: paired(y, p[f"{k} (linear)"][last], p["mean pooling (linear)"][last], args.bootstrap)
-                  for k in [FULL_SLPD, *variants]}
+            vs = {k: paired(y, p[f"{k} (linear)"][last], p["mean pooling (linear)"][last], args.bootstrap) for k in label}
             out.append(f"- Each {FULL_SLPD} run against mean pooling, {task} task, n = {last} (paired): " + "; ".join(
-                f"{'as run above' if k == FULL_SLPD else k.split('(')[-1].rstrip(')')} {d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+                f"{label[k]} {d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
                 for k, (d, lo, hi, _) in vs.items()) + f" — CI above 0 for {sum(v[1] > 0 for v in vs.values())} of "
                 f"{len(vs)} runs.")
     return out
@@ -536,6 +535,7 @@ def main() -> None:
     if unknown:
         ap.error(f"--mil-models: unknown {', '.join(unknown)} (choose from {', '.join(MIL)})")
     args.mil_models = [m.strip() for m in args.mil_models.split(",")]
+    args.variants = slpd_variants(args.slpd_variants)  # parsed here: a bad spec stops before hours of training
     torch.set_num_threads(1)
     shared = shared_data_dir()
     if shared is None:
