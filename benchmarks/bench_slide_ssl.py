@@ -220,16 +220,18 @@ def run_task(task: str, work: Path, pcam: Path, enc, args) -> dict:  # noqa: ANN
 
     w = work / task
     tf = (0.1, 0.3) if task == "context" else (0.05, 0.2)
+    annotated = args.tissue == "annotations"  # tiles = the mosaic's tissue cells (its GeoJSON), not tissue detection
     timed(f"{task}: mosaic slides", build_mosaic, pcam / "train", w / "mosaic",
           MosaicConfig(slides=args.slides, grid=args.grid, tumor_fraction=tf, seed=0, task=task,
                        slide_stain=args.slide_stain, slide_composition=args.slide_composition,
                        tissue_kinds=args.tissue_kinds), verbose=False,
-          done=w / "mosaic" / "labels.csv")
+          done=w / "mosaic" / (f"tissue/mosaic_{args.slides - 1:04d}.geojson" if annotated else "labels.csv"))
     slides = sorted(str(p) for p in (w / "mosaic" / "slides").glob("*.tiff"))
     quiet = lambda *a: None  # noqa: E731
     cres = timed(f"{task}: augment-cache", build_augment_cache, slides, w / "cache", enc, views=args.views,
                  tiles_per_view=args.tiles_per_view, mpp=0.97, tile_size=96, min_tissue=0.5, batch_size=128,
-                 precision="auto", log=quiet, done=w / "cache" / "cache.json")
+                 precision="auto", log=quiet, tissue_from=w / "mosaic" / "tissue" if annotated else None,
+                 done=w / "cache" / "cache.json")
     files = store.load_dir(w / "cache")
     labels_csv = w / "mosaic" / "labels.csv"
     t, plan = splits(labels_csv, sorted(files), args)
@@ -304,8 +306,10 @@ def report(results: dict, tile: dict, args, enc_desc: str) -> str:
                   "direction of effects, not as a reproduction at the papers' scale.\n")
     md.append(f"Tile encoder: {enc_desc}; tile linear AUC on PCam valid ({args.tile_n} train / {args.tile_n} valid tiles "
               f"per class): SSL **{tile['ssl']:.3f}** vs random weights {tile['random']:.3f}. Slides: {args.slides} per task, "
-              f"grid {args.grid}, 96 px PCam train tiles at 0.97 µm/px"
-              f"{f', {identity(args)}' if identity(args) else ''}. Cache {args.views} views x {args.tiles_per_view} "
+              f"grid {args.grid}, 96 px PCam train tiles at 0.97 µm/px, tiled "
+              + ("exactly at the mosaic's tissue cells (its tissue GeoJSON, `--tissue annotations`)" if args.tissue ==
+                 "annotations" else "where tissue detection finds tissue (min tissue 0.5)")
+              + f"{f', {identity(args)}' if identity(args) else ''}. Cache {args.views} views x {args.tiles_per_view} "
               f"tiles; Giga-SSL {args.gigassl_epochs} epochs, {args.tiles_per_step} tiles per step, SparseConvMIL "
               f"(2 sparse residual blocks, BatchNorm with zero-initialised last scale, stride-2 pooling); SLPD {args.slpd_epochs} epochs, regions "
               f"{args.region_size} px at 0.5 µm/px, k=2. Linear = StandardScaler + balanced logistic regression, C=10. "
@@ -356,7 +360,9 @@ def report(results: dict, tile: dict, args, enc_desc: str) -> str:
         md.append(f"- SLPD collapse monitor: {'collapsed: ' + ', '.join(f'{k} ({v})' for k, v in col.items()) if col else 'no run collapsed'}.")
         md.append(f"- {gigassl_monitor_line(info)}")
         k = info["kept"]
-        md.append(f"- Tissue detection (min tissue 0.5) kept {k['pos']:.1%} of the tissue cells of positive slides and "
+        source = ("Tiling from the mosaic's own tissue annotations (`--tissue annotations`: `gigaslide tile --tissue-from "
+                  "MOSAIC/tissue`, no tissue detection)" if args.tissue == "annotations" else "Tissue detection (min tissue 0.5)")
+        md.append(f"- {source} kept {k['pos']:.1%} of the tissue cells of positive slides and "
                   f"{k['neg']:.1%} of negative ones; the kept fraction alone, as a slide score, has AUC {k['auc']:.3f} (0.5: no "
                   "cue; below 0.5 it points the other way): a cue a bag mean can use without seeing the tiles' "
                   "arrangement.\n")
@@ -498,6 +504,9 @@ def main() -> None:
     ap.add_argument("--slide-composition", type=float, default=0.0,
                     help="each mosaic slide its own mix of normal tissue kinds (gigaslide mosaic --slide-composition)")
     ap.add_argument("--tissue-kinds", type=int, default=8)
+    ap.add_argument("--tissue", choices=("detected", "annotations"), default="detected",
+                    help="tiles where tissue detection finds tissue, or exactly the mosaic's tissue cells (its tissue "
+                         "GeoJSON, gigaslide tile --tissue-from): no bag-level cue from what detection keeps")
     ap.add_argument("--views", type=int, default=25)
     ap.add_argument("--tiles-per-view", type=int, default=32)
     ap.add_argument("--tiles-per-step", type=int, default=16)
@@ -521,7 +530,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.work is None:
         args.work = ("/tmp/gigaslide_bench_slide_ssl" + (f"_stain{args.slide_stain:g}" if args.slide_stain else "")
-                     + (f"_comp{args.slide_composition:g}" if args.slide_composition else ""))
+                     + (f"_comp{args.slide_composition:g}" if args.slide_composition else "")
+                     + ("_annotated" if args.tissue == "annotations" else ""))
     if args.small:
         args.slides, args.grid, args.views, args.tiles_per_view = 24, 10, 3, 12
         args.gigassl_epochs, args.slpd_epochs, args.folds, args.draws = 80, 4, 3, 3

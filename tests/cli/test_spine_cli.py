@@ -124,3 +124,16 @@ def test_no_mpp_slide_works_with_override(tmp_path, real_slides, capsys):
     shutil.copy(real_slides / "tcga-cr-7395-01a-01-ts1.svs", src)
     assert main(["tile", str(src), "--out", str(tmp_path / "o"), "--slide-mpp", "0.25", "--mpp", "1.0"]) == 0
     assert (tmp_path / "o" / "patches" / "tcga.h5").is_file()
+
+
+def test_tissue_annotation_options_are_checked_before_any_slide_is_read(tmp_path, synthetic_slide, capsys):
+    out = str(tmp_path / "o")
+    assert main(["tile", str(synthetic_slide), "--out", out, "--tissue-from", str(tmp_path / "nope")]) == 2
+    _one_line_error(capsys, "--tissue-from is not a folder", "nope")
+    assert main(["encode", str(synthetic_slide), "--out", out, *ENC, "--tissue-classes", "[Tumor]"]) == 2
+    _one_line_error(capsys, "needs --tissue-from")
+    (tmp_path / "ann").mkdir()  # a folder without this slide's file: the slide fails, named, with the fix
+    assert main(["tile", str(synthetic_slide), "--out", out, "--tissue-from", str(tmp_path / "ann")]) == 2
+    line = _one_line_error(capsys, "no tissue annotation for slide")
+    assert ".geojson" in line
+    assert not (tmp_path / "o" / "patches").exists() or not any((tmp_path / "o" / "patches").iterdir())

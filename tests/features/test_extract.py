@@ -107,6 +107,26 @@ def test_features_from_an_older_grid_rule_or_other_background_are_redone(tmp_pat
     assert encode_slides(two_slides[:1], tmp_path, encoder, dark, workers=0, precision="fp32").done == ["a"]
 
 
+def test_features_from_annotated_tissue_record_it_and_are_redone_when_the_annotation_changes(tmp_path, encoder, two_slides):
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    ring = [[0, 0], [192, 0], [192, 64], [0, 64], [0, 0]]  # three 64-px tiles at 1 um/px (slide at 0.5: 128 level-0 px)
+    (ann / "a.geojson").write_text(json.dumps({"type": "Polygon", "coordinates": [[[2 * x, 2 * y] for x, y in ring]]}))
+    params = TilingParams(mpp=1.0, tile_size=64, min_tissue=0.5, tissue_from=str(ann))
+    assert encode_slides(two_slides[:1], tmp_path / "o", encoder, params, workers=0, precision="fp32").done == ["a"]
+    ff = store.load(tmp_path / "o" / "features" / "a.h5")
+    assert ff.coords.tolist() == [[0, 0], [128, 0], [256, 0]] and ff.attrs["tissue_source"] == "annotations"
+    assert encode_slides(two_slides[:1], tmp_path / "o", encoder, params, workers=0, precision="fp32").skipped == ["a"]
+    detected = encode_slides(two_slides[:1], tmp_path / "o", encoder, PARAMS, workers=0, precision="fp32")
+    assert detected.done == ["a"]  # annotated features are not taken for detected ones
+    assert "tissue_source" not in store.load(tmp_path / "o" / "features" / "a.h5").attrs
+    encode_slides(two_slides[:1], tmp_path / "o", encoder, params, workers=0, precision="fp32")
+    one = [[0, 0], [128, 0], [128, 128], [0, 128], [0, 0]]  # edited to the first tile only
+    (ann / "a.geojson").write_text(json.dumps({"type": "Polygon", "coordinates": [one]}))
+    again = encode_slides(two_slides[:1], tmp_path / "o", encoder, params, workers=0, precision="fp32")
+    assert again.done == ["a"] and len(store.load(tmp_path / "o" / "features" / "a.h5")) == 1
+
+
 def test_interrupted_write_leaves_nothing_half_written(tmp_path, encoder, two_slides, monkeypatch):
     import gigaslide.features.store as st
 

@@ -41,13 +41,16 @@ def info(slide: str, slide_mpp: float | str | None = None, json_out: bool = Fals
 
 
 def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, overlap: int = 0, min_tissue: float = 0.25,
-         slide_mpp: float | str | None = None, background: str = "auto", workers: int | None = None) -> None:
+         slide_mpp: float | str | None = None, background: str = "auto", workers: int | None = None,
+         tissue_from: str | None = None, tissue_classes: list[str] | None = None) -> None:
     """Segment tissue and tile slides at a physical resolution; writes coords (level-0 px), overlays, GeoJSON.
 
     Several slides are tiled at once, one per CPU core (each slide's files are written atomically).
+    With --tissue-from the tissue is read from annotations (e.g. drawn in QuPath) instead of detected.
 
     Example:
         gigaslide tile ../shared/data/slides/cmu-1-small-region.svs --out tiles_out --mpp 0.5 --tile-size 224
+        gigaslide tile SLIDES --out tiles_out --tissue-from qupath_geojson/ --tissue-classes '[Tumor, Stroma]'
 
     Output: OUT/patches/<slide>.h5 (coords, CLAM/TRIDENT layout), OUT/tissue/<slide>.png|.geojson (QuPath),
     OUT/grid/<slide>.png, OUT/tile_manifest.json.
@@ -62,16 +65,19 @@ def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, ov
         slide_mpp: scan resolution override (µm/px at level 0) for slides without it, or a CSV slide_id,mpp
         background: auto (detected from the thumbnail), bright (bright-field glass) or dark (fluorescence)
         workers: processes tiling slides at once, one slide each (default: the cores; 1 = one after another)
+        tissue_from: folder of tissue annotations, one <slide_id>.geojson per slide (QuPath: Export objects as
+            GeoJSON; level-0 px): tiles are kept inside its polygons instead of detected tissue
+        tissue_classes: with --tissue-from, only polygons of these classes count as tissue (default: all)
     """
     from gigaslide import atomic
     from gigaslide.features.manifest import Manifest
     from gigaslide.slides import find_slides, slide_id_from_path
-    from gigaslide.tiling import TilingParams
+    from gigaslide.cli.validate import tiling_params
     from gigaslide.tiling.parallel import tile_many, tiling_workers
 
     files = find_slides(slides)
     outp = atomic.ensure_writable_dir(out)
-    params = TilingParams(mpp, tile_size, overlap, min_tissue, background)
+    params = tiling_params(mpp, tile_size, overlap, min_tissue, background, tissue_from, tissue_classes)
     man = Manifest(outp / "tile_manifest.json", {"command": "tile", **params.as_dict()})
     failures: dict[str, str] = {}
     try:
@@ -123,7 +129,8 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
            tile_size: int = 224, overlap: int = 0, min_tissue: float = 0.25, batch_size: int = 64, workers: int | None = None,
            precision: str = "auto", device: str = "auto", slide_mpp: float | str | None = None, threads: int = 2,
            compile: bool = False, background: str = "auto", tile_workers: int | None = None,
-           tile_ahead: bool | None = None, fold_bn: bool = True) -> None:  # noqa: A002 - the option's name
+           tile_ahead: bool | None = None, fold_bn: bool = True, tissue_from: str | None = None,
+           tissue_classes: list[str] | None = None) -> None:  # noqa: A002 - the option's name
     """Tile and encode slides into one HDF5 feature file per slide (CLAM/TRIDENT layout); resumable.
 
     Example:
@@ -156,24 +163,27 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
         tile_ahead: tile while earlier slides are encoded (default: on CUDA with one rank; else all slides first)
         fold_bn: run the encoder with its batch norms folded into the convolutions before them (faster; the same
             features within float rounding); --fold-bn false runs the model as it is
+        tissue_from: folder of tissue annotations, one <slide_id>.geojson per slide (see `gigaslide tile --help`)
+        tissue_classes: with --tissue-from, only polygons of these classes count as tissue (default: all)
     """
     import torch
 
     from gigaslide.cli.progress import progress_bar
+    from gigaslide.cli.validate import tiling_params
     from gigaslide.encoders import build_encoder
     from gigaslide.features.extract import encode_slides
     from gigaslide.slides import find_slides
-    from gigaslide.tiling import TilingParams
 
     if precision not in ("auto", "bf16", "fp16", "fp32"):
         raise GigaslideError(f"unknown precision '{precision}'", fix="use auto, bf16, fp16 or fp32")
+    params = tiling_params(mpp, tile_size, overlap, min_tissue, background, tissue_from, tissue_classes)
     torch.set_num_threads(max(1, threads))
     files = find_slides(slides)
     enc = build_encoder(encoder, weights)
     if weights == "random":
         print("note: random weights -- features are for tests and benchmarks only", file=sys.stderr)
     with progress_bar("encode") as update:
-        res = encode_slides(files, out, enc, TilingParams(mpp, tile_size, overlap, min_tissue, background), batch_size=batch_size,
+        res = encode_slides(files, out, enc, params, batch_size=batch_size,
                             workers=workers, precision=precision, device=device, slide_mpp=slide_mpp, progress=update,
                             compile_model=compile, tile_workers=tile_workers, tile_ahead=tile_ahead,
                             fold_bn=fold_bn)

@@ -13,6 +13,7 @@ import inspect
 import json
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from gigaslide.errors import GigaslideError
@@ -127,4 +128,20 @@ def parse_error_line(message: str, command: str) -> GigaslideError:
     return GigaslideError(f"{where}: {text or 'invalid command line'}", fix=f"see `{where} --help`")
 
 
-__all__ = ["AT_LEAST_ONE", "CHOICES", "FRACTION", "MAX_INT", "NON_NEGATIVE", "POSITIVE", "check_options", "parse_error_line"]
+def tiling_params(mpp: float, tile_size: int, overlap: int, min_tissue: float, background: str,
+                  tissue_from: str | None, tissue_classes: list[str] | None):  # noqa: ANN201 - TilingParams (lazy import)
+    """The command line's tiling settings; ``--tissue-from`` must be a folder (checked before any slide is opened)."""
+    from gigaslide.tiling import TilingParams
+
+    if tissue_from is not None and not Path(tissue_from).is_dir():
+        raise GigaslideError("--tissue-from is not a folder", path=tissue_from,
+                             fix="pass the folder holding one <slide_id>.geojson per slide")
+    if tissue_classes is not None and tissue_from is None:
+        raise GigaslideError("--tissue-classes picks annotation classes, which needs --tissue-from",
+                             fix="add --tissue-from FOLDER, or leave out --tissue-classes")
+    return TilingParams(mpp, tile_size, overlap, min_tissue, background, tissue_from,
+                        tuple(tissue_classes) if tissue_classes else None)
+
+
+__all__ = ["AT_LEAST_ONE", "CHOICES", "FRACTION", "MAX_INT", "NON_NEGATIVE", "POSITIVE", "check_options", "json_object",
+           "parse_error_line", "tiling_params"]

@@ -44,6 +44,7 @@ from gigaslide.locks import ItemLock
 from gigaslide.slides import slide_id_from_path
 from gigaslide.slides.pool import ReaderPool, ReadTask
 from gigaslide.tiling import GRID_RULE, TileGrid, TilingParams, layout, load_grid
+from gigaslide.tiling.annotations import TISSUE_KEYS
 from gigaslide.tiling.parallel import TileAhead, tile_many, tiling_workers
 
 #: Seconds between heartbeats on a held slide lock (other hosts judge staleness by them).
@@ -92,6 +93,7 @@ def _feature_attrs(encoder: Encoder, params: TilingParams, grid: TileGrid, choic
         "reader": "direct" if info.get("direct") else "openslide", "grid_rule": grid.extra.get("grid_rule"),
         "background_option": params.background, "background": grid.extra.get("background"),
         "stain": grid.extra.get("stain"), "stain_warning": grid.extra.get("stain_warning"),
+        **{k: grid.extra[k] for k in TISSUE_KEYS if grid.extra.get(k) is not None},
     }
 
 
@@ -126,7 +128,8 @@ def is_finished(path: Path, encoder: Encoder, params: TilingParams, *, stamp: Se
     return (a.get("encoder") == encoder.spec.name and a.get("encoder_weights_sha256") == encoder.weights_id
             and abs(float(a.get("mpp", -1)) - params.mpp) < 1e-9 and int(a.get("tile_size", -1)) == params.tile_size
             and int(a.get("overlap", -1)) == params.overlap and abs(float(a.get("min_tissue", -1)) - params.min_tissue) < 1e-9
-            and a.get("grid_rule") == GRID_RULE and a.get("background_option", "auto") == params.background)
+            and a.get("grid_rule") == GRID_RULE and a.get("background_option", "auto") == params.background
+            and params.tissue_matches(a, str(a.get("slide_id", path.stem))))
 
 
 def _clean_own_tmp(out: Path, slide_id: str) -> None:

@@ -42,8 +42,11 @@ stay uniform. The kinds' sizes and every slide's weights go to ``mosaic.json`` (
 
 Output (``OUT/``): ``slides/{slide_id}.tiff`` (OpenSlide-readable pyramidal TIFF, mpp set),
 ``labels.csv`` (``slide_id,patient_id,label,tumor_fraction,n_tissue_tiles,n_tumor_tiles,arrangement``),
-``ground_truth/{slide_id}.csv`` (``x,y,size,is_tumor``: every tissue tile, level-0 px) and
-``mosaic.json`` (provenance and settings). Existing slides are kept, so a re-run resumes.
+``ground_truth/{slide_id}.csv`` (``x,y,size,is_tumor``: every tissue tile, level-0 px),
+``tissue/{slide_id}.geojson`` (the exact tissue cells as a ``Tissue`` polygon and the tumour cells as a ``Tumor``
+one, level-0 px: QuPath opens it, and ``gigaslide tile --tissue-from OUT/tissue`` tiles exactly the tissue cells,
+with no tissue detection whose result could depend on the tiles' content or arrangement) and ``mosaic.json``
+(provenance and settings). Existing slides are kept, so a re-run resumes.
 """
 
 from __future__ import annotations
@@ -295,7 +298,7 @@ def build_mosaic(tiles: str | os.PathLike, out: str | os.PathLike, cfg: MosaicCo
     t = _tile_size(normal[0])
     out_d = atomic.ensure_writable_dir(out)
     _check_same_settings(out_d / "mosaic.json", cfg)
-    for sub in ("slides", "ground_truth"):
+    for sub in ("slides", "ground_truth", "tissue"):
         atomic.ensure_writable_dir(out_d / sub)
         atomic.clean_stale_tmp(out_d / sub)
     kinds = tissue_kinds(normal, cfg.tissue_kinds, cfg.seed) if cfg.slide_composition > 0 else None
@@ -342,6 +345,9 @@ def build_mosaic(tiles: str | os.PathLike, out: str | os.PathLike, cfg: MosaicCo
             w.writerow(["x", "y", "size", "is_tumor"])
             w.writerows(gt.tolist())
             atomic.write_text(gp, buf.getvalue())
+        tp = out_d / "tissue" / f"{sid}.geojson"
+        if not tp.is_file():  # derived from the ground truth: also written for mosaics built before it
+            atomic.write_json(tp, cells_geojson(gt))
         n_tis, n_tum = len(gt), int(gt[:, 3].sum())
         rows.append([sid, sid, int(is_pos[i]), f"{n_tum / max(1, n_tis):.4f}", n_tis, n_tum, arr])
         if verbose and (i + 1) % 25 == 0:
@@ -362,6 +368,31 @@ def build_mosaic(tiles: str | os.PathLike, out: str | os.PathLike, cfg: MosaicCo
                          if by_mix else {}))
     atomic.write_json(out_d / "mosaic.json", meta)
     return meta
+
+
+def cell_runs(gt: np.ndarray) -> list[list[list[float]]]:
+    """Polygons (one closed ring each, level-0 px) covering exactly the cells of ``gt`` rows (``x, y, size, ...``):
+    one rectangle per horizontal run of adjacent cells."""
+    polys = []
+    for y in np.unique(gt[:, 1]) if len(gt) else []:
+        row = gt[gt[:, 1] == y]
+        xs, size = np.sort(row[:, 0]), int(row[0, 2])
+        breaks = np.flatnonzero(np.diff(xs) != size) + 1
+        for run in np.split(xs, breaks):
+            x0, x1, y0, y1 = float(run[0]), float(run[-1] + size), float(y), float(y + size)
+            polys.append([[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]])
+    return polys
+
+
+def cells_geojson(gt: np.ndarray) -> dict:
+    """A mosaic slide's tissue cells (class ``Tissue``) and tumour cells (class ``Tumor``) as GeoJSON MultiPolygons."""
+    feats = []
+    for name, rows, color in (("Tissue", gt, [0, 160, 0]), ("Tumor", gt[gt[:, 3] == 1], [200, 0, 0])):
+        if len(rows):
+            feats.append({"type": "Feature", "id": f"{name.lower()}",
+                          "geometry": {"type": "MultiPolygon", "coordinates": cell_runs(rows)},
+                          "properties": {"objectType": "annotation", "classification": {"name": name, "color": color}}})
+    return {"type": "FeatureCollection", "features": feats}
 
 
 def settings_diff(meta_path: Path, cfg: MosaicConfig) -> dict[str, tuple[Any, Any]]:

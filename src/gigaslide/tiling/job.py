@@ -8,14 +8,17 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from gigaslide import atomic
 from gigaslide.errors import GigaslideError
 from gigaslide.slides import Slide, open_slide
+from gigaslide.tiling.annotations import annotation_path, annotation_tissue, file_sha256
 from gigaslide.tiling.grid import GRID_RULE, TileGrid, make_grid
 from gigaslide.tiling.overlay import grid_overlay_png
 from gigaslide.tiling.store import load_grid, save_grid
 from gigaslide.tiling.stain import StainWarning
-from gigaslide.tiling.tissue import check_background, overlay_png, save_geojson, segment_tissue
+from gigaslide.tiling.tissue import TissueMask, check_background, overlay_png, save_geojson, segment_tissue
 
 
 @dataclass(frozen=True)
@@ -25,12 +28,29 @@ class TilingParams:
     overlap: int = 0
     min_tissue: float = 0.25
     background: str = "auto"  # auto, bright (glass) or dark (fluorescence): see tiling.tissue
+    tissue_from: str | None = None  # folder of <slide_id>.geojson tissue annotations (None: detect tissue)
+    tissue_classes: tuple[str, ...] | None = None  # annotation classes that count as tissue (None: every polygon)
 
     def matches(self, grid: TileGrid) -> bool:
         return (abs(grid.target_mpp - self.mpp) < 1e-9 and grid.tile_size == self.tile_size
                 and grid.overlap == self.overlap and abs(grid.min_tissue - self.min_tissue) < 1e-9
                 and grid.extra.get("grid_rule") == GRID_RULE
-                and grid.extra.get("background_option", "auto") == self.background)
+                and grid.extra.get("background_option", "auto") == self.background
+                and self.tissue_matches(grid.extra, grid.slide_id))
+
+    def annotation_file(self, slide_id: str) -> Path | None:
+        """The slide's tissue annotation file under ``tissue_from`` (None without one, or when tissue is detected)."""
+        return None if self.tissue_from is None else annotation_path(self.tissue_from, slide_id)
+
+    def tissue_matches(self, attrs: dict, slide_id: str) -> bool:
+        """``attrs`` (of a tile grid or a feature file) had its tissue from the same source: detection, or this
+        slide's annotation file with its current content (SHA-256) and the same classes."""
+        if self.tissue_from is None:
+            return attrs.get("tissue_source", "detected") == "detected"
+        p = self.annotation_file(slide_id)
+        return (p is not None and attrs.get("tissue_source") == "annotations"
+                and attrs.get("tissue_annotations_sha256") == file_sha256(p)
+                and attrs.get("tissue_classes", "") == ",".join(self.tissue_classes or ()))
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -69,13 +89,19 @@ def tile_slide(path: str | os.PathLike | Slide, out: str | os.PathLike, params: 
         slide.check_target_mpp(params.mpp) if slide.has_mpp else slide.mpp_info  # mpp_info raises a clear error
         for key in ("coords", "tissue_png", "tissue_geojson", "grid_png"):  # a killed run's temporary files, this slide only
             atomic.clean_stale_tmp_for(paths[key])
-        tissue, thumb = segment_tissue(slide, background=params.background)
+        tissue, thumb = _tissue(slide, params)
         grid = make_grid(slide, tissue, target_mpp=params.mpp, tile_size=params.tile_size, overlap=params.overlap,
                          min_tissue=params.min_tissue)
         if overlays:
             overlay_png(thumb, tissue.mask, paths["tissue_png"])
             save_geojson(tissue, paths["tissue_geojson"])
             grid_overlay_png(thumb, tissue.downsample, grid, paths["grid_png"])
+        if len(grid) == 0 and params.tissue_from is not None:
+            raise GigaslideError(
+                f"no tile is at least {params.min_tissue:.0%} inside the tissue annotations "
+                f"(they cover {100 * tissue.fraction:.1f}% of the thumbnail)",
+                path=tissue.info["tissue_annotations"], fix="check the polygons are in level-0 pixels of this slide; "
+                "lower --min-tissue or use a smaller --tile-size")
         if len(grid) == 0:
             raise GigaslideError(
                 f"no tissue tiles found (tissue covers {100 * tissue.fraction:.1f}% of the thumbnail; min tissue {params.min_tissue})",
@@ -84,6 +110,18 @@ def tile_slide(path: str | os.PathLike | Slide, out: str | os.PathLike, params: 
         _warn_stain(grid)
         save_grid(grid, paths["coords"])
         return grid
+
+
+def _tissue(slide: Slide, params: TilingParams) -> tuple[TissueMask, np.ndarray]:
+    """(tissue mask, thumbnail): from the slide's annotation file with ``params.tissue_from``, else detected."""
+    if params.tissue_from is None:
+        return segment_tissue(slide, background=params.background)
+    p = params.annotation_file(slide.id)
+    if p is None:
+        raise GigaslideError(f"no tissue annotation for slide {slide.id} (looked for {slide.id}.geojson or .json)",
+                             path=params.tissue_from, fix=f"export the slide's tissue polygons as "
+                             f"{Path(params.tissue_from) / (slide.id + '.geojson')}, or leave out --tissue-from to detect tissue")
+    return annotation_tissue(slide, p, params.tissue_classes, background=params.background)
 
 
 def _warn_stain(grid: TileGrid) -> None:

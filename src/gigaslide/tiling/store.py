@@ -18,10 +18,11 @@ import numpy as np
 from gigaslide import atomic
 from gigaslide.provenance import decode_attrs, provenance
 from gigaslide.errors import GigaslideError
+from gigaslide.tiling.annotations import TISSUE_KEYS
 from gigaslide.tiling.grid import TileGrid
 
 #: ``TileGrid.extra`` keys written as file attrs (scalars / strings only).
-EXTRA_KEYS = ("grid_rule", "background", "background_option", "stain", "stain_warning")
+EXTRA_KEYS = ("grid_rule", "background", "background_option", "stain", "stain_warning", *TISSUE_KEYS)
 
 
 def _checksummed(a: np.ndarray) -> dict:

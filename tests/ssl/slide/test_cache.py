@@ -191,3 +191,33 @@ def test_slide_encoders_refuse_features_without_tile_positions(tmp_path):
     store.save(tmp_path / "slide.h5", np.zeros((3, 2), np.float32), np.array([[10, 10], [266, 10], [266, 266]]),
                coords_attrs={"patch_size_level0": 256.0})
     np.testing.assert_array_equal(tile_cells(store.load(tmp_path / "slide.h5")), [[0, 0], [1, 0], [1, 1]])
+
+
+def test_tiles_from_tissue_annotations_are_recorded_and_an_edit_rebuilds_the_slide(slides, tmp_path, capsys):
+    import json
+
+    ann = tmp_path / "ann"
+    ann.mkdir()
+
+    def annotate(x1: int) -> None:  # 32-px tiles at 2 um/px = 32 level-0 px (slides at 2 um/px)
+        ring = [[0, 0], [x1, 0], [x1, 64], [0, 64], [0, 0]]
+        for s in ("s0", "s1"):
+            (ann / f"{s}.geojson").write_text(json.dumps({"type": "Polygon", "coordinates": [ring]}))
+
+    annotate(128)
+    kw = {**KW, "min_tissue": 0.5}
+    res = build_augment_cache(slides[:2], tmp_path / "c", tissue_from=ann, **kw)
+    assert res.done == ["s0", "s1"]
+    ff = store.load(tmp_path / "c" / "features" / "s0.h5")
+    assert sorted(map(tuple, ff.coords.tolist())) == [(x, y) for x in (0, 32, 64, 96) for y in (0, 32)]
+    assert ff.attrs["tissue_source"] == "annotations" and read_provenance(tmp_path / "c" / "cache.json")
+    assert build_augment_cache(slides[:2], tmp_path / "c", tissue_from=ann, **kw).skipped == ["s0", "s1"]
+    annotate(64)  # edited: both slides are cached again from the new tissue (4 tiles: views drawn with replacement)
+    with pytest.warns(UserWarning, match="with replacement"):
+        again = build_augment_cache(slides[:2], tmp_path / "c", tissue_from=ann, **kw)
+    assert again.done == ["s0", "s1"] and len(store.load(tmp_path / "c" / "features" / "s1.h5")) == 4
+    with pytest.raises(GigaslideError, match="tissue_source"):  # one cache holds one tissue source
+        build_augment_cache(slides[:2], tmp_path / "c", **kw)
+    assert main(["augment-cache", *slides[:1], "--out", str(tmp_path / "x"), "--encoder", "test_resnet", "--weights",
+                 "random", "--tissue-classes", "[Tumor]"]) == 2
+    assert "needs --tissue-from" in capsys.readouterr().err

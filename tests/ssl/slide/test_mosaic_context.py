@@ -61,3 +61,32 @@ def test_arrangement_option_and_cli(tmp_path, capsys):
     assert "--task" in capsys.readouterr().err
     with pytest.raises(GigaslideError, match="--arrangement"):
         build_mosaic(tiles, tmp_path / "y", MosaicConfig(slides=4, grid=8, arrangement="ring"), verbose=False)
+
+
+def test_tiling_from_the_mosaic_tissue_annotations_keeps_exactly_the_tissue_cells(tmp_path, capsys):
+    """Tissue detection keeps a share of a slide's cells that depends on their content and arrangement (a cue a bag
+    mean can read); the mosaic's own tissue GeoJSON gives every tissue cell and nothing else, in either class."""
+    import json
+
+    from gigaslide.tiling import load_grid
+
+    out, tiles = tmp_path / "m", _tiles(tmp_path)
+    cfg = MosaicConfig(slides=4, grid=12, tumor_fraction=(0.25, 0.25), seed=0, task="context")
+    build_mosaic(tiles, out, cfg, verbose=False)
+    doc = json.loads((out / "tissue" / "mosaic_0000.geojson").read_text())
+    assert [f["properties"]["classification"]["name"] for f in doc["features"]] == ["Tissue", "Tumor"]
+    assert main(["tile", str(out / "slides"), "--out", str(tmp_path / "t"), "--mpp", "0.97", "--tile-size", "16",
+                 "--min-tissue", "0.5", "--tissue-from", str(out / "tissue")]) == 0
+    assert main(["tile", str(out / "slides"), "--out", str(tmp_path / "tum"), "--mpp", "0.97", "--tile-size", "16",
+                 "--min-tissue", "0.5", "--tissue-from", str(out / "tissue"), "--tissue-classes", "[Tumor]"]) == 0
+    for sid in (f"mosaic_{i:04d}" for i in range(4)):
+        gt = read_ground_truth(out / "ground_truth" / f"{sid}.csv")
+        grid = load_grid(tmp_path / "t" / "patches" / f"{sid}.h5")
+        assert sorted(map(tuple, grid.coords.tolist())) == sorted(map(tuple, gt[:, :2].tolist()))
+        np.testing.assert_allclose(grid.tissue, 1.0)
+        tum = load_grid(tmp_path / "tum" / "patches" / f"{sid}.h5")
+        assert sorted(map(tuple, tum.coords.tolist())) == sorted(map(tuple, gt[gt[:, 3] == 1, :2].tolist()))
+    before = (out / "tissue" / "mosaic_0002.geojson").read_text()
+    (out / "tissue" / "mosaic_0002.geojson").unlink()  # rewritten from the ground truth when the mosaic resumes
+    build_mosaic(tiles, out, cfg, verbose=False)
+    assert (out / "tissue" / "mosaic_0002.geojson").read_text() == before

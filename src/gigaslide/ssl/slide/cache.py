@@ -39,10 +39,12 @@ from gigaslide.errors import GigaslideError
 from gigaslide.features import store
 from gigaslide.slides import open_slide, slide_id_from_path
 from gigaslide.tiling import TilingParams, tile_slide
+from gigaslide.tiling.annotations import TISSUE_KEYS
 
 CACHE_JSON = "cache.json"
 #: Parameters that must agree between runs writing into one cache.
-CACHE_KEYS = ("encoder", "encoder_weights_sha256", "mpp", "tile_size", "views", "tiles_per_view", "seed", "augment")
+CACHE_KEYS = ("encoder", "encoder_weights_sha256", "mpp", "tile_size", "views", "tiles_per_view", "seed", "augment",
+              "min_tissue", "tissue_source", "tissue_classes")  # the last three: absent from caches built before them
 
 
 @dataclass
@@ -134,8 +136,12 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
                         weights: str = "default", views: int = 25, tiles_per_view: int = 25, mpp: float = 0.5,
                         tile_size: int = 224, min_tissue: float = 0.25, seed: int = 0, max_gb: float | None = None,
                         batch_size: int = 64, precision: str = "auto", device: str = "auto",
-                        slide_mpp: float | str | None = None, log=print) -> CacheResult:  # noqa: ANN001
+                        slide_mpp: float | str | None = None, tissue_from: str | os.PathLike | None = None,
+                        tissue_classes: Sequence[str] | None = None, log=print) -> CacheResult:  # noqa: ANN001
     """Build (or resume) the augmented-view cache of ``slides`` under ``out`` (see module doc).
+
+    ``tissue_from``: a folder of ``<slide_id>.geojson`` tissue annotations used instead of tissue detection
+    (:mod:`gigaslide.tiling.annotations`), ``tissue_classes`` the classes that count.
 
     ``precision="auto"`` is resolved once per invocation, on the first slide's first batch, by
     :func:`gigaslide.devices.choose_precision` with that batch as its probe (as ``encode`` does): bf16 on
@@ -159,14 +165,18 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
     atomic.clean_stale_tmp(feat_dir)
     params = {"encoder": enc.spec.name, "encoder_weights_sha256": enc.weights_id, "mpp": float(mpp),
               "tile_size": int(tile_size), "views": int(views), "tiles_per_view": int(tiles_per_view), "seed": int(seed),
-              "augment": "shared-view pathology (flip/rot90/crop 0.5-1/stain/colour/blur)", "embed_dim": enc.embed_dim}
+              "augment": "shared-view pathology (flip/rot90/crop 0.5-1/stain/colour/blur)", "embed_dim": enc.embed_dim,
+              "min_tissue": float(min_tissue), "tissue_source": "detected" if tissue_from is None else "annotations",
+              "tissue_classes": ",".join(tissue_classes or ())}
     _check_manifest(out, params)
     if not (out / CACHE_JSON).is_file():  # written once: a resumed build leaves it (and so the cache's fingerprint,
         # which runs trained on the cache check when they resume) unchanged
         atomic.write_json(out / CACHE_JSON, {**provenance("augment_cache", mpp=float(mpp), tile_size=int(tile_size),
                                                           encoder=enc.spec.name, encoder_weights_sha256=enc.weights_id,
                                                           seed=int(seed), run=str(out)), **params})
-    tiling = TilingParams(mpp=mpp, tile_size=tile_size, min_tissue=min_tissue)
+    tiling = TilingParams(mpp=mpp, tile_size=tile_size, min_tissue=min_tissue,
+                          tissue_from=None if tissue_from is None else str(tissue_from),
+                          tissue_classes=tuple(tissue_classes) if tissue_classes else None)
     aug = SharedAugment(tile_size)
     budget = None if max_gb is None else int(max_gb * 1e9)
     used = sum(f.stat().st_size for f in feat_dir.glob("*.h5"))
@@ -179,7 +189,7 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
             with open_slide(path, mpp=slide_mpp) as s:
                 sid = s.id
             target = feat_dir / f"{sid}.h5"
-            if _finished(target, params):
+            if _finished(target, params, tiling):
                 res.skipped.append(sid)
                 continue
             try:
@@ -222,7 +232,8 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
             attrs = {**params, "run": str(out), "slide_id": sid, "slide_path": str(path), "slide_mpp": grid.slide_mpp,
                      "with_replacement": int(with_repl), "precision": choice.resolved,
                      "precision_requested": choice.requested, "bf16_cosine": choice.bf16_cosine,
-                     "precision_basis": choice.basis, "cache_kind": "gigassl_views", "complete": 1}
+                     "precision_basis": choice.basis, "cache_kind": "gigassl_views", "complete": 1,
+                     **{k: grid.extra[k] for k in TISSUE_KEYS if grid.extra.get(k) is not None}}
             coords_attrs = {"patch_size": tile_size, "patch_size_level0": grid.tile_size_level0,
                             "patch_level": grid.read_level, "target_mpp": float(mpp), "level0_mpp": grid.slide_mpp}
             store.save(target, plain.astype(np.float32), grid.coords, attrs=attrs, coords_attrs=coords_attrs,
@@ -241,7 +252,8 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
     return res
 
 
-def _finished(path: Path, params: dict) -> bool:
+def _finished(path: Path, params: dict, tiling: TilingParams) -> bool:
+    """A complete slide file of this recipe, its tiles from the same tissue (detected, or the same annotation file)."""
     if not path.is_file():
         return False
     try:
@@ -252,7 +264,10 @@ def _finished(path: Path, params: dict) -> bool:
             ok = "views" in f and int(a.get("complete", 0)) == 1
     except OSError:
         return False
-    return ok and all(_same(a.get(k), params[k]) for k in ("encoder", "views", "tiles_per_view", "tile_size"))
+    a = {k: v.decode() if isinstance(v, bytes) else v for k, v in a.items()}
+    return (ok and all(_same(a.get(k), params[k]) for k in ("encoder", "views", "tiles_per_view", "tile_size"))
+            and _same(a.get("min_tissue", params["min_tissue"]), params["min_tissue"])
+            and tiling.tissue_matches(a, str(a.get("slide_id", path.stem))))
 
 
 def _same(a, b) -> bool:  # noqa: ANN001

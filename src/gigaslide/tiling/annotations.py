@@ -1,0 +1,153 @@
+"""Tissue from annotations: a GeoJSON of polygons (QuPath, a pathologist, another tool) instead of detection.
+
+``gigaslide tile --tissue-from DIR`` reads ``DIR/<slide_id>.geojson`` (or ``.json``) per slide: a
+FeatureCollection, a single Feature or geometry, or QuPath's older plain list of features. Polygons and
+MultiPolygons count (holes cut out, overlapping polygons merged); points and lines are ignored.
+``classes`` keeps only features whose ``properties.classification.name`` (QuPath) or ``properties.name``
+is one of them. Coordinates are level-0 pixels, as QuPath exports them.
+
+The polygons are rasterised on the slide's thumbnail grid (the mask segmentation would give), and each
+tile's tissue fraction is the covered share of its box as for detected tissue, so ``--min-tissue`` means the
+same. The grid records where its tissue came from (``tissue_source``), the annotation file and its SHA-256:
+an edited annotation re-tiles the slide, an unchanged one is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from gigaslide.errors import GigaslideError
+from gigaslide.slides.slide import Slide
+from gigaslide.tiling.stain import detect_background, detect_stain
+from gigaslide.tiling.tissue import TissueMask, check_background, default_thumb_size
+
+#: provenance keys of a grid (and its feature files) whose tissue came from annotations
+TISSUE_KEYS = ("tissue_source", "tissue_annotations", "tissue_annotations_sha256", "tissue_classes")
+#: file names tried for a slide's annotations, in this order
+SUFFIXES = (".geojson", ".json")
+
+
+def annotation_path(folder: str | os.PathLike, slide_id: str) -> Path | None:
+    """``folder/<slide_id>.geojson`` (or ``.json``) where it exists, else None."""
+    for sfx in SUFFIXES:
+        p = Path(folder) / f"{slide_id}{sfx}"
+        if p.is_file():
+            return p
+    return None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _features(doc: object) -> Iterator[dict]:
+    """Every Feature-like dict of a GeoJSON document (a bare geometry counts as a feature without properties)."""
+    if isinstance(doc, list):  # QuPath < 0.3 exported a plain list of features
+        for d in doc:
+            yield from _features(d)
+    elif isinstance(doc, dict):
+        kind = doc.get("type")
+        if kind == "FeatureCollection":
+            yield from _features(doc.get("features") or [])
+        elif kind == "Feature":
+            yield doc
+        elif kind in ("Polygon", "MultiPolygon", "GeometryCollection"):
+            yield {"type": "Feature", "geometry": doc, "properties": {}}
+
+
+def _class_name(feature: dict) -> str | None:
+    props = feature.get("properties") or {}
+    c = props.get("classification")
+    if isinstance(c, dict) and c.get("name") is not None:
+        return str(c["name"])
+    if isinstance(c, str):
+        return c
+    return None if props.get("name") is None else str(props["name"])
+
+
+def _polygons(geometry: dict | None) -> Iterator[list]:
+    """Each polygon (a list of rings, the first the outline, the rest holes) of a geometry."""
+    if not isinstance(geometry, dict):
+        return
+    kind = geometry.get("type")
+    if kind == "Polygon":
+        yield geometry.get("coordinates") or []
+    elif kind == "MultiPolygon":
+        yield from (geometry.get("coordinates") or [])
+    elif kind == "GeometryCollection":
+        for g in geometry.get("geometries") or []:
+            yield from _polygons(g)
+
+
+def read_polygons(path: str | os.PathLike, classes: Sequence[str] | None = None) -> list[list[np.ndarray]]:
+    """The polygons of a GeoJSON file as lists of rings (``[n, 2]`` float level-0 x, y), filtered by ``classes``."""
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise GigaslideError(f"not a readable GeoJSON file ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})",
+                             path=p, fix="export the annotations as GeoJSON (QuPath: File > Export objects as GeoJSON)") from None
+    keep = None if classes is None else {str(c) for c in classes}
+    out, seen = [], set()
+    for feat in _features(doc):
+        name = _class_name(feat)
+        seen.add(name)
+        if keep is not None and name not in keep:
+            continue
+        for poly in _polygons(feat.get("geometry")):
+            try:
+                rings = [np.asarray(r, np.float64)[:, :2] for r in poly]
+            except (TypeError, ValueError, IndexError):
+                raise GigaslideError("a polygon's coordinates are not [x, y] pairs", path=p,
+                                     fix="write each ring as a list of [x, y] level-0 pixel pairs") from None
+            if rings and len(rings[0]) >= 3:
+                out.append([r for r in rings if len(r) >= 3])
+    if not out:
+        found = ", ".join(sorted("(none)" if s is None else repr(s) for s in seen)) or "no features"
+        what = f"no polygon of class {', '.join(sorted(keep))}" if keep is not None else "no polygon"
+        raise GigaslideError(f"{what} in the annotations (classes found: {found})", path=p,
+                             fix="draw the tissue as polygons, or pass --tissue-classes with the classes to keep")
+    return out
+
+
+def rasterize(polygons: list[list[np.ndarray]], shape: tuple[int, int], downsample: float) -> np.ndarray:
+    """Boolean mask ``shape`` (rows, cols) whose pixel ``(i, j)`` covers level-0 ``[j d, (j+1) d) x [i d, (i+1) d)``:
+    set where the pixel's centre lies inside a polygon (holes excluded), merged over polygons."""
+    from skimage.draw import polygon as fill
+
+    mask = np.zeros(shape, bool)
+    for rings in polygons:
+        piece = np.zeros(shape, bool)
+        for ring in rings:  # even-odd: the outline, then each hole toggles its inside off
+            rr, cc = fill(ring[:, 1] / downsample - 0.5, ring[:, 0] / downsample - 0.5, shape=shape)
+            ring_mask = np.zeros(shape, bool)
+            ring_mask[rr, cc] = True
+            piece ^= ring_mask
+        mask |= piece
+    return mask
+
+
+def annotation_tissue(slide: Slide, path: str | os.PathLike, classes: Sequence[str] | None = None, *,
+                      background: str = "auto", thumb_size: int | None = None) -> tuple[TissueMask, np.ndarray]:
+    """Tissue mask of ``slide`` from the annotation file ``path`` on the thumbnail grid; returns (mask, thumbnail RGB).
+    ``background`` is only recorded (``auto``: detected from the thumbnail), as with detected tissue."""
+    check_background(background)
+    polygons = read_polygons(path, classes)
+    thumb, ds = slide.thumbnail(thumb_size or default_thumb_size(slide.dimensions))
+    mask = rasterize(polygons, thumb.shape[:2], ds)
+    bg = detect_background(thumb) if background == "auto" else background
+    info = {**detect_stain(thumb).as_attrs(), "background": bg, "background_option": background,
+            "tissue_source": "annotations", "tissue_annotations": str(path),
+            "tissue_annotations_sha256": file_sha256(path),
+            "tissue_classes": ",".join(classes) if classes else ""}
+    return TissueMask(mask, ds, slide.dimensions, info), thumb
