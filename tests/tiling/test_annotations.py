@@ -127,6 +127,15 @@ def test_an_edited_annotation_retiles_and_an_unchanged_one_is_reused(blank, tmp_
     assert not TilingParams(0.5, 128, 0, 0.5, tissue_from=str(ann), tissue_classes=("Tumor",)).matches(load_grid(coords))
 
 
+def test_an_annotation_named_after_the_slide_file_is_found_and_the_slide_id_wins(blank, tmp_path):
+    write(tmp_path / "glass.tiff.geojson", feature({"type": "Polygon", "coordinates": [square(0, 0, 128, 128)]}))
+    params = TilingParams(0.5, 128, 0, 0.5, tissue_from=str(tmp_path))
+    assert tile_slide(blank, tmp_path / "o", params).coords.tolist() == [[0, 0]]
+    assert params.matches(load_grid(tmp_path / "o" / "patches" / "glass.h5"))
+    write(tmp_path / "glass.geojson", feature({"type": "Polygon", "coordinates": [square(128, 0, 256, 128)]}))
+    assert tile_slide(blank, tmp_path / "o", params).coords.tolist() == [[128, 0]]
+
+
 def test_a_slide_without_its_annotation_file_is_named_with_the_fix(blank, tmp_path):
     with pytest.raises(GigaslideError) as e:
         tile_slide(blank, tmp_path / "o", TilingParams(0.5, 128, 0, 0.5, tissue_from=str(tmp_path)))

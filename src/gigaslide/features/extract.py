@@ -129,7 +129,7 @@ def is_finished(path: Path, encoder: Encoder, params: TilingParams, *, stamp: Se
             and abs(float(a.get("mpp", -1)) - params.mpp) < 1e-9 and int(a.get("tile_size", -1)) == params.tile_size
             and int(a.get("overlap", -1)) == params.overlap and abs(float(a.get("min_tissue", -1)) - params.min_tissue) < 1e-9
             and a.get("grid_rule") == GRID_RULE and a.get("background_option", "auto") == params.background
-            and params.tissue_matches(a, str(a.get("slide_id", path.stem))))
+            and params.tissue_matches(a, str(a.get("slide_id", path.stem)), a.get("slide_path")))
 
 
 def _clean_own_tmp(out: Path, slide_id: str) -> None:

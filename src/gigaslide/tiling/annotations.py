@@ -1,6 +1,7 @@
 """Tissue from annotations: a GeoJSON of polygons (QuPath, a pathologist, another tool) instead of detection.
 
-``gigaslide tile --tissue-from DIR`` reads ``DIR/<slide_id>.geojson`` (or ``.json``) per slide: a
+``gigaslide tile --tissue-from DIR`` reads ``DIR/<slide_id>.geojson`` (or ``.json``, or ``<slide file
+name>.geojson``) per slide: a
 FeatureCollection, a single Feature or geometry, or QuPath's older plain list of features. Polygons and
 MultiPolygons count (holes cut out, overlapping polygons merged); points and lines are ignored.
 ``classes`` keeps only features whose ``properties.classification.name`` (QuPath) or ``properties.name``
@@ -33,12 +34,15 @@ TISSUE_KEYS = ("tissue_source", "tissue_annotations", "tissue_annotations_sha256
 SUFFIXES = (".geojson", ".json")
 
 
-def annotation_path(folder: str | os.PathLike, slide_id: str) -> Path | None:
-    """``folder/<slide_id>.geojson`` (or ``.json``) where it exists, else None."""
-    for sfx in SUFFIXES:
-        p = Path(folder) / f"{slide_id}{sfx}"
-        if p.is_file():
-            return p
+def annotation_path(folder: str | os.PathLike, slide_id: str, slide_path: str | os.PathLike | None = None) -> Path | None:
+    """``folder/<slide_id>.geojson`` (or ``.json``), else ``folder/<slide file name>.geojson`` (``a.svs.geojson``, as
+    some exports name it) where it exists, else None."""
+    names = [slide_id] + ([Path(slide_path).name] if slide_path else [])
+    for name in names:
+        for sfx in SUFFIXES:
+            p = Path(folder) / f"{name}{sfx}"
+            if p.is_file():
+                return p
     return None
 
 

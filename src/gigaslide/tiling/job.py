@@ -36,18 +36,18 @@ class TilingParams:
                 and grid.overlap == self.overlap and abs(grid.min_tissue - self.min_tissue) < 1e-9
                 and grid.extra.get("grid_rule") == GRID_RULE
                 and grid.extra.get("background_option", "auto") == self.background
-                and self.tissue_matches(grid.extra, grid.slide_id))
+                and self.tissue_matches(grid.extra, grid.slide_id, grid.slide_path))
 
-    def annotation_file(self, slide_id: str) -> Path | None:
+    def annotation_file(self, slide_id: str, slide_path: str | os.PathLike | None = None) -> Path | None:
         """The slide's tissue annotation file under ``tissue_from`` (None without one, or when tissue is detected)."""
-        return None if self.tissue_from is None else annotation_path(self.tissue_from, slide_id)
+        return None if self.tissue_from is None else annotation_path(self.tissue_from, slide_id, slide_path)
 
-    def tissue_matches(self, attrs: dict, slide_id: str) -> bool:
+    def tissue_matches(self, attrs: dict, slide_id: str, slide_path: str | os.PathLike | None = None) -> bool:
         """``attrs`` (of a tile grid or a feature file) had its tissue from the same source: detection, or this
         slide's annotation file with its current content (SHA-256) and the same classes."""
         if self.tissue_from is None:
             return attrs.get("tissue_source", "detected") == "detected"
-        p = self.annotation_file(slide_id)
+        p = self.annotation_file(slide_id, slide_path)
         return (p is not None and attrs.get("tissue_source") == "annotations"
                 and attrs.get("tissue_annotations_sha256") == file_sha256(p)
                 and attrs.get("tissue_classes", "") == ",".join(self.tissue_classes or ()))
@@ -116,9 +116,10 @@ def _tissue(slide: Slide, params: TilingParams) -> tuple[TissueMask, np.ndarray]
     """(tissue mask, thumbnail): from the slide's annotation file with ``params.tissue_from``, else detected."""
     if params.tissue_from is None:
         return segment_tissue(slide, background=params.background)
-    p = params.annotation_file(slide.id)
+    p = params.annotation_file(slide.id, slide.path)
     if p is None:
-        raise GigaslideError(f"no tissue annotation for slide {slide.id} (looked for {slide.id}.geojson or .json)",
+        raise GigaslideError(f"no tissue annotation for slide {slide.id} (looked for {slide.id}.geojson, "
+                             f"{slide.id}.json and {Path(slide.path).name}.geojson)",
                              path=params.tissue_from, fix=f"export the slide's tissue polygons as "
                              f"{Path(params.tissue_from) / (slide.id + '.geojson')}, or leave out --tissue-from to detect tissue")
     return annotation_tissue(slide, p, params.tissue_classes, background=params.background)

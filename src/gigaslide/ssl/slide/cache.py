@@ -267,7 +267,7 @@ def _finished(path: Path, params: dict, tiling: TilingParams) -> bool:
     a = {k: v.decode() if isinstance(v, bytes) else v for k, v in a.items()}
     return (ok and all(_same(a.get(k), params[k]) for k in ("encoder", "views", "tiles_per_view", "tile_size"))
             and _same(a.get("min_tissue", params["min_tissue"]), params["min_tissue"])
-            and tiling.tissue_matches(a, str(a.get("slide_id", path.stem))))
+            and tiling.tissue_matches(a, str(a.get("slide_id", path.stem)), a.get("slide_path")))
 
 
 def _same(a, b) -> bool:  # noqa: ANN001
