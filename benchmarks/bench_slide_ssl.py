@@ -405,6 +405,14 @@ def identity(args) -> str:  # noqa: ANN001
     return " and ".join(parts)
 
 
+def collapse_caveat(collapse: dict) -> str:
+    """Beside the SLPD claim: which of its two runs ended collapsed (their embeddings are still evaluated, but such a
+    comparison is of a run whose DINO head lost its signal, not of the method working as meant)."""
+    hit = [f"{k} ({collapse[k]})" for k in (FULL_SLPD, "SLPD DINO only") if collapse.get(k)]
+    return (f"; but {' and '.join(hit)} ended collapsed by the monitor above (teacher near uniform or one output), so this "
+            "compares a collapsed pre-training, not the method as meant" if hit else "")
+
+
 def few_shot_near(ns: list[str], target: int) -> str:
     """The few-shot training-set size in ``ns`` closest to ``target`` (the first entry if none is a number)."""
     nums = [n for n in ns if n != "all"]
@@ -464,7 +472,7 @@ def claims(results: dict, args) -> list[str]:
         for n in dict.fromkeys([small, args.ns[-1]]):  # few-shot, and the paper's linear evaluation on all slides
             d, lo, hi, _ = paired(y, p["SLPD +intra+inter (linear)"][n], p["SLPD DINO only (linear)"][n], args.bootstrap)
             out.append(f"- SLPD prototype distillation beats DINO-only region pre-training, {task} task, n = {n}: {d:+.3f} "
-                       f"[{lo:+.3f}, {hi:+.3f}] — **{verdict(lo, hi)}**.")
+                       f"[{lo:+.3f}, {hi:+.3f}] — **{verdict(lo, hi)}**{collapse_caveat(info['collapse'])}.")
         if task == "context":
             best = max(p, key=lambda k: mean_auc(y, p[k]["all" if "all" in args.ns else small]))
             a = mean_auc(y, p[best]["all" if "all" in args.ns else small])

@@ -19,3 +19,9 @@ def test_slpd_variants_name_rows_folders_and_overrides() -> None:
     for bad in ("lr=0.1", "seed=x", "seed"):
         with pytest.raises(SystemExit, match="slpd-variants"):
             bench.slpd_variants(bad)
+
+
+def test_the_slpd_claim_names_a_collapsed_run() -> None:
+    assert bench.collapse_caveat({"SLPD DINO only": None, "SLPD +intra+inter": None, "SLPD +intra": "uniform"}) == ""
+    got = bench.collapse_caveat({"SLPD DINO only": None, "SLPD +intra+inter": "uniform"})
+    assert "SLPD +intra+inter (uniform) ended collapsed" in got and "DINO only" not in got

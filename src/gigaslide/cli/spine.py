@@ -42,7 +42,7 @@ def info(slide: str, slide_mpp: float | str | None = None, json_out: bool = Fals
 
 def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, overlap: int = 0, min_tissue: float = 0.25,
          slide_mpp: float | str | None = None, background: str = "auto", workers: int | None = None,
-         tissue_from: str | None = None, tissue_classes: list[str] | None = None) -> None:
+         tissue_from: str | None = None, tissue_classes: str | None = None) -> None:
     """Segment tissue and tile slides at a physical resolution; writes coords (level-0 px), overlays, GeoJSON.
 
     Several slides are tiled at once, one per CPU core (each slide's files are written atomically).
@@ -50,7 +50,7 @@ def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, ov
 
     Example:
         gigaslide tile ../shared/data/slides/cmu-1-small-region.svs --out tiles_out --mpp 0.5 --tile-size 224
-        gigaslide tile SLIDES --out tiles_out --tissue-from qupath_geojson/ --tissue-classes '[Tumor, Stroma]'
+        gigaslide tile SLIDES --out tiles_out --tissue-from qupath_geojson/ --tissue-classes Tumor,Stroma
 
     Output: OUT/patches/<slide>.h5 (coords, CLAM/TRIDENT layout), OUT/tissue/<slide>.png|.geojson (QuPath),
     OUT/grid/<slide>.png, OUT/tile_manifest.json.
@@ -67,7 +67,8 @@ def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, ov
         workers: processes tiling slides at once, one slide each (default: the cores; 1 = one after another)
         tissue_from: folder of tissue annotations, one <slide_id>.geojson per slide (QuPath: Export objects as
             GeoJSON; level-0 px): tiles are kept inside its polygons instead of detected tissue
-        tissue_classes: with --tissue-from, only polygons of these classes count as tissue (default: all)
+        tissue_classes: with --tissue-from, only polygons of these classes count as tissue, comma-separated
+            (e.g. Tumor,Stroma; default: all)
     """
     from gigaslide import atomic
     from gigaslide.features.manifest import Manifest
@@ -130,7 +131,7 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
            precision: str = "auto", device: str = "auto", slide_mpp: float | str | None = None, threads: int = 2,
            compile: bool = False, background: str = "auto", tile_workers: int | None = None,
            tile_ahead: bool | None = None, fold_bn: bool = True, tissue_from: str | None = None,
-           tissue_classes: list[str] | None = None) -> None:  # noqa: A002 - the option's name
+           tissue_classes: str | None = None) -> None:  # noqa: A002 - the option's name
     """Tile and encode slides into one HDF5 feature file per slide (CLAM/TRIDENT layout); resumable.
 
     Example:
@@ -164,7 +165,8 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
         fold_bn: run the encoder with its batch norms folded into the convolutions before them (faster; the same
             features within float rounding); --fold-bn false runs the model as it is
         tissue_from: folder of tissue annotations, one <slide_id>.geojson per slide (see `gigaslide tile --help`)
-        tissue_classes: with --tissue-from, only polygons of these classes count as tissue (default: all)
+        tissue_classes: with --tissue-from, only polygons of these classes count as tissue, comma-separated
+            (e.g. Tumor,Stroma; default: all)
     """
     import torch
 

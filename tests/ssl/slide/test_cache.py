@@ -219,5 +219,5 @@ def test_tiles_from_tissue_annotations_are_recorded_and_an_edit_rebuilds_the_sli
     with pytest.raises(GigaslideError, match="tissue_source"):  # one cache holds one tissue source
         build_augment_cache(slides[:2], tmp_path / "c", **kw)
     assert main(["augment-cache", *slides[:1], "--out", str(tmp_path / "x"), "--encoder", "test_resnet", "--weights",
-                 "random", "--tissue-classes", "[Tumor]"]) == 2
+                 "random", "--tissue-classes", "Tumor"]) == 2
     assert "needs --tissue-from" in capsys.readouterr().err

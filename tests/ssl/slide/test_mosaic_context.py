@@ -78,7 +78,7 @@ def test_tiling_from_the_mosaic_tissue_annotations_keeps_exactly_the_tissue_cell
     assert main(["tile", str(out / "slides"), "--out", str(tmp_path / "t"), "--mpp", "0.97", "--tile-size", "16",
                  "--min-tissue", "0.5", "--tissue-from", str(out / "tissue")]) == 0
     assert main(["tile", str(out / "slides"), "--out", str(tmp_path / "tum"), "--mpp", "0.97", "--tile-size", "16",
-                 "--min-tissue", "0.5", "--tissue-from", str(out / "tissue"), "--tissue-classes", "[Tumor]"]) == 0
+                 "--min-tissue", "0.5", "--tissue-from", str(out / "tissue"), "--tissue-classes", "Tumor"]) == 0
     for sid in (f"mosaic_{i:04d}" for i in range(4)):
         gt = read_ground_truth(out / "ground_truth" / f"{sid}.csv")
         grid = load_grid(tmp_path / "t" / "patches" / f"{sid}.h5")
