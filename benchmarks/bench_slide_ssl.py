@@ -14,9 +14,9 @@ One command (everything through the library, cached and resumable in --work):
    draw), stratified patient-grouped folds (the same ones for every method); AUC per draw, mean over draws;
    paired bootstrap (over test slides, the same resample for both methods) of AUC differences;
    bytes per slide and training time;
-5. ``--slpd-variants seed=1,seed=2,epochs=8``: the full SLPD (+intra+inter) pre-trained again with one setting
-   changed, each paired against it and against mean pooling (how far one run's result moves with its seed,
-   whether the epoch budget matters).
+5. ``--slpd-variants seed=1,seed=2,epochs=8,prototypes=4``: the full SLPD (+intra+inter) pre-trained again with
+   one setting changed, each paired against it and against mean pooling (how far one run's result moves with its
+   seed, whether the epoch budget or the number of prototypes per slide matters).
 
 Run: .venv/bin/python benchmarks/bench_slide_ssl.py            (the full setting; hours on 2 CPU cores)
      .venv/bin/python benchmarks/bench_slide_ssl.py --small    (the reduced setting used for the results file)
@@ -58,14 +58,16 @@ FULL_SLPD = "SLPD +intra+inter"
 
 def slpd_variants(spec: str) -> list[tuple[str, str, dict]]:
     """``--slpd-variants "seed=1,seed=2,epochs=8"`` -> (row name, run-folder suffix, pretrain_slpd overrides) of the
-    full SLPD (+intra+inter) pre-trained again with one setting changed: its seed spread, its epoch budget."""
+    full SLPD (+intra+inter) pre-trained again with one setting changed: its seed spread, its epoch budget, its number
+    of prototypes per slide (k)."""
     out = []
+    names = {"seed": "seed {}", "epochs": "{} epochs", "prototypes": "k = {}"}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         key, _, val = item.partition("=")
-        if key not in ("seed", "epochs") or not val.isdigit():
-            raise SystemExit(f"--slpd-variants: {item!r} (use seed=N or epochs=N, comma-separated)")
+        if key not in names or not val.isdigit() or (key == "prototypes" and int(val) < 2):
+            raise SystemExit(f"--slpd-variants: {item!r} (use seed=N, epochs=N or prototypes=K >= 2, comma-separated)")
         v = int(val)
-        out.append((f"{FULL_SLPD} ({'seed ' + val if key == 'seed' else val + ' epochs'})", f"_{key}{v}", {key: v}))
+        out.append((f"{FULL_SLPD} ({names[key].format(val)})", f"_{key}{v}", {key: v}))
     return out
 TIMES: dict[str, float] = {}
 SAVED: dict[str, float] = {}  # times measured when a step really ran (work/times.json), reused when it resumes as done
@@ -244,9 +246,9 @@ def run_task(task: str, work: Path, pcam: Path, enc, args) -> dict:  # noqa: ANN
     runs_ = [(name, mode, "", {}) for name, mode in SLPD_MODES.items()]
     runs_ += [(name, SLPD_MODES[FULL_SLPD], sfx, kw) for name, sfx, kw in args.variants]
     for name, mode, sfx, kw in runs_:
-        kw = {"epochs": args.slpd_epochs, **kw}
+        kw = {"epochs": args.slpd_epochs, "prototypes": 2, **kw}
         r = timed(f"{task}: {name} pre-training", pretrain_slpd, w / "cache", w / f"slpd_{mode}{sfx}", losses=mode,
-                  region_size=args.region_size, prototypes=2, warmup=max(1, kw["epochs"] // 3), batch_size=64,
+                  region_size=args.region_size, warmup=max(1, kw["epochs"] // 3), batch_size=64,
                   log=quiet, **kw, done=w / f"slpd_{mode}{sfx}" / "model.safetensors")
         collapse[name] = r["collapse"]
         emb[name] = embed_slides(w / f"slpd_{mode}{sfx}", w / "cache", w / f"emb_{mode}{sfx}.h5", fp16=True)
@@ -522,7 +524,8 @@ def main() -> None:
     ap.add_argument("--gigassl-batch", type=int, default=None)
     ap.add_argument("--slpd-epochs", type=int, default=30)
     ap.add_argument("--slpd-variants", default="",
-                    help="the full SLPD again with one setting changed, paired against it: e.g. seed=1,seed=2,epochs=8")
+                    help="the full SLPD again with one setting changed, paired against it: e.g. seed=1,seed=2,epochs=8,"
+                         "prototypes=4")
     ap.add_argument("--region-size", type=int, default=745, help="px at 0.5 µm/px (372 µm = 4x4 mosaic tiles)")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--draws", type=int, default=10)

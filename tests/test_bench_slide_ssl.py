@@ -12,11 +12,12 @@ import bench_slide_ssl as bench  # noqa: E402
 
 
 def test_slpd_variants_name_rows_folders_and_overrides() -> None:
-    got = bench.slpd_variants(" seed=1, epochs=8,")
+    got = bench.slpd_variants(" seed=1, epochs=8,prototypes=4")
     assert got == [("SLPD +intra+inter (seed 1)", "_seed1", {"seed": 1}),
-                   ("SLPD +intra+inter (8 epochs)", "_epochs8", {"epochs": 8})]
+                   ("SLPD +intra+inter (8 epochs)", "_epochs8", {"epochs": 8}),
+                   ("SLPD +intra+inter (k = 4)", "_prototypes4", {"prototypes": 4})]
     assert bench.slpd_variants("") == []
-    for bad in ("lr=0.1", "seed=x", "seed"):
+    for bad in ("lr=0.1", "seed=x", "seed", "prototypes=1"):
         with pytest.raises(SystemExit, match="slpd-variants"):
             bench.slpd_variants(bad)
 
