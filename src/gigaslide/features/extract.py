@@ -44,7 +44,7 @@ from gigaslide.locks import ItemLock
 from gigaslide.slides import slide_id_from_path
 from gigaslide.slides.pool import ReaderPool, ReadTask
 from gigaslide.tiling import GRID_RULE, TileGrid, TilingParams, layout, load_grid
-from gigaslide.tiling.annotations import TISSUE_KEYS
+from gigaslide.tiling.annotations import tissue_attrs
 from gigaslide.tiling.parallel import TileAhead, tile_many, tiling_workers
 
 #: Seconds between heartbeats on a held slide lock (other hosts judge staleness by them).
@@ -93,7 +93,7 @@ def _feature_attrs(encoder: Encoder, params: TilingParams, grid: TileGrid, choic
         "reader": "direct" if info.get("direct") else "openslide", "grid_rule": grid.extra.get("grid_rule"),
         "background_option": params.background, "background": grid.extra.get("background"),
         "stain": grid.extra.get("stain"), "stain_warning": grid.extra.get("stain_warning"),
-        **{k: grid.extra[k] for k in TISSUE_KEYS if grid.extra.get(k) is not None},
+        **tissue_attrs(grid.extra),
     }
 
 

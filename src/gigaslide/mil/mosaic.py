@@ -374,7 +374,7 @@ def cell_runs(gt: np.ndarray) -> list[list[list[float]]]:
     """Polygons (one closed ring each, level-0 px) covering exactly the cells of ``gt`` rows (``x, y, size, ...``):
     one rectangle per horizontal run of adjacent cells."""
     polys = []
-    for y in np.unique(gt[:, 1]) if len(gt) else []:
+    for y in np.unique(gt[:, 1]):
         row = gt[gt[:, 1] == y]
         xs, size = np.sort(row[:, 0]), int(row[0, 2])
         breaks = np.flatnonzero(np.diff(xs) != size) + 1

@@ -30,6 +30,17 @@ from gigaslide.tiling.tissue import TissueMask, check_background, default_thumb_
 
 #: provenance keys of a grid (and its feature files) whose tissue came from annotations
 TISSUE_KEYS = ("tissue_source", "tissue_annotations", "tissue_annotations_sha256", "tissue_classes")
+def tissue_attrs(extra: dict) -> dict:
+    """The :data:`TISSUE_KEYS` a grid's ``extra`` holds (none for detected tissue): what a grid passes on to the files
+    made from it, so they can be checked against the tiling settings (``TilingParams.tissue_matches``)."""
+    return {k: extra[k] for k in TISSUE_KEYS if extra.get(k) is not None}
+
+
+def classes_attr(classes: Sequence[str] | None) -> str:
+    """How the annotation classes are recorded: comma-joined, "" for every class."""
+    return ",".join(classes or ())
+
+
 #: file names tried for a slide's annotations, in this order
 SUFFIXES = (".geojson", ".json")
 
@@ -131,13 +142,19 @@ def rasterize(polygons: list[list[np.ndarray]], shape: tuple[int, int], downsamp
 
     mask = np.zeros(shape, bool)
     for rings in polygons:
-        piece = np.zeros(shape, bool)
-        for ring in rings:  # even-odd: the outline, then each hole toggles its inside off
-            rr, cc = fill(ring[:, 1] / downsample - 0.5, ring[:, 0] / downsample - 0.5, shape=shape)
-            ring_mask = np.zeros(shape, bool)
-            ring_mask[rr, cc] = True
-            piece ^= ring_mask
-        mask |= piece
+        px = [fill(r[:, 1] / downsample - 0.5, r[:, 0] / downsample - 0.5, shape=shape) for r in rings]
+        if len(px) == 1:  # no hole: its pixels are set directly
+            mask[px[0]] = True
+            continue
+        rows = np.concatenate([rr for rr, _ in px])
+        cols = np.concatenate([cc for _, cc in px])
+        if not len(rows):
+            continue
+        r0, c0 = rows.min(), cols.min()  # even-odd over the polygon's bounding box only, not the whole mask
+        piece = np.zeros((rows.max() - r0 + 1, cols.max() - c0 + 1), bool)
+        for rr, cc in px:  # the outline, then each hole toggles its inside off (each pixel listed once per ring)
+            piece[rr - r0, cc - c0] ^= True
+        mask[r0:r0 + piece.shape[0], c0:c0 + piece.shape[1]] |= piece
     return mask
 
 
@@ -153,5 +170,5 @@ def annotation_tissue(slide: Slide, path: str | os.PathLike, classes: Sequence[s
     info = {**detect_stain(thumb).as_attrs(), "background": bg, "background_option": background,
             "tissue_source": "annotations", "tissue_annotations": str(path),
             "tissue_annotations_sha256": file_sha256(path),
-            "tissue_classes": ",".join(classes) if classes else ""}
+            "tissue_classes": classes_attr(classes)}
     return TissueMask(mask, ds, slide.dimensions, info), thumb

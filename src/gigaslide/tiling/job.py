@@ -13,7 +13,7 @@ import numpy as np
 from gigaslide import atomic
 from gigaslide.errors import GigaslideError
 from gigaslide.slides import Slide, open_slide
-from gigaslide.tiling.annotations import annotation_path, annotation_tissue, file_sha256
+from gigaslide.tiling.annotations import annotation_path, annotation_tissue, classes_attr, file_sha256
 from gigaslide.tiling.grid import GRID_RULE, TileGrid, make_grid
 from gigaslide.tiling.overlay import grid_overlay_png
 from gigaslide.tiling.store import load_grid, save_grid
@@ -38,6 +38,11 @@ class TilingParams:
                 and grid.extra.get("background_option", "auto") == self.background
                 and self.tissue_matches(grid.extra, grid.slide_id, grid.slide_path))
 
+    @property
+    def tissue_source(self) -> str:
+        """``detected`` or ``annotations``: recorded as ``tissue_source`` (absent from detected grids made before it)."""
+        return "detected" if self.tissue_from is None else "annotations"
+
     def annotation_file(self, slide_id: str, slide_path: str | os.PathLike | None = None) -> Path | None:
         """The slide's tissue annotation file under ``tissue_from`` (None without one, or when tissue is detected)."""
         return None if self.tissue_from is None else annotation_path(self.tissue_from, slide_id, slide_path)
@@ -45,12 +50,13 @@ class TilingParams:
     def tissue_matches(self, attrs: dict, slide_id: str, slide_path: str | os.PathLike | None = None) -> bool:
         """``attrs`` (of a tile grid or a feature file) had its tissue from the same source: detection, or this
         slide's annotation file with its current content (SHA-256) and the same classes."""
+        if attrs.get("tissue_source", "detected") != self.tissue_source:
+            return False
         if self.tissue_from is None:
-            return attrs.get("tissue_source", "detected") == "detected"
+            return True
         p = self.annotation_file(slide_id, slide_path)
-        return (p is not None and attrs.get("tissue_source") == "annotations"
-                and attrs.get("tissue_annotations_sha256") == file_sha256(p)
-                and attrs.get("tissue_classes", "") == ",".join(self.tissue_classes or ()))
+        return (p is not None and attrs.get("tissue_annotations_sha256") == file_sha256(p)
+                and attrs.get("tissue_classes", "") == classes_attr(self.tissue_classes))
 
     def as_dict(self) -> dict:
         return asdict(self)

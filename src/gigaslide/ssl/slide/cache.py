@@ -37,9 +37,10 @@ from gigaslide.encoders import Encoder, build_encoder
 from gigaslide.encoders.inference import for_inference
 from gigaslide.errors import GigaslideError
 from gigaslide.features import store
+from gigaslide.provenance import decode_attrs
 from gigaslide.slides import open_slide, slide_id_from_path
 from gigaslide.tiling import TilingParams, tile_slide
-from gigaslide.tiling.annotations import TISSUE_KEYS
+from gigaslide.tiling.annotations import classes_attr, tissue_attrs
 
 CACHE_JSON = "cache.json"
 #: Parameters that must agree between runs writing into one cache.
@@ -163,20 +164,20 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
     out = atomic.ensure_writable_dir(out)
     feat_dir = atomic.ensure_writable_dir(out / "features")
     atomic.clean_stale_tmp(feat_dir)
+    tiling = TilingParams(mpp=mpp, tile_size=tile_size, min_tissue=min_tissue,
+                          tissue_from=None if tissue_from is None else str(tissue_from),
+                          tissue_classes=tuple(tissue_classes) if tissue_classes else None)
     params = {"encoder": enc.spec.name, "encoder_weights_sha256": enc.weights_id, "mpp": float(mpp),
               "tile_size": int(tile_size), "views": int(views), "tiles_per_view": int(tiles_per_view), "seed": int(seed),
               "augment": "shared-view pathology (flip/rot90/crop 0.5-1/stain/colour/blur)", "embed_dim": enc.embed_dim,
-              "min_tissue": float(min_tissue), "tissue_source": "detected" if tissue_from is None else "annotations",
-              "tissue_classes": ",".join(tissue_classes or ())}
+              "min_tissue": float(min_tissue), "tissue_source": tiling.tissue_source,
+              "tissue_classes": classes_attr(tiling.tissue_classes)}
     _check_manifest(out, params)
     if not (out / CACHE_JSON).is_file():  # written once: a resumed build leaves it (and so the cache's fingerprint,
         # which runs trained on the cache check when they resume) unchanged
         atomic.write_json(out / CACHE_JSON, {**provenance("augment_cache", mpp=float(mpp), tile_size=int(tile_size),
                                                           encoder=enc.spec.name, encoder_weights_sha256=enc.weights_id,
                                                           seed=int(seed), run=str(out)), **params})
-    tiling = TilingParams(mpp=mpp, tile_size=tile_size, min_tissue=min_tissue,
-                          tissue_from=None if tissue_from is None else str(tissue_from),
-                          tissue_classes=tuple(tissue_classes) if tissue_classes else None)
     aug = SharedAugment(tile_size)
     budget = None if max_gb is None else int(max_gb * 1e9)
     used = sum(f.stat().st_size for f in feat_dir.glob("*.h5"))
@@ -233,7 +234,7 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
                      "with_replacement": int(with_repl), "precision": choice.resolved,
                      "precision_requested": choice.requested, "bf16_cosine": choice.bf16_cosine,
                      "precision_basis": choice.basis, "cache_kind": "gigassl_views", "complete": 1,
-                     **{k: grid.extra[k] for k in TISSUE_KEYS if grid.extra.get(k) is not None}}
+                     **tissue_attrs(grid.extra)}
             coords_attrs = {"patch_size": tile_size, "patch_size_level0": grid.tile_size_level0,
                             "patch_level": grid.read_level, "target_mpp": float(mpp), "level0_mpp": grid.slide_mpp}
             store.save(target, plain.astype(np.float32), grid.coords, attrs=attrs, coords_attrs=coords_attrs,
@@ -260,19 +261,16 @@ def _finished(path: Path, params: dict, tiling: TilingParams) -> bool:
         import h5py
 
         with h5py.File(path, "r") as f:
-            a = dict(f.attrs)
+            a = decode_attrs(f.attrs)
             ok = "views" in f and int(a.get("complete", 0)) == 1
     except OSError:
         return False
-    a = {k: v.decode() if isinstance(v, bytes) else v for k, v in a.items()}
     return (ok and all(_same(a.get(k), params[k]) for k in ("encoder", "views", "tiles_per_view", "tile_size"))
             and _same(a.get("min_tissue", params["min_tissue"]), params["min_tissue"])
             and tiling.tissue_matches(a, str(a.get("slide_id", path.stem)), a.get("slide_path")))
 
 
 def _same(a, b) -> bool:  # noqa: ANN001
-    if isinstance(a, bytes):
-        a = a.decode()
     if isinstance(b, (int, float)) and a is not None:
         return abs(float(a) - float(b)) < 1e-9
     return a == b
