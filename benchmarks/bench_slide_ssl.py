@@ -14,9 +14,13 @@ One command (everything through the library, cached and resumable in --work):
    draw), stratified patient-grouped folds (the same ones for every method); AUC per draw, mean over draws;
    paired bootstrap (over test slides, the same resample for both methods) of AUC differences;
    bytes per slide and training time;
-5. ``--slpd-variants seed=1,seed=2,epochs=8,prototypes=4``: the full SLPD (+intra+inter) pre-trained again with
-   one setting changed, each paired against it and against mean pooling (how far one run's result moves with its
-   seed, whether the epoch budget or the number of prototypes per slide matters).
+5. ``--slpd-variants seed=1,seed=2,epochs=8,prototypes=4,region=1490``: the full SLPD (+intra+inter) pre-trained
+   again with one setting changed, each paired against it and against mean pooling (how far one run's result moves
+   with its seed, whether the epoch budget, the number of prototypes per slide or the region size matters);
+6. ``--region-mil ABMIL``: MIL over the region embeddings of SLPD DINO-only and +intra+inter (the SLPD paper's
+   aggregator protocol beside the linear one);
+7. ``--tissue both``: each task tiled twice on the same slides, by tissue detection and exactly at the mosaic's tissue
+   cells, every method paired across the two (what a method took from what tissue detection keeps).
 
 Run: .venv/bin/python benchmarks/bench_slide_ssl.py            (the full setting; hours on 2 CPU cores)
      .venv/bin/python benchmarks/bench_slide_ssl.py --small    (the reduced setting used for the results file)
@@ -54,20 +58,69 @@ MIL = {"ABMIL": ("abmil", {}, "abmil"), "CLAM-SB": ("clam_sb", {}, "clam_sb"),
 MIL_DEFAULT = ["ABMIL", "CLAM-SB", "TransMIL"]
 SLPD_MODES = {"SLPD DINO only": "dino", "SLPD +intra": "dino+intra", "SLPD +intra+inter": "dino+intra+inter"}
 FULL_SLPD = "SLPD +intra+inter"
+#: the SLPD modes whose region embeddings --region-mil aggregates (the claim's two sides)
+REGION_MIL_MODES = ("SLPD DINO only", FULL_SLPD)
+
+
+def region_row(slpd: str, mil: str) -> str:
+    """Row name of ``mil`` trained over the region embeddings of SLPD mode ``slpd``."""
+    return f"{slpd} regions → {mil}"
+
+
+def mosaic_digest(mosaic: Path) -> str:
+    """SHA-256 over a mosaic's record (its settings and per-slide draws, e.g. tissue mixes; not its creation time),
+    labels and per-slide ground truth: two runs pair only on the same slides."""
+    import hashlib
+
+    record = {k: v for k, v in json.loads((mosaic / "mosaic.json").read_text()).items() if k != "created"}
+    h = hashlib.sha256(json.dumps(record, sort_keys=True).encode())
+    for f in [mosaic / "labels.csv", *sorted((mosaic / "ground_truth").glob("*.csv"))]:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def mix_r2(X: dict, mosaic: Path, ids: list[str]) -> dict:
+    """How much of each slide embedding is the slide's own tissue mix (per-slide composition): 5-fold cross-validated
+    R² of a ridge regression (standardised inputs, alpha chosen inside each fold) predicting the slide's drawn mix
+    over the tissue kinds from its embedding. {} when the mosaic has no per-slide composition."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.metrics import r2_score
+    from sklearn.model_selection import KFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    draws = json.loads((mosaic / "mosaic.json").read_text()).get("slide_composition_draws")
+    if not draws:
+        return {}
+    Y = np.array([draws[s] for s in ids])
+    model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13)))
+    cv = KFold(5, shuffle=True, random_state=0)
+    return {k: float(r2_score(Y, cross_val_predict(model, x.astype(np.float64), Y, cv=cv))) for k, x in X.items()}
+
+
+def region_counts(w: Path, args) -> dict:  # noqa: ANN001
+    """Mean regions per slide of each exported SLPD region folder (--region-mil)."""
+    out = {}
+    for slpd in REGION_MIL_MODES if args.region_mil else ():
+        d = w / f"regions_{SLPD_MODES[slpd]}"
+        out[slpd] = float(np.mean([len(f) for f in store.load_dir(d).values()]))
+    return out
 
 
 def slpd_variants(spec: str) -> list[tuple[str, str, dict]]:
     """``--slpd-variants "seed=1,seed=2,epochs=8"`` -> (row name, run-folder suffix, pretrain_slpd overrides) of the
     full SLPD (+intra+inter) pre-trained again with one setting changed: its seed spread, its epoch budget, its number
-    of prototypes per slide (k)."""
+    of prototypes per slide (k), its region side (``region=PX`` at 0.5 µm/px)."""
     out = []
-    names = {"seed": "seed {}", "epochs": "{} epochs", "prototypes": "k = {}"}
+    names = {"seed": "seed {}", "epochs": "{} epochs", "prototypes": "k = {}", "region": "regions {} px"}
+    least = {"prototypes": 2, "region": 2}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         key, _, val = item.partition("=")
-        if key not in names or not val.isdigit() or (key == "prototypes" and int(val) < 2):
-            raise SystemExit(f"--slpd-variants: {item!r} (use seed=N, epochs=N or prototypes=K >= 2, comma-separated)")
+        if key not in names or not val.isdigit() or int(val) < least.get(key, 0):
+            raise SystemExit(f"--slpd-variants: {item!r} (use seed=N, epochs=N, prototypes=K >= 2 or region=PX (region "
+                             "side in px at 0.5 µm/px), comma-separated)")
         v = int(val)
-        out.append((f"{FULL_SLPD} ({names[key].format(val)})", f"_{key}{v}", {key: v}))
+        out.append((f"{FULL_SLPD} ({names[key].format(val)})", f"_{key}{v}", {"region_size" if key == "region" else key: v}))
     return out
 TIMES: dict[str, float] = {}
 SAVED: dict[str, float] = {}  # times measured when a step really ran (work/times.json), reused when it resumes as done
@@ -203,28 +256,51 @@ def paired(y: np.ndarray, pa: np.ndarray, pb: np.ndarray, n_boot: int, seed: int
 
 def kept_by_tissue_detection(mosaic: Path, files: dict, t) -> dict:  # noqa: ANN001
     """Fraction of each slide's mosaic tissue cells that tissue detection kept as tiles, by class, and its AUC as a
-    slide score: a bag-level cue that a bag mean can see without seeing the tiles' arrangement."""
+    slide score: a bag-level cue that a bag mean can see without seeing the tiles' arrangement. Where cells were
+    dropped, also which: the mean RGB brightness (0-255) of the kept and of the dropped tissue cells."""
     from gigaslide.mil.mosaic import read_ground_truth
+    from gigaslide.slides import iter_tiles
 
-    frac = np.array([len(files[s]) / max(1, len(read_ground_truth(mosaic / "ground_truth" / f"{s}.csv")))
-                     for s in t.slide_ids])
+    gts = {s: read_ground_truth(mosaic / "ground_truth" / f"{s}.csv") for s in t.slide_ids}
+    frac = np.array([len(files[s]) / max(1, len(gts[s])) for s in t.slide_ids])
     y = np.asarray(t.labels)
-    return {"pos": float(frac[y == 1].mean()), "neg": float(frac[y == 0].mean()),
-            "auc": auc(y, np.stack([1 - frac, frac], 1))}
+    out = {"pos": float(frac[y == 1].mean()), "neg": float(frac[y == 0].mean()),
+           "auc": auc(y, np.stack([1 - frac, frac], 1))}
+    if frac.min() < 1:
+        bright: dict[bool, list[float]] = {True: [], False: []}
+        mpp = float(json.loads((mosaic / "mosaic.json").read_text())["mpp"])
+        for s in t.slide_ids:
+            kept = {tuple(int(v) for v in c[:2]) for c in np.asarray(files[s].coords)}
+            cells = [(int(x), int(yy)) for x, yy, _, _ in gts[s]]
+            size = int(gts[s][0][2])
+            for c, tile in zip(cells, iter_tiles(mosaic / "slides" / f"{s}.tiff", cells, size, mpp)):
+                bright[c in kept].append(float(tile.mean()))
+        out.update(bright_kept=float(np.mean(bright[True])), bright_dropped=float(np.mean(bright[False])))
+    return out
 
 
-def run_task(task: str, work: Path, pcam: Path, enc, args) -> dict:  # noqa: ANN001
+def tissue_runs(task: str, args) -> list[tuple[str, str, bool]]:  # noqa: ANN001
+    """(label, folder, annotated) of each tiling ``task`` runs with: ``--tissue both`` runs it twice on the same mosaic
+    (its own copy, built with the same seed, checked identical), tiled by detection and exactly at the tissue cells."""
+    if args.tissue != "both":
+        return [(task, task, args.tissue == "annotations")]
+    return [(f"{task} (detected tissue)", task, False), (f"{task} (exact tissue)", f"{task}_annotated", True)]
+
+
+def run_task(task: str, work: Path, pcam: Path, enc, args, label: str | None = None, folder: str | None = None,  # noqa: ANN001
+             annotated: bool = False) -> dict:
+    """``annotated``: tiles = the mosaic's tissue cells (its GeoJSON), not tissue detection."""
     from gigaslide.mil.mosaic import MosaicConfig, build_mosaic
     from gigaslide.ssl.slide.cache import build_augment_cache
     from gigaslide.ssl.slide.embed import embed_slides
     from gigaslide.ssl.slide.gigassl import pretrain_gigassl
     from gigaslide.ssl.slide.slpd import pretrain_slpd
 
-    w = work / task
+    w = work / (folder or task)
     tf = (0.1, 0.3) if task == "context" else (0.05, 0.2)
-    annotated = args.tissue == "annotations"  # tiles = the mosaic's tissue cells (its GeoJSON), not tissue detection
+    base, task = task, label or task  # (task: the name its steps and report section go by)
     timed(f"{task}: mosaic slides", build_mosaic, pcam / "train", w / "mosaic",
-          MosaicConfig(slides=args.slides, grid=args.grid, tumor_fraction=tf, seed=0, task=task,
+          MosaicConfig(slides=args.slides, grid=args.grid, tumor_fraction=tf, seed=0, task=base,
                        slide_stain=args.slide_stain, slide_composition=args.slide_composition,
                        tissue_kinds=args.tissue_kinds), verbose=False,
           done=w / "mosaic" / (f"tissue/mosaic_{args.slides - 1:04d}.geojson" if annotated else "labels.csv"))
@@ -246,19 +322,34 @@ def run_task(task: str, work: Path, pcam: Path, enc, args) -> dict:  # noqa: ANN
     runs_ = [(name, mode, "", {}) for name, mode in SLPD_MODES.items()]
     runs_ += [(name, SLPD_MODES[FULL_SLPD], sfx, kw) for name, sfx, kw in args.variants]
     for name, mode, sfx, kw in runs_:
-        kw = {"epochs": args.slpd_epochs, "prototypes": 2, **kw}
+        kw = {"epochs": args.slpd_epochs, "prototypes": 2, "region_size": args.region_size, **kw}
         r = timed(f"{task}: {name} pre-training", pretrain_slpd, w / "cache", w / f"slpd_{mode}{sfx}", losses=mode,
-                  region_size=args.region_size, warmup=max(1, kw["epochs"] // 3), batch_size=64,
+                  warmup=max(1, kw["epochs"] // 3), batch_size=64,
                   log=quiet, **kw, done=w / f"slpd_{mode}{sfx}" / "model.safetensors")
         collapse[name] = r["collapse"]
-        emb[name] = embed_slides(w / f"slpd_{mode}{sfx}", w / "cache", w / f"emb_{mode}{sfx}.h5", fp16=True)
+        regions = w / f"regions_{mode}{sfx}"  # region embeddings as a feature folder, for MIL over regions
+        want = (args.region_mil and name in REGION_MIL_MODES  # (again when an export was cut short)
+                and len(list((regions / "features").glob("*.h5"))) < len(files))
+        emb[name] = embed_slides(w / f"slpd_{mode}{sfx}", w / "cache", w / f"emb_{mode}{sfx}.h5", fp16=True,
+                                 regions_out=regions if want else None)
     X = {k: np.asarray(v.embeddings, np.float32)[[v.slide_ids.index(s) for s in t.slide_ids]] for k, v in emb.items()}
     X["mean pooling"] = np.stack([files[s].features.mean(0) for s in t.slide_ids])
     preds = {f"{k} (linear)": linear_rows(x, t, plan) for k, x in X.items()}
     for name, (model, kw, tag) in ([(k, v) for k, v in MIL.items() if k in args.mil_models] if not args.no_mil else []):
         preds[name] = timed(f"{task}: {name} (all n, draws, folds)", mil_rows, model, w / "cache", labels_csv,
                             w / "mil", t, args, kw, tag, done=w / "mil" / f"{tag}_n{args.ns[-1]}" / "predictions.csv")
-    info = {"n_slides": len(t.labels), "n_pos": int(t.labels.sum()), "cache_slides": len(cres.done) + len(cres.skipped),
+    for slpd in REGION_MIL_MODES if args.region_mil else ():  # the SLPD paper's other protocol: an aggregator over regions
+        mode = SLPD_MODES[slpd]
+        for name in args.region_mil:
+            model, kw, tag = MIL[name]
+            preds[region_row(slpd, name)] = timed(
+                f"{task}: {region_row(slpd, name)} (all n, draws, folds)", mil_rows, model, w / f"regions_{mode}",
+                labels_csv, w / "mil", t, args, kw, f"{tag}_regions_{mode}",
+                done=w / "mil" / f"{tag}_regions_{mode}_n{args.ns[-1]}" / "predictions.csv")
+    info = {"task": base, "annotated": annotated, "slide_ids": list(t.slide_ids),
+            "mosaic_sha256": mosaic_digest(w / "mosaic"), "regions": region_counts(w, args),
+            "mix_r2": mix_r2(X, w / "mosaic", list(t.slide_ids)),
+            "n_slides": len(t.labels), "n_pos": int(t.labels.sum()), "cache_slides": len(cres.done) + len(cres.skipped),
             "kept": kept_by_tissue_detection(w / "mosaic", files, t),
             "no_tissue": sorted(set(S.read_labels(labels_csv).slide_ids) - set(files)),
             "tiles": float(np.mean([len(f) for f in files.values()])), "collapse": collapse,
@@ -309,8 +400,11 @@ def report(results: dict, tile: dict, args, enc_desc: str) -> str:
     md.append(f"Tile encoder: {enc_desc}; tile linear AUC on PCam valid ({args.tile_n} train / {args.tile_n} valid tiles "
               f"per class): SSL **{tile['ssl']:.3f}** vs random weights {tile['random']:.3f}. Slides: {args.slides} per task, "
               f"grid {args.grid}, 96 px PCam train tiles at 0.97 µm/px, tiled "
-              + ("exactly at the mosaic's tissue cells (its tissue GeoJSON, `--tissue annotations`)" if args.tissue ==
-                 "annotations" else "where tissue detection finds tissue (min tissue 0.5)")
+              + {"annotations": "exactly at the mosaic's tissue cells (its tissue GeoJSON, `--tissue annotations`)",
+                 "both": "both ways, each task twice on the same slides (`--tissue both`): where tissue detection finds "
+                         "tissue (min tissue 0.5), and exactly at the mosaic's tissue cells (its tissue GeoJSON); every "
+                         "method is paired across the two below"}.get(args.tissue, "where tissue detection finds tissue "
+                                                                       "(min tissue 0.5)")
               + f"{f', {identity(args)}' if identity(args) else ''}. Cache {args.views} views x {args.tiles_per_view} "
               f"tiles; Giga-SSL {args.gigassl_epochs} epochs, {args.tiles_per_step} tiles per step, SparseConvMIL "
               f"(2 sparse residual blocks, BatchNorm with zero-initialised last scale, stride-2 pooling); SLPD {args.slpd_epochs} epochs, regions "
@@ -319,6 +413,9 @@ def report(results: dict, tile: dict, args, enc_desc: str) -> str:
                  f"MIL = gigaslide.mil.cv.run_cv ({args.mil_epochs} epochs max, early stopping on a validation split)"
                  + ("" if args.mil_models == MIL_DEFAULT else f": {', '.join(args.mil_models)} (the default runs "
                                                                f"{', '.join(MIL_DEFAULT)})") + ". ")
+              + (f"MIL over regions (`--region-mil`, the SLPD paper's aggregator protocol): {', '.join(args.region_mil)} "
+                 f"trained on the region embeddings of {' and of '.join(REGION_MIL_MODES)}, one instance per region. "
+                 if args.region_mil else "")
               + 
               f"{args.folds} stratified patient-grouped folds; few-shot: {args.draws} draws per fold; AUC = mean over draws "
               f"of the out-of-fold AUC.\n")
@@ -342,6 +439,9 @@ def report(results: dict, tile: dict, args, enc_desc: str) -> str:
                  ("SLPD +intra+inter (linear)", "SLPD DINO only (linear)"), ("SLPD +intra (linear)", "SLPD DINO only (linear)"),
                  ("SLPD +intra+inter (linear)", ref)]
         pairs += [(f"{v} (linear)", f"{FULL_SLPD} (linear)") for v, _, _ in args.variants]
+        for m in args.region_mil:  # the aggregator protocol: the claim under it, and against its own linear probe / tiles
+            full, dino = region_row(FULL_SLPD, m), region_row("SLPD DINO only", m)
+            pairs += [(full, dino), (full, f"{FULL_SLPD} (linear)")] + ([(full, m)] if m in preds else [])
         for pe in ("TransMIL", "TransMIL-grid"):  # position encoding: what it adds, and slide SSL against it
             if pe in preds:
                 pairs += ([(pe, "TransMIL-noPPEG")] if "TransMIL-noPPEG" in preds else []) + [
@@ -362,15 +462,26 @@ def report(results: dict, tile: dict, args, enc_desc: str) -> str:
         md.append(f"- SLPD collapse monitor: {'collapsed: ' + ', '.join(f'{k} ({v})' for k, v in col.items()) if col else 'no run collapsed'}.")
         md.append(f"- {gigassl_monitor_line(info)}")
         k = info["kept"]
-        source = ("Tiling from the mosaic's own tissue annotations (`--tissue annotations`: `gigaslide tile --tissue-from "
-                  "MOSAIC/tissue`, no tissue detection)" if args.tissue == "annotations" else "Tissue detection (min tissue 0.5)")
+        source = ("Tiling from the mosaic's own tissue annotations (`gigaslide tile --tissue-from MOSAIC/tissue`, no "
+                  "tissue detection)" if info["annotated"] else "Tissue detection (min tissue 0.5)")
         md.append(f"- {source} kept {k['pos']:.1%} of the tissue cells of positive slides and "
                   f"{k['neg']:.1%} of negative ones; the kept fraction alone, as a slide score, has AUC {k['auc']:.3f} (0.5: no "
                   "cue; below 0.5 it points the other way): a cue a bag mean can use without seeing the tiles' "
-                  "arrangement.\n")
+                  "arrangement." + (f" The tissue cells it dropped are {'paler' if k['bright_dropped'] > k['bright_kept'] else 'darker'} "
+                                    f"than those it kept: mean RGB brightness {k['bright_dropped']:.0f} against "
+                                    f"{k['bright_kept']:.0f} (0-255)." if "bright_dropped" in k else "") + "\n")
+        if info.get("mix_r2"):
+            md.append("- How much of each slide embedding is the slide's own tissue mix (5-fold CV R² of a ridge "
+                      "regression from the embedding to its drawn mix over the tissue kinds; 1 = the mix is fully "
+                      "readable, 0 = not at all): " + "; ".join(f"{k} {v:.3f}" for k, v in info["mix_r2"].items())
+                      + ". A slide encoder whose embedding is mostly the mix has less room for the arrangement.")
+        if info.get("regions"):
+            md.append("- Regions per slide (MIL over regions): " + "; ".join(f"{k} {v:.1f}" for k, v in info["regions"].items())
+                      + ".\n")
         md.append("| artifact | bytes per slide |\n|---|---|")
         md += [f"| {k} | {v:.0f} |" for k, v in info["bytes"].items()]
         md.append("")
+    md += tissue_pairs(results, args)
     md.append("## Claims\n")
     md += claims(results, args)
     if args.slide_stain:
@@ -397,6 +508,53 @@ def report(results: dict, tile: dict, args, enc_desc: str) -> str:
     md += [f"| {k} | {v:.1f} |" for k, v in TIMES.items()]
     md.append(f"\nMachine: {machine()}; timings are wall-clock ({args.load_note}).")
     return "\n".join(md)
+
+
+def tissue_pairs(results: dict, args) -> list[str]:  # noqa: ANN001
+    """``--tissue both``: every method tiled by detection vs exactly at the tissue cells, paired on the same test slides
+    (same mosaic, tile encoder, folds and draws), so what a method took from tissue detection is measured, not guessed
+    from two reports."""
+    if args.tissue != "both":
+        return []
+    md = []
+    for task in args.tasks.split(","):
+        a, b = results[f"{task} (detected tissue)"], results[f"{task} (exact tissue)"]
+        if a["info"]["mosaic_sha256"] != b["info"]["mosaic_sha256"]:
+            raise SystemExit(f"--tissue both: the {task} task's two mosaics differ (not the same slides): rebuild both "
+                             "in a fresh --work")
+        ida, idb = a["info"]["slide_ids"], b["info"]["slide_ids"]
+        ids = [s for s in idb if s in set(ida)]
+        ia, ib = [ida.index(s) for s in ids], [idb.index(s) for s in ids]
+        y = np.asarray(b["y"])[ib]
+        assert np.array_equal(np.asarray(a["y"])[ia], y), "same slides, same labels"
+        same = set(ida) == set(idb)  # same slide set -> the same label table, folds and few-shot draws for both
+        md.append(f"## Detected vs exact tissue, {task} task: every method paired on the same test slides\n")
+        md.append(f"One mosaic (SHA-256 {a['info']['mosaic_sha256'][:12]} of its record, labels and ground truth, built twice with "
+                  "one seed and checked identical), one tile encoder, tiled twice: by tissue detection and exactly at the "
+                  "mosaic's tissue cells. " + ("Both tilings keep every slide, so folds and few-shot draws are identical: "
+                                               "each difference is paired per test slide and draw. " if same else
+                                               f"Detection left {len(idb) - len(ids)} slide(s) without tissue: pairs are "
+                                               f"on the {len(ids)} slides both have, whose folds differ slightly. ")
+                  + f"diff = detected − exact [95 % paired bootstrap CI, {args.bootstrap} resamples over test slides]; "
+                  "above 0: the method scored higher on detection's tiles, i.e. it used what detection keeps.\n")
+        last = args.ns[-1]
+        md.append(f"| method | AUC detected (n = {last}) | AUC exact (n = {last}) | "
+                  + " | ".join(f"diff, n = {n}" for n in args.ns) + " |")
+        md.append("|---|---|---|" + "---|" * len(args.ns))
+        up, down, flat = [], [], []
+        for name in (k for k in a["preds"] if k in b["preds"]):
+            pa, pb = a["preds"][name], b["preds"][name]
+            cells = []
+            for n in args.ns:
+                d, lo, hi, _ = paired(y, pa[n][:, ia], pb[n][:, ib], args.bootstrap)
+                cells.append(f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+            (up if lo > 0 else down if hi < 0 else flat).append(f"{name} {d:+.3f}")
+            md.append(f"| {name} | {mean_auc(y, pa[last][:, ia]):.3f} | {mean_auc(y, pb[last][:, ib]):.3f} | "
+                      + " | ".join(cells) + " |")
+        md.append("")
+        md.append(f"- {task}, n = {last}: higher on detected tissue (CI above 0): {', '.join(up) or 'none'}; higher on "
+                  f"exact tissue (CI below 0): {', '.join(down) or 'none'}; not distinguishable: {', '.join(flat) or 'none'}.\n")
+    return md
 
 
 def identity(args) -> str:  # noqa: ANN001
@@ -475,7 +633,14 @@ def claims(results: dict, args) -> list[str]:
             d, lo, hi, _ = paired(y, p["SLPD +intra+inter (linear)"][n], p["SLPD DINO only (linear)"][n], args.bootstrap)
             out.append(f"- SLPD prototype distillation beats DINO-only region pre-training, {task} task, n = {n}: {d:+.3f} "
                        f"[{lo:+.3f}, {hi:+.3f}] — **{verdict(lo, hi)}**{collapse_caveat(info['collapse'])}.")
-        if task == "context":
+        for m in args.region_mil:  # the SLPD paper's aggregator protocol
+            for n in dict.fromkeys([small, args.ns[-1]]):
+                d, lo, hi, _ = paired(y, p[region_row(FULL_SLPD, m)][n], p[region_row("SLPD DINO only", m)][n],
+                                      args.bootstrap)
+                out.append(f"- SLPD prototype distillation beats DINO-only region pre-training under MIL over regions "
+                           f"({m}), {task} task, n = {n}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}] — **{verdict(lo, hi)}**"
+                           f"{collapse_caveat(info['collapse'])}.")
+        if info["task"] == "context":
             best = max(p, key=lambda k: mean_auc(y, p[k]["all" if "all" in args.ns else small]))
             a = mean_auc(y, p[best]["all" if "all" in args.ns else small])
             out.append(f"- Context task (only spatial arrangement differs): best method {best} at AUC {a:.3f}; "
@@ -514,9 +679,10 @@ def main() -> None:
     ap.add_argument("--slide-composition", type=float, default=0.0,
                     help="each mosaic slide its own mix of normal tissue kinds (gigaslide mosaic --slide-composition)")
     ap.add_argument("--tissue-kinds", type=int, default=8)
-    ap.add_argument("--tissue", choices=("detected", "annotations"), default="detected",
+    ap.add_argument("--tissue", choices=("detected", "annotations", "both"), default="detected",
                     help="tiles where tissue detection finds tissue, or exactly the mosaic's tissue cells (its tissue "
-                         "GeoJSON, gigaslide tile --tissue-from): no bag-level cue from what detection keeps")
+                         "GeoJSON, gigaslide tile --tissue-from): no bag-level cue from what detection keeps; both: each "
+                         "task run both ways on the same slides, every method paired detected vs exact")
     ap.add_argument("--views", type=int, default=25)
     ap.add_argument("--tiles-per-view", type=int, default=32)
     ap.add_argument("--tiles-per-step", type=int, default=16)
@@ -533,6 +699,9 @@ def main() -> None:
     ap.add_argument("--mil-epochs", type=int, default=40)
     ap.add_argument("--mil-models", default=",".join(MIL_DEFAULT),
                     help=f"which MIL baselines run, of {', '.join(MIL)} (TransMIL is the slowest)")
+    ap.add_argument("--region-mil", default="",
+                    help=f"MIL models (of {', '.join(MIL)}) also trained over the region embeddings of SLPD DINO-only "
+                         "and +intra+inter (the SLPD paper's aggregator protocol beside its linear one), e.g. ABMIL")
     ap.add_argument("--no-mil", action="store_true")
     ap.add_argument("--no-random-control", action="store_true")
     ap.add_argument("--bootstrap", type=int, default=1000)
@@ -542,7 +711,7 @@ def main() -> None:
     if args.work is None:
         args.work = ("/tmp/gigaslide_bench_slide_ssl" + (f"_stain{args.slide_stain:g}" if args.slide_stain else "")
                      + (f"_comp{args.slide_composition:g}" if args.slide_composition else "")
-                     + ("_annotated" if args.tissue == "annotations" else ""))
+                     + {"annotations": "_annotated", "both": "_both"}.get(args.tissue, ""))
     if args.small:
         args.slides, args.grid, args.views, args.tiles_per_view = 24, 10, 3, 12
         args.gigassl_epochs, args.slpd_epochs, args.folds, args.draws = 80, 4, 3, 3
@@ -556,6 +725,9 @@ def main() -> None:
     if unknown:
         ap.error(f"--mil-models: unknown {', '.join(unknown)} (choose from {', '.join(MIL)})")
     args.mil_models = [m.strip() for m in args.mil_models.split(",")]
+    args.region_mil = [m.strip() for m in args.region_mil.split(",") if m.strip()]
+    if set(args.region_mil) - set(MIL):
+        ap.error(f"--region-mil: unknown {', '.join(sorted(set(args.region_mil) - set(MIL)))} (choose from {', '.join(MIL)})")
     args.variants = slpd_variants(args.slpd_variants)  # parsed here: a bad spec stops before hours of training
     torch.set_num_threads(1)
     shared = shared_data_dir()
@@ -575,9 +747,11 @@ def main() -> None:
                       done=work / "tile_ssl" / "encoder" / "weights.safetensors")
     tile = {"ssl": timed("tile linear AUC", tile_auc, enc, pcam, args.tile_n),
             "random": tile_auc(random_encoder(), pcam, args.tile_n)}
-    results = {task: run_task(task, work, pcam, enc, args) for task in args.tasks.split(",")}
-    if not args.no_random_control and "tumour" in results:
-        results["tumour"]["preds"].update(random_control(work, pcam, args))
+    results = {label: run_task(task, work, pcam, enc, args, label, folder, annotated)
+               for task in args.tasks.split(",") for label, folder, annotated in tissue_runs(task, args)}
+    tumour = next((k for k, r in results.items() if r["info"]["task"] == "tumour"), None)
+    if not args.no_random_control and tumour is not None:
+        results[tumour]["preds"].update(random_control(work, pcam, args))
     (work / "results.json").write_text(json.dumps({"times": TIMES, "tile": tile}, indent=1))
     print(write_result(args.topic, report(results, tile, args, desc)))
 

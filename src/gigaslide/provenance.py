@@ -15,6 +15,8 @@ refuses to combine artifacts whose encoder, weights, mpp or tile size differ, na
 from __future__ import annotations
 
 import datetime as _dt
+import functools
+import hashlib
 import json
 import math
 import os
@@ -92,6 +94,26 @@ def _finite(v: Any) -> bool:
         return math.isfinite(float(v))
     except (TypeError, ValueError):
         return False
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, the one content hash provenance records (weights, annotations, inputs); cached per
+    path, size and mtime within a process, so checking a file again does not read it again."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError as e:
+        raise GigaslideError(f"cannot read ({e.strerror})", path=p, fix="check the path") from None
+    return _sha256_cached(str(p.resolve()), st.st_size, st.st_mtime_ns)
 
 
 def provenance(kind: str, **fields_: Any) -> dict[str, Any]:

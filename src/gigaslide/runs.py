@@ -50,7 +50,7 @@ import torch
 
 from gigaslide import __version__, atomic
 from gigaslide.errors import GigaslideError
-from gigaslide.provenance import Provenance
+from gigaslide.provenance import Provenance, file_sha256
 
 RUN_JSON = "run.json"
 CHECKPOINT_DIR = "checkpoint"
@@ -59,25 +59,6 @@ BUFFER_PREFIX = "buffer::"
 
 
 # --------------------------------------------------------------------------- fingerprints
-@functools.lru_cache(maxsize=256)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes (cached per path, size and mtime within a process)."""
-    p = Path(path)
-    try:
-        st = p.stat()
-    except OSError as e:
-        raise GigaslideError(f"cannot read ({e.strerror})", path=p, fix="check the path") from None
-    return _sha256_cached(str(p.resolve()), st.st_size, st.st_mtime_ns)
-
-
 def _sample_hash(f: Path, size: int, chunk: int = 1 << 16) -> str:
     """sha256 of a file's first and last 64 KiB (the whole file when smaller): cheap, and catches rewrites."""
     h = hashlib.sha256()

@@ -132,6 +132,8 @@ def test_tissue_annotation_options_are_checked_before_any_slide_is_read(tmp_path
     _one_line_error(capsys, "--tissue-from is not a folder", "nope")
     assert main(["encode", str(synthetic_slide), "--out", out, *ENC, "--tissue-classes", "Tumor"]) == 2
     _one_line_error(capsys, "needs --tissue-from")
+    assert main(["tile", str(synthetic_slide), "--out", out, "--tissue-detect", "true"]) == 2
+    _one_line_error(capsys, "--tissue-detect detects tissue inside annotations, which needs --tissue-from")
     (tmp_path / "ann").mkdir()  # a folder without this slide's file: the slide fails, named, with the fix
     assert main(["tile", str(synthetic_slide), "--out", out, "--tissue-from", str(tmp_path / "ann")]) == 2
     line = _one_line_error(capsys, "no tissue annotation for slide")

@@ -154,3 +154,32 @@ def test_detected_grids_from_before_the_option_still_match(tmp_path, synthetic_s
     stored = load_grid(tmp_path / "d" / "patches" / f"{grid.slide_id}.h5")
     assert TilingParams(0.5, 224, 0, 0.25).matches(stored)
     assert not TilingParams(0.5, 224, 0, 0.25, tissue_from=str(tmp_path)).matches(stored)
+
+
+def test_tissue_detect_keeps_only_the_detected_tissue_inside_the_annotations(tmp_path, synthetic_slide):
+    detected = tile_slide(synthetic_slide, tmp_path / "det", TilingParams(0.5, 128, 0, 0.5))
+    det = set(map(tuple, detected.coords.tolist()))
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    sid = detected.slide_id
+    write(ann / f"{sid}.geojson", feature({"type": "Polygon", "coordinates": [square(0, 0, 1024, 1536)]}))  # left half
+    outline = tile_slide(synthetic_slide, tmp_path / "ann_only", TilingParams(0.5, 128, 0, 0.5, tissue_from=str(ann)))
+    inside = tile_slide(synthetic_slide, tmp_path / "ann_det",
+                        TilingParams(0.5, 128, 0, 0.5, tissue_from=str(ann), tissue_detect=True))
+    got = set(map(tuple, inside.coords.tolist()))
+    # exactly the detected tiles of the left half: the outline's glass is dropped, nothing outside it is added
+    assert got == {c for c in det if c[0] + 128 <= 1024} and got
+    assert len(outline) == 8 * 12 > len(got)  # the outline alone: every tile of the half, glass included
+    assert inside.extra["tissue_source"] == "annotations+detected"
+    stored = load_grid(tmp_path / "ann_det" / "patches" / f"{sid}.h5")
+    assert TilingParams(0.5, 128, 0, 0.5, tissue_from=str(ann), tissue_detect=True).matches(stored)
+    assert not TilingParams(0.5, 128, 0, 0.5, tissue_from=str(ann)).matches(stored)  # switching it re-tiles
+    assert not TilingParams(0.5, 128, 0, 0.5, tissue_from=str(ann), tissue_detect=True).matches(
+        load_grid(tmp_path / "ann_only" / "patches" / f"{sid}.h5"))
+
+
+def test_tissue_detect_on_glass_says_what_was_empty(blank, tmp_path):
+    write(tmp_path / "glass.geojson", feature({"type": "Polygon", "coordinates": [square(0, 0, 512, 512)]}))
+    with pytest.raises(GigaslideError, match="inside the detected tissue within the tissue annotations") as e:
+        tile_slide(blank, tmp_path / "o", TilingParams(0.5, 128, 0, 0.5, tissue_from=str(tmp_path), tissue_detect=True))
+    assert "--tissue-detect" in e.value.fix

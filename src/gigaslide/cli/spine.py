@@ -42,7 +42,7 @@ def info(slide: str, slide_mpp: float | str | None = None, json_out: bool = Fals
 
 def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, overlap: int = 0, min_tissue: float = 0.25,
          slide_mpp: float | str | None = None, background: str = "auto", workers: int | None = None,
-         tissue_from: str | None = None, tissue_classes: str | None = None) -> None:
+         tissue_from: str | None = None, tissue_classes: str | None = None, tissue_detect: bool = False) -> None:
     """Segment tissue and tile slides at a physical resolution; writes coords (level-0 px), overlays, GeoJSON.
 
     Several slides are tiled at once, one per CPU core (each slide's files are written atomically).
@@ -51,6 +51,7 @@ def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, ov
     Example:
         gigaslide tile ../shared/data/slides/cmu-1-small-region.svs --out tiles_out --mpp 0.5 --tile-size 224
         gigaslide tile SLIDES --out tiles_out --tissue-from qupath_geojson/ --tissue-classes Tumor,Stroma
+        gigaslide tile SLIDES --out tiles_out --tissue-from qupath_geojson/ --tissue-detect   # tissue inside the ROIs
 
     Output: OUT/patches/<slide>.h5 (coords, CLAM/TRIDENT layout), OUT/tissue/<slide>.png|.geojson (QuPath),
     OUT/grid/<slide>.png, OUT/tile_manifest.json.
@@ -69,6 +70,8 @@ def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, ov
             GeoJSON; level-0 px): tiles are kept inside its polygons instead of detected tissue
         tissue_classes: with --tissue-from, only polygons of these classes count as tissue, comma-separated
             (e.g. Tumor,Stroma; default: all)
+        tissue_detect: with --tissue-from, keep only the detected tissue inside the polygons (drops the glass,
+            fat and pale areas a coarse outline encloses)
     """
     from gigaslide import atomic
     from gigaslide.features.manifest import Manifest
@@ -78,7 +81,7 @@ def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, ov
 
     files = find_slides(slides)
     outp = atomic.ensure_writable_dir(out)
-    params = tiling_params(mpp, tile_size, overlap, min_tissue, background, tissue_from, tissue_classes)
+    params = tiling_params(mpp, tile_size, overlap, min_tissue, background, tissue_from, tissue_classes, tissue_detect)
     man = Manifest(outp / "tile_manifest.json", {"command": "tile", **params.as_dict()})
     failures: dict[str, str] = {}
     try:
@@ -131,7 +134,7 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
            precision: str = "auto", device: str = "auto", slide_mpp: float | str | None = None, threads: int = 2,
            compile: bool = False, background: str = "auto", tile_workers: int | None = None,
            tile_ahead: bool | None = None, fold_bn: bool = True, tissue_from: str | None = None,
-           tissue_classes: str | None = None) -> None:  # noqa: A002 - the option's name
+           tissue_classes: str | None = None, tissue_detect: bool = False) -> None:  # noqa: A002 - the option's name
     """Tile and encode slides into one HDF5 feature file per slide (CLAM/TRIDENT layout); resumable.
 
     Example:
@@ -167,6 +170,8 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
         tissue_from: folder of tissue annotations, one <slide_id>.geojson per slide (see `gigaslide tile --help`)
         tissue_classes: with --tissue-from, only polygons of these classes count as tissue, comma-separated
             (e.g. Tumor,Stroma; default: all)
+        tissue_detect: with --tissue-from, keep only the detected tissue inside the polygons (drops the glass,
+            fat and pale areas a coarse outline encloses)
     """
     import torch
 
@@ -178,7 +183,7 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
 
     if precision not in ("auto", "bf16", "fp16", "fp32"):
         raise GigaslideError(f"unknown precision '{precision}'", fix="use auto, bf16, fp16 or fp32")
-    params = tiling_params(mpp, tile_size, overlap, min_tissue, background, tissue_from, tissue_classes)
+    params = tiling_params(mpp, tile_size, overlap, min_tissue, background, tissue_from, tissue_classes, tissue_detect)
     torch.set_num_threads(max(1, threads))
     files = find_slides(slides)
     enc = build_encoder(encoder, weights)

@@ -129,9 +129,10 @@ def parse_error_line(message: str, command: str) -> GigaslideError:
 
 
 def tiling_params(mpp: float, tile_size: int, overlap: int, min_tissue: float, background: str,
-                  tissue_from: str | None, tissue_classes: str | None):  # noqa: ANN201 - TilingParams (lazy import)
+                  tissue_from: str | None, tissue_classes: str | None,
+                  tissue_detect: bool = False):  # noqa: ANN201 - TilingParams (lazy import)
     """The command line's tiling settings; ``--tissue-from`` must be a folder (checked before any slide is opened),
-    ``--tissue-classes`` is comma-separated (``Tumor,Stroma``)."""
+    ``--tissue-classes`` is comma-separated (``Tumor,Stroma``); ``--tissue-detect`` detects inside the annotations."""
     from gigaslide.tiling import TilingParams
 
     if tissue_from is not None and not Path(tissue_from).is_dir():
@@ -140,8 +141,11 @@ def tiling_params(mpp: float, tile_size: int, overlap: int, min_tissue: float, b
     if tissue_classes is not None and tissue_from is None:
         raise GigaslideError("--tissue-classes picks annotation classes, which needs --tissue-from",
                              fix="add --tissue-from FOLDER, or leave out --tissue-classes")
+    if tissue_detect and tissue_from is None:
+        raise GigaslideError("--tissue-detect detects tissue inside annotations, which needs --tissue-from",
+                             fix="add --tissue-from FOLDER, or leave out --tissue-detect (tissue is detected by default)")
     classes = tuple(c.strip() for c in tissue_classes.split(",") if c.strip()) if tissue_classes else ()
-    return TilingParams(mpp, tile_size, overlap, min_tissue, background, tissue_from, classes or None)
+    return TilingParams(mpp, tile_size, overlap, min_tissue, background, tissue_from, classes or None, bool(tissue_detect))
 
 
 __all__ = ["AT_LEAST_ONE", "CHOICES", "FRACTION", "MAX_INT", "NON_NEGATIVE", "POSITIVE", "check_options", "json_object",

@@ -13,8 +13,9 @@ from torch import nn
 
 from gigaslide import atomic
 from gigaslide.encoders.specs import ENCODERS, EncoderSpec
-from gigaslide.encoders.weights import file_sha256, read_state_dict, resolve_hub_weights, strip_prefixes
+from gigaslide.encoders.weights import read_state_dict, resolve_hub_weights, strip_prefixes
 from gigaslide.errors import GigaslideError
+from gigaslide.provenance import file_sha256
 
 EXPORT_SPEC = "encoder.json"
 EXPORT_WEIGHTS = "weights.safetensors"

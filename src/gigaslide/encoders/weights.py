@@ -3,7 +3,6 @@ gigaslide checkpoints, and hub ids resolved from a local cache (never downloaded
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -13,14 +12,6 @@ from gigaslide.errors import GigaslideError
 
 #: Prefixes stripped from checkpoint keys (DDP, SSL wrappers, timm/lightly backbones).
 STRIP_PREFIXES = ("module.", "model.", "backbone.", "encoder.", "trunk.", "teacher.backbone.", "student.backbone.")
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -15,7 +15,6 @@ an edited annotation re-tiles the slide, an unchanged one is reused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -24,9 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from gigaslide.errors import GigaslideError
+from gigaslide.provenance import file_sha256
 from gigaslide.slides.slide import Slide
 from gigaslide.tiling.stain import detect_background, detect_stain
-from gigaslide.tiling.tissue import TissueMask, check_background, default_thumb_size
+from gigaslide.tiling.tissue import TissueMask, check_background, default_thumb_size, detect_on_thumbnail
 
 #: provenance keys of a grid (and its feature files) whose tissue came from annotations
 TISSUE_KEYS = ("tissue_source", "tissue_annotations", "tissue_annotations_sha256", "tissue_classes")
@@ -55,14 +55,6 @@ def annotation_path(folder: str | os.PathLike, slide_id: str, slide_path: str | 
             if p.is_file():
                 return p
     return None
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _features(doc: object) -> Iterator[dict]:
@@ -158,17 +150,26 @@ def rasterize(polygons: list[list[np.ndarray]], shape: tuple[int, int], downsamp
     return mask
 
 
+#: ``tissue_source`` of each way to get the tissue: detected, the annotations' polygons, or detected inside them
+SOURCES = {(False, False): "detected", (True, False): "annotations", (True, True): "annotations+detected"}
+
+
 def annotation_tissue(slide: Slide, path: str | os.PathLike, classes: Sequence[str] | None = None, *,
-                      background: str = "auto", thumb_size: int | None = None) -> tuple[TissueMask, np.ndarray]:
+                      background: str = "auto", thumb_size: int | None = None,
+                      detect: bool = False) -> tuple[TissueMask, np.ndarray]:
     """Tissue mask of ``slide`` from the annotation file ``path`` on the thumbnail grid; returns (mask, thumbnail RGB).
-    ``background`` is only recorded (``auto``: detected from the thumbnail), as with detected tissue."""
+    ``detect``: only the detected tissue inside the polygons (drops the glass, fat and pale areas a coarse outline
+    encloses); ``background`` is then the one detection uses, else it is only recorded (``auto``: detected from the
+    thumbnail), as with detected tissue."""
     check_background(background)
     polygons = read_polygons(path, classes)
     thumb, ds = slide.thumbnail(thumb_size or default_thumb_size(slide.dimensions))
     mask = rasterize(polygons, thumb.shape[:2], ds)
     bg = detect_background(thumb) if background == "auto" else background
+    if detect:
+        mask &= detect_on_thumbnail(slide, thumb, ds, bg)
     info = {**detect_stain(thumb).as_attrs(), "background": bg, "background_option": background,
-            "tissue_source": "annotations", "tissue_annotations": str(path),
+            "tissue_source": SOURCES[True, detect], "tissue_annotations": str(path),
             "tissue_annotations_sha256": file_sha256(path),
             "tissue_classes": classes_attr(classes)}
     return TissueMask(mask, ds, slide.dimensions, info), thumb

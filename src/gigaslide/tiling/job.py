@@ -13,7 +13,8 @@ import numpy as np
 from gigaslide import atomic
 from gigaslide.errors import GigaslideError
 from gigaslide.slides import Slide, open_slide
-from gigaslide.tiling.annotations import annotation_path, annotation_tissue, classes_attr, file_sha256
+from gigaslide.provenance import file_sha256
+from gigaslide.tiling.annotations import SOURCES, annotation_path, annotation_tissue, classes_attr
 from gigaslide.tiling.grid import GRID_RULE, TileGrid, make_grid
 from gigaslide.tiling.overlay import grid_overlay_png
 from gigaslide.tiling.store import load_grid, save_grid
@@ -30,6 +31,7 @@ class TilingParams:
     background: str = "auto"  # auto, bright (glass) or dark (fluorescence): see tiling.tissue
     tissue_from: str | None = None  # folder of <slide_id>.geojson tissue annotations (None: detect tissue)
     tissue_classes: tuple[str, ...] | None = None  # annotation classes that count as tissue (None: every polygon)
+    tissue_detect: bool = False  # with tissue_from: only the detected tissue inside the annotations
 
     def matches(self, grid: TileGrid) -> bool:
         return (abs(grid.target_mpp - self.mpp) < 1e-9 and grid.tile_size == self.tile_size
@@ -40,8 +42,9 @@ class TilingParams:
 
     @property
     def tissue_source(self) -> str:
-        """``detected`` or ``annotations``: recorded as ``tissue_source`` (absent from detected grids made before it)."""
-        return "detected" if self.tissue_from is None else "annotations"
+        """``detected``, ``annotations`` or ``annotations+detected`` (detected inside the annotations): recorded as
+        ``tissue_source`` (absent from detected grids made before it)."""
+        return SOURCES[self.tissue_from is not None, self.tissue_from is not None and self.tissue_detect]
 
     def annotation_file(self, slide_id: str, slide_path: str | os.PathLike | None = None) -> Path | None:
         """The slide's tissue annotation file under ``tissue_from`` (None without one, or when tissue is detected)."""
@@ -103,11 +106,13 @@ def tile_slide(path: str | os.PathLike | Slide, out: str | os.PathLike, params: 
             save_geojson(tissue, paths["tissue_geojson"])
             grid_overlay_png(thumb, tissue.downsample, grid, paths["grid_png"])
         if len(grid) == 0 and params.tissue_from is not None:
+            where = "detected tissue within the tissue annotations" if params.tissue_detect else "tissue annotations"
             raise GigaslideError(
-                f"no tile is at least {params.min_tissue:.0%} inside the tissue annotations "
-                f"(they cover {100 * tissue.fraction:.1f}% of the thumbnail)",
+                f"no tile is at least {params.min_tissue:.0%} inside the {where} "
+                f"({'it covers' if params.tissue_detect else 'they cover'} {100 * tissue.fraction:.1f}% of the thumbnail)",
                 path=tissue.info["tissue_annotations"], fix="check the polygons are in level-0 pixels of this slide; "
-                "lower --min-tissue or use a smaller --tile-size")
+                "lower --min-tissue or use a smaller --tile-size" + ("; or leave out --tissue-detect" if params.tissue_detect
+                                                                     else ""))
         if len(grid) == 0:
             raise GigaslideError(
                 f"no tissue tiles found (tissue covers {100 * tissue.fraction:.1f}% of the thumbnail; min tissue {params.min_tissue})",
@@ -128,7 +133,7 @@ def _tissue(slide: Slide, params: TilingParams) -> tuple[TissueMask, np.ndarray]
                              f"{slide.id}.json and {Path(slide.path).name}.geojson)",
                              path=params.tissue_from, fix=f"export the slide's tissue polygons as "
                              f"{Path(params.tissue_from) / (slide.id + '.geojson')}, or leave out --tissue-from to detect tissue")
-    return annotation_tissue(slide, p, params.tissue_classes, background=params.background)
+    return annotation_tissue(slide, p, params.tissue_classes, background=params.background, detect=params.tissue_detect)
 
 
 def _warn_stain(grid: TileGrid) -> None:

@@ -138,12 +138,19 @@ def segment_tissue(slide: Slide, *, thumb_size: int | None = None, min_area_um2:
     The mask's ``info`` holds the background used and the stain guess."""
     check_background(background)
     thumb, ds = slide.thumbnail(thumb_size or default_thumb_size(slide.dimensions))
-    px_area_um2 = (ds * slide.mpp) ** 2 if slide.has_mpp else None
-    min_area_px = int(max(4, min_area_um2 / px_area_um2)) if px_area_um2 else 16
     bg = detect_background(thumb) if background == "auto" else background
-    mask = segment_array(thumb, min_area_px=min_area_px, background=bg)
+    mask = detect_on_thumbnail(slide, thumb, ds, bg, min_area_um2)
     info = {**detect_stain(thumb).as_attrs(), "background": bg, "background_option": background}
     return TissueMask(mask, ds, slide.dimensions, info), thumb
+
+
+def detect_on_thumbnail(slide: Slide, thumb: np.ndarray, downsample: float, background: str,
+                        min_area_um2: float = 20_000.0) -> np.ndarray:
+    """Detected tissue of ``slide`` on its thumbnail ``thumb`` (level-0 px per thumbnail px: ``downsample``);
+    ``background`` is ``bright`` or ``dark`` (already resolved). Pieces under ``min_area_um2`` are dropped."""
+    px_area_um2 = (downsample * slide.mpp) ** 2 if slide.has_mpp else None
+    min_area_px = int(max(4, min_area_um2 / px_area_um2)) if px_area_um2 else 16
+    return segment_array(thumb, min_area_px=min_area_px, background=background)
 
 
 def overlay_png(thumb: np.ndarray, mask: np.ndarray, path: str | os.PathLike, color=(0, 160, 0)) -> Path:

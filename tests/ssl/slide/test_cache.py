@@ -218,6 +218,8 @@ def test_tiles_from_tissue_annotations_are_recorded_and_an_edit_rebuilds_the_sli
     assert again.done == ["s0", "s1"] and len(store.load(tmp_path / "c" / "features" / "s1.h5")) == 4
     with pytest.raises(GigaslideError, match="tissue_source"):  # one cache holds one tissue source
         build_augment_cache(slides[:2], tmp_path / "c", **kw)
+    with pytest.raises(GigaslideError, match="tissue_source"):  # detected inside the annotations is another source
+        build_augment_cache(slides[:2], tmp_path / "c", tissue_from=ann, tissue_detect=True, **kw)
     assert main(["augment-cache", *slides[:1], "--out", str(tmp_path / "x"), "--encoder", "test_resnet", "--weights",
                  "random", "--tissue-classes", "Tumor"]) == 2
     assert "needs --tissue-from" in capsys.readouterr().err

@@ -138,11 +138,13 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
                         tile_size: int = 224, min_tissue: float = 0.25, seed: int = 0, max_gb: float | None = None,
                         batch_size: int = 64, precision: str = "auto", device: str = "auto",
                         slide_mpp: float | str | None = None, tissue_from: str | os.PathLike | None = None,
-                        tissue_classes: Sequence[str] | None = None, log=print) -> CacheResult:  # noqa: ANN001
+                        tissue_classes: Sequence[str] | None = None, tissue_detect: bool = False,
+                        log=print) -> CacheResult:  # noqa: ANN001
     """Build (or resume) the augmented-view cache of ``slides`` under ``out`` (see module doc).
 
     ``tissue_from``: a folder of ``<slide_id>.geojson`` tissue annotations used instead of tissue detection
-    (:mod:`gigaslide.tiling.annotations`), ``tissue_classes`` the classes that count.
+    (:mod:`gigaslide.tiling.annotations`), ``tissue_classes`` the classes that count; ``tissue_detect``: only the
+    detected tissue inside them.
 
     ``precision="auto"`` is resolved once per invocation, on the first slide's first batch, by
     :func:`gigaslide.devices.choose_precision` with that batch as its probe (as ``encode`` does): bf16 on
@@ -166,7 +168,8 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
     atomic.clean_stale_tmp(feat_dir)
     tiling = TilingParams(mpp=mpp, tile_size=tile_size, min_tissue=min_tissue,
                           tissue_from=None if tissue_from is None else str(tissue_from),
-                          tissue_classes=tuple(tissue_classes) if tissue_classes else None)
+                          tissue_classes=tuple(tissue_classes) if tissue_classes else None,
+                          tissue_detect=bool(tissue_detect))
     params = {"encoder": enc.spec.name, "encoder_weights_sha256": enc.weights_id, "mpp": float(mpp),
               "tile_size": int(tile_size), "views": int(views), "tiles_per_view": int(tiles_per_view), "seed": int(seed),
               "augment": "shared-view pathology (flip/rot90/crop 0.5-1/stain/colour/blur)", "embed_dim": enc.embed_dim,
