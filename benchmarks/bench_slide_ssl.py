@@ -474,7 +474,8 @@ def report(results: dict, tile: dict, args, enc_desc: str) -> str:
             md.append("- How much of each slide embedding is the slide's own tissue mix (5-fold CV R² of a ridge "
                       "regression from the embedding to its drawn mix over the tissue kinds; 1 = the mix is fully "
                       "readable, 0 = not at all): " + "; ".join(f"{k} {v:.3f}" for k, v in info["mix_r2"].items())
-                      + ". A slide encoder whose embedding is mostly the mix has less room for the arrangement.")
+                      + ". The mix is drawn independently of the label: what of it an embedding carries is nuisance "
+                        "for this task.")
         if info.get("regions"):
             md.append("- Regions per slide (MIL over regions): " + "; ".join(f"{k} {v:.1f}" for k, v in info["regions"].items())
                       + ".\n")

@@ -9,8 +9,10 @@ is one of them. Coordinates are level-0 pixels, as QuPath exports them.
 
 The polygons are rasterised on the slide's thumbnail grid (the mask segmentation would give), and each
 tile's tissue fraction is the covered share of its box as for detected tissue, so ``--min-tissue`` means the
-same. The grid records where its tissue came from (``tissue_source``), the annotation file and its SHA-256:
-an edited annotation re-tiles the slide, an unchanged one is reused.
+same. With ``--tissue-detect`` only the detected tissue inside the polygons counts (the same detection as
+without annotations, on the same thumbnail): a coarse outline's glass, fat and pale areas drop out. The grid
+records where its tissue came from (``tissue_source``: ``annotations`` or ``annotations+detected``), the
+annotation file and its SHA-256: an edited annotation re-tiles the slide, an unchanged one is reused.
 """
 
 from __future__ import annotations
