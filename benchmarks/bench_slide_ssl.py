@@ -554,7 +554,12 @@ def tissue_pairs(results: dict, args) -> list[str]:  # noqa: ANN001
                       + " | ".join(cells) + " |")
         md.append("")
         md.append(f"- {task}, n = {last}: higher on detected tissue (CI above 0): {', '.join(up) or 'none'}; higher on "
-                  f"exact tissue (CI below 0): {', '.join(down) or 'none'}; not distinguishable: {', '.join(flat) or 'none'}.\n")
+                  f"exact tissue (CI below 0): {', '.join(down) or 'none'}; not distinguishable: {', '.join(flat) or 'none'}.")
+        ra, rb = a["info"].get("mix_r2") or {}, b["info"].get("mix_r2") or {}
+        if ra and rb:
+            md.append("- The slide's own tissue mix, read out of each embedding (CV R², detected → exact tissue): "
+                      + "; ".join(f"{k} {ra[k]:.3f} → {rb[k]:.3f}" for k in ra if k in rb) + ".")
+        md.append("")
     return md
 
 

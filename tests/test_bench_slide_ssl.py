@@ -82,7 +82,10 @@ def test_tissue_pairs_pair_each_method_on_the_same_slides() -> None:
     assert "| same | " in md and "+0.000 [+0.000, +0.000]" in md
     line = next(s for s in md.splitlines() if s.startswith("- context, n = all"))
     assert "higher on detected tissue (CI above 0): cue +" in line and "not distinguishable: same +0.000" in line
-    assert "folds and few-shot draws are identical" in md
+    assert "folds and few-shot draws are identical" in md and "tissue mix" not in md
+    det["info"]["mix_r2"], ex["info"]["mix_r2"] = {"same": 0.5, "cue": 0.25}, {"same": 0.875}
+    md = "\n".join(bench.tissue_pairs({"context (detected tissue)": det, "context (exact tissue)": ex}, args))
+    assert "(CV R², detected → exact tissue): same 0.500 → 0.875." in md  # only what both runs measured
     # a slide detection found no tissue in: pairs on the slides both have, and says so
     det2 = _result(ids[1:], y[1:], {"same": noise[1:]})
     md2 = "\n".join(bench.tissue_pairs({"context (detected tissue)": det2, "context (exact tissue)": ex}, args))
