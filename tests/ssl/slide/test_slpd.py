@@ -258,3 +258,22 @@ def test_compact_crops_keep_the_encoder_output_and_drop_the_padding():
     enc = RegionViT(d, dim=16, depth=2, heads=2, grid=grid).eval()
     with torch.no_grad():
         torch.testing.assert_close(enc(f, p, m), enc(feats, lattice, crop), atol=1e-5, rtol=1e-5)
+
+
+def test_the_readme_flow_trains_mil_over_slpd_regions(tmp_path, make_fake_cache):
+    """embed-slides --regions-out, then train-mil on the region folder: one instance per region, provenance kept."""
+    from gigaslide.cli.main import main
+    from gigaslide.evaluation.slides import read_predictions
+
+    feats = make_fake_cache(tmp_path / "f", n_slides=10, n_tiles=36)
+    pretrain_slpd(feats, tmp_path / "slpd", epochs=1, **KW)
+    assert main(["embed-slides", "--model", str(tmp_path / "slpd"), "--features", str(feats), "--out",
+                 str(tmp_path / "e.h5"), "--regions-out", str(tmp_path / "regions")]) == 0
+    (tmp_path / "labels.csv").write_text("slide_id,label\n" + "".join(f"slide{s},{s % 2}\n" for s in range(10)))
+    assert main(["train-mil", "--features", str(tmp_path / "regions"), "--labels", str(tmp_path / "labels.csv"),
+                 "--model", "abmil", "--folds", "2", "--epochs", "2", "--bootstrap", "50", "--out",
+                 str(tmp_path / "mil")]) == 0
+    pred = read_predictions(tmp_path / "mil" / "predictions.csv")
+    assert sorted(pred.slide_ids) == sorted(f"slide{s}" for s in range(10))
+    assert runs.read_run(tmp_path / "mil")["encoder"] == "slpd:slpd"  # the instances are that run's regions
+    assert len(store.load(tmp_path / "regions" / "features" / "slide0.h5")) == 4  # 36 tiles -> 4 regions of 4x4
