@@ -20,7 +20,9 @@ One command (everything through the library, cached and resumable in --work):
 6. ``--region-mil ABMIL``: MIL over the region embeddings of SLPD DINO-only and +intra+inter (the SLPD paper's
    aggregator protocol beside the linear one);
 7. ``--tissue both``: each task tiled twice on the same slides, by tissue detection and exactly at the mosaic's tissue
-   cells, every method paired across the two (what a method took from what tissue detection keeps).
+   cells, every method paired across the two (what a method took from what tissue detection keeps);
+   ``--thinned-control`` adds a third tiling, the exact cells thinned at random to detection's per-slide count,
+   paired against both (whether it is how many cells detection keeps, or which).
 
 Run: .venv/bin/python benchmarks/bench_slide_ssl.py            (the full setting; hours on 2 CPU cores)
      .venv/bin/python benchmarks/bench_slide_ssl.py --small    (the reduced setting used for the results file)
@@ -279,17 +281,43 @@ def kept_by_tissue_detection(mosaic: Path, files: dict, t) -> dict:  # noqa: ANN
     return out
 
 
-def tissue_runs(task: str, args) -> list[tuple[str, str, bool]]:  # noqa: ANN001
-    """(label, folder, annotated) of each tiling ``task`` runs with: ``--tissue both`` runs it twice on the same mosaic
-    (its own copy, built with the same seed, checked identical), tiled by detection and exactly at the tissue cells."""
+#: report name of each tiling arm of --tissue both
+ARMS = {"detected": "detected tissue", "annotations": "exact tissue", "thinned": "thinned exact tissue"}
+
+
+def tissue_runs(task: str, args) -> list[tuple[str, str, str]]:  # noqa: ANN001
+    """(label, folder, tissue) of each tiling ``task`` runs with: ``--tissue both`` runs it on the same mosaic (its own
+    copy per arm, built with the same seed, checked identical), tiled by detection and exactly at the tissue cells, and
+    with ``--thinned-control`` a third time on exact cells thinned at random to detection's per-slide count."""
     if args.tissue != "both":
-        return [(task, task, args.tissue == "annotations")]
-    return [(f"{task} (detected tissue)", task, False), (f"{task} (exact tissue)", f"{task}_annotated", True)]
+        return [(task, task, args.tissue)]
+    arms = ["detected", "annotations"] + (["thinned"] if args.thinned_control else [])
+    folder = {"detected": task, "annotations": f"{task}_annotated", "thinned": f"{task}_thinned"}
+    return [(f"{task} ({ARMS[a]})", folder[a], a) for a in arms]
+
+
+def write_thinned(mosaic: Path, detected_cache: Path, out: Path) -> Path:
+    """``out/<slide>.geojson``: each slide's exact tissue cells, thinned uniformly at random (seeded per slide) to as
+    many cells as tissue detection kept on it (``detected_cache``): detection's tile count without its choice of cells."""
+    from gigaslide import atomic
+    from gigaslide.mil.mosaic import cells_geojson, read_ground_truth
+
+    kept = {s: len(f) for s, f in store.load_dir(detected_cache, arrays=False).items()}
+    for i, gp in enumerate(sorted((mosaic / "ground_truth").glob("*.csv"))):
+        dst = out / f"{gp.stem}.geojson"
+        if dst.is_file():
+            continue
+        gt = read_ground_truth(gp)
+        keep = np.sort(np.random.default_rng([0, i]).choice(len(gt), min(len(gt), max(1, kept.get(gp.stem, 0))),
+                                                            replace=False))
+        atomic.write_json(dst, cells_geojson(gt[keep]))
+    return out
 
 
 def run_task(task: str, work: Path, pcam: Path, enc, args, label: str | None = None, folder: str | None = None,  # noqa: ANN001
-             annotated: bool = False) -> dict:
-    """``annotated``: tiles = the mosaic's tissue cells (its GeoJSON), not tissue detection."""
+             tissue: str = "detected") -> dict:
+    """``tissue``: detected; annotations (tiles = the mosaic's tissue cells, its GeoJSON); thinned (those cells thinned
+    at random to the detected arm's per-slide count, see :func:`write_thinned`)."""
     from gigaslide.mil.mosaic import MosaicConfig, build_mosaic
     from gigaslide.ssl.slide.cache import build_augment_cache
     from gigaslide.ssl.slide.embed import embed_slides
@@ -299,6 +327,7 @@ def run_task(task: str, work: Path, pcam: Path, enc, args, label: str | None = N
     w = work / (folder or task)
     tf = (0.1, 0.3) if task == "context" else (0.05, 0.2)
     base, task = task, label or task  # (task: the name its steps and report section go by)
+    annotated = tissue != "detected"
     timed(f"{task}: mosaic slides", build_mosaic, pcam / "train", w / "mosaic",
           MosaicConfig(slides=args.slides, grid=args.grid, tumor_fraction=tf, seed=0, task=base,
                        slide_stain=args.slide_stain, slide_composition=args.slide_composition,
@@ -306,9 +335,12 @@ def run_task(task: str, work: Path, pcam: Path, enc, args, label: str | None = N
           done=w / "mosaic" / (f"tissue/mosaic_{args.slides - 1:04d}.geojson" if annotated else "labels.csv"))
     slides = sorted(str(p) for p in (w / "mosaic" / "slides").glob("*.tiff"))
     quiet = lambda *a: None  # noqa: E731
+    tissue_dir = {"detected": None, "annotations": w / "mosaic" / "tissue"}.get(tissue)
+    if tissue == "thinned":
+        tissue_dir = write_thinned(w / "mosaic", work / base / "cache", w / "thinned")
     cres = timed(f"{task}: augment-cache", build_augment_cache, slides, w / "cache", enc, views=args.views,
                  tiles_per_view=args.tiles_per_view, mpp=0.97, tile_size=96, min_tissue=0.5, batch_size=128,
-                 precision="auto", log=quiet, tissue_from=w / "mosaic" / "tissue" if annotated else None,
+                 precision="auto", log=quiet, tissue_from=tissue_dir,
                  done=w / "cache" / "cache.json")
     files = store.load_dir(w / "cache")
     labels_csv = w / "mosaic" / "labels.csv"
@@ -346,7 +378,7 @@ def run_task(task: str, work: Path, pcam: Path, enc, args, label: str | None = N
                 f"{task}: {region_row(slpd, name)} (all n, draws, folds)", mil_rows, model, w / f"regions_{mode}",
                 labels_csv, w / "mil", t, args, kw, f"{tag}_regions_{mode}",
                 done=w / "mil" / f"{tag}_regions_{mode}_n{args.ns[-1]}" / "predictions.csv")
-    info = {"task": base, "annotated": annotated, "slide_ids": list(t.slide_ids),
+    info = {"task": base, "tissue": tissue, "slide_ids": list(t.slide_ids),
             "mosaic_sha256": mosaic_digest(w / "mosaic"), "regions": region_counts(w, args),
             "mix_r2": mix_r2(X, w / "mosaic", list(t.slide_ids)),
             "n_slides": len(t.labels), "n_pos": int(t.labels.sum()), "cache_slides": len(cres.done) + len(cres.skipped),
@@ -462,8 +494,11 @@ def report(results: dict, tile: dict, args, enc_desc: str) -> str:
         md.append(f"- SLPD collapse monitor: {'collapsed: ' + ', '.join(f'{k} ({v})' for k, v in col.items()) if col else 'no run collapsed'}.")
         md.append(f"- {gigassl_monitor_line(info)}")
         k = info["kept"]
-        source = ("Tiling from the mosaic's own tissue annotations (`gigaslide tile --tissue-from MOSAIC/tissue`, no "
-                  "tissue detection)" if info["annotated"] else "Tissue detection (min tissue 0.5)")
+        source = {"annotations": "Tiling from the mosaic's own tissue annotations (`gigaslide tile --tissue-from "
+                                 "MOSAIC/tissue`, no tissue detection)",
+                  "thinned": "Random thinning of the exact tissue cells (`--thinned-control`: each slide keeps as many "
+                             "cells as detection kept on it, chosen uniformly at random)"}.get(info["tissue"],
+                                                                                            "Tissue detection (min tissue 0.5)")
         md.append(f"- {source} kept {k['pos']:.1%} of the tissue cells of positive slides and "
                   f"{k['neg']:.1%} of negative ones; the kept fraction alone, as a slide score, has AUC {k['auc']:.3f} (0.5: no "
                   "cue; below 0.5 it points the other way): a cue a bag mean can use without seeing the tiles' "
@@ -512,54 +547,64 @@ def report(results: dict, tile: dict, args, enc_desc: str) -> str:
 
 
 def tissue_pairs(results: dict, args) -> list[str]:  # noqa: ANN001
-    """``--tissue both``: every method tiled by detection vs exactly at the tissue cells, paired on the same test slides
-    (same mosaic, tile encoder, folds and draws), so what a method took from tissue detection is measured, not guessed
-    from two reports."""
+    """``--tissue both``: every method tiled by detection vs exactly at the tissue cells (and, with
+    ``--thinned-control``, each against exact cells thinned at random to detection's count), paired on the same test
+    slides (same mosaic, tile encoder, folds and draws), so what a method took from tissue detection is measured, not
+    guessed from two reports."""
     if args.tissue != "both":
         return []
+    arms = [("detected", "annotations")] + ([("detected", "thinned"), ("thinned", "annotations")]
+                                           if args.thinned_control else [])
     md = []
     for task in args.tasks.split(","):
-        a, b = results[f"{task} (detected tissue)"], results[f"{task} (exact tissue)"]
-        if a["info"]["mosaic_sha256"] != b["info"]["mosaic_sha256"]:
-            raise SystemExit(f"--tissue both: the {task} task's two mosaics differ (not the same slides): rebuild both "
-                             "in a fresh --work")
-        ida, idb = a["info"]["slide_ids"], b["info"]["slide_ids"]
-        ids = [s for s in idb if s in set(ida)]
-        ia, ib = [ida.index(s) for s in ids], [idb.index(s) for s in ids]
-        y = np.asarray(b["y"])[ib]
-        assert np.array_equal(np.asarray(a["y"])[ia], y), "same slides, same labels"
-        same = set(ida) == set(idb)  # same slide set -> the same label table, folds and few-shot draws for both
-        md.append(f"## Detected vs exact tissue, {task} task: every method paired on the same test slides\n")
-        md.append(f"One mosaic (SHA-256 {a['info']['mosaic_sha256'][:12]} of its record, labels and ground truth, built twice with "
-                  "one seed and checked identical), one tile encoder, tiled twice: by tissue detection and exactly at the "
-                  "mosaic's tissue cells. " + ("Both tilings keep every slide, so folds and few-shot draws are identical: "
-                                               "each difference is paired per test slide and draw. " if same else
-                                               f"Detection left {len(idb) - len(ids)} slide(s) without tissue: pairs are "
-                                               f"on the {len(ids)} slides both have, whose folds differ slightly. ")
-                  + f"diff = detected − exact [95 % paired bootstrap CI, {args.bootstrap} resamples over test slides]; "
-                  "above 0: the method scored higher on detection's tiles, i.e. it used what detection keeps.\n")
-        last = args.ns[-1]
-        md.append(f"| method | AUC detected (n = {last}) | AUC exact (n = {last}) | "
-                  + " | ".join(f"diff, n = {n}" for n in args.ns) + " |")
-        md.append("|---|---|---|" + "---|" * len(args.ns))
-        up, down, flat = [], [], []
-        for name in (k for k in a["preds"] if k in b["preds"]):
-            pa, pb = a["preds"][name], b["preds"][name]
-            cells = []
-            for n in args.ns:
-                d, lo, hi, _ = paired(y, pa[n][:, ia], pb[n][:, ib], args.bootstrap)
-                cells.append(f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]")
-            (up if lo > 0 else down if hi < 0 else flat).append(f"{name} {d:+.3f}")
-            md.append(f"| {name} | {mean_auc(y, pa[last][:, ia]):.3f} | {mean_auc(y, pb[last][:, ib]):.3f} | "
-                      + " | ".join(cells) + " |")
-        md.append("")
-        md.append(f"- {task}, n = {last}: higher on detected tissue (CI above 0): {', '.join(up) or 'none'}; higher on "
-                  f"exact tissue (CI below 0): {', '.join(down) or 'none'}; not distinguishable: {', '.join(flat) or 'none'}.")
-        ra, rb = a["info"].get("mix_r2") or {}, b["info"].get("mix_r2") or {}
-        if ra and rb:
-            md.append("- The slide's own tissue mix, read out of each embedding (CV R², detected → exact tissue): "
-                      + "; ".join(f"{k} {ra[k]:.3f} → {rb[k]:.3f}" for k in ra if k in rb) + ".")
-        md.append("")
+        for x, z in arms:
+            md += _pair_arms(task, ARMS[x], ARMS[z], results[f"{task} ({ARMS[x]})"], results[f"{task} ({ARMS[z]})"],
+                             args)
+    return md
+
+
+def _pair_arms(task: str, na: str, nb: str, a: dict, b: dict, args) -> list[str]:  # noqa: ANN001
+    """One paired section: every method of tiling arm ``na`` minus the same method of arm ``nb``."""
+    if a["info"]["mosaic_sha256"] != b["info"]["mosaic_sha256"]:
+        raise SystemExit(f"--tissue both: the {task} task's mosaics differ (not the same slides): rebuild them in a "
+                         "fresh --work")
+    ida, idb = a["info"]["slide_ids"], b["info"]["slide_ids"]
+    ids = [s for s in idb if s in set(ida)]
+    ia, ib = [ida.index(s) for s in ids], [idb.index(s) for s in ids]
+    y = np.asarray(b["y"])[ib]
+    assert np.array_equal(np.asarray(a["y"])[ia], y), "same slides, same labels"
+    same = set(ida) == set(idb)  # same slide set -> the same label table, folds and few-shot draws for both
+    md = [f"## {na[0].upper() + na[1:]} vs {nb}, {task} task: every method paired on the same test slides\n",
+          f"One mosaic (SHA-256 {a['info']['mosaic_sha256'][:12]} of its record, labels and ground truth, built once per "
+          f"arm with one seed and checked identical), one tile encoder, two tilings: {na} and {nb}. "
+          + ("Both keep every slide, so folds and few-shot draws are identical: each difference is paired per test "
+             "slide and draw. " if same else f"{na[0].upper() + na[1:]} and {nb} differ in slides: {len(ida) + len(idb) - 2 * len(ids)} "
+                                             f"slide(s) left without tissue: pairs are on the {len(ids)} slides both have, "
+                                             "whose folds differ slightly. ")
+          + f"diff = {na} − {nb} [95 % paired bootstrap CI, {args.bootstrap} resamples over test slides]; above 0: the "
+          f"method scored higher on the {na} tiles.\n"]
+    last = args.ns[-1]
+    md.append(f"| method | AUC, {na} (n = {last}) | AUC, {nb} (n = {last}) | "
+              + " | ".join(f"diff, n = {n}" for n in args.ns) + " |")
+    md.append("|---|---|---|" + "---|" * len(args.ns))
+    up, down, flat = [], [], []
+    for name in (k for k in a["preds"] if k in b["preds"]):
+        pa, pb = a["preds"][name], b["preds"][name]
+        cells = []
+        for n in args.ns:
+            d, lo, hi, _ = paired(y, pa[n][:, ia], pb[n][:, ib], args.bootstrap)
+            cells.append(f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+        (up if lo > 0 else down if hi < 0 else flat).append(f"{name} {d:+.3f}")
+        md.append(f"| {name} | {mean_auc(y, pa[last][:, ia]):.3f} | {mean_auc(y, pb[last][:, ib]):.3f} | "
+                  + " | ".join(cells) + " |")
+    md.append("")
+    md.append(f"- {task}, n = {last}: higher on {na} (CI above 0): {', '.join(up) or 'none'}; higher on {nb} (CI below "
+              f"0): {', '.join(down) or 'none'}; not distinguishable: {', '.join(flat) or 'none'}.")
+    ra, rb = a["info"].get("mix_r2") or {}, b["info"].get("mix_r2") or {}
+    if ra and rb:
+        md.append(f"- The slide's own tissue mix, read out of each embedding (CV R², {na} → {nb}): "
+                  + "; ".join(f"{k} {ra[k]:.3f} → {rb[k]:.3f}" for k in ra if k in rb) + ".")
+    md.append("")
     return md
 
 
@@ -689,6 +734,9 @@ def main() -> None:
                     help="tiles where tissue detection finds tissue, or exactly the mosaic's tissue cells (its tissue "
                          "GeoJSON, gigaslide tile --tissue-from): no bag-level cue from what detection keeps; both: each "
                          "task run both ways on the same slides, every method paired detected vs exact")
+    ap.add_argument("--thinned-control", action="store_true",
+                    help="with --tissue both: a third arm, the exact tissue cells thinned at random to as many per slide "
+                         "as detection kept (detection's tile count without its choice of cells), paired against both")
     ap.add_argument("--views", type=int, default=25)
     ap.add_argument("--tiles-per-view", type=int, default=32)
     ap.add_argument("--tiles-per-step", type=int, default=16)
@@ -753,8 +801,8 @@ def main() -> None:
                       done=work / "tile_ssl" / "encoder" / "weights.safetensors")
     tile = {"ssl": timed("tile linear AUC", tile_auc, enc, pcam, args.tile_n),
             "random": tile_auc(random_encoder(), pcam, args.tile_n)}
-    results = {label: run_task(task, work, pcam, enc, args, label, folder, annotated)
-               for task in args.tasks.split(",") for label, folder, annotated in tissue_runs(task, args)}
+    results = {label: run_task(task, work, pcam, enc, args, label, folder, tissue)
+               for task in args.tasks.split(",") for label, folder, tissue in tissue_runs(task, args)}
     tumour = next((k for k, r in results.items() if r["info"]["task"] == "tumour"), None)
     if not args.no_random_control and tumour is not None:
         results[tumour]["preds"].update(random_control(work, pcam, args))

@@ -41,10 +41,13 @@ def test_region_variant_sets_the_region_size() -> None:
 
 def test_tissue_both_runs_each_task_twice_in_its_own_folder() -> None:
     ns = argparse.Namespace
-    assert bench.tissue_runs("context", ns(tissue="annotations")) == [("context", "context", True)]
-    assert bench.tissue_runs("context", ns(tissue="detected")) == [("context", "context", False)]
-    assert bench.tissue_runs("context", ns(tissue="both")) == [("context (detected tissue)", "context", False),
-                                                              ("context (exact tissue)", "context_annotated", True)]
+    assert bench.tissue_runs("context", ns(tissue="annotations")) == [("context", "context", "annotations")]
+    assert bench.tissue_runs("context", ns(tissue="detected")) == [("context", "context", "detected")]
+    both = [("context (detected tissue)", "context", "detected"), ("context (exact tissue)", "context_annotated",
+                                                                   "annotations")]
+    assert bench.tissue_runs("context", ns(tissue="both", thinned_control=False)) == both
+    assert bench.tissue_runs("context", ns(tissue="both", thinned_control=True)) == both + [
+        ("context (thinned exact tissue)", "context_thinned", "thinned")]
 
 
 def _mosaic(root: Path, gt_row: str = "0,0,1\n", composition: float = 0.3, created: str = "t0") -> Path:
@@ -73,7 +76,7 @@ def test_tissue_pairs_pair_each_method_on_the_same_slides() -> None:
     ids = [f"s{i:02d}" for i in range(40)]
     y = np.tile([0, 1], 20)
     noise = rng.random(40)
-    args = argparse.Namespace(tissue="both", tasks="context", ns=["all"], bootstrap=300)
+    args = argparse.Namespace(tissue="both", tasks="context", ns=["all"], bootstrap=300, thinned_control=False)
     det = _result(ids, y, {"cue": y * 0.8 + 0.1, "same": noise})
     # the exact tiling lists the slides in another order: pairing must follow the ids, not the positions
     order = rng.permutation(40)
@@ -81,15 +84,15 @@ def test_tissue_pairs_pair_each_method_on_the_same_slides() -> None:
     md = "\n".join(bench.tissue_pairs({"context (detected tissue)": det, "context (exact tissue)": ex}, args))
     assert "| same | " in md and "+0.000 [+0.000, +0.000]" in md
     line = next(s for s in md.splitlines() if s.startswith("- context, n = all"))
-    assert "higher on detected tissue (CI above 0): cue +" in line and "not distinguishable: same +0.000" in line
+    assert "higher on detected tissue (CI above 0): cue +" in line and "higher on exact tissue (CI below 0): none" in line and "not distinguishable: same +0.000" in line
     assert "folds and few-shot draws are identical" in md and "tissue mix" not in md
     det["info"]["mix_r2"], ex["info"]["mix_r2"] = {"same": 0.5, "cue": 0.25}, {"same": 0.875}
     md = "\n".join(bench.tissue_pairs({"context (detected tissue)": det, "context (exact tissue)": ex}, args))
-    assert "(CV R², detected → exact tissue): same 0.500 → 0.875." in md  # only what both runs measured
+    assert "(CV R², detected tissue → exact tissue): same 0.500 → 0.875." in md  # only what both runs measured
     # a slide detection found no tissue in: pairs on the slides both have, and says so
     det2 = _result(ids[1:], y[1:], {"same": noise[1:]})
     md2 = "\n".join(bench.tissue_pairs({"context (detected tissue)": det2, "context (exact tissue)": ex}, args))
-    assert "left 1 slide(s) without tissue: pairs are on the 39 slides" in md2
+    assert "1 slide(s) left without tissue: pairs are on the 39 slides" in md2
     with pytest.raises(SystemExit, match="mosaics differ"):
         bench.tissue_pairs({"context (detected tissue)": _result(ids, y, {}, "x"), "context (exact tissue)": ex}, args)
 
@@ -106,10 +109,11 @@ def test_mix_r2_reads_the_tissue_mix_out_of_an_embedding(tmp_path: Path) -> None
     assert bench.mix_r2({"carries": carries}, tmp_path, ids) == {}
 
 
-def test_kept_by_tissue_detection_measures_which_cells_were_dropped(tmp_path: Path) -> None:
+def _solid_mosaic(tmp_path: Path) -> Path:
+    """4 mosaic slides on an 8 x 8 grid of 32-px cells at 1 µm/px: pale normal and dark tumour tiles."""
     from PIL import Image
 
-    from gigaslide.mil.mosaic import MosaicConfig, build_mosaic, read_ground_truth
+    from gigaslide.mil.mosaic import MosaicConfig, build_mosaic
 
     tiles = tmp_path / "tiles"
     for cls, col in {"0": (230, 200, 220), "1": (90, 40, 140)}.items():  # pale normal, dark tumour
@@ -119,6 +123,36 @@ def test_kept_by_tissue_detection_measures_which_cells_were_dropped(tmp_path: Pa
     mosaic = tmp_path / "mosaic"
     build_mosaic(tiles, mosaic, MosaicConfig(slides=4, grid=8, tumor_fraction=(0.3, 0.3), seed=0, mpp=1.0),
                  verbose=False)
+    return mosaic
+
+
+def test_thinned_control_keeps_detections_count_of_exact_cells_at_random(tmp_path: Path) -> None:
+    from gigaslide.features import store
+    from gigaslide.mil.mosaic import read_ground_truth
+    from gigaslide.tiling import read_polygons
+    from gigaslide.tiling.annotations import rasterize
+
+    mosaic = _solid_mosaic(tmp_path)
+    counts = {"mosaic_0000": 3, "mosaic_0001": 5, "mosaic_0002": 1, "mosaic_0003": 7}
+    for sid, k in counts.items():  # the detected arm's cache: only its tile counts matter here
+        store.save(tmp_path / "det" / "features" / f"{sid}.h5", np.zeros((k, 2), np.float32),
+                   np.zeros((k, 2), np.int64), attrs={"encoder": "x", "mpp": 1.0, "tile_size": 32, "slide_id": sid})
+    out = bench.write_thinned(mosaic, tmp_path / "det", tmp_path / "thin")
+    for sid, k in counts.items():
+        gt = read_ground_truth(mosaic / "ground_truth" / f"{sid}.csv")
+        cells = rasterize(read_polygons(out / f"{sid}.geojson"), (8, 8), 32.0)  # one pixel per cell
+        assert cells.sum() == k  # detection's count ...
+        truth = np.zeros((8, 8), bool)
+        truth[gt[:, 1] // 32, gt[:, 0] // 32] = True
+        assert not (cells & ~truth).any()  # ... of the slide's own tissue cells only
+    again = bench.write_thinned(mosaic, tmp_path / "det", tmp_path / "thin2")  # seeded per slide: the same cells
+    assert all((out / f"{s}.geojson").read_bytes() == (again / f"{s}.geojson").read_bytes() for s in counts)
+
+
+def test_kept_by_tissue_detection_measures_which_cells_were_dropped(tmp_path: Path) -> None:
+    from gigaslide.mil.mosaic import read_ground_truth
+
+    mosaic = _solid_mosaic(tmp_path)
 
     class Bag:  # what the function reads of a feature file: its tiles' level-0 coordinates
         def __init__(self, coords: np.ndarray) -> None:
