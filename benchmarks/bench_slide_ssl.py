@@ -281,6 +281,13 @@ def kept_by_tissue_detection(mosaic: Path, files: dict, t) -> dict:  # noqa: ANN
     return out
 
 
+def brightness_word(kept: dict, margin: float = 5.0) -> str:
+    """How the dropped tissue cells compare with the kept ones in mean RGB brightness (0-255; within ``margin``:
+    about the same)."""
+    d = kept["bright_dropped"] - kept["bright_kept"]
+    return "paler than" if d > margin else "darker than" if d < -margin else "about as bright as"
+
+
 #: report name of each tiling arm of --tissue both
 ARMS = {"detected": "detected tissue", "annotations": "exact tissue", "thinned": "thinned exact tissue"}
 
@@ -502,9 +509,9 @@ def report(results: dict, tile: dict, args, enc_desc: str) -> str:
         md.append(f"- {source} kept {k['pos']:.1%} of the tissue cells of positive slides and "
                   f"{k['neg']:.1%} of negative ones; the kept fraction alone, as a slide score, has AUC {k['auc']:.3f} (0.5: no "
                   "cue; below 0.5 it points the other way): a cue a bag mean can use without seeing the tiles' "
-                  "arrangement." + (f" The tissue cells it dropped are {'paler' if k['bright_dropped'] > k['bright_kept'] else 'darker'} "
-                                    f"than those it kept: mean RGB brightness {k['bright_dropped']:.0f} against "
-                                    f"{k['bright_kept']:.0f} (0-255)." if "bright_dropped" in k else "") + "\n")
+                  "arrangement." + (f" The tissue cells it dropped are {brightness_word(k)} those it kept: mean RGB "
+                                    f"brightness {k['bright_dropped']:.0f} against {k['bright_kept']:.0f} (0-255)."
+                                    if "bright_dropped" in k else "") + "\n")
         if info.get("mix_r2"):
             md.append("- How much of each slide embedding is the slide's own tissue mix (5-fold CV R² of a ridge "
                       "regression from the embedding to its drawn mix over the tissue kinds; 1 = the mix is fully "

@@ -172,3 +172,9 @@ def test_kept_by_tissue_detection_measures_which_cells_were_dropped(tmp_path: Pa
     # every cell kept: nothing to compare, no slide read
     whole = bench.kept_by_tissue_detection(mosaic, {s: Bag(np.array([g[:2] for g in gts[s]])) for s in ids}, t)
     assert whole["pos"] == whole["neg"] == 1.0 and "bright_dropped" not in whole
+
+
+def test_brightness_word_names_only_a_real_difference() -> None:
+    assert bench.brightness_word({"bright_dropped": 210.0, "bright_kept": 149.0}) == "paler than"
+    assert bench.brightness_word({"bright_dropped": 166.0, "bright_kept": 165.0}) == "about as bright as"
+    assert bench.brightness_word({"bright_dropped": 90.0, "bright_kept": 220.0}) == "darker than"
