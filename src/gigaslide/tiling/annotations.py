@@ -27,11 +27,12 @@ import numpy as np
 from gigaslide.errors import GigaslideError
 from gigaslide.provenance import file_sha256
 from gigaslide.slides.slide import Slide
-from gigaslide.tiling.stain import detect_background, detect_stain
-from gigaslide.tiling.tissue import TissueMask, check_background, default_thumb_size, detect_on_thumbnail
+from gigaslide.tiling.tissue import TissueMask, check_background, detect_on_thumbnail, thumbnail_info
 
 #: provenance keys of a grid (and its feature files) whose tissue came from annotations
 TISSUE_KEYS = ("tissue_source", "tissue_annotations", "tissue_annotations_sha256", "tissue_classes")
+
+
 def tissue_attrs(extra: dict) -> dict:
     """The :data:`TISSUE_KEYS` a grid's ``extra`` holds (none for detected tissue): what a grid passes on to the files
     made from it, so they can be checked against the tiling settings (``TilingParams.tissue_matches``)."""
@@ -163,15 +164,12 @@ def annotation_tissue(slide: Slide, path: str | os.PathLike, classes: Sequence[s
     ``detect``: only the detected tissue inside the polygons (drops the glass, fat and pale areas a coarse outline
     encloses); ``background`` is then the one detection uses, else it is only recorded (``auto``: detected from the
     thumbnail), as with detected tissue."""
-    check_background(background)
+    check_background(background)  # (before the file is read: the cheaper error first)
     polygons = read_polygons(path, classes)
-    thumb, ds = slide.thumbnail(thumb_size or default_thumb_size(slide.dimensions))
+    thumb, ds, info = thumbnail_info(slide, thumb_size, background)
     mask = rasterize(polygons, thumb.shape[:2], ds)
-    bg = detect_background(thumb) if background == "auto" else background
     if detect:
-        mask &= detect_on_thumbnail(slide, thumb, ds, bg)
-    info = {**detect_stain(thumb).as_attrs(), "background": bg, "background_option": background,
-            "tissue_source": SOURCES[True, detect], "tissue_annotations": str(path),
-            "tissue_annotations_sha256": file_sha256(path),
-            "tissue_classes": classes_attr(classes)}
+        mask &= detect_on_thumbnail(slide, thumb, ds, info["background"])
+    info.update(tissue_source=SOURCES[True, detect], tissue_annotations=str(path),
+                tissue_annotations_sha256=file_sha256(path), tissue_classes=classes_attr(classes))
     return TissueMask(mask, ds, slide.dimensions, info), thumb

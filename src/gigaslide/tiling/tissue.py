@@ -136,12 +136,18 @@ def segment_tissue(slide: Slide, *, thumb_size: int | None = None, min_area_um2:
 
     ``background``: ``auto`` (detected, see :mod:`gigaslide.tiling.stain`), ``bright`` or ``dark``.
     The mask's ``info`` holds the background used and the stain guess."""
+    thumb, ds, info = thumbnail_info(slide, thumb_size, background)
+    mask = detect_on_thumbnail(slide, thumb, ds, info["background"], min_area_um2)
+    return TissueMask(mask, ds, slide.dimensions, info), thumb
+
+
+def thumbnail_info(slide: Slide, thumb_size: int | None, background: str) -> tuple[np.ndarray, float, dict]:
+    """(thumbnail RGB, level-0 px per thumbnail px, the info every tissue mask records: the stain guess, the
+    background used (``auto``: detected from the thumbnail) and the option given), whatever the tissue's source."""
     check_background(background)
     thumb, ds = slide.thumbnail(thumb_size or default_thumb_size(slide.dimensions))
     bg = detect_background(thumb) if background == "auto" else background
-    mask = detect_on_thumbnail(slide, thumb, ds, bg, min_area_um2)
-    info = {**detect_stain(thumb).as_attrs(), "background": bg, "background_option": background}
-    return TissueMask(mask, ds, slide.dimensions, info), thumb
+    return thumb, ds, {**detect_stain(thumb).as_attrs(), "background": bg, "background_option": background}
 
 
 def detect_on_thumbnail(slide: Slide, thumb: np.ndarray, downsample: float, background: str,
