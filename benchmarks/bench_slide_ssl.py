@@ -105,7 +105,7 @@ def region_counts(w: Path, args) -> dict:  # noqa: ANN001
     out = {}
     for slpd in REGION_MIL_MODES if args.region_mil else ():
         d = w / f"regions_{SLPD_MODES[slpd]}"
-        out[slpd] = float(np.mean([len(f) for f in store.load_dir(d).values()]))
+        out[slpd] = float(np.mean([len(f) for f in store.load_dir(d, arrays=False).values()]))  # (counts only)
     return out
 
 
@@ -441,9 +441,11 @@ def report(results: dict, tile: dict, args, enc_desc: str) -> str:
               f"grid {args.grid}, 96 px PCam train tiles at 0.97 µm/px, tiled "
               + {"annotations": "exactly at the mosaic's tissue cells (its tissue GeoJSON, `--tissue annotations`)",
                  "both": "both ways, each task twice on the same slides (`--tissue both`): where tissue detection finds "
-                         "tissue (min tissue 0.5), and exactly at the mosaic's tissue cells (its tissue GeoJSON); every "
-                         "method is paired across the two below"}.get(args.tissue, "where tissue detection finds tissue "
-                                                                       "(min tissue 0.5)")
+                         "tissue (min tissue 0.5), and exactly at the mosaic's tissue cells (its tissue GeoJSON)"
+                         + ("; and a third time on those exact cells thinned at random to as many per slide as "
+                            "detection kept (`--thinned-control`)" if args.thinned_control else "")
+                         + "; every method is paired across them below"}.get(args.tissue, "where tissue detection "
+                                                                              "finds tissue (min tissue 0.5)")
               + f"{f', {identity(args)}' if identity(args) else ''}. Cache {args.views} views x {args.tiles_per_view} "
               f"tiles; Giga-SSL {args.gigassl_epochs} epochs, {args.tiles_per_step} tiles per step, SparseConvMIL "
               f"(2 sparse residual blocks, BatchNorm with zero-initialised last scale, stride-2 pooling); SLPD {args.slpd_epochs} epochs, regions "
@@ -581,11 +583,12 @@ def _pair_arms(task: str, na: str, nb: str, a: dict, b: dict, args) -> list[str]
     y = np.asarray(b["y"])[ib]
     assert np.array_equal(np.asarray(a["y"])[ia], y), "same slides, same labels"
     same = set(ida) == set(idb)  # same slide set -> the same label table, folds and few-shot draws for both
-    md = [f"## {na[0].upper() + na[1:]} vs {nb}, {task} task: every method paired on the same test slides\n",
+    head = na[0].upper() + na[1:]
+    md = [f"## {head} vs {nb}, {task} task: every method paired on the same test slides\n",
           f"One mosaic (SHA-256 {a['info']['mosaic_sha256'][:12]} of its record, labels and ground truth, built once per "
           f"arm with one seed and checked identical), one tile encoder, two tilings: {na} and {nb}. "
           + ("Both keep every slide, so folds and few-shot draws are identical: each difference is paired per test "
-             "slide and draw. " if same else f"{na[0].upper() + na[1:]} and {nb} differ in slides: {len(ida) + len(idb) - 2 * len(ids)} "
+             "slide and draw. " if same else f"{head} and {nb} differ in slides: {len(ida) + len(idb) - 2 * len(ids)} "
                                              f"slide(s) left without tissue: pairs are on the {len(ids)} slides both have, "
                                              "whose folds differ slightly. ")
           + f"diff = {na} − {nb} [95 % paired bootstrap CI, {args.bootstrap} resamples over test slides]; above 0: the "
@@ -789,6 +792,8 @@ def main() -> None:
     args.region_mil = [m.strip() for m in args.region_mil.split(",") if m.strip()]
     if set(args.region_mil) - set(MIL):
         ap.error(f"--region-mil: unknown {', '.join(sorted(set(args.region_mil) - set(MIL)))} (choose from {', '.join(MIL)})")
+    if args.thinned_control and args.tissue != "both":
+        ap.error("--thinned-control is a third arm of --tissue both (add --tissue both)")
     args.variants = slpd_variants(args.slpd_variants)  # parsed here: a bad spec stops before hours of training
     torch.set_num_threads(1)
     shared = shared_data_dir()
