@@ -41,14 +41,34 @@ class TruncatedResNet(nn.Module):
         return x.mean(dim=(2, 3))
 
 
+def _mlp_layers() -> dict[str, object]:
+    from timm.layers import SwiGLUPacked
+
+    return {"swiglu_packed": SwiGLUPacked}
+
+
 def create_trunk(spec: EncoderSpec) -> nn.Module:
-    """The architecture with random weights and no classifier (forward -> [N, embed_dim])."""
+    """The architecture with random weights and no classifier (forward -> [N, width]; the encoder's ``pool`` may
+    make its embedding from the tokens instead, see :class:`Encoder`). ``mlp_layer`` in the spec's ``timm_kwargs``
+    is a name (``swiglu_packed``), so a spec stays JSON."""
     import timm
 
     kw = dict(spec.timm_kwargs)
     if "out_stage" in kw:
         return TruncatedResNet(spec.arch, int(kw.pop("out_stage")))
+    if isinstance(kw.get("mlp_layer"), str):
+        layers = _mlp_layers()
+        if kw["mlp_layer"] not in layers:
+            raise GigaslideError(f"encoder '{spec.name}': unknown mlp_layer '{kw['mlp_layer']}'",
+                                 fix=f"use one of {', '.join(layers)} in its timm_kwargs")
+        kw["mlp_layer"] = layers[kw["mlp_layer"]]
     return timm.create_model(spec.arch, pretrained=False, num_classes=0, **kw)
+
+
+def cls_mean(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The class token concatenated with the mean of the patch tokens (register tokens left out): ``[N, 2 * width]``."""
+    tokens = trunk.forward_features(x)
+    return torch.cat([tokens[:, 0], tokens[:, int(getattr(trunk, "num_prefix_tokens", 1)):].mean(1)], dim=-1)
 
 
 class Encoder(nn.Module):
@@ -77,7 +97,8 @@ class Encoder(nn.Module):
         return x.contiguous(memory_format=torch.channels_last) if self.spec.family == "cnn" else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.trunk(self.preprocess(x))
+        x = self.preprocess(x)
+        return cls_mean(self.trunk, x) if self.spec.pool == "cls_mean" else self.trunk(x)
 
 
 def load_weights_into(trunk: nn.Module, sd: dict[str, torch.Tensor], source: str, spec: EncoderSpec) -> None:
@@ -129,33 +150,42 @@ def build_encoder(name: str, weights: str | None = "default", *, seed: int = 0) 
                              fix="pass a registry name (see `gigaslide encoders`) or RUN_DIR/encoder")
     else:
         spec = ENCODERS.get(name)
+    path = None  # found before the trunk is made: a missing file is an error at once, not after building a 1B model
+    if weights in (None, "default"):
+        if not spec.hub:
+            raise GigaslideError(f"encoder '{spec.name}' has no default weights", fix="pass --weights PATH or --weights random")
+        path = resolve_hub_weights(spec.hub)
+    elif weights != "random":
+        path = Path(weights)
+    sd = None if path is None else read_state_dict(path)
     torch.manual_seed(seed)
     trunk = create_trunk(spec)
     if spec.embed_dim == 0:  # tiny test architectures: read the size off the model
-        spec = _with_dim(spec, trunk)
-    if weights == "random":
+        spec = with_embed_dim(spec, trunk)
+    if path is None:
         weights_id = f"random-seed{seed}"
     else:
-        if weights in (None, "default"):
-            if not spec.hub:
-                raise GigaslideError(f"encoder '{spec.name}' has no default weights", fix="pass --weights PATH or --weights random")
-            path = resolve_hub_weights(spec.hub)
-        else:
-            path = Path(weights)
-        load_weights_into(trunk, read_state_dict(path), str(path), spec)
+        load_weights_into(trunk, sd, str(path), spec)
         weights_id = "sha256:" + file_sha256(path)
     enc = Encoder(spec, trunk, weights_id).eval()
     return enc
 
 
-def _with_dim(spec: EncoderSpec, trunk: nn.Module) -> EncoderSpec:
-    import dataclasses
-
-    dim = int(getattr(trunk, "num_features", 0))
+def trunk_width(trunk: nn.Module, input_size: int) -> int:
+    """Width of the trunk's own output (``num_features``, else read off one forward pass)."""
+    dim = int(getattr(trunk, "num_features", 0) or 0)
     if not dim:
         with torch.no_grad():
-            dim = int(trunk(torch.zeros(1, 3, spec.input_size, spec.input_size)).shape[-1])
-    return dataclasses.replace(spec, embed_dim=dim)
+            dim = int(trunk(torch.zeros(1, 3, input_size, input_size)).shape[-1])
+    return dim
+
+
+def with_embed_dim(spec: EncoderSpec, trunk: nn.Module) -> EncoderSpec:
+    """``spec`` with the embedding size the encoder gives with this trunk: the trunk's width, twice it for
+    ``pool="cls_mean"``."""
+    import dataclasses
+
+    return dataclasses.replace(spec, embed_dim=trunk_width(trunk, spec.input_size) * (2 if spec.pool == "cls_mean" else 1))
 
 
 def export_encoder(folder: str | os.PathLike, trunk: nn.Module, spec: EncoderSpec,

@@ -20,6 +20,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Lunit "Benchmarking SSL on pathology" (Kang et al. 2023) normalisation.
 LUNIT_MEAN = (0.70322989, 0.53606487, 0.66096631)
 LUNIT_STD = (0.21716536, 0.26081574, 0.20723464)
+#: H-optimus-0 / H-optimus-1 (Bioptimus) normalisation, from their model cards.
+HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
+HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
+#: How an encoder turns a ViT's tokens into one vector: the trunk's own output (``model``: timm's pooling, the class
+#: token for these ViTs), or the class token concatenated with the mean of the patch tokens (``cls_mean``, Virchow's
+#: embedding; register tokens are left out of the mean).
+POOLS = ("model", "cls_mean")
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,11 @@ class EncoderSpec:
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     family: str = "cnn"  # "cnn" or "vit"
     description: str = ""
+    pool: str = "model"  # one of POOLS
+
+    def __post_init__(self) -> None:
+        if self.pool not in POOLS:
+            raise ValueError(f"encoder '{self.name}': pool must be one of {POOLS}, not {self.pool!r}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -99,6 +111,37 @@ _add(EncoderSpec("uni", "vit_large_patch16_224", 1024, native_mpp=0.5, family="v
                  timm_kwargs={"init_values": 1e-5, "dynamic_img_size": True}))
 _add(EncoderSpec("phikon", "vit_base_patch16_224", 768, native_mpp=0.5, family="vit", hub="hf-hub:owkin/phikon",
                  weight_source="Phikon iBOT ViT-B/16 (Filiot et al. 2023)"))
+# Large pathology foundation models (timm layouts, as their model cards build them; gated: accept each licence and
+# download the weights on a machine with internet, then use the local cache or --weights PATH). SwiGLU MLPs and SiLU
+# are named (JSON-safe) and resolved when the trunk is made (gigaslide.encoders.model.create_trunk).
+_SWIGLU = {"mlp_layer": "swiglu_packed", "act_layer": "silu"}
+_add(EncoderSpec("uni2_h", "vit_giant_patch14_224", 1536, native_mpp=0.5, family="vit", hub="hf-hub:MahmoodLab/UNI2-h",
+                 weight_source="UNI2-h (Mahmood Lab 2025), gated: accept the licence, download, then use the local cache",
+                 timm_kwargs={"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5,
+                              "embed_dim": 1536, "mlp_ratio": 2.66667 * 2, "no_embed_class": True, "reg_tokens": 8,
+                              "dynamic_img_size": True, **_SWIGLU},
+                 description="UNI2-h ViT-H/14 with 8 register tokens, class token 1536-d"))
+for _name, _hub, _regs, _what in (("virchow", "paige-ai/Virchow", 0, "Virchow (Vorontsov et al. 2024)"),
+                                  ("virchow2", "paige-ai/Virchow2", 4, "Virchow2 (Zimmermann et al. 2024)")):
+    _add(EncoderSpec(_name, "vit_huge_patch14_224", 2560, native_mpp=0.5, family="vit", hub=f"hf-hub:{_hub}", pool="cls_mean",
+                     weight_source=f"{_what}, gated: accept the licence, download, then use the local cache",
+                     timm_kwargs={"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "dynamic_img_size": True,
+                                  **({"reg_tokens": _regs} if _regs else {}), **_SWIGLU},
+                     description=f"{_what.split(' (')[0]} ViT-H/14{f' with {_regs} register tokens' if _regs else ''}: "
+                                 "class token + mean patch token, 2560-d (the model card's embedding)"))
+for _v in (0, 1):
+    _add(EncoderSpec(f"h_optimus_{_v}", "vit_giant_patch14_reg4_dinov2", 1536, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD,
+                     native_mpp=0.5, family="vit", hub=f"hf-hub:bioptimus/H-optimus-{_v}",
+                     weight_source=f"H-optimus-{_v} (Bioptimus), {'open' if _v == 0 else 'gated'}: download, then use the "
+                                   "local cache",
+                     timm_kwargs={"img_size": 224, "init_values": 1e-5},
+                     description=f"H-optimus-{_v} ViT-g/14 (DINOv2 layout, 4 register tokens), class token 1536-d"))
+_add(EncoderSpec("prov_gigapath", "vit_giant_patch14_dinov2", 1536, native_mpp=0.5, family="vit",
+                 hub="hf-hub:prov-gigapath/prov-gigapath",
+                 weight_source="Prov-GigaPath tile encoder (Xu et al. 2024), gated: accept the licence, download, then use "
+                               "the local cache",
+                 timm_kwargs={"img_size": 224, "patch_size": 16},
+                 description="Prov-GigaPath tile encoder: ViT-g in the DINOv2 layout with 16-px patches, class token 1536-d"))
 # Tiny architectures for tests and quick benchmarks.
 _add(EncoderSpec("test_resnet", "test_resnet", 0, input_size=64, weight_source="random (tests only)",
                  description="tiny timm ResNet for tests"))
@@ -110,6 +153,10 @@ _add(EncoderSpec("test_vit_dinov2", "vit_small_patch14_dinov2", 0, input_size=56
 _add(EncoderSpec("test_vit_dinov2_reg", "vit_small_patch14_reg4_dinov2", 0, input_size=56, family="vit",
                  weight_source="random (tests only)", timm_kwargs={"img_size": 56, "embed_dim": 32, "depth": 2, "num_heads": 2},
                  description="tiny DINOv2-layout ViT/14 with 4 register tokens for tests"))
+_add(EncoderSpec("test_vit_swiglu", "vit_huge_patch14_224", 0, input_size=56, family="vit", weight_source="random (tests only)",
+                 pool="cls_mean", timm_kwargs={"img_size": 56, "embed_dim": 32, "depth": 2, "num_heads": 2, "init_values": 1e-5,
+                                               "mlp_ratio": 5.3375, "reg_tokens": 4, "dynamic_img_size": True, **_SWIGLU},
+                 description="tiny Virchow2-layout ViT/14 (SwiGLU, 4 register tokens, class + mean patch token) for tests"))
 # Giga-SSL's tile features (Lazard et al. 2023): ResNet-18 truncated after layer3, average-pooled 256-d.
 _add(EncoderSpec("resnet18_layer3", "resnet18", 256, hub="hf-hub:timm/resnet18.a1_in1k",
                  weight_source="ImageNet (timm) from local cache", timm_kwargs={"out_stage": 3},

@@ -145,3 +145,18 @@ def test_non_finite_loss_stops_naming_the_step(tiles, tmp_path, monkeypatch):
     monkeypatch.setattr(DINOv2, "loss", bad)
     with pytest.raises(GigaslideError, match="at step 2"):
         pretrain(_cfg(tiles, tmp_path / "run", steps=4))
+
+
+def test_dinov2_continues_a_swiglu_register_vit_and_exports_its_pooled_embedding(tiles, tmp_path):
+    """A Virchow2-layout backbone (SwiGLU MLPs, 4 registers, class + mean patch token): the heads train on the
+    trunk's 32-d class token, the export embeds 2 x 32 = 64-d as the entry does, and ``encode`` writes 64-d."""
+    s = pretrain(_cfg(tiles, tmp_path / "run", backbone="test_vit_swiglu", steps=2))
+    assert s["steps"] == 2 and np.isfinite(s["final_loss"])
+    enc = build_encoder(str(tmp_path / "run" / "encoder"))
+    assert enc.spec.pool == "cls_mean" and enc.embed_dim == 64 and enc.trunk.num_prefix_tokens == 5
+    x = torch.randint(0, 256, (2, 56, 56, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        f = enc(x)
+        tokens = enc.trunk.forward_features(enc.preprocess(x))
+    assert f.shape == (2, 64)
+    torch.testing.assert_close(f[:, :32], tokens[:, 0])

@@ -29,7 +29,7 @@ from gigaslide.encoders import ENCODERS, EncoderSpec, read_state_dict, resolve_h
 from gigaslide.errors import GigaslideError
 from gigaslide.ssl.tile.vit_layout import check_vit_state, patch_size_of, to_timm_layout
 
-__all__ = ["load_init", "patch_size_of", "resolve_init", "run_spec", "with_embed_dim"]
+__all__ = ["load_init", "patch_size_of", "resolve_init", "run_spec"]
 
 
 def run_spec(backbone: str, method: str, tile_size: int, mpps: Sequence[float] | None, augment: str) -> EncoderSpec:
@@ -47,14 +47,6 @@ def run_spec(backbone: str, method: str, tile_size: int, mpps: Sequence[float] |
         weight_source=f"gigaslide pretrain --method {method} --augment {augment}",
         description=f"{base.arch} self-supervised with {method} on pathology tiles ({tile_size} px, mpp {list(mpps or [])})",
     )
-
-
-def with_embed_dim(spec: EncoderSpec, trunk: nn.Module) -> EncoderSpec:
-    dim = int(getattr(trunk, "num_features", 0) or 0)
-    if not dim:
-        with torch.no_grad():
-            dim = int(trunk(torch.zeros(1, 3, spec.input_size, spec.input_size)).shape[-1])
-    return dataclasses.replace(spec, embed_dim=dim)
 
 
 def _arch_of_export(folder: Path) -> tuple[str, dict]:

@@ -18,10 +18,10 @@ import torch
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
 from gigaslide.devices import autocast_ctx
-from gigaslide.encoders import create_trunk
+from gigaslide.encoders import create_trunk, trunk_width, with_embed_dim
 from gigaslide.errors import check_finite_loss
 from gigaslide.ssl.tile.config import PretrainConfig
-from gigaslide.ssl.tile.init import load_init, patch_size_of, run_spec, with_embed_dim
+from gigaslide.ssl.tile.init import load_init, patch_size_of, run_spec
 from gigaslide.ssl.tile.methods import SSL_METHODS
 
 CLIP_GRAD_NORM = 3.0
@@ -36,9 +36,10 @@ def build_model(cfg: PretrainConfig, *, load: bool = True):  # noqa: ANN201
     if spec.family == "vit" and cfg.drop_path:
         build_spec = dataclasses.replace(spec, timm_kwargs={**spec.timm_kwargs, "drop_path_rate": float(cfg.drop_path)})
     trunk = create_trunk(build_spec)
-    spec = with_embed_dim(spec, trunk)
+    spec = with_embed_dim(spec, trunk)  # the exported encoder's size (pool included); the heads take the trunk's width
     source = load_init(trunk, spec, cfg.init, cfg.backbone) if (cfg.init and load) else None
-    model = cls(trunk, spec.embed_dim, spec.mean, spec.std, channels_last=spec.family == "cnn", **cfg.method_args)
+    model = cls(trunk, trunk_width(trunk, spec.input_size), spec.mean, spec.std, channels_last=spec.family == "cnn",
+                **cfg.method_args)
     if spec.family == "cnn":
         model = model.to(memory_format=torch.channels_last)
     return model, spec, source
