@@ -112,3 +112,38 @@ def test_dinov2_pos_embed_is_resampled(tmp_path):
     assert enc.trunk.pos_embed.shape[1] == 1 + 16 * 16
     with torch.no_grad():
         assert enc(torch.zeros(1, 224, 224, 3, dtype=torch.uint8)).shape == (1, 384)
+
+
+def test_weights_are_assigned_into_a_meta_trunk_without_a_random_init(tmp_path, monkeypatch):
+    """With a checkpoint the trunk is made on the meta device and the checkpoint's tensors become its weights (cast to
+    the trunk's dtypes): nothing is left on meta, the features are the checkpoint's, and no random init runs."""
+    import gigaslide.encoders.model as M
+
+    src = build_encoder("test_vit", "random", seed=4)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.to(torch.float16).contiguous() for k, v in src.trunk.state_dict().items()}, str(path))
+    made_off_meta = []
+    real = M.create_trunk
+    monkeypatch.setattr(M, "create_trunk", lambda spec: made_off_meta.append(torch.empty(0).device.type != "meta")
+                        or real(spec))
+    enc = build_encoder("test_vit", str(path))
+    assert made_off_meta == [False]  # one trunk, made on the meta device
+    tensors = list(enc.trunk.parameters()) + list(enc.trunk.buffers())
+    assert not any(t.is_meta for t in tensors) and {t.dtype for t in tensors} == {torch.float32}
+    with torch.no_grad():
+        torch.testing.assert_close(enc(_x()), src(_x()), atol=2e-2, rtol=0)  # fp16 checkpoint of fp32 weights
+
+
+def test_a_trunk_with_unsaved_buffers_is_not_assigned_from_meta():
+    from torch import nn
+
+    from gigaslide.encoders.model import assignable
+
+    class WithTable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.register_buffer("table", torch.arange(4.0), persistent=False)  # made in __init__, never saved
+
+    assert not assignable(WithTable())
+    assert assignable(create_trunk(ENCODERS.get("test_resnet")))  # batch-norm statistics are saved

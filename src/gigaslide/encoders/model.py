@@ -101,7 +101,11 @@ class Encoder(nn.Module):
         return cls_mean(self.trunk, x) if self.spec.pool == "cls_mean" else self.trunk(x)
 
 
-def load_weights_into(trunk: nn.Module, sd: dict[str, torch.Tensor], source: str, spec: EncoderSpec) -> None:
+def load_weights_into(trunk: nn.Module, sd: dict[str, torch.Tensor], source: str, spec: EncoderSpec, *,
+                      assign: bool = False) -> None:
+    """Load ``sd`` into ``trunk`` (wrapper prefixes and heads dropped, a ViT's position embedding resampled to the
+    trunk's grid), or a one-line error naming what does not fit. ``assign``: the checkpoint's tensors become the
+    trunk's (cast to its dtypes), for a trunk made on the meta device."""
     own = trunk.state_dict()
     sd = strip_prefixes(sd, set(own))
     # drop classifier / projection heads the trunk does not have
@@ -122,7 +126,13 @@ def load_weights_into(trunk: nn.Module, sd: dict[str, torch.Tensor], source: str
             f"(e.g. {missing[:2]}), {len(bad_shape)} with other shapes (e.g. {bad_shape[:2]}), {len(unexpected)} unexpected",
             path=source, fix="pick the --encoder these weights were trained for (see `gigaslide encoders`)",
         )
-    trunk.load_state_dict({k: sd[k] for k in own}, strict=True)
+    trunk.load_state_dict({k: sd[k].to(own[k].dtype) if assign else sd[k] for k in own}, strict=True, assign=assign)
+
+
+def assignable(trunk: nn.Module) -> bool:
+    """Every tensor of ``trunk`` is in its state dict (no non-persistent buffers), so a trunk made on the meta device
+    is complete once a checkpoint is assigned into it."""
+    return set(dict(trunk.named_parameters())) | set(dict(trunk.named_buffers())) <= set(trunk.state_dict())
 
 
 def _spec_from_export(folder: Path) -> EncoderSpec:
@@ -159,14 +169,21 @@ def build_encoder(name: str, weights: str | None = "default", *, seed: int = 0) 
         path = Path(weights)
     sd = None if path is None else read_state_dict(path)
     torch.manual_seed(seed)
-    trunk = create_trunk(spec)
+    trunk = None
+    if sd is not None:  # made on the meta device and the checkpoint assigned: no random init (~10 s and a second copy
+        with torch.device("meta"):  # of the weights for a 1B-parameter ViT)
+            meta = create_trunk(spec)
+        if assignable(meta):
+            load_weights_into(meta, sd, str(path), spec, assign=True)
+            trunk = meta
+    if trunk is None:
+        trunk = create_trunk(spec)
+        if sd is not None:
+            load_weights_into(trunk, sd, str(path), spec)
+    del sd
     if spec.embed_dim == 0:  # tiny test architectures: read the size off the model
         spec = with_embed_dim(spec, trunk)
-    if path is None:
-        weights_id = f"random-seed{seed}"
-    else:
-        load_weights_into(trunk, sd, str(path), spec)
-        weights_id = "sha256:" + file_sha256(path)
+    weights_id = f"random-seed{seed}" if path is None else "sha256:" + file_sha256(path)
     enc = Encoder(spec, trunk, weights_id).eval()
     return enc
 
