@@ -131,3 +131,60 @@ def output_arrays(out: str | os.PathLike, keep=None) -> dict[str, bytes]:  # noq
         elif f.suffix == ".csv" and "pred" in f.name:
             got[rel] = f.read_bytes()
     return got
+
+
+#: ``vit_checkpoint`` layouts: timm's own, facebookresearch/dinov2's release (``-chunked``: blocks grouped as in its
+#: training checkpoints), and transformers' Dinov2Model / ViTModel.
+VIT_LAYOUTS = ("timm", "dinov2", "dinov2-chunked", "hf-dinov2", "hf-vit")
+
+
+def vit_checkpoint(model, layout: str) -> dict:  # noqa: ANN001 - a timm VisionTransformer
+    """A timm ViT's weights the way another tool saves them, for tests of the loaders (``VIT_LAYOUTS``).
+
+    ``dinov2``: ``mask_token``, ``register_tokens`` and a position embedding that includes the class token (a zero
+    row is added for a registers model, whose timm embedding has none). ``hf-dinov2``: that layout with transformers'
+    names (q/k/v split, ``layer_scale1.lambda1`` ..., a task model's ``dinov2.`` prefix). ``hf-vit``: ViTModel names
+    (``layernorm_before``, ``intermediate.dense``, ``output.dense`` ..., ``vit.`` prefix, a pooler)."""
+    import re
+
+    import torch
+
+    if layout not in VIT_LAYOUTS:
+        raise ValueError(f"layout must be one of {VIT_LAYOUTS}")
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if layout == "timm":
+        return sd
+    if layout.startswith("dinov2") or layout == "hf-dinov2":
+        sd["mask_token"] = torch.zeros(1, model.embed_dim)
+        if "reg_token" in sd:
+            sd["register_tokens"] = sd.pop("reg_token")
+            sd["pos_embed"] = torch.cat([torch.zeros(1, 1, model.embed_dim), sd["pos_embed"]], dim=1)
+        if layout == "dinov2-chunked":
+            sd = {re.sub(r"^blocks\.(\d+)\.", r"blocks.0.\1.", k): v for k, v in sd.items()}
+        if layout.startswith("dinov2"):
+            return sd
+    top = {"cls_token": "embeddings.cls_token", "mask_token": "embeddings.mask_token", "register_tokens":
+           "embeddings.register_tokens", "pos_embed": "embeddings.position_embeddings", "norm.weight": "layernorm.weight",
+           "norm.bias": "layernorm.bias", "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+           "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias"}
+    block = {"attn.proj.": "attention.output.dense.", "ls1.gamma": "layer_scale1.lambda1",
+             "ls2.gamma": "layer_scale2.lambda1"}
+    if layout == "hf-vit":
+        block.update({"norm1.": "layernorm_before.", "norm2.": "layernorm_after.", "mlp.fc1.": "intermediate.dense.",
+                      "mlp.fc2.": "output.dense."})
+    out = {}
+    for k, v in sd.items():
+        g = re.match(r"blocks\.(\d+)\.(.*)", k)
+        if g is None:
+            out[top[k]] = v
+        elif g.group(2).startswith("attn.qkv."):
+            for name, part in zip(("query", "key", "value"), v.chunk(3)):
+                out[f"encoder.layer.{g.group(1)}.attention.attention.{name}.{g.group(2).rsplit('.', 1)[1]}"] = part
+        else:
+            rest = next((g.group(2).replace(a, b, 1) for a, b in block.items() if g.group(2).startswith(a)), g.group(2))
+            out[f"encoder.layer.{g.group(1)}.{rest}"] = v
+    if layout == "hf-vit":
+        out["pooler.dense.weight"] = torch.zeros(model.embed_dim, model.embed_dim)
+        out["pooler.dense.bias"] = torch.zeros(model.embed_dim)
+        return {"vit." + k: v for k, v in out.items()}
+    return {"dinov2." + k: v for k, v in out.items()}

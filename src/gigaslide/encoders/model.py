@@ -13,6 +13,7 @@ from torch import nn
 
 from gigaslide import atomic
 from gigaslide.encoders.specs import ENCODERS, EncoderSpec
+from gigaslide.encoders.vit_layout import to_timm_layout
 from gigaslide.encoders.weights import read_state_dict, resolve_hub_weights, strip_prefixes
 from gigaslide.errors import GigaslideError
 from gigaslide.provenance import file_sha256
@@ -105,8 +106,11 @@ def load_weights_into(trunk: nn.Module, sd: dict[str, torch.Tensor], source: str
                       assign: bool = False) -> None:
     """Load ``sd`` into ``trunk`` (wrapper prefixes and heads dropped, a ViT's position embedding resampled to the
     trunk's grid), or a one-line error naming what does not fit. ``assign``: the checkpoint's tensors become the
-    trunk's (cast to its dtypes), for a trunk made on the meta device."""
+    trunk's (cast to its dtypes), for a trunk made on the meta device. A ViT checkpoint may be in the original
+    DINOv2 or a Hugging Face ``transformers`` layout (:mod:`gigaslide.encoders.vit_layout`)."""
     own = trunk.state_dict()
+    if spec.family == "vit" and getattr(trunk, "patch_embed", None) is not None:
+        sd = to_timm_layout(sd, trunk)
     sd = strip_prefixes(sd, set(own))
     # drop classifier / projection heads the trunk does not have
     sd = {k: v for k, v in sd.items() if k in own or not k.startswith(("fc.", "head.", "classifier.", "projection", "prototypes"))}

@@ -110,7 +110,11 @@ _add(EncoderSpec("uni", "vit_large_patch16_224", 1024, native_mpp=0.5, family="v
                  weight_source="UNI (Chen et al. 2024), gated: accept the licence, download, then use the local cache",
                  timm_kwargs={"init_values": 1e-5, "dynamic_img_size": True}))
 _add(EncoderSpec("phikon", "vit_base_patch16_224", 768, native_mpp=0.5, family="vit", hub="hf-hub:owkin/phikon",
-                 weight_source="Phikon iBOT ViT-B/16 (Filiot et al. 2023)"))
+                 weight_source="Phikon iBOT ViT-B/16 (Filiot et al. 2023)",
+                 description="Phikon ViT-B/16: a transformers ViTModel checkpoint, converted on load; class token 768-d"))
+_add(EncoderSpec("phikon_v2", "vit_large_patch14_dinov2", 1024, native_mpp=0.5, family="vit", hub="hf-hub:owkin/phikon-v2",
+                 weight_source="Phikon-v2 DINOv2 ViT-L/16 (Filiot et al. 2024)", timm_kwargs={"img_size": 224, "patch_size": 16},
+                 description="Phikon-v2 ViT-L/16: a transformers Dinov2Model checkpoint, converted on load; class token 1024-d"))
 # Large pathology foundation models (timm layouts, as their model cards build them; gated: accept each licence and
 # download the weights on a machine with internet, then use the local cache or --weights PATH). SwiGLU MLPs and SiLU
 # are named (JSON-safe) and resolved when the trunk is made (gigaslide.encoders.model.create_trunk).

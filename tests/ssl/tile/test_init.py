@@ -20,6 +20,7 @@ from gigaslide.ssl.tile.engine import PretrainConfig, pretrain
 from gigaslide.ssl.tile.init import load_init, run_spec
 from gigaslide.ssl.tile.methods import SSL_METHODS
 from gigaslide.ssl.tile.step import build_model, param_groups
+from gigaslide.testing import vit_checkpoint
 
 DINO = {"hidden_dim": 32, "bottleneck_dim": 16, "out_dim": 64, "freeze_last_layer_steps": 0}
 TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -50,43 +51,8 @@ def _source_vit(arch: str, img_size: int) -> torch.nn.Module:
 
 
 def _original_layout(m: torch.nn.Module, chunked: bool = False) -> dict[str, torch.Tensor]:
-    """timm weights -> the original facebookresearch/dinov2 layout (mask_token, register_tokens, pos_embed with cls;
-    ``chunked``: blocks grouped as ``blocks.<chunk>.<block>.`` like DINOv2 training checkpoints)."""
-    import re
-
-    sd = {k: v.clone() for k, v in m.state_dict().items()}
-    if chunked:
-        sd = {re.sub(r"^blocks\.(\d+)\.", r"blocks.0.\1.", k): v for k, v in sd.items()}
-    sd["mask_token"] = torch.zeros(1, m.embed_dim)
-    if "reg_token" in sd:
-        sd["register_tokens"] = sd.pop("reg_token")
-        sd["pos_embed"] = torch.cat([torch.zeros(1, 1, m.embed_dim), sd["pos_embed"]], dim=1)
-    return {"teacher.backbone." + k: v for k, v in sd.items()}  # as in a DINOv2 training checkpoint
-
-
-def _transformers_layout(m: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The original layout renamed as transformers' convert_dinov2_to_hf.py does (q/k/v split, ``dinov2.`` prefix
-    of a task model)."""
-    import re
-
-    orig = {k.removeprefix("teacher.backbone."): v for k, v in _original_layout(m).items()}
-    top = {"cls_token": "embeddings.cls_token", "mask_token": "embeddings.mask_token", "pos_embed": "embeddings.position_embeddings",
-           "register_tokens": "embeddings.register_tokens", "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
-           "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias", "norm.weight": "layernorm.weight",
-           "norm.bias": "layernorm.bias"}
-    block = {"attn.proj.": "attention.output.dense.", "ls1.gamma": "layer_scale1.lambda1", "ls2.gamma": "layer_scale2.lambda1"}
-    out = {}
-    for k, v in orig.items():
-        g = re.match(r"blocks\.(\d+)\.(.*)", k)
-        if g is None:
-            out[top[k]] = v
-        elif g.group(2).startswith("attn.qkv."):
-            for name, part in zip(("query", "key", "value"), v.chunk(3)):
-                out[f"encoder.layer.{g.group(1)}.attention.attention.{name}.{g.group(2).rsplit('.', 1)[1]}"] = part
-        else:
-            rest = next((g.group(2).replace(a, b) for a, b in block.items() if g.group(2).startswith(a)), g.group(2))
-            out[f"encoder.layer.{g.group(1)}.{rest}"] = v
-    return {"dinov2." + k: v for k, v in out.items()}
+    """The facebookresearch/dinov2 layout, prefixed as in a DINOv2 training checkpoint."""
+    return {"teacher.backbone." + k: v for k, v in vit_checkpoint(m, "dinov2-chunked" if chunked else "dinov2").items()}
 
 
 def _trunk(backbone: str, tile: int):  # noqa: ANN202
@@ -100,7 +66,7 @@ def _trunk(backbone: str, tile: int):  # noqa: ANN202
 @pytest.mark.parametrize("layout", ["timm", "original", "chunked", "transformers"])
 def test_dinov2_checkpoints_load_with_and_without_registers(tmp_path, backbone, arch, layout):
     src = _source_vit(arch, 56)
-    sd = {"timm": lambda: src.state_dict(), "transformers": lambda: _transformers_layout(src)}.get(
+    sd = {"timm": lambda: src.state_dict(), "transformers": lambda: vit_checkpoint(src, "hf-dinov2")}.get(
         layout, lambda: _original_layout(src, chunked=layout == "chunked"))()
     f = _save(sd, tmp_path / "w.safetensors")
     trunk, spec = _trunk(backbone, 56)
