@@ -50,6 +50,36 @@ def test_info_and_encoders(capsys, real_slides):
     assert "vit_small_dinov2" in capsys.readouterr().out
 
 
+def test_encoders_says_which_hub_weights_are_in_the_local_cache(tmp_path, monkeypatch, capsys):
+    snap = tmp_path / "models--paige-ai--Virchow2" / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    (snap / "pytorch_model.bin").write_bytes(b"")  # only its presence is checked here
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("GIGASLIDE_WEIGHTS", raising=False)
+    assert main(["encoders"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert rows["name"][8] == "cached"  # name arch dim input mean / std mpp cached weights
+    assert rows["virchow2"][8] == "yes" and rows["virchow"][8] == "no" and rows["uni2_h"][8] == "no"
+    assert rows["test_resnet"][8] == "-"  # no hub weights at all
+
+
+def test_output_into_a_closed_pipe_stops_quietly(monkeypatch, capsys):
+    """`gigaslide encoders | head -1`: the reader closes the pipe; no traceback, the shell's 128 + SIGPIPE status."""
+    import builtins
+
+    real = builtins.print
+
+    def closed(*args, **kw):
+        if kw.get("file") is None:
+            raise BrokenPipeError(32, "Broken pipe")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(builtins, "print", closed)
+    assert main(["encoders"]) == 141
+    assert capsys.readouterr().err == ""
+
+
 def test_encode_end_to_end_with_dashes_and_config(tmp_path, synthetic_slide, capsys):
     assert main(["encode", str(synthetic_slide), "--out", str(tmp_path / "o"), *ENC]) == 0
     assert (tmp_path / "o" / "features" / "synth.h5").is_file()

@@ -255,6 +255,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GigaslideError as e:
         print(f"error: {e.one_line()}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`gigaslide encoders | head`): stop quietly, as Unix tools do
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when stdout is flushed
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 141
     except OSError as e:
         msg = _storage_error(e)
         if msg is None:

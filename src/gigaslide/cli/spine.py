@@ -110,23 +110,34 @@ def _raise_if_failed(failures: dict[str, str], n: int, manifest: Path) -> None:
 
 
 def encoders() -> None:
-    """List the encoder registry: name, embedding size, input size, normalisation, native mpp, weight source.
+    """List the encoder registry: name, embedding size, input size, normalisation, native mpp, weight source, and
+    whether the entry's hub weights are in the local cache (``cached``: yes / no; ``-``: no hub weights).
 
     Example:
         gigaslide encoders
     """
-    from gigaslide.encoders import ENCODERS
+    from gigaslide.encoders import ENCODERS, resolve_hub_weights
 
-    rows = [("name", "arch", "dim", "input", "mean / std", "mpp", "weights")]
+    def cached(hub: str | None) -> str:
+        if not hub:
+            return "-"
+        try:
+            resolve_hub_weights(hub)
+        except GigaslideError:
+            return "no"
+        return "yes"
+
+    rows = [("name", "arch", "dim", "input", "mean / std", "mpp", "cached", "weights")]
     for name, s in ENCODERS.items():
         norm = "/".join(f"{m:.3g}" for m in s.mean) + " / " + "/".join(f"{v:.3g}" for v in s.std)
         rows.append((name, s.arch, str(s.embed_dim or "auto"), str(s.input_size), norm,
-                     "-" if s.native_mpp is None else str(s.native_mpp), s.hub or s.weight_source))
+                     "-" if s.native_mpp is None else str(s.native_mpp), cached(s.hub), s.hub or s.weight_source))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     print("\nweights: --weights PATH (.safetensors/.pt), a hub id from the local cache (default), RUN_DIR/encoder "
-          "exports, or 'random' (tests/benchmarks only)")
+          "exports, or 'random' (tests/benchmarks only); cached = the hub weights are in the local cache (HF_HUB_CACHE, "
+          "HF_HOME or GIGASLIDE_WEIGHTS); gated models: accept the licence and download them on a machine with internet")
 
 
 def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str = "default", mpp: float = 0.5,
