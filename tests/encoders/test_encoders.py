@@ -82,12 +82,17 @@ def test_hub_weights_from_local_cache(tmp_path, monkeypatch):
         torch.testing.assert_close(enc(x), src(x))
 
 
-def test_missing_hub_weights_clear_offline_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name,repo", [("uni", "MahmoodLab/UNI"), ("virchow2", "paige-ai/Virchow2")])
+def test_missing_hub_weights_clear_offline_error(tmp_path, monkeypatch, name, repo):
+    import gigaslide.encoders.model as M
+
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("GIGASLIDE_WEIGHTS", raising=False)
+    monkeypatch.setattr(M, "create_trunk", lambda spec: pytest.fail("the model was built before its weights were found"))
     with pytest.raises(GigaslideError) as e:
-        build_encoder("uni")
-    assert "MahmoodLab/UNI" in str(e.value) and "--weights" in str(e.value)
+        build_encoder(name)
+    assert repo in str(e.value) and "--weights" in str(e.value)
 
 
 def test_export_roundtrip_keeps_preprocessing(tmp_path):
