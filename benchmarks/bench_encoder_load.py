@@ -69,13 +69,13 @@ def main() -> None:
         med = {a: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for a, v in got.items()}
         for arm, label in (("meta", "meta device, checkpoint assigned (build_encoder)"),
                            ("copy", "random init, checkpoint copied (earlier path)")):
-            rows.append(f"| {name} | {gb:.2f} | {label} | {med[arm][0]:.1f} ({', '.join(f'{x[0]:.1f}' for x in got[arm])}) | "
-                        f"{med[arm][1]:.2f} |")
-        verdicts.append(f"- {name}: assigning into a meta-device trunk loads in {med['meta'][0]:.1f} s vs "
-                        f"{med['copy'][0]:.1f} s (×{med['copy'][0] / med['meta'][0]:.1f} faster) with peak RSS "
-                        f"{med['meta'][1]:.2f} vs {med['copy'][1]:.2f} GB ({med['copy'][1] - med['meta'][1]:.2f} GB "
-                        f"{'less' if med['copy'][1] >= med['meta'][1] else 'MORE'}); features {'identical' if same else 'DIFFERENT'} across paths and runs (norm of one "
-                        "tile's embedding).")
+            runs = ", ".join(f"{x[0]:.1f}" for x in got[arm])
+            rows.append(f"| {name} | {gb:.2f} | {label} | {med[arm][0]:.1f} ({runs}) | {med[arm][1]:.2f} |")
+        (ms, mgb), (cs, cgb) = med["meta"], med["copy"]
+        verdicts.append(f"- {name}: assigning into a meta-device trunk loads in {ms:.1f} s vs {cs:.1f} s (×{cs / ms:.1f} "
+                        f"faster) with peak RSS {mgb:.2f} vs {cgb:.2f} GB ({abs(cgb - mgb):.2f} GB "
+                        f"{'less' if cgb >= mgb else 'MORE'}); features {'identical' if same else 'DIFFERENT'} across "
+                        "paths and runs (norm of one tile's embedding).")
         path.unlink()
     text = "\n".join([
         "# Loading a large encoder from a checkpoint", "",

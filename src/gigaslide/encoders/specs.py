@@ -136,7 +136,7 @@ for _name, _hub, _regs, _what in (("virchow", "paige-ai/Virchow", 0, "Virchow (V
 for _v in (0, 1):
     _add(EncoderSpec(f"h_optimus_{_v}", "vit_giant_patch14_reg4_dinov2", 1536, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD,
                      native_mpp=0.5, family="vit", hub=f"hf-hub:bioptimus/H-optimus-{_v}",
-                     weight_source=f"H-optimus-{_v} (Bioptimus), {'open' if _v == 0 else 'gated'}: download, then use the "
+                     weight_source=f"H-optimus-{_v} (Bioptimus): accept its terms on the hub, download, then use the "
                                    "local cache",
                      timm_kwargs={"img_size": 224, "init_values": 1e-5},
                      description=f"H-optimus-{_v} ViT-g/14 (DINOv2 layout, 4 register tokens), class token 1536-d"))
