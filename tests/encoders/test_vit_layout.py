@@ -43,10 +43,15 @@ def test_every_layout_loads_to_the_same_encoder(tmp_path, name, layouts):
         torch.testing.assert_close(got, want, msg=lambda m, layout=layout: f"{layout}: {m}")
 
 
-def test_a_vitmodel_checkpoint_is_not_mistaken_for_timm_names(tmp_path):
-    """Without the conversion a ViTModel checkpoint would not load at all: every block key differs."""
-    sd = vit_checkpoint(_source("test_vit"), "hf-vit")
-    assert not any(k.startswith("blocks.") for k in sd) and any("layernorm_before" in k for k in sd)
+def test_a_vitmodel_checkpoint_converts_to_exactly_the_timm_keys():
+    """Every block key of a ViTModel checkpoint differs from timm's; converted, the keys are timm's (its pooler, which
+    the timm trunk has no place for, dropped)."""
+    from gigaslide.encoders.vit_layout import from_transformers
+
+    src = _source("test_vit")
+    sd = vit_checkpoint(src, "hf-vit")
+    assert not any(k.startswith("blocks.") for k in sd) and "vit.pooler.dense.weight" in sd
+    assert set(from_transformers(sd)) == set(src.state_dict())
 
 
 def test_phikon_v2_entry_is_a_vit_l16_without_registers():

@@ -47,7 +47,8 @@ _HF_BLOCK = [("attention.output.dense.", "attn.proj."), ("layer_scale1.lambda1",
 def from_transformers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A ``transformers`` Dinov2Model or ViTModel state dict (``embeddings.*``, ``encoder.layer.N.*``; ``dinov2.`` /
     ``vit.`` prefixes of their task models dropped, a pooler dropped) in the original layout."""
-    sd = {k.removeprefix("dinov2.").removeprefix("vit."): v for k, v in sd.items() if not k.startswith("pooler.")}
+    sd = {k.removeprefix("dinov2.").removeprefix("vit."): v for k, v in sd.items()}
+    sd = {k: v for k, v in sd.items() if not k.startswith("pooler.")}
     out: dict[str, torch.Tensor] = {}
     qkv: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in sd.items():
