@@ -27,7 +27,7 @@ from torch import nn
 from gigaslide import runs
 from gigaslide.encoders import ENCODERS, EncoderSpec, read_state_dict, resolve_hub_weights
 from gigaslide.errors import GigaslideError
-from gigaslide.ssl.tile.vit_layout import check_vit_state, patch_size_of, to_timm_layout
+from gigaslide.ssl.tile.vit_layout import check_vit_state, patch_size_of
 
 __all__ = ["load_init", "patch_size_of", "resolve_init", "run_spec"]
 
@@ -113,8 +113,7 @@ def load_init(trunk: nn.Module, spec: EncoderSpec, init: str, backbone: str) -> 
     from gigaslide.encoders.model import load_weights_into
 
     sd, source = resolve_init(init, spec, backbone)
-    if spec.family == "vit":
-        sd = to_timm_layout(sd, trunk)
+    if spec.family == "vit":  # the shape refusal names the backbones that fit; the layout is converted while loading
         check_vit_state(sd, trunk, source, backbone)
     try:
         load_weights_into(trunk, sd, source, spec)

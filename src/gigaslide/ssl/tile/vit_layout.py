@@ -10,12 +10,11 @@ import torch
 from torch import nn
 
 from gigaslide.encoders import ENCODERS
-from gigaslide.encoders.vit_layout import (VitShape, patch_size_of, state_shape, strip_layout, to_timm_layout,
-                                          trunk_shape)
+from gigaslide.encoders.vit_layout import VitShape, patch_size_of, state_shape, strip_layout, trunk_shape
 from gigaslide.errors import GigaslideError
 
 __all__ = ["VitShape", "check_vit_state", "matching_backbones", "patch_size_of", "spec_shape", "state_shape",
-           "to_timm_layout", "trunk_shape"]
+           "trunk_shape"]
 
 
 #: timm ViT size names -> (width, depth), for naming registry entries that fit a checkpoint.
