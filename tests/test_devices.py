@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from gigaslide import devices
 from gigaslide.devices import PRECISIONS, autocast_ctx, autocast_dtype, pick_device, resolve_precision
 from gigaslide.errors import GigaslideError
 
@@ -98,3 +99,41 @@ def test_loader_workers_leave_the_model_its_cores():
     assert loader_workers(cpu, cores=8, torch_threads=2) == 4  # spare cores, at most `cpu_most`
     assert loader_workers(cpu, cores=3, torch_threads=2) == 1
     assert loader_workers(cuda, cores=16) == 8 and loader_workers(cuda, cores=4) == 3 and loader_workers(cuda, cores=1) == 1
+
+
+def _weight_grad(conv: torch.nn.Conv2d, x: torch.Tensor, go: torch.Tensor, bf16: bool) -> torch.Tensor:
+    conv.weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        y = conv(x)
+    y.backward(go.to(y.dtype))
+    return conv.weight.grad.clone()
+
+
+@pytest.mark.parametrize(("side", "stride"), [(1, 2), (2, 3), (1, 3)])
+def test_guarded_conv_weight_gradients_in_bf16_match_fp32_where_the_stride_passes_the_input(side, stride):
+    """PyTorch's CPU bf16 kernel returns garbage (up to 1e38 or NaN, varying per call) in the weight gradient
+    taps that see only padding when the stride exceeds the input size; guarded, every call is right."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(32, 16, 3, stride=stride, padding=1, bias=False)
+    assert devices.guard_bf16_convs(conv) == 1 and type(conv) is devices.GuardedConv2d
+    x = torch.randn(4, 32, side, side).contiguous(memory_format=torch.channels_last)
+    go = torch.randn(4, 16, 1, 1)
+    ref = _weight_grad(conv, x, go, bf16=False)
+    assert ref[:, :, 1, 0].abs().max() == 0  # a tap that sees only padding: no gradient
+    for _ in range(20):
+        got = _weight_grad(conv, x, go, bf16=True)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+
+
+def test_guard_runs_only_the_hazardous_geometry_in_fp32_and_keeps_the_state_dict():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 8, 3, stride=2, padding=1))
+    keys = list(model.state_dict())
+    assert devices.guard_bf16_convs(model) == 2 and list(model.state_dict()) == keys
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(torch.randn(2, 3, 8, 8)).dtype == torch.bfloat16  # 8 -> 4 -> 2: no stride passes its input
+        assert model[0](torch.randn(2, 3, 1, 1)).dtype == torch.float32  # stride 2 on a 1x1 map: fp32
+        assert model[0](torch.randn(2, 3, 4, 1)).dtype == torch.float32  # the width alone decides too
+    assert model[0](torch.randn(2, 3, 1, 1)).dtype == torch.float32  # no autocast: untouched
+    assert not devices.bf16_conv_hazard(torch.randn(1, 3, 1, 1), (2, 2))  # outside autocast: no hazard

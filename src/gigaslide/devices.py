@@ -10,7 +10,8 @@ than fp32: ``benchmarks/bench_encode.py`` measures both on the machine it runs o
 fp32 outputs is >= :data:`BF16_MIN_COSINE`; without a probe, or when the check fails, CPU runs fp32.
 Inference stages (encode, embedding, whole-slide nuclei inference) pass a probe. Training loops do not: a
 forward-pass check says nothing about bf16 gradients (DINO with bf16 autocast diverged on CPU here while its
-forward passes agreed), so on CPU ``auto`` trains in fp32 unless the caller names a measurement that showed
+forward passes agreed: wrong weight gradients of a convolution strided past its input, see
+:func:`guard_bf16_convs`, which every CNN training loop applies), so on CPU ``auto`` trains in fp32 unless the caller names a measurement that showed
 this training loop as good in bf16 per step (``bf16_measured``, e.g. the tile-SSL methods measured by
 ``benchmarks/bench_tile_precision.py``) and the CPU computes bf16 natively (AVX512-BF16 or AMX; elsewhere
 bf16 is emulated and slower than fp32).
@@ -121,6 +122,45 @@ def choose_precision(device: torch.device, precision: str = "auto",
     return PrecisionChoice("auto", "bf16" if cos >= BF16_MIN_COSINE else "fp32", round(cos, 6))
 
 
+class GuardedConv2d(torch.nn.Conv2d):
+    """``nn.Conv2d`` that leaves CPU bf16 autocast for the one geometry where PyTorch's CPU kernel computes
+    wrong weight gradients: a stride larger than the input's height or width (see :func:`guard_bf16_convs`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bf16_conv_hazard(x, self.stride):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
+def bf16_conv_hazard(x: torch.Tensor, stride: tuple[int, ...]) -> bool:
+    """Whether a convolution of ``x`` with ``stride`` would run in CPU bf16 autocast with a stride larger than
+    the input's height or width (wrong weight gradients there, see :func:`guard_bf16_convs`)."""
+    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and any(s > n for s, n in zip(stride, x.shape[-2:])))
+
+
+def guard_bf16_convs(model: torch.nn.Module) -> int:
+    """Make every plain ``nn.Conv2d`` of ``model`` a :class:`GuardedConv2d` (same parameters and state-dict
+    keys); returns how many. Call it on a model that trains on CPU.
+
+    In bf16 autocast on CPU (torch 2.14.1, oneDNN), a convolution whose stride exceeds its input's height or
+    width -- e.g. a ResNet's first stride-2 3x3 convolution of its last stage on a 1x1 map, which a 16-px crop
+    gives ResNet-18 -- returns weight gradients with garbage (up to 1e38, or NaN) in the taps that see only
+    padding, differently from call to call; the forward pass and the input gradient are right, so a forward
+    check cannot see it. A training run then diverges at a random step (``tests/test_devices.py`` shows it on
+    the bare kernel). Those convolutions (tiny maps: little compute) run in fp32 instead; every other one
+    keeps bf16.
+    """
+    n = 0
+    for m in model.modules():
+        if type(m) is torch.nn.Conv2d:
+            m.__class__ = GuardedConv2d
+            n += 1
+    return n
+
+
 def resolve_precision(device: torch.device, precision: str = "auto") -> str:
     """The concrete precision (``fp32``/``bf16``/``fp16``) of ``precision`` on ``device`` without a probe."""
     return choose_precision(device, precision).resolved
@@ -154,5 +194,6 @@ def device_name(device: torch.device) -> str:
     return f"CPU {cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
-__all__ = ["BF16_MIN_COSINE", "PRECISIONS", "PrecisionChoice", "autocast_ctx",
-           "autocast_dtype", "choose_precision", "device_name", "pick_device", "resolve_precision"]
+__all__ = ["BF16_MIN_COSINE", "PRECISIONS", "GuardedConv2d", "PrecisionChoice", "autocast_ctx", "autocast_dtype",
+           "bf16_conv_hazard", "choose_precision", "device_name", "guard_bf16_convs", "pick_device",
+           "resolve_precision"]

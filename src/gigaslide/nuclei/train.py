@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from gigaslide import atomic, runs
-from gigaslide.devices import autocast_ctx, choose_precision, pick_device
+from gigaslide.devices import autocast_ctx, choose_precision, guard_bf16_convs, pick_device
 from gigaslide.errors import GigaslideError, check_finite_loss
 from gigaslide.nuclei.data import (Item, find_pairs, hv_maps, load_item, make_split, read_organs, read_split,
                                    subset_fraction, type_map, write_split)
@@ -191,6 +191,7 @@ def train_nuclei(cfg: NucleiTrainConfig, progress=None) -> dict[str, Any]:  # no
     model, spec = _build(cfg, n_types, {})
     dev = pick_device(cfg.device)
     model = model.to(dev).to(memory_format=torch.channels_last)
+    guard_bf16_convs(model)  # --precision bf16 on CPU: weight gradients of a conv strided past its input are wrong
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)

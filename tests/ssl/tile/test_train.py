@@ -42,7 +42,7 @@ def tiles(tmp_path_factory) -> Path:
 def _cfg(tiles: Path, out: Path, method: str = "simclr", **kw) -> PretrainConfig:
     base = dict(data=str(tiles), out=str(out), method=method, backbone="test_resnet", tile_size=32, batch_size=4,
                 n_local=2, method_args=SMALL[method], steps=4, log_every=1, data_kind="tiles", monitor_size=8,
-                precision="fp32")  # bf16 autocast on CPU is not run-to-run deterministic for DINO here (see report)
+                precision="fp32")
     base.update(kw)
     return PretrainConfig(**base)
 
@@ -85,15 +85,15 @@ def test_auto_trains_in_bf16_on_cpu_only_for_a_method_measured_in_it(tiles, tmp_
     from gigaslide.ssl.tile.methods import SSL_METHODS
 
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native)
-    assert SSL_METHODS.get("simclr").cpu_bf16_basis and SSL_METHODS.get("dino").cpu_bf16_basis is None
+    assert SSL_METHODS.get("simclr").cpu_bf16_basis and SSL_METHODS.get("swav").cpu_bf16_basis is None
     pretrain(_cfg(tiles, tmp_path / "simclr", steps=1, precision="auto"))
-    pretrain(_cfg(tiles, tmp_path / "dino", "dino", steps=1, precision="auto"))
+    pretrain(_cfg(tiles, tmp_path / "swav", "swav", steps=1, precision="auto"))
     got = runs.read_run(tmp_path / "simclr")["precision"]
     if native:
         assert got["resolved"] == "bf16" and "tile_precision" in got["basis"]
     else:  # emulated bf16 would be slower than fp32
         assert got == {"requested": "auto", "resolved": "fp32", "basis": devices.NO_NATIVE_BF16}
-    assert runs.read_run(tmp_path / "dino")["precision"]["resolved"] == "fp32"
+    assert runs.read_run(tmp_path / "swav")["precision"]["resolved"] == "fp32"
 
 
 def test_default_export_keeps_the_trained_batchnorm_statistics(tiles, tmp_path):
@@ -125,9 +125,12 @@ def test_loss_decreases_and_the_monitor_is_logged(tiles, tmp_path):
     assert rec["monitor"][0] != rec["monitor"][-1]  # measured on the changing encoder
 
 
-@pytest.mark.parametrize(("method", "precision"), [("mocov2", "fp32"), ("dino", "fp32"), ("simclr", "bf16"), ("mocov2", "bf16")])
+@pytest.mark.parametrize(("method", "precision"), [("mocov2", "fp32"), ("dino", "fp32"), ("simclr", "bf16"), ("mocov2", "bf16"),
+                                                 ("dino", "bf16")])
 def test_interrupted_run_resumes_bit_exactly(tiles, tmp_path, method, precision):
-    """Also in bf16 autocast for the methods `--precision auto` trains in bf16 on CPU."""
+    """Also in bf16 autocast for the methods `--precision auto` trains in bf16 on CPU. DINO's 16-px local crops
+    reach the tiny ResNet's last stage as 1x1 maps: unguarded, its bf16 weight gradients there were garbage that
+    changed from run to run (gigaslide.devices.guard_bf16_convs)."""
     full = pretrain(_cfg(tiles, tmp_path / "full", method, precision=precision))
     part = pretrain(_cfg(tiles, tmp_path / "part", method, stop_after_steps=2, precision=precision))
     assert part["steps"] == 2 and part["stopped_by"] == "stop_after_steps"

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gigaslide import atomic, runs
-from gigaslide.devices import autocast_ctx, pick_device
+from gigaslide.devices import autocast_ctx, guard_bf16_convs, pick_device
 from gigaslide.encoders import build_encoder
 from gigaslide.encoders.model import export_encoder
 from gigaslide.errors import GigaslideError, check_finite_loss
@@ -168,6 +168,7 @@ def finetune_fraction(encoder: str, weights: str, train: tuple[list[Path], np.nd
     torch.manual_seed(cfg.seed)
     enc = build_encoder(encoder, weights, seed=cfg.seed)
     model = Classifier(enc, n_classes).to(device)
+    guard_bf16_convs(model)  # small tiles: CPU bf16 weight gradients of a conv strided past its input are wrong
     size = enc.spec.input_size
     ds_tr = TileImages(*train, size, cfg.augment == "pathology", cfg.seed)
     ds_va, ds_te = TileImages(*val, size, False, cfg.seed), TileImages(*test, size, False, cfg.seed)

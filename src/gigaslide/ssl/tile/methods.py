@@ -272,8 +272,9 @@ class DINO(SSLMethod):
 
     view_kind = "multicrop"
     default_lr = 5e-4
-    # cpu_bf16_basis stays unset: the PCam ResNet-18 run held up in bf16, but a tiny model's DINO loss became NaN
-    # in bf16 on CPU within a few steps, at a step that varied run to run (tests/ssl/tile/test_train.py runs fp32)
+    # A tiny model's DINO loss once became NaN in bf16 at a random step: PyTorch's CPU bf16 weight gradients of a
+    # conv strided past its input (16-px local crops), which gigaslide.devices.guard_bf16_convs now routes to fp32.
+    cpu_bf16_basis = "benchmarks/results/tile_precision.md (bf16 as good as fp32 per step, ResNet-18 on PCam)"
     hparams = {"hidden_dim": 2048, "bottleneck_dim": 256, "out_dim": 4096, "teacher_temp": 0.04,
                "warmup_teacher_temp": 0.04, "warmup_teacher_temp_frac": 0.1, "student_temp": 0.1,
                "momentum": 0.996, "freeze_last_layer_steps": 50, "batch_norm_head": False}

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
-from gigaslide.devices import autocast_ctx
+from gigaslide.devices import autocast_ctx, guard_bf16_convs
 from gigaslide.encoders import create_trunk, trunk_width, with_embed_dim
 from gigaslide.errors import check_finite_loss
 from gigaslide.ssl.tile.config import PretrainConfig
@@ -42,6 +42,7 @@ def build_model(cfg: PretrainConfig, *, load: bool = True):  # noqa: ANN201
                 **cfg.method_args)
     if spec.family == "cnn":
         model = model.to(memory_format=torch.channels_last)
+    guard_bf16_convs(model)  # small crops: CPU bf16 weight gradients of a conv strided past its input are wrong
     return model, spec, source
 
 
