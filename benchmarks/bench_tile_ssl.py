@@ -73,8 +73,8 @@ def pcam_dir() -> Path:
 
 def random_trunk(backbone: str, tile_size: int) -> tuple[torch.nn.Module, object]:
     """(trunk, spec): ``backbone`` with random weights (seed 0) at ``tile_size``, the SSL runs' starting point."""
-    from gigaslide.encoders import create_trunk
-    from gigaslide.ssl.tile.init import run_spec, with_embed_dim
+    from gigaslide.encoders import create_trunk, with_embed_dim
+    from gigaslide.ssl.tile.init import run_spec
 
     spec = run_spec(backbone, "random", tile_size, [PCAM_MPP], "none")
     torch.manual_seed(0)
@@ -406,12 +406,31 @@ def goal_lines(results: list[dict]) -> list[str]:
         out.append(f"- {r['name']}: Δ {d['diff']:+.3f} (goal ≥ {GOAL_DELTA:+.2f}), CIs "
                    f"{'disjoint' if disjoint else 'overlapping'} ({acc['ci_low']:.3f} vs random's upper {base['ci_high']:.3f}): "
                    f"**{'met' if met else 'not met'}**" + ("" if met else f" (short by {max(0.0, GOAL_DELTA - d['diff']):.3f})"))
+    out += stale_precision_lines(rows)
     if rows:
         best = max(rows, key=lambda r: r["linear"]["balanced_accuracy"]["value"])
         v = best["linear"]["balanced_accuracy"]["value"]
         n_met = sum(ln.endswith("**met**") for ln in out)
         out.append(f"- best: {best['name']} {v:.3f} (goal ≥ {GOAL_BEST:.2f}): **{'met' if v >= GOAL_BEST else 'not met'}**")
         out.append(f"- {n_met} of {len(rows)} rows meet the Δ goal.")
+    return out
+
+
+def stale_precision_lines(rows: list[dict], native_bf16: bool | None = None) -> list[str]:
+    """A line for each row trained in another precision than ``pretrain --precision auto`` trains its method in
+    today on this CPU (a method's ``cpu_bf16_basis`` set or removed after the row was measured)."""
+    from gigaslide.devices import cpu_has_native_bf16
+    from gigaslide.ssl.tile.methods import SSL_METHODS
+
+    native = cpu_has_native_bf16() if native_bf16 is None else native_bf16
+    out = []
+    for r in rows:
+        if not r.get("method") or r.get("variant") or _precision(r) not in ("fp32", "bf16"):
+            continue
+        now = "bf16" if native and SSL_METHODS.get(r["method"]).cpu_bf16_basis else "fp32"
+        if now != _precision(r):
+            out.append(f"- {r['name']}: trained in {_precision(r)}; `--precision auto` now trains {r['method']} in "
+                       f"{now} on this CPU, so this row is not today's default")
     return out
 
 

@@ -58,3 +58,14 @@ def test_each_row_states_the_settings_its_run_recorded() -> None:
     assert bench_tile_ssl.settings_lines(rows)[3:] == [
         "- mocov2: queue 4096, temperature 0.2; git HEAD when trained abcdef0",
         "- mocov2, old: not recorded (run predates the record); git HEAD when trained unknown"]
+
+
+def test_a_row_trained_in_another_precision_than_todays_default_is_flagged() -> None:
+    rows = [{**_row("dino", "15m", 0.76, 0.02), "method": "dino", "precision": {"resolved": "fp32"}},
+            {**_row("mocov2", "15m", 0.78, 0.04), "precision": {"resolved": "bf16"}},
+            {**_row("swav", "15m", 0.75, 0.01), "method": "swav", "precision": {"resolved": "fp32"}}]
+    assert bench_tile_ssl.stale_precision_lines(rows, native_bf16=True) == [
+        "- dino: trained in fp32; `--precision auto` now trains dino in bf16 on this CPU, so this row is not "
+        "today's default"]
+    flagged = bench_tile_ssl.stale_precision_lines(rows, native_bf16=False)  # emulated bf16: auto trains fp32
+    assert [ln.split(":")[0] for ln in flagged] == ["- mocov2"]

@@ -112,3 +112,32 @@ def test_the_checker_sees_function_local_imports(tmp_path):
     edges = _imports(mods)
     assert edges["gigaslide.tiling"] == {"gigaslide.mil", "gigaslide.mil.train"}
     assert _rank("gigaslide.mil.train") > _rank("gigaslide.tiling")
+
+
+def _is_submodule(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # the parent is a module, not a package
+        return False
+
+
+def test_every_gigaslide_name_imported_anywhere_exists():
+    """``from gigaslide.x import name`` in the package, the tests and the benchmarks -- function-local imports
+    included, which no import-time check runs -- names something that exists (a name moved between modules
+    once broke a benchmark only when it reached that line)."""
+    import importlib
+
+    repo = ROOT.parents[1]
+    files = [*ROOT.rglob("*.py"), *(repo / "tests").rglob("*.py"), *(repo / "benchmarks").glob("*.py")]
+    missing = []
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("gigaslide")):
+                continue
+            mod = importlib.import_module(node.module)
+            for a in node.names:
+                if a.name != "*" and not hasattr(mod, a.name) and not _is_submodule(f"{node.module}.{a.name}"):
+                    missing.append(f"{f.relative_to(repo)}:{node.lineno}: {node.module}.{a.name}")
+    assert len(files) > 100 and not missing, missing
