@@ -164,3 +164,20 @@ def test_cnn_backbone_and_bad_options_are_refused():
         _method(centering="sk")
     with pytest.raises(GigaslideError, match="mask ratio"):
         _method(mask_ratio_min=0.6, mask_ratio_max=0.5)
+
+
+def test_in_bf16_autocast_the_vit_runs_bf16_and_heads_and_losses_float32():
+    """Heads, Sinkhorn-Knopp targets, DINO / iBOT / KoLeo losses in float32 (CPU autocast would keep softmax, exp,
+    sums and KoLeo's distances in bf16); the loss stays close to the fp32 one."""
+    batch = _batch()
+    ref = _method(mask_sample_prob=1.0).loss(batch, step=0, progress=0.0)
+    m = _method(mask_sample_prob=1.0)
+    trunk = {id(x) for name, sub in m.named_children() if "backbone" in name for x in sub.modules()}
+    seen: dict[str, set] = {"trunk": set(), "heads": set()}
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.Linear):
+            mod.register_forward_hook(lambda mod, i, o: seen["trunk" if id(mod) in trunk else "heads"].add(o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m.loss(batch, step=0, progress=0.0)
+    assert seen == {"trunk": {torch.bfloat16}, "heads": {torch.float32}} and loss.dtype == torch.float32
+    assert float(loss) == pytest.approx(float(ref), rel=0.02)

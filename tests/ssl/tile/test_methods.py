@@ -108,3 +108,27 @@ def test_swav_negative_queue_length_is_refused():
     trunk = create_trunk(ENCODERS.get("test_resnet"))
     with pytest.raises(GigaslideError, match="queue_length"):
         SSL_METHODS.get("swav")(trunk, trunk.num_features, (0.5,) * 3, (0.25,) * 3, queue_length=-1)
+
+
+def _dtypes_in_bf16(m: torch.nn.Module, views: list[torch.Tensor]) -> tuple[torch.Tensor, set, set]:
+    """(loss, output dtypes of the trunk's convs / linears, of the heads' linears) in CPU bf16 autocast."""
+    trunk, heads = set(), set()
+    backbone = {id(x) for name, sub in m.named_children() if "backbone" in name for x in sub.modules()}  # + EMA copies
+    hooks = [mod.register_forward_hook(lambda mod, i, o: (trunk if id(mod) in backbone else heads).add(o.dtype))
+             for mod in m.modules() if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m.loss(views, step=0, progress=0.0)
+    for h in hooks:
+        h.remove()
+    return loss, trunk, heads
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_in_bf16_autocast_the_trunk_runs_bf16_and_heads_and_loss_float32(name):
+    """CPU autocast keeps softmax / exp / sums in bf16, and DINO / SwAV sharpen head outputs by temperatures of
+    0.04-0.1: the heads and the loss run in float32, so the loss stays close to the fp32 one."""
+    views = _views(_method(name).view_kind)
+    ref = _method(name).loss(views, step=0, progress=0.0)
+    loss, trunk, heads = _dtypes_in_bf16(_method(name), views)
+    assert trunk == {torch.bfloat16} and heads == {torch.float32} and loss.dtype == torch.float32
+    assert float(loss) == pytest.approx(float(ref), rel=0.02)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from gigaslide.errors import GigaslideError
-from gigaslide.ssl.tile.methods import SSL_METHODS, SSLMethod, _by_size, _cosine, _ema
+from gigaslide.ssl.tile.methods import SSL_METHODS, SSLMethod, _by_size, _cosine, _ema, full_precision
 
 CENTERINGS = ("sinkhorn_knopp", "centering")
 
@@ -153,11 +153,11 @@ class DINOv2(SSLMethod):
     def _targets(self, logits: torch.Tensor, temp: float) -> tuple[torch.Tensor, float]:
         """(teacher input for lightly's loss, temperature): raw logits, or log Sinkhorn-Knopp probabilities at T=1."""
         if self.hp["centering"] == "centering":
-            return logits.float(), temp
+            return logits, temp
         from lightly.loss.swav_loss import sinkhorn
 
         on, _ = _dist_rank()
-        q = sinkhorn(logits.float(), iterations=int(self.hp["sinkhorn_iterations"]), epsilon=temp, gather_distributed=on)
+        q = sinkhorn(logits, iterations=int(self.hp["sinkhorn_iterations"]), epsilon=temp, gather_distributed=on)
         return torch.log(q.clamp_min(1e-30)), 1.0
 
     def _pool(self, vit: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -177,26 +177,34 @@ class DINOv2(SSLMethod):
         temp = self.teacher_temp(progress)
         ibot_head_s = self.ibot_head if self.ibot_head is not None else self.head
         ibot_head_t = self.teacher_ibot_head if self.teacher_ibot_head is not None else self.teacher_head
+        # trunks in the run's autocast; heads, targets and losses in float32 (see gigaslide.ssl.tile.methods)
         with torch.no_grad():
             t_tok = self.teacher_backbone.forward_features(glob)
-            t_cls, t_cls_temp = self._targets(self.teacher_head(self._pool(self.teacher_backbone, t_tok)), temp)
-            t_patch = t_tok[:, self.n_prefix:][flat]
+            t_glob = self._pool(self.teacher_backbone, t_tok).float()
+            t_patch = t_tok[:, self.n_prefix:][flat].float()
         full = torch.cat([flat.new_zeros(n, self.n_prefix), flat], dim=1)
         s_tok = self._masked.encode(glob, mask=full)
-        s_glob = self._pool(self.backbone, s_tok)
-        student = list(self.head(s_glob).float().chunk(2))
+        s_glob = self._pool(self.backbone, s_tok).float()
+        s_patch = s_tok[:, self.n_prefix:][flat].float()
+        s_loc = []  # local crops, one pass per size
         for a, b in _by_size(views[2:]):
             loc = self.prep(torch.cat(views[2 + a:2 + b]))
-            student += list(self.head(self._pool(self.backbone, self.backbone.forward_features(loc))).float().chunk(b - a))
-        dino = self.dino_loss(list(t_cls.chunk(2)), student, teacher_temp=t_cls_temp)
-        if bool(flat.any()):
+            s_loc.append((a, b, self._pool(self.backbone, self.backbone.forward_features(loc)).float()))
+        with full_precision(s_glob):
             with torch.no_grad():
-                t_p, t_p_temp = self._targets(ibot_head_t(t_patch), temp)
-            s_p = ibot_head_s(s_tok[:, self.n_prefix:][flat]).float()
-            ibot = self.ibot_loss(t_p, s_p, mask, teacher_temp=t_p_temp)
-        else:  # iBOT off: no patch term, centre untouched
-            ibot = s_tok.sum() * 0.0
-        koleo = sum(self.koleo_loss(c.float()) for c in s_glob.chunk(2)) if hp["koleo_weight"] > 0 else s_glob.sum() * 0.0
+                t_cls, t_cls_temp = self._targets(self.teacher_head(t_glob), temp)
+            student = list(self.head(s_glob).chunk(2))
+            for a, b, h in s_loc:
+                student += list(self.head(h).chunk(b - a))
+            dino = self.dino_loss(list(t_cls.chunk(2)), student, teacher_temp=t_cls_temp)
+            if bool(flat.any()):
+                with torch.no_grad():
+                    t_p, t_p_temp = self._targets(ibot_head_t(t_patch), temp)
+                ibot = self.ibot_loss(t_p, ibot_head_s(s_patch), mask, teacher_temp=t_p_temp)
+            else:  # iBOT off: no patch term, centre untouched
+                ibot = s_tok.sum() * 0.0
+            koleo = (sum(self.koleo_loss(c) for c in s_glob.chunk(2)) if hp["koleo_weight"] > 0
+                     else s_glob.sum() * 0.0)
         total = hp["dino_weight"] * dino + hp["ibot_weight"] * ibot + hp["koleo_weight"] * koleo
         self.last_terms = {"dino": float(dino.detach()), "ibot": float(ibot.detach()), "koleo": float(koleo.detach()),
                            "masked": int(flat.sum())}

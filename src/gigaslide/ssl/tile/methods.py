@@ -5,6 +5,11 @@ Each method wraps a timm trunk (``gigaslide.encoders.create_trunk``) and exposes
 ``export_trunk()`` (the backbone to export: the EMA teacher for DINO, the query encoder otherwise).
 Views arrive as float tensors in [0, 1]; the method normalises them with the run's mean/std.
 
+Precision: the trunk runs in the run's autocast (bf16 / fp16); the heads and the losses run in float32
+(:func:`full_precision`). CPU autocast keeps softmax, log-softmax, exp and sums in bf16 (CUDA's does not),
+and DINO / SwAV divide head outputs by temperatures of 0.04-0.1, which magnifies bf16's rounding of the
+logits (2^-8 relative) to whole-percent errors in the targets; the heads are a few percent of the compute.
+
 Defaults are the papers' recipes shrunk for small runs (projection sizes, prototypes, queue); they
 were not tuned here (MoCo v2's temperature and SwAV's queue, prototypes and prototype freezing were tried, and
 the defaults kept: see :class:`MoCoV2` and :class:`SwAV`).
@@ -24,6 +29,11 @@ from torch import nn
 from gigaslide.registry import Registry
 
 SSL_METHODS: Registry[type[SSLMethod]] = Registry("ssl_method")
+
+
+def full_precision(like: torch.Tensor) -> torch.autocast:
+    """Autocast switched off on ``like``'s device: heads and losses run in float32 inside it."""
+    return torch.autocast(like.device.type, enabled=False)
 
 
 def _cosine(progress: float, start: float, end: float) -> float:
@@ -69,7 +79,8 @@ class SSLMethod(nn.Module):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def embed(self, x: torch.Tensor, trunk: nn.Module | None = None) -> torch.Tensor:
-        return (trunk or self.backbone)(self.prep(x)).flatten(1)
+        """The trunk's pooled output of ``x`` (in the run's autocast), as float32 for the heads."""
+        return (trunk or self.backbone)(self.prep(x)).flatten(1).float()
 
     def loss(self, views: list[torch.Tensor], step: int, progress: float) -> torch.Tensor:
         raise NotImplementedError
@@ -133,9 +144,10 @@ class SimCLR(SSLMethod):
             bank.bank_ptr.zero_()
 
     def loss(self, views: list[torch.Tensor], step: int, progress: float) -> torch.Tensor:
-        z = self.head(self.embed(torch.cat(views[:2])))
-        z0, z1 = z.chunk(2)
-        return self.criterion(z0, z1)
+        h = self.embed(torch.cat(views[:2]))
+        with full_precision(h):
+            z0, z1 = self.head(h).chunk(2)
+            return self.criterion(z0, z1)
 
 
 @SSL_METHODS.register("mocov2")
@@ -161,10 +173,14 @@ class MoCoV2(SSLMethod):
 
     def loss(self, views: list[torch.Tensor], step: int, progress: float) -> torch.Tensor:
         v = torch.cat(views[:2])
-        q0, q1 = self.head(self.embed(v)).chunk(2)
+        h = self.embed(v)
         with torch.no_grad():
-            k0, k1 = self.head_m(self.embed(v, self.backbone_m)).chunk(2)
-        return 0.5 * (self.criterion(q0, k1.detach()) + self.criterion(q1, k0.detach()))
+            h_m = self.embed(v, self.backbone_m)
+        with full_precision(h):
+            q0, q1 = self.head(h).chunk(2)
+            with torch.no_grad():
+                k0, k1 = self.head_m(h_m).chunk(2)
+            return 0.5 * (self.criterion(q0, k1.detach()) + self.criterion(q1, k0.detach()))
 
     def after_step(self, progress: float) -> None:
         m = _cosine(progress, self.hp["momentum"], 1.0)
@@ -189,9 +205,9 @@ class BarlowTwins(SSLMethod):
         self.criterion = BarlowTwinsLoss(lambda_param=self.hp["lambda_param"], gather_distributed=dist)
 
     def loss(self, views: list[torch.Tensor], step: int, progress: float) -> torch.Tensor:
-        z0 = self.head(self.embed(views[0]))  # separate passes: per-view batch statistics, as in the paper
-        z1 = self.head(self.embed(views[1]))
-        return self.criterion(z0, z1)
+        h0, h1 = self.embed(views[0]), self.embed(views[1])  # separate passes: per-view batch statistics (paper)
+        with full_precision(h0):
+            return self.criterion(self.head(h0), self.head(h1))
 
 
 def _by_size(views: list[torch.Tensor]) -> list[tuple[int, int]]:
@@ -244,21 +260,23 @@ class SwAV(SSLMethod):
 
     def loss(self, views: list[torch.Tensor], step: int, progress: float) -> torch.Tensor:
         self.prototypes.normalize()
+        hs = [(a, b, self.embed(torch.cat(views[a:b]))) for a, b in _by_size(views)]
         outs: list[torch.Tensor] = []
         z_global: list[torch.Tensor] = []
-        for a, b in _by_size(views):
-            z = F.normalize(self.head(self.embed(torch.cat(views[a:b]))), dim=1)
-            z_global += list(z.chunk(b - a))[: max(0, 2 - a)]
-            outs += list(self.prototypes(z, step).chunk(b - a))
-        queue_outputs = None
-        if self.queues is not None:
-            with torch.no_grad():
-                full = int(self.queue_seen) >= self.queues[0].size[0]
-                banks = [q(z.detach().float(), update=True)[1] for q, z in zip(self.queues, z_global)]  # before update
-                self.queue_seen += z_global[0].shape[0]
-                if full:
-                    queue_outputs = [self.prototypes(bank.to(z_global[0].dtype), step) for bank in banks]
-        return self.criterion(outs[:2], outs[2:], queue_outputs).reshape(())  # lightly returns shape [1]
+        with full_precision(hs[0][2]):
+            for a, b, h in hs:
+                z = F.normalize(self.head(h), dim=1)
+                z_global += list(z.chunk(b - a))[: max(0, 2 - a)]
+                outs += list(self.prototypes(z, step).chunk(b - a))
+            queue_outputs = None
+            if self.queues is not None:
+                with torch.no_grad():
+                    full = int(self.queue_seen) >= self.queues[0].size[0]
+                    banks = [q(z.detach(), update=True)[1] for q, z in zip(self.queues, z_global)]  # before update
+                    self.queue_seen += z_global[0].shape[0]
+                    if full:
+                        queue_outputs = [self.prototypes(bank, step) for bank in banks]
+            return self.criterion(outs[:2], outs[2:], queue_outputs).reshape(())  # lightly returns shape [1]
 
 
 @SSL_METHODS.register("dino")
@@ -303,11 +321,15 @@ class DINO(SSLMethod):
         t = hp["teacher_temp"] if progress >= w or w <= 0 else (
             hp["warmup_teacher_temp"] + (hp["teacher_temp"] - hp["warmup_teacher_temp"]) * progress / w)
         with torch.no_grad():
-            teacher = list(self.teacher_head(self.embed(torch.cat(views[:2]), self.teacher_backbone)).chunk(2))
-        student: list[torch.Tensor] = []
-        for a, b in _by_size(views):
-            student += list(self.head(self.embed(torch.cat(views[a:b]))).chunk(b - a))
-        return self.criterion(teacher, student, teacher_temp=t)
+            h_t = self.embed(torch.cat(views[:2]), self.teacher_backbone)
+        hs = [(a, b, self.embed(torch.cat(views[a:b]))) for a, b in _by_size(views)]
+        with full_precision(h_t):
+            with torch.no_grad():
+                teacher = list(self.teacher_head(h_t).chunk(2))
+            student: list[torch.Tensor] = []
+            for a, b, h in hs:
+                student += list(self.head(h).chunk(b - a))
+            return self.criterion(teacher, student, teacher_temp=t)
 
     def before_optimizer_step(self, step: int) -> None:
         self.head.cancel_last_layer_gradients(step)
