@@ -9,7 +9,10 @@ features, fitted on 2,000 balanced PCam train tiles, scored on 3,000 PCam valid 
 
     .venv/bin/python benchmarks/bench_tile_precision.py --methods simclr,mocov2,barlowtwins,swav,dino --steps 400
 
-Runs go to ``--runs-dir`` and are reused by a re-run (a finished run trains no more).
+Runs go to ``--runs-dir`` and are reused by a re-run (a finished run trains no more). The measured rows are
+kept in ``results/tile_precision.json``; ``--render`` rewrites the report from them without training (e.g.
+after a method's ``cpu_bf16_basis`` changed; ``tests/test_bench_tile_precision.py`` checks that the methods
+with a basis are exactly those whose verdict here is "as good as").
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_note, stop_if_interrupted, write_result  # noqa: E402
 from bench_tile_ssl import PCAM_MPP, ci, dci, load_split, paired, pcam_dir, probe  # noqa: E402
 
+from gigaslide import atomic  # noqa: E402
+
+JSON = Path(__file__).resolve().parent / "results" / "tile_precision.json"
+
 #: a bf16 run counts as "as good as fp32" when the paired CI of its linear balanced-accuracy difference
 #: lies above this (a loss of at most one point is tolerated, at ~1.4x the steps per second)
 NON_INFERIORITY = -0.01
@@ -39,7 +46,13 @@ def main() -> None:
     ap.add_argument("--runs-dir", default="/tmp/gs-tile-precision")
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--render", action="store_true", help="rewrite the report from the saved rows, train nothing")
     args = ap.parse_args()
+    if args.render:
+        saved = json.loads(JSON.read_text())
+        write_report(argparse.Namespace(**saved["args"]), saved["rows"], saved["total_s"], saved["note"],
+                     command=saved["command"], stamp=saved["stamp"])
+        return
     torch.set_num_threads(args.threads)
     from gigaslide.encoders import build_encoder
     from gigaslide.ssl.tile.engine import PretrainConfig, pretrain
@@ -68,11 +81,24 @@ def main() -> None:
                          "reused": reused}
             print(method, prec, ci(r["linear"]["balanced_accuracy"]), got[prec]["images_per_s"], flush=True)
         d = paired(te[1], got["bf16"]["probe"], got["fp32"]["probe"], args.bootstrap)
+        for g in got.values():  # the saved rows keep the metrics, not every test tile's probabilities
+            g["probe"] = {k: v for k, v in g["probe"].items() if k != "probs"}
         rows.append({"method": method, **got, "diff": d})
-    write_report(args, rows, time.perf_counter() - t_start, note)
+    total = time.perf_counter() - t_start
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    atomic.write_json(JSON, {"args": {k: v for k, v in vars(args).items() if k != "render"}, "rows": rows,
+                             "total_s": total, "note": note, "stamp": stamp, "command": sys.argv})
+    write_report(args, rows, total, note, command=sys.argv, stamp=stamp)
 
 
-def write_report(args: argparse.Namespace, rows: list[dict], total: float, note: str) -> None:
+def bf16_as_good(row: dict) -> bool:
+    """The verdict: the paired 95 % CI of bf16 − fp32 linear balanced accuracy lies above NON_INFERIORITY and the
+    bf16 run's loss stayed finite."""
+    return row["diff"]["linear_balanced_accuracy"]["ci_low"] > NON_INFERIORITY and row["bf16"]["finite"]
+
+
+def write_report(args: argparse.Namespace, rows: list[dict], total: float, note: str, command: list[str],
+                 stamp: str) -> None:
     n_reused = sum(r[p]["reused"] for r in rows for p in ("fp32", "bf16"))
     lines = ["# Tile SSL on CPU: bf16 autocast vs fp32 at equal steps", "",
              f"ResNet-18, PCam train tiles at 96 px, each method's own recipe, seed 0, {args.steps} steps in each "
@@ -95,7 +121,7 @@ def write_report(args: argparse.Namespace, rows: list[dict], total: float, note:
                      f"{dci(d['linear_balanced_accuracy'])} | {dci(d['knn_balanced_accuracy'])} | "
                      f"{'yes' if f['finite'] else 'NO'} / {'yes' if b['finite'] else 'NO'} | {ll} |")
         lo = d["linear_balanced_accuracy"]["ci_low"]
-        ok = lo > NON_INFERIORITY and b["finite"]
+        ok = bf16_as_good(r)
         verdicts.append(f"- {r['method']}: bf16 {'as good as' if ok else 'NOT shown as good as'} fp32 per step "
                         f"(paired CI low end {lo:+.3f} {'>' if lo > NON_INFERIORITY else '<='} {NON_INFERIORITY:+.2f}), "
                         f"×{up:.2f} the images/s")
@@ -107,7 +133,7 @@ def write_report(args: argparse.Namespace, rows: list[dict], total: float, note:
               "`pretrain --precision auto` on a CPU with native bf16 trains in bf16 for: "
               f"{', '.join(marked) or 'none'} (the methods' `cpu_bf16_basis` in `gigaslide.ssl.tile.methods`, read "
               "when this was written); the others train in fp32."]
-    print(write_result("tile_precision", "\n".join(lines)).read_text())
+    print(write_result("tile_precision", "\n".join(lines), command=command, stamp=stamp).read_text())
 
 
 if __name__ == "__main__":

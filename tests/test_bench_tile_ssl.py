@@ -61,11 +61,36 @@ def test_each_row_states_the_settings_its_run_recorded() -> None:
 
 
 def test_a_row_trained_in_another_precision_than_todays_default_is_flagged() -> None:
-    rows = [{**_row("dino", "15m", 0.76, 0.02), "method": "dino", "precision": {"resolved": "fp32"}},
+    # simclr has a cpu_bf16_basis (auto trains it in bf16 on a native-bf16 CPU); dino and swav have none
+    rows = [{**_row("simclr", "15m", 0.76, 0.02), "method": "simclr", "precision": {"resolved": "fp32"}},
             {**_row("mocov2", "15m", 0.78, 0.04), "precision": {"resolved": "bf16"}},
+            {**_row("dino", "15m", 0.77, 0.03), "method": "dino", "precision": {"resolved": "bf16"}},
             {**_row("swav", "15m", 0.75, 0.01), "method": "swav", "precision": {"resolved": "fp32"}}]
     assert bench_tile_ssl.stale_precision_lines(rows, native_bf16=True) == [
-        "- dino: trained in fp32; `--precision auto` now trains dino in bf16 on this CPU, so this row is not "
+        "- simclr: trained in fp32; `--precision auto` now trains simclr in bf16 on this CPU, so this row is not "
+        "today's default",
+        "- dino: trained in bf16; `--precision auto` now trains dino in fp32 on this CPU, so this row is not "
         "today's default"]
     flagged = bench_tile_ssl.stale_precision_lines(rows, native_bf16=False)  # emulated bf16: auto trains fp32
-    assert [ln.split(":")[0] for ln in flagged] == ["- mocov2"]
+    assert [ln.split(":")[0] for ln in flagged] == ["- mocov2", "- dino"]
+
+
+def _section(rows: list[dict], budget: str = "15m", random_acc: float = 0.74) -> dict:
+    rnd = {"name": "random init", "linear": {"balanced_accuracy": {"value": random_acc, "ci_low": random_acc - 0.015,
+                                                                    "ci_high": random_acc + 0.015}}}
+    return {"args": {"budget": budget, "backbone": "resnet18", "tile_size": 96, "methods": "x"}, "results": [rnd, *rows]}
+
+
+def test_the_goal_takes_each_methods_row_from_the_last_section_that_rechecked_it() -> None:
+    old = _section([{**_row("mocov2", "15m", 0.78, 0.04)}, {**_row("swav", "15m", 0.72, -0.01), "method": "swav"}])
+    new = _section([{**_row("mocov2", "15m", 0.80, 0.06)}])
+    rows, src = bench_tile_ssl.goal_rows({"defaults": old, "recheck": new}, ["defaults", "recheck"])
+    assert [(r["name"], r["linear"]["balanced_accuracy"]["value"]) for r in rows] == [
+        ("random init", 0.74), ("mocov2", 0.80), ("swav", 0.72)]
+    assert src == {"mocov2": "recheck", "swav": "defaults"}
+    lines = bench_tile_ssl.goal_lines(rows)
+    assert lines[0].startswith("- mocov2: Δ +0.060") and lines[0].endswith("**met**")
+    with pytest.raises(SystemExit, match="protocol"):  # another budget is another protocol
+        bench_tile_ssl.goal_rows({"defaults": old, "b": _section([], budget="5m")}, ["defaults", "b"])
+    with pytest.raises(SystemExit, match="random"):  # another random-init score: other test tiles
+        bench_tile_ssl.goal_rows({"defaults": old, "b": _section([], random_acc=0.75)}, ["defaults", "b"])
