@@ -438,6 +438,18 @@ def stale_precision_lines(rows: list[dict], native_bf16: bool | None = None) -> 
 
 #: settings that make two sections' rows one protocol (same probes, same test tiles, same training budget)
 PROTOCOL_KEYS = ("budget", "backbone", "tile_size", "probe_train", "valid", "score_on", "bootstrap")
+#: what a section written before an option existed ran with
+PROTOCOL_DEFAULTS = {"score_on": "valid"}
+
+
+def _protocol(section: dict) -> dict:
+    a = section["args"]
+    return {k: a.get(k) if a.get(k) is not None else PROTOCOL_DEFAULTS.get(k) for k in PROTOCOL_KEYS}
+
+
+def _scores(row: dict) -> tuple[float, ...]:
+    """A row's linear-probe scores to 4 decimals (the same random init on the same tiles gives the same ones)."""
+    return tuple(round(row["linear"][m]["value"], 4) for m in ("balanced_accuracy", "auc") if m in row["linear"])
 
 
 def goal_rows(sections: dict[str, dict], names: list[str]) -> tuple[list[dict], dict[str, str]]:
@@ -445,15 +457,15 @@ def goal_rows(sections: dict[str, dict], names: list[str]) -> tuple[list[dict], 
     of some methods after their code changed), random init from the first. Sections of different protocols, or
     whose random-init rows differ (other test tiles), are refused. Returns (rows, method -> section)."""
     first = sections[names[0]]
-    key = {k: first["args"].get(k) for k in PROTOCOL_KEYS}
+    key = _protocol(first)
     base = next(r for r in first["results"] if r["name"] == "random init")
     rows = {r["name"]: r for r in first["results"]}
     src = {r["method"]: names[0] for r in first["results"] if r.get("method") and not r.get("variant")}
     for name in names[1:]:
         sec = sections[name]
-        other = {k: sec["args"].get(k) for k in PROTOCOL_KEYS}
+        other = _protocol(sec)
         rnd = next(r for r in sec["results"] if r["name"] == "random init")
-        if other != key or rnd["linear"] != base["linear"]:
+        if other != key or _scores(rnd) != _scores(base):
             raise SystemExit(f"section {name!r} is not {names[0]!r}'s protocol ({other} vs {key}, or another random "
                              "init score): its rows cannot join the goal")
         for r in sec["results"]:

@@ -84,6 +84,7 @@ def _section(rows: list[dict], budget: str = "15m", random_acc: float = 0.74) ->
 def test_the_goal_takes_each_methods_row_from_the_last_section_that_rechecked_it() -> None:
     old = _section([{**_row("mocov2", "15m", 0.78, 0.04)}, {**_row("swav", "15m", 0.72, -0.01), "method": "swav"}])
     new = _section([{**_row("mocov2", "15m", 0.80, 0.06)}])
+    new["args"]["score_on"] = "valid"  # an option added later: what the older section ran with
     rows, src = bench_tile_ssl.goal_rows({"defaults": old, "recheck": new}, ["defaults", "recheck"])
     assert [(r["name"], r["linear"]["balanced_accuracy"]["value"]) for r in rows] == [
         ("random init", 0.74), ("mocov2", 0.80), ("swav", 0.72)]
