@@ -11,10 +11,10 @@ fp32 outputs is >= :data:`BF16_MIN_COSINE`; without a probe, or when the check f
 Inference stages (encode, embedding, whole-slide nuclei inference) pass a probe. Training loops do not: a
 forward-pass check says nothing about bf16 gradients (DINO with bf16 autocast diverged on CPU here while its
 forward passes agreed: wrong weight gradients of a convolution strided past its input, see
-:func:`guard_bf16_convs`, which every CNN training loop applies), so on CPU ``auto`` trains in fp32 unless the caller names a measurement that showed
-this training loop as good in bf16 per step (``bf16_measured``, e.g. the tile-SSL methods measured by
-``benchmarks/bench_tile_precision.py``) and the CPU computes bf16 natively (AVX512-BF16 or AMX; elsewhere
-bf16 is emulated and slower than fp32).
+:func:`guard_bf16_convs`, which every CNN training loop applies), so on CPU ``auto`` trains in fp32 unless the
+caller names a measurement that showed this training loop as good in bf16 per step (``bf16_measured``, e.g.
+the tile-SSL methods measured by ``benchmarks/bench_tile_precision.py``) and the CPU computes bf16 natively
+(AVX512-BF16 or AMX; elsewhere bf16 is emulated and slower than fp32).
 :func:`choose_precision` returns a :class:`PrecisionChoice` that every stage records in its
 provenance (``precision`` requested, ``resolved``, and the measured ``bf16_cosine``).
 """

@@ -14,6 +14,8 @@ from gigaslide.ssl.tile import augment as A
 from gigaslide.ssl.tile.dinov2 import DINOv2
 from gigaslide.ssl.tile.methods import SSL_METHODS
 
+from .test_methods import _dtypes_in_bf16
+
 SMALL = {"hidden_dim": 32, "bottleneck_dim": 16, "out_dim": 64, "freeze_last_layer_steps": 0}
 
 
@@ -171,13 +173,6 @@ def test_in_bf16_autocast_the_vit_runs_bf16_and_heads_and_losses_float32():
     sums and KoLeo's distances in bf16); the loss stays close to the fp32 one."""
     batch = _batch()
     ref = _method(mask_sample_prob=1.0).loss(batch, step=0, progress=0.0)
-    m = _method(mask_sample_prob=1.0)
-    trunk = {id(x) for name, sub in m.named_children() if "backbone" in name for x in sub.modules()}
-    seen: dict[str, set] = {"trunk": set(), "heads": set()}
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.Linear):
-            mod.register_forward_hook(lambda mod, i, o: seen["trunk" if id(mod) in trunk else "heads"].add(o.dtype))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = m.loss(batch, step=0, progress=0.0)
-    assert seen == {"trunk": {torch.bfloat16}, "heads": {torch.float32}} and loss.dtype == torch.float32
+    loss, trunk, heads = _dtypes_in_bf16(_method(mask_sample_prob=1.0), batch)
+    assert trunk == {torch.bfloat16} and heads == {torch.float32} and loss.dtype == torch.float32
     assert float(loss) == pytest.approx(float(ref), rel=0.02)

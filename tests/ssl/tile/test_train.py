@@ -125,13 +125,12 @@ def test_loss_decreases_and_the_monitor_is_logged(tiles, tmp_path):
     assert rec["monitor"][0] != rec["monitor"][-1]  # measured on the changing encoder
 
 
-@pytest.mark.parametrize(("method", "precision"), [("mocov2", "fp32"), ("dino", "fp32"), ("simclr", "bf16"), ("mocov2", "bf16"),
-                                                 ("dino", "bf16")])
+@pytest.mark.parametrize(("method", "precision"), [("mocov2", "fp32"), ("dino", "fp32"), ("simclr", "bf16"),
+                                                 ("mocov2", "bf16"), ("dino", "bf16")])
 def test_interrupted_run_resumes_bit_exactly(tiles, tmp_path, method, precision):
     """Also in bf16 autocast (what `--precision auto` trains simclr and mocov2 in on CPU; dino under `--precision
-    bf16`). DINO's 16-px local crops
-    reach the tiny ResNet's last stage as 1x1 maps: unguarded, its bf16 weight gradients there were garbage that
-    changed from run to run (gigaslide.devices.guard_bf16_convs)."""
+    bf16`). DINO's 16-px local crops reach the tiny ResNet's last stage as 1x1 maps: unguarded, its bf16 weight
+    gradients there were garbage that changed from run to run (gigaslide.devices.guard_bf16_convs)."""
     full = pretrain(_cfg(tiles, tmp_path / "full", method, precision=precision))
     part = pretrain(_cfg(tiles, tmp_path / "part", method, stop_after_steps=2, precision=precision))
     assert part["steps"] == 2 and part["stopped_by"] == "stop_after_steps"
