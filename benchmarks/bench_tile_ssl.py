@@ -474,6 +474,33 @@ def goal_rows(sections: dict[str, dict], names: list[str]) -> tuple[list[dict], 
     return list(rows.values()), src
 
 
+def budget_lines(sections: dict[str, dict], first: str) -> list[str]:
+    """Whether more training time closes the gap: the ``budget`` section's rows (one method at several budgets, each
+    paired with the budget before it), when that section is ``first``'s protocol but for the budget and scored
+    against the same random init; else nothing."""
+    sec = sections.get("budget")
+    if sec is None or first == "budget":
+        return []
+    same = {k: v for k, v in _protocol(sec).items() if k != "budget"} == {
+        k: v for k, v in _protocol(sections[first]).items() if k != "budget"}
+    rnd = [next((r for r in s["results"] if r["name"] == "random init"), None) for s in (sec, sections[first])]
+    if not same or None in rnd or _scores(rnd[0]) != _scores(rnd[1]):
+        return []
+    rows = [r for r in sec["results"] if r.get("method") and not r.get("variant") and r.get("paired")]
+    pairs = [r for r in rows if r.get("paired_vs")]
+    if not pairs:
+        return []
+    better = [r["name"] for r in pairs if r["paired_vs"]["linear_balanced_accuracy"]["ci_low"] > 0]
+    out = [f"Does more training time close the gap? Section `budget` ({sec['args'].get('budget')}; same probes, test "
+           "tiles and random init), linear balanced accuracy:", ""]
+    out += [f"- {r['name']}: Δ vs random init {dci(r['paired']['linear_balanced_accuracy'])}" for r in rows]
+    out += comparison_lines(pairs, [])
+    out.append(f"- {len(better)} of {len(pairs)} longer budgets better than the budget before it (paired 95 % CI above 0)"
+               + (f": {', '.join(better)}" if better else f": for {', '.join(sorted({r['method'] for r in rows}))}, "
+                  "more training time on this CPU does not close the gap"))
+    return out
+
+
 def write_goal(out: Path, section: str) -> None:
     """The ``goal`` section: the issue's goal checked against the measured rows in ``tile_ssl.json`` of ``section``
     (or of comma-separated sections of one protocol, later ones re-checking some methods: see :func:`goal_rows`)."""
@@ -486,6 +513,8 @@ def write_goal(out: Path, section: str) -> None:
              f"Goal: every method ≥ {GOAL_DELTA:+.2f} balanced accuracy over random init with disjoint 95 % CIs, the best "
              f"≥ {GOAL_BEST:.2f}. Rows at {sections[names[0]]['args'].get('budget', '?')} per method.", "",
              *goal_lines(rows), ""]
+    if why := budget_lines(sections, names[0]):
+        lines += [*why, ""]
     atomic.write_text(out, merge_section(out, "goal", "\n".join(lines) + "\n"))
     print("\n".join(lines))
 

@@ -95,3 +95,21 @@ def test_the_goal_takes_each_methods_row_from_the_last_section_that_rechecked_it
         bench_tile_ssl.goal_rows({"defaults": old, "b": _section([], budget="5m")}, ["defaults", "b"])
     with pytest.raises(SystemExit, match="random"):  # another random-init score: other test tiles
         bench_tile_ssl.goal_rows({"defaults": old, "b": _section([], random_acc=0.75)}, ["defaults", "b"])
+
+
+def test_the_goal_says_whether_the_budget_curve_closes_the_gap() -> None:
+    curve = _section([_row("mocov2, 5m", "5m", 0.76, 0.02),
+                      _row("mocov2, 15m", "15m", 0.77, 0.03, ("mocov2, 5m", 0.01, -0.003, 0.022)),
+                      _row("mocov2, 45m", "45m", 0.775, 0.035, ("mocov2, 15m", 0.004, -0.009, 0.016))],
+                     budget="5m,15m,45m")
+    sections = {"defaults": _section([_row("mocov2", "15m", 0.77, 0.03)]), "budget": curve}
+    lines = bench_tile_ssl.budget_lines(sections, "defaults")
+    assert lines[2].startswith("- mocov2, 5m: Δ vs random init +0.020")
+    assert lines[5].startswith("- mocov2, 15m vs mocov2, 5m: Δ linear bal. acc. +0.010")
+    assert lines[-1] == ("- 0 of 2 longer budgets better than the budget before it (paired 95 % CI above 0): for mocov2, "
+                         "more training time on this CPU does not close the gap")
+    curve["results"][-1]["paired_vs"]["linear_balanced_accuracy"] = _d(0.03, 0.01, 0.05)
+    assert bench_tile_ssl.budget_lines(sections, "defaults")[-1].endswith(": mocov2, 45m")
+    # a curve on other test tiles (another random-init score) says nothing about these rows
+    sections["budget"]["results"][0]["linear"]["balanced_accuracy"]["value"] = 0.75
+    assert bench_tile_ssl.budget_lines(sections, "defaults") == []
