@@ -24,9 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_tile_ssl import ci, cpu_name, merge_section, pcam_dir, random_trunk  # noqa: E402
+from bench_tile_ssl import ci, cpu_name, dci, merge_section, pcam_dir, random_trunk  # noqa: E402
 
 from gigaslide import atomic  # noqa: E402
+from gigaslide.evaluation.metrics import paired_difference  # noqa: E402
 
 
 def random_encoder(folder: Path, backbone: str, tile_size: int) -> Path:
@@ -34,6 +35,19 @@ def random_encoder(folder: Path, backbone: str, tile_size: int) -> Path:
     from gigaslide.encoders.model import export_encoder
 
     return export_encoder(folder, *random_trunk(backbone, tile_size))
+
+
+def verdict(d: dict) -> str:
+    return "better" if d["ci_low"] > 0 else "worse" if d["ci_high"] < 0 else "not distinguishable"
+
+
+def verdict_lines(verdicts: dict[str, list[str]]) -> list[str]:
+    """One line per label fraction: how many encoders are better / not distinguishable / worse than random init."""
+    out = []
+    for proto, vs in verdicts.items():
+        counts = ", ".join(f"{w} {vs.count(w)}" for w in ("better", "not distinguishable", "worse") if vs.count(w))
+        out.append(f"- {proto.removeprefix('finetune_')} labels: of {len(vs)} SSL encoders, {counts}")
+    return out
 
 
 def main() -> None:
@@ -57,6 +71,7 @@ def main() -> None:
 
     t_start, load0 = time.perf_counter(), os.getloadavg()[0]
     work = Path(args.work)
+    reused = len(list(work.glob("finetune_*/fraction_*/result.json")))  # finished in an earlier invocation
     fractions = tuple(float(f) for f in args.fractions.split(","))
     cfg = FinetuneConfig(fractions=fractions, epochs=args.epochs, batch_size=args.batch_size, precision=args.precision,
                          workers=1, n_bootstrap=args.bootstrap)
@@ -64,14 +79,23 @@ def main() -> None:
     for name in args.encoders.split(","):
         if name != "random" and not (Path(name) / "encoder.json").is_file():
             sys.exit(f"{name}: no encoder export here -- run benchmarks/bench_tile_ssl.py first (or pass --encoders)")
+    base: dict | None = None  # the random init's report: every other encoder is compared with it, paired
+    verdicts: dict[str, list[str]] = {}  # label fraction -> each encoder's verdict vs random init
     for k, name in enumerate(args.encoders.split(",")):
         enc = str(random_encoder(work / "random-encoder", args.backbone, args.tile_size)) if name == "random" else name
         label = f"random init ({args.backbone})" if name == "random" else f"`{name}`"
         rep = finetune_tiles(pcam / "train", pcam / "valid", enc, work / f"finetune_{k}", cfg=cfg)
+        base = rep if name == "random" else base
         for proto, r in rep["protocols"].items():
+            diffs = [] if base is None or base is rep else [
+                paired_difference(rep["test_labels"], rep["test_probs"][proto], base["test_probs"][proto], m,
+                                  n_bootstrap=args.bootstrap) for m in ("balanced_accuracy", "auc")]
+            vs = [dci(d) for d in diffs] or ["-", "-"]
+            if diffs:
+                verdicts.setdefault(proto, []).append(verdict(diffs[0]))
             rows.append(f"| {label} | {proto.removeprefix('finetune_')} ({r['n_labels']} labels) | {r['epochs_run']} "
                         f"(best {r['best_epoch']}) | {r['train_images_per_s']} | {ci(r['balanced_accuracy'])} | "
-                        f"{ci(r['auc'])} | {ci(r['macro_f1'])} |")
+                        f"{vs[0]} | {ci(r['auc'])} | {vs[1]} | {ci(r['macro_f1'])} |")
             print(rows[-1], flush=True)
     total = time.perf_counter() - t_start
     cmd = "`.venv/bin/python benchmarks/bench_tile_finetune.py " + shlex.join(sys.argv[1:]) + "`"
@@ -79,14 +103,21 @@ def main() -> None:
         "## Fine-tune evaluation: SSL encoder vs random init, 1 % / 10 % / 100 % of PCam labels", "",
         f"Command: {cmd}  ",
         f"Machine: {cpu_name()}, {os.cpu_count()} cores (load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end), "
-        f"{args.threads} torch threads, no GPU. Total wall time {total / 60:.1f} min.", "",
+        f"{args.threads} torch threads, no GPU. Total wall time {total / 60:.1f} min"
+        + (f" ({reused} fine-tuned results reused from an earlier invocation in `{args.work}`: their epochs and img/s "
+           "are from the run that trained them; their test predictions are scored here)." if reused else "."), "",
         f"Setup (`gigaslide evaluate finetune`): the whole {args.backbone} plus a linear head trained end to end on a "
         f"stratified fraction of the 10,000 PCam train tiles (resized to {args.tile_size} px), 20 % of those labels held "
         f"out for model selection (lowest validation loss, early stopping, patience 3), AdamW (encoder lr 1e-4, head "
         f"1e-3, warm-up + cosine), batch {args.batch_size}, at most {args.epochs} epochs, {args.precision} autocast, "
-        "flips / 90° rotations / light stain jitter. Tested on PCam valid (3000 tiles); 95 % bootstrap CIs.", "",
-        "| encoder | labels | epochs run | train img/s | balanced acc. | AUC | macro-F1 |",
-        "|---|---|---|---|---|---|---|", *rows, "",
+        "flips / 90° rotations / light stain jitter. Tested on PCam valid (3000 tiles); 95 % bootstrap CIs; Δ = the "
+        "encoder minus random init at the same label fraction, paired bootstrap on the same test tiles "
+        f"({args.bootstrap} resamples; p two-sided).", "",
+        "| encoder | labels | epochs run | train img/s | balanced acc. | Δ bal. acc. vs random (paired) | AUC | "
+        "Δ AUC vs random (paired) | macro-F1 |",
+        "|---|---|---|---|---|---|---|---|---|", *rows, "",
+        *([] if not verdicts else ["Verdicts (balanced accuracy vs random init, paired, computed from the rows above):",
+                                   "", *verdict_lines(verdicts), ""]),
     ]
     atomic.write_text(args.out, merge_section(Path(args.out), "finetune", "\n".join(lines) + "\n"))
     print("\n".join(lines))

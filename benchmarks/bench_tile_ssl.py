@@ -177,7 +177,8 @@ def main() -> None:
     ap.add_argument("--goal-only", action="store_true",
                     help="only (re)write the 'goal' section from the measured rows in tile_ssl.json (no training); "
                          "--section may list sections of one protocol, e.g. defaults,recheck: each method's row from "
-                         "the last one that has it")
+                         "the last one that has it (remembered: re-running any of those sections, or the budget "
+                         "section, rewrites the goal from the same list)")
     args = ap.parse_args()
     budgets = [b.strip() for b in args.budget.split(",") if b.strip()]
     variants = [v.strip() for v in args.variants.split(";")] if args.variants else [""]
@@ -365,8 +366,9 @@ def write_report(args, budgets: list[str], results: list[dict], total: float, lo
                                       "results": [{k: v for k, v in r.items() if k != "probs"} for r in results]}
     atomic.write_json(js, prev)
     print("\n".join(lines))
-    if args.section == "defaults":  # the goal is stated for the defaults protocol (15 min per method)
-        write_goal(Path(args.out), args.section)
+    goal = goal_sections(prev)
+    if args.section in goal.split(",") or args.section == "budget":  # rows the goal section is computed from
+        write_goal(Path(args.out), goal)
 
 
 def comparison_lines(results: list[dict], budgets: list[str]) -> list[str]:
@@ -501,12 +503,23 @@ def budget_lines(sections: dict[str, dict], first: str) -> list[str]:
     return out
 
 
+def goal_sections(saved: dict) -> str:
+    """The sections the goal was last computed from (kept in ``tile_ssl.json``, so re-running any of them
+    recomputes the goal from the same sections); ``defaults`` until a ``--goal-only`` run names others."""
+    return saved.get("goal_sections") or "defaults"
+
+
 def write_goal(out: Path, section: str) -> None:
     """The ``goal`` section: the issue's goal checked against the measured rows in ``tile_ssl.json`` of ``section``
-    (or of comma-separated sections of one protocol, later ones re-checking some methods: see :func:`goal_rows`)."""
-    sections = json.loads(out.with_suffix(".json").read_text())["sections"]
+    (or of comma-separated sections of one protocol, later ones re-checking some methods: see :func:`goal_rows`),
+    plus what the ``budget`` section says about more training time (:func:`budget_lines`)."""
+    js = out.with_suffix(".json")
+    saved = json.loads(js.read_text())
+    sections = saved["sections"]
     names = [s.strip() for s in section.split(",") if s.strip()]
     rows, src = goal_rows(sections, names)
+    if saved.get("goal_sections") != ",".join(names):
+        atomic.write_json(js, {**saved, "goal_sections": ",".join(names)})
     recheck = [f"{m} from `{n}`" for m, n in src.items() if n != names[0]]
     lines = [f"## Against the issue's goal (computed from the `{names[0]}` rows"
              + (f", {', '.join(recheck)}" if recheck else "") + ", linear probe)", "",
@@ -519,6 +532,11 @@ def write_goal(out: Path, section: str) -> None:
     print("\n".join(lines))
 
 
+#: sections made from the others' encoders or rows: last in the report, so ``make bench`` (which re-runs a report's
+#: recorded commands in file order) runs them after the runs they read
+LAST_SECTIONS = ("finetune", "goal")
+
+
 def merge_section(path: Path, name: str, body: str) -> str:
     """The report with section ``name`` replaced (or appended); other sections are kept as they are."""
     import re
@@ -529,7 +547,7 @@ def merge_section(path: Path, name: str, body: str) -> str:
         old = f"<!-- section: main -->\n{old.replace('# Tile-level SSL', '## Tile-level SSL', 1)}<!-- end -->\n"
     sections = dict(re.findall(r"<!-- section: (\S+) -->\n(.*?)<!-- end -->\n", old, flags=re.S))
     sections[name] = body
-    order = ["main"] + sorted(k for k in sections if k != "main")
+    order = ["main"] + sorted(k for k in sections if k not in ("main", *LAST_SECTIONS)) + list(LAST_SECTIONS)
     return head + "".join(f"<!-- section: {k} -->\n{sections[k]}<!-- end -->\n" for k in order if k in sections)
 
 

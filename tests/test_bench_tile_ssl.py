@@ -1,9 +1,10 @@
-"""benchmarks/bench_tile_ssl.py: option variants are read as typed ``pretrain`` options, and the verdicts of a
-budget curve / a variant come from the paired rows (which budget first meets the goal, better / worse / not
-distinguishable from the row compared with)."""
+"""benchmarks/bench_tile_ssl.py (and bench_tile_finetune.py's verdicts): option variants are read as typed
+``pretrain`` options, and the verdicts of a budget curve / a variant come from the paired rows (which budget first
+meets the goal, better / worse / not distinguishable from the row compared with)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -113,3 +114,37 @@ def test_the_goal_says_whether_the_budget_curve_closes_the_gap() -> None:
     # a curve on other test tiles (another random-init score) says nothing about these rows
     sections["budget"]["results"][0]["linear"]["balanced_accuracy"]["value"] = 0.75
     assert bench_tile_ssl.budget_lines(sections, "defaults") == []
+
+
+def test_the_goal_remembers_its_sections(tmp_path: Path) -> None:
+    out = tmp_path / "tile_ssl.md"
+    out.with_suffix(".json").write_text(json.dumps({"sections": {
+        "defaults": _section([_row("mocov2", "15m", 0.78, 0.04)]),
+        "recheck": _section([_row("mocov2", "15m", 0.80, 0.06)])}}))
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert bench_tile_ssl.goal_sections(saved) == "defaults"
+    bench_tile_ssl.write_goal(out, "defaults, recheck")
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert bench_tile_ssl.goal_sections(saved) == "defaults,recheck"
+    assert "mocov2 from `recheck`" in out.read_text() and "- mocov2: Δ +0.060" in out.read_text()
+
+
+def test_sections_made_from_other_sections_come_last(tmp_path: Path) -> None:
+    out = tmp_path / "tile_ssl.md"
+    for name in ("goal", "recheck2", "finetune", "defaults", "budget", "recheck"):
+        out.write_text(bench_tile_ssl.merge_section(out, name, f"## {name}\n"))
+    order = [ln.split()[2] for ln in out.read_text().splitlines() if ln.startswith("<!-- section:")]
+    # make bench re-runs recorded commands in file order: fine-tuning reads the encoders the rechecks train
+    assert order == ["budget", "defaults", "recheck", "recheck2", "finetune", "goal"]
+
+
+def test_finetune_verdicts_count_the_paired_rows() -> None:
+    import bench_tile_finetune
+
+    assert bench_tile_finetune.verdict(_d(0.1, 0.08, 0.12)) == "better"
+    assert bench_tile_finetune.verdict(_d(-0.008, -0.02, 0.003)) == "not distinguishable"
+    assert bench_tile_finetune.verdict(_d(-0.03, -0.05, -0.01)) == "worse"
+    lines = bench_tile_finetune.verdict_lines({"finetune_1%": ["better"] * 5,
+                                                "finetune_10%": ["better", "not distinguishable", "not distinguishable"]})
+    assert lines == ["- 1% labels: of 5 SSL encoders, better 5",
+                     "- 10% labels: of 3 SSL encoders, better 1, not distinguishable 2"]

@@ -12,6 +12,7 @@ from gigaslide import runs
 from gigaslide.cli.main import main as cli
 from gigaslide.encoders import build_encoder
 from gigaslide.errors import GigaslideError
+from gigaslide.evaluation.metrics import METRICS
 from gigaslide.ssl.tile.finetune import FinetuneConfig, finetune_tiles, label_subset
 from gigaslide.testing import make_tile_folder
 
@@ -64,6 +65,27 @@ def test_finetune_learns_reports_resumes_and_exports(folders, tmp_path):
     rep3 = finetune_tiles(train, test, "test_resnet", out, weights="random", cfg=cfg)
     assert rep3["protocols"]["finetune_100%"]["auc"]["value"] == pytest.approx(full["auc"]["value"])
     assert rep3["protocols"]["finetune_100%"]["train_seconds"] == full["train_seconds"]
+
+
+def test_the_test_predictions_are_returned_for_paired_comparisons(folders, tmp_path):
+    train, test = folders
+    out = tmp_path / "ft"
+    cfg = FinetuneConfig(fractions=(1.0,), **CFG)
+    rep = finetune_tiles(train, test, "test_resnet", out, weights="random", cfg=cfg)
+    probs, y = rep["test_probs"]["finetune_100%"], rep["test_labels"]
+    assert probs.shape == (40, 2) and np.bincount(y).tolist() == [20, 20]
+    # the predictions the reported scores were computed from
+    reported = rep["protocols"]["finetune_100%"]["balanced_accuracy"]["value"]
+    assert METRICS["balanced_accuracy"](y, probs) == pytest.approx(reported)
+    assert "test_probs" not in json.loads((out / "report.json").read_text())["protocols"]["finetune_100%"]
+    # a result kept from before predictions were stored: predicted again from the finished checkpoint, not re-trained
+    res_file = out / "fraction_100pct" / "result.json"
+    old = json.loads(res_file.read_text())
+    res_file.write_text(json.dumps({k: v for k, v in old.items() if k != "test_probs"}))
+    rep2 = finetune_tiles(train, test, "test_resnet", out, weights="random", cfg=cfg)
+    assert np.allclose(rep2["test_probs"]["finetune_100%"], probs, atol=1e-6)
+    assert rep2["protocols"]["finetune_100%"]["train_seconds"] == rep["protocols"]["finetune_100%"]["train_seconds"]
+    assert "test_probs" in json.loads(res_file.read_text())
 
 
 def test_interrupted_run_resumes_from_the_last_epoch(folders, tmp_path, monkeypatch):

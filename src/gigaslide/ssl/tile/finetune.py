@@ -229,7 +229,8 @@ def finetune_fraction(encoder: str, weights: str, train: tuple[list[Path], np.nd
     return {**summarize(test[1], probs, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed), "n_labels": len(train[1]) + len(val[1]),
             "n_train": len(train[1]), "n_val": len(val[1]), "best_epoch": state["best_epoch"],
             "epochs_run": state["epoch"], "train_seconds": round(state["train_seconds"], 1),
-            "train_images_per_s": round(float(np.median(ips)), 1) if ips else None, "history": state["history"], "key": key}
+            "train_images_per_s": round(float(np.median(ips)), 1) if ips else None, "history": state["history"],
+            "key": key, "test_probs": probs.tolist()}
 
 
 def _folder(path: str | os.PathLike, role: str) -> tuple[list[Path], np.ndarray, list[str]]:
@@ -242,7 +243,11 @@ def _folder(path: str | os.PathLike, role: str) -> tuple[list[Path], np.ndarray,
 
 def finetune_tiles(train_folder: str | os.PathLike, test_folder: str | os.PathLike, encoder: str,
                    out: str | os.PathLike, *, weights: str = "default", cfg: FinetuneConfig | None = None) -> dict[str, Any]:
-    """Fine-tune ``encoder`` at each label fraction of ``cfg`` and write ``out/report.{json,md,png}``."""
+    """Fine-tune ``encoder`` at each label fraction of ``cfg`` and write ``out/report.{json,md,png}``.
+
+    Returns the report plus ``test_probs`` (protocol -> [n_test, n_classes] predicted probabilities, also kept in each
+    fraction's ``result.json``) and ``test_labels``, so two encoders can be compared paired on the same test tiles
+    (:func:`gigaslide.evaluation.metrics.paired_difference`)."""
     cfg = cfg or FinetuneConfig()
     if cfg.augment not in AUGMENTS:
         raise GigaslideError(f"unknown augmentation '{cfg.augment}'", fix=f"use one of: {', '.join(AUGMENTS)}")
@@ -265,6 +270,7 @@ def finetune_tiles(train_folder: str | os.PathLike, test_folder: str | os.PathLi
         "classes": classes, "n_classes": n_classes, "n_bootstrap": cfg.n_bootstrap, "seed": cfg.seed,
         "config": dataclasses.asdict(cfg), "protocols": {}}
     del probe
+    probs: dict[str, np.ndarray] = {}  # per protocol, for paired comparisons on the same test tiles
     for frac in cfg.fractions:
         name = f"finetune_{frac * 100:g}%"
         run_dir = atomic.ensure_writable_dir(out / f"fraction_{frac * 100:g}pct".replace(".", "p"))
@@ -273,13 +279,15 @@ def finetune_tiles(train_folder: str | os.PathLike, test_folder: str | os.PathLi
         tr, va = sub[tr], sub[va]
         result_file = run_dir / "result.json"
         res = json.loads(result_file.read_text()) if result_file.is_file() else None
-        if res is None or res.get("key") != run_key(cfg, encoder, weights, len(tr)):
+        if res is None or res.get("key") != run_key(cfg, encoder, weights, len(tr)) or "test_probs" not in res:
+            # (a result from before test predictions were kept: its checkpoint is finished, so only predicts)
             res = finetune_fraction(encoder, weights, ([files[i] for i in tr], labels[tr]), ([files[i] for i in va], labels[va]),
                                     (te_files, te_labels), n_classes, cfg, run_dir)
             atomic.write_json(result_file, res)
-        report["protocols"][name] = {k: v for k, v in res.items() if k not in ("history", "key")}
+        report["protocols"][name] = {k: v for k, v in res.items() if k not in ("history", "key", "test_probs")}
+        probs[name] = np.asarray(res["test_probs"], dtype=np.float32)
     write_report(report, out)
-    return report
+    return {**report, "test_probs": probs, "test_labels": np.asarray(te_labels)}
 
 
 __all__ = ["AUGMENTS", "Classifier", "FinetuneConfig", "finetune_fraction", "finetune_tiles", "label_subset", "predict_tiles"]
