@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_tile_ssl import ci, cpu_name, dci, merge_section, pcam_dir, random_trunk  # noqa: E402
+from bench_tile_ssl import ci, cpu_name, dci, merge_section, pcam_dir, random_trunk, verdict  # noqa: E402
 
 from gigaslide import atomic  # noqa: E402
 from gigaslide.evaluation.metrics import paired_difference  # noqa: E402
@@ -35,10 +35,6 @@ def random_encoder(folder: Path, backbone: str, tile_size: int) -> Path:
     from gigaslide.encoders.model import export_encoder
 
     return export_encoder(folder, *random_trunk(backbone, tile_size))
-
-
-def verdict(d: dict) -> str:
-    return "better" if d["ci_low"] > 0 else "worse" if d["ci_high"] < 0 else "not distinguishable"
 
 
 def verdict_lines(verdicts: dict[str, list[str]]) -> list[str]:
@@ -100,7 +96,8 @@ def main() -> None:
     total = time.perf_counter() - t_start
     cmd = "`.venv/bin/python benchmarks/bench_tile_finetune.py " + shlex.join(sys.argv[1:]) + "`"
     lines = [
-        "## Fine-tune evaluation: SSL encoder vs random init, 1 % / 10 % / 100 % of PCam labels", "",
+        f"## Fine-tune evaluation: SSL encoder vs random init, {' / '.join(f'{f * 100:g} %' for f in fractions)} of "
+        "PCam labels", "",
         f"Command: {cmd}  ",
         f"Machine: {cpu_name()}, {os.cpu_count()} cores (load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end), "
         f"{args.threads} torch threads, no GPU. Total wall time {total / 60:.1f} min"

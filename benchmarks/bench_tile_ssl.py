@@ -371,14 +371,18 @@ def write_report(args, budgets: list[str], results: list[dict], total: float, lo
         write_goal(Path(args.out), goal)
 
 
+def verdict(d: dict) -> str:
+    """A paired difference's verdict from its 95 % CI."""
+    return "better" if d["ci_low"] > 0 else "worse" if d["ci_high"] < 0 else "not distinguishable"
+
+
 def comparison_lines(results: list[dict], budgets: list[str]) -> list[str]:
     """Each row vs the row it is compared with (paired), and for a budget curve the first budget meeting the goal."""
     out = []
     for r in results:
         if r.get("paired_vs"):
             d = r["paired_vs"]["linear_balanced_accuracy"]
-            word = ("better" if d["ci_low"] > 0 else "worse" if d["ci_high"] < 0 else "not distinguishable")
-            out.append(f"- {r['name']} vs {r['paired_vs']['than']}: Δ linear bal. acc. {dci(d)}: **{word}**")
+            out.append(f"- {r['name']} vs {r['paired_vs']['than']}: Δ linear bal. acc. {dci(d)}: **{verdict(d)}**")
     curves: dict[str, list[dict]] = {}
     for r in results:
         if len(budgets) > 1 and r.get("method") and not r.get("variant"):
@@ -492,7 +496,7 @@ def budget_lines(sections: dict[str, dict], first: str) -> list[str]:
     pairs = [r for r in rows if r.get("paired_vs")]
     if not pairs:
         return []
-    better = [r["name"] for r in pairs if r["paired_vs"]["linear_balanced_accuracy"]["ci_low"] > 0]
+    better = [r["name"] for r in pairs if verdict(r["paired_vs"]["linear_balanced_accuracy"]) == "better"]
     out = [f"Does more training time close the gap? Section `budget` ({sec['args'].get('budget')}; same probes, test "
            "tiles and random init), linear balanced accuracy:", ""]
     out += [f"- {r['name']}: Δ vs random init {dci(r['paired']['linear_balanced_accuracy'])}" for r in rows]

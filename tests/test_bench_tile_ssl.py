@@ -141,9 +141,9 @@ def test_sections_made_from_other_sections_come_last(tmp_path: Path) -> None:
 def test_finetune_verdicts_count_the_paired_rows() -> None:
     import bench_tile_finetune
 
-    assert bench_tile_finetune.verdict(_d(0.1, 0.08, 0.12)) == "better"
-    assert bench_tile_finetune.verdict(_d(-0.008, -0.02, 0.003)) == "not distinguishable"
-    assert bench_tile_finetune.verdict(_d(-0.03, -0.05, -0.01)) == "worse"
+    assert bench_tile_ssl.verdict(_d(0.1, 0.08, 0.12)) == "better"
+    assert bench_tile_ssl.verdict(_d(-0.008, -0.02, 0.003)) == "not distinguishable"
+    assert bench_tile_ssl.verdict(_d(-0.03, -0.05, -0.01)) == "worse"
     lines = bench_tile_finetune.verdict_lines({"finetune_1%": ["better"] * 5,
                                                 "finetune_10%": ["better", "not distinguishable", "not distinguishable"]})
     assert lines == ["- 1% labels: of 5 SSL encoders, better 5",
