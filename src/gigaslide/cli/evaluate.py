@@ -6,6 +6,8 @@ paired comparisons, the predictions contract).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from gigaslide.cli.main import Command
 from gigaslide.errors import GigaslideError
 
@@ -38,10 +40,14 @@ def evaluate_tiles(train: str, test: str, out: str, protocol: str = "linear,knn,
 def evaluate_finetune(train: str, test: str, encoder: str, out: str, weights: str = "default", fractions: str = "1.0",
                       epochs: int = 10, batch_size: int = 64, lr: float = 1e-4, head_lr: float = 1e-3,
                       augment: str = "pathology", max_train: int | None = None, precision: str = "auto",
-                      workers: int = 1, bootstrap: int = 1000, seed: int = 0, threads: int | None = None) -> None:
+                      workers: int = 1, bootstrap: int = 1000, seed: int = 0, threads: int | None = None,
+                      baseline: str | None = None) -> None:
     """Fine-tune an encoder end to end (plus a linear head) on labelled tiles; test with bootstrap CIs.
 
     Example: gigaslide evaluate finetune --train pcam/train --test pcam/valid --encoder runs/dino/encoder --fractions 0.01,0.1,1 --out ft/
+    Paired against a from-scratch baseline on the same test tiles:
+      gigaslide evaluate finetune ... --encoder resnet18 --weights random --out ft_random/
+      gigaslide evaluate finetune ... --encoder runs/dino/encoder --out ft_dino/ --baseline ft_random/
 
     The low-label protocol of Kang et al.: each fraction of the training labels (stratified) is
     fine-tuned separately, with a validation split for model selection. Writes report.{md,json,png}
@@ -66,11 +72,15 @@ def evaluate_finetune(train: str, test: str, encoder: str, out: str, weights: st
         bootstrap: bootstrap resamples for the 95 % CIs
         seed: random seed (subsets, splits, head init, augmentation)
         threads: torch CPU threads (default: torch's)
+        baseline: --out folder of another finished fine-tune run on the same --test tiles: each shared label fraction
+            is compared with it, paired (bootstrap over the same test tiles); writes OUT/comparison.{md,json}
     """
     import torch
 
+    from gigaslide import atomic
     from gigaslide.evaluation.tiles import report_markdown
-    from gigaslide.ssl.tile.finetune import FinetuneConfig, finetune_tiles
+    from gigaslide.ssl.tile.finetune import (FinetuneConfig, compare_runs, comparison_markdown, finetune_tiles,
+                                             saved_predictions)
 
     if threads:
         torch.set_num_threads(threads)
@@ -80,8 +90,18 @@ def evaluate_finetune(train: str, test: str, encoder: str, out: str, weights: st
         raise GigaslideError(f"--fractions '{fractions}' is not a list of numbers", fix="use e.g. 0.01,0.1,1.0") from None
     cfg = FinetuneConfig(fractions=fr, epochs=epochs, batch_size=batch_size, lr=lr, head_lr=head_lr, augment=augment,
                          max_train=max_train, precision=precision, workers=workers, seed=seed, n_bootstrap=bootstrap)
-    print(report_markdown(finetune_tiles(train, test, encoder, out, weights=weights, cfg=cfg)))
+    if baseline:
+        saved_predictions(baseline)  # a wrong baseline folder is refused before any training
+    rep = finetune_tiles(train, test, encoder, out, weights=weights, cfg=cfg)
+    print(report_markdown(rep))
     print(f"wrote {out}/report.md, report.json, report.png")
+    if baseline:
+        diffs = compare_runs(rep, baseline, n_bootstrap=bootstrap, seed=seed)
+        text = comparison_markdown(diffs, baseline)
+        atomic.write_json(Path(out) / "comparison.json", {"baseline": str(baseline), "protocols": diffs})
+        atomic.write_text(Path(out) / "comparison.md", text)
+        print(text)
+        print(f"wrote {out}/comparison.md, comparison.json")
 
 
 def evaluate_slides(predictions: str, bootstrap: int = 1000, seed: int = 0, out: str | None = None) -> None:

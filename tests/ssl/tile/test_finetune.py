@@ -13,7 +13,7 @@ from gigaslide.cli.main import main as cli
 from gigaslide.encoders import build_encoder
 from gigaslide.errors import GigaslideError
 from gigaslide.evaluation.metrics import METRICS
-from gigaslide.ssl.tile.finetune import FinetuneConfig, finetune_tiles, label_subset
+from gigaslide.ssl.tile.finetune import FinetuneConfig, compare_runs, finetune_tiles, label_subset, saved_predictions
 from gigaslide.testing import make_tile_folder
 
 
@@ -154,3 +154,43 @@ def test_cli_finetune(folders, tmp_path, capsys):
     assert (out / "fraction_50pct" / "encoder" / "encoder.json").is_file()
     assert cli(["evaluate", "finetune", "--train", str(train), "--test", str(test), "--encoder", "test_resnet",
                 "--out", str(out), "--fractions", "x"]) == 2
+
+
+def test_cli_compares_two_runs_paired_on_the_same_test_tiles(folders, tmp_path, capsys):
+    train, test = folders
+    args = ["evaluate", "finetune", "--train", str(train), "--test", str(test), "--encoder", "test_resnet",
+            "--weights", "random", "--epochs", "1", "--batch-size", "16", "--workers", "0", "--bootstrap", "50",
+            "--fractions", "0.5,1"]
+    assert cli([*args, "--out", str(tmp_path / "a")]) == 0
+    assert cli([*args, "--out", str(tmp_path / "b"), "--lr", "1e-3", "--fractions", "1", "--baseline",
+                str(tmp_path / "a")]) == 0
+    assert "Paired vs" in capsys.readouterr().out
+    cmp = json.loads((tmp_path / "b" / "comparison.json").read_text())
+    assert list(cmp["protocols"]) == ["finetune_100%"]  # the one fraction both runs have
+    # the difference is b's score minus a's, on the same tiles, from the saved predictions
+    a_rep, a_probs = saved_predictions(tmp_path / "a")
+    b_rep, b_probs = saved_predictions(tmp_path / "b")
+    y = np.array([0] * 20 + [1] * 20)  # make_tile_folder's classes in sorted order, 20 each
+    want = {m: METRICS[m](y, b_probs["finetune_100%"]) - METRICS[m](y, a_probs["finetune_100%"])
+            for m in ("balanced_accuracy", "auc")}
+    got = cmp["protocols"]["finetune_100%"]
+    assert got["auc"]["diff"] == pytest.approx(want["auc"]) and got["balanced_accuracy"]["diff"] == pytest.approx(
+        want["balanced_accuracy"])
+    assert "finetune_100%" in (tmp_path / "b" / "comparison.md").read_text()
+
+
+def test_a_baseline_on_other_tiles_or_without_a_report_is_refused(folders, tmp_path, capsys):
+    train, test = folders
+    cfg = FinetuneConfig(fractions=(1.0,), **{**CFG, "epochs": 1})
+    rep = finetune_tiles(train, test, "test_resnet", tmp_path / "a", weights="random", cfg=cfg)
+    assert compare_runs(rep, tmp_path / "a")["finetune_100%"]["auc"]["diff"] == 0.0  # a run against itself
+    other = make_tile_folder(tmp_path / "other", 20, seed=5)
+    finetune_tiles(train, other, "test_resnet", tmp_path / "o", weights="random", cfg=cfg)
+    with pytest.raises(GigaslideError, match="other tiles"):
+        compare_runs(rep, tmp_path / "o")
+    # a folder that is no fine-tune run: refused before any training, in one line
+    rc = cli(["evaluate", "finetune", "--train", str(train), "--test", str(test), "--encoder", "test_resnet",
+              "--weights", "random", "--out", str(tmp_path / "c"), "--baseline", str(tmp_path / "nothing")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no fine-tune report" in err and "nothing" in err and "Traceback" not in err
+    assert not (tmp_path / "c").exists()

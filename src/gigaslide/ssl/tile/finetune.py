@@ -18,6 +18,7 @@ and ``encoder/`` (the fine-tuned encoder as an export folder that ``gigaslide en
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from gigaslide.devices import autocast_ctx, guard_bf16_convs, pick_device
 from gigaslide.encoders import build_encoder
 from gigaslide.encoders.model import export_encoder
 from gigaslide.errors import GigaslideError, check_finite_loss
-from gigaslide.evaluation.metrics import METRICS, summarize
+from gigaslide.evaluation.metrics import METRICS, paired_difference, summarize
 from gigaslide.evaluation.tiles import write_report
 from gigaslide.features.tiles import read_tile
 from gigaslide.ssl.tile.augment import random_flip_rotate, random_stain_jitter, to_float
@@ -266,14 +267,16 @@ def finetune_tiles(train_folder: str | os.PathLike, test_folder: str | os.PathLi
     report: dict[str, Any] = {
         "train": {"path": str(train_folder), "encoder": probe.spec.name, "encoder_weights": probe.weights_id, "dim": probe.embed_dim,
                   "n": len(labels), "class_counts": np.bincount(labels, minlength=n_classes).tolist()},
-        "test": {"path": str(test_folder), "n": len(te_labels), "class_counts": np.bincount(te_labels, minlength=n_classes).tolist()},
+        "test": {"path": str(test_folder), "n": len(te_labels),
+                 "class_counts": np.bincount(te_labels, minlength=n_classes).tolist(),
+                 "fingerprint": tiles_fingerprint(Path(test_folder), te_files, te_labels)},
         "classes": classes, "n_classes": n_classes, "n_bootstrap": cfg.n_bootstrap, "seed": cfg.seed,
         "config": dataclasses.asdict(cfg), "protocols": {}}
     del probe
     probs: dict[str, np.ndarray] = {}  # per protocol, for paired comparisons on the same test tiles
     for frac in cfg.fractions:
         name = f"finetune_{frac * 100:g}%"
-        run_dir = atomic.ensure_writable_dir(out / f"fraction_{frac * 100:g}pct".replace(".", "p"))
+        run_dir = atomic.ensure_writable_dir(_fraction_dir(out, name))
         sub = label_subset(labels, frac, cfg.seed)
         tr, va = _val_split(labels[sub], cfg.val_fraction, cfg.seed)
         tr, va = sub[tr], sub[va]
@@ -290,4 +293,62 @@ def finetune_tiles(train_folder: str | os.PathLike, test_folder: str | os.PathLi
     return {**report, "test_probs": probs, "test_labels": np.asarray(te_labels)}
 
 
-__all__ = ["AUGMENTS", "Classifier", "FinetuneConfig", "finetune_fraction", "finetune_tiles", "label_subset", "predict_tiles"]
+def _fraction_dir(out: Path, protocol: str) -> Path:
+    """``finetune_10%`` -> ``out/fraction_10pct`` (``finetune_0.5%`` -> ``fraction_0p5pct``)."""
+    return out / f"fraction_{protocol.removeprefix('finetune_').removesuffix('%')}pct".replace(".", "p")
+
+
+def tiles_fingerprint(folder: Path, files: list[Path], labels: np.ndarray) -> str:
+    """The test set's identity: its files (name relative to ``folder`` and content) and labels, in order."""
+    h = hashlib.sha256()
+    for f, y in zip(files, labels):
+        h.update(f"{f.relative_to(folder).as_posix()}\t{int(y)}\n".encode())
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def saved_predictions(out: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """A finished ``evaluate finetune`` folder's ``report.json`` and its test predictions per protocol."""
+    out = Path(out)
+    fix = "pass the --out folder of a finished `gigaslide evaluate finetune` run (re-run it to add missing predictions)"
+    try:
+        report = json.loads((out / "report.json").read_text())
+        probs = {name: np.asarray(json.loads((_fraction_dir(out, name) / "result.json").read_text())["test_probs"],
+                                  dtype=np.float32) for name in report["protocols"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise GigaslideError("no fine-tune report with test predictions here", path=out, fix=fix) from None
+    if not report.get("test", {}).get("fingerprint"):
+        raise GigaslideError("this fine-tune report does not record its test tiles", path=out, fix=fix)
+    return report, probs
+
+
+def compare_runs(report: dict[str, Any], baseline: str | os.PathLike, *, n_bootstrap: int = 1000,
+                 seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
+    """``report`` (as :func:`finetune_tiles` returns it) minus the fine-tune run in folder ``baseline``, paired on
+    the same test tiles, per label fraction both have: protocol -> metric -> :func:`paired_difference` result.
+    Refused when the two runs were tested on other tiles."""
+    base, base_probs = saved_predictions(baseline)
+    if base["test"]["fingerprint"] != report["test"]["fingerprint"]:
+        raise GigaslideError(f"tested on other tiles than this run ({base['test']['path']}, n={base['test']['n']})",
+                             path=baseline, fix="compare fine-tune runs on the same --test folder")
+    shared = [p for p in report["protocols"] if p in base_probs]
+    if not shared:
+        raise GigaslideError(f"no label fraction in common (baseline: {', '.join(base_probs)})", path=baseline,
+                             fix="fine-tune the baseline at the same --fractions")
+    return {p: {m: paired_difference(report["test_labels"], report["test_probs"][p], base_probs[p], m,
+                                     n_bootstrap=n_bootstrap, seed=seed) for m in ("balanced_accuracy", "auc")}
+            for p in shared}
+
+
+def comparison_markdown(diffs: dict[str, dict[str, dict[str, float]]], baseline: str) -> str:
+    lines = [f"## Paired vs `{baseline}` (same test tiles; paired bootstrap, 95 % CI, two-sided p)", "",
+             "| protocol | Δ balanced acc | Δ AUC |", "|---|---|---|"]
+    for p, d in diffs.items():
+        cells = [f"{d[m]['diff']:+.3f} [{d[m]['ci_low']:+.3f}, {d[m]['ci_high']:+.3f}], p={d[m]['p_value']:.3g}"
+                 for m in ("balanced_accuracy", "auc")]
+        lines.append(f"| {p} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["AUGMENTS", "Classifier", "FinetuneConfig", "compare_runs", "comparison_markdown", "finetune_fraction",
+           "finetune_tiles", "label_subset", "predict_tiles", "saved_predictions", "tiles_fingerprint"]
