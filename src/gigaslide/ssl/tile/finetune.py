@@ -318,7 +318,9 @@ def saved_predictions(out: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     except (OSError, ValueError, KeyError, TypeError):
         raise GigaslideError("no fine-tune report with test predictions here", path=out, fix=fix) from None
     if not report.get("test", {}).get("fingerprint"):
-        raise GigaslideError("this fine-tune report does not record its test tiles", path=out, fix=fix)
+        raise GigaslideError("this fine-tune report does not record its test tiles", path=out,
+                             fix="re-run that fine-tune with its own settings (finished fractions are reused, not "
+                                 "re-trained); it then records them")
     return report, probs
 
 
