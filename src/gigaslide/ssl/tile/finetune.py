@@ -7,12 +7,12 @@ early stopping), and the selected model is tested on the test folder with the sa
 bootstrap 95 % CIs as the frozen probes (:mod:`gigaslide.evaluation.tiles`), so the rows of one
 ``report.md`` compare directly with ``gigaslide evaluate tiles``.
 
-Layout of ``OUT``: ``report.{json,md,png}`` and one folder per fraction (``fraction_10pct/``) with
-``result.json`` (reused when the settings match: a re-run resumes), ``checkpoint/`` (the last
-epoch: model, optimiser and history, :func:`gigaslide.runs.save_checkpoint`; an interrupted run
-continues from it), ``best.safetensors``
-and ``encoder/`` (the fine-tuned encoder as an export folder that ``gigaslide encode`` and
-``embed-tiles`` load).
+Layout of ``OUT``: ``report.{json,md,png}`` (with the test tiles' fingerprint), ``comparison.{md,json}`` when run
+with a baseline (:func:`compare_runs`: paired against another run on the same test tiles), and one folder per
+fraction (``fraction_10pct/``) with ``result.json`` (scores and the test predictions; reused when the settings
+match: a re-run resumes), ``checkpoint/`` (the last epoch: model, optimiser and history,
+:func:`gigaslide.runs.save_checkpoint`; an interrupted run continues from it), ``best.safetensors`` and
+``encoder/`` (the fine-tuned encoder as an export folder that ``gigaslide encode`` and ``embed-tiles`` load).
 """
 
 from __future__ import annotations
