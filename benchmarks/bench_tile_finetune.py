@@ -27,7 +27,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_tile_ssl import ci, cpu_name, dci, merge_section, pcam_dir, random_trunk, verdict  # noqa: E402
 
 from gigaslide import atomic  # noqa: E402
-from gigaslide.evaluation.metrics import paired_difference  # noqa: E402
 
 
 def random_encoder(folder: Path, backbone: str, tile_size: int) -> Path:
@@ -63,7 +62,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     pcam = pcam_dir()
-    from gigaslide.ssl.tile.finetune import FinetuneConfig, finetune_tiles
+    from gigaslide.ssl.tile.finetune import FinetuneConfig, compare_reports, finetune_tiles
 
     t_start, load0 = time.perf_counter(), os.getloadavg()[0]
     work = Path(args.work)
@@ -82,13 +81,12 @@ def main() -> None:
         label = f"random init ({args.backbone})" if name == "random" else f"`{name}`"
         rep = finetune_tiles(pcam / "train", pcam / "valid", enc, work / f"finetune_{k}", cfg=cfg)
         base = rep if name == "random" else base
+        diffs = {} if base is None or base is rep else compare_reports(rep, base, n_bootstrap=args.bootstrap)
         for proto, r in rep["protocols"].items():
-            diffs = [] if base is None or base is rep else [
-                paired_difference(rep["test_labels"], rep["test_probs"][proto], base["test_probs"][proto], m,
-                                  n_bootstrap=args.bootstrap) for m in ("balanced_accuracy", "auc")]
-            vs = [dci(d) for d in diffs] or ["-", "-"]
-            if diffs:
-                verdicts.setdefault(proto, []).append(verdict(diffs[0]))
+            vs = ["-", "-"]
+            if d := diffs.get(proto):
+                vs = [dci(d["balanced_accuracy"]), dci(d["auc"])]
+                verdicts.setdefault(proto, []).append(verdict(d["balanced_accuracy"]))
             rows.append(f"| {label} | {proto.removeprefix('finetune_')} ({r['n_labels']} labels) | {r['epochs_run']} "
                         f"(best {r['best_epoch']}) | {r['train_images_per_s']} | {ci(r['balanced_accuracy'])} | "
                         f"{vs[0]} | {ci(r['auc'])} | {vs[1]} | {ci(r['macro_f1'])} |")

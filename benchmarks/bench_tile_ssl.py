@@ -458,22 +458,26 @@ def _scores(row: dict) -> tuple[float, ...]:
     return tuple(round(row["linear"][m]["value"], 4) for m in ("balanced_accuracy", "auc") if m in row["linear"])
 
 
+def _comparable(a: dict, b: dict, but: tuple[str, ...] = ()) -> bool:
+    """Sections ``a`` and ``b`` ran one protocol (``PROTOCOL_KEYS`` except ``but``) and scored the same random init
+    (the same test tiles)."""
+    pa, pb = ({k: v for k, v in _protocol(s).items() if k not in but} for s in (a, b))
+    rnd = [next((r for r in s["results"] if r["name"] == "random init"), None) for s in (a, b)]
+    return pa == pb and None not in rnd and _scores(rnd[0]) == _scores(rnd[1])
+
+
 def goal_rows(sections: dict[str, dict], names: list[str]) -> tuple[list[dict], dict[str, str]]:
     """The rows the goal is checked on: each method's row from the last of ``names`` that measured it (a re-check
     of some methods after their code changed), random init from the first. Sections of different protocols, or
     whose random-init rows differ (other test tiles), are refused. Returns (rows, method -> section)."""
     first = sections[names[0]]
-    key = _protocol(first)
-    base = next(r for r in first["results"] if r["name"] == "random init")
     rows = {r["name"]: r for r in first["results"]}
     src = {r["method"]: names[0] for r in first["results"] if r.get("method") and not r.get("variant")}
     for name in names[1:]:
         sec = sections[name]
-        other = _protocol(sec)
-        rnd = next(r for r in sec["results"] if r["name"] == "random init")
-        if other != key or _scores(rnd) != _scores(base):
-            raise SystemExit(f"section {name!r} is not {names[0]!r}'s protocol ({other} vs {key}, or another random "
-                             "init score): its rows cannot join the goal")
+        if not _comparable(first, sec):
+            raise SystemExit(f"section {name!r} is not {names[0]!r}'s protocol ({_protocol(sec)} vs "
+                             f"{_protocol(first)}, or another random init score): its rows cannot join the goal")
         for r in sec["results"]:
             if r.get("method") and not r.get("variant"):
                 rows[r["name"]], src[r["method"]] = r, name
@@ -485,12 +489,7 @@ def budget_lines(sections: dict[str, dict], first: str) -> list[str]:
     paired with the budget before it), when that section is ``first``'s protocol but for the budget and scored
     against the same random init; else nothing."""
     sec = sections.get("budget")
-    if sec is None or first == "budget":
-        return []
-    same = {k: v for k, v in _protocol(sec).items() if k != "budget"} == {
-        k: v for k, v in _protocol(sections[first]).items() if k != "budget"}
-    rnd = [next((r for r in s["results"] if r["name"] == "random init"), None) for s in (sec, sections[first])]
-    if not same or None in rnd or _scores(rnd[0]) != _scores(rnd[1]):
+    if sec is None or first == "budget" or not _comparable(sections[first], sec, but=("budget",)):
         return []
     rows = [r for r in sec["results"] if r.get("method") and not r.get("variant") and r.get("paired")]
     pairs = [r for r in rows if r.get("paired_vs")]

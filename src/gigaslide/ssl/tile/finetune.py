@@ -324,22 +324,29 @@ def saved_predictions(out: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     return report, probs
 
 
-def compare_runs(report: dict[str, Any], baseline: str | os.PathLike, *, n_bootstrap: int = 1000,
-                 seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
-    """``report`` (as :func:`finetune_tiles` returns it) minus the fine-tune run in folder ``baseline``, paired on
-    the same test tiles, per label fraction both have: protocol -> metric -> :func:`paired_difference` result.
-    Refused when the two runs were tested on other tiles."""
-    base, base_probs = saved_predictions(baseline)
+def compare_reports(report: dict[str, Any], base: dict[str, Any], *, n_bootstrap: int = 1000, seed: int = 0,
+                    path: str | os.PathLike | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """``report`` minus ``base`` (both as :func:`finetune_tiles` returns them), paired on the same test tiles, per
+    label fraction both have: protocol -> metric -> :func:`paired_difference` result. Refused when the two runs
+    were tested on other tiles (``path``: the baseline's folder, for the message)."""
     if base["test"]["fingerprint"] != report["test"]["fingerprint"]:
         raise GigaslideError(f"tested on other tiles than this run ({base['test']['path']}, n={base['test']['n']})",
-                             path=baseline, fix="compare fine-tune runs on the same --test folder")
-    shared = [p for p in report["protocols"] if p in base_probs]
+                             path=path, fix="compare fine-tune runs on the same --test folder")
+    shared = [p for p in report["protocols"] if p in base["test_probs"]]
     if not shared:
-        raise GigaslideError(f"no label fraction in common (baseline: {', '.join(base_probs)})", path=baseline,
+        raise GigaslideError(f"no label fraction in common (baseline: {', '.join(base['test_probs'])})", path=path,
                              fix="fine-tune the baseline at the same --fractions")
-    return {p: {m: paired_difference(report["test_labels"], report["test_probs"][p], base_probs[p], m,
+    return {p: {m: paired_difference(report["test_labels"], report["test_probs"][p], base["test_probs"][p], m,
                                      n_bootstrap=n_bootstrap, seed=seed) for m in ("balanced_accuracy", "auc")}
             for p in shared}
+
+
+def compare_runs(report: dict[str, Any], baseline: str | os.PathLike, *, n_bootstrap: int = 1000,
+                 seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
+    """:func:`compare_reports` against the finished fine-tune run in folder ``baseline``."""
+    base, base_probs = saved_predictions(baseline)
+    return compare_reports(report, {**base, "test_probs": base_probs}, n_bootstrap=n_bootstrap, seed=seed,
+                           path=baseline)
 
 
 def comparison_markdown(diffs: dict[str, dict[str, dict[str, float]]], baseline: str) -> str:
@@ -352,5 +359,6 @@ def comparison_markdown(diffs: dict[str, dict[str, dict[str, float]]], baseline:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["AUGMENTS", "Classifier", "FinetuneConfig", "compare_runs", "comparison_markdown", "finetune_fraction",
-           "finetune_tiles", "label_subset", "predict_tiles", "saved_predictions", "tiles_fingerprint"]
+__all__ = ["AUGMENTS", "Classifier", "FinetuneConfig", "compare_reports", "compare_runs", "comparison_markdown",
+           "finetune_fraction", "finetune_tiles", "label_subset", "predict_tiles", "saved_predictions",
+           "tiles_fingerprint"]
