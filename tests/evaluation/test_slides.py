@@ -97,3 +97,56 @@ def test_linear_probe_run_few_shot(tmp_path):
     del emb["s0"]
     with pytest.raises(GigaslideError, match="have no features: s0"):
         E.linear_probe_run(emb, lab, tmp_path / "run3", folds=4)
+
+
+def test_two_runs_are_compared_paired_on_the_same_slides(tmp_path, cli, capsys):
+    """Runs with other folds and slide order are matched by slide id; Δ = pooled metric of a minus b's."""
+    from gigaslide.evaluation.metrics import METRICS
+
+    ids, y, p_good = _preds(tmp_path / "a", n=80, folds=4, seed=0, good=True)
+    _, _, p_bad = _preds(tmp_path / "b", n=80, folds=2, seed=1, good=False)
+    d = E.compare_predictions(tmp_path / "a", tmp_path / "b", n_bootstrap=200)
+    for m in ("auc", "balanced_accuracy"):
+        assert d[m]["diff"] == pytest.approx(METRICS[m](y, p_good) - METRICS[m](y, p_bad), abs=1e-5)
+    assert d["auc"]["ci_low"] > 0.2
+    assert E.compare_predictions(tmp_path / "a", tmp_path / "a", n_bootstrap=50)["auc"]["diff"] == 0.0
+    rc = cli(["evaluate", "slides", "--predictions", str(tmp_path / "a"), "--baseline", str(tmp_path / "b"),
+              "--bootstrap", "50"])
+    assert rc == 0 and "Paired vs" in capsys.readouterr().out
+    cmp = __import__("json").loads((tmp_path / "a" / "comparison.json").read_text())["protocols"]
+    assert cmp["slides (pooled out-of-fold)"]["auc"]["diff"] == pytest.approx(d["auc"]["diff"])
+
+
+def test_repeats_are_averaged_in_a_paired_comparison(tmp_path):
+    import csv
+
+    ids, y = ["a", "b", "c", "d"], [0, 1, 0, 1]
+    good = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6]])
+    for name, draws in (("two", (good, good[:, ::-1])), ("one", (good,))):
+        (tmp_path / name).mkdir()
+        with open(tmp_path / name / "predictions.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["slide_id", "label", "prob_0", "prob_1", "fold", "repeat"])
+            for rep, p in enumerate(draws):
+                for i in range(4):
+                    w.writerow([ids[i], y[i], *p[i], i % 2, rep])
+    d = E.compare_predictions(tmp_path / "two", tmp_path / "one", n_bootstrap=0)
+    assert d["auc"]["diff"] == pytest.approx(0.5 - 1.0)  # repeats' mean AUC 0.5 vs 1.0
+
+
+def test_runs_on_other_slides_or_labels_are_refused(tmp_path, cli, capsys):
+    _preds(tmp_path / "a", n=60)
+    _preds(tmp_path / "b", n=40)
+    with pytest.raises(GigaslideError, match=r"other slides \(20 only here, e.g. s40, 0 only in the baseline\)"):
+        E.compare_predictions(tmp_path / "a", tmp_path / "b")
+    _preds(tmp_path / "c", n=60, c=3)
+    with pytest.raises(GigaslideError, match="3 classes in the baseline, 2 here"):
+        E.compare_predictions(tmp_path / "a", tmp_path / "c")
+    pred = E.read_predictions(tmp_path / "a")
+    flipped = E.Predictions(pred.slide_ids, 1 - pred.labels, pred.probs, pred.folds, pred.repeats, "flipped")
+    with pytest.raises(GigaslideError, match="has label"):
+        E.compare_predictions(pred, flipped)
+    rc = cli(["evaluate", "slides", "--predictions", str(tmp_path / "a"), "--baseline", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "other slides" in err and "Traceback" not in err
+    assert not (tmp_path / "a" / "evaluation.json").exists()  # refused before evaluating

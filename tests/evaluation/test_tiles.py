@@ -68,3 +68,65 @@ def test_cli_evaluate_tiles(tmp_path, cli, capsys):
     assert cli(["evaluate", "tiles", "--train", str(tmp_path / "missing.h5"), "--test", str(tmp_path / "te.h5"),
                 "--out", str(tmp_path / "rep")]) == 2
     assert "feature file not found" in capsys.readouterr().err
+
+
+def _saved_pair(tmp_path, fp_b="tiles-1"):
+    """Encoder a (informative features) and b (noise) on the same recorded test tiles."""
+    X, y = _split(300, 0)
+    Xt, yt = _split(200, 1)
+    noise = np.random.default_rng(5)
+    for name, tr, te, fp in (("a", X, Xt, "tiles-1"),
+                             ("b", noise.normal(size=X.shape), noise.normal(size=Xt.shape), fp_b)):
+        store.save(tmp_path / f"{name}_tr.h5", tr.astype(np.float32), labels=y, attrs={"encoder": name})
+        store.save(tmp_path / f"{name}_te.h5", te.astype(np.float32), labels=yt,
+                   attrs={"encoder": name, **({"tiles_fingerprint": fp} if fp else {})})
+    return yt
+
+
+def _args(tmp_path, name, *extra):
+    return ["evaluate", "tiles", "--train", str(tmp_path / f"{name}_tr.h5"), "--test", str(tmp_path / f"{name}_te.h5"),
+            "--protocol", "linear,knn,fewshot", "--fewshot-repeats", "2", "--bootstrap", "100",
+            "--out", str(tmp_path / f"rep_{name}"), *extra]
+
+
+def test_cli_compares_two_encoders_paired_on_the_same_test_tiles(tmp_path, cli, capsys):
+    from gigaslide.evaluation.metrics import METRICS
+    from gigaslide.evaluation.tiles import saved_predictions
+
+    yt = _saved_pair(tmp_path)
+    assert cli(_args(tmp_path, "b")) == 0
+    assert cli(_args(tmp_path, "a", "--baseline", str(tmp_path / "rep_b"))) == 0
+    assert "Paired vs" in capsys.readouterr().out
+    cmp = json.loads((tmp_path / "rep_a" / "comparison.json").read_text())["protocols"]
+    assert set(cmp) == {"linear", "knn", "fewshot_1%", "fewshot_10%", "fewshot_1/class", "fewshot_5/class",
+                        "fewshot_10/class"}
+    a, b = saved_predictions(tmp_path / "rep_a"), saved_predictions(tmp_path / "rep_b")
+    assert (a["test_labels"] == yt).all() and a["test_probs"]["fewshot_1%"].shape == (2, 200, 2)
+    for proto in ("linear", "fewshot_5/class"):  # a's score minus b's, from the saved predictions (draws averaged)
+        want = {m: np.mean([METRICS[m](yt, p) for p in np.reshape(a["test_probs"][proto], (-1, 200, 2))])
+                - np.mean([METRICS[m](yt, p) for p in np.reshape(b["test_probs"][proto], (-1, 200, 2))])
+                for m in ("auc", "balanced_accuracy")}
+        assert cmp[proto]["auc"]["diff"] == pytest.approx(want["auc"])
+        assert cmp[proto]["balanced_accuracy"]["diff"] == pytest.approx(want["balanced_accuracy"])
+    assert cmp["linear"]["balanced_accuracy"]["ci_low"] > 0.2  # informative features vs noise: clearly better
+    assert "| linear |" in (tmp_path / "rep_a" / "comparison.md").read_text()
+    # the report's numbers are the saved predictions' numbers
+    rep = json.loads((tmp_path / "rep_a" / "report.json").read_text())
+    assert rep["protocols"]["linear"]["auc"]["value"] == pytest.approx(METRICS["auc"](yt, a["test_probs"]["linear"]))
+
+
+def test_a_baseline_on_other_or_unrecorded_tiles_is_refused_before_probing(tmp_path, cli, capsys):
+    _saved_pair(tmp_path, fp_b="tiles-2")
+    assert cli(_args(tmp_path, "b")) == 0
+    assert cli(_args(tmp_path, "a", "--baseline", str(tmp_path / "rep_b"))) == 2
+    err = capsys.readouterr().err
+    assert "other tiles" in err and "embed-tiles" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "rep_a").exists()  # refused before any probing
+    _saved_pair(tmp_path / "old", fp_b=None)  # a test file from before tiles were recorded
+    assert cli(_args(tmp_path / "old", "b")) == 0
+    assert cli(_args(tmp_path / "old", "a", "--baseline", str(tmp_path / "old" / "rep_b"))) == 2
+    assert "no record of which tiles" in capsys.readouterr().err
+    assert cli(_args(tmp_path, "a", "--baseline", str(tmp_path / "nothing"))) == 2
+    err = capsys.readouterr().err
+    assert "no tile evaluation with test predictions" in err and "nothing" in err

@@ -58,3 +58,18 @@ def test_provenance_records_the_tiles_read_not_the_encoder(folder, tmp_path):
     assert attrs["tile_size"] == 40 and "mpp" not in attrs
     embed_tile_folder(enc, folder, tmp_path / "g.h5", mpp=0.97)
     assert store.load(tmp_path / "g.h5").attrs["mpp"] == pytest.approx(0.97)
+
+
+def test_the_file_records_which_tiles_it_holds_and_a_changed_tile_is_re_embedded(folder, tmp_path):
+    """The tiles' fingerprint (names, labels, content) is what paired comparisons check: same folder -> same
+    fingerprint whatever the encoder; one tile's pixels changed under the same name -> another one, not reused."""
+    a, b = build_encoder("test_resnet", "random", seed=0), build_encoder("test_resnet", "random", seed=1)
+    embed_tile_folder(a, folder, tmp_path / "a.h5")
+    embed_tile_folder(b, folder, tmp_path / "b.h5")
+    fp = store.load(tmp_path / "a.h5").attrs["tiles_fingerprint"]
+    assert fp == store.load(tmp_path / "b.h5").attrs["tiles_fingerprint"]
+    embed_tile_folder(a, folder, tmp_path / "few.h5", max_per_class=4)
+    assert store.load(tmp_path / "few.h5").attrs["tiles_fingerprint"] != fp  # other tiles
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(folder / "a" / "0.png")
+    assert not embed_tile_folder(a, folder, tmp_path / "a.h5")["reused"]
+    assert store.load(tmp_path / "a.h5").attrs["tiles_fingerprint"] != fp

@@ -29,7 +29,7 @@ def test_benchmark_end_to_end(tmp_path, cli, capsys):
     _tile_split(tiles / "valid", seed=1)
     build_mosaic(tiles / "train", tmp_path / "mosaic", MosaicConfig(slides=8, grid=8, tumor_fraction=(0.3, 0.3), seed=0),
                  verbose=False)
-    rc = cli(["benchmark", "--encoders", "test_resnet", "--weights", "random", "--tiles", str(tiles),
+    rc = cli(["benchmark", "--encoders", "test_resnet,test_vit", "--weights", "random", "--tiles", str(tiles),
               "--slides", str(tmp_path / "mosaic"), "--tile-size", "64", "--folds", "2", "--epochs", "2",
               "--bootstrap", "20", "--threads", "1", "--out", str(tmp_path / "bench")])
     assert rc == 0, capsys.readouterr().err
@@ -40,7 +40,10 @@ def test_benchmark_end_to_end(tmp_path, cli, capsys):
     assert ev["n_slides"] == 8  # the leaderboard reports the MIL run it made, on every mosaic slide
     assert lb["slide"]["auc"] == pytest.approx({k: ev["metrics"]["auc"][k] for k in lb["slide"]["auc"]}, nan_ok=True)
     assert lb["localisation"]["n_slides"] >= 1
-    assert "| test_resnet |" in (tmp_path / "bench" / "leaderboard.md").read_text()
+    md = (tmp_path / "bench" / "leaderboard.md").read_text()
+    assert "| test_resnet |" in md and "| test_vit |" in md and "Paired vs `test_resnet`" in md
+    paired = json.loads((tmp_path / "bench" / "leaderboard.json").read_text())["paired_vs_first"]
+    assert list(paired) == ["test_vit: tile linear", "test_vit: tile 20-NN", "test_vit: slide abmil"]
     assert (tmp_path / "bench" / "leaderboard.png").stat().st_size > 1000
     feats = sorted((tmp_path / "bench" / "test_resnet" / "slides" / "features").glob("*.h5"))
     assert len(feats) == 8
@@ -58,3 +61,53 @@ def test_benchmark_bad_inputs(tmp_path):
         run_benchmark(["test_resnet"], tmp_path / "o", slides=tmp_path)
     with pytest.raises(GigaslideError, match="no train/"):
         run_benchmark(["test_resnet"], tmp_path / "o", tiles=tmp_path)
+
+
+def test_the_leaderboard_compares_each_encoder_with_the_first_paired(tmp_path):
+    """Tile probes on the same recorded test tiles and MIL predictions on the same slides -> Δ vs the first encoder
+    (a's minus b's, from what each encoder's folder saved)."""
+    from gigaslide.evaluation.metrics import METRICS
+    from gigaslide.evaluation.slides import read_predictions, write_predictions
+    from gigaslide.evaluation.tiles import evaluate_tile_features, saved_predictions
+    from gigaslide.features import store
+    from gigaslide.mil.benchmark import paired_vs_first
+
+    r = np.random.default_rng(0)
+    y, yt = np.arange(120) % 2, np.arange(80) % 2
+    slides_y = np.arange(30) % 2
+    for name, signal in (("first", 0.0), ("runs_x_encoder", 2.0)):
+        d = tmp_path / name
+        tr = r.normal(size=(120, 4)) + signal * y[:, None]
+        te = r.normal(size=(80, 4)) + signal * yt[:, None]
+        store.save(d / "tr.h5", tr.astype(np.float32), labels=y, attrs={"encoder": name})
+        store.save(d / "te.h5", te.astype(np.float32), labels=yt, attrs={"encoder": name, "tiles_fingerprint": "t1"})
+        evaluate_tile_features(store.load(d / "tr.h5"), store.load(d / "te.h5"), ["linear", "knn"], n_bootstrap=20,
+                               out=d / "tile_report")
+        p1 = 1 / (1 + np.exp(-(signal * (2 * slides_y - 1) + r.normal(size=30))))
+        write_predictions(d / "mil" / "predictions.csv", [f"s{i}" for i in range(30)], slides_y,
+                          np.stack([1 - p1, p1], 1), np.arange(30) % 3)
+    rows = [{"encoder": "first", "tile": {}, "slide": {"model": "abmil"}},
+            {"encoder": "runs/x/encoder", "tile": {}, "slide": {"model": "abmil"}}]  # a path, as users pass exports
+    diffs = paired_vs_first(rows, tmp_path, n_bootstrap=50, seed=0)
+    assert list(diffs) == ["runs/x/encoder: tile linear", "runs/x/encoder: tile 20-NN", "runs/x/encoder: slide abmil"]
+    a = saved_predictions(tmp_path / "runs_x_encoder" / "tile_report")
+    b = saved_predictions(tmp_path / "first" / "tile_report")
+    want = METRICS["auc"](yt, a["test_probs"]["knn"]) - METRICS["auc"](yt, b["test_probs"]["knn"])
+    assert diffs["runs/x/encoder: tile 20-NN"]["auc"]["diff"] == pytest.approx(want)
+    pa, pb = read_predictions(tmp_path / "runs_x_encoder" / "mil"), read_predictions(tmp_path / "first" / "mil")
+    want = METRICS["auc"](pa.labels, pa.probs) - METRICS["auc"](pb.labels, pb.probs)
+    assert diffs["runs/x/encoder: slide abmil"]["auc"]["diff"] == pytest.approx(want, abs=1e-5)
+    assert diffs["runs/x/encoder: tile linear"]["balanced_accuracy"]["ci_low"] > 0  # signal vs none
+    assert paired_vs_first(rows[:1], tmp_path, n_bootstrap=10, seed=0) == {}
+
+
+def test_two_runs_exports_get_their_own_folders(tmp_path):
+    """`--encoders runs/a/encoder,runs/b/encoder` (the usual case): each export its own folder in OUT."""
+    from gigaslide.mil.benchmark import _safe
+
+    assert _safe("runs/a/encoder") != _safe("runs/b/encoder")
+    assert _safe("/abs/runs/a/encoder") == "abs_runs_a_encoder" and _safe("resnet18") == "resnet18"
+    (tmp_path / "t" / "train").mkdir(parents=True)
+    with pytest.raises(GigaslideError, match="would share the folder"):
+        run_benchmark(["resnet18", "resnet18"], tmp_path / "o", tiles=tmp_path / "t")
+    assert not (tmp_path / "o").exists()  # refused before any work

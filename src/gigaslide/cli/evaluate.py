@@ -13,28 +13,56 @@ from gigaslide.errors import GigaslideError
 
 
 def evaluate_tiles(train: str, test: str, out: str, protocol: str = "linear,knn,fewshot", bootstrap: int = 1000,
-                   k: int = 20, fewshot_repeats: int = 5, seed: int = 0) -> None:
+                   k: int = 20, fewshot_repeats: int = 5, seed: int = 0, baseline: str | None = None) -> None:
     """Probe frozen tile features (linear, k-NN, few-shot) with bootstrap CIs; writes report.{md,json,png}.
 
     Example: gigaslide evaluate tiles --train feats/train.h5 --test feats/valid.h5 --protocol linear,knn --out report/
+    Paired against another encoder on the same test tiles (both embedded with `gigaslide embed-tiles`):
+      gigaslide evaluate tiles --train rand/train.h5 --test rand/valid.h5 --out rep_random/
+      gigaslide evaluate tiles --train dino/train.h5 --test dino/valid.h5 --out rep_dino/ --baseline rep_random/
 
     Args:
         train: feature file (.h5 with a 'labels' dataset) of the training tiles
         test: feature file of the test tiles (same encoder)
-        out: report directory
+        out: report directory (report.{md,json,png} and the test predictions, predictions.npz)
         protocol: comma-separated subset of linear,knn,fewshot
         bootstrap: bootstrap resamples for the 95 % CIs (0 = none)
         k: neighbours of the k-NN probe (cosine)
         fewshot_repeats: random draws per few-shot setting
         seed: random seed (validation split, few-shot draws, bootstrap)
+        baseline: --out folder of another `evaluate tiles` on the same test tiles: each protocol both have is
+            compared with it, paired (bootstrap over the same test tiles); writes OUT/comparison.{md,json}
     """
-    from gigaslide.evaluation.tiles import evaluate_tile_features, report_markdown
+    from gigaslide.evaluation.compare import check_same_tiles
+    from gigaslide.evaluation.tiles import FIX_SAME_TILES, compare_with, evaluate_tile_features, report_markdown
+    from gigaslide.evaluation.tiles import saved_predictions
     from gigaslide.features import store
 
-    rep = evaluate_tile_features(store.load(train), store.load(test), protocol, n_bootstrap=bootstrap, seed=seed, k=k,
+    test_f = store.load(test)
+    base = None
+    if baseline:  # a wrong baseline is refused before any probing
+        base = saved_predictions(baseline)
+        check_same_tiles(test_f.attrs.get("tiles_fingerprint"), base, path=baseline, fix=FIX_SAME_TILES)
+    rep = evaluate_tile_features(store.load(train), test_f, protocol, n_bootstrap=bootstrap, seed=seed, k=k,
                                  fewshot_repeats=fewshot_repeats, out=out)
     print(report_markdown(rep))
-    print(f"wrote {out}/report.md, report.json, report.png")
+    print(f"wrote {out}/report.md, report.json, report.png, predictions.npz")
+    if base is not None:
+        _write_comparison(out, baseline, compare_with(rep, base, n_bootstrap=bootstrap, seed=seed))
+
+
+def _write_comparison(out: str, baseline: str, diffs: dict, items: str = "test tiles") -> None:
+    """OUT/comparison.{md,json}: the paired differences against ``baseline``, printed too."""
+    from gigaslide import atomic
+    from gigaslide.evaluation.compare import comparison_markdown
+
+    d = Path(out)
+    d = d.parent if d.suffix == ".json" else d
+    text = comparison_markdown(diffs, baseline, items)
+    atomic.write_json(d / "comparison.json", {"baseline": str(baseline), "protocols": diffs})
+    atomic.write_text(d / "comparison.md", text)
+    print(text)
+    print(f"wrote {d}/comparison.md, comparison.json")
 
 
 def evaluate_finetune(train: str, test: str, encoder: str, out: str, weights: str = "default", fractions: str = "1.0",
@@ -79,8 +107,7 @@ def evaluate_finetune(train: str, test: str, encoder: str, out: str, weights: st
 
     from gigaslide import atomic
     from gigaslide.evaluation.tiles import report_markdown
-    from gigaslide.ssl.tile.finetune import (FinetuneConfig, compare_runs, comparison_markdown, finetune_tiles,
-                                             saved_predictions)
+    from gigaslide.ssl.tile.finetune import FinetuneConfig, compare_runs, finetune_tiles, saved_predictions
 
     if threads:
         torch.set_num_threads(threads)
@@ -96,34 +123,39 @@ def evaluate_finetune(train: str, test: str, encoder: str, out: str, weights: st
     print(report_markdown(rep))
     print(f"wrote {out}/report.md, report.json, report.png")
     if baseline:
-        diffs = compare_runs(rep, baseline, n_bootstrap=bootstrap, seed=seed)
-        text = comparison_markdown(diffs, baseline)
-        atomic.write_json(Path(out) / "comparison.json", {"baseline": str(baseline), "protocols": diffs})
-        atomic.write_text(Path(out) / "comparison.md", text)
-        print(text)
-        print(f"wrote {out}/comparison.md, comparison.json")
+        _write_comparison(out, baseline, compare_runs(rep, baseline, n_bootstrap=bootstrap, seed=seed))
 
 
-def evaluate_slides(predictions: str, bootstrap: int = 1000, seed: int = 0, out: str | None = None) -> None:
+def evaluate_slides(predictions: str, bootstrap: int = 1000, seed: int = 0, out: str | None = None,
+                    baseline: str | None = None) -> None:
     """Slide-level AUC / balanced accuracy with bootstrap 95 % CIs from a run's prediction CSVs.
 
     Example: gigaslide evaluate slides --predictions runs/abmil --bootstrap 1000
+    Paired against another run on the same slides (e.g. another model or encoder, same labels.csv):
+      gigaslide evaluate slides --predictions runs/transmil --baseline runs/abmil
 
     Args:
         predictions: run directory (predictions.csv or fold*/predictions.csv) or a CSV file
         bootstrap: bootstrap resamples (slides resampled within folds; 0 = none)
         seed: bootstrap seed
         out: where to write evaluation.json/.md (default: the run directory; a .json path also works)
+        baseline: another run directory or CSV predicting the same slides: Δ AUC and Δ balanced accuracy, paired
+            (one bootstrap resample of slides for both, stratified by label); writes comparison.{md,json} beside
+            evaluation.json
     """
-    from pathlib import Path
-
-    from gigaslide.evaluation.slides import evaluate_predictions, evaluation_markdown
+    from gigaslide.evaluation.slides import compare_predictions, evaluate_predictions, evaluation_markdown
+    from gigaslide.evaluation.slides import read_predictions
 
     if out is None:
         p = Path(predictions)
         out = str(p if p.is_dir() else p.parent)
-    res = evaluate_predictions(predictions, n_bootstrap=bootstrap, seed=seed, out=out)
+    base = read_predictions(baseline) if baseline else None  # a wrong baseline is refused before any work
+    pred = read_predictions(predictions)
+    diffs = compare_predictions(pred, base, n_bootstrap=bootstrap, seed=seed) if base is not None else None
+    res = evaluate_predictions(pred, n_bootstrap=bootstrap, seed=seed, out=out)
     print(evaluation_markdown(res))
+    if diffs is not None:
+        _write_comparison(out, baseline, {"slides (pooled out-of-fold)": diffs}, items="slides")
 
 
 def evaluate_embeddings(embeddings: str, labels: str, out: str, folds: int = 5, train_slides: int | None = None,

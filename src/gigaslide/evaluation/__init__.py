@@ -6,4 +6,6 @@
 * :mod:`gigaslide.evaluation.tiles` -- linear / k-NN / few-shot probes on frozen tile features.
 * :mod:`gigaslide.evaluation.slides` -- reads per-fold slide prediction CSVs (the contract every
   slide-level method writes) and reports AUC / balanced accuracy with bootstrap CIs.
+* :mod:`gigaslide.evaluation.compare` -- paired comparisons of two results on the same test items (tiles by
+  fingerprint, slides by id), the one way gigaslide says one model beats another.
 """

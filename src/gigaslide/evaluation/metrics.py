@@ -8,6 +8,7 @@ for two classes and the macro one-vs-rest AUC for more. A metric that is undefin
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -145,21 +146,55 @@ def summarize(y: np.ndarray, probs: np.ndarray, *, n_bootstrap: int = 1000, seed
     return out
 
 
+def _draws(probs: np.ndarray) -> np.ndarray:
+    """[N] / [N, C] -> [1, N, C]; [R, N, C] (R draws or repeats on the same items) passes through."""
+    p = np.asarray(probs, dtype=np.float64)
+    return p if p.ndim == 3 else as_probs(p)[None]
+
+
+def _mean_over_draws(fn: MetricFn, y: np.ndarray, p: Sequence[np.ndarray], idx: np.ndarray | None = None) -> float:
+    """``fn`` on each draw of ``p`` ([N, C] each; items ``idx``), averaged over the draws (NaN draws skipped)."""
+    vals = [fn(y if idx is None else y[idx], d if idx is None else d[idx]) for d in p]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # every draw NaN (one class resampled): a NaN replicate
+        return float(np.nanmean(vals))
+
+
 def paired_difference(y: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, metric: str = "auc", *,
-                      n_bootstrap: int = 1000, seed: int = 0, strata: np.ndarray | None = None) -> dict[str, float]:
+                      n_bootstrap: int = 1000, seed: int = 0, strata: np.ndarray | None = None,
+                      draws: str | None = None) -> dict[str, float]:
     """Paired bootstrap of ``metric(a) - metric(b)`` on the *same* test items (both resampled with one index).
 
-    Returns ``diff``, its 95 % ``ci_low``/``ci_high`` and a two-sided bootstrap ``p_value`` (twice the smaller
-    share of replicates on either side of 0, floored at 1/B).
+    ``probs_a`` / ``probs_b`` are [N, C] (or [N]), or [R, N, C]: R draws (few-shot label subsets, repeated runs)
+    on the same items, whose metric is the mean over the draws; a and b may have different numbers of draws.
+    ``draws`` says what a replicate does with them: None keeps every draw (the CI then covers the test items only);
+    ``"paired"`` resamples the draws too, with one index for both (the same draws on both sides, e.g. the same
+    few-shot label subsets of the same training tiles; needs equal R); ``"independent"`` resamples each side's
+    draws on its own. Returns ``diff``, its 95 % ``ci_low``/``ci_high`` and a two-sided bootstrap ``p_value``
+    (twice the smaller share of replicates on either side of 0, floored at 1/B).
     """
     y = np.asarray(y).astype(int)
-    pa, pb = as_probs(probs_a), as_probs(probs_b)
-    if len(pa) != len(y) or len(pb) != len(y):
+    pa, pb = _draws(probs_a), _draws(probs_b)
+    if pa.shape[1] != len(y) or pb.shape[1] != len(y):
         raise ValueError(f"paired comparison needs predictions for the same {len(y)} items")
+    if draws not in (None, "paired", "independent"):
+        raise ValueError(f"draws must be None, 'paired' or 'independent', not {draws!r}")
+    if draws == "paired" and len(pa) != len(pb):
+        raise ValueError(f"paired draws need as many draws on both sides ({len(pa)} vs {len(pb)})")
     fn = METRICS[metric]
-    diff = fn(y, pa) - fn(y, pb)
-    reps = bootstrap_replicates(lambda i: fn(y[i], pa[i]) - fn(y[i], pb[i]), len(y), n_bootstrap=n_bootstrap,
-                                seed=seed, strata=strata)
+    diff = _mean_over_draws(fn, y, pa) - _mean_over_draws(fn, y, pb)
+    rng = np.random.default_rng([seed, 1])  # the draws' resampling, apart from the items' (bootstrap_indices)
+    ja = rng.integers(0, len(pa), (max(n_bootstrap, 0), len(pa))) if draws else None
+    jb = ja if draws == "paired" else (rng.integers(0, len(pb), (max(n_bootstrap, 0), len(pb))) if draws else None)
+    replicate = iter(range(max(n_bootstrap, 0)))
+
+    def stat(i: np.ndarray) -> float:
+        r = next(replicate)
+        da = pa if ja is None else [pa[k] for k in ja[r]]
+        db = pb if jb is None else [pb[k] for k in jb[r]]
+        return _mean_over_draws(fn, y, da, i) - _mean_over_draws(fn, y, db, i)
+
+    reps = bootstrap_replicates(stat, len(y), n_bootstrap=n_bootstrap, seed=seed, strata=strata)
     reps = reps[~np.isnan(reps)] if len(reps) else reps
     lo, hi = percentile_ci(reps) if len(reps) else (float("nan"), float("nan"))
     if len(reps):
@@ -168,7 +203,7 @@ def paired_difference(y: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, m
     else:
         p = float("nan")
     return {"metric": metric, "diff": float(diff), "ci_low": float(lo), "ci_high": float(hi), "p_value": float(p),
-            "n": int(len(y)), "n_bootstrap": int(n_bootstrap)}
+            "n": int(len(y)), "n_bootstrap": int(n_bootstrap), "draws": draws or "fixed"}
 
 
 def fmt_ci(d: dict[str, float], digits: int = 3) -> str:

@@ -38,7 +38,8 @@ import numpy as np
 from gigaslide import atomic
 from gigaslide.provenance import provenance, write_sidecar
 from gigaslide.errors import GigaslideError
-from gigaslide.evaluation.metrics import METRICS, bootstrap_replicates, fmt_ci, percentile_ci
+from gigaslide.evaluation.compare import COMPARE_METRICS
+from gigaslide.evaluation.metrics import METRICS, bootstrap_replicates, fmt_ci, paired_difference, percentile_ci
 
 SLIDE_METRICS = ("auc", "balanced_accuracy", "macro_f1")
 
@@ -153,15 +154,12 @@ def read_predictions(source: str | os.PathLike) -> Predictions:
     return pred
 
 
-def evaluate_predictions(pred: Predictions | str | os.PathLike, *, n_bootstrap: int = 1000, seed: int = 0,
-                         out: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Pooled out-of-fold metrics with bootstrap CIs (resampling slides within folds), per-fold mean ± std."""
-    if not isinstance(pred, Predictions):
-        pred = read_predictions(pred)
-    rep_ids = np.unique(pred.repeats)
-    # align repeats on the slides they share so one bootstrap draw resamples the same slides in each
+def _per_repeat(pred: Predictions) -> tuple[list[str], list[np.ndarray]]:
+    """(slide ids sorted, one row index array per repeat in that slide order): repeats aligned on their slides so
+    one bootstrap draw resamples the same slides in each."""
     per_rep = []
     base_ids = None
+    rep_ids = np.unique(pred.repeats)
     for r in rep_ids:
         m = pred.repeats == r
         order = np.argsort(np.asarray(pred.slide_ids, dtype=object)[m].astype(str), kind="stable")
@@ -173,6 +171,49 @@ def evaluate_predictions(pred: Predictions | str | os.PathLike, *, n_bootstrap: 
             raise GigaslideError(f"repeat {r} predicts a different set of slides than repeat {rep_ids[0]}",
                                  path=pred.source, fix="every repeat must be a full cross-validation of the same slides")
         per_rep.append(idx)
+    return base_ids or [], per_rep
+
+
+def compare_predictions(pred: Predictions | str | os.PathLike, base: Predictions | str | os.PathLike, *,
+                        n_bootstrap: int = 1000, seed: int = 0) -> dict[str, dict[str, float]]:
+    """``pred`` minus ``base`` on the same slides: metric -> paired difference of the pooled out-of-fold metric
+    (mean over each run's repeats), one bootstrap resample of slides for both, stratified by label (the two runs'
+    folds may differ); a run's repeats (few-shot draws of training slides) are resampled too, each run's on its
+    own. Refused in one line when they predict other slides, other labels or other classes."""
+    pred = pred if isinstance(pred, Predictions) else read_predictions(pred)
+    base = base if isinstance(base, Predictions) else read_predictions(base)
+    fix = "compare runs cross-validated on the same slides (the same labels.csv)"
+    (ids, rows), (base_ids, base_rows) = _per_repeat(pred), _per_repeat(base)
+    if ids != base_ids:
+        here, there = sorted(set(ids) - set(base_ids)), sorted(set(base_ids) - set(ids))
+        raise GigaslideError(f"the baseline predicts other slides ({len(here)} only here{_eg(here)}, {len(there)} only "
+                             f"in the baseline{_eg(there)})", path=base.source, fix=fix)
+    if pred.n_classes != base.n_classes:
+        raise GigaslideError(f"{base.n_classes} classes in the baseline, {pred.n_classes} here", path=base.source,
+                             fix=fix)
+    labels, base_labels = pred.labels[rows[0]], base.labels[base_rows[0]]
+    if not np.array_equal(labels, base_labels):
+        k = int(np.flatnonzero(labels != base_labels)[0])
+        raise GigaslideError(f"slide {ids[k]} has label {base_labels[k]} in the baseline, {labels[k]} here",
+                             path=base.source, fix=fix)
+    probs = np.stack([pred.probs[i] for i in rows])
+    base_probs = np.stack([base.probs[i] for i in base_rows])
+    draws = "independent" if len(probs) > 1 or len(base_probs) > 1 else None  # repeats: resampled too
+    return {m: paired_difference(labels, probs, base_probs, m, n_bootstrap=n_bootstrap, seed=seed, strata=labels,
+                                 draws=draws) for m in COMPARE_METRICS}
+
+
+def _eg(ids: list[str]) -> str:
+    return f", e.g. {ids[0]}" if ids else ""
+
+
+def evaluate_predictions(pred: Predictions | str | os.PathLike, *, n_bootstrap: int = 1000, seed: int = 0,
+                         out: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Pooled out-of-fold metrics with bootstrap CIs (resampling slides within folds), per-fold mean ± std."""
+    if not isinstance(pred, Predictions):
+        pred = read_predictions(pred)
+    rep_ids = np.unique(pred.repeats)
+    _, per_rep = _per_repeat(pred)
     first = per_rep[0]
     strata = pred.folds[first]
     res: dict[str, Any] = {"n_slides": len(first), "n_classes": pred.n_classes, "n_repeats": len(rep_ids),

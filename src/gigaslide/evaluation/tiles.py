@@ -35,6 +35,7 @@ from gigaslide.errors import GigaslideError
 from gigaslide.evaluation.metrics import METRICS, bootstrap_replicates, fmt_ci, percentile_ci, summarize
 
 PROTOCOLS = ("linear", "knn", "fewshot")
+PREDICTIONS = "predictions.npz"  # a report folder's test predictions, per protocol
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 TileInput = Any  # a loaded FeatureFile-like object | tuple[np.ndarray, np.ndarray]
@@ -47,14 +48,15 @@ def _as_arrays(x: TileInput, role: str) -> tuple[np.ndarray, np.ndarray, dict[st
         if x.labels is None:
             raise GigaslideError(f"{role} feature file has no 'labels' dataset", path=x.path,
                                  fix="encode a labelled tile folder (class sub-folders) so tile labels are stored")
-        meta = {"path": str(x.path) if x.path else None, "encoder": x.encoder, "dim": x.dim}
+        meta = {"path": str(x.path) if x.path else None, "encoder": x.encoder, "dim": x.dim,
+                "fingerprint": (getattr(x, "attrs", None) or {}).get("tiles_fingerprint")}
         return np.asarray(x.features, np.float32), np.asarray(x.labels).astype(np.int64), meta
     feats, labels = x
     feats = np.asarray(feats, np.float32)
     labels = np.asarray(labels).astype(np.int64)
     if feats.ndim != 2 or len(feats) != len(labels):
         raise GigaslideError(f"{role}: features must be [N, D] with N labels, got {feats.shape} and {labels.shape}")
-    return feats, labels, {"path": None, "encoder": None, "dim": int(feats.shape[1])}
+    return feats, labels, {"path": None, "encoder": None, "dim": int(feats.shape[1]), "fingerprint": None}
 
 
 def _check_pair(tr: dict[str, Any], te: dict[str, Any]) -> None:
@@ -122,8 +124,9 @@ def _few_shot_indices(y: np.ndarray, setting: str, rng: np.random.Generator) -> 
 
 def few_shot(Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.ndarray, n_classes: int, *,
              settings: Sequence[str] = ("1%", "10%", "1/class", "5/class", "10/class"), repeats: int = 5,
-             seed: int = 0, n_bootstrap: int = 1000) -> dict[str, Any]:
-    """Few-shot logistic-regression probes, ``repeats`` draws per setting."""
+             seed: int = 0, n_bootstrap: int = 1000, draws: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Few-shot logistic-regression probes, ``repeats`` draws per setting; ``draws`` (a dict) receives each
+    setting's test probabilities [repeats, N, C], for paired comparisons."""
     from sklearn.preprocessing import StandardScaler
 
     sc = StandardScaler().fit(Xtr)
@@ -151,6 +154,8 @@ def few_shot(Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.ndarray,
             res[m] = {"value": float(np.mean(per_draw)), "std": float(np.std(per_draw)),
                       "ci_low": float(lo), "ci_high": float(hi)}
         out[setting] = res
+        if draws is not None:
+            draws[setting] = np.stack(probs).astype(np.float32)
     return out
 
 
@@ -158,7 +163,9 @@ def evaluate_tile_features(train: TileInput, test: TileInput, protocols: Sequenc
                            n_bootstrap: int = 1000, seed: int = 0, k: int = 20, fewshot_repeats: int = 5,
                            fewshot_settings: Sequence[str] = ("1%", "10%", "1/class", "5/class", "10/class"),
                            out: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Probe frozen tile features; returns ``{"protocols": {name: {metric: {value, ci_low, ci_high}}}, ...}``."""
+    """Probe frozen tile features; returns ``{"protocols": {name: {metric: {value, ci_low, ci_high}}}, ...}`` plus
+    ``test_probs`` (protocol -> test probabilities: [N, C], few-shot [draws, N, C]) and ``test_labels``, which
+    ``out`` also gets (``predictions.npz``) so that a later result can be compared with this one, paired."""
     if isinstance(protocols, str):
         protocols = [p.strip() for p in protocols.split(",") if p.strip()]
     unknown = [p for p in protocols if p not in PROTOCOLS]
@@ -175,23 +182,28 @@ def evaluate_tile_features(train: TileInput, test: TileInput, protocols: Sequenc
     report: dict[str, Any] = {"train": {**mtr, "n": len(ytr), "class_counts": np.bincount(ytr, minlength=n_classes).tolist()},
                               "test": {**mte, "n": len(yte), "class_counts": np.bincount(yte, minlength=n_classes).tolist()},
                               "n_classes": n_classes, "n_bootstrap": n_bootstrap, "seed": seed, "protocols": {}}
+    probs: dict[str, np.ndarray] = {}
     for proto in protocols:
         t0 = time.perf_counter()
         if proto == "linear":
             p, info = linear_probe(Xtr, ytr, Xte, n_classes, seed)
             report["protocols"]["linear"] = {**summarize(yte, p, n_bootstrap=n_bootstrap, seed=seed), **info}
+            probs["linear"] = p
         elif proto == "knn":
             p = knn_probe(Xtr, ytr, Xte, n_classes, k)
             report["protocols"]["knn"] = {**summarize(yte, p, n_bootstrap=n_bootstrap, seed=seed), "k": k}
+            probs["knn"] = p
         else:
+            draws: dict[str, np.ndarray] = {}
             fs = few_shot(Xtr, ytr, Xte, yte, n_classes, settings=fewshot_settings, repeats=fewshot_repeats,
-                          seed=seed, n_bootstrap=n_bootstrap)
+                          seed=seed, n_bootstrap=n_bootstrap, draws=draws)
             for setting, res in fs.items():
                 report["protocols"][f"fewshot_{setting}"] = res
+                probs[f"fewshot_{setting}"] = draws[setting]
         report.setdefault("seconds", {})[proto] = round(time.perf_counter() - t0, 2)
     if out is not None:
-        write_report(report, out)
-    return report
+        write_report(report, out, probs=probs, labels=yte)
+    return {**report, "test_probs": probs, "test_labels": yte}
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -233,9 +245,56 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def write_report(report: dict[str, Any], out: str | os.PathLike) -> Path:
+def write_report(report: dict[str, Any], out: str | os.PathLike, *, probs: dict[str, np.ndarray] | None = None,
+                 labels: np.ndarray | None = None) -> Path:
+    """``report.{json,md,png}`` in ``out`` and, with ``probs``, the test predictions (``predictions.npz``; written
+    before the report, so a report on disk always has its predictions)."""
     d = atomic.ensure_writable_dir(out)
+    if probs is not None:
+        names = list(probs)
+        arrays = {f"p{i}": np.asarray(probs[n], np.float32) for i, n in enumerate(names)}
+        with atomic.atomic_path(d / PREDICTIONS, suffix=".npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, protocols=np.array(names), labels=np.asarray(labels, np.int64), **arrays)
+    report = {k: v for k, v in report.items() if k not in ("test_probs", "test_labels")}
     atomic.write_json(d / "report.json", {**provenance(kind="tile_evaluation"), **report})
     atomic.write_text(d / "report.md", report_markdown(report))
     plot_report(report, d / "report.png")
     return d
+
+
+def saved_predictions(out: str | os.PathLike) -> dict[str, Any]:
+    """A finished ``evaluate tiles`` folder's report with its ``test_probs`` and ``test_labels`` (as
+    :func:`evaluate_tile_features` returns it), or a one-line error saying how to make one."""
+    import json
+
+    d = Path(out)
+    try:
+        report = json.loads((d / "report.json").read_text())
+        with np.load(d / PREDICTIONS, allow_pickle=False) as z:
+            names = [str(n) for n in z["protocols"]]
+            probs = {n: z[f"p{i}"] for i, n in enumerate(names)}
+            labels = z["labels"]
+        if "n" not in report["test"]:
+            raise KeyError("test")
+    except (OSError, ValueError, KeyError, TypeError):
+        raise GigaslideError("no tile evaluation with test predictions here", path=d,
+                             fix="pass the --out folder of a finished `gigaslide evaluate tiles` (re-run it to add "
+                                 "its predictions)") from None
+    return {**report, "test_probs": probs, "test_labels": labels}
+
+
+def compare_with(report: dict[str, Any], baseline: str | os.PathLike | dict[str, Any], *, n_bootstrap: int = 1000,
+                 seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
+    """``report`` (from :func:`evaluate_tile_features`) minus the tile evaluation in folder ``baseline`` (or as
+    :func:`saved_predictions` returns it), paired on the same test tiles, per protocol both have."""
+    from gigaslide.evaluation.compare import compare_reports
+
+    path = baseline if not isinstance(baseline, dict) else baseline["test"].get("path")
+    base = saved_predictions(baseline) if not isinstance(baseline, dict) else baseline
+    return compare_reports(report, base, path=path, n_bootstrap=n_bootstrap, seed=seed, fix_tiles=FIX_SAME_TILES)
+
+
+#: how to get two tile evaluations onto the same, recorded test tiles
+FIX_SAME_TILES = ("embed the same test tile folder for both encoders with `gigaslide embed-tiles` (it records the "
+                  "tiles), then evaluate both")

@@ -2,9 +2,10 @@
 
 :func:`embed_tile_folder` writes a ``gigaslide.features.store`` file (``features``, zero ``coords``,
 ``labels``) with attrs ``classes`` (JSON list, index = label), ``encoder``,
-``encoder_weights_sha256``, ``tile_size``, ``source_folder`` and provenance; ``gigaslide evaluate
-tiles`` reads it directly. A file already made by the same encoder weights from the same tiles is
-reused (resume).
+``encoder_weights_sha256``, ``tile_size``, ``source_folder``, ``tiles_fingerprint`` (the tiles' names,
+labels and content, in order: two encoders' results are compared paired only on the same tiles) and
+provenance; ``gigaslide evaluate tiles`` reads it directly. A file already made by the same encoder
+weights from the same tiles (same fingerprint) is reused (resume).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from PIL import Image
 from gigaslide.devices import autocast_ctx
 from gigaslide.encoders.inference import for_inference
 from gigaslide.errors import GigaslideError
-from gigaslide.tiling.folders import labelled_images, read_image, subsample
+from gigaslide.tiling.folders import labelled_images, read_image, subsample, tiles_fingerprint
 
 
 @torch.no_grad()
@@ -80,14 +81,16 @@ def embed_tile_folder(encoder, folder: str | os.PathLike, out: str | os.PathLike
     attrs = {"encoder": encoder.spec.name, "encoder_weights_sha256": encoder.weights_id,
              "encoder_source": source or encoder.spec.name, "tile_size": _first_side(files),
              "mpp": mpp, "source_folder": str(Path(folder).resolve()), "classes": json.dumps(classes),
-             "slide_id": out.stem, "seed": seed, "n_tiles": len(files)}
+             "slide_id": out.stem, "seed": seed, "n_tiles": len(files),
+             "tiles_fingerprint": tiles_fingerprint(folder, files, labels)}
     if out.is_file():
         try:
             old = store.load(out)
         except GigaslideError:
             old = None
         if old is not None and all(str(old.attrs.get(k)) == str(attrs[k])
-                                   for k in ("encoder_weights_sha256", "source_folder", "n_tiles", "seed")):
+                                   for k in ("encoder_weights_sha256", "source_folder", "n_tiles", "seed",
+                                             "tiles_fingerprint")):
             return {"out": str(out), "n": len(files), "dim": int(old.features.shape[1]), "classes": classes,
                     "images_per_s": None, "encoder": encoder.spec.name, "reused": True}
     if torch.cuda.is_available() and next(encoder.parameters()).device.type == "cpu":

@@ -11,7 +11,9 @@ For each encoder (registry name or exported encoder folder, see ``gigaslide enco
   ``SLIDES/ground_truth``.
 
 Output ``OUT/``: ``{encoder}/tiles/{train,test}.h5``, ``{encoder}/slides/`` (encode output),
-``{encoder}/mil/`` (run), ``{encoder}/tile_report/``, and ``leaderboard.{md,json,png}``.
+``{encoder}/mil/`` (run), ``{encoder}/tile_report/``, and ``leaderboard.{md,json,png}``. The leaderboard
+compares every encoder with the first one paired (:mod:`gigaslide.evaluation.compare`): on the same test
+tiles for the probes, on the same slides for the MIL run — not by overlapping CIs.
 Everything already computed is reused (resume).
 """
 
@@ -28,10 +30,14 @@ import numpy as np
 from gigaslide import atomic
 from gigaslide.provenance import provenance
 from gigaslide.errors import GigaslideError
+from gigaslide.evaluation.compare import Diffs, comparison_markdown
 from gigaslide.evaluation.metrics import fmt_ci
 
+
 def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).name if os.sep in name else name)
+    """The encoder's folder in OUT: the whole name or path made file-safe (``runs/dino/encoder`` ->
+    ``runs_dino_encoder``), so two runs' exports (both ``.../encoder``) never share a folder."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name.replace(os.sep, "/")).strip("_.") or "encoder"
 
 
 def _test_folder(tiles: Path) -> Path:
@@ -138,6 +144,29 @@ def plot_leaderboard(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def paired_vs_first(rows: list[dict[str, Any]], out: Path, *, n_bootstrap: int, seed: int) -> Diffs:
+    """Every other encoder minus the first, paired on the same test tiles (linear, 20-NN) and the same slides
+    (the MIL run's out-of-fold predictions): ``"ENCODER: level"`` -> metric -> paired difference."""
+    from gigaslide.evaluation.slides import compare_predictions
+    from gigaslide.evaluation.tiles import compare_with, saved_predictions
+
+    diffs: Diffs = {}
+    first = out / _safe(rows[0]["encoder"]) if rows else None
+    for r in rows[1:]:
+        d = out / _safe(r["encoder"])
+        if "tile" in r:
+            tile = compare_with(saved_predictions(d / "tile_report"), first / "tile_report", n_bootstrap=n_bootstrap,
+                                seed=seed)
+            diffs.update({f"{r['encoder']}: tile {_PROTOCOL_NAMES[p]}": v for p, v in tile.items()})
+        if "slide" in r:
+            diffs[f"{r['encoder']}: slide {r['slide']['model']}"] = compare_predictions(
+                d / "mil", first / "mil", n_bootstrap=n_bootstrap, seed=seed)
+    return diffs
+
+
+_PROTOCOL_NAMES = {"linear": "linear", "knn": "20-NN"}
+
+
 def run_benchmark(encoders: list[str], out: str | os.PathLike, *, tiles: str | os.PathLike | None = None,
                   slides: str | os.PathLike | None = None, weights: str = "default", mpp: float = 0.97,
                   tile_size: int = 96, folds: int = 5, mil_model: str = "abmil", epochs: int = 30,
@@ -155,6 +184,12 @@ def run_benchmark(encoders: list[str], out: str | os.PathLike, *, tiles: str | o
     if slides_p is not None and not (slides_p / "labels.csv").is_file():
         raise GigaslideError("not a mosaic folder (no labels.csv)", path=slides_p,
                              fix="build one with `gigaslide mosaic --tiles ... --out DIR` and pass DIR")
+    folders: dict[str, str] = {}
+    for name in encoders:
+        if _safe(name) in folders:
+            raise GigaslideError(f"encoders '{folders[_safe(name)]}' and '{name}' would share the folder "
+                                 f"{_safe(name)}", fix="list each encoder once, under distinct names or paths")
+        folders[_safe(name)] = name
     out_d = atomic.ensure_writable_dir(out)
     rows = []
     for name in encoders:
@@ -164,7 +199,12 @@ def run_benchmark(encoders: list[str], out: str | os.PathLike, *, tiles: str | o
                                       tile_size=tile_size, folds=folds, mil_model=mil_model, epochs=epochs,
                                       max_tiles_per_class=max_tiles_per_class, n_bootstrap=n_bootstrap, seed=seed,
                                       verbose=verbose))
-    atomic.write_json(out_d / "leaderboard.json", {**provenance(kind="benchmark", seed=seed), "rows": rows})
-    atomic.write_text(out_d / "leaderboard.md", "# Encoder benchmark\n\n" + leaderboard_markdown(rows))
+    paired = paired_vs_first(rows, out_d, n_bootstrap=n_bootstrap, seed=seed)
+    text = "# Encoder benchmark\n\n" + leaderboard_markdown(rows)
+    if paired:
+        text += "\n" + comparison_markdown(paired, rows[0]["encoder"], "test tiles / slides")
+    atomic.write_json(out_d / "leaderboard.json", {**provenance(kind="benchmark", seed=seed), "rows": rows,
+                                                   "paired_vs_first": paired})
+    atomic.write_text(out_d / "leaderboard.md", text)
     plot_leaderboard(rows, out_d / "leaderboard.png")
     return rows

@@ -6,6 +6,7 @@ sub-folder (sorted names -> labels 0, 1, ...); a flat folder has no labels.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -59,6 +60,18 @@ def labelled_images(folder: str | os.PathLike) -> tuple[list[Path], np.ndarray |
     return files, labels, top
 
 
+def tiles_fingerprint(folder: str | os.PathLike, files: list[Path], labels: np.ndarray | None) -> str:
+    """A tile set's identity: its files (name relative to ``folder`` and content) and labels, in order. Two
+    results are compared paired only when their test tiles' fingerprints agree."""
+    h = hashlib.sha256()
+    folder = Path(folder)
+    for i, f in enumerate(files):
+        y = -1 if labels is None else int(labels[i])
+        h.update(f"{Path(f).relative_to(folder).as_posix()}\t{y}\n".encode())
+        h.update(hashlib.sha256(Path(f).read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
 def subsample(files: list[Path], labels: np.ndarray | None, *, limit: int | None = None,
               max_per_class: int | None = None, seed: int = 0) -> tuple[list[Path], np.ndarray | None]:
     """A random subset fixed by ``seed``, in the original order: at most ``limit`` in all and/or
@@ -74,4 +87,4 @@ def subsample(files: list[Path], labels: np.ndarray | None, *, limit: int | None
     return [files[i] for i in keep], None if labels is None else labels[keep]
 
 
-__all__ = ["IMAGE_EXTENSIONS", "labelled_images", "list_images", "read_image", "subsample"]
+__all__ = ["IMAGE_EXTENSIONS", "labelled_images", "list_images", "read_image", "subsample", "tiles_fingerprint"]

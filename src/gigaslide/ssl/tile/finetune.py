@@ -18,7 +18,6 @@ match: a re-run resumes), ``checkpoint/`` (the last epoch: model, optimiser and 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -38,11 +37,13 @@ from gigaslide.devices import autocast_ctx, guard_bf16_convs, pick_device
 from gigaslide.encoders import build_encoder
 from gigaslide.encoders.model import export_encoder
 from gigaslide.errors import GigaslideError, check_finite_loss
-from gigaslide.evaluation.metrics import METRICS, paired_difference, summarize
+from gigaslide.evaluation import compare
+from gigaslide.evaluation.compare import Diffs
+from gigaslide.evaluation.metrics import METRICS, summarize
 from gigaslide.evaluation.tiles import write_report
 from gigaslide.features.tiles import read_tile
 from gigaslide.ssl.tile.augment import random_flip_rotate, random_stain_jitter, to_float
-from gigaslide.tiling.folders import labelled_images, subsample
+from gigaslide.tiling.folders import labelled_images, subsample, tiles_fingerprint
 
 AUGMENTS = ("pathology", "none")
 
@@ -248,7 +249,7 @@ def finetune_tiles(train_folder: str | os.PathLike, test_folder: str | os.PathLi
 
     Returns the report plus ``test_probs`` (protocol -> [n_test, n_classes] predicted probabilities, also kept in each
     fraction's ``result.json``) and ``test_labels``, so two encoders can be compared paired on the same test tiles
-    (:func:`gigaslide.evaluation.metrics.paired_difference`)."""
+    (:func:`compare_reports`)."""
     cfg = cfg or FinetuneConfig()
     if cfg.augment not in AUGMENTS:
         raise GigaslideError(f"unknown augmentation '{cfg.augment}'", fix=f"use one of: {', '.join(AUGMENTS)}")
@@ -298,15 +299,6 @@ def _fraction_dir(out: Path, protocol: str) -> Path:
     return out / f"fraction_{protocol.removeprefix('finetune_').removesuffix('%')}pct".replace(".", "p")
 
 
-def tiles_fingerprint(folder: Path, files: list[Path], labels: np.ndarray) -> str:
-    """The test set's identity: its files (name relative to ``folder`` and content) and labels, in order."""
-    h = hashlib.sha256()
-    for f, y in zip(files, labels):
-        h.update(f"{f.relative_to(folder).as_posix()}\t{int(y)}\n".encode())
-        h.update(hashlib.sha256(f.read_bytes()).digest())
-    return h.hexdigest()[:16]
-
-
 def saved_predictions(out: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """A finished ``evaluate finetune`` folder's ``report.json`` and its test predictions per protocol."""
     out = Path(out)
@@ -325,40 +317,22 @@ def saved_predictions(out: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
 
 
 def compare_reports(report: dict[str, Any], base: dict[str, Any], *, n_bootstrap: int = 1000, seed: int = 0,
-                    path: str | os.PathLike | None = None) -> dict[str, dict[str, dict[str, float]]]:
+                    path: str | os.PathLike | None = None) -> Diffs:
     """``report`` minus ``base`` (both as :func:`finetune_tiles` returns them), paired on the same test tiles, per
-    label fraction both have: protocol -> metric -> :func:`paired_difference` result. Refused when the two runs
+    label fraction both have (:func:`gigaslide.evaluation.compare.compare_reports`). Refused when the two runs
     were tested on other tiles (``path``: the baseline's folder, for the message)."""
-    if base["test"]["fingerprint"] != report["test"]["fingerprint"]:
-        raise GigaslideError(f"tested on other tiles than this run ({base['test']['path']}, n={base['test']['n']})",
-                             path=path, fix="compare fine-tune runs on the same --test folder")
-    shared = [p for p in report["protocols"] if p in base["test_probs"]]
-    if not shared:
-        raise GigaslideError(f"no label fraction in common (baseline: {', '.join(base['test_probs'])})", path=path,
-                             fix="fine-tune the baseline at the same --fractions")
-    return {p: {m: paired_difference(report["test_labels"], report["test_probs"][p], base["test_probs"][p], m,
-                                     n_bootstrap=n_bootstrap, seed=seed) for m in ("balanced_accuracy", "auc")}
-            for p in shared}
+    return compare.compare_reports(report, base, path=path, n_bootstrap=n_bootstrap, seed=seed,
+                                   fix_tiles="compare fine-tune runs on the same --test folder",
+                                   fix_protocols="fine-tune the baseline at the same --fractions")
 
 
 def compare_runs(report: dict[str, Any], baseline: str | os.PathLike, *, n_bootstrap: int = 1000,
-                 seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
+                 seed: int = 0) -> Diffs:
     """:func:`compare_reports` against the finished fine-tune run in folder ``baseline``."""
     base, base_probs = saved_predictions(baseline)
-    return compare_reports(report, {**base, "test_probs": base_probs}, n_bootstrap=n_bootstrap, seed=seed,
-                           path=baseline)
+    return compare_reports(report, {**base, "test_probs": base_probs, "test_labels": report["test_labels"]},
+                           n_bootstrap=n_bootstrap, seed=seed, path=baseline)
 
 
-def comparison_markdown(diffs: dict[str, dict[str, dict[str, float]]], baseline: str) -> str:
-    lines = [f"## Paired vs `{baseline}` (same test tiles; paired bootstrap, 95 % CI, two-sided p)", "",
-             "| protocol | Δ balanced acc | Δ AUC |", "|---|---|---|"]
-    for p, d in diffs.items():
-        cells = [f"{d[m]['diff']:+.3f} [{d[m]['ci_low']:+.3f}, {d[m]['ci_high']:+.3f}], p={d[m]['p_value']:.3g}"
-                 for m in ("balanced_accuracy", "auc")]
-        lines.append(f"| {p} | {' | '.join(cells)} |")
-    return "\n".join(lines) + "\n"
-
-
-__all__ = ["AUGMENTS", "Classifier", "FinetuneConfig", "compare_reports", "compare_runs", "comparison_markdown",
-           "finetune_fraction", "finetune_tiles", "label_subset", "predict_tiles", "saved_predictions",
-           "tiles_fingerprint"]
+__all__ = ["AUGMENTS", "Classifier", "FinetuneConfig", "compare_reports", "compare_runs",
+           "finetune_fraction", "finetune_tiles", "label_subset", "predict_tiles", "saved_predictions"]
