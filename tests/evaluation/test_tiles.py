@@ -130,3 +130,18 @@ def test_a_baseline_on_other_or_unrecorded_tiles_is_refused_before_probing(tmp_p
     assert cli(_args(tmp_path, "a", "--baseline", str(tmp_path / "nothing"))) == 2
     err = capsys.readouterr().err
     assert "no tile evaluation with test predictions" in err and "nothing" in err
+
+
+def test_a_report_and_predictions_of_different_runs_are_not_read_as_one(tmp_path, cli, capsys):
+    """An evaluation interrupted between its two writes leaves a new predictions.npz beside an old report.json."""
+    from gigaslide.evaluation.tiles import saved_predictions
+
+    _saved_pair(tmp_path)
+    assert cli(_args(tmp_path, "a")) == 0
+    old = (tmp_path / "rep_a" / "report.json").read_text()
+    X, y = _split(200, 1)
+    store.save(tmp_path / "a_te.h5", X, labels=y, attrs={"encoder": "a", "tiles_fingerprint": "tiles-9"})
+    assert cli(_args(tmp_path, "a")) == 0
+    (tmp_path / "rep_a" / "report.json").write_text(old)
+    with pytest.raises(GigaslideError, match="different runs"):
+        saved_predictions(tmp_path / "rep_a")

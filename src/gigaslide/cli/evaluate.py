@@ -105,7 +105,6 @@ def evaluate_finetune(train: str, test: str, encoder: str, out: str, weights: st
     """
     import torch
 
-    from gigaslide import atomic
     from gigaslide.evaluation.tiles import report_markdown
     from gigaslide.ssl.tile.finetune import FinetuneConfig, compare_runs, finetune_tiles, saved_predictions
 

@@ -247,15 +247,16 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
 
 def write_report(report: dict[str, Any], out: str | os.PathLike, *, probs: dict[str, np.ndarray] | None = None,
                  labels: np.ndarray | None = None) -> Path:
-    """``report.{json,md,png}`` in ``out`` and, with ``probs``, the test predictions (``predictions.npz``; written
-    before the report, so a report on disk always has its predictions)."""
+    """``report.{json,md,png}`` in ``out`` and, with ``probs``, the test predictions (``predictions.npz``, with the
+    test tiles' fingerprint: a report and predictions of two different runs are never read as one)."""
     d = atomic.ensure_writable_dir(out)
     if probs is not None:
         names = list(probs)
         arrays = {f"p{i}": np.asarray(probs[n], np.float32) for i, n in enumerate(names)}
         with atomic.atomic_path(d / PREDICTIONS, suffix=".npz") as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, protocols=np.array(names), labels=np.asarray(labels, np.int64), **arrays)
+                np.savez(f, protocols=np.array(names), labels=np.asarray(labels, np.int64),
+                         fingerprint=np.array(str(report["test"].get("fingerprint"))), **arrays)
     report = {k: v for k, v in report.items() if k not in ("test_probs", "test_labels")}
     atomic.write_json(d / "report.json", {**provenance(kind="tile_evaluation"), **report})
     atomic.write_text(d / "report.md", report_markdown(report))
@@ -275,12 +276,16 @@ def saved_predictions(out: str | os.PathLike) -> dict[str, Any]:
             names = [str(n) for n in z["protocols"]]
             probs = {n: z[f"p{i}"] for i, n in enumerate(names)}
             labels = z["labels"]
+            same_run = str(z["fingerprint"]) == str(report["test"].get("fingerprint"))
         if "n" not in report["test"]:
             raise KeyError("test")
     except (OSError, ValueError, KeyError, TypeError):
         raise GigaslideError("no tile evaluation with test predictions here", path=d,
                              fix="pass the --out folder of a finished `gigaslide evaluate tiles` (re-run it to add "
                                  "its predictions)") from None
+    if not same_run or len(labels) != report["test"]["n"]:
+        raise GigaslideError("report.json and predictions.npz come from different runs (one was interrupted)",
+                             path=d, fix="re-run that `gigaslide evaluate tiles`")
     return {**report, "test_probs": probs, "test_labels": labels}
 
 
