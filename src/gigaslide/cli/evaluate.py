@@ -106,7 +106,7 @@ def evaluate_finetune(train: str, test: str, encoder: str, out: str, weights: st
     import torch
 
     from gigaslide.evaluation.tiles import report_markdown
-    from gigaslide.ssl.tile.finetune import FinetuneConfig, compare_runs, finetune_tiles, saved_predictions
+    from gigaslide.ssl.tile.finetune import FinetuneConfig, check_baseline, compare_runs, finetune_tiles
 
     if threads:
         torch.set_num_threads(threads)
@@ -117,7 +117,7 @@ def evaluate_finetune(train: str, test: str, encoder: str, out: str, weights: st
     cfg = FinetuneConfig(fractions=fr, epochs=epochs, batch_size=batch_size, lr=lr, head_lr=head_lr, augment=augment,
                          max_train=max_train, precision=precision, workers=workers, seed=seed, n_bootstrap=bootstrap)
     if baseline:
-        saved_predictions(baseline)  # a wrong baseline folder is refused before any training
+        check_baseline(baseline, test)  # no finished run, or one tested on other tiles: refused before any training
     rep = finetune_tiles(train, test, encoder, out, weights=weights, cfg=cfg)
     print(report_markdown(rep))
     print(f"wrote {out}/report.md, report.json, report.png")

@@ -188,6 +188,11 @@ def test_a_baseline_on_other_tiles_or_without_a_report_is_refused(folders, tmp_p
     finetune_tiles(train, other, "test_resnet", tmp_path / "o", weights="random", cfg=cfg)
     with pytest.raises(GigaslideError, match="other tiles"):
         compare_runs(rep, tmp_path / "o")
+    rc = cli(["evaluate", "finetune", "--train", str(train), "--test", str(test), "--encoder", "test_resnet",
+              "--weights", "random", "--out", str(tmp_path / "c"), "--baseline", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "other tiles" in err and "Traceback" not in err
+    assert not (tmp_path / "c").exists()  # refused before any training
     # a report from before the test tiles were recorded: told to re-run it (its fractions are reused)
     old = json.loads((tmp_path / "o" / "report.json").read_text())
     (tmp_path / "o" / "report.json").write_text(json.dumps({**old, "test": {"path": str(other), "n": 40}}))

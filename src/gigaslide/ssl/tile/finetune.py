@@ -316,13 +316,24 @@ def saved_predictions(out: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     return report, probs
 
 
+def check_baseline(baseline: str | os.PathLike, test_folder: str | os.PathLike) -> None:
+    """Refuse, before any training, a ``baseline`` that is no finished fine-tune run or was tested on other tiles
+    than ``test_folder``'s (one line)."""
+    base, _ = saved_predictions(baseline)
+    files, labels, _ = _folder(test_folder, "test")
+    compare.check_same_tiles(tiles_fingerprint(Path(test_folder), files, labels), base, path=baseline, fix=_FIX_TILES)
+
+
+_FIX_TILES = "compare fine-tune runs on the same --test folder"
+
+
 def compare_reports(report: dict[str, Any], base: dict[str, Any], *, n_bootstrap: int = 1000, seed: int = 0,
                     path: str | os.PathLike | None = None) -> Diffs:
     """``report`` minus ``base`` (both as :func:`finetune_tiles` returns them), paired on the same test tiles, per
     label fraction both have (:func:`gigaslide.evaluation.compare.compare_reports`). Refused when the two runs
     were tested on other tiles (``path``: the baseline's folder, for the message)."""
     return compare.compare_reports(report, base, path=path, n_bootstrap=n_bootstrap, seed=seed,
-                                   fix_tiles="compare fine-tune runs on the same --test folder",
+                                   fix_tiles=_FIX_TILES,
                                    fix_protocols="fine-tune the baseline at the same --fractions")
 
 
@@ -334,5 +345,5 @@ def compare_runs(report: dict[str, Any], baseline: str | os.PathLike, *, n_boots
                            n_bootstrap=n_bootstrap, seed=seed, path=baseline)
 
 
-__all__ = ["AUGMENTS", "Classifier", "FinetuneConfig", "compare_reports", "compare_runs",
+__all__ = ["AUGMENTS", "Classifier", "FinetuneConfig", "check_baseline", "compare_reports", "compare_runs",
            "finetune_fraction", "finetune_tiles", "label_subset", "predict_tiles", "saved_predictions"]
