@@ -17,7 +17,8 @@ def evaluate_tiles(train: str, test: str, out: str, protocol: str = "linear,knn,
     """Probe frozen tile features (linear, k-NN, few-shot) with bootstrap CIs; writes report.{md,json,png}.
 
     Example: gigaslide evaluate tiles --train feats/train.h5 --test feats/valid.h5 --protocol linear,knn --out report/
-    Paired against another encoder on the same test tiles (both embedded with `gigaslide embed-tiles`):
+    Paired against another encoder on the same test tiles (both embedded with `gigaslide embed-tiles`; the
+    from-scratch baseline of an SSL run: `embed-tiles ... --encoder RUN/encoder --weights random`):
       gigaslide evaluate tiles --train rand/train.h5 --test rand/valid.h5 --out rep_random/
       gigaslide evaluate tiles --train dino/train.h5 --test dino/valid.h5 --out rep_dino/ --baseline rep_random/
 
@@ -74,7 +75,7 @@ def evaluate_finetune(train: str, test: str, encoder: str, out: str, weights: st
 
     Example: gigaslide evaluate finetune --train pcam/train --test pcam/valid --encoder runs/dino/encoder --fractions 0.01,0.1,1 --out ft/
     Paired against a from-scratch baseline on the same test tiles:
-      gigaslide evaluate finetune ... --encoder resnet18 --weights random --out ft_random/
+      gigaslide evaluate finetune ... --encoder runs/dino/encoder --weights random --out ft_random/
       gigaslide evaluate finetune ... --encoder runs/dino/encoder --out ft_dino/ --baseline ft_random/
 
     The low-label protocol of Kang et al.: each fraction of the training labels (stratified) is

@@ -178,7 +178,8 @@ def embed_tiles(image_folder: str, encoder: str, out: str, weights: str = "defau
         image_folder: folder with one sub-folder of images per class (a flat folder gives features without labels)
         encoder: RUN_DIR/encoder (from pretrain), another export folder, or a registry name (see `gigaslide encoders`)
         out: output feature file (.h5)
-        weights: default (the export's / local hub cache), a weights file, or random (tests only)
+        weights: default (the export's / local hub cache), a weights file, or random: the same architecture and
+            input size with random weights (seed --seed), the from-scratch baseline to compare an SSL run with
         batch_size: tiles per forward pass
         limit: embed a random subset of this many tiles (fixed by --seed)
         seed: random seed (subset, random weights)
@@ -191,7 +192,7 @@ def embed_tiles(image_folder: str, encoder: str, out: str, weights: str = "defau
     if threads:
         torch.set_num_threads(threads)
     if weights == "random":
-        print("note: random weights -- features are for tests and benchmarks only", file=sys.stderr)
+        print("note: random weights -- a from-scratch baseline to compare with, not features to use", file=sys.stderr)
     s = embed_folder(image_folder, encoder, out, weights=weights, batch_size=batch_size, limit=limit, seed=seed)
     cls = f"{len(s['classes'])} classes ({', '.join(s['classes'][:10])})" if s["classes"] else "no class sub-folders: no labels"
     print(f"embedded {s['n']} tiles -> {s['out']} ({s['dim']}-d, {cls}, {s['images_per_s']} tiles/s)")
