@@ -37,7 +37,7 @@ from gigaslide.evaluation.metrics import fmt_ci
 def _safe(name: str) -> str:
     """The encoder's folder in OUT: the whole name or path made file-safe (``runs/dino/encoder`` ->
     ``runs_dino_encoder``), so two runs' exports (both ``.../encoder``) never share a folder."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name.replace(os.sep, "/")).strip("_.") or "encoder"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.") or "encoder"
 
 
 def _test_folder(tiles: Path) -> Path:
