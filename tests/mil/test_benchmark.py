@@ -32,7 +32,9 @@ def test_benchmark_end_to_end(tmp_path, cli, capsys):
     rc = cli(["benchmark", "--encoders", "test_resnet,test_vit", "--weights", "random", "--tiles", str(tiles),
               "--slides", str(tmp_path / "mosaic"), "--tile-size", "64", "--folds", "2", "--epochs", "2",
               "--bootstrap", "20", "--threads", "1", "--out", str(tmp_path / "bench")])
-    assert rc == 0, capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    assert "Paired vs `test_resnet`" in printed.out  # the comparison is printed, not only written
     lb = json.loads((tmp_path / "bench" / "leaderboard.json").read_text())["rows"][0]
     assert lb["encoder"] == "test_resnet"
     assert lb["tile"]["linear"]["auc"]["value"] > 0.9  # solid colours: trivially separable even with random weights

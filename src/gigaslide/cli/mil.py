@@ -134,7 +134,8 @@ def heatmap(slide: str, features: str, model: str, out: str, ground_truth: str |
 def benchmark(encoders: str, out: str, tiles: str | None = None, slides: str | None = None, weights: str = "default",
               mpp: float = 0.97, tile_size: int = 96, folds: int = 5, model: str = "abmil", epochs: int = 30,
               max_tiles_per_class: int | None = None, bootstrap: int = 1000, seed: int = 0, threads: int = 2) -> None:
-    """Patch- and slide-level leaderboard of several encoders in one table and one plot.
+    """Patch- and slide-level leaderboard of several encoders in one table and one plot, and every encoder minus
+    the first compared paired (same test tiles, same slides: Δ with 95 % CI and p).
 
     Example: gigaslide benchmark --encoders resnet18,vit_small --tiles ../shared/data/tiles/pcam --slides mosaic/ --out bench/
 
@@ -156,14 +157,16 @@ def benchmark(encoders: str, out: str, tiles: str | None = None, slides: str | N
     """
     import torch
 
-    from gigaslide.mil.benchmark import leaderboard_markdown, run_benchmark
+    from pathlib import Path
+
+    from gigaslide.mil.benchmark import run_benchmark
 
     torch.set_num_threads(max(1, threads))
     names = [e.strip() for e in encoders.split(",") if e.strip()]
-    rows = run_benchmark(names, out, tiles=tiles, slides=slides, weights=weights, mpp=mpp, tile_size=tile_size,
-                         folds=folds, mil_model=model, epochs=epochs, max_tiles_per_class=max_tiles_per_class,
-                         n_bootstrap=bootstrap, seed=seed)
-    print(leaderboard_markdown(rows))
+    run_benchmark(names, out, tiles=tiles, slides=slides, weights=weights, mpp=mpp, tile_size=tile_size,
+                  folds=folds, mil_model=model, epochs=epochs, max_tiles_per_class=max_tiles_per_class,
+                  n_bootstrap=bootstrap, seed=seed)
+    print((Path(out) / "leaderboard.md").read_text())
     print(f"wrote {out}/leaderboard.md, leaderboard.json, leaderboard.png")
 
 
