@@ -109,6 +109,12 @@ def test_two_runs_exports_get_their_own_folders(tmp_path):
 
     assert _safe("runs/a/encoder") != _safe("runs/b/encoder")
     assert _safe("/abs/runs/a/encoder") == "abs_runs_a_encoder" and _safe("resnet18") == "resnet18"
+    from gigaslide.mil.benchmark import split_weights
+
+    # an SSL run beside its from-scratch baseline in one leaderboard: own weights per encoder, own folders
+    assert split_weights("runs/a/encoder@random") == ("runs/a/encoder", "random")
+    assert split_weights("resnet18") == ("resnet18", None) and split_weights("x@") == ("x@", None)
+    assert _safe("runs/a/encoder@random") != _safe("runs/a/encoder")
     (tmp_path / "t" / "train").mkdir(parents=True)
     with pytest.raises(GigaslideError, match="would share the folder"):
         run_benchmark(["resnet18", "resnet18"], tmp_path / "o", tiles=tmp_path / "t")

@@ -140,11 +140,13 @@ def benchmark(encoders: str, out: str, tiles: str | None = None, slides: str | N
     Example: gigaslide benchmark --encoders resnet18,vit_small --tiles ../shared/data/tiles/pcam --slides mosaic/ --out bench/
 
     Args:
-        encoders: comma-separated encoder names (see `gigaslide encoders`) or exported encoder folders
+        encoders: comma-separated encoder names (see `gigaslide encoders`) or exported encoder folders; NAME@random
+            (or NAME@WEIGHTS_FILE) gives one encoder its own weights, e.g. runs/dino/encoder@random,runs/dino/encoder
+            puts an SSL run beside its from-scratch baseline (the first one is the baseline of the paired table)
         out: output folder (features, runs, leaderboard.md/.json/.png); finished parts are reused
         tiles: labelled tile folder with train/ and valid/ (or test/) sub-folders, e.g. ../shared/data/tiles/pcam
         slides: mosaic folder from `gigaslide mosaic` (slides/, labels.csv, ground_truth/)
-        weights: encoder weights: default (local cache / export), a file path, or random (baseline only)
+        weights: encoder weights (unless NAME@WEIGHTS): default (local cache / export), a file path, or random
         mpp: resolution at which the mosaic slides are tiled (um/px)
         tile_size: tile size in px at that resolution
         folds: cross-validation folds for the slide-level MIL model

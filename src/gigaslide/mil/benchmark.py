@@ -40,6 +40,14 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.") or "encoder"
 
 
+def split_weights(name: str) -> tuple[str, str | None]:
+    """``ENCODER@WEIGHTS`` -> (encoder, its own weights: random, default or a file), so that one leaderboard can
+    hold a model and its from-scratch baseline (``runs/dino/encoder@random,runs/dino/encoder``); no ``@``: the
+    command's ``--weights``."""
+    model, sep, w = name.rpartition("@")
+    return (model, w) if sep and model and w else (name, None)
+
+
 def _test_folder(tiles: Path) -> Path:
     for name in ("valid", "test", "val"):
         if (tiles / name).is_dir():
@@ -53,7 +61,8 @@ def benchmark_encoder(name: str, out: Path, *, tiles: Path | None, slides: Path 
                       n_bootstrap: int, seed: int, verbose: bool = True) -> dict[str, Any]:
     from gigaslide.encoders import build_encoder
 
-    enc = build_encoder(name, weights)
+    model, own_weights = split_weights(name)
+    enc = build_encoder(model, own_weights or weights)
     row: dict[str, Any] = {"encoder": name, "dim": enc.embed_dim, "weights": enc.weights_id}
     d = atomic.ensure_writable_dir(out / _safe(name))
     if tiles is not None:
