@@ -1,7 +1,7 @@
 """Encoders at patch and slide level in one run: a self-supervised encoder vs its own random init, paired.
 
-    .venv/bin/python benchmarks/bench_encoder_leaderboard.py \
-        --encoders /tmp/gigaslide-bench-tile-ssl-defaults/mocov2-resnet18-96-15m/encoder@random,/tmp/gigaslide-bench-tile-ssl-defaults/mocov2-resnet18-96-15m/encoder
+    E=/tmp/gigaslide-bench-tile-ssl-defaults/mocov2-resnet18-96-15m/encoder
+    .venv/bin/python benchmarks/bench_encoder_leaderboard.py --encoders $E@random,$E
 
 What a user runs (``gigaslide benchmark``): each encoder's linear and 20-NN probes on PCam (train -> valid) and
 ABMIL cross-validated on mosaic slides built from PCam train tiles (``gigaslide mosaic``), then every encoder
@@ -99,7 +99,8 @@ def main() -> None:
         f"{args.bootstrap} resamples, slides stratified by label).", "",
         leaderboard_markdown(rows), comparison_markdown(paired, rows[0]["encoder"], "test tiles / slides"),
         "Verdicts (computed from the paired rows above):", "", *verdict_lines(paired, rows[0]["encoder"]), "",
-        "| encoder | tile embedding s | slide encoding s | ABMIL s per fold (median) |", "|---|---|---|---|", *timing, "",
+        "| encoder | tile embedding s | slide encoding s | ABMIL s per fold (median) |", "|---|---|---|---|",
+        *timing, "",
     ]
     print(write_result("encoder_leaderboard", "\n".join(lines)).read_text())
 
