@@ -93,8 +93,9 @@ def main() -> None:
         f"{args.slides} mosaic slides of PCam train tiles (half positive, tumour {args.tumor_fraction} of a positive "
         f"slide's tissue tiles, `MosaicConfig` seed 0), encoded by `gigaslide encode`, ABMIL {args.folds}-fold "
         f"cross-validated (≤ {args.epochs} epochs); the attention-localisation AUC is against the mosaic's tumour "
-        "tiles. The SSL encoder was pre-trained on the unlabelled PCam train tiles, so the mosaic's tiles were in its "
-        "(label-free) training data: the user's own-data setting, not a held-out-domain test. Paired rows: the "
+        "tiles. An encoder pre-trained by `bench_tile_ssl.py` (the default ones) saw the unlabelled PCam train tiles, "
+        "so the mosaic's tiles were in its (label-free) training data: the user's own-data setting, not a "
+        "held-out-domain test. Paired rows: the "
         "encoder minus the first one on the same test tiles / the same slides (bootstrap "
         f"{args.bootstrap} resamples, slides stratified by label).", "",
         leaderboard_markdown(rows), comparison_markdown(paired, rows[0]["encoder"], "test tiles / slides"),

@@ -105,12 +105,10 @@ def test_the_leaderboard_compares_each_encoder_with_the_first_paired(tmp_path):
 
 def test_two_runs_exports_get_their_own_folders(tmp_path):
     """`--encoders runs/a/encoder,runs/b/encoder` (the usual case): each export its own folder in OUT."""
-    from gigaslide.mil.benchmark import _safe
+    from gigaslide.mil.benchmark import _safe, split_weights
 
     assert _safe("runs/a/encoder") != _safe("runs/b/encoder")
     assert _safe("/abs/runs/a/encoder") == "abs_runs_a_encoder" and _safe("resnet18") == "resnet18"
-    from gigaslide.mil.benchmark import split_weights
-
     # an SSL run beside its from-scratch baseline in one leaderboard: own weights per encoder, own folders
     assert split_weights("runs/a/encoder@random") == ("runs/a/encoder", "random")
     assert split_weights("resnet18") == ("resnet18", None) and split_weights("x@") == ("x@", None)
