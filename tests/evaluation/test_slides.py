@@ -150,3 +150,35 @@ def test_runs_on_other_slides_or_labels_are_refused(tmp_path, cli, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "other slides" in err and "Traceback" not in err
     assert not (tmp_path / "a" / "evaluation.json").exists()  # refused before evaluating
+
+
+def test_cli_evaluate_embeddings_against_a_baseline_run(tmp_path, cli, capsys):
+    """Two slide-embedding methods on the same slides: paired Δ in comparison.json, equal to comparing their saved
+    out-of-fold predictions; a baseline that is no run is refused before any work."""
+    import json
+
+    import h5py
+
+    r = np.random.default_rng(0)
+    n = 40
+    y = np.arange(n) % 2
+    (tmp_path / "labels.csv").write_text("slide_id,label\n" + "".join(f"s{i},{y[i]}\n" for i in range(n)))
+    for name, signal in (("good", 3.0), ("noise", 0.0)):
+        with h5py.File(tmp_path / f"{name}.h5", "w") as f:
+            f["slide_ids"] = np.array([f"s{i}" for i in range(n)], dtype="S")
+            f["embeddings"] = (r.normal(size=(n, 6)) + signal * y[:, None]).astype(np.float32)
+
+    def run(name, *extra):
+        return cli(["evaluate", "embeddings", "--embeddings", str(tmp_path / f"{name}.h5"), "--labels",
+                    str(tmp_path / "labels.csv"), "--folds", "4", "--bootstrap", "200", "--out",
+                    str(tmp_path / f"lin_{name}"), *extra])
+
+    assert run("noise") == 0
+    assert run("good", "--baseline", str(tmp_path / "lin_noise")) == 0
+    assert "Paired vs" in capsys.readouterr().out
+    got = json.loads((tmp_path / "lin_good" / "comparison.json").read_text())["protocols"]
+    want = E.compare_predictions(tmp_path / "lin_good", tmp_path / "lin_noise", n_bootstrap=200)
+    assert got["slides (pooled out-of-fold)"]["auc"]["diff"] == pytest.approx(want["auc"]["diff"])
+    assert want["auc"]["ci_low"] > 0.2  # informative embeddings vs noise
+    assert run("good", "--baseline", str(tmp_path / "nothing")) == 2
+    assert "predictions not found" in capsys.readouterr().err

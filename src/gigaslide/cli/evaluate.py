@@ -160,10 +160,12 @@ def evaluate_slides(predictions: str, bootstrap: int = 1000, seed: int = 0, out:
 
 def evaluate_embeddings(embeddings: str, labels: str, out: str, folds: int = 5, train_slides: int | None = None,
                         repeats: int | None = None, seed: int = 0, bootstrap: int = 1000, on_missing: str = "error",
-                        c: float = 10.0) -> None:
+                        c: float = 10.0, baseline: str | None = None) -> None:
     """Linear evaluation of slide embeddings (Giga-SSL / SLPD): StandardScaler + balanced logistic regression, CV with CIs.
 
     Example: gigaslide evaluate embeddings --embeddings embeddings.h5 --labels labels.csv --folds 5 --out runs/linear
+    Paired against another method's run on the same slides (e.g. SLPD vs Giga-SSL embeddings, same labels.csv):
+      gigaslide evaluate embeddings --embeddings slpd.h5 --labels labels.csv --out lin_slpd/ --baseline lin_gssl/
 
     Args:
         embeddings: HDF5 written by `gigaslide embed-slides` (slide_ids + embeddings)
@@ -176,10 +178,14 @@ def evaluate_embeddings(embeddings: str, labels: str, out: str, folds: int = 5, 
         bootstrap: bootstrap resamples for the 95 % CIs
         on_missing: error (default) or skip: slides with a label but no embedding, or the reverse
         c: inverse L2 strength C of the logistic regression (10, as in Giga-SSL's linear evaluation)
+        baseline: another run (an `evaluate embeddings` or `train-mil` --out folder, or a predictions CSV) on the same
+            slides: Δ AUC and Δ balanced accuracy, paired over the slides (repeats resampled too); writes
+            OUT/comparison.{md,json}
     """
-    from gigaslide.evaluation.slides import evaluation_markdown, linear_probe_run
+    from gigaslide.evaluation.slides import compare_predictions, evaluation_markdown, linear_probe_run, read_predictions
     from gigaslide.ssl.slide.embed import load_embeddings
 
+    base = read_predictions(baseline) if baseline else None  # a wrong baseline is refused before any work
     e = load_embeddings(embeddings)
     vecs = dict(zip(e.slide_ids, e.embeddings))
     if repeats is None:
@@ -188,6 +194,9 @@ def evaluate_embeddings(embeddings: str, labels: str, out: str, folds: int = 5, 
                            C=c, on_missing=on_missing, n_bootstrap=bootstrap)
     print(evaluation_markdown(res, f"linear probe on {embeddings}"))
     print(f"wrote {out}")
+    if base is not None:
+        diffs = compare_predictions(read_predictions(out), base, n_bootstrap=bootstrap, seed=seed)
+        _write_comparison(out, baseline, {"slides (pooled out-of-fold)": diffs}, items="slides")
 
 
 COMMANDS: dict = {
