@@ -1,4 +1,4 @@
-"""Encoders at patch and slide level in one run: a self-supervised encoder vs its own random init, paired.
+"""Encoders at patch and slide level in one run: self-supervised encoders vs a random init of the same network, paired.
 
     E=/tmp/gigaslide-bench-tile-ssl-defaults/mocov2-resnet18-96-15m/encoder
     .venv/bin/python benchmarks/bench_encoder_leaderboard.py --encoders $E@random,$E
@@ -47,6 +47,26 @@ def verdict_lines(paired: dict, baseline: str) -> list[str]:
     return out
 
 
+def summary_lines(paired: dict) -> list[str]:
+    """Per level (tile linear, tile 20-NN, slide MIL): how many encoders are better / not distinguishable / worse
+    than the first, on balanced accuracy and on AUC."""
+    from gigaslide.evaluation.compare import verdict
+
+    levels: dict[str, dict[str, list[str]]] = {}
+    for row, d in paired.items():
+        level = row.rpartition(": ")[2]
+        for m in ("balanced_accuracy", "auc"):
+            levels.setdefault(level, {}).setdefault(m, []).append(verdict(d[m]))
+    out = []
+    for level, ms in levels.items():
+        parts = []
+        for m, vs in ms.items():
+            counts = ", ".join(f"{w} {vs.count(w)}" for w in ("better", "not distinguishable", "worse") if vs.count(w))
+            parts.append(f"{'balanced accuracy' if m == 'balanced_accuracy' else 'AUC'}: {counts}")
+        out.append(f"- {level}, {len(next(iter(ms.values())))} encoder(s) vs the first: {'; '.join(parts)}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--encoders", default=f"{SSL_RUN}@random,{SSL_RUN}",
@@ -83,7 +103,8 @@ def main() -> None:
     timing = [f"| `{r['encoder']}` | {r.get('tile_encode_seconds')} | {r.get('slide_encode_seconds')} | "
               f"{statistics.median(r['slide']['seconds_per_fold']):.1f} |" for r in rows]
     lines = [
-        "# Encoders at patch and slide level: an SSL encoder vs its random init, paired (`gigaslide benchmark`)", "",
+        "# Encoders at patch and slide level: SSL encoders vs a random init of the same network, paired "
+        "(`gigaslide benchmark`)", "",
         f"Load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end on {os.cpu_count()} cores, "
         f"{args.threads} torch threads. Wall time {total / 60:.1f} min (finished parts in `{args.work}` are reused: "
         "their times below are those of reading them back).",
@@ -99,7 +120,8 @@ def main() -> None:
         "encoder minus the first one on the same test tiles / the same slides (bootstrap "
         f"{args.bootstrap} resamples, slides stratified by label).", "",
         leaderboard_markdown(rows), comparison_markdown(paired, rows[0]["encoder"], "test tiles / slides"),
-        "Verdicts (computed from the paired rows above):", "", *verdict_lines(paired, rows[0]["encoder"]), "",
+        "Verdicts (computed from the paired rows above):", "", *summary_lines(paired), "",
+        *verdict_lines(paired, rows[0]["encoder"]), "",
         "| encoder | tile embedding s | slide encoding s | ABMIL s per fold (median) |", "|---|---|---|---|",
         *timing, "",
     ]
