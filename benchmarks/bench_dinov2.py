@@ -249,7 +249,9 @@ def _ci(d: dict) -> str:
 
 
 def _diff(d: dict) -> str:
-    return f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+    from gigaslide.evaluation.metrics import fmt_diff
+
+    return fmt_diff(d, p=False)
 
 
 def _verdict(d: dict) -> str:

@@ -35,14 +35,13 @@ SSL_RUN = "/tmp/gigaslide-bench-tile-ssl-defaults/mocov2-resnet18-96-15m/encoder
 def verdict_lines(paired: dict, baseline: str) -> list[str]:
     """One line per compared row (balanced accuracy, then AUC), computed from the paired CIs."""
     from gigaslide.evaluation.compare import verdict
+    from gigaslide.evaluation.metrics import fmt_diff
 
     out = []
     for row, d in paired.items():
         enc, _, level = row.rpartition(": ")
-        words = [f"balanced accuracy {verdict(d['balanced_accuracy'])} ({d['balanced_accuracy']['diff']:+.3f} "
-                 f"[{d['balanced_accuracy']['ci_low']:+.3f}, {d['balanced_accuracy']['ci_high']:+.3f}])",
-                 f"AUC {verdict(d['auc'])} ({d['auc']['diff']:+.3f} [{d['auc']['ci_low']:+.3f}, "
-                 f"{d['auc']['ci_high']:+.3f}])"]
+        words = [f"{name} {verdict(d[m])} ({fmt_diff(d[m], p=False)})"
+                 for m, name in (("balanced_accuracy", "balanced accuracy"), ("auc", "AUC"))]
         out.append(f"- {level}: `{enc}` vs `{baseline}`: {'; '.join(words)}")
     return out
 
@@ -50,7 +49,7 @@ def verdict_lines(paired: dict, baseline: str) -> list[str]:
 def summary_lines(paired: dict) -> list[str]:
     """Per level (tile linear, tile 20-NN, slide MIL): how many encoders are better / not distinguishable / worse
     than the first, on balanced accuracy and on AUC."""
-    from gigaslide.evaluation.compare import verdict
+    from gigaslide.evaluation.compare import tally, verdict
 
     levels: dict[str, dict[str, list[str]]] = {}
     for row, d in paired.items():
@@ -59,10 +58,7 @@ def summary_lines(paired: dict) -> list[str]:
             levels.setdefault(level, {}).setdefault(m, []).append(verdict(d[m]))
     out = []
     for level, ms in levels.items():
-        parts = []
-        for m, vs in ms.items():
-            counts = ", ".join(f"{w} {vs.count(w)}" for w in ("better", "not distinguishable", "worse") if vs.count(w))
-            parts.append(f"{'balanced accuracy' if m == 'balanced_accuracy' else 'AUC'}: {counts}")
+        parts = [f"{'balanced accuracy' if m == 'balanced_accuracy' else 'AUC'}: {tally(vs)}" for m, vs in ms.items()]
         out.append(f"- {level}, {len(next(iter(ms.values())))} encoder(s) vs the first: {'; '.join(parts)}")
     return out
 

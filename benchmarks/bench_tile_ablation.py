@@ -134,7 +134,9 @@ def main() -> None:
 
 
 def _d(d: dict) -> str:
-    return f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+    from gigaslide.evaluation.metrics import fmt_diff
+
+    return fmt_diff(d, p=False)
 
 
 def _verdict(d: dict) -> str:

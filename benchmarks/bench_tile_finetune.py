@@ -38,11 +38,10 @@ def random_encoder(folder: Path, backbone: str, tile_size: int) -> Path:
 
 def verdict_lines(verdicts: dict[str, list[str]]) -> list[str]:
     """One line per label fraction: how many encoders are better / not distinguishable / worse than random init."""
-    out = []
-    for proto, vs in verdicts.items():
-        counts = ", ".join(f"{w} {vs.count(w)}" for w in ("better", "not distinguishable", "worse") if vs.count(w))
-        out.append(f"- {proto.removeprefix('finetune_')} labels: of {len(vs)} SSL encoders, {counts}")
-    return out
+    from gigaslide.evaluation.compare import tally
+
+    return [f"- {proto.removeprefix('finetune_')} labels: of {len(vs)} SSL encoders, {tally(vs)}"
+            for proto, vs in verdicts.items()]
 
 
 def main() -> None:

@@ -144,7 +144,9 @@ def ci(d: dict) -> str:
 
 
 def dci(d: dict) -> str:
-    return f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], p={d['p_value']:.3g}"
+    from gigaslide.evaluation.metrics import fmt_diff
+
+    return fmt_diff(d)
 
 
 def main() -> None:
@@ -372,8 +374,10 @@ def write_report(args, budgets: list[str], results: list[dict], total: float, lo
 
 
 def verdict(d: dict) -> str:
-    """A paired difference's verdict from its 95 % CI."""
-    return "better" if d["ci_low"] > 0 else "worse" if d["ci_high"] < 0 else "not distinguishable"
+    """A paired difference's verdict from its 95 % CI (:func:`gigaslide.evaluation.compare.verdict`)."""
+    from gigaslide.evaluation.compare import verdict as paired_verdict
+
+    return paired_verdict(d)
 
 
 def comparison_lines(results: list[dict], budgets: list[str]) -> list[str]:

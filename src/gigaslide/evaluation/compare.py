@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from gigaslide.errors import GigaslideError
-from gigaslide.evaluation.metrics import paired_difference
+from gigaslide.evaluation.metrics import fmt_diff, paired_difference
 
 #: metrics of a comparison table, in column order
 COMPARE_METRICS = ("balanced_accuracy", "auc")
@@ -83,8 +83,7 @@ def comparison_markdown(diffs: Diffs, baseline: str, items: str = "test tiles") 
              + f" | verdict (Δ {_label(COMPARE_METRICS[0])}) |",
              "|---|" + "---|" * (len(COMPARE_METRICS) + 1)]
     for p, d in diffs.items():
-        cells = [f"{d[m]['diff']:+.3f} [{d[m]['ci_low']:+.3f}, {d[m]['ci_high']:+.3f}], p={d[m]['p_value']:.3g}"
-                 for m in COMPARE_METRICS if m in d]
+        cells = [fmt_diff(d[m]) for m in COMPARE_METRICS if m in d]
         lines.append(f"| {p} | {' | '.join(cells)} | {verdict(d[COMPARE_METRICS[0]])} |")
     return "\n".join(lines) + "\n"
 
@@ -104,8 +103,14 @@ def verdict(d: Mapping[str, float]) -> str:
     return "not distinguishable"
 
 
+def tally(verdicts: Sequence[str]) -> str:
+    """``["better", "better", "worse"]`` -> ``better 2, worse 1`` (in the order better, not distinguishable, worse)."""
+    return ", ".join(f"{w} {verdicts.count(w)}" for w in ("better", "not distinguishable", "worse") if w in verdicts)
+
+
 def _label(metric: str) -> str:
     return {"balanced_accuracy": "balanced acc", "auc": "AUC"}.get(metric, metric)
 
 
-__all__ = ["COMPARE_METRICS", "check_same_tiles", "compare_probs", "compare_reports", "comparison_markdown", "verdict"]
+__all__ = ["COMPARE_METRICS", "check_same_tiles", "compare_probs", "compare_reports", "comparison_markdown", "tally",
+           "verdict"]

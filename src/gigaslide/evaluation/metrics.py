@@ -206,6 +206,12 @@ def paired_difference(y: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, m
             "n": int(len(y)), "n_bootstrap": int(n_bootstrap), "draws": draws or "fixed"}
 
 
+def fmt_diff(d: dict[str, float], p: bool = True) -> str:
+    """A :func:`paired_difference` as ``+0.036 [+0.018, +0.053], p=0.001`` (without ``, p=...`` when ``p`` is False)."""
+    text = f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+    return f"{text}, p={d['p_value']:.3g}" if p else text
+
+
 def fmt_ci(d: dict[str, float], digits: int = 3) -> str:
     """``0.912 [0.871, 0.950]``."""
     v, lo, hi = d.get("value", np.nan), d.get("ci_low", np.nan), d.get("ci_high", np.nan)

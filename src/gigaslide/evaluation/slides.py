@@ -212,11 +212,10 @@ def evaluate_predictions(pred: Predictions | str | os.PathLike, *, n_bootstrap: 
     """Pooled out-of-fold metrics with bootstrap CIs (resampling slides within folds), per-fold mean ± std."""
     if not isinstance(pred, Predictions):
         pred = read_predictions(pred)
-    rep_ids = np.unique(pred.repeats)
     _, per_rep = _per_repeat(pred)
     first = per_rep[0]
     strata = pred.folds[first]
-    res: dict[str, Any] = {"n_slides": len(first), "n_classes": pred.n_classes, "n_repeats": len(rep_ids),
+    res: dict[str, Any] = {"n_slides": len(first), "n_classes": pred.n_classes, "n_repeats": len(per_rep),
                            "n_folds": int(len(np.unique(pred.folds))), "n_bootstrap": n_bootstrap, "seed": seed,
                            "class_counts": np.bincount(pred.labels[first], minlength=pred.n_classes).tolist(),
                            "source": pred.source, "metrics": {}}
