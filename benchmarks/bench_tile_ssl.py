@@ -179,7 +179,9 @@ def main() -> None:
     ap.add_argument("--goal-only", action="store_true",
                     help="only (re)write the 'goal' section from the measured rows in tile_ssl.json (no training); "
                          "--section may list sections of one protocol, e.g. defaults,recheck: each method's row from "
-                         "the last one that has it (remembered: re-running any of those sections, or the budget "
+                         "the last one that has it; ';' separates protocols, one block each, e.g. "
+                         "'defaults,recheck;probe10k'; NAME@variant takes a section's variant rows instead of its "
+                         "default rows (remembered: re-running any of those sections, or the budget "
                          "section, rewrites the goal from the same list)")
     args = ap.parse_args()
     budgets = [b.strip() for b in args.budget.split(",") if b.strip()]
@@ -369,7 +371,8 @@ def write_report(args, budgets: list[str], results: list[dict], total: float, lo
     atomic.write_json(js, prev)
     print("\n".join(lines))
     goal = goal_sections(prev)
-    if args.section in goal.split(",") or args.section == "budget":  # rows the goal section is computed from
+    read = [g.partition("@")[0] for g in re.split(r"[,;]", goal)]  # the sections the goal is computed from
+    if args.section in read or args.section == "budget":
         write_goal(Path(args.out), goal)
 
 
@@ -382,11 +385,20 @@ def verdict(d: dict) -> str:
 
 def comparison_lines(results: list[dict], budgets: list[str]) -> list[str]:
     """Each row vs the row it is compared with (paired), and for a budget curve the first budget meeting the goal."""
+    from gigaslide.evaluation.compare import tally
+
     out = []
     for r in results:
         if r.get("paired_vs"):
             d = r["paired_vs"]["linear_balanced_accuracy"]
             out.append(f"- {r['name']} vs {r['paired_vs']['than']}: Δ linear bal. acc. {dci(d)}: **{verdict(d)}**")
+    by_variant: dict[str, list[str]] = {}
+    for r in results:
+        if r.get("paired_vs") and r.get("variant"):
+            by_variant.setdefault(r["variant"], []).append(verdict(r["paired_vs"]["linear_balanced_accuracy"]))
+    for v, verdicts in by_variant.items():
+        if len(verdicts) > 1:
+            out.append(f"- `{v}` vs the defaults, over {len(verdicts)} methods: {tally(verdicts)}")
     curves: dict[str, list[dict]] = {}
     for r in results:
         if len(budgets) > 1 and r.get("method") and not r.get("variant"):
@@ -472,20 +484,35 @@ def _comparable(a: dict, b: dict, but: tuple[str, ...] = ()) -> bool:
 
 def goal_rows(sections: dict[str, dict], names: list[str]) -> tuple[list[dict], dict[str, str]]:
     """The rows the goal is checked on: each method's row from the last of ``names`` that measured it (a re-check
-    of some methods after their code changed), random init from the first. Sections of different protocols, or
-    whose random-init rows differ (other test tiles), are refused. Returns (rows, method -> section)."""
-    first = sections[names[0]]
-    rows = {r["name"]: r for r in first["results"]}
-    src = {r["method"]: names[0] for r in first["results"] if r.get("method") and not r.get("variant")}
-    for name in names[1:]:
-        sec = sections[name]
+    of some methods after their code changed), random init from the first. ``NAME@variant`` takes a section's
+    variant rows instead of its default rows (one variant per method: e.g. the setting that became the default).
+    Sections of different protocols, or whose random-init rows differ (other test tiles), are refused. Returns
+    (rows, method -> section)."""
+    def split(name: str) -> tuple[str, bool]:
+        sec, _, what = name.partition("@")
+        if what not in ("", "variant"):
+            raise SystemExit(f"goal section {name!r}: only NAME or NAME@variant")
+        return sec, what == "variant"
+
+    def method_rows(name: str) -> list[dict]:
+        sec, variant = split(name)
+        got = [r for r in sections[sec]["results"] if r.get("method") and bool(r.get("variant")) == variant]
+        if len({r["method"] for r in got}) < len(got):
+            raise SystemExit(f"goal section {name!r}: more than one row per method")
+        return got
+
+    first = sections[split(names[0])[0]]
+    other = [r for r in first["results"] if not r.get("method")]  # random init (+ BN recalibrated), BN ablations
+    by_method: dict[str, dict] = {}
+    src: dict[str, str] = {}
+    for name in names:
+        sec = sections[split(name)[0]]
         if not _comparable(first, sec):
             raise SystemExit(f"section {name!r} is not {names[0]!r}'s protocol ({_protocol(sec)} vs "
                              f"{_protocol(first)}, or another random init score): its rows cannot join the goal")
-        for r in sec["results"]:
-            if r.get("method") and not r.get("variant"):
-                rows[r["name"]], src[r["method"]] = r, name
-    return list(rows.values()), src
+        for r in method_rows(name):
+            by_method[r["method"]], src[r["method"]] = r, name
+    return other + list(by_method.values()), src
 
 
 def budget_lines(sections: dict[str, dict], first: str) -> list[str]:
@@ -516,25 +543,39 @@ def goal_sections(saved: dict) -> str:
     return saved.get("goal_sections") or "defaults"
 
 
+def _group_lines(sections: dict[str, dict], names: list[str]) -> list[str]:
+    """One protocol's block of the goal section: the goal checked on ``names``' rows (:func:`goal_rows`), plus what
+    the ``budget`` section says about more training time (:func:`budget_lines`)."""
+    rows, src = goal_rows(sections, names)
+    args = sections[names[0].partition("@")[0]]["args"]
+    recheck = [f"{m} from `{n}`" for m, n in src.items() if n != names[0]]
+    n_probe = args.get("probe_train")
+    lines = [f"## Against the issue's goal (computed from the `{names[0]}` rows"
+             + (f", {', '.join(recheck)}" if recheck else "") + ", linear probe"
+             + (f" fitted on {n_probe} PCam train tiles" if n_probe else "") + ")", "",
+             f"Goal: every method ≥ {GOAL_DELTA:+.2f} balanced accuracy over random init with disjoint 95 % CIs, the best "
+             f"≥ {GOAL_BEST:.2f}. Rows at {args.get('budget', '?')} per method.", "",
+             *goal_lines(rows), ""]
+    if variants := sorted({r["variant"] for r in rows if r.get("variant")}):
+        lines[4:4] = [f"Rows of `@variant` sections were trained with these `pretrain` options on top of the defaults "
+                      f"of their time: {', '.join(f'`{v}`' for v in variants)}.", ""]
+    if why := budget_lines(sections, names[0].partition("@")[0]):
+        lines += [*why, ""]
+    return lines
+
+
 def write_goal(out: Path, section: str) -> None:
     """The ``goal`` section: the issue's goal checked against the measured rows in ``tile_ssl.json`` of ``section``
-    (or of comma-separated sections of one protocol, later ones re-checking some methods: see :func:`goal_rows`),
-    plus what the ``budget`` section says about more training time (:func:`budget_lines`)."""
+    (or of comma-separated sections of one protocol, later ones re-checking some methods: see :func:`goal_rows`;
+    ``;`` separates protocols, e.g. probes fitted on 2,000 and on all 10,000 train tiles: one block each)."""
     js = out.with_suffix(".json")
     saved = json.loads(js.read_text())
-    sections = saved["sections"]
-    names = [s.strip() for s in section.split(",") if s.strip()]
-    rows, src = goal_rows(sections, names)
-    if saved.get("goal_sections") != ",".join(names):
-        atomic.write_json(js, {**saved, "goal_sections": ",".join(names)})
-    recheck = [f"{m} from `{n}`" for m, n in src.items() if n != names[0]]
-    lines = [f"## Against the issue's goal (computed from the `{names[0]}` rows"
-             + (f", {', '.join(recheck)}" if recheck else "") + ", linear probe)", "",
-             f"Goal: every method ≥ {GOAL_DELTA:+.2f} balanced accuracy over random init with disjoint 95 % CIs, the best "
-             f"≥ {GOAL_BEST:.2f}. Rows at {sections[names[0]]['args'].get('budget', '?')} per method.", "",
-             *goal_lines(rows), ""]
-    if why := budget_lines(sections, names[0]):
-        lines += [*why, ""]
+    groups = [[s.strip() for s in g.split(",") if s.strip()] for g in section.split(";")]
+    groups = [g for g in groups if g]
+    key = ";".join(",".join(g) for g in groups)
+    if saved.get("goal_sections") != key:
+        atomic.write_json(js, {**saved, "goal_sections": key})
+    lines = [ln for g in groups for ln in _group_lines(saved["sections"], g)]
     atomic.write_text(out, merge_section(out, "goal", "\n".join(lines) + "\n"))
     print("\n".join(lines))
 

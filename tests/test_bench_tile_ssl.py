@@ -51,6 +51,11 @@ def test_a_variant_is_compared_with_its_defaults_and_makes_no_curve() -> None:
             _row("mocov2, n_local=2", "15m", 0.75, 0.01, ("mocov2", -0.03, -0.05, -0.01), variant="n_local=2")]
     assert bench_tile_ssl.comparison_lines(rows, ["15m"]) == [
         "- mocov2, n_local=2 vs mocov2: Δ linear bal. acc. -0.030 [-0.050, -0.010], p=0.01: **worse**"]
+    rows += [{**_row("swav", "15m", 0.77, 0.03), "method": "swav"},
+             {**_row("swav, n_local=2", "15m", 0.77, 0.03, ("swav", 0.0, -0.01, 0.01), variant="n_local=2"),
+              "method": "swav"}]
+    assert bench_tile_ssl.comparison_lines(rows, ["15m"])[-1] == (
+        "- `n_local=2` vs the defaults, over 2 methods: not distinguishable 1, worse 1")
 
 
 def test_each_row_states_the_settings_its_run_recorded() -> None:
@@ -127,6 +132,38 @@ def test_the_goal_remembers_its_sections(tmp_path: Path) -> None:
     saved = json.loads(out.with_suffix(".json").read_text())
     assert bench_tile_ssl.goal_sections(saved) == "defaults,recheck"
     assert "mocov2 from `recheck`" in out.read_text() and "- mocov2: Δ +0.060" in out.read_text()
+
+
+def test_the_goal_has_one_block_per_protocol(tmp_path: Path) -> None:
+    out = tmp_path / "tile_ssl.md"
+    small = _section([_row("mocov2", "15m", 0.77, 0.03)])
+    big = _section([_row("mocov2", "15m", 0.79, 0.045)], random_acc=0.745)
+    big["args"]["probe_train"] = 10000  # another protocol: its rows cannot join the 2,000-tile rows
+    out.with_suffix(".json").write_text(json.dumps({"sections": {"defaults": small, "probe10k": big}}))
+    with pytest.raises(SystemExit, match="protocol"):
+        bench_tile_ssl.write_goal(out, "defaults,probe10k")
+    bench_tile_ssl.write_goal(out, "defaults; probe10k")
+    text = out.read_text()
+    blocks = text.split("## Against the issue's goal")[1:]
+    assert len(blocks) == 2 and "fitted on 10000 PCam train tiles" in blocks[1]
+    assert "- mocov2: Δ +0.030" in blocks[0] and "- mocov2: Δ +0.045" in blocks[1]
+    assert bench_tile_ssl.goal_sections(json.loads(out.with_suffix(".json").read_text())) == "defaults;probe10k"
+
+
+def test_the_goal_can_take_a_sections_variant_rows(tmp_path: Path) -> None:
+    sec = _section([_row("mocov2", "15m", 0.77, 0.03),
+                    _row("mocov2, augment=x", "15m", 0.80, 0.055, ("mocov2", 0.025, 0.01, 0.04), variant="augment=x")])
+    rows, src = bench_tile_ssl.goal_rows({"s": sec}, ["s@variant"])
+    assert [r["name"] for r in rows] == ["random init", "mocov2, augment=x"] and src == {"mocov2": "s@variant"}
+    assert [r["name"] for r in bench_tile_ssl.goal_rows({"s": sec}, ["s"])[0]] == ["random init", "mocov2"]
+    out = tmp_path / "tile_ssl.md"
+    out.with_suffix(".json").write_text(json.dumps({"sections": {"s": sec}}))
+    bench_tile_ssl.write_goal(out, "s;s@variant")
+    blocks = out.read_text().split("## Against the issue's goal")[1:]
+    assert "**not met**" in blocks[0] and "- mocov2, augment=x: Δ +0.055" in blocks[1] and "**met**" in blocks[1]
+    assert "`augment=x`" in blocks[1] and "`augment=x`" not in blocks[0]
+    with pytest.raises(SystemExit, match="NAME@variant"):
+        bench_tile_ssl.goal_rows({"s": sec}, ["s@other"])
 
 
 def test_sections_made_from_other_sections_come_last(tmp_path: Path) -> None:
