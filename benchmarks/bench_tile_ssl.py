@@ -18,7 +18,10 @@ With several budgets each method runs once per budget (each run's lr schedule sp
 user's would) and each budget is compared with the next smaller one on the same test tiles (paired); that
 run writes the ``budget`` section instead. With ``--variants`` (``;``-separated sets of ``pretrain`` options,
 ``key=value key=value``; the empty set is the defaults) each variant is compared with the defaults of the same
-method and budget (paired), into the ``variants`` section.
+method and budget (paired), into the ``variants`` section. Each arm is one training run: the paired CI covers the
+test tiles, not training-seed variance, which at this scale can be as large as an option's effect (sections
+``stain_screen`` and ``stain15``: an option "better" at 5 min was worse or not distinguishable at 15 min), so a
+variant's verdict needs a second budget or seed before it changes a default.
 
 Writes the ``defaults`` section of ``benchmarks/results/tile_ssl.md`` (+ ``tile_ssl.json``; other
 sections are kept). Runs go to ``--runs-dir``; a re-run resumes them (an exhausted budget trains no more).
