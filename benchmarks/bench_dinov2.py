@@ -255,11 +255,11 @@ def _diff(d: dict) -> str:
 
 
 def _verdict(d: dict) -> str:
-    if d["ci_low"] > 0:
-        return "better (CI above 0)"
-    if d["ci_high"] < 0:
-        return "worse (CI below 0)"
-    return "no difference resolved (CI spans 0)"
+    """:func:`gigaslide.evaluation.compare.verdict` in this report's words."""
+    from gigaslide.evaluation.compare import verdict
+
+    return {"better": "better (CI above 0)", "worse": "worse (CI below 0)",
+            "not distinguishable": "no difference resolved (CI spans 0)"}[verdict(d)]
 
 
 def markdown(r: dict, rows: dict) -> str:

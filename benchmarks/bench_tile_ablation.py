@@ -140,7 +140,10 @@ def _d(d: dict) -> str:
 
 
 def _verdict(d: dict) -> str:
-    return "helps" if d["ci_low"] > 0 else "hurts" if d["ci_high"] < 0 else "no difference resolved"
+    """:func:`gigaslide.evaluation.compare.verdict` in this report's words."""
+    from gigaslide.evaluation.compare import verdict
+
+    return {"better": "helps", "worse": "hurts", "not distinguishable": "no difference resolved"}[verdict(d)]
 
 
 def markdown(r: dict) -> str:

@@ -287,12 +287,11 @@ def parse_variant(variant: str) -> dict:
 
 
 def _verdict(r: dict) -> str:
+    """A row's :func:`verdict` against random init, in this report's words."""
     d = r["paired"]["linear_balanced_accuracy"]
-    if d["ci_low"] > 0:
-        return f"clearly above random init (paired 95 % CI of Δ {d['ci_low']:+.3f} to {d['ci_high']:+.3f} excludes 0)"
-    if d["ci_high"] < 0:
-        return f"below random init (paired 95 % CI of Δ {d['ci_low']:+.3f} to {d['ci_high']:+.3f})"
-    return f"not distinguishable from random init (paired 95 % CI of Δ {d['ci_low']:+.3f} to {d['ci_high']:+.3f} includes 0)"
+    ci = f"paired 95 % CI of Δ {d['ci_low']:+.3f} to {d['ci_high']:+.3f}"
+    return {"better": f"clearly above random init ({ci} excludes 0)", "worse": f"below random init ({ci})",
+            "not distinguishable": f"not distinguishable from random init ({ci} includes 0)"}[verdict(d)]
 
 
 def _precision(r: dict) -> str:
