@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from _common import load_note, run_child_peak_rss, write_result  # noqa: E402
 from gigaslide.devices import PrecisionChoice, autocast_ctx, choose_precision, cpu_has_native_bf16  # noqa: E402
 from gigaslide.encoders import build_encoder  # noqa: E402
 from gigaslide.encoders.inference import for_inference  # noqa: E402
-from gigaslide.features.extract import encode_slides  # noqa: E402
+from gigaslide.features.extract import FOLD_MIN_TILES, encode_slides  # noqa: E402
 from gigaslide.slides import iter_tiles  # noqa: E402
 from gigaslide.testing import make_slide, shared_data_dir  # noqa: E402
 from gigaslide.tiling import TilingParams, tile_slide  # noqa: E402
@@ -86,8 +87,9 @@ def e2e_vs_forward(slides: list[Path], encoder_name: str, params: TilingParams, 
             for _tile in iter_tiles(slide, grid.coords, params.tile_size, params.mpp):
                 pass
         read_s.append(time.perf_counter() - t)
-    arms = {"auto": (None, True), "one": (1, True), "unfolded": (None, False)}  # (workers, fold_bn)
-    rows: dict[str, dict[str, list]] = {a: {"e2e": [], "fwd": [], "workers": []} for a in arms}
+    # (workers, fold_bn): the defaults; one reader process; batch norms forced unfolded / folded
+    arms = {"auto": (None, None), "one": (1, None), "unfolded": (None, False), "folded": (None, True)}
+    rows: dict[str, dict[str, Any]] = {a: {"e2e": [], "fwd": [], "workers": []} for a in arms}
     for r in range(repeats):  # arms alternate their order so the VM's drift hits both alike
         for arm in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
             out = work / f"e2e-{arm}{r}"
@@ -95,19 +97,21 @@ def e2e_vs_forward(slides: list[Path], encoder_name: str, params: TilingParams, 
                 tile_slide(slide, out, params, overlays=False)  # tiles exist, so encode_slides only reads + encodes
             res = encode_slides(slides, out, enc, params, batch_size=64, workers=arms[arm][0], precision=prec,
                                 overlays=False, fold_bn=arms[arm][1])
-            assert res.bn_folded == arms[arm][1]
+            assert arms[arm][1] is None or res.bn_folded == arms[arm][1]
             assert res.tiles == n, (res.tiles, n, res.failed)
             rows[arm]["e2e"].append(res.seconds)
-            if arm != "unfolded":  # its forward pass is timed against the folded one above, not against encode
+            rows[arm]["folded"] = res.bn_folded
+            if arm in ("auto", "one"):  # the forced arms are timed against each other, not against the forward pass
                 rows[arm]["fwd"].append(forward_only(fast, batches, prec))
             rows[arm]["workers"].append(json.loads((out / "manifest.json").read_text())["config"]["workers"])
             for f in (out / "features").glob("*.h5"):
                 f.unlink()
     out = {"tiles": n, "read_tps": n / statistics.median(read_s), "read_s": statistics.median(read_s), "precision": choice,
            "fold": statistics.median(fold), "folds": [round(x, 3) for x in fold]}
-    e2e_gain = [u / a for a, u in zip(rows["auto"]["e2e"], rows["unfolded"]["e2e"])]  # the same round of arms
+    e2e_gain = [u / a for a, u in zip(rows["folded"]["e2e"], rows["unfolded"]["e2e"])]  # the same round of arms
     out["e2e_fold"], out["e2e_folds"] = statistics.median(e2e_gain), [round(x, 3) for x in e2e_gain]
-    for arm, d in ((a, d) for a, d in rows.items() if a != "unfolded"):
+    out["auto_folds"] = rows["auto"]["folded"]
+    for arm, d in ((a, d) for a, d in rows.items() if a in ("auto", "one")):
         e, f = statistics.median(d["e2e"]), statistics.median(d["fwd"])
         # this VM's speed drifts by up to 2x over minutes: the ratio is taken per back-to-back pair, then the median
         ratios = [fi / ei for fi, ei in zip(d["fwd"], d["e2e"])]
@@ -190,16 +194,20 @@ def main() -> None:
               "opening the slide, the reader pool's start-up, the pipeline fill and writing the features. `read-only` = "
               "`iter_tiles` over the same tiles alone (slide opening and tile-grid loading included, median of 3); "
               "`inline ceiling` = forward / (forward + read-only): the best ratio reading in the main process can reach, "
-              "as nothing overlaps there. Every arm runs the model as `encode` does, batch norms folded into the "
-              "convolutions (`gigaslide.encoders.inference.for_inference`); `BN folding` = forward time of the unfolded "
-              "model / the folded one on the same tiles, back to back in alternating order (median over pairs); "
-              "`end to end, BN folding ×` = `encode --fold-bn false` time / the default's, both with the default readers, "
-              "in the same round of arms (median over rounds). "
+              "as nothing overlaps there. The forward-only arm runs the model with its batch norms folded into the "
+              "convolutions (`gigaslide.encoders.inference.for_inference`); `encode` folds them by default only for a "
+              f"run of at least {FOLD_MIN_TILES} tiles (it costs more than it saves on fewer; `default folds BN`), "
+              "so on a smaller run the ratio charges end to end the unfolded model's slower forward pass. "
+              "`BN folding` = forward time of the unfolded model / the folded one on the same tiles, back to back in "
+              "alternating order (median over pairs); `end to end, BN folding ×` = `encode --fold-bn false` time / "
+              "`--fold-bn true` time (the folding itself included), both with the default readers, in the same "
+              "round of arms (median over rounds). "
               + load_note() + ": the VM's speed drifts, hence back-to-back pairs. TARGET_LINE", "",
-              "| slide | encoder | tiles | default: reader processes | end-to-end tiles/s | forward-only tiles/s | "
+              "| slide | encoder | tiles | default: reader processes | default folds BN | end-to-end tiles/s "
+              "| forward-only tiles/s | "
               "**ratio** (per pair) | read-only tiles/s | inline ceiling | 1 reader process: end-to-end tiles/s | ratio (per pair) "
               "| BN folding: forward × (per pair) | end to end, BN folding × (per round) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     gen = make_slide(work / "generated-6k.tiff", (6144, 6144), mpp=0.5, seed=7, blobs=5)
     big = work / "generated-12k.tiff" if args.quick else make_slide(work / "generated-12k.tiff", (12288, 12288), mpp=0.5,
                                                                     seed=8, blobs=5)
@@ -218,7 +226,8 @@ def main() -> None:
         gains.append(a["ratio"] - o["ratio"])
         ceil = a["fwd_s"] / (a["fwd_s"] + r["read_s"])
         ceilings.append(ceil)
-        lines.append(f"| {label} @0.5 µm/px | {name} | {r['tiles']} | {a['workers']} | {a['e2e_tps']:.1f} | {a['fwd_tps']:.1f} | "
+        lines.append(f"| {label} @0.5 µm/px | {name} | {r['tiles']} | {a['workers']} | "
+                     f"{'yes' if r['auto_folds'] else 'no'} | {a['e2e_tps']:.1f} | {a['fwd_tps']:.1f} | "
                      f"**{a['ratio']:.3f}** ({', '.join(map(str, a['ratios']))}) | {r['read_tps']:.0f} | {ceil:.3f} | {o['e2e_tps']:.1f} | {o['ratio']:.3f} "
                      f"({', '.join(map(str, o['ratios']))}) | ×{r['fold']:.3f} ({', '.join(map(str, r['folds']))}) | "
                      f"×{r['e2e_fold']:.3f} ({', '.join(map(str, r['e2e_folds']))}) |")
@@ -239,7 +248,8 @@ def main() -> None:
                         "at this noise level, only not contradicted.")
         faster = sum(f > 1 for f, _ in folds)
         verdict += (f" Batch-norm folding: the forward pass faster on {faster} of {len(folds)} rows (×{min(folds)[0]:.2f} "
-                    f"{min(folds)[1]} to ×{max(folds)[0]:.2f} {max(folds)[1]}); `encode` end to end faster with it on "
+                    f"{min(folds)[1]} to ×{max(folds)[0]:.2f} {max(folds)[1]}); `encode --fold-bn true` end to end "
+                    "faster than false on "
                     f"{sum(f > 1 for f, _ in e2e_folds)} of {len(e2e_folds)} rows (×{min(e2e_folds)[0]:.2f} "
                     f"{min(e2e_folds)[1]} to ×{max(e2e_folds)[0]:.2f} {max(e2e_folds)[1]}), the folding itself included.")
         lines = [ln.replace("TARGET_LINE", verdict) for ln in lines]

@@ -21,7 +21,13 @@ run writes the ``budget`` section instead. With ``--variants`` (``;``-separated 
 method and budget (paired), into the ``variants`` section. Each arm is one training run: the paired CI covers the
 test tiles, not training-seed variance, which at this scale can be as large as an option's effect (sections
 ``stain_screen`` and ``stain15``: an option "better" at 5 min was worse or not distinguishable at 15 min), so a
-variant's verdict needs a second budget or seed before it changes a default.
+variant's verdict needs a second budget or seed before it changes a default. ``--seeds N`` trains every arm
+with ``pretrain --seed 0..N-1`` and adds a "Training seeds" block: each arm's spread over seeds, the single-run
+test between two seeds of the same settings (the seed-noise floor), and variants vs defaults with the seeds
+resampled too (``paired_difference(..., draws="independent")``), the verdict to change a default on:
+
+    .venv/bin/python benchmarks/bench_tile_ssl.py --methods mocov2 --budget 5m --seeds 3 \\
+        --variants ';augment=pathology,gray=0.3'
 
 Writes the ``defaults`` section of ``benchmarks/results/tile_ssl.md`` (+ ``tile_ssl.json``; other
 sections are kept). Runs go to ``--runs-dir``; a re-run resumes them (an exhausted budget trains no more).
@@ -179,6 +185,10 @@ def main() -> None:
                     help="report section this run (re)writes; others are kept (default: defaults, or budget for a budget list)")
     ap.add_argument("--variants", default="",
                     help="';'-separated option sets applied on top of the defaults, e.g. ';n_local=2' (the empty set: defaults)")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="train each arm with pretrain seeds 0..N-1 (seed 0 in the run directory without a suffix); "
+                         "with N > 1 the report adds each arm's spread over seeds, the single-run test between two "
+                         "seeds of one arm, and variants vs defaults with the seeds resampled too")
     ap.add_argument("--goal-only", action="store_true",
                     help="only (re)write the 'goal' section from the measured rows in tile_ssl.json (no training); "
                          "--section may list sections of one protocol, e.g. defaults,recheck: each method's row from "
@@ -212,24 +222,28 @@ def main() -> None:
     recalibrate_bn(enc, tr[0])  # SSL also adapts BN statistics: this separates "learned features" from "adapted BN"
     r = probe(enc, tr, te, args.bootstrap)
     results.append({"name": "random init + BN recalibrated", **r, "paired": paired(te[1], r, base, args.bootstrap)})
-    for method, budget, variant in [(m, b, v) for m in args.methods.split(",") for b in budgets for v in variants]:
+    arms = [(m, b, v, k) for m in args.methods.split(",") for b in budgets for v in variants for k in range(args.seeds)]
+    for method, budget, variant, seed in arms:
         run_dir = Path(args.runs_dir) / (f"{method}-{args.backbone}-{args.tile_size}-{budget}"
-                                         + (f"-{re.sub(r'[^A-Za-z0-9.]+', '-', variant).strip('-')}" if variant else ""))
+                                         + (f"-{re.sub(r'[^A-Za-z0-9.]+', '-', variant).strip('-')}" if variant else "")
+                                         + (f"-seed{seed}" if seed else ""))
         cfg = PretrainConfig(data=str(pcam / "train"), out=str(run_dir), method=method, backbone=args.backbone,
                              mpp=[PCAM_MPP], tile_size=args.tile_size, budget_s=parse_duration(budget), workers=args.workers,
-                             data_kind="tiles", **parse_variant(variant))
+                             data_kind="tiles", seed=seed, **parse_variant(variant))
         t_run = time.perf_counter()
         s = stop_if_interrupted(pretrain(cfg))
         rec = read_run(run_dir)
         mon = rec.get("monitor") or []
         r = probe(build_encoder(str(run_dir / "encoder")), tr, te, args.bootstrap)
         row = len(results)
-        # compared with: the same method and budget with the defaults (a variant), else the next smaller budget
-        defaults = [q for q in results if q.get("method") == method and not q.get("variant")]
+        # compared with: the same method, budget and seed with the defaults (a variant), else the next smaller budget
+        defaults = [q for q in results
+                    if q.get("method") == method and not q.get("variant") and q.get("seed", 0) == seed]
         than = (next((q for q in defaults if q["budget"] == budget), None) if variant
                 else defaults[-1] if defaults and len(budgets) > 1 else None)
-        name = ", ".join([method] + ([budget] if len(budgets) > 1 else []) + ([variant] if variant else []))
-        results.append({"name": name, "method": method, "budget": budget, "variant": variant,
+        name = ", ".join([method] + ([budget] if len(budgets) > 1 else []) + ([variant] if variant else [])
+                         + ([f"seed {seed}"] if seed else []))
+        results.append({"name": name, "method": method, "budget": budget, "variant": variant, "seed": seed,
                         "trained_here": bool(s.get("images_this_invocation")), "wall_s": round(time.perf_counter() - t_run, 1),
                         **{k: s.get(k) for k in (
             "steps", "planned_steps", "images_per_s", "seconds_per_step", "first_loss", "final_loss", "batch_size",
@@ -249,7 +263,8 @@ def main() -> None:
                             "paired_vs_export": paired(te[1], r, r2, args.bootstrap)})
         print(f"{method}: {s['steps']} steps ({s['images_per_s']} img/s) linear {ci(r['linear']['balanced_accuracy'])} "
               f"vs random {dci(results[row]['paired']['linear_balanced_accuracy'])}", flush=True)
-    write_report(args, budgets, results, time.perf_counter() - t_start, load0, len(tr[1]), len(te[1]))
+    seeds = seed_comparisons(results, te[1], args.bootstrap) if args.seeds > 1 else None
+    write_report(args, budgets, results, time.perf_counter() - t_start, load0, len(tr[1]), len(te[1]), seeds)
 
 
 def settings_lines(rows: list[dict]) -> list[str]:
@@ -304,7 +319,8 @@ def _shared(load0: float, load1: float, threads: int) -> str:
     return " **shared with other jobs**" if max(load0, load1) > threads + 0.5 else ""
 
 
-def write_report(args, budgets: list[str], results: list[dict], total: float, load0: float, n_tr: int, n_te: int) -> None:  # noqa: ANN001
+def write_report(args, budgets: list[str], results: list[dict], total: float,  # noqa: ANN001
+                 load0: float, n_tr: int, n_te: int, seeds: dict | None = None) -> None:
     from gigaslide.runs import parse_duration
 
     budget_s = min(parse_duration(b) for b in budgets)
@@ -352,6 +368,7 @@ def write_report(args, budgets: list[str], results: list[dict], total: float, lo
             d = r["paired_vs_export"]["linear_balanced_accuracy"]
             lines.append(f"- the export's native-size BatchNorm statistics vs {r['name']}: Δ linear bal. acc. {dci(d)}")
     lines += comparison_lines(results, budgets)
+    lines += seed_lines(seeds)
     lines += settings_lines(methods)
     missing = [m for m in METHODS if m not in {r["method"] for r in methods}]
     if args.section == "defaults" and (budget_s < FULL_BUDGET_S or missing):
@@ -368,13 +385,13 @@ def write_report(args, budgets: list[str], results: list[dict], total: float, lo
     js = Path(args.out).with_suffix(".json")
     prev = json.loads(js.read_text()) if js.is_file() else {}
     prev = prev if "sections" in prev else {"sections": {}}
-    prev["sections"][args.section] = {"args": vars(args), "total_s": total,
+    prev["sections"][args.section] = {"args": vars(args), "total_s": total, **({"seeds": seeds} if seeds else {}),
                                       "results": [{k: v for k, v in r.items() if k != "probs"} for r in results]}
     atomic.write_json(js, prev)
     print("\n".join(lines))
     goal = goal_sections(prev)
     read = [g.partition("@")[0] for g in re.split(r"[,;]", goal)]  # the sections the goal is computed from
-    if args.section in read or args.section == "budget":
+    if args.section in read or args.section == "budget" or seeds:
         write_goal(Path(args.out), goal)
 
 
@@ -396,14 +413,14 @@ def comparison_lines(results: list[dict], budgets: list[str]) -> list[str]:
             out.append(f"- {r['name']} vs {r['paired_vs']['than']}: Δ linear bal. acc. {dci(d)}: **{verdict(d)}**")
     by_variant: dict[str, list[str]] = {}
     for r in results:
-        if r.get("paired_vs") and r.get("variant"):
+        if r.get("paired_vs") and r.get("variant") and not r.get("seed"):  # over methods: seed 0's rows
             by_variant.setdefault(r["variant"], []).append(verdict(r["paired_vs"]["linear_balanced_accuracy"]))
     for v, verdicts in by_variant.items():
         if len(verdicts) > 1:
             out.append(f"- `{v}` vs the defaults, over {len(verdicts)} methods: {tally(verdicts)}")
     curves: dict[str, list[dict]] = {}
     for r in results:
-        if len(budgets) > 1 and r.get("method") and not r.get("variant"):
+        if len(budgets) > 1 and r.get("method") and not r.get("variant") and not r.get("seed"):
             curves.setdefault(r["method"], []).append(r)
     for m, rows in curves.items():
         meets = [r["budget"] for r in rows if r["paired"]["linear_balanced_accuracy"]["diff"] >= GOAL_DELTA
@@ -412,6 +429,71 @@ def comparison_lines(results: list[dict], budgets: list[str]) -> list[str]:
         out.append(f"- {m}: Δ ≥ {GOAL_DELTA:+.2f} over random init first at "
                    f"{delta[0] if delta else 'none of ' + ', '.join(r['budget'] for r in rows)}; Δ goal and "
                    f"≥ {GOAL_BEST:.2f} together at {meets[0] if meets else 'none of these budgets'}")
+    return out
+
+
+def seed_comparisons(results: list[dict], te_y: np.ndarray, n_boot: int) -> dict:
+    """What training seeds do, from the rows' test-tile probabilities (linear probe, balanced accuracy): per arm
+    (method, budget, variant) trained with more than one seed, each seed's score and the arm vs random init with
+    the seeds resampled too; every pair of seeds of one arm under the single-run paired test (the same settings,
+    so any "better" or "worse" there is seed noise); and each variant vs its defaults with both arms' seeds
+    resampled (``paired_difference(..., draws="independent")``: the CI covers training seeds and test tiles)."""
+    from itertools import combinations
+
+    from gigaslide.evaluation.metrics import paired_difference
+
+    def diff(a: np.ndarray, b: np.ndarray, draws: str | None = None) -> dict:
+        return paired_difference(te_y, a, b, "balanced_accuracy", n_bootstrap=n_boot, seed=0, draws=draws)
+
+    base = next(r for r in results if r["name"] == "random init")
+    by_arm: dict[tuple, list[dict]] = {}
+    for r in results:
+        if r.get("method"):
+            by_arm.setdefault((r["method"], r["budget"], r.get("variant") or ""), []).append(r)
+    arms = {k: rows for k, rows in by_arm.items() if len(rows) > 1}
+    out: dict[str, list] = {"arms": [], "pairs": [], "variants": []}
+    for (m, b, v), rows in arms.items():
+        accs = [r["linear"]["balanced_accuracy"]["value"] for r in rows]
+        stack = np.stack([r["probs"]["linear"] for r in rows])
+        out["arms"].append({"name": rows[0]["name"], "variant": v, "seeds": [r.get("seed", 0) for r in rows],
+                            "accs": accs, "mean": float(np.mean(accs)), "sd": float(np.std(accs, ddof=1)),
+                            "vs_random": diff(stack, base["probs"]["linear"], "independent")})
+        for a, c in combinations(rows, 2):
+            out["pairs"].append({"name": rows[0]["name"], "a": c.get("seed", 0), "b": a.get("seed", 0),
+                                 **diff(c["probs"]["linear"], a["probs"]["linear"])})
+        if v and (m, b, "") in arms:
+            d = arms[(m, b, "")]
+            out["variants"].append({"name": rows[0]["name"], "than": d[0]["name"], "runs": [len(rows), len(d)],
+                                    **diff(stack, np.stack([r["probs"]["linear"] for r in d]), "independent")})
+    return out
+
+
+def seed_lines(seeds: dict | None) -> list[str]:
+    """The report's lines for :func:`seed_comparisons` (nothing without replicates)."""
+    from gigaslide.evaluation.compare import tally
+
+    if not seeds or not seeds["arms"]:
+        return []
+    out = ["", "### Training seeds", "",
+           "Each arm trained with `pretrain --seed 0..N-1` (rows without a seed are seed 0), everything else equal. "
+           "'over seeds': a paired bootstrap that resamples the test tiles and, for each arm on its own, its training "
+           "seeds, so the CI covers seed-to-seed variance too (linear probe, balanced accuracy).", "",
+           "| arm | seeds | linear bal. acc. per seed | mean ± sd | Δ vs random init over seeds |",
+           "|---|---|---|---|---|"]
+    for a in seeds["arms"]:
+        out.append(f"| {a['name']} | {', '.join(map(str, a['seeds']))} | {', '.join(f'{x:.3f}' for x in a['accs'])} | "
+                   f"{a['mean']:.3f} ± {a['sd']:.3f} | {dci(a['vs_random'])} |")
+    pairs = seeds["pairs"]
+    out += ["", "The single-run paired test between two seeds of one arm (same settings: whatever it calls better or "
+            "worse is seed noise):", ""]
+    out += [f"- {p['name']}, seed {p['a']} vs seed {p['b']}: Δ {dci(p)}: **{verdict(p)}**" for p in pairs]
+    if pairs:
+        out.append(f"- over {len(pairs)} same-settings pairs: {tally([verdict(p) for p in pairs])}; largest |Δ| "
+                   f"{max(abs(p['diff']) for p in pairs):.3f}")
+    if seeds["variants"]:
+        out += ["", "Variants vs their defaults over seeds:", ""]
+        out += [f"- {v['name']} ({v['runs'][0]} seeds) vs {v['than']} ({v['runs'][1]} seeds): Δ {dci(v)}: "
+                f"**{verdict(v)}**" for v in seeds["variants"]]
     return out
 
 
@@ -498,7 +580,8 @@ def goal_rows(sections: dict[str, dict], names: list[str]) -> tuple[list[dict], 
 
     def method_rows(name: str) -> list[dict]:
         sec, variant = split(name)
-        got = [r for r in sections[sec]["results"] if r.get("method") and bool(r.get("variant")) == variant]
+        got = [r for r in sections[sec]["results"]
+               if r.get("method") and bool(r.get("variant")) == variant and not r.get("seed")]  # seed 0
         if len({r["method"] for r in got}) < len(got):
             raise SystemExit(f"goal section {name!r}: more than one row per method")
         return got
@@ -539,6 +622,22 @@ def budget_lines(sections: dict[str, dict], first: str) -> list[str]:
     return out
 
 
+def seed_goal_lines(sections: dict[str, dict], first: str) -> list[str]:
+    """The Δ goal checked on the mean over training seeds: each defaults arm that a section of ``first``'s protocol
+    trained with several seeds (``--seeds``), scored against the same random init; else nothing."""
+    out = []
+    for name, sec in sections.items():
+        if name == first or not sec.get("seeds") or not _comparable(sections[first], sec):
+            continue
+        for a in (a for a in sec["seeds"]["arms"] if not a.get("variant")):
+            d = a["vs_random"]
+            out.append(f"- {a['name']} over seeds {', '.join(map(str, a['seeds']))} (section `{name}`): mean Δ "
+                       f"{dci(d)} (goal ≥ {GOAL_DELTA:+.2f}): **{'met' if d['diff'] >= GOAL_DELTA else 'not met'}**; "
+                       f"linear bal. acc. {a['mean']:.3f} ± {a['sd']:.3f} over seeds")
+    return (["Over training seeds (the rows above are seed 0 each; a seed-0 row can be a lucky or unlucky draw):", "",
+             *out] if out else [])
+
+
 def goal_sections(saved: dict) -> str:
     """The sections the goal was last computed from (kept in ``tile_ssl.json``, so re-running any of them
     recomputes the goal from the same sections); ``defaults`` until a ``--goal-only`` run names others."""
@@ -563,6 +662,8 @@ def _group_lines(sections: dict[str, dict], names: list[str]) -> list[str]:
                       f"of their time: {', '.join(f'`{v}`' for v in variants)}.", ""]
     if why := budget_lines(sections, names[0].partition("@")[0]):
         lines += [*why, ""]
+    if over := seed_goal_lines(sections, names[0].partition("@")[0]):
+        lines += [*over, ""]
     return lines
 
 

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -185,3 +186,90 @@ def test_finetune_verdicts_count_the_paired_rows() -> None:
                                                 "finetune_10%": ["better", "not distinguishable", "not distinguishable"]})
     assert lines == ["- 1% labels: of 5 SSL encoders, better 5",
                      "- 10% labels: of 3 SSL encoders, better 1, not distinguishable 2"]
+
+
+def _probs(y: np.ndarray, acc: float, seed: int) -> np.ndarray:
+    """[N, 2] probabilities right on a random ``acc`` share of each class's items (balanced accuracy ``acc``)."""
+    rng = np.random.default_rng(seed)
+    right = np.zeros(len(y), bool)
+    for c in (0, 1):
+        idx = np.flatnonzero(y == c)
+        right[rng.choice(idx, round(acc * len(idx)), replace=False)] = True
+    pred = np.where(right, y, 1 - y)
+    return np.stack([np.where(pred == 0, 0.9, 0.1), np.where(pred == 1, 0.9, 0.1)], 1)
+
+
+def _seed_rows(y: np.ndarray) -> list[dict]:
+    from gigaslide.evaluation.metrics import balanced_accuracy
+
+    def row(variant: str, seed: int, acc: float) -> dict:
+        p = _probs(y, acc, 100 + seed + (50 if variant else 0))
+        name = ", ".join(["mocov2"] + ([variant] if variant else []) + ([f"seed {seed}"] if seed else []))
+        return {"name": name, "method": "mocov2", "budget": "5m", "variant": variant, "seed": seed,
+                "probs": {"linear": p}, "linear": {"balanced_accuracy": {"value": balanced_accuracy(y, p)}}}
+
+    base = {"name": "random init", "probs": {"linear": _probs(y, 0.6, 7)}}
+    # the defaults' two seeds differ a lot (0.70 vs 0.80); the variant's two agree (0.75, 0.76)
+    return [base, row("", 0, 0.70), row("", 1, 0.80), row("gray=0.3", 0, 0.75), row("gray=0.3", 1, 0.76)]
+
+
+def test_seed_replicates_show_seed_noise_and_widen_the_variant_verdict() -> None:
+    from gigaslide.evaluation.metrics import paired_difference
+
+    y = np.repeat([0, 1], 1000)
+    rows = _seed_rows(y)
+    s = bench_tile_ssl.seed_comparisons(rows, y, 500)
+    assert [a["name"] for a in s["arms"]] == ["mocov2", "mocov2, gray=0.3"]
+    assert s["arms"][0]["accs"] == pytest.approx([0.70, 0.80])
+    assert s["arms"][0]["sd"] == pytest.approx(np.std([0.70, 0.80], ddof=1))
+    # two seeds of the same settings: the single-run test calls one "better" (that is seed noise)
+    (pair_d, pair_v) = [(p, bench_tile_ssl.verdict(p)) for p in s["pairs"] if p["name"] == "mocov2"][0]
+    assert (pair_d["a"], pair_d["b"], pair_v) == (1, 0, "better")
+    assert pair_d["diff"] == pytest.approx(0.10)
+    # seed 0 alone says the variant is better (+0.05); over seeds the CI covers the defaults' seed spread
+    single = paired_difference(y, rows[3]["probs"]["linear"], rows[1]["probs"]["linear"], "balanced_accuracy",
+                               n_bootstrap=500, seed=0)
+    assert bench_tile_ssl.verdict(single) == "better"
+    (v,) = s["variants"]
+    assert (v["name"], v["than"], v["runs"]) == ("mocov2, gray=0.3", "mocov2", [2, 2])
+    assert v["diff"] == pytest.approx((0.75 + 0.76) / 2 - (0.70 + 0.80) / 2)
+    assert bench_tile_ssl.verdict(v) == "not distinguishable"
+    fixed = paired_difference(y, np.stack([r["probs"]["linear"] for r in rows[3:]]),
+                              np.stack([r["probs"]["linear"] for r in rows[1:3]]), "balanced_accuracy",
+                              n_bootstrap=500, seed=0)  # the seeds kept, not resampled: test tiles only
+    assert v["ci_high"] - v["ci_low"] > 1.5 * (fixed["ci_high"] - fixed["ci_low"])
+    text = "\n".join(bench_tile_ssl.seed_lines(s))
+    assert "| mocov2 | 0, 1 | 0.700, 0.800 | 0.750 ± 0.071 |" in text
+    assert "- over 2 same-settings pairs: better 1, not distinguishable 1; largest |Δ| 0.100" in text
+    assert "- mocov2, gray=0.3 (2 seeds) vs mocov2 (2 seeds): Δ +0.005" in text
+
+
+def test_no_seed_section_without_replicates() -> None:
+    y = np.repeat([0, 1], 50)
+    rows = [r for r in _seed_rows(y) if not r.get("seed")]
+    assert bench_tile_ssl.seed_comparisons(rows, y, 100) == {"arms": [], "pairs": [], "variants": []}
+    assert bench_tile_ssl.seed_lines(bench_tile_ssl.seed_comparisons(rows, y, 100)) == []
+
+
+def test_the_goal_and_the_variant_tally_read_seed_0_rows_only() -> None:
+    sec = _section([_row("mocov2", "15m", 0.78, 0.04), {**_row("mocov2, seed 1", "15m", 0.80, 0.06), "seed": 1}])
+    rows, src = bench_tile_ssl.goal_rows({"defaults": sec}, ["defaults"])
+    assert [r["name"] for r in rows if r.get("method")] == ["mocov2"]
+
+
+def test_the_goal_also_reads_the_mean_over_seeds_of_a_section_of_its_protocol() -> None:
+    def arm(name: str, variant: str, diff: float) -> dict:
+        return {"name": name, "variant": variant, "seeds": [0, 1, 2], "accs": [0.78, 0.79, 0.80], "mean": 0.79,
+                "sd": 0.01, "vs_random": _d(diff, diff - 0.015, diff + 0.015)}
+
+    first = _section([_row("mocov2", "15m", 0.788, 0.044)])
+    seeds = {**_section([_row("mocov2", "15m", 0.788, 0.044)]),
+             "seeds": {"arms": [arm("mocov2", "", 0.052), arm("mocov2, gray=0.3", "gray=0.3", 0.06)]}}
+    other = {**_section([], budget="5m"), "seeds": {"arms": [arm("mocov2", "", 0.03)]}}  # another budget: not read
+    lines = bench_tile_ssl.seed_goal_lines({"probe10k": first, "seeds15": seeds, "seeds5": other}, "probe10k")
+    assert lines[2:] == ["- mocov2 over seeds 0, 1, 2 (section `seeds15`): mean Δ +0.052 [+0.037, +0.067], p=0.01 "
+                         "(goal ≥ +0.05): **met**; linear bal. acc. 0.790 ± 0.010 over seeds"]
+    seeds["seeds"]["arms"][0] = arm("mocov2", "", 0.049)
+    assert bench_tile_ssl.seed_goal_lines({"probe10k": first, "seeds15": seeds}, "probe10k")[2].endswith(
+        "**not met**; linear bal. acc. 0.790 ± 0.010 over seeds")
+    assert bench_tile_ssl.seed_goal_lines({"probe10k": first}, "probe10k") == []

@@ -152,3 +152,23 @@ def test_a_trunk_with_unsaved_buffers_is_not_assigned_from_meta():
 
     assert not assignable(WithTable())
     assert assignable(create_trunk(ENCODERS.get("test_resnet")))  # batch-norm statistics are saved
+
+
+@pytest.mark.parametrize("size", [64, 80])  # the input size, and one the encoder resizes from
+def test_preprocess_normalises_as_the_spec_says_and_leaves_the_input_alone(size):
+    import torch.nn.functional as F
+
+    enc = build_encoder("test_resnet", "random", seed=0)
+    spec = enc.spec
+    mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
+    u8 = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    f01 = u8.permute(0, 3, 1, 2).float() / 255.0
+    ref = f01 if size == spec.input_size else F.interpolate(
+        f01, size=(spec.input_size,) * 2, mode="bilinear", align_corners=False, antialias=True)
+    ref = (ref - mean) / std
+    before = f01.clone()
+    for x in (u8, f01):
+        got = enc.preprocess(x)
+        assert got.shape == (2, 3, spec.input_size, spec.input_size)
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+    assert torch.equal(f01, before)  # a float batch is not normalised in place

@@ -185,3 +185,22 @@ def test_a_rerun_skips_untouched_finished_slides_without_reading_their_features(
     f.write_bytes(f.read_bytes())  # touched since (same bytes, new mtime): read in full, checksums verified
     third = encode_slides(two_slides, tmp_path, encoder, PARAMS, workers=0, precision="fp32")
     assert sorted(third.skipped) == ["a", "b"] and [p.name for p in reads] == ["a.h5"]
+
+
+def test_batch_norms_are_folded_only_for_a_run_long_enough_to_pay_for_it(tmp_path, encoder, two_slides, monkeypatch):
+    from gigaslide.features import extract
+
+    short = encode_slides(two_slides, tmp_path / "short", encoder, PARAMS, workers=0, precision="fp32")
+    assert 0 < short.tiles < extract.FOLD_MIN_TILES and not short.bn_folded
+    forced = encode_slides(two_slides, tmp_path / "forced", encoder, PARAMS, workers=0, precision="fp32", fold_bn=True)
+    assert forced.bn_folded
+    monkeypatch.setattr(extract, "FOLD_MIN_TILES", short.tiles)  # a run of exactly that many tiles folds
+    long = encode_slides(two_slides, tmp_path / "long", encoder, PARAMS, workers=0, precision="fp32")
+    assert long.bn_folded
+    for d, folded in (("short", False), ("forced", True), ("long", True)):
+        assert json.loads((tmp_path / d / "manifest.json").read_text())["config"]["bn_folded"] is folded
+        # the features agree within float rounding either way
+        np.testing.assert_allclose(store.load(tmp_path / d / "features" / "a.h5").features,
+                                   store.load(tmp_path / "short" / "features" / "a.h5").features, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(extract, "FOLD_MIN_TILES", short.tiles + 1)
+    assert not encode_slides(two_slides, tmp_path / "one-less", encoder, PARAMS, workers=0, precision="fp32").bn_folded

@@ -144,7 +144,7 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
            tile_size: int = 224, overlap: int = 0, min_tissue: float = 0.25, batch_size: int = 64, workers: int | None = None,
            precision: str = "auto", device: str = "auto", slide_mpp: float | str | None = None, threads: int = 2,
            compile: bool = False, background: str = "auto", tile_workers: int | None = None,
-           tile_ahead: bool | None = None, fold_bn: bool = True, tissue_from: str | None = None,
+           tile_ahead: bool | None = None, fold_bn: bool | None = None, tissue_from: str | None = None,
            tissue_classes: str | None = None, tissue_detect: bool = False) -> None:  # noqa: A002 - the option's name
     """Tile and encode slides into one HDF5 feature file per slide (CLAM/TRIDENT layout); resumable.
 
@@ -176,8 +176,9 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
         background: auto (detected from the thumbnail), bright (bright-field glass) or dark (fluorescence)
         tile_workers: processes tiling slides that have no tile grid yet (default: the cores, one slide each; half of them when tiling ahead)
         tile_ahead: tile while earlier slides are encoded (default: on CUDA with one rank; else all slides first)
-        fold_bn: run the encoder with its batch norms folded into the convolutions before them (faster; the same
-            features within float rounding); --fold-bn false runs the model as it is
+        fold_bn: run the encoder with its batch norms folded into the convolutions before them (faster per tile;
+            the same features within float rounding); default: when the run has at least 128 tiles (folding costs
+            ~70 ms once); --fold-bn true / false forces it
         tissue_from: folder of tissue annotations, one <slide_id>.geojson per slide (see `gigaslide tile --help`)
         tissue_classes: with --tissue-from, only polygons of these classes count as tissue, comma-separated
             (e.g. Tumor,Stroma; default: all)

@@ -297,6 +297,13 @@ class _Run:
                 j.lock.release()
 
 
+#: ``fold_bn=None`` folds the batch norms only for a run of at least this many tiles: folding costs tens of ms once
+#: per run (fx trace + new convolutions: ~70 ms for a ResNet-18 here) and saves a few per cent of each forward
+#: pass (~0.5-1 ms per 224-px tile for a ResNet-18 on 2 cores), so a run of a few dozen tiles is faster unfolded
+#: (``benchmarks/results/encode.md``, column "end to end, BN folding ×")
+FOLD_MIN_TILES = 128
+
+
 def _prepare(encoder: Encoder, dev: torch.device, compile_model: bool, fold_bn: bool = True
              ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The encoder on ``dev`` for inference: batch norms folded (unless ``fold_bn`` is False), channels_last for
@@ -310,7 +317,7 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
                   slide_mpp: float | str | None = None, overlays: bool = True, seed: int | None = 0,
                   progress: Callable[[str, int, int], None] | None = None, compile_model: bool = False,
                   direct: bool = True, rank: RankInfo | None = None, tile_workers: int | None = None,
-                  tile_ahead: bool | None = None, fold_bn: bool = True) -> EncodeResult:
+                  tile_ahead: bool | None = None, fold_bn: bool | None = None) -> EncodeResult:
     """Tile (or reuse tiles) and encode every slide into ``out/features/<slide_id>.h5``.
 
     ``workers``: reader processes (0: read in this process; None: sized to the machine, see
@@ -320,27 +327,30 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
     0 or 1: one after another here). ``tile_ahead``: tile those slides while earlier ones are encoded instead of
     all before the first forward pass (None: on CUDA with one rank, where the cores are free while the GPU works;
     on a CPU the model's threads use them, and a second busy process slows every OpenMP region). ``fold_bn``: run
-    the encoder with its batch norms folded into its convolutions (:mod:`gigaslide.encoders.inference`).
+    the encoder with its batch norms folded into its convolutions (:mod:`gigaslide.encoders.inference`); None:
+    when the run has at least :data:`FOLD_MIN_TILES` tiles to encode (or slides still to tile), as folding costs
+    more than it saves on fewer. ``EncodeResult.bn_folded`` and the manifest's config say which ran.
     """
     t_start = time.perf_counter()
     out = atomic.ensure_writable_dir(out)
     rank = rank or rank_info()
     dev = rank_device(device, rank)
     workers = auto_workers(dev, rank) if workers is None else workers
-    model = _prepare(encoder, dev, compile_model, fold_bn)
-    bn_folded = bool(getattr(model, "bn_folded", False))
     manifest = Manifest(out / "manifest.json", {
         "command": "encode", "encoder": encoder.spec.name, "weights": encoder.weights_id, **params.as_dict(),
         "batch_size": batch_size, "workers": workers, "precision": precision, "device": str(dev), "world": rank.world,
-        "bn_folded": bn_folded})
+        "bn_folded": None})  # set below, once the run's tile count is known
     run = _Run(out, encoder, params, manifest, slide_mpp, overlays, rank, progress, tile_workers)
     res = run.res
-    res.bn_folded = bn_folded
     # one rank only: ranks order slides by tile count (longest first), which needs every slide tiled first
     ahead = (dev.type == "cuda" and rank.world == 1) if tile_ahead is None else bool(tile_ahead)
     t_tiling = time.perf_counter()
     jobs = run.collect(slides, tile=not ahead)
     res.tiling_seconds = time.perf_counter() - t_tiling
+    if fold_bn is None:
+        fold_bn = any(j.grid is None for j in jobs) or sum(j.n for j in jobs) >= FOLD_MIN_TILES
+    model = _prepare(encoder, dev, compile_model, fold_bn)
+    res.bn_folded = manifest.data["config"]["bn_folded"] = bool(getattr(model, "bn_folded", False))
     ahead_workers = 0
     if ahead:
         ahead_workers = tile_workers if tile_workers is not None else max(
@@ -436,4 +446,4 @@ def _finish(run: _Run, job: SlideJob, feats: np.ndarray, choice: PrecisionChoice
     run.res.tiles += len(feats)
 
 
-__all__ = ["EncodeResult", "SlideJob", "encode_slides", "file_stamp", "is_finished", "pick_device"]
+__all__ = ["FOLD_MIN_TILES", "EncodeResult", "SlideJob", "encode_slides", "file_stamp", "is_finished", "pick_device"]
