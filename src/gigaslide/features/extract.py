@@ -297,10 +297,11 @@ class _Run:
                 j.lock.release()
 
 
-#: ``fold_bn=None`` folds the batch norms only for a run of at least this many tiles: folding costs tens of ms once
-#: per run (fx trace + new convolutions: ~70 ms for a ResNet-18 here) and saves a few per cent of each forward
-#: pass (~0.5-1 ms per 224-px tile for a ResNet-18 on 2 cores), so a run of a few dozen tiles is faster unfolded
-#: (``benchmarks/results/encode.md``, column "end to end, BN folding ×")
+#: ``fold_bn=None`` folds the batch norms only for a run of at least this many tiles: folding costs tens of ms
+#: once per run (fx trace + new convolutions: ~70 ms for a ResNet-18 here) and saves ~10 % of each forward pass
+#: (~1 ms per 224-px tile for a ResNet-18 on 2 cores), so it breaks even near 50-60 tiles; 128 (two default
+#: batches) leaves a margin over that. End to end in ``benchmarks/results/encode.md``: ×1.00 with folding at 54
+#: tiles, ×1.06-1.12 from 349 tiles; at 199 tiles the VM's noise (rounds 0.74-1.09) hides the gain
 FOLD_MIN_TILES = 128
 
 
