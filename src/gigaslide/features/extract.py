@@ -348,8 +348,10 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
     t_tiling = time.perf_counter()
     jobs = run.collect(slides, tile=not ahead)
     res.tiling_seconds = time.perf_counter() - t_tiling
+    untiled = {id(j) for j in jobs if j.grid is None}
+    total = sum(j.n for j in jobs)  # grows as untiled slides are tiled
     if fold_bn is None:
-        fold_bn = any(j.grid is None for j in jobs) or sum(j.n for j in jobs) >= FOLD_MIN_TILES
+        fold_bn = bool(untiled) or total >= FOLD_MIN_TILES
     model = _prepare(encoder, dev, compile_model, fold_bn)
     res.bn_folded = manifest.data["config"]["bn_folded"] = bool(getattr(model, "bn_folded", False))
     ahead_workers = 0
@@ -358,8 +360,6 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
             1, tiling_workers(len(jobs), ranks_per_node=rank.local_world) // 2)
     claims = run.claims(jobs, tile_ahead=ahead_workers)
     held: list[SlideJob] = []  # claimed, by key
-    untiled = {id(j) for j in jobs if j.grid is None}
-    total = sum(j.n for j in jobs)
     pool = ReaderPool(workers, slot_bytes=batch_size * params.tile_size**2 * 3)
     inflight = pool.max_pending
     cur: list[Any] = [None, 0]  # job being submitted, next start
