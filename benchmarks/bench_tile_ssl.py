@@ -625,17 +625,24 @@ def budget_lines(sections: dict[str, dict], first: str) -> list[str]:
 def seed_goal_lines(sections: dict[str, dict], first: str) -> list[str]:
     """The Δ goal checked on the mean over training seeds: each defaults arm that a section of ``first``'s protocol
     trained with several seeds (``--seeds``), scored against the same random init; else nothing."""
-    out = []
+    out, arms = [], []
     for name, sec in sections.items():
         if name == first or not sec.get("seeds") or not _comparable(sections[first], sec):
             continue
         for a in (a for a in sec["seeds"]["arms"] if not a.get("variant")):
             d = a["vs_random"]
+            arms.append(a)
             out.append(f"- {a['name']} over seeds {', '.join(map(str, a['seeds']))} (section `{name}`): mean Δ "
                        f"{dci(d)} (goal ≥ {GOAL_DELTA:+.2f}): **{'met' if d['diff'] >= GOAL_DELTA else 'not met'}**; "
                        f"linear bal. acc. {a['mean']:.3f} ± {a['sd']:.3f} over seeds")
-    return (["Over training seeds (the rows above are seed 0 each; a seed-0 row can be a lucky or unlucky draw):", "",
-             *out] if out else [])
+    if not out:
+        return []
+    best = max(arms, key=lambda a: a["mean"])
+    met = sum(a["vs_random"]["diff"] >= GOAL_DELTA for a in arms)
+    out.append(f"- over seeds, {met} of {len(arms)} arm(s) meet the Δ goal; best mean {best['name']} "
+               f"{best['mean']:.3f} (goal ≥ {GOAL_BEST:.2f}): **{'met' if best['mean'] >= GOAL_BEST else 'not met'}**")
+    return ["Over training seeds (the rows above are seed 0 each; a seed-0 row can be a lucky or unlucky draw):", "",
+            *out]
 
 
 def goal_sections(saved: dict) -> str:

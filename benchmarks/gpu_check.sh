@@ -11,7 +11,8 @@
 #              and the end-to-end StreamingCLAM vs two-stage experiment sized from a 1-minute probe
 #   dinov2     `pretrain --method dinov2` ViT-S/14 at 224 px: CUDA autocast vs fp32, and the Lightning engine
 # --tiny (or no CUDA device): a CPU smoke mode that runs in seconds; the test suite runs it so it cannot rot.
-# The collected report is OUT_DIR/gpu_check.md; the exit code is non-zero if any section failed.
+# The collected report is OUT_DIR/gpu_check.md; the exit code is non-zero if any section failed. Each section
+# rewrites its report after every row, so one stopped by its time limit still shows what it measured.
 #
 # On a lent GPU machine: run `bash benchmarks/gpu_prepare.sh` here first (wheels of the dependencies the
 # device image lacks, and a PCam subset, into .gpu/), then one device call:

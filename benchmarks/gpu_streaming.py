@@ -5,7 +5,9 @@
 
 1. **Scale** (``full``): ResNet-34 (random init), max-pool 8, AMP (bf16, else fp16), low-memory streaming
    (checkpointed blocks), uint8 image in CPU memory and crops moved to the GPU: forward + backward time and
-   peak GPU memory (``torch.cuda.max_memory_allocated``) at 8192², 16384², 32768².
+   peak GPU memory (``torch.cuda.max_memory_allocated``) at 8192², 16384², 32768². A size whose projected time
+   (the last size's × the ratio of pixels) would pass this part's share (``--scale-budget``, default 45 % of
+   ``--budget``) is skipped, and out of memory is a row: either way the row says so, and part 2 keeps its time.
 2. **End to end**: mosaic slides of PCam train tiles rendered at >= 4096² px (43 x 43 tiles of 96 px at
    0.97 µm/px), a fixed stratified train/test split (70/30, seed 0; a validation split inside train picks
    the StreamingCLAM checkpoint), StreamingCLAM (trunk frozen for the first epoch(s), then end to end) vs the
@@ -17,7 +19,9 @@
    Trunk: ``--weights random`` or an SSL export (``RUN/encoder``).
 
 ``tiny`` runs the same code on CPU with a tiny trunk, synthetic tiles and small slides: a correctness check,
-its numbers mean nothing. Every number in the output is measured by this run.
+its numbers mean nothing. Every number in the output is measured by this run. The report is rewritten after each
+row, so what was measured survives ``gpu_check.sh``'s time limit; in full mode part 2 is not started when the
+probe shows that its smallest experiment cannot finish in the time left (the report says so).
 """
 
 from __future__ import annotations
@@ -49,8 +53,29 @@ def _peak_mem(device):  # noqa: ANN001, ANN202
     return float("nan")
 
 
-def scale(m: dict, device, precision: str, log) -> list[str]:  # noqa: ANN001
-    """Forward + backward of the streamed trunk with max-pool at each size: seconds and peak memory."""
+def _image(side: int, device):  # noqa: ANN001, ANN202
+    """A random uint8 image of ``side``²: one random block of at most 4096² repeated (drawing 3·10⁹ random
+    numbers for 32768² would cost more than the forward pass; the trunk's time does not depend on the pixels)."""
+    import torch
+
+    block = next(b for b in (4096, side) if side % b == 0 and b <= side)
+    img = torch.randint(0, 256, (1, 3, block, block), dtype=torch.uint8, generator=torch.Generator().manual_seed(side))
+    img = img.repeat(1, 1, side // block, side // block) if block < side else img
+    return img.pin_memory() if device.type == "cuda" else img
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def scale(m: dict, device, precision: str, log, budget_s: float | None = None, write=None) -> list[str]:  # noqa: ANN001
+    """Forward + backward of the streamed trunk with max-pool at each size: seconds and peak memory.
+
+    A size runs only if its projected time (the last size's time × the ratio of pixels, + 10 %) fits in what is
+    left of ``budget_s`` (None: no limit); an out-of-memory error is a row, not the end of the script. Either way
+    the larger sizes are not tried, and the row says why. ``write(rows)`` is called after each row."""
     import torch
 
     from gigaslide.devices import autocast_ctx, choose_precision
@@ -58,6 +83,7 @@ def scale(m: dict, device, precision: str, log) -> list[str]:  # noqa: ANN001
     from gigaslide.streaming.data import Normalize
     from gigaslide.streaming.head import build_trunk
 
+    t_start = time.perf_counter()
     trunk, spec, _ = build_trunk(m["encoder"], "random")
     trunk = trunk.to(device).to(memory_format=torch.channels_last)
     stream = StreamingCNN(trunk, m["tile"], transform=Normalize(spec.mean, spec.std), channels_last=True,
@@ -66,27 +92,56 @@ def scale(m: dict, device, precision: str, log) -> list[str]:  # noqa: ANN001
     rows = ["## 1. Scale: forward + backward, ResNet-34 + max-pool, streamed" if m["encoder"] == "resnet34"
             else f"## 1. Scale: forward + backward, {m['encoder']} + max-pool, streamed", "",
             f"Tile {m['tile']} px, pool kernel {m['pool']}, precision {prec}, checkpointed blocks, uint8 image in CPU "
-            f"memory. Peak memory: {'GPU max_memory_allocated' if device.type == 'cuda' else 'process peak RSS (CPU)'}.", "",
+            f"memory (random pixels: one block of at most 4096² repeated). Peak memory: "
+            f"{'GPU max_memory_allocated' if device.type == 'cuda' else 'process peak RSS (CPU)'}."
+            + (f" Sizes whose projected time would pass this part's budget of {budget_s:.0f} s are skipped "
+               "(measure them alone with `--skip-e2e --scale-budget SECONDS`)." if budget_s is not None else ""), "",
             "| image | tiles | map to head | fwd+bwd s | peak memory GB | image GB (CPU) |", "|---|---|---|---|---|---|"]
+    last: tuple[int, float] | None = None
+    stop = ""
     for side in m["sizes"]:
-        img = torch.randint(0, 256, (1, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(side))
-        if device.type == "cuda":
-            img = img.pin_memory()
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        with autocast_ctx(device, prec):
-            out = stream(img)
-            loss = out.float().square().mean()
-        loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        rows.append(f"| {side}² | {len(stream.tiles((side, side)))} | {out.shape[-2]}×{out.shape[-1]} | {dt:.1f} | "
-                    f"{_peak_mem(device):.2f} | {img.numel() / 1e9:.2f} |")
+        n_tiles = len(stream.tiles((side, side)))
+        if not stop and last is not None and budget_s is not None:
+            projected = last[1] * (side / last[0]) ** 2 * 1.1
+            left = budget_s - (time.perf_counter() - t_start)
+            if projected > left:
+                rows.append(f"| {side}² | {n_tiles} | - | skipped: projected {projected:.0f} s > "
+                            f"{max(0.0, left):.0f} s left of this part's budget | - | - |")
+                stop = f"not tried: {side}² was skipped"
+        elif stop:
+            rows.append(f"| {side}² | {n_tiles} | - | {stop} | - | - |")
+        if not stop:
+            img = _image(side, device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            out = loss = None
+            try:
+                with autocast_ctx(device, prec):
+                    out = stream(img)
+                    loss = out.float().square().mean()
+                loss.backward()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            except RuntimeError as e:
+                if not _out_of_memory(e):
+                    raise
+                rows.append(f"| {side}² | {n_tiles} | - | out of memory after {time.perf_counter() - t0:.0f} s | "
+                            f"{_peak_mem(device):.2f} | {img.numel() / 1e9:.2f} |")
+                stop = f"not tried: {side}² ran out of memory"
+            if out is not None:
+                dt = time.perf_counter() - t0
+                last = (side, dt)
+                rows.append(f"| {side}² | {n_tiles} | {out.shape[-2]}×{out.shape[-1]} | {dt:.1f} | "
+                            f"{_peak_mem(device):.2f} | {img.numel() / 1e9:.2f} |")
+            trunk.zero_grad(set_to_none=True)
+            del img, out, loss
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         log(rows[-1])
-        trunk.zero_grad(set_to_none=True)
-        del img, out, loss
+        if write is not None:
+            write(rows)
     return rows
 
 
@@ -160,6 +215,12 @@ def e2e(mode: str, m: dict, device, weights: str, budget_s: float, work: Path, l
     n = int(max(m["min_slides"], min(m["max_slides"], left / per_slide)))
     n -= n % 2
     log(f"probe: render {t_render:.2f} s, train step {t_step:.2f} s, eval {t_eval:.2f} s per slide -> {n} slides")
+    if mode == "full" and left < m["min_slides"] * per_slide:  # would overrun the section's time limit: say so
+        return ["", "## 2. End to end: StreamingCLAM vs two-stage ABMIL (fixed split)", "",
+                f"Not run: {max(0.0, left):.0f} s of the part's {budget_s:.0f} s were left after the probe (render "
+                f"{t_render:.1f} s, train step {t_step:.1f} s, eval {t_eval:.1f} s per slide), and the smallest "
+                f"experiment ({m['min_slides']} slides) needs about {m['min_slides'] * per_slide:.0f} s. Run it alone: "
+                "`benchmarks/gpu_streaming.py --mode full --skip-scale --e2e-budget 480 --out FILE.md`."]
 
     # -- the experiment
     d = _slides(tiles, work, n, m["grid"], seed=1)
@@ -231,6 +292,9 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--e2e-budget", type=float, default=None,
                     help="seconds for part 2 (default: what --budget leaves after part 1, less 20 s; the issue's "
                          "full experiment: 480)")
+    ap.add_argument("--scale-budget", type=float, default=None,
+                    help="seconds for part 1: a size whose projected time would not fit is skipped (default: 45 %% "
+                         "of --budget in full mode, so part 2 keeps its share; no limit in tiny mode)")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--skip-scale", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
@@ -248,6 +312,9 @@ def main(argv: list[str] | None = None) -> Path:
     if args.mode == "full" and device.type != "cuda":
         raise SystemExit("full mode needs a CUDA GPU (use --mode tiny on CPU)")
     total = args.budget if args.budget is not None else (300.0 if args.mode == "full" else 90.0)
+    scale_budget = args.scale_budget
+    if scale_budget is None and args.mode == "full":
+        scale_budget = total if args.skip_e2e else 0.45 * total
     t0 = time.perf_counter()
     lines = [f"# StreamingCLAM on {'a GPU' if device.type == 'cuda' else 'CPU'} ({args.mode} mode)", "",
              f"Device: {device_name(device)}; torch {torch.__version__}. Command: "
@@ -255,16 +322,21 @@ def main(argv: list[str] | None = None) -> Path:
     if args.mode == "tiny":
         lines += ["**Tiny mode: a correctness run on CPU with a tiny trunk and synthetic slides -- the numbers mean "
                   "nothing about StreamingCLAM.**", ""]
+    out = Path(args.out)
+
+    def write(more: list[str]) -> None:  # what is measured so far survives a time limit
+        write_text(out, "\n".join(lines + more) + "\n")
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         if not args.skip_scale:
-            lines += scale(m, device, "auto", print)
+            lines += scale(m, device, "auto", print, scale_budget, write)
+            write([])
         if not args.skip_e2e:
             budget = args.e2e_budget if args.e2e_budget is not None else total - (time.perf_counter() - t0) - 20.0
             lines += e2e(args.mode, m, device, args.weights, budget, work, print)
     lines += ["", f"Wall time: {(time.perf_counter() - t0) / 60:.1f} min."]
-    out = Path(args.out)
-    write_text(out, "\n".join(lines) + "\n")
+    write([])
     print("\n".join(lines))
     return out
 

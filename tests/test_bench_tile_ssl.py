@@ -268,8 +268,12 @@ def test_the_goal_also_reads_the_mean_over_seeds_of_a_section_of_its_protocol() 
     other = {**_section([], budget="5m"), "seeds": {"arms": [arm("mocov2", "", 0.03)]}}  # another budget: not read
     lines = bench_tile_ssl.seed_goal_lines({"probe10k": first, "seeds15": seeds, "seeds5": other}, "probe10k")
     assert lines[2:] == ["- mocov2 over seeds 0, 1, 2 (section `seeds15`): mean Δ +0.052 [+0.037, +0.067], p=0.01 "
-                         "(goal ≥ +0.05): **met**; linear bal. acc. 0.790 ± 0.010 over seeds"]
+                         "(goal ≥ +0.05): **met**; linear bal. acc. 0.790 ± 0.010 over seeds",
+                         "- over seeds, 1 of 1 arm(s) meet the Δ goal; best mean mocov2 0.790 (goal ≥ 0.84): "
+                         "**not met**"]
     seeds["seeds"]["arms"][0] = arm("mocov2", "", 0.049)
-    assert bench_tile_ssl.seed_goal_lines({"probe10k": first, "seeds15": seeds}, "probe10k")[2].endswith(
-        "**not met**; linear bal. acc. 0.790 ± 0.010 over seeds")
+    swav = {**seeds, "seeds": {"arms": [{**arm("swav", "", 0.051), "mean": 0.85}]}}
+    lines = bench_tile_ssl.seed_goal_lines({"probe10k": first, "seeds15": seeds, "seeds15_swav": swav}, "probe10k")
+    assert lines[2].endswith("**not met**; linear bal. acc. 0.790 ± 0.010 over seeds")
+    assert lines[-1] == "- over seeds, 1 of 2 arm(s) meet the Δ goal; best mean swav 0.850 (goal ≥ 0.84): **met**"
     assert bench_tile_ssl.seed_goal_lines({"probe10k": first}, "probe10k") == []

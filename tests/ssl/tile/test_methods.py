@@ -132,3 +132,23 @@ def test_in_bf16_autocast_the_trunk_runs_bf16_and_heads_and_loss_float32(name):
     loss, trunk, heads = _dtypes_in_bf16(_method(name), views)
     assert trunk == {torch.bfloat16} and heads == {torch.float32} and loss.dtype == torch.float32
     assert float(loss) == pytest.approx(float(ref), rel=0.02)
+
+
+def test_dino_heads_are_built_without_lightlys_weight_norm_deprecation_warning():
+    import warnings
+
+    from lightly.models.modules import DINOProjectionHead
+
+    from .test_dinov2 import _method as dinov2_method
+
+    def weight_norm_warnings(build) -> int:  # noqa: ANN001
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            build()
+        return sum("weight_norm" in str(w.message) for w in seen)
+
+    assert weight_norm_warnings(lambda: DINOProjectionHead(8, 16, 8, 32)) == 1  # lightly's head warns ...
+    assert weight_norm_warnings(lambda: _method("dino")) == 0  # ... the methods built on it do not pass that on
+    assert weight_norm_warnings(dinov2_method) == 0
+    assert hasattr(_method("dino").head.last_layer, "weight_g")  # still lightly's weight-normed head
+    assert weight_norm_warnings(lambda: DINOProjectionHead(8, 16, 8, 32)) == 1  # the filter ends with construction

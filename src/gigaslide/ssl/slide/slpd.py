@@ -44,6 +44,7 @@ from gigaslide.ssl.slide.export import data_record, export_model, read_config
 from gigaslide.ssl.slide.gigassl import lr_at
 from gigaslide.ssl.slide.prototypes import assign_nearest, nearest_slides, prototype_distill_loss, slide_prototypes
 from gigaslide.ssl.slide.regions import SlideRegions, compact, grid_crop, pack, regions_of
+from gigaslide.ssl.tile.methods import weight_norm_head
 
 LOSSES = ("dino", "dino+intra", "dino+intra+inter")
 
@@ -189,7 +190,7 @@ def _make(in_dim: int, cfg: SLPDConfig, grid: int, dev: torch.device, stats: tup
 
     torch.manual_seed(cfg.seed)
     m = nn.ModuleDict({"backbone": RegionViT(in_dim, cfg.dim, cfg.depth, cfg.heads, grid),
-                       "head": DINOProjectionHead(cfg.dim, 512, 128, cfg.head_dim)})
+                       "head": weight_norm_head(DINOProjectionHead, cfg.dim, 512, 128, cfg.head_dim)})
     m["backbone"].in_mean.copy_(torch.from_numpy(stats[0]))
     m["backbone"].in_std.copy_(torch.from_numpy(stats[1]))
     return m.to(dev)

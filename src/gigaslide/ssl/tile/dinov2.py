@@ -29,7 +29,15 @@ import torch
 from torch import nn
 
 from gigaslide.errors import GigaslideError
-from gigaslide.ssl.tile.methods import SSL_METHODS, SSLMethod, _by_size, _cosine, _ema, full_precision
+from gigaslide.ssl.tile.methods import (
+    SSL_METHODS,
+    SSLMethod,
+    _by_size,
+    _cosine,
+    _ema,
+    full_precision,
+    weight_norm_head,
+)
 
 CENTERINGS = ("sinkhorn_knopp", "centering")
 
@@ -105,7 +113,8 @@ class DINOv2(SSLMethod):
         from lightly.models.modules import DINOv2ProjectionHead
 
         hp = self.hp
-        return DINOv2ProjectionHead(embed_dim, int(hp["hidden_dim"]), int(hp["bottleneck_dim"]), int(hp["out_dim"]))
+        return weight_norm_head(DINOv2ProjectionHead, embed_dim, int(hp["hidden_dim"]), int(hp["bottleneck_dim"]),
+                                int(hp["out_dim"]))
 
     def _copy_head(self, head: nn.Module, embed_dim: int) -> nn.Module:
         t = self._new_head(embed_dim)  # weight-norm modules do not deepcopy: build, then copy the weights

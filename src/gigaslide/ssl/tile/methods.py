@@ -20,6 +20,7 @@ left unset.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -104,6 +105,14 @@ class SSLMethod(nn.Module):
 
     def head_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
+
+
+def weight_norm_head(cls: type[nn.Module], *args: Any, **kw: Any) -> nn.Module:
+    """``cls(*args, **kw)`` for lightly's DINO / DINOv2 heads, without the FutureWarning that their use of
+    ``torch.nn.utils.weight_norm`` raises on every construction (lightly's code: nothing a user can act on)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*weight_norm.* is deprecated", category=FutureWarning)
+        return cls(*args, **kw)
 
 
 def _frozen_copy(m: nn.Module) -> nn.Module:
@@ -304,11 +313,12 @@ class DINO(SSLMethod):
         from lightly.models.modules import DINOProjectionHead
 
         hp = self.hp
-        self.head = DINOProjectionHead(embed_dim, hp["hidden_dim"], hp["bottleneck_dim"], int(hp["out_dim"]),
-                                       batch_norm=bool(hp["batch_norm_head"]), freeze_last_layer=int(hp["freeze_last_layer_steps"]))
+        dims = (embed_dim, hp["hidden_dim"], hp["bottleneck_dim"], int(hp["out_dim"]))
+        self.head = weight_norm_head(DINOProjectionHead, *dims, batch_norm=bool(hp["batch_norm_head"]),
+                                     freeze_last_layer=int(hp["freeze_last_layer_steps"]))
         self.teacher_backbone = _frozen_copy(self.backbone)
-        self.teacher_head = DINOProjectionHead(embed_dim, hp["hidden_dim"], hp["bottleneck_dim"], int(hp["out_dim"]),
-                                               batch_norm=bool(hp["batch_norm_head"]))  # weight-norm: no deepcopy
+        self.teacher_head = weight_norm_head(DINOProjectionHead, *dims,
+                                             batch_norm=bool(hp["batch_norm_head"]))  # weight-norm: no deepcopy
         self.teacher_head.load_state_dict(self.head.state_dict())
         from lightly.models.utils import deactivate_requires_grad
 
