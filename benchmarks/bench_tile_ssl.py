@@ -639,8 +639,9 @@ def seed_goal_lines(sections: dict[str, dict], first: str) -> list[str]:
         return []
     best = max(arms, key=lambda a: a["mean"])
     met = sum(a["vs_random"]["diff"] >= GOAL_DELTA for a in arms)
+    verdict = "met" if best["mean"] >= GOAL_BEST else "not met"
     out.append(f"- over seeds, {met} of {len(arms)} arm(s) meet the Δ goal; best mean {best['name']} "
-               f"{best['mean']:.3f} (goal ≥ {GOAL_BEST:.2f}): **{'met' if best['mean'] >= GOAL_BEST else 'not met'}**")
+               f"{best['mean']:.3f} (goal ≥ {GOAL_BEST:.2f}): **{verdict}**")
     return ["Over training seeds (the rows above are seed 0 each; a seed-0 row can be a lucky or unlucky draw):", "",
             *out]
 
