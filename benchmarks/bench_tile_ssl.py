@@ -502,6 +502,10 @@ def seed_lines(seeds: dict | None) -> list[str]:
 GOAL_DELTA, GOAL_BEST = 0.05, 0.84
 
 
+def _met(ok: bool) -> str:
+    return f"**{'met' if ok else 'not met'}**"
+
+
 def goal_lines(results: list[dict]) -> list[str]:
     """Verdicts against the goal, computed from the measured rows (the encoder rows and their BN ablations)."""
     base = next(r for r in results if r["name"] == "random init")["linear"]["balanced_accuracy"]
@@ -513,13 +517,13 @@ def goal_lines(results: list[dict]) -> list[str]:
         met = d["diff"] >= GOAL_DELTA and disjoint
         out.append(f"- {r['name']}: Δ {d['diff']:+.3f} (goal ≥ {GOAL_DELTA:+.2f}), CIs "
                    f"{'disjoint' if disjoint else 'overlapping'} ({acc['ci_low']:.3f} vs random's upper {base['ci_high']:.3f}): "
-                   f"**{'met' if met else 'not met'}**" + ("" if met else f" (short by {max(0.0, GOAL_DELTA - d['diff']):.3f})"))
+                   + _met(met) + ("" if met else f" (short by {max(0.0, GOAL_DELTA - d['diff']):.3f})"))
     out += stale_precision_lines(rows)
     if rows:
         best = max(rows, key=lambda r: r["linear"]["balanced_accuracy"]["value"])
         v = best["linear"]["balanced_accuracy"]["value"]
         n_met = sum(ln.endswith("**met**") for ln in out)
-        out.append(f"- best: {best['name']} {v:.3f} (goal ≥ {GOAL_BEST:.2f}): **{'met' if v >= GOAL_BEST else 'not met'}**")
+        out.append(f"- best: {best['name']} {v:.3f} (goal ≥ {GOAL_BEST:.2f}): {_met(v >= GOAL_BEST)}")
         out.append(f"- {n_met} of {len(rows)} rows meet the Δ goal.")
     return out
 
@@ -633,15 +637,14 @@ def seed_goal_lines(sections: dict[str, dict], first: str) -> list[str]:
             d = a["vs_random"]
             arms.append(a)
             out.append(f"- {a['name']} over seeds {', '.join(map(str, a['seeds']))} (section `{name}`): mean Δ "
-                       f"{dci(d)} (goal ≥ {GOAL_DELTA:+.2f}): **{'met' if d['diff'] >= GOAL_DELTA else 'not met'}**; "
+                       f"{dci(d)} (goal ≥ {GOAL_DELTA:+.2f}): {_met(d['diff'] >= GOAL_DELTA)}; "
                        f"linear bal. acc. {a['mean']:.3f} ± {a['sd']:.3f} over seeds")
     if not out:
         return []
     best = max(arms, key=lambda a: a["mean"])
     met = sum(a["vs_random"]["diff"] >= GOAL_DELTA for a in arms)
-    verdict = "met" if best["mean"] >= GOAL_BEST else "not met"
     out.append(f"- over seeds, {met} of {len(arms)} arm(s) meet the Δ goal; best mean {best['name']} "
-               f"{best['mean']:.3f} (goal ≥ {GOAL_BEST:.2f}): **{verdict}**")
+               f"{best['mean']:.3f} (goal ≥ {GOAL_BEST:.2f}): {_met(best['mean'] >= GOAL_BEST)}")
     return ["Over training seeds (the rows above are seed 0 each; a seed-0 row can be a lucky or unlucky draw):", "",
             *out]
 

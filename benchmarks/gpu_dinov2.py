@@ -76,13 +76,12 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - one row failing must not lose the others (full mode)
             if mode == "tiny":
                 raise
+            r = {"engine": engine, "steps": None, "last_loss": float("nan"), "images_per_s": None}
             lines.append(f"| {engine} | {prec} | failed: {type(e).__name__}: {str(e)[:160]} | | | | | |")
-            Path(a.out).write_text("\n".join(lines) + "\n")
-            rows.append({"engine": engine, "steps": None, "last_loss": float("nan"), "images_per_s": None})
-            continue
+        else:
+            lines.append(f"| {r['engine']} | {r['precision']} ({r['resolved']}) | {r['steps']} | {r['images_per_s']} "
+                         f"| {r['wall_s']:.1f} | {r['peak_gb']:.2f} | {r['first_loss']:.4f} | {r['last_loss']:.4f} |")
         rows.append(r)
-        lines.append(f"| {r['engine']} | {r['precision']} ({r['resolved']}) | {r['steps']} | {r['images_per_s']} | "
-                     f"{r['wall_s']:.1f} | {r['peak_gb']:.2f} | {r['first_loss']:.4f} | {r['last_loss']:.4f} |")
         Path(a.out).write_text("\n".join(lines) + "\n")  # the rows so far survive gpu_check.sh's time limit
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

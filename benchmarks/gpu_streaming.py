@@ -101,16 +101,16 @@ def scale(m: dict, device, precision: str, log, budget_s: float | None = None, w
     stop = ""
     for side in m["sizes"]:
         n_tiles = len(stream.tiles((side, side)))
-        if not stop and last is not None and budget_s is not None:
+        skip = stop  # why this size is not run ("": it is)
+        if not skip and last is not None and budget_s is not None:
             projected = last[1] * (side / last[0]) ** 2 * 1.1
             left = budget_s - (time.perf_counter() - t_start)
             if projected > left:
-                rows.append(f"| {side}² | {n_tiles} | - | skipped: projected {projected:.0f} s > "
-                            f"{max(0.0, left):.0f} s left of this part's budget | - | - |")
+                skip = f"skipped: projected {projected:.0f} s > {max(0.0, left):.0f} s left of this part's budget"
                 stop = f"not tried: {side}² was skipped"
-        elif stop:
-            rows.append(f"| {side}² | {n_tiles} | - | {stop} | - | - |")
-        if not stop:
+        if skip:
+            rows.append(f"| {side}² | {n_tiles} | - | {skip} | - | - |")
+        else:
             img = _image(side, device)
             if device.type == "cuda":
                 torch.cuda.synchronize()
