@@ -7,6 +7,7 @@
 # time limit so one slow section cannot eat the others' time):
 #   encode     model-only forward vs end-to-end encode tiles/s (ResNet-50, ViT-S/16, ViT-L/16 @224),
 #              reader-only tiles/s with 1/4/8/16 processes, and encode on 16 untiled slides: tiling first vs while encoding
+#              and stored JPEG tiles decoded on the GPU (nvJPEG) vs one CPU thread, pixels compared
 #   streaming  StreamingCLAM ResNet-34 fwd+bwd time and peak GPU memory at 8192², 16384², 32768²,
 #              and the end-to-end StreamingCLAM vs two-stage experiment sized from a 1-minute probe
 #   dinov2     `pretrain --method dinov2` ViT-S/14 at 224 px: CUDA autocast vs fp32, and the Lightning engine

@@ -9,6 +9,10 @@ them), batch 256, the device's autocast (bf16), on a generated pyramidal JPEG TI
 the same number of batches of uint8 tiles already on the device (normalisation included). The
 end-to-end path is ``gigaslide encode``'s: a persistent reader pool (``--readers``, default sized to
 the machine), uint8 batches pinned and copied ``non_blocking``, normalised on the GPU.
+Then the stored JPEG tiles of the generated slide (and of ``cmu-1-small-region.svs``, an Aperio SVS with RGB JPEG
+tiles, where the shared data or .gpu/data has it) decoded on the device in batches (nvJPEG through torchvision's
+``decode_jpeg``) vs imagecodecs on one CPU thread (the reader's decoder), the same
+self-contained streams (:meth:`TiffLevel.jpeg_stream`), pixels compared: whether GPU JPEG decoding would pay.
 Then ``encode`` from scratch on a batch of small untiled slides (16 of 4096² in full mode), tiling all slides first
 over the cores vs tiling them while earlier slides are encoded (``tile_ahead``, the CUDA default, chosen without a
 GPU measurement: this row is the one that decides it).
@@ -18,6 +22,7 @@ GPU measurement: this row is the one that decides it).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -33,15 +38,17 @@ from gigaslide.devices import autocast_ctx, choose_precision, pick_device  # noq
 from gigaslide.encoders import build_encoder  # noqa: E402
 from gigaslide.features.extract import encode_slides  # noqa: E402
 from gigaslide.features.parallel import auto_workers, rank_info  # noqa: E402
+from gigaslide.slides import open_slide  # noqa: E402
 from gigaslide.slides.pool import ReaderPool, ReadTask  # noqa: E402
-from gigaslide.testing import make_slide  # noqa: E402
+from gigaslide.slides.tiled import open_tiff_level  # noqa: E402
+from gigaslide.testing import make_slide, shared_data_dir  # noqa: E402
 from gigaslide.tiling import TilingParams, tile_slide  # noqa: E402
 
 MODES = {
     "tiny": {"encoders": ["test_resnet", "test_vit"], "size": 1024, "tile": 64, "mpp": 0.5, "batch": 16,
-             "readers": [1, 2], "scratch_slides": 2, "scratch_size": 768},
+             "readers": [1, 2], "scratch_slides": 2, "scratch_size": 768, "jpeg_tiles": 16},
     "full": {"encoders": ["resnet50", "vit_small", "uni"], "size": 16384, "tile": 224, "mpp": 0.5, "batch": 256,
-             "readers": [1, 4, 8, 16], "scratch_slides": 16, "scratch_size": 4096},
+             "readers": [1, 4, 8, 16], "scratch_slides": 16, "scratch_size": 4096, "jpeg_tiles": 4096},
 }
 READER_BATCH = 64  # small enough that 16 processes all get work
 LABEL = {"uni": "ViT-L/16 (uni arch)", "vit_small": "ViT-S/16", "resnet50": "ResNet-50"}
@@ -78,6 +85,69 @@ def reader_only(coords, slide: Path, tile: int, mpp: float, batch: int, procs: i
             assert not isinstance(px, str), px
             n += len(px)
     return n / (time.perf_counter() - t)
+
+
+def _batch_decoder():  # noqa: ANN202
+    """torchvision's ``decode_jpeg`` (lists of streams, nvJPEG on CUDA); deprecated since torchvision 0.29 in favour of
+    TorchCodec's, which the pinned stack does not include."""
+    import warnings
+
+    from torchvision.io import decode_jpeg
+
+    warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
+    return "torchvision decode_jpeg", decode_jpeg
+
+
+def jpeg_decode(slides: list[Path], dev: torch.device, max_tiles: int) -> list[str]:
+    """Stored JPEG tiles of each slide's level 0, decoded by imagecodecs on one CPU thread and by the batch decoder
+    on ``dev`` (lists of 256 streams; nvJPEG on CUDA), the same streams; pixels compared tile by tile."""
+    import imagecodecs
+    import numpy as np
+
+    name, decode = _batch_decoder()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    lines = ["", f"JPEG decoding of stored tiles: imagecodecs on one CPU thread (what the readers use) vs {name} on "
+             f"{dev.type} (batches of 256; input bytes already in memory, output left on the device), the same "
+             "self-contained streams (`TiffLevel.jpeg_stream`); `max diff` = largest per-channel difference to "
+             "imagecodecs' pixels over every tile:", "",
+             "| slide | photometric | stored tiles | tile px | imagecodecs tiles/s | batch decoder tiles/s | × "
+             "| max diff |",
+             "|---|---|---|---|---|---|---|---|"]
+    ratios = []
+    for slide in slides:
+        with open_slide(slide) as s:
+            size = s.dimensions
+        level = open_tiff_level(slide, size, 224)
+        if level is None or not level.is_jpeg:
+            lines.append(f"| {slide.name} | - | not a tiled JPEG TIFF | | | | | |")
+            continue
+        streams = [b for b in (level.jpeg_stream(i) for i in range(min(len(level.page.dataoffsets), max_tiles))) if b]
+        photometric = {2: "RGB", 6: "YCbCr"}.get(int(level.page.photometric), str(level.page.photometric))
+        level.close()
+        t = time.perf_counter()
+        ref = [imagecodecs.jpeg8_decode(b) for b in streams]
+        cpu = len(streams) / (time.perf_counter() - t)
+        data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in streams]
+        decode(data[:8], device=dev)  # warm-up (decoder handles, memory pools)
+        sync()
+        t = time.perf_counter()
+        out = [im for k in range(0, len(data), 256) for im in decode(data[k:k + 256], device=dev)]
+        sync()
+        batch = len(streams) / (time.perf_counter() - t)
+        diff = max(int(np.abs(o.permute(1, 2, 0).cpu().numpy().astype(np.int16) - r).max()) for o, r in zip(out, ref))
+        ratios.append((slide.name, batch / cpu, diff))
+        px = f"{ref[0].shape[1]}×{ref[0].shape[0]}"
+        lines.append(f"| {slide.name} | {photometric} | {len(streams)} | {px} | {cpu:.0f} | {batch:.0f} | "
+                     f"{batch / cpu:.2f} | {diff} |")
+    for slide_name, r, diff in ratios:
+        same = "the same pixels (≤ 2)" if diff <= 2 else f"DIFFERENT pixels (max {diff})"
+        if dev.type != "cuda":
+            lines.append(f"- {slide_name}: {same}; on CPU this checks the code path, it does not measure GPU decoding")
+            continue
+        lines.append(f"- {slide_name}: the batch decoder on the GPU = {r:.1f} CPU threads of imagecodecs, {same}: "
+                     + (f"it pays where fewer than {math.ceil(r)} cores per GPU are left for decoding"
+                        if r > 1 else "it does not pay"))
+    return lines
 
 
 def from_scratch(cfg: dict, dev: torch.device, readers: int, work: Path) -> list[str]:
@@ -147,6 +217,15 @@ def main() -> None:
         _write(args.out, lines)  # partial results survive a time limit
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    shared = shared_data_dir()
+    svs = shared / "slides" / "cmu-1-small-region.svs" if shared else None
+    try:
+        lines += jpeg_decode([slide] + ([svs] if svs and svs.is_file() else []), dev, cfg["jpeg_tiles"])
+    except Exception as e:  # noqa: BLE001 - keep the other rows (full mode)
+        if args.mode == "tiny":
+            raise
+        lines += ["", f"JPEG decoding: failed: {type(e).__name__}: {str(e)[:200]}"]
+    _write(args.out, lines)
     try:
         lines += from_scratch(cfg, dev, readers, work)
     except Exception as e:  # noqa: BLE001 - keep the reader rows (full mode)

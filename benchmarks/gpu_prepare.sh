@@ -5,7 +5,8 @@
 #   .gpu/whl/   wheels (CPython 3.12, manylinux x86-64) of the packages the GPU sections import that the
 #               device image lacks, at the versions pyproject.toml pins (timm too, to run the pinned version)
 #   .gpu/data/  MANIFEST.md and the first N PCam train tiles of each class (hard links into ../shared/data
-#               where the file system allows, else copies) for the streaming section's end-to-end experiment
+#               where the file system allows, else copies) for the streaming section's end-to-end experiment,
+#               and slides/cmu-1-small-region.svs (1.9 MB, Aperio RGB JPEG tiles) for the encode section's JPEG rows
 # Then one device call runs every check (gpu_check.sh installs the wheels and finds the data itself):
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".gpu"], timeout_s=600)
 #
@@ -49,6 +50,10 @@ for c in 0 1; do
     ln "$src/$c/$f" "$out/data/tiles/pcam/train/$c/$f" 2>/dev/null || cp "$src/$c/$f" "$out/data/tiles/pcam/train/$c/$f"
   done
 done
+if [ -f "$data/slides/cmu-1-small-region.svs" ]; then
+  mkdir -p "$out/data/slides"
+  ln "$data/slides/cmu-1-small-region.svs" "$out/data/slides/" 2>/dev/null || cp "$data/slides/cmu-1-small-region.svs" "$out/data/slides/"
+fi
 mb=$(du -smL "$out" | cut -f1)
 echo "$out: $(ls "$out/whl" 2>/dev/null | wc -l) wheels, $(find "$out/data/tiles" -type f | wc -l) tiles, ${mb} MB" \
   "(the device call carries at most 64 MiB with the working tree)"

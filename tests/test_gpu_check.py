@@ -37,6 +37,11 @@ def test_gpu_check_tiny_mode_runs_every_section(tmp_path):
     enc = (tmp_path / "gpu_encode.md").read_text()
     rows = dict(re.findall(r"^\| (test_resnet|test_vit) \| (\d+) \| \d+ \| [\d.]+ \|$", enc, re.M))
     assert set(rows) == {"test_resnet", "test_vit"} and all(int(v) > 0 for v in rows.values())
+    # stored JPEG tiles of the generated (YCbCr) slide decoded by the batch decoder (here on CPU) as by imagecodecs
+    jpeg = re.findall(r"^\| (gen\d+\.tiff) \| YCbCr \| (\d+) \| 256×256 \| (\d+) \| (\d+) \| [\d.]+ \| (\d+) \|$",
+                      enc, re.M)
+    assert len(jpeg) == 1 and jpeg[0][1] == "16" and int(jpeg[0][2]) > 0 and int(jpeg[0][3]) > 0
+    assert int(jpeg[0][4]) <= 2
     readers = re.findall(r"^\| (\d+) \| (\d+) \|$", enc, re.M)
     assert [r for r, _ in readers] == ["1", "2"] and all(int(v) > 0 for _, v in readers)
     text = (tmp_path / "gpu_streaming.md").read_text()
@@ -75,6 +80,9 @@ def test_gpu_prepare_selects_the_first_tiles_of_each_class(tmp_path):
         (data / "tiles" / "pcam" / "train" / c).mkdir(parents=True)
         for i in (5, 1, 9, 3):
             (data / "tiles" / "pcam" / "train" / c / f"p{i}.jpg").write_bytes(b"x" * i)
+    (data / "slides").mkdir()
+    (data / "slides" / "cmu-1-small-region.svs").write_bytes(b"svs")  # the encode section's Aperio JPEG slide
+    (data / "slides" / "other.svs").write_bytes(b"not carried")
     out = tmp_path / "gpu"
     p = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_prepare.sh"), "--no-wheels", "--tiles-per-class", "2",
                         "--out", str(out)], env={**os.environ, "GIGASLIDE_SHARED_DATA": str(data)},
@@ -86,3 +94,5 @@ def test_gpu_prepare_selects_the_first_tiles_of_each_class(tmp_path):
         assert (out / "data" / "tiles" / "pcam" / "train" / c / "p3.jpg").read_bytes() == b"xxx"
     assert (out / "data" / "MANIFEST.md").read_text() == "# data\n"
     assert "4 tiles" in p.stdout
+    assert [f.name for f in (out / "data" / "slides").iterdir()] == ["cmu-1-small-region.svs"]
+    assert (out / "data" / "slides" / "cmu-1-small-region.svs").read_bytes() == b"svs"
