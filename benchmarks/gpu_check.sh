@@ -5,8 +5,9 @@
 #
 # Sections (each a python script `benchmarks/gpu_<name>.py --mode tiny|full --out FILE.md`, with its own
 # time limit so one slow section cannot eat the others' time):
-#   encode     model-only forward vs end-to-end encode tiles/s (ResNet-50, ViT-S/16, ViT-L/16 @224),
-#              reader-only tiles/s with 1/4/8/16 processes, and encode on 16 untiled slides: tiling first vs while encoding
+#   encode     model-only forward vs end-to-end encode tiles/s (ResNet-50, ViT-S/16, ViT-L/16 @224; CPU reader
+#              processes, and tiles decoded on the GPU: encode --decode-device cuda),
+#              reader-only tiles/s with 1/4/8/16 processes, encode on 16 untiled slides: tiling first vs while encoding,
 #              and stored JPEG tiles decoded on the GPU (nvJPEG) vs one CPU thread, pixels compared
 #   streaming  StreamingCLAM ResNet-34 fwd+bwd time and peak GPU memory at 8192², 16384², 32768²,
 #              and the end-to-end StreamingCLAM vs two-stage experiment sized from a 1-minute probe

@@ -1,4 +1,5 @@
-"""GPU encode throughput: model-only forward vs end-to-end encode, and reader-only tiles/s by process count.
+"""GPU encode throughput: model-only forward vs end-to-end encode (CPU readers, or tiles decoded on the GPU), and
+reader-only tiles/s by process count.
 
     .venv/bin/python benchmarks/gpu_encode.py --mode tiny --out /tmp/gpu_tiny.md   # CPU, seconds (CI)
     .venv/bin/python benchmarks/gpu_encode.py --mode full --out benchmarks/results/gpu_encode.md   # a lent GPU
@@ -8,7 +9,8 @@ them), batch 256, the device's autocast (bf16), on a generated pyramidal JPEG TI
 (tiled once beforehand, so end to end = reading + decoding + copying + the model). Model-only runs
 the same number of batches of uint8 tiles already on the device (normalisation included). The
 end-to-end path is ``gigaslide encode``'s: a persistent reader pool (``--readers``, default sized to
-the machine), uint8 batches pinned and copied ``non_blocking``, normalised on the GPU.
+the machine), uint8 batches pinned and copied ``non_blocking``, normalised on the GPU; and the same with the
+stored JPEG tiles decoded and cut on the GPU (``decode_device``, nvJPEG) instead of by reader processes.
 Then the stored JPEG tiles of the generated slide (and of ``cmu-1-small-region.svs``, an Aperio SVS with RGB JPEG
 tiles, where the shared data or .gpu/data has it) decoded on the device in batches (nvJPEG through torchvision's
 ``decode_jpeg``) vs imagecodecs on one CPU thread (the reader's decoder), the same
@@ -36,6 +38,7 @@ from _common import machine  # noqa: E402
 
 from gigaslide.devices import autocast_ctx, choose_precision, pick_device  # noqa: E402
 from gigaslide.encoders import build_encoder  # noqa: E402
+from gigaslide.features import store  # noqa: E402
 from gigaslide.features.extract import encode_slides  # noqa: E402
 from gigaslide.features.parallel import auto_workers, rank_info  # noqa: E402
 from gigaslide.slides import open_slide  # noqa: E402
@@ -196,23 +199,31 @@ def main() -> None:
              f"Generated {s}² pyramidal JPEG TIFF (made in {t_make:.0f} s), {len(grid)} tissue tiles of {cfg['tile']} px at "
              f"{cfg['mpp']} µm/px. Batch {cfg['batch']}, random weights, precision auto "
              f"(bf16 autocast on CUDA), compile={args.compile}. End to end: `encode_slides` with {readers} reader processes "
-             "(persistent pool, pinned uint8 batches, non_blocking copies, normalisation on the device), tiles already made.",
-             "", "| encoder | model-only tiles/s | end-to-end tiles/s | ratio |", "|---|---|---|---|"]
+             "(persistent pool, pinned uint8 batches, non_blocking copies, normalisation on the device), tiles already "
+             f"made. `decoded on {dev.type}`: the same with `decode_device={dev.type!r}` (stored JPEG tiles "
+             "decoded and cut on the device in the main process, no reader processes; `encode --decode-device`).",
+             "", "| encoder | model-only tiles/s | end-to-end tiles/s | ratio | end to end, decoded on "
+             f"{dev.type}: tiles/s | ratio | reader |", "|---|---|---|---|---|---|---|"]
     for name in cfg["encoders"]:
         try:
             enc = build_encoder(name, "random")
             fwd = model_only(enc, dev, len(coords), cfg["tile"], cfg["batch"], "auto", args.compile)
-            out = work / f"e2e-{name}"
-            tile_slide(slide, out, params, overlays=False)
-            res = encode_slides([slide], out, enc, params, batch_size=cfg["batch"], workers=readers, precision="auto",
-                                device=str(dev), overlays=False, compile_model=args.compile)
-            assert res.done and res.tiles == len(coords), (res.failed, res.tiles)
-            e2e = res.tiles / res.seconds
-            lines.append(f"| {LABEL.get(name, name)} | {fwd:.0f} | {e2e:.0f} | {e2e / fwd:.2f} |")
+            e2e = []
+            for dd in (None, dev.type):
+                out = work / f"e2e-{name}-{dd}"
+                tile_slide(slide, out, params, overlays=False)
+                res = encode_slides([slide], out, enc, params, batch_size=cfg["batch"], workers=readers,
+                                    precision="auto", device=str(dev), overlays=False, compile_model=args.compile,
+                                    decode_device=dd)
+                assert res.done and res.tiles == len(coords), (res.failed, res.tiles)
+                e2e.append(res.tiles / res.seconds)
+            reader = store.read_attrs(out / "features" / f"{slide.stem}.h5").get("reader")
+            lines.append(f"| {LABEL.get(name, name)} | {fwd:.0f} | {e2e[0]:.0f} | {e2e[0] / fwd:.2f} | {e2e[1]:.0f} | "
+                         f"{e2e[1] / fwd:.2f} | {reader} |")
         except Exception as e:  # noqa: BLE001 - one encoder failing must not lose the other rows (full mode)
             if args.mode == "tiny":
                 raise
-            lines.append(f"| {LABEL.get(name, name)} | failed: {type(e).__name__}: {str(e)[:120]} | | |")
+            lines.append(f"| {LABEL.get(name, name)} | failed: {type(e).__name__}: {str(e)[:120]} | | | | | |")
         print(lines[-1], flush=True)
         _write(args.out, lines)  # partial results survive a time limit
         if dev.type == "cuda":

@@ -35,8 +35,10 @@ def test_gpu_check_tiny_mode_runs_every_section(tmp_path):
     diff = float(re.search(r"difference ([+-][0-9.e+-]+)\)", dv).group(1))
     assert abs(diff) < 1e-4
     enc = (tmp_path / "gpu_encode.md").read_text()
-    rows = dict(re.findall(r"^\| (test_resnet|test_vit) \| (\d+) \| \d+ \| [\d.]+ \|$", enc, re.M))
-    assert set(rows) == {"test_resnet", "test_vit"} and all(int(v) > 0 for v in rows.values())
+    rows = {r[0]: r[1:] for r in re.findall(r"^\| (test_resnet|test_vit) \| (\d+) \| (\d+) \| [\d.]+ \| (\d+) \| "
+                                           r"[\d.]+ \| ([^|]+) \|$", enc, re.M)}
+    assert set(rows) == {"test_resnet", "test_vit"} and all(int(v) > 0 for r in rows.values() for v in r[:3])
+    assert all(r[3].strip() == "direct, decoded on cpu" for r in rows.values())  # the device path really ran
     # stored JPEG tiles of the generated (YCbCr) slide decoded by the batch decoder (here on CPU) as by imagecodecs
     jpeg = re.findall(r"^\| (gen\d+\.tiff) \| YCbCr \| (\d+) \| 256×256 \| (\d+) \| (\d+) \| [\d.]+ \| (\d+) \|$",
                       enc, re.M)

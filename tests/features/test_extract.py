@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gigaslide.encoders import build_encoder
+from gigaslide.errors import GigaslideError
 from gigaslide.features import store
 from gigaslide.features.extract import encode_slides
 from gigaslide.slides import open_slide
@@ -40,7 +41,7 @@ def test_encode_matches_direct_forward(tmp_path, encoder, two_slides, workers):
     with open_slide(two_slides[0]) as s:  # tile 3 re-read by hand gives the stored feature
         tile = s.read_region(tuple(ff.coords[3]), (64, 64), 1.0)
     with torch.no_grad():
-        direct = encoder(torch.from_numpy(tile[None])).numpy()
+        direct = encoder(torch.from_numpy(tile[None].copy())).numpy()
     np.testing.assert_allclose(ff.features[3], direct[0], rtol=1e-4, atol=1e-5)
 
 
@@ -170,6 +171,26 @@ def test_direct_reader_and_openslide_give_the_same_features(tmp_path, encoder, t
     np.testing.assert_array_equal(a.coords, b.coords)
     cos = (a.features * b.features).sum(1) / (np.linalg.norm(a.features, axis=1) * np.linalg.norm(b.features, axis=1))
     assert cos.min() > 0.999  # pixels differ by at most 2 grey levels (sub-pixel painting)
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+def test_tiles_decoded_on_a_device_give_the_same_features_and_say_so(tmp_path, encoder, two_slides):
+    encode_slides(two_slides, tmp_path / "c", encoder, PARAMS, batch_size=7, workers=1, precision="fp32")
+    encode_slides(two_slides, tmp_path / "g", encoder, PARAMS, batch_size=7, precision="fp32", decode_device="cpu")
+    for sid in ("a", "b"):
+        a = store.load(tmp_path / "c" / "features" / f"{sid}.h5")
+        b = store.load(tmp_path / "g" / "features" / f"{sid}.h5")
+        assert a.attrs["reader"] == "direct" and b.attrs["reader"] == "direct, decoded on cpu"
+        np.testing.assert_array_equal(a.coords, b.coords)
+        np.testing.assert_array_equal(a.features, b.features)  # the very same pixels
+    man = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    assert man["config"]["decode_device"] == "cpu" and man["config"]["workers"] == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where no CUDA device exists")
+def test_decoding_on_cuda_without_cuda_is_a_one_line_error(tmp_path, encoder, two_slides):
+    with pytest.raises(GigaslideError, match="--decode-device cuda: no CUDA device here"):
+        encode_slides(two_slides, tmp_path, encoder, PARAMS, decode_device="cuda")
 
 
 def test_a_rerun_skips_untouched_finished_slides_without_reading_their_features(tmp_path, encoder, two_slides, monkeypatch):

@@ -145,7 +145,8 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
            precision: str = "auto", device: str = "auto", slide_mpp: float | str | None = None, threads: int = 2,
            compile: bool = False, background: str = "auto", tile_workers: int | None = None,
            tile_ahead: bool | None = None, fold_bn: bool | None = None, tissue_from: str | None = None,
-           tissue_classes: str | None = None, tissue_detect: bool = False) -> None:  # noqa: A002 - the option's name
+           tissue_classes: str | None = None, tissue_detect: bool = False,
+           decode_device: str | None = None) -> None:  # noqa: A002 - the option's name
     """Tile and encode slides into one HDF5 feature file per slide (CLAM/TRIDENT layout); resumable.
 
     Example:
@@ -184,6 +185,9 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
             (e.g. Tumor,Stroma; default: all)
         tissue_detect: with --tissue-from, keep only the detected tissue inside the polygons (drops the glass,
             fat and pale areas a coarse outline encloses)
+        decode_device: decode the slides' stored JPEG tiles on this device (cuda: nvJPEG) in the main process,
+            instead of reader processes on the CPU -- for machines with few cores per GPU; slides it cannot
+            decode (JPEG 2000, other vendors) are read on the CPU. Default: unset (CPU readers)
     """
     import torch
 
@@ -205,7 +209,7 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
         res = encode_slides(files, out, enc, params, batch_size=batch_size,
                             workers=workers, precision=precision, device=device, slide_mpp=slide_mpp, progress=update,
                             compile_model=compile, tile_workers=tile_workers, tile_ahead=tile_ahead,
-                            fold_bn=fold_bn)
+                            fold_bn=fold_bn, decode_device=decode_device)
     rate = res.tiles / res.seconds if res.seconds else 0.0
     print(f"encoded {len(res.done)} slides ({res.tiles} tiles, {rate:.1f} tiles/s, {res.precision}; "
           f"{res.tiling_seconds:.1f} s of {res.seconds:.1f} s tiling before encoding), "

@@ -82,6 +82,23 @@ class EncodeResult:
     bn_folded: bool = False  # the encoder ran with its batch norms folded into its convolutions
 
 
+def _decode_device(name: str, dev: torch.device) -> torch.device:
+    """The device ``--decode-device`` names; ``cuda`` is the encode device (each rank's own GPU) when that is CUDA."""
+    d = dev if name == "cuda" and dev.type == "cuda" else pick_device(name)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise GigaslideError(f"--decode-device {name}: no CUDA device here",
+                             fix="leave --decode-device unset: reader processes decode the tiles on the CPU")
+    return d
+
+
+def _reader_name(info: dict[str, Any]) -> str:
+    """How the tiles were read: ``direct`` (stored tiles decoded once), ``direct, decoded on cuda`` (on a device),
+    or ``openslide``."""
+    if not info.get("direct"):
+        return "openslide"
+    return f"direct, decoded on {info['decode_device']}" if info.get("decode_device") else "direct"
+
+
 def _feature_attrs(encoder: Encoder, params: TilingParams, grid: TileGrid, choice: PrecisionChoice, seed: int | None,
                    info: dict[str, Any]) -> dict:
     return {
@@ -90,7 +107,7 @@ def _feature_attrs(encoder: Encoder, params: TilingParams, grid: TileGrid, choic
         "min_tissue": params.min_tissue, "slide_id": grid.slide_id, "slide_path": grid.slide_path,
         "slide_mpp": grid.slide_mpp, "precision": choice.resolved, "precision_requested": choice.requested,
         "bf16_cosine": choice.bf16_cosine, "encoder_input_size": encoder.spec.input_size, "seed": seed,
-        "reader": "direct" if info.get("direct") else "openslide", "grid_rule": grid.extra.get("grid_rule"),
+        "reader": _reader_name(info), "grid_rule": grid.extra.get("grid_rule"),
         "background_option": params.background, "background": grid.extra.get("background"),
         "stain": grid.extra.get("stain"), "stain_warning": grid.extra.get("stain_warning"),
         **tissue_attrs(grid.extra),
@@ -318,7 +335,8 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
                   slide_mpp: float | str | None = None, overlays: bool = True, seed: int | None = 0,
                   progress: Callable[[str, int, int], None] | None = None, compile_model: bool = False,
                   direct: bool = True, rank: RankInfo | None = None, tile_workers: int | None = None,
-                  tile_ahead: bool | None = None, fold_bn: bool | None = None) -> EncodeResult:
+                  tile_ahead: bool | None = None, fold_bn: bool | None = None,
+                  decode_device: str | None = None) -> EncodeResult:
     """Tile (or reuse tiles) and encode every slide into ``out/features/<slide_id>.h5``.
 
     ``workers``: reader processes (0: read in this process; None: sized to the machine, see
@@ -331,16 +349,22 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
     the encoder with its batch norms folded into its convolutions (:mod:`gigaslide.encoders.inference`); None:
     when the run has at least :data:`FOLD_MIN_TILES` tiles to encode (or slides still to tile), as folding costs
     more than it saves on fewer. ``EncodeResult.bn_folded`` and the manifest's config say which ran.
+    ``decode_device``: decode the stored JPEG tiles on this device (``"cuda"``: nvJPEG) in this process instead of
+    reader processes (:mod:`gigaslide.slides.device_decode`; slides it cannot decode are read on the CPU); the
+    features' ``reader`` attribute says which ran. ``benchmarks/gpu_check.sh`` measures whether it pays.
     """
     t_start = time.perf_counter()
     out = atomic.ensure_writable_dir(out)
     rank = rank or rank_info()
     dev = rank_device(device, rank)
     workers = auto_workers(dev, rank) if workers is None else workers
+    dec = None if decode_device is None else _decode_device(decode_device, dev)
+    if dec is not None:
+        workers = 0  # tiles are decoded on the device, in this process
     manifest = Manifest(out / "manifest.json", {
         "command": "encode", "encoder": encoder.spec.name, "weights": encoder.weights_id, **params.as_dict(),
         "batch_size": batch_size, "workers": workers, "precision": precision, "device": str(dev), "world": rank.world,
-        "bn_folded": None})  # set below, once the run's tile count is known
+        "decode_device": decode_device, "bn_folded": None})  # set below, once the run's tile count is known
     run = _Run(out, encoder, params, manifest, slide_mpp, overlays, rank, progress, tile_workers)
     res = run.res
     # one rank only: ranks order slides by tile count (longest first), which needs every slide tiled first
@@ -360,7 +384,8 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
             1, tiling_workers(len(jobs), ranks_per_node=rank.local_world) // 2)
     claims = run.claims(jobs, tile_ahead=ahead_workers)
     held: list[SlideJob] = []  # claimed, by key
-    pool = ReaderPool(workers, slot_bytes=batch_size * params.tile_size**2 * 3)
+    pool = ReaderPool(workers, slot_bytes=batch_size * params.tile_size**2 * 3,
+                      decode_device=dec)
     inflight = pool.max_pending
     cur: list[Any] = [None, 0]  # job being submitted, next start
 
@@ -399,7 +424,8 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
                 run.fail(job, px)
                 continue
             job.info = job.info or info
-            x = px.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else px
+            on_host = dev.type == "cuda" and px.device.type == "cpu"  # else made on the device (--decode-device)
+            x = px.pin_memory().to(dev, non_blocking=True) if on_host else px.to(dev)
             if choice is None:
                 choice = choose_precision(dev, precision, probe=lambda: model(x[:8]))
                 res.precision, res.bf16_cosine, res.precision_choice = choice.resolved, choice.bf16_cosine, choice.record()
@@ -439,7 +465,7 @@ def _finish(run: _Run, job: SlideJob, feats: np.ndarray, choice: PrecisionChoice
                       coords_attrs=_coords_attrs(grid))
     secs = time.perf_counter() - job.t0
     run.manifest.set(job.slide_id, "done", path=job.path, tiles=len(feats), seconds=round(secs, 3), file_stamp=file_stamp(path),
-                     precision=choice.record(), read_mpp=job.info.get("read_mpp"), reader="direct" if job.info.get("direct") else "openslide",
+                     precision=choice.record(), read_mpp=job.info.get("read_mpp"), reader=_reader_name(job.info),
                      rank=run.rank.rank, stain=grid.extra.get("stain"), background=grid.extra.get("background"),
                      stain_warning=grid.extra.get("stain_warning"))
     job.lock.release()

@@ -8,7 +8,9 @@ shared buffers ("slots", ``slot_bytes`` each) are made once and reused: on this 
 fresh memory costs about as much as decoding the JPEG (~1 ms per 224² tile). A batch returned by
 :meth:`ReaderPool.get` stays valid until the next ``get``. ``workers=0`` reads in the calling process. A task whose slide cannot be read returns a one-line
 error instead of pixels; a worker that dies (e.g. a crash inside a C reader) fails its tasks and is
-replaced.
+replaced. ``decode_device`` (e.g. ``"cuda"``): read in the calling process with a
+:class:`~gigaslide.slides.device_decode.DeviceTileReader` instead, stored JPEG tiles decoded and cut on that
+device; batches are then tensors on the device.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch.multiprocessing as tmp
 
 from gigaslide.errors import GigaslideError
 from gigaslide.memory import set_malloc_thresholds
+from gigaslide.slides.device_decode import DeviceTileReader
 from gigaslide.slides.reader import TileReader
 from gigaslide.slides.slide import SCALE_TOLERANCE, Slide
 
@@ -46,17 +49,22 @@ class ReadTask:
 class _Readers:
     """The open slides of one process (at most ``keep``), keyed by what they read."""
 
-    def __init__(self, keep: int = 2):
+    def __init__(self, keep: int = 2, decode_device: str | torch.device | None = None):
         self.keep = keep
-        self.open: OrderedDict[tuple, tuple[Slide, TileReader]] = OrderedDict()
+        self.decode_device = decode_device
+        self.open: OrderedDict[tuple, tuple[Slide, TileReader | DeviceTileReader]] = OrderedDict()
 
-    def get(self, t: ReadTask) -> TileReader:
+    def get(self, t: ReadTask) -> TileReader | DeviceTileReader:
         k = (t.path, t.slide_mpp, t.tile_size, t.mpp, t.tolerance, t.direct)
         if k in self.open:
             self.open.move_to_end(k)
             return self.open[k][1]
         slide = Slide(t.path, mpp=t.slide_mpp, slide_id=t.slide_id)
-        self.open[k] = (slide, TileReader(slide, t.tile_size, t.mpp, tolerance=t.tolerance, direct=t.direct))
+        if self.decode_device is not None and t.direct:
+            r = DeviceTileReader(slide, t.tile_size, t.mpp, self.decode_device, tolerance=t.tolerance)
+        else:
+            r = TileReader(slide, t.tile_size, t.mpp, tolerance=t.tolerance, direct=t.direct)
+        self.open[k] = (slide, r)
         while len(self.open) > self.keep:
             _, (s, r) = self.open.popitem(last=False)
             r.close()
@@ -67,6 +75,10 @@ class _Readers:
         """Read ``t`` into ``buf`` (a flat uint8 slot) or a fresh tensor; (pixels or error line, info)."""
         try:
             r = self.get(t)
+            if isinstance(r, DeviceTileReader):
+                return r.read_batch(t.coords), {"direct": r.direct, "read_mpp": r.read_mpp(), "decoded": r.decoded,
+                                                "decode_device": str(r.device) if r.on_device else None,
+                                                "fallback": r.cpu.fallback_tiles, "cpu_tiles": r.cpu_tiles}
             shape = (len(t.coords), t.tile_size, t.tile_size, 3)
             n = shape[0] * shape[1] * shape[2] * 3
             if buf is not None and buf.numel() >= n:
@@ -118,8 +130,10 @@ class ReaderPool:
     ``slot_bytes``: size of the reusable shared buffers (a batch that does not fit gets fresh memory).
     """
 
-    def __init__(self, workers: int = 1, *, slot_bytes: int = 0, slots: int | None = None):
-        self.workers = max(0, int(workers))
+    def __init__(self, workers: int = 1, *, slot_bytes: int = 0, slots: int | None = None,
+                 decode_device: str | torch.device | None = None):
+        self.workers = 0 if decode_device is not None else max(0, int(workers))
+        slot_bytes = 0 if decode_device is not None else slot_bytes  # batches are made on the device
         self.max_pending = 1 if self.workers == 0 else 2 * self.workers + 2
         n_slots = (self.max_pending + 1) if slots is None else slots
         self._slots = [torch.empty(slot_bytes, dtype=torch.uint8) for _ in range(n_slots if slot_bytes else 0)]
@@ -131,7 +145,7 @@ class ReaderPool:
         self._owner: dict[int, int] = {}
         self._done: dict[int, tuple[Any, dict]] = {}
         self._held: int | None = None  # slot of the batch the caller has now
-        self._local = _Readers() if self.workers == 0 else None
+        self._local = _Readers(decode_device=decode_device) if self.workers == 0 else None
         self._procs: list[Any] = []
         if self.workers:
             for t in self._slots:

@@ -52,6 +52,11 @@ class TileReader:
         return self._tiff is not None
 
     @property
+    def tiff_level(self) -> TiffLevel | None:
+        """The stored-tile level the direct path decodes (None when reading through OpenSlide)."""
+        return self._tiff
+
+    @property
     def decoded_tiles(self) -> int:
         return 0 if self._tiff is None else self._tiff.decoded
 
