@@ -121,6 +121,7 @@ def test_interrupted_cache_resumes(slides, tmp_path):
     assert res.skipped == ["s0"] and res.done == ["s1"]
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")  # PIL, on the deliberately broken slide
 def test_a_broken_slide_is_reported_and_the_batch_goes_on(slides, tmp_path, capsys):
     bad = tmp_path / "broken.tiff"
     bad.write_bytes(b"II*\x00not a tiff at all")
