@@ -287,7 +287,8 @@ def test_bad_options(tiles, tmp_path):
     assert not (tmp_path / "d").exists()  # refused before the run folder is made
 
 
-@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning")  # Lightning's own
+# Lightning's own pytree deprecation, not ours
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning")
 def test_lightning_engine_runs_and_the_native_engine_resumes_it(tiles, tmp_path):
     pytest.importorskip("pytorch_lightning")
     s = pretrain(_cfg(tiles, tmp_path / "run", "dino", steps=2, engine="lightning", workers=0))
