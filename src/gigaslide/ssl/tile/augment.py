@@ -19,7 +19,13 @@ from dataclasses import dataclass, replace
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from gigaslide.ssl.tile.crops import MIN_PATCHES, check_scale, check_tile_pixels, plan_crops  # noqa: F401  (re-exported)
+from gigaslide.ssl.tile.crops import (  # noqa: F401  (re-exported)
+    MIN_PATCHES,
+    check_scale,
+    check_tile_pixels,
+    default_local_size,
+    plan_crops,
+)
 from gigaslide.ssl.tile.randstain import lab_statistics, random_lab_transfer
 
 #: Stain augmentations: HED-light jitter (Tellez et al. 2019) or RandStainNA (Shen et al. 2022, Lab).
@@ -193,11 +199,6 @@ PRESETS: dict[str, ViewAug] = {
 }
 
 
-def _local_size(tile_size: int, multiple: int) -> int:
-    s = max(2 * multiple, int(round(tile_size * 96 / 224 / multiple)) * multiple)
-    return min(s, tile_size)
-
-
 def view_recipes(kind: str, preset: str, tile_size: int, n_local: int = 6, multiple: int = 8, *,
                  patch: int | None = None, local_size: int | None = None,
                  global_scale: tuple[float, float] | None = None, local_scale: tuple[float, float] | None = None,
@@ -227,7 +228,7 @@ def view_recipes(kind: str, preset: str, tile_size: int, n_local: int = 6, multi
         glob_size, loc_size = plan_crops(tile_size, patch, local_size, n_local=n_loc, what=what, flag=flag)
     else:
         glob_size = int(tile_size)
-        loc_size = (int(local_size) if local_size else _local_size(glob_size, multiple)) if n_loc else None
+        loc_size = (int(local_size) if local_size else default_local_size(glob_size, multiple)) if n_loc else None
     if kind == "two":  # the preset's crop scale unless --global-scale is given
         g2 = check_scale("global_scale", global_scale) if global_scale else base.scale
         views = [replace(base, size=glob_size, scale=g2, blur=1.0 if imagenet else base.blur),

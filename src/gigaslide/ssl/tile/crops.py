@@ -7,7 +7,9 @@ from __future__ import annotations
 from gigaslide.errors import GigaslideError
 
 
-def _local_size(tile_size: int, multiple: int) -> int:
+def default_local_size(tile_size: int, multiple: int) -> int:
+    """Local (multi-crop) crop side for global crops of ``tile_size``: 96/224 of it (DINO's ratio), a multiple of
+    ``multiple``, at least two multiples, at most ``tile_size``."""
     s = max(2 * multiple, int(round(tile_size * 96 / 224 / multiple)) * multiple)
     return min(s, tile_size)
 
@@ -47,7 +49,7 @@ def plan_crops(tile_size: int, patch: int | None, local_size: int | None = None,
     """
     t = int(tile_size)
     if patch is None:
-        loc = None if n_local <= 0 else (int(local_size) if local_size else _local_size(t, 8))
+        loc = None if n_local <= 0 else (int(local_size) if local_size else default_local_size(t, 8))
         if loc is not None and not (8 <= loc <= t):
             raise GigaslideError(f"local crop size {loc} must be between 8 and --tile-size {t}", fix=f"use a local size of 8 to {t} px")
         return t, loc
