@@ -191,6 +191,8 @@ def test_tiles_decoded_on_a_device_give_the_same_features_and_say_so(tmp_path, e
 def test_decoding_on_cuda_without_cuda_is_a_one_line_error(tmp_path, encoder, two_slides):
     with pytest.raises(GigaslideError, match="--decode-device cuda: no CUDA device here"):
         encode_slides(two_slides, tmp_path, encoder, PARAMS, decode_device="cuda")
+    with pytest.raises(GigaslideError, match="--decode-device gpu0: not a device"):
+        encode_slides(two_slides, tmp_path, encoder, PARAMS, decode_device="gpu0")
 
 
 def test_a_rerun_skips_untouched_finished_slides_without_reading_their_features(tmp_path, encoder, two_slides, monkeypatch):
