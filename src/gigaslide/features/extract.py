@@ -387,8 +387,7 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
             1, tiling_workers(len(jobs), ranks_per_node=rank.local_world) // 2)
     claims = run.claims(jobs, tile_ahead=ahead_workers)
     held: list[SlideJob] = []  # claimed, by key
-    pool = ReaderPool(workers, slot_bytes=batch_size * params.tile_size**2 * 3,
-                      decode_device=dec)
+    pool = ReaderPool(workers, slot_bytes=batch_size * params.tile_size**2 * 3, decode_device=dec)
     inflight = pool.max_pending
     cur: list[Any] = [None, 0]  # job being submitted, next start
 
