@@ -187,6 +187,27 @@ def test_tiles_decoded_on_a_device_give_the_same_features_and_say_so(tmp_path, e
     assert man["config"]["decode_device"] == "cpu" and man["config"]["workers"] == 0
 
 
+def test_dct_downsampling_is_recorded_and_the_other_option_encodes_again(tmp_path, encoder):
+    from gigaslide.slides.writer import write_pyramidal_tiff
+    from gigaslide.testing import tissue_fn
+
+    one = write_pyramidal_tiff(tmp_path / "one.tiff", 1024, 768, tissue_fn(1024, 768, 3), mpp=0.5, min_level_size=10**6)
+    out = tmp_path / "o"  # PARAMS' 1.0 µm/px is a /2 read of the only level
+    box = encode_slides([one], out, encoder, PARAMS, precision="fp32", workers=0)
+    a = store.load(out / "features" / "one.h5")
+    assert box.done == ["one"] and a.attrs["downsample"] == "box" and a.attrs["downsample_option"] == "box"
+    dct = encode_slides([one], out, encoder, PARAMS, precision="fp32", workers=0, downsample="dct")
+    assert dct.done == ["one"] and not dct.skipped  # made with box: encoded again
+    b = store.load(out / "features" / "one.h5")
+    assert b.attrs["downsample"] == "dct" and b.attrs["downsample_option"] == "dct"
+    cos = (a.features * b.features).sum(1) / (np.linalg.norm(a.features, axis=1) * np.linalg.norm(b.features, axis=1))
+    assert cos.min() > 0.99 and not np.array_equal(a.features, b.features)  # close, not the same pixels
+    again = encode_slides([one], out, encoder, PARAMS, precision="fp32", workers=0, downsample="dct")
+    assert again.skipped == ["one"]
+    with pytest.raises(GigaslideError, match="--downsample dct decodes on the CPU"):
+        encode_slides([one], out, encoder, PARAMS, downsample="dct", decode_device="cpu")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where no CUDA device exists")
 def test_decoding_on_cuda_without_cuda_is_a_one_line_error(tmp_path, encoder, two_slides):
     with pytest.raises(GigaslideError, match="--decode-device cuda: no CUDA device here"):

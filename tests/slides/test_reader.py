@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from gigaslide.errors import GigaslideError
 from gigaslide.slides import TileReader, iter_tiles, open_slide
 from gigaslide.slides.slide import box_reduce
 from gigaslide.slides.writer import write_pyramidal_tiff
@@ -66,6 +67,81 @@ def test_power_of_two_below_a_level_is_box_averaged(tmp_path):
             level_px = TileReader(s, 32 * k, mpp / k).read(600, 400)  # the level itself, no resampling
             np.testing.assert_array_equal(tile, box_reduce(level_px, k))
             assert np.abs(tile.astype(int) - s.read_region((600, 400), (32, 32), mpp)).max() <= MAX_DIFF
+
+
+# --- downsample="dct": /2, /4, /8 by the JPEG decoder's DCT scaling -------------------------------------------
+@pytest.fixture(scope="module")
+def one_level(tmp_path_factory):
+    """A JPEG slide with level 0 only: every coarser resolution is a /2, /4 or /8 read of it."""
+    p = tmp_path_factory.mktemp("dct") / "one.tiff"
+    return write_pyramidal_tiff(p, 2100, 1600, tissue_fn(2100, 1600, 6, 5), mpp=0.25, min_level_size=10**6)
+
+
+@pytest.mark.parametrize("mpp,k", [(0.5, 2), (1.0, 4), (2.0, 8)])
+def test_dct_reads_are_the_decoders_scaled_tiles_close_to_box_averages(one_level, mpp, k):
+    from gigaslide.slides.tiled import jpeg_decode_scaled
+
+    tile = 64
+    with open_slide(one_level) as s:
+        box, dct = TileReader(s, tile, mpp), TileReader(s, tile, mpp, downsample="dct")
+        assert box.factor == dct.factor == k and dct.downsample == "dct" and box.downsample == "box"
+        step = tile * k
+        xs, ys = np.meshgrid(np.arange(0, 2100, step), np.arange(0, 1600, step))
+        coords = np.stack([xs.ravel(), ys.ravel()], 1)
+        a, b = box.read_batch(coords), dct.read_batch(coords)
+        assert dct.decoded_tiles == box.decoded_tiles == 9 * 7  # each stored tile once, at 1/k
+        diff = np.abs(a.astype(int) - b)
+        assert diff.mean() < 0.5 and np.percentile(diff, 99) <= 8  # a low-pass close to the box average ...
+        assert diff.max() > 0  # ... and not the same pixels: the scaled decode really ran
+        # a tile inside stored tile (1, 2) is that tile decoded at 1/k, cropped: no resampling of our own
+        level = dct.tiff_level
+        x0, y0 = 256 * 2 + 8 * k, 256 * 1 + 16 * k
+        want = jpeg_decode_scaled(level.jpeg_stream(1 * level.tiles_across + 2), k, (256 // k, 256 // k))
+        size = min(tile, 256 // k - 16)
+        got = TileReader(s, size, mpp, downsample="dct").read(x0, y0)
+        np.testing.assert_array_equal(got, want[16:16 + size, 8:8 + size])
+
+
+def test_dct_rounds_a_corner_between_reduced_pixels_and_decodes_each_tile_once(one_level):
+    # a grid whose level-0 stride (here 449) is not a multiple of the reduction (2): odd corners round to the
+    # reduced grid, and every stored tile is still decoded once, at 1/2 only
+    with open_slide(one_level) as s:
+        r = TileReader(s, 64, 0.5, downsample="dct")
+        x, y = max(((x, y) for x in range(101, 1900, 200) for y in range(101, 1400, 200)),
+                   key=lambda c: r.read(*c).std())  # an odd corner on textured tissue
+        np.testing.assert_array_equal(r.read(x, y), r.read(x + 1, y + 1))  # x / 2 = m + 0.5 rounds to m + 1
+        assert not np.array_equal(r.read(x, y), r.read(x - 1, y - 1))  # ... not to m
+        r2 = TileReader(s, 224, 0.5, downsample="dct")
+        xs = np.floor(np.arange(0, 1600, 448.9)).astype(int)
+        coords = np.stack(np.meshgrid(xs, xs), -1).reshape(-1, 2)
+        r2.read_batch(coords)
+        box = TileReader(s, 224, 0.5)
+        box.read_batch(coords)
+        assert r2.decoded_tiles == box.decoded_tiles  # no stored tile decoded twice (whole and scaled)
+
+
+def test_dct_falls_back_to_box_where_it_cannot_apply(one_level, generated, tmp_path):
+    with open_slide(one_level) as s:  # level 0 itself: nothing to reduce
+        assert TileReader(s, 64, 0.25, downsample="dct").downsample == "box"
+    z = write_pyramidal_tiff(tmp_path / "z.tiff", 1200, 900, tissue_fn(1200, 900, 2), mpp=0.25, min_level_size=10**6,
+                             compression="zlib")
+    with open_slide(z) as s:  # deflate tiles: no DCT to scale
+        r = TileReader(s, 64, 0.5, downsample="dct")
+        assert r.direct and r.downsample == "box"
+        np.testing.assert_array_equal(r.read(300, 200), TileReader(s, 64, 0.5).read(300, 200))
+    with open_slide(one_level) as s, pytest.raises(GigaslideError, match="unknown downsample 'lanczos'"):
+        TileReader(s, 64, 0.5, downsample="lanczos")
+
+
+def test_a_scaled_decoder_that_gets_colours_wrong_is_caught_at_open(one_level, monkeypatch):
+    from gigaslide.slides import tiled
+
+    real = tiled.jpeg_decode_scaled
+    monkeypatch.setattr(tiled, "jpeg_decode_scaled", lambda *a: real(*a)[..., ::-1])  # RGB -> BGR
+    with open_slide(one_level) as s:
+        r = TileReader(s, 64, 0.5, downsample="dct")
+        assert r.downsample == "box"
+        np.testing.assert_array_equal(r.read(512, 512), TileReader(s, 64, 0.5).read(512, 512))
 
 
 def test_each_stored_tile_decoded_once_in_grid_order(generated):

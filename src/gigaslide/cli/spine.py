@@ -146,7 +146,7 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
            compile: bool = False, background: str = "auto", tile_workers: int | None = None,
            tile_ahead: bool | None = None, fold_bn: bool | None = None, tissue_from: str | None = None,
            tissue_classes: str | None = None, tissue_detect: bool = False,
-           decode_device: str | None = None) -> None:  # noqa: A002 - the option's name
+           decode_device: str | None = None, downsample: str = "box") -> None:  # noqa: A002 - the option's name
     """Tile and encode slides into one HDF5 feature file per slide (CLAM/TRIDENT layout); resumable.
 
     Example:
@@ -188,6 +188,10 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
         decode_device: decode the slides' stored JPEG tiles on this device (cuda: nvJPEG) in the main process,
             instead of reader processes on the CPU -- for machines with few cores per GPU; slides it cannot
             decode (JPEG 2000, other vendors) are read on the CPU. Default: unset (CPU readers)
+        downsample: how a read at 2, 4 or 8 times a pyramid level's µm/px is reduced: box (average of the decoded
+            level's pixels; the default, the same pixels on every reader path) or dct (JPEG tiles decoded at that
+            reduction by the decoder's DCT scaling: faster, a few grey levels apart at sharp edges; see
+            benchmarks/results/downsample.md). Features made with the other option are encoded again
     """
     import torch
 
@@ -209,7 +213,7 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
         res = encode_slides(files, out, enc, params, batch_size=batch_size,
                             workers=workers, precision=precision, device=device, slide_mpp=slide_mpp, progress=update,
                             compile_model=compile, tile_workers=tile_workers, tile_ahead=tile_ahead,
-                            fold_bn=fold_bn, decode_device=decode_device)
+                            fold_bn=fold_bn, decode_device=decode_device, downsample=downsample)
     rate = res.tiles / res.seconds if res.seconds else 0.0
     print(f"encoded {len(res.done)} slides ({res.tiles} tiles, {rate:.1f} tiles/s, {res.precision}; "
           f"{res.tiling_seconds:.1f} s of {res.seconds:.1f} s tiling before encoding), "

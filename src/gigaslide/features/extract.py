@@ -43,6 +43,7 @@ from gigaslide.features.parallel import RankInfo, auto_workers, rank_device, ran
 from gigaslide.locks import ItemLock
 from gigaslide.slides import slide_id_from_path
 from gigaslide.slides.pool import ReaderPool, ReadTask
+from gigaslide.slides.reader import DOWNSAMPLE_MODES
 from gigaslide.tiling import GRID_RULE, TileGrid, TilingParams, layout, load_grid
 from gigaslide.tiling.annotations import tissue_attrs
 from gigaslide.tiling.parallel import TileAhead, tile_many, tiling_workers
@@ -103,7 +104,7 @@ def _reader_name(info: dict[str, Any]) -> str:
 
 
 def _feature_attrs(encoder: Encoder, params: TilingParams, grid: TileGrid, choice: PrecisionChoice, seed: int | None,
-                   info: dict[str, Any]) -> dict:
+                   info: dict[str, Any], downsample: str = "box") -> dict:
     return {
         "encoder": encoder.spec.name, "encoder_weights_sha256": encoder.weights_id, "embed_dim": encoder.embed_dim,
         "mpp": params.mpp, "read_mpp": info.get("read_mpp"), "tile_size": params.tile_size, "overlap": params.overlap,
@@ -111,6 +112,7 @@ def _feature_attrs(encoder: Encoder, params: TilingParams, grid: TileGrid, choic
         "slide_mpp": grid.slide_mpp, "precision": choice.resolved, "precision_requested": choice.requested,
         "bf16_cosine": choice.bf16_cosine, "encoder_input_size": encoder.spec.input_size, "seed": seed,
         "reader": _reader_name(info), "grid_rule": grid.extra.get("grid_rule"),
+        "downsample_option": downsample, "downsample": info.get("downsample", "box"),
         "background_option": params.background, "background": grid.extra.get("background"),
         "stain": grid.extra.get("stain"), "stain_warning": grid.extra.get("stain_warning"),
         **tissue_attrs(grid.extra),
@@ -129,7 +131,8 @@ def file_stamp(path: Path) -> list[int]:
     return [int(st.st_size), int(st.st_mtime_ns)]
 
 
-def is_finished(path: Path, encoder: Encoder, params: TilingParams, *, stamp: Sequence[int] | None = None) -> bool:
+def is_finished(path: Path, encoder: Encoder, params: TilingParams, *, stamp: Sequence[int] | None = None,
+                downsample: str = "box") -> bool:
     """``path`` holds this encoder's features at these tiling settings.
 
     ``stamp``: the :func:`file_stamp` this job's manifest recorded when encode wrote the file. A file that still
@@ -149,6 +152,7 @@ def is_finished(path: Path, encoder: Encoder, params: TilingParams, *, stamp: Se
             and abs(float(a.get("mpp", -1)) - params.mpp) < 1e-9 and int(a.get("tile_size", -1)) == params.tile_size
             and int(a.get("overlap", -1)) == params.overlap and abs(float(a.get("min_tissue", -1)) - params.min_tissue) < 1e-9
             and a.get("grid_rule") == GRID_RULE and a.get("background_option", "auto") == params.background
+            and a.get("downsample_option", "box") == downsample
             and params.tissue_matches(a, str(a.get("slide_id", path.stem)), a.get("slide_path")))
 
 
@@ -164,8 +168,10 @@ class _Run:
     """One encode job's state: the slides, their locks, the manifest and the result."""
 
     def __init__(self, out: Path, encoder: Encoder, params: TilingParams, manifest: Manifest, slide_mpp, overlays: bool,  # noqa: ANN001
-                 rank: RankInfo, progress: Callable[[str, int, int], None] | None, tile_workers: int | None = None):
+                 rank: RankInfo, progress: Callable[[str, int, int], None] | None, tile_workers: int | None = None,
+                 downsample: str = "box"):
         self.out, self.encoder, self.params, self.manifest = out, encoder, params, manifest
+        self.downsample = downsample
         self.tile_workers = tile_workers
         self.slide_mpp, self.overlays, self.rank, self.progress = slide_mpp, overlays, rank, progress
         self.res = EncodeResult()
@@ -174,7 +180,8 @@ class _Run:
     def finished(self, sid: str) -> bool:
         entry = self.manifest.data["slides"].get(sid) or {}
         stamp = entry.get("file_stamp") if entry.get("status") == "done" else None
-        return is_finished(layout(self.out, sid)["features"], self.encoder, self.params, stamp=stamp)
+        return is_finished(layout(self.out, sid)["features"], self.encoder, self.params, stamp=stamp,
+                           downsample=self.downsample)
 
     def fail(self, job: SlideJob, msg: str) -> None:
         job.failed = True
@@ -339,7 +346,7 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
                   progress: Callable[[str, int, int], None] | None = None, compile_model: bool = False,
                   direct: bool = True, rank: RankInfo | None = None, tile_workers: int | None = None,
                   tile_ahead: bool | None = None, fold_bn: bool | None = None,
-                  decode_device: str | None = None) -> EncodeResult:
+                  decode_device: str | None = None, downsample: str = "box") -> EncodeResult:
     """Tile (or reuse tiles) and encode every slide into ``out/features/<slide_id>.h5``.
 
     ``workers``: reader processes (0: read in this process; None: sized to the machine, see
@@ -355,20 +362,29 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
     ``decode_device``: decode the stored JPEG tiles on this device (``"cuda"``: nvJPEG) in this process instead of
     reader processes (:mod:`gigaslide.slides.device_decode`; slides it cannot decode are read on the CPU); the
     features' ``reader`` attribute says which ran. ``benchmarks/gpu_check.sh`` measures whether it pays.
+    ``downsample``: ``box`` (default) or ``dct`` -- how reads at 2, 4 or 8 times a pyramid level's resolution are
+    reduced (:mod:`gigaslide.slides.reader`); features record the option and what each slide got, and features
+    made with the other option are encoded again.
     """
     t_start = time.perf_counter()
     out = atomic.ensure_writable_dir(out)
     rank = rank or rank_info()
     dev = rank_device(device, rank)
     workers = auto_workers(dev, rank) if workers is None else workers
+    if downsample not in DOWNSAMPLE_MODES:
+        raise GigaslideError(f"--downsample {downsample}: unknown", fix="use box (the default) or dct")
+    if downsample == "dct" and decode_device is not None:
+        raise GigaslideError("--downsample dct decodes on the CPU: the GPU decoder has no DCT scaling",
+                             fix="drop --decode-device, or use --downsample box")
     dec = None if decode_device is None else _decode_device(decode_device, dev)
     if dec is not None:
         workers = 0  # tiles are decoded on the device, in this process
     manifest = Manifest(out / "manifest.json", {
         "command": "encode", "encoder": encoder.spec.name, "weights": encoder.weights_id, **params.as_dict(),
         "batch_size": batch_size, "workers": workers, "precision": precision, "device": str(dev), "world": rank.world,
-        "decode_device": decode_device, "bn_folded": None})  # set below, once the run's tile count is known
-    run = _Run(out, encoder, params, manifest, slide_mpp, overlays, rank, progress, tile_workers)
+        "decode_device": decode_device, "downsample": downsample,
+        "bn_folded": None})  # set below, once the run's tile count is known
+    run = _Run(out, encoder, params, manifest, slide_mpp, overlays, rank, progress, tile_workers, downsample)
     res = run.res
     # one rank only: ranks order slides by tile count (longest first), which needs every slide tiled first
     ahead = (dev.type == "cuda" and rank.world == 1) if tile_ahead is None else bool(tile_ahead)
@@ -406,7 +422,7 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
                 start = 0
             stop = min(start + batch_size, job.n)
             pool.submit(ReadTask((len(held) - 1, start), job.path, job.grid.coords[start:stop], params.tile_size, params.mpp,
-                                 slide_mpp, job.slide_id, direct=direct))
+                                 slide_mpp, job.slide_id, direct=direct, downsample=downsample))
             cur[1] = stop
 
     choice: PrecisionChoice | None = None
@@ -463,7 +479,7 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
 def _finish(run: _Run, job: SlideJob, feats: np.ndarray, choice: PrecisionChoice, seed: int | None) -> None:
     grid = job.grid
     path = store.save(layout(run.out, job.slide_id)["features"], feats, grid.coords,
-                      attrs=_feature_attrs(run.encoder, run.params, grid, choice, seed, job.info),
+                      attrs=_feature_attrs(run.encoder, run.params, grid, choice, seed, job.info, run.downsample),
                       coords_attrs=_coords_attrs(grid))
     secs = time.perf_counter() - job.t0
     run.manifest.set(job.slide_id, "done", path=job.path, tiles=len(feats), seconds=round(secs, 3), file_stamp=file_stamp(path),

@@ -44,6 +44,7 @@ class ReadTask:
     slide_id: str | None = None
     tolerance: float = SCALE_TOLERANCE
     direct: bool = True
+    downsample: str = "box"  # /2, /4, /8 reads: box averages, or the JPEG decoder's DCT scaling (TileReader)
 
 
 class _Readers:
@@ -55,7 +56,7 @@ class _Readers:
         self.open: OrderedDict[tuple, tuple[Slide, TileReader | DeviceTileReader]] = OrderedDict()
 
     def get(self, t: ReadTask) -> TileReader | DeviceTileReader:
-        k = (t.path, t.slide_mpp, t.tile_size, t.mpp, t.tolerance, t.direct)
+        k = (t.path, t.slide_mpp, t.tile_size, t.mpp, t.tolerance, t.direct, t.downsample)
         if k in self.open:
             self.open.move_to_end(k)
             return self.open[k][1]
@@ -63,7 +64,7 @@ class _Readers:
         if self.decode_device is not None and t.direct:
             r = DeviceTileReader(slide, t.tile_size, t.mpp, self.decode_device, tolerance=t.tolerance)
         else:
-            r = TileReader(slide, t.tile_size, t.mpp, tolerance=t.tolerance, direct=t.direct)
+            r = TileReader(slide, t.tile_size, t.mpp, tolerance=t.tolerance, direct=t.direct, downsample=t.downsample)
         self.open[k] = (slide, r)
         while len(self.open) > self.keep:
             _, (s, r) = self.open.popitem(last=False)
@@ -89,7 +90,7 @@ class _Readers:
                     out.share_memory_()
             r.read_batch(t.coords, out=out.numpy())
             return out, {"direct": r.direct, "read_mpp": r.read_mpp(), "decoded": r.decoded_tiles,
-                         "fallback": r.fallback_tiles}
+                         "fallback": r.fallback_tiles, "downsample": r.downsample}
         except GigaslideError as e:
             return e.one_line(), {}
         except Exception as e:  # noqa: BLE001 - a damaged slide must not stop the batch

@@ -12,15 +12,23 @@ stored tiles of a tiled TIFF/SVS level directly (:mod:`gigaslide.slides.tiled`) 
 and reads through :meth:`Slide.read_region` (OpenSlide) otherwise, or for single tiles that the
 direct path cannot reproduce (a sub-pixel offset at the level's border). Both paths give the same
 pixels: white outside the slide, box averages for the /2, /4, /8 cases.
+
+``downsample="dct"`` (opt-in) makes the /2, /4, /8 cases on JPEG tiles decode the stored tiles at that
+reduction directly (the JPEG decoder's DCT scaling) instead of decoding them whole and box-averaging: faster,
+and not the same pixels (a few grey levels apart, most at sharp edges; ``benchmarks/results/downsample.md``).
+A tile's corner is then rounded to the nearest pixel of the reduced grid (less than one output pixel, as a
+grid whose level-0 stride is not a multiple of the reduction puts some corners between its pixels).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from gigaslide.errors import GigaslideError
 from gigaslide.slides.slide import SCALE_TOLERANCE, Slide, box_reduce
 from gigaslide.slides.tiled import TiffLevel, open_tiff_level, shift_bilinear, split_offset
 
@@ -28,23 +36,39 @@ from gigaslide.slides.tiled import TiffLevel, open_tiff_level, shift_bilinear, s
 DIRECT_VENDORS = ("aperio", "generic-tiff")
 #: Largest per-channel difference to OpenSlide that the check read at open accepts.
 CHECK_MAX_DIFF = 2
+#: How a /2, /4, /8 read is reduced: box averages of the decoded level (the default, OpenSlide's path's pixels) or
+#: the JPEG decoder's DCT scaling (JPEG tiles only; elsewhere box).
+DOWNSAMPLE_MODES = ("box", "dct")
+#: Largest mean absolute difference between DCT-scaled and box-averaged pixels the check read at open accepts
+#: (measured means are below 1; a decoder that gets colours wrong is off by tens).
+DCT_CHECK_MEAN_DIFF = 4.0
 
 
 class TileReader:
     """Reads ``tile_size`` x ``tile_size`` tiles at ``mpp`` whose top-left corners are level-0 coords."""
 
     def __init__(self, slide: Slide, tile_size: int, mpp: float, *, tolerance: float = SCALE_TOLERANCE,
-                 direct: bool = True):
+                 direct: bool = True, downsample: str = "box"):
+        if downsample not in DOWNSAMPLE_MODES:
+            raise GigaslideError(f"unknown downsample '{downsample}'", fix="use box (the default) or dct")
         self.slide, self.tile_size, self.mpp, self.tolerance = slide, int(tile_size), float(mpp), tolerance
         self.level = slide.choose_level(mpp, tolerance)
         self.factor = self.level.factor(tolerance)
         self._tiff: TiffLevel | None = None
+        self._dct = False  # /2, /4, /8 reads by DCT scaling (set after the check read, which is box)
         self.fallback_tiles = 0  # tiles read through OpenSlide while the direct path is on
         if direct and self.factor and slide.backend == "openslide" and slide.vendor in DIRECT_VENDORS:
             self._tiff = open_tiff_level(slide.path, slide.level_dimensions[self.level.level], self.tile_size * self.factor)
             if self._tiff is not None and not self._check():
                 self._tiff.close()
                 self._tiff = None
+        if downsample == "dct" and self._tiff is not None and self.factor > 1 and self._tiff.can_scale(self.factor):
+            self._dct = self._check_dct()
+
+    @property
+    def downsample(self) -> str:
+        """How /2, /4, /8 reads are reduced here: ``dct`` (DCT scaling in use) or ``box``."""
+        return "dct" if self._dct else "box"
 
     @property
     def direct(self) -> bool:
@@ -75,15 +99,35 @@ class TileReader:
         self._tiff.decoded = 0
         return mine is not None and int(np.abs(mine.astype(np.int16) - ref).max()) <= CHECK_MAX_DIFF
 
+    def _check_dct(self) -> bool:
+        """DCT-scaled pixels near the level's centre close to the box-averaged ones (a decoder that gets colours
+        wrong is caught here); the check's decodes are not counted."""
+        t, k = self._tiff, self.factor
+        assert t is not None
+        m = min(self.tile_size, 64)
+        cx, cy = t.width // (2 * k), t.height // (2 * k)  # a corner on the 1/k grid, near the centre
+        try:
+            box = box_reduce(t.region(cx * k, cy * k, m * k, m * k), k)
+            dct = t.region(cx, cy, m, m, k=k)
+        except Exception:  # noqa: BLE001 - a tile the scaled decoder cannot read: box averages, as by default
+            return False
+        finally:
+            t._cache.clear()  # noqa: SLF001
+            t.decoded = 0
+        return float(np.abs(dct.astype(np.int16) - box).mean()) <= DCT_CHECK_MEAN_DIFF
+
     def _read_direct(self, x: int, y: int, size: int, out: np.ndarray | None = None) -> np.ndarray | None:
         t = self._tiff
         assert t is not None
-        n = size * self.factor
+        k = self.factor
+        n = size * k
         ds = self.level.level_downsample
+        if self._dct:  # the DCT-scaled tiles' 1/k grid: the corner rounded to its nearest pixel (< 1 output px off)
+            return t.region(math.floor(x / ds / k + 0.5), math.floor(y / ds / k + 0.5), size, size, out=out, k=k)
         ix, wx = split_offset(x / ds)  # OpenSlide's level coordinate: level-0 location / downsample
         iy, wy = split_offset(y / ds)
         if wx == 0 and wy == 0:
-            if self.factor == 1:
+            if k == 1:
                 return t.region(ix, iy, n, n, out=out)
             px = t.region(ix, iy, n, n)
         elif ix >= 0 and iy >= 0 and ix + n + 1 <= t.width and iy + n + 1 <= t.height:
@@ -124,15 +168,16 @@ class TileReader:
 
 
 def iter_tiles(slide: Slide | str | Path, coords: Iterable, tile_size: int, mpp: float, *,
-               tolerance: float = SCALE_TOLERANCE) -> Iterator[np.ndarray]:
+               tolerance: float = SCALE_TOLERANCE, downsample: str = "box") -> Iterator[np.ndarray]:
     """RGB uint8 tiles ``[tile_size, tile_size, 3]`` at ``mpp``, one per level-0 ``(x, y)`` of ``coords``, in order.
 
     ``slide`` may be an open :class:`Slide` (it stays open) or a path. This is the reader
-    ``gigaslide encode`` uses; see the module docstring for when it decodes stored tiles directly.
+    ``gigaslide encode`` uses; see the module docstring for when it decodes stored tiles directly, and for
+    ``downsample``.
     """
     own = not isinstance(slide, Slide)
     s = Slide(slide) if own else slide
-    reader = TileReader(s, tile_size, mpp, tolerance=tolerance)
+    reader = TileReader(s, tile_size, mpp, tolerance=tolerance, downsample=downsample)
     try:
         for x, y in coords:
             yield reader.read(x, y)

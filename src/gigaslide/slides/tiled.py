@@ -16,6 +16,7 @@ paints the stored tiles at the fractional offset with bilinear filtering (8-bit 
 
 from __future__ import annotations
 
+import io
 import math
 from collections import OrderedDict
 from pathlib import Path
@@ -26,6 +27,8 @@ import numpy as np
 MAX_CACHE_BYTES = 384 * 2**20
 _DECODABLE_PHOTOMETRIC = (2, 6)  # RGB, YCbCr
 _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
+#: Reductions the JPEG decoder can make by DCT scaling (libjpeg's scale_denom).
+DCT_FACTORS = (2, 4, 8)
 #: APP14 "Adobe" segment with transform 0: the three components are RGB, not YCbCr (libjpeg's rule).
 ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 
@@ -47,24 +50,33 @@ class TiffLevel:
         self.cache_tiles = max(4, int(cache_tiles))
         self.decoded = 0  # stored tiles decoded so far (tests and benchmarks count them)
 
-    def _tile(self, index: int) -> np.ndarray | None:
-        t = self._cache.get(index)
+    def _tile(self, index: int, k: int = 1) -> np.ndarray | None:
+        """Stored tile ``index`` decoded (at 1/``k`` of its size by the JPEG decoder's DCT scaling when k > 1)."""
+        key = index if k == 1 else (index, k)
+        t = self._cache.get(key)
         if t is not None:
-            self._cache.move_to_end(index)
+            self._cache.move_to_end(key)
             return t
         n = int(self._counts[index])
         if n == 0:  # a sparse (never written) tile
             t = None
+        elif k > 1:
+            t = jpeg_decode_scaled(self.jpeg_stream(index), k, (self.tile_h // k, self.tile_w // k))
+            self.decoded += 1
         else:
             fh = self._tif.filehandle
             fh.seek(int(self._offsets[index]))
             seg, _, _ = self._decode(fh.read(n), index, jpegtables=self._tables)
             t = np.asarray(seg[0, ..., :3])
             self.decoded += 1
-        self._cache[index] = t
+        self._cache[key] = t
         if len(self._cache) > self.cache_tiles:
             self._cache.popitem(last=False)
         return t
+
+    def can_scale(self, k: int) -> bool:
+        """Whether stored tiles can be decoded at 1/``k`` by DCT scaling (JPEG tiles whose sides ``k`` divides)."""
+        return k in DCT_FACTORS and self.is_jpeg and self.tile_w % k == 0 and self.tile_h % k == 0
 
     @property
     def is_jpeg(self) -> bool:
@@ -93,22 +105,27 @@ class TiffLevel:
         adobe = ADOBE_RGB if int(self.page.photometric) == 2 and not _has_adobe(raw) else b""
         return _SOI + adobe + tables + raw[2:]
 
-    def region(self, x: int, y: int, w: int, h: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Level pixels ``[h, w, 3]`` at (x, y), written into ``out`` when given (no fresh memory to fault in)."""
+    def region(self, x: int, y: int, w: int, h: int, out: np.ndarray | None = None, k: int = 1) -> np.ndarray:
+        """Level pixels ``[h, w, 3]`` at (x, y), written into ``out`` when given (no fresh memory to fault in).
+
+        ``k`` > 1 (see :meth:`can_scale`): the level at 1/k, coordinates in that grid, from stored tiles decoded
+        at 1/k by the JPEG decoder (its DCT scaling: not a box average, see :func:`jpeg_decode_scaled`)."""
         x, y = int(x), int(y)
-        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, self.width), min(y + h, self.height)
+        tw, th = self.tile_w // k, self.tile_h // k
+        width, height = -(-self.width // k), -(-self.height // k)
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
         if out is None:
             out = np.empty((h, w, 3), np.uint8)
         if (x0, y0, x1, y1) != (x, y, x + w, y + h):
             out[:] = 255
         if x0 >= x1 or y0 >= y1:
             return out
-        for ty in range(y0 // self.tile_h, (y1 - 1) // self.tile_h + 1):
-            for tx in range(x0 // self.tile_w, (x1 - 1) // self.tile_w + 1):
-                t = self._tile(ty * self.tiles_across + tx)
-                bx, by = tx * self.tile_w, ty * self.tile_h
+        for ty in range(y0 // th, (y1 - 1) // th + 1):
+            for tx in range(x0 // tw, (x1 - 1) // tw + 1):
+                t = self._tile(ty * self.tiles_across + tx, k)
+                bx, by = tx * tw, ty * th
                 sx0, sy0 = max(x0, bx), max(y0, by)
-                sx1, sy1 = min(x1, bx + self.tile_w), min(y1, by + self.tile_h)
+                sx1, sy1 = min(x1, bx + tw), min(y1, by + th)
                 if t is None:  # a sparse tile: glass
                     out[sy0 - y:sy1 - y, sx0 - x:sx1 - x] = 255
                 else:
@@ -144,6 +161,21 @@ def open_tiff_level(path: str | Path, size: tuple[int, int], read_w: int) -> Tif
         pass
     tif.close()
     return None
+
+
+def jpeg_decode_scaled(stream: bytes, k: int, shape: tuple[int, int]) -> np.ndarray:
+    """A self-contained JPEG decoded at 1/``k`` (2, 4 or 8) by libjpeg-turbo's scaled inverse DCT (through PIL's
+    ``draft``): each 8x8 block's coefficients give 8/k x 8/k pixels, so the 1/k image costs little more than
+    the entropy decoding. A low-pass of the block's own frequencies, not a box average of the pixels: it differs
+    from decode + box average by a few grey levels, most at sharp edges (``benchmarks/results/downsample.md``)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(stream)) as im:
+        im.draft("RGB", (shape[1], shape[0]))
+        px = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+    if px.shape[:2] != tuple(shape):
+        raise ValueError(f"scaled JPEG decode gave {px.shape[:2]}, not {tuple(shape)}")
+    return px
 
 
 def _has_adobe(stream: bytes) -> bool:
