@@ -95,7 +95,7 @@ def rate(kind: str, path: Path, coords: np.ndarray, procs: int) -> tuple[float, 
 
 def touched_tiles(reader: TileReader, coords: np.ndarray) -> list[int]:
     """Indices of the stored tiles (of the page ``reader`` decodes) that the tiles at ``coords`` touch, in order."""
-    t, ds, n = reader._tiff, reader.level.level_downsample, TILE * reader.factor  # noqa: SLF001
+    t, ds, n = reader.tiff_level, reader.level.level_downsample, TILE * reader.factor
     seen: dict[int, None] = {}
     for x, y in np.asarray(coords).tolist():
         (ix, wx), (iy, wy) = split_offset(x / ds), split_offset(y / ds)
@@ -265,7 +265,7 @@ def bench_slide(path: Path, work: Path, reps: int, peers: dict[str, str | None])
     np.save(cpath, coords)
     with Slide(path) as s:
         reader = TileReader(s, TILE, MPP)
-        level, page_index = reader.level.level, reader._tiff.page.index  # noqa: SLF001
+        level, page_index = reader.level.level, reader.tiff_level.page.index
         touched = touched_tiles(reader, coords)
         reader.close()
     res.update(coords=len(coords), stored=len(touched))

@@ -25,7 +25,7 @@ def test_touched_tiles_are_the_tiles_the_reader_decodes(tmp_path: Path) -> None:
         for x, y in coords:
             r.read(x, y)
         assert len(touched) == len(set(touched)) == r.decoded_tiles
-        page = r._tiff.page.index  # noqa: SLF001
+        page = r.tiff_level.page.index
     assert br.decode_limit(path, page, touched, len(coords), 1) > 0
     assert br.decode_limit(path, page, touched, len(coords), 2) > 0
 
