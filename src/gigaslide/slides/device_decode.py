@@ -85,6 +85,11 @@ class DeviceTileReader:
                 self._cache.move_to_end(i)
         streams = [(i, lv.jpeg_stream(i)) for i in missing]
         data = [torch.frombuffer(bytearray(s), dtype=torch.uint8) for _, s in streams if s is not None]
+        if data and self.device.type == "cuda":
+            # nvJPEG's hardware path can write its outputs before work already queued on the caller's stream has
+            # run, into blocks the caching allocator recycled from tensors that work still reads (pytorch/vision
+            # #9606, meta-pytorch/torchcodec #1634): let the queued work finish first
+            torch.cuda.current_stream(self.device).synchronize()
         decoded = iter(self._decode(data, device=self.device) if data else [])
         for i, s in streams:
             self._cache[i] = None if s is None else next(decoded).permute(1, 2, 0)  # None: a sparse tile (glass)
