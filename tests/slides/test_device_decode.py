@@ -98,3 +98,34 @@ def test_aperio_svs_on_the_device_path(real_slides, mpp, tile, factor):
         assert dev.on_device and dev.factor == factor
         coords = _coords(*s.dimensions, int(tile * mpp / s.mpp), 30, seed=1, even=False)
         assert np.abs(dev.read_batch(coords).numpy().astype(int) - TileReader(s, tile, mpp).read_batch(coords)).max() <= 2
+
+
+def test_streams_the_device_decoder_refuses_are_read_on_the_cpu(tmp_path, monkeypatch):
+    # at open (the check batch), or half-way through a slide: the CPU reader takes over, same pixels, no error
+    real = dd._decode_jpeg()
+    calls = {"n": 0}
+
+    def refuses_after(n):  # noqa: ANN001, ANN202
+        def decode(data, device):  # noqa: ANN001, ANN202
+            calls["n"] += 1
+            if calls["n"] > n:
+                raise RuntimeError("nvjpegDecodeBatched failed: NVJPEG_STATUS_BAD_JPEG")
+            return real(data, device=device)
+        return lambda: decode
+
+    p = make_slide(tmp_path / "s.tiff", (1536, 1280), mpp=0.5, seed=8)
+    xs, ys = np.meshgrid(np.arange(0, 1536, 128), np.arange(0, 1280, 128))
+    coords = np.stack([xs.ravel(), ys.ravel()], 1)
+    with open_slide(p) as s:
+        want = TileReader(s, 128, 0.5).read_batch(coords)
+        monkeypatch.setattr(dd, "_decode_jpeg", refuses_after(0))
+        dev = DeviceTileReader(s, 128, 0.5, "cpu")
+        assert not dev.on_device
+        np.testing.assert_array_equal(dev.read_batch(coords).numpy(), want)
+        calls["n"] = 0
+        monkeypatch.setattr(dd, "_decode_jpeg", refuses_after(2))  # the check's decode, one batch, then refusals
+        dev = DeviceTileReader(s, 128, 0.5, "cpu")
+        assert dev.on_device
+        got = torch.cat([dev.read_batch(coords[k:k + 24]) for k in range(0, len(coords), 24)])
+        assert not dev.on_device and dev.cpu_tiles > 0
+        np.testing.assert_array_equal(got.numpy(), want)

@@ -57,7 +57,10 @@ class DeviceTileReader:
         self.on_device = self._level is not None and self._level.is_jpeg
         if self.on_device:
             self._decode = _decode_jpeg()
-            self.on_device = self._check()
+            try:
+                self.on_device = self._check()
+            except RuntimeError:  # the device decoder refuses these streams: the CPU reader reads the slide
+                self.on_device = False
 
     @property
     def direct(self) -> bool:
@@ -70,7 +73,7 @@ class DeviceTileReader:
         W, H = self.cpu.slide.dimensions
         n0 = int(self.tile_size * self.cpu.level.level_downsample * self.factor)
         coords = np.array([[W // 2, H // 2], [0, 0], [max(0, W - n0 // 2), max(0, H - n0 // 3)]])
-        mine = self.read_batch(coords).cpu().numpy()
+        mine = self._read_on_device(coords).cpu().numpy()
         ref = self.cpu.read_batch(coords)
         self._cache.clear()
         self.decoded = self.cpu_tiles = 0
@@ -148,11 +151,18 @@ class DeviceTileReader:
     def read_batch(self, coords: np.ndarray) -> torch.Tensor:
         """Tiles of ``coords`` [N, 2] (level-0 px), in order: uint8 ``[N, T, T, 3]`` on the device."""
         coords = np.asarray(coords).reshape(-1, 2)
+        if self.on_device:
+            try:
+                return self._read_on_device(coords)
+            except RuntimeError:  # a stream the device decoder refuses (nvJPEG's errors are RuntimeErrors)
+                self.on_device = False  # the rest of the slide, and this batch, through the CPU reader
+                self._cache.clear()
+        self.cpu_tiles += len(coords)
+        px = torch.from_numpy(self.cpu.read_batch(coords))
+        return px.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else px
+
+    def _read_on_device(self, coords: np.ndarray) -> torch.Tensor:
         ts = self.tile_size
-        if not self.on_device:
-            self.cpu_tiles += len(coords)
-            px = torch.from_numpy(self.cpu.read_batch(coords))
-            return px.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else px
         ds = self.cpu.level.level_downsample
         whole, shifted = [], []  # (position, level corner); positions read by the CPU reader
         for k, (x, y) in enumerate(coords.tolist()):
