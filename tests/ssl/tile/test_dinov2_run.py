@@ -129,9 +129,13 @@ def test_bad_sizes_are_refused_before_anything_is_written(tiles, tmp_path):
     assert not any((tmp_path / d / "checkpoint").exists() for d in "abc")
 
 
-def test_a_folder_of_one_tile_trains(tmp_path):
-    one = _tiles(tmp_path / "one", 1, 64)
-    s = pretrain(_cfg(one, tmp_path / "run", steps=2))
+def test_a_folder_of_one_tile_is_refused_and_two_train(tmp_path):
+    # one tile: a one-line error before the run folder is made (every method learns across different tiles);
+    # two, fewer than a batch: it trains (with a warning, tests/ssl/tile/test_train.py)
+    with pytest.raises(GigaslideError, match="holds 1 tile"):
+        pretrain(_cfg(_tiles(tmp_path / "one", 1, 64), tmp_path / "run1", steps=2))
+    assert not (tmp_path / "run1").exists()
+    s = pretrain(_cfg(_tiles(tmp_path / "two", 2, 64), tmp_path / "run2", steps=2))
     assert s["steps"] == 2 and np.isfinite(s["final_loss"])
 
 

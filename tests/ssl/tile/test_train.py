@@ -287,6 +287,18 @@ def test_bad_options(tiles, tmp_path):
     assert not (tmp_path / "d").exists()  # refused before the run folder is made
 
 
+def test_a_folder_of_one_tile_is_refused_and_fewer_than_a_batch_warned(tmp_path, caplog):
+    one = make_tile_folder(tmp_path / "one", size=40, flat=1)
+    with pytest.raises(GigaslideError, match="holds 1 tile: self-supervised pre-training learns from many"):
+        pretrain(_cfg(one, tmp_path / "r1"))
+    assert not (tmp_path / "r1").exists()  # refused before the run folder is made
+    three = make_tile_folder(tmp_path / "three", size=40, flat=3)
+    with caplog.at_level("WARNING", logger="gigaslide.ssl.tile"):
+        s = pretrain(_cfg(three, tmp_path / "r3", steps=1))  # batch 4 > 3 tiles: runs, and says why it is poor
+    assert s["steps"] == 1
+    assert any("fewer than one batch (4)" in r.getMessage() for r in caplog.records)
+
+
 # Lightning's own pytree deprecation, not ours
 @pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning")
 def test_lightning_engine_runs_and_the_native_engine_resumes_it(tiles, tmp_path):

@@ -42,6 +42,20 @@ RUN_KIND = "tile_ssl"
 MONITOR_POINTS = 8  # default monitor points per run
 
 
+def check_tile_count(n: int, batch_size: int, data: str | os.PathLike) -> None:
+    """Refuse fewer than two tiles (every method learns by telling tiles apart, or at least two views of different
+    tiles); warn below one batch, where every batch repeats tiles (contrastive negatives include the positive's
+    copies)."""
+    if n < 2:
+        raise GigaslideError(f"--data holds {n} tile{'s' if n != 1 else ''}: self-supervised pre-training learns "
+                             "from many different tiles", path=data,
+                             fix=f"pass a folder of many tiles (at least one batch, {batch_size}) or of slides")
+    if n < batch_size:
+        log.warning("--data holds %d tiles, fewer than one batch (%d): every batch repeats tiles, and contrastive "
+                    "methods then take copies of a tile as its negatives; use more tiles or a smaller --batch-size",
+                    n, batch_size)
+
+
 @dataclass
 class Session:
     cfg: PretrainConfig  # resolved
@@ -179,6 +193,7 @@ def open_session(cfg: PretrainConfig, *, write: bool = True, device: torch.devic
     if cfg.workers is None:
         cfg = dataclasses.replace(cfg, workers=loader_workers(device))
     source = build_source(cfg.data, cfg.mpp, cfg.tile_size, cfg.min_tissue, cfg.data_kind)
+    check_tile_count(len(source), cfg.batch_size, cfg.data)
     has_ckpt = runs.read_checkpoint_record(cfg.out) is not None if os.path.isdir(cfg.out) else False
     model, spec, init_source = build_model(cfg, load=not has_ckpt)  # --init is checked before the folder is touched
     patch = trunk_patch_size(model)
