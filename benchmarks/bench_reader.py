@@ -100,11 +100,8 @@ def touched_tiles(reader: TileReader, coords: np.ndarray) -> list[int]:
     for x, y in np.asarray(coords).tolist():
         (ix, wx), (iy, wy) = split_offset(x / ds), split_offset(y / ds)
         extra = 1 if wx or wy else 0  # a sub-pixel offset reads one more row and column
-        x0, y0 = max(ix, 0), max(iy, 0)
-        x1, y1 = min(ix + n + extra, t.width), min(iy + n + extra, t.height)
-        for ty in range(y0 // t.tile_h, (y1 - 1) // t.tile_h + 1 if y1 > y0 else 0):
-            for tx in range(x0 // t.tile_w, (x1 - 1) // t.tile_w + 1 if x1 > x0 else 0):
-                seen[ty * t.tiles_across + tx] = None
+        for index, _, _ in t.tiles_under(ix, iy, ix + n + extra, iy + n + extra):
+            seen[index] = None
     return list(seen)
 
 

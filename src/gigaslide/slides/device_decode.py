@@ -115,18 +115,14 @@ class DeviceTileReader:
         if ch * cw * 3 > MAX_CANVAS_BYTES and len(corners) > 1:  # tiles far apart: two smaller canvases
             h = len(corners) // 2
             return torch.cat([self._gather(corners[:h]), self._gather(corners[h:])])
-        need = sorted({ty * lv.tiles_across + tx for x, y in inside
-                       for ty in range(max(y, 0) // lv.tile_h, (min(y + n, lv.height) - 1) // lv.tile_h + 1)
-                       for tx in range(max(x, 0) // lv.tile_w, (min(x + n, lv.width) - 1) // lv.tile_w + 1)})
-        self._stored(need)
+        need = sorted({t for x, y in inside for t in lv.tiles_under(x, y, x + n, y + n)})  # (index, x, y)
+        self._stored([i for i, _, _ in need])
         canvas = torch.full((ch, cw, 3), 255, dtype=torch.uint8, device=self.device)
         ox, oy = tx0 * lv.tile_w - n, ty0 * lv.tile_h - n  # level coordinate of the canvas' corner
-        for i in need:
+        for i, bx, by in need:
             t = self._cache[i]
             if t is None:
                 continue
-            ty, tx = divmod(i, lv.tiles_across)
-            bx, by = tx * lv.tile_w, ty * lv.tile_h
             w, h = min(lv.tile_w, lv.width - bx), min(lv.tile_h, lv.height - by)  # edge tiles are padded: clip
             canvas[by - oy:by - oy + h, bx - ox:bx - ox + w] = t[:h, :w]
         inside_set = set(inside)

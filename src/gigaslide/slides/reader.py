@@ -95,8 +95,7 @@ class TileReader:
         x, y = W // 2 + 1, H // 2 + 1  # odd: a sub-pixel offset on levels with non-integer downsamples
         mine = self._read_direct(x, y, size)
         ref = self.slide.read_region((x, y), (size, size), self.mpp, level=self.level, tolerance=self.tolerance)
-        self._tiff._cache.clear()  # noqa: SLF001 - the check must not count as a decode of the pass
-        self._tiff.decoded = 0
+        self._tiff.forget()  # the check must not count as a decode of the pass
         return mine is not None and int(np.abs(mine.astype(np.int16) - ref).max()) <= CHECK_MAX_DIFF
 
     def _check_dct(self) -> bool:
@@ -112,8 +111,7 @@ class TileReader:
         except Exception:  # noqa: BLE001 - a tile the scaled decoder cannot read: box averages, as by default
             return False
         finally:
-            t._cache.clear()  # noqa: SLF001
-            t.decoded = 0
+            t.forget()
         return float(np.abs(dct.astype(np.int16) - box).mean()) <= DCT_CHECK_MEAN_DIFF
 
     def _read_direct(self, x: int, y: int, size: int, out: np.ndarray | None = None) -> np.ndarray | None:

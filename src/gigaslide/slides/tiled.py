@@ -57,22 +57,41 @@ class TiffLevel:
         if t is not None:
             self._cache.move_to_end(key)
             return t
-        n = int(self._counts[index])
-        if n == 0:  # a sparse (never written) tile
+        if int(self._counts[index]) == 0:  # a sparse (never written) tile
             t = None
         elif k > 1:
             t = jpeg_decode_scaled(self.jpeg_stream(index), k, (self.tile_h // k, self.tile_w // k))
             self.decoded += 1
         else:
-            fh = self._tif.filehandle
-            fh.seek(int(self._offsets[index]))
-            seg, _, _ = self._decode(fh.read(n), index, jpegtables=self._tables)
+            seg, _, _ = self._decode(self._raw(index), index, jpegtables=self._tables)
             t = np.asarray(seg[0, ..., :3])
             self.decoded += 1
         self._cache[key] = t
         if len(self._cache) > self.cache_tiles:
             self._cache.popitem(last=False)
         return t
+
+    def _raw(self, index: int) -> bytes:
+        """The stored bytes of tile ``index``."""
+        fh = self._tif.filehandle
+        fh.seek(int(self._offsets[index]))
+        return fh.read(int(self._counts[index]))
+
+    def forget(self) -> None:
+        """Drop the decoded tiles and the count of decodes (a check read at open is not part of the pass)."""
+        self._cache.clear()
+        self.decoded = 0
+
+    def tiles_under(self, x0: int, y0: int, x1: int, y1: int, k: int = 1) -> list[tuple[int, int, int]]:
+        """``(index, x, y)`` of the stored tiles that pixels ``[x0, x1) x [y0, y1)`` of the level at 1/``k`` lie in
+        (the box clipped to the level; its tiles' corners in that grid), row by row."""
+        tw, th = self.tile_w // k, self.tile_h // k
+        x0, y0 = max(x0, 0), max(y0, 0)
+        x1, y1 = min(x1, -(-self.width // k)), min(y1, -(-self.height // k))
+        if x0 >= x1 or y0 >= y1:
+            return []
+        return [(ty * self.tiles_across + tx, tx * tw, ty * th)
+                for ty in range(y0 // th, (y1 - 1) // th + 1) for tx in range(x0 // tw, (x1 - 1) // tw + 1)]
 
     def can_scale(self, k: int) -> bool:
         """Whether stored tiles can be decoded at 1/``k`` by DCT scaling (JPEG tiles whose sides ``k`` divides)."""
@@ -93,12 +112,9 @@ class TiffLevel:
         """
         if not self.is_jpeg:
             raise ValueError(f"stored tiles are not JPEG (TIFF compression {int(self.page.compression)})")
-        n = int(self._counts[index])
-        if n == 0:
+        if int(self._counts[index]) == 0:
             return None
-        fh = self._tif.filehandle
-        fh.seek(int(self._offsets[index]))
-        raw = fh.read(n)
+        raw = self._raw(index)
         if raw[:2] != _SOI:
             raise ValueError(f"stored tile {index} does not start with a JPEG SOI marker")
         tables = self._tables[2:-2] if self._tables and self._tables[-2:] == _EOI else b""
@@ -112,24 +128,19 @@ class TiffLevel:
         at 1/k by the JPEG decoder (its DCT scaling: not a box average, see :func:`jpeg_decode_scaled`)."""
         x, y = int(x), int(y)
         tw, th = self.tile_w // k, self.tile_h // k
-        width, height = -(-self.width // k), -(-self.height // k)
-        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, -(-self.width // k)), min(y + h, -(-self.height // k))
         if out is None:
             out = np.empty((h, w, 3), np.uint8)
         if (x0, y0, x1, y1) != (x, y, x + w, y + h):
             out[:] = 255
-        if x0 >= x1 or y0 >= y1:
-            return out
-        for ty in range(y0 // th, (y1 - 1) // th + 1):
-            for tx in range(x0 // tw, (x1 - 1) // tw + 1):
-                t = self._tile(ty * self.tiles_across + tx, k)
-                bx, by = tx * tw, ty * th
-                sx0, sy0 = max(x0, bx), max(y0, by)
-                sx1, sy1 = min(x1, bx + tw), min(y1, by + th)
-                if t is None:  # a sparse tile: glass
-                    out[sy0 - y:sy1 - y, sx0 - x:sx1 - x] = 255
-                else:
-                    out[sy0 - y:sy1 - y, sx0 - x:sx1 - x] = t[sy0 - by:sy1 - by, sx0 - bx:sx1 - bx]
+        for index, bx, by in self.tiles_under(x0, y0, x1, y1, k):
+            t = self._tile(index, k)
+            sx0, sy0 = max(x0, bx), max(y0, by)
+            sx1, sy1 = min(x1, bx + tw), min(y1, by + th)
+            if t is None:  # a sparse tile: glass
+                out[sy0 - y:sy1 - y, sx0 - x:sx1 - x] = 255
+            else:
+                out[sy0 - y:sy1 - y, sx0 - x:sx1 - x] = t[sy0 - by:sy1 - by, sx0 - bx:sx1 - bx]
         return out
 
     def close(self) -> None:
