@@ -29,6 +29,26 @@ def test_auc_ties_and_vector_input():
     assert np.isnan(m.auc(np.zeros(4, int), np.full(4, 0.3)))
 
 
+def test_macro_f1_counts_a_class_predicted_but_absent_from_y():
+    y = np.array([0, 0, 1, 1])
+    p = np.eye(3)[[0, 2, 1, 1]]  # one tile of class 0 predicted as class 2, which y lacks
+    assert m.macro_f1(y, p) == pytest.approx(f1_score(y, p.argmax(1), average="macro"))  # 5/9, not 5/6
+    assert m.macro_f1(y, p) == pytest.approx((2 / 3 + 1 + 0) / 3)
+
+
+def test_multiclass_auc_keeps_tied_scores_tied():
+    # 20-NN vote fractions: rows sum to 1 up to float rounding, many scores tied
+    r = np.random.default_rng(1)
+    worst = 0.0
+    for c in (3, 5, 8):
+        y = r.integers(0, c, 400)
+        votes = np.stack([np.bincount(np.where(r.random(20) < 0.4, t, r.integers(0, c, 20)), minlength=c) for t in y])
+        p = votes / 20.0
+        ref = np.mean([roc_auc_score(y == k, p[:, k]) for k in range(c)])  # macro OvR on the columns as given
+        worst = max(worst, abs(m.auc(y, p) - ref))
+    assert worst < 1e-12
+
+
 def test_bootstrap_ci_contains_value_and_is_deterministic():
     y, p = _data(2, 400)
     s1 = m.summarize(y, p, n_bootstrap=300, seed=1)

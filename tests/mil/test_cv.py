@@ -98,7 +98,11 @@ def test_few_shot_repeats(tmp_path):
     assert res["n_repeats"] == 2 and res["n_slides"] == 24
     sp = json.loads((tmp_path / "fs" / "splits.json").read_text())["per_fold"]
     assert set(sp) == {"fold0", "fold0_r1", "fold1", "fold1_r1"}
-    assert all(len(f["train"]) + len(f["val"]) == 6 for f in sp.values())
+    # every draw trains on exactly its 6 slides (none carved off for validation), to the last epoch
+    assert all(len(f["train"]) == 6 and f["val"] == [] for f in sp.values())
+    for name in sp:
+        hist = json.loads((tmp_path / "fs" / name / "history.json").read_text())
+        assert hist["best_epoch"] == hist["epochs_run"] - 1 == FAST["epochs"] - 1
 
 
 def test_missing_and_unknown_slides(tmp_path, capsys):

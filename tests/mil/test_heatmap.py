@@ -80,6 +80,18 @@ def test_heatmap_refuses_other_encoder(mosaic_and_model):
         heatmap(out / "slides" / "mosaic_0000.tiff", tmp / "dim.h5", tmp / "run" / "fold0", tmp / "x.png")
 
 
+def test_heatmap_refuses_another_slides_features(mosaic_and_model, cli, capsys):
+    tmp, out, _ = mosaic_and_model
+    with pytest.raises(GigaslideError, match="features of slide mosaic_0004 .*not of mosaic_0001.tiff"):
+        heatmap(out / "slides" / "mosaic_0001.tiff", tmp / "feats" / "mosaic_0004.h5", tmp / "run" / "fold0",
+                tmp / "w.png")
+    assert not (tmp / "w.png").exists()
+    rc = cli(["heatmap", str(out / "slides" / "mosaic_0001.tiff"), "--features", str(tmp / "feats" / "mosaic_0004.h5"),
+              "--model", str(tmp / "run" / "fold0"), "--out", str(tmp / "w.png")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "mosaic_0004.h5" in err and "Traceback" not in err
+
+
 def test_localisation_auc_golden():
     gt = np.array([[0, 0, 10, 1], [10, 0, 10, 0], [20, 0, 10, 0]])
     coords = gt[:, :2]

@@ -21,7 +21,8 @@ def train_mil(features: str, labels: str, out: str, model: str = "abmil", folds:
         out: run directory (models, splits, predictions, evaluation); an interrupted run resumes
         model: one of mean, max, abmil, clam_sb, clam_mb, transmil
         folds: number of cross-validation folds
-        train_slides: few-shot: train on this many slides drawn from each training fold (None = all)
+        train_slides: few-shot: train on this many slides drawn from each training fold (None = all), all of them for
+            --epochs (no validation split: the last epoch is kept)
         repeats: few-shot draws per fold (default: 3 with --train-slides, Giga-SSL protocol; 1 without)
         seed: seed of folds, draws, initialisation
         epochs: maximum epochs per fold

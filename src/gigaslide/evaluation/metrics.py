@@ -12,7 +12,6 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 MetricFn = Callable[[np.ndarray, np.ndarray], float]
 
@@ -47,12 +46,10 @@ def auc(y: np.ndarray, probs: np.ndarray) -> float:
         return float("nan")
     if n_classes == 2:
         return _binary_auc(y == 1, p[:, 1])
-    if len(present) < n_classes:
-        # OvR over the classes present (sklearn refuses missing columns otherwise)
-        scores = [_binary_auc(y == c, p[:, c]) for c in present]
-        return float(np.mean(scores))
-    p = p / np.clip(p.sum(axis=1, keepdims=True), 1e-12, None)
-    return float(roc_auc_score(y, p, multi_class="ovr", average="macro"))
+    # macro one-vs-rest: the mean of each present class's binary AUC on its own column -- sklearn's
+    # roc_auc_score(multi_class="ovr", average="macro") when every class is present, without its renormalising of
+    # the rows (which turns tied scores, e.g. k-NN vote fractions, into near-ties ordered by rounding noise)
+    return float(np.mean([_binary_auc(y == c, p[:, c]) for c in present]))
 
 
 def balanced_accuracy(y: np.ndarray, probs: np.ndarray) -> float:
@@ -66,13 +63,14 @@ def balanced_accuracy(y: np.ndarray, probs: np.ndarray) -> float:
 
 
 def macro_f1(y: np.ndarray, probs: np.ndarray) -> float:
-    """Macro-averaged F1 of the arg-max prediction over the classes present in ``y``."""
+    """Macro-averaged F1 of the arg-max prediction over the classes present in ``y`` or predicted (sklearn's
+    ``f1_score(average="macro")``: a class predicted but absent from ``y`` counts with F1 0)."""
     y = np.asarray(y).astype(int)
     pred = as_probs(probs).argmax(axis=1)
     if len(y) == 0:
         return float("nan")
     f1s = []
-    for c in np.unique(y):
+    for c in np.union1d(y, pred):
         tp = float(np.sum((pred == c) & (y == c)))
         denom = float(np.sum(pred == c) + np.sum(y == c))
         f1s.append(2 * tp / denom if denom else 0.0)

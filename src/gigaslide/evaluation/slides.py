@@ -143,7 +143,11 @@ def read_predictions(source: str | os.PathLike) -> Predictions:
     P = np.asarray(probs)
     if not np.isfinite(P).all():
         raise GigaslideError("predictions contain NaN/inf probabilities", path=source, fix="the model diverged; retrain")
-    P = P / np.clip(P.sum(axis=1, keepdims=True), 1e-12, None)
+    sums = P.sum(axis=1, keepdims=True)
+    # rows that sum to 1 up to the file's rounding are kept as written (renormalising them would turn tied scores
+    # into near-ties ordered by rounding noise); other scores are made rows of probabilities
+    if not np.allclose(sums, 1.0, rtol=0, atol=1e-4):
+        P = P / np.clip(sums, 1e-12, None)
     pred = Predictions(ids, np.asarray(labels), P, np.asarray(folds), np.asarray(reps), str(source))
     key = list(zip(pred.slide_ids, pred.repeats.tolist()))
     if len(set(key)) != len(key):

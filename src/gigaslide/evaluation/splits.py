@@ -164,8 +164,10 @@ def make_folds(labels: np.ndarray, groups: list[str] | np.ndarray | None, n_fold
     smallest = min(per_class_groups.values())
     if smallest < n_folds:
         cls = min(per_class_groups, key=per_class_groups.get)
+        fix = (f"use --folds {smallest} or fewer, or add slides of class {cls}" if smallest >= 2 else
+               f"cross-validation needs at least 2 patients/slides per class: add slides of class {cls}")
         raise GigaslideError(f"class {cls} has only {smallest} patient(s)/slide(s), fewer than --folds {n_folds}",
-                             path=where, fix=f"use --folds {max(2, smallest)} or fewer, or add slides of class {cls}")
+                             path=where, fix=fix)
     sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     folds = [(np.sort(tr), np.sort(te)) for tr, te in sgkf.split(np.zeros(len(y)), y, g)]
     for tr, te in folds:

@@ -66,7 +66,9 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
 
     ``bag_memory_gb``: memory the slides' features may take (:class:`~gigaslide.mil.bags.Bags`; ``auto``: half of
     what is available); bags beyond it are read from their files at every use. It does not change the result.
-    ``fold_seed``: seed of the folds (default ``cfg.seed``); fix it to train several seeds on the same folds."""
+    ``fold_seed``: seed of the folds (default ``cfg.seed``); fix it to train several seeds on the same folds.
+    ``train_slides`` (few-shot): each of ``repeats`` draws of that many slides from a training fold trains a model on
+    exactly those slides for ``cfg.epochs`` epochs, keeping the last (no validation split: it would leave fewer)."""
     cfg = cfg or TrainConfig()
     out_d = atomic.ensure_writable_dir(out)
     atomic.clean_stale_tmp(out_d)
@@ -84,6 +86,8 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
         print(budget_note(bags))
     identity = {"train_config": {k: v for k, v in asdict(cfg).items() if k != "device"}, "folds": folds,
                 "train_slides": train_slides, "repeats": repeats, "val_fraction": val_fraction, "on_missing": on_missing}
+    if train_slides:  # few-shot runs recorded before this rule carved a validation split from the draw
+        identity["few_shot_validation"] = "none"
     if fold_seed != cfg.seed:  # (absent otherwise: runs recorded before fold_seed existed still resume)
         identity["fold_seed"] = fold_seed
     arch = arch_version(cfg.model, cfg.model_kwargs)
@@ -106,7 +110,11 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
                  if train_slides else [tr_all] * repeats)
         for r, tr_pool in enumerate(draws):
             name = _fold_dirname(k, r)
-            tr, va = S.validation_split(tr_pool, t.labels, t.patient_ids, fraction=val_fraction, seed=cfg.seed + r)
+            if train_slides:  # few-shot: the model sees exactly the N drawn slides, trained to the last epoch (a
+                # validation split carved from them would leave fewer, and none where a class has one slide)
+                tr, va = tr_pool, tr_pool[:0]
+            else:
+                tr, va = S.validation_split(tr_pool, t.labels, t.patient_ids, fraction=val_fraction, seed=cfg.seed + r)
             rec["per_fold"][name] = {"train": [ids[i] for i in tr], "val": [ids[i] for i in va],
                                      "test": [ids[i] for i in te]}
             fd = out_d / name

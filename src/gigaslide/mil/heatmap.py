@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from gigaslide import atomic
+from gigaslide.errors import GigaslideError
 from gigaslide.evaluation.metrics import auc, bootstrap_replicates, percentile_ci
 from gigaslide.features.store import FeatureFile
 from gigaslide.mil.mosaic import read_ground_truth, tumor_labels_for_coords
@@ -99,6 +100,11 @@ def heatmap(slide: str | os.PathLike, features: str | os.PathLike, model_dir: st
     scores = res["instance_scores"].float().numpy()
     tile0 = tile_size_of(ff)
     s = open_slide(slide, mpp=slide_mpp)
+    made_from = str(ff.attrs.get("slide_id") or "")  # absent in other tools' files
+    if made_from and made_from != s.id:
+        raise GigaslideError(f"features of slide {made_from} ({ff.attrs.get('slide_path', '?')}), not of "
+                             f"{Path(slide).name}", path=features,
+                             fix="pass the slide with its own features (OUT/features/<slide_id>.h5)")
     thumb, ds = s.thumbnail(thumb_size)
     gt_path = Path(ground_truth) if ground_truth else find_ground_truth(slide)
     out_info: dict[str, Any] = {"slide": str(slide), "probs": probs.tolist(), "n_tiles": len(scores),

@@ -2,7 +2,8 @@
 
 Tile features are z-scored per dimension with the training fold's statistics (stored in the
 model as buffers, so prediction and heatmaps apply the same transform). Bag-at-a-time Adam with
-class-weighted cross-entropy (CLAM models add their instance loss with
+class-weighted cross-entropy (each bag's loss times n / (C · n_class) of the training fold, so every class weighs
+the same in an epoch; CLAM models add their instance loss with
 weight ``1 - bag_weight``); after every epoch the validation split (carved from the training
 fold, never the test fold) is scored and the best epoch by ``monitor`` (validation loss, or AUC
 with loss as tie-break) is kept; training stops after ``patience`` epochs without improvement.
@@ -66,6 +67,8 @@ class Standardized(torch.nn.Module):
         self.register_buffer("std", std.float().reshape(1, -1))
 
     def forward(self, bag: torch.Tensor, label: int | None = None, cells: torch.Tensor | None = None) -> dict[str, Any]:
+        if bag.ndim == 3 and bag.shape[0] == 1:  # [1, N, D], as the models accept it
+            bag = bag[0]
         if bag.ndim == 2 and bag.shape[0] > 0:
             bag = (bag - self.mean) / self.std
         return self.mil(bag, label=label, cells=cells)
@@ -187,7 +190,9 @@ def _train_fold(bags_tr: Sequence[torch.Tensor], y_tr: np.ndarray, bags_va: Sequ
             label = int(y_tr[i])
             with autocast_ctx(device, "bf16" if cfg.bf16 else "auto"):
                 out = model(bag.to(device), label=label, cells=_cells_tensor(cells, device))
-            loss = F.cross_entropy(out["logits"].float()[None], torch.tensor([label], device=device), weight=w)
+            # the class weight multiplies the bag's loss (cross_entropy(weight=) divides a batch of one bag by
+            # that same weight: no effect)
+            loss = w[label] * F.cross_entropy(out["logits"].float()[None], torch.tensor([label], device=device))
             if "instance_loss" in out:
                 loss = cfg.bag_weight * loss + (1 - cfg.bag_weight) * out["instance_loss"].float()
             opt.zero_grad(set_to_none=True)
