@@ -26,7 +26,7 @@ from _common import load_note, run_child_peak_rss, write_result  # noqa: E402
 from gigaslide.devices import PrecisionChoice, autocast_ctx, choose_precision, cpu_has_native_bf16  # noqa: E402
 from gigaslide.encoders import build_encoder  # noqa: E402
 from gigaslide.encoders.inference import for_inference  # noqa: E402
-from gigaslide.features.extract import FOLD_MIN_TILES, encode_slides  # noqa: E402
+from gigaslide.features.extract import encode_slides  # noqa: E402
 from gigaslide.slides import iter_tiles  # noqa: E402
 from gigaslide.testing import make_slide, shared_data_dir  # noqa: E402
 from gigaslide.tiling import TilingParams, tile_slide  # noqa: E402
@@ -195,9 +195,9 @@ def main() -> None:
               "`iter_tiles` over the same tiles alone (slide opening and tile-grid loading included, median of 3); "
               "`inline ceiling` = forward / (forward + read-only): the best ratio reading in the main process can reach, "
               "as nothing overlaps there. The forward-only arm runs the model with its batch norms folded into the "
-              "convolutions (`gigaslide.encoders.inference.for_inference`); `encode` folds them by default only for a "
-              f"run of at least {FOLD_MIN_TILES} tiles (it costs more than it saves on fewer; `default folds BN`), "
-              "so on a smaller run the ratio charges end to end the unfolded model's slower forward pass. "
+              "convolutions (`gigaslide.encoders.inference.for_inference`), as `encode` does by default on every run, "
+              "whatever its size (`default folds BN`: what the run reported), so the ratio compares the same model; "
+              "on a small run end to end also pays the folding itself (tens of ms once per run). "
               "`BN folding` = forward time of the unfolded model / the folded one on the same tiles, back to back in "
               "alternating order (median over pairs); `end to end, BN folding ×` = `encode --fold-bn false` time / "
               "`--fold-bn true` time (the folding itself included), both with the default readers, in the same "

@@ -1,7 +1,9 @@
 """Atomic writes: every artifact is written to a temporary file beside its target, then renamed.
 
 A crash leaves either the old file or the new one, never a half-written one; temporary files
-carry a ``.tmp-`` prefix so a resumed job can recognise and remove them.
+carry a ``.tmp-`` prefix so a resumed job can recognise and remove them. Files get the mode an ordinary
+``open(..., "w")`` gives them (0666 less the umask: ``-rw-r--r--`` under umask 022), not the private 0600 of
+the temporary file they were written as.
 """
 
 from __future__ import annotations
@@ -19,6 +21,36 @@ from typing import Any
 from gigaslide.errors import GigaslideError
 
 TMP_PREFIX = ".tmp-"
+
+
+def _umask_now() -> int | None:
+    """The process's umask as Linux reports it (``/proc/self/status``), without setting it; None elsewhere."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _umask_at_import() -> int:
+    m = _umask_now()
+    if m is None:  # os.umask only reads it by setting it: once, at import, and put back at once
+        m = os.umask(0o022)
+        os.umask(m)
+    return m
+
+
+#: Where the umask cannot be read without setting it (not Linux), the one it had when this module was imported.
+_UMASK = _umask_at_import()
+
+
+def file_mode() -> int:
+    """Mode of a new file: 0666 less the current umask (read at import where it cannot be read without setting it)."""
+    m = _umask_now()
+    return 0o666 & ~(_UMASK if m is None else m)
 
 
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
@@ -62,7 +94,9 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path in the target's directory; rename it onto ``target`` on success.
 
     A storage fault (disk full, quota, read-only, permission, I/O error) while writing becomes one
-    :class:`GigaslideError` line naming ``target``; the temporary file never stays behind."""
+    :class:`GigaslideError` line naming ``target``; the temporary file never stays behind. The temporary file
+    (created 0600 by :func:`tempfile.mkstemp`) gets :func:`file_mode` first, so ``target`` has an ordinary file's
+    mode; writers that truncate it in place (``open(tmp, "w")``, ``h5py.File(tmp, "w")``) keep that mode."""
     target = Path(target)
     ensure_writable_dir(target.parent)
     try:
@@ -75,6 +109,7 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         raise err from None
     tmp_path = Path(tmp)
     try:
+        os.chmod(tmp_path, file_mode())
         yield tmp_path
         os.replace(tmp_path, target)
     except BaseException as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -169,3 +170,45 @@ def test_tissue_annotation_options_are_checked_before_any_slide_is_read(tmp_path
     line = _one_line_error(capsys, "no tissue annotation for slide")
     assert ".geojson" in line
     assert not (tmp_path / "o" / "patches").exists() or not any((tmp_path / "o" / "patches").iterdir())
+
+
+def test_tile_fails_the_second_of_two_slides_with_one_id_and_goes_on(tmp_path, capsys):
+    from gigaslide.tiling import load_grid
+
+    make_slide(tmp_path / "dup" / "a" / "s1.tiff", (1024, 768), seed=1)
+    make_slide(tmp_path / "dup" / "b" / "s1.tiff", (768, 768), seed=2)  # another slide, the same file name
+    make_slide(tmp_path / "dup" / "c" / "s2.tiff", (768, 768), seed=3)
+    out = tmp_path / "o"
+    argv = ["tile", str(tmp_path / "dup"), "--out", str(out), "--mpp", "1.0", "--tile-size", "64", "--workers", "1"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    failed = [ln for ln in captured.err.splitlines() if ln.startswith("failed:")]
+    a, b = tmp_path / "dup" / "a" / "s1.tiff", tmp_path / "dup" / "b" / "s1.tiff"
+    assert failed == [f"failed: {b}: slide id 's1' also used by {a} -- fix: rename one of the slides; "
+                      "ids come from file names"]
+    assert f"tiled 2/3 slides -> {out}" in captured.out
+    assert "1 of 3 slides failed" in captured.err
+    assert load_grid(out / "patches" / "s1.h5").slide_dimensions == (1024, 768)  # the first slide's, untouched
+    assert sorted(p.name for p in (out / "patches").iterdir()) == ["s1.h5", "s2.h5"]
+    slides = json.loads((out / "tile_manifest.json").read_text())["slides"]
+    assert slides["s1"] == {**slides["s1"], "status": "done", "path": str(a)} and slides["s2"]["status"] == "done"
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_a_slide_mpp_that_is_not_positive_gets_a_working_example(value, synthetic_slide, tmp_path, capsys):
+    assert main(["tile", str(synthetic_slide), "--out", str(tmp_path / "o"), "--slide-mpp", value]) == 2
+    line = _one_line_error(capsys, "--slide-mpp", "must be positive")
+    assert line.endswith("fix: use e.g. --slide-mpp 0.25")
+
+
+def test_info_names_no_vendor_the_reader_does_not_know(synthetic_slide, monkeypatch, capsys):
+    import tiffslide
+
+    import gigaslide.slides.slide as slide_mod
+
+    assert main(["info", str(synthetic_slide)]) == 0  # OpenSlide names the format
+    assert "reader      openslide (generic-tiff)" in capsys.readouterr().out.splitlines()
+    monkeypatch.setattr(slide_mod, "open_backend", lambda p: (tiffslide.TiffSlide(str(p)), "tiffslide"))
+    assert main(["info", str(synthetic_slide)]) == 0  # tiffslide has no vendor for a generic TIFF
+    out = capsys.readouterr().out
+    assert "reader      tiffslide" in out.splitlines() and "None" not in out

@@ -13,7 +13,7 @@ from gigaslide.features import store
 from gigaslide.features.extract import encode_slides
 from gigaslide.slides import open_slide
 from gigaslide.testing import make_slide
-from gigaslide.tiling import TilingParams
+from gigaslide.tiling import TilingParams, load_grid, tile_slide
 
 PARAMS = TilingParams(mpp=1.0, tile_size=64, min_tissue=0.5)
 
@@ -231,20 +231,101 @@ def test_a_rerun_skips_untouched_finished_slides_without_reading_their_features(
     assert sorted(third.skipped) == ["a", "b"] and [p.name for p in reads] == ["a.h5"]
 
 
-def test_batch_norms_are_folded_only_for_a_run_long_enough_to_pay_for_it(tmp_path, encoder, two_slides, monkeypatch):
-    from gigaslide.features import extract
-
-    short = encode_slides(two_slides, tmp_path / "short", encoder, PARAMS, workers=0, precision="fp32")
-    assert 0 < short.tiles < extract.FOLD_MIN_TILES and not short.bn_folded
-    forced = encode_slides(two_slides, tmp_path / "forced", encoder, PARAMS, workers=0, precision="fp32", fold_bn=True)
-    assert forced.bn_folded
-    monkeypatch.setattr(extract, "FOLD_MIN_TILES", short.tiles)  # a run of exactly that many tiles folds
-    long = encode_slides(two_slides, tmp_path / "long", encoder, PARAMS, workers=0, precision="fp32")
-    assert long.bn_folded
-    for d, folded in (("short", False), ("forced", True), ("long", True)):
+def test_batch_norms_are_folded_by_default_on_any_run_and_each_file_says_so(tmp_path, encoder, two_slides):
+    default = encode_slides(two_slides[:1], tmp_path / "default", encoder, PARAMS, workers=0, precision="fp32")
+    unfolded = encode_slides(two_slides[:1], tmp_path / "unfolded", encoder, PARAMS, workers=0, precision="fp32",
+                             fold_bn=False)
+    forced = encode_slides(two_slides[:1], tmp_path / "forced", encoder, PARAMS, workers=0, precision="fp32",
+                           fold_bn=True)
+    assert default.tiles == 10 and default.bn_folded and forced.bn_folded and not unfolded.bn_folded  # 10 tiles: folded
+    for d, folded in (("default", True), ("unfolded", False), ("forced", True)):
         assert json.loads((tmp_path / d / "manifest.json").read_text())["config"]["bn_folded"] is folded
+        ff = store.load(tmp_path / d / "features" / "a.h5")
+        assert ff.attrs["bn_folded"] is folded
         # the features agree within float rounding either way
-        np.testing.assert_allclose(store.load(tmp_path / d / "features" / "a.h5").features,
-                                   store.load(tmp_path / "short" / "features" / "a.h5").features, rtol=1e-4, atol=1e-4)
-    monkeypatch.setattr(extract, "FOLD_MIN_TILES", short.tiles + 1)
-    assert not encode_slides(two_slides, tmp_path / "one-less", encoder, PARAMS, workers=0, precision="fp32").bn_folded
+        np.testing.assert_allclose(ff.features, store.load(tmp_path / "unfolded" / "features" / "a.h5").features,
+                                   rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(store.load(tmp_path / "default" / "features" / "a.h5").features,
+                                  store.load(tmp_path / "forced" / "features" / "a.h5").features)
+
+
+def test_a_slide_encoded_again_alone_gets_the_same_bytes_as_in_a_larger_run(tmp_path, encoder, two_slides):
+    """A re-run re-encodes only the slide whose features went missing: its features must not depend on what else the
+    run holds (the old default folded batch norms only in runs of >= 128 tiles: 272 here, then 93)."""
+    params = TilingParams(mpp=1.0, tile_size=16, min_tissue=0.5)
+    first = encode_slides(two_slides, tmp_path, encoder, params, workers=0, precision="fp32")
+    b = tmp_path / "features" / "b.h5"
+    before = store.load(b)
+    assert sorted(first.done) == ["a", "b"] and first.tiles == 272 and len(before) == 93
+    b.unlink()
+    again = encode_slides(two_slides, tmp_path, encoder, params, workers=0, precision="fp32")
+    assert again.done == ["b"] and again.skipped == ["a"] and again.tiles == 93
+    after = store.load(b)
+    assert after.features.tobytes() == before.features.tobytes()
+    assert after.attrs["bn_folded"] is True and before.attrs["bn_folded"] is True
+
+
+def test_a_corrected_slide_mpp_tiles_and_encodes_the_slide_again(tmp_path, encoder, synthetic_slide):
+    def run(slide_mpp):  # noqa: ANN001, ANN202
+        return encode_slides([synthetic_slide], tmp_path, encoder, PARAMS, workers=0, precision="fp32",
+                             slide_mpp=slide_mpp)
+
+    assert run(0.5).done == ["synth"]
+    f = tmp_path / "features" / "synth.h5"
+    assert store.load(f).attrs["slide_mpp"] == 0.5 and store.load(f).coords_attrs["patch_size_level0"] == 128
+    res = run(0.25)  # the scan was at 0.25 µm/px after all: 1 µm/px tiles span twice the level-0 pixels
+    assert res.done == ["synth"] and res.skipped == []
+    ff = store.load(f)
+    assert ff.attrs["slide_mpp"] == 0.25 and ff.coords_attrs["level0_mpp"] == 0.25
+    assert ff.coords_attrs["patch_size_level0"] == 256
+    grid = load_grid(tmp_path / "patches" / "synth.h5")
+    assert grid.slide_mpp == 0.25 and grid.tile_size_level0 == 256 and len(grid) == len(ff)
+    assert run(0.25).skipped == ["synth"]  # nothing changed: finished
+    table = tmp_path / "mpp.csv"  # per slide, from a table: the slide's own row counts
+    table.write_text("slide_id,mpp\nother,0.25\nsynth,0.5\n")
+    assert run(str(table)).done == ["synth"] and store.load(f).attrs["slide_mpp"] == 0.5
+    assert run(str(table)).skipped == ["synth"]
+    assert run(None).skipped == ["synth"]  # the file's own 0.5 µm/px: the same scan
+
+
+def test_a_slide_replaced_by_another_scan_under_its_name_is_tiled_and_encoded_again(tmp_path, encoder):
+    src = make_slide(tmp_path / "s" / "a.tiff", (1024, 768), seed=1)
+    assert encode_slides([src], tmp_path / "o", encoder, PARAMS, workers=0, precision="fp32").done == ["a"]
+    make_slide(src, (768, 768), seed=2)  # another scan, same file name and resolution
+    res = encode_slides([src], tmp_path / "o", encoder, PARAMS, workers=0, precision="fp32")
+    assert res.done == ["a"] and res.skipped == []
+    ff = store.load(tmp_path / "o" / "features" / "a.h5")
+    assert ff.coords_attrs["level_dim"] == [768, 768]
+    assert load_grid(tmp_path / "o" / "patches" / "a.h5").slide_dimensions == (768, 768)
+    with open_slide(src) as s:  # the features are the new scan's
+        tile = s.read_region(tuple(ff.coords[0]), (64, 64), 1.0)
+    with torch.no_grad():
+        np.testing.assert_allclose(ff.features[0], encoder(torch.from_numpy(tile[None].copy())).numpy()[0],
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_feature_files_without_the_newer_attributes_still_count_as_finished(tmp_path, encoder, two_slides):
+    import h5py
+
+    encode_slides(two_slides[:1], tmp_path, encoder, PARAMS, workers=0, precision="fp32")
+    f = tmp_path / "features" / "a.h5"
+    with h5py.File(f, "r+") as h:  # as an older gigaslide wrote them
+        del h.attrs["bn_folded"]
+        del h["coords"].attrs["level_dim"]
+        h.attrs["slide_path"] = "elsewhere/a.tiff"
+    res = encode_slides(two_slides[:1], tmp_path, encoder, PARAMS, workers=0, precision="fp32")
+    assert res.skipped == ["a"] and res.done == []
+
+
+def test_features_record_the_absolute_path_of_the_slide_they_were_read_from(tmp_path, encoder, monkeypatch):
+    import os
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    make_slide(tmp_path / "old" / "m.tiff", (1024, 768), seed=1)
+    tile_slide("old/m.tiff", "out", PARAMS)  # tiled first; then the slides move
+    shutil.move("old", "new")
+    res = encode_slides(["new/m.tiff"], "out", encoder, PARAMS, workers=0, precision="fp32")
+    assert res.done == ["m"]
+    assert store.load("out/features/m.h5").attrs["slide_path"] == os.path.join(str(tmp_path), "new", "m.tiff")
+    assert encode_slides(["new/m.tiff"], "out", encoder, PARAMS, workers=0, precision="fp32").skipped == ["m"]

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from gigaslide.errors import GigaslideError
-from gigaslide.slides import find_slides, load_mpp_table, mpp_from_properties, open_slide
+from gigaslide.slides import find_slides, load_mpp_table, mpp_from_properties, open_slide, slide_id_from_path
 from gigaslide.testing import make_slide
 
 
@@ -51,6 +53,39 @@ def test_mpp_override_number_and_csv(tmp_path, synthetic_slide):
     bad.write_text("slide_id,mpp\nx,abc\n")
     with pytest.raises(GigaslideError, match="not a positive number"):
         load_mpp_table(bad)
+
+
+def test_mpp_table_saved_by_excel_with_a_byte_order_mark_is_read(tmp_path, synthetic_slide):
+    csv = tmp_path / "mpp.csv"
+    csv.write_bytes("slide_id,mpp\r\nsynth,0.25\r\n".encode("utf-8-sig"))  # Excel's "CSV UTF-8"
+    assert load_mpp_table(csv) == {"synth": 0.25}
+    with open_slide(synthetic_slide, mpp=str(csv)) as s:
+        assert s.mpp == 0.25 and s.mpp_info.source == "override"
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("slide_id,mpp\nl\xe9sion,0.25\n".encode("latin-1"))
+    with pytest.raises(GigaslideError, match="not UTF-8") as e:
+        load_mpp_table(latin)
+    assert "latin.csv" in str(e.value) and "\n" not in e.value.one_line()
+
+
+@pytest.mark.parametrize("column", ["path", "filename"])
+def test_mpp_table_file_names_give_the_slide_ids_slides_get(tmp_path, column):
+    csv = tmp_path / "mpp.csv"
+    csv.write_text(f"{column},mpp\n/data/x.ome.tif,0.25\ny.ome.tiff,0.5\nz.svs,0.3\nw.tiff,0.4\n")
+    assert load_mpp_table(csv) == {"x": 0.25, "y": 0.5, "z": 0.3, "w": 0.4}
+    assert slide_id_from_path(Path("/data/x.ome.tif")) == "x"
+
+
+def test_metadata_a_reader_has_no_value_for_is_left_out(synthetic_slide, monkeypatch):
+    import tiffslide
+
+    import gigaslide.slides.slide as slide_mod
+
+    monkeypatch.setattr(slide_mod, "open_backend", lambda p: (tiffslide.TiffSlide(str(p)), "tiffslide"))
+    with open_slide(synthetic_slide) as s:
+        assert s.backend == "tiffslide" and s._handle.properties["tiffslide.vendor"] is None
+        assert "None" not in s.properties.values() and "tiffslide.vendor" not in s.properties
+        assert s.vendor == "tiffslide" and s.info()["vendor"] == "tiffslide"
 
 
 def test_mpp_from_tiff_tags_ignores_72_dpi():

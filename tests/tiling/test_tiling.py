@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from gigaslide.errors import GigaslideError
 from gigaslide.slides import open_slide
 from gigaslide.testing import make_slide
-from gigaslide.tiling import (TilingParams, TissueMask, grid_positions, load_grid, make_grid, mask_to_geojson,
+from gigaslide.tiling import (Scan, TilingParams, TissueMask, grid_positions, load_grid, make_grid, mask_to_geojson,
                               segment_array, segment_tissue, tile_slide)
 
 
@@ -121,6 +121,41 @@ def test_tile_slide_writes_artifacts_and_reuses(tmp_path, synthetic_slide):
     mtime = (tmp_path / "patches" / "synth.h5").stat().st_mtime_ns
     tile_slide(synthetic_slide, tmp_path, params)
     assert (tmp_path / "patches" / "synth.h5").stat().st_mtime_ns == mtime  # reused, not rewritten
+
+
+def test_tile_slide_tiles_again_for_a_corrected_slide_mpp(tmp_path, synthetic_slide):
+    params = TilingParams(mpp=1.0, tile_size=64, min_tissue=0.5)
+    coarse = tile_slide(synthetic_slide, tmp_path, params, slide_mpp=0.5, overlays=False)
+    assert coarse.slide_mpp == 0.5 and coarse.tile_size_level0 == 128
+    fine = tile_slide(synthetic_slide, tmp_path, params, slide_mpp=0.25, overlays=False)
+    assert fine.slide_mpp == 0.25 and fine.tile_size_level0 == 256
+    back = load_grid(tmp_path / "patches" / "synth.h5")
+    assert back.slide_mpp == 0.25 and back.tile_size_level0 == 256 and back.coords.tolist() == fine.coords.tolist()
+    mtime = (tmp_path / "patches" / "synth.h5").stat().st_mtime_ns
+    tile_slide(synthetic_slide, tmp_path, params, slide_mpp=0.25, overlays=False)
+    assert (tmp_path / "patches" / "synth.h5").stat().st_mtime_ns == mtime  # the same scan: reused
+    assert tile_slide(synthetic_slide, tmp_path, params, overlays=False).slide_mpp == 0.5  # the file's own mpp again
+
+
+def test_tile_slide_tiles_again_when_another_scan_has_taken_the_file_name(tmp_path):
+    src = make_slide(tmp_path / "s" / "a.tiff", (1024, 768), seed=1)
+    params = TilingParams(mpp=1.0, tile_size=32, min_tissue=0.5)
+    assert tile_slide(src, tmp_path / "o", params, overlays=False).slide_dimensions == (1024, 768)
+    make_slide(src, (768, 768), seed=2)  # same name, same resolution, another slide
+    g = tile_slide(src, tmp_path / "o", params, overlays=False)
+    assert g.slide_dimensions == (768, 768)
+    assert load_grid(tmp_path / "o" / "patches" / "a.h5").slide_dimensions == (768, 768)
+    with open_slide(src) as s:  # the new scan's grid
+        assert g.coords.tolist() == make_grid(s, segment_tissue(s)[0], target_mpp=1.0, tile_size=32,
+                                              min_tissue=0.5).coords.tolist()
+
+
+def test_scan_compares_what_a_grid_or_feature_file_recorded():
+    scan = Scan(0.25, (1000, 800))
+    assert scan.made(0.25, [1000, 800]) and scan.made(0.25, None) and scan.made(None, None)  # absent: not compared
+    assert not scan.made(0.5, [1000, 800]) and not scan.made(0.25, [800, 1000])
+    assert not Scan(None, (1000, 800)).made(0.25, [1000, 800])  # no resolution now: never the same scan
+    assert not scan.made("n/a", [1000, 800]) and not scan.made(0.25, 7)  # another tool's odd attributes
 
 
 def test_blank_slide_tiling_refused(tmp_path):

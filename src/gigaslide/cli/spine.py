@@ -29,7 +29,8 @@ def info(slide: str, slide_mpp: float | str | None = None, json_out: bool = Fals
         print(json.dumps(d, indent=2))
         return
     print(f"slide       {d['path']}")
-    print(f"reader      {d['backend']} ({d['vendor']})")
+    vendor = d["vendor"] if d["vendor"] and d["vendor"] != d["backend"] else None  # no vendor: the reader's own name
+    print(f"reader      {d['backend']}" + (f" ({vendor})" if vendor else ""))
     mpp = "unknown (give --slide-mpp)" if d["mpp"] is None else f"{d['mpp'][0]:.4f} x {d['mpp'][1]:.4f} µm/px (from {d['mpp_source']})"
     print(f"mpp         {mpp}")
     if d["objective_power"]:
@@ -45,7 +46,9 @@ def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, ov
          tissue_from: str | None = None, tissue_classes: str | None = None, tissue_detect: bool = False) -> None:
     """Segment tissue and tile slides at a physical resolution; writes coords (level-0 px), overlays, GeoJSON.
 
-    Several slides are tiled at once, one per CPU core (each slide's files are written atomically).
+    Several slides are tiled at once, one per CPU core (each slide's files are written atomically). A re-run
+    reuses a slide's coords made at the same settings from the same scan (level-0 mpp and size); a second slide
+    with an id already taken (the same file name in another folder) fails, and the others go on.
     With --tissue-from the tissue is read from annotations (e.g. drawn in QuPath) instead of detected.
 
     Example:
@@ -83,17 +86,31 @@ def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, ov
     outp = atomic.ensure_writable_dir(out)
     params = tiling_params(mpp, tile_size, overlap, min_tissue, background, tissue_from, tissue_classes, tissue_detect)
     man = Manifest(outp / "tile_manifest.json", {"command": "tile", **params.as_dict()})
-    failures: dict[str, str] = {}
+    failures: dict[str, str] = {}  # by slide file: two files with one id fail apart
+
+    def failed(f: Path, err: str) -> None:
+        failures[str(f)] = err
+        man.set(slide_id_from_path(Path(f)), "failed", path=str(f), error=err)
+        print(f"failed: {err}", file=sys.stderr)
+
     try:
-        n_workers = tiling_workers(len(files)) if workers is None else workers
-        for f, g, err in tile_many(files, str, outp, params, slide_mpp=slide_mpp, workers=n_workers):
+        seen: dict[str, Path] = {}
+        todo = []
+        for f in files:  # one coords file per slide id: a second slide with the id would overwrite the first's
+            sid = slide_id_from_path(Path(f))
+            if sid in seen:
+                failed(f, GigaslideError(f"slide id '{sid}' also used by {seen[sid]}", path=f,
+                                         fix="rename one of the slides; ids come from file names").one_line())
+                continue
+            seen[sid] = f
+            todo.append(f)
+        n_workers = tiling_workers(len(todo)) if workers is None else workers
+        for f, g, err in tile_many(todo, str, outp, params, slide_mpp=slide_mpp, workers=n_workers):
             if err is None:
                 man.set(g.slide_id, "done", path=str(f), tiles=len(g))
                 print(f"{g.slide_id}: {len(g)} tiles" + (f" ({g.extra['stain']})" if g.extra.get("stain_warning") else ""))
             else:
-                failures[slide_id_from_path(Path(f))] = err
-                man.set(slide_id_from_path(Path(f)), "failed", path=str(f), error=err)
-                print(f"failed: {err}", file=sys.stderr)
+                failed(f, err)
     finally:
         man.flush()
     print(f"tiled {len(files) - len(failures)}/{len(files)} slides -> {outp}")
@@ -154,7 +171,9 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
 
     Output: OUT/features/<slide>.h5 (features [N,D], coords [N,2] level-0 px, provenance attrs),
     OUT/patches/, OUT/tissue/, OUT/grid/ and OUT/manifest.json (status, error and timing per slide).
-    A re-run skips finished slides; a broken slide is reported and the others go on. Several runs (or
+    A re-run skips finished slides (a slide whose scan changed -- a corrected --slide-mpp, another file under its
+    name: level-0 mpp or size differ -- is tiled and encoded again); a broken slide is reported and the others go
+    on. Several runs (or
     `torchrun --nproc-per-node N -m gigaslide encode ...`, or SLURM tasks) may share one OUT: slides are
     locked one by one (OUT/locks/), split longest first, and a dead run's slides are taken over.
 
@@ -178,8 +197,9 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
         tile_workers: processes tiling slides that have no tile grid yet (default: the cores, one slide each; half of them when tiling ahead)
         tile_ahead: tile while earlier slides are encoded (default: on CUDA with one rank; else all slides first)
         fold_bn: run the encoder with its batch norms folded into the convolutions before them (faster per tile;
-            the same features within float rounding); default: when the run has at least 128 tiles (folding costs
-            ~70 ms once); --fold-bn true / false forces it
+            the same features within float rounding); default: folded on every run (costs tens of ms once), so a
+            slide's features do not depend on what else the run holds; --fold-bn false runs them unfolded. Each
+            feature file records it (bn_folded)
         tissue_from: folder of tissue annotations, one <slide_id>.geojson per slide (see `gigaslide tile --help`)
         tissue_classes: with --tissue-from, only polygons of these classes count as tissue, comma-separated
             (e.g. Tumor,Stroma; default: all)

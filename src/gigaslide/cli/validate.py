@@ -42,7 +42,7 @@ CHOICES: dict[str, tuple[str, ...]] = {"background": ("auto", "bright", "dark")}
 MAX_INT = 2**31 - 1
 #: An example value for the fix line when the option's default cannot serve as one.
 EXAMPLES = {"batch_size": 64, "tile_size": 224, "epochs": 10, "steps": 100, "folds": 5, "mpp": 0.5, "lr": 0.001,
-            "threads": 2, "workers": 1, "seed": 0}
+            "threads": 2, "workers": 1, "seed": 0, "slide_mpp": 0.25}
 
 
 def _flag(name: str) -> str:

@@ -44,7 +44,7 @@ from gigaslide.locks import ItemLock
 from gigaslide.slides import slide_id_from_path
 from gigaslide.slides.pool import ReaderPool, ReadTask
 from gigaslide.slides.reader import DOWNSAMPLE_MODES
-from gigaslide.tiling import GRID_RULE, TileGrid, TilingParams, layout, load_grid
+from gigaslide.tiling import GRID_RULE, Scan, TileGrid, TilingParams, layout, load_grid
 from gigaslide.tiling.annotations import tissue_attrs
 from gigaslide.tiling.parallel import TileAhead, tile_many, tiling_workers
 
@@ -104,12 +104,17 @@ def _reader_name(info: dict[str, Any]) -> str:
 
 
 def _feature_attrs(encoder: Encoder, params: TilingParams, grid: TileGrid, choice: PrecisionChoice, seed: int | None,
-                   info: dict[str, Any], downsample: str = "box") -> dict:
+                   info: dict[str, Any], downsample: str = "box", *, slide_path: str | os.PathLike | None = None,
+                   bn_folded: bool | None = None) -> dict:
+    """The feature file's attributes. ``slide_path``: the file the tiles were read from (recorded absolute; default:
+    the grid's, which may be older); ``bn_folded``: the encoder ran with its batch norms folded."""
     return {
         "encoder": encoder.spec.name, "encoder_weights_sha256": encoder.weights_id, "embed_dim": encoder.embed_dim,
         "mpp": params.mpp, "read_mpp": info.get("read_mpp"), "tile_size": params.tile_size, "overlap": params.overlap,
-        "min_tissue": params.min_tissue, "slide_id": grid.slide_id, "slide_path": grid.slide_path,
-        "slide_mpp": grid.slide_mpp, "precision": choice.resolved, "precision_requested": choice.requested,
+        "min_tissue": params.min_tissue, "slide_id": grid.slide_id,
+        "slide_path": grid.slide_path if slide_path is None else os.path.abspath(slide_path),
+        "slide_mpp": grid.slide_mpp, "bn_folded": bn_folded,
+        "precision": choice.resolved, "precision_requested": choice.requested,
         "bf16_cosine": choice.bf16_cosine, "encoder_input_size": encoder.spec.input_size, "seed": seed,
         "reader": _reader_name(info), "grid_rule": grid.extra.get("grid_rule"),
         "downsample_option": downsample, "downsample": info.get("downsample", "box"),
@@ -132,21 +137,30 @@ def file_stamp(path: Path) -> list[int]:
 
 
 def is_finished(path: Path, encoder: Encoder, params: TilingParams, *, stamp: Sequence[int] | None = None,
-                downsample: str = "box") -> bool:
-    """``path`` holds this encoder's features at these tiling settings.
+                downsample: str = "box", scan: Scan | None = None) -> bool:
+    """``path`` holds this encoder's features at these tiling settings (of this scan, with ``scan``).
 
     ``stamp``: the :func:`file_stamp` this job's manifest recorded when encode wrote the file. A file that still
     has it is one encode wrote whole (atomically) and nothing has touched since: its attributes are enough. Any
     other file (no record, or changed since: replaced, damaged, written by another tool) is read in full with
     its checksums verified, so a damaged file is encoded again (benchmarks/results/manifest.md measures both). Bits
     that rot on disk without changing size or mtime are caught where the features are read (``store.load``: a
-    checksum error naming the file and the fix)."""
+    checksum error naming the file and the fix).
+
+    ``scan``: the slide's resolution and dimensions now (:class:`~gigaslide.tiling.Scan`); features made from another
+    scan (their ``slide_mpp`` or coords ``level_dim`` differ: a corrected ``--slide-mpp``, another file under the
+    same name) are not finished. An attribute the file lacks is not compared (None: neither is)."""
     if not path.is_file():
         return False
     try:
-        a = (store.read_attrs(path) if stamp is not None and list(stamp) == file_stamp(path)
-             else store.load(path).attrs)
+        if stamp is not None and list(stamp) == file_stamp(path):
+            a, ca = store.read_all_attrs(path)
+        else:
+            ff = store.load(path)
+            a, ca = ff.attrs, ff.coords_attrs
     except (GigaslideError, OSError):
+        return False
+    if scan is not None and not scan.made(a.get("slide_mpp", ca.get("level0_mpp")), ca.get("level_dim")):
         return False
     return (a.get("encoder") == encoder.spec.name and a.get("encoder_weights_sha256") == encoder.weights_id
             and abs(float(a.get("mpp", -1)) - params.mpp) < 1e-9 and int(a.get("tile_size", -1)) == params.tile_size
@@ -176,12 +190,29 @@ class _Run:
         self.slide_mpp, self.overlays, self.rank, self.progress = slide_mpp, overlays, rank, progress
         self.res = EncodeResult()
         self.locks = out / "locks"
+        self._scans: dict[str, Scan | None] = {}
 
-    def finished(self, sid: str) -> bool:
-        entry = self.manifest.data["slides"].get(sid) or {}
+    def scan(self, job: SlideJob) -> Scan | None:
+        """``job``'s slide's resolution (after ``--slide-mpp``) and dimensions, read once (opening is cheap: metadata
+        only); None when it cannot be opened."""
+        if job.slide_id not in self._scans:
+            self._scans[job.slide_id] = Scan.read(job.path, self.slide_mpp)
+        return self._scans[job.slide_id]
+
+    def finished(self, job: SlideJob) -> bool:
+        """``job``'s features are on disk, made by this encoder at these settings from the slide as it is now."""
+        path = layout(self.out, job.slide_id)["features"]
+        if not path.is_file():
+            return False
+        entry = self.manifest.data["slides"].get(job.slide_id) or {}
         stamp = entry.get("file_stamp") if entry.get("status") == "done" else None
-        return is_finished(layout(self.out, sid)["features"], self.encoder, self.params, stamp=stamp,
-                           downsample=self.downsample)
+        scan = self.scan(job)
+        return scan is not None and is_finished(path, self.encoder, self.params, stamp=stamp,
+                                                downsample=self.downsample, scan=scan)
+
+    def reusable(self, job: SlideJob, grid: TileGrid) -> bool:
+        """``grid`` (``job``'s coords file) was made at these settings from the slide as it is now."""
+        return self.params.matches(grid) and (scan := self.scan(job)) is not None and scan.made_grid(grid)
 
     def fail(self, job: SlideJob, msg: str) -> None:
         job.failed = True
@@ -220,7 +251,7 @@ class _Run:
                                               fix="rename one of the slides; ids come from file names").one_line())
                 continue
             seen[sid] = str(p)
-            if self.finished(sid):
+            if self.finished(job):
                 self.skip(job, "already encoded (skipped)")
                 continue
             jobs.append(job)
@@ -229,7 +260,7 @@ class _Run:
         for job in [j for i, j in enumerate(jobs) if i % w == r] + [j for i, j in enumerate(jobs) if i % w != r]:
             coords = layout(self.out, job.slide_id)["coords"]
             with contextlib.suppress(GigaslideError):
-                if coords.is_file() and self.params.matches(g := load_grid(coords)):
+                if coords.is_file() and self.reusable(job, g := load_grid(coords)):
                     job.grid = g
                     continue
             untiled.append(job)
@@ -274,7 +305,7 @@ class _Run:
         locks: dict[str, ItemLock] = {}
         return TileAhead(untiled, lambda j: j.slide_id, lambda j: j.path, self.out, self.params, slide_mpp=self.slide_mpp,
                          overlays=self.overlays, workers=workers,
-                         claim=lambda j: not self.finished(j.slide_id) and self._lock_to_tile(j, locks),
+                         claim=lambda j: not self.finished(j) and self._lock_to_tile(j, locks),
                          release=lambda j: locks.pop(j.slide_id).release())
 
     def _lock_to_tile(self, job: SlideJob, locks: dict[str, ItemLock]) -> bool:
@@ -295,14 +326,14 @@ class _Run:
                         self.fail(job, answer[1])
                         continue
                     job.grid = answer[0]
-                if self.finished(job.slide_id):
+                if self.finished(job):
                     self.skip(job, "encoded by another process")
                     continue
                 lock = ItemLock(self.locks, job.slide_id)
                 if not lock.acquire():
                     rest.append(job)
                     continue
-                if self.finished(job.slide_id):  # finished between the check and the lock
+                if self.finished(job):  # finished between the check and the lock
                     lock.release()
                     self.skip(job, "encoded by another process")
                     continue
@@ -322,14 +353,6 @@ class _Run:
         for j in jobs:
             if j.lock is not None:
                 j.lock.release()
-
-
-#: ``fold_bn=None`` folds the batch norms only for a run of at least this many tiles: folding costs tens of ms
-#: once per run (fx trace + new convolutions: ~70 ms for a ResNet-18 here) and saves ~10 % of each forward pass
-#: (~1 ms per 224-px tile for a ResNet-18 on 2 cores), so it breaks even near 50-60 tiles; 128 (two default
-#: batches) leaves a margin over that. End to end in ``benchmarks/results/encode.md``: ×1.00 with folding at 54
-#: tiles, ×1.06-1.12 from 349 tiles; at 199 tiles the VM's noise (rounds 0.74-1.09) hides the gain
-FOLD_MIN_TILES = 128
 
 
 def _prepare(encoder: Encoder, dev: torch.device, compile_model: bool, fold_bn: bool = True
@@ -356,9 +379,10 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
     0 or 1: one after another here). ``tile_ahead``: tile those slides while earlier ones are encoded instead of
     all before the first forward pass (None: on CUDA with one rank, where the cores are free while the GPU works;
     on a CPU the model's threads use them, and a second busy process slows every OpenMP region). ``fold_bn``: run
-    the encoder with its batch norms folded into its convolutions (:mod:`gigaslide.encoders.inference`); None:
-    when the run has at least :data:`FOLD_MIN_TILES` tiles to encode (or slides still to tile), as folding costs
-    more than it saves on fewer. ``EncodeResult.bn_folded`` and the manifest's config say which ran.
+    the encoder with its batch norms folded into its convolutions (:mod:`gigaslide.encoders.inference`; faster per
+    tile, the same features within float rounding); None (default): folded, whatever the run's size, so a slide
+    gets bit-identical features whatever else the run holds (folding costs tens of ms once per job); False: not.
+    Each feature file's ``bn_folded`` attribute, ``EncodeResult.bn_folded`` and the manifest's config say which ran.
     ``decode_device``: decode the stored JPEG tiles on this device (``"cuda"``: nvJPEG) in this process instead of
     reader processes (:mod:`gigaslide.slides.device_decode`; slides it cannot decode are read on the CPU); the
     features' ``reader`` attribute says which ran. ``benchmarks/gpu_check.sh`` measures whether it pays.
@@ -383,7 +407,7 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
         "command": "encode", "encoder": encoder.spec.name, "weights": encoder.weights_id, **params.as_dict(),
         "batch_size": batch_size, "workers": workers, "precision": precision, "device": str(dev), "world": rank.world,
         "decode_device": decode_device, "downsample": downsample,
-        "bn_folded": None})  # set below, once the run's tile count is known
+        "bn_folded": None})  # set below, once the model is prepared (an encoder without batch norms: False)
     run = _Run(out, encoder, params, manifest, slide_mpp, overlays, rank, progress, tile_workers, downsample)
     res = run.res
     # one rank only: ranks order slides by tile count (longest first), which needs every slide tiled first
@@ -393,9 +417,7 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
     res.tiling_seconds = time.perf_counter() - t_tiling
     untiled = {id(j) for j in jobs if j.grid is None}
     total = sum(j.n for j in jobs)  # grows as untiled slides are tiled
-    if fold_bn is None:
-        fold_bn = bool(untiled) or total >= FOLD_MIN_TILES
-    model = _prepare(encoder, dev, compile_model, fold_bn)
+    model = _prepare(encoder, dev, compile_model, fold_bn is not False)
     res.bn_folded = manifest.data["config"]["bn_folded"] = bool(getattr(model, "bn_folded", False))
     ahead_workers = 0
     if ahead:
@@ -478,8 +500,9 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
 
 def _finish(run: _Run, job: SlideJob, feats: np.ndarray, choice: PrecisionChoice, seed: int | None) -> None:
     grid = job.grid
-    path = store.save(layout(run.out, job.slide_id)["features"], feats, grid.coords,
-                      attrs=_feature_attrs(run.encoder, run.params, grid, choice, seed, job.info, run.downsample),
+    attrs = _feature_attrs(run.encoder, run.params, grid, choice, seed, job.info, run.downsample, slide_path=job.path,
+                           bn_folded=run.res.bn_folded)
+    path = store.save(layout(run.out, job.slide_id)["features"], feats, grid.coords, attrs=attrs,
                       coords_attrs=_coords_attrs(grid))
     secs = time.perf_counter() - job.t0
     run.manifest.set(job.slide_id, "done", path=job.path, tiles=len(feats), seconds=round(secs, 3), file_stamp=file_stamp(path),
@@ -491,4 +514,4 @@ def _finish(run: _Run, job: SlideJob, feats: np.ndarray, choice: PrecisionChoice
     run.res.tiles += len(feats)
 
 
-__all__ = ["FOLD_MIN_TILES", "EncodeResult", "SlideJob", "encode_slides", "file_stamp", "is_finished", "pick_device"]
+__all__ = ["EncodeResult", "SlideJob", "encode_slides", "file_stamp", "is_finished", "pick_device"]

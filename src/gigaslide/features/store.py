@@ -244,13 +244,18 @@ def load(path: str | os.PathLike, *, arrays: bool = True) -> FeatureFile:
 
 def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
     """A feature file's attributes alone (no arrays read): for checks that need only its provenance."""
+    return read_all_attrs(path)[0]
+
+
+def read_all_attrs(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A feature file's attributes and its ``coords`` dataset's (no arrays read)."""
     p = Path(path)
     try:
         with h5py.File(p, "r") as f:
             if "features" not in f or "coords" not in f or len(f["features"]) != len(f["coords"]):
                 raise GigaslideError("not a complete gigaslide feature file (features / coords)", path=p,
                                      fix="delete it and re-run encode")
-            return decode_attrs(f.attrs)
+            return decode_attrs(f.attrs), decode_attrs(f["coords"].attrs)
     except GigaslideError:
         raise
     except (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError) as e:

@@ -1,9 +1,10 @@
 """Stage 1 — slides: open any OpenSlide format and read pixels at a physical resolution (µm/px)."""
 
 from gigaslide.slides.discover import find_slides
+from gigaslide.slides.ids import slide_id_from_path
 from gigaslide.slides.mpp import Mpp, load_mpp_table, mpp_from_properties
 from gigaslide.slides.reader import TileReader, iter_tiles
-from gigaslide.slides.slide import LevelChoice, Slide, slide_id_from_path
+from gigaslide.slides.slide import LevelChoice, Slide
 
 
 def open_slide(path, *, mpp=None, slide_id=None) -> Slide:  # noqa: ANN001

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from gigaslide.errors import GigaslideError
-from gigaslide.slides.slide import SLIDE_EXTENSIONS
+from gigaslide.slides.ids import SLIDE_EXTENSIONS
 
 #: Whole-slide formats searched for in folders (plain images are accepted only when named directly).
 WSI_EXTENSIONS = tuple(e for e in SLIDE_EXTENSIONS if e not in (".png", ".jpg", ".jpeg"))

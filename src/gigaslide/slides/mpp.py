@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gigaslide.errors import GigaslideError
+from gigaslide.slides.ids import slide_id_from_path
 
 PLAUSIBLE_MPP = (0.05, 20.0)
 
@@ -63,12 +64,19 @@ def mpp_from_properties(props: Mapping[str, str]) -> Mpp | None:
 
 
 def load_mpp_table(path: str | os.PathLike) -> dict[str, float]:
-    """Read ``slide_id,mpp`` (or ``slide,mpp`` / ``path,mpp``) rows into ``{slide_id: mpp}``."""
+    """Read ``slide_id,mpp`` (or ``slide,mpp`` / ``path,mpp`` / ``filename,mpp``) rows into ``{slide_id: mpp}``.
+
+    UTF-8, with or without a byte-order mark (Excel's "CSV UTF-8"); a ``path`` / ``filename`` gives the slide id its
+    file would get (``x.ome.tif`` -> ``x``, as :func:`~gigaslide.slides.slide.slide_id_from_path`)."""
     p = Path(path)
     if not p.is_file():
         raise GigaslideError("mpp table not found", path=p, fix="give a CSV with columns slide_id,mpp")
-    with p.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    try:
+        with p.open(newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+    except UnicodeDecodeError:
+        raise GigaslideError("mpp table is not UTF-8 text", path=p,
+                             fix="save it as CSV UTF-8 with columns slide_id,mpp") from None
     if not rows or "mpp" not in rows[0]:
         raise GigaslideError("mpp table has no 'mpp' column", path=p, fix="give a CSV with columns slide_id,mpp")
     key = next((k for k in ("slide_id", "slide", "path", "filename") if k in rows[0]), None)
@@ -80,7 +88,7 @@ def load_mpp_table(path: str | os.PathLike) -> dict[str, float]:
         if v is None:
             raise GigaslideError(f"mpp '{r['mpp']}' for {r[key]} is not a positive number", path=p,
                                  fix="write the scan resolution in µm per pixel, e.g. 0.25")
-        table[Path(r[key]).stem if key in ("path", "filename") else r[key]] = v
+        table[slide_id_from_path(Path(r[key])) if key in ("path", "filename") else r[key]] = v
     return table
 
 

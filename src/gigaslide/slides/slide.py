@@ -18,6 +18,7 @@ from PIL import Image
 from gigaslide.errors import GigaslideError
 from gigaslide.safe_parse import check_slide_id
 from gigaslide.slides.backend import open_backend
+from gigaslide.slides.ids import slide_id_from_path
 from gigaslide.slides.mpp import Mpp, mpp_from_properties, resolve_override
 
 #: A target resolution may be this much finer than the scan before it is refused (rounding in metadata).
@@ -77,7 +78,8 @@ class Slide:
 
     @property
     def properties(self) -> dict[str, str]:
-        return {str(k): str(v) for k, v in dict(self._handle.properties).items()}
+        """The reader's metadata as strings; keys it has no value for (tiffslide's ``None``) are left out."""
+        return {str(k): str(v) for k, v in dict(self._handle.properties).items() if v is not None}
 
     @property
     def associated_images(self) -> list[str]:
@@ -88,6 +90,7 @@ class Slide:
 
     @property
     def vendor(self) -> str:
+        """The format's vendor as the reader names it (``aperio``, ``generic-tiff``, ...); else the reader's name."""
         p = self.properties
         return p.get("openslide.vendor") or p.get("tiffslide.vendor") or self.backend
 
@@ -257,18 +260,3 @@ def to_rgb(img: Image.Image) -> np.ndarray:
         a = arr[..., 3:4].astype(np.uint16)
         return ((rgb.astype(np.uint16) * a + 255 * (255 - a)) // 255).astype(np.uint8)
     return np.asarray(img.convert("RGB"))
-
-
-def slide_id_from_path(path: Path) -> str:
-    name = path.name
-    for ext in sorted(SLIDE_EXTENSIONS, key=len, reverse=True):
-        if name.lower().endswith(ext):
-            sid = name[: -len(ext)]
-            return sid if sid not in ("", ".", "..") else name  # "..svs" must not become the id ".."
-    return path.stem if path.stem not in ("", ".", "..") else name
-
-
-SLIDE_EXTENSIONS = (
-    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
-    ".qptiff", ".ome.tif", ".ome.tiff", ".czi", ".png", ".jpg", ".jpeg",
-)

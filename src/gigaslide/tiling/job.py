@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -65,6 +67,48 @@ class TilingParams:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Scan:
+    """A slide's level-0 resolution now (after any ``--slide-mpp``; None: unknown) and its level-0 dimensions.
+
+    A tile grid or feature file records both (``level0_mpp`` / ``slide_mpp``, ``level_dim``); one made from another
+    scan -- a corrected ``--slide-mpp``, or another file put in place under the same name -- is made again."""
+
+    mpp: float | None
+    dimensions: tuple[int, int]
+
+    @classmethod
+    def of(cls, slide: Slide) -> Scan:
+        return cls(float(slide.mpp) if slide.has_mpp else None, slide.dimensions)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike, slide_mpp: float | str | None = None) -> Scan | None:
+        """The scan of the slide at ``path`` (``slide_mpp`` as for :func:`tile_slide`); None when it cannot be opened
+        (tiling it then says why)."""
+        try:
+            with open_slide(path, mpp=slide_mpp) as slide:
+                return cls.of(slide)
+        except Exception:  # noqa: BLE001 - a damaged slide is reported where it is tiled
+            return None
+
+    def made(self, mpp: float | None, dimensions: Sequence[int] | None) -> bool:
+        """Something recording level-0 ``mpp`` and ``dimensions`` ((w, h)) was made from this scan. Either may be None
+        (not recorded, e.g. by another tool): it is not compared. Never when this scan's mpp is unknown, or when a
+        recorded value is not a number."""
+        if self.mpp is None:
+            return False
+        try:
+            if mpp is not None and not math.isclose(float(mpp), self.mpp, rel_tol=1e-9):
+                return False
+            return dimensions is None or [int(d) for d in dimensions] == list(self.dimensions)
+        except (TypeError, ValueError):
+            return False
+
+    def made_grid(self, grid: TileGrid) -> bool:
+        """``grid`` was made from this scan (a grid without recorded dimensions, ``(0, 0)``, is compared by mpp)."""
+        return self.made(grid.slide_mpp, None if tuple(grid.slide_dimensions) == (0, 0) else grid.slide_dimensions)
+
+
 def layout(out: str | os.PathLike, slide_id: str) -> dict[str, Path]:
     o = Path(out)
     return {
@@ -78,7 +122,8 @@ def layout(out: str | os.PathLike, slide_id: str) -> dict[str, Path]:
 
 def tile_slide(path: str | os.PathLike | Slide, out: str | os.PathLike, params: TilingParams, *,
                slide_mpp: float | str | None = None, overlays: bool = True, reuse: bool = True) -> TileGrid:
-    """Tile ``path`` into ``out`` (see :func:`layout`); reuses an existing coords file made with the same params.
+    """Tile ``path`` into ``out`` (see :func:`layout`); reuses an existing coords file made with the same params from
+    the same scan (the slide's level-0 mpp, after ``slide_mpp``, and dimensions: see :class:`Scan`).
 
     ``path`` may be a slide that is already open (it stays open; ``slide_mpp`` is then ignored).
     A slide that does not look like bright-field H&E gets one :class:`StainWarning` (also stored in
@@ -90,7 +135,7 @@ def tile_slide(path: str | os.PathLike | Slide, out: str | os.PathLike, params: 
         if reuse and paths["coords"].is_file():
             try:
                 grid = load_grid(paths["coords"])
-                if params.matches(grid):
+                if params.matches(grid) and Scan.of(slide).made_grid(grid):
                     _warn_stain(grid)
                     return grid
             except GigaslideError:
