@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -65,18 +66,52 @@ TINY = dict(backbone="test_resnet", weights="random", epochs=2, steps_per_epoch=
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished tiny nuclei run (test_resnet, a few steps) on 6 synthetic images."""
+    root = _data_root(tmp_path_factory, "nuc")
+    for k in range(6):
+        img, _, polys = disc_image(96, 6, seed=k)
+        Image.fromarray(img).save(root / "images" / f"img{k}.png")
+        write_xml(root / "annotations" / f"img{k}.xml", polys)
+    return _train_tiny(root)
+
+
+def _data_root(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    root = tmp_path_factory.mktemp(name)
+    (root / "images").mkdir()
+    (root / "annotations").mkdir()
+    return root
+
+
+def _train_tiny(root: Path, **extra: object) -> Path:
+    """A tiny run (:data:`TINY`) on ``root``'s images and annotations, into ``root/run``; returns ``root``."""
     import torch
 
     from gigaslide.nuclei.train import NucleiTrainConfig, train_nuclei
 
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("nuc")
-    (root / "images").mkdir()
-    (root / "annotations").mkdir()
-    for k in range(6):
+    train_nuclei(NucleiTrainConfig(images=str(root / "images"), annotations=str(root / "annotations"),
+                                   out=str(root / "run"), **extra, **TINY))
+    return root
+
+
+def write_geojson(path: Path, polys: list[np.ndarray], names: list[str | None]) -> None:
+    """QuPath GeoJSON (corner coordinates: pixel centres + 0.5), one classified polygon per nucleus."""
+    feats = []
+    for p, name in zip(polys, names):
+        ring = (np.vstack([p, p[:1]]) + 0.5).tolist()
+        props = {"classification": {"name": name}} if name is not None else {}
+        feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": props})
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+
+
+@pytest.fixture(scope="session")
+def typed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny nuclei run on GeoJSON annotations with classes: img0 has Lymphocyte and Tumor nuclei, the
+    others Tumor only (so a per-file numbering would make Tumor 2 in img0 and 1 elsewhere)."""
+    root = _data_root(tmp_path_factory, "nuc_typed")
+    for k in range(4):
         img, _, polys = disc_image(96, 6, seed=k)
         Image.fromarray(img).save(root / "images" / f"img{k}.png")
-        write_xml(root / "annotations" / f"img{k}.xml", polys)
-    train_nuclei(NucleiTrainConfig(images=str(root / "images"), annotations=str(root / "annotations"),
-                                   out=str(root / "run"), **TINY))
-    return root
+        names = ["Lymphocyte" if k == 0 and i % 2 else "Tumor" for i in range(len(polys))]
+        write_geojson(root / "annotations" / f"img{k}.geojson", polys, names)
+    (root / "split.csv").write_text("image_id,split\nimg0,train\nimg1,train\nimg2,val\nimg3,test\n")
+    return _train_tiny(root, image_mpp=0.25, split=str(root / "split.csv"))

@@ -121,3 +121,36 @@ def test_hv_maps_point_away_from_the_centre() -> None:
     assert hv[0, 5, 2] == -1.0 and hv[0, 5, 8] == 1.0 and hv[0, 5, 5] == 0.0
     assert hv[1, 3, 5] == -1.0 and hv[1, 7, 5] == 1.0
     assert (hv[:, inst == 0] == 0).all()
+
+
+def test_a_class_has_one_type_in_every_file_of_a_data_set(tmp_path: Path) -> None:
+    """Classes are numbered once over all files (sorted names): Tumor is 2 in a file with Lymphocyte and Tumor and
+    in a file with Tumor only; a class outside the map is refused naming the file and the class."""
+    from gigaslide.nuclei.annotations import class_names
+    from gigaslide.nuclei.data import Pair, dataset_type_codes
+
+    from .conftest import write_geojson
+
+    (tmp_path / "im").mkdir()
+    (tmp_path / "an").mkdir()
+    img, _, polys = disc_image(64, 2, seed=4)
+    for name, classes in (("a", ["Tumor", "Lymphocyte"]), ("b", ["Tumor", "Tumor"])):
+        Image.fromarray(img).save(tmp_path / "im" / f"{name}.png")
+        write_geojson(tmp_path / "an" / f"{name}.geojson", polys, classes)
+    pairs, _ = find_pairs(tmp_path / "im", tmp_path / "an")
+    codes = dataset_type_codes(pairs)
+    assert codes == {"Lymphocyte": 1, "Tumor": 2}
+    a, b = (load_item(p, 0.25, 0.25, codes=codes) for p in pairs)
+    assert a.types == {1: 2, 2: 1} and b.types == {1: 2, 2: 2}
+    ann = read_annotation(tmp_path / "an" / "b.geojson", (64, 64), codes)
+    assert ann.types == {1: 2, 2: 2} and ann.type_names == {1: "Lymphocyte", 2: "Tumor"}
+    write_geojson(tmp_path / "c.geojson", polys, ["Tumor", "Stroma"])
+    with pytest.raises(GigaslideError, match=r"c.geojson: unknown nucleus class 'Stroma' \(known classes: "
+                                             r"Lymphocyte, Tumor\)") as e:
+        read_annotation(tmp_path / "c.geojson", (64, 64), codes)
+    assert "\n" not in str(e.value)
+    (tmp_path / "bad.geojson").write_text("{not json")  # skipped here; reading it reports it (image left out)
+    assert class_names([tmp_path / "bad.geojson", tmp_path / "an" / "a.geojson"]) == {
+        "Lymphocyte": tmp_path / "an" / "a.geojson", "Tumor": tmp_path / "an" / "a.geojson"}
+    write_xml(tmp_path / "a.xml", polys)
+    assert dataset_type_codes([Pair("a", tmp_path / "im" / "a.png", tmp_path / "a.xml")]) == {}  # untyped, as before

@@ -103,3 +103,20 @@ def test_bootstrap_cis_bracket_and_degenerate_when_identical() -> None:
     assert 0.6 <= pq["ci_low"] < 0.8 < pq["ci_high"] <= 1.0
     same = M.summarize([good, good, good], n_bootstrap=50)
     assert same["pooled"]["aji"]["ci_low"] == same["pooled"]["aji"]["ci_high"] == 1.0
+
+
+def test_type_0_is_background_not_a_class_in_mpq() -> None:
+    """A predicted nucleus of type 0 (NC arg-max background) is in no class's PQ (CoNIC): the one class here is
+    perfect, so mPQ is 1.0; the untyped PQ still counts the extra nucleus as a false positive."""
+    gt = np.zeros((20, 20), int)
+    gt[0:5, 0:5] = 1
+    pred = gt.copy()
+    pred[10:15, 10:15] = 2
+    st = M.image_stats(gt, pred, {1: 1}, {1: 1, 2: 0})
+    assert st.per_type == {1: (1, 0, 0, 1.0)}
+    p = M.pooled([st])
+    assert p["mpq"] == 1.0 and p["pq_type1"] == 1.0 and "pq_type0" not in p
+    assert p["pq"] == pytest.approx(2 / 3)
+    legacy = M.ImageStats(1, 1, 0, 1.0, per_type={0: (0, 1, 0, 0.0), 1: (1, 0, 0, 1.0)})  # a type-0 entry is ignored
+    assert M.pooled([legacy])["mpq"] == 1.0
+    assert M.summarize([st, st], n_bootstrap=20)["pooled"]["mpq"]["value"] == 1.0

@@ -141,3 +141,44 @@ def test_auto_precision_is_chosen_on_the_first_region_and_recorded(tiny_run: Pat
     assert rec_strict["precision"]["resolved"] == "fp32"
     assert table_strict == run("fp32", "fp32")[1]
     assert run("fp32", "fp32")[0]["precision"] == {"requested": "fp32", "resolved": "fp32"}
+
+
+def test_slide_outputs_name_the_classes_the_model_was_trained_on(typed_run: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every nucleus typed 2 by the (oracle) network is 'Tumor' (the model's stored name) in GeoJSON and CSV."""
+    def typed_oracle(model, img, **kw):  # noqa: ANN001, ANN003, ANN202
+        inst, _, npp = _oracle(model, img)
+        return inst, {k: (2, 0.9) for k in range(1, int(inst.max()) + 1)}, npp
+
+    monkeypatch.setattr(nslide, "segment", typed_oracle)
+    _disc_slide(tmp_path / "s.tiff")
+    res = nslide.segment_slides([tmp_path / "s.tiff"], typed_run / "run", tmp_path / "out",
+                                nslide.SlideParams(region=128, margin=24, tissue_only=False, window=128))
+    assert res.done == ["s"] and res.nuclei > 0, res.failed
+    g = json.loads((tmp_path / "out" / "nuclei" / "s.geojson").read_text())
+    assert {f["properties"]["classification"]["name"] for f in g["features"]} == {"Tumor"}
+    rows = (tmp_path / "out" / "nuclei" / "s.csv").read_text().splitlines()[1:]
+    assert len(rows) == res.nuclei and {r.split(",")[8] for r in rows} == {"Tumor"}
+    with h5py.File(tmp_path / "out" / "nuclei" / "s_tiles.h5") as f:
+        assert json.loads(f.attrs["type_names"]) == {"1": "Lymphocyte", "2": "Tumor"}
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("margin", -100, "--margin -100 is under 16 px"), ("margin", 15, "--margin 15 is under 16 px"),
+    ("region", -5, "--region -5 must be at least 1 px"), ("region", 0, "--region 0 must be at least 1 px")])
+def test_bad_margin_or_region_is_refused_naming_the_option(tiny_run: Path, tmp_path: Path, option: str, value: int,
+                                                          message: str, capsys: pytest.CaptureFixture) -> None:
+    from gigaslide.cli.main import main
+
+    with pytest.raises(GigaslideError, match=message):
+        nslide.segment_slides([tmp_path / "none.tiff"], tiny_run / "run", tmp_path / "out",
+                              nslide.SlideParams(**{option: value}))
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+    _disc_slide(tmp_path / "s.tiff", size=200)
+    rc = main(["nuclei", str(tmp_path / "s.tiff"), "--model", str(tiny_run / "run"), "--out", str(tmp_path / "cli"),
+               f"--{option}", str(value)])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1 and "--tile-size" not in err
+    assert nslide.MIN_MARGIN == 16
+    nslide.SlideParams().check()  # the defaults (region 1024, margin 64) and the least margin pass
+    nslide.SlideParams(margin=16, region=1).check()

@@ -15,6 +15,7 @@ import torch
 
 from gigaslide import runs
 from gigaslide.errors import GigaslideError
+from gigaslide.nuclei.data import load_item
 from gigaslide.nuclei.evaluate import evaluate
 from gigaslide.nuclei.infer import load_model
 from gigaslide.nuclei.train import NucleiTrainConfig, train_nuclei
@@ -69,6 +70,61 @@ def test_evaluation_uses_only_the_test_images(tiny_run: Path, tmp_path: Path) ->
     r_all = evaluate(tiny_run / "run", tiny_run / "images", tiny_run / "annotations", tmp_path / "rep2",
                      subset="all", n_bootstrap=0)
     assert len(r_all["images"]) == 6
+
+
+def test_classes_are_one_type_across_files_and_the_model_keeps_their_names(typed_run: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training targets, the exported model and evaluation all use one sorted name -> type map: Tumor is 2 in img0
+    (Lymphocyte + Tumor) and in the Tumor-only files; evaluation reads new files with the model's map."""
+    from gigaslide.nuclei import evaluate as ev
+    from gigaslide.nuclei.train import _load_items
+
+    from .conftest import disc_image, write_geojson
+
+    cfg = NucleiTrainConfig(images=str(typed_run / "images"), annotations=str(typed_run / "annotations"),
+                            out=str(tmp_path / "x"), image_mpp=0.25, split=str(typed_run / "split.csv"), **TINY)
+    items, _, _, _, codes = _load_items(cfg)
+    assert codes == {"Lymphocyte": 1, "Tumor": 2}
+    by_id = {it.id: it for part in items.values() for it in part}
+    assert sorted(set(by_id["img0"].types.values())) == [1, 2]
+    assert set(by_id["img1"].types.values()) == set(by_id["img2"].types.values()) == {2}
+    spec = json.loads((typed_run / "run" / "model" / "model.json").read_text())["spec"]
+    assert spec["n_types"] == 2 and spec["type_names"] == {"1": "Lymphocyte", "2": "Tumor"}
+    # a new file set holding Tumor only: its ground truth is read as the model's type 2, not renumbered to 1
+    from PIL import Image
+
+    (tmp_path / "im").mkdir()
+    (tmp_path / "an").mkdir()
+    img, _, polys = disc_image(96, 6, seed=9)
+    Image.fromarray(img).save(tmp_path / "im" / "new.png")
+    write_geojson(tmp_path / "an" / "new.geojson", polys, ["Tumor"] * len(polys))
+    seen = []
+
+    def spy(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        seen.append(load_item(*a, **k))
+        return seen[-1]
+
+    monkeypatch.setattr(ev, "load_item", spy)
+    evaluate(typed_run / "run", tmp_path / "im", tmp_path / "an", tmp_path / "rep", image_mpp=0.25, n_bootstrap=0)
+    assert [set(it.types.values()) for it in seen] == [{2}]
+    # a class the model was not trained on is refused up front, naming the file and the class
+    write_geojson(tmp_path / "an" / "new.geojson", polys, ["Stroma"] + ["Tumor"] * (len(polys) - 1))
+    with pytest.raises(GigaslideError, match=r"new.geojson: unknown nucleus class 'Stroma' \(known classes: "
+                                             r"Lymphocyte, Tumor\)"):
+        evaluate(typed_run / "run", tmp_path / "im", tmp_path / "an", tmp_path / "rep2", image_mpp=0.25)
+
+
+def test_model_saved_without_type_names_still_loads(tiny_run: Path, tmp_path: Path) -> None:
+    """Models exported before class names were stored have no ``type_names`` in model.json: they load unchanged."""
+    import shutil
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_run / "run" / "model", d)
+    rec = json.loads((d / "model.json").read_text())
+    del rec["spec"]["type_names"]
+    (d / "model.json").write_text(json.dumps(rec))
+    model = load_model(d)
+    assert model.spec.type_names == {} and model.spec.n_types == 0
 
 
 SCRIPT = """

@@ -101,7 +101,7 @@ def nuclei(slides: list[str], model: str, out: str, *, mpp: float | None = None,
         mpp: resolution to segment at; must be the model's (the default).
         tissue_only: segment only where the tissue mask has tissue.
         region: region side in px at the model's mpp (memory is one region at a time).
-        margin: context px read around each region (wider than a nucleus).
+        margin: context px read around each region (wider than a nucleus; at least 16).
         tile_mpp: resolution of the count grid when OUT has no feature files.
         tile_size: tile size of the count grid when OUT has no feature files.
         slide_mpp: level-0 µm/px for slides without it in their metadata.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,17 +144,62 @@ def _geojson_features(obj: object) -> list[dict]:
     return []
 
 
-def read_geojson(path: Path, shape: tuple[int, int]) -> Annotation:
+def _geojson_obj(path: Path) -> object:
     try:
-        obj = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise GigaslideError(f"cannot read GeoJSON ({e})", path=path, fix="export the annotations from QuPath as GeoJSON") from None
+        raise GigaslideError(f"cannot read GeoJSON ({e})", path=path,
+                             fix="export the annotations from QuPath as GeoJSON") from None
+
+
+def _class_name(f: dict) -> str | None:
+    cls = (f.get("properties") or {}).get("classification") or {}
+    name = cls.get("name") if isinstance(cls, dict) else None
+    return None if name is None else str(name)
+
+
+def class_names(paths: Iterable[str | os.PathLike]) -> dict[str, Path]:
+    """Nucleus class names (QuPath ``classification.name``) in the GeoJSON files among ``paths`` (other formats
+    and unreadable files are skipped: reading them reports them), each with the first file that has it, sorted
+    by name."""
+    found: dict[str, Path] = {}
+    for p in map(Path, paths):
+        if p.suffix.lower() in (".geojson", ".json"):
+            try:
+                obj = _geojson_obj(p)
+            except GigaslideError:
+                continue
+            for f in _geojson_features(obj):
+                name = _class_name(f)
+                if name is not None:
+                    found.setdefault(name, p)
+    return dict(sorted(found.items()))
+
+
+def type_codes(names: Iterable[str]) -> dict[str, int]:
+    """``name -> type`` (1..T, names sorted): one map for every file of a data set, so a class has one code."""
+    return {n: i + 1 for i, n in enumerate(sorted(set(names)))}
+
+
+def unknown_class(name: str, path: str | os.PathLike, codes: dict[str, int]) -> GigaslideError:
+    """The error for a GeoJSON class ``name`` in ``path`` that ``codes`` (class name -> type) does not know."""
+    known = ", ".join(sorted(codes, key=codes.__getitem__)) or "none"
+    return GigaslideError(f"unknown nucleus class '{name}' (known classes: {known})", path=path,
+                          fix="name the nuclei with the known classes (a model scores only the classes it was "
+                              "trained on), or train a model on annotations with this class")
+
+
+def read_geojson(path: Path, shape: tuple[int, int], codes: dict[str, int] | None = None) -> Annotation:
+    """QuPath GeoJSON polygons; a feature's ``classification.name`` becomes its type through ``codes`` (the data
+    set's map, :func:`type_codes` of :func:`class_names` over all its files, or a model's stored names). A class
+    missing from ``codes`` is refused naming the file and the class. Without ``codes`` (None or empty) the file's
+    own names are numbered 1..T in sorted order (for one file on its own: another file may number a class
+    differently).
+    Features without a class are nuclei without a type."""
     polys, names = [], []
-    for f in _geojson_features(obj):
+    for f in _geojson_features(_geojson_obj(path)):
         geom = f.get("geometry") or {}
-        props = f.get("properties") or {}
-        cls = props.get("classification") or {}
-        name = cls.get("name") if isinstance(cls, dict) else None
+        name = _class_name(f)
         rings = []
         if geom.get("type") == "Polygon":
             rings = [geom["coordinates"][0]] if geom.get("coordinates") else []
@@ -163,8 +209,10 @@ def read_geojson(path: Path, shape: tuple[int, int]) -> Annotation:
             polys.append(np.asarray(r, np.float64).reshape(-1, 2) - 0.5)
             names.append(name)
     if any(n is not None for n in names):
-        labels = sorted({n for n in names if n is not None})
-        code = {n: i + 1 for i, n in enumerate(labels)}
+        code = codes or type_codes(n for n in names if n is not None)
+        unknown = sorted({n for n in names if n is not None and n not in code})
+        if unknown:
+            raise unknown_class(unknown[0], path, code)
         ann = rasterise(polys, shape, [code.get(n, 0) for n in names], path=path)
         ann.type_names = {v: k for k, v in code.items()}
         ann.types = {k: v for k, v in (ann.types or {}).items() if v > 0}
@@ -228,14 +276,15 @@ def read_mat(path: Path) -> Annotation:
     return Annotation(inst2.astype(np.int32), t)
 
 
-def read_annotation(path: str | os.PathLike, shape: tuple[int, int]) -> Annotation:
-    """Read any supported annotation file for an image of ``shape`` (h, w)."""
+def read_annotation(path: str | os.PathLike, shape: tuple[int, int], codes: dict[str, int] | None = None) -> Annotation:
+    """Read any supported annotation file for an image of ``shape`` (h, w); ``codes`` (class name -> type) numbers
+    GeoJSON classes (:func:`read_geojson`); the other formats carry numeric types already."""
     p = Path(path)
     s = p.suffix.lower()
     if s == ".xml":
         ann = read_aperio_xml(p, shape)
     elif s in (".geojson", ".json"):
-        ann = read_geojson(p, shape)
+        ann = read_geojson(p, shape, codes)
     elif s == ".mat":
         ann = read_mat(p)
     elif s in (".png", ".tif", ".tiff", ".npy"):
@@ -248,5 +297,5 @@ def read_annotation(path: str | os.PathLike, shape: tuple[int, int]) -> Annotati
     return ann
 
 
-__all__ = ["ANNOTATION_SUFFIXES", "Annotation", "rasterise", "read_annotation", "read_aperio_xml", "read_geojson",
-           "read_label_image", "read_mat"]
+__all__ = ["ANNOTATION_SUFFIXES", "Annotation", "class_names", "rasterise", "read_annotation", "read_aperio_xml",
+           "read_geojson", "read_label_image", "read_mat", "type_codes", "unknown_class"]

@@ -1,7 +1,8 @@
 """Nuclei data sets: image / annotation pairs, resolution, the fixed organ-stratified split, training targets.
 
 ``images/<id>.png`` pairs with ``annotations/<id>.<xml|geojson|png|tif|npy|mat>``. An image without an
-annotation (or an annotation without an image) is reported and left out. Images are resampled to the
+annotation (or an annotation without an image) is reported and left out. GeoJSON class names are numbered
+once per data set (:func:`dataset_type_codes`), so a class has the same type in every file. Images are resampled to the
 model's mpp (instance maps with nearest neighbour); an image coarser than the model's mpp is refused.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from gigaslide.errors import GigaslideError
-from gigaslide.nuclei.annotations import ANNOTATION_SUFFIXES, read_annotation
+from gigaslide.nuclei.annotations import ANNOTATION_SUFFIXES, class_names, read_annotation, type_codes
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 #: Images within this relative difference of the model's mpp are not resampled.
@@ -72,6 +73,12 @@ def find_pairs(images: str | os.PathLike, annotations: str | os.PathLike | None)
     return pairs, problems
 
 
+def dataset_type_codes(pairs: list[Pair]) -> dict[str, int]:
+    """``class name -> type`` (1..T, names sorted) over the GeoJSON annotations of all ``pairs``; empty when no
+    annotation names its nuclei' classes."""
+    return type_codes(class_names(p.annotation for p in pairs if p.annotation is not None))
+
+
 def read_image(path: Path) -> np.ndarray:
     from PIL import Image
 
@@ -116,10 +123,13 @@ def resize(arr: np.ndarray, shape: tuple[int, int], nearest: bool) -> np.ndarray
     return np.asarray(Image.fromarray(arr).resize((w, h), Image.Resampling.BICUBIC))
 
 
-def load_item(pair: Pair, model_mpp: float, image_mpp: float | None = None, organ: str = "") -> Item:
+def load_item(pair: Pair, model_mpp: float, image_mpp: float | None = None, organ: str = "",
+              codes: dict[str, int] | None = None) -> Item:
+    """The pair at the model's mpp; ``codes`` (class name -> type, :func:`dataset_type_codes` or a model's names)
+    numbers GeoJSON classes."""
     img = read_image(pair.image)
     h, w = img.shape[:2]
-    ann = read_annotation(pair.annotation, (h, w)) if pair.annotation else None
+    ann = read_annotation(pair.annotation, (h, w), codes) if pair.annotation else None
     mpp = image_mpp or (ann.mpp if ann else None)
     if not mpp:
         raise GigaslideError("image resolution unknown", path=pair.image,
@@ -224,5 +234,6 @@ def type_map(inst: np.ndarray, types: dict[int, int] | None) -> np.ndarray:
     return t
 
 
-__all__ = ["IMAGE_SUFFIXES", "Item", "Pair", "check_mpp", "find_pairs", "hv_maps", "load_item", "make_split",
-           "read_image", "read_organs", "read_split", "resize", "subset_fraction", "type_map", "write_split"]
+__all__ = ["IMAGE_SUFFIXES", "Item", "Pair", "check_mpp", "dataset_type_codes", "find_pairs", "hv_maps", "load_item",
+           "make_split", "read_image", "read_organs", "read_split", "resize", "subset_fraction", "type_map",
+           "write_split"]

@@ -12,7 +12,8 @@ import numpy as np
 from gigaslide import atomic
 from gigaslide.errors import GigaslideError
 from gigaslide.nuclei import metrics
-from gigaslide.nuclei.data import Item, find_pairs, load_item, read_organs, read_split, resize
+from gigaslide.nuclei.annotations import class_names, unknown_class
+from gigaslide.nuclei.data import Item, dataset_type_codes, find_pairs, load_item, read_organs, read_split, resize
 from gigaslide.nuclei.infer import load_model, model_dir, read_spec, segment
 from gigaslide.nuclei.model import HoVerNet
 
@@ -45,7 +46,13 @@ def evaluate(model_path: str | os.PathLike, images: str | os.PathLike, annotatio
              out: str | os.PathLike, *, subset: str = "auto", image_mpp: float | None = None, n_bootstrap: int = 1000,
              precision: str = "fp32", seed: int = 0, progress=None) -> dict[str, Any]:  # noqa: ANN001
     """Evaluate ``model_path`` on the annotated images; ``subset``: auto (the run's test images when the
-    folder holds images the run trained or selected on), test, or all."""
+    folder holds images the run trained or selected on), test, or all.
+
+    GeoJSON classes are read with the model's own name -> type map (its spec's ``type_names``), so a class is
+    scored as the type the model predicts for it; a class the model does not know is refused up front, naming
+    the file and the class. A model without stored names (one trained on numeric types, or exported before
+    names were stored) reads them numbered 1..T in sorted order over the evaluated files, as training did when
+    every file had every class."""
     model = load_model(model_path)
     spec, rec = read_spec(model_path)
     pairs, problems = find_pairs(images, annotations)
@@ -59,11 +66,18 @@ def evaluate(model_path: str | os.PathLike, images: str | os.PathLike, annotatio
         if not pairs:
             raise GigaslideError("none of these images is in the run's test split", path=split_file,
                                  fix="evaluate on other images, or pass --subset all (scores on training images are not a test)")
+    codes = {name: int(t) for t, name in spec.type_names.items()}
+    if codes:
+        for name, path in class_names(p.annotation for p in pairs if p.annotation is not None).items():
+            if name not in codes:
+                raise unknown_class(name, path, codes)
+    else:
+        codes = dataset_type_codes(pairs)
     organs = read_organs(images)
     stats, rows = [], []
     for k, p in enumerate(pairs):
         try:
-            item = load_item(p, spec.mpp, image_mpp, organs.get(p.id, ""))
+            item = load_item(p, spec.mpp, image_mpp, organs.get(p.id, ""), codes)
         except GigaslideError as e:
             problems.append(e.one_line())
             continue

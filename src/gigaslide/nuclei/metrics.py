@@ -14,7 +14,10 @@ Definitions (``gt`` and ``pred`` are instance label maps, 0 = background, each i
   where a metric is undefined, e.g. PQ with no nucleus in either map, is left out of that average);
   *pooled* values add TP, FP, FN, IoU sums and intersection/union areas over all images before dividing
   (CoNIC's mPQ+ style). **mPQ** (when types exist) is the pooled PQ of each type averaged over the types
-  present (CoNIC mPQ+); nuclei are matched within a type.
+  present (CoNIC mPQ+); nuclei are matched within a type. Types are the classes 1..T only: type 0 is
+  background, never a class — a predicted nucleus of type 0 (the NC branch says background all over it) is
+  in no class's PQ (neither a true nor a false positive of any class), as in CoNIC; it still counts in the
+  untyped DQ / SQ / PQ.
 
 Undefined values (0 / 0) are NaN: Dice and AJI of two empty maps, DQ / PQ with no nucleus in either map,
 SQ without a match. Confidence intervals are percentile bootstrap intervals over *images*, drawn with
@@ -107,7 +110,8 @@ def _aji(inter: np.ndarray, ga: np.ndarray, pa: np.ndarray) -> tuple[int, int]:
 
 def image_stats(gt: np.ndarray, pred: np.ndarray, gt_types: dict[int, int] | None = None,
                 pred_types: dict[int, int] | None = None) -> ImageStats:
-    """Statistics of one image; ``*_types`` map instance id -> type (1..T) for mPQ."""
+    """Statistics of one image; ``*_types`` map instance id -> type (1..T) for mPQ (type 0, background, is no
+    class: a nucleus of type 0 is left out of every class's statistics)."""
     gt, pred = np.asarray(gt), np.asarray(pred)
     inter, ga, pa = overlaps(gt, pred)
     tp, fp, fn, iou_sum = _match(inter, ga, pa)
@@ -115,7 +119,7 @@ def image_stats(gt: np.ndarray, pred: np.ndarray, gt_types: dict[int, int] | Non
     g_fg, p_fg = gt > 0, pred > 0
     st = ImageStats(tp, fp, fn, iou_sum, int((g_fg & p_fg).sum()), int(g_fg.sum() + p_fg.sum()), c, u)
     if gt_types is not None and pred_types is not None:
-        types = sorted(set(gt_types.values()) | set(pred_types.values()))
+        types = sorted(t for t in set(gt_types.values()) | set(pred_types.values()) if t > 0)
         for t in types:
             gsel = np.where(np.isin(gt, [k for k, v in gt_types.items() if v == t]), gt, 0)
             psel = np.where(np.isin(pred, [k for k, v in pred_types.items() if v == t]), pred, 0)
@@ -141,11 +145,12 @@ def per_image(st: ImageStats) -> dict[str, float]:
 
 
 def pooled(stats: Sequence[ImageStats]) -> dict[str, float]:
-    """Metrics of all images pooled (sums of the statistics), plus ``mpq`` when types exist."""
+    """Metrics of all images pooled (sums of the statistics), plus ``mpq`` (mean over the classes 1..T present)
+    and ``pq_type<t>`` when types exist."""
     keys = ("tp", "fp", "fn", "iou_sum", "inter", "fg_sum", "aji_c", "aji_u")
     sums = {k: sum(getattr(s, k) for s in stats) for k in keys}
     out = metrics_from(**sums)
-    types = sorted({t for s in stats for t in s.per_type})
+    types = sorted({t for s in stats for t in s.per_type if t > 0})  # type 0 is background, not a class
     if types:
         pqs = []
         for t in types:

@@ -4,8 +4,9 @@ The slide is cut into *regions* of ``region`` px at the model's mpp (a tile grid
 kept where there is tissue); each is read with ``margin`` px of context on every side, segmented, and
 keeps exactly the nuclei whose centroid falls in its own grid cell — so a nucleus crossing a region
 border is kept once, by the region owning its centroid, and is complete (the margin is wider than a
-nucleus). Memory is one region at a time whatever the slide's size. Outputs per slide, under
-``OUT/nuclei/`` (each written to a temporary file and renamed; ``<slide>.json`` last, marking the slide done):
+nucleus; a margin under :data:`MIN_MARGIN` px or a region under 1 px is refused). Memory is one region at a
+time whatever the slide's size. Outputs per slide, under ``OUT/nuclei/`` (each written to a temporary file
+and renamed; ``<slide>.json`` last, marking the slide done):
 
 * ``<slide>.geojson`` — QuPath detections (polygon, measurements: area µm², centroid, probability; type as
   classification), level-0 px;
@@ -38,6 +39,11 @@ from gigaslide.slides import open_slide, slide_id_from_path
 from gigaslide.tiling import grid_positions, make_grid, segment_tissue
 
 SLIDE_FORMAT = "gigaslide.nuclei-slide/1"
+#: Least context (px at the model's mpp) read around a region: a nucleus reaching further than the margin past its
+#: region's border is cut at the edge of what was read (and its cut-off part, whose centroid lies in the neighbouring
+#: region, can be kept there a second time). 16 px is 4 µm at 0.25 µm/px; the default 64 px fits nuclei up to about
+#: 30 µm across at 0.25 µm/px.
+MIN_MARGIN = 16
 
 
 @dataclass
@@ -53,6 +59,16 @@ class SlideParams:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    def check(self) -> None:
+        """Refuse a region under 1 px or a margin under :data:`MIN_MARGIN` px, naming the option."""
+        if self.region < 1:
+            raise GigaslideError(f"--region {self.region} must be at least 1 px",
+                                 fix="use e.g. --region 1024 (px at the model's mpp; memory is one region at a time)")
+        if self.margin < MIN_MARGIN:
+            raise GigaslideError(f"--margin {self.margin} is under {MIN_MARGIN} px: nuclei crossing a region border "
+                                 "would be cut (and kept twice)",
+                                 fix=f"use --margin {MIN_MARGIN} or more, wider than a nucleus (the default is 64)")
 
 
 @dataclass
@@ -139,6 +155,7 @@ def choose_region_precision(model, img: np.ndarray, p: SlideParams) -> Precision
 
 def segment_slide(path: str | os.PathLike, out: Path, model, p: SlideParams, *, slide_mpp=None,  # noqa: ANN001, C901
                   progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    p.check()
     spec = model.spec
     mpp = float(spec.mpp)
     with open_slide(path, mpp=slide_mpp) as s:
@@ -216,7 +233,9 @@ def _key(model, p: SlideParams) -> dict[str, Any]:  # noqa: ANN001
 def segment_slides(slides: Sequence[str | os.PathLike], model_path: str | os.PathLike, out: str | os.PathLike,
                    params: SlideParams = SlideParams(), *, slide_mpp: float | str | None = None, device: str = "auto",
                    progress: Callable[[str, int, int], None] | None = None) -> NucleiResult:
-    """Segment every slide into ``out/nuclei/``; finished slides are skipped, a broken one is reported."""
+    """Segment every slide into ``out/nuclei/``; finished slides are skipped, a broken one is reported. Bad
+    ``params`` (:meth:`SlideParams.check`) are refused before anything is read or written."""
+    params.check()
     out = atomic.ensure_writable_dir(out)
     atomic.clean_stale_tmp(out / "nuclei")
     dev = pick_device(device)
@@ -250,4 +269,4 @@ def segment_slides(slides: Sequence[str | os.PathLike], model_path: str | os.Pat
     return res
 
 
-__all__ = ["NucleiResult", "SlideParams", "outputs", "segment_slide", "segment_slides"]
+__all__ = ["MIN_MARGIN", "NucleiResult", "SlideParams", "outputs", "segment_slide", "segment_slides"]

@@ -2,7 +2,9 @@
 
 The run folder holds ``run.json`` (identity, inputs fingerprints), ``split.csv`` (the fixed,
 organ-stratified train / val / test split by image), ``checkpoint/`` (last and best epochs,
-pickle-free) and, when finished, ``model/`` (``model.safetensors`` + ``model.json`` with provenance).
+pickle-free) and, when finished, ``model/`` (``model.safetensors`` + ``model.json`` with provenance; GeoJSON
+class names, numbered 1..T in sorted order over all the data set's annotation files, are stored as the
+spec's ``type_names``, which slide outputs show and evaluation reads ground truth with).
 Each epoch is ``steps_per_epoch`` batches of random crops (flips, rot90, H&E stain jitter, mild blur,
 all from :mod:`gigaslide.ssl.tile.augment` with a generator seeded by (seed, epoch, step, sample));
 a kill -9 resumes bit-exactly from the last finished epoch.
@@ -22,8 +24,8 @@ import torch
 from gigaslide import atomic, runs
 from gigaslide.devices import autocast_ctx, choose_precision, guard_bf16_convs, pick_device
 from gigaslide.errors import GigaslideError, check_finite_loss
-from gigaslide.nuclei.data import (Item, find_pairs, hv_maps, load_item, make_split, read_organs, read_split,
-                                   subset_fraction, type_map, write_split)
+from gigaslide.nuclei.data import (Item, dataset_type_codes, find_pairs, hv_maps, load_item, make_split, read_organs,
+                                   read_split, subset_fraction, type_map, write_split)
 from gigaslide.nuclei.evaluate import score_items
 from gigaslide.nuclei.infer import MODEL_DIR, MODEL_JSON, MODEL_WEIGHTS
 from gigaslide.nuclei.losses import hovernet_loss
@@ -109,8 +111,12 @@ def sample_batch(items: list[Item], n: int, crop: int, rng: np.random.Generator,
     return torch.stack(xs), torch.stack(nps), torch.stack(hvs), torch.stack(ncs)
 
 
-def _load_items(cfg: NucleiTrainConfig) -> tuple[dict[str, list[Item]], dict[str, str], dict[str, str], list[str]]:
+def _load_items(cfg: NucleiTrainConfig) -> tuple[dict[str, list[Item]], dict[str, str], dict[str, str], list[str],
+                                                 dict[str, int]]:
+    """(items by part, split record, organs, problems, class name -> type): GeoJSON classes are numbered over every
+    annotation file of the data set (test images included), so a class is one type in all of them."""
     pairs, problems = find_pairs(cfg.images, cfg.annotations)
+    codes = dataset_type_codes(pairs)
     organs = read_organs(cfg.images, cfg.organs)
     out_split = Path(cfg.out) / "split.csv"
     if cfg.split:
@@ -131,7 +137,7 @@ def _load_items(cfg: NucleiTrainConfig) -> tuple[dict[str, list[Item]], dict[str
         if part not in ("train", "val"):
             continue
         try:
-            items[part].append(load_item(p, cfg.mpp, cfg.image_mpp, organs.get(p.id, "")))
+            items[part].append(load_item(p, cfg.mpp, cfg.image_mpp, organs.get(p.id, ""), codes))
         except GigaslideError as e:
             if "coarser" in e.what:
                 raise
@@ -140,7 +146,7 @@ def _load_items(cfg: NucleiTrainConfig) -> tuple[dict[str, list[Item]], dict[str
         raise GigaslideError("no training image could be read", path=cfg.images, fix="; ".join(problems[:2]) or None)
     used = {i.id for i in items["train"]}
     split_rec = {i: ("train" if i in used else "unused" if s == "train" else s) for i, s in split.items()}
-    return items, split_rec, organs, problems
+    return items, split_rec, organs, problems, codes
 
 
 def _build(cfg: NucleiTrainConfig, n_types: int, type_names: dict[str, str]) -> tuple[HoVerNet, ModelSpec]:
@@ -180,15 +186,15 @@ def train_nuclei(cfg: NucleiTrainConfig, progress=None) -> dict[str, Any]:  # no
         raise GigaslideError(f"--crop {cfg.crop} must be a multiple of 32", fix="use e.g. --crop 256")
     if cfg.select not in ("pq", "loss"):
         raise GigaslideError(f"--select {cfg.select}", fix="use pq or loss")
-    items, split, organs, problems = _load_items(cfg)
+    items, split, organs, problems, codes = _load_items(cfg)
     types = [t for it in items["train"] for t in (it.types or {}).values()]
-    n_types = int(max(types)) if types else 0
+    n_types = max(int(max(types)) if types else 0, max(codes.values(), default=0))
     wfile = _weights_file(cfg.backbone, cfg.weights)
     run = runs.open_run(cfg.out, "nuclei", cfg.identity(), asdict(cfg), seed=cfg.seed,
                         inputs={"images": cfg.images, "annotations": cfg.annotations, "backbone weights": wfile},
                         provenance={"mpp": cfg.mpp, "encoder": cfg.backbone})
     write_split(run.dir / "split.csv", split, organs)
-    model, spec = _build(cfg, n_types, {})
+    model, spec = _build(cfg, n_types, {str(c): n for n, c in codes.items()})
     dev = pick_device(cfg.device)
     model = model.to(dev).to(memory_format=torch.channels_last)
     guard_bf16_convs(model)  # --precision bf16 on CPU: weight gradients of a conv strided past its input are wrong
