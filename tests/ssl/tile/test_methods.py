@@ -63,10 +63,53 @@ def test_momentum_encoder_moves_towards_student(name):
         assert m.export_trunk() is m.teacher_backbone
 
 
+def test_mocov2_both_directions_see_the_queue_as_it_was_before_the_batch():
+    # symmetric MoCo: swapping the two views must give the same loss. Enqueuing the first direction's keys before
+    # the second direction's loss (two calls of lightly's NTXentLoss) makes each query's own-view key a negative of
+    # the second direction only, which breaks this symmetry
+    m = _method("mocov2")
+    bank = m.criterion.memory_bank
+    bank0, ptr0 = bank.bank.clone(), bank.bank_ptr.clone()
+    v = _views(m.view_kind)
+    a = m.loss(v, step=0, progress=0.0)
+    assert int(bank.bank_ptr) == 2 * len(v[0])  # both views' keys enqueued, once
+    assert torch.allclose(bank.bank[: 2 * len(v[0])].norm(dim=1), torch.ones(2 * len(v[0])))
+    bank.bank.copy_(bank0)
+    bank.bank_ptr.copy_(ptr0)
+    b = m.loss([v[1], v[0]], step=0, progress=0.0)
+    assert float(b.detach()) == pytest.approx(float(a.detach()), abs=1e-5)
+    with torch.no_grad():  # a loss without gradients (e.g. a monitor) leaves the queue alone
+        m.loss(v, step=0, progress=0.0)
+    assert int(bank.bank_ptr) == 2 * len(v[0])
+
+
 def test_unknown_method_args_are_refused():
     trunk = create_trunk(ENCODERS.get("test_resnet"))
     with pytest.raises(GigaslideError, match="unknown option"):
         SSL_METHODS.get("simclr")(trunk, 96, (0.5,) * 3, (0.25,) * 3, temprature=0.1)
+
+
+@pytest.mark.parametrize("name,args,why", [
+    ("mocov2", {"queue": -5}, "queue=-5 for MoCoV2: must be above 0"),
+    ("simclr", {"out_dim": 0}, "out_dim=0 for SimCLR: must be above 0"),
+    ("simclr", {"hidden_dim": 2.5}, "hidden_dim=2.5 for SimCLR: expected int"),
+    ("simclr", {"temperature": "x"}, "temperature='x' for SimCLR: expected float"),
+    ("swav", {"sinkhorn_epsilon": float("nan")}, "sinkhorn_epsilon=nan for SwAV: must be above 0"),
+    ("dino", {"freeze_last_layer_steps": -1}, "freeze_last_layer_steps=-1 for DINO: must be finite and 0 or more"),
+    ("dino", {"batch_norm_head": 1}, "batch_norm_head=1 for DINO: expected bool"),
+])
+def test_bad_method_arg_values_are_refused_in_one_line(name, args, why):
+    trunk = create_trunk(ENCODERS.get("test_resnet"))
+    with pytest.raises(GigaslideError, match=why.replace("(", r"\(")) as e:
+        SSL_METHODS.get(name)(trunk, 96, (0.5,) * 3, (0.25,) * 3, **args)
+    assert "\n" not in str(e.value) and "(the default)" in str(e.value)
+
+
+def test_method_args_zero_where_it_means_off_and_whole_floats_as_ints():
+    trunk = create_trunk(ENCODERS.get("test_resnet"))
+    m = SSL_METHODS.get("swav")(trunk, 96, (0.5,) * 3, (0.25,) * 3, **{**SMALL["swav"], "queue_length": 0,
+                                                                      "hidden_dim": 32.0})
+    assert m.queues is None and m.hp["hidden_dim"] == 32 and isinstance(m.hp["hidden_dim"], int)
 
 
 def test_head_parameters_exclude_trunk_and_frozen_copies():

@@ -20,6 +20,8 @@ left unset.
 from __future__ import annotations
 
 import copy
+import json
+import math
 import warnings
 from typing import Any
 
@@ -68,6 +70,7 @@ class SSLMethod(nn.Module):
 
             raise GigaslideError(f"unknown option(s) {sorted(unknown)} for {type(self).__name__}",
                                  fix=f"--method-args accepts: {', '.join(sorted(self.hparams))}")
+        kw = {k: _check_hparam(type(self).__name__, k, v, self.hparams[k]) for k, v in kw.items()}
         self.hp = {**self.hparams, **kw}
         self.backbone = trunk
         self.embed_dim = embed_dim
@@ -131,6 +134,32 @@ def _ema(model: nn.Module, ema: nn.Module, m: float) -> None:
         be.copy_(b)
 
 
+def _check_hparam(method: str, key: str, value: Any, default: Any) -> Any:
+    """One ``--method-args`` value, checked: the default's type (a whole number where the default is an int,
+    returned as an int; a number where it is a float), finite, not negative, and above 0 for sizes, temperatures and
+    epsilons (0 there divides by zero or builds an empty layer)."""
+    from gigaslide.errors import GigaslideError
+
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = number and float(value).is_integer()
+    elif isinstance(default, float):
+        ok = number
+    else:
+        ok = isinstance(value, type(default))
+    why = None if ok else f"expected {type(default).__name__} (default {default!r})"
+    if ok and number and not isinstance(default, bool):
+        positive = key.endswith(("_dim", "temp", "temperature", "epsilon")) or key in ("n_prototypes", "queue")
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            why = "must be above 0" if positive else "must be finite and 0 or more"
+    if why:
+        raise GigaslideError(f"--method-args {key}={value!r} for {method}: {why}",
+                             fix=f"e.g. --method-args '{{\"{key}\": {json.dumps(default)}}}' (the default)")
+    return int(value) if isinstance(default, int) and not isinstance(default, bool) else value
+
+
 @SSL_METHODS.register("simclr")
 class SimCLR(SSLMethod):
     """SimCLR (Chen et al. 2020): NT-Xent between two views, both views in one batch (global BN)."""
@@ -157,6 +186,12 @@ class SimCLR(SSLMethod):
         with full_precision(h):
             z0, z1 = self.head(h).chunk(2)
             return self.criterion(z0, z1)
+
+
+def _info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo's InfoNCE: each unit query ``q[i]`` against its key ``k[i]`` and the queue's ``negatives`` [dim, K]."""
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ negatives.to(q.dtype)], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
 @SSL_METHODS.register("mocov2")
@@ -186,10 +221,15 @@ class MoCoV2(SSLMethod):
         with torch.no_grad():
             h_m = self.embed(v, self.backbone_m)
         with full_precision(h):
-            q0, q1 = self.head(h).chunk(2)
+            q0, q1 = F.normalize(self.head(h), dim=1).chunk(2)
             with torch.no_grad():
-                k0, k1 = self.head_m(h_m).chunk(2)
-            return 0.5 * (self.criterion(q0, k1.detach()) + self.criterion(q1, k0.detach()))
+                k0, k1 = F.normalize(self.head_m(h_m), dim=1).chunk(2)
+            # both directions against the queue as it was before this batch, then this batch's keys enqueued once.
+            # (Two calls of lightly's NTXentLoss would enqueue k1 in the first, so that the second would count each
+            # query's own-view key k1 -- its nearest vector -- among its negatives.)
+            _, negatives = self.criterion.memory_bank(torch.cat([k1, k0]), update=q0.requires_grad)  # [dim, queue]
+            t = self.criterion.temperature
+            return 0.5 * (_info_nce(q0, k1, negatives, t) + _info_nce(q1, k0, negatives, t))
 
     def after_step(self, progress: float) -> None:
         m = _cosine(progress, self.hp["momentum"], 1.0)
