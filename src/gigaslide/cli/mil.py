@@ -21,8 +21,9 @@ def train_mil(features: str, labels: str, out: str, model: str = "abmil", folds:
         out: run directory (models, splits, predictions, evaluation); an interrupted run resumes
         model: one of mean, max, abmil, clam_sb, clam_mb, transmil
         folds: number of cross-validation folds
-        train_slides: few-shot: train on this many slides drawn from each training fold (None = all), all of them for
-            --epochs (no validation split: the last epoch is kept)
+        train_slides: few-shot: train on this many slides drawn from each training fold (None = all); the validation
+            split comes from the drawn slides, or, where some draw cannot give one (a class with one slide), no
+            draw gets one and all train on their N slides for --epochs, keeping the last
         repeats: few-shot draws per fold (default: 3 with --train-slides, Giga-SSL protocol; 1 without)
         seed: seed of folds, draws, initialisation
         epochs: maximum epochs per fold

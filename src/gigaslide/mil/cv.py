@@ -57,6 +57,24 @@ def _fold_dirname(k: int, r: int) -> str:
     return f"fold{k}" if r == 0 else f"fold{k}_r{r}"
 
 
+def _train_val_parts(fold_idx: list[tuple[np.ndarray, np.ndarray]], t: Any, train_slides: int | None, repeats: int,
+                     val_fraction: float, seed: int) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """(train, validation) indices per fold and repeat. The validation split (stratified, patient-grouped) is carved
+    from each fold's training slides -- from the drawn slides in few-shot runs, which then train on fewer than N.
+    One protocol for the whole run: where some draw cannot give a validation split (a class with one slide in
+    it), no draw gets one, and every model trains on all its N slides for ``epochs`` epochs, keeping the last (a
+    run mixing early-stopped and last-epoch models, on N and on N/2 slides, would average two protocols)."""
+    out = []
+    for k, (tr_all, _) in enumerate(fold_idx):
+        draws = (S.few_shot_draws(tr_all, t.labels, train_slides, repeats, seed=seed * 1000 + k)
+                 if train_slides else [tr_all] * repeats)
+        out.append([S.validation_split(d, t.labels, t.patient_ids, fraction=val_fraction, seed=seed + r)
+                    for r, d in enumerate(draws)])
+    if train_slides and any(len(va) == 0 for fold in out for _, va in fold):
+        out = [[(np.sort(np.concatenate([tr, va])), va[:0]) for tr, va in fold] for fold in out]
+    return out
+
+
 def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os.PathLike, *,
            cfg: TrainConfig | None = None, folds: int = 5, train_slides: int | None = None, repeats: int = 1,
            on_missing: str = "error", val_fraction: float = 0.2, n_bootstrap: int = 1000,
@@ -67,8 +85,8 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
     ``bag_memory_gb``: memory the slides' features may take (:class:`~gigaslide.mil.bags.Bags`; ``auto``: half of
     what is available); bags beyond it are read from their files at every use. It does not change the result.
     ``fold_seed``: seed of the folds (default ``cfg.seed``); fix it to train several seeds on the same folds.
-    ``train_slides`` (few-shot): each of ``repeats`` draws of that many slides from a training fold trains a model on
-    exactly those slides for ``cfg.epochs`` epochs, keeping the last (no validation split: it would leave fewer)."""
+    ``train_slides`` (few-shot): each of ``repeats`` draws of that many slides from a training fold trains a model; see
+    :func:`_train_val_parts` for its validation split."""
     cfg = cfg or TrainConfig()
     out_d = atomic.ensure_writable_dir(out)
     atomic.clean_stale_tmp(out_d)
@@ -86,8 +104,8 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
         print(budget_note(bags))
     identity = {"train_config": {k: v for k, v in asdict(cfg).items() if k != "device"}, "folds": folds,
                 "train_slides": train_slides, "repeats": repeats, "val_fraction": val_fraction, "on_missing": on_missing}
-    if train_slides:  # few-shot runs recorded before this rule carved a validation split from the draw
-        identity["few_shot_validation"] = "none"
+    if train_slides:  # few-shot runs recorded before this rule could validate some draws and not others
+        identity["few_shot_validation"] = "all draws or none"
     if fold_seed != cfg.seed:  # (absent otherwise: runs recorded before fold_seed existed still resume)
         identity["fold_seed"] = fold_seed
     arch = arch_version(cfg.model, cfg.model_kwargs)
@@ -105,16 +123,10 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
     rec = S.splits_record(t, fold_idx)
     rec["per_fold"] = {}
     ids = t.slide_ids
-    for k, (tr_all, te) in enumerate(fold_idx):
-        draws = (S.few_shot_draws(tr_all, t.labels, train_slides, repeats, seed=cfg.seed * 1000 + k)
-                 if train_slides else [tr_all] * repeats)
-        for r, tr_pool in enumerate(draws):
+    parts = _train_val_parts(fold_idx, t, train_slides, repeats, val_fraction, cfg.seed)
+    for k, (_, te) in enumerate(fold_idx):
+        for r, (tr, va) in enumerate(parts[k]):
             name = _fold_dirname(k, r)
-            if train_slides:  # few-shot: the model sees exactly the N drawn slides, trained to the last epoch (a
-                # validation split carved from them would leave fewer, and none where a class has one slide)
-                tr, va = tr_pool, tr_pool[:0]
-            else:
-                tr, va = S.validation_split(tr_pool, t.labels, t.patient_ids, fraction=val_fraction, seed=cfg.seed + r)
             rec["per_fold"][name] = {"train": [ids[i] for i in tr], "val": [ids[i] for i in va],
                                      "test": [ids[i] for i in te]}
             fd = out_d / name
