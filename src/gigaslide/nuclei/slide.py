@@ -128,6 +128,7 @@ def _nuclei_of_region(inst: np.ndarray, types: dict[int, tuple[int, float]], npp
         poly = polygon_of(m)
         poly = np.stack([loc[0] + (poly[:, 0] + sl[1].start + 0.5) * f, loc[1] + (poly[:, 1] + sl[0].start + 0.5) * f], 1)
         t, prob = types.get(k, (None, float(npp[sl][m].mean())))
+        t = t or None  # type 0: the NC branch calls the whole nucleus background -- a nucleus without a class
         bbox = (loc[0] + sl[1].start * f, loc[1] + sl[0].start * f, loc[0] + sl[1].stop * f, loc[1] + sl[0].stop * f)
         yield (poly, (float(cx), float(cy)), float(m.sum()) * mpp * mpp, bbox, t,
                None if t is None else type_names.get(str(t), f"type{t}"), prob)
