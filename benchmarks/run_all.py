@@ -62,10 +62,31 @@ def plan(names: list[str]) -> list[list[str]]:
     return out
 
 
+#: Fixes that change what some recorded sections would measure, for the sections measured before them (each
+#: section's rows say when they ran: dates, or the git HEAD a tile-SSL run trained at). Prose only: no numbers.
+CHANGES = [
+    ("abb7f5e", "MoCo v2's symmetric loss enqueued the first direction's keys before the second direction's loss, so "
+     "that direction counted each query's own-view key as a negative", "`mocov2` rows trained at an earlier git HEAD "
+     "(tile_ssl sections other than `seeds15`, its fine-tune section included; tile_precision; encoder_leaderboard)"),
+    ("e3b52a4", "MIL class weights had no effect (one bag per step divided them out again; the mosaic cohorts are "
+     "balanced, so their weights are near 1)", "MIL rows of the slide_ssl* and encoder_leaderboard sections"),
+    ("127e4cd", "a few-shot MIL run (`--train-slides N`) could early-stop the draws that held two slides of every "
+     "class on a validation split carved from them and train the others on all N to the last epoch (now one "
+     "protocol per run)", "few-shot MIL rows of the slide_ssl* sections where a draw held one slide of a class"),
+    ("336290d", "`encode` folded batch norms only in runs of 128 tiles or more (now on every run)",
+     "encode rows of runs under 128 tiles (their `default folds BN` column says which ran)"),
+]
+
+
 def collect() -> Path:
     parts = ["# Benchmark results", "",
              "Each section is written by `benchmarks/bench_<topic>.py` (command and machine under each). "
-             "Ratios are measured side by side in one run. This file is rebuilt by `benchmarks/run_all.py --collect`.", ""]
+             "Ratios are measured side by side in one run. "
+             "This file is rebuilt by `benchmarks/run_all.py --collect`.", "",
+             "Fixed after some sections were measured (those rows are what that code measured; re-run them with "
+             "`make bench`):", ""]
+    parts += [f"- {commit}: {what}. Affects: {where}." for commit, what, where in CHANGES]
+    parts += [""]
     names = [n for n in ORDER if (HERE / "results" / f"{n}.md").is_file()]
     names += sorted(p.stem for p in (HERE / "results").glob("*.md") if p.stem not in ORDER)
     for n in names:
