@@ -78,7 +78,7 @@ def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, ov
     """
     from gigaslide import atomic
     from gigaslide.features.manifest import Manifest
-    from gigaslide.slides import find_slides, slide_id_from_path
+    from gigaslide.slides import by_slide_id, find_slides, slide_id_from_path
     from gigaslide.cli.validate import tiling_params
     from gigaslide.tiling.parallel import tile_many, tiling_workers
 
@@ -94,16 +94,12 @@ def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, ov
         print(f"failed: {err}", file=sys.stderr)
 
     try:
-        seen: dict[str, Path] = {}
         todo = []
-        for f in files:  # one coords file per slide id: a second slide with the id would overwrite the first's
-            sid = slide_id_from_path(Path(f))
-            if sid in seen:
-                failed(f, GigaslideError(f"slide id '{sid}' also used by {seen[sid]}", path=f,
-                                         fix="rename one of the slides; ids come from file names").one_line())
-                continue
-            seen[sid] = f
-            todo.append(f)
+        for f, _, taken in by_slide_id(files):  # one coords file per slide id
+            if taken:
+                failed(f, taken)
+            else:
+                todo.append(f)
         n_workers = tiling_workers(len(todo)) if workers is None else workers
         for f, g, err in tile_many(todo, str, outp, params, slide_mpp=slide_mpp, workers=n_workers):
             if err is None:

@@ -41,10 +41,10 @@ from gigaslide.features import store
 from gigaslide.features.manifest import Manifest
 from gigaslide.features.parallel import RankInfo, auto_workers, rank_device, rank_info, rank_order
 from gigaslide.locks import ItemLock
-from gigaslide.slides import slide_id_from_path
+from gigaslide.slides import by_slide_id
 from gigaslide.slides.pool import ReaderPool, ReadTask
 from gigaslide.slides.reader import DOWNSAMPLE_MODES
-from gigaslide.tiling import GRID_RULE, Scan, TileGrid, TilingParams, layout, load_grid
+from gigaslide.tiling import GRID_RULE, Scan, TileGrid, TilingParams, layout, reusable_grid
 from gigaslide.tiling.annotations import tissue_attrs
 from gigaslide.tiling.parallel import TileAhead, tile_many, tiling_workers
 
@@ -104,15 +104,14 @@ def _reader_name(info: dict[str, Any]) -> str:
 
 
 def _feature_attrs(encoder: Encoder, params: TilingParams, grid: TileGrid, choice: PrecisionChoice, seed: int | None,
-                   info: dict[str, Any], downsample: str = "box", *, slide_path: str | os.PathLike | None = None,
-                   bn_folded: bool | None = None) -> dict:
-    """The feature file's attributes. ``slide_path``: the file the tiles were read from (recorded absolute; default:
-    the grid's, which may be older); ``bn_folded``: the encoder ran with its batch norms folded."""
+                   info: dict[str, Any], downsample: str, *, slide_path: str | os.PathLike, bn_folded: bool) -> dict:
+    """The feature file's attributes. ``slide_path``: the file the tiles were read from (recorded absolute: the
+    grid's may be older); ``bn_folded``: the encoder ran with its batch norms folded."""
     return {
         "encoder": encoder.spec.name, "encoder_weights_sha256": encoder.weights_id, "embed_dim": encoder.embed_dim,
         "mpp": params.mpp, "read_mpp": info.get("read_mpp"), "tile_size": params.tile_size, "overlap": params.overlap,
         "min_tissue": params.min_tissue, "slide_id": grid.slide_id,
-        "slide_path": grid.slide_path if slide_path is None else os.path.abspath(slide_path),
+        "slide_path": os.path.abspath(slide_path),
         "slide_mpp": grid.slide_mpp, "bn_folded": bn_folded,
         "precision": choice.resolved, "precision_requested": choice.requested,
         "bf16_cosine": choice.bf16_cosine, "encoder_input_size": encoder.spec.input_size, "seed": seed,
@@ -210,10 +209,6 @@ class _Run:
         return scan is not None and is_finished(path, self.encoder, self.params, stamp=stamp,
                                                 downsample=self.downsample, scan=scan)
 
-    def reusable(self, job: SlideJob, grid: TileGrid) -> bool:
-        """``grid`` (``job``'s coords file) was made at these settings from the slide as it is now."""
-        return self.params.matches(grid) and (scan := self.scan(job)) is not None and scan.made_grid(grid)
-
     def fail(self, job: SlideJob, msg: str) -> None:
         job.failed = True
         job.feats.clear()
@@ -242,15 +237,11 @@ class _Run:
         """Slide ids, finished slides skipped, every free slide tiled (this rank's round-robin share first; with
         ``tile=False`` they are left to :meth:`claims`)."""
         jobs: list[SlideJob] = []
-        seen: dict[str, str] = {}
-        for p in slides:
-            sid = slide_id_from_path(Path(p))  # = the opened slide's id; a slide that cannot be opened fails when tiled
+        for p, sid, taken in by_slide_id(slides):  # = the opened slide's id; one that cannot be opened fails when tiled
             job = SlideJob(str(p), sid)
-            if sid in seen:
-                self.fail(job, GigaslideError(f"slide id '{sid}' also used by {seen[sid]}", path=p,
-                                              fix="rename one of the slides; ids come from file names").one_line())
+            if taken:
+                self.fail(job, taken)
                 continue
-            seen[sid] = str(p)
             if self.finished(job):
                 self.skip(job, "already encoded (skipped)")
                 continue
@@ -258,12 +249,9 @@ class _Run:
         r, w = self.rank.rank, self.rank.world
         untiled: list[SlideJob] = []
         for job in [j for i, j in enumerate(jobs) if i % w == r] + [j for i, j in enumerate(jobs) if i % w != r]:
-            coords = layout(self.out, job.slide_id)["coords"]
-            with contextlib.suppress(GigaslideError):
-                if coords.is_file() and self.reusable(job, g := load_grid(coords)):
-                    job.grid = g
-                    continue
-            untiled.append(job)
+            job.grid = reusable_grid(layout(self.out, job.slide_id)["coords"], self.params, lambda: self.scan(job))
+            if job.grid is None:
+                untiled.append(job)
         if not tile:
             return jobs
         locks: dict[str, ItemLock] = {}

@@ -64,14 +64,12 @@ def _train_val_parts(fold_idx: list[tuple[np.ndarray, np.ndarray]], t: Any, trai
     One protocol for the whole run: where some draw cannot give a validation split (a class with one slide in
     it), no draw gets one, and every model trains on all its N slides for ``epochs`` epochs, keeping the last (a
     run mixing early-stopped and last-epoch models, on N and on N/2 slides, would average two protocols)."""
-    out = []
-    for k, (tr_all, _) in enumerate(fold_idx):
-        draws = (S.few_shot_draws(tr_all, t.labels, train_slides, repeats, seed=seed * 1000 + k)
-                 if train_slides else [tr_all] * repeats)
-        out.append([S.validation_split(d, t.labels, t.patient_ids, fraction=val_fraction, seed=seed + r)
-                    for r, d in enumerate(draws)])
+    draws = [S.few_shot_draws(tr_all, t.labels, train_slides, repeats, seed=seed * 1000 + k) if train_slides
+             else [tr_all] * repeats for k, (tr_all, _) in enumerate(fold_idx)]
+    out = [[S.validation_split(d, t.labels, t.patient_ids, fraction=val_fraction, seed=seed + r)
+            for r, d in enumerate(fold)] for fold in draws]
     if train_slides and any(len(va) == 0 for fold in out for _, va in fold):
-        out = [[(np.sort(np.concatenate([tr, va])), va[:0]) for tr, va in fold] for fold in out]
+        return [[(d, d[:0]) for d in fold] for fold in draws]
     return out
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from gigaslide.errors import GigaslideError
 
 SLIDE_EXTENSIONS = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
@@ -20,4 +24,18 @@ def slide_id_from_path(path: Path) -> str:
     return path.stem if path.stem not in ("", ".", "..") else name
 
 
-__all__ = ["SLIDE_EXTENSIONS", "slide_id_from_path"]
+def by_slide_id(paths: Iterable[str | os.PathLike]) -> Iterator[tuple[str | os.PathLike, str, str | None]]:
+    """``(path, slide id, None)`` for each of ``paths`` in order, or ``(path, slide id, error line)`` for a path whose
+    id an earlier path already has (one output file per id: the second slide would overwrite the first's)."""
+    seen: dict[str, str] = {}
+    for p in paths:
+        sid = slide_id_from_path(Path(p))
+        if sid in seen:
+            yield p, sid, GigaslideError(f"slide id '{sid}' also used by {seen[sid]}", path=p,
+                                         fix="rename one of the slides; ids come from file names").one_line()
+            continue
+        seen[sid] = str(p)
+        yield p, sid, None
+
+
+__all__ = ["SLIDE_EXTENSIONS", "by_slide_id", "slide_id_from_path"]

@@ -67,7 +67,7 @@ def load_mpp_table(path: str | os.PathLike) -> dict[str, float]:
     """Read ``slide_id,mpp`` (or ``slide,mpp`` / ``path,mpp`` / ``filename,mpp``) rows into ``{slide_id: mpp}``.
 
     UTF-8, with or without a byte-order mark (Excel's "CSV UTF-8"); a ``path`` / ``filename`` gives the slide id its
-    file would get (``x.ome.tif`` -> ``x``, as :func:`~gigaslide.slides.slide.slide_id_from_path`)."""
+    file would get (``x.ome.tif`` -> ``x``, as :func:`~gigaslide.slides.ids.slide_id_from_path`)."""
     p = Path(path)
     if not p.is_file():
         raise GigaslideError("mpp table not found", path=p, fix="give a CSV with columns slide_id,mpp")

@@ -6,7 +6,7 @@ import contextlib
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -120,6 +120,22 @@ def layout(out: str | os.PathLike, slide_id: str) -> dict[str, Path]:
     }
 
 
+def reusable_grid(coords: Path, params: TilingParams, scan: Callable[[], Scan | None]) -> TileGrid | None:
+    """The tile grid in ``coords`` when it was made at ``params`` from the slide's scan as it is now (``scan()``,
+    called only when there is a grid of these settings to compare); None when there is none, it cannot be read, or
+    the settings or the scan differ."""
+    if not coords.is_file():
+        return None
+    try:
+        grid = load_grid(coords)
+    except GigaslideError:
+        return None
+    if not params.matches(grid):
+        return None
+    now = scan()
+    return grid if now is not None and now.made_grid(grid) else None
+
+
 def tile_slide(path: str | os.PathLike | Slide, out: str | os.PathLike, params: TilingParams, *,
                slide_mpp: float | str | None = None, overlays: bool = True, reuse: bool = True) -> TileGrid:
     """Tile ``path`` into ``out`` (see :func:`layout`); reuses an existing coords file made with the same params from
@@ -132,14 +148,10 @@ def tile_slide(path: str | os.PathLike | Slide, out: str | os.PathLike, params: 
     opened = contextlib.nullcontext(path) if isinstance(path, Slide) else open_slide(path, mpp=slide_mpp)
     with opened as slide:
         paths = layout(out, slide.id)
-        if reuse and paths["coords"].is_file():
-            try:
-                grid = load_grid(paths["coords"])
-                if params.matches(grid) and Scan.of(slide).made_grid(grid):
-                    _warn_stain(grid)
-                    return grid
-            except GigaslideError:
-                pass
+        grid = reusable_grid(paths["coords"], params, lambda: Scan.of(slide)) if reuse else None
+        if grid is not None:
+            _warn_stain(grid)
+            return grid
         slide.check_target_mpp(params.mpp) if slide.has_mpp else slide.mpp_info  # mpp_info raises a clear error
         for key in ("coords", "tissue_png", "tissue_geojson", "grid_png"):  # a killed run's temporary files, this slide only
             atomic.clean_stale_tmp_for(paths[key])
