@@ -41,3 +41,38 @@ def test_replacing_a_file_gives_the_new_file_the_umask_mode(tmp_path, umask):
     atomic.write_text(target, "new")
     assert target.read_text() == "new" and stat.S_IMODE(target.stat().st_mode) == 0o644
     assert not list(tmp_path.glob(atomic.TMP_PREFIX + "*"))
+
+
+def test_a_full_disk_under_a_safetensors_write_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """safetensors reports a full disk as ``SafetensorError`` (not an OSError) whose text ends ``(os error 28)``: a
+    checkpoint save on a full disk was a traceback instead of the one-line storage error, for every safetensors
+    writer (checkpoints, encoder exports, model files)."""
+    import safetensors
+    import safetensors.torch
+    import torch
+
+    from gigaslide import runs
+    from gigaslide.errors import GigaslideError
+
+    runs.save_checkpoint(tmp_path, {"w": torch.ones(3)})
+
+    def full_disk(tensors, filename, metadata=None):  # noqa: ANN001, ARG001 - half a file, then what safetensors says
+        with open(filename, "wb") as fh:  # when the disk fills up (measured on a 64 KiB tmpfs)
+            fh.write(b"\0" * 100)
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(GigaslideError, match=r"last-00000002.safetensors: cannot write \(No space left on device\)"
+                                             r".*free disk space") as e:
+        runs.save_checkpoint(tmp_path, {"w": torch.zeros(3)})
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["last-00000001.safetensors", "last.json"]
+    assert torch.equal(runs.load_checkpoint(tmp_path)["w"], torch.ones(3))
+
+
+def test_other_errors_of_a_writer_are_not_taken_for_storage_faults(tmp_path):
+    with pytest.raises(ValueError, match="bad payload"), atomic.atomic_path(tmp_path / "x.bin"):
+        raise ValueError("bad payload (not an os error 28)")
+    with pytest.raises(RuntimeError, match="os error 22"), atomic.atomic_path(tmp_path / "x.bin"):
+        raise RuntimeError("Invalid argument (os error 22)")  # an errno that is no storage fault: as it is
+    assert list(tmp_path.iterdir()) == []

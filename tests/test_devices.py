@@ -35,6 +35,21 @@ def test_pick_device():
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def test_a_device_this_machine_lacks_is_a_one_line_error(monkeypatch):
+    import pytest
+
+    from gigaslide.errors import GigaslideError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(GigaslideError, match="no CUDA device"):
+        pick_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(GigaslideError, match="has 2 CUDA device"):
+        pick_device("cuda:2")
+
+
 def test_auto_on_cpu_uses_bf16_only_when_the_probe_agrees_with_fp32(monkeypatch):
     from gigaslide import devices
     from gigaslide.devices import BF16_MIN_COSINE, choose_precision
@@ -137,3 +152,19 @@ def test_guard_runs_only_the_hazardous_geometry_in_fp32_and_keeps_the_state_dict
         assert model[0](torch.randn(2, 3, 4, 1)).dtype == torch.float32  # the width alone decides too
     assert model[0](torch.randn(2, 3, 1, 1)).dtype == torch.float32  # no autocast: untouched
     assert not devices.bf16_conv_hazard(torch.randn(1, 3, 1, 1), (2, 2))  # outside autocast: no hazard
+
+
+@pytest.mark.parametrize("capability,want", [((7, 5), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_auto_on_cuda_is_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, capability, want):
+    """On a T4 / V100 (compute capability 7.x) bf16 only runs emulated, several times slower than fp16, yet
+    ``torch.cuda.is_bf16_supported()`` says True there (it counts emulation by default): ``auto`` must pick fp16 on
+    such GPUs, and ask about the GPU it was given (here cuda:1), not the current one."""
+    asked = []
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or capability)
+    # how torch answers on these GPUs: True when emulation counts (its default), native support only from 8.0
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation or capability >= (8, 0))
+    got = devices.choose_precision(torch.device("cuda:1"), "auto")
+    assert got.resolved == want and got.requested == "auto"
+    assert asked and all(torch.device(d) == torch.device("cuda:1") for d in asked)

@@ -6,6 +6,9 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import pytest
 
 from gigaslide.locks import ItemLock
 
@@ -63,3 +66,51 @@ def test_two_processes_split_the_items(tmp_path):
     outs = [set(map(int, p.communicate(timeout=60)[0].split())) for p in procs]
     assert not outs[0] & outs[1]  # never the same item twice
     assert outs[0] | outs[1] == set(range(40))
+
+
+def test_pid_reused_by_another_users_process_is_still_told_apart_by_its_start_time(tmp_path, monkeypatch):
+    """A dead owner's pid now held by a process of another user: ``kill(pid, 0)`` raises PermissionError there, which
+    counted as "the owner runs" without comparing start times, so that lock was never taken over."""
+    import gigaslide.locks as L
+
+    def kill(pid, sig):  # noqa: ANN001, ARG001 - how the kernel answers for a process of another user
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(L.os, "kill", kill)
+    me = L.owner_record()
+    gone = {**me, "start": "not-its-start-time"}  # the pid is the same, the process is another one
+    (tmp_path / "a.lock").write_text(json.dumps(gone))
+    lock = ItemLock(tmp_path, "a")
+    assert lock.is_stale() and lock.acquire()
+    lock.release()
+    (tmp_path / "b.lock").write_text(json.dumps(me))  # the owner itself, running as another user: kept
+    assert not ItemLock(tmp_path, "b").is_stale() and not ItemLock(tmp_path, "b").acquire()
+
+
+@pytest.mark.parametrize("pid", [0, -1])
+def test_a_record_naming_no_process_is_stale(tmp_path, pid):
+    """kill(0, 0) and kill(-1, 0) ask about process groups and succeed: such a record looked alive forever."""
+    rec = {"pid": pid, "host": socket.gethostname(), "start": None, "time": time.time()}
+    (tmp_path / "a.lock").write_text(json.dumps(rec))
+    assert ItemLock(tmp_path, "a").is_stale()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process states from /proc")
+def test_lock_of_an_exited_process_not_yet_reaped_is_taken_over(tmp_path):
+    """An owner that exited but whose parent has not waited for it yet (a zombie) still answers kill(pid, 0) and keeps
+    its start time: its lock looked held until the parent reaped it."""
+    code = f"from gigaslide.locks import ItemLock; assert ItemLock({str(tmp_path)!r}, 's1').acquire()"
+    p = subprocess.Popen([sys.executable, "-c", code])  # not waited for: a zombie once it exits
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            state = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state == "Z":
+                break
+            time.sleep(0.02)
+        assert state == "Z" and json.loads((tmp_path / "s1.lock").read_text())["pid"] == p.pid
+        lock = ItemLock(tmp_path, "s1")
+        assert lock.is_stale() and lock.acquire()
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    finally:
+        p.wait()

@@ -136,6 +136,30 @@ def test_run_json_records_environment_config_and_fingerprints(tmp_path: Path) ->
     assert runs.read_run(tmp_path / "run")["summary"] == {"auc": 0.9}
 
 
+@pytest.mark.skipif(__import__("shutil").which("git") is None, reason="needs git")
+def test_git_commit_is_not_taken_from_another_projects_repository(tmp_path: Path) -> None:
+    """gigaslide installed into a project's ``.venv`` (inside that project's git repository, ignored by it) recorded
+    the project's HEAD as gigaslide's ``git_commit`` in every run.json."""
+    import shutil
+
+    import gigaslide
+
+    proj = tmp_path / "project"
+    site = proj / ".venv" / "site"
+    site.mkdir(parents=True)
+    (proj / ".gitignore").write_text(".venv/\n")
+    git = ["git", "-C", str(proj), "-c", "user.email=a@b.c", "-c", "user.name=u"]
+    for cmd in (["init", "-q"], ["add", ".gitignore"], ["commit", "-qm", "init"]):
+        subprocess.run([*git, *cmd], check=True, capture_output=True)
+    project_head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True,
+                                  text=True).stdout.strip()
+    shutil.copytree(Path(gigaslide.__file__).parent, site / "gigaslide")
+    out = subprocess.run([sys.executable, "-c", "import gigaslide.runs as r; print(r.__file__); "
+                          "print(r.environment()['git_commit'])"], env={**os.environ, "PYTHONPATH": str(site)},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[0].startswith(str(site)) and out[1] == "None" and project_head not in out
+
+
 def test_checkpoint_round_trips_nested_payloads_without_pickle(tmp_path: Path) -> None:
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters())
@@ -158,6 +182,28 @@ def test_checkpoint_round_trips_nested_payloads_without_pickle(tmp_path: Path) -
     assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["last-00000002.safetensors", "last.json"]
     with pytest.raises(TypeError):
         runs.save_checkpoint(tmp_path, {"obj": object()})
+
+
+def test_saving_a_checkpoint_keeps_the_tensors_of_one_whose_name_it_prefixes(tmp_path: Path) -> None:
+    """Saving ``best`` removed every ``best-*.safetensors``: also the tensor file of a checkpoint named ``best-ema``,
+    which could then no longer be loaded."""
+    runs.save_checkpoint(tmp_path, {"w": torch.ones(2)}, name="best-ema")
+    runs.save_checkpoint(tmp_path, {"w": torch.zeros(2)}, name="best")
+    runs.save_checkpoint(tmp_path, {"w": torch.full((2,), 2.0)}, name="best")
+    assert torch.equal(runs.load_checkpoint(tmp_path, "best-ema")["w"], torch.ones(2))
+    assert torch.equal(runs.load_checkpoint(tmp_path, "best")["w"], torch.full((2,), 2.0))
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == [
+        "best-00000002.safetensors", "best-ema-00000001.safetensors", "best-ema.json", "best.json"]
+
+
+def test_arrays_keep_their_shape_zero_d_included(tmp_path: Path) -> None:
+    """A 0-d array came back as shape (1,) (``np.ascontiguousarray`` makes every array at least 1-d)."""
+    arrays = {"0d": np.array(2.5), "0d_int": np.array(7, dtype=np.int64), "2d_f": np.asfortranarray(np.eye(3)[:, :2]),
+              "strided": np.arange(10)[::3]}
+    runs.save_checkpoint(tmp_path, arrays)
+    back = runs.load_checkpoint(tmp_path)
+    for k, a in arrays.items():
+        assert back[k].shape == a.shape and back[k].dtype == a.dtype and np.array_equal(back[k], a), k
 
 
 def test_rng_state_restores_every_generator(tmp_path: Path) -> None:
@@ -215,3 +261,38 @@ def test_parse_duration(text: str, seconds: float) -> None:
 def test_parse_duration_refuses_nonsense(bad: str) -> None:
     with pytest.raises(GigaslideError):
         runs.parse_duration(bad)
+
+
+def test_a_run_folder_is_held_by_one_process_at_a_time(tmp_path):
+    """While one process has a run open, another process opening it gets a one-line error naming the holder
+    (instead of both writing checkpoints, and one cleaning the other's temporary files); the same process may
+    open it again; once the holder's Run is gone (or the process dies) the folder is free."""
+    import gc
+
+    from gigaslide.runs import open_run
+
+    code = textwrap.dedent(f"""
+        import sys
+        from gigaslide.errors import GigaslideError
+        from gigaslide.runs import open_run
+        try:
+            open_run({str(tmp_path / 'run')!r}, "test", {{"lr": 1}})
+        except GigaslideError as e:
+            print(e.one_line()); sys.exit(3)
+    """)
+
+    def other_process() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+    run = open_run(tmp_path / "run", "test", {"lr": 1})
+    again = open_run(tmp_path / "run", "test", {"lr": 1})  # this process: allowed
+    assert again.resumed
+    p = other_process()
+    assert p.returncode == 3 and f"in use by pid {os.getpid()}" in p.stdout and "\n" not in p.stdout.strip()
+    del again
+    gc.collect()
+    assert other_process().returncode == 3  # `run` still holds it
+    del run
+    gc.collect()
+    p = other_process()
+    assert p.returncode == 0, p.stdout + p.stderr

@@ -131,3 +131,30 @@ def test_ids_from_metadata_never_become_paths(tmp_path, synthetic_slide):
     with pytest.raises(GigaslideError, match="unsafe slide_id"):
         open_slide(synthetic_slide, slide_id="../x")
     assert slide_id_from_path(Path("d/..svs")) == "..svs" and slide_id_from_path(Path("d/a.svs")) == "a"
+
+
+def test_slide_id_length_is_counted_in_file_name_bytes(tmp_path):
+    """Ids become file names, limited to 255 *bytes*: 150 'é' are 300 bytes, which no file system takes (it passed as
+    150 characters, and the write failed later with "File name too long")."""
+    for ok in ("x" * 200, "é" * 100, "ü" * 99 + "x"):
+        assert check_slide_id(ok) == ok
+        (tmp_path / (ok + ".features.h5")).write_bytes(b"")  # the longest accepted ids are usable file names
+    for bad in ("é" * 150, "é" * 100 + "x", "\ud800"):
+        assert not is_safe_slide_id(bad)
+        with pytest.raises(GigaslideError, match="longer than 200 bytes"):
+            check_slide_id(bad)
+    with pytest.raises(OSError, match="too long"):
+        (tmp_path / ("é" * 150 + ".h5")).write_bytes(b"")
+
+
+@pytest.mark.parametrize("text", ["[" * 5000, "{a: " * 5000, "".join("  " * i + f"k{i}:\n" for i in range(3000))])
+def test_deeply_nested_yaml_is_a_one_line_error_not_a_recursion_error(tmp_path, text):
+    from gigaslide.safe_parse import check_config_arg, load_yaml_text
+
+    with pytest.raises(GigaslideError, match="nested too deeply"):
+        load_yaml_text(text, where="cfg.yaml")
+    f = tmp_path / "deep.yaml"
+    f.write_text(text)
+    with pytest.raises(GigaslideError, match="deep.yaml.*nested too deeply"):
+        check_config_arg(str(f))
+    assert load_yaml_text("[" * 20 + "]" * 20) == [[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]  # ordinary nesting is fine

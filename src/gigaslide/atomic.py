@@ -13,6 +13,7 @@ import errno
 import glob
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,13 +81,24 @@ STORAGE_FIXES = {
 }
 
 
-def storage_error(e: OSError, target: str | os.PathLike) -> GigaslideError | None:
-    """A one-line error for a storage fault while writing ``target``; None for other OSErrors."""
-    fix = STORAGE_FIXES.get(e.errno) if e.errno is not None else None
+#: How Rust's I/O errors end, e.g. safetensors' ``SafetensorError: ... No space left on device (os error 28)`` (not an
+#: OSError, so its errno is only in the text).
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def storage_error(e: BaseException, target: str | os.PathLike) -> GigaslideError | None:
+    """A one-line error for a storage fault while writing ``target``; None for other errors. Besides OSErrors this
+    reads the errno of errors raised by Rust writers (safetensors' ``save_file``), which say ``(os error N)``."""
+    if isinstance(e, OSError):
+        code, reason = e.errno, e.strerror
+    elif isinstance(e, Exception) and (m := _RUST_OS_ERROR.search(str(e))) is not None:
+        code, reason = int(m.group(1)), None
+    else:
+        return None
+    fix = STORAGE_FIXES.get(code) if code is not None else None
     if fix is None:
         return None
-    reason = e.strerror or os.strerror(e.errno)
-    return GigaslideError(f"cannot write ({reason})", path=target, fix=fix)
+    return GigaslideError(f"cannot write ({reason or os.strerror(code)})", path=target, fix=fix)
 
 
 @contextlib.contextmanager
@@ -115,7 +127,7 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
-        err = storage_error(e, target) if isinstance(e, OSError) else None
+        err = storage_error(e, target)
         if err is None:
             raise
         raise err from None

@@ -40,9 +40,19 @@ def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError:
         raise GigaslideError(f"unknown device '{device}'", fix="use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():  # else a torch traceback at the first tensor
+        raise GigaslideError(f"device '{device}' asked for, but this machine has no CUDA device",
+                             fix="use --device auto or cpu (or run where a GPU is)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise GigaslideError(f"device '{device}' asked for, but this machine has {torch.cuda.device_count()} CUDA "
+                             "device(s)", fix="use cuda:0 .. cuda:N-1, or --device auto")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise GigaslideError(f"device '{device}' asked for, but MPS is not available here",
+                             fix="use --device auto or cpu")
+    return dev
 
 
 @dataclass(frozen=True)
@@ -96,6 +106,16 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """Whether the GPU ``device`` computes bf16 in hardware (compute capability 8.0 or later, or ROCm).
+
+    Not ``torch.cuda.is_bf16_supported()``: by default it also says True where bf16 is only emulated (V100, T4 ...),
+    several times slower than fp16 there, and it asks about the current device rather than ``device``."""
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def choose_precision(device: torch.device, precision: str = "auto",
                      probe: Callable[[], torch.Tensor] | None = None, *,
                      bf16_measured: str | None = None) -> PrecisionChoice:
@@ -107,7 +127,7 @@ def choose_precision(device: torch.device, precision: str = "auto",
     if precision != "auto":
         return PrecisionChoice(precision, precision)
     if device.type == "cuda":
-        return PrecisionChoice("auto", "bf16" if torch.cuda.is_bf16_supported() else "fp16")
+        return PrecisionChoice("auto", "bf16" if cuda_has_native_bf16(device) else "fp16")
     if not cpu_has_native_bf16():  # emulated bf16 is slower than fp32: nothing to gain
         return PrecisionChoice("auto", "fp32", basis=NO_NATIVE_BF16 if (probe is not None or bf16_measured) else None)
     if probe is None and bf16_measured:
@@ -195,5 +215,5 @@ def device_name(device: torch.device) -> str:
 
 
 __all__ = ["BF16_MIN_COSINE", "PRECISIONS", "GuardedConv2d", "PrecisionChoice", "autocast_ctx", "autocast_dtype",
-           "bf16_conv_hazard", "choose_precision", "device_name", "guard_bf16_convs", "pick_device",
-           "resolve_precision"]
+           "bf16_conv_hazard", "choose_precision", "cuda_has_native_bf16", "device_name", "guard_bf16_convs",
+           "pick_device", "resolve_precision"]

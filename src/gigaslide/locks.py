@@ -26,23 +26,34 @@ STALE_AFTER_S = 600.0
 UNREADABLE_GRACE_S = 10.0
 
 
-def _start_time(pid: int) -> str | None:
-    """Process start time in clock ticks since boot (Linux), to tell a reused pid from the owner."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first), None where there is none."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    return stat.rsplit(")", 1)[1].split()
+
+
+def _start_time(pid: int) -> str | None:
+    """Process start time in clock ticks since boot (Linux), to tell a reused pid from the owner."""
+    fields = _stat(pid)
+    return None if fields is None else fields[19]
 
 
 def _alive(pid: int, start: str | None) -> bool:
+    if pid <= 0:  # kill(0 or -1, 0) asks about a whole process group / every process: never an owner
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
-    now = _start_time(pid)
+    except PermissionError:  # a process of another user has the pid now: its start time still tells (/proc is
+        pass  # readable), so a pid reused by someone else's process does not keep a dead owner's lock forever
+    fields = _stat(pid)
+    if fields is not None and fields[0] in ("Z", "X"):  # exited, not yet reaped by its parent: kill(pid, 0) still
+        return False  # succeeds and the start time is the owner's, but it holds nothing any more
+    now = None if fields is None else fields[19]
     return start is None or now is None or now == start
 
 

@@ -41,17 +41,88 @@ def rss_bytes() -> int | None:
         return None
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available to new allocations now (``MemAvailable`` of ``/proc/meminfo``), None where it
-    cannot be read."""
+#: Where the machine's and the process's memory facts are read (tests point them at a made-up tree).
+MEMINFO, PROC_CGROUP, CGROUP_ROOT = "/proc/meminfo", "/proc/self/cgroup", "/sys/fs/cgroup"
+#: A cgroup v1 "limit" at least this large means no limit (the kernel writes 2**63 rounded down to a page).
+_NO_LIMIT = 1 << 60
+
+
+def _meminfo_available() -> int | None:
     try:
-        with open("/proc/meminfo", "rb") as f:
+        with open(MEMINFO, "rb") as f:
             for line in f:
                 if line.startswith(b"MemAvailable:"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max" (cgroup v2: no limit) or unreadable
+
+
+def _inactive_file(stat_path: str, key: bytes) -> int:
+    """Page cache the kernel reclaims before it kills: counted in a cgroup's usage, yet available."""
+    try:
+        with open(stat_path, "rb") as f:
+            for line in f:
+                name, _, value = line.partition(b" ")
+                if name == key:
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _cgroup_room() -> int | None:
+    """Bytes this process's memory cgroup (and every cgroup above it) still allows: the smallest limit less usage
+    (reclaimable page cache counted as free) along its path; None where no cgroup limits memory (or none is read).
+
+    A SLURM job (``--mem``), a container (``docker --memory``) or a systemd slice is killed at its cgroup's limit,
+    however much memory the machine has free."""
+    try:
+        with open(PROC_CGROUP, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    room = None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hid, controllers, path = parts
+        if hid == "0" and controllers == "":  # cgroup v2
+            base, limit_file, usage_file, key = CGROUP_ROOT, "memory.max", "memory.current", b"inactive_file"
+        elif "memory" in controllers.split(","):  # cgroup v1
+            base, limit_file, usage_file, key = (f"{CGROUP_ROOT}/memory", "memory.limit_in_bytes",
+                                                 "memory.usage_in_bytes", b"total_inactive_file")
+        else:
+            continue
+        names = [n for n in path.split("/") if n]
+        for i in range(len(names), -1, -1):  # the cgroup, then each one above it, up to the root of the mount
+            d = "/".join([base, *names[:i]])
+            limit = _read_int(f"{d}/{limit_file}")
+            if limit is None or limit >= _NO_LIMIT:
+                continue
+            usage = _read_int(f"{d}/{usage_file}") or 0
+            free = max(0, limit - usage + _inactive_file(f"{d}/memory.stat", key))
+            room = free if room is None else min(room, free)
+    return room
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations now: ``MemAvailable`` of ``/proc/meminfo``, or less where the
+    process's memory cgroup (a SLURM job, a container) leaves less; None where neither can be read."""
+    avail, room = _meminfo_available(), _cgroup_room()
+    if avail is None or room is None:
+        return room if avail is None else avail
+    return min(avail, room)
 
 
 def malloc_trim() -> bool:

@@ -21,6 +21,10 @@ A training loop opens its output folder with :func:`open_run`::
   RNG states) into ``checkpoint/<name>.json``, written last and atomically — a crash or ``kill -9``
   at any point leaves the previous consistent checkpoint. With optimizer and RNG states restored, a
   resumed run continues bit-exactly (tested).
+* One process at a time: :func:`open_run` takes a lock on ``RUN/run.lock`` that lasts as long as the
+  returned :class:`Run` (the kernel drops it when the process ends, also on ``kill -9``); a second process
+  opening the folder meanwhile gets a one-line error naming the holder's pid instead of both writing
+  checkpoints there. The same process may open its run again (a notebook resuming after an error).
 * :class:`Selection` keeps the best epoch and patience; :class:`Stopper` turns SIGTERM / Ctrl-C and
   a wall-clock ``--budget`` into a clean stop at the end of the current step.
 """
@@ -28,7 +32,10 @@ A training loop opens its output folder with :func:`open_run`::
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import functools
+import glob
 import hashlib
 import json
 import math
@@ -40,6 +47,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,6 +61,7 @@ from gigaslide.errors import GigaslideError
 from gigaslide.provenance import Provenance, file_sha256
 
 RUN_JSON = "run.json"
+RUN_LOCK = "run.lock"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FORMAT = "gigaslide.checkpoint/1"
 BUFFER_PREFIX = "buffer::"
@@ -100,9 +109,16 @@ def _content_key(fp: Mapping[str, Any]) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=1)
 def _git_commit() -> str | None:
-    here = Path(__file__).resolve().parent
+    """The commit of the gigaslide checkout this module runs from; None where it is not one (an installed package,
+    also inside another project's repository -- e.g. its ``.venv`` --, whose commit is not gigaslide's)."""
+    here = Path(__file__).resolve()
     with contextlib.suppress(Exception):
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        tracked = subprocess.run(["git", "-C", str(here.parent), "ls-files", "--error-unmatch", "--", here.name],
+                                 capture_output=True, text=True, timeout=5)
+        if tracked.returncode != 0:  # this file is no file of the repository around it
+            return None
+        out = subprocess.run(["git", "-C", str(here.parent), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
         if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", out.stdout.strip()):
             return out.stdout.strip()
     return None
@@ -163,7 +179,7 @@ def _flatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return {"__tensor__": key}
     if isinstance(obj, np.ndarray):
         key = f"t{len(tensors)}"
-        tensors[key] = torch.from_numpy(np.ascontiguousarray(obj).copy())
+        tensors[key] = torch.from_numpy(np.array(obj, order="C", copy=True))  # (ascontiguousarray makes 0-d 1-d)
         return {"__ndarray__": key}
     if isinstance(obj, np.generic):
         return obj.item()
@@ -218,8 +234,9 @@ def save_checkpoint(run_dir: str | os.PathLike, payload: Mapping[str, Any], name
         save_file(tensors, str(tmp), metadata={"format": CHECKPOINT_FORMAT})
     atomic.write_json(d / f"{name}.json", {"format": CHECKPOINT_FORMAT, "n": n, "tensors": tensor_file,
                                           "saved": time.time(), "payload": flat})
-    for f in d.glob(f"{name}-*.safetensors"):  # superseded tensor files
-        if f.name != tensor_file:
+    own = re.compile(re.escape(name) + r"-\d+\.safetensors")  # not "<name>-ema-1.safetensors" of checkpoint <name>-ema
+    for f in d.glob(f"{glob.escape(name)}-*.safetensors"):  # superseded tensor files
+        if f.name != tensor_file and own.fullmatch(f.name):
             with contextlib.suppress(OSError):
                 f.unlink()
     return d / f"{name}.json"
@@ -444,6 +461,49 @@ class Run:
         return self.record
 
 
+#: run folders this process holds: resolved path -> [lock fd, open Run objects]
+_HELD: dict[str, list[int]] = {}
+
+
+def _lock_run_dir(run_dir: Path) -> str:
+    """Hold ``run_dir`` for this process (a ``lockf`` lock on RUN/run.lock), or a one-line error naming the
+    process that holds it. Returns the key to :func:`_unlock_run_dir` with. File systems without locks run
+    unlocked."""
+    key = str(run_dir.resolve())
+    if key in _HELD:
+        _HELD[key][1] += 1
+        return key
+    path = run_dir / RUN_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:  # a POSIX record lock, not flock: forked children (DataLoader workers) do not inherit it, so a resume
+        # right after a kill -9 is not refused while orphaned workers wind down
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            os.close(fd)  # no locks on this file system (ENOLCK, ENOTSUP): as before, unguarded
+            return ""
+        holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise GigaslideError(f"the run folder is in use by {holder}: two processes would write one run", path=run_dir,
+                             fix="wait for it to finish (or stop it), then re-run to resume; or choose another --out"
+                             ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}\n".encode(), 0)
+    _HELD[key] = [fd, 1]
+    return key
+
+
+def _unlock_run_dir(key: str) -> None:
+    held = _HELD.get(key)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] <= 0:
+        del _HELD[key]
+        with contextlib.suppress(OSError):
+            os.close(held[0])
+
+
 def read_run(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     f = Path(run_dir) / RUN_JSON
     if not f.is_file():
@@ -465,6 +525,20 @@ def open_run(out: str | os.PathLike, kind: str, identity: Mapping[str, Any], con
     ``provenance``: facts of the run's artifacts (mpp, tile size, encoder, weights hash) for run.json.
     """
     run_dir = atomic.ensure_writable_dir(out)
+    key = _lock_run_dir(run_dir)  # before anything is cleaned or read: another live process may be writing
+    try:
+        run = _open_locked(run_dir, kind, identity, config, seed=seed, inputs=inputs, provenance=provenance)
+    except BaseException:
+        _unlock_run_dir(key)
+        raise
+    if key:
+        weakref.finalize(run, _unlock_run_dir, key)
+    return run
+
+
+def _open_locked(run_dir: Path, kind: str, identity: Mapping[str, Any], config: Mapping[str, Any] | None, *,
+                 seed: int | None, inputs: Mapping[str, str | os.PathLike | None] | None,
+                 provenance: Mapping[str, Any] | None) -> Run:
     atomic.clean_stale_tmp(run_dir)
     atomic.clean_stale_tmp(checkpoint_dir(run_dir))
     fps = {k: fingerprint(v) for k, v in (inputs or {}).items() if v is not None}

@@ -22,7 +22,7 @@ from gigaslide.errors import GigaslideError
 
 #: A YAML document may expand (through aliases) to at most this many nodes.
 MAX_YAML_NODES = 100_000
-#: Longest slide id (file names are limited to 255 bytes; room is left for suffixes).
+#: Longest slide id in bytes, as a file name (file names are limited to 255 bytes; room is left for suffixes).
 MAX_ID_LENGTH = 200
 _BAD_ID = re.compile(r"[/\\\x00-\x1f\x7f]")
 
@@ -99,6 +99,9 @@ def load_yaml_text(text: str, *, where: str | os.PathLike | None = None) -> Any:
             raise GigaslideError(f"YAML refused: its aliases expand to more than {MAX_YAML_NODES} nodes", path=where,
                                  fix="write the values out instead of nesting anchors / aliases")
         return yaml.safe_load(text)
+    except RecursionError:  # PyYAML composes nested collections recursively: "[[[[..." thousands deep
+        raise GigaslideError("YAML refused: its collections are nested too deeply", path=where,
+                             fix="write the values out with less nesting; check the syntax") from None
     except yaml.YAMLError as e:
         first = " ".join(str(e).split())[:200]
         raise GigaslideError(f"YAML refused or invalid ({first})", path=where,
@@ -121,10 +124,15 @@ def check_config_arg(value: str) -> None:
 def check_slide_id(slide_id: str, *, path: str | os.PathLike | None = None, what: str = "slide_id") -> str:
     """``slide_id`` unchanged when it is safe as a file name (no folder parts); else a one-line error."""
     sid = str(slide_id)
-    if (not sid or sid in (".", "..") or _BAD_ID.search(sid) or len(sid) > MAX_ID_LENGTH
+    try:  # the length that counts is the file name's, in bytes: "é" is two
+        n_bytes = len(os.fsencode(sid))
+    except UnicodeError:  # a lone surrogate: no file name
+        n_bytes = MAX_ID_LENGTH + 1
+    if (not sid or sid in (".", "..") or _BAD_ID.search(sid) or n_bytes > MAX_ID_LENGTH
             or sid != sid.strip() or os.path.isabs(sid)):
         raise GigaslideError(f"unsafe {what} {sid[:60]!r}: ids become file names and may not contain path separators, "
-                             f"'..', control characters or edge spaces, or be longer than {MAX_ID_LENGTH}", path=path,
+                             f"'..', control characters or edge spaces, or be longer than {MAX_ID_LENGTH} bytes",
+                             path=path,
                              fix="rename it to letters, digits, '-', '_' and '.' (as in the slide's file name)")
     return sid
 

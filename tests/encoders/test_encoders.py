@@ -53,6 +53,19 @@ def test_weights_roundtrip_and_prefix_stripping(tmp_path, suffix):
     assert enc.weights_id.startswith("sha256:")
 
 
+def test_weights_of_a_compiled_model_load(tmp_path):
+    """``torch.compile`` wraps a model: its state dict keys start with ``_orig_mod.`` (``module._orig_mod.`` under DDP);
+    they were refused as weights of another architecture."""
+    src = build_encoder("test_resnet", "random", seed=3)
+    sd = {k: v.contiguous() for k, v in torch.compile(src.trunk).state_dict().items()}
+    assert all(k.startswith("_orig_mod.") for k in sd)
+    path = tmp_path / "compiled.safetensors"
+    save_file({"module." + k: v for k, v in sd.items()}, str(path))
+    enc = build_encoder("test_resnet", str(path))
+    with torch.no_grad():
+        torch.testing.assert_close(enc(_x()), src(_x()))
+
+
 def test_wrong_architecture_weights_refused(tmp_path):
     vit = create_trunk(ENCODERS.get("test_vit"))
     path = tmp_path / "vit.safetensors"
@@ -172,3 +185,85 @@ def test_preprocess_normalises_as_the_spec_says_and_leaves_the_input_alone(size)
         assert got.shape == (2, 3, spec.input_size, spec.input_size)
         torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
     assert torch.equal(f01, before)  # a float batch is not normalised in place
+
+
+def _tiny_dinov2(arch: str, img_size: int, depth: int = 2) -> torch.nn.Module:
+    import timm
+
+    torch.manual_seed(5)
+    m = timm.create_model(arch, pretrained=False, num_classes=0, img_size=img_size, embed_dim=32, depth=depth,
+                          num_heads=2)
+    with torch.no_grad():
+        m.pos_embed.normal_()
+    return m
+
+
+def _save(m: torch.nn.Module, path) -> str:  # noqa: ANN001
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path))
+    return str(path)
+
+
+def test_registers_dinov2_pos_embed_at_another_size_is_resampled_as_timm_does(tmp_path):
+    """timm's DINOv2-with-registers hub weights are at 518 px and keep no position for the class and register tokens
+    (``no_embed_class``): the whole embedding is the patch grid. It is resampled to the entry's grid exactly as timm's
+    own loader does (it was cut as if it had 5 prefix positions: a crash for every ``vit_*_dinov2_reg`` entry)."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    big = _tiny_dinov2("vit_small_patch14_reg4_dinov2", 98)  # 7x7 patches, the entry has 4x4
+    enc = build_encoder("test_vit_dinov2_reg", _save(big, tmp_path / "reg.safetensors"))
+    want = checkpoint_filter_fn(dict(big.state_dict()), create_trunk(ENCODERS.get("test_vit_dinov2_reg")))["pos_embed"]
+    assert enc.trunk.pos_embed.shape == (1, 16, 32)
+    torch.testing.assert_close(enc.trunk.pos_embed, want)
+    assert torch.equal(enc.trunk.reg_token, big.reg_token)
+
+
+@pytest.mark.parametrize("src,dst", [("vit_small_patch14_reg4_dinov2", "test_vit_dinov2"),
+                                     ("vit_small_patch14_dinov2", "test_vit_dinov2_reg")])
+def test_pos_embed_of_a_variant_with_other_prefix_tokens_is_a_one_line_error(tmp_path, src, dst):
+    path = _save(_tiny_dinov2(src, 56), tmp_path / "w.safetensors")
+    with pytest.raises(GigaslideError, match=f"do not fit encoder '{dst}'.*position embedding") as e:
+        build_encoder(dst, path)
+    assert "\n" not in str(e.value) and path in str(e.value)
+
+
+def test_weights_of_a_deeper_vit_are_refused_not_cut_to_the_entrys_depth(tmp_path):
+    path = _save(_tiny_dinov2("vit_small_patch14_dinov2", 56, depth=4), tmp_path / "deep.safetensors")
+    with pytest.raises(GigaslideError, match=r"do not fit encoder 'test_vit_dinov2'.*unexpected \(e.g. \['blocks.2."):
+        build_encoder("test_vit_dinov2", path)
+
+
+def test_a_full_resnet_checkpoint_loads_into_its_truncated_entry(tmp_path):
+    """The stages a truncated ResNet leaves out (and the classifier) are dropped on purpose, not refused."""
+    import timm
+
+    torch.manual_seed(6)
+    full = timm.create_model("resnet18", pretrained=False)
+    enc = build_encoder("resnet18_layer3", _save(full, tmp_path / "r18.safetensors"))
+    own = enc.trunk.state_dict()
+    assert all(torch.equal(own[k], full.state_dict()[k]) for k in own)
+
+
+def test_exporting_the_same_weights_again_gives_the_same_weights_hash(tmp_path):
+    """The weights hash that provenance records must not change when identical weights are exported again (the
+    safetensors header held its metadata in hash-map order, so repeated exports differed in their bytes)."""
+    enc = build_encoder("test_resnet", "random", seed=0)
+    ids = set()
+    for i in range(6):
+        export_encoder(tmp_path / f"e{i}", enc.trunk, enc.spec)
+        ids.add(build_encoder(str(tmp_path / f"e{i}")).weights_id)
+    assert len(ids) == 1
+    other = build_encoder("test_resnet", "random", seed=1)
+    export_encoder(tmp_path / "other", other.trunk, other.spec)
+    assert build_encoder(str(tmp_path / "other")).weights_id not in ids
+
+
+def test_a_training_checkpoint_with_teacher_and_student_gives_the_teacher():
+    """DINO / DINOv2 training checkpoints hold student.backbone.* before teacher.backbone.*; the teacher is the
+    model those methods evaluate and release, so it is the one loaded."""
+    from gigaslide.encoders.weights import strip_prefixes
+
+    t, s = torch.ones(2), torch.zeros(2)
+    sd = {"student.backbone.blocks.0.w": s, "teacher.backbone.blocks.0.w": t, "teacher.dino_head.w": t}
+    out = strip_prefixes(sd, {"blocks.0.w"})
+    assert torch.equal(out["blocks.0.w"], t)
+    assert torch.equal(strip_prefixes({"backbone.blocks.0.w": s}, {"blocks.0.w"})["blocks.0.w"], s)

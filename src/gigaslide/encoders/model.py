@@ -122,22 +122,48 @@ def load_weights_into(trunk: nn.Module, sd: dict[str, torch.Tensor], source: str
     # drop classifier / projection heads the trunk does not have
     sd = {k: v for k, v in sd.items() if k in own or not k.startswith(("fc.", "head.", "classifier.", "projection", "prototypes"))}
     if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
-        from timm.layers import resample_abs_pos_embed
-
-        n_prefix = getattr(trunk, "num_prefix_tokens", 1)
-        gs = getattr(getattr(trunk, "patch_embed", None), "grid_size", None)
-        if gs is not None:
-            sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], new_size=list(gs), num_prefix_tokens=n_prefix)
+        sd["pos_embed"] = _resampled_pos_embed(sd["pos_embed"], own["pos_embed"], trunk, source, spec)
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
+    # a checkpoint may hold parts the trunk leaves out on purpose (a truncated ResNet's later stages), but not more of
+    # the parts it has (more blocks, more layers of a stage): loading only some of them would change the model
+    own_tops = {k.split(".", 1)[0] for k in own}
+    stray = [k for k in unexpected if k.split(".", 1)[0] in own_tops]
     bad_shape = [k for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or bad_shape:
+    if missing or bad_shape or stray:
         raise GigaslideError(
             f"weights do not fit encoder '{spec.name}' ({spec.arch}): {len(missing)} missing "
-            f"(e.g. {missing[:2]}), {len(bad_shape)} with other shapes (e.g. {bad_shape[:2]}), {len(unexpected)} unexpected",
+            f"(e.g. {missing[:2]}), {len(bad_shape)} with other shapes (e.g. {bad_shape[:2]}), {len(unexpected)} "
+            f"unexpected{f' (e.g. {stray[:2]})' if stray else ''}",
             path=source, fix="pick the --encoder these weights were trained for (see `gigaslide encoders`)",
         )
     trunk.load_state_dict({k: sd[k].to(own[k].dtype) if assign else sd[k] for k in own}, strict=True, assign=assign)
+
+
+def _resampled_pos_embed(pos: torch.Tensor, own_pos: torch.Tensor, trunk: nn.Module, source: str,
+                         spec: EncoderSpec) -> torch.Tensor:
+    """A checkpoint's ViT position embedding resampled to the trunk's patch grid. The prefix tokens (class, registers)
+    that have positions are counted off the trunk's own embedding: a ``no_embed_class`` ViT (e.g. DINOv2 with
+    registers) keeps none, so its whole embedding is the grid. A checkpoint whose embedding is not a square grid plus
+    those prefix positions is one line naming the file."""
+    import math
+
+    from timm.layers import resample_abs_pos_embed
+
+    gs = getattr(getattr(trunk, "patch_embed", None), "grid_size", None)
+    if gs is None or pos.ndim != 3 or own_pos.ndim != 3 or pos.shape[-1] != own_pos.shape[-1]:
+        return pos  # the shape check of the caller names it
+    n_prefix = int(own_pos.shape[1]) - int(gs[0]) * int(gs[1])
+    n_grid = int(pos.shape[1]) - n_prefix
+    side = math.isqrt(n_grid) if n_grid > 0 else 0
+    if n_prefix < 0 or side * side != n_grid:
+        raise GigaslideError(
+            f"weights do not fit encoder '{spec.name}' ({spec.arch}): their position embedding has {pos.shape[1]} "
+            f"positions, not a square grid plus the {max(n_prefix, 0)} prefix position(s) of this model "
+            "(weights of a variant with other class / register tokens?)",
+            path=source, fix="pick the --encoder these weights were trained for (see `gigaslide encoders`)")
+    return resample_abs_pos_embed(pos, new_size=[int(gs[0]), int(gs[1])], old_size=[side, side],
+                                  num_prefix_tokens=n_prefix)
 
 
 def assignable(trunk: nn.Module) -> bool:
@@ -228,7 +254,10 @@ def export_encoder(folder: str | os.PathLike, trunk: nn.Module, spec: EncoderSpe
     folder = atomic.ensure_writable_dir(folder)
     sd = {k: v.detach().cpu().contiguous() for k, v in trunk.state_dict().items()}
     with atomic.atomic_path(folder / EXPORT_WEIGHTS, suffix=".safetensors") as tmp:
-        save_file(sd, str(tmp), metadata={"format": "pt", "encoder": spec.name, "arch": spec.arch})
+        # one metadata key: safetensors writes its metadata in hash-map order, which changes from call to call, so
+        # with several keys identical weights got other bytes -- another weights sha256 (the name and architecture
+        # are in encoder.json)
+        save_file(sd, str(tmp), metadata={"format": "pt"})
     if provenance is None:
         atomic.write_text(folder / EXPORT_SPEC, spec.to_json())
     else:

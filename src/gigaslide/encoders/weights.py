@@ -10,8 +10,9 @@ import torch
 
 from gigaslide.errors import GigaslideError
 
-#: Prefixes stripped from checkpoint keys (DDP, SSL wrappers, timm/lightly backbones).
-STRIP_PREFIXES = ("module.", "model.", "backbone.", "encoder.", "trunk.", "teacher.backbone.", "student.backbone.")
+#: Prefixes stripped from checkpoint keys (DDP, ``torch.compile``, SSL wrappers, timm/lightly backbones).
+STRIP_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.", "trunk.", "teacher.backbone.",
+                  "student.backbone.")
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -42,9 +43,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def strip_prefixes(sd: dict[str, torch.Tensor], own_keys: set[str] | None = None) -> dict[str, torch.Tensor]:
-    """Remove wrapper prefixes (``module.``, ``backbone.`` ...) key by key, stopping at a key the model has."""
+    """Remove wrapper prefixes (``module.``, ``backbone.`` ...) key by key, stopping at a key the model has. A
+    training checkpoint holding a teacher and a student (DINO, DINOv2) gives the teacher's weights, the model
+    those methods evaluate and release."""
     out = {}
+    teacher = any(k.startswith(("teacher.", "module.teacher.")) for k in sd)
     for k, v in sd.items():
+        if teacher and k.startswith(("student.", "module.student.")):
+            continue
         key = k
         while own_keys is None or key not in own_keys:
             pre = next((p for p in STRIP_PREFIXES if key.startswith(p)), None)

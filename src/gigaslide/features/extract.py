@@ -85,14 +85,13 @@ class EncodeResult:
 
 def _decode_device(name: str, dev: torch.device) -> torch.device:
     """The device ``--decode-device`` names; ``cuda`` is the encode device (each rank's own GPU) when that is CUDA."""
-    try:
-        d = dev if name == "cuda" and dev.type == "cuda" else pick_device(name)
-    except GigaslideError:
-        raise GigaslideError(f"--decode-device {name}: not a device", fix="use cuda, cuda:N or cpu") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise GigaslideError(f"--decode-device {name}: no CUDA device here",
                              fix="leave --decode-device unset: reader processes decode the tiles on the CPU")
-    return d
+    try:
+        return dev if name == "cuda" and dev.type == "cuda" else pick_device(name)
+    except GigaslideError:
+        raise GigaslideError(f"--decode-device {name}: not a device", fix="use cuda, cuda:N or cpu") from None
 
 
 def _reader_name(info: dict[str, Any]) -> str:
