@@ -31,3 +31,23 @@ def test_standardized_model_takes_a_batched_bag():
     p3, s3 = predict(model, [b[None] for b in bags[:2]])  # [1, N, D], as CLAM / TRIDENT tensors come
     np.testing.assert_allclose(p3, p2, atol=1e-6)
     np.testing.assert_allclose(s3[0], s2[0], atol=1e-6)
+
+
+def test_a_model_refuses_features_of_other_weights_or_another_mpp():
+    from types import SimpleNamespace
+
+    import pytest
+
+    from gigaslide.errors import GigaslideError
+    from gigaslide.mil.train import check_features_fit
+
+    meta = {"in_dim": 96, "encoder": "test_resnet", "encoder_weights_sha256": "random-seed0", "mpp": 0.5}
+
+    def feats(weights: str, mpp: float) -> SimpleNamespace:
+        return SimpleNamespace(dim=96, encoder="test_resnet", mpp=mpp, attrs={"encoder_weights_sha256": weights})
+
+    check_features_fit(meta, feats("random-seed0", 0.5), "x")  # what it was trained on
+    with pytest.raises(GigaslideError, match="other weights"):
+        check_features_fit(meta, feats("random-seed1", 0.5), "x")
+    with pytest.raises(GigaslideError, match="1 µm/px"):
+        check_features_fit(meta, feats("random-seed0", 1.0), "x")

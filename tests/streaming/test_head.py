@@ -139,3 +139,12 @@ def test_the_bag_stays_in_the_trunks_dtype_under_autocast() -> None:
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.randn(1, 3, 600, 600))
     assert seen == [torch.bfloat16] and out["fmap_size"] == (10, 10)
+
+
+def test_grid_folds_take_a_slide_id_literally_not_as_a_glob_pattern(tmp_path):
+    from gigaslide.streaming.grids import AttentionGrid, grid_folds, save_grid
+
+    save_grid(tmp_path, AttentionGrid("case[1]", 0, np.zeros((1, 2)), [1.0], 100, (1, 1), [.5, .5], (10, 10)))
+    save_grid(tmp_path, AttentionGrid("case2", 3, np.zeros((1, 2)), [1.0], 100, (1, 1), [.5, .5], (10, 10)))
+    assert grid_folds(tmp_path, "case[1]") == [0]
+    assert grid_folds(tmp_path, "case[12]") == []

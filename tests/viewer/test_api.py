@@ -12,7 +12,7 @@ from PIL import Image
 
 from gigaslide.errors import GigaslideError
 from gigaslide.features import store
-from gigaslide.viewer import Server, ViewerState, build_app
+from gigaslide.viewer import Server, ViewerState, bind, build_app
 from gigaslide.viewer.deepzoom import Geometry
 from gigaslide.viewer.overlays import lut
 
@@ -231,3 +231,112 @@ def test_view_command_prints_the_url_serves_and_stops_on_ctrl_c(tiny):
     finally:
         proc.kill()
     assert proc.returncode == 0 and "viewer stopped" in out and "Traceback" not in err
+
+
+@pytest.mark.parametrize("port", [70000, 65536, -1])
+def test_port_outside_0_65535_is_one_line(tiny, capsys, port):
+    """70000 used to bind port 4464 (70000 - 65536) and print that URL; -1 blamed the host 127.0.0.1."""
+    from gigaslide.cli.main import main as cli
+
+    with pytest.raises(GigaslideError, match=f"port {port} is not a TCP port"):
+        bind("127.0.0.1", port)
+    assert cli(["view", str(tiny.out), "--port", str(port)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and f"port {port} is not a TCP port" in err[0] and "--port 8765" in err[0]
+    assert "http://" not in captured.out
+
+
+def test_scale_bar_mpp_is_the_one_the_tiles_were_cut_with(tiny, tmp_path):
+    """A slide whose metadata says 1.0 µm/px, encoded with a corrected --slide-mpp 0.5: the tile size in level-0 px
+    follows 0.5, and so must the mpp the page draws its scale bar with (it said 1.0, 'slide metadata')."""
+    from fastapi.testclient import TestClient
+
+    from gigaslide.encoders import build_encoder
+    from gigaslide.features.extract import encode_slides
+    from gigaslide.tiling import TilingParams
+
+    res = encode_slides([tiny.slides[0]], tmp_path / "out", build_encoder("test_resnet", "random", seed=0),
+                        TilingParams(mpp=1.0, tile_size=32, min_tissue=0.1), workers=0, precision="fp32", slide_mpp=0.5)
+    assert res.done == ["s0"]
+    info = TestClient(build_app(ViewerState([tmp_path / "out"]))).get("/api/slides/s0").json()
+    assert info["tile_size0"] == 64  # 32 px at 1.0 µm/px of a 0.5 µm/px slide
+    assert info["mpp"] == 0.5 and info["mpp_source"].startswith("tiling record")
+    same = TestClient(build_app(ViewerState([tiny.out]))).get("/api/slides/s0").json()  # no override: the metadata
+    assert same["mpp"] == 1.0 and same["mpp_source"] == "slide metadata"
+
+
+def test_mil_layers_of_a_run_on_another_encoder_say_why(tiny_copy):
+    """A run trained on another encoder's features: every overlay tile is refused (404), so the layer must not be
+    offered as available (it was, and drew nothing), and its reason names both encoders."""
+    from fastapi.testclient import TestClient
+
+    t = tiny_copy
+    for cfg in t.run.glob("fold*/config.json"):
+        cfg.write_text(cfg.read_text().replace('"encoder": "test_resnet"', '"encoder": "uni"'))
+    c = TestClient(build_app(ViewerState([t.out], [t.run])))
+    layers = {l["id"]: l for l in c.get("/api/slides/s0").json()["layers"]}
+    for lid in ("run0-attention", "run0-prob1"):
+        assert not layers[lid]["available"], lid
+        assert "encoder 'test_resnet', the model from 'uni'" in layers[lid]["reason"]
+    assert layers["grid"]["available"]
+    r = c.get("/api/slides/s0/overlay/run0-attention/10/0_0.png")
+    assert r.status_code == 404 and "the model from 'uni'" in r.json()["detail"]
+
+
+def test_tile_urls_carry_the_servers_version(client):
+    """Tiles are cached for 10 minutes under URLs that name a slide key and a run index only: a viewer restarted on
+    the same port with other runs (or folders) would get the first one's pictures. Each server has its own version,
+    which the page adds to every tile URL (tests/viewer/test_viewer_js.py) and the routes accept."""
+    c, state = client
+    v = c.get("/api/state").json()["version"]
+    assert v == state.version and v != ViewerState([state.out_dirs[0]]).version
+    for url in ("/api/slides/s0/dz/10/0_0.jpeg", "/api/slides/s0/overlay/grid/10/0_0.png?cmap=jet&threshold=0",
+                "/api/slides/s0/tiles/0.jpeg"):
+        r = c.get(f"{url}{'&' if '?' in url else '?'}v={v}")
+        assert r.status_code == 200 and "max-age" in r.headers["cache-control"], url
+
+
+def test_geojson_with_altitudes_or_of_another_shape(tiny_copy):
+    """GeoJSON positions may carry a third coordinate (altitude; shapely / geopandas write one for 3-D geometries):
+    nuclei and tissue overlays answered 500 (ValueError) for them; a file of another shape (a feature that is not an
+    object) answered 500 AttributeError, without naming the file."""
+    from fastapi.testclient import TestClient
+
+    t = tiny_copy
+    ring = [[300, 200, 0], [340, 200, 0], [340, 240, 0], [300, 240, 0], [300, 200, 0]]
+    (t.out / "nuclei").mkdir()
+    poly = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}}
+    (t.out / "nuclei" / "s0.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [poly]}))
+    flat = _png(TestClient(build_app(ViewerState([t.out]))).get("/api/slides/s1/overlay/tissue/10/1_0.png"))
+    tissue = json.loads((t.out / "tissue" / "s1.geojson").read_text())
+    for f in tissue["features"]:
+        f["geometry"]["coordinates"] = [[p + [7.0] for p in r] for r in f["geometry"]["coordinates"]]
+    (t.out / "tissue" / "s1.geojson").write_text(json.dumps(tissue))
+    (t.out / "nuclei" / "s2.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": ["cell"]}))
+    c = TestClient(build_app(ViewerState([t.out])))
+    img = _png(c.get("/api/slides/s0/overlay/nuclei/10/1_0.png"))  # level-0 px 256..511, as without altitudes
+    assert img[200, 300 - 256 + 20, 3] == 255 and img[220, 300 - 256, 3] == 255
+    assert img[220, 320 - 256, 3] == 0 and img[100, 100, 3] == 0
+    assert flat[..., 3].any() and (_png(c.get("/api/slides/s1/overlay/tissue/10/1_0.png")) == flat).all()
+    r = c.get("/api/slides/s2/overlay/nuclei/10/1_0.png")
+    assert r.status_code == 404
+    assert r.json()["detail"].startswith(f"{t.out / 'nuclei' / 's2.geojson'}: not GeoJSON polygons")
+    assert "fix: re-run the job that wrote it" in r.json()["detail"]
+
+
+def test_thumbnail_of_an_edge_tile_is_not_black_past_the_slide(tmp_path):
+    """The last tile column / row may reach past the slide (tiling reads that part as glass). Its thumbnail, read with
+    OpenSlide, turned the transparent outside into black; it is the slide's background (white), as the encoder saw."""
+    from gigaslide.slides import open_slide
+    from gigaslide.testing import make_slide
+    from gigaslide.viewer.deepzoom import SlideTiles
+
+    p = make_slide(tmp_path / "edge.tiff", (1000, 700), mpp=1.0, seed=1, blobs=2)
+    t = SlideTiles(p)
+    assert t.backend == "openslide-deepzoom"
+    thumb = np.asarray(t.region(960, 640, 64, 64)).astype(int)  # 40 x 60 px inside, the rest outside
+    with open_slide(p) as s:
+        seen = s.read_region((960, 640), (64, 64), 1.0).astype(int)  # what tiling and the encoder read
+    assert (thumb[:, 42:] == 255).all() and (thumb[62:, :] == 255).all()
+    assert np.abs(thumb - seen).mean() < 2

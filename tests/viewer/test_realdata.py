@@ -48,3 +48,31 @@ def test_real_slides_in_the_viewer(real_slides, tmp_path):
     assert np.abs(t2.astype(int) - ref.astype(int)).mean() < 8
     tissue = np.asarray(Image.open(io.BytesIO(c.get(f"/api/slides/cmu-1-small-region/overlay/tissue/{top - 3}/0_0.png").content)))
     assert 0.05 < (tissue[..., 3] > 0).mean() < 0.95  # some tissue, some glass
+
+
+def test_damaged_slide_thumbnail_is_one_line_naming_the_file(real_slides, tiny_copy):
+    """A slide that opens but whose pixels do not decode: its deep-zoom tiles said so in one line naming the file, its
+    tile thumbnails (the similar-tiles panel) answered 500 'OpenSlideError: Bogus marker length'."""
+    import json
+    import shutil
+
+    import h5py
+    from fastapi.testclient import TestClient
+
+    from gigaslide.viewer import ViewerState, build_app
+
+    t = tiny_copy
+    bad = t.root / "slides" / "bad.svs"
+    shutil.copy(real_slides / "corrupt" / "unreadable.svs", bad)
+    man = json.loads((t.out / "manifest.json").read_text())
+    man["slides"]["s0"]["path"] = str(bad)
+    (t.out / "manifest.json").write_text(json.dumps(man))
+    with h5py.File(t.out / "features" / "s0.h5", "r+") as f:
+        f["coords"][0] = (0, 0)  # a tile over the slide's (undecodable) pixels
+    c = TestClient(build_app(ViewerState([t.out])), raise_server_exceptions=False)
+    for url in ("/api/slides/s0/dz/4/0_0.jpeg", "/api/slides/s0/tiles/0.jpeg"):
+        r = c.get(url)
+        assert r.status_code == 404, url
+        detail = r.json()["detail"]
+        assert detail.startswith(f"{bad}: cannot read ") and "Bogus marker length" in detail, detail
+        assert detail.endswith("fix: the file is damaged or incomplete; re-copy it")

@@ -143,3 +143,28 @@ def test_tile_info_has_streaming_scores_and_cluster_ids(project):
     want = int(tile_clusters(root / "slpd", state.features("s0")).ids[tile])
     assert cl["slpd"]["cluster"] == want and cl["slpd"]["k"] == 2 and cl["slpd"]["colour"] == palette(2)[want]
     assert "SLPD gives prototypes" in cl["slpd_big"]["error"] and "no model.safetensors" in cl["giga"]["error"]
+
+
+def test_streaming_grid_checked_against_each_slide_of_its_id(tiny, tmp_path):
+    """Two folders each holding a slide ``s0`` (keys s0 and s0@1) of other sizes: the grid made on the 1024 x 768 one
+    is shown on it and refused on the other, whichever is opened first (the check was kept per slide id)."""
+    from fastapi.testclient import TestClient
+
+    from gigaslide.testing import make_slide
+
+    tp = sys.modules["gigaslide_tiny_project"]
+    big = make_slide(tmp_path / "big.tiff", (2048, 1536), mpp=1.0, seed=3, blobs=2)
+    out2 = tmp_path / "out2"
+    out2.mkdir()
+    manifest = {"slides": {"s0": {"status": "failed", "path": str(big), "error": "not encoded"}}}
+    (out2 / "manifest.json").write_text(json.dumps(manifest))
+    stream = tp.streaming_run(tmp_path / "stream", {("s0", 0): (3, 3)}, {"s0": 0})
+    for order in (["s0", "s0@1"], ["s0@1", "s0"]):
+        state = ViewerState([tiny.out, out2], [tiny.run, stream])
+        got = {k: next(l for l in state.layers(k) if l["id"] == "run1-attention") for k in order}
+        assert got["s0"]["available"] and got["s0"]["reason"] is None, order
+        assert not got["s0@1"]["available"], order
+        assert "1024x768 px slide, this one is 2048x1536" in got["s0@1"]["reason"], order
+        c = TestClient(build_app(state))
+        assert c.get(f"/api/slides/s0@1/overlay/run1-attention/{TOP + 1}/0_0.png").status_code == 404
+        assert c.get(f"/api/slides/s0/overlay/run1-attention/{TOP}/0_0.png").status_code == 200

@@ -241,6 +241,14 @@ def check_features_fit(meta: dict[str, Any], ff: Any, where: str | os.PathLike,
     if meta.get("encoder") and ff.encoder and ff.encoder != meta["encoder"]:
         raise GigaslideError(f"features come from encoder '{ff.encoder}', the model from '{meta['encoder']}'",
                              path=where, fix=fix)
+    w_model, w_feat = meta.get("encoder_weights_sha256"), ff.attrs.get("encoder_weights_sha256")
+    if w_model and w_feat and str(w_feat) != str(w_model):  # same architecture, other weights: other features
+        raise GigaslideError(f"features come from other weights of encoder '{ff.encoder or meta.get('encoder')}' "
+                             f"({str(w_feat)[:16]}, the model's {str(w_model)[:16]})", path=where, fix=fix)
+    mpp_model, mpp_feat = meta.get("mpp"), getattr(ff, "mpp", None)
+    if mpp_model and mpp_feat and abs(float(mpp_feat) - float(mpp_model)) > 1e-6 * float(mpp_model):
+        raise GigaslideError(f"features are at {float(mpp_feat):g} µm/px, the model was trained at "
+                             f"{float(mpp_model):g} µm/px", path=where, fix="encode the slide at the model's --mpp")
 
 
 def load_model(fold_dir: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -9,6 +9,7 @@ max), ``instance_probs`` [n, C].
 
 from __future__ import annotations
 
+import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ def grid_path(run: str | os.PathLike, slide_id: str, fold: int) -> Path:
 def grid_folds(run: str | os.PathLike, slide_id: str) -> list[int]:
     """Folds of ``run`` with a saved grid of ``slide_id``, ascending."""
     d = Path(run) / FOLDER
-    found = [p.parent.name[4:] for p in d.glob(f"fold*/{slide_id}.npz")] if d.is_dir() else []
+    found = [p.parent.name[4:] for p in d.glob(f"fold*/{glob.escape(slide_id)}.npz")] if d.is_dir() else []
     return sorted(int(f) for f in found if f.isdigit())
 
 

@@ -73,7 +73,8 @@ def build_app(state: ViewerState):  # noqa: ANN201, C901 - one place that lists 
     @app.get("/api/state")
     def api_state() -> dict[str, Any]:
         return {"slides": [state.slide_row(k) for k in state.entries], "runs": [r.summary() for r in state.runs],
-                "problems": state.problems, "out_dirs": state.out_dirs, "colormaps": list(COLORMAPS)}
+                "problems": state.problems, "out_dirs": state.out_dirs, "colormaps": list(COLORMAPS),
+                "version": state.version}
 
     @app.get("/api/slides/{key}.dzi")
     def dzi(key: str) -> Response:

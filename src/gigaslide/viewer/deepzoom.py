@@ -112,14 +112,26 @@ class SlideTiles:
         except GigaslideError:
             raise
         except Exception as e:  # noqa: BLE001 - a damaged file: one line, the other tiles and slides go on
-            raise GigaslideError(f"cannot read deep-zoom tile {level}/{col}_{row} ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})",
-                                 path=self.path, fix="the file is damaged or incomplete; re-copy it") from None
+            raise self._damaged(f"deep-zoom tile {level}/{col}_{row}", e) from None
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=self.quality)
         return buf.getvalue()
 
+    def _damaged(self, what: str, e: Exception) -> GigaslideError:
+        why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        return GigaslideError(f"cannot read {what} ({why})", path=self.path,
+                              fix="the file is damaged or incomplete; re-copy it")
+
     def region(self, x: int, y: int, size0: float, out_px: int) -> Image.Image:
         """A level-0 square (x, y, side ``size0``) shrunk to ``out_px`` (tile thumbnails)."""
+        try:
+            return self._region(x, y, size0, out_px)
+        except GigaslideError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged file: one line, as for its deep-zoom tiles
+            raise self._damaged(f"the tile at ({int(x)}, {int(y)})", e) from None
+
+    def _region(self, x: int, y: int, size0: float, out_px: int) -> Image.Image:
         level = self.geometry.level_count - 1
         while level > 0 and size0 / self.geometry.scale(level - 1) >= out_px:
             level -= 1
@@ -129,7 +141,11 @@ class SlideTiles:
             lvl = self._osr.get_best_level_for_downsample(s)
             d = self._osr.level_downsamples[lvl]
             w = max(1, int(round(size0 / d)))
-            img = self._osr.read_region((int(x), int(y)), lvl, (w, w)).convert("RGB")
+            rgba = self._osr.read_region((int(x), int(y)), lvl, (w, w))
+            # outside the slide (edge tiles reach past it) or unscanned: transparent, shown on the slide's background
+            # colour as in its deep-zoom tiles (DeepZoomGenerator), not black
+            bg = "#" + self._osr.properties.get(openslide.PROPERTY_NAME_BACKGROUND_COLOR, "ffffff")
+            img = Image.composite(rgba, Image.new("RGBA", rgba.size, bg), rgba).convert("RGB")
             return img.resize((out_px, out_px), Image.Resampling.BILINEAR)
         with self._lock:
             arr = self._slide.read_region((int(x), int(y)), (side, side), self._slide.mpp * s)

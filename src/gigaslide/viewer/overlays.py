@@ -139,8 +139,8 @@ class TissueRaster:
         self.ds = max(w, h) / max_px
         img = Image.new("L", (max(1, int(np.ceil(w / self.ds))), max(1, int(np.ceil(h / self.ds)))), 0)
         draw = ImageDraw.Draw(img)
-        for ring in _rings(_read_geojson(geojson)):
-            draw.polygon([(x / self.ds, y / self.ds) for x, y in ring], fill=255)
+        for ring in _read_rings(geojson):
+            draw.polygon([(x / self.ds, y / self.ds) for x, y in ring.tolist()], fill=255)
         self.mask = np.asarray(img) > 0
 
     def render(self, box: tuple[int, int, int, int], scale: float, colour=(0, 170, 0)) -> np.ndarray:
@@ -158,7 +158,7 @@ class NucleiOutlines:
     """Nuclei polygons (QuPath GeoJSON detections) with their bounding boxes for per-tile selection."""
 
     def __init__(self, geojson: Path):
-        self.rings = [np.asarray(r, np.float64) for r in _rings(_read_geojson(geojson)) if len(r) >= 3]
+        self.rings = [r for r in _read_rings(geojson) if len(r) >= 3]
         self.boxes = (np.array([[r[:, 0].min(), r[:, 1].min(), r[:, 0].max(), r[:, 1].max()] for r in self.rings])
                       if self.rings else np.zeros((0, 4)))
 
@@ -188,6 +188,23 @@ def _read_geojson(path: Path) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise GigaslideError(f"unreadable GeoJSON ({e})", path=path, fix="re-run the job that wrote it") from None
+
+
+def _read_rings(path: Path) -> list[np.ndarray]:
+    """Outer rings [n, 2] (level-0 x, y) of the polygons of a GeoJSON file; a third coordinate (GeoJSON allows an
+    altitude) is dropped; a file of another shape is one line naming it."""
+    def xy(ring) -> np.ndarray:  # noqa: ANN001
+        a = np.asarray(ring, np.float64)
+        if a.ndim != 2 or a.shape[1] < 2:
+            raise ValueError(f"a ring of shape {a.shape}, not [n, 2]")
+        return a[:, :2]
+
+    gj = _read_geojson(path)
+    try:
+        return [xy(ring) for ring in _rings(gj) if len(ring)]
+    except (AttributeError, TypeError, ValueError, IndexError) as e:
+        raise GigaslideError(f"not GeoJSON polygons ({type(e).__name__}: {str(e)[:120]})", path=path,
+                             fix="re-run the job that wrote it (a FeatureCollection of Polygon features)") from None
 
 
 def _rings(gj: dict):  # noqa: ANN202

@@ -72,7 +72,8 @@ class StreamingLayers:
                                      fix="re-run `gigaslide heatmap-streaming` on this slide")
             return g, TileLattice(g.coords, g.box_level0_px), percentile(g.attention)
 
-        return self._once.get((str(run.path), slide_id, fold), make)
+        # the size is part of the key: two folders may each hold a slide of this id (keys id and id@k)
+        return self._once.get((str(run.path), slide_id, fold, tuple(size)), make)
 
     def layers(self, r_i: int, run: Run, slide_id: str, size: tuple[int, int]) -> list[dict[str, Any]]:
         folds = self.folds(run, slide_id)

@@ -13,6 +13,9 @@ from gigaslide.errors import GigaslideError
 
 def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port`` (``port`` 0 picks a free one)."""
+    if not 0 <= int(port) <= 65535:  # getaddrinfo would wrap 70000 to 4464 and call -1 an unknown host
+        raise GigaslideError(f"port {port} is not a TCP port (0-65535)",
+                             fix="pass e.g. --port 8765 (0 picks a free one)")
     try:
         info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ from gigaslide.export.runs import Run, TileScorer, load_runs
 from gigaslide.export.tables import fold_for, tissue_fraction
 from gigaslide.features import store
 from gigaslide.mil.heatmap import tile_size_of
+from gigaslide.mil.train import check_features_fit
 from gigaslide.viewer.deepzoom import SlideTiles
 from gigaslide.viewer.neighbours import FeatureIndex
 from gigaslide.viewer.overlays import NucleiOutlines, TileLattice, TissueRaster
@@ -30,6 +32,9 @@ class ViewerState:
                                  "(the --out folder of `gigaslide train-mil`, `train-streaming` or `pretrain-slides`)")
         for run in self.runs:
             self.problems += [f"run {run.name}: {p}" for p in run.problems]
+        # in every tile URL: a browser keeps tiles for minutes (max-age), and a viewer restarted on the same port
+        # with other runs or folders serves other pictures under the same addresses (run0-attention, s0/dz/...)
+        self.version = secrets.token_hex(6)
         self.scorer = TileScorer()
         self.streaming = StreamingLayers()
         self.clusters = ClusterLayers()
@@ -155,9 +160,10 @@ class ViewerState:
 
     def mpp(self, key: str) -> tuple[float | None, str]:
         t = self.tiles(key)
-        if t.metadata_mpp:
-            return t.metadata_mpp, "slide metadata"
         e = self.entry(key)
+        # a --slide-mpp given to encode overrides the metadata (open_slide): its record is what the tiles were cut with
+        if t.metadata_mpp and not (e.slide_mpp and abs(e.slide_mpp - t.metadata_mpp) > 1e-6 * t.metadata_mpp):
+            return t.metadata_mpp, "slide metadata"
         return (e.slide_mpp, "tiling record (patches/features attrs)") if e.slide_mpp else (None, "unknown")
 
     def layers(self, key: str) -> list[dict[str, Any]]:
@@ -181,10 +187,17 @@ class ViewerState:
             held = run.held_out_fold(e.slide_id) is not None
             n_classes = int(run.meta.get("n_classes", 2) or 2)
             common = dict(folds=run.folds, fold=fold, held_out=held, run=run.name)
-            out.append(_layer(f"run{r_i}-attention", f"{run.name}: attention (percentile)", "score", feats_ok, why_feats,
+            ok, why = feats_ok, why_feats
+            if ok and "in_dim" in run.meta:  # features of another encoder: the scorer refuses every tile of the layer
+                try:
+                    check_features_fit(run.meta, self.features(key), run.path / run.folds[0],
+                                       fix="view the run with the OUT_DIR whose encoder it was trained on")
+                except GigaslideError as err:
+                    ok, why = False, err.one_line()
+            out.append(_layer(f"run{r_i}-attention", f"{run.name}: attention (percentile)", "score", ok, why,
                               cmap="jet", **common))
             for c in range(1, n_classes):
-                out.append(_layer(f"run{r_i}-prob{c}", f"{run.name}: tile P(class {c})", "score", feats_ok, why_feats,
+                out.append(_layer(f"run{r_i}-prob{c}", f"{run.name}: tile P(class {c})", "score", ok, why,
                                   cmap="viridis", **common))
         return out
 

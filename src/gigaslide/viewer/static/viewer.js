@@ -2,7 +2,7 @@
 "use strict";
 
 const G = {
-  state: null, slide: null, viewer: null, layers: [], selected: null, highlight: null, ready: false,
+  state: null, slide: null, viewer: null, layers: [], selected: null, highlight: null, ready: false, opening: 0,
   allLoaded() {
     const w = G.viewer && G.viewer.world;
     if (!G.ready) return false;
@@ -61,11 +61,13 @@ function renderSlides() {
 function slideSource(info) {
   return {width: info.width, height: info.height, tileSize: info.tile_size, tileOverlap: info.overlap,
           minLevel: 0, maxLevel: info.levels - 1,
-          getTileUrl: (level, x, y) => `/api/slides/${enc(info.key)}/dz/${level}/${x}_${y}.jpeg`};
+          getTileUrl: (level, x, y) =>
+            `/api/slides/${enc(info.key)}/dz/${level}/${x}_${y}.jpeg?v=${enc(G.state.version)}`};
 }
 
 function overlaySource(info, layer) {
-  const q = new URLSearchParams({threshold: layer.threshold, cmap: layer.cmap});
+  // v: this server's version; cached tiles of an earlier viewer on this port (other runs, folders) are not reused
+  const q = new URLSearchParams({threshold: layer.threshold, cmap: layer.cmap, v: G.state.version});
   if (layer.fold) q.set("fold", layer.fold);
   return {width: info.width, height: info.height, tileSize: info.overlay_tile_size, tileOverlap: 0,
           minLevel: 0, maxLevel: info.levels - 1,
@@ -90,6 +92,8 @@ function makeViewer() {
 function openSlide(key) {
   // the pyramid opens at once from the slide list's geometry; the slide's details (layers, mpp) arrive meanwhile
   const row = (G.state.slides || []).find(s => s.key === key);
+  // the last slide asked for wins: the details of one opened before it (slower to come) are dropped, not shown on it
+  const gen = ++G.opening;
   const keep = new Map(G.layers.map(l => [l.id, l]));
   G.layers.forEach(l => { clearTimeout(l.timer); l.timer = null; l.gen++; });
   G.layers = []; G.ready = false; G.slide = null; G.selected = null; G.highlight = null;
@@ -100,6 +104,7 @@ function openSlide(key) {
   const early = row && row.width;
   if (early) G.viewer.open(slideSource(row));
   return getJSON(`/api/slides/${enc(key)}`).then(info => {
+    if (gen !== G.opening) return null;
     if (!early) G.viewer.open(slideSource(info));
     G.slide = info;
     status(`${info.slide_id}: ${info.width}×${info.height} px, ${info.mpp ? fmt(info.mpp, 4) + " µm/px (" + info.mpp_source + ")" : "no mpp"}, ${info.n_tiles} tiles`);
@@ -112,12 +117,13 @@ function openSlide(key) {
     renderLayers();
     $("#tile").replaceChildren(el("p", {class: "hint"}, "Click a tile on the slide."));
     return opened.then(() => {
+      if (gen !== G.opening) return null;
       G.layers.filter(l => l.on).forEach(addLayer);
       updateScaleBar();
       G.ready = true;
       return info;
     });
-  }).catch(err => status(`cannot open ${key}: ${err.message}`));
+  }).catch(err => { if (gen === G.opening) status(`cannot open ${key}: ${err.message}`); });
 }
 
 // -- layers ---------------------------------------------------------------------------------------
@@ -199,8 +205,10 @@ function updateScaleBar() {
 function clickAt(pixel) {
   if (!G.slideItem || !G.slide) return;
   const p = G.slideItem.viewportToImageCoordinates(G.viewer.viewport.pointFromPixel(pixel));
-  fetch(`/api/slides/${enc(G.slide.key)}/tile_at?x=${p.x.toFixed(1)}&y=${p.y.toFixed(1)}`).then(async r => {
+  const key = G.slide.key;
+  fetch(`/api/slides/${enc(key)}/tile_at?x=${p.x.toFixed(1)}&y=${p.y.toFixed(1)}`).then(async r => {
     const body = await r.json();
+    if (!G.slide || G.slide.key !== key) return;  // another slide was opened meanwhile
     if (!r.ok) { $("#tile").replaceChildren(el("p", {class: "hint"}, `No tile at (${Math.round(p.x)}, ${Math.round(p.y)}).`)); return; }
     showTile(body);
   });
@@ -234,7 +242,8 @@ function showTile(t) {
     if (!G.selected || G.selected.index !== t.index || G.selected.slide !== t.slide) return;
     nb.replaceChildren(...res.neighbours.map(n => el("div", {class: "neighbour", "data-slide": n.slide, "data-index": n.index,
         title: `${n.slide} tile ${n.index}`, onclick: () => jumpTo(n.slide, n.index)},
-      el("img", {src: `/api/slides/${enc(n.slide)}/tiles/${n.index}.jpeg`, alt: `${n.slide} #${n.index}`}),
+      el("img", {src: `/api/slides/${enc(n.slide)}/tiles/${n.index}.jpeg?v=${enc(G.state.version)}`,
+                 alt: `${n.slide} #${n.index}`}),
       `${n.slide} #${n.index}`, el("br"), `cos ${fmt(n.similarity, 3)}`)));
     nb.scrollIntoView({block: "nearest"});
   }).catch(err => nb.replaceChildren(el("span", {class: "hint"}, `no search: ${err.message}`)));
@@ -243,6 +252,7 @@ function showTile(t) {
 async function jumpTo(slide, index) {
   if (!G.slide || G.slide.key !== slide) await openSlide(slide);
   const t = await getJSON(`/api/slides/${enc(slide)}/tiles/${index}`);
+  if (!G.slide || G.slide.key !== slide) return;  // another slide was opened meanwhile
   const pad = t.size0 * 3;
   G.viewer.viewport.fitBounds(G.slideItem.imageToViewportRectangle(t.x - pad, t.y - pad, t.size0 + 2 * pad, t.size0 + 2 * pad));
   showTile(t);
