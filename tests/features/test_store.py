@@ -137,3 +137,20 @@ def test_grid_cells_undo_fractional_strides_and_overlap(tmp_path):
     assert store.load(tmp_path / "b.h5").grid_cells() is None
     store.save(tmp_path / "c.h5", np.zeros((1, 4), np.float32), np.array([[512, 256]]))  # one tile: its own cell 0
     np.testing.assert_array_equal(store.load(tmp_path / "c.h5").grid_cells(), [[0, 0]])
+
+
+def test_grid_cells_of_a_trident_file_read_the_overlap_from_the_coords_attrs(tmp_path):
+    """TRIDENT writes patch_size / overlap only as attrs of `coords`: overlapping tiles must still get one cell each."""
+    coords = np.array([[x * 192, y * 192] for y in range(3) for x in range(8)])  # 256-px tiles, 64 px overlap
+    store.save(tmp_path / "t.h5", np.zeros((len(coords), 4), np.float32), coords, attrs={"slide_id": "t"},
+               coords_attrs={"patch_size": 256, "patch_size_level0": 256, "overlap": 64})
+    cells = store.load(tmp_path / "t.h5").grid_cells()
+    np.testing.assert_array_equal(cells, coords // 192)
+
+
+def test_load_dir_refuses_two_files_of_one_slide(tmp_path):
+    for name in "ab":
+        store.save(tmp_path / f"{name}.h5", np.zeros((2, 4), np.float32), [[0, 0], [256, 0]],
+                   attrs={"slide_id": "s"}, coords_attrs={"patch_size_level0": 256})
+    with pytest.raises(GigaslideError, match="a.h5 and b.h5 both hold slide 's'"):
+        store.load_dir(tmp_path)

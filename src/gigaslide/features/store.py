@@ -75,7 +75,8 @@ class FeatureFile:
         """Distance between neighbouring tiles of the grid in level-0 px: the tile side, less the overlap where the
         tiles overlap (``overlap`` px of ``tile_size`` at the target mpp); None when the tile side is unknown."""
         size0 = self.tile_size_level0
-        ts, ov = int(self.attrs.get("tile_size", 0) or 0), int(self.attrs.get("overlap", 0) or 0)
+        ts = int(self.attrs.get("tile_size", self.coords_attrs.get("patch_size", 0)) or 0)
+        ov = int(self.attrs.get("overlap", self.coords_attrs.get("overlap", 0)) or 0)  # TRIDENT: coords attrs only
         return size0 * (ts - ov) / ts if size0 and ts and 0 < ov < ts else size0
 
     def grid_cells(self, coords: np.ndarray | None = None) -> np.ndarray | None:
@@ -281,7 +282,11 @@ def load_dir(directory: str | os.PathLike, *, arrays: bool = True) -> dict[str, 
     out: dict[str, FeatureFile] = {}
     for f in list_feature_files(directory):
         ff = load(f, arrays=arrays)
-        out[ff.slide_id or f.stem] = ff
+        sid = ff.slide_id or f.stem
+        if sid in out:  # two files of one slide (a renamed copy): one of them would be dropped without a word
+            raise GigaslideError(f"{_name(out[sid])} and {f.name} both hold slide '{sid}' (their slide_id attr)",
+                                 path=directory, fix="keep one feature file per slide in the folder")
+        out[sid] = ff
     check_consistent(out.values(), where=directory)
     return out
 

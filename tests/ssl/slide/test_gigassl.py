@@ -228,8 +228,8 @@ def test_bad_caches(tmp_path, make_fake_cache):
     with pytest.raises(GigaslideError, match="empty cache"):
         load_cache(tmp_path / "empty")
     make_fake_cache(tmp_path / "mixed", n_slides=2, encoder="enc_a")
-    make_fake_cache(tmp_path / "other", n_slides=1, encoder="enc_b")
-    (tmp_path / "other" / "features" / "slide0.h5").rename(tmp_path / "mixed" / "features" / "zz.h5")
+    make_fake_cache(tmp_path / "other", n_slides=3, encoder="enc_b")  # slide2: an id the folder lacks
+    (tmp_path / "other" / "features" / "slide2.h5").rename(tmp_path / "mixed" / "features" / "zz.h5")
     with pytest.raises(GigaslideError, match="differ in encoder"):
         load_cache(tmp_path / "mixed")
     make_fake_cache(tmp_path / "one", n_slides=1)
@@ -247,3 +247,83 @@ def test_other_slide_encoders_train(fake_cache, tmp_path, name):
     res = pretrain_gigassl(fake_cache, tmp_path / name, encoder=name, epochs=2, **KW)
     assert res["finished"] and np.isfinite(res["history"][-1]["loss"])
     assert json.loads((tmp_path / name / "run.json").read_text())["config"]["encoder"]["encoder"] == name
+
+
+def _sparse_encoder(seed=0):
+    torch.manual_seed(seed)
+    return make_encoder({"encoder": "sparseconvmil", "out_dim": 6, "hidden": 16, "blocks": 2, "norm": "batch",
+                         "downsample": True}, 8).eval()
+
+
+def test_slide_embedding_does_not_depend_on_the_order_of_tiles_in_the_file():
+    """The same tiles listed in another order (another tool, a re-encode) give the same embedding for the same seed:
+    views are drawn from the tiles in grid order."""
+    enc = _sparse_encoder()
+    r = np.random.default_rng(0)
+    feats = r.normal(size=(40, 8)).astype(np.float32)
+    pos = np.stack(np.unravel_index(r.choice(100, 40, replace=False), (10, 10)), 1).astype(np.int64)
+    perm = r.permutation(40)
+
+    def emb(f, p, seed=1, **kw):
+        return embed_views(enc, f, p, **{"ensemble": 4, "tiles_per_view": 12, **kw}, rng=np.random.default_rng(seed))
+
+    np.testing.assert_array_equal(emb(feats[perm], pos[perm]), emb(feats, pos))
+    assert not np.allclose(emb(feats, pos, seed=2), emb(feats, pos))  # (the views are random draws)
+    # every tile in one view: the encoder itself is invariant to tile order
+    np.testing.assert_allclose(emb(feats[perm], pos[perm], ensemble=1, tiles_per_view=40),
+                               emb(feats, pos, ensemble=1, tiles_per_view=40), atol=1e-5)
+
+
+def test_eval_embedding_of_a_slide_does_not_depend_on_the_other_slides_in_its_batch():
+    enc = _sparse_encoder()
+    r = np.random.default_rng(0)
+    f = torch.as_tensor(r.normal(size=(3, 10, 8)), dtype=torch.float32)
+    p = torch.as_tensor(np.stack([np.stack(np.unravel_index(r.choice(25, 10, replace=False), (5, 5)), 1)
+                                  for _ in range(3)]), dtype=torch.long)
+    with torch.no_grad():
+        together = enc(f, p)
+        alone = torch.cat([enc(f[i:i + 1], p[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_the_simclr_loss_pairs_the_two_views_of_each_slide():
+    """lightly's NTXentLoss as the trainer calls it (view 0 of every slide, then view 1) against NT-Xent by hand:
+    row i's positive is row i + n (the other view of slide i), the 2n - 2 other rows its negatives."""
+    from lightly.loss import NTXentLoss
+
+    torch.manual_seed(0)
+    n, t = 5, 0.05
+    z0, z1 = torch.randn(n, 7), torch.randn(n, 7)
+    z = torch.nn.functional.normalize(torch.cat([z0, z1]), dim=1)
+    sim = (z @ z.T / t).fill_diagonal_(float("-inf"))
+    positive = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    ref = torch.nn.functional.cross_entropy(sim, positive)
+    torch.testing.assert_close(NTXentLoss(temperature=t)(z0, z1), ref)
+    torch.testing.assert_close(NTXentLoss(temperature=t)(z0 * 3.0, z1), ref)  # cosine: the norm does not matter
+    assert NTXentLoss(temperature=t)(z0, z0 + 1e-3) < NTXentLoss(temperature=t)(z0, z0.roll(1, 0))
+
+
+def test_embed_slides_refuses_a_slide_without_tiles_naming_its_file(fake_cache, tmp_path):
+    pretrain_gigassl(fake_cache, tmp_path / "run", epochs=1, **KW)
+    store.save(fake_cache / "features" / "empty.h5", np.zeros((0, 8), np.float32), np.zeros((0, 2)),
+               attrs={"encoder": "fake", "encoder_weights_sha256": "x", "mpp": 0.5, "tile_size": 64,
+                      "slide_id": "empty"},
+               coords_attrs={"patch_size_level0": 64.0, "level0_mpp": 0.5})
+    with pytest.raises(GigaslideError, match="no tiles") as e:
+        embed_slides(tmp_path / "run", fake_cache, tmp_path / "e.h5")
+    assert "empty.h5" in str(e.value) and not (tmp_path / "e.h5").exists()
+
+
+def test_a_slides_embedding_does_not_depend_on_the_other_slides_in_the_folder(fake_cache, tmp_path):
+    import shutil
+
+    pretrain_gigassl(fake_cache, tmp_path / "run", epochs=1, **KW)
+    full = embed_slides(tmp_path / "run", fake_cache, tmp_path / "all.h5", ensemble=3)
+    sub = tmp_path / "sub" / "features"
+    sub.mkdir(parents=True)
+    for s in ("slide4", "slide1"):
+        shutil.copy(fake_cache / "features" / f"{s}.h5", sub / f"{s}.h5")
+    part = embed_slides(tmp_path / "run", sub.parent, tmp_path / "sub.h5", ensemble=3)
+    assert part.slide_ids == ["slide1", "slide4"]
+    for i, s in enumerate(part.slide_ids):  # each row is its own slide's, whatever else was embedded
+        np.testing.assert_array_equal(part.embeddings[i], full.embeddings[full.slide_ids.index(s)])

@@ -14,8 +14,8 @@ from gigaslide.ssl.slide.prototypes import (assign_nearest, nearest_slides, prot
 from gigaslide import runs
 from gigaslide.ssl.slide.export import read_config
 from gigaslide.ssl.slide.regions import grid_crop, group_regions, level0_mpp, pack, regions_of
-from gigaslide.ssl.slide.slpd import (RegionViT, collapse_verdict, load_encoder, load_slides, pretrain_slpd,
-                                      slide_partners, teacher_stats)
+from gigaslide.ssl.slide.slpd import (RegionViT, _pack_items, collapse_verdict, load_encoder, load_slides,
+                                      pretrain_slpd, region_embeddings, slide_partners, teacher_stats)
 
 
 def test_group_regions_known_layout():
@@ -277,3 +277,67 @@ def test_the_readme_flow_trains_mil_over_slpd_regions(tmp_path, make_fake_cache)
     assert sorted(pred.slide_ids) == sorted(f"slide{s}" for s in range(10))
     assert runs.read_run(tmp_path / "mil")["encoder"] == "slpd:slpd"  # the instances are that run's regions
     assert len(store.load(tmp_path / "regions" / "features" / "slide0.h5")) == 4  # 36 tiles -> 4 regions of 4x4
+
+
+def _lattice_pair(tmp_path):
+    """The same 4 x 4 tiles (512 level-0 px, 256 px at 0.5 µm/px) of one region in two files whose level-0 µm/px
+    differ (0.25 and 0.243, as magnification-based tilers write them): the region of 4096 px at 0.5 µm/px is 16
+    tiles wide in the first, 16.9 -> a lattice of 17 in the second; the tiles sit on the same (x, y) cells."""
+    rng = np.random.default_rng(0)
+    coords = np.array([[x * 512, y * 512] for y in range(4) for x in range(4)])
+    feats = rng.normal(size=(16, 8)).astype(np.float32)
+    out = []
+    for name, l0 in (("a", 0.25), ("b", 0.243)):
+        store.save(tmp_path / f"{name}.h5", feats, coords, attrs={"mpp": 0.5, "tile_size": 256, "slide_id": name},
+                   coords_attrs={"patch_size_level0": 512, "level0_mpp": l0})
+        ff = store.load(tmp_path / f"{name}.h5")
+        out.append((ff, regions_of(ff, 4096, 0.5)))
+    return out
+
+
+def test_slides_with_lattices_of_other_sides_read_the_models_position_embeddings(tmp_path):
+    """A cohort's slides can have region lattices of different sides; the model's is the largest. A tile's lattice
+    index must be y * (the model's side) + x: with the slide's own side, the tile at (0, 1) of a 16-wide lattice read
+    cell (16, 0) of the model's 17-wide one, and the same tiles got another region embedding."""
+    (fa, ra), (fb, rb) = _lattice_pair(tmp_path)
+    assert (ra.grid, rb.grid) == (16, 17) and all(np.array_equal(x, y) for x, y in zip(ra.local, rb.local))
+    torch.manual_seed(0)
+    vit = RegionViT(8, dim=16, depth=1, heads=2, grid=17)
+    ea = region_embeddings(vit, fa.features, ra, torch.device("cpu"))
+    eb = region_embeddings(vit, fb.features, rb, torch.device("cpu"))
+    np.testing.assert_array_equal(ea, eb)
+    loc = ra.local[0]
+    _, p, _ = pack(fa.features, ra, [0], grid=17)
+    assert p[0].tolist() == (loc[:, 1] * 17 + loc[:, 0]).tolist()
+    _, p, _ = _pack_items([("a", fa.features, ra)], [(0, 0)], 17)  # what a training step packs
+    assert p[0].tolist() == (loc[:, 1] * 17 + loc[:, 0]).tolist()
+    small = RegionViT(8, dim=16, depth=1, heads=2, grid=4)  # cells beyond a model's lattice go to its last row / column
+    _, p, _ = pack(fa.features, ra, [0], grid=small.grid)
+    assert int(p.max()) == 15
+
+
+def test_the_slide_embedding_does_not_depend_on_tile_order_or_region_batches(tmp_path):
+    (fa, _), _ = _lattice_pair(tmp_path)
+    rng = np.random.default_rng(1)
+    coords = np.concatenate([fa.coords, fa.coords + [4 * 512, 0], fa.coords + [0, 4 * 512]])  # 3 regions
+    feats = rng.normal(size=(48, 8)).astype(np.float32)
+    perm = rng.permutation(48)
+    torch.manual_seed(0)
+    vit = RegionViT(8, dim=16, depth=1, heads=2, grid=4).eval()
+    regs, regs_p = group_regions(coords, 512.0, 2048.0), group_regions(coords[perm], 512.0, 2048.0)
+    e = region_embeddings(vit, feats, regs, torch.device("cpu"))
+    np.testing.assert_allclose(region_embeddings(vit, feats[perm], regs_p, torch.device("cpu")), e, atol=1e-5)
+    np.testing.assert_allclose(region_embeddings(vit, feats, regs, torch.device("cpu"), bs=1), e, atol=1e-5)
+    assert not np.allclose(e[0], e[1], atol=1e-3)  # (the regions do differ)
+
+
+def test_embed_slides_refuses_a_slide_without_tiles_naming_its_file(tmp_path, make_fake_cache):
+    feats = make_fake_cache(tmp_path / "f", n_slides=4, n_tiles=36)
+    pretrain_slpd(feats, tmp_path / "run", epochs=1, **KW)
+    store.save(feats / "features" / "empty.h5", np.zeros((0, 8), np.float32), np.zeros((0, 2)),
+               attrs={"encoder": "fake", "encoder_weights_sha256": "x", "mpp": 0.5, "tile_size": 64,
+                      "slide_id": "empty"},
+               coords_attrs={"patch_size_level0": 64.0, "level0_mpp": 0.5})
+    with pytest.raises(GigaslideError, match="no tiles") as e:
+        embed_slides(tmp_path / "run", feats, tmp_path / "e.h5")
+    assert "empty.h5" in str(e.value) and not (tmp_path / "e.h5").exists()

@@ -56,6 +56,11 @@ def embed_slides(model: str | os.PathLike, features: str | os.PathLike, out: str
     data = cfg["data"]
     ff0 = next(iter(files.values()))
     check_features(model, data, ff0.provenance, ff0.path or features, ff0.dim)
+    empty = next((ff for ff in files.values() if len(ff) == 0), None)  # before any work: a slide of no tiles
+    if empty is not None:  # has no embedding (and would fail deep inside the encoder)
+        raise GigaslideError("feature file has no tiles: a slide without tiles has no embedding",
+                             path=empty.path or empty.slide_id,
+                             fix="remove it from the features folder (or re-encode that slide with tissue found)")
     ids, vecs = [], []
     if method == "gigassl":
         from gigaslide.ssl.slide.gigassl import embed_views, load_encoder

@@ -256,10 +256,13 @@ def embed_views(encoder: nn.Module, feats: np.ndarray, pos: np.ndarray, *, ensem
                 rng: np.random.Generator, device: torch.device = torch.device("cpu")) -> np.ndarray:
     """Mean embedding over ``ensemble`` random views of ``tiles_per_view`` tiles (all tiles if fewer), each view's
     top-left cell moved to 0 as in training (:func:`~gigaslide.ssl.slide.sampling.draw_view`): the stride-2
-    pooling then pairs cells the same way whatever the slide's origin."""
+    pooling then pairs cells the same way whatever the slide's origin. Views are drawn from the tiles in grid
+    order (row-major by position), so the embedding does not depend on the order the feature file lists its
+    tiles in (another tool, or a re-encode, lists the same tiles in another order)."""
     n = len(feats)
     t = min(tiles_per_view, n)
-    idx = np.stack([rng.choice(n, size=t, replace=False) for _ in range(max(1, ensemble))])
+    order = np.lexsort((pos[:, 0], pos[:, 1])) if n else np.zeros(0, np.int64)
+    idx = order[np.stack([rng.choice(n, size=t, replace=False) for _ in range(max(1, ensemble))])]
     f = torch.as_tensor(feats[idx], dtype=torch.float32, device=device)
     p = pos[idx]
     p = torch.as_tensor(p - p.min(axis=1, keepdims=True), dtype=torch.long, device=device)

@@ -80,8 +80,14 @@ def regions_of(ff: FeatureFile, region_size: int, region_mpp: float = 0.5, min_t
 
 
 def pack(feats: np.ndarray, regions: SlideRegions, which: list[int] | np.ndarray,
-         max_tiles: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Regions -> padded ``feats`` [R, T, D] float32, lattice index [R, T] long (y * grid + x), mask [R, T]."""
+         max_tiles: int | None = None, grid: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Regions -> padded ``feats`` [R, T, D] float32, lattice index [R, T] long (y * grid + x), mask [R, T].
+
+    ``grid``: the lattice side of the model the index is for (default the slide's own). Slides of one cohort
+    can have lattices of different sides (level-0 µm/px or tile overlap differ; the model's is the largest):
+    the index must use the model's side, or the tile at (x, y) of a smaller lattice reads the position
+    embedding of another cell. Cells beyond the model's lattice go to its last row / column."""
+    g = int(grid or regions.grid)
     sel = [regions.members[i] for i in which]
     t = max(len(m) for m in sel)
     if max_tiles is not None:
@@ -93,7 +99,8 @@ def pack(feats: np.ndarray, regions: SlideRegions, which: list[int] | np.ndarray
     for k, i in enumerate(which):
         idx, lp = regions.members[i][:t], regions.local[i][:t]
         f[k, : len(idx)] = feats[idx]
-        p[k, : len(idx)] = lp[:, 1] * regions.grid + lp[:, 0]
+        lp = np.minimum(lp, g - 1)
+        p[k, : len(idx)] = lp[:, 1] * g + lp[:, 0]
         m[k, : len(idx)] = True
     return torch.from_numpy(f), torch.from_numpy(p), torch.from_numpy(m)
 

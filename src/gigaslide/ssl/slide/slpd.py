@@ -119,7 +119,7 @@ def region_embeddings(backbone: nn.Module, feats: np.ndarray, regs: SlideRegions
     backbone.eval()
     out = []
     for s in range(0, len(regs), bs):
-        f, p, m = pack(feats, regs, list(range(s, min(s + bs, len(regs)))))
+        f, p, m = pack(feats, regs, list(range(s, min(s + bs, len(regs)))), grid=getattr(backbone, "grid", None))
         out.append(backbone(f.to(dev), p.to(dev), m.to(dev)).float().cpu().numpy())
     return np.concatenate(out)
 
@@ -174,11 +174,11 @@ def prototype_targets(backbone: nn.Module, slides, k: int, dev: torch.device, se
     return {"intra": intra, "inter": inter}
 
 
-def _pack_items(slides, items):  # noqa: ANN001, ANN202
+def _pack_items(slides, items, grid: int):  # noqa: ANN001, ANN202
     fs, ps, ms = [], [], []
     for s, r in items:
         _, feats, regs = slides[s]
-        f, p, m = pack(feats, regs, [r])
+        f, p, m = pack(feats, regs, [r], grid=grid)  # the model's lattice, not the slide's
         fs.append(f[0]), ps.append(p[0]), ms.append(m[0])
     t = max(len(x) for x in fs)
     pad = lambda x, v: torch.nn.functional.pad(x, (0, 0, 0, t - len(x)) if x.ndim == 2 else (0, t - len(x)), value=v)  # noqa: E731
@@ -259,7 +259,7 @@ def pretrain_slpd(features: str | os.PathLike, out: str | os.PathLike, cfg: SLPD
                 if stopped:
                     break
                 items = [index[i] for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
-                f, p, m = _pack_items(slides, items)
+                f, p, m = _pack_items(slides, items, grid)
                 crops = ([grid_crop(p, m, grid, cfg.global_crop, rng) for _ in range(cfg.n_global)]
                          + [grid_crop(p, m, grid, cfg.local_crop, rng) for _ in range(cfg.n_local)])
                 f, p = f.to(dev), p.to(dev)
