@@ -83,3 +83,18 @@ def test_rankme_and_view_top1():
     assert rankme(q) == pytest.approx(16.0, rel=1e-4)  # equal singular values: full rank
     assert rankme(torch.ones(16, 1) @ torch.randn(1, 8)) == pytest.approx(1.0, abs=0.01)  # collapsed
     assert view_top1(q, q) == 1.0 and view_top1(q, q.roll(1, 0)) == 0.0
+
+
+def test_a_resumed_budget_plan_is_not_cut_short_by_its_first_step():
+    # a 100 s budget at 0.25 s/step plans ~400 steps; interrupted at step 200 (50 s spent) and resumed. The first
+    # resumed step carries the start-up (3 s): re-planning from it gave 201 + 47 / 3 = 216 steps, so progress (lr,
+    # EMA momentum, teacher temperature) jumped from 0.5 to 0.93 until the next calibration point
+    plan = StepPlan(None, 100.0, planned=400, resumed=True)
+    assert not plan.observe(1, 3.0, 201, 53.0)
+    assert plan.planned == 400 and plan.progress(201) == pytest.approx(201 / 400)
+    for local in range(2, 6):  # measured step times still re-plan
+        plan.observe(local, 0.25, 200 + local, 53.0 + 0.25 * (local - 1))
+    assert plan.planned == 205 + int((100.0 - 54.0) / 0.25)
+    fresh = StepPlan(None, 100.0)  # a new run still plans pessimistically from its first step
+    fresh.observe(1, 3.0, 1, 3.0)
+    assert fresh.planned == 1 + int(97.0 / 3.0)

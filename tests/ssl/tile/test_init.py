@@ -145,6 +145,29 @@ def test_continued_dinov2_run_starts_teacher_and_student_from_the_init_export(ti
     assert scales[-1] == 1.0 and scales[-2] == pytest.approx(0.9) and scales[0] == pytest.approx(0.2 * scales[1])  # LLRD 0.9, patch embed x0.2
 
 
+@pytest.mark.parametrize("layout", ["original", "transformers", "timm"])
+def test_dinov2_continues_from_the_mask_token_of_the_release(tmp_path, layout):
+    # DINOv2's releases (and transformers' Dinov2Model) carry the mask token iBOT trained; timm's ViT has none, so
+    # loading the trunk dropped it and the continued run masked patches with a zero token
+    src = _source_vit("vit_small_patch14_dinov2", 56)
+    token = torch.randn(1, 32, generator=torch.Generator().manual_seed(3))
+    if layout == "original":
+        sd = {**_original_layout(src), "teacher.backbone.mask_token": token}
+    elif layout == "transformers":
+        sd = {**vit_checkpoint(src, "hf-dinov2"), "embeddings.mask_token": token}
+    else:
+        sd = src.state_dict()
+    f = _save(sd, tmp_path / "w.safetensors")
+    cfg = resolve_config(PretrainConfig(data=".", out=str(tmp_path / "run"), method="dinov2",
+                                        backbone="test_vit_dinov2", tile_size=56, init=str(f), method_args=DINO,
+                                        steps=1), SSL_METHODS.get("dinov2"),
+                         "vit")
+    model, _, _ = build_model(cfg)
+    want = torch.zeros(1, 1, 32) if layout == "timm" else token.view(1, 1, 32)
+    assert torch.equal(model.mask_token.detach(), want)
+    assert torch.equal(build_model(cfg, load=False)[0].mask_token.detach(), torch.zeros(1, 1, 32))  # resume: ckpt's
+
+
 def test_run_spec_for_vits_allows_multicrop_sizes():
     spec = run_spec("vit_small", "dino", 96, [0.5, 1.0], "pathology")
     assert spec.timm_kwargs["img_size"] == 96 and spec.timm_kwargs["dynamic_img_size"]

@@ -97,6 +97,13 @@ def test_unknown_method_args_are_refused():
     ("swav", {"sinkhorn_epsilon": float("nan")}, "sinkhorn_epsilon=nan for SwAV: must be above 0"),
     ("dino", {"freeze_last_layer_steps": -1}, "freeze_last_layer_steps=-1 for DINO: must be finite and 0 or more"),
     ("dino", {"batch_norm_head": 1}, "batch_norm_head=1 for DINO: expected bool"),
+    # an EMA momentum above 1 moved the teacher away from the student without a word; a masked share above 1 failed
+    # deep inside the iBOT loss (a mask of more images than the batch)
+    ("dino", {"momentum": 1.5}, "momentum=1.5 for DINO: must be between 0 and 1"),
+    ("mocov2", {"momentum": 1.01}, "momentum=1.01 for MoCoV2: must be between 0 and 1"),
+    ("dinov2", {"mask_sample_prob": 1.5}, "mask_sample_prob=1.5 for DINOv2: must be between 0 and 1"),
+    ("dinov2", {"center_momentum": 2.0}, "center_momentum=2.0 for DINOv2: must be between 0 and 1"),
+    ("dinov2", {"warmup_teacher_temp_frac": 1.2}, "warmup_teacher_temp_frac=1.2 for DINOv2: must be between 0 and 1"),
 ])
 def test_bad_method_arg_values_are_refused_in_one_line(name, args, why):
     trunk = create_trunk(ENCODERS.get("test_resnet"))
@@ -195,3 +202,22 @@ def test_dino_heads_are_built_without_lightlys_weight_norm_deprecation_warning()
     assert weight_norm_warnings(dinov2_method) == 0
     assert hasattr(_method("dino").head.last_layer, "weight_g")  # still lightly's weight-normed head
     assert weight_norm_warnings(lambda: DINOProjectionHead(8, 16, 8, 32)) == 1  # the filter ends with construction
+
+
+def test_dino_teacher_of_a_drop_path_vit_is_deterministic():
+    # --drop-path is stochastic depth for the student; DINO builds its teacher without it. A deep copy of the student
+    # kept the DropPath modules, and the teacher runs in train mode (BatchNorm), so its targets were dropped at random
+    import dataclasses
+
+    spec = ENCODERS.get("test_vit")
+    torch.manual_seed(0)
+    trunk = create_trunk(dataclasses.replace(spec, timm_kwargs={**spec.timm_kwargs, "dynamic_img_size": True,
+                                                                "drop_path_rate": 0.5}))
+    m = SSL_METHODS.get("dino")(trunk, trunk.num_features, (0.5,) * 3, (0.25,) * 3, **SMALL["dino"]).train()
+    x = _views("two")[0]
+    with torch.no_grad():
+        assert not torch.equal(m.embed(x), m.embed(x))  # the student does drop paths
+        assert torch.equal(m.embed(x, m.teacher_backbone), m.embed(x, m.teacher_backbone))
+    m.eval()
+    with torch.no_grad():  # same weights: without drop-path the teacher computes what the student does in eval
+        assert torch.allclose(m.embed(x, m.teacher_backbone), m.embed(x), atol=1e-6)

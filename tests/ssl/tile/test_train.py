@@ -197,6 +197,21 @@ def test_budget_plans_the_schedule_and_stops_cleanly(tiles, tmp_path, caplog):
     assert again["steps"] == s["steps"] and again["stopped_by"] == "budget"  # an exhausted budget does no more steps
 
 
+@pytest.mark.parametrize("steps", [None, 10**7])
+def test_a_resumed_budget_run_continues_the_checkpoints_step_plan(tiles, tmp_path, steps):
+    from gigaslide.ssl.tile.session import open_session
+
+    cfg = _cfg(tiles, tmp_path / "run", steps=steps, budget_s=600.0, monitor_every=0, stop_after_steps=3)
+    first = pretrain(cfg)
+    assert first["steps"] == 3 and 3 < first["planned_steps"] < 10**7
+    s = open_session(cfg)
+    # the plan the run was following (not --steps, nor a fresh 600-step guess), and the first resumed step, slowed by
+    # start-up, does not re-plan it
+    assert s.plan.planned == first["planned_steps"]
+    s.plan.observe(1, 30.0, 4, first["elapsed_s"] + 30.0)
+    assert s.plan.planned == first["planned_steps"]
+
+
 def test_ctrl_c_stops_after_the_step_with_a_checkpoint(tiles, tmp_path, monkeypatch):
     from gigaslide.ssl.tile import methods
 
@@ -312,6 +327,26 @@ def test_lightning_engine_runs_and_the_native_engine_resumes_it(tiles, tmp_path)
     pretrain(_cfg(tiles, tmp_path / "native", "dino", steps=2, engine="native"))
     pretrain(_cfg(tiles, tmp_path / "native", "dino", steps=3, engine="native"))
     assert _same(_export(tmp_path / "run"), _export(tmp_path / "native"))
+
+
+@pytest.mark.parametrize("engine", ["native", "lightning"])
+def test_a_budgets_step_time_includes_waiting_for_the_batch(tiles, tmp_path, monkeypatch, engine):
+    # data-bound runs (CPU augmentations) are common: a step time without the batch wait makes the budget plan more
+    # steps than fit, so the lr / EMA / temperature schedules never reach their end. The Lightning engine timed only
+    # the optimisation step
+    if engine == "lightning":
+        pytest.importorskip("pytorch_lightning")
+    from gigaslide.ssl.tile.data import ViewDataset
+
+    load = ViewDataset.__getitem__
+
+    def slow(self, key):  # noqa: ANN001, ANN202
+        time.sleep(0.1)
+        return load(self, key)
+
+    monkeypatch.setattr(ViewDataset, "__getitem__", slow)
+    s = pretrain(_cfg(tiles, tmp_path / "run", steps=None, budget_s=2.5, monitor_every=0, workers=0, engine=engine))
+    assert s["steps"] >= 3 and s["seconds_per_step"] >= 4 * 0.1, s  # a batch of 4 tiles waits 0.4 s for its views
 
 
 def test_pretrain_samples_tiles_straight_from_slides(synthetic_slide, tmp_path):

@@ -35,6 +35,7 @@ from gigaslide.ssl.tile.methods import (
     _by_size,
     _cosine,
     _ema,
+    _no_drop_path,
     full_precision,
     weight_norm_head,
 )
@@ -45,13 +46,6 @@ CENTERINGS = ("sinkhorn_knopp", "centering")
 def _dist_rank() -> tuple[bool, int]:
     on = torch.distributed.is_available() and torch.distributed.is_initialized()
     return on, (torch.distributed.get_rank() if on else 0)
-
-
-def _no_drop_path(vit: nn.Module) -> None:
-    for blk in getattr(vit, "blocks", []):
-        for name in ("drop_path1", "drop_path2", "drop_path"):
-            if hasattr(blk, name):
-                setattr(blk, name, nn.Identity())
 
 
 @SSL_METHODS.register("dinov2")

@@ -29,7 +29,7 @@ from gigaslide.encoders import ENCODERS, EncoderSpec, read_state_dict, resolve_h
 from gigaslide.errors import GigaslideError
 from gigaslide.ssl.tile.vit_layout import check_vit_state, patch_size_of
 
-__all__ = ["load_init", "patch_size_of", "resolve_init", "run_spec"]
+__all__ = ["init_mask_token", "load_init", "load_init_weights", "patch_size_of", "resolve_init", "run_spec"]
 
 
 def run_spec(backbone: str, method: str, tile_size: int, mpps: Sequence[float] | None, augment: str) -> EncoderSpec:
@@ -108,8 +108,26 @@ def resolve_init(init: str, spec: EncoderSpec, backbone: str) -> tuple[dict[str,
     return read_state_dict(path), f"{init} ({path})"
 
 
+def init_mask_token(sd: dict[str, torch.Tensor], trunk: nn.Module) -> torch.Tensor | None:
+    """The trained DINOv2 mask token ``[1, 1, D]`` an ``--init`` checkpoint carries (the original DINOv2 layout, its
+    training checkpoints and ``transformers``' ``embeddings.mask_token``), or None (timm's layout and exports keep
+    none). timm's ViT has no mask token, so loading the trunk drops it; ``--method dinov2`` continues from it."""
+    from gigaslide.encoders.vit_layout import strip_layout
+
+    dim = getattr(trunk, "embed_dim", None)
+    token = strip_layout(sd, trunk).get("mask_token") if dim else None
+    if token is None or token.numel() != int(dim):
+        return None
+    return token.detach().reshape(1, 1, int(dim)).clone()
+
+
 def load_init(trunk: nn.Module, spec: EncoderSpec, init: str, backbone: str) -> str:
     """Load ``--init`` weights into ``trunk`` in place; returns where they came from."""
+    return load_init_weights(trunk, spec, init, backbone)[0]
+
+
+def load_init_weights(trunk: nn.Module, spec: EncoderSpec, init: str, backbone: str) -> tuple[str, torch.Tensor | None]:
+    """:func:`load_init`, plus the checkpoint's DINOv2 mask token (:func:`init_mask_token`) or None."""
     from gigaslide.encoders.model import load_weights_into
 
     sd, source = resolve_init(init, spec, backbone)
@@ -120,4 +138,4 @@ def load_init(trunk: nn.Module, spec: EncoderSpec, init: str, backbone: str) -> 
     except GigaslideError as e:
         raise GigaslideError(e.what, path=e.path,
                              fix=f"these weights are not a {spec.arch}: pick the --backbone they were trained with") from None
-    return source
+    return source, (init_mask_token(sd, trunk) if spec.family == "vit" else None)

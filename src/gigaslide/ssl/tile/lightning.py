@@ -37,25 +37,26 @@ def _module_class():  # noqa: ANN202
             self.local = 0
             self.images_this_run = 0
             self.train_s = 0.0
-            self.t0 = self.t_ckpt = time.monotonic()
+            self.t0 = self.t_ckpt = self.t_last = time.monotonic()
 
         def on_train_start(self) -> None:
             self.model.prepare_distributed()
-            self.t0 = self.t_ckpt = time.monotonic()
+            self.t0 = self.t_ckpt = self.t_last = time.monotonic()
 
         def on_train_epoch_start(self) -> None:
             self.session.restore_rng()
 
         def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
             s, cfg = self.session, self.session.cfg
-            t = time.monotonic()
             loss = train_step(self.model, batch, self.optimizers(), s.scaler, s.step, s.plan.progress(s.step),
                               base_lr=cfg.lr, warmup_frac=cfg.warmup_frac, device=self.device,
                               precision=s.precision.resolved, run_dir=cfg.out, backward=self.manual_backward)
             s.step, self.local = s.step + 1, self.local + 1
             n = batch[0].shape[0] * self.trainer.world_size
             s.images, self.images_this_run = s.images + n, self.images_this_run + n
-            dt = time.monotonic() - t
+            # a step's time runs from the end of the previous one (as in the native loop): the wait for its batch
+            # is part of it, or a data-bound budget run plans more steps than fit and its cosine never ends
+            dt = time.monotonic() - self.t_last
             self.train_s += dt
             s.elapsed = self.elapsed0 + time.monotonic() - self.t0
             s.plan.observe(self.local, dt, s.step, s.elapsed)
@@ -71,6 +72,7 @@ def _module_class():  # noqa: ANN202
                     s.save("periodic")
                     self.t_ckpt = time.monotonic()
             self.log("loss", loss, prog_bar=True, sync_dist=False)
+            self.t_last = time.monotonic()  # monitor points and checkpoints stay out of the step time, as natively
             return loss
 
         def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -126,6 +126,15 @@ def _frozen_copy(m: nn.Module) -> nn.Module:
     return c
 
 
+def _no_drop_path(vit: nn.Module) -> None:
+    """Replace a timm ViT's stochastic depth by identities: for EMA teachers, whose targets must not be dropped at
+    random (DINO and DINOv2 build the teacher without drop-path; ``--drop-path`` is for the student only)."""
+    for blk in getattr(vit, "blocks", []):
+        for name in ("drop_path1", "drop_path2", "drop_path"):
+            if hasattr(blk, name):
+                setattr(blk, name, nn.Identity())
+
+
 def _ema(model: nn.Module, ema: nn.Module, m: float) -> None:
     from lightly.models.utils import update_momentum
 
@@ -136,8 +145,10 @@ def _ema(model: nn.Module, ema: nn.Module, m: float) -> None:
 
 def _check_hparam(method: str, key: str, value: Any, default: Any) -> Any:
     """One ``--method-args`` value, checked: the default's type (a whole number where the default is an int,
-    returned as an int; a number where it is a float), finite, not negative, and above 0 for sizes, temperatures and
-    epsilons (0 there divides by zero or builds an empty layer)."""
+    returned as an int; a number where it is a float), finite, not negative, above 0 for sizes, temperatures and
+    epsilons (0 there divides by zero or builds an empty layer), and at most 1 for momenta, probabilities and
+    fractions (an EMA momentum above 1 extrapolates away from the student; a masked share above 1 makes more masks
+    than images)."""
     from gigaslide.errors import GigaslideError
 
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -152,8 +163,11 @@ def _check_hparam(method: str, key: str, value: Any, default: Any) -> Any:
     why = None if ok else f"expected {type(default).__name__} (default {default!r})"
     if ok and number and not isinstance(default, bool):
         positive = key.endswith(("_dim", "temp", "temperature", "epsilon")) or key in ("n_prototypes", "queue")
+        fraction = key.endswith(("momentum", "_prob", "_frac")) or key.startswith("mask_ratio")
         if not math.isfinite(value) or value < 0 or (positive and value == 0):
             why = "must be above 0" if positive else "must be finite and 0 or more"
+        elif fraction and value > 1:
+            why = "must be between 0 and 1"
     if why:
         raise GigaslideError(f"--method-args {key}={value!r} for {method}: {why}",
                              fix=f"e.g. --method-args '{{\"{key}\": {json.dumps(default)}}}' (the default)")
@@ -357,6 +371,7 @@ class DINO(SSLMethod):
         self.head = weight_norm_head(DINOProjectionHead, *dims, batch_norm=bool(hp["batch_norm_head"]),
                                      freeze_last_layer=int(hp["freeze_last_layer_steps"]))
         self.teacher_backbone = _frozen_copy(self.backbone)
+        _no_drop_path(self.teacher_backbone)  # the teacher runs in train mode (its BatchNorm), without drop-path
         self.teacher_head = weight_norm_head(DINOProjectionHead, *dims,
                                              batch_norm=bool(hp["batch_norm_head"]))  # weight-norm: no deepcopy
         self.teacher_head.load_state_dict(self.head.state_dict())

@@ -228,7 +228,11 @@ def open_session(cfg: PretrainConfig, *, write: bool = True, device: torch.devic
     scaler = torch.amp.GradScaler(device.type, enabled=precision.resolved == "fp16" and device.type == "cuda")
     if ck is not None and ck.get("scaler"):
         scaler.load_state_dict(ck["scaler"])
-    plan = StepPlan(cfg.steps, cfg.budget_s, planned=int(ck["planned_steps"]) if ck and not cfg.steps else 0)
+    # a budget's plan continues from the checkpoint's, capped by --steps (--steps alone: the plan is --steps, which
+    # a resumed run may have raised)
+    planned = int(ck["planned_steps"]) if ck and cfg.budget_s else 0
+    plan = StepPlan(cfg.steps, cfg.budget_s, planned=min(planned, cfg.steps) if cfg.steps else planned,
+                    resumed=ck is not None)
     monitor = None
     if write and cfg.monitor_every != 0 and cfg.monitor_size > 1:  # rank 0 monitors
         monitor = Monitor(source, recipes, cfg.tile_size, cfg.monitor_size, cfg.seed)

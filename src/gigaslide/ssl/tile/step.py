@@ -21,7 +21,7 @@ from gigaslide.devices import autocast_ctx, guard_bf16_convs
 from gigaslide.encoders import create_trunk, trunk_width, with_embed_dim
 from gigaslide.errors import check_finite_loss
 from gigaslide.ssl.tile.config import PretrainConfig
-from gigaslide.ssl.tile.init import load_init, patch_size_of, run_spec
+from gigaslide.ssl.tile.init import load_init_weights, patch_size_of, run_spec
 from gigaslide.ssl.tile.methods import SSL_METHODS
 
 CLIP_GRAD_NORM = 3.0
@@ -37,9 +37,13 @@ def build_model(cfg: PretrainConfig, *, load: bool = True):  # noqa: ANN201
         build_spec = dataclasses.replace(spec, timm_kwargs={**spec.timm_kwargs, "drop_path_rate": float(cfg.drop_path)})
     trunk = create_trunk(build_spec)
     spec = with_embed_dim(spec, trunk)  # the exported encoder's size (pool included); the heads take the trunk's width
-    source = load_init(trunk, spec, cfg.init, cfg.backbone) if (cfg.init and load) else None
+    source, mask_token = load_init_weights(trunk, spec, cfg.init, cfg.backbone) if (cfg.init and load) else (None, None)
     model = cls(trunk, trunk_width(trunk, spec.input_size), spec.mean, spec.std, channels_last=spec.family == "cnn",
                 **cfg.method_args)
+    own = getattr(model, "mask_token", None)
+    if mask_token is not None and isinstance(own, torch.nn.Parameter) and own.shape == mask_token.shape:
+        with torch.no_grad():  # DINOv2 continued from a release: its trained mask token, not a zero one (Roth et al.)
+            own.copy_(mask_token)
     if spec.family == "cnn":
         model = model.to(memory_format=torch.channels_last)
     guard_bf16_convs(model)  # small crops: CPU bf16 weight gradients of a conv strided past its input are wrong
@@ -121,6 +125,10 @@ class StepPlan:
     is not spread over steps that never come) and re-estimates after :data:`CALIBRATE_AT` local steps
     from the mean step time (excluding the first step and monitor points), minus the time the
     remaining monitor points will take. Progress is ``step / planned``.
+
+    A resumed run (``resumed``) starts from the checkpoint's plan and skips the first-step estimate: that step's
+    start-up time would shrink the plan, so progress (lr, EMA momentum, teacher temperature) would jump towards the
+    end of the schedule until the next calibration point.
     """
 
     steps: int | None
@@ -129,6 +137,7 @@ class StepPlan:
     step_times: list[float] = dataclasses.field(default_factory=list)
     monitor_cost_s: float = 0.0
     monitor_points_left: float = 0.0
+    resumed: bool = False
 
     CALIBRATE_AT = (1, 5, 30, 100)
 
@@ -143,7 +152,7 @@ class StepPlan:
         """Record one step's time; at a calibration point re-estimate ``planned``; True when it changed."""
         if local_step > 1:
             self.step_times.append(seconds)
-        if self.budget_s is None or local_step not in self.CALIBRATE_AT:
+        if self.budget_s is None or local_step not in self.CALIBRATE_AT or (self.resumed and local_step == 1):
             return False
         # the first step (start-up included) gives a pessimistic first plan: a quick warm-up rather than none
         per = sum(self.step_times) / len(self.step_times) if self.step_times else seconds
