@@ -90,6 +90,21 @@ def test_encode_end_to_end_with_dashes_and_config(tmp_path, synthetic_slide, cap
     assert "skipped 1 finished" in capsys.readouterr().out
 
 
+def test_config_keys_may_be_spelled_with_dashes_as_help_shows_them(tmp_path):
+    from gigaslide.cli.main import parse
+    from gigaslide.errors import GigaslideError
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("tile-size: 96\nmin-tissue: 0.5\nmpp: 1.0\n")
+    _, kwargs = parse(["tile", "a.svs", "--out", "o", "--config", str(cfg)])
+    assert (kwargs["tile_size"], kwargs["min_tissue"], kwargs["mpp"]) == (96, 0.5, 1.0)
+    _, kwargs = parse(["tile", "a.svs", "--out", "o", "--config={tile-size: 80}"])
+    assert kwargs["tile_size"] == 80
+    cfg.write_text("tile-size: 96\ntile_size: 64\n")
+    with pytest.raises(GigaslideError, match="twice"):
+        parse(["tile", "a.svs", "--out", "o", "--config", str(cfg)])
+
+
 @pytest.mark.parametrize("case", ["unopenable", "unreadable", "missing", "empty_dir", "no_mpp", "mpp_too_fine",
                                   "tile_too_big", "blank", "truncated", "unwritable"])
 @pytest.mark.realdata
@@ -212,3 +227,20 @@ def test_info_names_no_vendor_the_reader_does_not_know(synthetic_slide, monkeypa
     assert main(["info", str(synthetic_slide)]) == 0  # tiffslide has no vendor for a generic TIFF
     out = capsys.readouterr().out
     assert "reader      tiffslide" in out.splitlines() and "None" not in out
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-2"])
+def test_bad_thread_count_is_one_line(value, monkeypatch, capsys):
+    monkeypatch.setenv("GIGASLIDE_THREADS", value)
+    assert main(["encoders"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "GIGASLIDE_THREADS" in err and "positive integer" in err
+
+
+def test_a_list_option_given_twice_keeps_every_value():
+    from gigaslide.cli.main import parse
+
+    _, kwargs = parse(["view", "o1", "--runs", "A", "--runs", "B", "--runs=C"])
+    assert kwargs["runs"] == ["A", "B", "C"]
+    _, kwargs = parse(["encode", "a.svs", "--out", "x", "--mpp", "1", "--mpp", "2"])  # a scalar: the last one wins
+    assert kwargs["mpp"] == 2.0

@@ -167,3 +167,19 @@ def test_kill_9_then_resume_is_bit_exact(tiny_run: Path, tmp_path: Path) -> None
     b = load_file(str(tmp_path / "killed" / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert len(runs.read_run(tmp_path / "killed")["invocations"]) == 2
+
+
+def test_exporting_the_same_model_again_gives_the_same_weights_hash(tiny_run: Path, tmp_path: Path) -> None:
+    """The model's weights_sha256 (provenance) must not change when the same weights are exported again (safetensors
+    wrote several metadata keys in hash-map order, so the file's bytes differed from save to save)."""
+    from types import SimpleNamespace
+
+    from gigaslide.nuclei.train import export_model
+
+    model = load_model(tiny_run / "run")
+    run = SimpleNamespace(dir=tmp_path, record={"seed": 0})
+    hashes = set()
+    for _ in range(6):
+        d = export_model(run, model, model.spec, {})
+        hashes.add(json.loads((d / "model.json").read_text())["provenance"]["weights_sha256"])
+    assert len(hashes) == 1

@@ -173,15 +173,71 @@ def _only(commands: dict[str, Any], name: str) -> dict[str, Any]:
     return node
 
 
-def _check_configs(args: Sequence[str]) -> None:
-    """``--config`` files pass the safe YAML check (no object tags, no alias bombs) before jsonargparse loads them."""
+def _check_configs(args: Sequence[str]) -> list[str]:
+    """``--config`` files pass the safe YAML check (no object tags, no alias bombs) before jsonargparse loads them;
+    their option keys may be spelled with dashes, as ``--help`` shows them (``tile-size: 256``), like the command
+    line: such a config is handed on as YAML text with the keys spelled with underscores."""
     from gigaslide.safe_parse import check_config_arg
 
+    out = list(args)
     for i, a in enumerate(args):
         if a == "--config" and i + 1 < len(args):
             check_config_arg(args[i + 1])
+            out[i + 1] = _undashed_config(args[i + 1])
         elif a.startswith("--config="):
             check_config_arg(a.split("=", 1)[1])
+            out[i] = "--config=" + _undashed_config(a.split("=", 1)[1])
+    return out
+
+
+def _undashed_config(value: str) -> str:
+    """``value`` unchanged unless it is a YAML mapping with a top-level key spelled with dashes; then the mapping
+    as YAML text with those keys spelled with underscores (one key given both ways is refused)."""
+    from pathlib import Path
+
+    import yaml
+
+    from gigaslide.safe_parse import load_yaml, load_yaml_text
+
+    try:
+        is_file = Path(value).is_file()
+    except (OSError, ValueError):
+        is_file = False
+    if not is_file and not any(c in value for c in ":\n{["):
+        return value  # a missing path: jsonargparse's own error names it
+    data = load_yaml(Path(value)) if is_file else load_yaml_text(value, where="--config")
+    if not isinstance(data, dict) or not any(isinstance(k, str) and "-" in k for k in data):
+        return value
+    fixed: dict[Any, Any] = {}
+    for k, v in data.items():
+        key = k.replace("-", "_") if isinstance(k, str) else k
+        if key in fixed:
+            raise GigaslideError(f"the config gives option '{key}' twice (with dashes and with underscores)",
+                                 path=value if is_file else None, fix="keep one of the two keys")
+        fixed[key] = v
+    return yaml.safe_dump(fixed, sort_keys=False)
+
+
+def _append_repeated_lists(commands: dict[str, Any], name: str, args: list[str]) -> list[str]:
+    """A list option given more than once (``--runs A --runs B``) keeps every value, as users expect, instead of
+    the last one only (jsonargparse's rule): its later occurrences become jsonargparse's append (``--runs+ B``)."""
+    node: Any = commands
+    for w in name.split():
+        node = node.get(w) if isinstance(node, dict) else None
+    if not isinstance(node, Command):
+        return args
+    lists = {k for k, prm in inspect.signature(node.func).parameters.items()
+             if k != node.positional and "list[" in str(prm.annotation)}
+    seen: set[str] = set()
+    out = []
+    for a in args:
+        key, eq, val = a[2:].partition("=") if a.startswith("--") else ("", "", "")
+        if key in lists:
+            if key in seen:
+                a = f"--{key}+{eq}{val}"
+            seen.add(key)
+        out.append(a)
+    return out
 
 
 def parse(argv: Sequence[str] | None = None) -> tuple[Command, dict[str, Any]]:
@@ -192,10 +248,10 @@ def parse(argv: Sequence[str] | None = None) -> tuple[Command, dict[str, Any]]:
 
     from gigaslide.cli.validate import check_options, parse_error_line
 
-    args = normalise_argv(list(sys.argv[1:] if argv is None else argv))
-    _check_configs(args)
+    args = _check_configs(normalise_argv(list(sys.argv[1:] if argv is None else argv)))
     commands = _collect()
     name = _command_name(commands, args)
+    args = _append_repeated_lists(_only(commands, name), name, args)
     try:
         cfg = _build(_only(commands, name)).parse_args(args)
         cmd, sub_cfg = _resolve(commands, cfg)
@@ -241,13 +297,21 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning: {text}", file=sys.stderr)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    torch_threads = os.environ.get("GIGASLIDE_THREADS")
-    if torch_threads:
-        import torch
+def _set_threads(value: str | None) -> None:
+    """``GIGASLIDE_THREADS``: torch's intra-op threads (a positive integer), else a one-line error."""
+    if not value:
+        return
+    if not value.strip().isdigit() or int(value) < 1:
+        raise GigaslideError(f"GIGASLIDE_THREADS={value!r} is not a positive integer",
+                             fix="set it to the number of cores to use, e.g. GIGASLIDE_THREADS=2, or unset it")
+    import torch
 
-        torch.set_num_threads(int(torch_threads))
+    torch.set_num_threads(int(value))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     try:
+        _set_threads(os.environ.get("GIGASLIDE_THREADS"))
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning  # one line per warning (e.g. a non-H&E slide), no source line
             warnings.filterwarnings("always", message=".*looks like")  # once per slide, also on a second run

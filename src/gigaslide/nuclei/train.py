@@ -168,7 +168,8 @@ def export_model(run: runs.Run, model: HoVerNet, spec: ModelSpec, extra: dict[st
     d = atomic.ensure_writable_dir(run.dir / MODEL_DIR)
     sd = {k: v.detach().cpu().contiguous() for k, v in runs.module_state(model).items()}
     with atomic.atomic_path(d / MODEL_WEIGHTS, suffix=".safetensors") as tmp:
-        save_file(sd, str(tmp), metadata={"format": MODEL_FORMAT, "backbone": spec.encoder_spec.name})
+        save_file(sd, str(tmp), metadata={"format": MODEL_FORMAT})  # one key: the same bytes every save
+        # (safetensors writes several metadata keys in hash-map order); the backbone is in MODEL_JSON
     prov = provenance("nuclei-model", mpp=spec.mpp, encoder=spec.encoder_spec.name,
                       encoder_weights_sha256=spec.backbone_weights, seed=run.record.get("seed"), run=str(run.dir),
                       weights_sha256=runs.file_sha256(d / MODEL_WEIGHTS), **extra)

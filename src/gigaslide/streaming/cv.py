@@ -63,8 +63,7 @@ def run_training(slides: str, labels: str, out: str, cfg: TrainConfig, log: Any 
     run = runs.open_run(out, "streaming", identity, asdict(cfg), seed=cfg.seed,
                         inputs={"slides": slides, "labels": labels, "weights": weights_input(cfg)},
                         provenance={"mpp": cfg.mpp, "tile_size": cfg.tile_size, "encoder": probe_model.spec.name,
-                                    "encoder_weights_sha256": probe_model.weights_id.removeprefix("sha256:")
-                                    if probe_model.weights_id.startswith("sha256:") else None,
+                                    "encoder_weights_sha256": probe_model.weights_id,  # as feature files
                                     "pool_kernel": cfg.pool_kernel, "encoder_mean": list(probe_model.spec.mean),
                                     "encoder_std": list(probe_model.spec.std)})
     out_dir = run.dir
