@@ -25,7 +25,7 @@ def test_gpu_check_tiny_mode_runs_every_section(tmp_path):
     report = (tmp_path / "gpu_check.md").read_text()
     assert p.returncode == 0, report + p.stderr[-2000:]
     assert "# GPU check (tiny mode)" in report
-    for name in ("encode", "streaming", "dinov2"):
+    for name in ("encode", "streaming", "dinov2", "tile_ssl"):
         assert f"- section {name}: ok" in report
     dv = (tmp_path / "gpu_dinov2.md").read_text()
     rows = re.findall(r"^\| (native|lightning) \| (auto|fp32) \((\w+)\) \| (\d+) \| ([0-9.]+) \|", dv, re.M)
@@ -56,6 +56,28 @@ def test_gpu_check_tiny_mode_runs_every_section(tmp_path):
     n = int(re.search(r"^(\d+) mosaic slides", text, flags=re.M).group(1))
     split = re.search(r"Split: (\d+) train, (\d+) validation, (\d+) test", text)
     assert n == 8 and sum(int(v) for v in split.groups()) == n
+    ssl = (tmp_path / "gpu_tile_ssl.md").read_text()
+    assert "## Tile SSL on the device" in ssl and "Tiny mode" in ssl
+    acc = r"([01]\.\d{3}) \[([01]\.\d{3}), ([01]\.\d{3})\]"
+    rows = re.findall(rf"^\| (random init|mocov2, 3s) \| ([^|]+) \| ([^|]+) \| [^|]+ \| [^|]+ \| {acc} \| ([^|]+) \|",
+                      ssl, re.M)
+    assert [r[0] for r in rows] == ["random init", "mocov2, 3s"]
+    steps = re.fullmatch(r"(\d+) / (\d+)", rows[1][1].strip())
+    assert steps and int(steps.group(1)) > 0 and float(rows[1][2]) > 0  # it really trained, at a measured rate
+    (base, lo0, hi0), (ssl_acc, lo1, hi1) = [tuple(float(v) for v in r[3:6]) for r in rows]
+    assert lo0 <= base <= hi0 and lo1 <= ssl_acc <= hi1
+    delta = re.fullmatch(r"([+-][0-9.]+) \[([+-][0-9.]+), ([+-][0-9.]+)\], p=([0-9.e-]+)", rows[1][6].strip())
+    assert rows[0][6].strip() == "-" and delta, rows[1][6]
+    d, d_lo, d_hi = (float(v) for v in delta.groups()[:3])
+    # the paired Δ is the SSL row's balanced accuracy minus random init's, on the same valid tiles
+    assert d == pytest.approx(ssl_acc - base, abs=1.6e-3) and d_lo <= d <= d_hi
+    line = re.search(r"Δ linear bal\. acc\. = ([0-9.]+) − ([0-9.]+) = ([+-][0-9.]+)", ssl)
+    a1, a0, dd = (float(v) for v in line.groups())
+    assert (a1, a0) == pytest.approx((ssl_acc, base), abs=6e-4) and dd == pytest.approx(a1 - a0, abs=2e-4)
+    # the verdict follows from Δ and the CIs (the goal: Δ ≥ +0.05 and the SSL row's CI above random init's)
+    met = d >= 0.05 and lo1 > hi0
+    assert re.search(r"\*\*Verdict:\*\* MoCo v2 after 3s .* (meets|does not meet) the issue's", ssl).group(1) == (
+        "meets" if met else "does not meet")
 
 
 def test_gpu_check_stops_at_once_naming_what_the_environment_lacks(tmp_path):
@@ -82,19 +104,24 @@ def test_gpu_prepare_selects_the_first_tiles_of_each_class(tmp_path):
         (data / "tiles" / "pcam" / "train" / c).mkdir(parents=True)
         for i in (5, 1, 9, 3):
             (data / "tiles" / "pcam" / "train" / c / f"p{i}.jpg").write_bytes(b"x" * i)
+        (data / "tiles" / "pcam" / "valid" / c).mkdir(parents=True)  # the tile_ssl section's test tiles
+        for i in (7, 2, 8):
+            (data / "tiles" / "pcam" / "valid" / c / f"v{i}.jpg").write_bytes(b"v" * i)
     (data / "slides").mkdir()
     (data / "slides" / "cmu-1-small-region.svs").write_bytes(b"svs")  # the encode section's Aperio JPEG slide
     (data / "slides" / "other.svs").write_bytes(b"not carried")
     out = tmp_path / "gpu"
     p = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_prepare.sh"), "--no-wheels", "--tiles-per-class", "2",
-                        "--out", str(out)], env={**os.environ, "GIGASLIDE_SHARED_DATA": str(data)},
+                        "--valid-per-class", "1", "--out", str(out)],
+                       env={**os.environ, "GIGASLIDE_SHARED_DATA": str(data)},
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     for c in ("0", "1"):
         got = sorted(f.name for f in (out / "data" / "tiles" / "pcam" / "train" / c).iterdir())
         assert got == ["p1.jpg", "p3.jpg"]
         assert (out / "data" / "tiles" / "pcam" / "train" / c / "p3.jpg").read_bytes() == b"xxx"
+        assert [f.name for f in (out / "data" / "tiles" / "pcam" / "valid" / c).iterdir()] == ["v2.jpg"]
     assert (out / "data" / "MANIFEST.md").read_text() == "# data\n"
-    assert "4 tiles" in p.stdout
+    assert "6 tiles (2 of them PCam valid)" in p.stdout
     assert [f.name for f in (out / "data" / "slides").iterdir()] == ["cmu-1-small-region.svs"]
     assert (out / "data" / "slides" / "cmu-1-small-region.svs").read_bytes() == b"svs"
