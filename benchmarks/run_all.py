@@ -75,6 +75,11 @@ CHANGES = [
      "protocol per run)", "few-shot MIL rows of the slide_ssl* sections where a draw held one slide of a class"),
     ("336290d", "`encode` folded batch norms only in runs of 128 tiles or more (now on every run)",
      "encode rows of runs under 128 tiles (their `default folds BN` column says which ran)"),
+    ("b81527a", "Giga-SSL's slide embedding drew its random views by the tiles' order in the feature file (now in grid "
+     "order, so a re-ordered file gives the same embedding; the same seed now draws other views); SLPD indexed the "
+     "position embedding with each slide's own lattice side where slides' lattices differed in size",
+     "Giga-SSL rows of the slide_ssl* sections (other random views, same protocol); SLPD rows only where a cohort's "
+     "lattice sides differ"),
 ]
 
 
