@@ -95,3 +95,14 @@ def write_planted_slide(path: Path, sid: str, types, dim: int, means: np.ndarray
 def planted_slide():
     """The :func:`write_planted_slide` helper."""
     return write_planted_slide
+
+
+@pytest.fixture
+def add_empty_slide():
+    """Adds ``features/empty.h5``, a feature file without tiles (and otherwise like the fake caches'), to a folder."""
+    def add(folder: Path) -> Path:
+        return store.save(Path(folder) / "features" / "empty.h5", np.zeros((0, 8), np.float32), np.zeros((0, 2)),
+                          attrs={"encoder": "fake", "encoder_weights_sha256": "x", "mpp": 0.5, "tile_size": 64,
+                                 "slide_id": "empty"},
+                          coords_attrs={"patch_size_level0": 64.0, "level0_mpp": 0.5})
+    return add

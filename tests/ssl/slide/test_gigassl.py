@@ -303,12 +303,9 @@ def test_the_simclr_loss_pairs_the_two_views_of_each_slide():
     assert NTXentLoss(temperature=t)(z0, z0 + 1e-3) < NTXentLoss(temperature=t)(z0, z0.roll(1, 0))
 
 
-def test_embed_slides_refuses_a_slide_without_tiles_naming_its_file(fake_cache, tmp_path):
+def test_embed_slides_refuses_a_slide_without_tiles_naming_its_file(fake_cache, tmp_path, add_empty_slide):
     pretrain_gigassl(fake_cache, tmp_path / "run", epochs=1, **KW)
-    store.save(fake_cache / "features" / "empty.h5", np.zeros((0, 8), np.float32), np.zeros((0, 2)),
-               attrs={"encoder": "fake", "encoder_weights_sha256": "x", "mpp": 0.5, "tile_size": 64,
-                      "slide_id": "empty"},
-               coords_attrs={"patch_size_level0": 64.0, "level0_mpp": 0.5})
+    add_empty_slide(fake_cache)
     with pytest.raises(GigaslideError, match="no tiles") as e:
         embed_slides(tmp_path / "run", fake_cache, tmp_path / "e.h5")
     assert "empty.h5" in str(e.value) and not (tmp_path / "e.h5").exists()

@@ -331,13 +331,10 @@ def test_the_slide_embedding_does_not_depend_on_tile_order_or_region_batches(tmp
     assert not np.allclose(e[0], e[1], atol=1e-3)  # (the regions do differ)
 
 
-def test_embed_slides_refuses_a_slide_without_tiles_naming_its_file(tmp_path, make_fake_cache):
+def test_embed_slides_refuses_a_slide_without_tiles_naming_its_file(tmp_path, make_fake_cache, add_empty_slide):
     feats = make_fake_cache(tmp_path / "f", n_slides=4, n_tiles=36)
     pretrain_slpd(feats, tmp_path / "run", epochs=1, **KW)
-    store.save(feats / "features" / "empty.h5", np.zeros((0, 8), np.float32), np.zeros((0, 2)),
-               attrs={"encoder": "fake", "encoder_weights_sha256": "x", "mpp": 0.5, "tile_size": 64,
-                      "slide_id": "empty"},
-               coords_attrs={"patch_size_level0": 64.0, "level0_mpp": 0.5})
+    add_empty_slide(feats)
     with pytest.raises(GigaslideError, match="no tiles") as e:
         embed_slides(tmp_path / "run", feats, tmp_path / "e.h5")
     assert "empty.h5" in str(e.value) and not (tmp_path / "e.h5").exists()
