@@ -76,3 +76,26 @@ def test_other_errors_of_a_writer_are_not_taken_for_storage_faults(tmp_path):
     with pytest.raises(RuntimeError, match="os error 22"), atomic.atomic_path(tmp_path / "x.bin"):
         raise RuntimeError("Invalid argument (os error 22)")  # an errno that is no storage fault: as it is
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_data_is_flushed_to_disk_before_the_rename(tmp_path, monkeypatch):
+    """A rename that reaches the disk before the data can leave an empty file after a power cut: the temporary
+    file is fsynced (with what the writer wrote) before it replaces the target."""
+    import os as _os
+
+    events = []
+    real_fsync, real_replace = _os.fsync, _os.replace
+
+    def fsync(fd):
+        events.append(("fsync", _os.readlink(f"/proc/self/fd/{fd}"), _os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    atomic.write_text(tmp_path / "a.json", "{}\n")
+    (kind0, tmp0, size), (kind1, src, dst) = events
+    assert (kind0, kind1) == ("fsync", "replace") and tmp0 == src and size == 3 and dst == str(tmp_path / "a.json")

@@ -168,3 +168,28 @@ def test_auto_on_cuda_is_bf16_only_where_the_gpu_computes_it_natively(monkeypatc
     got = devices.choose_precision(torch.device("cuda:1"), "auto")
     assert got.resolved == want and got.requested == "auto"
     assert asked and all(torch.device(d) == torch.device("cuda:1") for d in asked)
+
+
+def test_fp16_training_scales_the_loss_so_small_gradients_do_not_underflow():
+    """Under fp16 autocast, gradients below fp16's range flush to zero unless the loss is scaled: the loops' scaler
+    (devices.grad_scaler) is on for fp16 and gives the fp32 gradient back; for other precisions it passes through."""
+    from gigaslide.devices import grad_scaler
+
+    torch.manual_seed(0)
+    m, x, cpu = torch.nn.Linear(8, 1), torch.randn(4, 8), torch.device("cpu")
+    (m(x) * 1e-8).sum().backward()
+    ref = m.weight.grad.clone()
+    m.zero_grad()
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = m(x)
+    (y.float() * 1e-8).sum().backward()
+    assert not m.weight.grad.any()  # unscaled fp16: every gradient flushed to zero
+    m.zero_grad()
+    scaler = grad_scaler(cpu, "fp16")
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = m(x)
+    scaler.scale((y.float() * 1e-8).sum()).backward()
+    scaler.unscale_(opt)
+    torch.testing.assert_close(m.weight.grad, ref, rtol=5e-3, atol=0.0)  # fp16's own rounding
+    assert not any(grad_scaler(cpu, p).is_enabled() for p in ("fp32", "bf16", "auto"))

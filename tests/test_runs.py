@@ -296,3 +296,15 @@ def test_a_run_folder_is_held_by_one_process_at_a_time(tmp_path):
     gc.collect()
     p = other_process()
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_a_run_written_by_a_newer_format_is_refused(tmp_path):
+    from gigaslide.errors import GigaslideError
+    from gigaslide.provenance import FORMAT_VERSION
+    from gigaslide.runs import open_run, read_run
+
+    run = open_run(tmp_path / "run", "test", {"lr": 1})
+    run.record["provenance"]["format_version"] = FORMAT_VERSION + 1
+    run.update()
+    with pytest.raises(GigaslideError, match="format version"):
+        read_run(tmp_path / "run")

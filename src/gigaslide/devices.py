@@ -191,6 +191,15 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[resolve_precision(device, precision)]
 
 
+def grad_scaler(device: torch.device, precision: str = "auto") -> torch.amp.GradScaler:
+    """The loss scaler a training loop under ``precision`` needs: on for fp16 autocast (gradients below fp16's
+    smallest value, ~6e-8, would flush to zero: ``auto`` is fp16 on GPUs without native bf16), a pass-through
+    otherwise (``scale`` returns the loss, ``step`` steps the optimizer). Use ``scaler.scale(loss).backward()``,
+    ``scaler.step(opt)``, ``scaler.update()``, and keep ``scaler.state_dict()`` in the checkpoint."""
+    fp16 = resolve_precision(device, precision) == "fp16"
+    return torch.amp.GradScaler(device.type, enabled=fp16 and device.type in ("cuda", "cpu"))
+
+
 def autocast_ctx(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
     """``torch.autocast`` for ``precision`` on ``device`` (a no-op context for fp32)."""
     dtype = autocast_dtype(device, precision)
@@ -215,5 +224,6 @@ def device_name(device: torch.device) -> str:
 
 
 __all__ = ["BF16_MIN_COSINE", "PRECISIONS", "GuardedConv2d", "PrecisionChoice", "autocast_ctx", "autocast_dtype",
-           "bf16_conv_hazard", "choose_precision", "cuda_has_native_bf16", "device_name", "guard_bf16_convs",
+           "bf16_conv_hazard", "choose_precision", "cuda_has_native_bf16", "device_name", "grad_scaler",
+           "guard_bf16_convs",
            "pick_device", "resolve_precision"]

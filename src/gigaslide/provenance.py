@@ -89,6 +89,20 @@ class Provenance:
         return self.extra.get(key, default)
 
 
+def check_format(record: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Refuse an artifact whose ``format_version`` is newer than this gigaslide reads (a newer gigaslide wrote it):
+    one line naming the file, instead of a misread layout. Records without one (older files, other tools) pass."""
+    v = record.get("format_version")
+    try:
+        newer = v is not None and int(v) > FORMAT_VERSION
+    except (TypeError, ValueError):
+        newer = True
+    if newer:
+        raise GigaslideError(f"written in format version {v!r}; this gigaslide {__version__} reads format "
+                             f"{FORMAT_VERSION} and older", path=path,
+                             fix="upgrade gigaslide (pip install -U gigaslide) to read it, or re-make it with this one")
+
+
 def _finite(v: Any) -> bool:
     try:
         return math.isfinite(float(v))
@@ -97,7 +111,7 @@ def _finite(v: Any) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+def _sha256_cached(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -107,13 +121,14 @@ def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
 
 def file_sha256(path: str | os.PathLike) -> str:
     """sha256 of a file's bytes, the one content hash provenance records (weights, annotations, inputs); cached per
-    path, size and mtime within a process, so checking a file again does not read it again."""
+    path, size, mtime, ctime and inode within a process, so checking a file again does not read it again; any write
+    (also one that puts the old mtime back, as ``cp -p`` and ``rsync -t`` do) or a replaced file is read again."""
     p = Path(path)
     try:
         st = p.stat()
     except OSError as e:
         raise GigaslideError(f"cannot read ({e.strerror})", path=p, fix="check the path") from None
-    return _sha256_cached(str(p.resolve()), st.st_size, st.st_mtime_ns)
+    return _sha256_cached(str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 def provenance(kind: str, **fields_: Any) -> dict[str, Any]:
@@ -214,5 +229,5 @@ def check_same(records: Iterable[tuple[str | os.PathLike, Provenance]], keys: It
                     fix="keep one encoder / weights / mpp / tile size per folder (encode each setting into its own --out)")
 
 
-__all__ = ["COMPAT_KEYS", "FORMAT_VERSION", "Provenance", "check_same", "decode_attrs", "provenance",
+__all__ = ["COMPAT_KEYS", "FORMAT_VERSION", "Provenance", "check_format", "check_same", "decode_attrs", "provenance",
            "read_provenance", "sidecar", "write_sidecar"]

@@ -58,7 +58,7 @@ import torch
 
 from gigaslide import __version__, atomic
 from gigaslide.errors import GigaslideError
-from gigaslide.provenance import Provenance, file_sha256
+from gigaslide.provenance import Provenance, check_format, file_sha256
 
 RUN_JSON = "run.json"
 RUN_LOCK = "run.lock"
@@ -509,10 +509,13 @@ def read_run(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     if not f.is_file():
         return None
     try:
-        return json.loads(f.read_text())
+        rec = json.loads(f.read_text())
     except (OSError, ValueError) as e:
         raise GigaslideError(f"run.json is damaged ({e})", path=f,
                              fix="delete the run folder to start over, or use a new --out") from None
+    if isinstance(rec, dict) and isinstance(rec.get("provenance"), dict):
+        check_format(rec["provenance"], f)
+    return rec
 
 
 def open_run(out: str | os.PathLike, kind: str, identity: Mapping[str, Any], config: Mapping[str, Any] | None = None,

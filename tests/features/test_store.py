@@ -154,3 +154,16 @@ def test_load_dir_refuses_two_files_of_one_slide(tmp_path):
                    attrs={"slide_id": "s"}, coords_attrs={"patch_size_level0": 256})
     with pytest.raises(GigaslideError, match="a.h5 and b.h5 both hold slide 's'"):
         store.load_dir(tmp_path)
+
+
+def test_a_file_of_a_newer_format_is_refused_in_one_line(tmp_path):
+    from gigaslide.provenance import FORMAT_VERSION
+
+    store.save(tmp_path / "new.h5", np.zeros((2, 4), np.float32), [[0, 0], [256, 0]],
+               attrs={"format_version": FORMAT_VERSION + 1})
+    with pytest.raises(GigaslideError, match=f"format version {FORMAT_VERSION + 1}") as e:
+        store.load(tmp_path / "new.h5")
+    assert "new.h5" in str(e.value) and "upgrade" in e.value.one_line()
+    store.save(tmp_path / "old.h5", np.zeros((2, 4), np.float32), [[0, 0], [256, 0]],
+               attrs={"format_version": FORMAT_VERSION})
+    assert len(store.load(tmp_path / "old.h5")) == 2

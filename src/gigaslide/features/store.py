@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from gigaslide import atomic
-from gigaslide.provenance import COMPAT_KEYS, Provenance, check_same, decode_attrs, provenance
+from gigaslide.provenance import COMPAT_KEYS, Provenance, check_format, check_same, decode_attrs, provenance
 from gigaslide.errors import GigaslideError
 from gigaslide.safe_parse import is_safe_slide_id
 
@@ -238,6 +238,7 @@ def load(path: str | os.PathLike, *, arrays: bool = True) -> FeatureFile:
         raise
     except (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:  # damaged file
         raise _damaged(p, e) from None
+    check_format(attrs, p)
     if len(coords) != len(feats):
         raise GigaslideError(f"{len(feats)} features but {len(coords)} coords", path=p, fix="re-run encode for this slide")
     return FeatureFile(feats, coords.astype(np.int64), attrs, coords_attrs, labels, p)

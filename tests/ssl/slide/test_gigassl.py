@@ -324,3 +324,12 @@ def test_a_slides_embedding_does_not_depend_on_the_other_slides_in_the_folder(fa
     assert part.slide_ids == ["slide1", "slide4"]
     for i, s in enumerate(part.slide_ids):  # each row is its own slide's, whatever else was embedded
         np.testing.assert_array_equal(part.embeddings[i], full.embeddings[full.slide_ids.index(s)])
+
+
+def test_fp16_training_keeps_its_loss_scale_in_the_checkpoint(fake_cache, tmp_path):
+    """fp16 autocast trains with a loss scaler (small gradients would flush to zero), whose state a resume needs."""
+    st = pretrain_gigassl(fake_cache, tmp_path / "run", epochs=2, stop_after_steps=1, **{**KW, "precision": "fp16"})
+    assert st["stopped"] == "stop_after"
+    ck = runs.load_checkpoint(tmp_path / "run")
+    assert {"scale", "growth_factor"} <= set(ck["scaler"])  # a scaler that is off keeps no state
+    assert pretrain_gigassl(fake_cache, tmp_path / "run", epochs=2, **{**KW, "precision": "fp16"})["finished"]

@@ -204,3 +204,12 @@ def test_a_baseline_on_other_tiles_or_without_a_report_is_refused(folders, tmp_p
     err = capsys.readouterr().err
     assert rc == 2 and "no fine-tune report" in err and "nothing" in err and "Traceback" not in err
     assert not (tmp_path / "c").exists()
+
+
+def test_fp16_fine_tuning_scales_the_loss(folders, tmp_path):
+    """fp16 autocast fine-tunes with a loss scaler (small gradients would flush to zero); the checkpoint keeps it."""
+    train, test = folders
+    finetune_tiles(train, test, "test_resnet", tmp_path / "o", weights="random",
+                   cfg=FinetuneConfig(fractions=(1.0,), **{**CFG, "epochs": 1, "precision": "fp16"}))
+    ck = runs.load_checkpoint(next((tmp_path / "o").glob("**/checkpoint")).parent)
+    assert {"scale", "growth_factor"} <= set(ck["scaler"])  # a scaler that is off keeps no state

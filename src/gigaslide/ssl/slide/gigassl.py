@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from gigaslide import runs
-from gigaslide.devices import autocast_ctx, choose_precision, pick_device
+from gigaslide.devices import autocast_ctx, choose_precision, grad_scaler, pick_device
 from gigaslide.errors import GigaslideError, check_finite_loss
 from gigaslide.ssl.slide.encoders import build_slide_encoder
 from gigaslide.ssl.slide.export import data_record, export_model, read_config
@@ -118,6 +118,7 @@ def pretrain_gigassl(cache: str | os.PathLike, out: str | os.PathLike, cfg: Giga
     bs = max(2, min(cfg.batch_size or 512, len(vc)))
     dev = pick_device(device)
     prec = choose_precision(dev, cfg.precision)
+    scaler = grad_scaler(dev, prec.resolved)  # fp16: small gradients would underflow without loss scaling
     tcfg = {**asdict(cfg), "batch_size": bs}
     data = {**data_record(vc.provenance), "dim": vc.dim, "tiles_per_view": int(vc.views[0].shape[1]),
             "n_slides": len(vc)}
@@ -148,6 +149,8 @@ def pretrain_gigassl(cache: str | os.PathLike, out: str | os.PathLike, cfg: Giga
     if ck is not None:
         runs.load_module_state(model, ck["model"], run.dir)
         opt.load_state_dict(ck["optimizer"])
+        if ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
         runs.set_rng_state(ck["rng"])
         rng.bit_generator.state = ck["gen"]
         epoch, pos_in_epoch, step = int(ck["epoch"]), int(ck["pos"]), int(ck["step"])
@@ -158,8 +161,9 @@ def pretrain_gigassl(cache: str | os.PathLike, out: str | os.PathLike, cfg: Giga
 
     def save(name: str = "last") -> None:
         run.save({"model": runs.module_state(model), "optimizer": opt.state_dict(), "rng": runs.rng_state(),
-                  "gen": rng.bit_generator.state, "epoch": epoch, "pos": pos_in_epoch, "step": step,
-                  "order": order, "losses": losses, "history": history, "selection": sel.state(), "elapsed": stopper.elapsed})
+                  "scaler": scaler.state_dict(), "gen": rng.bit_generator.state, "epoch": epoch, "pos": pos_in_epoch,
+                  "step": step, "order": order, "losses": losses, "history": history, "selection": sel.state(),
+                  "elapsed": stopper.elapsed})
 
     done_now, stopped = 0, None
     with runs.Stopper(runs.parse_duration(budget), elapsed_s=elapsed) as stopper:
@@ -183,8 +187,9 @@ def pretrain_gigassl(cache: str | os.PathLike, out: str | os.PathLike, cfg: Giga
                 loss = loss_fn(z[: len(batch)], z[len(batch):])
                 check_finite_loss(loss, f"epoch {epoch}", run.dir)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
                 losses.append(float(loss.detach()))
                 pos_in_epoch, step, done_now = pos_in_epoch + 1, step + 1, done_now + 1
             if stopped:

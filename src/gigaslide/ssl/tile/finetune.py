@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gigaslide import atomic, runs
-from gigaslide.devices import autocast_ctx, guard_bf16_convs, pick_device
+from gigaslide.devices import autocast_ctx, grad_scaler, guard_bf16_convs, pick_device
 from gigaslide.encoders import build_encoder
 from gigaslide.encoders.model import export_encoder
 from gigaslide.errors import GigaslideError, check_finite_loss
@@ -177,6 +177,7 @@ def finetune_fraction(encoder: str, weights: str, train: tuple[list[Path], np.nd
     opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr": cfg.lr},
                              {"params": model.head.parameters(), "lr": cfg.head_lr}], weight_decay=cfg.weight_decay)
     base = [g["lr"] for g in opt.param_groups]
+    scaler = grad_scaler(device, cfg.precision)  # fp16: small gradients would underflow without loss scaling
     per_epoch = math.ceil(len(ds_tr) / cfg.batch_size)
     total, warmup = cfg.epochs * per_epoch, min(per_epoch, 50)
     weight = class_weights(train[1], n_classes).to(device)
@@ -188,6 +189,8 @@ def finetune_fraction(encoder: str, weights: str, train: tuple[list[Path], np.nd
         state = ck["state"]
         runs.load_module_state(model, ck["model"], runs.checkpoint_dir(run_dir))
         opt.load_state_dict(ck["optimizer"])
+        if ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
     best_file = run_dir / "best.safetensors"
     while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
         model.train()
@@ -203,8 +206,9 @@ def finetune_fraction(encoder: str, weights: str, train: tuple[list[Path], np.nd
                 loss = F.cross_entropy(model(x).float(), y, weight=weight)
             check_finite_loss(loss, f"epoch {state['epoch']} step {state['step']}", run_dir)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             state["step"] += 1
             seen += len(y)
             losses.append(loss.item())
@@ -220,7 +224,8 @@ def finetune_fraction(encoder: str, weights: str, train: tuple[list[Path], np.nd
         else:
             state["bad_epochs"] += 1
         state["epoch"] += 1
-        runs.save_checkpoint(run_dir, {"model": runs.module_state(model), "optimizer": opt.state_dict(), "state": state})
+        runs.save_checkpoint(run_dir, {"model": runs.module_state(model), "optimizer": opt.state_dict(), "state": state,
+                                       "scaler": scaler.state_dict()})
     sd = load_file(str(best_file), device="cpu")
     model.load_state_dict({k: v for k, v in sd.items() if "::" not in k})
     spec = dataclasses.replace(enc.spec, name=f"{enc.spec.name}_finetuned", hub=None,
