@@ -108,6 +108,7 @@ def test_refusals_outside_tiles_traversal_read_only(client):
     for url in ("/api/slides/s0/dz/11/0_0.jpeg", "/api/slides/s0/dz/10/5_0.jpeg", "/api/slides/s0/dz/3/0_-1.jpeg",
                 "/api/slides/s0/overlay/grid/10/0_9.png", "/api/slides/s0/tiles/999", "/api/slides/nope",
                 "/api/slides/s0/tile_at?x=-5&y=3", "/api/slides/s0/overlay/run7-attention/3/0_0.png",
+                "/api/slides/s0/overlay/xyz0-attention/3/0_0.png", "/api/slides/s0/overlay/run0/3/0_0.png",
                 "/static/../../export/runs.py", "/static/%2e%2e/app.py", "/static/..%2fapp.py",
                 "/api/slides/..%2F..%2Fetc%2Fpasswd", "/api/slides/s0/overlay/grid/3/0_0.png?cmap=__import__"):
         r = c.get(url)

@@ -21,7 +21,7 @@ def augment_cache(slides: list[str], out: str, encoder: str = "resnet18", weight
     Example: gigaslide augment-cache slides/*.svs --encoder resnet18 --views 25 --tiles-per-view 25 --out cache/
 
     Args:
-        slides: slide files
+        slides: slide files or folders of slides
         out: cache folder (features/<slide_id>.h5 with views, view_coords and plain features)
         encoder: tile encoder (registry name, see `gigaslide encoders`, or an exported encoder folder)
         weights: encoder weights: default, random (tests/benchmarks only) or a weights file
@@ -45,10 +45,12 @@ def augment_cache(slides: list[str], out: str, encoder: str = "resnet18", weight
             fat and pale areas a coarse outline encloses)
     """
     from gigaslide.cli.validate import tiling_params
+    from gigaslide.slides import find_slides
     from gigaslide.ssl.slide.cache import build_augment_cache
 
     tiling = tiling_params(mpp, tile_size, 0, min_tissue, "auto", tissue_from, tissue_classes,
                            tissue_detect)  # checks the tissue options
+    slides = [str(f) for f in find_slides(slides)]  # folders expanded; a missing path is one line before any work
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

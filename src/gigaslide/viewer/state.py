@@ -205,13 +205,16 @@ class ViewerState:
         g = self.tiles(key).geometry
         return g.width, g.height
 
+    def _run_layer(self, layer: str):  # noqa: ANN202 - (run, layer kind)
+        """``run<i>-<kind>`` -> (the i-th run, kind); KeyError for any other name (``xyz0-attention`` too)."""
+        run_part, _, kind = layer.partition("-")
+        if not (run_part.startswith("run") and run_part[3:].isdigit() and kind) or int(run_part[3:]) >= len(self.runs):
+            raise KeyError(layer)
+        return self.runs[int(run_part[3:])], kind
+
     def layer_data(self, key: str, layer: str, fold: str | None) -> LayerData:
         """What a run's layer (``run<i>-attention`` / ``run<i>-prob<c>`` / ``run<i>-clusters``) draws."""
-        try:
-            run_part, kind = layer.split("-", 1)
-            run = self.runs[int(run_part[3:])]
-        except (ValueError, IndexError):
-            raise KeyError(layer) from None
+        run, kind = self._run_layer(layer)
         sid = self.entry(key).slide_id
         if run.kind == "streaming":
             return self.streaming.values(run, sid, kind, fold, self._size(key))
@@ -224,11 +227,7 @@ class ViewerState:
 
     def layer_values(self, key: str, layer: str, fold: str | None) -> np.ndarray:
         """Per-tile values in [0, 1] of a MIL score layer (``run<i>-attention`` / ``run<i>-prob<c>``)."""
-        try:
-            run_part, kind = layer.split("-", 1)
-            run = self.runs[int(run_part[3:])]
-        except (ValueError, IndexError):
-            raise KeyError(layer) from None
+        run, kind = self._run_layer(layer)
         if run.kind != "mil":
             return self.layer_data(key, layer, fold).values
         fold = fold or fold_for(run, self.entry(key).slide_id)

@@ -224,3 +224,18 @@ def test_tiles_from_tissue_annotations_are_recorded_and_an_edit_rebuilds_the_sli
     assert main(["augment-cache", *slides[:1], "--out", str(tmp_path / "x"), "--encoder", "test_resnet", "--weights",
                  "random", "--tissue-classes", "Tumor"]) == 2
     assert "needs --tissue-from" in capsys.readouterr().err
+
+
+def test_cli_takes_a_folder_of_slides_and_names_a_missing_path_first(slides, tmp_path, capsys):
+    """Like `encode`, `augment-cache` takes folders of slides; a path that does not exist is named before the
+    encoder's weights are looked for (which would otherwise be the error a typo gets)."""
+    from pathlib import Path
+
+    c = tmp_path / "cache"
+    assert main(["augment-cache", str(Path(slides[0]).parent), "--encoder", "test_resnet", "--weights", "random",
+                 "--views", "2", "--tiles-per-view", "4", "--mpp", "2.0", "--tile-size", "32", "--out", str(c)]) == 0
+    assert sorted(p.stem for p in (c / "features").glob("*.h5")) == sorted(Path(s).stem for s in slides)
+    capsys.readouterr()
+    assert main(["augment-cache", str(tmp_path / "typo"), "--out", str(tmp_path / "c2")]) == 2  # default weights
+    err = capsys.readouterr().err
+    assert "typo" in err and "not found" in err and "weights" not in err
