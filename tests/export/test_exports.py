@@ -105,3 +105,66 @@ def test_runs_with_the_same_folder_name_stay_apart(tiny, tmp_path):
     assert load_runs([a, tmp_path / "nope"], problems)[0].name == "abmil" and "run folder not found" in problems[0]
     with pytest.raises(GigaslideError, match="run folder not found"):
         load_runs([tmp_path / "nope"])
+
+
+def test_catalog_finds_a_slide_encoded_by_a_relative_path_from_another_folder(tmp_path, monkeypatch):
+    """encode given `slides/a.tiff` in one folder, OUT elsewhere, viewer / export run from a third folder: the slide is
+    found through the absolute path the features record (the manifest's relative one names no file from there)."""
+    from gigaslide.encoders import build_encoder
+    from gigaslide.export.catalog import scan
+    from gigaslide.features.extract import encode_slides
+    from gigaslide.testing import make_slide
+    from gigaslide.tiling import TilingParams
+
+    make_slide(tmp_path / "proj" / "slides" / "a.tiff", (1024, 768), seed=1)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "proj")
+    encode_slides(["slides/a.tiff"], tmp_path / "out", build_encoder("test_resnet", "random", seed=0),
+                  TilingParams(mpp=1.0, tile_size=64), workers=0, precision="fp32")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    entries, _ = scan([tmp_path / "out"])
+    assert entries["a"].slide_path == tmp_path / "proj" / "slides" / "a.tiff"
+    assert entries["a"].missing == []
+
+
+def test_catalog_finds_a_slide_tiled_by_a_relative_path_from_another_folder(tmp_path, monkeypatch):
+    """`gigaslide tile slides/a.tiff --out OUT` (no encode: no manifest.json) then the viewer from another folder: the
+    coords record the slide's absolute path (they recorded `slides/a.tiff`, which names no file from there)."""
+    from gigaslide.cli.main import main
+    from gigaslide.export.catalog import scan
+    from gigaslide.testing import make_slide
+
+    make_slide(tmp_path / "proj" / "slides" / "a.tiff", (1024, 768), seed=1)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "proj")
+    assert main(["tile", "slides/a.tiff", "--out", str(tmp_path / "out"), "--mpp", "1.0", "--tile-size", "64"]) == 0
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    entries, _ = scan([tmp_path / "out"])
+    assert entries["a"].patches is not None and entries["a"].features is None
+    assert entries["a"].slide_path == tmp_path / "proj" / "slides" / "a.tiff"
+
+
+def test_tissue_of_tiles_of_another_size_is_not_taken_for_the_features_tiles(tmp_path):
+    """The slide tiled again into OUT at 128 px after encoding at 64 px: tiles of the new grid whose corner is a
+    features tile's corner gave it their tissue fraction (0.47 off here); unknown (NaN) instead, and unchanged
+    when the coords file holds the features' own tiles."""
+    from gigaslide.encoders import build_encoder
+    from gigaslide.export import build_anndata
+    from gigaslide.features.extract import encode_slides
+    from gigaslide.testing import make_slide
+    from gigaslide.tiling import TilingParams, load_grid, tile_slide
+
+    p = make_slide(tmp_path / "a.tiff", (1024, 768), seed=1)
+    out = tmp_path / "out"
+    encode_slides([p], out, build_encoder("test_resnet", "random", seed=0), TilingParams(mpp=1.0, tile_size=64),
+                  workers=0, precision="fp32")
+    grid = load_grid(out / "patches" / "a.h5")
+    a, _ = build_anndata([out])
+    np.testing.assert_array_equal(a.obs["tissue"].to_numpy(), grid.tissue)  # the features' own tiles
+    tile_slide(p, out, TilingParams(mpp=1.0, tile_size=128))
+    other = load_grid(out / "patches" / "a.h5")
+    t64 = {tuple(c): t for c, t in zip(grid.coords.tolist(), grid.tissue)}
+    t128 = {tuple(c): t for c, t in zip(other.coords.tolist(), other.tissue)}
+    assert any(abs(t64[c] - t128[c]) > 0.1 for c in set(t64) & set(t128))  # corners both grids have, other fractions
+    a, _ = build_anndata([out])
+    assert np.isnan(a.obs["tissue"].to_numpy()).all()

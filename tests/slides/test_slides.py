@@ -41,6 +41,37 @@ def test_mpp_finer_than_scan_is_refused(synthetic_slide):
         s.check_target_mpp(0.47)  # within rounding tolerance
 
 
+def test_a_scan_with_pixels_that_are_not_square_is_refused(tmp_path):
+    """0.25 µm/px across, 0.5 down: a square box of level-0 px is a 1:2 rectangle of tissue, so a tile read at 2 µm/px
+    showed a round 400 µm disc 212 px wide and 150 px high (not 200 x 200). Refused, naming both resolutions."""
+    import tifffile
+
+    from gigaslide.tiling import make_grid
+
+    img = np.full((512, 1024, 3), 240, np.uint8)
+    for name, (mx, my) in {"aniso": (0.25, 0.5), "near": (0.25, 0.2512)}.items():
+        tifffile.imwrite(tmp_path / f"{name}.tiff", img, tile=(256, 256), photometric="rgb",
+                         resolution=(1e4 / mx, 1e4 / my), resolutionunit="CENTIMETER")
+    with open_slide(tmp_path / "aniso.tiff") as s:
+        assert (s.mpp_info.x, s.mpp_info.y) == pytest.approx((0.25, 0.5))
+        with pytest.raises(GigaslideError, match=r"not square \(0.25 x 0.5 µm/px"):
+            s.check_target_mpp(1.0)
+        with pytest.raises(GigaslideError, match="not square"):
+            make_grid(s, None, target_mpp=1.0, tile_size=64)
+    with open_slide(tmp_path / "near.tiff") as s:  # within 1 %: rounding in the metadata, tiled as before
+        assert len(make_grid(s, None, target_mpp=1.0, tile_size=64)) > 0
+    with open_slide(tmp_path / "aniso.tiff", mpp=0.25) as s:  # a resolution given by hand is square
+        s.check_target_mpp(1.0)
+    # a grid made before (here: recorded at the mean, 0.375 µm/px, as it was then) is not reused but refused
+    from gigaslide.tiling import TilingParams, tile_slide
+
+    params = TilingParams(mpp=1.0, tile_size=64, min_tissue=0.0)
+    with open_slide(tmp_path / "aniso.tiff", mpp=0.375) as s:
+        tile_slide(s, tmp_path / "out", params, overlays=False)
+    with pytest.raises(GigaslideError, match="not square"):
+        tile_slide(tmp_path / "aniso.tiff", tmp_path / "out", params, overlays=False)
+
+
 def test_mpp_override_number_and_csv(tmp_path, synthetic_slide):
     with open_slide(synthetic_slide, mpp=0.25) as s:
         assert s.mpp == 0.25 and s.mpp_info.source == "override"

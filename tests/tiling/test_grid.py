@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import ndimage as ndi
 
+from gigaslide.errors import GigaslideError
 from gigaslide.slides import open_slide
 from gigaslide.slides.writer import write_pyramidal_tiff
 from gigaslide.testing import H_AND_E
@@ -169,3 +170,15 @@ def test_real_pipeline_grid_covers_synthetic_tissue(synthetic_slide, mpp, tile):
         tm, _ = segment_tissue(s)
         g = make_grid(s, tm, target_mpp=mpp, tile_size=tile, min_tissue=1e-9)
     assert covered_fraction(tm, g.coords, g.tile_size_level0) >= 0.995
+
+
+def test_a_step_under_one_level0_pixel_is_refused_not_repeated(tmp_path):
+    """8 px tiles, 7 px overlap at 0.46 µm/px on a 0.5 µm/px scan step 0.92 level-0 px: floored to whole pixels, one
+    start in twelve was listed twice (1.28 M tiles, 1.09 M distinct on a 1100 x 1000 slide)."""
+    p = write_pyramidal_tiff(tmp_path / "s.tiff", 300, 200, lambda x0, y0, w, h, ds: np.full((h, w, 3), 200, np.uint8),
+                             mpp=0.5)
+    with open_slide(p) as s:
+        with pytest.raises(GigaslideError, match="less than one: tiles would repeat"):
+            make_grid(s, None, target_mpp=0.46, tile_size=8, overlap=7, min_tissue=0)
+        g = make_grid(s, None, target_mpp=0.5, tile_size=8, overlap=7, min_tissue=0)  # a step of one pixel: fine
+        assert len(g) == len(np.unique(g.coords, axis=0)) == (300 - 8 + 1) * (200 - 8 + 1)

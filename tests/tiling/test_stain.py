@@ -93,6 +93,29 @@ def test_dark_background_needs_the_dark_detector():
     assert detect_background(rgb) == "dark" and detect_background(255 - rgb) == "bright"
 
 
+def test_a_fluorescence_slide_mostly_covered_by_tissue_is_dark(tmp_path):
+    """Tissue over ~70 % of a fluorescence scan makes the median pixel tissue, not background: it was taken for
+    bright-field, and the saturation rule then called the whole slide tissue (the black background's noise is
+    saturated in HSV), so every background tile was kept. Its black background still tells."""
+
+    def fn(x0, y0, w, h, ds):  # noqa: ANN001, ANN202
+        X, Y = np.meshgrid(x0 + (np.arange(w) + 0.5) * ds, y0 + (np.arange(h) + 0.5) * ds)
+        inside = ((X - W / 2) / (0.52 * W)) ** 2 + ((Y - H / 2) / (0.52 * H)) ** 2 <= 1
+        noise = ((X.astype(np.int64) * 7 + Y.astype(np.int64) * 13) % 11)[..., None].astype(np.float32)
+        return np.where(inside[..., None], fluo(X, Y), noise).clip(0, 255).astype(np.uint8)
+
+    p = write_pyramidal_tiff(tmp_path / "big_fluo.tiff", W, H, fn, mpp=1.0, tile=256)
+    with open_slide(p) as s:
+        tm, thumb = segment_tissue(s)
+    Y, X = (np.mgrid[: tm.mask.shape[0], : tm.mask.shape[1]] + 0.5) * tm.downsample
+    truth = ((X - W / 2) / (0.52 * W)) ** 2 + ((Y - H / 2) / (0.52 * H)) ** 2 <= 1
+    assert 0.6 < truth.mean() < 0.85 and detect_background(thumb) == "dark" and tm.info["background"] == "dark"
+    assert _iou(tm.mask, truth) > 0.95 and tm.fraction < 0.85
+    rng = np.random.default_rng(0)  # bright-field tissue to every edge (no glass, nothing black) stays bright-field
+    assert detect_background((he(*np.meshgrid(np.arange(200.0), np.arange(150.0))) + rng.normal(0, 20, (150, 200, 3)))
+                             .clip(0, 255).astype(np.uint8)) == "bright"
+
+
 def test_min_tissue_on_dark_background(slides, tmp_path):
     """--background dark: tiles only on the tissue pieces, with tissue fractions of the dark-rule mask."""
     with pytest.warns(StainWarning, match="fluorescence"):

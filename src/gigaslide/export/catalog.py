@@ -68,6 +68,16 @@ def resolve_path(p: str, out_dir: Path) -> Path:
     return path
 
 
+def _slide_path(recorded: list[str | None], out_dir: Path) -> Path | None:
+    """The first of the ``recorded`` paths that exists, else the first recorded; None without any. Absolute ones come
+    first (the features record the path read, absolute; the manifest and the coords the path the job was given,
+    maybe relative to a folder the job ran from, which is only guessed here: see :func:`resolve_path`)."""
+    recorded = [str(p) for p in recorded if p]
+    recorded = [p for p in recorded if Path(p).is_absolute()] + [p for p in recorded if not Path(p).is_absolute()]
+    paths = [resolve_path(p, out_dir) for p in recorded]
+    return next((p for p in paths if p.exists()), paths[0] if paths else None)
+
+
 def scan_out_dir(out: str | os.PathLike) -> tuple[list[SlideEntry], list[str]]:
     """Slides of one encode output folder and a list of problems (one line each) found on the way."""
     d = Path(out)
@@ -87,7 +97,7 @@ def scan_out_dir(out: str | os.PathLike) -> tuple[list[SlideEntry], list[str]]:
         e = SlideEntry(key=sid, slide_id=sid, out_dir=d)
         m = manifest.get(sid, {})
         e.encode_status, e.error = m.get("status"), m.get("error")
-        path_s = m.get("path")
+        recorded: dict[str, str | None] = {"manifest": m.get("path")}  # where each record says the slide was read
         for sub, attr in (("features", "features"), ("patches", "patches")):
             f = d / sub / f"{sid}.h5"
             if f.is_file():
@@ -95,11 +105,11 @@ def scan_out_dir(out: str | os.PathLike) -> tuple[list[SlideEntry], list[str]]:
                 fa, ca = _read_attrs(f)
                 if attr == "features":
                     e.feature_attrs = {**fa, "coords": ca}
-                path_s = path_s or fa.get("slide_path")
+                recorded[sub] = fa.get("slide_path")
                 mpp = ca.get("level0_mpp") or fa.get("slide_mpp")
                 if mpp and e.slide_mpp is None:
                     e.slide_mpp = float(mpp)
-        e.slide_path = resolve_path(path_s, d) if path_s else None
+        e.slide_path = _slide_path([recorded.get(k) for k in ("manifest", "features", "patches")], d)
         for sub, attr in (("tissue", "tissue_geojson"), ("nuclei", "nuclei_geojson")):
             f = d / sub / f"{sid}.geojson"
             if f.is_file():

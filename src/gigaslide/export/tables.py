@@ -27,7 +27,9 @@ def encoded_slides(entries: Any, problems: list[str]):  # noqa: ANN201
 
 
 def tissue_fraction(entry: SlideEntry, coords: np.ndarray) -> np.ndarray:
-    """Tissue fraction of each tile from ``patches/<id>.h5`` (matched by coordinates; NaN where unknown)."""
+    """Tissue fraction of each tile from ``patches/<id>.h5`` (matched by coordinates; NaN where unknown). NaN too when
+    the coords file holds tiles of another size than the features (the slide was tiled again into the folder at other
+    settings): a tile of another size at the same corner has another tissue fraction."""
     out = np.full(len(coords), np.nan, np.float32)
     if entry.patches is None:
         return out
@@ -35,9 +37,12 @@ def tissue_fraction(entry: SlideEntry, coords: np.ndarray) -> np.ndarray:
         with h5py.File(entry.patches, "r") as f:
             pc = np.asarray(f["coords"][:], np.int64)
             pt = np.asarray(f["tissue"][:], np.float32) if "tissue" in f else None
+            size0 = f["coords"].attrs.get("patch_size_level0")
     except (OSError, KeyError):
         return out
-    if pt is None:
+    feature_size0 = (entry.feature_attrs.get("coords") or {}).get("patch_size_level0")
+    if pt is None or (size0 is not None and feature_size0 is not None
+                      and not np.isclose(float(size0), float(feature_size0), rtol=1e-6)):
         return out
     index = {(int(x), int(y)): i for i, (x, y) in enumerate(pc)}
     for i, (x, y) in enumerate(np.asarray(coords, np.int64)):

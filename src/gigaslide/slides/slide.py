@@ -116,12 +116,25 @@ class Slide:
     def check_target_mpp(self, target_mpp: float) -> None:
         if target_mpp <= 0:
             raise GigaslideError(f"target mpp {target_mpp} must be positive", fix="use e.g. --mpp 0.5")
+        self.check_square()
         if target_mpp < self.mpp * (1 - MPP_TOLERANCE):
             raise GigaslideError(
                 f"target resolution {target_mpp} µm/px is finer than the scan ({self.mpp:.4g} µm/px, from {self.mpp_info.source})",
                 path=self.path,
                 fix=f"use --mpp {self.mpp:.3g} or coarser (or correct the scan resolution with --slide-mpp)",
             )
+
+    def check_square(self) -> None:
+        """Refuse a scan whose pixels are not square (µm/px across and down differ by more than SCALE_TOLERANCE):
+        tiles are square in level-0 px, so they would cover another length across than down. Without a resolution
+        there is nothing to check."""
+        m = self._mpp
+        if m is not None and abs(m.x - m.y) > SCALE_TOLERANCE * m.mean:
+            raise GigaslideError(
+                f"the scan's pixels are not square ({m.x:.4g} x {m.y:.4g} µm/px, from {m.source}): tiles would cover "
+                "another length across than down", path=self.path,
+                fix="resample the slide to square pixels first, or give its true resolution with --slide-mpp if the "
+                    "metadata is wrong")
 
     def choose_level(self, target_mpp: float, tolerance: float = SCALE_TOLERANCE) -> LevelChoice:
         """Coarsest level that is still at least as fine as ``target_mpp`` (or coarser by at most ``tolerance``)."""

@@ -14,6 +14,7 @@ to one tile of tissue on every side.)
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -111,6 +112,10 @@ def make_grid(slide: Slide, tissue: TissueMask | None, *, target_mpp: float, til
     f = target_mpp / slide.mpp
     tile0 = tile_size * f
     stride0 = (tile_size - overlap) * f
+    if stride0 < 1:  # level-0 starts are whole pixels: steps under one would start several tiles at one pixel
+        raise GigaslideError(
+            f"tiles {tile_size} px with {overlap} px overlap at {target_mpp} µm/px step {stride0:.3g} level-0 px, "
+            "less than one: tiles would repeat", path=slide.path, fix="use a smaller --overlap")
     if tile0 > W + 1e-6 or tile0 > H + 1e-6:
         raise GigaslideError(
             f"a {tile_size} px tile at {target_mpp} µm/px spans {tile0:.0f} level-0 px, more than the slide ({W}x{H} px)",
@@ -120,7 +125,7 @@ def make_grid(slide: Slide, tissue: TissueMask | None, *, target_mpp: float, til
     coords, frac, pad = select_tiles(tissue, (W, H), tile0, stride0, min_tissue)
     extra = {"grid_rule": GRID_RULE, **(tissue.info if tissue is not None else {})}
     return TileGrid(
-        coords=coords, tissue=frac, slide_id=slide.id, slide_path=str(slide.path),
+        coords=coords, tissue=frac, slide_id=slide.id, slide_path=os.path.abspath(slide.path),
         target_mpp=float(target_mpp), tile_size=int(tile_size), overlap=int(overlap), slide_mpp=float(slide.mpp),
         slide_dimensions=(W, H), read_level=slide.choose_level(target_mpp).level, min_tissue=float(min_tissue),
         extra=extra, padding=pad,

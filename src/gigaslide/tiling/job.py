@@ -79,6 +79,12 @@ class Scan:
 
     @classmethod
     def of(cls, slide: Slide) -> Scan:
+        """The slide's scan; its mpp is unknown (None: nothing made from it is reused) without one, or when its pixels
+        are not square (a grid made before such slides were refused is made again, and refused with the reason)."""
+        try:
+            slide.check_square()
+        except GigaslideError:
+            return cls(None, slide.dimensions)
         return cls(float(slide.mpp) if slide.has_mpp else None, slide.dimensions)
 
     @classmethod

@@ -6,7 +6,10 @@ once per slide and recorded in the tiling output (patches h5 attrs, ``TileGrid.e
 
 - background: ``dark`` when the median pixel is dark (max channel below :data:`DARK_MEDIAN`):
   fluorescence scans have a black background; bright-field slides, even ones covered by tissue
-  to every edge, are far brighter.
+  to every edge, are far brighter. Where tissue covers most of a fluorescence scan the median pixel is
+  tissue, so it is also ``dark`` when at least :data:`DARK_MIN_BLACK` of the pixels are black (max channel
+  below :data:`BLACK`) and almost none (below :data:`DARK_MAX_GLASS`) are glass-white: bright-field
+  tissue and glass are never that dark, and a bright-field slide has glass where a fluorescence one is black.
 - stain (bright-field): hue of the stained pixels. In H&E nearly all of them are pink (eosin) or
   purple (hematoxylin), hue >= 245° or < 15°; an IHC slide is dominated by a blue hematoxylin
   counterstain (hue 170-245°) and/or brown DAB (15-60°). Measured here: every H&E thumbnail and
@@ -22,6 +25,12 @@ from PIL import Image
 
 #: Median of the per-pixel max channel below which the background is taken as dark (fluorescence).
 DARK_MEDIAN = 80
+#: Max channel below which a pixel is black (a fluorescence background; no stain or glass is this dark).
+BLACK = 40
+#: A median that is not dark is still a dark background with at least this share of black pixels ...
+DARK_MIN_BLACK = 0.1
+#: ... and less than this share of glass-white ones (every channel >= 235).
+DARK_MAX_GLASS = 0.01
 #: A pixel counts as stained (for the stain guess) with saturation >= this and value > 30 (0-255).
 STAINED_SATURATION = 25
 #: Fewer stained pixels than this: the stain is "unknown" (no warning).
@@ -71,7 +80,11 @@ def detect_background(rgb: np.ndarray) -> str:
     """``dark`` (fluorescence) or ``bright`` (bright-field) from the thumbnail."""
     if rgb.size == 0:
         return "bright"
-    return "dark" if float(np.median(rgb.max(axis=-1))) < DARK_MEDIAN else "bright"
+    mx = rgb.max(axis=-1)
+    if float(np.median(mx)) < DARK_MEDIAN:
+        return "dark"
+    black, glass = float((mx < BLACK).mean()), float(np.all(rgb >= 235, axis=-1).mean())
+    return "dark" if black >= DARK_MIN_BLACK and glass < DARK_MAX_GLASS else "bright"
 
 
 def detect_stain(rgb: np.ndarray, background: str | None = None) -> StainInfo:
