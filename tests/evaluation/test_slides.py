@@ -65,6 +65,56 @@ def test_bad_prediction_files(tmp_path):
         E.read_predictions(tmp_path / "nope")
 
 
+def test_a_fold_of_one_class_is_named_not_silently_left_out_of_the_per_fold_mean(tmp_path):
+    """Fold 1 holds negatives only: its AUC is undefined, so the per-fold AUC is fold 0's alone -- and the report
+    says over how many folds it is (it read as the mean over both)."""
+    p = tmp_path / "predictions.csv"
+    p.write_text("slide_id,label,prob_0,prob_1,fold\na,0,0.9,0.1,0\nb,1,0.2,0.8,0\nc,0,0.4,0.6,0\nd,1,0.7,0.3,0\n"
+                 "e,0,0.6,0.4,1\nf,0,0.8,0.2,1\n")
+    res = E.evaluate_predictions(p, n_bootstrap=0)
+    a, ba = res["metrics"]["auc"], res["metrics"]["balanced_accuracy"]
+    assert a["fold_mean"] == 0.75 and (a["fold_n"], a["fold_total"]) == (1, 2)
+    assert (ba["fold_n"], ba["fold_total"]) == (2, 2)
+    md = E.evaluation_markdown(res)
+    auc_row = next(line for line in md.splitlines() if line.startswith("| auc |"))
+    ba_row = next(line for line in md.splitlines() if line.startswith("| balanced_accuracy |"))
+    assert "(1 of 2 folds: the others have one class)" in auc_row and "folds:" not in ba_row
+
+
+def test_a_prediction_file_keeps_every_digit_of_the_probabilities(tmp_path):
+    """Metrics read from the written CSV are the model's: confident probabilities that differ beyond the 6th digit
+    stay ordered (the AUC counted them as ties) and a near-0.5 row keeps its arg-max (balanced accuracy)."""
+    from gigaslide.evaluation.metrics import auc, balanced_accuracy
+
+    y = np.array([1, 0, 1, 0])
+    p1 = np.array([1 - 1e-7, 1 - 4e-7, 0.5000004, 0.2])
+    probs = np.stack([1 - p1, p1], 1)
+    E.write_predictions(tmp_path / "predictions.csv", list("abcd"), y, probs, 0)
+    back = E.read_predictions(tmp_path / "predictions.csv")
+    assert np.array_equal(back.probs, probs)
+    assert auc(back.labels, back.probs) == auc(y, probs) == 0.75
+    assert balanced_accuracy(back.labels, back.probs) == balanced_accuracy(y, probs) == 0.75
+
+
+def test_predictions_from_other_tools_are_read_by_column_name_or_refused_in_one_line(tmp_path):
+    """A prediction CSV saved by Excel (a BOM before slide_id) or with spaces after the commas is read as written;
+    prob columns that are not prob_0..prob_{C-1} are refused (prob_tumor was a ValueError traceback; prob_0,prob_2
+    was read as two classes, class 1's probabilities taken from the column of class 2)."""
+    rows = "a,0,0.9,0.1,0\nb,1,0.2,0.8,0\nc,0,0.6,0.4,1\nd,1,0.3,0.7,1\n"
+    p = tmp_path / "p.csv"
+    p.write_text("slide_id,label,prob_0,prob_1,fold\n" + rows, encoding="utf-8-sig")
+    pred = E.read_predictions(p)
+    assert pred.slide_ids == ["a", "b", "c", "d"] and pred.probs[:, 1].tolist() == [0.1, 0.8, 0.4, 0.7]
+    p.write_text("slide_id, label, prob_0, prob_1, fold\n" + rows.replace(",", ", "))
+    pred = E.read_predictions(p)
+    assert pred.slide_ids == ["a", "b", "c", "d"] and pred.labels.tolist() == [0, 1, 0, 1]
+    for head in ("slide_id,label,prob_normal,prob_tumor,fold", "slide_id,label,prob_0,prob_2,fold"):
+        p.write_text(head + "\n" + rows)
+        with pytest.raises(GigaslideError, match=r"prob columns .* are not prob_0..prob_1") as e:
+            E.read_predictions(p)
+        assert "p.csv" in str(e.value) and "fix:" in str(e.value)
+
+
 def test_linear_probe_slides(tmp_path):
     r = np.random.default_rng(0)
     y = np.repeat([0, 1], 30)
@@ -97,6 +147,9 @@ def test_linear_probe_run_few_shot(tmp_path):
     del emb["s0"]
     with pytest.raises(GigaslideError, match="have no features: s0"):
         E.linear_probe_run(emb, lab, tmp_path / "run3", folds=4)
+    emb["s0"] = np.full(6, np.nan)  # a diverged slide encoder: one line naming the slide (was sklearn's ValueError)
+    with pytest.raises(GigaslideError, match=r"1 slide embedding\(s\) contain NaN/inf: s0"):
+        E.linear_probe_run(emb, lab, tmp_path / "run4", folds=4)
 
 
 def test_two_runs_are_compared_paired_on_the_same_slides(tmp_path, cli, capsys):
@@ -182,3 +235,14 @@ def test_cli_evaluate_embeddings_against_a_baseline_run(tmp_path, cli, capsys):
     assert want["auc"]["ci_low"] > 0.2  # informative embeddings vs noise
     assert run("good", "--baseline", str(tmp_path / "nothing")) == 2
     assert "predictions not found" in capsys.readouterr().err
+    # a slide twice (the second row silently won) or ids and rows of different lengths (zip cut the longer): one line
+    ids = [f"s{i}" for i in range(n)]
+    for name, ids, rows in (("dup", ids + ["s3"], n + 1), ("short", ids, n + 2)):
+        with h5py.File(tmp_path / f"{name}.h5", "w") as f:
+            f["slide_ids"] = np.array(ids, dtype="S")
+            f["embeddings"] = (r.normal(size=(rows, 6)) + 3.0 * np.resize(y, rows)[:, None]).astype(np.float32)
+        assert run(name) == 2
+        err = capsys.readouterr().err
+        assert f"{name}.h5" in err and ("slide(s) s3 appear more than once" if name == "dup" else
+                                        f"{n} slide ids for {n + 2} embeddings") in err
+        assert not (tmp_path / f"lin_{name}" / "predictions.csv").exists()

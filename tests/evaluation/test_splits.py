@@ -34,11 +34,32 @@ def test_read_labels_ok(tmp_path):
     ("slide_id,label\n", "no rows"),
     ("slide_id,label\na,0\nb,2\n", "not 0..1"),
     ("slide_id,label\na,0\nb,0.5\n", "non-numeric or invalid"),
+    # a row with more fields than the header (an unquoted comma): one line naming the line, not an AttributeError
+    ("slide_id,label\na,0\nb,1,extra\n", r"line 3 has 3 fields, the header 2 \(slide_id, label\)"),
+    # the line of the file, counting the blank lines csv skips
+    ("slide_id,label\na,0\n\n\nb,1\n,1\n", r"empty slide_id on line\(s\) 6"),
 ])
 def test_read_labels_errors(tmp_path, text, needle):
     with pytest.raises(GigaslideError, match=needle) as e:
         S.read_labels(_csv(tmp_path, text))
     assert "fix:" in str(e.value) and "labels.csv" in str(e.value)
+
+
+def test_labels_and_predictions_that_are_not_utf8_are_one_line(tmp_path):
+    """Excel's cp1252 CSV (patient José): one line naming the file and the fix (was a UnicodeDecodeError traceback),
+    for labels and for prediction files alike."""
+    from gigaslide.evaluation.slides import read_predictions
+
+    p = tmp_path / "labels.csv"
+    p.write_bytes("slide_id,patient_id,label\na,Jos\xe9,0\nb,Ren\xe9e,1\n".encode("cp1252"))
+    with pytest.raises(GigaslideError, match=r"labels\.csv: not UTF-8 text \(byte 0xe9 at offset 31\).*UTF-8"):
+        S.read_labels(p)
+    q = tmp_path / "predictions.csv"
+    q.write_bytes("slide_id,label,prob_0,prob_1,fold\nJos\xe9,0,0.9,0.1,0\nb,1,0.2,0.8,0\n".encode("cp1252"))
+    with pytest.raises(GigaslideError, match=r"predictions\.csv: not UTF-8 text"):
+        read_predictions(q)
+    p.write_bytes("slide_id,patient_id,label\na,Jos\xe9,0\nb,Ren\xe9e,1\n".encode("utf-8"))
+    assert S.read_labels(p).patient_ids == ["Jos\xe9", "Ren\xe9e"]
 
 
 def test_match_features_reports_missing_and_unknown(tmp_path):

@@ -52,6 +52,16 @@ def test_bad_inputs(tmp_path):
         evaluate_tile_features((X, y), (X, y), "svm")
     with pytest.raises(GigaslideError, match="single class"):
         evaluate_tile_features((X, np.zeros_like(y)), (X, y))
+    # a class with one training tile, or too few tiles for the linear probe's stratified validation split: one line
+    # naming the file (was sklearn's ValueError traceback); the probes without that split still run
+    y1 = y.copy()
+    y1[0] = 2
+    store.save(tmp_path / "rare.h5", X, labels=y1, attrs={"encoder": "toy"})
+    with pytest.raises(GigaslideError, match=r"rare\.h5: class\(es\) 2 have 1 training tile.*fix:"):
+        evaluate_tile_features(store.load(tmp_path / "rare.h5"), (X, y1), "linear,knn", n_bootstrap=0)
+    with pytest.raises(GigaslideError, match="9 training tiles of 3 classes"):
+        evaluate_tile_features((X[:9], np.arange(9) % 3), (X, y), "linear", n_bootstrap=0)
+    assert "knn" in evaluate_tile_features(store.load(tmp_path / "rare.h5"), (X, y1), "knn", n_bootstrap=0)["protocols"]
     store.save(tmp_path / "a.h5", X, labels=y, attrs={"encoder": "a"})
     store.save(tmp_path / "b.h5", X, labels=y, attrs={"encoder": "b"})
     with pytest.raises(GigaslideError, match="differs from test encoder"):
@@ -145,3 +155,27 @@ def test_a_report_and_predictions_of_different_runs_are_not_read_as_one(tmp_path
     (tmp_path / "rep_a" / "report.json").write_text(old)
     with pytest.raises(GigaslideError, match="different runs"):
         saved_predictions(tmp_path / "rep_a")
+
+
+def test_test_labels_follow_the_training_folders_class_names(tmp_path):
+    """Each tile folder numbers its own sorted class sub-folders: a test folder without class b (a, c) stores c as 1,
+    which is b in the training folder (a, b, c). Separable tiles scored balanced accuracy 0.5 (every c tile counted
+    as a mistaken b); the test labels are now the training classes' indices, and a test class the training folder
+    lacks is refused."""
+    r = np.random.default_rng(0)
+    centers = r.normal(size=(3, 8)) * 4
+    ytr = np.repeat([0, 1, 2], 60)
+    store.save(tmp_path / "tr.h5", (centers[ytr] + r.normal(size=(180, 8))).astype(np.float32), labels=ytr,
+               attrs={"encoder": "toy", "classes": json.dumps(["a", "b", "c"])})
+    true = np.repeat([0, 2], 50)  # a and c tiles
+    store.save(tmp_path / "te.h5", (centers[true] + r.normal(size=(100, 8))).astype(np.float32),
+               labels=np.repeat([0, 1], 50), attrs={"encoder": "toy", "classes": json.dumps(["a", "c"])})
+    rep = evaluate_tile_features(store.load(tmp_path / "tr.h5"), store.load(tmp_path / "te.h5"), "linear,knn",
+                                 n_bootstrap=0)
+    assert rep["test_labels"].tolist() == true.tolist() and rep["test"]["class_counts"] == [50, 0, 50]
+    for p in ("linear", "knn"):
+        assert rep["protocols"][p]["balanced_accuracy"]["value"] == 1.0
+    store.save(tmp_path / "te2.h5", np.zeros((4, 8), np.float32), labels=np.array([0, 0, 1, 1]),
+               attrs={"encoder": "toy", "classes": json.dumps(["a", "d"])})
+    with pytest.raises(GigaslideError, match=r"te2\.h5: test class\(es\) d have no training tiles"):
+        evaluate_tile_features(store.load(tmp_path / "tr.h5"), store.load(tmp_path / "te2.h5"), "knn", n_bootstrap=0)

@@ -77,7 +77,8 @@ def test_budget_values(monkeypatch):
     assert resolve_budget(1.5) == 1_500_000_000 and resolve_budget("0") == 0
     monkeypatch.setattr("gigaslide.mil.bags.available_memory", lambda: 8_000_000_000)
     assert resolve_budget("auto") == 4_000_000_000 == resolve_budget(None)
-    for bad in ("lots", -1):
+    assert resolve_budget("inf") == 1 << 62 == resolve_budget(float("inf"))  # no limit (was an OverflowError)
+    for bad in ("lots", -1, "nan"):
         with pytest.raises(GigaslideError, match="bag memory budget"):
             resolve_budget(bad)
 

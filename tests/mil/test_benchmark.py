@@ -117,3 +117,25 @@ def test_two_runs_exports_get_their_own_folders(tmp_path):
     with pytest.raises(GigaslideError, match="would share the folder"):
         run_benchmark(["resnet18", "resnet18"], tmp_path / "o", tiles=tmp_path / "t")
     assert not (tmp_path / "o").exists()  # refused before any work
+
+
+def test_the_leaderboard_names_the_mil_model_it_ran(tmp_path):
+    """`benchmark --model transmil`: the table's and the plot's slide column say TRANSMIL (they said ABMIL whatever
+    model ran)."""
+    from gigaslide.mil.benchmark import leaderboard_markdown, plot_leaderboard
+
+    m = {"value": 0.8, "ci_low": 0.7, "ci_high": 0.9}
+    rows = [{"encoder": "a", "dim": 8, "slide": {"model": "transmil", "auc": m, "balanced_accuracy": m}}]
+    header = leaderboard_markdown(rows).splitlines()[0]
+    assert "slide TRANSMIL AUC" in header and "ABMIL" not in header
+    assert "slide ABMIL AUC" in leaderboard_markdown([{**rows[0], "slide": {**rows[0]["slide"], "model": "abmil"}}])
+    import matplotlib.pyplot as plt
+
+    seen = []
+    orig = plt.Axes.bar
+    try:
+        plt.Axes.bar = lambda self, *a, label=None, **k: seen.append(label) or orig(self, *a, label=label, **k)
+        plot_leaderboard(rows, tmp_path / "l.png")
+    finally:
+        plt.Axes.bar = orig
+    assert "slide TRANSMIL AUC" in seen and not any("ABMIL" in str(s) for s in seen)

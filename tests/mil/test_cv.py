@@ -182,6 +182,11 @@ def test_cli_train_mil_model_args(tmp_path, cli, capsys):
     assert cli(["train-mil", "--features", str(feats), "--labels", str(lab), "--model-args", "{ppeg",
                 "--out", str(out / "y")]) == 2
     assert "is not JSON" in capsys.readouterr().err
+    # a width TransMIL's heads do not divide: refused before the run folder exists (was a reshape traceback in fold 0)
+    assert cli(["train-mil", "--features", str(feats), "--labels", str(lab), "--model", "transmil", "--hidden", "50",
+                "--out", str(out / "z")]) == 2
+    assert "hidden width 50 is not a multiple of its 4 attention heads" in capsys.readouterr().err
+    assert not (out / "z").exists()
 
 
 def test_interrupted_run_resumes_to_the_same_predictions(tmp_path, monkeypatch):
@@ -237,3 +242,27 @@ def test_a_bag_budget_below_the_cohort_gives_the_same_run(tmp_path):
     rec = json.loads((tmp_path / "disk" / "run.json").read_text())["bags"]
     assert rec["kept_bags"] == 0 and rec["reads"] > 24 * 4  # every slide read more than once per epoch's worth
     assert json.loads((tmp_path / "mem" / "run.json").read_text())["bags"]["kept_bags"] == 24
+
+
+def test_a_slide_with_nan_features_is_named_not_reported_as_a_diverged_model(tmp_path):
+    """One NaN in one tile of s3 made the fold's standardisation statistics NaN and every prediction NaN, which was
+    reported after training as 'predictions contain NaN ... the model diverged; retrain' (retraining cannot help);
+    it is one line naming s3's feature file, whether s3 is a training or a test slide of the fold."""
+    from gigaslide.mil.bags import Bags
+    from gigaslide.mil.train import predict, train_fold
+
+    feats, lab = _make(tmp_path, n=12)
+    ff = store.load(feats / "s3.h5")
+    x = np.asarray(ff.features).copy()
+    x[2, 1] = np.nan
+    store.save(feats / "s3.h5", x, ff.coords, attrs={"encoder": "toy", "slide_id": "s3"})
+    with pytest.raises(GigaslideError, match=r"s3\.h5: 1 tile\(s\) have NaN/inf features"):
+        run_cv(feats, lab, tmp_path / "run", cfg=TrainConfig(model="abmil", **FAST), folds=2, n_bootstrap=0,
+               verbose=False)
+    files = [store.load(feats / f"s{i}.h5", arrays=False) for i in range(12)]
+    bags = Bags(files, 0)
+    y = np.arange(12) % 2
+    model, _ = train_fold(bags.take([0, 1, 2, 4]), y[[0, 1, 2, 4]], bags.take([]), y[:0], 8, 2,
+                          TrainConfig(model="abmil", **FAST))
+    with pytest.raises(GigaslideError, match=r"s3\.h5: 1 tile\(s\) have NaN/inf features"):
+        predict(model, bags.take([5, 3]))

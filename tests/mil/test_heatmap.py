@@ -117,3 +117,74 @@ def test_grid_layout_transmil_gets_its_cells_from_the_files_in_training_and_heat
     info = heatmap(out / "slides" / f"{sid}.tiff", tmp / "feats" / f"{sid}.h5", tmp / "run_tm" / "fold0", tmp / "tm.png")
     assert info["n_tiles"] == len(read_ground_truth(out / "ground_truth" / f"{sid}.csv"))
     assert (tmp / "tm.png").stat().st_size > 0
+
+
+def test_run_localisation_uses_each_slides_own_level0_tile_size(tmp_path):
+    """A cohort of slides scanned at two resolutions has two level-0 tile sides (the same tile at the features'
+    mpp); a run's localisation AUC labels each slide's tiles with its own side, as ``gigaslide heatmap`` does for
+    that slide, not with the first slide's (s0, scanned at twice the others' resolution: its 64 px side put every
+    other slide's tile centres one cell off)."""
+    import h5py
+
+    from gigaslide.mil.cv import run_cv
+    from gigaslide.mil.heatmap import run_localisation
+
+    r = np.random.default_rng(0)
+    rows, size0 = ["slide_id,label"], {}
+    (tmp_path / "gt").mkdir()
+    cells = np.array([(cx, cy) for cy in range(4) for cx in range(4)])
+    for i in range(8):
+        y, s = i % 2, (64 if i == 0 else 32)
+        tum = np.zeros(16, np.int64)
+        if y:
+            tum[[5, 6, 9]] = 1
+        x = r.normal(size=(16, 4)).astype(np.float32)
+        x[tum == 1, 0] += 3.0
+        coords = cells * s
+        store.save(tmp_path / "feats" / f"s{i}.h5", x, coords, attrs={"encoder": "toy", "slide_id": f"s{i}"},
+                   coords_attrs={"patch_size_level0": s})
+        gt = np.column_stack([coords, np.full(16, s), tum])
+        (tmp_path / "gt" / f"s{i}.csv").write_text("x,y,size,is_tumor\n" + "".join(
+            ",".join(map(str, g)) + "\n" for g in gt))
+        rows.append(f"s{i},{y}")
+        size0[f"s{i}"] = s
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    run_cv(tmp_path / "feats", tmp_path / "labels.csv", tmp_path / "run", cfg=TrainConfig(epochs=2, hidden=8), folds=2,
+           n_bootstrap=0, verbose=False)
+    own = []
+    for k in range(2):
+        with h5py.File(tmp_path / "run" / f"fold{k}" / "attention.h5", "r") as f:
+            for sid in f:
+                gt = read_ground_truth(tmp_path / "gt" / f"{sid}.csv")
+                v = localisation_auc(f[sid]["scores"][:], f[sid]["coords"][:], gt, size0[sid])
+                if not np.isnan(v):
+                    own.append(v)
+    res = run_localisation(tmp_path / "run", tmp_path / "gt", n_bootstrap=0)
+    assert res["n_slides"] == len(own) == 4
+    assert res["value"] == pytest.approx(float(np.mean(own)), abs=1e-12)
+
+
+def test_the_tumour_outline_has_the_ground_truths_cells_not_the_feature_tiles(mosaic_and_model, tmp_path, monkeypatch):
+    """Features tiled with 48 px level-0 tiles over a mosaic of 32 px cells: the tumour outline covers the ground
+    truth's 32 px cells (it was drawn with the feature tiles' 48 px, half a cell too far right and down)."""
+    import matplotlib.axes
+
+    tmp, out, ys = mosaic_and_model
+    sid = f"mosaic_{[i for i, y in enumerate(ys) if y][0]:04d}"
+    gt = read_ground_truth(out / "ground_truth" / f"{sid}.csv")
+    ff = store.load(tmp / "feats" / f"{sid}.h5")
+    store.save(tmp_path / f"{sid}.h5", np.asarray(ff.features), gt[:, :2], attrs={"encoder": "toy", "slide_id": sid},
+               coords_attrs={"patch_size_level0": 48})
+    masks = []
+    orig = matplotlib.axes.Axes.contour
+    monkeypatch.setattr(matplotlib.axes.Axes, "contour",
+                        lambda self, t, *a, **k: masks.append(np.array(t)) or orig(self, t, *a, **k))
+    heatmap(out / "slides" / f"{sid}.tiff", tmp_path / f"{sid}.h5", tmp / "run" / "fold0", tmp_path / "h.png",
+            thumb_size=160)
+    (mask,) = masks
+    ds = 320 / 160  # the 10 x 32 px mosaic drawn on a 160 px thumbnail
+    want = np.zeros_like(mask)
+    side = int(round(32 / ds))
+    for x, y in gt[gt[:, 3] == 1][:, :2]:
+        want[int(y / ds):int(y / ds) + side, int(x / ds):int(x / ds) + side] = 1
+    assert mask.shape == (160, 160) and np.array_equal(mask, want)

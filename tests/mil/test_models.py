@@ -44,6 +44,16 @@ def test_empty_bag_is_a_clear_error(name):
         build_model(name, 8, 2)(torch.zeros(0, 8))
 
 
+def test_transmil_width_that_its_heads_do_not_divide_is_one_line_when_built():
+    """`train-mil --model transmil --hidden 50` (4 heads): refused when the model is built, naming a width that works
+    (it built, then failed at the first bag with a reshape RuntimeError)."""
+    with pytest.raises(GigaslideError, match=r"width 50 is not a multiple of its 4 attention heads.*--hidden 48"):
+        build_model("transmil", 8, 2, hidden=50)
+    with pytest.raises(GigaslideError, match="give heads 1 or more"):
+        build_model("transmil", 8, 2, hidden=48, heads=0)
+    assert build_model("transmil", 8, 2, hidden=48, heads=3)(torch.randn(5, 8))["logits"].shape == (2,)
+
+
 @pytest.mark.parametrize("name", ["clam_sb", "clam_mb"])
 def test_clam_instance_loss(name):
     torch.manual_seed(0)

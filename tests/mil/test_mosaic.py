@@ -40,6 +40,22 @@ def test_parse_range():
         parse_range("abc")
     with pytest.raises(GigaslideError):
         parse_range("0.5-0.1")
+    # numbers in exponent notation (refused as 'not a number or range': the exponent's '-' was read as the range's)
+    assert parse_range("5e-2") == (0.05, 0.05)
+    assert parse_range("1e-3-2E-1") == (0.001, 0.2)
+    assert parse_range(" 0.02 - 0.2 ") == (0.02, 0.2)
+    with pytest.raises(GigaslideError, match="not a number or range"):
+        parse_range("0.1-0.2-0.3")
+
+
+@pytest.mark.parametrize("slides,fraction", [(2, 0.2), (4, 0.9)])
+def test_a_mosaic_of_one_class_is_refused_before_any_slide_is_written(tmp_path, slides, fraction):
+    """0.2 of 2 slides rounds to 0 positive slides, 0.9 of 4 to 4: a one-class cohort that train-mil refuses only
+    after every slide was built; refused up front."""
+    with pytest.raises(GigaslideError, match=f"of {slides} slides gives .* positive slides: one class"):
+        build_mosaic(_tile_folder(tmp_path), tmp_path / "m", MosaicConfig(slides=slides, positive_fraction=fraction,
+                                                                          grid=8), verbose=False)
+    assert not (tmp_path / "m").exists()
 
 
 def test_build_mosaic_layout_and_ground_truth(tmp_path):

@@ -51,3 +51,25 @@ def test_a_model_refuses_features_of_other_weights_or_another_mpp():
         check_features_fit(meta, feats("random-seed1", 0.5), "x")
     with pytest.raises(GigaslideError, match="1 µm/px"):
         check_features_fit(meta, feats("random-seed0", 1.0), "x")
+
+
+def test_fp16_training_scales_each_bags_loss(monkeypatch):
+    """Where `auto` is fp16 (GPUs without native bf16, simulated here on CPU), each bag's loss goes through an
+    enabled loss scaler, or small gradients flush to zero (tests/test_devices.py shows the flush)."""
+    from gigaslide import devices
+
+    real = devices.choose_precision
+    monkeypatch.setattr(devices, "choose_precision",
+                        lambda device, precision="auto", *a, **k: devices.PrecisionChoice("auto", "fp16")
+                        if precision == "auto" else real(device, precision, *a, **k))
+    scaled = []
+    real_scale = torch.amp.GradScaler.scale
+
+    def scale(self, outputs):
+        scaled.append(self.is_enabled())
+        return real_scale(self, outputs)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", scale)
+    cfg = TrainConfig(model="abmil", epochs=1, hidden=8, patience=1)
+    model, _ = train_fold(_noise_bags(6), np.array([0, 1] * 3), [], np.array([], int), 8, 2, cfg)
+    assert scaled == [True] * 6

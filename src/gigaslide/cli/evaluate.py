@@ -187,6 +187,12 @@ def evaluate_embeddings(embeddings: str, labels: str, out: str, folds: int = 5, 
 
     base = read_predictions(baseline) if baseline else None  # a wrong baseline is refused before any work
     e = load_embeddings(embeddings)
+    dup = sorted({s for s in e.slide_ids if e.slide_ids.count(s) > 1})
+    if len(e.slide_ids) != len(e.embeddings) or dup:  # a dict of them kept the last row of a slide, zip the shorter
+        what = (f"slide(s) {', '.join(dup[:5])} appear more than once" if dup else
+                f"{len(e.slide_ids)} slide ids for {len(e.embeddings)} embeddings")
+        raise GigaslideError(f"{what} in the embeddings file", path=embeddings,
+                             fix="one embedding per slide: re-run `gigaslide embed-slides`")
     vecs = dict(zip(e.slide_ids, e.embeddings))
     if repeats is None:
         repeats = 3 if train_slides else 1

@@ -47,7 +47,7 @@ def train_mil(features: str, labels: str, out: str, model: str = "abmil", folds:
     from gigaslide.errors import GigaslideError
     from gigaslide.evaluation.slides import evaluation_markdown
     from gigaslide.mil.cv import run_cv
-    from gigaslide.mil.models import MIL_MODELS, model_settings
+    from gigaslide.mil.models import MIL_MODELS, build_model, model_settings
     from gigaslide.mil.train import TrainConfig
 
     MIL_MODELS.get(model)
@@ -57,6 +57,7 @@ def train_mil(features: str, labels: str, out: str, model: str = "abmil", folds:
     if unknown:
         raise GigaslideError(f"--model-args: {model} has no setting {', '.join(unknown)}",
                              fix=f"use some of: {', '.join(known)}")
+    build_model(model, 1, 2, hidden=hidden, **margs)  # settings it refuses (a width its heads do not divide): now
     if monitor not in ("loss", "auc"):
         raise GigaslideError(f"--monitor {monitor}", fix="use loss or auc")
     if on_missing not in ("error", "skip"):

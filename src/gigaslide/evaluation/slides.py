@@ -40,6 +40,7 @@ from gigaslide.provenance import provenance, write_sidecar
 from gigaslide.errors import GigaslideError
 from gigaslide.evaluation.compare import COMPARE_METRICS
 from gigaslide.evaluation.metrics import METRICS, bootstrap_replicates, fmt_ci, paired_difference, percentile_ci
+from gigaslide.evaluation.splits import utf8_or_error
 
 SLIDE_METRICS = ("auc", "balanced_accuracy", "macro_f1")
 
@@ -73,7 +74,9 @@ def write_predictions(path: str | os.PathLike, slide_ids: Sequence[str], labels:
             w = csv.writer(f)
             w.writerow(header)
             for i in range(n):
-                row = [slide_ids[i], int(labels[i])] + [f"{v:.6g}" for v in probs[i]] + [int(folds[i])]
+                # every digit (shortest round trip): at 6 digits a confident model's 1 - 1e-7 and 1 - 4e-7 were both
+                # "1" (a tie in the AUC) and 0.5000004 vs 0.4999996 both "0.5" (the arg-max flipped to class 0)
+                row = [slide_ids[i], int(labels[i])] + [repr(float(v)) for v in probs[i]] + [int(folds[i])]
                 w.writerow(row + ([int(reps[i])] if reps is not None else []))
     if record is not None:
         write_sidecar(path, provenance(kind="predictions", **dict(record)))
@@ -116,10 +119,16 @@ def read_predictions(source: str | os.PathLike) -> Predictions:
     labels, folds, reps, probs = [], [], [], []
     n_classes = None
     for f in _csv_files(source):
-        with open(f, newline="", encoding="utf-8") as fh:
+        with open(f, newline="", encoding="utf-8-sig") as fh, utf8_or_error(f):  # -sig: Excel's BOM
             reader = csv.DictReader(fh)
-            cols = reader.fieldnames or []
-            pcols = sorted((c for c in cols if c.startswith("prob_")), key=lambda c: int(c[5:]))
+            cols = [c.strip() for c in reader.fieldnames or []]
+            reader.fieldnames = cols
+            pcols = [c for c in cols if c.startswith("prob_")]
+            n_prob = len(pcols)
+            if sorted(pcols) != sorted(f"prob_{k}" for k in range(n_prob)):  # prob_tumor, or prob_0,prob_2
+                raise GigaslideError(f"prob columns {', '.join(pcols)} are not prob_0..prob_{n_prob - 1}", path=f,
+                                     fix="write one column prob_c per class index c = 0..C-1")
+            pcols = [f"prob_{k}" for k in range(n_prob)]
             missing = [c for c in ("slide_id", "label", "fold") if c not in cols]
             if missing or len(pcols) < 2:
                 raise GigaslideError(f"missing column(s) {', '.join(missing) or 'prob_0, prob_1'}", path=f,
@@ -137,7 +146,7 @@ def read_predictions(source: str | os.PathLike) -> Predictions:
                 except (TypeError, ValueError):
                     raise GigaslideError(f"line {line}: non-numeric label/prob/fold", path=f,
                                          fix="labels, folds and repeats are integers, probs are floats") from None
-                ids.append(r["slide_id"])
+                ids.append((r["slide_id"] or "").strip())
     if not ids:
         raise GigaslideError("predictions are empty", path=source, fix="check that training finished")
     P = np.asarray(probs)
@@ -239,7 +248,9 @@ def evaluate_predictions(pred: Predictions | str | os.PathLike, *, n_bootstrap: 
         fv = np.asarray([v for v in fold_vals if not np.isnan(v)])
         res["metrics"][name] = {"value": value, "ci_low": float(lo), "ci_high": float(hi),
                                 "fold_mean": float(fv.mean()) if len(fv) else float("nan"),
-                                "fold_std": float(fv.std()) if len(fv) else float("nan")}
+                                "fold_std": float(fv.std()) if len(fv) else float("nan"),
+                                # folds (x repeats) the metric is defined on: a test fold of one class has no AUC
+                                "fold_n": int(len(fv)), "fold_total": len(fold_vals)}
     if out is not None:
         d = Path(out)
         target = d if d.suffix == ".json" else (d / "evaluation.json")
@@ -253,7 +264,14 @@ def evaluation_markdown(res: dict[str, Any], title: str = "Slide-level evaluatio
     return (f"# {title}\n\n{res['n_slides']} slides {res['class_counts']}, {res['n_folds']} folds, "
             f"{res['n_repeats']} repeat(s); 95 % bootstrap CI over slides within folds (B={res['n_bootstrap']})\n\n"
             "| metric | pooled [95 % CI] | per-fold mean ± std |\n|---|---|---|\n"
-            + "".join(f"| {k} | {fmt_ci(v)} | {v['fold_mean']:.3f} ± {v['fold_std']:.3f} |\n" for k, v in m.items()))
+            + "".join(f"| {k} | {fmt_ci(v)} | {v['fold_mean']:.3f} ± {v['fold_std']:.3f}{_folds_left_out(v)} |\n"
+                      for k, v in m.items()))
+
+
+def _folds_left_out(v: dict[str, Any]) -> str:
+    """`` (3 of 4 folds: the others have one class)`` where a per-fold metric is undefined on some folds."""
+    n, total = v.get("fold_n"), v.get("fold_total")
+    return f" ({n} of {total} folds: the others have one class)" if n is not None and total and n < total else ""
 
 
 def linear_probe_slides(embeddings: np.ndarray, labels: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]], *,
@@ -310,6 +328,10 @@ def linear_probe_run(embeddings: dict[str, np.ndarray], labels: str | os.PathLik
         raise GigaslideError(f"slide embeddings have different sizes {sorted(dims)}",
                              fix="embed every slide with the same slide encoder")
     X = np.stack([np.asarray(embeddings[s], dtype=np.float64).reshape(-1) for s in t.slide_ids])
+    bad = [s for s, row in zip(t.slide_ids, X) if not np.isfinite(row).all()]
+    if bad:
+        raise GigaslideError(f"{len(bad)} slide embedding(s) contain NaN/inf: {S._preview(bad)}",
+                             fix="the slide encoder diverged or met an empty slide: re-train or re-embed those slides")
     fold_idx = S.make_folds(t.labels, t.patient_ids, folds, seed, where=labels)
     out_d = atomic.ensure_writable_dir(out)
     rec = S.splits_record(t, fold_idx)

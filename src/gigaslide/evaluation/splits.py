@@ -13,9 +13,11 @@ from the training fold, repeated with different seeds, every class present).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,15 +57,33 @@ def _preview(items: list[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + more
 
 
+@contextlib.contextmanager
+def utf8_or_error(path: str | os.PathLike) -> Iterator[None]:
+    """A CSV read inside this block that is not UTF-8 (Excel's cp1252 / Latin-1: ``José``) is one line naming the
+    file and the byte, not a UnicodeDecodeError traceback."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise GigaslideError(f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})", path=path,
+                             fix="save the CSV as UTF-8 (Excel: CSV UTF-8)") from None
+
+
 def read_labels(path: str | os.PathLike, *, min_classes: int = 2) -> LabelTable:
     """Read and validate ``labels.csv`` (see the module docstring)."""
     p = Path(path)
     if not p.is_file():
         raise GigaslideError("labels file not found", path=p, fix="pass a CSV with columns slide_id,patient_id,label")
-    with open(p, newline="", encoding="utf-8-sig") as f:
+    with open(p, newline="", encoding="utf-8-sig") as f, utf8_or_error(p):
         reader = csv.DictReader(f)
         cols = [c.strip() for c in (reader.fieldnames or [])]
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+        rows, lines = [], []  # lines: each row's line in the file (csv skips blank lines)
+        for r in reader:
+            if None in r:  # csv puts the fields beyond the header's under the key None, as a list
+                raise GigaslideError(f"line {reader.line_num} has {len(cols) + len(r[None])} fields, the header "
+                                     f"{len(cols)} ({', '.join(cols)})", path=p,
+                                     fix="quote values that contain commas, or add the extra columns to the header")
+            rows.append({k.strip(): (v or "").strip() for k, v in r.items()})
+            lines.append(reader.line_num)
     missing_cols = [c for c in ("slide_id", "label") if c not in cols]
     if missing_cols:
         raise GigaslideError(f"missing column(s) {', '.join(missing_cols)} (found: {', '.join(cols) or 'none'})", path=p,
@@ -72,7 +92,7 @@ def read_labels(path: str | os.PathLike, *, min_classes: int = 2) -> LabelTable:
         raise GigaslideError("labels file has no rows", path=p, fix="add one row per slide")
     has_pat = "patient_id" in cols
     ids = [r["slide_id"] for r in rows]
-    empty = [str(i + 2) for i, s in enumerate(ids) if not s]
+    empty = [str(line) for line, s in zip(lines, ids) if not s]
     if empty:
         raise GigaslideError(f"empty slide_id on line(s) {_preview(empty)}", path=p, fix="give every row a slide_id")
     for s in ids:  # ids become file names (canvas caches, heatmaps, predictions): no '../', separators, NULs
@@ -179,8 +199,9 @@ def validation_split(idx: np.ndarray, labels: np.ndarray, groups: list[str] | np
                      fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Split training indices ``idx`` into (train, val), stratified and patient-grouped.
 
-    Falls back to a stratified ungrouped split when there are too few patients, and returns an
-    empty validation set when some class has fewer than two slides."""
+    With few patients the split takes more than ``fraction`` (1 / the number of patients of the rarest class); it
+    is never ungrouped: the validation set is empty when some class has fewer than two slides or fewer than two
+    patients."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     idx = np.asarray(idx)

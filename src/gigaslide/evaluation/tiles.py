@@ -48,15 +48,43 @@ def _as_arrays(x: TileInput, role: str) -> tuple[np.ndarray, np.ndarray, dict[st
         if x.labels is None:
             raise GigaslideError(f"{role} feature file has no 'labels' dataset", path=x.path,
                                  fix="encode a labelled tile folder (class sub-folders) so tile labels are stored")
+        attrs = getattr(x, "attrs", None) or {}
         meta = {"path": str(x.path) if x.path else None, "encoder": x.encoder, "dim": x.dim,
-                "fingerprint": (getattr(x, "attrs", None) or {}).get("tiles_fingerprint")}
+                "fingerprint": attrs.get("tiles_fingerprint"), "classes": _class_names(attrs.get("classes"))}
         return np.asarray(x.features, np.float32), np.asarray(x.labels).astype(np.int64), meta
     feats, labels = x
     feats = np.asarray(feats, np.float32)
     labels = np.asarray(labels).astype(np.int64)
     if feats.ndim != 2 or len(feats) != len(labels):
         raise GigaslideError(f"{role}: features must be [N, D] with N labels, got {feats.shape} and {labels.shape}")
-    return feats, labels, {"path": None, "encoder": None, "dim": int(feats.shape[1]), "fingerprint": None}
+    return feats, labels, {"path": None, "encoder": None, "dim": int(feats.shape[1]), "fingerprint": None,
+                           "classes": None}
+
+
+def _class_names(v: Any) -> list[str] | None:
+    """A feature file's ``classes`` attr (JSON list of the tile folder's class sub-folders, index = label), or None."""
+    import json
+
+    try:
+        names = json.loads(v) if isinstance(v, str) else v
+    except ValueError:
+        return None
+    return [str(n) for n in names] if isinstance(names, (list, tuple)) and names else None
+
+
+def _align_classes(tr: dict[str, Any], te: dict[str, Any], yte: np.ndarray) -> np.ndarray:
+    """Test labels as indices of the training classes: each folder numbers its own sorted sub-folders, so a test
+    folder without some class (a, c) numbered c as the training folder's b (a, b, c). A test class the training tiles
+    do not have is refused."""
+    a, b = tr.get("classes"), te.get("classes")
+    if not a or not b or a == b:
+        return yte
+    unknown = [c for c in b if c not in a]
+    if unknown:
+        raise GigaslideError(f"test class(es) {', '.join(unknown)} have no training tiles (training classes: "
+                             f"{', '.join(a)})", path=te["path"],
+                             fix="give train and test folders the same class sub-folder names")
+    return np.array([a.index(c) for c in b], np.int64)[yte]
 
 
 def _check_pair(tr: dict[str, Any], te: dict[str, Any]) -> None:
@@ -159,6 +187,21 @@ def few_shot(Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.ndarray,
     return out
 
 
+def _check_validation_split(ytr: np.ndarray, path: str | None) -> None:
+    """Refuse, in one line, training tiles that :func:`linear_probe`'s stratified validation split cannot split."""
+    classes, counts = np.unique(ytr, return_counts=True)
+    rare = classes[counts < 2]
+    if len(rare):
+        raise GigaslideError(f"class(es) {', '.join(map(str, rare))} have 1 training tile; the linear probe picks C on "
+                             "a stratified 20 % validation split, which needs 2 of each class", path=path,
+                             fix="add training tiles of that class, or use --protocol knn,fewshot")
+    n_val = int(np.ceil(0.2 * len(ytr)))
+    if min(n_val, len(ytr) - n_val) < len(classes):
+        raise GigaslideError(f"{len(ytr)} training tiles of {len(classes)} classes: the linear probe's 20 % validation "
+                             "split needs a tile of each class on both sides", path=path,
+                             fix="add training tiles, or use --protocol knn,fewshot")
+
+
 def evaluate_tile_features(train: TileInput, test: TileInput, protocols: Sequence[str] | str = PROTOCOLS, *,
                            n_bootstrap: int = 1000, seed: int = 0, k: int = 20, fewshot_repeats: int = 5,
                            fewshot_settings: Sequence[str] = ("1%", "10%", "1/class", "5/class", "10/class"),
@@ -174,11 +217,14 @@ def evaluate_tile_features(train: TileInput, test: TileInput, protocols: Sequenc
     Xtr, ytr, mtr = _as_arrays(train, "train")
     Xte, yte, mte = _as_arrays(test, "test")
     _check_pair(mtr, mte)
+    yte = _align_classes(mtr, mte, yte)
     if len(np.unique(ytr)) < 2:
         raise GigaslideError("training tiles have a single class", path=mtr["path"], fix="use a tile folder with at least two classes")
     if not np.isfinite(Xtr).all() or not np.isfinite(Xte).all():
         raise GigaslideError("features contain NaN/inf", path=mtr["path"], fix="re-encode (check the encoder's dtype/AMP)")
-    n_classes = int(max(ytr.max(), yte.max())) + 1
+    if "linear" in protocols:  # C is chosen on a stratified 20 % validation split: 2+ tiles of a class, both sides
+        _check_validation_split(ytr, mtr["path"])
+    n_classes = int(max(ytr.max(), yte.max(), len(mtr["classes"] or []) - 1)) + 1
     report: dict[str, Any] = {"train": {**mtr, "n": len(ytr), "class_counts": np.bincount(ytr, minlength=n_classes).tolist()},
                               "test": {**mte, "n": len(yte), "class_counts": np.bincount(yte, minlength=n_classes).tolist()},
                               "n_classes": n_classes, "n_bootstrap": n_bootstrap, "seed": seed, "protocols": {}}

@@ -37,7 +37,7 @@ def resolve_budget(budget_gb: float | str | None) -> int:
                              "from disk at each use) or auto") from None
     if not gb >= 0:
         raise GigaslideError(f"bag memory budget {budget_gb!r} GB", fix="give 0 or more GB, or auto")
-    return int(gb * 1e9)
+    return int(min(gb * 1e9, 1 << 62))  # inf (no limit) was an OverflowError
 
 
 class Bags(Sequence[torch.Tensor]):
@@ -69,6 +69,10 @@ class Bags(Sequence[torch.Tensor]):
         """Slide ``i``'s tiles on its tiling grid (:meth:`~gigaslide.features.store.FeatureFile.grid_cells`), for
         models that see the layout."""
         return self._files[int(i)].grid_cells()
+
+    def path(self, i: int) -> Any:
+        """Slide ``i``'s feature file (for messages)."""
+        return self._files[int(i)].path
 
     def nbytes(self, i: int) -> int:
         f = self._files[i].features
@@ -143,6 +147,9 @@ class BagSubset(Sequence[torch.Tensor]):
 
     def cells(self, i: int) -> np.ndarray | None:
         return self._bags.cells(self._indices[i])
+
+    def path(self, i: int) -> Any:
+        return self._bags.path(self._indices[i])
 
 
 def budget_note(bags: Bags) -> str:

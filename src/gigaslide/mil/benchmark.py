@@ -6,7 +6,7 @@ For each encoder (registry name or exported encoder folder, see ``gigaslide enco
   are encoded (class sub-folders, sorted: ``0``, ``1``, ...) and probed with
   :func:`gigaslide.evaluation.tiles.evaluate_tile_features` (linear probe and 20-NN);
 * slide level -- the mosaic slides ``SLIDES/slides/*.tiff`` are encoded by the spine
-  (:func:`gigaslide.features.extract.encode_slides`, i.e. ``gigaslide encode``), then ABMIL is
+  (:func:`gigaslide.features.extract.encode_slides`, i.e. ``gigaslide encode``), then ``--model`` (ABMIL) is
   cross-validated on ``SLIDES/labels.csv`` and the attention-localisation AUC is measured against
   ``SLIDES/ground_truth``.
 
@@ -108,9 +108,14 @@ def _cell(d: dict | None) -> str:
     return fmt_ci(d) if d else "-"
 
 
+def _mil_name(rows: list[dict[str, Any]]) -> str:
+    """The slide-level MIL model of the rows (``--model``; was always called ABMIL), upper case."""
+    return next((str(r["slide"].get("model", "abmil")) for r in rows if r.get("slide")), "abmil").upper()
+
+
 def leaderboard_markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| encoder | D | tile linear AUC | tile linear bal-acc | tile 20-NN AUC | slide ABMIL AUC | slide bal-acc | "
-             "attention loc. AUC |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| encoder | D | tile linear AUC | tile linear bal-acc | tile 20-NN AUC | slide {_mil_name(rows)} AUC | "
+             "slide bal-acc | attention loc. AUC |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t, s = r.get("tile", {}), r.get("slide", {})
         lines.append(f"| {r['encoder']} | {r['dim']} | {_cell(t.get('linear', {}).get('auc'))} | "
@@ -127,7 +132,7 @@ def plot_leaderboard(rows: list[dict[str, Any]], path: Path) -> Path:
 
     cols = [("tile linear AUC", lambda r: r.get("tile", {}).get("linear", {}).get("auc")),
             ("tile 20-NN AUC", lambda r: r.get("tile", {}).get("knn", {}).get("auc")),
-            ("slide ABMIL AUC", lambda r: r.get("slide", {}).get("auc")),
+            (f"slide {_mil_name(rows)} AUC", lambda r: r.get("slide", {}).get("auc")),
             ("attention loc. AUC", lambda r: r.get("localisation"))]
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows) + 2), 3.6))
     w = 0.8 / len(cols)

@@ -142,6 +142,9 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
                         g = f.create_group(ids[i])
                         g.create_dataset("scores", data=sc.astype(np.float32))
                         g.create_dataset("coords", data=files[ids[i]].coords)
+                        size0 = files[ids[i]].tile_size_level0  # per slide: scans of other resolutions differ
+                        if size0:
+                            g.attrs["tile_size_level0"] = float(size0)
             write_predictions(fd / "predictions.csv", [ids[i] for i in te], t.labels[te], probs, k,
                               r if repeats > 1 else None, record=pred_record)
             done.add(name)

@@ -51,8 +51,10 @@ def _percentile(s: np.ndarray) -> np.ndarray:
 
 def draw_heatmap(thumb: np.ndarray, downsample: float, coords: np.ndarray, values: np.ndarray, tile_size0: float,
                  out: str | os.PathLike, *, title: str = "", label: str = "attention (percentile)",
-                 tumor_coords: np.ndarray | None = None, alpha: float = 0.5) -> Path:
-    """Paint per-tile ``values`` in [0, 1] over ``thumb`` (``downsample`` level-0 px per thumb px), PNG + colour bar."""
+                 tumor_coords: np.ndarray | None = None, alpha: float = 0.5, tumor_size0: float | None = None) -> Path:
+    """Paint per-tile ``values`` in [0, 1] over ``thumb`` (``downsample`` level-0 px per thumb px), PNG + colour bar;
+    ``tumor_coords`` (level-0 top-left corners of ground-truth cells of side ``tumor_size0``, default the tiles')
+    are outlined."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,8 +71,9 @@ def draw_heatmap(thumb: np.ndarray, downsample: float, coords: np.ndarray, value
     im = ax.imshow(np.ma.masked_invalid(grid), cmap="jet", alpha=alpha, vmin=0, vmax=1, interpolation="nearest")
     if tumor_coords is not None and len(tumor_coords):
         t = np.zeros((h, w))
+        gside = side if tumor_size0 is None else max(1, int(round(tumor_size0 / downsample)))
         for x, y in tumor_coords:
-            t[int(y / downsample):int(y / downsample) + side, int(x / downsample):int(x / downsample) + side] = 1
+            t[int(y / downsample):int(y / downsample) + gside, int(x / downsample):int(x / downsample) + gside] = 1
         ax.contour(t, levels=[0.5], colors="lime", linewidths=1.2)
     ax.set_axis_off()
     ax.set_title(title, fontsize=9)
@@ -109,18 +112,19 @@ def heatmap(slide: str | os.PathLike, features: str | os.PathLike, model_dir: st
     gt_path = Path(ground_truth) if ground_truth else find_ground_truth(slide)
     out_info: dict[str, Any] = {"slide": str(slide), "probs": probs.tolist(), "n_tiles": len(scores),
                                 "model": meta["model"], "out": str(out), "localisation_auc": None}
-    tumor_xy = None
+    tumor_xy, gt_size0 = None, None
     title = f"{Path(slide).stem}  {meta['model']}  P(class {len(probs) - 1}) = {probs[-1]:.3f}"
     if gt_path is not None:
         gt = read_ground_truth(gt_path)
         la = localisation_auc(scores, ff.coords, gt, tile0)
         out_info["localisation_auc"] = None if np.isnan(la) else la
         tumor_xy = gt[gt[:, 3] == 1][:, :2]
+        gt_size0 = float(gt[0, 2]) if len(gt) else None  # the ground truth's cells, not the features' tiles
         if not np.isnan(la):
             title += f"  attention AUC vs tumour = {la:.3f}"
     kind = "attention" if res["attention"] is not None else "tile score"
     draw_heatmap(thumb, ds, ff.coords, _percentile(scores), tile0, out, title=title, label=f"{kind} (percentile)",
-                 tumor_coords=tumor_xy)
+                 tumor_coords=tumor_xy, tumor_size0=gt_size0)
     return out_info
 
 
@@ -147,7 +151,10 @@ def run_localisation(run_dir: str | os.PathLike, ground_truth_dir: str | os.Path
                 if not gp.is_file():
                     continue
                 coords = f[sid]["coords"][:]
-                size0 = tile0 or FeatureFile(np.zeros((len(coords), 0)), coords).require_tile_size_level0()
+                # the slide's own level-0 tile side (the config's is the first slide's: a slide scanned at another
+                # resolution has another); runs written before it was recorded fall back to the config's
+                size0 = float(f[sid].attrs.get("tile_size_level0", 0) or 0) or tile0 or \
+                    FeatureFile(np.zeros((len(coords), 0)), coords).require_tile_size_level0()
                 v = localisation_auc(f[sid]["scores"][:], coords, read_ground_truth(gp), size0)
                 if not np.isnan(v):
                     vals.append(v)

@@ -250,6 +250,10 @@ class TransMIL(nn.Module):
         super().__init__()
         if layout not in ("sequence", "grid"):
             raise GigaslideError(f"TransMIL layout {layout!r}", fix="use sequence (the paper's) or grid")
+        if heads < 1 or hidden % heads:  # (was a reshape error at the first bag)
+            raise GigaslideError(f"TransMIL's hidden width {hidden} is not a multiple of its {heads} attention heads",
+                                 fix=f"use --hidden {max(heads, hidden // heads * heads)} (a multiple of {heads}), or "
+                                     "set heads in --model-args" if heads >= 1 else "give heads 1 or more")
         self.layout = layout
         self.fc = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU())
         self.cls_token = nn.Parameter(torch.randn(1, hidden) * 0.02)

@@ -54,6 +54,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,9 @@ def parse_range(value: str | float | tuple[float, float], name: str = "--tumor-f
     else:
         s = str(value).strip()
         try:
-            parts = s.split("-") if "-" in s[1:] else [s]
+            parts = re.split(r"(?<=[0-9.\s])-", s)  # the range's dash, not an exponent's (5e-2) or a sign
+            if len(parts) > 2:
+                raise ValueError
             lo, hi = float(parts[0]), float(parts[-1])
         except ValueError:
             raise GigaslideError(f"{name} {value!r} is not a number or range", fix=f"write e.g. {name} 0.02-0.2 or 0.1") from None
@@ -277,6 +280,10 @@ def build_mosaic(tiles: str | os.PathLike, out: str | os.PathLike, cfg: MosaicCo
         raise GigaslideError(f"--slides {cfg.slides}: need at least 2", fix="use --slides 2 or more")
     if not 0 < cfg.positive_fraction < 1:
         raise GigaslideError(f"--positive-fraction {cfg.positive_fraction} must be in (0, 1)", fix="e.g. 0.5")
+    if round(cfg.positive_fraction * cfg.slides) in (0, cfg.slides):  # a cohort of one class: train-mil refuses it
+        raise GigaslideError(f"--positive-fraction {cfg.positive_fraction} of {cfg.slides} slides gives "
+                             f"{round(cfg.positive_fraction * cfg.slides)} positive slides: one class",
+                             fix="use more --slides or a --positive-fraction nearer 0.5")
     if cfg.grid < 4:
         raise GigaslideError(f"--grid {cfg.grid} is too small", fix="use --grid 8 or more")
     if cfg.arrangement not in ARRANGEMENTS:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from gigaslide import atomic
 from gigaslide.provenance import provenance
-from gigaslide.devices import autocast_ctx, pick_device
+from gigaslide.devices import autocast_ctx, grad_scaler, pick_device
 from gigaslide.errors import GigaslideError
 from gigaslide.evaluation.metrics import auc as auc_metric
 from gigaslide.features.stats import feature_stats as cohort_stats
@@ -85,7 +85,19 @@ def feature_stats(bags: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     """Per-dimension mean / std over all tiles of ``bags`` (:func:`gigaslide.features.stats.feature_stats`:
     one pass, float64 accumulation, std floored at 1e-6; bags may be read from disk)."""
     mean, std = cohort_stats(_numpy(b) for b in bags)
+    if not (np.isfinite(mean).all() and np.isfinite(std).all()):  # one NaN tile made every prediction NaN
+        for i, b in enumerate(bags):
+            _check_finite(bags, i, b)
     return torch.from_numpy(mean), torch.from_numpy(std)
+
+
+def _check_finite(bags: Sequence[torch.Tensor], i: int, bag: torch.Tensor) -> None:
+    """Refuse bag ``i`` in one line, naming its feature file, when some tile feature is NaN / inf."""
+    if not bool(torch.isfinite(bag).all()):
+        path = bags.path(i) if callable(getattr(bags, "path", None)) else None
+        bad = int((~torch.isfinite(bag)).any(-1).sum()) if bag.ndim == 2 else -1
+        raise GigaslideError(f"{bad} tile(s) have NaN/inf features" + ("" if path else f" (bag {i})"), path=path,
+                             fix="re-encode that slide (the encoder overflowed: try fp32) or remove its file")
 
 
 def _build(cfg: TrainConfig, in_dim: int, n_classes: int, stats: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -142,6 +154,8 @@ def predict(model: torch.nn.Module, bags: Sequence[torch.Tensor], device: torch.
         for i, b in enumerate(bags):
             with autocast_ctx(device, "bf16" if bf16 else "auto"):
                 out = model(b.to(device), cells=_cells_tensor(cells_of(i), device))
+            if not bool(torch.isfinite(out["logits"]).all()):
+                _check_finite(bags, i, b)  # the bag's features, rather than a diverged model
             probs.append(torch.softmax(out["logits"].float(), -1).cpu().numpy())
             scores.append(out["instance_scores"].float().cpu().numpy())
     return np.stack(probs), scores
@@ -173,6 +187,7 @@ def _train_fold(bags_tr: Sequence[torch.Tensor], y_tr: np.ndarray, bags_va: Sequ
     model = _build(cfg, in_dim, n_classes, feature_stats(bags_tr) if cfg.standardize else None)
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = grad_scaler(device, "bf16" if cfg.bf16 else "auto")  # fp16 (auto on GPUs without bf16): loss scaling
     w = class_weights(y_tr, n_classes).to(device)
     sel = Selection("max", patience=cfg.patience)
     best_state = None
@@ -196,8 +211,9 @@ def _train_fold(bags_tr: Sequence[torch.Tensor], y_tr: np.ndarray, bags_va: Sequ
             if "instance_loss" in out:
                 loss = cfg.bag_weight * loss + (1 - cfg.bag_weight) * out["instance_loss"].float()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             total += float(loss.detach())
         rec = {"epoch": epoch, "train_loss": total / max(1, len(bags_tr))}
         if len(bags_va):
