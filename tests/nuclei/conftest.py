@@ -36,9 +36,10 @@ def disc_image(size: int = 256, n: int = 12, radius: tuple[int, int] = (6, 10), 
 
 
 def write_xml(path: Path, polys: list[np.ndarray], mpp: float = 0.25) -> None:
+    """Aperio / MoNuSeg XML (corner coordinates, as ImageScope: pixel centres + 0.5), one Region per nucleus."""
     regions = []
     for i, p in enumerate(polys):
-        verts = "".join(f'<Vertex X="{x:.2f}" Y="{y:.2f}"/>' for x, y in p)
+        verts = "".join(f'<Vertex X="{x + 0.5:.2f}" Y="{y + 0.5:.2f}"/>' for x, y in p)
         regions.append(f'<Region Id="{i + 1}"><Vertices>{verts}</Vertices></Region>')
     path.write_text(f'<Annotations MicronsPerPixel="{mpp}"><Annotation Id="1"><Regions>{"".join(regions)}'
                     '</Regions></Annotation></Annotations>')

@@ -184,3 +184,29 @@ def test_bad_margin_or_region_is_refused_naming_the_option(tiny_run: Path, tmp_p
     assert nslide.MIN_MARGIN == 16
     nslide.SlideParams().check()  # the defaults (region 1024, margin 64) and the least margin pass
     nslide.SlideParams(margin=16, region=1).check()
+
+
+def test_a_new_slide_mpp_or_a_replaced_slide_is_segmented_again(tiny_run: Path, tmp_path: Path, oracle: None) -> None:
+    """A finished slide is skipped only when it is the same scan (level-0 mpp and dimensions): a corrected
+    ``--slide-mpp`` changes every level-0 coordinate and area, another scan under the same name changes everything."""
+    _disc_slide(tmp_path / "s.tiff", mpp=None)  # no mpp in the metadata: --slide-mpp gives it
+    p = nslide.SlideParams(region=128, margin=24, tissue_only=False, window=128, tile_size=64)
+    out = tmp_path / "out"
+
+    def run(slide_mpp: float) -> nslide.NucleiResult:
+        return nslide.segment_slides([tmp_path / "s.tiff"], tiny_run / "run", out, p, slide_mpp=slide_mpp)
+
+    assert run(0.25).done == ["s"]
+    areas_25 = (out / "nuclei" / "s.csv").read_text()
+    assert run(0.25).skipped == ["s"]
+    res = run(0.125)  # a finer scan than first said: the model reads it at half the size, areas in µm² change
+    assert res.done == ["s"] and not res.skipped
+    rec = json.loads((out / "nuclei" / "s.json").read_text())
+    assert rec["slide_mpp"] == 0.125 and (out / "nuclei" / "s.csv").read_text() != areas_25
+    assert run(0.125).skipped == ["s"]
+    _disc_slide(tmp_path / "s.tiff", size=400, mpp=None)  # another scan under the same name, the same mpp
+    res = run(0.125)
+    assert res.done == ["s"] and not res.skipped
+    fresh = nslide.segment_slides([tmp_path / "s.tiff"], tiny_run / "run", tmp_path / "fresh", p, slide_mpp=0.125)
+    assert fresh.nuclei == res.nuclei
+    assert (out / "nuclei" / "s.csv").read_text() == (tmp_path / "fresh" / "nuclei" / "s.csv").read_text()

@@ -183,3 +183,35 @@ def test_exporting_the_same_model_again_gives_the_same_weights_hash(tiny_run: Pa
         d = export_model(run, model, model.spec, {})
         hashes.add(json.loads((d / "model.json").read_text())["provenance"]["weights_sha256"])
     assert len(hashes) == 1
+
+
+def test_a_resumed_run_keeps_the_training_images_recorded_in_its_split(nuclei_folder: Path, tmp_path: Path) -> None:
+    """The --fraction subset a run started with (split.csv: train / unused) is the one it resumes with, even where
+    subset_fraction would now draw others (e.g. a run started before its draw changed)."""
+    from gigaslide.nuclei.data import read_split
+    from gigaslide.nuclei.train import NucleiTrainConfig, _load_items
+
+    cfg = NucleiTrainConfig(images=str(nuclei_folder / "images"), annotations=str(nuclei_folder / "annotations"),
+                            out=str(tmp_path / "run"), fraction=0.5, **TINY)
+    _, split, organs, _, _ = _load_items(cfg)
+    train = sorted(k for k, v in split.items() if v == "train")
+    unused = sorted(k for k, v in split.items() if v == "unused")
+    assert train and unused
+    # the run's record says the other images of the training part were the ones used
+    (tmp_path / "run").mkdir()
+    rec = {k: ("unused" if v == "train" else "train" if v == "unused" else v) for k, v in split.items()}
+    (tmp_path / "run" / "split.csv").write_text(
+        "image_id,organ,split\n" + "".join(f"{k},{organs.get(k, '')},{v}\n" for k, v in sorted(rec.items())))
+    items, split2, _, _, _ = _load_items(cfg)
+    assert sorted(i.id for i in items["train"]) == unused
+    assert split2 == read_split(tmp_path / "run" / "split.csv")
+
+
+def test_fp16_training_scales_the_loss_and_checkpoints_the_scaler(tiny_run: Path, tmp_path: Path) -> None:
+    """fp16 autocast (auto on GPUs without native bf16) trains with a loss scaler -- small gradients would flush to
+    zero -- whose state the checkpoint keeps for a bit-exact resume."""
+    cfg = NucleiTrainConfig(images=str(tiny_run / "images"), annotations=str(tiny_run / "annotations"),
+                            out=str(tmp_path / "run"), **{**TINY, "precision": "fp16", "epochs": 1})
+    train_nuclei(cfg)
+    ck = runs.load_checkpoint(tmp_path / "run")
+    assert {"scale", "growth_factor"} <= set(ck["scaler"])  # a scaler that is off keeps no state

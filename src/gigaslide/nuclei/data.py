@@ -168,10 +168,11 @@ def make_split(ids: list[str], organs: dict[str, str], seed: int = 0, test_frac:
 
 
 def subset_fraction(ids: list[str], organs: dict[str, str], fraction: float, seed: int = 0) -> list[str]:
-    """A fixed ``fraction`` (at least one) of ``ids``, organs interleaved as in :func:`make_split`."""
+    """A fixed ``fraction`` (at least one) of ``ids``, organs interleaved as in :func:`make_split`: images drawn
+    by ``seed`` within each organ (not the first ones in name order), nested over fractions for one seed."""
     if not 0 < fraction <= 1:
         raise GigaslideError(f"--fraction {fraction} must be in (0, 1]", fix="use e.g. --fraction 0.2")
-    order = [i for i, _ in sorted(make_split(ids, organs, seed + 1, 0.0, 0.0).items())]
+    order = list(make_split(ids, organs, seed + 1, 0.0, 0.0))  # make_split's order: shuffled within each organ
     rng = np.random.default_rng(seed + 7)
     by_organ: dict[str, list[str]] = {}
     for i in order:

@@ -36,7 +36,7 @@ from gigaslide.features.manifest import Manifest
 from gigaslide.nuclei.export import TABLE_COLUMNS, GeoJSONWriter, Nucleus, polygon_of, table_row, tile_counts, write_tiles_h5
 from gigaslide.nuclei.infer import MODEL_WEIGHTS, load_model, model_dir, segment
 from gigaslide.slides import open_slide, slide_id_from_path
-from gigaslide.tiling import grid_positions, make_grid, segment_tissue
+from gigaslide.tiling import Scan, grid_positions, make_grid, segment_tissue
 
 SLIDE_FORMAT = "gigaslide.nuclei-slide/1"
 #: Least context (px at the model's mpp) read around a region: a nucleus reaching further than the margin past its
@@ -87,10 +87,14 @@ def outputs(out: Path, sid: str) -> dict[str, Path]:
             "record": d / f"{sid}.json"}
 
 
-def _is_done(rec_path: Path, key: dict[str, Any]) -> bool:
+def _is_done(rec_path: Path, key: dict[str, Any], scan: Scan | None) -> bool:
+    """The slide's outputs are there, made with these settings from this scan (``scan``: the slide as it opens now;
+    a corrected ``--slide-mpp`` or another file under the same name changes every level-0 coordinate and area)."""
     try:
         rec = json.loads(rec_path.read_text())
     except (OSError, ValueError):
+        return False
+    if scan is None or not scan.made(rec.get("slide_mpp"), rec.get("slide_dimensions")):
         return False
     return rec.get("format") == SLIDE_FORMAT and rec.get("key") == key and all(
         (rec_path.parent / f).is_file() for f in rec.get("files", []))
@@ -217,7 +221,8 @@ def segment_slide(path: str | os.PathLike, out: Path, model, p: SlideParams, *, 
         megapixels = len(grid.coords) * region * region / 1e6
         rec = {"format": SLIDE_FORMAT, "key": _key(model, p), "slide": str(path), "slide_id": sid, "nuclei": n_id,
                "regions": len(grid.coords), "megapixels": megapixels, "seconds": round(time.perf_counter() - t0, 3),
-               "mpp": mpp, "slide_mpp": s.mpp, "files": [files[k].name for k in ("geojson", "table", "tiles")],
+               "mpp": mpp, "slide_mpp": float(s.mpp), "slide_dimensions": [int(W), int(H)],
+               "files": [files[k].name for k in ("geojson", "table", "tiles")],
                "coords_source": source, "precision": (choice or PrecisionChoice(p.precision, "fp32" if p.precision == "auto" else p.precision)).record()}
         atomic.write_json(files["record"], rec)
     return rec
@@ -250,7 +255,7 @@ def segment_slides(slides: Sequence[str | os.PathLike], model_path: str | os.Pat
     try:
         for pth in slides:
             sid = slide_id_from_path(Path(pth))
-            if _is_done(outputs(out, sid)["record"], _key(model, params)):
+            if _is_done(outputs(out, sid)["record"], _key(model, params), Scan.read(pth, slide_mpp)):
                 res.skipped.append(sid)
                 continue
             try:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from gigaslide import atomic, runs
-from gigaslide.devices import autocast_ctx, choose_precision, guard_bf16_convs, pick_device
+from gigaslide.devices import autocast_ctx, choose_precision, grad_scaler, guard_bf16_convs, pick_device
 from gigaslide.errors import GigaslideError, check_finite_loss
 from gigaslide.nuclei.data import (Item, dataset_type_codes, find_pairs, hv_maps, load_item, make_split, read_organs,
                                    read_split, subset_fraction, type_map, write_split)
@@ -119,16 +119,19 @@ def _load_items(cfg: NucleiTrainConfig) -> tuple[dict[str, list[Item]], dict[str
     codes = dataset_type_codes(pairs)
     organs = read_organs(cfg.images, cfg.organs)
     out_split = Path(cfg.out) / "split.csv"
+    recorded = read_split(out_split) if out_split.is_file() else {}
     if cfg.split:
         split = read_split(Path(cfg.split))
-    elif out_split.is_file():  # the run's own split ("unused": train images left out by --fraction)
-        split = {k: "train" if v == "unused" else v for k, v in read_split(out_split).items()}
+    elif recorded:  # the run's own split ("unused": train images left out by --fraction)
+        split = {k: "train" if v == "unused" else v for k, v in recorded.items()}
     else:
         split = make_split([p.id for p in pairs], organs, cfg.seed, cfg.test_frac, cfg.val_frac)
     train_ids = [p.id for p in pairs if split.get(p.id) == "train"]
     if not train_ids:
         raise GigaslideError("no training image in the split", path=cfg.images, fix="give more images or a --split CSV")
     chosen = set(subset_fraction(train_ids, organs, cfg.fraction, cfg.seed))
+    if recorded and {k for k, v in recorded.items() if v in ("train", "unused")} == set(train_ids):
+        chosen = {k for k, v in recorded.items() if v == "train"}  # a resumed run keeps the images it started with
     items: dict[str, list[Item]] = {"train": [], "val": []}
     for p in pairs:
         part = split.get(p.id)
@@ -204,15 +207,18 @@ def train_nuclei(cfg: NucleiTrainConfig, progress=None) -> dict[str, Any]:  # no
     rng = np.random.default_rng(cfg.seed)
     sel = runs.Selection("max" if cfg.select == "pq" and items["val"] else "min", patience=cfg.patience)
     epoch, elapsed, history, done = 0, 0.0, [], False
+    prec = choose_precision(dev, cfg.precision)  # training: no forward probe: auto is fp32 on CPU (gigaslide.devices)
+    scaler = grad_scaler(dev, prec.resolved)  # fp16 (auto on GPUs without native bf16): loss scaling
     ck = run.load()
     if ck:
         runs.load_module_state(model, ck["model"], run.dir)
         opt.load_state_dict(ck["optimizer"])
+        if ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
         runs.set_rng_state(ck["rng"])
         rng.bit_generator.state = ck["gen"]
         epoch, elapsed, history, done = ck["epoch"], ck["elapsed"], list(ck["history"]), ck["done"]
         sel = runs.Selection.from_state(ck["selection"])
-    prec = choose_precision(dev, cfg.precision)  # training: no forward probe, so auto is fp32 on CPU (gigaslide.devices)
     stop_reason = None
     with runs.Stopper(cfg.budget_s, elapsed) as stopper:
         while not done:
@@ -229,8 +235,9 @@ def train_nuclei(cfg: NucleiTrainConfig, progress=None) -> dict[str, Any]:  # no
                 loss, parts = hovernet_loss(out, np_t, hv_t, nc_t if n_types else None)
                 check_finite_loss(loss, f"epoch {epoch} step {step}", run.dir)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
                 losses.append(float(loss.detach()))
                 if progress:
                     progress(f"epoch {epoch + 1} loss {np.mean(losses):.3f}", step + 1, cfg.steps_per_epoch)
@@ -251,7 +258,8 @@ def train_nuclei(cfg: NucleiTrainConfig, progress=None) -> dict[str, Any]:  # no
             if improved:
                 run.save({"model": runs.module_state(model), "epoch": epoch - 1}, name="best")
             run.save({"model": runs.module_state(model), "optimizer": opt.state_dict(), "rng": runs.rng_state(),
-                      "gen": rng.bit_generator.state, "epoch": epoch, "elapsed": stopper.elapsed, "history": history,
+                      "scaler": scaler.state_dict(), "gen": rng.bit_generator.state, "epoch": epoch,
+                      "elapsed": stopper.elapsed, "history": history,
                       "selection": sel.state(), "done": done})
             if cfg.stop_after_epochs is not None and len(history) >= cfg.stop_after_epochs and not done:
                 stop_reason = "stop_after_epochs"

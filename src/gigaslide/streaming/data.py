@@ -116,25 +116,31 @@ def _round_up(n: int, m: int) -> int:
 
 def cached_canvas(path: str | os.PathLike, cache_dir: str | os.PathLike, mpp: float, image_size: int, multiple: int,
                   *, slide_mpp: float | None = None) -> Canvas:
-    """:func:`read_canvas`, cached as ``<cache>/<slide_id>.npy`` + ``.json`` (atomic; keyed by mpp/size/multiple).
+    """:func:`read_canvas`, cached as ``<cache>/<slide_id>.npy`` + ``.json`` (atomic; keyed by mpp/size/multiple and
+    the slide's scan: a cache read at another level-0 mpp -- a new ``slide_mpp`` -- or from another file under the
+    same name (other dimensions) is read again).
 
     The returned image is memory-mapped from the cache, so a training set of large canvases does not
     have to fit in RAM (one slide is copied in per step)."""
     from gigaslide.slides import slide_id_from_path
+    from gigaslide.tiling import Scan
 
     sid = slide_id_from_path(Path(path))
     npy, meta = Path(cache_dir) / f"{sid}.npy", Path(cache_dir) / f"{sid}.json"
     key = {"mpp": float(mpp), "image_size": int(image_size), "multiple": int(multiple)}
+    scan = Scan.read(path, slide_mpp)  # None: unreadable (read_canvas says why)
     if npy.is_file() and meta.is_file():
         m = json.loads(meta.read_text())
-        if all(m.get(k) == v for k, v in key.items()):
+        if all(m.get(k) == v for k, v in key.items()) and scan is not None and scan.made(m.get("slide_mpp"),
+                                                                                          m.get("slide_dimensions")):
             return Canvas(m["slide_id"], np.load(npy, mmap_mode="r"), tuple(m["origin"]), m["mpp"], m["slide_mpp"],
                           tuple(m["content_size"]), npy)
     c = read_canvas(path, mpp, image_size, multiple, slide_mpp=slide_mpp)
     with atomic.atomic_path(npy, suffix=".npy") as tmp:
         np.save(tmp, c.image)
     atomic.write_json(meta, {**key, "slide_id": c.slide_id, "origin": list(c.origin), "mpp": c.mpp, "slide_mpp": c.slide_mpp,
-                             "content_size": list(c.content_size)})
+                             "content_size": list(c.content_size),
+                             "slide_dimensions": list(scan.dimensions) if scan is not None else None})
     c.image, c.path = np.load(npy, mmap_mode="r"), npy
     return c
 
