@@ -80,6 +80,9 @@ CHANGES = [
      "position embedding with each slide's own lattice side where slides' lattices differed in size",
      "Giga-SSL rows of the slide_ssl* sections (other random views, same protocol); SLPD rows only where a cohort's "
      "lattice sides differ"),
+    ("bd76aac", "prediction CSVs rounded probabilities to 6 significant digits, which tied very confident slides in the "
+     "AUC and could flip calls within 5e-7 of 0.5", "MIL and slide-SSL rows scored from prediction files (mil, "
+     "slide_ssl*, encoder_leaderboard), where predictions were that confident"),
 ]
 
 
