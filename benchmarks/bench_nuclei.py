@@ -229,22 +229,26 @@ def main() -> None:  # noqa: C901
     L += ["", "Values are means over the test images with percentile-bootstrap 95 % CIs over images "
               "(pooled values are in each run's `test_report/report.json`). PQ = DQ × SQ at IoU > 0.5; F1 at IoU 0.5 equals DQ.", ""]
     L += ["Paired comparisons (same test images; mean per-image PQ difference, bootstrap CI over images):", ""]
-    verdicts = []
+    verdicts, losses = [], []
     for frac in sorted({a["fraction"] for a in arms}, reverse=True):
         by = {a["name"]: a for a in arms if a["fraction"] == frac}
         for other in (ssl_name, "SSL frozen"):
             p = paired(by["random init"], by[other], args.bootstrap)
-            shows = p["ci_low"] > 0
+            shows, worse = p["ci_low"] > 0, p["ci_high"] < 0
+            word = "gain shows" if shows else (f"worse than random init (CI below 0, over only {p['n']} images)"
+                                               if worse else "no significant difference")
             L.append(f"- {frac:.0%} of training images, {other} − random init: {p['mean']:+.3f} "
-                     f"[{p['ci_low']:+.3f}, {p['ci_high']:+.3f}], better on {p['wins']}/{p['n']} images"
-                     f" → {'gain shows' if shows else 'no significant gain'}")
+                     f"[{p['ci_low']:+.3f}, {p['ci_high']:+.3f}], better on {p['wins']}/{p['n']} images → {word}")
             verdicts.append(shows)
+            losses.append(worse)
     ref_best = best["metrics"]["image_mean"]
     L += ["", f"Reference (HoVer-Net, GPU, ImageNet init, all 30 MoNuSeg-train images): Dice {REFERENCE['dice']}, "
               f"AJI {REFERENCE['aji']}, PQ {REFERENCE['pq']}. The best CPU arm here ({best['name']}, {best['train_images']} images, "
               f"{best['steps']} steps) reaches PQ {ref_best['pq']['value']:.3f} = {ref_best['pq']['value'] / REFERENCE['pq']:.0%} "
               f"of the reference, Dice {ref_best['dice']['value']:.3f}, AJI {ref_best['aji']['value']:.3f}.",
-          f"Verdict: the SSL gain {'shows in ' + str(sum(verdicts)) + ' of ' + str(len(verdicts)) + ' paired comparisons' if any(verdicts) else 'does not show at this scale'} "
+          f"Verdict: the SSL gain {'shows in ' + str(sum(verdicts)) + ' of ' + str(len(verdicts)) + ' paired comparisons' if any(verdicts) else 'does not show at this scale'}"
+          + (f"; SSL is worse than random init in {sum(losses)} of {len(losses)}" if any(losses) else "")
+          + f" "
           f"(only {len(best['per_image_pq'])} test images: CIs are wide; CPU training of at most {max(steps)} steps, far from convergence).", ""]
     L += [f"## Whole-slide inference (best arm, tissue-only, regions of 1024² + 64 px margin, 512-px windows, "
           f"{args.threads} torch threads)", "",
