@@ -108,17 +108,20 @@ def load_yaml_text(text: str, *, where: str | os.PathLike | None = None) -> Any:
                              fix="use plain YAML values (no !!python tags); check the syntax") from None
 
 
-def check_config_arg(value: str) -> None:
-    """A ``--config`` value (a YAML file, or YAML text) must pass :func:`load_yaml` before any loader sees it."""
+def check_config_arg(value: str) -> tuple[Any, Path | None] | None:
+    """A ``--config`` value (a YAML file, or YAML text) must pass :func:`load_yaml` before any loader sees it.
+    Returns what it holds and the file it came from (None for YAML text), or None for a value that is neither (a
+    missing path: jsonargparse's own error names it)."""
     p = Path(value)
     try:
         is_file = p.is_file()
     except (OSError, ValueError):
         is_file = False
     if is_file:
-        load_yaml(p)
-    elif any(c in value for c in ":\n{["):  # inline YAML (jsonargparse accepts it); a missing path is its error
-        load_yaml_text(value, where="--config")
+        return load_yaml(p), p
+    if any(c in value for c in ":\n{["):  # inline YAML (jsonargparse accepts it)
+        return load_yaml_text(value, where="--config"), None
+    return None
 
 
 def check_slide_id(slide_id: str, *, path: str | os.PathLike | None = None, what: str = "slide_id") -> str:

@@ -163,9 +163,7 @@ def _only(commands: dict[str, Any], name: str) -> dict[str, Any]:
     """Just the branch of ``commands`` leading to the command ``name`` (building every command's parser
     costs ~0.5 s per call); all of them when ``name`` is not a complete command (root help, typos)."""
     words = name.split()
-    node: Any = commands
-    for w in words:
-        node = node[w]
+    node = _command_at(commands, name)
     if not words or isinstance(node, dict):
         return commands
     for w in reversed(words):
@@ -173,39 +171,39 @@ def _only(commands: dict[str, Any], name: str) -> dict[str, Any]:
     return node
 
 
+def _command_at(commands: dict[str, Any], name: str) -> Any:
+    """The :class:`Command` (or command group) the words of ``name`` lead to (``name`` from :func:`_command_name`)."""
+    node: Any = commands
+    for w in name.split():
+        node = node[w]
+    return node
+
+
 def _check_configs(args: Sequence[str]) -> list[str]:
     """``--config`` files pass the safe YAML check (no object tags, no alias bombs) before jsonargparse loads them;
     their option keys may be spelled with dashes, as ``--help`` shows them (``tile-size: 256``), like the command
     line: such a config is handed on as YAML text with the keys spelled with underscores."""
-    from gigaslide.safe_parse import check_config_arg
-
     out = list(args)
     for i, a in enumerate(args):
         if a == "--config" and i + 1 < len(args):
-            check_config_arg(args[i + 1])
             out[i + 1] = _undashed_config(args[i + 1])
         elif a.startswith("--config="):
-            check_config_arg(a.split("=", 1)[1])
             out[i] = "--config=" + _undashed_config(a.split("=", 1)[1])
     return out
 
 
 def _undashed_config(value: str) -> str:
-    """``value`` unchanged unless it is a YAML mapping with a top-level key spelled with dashes; then the mapping
-    as YAML text with those keys spelled with underscores (one key given both ways is refused)."""
-    from pathlib import Path
-
+    """``value`` (checked by :func:`~gigaslide.safe_parse.check_config_arg`) unchanged unless it is a YAML mapping
+    with a top-level key spelled with dashes; then the mapping as YAML text with those keys spelled with
+    underscores (one key given both ways is refused)."""
     import yaml
 
-    from gigaslide.safe_parse import load_yaml, load_yaml_text
+    from gigaslide.safe_parse import check_config_arg
 
-    try:
-        is_file = Path(value).is_file()
-    except (OSError, ValueError):
-        is_file = False
-    if not is_file and not any(c in value for c in ":\n{["):
+    loaded = check_config_arg(value)
+    if loaded is None:
         return value  # a missing path: jsonargparse's own error names it
-    data = load_yaml(Path(value)) if is_file else load_yaml_text(value, where="--config")
+    data, path = loaded
     if not isinstance(data, dict) or not any(isinstance(k, str) and "-" in k for k in data):
         return value
     fixed: dict[Any, Any] = {}
@@ -213,7 +211,7 @@ def _undashed_config(value: str) -> str:
         key = k.replace("-", "_") if isinstance(k, str) else k
         if key in fixed:
             raise GigaslideError(f"the config gives option '{key}' twice (with dashes and with underscores)",
-                                 path=value if is_file else None, fix="keep one of the two keys")
+                                 path=path, fix="keep one of the two keys")
         fixed[key] = v
     return yaml.safe_dump(fixed, sort_keys=False)
 
@@ -221,9 +219,7 @@ def _undashed_config(value: str) -> str:
 def _append_repeated_lists(commands: dict[str, Any], name: str, args: list[str]) -> list[str]:
     """A list option given more than once (``--runs A --runs B``) keeps every value, as users expect, instead of
     the last one only (jsonargparse's rule): its later occurrences become jsonargparse's append (``--runs+ B``)."""
-    node: Any = commands
-    for w in name.split():
-        node = node.get(w) if isinstance(node, dict) else None
+    node = _command_at(commands, name)
     if not isinstance(node, Command):
         return args
     lists = {k for k, prm in inspect.signature(node.func).parameters.items()
@@ -251,7 +247,7 @@ def parse(argv: Sequence[str] | None = None) -> tuple[Command, dict[str, Any]]:
     args = _check_configs(normalise_argv(list(sys.argv[1:] if argv is None else argv)))
     commands = _collect()
     name = _command_name(commands, args)
-    args = _append_repeated_lists(_only(commands, name), name, args)
+    args = _append_repeated_lists(commands, name, args)
     try:
         cfg = _build(_only(commands, name)).parse_args(args)
         cmd, sub_cfg = _resolve(commands, cfg)
