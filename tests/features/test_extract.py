@@ -329,3 +329,20 @@ def test_features_record_the_absolute_path_of_the_slide_they_were_read_from(tmp_
     assert res.done == ["m"]
     assert store.load("out/features/m.h5").attrs["slide_path"] == os.path.join(str(tmp_path), "new", "m.tiff")
     assert encode_slides(["new/m.tiff"], "out", encoder, PARAMS, workers=0, precision="fp32").skipped == ["m"]
+
+
+def test_batches_that_cannot_fit_in_memory_are_refused_before_reading(tmp_path, monkeypatch):
+    """`encode --tile-size 100000` used to end in a torch allocation traceback; now one line with a size that fits."""
+    import gigaslide.features.extract as X
+
+    monkeypatch.setattr(X, "available_memory", lambda: 2 * 10**9)
+    slide = make_slide(tmp_path / "s.tiff", (512, 512))
+    enc = build_encoder("test_resnet", "random", seed=0)
+    with pytest.raises(GigaslideError, match=r"use --batch-size (\d+) or less") as e:
+        encode_slides([slide], tmp_path / "o", enc, TilingParams(mpp=1.0, tile_size=2048), batch_size=64, workers=0)
+    fits = int(e.value.fix.split()[2])
+    assert fits * 2048**2 * 3 * 7 <= 2 * 10**9 < (fits + 1) * 2048**2 * 3 * 7  # 7 batches: 2 slots + 1 + 4
+    with pytest.raises(GigaslideError, match="use a --tile-size below"):
+        X._check_batch_memory(1, 100_000, 0, 2 * 10**9)
+    X._check_batch_memory(fits, 2048, 0, 2 * 10**9)  # the size it names passes
+    assert not (tmp_path / "o" / "features").exists()

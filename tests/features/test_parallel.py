@@ -156,3 +156,71 @@ def test_killed_rank_is_taken_over(tmp_path, slides, reference):
     assert (tmp_path / "locks" / f"{held}.lock").exists()  # left behind by the dead rank
     assert held in _here(tmp_path, slides, rank=0)  # the survivor takes the dead rank's slide over
     _assert_same_as_reference(tmp_path, reference)
+
+
+def _broken(d: Path) -> Path:
+    p = d / "broken.tiff"
+    p.write_bytes(b"II*\x00" + b"\x00" * 64)  # a TIFF header and nothing else
+    return p
+
+
+def test_rank0_stays_until_the_other_ranks_slides_are_done(tmp_path, slides, reference):
+    """torchrun stops every rank when one exits with an error: rank 0, which alone reports a failed slide, must not
+    end (and so stop the others) while another rank is still encoding -- it used to leave their slides and return."""
+    _pretiled(tmp_path, reference)
+    broken = _broken(tmp_path)
+    slow = _start(tmp_path, [*slides, broken], mode="slow", rank=1)
+    time.sleep(2.0)
+    res = encode_slides([*slides, broken], tmp_path, build_encoder("test_resnet", "random", seed=0), PARAMS,
+                        batch_size=8, workers=0, precision="fp32", overlays=False, rank=RankInfo(0, 2))
+    on_disk = sorted(p.stem for p in (tmp_path / "features").glob("*.h5"))  # when rank 0 returns
+    out, err = slow.communicate(timeout=120)
+    assert slow.returncode == 0, err[-500:]
+    assert on_disk == ["s0", "s1", "s2", "s3"] and not res.others
+    assert "broken" in {**res.failed, **res.failed_elsewhere}  # rank 0 reports the job's failures, wherever they were
+    _assert_same_as_reference(tmp_path, reference)
+
+
+def test_a_slide_another_rank_of_this_job_failed_is_not_tried_again(tmp_path, slides, reference):
+    _pretiled(tmp_path, reference)
+    (tmp_path / "locks").mkdir()
+    old = tmp_path / "locks" / "s1.failed"  # a failure of an earlier job: tried again
+    old.write_text(json.dumps({"error": "old", "pid": -1}))
+    os.utime(old, (time.time() - 60, time.time() - 60))
+    enc = build_encoder("test_resnet", "random", seed=0)
+
+    def mark_s0(*a, **kw):  # noqa: ANN002, ANN003
+        (tmp_path / "locks" / "s0.failed").write_text(json.dumps({"error": "s0: unreadable on rank 1", "pid": -1}))
+
+    import gigaslide.features.extract as X
+
+    real = X._Run.collect
+
+    def collect(self, *a, **kw):  # noqa: ANN001, ANN002, ANN003
+        mark_s0()  # rank 1 fails s0 after this rank started
+        return real(self, *a, **kw)
+
+    X._Run.collect = collect
+    try:
+        res = encode_slides(slides, tmp_path, enc, PARAMS, batch_size=8, workers=0, precision="fp32", overlays=False,
+                            rank=RankInfo(0, 2))
+    finally:
+        X._Run.collect = real
+    assert res.failed_elsewhere == {"s0": "s0: unreadable on rank 1"} and not res.failed
+    assert sorted(res.done) == ["s1", "s2", "s3"] and not (tmp_path / "features" / "s0.h5").exists()
+    assert not old.exists()  # s1 encoded: its old mark is gone
+
+
+def test_encode_exit_status_comes_from_rank0(tmp_path, monkeypatch, capsys):
+    from gigaslide.cli.spine import encode
+    from gigaslide.errors import GigaslideError
+
+    broken = _broken(tmp_path)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    encode([str(broken)], str(tmp_path / "o1"), encoder="test_resnet", weights="random", mpp=1.0, tile_size=64)
+    assert "rank 1: 1 slide(s) failed here" in capsys.readouterr().err  # printed, but no error exit
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(GigaslideError):
+        encode([str(broken)], str(tmp_path / "o0"), encoder="test_resnet", weights="random", mpp=1.0, tile_size=64)

@@ -113,12 +113,14 @@ def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, ov
     _raise_if_failed(failures, len(files), outp / "tile_manifest.json")
 
 
-def _raise_if_failed(failures: dict[str, str], n: int, manifest: Path) -> None:
+def _raise_if_failed(failures: dict[str, str], n: int, manifest: Path, left: int = 0) -> None:
+    """One error for the slides that failed (``left``: slides another live process still holds, not finished)."""
     n_fail = len(failures)
     if n == 1 and n_fail == 1:  # a single slide: its own reason is the most useful line
         raise GigaslideError(next(iter(failures.values())))
     if n_fail:
-        raise GigaslideError(f"{n_fail} of {n} slides failed (the others finished)", path=manifest,
+        rest = f"{left} left to another process, the others finished" if left else "the others finished"
+        raise GigaslideError(f"{n_fail} of {n} slides failed ({rest})", path=manifest,
                              fix="see each slide's error in the manifest; fix or remove those slides and re-run (finished slides are skipped)")
 
 
@@ -238,7 +240,15 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
         print(f"left to another process: {sid} (locked by {who})", file=sys.stderr)
     for sid, err in res.failed.items():
         print(f"failed {sid}: {err}", file=sys.stderr)
-    _raise_if_failed(res.failed, len(files), Path(out) / "manifest.json")
+    for sid, err in res.failed_elsewhere.items():
+        print(f"failed {sid} (on another rank): {err}", file=sys.stderr)
+    if res.world > 1 and res.rank != 0:  # torchrun stops every rank when one exits with an error: rank 0 reports
+        if res.failed:
+            print(f"note: rank {res.rank}: {len(res.failed)} slide(s) failed here; rank 0 gives the job's exit status "
+                  "once every rank's slides are done", file=sys.stderr)
+        return
+    _raise_if_failed({**res.failed, **res.failed_elsewhere}, len(files), Path(out) / "manifest.json",
+                     left=len(res.others))
 
 
 COMMANDS = {

@@ -14,14 +14,19 @@ Several processes may encode into one folder (two ``gigaslide encode`` runs, or 
 SLURM ranks, see :mod:`gigaslide.features.parallel`): each slide is tiled and encoded under a lock
 file (:mod:`gigaslide.locks`), so no two processes ever write the same file, and a dead process's
 slides are taken over. A broken slide is reported in the manifest and the batch goes on; finished
-slides are skipped on a re-run; every file is written atomically.
+slides are skipped on a re-run; every file is written atomically. Among ranks, a slide one rank failed is
+not tried again by the others, and rank 0 stays until every other rank's slides are settled, then reports
+the whole job (its exit status is the job's): torchrun stops every rank as soon as one exits with an error,
+so the other ranks exit with success whatever failed on them (each prints its own failures).
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,6 +46,7 @@ from gigaslide.features import store
 from gigaslide.features.manifest import Manifest
 from gigaslide.features.parallel import RankInfo, auto_workers, rank_device, rank_info, rank_order
 from gigaslide.locks import ItemLock
+from gigaslide.memory import available_memory
 from gigaslide.slides import by_slide_id
 from gigaslide.slides.pool import ReaderPool, ReadTask
 from gigaslide.slides.reader import DOWNSAMPLE_MODES
@@ -50,6 +56,9 @@ from gigaslide.tiling.parallel import TileAhead, tile_many, tiling_workers
 
 #: Seconds between heartbeats on a held slide lock (other hosts judge staleness by them).
 HEARTBEAT_S = 30.0
+#: Seconds between rank 0's looks at the slides other ranks still hold, once it has nothing left of its own.
+WAIT_S = 1.0
+_WAIT = object()  # from the claims: nothing to take now, but other ranks still hold slides (rank 0 waits)
 
 
 @dataclass
@@ -74,6 +83,9 @@ class EncodeResult:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     others: dict[str, str] = field(default_factory=dict)  # slides another live process holds: who
+    failed_elsewhere: dict[str, str] = field(default_factory=dict)  # slides another rank of this job failed: error
+    rank: int = 0  # this process's rank among ``world`` (torchrun / SLURM); rank 0 of several reports the job
+    world: int = 1
     tiles: int = 0
     seconds: float = 0.0
     tiling_seconds: float = 0.0  # of ``seconds``: tiling done before the first forward pass (none with tile_ahead)
@@ -186,9 +198,47 @@ class _Run:
         self.downsample = downsample
         self.tile_workers = tile_workers
         self.slide_mpp, self.overlays, self.rank, self.progress = slide_mpp, overlays, rank, progress
-        self.res = EncodeResult()
+        self.res = EncodeResult(rank=rank.rank, world=rank.world)
         self.locks = out / "locks"
         self._scans: dict[str, Scan | None] = {}
+        self.ids: list[str] = []  # every slide id of this job
+        self.started = time.time()  # failure marks newer than this are this job's (see failed_elsewhere)
+
+    @property
+    def waits(self) -> bool:
+        """Rank 0 of several waits for the other ranks' slides before it ends (see the module docstring)."""
+        return self.rank.world > 1 and self.rank.rank == 0
+
+    def failed_mark(self, slide_id: str) -> Path:
+        return self.locks / f"{slide_id}.failed"
+
+    def failed_elsewhere(self, slide_id: str) -> bool:
+        """With several ranks: whether another rank of this job has failed the slide (then recorded in the result).
+
+        A rank that fails a slide leaves a mark beside its lock (``locks/<slide_id>.failed``, removed when the slide
+        is encoded later); a mark newer than this process's start is this job's. A rank that starts after another
+        has already failed a slide (a node that came up late) tries it again, as a new job does."""
+        if self.rank.world == 1:
+            return False
+        mark = self.failed_mark(slide_id)
+        try:
+            if mark.stat().st_mtime <= self.started:
+                return False
+            rec = json.loads(mark.read_text())
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError):
+            rec = {}
+        if (rec.get("pid"), rec.get("host")) == (os.getpid(), socket.gethostname()):  # this process's own
+            return False
+        self.res.failed_elsewhere[slide_id] = str(rec.get("error") or f"failed on another rank (see {mark})")
+        return True
+
+    def settle(self) -> None:
+        """At the end of rank 0 of several: every slide of this job that another rank failed."""
+        for sid in self.ids:
+            if sid not in self.res.failed and sid not in self.res.done:
+                self.failed_elsewhere(sid)
 
     def scan(self, job: SlideJob) -> Scan | None:
         """``job``'s slide's resolution (after ``--slide-mpp``) and dimensions, read once (opening is cheap: metadata
@@ -213,6 +263,10 @@ class _Run:
         job.feats.clear()
         self.res.failed[job.slide_id] = msg
         self.manifest.set(job.slide_id, "failed", path=job.path, error=msg, rank=self.rank.rank)
+        if self.rank.world > 1:  # marked before the lock is released, so no other rank of this job tries it again
+            with contextlib.suppress(OSError):
+                atomic.write_json(self.failed_mark(job.slide_id), {"error": msg, "rank": self.rank.rank,
+                                                                   "pid": os.getpid(), "host": socket.gethostname()})
         if job.lock is not None:
             job.lock.release()
         if self.progress:
@@ -238,6 +292,7 @@ class _Run:
         jobs: list[SlideJob] = []
         for p, sid, taken in by_slide_id(slides):  # = the opened slide's id; one that cannot be opened fails when tiled
             job = SlideJob(str(p), sid)
+            self.ids.append(sid)
             if taken:
                 self.fail(job, taken)
                 continue
@@ -256,7 +311,8 @@ class _Run:
         locks: dict[str, ItemLock] = {}
 
         def free(todo: list[SlideJob]) -> Iterator[SlideJob]:  # each slide locked as it is drawn; others' are left
-            yield from (job for job in todo if self._lock_to_tile(job, locks))
+            yield from (job for job in todo
+                        if not self.failed_elsewhere(job.slide_id) and self._lock_to_tile(job, locks))
 
         workers = self.tile_workers
         if workers is None:  # the model has not started: every core of this rank can tile
@@ -271,10 +327,11 @@ class _Run:
         finally:  # interrupted (Ctrl-C, a full disk): the slides being tiled are free for the next run
             for lock in locks.values():
                 lock.release()
-        return [j for j in jobs if not j.failed]
+        return [j for j in jobs if not j.failed and j.slide_id not in self.res.failed_elsewhere]
 
-    def claims(self, jobs: list[SlideJob], tile_ahead: int = 0) -> Iterator[SlideJob]:
-        """Jobs this process locks, in rank order (longest first); retried while others' locks go stale.
+    def claims(self, jobs: list[SlideJob], tile_ahead: int = 0) -> Iterator[Any]:
+        """Jobs this process locks, in rank order (longest first); retried while others' locks go stale. Rank 0 of
+        several yields ``_WAIT`` (nothing to take now) while other ranks still hold slides, instead of ending.
 
         ``tile_ahead > 0``: slides without a tile grid are tiled by that many processes in the background, in this
         order, while the slides before them are encoded (each under its lock while it is tiled)."""
@@ -292,7 +349,8 @@ class _Run:
         locks: dict[str, ItemLock] = {}
         return TileAhead(untiled, lambda j: j.slide_id, lambda j: j.path, self.out, self.params, slide_mpp=self.slide_mpp,
                          overlays=self.overlays, workers=workers,
-                         claim=lambda j: not self.finished(j) and self._lock_to_tile(j, locks),
+                         claim=lambda j: not self.finished(j) and not self.failed_elsewhere(j.slide_id)
+                         and self._lock_to_tile(j, locks),
                          release=lambda j: locks.pop(j.slide_id).release())
 
     def _lock_to_tile(self, job: SlideJob, locks: dict[str, ItemLock]) -> bool:
@@ -304,7 +362,7 @@ class _Run:
         _clean_own_tmp(self.out, job.slide_id)
         return True
 
-    def _claim_in_order(self, order: list[SlideJob], ahead: TileAhead | None) -> Iterator[SlideJob]:
+    def _claim_in_order(self, order: list[SlideJob], ahead: TileAhead | None) -> Iterator[Any]:
         while order:
             rest, took = [], False
             for job in order:
@@ -315,6 +373,8 @@ class _Run:
                     job.grid = answer[0]
                 if self.finished(job):
                     self.skip(job, "encoded by another process")
+                    continue
+                if self.failed_elsewhere(job.slide_id):
                     continue
                 lock = ItemLock(self.locks, job.slide_id)
                 if not lock.acquire():
@@ -331,6 +391,10 @@ class _Run:
                 took = True
                 yield job
             if not took:
+                if rest and self.waits:  # other ranks still hold these: look again (a dead rank's are taken over)
+                    yield _WAIT
+                    order = rest
+                    continue
                 for job in rest:
                     self.res.others[job.slide_id] = ItemLock(self.locks, job.slide_id).describe()
                 return
@@ -340,6 +404,23 @@ class _Run:
         for j in jobs:
             if j.lock is not None:
                 j.lock.release()
+
+
+def _check_batch_memory(batch_size: int, tile_size: int, workers: int, available: int | None) -> None:
+    """Refuse, before any slide is read, batches of pixels that cannot fit in the memory available: the reader
+    pool's buffers (a batch each), the batch being encoded and its float copy (4 batches' bytes)."""
+    if available is None:
+        return
+    batches = (1 if workers == 0 else 2 * workers + 2) + 1 + 1 + 4
+    per_tile = tile_size * tile_size * 3 * batches
+    if batch_size * per_tile <= available:
+        return
+    gb = f"{batch_size * per_tile / 1e9:.1f} GB for batches of {batch_size} tiles of {tile_size} px"
+    fits = available // per_tile
+    fix = (f"use --batch-size {fits} or less" if fits >= 1
+           else f"use a --tile-size below {int((available / batches / 3) ** 0.5)} px (the encoder sees "
+                "its own input size anyway)")
+    raise GigaslideError(f"{gb}; {available / 1e9:.1f} GB of memory is available", fix=fix)
 
 
 def _prepare(encoder: Encoder, dev: torch.device, compile_model: bool, fold_bn: bool = True
@@ -390,6 +471,7 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
     dec = None if decode_device is None else _decode_device(decode_device, dev)
     if dec is not None:
         workers = 0  # tiles are decoded on the device, in this process
+    _check_batch_memory(batch_size, params.tile_size, workers, available_memory())
     manifest = Manifest(out / "manifest.json", {
         "command": "encode", "encoder": encoder.spec.name, "weights": encoder.weights_id, **params.as_dict(),
         "batch_size": batch_size, "workers": workers, "precision": precision, "device": str(dev), "world": rank.world,
@@ -415,14 +497,16 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
     pool = ReaderPool(workers, slot_bytes=batch_size * params.tile_size**2 * 3, decode_device=dec)
     inflight = pool.max_pending
     cur: list[Any] = [None, 0]  # job being submitted, next start
+    waiting = False  # the claims said: others still hold slides (rank 0 of several)
 
     def top_up() -> None:
-        nonlocal total
+        nonlocal total, waiting
         while pool.pending < inflight:
             job, start = cur
             if job is None or start >= job.n:
                 job = next(claims, None)
-                if job is None:
+                waiting = job is _WAIT
+                if job is None or waiting:
                     return
                 held.append(job)
                 total += job.n if id(job) in untiled else 0
@@ -440,7 +524,11 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
     writes: list[Future] = []
     try:
         top_up()
-        while pool.pending:
+        while pool.pending or waiting:
+            if not pool.pending:  # nothing of this rank's left: the other ranks' slides are settled or taken over
+                time.sleep(WAIT_S)
+                top_up()
+                continue
             task, px, info = pool.get()  # px is valid until the next get
             top_up()  # keep the readers busy while the model runs
             k, start = task.key
@@ -481,6 +569,8 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
         pool.close()
         run.release_all(held)
         manifest.flush()
+    if run.waits:
+        run.settle()
     res.seconds = time.perf_counter() - t_start
     return res
 
@@ -496,6 +586,8 @@ def _finish(run: _Run, job: SlideJob, feats: np.ndarray, choice: PrecisionChoice
                      precision=choice.record(), read_mpp=job.info.get("read_mpp"), reader=_reader_name(job.info),
                      rank=run.rank.rank, stain=grid.extra.get("stain"), background=grid.extra.get("background"),
                      stain_warning=grid.extra.get("stain_warning"))
+    with contextlib.suppress(FileNotFoundError):
+        run.failed_mark(job.slide_id).unlink()  # an earlier job's failure of this slide
     job.lock.release()
     run.res.done.append(job.slide_id)
     run.res.tiles += len(feats)
