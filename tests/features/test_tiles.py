@@ -43,12 +43,25 @@ def test_same_encoder_reuses_the_file_other_weights_rewrite_it(folder, tmp_path)
     assert store.load(tmp_path / "f.h5").attrs["encoder_weights_sha256"] == other.weights_id
 
 
-def test_unreadable_tile_names_the_file_and_writes_nothing(folder, tmp_path):
-    (folder / "a" / "9.png").write_bytes(b"broken")
-    enc = build_encoder("test_resnet", "random", seed=0)
-    with pytest.raises(GigaslideError, match="9.png: unreadable image"):
-        embed_tile_folder(enc, folder, tmp_path / "f.h5")
-    assert not (tmp_path / "f.h5").exists()
+def test_an_unreadable_tile_is_named_and_left_out_and_the_job_goes_on(folder, tmp_path):
+    """A batch job reports a broken item and goes on: the file holds the readable tiles with their own labels,
+    and its fingerprint is that of those tiles, so it still pairs with another encoder's file of the folder."""
+    a, b = build_encoder("test_resnet", "random", seed=0), build_encoder("test_resnet", "random", seed=1)
+    clean = embed_tile_folder(a, folder, tmp_path / "clean.h5")
+    (folder / "a" / "2b.png").write_bytes(b"broken")  # sorts among a's tiles, so labels after it would shift
+    s = embed_tile_folder(b, folder, tmp_path / "f.h5", batch_size=3)
+    assert list(s["skipped"]) == ["a/2b.png"] and "cannot" in s["skipped"]["a/2b.png"] and s["n"] == clean["n"] == 10
+    ff, ref = store.load(tmp_path / "f.h5"), store.load(tmp_path / "clean.h5")
+    assert ff.labels.tolist() == ref.labels.tolist() == [0] * 5 + [1] * 5
+    assert ff.attrs["tiles_fingerprint"] == ref.attrs["tiles_fingerprint"] and ff.attrs["n_skipped"] == 1
+    assert json.loads(ff.attrs["skipped_files"]) == s["skipped"]
+    again = embed_tile_folder(b, folder, tmp_path / "f.h5")  # resumed: reused, and it still names the broken tile
+    assert again["reused"] and again["skipped"] == s["skipped"]
+    for f in folder.rglob("*.png"):
+        f.write_bytes(b"broken")
+    with pytest.raises(GigaslideError, match="none of the 11 images could be read"):
+        embed_tile_folder(a, folder, tmp_path / "none.h5")
+    assert not (tmp_path / "none.h5").exists()
 
 
 def test_provenance_records_the_tiles_read_not_the_encoder(folder, tmp_path):

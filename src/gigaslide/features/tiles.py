@@ -5,7 +5,9 @@
 ``encoder_weights_sha256``, ``tile_size``, ``source_folder``, ``tiles_fingerprint`` (the tiles' names,
 labels and content, in order: two encoders' results are compared paired only on the same tiles) and
 provenance; ``gigaslide evaluate tiles`` reads it directly. A file already made by the same encoder
-weights from the same tiles (same fingerprint) is reused (resume).
+weights from the same tiles (same fingerprint) is reused (resume). An image that cannot be read is left
+out and named (attrs ``n_skipped``, ``skipped_files``; the summary's ``skipped``), and the job goes on: the
+fingerprint and labels are those of the tiles embedded, so two encoders' files of one folder still pair.
 """
 
 from __future__ import annotations
@@ -64,11 +66,16 @@ def read_tile(path: str | os.PathLike) -> np.ndarray:
         raise GigaslideError(f"unreadable image ({e.what})", path=path, fix="delete or re-export it, then re-run") from None
 
 
+#: Most unreadable file names kept in a feature file's ``skipped_files`` attr (all are counted in ``n_skipped``).
+MAX_SKIPPED_NAMES = 100
+
+
 def embed_tile_folder(encoder, folder: str | os.PathLike, out: str | os.PathLike, *, batch_size: int = 128,  # noqa: ANN001
                       limit: int | None = None, max_per_class: int | None = None, seed: int = 0,
                       source: str | None = None, mpp: float | None = None) -> dict[str, Any]:
     """Embed ``folder`` (class-per-subfolder, or flat: no labels) with a built ``encoder`` into ``out``
-    (.h5); returns a summary. Only one batch of pixels is in memory at a time.
+    (.h5); returns a summary (``skipped``: ``{file: why}`` of the images that could not be read and were left
+    out). Only one batch of pixels is in memory at a time.
 
     Provenance records what the tiles are: ``tile_size`` is the side of the images read (absent when
     they differ or are not square), ``mpp`` only when the caller knows it (absent otherwise, never 0).
@@ -81,33 +88,50 @@ def embed_tile_folder(encoder, folder: str | os.PathLike, out: str | os.PathLike
     attrs = {"encoder": encoder.spec.name, "encoder_weights_sha256": encoder.weights_id,
              "encoder_source": source or encoder.spec.name, "tile_size": _first_side(files),
              "mpp": mpp, "source_folder": str(Path(folder).resolve()), "classes": json.dumps(classes),
-             "slide_id": out.stem, "seed": seed, "n_tiles": len(files),
-             "tiles_fingerprint": tiles_fingerprint(folder, files, labels)}
+             "slide_id": out.stem, "seed": seed, "n_listed": len(files),
+             "listing_fingerprint": tiles_fingerprint(folder, files, labels)}  # every file chosen, readable or not
     if out.is_file():
         try:
             old = store.load(out)
         except GigaslideError:
             old = None
         if old is not None and all(str(old.attrs.get(k)) == str(attrs[k])
-                                   for k in ("encoder_weights_sha256", "source_folder", "n_tiles", "seed",
-                                             "tiles_fingerprint")):
-            return {"out": str(out), "n": len(files), "dim": int(old.features.shape[1]), "classes": classes,
-                    "images_per_s": None, "encoder": encoder.spec.name, "reused": True}
+                                   for k in ("encoder_weights_sha256", "source_folder", "n_listed", "seed",
+                                             "listing_fingerprint")):
+            skipped = json.loads(old.attrs.get("skipped_files") or "{}")
+            return {"out": str(out), "n": int(old.features.shape[0]), "dim": int(old.features.shape[1]),
+                    "classes": classes, "images_per_s": None, "encoder": encoder.spec.name, "reused": True,
+                    "skipped": skipped}
     if torch.cuda.is_available() and next(encoder.parameters()).device.type == "cpu":
         encoder = encoder.cuda()
     encoder = for_inference(encoder)  # batch norms folded: inference only
     t0 = time.perf_counter()
-    chunks, shapes = [], set()
+    chunks, shapes, kept, skipped = [], set(), [], {}
     for i in range(0, len(files), batch_size):
-        tiles = [read_tile(f) for f in files[i:i + batch_size]]
+        tiles = []
+        for j in range(i, min(i + batch_size, len(files))):
+            try:
+                tiles.append(read_image(files[j]))
+            except GigaslideError as e:  # a broken tile is named and left out; the job goes on
+                skipped[Path(files[j]).relative_to(folder).as_posix()] = e.what
+                continue
+            kept.append(j)
         shapes.update(t.shape[:2] for t in tiles)
-        chunks.append(embed_arrays(encoder, tiles, batch_size))
+        if tiles:
+            chunks.append(embed_arrays(encoder, tiles, batch_size))
+    if files and not kept:
+        raise GigaslideError(f"none of the {len(files)} images could be read (e.g. {next(iter(skipped.values()))})",
+                             path=folder, fix="check the folder holds PNG/JPEG/TIFF tiles")
     feats = np.concatenate(chunks) if chunks else np.zeros((0, encoder.embed_dim), np.float32)
     dt = time.perf_counter() - t0
+    files, labels = [files[j] for j in kept], None if labels is None else labels[kept]
     (h, w), = shapes if len(shapes) == 1 else ((0, 1),)
-    attrs["tile_size"] = int(h) if h == w else None
+    fingerprint = tiles_fingerprint(folder, files, labels) if skipped else attrs["listing_fingerprint"]
+    attrs.update(tile_size=int(h) if h == w else None, n_tiles=len(files), n_skipped=len(skipped),
+                 tiles_fingerprint=fingerprint,
+                 skipped_files=json.dumps(dict(list(skipped.items())[:MAX_SKIPPED_NAMES])) if skipped else None)
     store.save(out, feats, attrs={k: v for k, v in attrs.items() if v is not None}, labels=labels)
-    return {"out": str(out), "n": len(files), "dim": int(feats.shape[1]), "classes": classes,
+    return {"out": str(out), "n": len(files), "dim": int(feats.shape[1]), "classes": classes, "skipped": skipped,
             "images_per_s": round(len(files) / dt, 1) if dt > 0 else None, "encoder": encoder.spec.name, "reused": False}
 
 
