@@ -99,3 +99,15 @@ def test_the_data_is_flushed_to_disk_before_the_rename(tmp_path, monkeypatch):
     atomic.write_text(tmp_path / "a.json", "{}\n")
     (kind0, tmp0, size), (kind1, src, dst) = events
     assert (kind0, kind1) == ("fsync", "replace") and tmp0 == src and size == 3 and dst == str(tmp_path / "a.json")
+
+
+@pytest.mark.parametrize("sub", ["", "inner/out"])
+def test_an_output_folder_path_through_a_file_names_that_file(tmp_path, sub):
+    """mkdir says only "File exists" / "Not a directory"; the error names the file that is in the way."""
+    from gigaslide.errors import GigaslideError
+
+    (tmp_path / "afile").write_text("x")
+    target = tmp_path / "afile" / sub if sub else tmp_path / "afile"
+    with pytest.raises(GigaslideError, match=f"{tmp_path / 'afile'} is a file, not a folder"):
+        atomic.ensure_writable_dir(target)
+    assert (tmp_path / "afile").read_text() == "x"

@@ -61,6 +61,10 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        blocker = next((q for q in (p, *p.parents) if q.exists() and not q.is_dir()), None)
+        if blocker is not None:  # mkdir's own words ("File exists", "Not a directory") do not say which
+            raise GigaslideError(f"cannot create output directory: {blocker} is a file, not a folder", path=p,
+                                 fix="give an output folder path (a new or existing folder), not a file") from None
         raise GigaslideError(f"cannot create output directory ({e.strerror})", path=p,
                              fix="choose an output directory you can write to") from None
     if not os.access(p, os.W_OK | os.X_OK):
