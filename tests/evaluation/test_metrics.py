@@ -110,3 +110,41 @@ def test_bootstrap_replicates_is_the_one_loop_and_respects_strata():
     assert np.isnan(percentile_ci(np.array([np.nan, np.nan]))[0])
     assert percentile_ci(np.array([1.0, np.nan, 2.0])) == pytest.approx((1.025, 1.975))
     assert bootstrap_replicates(lambda i: 1.0, 4, n_bootstrap=0).shape == (0,)
+
+
+def test_cluster_bootstrap_draws_whole_groups_within_strata():
+    """groups (patients): a replicate is whole groups, drawn within their stratum; groups of one item give the same
+    indices as no groups (slide-level CIs of one-slide patients do not move); a group spanning strata is its own."""
+    strata = np.repeat([0, 1, 2], [5, 7, 3])
+    singles = [f"p{i}" for i in range(15)]
+    assert np.array_equal(np.stack(m.bootstrap_indices(15, 40, 3, strata, groups=singles)),
+                          m.bootstrap_indices(15, 40, 3, strata))
+    assert np.array_equal(np.stack(m.bootstrap_indices(15, 40, 3, groups=singles)), m.bootstrap_indices(15, 40, 3))
+    groups = np.array(["a", "a", "a", "b", "b", "c", "c", "c", "c", "d", "e", "e", "f", "g", "g"])
+    for idx in m.bootstrap_indices(15, 200, 0, strata, groups=groups):
+        drawn = groups[idx]
+        for g in set(drawn):  # every member of a drawn group, as many times as the group was drawn
+            assert np.sum(drawn == g) % np.sum(groups == g) == 0
+        assert {*groups[idx[strata[idx] == 0]]} <= {"a", "b"} and {*groups[idx[strata[idx] == 2]]} <= {"f", "g"}
+        assert sum(np.sum(drawn == g) // np.sum(groups == g) for g in "ab") == 2  # stratum 0 keeps its 2 groups
+    mixed = m.bootstrap_indices(4, 50, 0, np.array([0, 1, 0, 1]), groups=["a", "a", "b", "c"])
+    assert all(sorted(i.tolist()).count(0) == sorted(i.tolist()).count(1) for i in mixed)
+
+
+def test_a_patient_bootstrap_is_as_wide_as_one_slide_per_patient():
+    """Five identical slides per patient carry the information of one: resampling slides gave a CI ~sqrt(5) too
+    narrow; resampling patients gives exactly the one-slide-per-patient CI."""
+    y, p = _data(2, 60, seed=4)
+    y5, p5 = np.repeat(y, 5), np.repeat(p, 5, axis=0)
+    pats = np.repeat([f"p{i:02d}" for i in range(60)], 5)
+    one = m.summarize(y, p, n_bootstrap=300, seed=2)
+    per_patient = m.summarize(y5, p5, n_bootstrap=300, seed=2, groups=pats)
+    per_slide = m.summarize(y5, p5, n_bootstrap=300, seed=2)
+    for k in one:
+        assert (per_patient[k]["ci_low"], per_patient[k]["ci_high"]) == pytest.approx(
+            (one[k]["ci_low"], one[k]["ci_high"]))
+    width = one["auc"]["ci_high"] - one["auc"]["ci_low"]
+    assert per_slide["auc"]["ci_high"] - per_slide["auc"]["ci_low"] < 0.6 * width
+    d = m.paired_difference(y5, p5, np.full_like(p5, 0.5), "auc", n_bootstrap=200, seed=1, groups=pats)
+    d1 = m.paired_difference(y, p, np.full_like(p, 0.5), "auc", n_bootstrap=200, seed=1)
+    assert (d["ci_low"], d["ci_high"]) == pytest.approx((d1["ci_low"], d1["ci_high"])) and d["resampled"] == "groups"

@@ -141,6 +141,7 @@ def test_linear_probe_run_few_shot(tmp_path):
     res = E.linear_probe_run(emb, lab, tmp_path / "run", folds=4, train_slides=10, repeats=3, n_bootstrap=50)
     assert res["n_repeats"] == 3 and res["n_slides"] == n and res["metrics"]["auc"]["value"] > 0.9
     assert (tmp_path / "run" / "splits.json").is_file()
+    assert res["resampled"] == "patients" and res["n_patients"] == 20  # labels.csv names them: CIs over patients
     emb["s0"] = np.zeros(3)
     with pytest.raises(GigaslideError, match="different sizes"):
         E.linear_probe_run(emb, lab, tmp_path / "run2", folds=4)
@@ -246,3 +247,79 @@ def test_cli_evaluate_embeddings_against_a_baseline_run(tmp_path, cli, capsys):
         assert f"{name}.h5" in err and ("slide(s) s3 appear more than once" if name == "dup" else
                                         f"{n} slide ids for {n + 2} embeddings") in err
         assert not (tmp_path / f"lin_{name}" / "predictions.csv").exists()
+
+
+def _five_slides_per_patient(tmp_path, seed=0, good=True, patients=True):
+    """40 patients in 4 folds, each scanned as 5 slides with one prediction (a patient's slides agree), and the
+    same cohort with one slide per patient."""
+    r = np.random.default_rng(seed)
+    y = np.arange(40) % 2
+    p = r.dirichlet(np.ones(2), 40)
+    p[np.arange(40), y] += 0.4 if good else 0.0
+    p /= p.sum(1, keepdims=True)
+    pats = [f"p{i:02d}" for i in range(40)]
+    folds = np.arange(40) % 4
+    E.write_predictions(tmp_path / "one" / "predictions.csv", pats, y, p, folds)
+    five = [f"{q}_{c}" for q in pats for c in "abcde"]
+    E.write_predictions(tmp_path / "five" / "predictions.csv", five, np.repeat(y, 5), np.repeat(p, 5, axis=0),
+                        np.repeat(folds, 5), patient_ids=np.repeat(pats, 5) if patients else None)
+    return tmp_path / "one", tmp_path / "five"
+
+
+def test_slides_of_one_patient_are_resampled_together(tmp_path):
+    """labels.csv names each slide's patient: the CIs resample patients (all their slides), recorded as such; five
+    identical slides per patient give the one-slide-per-patient CI (resampling slides gave one ~sqrt(5) too narrow)."""
+    one, five = _five_slides_per_patient(tmp_path)
+    assert E.read_predictions(five).patient_ids[:6] == ["p00"] * 5 + ["p01"]
+    r1, r5 = E.evaluate_predictions(one, n_bootstrap=300), E.evaluate_predictions(five, n_bootstrap=300, out=five)
+    assert r5["resampled"] == "patients" and r5["n_patients"] == 40 and r1["resampled"] == "slides"
+    for k in ("auc", "balanced_accuracy"):
+        assert (r5["metrics"][k]["ci_low"], r5["metrics"][k]["ci_high"]) == pytest.approx(
+            (r1["metrics"][k]["ci_low"], r1["metrics"][k]["ci_high"]))
+    assert "over patients within folds, each with all its slides (40 patients)" in (five / "evaluation.md").read_text()
+    _, bare = _five_slides_per_patient(tmp_path / "bare", patients=False)
+    w_slides = E.evaluate_predictions(bare, n_bootstrap=300)["metrics"]["auc"]
+    w_one = r1["metrics"]["auc"]
+    assert w_slides["ci_high"] - w_slides["ci_low"] < 0.6 * (w_one["ci_high"] - w_one["ci_low"])
+    # a paired comparison resamples patients too
+    _, five_b = _five_slides_per_patient(tmp_path / "b", seed=1, good=False)
+    one_b, _ = _five_slides_per_patient(tmp_path / "b1", seed=1, good=False)
+    d5, d1 = E.compare_predictions(five, five_b, n_bootstrap=200), E.compare_predictions(one, one_b, n_bootstrap=200)
+    assert d5["auc"]["resampled"] == "patients" and d1["auc"]["resampled"] == "slides"
+    assert (d5["auc"]["ci_low"], d5["auc"]["ci_high"]) == pytest.approx((d1["auc"]["ci_low"], d1["auc"]["ci_high"]))
+    # the run without the column is compared over the other's patients
+    assert E.compare_predictions(bare, five_b, n_bootstrap=50)["auc"]["resampled"] == "patients"
+
+
+def test_a_slide_in_two_patients_is_refused(tmp_path):
+    E.write_predictions(tmp_path / "a.csv", ["s1", "s1"], [0, 0], np.full((2, 2), 0.5), 0, [0, 1],
+                        patient_ids=["p1", "p2"])
+    with pytest.raises(GigaslideError, match="slide s1 belongs to patient p1 in one row, p2 in another"):
+        E.read_predictions(tmp_path / "a.csv")
+    E.write_predictions(tmp_path / "b.csv", ["s1", "s2", "s3", "s4"], [0, 1, 0, 1], np.full((4, 2), 0.5), 0,
+                        patient_ids=["p1", "p2", "p3", "p4"])
+    E.write_predictions(tmp_path / "c.csv", ["s1", "s2", "s3", "s4"], [0, 1, 0, 1], np.full((4, 2), 0.5), 0,
+                        patient_ids=["p1", "p2", "p3", "p3"])
+    with pytest.raises(GigaslideError, match="slide s4 belongs to patient p3 in the baseline, p4 here"):
+        E.compare_predictions(tmp_path / "b.csv", tmp_path / "c.csv")
+
+
+def test_cli_evaluate_slides_takes_the_patients_from_labels(tmp_path, cli, capsys):
+    """Predictions written without patient_id (another tool's): --labels names the patients, the CIs resample them."""
+    import json
+
+    one, bare = _five_slides_per_patient(tmp_path, patients=False)
+    ids = [f"p{i:02d}_{c}" for i in range(40) for c in "abcde"]
+    lab = tmp_path / "labels.csv"
+    lab.write_text("slide_id,patient_id,label\n" + "".join(f"{s},{s[:3]},{int(s[1:3]) % 2}\n" for s in ids))
+    assert cli(["evaluate", "slides", "--predictions", str(bare), "--labels", str(lab), "--bootstrap", "300"]) == 0
+    got = json.loads((bare / "evaluation.json").read_text())
+    want = E.evaluate_predictions(one, n_bootstrap=300)["metrics"]["auc"]
+    assert got["resampled"] == "patients" and got["metrics"]["auc"]["ci_low"] == pytest.approx(want["ci_low"])
+    assert "over patients within folds" in capsys.readouterr().out
+    lab.write_text("slide_id,label\n" + "".join(f"{s},{int(s[1:3]) % 2}\n" for s in ids))
+    assert cli(["evaluate", "slides", "--predictions", str(bare), "--labels", str(lab)]) == 2
+    assert "no patient_id (or case_id) column" in capsys.readouterr().err
+    lab.write_text("slide_id,patient_id,label\n" + "".join(f"{s},{s[:3]},{int(s[1:3]) % 2}\n" for s in ids[5:]))
+    assert cli(["evaluate", "slides", "--predictions", str(bare), "--labels", str(lab)]) == 2
+    assert "5 predicted slide(s) are not in it: p00_a" in capsys.readouterr().err

@@ -110,3 +110,16 @@ def test_few_shot_draws():
     assert not all((d[0] == x).all() for x in d[1:])
     assert (S.few_shot_draws(idx, y, 25, 4, seed=0)[2] == d[2]).all()
     assert len(S.few_shot_draws(idx, y, 500, 2)[0]) == 100
+
+
+def test_clams_case_id_column_groups_the_folds(tmp_path):
+    """CLAM / TCGA label CSVs name the patient case_id: it was ignored, and the two slides of a case were split
+    between a training and a test fold (sl02 tested, sl03 trained on in the same fold)."""
+    p = tmp_path / "labels.csv"
+    p.write_text("case_id,slide_id,label\n" + "".join(f"P{i // 2},sl{i:02d},{i // 2 % 2}\n" for i in range(24)))
+    t = S.read_labels(p)
+    assert t.has_patients and t.patient_ids[:3] == ["P0", "P0", "P1"]
+    for tr, te in S.make_folds(t.labels, t.patient_ids, 3, seed=0):
+        assert not {t.patient_ids[i] for i in tr} & {t.patient_ids[i] for i in te}
+    p.write_text("case_id,slide_id,patient_id,label\nc1,a,p1,0\nc1,b,p2,1\n")  # patient_id wins where both are given
+    assert S.read_labels(p).patient_ids == ["p1", "p2"]

@@ -179,3 +179,34 @@ def test_test_labels_follow_the_training_folders_class_names(tmp_path):
                attrs={"encoder": "toy", "classes": json.dumps(["a", "d"])})
     with pytest.raises(GigaslideError, match=r"te2\.h5: test class\(es\) d have no training tiles"):
         evaluate_tile_features(store.load(tmp_path / "tr.h5"), store.load(tmp_path / "te2.h5"), "knn", n_bootstrap=0)
+
+
+def test_a_few_shot_setting_draws_the_same_labels_whatever_else_is_evaluated():
+    """Draws were seeded by the setting's place in the list: 5/class evaluated alone drew other tiles (another
+    score, same seed) than 5/class after 1%; two such reports would still have been paired as the same draws."""
+    from gigaslide.evaluation.compare import compare_reports
+
+    train, test = _split(300, 0, sep=0.4), _split(200, 1, sep=0.4)
+    both = evaluate_tile_features(train, test, "fewshot", n_bootstrap=0, fewshot_settings=("1%", "5/class"))
+    alone = evaluate_tile_features(train, test, "fewshot", n_bootstrap=0, fewshot_settings=("5/class",))
+    assert np.array_equal(both["test_probs"]["fewshot_5/class"], alone["test_probs"]["fewshot_5/class"])
+    assert both["protocols"]["fewshot_5/class"]["auc"]["value"] == alone["protocols"]["fewshot_5/class"]["auc"]["value"]
+    assert both["fewshot_draws"] == "seed, setting name, draw"
+    fp = {"test": {"fingerprint": "t", "n": 200}, "train": {"fingerprint": "tr"}}
+    here, older = {**alone, **fp}, {**alone, **fp}
+    older.pop("fewshot_draws")  # a report of the list-position draws
+    assert compare_reports(here, {**here}, n_bootstrap=20)["fewshot_5/class"]["auc"]["draws"] == "paired"
+    assert compare_reports(here, older, n_bootstrap=20)["fewshot_5/class"]["auc"]["draws"] == "independent"
+
+
+def test_nan_test_features_name_the_test_file(tmp_path):
+    """A NaN in the test features was reported against the training file ('train.h5: features contain NaN/inf')."""
+    X, y = _split(60, 0)
+    Xt = X.copy()
+    Xt[5, 3] = np.nan
+    store.save(tmp_path / "train.h5", X, labels=y, attrs={"encoder": "toy"})
+    store.save(tmp_path / "test.h5", Xt, labels=y, attrs={"encoder": "toy"})
+    with pytest.raises(GigaslideError, match=r"test\.h5: 1 tile\(s\) have NaN/inf features"):
+        evaluate_tile_features(store.load(tmp_path / "train.h5"), store.load(tmp_path / "test.h5"), "knn")
+    with pytest.raises(GigaslideError, match=r"test\.h5: 1 tile\(s\) have NaN/inf"):  # and the training file's own
+        evaluate_tile_features(store.load(tmp_path / "test.h5"), store.load(tmp_path / "train.h5"), "knn")

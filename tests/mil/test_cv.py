@@ -23,7 +23,7 @@ def _make(tmp_path, n=24, d=8, encoder="toy", skip=()):
             x[:3, :2] += 3.0
         if f"s{i}" not in skip:
             store.save(feats / f"s{i}.h5", x, r.integers(0, 900, (len(x), 2)), attrs={"encoder": encoder, "slide_id": f"s{i}"})
-        rows.append(f"s{i},p{i // 2 * 2 + y},{y}")  # two slides per patient
+        rows.append(f"s{i},p{i // 4 * 2 + y},{y}")  # two slides per patient (one label)
     lab = tmp_path / "labels.csv"
     lab.write_text("\n".join(rows) + "\n")
     return feats, lab
@@ -42,7 +42,7 @@ def test_run_cv_layout_grouping_resume(tmp_path):
         assert {"model.safetensors", "config.json", "predictions.csv", "attention.h5", "history.json"} <= {
             p.name for p in (out / f"fold{k}").iterdir()}
     sp = json.loads((out / "splits.json").read_text())
-    pat = {f"s{i}": f"p{i // 2 * 2 + i % 2}" for i in range(24)}
+    pat = {f"s{i}": f"p{i // 4 * 2 + i % 2}" for i in range(24)}
     for name, f in sp["per_fold"].items():
         tr, va, te = ({pat[s] for s in f[key]} for key in ("train", "val", "test"))
         assert not (tr | va) & te and not tr & va, name
@@ -266,3 +266,56 @@ def test_a_slide_with_nan_features_is_named_not_reported_as_a_diverged_model(tmp
                           TrainConfig(model="abmil", **FAST))
     with pytest.raises(GigaslideError, match=r"s3\.h5: 1 tile\(s\) have NaN/inf features"):
         predict(model, bags.take([5, 3]))
+
+
+def test_a_run_with_patients_bootstraps_patients(tmp_path):
+    """labels.csv with patient_id (two slides per patient here): the run's predictions name each slide's patient
+    and its CIs resample patients (recorded in evaluation.json/.md); without the column, slides."""
+    import csv
+
+    from gigaslide.evaluation.slides import read_predictions
+
+    feats, lab = _make(tmp_path, n=16)
+    out = tmp_path / "run"
+    res = run_cv(feats, lab, out, cfg=TrainConfig(model="mean", **FAST), folds=2, n_bootstrap=20, verbose=False)
+    assert res["resampled"] == "patients" and res["n_patients"] == 8
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert {r["slide_id"]: r["patient_id"] for r in rows}["s3"] == "p1"
+    assert read_predictions(out / "fold0" / "predictions.csv").patient_ids is not None
+    assert json.loads((out / "evaluation.json").read_text())["resampled"] == "patients"
+    assert "over patients within folds" in (out / "evaluation.md").read_text()
+    lab.write_text("".join(",".join(r.split(",")[::2]) + "\n" for r in lab.read_text().splitlines()))  # no patients
+    res = run_cv(feats, lab, tmp_path / "run2", cfg=TrainConfig(model="mean", **FAST), folds=2, n_bootstrap=20,
+                 verbose=False)
+    assert res["resampled"] == "slides" and "patient_id" not in (tmp_path / "run2" / "predictions.csv").read_text()
+
+
+@pytest.mark.parametrize("model", ["abmil", "transmil"])
+def test_nan_features_are_named_without_standardisation_too(tmp_path, model):
+    """--standardize false: a NaN tile in a training slide made the loss and then every weight NaN; the fold
+    trained on silently, its model predicted NaN for clean test slides. It is one line naming the file."""
+    from gigaslide.mil.bags import Bags
+    from gigaslide.mil.train import train_fold
+
+    feats, _ = _make(tmp_path, n=8)
+    ff = store.load(feats / "s3.h5")
+    x = np.asarray(ff.features).copy()
+    x[1, 0] = np.inf
+    store.save(feats / "s3.h5", x, ff.coords, attrs={"encoder": "toy", "slide_id": "s3"})
+    bags = Bags([store.load(feats / f"s{i}.h5", arrays=False) for i in range(8)], 0)
+    y = np.arange(8) % 2
+    with pytest.raises(GigaslideError, match=r"s3\.h5: 1 tile\(s\) have NaN/inf features"):
+        train_fold(bags.take([0, 1, 2, 3]), y[:4], bags.take([4, 5]), y[4:6], 8, 2,
+                   TrainConfig(model=model, standardize=False, **FAST))
+
+
+def test_a_diverged_model_stops_training_with_the_fix_not_retrain(tmp_path):
+    """--lr 1e9: the weights went NaN in the first epoch; the fold was saved as finished with NaN predictions and the
+    run ended 'predictions contain NaN ... the model diverged; retrain' -- which diverges again, deterministically.
+    It stops at the first NaN validation score, saying to lower the learning rate, with no fold written."""
+    feats, lab = _make(tmp_path, n=12)
+    out = tmp_path / "run"
+    with pytest.raises(GigaslideError, match=r"outputs NaN/inf on finite features: training diverged.*lower --lr"):
+        run_cv(feats, lab, out, cfg=TrainConfig(model="transmil", **{**FAST, "lr": 1e9}), folds=2, n_bootstrap=0,
+               verbose=False)
+    assert not (out / "fold0" / "predictions.csv").exists()

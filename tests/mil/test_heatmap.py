@@ -188,3 +188,56 @@ def test_the_tumour_outline_has_the_ground_truths_cells_not_the_feature_tiles(mo
     for x, y in gt[gt[:, 3] == 1][:, :2]:
         want[int(y / ds):int(y / ds) + side, int(x / ds):int(x / ds) + side] = 1
     assert mask.shape == (160, 160) and np.array_equal(mask, want)
+
+
+def test_a_heatmap_of_nan_features_is_refused_naming_the_file(mosaic_and_model, cli, capsys):
+    """One NaN tile made every attention and probability NaN: a blank heatmap 'class probabilities [nan, nan]'."""
+    tmp, out, _ = mosaic_and_model
+    ff = store.load(tmp / "feats" / "mosaic_0001.h5")
+    x = np.asarray(ff.features).copy()
+    x[2, 3] = np.nan
+    store.save(tmp / "nan" / "mosaic_0001.h5", x, ff.coords, attrs={"encoder": "toy", "slide_id": "mosaic_0001"},
+               coords_attrs={"patch_size_level0": 32})
+    rc = cli(["heatmap", str(out / "slides" / "mosaic_0001.tiff"), "--features", str(tmp / "nan" / "mosaic_0001.h5"),
+              "--model", str(tmp / "run" / "fold0"), "--out", str(tmp / "nan.png")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "mosaic_0001.h5: 1 tile(s) have NaN/inf features" in err
+    assert not (tmp / "nan.png").exists()
+
+
+def test_a_multi_class_heatmap_is_titled_with_the_predicted_class(tmp_path, monkeypatch):
+    """Three classes: the title named the last class's probability ('P(class 2) = 0.35') above CLAM-MB's attention
+    branch of the predicted class (1): it names the predicted class."""
+    from gigaslide.mil import heatmap as H
+    from gigaslide.testing import make_slide
+
+    r = np.random.default_rng(0)
+    bags = [torch.from_numpy(r.normal(size=(6, 4)).astype(np.float32) + (i % 3)) for i in range(9)]
+    cfg = TrainConfig(model="clam_mb", epochs=5, hidden=16)
+    model, _ = train_fold(bags, np.arange(9) % 3, [], np.zeros(0, int), 4, 3, cfg)
+    save_model(tmp_path / "fold0", model, cfg, in_dim=4, n_classes=3)
+    coords = np.array([[x * 256, y * 256] for x in range(3) for y in range(2)])
+    store.save(tmp_path / "s.h5", bags[0].numpy(), coords, attrs={"slide_id": "s"},
+               coords_attrs={"patch_size_level0": 256})
+    make_slide(tmp_path / "s.tiff", (1024, 768))
+    titles = []
+    monkeypatch.setattr(H, "draw_heatmap", lambda *a, **k: titles.append(k["title"]))
+    info = H.heatmap(tmp_path / "s.tiff", tmp_path / "s.h5", tmp_path / "fold0", tmp_path / "h.png")
+    k = int(np.argmax(info["probs"]))
+    assert k != 2 and f"predicted class {k} (P = {info['probs'][k]:.3f})" in titles[0]
+
+
+@pytest.mark.parametrize("ds", [2.66, 4.9, 2.7])
+def test_a_lattice_of_tiles_leaves_no_seams_in_the_heatmap(ds):
+    """256 px tiles at 2.66 level-0 px per thumb px: a fixed side of round(96.2) = 96 px from each truncated corner
+    left 1 px stripes of bare thumbnail between tiles (3,840 px over 10 x 10 tiles); every tile keeps its place."""
+    from gigaslide.mil.heatmap import paint_tiles
+
+    coords = np.array([(x * 256, y * 256) for y in range(10) for x in range(10)], np.float64)
+    n = int(10 * 256 / ds)
+    grid = paint_tiles((n + 5, n + 5), coords, np.arange(100) / 100, 256, ds)
+    assert not np.isnan(grid[:n - 1, :n - 1]).any()
+    for k in (0, 37, 99):  # the centre of each tile shows its own value
+        cx, cy = (coords[k] + 128) / ds
+        assert grid[int(cy), int(cx)] == k / 100
+    assert np.isnan(grid[n + 2:, :]).all()

@@ -127,7 +127,7 @@ def evaluate_finetune(train: str, test: str, encoder: str, out: str, weights: st
 
 
 def evaluate_slides(predictions: str, bootstrap: int = 1000, seed: int = 0, out: str | None = None,
-                    baseline: str | None = None) -> None:
+                    baseline: str | None = None, labels: str | None = None) -> None:
     """Slide-level AUC / balanced accuracy with bootstrap 95 % CIs from a run's prediction CSVs.
 
     Example: gigaslide evaluate slides --predictions runs/abmil --bootstrap 1000
@@ -136,21 +136,26 @@ def evaluate_slides(predictions: str, bootstrap: int = 1000, seed: int = 0, out:
 
     Args:
         predictions: run directory (predictions.csv or fold*/predictions.csv) or a CSV file
-        bootstrap: bootstrap resamples (slides resampled within folds; 0 = none)
+        bootstrap: bootstrap resamples (slides resampled within folds -- patients, with all their slides, where the
+            predictions or --labels name them; 0 = none)
         seed: bootstrap seed
         out: where to write evaluation.json/.md (default: the run directory; a .json path also works)
         baseline: another run directory or CSV predicting the same slides: Δ AUC and Δ balanced accuracy, paired
-            (one bootstrap resample of slides for both, stratified by label); writes comparison.{md,json} beside
-            evaluation.json
+            (one bootstrap resample of slides -- or patients -- for both, stratified by label); writes
+            comparison.{md,json} beside evaluation.json
+        labels: labels.csv with a patient_id column, for predictions written without it (e.g. by other tools):
+            the CIs then resample patients, each with all its slides
     """
     from gigaslide.evaluation.slides import compare_predictions, evaluate_predictions, evaluation_markdown
-    from gigaslide.evaluation.slides import read_predictions
+    from gigaslide.evaluation.slides import read_predictions, with_patients
 
     if out is None:
         p = Path(predictions)
         out = str(p if p.is_dir() else p.parent)
     base = read_predictions(baseline) if baseline else None  # a wrong baseline is refused before any work
     pred = read_predictions(predictions)
+    if labels:
+        pred = with_patients(pred, labels)
     diffs = compare_predictions(pred, base, n_bootstrap=bootstrap, seed=seed) if base is not None else None
     res = evaluate_predictions(pred, n_bootstrap=bootstrap, seed=seed, out=out)
     print(evaluation_markdown(res))
@@ -169,13 +174,14 @@ def evaluate_embeddings(embeddings: str, labels: str, out: str, folds: int = 5, 
 
     Args:
         embeddings: HDF5 written by `gigaslide embed-slides` (slide_ids + embeddings)
-        labels: CSV with columns slide_id,patient_id,label (patient_id optional)
+        labels: CSV with columns slide_id,patient_id,label (patient_id -- or CLAM's case_id -- optional)
         out: run directory (splits.json, predictions.csv, evaluation.json/.md)
         folds: number of stratified, patient-grouped folds
         train_slides: few-shot: train on this many slides per training fold (None = all)
         repeats: few-shot draws per fold (default 3 with --train-slides, else 1)
         seed: seed of folds and draws
-        bootstrap: bootstrap resamples for the 95 % CIs
+        bootstrap: bootstrap resamples for the 95 % CIs (over patients, each with all its slides, where labels.csv
+            names them; else over slides)
         on_missing: error (default) or skip: slides with a label but no embedding, or the reverse
         c: inverse L2 strength C of the logistic regression (10, as in Giga-SSL's linear evaluation)
         baseline: another run (an `evaluate embeddings` or `train-mil` --out folder, or a predictions CSV) on the same

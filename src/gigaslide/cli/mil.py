@@ -17,7 +17,8 @@ def train_mil(features: str, labels: str, out: str, model: str = "abmil", folds:
 
     Args:
         features: folder of per-slide feature files (.h5 from `gigaslide encode`, one encoder)
-        labels: CSV with columns slide_id,patient_id,label (patient_id optional, labels 0..C-1)
+        labels: CSV with columns slide_id,patient_id,label (patient_id -- or CLAM's case_id -- optional, labels
+            0..C-1)
         out: run directory (models, splits, predictions, evaluation); an interrupted run resumes
         model: one of mean, max, abmil, clam_sb, clam_mb, transmil
         folds: number of cross-validation folds
@@ -34,7 +35,8 @@ def train_mil(features: str, labels: str, out: str, model: str = "abmil", folds:
         max_tiles: random subset of tiles per bag per training step (None = all tiles)
         standardize: z-score tile features with the training fold's per-dimension mean/std
         on_missing: error (default) or skip: what to do with slides that have a label but no features or vice versa
-        bootstrap: bootstrap resamples for the 95 % CIs
+        bootstrap: bootstrap resamples for the 95 % CIs (over patients, each with all its slides, where labels.csv
+            names them; else over slides)
         device: auto, cpu or cuda
         bf16: bf16 autocast on CPU (always used on CUDA)
         bag_memory_gb: memory the slides' features may take, in GB (auto: half of what is available); the

@@ -53,7 +53,7 @@ def compare_reports(report: Mapping[str, Any], base: Mapping[str, Any], *, path:
         raise GigaslideError("the baseline's test labels differ from this result's", path=path, fix=fix_tiles)
     train_fp = (report.get("train") or {}).get("fingerprint")
     same_draws = bool(train_fp) and train_fp == (base.get("train") or {}).get("fingerprint") and \
-        report.get("seed") == base.get("seed")
+        report.get("seed") == base.get("seed") and report.get("fewshot_draws") == base.get("fewshot_draws")
     diffs = compare_probs(report["test_labels"], report["test_probs"], base["test_probs"], n_bootstrap=n_bootstrap,
                           seed=seed, same_draws=same_draws)
     if not diffs:
@@ -79,6 +79,8 @@ def comparison_markdown(diffs: Diffs, baseline: str, items: str = "test tiles") 
     lines = [f"## Paired vs `{baseline}` (same {items}; paired bootstrap, 95 % CI, two-sided p)", "",
              *([f"Rows with several draws (few-shot label subsets) resample the draws too ({_draw_modes(diffs)}).", ""]
                if _draw_modes(diffs) else []),
+             *([f"Resampled: patients, each with all its slides ({_patients(diffs)} patients).", ""]
+               if _patients(diffs) else []),
              "| protocol | " + " | ".join(f"Δ {_label(m)}" for m in COMPARE_METRICS)
              + f" | verdict (Δ {_label(COMPARE_METRICS[0])}) |",
              "|---|" + "---|" * (len(COMPARE_METRICS) + 1)]
@@ -86,6 +88,12 @@ def comparison_markdown(diffs: Diffs, baseline: str, items: str = "test tiles") 
         cells = [fmt_diff(d[m]) for m in COMPARE_METRICS if m in d]
         lines.append(f"| {p} | {' | '.join(cells)} | {verdict(d[COMPARE_METRICS[0]])} |")
     return "\n".join(lines) + "\n"
+
+
+def _patients(diffs: Diffs) -> int | None:
+    """The number of patients a comparison resampled (cluster bootstrap), or None where it resampled items."""
+    n = [d.get("n_patients") for row in diffs.values() for d in row.values() if d.get("resampled") == "patients"]
+    return n[0] if n else None
 
 
 def _draw_modes(diffs: Diffs) -> str:

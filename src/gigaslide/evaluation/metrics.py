@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -80,32 +81,69 @@ def macro_f1(y: np.ndarray, probs: np.ndarray) -> float:
 METRICS: dict[str, MetricFn] = {"auc": auc, "balanced_accuracy": balanced_accuracy, "macro_f1": macro_f1}
 
 
-def bootstrap_indices(n: int, n_bootstrap: int, seed: int = 0, strata: np.ndarray | None = None) -> np.ndarray:
-    """[B, n] resampling indices; with ``strata`` each stratum (e.g. fold) is resampled within itself."""
+def bootstrap_indices(n: int, n_bootstrap: int, seed: int = 0, strata: np.ndarray | None = None,
+                      groups: Sequence[Any] | np.ndarray | None = None) -> np.ndarray | list[np.ndarray]:
+    """[B, n] resampling indices; with ``strata`` each stratum (e.g. fold, class) is resampled within itself.
+
+    With ``groups`` (e.g. each slide's patient) it is a cluster bootstrap: the groups are resampled (within the
+    strata) and a drawn group brings all its items, so items of one group never count as independent (slides of
+    one patient: a CI over slides would be too narrow). Returns a list of B index arrays then (their lengths vary
+    with the sizes of the groups drawn). A group's stratum is its items' one; a group whose items lie in several
+    strata is a stratum of its own with the other groups of that same mix. Groups of one item each give exactly
+    the indices without ``groups``.
+    """
     rng = np.random.default_rng(seed)
-    if strata is None:
+    if groups is None and strata is None:
         return rng.integers(0, n, size=(n_bootstrap, n))
-    strata = np.asarray(strata)
-    out = np.empty((n_bootstrap, n), dtype=np.int64)
-    pos = 0
-    for s in np.unique(strata):
-        members = np.flatnonzero(strata == s)
-        k = len(members)
-        out[:, pos: pos + k] = members[rng.integers(0, k, size=(n_bootstrap, k))]
-        pos += k
+    if groups is None:
+        strata = np.asarray(strata)
+        out = np.empty((n_bootstrap, n), dtype=np.int64)
+        pos = 0
+        for s in np.unique(strata):
+            members = np.flatnonzero(strata == s)
+            k = len(members)
+            out[:, pos: pos + k] = members[rng.integers(0, k, size=(n_bootstrap, k))]
+            pos += k
+        return out
+    g = np.asarray(groups, dtype=object).astype(str)
+    if len(g) != n:
+        raise ValueError(f"{len(g)} groups for {n} items")
+    codes = np.unique(np.asarray(strata), return_inverse=True)[1].reshape(-1) if strata is not None \
+        else np.zeros(n, np.int64)
+    _, first, inv, sizes = np.unique(g, return_index=True, return_inverse=True, return_counts=True)
+    inv = inv.reshape(-1)
+    by_group = np.argsort(inv, kind="stable")  # items grouped by (sorted) group, each group's in item order
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    order = np.argsort(first, kind="stable")  # groups numbered in order of first appearance
+    mixes = [tuple(np.unique(codes[by_group[starts[j]:starts[j] + sizes[j]]]).tolist()) for j in order]
+    n_pure = int(codes.max()) + 1 if n else 0
+    mixed = sorted({x for x in mixes if len(x) > 1})
+    gstrata = np.array([x[0] if len(x) == 1 else n_pure + mixed.index(x) for x in mixes], np.int64)
+    draws = []
+    for s in np.unique(gstrata):
+        in_s = np.flatnonzero(gstrata == s)
+        draws.append(order[in_s[rng.integers(0, len(in_s), size=(n_bootstrap, len(in_s)))]])
+    out = []
+    for row in (np.concatenate(draws, axis=1) if draws else np.zeros((n_bootstrap, 0), np.int64)):
+        lens = sizes[row]
+        ends = np.cumsum(lens)
+        pos = np.arange(int(ends[-1]) if len(ends) else 0) - np.repeat(ends - lens, lens) + np.repeat(starts[row], lens)
+        out.append(by_group[pos])  # each drawn group's items, the groups in the order drawn
     return out
 
 
 def bootstrap_replicates(stat: Callable[[np.ndarray], float | Sequence[float]], n: int, *, n_bootstrap: int = 1000,
-                         seed: int = 0, strata: np.ndarray | None = None) -> np.ndarray:
-    """``stat(idx)`` on ``n_bootstrap`` resamples of ``range(n)`` -> [B] (or [B, K] for a vector ``stat``).
+                         seed: int = 0, strata: np.ndarray | None = None,
+                         groups: Sequence[Any] | np.ndarray | None = None) -> np.ndarray:
+    """``stat(idx)`` on ``n_bootstrap`` resamples of ``range(n)`` -> [B] (or [B, K] for a vector ``stat``);
+    ``strata`` / ``groups`` (patients: a cluster bootstrap) as :func:`bootstrap_indices` takes them.
 
     The one bootstrap loop of gigaslide: every CI (tile probes, slide predictions, localisation, nuclei
     metrics, paired differences) is a percentile of these replicates (:func:`percentile_ci`).
     """
     if n_bootstrap <= 0 or n == 0:
         return np.zeros((0,), np.float64)
-    return np.asarray([stat(idx) for idx in bootstrap_indices(n, n_bootstrap, seed, strata)], np.float64)
+    return np.asarray([stat(idx) for idx in bootstrap_indices(n, n_bootstrap, seed, strata, groups)], np.float64)
 
 
 def percentile_ci(replicates: np.ndarray, alpha: float = 0.05) -> tuple[float, float] | tuple[np.ndarray, np.ndarray]:
@@ -122,22 +160,25 @@ def percentile_ci(replicates: np.ndarray, alpha: float = 0.05) -> tuple[float, f
 
 
 def bootstrap_ci(fn: MetricFn, y: np.ndarray, probs: np.ndarray, *, n_bootstrap: int = 1000, seed: int = 0,
-                 strata: np.ndarray | None = None, alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile bootstrap (1 - alpha) CI of ``fn(y, probs)`` over samples (NaN replicates skipped)."""
+                 strata: np.ndarray | None = None, alpha: float = 0.05,
+                 groups: Sequence[Any] | np.ndarray | None = None) -> tuple[float, float]:
+    """Percentile bootstrap (1 - alpha) CI of ``fn(y, probs)`` over samples (NaN replicates skipped); with
+    ``groups`` over groups of samples (:func:`bootstrap_indices`)."""
     y, p = np.asarray(y), as_probs(probs)
-    reps = bootstrap_replicates(lambda i: fn(y[i], p[i]), len(y), n_bootstrap=n_bootstrap, seed=seed, strata=strata)
+    reps = bootstrap_replicates(lambda i: fn(y[i], p[i]), len(y), n_bootstrap=n_bootstrap, seed=seed, strata=strata,
+                                groups=groups)
     return percentile_ci(reps, alpha)
 
 
 def summarize(y: np.ndarray, probs: np.ndarray, *, n_bootstrap: int = 1000, seed: int = 0,
-              strata: np.ndarray | None = None, metrics: Sequence[str] = ("auc", "balanced_accuracy", "macro_f1")
-              ) -> dict[str, dict[str, float]]:
+              strata: np.ndarray | None = None, metrics: Sequence[str] = ("auc", "balanced_accuracy", "macro_f1"),
+              groups: Sequence[Any] | np.ndarray | None = None) -> dict[str, dict[str, float]]:
     """``{metric: {"value", "ci_low", "ci_high"}}`` with one shared set of bootstrap resamples."""
     y = np.asarray(y).astype(int)
     p = as_probs(probs)
     out: dict[str, dict[str, float]] = {m: {"value": METRICS[m](y, p)} for m in metrics}
     reps = bootstrap_replicates(lambda i: [METRICS[m](y[i], p[i]) for m in metrics], len(y),
-                                n_bootstrap=n_bootstrap, seed=seed, strata=strata)
+                                n_bootstrap=n_bootstrap, seed=seed, strata=strata, groups=groups)
     for k, m in enumerate(metrics):
         lo, hi = percentile_ci(reps[:, k]) if len(reps) else (float("nan"), float("nan"))
         out[m].update(ci_low=float(lo), ci_high=float(hi))
@@ -160,7 +201,7 @@ def _mean_over_draws(fn: MetricFn, y: np.ndarray, p: Sequence[np.ndarray], idx: 
 
 def paired_difference(y: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, metric: str = "auc", *,
                       n_bootstrap: int = 1000, seed: int = 0, strata: np.ndarray | None = None,
-                      draws: str | None = None) -> dict[str, float]:
+                      draws: str | None = None, groups: Sequence[Any] | np.ndarray | None = None) -> dict[str, float]:
     """Paired bootstrap of ``metric(a) - metric(b)`` on the *same* test items (both resampled with one index).
 
     ``probs_a`` / ``probs_b`` are [N, C] (or [N]), or [R, N, C]: R draws (few-shot label subsets, repeated runs)
@@ -168,8 +209,9 @@ def paired_difference(y: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, m
     ``draws`` says what a replicate does with them: None keeps every draw (the CI then covers the test items only);
     ``"paired"`` resamples the draws too, with one index for both (the same draws on both sides, e.g. the same
     few-shot label subsets of the same training tiles; needs equal R); ``"independent"`` resamples each side's
-    draws on its own. Returns ``diff``, its 95 % ``ci_low``/``ci_high`` and a two-sided bootstrap ``p_value``
-    (twice the smaller share of replicates on either side of 0, floored at 1/B).
+    draws on its own. ``groups`` (each item's patient): whole groups are resampled (:func:`bootstrap_indices`),
+    recorded as ``resampled: "groups"`` (else ``"items"``). Returns ``diff``, its 95 % ``ci_low``/``ci_high`` and a
+    two-sided bootstrap ``p_value`` (twice the smaller share of replicates on either side of 0, floored at 1/B).
     """
     y = np.asarray(y).astype(int)
     pa, pb = _draws(probs_a), _draws(probs_b)
@@ -192,7 +234,7 @@ def paired_difference(y: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, m
         db = pb if jb is None else [pb[k] for k in jb[r]]
         return _mean_over_draws(fn, y, da, i) - _mean_over_draws(fn, y, db, i)
 
-    reps = bootstrap_replicates(stat, len(y), n_bootstrap=n_bootstrap, seed=seed, strata=strata)
+    reps = bootstrap_replicates(stat, len(y), n_bootstrap=n_bootstrap, seed=seed, strata=strata, groups=groups)
     reps = reps[~np.isnan(reps)] if len(reps) else reps
     lo, hi = percentile_ci(reps) if len(reps) else (float("nan"), float("nan"))
     if len(reps):
@@ -201,7 +243,8 @@ def paired_difference(y: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, m
     else:
         p = float("nan")
     return {"metric": metric, "diff": float(diff), "ci_low": float(lo), "ci_high": float(hi), "p_value": float(p),
-            "n": int(len(y)), "n_bootstrap": int(n_bootstrap), "draws": draws or "fixed"}
+            "n": int(len(y)), "n_bootstrap": int(n_bootstrap), "draws": draws or "fixed",
+            "resampled": "items" if groups is None else "groups"}
 
 
 def fmt_diff(d: dict[str, float], p: bool = True) -> str:

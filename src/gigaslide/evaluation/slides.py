@@ -4,12 +4,14 @@ Prediction CSV contract (written by MIL, Giga-SSL, SLPD, StreamingCLAM ... ; rea
 ---------------------------------------------------------------------------------------
 One row per (slide, fold[, repeat]) *test* prediction, UTF-8, comma-separated, with a header::
 
-    slide_id,label,prob_0,prob_1,...,prob_{C-1},fold[,repeat]
+    slide_id,label,prob_0,prob_1,...,prob_{C-1},fold[,repeat][,patient_id]
 
 * ``slide_id``: str, the slide's id (feature file stem); ``label``: int ground truth 0..C-1;
 * ``prob_c``: float probability of class c (rows should sum to 1; they are re-normalised);
 * ``fold``: int, the cross-validation fold in which the slide was in the test set;
-* ``repeat`` (optional): int, the few-shot draw / repeated run; every repeat is a full CV.
+* ``repeat`` (optional): int, the few-shot draw / repeated run; every repeat is a full CV;
+* ``patient_id`` (optional): str, the slide's patient (labels.csv's ``patient_id``): the CIs then resample
+  patients, each with all its slides (an empty value: the slide is its own patient).
 
 A slide appears once per repeat (cross-validation: every slide is tested exactly once). A run
 directory may hold this as ``predictions.csv`` or as ``fold*/predictions.csv`` (concatenated);
@@ -19,8 +21,10 @@ split inside the training folds, never on the test fold.
 
 Reported metrics: AUC (ROC; macro one-vs-rest for C > 2) and balanced accuracy (plus macro-F1)
 on the pooled out-of-fold predictions, with a 95 % percentile bootstrap CI that resamples slides
-within each fold (B = ``n_bootstrap``); the per-fold mean ± std is reported too. With repeats,
-the value is the mean over repeats and each bootstrap replicate averages over the repeats.
+within each fold (B = ``n_bootstrap``) -- or, where the predictions know the patients, patients with
+all their slides (a cluster bootstrap: slides of one patient are not independent; recorded as
+``resampled``); the per-fold mean ± std is reported too. With repeats, the value is the mean over
+repeats and each bootstrap replicate averages over the repeats.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ class Predictions:
     folds: np.ndarray  # [N]
     repeats: np.ndarray  # [N] (zeros when absent)
     source: str = ""
+    patient_ids: list[str] | None = None  # [N] when the predictions name the slides' patients
 
     @property
     def n_classes(self) -> int:
@@ -61,14 +66,19 @@ class Predictions:
 
 def write_predictions(path: str | os.PathLike, slide_ids: Sequence[str], labels: Sequence[int], probs: np.ndarray,
                       folds: Sequence[int] | int, repeats: Sequence[int] | int | None = None,
-                      record: Mapping[str, Any] | None = None) -> Path:
+                      record: Mapping[str, Any] | None = None, patient_ids: Sequence[str] | None = None) -> Path:
     """Write a prediction CSV in the contract above (atomic); ``record`` (provenance of the features/model
-    it came from: encoder, weights hash, mpp, tile size, seed, run) goes to its ``.provenance.json`` sidecar."""
+    it came from: encoder, weights hash, mpp, tile size, seed, run) goes to its ``.provenance.json`` sidecar;
+    ``patient_ids`` (one per row, from labels.csv) adds the ``patient_id`` column."""
     probs = np.asarray(probs, dtype=np.float64)
     n, c = probs.shape
     folds = [folds] * n if isinstance(folds, (int, np.integer)) else list(folds)
     reps = None if repeats is None else ([repeats] * n if isinstance(repeats, (int, np.integer)) else list(repeats))
+    pats = None if patient_ids is None else [str(x) for x in patient_ids]
+    if pats is not None and len(pats) != n:
+        raise ValueError(f"{len(pats)} patient ids for {n} predictions")
     header = ["slide_id", "label"] + [f"prob_{k}" for k in range(c)] + ["fold"] + (["repeat"] if reps is not None else [])
+    header += ["patient_id"] if pats is not None else []
     with atomic.atomic_path(path, suffix=".csv") as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
@@ -77,24 +87,30 @@ def write_predictions(path: str | os.PathLike, slide_ids: Sequence[str], labels:
                 # every digit (shortest round trip): at 6 digits a confident model's 1 - 1e-7 and 1 - 4e-7 were both
                 # "1" (a tie in the AUC) and 0.5000004 vs 0.4999996 both "0.5" (the arg-max flipped to class 0)
                 row = [slide_ids[i], int(labels[i])] + [repr(float(v)) for v in probs[i]] + [int(folds[i])]
-                w.writerow(row + ([int(reps[i])] if reps is not None else []))
+                w.writerow(row + ([int(reps[i])] if reps is not None else []) + ([pats[i]] if pats is not None else []))
     if record is not None:
         write_sidecar(path, provenance(kind="predictions", **dict(record)))
     return Path(path)
 
 
 def pool_predictions(parts: Sequence[str | os.PathLike], out: str | os.PathLike,
-                     record: Mapping[str, Any] | None = None) -> Predictions:
-    """Concatenate per-fold prediction CSVs (in the order given) into ``out`` — the one way runs pool folds."""
+                     record: Mapping[str, Any] | None = None, patients: Mapping[str, str] | None = None) -> Predictions:
+    """Concatenate per-fold prediction CSVs (in the order given) into ``out`` — the one way runs pool folds.
+    ``patients`` (slide id -> patient id, from labels.csv) names every slide's patient (fold files written before
+    the column existed have none); else the parts' own ``patient_id`` columns are kept when all have them."""
     preds = [read_predictions(p) for p in parts]
     if not preds:
         raise GigaslideError("no fold predictions to pool", path=out, fix="check that training finished")
-    pooled = Predictions(sum((p.slide_ids for p in preds), []), np.concatenate([p.labels for p in preds]),
+    ids = sum((p.slide_ids for p in preds), [])
+    pats = ([patients[s] for s in ids] if patients is not None else
+            sum((p.patient_ids for p in preds), []) if all(p.patient_ids is not None for p in preds) else None)
+    pooled = Predictions(ids, np.concatenate([p.labels for p in preds]),
                          np.concatenate([p.probs for p in preds]), np.concatenate([p.folds for p in preds]),
-                         np.concatenate([p.repeats for p in preds]), str(out))
+                         np.concatenate([p.repeats for p in preds]), str(out), pats)
+    _checked_patients(pooled)
     with_repeats = len(np.unique(pooled.repeats)) > 1
     write_predictions(out, pooled.slide_ids, pooled.labels, pooled.probs, pooled.folds,
-                      pooled.repeats if with_repeats else None, record=record)
+                      pooled.repeats if with_repeats else None, record=record, patient_ids=pats)
     return pooled
 
 
@@ -117,6 +133,7 @@ def read_predictions(source: str | os.PathLike) -> Predictions:
     """Read a run directory or CSV in the contract above, validating every row."""
     ids: list[str] = []
     labels, folds, reps, probs = [], [], [], []
+    pats: list[str] | None = []
     n_classes = None
     for f in _csv_files(source):
         with open(f, newline="", encoding="utf-8-sig") as fh, utf8_or_error(f):  # -sig: Excel's BOM
@@ -137,6 +154,8 @@ def read_predictions(source: str | os.PathLike) -> Predictions:
                 raise GigaslideError(f"{len(pcols)} prob columns, other files have {n_classes}", path=f,
                                      fix="evaluate one run at a time")
             n_classes = len(pcols)
+            if "patient_id" not in cols:  # every file names the patients, or none counts
+                pats = None
             for line, r in enumerate(reader, start=2):
                 try:
                     probs.append([float(r[c]) for c in pcols])
@@ -147,6 +166,8 @@ def read_predictions(source: str | os.PathLike) -> Predictions:
                     raise GigaslideError(f"line {line}: non-numeric label/prob/fold", path=f,
                                          fix="labels, folds and repeats are integers, probs are floats") from None
                 ids.append((r["slide_id"] or "").strip())
+                if pats is not None:
+                    pats.append((r["patient_id"] or "").strip() or ids[-1])
     if not ids:
         raise GigaslideError("predictions are empty", path=source, fix="check that training finished")
     P = np.asarray(probs)
@@ -157,14 +178,59 @@ def read_predictions(source: str | os.PathLike) -> Predictions:
     # into near-ties ordered by rounding noise); other scores are made rows of probabilities
     if not np.allclose(sums, 1.0, rtol=0, atol=1e-4):
         P = P / np.clip(sums, 1e-12, None)
-    pred = Predictions(ids, np.asarray(labels), P, np.asarray(folds), np.asarray(reps), str(source))
+    pred = Predictions(ids, np.asarray(labels), P, np.asarray(folds), np.asarray(reps), str(source),
+                       pats if pats is not None and len(pats) == len(ids) else None)
     key = list(zip(pred.slide_ids, pred.repeats.tolist()))
     if len(set(key)) != len(key):
         raise GigaslideError("a slide is predicted twice in the same repeat", path=source,
                              fix="each slide must be in exactly one test fold per repeat")
     if pred.labels.max() >= n_classes or pred.labels.min() < 0:
         raise GigaslideError(f"labels outside 0..{n_classes - 1}", path=source, fix="write one prob column per class")
+    return _checked_patients(pred)
+
+
+def _checked_patients(pred: Predictions) -> Predictions:
+    """Refuse, in one line, a slide that the predictions put in two patients."""
+    if pred.patient_ids is None:
+        return pred
+    seen: dict[str, str] = {}
+    for s, pt in zip(pred.slide_ids, pred.patient_ids):
+        if seen.setdefault(s, pt) != pt:
+            raise GigaslideError(f"slide {s} belongs to patient {seen[s]} in one row, {pt} in another",
+                                 path=pred.source, fix="one patient_id per slide (as in labels.csv)")
     return pred
+
+
+def with_patients(pred: Predictions, labels: str | os.PathLike) -> Predictions:
+    """``pred`` with each slide's patient from ``labels`` (labels.csv with a ``patient_id`` column), for predictions
+    written without them; refused in one line when labels.csv lacks the column, a slide or its label."""
+    from gigaslide.evaluation.splits import read_labels
+
+    table = read_labels(labels)
+    fix = "pass the labels.csv the run was trained with"
+    if not table.has_patients:
+        raise GigaslideError("no patient_id (or case_id) column", path=labels,
+                             fix="add one (slide_id,patient_id,label), or leave out --labels: the CIs resample slides")
+    row = {s: i for i, s in enumerate(table.slide_ids)}
+    missing = sorted({s for s in pred.slide_ids if s not in row})
+    if missing:
+        raise GigaslideError(f"{len(missing)} predicted slide(s) are not in it: {', '.join(missing[:5])}", path=labels,
+                             fix=fix)
+    other = [(s, y) for s, y in zip(pred.slide_ids, pred.labels.tolist()) if table.labels[row[s]] != y]
+    if other:
+        raise GigaslideError(f"slide {other[0][0]} has label {table.labels[row[other[0][0]]]} here, {other[0][1]} in "
+                             f"the predictions", path=labels, fix=fix)
+    pats = [table.patient_ids[row[s]] for s in pred.slide_ids]
+    if pred.patient_ids is not None and pred.patient_ids != pats:
+        k = next(i for i, (a, b) in enumerate(zip(pred.patient_ids, pats)) if a != b)
+        raise GigaslideError(f"slide {pred.slide_ids[k]} belongs to patient {pats[k]} here, {pred.patient_ids[k]} in "
+                             f"the predictions", path=labels, fix=fix)
+    return Predictions(pred.slide_ids, pred.labels, pred.probs, pred.folds, pred.repeats, pred.source, pats)
+
+
+def _patients(pred: Predictions, rows: np.ndarray) -> list[str] | None:
+    """The patients of ``rows`` (for a cluster bootstrap), or None when the predictions do not name them."""
+    return None if pred.patient_ids is None else [pred.patient_ids[i] for i in rows]
 
 
 def _per_repeat(pred: Predictions) -> tuple[list[str], list[np.ndarray]]:
@@ -192,7 +258,8 @@ def compare_predictions(pred: Predictions | str | os.PathLike, base: Predictions
     """``pred`` minus ``base`` on the same slides: metric -> paired difference of the pooled out-of-fold metric
     (mean over each run's repeats), one bootstrap resample of slides for both, stratified by label (the two runs'
     folds may differ); a run's repeats (few-shot draws of training slides) are resampled too, each run's on its
-    own. Refused in one line when they predict other slides, other labels or other classes."""
+    own. Where either run names the slides' patients, patients are resampled with all their slides (``resampled:
+    patients``). Refused in one line when they predict other slides, labels, classes or patients."""
     pred = pred if isinstance(pred, Predictions) else read_predictions(pred)
     base = base if isinstance(base, Predictions) else read_predictions(base)
     fix = "compare runs cross-validated on the same slides (the same labels.csv)"
@@ -209,11 +276,22 @@ def compare_predictions(pred: Predictions | str | os.PathLike, base: Predictions
         k = int(np.flatnonzero(labels != base_labels)[0])
         raise GigaslideError(f"slide {ids[k]} has label {base_labels[k]} in the baseline, {labels[k]} here",
                              path=base.source, fix=fix)
+    pats, base_pats = _patients(pred, rows[0]), _patients(base, base_rows[0])
+    if pats is not None and base_pats is not None and pats != base_pats:
+        k = next(i for i, (a, b) in enumerate(zip(pats, base_pats)) if a != b)
+        raise GigaslideError(f"slide {ids[k]} belongs to patient {base_pats[k]} in the baseline, {pats[k]} here",
+                             path=base.source, fix=fix)
+    groups = pats if pats is not None else base_pats
     probs = np.stack([pred.probs[i] for i in rows])
     base_probs = np.stack([base.probs[i] for i in base_rows])
     draws = "independent" if len(probs) > 1 or len(base_probs) > 1 else None  # repeats: resampled too
-    return {m: paired_difference(labels, probs, base_probs, m, n_bootstrap=n_bootstrap, seed=seed, strata=labels,
-                                 draws=draws) for m in COMPARE_METRICS}
+    out = {m: paired_difference(labels, probs, base_probs, m, n_bootstrap=n_bootstrap, seed=seed, strata=labels,
+                                draws=draws, groups=groups) for m in COMPARE_METRICS}
+    for d in out.values():
+        d["resampled"] = "slides" if groups is None else "patients"
+        if groups is not None:
+            d["n_patients"] = len(set(groups))
+    return out
 
 
 def _eg(ids: list[str]) -> str:
@@ -222,13 +300,17 @@ def _eg(ids: list[str]) -> str:
 
 def evaluate_predictions(pred: Predictions | str | os.PathLike, *, n_bootstrap: int = 1000, seed: int = 0,
                          out: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Pooled out-of-fold metrics with bootstrap CIs (resampling slides within folds), per-fold mean ± std."""
+    """Pooled out-of-fold metrics with bootstrap CIs (resampling slides within folds, or patients with all their
+    slides where the predictions name them), per-fold mean ± std."""
     if not isinstance(pred, Predictions):
         pred = read_predictions(pred)
     _, per_rep = _per_repeat(pred)
     first = per_rep[0]
     strata = pred.folds[first]
+    groups = _patients(pred, first)
     res: dict[str, Any] = {"n_slides": len(first), "n_classes": pred.n_classes, "n_repeats": len(per_rep),
+                           "resampled": "slides" if groups is None else "patients",
+                           **({} if groups is None else {"n_patients": len(set(groups))}),
                            "n_folds": int(len(np.unique(pred.folds))), "n_bootstrap": n_bootstrap, "seed": seed,
                            "class_counts": np.bincount(pred.labels[first], minlength=pred.n_classes).tolist(),
                            "source": pred.source, "metrics": {}}
@@ -242,7 +324,8 @@ def evaluate_predictions(pred: Predictions | str | os.PathLike, *, n_bootstrap: 
                 warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN replicates (one class drawn) are dropped
                 return float(np.nanmean([fn(pred.labels[i[b]], pred.probs[i[b]]) for i in per_rep]))
 
-        lo, hi = percentile_ci(bootstrap_replicates(stat, len(first), n_bootstrap=n_bootstrap, seed=seed, strata=strata))
+        lo, hi = percentile_ci(bootstrap_replicates(stat, len(first), n_bootstrap=n_bootstrap, seed=seed, strata=strata,
+                                                    groups=groups))
         fold_vals = [fn(pred.labels[i][pred.folds[i] == k], pred.probs[i][pred.folds[i] == k])
                      for i in per_rep for k in np.unique(pred.folds[i])]
         fv = np.asarray([v for v in fold_vals if not np.isnan(v)])
@@ -261,8 +344,10 @@ def evaluate_predictions(pred: Predictions | str | os.PathLike, *, n_bootstrap: 
 
 def evaluation_markdown(res: dict[str, Any], title: str = "Slide-level evaluation") -> str:
     m = res["metrics"]
+    over = (f"patients within folds, each with all its slides ({res.get('n_patients')} patients)"
+            if res.get("resampled") == "patients" else "slides within folds")
     return (f"# {title}\n\n{res['n_slides']} slides {res['class_counts']}, {res['n_folds']} folds, "
-            f"{res['n_repeats']} repeat(s); 95 % bootstrap CI over slides within folds (B={res['n_bootstrap']})\n\n"
+            f"{res['n_repeats']} repeat(s); 95 % bootstrap CI over {over} (B={res['n_bootstrap']})\n\n"
             "| metric | pooled [95 % CI] | per-fold mean ± std |\n|---|---|---|\n"
             + "".join(f"| {k} | {fmt_ci(v)} | {v['fold_mean']:.3f} ± {v['fold_std']:.3f}{_folds_left_out(v)} |\n"
                       for k, v in m.items()))
@@ -348,6 +433,8 @@ def linear_probe_run(embeddings: dict[str, np.ndarray], labels: str | os.PathLik
     pred = Predictions(sum((p.slide_ids for p in parts), []), np.concatenate([p.labels for p in parts]),
                        np.concatenate([p.probs for p in parts]), np.concatenate([p.folds for p in parts]),
                        np.concatenate([p.repeats for p in parts]), str(out_d))
+    patient_of = dict(zip(t.slide_ids, t.patient_ids)) if t.has_patients else None  # CIs over patients
     write_predictions(out_d / "predictions.csv", pred.slide_ids, pred.labels, pred.probs, pred.folds,
-                      pred.repeats if repeats > 1 else None)
+                      pred.repeats if repeats > 1 else None,
+                      patient_ids=None if patient_of is None else [patient_of[s] for s in pred.slide_ids])
     return evaluate_predictions(out_d / "predictions.csv", n_bootstrap=n_bootstrap, seed=seed, out=out_d)

@@ -1,8 +1,9 @@
 """Slide labels and data splits shared by every slide-level method.
 
-``labels.csv`` has columns ``slide_id,label`` and optionally ``patient_id`` (any extra columns are
-ignored). Labels are integers 0..C-1 (class names are not accepted: map them first). Every check
-fails with a :class:`GigaslideError` naming the file, the offending ids/values and the fix.
+``labels.csv`` has columns ``slide_id,label`` and optionally ``patient_id`` -- or ``case_id``, as CLAM's
+CSVs and TCGA name it (any extra columns are ignored). Labels are integers 0..C-1 (class names are not
+accepted: map them first). Every check fails with a :class:`GigaslideError` naming the file, the offending
+ids/values and the fix.
 
 Splits: :func:`make_folds` gives stratified folds grouped by patient (sklearn
 ``StratifiedGroupKFold``), so no patient is in both train and test; :func:`validation_split`
@@ -90,7 +91,10 @@ def read_labels(path: str | os.PathLike, *, min_classes: int = 2) -> LabelTable:
                              fix="the header must be slide_id,patient_id,label (patient_id optional)")
     if not rows:
         raise GigaslideError("labels file has no rows", path=p, fix="add one row per slide")
-    has_pat = "patient_id" in cols
+    # CLAM / TCGA CSVs (case_id,slide_id,label) name the patient case_id: ignoring it split a case's slides between
+    # training and test folds
+    pat_col = "patient_id" if "patient_id" in cols else ("case_id" if "case_id" in cols else None)
+    has_pat = pat_col is not None
     ids = [r["slide_id"] for r in rows]
     empty = [str(line) for line, s in zip(lines, ids) if not s]
     if empty:
@@ -122,7 +126,7 @@ def read_labels(path: str | os.PathLike, *, min_classes: int = 2) -> LabelTable:
     if not np.array_equal(classes, np.arange(len(classes))):
         raise GigaslideError(f"labels are {classes.tolist()}, not 0..{len(classes) - 1}", path=p,
                              fix="renumber the classes as consecutive integers starting at 0")
-    pats = [r.get("patient_id") or r["slide_id"] for r in rows] if has_pat else list(ids)
+    pats = [r.get(pat_col) or r["slide_id"] for r in rows] if pat_col else list(ids)
     return LabelTable(ids, y, pats, p, has_pat)
 
 

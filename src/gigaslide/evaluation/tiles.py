@@ -11,7 +11,9 @@ this base-layer module reads no files itself — load them with ``gigaslide.feat
 * ``fewshot``: logistic regression (C = 1) trained on 1 % and 10 % of the training labels and on
   n = 1, 5, 10 labels per class, each drawn ``repeats`` times (scaler fitted on all training
   features, which uses no labels); reported as the mean over draws, the std over draws and a
-  bootstrap CI in which each replicate averages the metric over the draws.
+  bootstrap CI in which each replicate averages the metric over the draws. A setting's draws are seeded by
+  the seed, the setting's name and the draw (not by its place in the list of settings: ``10/class`` draws the
+  same labels whether or not ``1%`` is evaluated too).
 
 Every score is computed on the test set with a percentile bootstrap 95 % CI over test tiles
 (:mod:`gigaslide.evaluation.metrics`). :func:`evaluate_tile_features` returns a dict and, with
@@ -23,6 +25,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,8 @@ from gigaslide.errors import GigaslideError
 from gigaslide.evaluation.metrics import METRICS, bootstrap_replicates, fmt_ci, percentile_ci, summarize
 
 PROTOCOLS = ("linear", "knn", "fewshot")
+#: how few-shot draws are seeded (recorded in reports: results of other draw schemes never count as the same draws)
+FEWSHOT_DRAWS = "seed, setting name, draw"
 PREDICTIONS = "predictions.npz"  # a report folder's test predictions, per protocol
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
@@ -160,11 +165,11 @@ def few_shot(Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.ndarray,
     sc = StandardScaler().fit(Xtr)
     Xs, Xt = sc.transform(Xtr), sc.transform(Xte)
     out: dict[str, Any] = {}
-    for si, setting in enumerate(settings):
+    for setting in settings:
         probs = []
         n_used = 0
         for r in range(repeats):
-            rng = np.random.default_rng([seed, si, r])
+            rng = np.random.default_rng([seed, zlib.crc32(setting.encode()), r])
             idx = _few_shot_indices(ytr, setting, rng)
             n_used = len(idx)
             clf = _logreg(1.0, seed).fit(Xs[idx], ytr[idx])
@@ -220,14 +225,18 @@ def evaluate_tile_features(train: TileInput, test: TileInput, protocols: Sequenc
     yte = _align_classes(mtr, mte, yte)
     if len(np.unique(ytr)) < 2:
         raise GigaslideError("training tiles have a single class", path=mtr["path"], fix="use a tile folder with at least two classes")
-    if not np.isfinite(Xtr).all() or not np.isfinite(Xte).all():
-        raise GigaslideError("features contain NaN/inf", path=mtr["path"], fix="re-encode (check the encoder's dtype/AMP)")
+    for X, meta in ((Xtr, mtr), (Xte, mte)):  # the file that has them (the training file was named for both)
+        bad = int((~np.isfinite(X)).any(axis=1).sum())
+        if bad:
+            raise GigaslideError(f"{bad} tile(s) have NaN/inf features", path=meta["path"],
+                                 fix="re-encode (check the encoder's dtype/AMP)")
     if "linear" in protocols:  # C is chosen on a stratified 20 % validation split: 2+ tiles of a class, both sides
         _check_validation_split(ytr, mtr["path"])
     n_classes = int(max(ytr.max(), yte.max(), len(mtr["classes"] or []) - 1)) + 1
     report: dict[str, Any] = {"train": {**mtr, "n": len(ytr), "class_counts": np.bincount(ytr, minlength=n_classes).tolist()},
                               "test": {**mte, "n": len(yte), "class_counts": np.bincount(yte, minlength=n_classes).tolist()},
-                              "n_classes": n_classes, "n_bootstrap": n_bootstrap, "seed": seed, "protocols": {}}
+                              "n_classes": n_classes, "n_bootstrap": n_bootstrap, "seed": seed,
+                              "fewshot_draws": FEWSHOT_DRAWS, "protocols": {}}
     probs: dict[str, np.ndarray] = {}
     for proto in protocols:
         t0 = time.perf_counter()

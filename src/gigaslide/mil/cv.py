@@ -146,7 +146,8 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
                         if size0:
                             g.attrs["tile_size_level0"] = float(size0)
             write_predictions(fd / "predictions.csv", [ids[i] for i in te], t.labels[te], probs, k,
-                              r if repeats > 1 else None, record=pred_record)
+                              r if repeats > 1 else None, record=pred_record,
+                              patient_ids=[t.patient_ids[i] for i in te] if t.has_patients else None)
             done.add(name)
             run.update(folds_done=sorted(done))
             if verbose:
@@ -154,7 +155,8 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
                       f"best epoch {info['best_epoch']} of {info['epochs_run']}, {info['seconds']:.1f}s")
     atomic.write_json(out_d / "splits.json", rec)
     pool_predictions([out_d / _fold_dirname(k, r) / "predictions.csv" for k in range(len(fold_idx))
-                      for r in range(repeats)], out_d / "predictions.csv", record=pred_record)
+                      for r in range(repeats)], out_d / "predictions.csv", record=pred_record,
+                     patients=dict(zip(ids, t.patient_ids)) if t.has_patients else None)  # CIs over patients
     res = evaluate_predictions(out_d / "predictions.csv", n_bootstrap=n_bootstrap, seed=cfg.seed, out=out_d)
     res["seconds_per_fold"] = fold_seconds(out_d)
     atomic.write_json(out_d / "evaluation.json", {**provenance(kind="slide_evaluation"), **res})

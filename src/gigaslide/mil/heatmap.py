@@ -49,6 +49,19 @@ def _percentile(s: np.ndarray) -> np.ndarray:
     return (rankdata(s) - 1) / max(1, len(s) - 1)
 
 
+def paint_tiles(shape: tuple[int, int], coords: np.ndarray, values: np.ndarray, tile_size0: float,
+                downsample: float) -> np.ndarray:
+    """[h, w] thumbnail-pixel grid with each tile's value over its square (NaN elsewhere): a tile spans the thumb
+    pixels from its rounded left / top edge to its neighbour's, so a lattice of tiles leaves no seam (a fixed side
+    from the truncated corner left 1 px stripes of bare thumbnail wherever the fractions added up)."""
+    grid = np.full(shape, np.nan)
+    for (x, y), v in zip(np.asarray(coords, np.float64), values):
+        x0, y0 = round(x / downsample), round(y / downsample)
+        x1, y1 = round((x + tile_size0) / downsample), round((y + tile_size0) / downsample)
+        grid[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)] = v
+    return grid
+
+
 def draw_heatmap(thumb: np.ndarray, downsample: float, coords: np.ndarray, values: np.ndarray, tile_size0: float,
                  out: str | os.PathLike, *, title: str = "", label: str = "attention (percentile)",
                  tumor_coords: np.ndarray | None = None, alpha: float = 0.5, tumor_size0: float | None = None) -> Path:
@@ -61,20 +74,13 @@ def draw_heatmap(thumb: np.ndarray, downsample: float, coords: np.ndarray, value
     import matplotlib.pyplot as plt
 
     h, w = thumb.shape[:2]
-    grid = np.full((h, w), np.nan)
-    side = max(1, int(round(tile_size0 / downsample)))
-    for (x, y), v in zip(np.asarray(coords), values):
-        x0, y0 = int(x / downsample), int(y / downsample)
-        grid[y0:y0 + side, x0:x0 + side] = v
+    grid = paint_tiles((h, w), coords, values, tile_size0, downsample)
     fig, ax = plt.subplots(figsize=(7, 7 * h / max(w, 1) + 0.4))
     ax.imshow(thumb)
     im = ax.imshow(np.ma.masked_invalid(grid), cmap="jet", alpha=alpha, vmin=0, vmax=1, interpolation="nearest")
     if tumor_coords is not None and len(tumor_coords):
-        t = np.zeros((h, w))
-        gside = side if tumor_size0 is None else max(1, int(round(tumor_size0 / downsample)))
-        for x, y in tumor_coords:
-            t[int(y / downsample):int(y / downsample) + gside, int(x / downsample):int(x / downsample) + gside] = 1
-        ax.contour(t, levels=[0.5], colors="lime", linewidths=1.2)
+        t = paint_tiles((h, w), tumor_coords, np.ones(len(tumor_coords)), tumor_size0 or tile_size0, downsample)
+        ax.contour(np.nan_to_num(t), levels=[0.5], colors="lime", linewidths=1.2)
     ax.set_axis_off()
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label=label)
@@ -96,9 +102,13 @@ def heatmap(slide: str | os.PathLike, features: str | os.PathLike, model_dir: st
     ff = store.load(features)
     check_features_fit(meta, ff, features)
     cells = ff.grid_cells()
+    x = np.asarray(ff.features, np.float32)
+    bad = int((~np.isfinite(x)).any(-1).sum()) if x.ndim == 2 else 0
+    if bad:  # (was a heatmap of NaN with probabilities [nan, nan])
+        raise GigaslideError(f"{bad} tile(s) have NaN/inf features", path=features,
+                             fix="re-encode that slide (the encoder overflowed: try fp32)")
     with torch.no_grad():
-        res = model(torch.from_numpy(np.asarray(ff.features, np.float32)),
-                    cells=None if cells is None else torch.from_numpy(cells))
+        res = model(torch.from_numpy(x), cells=None if cells is None else torch.from_numpy(cells))
     probs = torch.softmax(res["logits"].float(), -1).numpy()
     scores = res["instance_scores"].float().numpy()
     tile0 = tile_size_of(ff)
@@ -113,7 +123,10 @@ def heatmap(slide: str | os.PathLike, features: str | os.PathLike, model_dir: st
     out_info: dict[str, Any] = {"slide": str(slide), "probs": probs.tolist(), "n_tiles": len(scores),
                                 "model": meta["model"], "out": str(out), "localisation_auc": None}
     tumor_xy, gt_size0 = None, None
-    title = f"{Path(slide).stem}  {meta['model']}  P(class {len(probs) - 1}) = {probs[-1]:.3f}"
+    # binary: the positive class; more classes: the predicted one (whose attention branch CLAM-MB shows), not the last
+    shown = len(probs) - 1 if len(probs) == 2 else int(np.argmax(probs))
+    title = f"{Path(slide).stem}  {meta['model']}  " + (f"P(class {shown}) = {probs[shown]:.3f}" if len(probs) == 2 else
+                                                        f"predicted class {shown} (P = {probs[shown]:.3f})")
     if gt_path is not None:
         gt = read_ground_truth(gt_path)
         la = localisation_auc(scores, ff.coords, gt, tile0)

@@ -156,6 +156,10 @@ def predict(model: torch.nn.Module, bags: Sequence[torch.Tensor], device: torch.
                 out = model(b.to(device), cells=_cells_tensor(cells_of(i), device))
             if not bool(torch.isfinite(out["logits"]).all()):
                 _check_finite(bags, i, b)  # the bag's features, rather than a diverged model
+                # finite features: the weights are NaN/inf (a NaN model never recovers; its NaN predictions were
+                # written as a finished fold, refused later as 'retrain', which deterministically diverged again)
+                raise GigaslideError("the MIL model outputs NaN/inf on finite features: training diverged",
+                                     fix="train with a lower --lr (e.g. 10x lower)")
             probs.append(torch.softmax(out["logits"].float(), -1).cpu().numpy())
             scores.append(out["instance_scores"].float().cpu().numpy())
     return np.stack(probs), scores
@@ -198,6 +202,8 @@ def _train_fold(bags_tr: Sequence[torch.Tensor], y_tr: np.ndarray, bags_va: Sequ
         total = 0.0
         for i in rng.permutation(len(bags_tr)):
             bag, cells = bags_tr[i], cells_tr(i)
+            if epoch == 0 and not cfg.standardize:  # (standardising checks them all first, in feature_stats)
+                _check_finite(bags_tr, i, bag)  # a NaN tile made the loss, then every weight, NaN: a silent NaN model
             if cfg.max_tiles and len(bag) > cfg.max_tiles:
                 # in file order: TransMIL's PPEG reads the order as the layout
                 keep = np.sort(rng.choice(len(bag), cfg.max_tiles, replace=False))
