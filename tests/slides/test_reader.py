@@ -193,3 +193,103 @@ def test_real_slides_match_openslide(real_slides, name, mpp, tile, slide_mpp, di
     worst, was_direct, _, _ = _max_diff_to_openslide(real_slides / name, mpp, tile, slide_mpp=slide_mpp, n=16)
     assert was_direct == direct
     assert worst <= MAX_DIFF
+
+
+# --- a fluorescence slide's tiles at its edges are padded with its own black background -------------------------
+def _dark_fn(x0, y0, w, h, ds):  # noqa: ANN001, ANN202
+    """Green tissue (never black) on a black background."""
+    X, Y = np.meshgrid(x0 + (np.arange(w) + 0.5) * ds, y0 + (np.arange(h) + 0.5) * ds)
+    g = 90 + ((X // 7 + Y // 5) % 9) * 15
+    return np.stack([np.full_like(g, 30), g, np.full_like(g, 60)], -1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("mpp,tile", [(0.5, 64), (1.0, 48), (0.7, 40), (2.0, 32)])
+def test_dark_background_pads_edge_tiles_black(tmp_path, mpp, tile):
+    """background="dark": outside the slide is 0 on every reader path (direct cut, /2 box, OpenSlide resampling,
+    a level read at a sub-pixel offset), inside unchanged; the default stays white glass."""
+    from gigaslide.slides.pool import ReadTask, _Readers
+
+    p = write_pyramidal_tiff(tmp_path / "fluo.tiff", 1031, 777, _dark_fn, mpp=0.5, tile=128)
+    with open_slide(p) as s:
+        t0 = int(tile * mpp / 0.5)
+        coords = np.array([(1031 - t0 // 3, 100), (200, 777 - t0 // 2), (-t0 // 2, -t0 // 3), (1031 - t0 // 2 + 1, 3)])
+        dark = np.stack(list(iter_tiles(s, coords, tile, mpp, background="dark")))
+        white = np.stack(list(iter_tiles(s, coords, tile, mpp)))
+        ref = np.stack([s.read_region((int(x), int(y)), (tile, tile), mpp, background="dark") for x, y in coords])
+    f = mpp / 0.5  # level-0 px per tile px; pixels two px off the slide's edge on either side are not blended
+    ax = np.arange(tile) * f
+    inside = np.zeros(dark.shape[:3], bool)
+    outside = np.zeros(dark.shape[:3], bool)
+    for i, (x, y) in enumerate(coords):
+        ix, iy = (x + ax - f >= 0) & (x + ax + 2 * f <= 1031), (y + ax - f >= 0) & (y + ax + 2 * f <= 777)
+        inside[i] = iy[:, None] & ix[None, :]
+        ox, oy = (x + ax + 2 * f < 0) | (x + ax - 2 * f >= 1031), (y + ax + 2 * f < 0) | (y + ax - 2 * f >= 777)
+        outside[i] = oy[:, None] | ox[None, :]
+    assert inside.sum() > tile * 4 and outside.sum() > tile * 4
+    assert (white[outside] == 255).all() and (dark[outside] == 0).all()
+    assert (dark[inside] == white[inside]).all() and (dark[inside] != 0).any(-1).all()
+    assert np.abs(dark.astype(np.int16) - ref).max() <= MAX_DIFF  # the direct path as OpenSlide's on black
+    got, _ = _Readers().read(ReadTask(0, str(p), coords, tile, mpp, background="dark"), None, False)
+    assert np.array_equal(got.numpy(), dark)
+
+
+def test_dark_background_on_the_device_reader(tmp_path):
+    from gigaslide.slides.device_decode import DeviceTileReader
+
+    p = write_pyramidal_tiff(tmp_path / "fluo.tiff", 1030, 770, _dark_fn, mpp=0.5, tile=128)
+    coords = np.array([(1030 - 20, 100), (200, 770 - 30), (-40, -20), (1100, 10)])
+    with open_slide(p) as s:
+        dev = DeviceTileReader(s, 64, 0.5, "cpu", background="dark")
+        got = dev.read_batch(coords).numpy()
+        assert dev.on_device and np.array_equal(got, TileReader(s, 64, 0.5, background="dark").read_batch(coords))
+    assert (got[3] == 0).all() and (got[0][:, 20:] == 0).all() and (got[0][:, :20] != 0).any(-1).all()
+
+
+def test_unknown_background_is_one_line(generated):
+    with open_slide(generated["jpeg"]) as s, pytest.raises(GigaslideError, match="bright .* or dark"):
+        TileReader(s, 32, 0.5, background="auto")
+
+
+def test_resampled_tiles_span_exactly_their_footprint(tmp_path):
+    """A tile at an mpp that is no level (nor /2, /4, /8 of one) covers exactly tile x scale level px: on a ramp whose
+    value is the level-0 x, each pixel reads its own centre's x (within uint8 rounding). The read was rounded up to
+    whole px and the whole of it resized onto the tile: stretched by up to one level px (1.2 grey levels here)."""
+
+    def ramp(x0, y0, w, h, ds):  # noqa: ANN001, ANN202
+        v = np.broadcast_to((x0 + (np.arange(w) + 0.5) * ds - 0.5)[None, :], (h, w))
+        return np.stack([v, v, v], -1).clip(0, 255).astype(np.uint8)
+
+    p = write_pyramidal_tiff(tmp_path / "ramp.tiff", 256, 256, ramp, mpp=0.5, tile=128, compression="none")
+    with open_slide(p) as s:
+        for mpp, t in [(0.75, 99), (0.7, 97), (1.3, 77), (1.7, 59), (0.6, 201)]:
+            assert TileReader(s, t, mpp).factor == 0
+            px = next(iter_tiles(s, [(10, 10)], t, mpp))[t // 2, :, 0].astype(float)
+            want = 10 + (np.arange(t) + 0.5) * mpp / 0.5 - 0.5
+            inner = (want < 250) & (np.arange(t) >= 3) & (np.arange(t) < t - 3)  # no filter edge, no clipped ramp
+            assert np.abs(px[inner] - want[inner]).max() <= 0.5 + 1e-6, (mpp, t)
+
+
+def test_a_damaged_stored_tile_is_one_line_naming_the_file(tmp_path):
+    """A stored tile the JPEG decoder refuses (the check read at open passes: the damage is elsewhere) reaches the
+    caller as a GigaslideError naming the file, not the decoder's own exception; other tiles still read."""
+    import tifffile
+
+    p = make_slide(tmp_path / "s.tiff", (1024, 1024), seed=1)
+    with tifffile.TiffFile(p) as tif:
+        off, n = int(tif.pages[0].dataoffsets[0]), int(tif.pages[0].databytecounts[0])
+    raw = bytearray(p.read_bytes())
+    raw[off + 2:off + n - 2] = (b"\xff\x01" * n)[:n - 4]  # tile 0 (top-left): markers with bogus lengths, same size
+    p.write_bytes(bytes(raw))
+    with open_slide(p) as s:
+        r = TileReader(s, 64, 0.5)
+        assert r.direct
+        assert r.read(512, 512).shape == (64, 64, 3)
+        with pytest.raises(GigaslideError, match="cannot read pixels") as e:
+            r.read(0, 0)
+    assert str(p) in str(e.value)
+
+
+@pytest.mark.realdata
+def test_an_unreadable_real_slide_is_one_line(real_slides):
+    with open_slide(real_slides / "corrupt" / "unreadable.svs") as s, pytest.raises(GigaslideError, match="damaged"):
+        list(iter_tiles(s, [(0, 0)], 8, s.mpp))

@@ -189,3 +189,97 @@ def test_coords_file_without_mpp_is_refused_not_read_as_zero(tmp_path):
     with pytest.raises(GigaslideError, match="has no mpp") as e:
         load_grid(tmp_path / "clam.h5")
     assert "clam.h5" in str(e.value)
+
+
+@pytest.mark.parametrize("mpp,tile", [(0.5, 128), (1.0, 128), (0.7, 100)])
+def test_coords_file_gives_trident_and_clam_each_tile_footprint(tmp_path, synthetic_slide, mpp, tile):
+    """TRIDENT's patcher reads ``patch_size * level0_magnification / target_magnification`` level-0 px (magnification
+    = 10 / mpp; without those attrs it falls back to the CLAM reading): that must be each tile's footprint at any
+    --mpp, a pyramid level or not. CLAM reads ``patch_size`` px of ``patch_level``: right where --mpp is that level."""
+    import h5py
+
+    g = tile_slide(synthetic_slide, tmp_path, TilingParams(mpp, tile, min_tissue=0.5))
+    with h5py.File(tmp_path / "patches" / "synth.h5", "r") as f:
+        a = dict(f["coords"].attrs)
+    trident = round(a["patch_size"] * (10 / a["target_magnification"]) / (10 / a["level0_magnification"]))
+    assert trident == round(g.tile_size_level0) == round(a["patch_size_level0"])
+    with open_slide(synthetic_slide) as s:
+        clam = a["patch_size"] * s.level_downsamples[int(a["patch_level"])]
+    if mpp == 0.5:  # level 0 of this 0.5 µm/px slide
+        assert clam == pytest.approx(g.tile_size_level0)
+
+
+def _pink_square_slide(path, size, square, mpp):  # noqa: ANN001, ANN202
+    """Glass with one H&E-pink square of side ``square`` level-0 px in the middle."""
+    from gigaslide.slides.writer import write_pyramidal_tiff
+
+    w, h = size
+    lo, hi = (w - square) // 2, (w + square) // 2
+
+    def fn(x0, y0, tw, th, ds):  # noqa: ANN001, ANN202
+        X, Y = np.meshgrid(x0 + (np.arange(tw) + 0.5) * ds, y0 + (np.arange(th) + 0.5) * ds)
+        inside = (X >= lo) & (X < hi) & (Y >= (h - square) // 2) & (Y < (h + square) // 2)
+        return np.where(inside[..., None], np.array([200, 110, 170], np.uint8), np.uint8(244)).astype(np.uint8)
+
+    return write_pyramidal_tiff(path, w, h, fn, mpp=mpp, tile=128)
+
+
+def test_an_image_smaller_than_the_minimum_area_still_has_tissue(tmp_path):
+    """A 200 x 160 µm crop (under the 20,000 µm² minimum piece area itself) with tissue on a third of it: the
+    tissue is kept (it was dropped as a speck: "no tissue tiles found ... check the slide is not blank")."""
+    p = _pink_square_slide(tmp_path / "crop.tiff", (400, 320), 180, 0.5)
+    g = tile_slide(p, tmp_path / "out", TilingParams(0.5, 32, min_tissue=0.5))
+    assert len(g) >= 16 and g.tissue.max() == pytest.approx(1.0)
+
+
+def test_tissue_dropped_as_too_small_is_named_not_called_blank(tmp_path):
+    """Detection that finds tissue but drops every piece as under the minimum area says so, with the piece's area
+    and the resolution it was measured at (a --slide-mpp given too fine makes tissue look small)."""
+    p = _pink_square_slide(tmp_path / "speck.tiff", (2000, 2000), 60, 0.5)  # 30 x 30 µm of tissue in 1 x 1 mm
+    with pytest.raises(GigaslideError, match=r"every piece is under the minimum area .* 0\.5 µm/px") as e:
+        tile_slide(p, tmp_path / "out", TilingParams(0.5, 32))
+    assert "--slide-mpp" in str(e.value) and "blank" not in str(e.value)
+    blank = make_slide(tmp_path / "blank.tiff", (1024, 1024), blank=True)
+    with pytest.raises(GigaslideError, match="no tissue tiles found"):
+        tile_slide(blank, tmp_path / "out", TilingParams(0.5, 128))
+
+
+def test_a_tile_larger_than_the_slide_is_told_a_fix_that_exists(tmp_path):
+    """At the scan's own resolution no finer --mpp exists: the fix names only the tile size (it said "or a finer
+    --mpp", which check_target_mpp then refuses); where a finer one fits, it names the coarsest that does."""
+    p = make_slide(tmp_path / "small.tiff", (200, 160), mpp=0.5, seed=1)
+    with open_slide(p) as s:
+        with pytest.raises(GigaslideError, match="more than the slide") as e:
+            make_grid(s, None, target_mpp=0.5, tile_size=224)
+        assert "at most 160)" in str(e.value) and "--mpp" not in str(e.value).split("fix:")[1]
+        with pytest.raises(GigaslideError, match="more than the slide") as e:
+            make_grid(s, None, target_mpp=2.0, tile_size=64)
+        assert "at most 40) or a finer --mpp (at most 1.25)" in str(e.value)
+        make_grid(s, None, target_mpp=1.25, tile_size=64)  # which fits
+
+
+def test_fallback_area_applies_only_when_every_piece_is_under_the_minimum():
+    rgb = np.full((100, 100, 3), 245, np.uint8)
+    rgb[10:40, 10:40] = (200, 110, 170)  # 900 px
+    rgb[60:70, 60:70] = (200, 110, 170)  # 100 px
+    assert segment_array(rgb, min_area_px=500, fallback_area_px=50).sum() == 900  # a piece passes: no fallback
+    assert segment_array(rgb, min_area_px=5000, fallback_area_px=50).sum() == 1000  # none passes: both kept
+    assert segment_array(rgb, min_area_px=5000).sum() == 0
+
+
+def test_tile_slide_writes_the_exact_tissue_outline_or_the_tolerance_asked(tmp_path, synthetic_slide):
+    """OUT/tissue/<slide>.geojson is the mask's exact outline by default (rasterised back: the mask), simplified
+    within TilingParams.outline_tolerance level-0 px when given (fewer vertices); a negative one is refused."""
+    from gigaslide.tiling.annotations import rasterize
+
+    with open_slide(synthetic_slide) as s:
+        tm, _ = segment_tissue(s)
+    tile_slide(synthetic_slide, tmp_path / "a", TilingParams(1.0, 128))
+    tile_slide(synthetic_slide, tmp_path / "b", TilingParams(1.0, 128, outline_tolerance=64.0))
+    exact, coarse = (json.loads((tmp_path / d / "tissue" / "synth.geojson").read_text()) for d in "ab")
+    polys = [[np.array(r) for r in f["geometry"]["coordinates"]] for f in exact["features"]]
+    assert np.array_equal(rasterize(polys, tm.mask.shape, tm.downsample), tm.mask)
+    n = [sum(len(r) for f in g["features"] for r in f["geometry"]["coordinates"]) for g in (exact, coarse)]
+    assert n[1] < n[0] / 2
+    with pytest.raises(GigaslideError, match="outline tolerance"):
+        tile_slide(synthetic_slide, tmp_path / "c", TilingParams(1.0, 128, outline_tolerance=-1.0))

@@ -5,8 +5,9 @@ machines with few CPU cores per GPU.
 :class:`DeviceTileReader` reads what :class:`~gigaslide.slides.reader.TileReader` reads, as a uint8
 ``[B, T, T, 3]`` tensor on the device: per batch, the stored tiles under its tiles that are not cached yet are
 decoded in one call (:meth:`~gigaslide.slides.tiled.TiffLevel.jpeg_stream` makes each a self-contained JPEG),
-laid on a white canvas (clipped to the level, as the CPU reader clips), and every tile is gathered from the
-canvas in one indexing operation; the /2, /4, /8 cases are box-averaged on the device with PIL's rounding.
+laid on a canvas of the background (white, black for a dark one; clipped to the level, as the CPU reader
+clips), and every tile is gathered from the canvas in one indexing operation; the /2, /4, /8 cases are
+box-averaged on the device with PIL's rounding.
 Tiles the direct path cannot cut (a sub-pixel offset on a level with a non-integer downsample) and slides
 that are not JPEG-tiled TIFFs are read by the CPU reader and copied over. At open, a check batch is read both
 ways; if the device's pixels differ from the CPU reader's by more than 2 per channel (a decoder that ignores
@@ -45,8 +46,9 @@ class DeviceTileReader:
     """``tile_size`` tiles at ``mpp`` (level-0 top-left corners) as uint8 ``[B, T, T, 3]`` on ``device``."""
 
     def __init__(self, slide: Slide, tile_size: int, mpp: float, device: str | torch.device, *,
-                 tolerance: float = SCALE_TOLERANCE, cache_tiles: int = CACHE_TILES):
-        self.cpu = TileReader(slide, tile_size, mpp, tolerance=tolerance)
+                 tolerance: float = SCALE_TOLERANCE, cache_tiles: int = CACHE_TILES,
+                 background: str | None = "bright"):
+        self.cpu = TileReader(slide, tile_size, mpp, tolerance=tolerance, background=background)
         self.device = torch.device(device)
         self.tile_size, self.factor = int(tile_size), self.cpu.factor
         self._level = self.cpu.tiff_level
@@ -101,10 +103,11 @@ class DeviceTileReader:
             self._cache.popitem(last=False)
 
     def _gather(self, corners: list[tuple[int, int]]) -> torch.Tensor:
-        """Level pixels ``[B, n, n, 3]`` (n = tile_size x factor) at integer level corners, white outside."""
+        """Level pixels ``[B, n, n, 3]`` (n = tile_size x factor) at integer level corners, the CPU reader's fill
+        (white, or black on a dark background) outside."""
         lv, n = self._level, self.tile_size * self.factor
         inside = [(x, y) for x, y in corners if x < lv.width and y < lv.height and x + n > 0 and y + n > 0]
-        out = torch.full((len(corners), n, n, 3), 255, dtype=torch.uint8, device=self.device)
+        out = torch.full((len(corners), n, n, 3), self.cpu.fill, dtype=torch.uint8, device=self.device)
         if not inside:
             return out
         tx0 = max(0, min(x for x, _ in inside)) // lv.tile_w
@@ -117,11 +120,11 @@ class DeviceTileReader:
             return torch.cat([self._gather(corners[:h]), self._gather(corners[h:])])
         need = sorted({t for x, y in inside for t in lv.tiles_under(x, y, x + n, y + n)})  # (index, x, y)
         self._stored([i for i, _, _ in need])
-        canvas = torch.full((ch, cw, 3), 255, dtype=torch.uint8, device=self.device)
+        canvas = torch.full((ch, cw, 3), self.cpu.fill, dtype=torch.uint8, device=self.device)
         ox, oy = tx0 * lv.tile_w - n, ty0 * lv.tile_h - n  # level coordinate of the canvas' corner
         for i, bx, by in need:
             t = self._cache[i]
-            if t is None:
+            if t is None:  # a sparse tile: the canvas' fill
                 continue
             w, h = min(lv.tile_w, lv.width - bx), min(lv.tile_h, lv.height - by)  # edge tiles are padded: clip
             canvas[by - oy:by - oy + h, bx - ox:bx - ox + w] = t[:h, :w]
@@ -130,7 +133,7 @@ class DeviceTileReader:
         xs = torch.tensor([corners[k][0] - ox for k in keep], device=self.device)
         ys = torch.tensor([corners[k][1] - oy for k in keep], device=self.device)
         ar = torch.arange(n, device=self.device)
-        # an overhang lies within n of the stored tiles (white border); one past it is clamped onto white
+        # an overhang lies within n of the stored tiles (filled border); one past it is clamped onto the fill
         rows, cols = (ys[:, None] + ar).clamp_(0, ch - 1), (xs[:, None] + ar).clamp_(0, cw - 1)
         out[keep] = canvas[rows[:, :, None], cols[:, None, :]]
         return out

@@ -45,6 +45,7 @@ class ReadTask:
     tolerance: float = SCALE_TOLERANCE
     direct: bool = True
     downsample: str = "box"  # /2, /4, /8 reads: box averages, or the JPEG decoder's DCT scaling (TileReader)
+    background: str | None = "bright"  # outside the slide: white glass, or black for "dark" (the grid's background)
 
 
 class _Readers:
@@ -56,15 +57,17 @@ class _Readers:
         self.open: OrderedDict[tuple, tuple[Slide, TileReader | DeviceTileReader]] = OrderedDict()
 
     def get(self, t: ReadTask) -> TileReader | DeviceTileReader:
-        k = (t.path, t.slide_mpp, t.tile_size, t.mpp, t.tolerance, t.direct, t.downsample)
+        k = (t.path, t.slide_mpp, t.tile_size, t.mpp, t.tolerance, t.direct, t.downsample, t.background)
         if k in self.open:
             self.open.move_to_end(k)
             return self.open[k][1]
         slide = Slide(t.path, mpp=t.slide_mpp, slide_id=t.slide_id)
         if self.decode_device is not None and t.direct:
-            r = DeviceTileReader(slide, t.tile_size, t.mpp, self.decode_device, tolerance=t.tolerance)
+            r = DeviceTileReader(slide, t.tile_size, t.mpp, self.decode_device, tolerance=t.tolerance,
+                                 background=t.background)
         else:
-            r = TileReader(slide, t.tile_size, t.mpp, tolerance=t.tolerance, direct=t.direct, downsample=t.downsample)
+            r = TileReader(slide, t.tile_size, t.mpp, tolerance=t.tolerance, direct=t.direct, downsample=t.downsample,
+                           background=t.background)
         self.open[k] = (slide, r)
         while len(self.open) > self.keep:
             _, (s, r) = self.open.popitem(last=False)

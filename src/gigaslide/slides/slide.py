@@ -29,6 +29,19 @@ MPP_TOLERANCE = 0.1
 SCALE_TOLERANCE = 0.01
 #: Integer shrink factors applied by exact box averaging instead of a resize.
 BOX_FACTORS = (1, 2, 4, 8)
+#: The value pixels outside the slide (and sparse, never-scanned tiles) are read as, per background: white glass for
+#: bright-field, black for fluorescence (a white band on a dark image is an edge the tissue does not have).
+FILL = {"bright": 255, "dark": 0}
+
+
+def fill_value(background: str | None) -> int:
+    """255 for a ``bright`` background (or None: bright-field, the default), 0 for ``dark`` (fluorescence)."""
+    if background is None:
+        return FILL["bright"]
+    if background not in FILL:
+        raise GigaslideError(f"unknown background '{background}' to read tiles on",
+                             fix="use bright (bright-field glass, white) or dark (fluorescence, black)")
+    return FILL[background]
 
 
 @dataclass(frozen=True)
@@ -154,13 +167,16 @@ class Slide:
         return self.mpp * ch.level_downsample * k if k else float(target_mpp)
 
     def read_region(self, location: tuple[int, int], size: tuple[int, int], target_mpp: float,
-                    level: LevelChoice | None = None, tolerance: float = SCALE_TOLERANCE) -> np.ndarray:
+                    level: LevelChoice | None = None, tolerance: float = SCALE_TOLERANCE,
+                    background: str | None = "bright") -> np.ndarray:
         """RGB uint8 array of ``size`` (w, h) target px whose top-left is ``location`` in level-0 px.
 
         When the level's scale is within ``tolerance`` of 1, 2, 4 or 8 the level is read at that
         multiple and box-averaged (no resampling, see :meth:`read_mpp`); otherwise it is resized.
-        Pixels outside the slide are white.
+        Pixels outside the slide are the ``background``'s: white glass (``bright``, the default) or
+        black (``dark``: a fluorescence slide's tiles at its edges are padded black, see :data:`FILL`).
         """
+        fill = fill_value(background)
         ch = level or self.choose_level(target_mpp, tolerance)
         w, h = size
         k = ch.factor(tolerance)
@@ -173,15 +189,18 @@ class Slide:
                 path=self.path,
                 fix="the file is damaged or incomplete; re-copy or re-scan it, or exclude it from the batch",
             ) from None
-        img = self._glass_outside(img, location, ch)
+        img = self._fill_outside(img, location, ch, fill)
         if k:
-            return box_reduce(to_rgb(img), k)
-        img = img.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=None if ch.scale < 2 else 2.0)
-        return to_rgb(img)
+            return box_reduce(to_rgb(img, fill), k)
+        # the tile spans exactly w x scale level px: the read is rounded up to whole px, the resize samples the box only
+        img = img.resize((w, h), Image.Resampling.BILINEAR, box=(0, 0, w * ch.scale, h * ch.scale),
+                         reducing_gap=None if ch.scale < 2 else 2.0)
+        return to_rgb(img, fill)
 
-    def _glass_outside(self, img: Image.Image, location: tuple[int, int], ch: LevelChoice) -> Image.Image:
-        """Pixels outside the slide as white glass. OpenSlide returns them transparent (``to_rgb`` puts them
-        on white); tiffslide returns them black, so they are painted white here."""
+    def _fill_outside(self, img: Image.Image, location: tuple[int, int], ch: LevelChoice,
+                      fill: int = 255) -> Image.Image:
+        """Pixels outside the slide as ``fill`` (255: white glass). OpenSlide returns them transparent (``to_rgb``
+        puts them on ``fill``); tiffslide returns them black, so they are painted here."""
         if img.mode == "RGBA":
             return img
         lw_all, lh_all = self.level_dimensions[ch.level]
@@ -192,10 +211,10 @@ class Slide:
         if x0 == 0 and y0 == 0 and x1 >= img.size[0] and y1 >= img.size[1]:
             return img
         arr = np.array(img.convert("RGB"))
-        arr[:, :x0] = 255
-        arr[:y0] = 255
-        arr[:, x1:] = 255
-        arr[y1:] = 255
+        arr[:, :x0] = fill
+        arr[:y0] = fill
+        arr[:, x1:] = fill
+        arr[y1:] = fill
         return Image.fromarray(arr)
 
     def thumbnail(self, max_size: int = 1024) -> tuple[np.ndarray, float]:
@@ -263,13 +282,13 @@ def box_reduce(rgb: np.ndarray, k: int) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).reduce(k))
 
 
-def to_rgb(img: Image.Image) -> np.ndarray:
-    """RGBA (transparent outside the scanned area) -> RGB on white."""
+def to_rgb(img: Image.Image, fill: int = 255) -> np.ndarray:
+    """RGBA (transparent outside the scanned area) -> RGB on ``fill`` (255: white; 0: black, fluorescence)."""
     if img.mode == "RGBA":
         if img.getchannel("A").getextrema()[0] == 255:  # fully opaque (the usual case): drop alpha in C
             return np.asarray(img.convert("RGB"))
         arr = np.asarray(img)
         rgb = arr[..., :3]
         a = arr[..., 3:4].astype(np.uint16)
-        return ((rgb.astype(np.uint16) * a + 255 * (255 - a)) // 255).astype(np.uint8)
+        return ((rgb.astype(np.uint16) * a + int(fill) * (255 - a)) // 255).astype(np.uint8)
     return np.asarray(img.convert("RGB"))

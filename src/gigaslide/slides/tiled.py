@@ -4,8 +4,9 @@ Used by :mod:`gigaslide.slides.reader` when a slide's level is a tiled TIFF page
 deflate, LZW or uncompressed tiles) that OpenSlide would read the same way. The stored tiles are
 read with ``tifffile`` and decoded with ``imagecodecs`` (through ``TiffPage.decode``); decoded
 tiles stay in a bounded LRU cache, so regions requested in grid order (row bands) decode every
-stored tile once per pass. Pixels outside the level are white (255), as ``Slide.read_region``
-gives them (OpenSlide returns them transparent and ``to_rgb`` puts them on white).
+stored tile once per pass. Pixels outside the level (and sparse tiles) are white (255), or the ``fill``
+given (0 for a fluorescence slide's black), as ``Slide.read_region`` gives them (OpenSlide returns them
+transparent and ``to_rgb`` puts them on the background).
 :meth:`TiffLevel.jpeg_stream` hands a stored JPEG tile to other decoders (nvJPEG through
 ``torchvision.io.decode_jpeg(..., device="cuda")``, DALI, PIL) as a self-contained file.
 
@@ -34,7 +35,7 @@ ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 
 
 class TiffLevel:
-    """One tiled TIFF page; :meth:`region` returns level pixels (RGB uint8, white outside the page)."""
+    """One tiled TIFF page; :meth:`region` returns level pixels (RGB uint8, white or ``fill`` outside the page)."""
 
     def __init__(self, tif, page, cache_tiles: int):  # noqa: ANN001 - tifffile objects
         self._tif = tif
@@ -121,8 +122,10 @@ class TiffLevel:
         adobe = ADOBE_RGB if int(self.page.photometric) == 2 and not _has_adobe(raw) else b""
         return _SOI + adobe + tables + raw[2:]
 
-    def region(self, x: int, y: int, w: int, h: int, out: np.ndarray | None = None, k: int = 1) -> np.ndarray:
-        """Level pixels ``[h, w, 3]`` at (x, y), written into ``out`` when given (no fresh memory to fault in).
+    def region(self, x: int, y: int, w: int, h: int, out: np.ndarray | None = None, k: int = 1,
+               fill: int = 255) -> np.ndarray:
+        """Level pixels ``[h, w, 3]`` at (x, y), written into ``out`` when given (no fresh memory to fault in);
+        pixels outside the level and sparse tiles are ``fill`` (255: white glass; 0: a fluorescence slide's black).
 
         ``k`` > 1 (see :meth:`can_scale`): the level at 1/k, coordinates in that grid, from stored tiles decoded
         at 1/k by the JPEG decoder (its DCT scaling: not a box average, see :func:`jpeg_decode_scaled`)."""
@@ -132,13 +135,13 @@ class TiffLevel:
         if out is None:
             out = np.empty((h, w, 3), np.uint8)
         if (x0, y0, x1, y1) != (x, y, x + w, y + h):
-            out[:] = 255
+            out[:] = fill
         for index, bx, by in self.tiles_under(x0, y0, x1, y1, k):
             t = self._tile(index, k)
             sx0, sy0 = max(x0, bx), max(y0, by)
             sx1, sy1 = min(x1, bx + tw), min(y1, by + th)
-            if t is None:  # a sparse tile: glass
-                out[sy0 - y:sy1 - y, sx0 - x:sx1 - x] = 255
+            if t is None:  # a sparse tile: background
+                out[sy0 - y:sy1 - y, sx0 - x:sx1 - x] = fill
             else:
                 out[sy0 - y:sy1 - y, sx0 - x:sx1 - x] = t[sy0 - by:sy1 - by, sx0 - bx:sx1 - bx]
         return out

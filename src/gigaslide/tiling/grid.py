@@ -6,8 +6,9 @@ covers ``tile_size * target_mpp / slide_mpp`` level-0 px.
 The grid is anchored at the slide's top-left corner (0, 0) and runs until every pixel of the
 slide lies in some tile, so tissue at the edges is tiled too: every tile starts inside the slide,
 and the last row and column may reach past its right / bottom edge by less than one stride. That
-part is read as glass (white: ``Slide.read_region`` composites out-of-slide pixels onto white) and
-counts as glass in the tile's tissue fraction; ``TileGrid.padding`` records each tile's outside
+part is read as the slide's background (white glass; black on a fluorescence slide, when the reader is
+given the grid's ``extra["background"]``: ``iter_tiles(..., background=)``) and counts as background in
+the tile's tissue fraction; ``TileGrid.padding`` records each tile's outside
 fraction. (Before grid rule 2 the grid held only tiles fully inside the slide, centred, dropping up
 to one tile of tissue on every side.)
 """
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gigaslide.errors import GigaslideError
-from gigaslide.slides.slide import Slide
+from gigaslide.slides.slide import MPP_TOLERANCE, Slide
 from gigaslide.tiling.tissue import TissueMask
 
 #: Version of the rule placing tiles (stored with every grid; a grid made by another rule is recomputed).
@@ -117,10 +118,12 @@ def make_grid(slide: Slide, tissue: TissueMask | None, *, target_mpp: float, til
             f"tiles {tile_size} px with {overlap} px overlap at {target_mpp} µm/px step {stride0:.3g} level-0 px, "
             "less than one: tiles would repeat", path=slide.path, fix="use a smaller --overlap")
     if tile0 > W + 1e-6 or tile0 > H + 1e-6:
+        finest = min(W, H) * slide.mpp / tile_size  # the coarsest --mpp at which this tile still fits
+        finer = f" or a finer --mpp (at most {finest:.3g})" if finest >= slide.mpp * (1 - MPP_TOLERANCE) else ""
         raise GigaslideError(
             f"a {tile_size} px tile at {target_mpp} µm/px spans {tile0:.0f} level-0 px, more than the slide ({W}x{H} px)",
             path=slide.path,
-            fix=f"use a smaller --tile-size (at most {int(min(W, H) / f)}) or a finer --mpp",
+            fix=f"use a smaller --tile-size (at most {int(min(W, H) / f)}){finer}",
         )
     coords, frac, pad = select_tiles(tissue, (W, H), tile0, stride0, min_tissue)
     extra = {"grid_rule": GRID_RULE, **(tissue.info if tissue is not None else {})}

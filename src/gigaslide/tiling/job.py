@@ -21,7 +21,8 @@ from gigaslide.tiling.grid import GRID_RULE, TileGrid, make_grid
 from gigaslide.tiling.overlay import grid_overlay_png
 from gigaslide.tiling.store import load_grid, save_grid
 from gigaslide.tiling.stain import StainWarning
-from gigaslide.tiling.tissue import TissueMask, check_background, overlay_png, save_geojson, segment_tissue
+from gigaslide.tiling.tissue import (TissueMask, check_background, check_tolerance, largest_speck_um2, min_area_px,
+                                    overlay_png, save_geojson, segment_tissue)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class TilingParams:
     tissue_from: str | None = None  # folder of <slide_id>.geojson tissue annotations (None: detect tissue)
     tissue_classes: tuple[str, ...] | None = None  # annotation classes that count as tissue (None: every polygon)
     tissue_detect: bool = False  # with tissue_from: only the detected tissue inside the annotations
+    #: simplification (level-0 px) of the tissue outlines written to OUT/tissue/<slide>.geojson: 0 writes the mask's
+    #: exact outline (see tiling.tissue.mask_to_geojson); not a tiling setting: a grid is reused whatever it is
+    outline_tolerance: float = 0.0
 
     def matches(self, grid: TileGrid) -> bool:
         return (abs(grid.target_mpp - self.mpp) < 1e-9 and grid.tile_size == self.tile_size
@@ -151,6 +155,7 @@ def tile_slide(path: str | os.PathLike | Slide, out: str | os.PathLike, params: 
     A slide that does not look like bright-field H&E gets one :class:`StainWarning` (also stored in
     the coords file and ``grid.extra["stain_warning"]``)."""
     check_background(params.background)
+    check_tolerance(params.outline_tolerance)
     opened = contextlib.nullcontext(path) if isinstance(path, Slide) else open_slide(path, mpp=slide_mpp)
     with opened as slide:
         paths = layout(out, slide.id)
@@ -166,7 +171,7 @@ def tile_slide(path: str | os.PathLike | Slide, out: str | os.PathLike, params: 
                          min_tissue=params.min_tissue)
         if overlays:
             overlay_png(thumb, tissue.mask, paths["tissue_png"])
-            save_geojson(tissue, paths["tissue_geojson"])
+            save_geojson(tissue, paths["tissue_geojson"], tolerance=params.outline_tolerance)
             grid_overlay_png(thumb, tissue.downsample, grid, paths["grid_png"])
         if len(grid) == 0 and params.tissue_from is not None:
             where = "detected tissue within the tissue annotations" if params.tissue_detect else "tissue annotations"
@@ -176,6 +181,8 @@ def tile_slide(path: str | os.PathLike | Slide, out: str | os.PathLike, params: 
                 path=tissue.info["tissue_annotations"], fix="check the polygons are in level-0 pixels of this slide; "
                 "lower --min-tissue or use a smaller --tile-size" + ("; or leave out --tissue-detect" if params.tissue_detect
                                                                      else ""))
+        if len(grid) == 0 and tissue.fraction == 0 and params.tissue_from is None:
+            _no_tissue_detected(slide, thumb, tissue)
         if len(grid) == 0:
             raise GigaslideError(
                 f"no tissue tiles found (tissue covers {100 * tissue.fraction:.1f}% of the thumbnail; min tissue {params.min_tissue})",
@@ -197,6 +204,20 @@ def _tissue(slide: Slide, params: TilingParams) -> tuple[TissueMask, np.ndarray]
                              path=params.tissue_from, fix=f"export the slide's tissue polygons as "
                              f"{Path(params.tissue_from) / (slide.id + '.geojson')}, or leave out --tissue-from to detect tissue")
     return annotation_tissue(slide, p, params.tissue_classes, background=params.background, detect=params.tissue_detect)
+
+
+def _no_tissue_detected(slide: Slide, thumb: np.ndarray, tissue: TissueMask) -> None:
+    """Say why detection left no tissue when it found pieces but dropped them all as too small (a resolution given
+    too fine makes every piece look small); returns when it found nothing (the caller's blank-slide error)."""
+    largest = largest_speck_um2(slide, thumb, tissue.downsample, tissue.info.get("background", "bright"))
+    if largest is None:
+        return
+    least = min_area_px(slide, tissue.downsample) * (tissue.downsample * slide.mpp) ** 2
+    raise GigaslideError(
+        f"tissue was found but every piece is under the minimum area of {least:,.0f} µm² (the largest: "
+        f"{largest:,.0f} µm² at {slide.mpp:.4g} µm/px, from {slide.mpp_info.source}), so none was kept",
+        path=slide.path, fix="check the scan resolution (--slide-mpp: a value too fine makes tissue look small), "
+                             "or draw the tissue and pass it with --tissue-from")
 
 
 def _warn_stain(grid: TileGrid) -> None:

@@ -1,9 +1,15 @@
 """Tile-coordinate files: ``<out>/patches/<slide_id>.h5`` in the CLAM/TRIDENT layout.
 
 Dataset ``coords`` [N, 2] int64 level-0 (x, y), with attrs ``patch_size`` (target px),
-``patch_size_level0``, ``patch_level`` (pyramid level read), ``target_mpp``, ``level0_mpp``; plus
+``patch_size_level0``, ``patch_level`` (pyramid level read), ``target_mpp``, ``level0_mpp``, and TRIDENT's
+``level0_magnification`` / ``target_magnification`` (its convention: 10 / mpp, kept unrounded), from which
+TRIDENT's patcher reads ``patch_size * level0_magnification / target_magnification`` level-0 px: each tile's own
+footprint at any ``--mpp`` (without them TRIDENT falls back to the CLAM reading). CLAM's reader reads
+``patch_size`` px of level ``patch_level``: the same footprint when ``--mpp`` is that level's resolution; at
+other resolutions (read from a finer level and reduced) use ``patch_size_level0``, as TRIDENT and TITAN do. Plus
 ``tissue`` [N] (tissue fraction, outside the slide counted as glass), ``padding`` [N] (fraction of
-the tile outside the slide, read as white glass) and file-level provenance attrs, among them
+the tile outside the slide, read as the background: white glass, black when ``background`` is dark) and
+file-level provenance attrs, among them
 ``grid_rule``, ``background`` and ``stain`` (plus ``stain_warning`` when it is not H&E).
 """
 
@@ -30,15 +36,20 @@ def _checksummed(a: np.ndarray) -> dict:
     return {"fletcher32": True, "chunks": True} if np.asarray(a).size else {}
 
 
+def coords_attrs(grid: TileGrid) -> dict:
+    """The ``coords`` dataset's attrs (CLAM's and TRIDENT's, see the module docstring): in tile-coordinate files
+    and in feature files alike."""
+    return {"patch_size": grid.tile_size, "patch_size_level0": grid.tile_size_level0, "patch_level": grid.read_level,
+            "target_mpp": grid.target_mpp, "level0_mpp": grid.slide_mpp, "overlap": grid.overlap,
+            "level_dim": list(grid.slide_dimensions), "name": grid.slide_id,
+            "level0_magnification": 10.0 / grid.slide_mpp, "target_magnification": 10.0 / grid.target_mpp}
+
+
 def save_grid(grid: TileGrid, path: str | os.PathLike, *, seed: int | None = None) -> Path:
     with atomic.atomic_path(path, suffix=".h5") as tmp:
         with h5py.File(tmp, "w") as f:
             d = f.create_dataset("coords", data=grid.coords.astype(np.int64), **_checksummed(grid.coords))
-            d.attrs.update({
-                "patch_size": grid.tile_size, "patch_size_level0": grid.tile_size_level0, "patch_level": grid.read_level,
-                "target_mpp": grid.target_mpp, "level0_mpp": grid.slide_mpp, "overlap": grid.overlap,
-                "level_dim": list(grid.slide_dimensions), "name": grid.slide_id,
-            })
+            d.attrs.update(coords_attrs(grid))
             f.create_dataset("tissue", data=grid.tissue.astype(np.float32), **_checksummed(grid.tissue))
             f.create_dataset("padding", data=np.asarray(grid.padding, np.float32), **_checksummed(grid.tissue))
             f.attrs.update(provenance(

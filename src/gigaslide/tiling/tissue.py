@@ -34,6 +34,11 @@ BACKGROUND_BRIGHTNESS = 235
 DARK_FLOOR = 25
 #: Otsu's lower class must be at least this fraction background (below the floor) to be trusted.
 OTSU_MIN_BACKGROUND = 0.5
+#: When the minimum area drops every piece, pieces of at least this fraction of the whole image are kept: on an image
+#: not much larger than the minimum area (a crop of a region, a small TMA core image) no piece could otherwise count.
+MIN_AREA_MAX_FRACTION = 0.05
+#: Tissue pieces smaller than this (µm²) are dropped as specks (see :func:`min_area_px`).
+DEFAULT_MIN_AREA_UM2 = 20_000.0
 BACKGROUNDS = ("auto", "bright", "dark")
 
 
@@ -84,8 +89,11 @@ def _sat_at(s: np.ndarray, x: np.ndarray, y: np.ndarray, lim: tuple[float, float
             + s[i + 1, j + 1] * fx * fy)
 
 
-def segment_array(rgb: np.ndarray, *, min_area_px: int = 16, closing: int = 2, background: str = "bright") -> np.ndarray:
-    """Boolean tissue mask of an RGB thumbnail on a ``bright`` (glass) or ``dark`` (fluorescence) background."""
+def segment_array(rgb: np.ndarray, *, min_area_px: int = 16, closing: int = 2, background: str = "bright",
+                  fallback_area_px: int = 0) -> np.ndarray:
+    """Boolean tissue mask of an RGB thumbnail on a ``bright`` (glass) or ``dark`` (fluorescence) background. Pieces
+    under ``min_area_px`` are dropped; when that would drop every piece, those of at least ``fallback_area_px`` (when
+    given) are kept."""
     from skimage.filters import threshold_otsu
 
     if background == "dark":
@@ -115,6 +123,8 @@ def segment_array(rgb: np.ndarray, *, min_area_px: int = 16, closing: int = 2, b
         sizes = ndi.sum_labels(mask, lab, index=np.arange(1, n + 1))
         keep = np.zeros(n + 1, dtype=bool)
         keep[1:] = sizes >= min_area_px
+        if not keep.any() and fallback_area_px:  # every piece under the minimum: the image's own large pieces stay
+            keep[1:] = sizes >= fallback_area_px
         mask = keep[lab]
     return mask
 
@@ -130,7 +140,7 @@ def default_thumb_size(dimensions: tuple[int, int]) -> int:
     return int(min(4096, max(1024, max(dimensions) / 32)))
 
 
-def segment_tissue(slide: Slide, *, thumb_size: int | None = None, min_area_um2: float = 20_000.0,
+def segment_tissue(slide: Slide, *, thumb_size: int | None = None, min_area_um2: float = DEFAULT_MIN_AREA_UM2,
                    background: str = "auto") -> tuple[TissueMask, np.ndarray]:
     """Tissue mask of ``slide`` from a thumbnail; returns (mask, thumbnail RGB).
 
@@ -151,12 +161,31 @@ def thumbnail_info(slide: Slide, thumb_size: int | None, background: str) -> tup
 
 
 def detect_on_thumbnail(slide: Slide, thumb: np.ndarray, downsample: float, background: str,
-                        min_area_um2: float = 20_000.0) -> np.ndarray:
+                        min_area_um2: float = DEFAULT_MIN_AREA_UM2) -> np.ndarray:
     """Detected tissue of ``slide`` on its thumbnail ``thumb`` (level-0 px per thumbnail px: ``downsample``);
-    ``background`` is ``bright`` or ``dark`` (already resolved). Pieces under ``min_area_um2`` are dropped."""
+    ``background`` is ``bright`` or ``dark`` (already resolved). Pieces under ``min_area_um2`` are dropped; when
+    that drops every piece (an image not much larger than the minimum area: a crop of a region, a small TMA core),
+    pieces of at least :data:`MIN_AREA_MAX_FRACTION` of the image are kept."""
+    return segment_array(thumb, min_area_px=min_area_px(slide, downsample, min_area_um2), background=background,
+                         fallback_area_px=max(1, int(MIN_AREA_MAX_FRACTION * thumb.shape[0] * thumb.shape[1])))
+
+
+def min_area_px(slide: Slide, downsample: float, min_area_um2: float = DEFAULT_MIN_AREA_UM2) -> int:
+    """The smallest piece of tissue kept, in thumbnail px (``downsample``: level-0 px per thumbnail px):
+    ``min_area_um2`` (16 px without a resolution)."""
     px_area_um2 = (downsample * slide.mpp) ** 2 if slide.has_mpp else None
-    min_area_px = int(max(4, min_area_um2 / px_area_um2)) if px_area_um2 else 16
-    return segment_array(thumb, min_area_px=min_area_px, background=background)
+    return int(max(4, min_area_um2 / px_area_um2)) if px_area_um2 else 16
+
+
+def largest_speck_um2(slide: Slide, thumb: np.ndarray, downsample: float, background: str) -> float | None:
+    """The area (µm², or thumbnail px without a resolution) of the largest piece of tissue that detection finds
+    on ``thumb`` before small pieces are dropped; None when it finds none (a blank slide)."""
+    mask = segment_array(thumb, min_area_px=1, background=background)
+    if not mask.any():
+        return None
+    lab, n = ndi.label(mask)
+    largest = float(ndi.sum_labels(mask, lab, index=np.arange(1, n + 1)).max())
+    return largest * (downsample * slide.mpp) ** 2 if slide.has_mpp else largest
 
 
 def overlay_png(thumb: np.ndarray, mask: np.ndarray, path: str | os.PathLike, color=(0, 160, 0)) -> Path:
@@ -172,33 +201,66 @@ def overlay_png(thumb: np.ndarray, mask: np.ndarray, path: str | os.PathLike, co
     return Path(path)
 
 
-def mask_to_geojson(tm: TissueMask, *, tolerance: float = 1.0) -> dict:
-    """Outer boundary of each tissue piece as a GeoJSON polygon in level-0 px (QuPath opens it)."""
-    from gigaslide.tiling.polygon import find_contours, simplify
+#: Default simplification (level-0 px) of the tissue outlines written as GeoJSON: 0 writes them exactly.
+GEOJSON_TOLERANCE = 0.0
 
+
+def check_tolerance(tolerance: float) -> float:
+    """An outline tolerance (level-0 px): a finite number >= 0, else one line."""
+    try:
+        t = float(tolerance)
+    except (TypeError, ValueError):
+        t = float("nan")
+    if not (t >= 0 and np.isfinite(t)):
+        raise GigaslideError(f"outline tolerance {tolerance} must be a finite number of level-0 px, at least 0",
+                             fix="use 0 (the mask's exact outline) or e.g. 16 (the outline within 16 level-0 px)")
+    return t
+
+
+def mask_to_geojson(tm: TissueMask, *, tolerance: float = GEOJSON_TOLERANCE) -> dict:
+    """Each tissue piece of the mask as a GeoJSON Polygon in level-0 px (QuPath opens it): its outer boundary and
+    its holes (e.g. left out of ``--tissue-from`` polygons), along the mask pixels' edges -- the area the tiles'
+    tissue fractions were computed on -- clipped to the slide.
+
+    ``tolerance`` (level-0 px, >= 0) simplifies each ring (Ramer-Douglas-Peucker: it keeps a subset of the exact
+    outline's corners, and every point of the exact outline lies within ``tolerance`` of the simplified ring);
+    0 (the default) writes the exact outline. A ring that simplification would reduce to under three corners is
+    written exactly. Exterior rings have a positive shoelace area in (x, y) and holes a negative one (RFC 7946's
+    right-hand rule)."""
+    from gigaslide.tiling.polygon import find_contours, pixel_outline, ring_area, simplify
+
+    tol = check_tolerance(tolerance) / tm.downsample  # in mask px
+    W, H = tm.slide_dimensions
     features = []
     lab, n = ndi.label(tm.mask)
-    for i in range(1, n + 1):
-        piece = np.pad(lab == i, 1)
-        contours = find_contours(piece.astype(np.uint8), 0.5)
-        if not contours:
+    for i, sl in enumerate(ndi.find_objects(lab), start=1):
+        if sl is None:
             continue
-        c = max(contours, key=len)
-        c = simplify(c, tolerance)
-        # (row, col) in padded mask px -> (x, y) level-0 px
-        xy = [[float((col - 1 + 0.5) * tm.downsample), float((row - 1 + 0.5) * tm.downsample)] for row, col in c]
-        if len(xy) < 4:
+        piece = np.pad(lab[sl] == i, 1)
+        rings = [r for r in (pixel_outline(c) for c in find_contours(piece.astype(np.uint8), 0.5)) if len(r)]
+        if not rings:
             continue
-        if xy[0] != xy[-1]:
-            xy.append(xy[0])
+        rings.sort(key=lambda r: -abs(ring_area(r)))  # the outer boundary encloses the piece's holes
+        coords = []
+        for k, r in enumerate(rings):
+            s = simplify(r, tol) if tol > 0 else r
+            if len(s) < 4:  # collapsed: keep the exact ring
+                s = r
+            # (row, col) in the padded crop's pixel-centre coordinates -> (x, y) level-0 px
+            xy = np.stack([s[:, 1] - 0.5 + sl[1].start, s[:, 0] - 0.5 + sl[0].start], 1) * tm.downsample
+            xy = np.clip(xy, 0, [W, H])
+            if (ring_area(xy) < 0) == (k == 0):
+                xy = xy[::-1]
+            coords.append([[float(x), float(y)] for x, y in xy])
         features.append({
             "type": "Feature",
             "id": f"tissue-{i}",
-            "geometry": {"type": "Polygon", "coordinates": [xy]},
+            "geometry": {"type": "Polygon", "coordinates": coords},
             "properties": {"objectType": "annotation", "classification": {"name": "Tissue", "color": [0, 160, 0]}},
         })
     return {"type": "FeatureCollection", "features": features}
 
 
-def save_geojson(tm: TissueMask, path: str | os.PathLike) -> Path:
-    return atomic.write_text(path, json.dumps(mask_to_geojson(tm)))
+def save_geojson(tm: TissueMask, path: str | os.PathLike, *, tolerance: float = GEOJSON_TOLERANCE) -> Path:
+    """The tissue outlines of :func:`mask_to_geojson` (``tolerance`` in level-0 px; 0: exact) written to ``path``."""
+    return atomic.write_text(path, json.dumps(mask_to_geojson(tm, tolerance=tolerance)))
