@@ -335,14 +335,54 @@ def test_batches_that_cannot_fit_in_memory_are_refused_before_reading(tmp_path, 
     """`encode --tile-size 100000` used to end in a torch allocation traceback; now one line with a size that fits."""
     import gigaslide.features.extract as X
 
-    monkeypatch.setattr(X, "available_memory", lambda: 2 * 10**9)
-    slide = make_slide(tmp_path / "s.tiff", (512, 512))
+    room = 10**8
+    monkeypatch.setattr(X, "available_memory", lambda: room)
+    slide = make_slide(tmp_path / "s.tiff", (8192, 4096), blobs=8)  # 2048-px tiles at 1 µm/px: a few per slide
     enc = build_encoder("test_resnet", "random", seed=0)
-    with pytest.raises(GigaslideError, match=r"use --batch-size (\d+) or less") as e:
-        encode_slides([slide], tmp_path / "o", enc, TilingParams(mpp=1.0, tile_size=2048), batch_size=64, workers=0)
+    with pytest.raises(GigaslideError, match=r"for batches of (\d+) tiles of 2048 px.*use --batch-size (\d+) or less") as e:
+        encode_slides([slide], tmp_path / "o", enc, TilingParams(mpp=1.0, tile_size=2048, min_tissue=0.05),
+                      batch_size=64, workers=0)
+    n_slide = len(load_grid(tmp_path / "o" / "patches" / "s.h5").coords)
+    assert f"batches of {n_slide} tiles" in str(e.value)  # a batch never spans slides: the slide's tiles, not 64
     fits = int(e.value.fix.split()[2])
-    assert fits * 2048**2 * 3 * 7 <= 2 * 10**9 < (fits + 1) * 2048**2 * 3 * 7  # 7 batches: 2 slots + 1 + 4
+    assert fits * 2048**2 * 3 * 7 <= room < (fits + 1) * 2048**2 * 3 * 7  # 7 batches: 2 slots + 1 + 4
     with pytest.raises(GigaslideError, match="use a --tile-size below"):
-        X._check_batch_memory(1, 100_000, 0, 2 * 10**9)
-    X._check_batch_memory(fits, 2048, 0, 2 * 10**9)  # the size it names passes
+        X._check_batch_memory(1, 100_000, 0, room)
+    X._check_batch_memory(fits, 2048, 0, room)  # the size it names passes
     assert not (tmp_path / "o" / "features").exists()
+
+
+def _fluo(x0, y0, w, h, ds):  # noqa: ANN001, ANN202
+    """A fluorescence-like slide: green tissue over the lower two thirds, black elsewhere."""
+    X, Y = np.meshgrid(x0 + (np.arange(w) + 0.5) * ds, y0 + (np.arange(h) + 0.5) * ds)
+    g = np.where(Y > 260, 110 + ((X // 7 + Y // 5) % 9) * 15, 0)
+    return np.stack([g // 4, g, g // 3], -1).astype(np.uint8)
+
+
+def test_a_fluorescence_slides_edge_tiles_are_padded_black_and_recorded(tmp_path):
+    """encode read every edge tile with white padding, also on dark-background slides; the reader pads with the
+    grid's background now, the feature file says so, and features made before (no record) are encoded again."""
+    import h5py
+
+    from gigaslide.slides import iter_tiles
+    from gigaslide.slides.writer import write_pyramidal_tiff
+    from gigaslide.tiling import load_grid
+
+    slide = write_pyramidal_tiff(tmp_path / "fluo.tiff", 1100, 777, _fluo, mpp=0.5, tile=128)
+    enc = build_encoder("test_resnet", "random", seed=0)
+    params = TilingParams(mpp=1.0, tile_size=64, min_tissue=0.25)
+    encode_slides([slide], tmp_path / "o", enc, params, workers=0, precision="fp32")
+    grid = load_grid(tmp_path / "o" / "patches" / "fluo.h5")
+    ff = store.load(tmp_path / "o" / "features" / "fluo.h5")
+    assert grid.extra["background"] == "dark" and ff.attrs["edge_fill"] == "dark"
+    assert ff.coords_attrs["target_magnification"] == pytest.approx(10.0) and ff.coords_attrs["level0_magnification"] == 20
+    edge = int(np.argmax(ff.coords[:, 0]))  # a tile past the right edge (1100 is not a multiple of 128)
+    assert ff.coords[edge, 0] + 128 > 1100
+    with open_slide(slide) as s:
+        black, white = (next(iter_tiles(s, ff.coords[edge:edge + 1], 64, 1.0, background=b)) for b in ("dark", "bright"))
+    f_black, f_white = (enc.eval()(torch.from_numpy(t)[None]).detach().numpy()[0] for t in (black, white))
+    assert np.abs(ff.features[edge] - f_black).max() < 1e-3 < np.abs(ff.features[edge] - f_white).max()
+    with h5py.File(tmp_path / "o" / "features" / "fluo.h5", "a") as h:  # a file made before the fix
+        del h.attrs["edge_fill"]
+    again = encode_slides([slide], tmp_path / "o", enc, params, workers=0, precision="fp32")
+    assert again.done == ["fluo"] and store.load(tmp_path / "o" / "features" / "fluo.h5").attrs["edge_fill"] == "dark"

@@ -53,6 +53,7 @@ from gigaslide.slides.reader import DOWNSAMPLE_MODES
 from gigaslide.tiling import GRID_RULE, Scan, TileGrid, TilingParams, layout, reusable_grid
 from gigaslide.tiling.annotations import tissue_attrs
 from gigaslide.tiling.parallel import TileAhead, tile_many, tiling_workers
+from gigaslide.tiling.store import coords_attrs
 
 #: Seconds between heartbeats on a held slide lock (other hosts judge staleness by them).
 HEARTBEAT_S = 30.0
@@ -129,15 +130,15 @@ def _feature_attrs(encoder: Encoder, params: TilingParams, grid: TileGrid, choic
         "reader": _reader_name(info), "grid_rule": grid.extra.get("grid_rule"),
         "downsample_option": downsample, "downsample": info.get("downsample", "box"),
         "background_option": params.background, "background": grid.extra.get("background"),
+        "edge_fill": _edge_fill(grid),
         "stain": grid.extra.get("stain"), "stain_warning": grid.extra.get("stain_warning"),
         **tissue_attrs(grid.extra),
     }
 
 
-def _coords_attrs(grid: TileGrid) -> dict:
-    return {"patch_size": grid.tile_size, "patch_size_level0": grid.tile_size_level0, "patch_level": grid.read_level,
-            "target_mpp": grid.target_mpp, "level0_mpp": grid.slide_mpp, "level_dim": list(grid.slide_dimensions),
-            "name": grid.slide_id}
+def _edge_fill(grid: TileGrid) -> str:
+    """What the outside of the slide reads as in edge tiles: black on dark-background (fluorescence) slides."""
+    return "dark" if grid.extra.get("background") == "dark" else "bright"
 
 
 def file_stamp(path: Path) -> list[int]:
@@ -176,6 +177,7 @@ def is_finished(path: Path, encoder: Encoder, params: TilingParams, *, stamp: Se
             and abs(float(a.get("mpp", -1)) - params.mpp) < 1e-9 and int(a.get("tile_size", -1)) == params.tile_size
             and int(a.get("overlap", -1)) == params.overlap and abs(float(a.get("min_tissue", -1)) - params.min_tissue) < 1e-9
             and a.get("grid_rule") == GRID_RULE and a.get("background_option", "auto") == params.background
+            and (a.get("background") != "dark" or a.get("edge_fill") == "dark")  # white-padded before the fix
             and a.get("downsample_option", "box") == downsample
             and params.tissue_matches(a, str(a.get("slide_id", path.stem)), a.get("slide_path")))
 
@@ -407,7 +409,7 @@ class _Run:
 
 
 def _check_batch_memory(batch_size: int, tile_size: int, workers: int, available: int | None) -> None:
-    """Refuse, before any slide is read, batches of pixels that cannot fit in the memory available: the reader
+    """Refuse, before any tile is read, batches of pixels that cannot fit in the memory available: the reader
     pool's buffers (a batch each), the batch being encoded and its float copy (4 batches' bytes)."""
     if available is None:
         return
@@ -471,7 +473,6 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
     dec = None if decode_device is None else _decode_device(decode_device, dev)
     if dec is not None:
         workers = 0  # tiles are decoded on the device, in this process
-    _check_batch_memory(batch_size, params.tile_size, workers, available_memory())
     manifest = Manifest(out / "manifest.json", {
         "command": "encode", "encoder": encoder.spec.name, "weights": encoder.weights_id, **params.as_dict(),
         "batch_size": batch_size, "workers": workers, "precision": precision, "device": str(dev), "world": rank.world,
@@ -485,6 +486,9 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
     jobs = run.collect(slides, tile=not ahead)
     res.tiling_seconds = time.perf_counter() - t_tiling
     untiled = {id(j) for j in jobs if j.grid is None}
+    if jobs:  # a batch never spans two slides: at most the largest slide's tiles (any size while some are untiled)
+        per_batch = batch_size if untiled else min(batch_size, max(j.n for j in jobs))
+        _check_batch_memory(per_batch, params.tile_size, workers, available_memory())
     total = sum(j.n for j in jobs)  # grows as untiled slides are tiled
     model = _prepare(encoder, dev, compile_model, fold_bn is not False)
     res.bn_folded = manifest.data["config"]["bn_folded"] = bool(getattr(model, "bn_folded", False))
@@ -515,7 +519,8 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
                 start = 0
             stop = min(start + batch_size, job.n)
             pool.submit(ReadTask((len(held) - 1, start), job.path, job.grid.coords[start:stop], params.tile_size, params.mpp,
-                                 slide_mpp, job.slide_id, direct=direct, downsample=downsample))
+                                 slide_mpp, job.slide_id, direct=direct, downsample=downsample,
+                                 background=_edge_fill(job.grid)))
             cur[1] = stop
 
     choice: PrecisionChoice | None = None
@@ -580,7 +585,7 @@ def _finish(run: _Run, job: SlideJob, feats: np.ndarray, choice: PrecisionChoice
     attrs = _feature_attrs(run.encoder, run.params, grid, choice, seed, job.info, run.downsample, slide_path=job.path,
                            bn_folded=run.res.bn_folded)
     path = store.save(layout(run.out, job.slide_id)["features"], feats, grid.coords, attrs=attrs,
-                      coords_attrs=_coords_attrs(grid))
+                      coords_attrs=coords_attrs(grid))
     secs = time.perf_counter() - job.t0
     run.manifest.set(job.slide_id, "done", path=job.path, tiles=len(feats), seconds=round(secs, 3), file_stamp=file_stamp(path),
                      precision=choice.record(), read_mpp=job.info.get("read_mpp"), reader=_reader_name(job.info),
