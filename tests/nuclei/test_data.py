@@ -101,6 +101,26 @@ def test_resolution_resampling_and_refusal(tmp_path: Path) -> None:
     assert item.image.shape[:2] == (50, 50) and item.inst_orig.shape == (100, 100) and item.inst.max() == 4
 
 
+def test_image_mpp_flag_wins_over_the_file_with_a_warning_where_they_differ(tmp_path: Path) -> None:
+    """--image-mpp is explicit and wins over MoNuSeg XML's MicronsPerPixel (it corrects a wrong file), but a value
+    that disagrees with the file is reported, naming the file and both values (it used to rescale silently)."""
+    (tmp_path / "im").mkdir()
+    (tmp_path / "an").mkdir()
+    img, _, polys = disc_image(100, 4)
+    Image.fromarray(img).save(tmp_path / "im" / "a.png")
+    write_xml(tmp_path / "an" / "a.xml", polys, mpp=0.25)
+    pair = find_pairs(tmp_path / "im", tmp_path / "an")[0][0]
+    problems: list[str] = []
+    item = load_item(pair, 0.25, 0.125, problems=problems)
+    assert item.mpp == 0.125 and item.image.shape[:2] == (50, 50)  # the flag's value is used
+    assert len(problems) == 1 and "a.xml: --image-mpp 0.125 used, the file says 0.25 µm/px" in problems[0]
+    problems.clear()
+    assert load_item(pair, 0.25, 0.2505, problems=problems).mpp == 0.2505 and not problems  # agrees within 0.5 %
+    assert load_item(pair, 0.25, problems=problems).mpp == 0.25 and not problems  # no flag: the file's
+    with pytest.warns(UserWarning, match="the file says 0.25"):  # a caller without a problems list is still told
+        load_item(pair, 0.25, 0.125)
+
+
 def test_split_is_fixed_stratified_and_fraction_nested() -> None:
     ids = [f"i{k}" for k in range(10)]
     organs = {i: ["kidney", "lung", "colon", "brain", "bladder"][k % 5] for k, i in enumerate(ids)}

@@ -63,6 +63,34 @@ def test_nuclei_across_region_borders_are_kept_exactly_once(tiny_run: Path, tmp_
     assert table[0].startswith("id,centroid_x,centroid_y,area_um2,bbox_x0") and len(table) == n_true + 1
 
 
+def test_nuclei_on_borders_kept_once_when_the_slide_is_resampled(tiny_run: Path, tmp_path: Path, oracle: None) -> None:
+    """A slide at 0.22 µm/px read at the model's 0.25: neighbouring regions resample a border nucleus with other
+    pixel phases, so their centroids of it differ by a fraction of a pixel, across the border: it was kept twice."""
+    truth = _disc_slide(tmp_path / "s.tiff", mpp=0.22)
+    n_true = len(np.unique(truth)) - 1
+    res = nslide.segment_slides([tmp_path / "s.tiff"], tiny_run / "run", tmp_path / "out",
+                                nslide.SlideParams(region=128, margin=24, tissue_only=False, window=128))
+    assert res.done == ["s"] and res.nuclei == n_true
+    g = json.loads((tmp_path / "out" / "nuclei" / "s.geojson").read_text())
+    cents = np.array([[f["properties"]["measurements"]["centroid_x"], f["properties"]["measurements"]["centroid_y"]]
+                      for f in g["features"]])
+    from scipy import ndimage as ndi
+
+    true_c = np.array(ndi.center_of_mass(truth > 0, truth, range(1, n_true + 1)))[:, ::-1] + 0.5
+    d = np.linalg.norm(cents[:, None] - true_c[None], axis=2)
+    assert (d.min(1) < 1.0).all() and len(set(d.argmin(1))) == n_true  # every disc once, near its centroid
+
+
+def test_owner_keeps_a_border_nucleus_once_from_either_side() -> None:
+    owners = nslide._Owner(np.array([0, 100]), np.array([0]), tol=3.0)
+    assert owners.keeps(np.array([50.0, 50.0]), 0, 0) and owners.keeps(np.array([50.0, 50.0]), 0, 0)  # deep inside
+    assert not owners.keeps(np.array([104.0, 50.0]), 0, 0)  # outside by more than tol: the neighbour's
+    assert owners.keeps(np.array([99.6, 20.0]), 0, 0) and not owners.keeps(np.array([100.2, 20.0]), 1, 0)
+    assert owners.keeps(np.array([100.3, 30.0]), 0, 0) and not owners.keeps(np.array([99.9, 30.0]), 1, 0)
+    assert owners.keeps(np.array([104.0, 40.0]), 0, 0) is False and owners.keeps(np.array([103.5, 40.0]), 1, 0)
+    assert owners.keeps(np.array([-2.0, 60.0]), 0, 0)  # the slide's own edge is no border
+
+
 def test_tile_counts_join_the_feature_store_and_resume_is_identical(tiny_run: Path, tmp_path: Path, oracle: None) -> None:
     truth = _disc_slide(tmp_path / "s.tiff")
     out = tmp_path / "out"
@@ -99,6 +127,9 @@ def test_slide_coarser_than_the_model_is_refused(tiny_run: Path, tmp_path: Path)
     _disc_slide(tmp_path / "coarse.tiff", size=300, mpp=0.5)
     res = nslide.segment_slides([tmp_path / "coarse.tiff"], tiny_run / "run", tmp_path / "out")
     assert "0.25 µm/px is finer than the scan (0.5 µm/px" in res.failed["coarse"]
+    # the fix is one a nuclei user can follow (the model's mpp is fixed: no 'use --mpp 0.5')
+    assert "--mpp 0.5 or coarser" not in res.failed["coarse"]
+    assert "train a nuclei model at the scan's resolution (gigaslide nuclei-train --mpp 0.5)" in res.failed["coarse"]
 
 
 def test_real_model_runs_on_a_generated_slide(tiny_run: Path, tmp_path: Path) -> None:

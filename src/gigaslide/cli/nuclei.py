@@ -32,7 +32,7 @@ def nuclei_train(images: str, annotations: str, out: str, *, backbone: str = "re
         lr: AdamW learning rate.
         select: best epoch by validation PQ (pq) or training loss (loss).
         patience: stop after this many epochs without improvement.
-        image_mpp: µm/px of the images when the annotations do not say (MoNuSeg XML does).
+        image_mpp: µm/px of the images (MoNuSeg XML says it); given, it wins, with a warning per file that differs.
         organs: CSV image_id,organ for the stratified split (default: organs.csv beside the images).
         split: CSV image_id,split (train/val/test) to use instead of the computed split.
         precision: auto (bf16 on CPU only where it agrees with fp32), fp32, bf16.
@@ -69,7 +69,7 @@ def nuclei_eval(model: str, images: str, annotations: str, out: str, *, subset: 
         annotations: folder of annotations (same formats as nuclei-train).
         out: report folder (report.md, report.json, per_image.csv).
         subset: auto (only the run's test images when the folder holds images it trained or selected on), test, or all.
-        image_mpp: µm/px of the images when the annotations do not say.
+        image_mpp: µm/px of the images (MoNuSeg XML says it); given, it wins, with a warning per file that differs.
         bootstrap: bootstrap resamples over images for the CIs.
         precision: fp32 or bf16.
         seed: bootstrap seed.

@@ -80,8 +80,9 @@ def pretrain(data: str, out: str, method: str = "dino", backbone: str = "resnet1
              koleo_weight: float | None = None, momentum: float | None = None,
              method_args: str | None = None, devices: int = 1, precision: str = "auto",
              workers: int | None = None, seed: int = 0, checkpoint_every: str = "10m", monitor_every: int | None = None,
-             min_tissue: float = 0.5, data_kind: str = "auto", threads: int | None = None) -> None:
-    """Self-supervised pre-training of a tile encoder (SimCLR, MoCo v2, Barlow Twins, SwAV, DINO) on your tiles or slides.
+             min_tissue: float = 0.5, data_kind: str = "auto", slide_mpp: str | None = None,
+             threads: int | None = None) -> None:
+    """Self-supervised pre-training of a tile encoder (SimCLR, MoCo v2, Barlow Twins, SwAV, DINO, DINOv2) on your tiles or slides.
 
     Example: gigaslide pretrain --data slides/ --mpp 0.5,1.0 --method dino --backbone vit_small_dinov2 --init vit_small_dinov2 --budget 2h --out runs/dino
 
@@ -131,6 +132,7 @@ def pretrain(data: str, out: str, method: str = "dino", backbone: str = "resnet1
         monitor_every: steps between label-free monitor points (default ~8 per run; 0 = off)
         min_tissue: minimum tissue fraction of a sampled slide tile
         data_kind: auto, slides or tiles (how to read --data)
+        slide_mpp: level-0 µm/px for slides without it in their metadata, or a CSV with columns slide_id,mpp
         threads: torch CPU threads (default: torch's)
     """
     import logging
@@ -157,12 +159,25 @@ def pretrain(data: str, out: str, method: str = "dino", backbone: str = "resnet1
                          local_scale=parse_pair("--local-scale", local_scale), devices=devices,
                          precision=precision, workers=workers, seed=seed,
                          checkpoint_every_s=parse_duration(checkpoint_every) or 600.0, monitor_every=monitor_every,
-                         min_tissue=min_tissue, data_kind=data_kind)
+                         min_tissue=min_tissue, data_kind=data_kind, slide_mpp=_slide_mpp(slide_mpp))
     s = run_pretrain(cfg)
     mon = s.get("monitor") or {}
     tail = f"; RankMe {mon['rankme']}, view top-1 {mon['view_top1']}" if mon else ""
     print(f"{s['method']} {s['backbone']}: {s['steps']} steps in {s['elapsed_s']} s ({s.get('images_per_s')} img/s), "
           f"stopped by {s.get('stopped_by', 'steps')}{tail}; encoder -> {s.get('encoder', out + '/encoder')}")
+
+
+def _slide_mpp(v: str | float | None) -> float | str | None:
+    """``--slide-mpp``: a number (every slide), else a CSV path (per slide)."""
+    if v is None or v == "":
+        return None
+    try:
+        f = float(v)
+    except ValueError:
+        return str(v)
+    if not f > 0 or f == float("inf"):
+        raise GigaslideError(f"--slide-mpp {v} must be a positive number of µm/px", fix="e.g. --slide-mpp 0.25")
+    return f
 
 
 def embed_tiles(image_folder: str, encoder: str, out: str, weights: str = "default", batch_size: int = 128,
@@ -195,7 +210,14 @@ def embed_tiles(image_folder: str, encoder: str, out: str, weights: str = "defau
         print("note: random weights -- a from-scratch baseline to compare with, not features to use", file=sys.stderr)
     s = embed_folder(image_folder, encoder, out, weights=weights, batch_size=batch_size, limit=limit, seed=seed)
     cls = f"{len(s['classes'])} classes ({', '.join(s['classes'][:10])})" if s["classes"] else "no class sub-folders: no labels"
-    print(f"embedded {s['n']} tiles -> {s['out']} ({s['dim']}-d, {cls}, {s['images_per_s']} tiles/s)")
+    rate = "reused: same encoder and tiles" if s.get("reused") else f"{s['images_per_s']} tiles/s"
+    print(f"embedded {s['n']} tiles -> {s['out']} ({s['dim']}-d, {cls}, {rate})")
+    skipped = s.get("skipped") or {}
+    for name, why in list(skipped.items())[:20]:
+        print(f"warning: {name}: {why} (left out)", file=sys.stderr)
+    if skipped:
+        print(f"warning: {len(skipped)} unreadable image(s) left out of {s['out']} (attrs n_skipped, skipped_files); "
+              "delete or re-export them and re-run to embed them", file=sys.stderr)
 
 
 COMMANDS = {

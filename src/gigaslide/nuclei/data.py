@@ -124,13 +124,27 @@ def resize(arr: np.ndarray, shape: tuple[int, int], nearest: bool) -> np.ndarray
 
 
 def load_item(pair: Pair, model_mpp: float, image_mpp: float | None = None, organ: str = "",
-              codes: dict[str, int] | None = None) -> Item:
+              codes: dict[str, int] | None = None, problems: list[str] | None = None) -> Item:
     """The pair at the model's mpp; ``codes`` (class name -> type, :func:`dataset_type_codes` or a model's names)
-    numbers GeoJSON classes."""
+    numbers GeoJSON classes.
+
+    Resolution: ``image_mpp`` (the user's ``--image-mpp``) wins over the annotation file's own (MoNuSeg XML's
+    MicronsPerPixel): an explicit value corrects a file that is wrong. Where the two differ by more than
+    :data:`MPP_RESAMPLE_TOLERANCE` a warning naming both is appended to ``problems`` (the commands print them and
+    the report / run keeps them), so a flag meant for other images does not silently rescale these."""
     img = read_image(pair.image)
     h, w = img.shape[:2]
     ann = read_annotation(pair.annotation, (h, w), codes) if pair.annotation else None
     mpp = image_mpp or (ann.mpp if ann else None)
+    if image_mpp and ann is not None and ann.mpp and abs(image_mpp / ann.mpp - 1) > MPP_RESAMPLE_TOLERANCE:
+        msg = (f"{pair.annotation}: --image-mpp {image_mpp:g} used, the file says {ann.mpp:g} µm/px "
+               "(leave --image-mpp out to use the file's)")
+        if problems is None:
+            import warnings
+
+            warnings.warn(msg, stacklevel=2)
+        else:
+            problems.append(msg)
     if not mpp:
         raise GigaslideError("image resolution unknown", path=pair.image,
                              fix="give --image-mpp (e.g. 0.2527 for MoNuSeg 40x images)")

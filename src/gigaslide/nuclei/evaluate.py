@@ -46,7 +46,9 @@ def evaluate(model_path: str | os.PathLike, images: str | os.PathLike, annotatio
              out: str | os.PathLike, *, subset: str = "auto", image_mpp: float | None = None, n_bootstrap: int = 1000,
              precision: str = "fp32", seed: int = 0, progress=None) -> dict[str, Any]:  # noqa: ANN001
     """Evaluate ``model_path`` on the annotated images; ``subset``: auto (the run's test images when the
-    folder holds images the run trained or selected on), test, or all.
+    folder holds images the run trained or selected on), test, or all. The run's images are read from its
+    ``split.csv``; a ``model/`` folder copied on its own has none, and its ``model.json`` names the images it trained
+    and selected on (every other image counts as a test image).
 
     GeoJSON classes are read with the model's own name -> type map (its spec's ``type_names``), so a class is
     scored as the type the model predicts for it; a class the model does not know is refused up front, naming
@@ -58,6 +60,14 @@ def evaluate(model_path: str | os.PathLike, images: str | os.PathLike, annotatio
     pairs, problems = find_pairs(images, annotations)
     split_file = model_dir(model_path).parent / "split.csv"
     split = read_split(split_file) if split_file.is_file() else {}
+    prov = rec.get("provenance") or {}
+    if not split and (prov.get("train_images") or prov.get("val_images")):
+        # a model/ folder copied without its run (no split.csv): model.json names the images it trained and selected
+        # on; the others were never seen
+        split_file = model_dir(model_path) / "model.json"
+        split = {p.id: "test" for p in pairs}
+        split.update({i: "train" for i in prov.get("train_images") or []})
+        split.update({i: "val" for i in prov.get("val_images") or []})
     seen = [p.id for p in pairs if split.get(p.id) in ("train", "val")]
     if subset not in ("auto", "test", "all"):
         raise GigaslideError(f"--subset {subset}", fix="use auto, test or all")
@@ -77,7 +87,7 @@ def evaluate(model_path: str | os.PathLike, images: str | os.PathLike, annotatio
     stats, rows = [], []
     for k, p in enumerate(pairs):
         try:
-            item = load_item(p, spec.mpp, image_mpp, organs.get(p.id, ""), codes)
+            item = load_item(p, spec.mpp, image_mpp, organs.get(p.id, ""), codes, problems)
         except GigaslideError as e:
             problems.append(e.one_line())
             continue

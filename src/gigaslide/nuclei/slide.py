@@ -4,8 +4,11 @@ The slide is cut into *regions* of ``region`` px at the model's mpp (a tile grid
 kept where there is tissue); each is read with ``margin`` px of context on every side, segmented, and
 keeps exactly the nuclei whose centroid falls in its own grid cell — so a nucleus crossing a region
 border is kept once, by the region owning its centroid, and is complete (the margin is wider than a
-nucleus; a margin under :data:`MIN_MARGIN` px or a region under 1 px is refused). Memory is one region at a
-time whatever the slide's size. Outputs per slide, under ``OUT/nuclei/`` (each written to a temporary file
+nucleus; a margin under :data:`MIN_MARGIN` px or a region under 1 px is refused). Where the slide is not at the
+model's mpp, two regions resample a nucleus on their border with other pixel phases and place its centroid up to
+a pixel apart, on either side of the border; a nucleus within :data:`BORDER_PX` of a border is therefore kept by the
+first region that finds it there and skipped by a later one that finds it again (:class:`_Owner`). Memory is one
+region at a time whatever the slide's size. Outputs per slide, under ``OUT/nuclei/`` (each written to a temporary file
 and renamed; ``<slide>.json`` last, marking the slide done):
 
 * ``<slide>.geojson`` — QuPath detections (polygon, measurements: area µm², centroid, probability; type as
@@ -44,6 +47,45 @@ SLIDE_FORMAT = "gigaslide.nuclei-slide/1"
 #: region, can be kept there a second time). 16 px is 4 µm at 0.25 µm/px; the default 64 px fits nuclei up to about
 #: 30 µm across at 0.25 µm/px.
 MIN_MARGIN = 16
+#: Model px around a region border within which two regions' centroids of one nucleus are taken as the same nucleus
+#: (resampling phases and window contexts move a centroid by about a pixel; distinct nuclei lie further apart).
+BORDER_PX = 3.0
+
+
+class _Owner:
+    """Which region keeps a nucleus: the one whose grid cell holds its centroid, except near a border. A centroid
+    within ``tol`` (level-0 px) of its cell's border, or outside the cell by at most ``tol``, is kept by the first
+    region to see it unless a nucleus already kept there lies within ``tol`` of it; kept ones within ``2 tol`` of a
+    border are remembered (so a region that saw the nucleus deeper inside still blocks the neighbour's copy)."""
+
+    def __init__(self, xs: np.ndarray, ys: np.ndarray, tol: float):
+        self.xs, self.ys, self.tol = np.asarray(xs, np.float64), np.asarray(ys, np.float64), float(tol)
+        self.kept: dict[tuple[int, int], list[tuple[float, float]]] = {}
+
+    def _cell(self, c: np.ndarray) -> tuple[int, int]:
+        return int(np.floor(c[0] / self.tol)), int(np.floor(c[1] / self.tol))
+
+    def _seen(self, c: np.ndarray) -> bool:
+        kx, ky = self._cell(c)
+        return any(np.hypot(c[0] - x, c[1] - y) <= self.tol for i in (-1, 0, 1) for j in (-1, 0, 1)
+                   for x, y in self.kept.get((kx + i, ky + j), ()))
+
+    def keeps(self, c: np.ndarray, kx: int, ky: int) -> bool:
+        """Whether the region in grid cell (``kx``, ``ky``) keeps the nucleus of level-0 centroid ``c``."""
+        out, edge = 0.0, np.inf  # how far outside the cell; distance to its nearest inner border
+        for v, pos, k in ((c[0], self.xs, kx), (c[1], self.ys, ky)):
+            lo = pos[k] if k > 0 else -np.inf  # the slide's own edges are no border between regions
+            hi = pos[k + 1] if k + 1 < len(pos) else np.inf
+            out = max(out, lo - v, v - hi)
+            edge = min(edge, abs(v - lo), abs(hi - v))
+        if out > self.tol:
+            return False
+        if out <= 0 and edge > 2 * self.tol:
+            return True
+        if self._seen(c):
+            return False
+        self.kept.setdefault(self._cell(c), []).append((float(c[0]), float(c[1])))
+        return True
 
 
 @dataclass
@@ -164,7 +206,14 @@ def segment_slide(path: str | os.PathLike, out: Path, model, p: SlideParams, *, 
     spec = model.spec
     mpp = float(spec.mpp)
     with open_slide(path, mpp=slide_mpp) as s:
-        s.check_target_mpp(mpp)  # a slide coarser than the model's mpp is refused, naming both
+        try:
+            s.check_target_mpp(mpp)  # a slide coarser than the model's mpp is refused, naming both
+        except GigaslideError as e:  # the slide layer's fix (a coarser --mpp) is no option here: the model's mpp is
+            fine = "finer than the scan" in e.what
+            raise GigaslideError(e.what, path=e.path, fix=(
+                f"this model segments at {mpp:g} µm/px: give slides scanned that fine, or train a nuclei model at "
+                f"the scan's resolution (gigaslide nuclei-train --mpp {s.mpp:.2g}); correct a wrong scan resolution "
+                "with --slide-mpp") if fine else e.fix) from None
         sid = s.id
         f = mpp / s.mpp  # level-0 px per model px
         W, H = s.dimensions
@@ -173,6 +222,7 @@ def segment_slide(path: str | os.PathLike, out: Path, model, p: SlideParams, *, 
         grid = make_grid(s, tissue, target_mpp=mpp, tile_size=region, min_tissue=p.min_tissue if p.tissue_only else 0.0)
         tile0 = grid.tile_size_level0
         xs_all, ys_all = grid_positions(W, tile0, tile0), grid_positions(H, tile0, tile0)
+        owners = _Owner(xs_all, ys_all, BORDER_PX * f)
         files = outputs(out, sid)
         atomic.ensure_writable_dir(files["geojson"].parent)
         cents, areas, tys = [], [], []
@@ -188,8 +238,7 @@ def segment_slide(path: str | os.PathLike, out: Path, model, p: SlideParams, *, 
                     kx, ky = int(np.searchsorted(xs_all, x0, "right") - 1), int(np.searchsorted(ys_all, y0, "right") - 1)
 
                     def owner(c: np.ndarray, kx: int = kx, ky: int = ky) -> bool:
-                        return (int(np.searchsorted(xs_all, c[0], "right") - 1) == kx
-                                and int(np.searchsorted(ys_all, c[1], "right") - 1) == ky)
+                        return owners.keeps(c, kx, ky)
 
                     loc = (int(np.floor(x0 - p.margin * f)), int(np.floor(y0 - p.margin * f)))
                     size = region + 2 * p.margin

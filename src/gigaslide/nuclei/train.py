@@ -140,7 +140,7 @@ def _load_items(cfg: NucleiTrainConfig) -> tuple[dict[str, list[Item]], dict[str
         if part not in ("train", "val"):
             continue
         try:
-            items[part].append(load_item(p, cfg.mpp, cfg.image_mpp, organs.get(p.id, ""), codes))
+            items[part].append(load_item(p, cfg.mpp, cfg.image_mpp, organs.get(p.id, ""), codes, problems))
         except GigaslideError as e:
             if "coarser" in e.what:
                 raise

@@ -66,9 +66,12 @@ def test_bad_inputs_give_one_line_errors(labelled, tmp_path, capsys):
     (broken / "x" / "bad.jpg").write_bytes(b"not a jpeg")
     (broken / "y").mkdir()
     (broken / "y" / "ok.png").write_bytes((labelled / "tumor" / "000.png").read_bytes())
+    # an unreadable tile is left out, the others embedded, and the user is told which (it was silent)
     assert main(["embed-tiles", str(broken), "--encoder", "test_resnet", "--weights", "random",
-                 "--out", str(tmp_path / "b.h5")]) == 2
-    assert "bad.jpg: unreadable image" in capsys.readouterr().err and not (tmp_path / "b.h5").exists()
+                 "--out", str(tmp_path / "b.h5")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: x/bad.jpg: cannot read image" in err and "1 unreadable image(s) left out" in err
+    assert store.load(tmp_path / "b.h5").features.shape[0] == 1
     # a half-started run (checkpoint folder, no export yet) is named as such
     (tmp_path / "run" / "checkpoint").mkdir(parents=True)
     assert main(["embed-tiles", str(labelled), "--encoder", str(tmp_path / "run"), "--out", str(tmp_path / "g.h5")]) == 2
@@ -128,3 +131,25 @@ def test_bad_recipe_flags_are_one_line_errors(labelled, tmp_path, capsys, flag, 
                "--backbone", "test_vit_dinov2", "--tile-size", "32", "--steps", "1", flag, value])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err and not (tmp_path / "r").exists()
+
+
+def test_pretrain_on_slides_without_mpp_takes_slide_mpp(tmp_path, capsys):
+    """A slide whose file has no resolution is skipped with 'give it with --slide-mpp'; pretrain takes that option
+    (a number or a CSV slide_id,mpp), records it, and a resume without it is refused (other tiles)."""
+    from gigaslide.testing import make_slide
+
+    make_slide(tmp_path / "slides" / "nompp.tiff", (1024, 768), mpp=None)
+    args = ["pretrain", "--data", str(tmp_path / "slides"), "--method", "simclr", "--backbone", "test_resnet",
+            "--tile-size", "32", "--mpp", "2.0", "--steps", "1", "--batch-size", "4", "--workers", "0",
+            "--monitor-every", "0", "--method-args", '{"hidden_dim": 16, "out_dim": 8}']
+    assert main(args + ["--out", str(tmp_path / "r0")]) == 2
+    assert "--slide-mpp" in capsys.readouterr().err
+    (tmp_path / "mpp.csv").write_text("slide_id,mpp\nnompp,0.5\n")
+    for k, v in enumerate(("0.5", str(tmp_path / "mpp.csv"))):
+        assert main(args + ["--out", str(tmp_path / f"r{k + 1}"), "--slide-mpp", v]) == 0, capsys.readouterr().err
+        assert (tmp_path / f"r{k + 1}" / "encoder" / "encoder.json").is_file()
+    assert json.loads((tmp_path / "r1" / "run.json").read_text())["identity"]["slide_mpp"] == 0.5
+    assert main(args + ["--out", str(tmp_path / "r1"), "--slide-mpp", "0.25"]) == 2  # other tiles: not resumed
+    assert "slide_mpp" in capsys.readouterr().err
+    assert main(args + ["--out", str(tmp_path / "r1"), "--slide-mpp", "-1"]) == 2
+    assert "--slide-mpp -1 must be a positive number" in capsys.readouterr().err

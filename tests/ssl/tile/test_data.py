@@ -84,3 +84,16 @@ def test_view_dataset_same_key_same_views(tmp_path):
     assert not torch.equal(ds[(0, 124)][0], v1[0])
     batch = collate_views([ds[(i, i)] for i in range(3)])
     assert [tuple(b.shape) for b in batch] == [(3, 3, 32, 32)] * 2
+
+
+def test_tiles_of_another_size_than_tile_size_are_named(tmp_path, caplog):
+    """PCam's 96 px tiles under the default --tile-size 224 trained and exported a 224 px encoder without a word."""
+    import logging
+
+    d = _folder(tmp_path / "tiles", size=40)
+    with caplog.at_level(logging.WARNING, logger="gigaslide.ssl.tile.data"):
+        ImageFolderSource(d, tile_size=40)
+        assert not caplog.records
+        build_source(d, [0.5], 64)
+    assert any("are 40x40 px" in r.getMessage() and "--tile-size is 64" in r.getMessage()
+               and "give --tile-size 40" in r.getMessage() for r in caplog.records)

@@ -88,6 +88,32 @@ def test_the_test_predictions_are_returned_for_paired_comparisons(folders, tmp_p
     assert "test_probs" in json.loads(res_file.read_text())
 
 
+def test_another_test_folder_or_training_tiles_are_not_answered_from_the_old_result(folders, tmp_path):
+    """Re-run into the same --out: another --test folder is predicted again from the finished model (its scores were
+    the old folder's, under the new folder's header); other training tiles of the same count train again; another
+    --bootstrap only draws the CIs again."""
+    from gigaslide.testing import make_tile_folder
+
+    train, test = folders
+    out = tmp_path / "ft"
+    cfg = FinetuneConfig(fractions=(1.0,), **{**CFG, "epochs": 1})
+    rep = finetune_tiles(train, test, "test_resnet", out, weights="random", cfg=cfg)
+    test2 = make_tile_folder(tmp_path / "test2", 7, seed=5)
+    rep2 = finetune_tiles(train, test2, "test_resnet", out, weights="random", cfg=cfg)
+    probs2, y2 = rep2["test_probs"]["finetune_100%"], rep2["test_labels"]
+    assert probs2.shape == (14, 2) and rep2["test"]["n"] == 14  # the new folder's tiles, not the old 40
+    assert METRICS["balanced_accuracy"](y2, probs2) == pytest.approx(
+        rep2["protocols"]["finetune_100%"]["balanced_accuracy"]["value"])
+    assert rep2["protocols"]["finetune_100%"]["train_seconds"] == rep["protocols"]["finetune_100%"]["train_seconds"]
+    rep3 = finetune_tiles(train, test2, "test_resnet", out, weights="random", cfg=FinetuneConfig(
+        fractions=(1.0,), **{**CFG, "epochs": 1, "n_bootstrap": 20}))
+    assert rep3["protocols"]["finetune_100%"]["train_seconds"] == rep["protocols"]["finetune_100%"]["train_seconds"]
+    assert np.array_equal(rep3["test_probs"]["finetune_100%"], probs2) and rep3["n_bootstrap"] == 20
+    other = make_tile_folder(tmp_path / "train2", 40, seed=9)  # same count and classes, other tiles
+    rep4 = finetune_tiles(other, test2, "test_resnet", out, weights="random", cfg=cfg)
+    assert not np.allclose(rep4["test_probs"]["finetune_100%"], probs2)  # trained again on the new tiles
+
+
 def test_interrupted_run_resumes_from_the_last_epoch(folders, tmp_path, monkeypatch):
     import gigaslide.ssl.tile.finetune as ft
 

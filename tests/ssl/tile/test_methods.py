@@ -221,3 +221,29 @@ def test_dino_teacher_of_a_drop_path_vit_is_deterministic():
     m.eval()
     with torch.no_grad():  # same weights: without drop-path the teacher computes what the student does in eval
         assert torch.allclose(m.embed(x, m.teacher_backbone), m.embed(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mocov2", "dino"])
+def test_ema_network_keeps_its_own_batchnorm_statistics(name):
+    """MoCo's key encoder and DINO's teacher update their BN running statistics from their own forward passes
+    (the references EMA the parameters only); DINO exports the teacher, whose statistics must be its own."""
+    import copy
+
+    m = _method(name)
+    m.train()
+    teacher = m.backbone_m if name == "mocov2" else m.teacher_backbone
+    assert any(isinstance(x, torch.nn.BatchNorm2d) for x in teacher.modules())
+    views = _views(m.view_kind)
+    with torch.no_grad():  # a student that has trained away from its EMA network
+        for p in m.backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    own = copy.deepcopy(teacher).train()
+    with torch.no_grad():
+        own(m.prep(torch.cat(views[:2])))  # what the teacher's own pass on the global views gives
+    m.loss(views, step=0, progress=0.0).backward()
+    m.after_step(progress=0.0)
+    bufs = dict(teacher.named_buffers())
+    for k, b in own.named_buffers():
+        assert torch.allclose(bufs[k].float(), b.float(), atol=1e-6), k
+    student = dict(m.backbone.named_buffers())
+    assert any(not torch.allclose(student[k].float(), b.float()) for k, b in bufs.items() if "running" in k)

@@ -329,6 +329,7 @@ def test_lightning_engine_runs_and_the_native_engine_resumes_it(tiles, tmp_path)
     assert _same(_export(tmp_path / "run"), _export(tmp_path / "native"))
 
 
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning")  # Lightning's
 @pytest.mark.parametrize("engine", ["native", "lightning"])
 def test_a_budgets_step_time_includes_waiting_for_the_batch(tiles, tmp_path, monkeypatch, engine):
     # data-bound runs (CPU augmentations) are common: a step time without the batch wait makes the budget plan more

@@ -57,6 +57,7 @@ class PretrainConfig:
     checkpoint_every_s: float = 600.0
     min_tissue: float = 0.5
     data_kind: str = "auto"
+    slide_mpp: float | str | None = None  # level-0 µm/px (or a CSV slide_id,mpp) for slides whose files lack it
     log_every: int = 10
     monitor_every: int | None = None  # steps between label-free monitor points (None: ~8 per run, 0: off)
     monitor_size: int = 128  # tiles of the monitor set
@@ -143,6 +144,8 @@ def identity(cfg: PretrainConfig, method_hparams: dict[str, Any] | None = None) 
         del d["method_args"]
     if cfg.init and not init_file(cfg.init):
         d["init"] = cfg.init  # a registry name / hub id: compared by value
+    if d.get("slide_mpp") is None:
+        d.pop("slide_mpp", None)  # runs made before --slide-mpp existed resume unchanged
     return d
 
 

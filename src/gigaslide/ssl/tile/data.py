@@ -29,7 +29,12 @@ class ImageFolderSource:
         self.files = list_images(folder)
         self.tile_size = tile_size
         self._bad: set[int] = set()
-        read_image(self.files[0])  # fail fast on an obviously broken folder
+        first = read_image(self.files[0])  # fail fast on an obviously broken folder
+        h, w = first.shape[:2]
+        if tile_size and (h, w) != (tile_size, tile_size):  # e.g. PCam's 96 px tiles under the default 224
+            log.warning("tiles in %s are %dx%d px (the first, %s) but --tile-size is %d: training crops resample them "
+                        "and the exported encoder embeds at %d px; give --tile-size %d to train and embed at the "
+                        "tiles' own size", self.folder, w, h, self.files[0].name, tile_size, tile_size, max(h, w))
 
     def __len__(self) -> int:
         return len(self.files)
@@ -139,10 +144,11 @@ def looks_like_slide(path: str | os.PathLike) -> bool:
 
 
 def build_source(data: str | os.PathLike, mpps: Sequence[float], tile_size: int, min_tissue: float = 0.5,
-                 kind: str = "auto"):  # noqa: ANN201
+                 kind: str = "auto", slide_mpp: float | str | None = None):  # noqa: ANN201
     """Slides (a slide file or a folder of slides) -> :class:`SlideSource`; tiles -> :class:`ImageFolderSource`.
 
-    ``kind``: ``auto`` (slides when the folder holds whole-slide files), ``slides`` or ``tiles``.
+    ``kind``: ``auto`` (slides when the folder holds whole-slide files), ``slides`` or ``tiles``. ``slide_mpp``: the
+    level-0 µm/px of slides whose files do not say (a number, or a CSV ``slide_id,mpp``), as ``--slide-mpp`` elsewhere.
     """
     p = Path(data)
     if not p.exists():
@@ -150,14 +156,14 @@ def build_source(data: str | os.PathLike, mpps: Sequence[float], tile_size: int,
     if kind not in ("auto", "slides", "tiles"):
         raise GigaslideError(f"unknown data kind '{kind}'", fix="use auto, slides or tiles")
     if p.is_file():
-        return SlideSource([p], mpps, tile_size, min_tissue)
+        return SlideSource([p], mpps, tile_size, min_tissue, slide_mpp)
     if kind == "tiles":
         return ImageFolderSource(p, tile_size)
     slides = sorted(f for f in p.rglob("*") if f.is_file() and looks_like_slide(f))
     if slides or kind == "slides":
         if not slides:
             raise GigaslideError("no slide files in this folder", path=p, fix="pass a folder of slides or use --data-kind tiles")
-        return SlideSource(slides, mpps, tile_size, min_tissue)
+        return SlideSource(slides, mpps, tile_size, min_tissue, slide_mpp)
     return ImageFolderSource(p, tile_size)
 
 

@@ -9,8 +9,9 @@ bootstrap 95 % CIs as the frozen probes (:mod:`gigaslide.evaluation.tiles`), so 
 
 Layout of ``OUT``: ``report.{json,md,png}`` (with the test tiles' fingerprint), ``comparison.{md,json}`` when run
 with a baseline (:func:`compare_runs`: paired against another run on the same test tiles), and one folder per
-fraction (``fraction_10pct/``) with ``result.json`` (scores and the test predictions; reused when the settings
-match: a re-run resumes), ``checkpoint/`` (the last epoch: model, optimiser and history,
+fraction (``fraction_10pct/``) with ``result.json`` (scores and the test predictions; reused when the settings and
+the training tiles match -- a re-run resumes -- and predicted again from the finished model when the ``--test`` tiles
+changed; another ``--bootstrap`` only re-draws the CIs), ``checkpoint/`` (the last epoch: model, optimiser and history,
 :func:`gigaslide.runs.save_checkpoint`; an interrupted run continues from it), ``best.safetensors`` and
 ``encoder/`` (the fine-tuned encoder as an export folder that ``gigaslide encode`` and ``embed-tiles`` load).
 """
@@ -145,10 +146,28 @@ def predict_tiles(model: Classifier, ds: TileImages, cfg: FinetuneConfig, device
     return np.concatenate(probs), loss_sum / max(1, len(ds))
 
 
-def run_key(cfg: FinetuneConfig, encoder: str, weights: str, n_train: int) -> str:
-    """What a fraction's result and checkpoint depend on (not the list of fractions or the worker count)."""
+def run_key(cfg: FinetuneConfig, encoder: str, weights: str, n_train: int, train_tiles: str | None = None) -> str:
+    """What a fraction's result and checkpoint depend on (not the list of fractions or the worker count);
+    ``train_tiles``: the fingerprint of the fraction's training + validation tiles (names, labels, content)."""
     d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("fractions", "workers")}
-    return json.dumps({**d, "encoder": str(encoder), "weights": str(weights), "n_train": n_train}, sort_keys=True)
+    extra = {"train_tiles": train_tiles} if train_tiles else {}
+    return json.dumps({**d, "encoder": str(encoder), "weights": str(weights), "n_train": n_train, **extra},
+                      sort_keys=True)
+
+
+def same_training(stored: str | None, key: str) -> bool:
+    """Whether a checkpoint / result made under ``stored`` trained the model ``key`` describes: the keys agree but
+    for ``n_bootstrap`` (it only scores the test predictions). A key from before the training tiles were
+    fingerprinted is taken on its other settings, as it was then."""
+    try:
+        a, b = json.loads(stored or ""), json.loads(key)
+    except (TypeError, ValueError):
+        return False
+    for d in (a, b):
+        d.pop("n_bootstrap", None)
+    if "train_tiles" not in a:
+        b.pop("train_tiles", None)
+    return a == b
 
 
 def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -164,8 +183,10 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 def finetune_fraction(encoder: str, weights: str, train: tuple[list[Path], np.ndarray], val: tuple[list[Path], np.ndarray],
-                      test: tuple[list[Path], np.ndarray], n_classes: int, cfg: FinetuneConfig, run_dir: Path) -> dict[str, Any]:
-    """Fine-tune one model on ``train``, select on ``val``, test on ``test``; resumes from ``run_dir/checkpoint``."""
+                      test: tuple[list[Path], np.ndarray], n_classes: int, cfg: FinetuneConfig, run_dir: Path,
+                      key: str | None = None) -> dict[str, Any]:
+    """Fine-tune one model on ``train``, select on ``val``, test on ``test``; resumes from ``run_dir/checkpoint``
+    when it was made by the same training (``key``: :func:`run_key`, by default without the tiles' fingerprint)."""
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     enc = build_encoder(encoder, weights, seed=cfg.seed)
@@ -181,11 +202,11 @@ def finetune_fraction(encoder: str, weights: str, train: tuple[list[Path], np.nd
     per_epoch = math.ceil(len(ds_tr) / cfg.batch_size)
     total, warmup = cfg.epochs * per_epoch, min(per_epoch, 50)
     weight = class_weights(train[1], n_classes).to(device)
-    key = run_key(cfg, encoder, weights, len(ds_tr))
+    key = key or run_key(cfg, encoder, weights, len(ds_tr))
     state: dict[str, Any] = {"step": 0, "epoch": 0, "best_val_loss": None, "best_epoch": None, "bad_epochs": 0,
                              "history": [], "key": key, "train_seconds": 0.0}
     ck = runs.load_checkpoint(run_dir) if runs.read_checkpoint_record(run_dir) is not None else None
-    if ck is not None and ck["state"].get("key") == key:  # other settings: start over (the result is re-made)
+    if ck is not None and same_training(ck["state"].get("key"), key):  # other settings: start over
         state = ck["state"]
         runs.load_module_state(model, ck["model"], runs.checkpoint_dir(run_dir))
         opt.load_state_dict(ck["optimizer"])
@@ -288,12 +309,23 @@ def finetune_tiles(train_folder: str | os.PathLike, test_folder: str | os.PathLi
         tr, va = sub[tr], sub[va]
         result_file = run_dir / "result.json"
         res = json.loads(result_file.read_text()) if result_file.is_file() else None
-        if res is None or res.get("key") != run_key(cfg, encoder, weights, len(tr)) or "test_probs" not in res:
-            # (a result from before test predictions were kept: its checkpoint is finished, so only predicts)
+        used = sorted(np.concatenate([tr, va]).tolist())
+        key = run_key(cfg, encoder, weights, len(tr), tiles_fingerprint(Path(train_folder), [files[i] for i in used],
+                                                                        labels[used]))
+        if (res is None or not same_training(res.get("key"), key) or "test_probs" not in res
+                or res.get("test_fingerprint") != report["test"]["fingerprint"]):
+            # a finished checkpoint of the same training (a result from before test predictions or the test tiles'
+            # fingerprint were kept, or one tested on another --test folder) only predicts the test tiles again
             res = finetune_fraction(encoder, weights, ([files[i] for i in tr], labels[tr]), ([files[i] for i in va], labels[va]),
-                                    (te_files, te_labels), n_classes, cfg, run_dir)
+                                    (te_files, te_labels), n_classes, cfg, run_dir, key=key)
+            res["test_fingerprint"] = report["test"]["fingerprint"]
             atomic.write_json(result_file, res)
-        report["protocols"][name] = {k: v for k, v in res.items() if k not in ("history", "key", "test_probs")}
+        elif res.get("key") != key:  # only --bootstrap differs: the same predictions, their CIs drawn again
+            res.update(summarize(te_labels, np.asarray(res["test_probs"]), n_bootstrap=cfg.n_bootstrap, seed=cfg.seed),
+                       key=key)
+            atomic.write_json(result_file, res)
+        report["protocols"][name] = {k: v for k, v in res.items()
+                                     if k not in ("history", "key", "test_probs", "test_fingerprint")}
         probs[name] = np.asarray(res["test_probs"], dtype=np.float32)
     write_report(report, out)
     return {**report, "test_probs": probs, "test_labels": np.asarray(te_labels)}

@@ -136,11 +136,14 @@ def _no_drop_path(vit: nn.Module) -> None:
 
 
 def _ema(model: nn.Module, ema: nn.Module, m: float) -> None:
+    """EMA of the parameters only, as MoCo's key encoder, BYOL's target and DINO's teacher (lightly's
+    ``update_momentum``): the EMA network keeps its own buffers -- a teacher in train mode estimates its BatchNorm
+    running statistics from its own forward passes (DINO's teacher: the global crops only, with its own weights), and
+    those are the statistics the exported teacher is evaluated with. (Copying the student's, estimated on its
+    weights and on the small local crops too, gave the exported DINO teacher normalisations of another network.)"""
     from lightly.models.utils import update_momentum
 
     update_momentum(model, ema, m)
-    for b, be in zip(model.buffers(), ema.buffers()):  # BN running stats follow the student
-        be.copy_(b)
 
 
 def _check_hparam(method: str, key: str, value: Any, default: Any) -> Any:
