@@ -82,7 +82,7 @@ def pretrain(data: str, out: str, method: str = "dino", backbone: str = "resnet1
              workers: int | None = None, seed: int = 0, checkpoint_every: str = "10m", monitor_every: int | None = None,
              min_tissue: float = 0.5, data_kind: str = "auto", slide_mpp: str | None = None,
              threads: int | None = None) -> None:
-    """Self-supervised pre-training of a tile encoder (SimCLR, MoCo v2, Barlow Twins, SwAV, DINO, DINOv2) on your tiles or slides.
+    """Self-supervised pre-training of a tile encoder (SimCLR, MoCo v2, Barlow Twins, SwAV, DINO, DINOv2).
 
     Example: gigaslide pretrain --data slides/ --mpp 0.5,1.0 --method dino --backbone vit_small_dinov2 --init vit_small_dinov2 --budget 2h --out runs/dino
 
