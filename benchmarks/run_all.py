@@ -87,6 +87,11 @@ CHANGES = [
      "one covered up to one level px more than asked, stretched onto the tile", "the dinov2 sections' foundation "
      "tiles cut from CMU-1 (0.499 µm/px) at 0.97 µm/px (the whole region read in one call, so by at most one px at "
      "its far edges)"),
+    ("4479831", "EMA teachers took the student's BatchNorm running statistics each step (parameters are still averaged "
+     "as before; training in train mode used batch statistics, so only networks evaluated in eval mode with those "
+     "statistics change): the exported DINO teacher of a CNN and its progress monitor", "`dino` rows with a ResNet "
+     "(tile_ssl sections, tile_precision, encoder_leaderboard's dino encoder); not MoCo v2 (its query encoder is "
+     "exported), not DINOv2 / ViTs (no BatchNorm)"),
 ]
 
 
