@@ -241,3 +241,14 @@ def test_a_new_slide_mpp_or_a_replaced_slide_is_segmented_again(tiny_run: Path, 
     fresh = nslide.segment_slides([tmp_path / "s.tiff"], tiny_run / "run", tmp_path / "fresh", p, slide_mpp=0.125)
     assert fresh.nuclei == res.nuclei
     assert (out / "nuclei" / "s.csv").read_text() == (tmp_path / "fresh" / "nuclei" / "s.csv").read_text()
+
+
+def test_a_count_grid_the_slide_cannot_hold_fails_before_any_region_is_segmented(tiny_run: Path, tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(nslide, "segment", lambda *a, **kw: (calls.append(1), _oracle(*a, **kw))[1])
+    _disc_slide(tmp_path / "small.tiff", size=600, mpp=0.25)
+    res = nslide.segment_slides([tmp_path / "small.tiff"], tiny_run / "run", tmp_path / "out",
+                                nslide.SlideParams(region=128, margin=24, tissue_only=False, window=128,
+                                                   tile_size=1024, tile_mpp=0.5))
+    assert "more than the slide" in res.failed["small"] and calls == []  # it used to segment the whole slide first

@@ -285,7 +285,7 @@ def build_mosaic(tiles: str | os.PathLike, out: str | os.PathLike, cfg: MosaicCo
                              f"{round(cfg.positive_fraction * cfg.slides)} positive slides: one class",
                              fix="use more --slides or a --positive-fraction nearer 0.5")
     if cfg.grid < 4:
-        raise GigaslideError(f"--grid {cfg.grid} is too small", fix="use --grid 8 or more")
+        raise GigaslideError(f"--grid {cfg.grid} is too small", fix="use --grid 4 or more (default 24)")
     if cfg.arrangement not in ARRANGEMENTS:
         raise GigaslideError(f"--arrangement {cfg.arrangement!r}", fix=f"use one of {', '.join(ARRANGEMENTS)}")
     if cfg.task not in TASKS:

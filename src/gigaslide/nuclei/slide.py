@@ -223,6 +223,8 @@ def segment_slide(path: str | os.PathLike, out: Path, model, p: SlideParams, *, 
         tile0 = grid.tile_size_level0
         xs_all, ys_all = grid_positions(W, tile0, tile0), grid_positions(H, tile0, tile0)
         owners = _Owner(xs_all, ys_all, BORDER_PX * f)
+        # the count grid before any region is segmented: a --tile-size the slide cannot hold fails now, not at the end
+        coords, ctile0, source = _count_coords(out, sid, s, tissue, p)
         files = outputs(out, sid)
         atomic.ensure_writable_dir(files["geojson"].parent)
         cents, areas, tys = [], [], []
@@ -259,7 +261,6 @@ def segment_slide(path: str | os.PathLike, out: Path, model, p: SlideParams, *, 
                     if progress:
                         progress(sid, r + 1, len(grid.coords))
                 gw.close()
-            coords, ctile0, source = _count_coords(out, sid, s, tissue, p)
             c_arr = np.asarray(cents, np.float64).reshape(-1, 2)
             stats = tile_counts(coords, ctile0, c_arr, np.asarray(areas, np.float64), np.asarray(tys, np.int64),
                                 spec.n_types)
