@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -109,7 +110,7 @@ def test_cli_trains_pools_folds_and_refuses_another_pool_kernel(slides, ref_run,
     assert "another run (pool_kernel: 2 -> 4" in err and err.count("\n") == 1
 
 
-def test_budget_stop_then_resume_is_bit_exact(slides, ref_run, tmp_path) -> None:  # noqa: ANN001
+def test_budget_stop_then_resume_is_bit_exact(slides, ref_run, tmp_path, capsys) -> None:  # noqa: ANN001
     from gigaslide import runs
 
     out = tmp_path / "run"
@@ -121,10 +122,15 @@ def test_budget_stop_then_resume_is_bit_exact(slides, ref_run, tmp_path) -> None
         assert rec["status"] == "stopped" and rec["stop_reason"] == "budget"
         ck = runs.load_checkpoint(out, "fold0")
         assert (ck["epoch"], ck["pos"]) == (0, 1)  # mid-epoch: the next slide of the permutation
+        capsys.readouterr()
         assert main(_args(slides, out)) == 0
     finally:
         torch.set_num_threads(threads)
     _same_results(out, ref_run)
+    # 3 training slides per fold, none left for validation: the epoch lines printed the training loss as 'val'
+    log = capsys.readouterr().out
+    assert "0 val" in log and "(no val slides: selected on it)" in log
+    assert not re.search(r"train [\d.]+ val [\d.]+", log)
 
 
 KILLABLE = textwrap.dedent('''
@@ -188,6 +194,30 @@ def test_heatmap_maps_pooled_positions_to_level0(slides, ref_run, tmp_path) -> N
     assert g.probs.tolist() == pytest.approx(res["probs"]) and g.instance_probs is None  # clam_sb: attention only
 
 
+
+def test_heatmap_of_a_slide_without_mpp_takes_slide_mpp(slides, ref_run, tmp_path, capsys) -> None:  # noqa: ANN001
+    """The error for a slide without a resolution says --slide-mpp: heatmap-streaming takes it (it had no such
+    option), and the grid is the one of the same pixels with the resolution in their metadata."""
+    from gigaslide.streaming.grids import load_grid
+
+    bare = make_slide(tmp_path / "s1.tif", (1024, 768), mpp=None, seed=1, blobs=2)  # s1's pixels, no mpp
+    cmd = ["heatmap-streaming", str(bare), "--run", str(ref_run), "--out", str(tmp_path / "a.png"), "--device", "cpu"]
+    assert main(cmd) == 2
+    err = capsys.readouterr().err
+    assert "no resolution" in err and "--slide-mpp" in err and err.count("\n") == 1
+    want = load_grid(ref_run, "s1", 0) if (ref_run / "heatmaps" / "fold0" / "s1.npz").is_file() else None
+    assert main(cmd + ["--slide-mpp", "0.5"]) == 0
+    got = load_grid(ref_run, "s1", 0)
+    if want is not None:
+        np.testing.assert_array_equal(got.coords, want.coords)
+    c = read_canvas(slides / "s1.tif", 1.5, 320, 32)
+    assert tuple(got.coords[0]) == c.origin and got.box_level0_px == 32 * 2 * 1.5 / 0.5
+    capsys.readouterr()
+    assert main(cmd + ["--slide-mpp", "0.5", "--fold", "7"]) == 2  # a fold the run does not have: which ones it has
+    err = capsys.readouterr().err
+    assert "no trained fold 7 (trained folds: 0, 1)" in err and "--fold 0" in err
+
+
 def test_cli_refuses_bad_input(slides, tmp_path, capsys) -> None:  # noqa: ANN001
     base = ["train-streaming", "--slides", str(slides), "--labels", str(slides / "labels.csv"), "--out", str(tmp_path / "r")]
     assert main(base + ["--tile-size", "256", "--encoder", "resnet18", "--weights", "random"]) == 2
@@ -200,7 +230,49 @@ def test_cli_refuses_bad_input(slides, tmp_path, capsys) -> None:  # noqa: ANN00
     assert main(base + ["--encoder", "resnet34"]) == 2  # default weights: from the local cache only, never downloaded
     assert "not in the local cache" in capsys.readouterr().err
     assert main(["heatmap-streaming", str(slides / "s1.tif"), "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "x.png")]) == 2
+    capsys.readouterr()
+    # patience 0 stopped before the first epoch: a FileNotFoundError traceback for the best model it never saved
+    assert main(_args(slides, tmp_path / "p0", "--patience", "0")) == 2
+    err = capsys.readouterr().err
+    assert "--patience 0 must be >= 1" in err and err.count("\n") == 1 and not (tmp_path / "p0").exists()
 
+
+
+def test_two_files_of_one_labelled_slide_id_are_refused(slides, tmp_path, capsys) -> None:  # noqa: ANN001
+    """s0.tif and s0.tiff in --slides: which one was trained on depended on the listing order (silently the last)."""
+    import shutil
+
+    d = tmp_path / "slides"
+    shutil.copytree(slides, d)
+    shutil.copy(slides / "s1.tif", d / "s0.tiff")
+    out = tmp_path / "run"
+    assert main(["train-streaming", "--slides", str(d), "--labels", str(d / "labels.csv"), "--out", str(out),
+                 *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert "labelled slide id 's0'" in err and "s0.tiff" in err and err.replace("s0.tiff", "").count("s0.tif") == 1
+    assert err.count("\n") == 1 and not out.exists()  # both files named
+
+
+
+def test_slide_mpp_csv_gives_a_resolution_to_the_slides_it_lists(slides, ref_run, tmp_path) -> None:  # noqa: ANN001
+    """One slide without a resolution in a cohort: `--slide-mpp mpp.csv` (what the missing-mpp error suggests; a number
+    overrides every slide's metadata) was refused. The run equals the one on slides that all carry it."""
+    import shutil
+
+    d = tmp_path / "slides"
+    shutil.copytree(slides, d)
+    make_slide(d / "s5.tif", (1024, 768), mpp=None, seed=5, blobs=2)  # s5's pixels, no mpp in the file
+    (tmp_path / "mpp.csv").write_text("slide_id,mpp\ns5,0.5\n")
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train-streaming", "--slides", str(d), "--labels", str(d / "labels.csv"), "--out", str(out), *ARGS,
+                     "--slide-mpp", str(tmp_path / "mpp.csv")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    _same_results(out, ref_run)
+    assert json.loads((out / "canvases" / "s5.json").read_text())["slide_mpp"] == 0.5
 
 def test_canvas_cache_is_reused_and_memory_mapped(slides, tmp_path) -> None:  # noqa: ANN001
     a = cached_canvas(slides / "s2.tif", tmp_path / "cache", 2.0, 4096, 32)

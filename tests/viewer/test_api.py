@@ -341,3 +341,53 @@ def test_thumbnail_of_an_edge_tile_is_not_black_past_the_slide(tmp_path):
         seen = s.read_region((960, 640), (64, 64), 1.0).astype(int)  # what tiling and the encoder read
     assert (thumb[:, 42:] == 255).all() and (thumb[62:, :] == 255).all()
     assert np.abs(thumb - seen).mean() < 2
+
+
+def test_colour_scale_strip_is_the_colour_map_the_layers_are_drawn_with(client):
+    """A score layer's colour scale (the page shows it under the layer) is the table overlay tiles are painted with:
+    pixel i of the strip is the colour of value i / 255 (there was no colour scale: values could not be read)."""
+    c, _ = client
+    for name in ("jet", "viridis"):
+        strip = _png(c.get(f"/api/colormaps/{name}.png"))
+        assert strip.shape == (1, 256, 4) and (strip[..., 3] == 255).all()
+        np.testing.assert_array_equal(strip[0, :, :3], lut(name))
+    r = c.get("/api/colormaps/nope.png")
+    assert r.status_code == 404 and "colour map" in r.json()["detail"]
+
+
+def test_the_search_index_does_not_keep_every_slides_features_besides_its_matrix(tiny, monkeypatch):
+    """The first search read every slide's features through the viewer's per-slide cache and kept them there besides
+    the index matrix (twice the features of the whole project in memory). Now only the slides shown are held; the
+    neighbours are those of an index of every slide's full arrays, and a damaged feature file is left out."""
+    from fastapi.testclient import TestClient
+
+    import gigaslide.viewer.state as vs
+    from gigaslide.viewer.neighbours import FeatureIndex
+
+    full: list[str] = []
+    real = vs.store.load
+
+    def load(path, *, arrays=True):  # noqa: ANN001, ANN202
+        if arrays:
+            full.append(str(path))
+        return real(path, arrays=arrays)
+
+    monkeypatch.setattr(vs.store, "load", load)
+    state = ViewerState([tiny.out], [])
+    c = TestClient(build_app(state))
+    res = c.get("/api/slides/s0/tiles/3/neighbours?k=4").json()
+    shown = {"s0"} | {n["slide"] for n in res["neighbours"]}
+    assert len(set(full)) <= len(shown) < len(state.entries)  # (s0 and the slides of its neighbours)
+    ref = FeatureIndex({k: real(state.entries[k].features).features for k in state.entries})
+    assert [(n["slide"], n["index"]) for n in res["neighbours"]] == [(n.slide, n.index) for n in ref.query("s0", 3, 4)]
+    assert res["searched"] == len(ref)
+
+    class Damaged:
+        shape = (5, ref.matrix.shape[1])
+
+        def __array__(self, dtype=None, copy=None):  # noqa: ANN001, ANN204
+            raise GigaslideError("cannot read features (damaged)")
+
+    idx = FeatureIndex({"s0": real(state.entries["s0"].features).features, "bad": Damaged()})
+    assert idx.unreadable == ["bad"] and len(idx) == len(real(state.entries["s0"].features))
+    assert all(n.slide == "s0" for n in idx.query("s0", 0, 50))

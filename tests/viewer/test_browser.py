@@ -228,3 +228,44 @@ def test_empty_folder_page_says_what_is_missing(browser, tmp_path):
         page.close()
     finally:
         server.stop()
+
+
+def test_score_layers_show_their_colour_scale(browser, tiny):
+    """Under each score layer, its colour scale from 0 to 1 in the layer's colour map; another colour map redraws it,
+    and the part under the threshold (left undrawn on the slide) is greyed out."""
+    from gigaslide.viewer.overlays import lut
+
+    server, _ = _serve([tiny.out], [tiny.run])
+    try:
+        page, console = _page(browser, server.url)
+        _loaded(page)
+        box = page.locator('[data-layer="run0-attention"] .cbar-box')
+        assert box.locator(".cbar-ticks").inner_text().split() == ["0", "0.5", "1"]
+
+        def strip() -> np.ndarray:
+            page.wait_for_function("document.querySelector('[data-layer=\"run0-attention\"] img.cbar-img').complete")
+            png = box.locator("img.cbar-img").screenshot()
+            img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+            return img[img.shape[0] // 2]
+
+        for name in ("jet", "viridis"):
+            if name != "jet":
+                page.locator('[data-layer="run0-attention"] select.cmap').select_option(name)
+                page.wait_for_function(
+                    f"document.querySelector('[data-layer=\"run0-attention\"] img.cbar-img').alt === '{name}'")
+            row, table = strip(), lut(name)
+            w = len(row)
+            for v in (0.02, 0.25, 0.5, 0.75, 0.98):  # the colour at v along the bar is the colour of value v
+                assert np.abs(row[int(v * (w - 1))] - table[int(v * 255)]).max() <= 25, (name, v)
+        _slider(page, "run0-attention", "threshold", "ArrowRight", 10)  # 0.5: the lower half greyed out
+        page.wait_for_function(
+            "document.querySelector('[data-layer=\"run0-attention\"] .cbar-cut').style.width === '50%'")
+        cut = np.asarray(Image.open(io.BytesIO(box.screenshot())).convert("RGB")).astype(int)[5]
+        w = box.bounding_box()["width"]
+        table = lut("viridis")
+        assert np.abs(cut[int(0.9 * w)] - table[int(0.9 * 255)]).max() <= 25
+        assert np.abs(cut[int(0.2 * w)] - table[int(0.2 * 255)]).max() > 40
+        assert console == [], console
+        page.close()
+    finally:
+        server.stop()

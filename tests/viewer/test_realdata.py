@@ -30,7 +30,7 @@ def test_real_slides_in_the_viewer(real_slides, tmp_path):
     c = TestClient(build_app(ViewerState([tmp_path / "out"])))
     rows = {s["slide_id"]: s for s in c.get("/api/state").json()["slides"]}
     assert rows["unopenable"]["status"] == "broken" and rows["cmu-1-small-region"]["status"] == "ok"
-    assert rows["kidney-48-5"]["status"] == "no features" and "no tissue" in rows["kidney-48-5"]["reason"]
+    assert rows["kidney-48-5"]["status"] == "no features" and "tissue" in rows["kidney-48-5"]["reason"]  # why it failed
     info = c.get("/api/slides/cmu-1-small-region").json()
     assert info["backend"] == "openslide-deepzoom" and info["mpp_source"] == "slide metadata"
     with open_slide(slides[0]) as s:

@@ -9,8 +9,8 @@ def train_streaming(slides: str, labels: str, out: str, *, mpp: float = 0.5, ima
                     tile_size: int = 3200, encoder: str = "resnet34", weights: str = "default", head: str = "clam_sb",
                     pool_kernel: int = 8, folds: int = 5, epochs: int = 100, freeze_epochs: int = 15, lr: float = 1e-3,
                     trunk_lr: float = 1e-3, accumulate: int = 4, patience: int = 10, precision: str = "auto",
-                    seed: int = 0, device: str = "auto", slide_mpp: float | None = None, checkpoint_blocks: bool = True,
-                    trim_memory: bool = True, budget: str | None = None) -> dict:
+                    seed: int = 0, device: str = "auto", slide_mpp: float | str | None = None,
+                    checkpoint_blocks: bool = True, trim_memory: bool = True, budget: str | None = None) -> dict:
     """Train StreamingCLAM end to end on whole slides with slide labels only (streamed CNN trunk, max-pool, CLAM head).
 
     The defaults are the paper's scale (Dooper et al. 2023; the authors' reference implementation): ResNet-34
@@ -46,7 +46,8 @@ def train_streaming(slides: str, labels: str, out: str, *, mpp: float = 0.5, ima
         precision: auto (bf16, else fp16 AMP on CUDA; on CPU bf16 only when it agrees with fp32), fp32, bf16 or fp16.
         seed: seed for folds, augmentation and initialisation.
         device: auto, cpu or cuda (memory/speed only: a run may resume on another device).
-        slide_mpp: level-0 resolution for slides without it in their metadata.
+        slide_mpp: level-0 resolution (µm/px) for slides without it in their metadata: a number (every slide, their
+            metadata overridden) or a CSV slide_id,mpp (the slides it lists).
         checkpoint_blocks: recompute each residual block's activations during the backward pass of a tile
             (activation checkpointing): lower peak memory for about one extra forward; gradients unchanged.
         trim_memory: return buffers freed between tiles to the OS at once (Linux/glibc mallopt) instead of
@@ -68,7 +69,8 @@ def train_streaming(slides: str, labels: str, out: str, *, mpp: float = 0.5, ima
     return run_training(slides, labels, out, cfg)
 
 
-def heatmap_streaming(slide: str, run: str, out: str, *, fold: int = 0, thumb_size: int = 1024, device: str = "auto") -> dict:
+def heatmap_streaming(slide: str, run: str, out: str, *, fold: int = 0, thumb_size: int = 1024, device: str = "auto",
+                      slide_mpp: float | str | None = None) -> dict:
     """Draw a StreamingCLAM model's attention over the feature map of one slide on its thumbnail.
 
     The attention grid is also saved as RUN/heatmaps/fold<k>/<slide_id>.npz: `gigaslide view OUT --runs RUN`
@@ -83,10 +85,12 @@ def heatmap_streaming(slide: str, run: str, out: str, *, fold: int = 0, thumb_si
         fold: which fold's best checkpoint to use.
         thumb_size: longest side of the thumbnail in px.
         device: auto, cpu or cuda.
+        slide_mpp: level-0 resolution (µm/px) of this slide, overriding its metadata, or a CSV slide_id,mpp (default:
+            the run's --slide-mpp, if it was given one); for a slide without it in its metadata.
     """
     from gigaslide.streaming.heatmap import streaming_heatmap
 
-    res = streaming_heatmap(slide, run, out, fold=fold, thumb_size=thumb_size, device=device)
+    res = streaming_heatmap(slide, run, out, fold=fold, thumb_size=thumb_size, device=device, slide_mpp=slide_mpp)
     print(f"{out}: P = {[round(p, 3) for p in res['probs']]}, feature map {res['fmap_size']}; "
           + (f"grid -> {res['grid']}" if res["grid"] else f"grid not saved ({res['grid_error']})"))
     return res

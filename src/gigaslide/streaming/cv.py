@@ -23,7 +23,7 @@ from gigaslide.encoders.model import EXPORT_SPEC, EXPORT_WEIGHTS
 from gigaslide.errors import GigaslideError
 from gigaslide.evaluation.slides import evaluate_predictions, read_predictions, write_predictions
 from gigaslide.evaluation.splits import make_folds, read_labels, splits_record, validation_split
-from gigaslide.slides import find_slides, slide_id_from_path
+from gigaslide.slides import by_slide_id, find_slides
 from gigaslide.streaming.data import Canvas, cached_canvas
 from gigaslide.streaming.train import MEMORY_ONLY, TrainConfig, build_model, evaluate, load_weights, train_fold
 
@@ -50,8 +50,17 @@ def _precision(run: runs.Run, model: Any, canvas: Canvas, cfg: TrainConfig, devi
 def run_training(slides: str, labels: str, out: str, cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
     """Cross-validated StreamingCLAM training; returns the pooled evaluation (AUC, balanced accuracy with CIs),
     or ``{"stopped": reason}`` after a clean stop (SIGTERM, Ctrl-C, ``budget``)."""
+    if cfg.patience < 1:  # patience 0 stops before the first epoch: no model to test (a FileNotFoundError traceback)
+        raise GigaslideError(f"--patience {cfg.patience} must be >= 1 (epochs without a better validation loss)",
+                             fix="use e.g. --patience 10 (or --patience larger than --epochs: never stop early)")
     table = read_labels(labels)
-    paths = {slide_id_from_path(p): p for p in find_slides([slides])}
+    paths: dict[str, Any] = {}
+    labelled = set(table.slide_ids)
+    for p, sid, taken in by_slide_id(find_slides([slides])):
+        if taken is not None and sid in labelled:  # which of the two files would be trained on is arbitrary
+            raise GigaslideError(f"two slides in {slides} have the labelled slide id '{sid}': {paths[sid]} and {p}",
+                                 path=p, fix="rename or move one of them (slide ids come from file names)")
+        paths.setdefault(sid, p)
     missing = [s for s in table.slide_ids if s not in paths]
     if missing:
         raise GigaslideError(f"{len(missing)} labelled slide(s) not found in {slides} (e.g. {missing[0]})", path=labels,
@@ -61,7 +70,8 @@ def run_training(slides: str, labels: str, out: str, cfg: TrainConfig, log: Any 
     identity = {k: v for k, v in asdict(cfg).items() if k not in MEMORY_ONLY}
     identity["weights_id"] = probe_model.weights_id
     run = runs.open_run(out, "streaming", identity, asdict(cfg), seed=cfg.seed,
-                        inputs={"slides": slides, "labels": labels, "weights": weights_input(cfg)},
+                        inputs={"slides": slides, "labels": labels, "weights": weights_input(cfg),
+                                "slide_mpp": cfg.slide_mpp if isinstance(cfg.slide_mpp, str) else None},
                         provenance={"mpp": cfg.mpp, "tile_size": cfg.tile_size, "encoder": probe_model.spec.name,
                                     "encoder_weights_sha256": probe_model.weights_id,  # as feature files
                                     "pool_kernel": cfg.pool_kernel, "encoder_mean": list(probe_model.spec.mean),

@@ -40,6 +40,7 @@ class Canvas:
     slide_mpp: float
     content_size: tuple[int, int]  # (h, w) before padding
     path: Path | None = None  # the cached .npy, when the canvas comes from the cache
+    read_mpp: float | None = None  # the pixels' own µm/px (:meth:`Slide.read_mpp`, within 1 % of ``mpp``); None: mpp
 
     def pixels(self) -> torch.Tensor:
         """The canvas as a uint8 tensor [3, H, W], held once: read from the cache file (no memory map), or
@@ -58,7 +59,10 @@ class Canvas:
 
     @property
     def level0_per_px(self) -> float:
-        return self.mpp / self.slide_mpp
+        """Level-0 px per canvas px: from the resolution the pixels were read at, which differs from ``mpp`` where
+        the slide's level is read at a whole multiple and box-averaged (a 0.504 µm/px scan read 1:1 for 0.5 µm/px:
+        scaling by ``mpp`` would place a position 0.8 % of its distance from the origin too close to it)."""
+        return (self.read_mpp or self.mpp) / self.slide_mpp
 
     def position_coords(self, fmap_hw: tuple[int, int], stride: int) -> np.ndarray:
         """Level-0 top-left (x, y) of every feature-map position (row-major), as int64 [h*w, 2]."""
@@ -102,12 +106,13 @@ def read_canvas(path: str | os.PathLike, mpp: float, image_size: int, multiple: 
         if h > image_size:
             y0 += int(round((h - image_size) / 2 / scale))
             h = image_size
-        rgb = slide.read_region((x0, y0), (w, h), mpp)
-        sid, smpp = slide.id, slide.mpp
+        level = slide.choose_level(mpp)
+        rgb = slide.read_region((x0, y0), (w, h), mpp, level=level)
+        sid, smpp, rmpp = slide.id, slide.mpp, slide.read_mpp(mpp, level=level)
     ph, pw = _round_up(h, multiple), _round_up(w, multiple)
     img = np.full((3, ph, pw), GLASS, np.uint8)
     img[:, :h, :w] = rgb.transpose(2, 0, 1)
-    return Canvas(sid, img, (x0, y0), float(mpp), float(smpp), (h, w))
+    return Canvas(sid, img, (x0, y0), float(mpp), float(smpp), (h, w), read_mpp=float(rmpp))
 
 
 def _round_up(n: int, m: int) -> int:
@@ -134,12 +139,12 @@ def cached_canvas(path: str | os.PathLike, cache_dir: str | os.PathLike, mpp: fl
         if all(m.get(k) == v for k, v in key.items()) and scan is not None and scan.made(m.get("slide_mpp"),
                                                                                           m.get("slide_dimensions")):
             return Canvas(m["slide_id"], np.load(npy, mmap_mode="r"), tuple(m["origin"]), m["mpp"], m["slide_mpp"],
-                          tuple(m["content_size"]), npy)
+                          tuple(m["content_size"]), npy, m.get("read_mpp"))
     c = read_canvas(path, mpp, image_size, multiple, slide_mpp=slide_mpp)
     with atomic.atomic_path(npy, suffix=".npy") as tmp:
         np.save(tmp, c.image)
     atomic.write_json(meta, {**key, "slide_id": c.slide_id, "origin": list(c.origin), "mpp": c.mpp, "slide_mpp": c.slide_mpp,
-                             "content_size": list(c.content_size),
+                             "content_size": list(c.content_size), "read_mpp": c.read_mpp,
                              "slide_dimensions": list(scan.dimensions) if scan is not None else None})
     c.image, c.path = np.load(npy, mmap_mode="r"), npy
     return c

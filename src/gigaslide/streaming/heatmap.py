@@ -1,7 +1,8 @@
 """Attention heatmaps of a trained StreamingCLAM model: the head's attention over the (pooled) feature map.
 
 Each position of the map the head sees covers ``out_stride = stride * pool_kernel`` canvas px, i.e.
-``out_stride * mpp / slide_mpp`` level-0 px from the canvas origin; the attention (as percentiles) is
+``out_stride * read_mpp / slide_mpp`` level-0 px from the canvas origin (``read_mpp``: the resolution the canvas
+was read at, within 1 % of ``--mpp``, :attr:`Canvas.level0_per_px`); the attention (as percentiles) is
 painted on the slide thumbnail at those level-0 boxes, and the grid is saved as
 ``RUN/heatmaps/fold<k>/<slide_id>.npz`` (:mod:`gigaslide.streaming.grids`) for ``gigaslide view``.
 """
@@ -28,6 +29,10 @@ def load_run_model(run: str | os.PathLike, fold: int = 0, device: str = "auto") 
     """The best checkpoint of ``fold`` in a ``train-streaming`` run -> (model, config, n_classes)."""
     run_dir = Path(run)
     rec, ckpt = runs.read_run(run_dir), run_dir / f"fold{fold}" / "best.safetensors"
+    have = sorted(int(p.parent.name[4:]) for p in run_dir.glob("fold*/best.safetensors") if p.parent.name[4:].isdigit())
+    if rec is not None and rec.get("run_kind") == "streaming" and not ckpt.is_file() and have:
+        raise GigaslideError(f"this run has no trained fold {fold} (trained folds: {', '.join(map(str, have))})",
+                             path=run_dir, fix=f"pass --fold {have[0]} (or another of them)")
     if rec is None or rec.get("run_kind") != "streaming" or not ckpt.is_file():
         raise GigaslideError(f"no trained fold {fold} here (run.json of a streaming run / fold{fold}/best.safetensors missing)",
                              path=run_dir, fix="pass the --out folder of a finished `gigaslide train-streaming` run")
@@ -49,9 +54,11 @@ def load_run_model(run: str | os.PathLike, fold: int = 0, device: str = "auto") 
 
 
 def streaming_heatmap(slide: str | os.PathLike, run: str | os.PathLike, out: str | os.PathLike, *, fold: int = 0,
-                      thumb_size: int = 1024, device: str = "auto") -> dict[str, Any]:
+                      thumb_size: int = 1024, device: str = "auto",
+                      slide_mpp: float | str | None = None) -> dict[str, Any]:
     """Predict ``slide`` with a trained run, draw the attention over the feature map on its thumbnail and save
-    the grid in the run folder (``grid``: its path, or None with ``grid_error`` when it cannot be written)."""
+    the grid in the run folder (``grid``: its path, or None with ``grid_error`` when it cannot be written).
+    ``slide_mpp``: the slide's level-0 µm/px or a CSV slide_id,mpp (default: the run's ``--slide-mpp``, if any)."""
     from scipy.stats import rankdata
 
     from gigaslide.mil.heatmap import draw_heatmap
@@ -59,7 +66,8 @@ def streaming_heatmap(slide: str | os.PathLike, run: str | os.PathLike, out: str
 
     model, cfg, _ = load_run_model(run, fold, device)
     dev = pick_device(device)
-    canvas = read_canvas(slide, cfg.mpp, cfg.image_size, model.stream.stride, slide_mpp=cfg.slide_mpp)
+    smpp = cfg.slide_mpp if slide_mpp is None else slide_mpp
+    canvas = read_canvas(slide, cfg.mpp, cfg.image_size, model.stream.stride, slide_mpp=smpp)
     model.stream.transform = Normalize(model.spec.mean, model.spec.std)
     rec = runs.read_run(run) or {}
     dtype = autocast_dtype(dev, (rec.get("precision") or {}).get("resolved", cfg.precision))
@@ -78,7 +86,7 @@ def streaming_heatmap(slide: str | os.PathLike, run: str | os.PathLike, out: str
     if inst is not None:  # mean / max heads: a class probability per position
         inst = torch.softmax(inst.float(), -1).cpu().numpy().reshape(h, w, -1)[: att.shape[0], : att.shape[1]]
         inst = inst.reshape(att.size, -1)
-    with open_slide(slide, mpp=cfg.slide_mpp) as sl:
+    with open_slide(slide, mpp=smpp) as sl:
         thumb, ds = sl.thumbnail(thumb_size)
         size = tuple(int(v) for v in sl.dimensions)
     title = f"{Path(slide).stem}  StreamingCLAM  P(class {len(probs) - 1}) = {float(probs[-1]):.3f}"

@@ -55,7 +55,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     seed: int = 0
     device: str = "auto"
-    slide_mpp: float | None = None
+    slide_mpp: float | str | None = None  # level-0 µm/px of every slide, or a CSV slide_id,mpp (those it lists)
     checkpoint_blocks: bool = True  # recompute block activations in backward: lower memory per tile
     trim_memory: bool = True  # return freed tile buffers to the OS at once (glibc): peak RSS tracks live tensors
     budget: str | None = None  # wall-clock budget (e.g. 12h): a clean stop, resumed by re-running
@@ -177,7 +177,9 @@ def train_fold(run: runs.Run, fold: int, model: StreamingMIL, train: list[tuple[
         st["history"].append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "trunk_frozen": frozen})
         st.update(epoch=epoch + 1, order=None, pos=0, losses=[])
         save()
-        log(f"  epoch {epoch}: train {train_loss:.4f} val {val_loss:.4f}{' *' if improved else ''}"
+        # without validation slides the loss selected on is the training loss: said so, not printed as 'val'
+        shown = f"val {val_loss:.4f}" if val else "(no val slides: selected on it)"
+        log(f"  epoch {epoch}: train {train_loss:.4f} {shown}{' *' if improved else ''}"
             f"{' (trunk frozen)' if frozen else ''}")
         if stopper.reason() and (st["epoch"] < cfg.epochs and not sel.stop):
             return {**st, "selection": sel.state(), "stopped": stopper.reason()}

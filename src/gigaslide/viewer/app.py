@@ -12,9 +12,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from gigaslide.errors import GigaslideError
 from gigaslide.viewer.deepzoom import Geometry, TileOutside
-from gigaslide.viewer.overlays import COLORMAPS, render_categories, render_grid, render_scores, to_png
+from gigaslide.viewer.overlays import COLORMAPS, lut, render_categories, render_grid, render_scores, to_png
 from gigaslide.viewer.state import ViewerState
 
 STATIC = Path(__file__).parent / "static"
@@ -75,6 +77,14 @@ def build_app(state: ViewerState):  # noqa: ANN201, C901 - one place that lists 
         return {"slides": [state.slide_row(k) for k in state.entries], "runs": [r.summary() for r in state.runs],
                 "problems": state.problems, "out_dirs": state.out_dirs, "colormaps": list(COLORMAPS),
                 "version": state.version}
+
+    @app.get("/api/colormaps/{name}.png")
+    def colormap(name: str) -> Response:
+        """The colour scale of score layers: a 256 x 1 px strip, pixel i the colour of a value i / 255 (as drawn)."""
+        if name not in COLORMAPS:
+            raise NotFound(f"colour map '{name}' (choose one of {', '.join(COLORMAPS)})")
+        rgba = np.concatenate([lut(name), np.full((256, 1), 255, np.uint8)], 1)[None]
+        return Response(to_png(rgba), media_type="image/png", headers=cache)
 
     @app.get("/api/slides/{key}.dzi")
     def dzi(key: str) -> Response:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gigaslide.errors import GigaslideError
+
 
 @dataclass
 class Neighbour:
@@ -25,25 +27,38 @@ class FeatureIndex:
     """Exact cosine search over the tiles of several slides (features of one encoder / dimension)."""
 
     def __init__(self, features: dict[str, np.ndarray]):
+        """``features``: per slide an [n, d] array, or anything with ``shape`` that ``np.asarray`` reads (a feature
+        file's :class:`~gigaslide.features.store.LazyFeatures`): read one slide at a time straight into the matrix, so
+        the index costs the matrix alone, not a second copy of every slide's features."""
         self.slides: list[str] = []
-        starts, mats = [], []
-        n = 0
-        for key, f in features.items():
-            f = np.asarray(f, np.float32)
-            if f.ndim != 2 or not len(f):
+        starts, n, dim = [], 0, None
+        shapes = {k: tuple(getattr(f, "shape", np.shape(f))) for k, f in features.items()}
+        for key, shape in shapes.items():
+            if len(shape) != 2 or not shape[0] or (dim is not None and shape[1] != dim):
                 continue
+            dim = shape[1]
             self.slides.append(key)
             starts.append(n)
-            mats.append(f)
-            n += len(f)
+            n += shape[0]
         self.starts = np.asarray(starts + [n], np.int64)
         self.offset = {k: int(s) for k, s in zip(self.slides, starts)}
-        m = np.concatenate(mats) if mats else np.zeros((0, 1), np.float32)
-        m /= np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
+        m = np.zeros((n, dim or 1), np.float32)
+        self.unreadable: list[str] = []  # slides whose features could not be read: never returned
+        for key, s, e in zip(self.slides, starts, starts[1:] + [n]):
+            try:
+                m[s:e] = np.asarray(features[key], np.float32)
+            except GigaslideError:  # a damaged file: the other slides are searched
+                self.unreadable.append(key)
+                continue
+            m[s:e] /= np.maximum(np.linalg.norm(m[s:e], axis=1, keepdims=True), 1e-12)
         self.matrix = m
+        self.dead = np.zeros(n, bool)
+        for key in self.unreadable:
+            self.dead[self.offset[key]:self.starts[self.slides.index(key) + 1]] = True
 
     def __len__(self) -> int:
-        return int(self.matrix.shape[0])
+        """Tiles searched (those of unreadable slides left out)."""
+        return int(self.matrix.shape[0] - self.dead.sum())
 
     def has(self, slide: str) -> bool:
         return slide in self.offset
@@ -53,7 +68,8 @@ class FeatureIndex:
         row = self.offset[slide] + int(index)
         sims = self.matrix @ self.matrix[row]
         sims[row] = -np.inf
-        k = min(k, len(sims) - 1)
+        sims[self.dead] = -np.inf
+        k = min(k, len(sims) - 1 - int(self.dead.sum()))
         if k <= 0:
             return []
         top = np.argpartition(-sims, k - 1)[:k]

@@ -101,17 +101,20 @@ class ViewerState:
         return self._get("nuclei", key, make)
 
     def index(self, key: str) -> FeatureIndex:
-        """The search index of all slides whose features share this slide's encoder and dimension."""
+        """The search index of all slides whose features share this slide's encoder and dimension. Each slide's
+        features are read from its file into the index's matrix (not kept open here as well: holding every slide's
+        features besides the matrix doubled the memory of a large project's first search)."""
         ff = self.features(key)
         group = (str(ff.encoder), ff.dim)
 
         def make() -> FeatureIndex:
             feats = {}
             for k in self.entries:
-                if self.status(k)[0] == "broken":  # its tiles could not be shown as thumbnails
+                e = self.entries[k]
+                if e.features is None or self.status(k)[0] == "broken":  # broken: no thumbnails of its tiles
                     continue
                 try:
-                    other = self.features(k)
+                    other = store.load(e.features, arrays=False)  # features read when the index is filled
                 except GigaslideError:
                     continue
                 if (str(other.encoder), other.dim) == group:

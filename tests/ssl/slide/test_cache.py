@@ -239,3 +239,39 @@ def test_cli_takes_a_folder_of_slides_and_names_a_missing_path_first(slides, tmp
     assert main(["augment-cache", str(tmp_path / "typo"), "--out", str(tmp_path / "c2")]) == 2  # default weights
     err = capsys.readouterr().err
     assert "typo" in err and "not found" in err and "weights" not in err
+
+
+def test_a_slide_is_read_a_batch_of_tiles_at_a_time(slides, tmp_path, monkeypatch):
+    """The tiles of a slide are read (and held) a batch at a time, plus the views' own tiles once: a whole slide's
+    tiles read into memory at once (~7 GB of 224 px tiles at 50,000 tiles) ended real-size slides out of memory. The
+    features do not depend on the batch size."""
+    import gigaslide.ssl.slide.cache as cache
+
+    reads: list[int] = []
+    real = cache._read
+
+    def counting(slide, coords, tile_size, mpp):  # noqa: ANN001, ANN202
+        reads.append(len(coords))
+        return real(slide, coords, tile_size, mpp)
+
+    monkeypatch.setattr(cache, "_read", counting)
+    build_augment_cache(slides[:1], tmp_path / "a", **{**KW, "batch_size": 8, "precision": "fp32"})
+    n = len(store.load(tmp_path / "a" / "features" / "s0.h5"))
+    assert n > 3 * 8 and sum(reads) <= n + 3 * 6 and max(reads) <= 3 * 6, (n, reads)
+    build_augment_cache(slides[:1], tmp_path / "b", **{**KW, "batch_size": 1000, "precision": "fp32"})
+    with h5py.File(tmp_path / "a" / "features" / "s0.h5") as a, h5py.File(tmp_path / "b" / "features" / "s0.h5") as b:
+        np.testing.assert_allclose(a["features"][:], b["features"][:], rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(a["view_tiles"][:], b["view_tiles"][:])
+
+
+def test_a_second_slide_of_a_taken_id_fails_instead_of_counting_as_cached(slides, tmp_path):
+    """Two slides named s0 (other folders): one cache file per id, so the second is failed and named, not reported as
+    'already done' with the first slide's views standing for it."""
+    import shutil
+
+    other = tmp_path / "other" / "s0.tiff"
+    other.parent.mkdir()
+    shutil.copy(slides[1], other)
+    res = build_augment_cache([slides[0], str(other)], tmp_path / "c", **KW)
+    assert res.done == ["s0"] and res.skipped == [] and list(res.failed) == [str(other)]
+    assert "slide id 's0' also used by" in res.failed[str(other)] and "\n" not in res.failed[str(other)]

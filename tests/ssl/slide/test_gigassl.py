@@ -333,3 +333,16 @@ def test_fp16_training_keeps_its_loss_scale_in_the_checkpoint(fake_cache, tmp_pa
     ck = runs.load_checkpoint(tmp_path / "run")
     assert {"scale", "growth_factor"} <= set(ck["scaler"])  # a scaler that is off keeps no state
     assert pretrain_gigassl(fake_cache, tmp_path / "run", epochs=2, **{**KW, "precision": "fp16"})["finished"]
+
+
+@pytest.mark.parametrize("opt, value, says", [("hidden", 0, "--width 0"), ("blocks", -1, "--blocks -1"),
+                                              ("warmup_epochs", -1, "--warmup-epochs -1"),
+                                              ("patience", 0, "--patience 0"), ("norm", "group", "--norm 'group'")])
+def test_options_the_run_cannot_use_are_one_line_before_the_run_folder(fake_cache, tmp_path, opt, value, says):
+    """--width 0 / --norm group failed in the encoder with a traceback; --patience 0 stopped before the first epoch and
+    exported the untrained encoder as a finished run; --blocks -1 trained without blocks."""
+    from gigaslide.ssl.slide.gigassl import pretrain_gigassl
+
+    with pytest.raises(GigaslideError, match=says):
+        pretrain_gigassl(fake_cache, tmp_path / "run", epochs=1, log=lambda *a: None, **{opt: value})
+    assert not (tmp_path / "run").exists()

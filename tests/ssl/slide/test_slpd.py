@@ -338,3 +338,32 @@ def test_embed_slides_refuses_a_slide_without_tiles_naming_its_file(tmp_path, ma
     with pytest.raises(GigaslideError, match="no tiles") as e:
         embed_slides(tmp_path / "run", feats, tmp_path / "e.h5")
     assert "empty.h5" in str(e.value) and not (tmp_path / "e.h5").exists()
+
+
+def test_prototype_losses_that_cannot_act_are_named_not_silently_dropped(tmp_path, make_fake_cache):
+    """dino+intra+inter on slides of 4 regions with 3 prototypes (6 regions needed), or a warm-up as long as the run:
+    the run is DINO only; the log and run.json say so (the run used to look like the paper's objective)."""
+    feats = make_fake_cache(tmp_path / "f", n_slides=4, n_tiles=36)  # 4 regions per slide
+    logs: list[str] = []
+    res = pretrain_slpd(feats, tmp_path / "few", epochs=2, **{**KW, "prototypes": 3, "log": logs.append})
+    assert all(h["intra"] is None and h["inter"] is None for h in res["history"])
+    assert any("no slide has the 6 regions" in m and "DINO only" in m for m in logs), logs
+    assert runs.read_run(tmp_path / "few")["prototype_slides"] == {"with_prototypes": 0, "of": 4, "min_regions": 6}
+    logs.clear()
+    res = pretrain_slpd(feats, tmp_path / "warm", epochs=2, **{**KW, "warmup": 2, "log": logs.append})
+    assert all(h["intra"] is None for h in res["history"])
+    assert any("--warmup 2 >= --epochs 2" in m for m in logs), logs
+    logs.clear()
+    pretrain_slpd(feats, tmp_path / "ok", epochs=2, **{**KW, "log": logs.append})  # 2 prototypes: every slide has them
+    assert not any(m.startswith("warning") for m in logs), logs
+
+
+@pytest.mark.parametrize("opt, value, says", [("head_dim", 1, "--head-dim 1"),
+                                              ("teacher_temp", 0.0, "--teacher-temp 0")])
+def test_a_head_of_one_output_or_a_zero_teacher_temperature_is_refused(tmp_path, make_fake_cache, opt, value, says):
+    """--head-dim 1 ended in a ZeroDivisionError traceback (the collapse monitor's log K); a teacher temperature of 0
+    divides the teacher's logits by zero once its warm-up ends."""
+    feats = make_fake_cache(tmp_path / "f", n_slides=2, n_tiles=36)
+    with pytest.raises(GigaslideError, match=says):
+        pretrain_slpd(feats, tmp_path / "run", epochs=1, **{**KW, opt: value})
+    assert not (tmp_path / "run").exists()

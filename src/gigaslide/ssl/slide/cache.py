@@ -38,7 +38,7 @@ from gigaslide.encoders.inference import for_inference
 from gigaslide.errors import GigaslideError
 from gigaslide.features import store
 from gigaslide.provenance import decode_attrs
-from gigaslide.slides import open_slide, slide_id_from_path
+from gigaslide.slides import by_slide_id, open_slide
 from gigaslide.tiling import TilingParams, tile_slide
 from gigaslide.tiling.annotations import classes_attr, tissue_attrs
 
@@ -187,8 +187,11 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
     res = CacheResult()
     choice: PrecisionChoice | None = None
     t0 = time.perf_counter()
-    for i, path in enumerate(slides):
-        sid = slide_id_from_path(Path(path))
+    for i, (path, sid, taken) in enumerate(by_slide_id(slides)):
+        if taken is not None:  # one cache file per slide id: the second slide was reported as cached already
+            res.failed[str(path)] = taken
+            log(f"[{i + 1}/{len(slides)}] {sid}: failed -- {taken}")
+            continue
         try:
             with open_slide(path, mpp=slide_mpp) as s:
                 sid = s.id
@@ -217,22 +220,30 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
                               stacklevel=2)
                 res.with_replacement.append(sid)
             g = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            # tiles are read a batch at a time (a whole slide's 224 px tiles are ~7 GB at 50,000 tiles); the views'
+            # tiles (at most views x tiles_per_view) are read once more, for their augmentations
+            plain = np.empty((len(grid), enc.embed_dim), np.float32)
             with open_slide(path, mpp=slide_mpp) as s:
-                tiles = _read(s, grid.coords, tile_size, mpp)
-            if choice is None:  # the first batch of the invocation is the probe (encoded in fp32 and bf16 by auto)
-                first = torch.from_numpy(tiles[:batch_size]).to(dev)
-                choice = choose_precision(dev, precision, probe=lambda first=first: enc(first[:8]))
-                res.precision = choice.record()
-                del first
-            plain = _encode(enc, [torch.from_numpy(tiles[j:j + batch_size]) for j in range(0, len(tiles), batch_size)], dev,
-                            choice.resolved)
+                for j in range(0, len(grid), batch_size):
+                    batch = torch.from_numpy(_read(s, grid.coords[j:j + batch_size], tile_size, mpp))
+                    if choice is None:  # the first batch of the invocation is the probe (fp32 and bf16 by auto)
+                        first = batch.to(dev)
+                        choice = choose_precision(dev, precision, probe=lambda first=first: enc(first[:8]))
+                        res.precision = choice.record()
+                        del first
+                    plain[j:j + len(batch)] = _encode(enc, [batch], dev, choice.resolved)
+                used_tiles, where = np.unique(idx, return_inverse=True)
+                tiles = _read(s, grid.coords[used_tiles], tile_size, mpp)
+            where = where.reshape(idx.shape)
             view_feats = np.empty((views, tiles_per_view, enc.embed_dim), np.float16)
             group = max(1, batch_size // tiles_per_view)  # views encoded together (fills the batch)
             for v0 in range(0, views, group):
-                augmented = torch.cat([aug(torch.from_numpy(tiles[idx[v]]), g) for v in range(v0, min(v0 + group, views))])
+                augmented = torch.cat([aug(torch.from_numpy(tiles[where[v]]), g)
+                                       for v in range(v0, min(v0 + group, views))])
                 f = _encode(enc, [augmented[j:j + batch_size] for j in range(0, len(augmented), batch_size)], dev,
                             choice.resolved)
                 view_feats[v0:v0 + group] = f.reshape(-1, tiles_per_view, enc.embed_dim).astype(np.float16)
+            del tiles
             attrs = {**params, "run": str(out), "slide_id": sid, "slide_path": str(path), "slide_mpp": grid.slide_mpp,
                      "with_replacement": int(with_repl), "precision": choice.resolved,
                      "precision_requested": choice.requested, "bf16_cosine": choice.bf16_cosine,

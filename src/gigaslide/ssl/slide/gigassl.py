@@ -79,6 +79,24 @@ class GigaSSLModel(nn.Module):
         return self.head(self.encoder(feats, pos))
 
 
+def check_config(cfg: GigaSSLConfig) -> None:
+    """One line for an option the run could not use (a width of 0 failed deep in the encoder, a patience of 0 exported
+    the untrained encoder as a finished run, a negative block count trained without blocks)."""
+    from gigaslide.ssl.slide.encoders import NORMS
+
+    if cfg.select not in ("best", "last"):
+        raise GigaslideError(f"--select {cfg.select!r}", fix="use best or last")
+    if cfg.norm not in NORMS:
+        raise GigaslideError(f"--norm {cfg.norm!r}", fix=f"use one of {', '.join(NORMS)}")
+    for opt, v, least, eg in (("--tiles-per-step", cfg.tiles_per_step, 1, "16 (paper: 5-16)"),
+                              ("--width", cfg.hidden, 1, "256"), ("--out-dim", cfg.out_dim, 1, "512"),
+                              ("--blocks", cfg.blocks, 0, "2 (0: no geometry)"),
+                              ("--warmup-epochs", cfg.warmup_epochs, 0, "5"),
+                              ("--patience", 1 if cfg.patience is None else cfg.patience, 1, "10 (omitted: never)")):
+        if v < least:
+            raise GigaslideError(f"{opt} {v} must be >= {least}", fix=f"use e.g. {opt} {eg}")
+
+
 def make_encoder(cfg: dict[str, Any], in_dim: int) -> nn.Module:
     return build_slide_encoder(cfg["encoder"], in_dim, out_dim=cfg["out_dim"], hidden=cfg["hidden"],
                                blocks=cfg["blocks"], norm=cfg["norm"], downsample=cfg["downsample"])
@@ -101,10 +119,7 @@ def pretrain_gigassl(cache: str | os.PathLike, out: str | os.PathLike, cfg: Giga
     from lightly.loss import NTXentLoss
 
     cfg = GigaSSLConfig(**{**asdict(cfg or GigaSSLConfig()), **overrides})
-    if cfg.select not in ("best", "last"):
-        raise GigaslideError(f"--select {cfg.select!r}", fix="use best or last")
-    if cfg.tiles_per_step < 1:
-        raise GigaslideError(f"--tiles-per-step {cfg.tiles_per_step} must be >= 1", fix="use e.g. 16 (paper: 5-16)")
+    check_config(cfg)
     vc = load_cache(cache)
     if len(vc) < 2:
         raise GigaslideError(f"SimCLR needs at least 2 slides, the cache has {len(vc)}", path=cache,

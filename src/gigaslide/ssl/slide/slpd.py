@@ -207,6 +207,11 @@ def pretrain_slpd(features: str | os.PathLike, out: str | os.PathLike, cfg: SLPD
     cfg = SLPDConfig(**{**asdict(cfg or SLPDConfig()), **overrides})
     if cfg.losses not in LOSSES:
         raise GigaslideError(f"--losses {cfg.losses!r}", fix=f"use one of {', '.join(LOSSES)}")
+    if cfg.head_dim < 2:  # the collapse monitor divides by log K; one output is collapse by construction
+        raise GigaslideError(f"--head-dim {cfg.head_dim} must be >= 2", fix="use e.g. --head-dim 1024")
+    for opt, t in (("--teacher-temp", cfg.teacher_temp), ("warmup_teacher_temp", cfg.warmup_teacher_temp)):
+        if not t > 0:  # the teacher's softmax divides by it
+            raise GigaslideError(f"{opt} {t} must be positive", fix="use e.g. --teacher-temp 0.06")
     files, slides = load_slides(features, cfg.region_size, cfg.region_mpp)
     ff0 = next(iter(files.values()))
     grid = max(r.grid for _, _, r in slides)
@@ -241,6 +246,8 @@ def pretrain_slpd(features: str | os.PathLike, out: str | os.PathLike, cfg: SLPD
     total, warm = cfg.epochs * steps_per_epoch, min(cfg.warmup, cfg.epochs) * steps_per_epoch
     use = {"intra": "intra" in cfg.losses, "inter": "inter" in cfg.losses}
     weight = {"intra": cfg.intra_weight, "inter": cfg.inter_weight}
+    if ck is None and (use["intra"] or use["inter"]):
+        _warn_prototype_losses(run, slides, cfg, log)
     stopped, done_now = None, 0
     with runs.Stopper(runs.parse_duration(budget), elapsed_s=history[-1]["seconds"] if history else 0.0) as stopper:
         while epoch < cfg.epochs:
@@ -323,6 +330,29 @@ def pretrain_slpd(features: str | os.PathLike, out: str | os.PathLike, cfg: SLPD
         run.update(status="stopped", stop_reason=stopped, history=history)
     return {"run": str(run.dir), "finished": finished, "history": history, "seconds": seconds, "stopped": stopped,
             "collapse": history[-1]["collapse"] if history else None}
+
+
+def _warn_prototype_losses(run: runs.Run, slides, cfg: SLPDConfig, log) -> None:  # noqa: ANN001
+    """Say when the prototype losses of ``cfg.losses`` cannot act (they would be silently left out): slides with fewer
+    than ``2 * prototypes`` regions get no prototypes, inter needs two such slides, and they start after ``warmup``
+    epochs; ``run.json`` records ``prototype_slides`` (how many slides have them)."""
+    need = 2 * cfg.prototypes
+    short = [sid for sid, _, regs in slides if len(regs) < need]
+    ok = len(slides) - len(short)
+    run.update(prototype_slides={"with_prototypes": ok, "of": len(slides), "min_regions": need})
+    where = f"regions of {cfg.region_size} px at {cfg.region_mpp} µm/px"
+    if ok == 0:
+        most = max(len(regs) for _, _, regs in slides)
+        log(f"warning: no slide has the {need} {where} that --prototypes {cfg.prototypes} needs (at most {most}): "
+            f"no prototype loss ever applies, this run is DINO only (as --losses dino); use a smaller --region-size "
+            "or fewer --prototypes")
+    elif short:
+        log(f"warning: {len(short)} of {len(slides)} slides have fewer than {need} {where} (e.g. {short[0]}): no "
+            "prototype losses on their regions" + ("; only one slide has prototypes: no inter-slide loss"
+                                                     if ok == 1 and "inter" in cfg.losses else ""))
+    if cfg.warmup >= cfg.epochs and ok:
+        log(f"warning: --warmup {cfg.warmup} >= --epochs {cfg.epochs}: the prototype losses never start, this run is "
+            "DINO only (as --losses dino); use more --epochs or a shorter --warmup")
 
 
 def load_encoder(run: str | os.PathLike) -> tuple[nn.Module, dict]:

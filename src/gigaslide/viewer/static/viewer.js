@@ -169,13 +169,16 @@ function renderLayers() {
       const thv = el("span", {class: "thv"}, fmt(layer.threshold, 2));
       controls.append(el("div", {}, el("label", {}, "threshold"), el("input", {type: "range", class: "threshold", min: 0, max: 1,
         step: 0.05, value: layer.threshold, oninput: e => { thv.textContent = fmt(e.target.value, 2); },
-        onchange: e => { layer.threshold = +e.target.value; refreshLayer(layer); }}), " ", thv));
-      const cmap = el("select", {class: "cmap", onchange: e => { layer.cmap = e.target.value; refreshLayer(layer); }},
+        onchange: e => { layer.threshold = +e.target.value; refreshLayer(layer); updateColourBar(layer); }}),
+        " ", thv));
+      const cmap = el("select", {class: "cmap", onchange: e => {
+        layer.cmap = e.target.value; refreshLayer(layer); updateColourBar(layer); }},
         ...G.state.colormaps.map(c => el("option", {value: c, selected: c === layer.cmap}, c)));
       const fold = el("select", {class: "fold", onchange: e => { layer.fold = e.target.value; refreshLayer(layer); }},
         ...layer.folds.map(f => el("option", {value: f, selected: f === layer.fold},
           f + (f === layer.fold && layer.held_out ? " (held out)" : ""))));
       controls.append(el("div", {}, el("label", {}, "colours"), cmap, " ", el("label", {}, "model"), fold));
+      controls.append(colourBar(layer));
     }
     if (layer.kind === "category" && layer.palette) {  // one colour per cluster / prototype id
       controls.append(el("div", {class: "legend"}, ...layer.palette.map((c, i) =>
@@ -185,6 +188,22 @@ function renderLayers() {
     return box;
   });
   $("#layers").replaceChildren(...rows);
+}
+
+// A score layer's colour scale: the server's colour strip (value v drawn in the colour at v along it), values 0 to 1;
+// the part below the threshold, which the layer leaves undrawn, is greyed out.
+function colourBar(layer) {
+  layer.bar = {img: el("img", {class: "cbar-img", alt: layer.cmap}), cut: el("div", {class: "cbar-cut"})};
+  updateColourBar(layer);
+  return el("div", {class: "cbar"}, el("label", {}, "scale"),
+    el("span", {class: "cbar-box"}, layer.bar.img, layer.bar.cut,
+      el("span", {class: "cbar-ticks"}, el("span", {}, "0"), el("span", {}, "0.5"), el("span", {}, "1"))));
+}
+function updateColourBar(layer) {
+  if (!layer.bar) return;
+  layer.bar.img.src = `/api/colormaps/${enc(layer.cmap)}.png?v=${enc(G.state.version)}`;
+  layer.bar.img.alt = layer.cmap;
+  layer.bar.cut.style.width = `${100 * layer.threshold}%`;
 }
 
 // -- scale bar ------------------------------------------------------------------------------------
