@@ -274,6 +274,26 @@ def test_slide_mpp_csv_gives_a_resolution_to_the_slides_it_lists(slides, ref_run
     _same_results(out, ref_run)
     assert json.loads((out / "canvases" / "s5.json").read_text())["slide_mpp"] == 0.5
 
+def test_a_cohort_with_patients_bootstraps_patients(slides, tmp_path) -> None:  # noqa: ANN001
+    """labels.csv names patients: the pooled predictions carry them and the CIs resample patients (each with all its
+    slides), as train-mil's do; StreamingCLAM wrote slides only, so its CIs treated one patient's slides as independent."""
+    import shutil
+
+    d = tmp_path / "slides"
+    shutil.copytree(slides, d)
+    pats = {"s0": "p0", "s2": "p0", "s1": "p1", "s3": "p1", "s4": "p2", "s5": "p3"}
+    (d / "labels.csv").write_text("slide_id,patient_id,label\n" + "".join(f"s{i},{pats[f's{i}']},{i % 2}\n"
+                                                                         for i in range(6)))
+    out = tmp_path / "run"
+    assert main(["train-streaming", "--slides", str(d), "--labels", str(d / "labels.csv"), "--out", str(out), *ARGS,
+                 "--epochs", "1"]) == 0
+    with open(out / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["slide_id"]: r["patient_id"] for r in rows} == pats
+    ev = json.loads((out / "evaluation.json").read_text())
+    assert ev["resampled"] == "patients" and ev["n_patients"] == 4
+
+
 def test_canvas_cache_is_reused_and_memory_mapped(slides, tmp_path) -> None:  # noqa: ANN001
     a = cached_canvas(slides / "s2.tif", tmp_path / "cache", 2.0, 4096, 32)
     b = cached_canvas(slides / "s2.tif", tmp_path / "cache", 2.0, 4096, 32)

@@ -108,12 +108,15 @@ def run_training(slides: str, labels: str, out: str, cfg: TrainConfig, log: Any 
                 return {"stopped": state["stopped"], "fold": k, "epoch": state["epoch"]}
             load_weights(model, fold_dir / "best.safetensors")
             _, probs = evaluate(model, [canvases[i] for i in te], [int(y[i]) for i in te], cfg, device, dtype)
-            write_predictions(pred_path, [table.slide_ids[i] for i in te], y[te], probs, k)
+            write_predictions(pred_path, [table.slide_ids[i] for i in te], y[te], probs, k,
+                              patient_ids=[table.patient_ids[i] for i in te] if table.has_patients else None)
     # pool the folds' test predictions with the evaluation protocol's reader (one row per slide)
     (out_dir / "predictions.csv").unlink(missing_ok=True)
     pred = read_predictions(out_dir)  # reads fold*/predictions.csv
-    write_predictions(out_dir / "predictions.csv", pred.slide_ids, pred.labels, pred.probs, pred.folds)
-    res = evaluate_predictions(pred, out=out_dir)
+    patients = dict(zip(table.slide_ids, table.patient_ids)) if table.has_patients else None  # CIs over patients
+    write_predictions(out_dir / "predictions.csv", pred.slide_ids, pred.labels, pred.probs, pred.folds,
+                      patient_ids=[patients[s] for s in pred.slide_ids] if patients else None)
+    res = evaluate_predictions(out_dir / "predictions.csv", out=out_dir)  # with its patients
     auc = res["metrics"]["auc"]
     run.finish(auc=auc["value"], auc_ci=[auc["ci_low"], auc["ci_high"]], n_slides=res["n_slides"])
     log(f"AUC {auc['value']:.3f} [{auc['ci_low']:.3f}, {auc['ci_high']:.3f}]")
