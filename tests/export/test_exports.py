@@ -168,3 +168,32 @@ def test_tissue_of_tiles_of_another_size_is_not_taken_for_the_features_tiles(tmp
     assert any(abs(t64[c] - t128[c]) > 0.1 for c in set(t64) & set(t128))  # corners both grids have, other fractions
     a, _ = build_anndata([out])
     assert np.isnan(a.obs["tissue"].to_numpy()).all()
+
+
+def test_a_run_trained_on_a_relative_features_path_is_not_called_gone_from_elsewhere(tiny, tmp_path, monkeypatch):
+    """run.json keeps the option as typed (`--features out`) and the input's absolute path; the viewer, started in
+    another folder, read the typed one and said the features folder was gone."""
+    import shutil
+
+    from gigaslide.export import load_run
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny.run, run)
+    feats = tmp_path / "work" / "out"
+    feats.mkdir(parents=True)
+    meta = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
+    meta.setdefault("config", {})["features"] = "out"
+    meta.setdefault("inputs", {})["features"] = {"path": str(feats)}
+    (run / "run.json").write_text(json.dumps(meta))
+    monkeypatch.chdir(tmp_path)  # not the folder the run was started in
+    assert not any("is gone" in p for p in load_run(run).problems)
+    shutil.rmtree(feats)
+    assert any(f"{feats} is gone" in p for p in load_run(run).problems)
+
+
+def test_a_slide_file_given_as_the_output_folder_is_named_as_a_file(tmp_path):
+    from gigaslide.export.catalog import scan_out_dir
+
+    (tmp_path / "v0.tif").write_bytes(b"II*\x00")
+    with pytest.raises(GigaslideError, match="is a file, not an encode output folder"):
+        scan_out_dir(tmp_path / "v0.tif")

@@ -241,3 +241,19 @@ def test_a_lattice_of_tiles_leaves_no_seams_in_the_heatmap(ds):
         cx, cy = (coords[k] + 128) / ds
         assert grid[int(cy), int(cx)] == k / 100
     assert np.isnan(grid[n + 2:, :]).all()
+
+
+def test_a_heatmap_is_written_in_the_format_its_name_says(tmp_path):
+    """`--out a.jpg` used to get PNG bytes; an extension matplotlib cannot write is one line before any drawing."""
+    from gigaslide.errors import GigaslideError
+    from gigaslide.mil.heatmap import draw_heatmap
+
+    thumb = np.full((40, 60, 3), 230, np.uint8)
+    coords, vals = np.array([[0, 0], [64, 0]]), np.array([0.2, 0.9])
+    magic = {"a.png": b"\x89PNG", "a.jpg": b"\xff\xd8", "a.pdf": b"%PDF", "a.svg": b"<?xml"}
+    for name, head in magic.items():
+        draw_heatmap(thumb, 4.0, coords, vals, 64.0, tmp_path / name)
+        assert (tmp_path / name).read_bytes().startswith(head), name
+    with pytest.raises(GigaslideError, match=r"cannot write a heatmap as \.xyz"):
+        draw_heatmap(thumb, 4.0, coords, vals, 64.0, tmp_path / "a.xyz")
+    assert not (tmp_path / "a.xyz").exists()

@@ -81,6 +81,9 @@ def _slide_path(recorded: list[str | None], out_dir: Path) -> Path | None:
 def scan_out_dir(out: str | os.PathLike) -> tuple[list[SlideEntry], list[str]]:
     """Slides of one encode output folder and a list of problems (one line each) found on the way."""
     d = Path(out)
+    if d.is_file():  # e.g. `gigaslide view slide.svs`
+        raise GigaslideError("is a file, not an encode output folder", path=d,
+                             fix="pass the --out folder of `gigaslide encode` (the one holding features/ and patches/)")
     if not d.is_dir():
         raise GigaslideError("output folder not found", path=d, fix="pass the --out folder of `gigaslide encode`")
     problems: list[str] = []

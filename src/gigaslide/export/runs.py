@@ -107,12 +107,16 @@ def load_run(path: str | os.PathLike, name: str | None = None) -> Run:
 
 
 def _features_path(meta: dict[str, Any]) -> str | None:
-    """The features folder a run was trained on, wherever its run.json records it."""
+    """The features folder a run was trained on, wherever its run.json records it: the input's absolute path first
+    (the option as typed may be relative to the folder the run was started in, so looked up from another it seemed
+    gone)."""
+    inp = (meta.get("inputs") or {}).get("features")
+    if isinstance(inp, dict) and isinstance(inp.get("path"), str):
+        return inp["path"]
     for d in (meta, meta.get("config") or {}):
         if isinstance(d.get("features"), str):
             return d["features"]
-    inp = (meta.get("inputs") or {}).get("features")
-    return inp.get("path") if isinstance(inp, dict) else None
+    return None
 
 
 def load_runs(paths: list[str | os.PathLike], problems: list[str] | None = None) -> list[Run]:

@@ -65,13 +65,19 @@ def paint_tiles(shape: tuple[int, int], coords: np.ndarray, values: np.ndarray, 
 def draw_heatmap(thumb: np.ndarray, downsample: float, coords: np.ndarray, values: np.ndarray, tile_size0: float,
                  out: str | os.PathLike, *, title: str = "", label: str = "attention (percentile)",
                  tumor_coords: np.ndarray | None = None, alpha: float = 0.5, tumor_size0: float | None = None) -> Path:
-    """Paint per-tile ``values`` in [0, 1] over ``thumb`` (``downsample`` level-0 px per thumb px), PNG + colour bar;
-    ``tumor_coords`` (level-0 top-left corners of ground-truth cells of side ``tumor_size0``, default the tiles')
-    are outlined."""
+    """Paint per-tile ``values`` in [0, 1] over ``thumb`` (``downsample`` level-0 px per thumb px) with a colour bar,
+    in the format ``out``'s extension names (.png, .jpg, .pdf, .svg, ...: the PNG bytes were written whatever the
+    name); ``tumor_coords`` (level-0 top-left corners of ground-truth cells of side ``tumor_size0``, default the
+    tiles') are outlined."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fmt = Path(out).suffix.lower().lstrip(".") or "png"
+    if fmt not in FigureCanvasAgg(plt.Figure()).get_supported_filetypes():
+        raise GigaslideError(f"cannot write a heatmap as .{fmt}", path=out, fix="name it .png, .jpg, .pdf or .svg")
 
     h, w = thumb.shape[:2]
     grid = paint_tiles((h, w), coords, values, tile_size0, downsample)
@@ -85,8 +91,8 @@ def draw_heatmap(thumb: np.ndarray, downsample: float, coords: np.ndarray, value
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label=label)
     fig.tight_layout()
-    with atomic.atomic_path(out, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    with atomic.atomic_path(out, suffix=f".{fmt}") as tmp:
+        fig.savefig(tmp, format=fmt, dpi=110)
     plt.close(fig)
     return Path(out)
 
