@@ -308,3 +308,53 @@ def test_a_run_written_by_a_newer_format_is_refused(tmp_path):
     run.update()
     with pytest.raises(GigaslideError, match="format version"):
         read_run(tmp_path / "run")
+
+
+def test_an_encode_output_is_fingerprinted_by_its_features_so_a_rerun_that_changes_none_resumes(tmp_path):
+    """A re-run of encode rewrites OUT/manifest.json (times, a broken slide tried again) and OUT/locks/ without
+    changing a feature file: a training on OUT resumes (it was refused as 'another run'); a changed feature file is
+    still refused."""
+    from gigaslide.errors import GigaslideError
+    from gigaslide.runs import open_run
+
+    out = tmp_path / "feats"
+    (out / "features").mkdir(parents=True)
+    (out / "locks").mkdir()
+    (out / "features" / "a.h5").write_bytes(b"A" * 100)
+    (out / "manifest.json").write_text('{"slides": {"bad": {"status": "failed", "time": "10:00"}}}')
+    run = open_run(tmp_path / "run", "mil", {"lr": 1}, inputs={"features": out})
+    del run
+    (out / "manifest.json").write_text('{"slides": {"bad": {"status": "failed", "time": "11:00:00"}}}')
+    (out / "locks" / "bad.failed").write_text("{}")
+    (out / "grid.png").write_bytes(b"png")
+    run = open_run(tmp_path / "run", "mil", {"lr": 1}, inputs={"features": out})
+    assert run.resumed
+    del run
+    (out / "features" / "a.h5").write_bytes(b"B" * 100)
+    with pytest.raises(GigaslideError, match="holds another run"):
+        open_run(tmp_path / "run", "mil", {"lr": 1}, inputs={"features": out})
+
+
+def test_a_run_recorded_with_the_whole_encode_folders_fingerprint_still_resumes(tmp_path):
+    """Runs started before encode outputs were hashed by features/ alone recorded the whole folder's listing: they
+    resume while the folder is as it was, and are refused when a feature file changed."""
+    import json
+
+    from gigaslide.errors import GigaslideError
+    from gigaslide.runs import _content_key, _listing, open_run
+
+    out = tmp_path / "feats"
+    (out / "features").mkdir(parents=True)
+    (out / "features" / "a.h5").write_bytes(b"A" * 100)
+    (out / "manifest.json").write_text("{}")
+    first = open_run(tmp_path / "run", "mil", {"lr": 1}, inputs={"features": out})
+    del first
+    rec = json.loads((tmp_path / "run" / "run.json").read_text())
+    rec["identity"]["input:features"] = _content_key(_listing(out))  # as the older code recorded it
+    (tmp_path / "run" / "run.json").write_text(json.dumps(rec))
+    run = open_run(tmp_path / "run", "mil", {"lr": 1}, inputs={"features": out})
+    assert run.resumed
+    del run
+    (out / "features" / "a.h5").write_bytes(b"B" * 100)
+    with pytest.raises(GigaslideError, match="holds another run"):
+        open_run(tmp_path / "run", "mil", {"lr": 1}, inputs={"features": out})

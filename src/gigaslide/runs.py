@@ -84,12 +84,23 @@ def fingerprint(path: str | os.PathLike) -> dict[str, Any]:
 
     A file is hashed whole; a folder by its listing: each file's relative name, size and the hash of its first
     and last 64 KiB — so a folder whose files are rewritten (e.g. re-encoded features) no longer matches.
+    An encode output (``manifest.json`` beside ``features/``) is hashed by its ``features/`` folder, the files
+    that are read from it (``gigaslide.features.store.list_feature_files``): its manifest (times, a failed slide
+    tried again), locks and overlays change on every re-run that changes no features, and refused to resume a
+    training on the same features.
     """
     p = Path(path)
     if p.is_file():
         return {"path": str(p.resolve()), "files": 1, "bytes": p.stat().st_size, "sha256": file_sha256(p)}
     if not p.is_dir():
         raise GigaslideError("input not found", path=p, fix="check the path")
+    if (p / "manifest.json").is_file() and (p / "features").is_dir():
+        return {**fingerprint(p / "features"), "path": str(p.resolve()), "hashed": "features/"}
+    return _listing(p)
+
+
+def _listing(p: Path) -> dict[str, Any]:
+    """A folder's fingerprint by the listing of all its files (see :func:`fingerprint`)."""
     h = hashlib.sha256()
     n = size = 0
     for f in sorted(q for q in p.rglob("*") if q.is_file()):
@@ -551,6 +562,11 @@ def _open_locked(run_dir: Path, kind: str, identity: Mapping[str, Any], config: 
         if old.get("run_kind") != kind:
             raise GigaslideError(f"run folder holds a run of another kind ({old.get('run_kind')!r}, not {kind!r})",
                                  path=run_dir, fix="choose a new --out")
+        for k, fp in fps.items():  # a run recorded before encode outputs were hashed by their features/ alone
+            key, was = f"input:{k}", old.get("identity", {}).get(f"input:{k}")
+            if fp.get("hashed") == "features/" and was is not None and was != ident[key] \
+                    and _jsonable(_content_key(_listing(Path(inputs[k])))) == was:  # type: ignore[index]
+                ident[key] = was
         check_identity(run_dir, old.get("identity", {}), ident)
     prov = Provenance(kind="run", seed=seed, **{k: v for k, v in (provenance or {}).items()
                                                 if k in ("mpp", "tile_size", "encoder", "encoder_weights_sha256")},

@@ -29,3 +29,29 @@ def test_mosaic_of_other_settings_is_rebuilt_same_is_kept(tmp_path):
     assert (mos / "slides" / "mosaic_0003.tiff").is_file() and (feats / "old.h5").is_file()
     _replace_other_mosaic(mos, feats, 6)  # --mosaic-slides changed: both folders go
     assert not mos.exists() and not feats.exists()
+
+
+def test_demo_report_names_files_that_exist_and_prints_its_table_header(tmp_path, monkeypatch, capsys):
+    """Every output REPORT.md names is there, relative to REPORT.md's folder (they were named relative to spine/); the
+    printed table has its header row (it started at the separator); real weights are not called random."""
+    import re
+
+    import gigaslide.testing as T
+    from gigaslide.cli.demo import demo
+    from gigaslide.encoders import build_encoder, export_encoder
+
+    monkeypatch.setattr(T, "shared_data_dir", lambda: None)  # generated slides
+    demo(out=str(tmp_path / "demo"), encoder="test_resnet", weights="random", mpp=4.0, tile_size=64, mosaic_slides=0)
+    printed = capsys.readouterr().out
+    assert "| slide | status | tiles | outputs / reason |\n|---|" in printed
+    report = (tmp_path / "demo" / "REPORT.md").read_text()
+    named = re.findall(r"[\w./-]+\.(?:h5|png|geojson)", report)
+    assert len(named) == 3 * 4, report
+    for rel in named:
+        assert (tmp_path / "demo" / rel).is_file(), rel
+    assert "random network" in report
+    enc = build_encoder("test_resnet", "random", seed=3)
+    export_encoder(tmp_path / "enc", enc.trunk, enc.spec)
+    demo(out=str(tmp_path / "demo2"), encoder=str(tmp_path / "enc"), weights="default", mpp=4.0, tile_size=64,
+         mosaic_slides=0)
+    assert "random network" not in (tmp_path / "demo2" / "REPORT.md").read_text()

@@ -87,7 +87,10 @@ def test_encode_end_to_end_with_dashes_and_config(tmp_path, synthetic_slide, cap
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("encoder: test_resnet\nweights: random\nmpp: 1.0\ntile_size: 64\nworkers: 0\n")
     assert main(["encode", str(synthetic_slide), "--out", str(tmp_path / "o"), "--config", str(cfg)]) == 0
-    assert "skipped 1 finished" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "skipped 1 finished" in out
+    # nothing encoded this time: no precision is named (it said fp32 of a run whose files are bf16 / auto)
+    assert "(0 tiles;" in out and "fp32" not in out
 
 
 def test_config_keys_may_be_spelled_with_dashes_as_help_shows_them(tmp_path):
@@ -244,3 +247,19 @@ def test_a_list_option_given_twice_keeps_every_value():
     assert kwargs["runs"] == ["A", "B", "C"]
     _, kwargs = parse(["encode", "a.svs", "--out", "x", "--mpp", "1", "--mpp", "2"])  # a scalar: the last one wins
     assert kwargs["mpp"] == 2.0
+
+
+@pytest.mark.parametrize("argv,named", [(["encode"], "SLIDES, --out"), (["encode", "a.svs"], "required: --out"),
+                                        (["info"], "required: SLIDE"),
+                                        (["evaluate", "tiles"], "--train, --test, --out")])
+def test_missing_arguments_are_named_as_help_shows_them(argv, named, capsys):
+    """jsonargparse names them by its keys (encode.slides, encode.out; evaluate.tiles.train), which no user types."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert named in err and "encode.out" not in err and "tiles.train" not in err
+
+
+def test_a_negative_tile_worker_count_is_refused(capsys):
+    """--tile-workers -2 was taken (and ran as one process) instead of named."""
+    assert main(["encode", "a.svs", "--out", "o", "--tile-workers", "-2"]) == 2
+    assert "--tile-workers -2 must not be negative" in capsys.readouterr().err

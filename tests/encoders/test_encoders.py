@@ -267,3 +267,113 @@ def test_a_training_checkpoint_with_teacher_and_student_gives_the_teacher():
     out = strip_prefixes(sd, {"blocks.0.w"})
     assert torch.equal(out["blocks.0.w"], t)
     assert torch.equal(strip_prefixes({"backbone.blocks.0.w": s}, {"blocks.0.w"})["blocks.0.w"], s)
+
+
+def test_an_empty_weights_file_is_one_line_naming_it(tmp_path):
+    """An interrupted download leaves a 0-byte .bin: torch.load's error has no text (was an IndexError traceback)."""
+    path = tmp_path / "pytorch_model.bin"
+    path.write_bytes(b"")
+    with pytest.raises(GigaslideError, match="weights file is empty") as e:
+        build_encoder("test_resnet", str(path))
+    assert str(path) in str(e.value)
+
+
+def test_torch_load_messages_lose_their_terminal_colour_codes(tmp_path):
+    path = tmp_path / "pickled.pt"
+    torch.save({"obj": object()}, path)
+    with pytest.raises(GigaslideError, match="cannot load weights") as e:
+        build_encoder("test_resnet", str(path))
+    assert "\x1b" not in str(e.value)
+
+
+def test_hub_cache_uses_the_snapshot_refs_main_names(tmp_path, monkeypatch):
+    """Two revisions in the cache: the one refs/main names is the model's weights (as huggingface_hub resolves them
+    offline), even when another revision's folder is newer."""
+    import os
+
+    main = build_encoder("test_resnet", "random", seed=1)
+    other = build_encoder("test_resnet", "random", seed=2)
+    repo = tmp_path / "models--timm--resnet18.a1_in1k"
+    for rev, enc in (("mainrev", main), ("oldrev", other)):
+        (repo / "snapshots" / rev).mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in enc.trunk.state_dict().items()},
+                  str(repo / "snapshots" / rev / "model.safetensors"))
+    os.utime(repo / "snapshots" / "mainrev", (1e9, 1e9))  # the older folder
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("mainrev")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.delenv("GIGASLIDE_WEIGHTS", raising=False)
+    from gigaslide.encoders.weights import resolve_hub_weights
+
+    assert resolve_hub_weights("hf-hub:timm/resnet18.a1_in1k").parent.name == "mainrev"
+
+
+def test_weights_may_be_a_downloaded_model_folder(tmp_path):
+    """``huggingface-cli download REPO --local-dir DIR`` (UNI's and Virchow's model cards) leaves a folder;
+    --weights DIR loads its weights file (it said 'weights file not found' of a folder that is there); a folder
+    without one says so."""
+    src = build_encoder("test_resnet", "random", seed=4)
+    (tmp_path / "uni").mkdir()
+    (tmp_path / "uni" / "config.json").write_text("{}")
+    torch.save({k: v.contiguous() for k, v in src.trunk.state_dict().items()}, tmp_path / "uni" / "pytorch_model.bin")
+    enc = build_encoder("test_resnet", str(tmp_path / "uni"))
+    with torch.no_grad():
+        torch.testing.assert_close(enc(_x()), src(_x()))
+    from gigaslide.provenance import file_sha256
+
+    assert enc.weights_id == "sha256:" + file_sha256(tmp_path / "uni" / "pytorch_model.bin")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(GigaslideError, match="folder holds no weights file"):
+        build_encoder("test_resnet", str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("var,sub", [("XDG_CACHE_HOME", "huggingface/hub"), ("HUGGINGFACE_HUB_CACHE", "")])
+def test_hub_cache_is_found_where_huggingface_hub_puts_it(tmp_path, monkeypatch, var, sub):
+    """huggingface_hub caches under $XDG_CACHE_HOME/huggingface/hub when that is set (clusters set it to scratch),
+    and honours the older HUGGINGFACE_HUB_CACHE: weights downloaded there were 'not in the local cache'."""
+    from gigaslide.encoders.weights import resolve_hub_weights
+
+    for v in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME", "GIGASLIDE_WEIGHTS"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    snap = tmp_path / "cache" / sub / "models--MahmoodLab--UNI" / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    (snap / "pytorch_model.bin").write_bytes(b"x")
+    monkeypatch.setenv(var, str(tmp_path / "cache"))
+    assert resolve_hub_weights("hf-hub:MahmoodLab/UNI") == snap / "pytorch_model.bin"
+
+
+def test_a_pretrain_run_folder_is_read_as_its_encoder_export(tmp_path):
+    """`--encoder RUN_DIR` (what `pretrain --init RUN_DIR` takes) was 'not an encoder export folder'."""
+    enc = build_encoder("test_resnet", "random", seed=5)
+    export_encoder(tmp_path / "run" / "encoder", enc.trunk, enc.spec)
+    back = build_encoder(str(tmp_path / "run"))
+    with torch.no_grad():
+        torch.testing.assert_close(back(_x()), enc(_x()))
+
+
+def test_weights_of_another_entry_name_the_entries_they_fit(tmp_path):
+    """'pick the --encoder these weights were trained for' left the user to guess; the error names the entries."""
+    src = build_encoder("resnet18", "random", seed=0)
+    path = tmp_path / "r18.safetensors"
+    save_file({k: v.contiguous() for k, v in src.trunk.state_dict().items()}, str(path))
+    with pytest.raises(GigaslideError, match="do not fit encoder 'resnet34'") as e:
+        build_encoder("resnet34", str(path))
+    assert "--encoder resnet18" in str(e.value)
+    assert "resnet50" not in str(e.value)
+
+
+@pytest.mark.parametrize("keep,other", [("encoder_q", "encoder_k"), ("base_encoder", "momentum_encoder")])
+def test_an_official_moco_checkpoint_gives_its_query_encoder(tmp_path, keep, other):
+    """MoCo v2 (module.encoder_q / encoder_k, queue) and v3 (module.base_encoder / momentum_encoder, predictor)
+    training checkpoints: the query / base encoder is loaded, never the momentum copy (they were refused)."""
+    src = build_encoder("test_resnet", "random", seed=6)
+    mom = build_encoder("test_resnet", "random", seed=7)
+    sd = {f"module.{keep}.{k}": v for k, v in src.trunk.state_dict().items()}
+    sd.update({f"module.{other}.{k}": v for k, v in mom.trunk.state_dict().items()})
+    sd[f"module.{keep}.fc.0.weight"] = torch.zeros(8, 8)  # the projection head
+    sd["module.queue"] = torch.zeros(8, 16)
+    torch.save({"epoch": 200, "arch": "resnet", "state_dict": sd}, tmp_path / "checkpoint_0199.pth.tar")
+    enc = build_encoder("test_resnet", str(tmp_path / "checkpoint_0199.pth.tar"))
+    with torch.no_grad():
+        torch.testing.assert_close(enc(_x()), src(_x()))

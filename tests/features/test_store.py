@@ -167,3 +167,16 @@ def test_a_file_of_a_newer_format_is_refused_in_one_line(tmp_path):
     store.save(tmp_path / "old.h5", np.zeros((2, 4), np.float32), [[0, 0], [256, 0]],
                attrs={"format_version": FORMAT_VERSION})
     assert len(store.load(tmp_path / "old.h5")) == 2
+
+
+def test_load_dir_reads_a_clam_feature_folder(tmp_path):
+    """CLAM's extract_features writes FEAT_DIR/h5_files/<slide>.h5 (and pt_files/): passing FEAT_DIR loads its .h5
+    files as an encode output's features/ folder is loaded (it was 'no feature files (*.h5) here')."""
+    (tmp_path / "clam" / "h5_files").mkdir(parents=True)
+    (tmp_path / "clam" / "pt_files").mkdir()
+    for sid in ("a", "b"):
+        with h5py.File(tmp_path / "clam" / "h5_files" / f"{sid}.h5", "w") as h:
+            h["features"] = np.full((2, 4), ord(sid), np.float32)
+            h["coords"] = np.array([[0, 0], [256, 0]], np.int64)
+    got = store.load_dir(tmp_path / "clam")
+    assert sorted(got) == ["a", "b"] and got["b"].features[0, 0] == ord("b")

@@ -43,6 +43,28 @@ def test_same_encoder_reuses_the_file_other_weights_rewrite_it(folder, tmp_path)
     assert store.load(tmp_path / "f.h5").attrs["encoder_weights_sha256"] == other.weights_id
 
 
+def test_the_same_weights_under_another_entry_are_embedded_again(folder, tmp_path):
+    """One weights file under two registry entries with other preprocessing (vit_small: ImageNet mean / std,
+    lunit_dino_vits16: Lunit's) gives other features: the file of the first is not 'reused' for the second."""
+    import dataclasses
+
+    from gigaslide.encoders import ENCODERS
+    from gigaslide.encoders.model import Encoder
+
+    enc = build_encoder("test_resnet", "random", seed=0)
+    lunit = dataclasses.replace(enc.spec, name="test_resnet_lunit", mean=ENCODERS.get("lunit_dino_vits16").mean,
+                                std=ENCODERS.get("lunit_dino_vits16").std)
+    other = Encoder(lunit, enc.trunk, enc.weights_id).eval()  # the same weights, other normalisation
+    embed_tile_folder(enc, folder, tmp_path / "f.h5")
+    s = embed_tile_folder(other, folder, tmp_path / "f.h5")
+    ff = store.load(tmp_path / "f.h5")
+    assert not s["reused"] and ff.attrs["encoder"] == "test_resnet_lunit"
+    assert ff.attrs["precision"] == "fp32"  # on a CPU; on a GPU autocast's bf16 / fp16, recorded as encode does
+    imgs = np.stack([np.asarray(Image.open(folder / c / f"{i}.png")) for c in "ab" for i in range(5)])
+    d = np.abs(ff.features[:, None] - embed_arrays(other, imgs)[None]).max(-1)
+    assert (d.min(1) < 1e-5).all()
+
+
 def test_an_unreadable_tile_is_named_and_left_out_and_the_job_goes_on(folder, tmp_path):
     """A batch job reports a broken item and goes on: the file holds the readable tiles with their own labels,
     and its fingerprint is that of those tiles, so it still pairs with another encoder's file of the folder."""

@@ -63,22 +63,24 @@ def demo(out: str = "demo_out", encoder: str = "resnet18", weights: str = "rando
     print(f"[1/{n_steps}] tiles -> features: {len(slides)} {source}, {encoder} ({weights} weights), {mpp} µm/px, {tile_size} px")
     res = encode_slides(slides, outp / "spine", enc, TilingParams(mpp, tile_size, 0, 0.25), batch_size=32,
                         slide_mpp=str(mpp_csv))  # the table lists only slides whose files carry no mpp
-    lines = ["# gigaslide demo report", "", f"Source: {source}. Encoder `{encoder}` with {weights} weights "
-             "(no weights can be downloaded on this machine; features of a random network are a pipeline check, not a result).",
+    table_head = "| slide | status | tiles | outputs / reason |"
+    caveat = (" (no weights can be downloaded on this machine; features of a random network are a pipeline check, "
+              "not a result)") if weights == "random" else f" (weights {enc.weights_id[:23]}...)"
+    lines = ["# gigaslide demo report", "", f"Source: {source}. Encoder `{encoder}` with {weights} weights{caveat}.",
              f"Resolution {mpp} µm/px, tiles {tile_size} px; slides without an mpp in their metadata use the values in "
              f"`{mpp_csv.name}` (assumed for the demo).", "",
-             "| slide | status | tiles | outputs / reason |", "|---|---|---|---|"]
+             table_head, "|---|---|---|---|"]
     from gigaslide.features import store
 
     for sid in res.done + res.skipped:
         ff = store.load(outp / "spine" / "features" / f"{sid}.h5")
-        lines.append(f"| {sid} | done | {len(ff)} | features/{sid}.h5 [{len(ff)}×{ff.dim}], tissue/{sid}.png, "
-                     f"tissue/{sid}.geojson, grid/{sid}.png |")
+        lines.append(f"| {sid} | done | {len(ff)} | spine/features/{sid}.h5 [{len(ff)}×{ff.dim}], "  # from REPORT.md
+                     f"spine/tissue/{sid}.png, spine/tissue/{sid}.geojson, spine/grid/{sid}.png |")
     for sid, err in res.failed.items():
         lines.append(f"| {sid} | failed (reported, batch went on) | 0 | {err.replace('|', '/')} |")
-    lines += ["", f"Encoded {res.tiles} tiles at {res.tiles / max(res.seconds, 1e-9):.1f} tiles/s ({res.precision}); "
-              f"total {time.perf_counter() - t0:.1f} s."]
-    print("\n".join(lines[6:]))
+    speed = f" at {res.tiles / max(res.seconds, 1e-9):.1f} tiles/s ({res.precision})" if res.tiles else ""
+    lines += ["", f"Encoded {res.tiles} tiles{speed}; total {time.perf_counter() - t0:.1f} s."]
+    print("\n".join(lines[lines.index(table_head):]))  # the table with its header row
     if mosaic_slides:
         lines += _slide_level(outp, encoder, weights, mosaic_slides, n_steps)
     report = atomic.write_text(outp / "REPORT.md", "\n".join(lines) + "\n")

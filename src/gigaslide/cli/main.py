@@ -236,6 +236,14 @@ def _append_repeated_lists(commands: dict[str, Any], name: str, args: list[str])
     return out
 
 
+def _positionals(commands: dict[str, Any]) -> set[str]:
+    """The parameter names every command takes from positional values (``slides``, ``slide`` ...)."""
+    out: set[str] = set()
+    for cmd in commands.values():
+        out |= _positionals(cmd) if isinstance(cmd, dict) else {cmd.positional} - {None}
+    return out
+
+
 def parse(argv: Sequence[str] | None = None) -> tuple[Command, dict[str, Any]]:
     """The command and its checked keyword arguments. Every failure here is one :class:`GigaslideError`
     line (wrong type, unknown option, a value no command can use: see :mod:`gigaslide.cli.validate`),
@@ -257,7 +265,7 @@ def parse(argv: Sequence[str] | None = None) -> tuple[Command, dict[str, Any]]:
     except (GigaslideError, SystemExit, KeyboardInterrupt):
         raise
     except ArgumentError as e:
-        raise parse_error_line(str(e), name) from None
+        raise parse_error_line(str(e), name, _positionals(commands)) from None
     except Exception as e:  # noqa: BLE001 - a parser/validation failure must stay one line
         raise parse_error_line(f"cannot read the command line ({type(e).__name__}: {e})", name) from None
     return cmd, kwargs

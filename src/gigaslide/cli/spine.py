@@ -66,7 +66,8 @@ def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, ov
         tile_size: tile size in pixels at the target resolution
         overlap: overlap between neighbouring tiles in pixels at the target resolution
         min_tissue: keep tiles whose tissue fraction is at least this
-        slide_mpp: scan resolution override (µm/px at level 0) for slides without it, or a CSV slide_id,mpp
+        slide_mpp: scan resolution override (µm/px at level 0; a number applies to every slide, also those whose
+            file has one), or a CSV slide_id,mpp
         background: auto (detected from the thumbnail), bright (bright-field glass) or dark (fluorescence)
         workers: processes tiling slides at once, one slide each (default: the cores; 1 = one after another)
         tissue_from: folder of tissue annotations, one <slide_id>.geojson per slide (QuPath: Export objects as
@@ -150,9 +151,10 @@ def encoders() -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    print("\nweights: --weights PATH (.safetensors/.pt), a hub id from the local cache (default), RUN_DIR/encoder "
-          "exports, or 'random' (tests/benchmarks only); cached = the hub weights are in the local cache (HF_HUB_CACHE, "
-          "HF_HOME or GIGASLIDE_WEIGHTS); gated models: accept the licence and download them on a machine with internet")
+    print("\nweights: --weights PATH (.safetensors/.pt/.bin, or a downloaded model folder), a hub id from the local "
+          "cache (default), RUN_DIR/encoder exports, or 'random' (tests/benchmarks only); cached = the hub weights are "
+          "in the local cache (GIGASLIDE_WEIGHTS, HF_HUB_CACHE, HF_HOME or XDG_CACHE_HOME); gated models: accept the "
+          "licence and download them on a machine with internet")
 
 
 def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str = "default", mpp: float = 0.5,
@@ -171,15 +173,18 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
     OUT/patches/, OUT/tissue/, OUT/grid/ and OUT/manifest.json (status, error and timing per slide).
     A re-run skips finished slides (a slide whose scan changed -- a corrected --slide-mpp, another file under its
     name: level-0 mpp or size differ -- is tiled and encoded again); a broken slide is reported and the others go
-    on. Several runs (or
+    on. A re-run with another encoder, weights or tiling setting encodes the slides again and replaces their
+    features: give each encoder its own OUT. Several runs (or
     `torchrun --nproc-per-node N -m gigaslide encode ...`, or SLURM tasks) may share one OUT: slides are
     locked one by one (OUT/locks/), split longest first, and a dead run's slides are taken over.
 
     Args:
         slides: slide files or folders of slides
         out: output folder
-        encoder: registry name (see `gigaslide encoders`) or an exported encoder folder (RUN_DIR/encoder)
-        weights: default (the encoder's own / local hub cache), a .safetensors/.pt path, or random (tests only)
+        encoder: registry name (see `gigaslide encoders`) or an exported encoder folder (RUN_DIR/encoder, or the
+            pretrain RUN_DIR)
+        weights: default (the encoder's own / local hub cache), a .safetensors/.pt/.pth/.bin path or a downloaded
+            model folder (its weights file), or random (tests only)
         mpp: target resolution in µm per pixel
         tile_size: tile size in pixels at the target resolution (resized to the encoder's input size)
         overlap: overlap between tiles in pixels at the target resolution
@@ -233,7 +238,9 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
                             compile_model=compile, tile_workers=tile_workers, tile_ahead=tile_ahead,
                             fold_bn=fold_bn, decode_device=decode_device, downsample=downsample)
     rate = res.tiles / res.seconds if res.seconds else 0.0
-    print(f"encoded {len(res.done)} slides ({res.tiles} tiles, {rate:.1f} tiles/s, {res.precision}; "
+    # the precision only of tiles encoded now: with none, res.precision is a placeholder (fp32), not the files'
+    speed = f", {rate:.1f} tiles/s, {res.precision}" if res.tiles else ""
+    print(f"encoded {len(res.done)} slides ({res.tiles} tiles{speed}; "
           f"{res.tiling_seconds:.1f} s of {res.seconds:.1f} s tiling before encoding), "
           f"skipped {len(res.skipped)} finished, failed {len(res.failed)} -> {Path(out) / 'features'}")
     for sid, who in res.others.items():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ AT_LEAST_ONE = frozenset({
 #: Integers that must be >= 0.
 NON_NEGATIVE = frozenset({
     "workers", "overlap", "seed", "bootstrap", "patience", "freeze_epochs", "warmup", "fold", "mosaic_slides", "n_local",
-    "checkpoint_every_steps", "level",
+    "checkpoint_every_steps", "level", "tile_workers",
 })
 #: Floats that must be > 0.
 POSITIVE = frozenset({"mpp", "region_mpp", "lr", "head_lr", "temperature", "max_gb", "slide_mpp", "scale"})
@@ -115,11 +115,17 @@ def json_object(flag: str, text: str | None, example: str) -> dict[str, Any]:
     return value
 
 
-def parse_error_line(message: str, command: str) -> GigaslideError:
-    """jsonargparse's (multi-line) message about the command line -> one line with a fix."""
+def parse_error_line(message: str, command: str, positionals: Iterable[str] = ()) -> GigaslideError:
+    """jsonargparse's (multi-line) message about the command line -> one line with a fix. Missing arguments are named
+    as ``--help`` shows them (``SLIDES, --out``; jsonargparse says ``encode.slides, encode.out``); ``positionals``: the
+    names taken from positional values."""
     import re
 
     text = " ".join(ln.strip() for ln in str(message).splitlines() if ln.strip())
+    pos = set(positionals)
+    text = re.sub(r"(arguments are required: )(.*)$", lambda m: m.group(1) + ", ".join(
+        (k.upper() if k in pos else _flag(k)) for k in (a.strip().split(".")[-1] for a in m.group(2).split(","))),
+        text)
     text = re.sub(r'Parser key "([a-z0-9_.]+)"', lambda m: _flag(m.group(1).split(".")[-1]), text)
     text = text.replace("<class '", "").replace("'>", "")
     if len(text) > 300:

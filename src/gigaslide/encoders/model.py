@@ -14,7 +14,7 @@ from torch import nn
 from gigaslide import atomic
 from gigaslide.encoders.specs import ENCODERS, EncoderSpec
 from gigaslide.encoders.vit_layout import to_timm_layout
-from gigaslide.encoders.weights import read_state_dict, resolve_hub_weights, strip_prefixes
+from gigaslide.encoders.weights import read_state_dict, resolve_hub_weights, strip_prefixes, weights_file
 from gigaslide.errors import GigaslideError
 from gigaslide.provenance import file_sha256
 
@@ -114,7 +114,33 @@ def load_weights_into(trunk: nn.Module, sd: dict[str, torch.Tensor], source: str
     """Load ``sd`` into ``trunk`` (wrapper prefixes and heads dropped, a ViT's position embedding resampled to the
     trunk's grid), or a one-line error naming what does not fit. ``assign``: the checkpoint's tensors become the
     trunk's (cast to its dtypes), for a trunk made on the meta device. A ViT checkpoint may be in the original
-    DINOv2 or a Hugging Face ``transformers`` layout (:mod:`gigaslide.encoders.vit_layout`)."""
+    DINOv2 or a Hugging Face ``transformers`` layout (:mod:`gigaslide.encoders.vit_layout`); weights that do not fit
+    name the registry entries they do fit (:func:`fitting_encoders`)."""
+    raw = sd
+    own = trunk.state_dict()
+    try:
+        sd, missing, bad_shape, stray, unexpected = _fit(trunk, sd, source, spec)
+    except GigaslideError as e:  # a position embedding of another variant
+        fits = fitting_encoders(raw, exclude=spec.name)
+        if fits:
+            raise GigaslideError(e.what, path=source, fix=f"they fit --encoder {' or '.join(fits)}") from None
+        raise
+    if missing or bad_shape or stray:
+        fits = fitting_encoders(raw, exclude=spec.name)
+        raise GigaslideError(
+            f"weights do not fit encoder '{spec.name}' ({spec.arch}): {len(missing)} missing "
+            f"(e.g. {missing[:2]}), {len(bad_shape)} with other shapes (e.g. {bad_shape[:2]}), {len(unexpected)} "
+            f"unexpected{f' (e.g. {stray[:2]})' if stray else ''}",
+            path=source, fix=(f"they fit --encoder {' or '.join(fits)}" if fits else
+                              "pick the --encoder these weights were trained for (see `gigaslide encoders`)"),
+        )
+    trunk.load_state_dict({k: sd[k].to(own[k].dtype) if assign else sd[k] for k in own}, strict=True, assign=assign)
+
+
+def _fit(trunk: nn.Module, sd: dict[str, torch.Tensor], source: str,
+         spec: EncoderSpec) -> tuple[dict[str, torch.Tensor], list[str], list[str], list[str], list[str]]:
+    """``sd`` as ``trunk`` would load it (layout converted, prefixes and heads dropped, position embedding resampled)
+    and what does not fit: (state dict, missing, other shapes, unexpected parts of the trunk's own, unexpected)."""
     own = trunk.state_dict()
     if spec.family == "vit" and getattr(trunk, "patch_embed", None) is not None:
         sd = to_timm_layout(sd, trunk)
@@ -130,14 +156,31 @@ def load_weights_into(trunk: nn.Module, sd: dict[str, torch.Tensor], source: str
     own_tops = {k.split(".", 1)[0] for k in own}
     stray = [k for k in unexpected if k.split(".", 1)[0] in own_tops]
     bad_shape = [k for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or bad_shape or stray:
-        raise GigaslideError(
-            f"weights do not fit encoder '{spec.name}' ({spec.arch}): {len(missing)} missing "
-            f"(e.g. {missing[:2]}), {len(bad_shape)} with other shapes (e.g. {bad_shape[:2]}), {len(unexpected)} "
-            f"unexpected{f' (e.g. {stray[:2]})' if stray else ''}",
-            path=source, fix="pick the --encoder these weights were trained for (see `gigaslide encoders`)",
-        )
-    trunk.load_state_dict({k: sd[k].to(own[k].dtype) if assign else sd[k] for k in own}, strict=True, assign=assign)
+    return sd, missing, bad_shape, stray, unexpected
+
+
+def fitting_encoders(sd: dict[str, torch.Tensor], exclude: str | None = None, limit: int = 4) -> list[str]:
+    """Registry entries (not the tests' tiny ones) whose architecture loads ``sd``: the names a wrong ``--encoder``'s
+    error suggests. Each architecture is made once, on the meta device (no memory, seconds for the whole registry)."""
+    import json
+
+    fits: list[str] = []
+    verdict: dict[tuple[str, str], bool] = {}
+    for name, spec in ENCODERS.items():
+        if name == exclude or name.startswith("test_") or spec.embed_dim == 0:
+            continue
+        key = (spec.arch, json.dumps(spec.timm_kwargs, sort_keys=True, default=str), spec.family)
+        if key not in verdict:
+            try:
+                with torch.device("meta"):
+                    trunk = create_trunk(spec)
+                    _, missing, bad_shape, stray, _ = _fit(trunk, dict(sd), "", spec)
+                verdict[key] = not (missing or bad_shape or stray)
+            except Exception:  # noqa: BLE001 - an architecture that cannot take them is no suggestion
+                verdict[key] = False
+        if verdict[key]:
+            fits.append(name)
+    return fits[:limit]
 
 
 def _resampled_pos_embed(pos: torch.Tensor, own_pos: torch.Tensor, trunk: nn.Module, source: str,
@@ -183,11 +226,14 @@ def build_encoder(name: str, weights: str | None = "default", *, seed: int = 0) 
     """An :class:`Encoder` in eval mode.
 
     ``name``: a registry name (``gigaslide encoders``) or a folder exported by :func:`export_encoder`
-    (e.g. ``RUN_DIR/encoder``). ``weights``: ``"default"`` (the export's own weights, or the entry's
-    hub weights from the local cache), ``"random"`` (tests and benchmarks only: the features mean
-    nothing), or a path to ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin``.
+    (e.g. ``RUN_DIR/encoder``; a run folder ``RUN_DIR`` holding one is read as it). ``weights``: ``"default"``
+    (the export's own weights, or the entry's hub weights from the local cache), ``"random"`` (tests and benchmarks
+    only: the features mean nothing), or a path to ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin`` (a downloaded
+    model folder: its weights file, :func:`~gigaslide.encoders.weights.weights_file`).
     """
     folder = Path(name)
+    if not (folder / EXPORT_SPEC).is_file() and (folder / "encoder" / EXPORT_SPEC).is_file():
+        folder = folder / "encoder"  # a pretrain run folder: its export, as pretrain --init reads RUN_DIR
     if (folder / EXPORT_SPEC).is_file():
         spec = _spec_from_export(folder)
         if weights in (None, "default"):
@@ -203,7 +249,7 @@ def build_encoder(name: str, weights: str | None = "default", *, seed: int = 0) 
             raise GigaslideError(f"encoder '{spec.name}' has no default weights", fix="pass --weights PATH or --weights random")
         path = resolve_hub_weights(spec.hub)
     elif weights != "random":
-        path = Path(weights)
+        path = weights_file(weights)  # a folder of a hub download: its weights file
     sd = None if path is None else read_state_dict(path)
     torch.manual_seed(seed)
     trunk = None

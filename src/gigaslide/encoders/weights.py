@@ -4,15 +4,39 @@ gigaslide checkpoints, and hub ids resolved from a local cache (never downloaded
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
 
 from gigaslide.errors import GigaslideError
 
-#: Prefixes stripped from checkpoint keys (DDP, ``torch.compile``, SSL wrappers, timm/lightly backbones).
+#: Prefixes stripped from checkpoint keys (DDP, ``torch.compile``, SSL wrappers, timm/lightly backbones, the query
+#: encoder of the official MoCo v2 / v3 checkpoints).
 STRIP_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.", "trunk.", "teacher.backbone.",
-                  "student.backbone.")
+                  "student.backbone.", "encoder_q.", "base_encoder.")
+#: Training checkpoints holding two copies of the network: (the one evaluated and released, the other).
+TWIN_NETWORKS = (("teacher.", "student."), ("encoder_q.", "encoder_k."), ("base_encoder.", "momentum_encoder."))
+
+
+#: Weight file names of a hub model's folder, in the order they are taken.
+HUB_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.safetensors", "pytorch_model.bin",
+                    "open_clip_pytorch_model.bin")
+
+
+def weights_file(path: str | os.PathLike) -> Path:
+    """``path`` itself, or for a folder (``huggingface-cli download REPO --local-dir DIR``, as UNI's and Virchow's model
+    cards do it, or a cache snapshot; an encoder export) the weights file in it: the first of :data:`HUB_WEIGHT_NAMES`,
+    then an export's ``weights.safetensors``."""
+    p = Path(path)
+    if not p.is_dir():
+        return p
+    names = (*HUB_WEIGHT_NAMES, "weights.safetensors")
+    found = next((p / n for n in names if (p / n).is_file()), None)
+    if found is None:
+        raise GigaslideError(f"folder holds no weights file ({', '.join(names)})", path=p,
+                             fix="pass the weights file itself with --weights (.safetensors / .pt / .pth / .bin)")
+    return found
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -20,6 +44,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
         raise GigaslideError("weights file not found", path=p, fix="check the --weights path")
+    if p.stat().st_size == 0:  # torch.load's error on it has no text: the message was an IndexError traceback
+        raise GigaslideError("weights file is empty (an interrupted download or copy?)", path=p,
+                             fix="download or copy the weights again")
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -35,7 +62,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except GigaslideError:
         raise
     except Exception as e:  # noqa: BLE001 - any unpickling/format error is a bad file for the user
-        raise GigaslideError(f"cannot load weights ({str(e).splitlines()[0][:200]})", path=p,
+        # torch's message: its first line, without the ANSI bold it sets some words in
+        first = re.sub(r"\x1b\[[0-9;]*m", "", (str(e).strip().splitlines() or [type(e).__name__])[0])
+        raise GigaslideError(f"cannot load weights ({first[:200]})", path=p,
                              fix="give a .safetensors file or a plain state_dict saved with torch.save (no pickled objects)") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise GigaslideError("file does not hold a state_dict of tensors", path=p, fix="save model.state_dict() instead")
@@ -45,11 +74,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def strip_prefixes(sd: dict[str, torch.Tensor], own_keys: set[str] | None = None) -> dict[str, torch.Tensor]:
     """Remove wrapper prefixes (``module.``, ``backbone.`` ...) key by key, stopping at a key the model has. A
     training checkpoint holding a teacher and a student (DINO, DINOv2) gives the teacher's weights, the model
-    those methods evaluate and release."""
+    those methods evaluate and release; one of MoCo v2 / v3 (``encoder_q`` / ``encoder_k``, ``base_encoder`` /
+    ``momentum_encoder``) its query / base encoder (the momentum copy was loaded over it, key by key)."""
     out = {}
-    teacher = any(k.startswith(("teacher.", "module.teacher.")) for k in sd)
+    # DINO's teacher; MoCo's query (v2: encoder_q) or base (v3) encoder, the one its linear evaluation uses
+    others = tuple(p for keep, other in TWIN_NETWORKS if any(k.removeprefix("module.").startswith(keep) for k in sd)
+                   for p in (other, "module." + other))
     for k, v in sd.items():
-        if teacher and k.startswith(("student.", "module.student.")):
+        if others and k.startswith(others):
             continue
         key = k
         while own_keys is None or key not in own_keys:
@@ -62,15 +94,26 @@ def strip_prefixes(sd: dict[str, torch.Tensor], own_keys: set[str] | None = None
 
 
 def cache_dirs() -> list[Path]:
-    """Where hub weights are looked for, in order."""
+    """Where hub weights are looked for, in order: GIGASLIDE_WEIGHTS, then the cache huggingface_hub itself uses
+    (HF_HUB_CACHE, its older name HUGGINGFACE_HUB_CACHE, else HF_HOME/hub, HF_HOME defaulting to
+    $XDG_CACHE_HOME/huggingface, else ~/.cache/huggingface)."""
     dirs = []
     if os.environ.get("GIGASLIDE_WEIGHTS"):
-        dirs.append(Path(os.environ["GIGASLIDE_WEIGHTS"]))
-    if os.environ.get("HF_HUB_CACHE"):
-        dirs.append(Path(os.environ["HF_HUB_CACHE"]))
-    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+        dirs.append(Path(os.environ["GIGASLIDE_WEIGHTS"]).expanduser())
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            dirs.append(Path(os.environ[var]).expanduser())
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+    hf_home = Path(os.environ.get("HF_HOME") or cache_home / "huggingface").expanduser()
     dirs.append(hf_home / "hub")
-    return dirs
+    return list(dict.fromkeys(dirs))
+
+
+def _ref(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def resolve_hub_weights(hub: str) -> Path:
@@ -78,15 +121,17 @@ def resolve_hub_weights(hub: str) -> Path:
     repo = hub.removeprefix("hf-hub:").removeprefix("hf_hub:")
     repo_id = repo.split("@")[0]
     folder = "models--" + repo_id.replace("/", "--")
-    names = ("model.safetensors", "pytorch_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
     looked = []
     for d in cache_dirs():
         candidates = [d / repo_id, d / repo_id.replace("/", "--")]
         snaps = d / folder / "snapshots"
         if snaps.is_dir():
-            candidates += sorted(snaps.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+            # the revision refs/main names first, as huggingface_hub resolves it offline (the newest folder may be an
+            # older revision fetched later, e.g. for a paper's results), then the others, newest first
+            main = _ref(d / folder / "refs" / "main")
+            candidates += sorted(snaps.iterdir(), key=lambda p: (p.name == main, p.stat().st_mtime), reverse=True)
         for c in candidates:
-            for n in names:
+            for n in HUB_WEIGHT_NAMES:
                 if (c / n).is_file():
                     return c / n
         looked.append(str(d))

@@ -265,15 +265,16 @@ def read_all_attrs(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
 
 
 def list_feature_files(directory: str | os.PathLike) -> list[Path]:
-    """All ``*.h5`` under ``directory`` (a ``features/`` subfolder is used when present)."""
+    """All ``*.h5`` under ``directory`` (its ``features/`` subfolder when present, gigaslide's layout; else CLAM's
+    ``h5_files/``: CLAM's extract_features writes FEAT_DIR/h5_files/ and FEAT_DIR/pt_files/)."""
     d = Path(directory)
     if d.is_file():
         return [d]
-    if (d / "features").is_dir():
-        d = d / "features"
+    d = next((d / sub for sub in ("features", "h5_files") if (d / sub).is_dir()), d)
     files = sorted(f for f in d.glob("*.h5") if not f.name.startswith(atomic.TMP_PREFIX))
     if not files:
-        raise GigaslideError("no feature files (*.h5) here", path=d, fix="run `gigaslide encode ... --out DIR` and pass DIR")
+        raise GigaslideError("no feature files (*.h5) here", path=d, fix="run `gigaslide encode ... --out DIR` and "
+                             "pass DIR (or a CLAM / TRIDENT folder of .h5)")
     return files
 
 

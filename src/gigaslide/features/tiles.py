@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gigaslide.devices import autocast_ctx
+from gigaslide.devices import autocast_ctx, resolve_precision
 from gigaslide.encoders.inference import for_inference
 from gigaslide.errors import GigaslideError
 from gigaslide.tiling.folders import labelled_images, read_image, subsample, tiles_fingerprint
@@ -95,9 +95,11 @@ def embed_tile_folder(encoder, folder: str | os.PathLike, out: str | os.PathLike
             old = store.load(out)
         except GigaslideError:
             old = None
+        # the encoder too, not only its weights: one weights file under two entries (vit_small, lunit_dino_vits16)
+        # is two preprocessings (mean / std, input size), so other features
         if old is not None and all(str(old.attrs.get(k)) == str(attrs[k])
-                                   for k in ("encoder_weights_sha256", "source_folder", "n_listed", "seed",
-                                             "listing_fingerprint")):
+                                   for k in ("encoder", "encoder_source", "encoder_weights_sha256", "source_folder",
+                                             "n_listed", "seed", "listing_fingerprint")):
             skipped = json.loads(old.attrs.get("skipped_files") or "{}")
             return {"out": str(out), "n": int(old.features.shape[0]), "dim": int(old.features.shape[1]),
                     "classes": classes, "images_per_s": None, "encoder": encoder.spec.name, "reused": True,
@@ -128,6 +130,7 @@ def embed_tile_folder(encoder, folder: str | os.PathLike, out: str | os.PathLike
     (h, w), = shapes if len(shapes) == 1 else ((0, 1),)
     fingerprint = tiles_fingerprint(folder, files, labels) if skipped else attrs["listing_fingerprint"]
     attrs.update(tile_size=int(h) if h == w else None, n_tiles=len(files), n_skipped=len(skipped),
+                 precision=resolve_precision(next(encoder.parameters()).device, "auto"),  # embed_arrays' autocast
                  tiles_fingerprint=fingerprint,
                  skipped_files=json.dumps(dict(list(skipped.items())[:MAX_SKIPPED_NAMES])) if skipped else None)
     store.save(out, feats, attrs={k: v for k, v in attrs.items() if v is not None}, labels=labels)
