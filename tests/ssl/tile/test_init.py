@@ -189,3 +189,19 @@ def test_dinov2_registry_entries_match_their_models():
         assert spec_shape(spec) == trunk_shape(trunk), n
         assert spec.embed_dim in (0, trunk.num_features), n
     assert spec_shape(ENCODERS.get("vit_giant_dinov2_reg")) == VitShape(14, 1536, 40, 4)
+
+
+def test_init_weights_of_another_cnn_name_the_backbones_they_fit(tmp_path):
+    """The loader names the registry entries the weights fit; --init used to replace that with 'pick the --backbone'."""
+    from safetensors.torch import save_file
+
+    from gigaslide.encoders import build_encoder
+    from gigaslide.ssl.tile.init import load_init_weights
+
+    src = build_encoder("resnet18", "random", seed=0)
+    path = tmp_path / "r18.safetensors"
+    save_file({k: v.contiguous() for k, v in src.trunk.state_dict().items()}, str(path))
+    spec = ENCODERS.get("resnet34")
+    with pytest.raises(GigaslideError) as e:
+        load_init_weights(create_trunk(spec), spec, str(path), "resnet34")
+    assert "they fit --backbone resnet18" in str(e.value) and "--encoder" not in str(e.value)

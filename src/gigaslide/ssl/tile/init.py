@@ -135,7 +135,8 @@ def load_init_weights(trunk: nn.Module, spec: EncoderSpec, init: str, backbone: 
         check_vit_state(sd, trunk, source, backbone)
     try:
         load_weights_into(trunk, sd, source, spec)
-    except GigaslideError as e:
-        raise GigaslideError(e.what, path=e.path,
-                             fix=f"these weights are not a {spec.arch}: pick the --backbone they were trained with") from None
+    except GigaslideError as e:  # the entries the weights fit, when the loader found some, named as --backbone
+        fits = e.fix.replace("--encoder", "--backbone") if e.fix and e.fix.startswith("they fit --encoder") else None
+        raise GigaslideError(e.what, path=e.path, fix=fits or f"these weights are not a {spec.arch}: pick the "
+                             "--backbone they were trained with") from None
     return source, (init_mask_token(sd, trunk) if spec.family == "vit" else None)
