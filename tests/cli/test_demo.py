@@ -55,3 +55,27 @@ def test_demo_report_names_files_that_exist_and_prints_its_table_header(tmp_path
     demo(out=str(tmp_path / "demo2"), encoder=str(tmp_path / "enc"), weights="default", mpp=4.0, tile_size=64,
          mosaic_slides=0)
     assert "random network" not in (tmp_path / "demo2" / "REPORT.md").read_text()
+
+
+def test_the_report_says_when_giga_ssl_did_not_learn(tmp_path):
+    """The demo showed the probe of a run whose loss stayed at ln(24) (view retrieval at chance) as Giga-SSL's result,
+    and run.json said learned: true from a 1e-4 cosine-gap tie-break; the report now says it did not learn."""
+    import json
+
+    from gigaslide.cli.demo import _gigassl_lines
+
+    gssl, lin = tmp_path / "gssl", tmp_path / "lin"
+    gssl.mkdir()
+    lin.mkdir()
+    hist = [{"retrieval_top1": 1 / 24, "cosine_gap": -1e-4}, {"retrieval_top1": 1 / 24, "cosine_gap": 0.0}]
+    rec = {"summary": {"learned": False, "exported_epoch": 2}, "history": hist,
+           "untrained_monitor": {"retrieval_top1": 1 / 24, "cosine_gap": -1e-4}, "raw_monitor": {"retrieval_top1": 1 / 24}}
+    (gssl / "run.json").write_text(json.dumps(rec))
+    (lin / "evaluation.json").write_text(json.dumps({"metrics": {"auc": {"value": 0.9, "ci_low": 0.75, "ci_high": 1}}}))
+    lines = _gigassl_lines(gssl, lin, lambda d, t: f"TABLE {t}", 24, "random")
+    text = "\n".join(lines)
+    assert "did **not learn**" in text and "top-1 0.042 vs 0.042 untrained, chance 0.042" in text
+    assert text.index("not learn") < text.index("TABLE Giga-SSL + linear")  # said before the table it qualifies
+    rec["summary"]["learned"] = True
+    (gssl / "run.json").write_text(json.dumps(rec))
+    assert "not learn" not in "\n".join(_gigassl_lines(gssl, lin, lambda d, t: "TABLE", 24, "random"))

@@ -146,6 +146,8 @@ def test_learned_compares_the_exported_epoch_with_the_untrained_encoder():
     u = {"retrieval_top1": 0.10, "cosine_gap": 0.2}
     assert learned_over({"retrieval_top1": 0.12, "cosine_gap": 0.0}, u) is True
     assert learned_over({"retrieval_top1": 0.10, "cosine_gap": 0.1}, u) is False  # equal top-1: the gap decides
+    assert learned_over({"retrieval_top1": 0.10, "cosine_gap": 0.2 + 1e-4}, u) is False  # noise (the demo's 40 epochs)
+    assert learned_over({"retrieval_top1": 0.10, "cosine_gap": 0.2 + 0.02}, u) is True
     assert learned_over({"retrieval_top1": 0.05, "cosine_gap": 0.9}, u) is False
     assert learned_over(None, u) is None and learned_over(u, None) is None
 

@@ -256,12 +256,20 @@ def monitor_score(mon: dict[str, float]) -> float:
     return mon["retrieval_top1"] + 0.01 * mon["cosine_gap"]
 
 
+#: At the untrained encoder's view-retrieval top-1, the positive-negative cosine gap must grow by this much for a run
+#: to count as learned: a gain of 1e-4 is noise (a run whose loss stayed at ln(batch) counted as learned by it).
+MIN_GAP_GAIN = 0.01
+
+
 def learned_over(exported: dict[str, float] | None, untrained: dict[str, float] | None) -> bool | None:
-    """Whether the exported epoch's monitor beats the untrained encoder's (None where either is unknown, e.g. a
-    run started before untrained monitors were recorded)."""
+    """Whether the exported epoch's monitor beats the untrained encoder's: a higher view-retrieval top-1, or the same
+    top-1 with a cosine gap at least :data:`MIN_GAP_GAIN` larger (None where either is unknown, e.g. a run started
+    before untrained monitors were recorded)."""
     if exported is None or untrained is None:
         return None
-    return monitor_score(exported) > monitor_score(untrained)
+    if exported["retrieval_top1"] != untrained["retrieval_top1"]:
+        return exported["retrieval_top1"] > untrained["retrieval_top1"]
+    return exported["cosine_gap"] - untrained["cosine_gap"] >= MIN_GAP_GAIN
 
 
 def load_encoder(run: str | os.PathLike) -> tuple[nn.Module, dict]:
