@@ -371,7 +371,8 @@ def test_a_fluorescence_slides_edge_tiles_are_padded_black_and_recorded(tmp_path
     slide = write_pyramidal_tiff(tmp_path / "fluo.tiff", 1100, 777, _fluo, mpp=0.5, tile=128)
     enc = build_encoder("test_resnet", "random", seed=0)
     params = TilingParams(mpp=1.0, tile_size=64, min_tissue=0.25)
-    encode_slides([slide], tmp_path / "o", enc, params, workers=0, precision="fp32")
+    with pytest.warns(UserWarning, match="looks like a fluorescence image"):
+        encode_slides([slide], tmp_path / "o", enc, params, workers=0, precision="fp32")
     grid = load_grid(tmp_path / "o" / "patches" / "fluo.h5")
     ff = store.load(tmp_path / "o" / "features" / "fluo.h5")
     assert grid.extra["background"] == "dark" and ff.attrs["edge_fill"] == "dark"
