@@ -92,9 +92,9 @@ CHANGES = [
      "statistics change): the exported DINO teacher of a CNN and its progress monitor", "`dino` rows with a ResNet "
      "(tile_ssl sections, tile_precision, encoder_leaderboard's dino encoder); not MoCo v2 (its query encoder is "
      "exported), not DINOv2 / ViTs (no BatchNorm)"),
-    ("38e24e1", "Giga-SSL's `learned` flag counted a run as learned when its exported epoch tied the untrained encoder's "
-     "view retrieval and beat its cosine gap by any amount (now by 0.01)", "the Giga-SSL 'did not learn' verdict "
-     "lines of the slide_ssl* sections, which could be missing for runs that tied their untrained encoder"),
+    ("38e24e1", "Giga-SSL's `learned` flag counted a run as learned when its exported epoch tied the untrained "
+     "encoder's view retrieval and beat its cosine gap by any amount (now by 0.01)", "the Giga-SSL 'did not learn' "
+     "verdict lines of the slide_ssl* sections, which could be missing for runs that tied their untrained encoder"),
 ]
 
 

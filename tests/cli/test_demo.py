@@ -69,7 +69,8 @@ def test_the_report_says_when_giga_ssl_did_not_learn(tmp_path):
     lin.mkdir()
     hist = [{"retrieval_top1": 1 / 24, "cosine_gap": -1e-4}, {"retrieval_top1": 1 / 24, "cosine_gap": 0.0}]
     rec = {"summary": {"learned": False, "exported_epoch": 2}, "history": hist,
-           "untrained_monitor": {"retrieval_top1": 1 / 24, "cosine_gap": -1e-4}, "raw_monitor": {"retrieval_top1": 1 / 24}}
+           "untrained_monitor": {"retrieval_top1": 1 / 24, "cosine_gap": -1e-4},
+           "raw_monitor": {"retrieval_top1": 1 / 24}}
     (gssl / "run.json").write_text(json.dumps(rec))
     (lin / "evaluation.json").write_text(json.dumps({"metrics": {"auc": {"value": 0.9, "ci_low": 0.75, "ci_high": 1}}}))
     lines = _gigassl_lines(gssl, lin, lambda d, t: f"TABLE {t}", 24, "random")

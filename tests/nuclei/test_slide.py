@@ -243,8 +243,8 @@ def test_a_new_slide_mpp_or_a_replaced_slide_is_segmented_again(tiny_run: Path, 
     assert (out / "nuclei" / "s.csv").read_text() == (tmp_path / "fresh" / "nuclei" / "s.csv").read_text()
 
 
-def test_a_count_grid_the_slide_cannot_hold_fails_before_any_region_is_segmented(tiny_run: Path, tmp_path: Path,
-                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_count_grid_the_slide_cannot_hold_fails_before_any_region_is_segmented(
+        tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     monkeypatch.setattr(nslide, "segment", lambda *a, **kw: (calls.append(1), _oracle(*a, **kw))[1])
     _disc_slide(tmp_path / "small.tiff", size=600, mpp=0.25)

@@ -276,7 +276,7 @@ def test_slide_mpp_csv_gives_a_resolution_to_the_slides_it_lists(slides, ref_run
 
 def test_a_cohort_with_patients_bootstraps_patients(slides, tmp_path) -> None:  # noqa: ANN001
     """labels.csv names patients: the pooled predictions carry them and the CIs resample patients (each with all its
-    slides), as train-mil's do; StreamingCLAM wrote slides only, so its CIs treated one patient's slides as independent."""
+    slides), as train-mil's do; StreamingCLAM wrote slides only, so its CIs took one patient's slides as independent."""
     import shutil
 
     d = tmp_path / "slides"

@@ -200,9 +200,9 @@ def _gigassl_lines(gssl: Path, lin: Path, table: Callable[[Path, str], str], n_s
         out += ["", "Linear probe, same protocol (`runs/gigassl_linear/`):", "", table(lin, "Giga-SSL + linear")]
     else:
         what = f"AUC {a[0]:.2f} [{a[1]:.2f}, {a[2]:.2f}]" if a else "no AUC"
-        out += ["", f"Not a result: the linear probe on these embeddings ({what}, `runs/gigassl_linear/`) is not clear of "
-                f"chance with {n_slides} slides and a {weights}-weight tile encoder (too few slides and no trained tile "
-                "features); the measured comparison is in benchmarks/results/slide_ssl.md."]
+        out += ["", f"Not a result: the linear probe on these embeddings ({what}, `runs/gigassl_linear/`) is not "
+                f"clear of chance with {n_slides} slides and a {weights}-weight tile encoder (too few slides and no "
+                "trained tile features); the measured comparison is in benchmarks/results/slide_ssl.md."]
     return out
 
 
