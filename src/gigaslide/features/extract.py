@@ -48,7 +48,7 @@ from gigaslide.features.parallel import RankInfo, auto_workers, rank_device, ran
 from gigaslide.locks import ItemLock
 from gigaslide.memory import available_memory
 from gigaslide.slides import by_slide_id
-from gigaslide.slides.pool import ReaderPool, ReadTask
+from gigaslide.slides.pool import ReaderPool, ReadTask, pool_slots
 from gigaslide.slides.reader import DOWNSAMPLE_MODES
 from gigaslide.tiling import GRID_RULE, Scan, TileGrid, TilingParams, layout, reusable_grid
 from gigaslide.tiling.annotations import tissue_attrs
@@ -413,7 +413,7 @@ def _check_batch_memory(batch_size: int, tile_size: int, workers: int, available
     pool's buffers (a batch each), the batch being encoded and its float copy (4 batches' bytes)."""
     if available is None:
         return
-    batches = (1 if workers == 0 else 2 * workers + 2) + 1 + 1 + 4
+    batches = pool_slots(workers) + 1 + 4
     per_tile = tile_size * tile_size * 3 * batches
     if batch_size * per_tile <= available:
         return

@@ -128,6 +128,17 @@ def _worker(tasks, results, slots) -> None:  # noqa: ANN001 - multiprocessing qu
     readers.close()
 
 
+def max_pending(workers: int) -> int:
+    """Batches a :class:`ReaderPool` of ``workers`` reader processes keeps in flight (1 when reading inline)."""
+    return 1 if workers == 0 else 2 * workers + 2
+
+
+def pool_slots(workers: int) -> int:
+    """Reusable batch buffers a :class:`ReaderPool` of ``workers`` makes by default: one per batch in flight, plus
+    the one being consumed."""
+    return max_pending(workers) + 1
+
+
 class ReaderPool:
     """``submit`` tasks, then :meth:`get` results in submission order; ``close`` when done.
 
@@ -138,8 +149,8 @@ class ReaderPool:
                  decode_device: str | torch.device | None = None):
         self.workers = 0 if decode_device is not None else max(0, int(workers))
         slot_bytes = 0 if decode_device is not None else slot_bytes  # batches are made on the device
-        self.max_pending = 1 if self.workers == 0 else 2 * self.workers + 2
-        n_slots = (self.max_pending + 1) if slots is None else slots
+        self.max_pending = max_pending(self.workers)
+        n_slots = pool_slots(self.workers) if slots is None else slots
         self._slots = [torch.empty(slot_bytes, dtype=torch.uint8) for _ in range(n_slots if slot_bytes else 0)]
         self._free = list(range(len(self._slots)))
         self._seq = 0
