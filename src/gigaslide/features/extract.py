@@ -53,7 +53,7 @@ from gigaslide.slides.reader import DOWNSAMPLE_MODES
 from gigaslide.tiling import GRID_RULE, Scan, TileGrid, TilingParams, layout, reusable_grid
 from gigaslide.tiling.annotations import tissue_attrs
 from gigaslide.tiling.parallel import TileAhead, tile_many, tiling_workers
-from gigaslide.tiling.store import coords_attrs
+from gigaslide.tiling.store import coords_attrs, level0_dimensions
 
 #: Seconds between heartbeats on a held slide lock (other hosts judge staleness by them).
 HEARTBEAT_S = 30.0
@@ -159,8 +159,9 @@ def is_finished(path: Path, encoder: Encoder, params: TilingParams, *, stamp: Se
     checksum error naming the file and the fix).
 
     ``scan``: the slide's resolution and dimensions now (:class:`~gigaslide.tiling.Scan`); features made from another
-    scan (their ``slide_mpp`` or coords ``level_dim`` differ: a corrected ``--slide-mpp``, another file under the
-    same name) are not finished. An attribute the file lacks is not compared (None: neither is)."""
+    scan (their ``slide_mpp`` or level-0 size -- coords ``level0_width``/``level0_height`` -- differ: a corrected
+    ``--slide-mpp``, another file under the same name) are not finished. An attribute the file lacks is not
+    compared (None: neither is)."""
     if not path.is_file():
         return False
     try:
@@ -171,7 +172,7 @@ def is_finished(path: Path, encoder: Encoder, params: TilingParams, *, stamp: Se
             a, ca = ff.attrs, ff.coords_attrs
     except (GigaslideError, OSError):
         return False
-    if scan is not None and not scan.made(a.get("slide_mpp", ca.get("level0_mpp")), ca.get("level_dim")):
+    if scan is not None and not scan.made(a.get("slide_mpp", ca.get("level0_mpp")), level0_dimensions(ca)):
         return False
     return (a.get("encoder") == encoder.spec.name and a.get("encoder_weights_sha256") == encoder.weights_id
             and abs(float(a.get("mpp", -1)) - params.mpp) < 1e-9 and int(a.get("tile_size", -1)) == params.tile_size

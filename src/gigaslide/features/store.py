@@ -1,7 +1,8 @@
 """Feature files: one HDF5 per slide, in the layout CLAM and TRIDENT tools read.
 
 ``features`` [N, D] float32 (or float16), ``coords`` [N, 2] int64 level-0 (x, y) with the tile
-attrs (``patch_size``, ``patch_size_level0``, ``patch_level``, ``target_mpp``, ``level0_mpp``),
+attrs (``patch_size``, ``patch_size_level0``, ``patch_level``, ``target_mpp``, ``level0_mpp``; CLAM's and TRIDENT's
+level attrs as :func:`gigaslide.tiling.store.coords_attrs` writes them: ``level_dim`` is level ``patch_level``'s size),
 optional ``labels`` [N] (tile folders) and file attrs: ``encoder``, ``encoder_weights_sha256``,
 ``mpp``, ``tile_size``, ``slide_id``, ``gigaslide_version``, ``format_version``, ``seed``.
 :func:`load` also reads files written by CLAM / TRIDENT (``features`` may be [1, N, D]).

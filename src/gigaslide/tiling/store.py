@@ -6,7 +6,12 @@ Dataset ``coords`` [N, 2] int64 level-0 (x, y), with attrs ``patch_size`` (targe
 TRIDENT's patcher reads ``patch_size * level0_magnification / target_magnification`` level-0 px: each tile's own
 footprint at any ``--mpp`` (without them TRIDENT falls back to the CLAM reading). CLAM's reader reads
 ``patch_size`` px of level ``patch_level``: the same footprint when ``--mpp`` is that level's resolution; at
-other resolutions (read from a finer level and reduced) use ``patch_size_level0``, as TRIDENT and TITAN do. Plus
+other resolutions (read from a finer level and reduced) use ``patch_size_level0``, as TRIDENT and TITAN do.
+CLAM's level attrs mean what CLAM's ``create_patches_fp.py`` writes: ``level_dim`` and ``downsampled_level_dim`` the
+(w, h) of pyramid level ``patch_level`` (not of level 0), ``downsample`` that level's (x, y) level-0 px per level px
+(level-0 size / level size, as CLAM estimates it); level 0's (w, h) are TRIDENT's ``level0_width`` /
+``level0_height``. (Files written before this held level 0's (w, h) in ``level_dim``: :func:`level0_dimensions`
+reads both.) Plus
 ``tissue`` [N] (tissue fraction, outside the slide counted as glass), ``padding`` [N] (fraction of
 the tile outside the slide, read as the background: white glass, black when ``background`` is dark) and
 file-level provenance attrs, among them
@@ -36,13 +41,52 @@ def _checksummed(a: np.ndarray) -> dict:
     return {"fletcher32": True, "chunks": True} if np.asarray(a).size else {}
 
 
+#: ``TileGrid.extra`` key of the (w, h) of pyramid level ``read_level`` that a coords file recorded (see load_grid).
+LEVEL_DIM_KEY = "patch_level_dim"
+
+
+def _patch_level_dim(grid: TileGrid) -> tuple[int, int] | None:
+    """The (w, h) of the grid's pyramid level ``read_level``: level 0's for level 0, else as a coords file recorded
+    it, else read from the slide (None when it cannot be opened: a slide moved since it was tiled)."""
+    if grid.read_level == 0:
+        return (int(grid.slide_dimensions[0]), int(grid.slide_dimensions[1]))
+    known = grid.extra.get(LEVEL_DIM_KEY)
+    if known is not None:
+        return (int(known[0]), int(known[1]))
+    from gigaslide.slides import open_slide
+
+    try:
+        with open_slide(grid.slide_path) as s:
+            if tuple(s.dimensions) != tuple(grid.slide_dimensions) or grid.read_level >= s.level_count:
+                return None  # another scan under the name: its levels are not this grid's
+            dim = s.level_dimensions[grid.read_level]
+    except Exception:  # noqa: BLE001 - a slide gone or unreadable: the level attrs are left out, never guessed
+        return None
+    return (int(dim[0]), int(dim[1]))
+
+
 def coords_attrs(grid: TileGrid) -> dict:
     """The ``coords`` dataset's attrs (CLAM's and TRIDENT's, see the module docstring): in tile-coordinate files
-    and in feature files alike."""
-    return {"patch_size": grid.tile_size, "patch_size_level0": grid.tile_size_level0, "patch_level": grid.read_level,
-            "target_mpp": grid.target_mpp, "level0_mpp": grid.slide_mpp, "overlap": grid.overlap,
-            "level_dim": list(grid.slide_dimensions), "name": grid.slide_id,
-            "level0_magnification": 10.0 / grid.slide_mpp, "target_magnification": 10.0 / grid.target_mpp}
+    and in feature files alike. CLAM's ``level_dim`` / ``downsampled_level_dim`` / ``downsample`` describe level
+    ``patch_level``; they are left out when that level's size cannot be known (its slide gone)."""
+    W, H = (int(grid.slide_dimensions[0]), int(grid.slide_dimensions[1]))
+    a = {"patch_size": grid.tile_size, "patch_size_level0": grid.tile_size_level0, "patch_level": grid.read_level,
+         "target_mpp": grid.target_mpp, "level0_mpp": grid.slide_mpp, "overlap": grid.overlap,
+         "level0_width": W, "level0_height": H, "name": grid.slide_id,
+         "level0_magnification": 10.0 / grid.slide_mpp, "target_magnification": 10.0 / grid.target_mpp}
+    dim = _patch_level_dim(grid)
+    if dim is not None and min(dim) > 0:
+        a.update(level_dim=list(dim), downsampled_level_dim=list(dim), downsample=[W / dim[0], H / dim[1]])
+    return a
+
+
+def level0_dimensions(attrs: dict) -> list[int] | None:
+    """Level 0's [w, h] from ``coords`` attrs: TRIDENT's ``level0_width`` / ``level0_height``; in a gigaslide file
+    written before them (no ``level0_width``), ``level_dim`` (then level 0's); None when neither is recorded."""
+    if attrs.get("level0_width") is not None and attrs.get("level0_height") is not None:
+        return [int(attrs["level0_width"]), int(attrs["level0_height"])]
+    dims = attrs.get("level_dim")
+    return None if dims is None else [int(dims[0]), int(dims[1])]
 
 
 def save_grid(grid: TileGrid, path: str | os.PathLike, *, seed: int | None = None) -> Path:
@@ -89,7 +133,9 @@ def load_grid(path: str | os.PathLike) -> TileGrid:
     if target_mpp is None or slide_mpp is None:  # a missing mpp is absent, never 0: refuse instead of guessing
         raise GigaslideError("tile-coordinate file has no mpp (target_mpp / level0_mpp attrs)", path=p,
                              fix="re-run `gigaslide tile` (or encode) so the coords carry their resolution")
-    dims = ca.get("level_dim", [0, 0])
+    dims = level0_dimensions(ca) or [0, 0]
+    if "level0_width" in ca and ca.get("level_dim") is not None:  # CLAM's level_dim: level patch_level's (w, h)
+        fa = {**fa, LEVEL_DIM_KEY: [int(d) for d in ca["level_dim"]]}
     return TileGrid(
         coords=coords, tissue=tissue, slide_id=str(fa.get("slide_id", ca.get("name", p.stem))),
         slide_path=str(fa.get("slide_path", "")), target_mpp=target_mpp, tile_size=int(ca.get("patch_size", 0)),
