@@ -120,3 +120,87 @@ def test_type_0_is_background_not_a_class_in_mpq() -> None:
     legacy = M.ImageStats(1, 1, 0, 1.0, per_type={0: (0, 1, 0, 0.0), 1: (1, 0, 0, 1.0)})  # a type-0 entry is ignored
     assert M.pooled([legacy])["mpq"] == 1.0
     assert M.summarize([st, st], n_bootstrap=20)["pooled"]["mpq"]["value"] == 1.0
+
+
+# -- parity with an independent reference of HoVer-Net's definitions (get_fast_pq, get_fast_aji, get_dice_1) --
+
+def _reference(gt: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """Written from the definitions, object by object with boolean masks: pairs with IoU > 0.5 (each unique), DQ =
+    TP / (TP + FP/2 + FN/2), SQ = mean matched IoU, PQ = DQ SQ; AJI pairs each true nucleus with its highest-IoU
+    prediction (the first on ties, none when every IoU is 0) and adds unpaired predictions' areas to the union."""
+    gids = [int(v) for v in np.unique(gt) if v != 0]
+    pids = [int(v) for v in np.unique(pred) if v != 0]
+    iou = {}
+    for g in gids:
+        for p in pids:
+            inter = np.logical_and(gt == g, pred == p).sum()
+            union = np.logical_or(gt == g, pred == p).sum()
+            iou[g, p] = (inter / union, int(inter), int(union))
+    pairs = [(g, p) for (g, p), (v, _, _) in iou.items() if v > 0.5]
+    assert len({g for g, _ in pairs}) == len(pairs) == len({p for _, p in pairs})  # unique at IoU > 0.5
+    tp, fp, fn = len(pairs), len(pids) - len(pairs), len(gids) - len(pairs)
+    nan = float("nan")
+    dq = tp / (tp + fp / 2 + fn / 2) if gids or pids else nan
+    sq = sum(iou[k][0] for k in pairs) / tp if tp else nan
+    pq = dq * sq if tp else (0.0 if gids or pids else nan)
+    c = u = 0
+    used = set()
+    for g in gids:
+        best = max(pids, key=lambda p, g=g: iou[g, p][0]) if pids else None  # max() keeps the first of ties
+        if best is not None and iou[g, best][0] > 0:
+            c, u = c + iou[g, best][1], u + iou[g, best][2]
+            used.add(best)
+        else:
+            u += int((gt == g).sum())
+    u += sum(int((pred == p).sum()) for p in pids if p not in used)
+    fg = (gt > 0).sum() + (pred > 0).sum()
+    return {"dq": dq, "sq": sq, "pq": pq, "f1": dq, "aji": c / u if u else nan,
+            "dice": 2 * np.logical_and(gt > 0, pred > 0).sum() / fg if fg else nan}
+
+
+def _check_parity(gt: np.ndarray, pred: np.ndarray) -> None:
+    got, want = M.per_image(M.image_stats(gt, pred)), _reference(gt, pred)
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, abs=1e-12, nan_ok=True), (k, got[k], v)
+
+
+def _random_instances(rng: np.random.Generator, shape=(40, 40), n=8) -> np.ndarray:  # noqa: ANN001
+    """Overlapping painted discs and boxes (later ones on top), ids drawn sparse from a large range."""
+    out = np.zeros(shape, np.int32)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    for i in rng.choice(np.arange(1, 60000), size=n, replace=False):
+        cy, cx, r = rng.integers(0, shape[0]), rng.integers(0, shape[1]), rng.integers(2, 8)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        m = disc if rng.random() < 0.5 else (abs(yy - cy) <= r) & (abs(xx - cx) <= r)
+        out[m] = i
+    return out
+
+
+def test_parity_with_reference_on_random_instance_maps() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        gt = _random_instances(rng, n=int(rng.integers(1, 10)))
+        pred = np.roll(gt, tuple(rng.integers(-2, 3, size=2)), axis=(0, 1))  # shifted copies: IoUs around 0.5
+        pred = np.where(rng.random() < 0.3, _random_instances(rng, n=3), pred)  # some unrelated predictions
+        pred[pred % 5 == 0] = 0  # some nuclei missed
+        _check_parity(gt, pred)
+        _check_parity(gt, _random_instances(rng, n=int(rng.integers(1, 10))))
+
+
+def test_parity_edge_cases() -> None:
+    z = np.zeros((20, 20), np.int32)
+    g = z.copy()
+    g[2:12, 2:12] = 9
+    half = z.copy()
+    half[2:12, 2:7] = 4  # IoU exactly 50 / 100 = 0.5: not a match (strictly > 0.5)
+    split = z.copy()
+    split[2:12, 2:8], split[2:12, 8:12] = 30, 31  # one nucleus split in two: the larger half (IoU 0.6) matches
+    sparse = np.where(g > 0, 65535, 0)
+    sparse[15:18, 15:18] = 1000  # ids far from consecutive
+    for gt, pred in [(g, z), (z, g), (z, z), (g, half), (g, split), (split, g), (sparse, g), (sparse, sparse)]:
+        _check_parity(gt, pred)
+    m = M.per_image(M.image_stats(g, half))
+    assert (m["dq"], m["pq"]) == (0.0, 0.0) and np.isnan(m["sq"])
+    m = M.per_image(M.image_stats(g, split))
+    assert m["dq"] == pytest.approx(1 / (1 + 0.5)) and m["sq"] == pytest.approx(0.6)
+    assert m["aji"] == pytest.approx(60 / (100 + 40))  # the unpaired half adds its area to the union

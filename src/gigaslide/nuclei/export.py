@@ -13,6 +13,10 @@ from typing import IO, Any
 
 import numpy as np
 
+#: QuPath classification colours ([r, g, b]) of nucleus types 1, 2, ... (HoVer-Net's PanNuke order: neoplastic red,
+#: inflammatory green, connective blue, dead yellow, epithelial orange; then more), repeating past the last.
+TYPE_COLORS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 165, 0), (255, 0, 255), (0, 255, 255),
+               (128, 64, 0), (128, 0, 128), (0, 128, 128))
 TABLE_COLUMNS = ("id", "centroid_x", "centroid_y", "area_um2", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1", "type",
                  "probability")
 
@@ -49,14 +53,19 @@ def polygon_of(mask: np.ndarray) -> np.ndarray:
     return c
 
 
+def type_color(t: int | None) -> list[int]:
+    """The [r, g, b] of nucleus type ``t`` (1, 2, ...) in QuPath; grey for a nucleus without a type number."""
+    return list(TYPE_COLORS[(int(t) - 1) % len(TYPE_COLORS)]) if t is not None and int(t) > 0 else [128, 128, 128]
+
+
 def feature(n: Nucleus, slide_id: str) -> dict[str, Any]:
     meas: dict[str, float] = {"area_um2": round(n.area_um2, 3), "centroid_x": round(n.centroid[0], 2),
                               "centroid_y": round(n.centroid[1], 2)}
     if n.probability is not None:
         meas["probability"] = round(n.probability, 4)
     props: dict[str, Any] = {"objectType": "detection", "name": f"nucleus {n.id}", "measurements": meas}
-    if n.type_name is not None:
-        props["classification"] = {"name": n.type_name}
+    if n.type_name is not None:  # QuPath's classification: its name and colour ([r, g, b]), one colour per type
+        props["classification"] = {"name": n.type_name, "color": type_color(n.type)}
     ring = [[round(float(x), 2), round(float(y), 2)] for x, y in n.polygon]
     return {"type": "Feature", "id": f"{slide_id}-{n.id}", "geometry": {"type": "Polygon", "coordinates": [ring]},
             "properties": props}
@@ -112,25 +121,45 @@ def tile_counts(coords: np.ndarray, tile0: float, centroids: np.ndarray, areas: 
     return out
 
 
+def area_in_slide_fraction(coords: np.ndarray, tile0: float, dimensions: tuple[int, int] | None) -> np.ndarray:
+    """Fraction of each tile (top-left ``coords``, side ``tile0`` level-0 px) on the slide of ``dimensions`` (w, h)
+    level-0 px: 1 inside, less for a tile reaching past the slide's right or bottom edge; all 1 without dimensions."""
+    c = np.asarray(coords, np.float64).reshape(-1, 2)
+    if dimensions is None or tile0 <= 0:
+        return np.ones(len(c), np.float64)
+    iw = np.clip(float(dimensions[0]) - c[:, 0], 0, tile0) - np.clip(-c[:, 0], 0, tile0)
+    ih = np.clip(float(dimensions[1]) - c[:, 1], 0, tile0) - np.clip(-c[:, 1], 0, tile0)
+    return (np.clip(iw, 0, None) * np.clip(ih, 0, None) / (tile0 * tile0)).clip(0, 1)
+
+
 def write_tiles_h5(path: Path, coords: np.ndarray, tile0: float, slide_mpp: float, stats: dict[str, np.ndarray],
-                   attrs: dict[str, Any]) -> None:
+                   attrs: dict[str, Any], dimensions: tuple[int, int] | None = None) -> None:
+    """Per-tile ``stats`` on ``coords`` plus ``density_per_mm2``: nuclei per mm² of the tile's area *on the slide*
+    (``dimensions``: the slide's (w, h) level-0 px; a tile reaching past its edge -- the grid's last row and column
+    -- has only its part on the slide, ``area_mm2``, to hold nuclei: dividing by the whole tile would make every
+    edge tile look sparse). Without ``dimensions`` the whole tile's area is used. 0 for a tile wholly off the slide."""
     import h5py
 
     from gigaslide import atomic
 
     area_mm2 = (tile0 * slide_mpp / 1000.0) ** 2
+    on_slide = area_mm2 * area_in_slide_fraction(coords, tile0, dimensions)
+    density = np.where(on_slide > 0, stats["count"] / np.where(on_slide > 0, on_slide, 1.0), 0.0)
     with atomic.atomic_path(path, suffix=".h5") as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("coords", data=np.asarray(coords, np.int64))
             for k, v in stats.items():
                 f.create_dataset(k, data=v)
-            f.create_dataset("density_per_mm2", data=(stats["count"] / area_mm2).astype(np.float32))
+            f.create_dataset("density_per_mm2", data=density.astype(np.float32))
+            f.create_dataset("area_mm2", data=on_slide.astype(np.float32))
             for k, v in attrs.items():
                 if v is not None:
                     f.attrs[k] = v if not isinstance(v, (dict, list)) else json.dumps(v)
             f.attrs["tile_size_level0"] = float(tile0)
             f.attrs["tile_area_mm2"] = float(area_mm2)
+            if dimensions is not None:
+                f.attrs["slide_dimensions"] = [int(dimensions[0]), int(dimensions[1])]
 
 
-__all__ = ["TABLE_COLUMNS", "GeoJSONWriter", "Nucleus", "feature", "polygon_of", "table_row", "tile_counts",
-           "write_tiles_h5"]
+__all__ = ["TABLE_COLUMNS", "TYPE_COLORS", "GeoJSONWriter", "Nucleus", "area_in_slide_fraction", "feature",
+           "polygon_of", "table_row", "tile_counts", "type_color", "write_tiles_h5"]
