@@ -370,3 +370,13 @@ def test_swav_with_a_queue_resumes_bit_exactly(tiles, tmp_path):
     a, b = runs.load_checkpoint(tmp_path / "full")["model"], runs.load_checkpoint(tmp_path / "part")["model"]
     assert _same(a, b) and int(a["queue_seen"]) == 16
     assert any(k.startswith("buffer::queues.") for k in a)
+
+
+def test_monitor_lines_name_the_step_their_loss_was_logged_at(tiles, tmp_path, caplog):
+    # with log_every=2, step 3's monitor point has no loss of its own: it must not pass step 2's loss off as step 3's
+    with caplog.at_level("INFO", logger="gigaslide"):
+        pretrain(_cfg(tiles, tmp_path / "run", steps=3, log_every=2, monitor_every=1))
+    lines = {int(r.getMessage().split()[2].split("/")[0]): r.getMessage() for r in caplog.records
+             if r.getMessage().startswith("monitor step")}
+    assert "none logged yet" in lines[0], lines[0]
+    assert "(logged at step 2)" in lines[3], lines[3]

@@ -113,7 +113,8 @@ class Session:
         self.plan.monitor_cost_s = m["seconds"]
         every = self.monitor_every()
         self.plan.monitor_points_left = max(0.0, (self.plan.planned - self.step) / every) if every > 0 else 0.0
-        loss = self.history[-1]["loss"] if self.history else None
+        last = self.history[-1] if self.history else None  # the last logged step's loss, named with its step
+        loss = f"{last['loss']} (logged at step {last['step']})" if last else "none logged yet"
         log.info("monitor step %d/%d: RankMe %s (of %d), view top-1 %s, loss %s", self.step, self.plan.planned,
                  m["rankme"], m["n"], m["view_top1"], loss)
         return entry
