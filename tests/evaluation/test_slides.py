@@ -323,3 +323,145 @@ def test_cli_evaluate_slides_takes_the_patients_from_labels(tmp_path, cli, capsy
     lab.write_text("slide_id,patient_id,label\n" + "".join(f"{s},{s[:3]},{int(s[1:3]) % 2}\n" for s in ids[5:]))
     assert cli(["evaluate", "slides", "--predictions", str(bare), "--labels", str(lab)]) == 2
     assert "5 predicted slide(s) are not in it: p00_a" in capsys.readouterr().err
+
+
+def test_class_names_travel_with_the_predictions(tmp_path):
+    """Named classes: a class_name column, kept when the folds are pooled, in the evaluation and its report."""
+    names = ["LUAD", "LUSC", "MESO"]
+    y = np.array([0, 1, 2, 1, 0, 2])
+    p = np.eye(3)[y] * 0.7 + 0.1
+    E.write_predictions(tmp_path / "fold0" / "predictions.csv", ["a", "b", "c"], y[:3], p[:3], 0, class_names=names)
+    E.write_predictions(tmp_path / "fold1" / "predictions.csv", ["d", "e", "f"], y[3:], p[3:], 1, class_names=names)
+    assert (tmp_path / "fold0" / "predictions.csv").read_text().splitlines()[1].endswith(",0,LUAD")
+    pooled = E.pool_predictions([tmp_path / f"fold{k}" / "predictions.csv" for k in (0, 1)],
+                                tmp_path / "predictions.csv")
+    assert pooled.class_names == names and E.read_predictions(tmp_path / "predictions.csv").class_names == names
+    res = E.evaluate_predictions(tmp_path / "predictions.csv", n_bootstrap=0, out=tmp_path)
+    assert res["class_names"] == names and res["class_counts"] == [2, 2, 2]
+    assert "6 slides (0 = LUAD: 2, 1 = LUSC: 2, 2 = MESO: 2)" in (tmp_path / "evaluation.md").read_text()
+    # a class absent from one fold's rows takes its name from the other folds
+    E.write_predictions(tmp_path / "g0.csv", ["a"], [0], p[:1], 0, class_names=names)
+    E.write_predictions(tmp_path / "g1.csv", ["b"], [2], p[2:3], 1, class_names=names)
+    assert E.pool_predictions([tmp_path / "g0.csv", tmp_path / "g1.csv"], tmp_path / "g.csv").class_names == [
+        "LUAD", "1", "MESO"]
+    bad = "slide_id,label,prob_0,prob_1,fold,class_name\na,0,0.9,0.1,0,normal\nb,0,0.8,0.2,0,tumor\n"
+    (tmp_path / "bad.csv").write_text(bad)
+    with pytest.raises(GigaslideError, match=r"line 3: label 0 is class 'tumor' here, 'normal' above"):
+        E.read_predictions(tmp_path / "bad.csv")
+    (tmp_path / "bad.csv").write_text(bad.replace("normal", ""))
+    with pytest.raises(GigaslideError, match=r"line 2: empty class_name"):
+        E.read_predictions(tmp_path / "bad.csv")
+
+
+def test_a_labels_csv_with_other_numbering_is_matched_by_class_name(tmp_path, cli, capsys):
+    """A run trained on LUSC / MESO slides only numbers them 0 / 1; the full labels.csv (LUAD, LUSC, MESO) numbers
+    them 1 / 2: with names on both sides the slides' classes agree (compared by name, not renumbered silently), and
+    a slide whose class differs is refused naming both classes."""
+    y = np.array([0, 1, 0, 1])
+    E.write_predictions(tmp_path / "run" / "predictions.csv", ["a", "b", "c", "d"], y, np.eye(2)[y] * 0.8 + 0.1,
+                        [0, 0, 1, 1], class_names=["LUSC", "MESO"])
+    lab = tmp_path / "labels.csv"
+    lab.write_text("case_id,slide_id,label\np1,a,LUSC\np1,b,MESO\np2,c,LUSC\np3,d,MESO\np4,e,LUAD\n")
+    pred = E.with_patients(E.read_predictions(tmp_path / "run"), lab)
+    assert pred.patient_ids == ["p1", "p1", "p2", "p3"] and pred.class_names == ["LUSC", "MESO"]
+    lab.write_text("case_id,slide_id,label\np1,a,LUSC\np1,b,LUSC\np2,c,LUSC\np3,d,MESO\np4,e,LUAD\n")
+    with pytest.raises(GigaslideError, match=r"slide b has label 1 \(LUSC\) here, 1 \(MESO\) in the predictions"):
+        E.with_patients(E.read_predictions(tmp_path / "run"), lab)
+    assert cli(["evaluate", "slides", "--predictions", str(tmp_path / "run"), "--labels", str(lab)]) == 2
+    assert "(MESO) in the predictions" in capsys.readouterr().err
+    # predictions written without names (another tool, an older run): a labels.csv naming the classes names them,
+    # with or without patients, where its numbering agrees with every slide's label
+    E.write_predictions(tmp_path / "old" / "predictions.csv", ["a", "b", "c", "d"], [1, 2, 1, 2],
+                        np.eye(3)[[1, 2, 1, 2]] * 0.7 + 0.1, [0, 0, 1, 1])
+    lab.write_text("slide_id,label\na,LUSC\nb,MESO\nc,LUSC\nd,MESO\ne,LUAD\n")
+    pred = E.with_patients(E.read_predictions(tmp_path / "old"), lab)
+    assert pred.class_names == ["LUAD", "LUSC", "MESO"] and pred.patient_ids is None
+    assert cli(["evaluate", "slides", "--predictions", str(tmp_path / "old"), "--labels", str(lab)]) == 0
+    assert "4 slides (0 = LUAD: 0, 1 = LUSC: 2, 2 = MESO: 2)" in capsys.readouterr().out
+
+
+def test_compare_refuses_runs_with_other_class_names(tmp_path):
+    y = np.array([0, 1, 0, 1])
+    p = np.eye(2)[y] * 0.8 + 0.1
+    E.write_predictions(tmp_path / "a.csv", list("abcd"), y, p, 0, class_names=["normal", "tumor"])
+    E.write_predictions(tmp_path / "b.csv", list("abcd"), y, p, 0, class_names=["LUAD", "LUSC"])
+    with pytest.raises(GigaslideError, match="classes LUAD, LUSC in the baseline, normal, tumor here"):
+        E.compare_predictions(tmp_path / "a.csv", tmp_path / "b.csv", n_bootstrap=10)
+
+
+def _knn_data(n=60, c=3, d=5, seed=0):
+    r = np.random.default_rng(seed)
+    y = np.arange(n) % c
+    X = r.normal(size=(n, d)) + 1.5 * np.eye(c, d)[y]
+    return X, y
+
+
+def test_knn_probe_slides_matches_sklearn_and_ignores_scale():
+    """The slide k-NN probe = sklearn's cosine KNeighborsClassifier (an independent implementation) fold by fold,
+    with k capped at half the training slides; scaling each embedding by a positive factor changes nothing."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    X, y = _knn_data()
+    folds = make_folds(y, None, 3, seed=0)
+    pred = E.knn_probe_slides(X, y, folds, k=20)
+    for tr, te in folds:
+        ref = KNeighborsClassifier(n_neighbors=E.knn_k(20, len(tr)), metric="cosine", algorithm="brute").fit(X[tr],
+                                                                                                            y[tr])
+        rows = [pred.slide_ids.index(str(i)) for i in te]
+        np.testing.assert_allclose(pred.probs[rows], ref.predict_proba(X[te]), atol=1e-12)
+    scaled = E.knn_probe_slides(X * np.random.default_rng(1).uniform(0.01, 100, (len(X), 1)), y, folds, k=20)
+    np.testing.assert_array_equal(scaled.probs, pred.probs)
+    few = [(tr[:8], te) for tr, te in folds]  # 8 training slides: 4 vote, not all 8 (a constant prior)
+    pf = E.knn_probe_slides(X, y, few, k=20)
+    for tr, te in few:
+        ref = KNeighborsClassifier(n_neighbors=4, metric="cosine", algorithm="brute").fit(X[tr], y[tr])
+        rows = [pf.slide_ids.index(str(i)) for i in te]
+        np.testing.assert_allclose(pf.probs[rows], ref.predict_proba(X[te]), atol=1e-12)
+    assert E.knn_k(20, 100) == 20 and E.knn_k(20, 8) == 4 and E.knn_k(20, 1) == 1
+
+
+def test_probe_run_puts_linear_and_knn_side_by_side(tmp_path, cli, capsys):
+    """Both probes on the same folds, few-shot draws and slides, scored by the same protocol (CIs over patients),
+    named classes in every output; the CLI prints one row per probe."""
+    import json
+
+    X, y = _knn_data(n=48, c=2, seed=2)
+    names = ["normal_tissue", "tumor_tissue"]
+    emb = {f"s{i}": X[i] for i in range(len(y))}
+    lab = tmp_path / "labels.csv"
+    lab.write_text("case_id,slide_id,label\n" + "".join(f"c{i // 2},s{i},{names[y[i]]}\n" for i in range(len(y))))
+    res = E.probe_run(emb, lab, tmp_path / "run", folds=4, train_slides=12, repeats=2, n_bootstrap=50)
+    lin, knn = E.read_predictions(tmp_path / "run"), E.read_predictions(tmp_path / "run" / "knn")
+    assert lin.slide_ids == knn.slide_ids and lin.folds.tolist() == knn.folds.tolist()
+    assert lin.repeats.tolist() == knn.repeats.tolist() and knn.class_names == names
+    assert res["knn"]["probe"]["k_used"] == [6] and res["knn"]["resampled"] == "patients"
+    # the k-NN row is the evaluation of the same draws' k-NN predictions, recomputed here
+    sp = json.loads((tmp_path / "run" / "splits.json").read_text())
+    assert sp["class_names"] == names
+    from gigaslide.evaluation import splits as S
+    t = S.read_labels(lab)
+    f = S.make_folds(t.labels, t.patient_ids, 4, 0)
+    rf = [[(S.few_shot_draws(tr, t.labels, 12, 2, seed=k)[r], te) for k, (tr, te) in enumerate(f)] for r in range(2)]
+    want = [E.knn_probe_slides(X, y, rfr, slide_ids=t.slide_ids, k=20, repeat=r) for r, rfr in enumerate(rf)]
+    got = np.concatenate([w.probs for w in want])
+    np.testing.assert_allclose(knn.probs, got)
+    md = (tmp_path / "run" / "probes.md").read_text()
+    assert "| linear (C=1.0) |" in md and "| k-NN (cosine, k=6) |" in md
+    with pytest.raises(GigaslideError, match="--protocol linear,svm: unknown svm"):
+        E.probe_run(emb, lab, tmp_path / "run2", protocols="linear,svm")
+    import h5py
+    with h5py.File(tmp_path / "e.h5", "w") as h:
+        h["slide_ids"] = np.array(list(emb), dtype="S")
+        h["embeddings"] = X.astype(np.float32)
+    assert cli(["evaluate", "embeddings", "--embeddings", str(tmp_path / "e.h5"), "--labels", str(lab), "--folds", "4",
+                "--bootstrap", "20", "--out", str(tmp_path / "cli")]) == 0
+    out = capsys.readouterr().out
+    assert "| linear (C=10.0) |" in out and "| k-NN (cosine, k=18) |" in out and "0 = normal_tissue: 24" in out
+    # against a baseline run: each probe with the baseline's same probe, paired (the k-NN one from BASELINE/knn)
+    assert cli(["evaluate", "embeddings", "--embeddings", str(tmp_path / "e.h5"), "--labels", str(lab), "--folds", "4",
+                "--bootstrap", "20", "--out", str(tmp_path / "cli2"), "--seed", "1", "--baseline",
+                str(tmp_path / "cli")]) == 0
+    got = json.loads((tmp_path / "cli2" / "comparison.json").read_text())["protocols"]
+    want = E.compare_predictions(tmp_path / "cli2" / "knn", tmp_path / "cli" / "knn", n_bootstrap=20, seed=1)
+    assert got["slides, k-NN probe (pooled out-of-fold)"]["auc"]["diff"] == pytest.approx(want["auc"]["diff"])
+    assert set(got) == {"slides (pooled out-of-fold)", "slides, k-NN probe (pooled out-of-fold)"}

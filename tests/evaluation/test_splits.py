@@ -123,3 +123,52 @@ def test_clams_case_id_column_groups_the_folds(tmp_path):
         assert not {t.patient_ids[i] for i in tr} & {t.patient_ids[i] for i in te}
     p.write_text("case_id,slide_id,patient_id,label\nc1,a,p1,0\nc1,b,p2,1\n")  # patient_id wins where both are given
     assert S.read_labels(p).patient_ids == ["p1", "p2"]
+
+
+def test_read_labels_with_class_names(tmp_path):
+    """CLAM / TCGA label columns hold class names: mapped to 0..C-1 in sorted order, the names kept on the table, the
+    subset (slides matched to features) and the splits record; numeric labels have no names."""
+    text = "case_id,slide_id,label\nc1,a,LUSC\nc1,b,LUSC\nc2,c,LUAD\nc3,d,MESO\nc4,e,LUAD\n"
+    t = S.read_labels(_csv(tmp_path, text))
+    assert t.class_names == ["LUAD", "LUSC", "MESO"] and t.labels.tolist() == [1, 1, 0, 2, 0]
+    assert t.patient_ids == ["c1", "c1", "c2", "c3", "c4"] and t.n_classes == 3
+    sub = S.match_features(t, ["a", "c", "e"], on_missing="skip").table  # MESO has no features: still class 2
+    assert sub.class_names == t.class_names and sub.labels.tolist() == [1, 0, 0] and sub.n_classes == 3
+    folds = S.make_folds(np.array([0, 1] * 4), None, 2)
+    rec = S.splits_record(S.read_labels(_csv(tmp_path, "slide_id,label\n" + "".join(
+        f"s{i},{'tumor_tissue' if i % 2 else 'normal_tissue'}\n" for i in range(8)), "l2.csv")), folds)
+    assert rec["class_names"] == ["normal_tissue", "tumor_tissue"]
+    assert S.read_labels(_csv(tmp_path, "slide_id,label\na,0\nb,1\n", "l3.csv")).class_names is None
+    assert "class_names" not in S.splits_record(S.read_labels(tmp_path / "l3.csv"), [])
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("slide_id,label\na,0\nb,tumor\nc,normal\n", r"mixes numbers \(a='0'\) and non-numeric class names "
+                                                 r"\(b='tumor', c='normal'\)"),
+    ("slide_id,label\na,Tumor\nb,tumor\nc,normal\n", r"differ only by case or spaces: 'Tumor' / 'tumor'"),
+    ("slide_id,label\na,tumor tissue\nb,tumor  tissue\nc,normal\n", r"differ only by case or spaces"),
+    ("slide_id,label\na,tumor\nb,\nc,normal\n", r"missing label on slide\(s\) b=''"),
+    # pandas / R's missing value: not a class of its own
+    ("slide_id,label\na,tumor\nb,NA\nc,normal\nd,nan\n", r"missing label on slide\(s\) b='NA', d='nan'"),
+])
+def test_read_labels_class_name_errors(tmp_path, text, needle):
+    with pytest.raises(GigaslideError, match=needle) as e:
+        S.read_labels(_csv(tmp_path, text))
+    assert "fix:" in str(e.value) and "labels.csv" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_make_folds_names_the_short_class(tmp_path):
+    y = np.array([0] * 6 + [1] * 2)
+    with pytest.raises(GigaslideError, match=r"class 1 \(tumor\) has only 2 .*add slides of class 1 \(tumor\)"):
+        S.make_folds(y, None, 3, class_names=["normal", "tumor"])
+
+
+def test_slide_ids_with_the_slide_extension_are_named(tmp_path):
+    """A CLAM process list's slide_id keeps the extension (s1.svs): the message says so (was: every slide has no
+    features and every feature file no label, fix --on-missing skip -- which then found no slide)."""
+    t = S.read_labels(_csv(tmp_path, "case_id,slide_id,label\nc1,s1.svs,0\nc2,s2.svs,1\nc3,s3,0\n"))
+    for mode in ("error", "skip"):
+        with pytest.raises(GigaslideError, match=r"2 slide_id\(s\) name a feature file once their extension is "
+                                                 r"dropped \(s1.svs -> s1.h5\).*without the slide file's extension"):
+            S.match_features(t, ["s1", "s2", "s3"], on_missing=mode)
+    assert S.match_features(t, ["s1.svs", "s2.svs", "s3"]).table.slide_ids == ["s1.svs", "s2.svs", "s3"]

@@ -319,3 +319,24 @@ def test_a_diverged_model_stops_training_with_the_fix_not_retrain(tmp_path):
         run_cv(feats, lab, out, cfg=TrainConfig(model="transmil", **{**FAST, "lr": 1e9}), folds=2, n_bootstrap=0,
                verbose=False)
     assert not (out / "fold0" / "predictions.csv").exists()
+
+
+def test_run_cv_with_class_names(tmp_path):
+    """A CLAM-style labels.csv (case_id,slide_id,label with names): trained as 0..C-1 in sorted name order, the names
+    in run.json, in every fold's and the pooled prediction CSV (class_name column) and in the evaluation."""
+    feats, lab = _make(tmp_path)
+    rows = lab.read_text().splitlines()
+    names = {"0": "normal_tissue", "1": "tumor_tissue"}
+    lab.write_text("case_id,slide_id,label\n" + "".join(
+        f"{p},{s},{names[y]}\n" for s, p, y in (r.split(",") for r in rows[1:])))
+    out = tmp_path / "run"
+    res = run_cv(feats, lab, out, cfg=TrainConfig(model="mean", **FAST), folds=3, n_bootstrap=20, verbose=False)
+    want = ["normal_tissue", "tumor_tissue"]
+    assert res["class_names"] == want and res["class_counts"] == [12, 12] and res["resampled"] == "patients"
+    assert json.loads((out / "run.json").read_text())["class_names"] == want
+    assert json.loads((out / "fold0" / "config.json").read_text())["class_names"] == want
+    for f in (out / "predictions.csv", out / "fold1" / "predictions.csv"):
+        lines = f.read_text().splitlines()
+        assert lines[0].endswith(",patient_id,class_name")
+        assert all(r.endswith(want[int(r.split(",")[1])]) for r in lines[1:])
+    assert "0 = normal_tissue: 12, 1 = tumor_tissue: 12" in (out / "evaluation.md").read_text()

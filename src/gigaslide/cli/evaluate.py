@@ -144,7 +144,8 @@ def evaluate_slides(predictions: str, bootstrap: int = 1000, seed: int = 0, out:
             (one bootstrap resample of slides -- or patients -- for both, stratified by label); writes
             comparison.{md,json} beside evaluation.json
         labels: labels.csv with a patient_id column, for predictions written without it (e.g. by other tools):
-            the CIs then resample patients, each with all its slides
+            the CIs then resample patients, each with all its slides; where it names the classes, the report does too
+            (predictions that name theirs are matched by name)
     """
     from gigaslide.evaluation.slides import compare_predictions, evaluate_predictions, evaluation_markdown
     from gigaslide.evaluation.slides import read_predictions, with_patients
@@ -165,8 +166,13 @@ def evaluate_slides(predictions: str, bootstrap: int = 1000, seed: int = 0, out:
 
 def evaluate_embeddings(embeddings: str, labels: str, out: str, folds: int = 5, train_slides: int | None = None,
                         repeats: int | None = None, seed: int = 0, bootstrap: int = 1000, on_missing: str = "error",
-                        c: float = 10.0, baseline: str | None = None) -> None:
-    """Linear evaluation of slide embeddings (Giga-SSL / SLPD): StandardScaler + balanced logistic regression, CV with CIs.
+                        c: float = 10.0, baseline: str | None = None, protocol: str = "linear,knn",
+                        k: int = 20) -> None:
+    """Linear and k-NN evaluation of slide embeddings (Giga-SSL / SLPD), CV on the same folds, with CIs.
+
+    linear: StandardScaler + balanced logistic regression; knn: cosine k-NN on L2-normalised embeddings, class
+    probabilities = vote fractions of the k nearest training slides (at most half the training slides vote;
+    unweighted votes: with unequal classes its balanced accuracy leans to the larger class, its AUC does not).
 
     Example: gigaslide evaluate embeddings --embeddings embeddings.h5 --labels labels.csv --folds 5 --out runs/linear
     Paired against another method's run on the same slides (e.g. SLPD vs Giga-SSL embeddings, same labels.csv):
@@ -174,8 +180,10 @@ def evaluate_embeddings(embeddings: str, labels: str, out: str, folds: int = 5, 
 
     Args:
         embeddings: HDF5 written by `gigaslide embed-slides` (slide_ids + embeddings)
-        labels: CSV with columns slide_id,patient_id,label (patient_id -- or CLAM's case_id -- optional)
-        out: run directory (splits.json, predictions.csv, evaluation.json/.md)
+        labels: CSV with columns slide_id,patient_id,label (patient_id -- or CLAM's case_id -- optional; labels
+            0..C-1 or class names)
+        out: run directory (splits.json, probes.md; the linear probe's predictions.csv, evaluation.json/.md; the
+            k-NN probe's in OUT/knn/)
         folds: number of stratified, patient-grouped folds
         train_slides: few-shot: train on this many slides per training fold (None = all)
         repeats: few-shot draws per fold (default 3 with --train-slides, else 1)
@@ -186,9 +194,13 @@ def evaluate_embeddings(embeddings: str, labels: str, out: str, folds: int = 5, 
         c: inverse L2 strength C of the logistic regression (10, as in Giga-SSL's linear evaluation)
         baseline: another run (an `evaluate embeddings` or `train-mil` --out folder, or a predictions CSV) on the same
             slides: Δ AUC and Δ balanced accuracy, paired over the slides (repeats resampled too); writes
-            OUT/comparison.{md,json}
+            OUT/comparison.{md,json}. The k-NN probe is compared with the baseline's k-NN probe (BASELINE/knn/)
+            where it has one
+        protocol: comma-separated subset of linear,knn
+        k: neighbours of the k-NN probe (20; at most half the training slides of a fold vote)
     """
-    from gigaslide.evaluation.slides import compare_predictions, evaluation_markdown, linear_probe_run, read_predictions
+    from gigaslide.evaluation.slides import compare_predictions, evaluation_markdown, probe_run, probes_markdown
+    from gigaslide.evaluation.slides import read_predictions
     from gigaslide.ssl.slide.embed import load_embeddings
 
     base = read_predictions(baseline) if baseline else None  # a wrong baseline is refused before any work
@@ -202,13 +214,26 @@ def evaluate_embeddings(embeddings: str, labels: str, out: str, folds: int = 5, 
     vecs = dict(zip(e.slide_ids, e.embeddings))
     if repeats is None:
         repeats = 3 if train_slides else 1
-    res = linear_probe_run(vecs, labels, out, folds=folds, seed=seed, train_slides=train_slides, repeats=repeats,
-                           C=c, on_missing=on_missing, n_bootstrap=bootstrap)
-    print(evaluation_markdown(res, f"linear probe on {embeddings}"))
+    results = probe_run(vecs, labels, out, protocols=protocol, folds=folds, seed=seed, train_slides=train_slides,
+                        repeats=repeats, C=c, k=k, on_missing=on_missing, n_bootstrap=bootstrap)
+    for name, res in results.items():
+        print(evaluation_markdown(res, f"{'k-NN' if name == 'knn' else 'linear'} probe on {embeddings}"))
+    if len(results) > 1:
+        print(probes_markdown(results))
     print(f"wrote {out}")
     if base is not None:
-        diffs = compare_predictions(read_predictions(out), base, n_bootstrap=bootstrap, seed=seed)
-        _write_comparison(out, baseline, {"slides (pooled out-of-fold)": diffs}, items="slides")
+        diffs = {}
+        if "linear" in results:
+            diffs["slides (pooled out-of-fold)"] = compare_predictions(read_predictions(out), base,
+                                                                    n_bootstrap=bootstrap, seed=seed)
+        knn_base = Path(baseline) / "knn"
+        if "knn" in results and (knn_base / "predictions.csv").is_file():
+            diffs["slides, k-NN probe (pooled out-of-fold)"] = compare_predictions(
+                read_predictions(Path(out) / "knn"), read_predictions(knn_base), n_bootstrap=bootstrap, seed=seed)
+        elif "knn" in results:
+            print(f"note: the k-NN probe is not compared: {baseline} has no k-NN probe ({knn_base}/predictions.csv)")
+        if diffs:
+            _write_comparison(out, baseline, diffs, items="slides")
 
 
 COMMANDS: dict = {

@@ -17,8 +17,8 @@ def train_mil(features: str, labels: str, out: str, model: str = "abmil", folds:
 
     Args:
         features: folder of per-slide feature files (.h5 from `gigaslide encode`, one encoder)
-        labels: CSV with columns slide_id,patient_id,label (patient_id -- or CLAM's case_id -- optional, labels
-            0..C-1)
+        labels: CSV with columns slide_id,patient_id,label (patient_id -- or CLAM's case_id -- optional; labels
+            0..C-1, or class names such as LUAD/LUSC, numbered in sorted order and named in every output)
         out: run directory (models, splits, predictions, evaluation); an interrupted run resumes
         model: one of mean, max, abmil, clam_sb, clam_mb, transmil
         folds: number of cross-validation folds
@@ -127,10 +127,16 @@ def heatmap(slide: str, features: str, model: str, out: str, ground_truth: str |
         thumb_size: longest side of the thumbnail in px
         slide_mpp: override the slide's resolution (um/px) when the file has none
     """
+    import json
+    from pathlib import Path
+
     from gigaslide.mil.heatmap import heatmap as draw
 
     info = draw(slide, features, model, out, ground_truth=ground_truth, thumb_size=thumb_size, slide_mpp=slide_mpp)
-    msg = f"wrote {out}: {info['n_tiles']} tiles, class probabilities {[round(p, 3) for p in info['probs']]}"
+    names = json.loads((Path(model) / "config.json").read_text()).get("class_names")  # labels.csv's, if it named them
+    probs = [round(p, 3) for p in info["probs"]]
+    shown = ", ".join(f"{n}: {p}" for n, p in zip(names, probs)) if names and len(names) == len(probs) else probs
+    msg = f"wrote {out}: {info['n_tiles']} tiles, class probabilities {shown}"
     if info["localisation_auc"] is not None:
         msg += f", attention localisation AUC {info['localisation_auc']:.3f}"
     print(msg)

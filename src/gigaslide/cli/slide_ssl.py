@@ -162,6 +162,8 @@ def embed_slides(model: str, features: str, out: str = "embeddings.h5", ensemble
     """Embed slides with a pre-trained slide-SSL run: HDF5 with slide_ids and embeddings.
 
     Example: gigaslide embed-slides --model runs/gigassl --features features/ --ensemble 20 --out embeddings.h5
+    Then the linear and k-NN probes on the same folds, with CIs (labels: integers or class names):
+      gigaslide evaluate embeddings --embeddings embeddings.h5 --labels labels.csv --out probes/
 
     Args:
         model: run folder of `gigaslide pretrain-slides`

@@ -4,14 +4,16 @@ Prediction CSV contract (written by MIL, Giga-SSL, SLPD, StreamingCLAM ... ; rea
 ---------------------------------------------------------------------------------------
 One row per (slide, fold[, repeat]) *test* prediction, UTF-8, comma-separated, with a header::
 
-    slide_id,label,prob_0,prob_1,...,prob_{C-1},fold[,repeat][,patient_id]
+    slide_id,label,prob_0,prob_1,...,prob_{C-1},fold[,repeat][,patient_id][,class_name]
 
 * ``slide_id``: str, the slide's id (feature file stem); ``label``: int ground truth 0..C-1;
 * ``prob_c``: float probability of class c (rows should sum to 1; they are re-normalised);
 * ``fold``: int, the cross-validation fold in which the slide was in the test set;
 * ``repeat`` (optional): int, the few-shot draw / repeated run; every repeat is a full CV;
 * ``patient_id`` (optional): str, the slide's patient (labels.csv's ``patient_id``): the CIs then resample
-  patients, each with all its slides (an empty value: the slide is its own patient).
+  patients, each with all its slides (an empty value: the slide is its own patient);
+* ``class_name`` (optional): str, the name of class ``label`` where labels.csv names the classes (``LUAD``):
+  ``prob_c`` is the probability of the class whose rows have ``label`` c; one name per label, one label per name.
 
 A slide appears once per repeat (cross-validation: every slide is tested exactly once). A run
 directory may hold this as ``predictions.csv`` or as ``fold*/predictions.csv`` (concatenated);
@@ -32,6 +34,7 @@ from __future__ import annotations
 import csv
 import os
 import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +61,7 @@ class Predictions:
     repeats: np.ndarray  # [N] (zeros when absent)
     source: str = ""
     patient_ids: list[str] | None = None  # [N] when the predictions name the slides' patients
+    class_names: list[str] | None = None  # [C] when the predictions name the classes (a class without rows: "c")
 
     @property
     def n_classes(self) -> int:
@@ -66,10 +70,12 @@ class Predictions:
 
 def write_predictions(path: str | os.PathLike, slide_ids: Sequence[str], labels: Sequence[int], probs: np.ndarray,
                       folds: Sequence[int] | int, repeats: Sequence[int] | int | None = None,
-                      record: Mapping[str, Any] | None = None, patient_ids: Sequence[str] | None = None) -> Path:
+                      record: Mapping[str, Any] | None = None, patient_ids: Sequence[str] | None = None,
+                      class_names: Sequence[str] | None = None) -> Path:
     """Write a prediction CSV in the contract above (atomic); ``record`` (provenance of the features/model
     it came from: encoder, weights hash, mpp, tile size, seed, run) goes to its ``.provenance.json`` sidecar;
-    ``patient_ids`` (one per row, from labels.csv) adds the ``patient_id`` column."""
+    ``patient_ids`` (one per row, from labels.csv) adds the ``patient_id`` column, ``class_names`` (one per class,
+    from labels.csv) the ``class_name`` column and the sidecar's ``class_names``."""
     probs = np.asarray(probs, dtype=np.float64)
     n, c = probs.shape
     folds = [folds] * n if isinstance(folds, (int, np.integer)) else list(folds)
@@ -79,6 +85,10 @@ def write_predictions(path: str | os.PathLike, slide_ids: Sequence[str], labels:
         raise ValueError(f"{len(pats)} patient ids for {n} predictions")
     header = ["slide_id", "label"] + [f"prob_{k}" for k in range(c)] + ["fold"] + (["repeat"] if reps is not None else [])
     header += ["patient_id"] if pats is not None else []
+    names = None if class_names is None else [str(x) for x in class_names]
+    if names is not None and len(names) != c:
+        raise ValueError(f"{len(names)} class names for {c} prob columns")
+    header += ["class_name"] if names is not None else []
     with atomic.atomic_path(path, suffix=".csv") as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
@@ -87,17 +97,21 @@ def write_predictions(path: str | os.PathLike, slide_ids: Sequence[str], labels:
                 # every digit (shortest round trip): at 6 digits a confident model's 1 - 1e-7 and 1 - 4e-7 were both
                 # "1" (a tie in the AUC) and 0.5000004 vs 0.4999996 both "0.5" (the arg-max flipped to class 0)
                 row = [slide_ids[i], int(labels[i])] + [repr(float(v)) for v in probs[i]] + [int(folds[i])]
-                w.writerow(row + ([int(reps[i])] if reps is not None else []) + ([pats[i]] if pats is not None else []))
+                w.writerow(row + ([int(reps[i])] if reps is not None else []) + ([pats[i]] if pats is not None else [])
+                           + ([names[int(labels[i])]] if names is not None else []))
     if record is not None:
-        write_sidecar(path, provenance(kind="predictions", **dict(record)))
+        extra = {} if names is None else {"class_names": names}
+        write_sidecar(path, provenance(kind="predictions", **{**dict(record), **extra}))
     return Path(path)
 
 
 def pool_predictions(parts: Sequence[str | os.PathLike], out: str | os.PathLike,
-                     record: Mapping[str, Any] | None = None, patients: Mapping[str, str] | None = None) -> Predictions:
+                     record: Mapping[str, Any] | None = None, patients: Mapping[str, str] | None = None,
+                     class_names: Sequence[str] | None = None) -> Predictions:
     """Concatenate per-fold prediction CSVs (in the order given) into ``out`` — the one way runs pool folds.
     ``patients`` (slide id -> patient id, from labels.csv) names every slide's patient (fold files written before
-    the column existed have none); else the parts' own ``patient_id`` columns are kept when all have them."""
+    the column existed have none); else the parts' own ``patient_id`` columns are kept when all have them.
+    ``class_names`` (from labels.csv) names the classes, else the parts' own ``class_name`` columns do."""
     preds = [read_predictions(p) for p in parts]
     if not preds:
         raise GigaslideError("no fold predictions to pool", path=out, fix="check that training finished")
@@ -107,11 +121,27 @@ def pool_predictions(parts: Sequence[str | os.PathLike], out: str | os.PathLike,
     pooled = Predictions(ids, np.concatenate([p.labels for p in preds]),
                          np.concatenate([p.probs for p in preds]), np.concatenate([p.folds for p in preds]),
                          np.concatenate([p.repeats for p in preds]), str(out), pats)
+    names = list(class_names) if class_names is not None else _pooled_names(preds, out)
+    pooled.class_names = names
     _checked_patients(pooled)
     with_repeats = len(np.unique(pooled.repeats)) > 1
     write_predictions(out, pooled.slide_ids, pooled.labels, pooled.probs, pooled.folds,
-                      pooled.repeats if with_repeats else None, record=record, patient_ids=pats)
+                      pooled.repeats if with_repeats else None, record=record, patient_ids=pats, class_names=names)
     return pooled
+
+
+def _pooled_names(preds: Sequence[Predictions], out: str | os.PathLike) -> list[str] | None:
+    """The class names the parts agree on (a class without rows in one part, named ``"c"`` there, takes the others'
+    name); None when some part names none."""
+    if not preds or any(p.class_names is None for p in preds):
+        return None
+    merged: dict[int, str] = {}
+    for p in preds:
+        for c, n in enumerate(p.class_names or []):
+            if n != str(c) and merged.setdefault(c, n) != n:
+                raise GigaslideError(f"class {c} is {merged[c]!r} in one fold file, {n!r} in another", path=out,
+                                     fix="pool the folds of one run (one labels.csv)")
+    return [merged.get(c, str(c)) for c in range(preds[0].n_classes)]
 
 
 def _csv_files(source: str | os.PathLike) -> list[Path]:
@@ -134,6 +164,7 @@ def read_predictions(source: str | os.PathLike) -> Predictions:
     ids: list[str] = []
     labels, folds, reps, probs = [], [], [], []
     pats: list[str] | None = []
+    names: dict[int, str] | None = {}  # label -> class name, from the class_name columns
     n_classes = None
     for f in _csv_files(source):
         with open(f, newline="", encoding="utf-8-sig") as fh, utf8_or_error(f):  # -sig: Excel's BOM
@@ -156,6 +187,8 @@ def read_predictions(source: str | os.PathLike) -> Predictions:
             n_classes = len(pcols)
             if "patient_id" not in cols:  # every file names the patients, or none counts
                 pats = None
+            if "class_name" not in cols:  # likewise the classes
+                names = None
             for line, r in enumerate(reader, start=2):
                 try:
                     probs.append([float(r[c]) for c in pcols])
@@ -168,6 +201,15 @@ def read_predictions(source: str | os.PathLike) -> Predictions:
                 ids.append((r["slide_id"] or "").strip())
                 if pats is not None:
                     pats.append((r["patient_id"] or "").strip() or ids[-1])
+                if names is not None:
+                    name = (r["class_name"] or "").strip()
+                    if not name:
+                        raise GigaslideError(f"line {line}: empty class_name", path=f,
+                                             fix="name the class of every row, or leave out the class_name column")
+                    if names.setdefault(labels[-1], name) != name:
+                        raise GigaslideError(f"line {line}: label {labels[-1]} is class {name!r} here, "
+                                             f"{names[labels[-1]]!r} above", path=f,
+                                             fix="one class_name per label (as labels.csv maps them)")
     if not ids:
         raise GigaslideError("predictions are empty", path=source, fix="check that training finished")
     P = np.asarray(probs)
@@ -180,6 +222,12 @@ def read_predictions(source: str | os.PathLike) -> Predictions:
         P = P / np.clip(sums, 1e-12, None)
     pred = Predictions(ids, np.asarray(labels), P, np.asarray(folds), np.asarray(reps), str(source),
                        pats if pats is not None and len(pats) == len(ids) else None)
+    if names:
+        two = [n for n, k in Counter(names.values()).items() if k > 1]
+        if two:
+            raise GigaslideError(f"class {two[0]!r} has two labels", path=source,
+                                 fix="one label per class_name (as labels.csv maps them)")
+        pred.class_names = [names.get(c, str(c)) for c in range(n_classes or 0)]
     key = list(zip(pred.slide_ids, pred.repeats.tolist()))
     if len(set(key)) != len(key):
         raise GigaslideError("a slide is predicted twice in the same repeat", path=source,
@@ -203,12 +251,14 @@ def _checked_patients(pred: Predictions) -> Predictions:
 
 def with_patients(pred: Predictions, labels: str | os.PathLike) -> Predictions:
     """``pred`` with each slide's patient from ``labels`` (labels.csv with a ``patient_id`` column), for predictions
-    written without them; refused in one line when labels.csv lacks the column, a slide or its label."""
+    written without them, and its class names where it names the classes; refused in one line when labels.csv lacks
+    the column (and names no class), a slide or its label. Where both name the classes, labels are compared by
+    name: a labels.csv with a subset of the classes numbers them 0..C'-1, not as the run did."""
     from gigaslide.evaluation.splits import read_labels
 
     table = read_labels(labels)
     fix = "pass the labels.csv the run was trained with"
-    if not table.has_patients:
+    if not table.has_patients and not table.class_names:
         raise GigaslideError("no patient_id (or case_id) column", path=labels,
                              fix="add one (slide_id,patient_id,label), or leave out --labels: the CIs resample slides")
     row = {s: i for i, s in enumerate(table.slide_ids)}
@@ -216,16 +266,37 @@ def with_patients(pred: Predictions, labels: str | os.PathLike) -> Predictions:
     if missing:
         raise GigaslideError(f"{len(missing)} predicted slide(s) are not in it: {', '.join(missing[:5])}", path=labels,
                              fix=fix)
-    other = [(s, y) for s, y in zip(pred.slide_ids, pred.labels.tolist()) if table.labels[row[s]] != y]
+    def here(s: str) -> str:
+        c = int(table.labels[row[s]])
+        return table.class_names[c] if table.class_names else str(c)
+
+    def there(y: int) -> str:
+        return pred.class_names[y] if pred.class_names else str(y)
+
+    by_name = table.class_names is not None and pred.class_names is not None
+    other = [(s, y) for s, y in zip(pred.slide_ids, pred.labels.tolist())
+             if (here(s) != there(y) if by_name else table.labels[row[s]] != y)]
     if other:
-        raise GigaslideError(f"slide {other[0][0]} has label {table.labels[row[other[0][0]]]} here, {other[0][1]} in "
-                             f"the predictions", path=labels, fix=fix)
+        s, y = other[0]
+        raise GigaslideError(f"slide {s} has label {_named(int(table.labels[row[s]]), table.class_names)} here, "
+                             f"{_named(y, pred.class_names)} in the predictions", path=labels, fix=fix)
+    names = pred.class_names
+    if names is None and table.class_names is not None and len(table.class_names) == pred.n_classes:
+        names = list(table.class_names)  # the same numbering: every slide's label agrees
+    if not table.has_patients:
+        return Predictions(pred.slide_ids, pred.labels, pred.probs, pred.folds, pred.repeats, pred.source,
+                           pred.patient_ids, names)
     pats = [table.patient_ids[row[s]] for s in pred.slide_ids]
     if pred.patient_ids is not None and pred.patient_ids != pats:
         k = next(i for i, (a, b) in enumerate(zip(pred.patient_ids, pats)) if a != b)
         raise GigaslideError(f"slide {pred.slide_ids[k]} belongs to patient {pats[k]} here, {pred.patient_ids[k]} in "
                              f"the predictions", path=labels, fix=fix)
-    return Predictions(pred.slide_ids, pred.labels, pred.probs, pred.folds, pred.repeats, pred.source, pats)
+    return Predictions(pred.slide_ids, pred.labels, pred.probs, pred.folds, pred.repeats, pred.source, pats, names)
+
+
+def _named(c: int, names: Sequence[str] | None) -> str:
+    """Label ``c`` as ``1 (LUSC)`` where the classes have names, else ``1``."""
+    return f"{c} ({names[c]})" if names is not None and 0 <= c < len(names) else str(c)
 
 
 def _patients(pred: Predictions, rows: np.ndarray) -> list[str] | None:
@@ -271,11 +342,14 @@ def compare_predictions(pred: Predictions | str | os.PathLike, base: Predictions
     if pred.n_classes != base.n_classes:
         raise GigaslideError(f"{base.n_classes} classes in the baseline, {pred.n_classes} here", path=base.source,
                              fix=fix)
+    if pred.class_names is not None and base.class_names is not None and pred.class_names != base.class_names:
+        raise GigaslideError(f"classes {', '.join(base.class_names)} in the baseline, {', '.join(pred.class_names)} "
+                             f"here", path=base.source, fix=fix)
     labels, base_labels = pred.labels[rows[0]], base.labels[base_rows[0]]
     if not np.array_equal(labels, base_labels):
         k = int(np.flatnonzero(labels != base_labels)[0])
-        raise GigaslideError(f"slide {ids[k]} has label {base_labels[k]} in the baseline, {labels[k]} here",
-                             path=base.source, fix=fix)
+        raise GigaslideError(f"slide {ids[k]} has label {_named(int(base_labels[k]), base.class_names)} in the "
+                             f"baseline, {_named(int(labels[k]), pred.class_names)} here", path=base.source, fix=fix)
     pats, base_pats = _patients(pred, rows[0]), _patients(base, base_rows[0])
     if pats is not None and base_pats is not None and pats != base_pats:
         k = next(i for i, (a, b) in enumerate(zip(pats, base_pats)) if a != b)
@@ -313,6 +387,7 @@ def evaluate_predictions(pred: Predictions | str | os.PathLike, *, n_bootstrap: 
                            **({} if groups is None else {"n_patients": len(set(groups))}),
                            "n_folds": int(len(np.unique(pred.folds))), "n_bootstrap": n_bootstrap, "seed": seed,
                            "class_counts": np.bincount(pred.labels[first], minlength=pred.n_classes).tolist(),
+                           **({} if pred.class_names is None else {"class_names": list(pred.class_names)}),
                            "source": pred.source, "metrics": {}}
     for name in SLIDE_METRICS:
         fn = METRICS[name]
@@ -346,7 +421,11 @@ def evaluation_markdown(res: dict[str, Any], title: str = "Slide-level evaluatio
     m = res["metrics"]
     over = (f"patients within folds, each with all its slides ({res.get('n_patients')} patients)"
             if res.get("resampled") == "patients" else "slides within folds")
-    return (f"# {title}\n\n{res['n_slides']} slides {res['class_counts']}, {res['n_folds']} folds, "
+    names = res.get("class_names")
+    counts = (", ".join(f"{c} = {n}: {k}" for c, (n, k) in enumerate(zip(names, res["class_counts"])))
+              if names else res["class_counts"])
+    counts = f"({counts})" if names else counts
+    return (f"# {title}\n\n{res['n_slides']} slides {counts}, {res['n_folds']} folds, "
             f"{res['n_repeats']} repeat(s); 95 % bootstrap CI over {over} (B={res['n_bootstrap']})\n\n"
             "| metric | pooled [95 % CI] | per-fold mean ± std |\n|---|---|---|\n"
             + "".join(f"| {k} | {fmt_ci(v)} | {v['fold_mean']:.3f} ± {v['fold_std']:.3f}{_folds_left_out(v)} |\n"
@@ -359,23 +438,36 @@ def _folds_left_out(v: dict[str, Any]) -> str:
     return f" ({n} of {total} folds: the others have one class)" if n is not None and total and n < total else ""
 
 
+def _check_embeddings(X: np.ndarray, y: np.ndarray) -> None:
+    if X.ndim != 2 or len(X) != len(y):
+        raise GigaslideError(f"embeddings must be [N, D] with N labels, got {X.shape} and {y.shape}")
+
+
+def _fold_predictions(ids: list[str], y: np.ndarray, probs: np.ndarray, fold_of: np.ndarray,
+                      repeat: int | None) -> Predictions:
+    tested = fold_of >= 0
+    return Predictions([ids[i] for i in np.flatnonzero(tested)], y[tested], probs[tested], fold_of[tested],
+                       np.full(int(tested.sum()), repeat or 0))
+
+
 def linear_probe_slides(embeddings: np.ndarray, labels: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]], *,
                         slide_ids: Sequence[str] | None = None, C: float = 1.0, seed: int = 0,
-                        out_csv: str | os.PathLike | None = None, repeat: int | None = None) -> Predictions:
+                        out_csv: str | os.PathLike | None = None, repeat: int | None = None,
+                        n_classes: int | None = None) -> Predictions:
     """Cross-validated linear probe on slide embeddings [N, D]: StandardScaler + balanced LogisticRegression.
 
     ``folds`` come from :func:`gigaslide.evaluation.splits.make_folds`. Returns the out-of-fold
-    :class:`Predictions` (and writes them as a prediction CSV with ``out_csv``)."""
+    :class:`Predictions` (and writes them as a prediction CSV with ``out_csv``); ``n_classes`` (default: the largest
+    label + 1) sets the number of prob columns."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     X = np.asarray(embeddings, dtype=np.float64)
     y = np.asarray(labels).astype(int)
-    if X.ndim != 2 or len(X) != len(y):
-        raise GigaslideError(f"embeddings must be [N, D] with N labels, got {X.shape} and {y.shape}")
+    _check_embeddings(X, y)
     ids = list(slide_ids) if slide_ids is not None else [str(i) for i in range(len(y))]
-    n_classes = int(y.max()) + 1
+    n_classes = n_classes or int(y.max()) + 1
     probs = np.zeros((len(y), n_classes))
     fold_of = np.full(len(y), -1)
     for k, (tr, te) in enumerate(folds):
@@ -385,26 +477,75 @@ def linear_probe_slides(embeddings: np.ndarray, labels: np.ndarray, folds: list[
         classes = clf.classes_
         probs[np.ix_(te, classes)] = clf.predict_proba(X[te])
         fold_of[te] = k
-    tested = fold_of >= 0
-    pred = Predictions([ids[i] for i in np.flatnonzero(tested)], y[tested], probs[tested], fold_of[tested],
-                       np.full(int(tested.sum()), repeat or 0))
+    pred = _fold_predictions(ids, y, probs, fold_of, repeat)
     if out_csv is not None:
         write_predictions(out_csv, pred.slide_ids, pred.labels, pred.probs, pred.folds, repeat)
     return pred
 
 
-def linear_probe_run(embeddings: dict[str, np.ndarray], labels: str | os.PathLike, out: str | os.PathLike, *,
-                     folds: int = 5, seed: int = 0, train_slides: int | None = None, repeats: int = 1, C: float = 1.0,
-                     on_missing: str = "error", n_bootstrap: int = 1000) -> dict[str, Any]:
-    """The whole slide-embedding protocol in one call (for Giga-SSL / SLPD style slide encoders).
+#: neighbours of the slide k-NN probe (as the tile probe; SLPD reports a k-NN probe beside the linear one)
+KNN_K = 20
+
+
+def knn_k(k: int, n_train: int) -> int:
+    """The neighbours that vote: ``k``, but at most half the training slides (at least 1): with every training slide
+    voting (few-shot: 8 slides, k = 20) each test slide would get the training prior -- a constant, AUC 0.5."""
+    return max(1, min(int(k), n_train // 2))
+
+
+def knn_probe_slides(embeddings: np.ndarray, labels: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]], *,
+                     slide_ids: Sequence[str] | None = None, k: int = KNN_K, repeat: int | None = None,
+                     n_classes: int | None = None) -> Predictions:
+    """Cross-validated k-NN probe on slide embeddings [N, D]: each test slide's :func:`knn_k` (``k``, at most half
+    the training slides) nearest training slides by cosine similarity (dot product of L2-normalised embeddings,
+    brute force; equal similarities: the earlier training slide), class probabilities = their vote fractions
+    (unweighted, as sklearn's ``KNeighborsClassifier(metric="cosine")``: with unequal classes the arg-max leans to
+    the larger class, where the linear probe is class-balanced; AUC, which ranks the vote fractions, does not). No
+    fitting: scaling an embedding changes nothing."""
+    X = np.asarray(embeddings, dtype=np.float64)
+    y = np.asarray(labels).astype(int)
+    _check_embeddings(X, y)
+    if k < 1:
+        raise GigaslideError(f"--k {k}: the k-NN probe needs at least one neighbour", fix="use --k 1 or more")
+    ids = list(slide_ids) if slide_ids is not None else [str(i) for i in range(len(y))]
+    n_classes = n_classes or int(y.max()) + 1
+    Xn = X / np.clip(np.linalg.norm(X, axis=1, keepdims=True), 1e-12, None)
+    probs = np.zeros((len(y), n_classes))
+    fold_of = np.full(len(y), -1)
+    for f, (tr, te) in enumerate(folds):
+        tr, te = np.asarray(tr), np.asarray(te)
+        kk = knn_k(k, len(tr))
+        sim = Xn[te] @ Xn[tr].T  # [n_test, n_train]
+        nn = np.argsort(-sim, axis=1, kind="stable")[:, :kk]
+        votes = y[tr][nn]  # [n_test, kk]
+        probs[te] = np.stack([np.bincount(v, minlength=n_classes) for v in votes]) / kk
+        fold_of[te] = f
+    return _fold_predictions(ids, y, probs, fold_of, repeat)
+
+
+PROBES = ("linear", "knn")
+
+
+def probe_run(embeddings: dict[str, np.ndarray], labels: str | os.PathLike, out: str | os.PathLike, *,
+              protocols: Sequence[str] | str = PROBES, folds: int = 5, seed: int = 0, train_slides: int | None = None,
+              repeats: int = 1, C: float = 1.0, k: int = KNN_K, on_missing: str = "error",
+              n_bootstrap: int = 1000) -> dict[str, dict[str, Any]]:
+    """The whole slide-embedding protocol in one call (for Giga-SSL / SLPD style slide encoders): protocol -> its
+    evaluation, every probe on the same folds, few-shot draws and test slides, scored alike.
 
     ``embeddings``: ``{slide_id: [D] vector}``; ``labels``: labels.csv. Reads and validates the
     labels, makes the stratified patient-grouped folds (saved as ``out/splits.json``), optionally
-    draws ``train_slides`` training slides per fold ``repeats`` times (few-shot), fits the balanced
-    linear probe, writes ``out/predictions.csv`` and ``out/evaluation.{json,md}``; returns the evaluation.
+    draws ``train_slides`` training slides per fold ``repeats`` times (few-shot), fits each probe
+    (``linear``: the balanced logistic regression, in ``out/``; ``knn``: :func:`knn_probe_slides`, in ``out/knn/``),
+    writes ``predictions.csv`` and ``evaluation.{json,md}``, and ``out/probes.md``: one row per probe.
     """
     from gigaslide.evaluation import splits as S
 
+    protos = [p.strip() for p in protocols.split(",") if p.strip()] if isinstance(protocols, str) else list(protocols)
+    unknown = [p for p in protos if p not in PROBES]
+    if unknown or not protos:
+        raise GigaslideError(f"--protocol {','.join(protos)}: unknown {', '.join(unknown) or 'empty'}",
+                             fix=f"use a comma-separated subset of {','.join(PROBES)}")
     table = S.read_labels(labels)
     m = S.match_features(table, list(embeddings), on_missing=on_missing)
     t = m.table
@@ -417,24 +558,66 @@ def linear_probe_run(embeddings: dict[str, np.ndarray], labels: str | os.PathLik
     if bad:
         raise GigaslideError(f"{len(bad)} slide embedding(s) contain NaN/inf: {S._preview(bad)}",
                              fix="the slide encoder diverged or met an empty slide: re-train or re-embed those slides")
-    fold_idx = S.make_folds(t.labels, t.patient_ids, folds, seed, where=labels)
+    fold_idx = S.make_folds(t.labels, t.patient_ids, folds, seed, where=labels, class_names=t.class_names)
     out_d = atomic.ensure_writable_dir(out)
     rec = S.splits_record(t, fold_idx)
     rec["left_out"] = {"labeled_without_features": m.skipped_missing, "features_without_label": m.skipped_unlabeled}
     atomic.write_json(out_d / "splits.json", rec)
-    parts = []
+    run_folds = []  # per repeat: the (train, test) of each fold, shared by every probe
     for r in range(repeats):
         rf = []
-        for k, (tr, te) in enumerate(fold_idx):
+        for f, (tr, te) in enumerate(fold_idx):
             if train_slides:
-                tr = S.few_shot_draws(tr, t.labels, train_slides, repeats, seed=seed * 1000 + k)[r]
+                tr = S.few_shot_draws(tr, t.labels, train_slides, repeats, seed=seed * 1000 + f)[r]
             rf.append((tr, te))
-        parts.append(linear_probe_slides(X, t.labels, rf, slide_ids=t.slide_ids, C=C, seed=seed, repeat=r))
-    pred = Predictions(sum((p.slide_ids for p in parts), []), np.concatenate([p.labels for p in parts]),
-                       np.concatenate([p.probs for p in parts]), np.concatenate([p.folds for p in parts]),
-                       np.concatenate([p.repeats for p in parts]), str(out_d))
+        run_folds.append(rf)
     patient_of = dict(zip(t.slide_ids, t.patient_ids)) if t.has_patients else None  # CIs over patients
-    write_predictions(out_d / "predictions.csv", pred.slide_ids, pred.labels, pred.probs, pred.folds,
-                      pred.repeats if repeats > 1 else None,
-                      patient_ids=None if patient_of is None else [patient_of[s] for s in pred.slide_ids])
-    return evaluate_predictions(out_d / "predictions.csv", n_bootstrap=n_bootstrap, seed=seed, out=out_d)
+    results: dict[str, dict[str, Any]] = {}
+    for proto in protos:
+        d = out_d if proto == "linear" else atomic.ensure_writable_dir(out_d / proto)
+        if proto == "linear":
+            parts = [linear_probe_slides(X, t.labels, rf, slide_ids=t.slide_ids, C=C, seed=seed, repeat=r,
+                                         n_classes=t.n_classes) for r, rf in enumerate(run_folds)]
+        else:
+            parts = [knn_probe_slides(X, t.labels, rf, slide_ids=t.slide_ids, k=k, repeat=r, n_classes=t.n_classes)
+                     for r, rf in enumerate(run_folds)]
+        ids = sum((p.slide_ids for p in parts), [])
+        write_predictions(d / "predictions.csv", ids, np.concatenate([p.labels for p in parts]),
+                          np.concatenate([p.probs for p in parts]), np.concatenate([p.folds for p in parts]),
+                          np.concatenate([p.repeats for p in parts]) if repeats > 1 else None,
+                          patient_ids=None if patient_of is None else [patient_of[s] for s in ids],
+                          class_names=t.class_names)
+        res = evaluate_predictions(d / "predictions.csv", n_bootstrap=n_bootstrap, seed=seed, out=d)
+        k_used = sorted({knn_k(k, len(tr)) for rf in run_folds for tr, _ in rf})
+        res["probe"] = {"linear": {"name": "linear", "C": C}, "knn": {"name": "knn", "k": k, "k_used": k_used}}[proto]
+        atomic.write_json(d / "evaluation.json", {**provenance(kind="slide_evaluation"), **res})
+        atomic.write_text(d / "evaluation.md", evaluation_markdown(res, f"{_probe_label(proto, res)} probe"))
+        results[proto] = res
+    atomic.write_text(out_d / "probes.md", probes_markdown(results))
+    return results
+
+
+def probes_markdown(results: Mapping[str, Mapping[str, Any]], title: str = "Slide-embedding probes") -> str:
+    """One row per probe (pooled out-of-fold metric [95 % CI]), on the same folds and slides."""
+    first = next(iter(results.values()))
+    over = "patients" if first.get("resampled") == "patients" else "slides"
+    head = "| probe | " + " | ".join(SLIDE_METRICS) + " |\n|---|" + "---|" * len(SLIDE_METRICS) + "\n"
+    rows = "".join(f"| {_probe_label(p, r)} | " + " | ".join(fmt_ci(r["metrics"][m]) for m in SLIDE_METRICS) + " |\n"
+                   for p, r in results.items())
+    return (f"# {title}\n\n{first['n_slides']} slides, {first['n_folds']} folds, {first['n_repeats']} repeat(s), the "
+            f"same folds for every probe; 95 % bootstrap CI over {over} (B={first['n_bootstrap']})\n\n{head}{rows}")
+
+
+def _probe_label(proto: str, res: Mapping[str, Any]) -> str:
+    probe = res.get("probe") or {}
+    used = ",".join(map(str, probe.get("k_used") or [probe.get("k")]))
+    return f"k-NN (cosine, k={used})" if proto == "knn" else f"linear (C={probe.get('C')})"
+
+
+def linear_probe_run(embeddings: dict[str, np.ndarray], labels: str | os.PathLike, out: str | os.PathLike, *,
+                     folds: int = 5, seed: int = 0, train_slides: int | None = None, repeats: int = 1, C: float = 1.0,
+                     on_missing: str = "error", n_bootstrap: int = 1000) -> dict[str, Any]:
+    """:func:`probe_run` with the linear probe only; returns its evaluation."""
+    return probe_run(embeddings, labels, out, protocols=("linear",), folds=folds, seed=seed,
+                     train_slides=train_slides, repeats=repeats, C=C, on_missing=on_missing,
+                     n_bootstrap=n_bootstrap)["linear"]

@@ -1,9 +1,11 @@
 """Slide labels and data splits shared by every slide-level method.
 
 ``labels.csv`` has columns ``slide_id,label`` and optionally ``patient_id`` -- or ``case_id``, as CLAM's
-CSVs and TCGA name it (any extra columns are ignored). Labels are integers 0..C-1 (class names are not
-accepted: map them first). Every check fails with a :class:`GigaslideError` naming the file, the offending
-ids/values and the fix.
+CSVs and TCGA name it (any extra columns are ignored). Labels are integers 0..C-1, or class names (CLAM's
+``normal_tissue``/``tumor_tissue``, TCGA's ``LUAD``/``LUSC``): a label column with no number in it is mapped to
+0..C-1 in sorted order of the names, kept as :attr:`LabelTable.class_names` (written with the folds and the
+predictions, so every report names the classes and a later run maps them the same way). Every check fails with a
+:class:`GigaslideError` naming the file, the offending ids/values and the fix.
 
 Splits: :func:`make_folds` gives stratified folds grouped by patient (sklearn
 ``StratifiedGroupKFold``), so no patient is in both train and test; :func:`validation_split`
@@ -37,10 +39,12 @@ class LabelTable:
     path: Path | None = None
     has_patients: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    class_names: list[str] | None = None  # [C] name of class c, sorted, when labels.csv names the classes
 
     @property
     def n_classes(self) -> int:
-        return int(self.labels.max()) + 1
+        # with names, every named class counts (a subset of slides keeps the numbering and the number of classes)
+        return len(self.class_names) if self.class_names else int(self.labels.max()) + 1
 
     def __len__(self) -> int:
         return len(self.slide_ids)
@@ -49,7 +53,8 @@ class LabelTable:
         pos = {s: i for i, s in enumerate(self.slide_ids)}
         idx = [pos[s] for s in ids]
         return LabelTable([self.slide_ids[i] for i in idx], self.labels[idx],
-                          [self.patient_ids[i] for i in idx], self.path, self.has_patients)
+                          [self.patient_ids[i] for i in idx], self.path, self.has_patients,
+                          class_names=self.class_names)
 
 
 def _preview(items: list[str], n: int = 5) -> str:
@@ -104,6 +109,56 @@ def read_labels(path: str | os.PathLike, *, min_classes: int = 2) -> LabelTable:
     dup = [s for s, c in Counter(ids).items() if c > 1]
     if dup:
         raise GigaslideError(f"duplicate slide_id(s): {_preview(dup)}", path=p, fix="keep one row per slide")
+    labels, names = _parse_labels(rows, p)
+    y = np.asarray(labels, dtype=np.int64)
+    classes = np.unique(y)
+    if len(classes) < min_classes:
+        shown = ", ".join(f"{c} = {names[c]}" if names else str(c) for c in classes)
+        raise GigaslideError(f"only {len(classes)} class present (label {shown}); "
+                             f"{len(ids)} slides", path=p, fix="a classifier needs slides of at least two classes")
+    if names is None and not np.array_equal(classes, np.arange(len(classes))):
+        raise GigaslideError(f"labels are {classes.tolist()}, not 0..{len(classes) - 1}", path=p,
+                             fix="renumber the classes as consecutive integers starting at 0")
+    pats = [r.get(pat_col) or r["slide_id"] for r in rows] if pat_col else list(ids)
+    return LabelTable(ids, y, pats, p, has_pat, class_names=names)
+
+
+def _is_number(v: str) -> bool:
+    try:
+        float(v)
+    except ValueError:
+        return False
+    return True
+
+
+_MISSING = {"", "na", "n/a", "nan", "none", "null"}  # casefolded spellings of a missing value
+
+
+def _parse_labels(rows: list[dict[str, str]], p: Path) -> tuple[list[int], list[str] | None]:
+    """The label column as integers 0..C-1, and the class names (sorted) when it holds names (else None)."""
+    values = [r["label"] for r in rows]
+    empty = [f"{r['slide_id']}={r['label']!r}" for r in rows if r["label"].casefold() in _MISSING]
+    if empty:  # (pandas / R write a missing value as NA or nan: it would have been a class of its own)
+        raise GigaslideError(f"missing label on slide(s) {_preview(empty)}", path=p,
+                             fix="give every row a label (or remove the rows of unlabelled slides)")
+    numeric = [_is_number(v) for v in values]
+    if not any(numeric):  # class names: sorted -> 0..C-1
+        names = sorted(set(values))
+        norm: dict[str, list[str]] = {}
+        for n in names:
+            norm.setdefault(" ".join(n.split()).casefold(), []).append(n)
+        clash = [" / ".join(repr(x) for x in v) for v in norm.values() if len(v) > 1]
+        if clash:
+            raise GigaslideError(f"class names that differ only by case or spaces: {_preview(clash)}", path=p,
+                                 fix="spell each class one way in the label column")
+        code = {n: i for i, n in enumerate(names)}
+        return [code[v] for v in values], names
+    if any(numeric) and not all(numeric):
+        named = [f"{r['slide_id']}={r['label']!r}" for r, ok in zip(rows, numeric) if not ok]
+        nums = [f"{r['slide_id']}={r['label']!r}" for r, ok in zip(rows, numeric) if ok]
+        raise GigaslideError(f"label column mixes numbers ({_preview(nums, 2)}) and non-numeric class names "
+                             f"({_preview(named, 3)})", path=p,
+                             fix="use class names on every row, or integers 0..C-1 on every row")
     labels: list[int] = []
     bad: list[str] = []
     for r in rows:
@@ -117,17 +172,8 @@ def read_labels(path: str | os.PathLike, *, min_classes: int = 2) -> LabelTable:
             bad.append(f"{r['slide_id']}={v!r}")
     if bad:
         raise GigaslideError(f"non-numeric or invalid label(s): {_preview(bad)}", path=p,
-                             fix="labels must be integers 0..C-1 (map class names to integers first)")
-    y = np.asarray(labels, dtype=np.int64)
-    classes = np.unique(y)
-    if len(classes) < min_classes:
-        raise GigaslideError(f"only {len(classes)} class present (label {', '.join(map(str, classes))}); "
-                             f"{len(ids)} slides", path=p, fix="a classifier needs slides of at least two classes")
-    if not np.array_equal(classes, np.arange(len(classes))):
-        raise GigaslideError(f"labels are {classes.tolist()}, not 0..{len(classes) - 1}", path=p,
-                             fix="renumber the classes as consecutive integers starting at 0")
-    pats = [r.get(pat_col) or r["slide_id"] for r in rows] if pat_col else list(ids)
-    return LabelTable(ids, y, pats, p, has_pat)
+                             fix="labels must be integers 0..C-1 or class names (one spelling per class)")
+    return labels, None
 
 
 @dataclass
@@ -153,6 +199,11 @@ def match_features(table: LabelTable, feature_ids: list[str] | set[str], *, on_m
     missing = [s for s in table.slide_ids if s not in feats]
     unlabeled = sorted(feats - set(table.slide_ids))
     m = Matched(table, unlabeled, missing)
+    stems = [s for s in missing if Path(s).suffix and Path(s).stem in feats]
+    if stems:  # CLAM's process lists keep the slide's extension (TCGA-...svs); feature files are named without it
+        raise GigaslideError(f"{len(stems)} slide_id(s) name a feature file once their extension is dropped "
+                             f"({stems[0]} -> {Path(stems[0]).stem}.h5)", path=table.path,
+                             fix="write slide_id without the slide file's extension (e.g. s1, not s1.svs)")
     if (missing or unlabeled) and on_missing != "skip":
         raise GigaslideError(m.report(), path=table.path if missing else features_dir,
                              fix="make labels.csv and the features folder list the same slides, "
@@ -175,8 +226,10 @@ def _groups_as_int(groups: list[str] | np.ndarray) -> np.ndarray:
 
 
 def make_folds(labels: np.ndarray, groups: list[str] | np.ndarray | None, n_folds: int, seed: int = 0,
-               where: str | os.PathLike | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Stratified, patient-grouped ``(train_idx, test_idx)`` folds, fixed by ``seed``."""
+               where: str | os.PathLike | None = None,
+               class_names: list[str] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified, patient-grouped ``(train_idx, test_idx)`` folds, fixed by ``seed`` (``class_names``: for the
+    messages)."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     y = np.asarray(labels)
@@ -188,6 +241,7 @@ def make_folds(labels: np.ndarray, groups: list[str] | np.ndarray | None, n_fold
     smallest = min(per_class_groups.values())
     if smallest < n_folds:
         cls = min(per_class_groups, key=per_class_groups.get)
+        cls = f"{cls} ({class_names[cls]})" if class_names and 0 <= cls < len(class_names) else cls
         fix = (f"use --folds {smallest} or fewer, or add slides of class {cls}" if smallest >= 2 else
                f"cross-validation needs at least 2 patients/slides per class: add slides of class {cls}")
         raise GigaslideError(f"class {cls} has only {smallest} patient(s)/slide(s), fewer than --folds {n_folds}",
@@ -244,5 +298,8 @@ def few_shot_draws(idx: np.ndarray, labels: np.ndarray, n: int, repeats: int, se
 def splits_record(table: LabelTable, folds: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
     """JSON-able record of the folds by slide id (saved with every run)."""
     ids = table.slide_ids
-    return {"n_folds": len(folds), "folds": [{"train": [ids[i] for i in tr], "test": [ids[i] for i in te]}
-                                             for tr, te in folds]}
+    rec: dict[str, Any] = {"n_folds": len(folds),
+                           "folds": [{"train": [ids[i] for i in tr], "test": [ids[i] for i in te]} for tr, te in folds]}
+    if table.class_names:  # label c of the folds' predictions is class_names[c]
+        rec["class_names"] = list(table.class_names)
+    return rec

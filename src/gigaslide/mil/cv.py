@@ -95,7 +95,7 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
         print(f"warning: {matched.report()} (left out; listed in {out_d / 'run.json'})")
     t = matched.table
     fold_seed = cfg.seed if fold_seed is None else int(fold_seed)
-    fold_idx = S.make_folds(t.labels, t.patient_ids, folds, fold_seed, where=labels)
+    fold_idx = S.make_folds(t.labels, t.patient_ids, folds, fold_seed, where=labels, class_names=t.class_names)
     n_classes = t.n_classes
     bags = Bags([files[s] for s in t.slide_ids], resolve_budget(bag_memory_gb))
     if verbose:
@@ -113,6 +113,7 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
                         seed=cfg.seed, inputs={"features": features, "labels": labels},
                         provenance={k: v for k, v in meta.items() if v is not None})
     run.update(n_classes=n_classes, encoder=meta["encoder"], in_dim=meta["in_dim"],
+               **({} if t.class_names is None else {"class_names": t.class_names}),  # label c = class_names[c]
                left_out={"labeled_without_features": matched.skipped_missing,
                          "features_without_label": matched.skipped_unlabeled})
     done = set(run.record.get("folds_done", []))
@@ -134,7 +135,8 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
                                      cfg)
             probs, scores = predict(model, bags.take(te))
             save_model(fd, model, cfg, in_dim=meta["in_dim"], n_classes=n_classes,
-                       extra={k2: v for k2, v in {**meta, "fold": k, "repeat": r}.items() if v is not None})
+                       extra={k2: v for k2, v in {**meta, "fold": k, "repeat": r,
+                                                         "class_names": t.class_names}.items() if v is not None})
             atomic.write_json(fd / "history.json", info)
             with atomic.atomic_path(fd / "attention.h5", suffix=".h5") as tmp:
                 with h5py.File(tmp, "w") as f:
@@ -147,7 +149,8 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
                             g.attrs["tile_size_level0"] = float(size0)
             write_predictions(fd / "predictions.csv", [ids[i] for i in te], t.labels[te], probs, k,
                               r if repeats > 1 else None, record=pred_record,
-                              patient_ids=[t.patient_ids[i] for i in te] if t.has_patients else None)
+                              patient_ids=[t.patient_ids[i] for i in te] if t.has_patients else None,
+                              class_names=t.class_names)
             done.add(name)
             run.update(folds_done=sorted(done))
             if verbose:
@@ -156,7 +159,8 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
     atomic.write_json(out_d / "splits.json", rec)
     pool_predictions([out_d / _fold_dirname(k, r) / "predictions.csv" for k in range(len(fold_idx))
                       for r in range(repeats)], out_d / "predictions.csv", record=pred_record,
-                     patients=dict(zip(ids, t.patient_ids)) if t.has_patients else None)  # CIs over patients
+                     patients=dict(zip(ids, t.patient_ids)) if t.has_patients else None,  # CIs over patients
+                     class_names=t.class_names)
     res = evaluate_predictions(out_d / "predictions.csv", n_bootstrap=n_bootstrap, seed=cfg.seed, out=out_d)
     res["seconds_per_fold"] = fold_seconds(out_d)
     atomic.write_json(out_d / "evaluation.json", {**provenance(kind="slide_evaluation"), **res})
