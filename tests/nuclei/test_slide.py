@@ -252,3 +252,63 @@ def test_a_count_grid_the_slide_cannot_hold_fails_before_any_region_is_segmented
                                 nslide.SlideParams(region=128, margin=24, tissue_only=False, window=128,
                                                    tile_size=1024, tile_mpp=0.5))
     assert "more than the slide" in res.failed["small"] and calls == []  # it used to segment the whole slide first
+
+
+def _fluo_slide(path: Path, size: tuple[int, int] = (600, 500), mpp: float = 0.25) -> None:
+    """A fluorescence-like slide: bright nuclei (blue, DAPI-like) on a black background, tissue reaching every edge."""
+    img, _, _ = disc_image(max(size), 80, radius=(5, 8), seed=3)
+    fluo = np.where(img.mean(-1, keepdims=True) < 150, np.array([30, 40, 200]), np.array([0, 0, 0])).astype(np.uint8)
+    write_pyramidal_tiff(path, *size, lambda x0, y0, w, h, ds: fluo[int(y0):int(y0) + h * int(ds):int(ds),
+                                                                     int(x0):int(x0) + w * int(ds):int(ds)],
+                         mpp=mpp, compression="zlib", tile=128)
+
+
+def test_a_fluorescence_slide_reads_black_outside_and_an_older_result_is_redone(
+        tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regions at the slide's edge were read with white glass outside the slide, also on dark-background slides (where
+    encode reads black): the network saw a bright frame around the tissue. Outside is black there now, the record and
+    the tile counts say so, and a dark slide's result made before (no record of it) is redone; a bright one's is kept.
+    A slide that does not look like H&E is warned about, as tile and encode do."""
+    seen: list[np.ndarray] = []
+
+    def keeping(model, img, **kw):  # noqa: ANN001, ANN003, ANN202
+        seen.append(img.copy())
+        return _oracle(model, img, **kw)
+
+    monkeypatch.setattr(nslide, "segment", keeping)
+    _fluo_slide(tmp_path / "f.tiff")
+    _disc_slide(tmp_path / "s.tiff")
+    out = tmp_path / "out"
+    p = nslide.SlideParams(region=128, margin=24, tissue_only=False, window=128)
+    from gigaslide.tiling import StainWarning
+
+    with pytest.warns(StainWarning, match="f: looks like a fluorescence image"):  # an H&E model may not transfer
+        assert nslide.segment_slides([tmp_path / "f.tiff"], tiny_run / "run", out, p).done == ["f"]
+    n_fluo = len(seen)
+    assert nslide.segment_slides([tmp_path / "s.tiff"], tiny_run / "run", out, p).done == ["s"]
+    first = seen[0]  # the region at (0, 0), read from 24 px above and left of the slide
+    assert first.shape[:2] == (128 + 48, 128 + 48)
+    assert (first[:24] == 0).all() and (first[:, :24] == 0).all() and first[24:, 24:].max() == 200
+    bright = seen[n_fluo]  # the bright slide's first region: glass outside, as before
+    assert (bright[:24] == 255).all() and (bright[:, :24] == 255).all() and bright[24:, 24:].min() < 150
+    for sid, bg in (("f", "dark"), ("s", "bright")):
+        rec = json.loads((out / "nuclei" / f"{sid}.json").read_text())
+        assert rec["edge_fill"] == rec["background"] == bg and (rec["stain"] == "fluorescence") == (bg == "dark")
+        with h5py.File(out / "nuclei" / f"{sid}_tiles.h5") as f:
+            assert f.attrs["edge_fill"] == bg
+        del rec["edge_fill"], rec["background"]  # a result made before the fix
+        (out / "nuclei" / f"{sid}.json").write_text(json.dumps(rec))
+    with pytest.warns(StainWarning):
+        again = nslide.segment_slides([tmp_path / "f.tiff", tmp_path / "s.tiff"], tiny_run / "run", out, p)
+    assert again.done == ["f"] and again.skipped == ["s"]
+    assert json.loads((out / "nuclei" / "f.json").read_text())["edge_fill"] == "dark"
+
+
+def test_the_precision_probe_window_is_the_most_stained_one_on_either_background() -> None:
+    """``auto`` precision is judged on the region's most stained window; on a dark (fluorescence) background that is
+    the brightest one, not the darkest (which is black background there and says nothing about precision)."""
+    img = np.zeros((96, 96, 3), np.uint8)
+    img[:32, :32] = 200  # bright nuclei in the top-left corner, black elsewhere
+    assert (nslide.probe_window(img, 32, "dark") == 200).all()
+    assert (nslide.probe_window(255 - img, 32, "bright") == 55).all()
+    assert (nslide.probe_window(img, 32, "bright") == 0).all()

@@ -61,3 +61,48 @@ def test_canvas_px_map_to_the_level0_px_they_were_read_from(tmp_path: Path) -> N
         assert np.abs(level0 - [1000, 7000]).max() <= 1, level0
         xy = c.position_coords((1, w // 8), 8)  # positions of 8 canvas px: each lands on its own level-0 px
         assert np.abs(xy[:, 0] - (c.origin[0] + np.arange(w // 8) * 8)).max() <= 1
+
+
+def _fluo(x0, y0, w, h, ds):  # noqa: ANN001, ANN202
+    """A fluorescence-like slide: green tissue over the lower two thirds, black elsewhere."""
+    X, Y = np.meshgrid(x0 + (np.arange(w) + 0.5) * ds, y0 + (np.arange(h) + 0.5) * ds)
+    g = np.where(Y > 260, 110 + ((X // 7 + Y // 5) % 9) * 15, 0)
+    return np.stack([g // 4, g, g // 3], -1).astype(np.uint8)
+
+
+def test_a_fluorescence_canvas_is_padded_black_and_an_older_cache_is_read_again(tmp_path: Path) -> None:
+    """Canvases were padded with white glass (245) on the right/bottom, also on dark-background slides, where encode
+    pads black: a dark slide's canvas is padded black now, the cache records the fill, and a dark slide's canvas
+    cached before (no record) is read again, while a bright slide's is kept."""
+    import json
+
+    from gigaslide.slides.writer import write_pyramidal_tiff
+    from gigaslide.streaming.data import GLASS
+
+    fluo = write_pyramidal_tiff(tmp_path / "fluo.tiff", 1100, 777, _fluo, mpp=0.5, tile=128)
+    bright = make_slide(tmp_path / "b.tif", (1024, 768), mpp=0.5, seed=1, blobs=1)
+    cache = tmp_path / "cache"
+    c = read_canvas(fluo, 2.0, 4096, 32)
+    h, w = c.content_size
+    img = np.asarray(c.image)
+    assert c.shape != (h, w) and img[:, :h, :w].max() > 100  # padded to a multiple of 32
+    assert (img[:, h:] == 0).all() and (img[:, :, w:] == 0).all() and c.background == "dark"
+    b = read_canvas(bright, 2.0, 4096, 32)
+    bh, bw = b.content_size
+    assert b.background == "bright" and b.shape != (bh, bw) and (np.asarray(b.image)[:, :, bw:] == GLASS).all()
+    for s, want in ((fluo, c), (bright, b)):
+        first = cached_canvas(s, cache, 2.0, 4096, 32)
+        assert _same(first, want) and first.background == want.background
+        meta = cache / f"{Path(s).stem}.json"
+        m = json.loads(meta.read_text())
+        assert m["edge_fill"] == want.background
+        del m["edge_fill"], m["background"]  # a canvas cached before the fix: padded white glass
+        meta.write_text(json.dumps(m))
+        old = np.array(want.image)
+        old[:, h if s == fluo else bh:] = GLASS
+        np.save(cache / f"{Path(s).stem}.npy", old)
+        again = cached_canvas(s, cache, 2.0, 4096, 32)
+        if s == fluo:  # read again, black
+            assert _same(again, want) and json.loads(meta.read_text())["edge_fill"] == "dark"
+        else:  # the cached canvas itself: nothing changed for a bright slide
+            assert np.array_equal(np.asarray(again.image), old) and again.background == "bright"

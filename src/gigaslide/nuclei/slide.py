@@ -8,8 +8,10 @@ nucleus; a margin under :data:`MIN_MARGIN` px or a region under 1 px is refused)
 model's mpp, two regions resample a nucleus on their border with other pixel phases and place its centroid up to
 a pixel apart, on either side of the border; a nucleus within :data:`BORDER_PX` of a border is therefore kept by the
 first region that finds it there and skipped by a later one that finds it again (:class:`_Owner`). Memory is one
-region at a time whatever the slide's size. Outputs per slide, under ``OUT/nuclei/`` (each written to a temporary file
-and renamed; ``<slide>.json`` last, marking the slide done):
+region at a time whatever the slide's size. On a dark-background (fluorescence) slide the context outside the slide is
+read black, as ``encode`` reads it (white glass on bright-field slides); the record says which (``edge_fill``), and a
+dark slide segmented before (no record of it) is segmented again. Outputs per slide, under ``OUT/nuclei/`` (each
+written to a temporary file and renamed; ``<slide>.json`` last, marking the slide done):
 
 * ``<slide>.geojson`` — QuPath detections (polygon, measurements: area µm², centroid, probability; type as
   classification), level-0 px;
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +42,8 @@ from gigaslide.features.manifest import Manifest
 from gigaslide.nuclei.export import TABLE_COLUMNS, GeoJSONWriter, Nucleus, polygon_of, table_row, tile_counts, write_tiles_h5
 from gigaslide.nuclei.infer import MODEL_WEIGHTS, load_model, model_dir, segment
 from gigaslide.slides import open_slide, slide_id_from_path
-from gigaslide.tiling import Scan, grid_positions, make_grid, segment_tissue
+from gigaslide.tiling import Scan, StainWarning, grid_positions, make_grid, segment_tissue
+from gigaslide.tiling.tissue import thumbnail_info
 
 SLIDE_FORMAT = "gigaslide.nuclei-slide/1"
 #: Least context (px at the model's mpp) read around a region: a nucleus reaching further than the margin past its
@@ -129,17 +133,33 @@ def outputs(out: Path, sid: str) -> dict[str, Path]:
             "record": d / f"{sid}.json"}
 
 
-def _is_done(rec_path: Path, key: dict[str, Any], scan: Scan | None) -> bool:
+def _is_done(rec_path: Path, key: dict[str, Any], scan: Scan | None, slide: str | os.PathLike | None = None,
+             slide_mpp: float | str | None = None) -> bool:
     """The slide's outputs are there, made with these settings from this scan (``scan``: the slide as it opens now;
-    a corrected ``--slide-mpp`` or another file under the same name changes every level-0 coordinate and area)."""
+    a corrected ``--slide-mpp`` or another file under the same name changes every level-0 coordinate and area), with
+    the context outside the slide read as now: a record without ``edge_fill`` (made when it was read white glass on
+    every slide) is done only where ``slide``'s background is not dark."""
     try:
         rec = json.loads(rec_path.read_text())
     except (OSError, ValueError):
         return False
     if scan is None or not scan.made(rec.get("slide_mpp"), rec.get("slide_dimensions")):
         return False
-    return rec.get("format") == SLIDE_FORMAT and rec.get("key") == key and all(
+    done = rec.get("format") == SLIDE_FORMAT and rec.get("key") == key and all(
         (rec_path.parent / f).is_file() for f in rec.get("files", []))
+    if done and "edge_fill" not in rec and slide is not None:
+        try:
+            with open_slide(slide, mpp=slide_mpp) as s:
+                return _look(s, None)["background"] != "dark"
+        except GigaslideError:  # segmented again, which reports what is wrong with the slide
+            return False
+    return done
+
+
+def _look(slide, tissue) -> dict[str, Any]:  # noqa: ANN001
+    """The slide's ``background`` (``bright`` or ``dark``) and ``stain`` guess (with ``stain_warning`` when it is not
+    H&E): tissue detection's, or found on a thumbnail without it."""
+    return tissue.info if tissue is not None else thumbnail_info(slide, None, "auto")[2]
 
 
 def _count_coords(out: Path, sid: str, slide, tissue, p: SlideParams) -> tuple[np.ndarray, float, str]:  # noqa: ANN001
@@ -180,16 +200,25 @@ def _nuclei_of_region(inst: np.ndarray, types: dict[int, tuple[int, float]], npp
                None if t is None else type_names.get(str(t), f"type{t}"), prob)
 
 
-def choose_region_precision(model, img: np.ndarray, p: SlideParams) -> PrecisionChoice:  # noqa: ANN001
-    """``p.precision`` resolved on one region: under ``auto`` the NP and HV logits of the region's most stained window
-    in bf16 are compared with fp32 (:func:`gigaslide.devices.choose_precision`); glass says nothing about precision."""
-    w = max(32, min(p.window, img.shape[0], img.shape[1]) // 32 * 32)
+def probe_window(img: np.ndarray, window: int, background: str = "bright") -> np.ndarray:
+    """The window of ``img`` (a corner, an edge's middle or the centre) with the most tissue: the darkest on a bright
+    (glass) background, the brightest on a ``dark`` (fluorescence) one, where black is background."""
+    w = max(32, min(window, img.shape[0], img.shape[1]) // 32 * 32)
 
     def starts(n: int) -> list[int]:
         return sorted({0, max(0, (n - w) // 2), max(0, n - w)})
 
-    crop = min((img[y:y + w, x:x + w] for y in starts(img.shape[0]) for x in starts(img.shape[1])),
-               key=lambda c: float(c.mean()))
+    sign = -1.0 if background == "dark" else 1.0
+    return min((img[y:y + w, x:x + w] for y in starts(img.shape[0]) for x in starts(img.shape[1])),
+               key=lambda c: sign * float(c.mean()))
+
+
+def choose_region_precision(model, img: np.ndarray, p: SlideParams,  # noqa: ANN001
+                            background: str = "bright") -> PrecisionChoice:
+    """``p.precision`` resolved on one region: under ``auto`` the NP and HV logits of the region's most stained window
+    (:func:`probe_window`) in bf16 are compared with fp32 (:func:`gigaslide.devices.choose_precision`); background
+    (glass, or black on a ``dark`` slide) says nothing about precision."""
+    crop = probe_window(img, p.window, background)
     dev = next(model.parameters()).device
     x = torch.from_numpy(np.ascontiguousarray(crop)).to(dev).permute(2, 0, 1)[None].float().div_(255.0)
 
@@ -218,6 +247,10 @@ def segment_slide(path: str | os.PathLike, out: Path, model, p: SlideParams, *, 
         f = mpp / s.mpp  # level-0 px per model px
         W, H = s.dimensions
         tissue = segment_tissue(s)[0] if p.tissue_only else None
+        look = _look(s, tissue)
+        background = look["background"]  # dark: the context outside the slide is read black, as encode reads it
+        if look.get("stain_warning"):  # as tile / encode warn: a model trained on H&E may not transfer
+            warnings.warn(f"{sid}: {look['stain_warning']}", StainWarning, stacklevel=2)
         region = int(min(p.region, int(min(W, H) / f)))
         grid = make_grid(s, tissue, target_mpp=mpp, tile_size=region, min_tissue=p.min_tissue if p.tissue_only else 0.0)
         tile0 = grid.tile_size_level0
@@ -244,9 +277,9 @@ def segment_slide(path: str | os.PathLike, out: Path, model, p: SlideParams, *, 
 
                     loc = (int(np.floor(x0 - p.margin * f)), int(np.floor(y0 - p.margin * f)))
                     size = region + 2 * p.margin
-                    img = s.read_region(loc, (size, size), mpp)
+                    img = s.read_region(loc, (size, size), mpp, background=background)
                     if choice is None:
-                        choice = choose_region_precision(model, img, p)
+                        choice = choose_region_precision(model, img, p, background)
                     inst, types, npp = segment(model, img, precision=choice.resolved, pad_mode="constant", tile=p.window,
                                                  margin=32)
                     for poly, c, a, bbox, t, tname, prob in _nuclei_of_region(inst, types, npp, loc, f, mpp, owner,
@@ -267,11 +300,12 @@ def segment_slide(path: str | os.PathLike, out: Path, model, p: SlideParams, *, 
             write_tiles_h5(files["tiles"], coords, ctile0, s.mpp, stats, {
                 "kind": "nuclei-tiles", "slide_id": sid, "coords_source": source, "nuclei_mpp": mpp,
                 "encoder": spec.encoder_spec.name, "nuclei_model": str(model_dir_of(model)),
-                "type_names": spec.type_names or None})
+                "type_names": spec.type_names or None, "background": background, "edge_fill": background})
         megapixels = len(grid.coords) * region * region / 1e6
         rec = {"format": SLIDE_FORMAT, "key": _key(model, p), "slide": str(path), "slide_id": sid, "nuclei": n_id,
                "regions": len(grid.coords), "megapixels": megapixels, "seconds": round(time.perf_counter() - t0, 3),
                "mpp": mpp, "slide_mpp": float(s.mpp), "slide_dimensions": [int(W), int(H)],
+               "background": background, "edge_fill": background, "stain": look.get("stain"),
                "files": [files[k].name for k in ("geojson", "table", "tiles")],
                "coords_source": source, "precision": (choice or PrecisionChoice(p.precision, "fp32" if p.precision == "auto" else p.precision)).record()}
         atomic.write_json(files["record"], rec)
@@ -305,7 +339,7 @@ def segment_slides(slides: Sequence[str | os.PathLike], model_path: str | os.Pat
     try:
         for pth in slides:
             sid = slide_id_from_path(Path(pth))
-            if _is_done(outputs(out, sid)["record"], _key(model, params), Scan.read(pth, slide_mpp)):
+            if _is_done(outputs(out, sid)["record"], _key(model, params), Scan.read(pth, slide_mpp), pth, slide_mpp):
                 res.skipped.append(sid)
                 continue
             try:

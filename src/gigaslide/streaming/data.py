@@ -1,9 +1,12 @@
 """Whole-slide canvases for streaming training, and whole-image augmentation.
 
 A slide is read at ``mpp`` over the bounding box of its tissue (from :func:`segment_tissue`); a box
-larger than ``image_size`` is centre-cropped to it; the canvas is padded with white glass on the
+larger than ``image_size`` is centre-cropped to it; the canvas is padded with the slide's background on the
 right/bottom to a multiple of the trunk's stride so feature-map positions map to fixed level-0
-boxes. Canvases are uint8 ``[3, H, W]`` (4 x smaller than float) and cached as ``.npy``.
+boxes: white glass (:data:`GLASS`), black on a dark-background (fluorescence) slide, whose pixels outside the slide
+are read black too, as ``encode`` reads them. Canvases are uint8 ``[3, H, W]`` (4 x smaller than float) and cached
+as ``.npy``; the cache records the fill (``edge_fill``), and a dark slide's canvas cached before it was padded
+black is read again.
 
 Memory: a training step holds the canvas once. :meth:`Canvas.pixels` reads the cached ``.npy`` into
 one array (a plain read, not a memory map whose touched pages would count in the process's RSS on
@@ -25,8 +28,10 @@ import numpy as np
 import torch
 
 from gigaslide import atomic
+from gigaslide.errors import GigaslideError
+from gigaslide.slides.slide import fill_value
 
-GLASS = 245  # padding value (white glass, as background)
+GLASS = 245  # padding value on bright-field slides (white glass, as background)
 
 
 @dataclass
@@ -41,6 +46,7 @@ class Canvas:
     content_size: tuple[int, int]  # (h, w) before padding
     path: Path | None = None  # the cached .npy, when the canvas comes from the cache
     read_mpp: float | None = None  # the pixels' own µm/px (:meth:`Slide.read_mpp`, within 1 % of ``mpp``); None: mpp
+    background: str = "bright"  # the slide's (tissue detection's): ``dark`` pads black, outside the slide and after
 
     def pixels(self) -> torch.Tensor:
         """The canvas as a uint8 tensor [3, H, W], held once: read from the cache file (no memory map), or
@@ -76,28 +82,35 @@ class Canvas:
 
 def tissue_box(slide, pad_frac: float = 0.02) -> tuple[int, int, int, int]:  # noqa: ANN001
     """Level-0 (x0, y0, x1, y1) of the slide's tissue (the whole slide if none is found)."""
+    return _tissue_box(slide, pad_frac)[0]
+
+
+def _tissue_box(slide, pad_frac: float = 0.02) -> tuple[tuple[int, int, int, int], str]:  # noqa: ANN001
+    """(:func:`tissue_box`, the slide's background as tissue detection found it: ``bright`` or ``dark``)."""
     from gigaslide.tiling import segment_tissue
 
     tm, _ = segment_tissue(slide)
+    bg = tm.info["background"]
     W, H = slide.dimensions
     if not tm.mask.any():
-        return 0, 0, W, H
+        return (0, 0, W, H), bg
     rows = np.flatnonzero(tm.mask.any(1))
     cols = np.flatnonzero(tm.mask.any(0))
     d = tm.downsample
     pad = pad_frac * max(W, H)
     x0, x1 = max(0, cols[0] * d - pad), min(W, (cols[-1] + 1) * d + pad)
     y0, y1 = max(0, rows[0] * d - pad), min(H, (rows[-1] + 1) * d + pad)
-    return int(x0), int(y0), int(math.ceil(x1)), int(math.ceil(y1))
+    return (int(x0), int(y0), int(math.ceil(x1)), int(math.ceil(y1))), bg
 
 
 def read_canvas(path: str | os.PathLike, mpp: float, image_size: int, multiple: int, *, slide_mpp: float | None = None) -> Canvas:
-    """Read the tissue box of slide ``path`` at ``mpp`` (at most ``image_size`` px a side), padded to ``multiple``."""
+    """Read the tissue box of slide ``path`` at ``mpp`` (at most ``image_size`` px a side), padded to ``multiple``
+    with the slide's background (see the module docstring)."""
     from gigaslide.slides import open_slide
 
     with open_slide(path, mpp=slide_mpp) as slide:
         slide.check_target_mpp(mpp)
-        x0, y0, x1, y1 = tissue_box(slide)
+        (x0, y0, x1, y1), bg = _tissue_box(slide)
         scale = slide.mpp / mpp  # target px per level-0 px
         w, h = max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale))
         if w > image_size:  # centre-crop the tissue box to image_size
@@ -107,12 +120,12 @@ def read_canvas(path: str | os.PathLike, mpp: float, image_size: int, multiple: 
             y0 += int(round((h - image_size) / 2 / scale))
             h = image_size
         level = slide.choose_level(mpp)
-        rgb = slide.read_region((x0, y0), (w, h), mpp, level=level)
+        rgb = slide.read_region((x0, y0), (w, h), mpp, level=level, background=bg)
         sid, smpp, rmpp = slide.id, slide.mpp, slide.read_mpp(mpp, level=level)
     ph, pw = _round_up(h, multiple), _round_up(w, multiple)
-    img = np.full((3, ph, pw), GLASS, np.uint8)
+    img = np.full((3, ph, pw), fill_value(bg) if bg == "dark" else GLASS, np.uint8)
     img[:, :h, :w] = rgb.transpose(2, 0, 1)
-    return Canvas(sid, img, (x0, y0), float(mpp), float(smpp), (h, w), read_mpp=float(rmpp))
+    return Canvas(sid, img, (x0, y0), float(mpp), float(smpp), (h, w), read_mpp=float(rmpp), background=bg)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -123,7 +136,8 @@ def cached_canvas(path: str | os.PathLike, cache_dir: str | os.PathLike, mpp: fl
                   *, slide_mpp: float | None = None) -> Canvas:
     """:func:`read_canvas`, cached as ``<cache>/<slide_id>.npy`` + ``.json`` (atomic; keyed by mpp/size/multiple and
     the slide's scan: a cache read at another level-0 mpp -- a new ``slide_mpp`` -- or from another file under the
-    same name (other dimensions) is read again).
+    same name (other dimensions) is read again; so is a dark-background slide's canvas cached before it was padded
+    black: one without ``edge_fill``).
 
     The returned image is memory-mapped from the cache, so a training set of large canvases does not
     have to fit in RAM (one slide is copied in per step)."""
@@ -136,18 +150,34 @@ def cached_canvas(path: str | os.PathLike, cache_dir: str | os.PathLike, mpp: fl
     scan = Scan.read(path, slide_mpp)  # None: unreadable (read_canvas says why)
     if npy.is_file() and meta.is_file():
         m = json.loads(meta.read_text())
-        if all(m.get(k) == v for k, v in key.items()) and scan is not None and scan.made(m.get("slide_mpp"),
-                                                                                          m.get("slide_dimensions")):
+        if (all(m.get(k) == v for k, v in key.items()) and scan is not None
+                and scan.made(m.get("slide_mpp"), m.get("slide_dimensions")) and _edge_fill_ok(m, path, slide_mpp)):
             return Canvas(m["slide_id"], np.load(npy, mmap_mode="r"), tuple(m["origin"]), m["mpp"], m["slide_mpp"],
-                          tuple(m["content_size"]), npy, m.get("read_mpp"))
+                          tuple(m["content_size"]), npy, m.get("read_mpp"), m.get("background", "bright"))
     c = read_canvas(path, mpp, image_size, multiple, slide_mpp=slide_mpp)
     with atomic.atomic_path(npy, suffix=".npy") as tmp:
         np.save(tmp, c.image)
     atomic.write_json(meta, {**key, "slide_id": c.slide_id, "origin": list(c.origin), "mpp": c.mpp, "slide_mpp": c.slide_mpp,
                              "content_size": list(c.content_size), "read_mpp": c.read_mpp,
-                             "slide_dimensions": list(scan.dimensions) if scan is not None else None})
+                             "slide_dimensions": list(scan.dimensions) if scan is not None else None,
+                             "background": c.background, "edge_fill": c.background})
     c.image, c.path = np.load(npy, mmap_mode="r"), npy
     return c
+
+
+def _edge_fill_ok(meta: dict, path: str | os.PathLike, slide_mpp: float | None) -> bool:
+    """A cached canvas padded as :func:`read_canvas` pads it now: one that records its ``edge_fill``, or one cached
+    before it was recorded on a slide whose background is not dark (those were padded white glass, as now)."""
+    from gigaslide.slides import open_slide
+    from gigaslide.tiling.tissue import thumbnail_info
+
+    if "edge_fill" in meta:
+        return True
+    try:
+        with open_slide(path, mpp=slide_mpp) as slide:
+            return thumbnail_info(slide, None, "auto")[2]["background"] != "dark"
+    except GigaslideError:  # read again, which reports what is wrong with the slide
+        return False
 
 
 @dataclass(frozen=True)

@@ -250,9 +250,9 @@ def test_a_slide_is_read_a_batch_of_tiles_at_a_time(slides, tmp_path, monkeypatc
     reads: list[int] = []
     real = cache._read
 
-    def counting(slide, coords, tile_size, mpp):  # noqa: ANN001, ANN202
+    def counting(slide, coords, *args):  # noqa: ANN001, ANN002, ANN202
         reads.append(len(coords))
-        return real(slide, coords, tile_size, mpp)
+        return real(slide, coords, *args)
 
     monkeypatch.setattr(cache, "_read", counting)
     build_augment_cache(slides[:1], tmp_path / "a", **{**KW, "batch_size": 8, "precision": "fp32"})
@@ -275,3 +275,69 @@ def test_a_second_slide_of_a_taken_id_fails_instead_of_counting_as_cached(slides
     res = build_augment_cache([slides[0], str(other)], tmp_path / "c", **KW)
     assert res.done == ["s0"] and res.skipped == [] and list(res.failed) == [str(other)]
     assert "slide id 's0' also used by" in res.failed[str(other)] and "\n" not in res.failed[str(other)]
+
+
+def _fluo(x0, y0, w, h, ds):  # noqa: ANN001, ANN202
+    """A fluorescence-like slide: green tissue over the lower two thirds, black elsewhere."""
+    X, Y = np.meshgrid(x0 + (np.arange(w) + 0.5) * ds, y0 + (np.arange(h) + 0.5) * ds)
+    g = np.where(Y > 260, 110 + ((X // 7 + Y // 5) % 9) * 15, 0)
+    return np.stack([g // 4, g, g // 3], -1).astype(np.uint8)
+
+
+def test_a_fluorescence_slides_edge_tiles_are_padded_black_and_an_older_cache_is_rebuilt(tmp_path, monkeypatch):
+    """The cache read edge tiles with white padding, also on dark-background slides (encode pads them black): the
+    plain features and the views' tiles are read on the grid's background now, the file records ``edge_fill``, and
+    a dark slide's file cached before (no record) is cached again, while a bright slide's is kept."""
+    import gigaslide.ssl.slide.cache as cache
+    from gigaslide.encoders import build_encoder
+    from gigaslide.encoders.inference import for_inference
+    from gigaslide.slides import open_slide
+    from gigaslide.slides.writer import write_pyramidal_tiff
+
+    fluo = write_pyramidal_tiff(tmp_path / "fluo.tiff", 1100, 777, _fluo, mpp=0.5, tile=128)
+    bright = str(make_slide(tmp_path / "s0.tiff", (640, 448), mpp=0.5, seed=0))
+    reads: list[tuple[np.ndarray, np.ndarray]] = []
+    real = cache._read
+
+    def keeping(slide, coords, *args):  # noqa: ANN001, ANN002, ANN202
+        px = real(slide, coords, *args)
+        reads.append((np.asarray(coords).copy(), px.copy()))
+        return px
+
+    monkeypatch.setattr(cache, "_read", keeping)
+    kw = {**KW, "encoder": build_encoder("test_resnet", "random", seed=0), "mpp": 1.0, "tile_size": 64,
+          "tiles_per_view": 12, "batch_size": 1000, "precision": "fp32"}
+    with pytest.warns(UserWarning, match="fluorescence"):
+        res = build_augment_cache([str(fluo), bright], tmp_path / "c", **kw)
+    assert res.done == ["fluo", "s0"]
+    ff = store.load(tmp_path / "c" / "features" / "fluo.h5")
+    assert ff.attrs["background"] == "dark" and ff.attrs["edge_fill"] == "dark"
+    assert store.load(tmp_path / "c" / "features" / "s0.h5").attrs["edge_fill"] == "bright"
+    edge = int(np.argmax(ff.coords[:, 0]))  # a tile past the right edge (1100 px wide, 128 px tiles)
+    assert ff.coords[edge, 0] + 128 > 1100
+    inside = (1100 - ff.coords[edge, 0]) // 2  # tile px inside the slide at 1 µm/px (level-0 0.5 µm/px)
+    with open_slide(fluo) as s:
+        def read(c, background):  # noqa: ANN001, ANN202 - the slide's pixels on that background
+            return np.stack([s.read_region((int(x), int(y)), (64, 64), 1.0, background=background) for x, y in c])
+
+        black, white = read(ff.coords[edge:edge + 1], "dark")[0], read(ff.coords[edge:edge + 1], "bright")[0]
+        assert (black[:, inside + 1:] == 0).all() and (white[:, inside + 1:] == 255).all()
+        (c_plain, plain), (c_views, views) = reads[:2]  # fluo's plain tiles (one batch), then its views' tiles
+        np.testing.assert_array_equal(c_plain, ff.coords)
+        past = (c_views[:, 0] + 128 > 1100) | (c_views[:, 1] + 128 > 777)
+        assert past.sum() >= 2  # views hold edge tiles
+        np.testing.assert_array_equal(plain, read(ff.coords, "dark"))
+        np.testing.assert_array_equal(views[past], read(c_views[past], "dark"))
+    with torch.inference_mode():
+        f_black, f_white = (for_inference(kw["encoder"])(torch.from_numpy(t)[None]).numpy()[0] for t in (black, white))
+    assert np.abs(ff.features[edge] - f_black).max() < 1e-3 < np.abs(ff.features[edge] - f_white).max()
+    for sid in ("fluo", "s0"):  # files made before the fix
+        with h5py.File(tmp_path / "c" / "features" / f"{sid}.h5", "a") as h:
+            del h.attrs["edge_fill"], h.attrs["background"]
+    again = build_augment_cache([str(fluo), bright], tmp_path / "c", **kw)
+    assert again.done == ["fluo"] and again.skipped == ["s0"]
+    assert store.load(tmp_path / "c" / "features" / "fluo.h5").attrs["edge_fill"] == "dark"
+    with h5py.File(tmp_path / "c" / "features" / "fluo.h5", "a") as h:  # and without the cache's tile grid
+        del h.attrs["edge_fill"]
+    (tmp_path / "c" / "patches" / "fluo.h5").unlink()
+    assert build_augment_cache([str(fluo)], tmp_path / "c", **kw).done == ["fluo"]

@@ -97,3 +97,26 @@ def test_tiles_of_another_size_than_tile_size_are_named(tmp_path, caplog):
         build_source(d, [0.5], 64)
     assert any("are 40x40 px" in r.getMessage() and "--tile-size is 64" in r.getMessage()
                and "give --tile-size 40" in r.getMessage() for r in caplog.records)
+
+
+def _fluo(x0, y0, w, h, ds):  # noqa: ANN001, ANN202
+    """A fluorescence-like slide: green tissue over the lower two thirds, black elsewhere (red at most 230 // 4)."""
+    X, Y = np.meshgrid(x0 + (np.arange(w) + 0.5) * ds, y0 + (np.arange(h) + 0.5) * ds)
+    g = np.where(Y > 260, 110 + ((X // 7 + Y // 5) % 9) * 15, 0)
+    return np.stack([g // 4, g, g // 3], -1).astype(np.uint8)
+
+
+def test_slide_tiles_at_a_fluorescence_slides_edge_read_black_outside(tmp_path):
+    """Tiles at the slide's bottom edge read a level's last, partly outside pixel row blended with white glass, also on
+    dark-background slides (a 777 px high slide's level at /2 is 388 px: its last row lies half outside): pixels far
+    brighter than any of the slide's (red 113 where the slide has at most 57). Outside the slide reads black there
+    now, as encode reads it."""
+    from gigaslide.slides.writer import write_pyramidal_tiff
+
+    slide = write_pyramidal_tiff(tmp_path / "fluo.tiff", 1100, 777, _fluo, mpp=0.5, tile=128, compression="zlib")
+    src = SlideSource([slide], [1.0], 64, min_tissue=0.1)
+    assert src.backgrounds == ["dark"]
+    tiles = np.stack([src.load(i, torch.Generator().manual_seed(s)) for i in range(len(src)) for s in range(3)])
+    bottom = tiles[:, -1].reshape(len(tiles), -1)
+    assert (bottom.max(1) > 0).sum() >= 3  # tissue reaches the bottom edge in several tiles
+    assert int(tiles[..., 0].max()) <= 230 // 4  # nothing brighter than the slide's own red

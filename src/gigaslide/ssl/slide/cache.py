@@ -7,15 +7,18 @@ Layout of ``CACHE/``: ``features/<slide_id>.h5`` (one per slide, a regular featu
 * ``features`` [N, D] float32 and ``coords`` [N, 2] level-0 px: the plain (non-augmented) tiles,
 * ``views`` [V, T, D] float16 and ``view_coords`` [V, T, 2] level-0 px: the augmented views,
 * ``view_tiles`` [V, T] int: which plain tile each view tile is,
-* attrs: provenance (encoder, weights, mpp, tile size, views, tiles per view, seed, augmentation);
+* attrs: provenance (encoder, weights, mpp, tile size, views, tiles per view, seed, augmentation; the slide's
+  ``background`` and ``edge_fill``: what the outside of the slide reads as in edge tiles, black on dark-background
+  (fluorescence) slides, as ``encode`` reads them);
 
 ``patches/<slide_id>.h5``: the tile grid (spine); ``cache.json``: the cache's parameters and its full
 provenance record (tile mpp, tile size, encoder, encoder weights sha256, seed; ``gigaslide.provenance``).
 
 Slides with fewer tissue tiles than ``tiles_per_view`` are **kept**: their views are drawn with
 replacement (a warning names them and ``attrs['with_replacement']`` is set); slides with no tiles
-are skipped and listed. Each slide is written atomically; a re-run skips finished slides; a disk
-budget stops the run with a clear message before the slide that would exceed it.
+are skipped and listed. Each slide is written atomically; a re-run skips finished slides (a dark-background slide
+cached before edge tiles were padded black, with no ``edge_fill``, is cached again); a disk budget stops the run with
+a clear message before the slide that would exceed it.
 """
 
 from __future__ import annotations
@@ -37,9 +40,10 @@ from gigaslide.encoders import Encoder, build_encoder
 from gigaslide.encoders.inference import for_inference
 from gigaslide.errors import GigaslideError
 from gigaslide.features import store
+from gigaslide.features.extract import _edge_fill
 from gigaslide.provenance import decode_attrs
 from gigaslide.slides import by_slide_id, open_slide
-from gigaslide.tiling import TilingParams, tile_slide
+from gigaslide.tiling import TilingParams, layout, load_grid, tile_slide
 from gigaslide.tiling.annotations import classes_attr, tissue_attrs
 
 CACHE_JSON = "cache.json"
@@ -105,11 +109,14 @@ def _encode(encoder: Encoder, batches: Sequence[torch.Tensor], device: torch.dev
     return torch.cat(outs).numpy()
 
 
-def _read(slide, coords: np.ndarray, tile_size: int, mpp: float) -> np.ndarray:  # noqa: ANN001
+def _read(slide, coords: np.ndarray, tile_size: int, mpp: float,  # noqa: ANN001
+          background: str | None = "bright") -> np.ndarray:
+    """Tiles at ``coords``; the part of an edge tile outside the slide is the ``background``'s (the grid's: black
+    on a dark-background slide, as ``encode`` reads it)."""
     out = np.empty((len(coords), tile_size, tile_size, 3), np.uint8)
     level = slide.choose_level(mpp)
     for k, (x, y) in enumerate(coords):
-        out[k] = slide.read_region((int(x), int(y)), (tile_size, tile_size), mpp, level=level)
+        out[k] = slide.read_region((int(x), int(y)), (tile_size, tile_size), mpp, level=level, background=background)
     return out
 
 
@@ -196,7 +203,7 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
             with open_slide(path, mpp=slide_mpp) as s:
                 sid = s.id
             target = feat_dir / f"{sid}.h5"
-            if _finished(target, params, tiling):
+            if _finished(target, params, tiling, out, path, slide_mpp):
                 res.skipped.append(sid)
                 continue
             try:
@@ -223,9 +230,10 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
             # tiles are read a batch at a time (a whole slide's 224 px tiles are ~7 GB at 50,000 tiles); the views'
             # tiles (at most views x tiles_per_view) are read once more, for their augmentations
             plain = np.empty((len(grid), enc.embed_dim), np.float32)
+            background = grid.extra.get("background")
             with open_slide(path, mpp=slide_mpp) as s:
                 for j in range(0, len(grid), batch_size):
-                    batch = torch.from_numpy(_read(s, grid.coords[j:j + batch_size], tile_size, mpp))
+                    batch = torch.from_numpy(_read(s, grid.coords[j:j + batch_size], tile_size, mpp, background))
                     if choice is None:  # the first batch of the invocation is the probe (fp32 and bf16 by auto)
                         first = batch.to(dev)
                         choice = choose_precision(dev, precision, probe=lambda first=first: enc(first[:8]))
@@ -233,7 +241,7 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
                         del first
                     plain[j:j + len(batch)] = _encode(enc, [batch], dev, choice.resolved)
                 used_tiles, where = np.unique(idx, return_inverse=True)
-                tiles = _read(s, grid.coords[used_tiles], tile_size, mpp)
+                tiles = _read(s, grid.coords[used_tiles], tile_size, mpp, background)
             where = where.reshape(idx.shape)
             view_feats = np.empty((views, tiles_per_view, enc.embed_dim), np.float16)
             group = max(1, batch_size // tiles_per_view)  # views encoded together (fills the batch)
@@ -248,7 +256,7 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
                      "with_replacement": int(with_repl), "precision": choice.resolved,
                      "precision_requested": choice.requested, "bf16_cosine": choice.bf16_cosine,
                      "precision_basis": choice.basis, "cache_kind": "gigassl_views", "complete": 1,
-                     **tissue_attrs(grid.extra)}
+                     "background": background, "edge_fill": _edge_fill(grid), **tissue_attrs(grid.extra)}
             coords_attrs = {"patch_size": tile_size, "patch_size_level0": grid.tile_size_level0,
                             "patch_level": grid.read_level, "target_mpp": float(mpp), "level0_mpp": grid.slide_mpp}
             store.save(target, plain.astype(np.float32), grid.coords, attrs=attrs, coords_attrs=coords_attrs,
@@ -267,8 +275,11 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
     return res
 
 
-def _finished(path: Path, params: dict, tiling: TilingParams) -> bool:
-    """A complete slide file of this recipe, its tiles from the same tissue (detected, or the same annotation file)."""
+def _finished(path: Path, params: dict, tiling: TilingParams, out: Path | None = None,
+              slide: str | os.PathLike | None = None, slide_mpp: float | str | None = None) -> bool:
+    """A complete slide file of this recipe, its tiles from the same tissue (detected, or the same annotation file),
+    and its edge tiles padded as ``encode`` pads them: a file without ``edge_fill`` (cached before edge tiles were
+    padded black on dark-background slides) is finished only where the slide is not dark (see :func:`_was_dark`)."""
     if not path.is_file():
         return False
     try:
@@ -281,7 +292,25 @@ def _finished(path: Path, params: dict, tiling: TilingParams) -> bool:
         return False
     return (ok and all(_same(a.get(k), params[k]) for k in ("encoder", "views", "tiles_per_view", "tile_size"))
             and _same(a.get("min_tissue", params["min_tissue"]), params["min_tissue"])
-            and tiling.tissue_matches(a, str(a.get("slide_id", path.stem)), a.get("slide_path")))
+            and tiling.tissue_matches(a, str(a.get("slide_id", path.stem)), a.get("slide_path"))
+            and ("edge_fill" in a or not _was_dark(out, str(a.get("slide_id", path.stem)), slide, slide_mpp, tiling)))
+
+
+def _was_dark(out: Path | None, slide_id: str, slide: str | os.PathLike | None, slide_mpp: float | str | None,
+              tiling: TilingParams) -> bool:
+    """Whether the slide of a cache file made before ``edge_fill`` was recorded has a dark background (its edge tiles
+    were then padded white): from the cache's tile grid (``patches/<slide_id>.h5``), else tiled again (the grid is
+    kept, so the rebuild reuses it). Unknown (no cache folder or slide given): not dark."""
+    if out is None or slide is None:
+        return False
+    try:
+        grid = load_grid(layout(out, slide_id)["coords"])
+    except (GigaslideError, OSError):
+        try:
+            grid = tile_slide(slide, out, tiling, slide_mpp=slide_mpp, overlays=False)
+        except GigaslideError:
+            return False  # no tissue tiles: the slide is handled (skipped) as before
+    return _edge_fill(grid) == "dark"
 
 
 def _same(a, b) -> bool:  # noqa: ANN001

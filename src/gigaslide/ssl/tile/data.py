@@ -61,6 +61,8 @@ class SlideSource:
     At construction each slide is segmented once (thumbnail) and its tissue grid at every ``mpp``
     is kept as level-0 coordinates; slides are re-opened lazily in each worker. An index picks a
     grid cell; the tile is shifted by a random offset of up to half a tile so crops vary across epochs.
+    What a tile at the slide's edge reads outside the slide is the slide's background, as tissue detection found it
+    (white glass; black on a dark-background, fluorescence slide, as ``encode`` reads it).
     """
 
     def __init__(self, slides: Sequence[str | os.PathLike], mpps: Sequence[float], tile_size: int,
@@ -74,10 +76,12 @@ class SlideSource:
         self.slide_mpp = slide_mpp
         entries = []  # (slide index, mpp index, x0, y0)
         self.skipped: list[str] = []
+        self.backgrounds: list[str] = ["bright"] * len(self.paths)  # per slide: what outside the slide reads as
         for si, p in enumerate(self.paths):
             try:
                 with open_slide(p, mpp=slide_mpp) as s:
                     tissue, _ = segment_tissue(s)
+                    self.backgrounds[si] = tissue.info["background"]
                     for mi, m in enumerate(self.mpps):
                         grid = make_grid(s, tissue, target_mpp=m, tile_size=self.tile_size, min_tissue=min_tissue)
                         for x, y in grid.coords:
@@ -111,7 +115,7 @@ class SlideSource:
         dx, dy = ((torch.rand(2, generator=g) - 0.5) * tile0).tolist()
         x = int(min(max(0, x + dx), max(0, W - tile0)))
         y = int(min(max(0, y + dy), max(0, H - tile0)))
-        return s.read_region((x, y), (self.tile_size, self.tile_size), m)
+        return s.read_region((x, y), (self.tile_size, self.tile_size), m, background=self.backgrounds[si])
 
     def __getstate__(self) -> dict:  # open handles stay in their process
         d = dict(self.__dict__)
