@@ -312,3 +312,49 @@ def test_the_precision_probe_window_is_the_most_stained_one_on_either_background
     assert (nslide.probe_window(img, 32, "dark") == 200).all()
     assert (nslide.probe_window(255 - img, 32, "bright") == 55).all()
     assert (nslide.probe_window(img, 32, "bright") == 0).all()
+
+
+def test_the_network_window_past_a_fluorescence_regions_edge_is_black(
+        tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The region read black outside the slide, but the inference windows past the region's own edge were padded
+    with 255: a white frame in the network's input on a dark slide. They take the slide's fill now."""
+    from gigaslide.nuclei import infer
+
+    inputs: list[np.ndarray] = []
+    real = infer.predict_maps
+
+    def spy(model, image, **kw):  # noqa: ANN001, ANN003, ANN202
+        hook = model.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().cpu().numpy().copy()))
+        try:
+            return real(model, image, **kw)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(infer, "predict_maps", spy)
+    _fluo_slide(tmp_path / "f.tiff")
+    p = nslide.SlideParams(region=128, margin=24, tissue_only=False, window=256)
+    with pytest.warns(Warning):
+        r = nslide.segment_slides([tmp_path / "f.tiff"], tiny_run / "run", tmp_path / "out", p)
+    assert r.done == ["f"], r
+    x = np.concatenate(inputs)  # [n, 3, 256, 256] in [0, 1]; a 176 px region in a 256 px window: padded on two sides
+    assert x.shape[-1] == 256 and x.max() > 0.5  # the nuclei are there
+    assert (x[:, :, -40:, :] == 0).all() and (x[:, :, :, -40:] == 0).all()  # padding black, not white
+
+
+def test_edge_tiles_density_counts_their_area_on_the_slide(tiny_run: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The count tiles of the grid's last row and column reach past the slide: their density divides by the part on
+    the slide (a 600 px slide on 224 px count tiles: the last row and column hold 152 px of 224), not by the whole
+    tile."""
+    monkeypatch.setattr(nslide, "segment", _oracle)
+    _disc_slide(tmp_path / "s.tiff")
+    p = nslide.SlideParams(region=128, margin=24, tissue_only=False, window=128, tile_size=112)
+    assert nslide.segment_slides([tmp_path / "s.tiff"], tiny_run / "run", tmp_path / "out", p).done == ["s"]
+    with h5py.File(tmp_path / "out" / "nuclei" / "s_tiles.h5") as f:
+        coords, area, dens, n = f["coords"][:], f["area_mm2"][:], f["density_per_mm2"][:], f["count"][:]
+        full, tile0 = float(f.attrs["tile_area_mm2"]), 224
+        assert list(f.attrs["slide_dimensions"]) == [600, 600]
+    side = np.minimum(coords + tile0, 600) - coords  # px of each tile on the slide, per axis
+    np.testing.assert_allclose(area, full * side[:, 0] * side[:, 1] / tile0 ** 2, rtol=1e-5)
+    assert (area < full).any()
+    np.testing.assert_allclose(dens, n / area, rtol=1e-5)

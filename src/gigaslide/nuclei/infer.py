@@ -68,8 +68,12 @@ def _pad_amounts(n: int, step: int, margin: int) -> tuple[int, int]:
 
 @torch.inference_mode()
 def predict_maps(model: HoVerNet, image: np.ndarray, *, tile: int = 512, margin: int = 32, batch_size: int = 4,
-                 precision: str = "fp32", pad_mode: str = "reflect") -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(NP probability [H, W], HV [2, H, W], NC probabilities [T+1, H, W] or None) of an RGB uint8 image."""
+                 precision: str = "fp32", pad_mode: str = "reflect",
+                 fill: int = 255) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(NP probability [H, W], HV [2, H, W], NC probabilities [T+1, H, W] or None) of an RGB uint8 image.
+
+    ``pad_mode="constant"`` pads the windows past the image's edge with ``fill`` (255: bright-field glass; a
+    fluorescence slide's reader passes 0, its black background)."""
     h, w = image.shape[:2]
     tile = min(tile, 32 * -(-(max(h, w) + 2 * margin) // 32))  # a small image needs no larger window
     if tile % 32 or tile <= 2 * margin:
@@ -77,7 +81,7 @@ def predict_maps(model: HoVerNet, image: np.ndarray, *, tile: int = 512, margin:
     dev = next(model.parameters()).device
     step = tile - 2 * margin
     (t, b), (lft, r) = _pad_amounts(h, step, margin), _pad_amounts(w, step, margin)
-    kw = {"mode": pad_mode} if pad_mode != "constant" else {"mode": "constant", "constant_values": 255}
+    kw = {"mode": pad_mode} if pad_mode != "constant" else {"mode": "constant", "constant_values": fill}
     img = np.pad(image, ((t, b), (lft, r), (0, 0)), **kw)
     ny, nx = (img.shape[0] - 2 * margin) // step, (img.shape[1] - 2 * margin) // step
     n_types = model.spec.n_types

@@ -42,6 +42,7 @@ from gigaslide.features.manifest import Manifest
 from gigaslide.nuclei.export import TABLE_COLUMNS, GeoJSONWriter, Nucleus, polygon_of, table_row, tile_counts, write_tiles_h5
 from gigaslide.nuclei.infer import MODEL_WEIGHTS, load_model, model_dir, segment
 from gigaslide.slides import open_slide, slide_id_from_path
+from gigaslide.slides.slide import fill_value
 from gigaslide.tiling import Scan, StainWarning, grid_positions, make_grid, segment_tissue
 from gigaslide.tiling.tissue import thumbnail_info
 
@@ -281,7 +282,7 @@ def segment_slide(path: str | os.PathLike, out: Path, model, p: SlideParams, *, 
                     if choice is None:
                         choice = choose_region_precision(model, img, p, background)
                     inst, types, npp = segment(model, img, precision=choice.resolved, pad_mode="constant", tile=p.window,
-                                                 margin=32)
+                                                 margin=32, fill=fill_value(background))
                     for poly, c, a, bbox, t, tname, prob in _nuclei_of_region(inst, types, npp, loc, f, mpp, owner,
                                                                               spec.type_names):
                         n_id += 1
@@ -300,7 +301,8 @@ def segment_slide(path: str | os.PathLike, out: Path, model, p: SlideParams, *, 
             write_tiles_h5(files["tiles"], coords, ctile0, s.mpp, stats, {
                 "kind": "nuclei-tiles", "slide_id": sid, "coords_source": source, "nuclei_mpp": mpp,
                 "encoder": spec.encoder_spec.name, "nuclei_model": str(model_dir_of(model)),
-                "type_names": spec.type_names or None, "background": background, "edge_fill": background})
+                "type_names": spec.type_names or None, "background": background, "edge_fill": background},
+                           dimensions=(int(W), int(H)))
         megapixels = len(grid.coords) * region * region / 1e6
         rec = {"format": SLIDE_FORMAT, "key": _key(model, p), "slide": str(path), "slide_id": sid, "nuclei": n_id,
                "regions": len(grid.coords), "megapixels": megapixels, "seconds": round(time.perf_counter() - t0, 3),
