@@ -197,3 +197,27 @@ def test_a_slide_file_given_as_the_output_folder_is_named_as_a_file(tmp_path):
     (tmp_path / "v0.tif").write_bytes(b"II*\x00")
     with pytest.raises(GigaslideError, match="is a file, not an encode output folder"):
         scan_out_dir(tmp_path / "v0.tif")
+
+
+def test_a_run_trained_on_class_names_names_its_columns(tiny, tmp_path):
+    """A MIL run on a labels.csv of class names records them (fold config.json): the exports' probability columns
+    say 'P(tumor)', not 'P(class 1)', with the same numbers."""
+    import shutil
+
+    import anndata as ad
+
+    from gigaslide.cli.main import main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny.run, run)
+    for cfg in run.glob("fold*/config.json"):
+        meta = json.loads(cfg.read_text())
+        cfg.write_text(json.dumps({**meta, "class_names": ["normal", "tumor"]}))
+    out = tmp_path / "features.h5ad"
+    assert main(["export", "anndata", str(tiny.out), "--out", str(out), "--runs", str(run)]) == 0
+    a = ad.read_h5ad(out)
+    assert "run P(class 1)" not in a.obs and "run tile P(class 0)" not in a.obs
+    s2 = (a.obs["slide_id"] == "s2").to_numpy()
+    _, p1, _ = _held_out(run, "s2")
+    assert a.obs.loc[s2, "run P(tumor)"].to_numpy() == pytest.approx(p1, abs=1e-6)
+    assert a.obs.loc[s2, "run P(normal)"].to_numpy() == pytest.approx(1 - p1, abs=1e-5)

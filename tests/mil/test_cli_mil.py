@@ -3,13 +3,14 @@ import torch
 from PIL import Image
 
 from gigaslide.features import store
+from gigaslide.mil import heatmap as heatmap_module
 from gigaslide.mil.mosaic import MosaicConfig, build_mosaic, read_ground_truth
 from gigaslide.mil.train import TrainConfig, save_model, train_fold
 
 torch.set_num_threads(1)
 
 
-def test_heatmap_names_the_classes_of_a_run_with_class_names(tmp_path, cli, capsys):
+def test_heatmap_names_the_classes_of_a_run_with_class_names(tmp_path, cli, capsys, monkeypatch):
     """A fold trained on a labels.csv with class names prints each probability with its class's name."""
     tiles = tmp_path / "tiles"
     for cls, col in {"0": (230, 120, 180), "1": (90, 40, 140)}.items():
@@ -29,3 +30,8 @@ def test_heatmap_names_the_classes_of_a_run_with_class_names(tmp_path, cli, caps
               "--model", str(tmp_path / "fold0"), "--out", str(tmp_path / "h.png"), "--thumb-size", "128"])
     out = capsys.readouterr().out
     assert rc == 0 and "class probabilities normal_tissue: 0." in out and ", tumor_tissue: 0." in out, out
+    titles = []  # the picture's title names the class too ('P(tumor_tissue) = 0.5', not 'P(class 1)')
+    monkeypatch.setattr(heatmap_module, "draw_heatmap", lambda *a, **k: titles.append(k["title"]))
+    info = heatmap_module.heatmap(tmp_path / "m" / "slides" / "mosaic_0000.tiff", tmp_path / "f.h5", tmp_path / "fold0",
+                                  tmp_path / "h2.png")
+    assert f"P(tumor_tissue) = {info['probs'][1]:.3f}" in titles[0], titles

@@ -294,6 +294,28 @@ def test_a_cohort_with_patients_bootstraps_patients(slides, tmp_path) -> None:  
     assert ev["resampled"] == "patients" and ev["n_patients"] == 4
 
 
+def test_a_cohort_with_class_names_names_them_in_its_predictions(slides, tmp_path) -> None:  # noqa: ANN001
+    """labels.csv with class names (normal / tumor): the fold and pooled predictions, the run record and the evaluation
+    name the classes, as train-mil's do; StreamingCLAM wrote the integers alone."""
+    import shutil
+
+    d = tmp_path / "slides"
+    shutil.copytree(slides, d)
+    names = ("normal", "tumor")
+    (d / "labels.csv").write_text("slide_id,label\n" + "".join(f"s{i},{names[i % 2]}\n" for i in range(6)))
+    out = tmp_path / "run"
+    assert main(["train-streaming", "--slides", str(d), "--labels", str(d / "labels.csv"), "--out", str(out), *ARGS,
+                 "--epochs", "1"]) == 0
+    for f in (out / "predictions.csv", out / "fold0" / "predictions.csv"):
+        with open(f) as fh:
+            rows = list(csv.DictReader(fh))
+        assert rows and all(r["class_name"] == names[int(r["label"])] for r in rows)
+        assert {r["slide_id"]: r["class_name"] for r in rows} == {f"s{i}": names[i % 2] for i in range(6)
+                                                                  if f"s{i}" in {r["slide_id"] for r in rows}}
+    assert json.loads((out / "run.json").read_text())["class_names"] == list(names)
+    assert json.loads((out / "evaluation.json").read_text())["class_names"] == list(names)
+
+
 def test_canvas_cache_is_reused_and_memory_mapped(slides, tmp_path) -> None:  # noqa: ANN001
     a = cached_canvas(slides / "s2.tif", tmp_path / "cache", 2.0, 4096, 32)
     b = cached_canvas(slides / "s2.tif", tmp_path / "cache", 2.0, 4096, 32)

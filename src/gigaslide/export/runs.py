@@ -52,6 +52,17 @@ class Run:
         return None
 
     @property
+    def class_names(self) -> list[str] | None:
+        """The classes' names of a run trained on a labels.csv of class names (label c = class_names[c]), else None."""
+        names = self.meta.get("class_names")
+        return [str(n) for n in names] if isinstance(names, list) and names else None
+
+    def class_label(self, c: int) -> str:
+        """``tumor`` for a run with class names, else ``class 1``: how exports and the viewer name class ``c``."""
+        names = self.class_names
+        return names[c] if names is not None and 0 <= c < len(names) else f"class {c}"
+
+    @property
     def model(self) -> str | None:
         return self.meta.get("model") or (self.meta.get("train_config") or {}).get("model")
 
@@ -92,6 +103,8 @@ def load_run(path: str | os.PathLike, name: str | None = None) -> Run:
         return run
     try:
         pred = read_predictions(p)
+        if pred.class_names and not run.meta.get("class_names"):  # a predictions-only folder names them itself
+            run.meta["class_names"] = list(pred.class_names)
         for i, sid in enumerate(pred.slide_ids):
             if int(pred.repeats[i]) == 0:
                 run.predictions[sid] = {"label": int(pred.labels[i]), "probs": [float(v) for v in pred.probs[i]],

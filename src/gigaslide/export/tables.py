@@ -60,7 +60,8 @@ def fold_for(run: Run, slide_id: str) -> str | None:
 def run_columns(entry: SlideEntry, ff: Any, runs: list[Run], scorer: TileScorer,
                 tile_probability: bool = True) -> tuple[dict[str, np.ndarray], list[str]]:
     """Per-tile columns ``<run> attention``, ``<run> attention percentile``, ``<run> tile P(class c)`` and the
-    slide-level ``<run> P(class c)`` / ``<run> fold`` (held-out prediction) broadcast to every tile."""
+    slide-level ``<run> P(class c)`` / ``<run> fold`` (held-out prediction) broadcast to every tile; a run trained
+    on class names names them instead (``<run> P(tumor)``)."""
     cols: dict[str, np.ndarray] = {}
     problems: list[str] = []
     n = len(ff)
@@ -68,7 +69,7 @@ def run_columns(entry: SlideEntry, ff: Any, runs: list[Run], scorer: TileScorer,
         pred = run.predictions.get(entry.slide_id)
         if pred is not None:
             for c, p in enumerate(pred["probs"]):
-                cols[f"{run.name} P(class {c})"] = np.full(n, p, np.float32)
+                cols[f"{run.name} P({run.class_label(c)})"] = np.full(n, p, np.float32)
             cols[f"{run.name} label"] = np.full(n, pred["label"], np.float32)
             cols[f"{run.name} fold"] = np.full(n, pred["fold"], np.float32)
         fold = fold_for(run, entry.slide_id)
@@ -80,7 +81,7 @@ def run_columns(entry: SlideEntry, ff: Any, runs: list[Run], scorer: TileScorer,
             if tile_probability:
                 probs = scorer.scores(run, fold, ff, "probability")
                 for c in range(probs.shape[1]):
-                    cols[f"{run.name} tile P(class {c})"] = probs[:, c].astype(np.float32)
+                    cols[f"{run.name} tile P({run.class_label(c)})"] = probs[:, c].astype(np.float32)
         except GigaslideError as e:
             problems.append(f"{entry.slide_id}, run {run.name}: {e.one_line()}")
     return cols, problems

@@ -131,8 +131,10 @@ def heatmap(slide: str | os.PathLike, features: str | os.PathLike, model_dir: st
     tumor_xy, gt_size0 = None, None
     # binary: the positive class; more classes: the predicted one (whose attention branch CLAM-MB shows), not the last
     shown = len(probs) - 1 if len(probs) == 2 else int(np.argmax(probs))
-    title = f"{Path(slide).stem}  {meta['model']}  " + (f"P(class {shown}) = {probs[shown]:.3f}" if len(probs) == 2 else
-                                                        f"predicted class {shown} (P = {probs[shown]:.3f})")
+    names = meta.get("class_names")  # a run on a labels.csv of class names (label c = class_names[c])
+    cls = names[shown] if names and len(names) == len(probs) else f"class {shown}"
+    title = f"{Path(slide).stem}  {meta['model']}  " + (f"P({cls}) = {probs[shown]:.3f}" if len(probs) == 2 else
+                                                        f"predicted {cls} (P = {probs[shown]:.3f})")
     if gt_path is not None:
         gt = read_ground_truth(gt_path)
         la = localisation_auc(scores, ff.coords, gt, tile0)

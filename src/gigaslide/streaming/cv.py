@@ -83,7 +83,9 @@ def run_training(slides: str, labels: str, out: str, cfg: TrainConfig, log: Any 
                 for s in table.slide_ids]
     y = table.labels.astype(int)
     groups = table.patient_ids if table.has_patients else None
-    folds = make_folds(y, groups, cfg.folds, cfg.seed, where=labels)
+    folds = make_folds(y, groups, cfg.folds, cfg.seed, where=labels, class_names=table.class_names)
+    if table.class_names is not None:  # label c = class_names[c], as MIL runs record it
+        run.update(class_names=table.class_names)
     atomic.write_json(out_dir / "splits.json", splits_record(table, folds))
     choice = _precision(run, probe_model, canvases[0], cfg, torch.device("cpu") if device.type == "cpu" else device)
     dtype = autocast_dtype(device, choice.resolved)
@@ -109,13 +111,15 @@ def run_training(slides: str, labels: str, out: str, cfg: TrainConfig, log: Any 
             load_weights(model, fold_dir / "best.safetensors")
             _, probs = evaluate(model, [canvases[i] for i in te], [int(y[i]) for i in te], cfg, device, dtype)
             write_predictions(pred_path, [table.slide_ids[i] for i in te], y[te], probs, k,
-                              patient_ids=[table.patient_ids[i] for i in te] if table.has_patients else None)
+                              patient_ids=[table.patient_ids[i] for i in te] if table.has_patients else None,
+                              class_names=table.class_names)
     # pool the folds' test predictions with the evaluation protocol's reader (one row per slide)
     (out_dir / "predictions.csv").unlink(missing_ok=True)
     pred = read_predictions(out_dir)  # reads fold*/predictions.csv
     patients = dict(zip(table.slide_ids, table.patient_ids)) if table.has_patients else None  # CIs over patients
     write_predictions(out_dir / "predictions.csv", pred.slide_ids, pred.labels, pred.probs, pred.folds,
-                      patient_ids=[patients[s] for s in pred.slide_ids] if patients else None)
+                      patient_ids=[patients[s] for s in pred.slide_ids] if patients else None,
+                      class_names=table.class_names)
     res = evaluate_predictions(out_dir / "predictions.csv", out=out_dir)  # with its patients
     auc = res["metrics"]["auc"]
     run.finish(auc=auc["value"], auc_ci=[auc["ci_low"], auc["ci_high"]], n_slides=res["n_slides"])
