@@ -263,3 +263,27 @@ def test_a_negative_tile_worker_count_is_refused(capsys):
     """--tile-workers -2 was taken (and ran as one process) instead of named."""
     assert main(["encode", "a.svs", "--out", "o", "--tile-workers", "-2"]) == 2
     assert "--tile-workers -2 must not be negative" in capsys.readouterr().err
+
+
+def _vertices(out) -> int:  # noqa: ANN001
+    g = json.loads((out / "tissue" / "synth.geojson").read_text())
+    return sum(len(r) for f in g["features"] for r in f["geometry"]["coordinates"])
+
+
+def test_outline_tolerance_option_of_tile_and_encode(tmp_path, synthetic_slide, capsys):
+    """--outline-tolerance reaches the tissue GeoJSON of `tile` and `encode` (0, the default: the exact outline);
+    a negative one is one line naming the option, before any slide is opened (nothing written)."""
+    tile = ["tile", str(synthetic_slide), "--mpp", "1.0", "--tile-size", "128", "--workers", "1"]
+    assert main([*tile, "--out", str(tmp_path / "exact")]) == 0
+    assert main([*tile, "--out", str(tmp_path / "coarse"), "--outline-tolerance", "64"]) == 0
+    assert main(["encode", str(synthetic_slide), "--out", str(tmp_path / "enc"), *ENC,
+                 "--outline-tolerance", "64"]) == 0
+    exact = _vertices(tmp_path / "exact")
+    assert _vertices(tmp_path / "coarse") < exact / 2
+    assert _vertices(tmp_path / "enc") < exact / 2
+    capsys.readouterr()
+    for cmd in (tile, ["encode", str(synthetic_slide), *ENC]):
+        out = tmp_path / f"neg_{cmd[0]}"
+        assert main([*cmd, "--out", str(out), "--outline-tolerance", "-1"]) != 0
+        _one_line_error(capsys, "--outline-tolerance", "at least 0")
+        assert not (out / "tissue").exists()

@@ -283,3 +283,70 @@ def test_tile_slide_writes_the_exact_tissue_outline_or_the_tolerance_asked(tmp_p
     assert n[1] < n[0] / 2
     with pytest.raises(GigaslideError, match="outline tolerance"):
         tile_slide(synthetic_slide, tmp_path / "c", TilingParams(1.0, 128, outline_tolerance=-1.0))
+
+
+def test_tiling_a_slide_without_mpp_names_the_target_and_slide_mpp(tmp_path):
+    """A file without a resolution: one error naming the resolution the tiles needed and --slide-mpp as the fix;
+    nothing written."""
+    path = make_slide(tmp_path / "nompp.tiff", (512, 512), mpp=None, seed=0)
+    with pytest.raises(GigaslideError) as e:
+        tile_slide(path, tmp_path / "out", TilingParams(1.0, 128))
+    assert "no resolution (mpp)" in e.value.what and "needed to read it at 1 µm/px" in e.value.what
+    assert "--slide-mpp" in e.value.fix
+    assert not (tmp_path / "out" / "patches").exists()
+    assert len(tile_slide(path, tmp_path / "out", TilingParams(1.0, 128), slide_mpp=0.5)) > 0
+
+
+def test_a_rerun_with_another_outline_tolerance_rewrites_the_geojson_and_keeps_the_grid(tmp_path, synthetic_slide):
+    """The outline tolerance is no tiling setting (the grid is reused), but a re-run asking another one gets its
+    GeoJSON (it was silently kept); the same one rewrites nothing; a deleted GeoJSON is written again."""
+    out = tmp_path / "o"
+    gj, coords = out / "tissue" / "synth.geojson", out / "patches" / "synth.h5"
+
+    def vertices() -> int:
+        return sum(len(r) for f in json.loads(gj.read_text())["features"] for r in f["geometry"]["coordinates"])
+
+    tile_slide(synthetic_slide, out, TilingParams(1.0, 128))
+    exact, grid_bytes = vertices(), coords.read_bytes()
+    tile_slide(synthetic_slide, out, TilingParams(1.0, 128, outline_tolerance=64.0))
+    assert vertices() < exact / 2 and coords.read_bytes() == grid_bytes
+    stamp = gj.stat().st_mtime_ns
+    tile_slide(synthetic_slide, out, TilingParams(1.0, 128, outline_tolerance=64.0))
+    assert gj.stat().st_mtime_ns == stamp
+    tile_slide(synthetic_slide, out, TilingParams(1.0, 128))
+    assert vertices() == exact
+    gj.unlink()
+    tile_slide(synthetic_slide, out, TilingParams(1.0, 128))
+    assert vertices() == exact and coords.read_bytes() == grid_bytes
+
+
+def test_tiling_a_batch_lists_each_output_folder_once_not_once_per_slide(tmp_path, monkeypatch):
+    """A killed run's temporary files of a slide are removed when it is tiled again, but the output folders (O(n)
+    entries each) are listed once per process, not for every slide: listing per slide made a batch of n slides
+    O(n^2). A temporary file made after the listing (another live run's) is left alone."""
+    import os
+
+    slides = [make_slide(tmp_path / "in" / f"s{i}.tiff", (512, 384), mpp=0.5, seed=i, tile=128) for i in range(6)]
+    out = tmp_path / "out"
+    (out / "tissue").mkdir(parents=True)
+    stale = out / "tissue" / ".tmp-s3.png.abc123.png"  # left by a run killed while writing s3's overlay
+    stale.write_bytes(b"partial")
+    other = out / "tissue" / ".tmp-x9.png.def456.png"  # another slide's: not this batch's to remove
+    other.write_bytes(b"partial")
+    listed: list[str] = []
+    scandir = os.scandir
+
+    def counted(path=".", *a):  # noqa: ANN001, ANN002, ANN202
+        listed.append(str(path))
+        return scandir(path, *a)
+
+    monkeypatch.setattr(os, "scandir", counted)
+    for i, s in enumerate(slides):
+        if i == 4:
+            live = out / "tissue" / ".tmp-s5.png.ghi789.png"  # a live run writing s5 since the listing
+            live.write_bytes(b"in use")
+        tile_slide(s, out, TilingParams(1.0, 64))
+    monkeypatch.undo()
+    in_out = [p for p in listed if p.startswith(str(out))]
+    assert sorted(p.rsplit("/", 1)[-1] for p in in_out) == ["grid", "patches", "tissue"]  # once each (old: 4 a slide)
+    assert not stale.exists() and other.exists() and live.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -43,7 +44,8 @@ def info(slide: str, slide_mpp: float | str | None = None, json_out: bool = Fals
 
 def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, overlap: int = 0, min_tissue: float = 0.25,
          slide_mpp: float | str | None = None, background: str = "auto", workers: int | None = None,
-         tissue_from: str | None = None, tissue_classes: str | None = None, tissue_detect: bool = False) -> None:
+         tissue_from: str | None = None, tissue_classes: str | None = None, tissue_detect: bool = False,
+         outline_tolerance: float = 0.0) -> None:
     """Segment tissue and tile slides at a physical resolution; writes coords (level-0 px), overlays, GeoJSON.
 
     Several slides are tiled at once, one per CPU core (each slide's files are written atomically). A re-run
@@ -55,6 +57,7 @@ def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, ov
         gigaslide tile ../shared/data/slides/cmu-1-small-region.svs --out tiles_out --mpp 0.5 --tile-size 224
         gigaslide tile SLIDES --out tiles_out --tissue-from qupath_geojson/ --tissue-classes Tumor,Stroma
         gigaslide tile SLIDES --out tiles_out --tissue-from qupath_geojson/ --tissue-detect   # tissue inside the ROIs
+        gigaslide tile SLIDES --out tiles_out --outline-tolerance 16   # lighter GeoJSON outlines, within 16 px
 
     Output: OUT/patches/<slide>.h5 (coords, CLAM/TRIDENT layout), OUT/tissue/<slide>.png|.geojson (QuPath),
     OUT/grid/<slide>.png, OUT/tile_manifest.json.
@@ -76,6 +79,11 @@ def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, ov
             (e.g. Tumor,Stroma; default: all)
         tissue_detect: with --tissue-from, keep only the detected tissue inside the polygons (drops the glass,
             fat and pale areas a coarse outline encloses)
+        outline_tolerance: simplification of the tissue outlines written to OUT/tissue/<slide>.geojson, in
+            level-0 pixels: every point of the exact outline lies within this distance of the written one (fewer
+            vertices, smaller files for QuPath), e.g. --outline-tolerance 16; default 0: the mask's exact outline.
+            Changes only the GeoJSON: a re-run with another value rewrites the GeoJSON of slides already tiled and
+            keeps their tiles
     """
     from gigaslide import atomic
     from gigaslide.features.manifest import Manifest
@@ -85,7 +93,8 @@ def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, ov
 
     files = find_slides(slides)
     outp = atomic.ensure_writable_dir(out)
-    params = tiling_params(mpp, tile_size, overlap, min_tissue, background, tissue_from, tissue_classes, tissue_detect)
+    params = _with_outline(tiling_params(mpp, tile_size, overlap, min_tissue, background, tissue_from, tissue_classes,
+                                         tissue_detect), outline_tolerance)
     man = Manifest(outp / "tile_manifest.json", {"command": "tile", **params.as_dict()})
     failures: dict[str, str] = {}  # by slide file: two files with one id fail apart
 
@@ -112,6 +121,18 @@ def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, ov
         man.flush()
     print(f"tiled {len(files) - len(failures)}/{len(files)} slides -> {outp}")
     _raise_if_failed(failures, len(files), outp / "tile_manifest.json")
+
+
+def _with_outline(params, outline_tolerance: float):  # noqa: ANN001, ANN202 - TilingParams (lazy import)
+    """``params`` with ``--outline-tolerance`` (checked before any slide is opened: one line, not one per slide)."""
+    from dataclasses import replace
+
+    t = float(outline_tolerance)
+    if not (math.isfinite(t) and t >= 0):
+        raise GigaslideError(f"--outline-tolerance {outline_tolerance!r} must be a finite number of level-0 pixels, "
+                             "at least 0", fix="use e.g. --outline-tolerance 16 (outlines within 16 level-0 px), "
+                                               "or 0 (the default: the exact outline)")
+    return replace(params, outline_tolerance=t)
 
 
 def _raise_if_failed(failures: dict[str, str], n: int, manifest: Path, left: int = 0) -> None:
@@ -163,7 +184,8 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
            compile: bool = False, background: str = "auto", tile_workers: int | None = None,
            tile_ahead: bool | None = None, fold_bn: bool | None = None, tissue_from: str | None = None,
            tissue_classes: str | None = None, tissue_detect: bool = False,
-           decode_device: str | None = None, downsample: str = "box") -> None:  # noqa: A002 - the option's name
+           decode_device: str | None = None, downsample: str = "box",
+           outline_tolerance: float = 0.0) -> None:  # noqa: A002 - the option's name
     """Tile and encode slides into one HDF5 feature file per slide (CLAM/TRIDENT layout); resumable.
 
     Example:
@@ -215,6 +237,11 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
             level's pixels; the default, the same pixels on every reader path) or dct (JPEG tiles decoded at that
             reduction by the decoder's DCT scaling: faster, a few grey levels apart at sharp edges; see
             benchmarks/results/downsample.md). Features made with the other option are encoded again
+        outline_tolerance: simplification of the tissue outlines written to OUT/tissue/<slide>.geojson, in
+            level-0 pixels: every point of the exact outline lies within this distance of the written one (fewer
+            vertices, smaller files for QuPath), e.g. --outline-tolerance 16; default 0: the mask's exact outline.
+            Changes only the GeoJSON of the slides this run tiles (`gigaslide tile` on the same OUT rewrites it for
+            slides already tiled, keeping their tiles)
     """
     import torch
 
@@ -226,7 +253,8 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
 
     if precision not in ("auto", "bf16", "fp16", "fp32"):
         raise GigaslideError(f"unknown precision '{precision}'", fix="use auto, bf16, fp16 or fp32")
-    params = tiling_params(mpp, tile_size, overlap, min_tissue, background, tissue_from, tissue_classes, tissue_detect)
+    params = _with_outline(tiling_params(mpp, tile_size, overlap, min_tissue, background, tissue_from, tissue_classes,
+                                         tissue_detect), outline_tolerance)
     torch.set_num_threads(max(1, threads))
     files = find_slides(slides)
     enc = build_encoder(encoder, weights)

@@ -261,6 +261,31 @@ def mask_to_geojson(tm: TissueMask, *, tolerance: float = GEOJSON_TOLERANCE) -> 
     return {"type": "FeatureCollection", "features": features}
 
 
+#: Member of a written tissue GeoJSON recording its outline tolerance (level-0 px), second in the file (after
+#: ``type``), so :func:`saved_tolerance` reads it from the file's first bytes; GeoJSON readers ignore it (RFC 7946 6.1).
+TOLERANCE_MEMBER = "gigaslide_outline_tolerance"
+
+
 def save_geojson(tm: TissueMask, path: str | os.PathLike, *, tolerance: float = GEOJSON_TOLERANCE) -> Path:
-    """The tissue outlines of :func:`mask_to_geojson` (``tolerance`` in level-0 px; 0: exact) written to ``path``."""
-    return atomic.write_text(path, json.dumps(mask_to_geojson(tm, tolerance=tolerance)))
+    """The tissue outlines of :func:`mask_to_geojson` (``tolerance`` in level-0 px; 0: exact) written to ``path``,
+    with the tolerance recorded (:data:`TOLERANCE_MEMBER`)."""
+    gj = mask_to_geojson(tm, tolerance=tolerance)
+    doc = {"type": gj.pop("type"), TOLERANCE_MEMBER: check_tolerance(tolerance), **gj}
+    return atomic.write_text(path, json.dumps(doc))
+
+
+def saved_tolerance(path: str | os.PathLike) -> float | None:
+    """The outline tolerance a tissue GeoJSON written by :func:`save_geojson` records (read from its first bytes);
+    None when the file is missing or does not record one (written by another tool or before it was recorded)."""
+    import re
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(256).decode("utf-8", "replace")
+    except OSError:
+        return None
+    m = re.search(rf'"{TOLERANCE_MEMBER}":\s*([0-9.eE+-]+)', head)
+    try:
+        return float(m.group(1)) if m else None
+    except ValueError:
+        return None
