@@ -41,6 +41,64 @@ def test_mpp_finer_than_scan_is_refused(synthetic_slide):
         s.check_target_mpp(0.47)  # within rounding tolerance
 
 
+def test_a_target_finer_than_the_scan_names_the_scans_mpp_and_the_finest_that_works(synthetic_slide):
+    """The fix names the scan's own mpp and the finest --mpp accepted (which itself passes; a hair finer fails); when
+    the resolution came from --slide-mpp, the fix is correcting --slide-mpp, not the file's metadata."""
+    with open_slide(synthetic_slide) as s:
+        with pytest.raises(GigaslideError) as e:
+            s.check_target_mpp(0.25)
+        assert "from tiff.Resolution" in e.value.what or "from openslide.mpp" in e.value.what
+        assert "use --mpp 0.5 (the scan's own resolution) or coarser" in e.value.fix
+        assert "the finest accepted is --mpp 0.45;" in e.value.fix
+        assert "give the true one with --slide-mpp" in e.value.fix and "correct --slide-mpp" not in e.value.fix
+        s.check_target_mpp(0.45)
+        with pytest.raises(GigaslideError):
+            s.check_target_mpp(0.4499)
+    with open_slide(synthetic_slide, mpp=0.2527) as s:
+        with pytest.raises(GigaslideError) as e:
+            s.check_target_mpp(0.2)
+        assert "(0.2527 µm/px, from --slide-mpp;" in e.value.what
+        fix = e.value.fix
+        assert "use --mpp 0.253 (the scan's own resolution)" in fix and "finest accepted is --mpp 0.228" in fix
+        assert "0.2527 µm/px (given with --slide-mpp) is not this slide's scan resolution, correct --slide-mpp" in fix
+        s.check_target_mpp(0.228)
+
+
+def test_a_target_on_a_slide_without_mpp_says_to_give_slide_mpp(tmp_path, monkeypatch):
+    """No resolution in the file: the error names the target it was needed for and the fix is --slide-mpp (from the
+    objective power when the metadata has one), not a coarser --mpp."""
+    from gigaslide.slides.slide import Slide
+
+    path = make_slide(tmp_path / "nompp.tiff", (512, 512), mpp=None, seed=0)
+    with open_slide(path) as s:
+        assert not s.has_mpp
+        with pytest.raises(GigaslideError) as e:
+            s.check_target_mpp(0.5)
+        assert "no resolution (mpp)" in e.value.what and "needed to read it at 0.5 µm/px" in e.value.what
+        assert "--slide-mpp" in e.value.fix and "--mpp 0" not in e.value.fix
+        props = {**s.properties, "openslide.objective-power": "40"}
+        monkeypatch.setattr(Slide, "properties", property(lambda self: props))
+        with pytest.raises(GigaslideError) as e:
+            s.check_target_mpp(0.5)
+        assert "its metadata says 40x, usually ~0.25 µm/px" in e.value.fix and "--slide-mpp 0.25" in e.value.fix
+
+
+@pytest.mark.realdata
+def test_real_slides_target_mpp_errors_name_their_fix(real_slides):
+    """cmu-1 (0.499 µm/px in the file) at --mpp 0.25: its own mpp and the finest accepted; tcga-cr-7395 (no mpp):
+    --slide-mpp."""
+    with open_slide(real_slides / "cmu-1-small-region.svs") as s:
+        with pytest.raises(GigaslideError) as e:
+            s.check_target_mpp(0.25)
+        assert "use --mpp 0.499 (the scan's own resolution) or coarser; the finest accepted is --mpp 0.45" in \
+            e.value.fix
+        s.check_target_mpp(0.45)
+    with open_slide(real_slides / "tcga-cr-7395-01a-01-ts1.svs") as s:
+        with pytest.raises(GigaslideError) as e:
+            s.check_target_mpp(0.5)
+        assert "needed to read it at 0.5 µm/px" in e.value.what and "--slide-mpp" in e.value.fix
+
+
 def test_a_scan_with_pixels_that_are_not_square_is_refused(tmp_path):
     """0.25 µm/px across, 0.5 down: a square box of level-0 px is a 1:2 rectangle of tissue, so a tile read at 2 µm/px
     showed a round 400 µm disc 212 px wide and 150 px high (not 200 x 200). Refused, naming both resolutions."""

@@ -58,6 +58,24 @@ class LevelChoice:
         return 0
 
 
+def _round_up(x: float, digits: int = 3) -> float:
+    """``x`` (> 0) rounded up to ``digits`` significant digits."""
+    q = 10.0 ** (math.floor(math.log10(x)) - digits + 1)
+    return math.ceil(x / q - 1e-9) * q
+
+
+def _objective_power(props: dict[str, str]) -> float | None:
+    """The scan's objective power from the metadata (OpenSlide's, else Aperio's AppMag); None without a usable one."""
+    for key in ("openslide.objective-power", "aperio.AppMag"):
+        try:
+            v = float(props.get(key, ""))
+        except ValueError:
+            continue
+        if math.isfinite(v) and 1 <= v <= 200:
+            return v
+    return None
+
+
 class Slide:
     """An open slide. Use as a context manager or call :meth:`close`."""
 
@@ -115,27 +133,50 @@ class Slide:
     @property
     def mpp_info(self) -> Mpp:
         if self._mpp is None:
-            raise GigaslideError(
-                "slide has no resolution (mpp) in its metadata",
-                path=self.path,
-                fix="give it with --slide-mpp 0.25 (µm/px at level 0) or a CSV with columns slide_id,mpp",
-            )
+            raise self._no_mpp_error()
         return self._mpp
+
+    def _no_mpp_error(self, target_mpp: float | None = None) -> GigaslideError:
+        """The file has no resolution: the fix is ``--slide-mpp`` with this slide's scan resolution (suggested from
+        its objective power when the metadata has one, else the usual values per objective)."""
+        need = f", needed to read it at {target_mpp:g} µm/px" if target_mpp is not None else ""
+        power = _objective_power(self.properties)
+        if power:
+            guess = 10.0 / power  # ~0.25 µm/px at 40x, ~0.5 at 20x
+            hint = (f"its metadata says {power:g}x, usually ~{guess:.2g} µm/px: check the scanner's report and give "
+                    f"e.g. --slide-mpp {guess:.2g}")
+        else:
+            hint = ("give --slide-mpp with its scan resolution from the scanner's report (µm/px at level 0: ~0.25 for "
+                    "a 40x scan, ~0.5 for 20x; e.g. --slide-mpp 0.25)")
+        return GigaslideError(f"slide has no resolution (mpp) in its metadata{need}", path=self.path,
+                              fix=f"{hint}, or a CSV with columns slide_id,mpp for many slides")
 
     @property
     def mpp(self) -> float:
         return self.mpp_info.mean
 
     def check_target_mpp(self, target_mpp: float) -> None:
+        """Refuse a target resolution this slide cannot give: no scan resolution (the fix: ``--slide-mpp``), or finer
+        than the scan by more than :data:`MPP_TOLERANCE` (the fix names the scan's own mpp and the finest one that
+        works, or the ``--slide-mpp`` value to correct when the resolution came from it)."""
         if target_mpp <= 0:
             raise GigaslideError(f"target mpp {target_mpp} must be positive", fix="use e.g. --mpp 0.5")
+        if self._mpp is None:
+            raise self._no_mpp_error(target_mpp)
         self.check_square()
-        if target_mpp < self.mpp * (1 - MPP_TOLERANCE):
+        finest = self.mpp * (1 - MPP_TOLERANCE)
+        if target_mpp < finest:
+            own, src = self.mpp, self._mpp.source
+            # the finest --mpp accepted, rounded up to 3 significant digits (so that it passes itself)
+            ok = _round_up(finest)
+            use = f"use --mpp {own:.3g} (the scan's own resolution) or coarser; the finest accepted is --mpp {ok:.3g}"
+            fix = (f"{use}; or, if {own:.4g} µm/px (given with --slide-mpp) is not this slide's scan resolution, "
+                   "correct --slide-mpp (or its row in the CSV)" if src == "override" else
+                   f"{use}; or, if the file's resolution ({src}) is wrong, give the true one with --slide-mpp")
+            given = "--slide-mpp" if src == "override" else src
             raise GigaslideError(
-                f"target resolution {target_mpp} µm/px is finer than the scan ({self.mpp:.4g} µm/px, from {self.mpp_info.source})",
-                path=self.path,
-                fix=f"use --mpp {self.mpp:.3g} or coarser (or correct the scan resolution with --slide-mpp)",
-            )
+                f"target resolution {target_mpp:g} µm/px is finer than the scan ({own:.4g} µm/px, from {given}; "
+                f"at most {MPP_TOLERANCE:.0%} finer is read)", path=self.path, fix=fix)
 
     def check_square(self) -> None:
         """Refuse a scan whose pixels are not square (µm/px across and down differ by more than SCALE_TOLERANCE):
