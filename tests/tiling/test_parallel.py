@@ -78,3 +78,70 @@ def test_tiling_workers_is_one_per_slide_at_most_and_shares_cores_between_ranks(
     cores = len(os.sched_getaffinity(0))
     assert tiling_workers(1) == 1 and tiling_workers(1000) == cores
     assert tiling_workers(1000, ranks_per_node=cores) == 1
+
+
+_KILLED_PARENT = """
+import sys, time
+from gigaslide.tiling import TilingParams
+from gigaslide.tiling.parallel import tile_many
+
+def items():
+    yield from sys.argv[2:]
+    print("READY", flush=True)  # both workers started and given a slide: now idle, waiting for the next one
+    time.sleep(600)
+
+for _ in tile_many(items(), str, sys.argv[1], TilingParams(mpp=1.0, tile_size=64, min_tissue=0.5), workers=2):
+    pass
+"""
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as fh:
+                    if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc to find the worker processes")
+def test_workers_exit_when_the_process_tiling_is_killed(slides, tmp_path):
+    """kill -9 of the process running tile_many: its worker processes exit too (they waited forever on their task
+    queue, holding memory and the parent's stdout: `gigaslide tile ... | tee log` never ended)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    good, _ = slides
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_PARENT, str(tmp_path / "o"), *map(str, good[:2])],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    workers: list[int] = []
+    try:
+        assert proc.stdout.readline().strip() == "READY"
+        workers = _children(proc.pid)
+        assert len(workers) >= 2
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 60  # a generous bound on an event, not a speed check
+        while time.monotonic() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.2)
+        assert not [w for w in workers if _alive(w)]
+    finally:
+        for w in workers:  # on the old code: the orphans this test made
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+        proc.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
