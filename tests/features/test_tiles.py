@@ -108,3 +108,39 @@ def test_the_file_records_which_tiles_it_holds_and_a_changed_tile_is_re_embedded
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(folder / "a" / "0.png")
     assert not embed_tile_folder(a, folder, tmp_path / "a.h5")["reused"]
     assert store.load(tmp_path / "a.h5").attrs["tiles_fingerprint"] != fp
+
+
+def test_a_folder_with_an_unreadable_tile_hashes_each_file_once_and_still_sees_a_changed_one(folder, tmp_path,
+                                                                                            monkeypatch):
+    """With a broken tile, the kept tiles' fingerprint comes from the digests already taken (each file's bytes are
+    read once per run for hashing, not twice); a resume reads each once (the listing's check) and reuses; a kept
+    tile changed under its name is still seen (embedded again, another fingerprint: that of the tiles now)."""
+    from collections import Counter
+    from pathlib import Path
+
+    from gigaslide.tiling.folders import labelled_images, tiles_fingerprint
+
+    (folder / "a" / "2b.png").write_bytes(b"broken")
+    enc = build_encoder("test_resnet", "random", seed=0)
+    reads: Counter = Counter()
+    read_bytes = Path.read_bytes
+
+    def counted(self):  # noqa: ANN001, ANN202
+        reads[self.relative_to(folder).as_posix()] += 1
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", counted)
+    s = embed_tile_folder(enc, folder, tmp_path / "f.h5", batch_size=4)
+    assert list(s["skipped"]) == ["a/2b.png"] and s["n"] == 10
+    assert sum(reads.values()) == 11 and set(reads.values()) == {1}
+    reads.clear()
+    assert embed_tile_folder(enc, folder, tmp_path / "f.h5", batch_size=4)["reused"]
+    assert sum(reads.values()) == 11 and set(reads.values()) == {1}
+    monkeypatch.undo()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(folder / "b" / "3.png")
+    again = embed_tile_folder(enc, folder, tmp_path / "f.h5", batch_size=4)
+    assert not again["reused"] and again["skipped"] == s["skipped"]
+    files, labels, _ = labelled_images(folder)
+    keep = [i for i, f in enumerate(files) if f.name != "2b.png"]
+    want = tiles_fingerprint(folder, [files[i] for i in keep], labels[keep])
+    assert store.load(tmp_path / "f.h5").attrs["tiles_fingerprint"] == want

@@ -25,7 +25,7 @@ from PIL import Image
 from gigaslide.devices import autocast_ctx, resolve_precision
 from gigaslide.encoders.inference import for_inference
 from gigaslide.errors import GigaslideError
-from gigaslide.tiling.folders import labelled_images, read_image, subsample, tiles_fingerprint
+from gigaslide.tiling.folders import file_digest, labelled_images, read_image, subsample, tiles_fingerprint
 
 
 @torch.no_grad()
@@ -85,11 +85,12 @@ def embed_tile_folder(encoder, folder: str | os.PathLike, out: str | os.PathLike
     files, labels, classes = labelled_images(folder)
     files, labels = subsample(files, labels, limit=limit, max_per_class=max_per_class, seed=seed)
     out = Path(out)
+    digests = [file_digest(f) for f in files]  # each file hashed once: the listing's and the kept tiles' fingerprints
     attrs = {"encoder": encoder.spec.name, "encoder_weights_sha256": encoder.weights_id,
              "encoder_source": source or encoder.spec.name, "tile_size": _first_side(files),
              "mpp": mpp, "source_folder": str(Path(folder).resolve()), "classes": json.dumps(classes),
              "slide_id": out.stem, "seed": seed, "n_listed": len(files),
-             "listing_fingerprint": tiles_fingerprint(folder, files, labels)}  # every file chosen, readable or not
+             "listing_fingerprint": tiles_fingerprint(folder, files, labels, digests)}  # every file chosen, read or not
     if out.is_file():
         try:
             old = store.load(out)
@@ -128,7 +129,10 @@ def embed_tile_folder(encoder, folder: str | os.PathLike, out: str | os.PathLike
     dt = time.perf_counter() - t0
     files, labels = [files[j] for j in kept], None if labels is None else labels[kept]
     (h, w), = shapes if len(shapes) == 1 else ((0, 1),)
-    fingerprint = tiles_fingerprint(folder, files, labels) if skipped else attrs["listing_fingerprint"]
+    # the tiles embedded, from the digests taken above (not hashed again); a file changed since is caught by the
+    # listing fingerprint of the next run, which reads every file
+    fingerprint = tiles_fingerprint(folder, files, labels, [digests[j] for j in kept]) if skipped \
+        else attrs["listing_fingerprint"]
     attrs.update(tile_size=int(h) if h == w else None, n_tiles=len(files), n_skipped=len(skipped),
                  precision=resolve_precision(next(encoder.parameters()).device, "auto"),  # embed_arrays' autocast
                  tiles_fingerprint=fingerprint,

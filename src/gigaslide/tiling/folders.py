@@ -60,15 +60,26 @@ def labelled_images(folder: str | os.PathLike) -> tuple[list[Path], np.ndarray |
     return files, labels, top
 
 
-def tiles_fingerprint(folder: str | os.PathLike, files: list[Path], labels: np.ndarray | None) -> str:
+def file_digest(path: str | os.PathLike) -> bytes:
+    """SHA-256 of a file's content (the part of :func:`tiles_fingerprint` that reads it)."""
+    return hashlib.sha256(Path(path).read_bytes()).digest()
+
+
+def tiles_fingerprint(folder: str | os.PathLike, files: list[Path], labels: np.ndarray | None,
+                      digests: list[bytes] | None = None) -> str:
     """A tile set's identity: its files (name relative to ``folder`` and content) and labels, in order. Two
-    results are compared paired only when their test tiles' fingerprints agree."""
+    results are compared paired only when their test tiles' fingerprints agree.
+
+    ``digests``: the files' :func:`file_digest`, when the caller has them already (the fingerprint of a subset of
+    files hashed once, e.g. those that could be read); else each file is read and hashed."""
+    if digests is not None and len(digests) != len(files):
+        raise ValueError(f"{len(digests)} digests for {len(files)} files")
     h = hashlib.sha256()
     folder = Path(folder)
     for i, f in enumerate(files):
         y = -1 if labels is None else int(labels[i])
         h.update(f"{Path(f).relative_to(folder).as_posix()}\t{y}\n".encode())
-        h.update(hashlib.sha256(Path(f).read_bytes()).digest())
+        h.update(file_digest(f) if digests is None else digests[i])
     return h.hexdigest()[:16]
 
 
@@ -87,4 +98,5 @@ def subsample(files: list[Path], labels: np.ndarray | None, *, limit: int | None
     return [files[i] for i in keep], None if labels is None else labels[keep]
 
 
-__all__ = ["IMAGE_EXTENSIONS", "labelled_images", "list_images", "read_image", "subsample", "tiles_fingerprint"]
+__all__ = ["IMAGE_EXTENSIONS", "file_digest", "labelled_images", "list_images", "read_image", "subsample",
+           "tiles_fingerprint"]
