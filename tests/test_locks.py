@@ -29,8 +29,10 @@ def test_lock_of_a_dead_process_is_taken_over(tmp_path):
     rec = {"pid": p.pid, "host": socket.gethostname(), "start": "1", "time": time.time()}
     (tmp_path / "s1.lock").write_text(json.dumps(rec))
     lock = ItemLock(tmp_path, "s1")
-    assert lock.is_stale() and lock.acquire()
+    assert lock.is_stale() and lock.acquire() and lock.took_over  # its holder may have left temporaries
     assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    fresh = ItemLock(tmp_path, "s2")
+    assert fresh.acquire() and not fresh.took_over
 
 
 def test_reused_pid_is_stale_other_host_by_heartbeat_age(tmp_path):

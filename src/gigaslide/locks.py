@@ -70,6 +70,7 @@ class ItemLock:
         self.path = self.directory / f"{name}.lock"
         self.stale_after = stale_after
         self.held = False
+        self.took_over = False  # acquired from a dead / stale holder (which may have left temporaries behind)
 
     def owner(self) -> dict[str, Any] | None:
         """The holder's record, ``{}`` when the file exists but cannot be read, None when unlocked."""
@@ -116,7 +117,8 @@ class ItemLock:
             if rec is None or self.is_stale(rec):
                 with contextlib.suppress(FileNotFoundError):
                     self.path.unlink()
-                return self._create()
+                self.took_over = self._create() and rec is not None
+                return self.held
         return False
 
     def refresh(self) -> None:

@@ -389,3 +389,69 @@ def test_a_fluorescence_slides_edge_tiles_are_padded_black_and_recorded(tmp_path
         del h.attrs["edge_fill"]
     again = encode_slides([slide], tmp_path / "o", enc, params, workers=0, precision="fp32")
     assert again.done == ["fluo"] and store.load(tmp_path / "o" / "features" / "fluo.h5").attrs["edge_fill"] == "dark"
+
+
+def _features_listings(slides, out, encoder, monkeypatch):  # noqa: ANN001, ANN202
+    """How often encoding ``slides`` into ``out`` lists ``out/features``."""
+    import os
+
+    listed: list[str] = []
+    scandir = os.scandir
+
+    def counted(path=".", *a):  # noqa: ANN001, ANN002, ANN202
+        listed.append(str(path).rstrip("/"))
+        return scandir(path, *a)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "scandir", counted)
+        res = encode_slides(slides, out, encoder, PARAMS, workers=0, precision="fp32", tile_workers=0)
+    assert sorted(res.done) == sorted(s.stem for s in slides), res.failed
+    return listed.count(str(out / "features"))
+
+
+def test_a_batch_lists_the_feature_folder_a_fixed_number_of_times_not_once_per_slide(tmp_path, encoder, monkeypatch):
+    """Each slide's dead temporaries are removed before it is encoded, but features/ (n entries) is listed a fixed
+    number of times per process, not once per slide: a batch of n slides was O(n^2)."""
+    from gigaslide.tiling import job
+
+    slides = [make_slide(tmp_path / "in" / f"s{i}.tiff", (512, 512), seed=i) for i in range(6)]
+    counts = []
+    for n in (2, 6):
+        monkeypatch.setattr(job, "_tmp_listings", {})  # a fresh process
+        counts.append(_features_listings(slides[:n], tmp_path / f"out{n}", encoder, monkeypatch))
+    assert counts[0] == counts[1], counts  # old code: 2 + n
+
+
+def test_a_slide_taken_over_from_a_dead_run_has_its_temporaries_cleared(tmp_path, encoder, monkeypatch):
+    """Temporaries a killed run left are removed (this slide's only), also those of a slide whose run died after this
+    process listed the folder: a slide taken over from a dead lock is looked up afresh."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from gigaslide import locks
+
+    slides = [make_slide(tmp_path / "in" / f"s{i}.tiff", (512, 512), seed=i) for i in range(3)]
+    feats = tmp_path / "out" / "features"
+    feats.mkdir(parents=True)
+    stale = feats / ".tmp-s0.h5.abc123.h5"  # left by a run killed while writing s0
+    stale.write_bytes(b"partial")
+    other = feats / ".tmp-x9.h5.def456.h5"  # not this batch's slide
+    other.write_bytes(b"partial")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    late = feats / ".tmp-s2.h5.ghi789.h5"
+    acquire = locks.ItemLock.acquire
+
+    def dying_holder(self):  # noqa: ANN001, ANN202
+        if self.path.stem == "s2" and not late.exists():  # s2's run died after the listing: its lock and temporary stay
+            rec = {"pid": dead.pid, "host": socket.gethostname(), "start": "1", "time": time.time()}
+            self.path.write_text(json.dumps(rec))
+            late.write_bytes(b"partial")
+        return acquire(self)
+
+    monkeypatch.setattr(locks.ItemLock, "acquire", dying_holder)
+    res = encode_slides(slides, tmp_path / "out", encoder, PARAMS, workers=0, precision="fp32", tile_workers=0)
+    assert sorted(res.done) == ["s0", "s1", "s2"], res.failed
+    assert not stale.exists() and not late.exists() and other.exists()

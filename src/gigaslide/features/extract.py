@@ -23,7 +23,6 @@ so the other ranks exit with success whatever failed on them (each prints its ow
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
 import socket
@@ -52,6 +51,7 @@ from gigaslide.slides.pool import ReaderPool, ReadTask, pool_slots
 from gigaslide.slides.reader import DOWNSAMPLE_MODES
 from gigaslide.tiling import GRID_RULE, Scan, TileGrid, TilingParams, layout, reusable_grid
 from gigaslide.tiling.annotations import tissue_attrs
+from gigaslide.tiling.job import clean_stale_tmp_for
 from gigaslide.tiling.parallel import TileAhead, tile_many, tiling_workers
 from gigaslide.tiling.store import coords_attrs, level0_dimensions
 
@@ -183,12 +183,13 @@ def is_finished(path: Path, encoder: Encoder, params: TilingParams, *, stamp: Se
             and params.tissue_matches(a, str(a.get("slide_id", path.stem)), a.get("slide_path")))
 
 
-def _clean_own_tmp(out: Path, slide_id: str) -> None:
-    """Temporary files of this slide left by a dead run (others' slides' temporaries may be in use)."""
+def _clean_own_tmp(out: Path, slide_id: str, lock: ItemLock) -> None:
+    """Temporary files of this slide left by a dead run (others' slides' temporaries may be in use). Each folder is
+    listed once per process (``tiling.job.clean_stale_tmp_for``), not once per slide, so a batch stays linear; a slide
+    taken over from a run that died after that listing is looked up afresh."""
     for sub in ("features", "patches"):
-        for f in (out / sub).glob(f"{atomic.TMP_PREFIX}{glob.escape(slide_id)}.h5.*"):
-            with contextlib.suppress(OSError):
-                f.unlink()
+        target = out / sub / f"{slide_id}.h5"
+        atomic.clean_stale_tmp_for(target) if lock.took_over else clean_stale_tmp_for(target)
 
 
 class _Run:
@@ -362,7 +363,7 @@ class _Run:
         if not lock.acquire():
             return False
         locks[job.slide_id] = lock
-        _clean_own_tmp(self.out, job.slide_id)
+        _clean_own_tmp(self.out, job.slide_id, lock)
         return True
 
     def _claim_in_order(self, order: list[SlideJob], ahead: TileAhead | None) -> Iterator[Any]:
@@ -388,7 +389,7 @@ class _Run:
                     self.skip(job, "encoded by another process")
                     continue
                 job.lock = lock
-                _clean_own_tmp(self.out, job.slide_id)
+                _clean_own_tmp(self.out, job.slide_id, lock)
                 if job.grid is None and not self.tile(job):
                     continue
                 took = True
