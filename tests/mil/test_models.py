@@ -67,6 +67,32 @@ def test_clam_instance_loss(name):
     assert float(m(torch.randn(1, 8), label=0)["instance_loss"]) == 0.0  # too few tiles: no instance loss
 
 
+@pytest.mark.parametrize("name", ["clam_sb", "clam_mb"])
+@pytest.mark.parametrize("subtyping", [False, True])
+def test_clam_instance_loss_matches_the_papers_clustering(name, subtyping):
+    """CLAM's instance loss written out (Lu et al. 2021, official CLAM): the true class's classifier labels the k
+    highest-attention tiles (of its branch, MB; of the one branch, SB) 1 and the k lowest 0; with subtyping every other
+    classifier labels its k highest 0, and the sum is divided by the number of classes."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    m = build_model(name, 6, 3, hidden=8, attn_dim=4, k_sample=3, subtyping=subtyping).eval()
+    x, label, k = torch.randn(11, 6), 1, 3
+    with torch.no_grad():
+        got = m(x, label=label)["instance_loss"]
+        h = m.fc(x)
+        att = torch.softmax(m.attention(h), dim=0).T  # [branches, N]
+        total = torch.zeros(())
+        for c in range(3):
+            a, clf = att[c if len(att) > 1 else 0], m.instance_classifiers[c]
+            if c == label:
+                idx = torch.cat([torch.topk(a, k).indices, torch.topk(-a, k).indices])
+                total += F.cross_entropy(clf(h[idx]), torch.tensor([1] * k + [0] * k))
+            elif subtyping:
+                total += F.cross_entropy(clf(h[torch.topk(a, k).indices]), torch.zeros(k, dtype=torch.long))
+    torch.testing.assert_close(got, total / 3 if subtyping else total)
+
+
 def _toy_bags(n, seed, d=8):
     """Positive bags hide 3 'tumour' tiles (features 0, 1 shifted by +3) among 5-17 normal ones."""
     r = np.random.default_rng(seed)
@@ -115,7 +141,7 @@ def test_load_model_missing(tmp_path):
 def test_model_settings_include_base_class_keywords():
     from gigaslide.mil.models import model_settings
 
-    assert model_settings("transmil") == ["heads", "layers", "ppeg", "layout"]
+    assert model_settings("transmil") == ["heads", "layers", "ppeg", "layout", "ffn"]
     assert model_settings("clam_sb") == ["attn_dim", "k_sample", "subtyping"]  # k_sample reaches _CLAMBase via **kw
     assert model_settings("mean") == []
 
@@ -154,6 +180,51 @@ def test_transmil_ppeg_pads_to_a_square_and_folds_attention_back(n):
         expect = raw[:37].clone()
         expect[:12] += raw[37:]
         torch.testing.assert_close(out["attention"], expect / expect.sum(), atol=1e-6, rtol=1e-5)
+
+
+def _paper_transmil(m, x):
+    """The paper's TransMIL forward (Shao et al. 2021, official TransMIL.py), written out from ``m``'s weights with
+    exact attention: fc -> pad to a square with the first tokens -> class token -> x + MHA(LN(x)) -> PPEG on the
+    square (row-major) -> x + MHA(LN(x)) -> LN -> class token -> classifier. No feed-forward block anywhere."""
+    h = m.fc(x)
+    n, d = h.shape
+    side = int(np.ceil(np.sqrt(n)))
+    h = torch.cat([h, h[: side * side - n]])
+    t = torch.cat([m.cls_token, h])
+
+    def mha(sa, z):
+        heads = sa.heads
+        q, k, v = sa.qkv(sa.norm(z)).chunk(3, dim=1)
+        split = lambda u: u.reshape(len(z), heads, d // heads).transpose(0, 1)  # noqa: E731
+        q, k, v = split(q), split(k), split(v)
+        a = torch.softmax(q @ k.transpose(1, 2) / np.sqrt(d // heads), dim=-1)
+        return z + sa.proj((a @ v).transpose(0, 1).reshape(len(z), d))
+
+    t = mha(m.layers[0], t)
+    grid = t[1:].T.reshape(1, d, side, side)
+    conv7, conv5, conv3 = m.ppeg.convs
+    grid = grid + conv7(grid) + conv5(grid) + conv3(grid)
+    t = torch.cat([t[:1], grid.reshape(d, -1).T])
+    t = mha(m.layers[1], t)
+    return m.classifier(m.norm(t)[0])
+
+
+@pytest.mark.parametrize("n", [5, 9])
+def test_transmil_ffn_false_is_the_papers_network(n):
+    """``ffn=False`` computes the paper's TransMIL (attention layers without feed-forward blocks; the setting was
+    ignored and the network kept gigaslide's feed-forward blocks), checked against the forward written out here."""
+    from gigaslide.mil.models import arch_version
+
+    torch.manual_seed(0)
+    m = build_model("transmil", 6, 3, hidden=8, heads=2, ffn=False).eval()
+    assert not any(k.startswith("ff.") for k in m.state_dict())
+    x = torch.randn(n, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x)["logits"], _paper_transmil(m, x), atol=1e-5, rtol=1e-5)
+    assert any(k.startswith("ff.") for k in build_model("transmil", 6, 3, hidden=8, heads=2).state_dict())
+    versions = [arch_version("transmil", kw) for kw in ({"ppeg": False}, {}, {"ppeg": False, "ffn": False},
+                                                          {"ffn": False})]
+    assert versions == [1, 2, 3, 4]  # every network its own number: runs of another one are not resumed
 
 
 def test_transmil_ppeg_depends_on_tile_order():

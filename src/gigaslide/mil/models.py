@@ -21,7 +21,10 @@ Models:
 * ``transmil`` -- TransMIL (Shao et al., 2021): linear projection, class token, two pre-norm multi-head
   self-attention layers with the **PPEG** (depth-wise 7/5/3 convolutions over the tokens laid out in 2-D)
   between them; exact attention via ``scaled_dot_product_attention`` instead of Nystrom attention. The class
-  token's last-layer attention is returned. ``layout`` says how PPEG lays the tokens out:
+  token's last-layer attention is returned. Each attention layer is followed by a pre-norm feed-forward block
+  (``x + MLP(LayerNorm(x))``, width 2x hidden): gigaslide's default, which the recorded benchmarks used; the
+  paper's ``TransLayer`` has none (``x + attention(LayerNorm(x))`` only): ``ffn=False`` builds that.
+  ``layout`` says how PPEG lays the tokens out:
 
   - ``"sequence"`` (default, the paper's): in file order, row by row on a square of ``ceil(sqrt(N))``
     columns, the first tiles repeated to fill it (their copies' attention folded back onto them). For
@@ -240,13 +243,14 @@ class PPEG(nn.Module):
 @MIL_MODELS.register("transmil")
 class TransMIL(nn.Module):
     @staticmethod
-    def arch_version(ppeg: bool = True, **_: Any) -> int:
-        """2: PPEG between the attention layers (version 1 had none; ``ppeg=False`` builds it); see
-        :func:`~gigaslide.mil.models.arch_version`."""
-        return 2 if ppeg else 1
+    def arch_version(ppeg: bool = True, ffn: bool = True, **_: Any) -> int:
+        """2: PPEG between the attention layers (version 1 had none; ``ppeg=False`` builds it); 3 / 4: without
+        the feed-forward blocks (``ffn=False``, the paper's layers; a setting ``ffn`` was ignored before, so a run
+        folder recorded with it holds the network with them); see :func:`~gigaslide.mil.models.arch_version`."""
+        return (2 if ppeg else 1) if ffn else (4 if ppeg else 3)
 
     def __init__(self, in_dim: int, n_classes: int = 2, hidden: int = 128, heads: int = 4, layers: int = 2,
-                 dropout: float = 0.1, ppeg: bool = True, layout: str = "sequence", **_: Any):
+                 dropout: float = 0.1, ppeg: bool = True, layout: str = "sequence", ffn: bool = True, **_: Any):
         super().__init__()
         if layout not in ("sequence", "grid"):
             raise GigaslideError(f"TransMIL layout {layout!r}", fix="use sequence (the paper's) or grid")
@@ -259,7 +263,7 @@ class TransMIL(nn.Module):
         self.cls_token = nn.Parameter(torch.randn(1, hidden) * 0.02)
         self.layers = nn.ModuleList([_SelfAttention(hidden, heads, dropout) for _ in range(layers)])
         self.ff = nn.ModuleList([nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 2 * hidden), nn.GELU(),
-                                               nn.Linear(2 * hidden, hidden)) for _ in range(layers)])
+                                               nn.Linear(2 * hidden, hidden)) for _ in range(layers)]) if ffn else None
         self.ppeg = PPEG(hidden) if ppeg else None
         self.norm = nn.LayerNorm(hidden)
         self.classifier = nn.Linear(hidden, n_classes)
@@ -276,9 +280,10 @@ class TransMIL(nn.Module):
             h = torch.cat([h, h[torch.arange(side * side - n, device=h.device) % n]])
         x = torch.cat([self.cls_token, h])
         attn = None
-        for i, (sa, ff) in enumerate(zip(self.layers, self.ff)):
+        for i, sa in enumerate(self.layers):
             x, attn = sa(x, return_cls_attention=i == len(self.layers) - 1)
-            x = x + ff(x)
+            if self.ff is not None:
+                x = x + self.ff[i](x)
             if i == 0 and self.ppeg is not None:
                 x = torch.cat([x[:1], self.ppeg.on_grid(x[1:], cells) if grid else self.ppeg(x[1:], side)])
         a = attn[1:]

@@ -13,6 +13,13 @@ the bipartite set distance of prototype sets (:mod:`.prototypes`); intra-slide (
 prototype) and inter-slide (region -> the most similar prototype of the matched slide) terms are
 added on the global crops.
 
+Other differences from the authors' code (Carboxy/SLPD), kept on purpose (the recorded SLPD results use them): the
+teacher EMA momentum is constant (``momentum``), not DINO's cosine ramp 0.996 -> 1; prototypes are k-means of the
+teacher *backbone* embeddings passed through the whole teacher head (the authors cluster the head's bottleneck output
+and apply its last layer); an inter-slide target is the matched slide's prototype nearest the *region* (the authors
+take the one nearest the region's own prototype); the prototype terms use the DINO loss's centre and the student's
+global crops (the authors': a centre of their own, every crop).
+
 Collapse guards: teacher temperature warm-up (``warmup_teacher_temp`` -> ``teacher_temp`` over
 ``teacher_temp_epochs``), a modest head (``head_dim`` 1024), input standardisation, and a monitor
 logged every epoch — teacher per-sample entropy and entropy of the batch-mean teacher distribution
