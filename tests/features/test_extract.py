@@ -455,3 +455,32 @@ def test_a_slide_taken_over_from_a_dead_run_has_its_temporaries_cleared(tmp_path
     res = encode_slides(slides, tmp_path / "out", encoder, PARAMS, workers=0, precision="fp32", tile_workers=0)
     assert sorted(res.done) == ["s0", "s1", "s2"], res.failed
     assert not stale.exists() and not late.exists() and other.exists()
+
+
+def test_tiled_slides_waiting_to_be_encoded_keep_their_tile_count_not_their_grid(tmp_path, encoder, monkeypatch):
+    """A job of thousands of slides held every slide's tile grid from tiling to the end (24 bytes a tile: gigabytes
+    for a cohort). Waiting slides keep only their tile count; each grid is read back from patches/ when its slide
+    is encoded, and dropped once its features are written. The features are those of a plain run."""
+    from gigaslide.features import extract
+
+    slides = [make_slide(tmp_path / "in" / f"s{i}.tiff", (512 + 128 * i, 512), seed=i) for i in range(3)]
+    encode_slides(slides, tmp_path / "plain", encoder, PARAMS, workers=0, precision="fp32")
+    seen: list = []
+    collect = extract._Run.collect
+
+    def spy(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        jobs = collect(self, *a, **k)
+        seen.extend(jobs)
+        assert all(j.grid is None and j.n_tiles == len(load_grid(tmp_path / "out" / "patches" / f"{j.slide_id}.h5"))
+                   for j in jobs), [(j.slide_id, j.grid, j.n_tiles) for j in jobs]
+        return jobs
+
+    monkeypatch.setattr(extract._Run, "collect", spy)
+    res = encode_slides(slides, tmp_path / "out", encoder, PARAMS, workers=0, precision="fp32", tile_workers=0)
+    assert sorted(res.done) == ["s0", "s1", "s2"] and len(seen) == 3
+    assert all(j.grid is None for j in seen)  # dropped after encoding too
+    for i in range(3):
+        a = store.load(tmp_path / "plain" / "features" / f"s{i}.h5")
+        b = store.load(tmp_path / "out" / "features" / f"s{i}.h5")
+        np.testing.assert_array_equal(a.coords, b.coords)
+        np.testing.assert_array_equal(a.features, b.features)

@@ -66,7 +66,8 @@ _WAIT = object()  # from the claims: nothing to take now, but other ranks still 
 class SlideJob:
     path: str
     slide_id: str
-    grid: TileGrid | None = None  # None: not tiled yet (another process was tiling it)
+    grid: TileGrid | None = None  # None: not tiled yet (another process was tiling it), or parked on disk
+    n_tiles: int | None = None  # a parked grid's tile count (see :meth:`park`)
     lock: ItemLock | None = None
     feats: list[torch.Tensor] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
@@ -75,7 +76,17 @@ class SlideJob:
 
     @property
     def n(self) -> int:
-        return 0 if self.grid is None else len(self.grid)
+        return len(self.grid) if self.grid is not None else (self.n_tiles or 0)
+
+    @property
+    def tiled(self) -> bool:
+        return self.grid is not None or self.n_tiles is not None
+
+    def park(self) -> None:
+        """Keep only the tile count of a grid saved in ``patches/`` until this slide is encoded: a job of thousands of
+        slides held every slide's grid (coordinates, tissue and padding: 24 bytes a tile, gigabytes for a cohort)."""
+        if self.grid is not None:
+            self.n_tiles, self.grid = len(self.grid), None
 
 
 @dataclass
@@ -310,6 +321,7 @@ class _Run:
             job.grid = reusable_grid(layout(self.out, job.slide_id)["coords"], self.params, lambda: self.scan(job))
             if job.grid is None:
                 untiled.append(job)
+            job.park()
         if not tile:
             return jobs
         locks: dict[str, ItemLock] = {}
@@ -328,6 +340,7 @@ class _Run:
                     if err is not None:
                         self.fail(job, err)
                     job.grid = grid
+                    job.park()
         finally:  # interrupted (Ctrl-C, a full disk): the slides being tiled are free for the next run
             for lock in locks.values():
                 lock.release()
@@ -340,7 +353,7 @@ class _Run:
         ``tile_ahead > 0``: slides without a tile grid are tiled by that many processes in the background, in this
         order, while the slides before them are encoded (each under its lock while it is tiled)."""
         order = [jobs[i] for i in rank_order([j.n for j in jobs], self.rank)]
-        ahead = self._tile_ahead([j for j in order if j.grid is None], tile_ahead)
+        ahead = self._tile_ahead([j for j in order if not j.tiled], tile_ahead)
         try:
             yield from self._claim_in_order(order, ahead)
         finally:
@@ -370,7 +383,7 @@ class _Run:
         while order:
             rest, took = [], False
             for job in order:
-                if job.grid is None and ahead is not None and (answer := ahead.wait(job.slide_id)) is not None:
+                if not job.tiled and ahead is not None and (answer := ahead.wait(job.slide_id)) is not None:
                     if answer[1] is not None:
                         self.fail(job, answer[1])
                         continue
@@ -390,6 +403,9 @@ class _Run:
                     continue
                 job.lock = lock
                 _clean_own_tmp(self.out, job.slide_id, lock)
+                if job.grid is None and job.n_tiles is not None:  # parked: read back (None if it is gone or stale)
+                    job.grid = reusable_grid(layout(self.out, job.slide_id)["coords"], self.params,
+                                             lambda job=job: self.scan(job))
                 if job.grid is None and not self.tile(job):
                     continue
                 took = True
@@ -487,7 +503,7 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
     t_tiling = time.perf_counter()
     jobs = run.collect(slides, tile=not ahead)
     res.tiling_seconds = time.perf_counter() - t_tiling
-    untiled = {id(j) for j in jobs if j.grid is None}
+    untiled = {id(j) for j in jobs if not j.tiled}
     if jobs:  # a batch never spans two slides: at most the largest slide's tiles (any size while some are untiled)
         per_batch = batch_size if untiled else min(batch_size, max(j.n for j in jobs))
         _check_batch_memory(per_batch, params.tile_size, workers, available_memory())
@@ -596,6 +612,7 @@ def _finish(run: _Run, job: SlideJob, feats: np.ndarray, choice: PrecisionChoice
     with contextlib.suppress(FileNotFoundError):
         run.failed_mark(job.slide_id).unlink()  # an earlier job's failure of this slide
     job.lock.release()
+    job.grid = None  # encoded: its grid is not needed again
     run.res.done.append(job.slide_id)
     run.res.tiles += len(feats)
 
