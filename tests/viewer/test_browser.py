@@ -35,11 +35,17 @@ def browser():
         b.close()
 
 
-def _serve(out_dirs, runs):  # noqa: ANN001, ANN202
+def _serve(out_dirs, runs, warm: bool = True):  # noqa: ANN001, ANN202
+    """A viewer as ``gigaslide view`` runs it: slides opened in the background (``warm``) after the server starts."""
+    import threading
+
     from gigaslide.viewer import Server, ViewerState, build_app
 
     state = ViewerState(out_dirs, runs)
-    return Server(build_app(state), port=0).start(), state
+    server = Server(build_app(state), port=0).start()
+    if warm:
+        threading.Thread(target=state.warm, daemon=True).start()
+    return server, state
 
 
 def _page(browser, url):  # noqa: ANN001, ANN202
@@ -100,7 +106,10 @@ def test_viewer_in_chromium_overlays_click_neighbours(browser, tiny, tmp_path_fa
 
         page, console = _page(browser, server.url)
         _loaded(page)
-        assert page.locator('#slides tr[data-slide="s5"] td.st').inner_text() == "broken"
+        # opened in the background after the page came: its row fills in
+        page.wait_for_function("document.querySelector('#slides tr[data-slide=\"s5\"] td.st').textContent === 'broken'",
+                               timeout=20000)
+        assert "s5.tiff" in page.locator('#slides tr[data-slide="s5"]').get_attribute("title")
         assert page.locator('#slides tr[data-slide="s0"]').get_attribute("class").endswith("current")
         assert page.locator("#scalebar-label").inner_text().endswith("µm")
         base = _shot(page, shots / "0-slide.png")
@@ -211,6 +220,75 @@ def test_viewer_in_chromium_overlays_click_neighbours(browser, tiny, tmp_path_fa
         assert page.locator(".selected-tile").count() == 1
         assert page.locator(f'#slides tr[data-slide="{far[0]}"]').get_attribute("class").endswith("current")
         assert console == [], console
+        page.close()
+    finally:
+        server.stop()
+
+
+def test_a_first_slide_that_does_not_open_is_skipped_and_listed_broken(browser, tiny_copy):
+    """The slide list comes before any slide is opened: the first slide, not known to be broken, fails to open; the
+    page says so in its row and opens the next one."""
+    tiny_copy.slides[0].write_bytes(b"II*\x00" + b"\x00" * 100)
+    server, _ = _serve([tiny_copy.out], [tiny_copy.run], warm=False)
+    try:
+        page, console = _page(browser, server.url)
+        _loaded(page)
+        assert page.evaluate("gigaslide.slide.key") == "s1"
+        assert page.locator('#slides tr[data-slide="s1"]').get_attribute("class") == "slide current"
+        assert page.locator('#slides tr[data-slide="s0"] td.st').inner_text() == "broken"
+        assert "s0.tiff" in page.locator('#slides tr[data-slide="s0"]').get_attribute("title")
+        assert page.locator('#slides tr[data-slide="s2"] td.st').inner_text() == "pending"
+        page.locator('#slides tr[data-slide="s2"]').click()  # opened by the user: its row says so
+        page.wait_for_function("document.querySelector('#slides tr[data-slide=\"s2\"] td.st').textContent === 'ok'")
+        assert page.locator('#slides tr[data-slide="s2"]').get_attribute("class") == "slide current"
+        # s0's details, refused
+        assert console == ["error: Failed to load resource: the server responded with a status of 404 (Not Found)"]
+        page.close()
+    finally:
+        server.stop()
+
+
+def test_slide_list_filter(browser, tiny):
+    """Many slides: typing in the filter shows the rows whose id, status or run label has every word typed; Enter opens
+    the first one shown. There was no way to find a slide but scrolling the whole list."""
+    server, _ = _serve([tiny.out], [tiny.run])
+    try:
+        page, console = _page(browser, server.url)
+        _loaded(page)
+        shown = ("() => [...document.querySelectorAll('#slides tr.slide')].filter(r => !r.hidden)"
+                 ".map(r => r.dataset.slide)")
+        assert page.evaluate(shown) == [f"s{i}" for i in range(6)]
+        assert page.locator("#slide-count").inner_text() == "(6)"
+        page.locator("#filter").fill("S3")
+        assert page.evaluate(shown) == ["s3"] and page.locator("#slide-count").inner_text() == "(1 of 6)"
+        page.locator("#filter").press("Enter")
+        page.wait_for_function("gigaslide.slide && gigaslide.slide.key === 's3'")
+        _loaded(page)
+        page.locator("#filter").fill("label 1")  # labels.csv: s1, s3, s5 are class 1
+        assert page.evaluate(shown) == ["s1", "s3", "s5"]
+        page.locator("#filter").fill("")
+        assert page.evaluate(shown) == [f"s{i}" for i in range(6)]
+        assert page.locator("#slide-count").inner_text() == "(6)"
+        assert console == [], console
+        page.close()
+    finally:
+        server.stop()
+
+
+def test_a_layer_whose_tiles_are_refused_says_why(browser, tiny_copy):
+    """A damaged tissue GeoJSON: the layer is offered (the file is there), its every tile is refused with a one-line
+    reason; the page showed an empty layer and said nothing. Now the reason is under the layer and in the status."""
+    (tiny_copy.out / "tissue" / "s0.geojson").write_text("{not json")
+    server, _ = _serve([tiny_copy.out], [tiny_copy.run])
+    try:
+        page, console = _page(browser, server.url)
+        _loaded(page)
+        page.locator('[data-layer="tissue"] input.toggle').check()
+        err = page.locator('[data-layer="tissue"] .layer-error')
+        err.wait_for(timeout=20000)
+        assert err.inner_text().startswith(f"{tiny_copy.out / 'tissue' / 's0.geojson'}: unreadable GeoJSON")
+        assert "fix: re-run the job that wrote it" in page.locator("#status").inner_text()
+        assert console and all("404" in m or "failed to load" in m for m in console), console
         page.close()
     finally:
         server.stop()

@@ -53,3 +53,57 @@ def test_zoomed_out_nuclei_are_all_drawn_each_at_its_centre(tmp_path) -> None:
     cols[(8 + 32 * np.arange(64)) // 8] = True
     np.testing.assert_array_equal(b, want & cols[None, :])
     np.testing.assert_allclose(nuc.centres[:2], [[8, 10], [40, 10]])  # the closing vertex counted once
+
+
+def _tissue_file(tmp_path, rings):  # noqa: ANN001, ANN202
+    import json
+
+    path = tmp_path / "t.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": r}} for r in rings]}))
+    return path
+
+
+# a square piece with a square hole, and a triangle (a slanted edge): level-0 px, even coordinates
+PIECES = [[[[100, 60], [300, 60], [300, 260], [100, 260], [100, 60]], [[160, 120], [220, 120], [220, 180], [160, 180]]],
+          [[[340, 40], [500, 40], [340, 300]]]]
+
+
+@pytest.mark.parametrize("scale, box", [(1, (0, 0, 512, 320)), (0.5, (500, 40, 756, 296)), (2, (0, 0, 256, 160))])
+def test_tissue_layer_is_the_outline_no_pixel_beyond_it_holes_left_out(tmp_path, scale, box) -> None:
+    """The tissue layer drew each piece one pixel beyond its outline (right and bottom: the raster filled every pixel
+    the outline touched) and filled its holes: a pixel is tissue exactly when its centre lies inside the outline, at
+    any zoom (1 and 0.5 level-0 px per px: finer than the ~2048 px raster of a 4096 px slide; 2: the raster itself)."""
+    from gigaslide.tiling.annotations import rasterize
+    from gigaslide.viewer.overlays import TissueRaster
+
+    tissue = TissueRaster(_tissue_file(tmp_path, PIECES), (4096, 3072))
+    assert tissue.ds == 2
+    got = tissue.render(box, scale)
+    x0, y0, x1, y1 = box
+    polys = [[np.array(r, float) - (x0 * scale, y0 * scale) for r in p] for p in PIECES]
+    want = rasterize(polys, (y1 - y0, x1 - x0), scale)  # the tiling's own: pixel centres inside, holes out
+    assert want.sum() > 1000
+    np.testing.assert_array_equal(got[..., 3] == 255, want)
+    assert (got[want][:, :3] == (0, 170, 0)).all()
+
+
+def test_nucleus_across_a_tile_edge_is_drawn_once_on_the_seam(tmp_path) -> None:
+    """A nucleus across the edge of two tiles, its left side in the last px column of the left tile: that side was drawn
+    there and again in the first column of the right tile (PIL truncates -0.5 to 0): a doubled line on the seam."""
+    import json
+
+    from gigaslide.viewer.overlays import NucleiOutlines
+
+    for scale in (1.0, 2.0, 4.0):
+        x0, y0 = 256 * scale - scale / 2, 100.5 * scale  # x0: in the left tile's last px column
+        ring = [[x0, y0], [x0 + 40 * scale, y0], [x0 + 40 * scale, y0 + 50 * scale], [x0, y0 + 50 * scale], [x0, y0]]
+        path = tmp_path / f"n{scale}.geojson"
+        path.write_text(json.dumps({"type": "FeatureCollection", "features": [
+            {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [ring]}}]}))
+        nuc = NucleiOutlines(path)
+        left = nuc.render((0, 0, 256, 256), scale)[..., 3] > 0
+        right = nuc.render((256, 0, 512, 256), scale)[..., 3] > 0
+        assert left[100:151, 255].all() and left[:, :255].sum() == 0  # the side, on the left tile's last column
+        assert right[101:150, 0].sum() == 0, scale  # not again on the right tile's first column
+        assert right[[100, 150], 0].all() and right[100:151, 39].all()  # top, bottom and right sides go on

@@ -27,8 +27,11 @@ def test_real_slides_in_the_viewer(real_slides, tmp_path):
     res = encode_slides(slides, tmp_path / "out", build_encoder("test_resnet", "random"), TilingParams(mpp=2.0, tile_size=64, min_tissue=0.1),
                         workers=0, precision="fp32", slide_mpp=str(mpp_csv))
     assert res.done == ["cmu-1-small-region"] and set(res.failed) == {"kidney-48-5", "unopenable"}  # kidney: no tissue found
-    c = TestClient(build_app(ViewerState([tmp_path / "out"])))
-    rows = {s["slide_id"]: s for s in c.get("/api/state").json()["slides"]}
+    state = ViewerState([tmp_path / "out"])
+    c = TestClient(build_app(state))
+    assert {s["status"] for s in c.get("/api/state").json()["slides"]} == {"pending"}  # none opened for the list
+    state.warm()  # `gigaslide view` runs it in the background: the rows fill in
+    rows = {s["slide_id"]: s for s in c.get("/api/slides").json()["slides"]}
     assert rows["unopenable"]["status"] == "broken" and rows["cmu-1-small-region"]["status"] == "ok"
     assert rows["kidney-48-5"]["status"] == "no features" and "tissue" in rows["kidney-48-5"]["reason"]  # why it failed
     info = c.get("/api/slides/cmu-1-small-region").json()

@@ -29,17 +29,22 @@ def view(out_dirs: list[str], runs: list[str] | str | None = None, port: int = 8
 
     state = ViewerState(out_dirs, _paths(runs))
     server = Server(build_app(state), host=host, port=port)
-    n_ok = sum(1 for k in state.entries if state.status(k)[0] != "broken")
     import threading
 
-    threading.Thread(target=state.warm, name="viewer-warm", daemon=True).start()  # the first slide, while the page loads
+    # no slide is opened before the page is served (thousands of slides: seconds); the first slide is opened while
+    # the page loads, then the others one by one, and the page's slide list fills in their status
+    warm = threading.Thread(target=state.warm, name="viewer-warm", daemon=True)
+    warm.start()
     for p in state.problems:
         print(f"note: {p}")
     try:
-        server.run(on_ready=lambda url: print(f"{url}   ({n_ok} of {len(state.entries)} slides, {len(state.runs)} run(s); "
+        server.run(on_ready=lambda url: print(f"{url}   ({len(state.entries)} slides, {len(state.runs)} run(s); "
                                                "Ctrl-C stops)", flush=True))
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown, or returns: both end here
         pass
+    finally:  # a thread stopped inside h5py at exit would deadlock the interpreter's exit (h5py's lock)
+        state.stopping.set()
+        warm.join(timeout=30)
     print("viewer stopped", flush=True)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from gigaslide.errors import GigaslideError
 from gigaslide.viewer.deepzoom import Geometry, TileOutside
 from gigaslide.viewer.overlays import COLORMAPS, lut, render_categories, render_grid, render_scores, to_png
-from gigaslide.viewer.state import ViewerState
+from gigaslide.viewer.state import Activity, ViewerState
 
 STATIC = Path(__file__).parent / "static"
 OVERLAY_TILE = 256
@@ -36,6 +36,19 @@ def _tile_address(tile: str) -> tuple[int, int]:
         raise NotFound(f"bad tile address '{tile}' (want COL_ROW)") from None
 
 
+class _Counted:
+    """ASGI middleware: every HTTP request is counted in ``activity`` while it is served."""
+
+    def __init__(self, app, activity: Activity):  # noqa: ANN001
+        self.app, self.activity = app, activity
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        with self.activity:
+            return await self.app(scope, receive, send)
+
+
 def build_app(state: ViewerState):  # noqa: ANN201, C901 - one place that lists every route
     # FastAPI is imported when a viewer is built, not whenever the CLI lists its commands
     from fastapi import FastAPI, Query, Request
@@ -43,6 +56,7 @@ def build_app(state: ViewerState):  # noqa: ANN201, C901 - one place that lists 
     from fastapi.staticfiles import StaticFiles
 
     app = FastAPI(title="gigaslide viewer", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_Counted, activity=state.activity)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     cache = {"Cache-Control": "max-age=600"}
 
@@ -74,9 +88,19 @@ def build_app(state: ViewerState):  # noqa: ANN201, C901 - one place that lists 
 
     @app.get("/api/state")
     def api_state() -> dict[str, Any]:
+        """Everything the page starts with; no slide is opened for it (rows of slides not opened yet are "pending",
+        :func:`slides_known` brings them as they are opened)."""
+        checked = len(state.checked)  # before the rows: a slide opened meanwhile comes again with the next rows
         return {"slides": [state.slide_row(k) for k in state.entries], "runs": [r.summary() for r in state.runs],
                 "problems": state.problems, "out_dirs": state.out_dirs, "colormaps": list(COLORMAPS),
-                "version": state.version}
+                "version": state.version, "checked": checked, "pending": state.pending()}
+
+    @app.get("/api/slides")
+    def slides_known(since: int = Query(0, ge=0)) -> dict[str, Any]:
+        """Rows of the slides whose status became known since the page's ``since``-th one (``checked`` counts
+        them), for the page to fill in its list while the slides are opened in the background."""
+        keys = state.checked[since:]
+        return {"slides": [state.slide_row(k) for k in keys], "checked": since + len(keys), "pending": state.pending()}
 
     @app.get("/api/colormaps/{name}.png")
     def colormap(name: str) -> Response:
@@ -159,6 +183,9 @@ def build_app(state: ViewerState):  # noqa: ANN201, C901 - one place that lists 
         if not 0 <= i < len(ff):
             raise NotFound(f"tile {i} (slide has {len(ff)})")
         idx = state.index(key)
+        if not idx.has(key):  # left out of the index: say why, not "not found: <key>"
+            _, why = state.status(key)
+            raise NotFound(f"slide '{key}' is not searched ({why or 'its features are unreadable'})")
         out = []
         for n in idx.query(key, i, k):
             c = state.features(n.slide).coords[n.index]

@@ -131,24 +131,60 @@ def render_grid(lattice: TileLattice, box: tuple[int, int, int, int], scale: flo
     return rgba
 
 
+def _edges(rings: list[np.ndarray]) -> np.ndarray:
+    """[m, 4] (x0, y0, x1, y1): the non-horizontal edges of closed ``rings`` (the last vertex joins the first)."""
+    if not rings:
+        return np.zeros((0, 4))
+    e = np.concatenate([np.concatenate([r, np.roll(r, -1, 0)], 1) for r in rings])
+    return e[e[:, 1] != e[:, 3]]
+
+
+def inside(edges: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """[len(ys), len(xs)]: which points (xs[j], ys[i]; both ascending) lie inside the rings of ``edges``, even-odd
+    (holes are rings too): a point is inside when a ray to its left crosses an odd number of edges, an edge counting
+    for the ``y`` in [its lower end, its upper end) -- exactly the pixels whose centres the outline encloses."""
+    out = np.zeros((len(ys), len(xs)), bool)
+    if not len(edges) or not len(ys):
+        return out
+    lo, hi = np.minimum(edges[:, 1], edges[:, 3]), np.maximum(edges[:, 1], edges[:, 3])
+    near = (hi > ys.min()) & (lo <= ys.max())
+    e, lo, hi = edges[near], lo[near], hi[near]
+    n = len(xs)
+    step = max(1, min(4_000_000 // max(1, len(e)), 2_000_000 // max(1, n)))  # rows at a time: bounded tables
+    for a in range(0, len(ys), step):
+        y = ys[a:a + step]
+        r, k = np.nonzero((lo[None, :] <= y[:, None]) & (y[:, None] < hi[None, :]))  # row r meets edge k
+        if not len(r):
+            continue
+        x0, y0, x1, y1 = e[k].T
+        cross = x0 + (y[r] - y0) * (x1 - x0) / (y1 - y0)
+        # each crossing flips inside / outside from the first point at or right of it on: a running count per row
+        flips = np.bincount(r * (n + 1) + np.searchsorted(xs, cross, side="left"), minlength=len(y) * (n + 1))
+        out[a:a + step] = np.cumsum(flips.reshape(len(y), n + 1)[:, :n], axis=1) % 2 == 1
+    return out
+
+
 class TissueRaster:
-    """Tissue polygons of ``tissue/<id>.geojson`` rasterised once (about 2048 px on the longer side)."""
+    """The tissue of ``tissue/<id>.geojson`` (its pieces and their holes): rasterised once (about 2048 px on the longer
+    side) for zoomed-out views, drawn from the outline itself when zoomed in further than that raster: either way a
+    pixel is tissue when its centre lies inside the outline (the area the tiles' tissue fractions were computed on)."""
 
     def __init__(self, geojson: Path, dimensions: tuple[int, int], max_px: int = 2048):
         w, h = dimensions
-        self.ds = max(w, h) / max_px
-        img = Image.new("L", (max(1, int(np.ceil(w / self.ds))), max(1, int(np.ceil(h / self.ds)))), 0)
-        draw = ImageDraw.Draw(img)
-        for ring in _read_rings(geojson):
-            draw.polygon([(x / self.ds, y / self.ds) for x, y in ring.tolist()], fill=255)
-        self.mask = np.asarray(img) > 0
+        self.ds = max(1.0, max(w, h) / max_px)  # (no finer than level 0: the deepest level of the pyramid)
+        self.edges = _edges(_read_rings(geojson, holes=True))
+        cols, rows = max(1, int(np.ceil(w / self.ds))), max(1, int(np.ceil(h / self.ds)))
+        self.mask = inside(self.edges, (np.arange(cols) + 0.5) * self.ds, (np.arange(rows) + 0.5) * self.ds)
 
     def render(self, box: tuple[int, int, int, int], scale: float, colour=(0, 170, 0)) -> np.ndarray:
         xs, ys = pixel_centres(box, scale)
-        h, w = self.mask.shape
-        ix = np.clip((xs / self.ds).astype(np.int64), 0, w - 1)
-        iy = np.clip((ys / self.ds).astype(np.int64), 0, h - 1)
-        m = self.mask[iy[:, None], ix[None, :]]
+        if scale < self.ds:  # finer than the raster: its cells would move the outline by up to half a cell
+            m = inside(self.edges, xs, ys)
+        else:
+            h, w = self.mask.shape
+            ix = np.clip((xs / self.ds).astype(np.int64), 0, w - 1)
+            iy = np.clip((ys / self.ds).astype(np.int64), 0, h - 1)
+            m = self.mask[iy[:, None], ix[None, :]]
         rgba = np.zeros((*m.shape, 4), np.uint8)
         rgba[m] = (*colour, 255)
         return rgba
@@ -191,7 +227,9 @@ class NucleiOutlines:
                                  & (self.boxes[:, 1] <= by1))
             draw = ImageDraw.Draw(img)
             for i in hit[:limit]:
-                pts = (self.rings[i] - (bx0, by0)) / scale
+                # the px holding each vertex (floored here: PIL truncates towards 0, which drew a vertex up to 1 px left
+                # of / above the tile in its first column / row as well: a nucleus on a tile edge drawn twice)
+                pts = np.floor((self.rings[i] - (bx0, by0)) / scale)
                 draw.line([tuple(p) for p in pts] + [tuple(pts[0])], fill=(*colour, 255), width=1)
         return np.asarray(img)
 
@@ -203,9 +241,9 @@ def _read_geojson(path: Path) -> dict:
         raise GigaslideError(f"unreadable GeoJSON ({e})", path=path, fix="re-run the job that wrote it") from None
 
 
-def _read_rings(path: Path) -> list[np.ndarray]:
-    """Outer rings [n, 2] (level-0 x, y) of the polygons of a GeoJSON file; a third coordinate (GeoJSON allows an
-    altitude) is dropped; a file of another shape is one line naming it."""
+def _read_rings(path: Path, holes: bool = False) -> list[np.ndarray]:
+    """Outer rings [n, 2] (level-0 x, y) of the polygons of a GeoJSON file (``holes``: their holes' rings too); a third
+    coordinate (GeoJSON allows an altitude) is dropped; a file of another shape is one line naming it."""
     def xy(ring) -> np.ndarray:  # noqa: ANN001
         a = np.asarray(ring, np.float64)
         if a.ndim != 2 or a.shape[1] < 2:
@@ -214,25 +252,24 @@ def _read_rings(path: Path) -> list[np.ndarray]:
 
     gj = _read_geojson(path)
     try:
-        return [xy(ring) for ring in _rings(gj) if len(ring)]
+        return [xy(ring) for ring in _rings(gj, holes) if len(ring)]
     except (AttributeError, TypeError, ValueError, IndexError) as e:
         raise GigaslideError(f"not GeoJSON polygons ({type(e).__name__}: {str(e)[:120]})", path=path,
                              fix="re-run the job that wrote it (a FeatureCollection of Polygon features)") from None
 
 
-def _rings(gj: dict):  # noqa: ANN202
-    """Outer rings of every Polygon / MultiPolygon of a Feature, FeatureCollection or list of features."""
+def _rings(gj: dict, holes: bool = False):  # noqa: ANN202
+    """Outer rings (``holes``: and holes) of every Polygon / MultiPolygon of a Feature, FeatureCollection or list."""
     feats = gj.get("features", []) if isinstance(gj, dict) else gj
     if isinstance(gj, dict) and gj.get("type") == "Feature":
         feats = [gj]
     for f in feats or []:
         g = (f or {}).get("geometry") or {}
-        if g.get("type") == "Polygon" and g.get("coordinates"):
-            yield g["coordinates"][0]
-        elif g.get("type") == "MultiPolygon":
-            for poly in g.get("coordinates") or []:
-                if poly:
-                    yield poly[0]
+        polys = [g.get("coordinates")] if g.get("type") == "Polygon" else (
+            g.get("coordinates") or [] if g.get("type") == "MultiPolygon" else [])
+        for poly in polys:
+            if poly:
+                yield from (poly if holes else poly[:1])
 
 
 def to_png(rgba: np.ndarray) -> bytes:

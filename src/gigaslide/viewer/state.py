@@ -4,28 +4,64 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
+import time
 from typing import Any
 
 import numpy as np
 
 from gigaslide.errors import GigaslideError
-from gigaslide.export.catalog import SlideEntry, scan
+from gigaslide.export.catalog import SlideEntry
 from gigaslide.export.once import Once
 from gigaslide.export.runs import Run, TileScorer, load_runs
 from gigaslide.export.tables import fold_for, tissue_fraction
 from gigaslide.features import store
 from gigaslide.mil.heatmap import tile_size_of
 from gigaslide.mil.train import check_features_fit
-from gigaslide.viewer.deepzoom import SlideTiles
+from gigaslide.viewer.catalog import Catalog
+from gigaslide.viewer.deepzoom import Geometry, SlideTiles
 from gigaslide.viewer.neighbours import FeatureIndex
 from gigaslide.viewer.overlays import NucleiOutlines, TileLattice, TissueRaster
 from gigaslide.viewer.runlayers import ClusterLayers, LayerData, StreamingLayers, layer as _layer
 
 
+class Activity:
+    """Requests in flight, so that background work (:meth:`ViewerState.warm`) waits while the page is served."""
+
+    def __init__(self) -> None:
+        self._n = 0
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Activity:
+        with self._lock:
+            self._n += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._n -= 1
+            self._last = time.monotonic()
+
+    def wait_idle(self, stop: threading.Event, quiet: float = 0.3) -> None:
+        """Return once no request was in flight for ``quiet`` seconds (or ``stop`` is set)."""
+        while not stop.is_set():
+            with self._lock:
+                idle = self._n == 0 and time.monotonic() - self._last >= quiet
+            if idle:
+                return
+            stop.wait(quiet / 3)
+
+
 class ViewerState:
+    """What the viewer serves. Nothing of a slide is opened until it is asked for: the slide list comes from the
+    folders' file names (:class:`~gigaslide.viewer.catalog.Catalog`); a slide's status and size become known when it
+    is first opened (by a request, or by :meth:`warm` in the background) and the list's rows fill in then."""
+
     def __init__(self, out_dirs: list[str | os.PathLike], runs: list[str | os.PathLike] = ()):
         self.out_dirs = [str(d) for d in out_dirs]
-        self.entries, self.problems = scan(list(out_dirs))
+        self.catalog = Catalog(list(out_dirs))
+        self.entries, self.problems = self.catalog.entries, self.catalog.problems
         self.runs: list[Run] = load_runs(runs, self.problems)
         if not runs:
             self.problems.append("no runs given: attention / probability / cluster layers need `--runs RUN_DIR` "
@@ -39,26 +75,55 @@ class ViewerState:
         self.streaming = StreamingLayers()
         self.clusters = ClusterLayers()
         self._once = Once()
+        self._known: dict[str, tuple[str, str | None, Geometry | None]] = {}  # key -> (status, why, geometry)
+        self.checked: list[str] = []  # keys in the order their status became known (rows the page updates)
+        self._known_lock = threading.Lock()
+        self.activity = Activity()  # the app counts its requests in here
+        self.stopping = threading.Event()  # set: warm() stops at the next slide
 
     # -- lazily opened things ---------------------------------------------------------------------
     def _get(self, what: str, key: str, make):  # noqa: ANN001, ANN202
         return self._once.get((what, key), make)
 
     def entry(self, key: str) -> SlideEntry:
+        """Slide ``key``'s entry, completed (its files' records read) on first use."""
         if key not in self.entries:
             raise KeyError(key)
-        return self.entries[key]
+        return self._get("entry", key, lambda: self.catalog.complete(key))
+
+    def _open(self, key: str) -> SlideTiles:
+        e = self.entry(key)
+        if e.slide_path is None:
+            raise GigaslideError("no slide file recorded for this slide", path=e.out_dir,
+                                 fix="re-run `gigaslide encode` (its manifest records each slide's path)")
+        return SlideTiles(e.slide_path, e.slide_mpp)
 
     def tiles(self, key: str) -> SlideTiles:
-        e = self.entry(key)
+        """The slide's deep-zoom tiles, opened on first use and kept."""
+        try:
+            t = self._get("tiles", key, lambda: self._open(key))
+        except GigaslideError as err:
+            self._note(key, err)
+            raise
+        self._note(key, t)
+        return t
 
-        def make() -> SlideTiles:
-            if e.slide_path is None:
-                raise GigaslideError("no slide file recorded for this slide", path=e.out_dir,
-                                     fix="re-run `gigaslide encode` (its manifest records each slide's path)")
-            return SlideTiles(e.slide_path, e.slide_mpp)
-
-        return self._get("tiles", key, make)
+    def _note(self, key: str, opened: SlideTiles | GigaslideError) -> tuple[str, str | None, Geometry | None]:
+        """Record what opening slide ``key`` showed: its status for the list, and its size."""
+        with self._known_lock:
+            if key in self._known:
+                return self._known[key]
+        if isinstance(opened, GigaslideError):
+            rec = ("broken", opened.one_line(), None)
+        else:
+            e = self.entry(key)
+            rec = ("ok", None, opened.geometry) if e.features is not None else (
+                "no features", f"features/{e.slide_id}.h5 is missing ({e.error or 'not encoded'})", opened.geometry)
+        with self._known_lock:
+            if key not in self._known:
+                self._known[key] = rec
+                self.checked.append(key)
+            return self._known[key]
 
     def features(self, key: str):  # noqa: ANN201
         e = self.entry(key)
@@ -125,18 +190,36 @@ class ViewerState:
 
     # -- what the page shows ------------------------------------------------------------------------
     def status(self, key: str) -> tuple[str, str | None]:
-        e = self.entry(key)
-        try:
-            self.tiles(key)
-        except GigaslideError as err:
-            return "broken", err.one_line()
-        if e.features is None:
-            return "no features", f"features/{e.slide_id}.h5 is missing ({e.error or 'not encoded'})"
-        return "ok", None
+        """("ok" | "no features" | "broken", why); opens the slide when that is not known yet, and closes it again
+        (only the slides viewed are kept open: not a file handle per slide of a large project)."""
+        self.entry(key)
+        with self._known_lock:
+            rec = self._known.get(key)
+        if rec is None:
+            try:
+                t = self._open(key)
+            except GigaslideError as err:
+                rec = self._note(key, err)
+            else:
+                t.close()
+                rec = self._note(key, t)
+        return rec[0], rec[1]
+
+    def known_status(self, key: str) -> tuple[str, str | None]:
+        """The status if the slide was opened already, else ("pending", why) -- nothing is opened here."""
+        with self._known_lock:
+            rec = self._known.get(key)
+        return ("pending", "not opened yet") if rec is None else (rec[0], rec[1])
+
+    def pending(self) -> int:
+        """How many slides were not opened yet."""
+        with self._known_lock:
+            return len(self.entries) - len(self._known)
 
     def slide_row(self, key: str) -> dict[str, Any]:
-        e = self.entry(key)
-        st, why = self.status(key)
+        """The slide list's row of ``key``, from what is known (a slide not opened yet is "pending")."""
+        e = self.entries[key]
+        st, why = self.known_status(key)
         preds = {}
         for r in self.runs:
             p = r.predictions.get(e.slide_id)
@@ -145,21 +228,31 @@ class ViewerState:
                                  "predicted": int(np.argmax(p["probs"]))}
         row = {"key": key, "slide_id": e.slide_id, "status": st, "reason": why, "out_dir": str(e.out_dir),
                "predictions": preds}
-        if st != "broken":  # the page opens the deep-zoom pyramid with these, before the slide's details arrive
-            g = self.tiles(key).geometry
+        with self._known_lock:
+            g = self._known[key][2] if key in self._known else None
+        if g is not None:  # the page opens the deep-zoom pyramid with these, before the slide's details arrive
             row.update(width=g.width, height=g.height, levels=g.level_count, tile_size=g.tile_size, overlap=g.overlap)
         return row
 
     def warm(self) -> None:
-        """Open what the first screenful needs (every slide, the first slide's features and layers) ahead of the page."""
-        for key in self.entries:
-            if self.status(key)[0] == "ok":
+        """In the background, after the page is served: open what the first screenful needs (the first slide that
+        opens, its features and layers), then every other slide once (closed again) so the list's rows fill in --
+        each while no request is being served (the user's views first), until :attr:`stopping` is set."""
+        first = True
+        for key in list(self.entries):
+            self.activity.wait_idle(self.stopping, quiet=0.0 if first else 0.3)
+            if self.stopping.is_set():
+                return
+            if first and self.status(key)[0] == "ok":
+                first = False
                 try:
+                    self.tiles(key)
                     self.lattice(key)
                     self.layers(key)
                 except GigaslideError:
                     pass
-                return
+            else:
+                self.status(key)
 
     def mpp(self, key: str) -> tuple[float | None, str]:
         t = self.tiles(key)
@@ -171,8 +264,13 @@ class ViewerState:
 
     def layers(self, key: str) -> list[dict[str, Any]]:
         e = self.entry(key)
-        feats_ok = e.features is not None
-        why_feats = None if feats_ok else f"features/{e.slide_id}.h5 is missing"
+        why_feats = f"features/{e.slide_id}.h5 is missing" if e.features is None else None
+        if why_feats is None:
+            try:  # a damaged file: its layers say so, rather than offering layers whose every tile is refused
+                self.features(key)
+            except GigaslideError as err:
+                why_feats = err.one_line()
+        feats_ok = why_feats is None
         out = [
             _layer("tissue", "tissue mask", "mask", e.tissue_geojson is not None, f"no tissue/{e.slide_id}.geojson"),
             _layer("grid", "tile grid", "grid", feats_ok, why_feats),

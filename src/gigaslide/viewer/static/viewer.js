@@ -3,6 +3,7 @@
 
 const G = {
   state: null, slide: null, viewer: null, layers: [], selected: null, highlight: null, ready: false, opening: 0,
+  current: null,
   allLoaded() {
     const w = G.viewer && G.viewer.world;
     if (!G.ready) return false;
@@ -39,22 +40,71 @@ function renderProblems(problems) {
   box.replaceChildren(...problems.map(p => el("div", {class: "problem"}, p)));
 }
 
+function slideRow(s, runs) {
+  const cells = runs.map(r => {
+    const p = s.predictions[r];
+    return el("td", {}, p ? `${p.label} / ${fmt(p.prob, 2)} (f${p.fold})` : "–");
+  });
+  const broken = s.status === "broken";
+  const current = G.current === s.key;
+  return el("tr", {class: "slide" + (broken ? " broken" : "") + (s.status === "pending" ? " pending" : "") +
+                   (current ? " current" : ""), "data-slide": s.key, title: s.reason || "", hidden: !matches(s),
+                   onclick: () => { if (s.status !== "broken") openSlide(s.key); else status(s.reason); }},
+    el("td", {}, s.slide_id), el("td", {class: "st"}, s.status), ...cells);
+}
+
+// The slide list's filter: every word typed is in the slide's id, status or a run's label (case ignored).
+function matches(s) {
+  if (!G.filter) return true;
+  const text = [s.slide_id, s.status, ...Object.values(s.predictions || {}).map(p => `label ${p.label}`)]
+    .join(" ").toLowerCase();
+  return G.filter.split(/\s+/).every(w => text.includes(w));
+}
+function rowOf(key) {  // (no CSS selector of the key: any character may be in a slide id)
+  for (const tr of document.querySelectorAll("#slides tr.slide")) if (tr.dataset.slide === key) return tr;
+  return null;
+}
+function applyFilter() {
+  G.filter = $("#filter").value.trim().toLowerCase();
+  let shown = 0;
+  const byKey = new Map(G.state.slides.map(s => [s.key, s]));
+  for (const tr of document.querySelectorAll("#slides tr.slide")) {
+    const s = byKey.get(tr.dataset.slide), ok = s !== undefined && matches(s);
+    shown += ok;
+    tr.hidden = !ok;
+  }
+  const n = G.state.slides.length;
+  $("#slide-count").textContent = G.filter ? `(${shown} of ${n})` : `(${n})`;
+}
+
 function renderSlides() {
   const runs = G.state.runs.map(r => r.name);
   $("#slides thead").replaceChildren(el("tr", {}, el("th", {}, "slide"), el("th", {}, "status"),
     ...runs.map(r => el("th", {title: "label / held-out P(last class) (fold)"}, r))));
-  const rows = G.state.slides.map(s => {
-    const cells = runs.map(r => {
-      const p = s.predictions[r];
-      return el("td", {}, p ? `${p.label} / ${fmt(p.prob, 2)} (f${p.fold})` : "–");
-    });
-    const broken = s.status === "broken";
-    return el("tr", {class: "slide" + (broken ? " broken" : ""), "data-slide": s.key, title: s.reason || "",
-                     onclick: () => { if (!broken) openSlide(s.key); else status(s.reason); }},
-      el("td", {}, s.slide_id), el("td", {class: "st"}, s.status), ...cells);
-  });
+  const rows = G.state.slides.map(s => slideRow(s, runs));
   if (!rows.length) rows.push(el("tr", {}, el("td", {colspan: 2 + runs.length, class: "hint"}, "No slides: see the notes above.")));
   $("#slides tbody").replaceChildren(...rows);
+  applyFilter();
+}
+
+// A slide's row once its status is known (opened by the server in the background, or by the page): replaced in place.
+function updateSlide(s) {
+  const i = G.state.slides.findIndex(r => r.key === s.key);
+  if (i < 0) return;
+  G.state.slides[i] = {...G.state.slides[i], ...s};
+  const tr = rowOf(s.key);
+  if (tr) tr.replaceWith(slideRow(G.state.slides[i], G.state.runs.map(r => r.name)));
+}
+
+// The slides not opened yet are opened by the server one after the other: their rows fill in as they are.
+async function fillSlides() {
+  let checked = G.state.checked || 0, pending = G.state.pending || 0;
+  while (pending > 0) {
+    await new Promise(r => setTimeout(r, 1000));
+    const res = await getJSON(`/api/slides?since=${checked}`);
+    res.slides.forEach(updateSlide);
+    checked = res.checked; pending = res.pending;
+  }
 }
 
 // -- viewer ---------------------------------------------------------------------------------------
@@ -84,6 +134,7 @@ function makeViewer() {
     drawer: "canvas",
   });
   G.viewer.addHandler("canvas-click", e => { if (e.quick) clickAt(e.position); });
+  G.viewer.addHandler("tile-load-failed", tileFailed);
   G.viewer.addHandler("animation", updateScaleBar);
   G.viewer.addHandler("open", updateScaleBar);
   G.viewer.addHandler("resize", updateScaleBar);
@@ -96,8 +147,10 @@ function openSlide(key) {
   const gen = ++G.opening;
   const keep = new Map(G.layers.map(l => [l.id, l]));
   G.layers.forEach(l => { clearTimeout(l.timer); l.timer = null; l.gen++; });
-  G.layers = []; G.ready = false; G.slide = null; G.selected = null; G.highlight = null;
+  G.layers = []; G.ready = false; G.slide = null; G.selected = null; G.highlight = null; G.current = key;
   document.querySelectorAll("#slides tr").forEach(tr => tr.classList.toggle("current", tr.dataset.slide === key));
+  const tr = rowOf(key);
+  if (tr && tr.scrollIntoView) tr.scrollIntoView({block: "nearest"});  // a neighbour's slide far down the list
   const opened = new Promise(resolve => G.viewer.addOnceHandler("open", () => {
     G.slideItem = G.viewer.world.getItemAt(0); resolve();
   }));
@@ -107,6 +160,10 @@ function openSlide(key) {
     if (gen !== G.opening) return null;
     if (!early) G.viewer.open(slideSource(info));
     G.slide = info;
+    if (row && row.status === "pending") {  // opened first by the page: its row says so now
+      const {status: st, reason, width, height, levels, tile_size, overlap} = info;
+      updateSlide({key, status: st, reason, width, height, levels, tile_size, overlap});
+    }
     status(`${info.slide_id}: ${info.width}×${info.height} px, ${info.mpp ? fmt(info.mpp, 4) + " µm/px (" + info.mpp_source + ")" : "no mpp"}, ${info.n_tiles} tiles`);
     G.layers = info.layers.map(l => {
       const old = keep.get(l.id);
@@ -123,7 +180,13 @@ function openSlide(key) {
       G.ready = true;
       return info;
     });
-  }).catch(err => { if (gen === G.opening) status(`cannot open ${key}: ${err.message}`); });
+  }).catch(err => {
+    if (gen !== G.opening) return null;
+    status(`cannot open ${key}: ${err.message}`);
+    // a slide not opened before: its row says now why it does not open
+    if (row && row.status === "pending") updateSlide({key, status: "broken", reason: err.message});
+    return null;
+  });
 }
 
 // -- layers ---------------------------------------------------------------------------------------
@@ -145,6 +208,20 @@ function addLayer(layer) {
     success: ev => { if (gen !== layer.gen || !layer.on) retire(ev.item); else layer.item = ev.item; },
     error: ev => status(`layer ${layer.name}: ${ev.message}`),
   });
+}
+// A tile the server refused (a damaged GeoJSON, feature file or model): its one-line reason under the layer and in
+// the status line, once per layer drawing -- OpenSeadragon alone leaves the layer empty and says nothing.
+function tileFailed(e) {
+  const layer = G.layers.find(l => l.item && l.item === e.tiledImage);
+  if (layer && layer.failed === layer.gen) return;
+  if (!layer && e.tiledImage !== G.slideItem) return;
+  if (layer) layer.failed = layer.gen;
+  const say = why => {
+    status(layer ? `layer ${layer.name}: ${why}` : `slide tiles: ${why}`);
+    const box = layer && document.querySelector(`#layers [data-layer="${layer.id}"]`);
+    if (box) (box.querySelector(".layer-error") || box.appendChild(el("div", {class: "layer-error"}))).textContent = why;
+  };
+  fetch(e.tile.getUrl()).then(r => r.json()).then(b => say(b.detail || e.message)).catch(() => say(e.message));
 }
 function removeLayer(layer) {
   layer.gen++;
@@ -283,8 +360,19 @@ async function main() {
   G.state = await getJSON("/api/state");  // preloaded by the page's <link rel="preload">
   renderProblems(G.state.problems);
   renderSlides();
-  const first = G.state.slides.find(s => s.status !== "broken");
-  if (first) await openSlide(first.key);
-  else status("nothing to show: " + (G.state.slides.length ? "every slide is broken" : "no slides"));
+  $("#filter").addEventListener("input", applyFilter);
+  $("#filter").addEventListener("keydown", e => {  // Enter: the first slide shown
+    const s = e.key === "Enter" && G.state.slides.find(r => matches(r) && r.status !== "broken");
+    if (s) openSlide(s.key);
+  });
+  fillSlides().catch(err => status(`slide list: ${err.message}`));
+  // the first slide that opens (a slide not opened before may turn out broken: then the next one)
+  for (const s of G.state.slides) {
+    if (s.status === "broken") continue;
+    const gen = G.opening + 1;
+    if (await openSlide(s.key)) return;
+    if (G.opening !== gen) return;  // the user opened another slide meanwhile
+  }
+  status("nothing to show: " + (G.state.slides.length ? "every slide is broken" : "no slides"));
 }
 main().catch(err => status(`error: ${err.message}`));
