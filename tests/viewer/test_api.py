@@ -484,3 +484,19 @@ def test_layers_of_a_slide_with_a_damaged_feature_file_say_why(tiny_copy):
         assert not layers[lid]["available"] and layers[lid]["reason"].startswith(f"{f}: "), layers[lid]
     assert layers["tissue"]["available"] and info["n_tiles"] == 0
     assert c.get("/api/slides/s1/overlay/tissue/8/0_0.png").status_code == 200
+
+
+def test_a_run_trained_on_class_names_shows_them(tiny_copy):
+    """A MIL run on a labels.csv of class names: its probability layer and the slide list's prediction name the
+    class ('tile P(tumor)', label 'tumor'), not its number."""
+    from fastapi.testclient import TestClient
+
+    t = tiny_copy
+    for cfg in t.run.glob("fold*/config.json"):
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "class_names": ["normal", "tumor"]}))
+    state = ViewerState([t.out], [t.run])
+    c = TestClient(build_app(state))
+    layers = {l["id"]: l for l in c.get("/api/slides/s0").json()["layers"]}
+    assert layers["run0-prob1"]["name"] == "run: tile P(tumor)"
+    row = state.slide_row("s0")["predictions"]["run"]
+    assert row["class_name"] == ("normal", "tumor")[row["label"]]

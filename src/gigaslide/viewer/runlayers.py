@@ -90,8 +90,8 @@ class StreamingLayers:
             return [layer(f"run{r_i}-attention", name, "score", False, e.one_line(), cmap="jet", **common)]
         out = [layer(f"run{r_i}-attention", name, "score", True, None, cmap="jet", **common)]
         if g.instance_probs is not None:
-            out += [layer(f"run{r_i}-prob{c}", f"{run.name}: StreamingCLAM position P(class {c})", "score", True, None,
-                          cmap="viridis", **common) for c in range(1, g.instance_probs.shape[1])]
+            out += [layer(f"run{r_i}-prob{c}", f"{run.name}: StreamingCLAM position P({run.class_label(c)})", "score",
+                          True, None, cmap="viridis", **common) for c in range(1, g.instance_probs.shape[1])]
         return out
 
     def values(self, run: Run, slide_id: str, kind: str, fold: str | None, size: tuple[int, int]) -> LayerData:

@@ -225,7 +225,8 @@ class ViewerState:
             p = r.predictions.get(e.slide_id)
             if p is not None:
                 preds[r.name] = {"label": p["label"], "prob": p["probs"][-1], "fold": p["fold"],
-                                 "predicted": int(np.argmax(p["probs"]))}
+                                 "predicted": int(np.argmax(p["probs"])),
+                                 "class_name": r.class_label(p["label"]) if r.class_names else None}
         row = {"key": key, "slide_id": e.slide_id, "status": st, "reason": why, "out_dir": str(e.out_dir),
                "predictions": preds}
         with self._known_lock:
@@ -298,7 +299,7 @@ class ViewerState:
             out.append(_layer(f"run{r_i}-attention", f"{run.name}: attention (percentile)", "score", ok, why,
                               cmap="jet", **common))
             for c in range(1, n_classes):
-                out.append(_layer(f"run{r_i}-prob{c}", f"{run.name}: tile P(class {c})", "score", ok, why,
+                out.append(_layer(f"run{r_i}-prob{c}", f"{run.name}: tile P({run.class_label(c)})", "score", ok, why,
                                   cmap="viridis", **common))
         return out
 

@@ -43,7 +43,7 @@ function renderProblems(problems) {
 function slideRow(s, runs) {
   const cells = runs.map(r => {
     const p = s.predictions[r];
-    return el("td", {}, p ? `${p.label} / ${fmt(p.prob, 2)} (f${p.fold})` : "–");
+    return el("td", {}, p ? `${p.class_name ?? p.label} / ${fmt(p.prob, 2)} (f${p.fold})` : "–");
   });
   const broken = s.status === "broken";
   const current = G.current === s.key;
@@ -56,7 +56,7 @@ function slideRow(s, runs) {
 // The slide list's filter: every word typed is in the slide's id, status or a run's label (case ignored).
 function matches(s) {
   if (!G.filter) return true;
-  const text = [s.slide_id, s.status, ...Object.values(s.predictions || {}).map(p => `label ${p.label}`)]
+  const text = [s.slide_id, s.status, ...Object.values(s.predictions || {}).map(p => `label ${p.label} ${p.class_name ?? ""}`)]
     .join(" ").toLowerCase();
   return G.filter.split(/\s+/).every(w => text.includes(w));
 }
