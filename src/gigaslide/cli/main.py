@@ -67,8 +67,9 @@ def _collect() -> dict[str, Any]:
 
 
 def _summary(func: Callable[..., Any]) -> str:
+    """The docstring's first paragraph on one line (a summary wrapped over two lines is kept whole)."""
     doc = inspect.getdoc(func) or ""
-    return doc.split("\n", 1)[0]
+    return " ".join(doc.split("\n\n", 1)[0].split())
 
 
 def _sub_parser(cmd: Command):  # noqa: ANN202
@@ -216,23 +217,64 @@ def _undashed_config(value: str) -> str:
     return yaml.safe_dump(fixed, sort_keys=False)
 
 
+#: Values jsonargparse reads as a bool (or, for ``bool | None``, as null): ``--flag VALUE`` keeps VALUE.
+_BOOL_WORDS = frozenset({"true", "false", "yes", "no", "on", "off", "y", "n", "1", "0", "null", "none", "~"})
+
+
+def _option_kinds(cmd: Command) -> tuple[set[str], set[str], set[str]]:
+    """``cmd``'s options by how a repeated or bare use is read: list parameters, comma-separated strings (their
+    help says "comma-separated"), and bools."""
+    lists, commas, bools = set(), set(), set()
+    for k, prm in inspect.signature(cmd.func).parameters.items():
+        if k == cmd.positional:
+            continue
+        a = prm.annotation  # a string under ``from __future__ import annotations``, else the type itself
+        ann = a.__name__ if isinstance(a, type) and not hasattr(a, "__origin__") else str(a)
+        if "list[" in ann:
+            lists.add(k)
+        elif ann.split(" | ")[0] == "str" and "comma-separated" in _param_help(cmd.func, k):
+            commas.add(k)
+        elif ann in ("bool", "bool | None"):
+            bools.add(k)
+    return lists, commas, bools
+
+
 def _append_repeated_lists(commands: dict[str, Any], name: str, args: list[str]) -> list[str]:
     """A list option given more than once (``--runs A --runs B``) keeps every value, as users expect, instead of
-    the last one only (jsonargparse's rule): its later occurrences become jsonargparse's append (``--runs+ B``)."""
+    the last one only (jsonargparse's rule): its later occurrences become jsonargparse's append (``--runs+ B``).
+    A comma-separated option given more than once (``--encoders a --encoders b``) is read as ``--encoders a,b``.
+    A bool option given without a value (``--tissue-only``, as a flag) is read as ``--tissue-only true``."""
     node = _command_at(commands, name)
     if not isinstance(node, Command):
         return args
-    lists = {k for k, prm in inspect.signature(node.func).parameters.items()
-             if k != node.positional and "list[" in str(prm.annotation)}
+    lists, commas, bools = _option_kinds(node)
     seen: set[str] = set()
-    out = []
-    for a in args:
+    first: dict[str, int] = {}  # comma option -> index in ``out`` of its first value
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
         key, eq, val = a[2:].partition("=") if a.startswith("--") else ("", "", "")
+        nxt = args[i + 1] if i + 1 < len(args) else None
+        if key in bools and not eq and (nxt is None or nxt.startswith("-") or nxt.lower() not in _BOOL_WORDS):
+            out += [a, "true"]
+            i += 1
+            continue
+        if key in commas and (eq or nxt is not None):
+            value, step = (val, 1) if eq else (nxt, 2)
+            if key in first:
+                out[first[key]] += "," + str(value)
+            else:
+                first[key] = len(out)
+                out.append(f"--{key}={value}")  # one token: a value starting with "-" stays a value
+            i += step
+            continue
         if key in lists:
             if key in seen:
                 a = f"--{key}+{eq}{val}"
             seen.add(key)
         out.append(a)
+        i += 1
     return out
 
 

@@ -5,6 +5,17 @@ from __future__ import annotations
 from gigaslide.cli.main import Command
 
 
+def _check_precision(precision: str) -> None:
+    """A ``--precision`` no stage knows is one line before any model or slide is opened (``nuclei`` used to record it
+    as a failure of every slide)."""
+    from gigaslide.devices import PRECISIONS
+    from gigaslide.errors import GigaslideError
+
+    if precision not in PRECISIONS:
+        raise GigaslideError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}",
+                             fix="use e.g. --precision auto")
+
+
 def nuclei_train(images: str, annotations: str, out: str, *, backbone: str = "resnet18", weights: str = "default",
                  mpp: float = 0.25, fraction: float = 1.0, budget: str | None = None, epochs: int | None = None,
                  freeze_encoder: bool = False, steps_per_epoch: int = 50, batch_size: int = 4, crop: int = 256,
@@ -35,7 +46,8 @@ def nuclei_train(images: str, annotations: str, out: str, *, backbone: str = "re
         image_mpp: µm/px of the images (MoNuSeg XML says it); given, it wins, with a warning per file that differs.
         organs: CSV image_id,organ for the stratified split (default: organs.csv beside the images).
         split: CSV image_id,split (train/val/test) to use instead of the computed split.
-        precision: auto (bf16 on CPU only where it agrees with fp32), fp32, bf16.
+        precision: auto (CUDA: bf16, or fp16 with a loss scaler on GPUs without native bf16; CPU: fp32), fp32, bf16
+            or fp16.
         device: auto, cpu or cuda.
         seed: seed for the split, initialisation and augmentation.
     """
@@ -44,6 +56,7 @@ def nuclei_train(images: str, annotations: str, out: str, *, backbone: str = "re
 
     from gigaslide.cli.progress import progress_bar
 
+    _check_precision(precision)
     cfg = NucleiTrainConfig(images=images, annotations=annotations, out=out, mpp=mpp, backbone=backbone, weights=weights,
                             freeze_encoder=freeze_encoder, fraction=fraction, epochs=epochs, budget_s=parse_duration(budget),
                             steps_per_epoch=steps_per_epoch, batch_size=batch_size, crop=crop, lr=lr, select=select,
@@ -71,12 +84,13 @@ def nuclei_eval(model: str, images: str, annotations: str, out: str, *, subset: 
         subset: auto (only the run's test images when the folder holds images it trained or selected on), test, or all.
         image_mpp: µm/px of the images (MoNuSeg XML says it); given, it wins, with a warning per file that differs.
         bootstrap: bootstrap resamples over images for the CIs.
-        precision: fp32 or bf16.
+        precision: fp32, bf16, fp16 or auto (CUDA: bf16, or fp16 without native bf16; CPU: fp32).
         seed: bootstrap seed.
     """
     from gigaslide.cli.progress import progress_bar
     from gigaslide.nuclei.evaluate import evaluate
 
+    _check_precision(precision)
     with progress_bar("nuclei-eval") as update:
         r = evaluate(model, images, annotations, out, subset=subset, image_mpp=image_mpp, n_bootstrap=bootstrap,
                      precision=precision, seed=seed, progress=update)
@@ -89,7 +103,7 @@ def nuclei_eval(model: str, images: str, annotations: str, out: str, *, subset: 
 
 def nuclei(slides: list[str], model: str, out: str, *, mpp: float | None = None, tissue_only: bool = True,
            region: int = 1024, margin: int = 64, tile_mpp: float = 0.5, tile_size: int = 224,
-           slide_mpp: float | None = None, precision: str = "auto", device: str = "auto") -> dict:
+           slide_mpp: float | str | None = None, precision: str = "auto", device: str = "auto") -> dict:
     """Segment nuclei on whole slides: QuPath GeoJSON detections, a table and per-tile counts under OUT/nuclei/.
 
     Example: gigaslide nuclei slides/ --model NUC_RUN --out OUT --tissue-only
@@ -98,14 +112,16 @@ def nuclei(slides: list[str], model: str, out: str, *, mpp: float | None = None,
         slides: slide files or folders of slides.
         model: a finished nuclei-train run folder.
         out: output folder (an encode OUT folder puts the per-tile counts on its features' coordinates).
-        mpp: resolution to segment at; must be the model's (the default).
+        mpp: resolution to segment at (µm/px); must be the model's (the default).
         tissue_only: segment only where the tissue mask has tissue.
         region: region side in px at the model's mpp (memory is one region at a time).
         margin: context px read around each region (wider than a nucleus; at least 16).
-        tile_mpp: resolution of the count grid when OUT has no feature files.
-        tile_size: tile size of the count grid when OUT has no feature files.
-        slide_mpp: level-0 µm/px for slides without it in their metadata.
-        precision: auto (bf16 on CPU where it agrees with fp32 on the slide's first region), fp32, bf16.
+        tile_mpp: resolution (µm/px) of the count grid when OUT has no feature files.
+        tile_size: tile size in px (at --tile-mpp) of the count grid when OUT has no feature files.
+        slide_mpp: level-0 µm/px for slides without it in their metadata: a number (every slide, their metadata
+            overridden) or a CSV slide_id,mpp (the slides it lists).
+        precision: auto (CUDA: bf16, or fp16 without native bf16; CPU: bf16 where it agrees with fp32 on the slide's
+            first region, else fp32), fp32, bf16 or fp16.
         device: auto, cpu or cuda.
     """
     from gigaslide.cli.progress import progress_bar
@@ -114,6 +130,7 @@ def nuclei(slides: list[str], model: str, out: str, *, mpp: float | None = None,
     from gigaslide.nuclei.slide import SlideParams, segment_slides
     from gigaslide.slides import find_slides
 
+    _check_precision(precision)
     spec, _ = read_spec(model)
     if mpp is not None and abs(mpp - spec.mpp) > 0.01 * spec.mpp:
         raise GigaslideError(f"--mpp {mpp} differs from the model's {spec.mpp} µm/px", path=model,

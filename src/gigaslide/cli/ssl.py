@@ -114,15 +114,17 @@ def pretrain(data: str, out: str, method: str = "dino", backbone: str = "resnet1
         layer_decay: layer-wise lr decay for a ViT trunk (default: the method's recipe; 0.75 for a ViT with --init; else off)
         patch_embed_lr_mult: lr multiplier of a ViT's patch embedding (default: the method's recipe, else 1)
         drop_path: stochastic depth rate of a ViT trunk (default: the method's recipe, else 0)
-        n_local: local crops per tile for multi-crop methods (DINO, SwAV; default 6)
+        n_local: local crops per tile for multi-crop methods (DINO, SwAV, DINOv2; default: the method's recipe,
+            DINOv2 8, else 6)
         local_size: local crop size in px (default ~43 % of the crop size, a multiple of the ViT patch)
         global_scale: area range of the global crops as MIN,MAX (default: the method's, DINOv2 0.32,1.0)
         local_scale: area range of the local crops as MIN,MAX (default: the method's, DINOv2 0.05,0.32)
-        teacher_temp: teacher temperature FINAL or WARMUP,FINAL (DINO, DINOv2; DINOv2 default 0.04,0.07)
+        teacher_temp: teacher temperature FINAL or WARMUP,FINAL (DINO, DINOv2; default DINO 0.04, DINOv2 0.04,0.07)
         mask_ratio: iBOT mask ratio range MIN,MAX of masked global crops (DINOv2; default 0.1,0.5)
         ibot_weight: weight of the iBOT masked-patch loss (DINOv2; default 1, 0 = off)
         koleo_weight: weight of the KoLeo regulariser (DINOv2; default 0.1, 0 = off)
-        momentum: EMA momentum of the teacher / key encoder (DINO, DINOv2, MoCo v2)
+        momentum: EMA momentum of the teacher / key encoder, cosine to 1 (default: MoCo v2 0.99, DINO 0.996,
+            DINOv2 0.992)
         method_args: JSON object overriding method settings, e.g. '{"out_dim": 8192, "temperature": 0.1}'
         devices: number of GPUs; more than 1 runs DDP through PyTorch Lightning
         precision: auto (bf16 on CUDA; on a CPU with native bf16, bf16 for the methods measured as good in it per step, see benchmarks/results/tile_precision.md, else fp32; recorded in run.json), bf16, fp16 or fp32

@@ -22,7 +22,8 @@ def train_streaming(slides: str, labels: str, out: str, *, mpp: float = 0.5, ima
 
     Args:
         slides: folder of slides (file name without extension = slide_id).
-        labels: CSV with columns slide_id,label (and optional patient_id for grouped folds).
+        labels: CSV with columns slide_id,label (and optional patient_id, or case_id as in CLAM's CSVs, for
+            patient-grouped folds).
         out: run folder (run.json, canvases cache, checkpoints, per-fold predictions, evaluation.json); a re-run
             resumes; a folder holding a run with other settings (e.g. another --pool-kernel) is refused.
         mpp: resolution the whole slide is read at (µm/px).

@@ -24,18 +24,21 @@ AT_LEAST_ONE = frozenset({
     "image_size", "region_size", "out_dim", "hidden", "k", "fewshot_repeats", "repeats", "train_slides", "limit",
     "max_train", "max_tiles", "max_tiles_per_class", "slides", "grid", "devices", "threads", "accumulate",
     "thumb_size", "max_tiles_per_slide", "tiles_per_slide", "n_tiles", "size", "crop", "crop_size",
+    "steps_per_epoch",
 })
 #: Integers that must be >= 0.
 NON_NEGATIVE = frozenset({
     "workers", "overlap", "seed", "bootstrap", "patience", "freeze_epochs", "warmup", "fold", "mosaic_slides", "n_local",
-    "checkpoint_every_steps", "level", "tile_workers",
+    "checkpoint_every_steps", "level", "tile_workers", "monitor_every",
 })
 #: Floats that must be > 0.
-POSITIVE = frozenset({"mpp", "region_mpp", "lr", "head_lr", "temperature", "max_gb", "slide_mpp", "scale"})
+POSITIVE = frozenset({"mpp", "region_mpp", "lr", "head_lr", "temperature", "max_gb", "slide_mpp", "scale", "tile_mpp",
+                      "image_mpp"})
 #: Floats that must be >= 0.
-NON_NEGATIVE_FLOAT = frozenset({"trunk_lr", "weight_decay", "dropout_rate"})
+NON_NEGATIVE_FLOAT = frozenset({"trunk_lr", "weight_decay", "dropout_rate", "patch_embed_lr_mult"})
 #: Floats in [0, 1].
-FRACTION = frozenset({"min_tissue", "positive_fraction", "layer_decay", "dropout", "fraction", "val_fraction"})
+FRACTION = frozenset({"min_tissue", "positive_fraction", "layer_decay", "dropout", "fraction", "val_fraction",
+                      "warmup_frac", "drop_path"})
 #: Strings with a closed set of values.
 CHOICES: dict[str, tuple[str, ...]] = {"background": ("auto", "bright", "dark")}
 #: Larger integers overflow torch / numpy (seeds, sizes) deep inside a stage.

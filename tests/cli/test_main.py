@@ -1,0 +1,55 @@
+"""How the command line reads what the docs show: bool options as flags, comma-separated options given twice, and
+the command list's summaries (gigaslide.cli.main)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from gigaslide.cli.main import Command, _collect, main, parse
+
+
+def test_a_bool_option_given_as_a_flag_means_true() -> None:
+    base = ["--model", "m", "--out", "o"]
+    assert parse(["nuclei", "s", *base, "--tissue-only"])[1]["tissue_only"] is True
+    assert parse(["nuclei", "s", "--tissue-only", *base])[1]["tissue_only"] is True
+    assert parse(["nuclei", "s", "--tissue-only", "false", *base])[1]["tissue_only"] is False
+    assert parse(["nuclei", "s", "--tissue-only", "no", *base])[1]["tissue_only"] is False
+    kw = parse(["nuclei", "--tissue-only", "s", *base])[1]  # a positional after the flag stays a positional
+    assert kw["tissue_only"] is True and kw["slides"] == ["s"]
+    kw = parse(["tile", "s", "--out", "o", "--tissue-from", "g", "--tissue-detect"])[1]
+    assert kw["tissue_detect"] is True
+    kw = parse(["encode", "s", "--out", "o", "--tile-ahead", "--compile"])[1]  # bool | None too
+    assert kw["tile_ahead"] is True and kw["compile"] is True
+    assert parse(["encode", "s", "--out", "o", "--tile-ahead", "null"])[1]["tile_ahead"] is None
+
+
+def test_a_comma_separated_option_given_twice_keeps_both_values() -> None:
+    kw = parse(["benchmark", "--encoders", "resnet18", "--encoders=vit_small", "--tiles", "t", "--slides", "s",
+                "--out", "o"])[1]
+    assert kw["encoders"] == "resnet18,vit_small"
+    assert parse(["pretrain", "--data", "d", "--out", "o", "--mpp", "0.5", "--mpp", "1.0"])[1]["mpp"] == "0.5,1.0"
+    kw = parse(["evaluate", "tiles", "--train", "a", "--test", "b", "--out", "r", "--protocol", "linear",
+                "--protocol", "knn"])[1]
+    assert kw["protocol"] == "linear,knn"
+    kw = parse(["tile", "s", "--out", "o", "--tissue-from", "g", "--tissue-classes", "Tumor",
+                "--tissue-classes", "Stroma"])[1]
+    assert kw["tissue_classes"] == "Tumor,Stroma"
+    assert parse(["view", "X", "--runs", "A", "--runs", "B"])[1]["runs"] == ["A", "B"]  # list options: appended
+    assert parse(["tile", "s", "--out", "a", "--out", "b"])[1]["out"] == "b"  # a single value: the last one wins
+
+
+def test_the_command_list_shows_each_commands_whole_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    for words, cmd in _commands():
+        if len(words) == 1:
+            first = " ".join((inspect.getdoc(cmd.func) or "").split("\n\n")[0].split())
+            assert first in shown, f"`gigaslide --help` cuts the summary of {words[0]}: {first}"
+
+
+def _commands() -> list[tuple[tuple[str, ...], Command]]:
+    return [((name,), c) for name, c in _collect().items() if isinstance(c, Command)]

@@ -1,0 +1,33 @@
+"""The nuclei commands' options (gigaslide.cli.nuclei): what their help says they take, checked before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gigaslide.cli.main import main, parse
+
+
+def test_nuclei_takes_a_slide_mpp_csv_like_every_other_command() -> None:
+    assert parse(["nuclei", "s", "--model", "m", "--out", "o", "--slide-mpp", "mpp.csv"])[1]["slide_mpp"] == "mpp.csv"
+    assert parse(["nuclei", "s", "--model", "m", "--out", "o", "--slide-mpp", "0.25"])[1]["slide_mpp"] == 0.25
+
+
+
+@pytest.mark.parametrize("command", ["nuclei", "nuclei-train", "nuclei-eval"])
+def test_an_unknown_precision_is_one_line_before_any_work(command: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """``nuclei --precision fp17`` recorded a failure for every slide (and wrote OUT/nuclei/manifest.json); the
+    training and scoring commands opened the images and the model first."""
+    out = tmp_path / "out"
+    args = {"nuclei": ["nuclei", str(tmp_path / "slides"), "--model", str(tmp_path / "run")],
+            "nuclei-train": ["nuclei-train", "--images", str(tmp_path / "im"), "--annotations", str(tmp_path / "an")],
+            "nuclei-eval": ["nuclei-eval", "--model", str(tmp_path / "run"), "--images", str(tmp_path / "im"),
+                            "--annotations", str(tmp_path / "an")]}[command]
+    assert main([*args, "--out", str(out), "--precision", "fp17"]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "--precision 'fp17' is not one of auto, fp32, bf16, fp16" in lines[0] and "fix:" in lines[0]
+    assert not out.exists()
