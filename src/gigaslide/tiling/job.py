@@ -203,8 +203,11 @@ def tile_slide(path: str | os.PathLike | Slide, out: str | os.PathLike, params: 
             _warn_stain(grid)
             return grid
         slide.check_target_mpp(params.mpp)  # no scan resolution, or one too coarse: the fix that applies
-        for key in ("coords", "tissue_png", "tissue_geojson", "grid_png"):  # a killed run's temporary files, this slide only
-            clean_stale_tmp_for(paths[key])
+        # a killed run's temporary files, this slide only; a slide tiled before (its grid damaged or made for other
+        # settings) is looked up afresh: its last run may have died after this process listed the folders
+        clean = atomic.clean_stale_tmp_for if paths["coords"].exists() else clean_stale_tmp_for
+        for key in ("coords", "tissue_png", "tissue_geojson", "grid_png"):
+            clean(paths[key])
         tissue, thumb = _tissue(slide, params)
         grid = make_grid(slide, tissue, target_mpp=params.mpp, tile_size=params.tile_size, overlap=params.overlap,
                          min_tissue=params.min_tissue)
