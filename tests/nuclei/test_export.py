@@ -33,7 +33,8 @@ def test_classified_nuclei_carry_qupath_classification_name_and_rgb_color(tmp_pa
     f0 = g["features"][0]
     ring = f0["geometry"]["coordinates"][0]
     assert f0["properties"]["objectType"] == "detection" and ring[0] == ring[-1] and len(ring) >= 4
-    assert f0["properties"]["measurements"]["area_um2"] == 2.5
+    assert f0["properties"]["measurements"] == {"area_um2": 2.5, "centroid_x_px": 15.0, "centroid_y_px": 15.0,
+                                                "probability": 0.9}  # named with units: QuPath's own centroids are µm
 
 
 def test_a_type_number_past_the_palette_still_gets_a_colour():
@@ -94,3 +95,49 @@ def test_monuseg_outlines_exported_as_polygons_cover_their_nuclei(shared_data):
         back[rr, cc] = True
         ious.append((back & m).sum() / (back | m).sum())
     assert len(ious) > 400 and min(ious) > 0.9 and np.mean(ious) > 0.98
+
+
+def _area(rings: list[np.ndarray]) -> float:
+    """A polygon's area: its exterior's less its holes'."""
+    from gigaslide.tiling.polygon import ring_area
+
+    return abs(ring_area(rings[0])) - sum(abs(ring_area(r)) for r in rings[1:])
+
+
+def test_every_piece_of_a_nucleus_and_its_holes_are_exported_as_qupath_reads_them():
+    """A nucleus in two pieces, the larger with a hole: both pieces (a MultiPolygon, largest first) and the hole (an
+    inner ring wound against the exterior); the old outline was the larger piece's exterior alone."""
+    from gigaslide.nuclei.export import polygons_of
+    from gigaslide.tiling.polygon import ring_area
+
+    m = np.zeros((14, 24), bool)
+    m[1:11, 1:11] = True  # 100 px, with a 2x2 hole: 96
+    m[5:7, 5:7] = False
+    m[3:7, 15:19] = True  # 16 px, apart
+    polys = polygons_of(m)
+    assert [len(p) for p in polys] == [2, 1]
+    ext, hole = polys[0]
+    assert np.sign(ring_area(ext)) != np.sign(ring_area(hole))
+    assert np.all((hole >= 4) & (hole <= 7)) and np.all(polys[1][0][:, 0] >= 14)
+    assert _area(polys[0]) == 88.0 and _area(polys[1]) == 12.5  # 96 and 16 px, traced between centres, simplified
+    g = feature(Nucleus(1, polys, (6.0, 6.0), 7.0, (1.0, 1.0, 19.0, 11.0)), "s")["geometry"]
+    assert g["type"] == "MultiPolygon" and [len(p) for p in g["coordinates"]] == [2, 1]
+    assert all(r[0] == r[-1] for p in g["coordinates"] for r in p)
+    one = feature(Nucleus(2, polygons_of(m[:, :12]), (6.0, 6.0), 6.0, (1.0, 1.0, 11.0, 11.0)), "s")["geometry"]
+    assert one["type"] == "Polygon" and len(one["coordinates"]) == 2
+
+
+def test_outlines_are_cut_to_the_slide():
+    """A ring reaching past the slide's corner is cut to [0, w] x [0, h] (its part on the slide, exact); a ring wholly
+    off the slide is dropped, a hole cut like its exterior."""
+    from gigaslide.nuclei.export import clip_polygons
+
+    sq = np.array([[-1.0, -1.0], [3.0, -1.0], [3.0, 3.0], [-1.0, 3.0], [-1.0, -1.0]])
+    off = sq + [20.0, 0.0]
+    hole = np.array([[-0.5, 1.0], [-0.5, 2.0], [1.0, 2.0], [1.0, 1.0], [-0.5, 1.0]])
+    out = clip_polygons([[sq, hole], [off]], 10, 10)
+    assert len(out) == 1 and len(out[0]) == 2
+    ext, h = out[0]
+    assert ext.min() == 0 and ext.max() == 3 and ext[0].tolist() == ext[-1].tolist()
+    assert h.min() == 0 and abs(_area(out[0]) - 8.0) < 1e-9  # 3 x 3 less the hole's 1 x 1 on the slide
+    assert clip_polygons([[sq + 2.0]], 10, 10)[0][0].tolist() == (sq + 2.0).tolist()  # inside: unchanged

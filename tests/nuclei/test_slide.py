@@ -49,7 +49,7 @@ def test_nuclei_across_region_borders_are_kept_exactly_once(tiny_run: Path, tmp_
     f0 = g["features"][0]
     assert f0["geometry"]["type"] == "Polygon" and f0["properties"]["objectType"] == "detection"
     assert f0["geometry"]["coordinates"][0][0] == f0["geometry"]["coordinates"][0][-1]
-    cents = np.array([[f["properties"]["measurements"]["centroid_x"], f["properties"]["measurements"]["centroid_y"]]
+    cents = np.array([[f["properties"]["measurements"][k] for k in ("centroid_x_px", "centroid_y_px")]
                       for f in g["features"]])
     from scipy import ndimage as ndi
 
@@ -72,7 +72,7 @@ def test_nuclei_on_borders_kept_once_when_the_slide_is_resampled(tiny_run: Path,
                                 nslide.SlideParams(region=128, margin=24, tissue_only=False, window=128))
     assert res.done == ["s"] and res.nuclei == n_true
     g = json.loads((tmp_path / "out" / "nuclei" / "s.geojson").read_text())
-    cents = np.array([[f["properties"]["measurements"]["centroid_x"], f["properties"]["measurements"]["centroid_y"]]
+    cents = np.array([[f["properties"]["measurements"][k] for k in ("centroid_x_px", "centroid_y_px")]
                       for f in g["features"]])
     from scipy import ndimage as ndi
 
@@ -358,3 +358,87 @@ def test_edge_tiles_density_counts_their_area_on_the_slide(tiny_run: Path, tmp_p
     np.testing.assert_allclose(area, full * side[:, 0] * side[:, 1] / tile0 ** 2, rtol=1e-5)
     assert (area < full).any()
     np.testing.assert_allclose(dens, n / area, rtol=1e-5)
+
+
+def _colour_oracle(model, img, **kw):  # noqa: ANN001, ANN003, ANN202
+    """Dark pixels, one nucleus per colour (however many pieces it is in): exact at the model's mpp, no resampling."""
+    fg = img.mean(-1) < 150
+    code = img[..., 0].astype(np.int32) * 256 + img[..., 1]
+    inst = np.zeros(fg.shape, np.int32)
+    inst[fg] = np.unique(code[fg], return_inverse=True)[1].ravel() + 1
+    return inst, {}, fg.astype(np.float32)
+
+
+def _painted_slide(path: Path, discs: list[tuple[float, float, float, tuple[int, int, int]]], size: int = 200,
+                   mpp: float = 0.25) -> None:
+    yy, xx = np.mgrid[0:size, 0:size]
+    img = np.zeros((size, size, 3), np.uint8) + np.array([230, 170, 205], np.uint8)
+    for cx, cy, r, col in discs:
+        img[(xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] = col
+    write_pyramidal_tiff(path, size, size, lambda x0, y0, w, h, ds: img[int(y0):int(y0) + h * int(ds):int(ds),
+                                                                        int(x0):int(x0) + w * int(ds):int(ds)],
+                         mpp=mpp, compression="zlib", tile=128)
+
+
+def _polygons(f: dict) -> list:
+    g = f["geometry"]
+    return [g["coordinates"]] if g["type"] == "Polygon" else g["coordinates"]
+
+
+def test_a_nucleus_in_pieces_is_exported_whole_with_its_hole(tiny_run: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A nucleus in two pieces is a MultiPolygon of both (was its larger piece only, while its area counted both);
+    a ring-shaped one keeps its hole as an inner ring; every outline's area is its pixels' less the corners cut."""
+    from gigaslide.tiling.polygon import ring_area
+
+    monkeypatch.setattr(nslide, "segment", _colour_oracle)
+    _painted_slide(tmp_path / "s.tiff", [(60, 60, 8, (60, 40, 120)), (85, 60, 5, (60, 40, 120)),
+                                         (140, 140, 10, (61, 40, 120)), (140, 140, 3, (230, 170, 205))])
+    res = nslide.segment_slides([tmp_path / "s.tiff"], tiny_run / "run", tmp_path / "out",
+                                nslide.SlideParams(region=128, margin=24, tissue_only=False, window=128, tile_size=64))
+    assert res.nuclei == 2
+    g = json.loads((tmp_path / "out" / "nuclei" / "s.geojson").read_text())
+    pieces, ring = sorted(g["features"], key=lambda f: f["properties"]["measurements"]["centroid_x_px"])
+    assert pieces["geometry"]["type"] == "MultiPolygon" and len(_polygons(pieces)) == 2
+    mids = [(np.array(p[0]).min(0) + np.array(p[0]).max(0)) / 2 for p in _polygons(pieces)]  # larger first
+    assert np.allclose(mids, [[60.5, 60.5], [85.5, 60.5]], atol=0.5)  # pixel centres at i + 0.5
+    assert ring["geometry"]["type"] == "Polygon" and len(ring["geometry"]["coordinates"]) == 2
+    for f in (pieces, ring):
+        area = sum(abs(ring_area(np.array(p[0]))) - sum(abs(ring_area(np.array(h))) for h in p[1:])
+                   for p in _polygons(f)) * 0.25 ** 2
+        assert 0.9 < area / f["properties"]["measurements"]["area_um2"] < 1.02  # the larger piece alone: 0.71
+
+
+def test_outlines_are_cut_to_the_slide_edge_on_a_resampled_slide(tiny_run: Path, tmp_path: Path,
+                                                                  oracle: None) -> None:
+    """A slide at 0.2527 µm/px read at the model's 0.25: nuclei on its edges were traced up to 0.26 px past them."""
+    S = 201
+    discs = [(cx, cy, 6, (60, 40, 120)) for i, t in enumerate(np.linspace(20, S - 20, 6))
+             for cx, cy in ((t, 2 + i % 3), (t, S - 3 + i % 3), (2 + i % 3, t), (S - 3 + i % 3, t))]
+    _painted_slide(tmp_path / "s.tiff", discs, size=S, mpp=0.2527)
+    res = nslide.segment_slides([tmp_path / "s.tiff"], tiny_run / "run", tmp_path / "out",
+                                nslide.SlideParams(region=128, margin=24, tissue_only=False, window=128, tile_size=64))
+    assert res.nuclei == len(discs)
+    g = json.loads((tmp_path / "out" / "nuclei" / "s.geojson").read_text())
+    pts = np.array([v for f in g["features"] for p in _polygons(f) for r in p for v in r])
+    assert pts.min() >= 0 and pts.max() <= S  # on the slide (were up to 0.26 px past its edges)
+    rows = np.loadtxt(tmp_path / "out" / "nuclei" / "s.csv", delimiter=",", skiprows=1, usecols=(4, 5, 6, 7))
+    assert rows.min() >= 0 and rows.max() <= S  # bboxes too
+
+
+def test_results_of_an_older_format_are_segmented_again(tiny_run: Path, tmp_path: Path, oracle: None,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Results written before the outlines changed (every piece, cut to the slide: format 2) are redone on a re-run,
+    without a traceback, like a fresh run; then skipped."""
+    _disc_slide(tmp_path / "s.tiff", size=300)
+    p = nslide.SlideParams(region=128, margin=24, tissue_only=False, window=128, tile_size=64)
+    with monkeypatch.context() as m:
+        m.setattr(nslide, "SLIDE_FORMAT", "gigaslide.nuclei-slide/1")
+        assert nslide.segment_slides([tmp_path / "s.tiff"], tiny_run / "run", tmp_path / "out", p).done == ["s"]
+    res = nslide.segment_slides([tmp_path / "s.tiff"], tiny_run / "run", tmp_path / "out", p)
+    assert res.done == ["s"] and not res.skipped and not res.failed
+    assert json.loads((tmp_path / "out" / "nuclei" / "s.json").read_text())["format"] == "gigaslide.nuclei-slide/2"
+    fresh = nslide.segment_slides([tmp_path / "s.tiff"], tiny_run / "run", tmp_path / "fresh", p)
+    assert (tmp_path / "out" / "nuclei" / "s.geojson").read_text() == \
+        (tmp_path / "fresh" / "nuclei" / "s.geojson").read_text()
+    assert nslide.segment_slides([tmp_path / "s.tiff"], tiny_run / "run", tmp_path / "out", p).skipped == ["s"]

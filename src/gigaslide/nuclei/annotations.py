@@ -59,36 +59,59 @@ def _self_intersects(xy: np.ndarray) -> bool:
     return bool(cross[i[keep], j[keep]].any())
 
 
-def rasterise(polygons: list[np.ndarray], shape: tuple[int, int], types: list[int] | None = None,
-              path: str | os.PathLike | None = None) -> Annotation:
-    """Instance map of ``polygons`` ([K, 2] x, y in px; pixel centres at integer coordinates). Later polygons
-    overwrite earlier ones where they overlap; a nucleus left with no pixel is dropped."""
+def _ring_pixels(xy: object, shape: tuple[int, int], notes: dict[str, int]) -> tuple[np.ndarray, np.ndarray] | str:
+    """The pixels (rows, cols) inside one ring [K, 2] (x, y; even-odd rule), noting a clipped or self-intersecting
+    ring; ``"dropped_degenerate"`` or ``"dropped_outside"`` instead where it covers no pixel."""
     from skimage.draw import polygon as draw_polygon
 
+    h, w = shape
+    xy = np.asarray(xy, np.float64)
+    if xy.ndim != 2 or len(xy) < 3 or not np.isfinite(xy).all():
+        return "dropped_degenerate"
+    if (xy[:, 0].max() < -0.5 or xy[:, 1].max() < -0.5 or xy[:, 0].min() > w - 0.5 or xy[:, 1].min() > h - 0.5):
+        return "dropped_outside"
+    if xy[:, 0].min() < 0 or xy[:, 1].min() < 0 or xy[:, 0].max() > w - 1 or xy[:, 1].max() > h - 1:
+        notes["clipped"] += 1
+    if _self_intersects(xy):
+        notes["self_intersecting"] += 1  # rasterised with the even-odd rule
+    rr, cc = draw_polygon(xy[:, 1], xy[:, 0], shape=(h, w))
+    return (rr, cc) if len(rr) else "dropped_degenerate"
+
+
+def rasterise(polygons: list, shape: tuple[int, int], types: list[int] | None = None,
+              path: str | os.PathLike | None = None) -> Annotation:
+    """Instance map of ``polygons``, one nucleus each: a ring [K, 2] (x, y in px; pixel centres at integer
+    coordinates), or a nucleus in pieces with holes, ``[[exterior, *holes], ...]`` (a QuPath MultiPolygon: one
+    nucleus, its holes left out). Later nuclei overwrite earlier ones where they overlap; a nucleus left with no
+    pixel is dropped."""
     h, w = shape
     inst = np.zeros((h, w), np.int32)
     notes = {"polygons": len(polygons), "dropped_degenerate": 0, "dropped_outside": 0, "clipped": 0,
              "self_intersecting": 0}
     kept_types: dict[int, int] = {}
     nid = 0
-    for k, xy in enumerate(polygons):
-        xy = np.asarray(xy, np.float64)
-        if xy.ndim != 2 or len(xy) < 3 or not np.isfinite(xy).all():
-            notes["dropped_degenerate"] += 1
-            continue
-        if (xy[:, 0].max() < -0.5 or xy[:, 1].max() < -0.5 or xy[:, 0].min() > w - 0.5 or xy[:, 1].min() > h - 0.5):
-            notes["dropped_outside"] += 1
-            continue
-        if xy[:, 0].min() < 0 or xy[:, 1].min() < 0 or xy[:, 0].max() > w - 1 or xy[:, 1].max() > h - 1:
-            notes["clipped"] += 1
-        if _self_intersects(xy):
-            notes["self_intersecting"] += 1  # rasterised with the even-odd rule
-        rr, cc = draw_polygon(xy[:, 1], xy[:, 0], shape=(h, w))
-        if len(rr) == 0:
-            notes["dropped_degenerate"] += 1
+    for k, item in enumerate(polygons):
+        pieces = item if isinstance(item, (list, tuple)) and len(item) and isinstance(item[0], (list, tuple)) \
+            else [[item]]
+        mask = np.zeros((h, w), bool)
+        reason = "dropped_degenerate"
+        for rings in pieces:
+            px = _ring_pixels(rings[0], shape, notes) if len(rings) else "dropped_degenerate"
+            if isinstance(px, str):
+                reason = px
+                continue
+            piece = np.zeros((h, w), bool)
+            piece[px] = True
+            for hole in rings[1:]:
+                hp = _ring_pixels(hole, shape, {"clipped": 0, "self_intersecting": 0})
+                if not isinstance(hp, str):
+                    piece[hp] = False
+            mask |= piece
+        if not mask.any():
+            notes[reason] += 1
             continue
         nid += 1
-        inst[rr, cc] = nid
+        inst[mask] = nid
         if types is not None:
             kept_types[nid] = int(types[k])
     inst, remap = _compact(inst)
@@ -202,14 +225,17 @@ def read_geojson(path: Path, shape: tuple[int, int], codes: dict[str, int] | Non
     for f in _geojson_features(_geojson_obj(path)):
         geom = f.get("geometry") or {}
         name = _class_name(f)
-        rings = []
+        pieces = []  # one nucleus per feature: every piece of a MultiPolygon, holes (inner rings) left out
         if geom.get("type") == "Polygon":
-            rings = [geom["coordinates"][0]] if geom.get("coordinates") else []
+            pieces = [geom["coordinates"]] if geom.get("coordinates") else []
         elif geom.get("type") == "MultiPolygon":
-            rings = [p[0] for p in geom.get("coordinates", []) if p]
-        for r in rings:  # pixel centres at integer coordinates; QuPath uses corner coordinates
-            polys.append(np.asarray(r, np.float64).reshape(-1, 2) - 0.5)
-            names.append(name)
+            pieces = [p for p in geom.get("coordinates", []) if p]
+        if not pieces:
+            continue
+        # pixel centres at integer coordinates; QuPath uses corner coordinates
+        rings = [[np.asarray(r, np.float64).reshape(-1, 2) - 0.5 for r in p] for p in pieces]
+        polys.append(rings[0][0] if len(rings) == 1 and len(rings[0]) == 1 else rings)
+        names.append(name)
     if any(n is not None for n in names):
         code = codes or type_codes(n for n in names if n is not None)
         unknown = sorted({n for n in names if n is not None and n not in code})

@@ -21,36 +21,118 @@ TABLE_COLUMNS = ("id", "centroid_x", "centroid_y", "area_um2", "bbox_x0", "bbox_
                  "probability")
 
 
+#: One polygon: its exterior ring then its holes, each ``[K, 2]`` (x, y) and closed (first == last).
+Rings = list[np.ndarray]
+
+
 @dataclass
 class Nucleus:
     id: int
-    polygon: np.ndarray  # [K, 2] level-0 (x, y), closed (first == last)
-    centroid: tuple[float, float]  # level-0 (x, y)
-    area_um2: float
+    polygon: np.ndarray | list[Rings]  # level-0 (x, y): one ring [K, 2], or polygons (pieces) of rings, all closed
+    centroid: tuple[float, float]  # level-0 (x, y) of the nucleus's pixels (every piece)
+    area_um2: float  # its pixels' area (every piece): a little over its outline's, traced between pixel centres
     bbox: tuple[float, float, float, float]  # level-0 x0, y0, x1, y1
     type: int | None = None
     type_name: str | None = None
     probability: float | None = None
 
 
-def polygon_of(mask: np.ndarray) -> np.ndarray:
-    """Outline [K, 2] (x, y) in pixel-index coordinates of a boolean mask's largest component, closed."""
-    from skimage.measure import approximate_polygon, find_contours
+def _ring(contour: np.ndarray) -> np.ndarray:
+    """A marching-squares contour (row, col) of a once-padded mask as a closed ring (x, y) in the mask's pixel-index
+    coordinates, simplified within 0.5 px (kept whole where that leaves under 4 points)."""
+    from skimage.measure import approximate_polygon
 
-    padded = np.pad(mask, 1)
-    contours = find_contours(padded.astype(np.float32), 0.5)
-    if not contours:
-        ys, xs = np.nonzero(mask)
-        c = np.array([[xs.min() - 0.5, ys.min() - 0.5], [xs.max() + 0.5, ys.min() - 0.5],
-                      [xs.max() + 0.5, ys.max() + 0.5], [xs.min() - 0.5, ys.max() + 0.5]], np.float64)
-        return np.vstack([c, c[:1]])
-    c = max(contours, key=len)
-    c = approximate_polygon(c, tolerance=0.5)[:, ::-1] - 1.0  # (row, col) -> (x, y), undo the pad
+    c = approximate_polygon(contour, tolerance=0.5)
     if len(c) < 4:
-        c = max(contours, key=len)[:, ::-1] - 1.0
-    if not np.array_equal(c[0], c[-1]):
-        c = np.vstack([c, c[:1]])
-    return c
+        c = contour
+    c = c[:, ::-1] - 1.0  # (row, col) -> (x, y), undo the pad
+    return c if np.array_equal(c[0], c[-1]) else np.vstack([c, c[:1]])
+
+
+def _signed_area(ring: np.ndarray) -> float:
+    x, y = ring[:, 0], ring[:, 1]
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+
+
+def polygons_of(mask: np.ndarray) -> list[Rings]:
+    """Every piece of a boolean mask as a polygon ``[exterior, *holes]`` (rings (x, y) in pixel-index coordinates,
+    closed, holes wound against the exterior), largest piece first: a nucleus cut in pieces (a watershed, or
+    overlapping annotations) is all of its pixels, as its area and centroid are. Pieces are 4-connected, as marching
+    squares separates them; each is traced half-way between pixel centres (corners cut, so a ring's area is a little
+    under the pixel count: about 0.5 px per corner)."""
+    from scipy import ndimage as ndi
+    from skimage.measure import find_contours
+
+    lab, n = ndi.label(mask)
+    if n == 0:
+        return []
+    sizes = np.bincount(lab.ravel())[1:]
+    out: list[Rings] = []
+    for k in np.argsort(-sizes, kind="stable") + 1:
+        piece = lab == k
+        contours = [c for c in find_contours(np.pad(piece, 1).astype(np.float32), 0.5) if len(c) >= 4]
+        if not contours:  # not reached for a non-empty piece; its bounding box rather than nothing
+            ys, xs = np.nonzero(piece)
+            c = np.array([[xs.min() - 0.5, ys.min() - 0.5], [xs.max() + 0.5, ys.min() - 0.5],
+                          [xs.max() + 0.5, ys.max() + 0.5], [xs.min() - 0.5, ys.max() + 0.5]], np.float64)
+            out.append([np.vstack([c, c[:1]])])
+            continue
+        rings = [_ring(c) for c in contours]
+        areas = [_signed_area(r) for r in rings]
+        i = int(np.argmax(np.abs(areas)))  # a 4-connected piece has one outer boundary, the largest; others are holes
+        holes = [r if np.sign(a) != np.sign(areas[i]) else r[::-1] for j, (r, a) in enumerate(zip(rings, areas))
+                 if j != i and a != 0]
+        out.append([rings[i], *holes])
+    return out
+
+
+def polygon_of(mask: np.ndarray) -> np.ndarray:
+    """Exterior ring [K, 2] (x, y) in pixel-index coordinates of a boolean mask's largest piece, closed (the slide
+    export writes every piece and hole: :func:`polygons_of`)."""
+    return polygons_of(mask)[0][0]
+
+
+def _clip_ring(ring: np.ndarray, w: float, h: float) -> np.ndarray | None:
+    """``ring`` cut to the rectangle [0, w] x [0, h] (Sutherland-Hodgman), closed; None where nothing is left."""
+    pts = np.asarray(ring, np.float64)
+    if len(pts) > 1 and np.array_equal(pts[0], pts[-1]):
+        pts = pts[:-1]
+    if pts.min() >= 0 and pts[:, 0].max() <= w and pts[:, 1].max() <= h:
+        return np.vstack([pts, pts[:1]]) if len(pts) >= 3 else None
+    for axis, lim, keep_below in ((0, 0.0, False), (0, float(w), True), (1, 0.0, False), (1, float(h), True)):
+        if len(pts) == 0:
+            return None
+        inside = pts[:, axis] <= lim if keep_below else pts[:, axis] >= lim
+        new = []
+        for j in range(len(pts)):
+            a, b, ina, inb = pts[j - 1], pts[j], inside[j - 1], inside[j]
+            if ina != inb:  # the edge a-b crosses the line: its crossing point
+                t = (lim - a[axis]) / (b[axis] - a[axis])
+                q = a + t * (b - a)
+                q[axis] = lim
+                new.append(q)
+            if inb:
+                new.append(b)
+        pts = np.array(new, np.float64).reshape(-1, 2)
+    if len(pts):
+        pts = pts[np.any(pts != np.roll(pts, 1, axis=0), axis=1)]  # no repeated vertex
+    if len(pts) < 3 or _signed_area(pts) == 0:
+        return None
+    return np.vstack([pts, pts[:1]])
+
+
+def clip_polygons(polys: list[Rings], w: float, h: float) -> list[Rings]:
+    """Polygons cut to the slide, [0, w] x [0, h] (level-0 px): a nucleus on the slide's edge, read with context
+    past it and resampled, is traced up to a pixel past the edge. A polygon whose exterior is wholly off it is
+    dropped, as is a hole."""
+    out: list[Rings] = []
+    for rings in polys:
+        ext = _clip_ring(rings[0], w, h)
+        if ext is None:
+            continue
+        holes = [c for c in (_clip_ring(r, w, h) for r in rings[1:]) if c is not None]
+        out.append([ext, *holes])
+    return out
 
 
 def type_color(t: int | None) -> list[int]:
@@ -59,16 +141,21 @@ def type_color(t: int | None) -> list[int]:
 
 
 def feature(n: Nucleus, slide_id: str) -> dict[str, Any]:
-    meas: dict[str, float] = {"area_um2": round(n.area_um2, 3), "centroid_x": round(n.centroid[0], 2),
-                              "centroid_y": round(n.centroid[1], 2)}
+    """A QuPath detection: the outline (a Polygon, or a MultiPolygon for a nucleus in pieces) and measurements named
+    with their units (QuPath lists a name as it is, next to its own centroids in µm): ``centroid_x_px`` is level-0
+    px."""
+    meas: dict[str, float] = {"area_um2": round(n.area_um2, 3), "centroid_x_px": round(n.centroid[0], 2),
+                              "centroid_y_px": round(n.centroid[1], 2)}
     if n.probability is not None:
         meas["probability"] = round(n.probability, 4)
     props: dict[str, Any] = {"objectType": "detection", "name": f"nucleus {n.id}", "measurements": meas}
     if n.type_name is not None:  # QuPath's classification: its name and colour ([r, g, b]), one colour per type
         props["classification"] = {"name": n.type_name, "color": type_color(n.type)}
-    ring = [[round(float(x), 2), round(float(y), 2)] for x, y in n.polygon]
-    return {"type": "Feature", "id": f"{slide_id}-{n.id}", "geometry": {"type": "Polygon", "coordinates": [ring]},
-            "properties": props}
+    polys = [[n.polygon]] if isinstance(n.polygon, np.ndarray) else n.polygon
+    coords = [[[[round(float(x), 2), round(float(y), 2)] for x, y in r] for r in rings] for rings in polys]
+    geom = {"type": "Polygon", "coordinates": coords[0]} if len(coords) == 1 else \
+        {"type": "MultiPolygon", "coordinates": coords}  # a nucleus in pieces: every piece, as QuPath reads it
+    return {"type": "Feature", "id": f"{slide_id}-{n.id}", "geometry": geom, "properties": props}
 
 
 class GeoJSONWriter:
@@ -161,5 +248,5 @@ def write_tiles_h5(path: Path, coords: np.ndarray, tile0: float, slide_mpp: floa
                 f.attrs["slide_dimensions"] = [int(dimensions[0]), int(dimensions[1])]
 
 
-__all__ = ["TABLE_COLUMNS", "TYPE_COLORS", "GeoJSONWriter", "Nucleus", "area_in_slide_fraction", "feature",
-           "polygon_of", "table_row", "tile_counts", "type_color", "write_tiles_h5"]
+__all__ = ["TABLE_COLUMNS", "TYPE_COLORS", "GeoJSONWriter", "Nucleus", "area_in_slide_fraction", "clip_polygons",
+           "feature", "polygon_of", "polygons_of", "table_row", "tile_counts", "type_color", "write_tiles_h5"]

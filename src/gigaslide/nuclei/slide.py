@@ -13,7 +13,8 @@ read black, as ``encode`` reads it (white glass on bright-field slides); the rec
 dark slide segmented before (no record of it) is segmented again. Outputs per slide, under ``OUT/nuclei/`` (each
 written to a temporary file and renamed; ``<slide>.json`` last, marking the slide done):
 
-* ``<slide>.geojson`` — QuPath detections (polygon, measurements: area µm², centroid, probability; type as
+* ``<slide>.geojson`` — QuPath detections (a nucleus in pieces is a MultiPolygon, holes are inner rings, cut to the
+  slide; measurements: ``area_um2`` and ``centroid_x_px``/``centroid_y_px`` of its pixels, probability; type as
   classification), level-0 px;
 * ``<slide>.csv`` — one row per nucleus: id, centroid x/y (level-0 px), area µm², bbox, type, probability;
 * ``<slide>_tiles.h5`` — per-tile nucleus count, density (per mm²), mean area (and per-type counts) on the
@@ -39,14 +40,19 @@ from gigaslide import atomic, runs
 from gigaslide.devices import PrecisionChoice, choose_precision, pick_device
 from gigaslide.errors import GigaslideError
 from gigaslide.features.manifest import Manifest
-from gigaslide.nuclei.export import TABLE_COLUMNS, GeoJSONWriter, Nucleus, polygon_of, table_row, tile_counts, write_tiles_h5
+from gigaslide.nuclei.export import (TABLE_COLUMNS, GeoJSONWriter, Nucleus, clip_polygons, polygons_of, table_row,
+                                     tile_counts, write_tiles_h5)
 from gigaslide.nuclei.infer import MODEL_WEIGHTS, load_model, model_dir, segment
 from gigaslide.slides import open_slide, slide_id_from_path
 from gigaslide.slides.slide import fill_value
 from gigaslide.tiling import Scan, StainWarning, grid_positions, make_grid, segment_tissue
 from gigaslide.tiling.tissue import thumbnail_info
 
-SLIDE_FORMAT = "gigaslide.nuclei-slide/1"
+#: The outputs' format: a record of another one is segmented again. 2: a nucleus in pieces is every piece (a
+#: MultiPolygon; was its largest) with its holes, outlines are cut to the slide (were up to a pixel past its edge on a
+#: resampled slide); /1 records also include ones made before border nuclei were kept once and before windows past a
+#: region's edge were padded with the slide's fill, which the record's key does not tell apart.
+SLIDE_FORMAT = "gigaslide.nuclei-slide/2"
 #: Least context (px at the model's mpp) read around a region: a nucleus reaching further than the margin past its
 #: region's border is cut at the edge of what was read (and its cut-off part, whose centroid lies in the neighbouring
 #: region, can be kept there a second time). 16 px is 4 µm at 0.25 µm/px; the default 64 px fits nuclei up to about
@@ -179,7 +185,11 @@ def _count_coords(out: Path, sid: str, slide, tissue, p: SlideParams) -> tuple[n
 
 
 def _nuclei_of_region(inst: np.ndarray, types: dict[int, tuple[int, float]], npp: np.ndarray, loc: tuple[int, int],
-                      f: float, mpp: float, owner: Callable[[np.ndarray], np.ndarray], type_names: dict[str, str]):  # noqa: ANN202
+                      f: float, mpp: float, owner: Callable[[np.ndarray], np.ndarray], type_names: dict[str, str],
+                      dimensions: tuple[float, float] = (np.inf, np.inf)):  # noqa: ANN202
+    """The nuclei of a region's instance map that ``owner`` keeps: outline (every piece and hole, level-0 px, cut to
+    the slide of ``dimensions`` (w, h)), centroid and area of its pixels, bbox (on the slide), type, probability. A
+    nucleus with nothing on the slide (found in the context read past its edge) is left out."""
     from scipy import ndimage as ndi
 
     objs = ndi.find_objects(inst)
@@ -192,12 +202,17 @@ def _nuclei_of_region(inst: np.ndarray, types: dict[int, tuple[int, float]], npp
         cy = loc[1] + (ys.mean() + sl[0].start + 0.5) * f
         if not owner(np.array([cx, cy])):
             continue
-        poly = polygon_of(m)
-        poly = np.stack([loc[0] + (poly[:, 0] + sl[1].start + 0.5) * f, loc[1] + (poly[:, 1] + sl[0].start + 0.5) * f], 1)
+        polys = clip_polygons([[np.stack([loc[0] + (r[:, 0] + sl[1].start + 0.5) * f,
+                                          loc[1] + (r[:, 1] + sl[0].start + 0.5) * f], 1) for r in rings]
+                                for rings in polygons_of(m)], *dimensions)
+        if not polys:
+            continue
         t, prob = types.get(k, (None, float(npp[sl][m].mean())))
         t = t or None  # type 0: the NC branch calls the whole nucleus background -- a nucleus without a class
-        bbox = (loc[0] + sl[1].start * f, loc[1] + sl[0].start * f, loc[0] + sl[1].stop * f, loc[1] + sl[0].stop * f)
-        yield (poly, (float(cx), float(cy)), float(m.sum()) * mpp * mpp, bbox, t,
+        w, h = dimensions
+        bbox = (max(loc[0] + sl[1].start * f, 0.0), max(loc[1] + sl[0].start * f, 0.0), min(loc[0] + sl[1].stop * f, w),
+                min(loc[1] + sl[0].stop * f, h))
+        yield (polys, (float(cx), float(cy)), float(m.sum()) * mpp * mpp, bbox, t,
                None if t is None else type_names.get(str(t), f"type{t}"), prob)
 
 
@@ -284,7 +299,7 @@ def segment_slide(path: str | os.PathLike, out: Path, model, p: SlideParams, *, 
                     inst, types, npp = segment(model, img, precision=choice.resolved, pad_mode="constant", tile=p.window,
                                                  margin=32, fill=fill_value(background))
                     for poly, c, a, bbox, t, tname, prob in _nuclei_of_region(inst, types, npp, loc, f, mpp, owner,
-                                                                              spec.type_names):
+                                                                              spec.type_names, (W, H)):
                         n_id += 1
                         nuc = Nucleus(n_id, poly, c, a, bbox, t, tname, prob)
                         gw.add(nuc)
