@@ -64,11 +64,23 @@ def test_recipe_fills_the_config_and_the_parameter_groups():
     assert cfg.global_scale == (0.32, 1.0) and cfg.local_scale == (0.05, 0.32) and cfg.lr == DINOv2.default_lr
     model, _, _ = build_model(cfg)
     assert model.backbone.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)  # drop-path on the student
+    # DINOv2's drop_path_uniform: every block at the rate (timm's rule would give the first block 0)
+    rates = [getattr(blk, n).drop_prob for blk in model.backbone.blocks for n in ("drop_path1", "drop_path2")]
+    assert rates == pytest.approx([0.1] * 2 * len(model.backbone.blocks))
+    assert all(isinstance(blk.drop_path1, torch.nn.Identity) for blk in model.teacher_backbone.blocks)
     scale = {id(p): g["lr_scale"] for g in param_groups(model, cfg, "vit") for p in g["params"]}
     b = model.backbone
     assert scale[id(b.patch_embed.proj.weight)] == pytest.approx(0.2 * scale[id(b.cls_token)])  # patch embed x 0.2
     assert scale[id(b.blocks[0].attn.qkv.weight)] == pytest.approx(0.9 * scale[id(b.blocks[1].attn.qkv.weight)])
-    assert scale[id(model.mask_token)] == 1.0
+    # DINOv2's get_vit_lr_decay_rate: embeddings layer 0, blocks.i layer i + 1, final norm / heads L + 1 (x 1)
+    n = len(b.blocks)
+    assert scale[id(b.cls_token)] == pytest.approx(0.9 ** (n + 1))
+    assert scale[id(b.blocks[-1].attn.qkv.weight)] == pytest.approx(0.9)
+    assert scale[id(b.norm.weight)] == 1.0
+    # DINOv2's mask token is part of the student trunk's input embedding: layer 0, 0.9 ** (blocks + 1), no x 0.2
+    assert scale[id(model.mask_token)] == pytest.approx(0.9 ** (len(b.blocks) + 1))
+    assert scale[id(model.mask_token)] == pytest.approx(scale[id(b.cls_token)])
+    assert scale[id(model.head.last_layer.weight_v)] == 1.0
 
 
 def test_dinov2_run_exports_a_teacher_that_encodes(tiles, tmp_path):

@@ -154,6 +154,20 @@ def test_swav_queue_joins_the_sinkhorn_step_once_it_holds_only_real_features():
         assert not torch.allclose(got, plain_loss, atol=1e-4)  # other batches in the Sinkhorn step change the codes
 
 
+def test_swav_prototypes_are_bias_free_unit_vectors():
+    # SwAV scores a feature against prototype vectors c_k (official code: Linear(..., bias=False)); lightly's
+    # SwaVPrototypes layer has a bias, which made the scores z . c_k + b_k (trained, never normalised)
+    m = _method("swav")
+    layer = m.prototypes.heads[0]
+    assert layer.bias is None and "prototypes.heads.0.bias" not in m.state_dict()
+    with torch.no_grad():
+        layer.weight.mul_(3.0)
+    m.loss(_views(m.view_kind), step=0, progress=0.0)
+    torch.testing.assert_close(layer.weight.norm(dim=1), torch.ones(len(layer.weight)))
+    z = torch.nn.functional.normalize(torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(m.prototypes(z, 0), z @ layer.weight.T)
+
+
 def test_swav_negative_queue_length_is_refused():
     trunk = create_trunk(ENCODERS.get("test_resnet"))
     with pytest.raises(GigaslideError, match="queue_length"):

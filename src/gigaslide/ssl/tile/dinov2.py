@@ -11,8 +11,8 @@ and ``sinkhorn`` (Sinkhorn-Knopp centring of the teacher, DINOv2's default).
 Recipe (all defaults; crop/optimiser numbers in :attr:`DINOv2.recipe`, the rest ``--method-args``):
 2 global crops at the tile size (scale 0.32-1) + 8 local crops of 98/224 of it (scale 0.05-0.32),
 sizes whole multiples of the patch (read from the model); layer-wise lr decay 0.9, patch-embedding
-lr x 0.2, drop-path 0.1 on the student; teacher temperature 0.04 -> 0.07 over the first 30 % of
-training; EMA teacher 0.992 -> 1 (cosine). The exported encoder is the teacher.
+lr x 0.2, drop-path 0.1 on every block of the student (DINOv2's uniform rate); teacher temperature
+0.04 -> 0.07 over the first 30 % of training; EMA teacher 0.992 -> 1 (cosine). The exported encoder is the teacher.
 
 State: teacher weights, the mask token and lightly's centre buffers are module parameters /
 buffers (checkpointed); schedules are functions of ``progress``; masks are drawn from
@@ -46,6 +46,20 @@ CENTERINGS = ("sinkhorn_knopp", "centering")
 def _dist_rank() -> tuple[bool, int]:
     on = torch.distributed.is_available() and torch.distributed.is_initialized()
     return on, (torch.distributed.get_rank() if on else 0)
+
+
+def _uniform_drop_path(vit: nn.Module) -> None:
+    """Give every block of the student the trunk's drop-path rate (DINOv2's ``drop_path_uniform: true``), where timm's
+    ``drop_path_rate`` rises linearly from 0 at the first block (DINO v1's and timm's stochastic-depth rule)."""
+    from timm.layers import DropPath
+
+    rate = max((m.drop_prob for m in vit.modules() if isinstance(m, DropPath)), default=0.0)
+    if rate <= 0:
+        return
+    for blk in getattr(vit, "blocks", []):
+        for name in ("drop_path1", "drop_path2"):
+            if hasattr(blk, name):
+                setattr(blk, name, DropPath(rate))
 
 
 @SSL_METHODS.register("dinov2")
@@ -83,6 +97,7 @@ class DINOv2(SSLMethod):
         k = int(hp["out_dim"])
         self.head = self._new_head(embed_dim)
         self.ibot_head = self._new_head(embed_dim) if hp["ibot_separate_head"] else None
+        _uniform_drop_path(trunk)
         self.teacher_backbone = copy.deepcopy(trunk)
         _no_drop_path(self.teacher_backbone)  # drop-path is for the student only
         self.teacher_head = self._copy_head(self.head, embed_dim)

@@ -307,6 +307,10 @@ class SwAV(SSLMethod):
         self.head = SwaVProjectionHead(embed_dim, self.hp["hidden_dim"], self.hp["out_dim"])
         self.prototypes = SwaVPrototypes(self.hp["out_dim"], int(self.hp["n_prototypes"]),
                                          n_steps_frozen_prototypes=int(self.hp["freeze_prototypes_steps"]))
+        # SwAV's prototypes are bias-free vectors c_k: scores z . c_k (official code: Linear(..., bias=False)).
+        # lightly's SwaVPrototypes layers have a bias, trained and never normalised: dropped
+        for layer in self.prototypes.heads:
+            layer.register_parameter("bias", None)
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.criterion = SwaVLoss(temperature=self.hp["temperature"], sinkhorn_epsilon=self.hp["sinkhorn_epsilon"],
                                   sinkhorn_gather_distributed=dist)

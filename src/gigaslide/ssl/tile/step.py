@@ -55,17 +55,54 @@ def trunk_patch_size(model: torch.nn.Module) -> int | None:
     return patch_size_of(model.backbone)
 
 
+_VIT_STEM = ("cls_token", "pos_embed", "patch_embed.", "mask_token")  # DINOv2's layer 0 (register tokens are not)
+
+
+def _vit_layer_scales(trunk: torch.nn.Module, decay: float) -> dict[int, float] | None:
+    """{id(param): lr scale} of a ViT trunk by DINOv2's rule (``get_vit_lr_decay_rate``; BEiT's): the embeddings
+    (patch, position, class token) are layer 0, ``blocks.i`` layer i + 1, the rest (final norm; register tokens,
+    as in DINOv2's code) layer L + 1; scale ``decay ** (L + 1 - layer)``. (timm's ``param_groups_layer_decay`` on
+    a headless trunk puts the final norm in the last block's layer, so every layer got one ``decay`` factor less
+    than DINOv2's: the last block at the full lr.) None for trunks without ``blocks`` and ``patch_embed`` (CNNs:
+    timm's grouping)."""
+    blocks = getattr(trunk, "blocks", None)
+    if blocks is None or not hasattr(trunk, "patch_embed"):
+        return None
+    n = len(blocks)
+    out = {}
+    for name, p in trunk.named_parameters():
+        if name.startswith(_VIT_STEM):
+            layer = 0
+        elif name.startswith("blocks."):
+            layer = int(name.split(".")[1]) + 1
+        else:
+            layer = n + 1
+        out[id(p)] = decay ** (n + 1 - layer)
+    return out
+
+
 def param_groups(model, cfg: PretrainConfig, family: str) -> list[dict[str, Any]]:  # noqa: ANN001
-    """Trunk groups (timm: layer-wise lr decay, no weight decay on norms/biases; the patch embedding's own
-    ``lr_scale`` times ``cfg.patch_embed_lr_mult``) + head groups. Every group has ``lr_scale``."""
+    """Trunk groups (layer-wise lr decay: DINOv2's layers for ViTs (:func:`_vit_layer_scales`), timm's otherwise;
+    no weight decay on norms/biases; the patch embedding's own ``lr_scale`` times ``cfg.patch_embed_lr_mult``)
+    + a method's mask token at layer 0's scale (DINOv2) + head groups. Every group has ``lr_scale``."""
     ld = 1.0 if cfg.layer_decay is None else float(cfg.layer_decay)
     wd = 0.0 if cfg.weight_decay is None else float(cfg.weight_decay)
     trunk = model.backbone
-    if ld < 1.0 and hasattr(trunk, "group_matcher"):
+    vit_scales = _vit_layer_scales(trunk, ld) if ld < 1.0 else None
+    if vit_scales is not None:  # split timm's weight-decay groups by DINOv2's layer scales
+        groups = []
+        for g in param_groups_weight_decay(trunk, weight_decay=wd):
+            for scale in sorted({vit_scales[id(p)] for p in g["params"]}):
+                groups.append({**g, "params": [p for p in g["params"] if vit_scales[id(p)] == scale],
+                               "lr_scale": scale})
+    elif ld < 1.0 and hasattr(trunk, "group_matcher"):
         groups = param_groups_layer_decay(trunk, weight_decay=wd, layer_decay=ld)
     else:
         groups = param_groups_weight_decay(trunk, weight_decay=wd)
     groups = [{**g, "lr_scale": g.get("lr_scale", 1.0)} for g in groups]
+    # the embedding layer's scale (layer 0 of the decay), before the patch embedding's own multiplier
+    pe_first = next((p for n, p in trunk.named_parameters() if n.startswith("patch_embed.")), None)
+    stem_scale = next((g["lr_scale"] for g in groups if any(p is pe_first for p in g["params"])), 1.0)
     mult = 1.0 if cfg.patch_embed_lr_mult is None else float(cfg.patch_embed_lr_mult)
     if mult != 1.0:
         pe = {id(p) for n, p in trunk.named_parameters() if n.startswith("patch_embed.")}
@@ -78,6 +115,12 @@ def param_groups(model, cfg: PretrainConfig, family: str) -> list[dict[str, Any]
                 split.append({**g, "params": inside, "lr_scale": g["lr_scale"] * mult})
         groups = split
     heads = model.head_parameters()
+    # DINOv2's mask token is an input embedding of the student trunk: DINOv2 (get_vit_lr_decay_rate) puts it in
+    # layer 0 with the patch embedding, positions and class token, so it gets their decayed lr, not the heads'
+    token = getattr(model, "mask_token", None)
+    if isinstance(token, torch.nn.Parameter) and token.requires_grad and any(p is token for p in heads):
+        heads = [p for p in heads if p is not token]
+        groups.append({"params": [token], "weight_decay": wd, "lr_scale": stem_scale})
     groups += [{"params": [p for p in heads if p.ndim > 1], "weight_decay": wd, "lr_scale": 1.0},
                {"params": [p for p in heads if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": 1.0}]
     return [g for g in groups if g["params"]]
