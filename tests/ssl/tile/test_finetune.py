@@ -185,9 +185,8 @@ def test_cli_finetune(folders, tmp_path, capsys):
 def test_cli_compares_two_runs_paired_on_the_same_test_tiles(folders, tmp_path, capsys):
     train, test = folders
     args = ["evaluate", "finetune", "--train", str(train), "--test", str(test), "--encoder", "test_resnet",
-            "--weights", "random", "--epochs", "1", "--batch-size", "16", "--workers", "0", "--bootstrap", "50",
-            "--fractions", "0.5,1"]
-    assert cli([*args, "--out", str(tmp_path / "a")]) == 0
+            "--weights", "random", "--epochs", "1", "--batch-size", "16", "--workers", "0", "--bootstrap", "50"]
+    assert cli([*args, "--fractions", "0.5,1", "--out", str(tmp_path / "a")]) == 0
     assert cli([*args, "--out", str(tmp_path / "b"), "--lr", "1e-3", "--fractions", "1", "--baseline",
                 str(tmp_path / "a")]) == 0
     assert "Paired vs" in capsys.readouterr().out

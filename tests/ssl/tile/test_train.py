@@ -380,3 +380,16 @@ def test_monitor_lines_name_the_step_their_loss_was_logged_at(tiles, tmp_path, c
              if r.getMessage().startswith("monitor step")}
     assert "none logged yet" in lines[0], lines[0]
     assert "(logged at step 2)" in lines[3], lines[3]
+
+
+def test_a_checkpoint_whose_optimiser_groups_differ_is_a_one_line_error(tiles, tmp_path, monkeypatch):
+    """A run made by a gigaslide with another parameter grouping (e.g. before DINOv2's layer-decay fix): resuming it
+    was torch's ValueError traceback from the optimiser; now a one-line error naming the run and the fix."""
+    from gigaslide.ssl.tile import session
+
+    pretrain(_cfg(tiles, tmp_path / "run", steps=2))
+    monkeypatch.setattr(session, "param_groups", lambda model, *a, **k: [
+        {"params": [p for p in model.parameters() if p.requires_grad], "lr_scale": 1.0}])
+    with pytest.raises(GigaslideError, match="optimiser state does not fit") as e:
+        pretrain(_cfg(tiles, tmp_path / "run", steps=4))
+    assert "use a new --out" in e.value.one_line()

@@ -224,7 +224,13 @@ def open_session(cfg: PretrainConfig, *, write: bool = True, device: torch.devic
         precision = PrecisionChoice(**ck["precision"])
         runs.load_module_state(model, ck["model"], runs.checkpoint_dir(cfg.out),
                                fix="resume with the same options, or use a new --out")
-        opt.load_state_dict(ck["optimizer"])
+        try:
+            opt.load_state_dict(ck["optimizer"])
+        except (ValueError, KeyError) as e:  # other parameter groups: made by another gigaslide's recipe
+            raise GigaslideError(f"the checkpoint's optimiser state does not fit this run's parameter groups ({e})",
+                                 path=runs.checkpoint_dir(cfg.out),
+                                 fix="resume it with the gigaslide version that made it, or use a new --out "
+                                     "(--init RUN/encoder continues from its weights)") from None
         init_source = ck.get("init")
     scaler = torch.amp.GradScaler(device.type, enabled=precision.resolved == "fp16" and device.type == "cuda")
     if ck is not None and ck.get("scaler"):
