@@ -95,6 +95,10 @@ CHANGES = [
     ("38e24e1", "Giga-SSL's `learned` flag counted a run as learned when its exported epoch tied the untrained "
      "encoder's view retrieval and beat its cosine gap by any amount (now by 0.01)", "the Giga-SSL 'did not learn' "
      "verdict lines of the slide_ssl* sections, which could be missing for runs that tied their untrained encoder"),
+    ("26f8712", "SwAV's prototypes carried a trained bias (lightly's SwaVPrototypes; the paper's scores are z.c_k over "
+     "unit prototypes), and DINOv2's layer-wise lr decay was one layer short (last block 1.0, not 0.9; mask token "
+     "at the heads' rate) with drop-path rising over the blocks instead of uniform", "`swav` rows (tile_ssl, "
+     "tile_precision, encoder_leaderboard, nuclei) and the dinov2 sections' continued pre-training rows"),
 ]
 
 
