@@ -215,3 +215,28 @@ def test_fp16_training_scales_the_loss_and_checkpoints_the_scaler(tiny_run: Path
     train_nuclei(cfg)
     ck = runs.load_checkpoint(tmp_path / "run")
     assert {"scale", "growth_factor"} <= set(ck["scaler"])  # a scaler that is off keeps no state
+
+
+def test_a_budget_spent_between_epochs_exports_the_epochs_done(nuclei_folder: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The budget ran out after an epoch (in its validation), before the next epoch's first step: the run stopped
+    with no model, and every re-run (its budget already spent) stopped again at once. The epochs done are the run:
+    its best epoch is exported, and a re-run finds it finished."""
+    from gigaslide import runs as runs_module
+    from gigaslide.nuclei import train as ntrain
+
+    class SpentAfterOneEpoch(runs_module.Stopper):
+        calls = 0
+
+        def reason(self) -> str | None:  # the 3 steps of epoch 1 and the check after it run; then the budget is spent
+            type(self).calls += 1
+            return "budget" if type(self).calls > TINY["steps_per_epoch"] + 1 else None
+
+    monkeypatch.setattr(ntrain.runs, "Stopper", SpentAfterOneEpoch)
+    cfg = NucleiTrainConfig(images=str(nuclei_folder / "images"), annotations=str(nuclei_folder / "annotations"),
+                            out=str(tmp_path / "run"), **{**TINY, "epochs": None}, budget_s=60.0)
+    s = train_nuclei(cfg)
+    assert s["status"] == "finished" and s["epochs"] == 1 and s["best_epoch"] == 0, s
+    assert (tmp_path / "run" / "model").is_dir() and load_model(tmp_path / "run" / "model") is not None
+    again = train_nuclei(cfg)
+    assert again["status"] == "finished" and again["epochs"] == 1

@@ -241,6 +241,12 @@ def train_nuclei(cfg: NucleiTrainConfig, progress=None) -> dict[str, Any]:  # no
                 losses.append(float(loss.detach()))
                 if progress:
                     progress(f"epoch {epoch + 1} loss {np.mean(losses):.3f}", step + 1, cfg.steps_per_epoch)
+            if stop_reason == "budget" and not losses and history:
+                # the budget ran out between epochs (in the last one's validation): the epochs done are the run --
+                # it was left "stopped" without a model, and every re-run stopped again at once
+                done = True
+                run.save({**run.load(), "done": True})
+                break
             if stop_reason in ("signal", "interrupt") or not losses:
                 break  # the partial epoch is dropped: a re-run repeats it bit-exactly
             rec = {"epoch": epoch, "train_loss": float(np.mean(losses)), "steps": len(losses),
