@@ -287,3 +287,27 @@ def test_outline_tolerance_option_of_tile_and_encode(tmp_path, synthetic_slide, 
         assert main([*cmd, "--out", str(out), "--outline-tolerance", "-1"]) != 0
         _one_line_error(capsys, "--outline-tolerance", "at least 0")
         assert not (out / "tissue").exists()
+
+
+def test_encode_takes_the_encoders_own_field_of_view_by_default(tmp_path, synthetic_slide, capsys):
+    """An SSL export trained on 32 px tiles at 1 µm/px, encoded as the README shows it (no --mpp / --tile-size): the
+    tiles were 224 px at 0.5 µm/px resized to 32 -- 3.5x the field of view the encoder learned. They are the
+    encoder's own now, and the command says so; options given still win."""
+    import dataclasses
+
+    import h5py
+
+    from gigaslide.encoders import build_encoder, export_encoder
+
+    enc = build_encoder("test_resnet", "random")
+    export_encoder(tmp_path / "enc", enc.trunk, dataclasses.replace(enc.spec, name="mine", input_size=32,
+                                                                    native_mpp=1.0))
+    base = ["encode", str(synthetic_slide), "--encoder", str(tmp_path / "enc"), "--workers", "0"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert "tiles of 32 px at 1.0 µm/px (the encoder's own" in capsys.readouterr().err
+    with h5py.File(tmp_path / "a" / "features" / f"{synthetic_slide.stem}.h5") as f:
+        assert f.attrs["tile_size"] == 32 and f.attrs["mpp"] == 1.0
+    assert main([*base, "--out", str(tmp_path / "b"), "--tile-size", "48"]) == 0
+    assert "tiles of 48 px at 1.0 µm/px" in capsys.readouterr().err
+    with h5py.File(tmp_path / "b" / "features" / f"{synthetic_slide.stem}.h5") as f:
+        assert f.attrs["tile_size"] == 48 and f.attrs["mpp"] == 1.0

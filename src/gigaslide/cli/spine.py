@@ -178,8 +178,8 @@ def encoders() -> None:
           "licence and download them on a machine with internet")
 
 
-def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str = "default", mpp: float = 0.5,
-           tile_size: int = 224, overlap: int = 0, min_tissue: float = 0.25, batch_size: int = 64, workers: int | None = None,
+def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str = "default", mpp: float | None = None,
+           tile_size: int | None = None, overlap: int = 0, min_tissue: float = 0.25, batch_size: int = 64, workers: int | None = None,
            precision: str = "auto", device: str = "auto", slide_mpp: float | str | None = None, threads: int = 2,
            compile: bool = False, background: str = "auto", tile_workers: int | None = None,
            tile_ahead: bool | None = None, fold_bn: bool | None = None, tissue_from: str | None = None,
@@ -207,8 +207,11 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
             pretrain RUN_DIR)
         weights: default (the encoder's own / local hub cache), a .safetensors/.pt/.pth/.bin path or a downloaded
             model folder (its weights file), or random (tests only)
-        mpp: target resolution in µm per pixel
-        tile_size: tile size in pixels at the target resolution (resized to the encoder's input size)
+        mpp: target resolution in µm per pixel; default: the encoder's own (the µm/px it was trained at, e.g. a
+            pretrain run's --mpp; 0.5 for an encoder trained on natural images)
+        tile_size: tile size in pixels at the target resolution (resized to the encoder's input size); default:
+            the encoder's input size (224 for most, a pretrain run's --tile-size for its export), so each tile shows
+            the field of view the encoder was trained on
         overlap: overlap between tiles in pixels at the target resolution
         min_tissue: keep tiles whose tissue fraction is at least this
         batch_size: tiles per forward pass
@@ -253,11 +256,21 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
 
     if precision not in ("auto", "bf16", "fp16", "fp32"):
         raise GigaslideError(f"unknown precision '{precision}'", fix="use auto, bf16, fp16 or fp32")
-    params = _with_outline(tiling_params(mpp, tile_size, overlap, min_tissue, background, tissue_from, tissue_classes,
-                                         tissue_detect), outline_tolerance)
+
+    def params_at(mpp: float, tile_size: int):  # noqa: ANN202 - TilingParams (lazy import)
+        return _with_outline(tiling_params(mpp, tile_size, overlap, min_tissue, background, tissue_from,
+                                           tissue_classes, tissue_detect), outline_tolerance)
+
+    params_at(0.5 if mpp is None else mpp, 224 if tile_size is None else tile_size)  # bad options: before any work
     torch.set_num_threads(max(1, threads))
     files = find_slides(slides)
     enc = build_encoder(encoder, weights)
+    if mpp is None or tile_size is None:  # the encoder's own field of view (an export's pretrain --mpp/--tile-size)
+        mpp = (enc.spec.native_mpp or 0.5) if mpp is None else mpp
+        tile_size = enc.spec.input_size if tile_size is None else tile_size
+        print(f"tiles of {tile_size} px at {mpp} µm/px (the encoder's own; --tile-size / --mpp to choose)",
+              file=sys.stderr)
+    params = params_at(mpp, tile_size)
     if weights == "random":
         print("note: random weights -- features are for tests and benchmarks only", file=sys.stderr)
     with progress_bar("encode") as update:
