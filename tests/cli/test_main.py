@@ -23,6 +23,9 @@ def test_a_bool_option_given_as_a_flag_means_true() -> None:
     kw = parse(["encode", "s", "--out", "o", "--tile-ahead", "--compile"])[1]  # bool | None too
     assert kw["tile_ahead"] is True and kw["compile"] is True
     assert parse(["encode", "s", "--out", "o", "--tile-ahead", "null"])[1]["tile_ahead"] is None
+    # --no-X, as other tools spell false (was "unrecognized arguments: --no_tissue_only", a name not typed)
+    assert parse(["nuclei", "s", *base, "--no-tissue-only"])[1]["tissue_only"] is False
+    assert parse(["encode", "s", "--out", "o", "--no-fold-bn"])[1]["fold_bn"] is False
 
 
 def test_a_comma_separated_option_given_twice_keeps_both_values() -> None:

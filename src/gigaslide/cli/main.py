@@ -243,7 +243,8 @@ def _append_repeated_lists(commands: dict[str, Any], name: str, args: list[str])
     """A list option given more than once (``--runs A --runs B``) keeps every value, as users expect, instead of
     the last one only (jsonargparse's rule): its later occurrences become jsonargparse's append (``--runs+ B``).
     A comma-separated option given more than once (``--encoders a --encoders b``) is read as ``--encoders a,b``.
-    A bool option given without a value (``--tissue-only``, as a flag) is read as ``--tissue-only true``."""
+    A bool option given without a value (``--tissue-only``, as a flag) is read as ``--tissue-only true``, and
+    ``--no-tissue-only`` as ``--tissue-only false``."""
     node = _command_at(commands, name)
     if not isinstance(node, Command):
         return args
@@ -256,6 +257,10 @@ def _append_repeated_lists(commands: dict[str, Any], name: str, args: list[str])
         a = args[i]
         key, eq, val = a[2:].partition("=") if a.startswith("--") else ("", "", "")
         nxt = args[i + 1] if i + 1 < len(args) else None
+        if key.startswith("no_") and key[3:] in bools and not eq:  # --no-tissue-only, as other tools spell false
+            out += [f"--{key[3:]}", "false"]
+            i += 1
+            continue
         if key in bools and not eq and (nxt is None or nxt.startswith("-") or nxt.lower() not in _BOOL_WORDS):
             out += [a, "true"]
             i += 1
