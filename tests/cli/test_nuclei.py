@@ -31,3 +31,37 @@ def test_an_unknown_precision_is_one_line_before_any_work(command: str, tmp_path
     assert len(lines) == 1 and "Traceback" not in err, err
     assert "--precision 'fp17' is not one of auto, fp32, bf16, fp16" in lines[0] and "fix:" in lines[0]
     assert not out.exists()
+
+
+def test_nuclei_passes_a_forced_background_to_the_slides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``nuclei`` had no ``--background`` (the StainWarning it prints names it): a mis-detected slide could not be
+    forced. It reaches the slide parameters (tissue detection and what outside the slide reads as); default auto."""
+    import types
+
+    import gigaslide.nuclei.infer as infer
+    import gigaslide.nuclei.slide as nslide
+    from gigaslide.testing import make_slide
+
+    slide = make_slide(tmp_path / "s.tiff", (256, 256), mpp=0.25)
+    got: list[str] = []
+
+    def fake(paths, model, out, params, **kw):  # noqa: ANN001, ANN003, ANN202
+        got.append(params.background)
+        return nslide.NucleiResult(done=["s"])
+
+    monkeypatch.setattr(infer, "read_spec", lambda model: (types.SimpleNamespace(mpp=0.25), None))
+    monkeypatch.setattr(nslide, "segment_slides", fake)
+    for extra, want in (([], "auto"), (["--background", "dark"], "dark"), (["--background", "bright"], "bright")):
+        assert main(["nuclei", str(slide), "--model", "m", "--out", str(tmp_path / "o"), *extra]) == 0
+        assert got[-1] == want
+
+
+def test_an_unknown_background_is_one_line_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert main(["nuclei", str(tmp_path / "slides"), "--model", str(tmp_path / "run"), "--out", str(out),
+                 "--background", "grey"]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "--background 'grey' is not one of auto, bright, dark" in lines[0] and "fix:" in lines[0]
+    assert not out.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import h5py
@@ -442,3 +443,47 @@ def test_results_of_an_older_format_are_segmented_again(tiny_run: Path, tmp_path
     assert (tmp_path / "out" / "nuclei" / "s.geojson").read_text() == \
         (tmp_path / "fresh" / "nuclei" / "s.geojson").read_text()
     assert nslide.segment_slides([tmp_path / "s.tiff"], tiny_run / "run", tmp_path / "out", p).skipped == ["s"]
+
+
+def test_a_forced_background_reaches_the_reader_and_a_result_of_another_is_redone(
+        tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--background`` was not an option of ``nuclei``: a mis-detected slide could not be forced. Forced, it sets the
+    tissue detection's background and what the context outside the slide reads as (a dark slide forced ``bright``
+    reads white glass, a bright one forced ``dark`` black); the record says so, and a result made at another
+    ``--background`` is segmented again, not reused."""
+    seen: list[np.ndarray] = []
+
+    def keeping(model, img, **kw):  # noqa: ANN001, ANN003, ANN202
+        seen.append(img.copy())
+        return _oracle(model, img, **kw)
+
+    monkeypatch.setattr(nslide, "segment", keeping)
+    _fluo_slide(tmp_path / "f.tiff")
+    _disc_slide(tmp_path / "s.tiff")
+    slides, out = [tmp_path / "f.tiff", tmp_path / "s.tiff"], tmp_path / "out"
+    for sid, forced, fill in (("f", "bright", 255), ("s", "dark", 0)):
+        p = nslide.SlideParams(region=128, margin=24, tissue_only=False, window=128, background=forced)
+        seen.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert nslide.segment_slides([tmp_path / f"{sid}.tiff"], tiny_run / "run", out, p).done == [sid]
+        first = seen[0]  # the region at (0, 0), read from 24 px above and left of the slide
+        assert (first[:24] == fill).all() and (first[:, :24] == fill).all(), sid
+        rec = json.loads((out / "nuclei" / f"{sid}.json").read_text())
+        assert rec["background"] == rec["edge_fill"] == forced and rec["background_option"] == forced
+    auto = nslide.SlideParams(region=128, margin=24, tissue_only=False, window=128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = nslide.segment_slides(slides, tiny_run / "run", out, auto)
+        assert again.done == ["f", "s"] and again.skipped == []  # made at another --background: redone
+        for sid, bg in (("f", "dark"), ("s", "bright")):
+            rec = json.loads((out / "nuclei" / f"{sid}.json").read_text())
+            assert rec["background"] == rec["edge_fill"] == bg and rec["background_option"] == "auto"
+        assert nslide.segment_slides(slides, tiny_run / "run", out, auto).skipped == ["f", "s"]
+
+
+def test_an_unknown_background_is_refused_before_the_model_is_loaded(tmp_path: Path) -> None:
+    with pytest.raises(GigaslideError, match="unknown background 'grey'") as e:
+        nslide.segment_slides([tmp_path / "s.tiff"], tmp_path / "no_model", tmp_path / "out",
+                              nslide.SlideParams(background="grey"))
+    assert "--background auto, bright or dark" in e.value.one_line() and not (tmp_path / "out").exists()

@@ -106,3 +106,38 @@ def test_a_fluorescence_canvas_is_padded_black_and_an_older_cache_is_read_again(
             assert _same(again, want) and json.loads(meta.read_text())["edge_fill"] == "dark"
         else:  # the cached canvas itself: nothing changed for a bright slide
             assert np.array_equal(np.asarray(again.image), old) and again.background == "bright"
+
+
+def test_a_forced_background_sets_the_fill_and_a_canvas_cached_with_another_is_read_again(tmp_path: Path) -> None:
+    """The streaming canvases had no ``--background``: a mis-detected slide could not be forced. Forced, it sets
+    tissue detection's background and the fill (a dark slide forced ``bright`` is padded white glass, a bright one
+    forced ``dark`` black); the cache records the option, and a canvas cached with another one is read again."""
+    import json
+
+    import pytest
+
+    from gigaslide.errors import GigaslideError
+    from gigaslide.slides.writer import write_pyramidal_tiff
+    from gigaslide.streaming.data import GLASS
+
+    fluo = write_pyramidal_tiff(tmp_path / "fluo.tiff", 1100, 777, _fluo, mpp=0.5, tile=128)
+    bright = make_slide(tmp_path / "b.tif", (1024, 768), mpp=0.5, seed=1, blobs=1)
+    cache = tmp_path / "cache"
+    for s, forced, fill, auto in ((fluo, "bright", GLASS, "dark"), (bright, "dark", 0, "bright")):
+        c = read_canvas(s, 2.0, 4096, 100, background=forced)
+        h, w = c.content_size
+        img = np.asarray(c.image)
+        assert c.background == forced and c.shape != (h, w)
+        assert (img[:, h:] == fill).all() and (img[:, :, w:] == fill).all()
+        first = cached_canvas(s, cache, 2.0, 4096, 100, background=forced)
+        assert _same(first, c) and first.background == forced
+        meta = cache / f"{Path(s).stem}.json"
+        assert json.loads(meta.read_text())["background_option"] == forced
+        again = cached_canvas(s, cache, 2.0, 4096, 100)  # auto now: read again, not the forced canvas reused
+        assert again.background == auto and _same(again, read_canvas(s, 2.0, 4096, 100))
+        m = json.loads(meta.read_text())
+        assert m["background"] == m["edge_fill"] == auto and m["background_option"] == "auto"
+        np.save(cache / f"{Path(s).stem}.npy", np.zeros_like(np.asarray(again.image)))  # marks the cached canvas
+        assert not np.asarray(cached_canvas(s, cache, 2.0, 4096, 100).image).any()  # same option: reused
+    with pytest.raises(GigaslideError, match="unknown background 'grey'"):
+        read_canvas(bright, 2.0, 4096, 100, background="grey")

@@ -369,3 +369,63 @@ def test_a_training_step_holds_the_canvas_once(tmp_path) -> None:
     assert r.returncode == 0, r.stderr
     ratio = float(r.stdout.strip().splitlines()[-1])
     assert 0.9 <= ratio <= 1.2, ratio
+
+
+def test_a_forced_background_reaches_the_canvases_and_the_run(slides, tmp_path, capsys, monkeypatch) -> None:  # noqa: ANN001
+    """train-streaming had no ``--background``: a mis-detected slide could not be forced. Forced, it reaches every
+    canvas (tissue detection and fill), the canvas cache and the run record it, and the run folder is not resumed
+    with another ``--background``."""
+    import gigaslide.streaming.cv as cv
+
+    seen: list[str] = []
+    real = cv.cached_canvas
+
+    def keeping(*a, background="auto", **kw):  # noqa: ANN002, ANN003, ANN202
+        seen.append(background)
+        return real(*a, background=background, **kw)
+
+    monkeypatch.setattr(cv, "cached_canvas", keeping)
+    out = tmp_path / "run"
+    assert main(_args(slides, out, "--background", "dark", "--budget", "0.01s")) == 0  # stops at the first step
+    assert seen == ["dark"] * 6
+    for i in range(6):
+        m = json.loads((out / "canvases" / f"s{i}.json").read_text())
+        assert m["background"] == m["edge_fill"] == m["background_option"] == "dark"
+    img = np.load(out / "canvases" / "s1.npy")  # the canvas read on the dark background (tissue box, fill)
+    assert np.array_equal(img, read_canvas(slides / "s1.tif", 1.5, 320, 32, background="dark").image)
+    assert not np.array_equal(img, read_canvas(slides / "s1.tif", 1.5, 320, 32).image)
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["config"]["background"] == rec["identity"]["background"] == "dark"
+    capsys.readouterr()
+    assert main(_args(slides, out, "--budget", "0.01s")) == 2  # auto now: another run
+    err = capsys.readouterr().err
+    assert "run folder holds another run (background: 'dark'" in err and err.count("\n") == 1
+
+
+def test_heatmap_reads_the_canvas_on_the_forced_or_the_runs_background(slides, ref_run, tmp_path,  # noqa: ANN001
+                                                                        monkeypatch) -> None:
+    import gigaslide.streaming.heatmap as hm
+
+    seen: list[str] = []
+    real = hm.read_canvas
+
+    def keeping(*a, background="auto", **kw):  # noqa: ANN002, ANN003, ANN202
+        seen.append(background)
+        return real(*a, background=background, **kw)
+
+    monkeypatch.setattr(hm, "read_canvas", keeping)
+    cmd = ["heatmap-streaming", str(slides / "s1.tif"), "--run", str(ref_run), "--out", str(tmp_path / "a.png"),
+           "--device", "cpu"]
+    assert main(cmd) == 0 and main(cmd + ["--background", "dark"]) == 0
+    assert seen == ["auto", "dark"]  # default: the run's (made at auto)
+
+
+@pytest.mark.parametrize("command", ["train-streaming", "heatmap-streaming"])
+def test_an_unknown_background_is_one_line_before_any_work(command, slides, tmp_path, capsys) -> None:  # noqa: ANN001
+    out = tmp_path / "r"
+    args = (_args(slides, out) if command == "train-streaming"
+            else ["heatmap-streaming", str(slides / "s1.tif"), "--run", str(tmp_path / "nope"), "--out", str(out)])
+    assert main([*args, "--background", "grey"]) == 2
+    err = capsys.readouterr().err
+    assert "--background 'grey' is not one of auto, bright, dark" in err and err.count("\n") == 1
+    assert not out.exists()

@@ -179,3 +179,25 @@ def test_a_slide_tiled_in_a_worker_process_is_warned_about_once_here(slides, tmp
     stain = [str(w.message) for w in rec if issubclass(w.category, StainWarning)]
     assert len(stain) == 1 and "ihc:" in stain[0]
     assert got["ihc"][0].extra["stain"] == NON_HE and got["he"][0].extra["stain"] == H_AND_E
+
+
+def test_the_fluorescence_warning_names_the_option_that_forces_a_mis_detected_slide() -> None:
+    """The warning said "(--background dark)" -- what detection had already chosen -- instead of how to force a
+    bright-field slide taken for fluorescence; every command that prints it takes --background (tests/cli)."""
+    from gigaslide.tiling.stain import FLUORESCENCE, StainInfo
+
+    msg = StainInfo("dark", FLUORESCENCE).warning or ""
+    assert "pass --background bright" in msg and "--background dark" not in msg
+
+
+def test_a_slide_forced_bright_is_not_called_fluorescence(slides, tmp_path):
+    """A dark slide forced ``--background bright`` (a bright-field slide mis-detected as fluorescence, as the
+    warning suggests) was still recorded as fluorescence and warned about: the stain guess ignored the option."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        g = tile_slide(slides["fluo"], tmp_path, TilingParams(mpp=1.0, tile_size=64, min_tissue=0.0,
+                                                              background="bright"))
+    assert g.extra["background"] == "bright" and g.extra["stain"] != FLUORESCENCE
+    assert not any("fluorescence" in str(w.message) for w in seen)

@@ -103,7 +103,8 @@ def nuclei_eval(model: str, images: str, annotations: str, out: str, *, subset: 
 
 def nuclei(slides: list[str], model: str, out: str, *, mpp: float | None = None, tissue_only: bool = True,
            region: int = 1024, margin: int = 64, tile_mpp: float = 0.5, tile_size: int = 224,
-           slide_mpp: float | str | None = None, precision: str = "auto", device: str = "auto") -> dict:
+           slide_mpp: float | str | None = None, precision: str = "auto", device: str = "auto",
+           background: str = "auto") -> dict:
     """Segment nuclei on whole slides: QuPath GeoJSON detections, a table and per-tile counts under OUT/nuclei/.
 
     Example: gigaslide nuclei slides/ --model NUC_RUN --out OUT --tissue-only
@@ -123,6 +124,9 @@ def nuclei(slides: list[str], model: str, out: str, *, mpp: float | None = None,
         precision: auto (CUDA: bf16, or fp16 without native bf16; CPU: bf16 where it agrees with fp32 on the slide's
             first region, else fp32), fp32, bf16 or fp16.
         device: auto, cpu or cuda.
+        background: auto (detected from the thumbnail), bright (bright-field glass) or dark (fluorescence); also
+            what the context outside the slide reads as (black for dark). A slide segmented with another value is
+            segmented again
     """
     from gigaslide.cli.progress import progress_bar
     from gigaslide.errors import GigaslideError
@@ -137,7 +141,7 @@ def nuclei(slides: list[str], model: str, out: str, *, mpp: float | None = None,
                              fix=f"leave --mpp out (or give {spec.mpp}); train a model at {mpp} µm/px to segment there")
     paths = find_slides(slides)
     params = SlideParams(region=region, margin=margin, tissue_only=tissue_only, tile_mpp=tile_mpp, tile_size=tile_size,
-                         precision=precision)
+                         precision=precision, background=background)
     with progress_bar("nuclei") as update:
         res = segment_slides(paths, model, out, params, slide_mpp=slide_mpp, device=device, progress=update)
     for sid, err in res.failed.items():

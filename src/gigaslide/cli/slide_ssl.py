@@ -12,7 +12,7 @@ def augment_cache(slides: list[str], out: str, encoder: str = "resnet18", weight
                   tiles_per_view: int = 25, mpp: float = 0.5, tile_size: int = 224, min_tissue: float = 0.25,
                   max_gb: float | None = None, batch_size: int = 64, precision: str = "auto", device: str = "auto",
                   slide_mpp: str | None = None, seed: int = 0, tissue_from: str | None = None,
-                  tissue_classes: str | None = None, tissue_detect: bool = False) -> None:
+                  tissue_classes: str | None = None, tissue_detect: bool = False, background: str = "auto") -> None:
     """Build the Giga-SSL augmented-view feature cache (one shared augmentation per view) plus plain features.
 
     Resumable: finished slides are skipped on a re-run; each slide's file is written atomically.
@@ -43,12 +43,14 @@ def augment_cache(slides: list[str], out: str, encoder: str = "resnet18", weight
             (e.g. Tumor,Stroma; default: all)
         tissue_detect: with --tissue-from, keep only the detected tissue inside the polygons (drops the glass,
             fat and pale areas a coarse outline encloses)
+        background: auto (detected from the thumbnail), bright (bright-field glass) or dark (fluorescence); also
+            what edge tiles read outside the slide (black for dark). A slide cached with another value is cached again
     """
     from gigaslide.cli.validate import tiling_params
     from gigaslide.slides import find_slides
     from gigaslide.ssl.slide.cache import build_augment_cache
 
-    tiling = tiling_params(mpp, tile_size, 0, min_tissue, "auto", tissue_from, tissue_classes,
+    tiling = tiling_params(mpp, tile_size, 0, min_tissue, background, tissue_from, tissue_classes,
                            tissue_detect)  # checks the tissue options
     slides = [str(f) for f in find_slides(slides)]  # folders expanded; a missing path is one line before any work
 
@@ -58,7 +60,7 @@ def augment_cache(slides: list[str], out: str, encoder: str = "resnet18", weight
                                   mpp=mpp, tile_size=tile_size, min_tissue=min_tissue, seed=seed, max_gb=max_gb,
                                   batch_size=batch_size, precision=precision, device=device, slide_mpp=_mpp(slide_mpp),
                                   tissue_from=tissue_from, tissue_classes=tiling.tissue_classes,
-                                  tissue_detect=tiling.tissue_detect)
+                                  tissue_detect=tiling.tissue_detect, background=tiling.background)
     for w in caught:
         print(f"warning: {w.message}")
     prec = f" in {res.precision['resolved']}" if res.precision else ""

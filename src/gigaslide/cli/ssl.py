@@ -81,7 +81,7 @@ def pretrain(data: str, out: str, method: str = "dino", backbone: str = "resnet1
              method_args: str | None = None, devices: int = 1, precision: str = "auto",
              workers: int | None = None, seed: int = 0, checkpoint_every: str = "10m", monitor_every: int | None = None,
              min_tissue: float = 0.5, data_kind: str = "auto", slide_mpp: str | None = None,
-             threads: int | None = None) -> None:
+             threads: int | None = None, background: str = "auto") -> None:
     """Self-supervised pre-training of a tile encoder (SimCLR, MoCo v2, Barlow Twins, SwAV, DINO, DINOv2).
 
     Example: gigaslide pretrain --data slides/ --mpp 0.5,1.0 --method dino --backbone vit_small_dinov2 --init vit_small_dinov2 --budget 2h --out runs/dino
@@ -136,6 +136,8 @@ def pretrain(data: str, out: str, method: str = "dino", backbone: str = "resnet1
         data_kind: auto, slides or tiles (how to read --data)
         slide_mpp: level-0 µm/px for slides without it in their metadata, or a CSV with columns slide_id,mpp
         threads: torch CPU threads (default: torch's)
+        background: auto (detected from the thumbnail), bright (bright-field glass) or dark (fluorescence), for --data
+            slides; also what edge tiles read outside the slide (black for dark)
     """
     import logging
 
@@ -161,7 +163,8 @@ def pretrain(data: str, out: str, method: str = "dino", backbone: str = "resnet1
                          local_scale=parse_pair("--local-scale", local_scale), devices=devices,
                          precision=precision, workers=workers, seed=seed,
                          checkpoint_every_s=parse_duration(checkpoint_every) or 600.0, monitor_every=monitor_every,
-                         min_tissue=min_tissue, data_kind=data_kind, slide_mpp=_slide_mpp(slide_mpp))
+                         min_tissue=min_tissue, data_kind=data_kind, slide_mpp=_slide_mpp(slide_mpp),
+                         background=background)
     s = run_pretrain(cfg)
     mon = s.get("monitor") or {}
     tail = f"; RankMe {mon['rankme']}, view top-1 {mon['view_top1']}" if mon else ""

@@ -10,7 +10,8 @@ def train_streaming(slides: str, labels: str, out: str, *, mpp: float = 0.5, ima
                     pool_kernel: int = 8, folds: int = 5, epochs: int = 100, freeze_epochs: int = 15, lr: float = 1e-3,
                     trunk_lr: float = 1e-3, accumulate: int = 4, patience: int = 10, precision: str = "auto",
                     seed: int = 0, device: str = "auto", slide_mpp: float | str | None = None,
-                    checkpoint_blocks: bool = True, trim_memory: bool = True, budget: str | None = None) -> dict:
+                    checkpoint_blocks: bool = True, trim_memory: bool = True, budget: str | None = None,
+                    background: str = "auto") -> dict:
     """Train StreamingCLAM end to end on whole slides with slide labels only (streamed CNN trunk, max-pool, CLAM head).
 
     The defaults are the paper's scale (Dooper et al. 2023; the authors' reference implementation): ResNet-34
@@ -54,6 +55,9 @@ def train_streaming(slides: str, labels: str, out: str, *, mpp: float = 0.5, ima
         trim_memory: return buffers freed between tiles to the OS at once (Linux/glibc mallopt) instead of
             letting malloc cache them: ~1 GB lower peak RSS on CPU for ~10 % more time.
         budget: wall-clock budget (e.g. 12h): stops cleanly at an optimizer step; re-run to continue.
+        background: auto (detected from the thumbnail), bright (bright-field glass) or dark (fluorescence); also
+            what the canvas reads outside the slide and is padded with (black for dark). A canvas cached with another
+            value is read again
     """
     from gigaslide.devices import PRECISIONS
     from gigaslide.errors import GigaslideError
@@ -67,11 +71,11 @@ def train_streaming(slides: str, labels: str, out: str, *, mpp: float = 0.5, ima
                       trunk_lr=trunk_lr, accumulate=accumulate, patience=patience, precision=precision, seed=seed,
                       device=device, slide_mpp=slide_mpp, checkpoint_blocks=checkpoint_blocks, trim_memory=trim_memory,
                       budget=budget)
-    return run_training(slides, labels, out, cfg)
+    return run_training(slides, labels, out, cfg, background=background)
 
 
 def heatmap_streaming(slide: str, run: str, out: str, *, fold: int = 0, thumb_size: int = 1024, device: str = "auto",
-                      slide_mpp: float | str | None = None) -> dict:
+                      slide_mpp: float | str | None = None, background: str | None = None) -> dict:
     """Draw a StreamingCLAM model's attention over the feature map of one slide on its thumbnail.
 
     The attention grid is also saved as RUN/heatmaps/fold<k>/<slide_id>.npz: `gigaslide view OUT --runs RUN`
@@ -88,10 +92,13 @@ def heatmap_streaming(slide: str, run: str, out: str, *, fold: int = 0, thumb_si
         device: auto, cpu or cuda.
         slide_mpp: level-0 resolution (µm/px) of this slide, overriding its metadata, or a CSV slide_id,mpp (default:
             the run's --slide-mpp, if it was given one); for a slide without it in its metadata.
+        background: auto (detected from the thumbnail), bright (bright-field glass) or dark (fluorescence); also
+            what the canvas reads outside the slide (black for dark). Default: the run's --background (auto if none)
     """
     from gigaslide.streaming.heatmap import streaming_heatmap
 
-    res = streaming_heatmap(slide, run, out, fold=fold, thumb_size=thumb_size, device=device, slide_mpp=slide_mpp)
+    res = streaming_heatmap(slide, run, out, fold=fold, thumb_size=thumb_size, device=device, slide_mpp=slide_mpp,
+                            background=background)
     print(f"{out}: P = {[round(p, 3) for p in res['probs']]}, feature map {res['fmap_size']}; "
           + (f"grid -> {res['grid']}" if res["grid"] else f"grid not saved ({res['grid_error']})"))
     return res

@@ -10,7 +10,9 @@ a pixel apart, on either side of the border; a nucleus within :data:`BORDER_PX` 
 first region that finds it there and skipped by a later one that finds it again (:class:`_Owner`). Memory is one
 region at a time whatever the slide's size. On a dark-background (fluorescence) slide the context outside the slide is
 read black, as ``encode`` reads it (white glass on bright-field slides); the record says which (``edge_fill``), and a
-dark slide segmented before (no record of it) is segmented again. Outputs per slide, under ``OUT/nuclei/`` (each
+dark slide segmented before (no record of it) is segmented again. ``background`` (``--background``) forces the
+background instead of detecting it (``auto``), as ``tile --background`` does; a slide segmented with another value
+(the record's ``background_option``; none: ``auto``) is segmented again. Outputs per slide, under ``OUT/nuclei/`` (each
 written to a temporary file and renamed; ``<slide>.json`` last, marking the slide done):
 
 * ``<slide>.geojson`` — QuPath detections (a nucleus in pieces is a MultiPolygon, holes are inner rings, cut to the
@@ -46,7 +48,7 @@ from gigaslide.nuclei.infer import MODEL_WEIGHTS, load_model, model_dir, segment
 from gigaslide.slides import open_slide, slide_id_from_path
 from gigaslide.slides.slide import fill_value
 from gigaslide.tiling import Scan, StainWarning, grid_positions, make_grid, segment_tissue
-from gigaslide.tiling.tissue import thumbnail_info
+from gigaslide.tiling.tissue import check_background, thumbnail_info
 
 #: The outputs' format: a record of another one is segmented again. 2: a nucleus in pieces is every piece (a
 #: MultiPolygon; was its largest) with its holes, outlines are cut to the slide (were up to a pixel past its edge on a
@@ -109,12 +111,15 @@ class SlideParams:
     tile_size: int = 224
     window: int = 512  # network input (px at the model mpp) inside a region
     precision: str = "auto"  # auto: bf16 on CPU where it agrees with fp32 on the slide's first region (devices policy)
+    background: str = "auto"  # auto (detected), bright (glass) or dark (fluorescence): tissue and outside the slide
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
     def check(self) -> None:
-        """Refuse a region under 1 px or a margin under :data:`MIN_MARGIN` px, naming the option."""
+        """Refuse a region under 1 px, a margin under :data:`MIN_MARGIN` px or an unknown background, naming the
+        option."""
+        check_background(self.background)
         if self.region < 1:
             raise GigaslideError(f"--region {self.region} must be at least 1 px",
                                  fix="use e.g. --region 1024 (px at the model's mpp; memory is one region at a time)")
@@ -141,32 +146,34 @@ def outputs(out: Path, sid: str) -> dict[str, Path]:
 
 
 def _is_done(rec_path: Path, key: dict[str, Any], scan: Scan | None, slide: str | os.PathLike | None = None,
-             slide_mpp: float | str | None = None) -> bool:
+             slide_mpp: float | str | None = None, background: str = "auto") -> bool:
     """The slide's outputs are there, made with these settings from this scan (``scan``: the slide as it opens now;
     a corrected ``--slide-mpp`` or another file under the same name changes every level-0 coordinate and area), with
     the context outside the slide read as now: a record without ``edge_fill`` (made when it was read white glass on
-    every slide) is done only where ``slide``'s background is not dark."""
+    every slide) is done only where ``slide``'s background is not dark; one made at another ``background`` option
+    (``background_option``; a record without it was made at ``auto``) is not done."""
     try:
         rec = json.loads(rec_path.read_text())
     except (OSError, ValueError):
         return False
     if scan is None or not scan.made(rec.get("slide_mpp"), rec.get("slide_dimensions")):
         return False
-    done = rec.get("format") == SLIDE_FORMAT and rec.get("key") == key and all(
+    done = (rec.get("format") == SLIDE_FORMAT and rec.get("key") == key
+            and rec.get("background_option", "auto") == background) and all(
         (rec_path.parent / f).is_file() for f in rec.get("files", []))
     if done and "edge_fill" not in rec and slide is not None:
         try:
             with open_slide(slide, mpp=slide_mpp) as s:
-                return _look(s, None)["background"] != "dark"
+                return _look(s, None, background)["background"] != "dark"
         except GigaslideError:  # segmented again, which reports what is wrong with the slide
             return False
     return done
 
 
-def _look(slide, tissue) -> dict[str, Any]:  # noqa: ANN001
-    """The slide's ``background`` (``bright`` or ``dark``) and ``stain`` guess (with ``stain_warning`` when it is not
-    H&E): tissue detection's, or found on a thumbnail without it."""
-    return tissue.info if tissue is not None else thumbnail_info(slide, None, "auto")[2]
+def _look(slide, tissue, background: str = "auto") -> dict[str, Any]:  # noqa: ANN001
+    """The slide's ``background`` (``bright`` or ``dark``: ``background`` when it is not ``auto``) and ``stain`` guess
+    (with ``stain_warning`` when it is not H&E): tissue detection's, or found on a thumbnail without it."""
+    return tissue.info if tissue is not None else thumbnail_info(slide, None, background)[2]
 
 
 def _count_coords(out: Path, sid: str, slide, tissue, p: SlideParams) -> tuple[np.ndarray, float, str]:  # noqa: ANN001
@@ -262,8 +269,8 @@ def segment_slide(path: str | os.PathLike, out: Path, model, p: SlideParams, *, 
         sid = s.id
         f = mpp / s.mpp  # level-0 px per model px
         W, H = s.dimensions
-        tissue = segment_tissue(s)[0] if p.tissue_only else None
-        look = _look(s, tissue)
+        tissue = segment_tissue(s, background=p.background)[0] if p.tissue_only else None
+        look = _look(s, tissue, p.background)
         background = look["background"]  # dark: the context outside the slide is read black, as encode reads it
         if look.get("stain_warning"):  # as tile / encode warn: a model trained on H&E may not transfer
             warnings.warn(f"{sid}: {look['stain_warning']}", StainWarning, stacklevel=2)
@@ -322,7 +329,8 @@ def segment_slide(path: str | os.PathLike, out: Path, model, p: SlideParams, *, 
         rec = {"format": SLIDE_FORMAT, "key": _key(model, p), "slide": str(path), "slide_id": sid, "nuclei": n_id,
                "regions": len(grid.coords), "megapixels": megapixels, "seconds": round(time.perf_counter() - t0, 3),
                "mpp": mpp, "slide_mpp": float(s.mpp), "slide_dimensions": [int(W), int(H)],
-               "background": background, "edge_fill": background, "stain": look.get("stain"),
+               "background": background, "edge_fill": background, "background_option": p.background,
+               "stain": look.get("stain"),
                "files": [files[k].name for k in ("geojson", "table", "tiles")],
                "coords_source": source, "precision": (choice or PrecisionChoice(p.precision, "fp32" if p.precision == "auto" else p.precision)).record()}
         atomic.write_json(files["record"], rec)
@@ -334,7 +342,10 @@ def model_dir_of(model) -> str:  # noqa: ANN001
 
 
 def _key(model, p: SlideParams) -> dict[str, Any]:  # noqa: ANN001
-    return {"model_sha256": getattr(model, "weights_sha256", ""), **p.as_dict()}
+    """The settings a record must match (the background option is compared on its own, see :func:`_is_done`: records
+    made before it existed were made at ``auto``)."""
+    return {"model_sha256": getattr(model, "weights_sha256", ""),
+            **{k: v for k, v in p.as_dict().items() if k != "background"}}
 
 
 def segment_slides(slides: Sequence[str | os.PathLike], model_path: str | os.PathLike, out: str | os.PathLike,
@@ -356,7 +367,8 @@ def segment_slides(slides: Sequence[str | os.PathLike], model_path: str | os.Pat
     try:
         for pth in slides:
             sid = slide_id_from_path(Path(pth))
-            if _is_done(outputs(out, sid)["record"], _key(model, params), Scan.read(pth, slide_mpp), pth, slide_mpp):
+            if _is_done(outputs(out, sid)["record"], _key(model, params), Scan.read(pth, slide_mpp), pth, slide_mpp,
+                        params.background):
                 res.skipped.append(sid)
                 continue
             try:

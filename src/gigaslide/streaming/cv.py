@@ -26,6 +26,7 @@ from gigaslide.evaluation.splits import make_folds, read_labels, splits_record, 
 from gigaslide.slides import by_slide_id, find_slides
 from gigaslide.streaming.data import Canvas, cached_canvas
 from gigaslide.streaming.train import MEMORY_ONLY, TrainConfig, build_model, evaluate, load_weights, train_fold
+from gigaslide.tiling.tissue import check_background
 
 
 def weights_input(cfg: TrainConfig) -> str | None:
@@ -47,9 +48,13 @@ def _precision(run: runs.Run, model: Any, canvas: Canvas, cfg: TrainConfig, devi
     return choice
 
 
-def run_training(slides: str, labels: str, out: str, cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
+def run_training(slides: str, labels: str, out: str, cfg: TrainConfig, log: Any = print,
+                 background: str = "auto") -> dict[str, Any]:
     """Cross-validated StreamingCLAM training; returns the pooled evaluation (AUC, balanced accuracy with CIs),
-    or ``{"stopped": reason}`` after a clean stop (SIGTERM, Ctrl-C, ``budget``)."""
+    or ``{"stopped": reason}`` after a clean stop (SIGTERM, Ctrl-C, ``budget``). ``background``: the slides'
+    background (``auto``: detected; ``bright`` or ``dark`` forced, as ``tile --background``), recorded in run.json
+    (``config``; and in the identity when forced, so runs made before the option resume at ``auto``)."""
+    check_background(background)
     if cfg.patience < 1:  # patience 0 stops before the first epoch: no model to test (a FileNotFoundError traceback)
         raise GigaslideError(f"--patience {cfg.patience} must be >= 1 (epochs without a better validation loss)",
                              fix="use e.g. --patience 10 (or --patience larger than --epochs: never stop early)")
@@ -69,7 +74,9 @@ def run_training(slides: str, labels: str, out: str, cfg: TrainConfig, log: Any 
     probe_model = build_model(cfg, table.n_classes, torch.device("cpu"))  # refuses bad encoders/weights/tiles early
     identity = {k: v for k, v in asdict(cfg).items() if k not in MEMORY_ONLY}
     identity["weights_id"] = probe_model.weights_id
-    run = runs.open_run(out, "streaming", identity, asdict(cfg), seed=cfg.seed,
+    if background != "auto":
+        identity["background"] = background
+    run = runs.open_run(out, "streaming", identity, {**asdict(cfg), "background": background}, seed=cfg.seed,
                         inputs={"slides": slides, "labels": labels, "weights": weights_input(cfg),
                                 "slide_mpp": cfg.slide_mpp if isinstance(cfg.slide_mpp, str) else None},
                         provenance={"mpp": cfg.mpp, "tile_size": cfg.tile_size, "encoder": probe_model.spec.name,
@@ -79,8 +86,8 @@ def run_training(slides: str, labels: str, out: str, cfg: TrainConfig, log: Any 
     out_dir = run.dir
     stride = probe_model.stream.stride
     log(f"reading {len(table)} canvases at {cfg.mpp} µm/px (cache: {out_dir / 'canvases'})")
-    canvases = [cached_canvas(paths[s], out_dir / "canvases", cfg.mpp, cfg.image_size, stride, slide_mpp=cfg.slide_mpp)
-                for s in table.slide_ids]
+    canvases = [cached_canvas(paths[s], out_dir / "canvases", cfg.mpp, cfg.image_size, stride, slide_mpp=cfg.slide_mpp,
+                              background=background) for s in table.slide_ids]
     y = table.labels.astype(int)
     groups = table.patient_ids if table.has_patients else None
     folds = make_folds(y, groups, cfg.folds, cfg.seed, where=labels, class_names=table.class_names)

@@ -6,7 +6,9 @@ right/bottom to a multiple of the trunk's stride so feature-map positions map to
 boxes: white glass (:data:`GLASS`), black on a dark-background (fluorescence) slide, whose pixels outside the slide
 are read black too, as ``encode`` reads them. Canvases are uint8 ``[3, H, W]`` (4 x smaller than float) and cached
 as ``.npy``; the cache records the fill (``edge_fill``), and a dark slide's canvas cached before it was padded
-black is read again.
+black is read again. ``background`` (``--background``: ``auto``, detected from the thumbnail, ``bright`` or ``dark``)
+forces the background of tissue detection and of the fill; a canvas cached with another value (the cache's
+``background_option``; none: ``auto``) is read again.
 
 Memory: a training step holds the canvas once. :meth:`Canvas.pixels` reads the cached ``.npy`` into
 one array (a plain read, not a memory map whose touched pages would count in the process's RSS on
@@ -80,16 +82,18 @@ class Canvas:
         return np.stack([x, y], 1).round().astype(np.int64)
 
 
-def tissue_box(slide, pad_frac: float = 0.02) -> tuple[int, int, int, int]:  # noqa: ANN001
+def tissue_box(slide, pad_frac: float = 0.02, background: str = "auto") -> tuple[int, int, int, int]:  # noqa: ANN001
     """Level-0 (x0, y0, x1, y1) of the slide's tissue (the whole slide if none is found)."""
-    return _tissue_box(slide, pad_frac)[0]
+    return _tissue_box(slide, pad_frac, background)[0]
 
 
-def _tissue_box(slide, pad_frac: float = 0.02) -> tuple[tuple[int, int, int, int], str]:  # noqa: ANN001
-    """(:func:`tissue_box`, the slide's background as tissue detection found it: ``bright`` or ``dark``)."""
+def _tissue_box(slide, pad_frac: float = 0.02,  # noqa: ANN001
+                background: str = "auto") -> tuple[tuple[int, int, int, int], str]:
+    """(:func:`tissue_box`, the slide's background as tissue detection used it: ``bright`` or ``dark``; ``background``
+    ``auto`` detects it)."""
     from gigaslide.tiling import segment_tissue
 
-    tm, _ = segment_tissue(slide)
+    tm, _ = segment_tissue(slide, background=background)
     bg = tm.info["background"]
     W, H = slide.dimensions
     if not tm.mask.any():
@@ -103,14 +107,17 @@ def _tissue_box(slide, pad_frac: float = 0.02) -> tuple[tuple[int, int, int, int
     return (int(x0), int(y0), int(math.ceil(x1)), int(math.ceil(y1))), bg
 
 
-def read_canvas(path: str | os.PathLike, mpp: float, image_size: int, multiple: int, *, slide_mpp: float | None = None) -> Canvas:
+def read_canvas(path: str | os.PathLike, mpp: float, image_size: int, multiple: int, *, slide_mpp: float | None = None,
+                background: str = "auto") -> Canvas:
     """Read the tissue box of slide ``path`` at ``mpp`` (at most ``image_size`` px a side), padded to ``multiple``
-    with the slide's background (see the module docstring)."""
+    with the slide's background (``background``: ``auto`` detects it; see the module docstring)."""
     from gigaslide.slides import open_slide
+    from gigaslide.tiling.tissue import check_background
 
+    check_background(background)
     with open_slide(path, mpp=slide_mpp) as slide:
         slide.check_target_mpp(mpp)
-        (x0, y0, x1, y1), bg = _tissue_box(slide)
+        (x0, y0, x1, y1), bg = _tissue_box(slide, background=background)
         scale = slide.mpp / mpp  # target px per level-0 px
         w, h = max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale))
         if w > image_size:  # centre-crop the tissue box to image_size
@@ -133,17 +140,19 @@ def _round_up(n: int, m: int) -> int:
 
 
 def cached_canvas(path: str | os.PathLike, cache_dir: str | os.PathLike, mpp: float, image_size: int, multiple: int,
-                  *, slide_mpp: float | None = None) -> Canvas:
+                  *, slide_mpp: float | None = None, background: str = "auto") -> Canvas:
     """:func:`read_canvas`, cached as ``<cache>/<slide_id>.npy`` + ``.json`` (atomic; keyed by mpp/size/multiple and
     the slide's scan: a cache read at another level-0 mpp -- a new ``slide_mpp`` -- or from another file under the
     same name (other dimensions) is read again; so is a dark-background slide's canvas cached before it was padded
-    black: one without ``edge_fill``).
+    black: one without ``edge_fill``; and one cached with another ``background`` option: ``background_option``).
 
     The returned image is memory-mapped from the cache, so a training set of large canvases does not
     have to fit in RAM (one slide is copied in per step)."""
     from gigaslide.slides import slide_id_from_path
     from gigaslide.tiling import Scan
+    from gigaslide.tiling.tissue import check_background
 
+    check_background(background)
     sid = slide_id_from_path(Path(path))
     npy, meta = Path(cache_dir) / f"{sid}.npy", Path(cache_dir) / f"{sid}.json"
     key = {"mpp": float(mpp), "image_size": int(image_size), "multiple": int(multiple)}
@@ -151,16 +160,17 @@ def cached_canvas(path: str | os.PathLike, cache_dir: str | os.PathLike, mpp: fl
     if npy.is_file() and meta.is_file():
         m = json.loads(meta.read_text())
         if (all(m.get(k) == v for k, v in key.items()) and scan is not None
-                and scan.made(m.get("slide_mpp"), m.get("slide_dimensions")) and _edge_fill_ok(m, path, slide_mpp)):
+                and scan.made(m.get("slide_mpp"), m.get("slide_dimensions"))
+                and m.get("background_option", "auto") == background and _edge_fill_ok(m, path, slide_mpp)):
             return Canvas(m["slide_id"], np.load(npy, mmap_mode="r"), tuple(m["origin"]), m["mpp"], m["slide_mpp"],
                           tuple(m["content_size"]), npy, m.get("read_mpp"), m.get("background", "bright"))
-    c = read_canvas(path, mpp, image_size, multiple, slide_mpp=slide_mpp)
+    c = read_canvas(path, mpp, image_size, multiple, slide_mpp=slide_mpp, background=background)
     with atomic.atomic_path(npy, suffix=".npy") as tmp:
         np.save(tmp, c.image)
     atomic.write_json(meta, {**key, "slide_id": c.slide_id, "origin": list(c.origin), "mpp": c.mpp, "slide_mpp": c.slide_mpp,
                              "content_size": list(c.content_size), "read_mpp": c.read_mpp,
                              "slide_dimensions": list(scan.dimensions) if scan is not None else None,
-                             "background": c.background, "edge_fill": c.background})
+                             "background": c.background, "edge_fill": c.background, "background_option": background})
     c.image, c.path = np.load(npy, mmap_mode="r"), npy
     return c
 

@@ -23,6 +23,7 @@ from gigaslide.errors import GigaslideError
 from gigaslide.streaming.data import Normalize, read_canvas
 from gigaslide.streaming.grids import AttentionGrid, save_grid
 from gigaslide.streaming.train import TrainConfig, build_model, load_weights
+from gigaslide.tiling.tissue import check_background
 
 
 def load_run_model(run: str | os.PathLike, fold: int = 0, device: str = "auto") -> tuple[Any, TrainConfig, int]:
@@ -55,21 +56,26 @@ def load_run_model(run: str | os.PathLike, fold: int = 0, device: str = "auto") 
 
 def streaming_heatmap(slide: str | os.PathLike, run: str | os.PathLike, out: str | os.PathLike, *, fold: int = 0,
                       thumb_size: int = 1024, device: str = "auto",
-                      slide_mpp: float | str | None = None) -> dict[str, Any]:
+                      slide_mpp: float | str | None = None, background: str | None = None) -> dict[str, Any]:
     """Predict ``slide`` with a trained run, draw the attention over the feature map on its thumbnail and save
     the grid in the run folder (``grid``: its path, or None with ``grid_error`` when it cannot be written).
-    ``slide_mpp``: the slide's level-0 µm/px or a CSV slide_id,mpp (default: the run's ``--slide-mpp``, if any)."""
+    ``slide_mpp``: the slide's level-0 µm/px or a CSV slide_id,mpp (default: the run's ``--slide-mpp``, if any);
+    ``background``: ``auto`` (detected), ``bright`` or ``dark`` (default: the run's ``--background``, ``auto`` for a
+    run made before the option)."""
     from scipy.stats import rankdata
 
     from gigaslide.mil.heatmap import draw_heatmap
     from gigaslide.slides import open_slide
 
+    if background is not None:
+        check_background(background)  # before the run's model is built
     model, cfg, _ = load_run_model(run, fold, device)
     dev = pick_device(device)
     smpp = cfg.slide_mpp if slide_mpp is None else slide_mpp
-    canvas = read_canvas(slide, cfg.mpp, cfg.image_size, model.stream.stride, slide_mpp=smpp)
-    model.stream.transform = Normalize(model.spec.mean, model.spec.std)
     rec = runs.read_run(run) or {}
+    bg = background if background is not None else (rec.get("config") or {}).get("background", "auto")
+    canvas = read_canvas(slide, cfg.mpp, cfg.image_size, model.stream.stride, slide_mpp=smpp, background=bg)
+    model.stream.transform = Normalize(model.spec.mean, model.spec.std)
     dtype = autocast_dtype(dev, (rec.get("precision") or {}).get("resolved", cfg.precision))
     with torch.no_grad(), torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         res = model(canvas.pixels()[None])

@@ -14,6 +14,9 @@ once per slide and recorded in the tiling output (patches h5 attrs, ``TileGrid.e
   purple (hematoxylin), hue >= 245° or < 15°; an IHC slide is dominated by a blue hematoxylin
   counterstain (hue 170-245°) and/or brown DAB (15-60°). Measured here: every H&E thumbnail and
   tile in ../shared/data has >= 96 % pink/purple stained pixels; the kidney CD3/CD20 IHC slide 9 %.
+
+The fluorescence warning names ``--background``, which every command that reads slides and prints it takes (tile,
+encode, augment-cache, nuclei, train-streaming, heatmap-streaming, pretrain).
 """
 
 from __future__ import annotations
@@ -61,8 +64,8 @@ class StainInfo:
     def warning(self) -> str | None:
         """One line for the user, or None for H&E / unknown."""
         if self.stain == FLUORESCENCE:
-            return ("looks like a fluorescence image (dark background), not bright-field H&E: tissue is found on the "
-                    "dark background (--background dark); H&E encoders may give meaningless features")
+            return ("looks like a fluorescence image (dark background), not bright-field H&E: H&E encoders may give "
+                    "meaningless features; if it is a bright-field slide, pass --background bright")
         if self.stain == NON_HE:
             kind = "brown DAB" if (self.brown_fraction or 0) >= DAB_MIN_BROWN else "a blue counterstain"
             return (f"looks like IHC or a special stain, not H&E (only {100 * (self.pink_fraction or 0):.0f}% of stained "

@@ -157,7 +157,7 @@ def thumbnail_info(slide: Slide, thumb_size: int | None, background: str) -> tup
     check_background(background)
     thumb, ds = slide.thumbnail(thumb_size or default_thumb_size(slide.dimensions))
     bg = detect_background(thumb) if background == "auto" else background
-    return thumb, ds, {**detect_stain(thumb).as_attrs(), "background": bg, "background_option": background}
+    return thumb, ds, {**detect_stain(thumb, bg).as_attrs(), "background": bg, "background_option": background}
 
 
 def detect_on_thumbnail(slide: Slide, thumb: np.ndarray, downsample: float, background: str,

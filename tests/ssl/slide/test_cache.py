@@ -1,4 +1,6 @@
 """augment-cache: layout, shared augmentation per view, resume, disk budget, few tiles, mixed encoders, CLI."""
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -341,3 +343,58 @@ def test_a_fluorescence_slides_edge_tiles_are_padded_black_and_an_older_cache_is
         del h.attrs["edge_fill"]
     (tmp_path / "c" / "patches" / "fluo.h5").unlink()
     assert build_augment_cache([str(fluo)], tmp_path / "c", **kw).done == ["fluo"]
+
+
+def test_a_forced_background_reaches_the_reader_and_a_cache_of_another_is_rebuilt(tmp_path, monkeypatch, capsys):
+    """augment-cache had no ``--background`` (yet printed a StainWarning naming it): a mis-detected slide could not be
+    forced. Forced, it sets tissue detection's background and the fill of edge tiles (a dark slide forced ``bright``
+    reads white glass outside the slide, a bright one forced ``dark`` black); the files record it, and a slide cached
+    at another ``--background`` is cached again, not reused."""
+    import warnings
+
+    import gigaslide.ssl.slide.cache as cache
+    from gigaslide.slides.writer import write_pyramidal_tiff
+
+    fluo = str(write_pyramidal_tiff(tmp_path / "fluo.tiff", 1100, 777, _fluo, mpp=0.5, tile=128))
+    bright = str(make_slide(tmp_path / "s0.tiff", (640, 448), mpp=0.5, seed=0))
+    fills: list[str | None] = []
+    real = cache._read
+
+    def keeping(slide, coords, tile_size, mpp, background="bright"):  # noqa: ANN001, ANN202
+        fills.append(background)
+        return real(slide, coords, tile_size, mpp, background)
+
+    monkeypatch.setattr(cache, "_read", keeping)
+    c = tmp_path / "c"
+    args = ["--encoder", "test_resnet", "--weights", "random", "--views", "2", "--tiles-per-view", "4", "--mpp", "1.0",
+            "--tile-size", "64", "--precision", "fp32", "--out", str(c)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for slide, forced in ((fluo, "bright"), (bright, "dark")):
+            fills.clear()
+            assert main(["augment-cache", slide, *args, "--background", forced]) == 0
+            a = store.load(c / "features" / f"{Path(slide).stem}.h5").attrs
+            assert a["background"] == a["edge_fill"] == a["background_option"] == forced
+            assert fills and set(fills) == {forced}  # every tile read (plain and views) on the forced background
+        fills.clear()
+        assert main(["augment-cache", fluo, bright, *args]) == 0  # auto: both were cached at another --background
+        assert "cached 2 slides" in capsys.readouterr().out
+        assert set(fills) == {"dark", "bright"}
+        for sid, bg in (("fluo", "dark"), ("s0", "bright")):
+            a = store.load(c / "features" / f"{sid}.h5").attrs
+            assert a["background"] == a["edge_fill"] == bg and a["background_option"] == "auto"
+        assert main(["augment-cache", fluo, bright, *args]) == 0
+        assert "cached 0 slides" in capsys.readouterr().out
+
+
+def test_an_unknown_background_is_one_line_before_any_work(slides, tmp_path, capsys):
+    out = tmp_path / "c"
+    assert main(["augment-cache", slides[0], "--encoder", "test_resnet", "--weights", "random", "--out", str(out),
+                 "--background", "grey"]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "--background 'grey' is not one of auto, bright, dark" in lines[0] and not out.exists()
+    with pytest.raises(GigaslideError, match="unknown background 'grey'"):
+        build_augment_cache(slides[:1], out, **{**KW, "background": "grey"})
+    assert not out.exists()

@@ -120,3 +120,55 @@ def test_slide_tiles_at_a_fluorescence_slides_edge_read_black_outside(tmp_path):
     bottom = tiles[:, -1].reshape(len(tiles), -1)
     assert (bottom.max(1) > 0).sum() >= 3  # tissue reaches the bottom edge in several tiles
     assert int(tiles[..., 0].max()) <= 230 // 4  # nothing brighter than the slide's own red
+
+
+def test_a_forced_background_reaches_the_slide_reader(tmp_path):
+    """pretrain had no ``--background`` for slides: a mis-detected slide could not be forced. Forced, it is what tissue
+    detection uses and what a tile reads outside the slide: white glass on a dark slide forced ``bright`` (its edge
+    tiles are brighter than any of its own pixels), black on a bright slide forced ``dark``."""
+    from gigaslide.slides.writer import write_pyramidal_tiff
+    from gigaslide.testing import make_slide
+
+    slide = write_pyramidal_tiff(tmp_path / "fluo.tiff", 1100, 777, _fluo, mpp=0.5, tile=128, compression="zlib")
+    src = build_source(slide, [1.0], 64, 0.1, "slides", None, "bright")
+    assert src.backgrounds == ["bright"]
+    tiles = np.stack([src.load(i, torch.Generator().manual_seed(s)) for i in range(len(src)) for s in range(3)])
+    assert int(tiles[..., 0].max()) > 230 // 4  # white glass read outside the slide
+    b = make_slide(tmp_path / "b.tiff", (300, 260), mpp=0.5, seed=0)
+    src = build_source(b, [1.0], 64, 0.1, "auto", None, "dark")
+    assert src.backgrounds == ["dark"]
+    with pytest.raises(GigaslideError, match="unknown background 'grey'"):
+        build_source(b, [1.0], 64, 0.1, "auto", None, "grey")
+
+
+def test_a_forced_background_joins_the_run_identity_and_auto_resumes_older_runs():
+    from gigaslide.ssl.tile.config import PretrainConfig, check_config, identity
+
+    base = PretrainConfig(data="d", out="o", steps=1)
+    assert "background" not in identity(base)  # runs made before --background (auto) resume unchanged
+    assert identity(PretrainConfig(data="d", out="o", steps=1, background="dark"))["background"] == "dark"
+    with pytest.raises(GigaslideError, match="unknown background 'grey'"):
+        check_config(PretrainConfig(data="d", out="o", steps=1, background="grey"))
+
+
+def test_pretrain_passes_a_forced_background_to_its_slides(tmp_path, monkeypatch):
+    """``pretrain --background bright`` was recorded in the run but the slides were still read on the detected
+    background: the session built its source without it."""
+    from gigaslide.slides.writer import write_pyramidal_tiff
+    from gigaslide.ssl.tile import session
+    from gigaslide.ssl.tile.engine import PretrainConfig, pretrain
+
+    slide = write_pyramidal_tiff(tmp_path / "fluo.tiff", 1100, 777, _fluo, mpp=0.5, tile=128, compression="zlib")
+    built = []
+    real = session.build_source
+
+    def spy(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        built.append(real(*a, **k))
+        return built[-1]
+
+    monkeypatch.setattr(session, "build_source", spy)
+    cfg = PretrainConfig(data=str(slide), out=str(tmp_path / "run"), method="simclr", backbone="test_resnet",
+                         tile_size=32, batch_size=4, steps=1, mpp=[1.0], min_tissue=0.1, background="bright",
+                         method_args={"hidden_dim": 32, "out_dim": 16}, monitor_every=0, precision="fp32")
+    pretrain(cfg)
+    assert built and built[0].backgrounds == ["bright"]

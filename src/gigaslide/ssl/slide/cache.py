@@ -9,7 +9,7 @@ Layout of ``CACHE/``: ``features/<slide_id>.h5`` (one per slide, a regular featu
 * ``view_tiles`` [V, T] int: which plain tile each view tile is,
 * attrs: provenance (encoder, weights, mpp, tile size, views, tiles per view, seed, augmentation; the slide's
   ``background`` and ``edge_fill``: what the outside of the slide reads as in edge tiles, black on dark-background
-  (fluorescence) slides, as ``encode`` reads them);
+  (fluorescence) slides, as ``encode`` reads them; ``background_option``: the ``--background`` it was made with);
 
 ``patches/<slide_id>.h5``: the tile grid (spine); ``cache.json``: the cache's parameters and its full
 provenance record (tile mpp, tile size, encoder, encoder weights sha256, seed; ``gigaslide.provenance``).
@@ -17,7 +17,8 @@ provenance record (tile mpp, tile size, encoder, encoder weights sha256, seed; `
 Slides with fewer tissue tiles than ``tiles_per_view`` are **kept**: their views are drawn with
 replacement (a warning names them and ``attrs['with_replacement']`` is set); slides with no tiles
 are skipped and listed. Each slide is written atomically; a re-run skips finished slides (a dark-background slide
-cached before edge tiles were padded black, with no ``edge_fill``, is cached again); a disk budget stops the run with
+cached before edge tiles were padded black, with no ``edge_fill``, is cached again, and so is one cached with another
+``--background``); a disk budget stops the run with
 a clear message before the slide that would exceed it.
 """
 
@@ -45,6 +46,7 @@ from gigaslide.provenance import decode_attrs
 from gigaslide.slides import by_slide_id, open_slide
 from gigaslide.tiling import TilingParams, layout, load_grid, tile_slide
 from gigaslide.tiling.annotations import classes_attr, tissue_attrs
+from gigaslide.tiling.tissue import check_background
 
 CACHE_JSON = "cache.json"
 #: Parameters that must agree between runs writing into one cache.
@@ -146,12 +148,13 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
                         batch_size: int = 64, precision: str = "auto", device: str = "auto",
                         slide_mpp: float | str | None = None, tissue_from: str | os.PathLike | None = None,
                         tissue_classes: Sequence[str] | None = None, tissue_detect: bool = False,
-                        log=print) -> CacheResult:  # noqa: ANN001
+                        background: str = "auto", log=print) -> CacheResult:  # noqa: ANN001
     """Build (or resume) the augmented-view cache of ``slides`` under ``out`` (see module doc).
 
     ``tissue_from``: a folder of ``<slide_id>.geojson`` tissue annotations used instead of tissue detection
     (:mod:`gigaslide.tiling.annotations`), ``tissue_classes`` the classes that count; ``tissue_detect``: only the
-    detected tissue inside them.
+    detected tissue inside them. ``background``: ``auto`` (detected from the thumbnail), ``bright`` (glass) or ``dark``
+    (fluorescence), as ``tile --background``: the tissue detection's and the fill of edge tiles outside the slide.
 
     ``precision="auto"`` is resolved once per invocation, on the first slide's first batch, by
     :func:`gigaslide.devices.choose_precision` with that batch as its probe (as ``encode`` does): bf16 on
@@ -167,13 +170,14 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
         raise GigaslideError(f"--tiles-per-view {tiles_per_view} must be >= 1", fix="use e.g. --tiles-per-view 25")
     if not slides:
         raise GigaslideError("no slides given", fix="pass slide files: gigaslide augment-cache a.svs b.svs --out CACHE")
+    check_background(background)
     enc = build_encoder(encoder, weights, seed=seed) if isinstance(encoder, str) else encoder
     dev = pick_device(device)
     enc = for_inference(enc.to(dev))  # batch norms folded: inference only
     out = atomic.ensure_writable_dir(out)
     feat_dir = atomic.ensure_writable_dir(out / "features")
     atomic.clean_stale_tmp(feat_dir)
-    tiling = TilingParams(mpp=mpp, tile_size=tile_size, min_tissue=min_tissue,
+    tiling = TilingParams(mpp=mpp, tile_size=tile_size, min_tissue=min_tissue, background=background,
                           tissue_from=None if tissue_from is None else str(tissue_from),
                           tissue_classes=tuple(tissue_classes) if tissue_classes else None,
                           tissue_detect=bool(tissue_detect))
@@ -256,7 +260,8 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
                      "with_replacement": int(with_repl), "precision": choice.resolved,
                      "precision_requested": choice.requested, "bf16_cosine": choice.bf16_cosine,
                      "precision_basis": choice.basis, "cache_kind": "gigassl_views", "complete": 1,
-                     "background": background, "edge_fill": _edge_fill(grid), **tissue_attrs(grid.extra)}
+                     "background": background, "edge_fill": _edge_fill(grid), "background_option": tiling.background,
+                     **tissue_attrs(grid.extra)}
             coords_attrs = {"patch_size": tile_size, "patch_size_level0": grid.tile_size_level0,
                             "patch_level": grid.read_level, "target_mpp": float(mpp), "level0_mpp": grid.slide_mpp}
             store.save(target, plain.astype(np.float32), grid.coords, attrs=attrs, coords_attrs=coords_attrs,
@@ -277,8 +282,9 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
 
 def _finished(path: Path, params: dict, tiling: TilingParams, out: Path | None = None,
               slide: str | os.PathLike | None = None, slide_mpp: float | str | None = None) -> bool:
-    """A complete slide file of this recipe, its tiles from the same tissue (detected, or the same annotation file),
-    and its edge tiles padded as ``encode`` pads them: a file without ``edge_fill`` (cached before edge tiles were
+    """A complete slide file of this recipe, its tiles from the same tissue (detected, or the same annotation file)
+    at the same ``--background`` (``background_option``; a file without it was made at ``auto``), and its edge tiles
+    padded as ``encode`` pads them: a file without ``edge_fill`` (cached before edge tiles were
     padded black on dark-background slides) is finished only where the slide is not dark (see :func:`_was_dark`)."""
     if not path.is_file():
         return False
@@ -293,6 +299,7 @@ def _finished(path: Path, params: dict, tiling: TilingParams, out: Path | None =
     return (ok and all(_same(a.get(k), params[k]) for k in ("encoder", "views", "tiles_per_view", "tile_size"))
             and _same(a.get("min_tissue", params["min_tissue"]), params["min_tissue"])
             and tiling.tissue_matches(a, str(a.get("slide_id", path.stem)), a.get("slide_path"))
+            and a.get("background_option", "auto") == tiling.background
             and ("edge_fill" in a or not _was_dark(out, str(a.get("slide_id", path.stem)), slide, slide_mpp, tiling)))
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gigaslide.errors import GigaslideError
+from gigaslide.tiling.tissue import check_background
 
 ENGINES = ("auto", "native", "lightning")
 
@@ -58,6 +59,7 @@ class PretrainConfig:
     min_tissue: float = 0.5
     data_kind: str = "auto"
     slide_mpp: float | str | None = None  # level-0 µm/px (or a CSV slide_id,mpp) for slides whose files lack it
+    background: str = "auto"  # slides' background: auto (detected), bright (glass) or dark (fluorescence)
     log_every: int = 10
     monitor_every: int | None = None  # steps between label-free monitor points (None: ~8 per run, 0: off)
     monitor_size: int = 128  # tiles of the monitor set
@@ -91,6 +93,7 @@ def check_config(cfg: PretrainConfig) -> None:
         raise GigaslideError(f"unknown engine '{cfg.engine}'", fix=f"use {', '.join(ENGINES)}")
     if cfg.devices < 1:
         raise GigaslideError(f"--devices {cfg.devices} must be at least 1")
+    check_background(cfg.background)
 
 
 def _round_to(x: float, multiple: int) -> int:
@@ -146,6 +149,8 @@ def identity(cfg: PretrainConfig, method_hparams: dict[str, Any] | None = None) 
         d["init"] = cfg.init  # a registry name / hub id: compared by value
     if d.get("slide_mpp") is None:
         d.pop("slide_mpp", None)  # runs made before --slide-mpp existed resume unchanged
+    if d.get("background") == "auto":
+        d.pop("background", None)  # and those made before --background existed (they detected it: auto)
     return d
 
 

@@ -62,14 +62,17 @@ class SlideSource:
     is kept as level-0 coordinates; slides are re-opened lazily in each worker. An index picks a
     grid cell; the tile is shifted by a random offset of up to half a tile so crops vary across epochs.
     What a tile at the slide's edge reads outside the slide is the slide's background, as tissue detection found it
-    (white glass; black on a dark-background, fluorescence slide, as ``encode`` reads it).
+    (white glass; black on a dark-background, fluorescence slide, as ``encode`` reads it); ``background`` (``auto``:
+    detected from each slide's thumbnail) forces it, ``bright`` or ``dark``, as ``tile --background``.
     """
 
     def __init__(self, slides: Sequence[str | os.PathLike], mpps: Sequence[float], tile_size: int,
-                 min_tissue: float = 0.5, slide_mpp: float | None = None):
+                 min_tissue: float = 0.5, slide_mpp: float | None = None, background: str = "auto"):
         from gigaslide.slides import open_slide
         from gigaslide.tiling import make_grid, segment_tissue
+        from gigaslide.tiling.tissue import check_background
 
+        check_background(background)
         self.paths = [str(p) for p in slides]
         self.mpps = [float(m) for m in mpps]
         self.tile_size = int(tile_size)
@@ -80,7 +83,7 @@ class SlideSource:
         for si, p in enumerate(self.paths):
             try:
                 with open_slide(p, mpp=slide_mpp) as s:
-                    tissue, _ = segment_tissue(s)
+                    tissue, _ = segment_tissue(s, background=background)
                     self.backgrounds[si] = tissue.info["background"]
                     for mi, m in enumerate(self.mpps):
                         grid = make_grid(s, tissue, target_mpp=m, tile_size=self.tile_size, min_tissue=min_tissue)
@@ -148,11 +151,12 @@ def looks_like_slide(path: str | os.PathLike) -> bool:
 
 
 def build_source(data: str | os.PathLike, mpps: Sequence[float], tile_size: int, min_tissue: float = 0.5,
-                 kind: str = "auto", slide_mpp: float | str | None = None):  # noqa: ANN201
+                 kind: str = "auto", slide_mpp: float | str | None = None, background: str = "auto"):  # noqa: ANN201
     """Slides (a slide file or a folder of slides) -> :class:`SlideSource`; tiles -> :class:`ImageFolderSource`.
 
     ``kind``: ``auto`` (slides when the folder holds whole-slide files), ``slides`` or ``tiles``. ``slide_mpp``: the
-    level-0 µm/px of slides whose files do not say (a number, or a CSV ``slide_id,mpp``), as ``--slide-mpp`` elsewhere.
+    level-0 µm/px of slides whose files do not say (a number, or a CSV ``slide_id,mpp``), as ``--slide-mpp`` elsewhere;
+    ``background``: the slides' (``auto``, ``bright`` or ``dark``), as ``--background`` elsewhere.
     """
     p = Path(data)
     if not p.exists():
@@ -160,14 +164,14 @@ def build_source(data: str | os.PathLike, mpps: Sequence[float], tile_size: int,
     if kind not in ("auto", "slides", "tiles"):
         raise GigaslideError(f"unknown data kind '{kind}'", fix="use auto, slides or tiles")
     if p.is_file():
-        return SlideSource([p], mpps, tile_size, min_tissue, slide_mpp)
+        return SlideSource([p], mpps, tile_size, min_tissue, slide_mpp, background)
     if kind == "tiles":
         return ImageFolderSource(p, tile_size)
     slides = sorted(f for f in p.rglob("*") if f.is_file() and looks_like_slide(f))
     if slides or kind == "slides":
         if not slides:
             raise GigaslideError("no slide files in this folder", path=p, fix="pass a folder of slides or use --data-kind tiles")
-        return SlideSource(slides, mpps, tile_size, min_tissue, slide_mpp)
+        return SlideSource(slides, mpps, tile_size, min_tissue, slide_mpp, background)
     return ImageFolderSource(p, tile_size)
 
 

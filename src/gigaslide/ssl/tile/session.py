@@ -193,7 +193,8 @@ def open_session(cfg: PretrainConfig, *, write: bool = True, device: torch.devic
     device = device or pick_device("auto")
     if cfg.workers is None:
         cfg = dataclasses.replace(cfg, workers=loader_workers(device))
-    source = build_source(cfg.data, cfg.mpp, cfg.tile_size, cfg.min_tissue, cfg.data_kind, cfg.slide_mpp)
+    source = build_source(cfg.data, cfg.mpp, cfg.tile_size, cfg.min_tissue, cfg.data_kind, cfg.slide_mpp,
+                          cfg.background)
     check_tile_count(len(source), cfg.batch_size, cfg.data)
     has_ckpt = runs.read_checkpoint_record(cfg.out) is not None if os.path.isdir(cfg.out) else False
     model, spec, init_source = build_model(cfg, load=not has_ckpt)  # --init is checked before the folder is touched
