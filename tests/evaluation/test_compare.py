@@ -71,8 +71,24 @@ def test_few_shot_draws_are_paired_only_for_the_same_training_tiles_and_seed():
     same = {**_report("abc", y, {"fewshot_1%": b, "linear": b[0]}), "train": {"fingerprint": "tr"}, "seed": 0}
     d = compare_reports(here, same, n_bootstrap=50)
     assert d["fewshot_1%"]["auc"]["draws"] == "paired" and d["linear"]["auc"]["draws"] == "fixed"
-    for other in ({"train": {"fingerprint": "other"}}, {"seed": 1}):
+    for other in ({"train": {}}, {"seed": 1}):  # training tiles not recorded on one side, or another seed
         d = compare_reports(here, {**same, **other}, n_bootstrap=50)
         assert d["fewshot_1%"]["auc"]["draws"] == "independent"
     assert "resample the draws too (the same draws on both sides)" in comparison_markdown(
         compare_reports(here, same, n_bootstrap=50), "b")
+
+
+def test_probes_trained_on_other_tiles_are_refused_and_tiles_resampled_within_classes():
+    """Two encoders' probes trained on other training tiles differ in their labels too: refused (they were compared
+    as if only the encoder differed). The paired bootstrap resamples the test tiles within each class, as the CIs
+    do: with 3 positives in 60, an unstratified resample without a positive made AUC undefined."""
+    y = np.r_[np.zeros(57, int), np.ones(3, int)]
+    a, b = _probs(y, 1.0, 0), _probs(y, 0.3, 1)
+    here = {**_report("abc", y, {"linear": a}), "train": {"fingerprint": "tr", "path": "a_tr.h5", "n": 300}}
+    base = {**_report("abc", y, {"linear": b}), "train": {"fingerprint": "tr2", "path": "b_tr.h5", "n": 300}}
+    with pytest.raises(GigaslideError, match="b_tr.h5: trained on other tiles|trained on other tiles.*b_tr.h5"):
+        compare_reports(here, base, path="b_tr.h5", fix_train="embed the same folder")
+    d = compare_reports(here, {**base, "train": here["train"]}, n_bootstrap=300, seed=2)["linear"]["auc"]
+    want = paired_difference(y, a, b, "auc", n_bootstrap=300, seed=2, strata=y)
+    assert (d["ci_low"], d["ci_high"]) == (want["ci_low"], want["ci_high"]) and "undefined_replicates" not in d
+    assert "undefined_replicates" in paired_difference(y, a, b, "auc", n_bootstrap=300, seed=2)  # unstratified

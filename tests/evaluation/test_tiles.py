@@ -210,3 +210,92 @@ def test_nan_test_features_name_the_test_file(tmp_path):
         evaluate_tile_features(store.load(tmp_path / "train.h5"), store.load(tmp_path / "test.h5"), "knn")
     with pytest.raises(GigaslideError, match=r"test\.h5: 1 tile\(s\) have NaN/inf"):  # and the training file's own
         evaluate_tile_features(store.load(tmp_path / "test.h5"), store.load(tmp_path / "train.h5"), "knn")
+
+
+def _stratified_indices(y, n_bootstrap, seed):
+    """Class-stratified bootstrap resamples, written out: each class's items resampled within the class."""
+    r = np.random.default_rng(seed)
+    out = np.empty((n_bootstrap, len(y)), np.int64)
+    pos = 0
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
+        out[:, pos: pos + len(members)] = members[r.integers(0, len(members), size=(n_bootstrap, len(members)))]
+        pos += len(members)
+    return out
+
+
+def test_tile_cis_resample_the_test_tiles_within_each_class():
+    """3 tumour tiles in 60: unstratified resamples without one (1 in 20) left AUC undefined and were dropped from the
+    CI unreported; the CI is now over class-stratified resamples, every one of them defined."""
+    from sklearn.metrics import roc_auc_score
+
+    X, y = _split(200, 0, sep=0.3)
+    Xt, yt = _split(400, 1, sep=0.3)
+    keep = np.r_[np.flatnonzero(yt == 0)[:57], np.flatnonzero(yt == 1)[:3]]
+    Xt, yt = Xt[keep], yt[keep]
+    rep = evaluate_tile_features((X, y), (Xt, yt), "knn", n_bootstrap=400, seed=3)
+    p = rep["test_probs"]["knn"]
+    reps = [roc_auc_score(yt[i], p[i, 1]) for i in _stratified_indices(yt, 400, 3)]
+    got = rep["protocols"]["knn"]["auc"]
+    assert (got["ci_low"], got["ci_high"]) == pytest.approx(tuple(np.percentile(reps, [2.5, 97.5])))
+    assert "undefined_replicates" not in got and got["ci_high"] - got["ci_low"] > 0.1
+
+
+def test_few_shot_ci_resamples_the_draws_and_reports_each_draw():
+    """1 label per class: the 5 draws' AUCs spread far wider than the test tiles move them, and the CI (test tiles
+    resampled, draws kept) left most draws' values outside it. Each replicate now resamples the draws too (with
+    replacement), and each draw's value is reported."""
+    from sklearn.metrics import roc_auc_score
+
+    r = np.random.default_rng(0)
+    c = r.normal(size=(2, 16)) * 0.7
+    ytr = r.integers(0, 2, 300)
+    Xtr = (c[ytr] + r.normal(size=(300, 16))).astype(np.float32)
+    yte = np.repeat([0, 1], 400)
+    Xte = (c[yte] + r.normal(size=(800, 16))).astype(np.float32)
+    rep = evaluate_tile_features((Xtr, ytr), (Xte, yte), "fewshot", n_bootstrap=200, seed=0, fewshot_repeats=5,
+                                 fewshot_settings=("1/class",))
+    got = rep["protocols"]["fewshot_1/class"]["auc"]
+    draws = rep["test_probs"]["fewshot_1/class"].astype(np.float64)
+    # per_draw: computed from the float64 probabilities the report scored (the saved ones are float32)
+    assert got["per_draw"] == pytest.approx([roc_auc_score(yte, d[:, 1]) for d in draws], abs=1e-6)
+    assert got["value"] == pytest.approx(np.mean(got["per_draw"]))
+    jd = np.random.default_rng([0, 1]).integers(0, 5, (200, 5))  # the draws of each replicate
+    reps = [np.mean([roc_auc_score(yte[i], draws[j][i, 1]) for j in jd[b]])
+            for b, i in enumerate(_stratified_indices(yte, 200, 0))]
+    assert (got["ci_low"], got["ci_high"]) == pytest.approx(tuple(np.percentile(reps, [2.5, 97.5])), abs=1e-5)
+    assert got["ci_low"] < sorted(got["per_draw"])[1] and got["ci_high"] > sorted(got["per_draw"])[-2]
+
+
+def test_training_and_test_files_of_the_same_tiles_are_refused(tmp_path):
+    """`embed-tiles` of one folder twice (or of one folder with two --limit draws) gave a train and a test file of
+    the same tiles: scored without a word, test tiles being training tiles."""
+    X, y = _split(60, 0)
+    Xt, yt = _split(40, 1)
+    store.save(tmp_path / "tr.h5", X, labels=y, attrs={"encoder": "toy", "tiles_fingerprint": "fp1",
+                                                        "source_folder": "/d/train"})
+    store.save(tmp_path / "same.h5", X, labels=y, attrs={"encoder": "toy", "tiles_fingerprint": "fp1",
+                                                          "source_folder": "/d/train"})
+    store.save(tmp_path / "sub.h5", Xt, labels=yt, attrs={"encoder": "toy", "tiles_fingerprint": "fp2",
+                                                           "source_folder": "/d/train"})
+    store.save(tmp_path / "te.h5", Xt, labels=yt, attrs={"encoder": "toy", "tiles_fingerprint": "fp3",
+                                                          "source_folder": "/d/valid"})
+    with pytest.raises(GigaslideError, match=r"same\.h5: the test tiles are the training tiles.*fix: embed"):
+        evaluate_tile_features(store.load(tmp_path / "tr.h5"), store.load(tmp_path / "same.h5"), "knn", n_bootstrap=0)
+    with pytest.raises(GigaslideError, match=r"sub\.h5: train and test tiles were embedded from the same folder"):
+        evaluate_tile_features(store.load(tmp_path / "tr.h5"), store.load(tmp_path / "sub.h5"), "knn", n_bootstrap=0)
+    assert "knn" in evaluate_tile_features(store.load(tmp_path / "tr.h5"), store.load(tmp_path / "te.h5"), "knn",
+                                           n_bootstrap=0)["protocols"]
+
+
+def test_a_baseline_whose_probes_trained_on_other_tiles_is_refused_before_probing(tmp_path, cli, capsys):
+    _saved_pair(tmp_path)
+    X, y = _split(300, 7)  # b's training file: other tiles
+    store.save(tmp_path / "b_tr.h5", X, labels=y, attrs={"encoder": "b", "tiles_fingerprint": "train-b"})
+    store.save(tmp_path / "a_tr.h5", _split(300, 0)[0], labels=_split(300, 0)[1],
+               attrs={"encoder": "a", "tiles_fingerprint": "train-a"})
+    assert cli(_args(tmp_path, "b")) == 0
+    assert cli(_args(tmp_path, "a", "--baseline", str(tmp_path / "rep_b"))) == 2
+    err = capsys.readouterr().err
+    assert "trained on other tiles" in err and "training tile folder" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "rep_a").exists()  # refused before any probing

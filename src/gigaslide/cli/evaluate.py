@@ -27,24 +27,26 @@ def evaluate_tiles(train: str, test: str, out: str, protocol: str = "linear,knn,
         test: feature file of the test tiles (same encoder)
         out: report directory (report.{md,json,png} and the test predictions, predictions.npz)
         protocol: comma-separated subset of linear,knn,fewshot
-        bootstrap: bootstrap resamples for the 95 % CIs (0 = none)
+        bootstrap: bootstrap resamples for the 95 % CIs (test tiles resampled within each class; 0 = none)
         k: neighbours of the k-NN probe (cosine)
-        fewshot_repeats: random draws per few-shot setting
+        fewshot_repeats: random draws per few-shot setting (each reported; the CI resamples the draws too)
         seed: random seed (validation split, few-shot draws, bootstrap)
-        baseline: --out folder of another `evaluate tiles` on the same test tiles: each protocol both have is
-            compared with it, paired (bootstrap over the same test tiles); writes OUT/comparison.{md,json}
+        baseline: --out folder of another `evaluate tiles` on the same test tiles (and, where both record them, the
+            same training tiles): each protocol both have is compared with it, paired (bootstrap over the same test
+            tiles); writes OUT/comparison.{md,json}
     """
-    from gigaslide.evaluation.compare import check_same_tiles
-    from gigaslide.evaluation.tiles import FIX_SAME_TILES, compare_with, evaluate_tile_features, report_markdown
-    from gigaslide.evaluation.tiles import saved_predictions
+    from gigaslide.evaluation.compare import check_same_tiles, check_same_training
+    from gigaslide.evaluation.tiles import FIX_SAME_TILES, FIX_SAME_TRAIN, compare_with, evaluate_tile_features
+    from gigaslide.evaluation.tiles import report_markdown, saved_predictions
     from gigaslide.features import store
 
-    test_f = store.load(test)
+    test_f, train_f = store.load(test), store.load(train)
     base = None
     if baseline:  # a wrong baseline is refused before any probing
         base = saved_predictions(baseline)
         check_same_tiles(test_f.attrs.get("tiles_fingerprint"), base, path=baseline, fix=FIX_SAME_TILES)
-    rep = evaluate_tile_features(store.load(train), test_f, protocol, n_bootstrap=bootstrap, seed=seed, k=k,
+        check_same_training(train_f.attrs.get("tiles_fingerprint"), base, path=baseline, fix=FIX_SAME_TRAIN)
+    rep = evaluate_tile_features(train_f, test_f, protocol, n_bootstrap=bootstrap, seed=seed, k=k,
                                  fewshot_repeats=fewshot_repeats, out=out)
     print(report_markdown(rep))
     print(f"wrote {out}/report.md, report.json, report.png, predictions.npz")
@@ -98,11 +100,12 @@ def evaluate_finetune(train: str, test: str, encoder: str, out: str, weights: st
         max_train: use a random subset of this many training tiles (fixed by --seed)
         precision: auto (bf16 AMP on CUDA, fp32 on CPU), bf16, fp16 or fp32
         workers: data-loader worker processes
-        bootstrap: bootstrap resamples for the 95 % CIs
+        bootstrap: bootstrap resamples for the 95 % CIs (test tiles resampled within each class)
         seed: random seed (subsets, splits, head init, augmentation)
         threads: torch CPU threads (default: torch's)
-        baseline: --out folder of another finished fine-tune run on the same --test tiles: each shared label fraction
-            is compared with it, paired (bootstrap over the same test tiles); writes OUT/comparison.{md,json}
+        baseline: --out folder of another finished fine-tune run on the same --test tiles and label draws (same
+            --train, --seed, --max-train): each shared label fraction is compared with it, paired (bootstrap over
+            the same test tiles); writes OUT/comparison.{md,json}
     """
     import torch
 
@@ -118,7 +121,7 @@ def evaluate_finetune(train: str, test: str, encoder: str, out: str, weights: st
     cfg = FinetuneConfig(fractions=fr, epochs=epochs, batch_size=batch_size, lr=lr, head_lr=head_lr, augment=augment,
                          max_train=max_train, precision=precision, workers=workers, seed=seed, n_bootstrap=bootstrap)
     if baseline:
-        check_baseline(baseline, test)  # no finished run, or one tested on other tiles: refused before any training
+        check_baseline(baseline, test, cfg)  # no finished run, other tiles or label draws: refused before training
     rep = finetune_tiles(train, test, encoder, out, weights=weights, cfg=cfg)
     print(report_markdown(rep))
     print(f"wrote {out}/report.md, report.json, report.png")

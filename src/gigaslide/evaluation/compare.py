@@ -2,9 +2,9 @@
 
 Two results are compared only on identical test items (tiles: the test set's fingerprint, names + labels +
 content; slides: the same slide ids with the same labels), and the difference of each metric is bootstrapped
-with one resample index for both (:func:`gigaslide.evaluation.metrics.paired_difference`), never read off two
-overlapping CIs. ``evaluate tiles`` / ``evaluate finetune`` / ``evaluate slides --baseline`` and ``gigaslide
-benchmark`` write their comparisons through this module.
+with one resample index for both (:func:`gigaslide.evaluation.metrics.paired_difference`; tiles: resampled within
+each class, as their CIs are), never read off two overlapping CIs. ``evaluate tiles`` / ``evaluate finetune`` /
+``evaluate slides --baseline`` and ``gigaslide benchmark`` write their comparisons through this module.
 """
 
 from __future__ import annotations
@@ -44,18 +44,23 @@ def compare_probs(labels: np.ndarray, probs: Mapping[str, np.ndarray], base_prob
 
 def compare_reports(report: Mapping[str, Any], base: Mapping[str, Any], *, path: str | os.PathLike | None = None,
                     n_bootstrap: int = 1000, seed: int = 0, fix_tiles: str = "compare results on the same --test tiles",
-                    fix_protocols: str = "evaluate the baseline with the same protocols") -> Diffs:
+                    fix_protocols: str = "evaluate the baseline with the same protocols",
+                    fix_train: str = "train both on the same tiles") -> Diffs:
     """``report`` minus ``base``, paired on the same test tiles, per protocol both have. Both are reports with
     ``test.fingerprint`` plus ``test_probs`` (protocol -> probabilities) and ``test_labels``; refused in one line
-    (``path``: the baseline, for the message) when the tiles differ or no protocol is shared."""
+    (``path``: the baseline, for the message) when the test tiles differ, the training tiles differ (where both
+    record them: ``train.fingerprint``), or no protocol is shared. The test tiles are
+    resampled within each class (their CIs' bootstrap), so AUC is defined on every replicate."""
     check_same_tiles(report["test"].get("fingerprint"), base, path=path, fix=fix_tiles)
     if not np.array_equal(np.asarray(report["test_labels"]), np.asarray(base["test_labels"])):  # same fingerprint
         raise GigaslideError("the baseline's test labels differ from this result's", path=path, fix=fix_tiles)
     train_fp = (report.get("train") or {}).get("fingerprint")
+    check_same_training(train_fp, base, path=path, fix=fix_train)
     same_draws = bool(train_fp) and train_fp == (base.get("train") or {}).get("fingerprint") and \
         report.get("seed") == base.get("seed") and report.get("fewshot_draws") == base.get("fewshot_draws")
-    diffs = compare_probs(report["test_labels"], report["test_probs"], base["test_probs"], n_bootstrap=n_bootstrap,
-                          seed=seed, same_draws=same_draws)
+    labels = np.asarray(report["test_labels"])
+    diffs = compare_probs(labels, report["test_probs"], base["test_probs"], n_bootstrap=n_bootstrap,
+                          seed=seed, same_draws=same_draws, strata=labels)
     if not diffs:
         raise GigaslideError(f"no protocol in common (baseline: {', '.join(base['test_probs'])})", path=path,
                              fix=fix_protocols)
@@ -72,6 +77,16 @@ def check_same_tiles(fingerprint: str | None, base: Mapping[str, Any], *, path: 
                 else "no record of which tiles were tested")
         raise GigaslideError(f"{what} (baseline: {base['test'].get('path')}, n={base['test'].get('n')})",
                              path=path, fix=fix)
+
+
+def check_same_training(fingerprint: str | None, base: Mapping[str, Any], *, path: str | os.PathLike | None = None,
+                        fix: str = "train both on the same tiles") -> None:
+    """Refuse, in one line, a baseline whose probes were trained on other tiles than ``fingerprint`` names (both
+    recorded): the two would differ in their training labels as well as their encoders."""
+    base_fp = (base.get("train") or {}).get("fingerprint")
+    if fingerprint and base_fp and fingerprint != base_fp:
+        raise GigaslideError(f"trained on other tiles than this result (baseline: {base['train'].get('path')}, "
+                             f"n={base['train'].get('n')})", path=path, fix=fix)
 
 
 def comparison_markdown(diffs: Diffs, baseline: str, items: str = "test tiles") -> str:
@@ -120,5 +135,6 @@ def _label(metric: str) -> str:
     return {"balanced_accuracy": "balanced acc", "auc": "AUC"}.get(metric, metric)
 
 
-__all__ = ["COMPARE_METRICS", "check_same_tiles", "compare_probs", "compare_reports", "comparison_markdown", "tally",
+__all__ = ["COMPARE_METRICS", "check_same_tiles", "check_same_training", "compare_probs", "compare_reports",
+           "comparison_markdown", "tally",
            "verdict"]

@@ -3,7 +3,10 @@
 All functions take integer labels ``y`` [N] and class probabilities ``probs`` [N, C] (C >= 2;
 a [N] vector is read as the positive-class probability of a binary task). AUC is the ROC AUC
 for two classes and the macro one-vs-rest AUC for more. A metric that is undefined on a sample
-(e.g. AUC with one class present) is NaN, and bootstrap replicates that are NaN are skipped.
+(e.g. AUC with one class present) is NaN, and bootstrap replicates that are NaN are skipped -- and counted
+(``undefined_replicates`` in :func:`summarize` and :func:`paired_difference`), since a CI of the replicates left is
+conditional on the classes drawn. Pass ``strata=y`` (a class-stratified bootstrap, as the tile evaluations do) so
+that every replicate keeps each class's count and none is undefined.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ def _binary_auc(pos: np.ndarray, score: np.ndarray) -> float:
 
 
 def auc(y: np.ndarray, probs: np.ndarray) -> float:
-    """ROC AUC (binary) or macro one-vs-rest AUC (multi-class); NaN if a class is absent."""
+    """ROC AUC (binary) or macro one-vs-rest AUC over the classes present in ``y`` (multi-class); NaN with fewer than
+    two classes present."""
     y = np.asarray(y).astype(int)
     p = as_probs(probs)
     n_classes = p.shape[1]
@@ -173,7 +177,8 @@ def bootstrap_ci(fn: MetricFn, y: np.ndarray, probs: np.ndarray, *, n_bootstrap:
 def summarize(y: np.ndarray, probs: np.ndarray, *, n_bootstrap: int = 1000, seed: int = 0,
               strata: np.ndarray | None = None, metrics: Sequence[str] = ("auc", "balanced_accuracy", "macro_f1"),
               groups: Sequence[Any] | np.ndarray | None = None) -> dict[str, dict[str, float]]:
-    """``{metric: {"value", "ci_low", "ci_high"}}`` with one shared set of bootstrap resamples."""
+    """``{metric: {"value", "ci_low", "ci_high"}}`` with one shared set of bootstrap resamples; a metric undefined
+    (NaN) on some replicates also gets ``undefined_replicates`` (how many the CI left out)."""
     y = np.asarray(y).astype(int)
     p = as_probs(probs)
     out: dict[str, dict[str, float]] = {m: {"value": METRICS[m](y, p)} for m in metrics}
@@ -182,6 +187,9 @@ def summarize(y: np.ndarray, probs: np.ndarray, *, n_bootstrap: int = 1000, seed
     for k, m in enumerate(metrics):
         lo, hi = percentile_ci(reps[:, k]) if len(reps) else (float("nan"), float("nan"))
         out[m].update(ci_low=float(lo), ci_high=float(hi))
+        n_nan = int(np.isnan(reps[:, k]).sum()) if len(reps) else 0
+        if n_nan:
+            out[m]["undefined_replicates"] = n_nan
     return out
 
 
@@ -210,8 +218,9 @@ def paired_difference(y: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, m
     ``"paired"`` resamples the draws too, with one index for both (the same draws on both sides, e.g. the same
     few-shot label subsets of the same training tiles; needs equal R); ``"independent"`` resamples each side's
     draws on its own. ``groups`` (each item's patient): whole groups are resampled (:func:`bootstrap_indices`),
-    recorded as ``resampled: "groups"`` (else ``"items"``). Returns ``diff``, its 95 % ``ci_low``/``ci_high`` and a
-    two-sided bootstrap ``p_value`` (twice the smaller share of replicates on either side of 0, floored at 1/B).
+    recorded as ``resampled: "groups"`` (else ``"items"``). Replicates where the metric is undefined are left out
+    and counted (``undefined_replicates``; ``strata=y`` avoids them). Returns ``diff``, its 95 % ``ci_low``/``ci_high``
+    and a two-sided bootstrap ``p_value`` (twice the smaller share of replicates on either side of 0, floored at 1/B).
     """
     y = np.asarray(y).astype(int)
     pa, pb = _draws(probs_a), _draws(probs_b)
@@ -235,6 +244,7 @@ def paired_difference(y: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, m
         return _mean_over_draws(fn, y, da, i) - _mean_over_draws(fn, y, db, i)
 
     reps = bootstrap_replicates(stat, len(y), n_bootstrap=n_bootstrap, seed=seed, strata=strata, groups=groups)
+    n_nan = int(np.isnan(reps).sum()) if len(reps) else 0
     reps = reps[~np.isnan(reps)] if len(reps) else reps
     lo, hi = percentile_ci(reps) if len(reps) else (float("nan"), float("nan"))
     if len(reps):
@@ -244,7 +254,7 @@ def paired_difference(y: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, m
         p = float("nan")
     return {"metric": metric, "diff": float(diff), "ci_low": float(lo), "ci_high": float(hi), "p_value": float(p),
             "n": int(len(y)), "n_bootstrap": int(n_bootstrap), "draws": draws or "fixed",
-            "resampled": "items" if groups is None else "groups"}
+            "resampled": "items" if groups is None else "groups", **({"undefined_replicates": n_nan} if n_nan else {})}
 
 
 def fmt_diff(d: dict[str, float], p: bool = True) -> str:

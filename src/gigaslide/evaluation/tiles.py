@@ -10,13 +10,16 @@ this base-layer module reads no files itself — load them with ``gigaslide.feat
   = neighbour vote fractions.
 * ``fewshot``: logistic regression (C = 1) trained on 1 % and 10 % of the training labels and on
   n = 1, 5, 10 labels per class, each drawn ``repeats`` times (scaler fitted on all training
-  features, which uses no labels); reported as the mean over draws, the std over draws and a
-  bootstrap CI in which each replicate averages the metric over the draws. A setting's draws are seeded by
+  features, which uses no labels); reported as the mean over draws, the std over draws, each draw's value
+  (``per_draw``) and a bootstrap CI in which each replicate resamples the test tiles (within classes) and the
+  draws (with replacement) and averages the metric over the draws drawn. A setting's draws are seeded by
   the seed, the setting's name and the draw (not by its place in the list of settings: ``10/class`` draws the
   same labels whether or not ``1%`` is evaluated too).
 
-Every score is computed on the test set with a percentile bootstrap 95 % CI over test tiles
-(:mod:`gigaslide.evaluation.metrics`). :func:`evaluate_tile_features` returns a dict and, with
+Every score is computed on the test set with a percentile bootstrap 95 % CI over test tiles, resampled within
+each class (the test set's class counts are kept, so AUC is defined on every replicate;
+:mod:`gigaslide.evaluation.metrics`). Train and test feature files of the same tiles or embedded from the same
+folder are refused (test tiles would be training tiles). :func:`evaluate_tile_features` returns a dict and, with
 ``out``, writes ``report.json``, ``report.md`` and ``report.png`` atomically.
 """
 
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,7 +57,8 @@ def _as_arrays(x: TileInput, role: str) -> tuple[np.ndarray, np.ndarray, dict[st
                                  fix="encode a labelled tile folder (class sub-folders) so tile labels are stored")
         attrs = getattr(x, "attrs", None) or {}
         meta = {"path": str(x.path) if x.path else None, "encoder": x.encoder, "dim": x.dim,
-                "fingerprint": attrs.get("tiles_fingerprint"), "classes": _class_names(attrs.get("classes"))}
+                "fingerprint": attrs.get("tiles_fingerprint"), "classes": _class_names(attrs.get("classes")),
+                "source_folder": attrs.get("source_folder")}
         return np.asarray(x.features, np.float32), np.asarray(x.labels).astype(np.int64), meta
     feats, labels = x
     feats = np.asarray(feats, np.float32)
@@ -63,7 +66,7 @@ def _as_arrays(x: TileInput, role: str) -> tuple[np.ndarray, np.ndarray, dict[st
     if feats.ndim != 2 or len(feats) != len(labels):
         raise GigaslideError(f"{role}: features must be [N, D] with N labels, got {feats.shape} and {labels.shape}")
     return feats, labels, {"path": None, "encoder": None, "dim": int(feats.shape[1]), "fingerprint": None,
-                           "classes": None}
+                           "classes": None, "source_folder": None}
 
 
 def _class_names(v: Any) -> list[str] | None:
@@ -99,6 +102,16 @@ def _check_pair(tr: dict[str, Any], te: dict[str, Any]) -> None:
     if tr["encoder"] and te["encoder"] and tr["encoder"] != te["encoder"]:
         raise GigaslideError(f"train encoder '{tr['encoder']}' differs from test encoder '{te['encoder']}'",
                              path=te["path"], fix="encode train and test with the same encoder")
+
+
+def _check_apart(tr: dict[str, Any], te: dict[str, Any]) -> None:
+    """Refuse, in one line, test tiles that are the training tiles (or drawn from the same folder)."""
+    fix = "embed the training and the test tiles from separate tile folders (e.g. pcam/train and pcam/valid)"
+    if tr["fingerprint"] and tr["fingerprint"] == te["fingerprint"]:
+        raise GigaslideError("the test tiles are the training tiles (same tiles fingerprint)", path=te["path"], fix=fix)
+    if tr["source_folder"] and tr["source_folder"] == te["source_folder"]:
+        raise GigaslideError(f"train and test tiles were embedded from the same folder {te['source_folder']}",
+                             path=te["path"], fix=fix)
 
 
 def _logreg(C: float, seed: int):  # noqa: ANN202
@@ -175,17 +188,25 @@ def few_shot(Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.ndarray,
             clf = _logreg(1.0, seed).fit(Xs[idx], ytr[idx])
             probs.append(_full_probs(clf, Xt, n_classes))
         res: dict[str, Any] = {"n_labels": n_used, "repeats": repeats}
+        # each replicate resamples the draws too (which labels were drawn moves the score as much as the test tiles
+        # do; a CI over test tiles alone would be as narrow with 1 label per class as with all of them)
+        jd = np.random.default_rng([seed, 1]).integers(0, repeats, (max(n_bootstrap, 0), repeats))
         for m, fn in METRICS.items():
             per_draw = [fn(yte, p) for p in probs]
+            replicate = iter(range(len(jd)))
 
-            def stat(b: np.ndarray, fn=fn, probs=probs) -> float:  # a replicate averages over the draws
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    return float(np.nanmean([fn(yte[b], p[b]) for p in probs]))
+            def stat(b: np.ndarray, fn=fn, probs=probs, replicate=replicate) -> float:
+                js, counts = np.unique(jd[next(replicate)], return_counts=True)
+                v = np.array([fn(yte[b], probs[j][b]) for j in js])
+                ok = ~np.isnan(v)  # a replicate averages its draws (each as often as drawn), NaN draws skipped
+                return float(np.average(v[ok], weights=counts[ok])) if ok.any() else float("nan")
 
-            lo, hi = percentile_ci(bootstrap_replicates(stat, len(yte), n_bootstrap=n_bootstrap, seed=seed))
+            reps = bootstrap_replicates(stat, len(yte), n_bootstrap=n_bootstrap, seed=seed, strata=yte)
+            lo, hi = percentile_ci(reps)
             res[m] = {"value": float(np.mean(per_draw)), "std": float(np.std(per_draw)),
-                      "ci_low": float(lo), "ci_high": float(hi)}
+                      "ci_low": float(lo), "ci_high": float(hi), "per_draw": [float(v) for v in per_draw]}
+            if int(np.isnan(reps).sum()):
+                res[m]["undefined_replicates"] = int(np.isnan(reps).sum())
         out[setting] = res
         if draws is not None:
             draws[setting] = np.stack(probs).astype(np.float32)
@@ -225,6 +246,7 @@ def evaluate_tile_features(train: TileInput, test: TileInput, protocols: Sequenc
     yte = _align_classes(mtr, mte, yte)
     if len(np.unique(ytr)) < 2:
         raise GigaslideError("training tiles have a single class", path=mtr["path"], fix="use a tile folder with at least two classes")
+    _check_apart(mtr, mte)
     for X, meta in ((Xtr, mtr), (Xte, mte)):  # the file that has them (the training file was named for both)
         bad = int((~np.isfinite(X)).any(axis=1).sum())
         if bad:
@@ -242,11 +264,12 @@ def evaluate_tile_features(train: TileInput, test: TileInput, protocols: Sequenc
         t0 = time.perf_counter()
         if proto == "linear":
             p, info = linear_probe(Xtr, ytr, Xte, n_classes, seed)
-            report["protocols"]["linear"] = {**summarize(yte, p, n_bootstrap=n_bootstrap, seed=seed), **info}
+            report["protocols"]["linear"] = {**summarize(yte, p, n_bootstrap=n_bootstrap, seed=seed, strata=yte),
+                                             **info}
             probs["linear"] = p
         elif proto == "knn":
             p = knn_probe(Xtr, ytr, Xte, n_classes, k)
-            report["protocols"]["knn"] = {**summarize(yte, p, n_bootstrap=n_bootstrap, seed=seed), "k": k}
+            report["protocols"]["knn"] = {**summarize(yte, p, n_bootstrap=n_bootstrap, seed=seed, strata=yte), "k": k}
             probs["knn"] = p
         else:
             draws: dict[str, np.ndarray] = {}
@@ -265,7 +288,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     enc = report["train"].get("encoder") or "features"
     lines = [f"# Tile-level evaluation ({enc}, D={report['train']['dim']})", "",
              f"train n={report['train']['n']} {report['train']['class_counts']}, test n={report['test']['n']} "
-             f"{report['test']['class_counts']}; 95 % bootstrap CIs over test tiles (B={report['n_bootstrap']})", "",
+             f"{report['test']['class_counts']}; 95 % bootstrap CIs over test tiles, resampled within each class "
+             f"(B={report['n_bootstrap']}; few-shot rows resample their draws too)", "",
              "| protocol | AUC | balanced acc | macro-F1 |", "|---|---|---|---|"]
     for name, r in report["protocols"].items():
         extra = f" (std over draws {r['auc']['std']:.3f})" if "std" in r["auc"] else ""
@@ -352,9 +376,13 @@ def compare_with(report: dict[str, Any], baseline: str | os.PathLike | dict[str,
 
     path = baseline if not isinstance(baseline, dict) else baseline["test"].get("path")
     base = saved_predictions(baseline) if not isinstance(baseline, dict) else baseline
-    return compare_reports(report, base, path=path, n_bootstrap=n_bootstrap, seed=seed, fix_tiles=FIX_SAME_TILES)
+    return compare_reports(report, base, path=path, n_bootstrap=n_bootstrap, seed=seed, fix_tiles=FIX_SAME_TILES,
+                           fix_train=FIX_SAME_TRAIN)
 
 
 #: how to get two tile evaluations onto the same, recorded test tiles
 FIX_SAME_TILES = ("embed the same test tile folder for both encoders with `gigaslide embed-tiles` (it records the "
                   "tiles), then evaluate both")
+#: how to get two tile evaluations' probes onto the same training tiles
+FIX_SAME_TRAIN = ("embed the same training tile folder (same --limit and --seed) for both encoders with "
+                  "`gigaslide embed-tiles`, then evaluate both")

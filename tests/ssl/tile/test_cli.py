@@ -46,9 +46,15 @@ def test_pretrain_then_embed_then_evaluate(labelled, tmp_path, capsys):
     assert json.loads(ff.attrs["classes"]) == ["normal", "tumor"]
     assert ff.encoder == "test_resnet_simclr" and ff.attrs["encoder_weights_sha256"].startswith("sha256:")
     np.testing.assert_allclose(store.load(tmp_path / "run.h5").features, ff.features, atol=1e-5)
-    rc = main(["evaluate", "tiles", "--train", str(tmp_path / "encoder.h5"), "--test", str(tmp_path / "encoder.h5"),
+    held_out = make_tile_folder(tmp_path / "held_out", 6, size=32, noise=20.0, seed=1)  # other tiles to test on
+    assert main(["embed-tiles", str(held_out), "--encoder", str(run), "--out", str(tmp_path / "test.h5")]) == 0
+    rc = main(["evaluate", "tiles", "--train", str(tmp_path / "encoder.h5"), "--test", str(tmp_path / "test.h5"),
                "--protocol", "linear,knn", "--bootstrap", "10", "--out", str(tmp_path / "report")])
     assert rc == 0 and (tmp_path / "report" / "report.json").is_file()
+    # the training tiles as test tiles are refused in one line (a probe scored on its own training tiles)
+    assert main(["evaluate", "tiles", "--train", str(tmp_path / "encoder.h5"), "--test", str(tmp_path / "encoder.h5"),
+                 "--out", str(tmp_path / "leak")]) == 2
+    assert "the test tiles are the training tiles" in capsys.readouterr().err
 
 
 def test_bad_inputs_give_one_line_errors(labelled, tmp_path, capsys):

@@ -238,3 +238,69 @@ def test_fp16_fine_tuning_scales_the_loss(folders, tmp_path):
                    cfg=FinetuneConfig(fractions=(1.0,), **{**CFG, "epochs": 1, "precision": "fp16"}))
     ck = runs.load_checkpoint(next((tmp_path / "o").glob("**/checkpoint")).parent)
     assert {"scale", "growth_factor"} <= set(ck["scaler"])  # a scaler that is off keeps no state
+
+
+def test_test_tiles_that_are_training_tiles_are_refused_before_training(folders, tmp_path):
+    """--test equal to --train, or a test tile copied among the training tiles: fine-tuned and scored on tiles it
+    trained on, without a word."""
+    import shutil
+
+    train, test = folders
+    cfg = FinetuneConfig(**{**CFG, "epochs": 1})
+    with pytest.raises(GigaslideError, match="the test folder is the training folder.*fix:"):
+        finetune_tiles(train, train, "test_resnet", tmp_path / "o1", weights="random", cfg=cfg)
+    leaky = tmp_path / "leaky"
+    shutil.copytree(train, leaky)
+    shutil.copy(test / "tumor" / sorted(p.name for p in (test / "tumor").iterdir())[0], leaky / "tumor" / "dup.png")
+    with pytest.raises(GigaslideError, match=r"test tile tumor/\S+ is also a training tile \(tumor/dup\.png"):
+        finetune_tiles(leaky, test, "test_resnet", tmp_path / "o2", weights="random", cfg=cfg)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_a_baseline_that_drew_other_labels_is_refused(folders, tmp_path, capsys):
+    """Another --seed draws other tiles for a label fraction: two runs of two encoders then differed in their labels
+    too, and were compared (paired, 'better') as if only the encoder did. Refused before training where the
+    baseline's settings tell (--seed, --max-train), and on the fractions' recorded training tiles."""
+    from gigaslide.ssl.tile.finetune import compare_reports
+
+    train, test = folders
+    args = ["evaluate", "finetune", "--train", str(train), "--test", str(test), "--encoder", "test_resnet",
+            "--weights", "random", "--epochs", "1", "--batch-size", "16", "--workers", "0", "--bootstrap", "20",
+            "--fractions", "0.5"]
+    assert cli([*args, "--out", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    assert cli([*args, "--out", str(tmp_path / "b"), "--seed", "1", "--baseline", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "seed=0" in err and "--seed" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()
+    a_rep, a_probs = saved_predictions(tmp_path / "a")
+    fp = a_rep["protocols"]["finetune_50%"]["train_fingerprint"]
+    assert isinstance(fp, str) and len(fp) == 16
+    here = {**a_rep, "test_probs": a_probs, "test_labels": np.repeat([0, 1], 20)}
+    assert compare_reports(here, here, n_bootstrap=10)["finetune_50%"]["auc"]["diff"] == 0.0
+    other = {**here, "protocols": {"finetune_50%": {**a_rep["protocols"]["finetune_50%"], "train_fingerprint": "x"}}}
+    with pytest.raises(GigaslideError, match="finetune_50% of the baseline trained on other tiles"):
+        compare_reports(here, other, n_bootstrap=10)
+
+
+def test_fine_tune_cis_resample_the_test_tiles_within_each_class(tmp_path):
+    from gigaslide.evaluation.metrics import bootstrap_indices, percentile_ci
+
+    abc = ("a", "b", "c")  # a and c share their colour: an AUC below 1, a CI of some width
+    train = make_tile_folder(tmp_path / "train", 6, seed=0, classes=abc)
+    test = make_tile_folder(tmp_path / "test", 10, seed=1, classes=abc)
+    cfg = FinetuneConfig(fractions=(1.0,), **{**CFG, "epochs": 1, "n_bootstrap": 100})
+    rep = finetune_tiles(train, test, "test_resnet", tmp_path / "a", weights="random", cfg=cfg)
+    y, p = rep["test_labels"], rep["test_probs"]["finetune_100%"].astype(np.float64)
+    reps = [METRICS["auc"](y[i], p[i]) for i in bootstrap_indices(len(y), 100, 0, strata=y)]
+    got = rep["protocols"]["finetune_100%"]["auc"]
+    assert got["ci_high"] - got["ci_low"] > 0.05  # not a degenerate CI that any resampling would give
+    assert (got["ci_low"], got["ci_high"]) == pytest.approx(percentile_ci(np.array(reps)), abs=1e-6)
+    # a result kept from before (CIs over unstratified resamples): its CIs are drawn again, the model not re-trained
+    res_file = tmp_path / "a" / "fraction_100pct" / "result.json"
+    old = json.loads(res_file.read_text())
+    old.pop("bootstrap")
+    res_file.write_text(json.dumps({**old, "auc": {**old["auc"], "ci_low": 0.0, "ci_high": 1.0}}))
+    again = finetune_tiles(train, test, "test_resnet", tmp_path / "a", weights="random", cfg=cfg)["protocols"]
+    assert again["finetune_100%"]["auc"] == got and "bootstrap" not in again["finetune_100%"]
+    assert again["finetune_100%"]["train_seconds"] == rep["protocols"]["finetune_100%"]["train_seconds"]

@@ -4,8 +4,12 @@ labelled tiles (Kang et al.'s second protocol), on all labels or a fraction of t
 For each label fraction the training folder's tiles are subsampled (stratified, at least two per
 class), a stratified validation split is held out for model selection (lowest validation loss;
 early stopping), and the selected model is tested on the test folder with the same metrics and
-bootstrap 95 % CIs as the frozen probes (:mod:`gigaslide.evaluation.tiles`), so the rows of one
-``report.md`` compare directly with ``gigaslide evaluate tiles``.
+bootstrap 95 % CIs as the frozen probes (:mod:`gigaslide.evaluation.tiles`; test tiles resampled within each class),
+so the rows of one ``report.md`` compare directly with ``gigaslide evaluate tiles``. A test folder that is, holds or
+lies in the training folder, or shares a tile (same content) with it, is refused. Each fraction records the
+fingerprint of the tiles it trained on (``train_fingerprint``): a comparison with a baseline that drew other tiles
+for a fraction (another ``--seed``, ``--max-train`` or ``--train``) is refused, since the two would differ in their
+labels as well as their encoders.
 
 Layout of ``OUT``: ``report.{json,md,png}`` (with the test tiles' fingerprint), ``comparison.{md,json}`` when run
 with a baseline (:func:`compare_runs`: paired against another run on the same test tiles), and one folder per
@@ -44,9 +48,11 @@ from gigaslide.evaluation.metrics import METRICS, summarize
 from gigaslide.evaluation.tiles import write_report
 from gigaslide.features.tiles import read_tile
 from gigaslide.ssl.tile.augment import random_flip_rotate, random_stain_jitter, to_float
-from gigaslide.tiling.folders import labelled_images, subsample, tiles_fingerprint
+from gigaslide.tiling.folders import file_digest, labelled_images, subsample, tiles_fingerprint
 
 AUGMENTS = ("pathology", "none")
+#: how a result's CIs were drawn (a result kept from another scheme has them drawn again from its test predictions)
+BOOTSTRAP = "test tiles within each class"
 
 
 @dataclass
@@ -254,11 +260,12 @@ def finetune_fraction(encoder: str, weights: str, train: tuple[list[Path], np.nd
     export_encoder(run_dir / "encoder", model.encoder.trunk, spec)
     probs, _ = predict_tiles(model, ds_te, cfg, device)
     ips = [h["images_per_s"] for h in state["history"]]
-    return {**summarize(test[1], probs, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed), "n_labels": len(train[1]) + len(val[1]),
+    return {**summarize(test[1], probs, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed, strata=test[1]),
+            "n_labels": len(train[1]) + len(val[1]),
             "n_train": len(train[1]), "n_val": len(val[1]), "best_epoch": state["best_epoch"],
             "epochs_run": state["epoch"], "train_seconds": round(state["train_seconds"], 1),
             "train_images_per_s": round(float(np.median(ips)), 1) if ips else None, "history": state["history"],
-            "key": key, "test_probs": probs.tolist()}
+            "key": key, "test_probs": probs.tolist(), "bootstrap": BOOTSTRAP}
 
 
 def _folder(path: str | os.PathLike, role: str) -> tuple[list[Path], np.ndarray, list[str]]:
@@ -288,6 +295,8 @@ def finetune_tiles(train_folder: str | os.PathLike, test_folder: str | os.PathLi
         raise GigaslideError("training tiles have a single class", path=train_folder, fix="use a tile folder with at least two classes")
     if cfg.max_train:
         files, labels = subsample(files, labels, limit=cfg.max_train, seed=cfg.seed)
+    te_digests = [file_digest(f) for f in te_files]
+    _check_no_leak(train_folder, files, test_folder, te_files, te_digests)
     probe = build_encoder(encoder, weights, seed=cfg.seed)  # fail early on a bad encoder / weights
     out = atomic.ensure_writable_dir(out)
     n_classes = len(classes)
@@ -296,7 +305,7 @@ def finetune_tiles(train_folder: str | os.PathLike, test_folder: str | os.PathLi
                   "n": len(labels), "class_counts": np.bincount(labels, minlength=n_classes).tolist()},
         "test": {"path": str(test_folder), "n": len(te_labels),
                  "class_counts": np.bincount(te_labels, minlength=n_classes).tolist(),
-                 "fingerprint": tiles_fingerprint(Path(test_folder), te_files, te_labels)},
+                 "fingerprint": tiles_fingerprint(Path(test_folder), te_files, te_labels, te_digests)},
         "classes": classes, "n_classes": n_classes, "n_bootstrap": cfg.n_bootstrap, "seed": cfg.seed,
         "config": dataclasses.asdict(cfg), "protocols": {}}
     del probe
@@ -310,8 +319,8 @@ def finetune_tiles(train_folder: str | os.PathLike, test_folder: str | os.PathLi
         result_file = run_dir / "result.json"
         res = json.loads(result_file.read_text()) if result_file.is_file() else None
         used = sorted(np.concatenate([tr, va]).tolist())
-        key = run_key(cfg, encoder, weights, len(tr), tiles_fingerprint(Path(train_folder), [files[i] for i in used],
-                                                                        labels[used]))
+        train_fp = tiles_fingerprint(Path(train_folder), [files[i] for i in used], labels[used])
+        key = run_key(cfg, encoder, weights, len(tr), train_fp)
         if (res is None or not same_training(res.get("key"), key) or "test_probs" not in res
                 or res.get("test_fingerprint") != report["test"]["fingerprint"]):
             # a finished checkpoint of the same training (a result from before test predictions or the test tiles'
@@ -320,15 +329,35 @@ def finetune_tiles(train_folder: str | os.PathLike, test_folder: str | os.PathLi
                                     (te_files, te_labels), n_classes, cfg, run_dir, key=key)
             res["test_fingerprint"] = report["test"]["fingerprint"]
             atomic.write_json(result_file, res)
-        elif res.get("key") != key:  # only --bootstrap differs: the same predictions, their CIs drawn again
-            res.update(summarize(te_labels, np.asarray(res["test_probs"]), n_bootstrap=cfg.n_bootstrap, seed=cfg.seed),
-                       key=key)
+        elif res.get("key") != key or res.get("bootstrap") != BOOTSTRAP:  # only --bootstrap (or how CIs are drawn)
+            # differs: the same predictions, their CIs drawn again
+            res.update(summarize(te_labels, np.asarray(res["test_probs"]), n_bootstrap=cfg.n_bootstrap, seed=cfg.seed,
+                                 strata=te_labels),
+                       key=key, bootstrap=BOOTSTRAP)
             atomic.write_json(result_file, res)
         report["protocols"][name] = {k: v for k, v in res.items()
-                                     if k not in ("history", "key", "test_probs", "test_fingerprint")}
+                                     if k not in ("history", "key", "test_probs", "test_fingerprint", "bootstrap")}
+        report["protocols"][name]["train_fingerprint"] = train_fp
         probs[name] = np.asarray(res["test_probs"], dtype=np.float32)
     write_report(report, out)
     return {**report, "test_probs": probs, "test_labels": np.asarray(te_labels)}
+
+
+def _check_no_leak(train_folder: str | os.PathLike, files: list[Path], test_folder: str | os.PathLike,
+                   te_files: list[Path], te_digests: list[bytes]) -> None:
+    """Refuse, in one line, test tiles that are training tiles: one folder in the other, or a shared file content."""
+    fix = "test on a tile folder apart from the training folder (e.g. pcam/valid for pcam/train)"
+    a, b = Path(train_folder).resolve(), Path(test_folder).resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise GigaslideError(f"the test folder {'is' if a == b else 'overlaps'} the training folder {train_folder}",
+                             path=test_folder, fix=fix)
+    where = {d: f for f, d in zip(te_files, te_digests)}
+    for f in files:
+        hit = where.get(file_digest(f))
+        if hit is not None:
+            raise GigaslideError(f"test tile {Path(hit).relative_to(test_folder).as_posix()} is also a training tile "
+                                 f"({Path(f).relative_to(train_folder).as_posix()}, same content)", path=test_folder,
+                                 fix=fix)
 
 
 def _fraction_dir(out: Path, protocol: str) -> Path:
@@ -353,10 +382,17 @@ def saved_predictions(out: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     return report, probs
 
 
-def check_baseline(baseline: str | os.PathLike, test_folder: str | os.PathLike) -> None:
-    """Refuse, before any training, a ``baseline`` that is no finished fine-tune run or was tested on other tiles
-    than ``test_folder``'s (one line)."""
+def check_baseline(baseline: str | os.PathLike, test_folder: str | os.PathLike,
+                   cfg: FinetuneConfig | None = None) -> None:
+    """Refuse, before any training, a ``baseline`` that is no finished fine-tune run, was tested on other tiles
+    than ``test_folder``'s, or (``cfg``) drew its label fractions with another seed or ``max_train`` (one line)."""
     base, _ = saved_predictions(baseline)
+    old = base.get("config") or {}
+    for k in ("seed", "max_train"):
+        if cfg is not None and k in old and old[k] != getattr(cfg, k):
+            raise GigaslideError(f"the baseline drew its label fractions with {k}={old[k]}, this run with "
+                                 f"{getattr(cfg, k)}", path=baseline,
+                                 fix=f"fine-tune both with the same --{k.replace('_', '-')}")
     files, labels, _ = _folder(test_folder, "test")
     compare.check_same_tiles(tiles_fingerprint(Path(test_folder), files, labels), base, path=baseline, fix=_FIX_TILES)
 
@@ -368,10 +404,28 @@ def compare_reports(report: dict[str, Any], base: dict[str, Any], *, n_bootstrap
                     path: str | os.PathLike | None = None) -> Diffs:
     """``report`` minus ``base`` (both as :func:`finetune_tiles` returns them), paired on the same test tiles, per
     label fraction both have (:func:`gigaslide.evaluation.compare.compare_reports`). Refused when the two runs
-    were tested on other tiles (``path``: the baseline's folder, for the message)."""
+    were tested on other tiles, or trained a shared fraction on other tiles (``train_fingerprint``: another label
+    draw; ``path``: the baseline's folder, for the message)."""
+    compare.check_same_tiles(report["test"].get("fingerprint"), base, path=path, fix=_FIX_TILES)
+    check_same_draws(report, base, path=path)
     return compare.compare_reports(report, base, path=path, n_bootstrap=n_bootstrap, seed=seed,
                                    fix_tiles=_FIX_TILES,
                                    fix_protocols="fine-tune the baseline at the same --fractions")
+
+
+def check_same_draws(report: dict[str, Any], base: dict[str, Any], *, path: str | os.PathLike | None = None) -> None:
+    """Refuse, in one line, a baseline that fine-tuned a label fraction of this run on other training tiles."""
+    for name, r in report["protocols"].items():
+        b = base["protocols"].get(name)
+        if b is None or not r.get("train_fingerprint"):
+            continue
+        if not b.get("train_fingerprint"):
+            raise GigaslideError(f"the baseline does not record which tiles {name} trained on", path=path,
+                                 fix="re-run the baseline with its own settings (finished fractions are reused)")
+        if b["train_fingerprint"] != r["train_fingerprint"]:
+            raise GigaslideError(f"{name} of the baseline trained on other tiles (another label draw: --seed, "
+                                 f"--max-train or --train differ)", path=path,
+                                 fix="fine-tune both with the same --train, --seed and --max-train")
 
 
 def compare_runs(report: dict[str, Any], baseline: str | os.PathLike, *, n_bootstrap: int = 1000,
@@ -382,5 +436,5 @@ def compare_runs(report: dict[str, Any], baseline: str | os.PathLike, *, n_boots
                            n_bootstrap=n_bootstrap, seed=seed, path=baseline)
 
 
-__all__ = ["AUGMENTS", "Classifier", "FinetuneConfig", "check_baseline", "compare_reports", "compare_runs",
-           "finetune_fraction", "finetune_tiles", "label_subset", "predict_tiles", "saved_predictions"]
+__all__ = ["AUGMENTS", "Classifier", "FinetuneConfig", "check_baseline", "check_same_draws", "compare_reports",
+           "compare_runs", "finetune_fraction", "finetune_tiles", "label_subset", "predict_tiles", "saved_predictions"]
