@@ -221,3 +221,171 @@ def test_a_run_trained_on_class_names_names_its_columns(tiny, tmp_path):
     _, p1, _ = _held_out(run, "s2")
     assert a.obs.loc[s2, "run P(tumor)"].to_numpy() == pytest.approx(p1, abs=1e-6)
     assert a.obs.loc[s2, "run P(normal)"].to_numpy() == pytest.approx(1 - p1, abs=1e-5)
+
+
+def _cohort(out, n_slides: int, n_tiles: int = 30, dim: int = 512):  # noqa: ANN001, ANN202
+    """``n_slides`` feature files written directly (seeded), no slides / patches: what the exports read."""
+    rng = np.random.default_rng(0)
+    feats = {}
+    for i in range(n_slides):
+        sid = f"c{i:03d}"
+        feats[sid] = rng.standard_normal((n_tiles, dim)).astype(np.float32)
+        coords = np.stack([np.arange(n_tiles) * 64, np.full(n_tiles, 64 * i)], 1)
+        store.save(out / "features" / f"{sid}.h5", feats[sid], coords, coords_attrs={"patch_size_level0": 64},
+                   attrs={"encoder": "toy", "mpp": 1.0, "tile_size": 64, "slide_id": sid})
+    return feats
+
+
+def test_a_damaged_feature_file_among_many_is_left_out_in_one_line(tmp_path):
+    """One truncated file and one whose features fail their checksum among 12: the export stopped at the first with
+    an error (QuPath after writing the files before it); now each is one note naming the file, the others exported,
+    every row of X the features of the slide and tile obs names it."""
+    import anndata as ad
+
+    from gigaslide.export import export_anndata, export_qupath
+
+    out = tmp_path / "out"
+    feats = _cohort(out, 12)
+    cut = out / "features" / "c003.h5"
+    cut.write_bytes(cut.read_bytes()[:4000])
+    flip = out / "features" / "c007.h5"
+    import h5py
+
+    with h5py.File(flip, "r") as f:
+        at = f["features"].id.get_chunk_info(0).byte_offset + 100
+    raw = bytearray(flip.read_bytes())
+    raw[at] ^= 0xFF
+    flip.write_bytes(bytes(raw))
+    path, _, problems = export_anndata([out], tmp_path / "a.h5ad")
+    bad = [p for p in problems if "left out" in p]
+    assert len(bad) == 2 and str(cut) in bad[0] and str(flip) in bad[1] and all("\n" not in p for p in bad)
+    a = ad.read_h5ad(path)
+    kept = [s for s in feats if s not in ("c003", "c007")]
+    assert list(a.obs["slide_id"].cat.categories) == kept and a.n_obs == 30 * len(kept)
+    for s in kept:
+        rows = (a.obs["slide_id"] == s).to_numpy()
+        np.testing.assert_array_equal(a.X[rows], feats[s])
+        assert list(a.obs_names[rows]) == [f"{s}:{t}" for t in range(30)]
+    files, problems = export_qupath([out], tmp_path / "gj")
+    assert sorted(f.stem for f in files) == kept
+    assert [p for p in problems if "left out" in p] == bad
+
+
+def test_anndata_export_holds_the_features_once(tmp_path):
+    """The features were held twice (a list of every slide's arrays, then their concatenation): X is filled slide by
+    slide instead, so the export's peak allocation is X and one slide more, not twice X."""
+    import tracemalloc
+
+    from gigaslide.export import build_anndata
+
+    out = tmp_path / "out"
+    _cohort(out, 24, n_tiles=40, dim=1024)
+    build_anndata([out])  # imports and first-use caches outside the measure
+    tracemalloc.start()
+    try:
+        a, _ = build_anndata([out])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert a.X.nbytes == 24 * 40 * 1024 * 4
+    assert peak < 1.3 * a.X.nbytes, (peak, a.X.nbytes)
+
+
+def test_listing_opens_no_file_and_exports_complete_entries(tiny, tmp_path, monkeypatch):
+    """The catalogue lists slides from file names alone (the viewer's first page, thousands of slides); the exports
+    complete each entry from the attributes store.load read (one HDF5 open of each features file for them)."""
+    import h5py
+
+    from gigaslide.export import build_anndata, catalog
+
+    opened: list[str] = []
+    real = h5py.File
+
+    def spy(name, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        opened.append(str(name))
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(h5py, "File", spy)
+    entries, _ = catalog.list_slides([tiny.out])
+    assert sorted(entries) == [f"s{i}" for i in range(6)] and opened == []
+    assert entries["s0"].features == tiny.out / "features" / "s0.h5" and entries["s0"].slide_path is None
+    want, _ = catalog.scan([tiny.out])
+    assert catalog.complete_entry(entries["s0"]) == want["s0"]
+    opened.clear()
+    build_anndata([tiny.out])
+    feature_opens = [p for p in opened if "/features/" in p]
+    assert sorted(set(feature_opens)) == sorted(str(tiny.out / "features" / f"s{i}.h5") for i in range(6))
+    assert len(feature_opens) == 2 * 6  # its attributes and coords, then its features: never a third time
+
+
+def test_runs_of_the_same_folder_name_are_stored_flat_in_the_h5ad(tiny, tmp_path):
+    """Runs a/abmil and b/abmil: the '/' of their names made HDF5 groups (uns runs read back as {'a': {'abmil'}},
+    obs columns nested; newer anndata refuses to write it). Stored as 'a:abmil' with the run's name kept."""
+    import shutil
+    import warnings
+
+    import anndata as ad
+
+    from gigaslide.export import export_anndata
+
+    a_run, b_run = tmp_path / "a" / "abmil", tmp_path / "b" / "abmil"
+    shutil.copytree(tiny.run, a_run)
+    shutil.copytree(tiny.run, b_run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # "Forward slashes will be disallowed in h5 stores"
+        path, _, _ = export_anndata([tiny.out], tmp_path / "x.h5ad", runs=[a_run, b_run])
+    a = ad.read_h5ad(path)
+    runs = a.uns["gigaslide"]["runs"]
+    assert sorted(runs) == ["a:abmil", "b:abmil"] and runs["a:abmil"]["name"] == "a/abmil"
+    assert "a:abmil attention" in a.obs and "b:abmil fold" in a.obs
+
+
+def test_anndata_obs_as_scanpy_users_group_by_it(tiny, tmp_path):
+    """Two OUT_DIRs sharing slide ids: obs names stay unique (id@k); a run's slide label and held-out fold are
+    categories (discrete groups / colours), slide_id too; uns reads back with the same plain values."""
+    import shutil
+
+    import anndata as ad
+
+    from gigaslide.export import export_anndata
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny.out, other)
+    path, built, _ = export_anndata([tiny.out, other], tmp_path / "x.h5ad", runs=[tiny.run])
+    a = ad.read_h5ad(path)
+    n_tiles = sum(len(store.load(f, arrays=False)) for f in (tiny.out / "features").glob("*.h5"))
+    assert a.obs_names.is_unique and "s0@1:0" in a.obs_names and a.n_obs == 2 * n_tiles
+    for col in ("slide_id", "run label", "run fold"):
+        assert str(a.obs[col].dtype) == "category", col
+    assert sorted(a.obs["run fold"].cat.categories) == [0, 1] and a.obs["run fold"].notna().all()
+    _, p1, label = _held_out(tiny.run, "s2")
+    assert (a.obs.loc[a.obs["slide_id"] == "s2", "run label"] == label).all()
+    u = a.uns["gigaslide"]
+    assert u["slides"]["s0@1"]["features"] == str(other / "features" / "s0.h5")
+    assert json.loads(json.dumps(built.uns["gigaslide"])) == built.uns["gigaslide"]  # plain values only
+    np.testing.assert_array_equal(a.obsm["spatial"], built.obsm["spatial"])
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_an_h5ad_export_stopped_by_sigterm_leaves_no_file_behind(tmp_path):
+    """SIGTERM (a batch system's time limit) while the .h5ad is written: no .h5ad, and no hidden temporary file as
+    large as the features either (Python's default SIGTERM ended the process before atomic_path could remove it)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    _cohort(out, 3, dim=16)
+    child = (
+        "import os, signal, sys, time\n"
+        "import anndata\n"
+        "from gigaslide.export import export_anndata\n"
+        "def partial(self, path, *a, **k):\n"
+        "    open(path, 'wb').write(b'half an h5ad')\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(60)\n"
+        "anndata.AnnData.write_h5ad = partial\n"
+        "export_anndata([sys.argv[1]], sys.argv[2])\n")
+    target = tmp_path / "res" / "x.h5ad"
+    r = subprocess.run([sys.executable, "-c", child, str(out), str(target)], capture_output=True, timeout=300)
+    assert r.returncode == 143, r.stderr.decode()[-500:]
+    assert not target.exists() and list(target.parent.iterdir()) == []

@@ -470,6 +470,19 @@ def test_entries_completed_on_first_use_are_the_catalogues(tiny_copy, tmp_path):
     assert cat.entries["s1@1"].slide_path == want["s1@1"].slide_path != None  # noqa: E711
 
 
+def test_the_viewer_catalogue_uses_the_exports_public_listing_and_completion():
+    """The viewer lists and completes slides with export.catalog's public list_slides / complete_entry (it imported
+    the private _read_attrs / _slide_path and repeated the per-slide reading: two copies to keep equal)."""
+    import ast
+    import inspect
+
+    import gigaslide.viewer.catalog as vc
+
+    imported = {a.name for node in ast.walk(ast.parse(inspect.getsource(vc))) if isinstance(node, ast.ImportFrom)
+                and (node.module or "").startswith("gigaslide.") for a in node.names}
+    assert {"list_slides", "complete_entry"} <= imported and not any(n.startswith("_") for n in imported), imported
+
+
 def test_layers_of_a_slide_with_a_damaged_feature_file_say_why(tiny_copy):
     """A truncated features file: the tile grid and the run's layers were offered (available), and every one of their
     tiles then answered 404; they are listed unavailable with the file's one-line error, the tissue layer still is."""

@@ -5,9 +5,9 @@ Reads only on-disk artifacts and public functions of the lower stages; :mod:`gig
 """
 
 from gigaslide.export.anndata_export import build_anndata, export_anndata
-from gigaslide.export.catalog import SlideEntry, scan, scan_out_dir
+from gigaslide.export.catalog import SlideEntry, complete_entry, list_slides, scan, scan_out_dir
 from gigaslide.export.qupath import export_qupath, tiles_geojson
 from gigaslide.export.runs import Run, TileScorer, load_run, load_runs
 
-__all__ = ["Run", "SlideEntry", "TileScorer", "build_anndata", "export_anndata", "export_qupath", "load_run", "load_runs", "scan",
-           "scan_out_dir", "tiles_geojson"]
+__all__ = ["Run", "SlideEntry", "TileScorer", "build_anndata", "complete_entry", "export_anndata", "export_qupath",
+           "list_slides", "load_run", "load_runs", "scan", "scan_out_dir", "tiles_geojson"]

@@ -3,14 +3,19 @@
 One observation per tile: ``X`` = features [N, D] float32; ``obs`` = ``slide_id`` (categorical),
 ``tile`` (row in the slide's feature file), ``x``/``y`` (level-0 px), ``tissue``, ``tile_label``
 (when the feature file has tile labels) and, per run, the slide's label, held-out fold and
-probabilities and the tile's attention / percentile / probability (see :mod:`gigaslide.export.tables`);
+probabilities and the tile's attention / percentile / probability (see :mod:`gigaslide.export.tables`; a run's
+slide label and fold are categorical; a run name's ``/`` is stored as ``:``, which HDF5 would take for a group);
 ``obsm["spatial"]`` = tile top-left corners in level-0 px (as every gigaslide coordinate);
 ``uns["gigaslide"]`` = provenance (encoder, weights, mpp, tile size, sources, runs, per-slide slide mpp).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +24,7 @@ import numpy as np
 from gigaslide import atomic
 from gigaslide.errors import GigaslideError
 from gigaslide.features import store
-from gigaslide.export.catalog import scan
+from gigaslide.export.catalog import list_slides
 from gigaslide.export.runs import TileScorer, load_runs
 from gigaslide.export.tables import encoded_slides, run_columns, tissue_fraction
 from gigaslide.provenance import provenance
@@ -40,18 +45,55 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+def _h5_name(name: str) -> str:
+    """A column / key name h5ad can store: a ``/`` (runs of the same folder name are called ``a/abmil``,
+    ``b/abmil``) would make HDF5 groups (read back as nested ``{"a": {"abmil": ...}}``; refused by newer anndata)."""
+    return name.replace("/", ":")
+
+
+def _int_categories(col: Any) -> Any:
+    """A float column of whole numbers (NaN where unknown) as a categorical of int64 categories (a slide's label or
+    held-out fold: groups for ``scanpy`` / discrete colours, not a continuous scale)."""
+    import pandas as pd
+
+    v = np.asarray(col, np.float64)
+    known = np.isfinite(v)
+    cats = np.unique(v[known]).astype(np.int64)
+    codes = np.full(len(v), -1, np.int64)
+    codes[known] = np.searchsorted(cats, v[known].astype(np.int64))
+    return pd.Categorical.from_codes(codes, categories=cats)
+
+
 def build_anndata(out_dirs: list[str | os.PathLike], runs: list[str | os.PathLike] = (),
                   tile_probability: bool = False) -> tuple[Any, list[str]]:
-    """The AnnData of every encoded slide in ``out_dirs`` (+ problems: slides left out and why)."""
+    """The AnnData of every encoded slide in ``out_dirs`` (+ problems: slides left out and why).
+
+    Two passes, so that the features are held once: every file's coords and attributes first (the files are checked
+    for compatibility before any features are read), then each slide's features read straight into ``X``."""
     import anndata as ad  # heavy (pandas): only when exporting
     import pandas as pd
 
-    entries, problems = scan(list(out_dirs))
+    where = ", ".join(map(str, out_dirs))
+    entries, problems = list_slides(list(out_dirs))
     run_list = load_runs(list(runs))
+    slides = list(encoded_slides(entries.values(), problems, arrays=False))  # features not read yet
+    if slides:
+        store.check_consistent([ff for _, ff in slides], where=where)
+    X = np.empty((sum(len(ff) for _, ff in slides), slides[0][1].dim if slides else 0), np.float32)
+    spatial = np.empty((len(X), 2), np.float64)
     scorer = TileScorer()
-    X, obs_parts, spatial, slides_uns, files = [], [], [], {}, []
-    for e, ff in encoded_slides(entries.values(), problems):
-        files.append(ff)
+    obs_parts, slides_uns, n, first = [], {}, 0, None
+    for e, lazy in slides:
+        try:
+            ff = lazy.loaded()
+        except GigaslideError as err:  # damaged inside (a checksum), seen only when the features are read
+            problems.append(f"{e.slide_id}: {err.one_line()} -- left out")
+            continue
+        first = lazy if first is None else first
+        rows = slice(n, n + len(ff))
+        X[rows] = ff.features
+        spatial[rows] = ff.coords
+        n += len(ff)
         cols, probs = run_columns(e, ff, run_list, scorer, tile_probability)
         problems += probs
         df = pd.DataFrame({"slide_id": e.key, "tile": np.arange(len(ff)), "x": ff.coords[:, 0], "y": ff.coords[:, 1],
@@ -59,26 +101,28 @@ def build_anndata(out_dirs: list[str | os.PathLike], runs: list[str | os.PathLik
         if ff.labels is not None:
             df["tile_label"] = np.asarray(ff.labels, np.int64)
         for k, v in cols.items():
-            df[k] = v
+            df[_h5_name(k)] = v
         obs_parts.append(df)
-        X.append(np.asarray(ff.features, np.float32))
-        spatial.append(ff.coords.astype(np.float64))
         slides_uns[e.key] = {"slide_path": e.slide_path, "features": e.features, "slide_mpp": e.slide_mpp,
                              "tile_size_level0": ff.tile_size_level0, "n_tiles": len(ff)}
-    if not X:
-        raise GigaslideError("no encoded slides to export", path=", ".join(map(str, out_dirs)),
+        del ff
+    if not obs_parts:
+        raise GigaslideError("no encoded slides to export", path=where,
                              fix="run `gigaslide encode SLIDES --out OUT_DIR` and pass OUT_DIR")
-    store.check_consistent(files, where=", ".join(map(str, out_dirs)))
     obs = pd.concat(obs_parts, ignore_index=True)
     obs["slide_id"] = obs["slide_id"].astype("category")
+    for r in run_list:
+        for c in (f"{r.name} label", f"{r.name} fold"):
+            if _h5_name(c) in obs:
+                obs[_h5_name(c)] = _int_categories(obs[_h5_name(c)])
     obs.index = [f"{s}:{t}" for s, t in zip(obs["slide_id"].astype(str), obs["tile"])]
-    adata = ad.AnnData(X=np.concatenate(X), obs=obs)
-    adata.obsm["spatial"] = np.concatenate(spatial)
-    first = files[0]
+    adata = ad.AnnData(X=X[:n], obs=obs)  # a view of X: no copy when a damaged slide left rows unused
+    adata.obsm["spatial"] = spatial[:n]
     adata.uns["gigaslide"] = _clean(provenance(
         "anndata_export", encoder=first.encoder, encoder_weights_sha256=first.attrs.get("encoder_weights_sha256"),
         mpp=first.mpp, tile_size=first.attrs.get("tile_size"), sources=[str(d) for d in out_dirs],
-        runs={r.name: {"path": str(r.path), "kind": r.kind, "model": r.model} for r in run_list},
+        runs={_h5_name(r.name): {"name": r.name, "path": str(r.path), "kind": r.kind, "model": r.model}
+              for r in run_list},
         coordinates="obsm['spatial'] = tile top-left corner, level-0 px", slides=slides_uns, problems=problems))
     return adata, problems
 
@@ -87,6 +131,24 @@ def export_anndata(out_dirs: list[str | os.PathLike], out: str | os.PathLike, ru
                    tile_probability: bool = False) -> tuple[Path, Any, list[str]]:
     """Write the AnnData atomically to ``out`` (.h5ad); returns (path, adata, problems)."""
     adata, problems = build_anndata(out_dirs, runs, tile_probability)
-    with atomic.atomic_path(out, suffix=".h5ad") as tmp:
+    with _sigterm_exits(), atomic.atomic_path(out, suffix=".h5ad") as tmp:
         adata.write_h5ad(tmp)
     return Path(out), adata, problems
+
+
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """SIGTERM (``kill``, a batch system's time limit) as ``SystemExit(143)`` while the .h5ad is written, so that the
+    temporary file (as large as the features) is removed, as on Ctrl-C; Python's default would leave it behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)

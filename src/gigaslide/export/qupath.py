@@ -19,7 +19,7 @@ import numpy as np
 from gigaslide import atomic
 from gigaslide.errors import GigaslideError
 from gigaslide.mil.heatmap import tile_size_of
-from gigaslide.export.catalog import scan
+from gigaslide.export.catalog import list_slides
 from gigaslide.export.runs import TileScorer, load_runs
 from gigaslide.export.tables import encoded_slides, run_columns, tissue_fraction
 
@@ -51,7 +51,7 @@ def export_qupath(out_dirs: list[str | os.PathLike], out: str | os.PathLike, run
     if object_type not in ("tile", "detection", "annotation"):
         raise GigaslideError(f"object type '{object_type}' is not one QuPath imports here",
                              fix="use --object-type tile (or detection)")
-    entries, problems = scan(list(out_dirs))
+    entries, problems = list_slides(list(out_dirs))  # each entry is completed when its slide is exported
     run_list = load_runs(list(runs))
     scorer = TileScorer()
     out_d = atomic.ensure_writable_dir(out)

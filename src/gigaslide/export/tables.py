@@ -8,18 +8,26 @@ import h5py
 import numpy as np
 
 from gigaslide.errors import GigaslideError
-from gigaslide.export.catalog import SlideEntry
+from gigaslide.export.catalog import SlideEntry, complete_entry
 from gigaslide.features import store
 from gigaslide.export.runs import Run, TileScorer
 
 
-def encoded_slides(entries: Any, problems: list[str]):  # noqa: ANN201
-    """``(entry, FeatureFile)`` of every slide with tiles; the others are noted in ``problems`` and left out."""
+def encoded_slides(entries: Any, problems: list[str], *, arrays: bool = True):  # noqa: ANN201
+    """``(entry, FeatureFile)`` of every slide with tiles, the entry completed from the file's attributes
+    (:func:`~gigaslide.export.catalog.complete_entry`); the others (no features file, no tiles, a damaged file) are
+    noted in ``problems`` (one line each) and left out, so one bad file among thousands does not stop an export.
+    ``arrays=False``: the features are read when used (``ff.loaded()``, which may still find the file damaged)."""
     for e in entries:
         if e.features is None:
             problems.append(f"{e.slide_id}: no features/{e.slide_id}.h5 ({e.error or 'not encoded'}) -- left out")
             continue
-        ff = store.load(e.features)
+        try:
+            ff = store.load(e.features, arrays=arrays)
+        except GigaslideError as err:
+            problems.append(f"{e.slide_id}: {err.one_line()} -- left out")
+            continue
+        complete_entry(e, (ff.attrs, ff.coords_attrs))
         if len(ff) == 0:
             problems.append(f"{e.slide_id}: no tiles -- left out")
             continue
