@@ -389,3 +389,24 @@ def test_an_h5ad_export_stopped_by_sigterm_leaves_no_file_behind(tmp_path):
     r = subprocess.run([sys.executable, "-c", child, str(out), str(target)], capture_output=True, timeout=300)
     assert r.returncode == 143, r.stderr.decode()[-500:]
     assert not target.exists() and list(target.parent.iterdir()) == []
+
+
+def test_an_export_keeps_the_scores_of_one_slide_at_a_time(tiny, tmp_path, monkeypatch):
+    """Per-tile MIL scores were kept for every slide until the export ended: memory grew with the cohort. Each
+    slide's are dropped once its rows are built; the exported numbers are the same."""
+    from gigaslide.cli.main import main
+    from gigaslide.export import runs as export_runs
+
+    kept: list[int] = []
+    scores = export_runs.TileScorer.scores
+
+    def counted(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        out = scores(self, *a, **k)
+        kept.append(len({key[1] for key in self._scores._values}))  # slides whose scores are held
+        return out
+
+    monkeypatch.setattr(export_runs.TileScorer, "scores", counted)
+    assert main(["export", "qupath", str(tiny.out), "--runs", str(tiny.run), "--out", str(tmp_path / "q")]) == 0
+    assert kept and max(kept) == 1, kept  # old code: 1, 2, ..., 6
+    assert main(["export", "anndata", str(tiny.out), "--runs", str(tiny.run), "--out", str(tmp_path / "a.h5ad")]) == 0
+    assert max(kept) == 1

@@ -43,3 +43,12 @@ class Once:
     def put(self, key: Hashable, value: Any) -> None:
         with self._lock:
             self._values[key] = value
+
+    def forget(self, keep: Callable[[Hashable], bool]) -> int:
+        """Drop the values whose key ``keep`` rejects (a job done with them: memory stays bounded); returns how many."""
+        with self._lock:
+            gone = [k for k in self._values if not keep(k)]
+            for k in gone:
+                del self._values[k]
+                self._locks.pop(k, None)
+        return len(gone)

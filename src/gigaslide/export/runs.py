@@ -190,6 +190,11 @@ class TileScorer:
 
         return self._scores.get((fold_dir, str(ff.path), group), make)[kind]
 
+    def forget(self, ff: Any) -> None:
+        """Drop the scores kept for the slide of feature file ``ff`` (an export that has written its rows: kept,
+        every slide's scores grew with the cohort, tens of bytes a tile per run)."""
+        self._scores.forget(lambda key: key[1] != str(ff.path))
+
 
 def percentile(s: np.ndarray) -> np.ndarray:
     """Rank of each value in [0, 1] (ties share their mean rank), as the heatmaps show attention."""

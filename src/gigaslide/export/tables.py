@@ -92,4 +92,5 @@ def run_columns(entry: SlideEntry, ff: Any, runs: list[Run], scorer: TileScorer,
                     cols[f"{run.name} tile P({run.class_label(c)})"] = probs[:, c].astype(np.float32)
         except GigaslideError as e:
             problems.append(f"{entry.slide_id}, run {run.name}: {e.one_line()}")
+    scorer.forget(ff)  # an export reads each slide once: its scores need not stay
     return cols, problems
