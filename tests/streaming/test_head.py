@@ -148,3 +148,29 @@ def test_grid_folds_take_a_slide_id_literally_not_as_a_glob_pattern(tmp_path):
     save_grid(tmp_path, AttentionGrid("case2", 3, np.zeros((1, 2)), [1.0], 100, (1, 1), [.5, .5], (10, 10)))
     assert grid_folds(tmp_path, "case[1]") == [0]
     assert grid_folds(tmp_path, "case[12]") == []
+
+
+class _ConcatTrunk(torch.nn.Module):
+    """DenseNet-like: the feature map concatenates channels, so it is wider than the last convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 6, 3, 2, 1)
+        self.b = torch.nn.Conv2d(6, 4, 3, 2, 1)
+        self.pool = torch.nn.MaxPool2d(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pool(torch.relu(self.a(x)))
+        return torch.cat([self.pool(h), self.b(h)], 1)
+
+
+def test_head_input_is_the_feature_maps_width_for_a_concatenating_trunk() -> None:
+    torch.manual_seed(0)
+    trunk = _ConcatTrunk().eval()
+    model = StreamingMIL(StreamingCNN(trunk, 64), "clam_sb", 2).eval()
+    x = torch.randn(1, 3, 160, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(x)
+        ref = model.head(trunk(x)[0].flatten(1).T)
+    assert trunk(x).shape[1] == 10 and out["fmap_size"] == (20, 16)
+    assert torch.allclose(out["logits"], ref["logits"], atol=1e-6)

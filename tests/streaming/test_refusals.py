@@ -83,3 +83,60 @@ def test_refuses_image_too_small_and_single_tile_when_asked() -> None:
         stream(torch.zeros(1, 3, 300, 300))
     with pytest.raises(GigaslideError, match=r"\[B, C, H, W\]"):
         stream(torch.zeros(3, 300, 300))
+
+
+def test_refuses_circular_padding_and_streams_reflect_padding_exactly() -> None:
+    """Circular padding wraps the opposite image edge in (no crop sees it): refused, not streamed wrongly.
+    Reflect / replicate padding only looks inward from the image edge: streamed exactly."""
+    x = torch.randn(1, 3, 77, 53, generator=torch.Generator().manual_seed(0))
+    for mode in ("circular", "reflect", "replicate"):
+        torch.manual_seed(0)
+        trunk = nn.Sequential(nn.Conv2d(3, 4, 3, 1, 2, padding_mode=mode), nn.ReLU(),
+                              nn.Conv2d(4, 4, 3, 2, 1, padding_mode=mode), nn.Conv2d(4, 4, 3, 2, 1)).eval()
+        if mode == "circular":
+            with pytest.raises(GigaslideError, match=r"layer '0' \(Conv2d\) uses padding_mode='circular'.*fix:"):
+                StreamingCNN(trunk, tile_size=24)
+            continue
+        stream = StreamingCNN(trunk, tile_size=24)
+        assert len(stream.tiles((77, 53))) >= 9
+        with torch.no_grad():
+            ref = trunk(x)
+            assert float((stream(x) - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+def test_refuses_functional_pooling_naming_the_module_to_use() -> None:
+    """F.max_pool2d / F.conv2d / F.pad have no module to read the window from: the fix names the module, not
+    'remove global pooling'."""
+
+    class FunctionalPool(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, 1, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.max_pool2d(self.conv(x), 2)
+
+    with pytest.raises(GigaslideError, match=r"'max_pool2d' calls max_pool2d\(\) as a function.*"
+                                             r"fix: use an nn\.MaxPool2d module in the trunk instead$"):
+        StreamingCNN(FunctionalPool().eval(), tile_size=64)
+
+
+def test_refuses_timm_drop_path_in_train_mode() -> None:
+    """timm's DropPath draws a new mask per call: per crop, and again in the backward re-computation."""
+    from timm.layers import DropPath
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.drop = nn.Conv2d(4, 4, 3, 1, 1), DropPath(0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.drop(self.conv(x))
+
+    trunk = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), Block(), nn.Conv2d(4, 4, 3, 2, 1)).eval()
+    stream = StreamingCNN(trunk, tile_size=24)
+    trunk.train()
+    with pytest.raises(GigaslideError, match=r"'1\.drop' \(DropPath\) is active dropout.*fix: call trunk.eval\(\)"):
+        stream(torch.zeros(1, 3, 77, 53))
+    trunk.eval()
+    assert stream(torch.zeros(1, 3, 77, 53)).shape == (1, 4, 20, 14)

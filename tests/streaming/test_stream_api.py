@@ -62,3 +62,28 @@ def test_small_image_runs_dense() -> None:
     assert len(stream.tiles((200, 300))) == 1
     with torch.no_grad():
         assert rel(stream(x), trunk(x)) <= 1e-6
+
+
+def test_backward_uses_the_transform_of_its_own_forward() -> None:
+    """Two forwards with different transforms (e.g. two slides' augmentations), one backward: each graph
+    re-runs its crops with the transform it was computed with, as the whole-image pass does."""
+    trunk = narrow_resnet("resnet18", width=2)
+    x = torch.randn(1, 3, 600, 560, generator=torch.Generator().manual_seed(0))
+
+    def ta(u: torch.Tensor) -> torch.Tensor:
+        return u * 2.0
+
+    def tb(u: torch.Tensor) -> torch.Tensor:
+        return u - 0.5
+
+    (trunk(ta(x)).sum() + trunk(tb(x)).square().mean()).backward()
+    g_ref = {n: p.grad.clone() for n, p in trunk.named_parameters()}
+    trunk.zero_grad(set_to_none=True)
+    stream = StreamingCNN(trunk, 512)
+    assert len(stream.tiles((600, 560))) == 4
+    stream.transform = ta
+    loss_a = stream(x).sum()
+    stream.transform = tb
+    loss_b = stream(x).square().mean()
+    (loss_a + loss_b).backward()
+    assert max(rel(p.grad, g_ref[n]) for n, p in trunk.named_parameters()) <= TOL

@@ -126,3 +126,70 @@ def test_stem_checkpoint_of_a_sequential_wrapped_torchvision_resnet() -> None:
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
         assert rel(runner(x), trunk(x)) <= TOL
+
+
+@pytest.mark.parametrize("checkpoint_blocks", [False, True])
+def test_no_whole_image_activation_is_ever_held(checkpoint_blocks: bool) -> None:
+    """Structural memory check (no timing): in forward and backward every trunk call sees one crop, and
+    nothing saved for backward is larger than one crop's largest activation (only the input image itself)."""
+    trunk = narrow_resnet("resnet18", width=2)
+    tile = StreamingCNN(trunk, tile_size=4096, pool_kernel=2).min_tile_size + 32
+    stream = StreamingCNN(trunk, tile_size=tile, pool_kernel=2, checkpoint_blocks=checkpoint_blocks)
+    x = torch.randn(1, 3, 2 * tile + 17, tile + 45, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    conv1_out: list[tuple[int, ...]] = []
+    hook = trunk.conv1.register_forward_hook(lambda _m, _i, o: conv1_out.append(tuple(o.shape[-2:])))
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t is not x:
+            saved.append(t.numel())
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = stream(x)
+            out.square().sum().backward()
+    finally:
+        hook.remove()
+    n_tiles = len(stream.tiles(tuple(x.shape[-2:])))
+    # each crop once in forward, once in backward (and once more for the checkpointed stem's recomputation)
+    assert len(conv1_out) == (3 if checkpoint_blocks else 2) * n_tiles
+    crop_conv1 = trunk.conv1.out_channels * (tile // 2) ** 2  # the largest activation of one crop
+    assert max(h * w for h, w in conv1_out) <= (tile // 2) ** 2
+    assert saved and max(saved) <= crop_conv1 < trunk.conv1.out_channels * (x.shape[-2] // 2) * (x.shape[-1] // 2) // 2
+    assert x.grad is not None and out.shape[-2:] == stream.output_size(tuple(x.shape[-2:]))
+
+
+def _odd_trunk(kind: str) -> torch.nn.Module:
+    nn = torch.nn
+    torch.manual_seed(0)
+    layers = {
+        "dilated": [nn.Conv2d(3, 4, 3, 1, 2, dilation=2), nn.ReLU(), nn.Conv2d(4, 4, 3, 2, 1),
+                    nn.Conv2d(4, 4, 3, 1, 3, dilation=3)],
+        "even_kernel_asym": [nn.Conv2d(3, 4, (4, 3), (2, 1), (1, 0)), nn.BatchNorm2d(4), nn.ReLU(),
+                             nn.Conv2d(4, 4, 3, 2, 1)],
+        "ceil_pools": [nn.Conv2d(3, 4, 3, 1, 1), nn.MaxPool2d(3, 2, 1, ceil_mode=True), nn.Conv2d(4, 4, 3, 1, 1),
+                       nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False), nn.Conv2d(4, 4, 1)],
+        "stride3_pad_gt_kernel": [nn.Conv2d(3, 4, 3, 3, 0), nn.ReLU(), nn.Conv2d(4, 4, 3, 1, 4)],
+    }[kind]
+    m = nn.Sequential(*layers)
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.2, 0.2)
+            mod.running_var.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+@pytest.mark.parametrize("kind", ["dilated", "even_kernel_asym", "ceil_pools", "stride3_pad_gt_kernel"])
+@pytest.mark.parametrize("size", [(77, 53), (33, 100)])
+def test_strides_paddings_dilations_and_ceil_mode_stream_exactly(kind: str, size: tuple[int, int]) -> None:
+    """Small trunks with the window options of the supported layers, canvases that are multiples of neither
+    the tile nor the stride: output, parameter and input gradients equal the whole-image pass."""
+    trunk = _odd_trunk(kind)
+    tile = StreamingCNN(trunk, tile_size=4096).min_tile_size + 3  # not a multiple of the stride
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(3))
+    stream, out, ref, g, g_ref, xg, xg_ref = dense_and_streamed(trunk, x, tile, input_grad=True)
+    assert len(stream.tiles(size)) >= 6
+    assert out.shape == ref.shape and rel(out, ref) <= 1e-5
+    assert max(rel(g[n], g_ref[n]) for n in g_ref) <= 1e-5
+    assert xg is not None and rel(xg, xg_ref) <= 1e-5

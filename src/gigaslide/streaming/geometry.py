@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from gigaslide.errors import GigaslideError
@@ -154,6 +155,10 @@ def _window(mod: nn.Module, name: str) -> tuple[tuple[int, int, int, int], ...]:
             raise GigaslideError(f"layer '{name}' ({type(mod).__name__}) uses padding='{pad}'",
                                  fix="use explicit integer padding (symmetric) in the trunk")
     p = _pair(pad)
+    if getattr(mod, "padding_mode", "zeros") == "circular" and any(p):
+        # wraps the opposite image edge in: a crop cannot see it (reflect / replicate stay local: streamed exactly)
+        raise GigaslideError(f"layer '{name}' ({type(mod).__name__}) uses padding_mode='circular'",
+                             fix="use padding_mode='zeros' (or 'reflect' / 'replicate') in the trunk")
     dil = _pair(getattr(mod, "dilation", 1))
     if isinstance(mod, nn.AvgPool2d) and getattr(mod, "divisor_override", None):
         raise GigaslideError(f"layer '{name}' uses divisor_override", fix="use a plain AvgPool2d")
@@ -182,7 +187,8 @@ def check_modes(trunk: nn.Module) -> None:
             raise GigaslideError(
                 f"trunk layer '{name}' ({type(mod).__name__}) is in train mode: its batch statistics depend on the tile",
                 fix="call trunk.eval() (BatchNorm must use frozen running statistics for streaming)")
-        if isinstance(mod, _DROPOUT) and mod.training and mod.p > 0:
+        active_drop = (isinstance(mod, _DROPOUT) and mod.p > 0) or float(getattr(mod, "drop_prob", 0) or 0) > 0
+        if active_drop and mod.training:  # nn.Dropout*, timm DropPath / DropBlock: a new random mask per call
             raise GigaslideError(f"trunk layer '{name}' ({type(mod).__name__}) is active dropout: re-computation would differ",
                                  fix="call trunk.eval() or remove dropout from the trunk")
 
@@ -233,6 +239,14 @@ def _refuse(name: str, what: str) -> GigaslideError:
             "put them in the head (e.g. timm.create_model(name, num_classes=0, global_pool=''))")
 
 
+#: Window operations called as functions: their geometry is read from modules only.
+_WINDOW_FUNCTIONS = {
+    F.conv2d: "an nn.Conv2d module", torch.conv2d: "an nn.Conv2d module", F.max_pool2d: "an nn.MaxPool2d module",
+    torch.max_pool2d: "an nn.MaxPool2d module", F.avg_pool2d: "an nn.AvgPool2d module",
+    F.pad: "the padding= of the next nn.Conv2d module",
+}
+
+
 def _node_op(node: fx.Node, spatial: tuple[int, ...], modules: dict[str, nn.Module]) -> _Op:
     if node.op == "call_module":
         mod = modules[str(node.target)]
@@ -257,6 +271,10 @@ def _node_op(node: fx.Node, spatial: tuple[int, ...], modules: dict[str, nn.Modu
             dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
             if dim in (1, -3):
                 return _Op(node.name, spatial)
+        if fn in _WINDOW_FUNCTIONS:
+            raise GigaslideError(f"trunk layer '{node.name}' calls {getattr(fn, '__name__', fn)}() as a function: "
+                                 "its window geometry cannot be read",
+                                 fix=f"use {_WINDOW_FUNCTIONS[fn]} in the trunk instead")
         raise _refuse(node.name, getattr(fn, "__name__", str(fn)))
     if node.op == "call_method":
         if node.target in _POINTWISE_METHODS:

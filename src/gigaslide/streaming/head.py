@@ -47,12 +47,24 @@ def build_trunk(encoder: str = "resnet34", weights: str | None = "default", *, s
     return trunk.eval(), enc.spec, enc.weights_id
 
 
-def feature_dim(trunk: nn.Module) -> int:
+def feature_dim(trunk: nn.Module, size: int = 64) -> int:
+    """Channels of the trunk's feature map: ``num_features`` (timm), else the output of a forward of a
+    ``size`` x ``size`` input on the ``meta`` device (shapes only: no data, no compute), else the last
+    convolution's ``out_channels``. (The last convolution alone is wrong for trunks that concatenate
+    channels, e.g. a DenseNet.)"""
     dim = getattr(trunk, "num_features", None)
     if dim:
         return int(dim)
-    convs = [m for m in trunk.modules() if isinstance(m, nn.Conv2d)]
-    return int(convs[-1].out_channels)
+    try:
+        from torch.func import functional_call
+
+        state = {k: v.to("meta") for k, v in [*trunk.named_parameters(), *trunk.named_buffers()]}
+        with torch.no_grad():
+            out = functional_call(trunk, state, (torch.zeros(1, 3, size, size, device="meta"),))
+        return int(out.shape[1])
+    except Exception:  # noqa: BLE001 - a trunk that cannot run on meta tensors: its last convolution
+        convs = [m for m in trunk.modules() if isinstance(m, nn.Conv2d)]
+        return int(convs[-1].out_channels)
 
 
 class StreamingMIL(nn.Module):
@@ -67,7 +79,7 @@ class StreamingMIL(nn.Module):
 
         self.stream = stream
         self.head_name = head
-        self.head = build_model(head, feature_dim(stream.trunk), n_classes, **head_kw)
+        self.head = build_model(head, feature_dim(stream.trunk, stream.min_tile_size), n_classes, **head_kw)
 
     def forward(self, image: torch.Tensor | Any, label: int | None = None) -> dict[str, Any]:
         if image.shape[0] != 1:

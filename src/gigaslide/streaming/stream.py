@@ -37,6 +37,9 @@ from gigaslide.streaming.geometry import Geometry, check_modes, trace
 from gigaslide.streaming.tiles import Tile, plan
 
 
+_OWN: Any = object()  # "the stream's own transform" (a transform may be None)
+
+
 class StreamingCNN(nn.Module):
     """``StreamingCNN(trunk, tile_size)(image)`` equals ``trunk(image)``, computed tile by tile.
 
@@ -132,18 +135,21 @@ class StreamingCNN(nn.Module):
                                  fix="use a smaller --tile-size, a larger image, or small_image='dense'")
         return plan(size, self.tile_size, self.geometry.axes, out, self.pool_kernel)
 
-    def run_crop(self, crop: torch.Tensor) -> torch.Tensor:
-        """Run the trunk on one crop (moved to the trunk's device: the image may stay in CPU memory)."""
+    def run_crop(self, crop: torch.Tensor, transform: Any = _OWN) -> torch.Tensor:
+        """Run the trunk on one crop (moved to the trunk's device: the image may stay in CPU memory);
+        ``transform``: the crop transform to apply (default: :attr:`transform`)."""
         dev = next((p.device for p in self.trunk.parameters()), crop.device)
         x = crop.to(dev, non_blocking=True) if crop.device != dev else crop
-        x = self.transform(x) if self.transform is not None else x
+        tf = self.transform if transform is _OWN else transform
+        x = tf(x) if tf is not None else x
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return (self._runner or self.trunk)(x)
 
-    def exact_output(self, crop: torch.Tensor, t: Tile) -> torch.Tensor:
+    def exact_output(self, crop: torch.Tensor, t: Tile, transform: Any = _OWN) -> torch.Tensor:
         """Run one crop of the plan and keep its exact outputs, pooled when ``pool_kernel > 1``."""
-        y = self.run_crop(crop)[..., t.rows.local(self.geometry.stride[0]), t.cols.local(self.geometry.stride[1])]
+        y = self.run_crop(crop, transform)[..., t.rows.local(self.geometry.stride[0]),
+                                           t.cols.local(self.geometry.stride[1])]
         k = self.pool_kernel
         return F.max_pool2d(y, k, k, ceil_mode=True) if k > 1 else y
 
@@ -287,7 +293,9 @@ class _StreamFunction(torch.autograd.Function):
     def forward(ctx: Any, image: torch.Tensor | Any, stream: StreamingCNN, tiles: list[Tile], *params: torch.Tensor) -> torch.Tensor:
         dev = next((p.device.type for p in stream.trunk.parameters()), "cpu")  # where the trunk runs
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        ctx.stream, ctx.tiles = stream, tiles
+        # the transform of *this* forward: another forward may set stream.transform (e.g. the next slide's
+        # augmentation) before this graph is back-propagated
+        ctx.stream, ctx.tiles, ctx.transform = stream, tiles, stream.transform
         ctx.is_tensor = isinstance(image, torch.Tensor)
         if ctx.is_tensor:
             ctx.save_for_backward(image, *params)
@@ -317,7 +325,7 @@ class _StreamFunction(torch.autograd.Function):
             if want_image:
                 crop.requires_grad_(True)
             with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
-                y = stream.exact_output(crop, t)
+                y = stream.exact_output(crop, t, ctx.transform)
             inputs = want + ([crop] if want_image else [])
             got = torch.autograd.grad(y, inputs, g.to(y.dtype), allow_unused=True)
             for i, gi in enumerate(got[: len(want)]):
