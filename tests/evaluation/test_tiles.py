@@ -299,3 +299,22 @@ def test_a_baseline_whose_probes_trained_on_other_tiles_is_refused_before_probin
     err = capsys.readouterr().err
     assert "trained on other tiles" in err and "training tile folder" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "rep_a").exists()  # refused before any probing
+
+
+def test_saved_predictions_keep_the_probabilities_as_scored(tmp_path, monkeypatch):
+    """predictions.npz stored float32: confident tiles 1e-9 apart became ties, so a later paired comparison scored
+    the baseline on other numbers (another AUC) than its report."""
+    from gigaslide.evaluation import tiles
+    from gigaslide.evaluation.metrics import auc
+    from gigaslide.evaluation.tiles import saved_predictions, write_report
+
+    monkeypatch.setattr(tiles, "report_markdown", lambda r: "")  # the predictions file is what is tested
+    monkeypatch.setattr(tiles, "plot_report", lambda r, path: None)
+
+    y = np.array([0, 1, 0, 1])
+    p = np.array([1 - 4e-9, 1 - 3e-9, 1 - 2e-9, 1 - 1e-9])
+    probs = np.stack([1 - p, p], 1)
+    report = {"test": {"fingerprint": "f", "n": 4}, "protocols": {}}
+    write_report(report, tmp_path, probs={"linear": probs}, labels=y)
+    back = saved_predictions(tmp_path)["test_probs"]["linear"]
+    assert auc(y, back) == auc(y, probs) == 0.75

@@ -331,7 +331,7 @@ def write_report(report: dict[str, Any], out: str | os.PathLike, *, probs: dict[
     d = atomic.ensure_writable_dir(out)
     if probs is not None:
         names = list(probs)
-        arrays = {f"p{i}": np.asarray(probs[n], np.float32) for i, n in enumerate(names)}
+        arrays = {f"p{i}": np.asarray(probs[n], np.float64) for i, n in enumerate(names)}  # as scored: no ties
         with atomic.atomic_path(d / PREDICTIONS, suffix=".npz") as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, protocols=np.array(names), labels=np.asarray(labels, np.int64),
