@@ -106,3 +106,32 @@ def test_free_heap_pages_are_handed_back_only_when_the_process_is_over_start_kep
     rss["now"] = bound + 1
     bags[2]
     assert len(calls) == 1 and bags.stats()["trims"] == 1
+
+
+def _flip_a_feature_byte(path):
+    """Damage the features' first chunk on disk (the header stays readable: caught only when the bag is read)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        off = f["features"].id.get_chunk_info(0).byte_offset
+    raw = bytearray(path.read_bytes())
+    raw[off + 10] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_verify_reads_every_bag_once_and_names_every_damaged_or_nan_one_in_one_line(tmp_path):
+    files, arrays = _files(tmp_path)
+    bags = Bags(files, budget_bytes=1 << 40)
+    bags.verify()
+    assert bags.stats()["reads"] == 4 and bags.stats()["kept_bags"] == 4  # kept on the way: no read is wasted
+    _flip_a_feature_byte(tmp_path / "s1.h5")
+    with pytest.raises(GigaslideError, match=r"s1\.h5: cannot read HDF5") as one:
+        Bags(files, budget_bytes=0).verify()
+    assert "\n" not in str(one.value)
+    x = arrays[3].copy()
+    x[4, 2] = np.inf
+    x[6, 0] = np.nan
+    store.save(tmp_path / "s3.h5", x, np.zeros((9, 2)), attrs={"encoder": "toy", "slide_id": "s3"})
+    with pytest.raises(GigaslideError, match=r"2 feature files cannot be used: s1\.h5: cannot read HDF5 .*; "
+                                             r"s3\.h5: 2 tile\(s\) have NaN/inf features"):
+        Bags(files, budget_bytes=0).verify(rows=4)  # the NaN and the inf lie in different row blocks

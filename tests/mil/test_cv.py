@@ -340,3 +340,45 @@ def test_run_cv_with_class_names(tmp_path):
         assert lines[0].endswith(",patient_id,class_name")
         assert all(r.endswith(want[int(r.split(",")[1])]) for r in lines[1:])
     assert "0 = normal_tissue: 12, 1 = tumor_tissue: 12" in (out / "evaluation.md").read_text()
+
+
+def test_a_damaged_or_nan_bag_is_refused_before_any_fold_trains(tmp_path, monkeypatch):
+    """A feature chunk that fails its checksum (or a NaN tile) in a test slide of fold 0 was found only when fold 0,
+    trained, predicted its test slides: hours lost on a cohort. Every bag is read before the first fold trains."""
+    import h5py
+
+    import gigaslide.mil.cv as cv
+
+    feats, lab = _make(tmp_path)
+    run_cv(feats, lab, tmp_path / "ref", cfg=TrainConfig(model="abmil", **FAST), folds=3, n_bootstrap=0,
+           verbose=False)
+    test0 = json.loads((tmp_path / "ref" / "splits.json").read_text())["per_fold"]["fold0"]["test"][0]
+    p = feats / f"{test0}.h5"
+    with h5py.File(p, "r") as f:
+        off = f["features"].id.get_chunk_info(0).byte_offset
+    raw = bytearray(p.read_bytes())
+    raw[off + 10] ^= 0xFF  # the header stays readable
+    p.write_bytes(bytes(raw))
+    calls = []
+
+    def trains(*a, **k):
+        calls.append(1)
+        raise AssertionError("a fold trained before the bags were checked")
+
+    monkeypatch.setattr(cv, "train_fold", trains)
+    with pytest.raises(GigaslideError, match=rf"{test0}\.h5: cannot read HDF5"):
+        run_cv(feats, lab, tmp_path / "run", cfg=TrainConfig(model="abmil", **FAST), folds=3, n_bootstrap=0,
+               verbose=False)
+    assert calls == []
+
+
+def test_every_unreadable_feature_file_is_named_in_one_line(tmp_path):
+    feats, lab = _make(tmp_path)
+    for s in ("s4", "s17"):
+        p = feats / f"{s}.h5"
+        p.write_bytes(p.read_bytes()[:300])  # truncated copies
+    with pytest.raises(GigaslideError, match=r"2 feature files cannot be read: s17\.h5: cannot read HDF5 .*; "
+                                             r"s4\.h5: cannot read HDF5") as e:
+        run_cv(feats, lab, tmp_path / "run", cfg=TrainConfig(model="abmil", **FAST), folds=3, n_bootstrap=0,
+               verbose=False)
+    assert "\n" not in str(e.value)

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from gigaslide.mil.train import TrainConfig, predict, train_fold
@@ -73,3 +74,45 @@ def test_fp16_training_scales_each_bags_loss(monkeypatch):
     cfg = TrainConfig(model="abmil", epochs=1, hidden=8, patience=1)
     model, _ = train_fold(_noise_bags(6), np.array([0, 1] * 3), [], np.array([], int), 8, 2, cfg)
     assert scaled == [True] * 6
+
+
+class _HugeAttention(torch.nn.Module):
+    """A model whose forward asks the allocator for too much on bags of more than 10 tiles (TransMIL's N x N
+    attention over 50,000 tiles: 40 GB)."""
+
+    def __init__(self, in_dim, n_classes, **_):
+        super().__init__()
+        self.fc = torch.nn.Linear(in_dim, n_classes)
+
+    def forward(self, bag, label=None, cells=None):
+        if len(bag) > 10:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 40283701264 bytes. Error code 12")
+        return {"logits": self.fc(bag).mean(0), "instance_scores": bag[:, 0]}
+
+
+def test_a_bag_too_large_for_memory_is_one_line_naming_its_file(tmp_path, monkeypatch):
+    from gigaslide.errors import GigaslideError
+    from gigaslide.features import store
+    from gigaslide.mil.bags import Bags
+
+    monkeypatch.setattr("gigaslide.mil.train.build_model", lambda name, d, c, **k: _HugeAttention(d, c))
+    r = np.random.default_rng(0)
+    for i, n in enumerate((6, 40, 8, 9)):
+        store.save(tmp_path / f"s{i}.h5", r.normal(size=(n, 4)).astype(np.float32), attrs={"encoder": "toy",
+                                                                                            "slide_id": f"s{i}"})
+    files = store.load_dir(tmp_path, arrays=False)
+    bags = Bags([files[f"s{i}"] for i in range(4)], 1 << 30)
+    y = np.array([0, 1, 0, 1])
+    cfg = TrainConfig(epochs=1, min_epochs=1)
+    with pytest.raises(GigaslideError, match=r"s1\.h5: out of memory on a bag of 40 tiles in training .*fix: train "
+                                             r"with --max-tiles") as e:
+        train_fold(bags.take([0, 1]), y[:2], bags.take([]), y[:0], 4, 2, cfg)
+    assert "\n" not in str(e.value)
+    model, _ = train_fold(bags.take([0, 2, 3]), y[[0, 2, 3]], bags.take([]), y[:0], 4, 2, cfg)
+    with pytest.raises(GigaslideError, match=r"s1\.h5: out of memory on a bag of 40 tiles \("):
+        predict(model, bags.take([2, 1]))
+    from gigaslide.mil.train import _bag_memory
+
+    with pytest.raises(RuntimeError, match="other"), _bag_memory(bags, 0, 6, True):  # others are not dressed up
+        raise RuntimeError("other")

@@ -118,6 +118,33 @@ class Bags(Sequence[torch.Tensor]):
         for i in range(len(self)):
             yield self[i]
 
+    def verify(self, rows: int = 8192) -> None:
+        """Read every bag once and refuse, in one line naming their files, those that cannot be read (a damaged
+        chunk fails its checksum only when read) or hold NaN / inf features: before any training, not after hours
+        of it, when a fold reaches its test slides. Bags that fit the budget are kept on the way (they are read
+        anyway); the others cost one extra read. ``rows``: tiles checked at a time (bounds the temporaries)."""
+        bad: list[tuple[int, GigaslideError]] = []
+        for i in range(len(self)):
+            try:
+                a = self._array(i)
+            except GigaslideError as e:
+                bad.append((i, e))
+                continue
+            n_bad = sum(int((~np.isfinite(a[j:j + rows])).any(-1).sum()) for j in range(0, len(a), rows))
+            if n_bad:
+                bad.append((i, GigaslideError(f"{n_bad} tile(s) have NaN/inf features", path=self.path(i),
+                                              fix="re-encode that slide (the encoder overflowed: try fp32) or "
+                                                  "remove its file")))
+        if len(bad) == 1:
+            raise bad[0][1]
+        if bad:
+            listed = "; ".join(f"{getattr(self.path(i), 'name', self.path(i))}: {e.what}" for i, e in bad[:5])
+            more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
+            folder = getattr(self.path(bad[0][0]), "parent", None)
+            raise GigaslideError(f"{len(bad)} feature files cannot be used: {listed}{more}", path=folder,
+                                 fix="re-encode those slides (`gigaslide encode` redoes damaged files) or remove "
+                                     "their files")
+
     def take(self, indices: Sequence[int] | np.ndarray) -> BagSubset:
         """The bags at ``indices``, sharing this set's memory (a fold's train / val / test slides)."""
         return BagSubset(self, [int(i) for i in indices])

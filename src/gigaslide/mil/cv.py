@@ -41,7 +41,21 @@ def load_bags(features: str | os.PathLike) -> tuple[dict[str, Any], dict[str, An
     attributes only: each slide's features are read when its bag is used (:class:`gigaslide.mil.bags.Bags`)."""
     from gigaslide.features import store
 
-    files = store.load_dir(features, arrays=False)
+    try:
+        files = store.load_dir(features, arrays=False)
+    except GigaslideError as first:  # name every unreadable file, not one per run (a cohort of 1,000 slides)
+        bad = []
+        for f in store.list_feature_files(features):
+            try:
+                store.load(f, arrays=False)
+            except GigaslideError as e:
+                bad.append(f"{f.name}: {e.what}")
+        if len(bad) < 2:
+            raise
+        raise GigaslideError(f"{len(bad)} feature files cannot be read: {'; '.join(bad[:5])}"
+                             + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""), path=features,
+                             fix="re-encode those slides (`gigaslide encode` redoes damaged files) or remove their "
+                                 "files") from first
     empty = sorted(s for s, ff in files.items() if len(ff) == 0)
     if empty:
         raise GigaslideError(f"{len(empty)} slide(s) have no tiles (empty bag): {S._preview(empty)}",
@@ -123,13 +137,17 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
     rec["per_fold"] = {}
     ids = t.slide_ids
     parts = _train_val_parts(fold_idx, t, train_slides, repeats, val_fraction, cfg.seed)
+    todo = {name for name in (_fold_dirname(k, r) for k in range(len(fold_idx)) for r in range(len(parts[k])))
+            if name not in done or not _fold_intact(out_d / name)}
+    if todo:  # a damaged or NaN bag is refused before training, not when a fold reaches its test slides
+        bags.verify()
     for k, (_, te) in enumerate(fold_idx):
         for r, (tr, va) in enumerate(parts[k]):
             name = _fold_dirname(k, r)
             rec["per_fold"][name] = {"train": [ids[i] for i in tr], "val": [ids[i] for i in va],
                                      "test": [ids[i] for i in te]}
             fd = out_d / name
-            if name in done and _fold_intact(fd):
+            if name not in todo:
                 continue
             model, info = train_fold(bags.take(tr), t.labels[tr], bags.take(va), t.labels[va], meta["in_dim"], n_classes,
                                      cfg)

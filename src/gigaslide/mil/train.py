@@ -100,6 +100,27 @@ def _check_finite(bags: Sequence[torch.Tensor], i: int, bag: torch.Tensor) -> No
                              fix="re-encode that slide (the encoder overflowed: try fp32) or remove its file")
 
 
+@contextlib.contextmanager
+def _bag_memory(bags: Sequence[torch.Tensor], i: int, n_tiles: int, training: bool):  # noqa: ANN202
+    """An allocation that fails on one bag (TransMIL's attention over 50,000 tiles asks for 40 GB) is one line naming
+    the bag's file and its size, not a traceback from the allocator."""
+    try:
+        yield
+    except RuntimeError as e:
+        oom = isinstance(e, getattr(torch, "OutOfMemoryError", ())) or "can't allocate memory" in str(e) \
+            or "out of memory" in str(e).lower()
+        if not oom:
+            raise
+        path = bags.path(i) if callable(getattr(bags, "path", None)) else None
+        first = str(e).splitlines()[0][-160:] if str(e) else type(e).__name__
+        raise GigaslideError(f"out of memory on a bag of {n_tiles} tiles" + (" in training" if training else "")
+                             + f" ({first})", path=path,
+                             fix=("train with --max-tiles (e.g. 8192, or below the one given) or " if training
+                                  else "use ")
+                             + "a model whose memory grows linearly with the tiles (abmil, clam_sb, clam_mb; "
+                             "TransMIL's attention grows with their square)") from None
+
+
 def _build(cfg: TrainConfig, in_dim: int, n_classes: int, stats: tuple[torch.Tensor, torch.Tensor] | None = None
            ) -> torch.nn.Module:
     model = build_model(cfg.model, in_dim, n_classes, hidden=cfg.hidden, dropout=cfg.dropout, **cfg.model_kwargs)
@@ -152,7 +173,7 @@ def predict(model: torch.nn.Module, bags: Sequence[torch.Tensor], device: torch.
     cells_of = _cells_of(bags, cells)
     with cpu_threads(device):
         for i, b in enumerate(bags):
-            with autocast_ctx(device, "bf16" if bf16 else "auto"):
+            with _bag_memory(bags, i, len(b), False), autocast_ctx(device, "bf16" if bf16 else "auto"):
                 out = model(b.to(device), cells=_cells_tensor(cells_of(i), device))
             if not bool(torch.isfinite(out["logits"]).all()):
                 _check_finite(bags, i, b)  # the bag's features, rather than a diverged model
@@ -209,15 +230,16 @@ def _train_fold(bags_tr: Sequence[torch.Tensor], y_tr: np.ndarray, bags_va: Sequ
                 keep = np.sort(rng.choice(len(bag), cfg.max_tiles, replace=False))
                 bag, cells = bag[torch.from_numpy(keep)], (None if cells is None else np.asarray(cells)[keep])
             label = int(y_tr[i])
-            with autocast_ctx(device, "bf16" if cfg.bf16 else "auto"):
-                out = model(bag.to(device), label=label, cells=_cells_tensor(cells, device))
-            # the class weight multiplies the bag's loss (cross_entropy(weight=) divides a batch of one bag by
-            # that same weight: no effect)
-            loss = w[label] * F.cross_entropy(out["logits"].float()[None], torch.tensor([label], device=device))
-            if "instance_loss" in out:
-                loss = cfg.bag_weight * loss + (1 - cfg.bag_weight) * out["instance_loss"].float()
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            with _bag_memory(bags_tr, i, len(bag), True):
+                with autocast_ctx(device, "bf16" if cfg.bf16 else "auto"):
+                    out = model(bag.to(device), label=label, cells=_cells_tensor(cells, device))
+                # the class weight multiplies the bag's loss (cross_entropy(weight=) divides a batch of one bag by
+                # that same weight: no effect)
+                loss = w[label] * F.cross_entropy(out["logits"].float()[None], torch.tensor([label], device=device))
+                if "instance_loss" in out:
+                    loss = cfg.bag_weight * loss + (1 - cfg.bag_weight) * out["instance_loss"].float()
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             total += float(loss.detach())
