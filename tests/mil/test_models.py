@@ -365,3 +365,44 @@ def test_transmil_grid_layout_sees_arrangement_on_irregular_tissue_where_rows_wr
     assert res["grid"] > 0.95, res  # measured 1.000
     assert res["sequence"] < 0.92, res  # measured 0.837: wrapped rows put non-neighbours side by side
     assert res["none"] < 0.65, res  # measured 0.541
+
+
+def test_transmil_attention_on_a_large_bag_is_chunked_and_exact(monkeypatch):
+    """Training attention with dropout took torch's plain path, which holds heads x N x N weights (40 GB at 50,000
+    tiles: an allocator traceback). Above a bound, queries are attended in chunks recomputed in the backward pass:
+    with dropout off the output and every gradient equal the one-call attention's, and no call sees more than a
+    chunk of queries; with dropout on, a seed gives the same result twice."""
+    from gigaslide.mil import models as M
+
+    torch.manual_seed(0)
+    att = M._SelfAttention(16, 2, dropout=0.0).train()
+    x = torch.randn(300, 16, requires_grad=True)
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        att.zero_grad()
+        x.grad = None
+        out, _ = att(x)
+        out.square().sum().backward()
+        return out.detach(), [x.grad.clone()] + [p.grad.clone() for p in att.parameters()]
+
+    whole, g_whole = run()
+    seen: list[int] = []
+    sdpa = M.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):  # noqa: ANN001, ANN003, ANN202
+        seen.append(q.shape[1])
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(M.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(M, "ATTENTION_CHUNK_BYTES", 2 * 300 * 4 * 64)  # 64 query rows a chunk
+    chunked, g_chunked = run()
+    assert seen and max(seen) == 64 and sum(seen[: -(-300 // 64)]) == 300
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_chunked, g_whole):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    att.dropout = 0.25
+    torch.manual_seed(1)
+    d1, g1 = run()
+    torch.manual_seed(1)
+    d2, g2 = run()
+    assert torch.equal(d1, d2) and all(torch.equal(a, b) for a, b in zip(g1, g2))

@@ -193,6 +193,12 @@ class CLAM_MB(_CLAMBase):
         return out
 
 
+#: Bytes of one layer's attention weights (heads x N x N, fp32) above which training attends in query chunks, each
+#: recomputed in the backward pass (``torch.utils.checkpoint``): attention dropout makes torch use its plain path,
+#: which holds every weight -- 40 GB for a bag of 50,000 tiles. Smaller bags run as one call, as before.
+ATTENTION_CHUNK_BYTES = 256 * 2**20
+
+
 class _SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
@@ -204,11 +210,26 @@ class _SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, return_cls_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         n, d = x.shape
         q, k, v = self.qkv(self.norm(x)).view(n, 3, self.heads, d // self.heads).permute(1, 2, 0, 3)  # [H, N, dh]
-        o = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        o = self._attend(q, k, v)
         cls_attn = None
         if return_cls_attention:  # class token (row 0) attention over tiles, averaged over heads
             cls_attn = torch.softmax((q[:, :1] @ k.transpose(1, 2)) / math.sqrt(d // self.heads), dim=-1)[:, 0].mean(0)
         return x + self.proj(o.transpose(0, 1).reshape(n, d)), cls_attn
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        p = self.dropout if self.training else 0.0
+        h, n = q.shape[0], q.shape[1]
+        if not (self.training and torch.is_grad_enabled()) or h * n * n * 4 <= ATTENTION_CHUNK_BYTES:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        from torch.utils.checkpoint import checkpoint
+
+        rows = max(1, ATTENTION_CHUNK_BYTES // (h * n * 4))  # query rows whose weights fit the bound
+
+        def chunk(qc: torch.Tensor) -> torch.Tensor:
+            return F.scaled_dot_product_attention(qc, k, v, dropout_p=p)
+
+        # each chunk's weights are made again for its backward, with the same dropout mask (RNG state preserved)
+        return torch.cat([checkpoint(chunk, q[:, i:i + rows], use_reentrant=False) for i in range(0, n, rows)], 1)
 
 
 class PPEG(nn.Module):
