@@ -180,3 +180,19 @@ def test_load_dir_reads_a_clam_feature_folder(tmp_path):
             h["coords"] = np.array([[0, 0], [256, 0]], np.int64)
     got = store.load_dir(tmp_path / "clam")
     assert sorted(got) == ["a", "b"] and got["b"].features[0, 0] == ord("b")
+
+
+def test_load_dir_names_every_unreadable_file_in_one_line(tmp_path):
+    """A folder with several damaged feature files named only the first: a cohort with k of them took k runs to
+    find. Every one is named now (one alone keeps its own message)."""
+    x = np.zeros((3, 4), np.float32)
+    for i in range(4):
+        store.save(tmp_path / f"s{i}.h5", x, np.zeros((3, 2), np.int64), attrs={"encoder": "e", "slide_id": f"s{i}"})
+    (tmp_path / "s1.h5").write_bytes(b"")
+    (tmp_path / "s3.h5").write_bytes((tmp_path / "s2.h5").read_bytes()[:300])
+    with pytest.raises(GigaslideError, match=r"2 feature files cannot be read: s1\.h5: .*; s3\.h5: "):
+        store.load_dir(tmp_path)
+    (tmp_path / "s3.h5").unlink()
+    with pytest.raises(GigaslideError, match="s1.h5") as one:
+        store.load_dir(tmp_path)
+    assert "cannot be read:" not in str(one.value)

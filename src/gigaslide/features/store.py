@@ -283,13 +283,26 @@ def load_dir(directory: str | os.PathLike, *, arrays: bool = True) -> dict[str, 
     """Load every feature file of a folder keyed by slide id; refuses files whose encoder, weights, mpp,
     tile size or dimension differ (naming two of them). ``arrays=False``: see :func:`load`."""
     out: dict[str, FeatureFile] = {}
+    bad: list[tuple[Path, GigaslideError]] = []
     for f in list_feature_files(directory):
-        ff = load(f, arrays=arrays)
+        try:
+            ff = load(f, arrays=arrays)
+        except GigaslideError as e:  # every unreadable file is named, not one per run (a cohort of 1,000 slides)
+            bad.append((f, e))
+            continue
         sid = ff.slide_id or f.stem
         if sid in out:  # two files of one slide (a renamed copy): one of them would be dropped without a word
             raise GigaslideError(f"{_name(out[sid])} and {f.name} both hold slide '{sid}' (their slide_id attr)",
                                  path=directory, fix="keep one feature file per slide in the folder")
         out[sid] = ff
+    if len(bad) == 1:
+        raise bad[0][1]
+    if bad:
+        listed = "; ".join(f"{f.name}: {e.what}" for f, e in bad[:5])
+        raise GigaslideError(f"{len(bad)} feature files cannot be read: {listed}"
+                             + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""), path=directory,
+                             fix="re-encode those slides (`gigaslide encode` redoes damaged files) or remove their "
+                                 "files from the folder")
     check_consistent(out.values(), where=directory)
     return out
 

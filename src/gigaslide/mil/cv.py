@@ -41,21 +41,7 @@ def load_bags(features: str | os.PathLike) -> tuple[dict[str, Any], dict[str, An
     attributes only: each slide's features are read when its bag is used (:class:`gigaslide.mil.bags.Bags`)."""
     from gigaslide.features import store
 
-    try:
-        files = store.load_dir(features, arrays=False)
-    except GigaslideError as first:  # name every unreadable file, not one per run (a cohort of 1,000 slides)
-        bad = []
-        for f in store.list_feature_files(features):
-            try:
-                store.load(f, arrays=False)
-            except GigaslideError as e:
-                bad.append(f"{f.name}: {e.what}")
-        if len(bad) < 2:
-            raise
-        raise GigaslideError(f"{len(bad)} feature files cannot be read: {'; '.join(bad[:5])}"
-                             + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""), path=features,
-                             fix="re-encode those slides (`gigaslide encode` redoes damaged files) or remove their "
-                                 "files") from first
+    files = store.load_dir(features, arrays=False)  # names every unreadable file in one line
     empty = sorted(s for s, ff in files.items() if len(ff) == 0)
     if empty:
         raise GigaslideError(f"{len(empty)} slide(s) have no tiles (empty bag): {S._preview(empty)}",
