@@ -255,6 +255,18 @@ def test_a_count_grid_the_slide_cannot_hold_fails_before_any_region_is_segmented
     assert "more than the slide" in res.failed["small"] and calls == []  # it used to segment the whole slide first
 
 
+def _record_regions(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
+    """Segment with :func:`_oracle`, keeping a copy of every region read (the list returned)."""
+    seen: list[np.ndarray] = []
+
+    def keeping(model, img, **kw):  # noqa: ANN001, ANN003, ANN202
+        seen.append(img.copy())
+        return _oracle(model, img, **kw)
+
+    monkeypatch.setattr(nslide, "segment", keeping)
+    return seen
+
+
 def _fluo_slide(path: Path, size: tuple[int, int] = (600, 500), mpp: float = 0.25) -> None:
     """A fluorescence-like slide: bright nuclei (blue, DAPI-like) on a black background, tissue reaching every edge."""
     img, _, _ = disc_image(max(size), 80, radius=(5, 8), seed=3)
@@ -270,13 +282,7 @@ def test_a_fluorescence_slide_reads_black_outside_and_an_older_result_is_redone(
     encode reads black): the network saw a bright frame around the tissue. Outside is black there now, the record and
     the tile counts say so, and a dark slide's result made before (no record of it) is redone; a bright one's is kept.
     A slide that does not look like H&E is warned about, as tile and encode do."""
-    seen: list[np.ndarray] = []
-
-    def keeping(model, img, **kw):  # noqa: ANN001, ANN003, ANN202
-        seen.append(img.copy())
-        return _oracle(model, img, **kw)
-
-    monkeypatch.setattr(nslide, "segment", keeping)
+    seen = _record_regions(monkeypatch)
     _fluo_slide(tmp_path / "f.tiff")
     _disc_slide(tmp_path / "s.tiff")
     out = tmp_path / "out"
@@ -451,13 +457,7 @@ def test_a_forced_background_reaches_the_reader_and_a_result_of_another_is_redon
     tissue detection's background and what the context outside the slide reads as (a dark slide forced ``bright``
     reads white glass, a bright one forced ``dark`` black); the record says so, and a result made at another
     ``--background`` is segmented again, not reused."""
-    seen: list[np.ndarray] = []
-
-    def keeping(model, img, **kw):  # noqa: ANN001, ANN003, ANN202
-        seen.append(img.copy())
-        return _oracle(model, img, **kw)
-
-    monkeypatch.setattr(nslide, "segment", keeping)
+    seen = _record_regions(monkeypatch)
     _fluo_slide(tmp_path / "f.tiff")
     _disc_slide(tmp_path / "s.tiff")
     slides, out = [tmp_path / "f.tiff", tmp_path / "s.tiff"], tmp_path / "out"

@@ -371,7 +371,8 @@ def test_a_training_step_holds_the_canvas_once(tmp_path) -> None:
     assert 0.9 <= ratio <= 1.2, ratio
 
 
-def test_a_forced_background_reaches_the_canvases_and_the_run(slides, tmp_path, capsys, monkeypatch) -> None:  # noqa: ANN001
+def test_a_forced_background_reaches_the_canvases_and_the_run(slides, tmp_path, capsys,  # noqa: ANN001
+                                                              monkeypatch) -> None:
     """train-streaming had no ``--background``: a mis-detected slide could not be forced. Forced, it reaches every
     canvas (tissue detection and fill), the canvas cache and the run record it, and the run folder is not resumed
     with another ``--background``."""

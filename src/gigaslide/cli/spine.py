@@ -179,7 +179,8 @@ def encoders() -> None:
 
 
 def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str = "default", mpp: float | None = None,
-           tile_size: int | None = None, overlap: int = 0, min_tissue: float = 0.25, batch_size: int = 64, workers: int | None = None,
+           tile_size: int | None = None, overlap: int = 0, min_tissue: float = 0.25, batch_size: int = 64,
+           workers: int | None = None,
            precision: str = "auto", device: str = "auto", slide_mpp: float | str | None = None, threads: int = 2,
            compile: bool = False, background: str = "auto", tile_workers: int | None = None,
            tile_ahead: bool | None = None, fold_bn: bool | None = None, tissue_from: str | None = None,
