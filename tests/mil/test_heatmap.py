@@ -257,3 +257,82 @@ def test_a_heatmap_is_written_in_the_format_its_name_says(tmp_path):
     with pytest.raises(GigaslideError, match=r"cannot write a heatmap as \.xyz"):
         draw_heatmap(thumb, 4.0, coords, vals, 64.0, tmp_path / "a.xyz")
     assert not (tmp_path / "a.xyz").exists()
+
+
+def test_overlapping_tiles_each_cover_their_whole_footprint():
+    """Tiles of 32 px at a 24 px step (overlap 8): the last tile drawn hid the right / bottom 8 px of its neighbours,
+    so a planted tile showed as a 24 px box; each pixel now shows the mean of the tiles over it (as CLAM)."""
+    from gigaslide.mil.heatmap import paint_tiles
+
+    coords = np.array([(x * 24, y * 24) for y in range(4) for x in range(4)])
+    v = np.zeros(16)
+    v[5] = 1.0  # the tile at (24, 24)
+    g = paint_tiles((110, 110), coords, v, 32, 1.0)
+    ys, xs = np.nonzero(g > 0)
+    assert (xs.min(), xs.max() + 1, ys.min(), ys.max() + 1) == (24, 56, 24, 56)
+    assert g[40, 40] == 1.0 and g[50, 50] == 0.25 and g[30, 40] == 0.5  # alone / under 4 tiles / under 2 tiles
+    assert np.isnan(g[104:, :]).all() and not np.isnan(g[:104, :104]).any()
+
+
+def test_each_thumbnail_axis_has_its_own_downsample(mosaic_and_model, tmp_path, monkeypatch):
+    """A 263 x 60 slide's 256 x 58 thumbnail is 1.027 level-0 px per px across but 1.034 down: a tile at y = 48..56
+    was painted with the x scale on rows 47..55, one row below its footprint (rows 46..54)."""
+    from gigaslide.mil import heatmap as H
+    from gigaslide.testing import make_slide
+
+    tmp = mosaic_and_model[0]
+    make_slide(tmp_path / "s.tiff", (263, 60))
+    coords = np.array([[x * 8, y * 8] for y in range(7) for x in range(32)])
+    x = np.random.default_rng(0).normal(size=(len(coords), 8)).astype(np.float32)
+    store.save(tmp_path / "s.h5", x, coords, attrs={"encoder": "toy", "slide_id": "s"},
+               coords_attrs={"patch_size_level0": 8})
+    grids = []
+    monkeypatch.setattr(H, "draw_heatmap", lambda thumb, ds, c, v, size0, *a, **k: grids.append(
+        H.paint_tiles(thumb.shape[:2], c, np.arange(len(c), dtype=float), size0, ds)))
+    H.heatmap(tmp_path / "s.tiff", tmp_path / "s.h5", tmp / "run" / "fold0", tmp_path / "h.png", thumb_size=256)
+    g = grids[0]
+    assert g.shape == (58, 256)
+    k = 6 * 32  # the tile at (0, 48)
+    rows = np.nonzero(g[:, 0] == k)[0]
+    assert (rows.min(), rows.max() + 1) == (46, 54)
+
+
+def test_percentiles_of_ties_one_tile_and_nan():
+    """Ties share their mean rank (0.5 for all-equal scores); a bag of one tile was painted 0 (the coldest colour,
+    though it holds all the attention) and is 0.5 like any tie; one NaN score made every percentile NaN (an empty
+    map) and now only that tile is left unpainted."""
+    from gigaslide.mil.heatmap import _percentile
+
+    assert _percentile(np.array([0.7])).tolist() == [0.5]
+    assert _percentile(np.array([0.2, 0.2, 0.2])).tolist() == [0.5, 0.5, 0.5]
+    assert _percentile(np.array([3.0, 1.0, 1.0, 5.0])).tolist() == [2 / 3, 1 / 6, 1 / 6, 1.0]
+    p = _percentile(np.array([0.1, np.nan, 0.3]))
+    assert p[0] == 0.0 and np.isnan(p[1]) and p[2] == 1.0
+
+
+def test_a_multi_class_mean_pooling_heatmap_shows_the_predicted_classs_tile_margin(tmp_path, monkeypatch):
+    """Mean pooling, three classes: the map was each tile's largest logit of any class, titled with the predicted
+    class; it is the predicted class's logit minus the best other class's, per tile."""
+    from gigaslide.mil import heatmap as H
+    from gigaslide.mil.train import load_model
+    from gigaslide.testing import make_slide
+
+    r = np.random.default_rng(0)
+    bags = [torch.from_numpy(r.normal(size=(6, 4)).astype(np.float32) + (i % 3)) for i in range(9)]
+    cfg = TrainConfig(model="mean", epochs=5, hidden=16)
+    model, _ = train_fold(bags, np.arange(9) % 3, [], np.zeros(0, int), 4, 3, cfg)
+    save_model(tmp_path / "fold0", model, cfg, in_dim=4, n_classes=3)
+    coords = np.array([[x * 256, y * 256] for x in range(3) for y in range(2)])
+    store.save(tmp_path / "s.h5", bags[0].numpy(), coords, attrs={"slide_id": "s"},
+               coords_attrs={"patch_size_level0": 256})
+    make_slide(tmp_path / "s.tiff", (1024, 768))
+    vals = []
+    monkeypatch.setattr(H, "draw_heatmap", lambda thumb, ds, c, v, *a, **k: vals.append(v))
+    info = H.heatmap(tmp_path / "s.tiff", tmp_path / "s.h5", tmp_path / "fold0", tmp_path / "h.png")
+    k = int(np.argmax(info["probs"]))
+    m, _ = load_model(tmp_path / "fold0")
+    with torch.no_grad():
+        inst = m(bags[0])["instance_logits"].numpy()
+    want = H._percentile(inst[:, k] - np.delete(inst, k, 1).max(1))
+    assert np.allclose(vals[0], want)
+    assert not np.allclose(H._percentile(inst.max(1)), want)  # the old map differs on this bag

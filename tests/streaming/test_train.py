@@ -430,3 +430,34 @@ def test_an_unknown_background_is_one_line_before_any_work(command, slides, tmp_
     err = capsys.readouterr().err
     assert "--background 'grey' is not one of auto, bright, dark" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_a_multi_class_streaming_heatmap_is_titled_with_the_predicted_class(slides, ref_run, tmp_path,  # noqa: ANN001
+                                                                            monkeypatch) -> None:
+    """Three classes: the title named the last class ('P(class 2) = ...') over the attention branch of the predicted
+    class (CLAM-MB); it names the predicted class, as the MIL heatmap does."""
+    import gigaslide.mil.heatmap as mh
+    import gigaslide.streaming.heatmap as sh
+
+    real = sh.load_run_model
+
+    def three_classes(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        model, cfg, _ = real(*a, **k)
+        fwd = model.forward
+
+        def forward(*x, **kw):  # noqa: ANN002, ANN003, ANN202
+            out = fwd(*x, **kw)
+            out["logits"] = torch.tensor([0.0, 2.0, 1.0])
+            return out
+
+        model.forward = forward
+        return model, cfg, 3
+
+    titles = []
+    monkeypatch.setattr(sh, "load_run_model", three_classes)
+    monkeypatch.setattr(mh, "draw_heatmap", lambda *a, **k: titles.append(k["title"]))
+    monkeypatch.setattr(sh, "save_grid", lambda *a, **k: tmp_path / "g.npz")
+    res = sh.streaming_heatmap(slides / "s1.tif", ref_run, tmp_path / "att.png", device="cpu")
+    p = torch.softmax(torch.tensor([0.0, 2.0, 1.0]), 0)
+    assert res["probs"] == pytest.approx(p.tolist())
+    assert titles[0].endswith(f"StreamingCLAM  predicted class 1 (P = {float(p[1]):.3f})"), titles[0]

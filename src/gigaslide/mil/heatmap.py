@@ -1,7 +1,8 @@
 """Attention / prediction heatmaps over the slide thumbnail, and attention-localisation AUC.
 
 Per-tile scores are the model's ``instance_scores`` (attention for attention models, the tile's
-positive-class logit margin for mean/max pooling), shown as percentiles (CLAM-style, so a few
+logit margin for the shown class -- the positive one, with more classes the predicted one -- for
+mean/max pooling), shown as percentiles (CLAM-style, so a few
 tiles with huge attention do not wash out the map) over the thumbnail with a colour bar. When
 tile ground truth exists (mosaic slides: ``ground_truth/{slide}.csv``), the tumour tiles are
 outlined and the localisation AUC -- ROC AUC of the raw tile scores against tumour / normal --
@@ -44,31 +45,48 @@ def find_ground_truth(slide: str | os.PathLike) -> Path | None:
 
 
 def _percentile(s: np.ndarray) -> np.ndarray:
+    """Scores as percentiles in [0, 1] (ties share their mean rank, so equal scores -- and a bag of one tile --
+    are 0.5); a NaN score stays NaN (left unpainted) instead of turning every percentile into NaN."""
     from scipy.stats import rankdata
 
-    return (rankdata(s) - 1) / max(1, len(s) - 1)
+    s = np.asarray(s, np.float64).ravel()
+    out = np.full(s.shape, np.nan)
+    ok = ~np.isnan(s)
+    n = int(ok.sum())
+    if n:
+        out[ok] = (rankdata(s[ok]) - 1) / (n - 1) if n > 1 else 0.5
+    return out
 
 
 def paint_tiles(shape: tuple[int, int], coords: np.ndarray, values: np.ndarray, tile_size0: float,
-                downsample: float) -> np.ndarray:
+                downsample: float | tuple[float, float]) -> np.ndarray:
     """[h, w] thumbnail-pixel grid with each tile's value over its square (NaN elsewhere): a tile spans the thumb
     pixels from its rounded left / top edge to its neighbour's, so a lattice of tiles leaves no seam (a fixed side
-    from the truncated corner left 1 px stripes of bare thumbnail wherever the fractions added up)."""
-    grid = np.full(shape, np.nan)
-    for (x, y), v in zip(np.asarray(coords, np.float64), values):
-        x0, y0 = round(x / downsample), round(y / downsample)
-        x1, y1 = round((x + tile_size0) / downsample), round((y + tile_size0) / downsample)
-        grid[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)] = v
-    return grid
+    from the truncated corner left 1 px stripes of bare thumbnail wherever the fractions added up). Where tiles
+    overlap (tiling with overlap, or several tiles per thumb pixel) a pixel shows the mean of the tiles covering it,
+    as CLAM's overlap heatmaps do (the last tile drawn used to hide its neighbours' right / bottom parts).
+    ``downsample``: level-0 px per thumb px, or (x, y) when the thumbnail's two axes were rounded apart."""
+    dx, dy = (downsample, downsample) if np.isscalar(downsample) else (float(downsample[0]), float(downsample[1]))
+    total, count = np.zeros(shape), np.zeros(shape)
+    for (x, y), v in zip(np.asarray(coords, np.float64), np.asarray(values, np.float64)):
+        if np.isnan(v):
+            continue
+        x0, y0 = round(x / dx), round(y / dy)
+        x1, y1 = round((x + tile_size0) / dx), round((y + tile_size0) / dy)
+        sl = (slice(max(y0, 0), max(y1, y0 + 1)), slice(max(x0, 0), max(x1, x0 + 1)))
+        total[sl] += v
+        count[sl] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-def draw_heatmap(thumb: np.ndarray, downsample: float, coords: np.ndarray, values: np.ndarray, tile_size0: float,
-                 out: str | os.PathLike, *, title: str = "", label: str = "attention (percentile)",
+def draw_heatmap(thumb: np.ndarray, downsample: float | tuple[float, float], coords: np.ndarray, values: np.ndarray,
+                 tile_size0: float, out: str | os.PathLike, *, title: str = "", label: str = "attention (percentile)",
                  tumor_coords: np.ndarray | None = None, alpha: float = 0.5, tumor_size0: float | None = None) -> Path:
-    """Paint per-tile ``values`` in [0, 1] over ``thumb`` (``downsample`` level-0 px per thumb px) with a colour bar,
-    in the format ``out``'s extension names (.png, .jpg, .pdf, .svg, ...: the PNG bytes were written whatever the
-    name); ``tumor_coords`` (level-0 top-left corners of ground-truth cells of side ``tumor_size0``, default the
-    tiles') are outlined."""
+    """Paint per-tile ``values`` in [0, 1] over ``thumb`` (``downsample`` level-0 px per thumb px, or (x, y)) with a
+    colour bar, in the format ``out``'s extension names (.png, .jpg, .pdf, .svg, ...: the PNG bytes were written
+    whatever the name); ``tumor_coords`` (level-0 top-left corners of ground-truth cells of side ``tumor_size0``,
+    default the tiles') are outlined."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,6 +143,7 @@ def heatmap(slide: str | os.PathLike, features: str | os.PathLike, model_dir: st
                              f"{Path(slide).name}", path=features,
                              fix="pass the slide with its own features (OUT/features/<slide_id>.h5)")
     thumb, ds = s.thumbnail(thumb_size)
+    ds = (ds, s.dimensions[1] / thumb.shape[0])  # the thumbnail's sides are rounded apart: each axis its own scale
     gt_path = Path(ground_truth) if ground_truth else find_ground_truth(slide)
     out_info: dict[str, Any] = {"slide": str(slide), "probs": probs.tolist(), "n_tiles": len(scores),
                                 "model": meta["model"], "out": str(out), "localisation_auc": None}
@@ -133,6 +152,10 @@ def heatmap(slide: str | os.PathLike, features: str | os.PathLike, model_dir: st
     shown = len(probs) - 1 if len(probs) == 2 else int(np.argmax(probs))
     names = meta.get("class_names")  # a run on a labels.csv of class names (label c = class_names[c])
     cls = names[shown] if names and len(names) == len(probs) else f"class {shown}"
+    inst = res.get("instance_logits")
+    if inst is not None and len(probs) > 2:  # mean / max: the shown class's margin, not the largest logit of any class
+        inst = inst.float().numpy()
+        scores = inst[:, shown] - np.delete(inst, shown, 1).max(1)
     title = f"{Path(slide).stem}  {meta['model']}  " + (f"P({cls}) = {probs[shown]:.3f}" if len(probs) == 2 else
                                                         f"predicted {cls} (P = {probs[shown]:.3f})")
     if gt_path is not None:

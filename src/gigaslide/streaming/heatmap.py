@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from gigaslide import runs
@@ -62,9 +63,7 @@ def streaming_heatmap(slide: str | os.PathLike, run: str | os.PathLike, out: str
     ``slide_mpp``: the slide's level-0 µm/px or a CSV slide_id,mpp (default: the run's ``--slide-mpp``, if any);
     ``background``: ``auto`` (detected), ``bright`` or ``dark`` (default: the run's ``--background``, ``auto`` for a
     run made before the option)."""
-    from scipy.stats import rankdata
-
-    from gigaslide.mil.heatmap import draw_heatmap
+    from gigaslide.mil.heatmap import _percentile, draw_heatmap
     from gigaslide.slides import open_slide
 
     if background is not None:
@@ -82,6 +81,10 @@ def streaming_heatmap(slide: str | os.PathLike, run: str | os.PathLike, out: str
     probs = torch.softmax(res["logits"].float().reshape(-1), 0).cpu().numpy()
     h, w = res["fmap_size"]
     att = res["attention"] if res.get("attention") is not None else res["instance_scores"]  # mean / max: logit margin
+    if res.get("attention") is None and res.get("instance_logits") is not None and len(probs) > 2:
+        il = res["instance_logits"].float().cpu().numpy()  # the predicted class's margin, not any class's top logit
+        k = int(probs.argmax())
+        att = torch.from_numpy(il[:, k] - np.delete(il, k, 1).max(1))
     att = att.float().cpu().numpy().reshape(h, w)
     # positions wholly over padding (beyond the slide content) are not drawn
     s = model.stream.out_stride
@@ -95,8 +98,12 @@ def streaming_heatmap(slide: str | os.PathLike, run: str | os.PathLike, out: str
     with open_slide(slide, mpp=smpp) as sl:
         thumb, ds = sl.thumbnail(thumb_size)
         size = tuple(int(v) for v in sl.dimensions)
-    title = f"{Path(slide).stem}  StreamingCLAM  P(class {len(probs) - 1}) = {float(probs[-1]):.3f}"
-    draw_heatmap(thumb, ds, coords, (rankdata(att.ravel()) - 1) / max(1, att.size - 1), s * canvas.level0_per_px, out, title=title)
+    ds = (ds, size[1] / thumb.shape[0])  # the thumbnail's sides are rounded apart: each axis its own scale
+    # binary: the positive class; more classes: the predicted one, whose attention branch CLAM-MB heads return
+    shown = len(probs) - 1 if len(probs) == 2 else int(probs.argmax())
+    title = f"{Path(slide).stem}  StreamingCLAM  " + (f"P(class {shown}) = {float(probs[shown]):.3f}" if len(probs) == 2
+                                                      else f"predicted class {shown} (P = {float(probs[shown]):.3f})")
+    draw_heatmap(thumb, ds, coords, _percentile(att.ravel()), s * canvas.level0_per_px, out, title=title)
     grid, err = None, None
     try:
         grid = str(save_grid(run, AttentionGrid(canvas.slide_id, fold, coords, att.ravel(), s * canvas.level0_per_px,
