@@ -297,16 +297,16 @@ def test_each_thumbnail_axis_has_its_own_downsample(mosaic_and_model, tmp_path, 
     assert (rows.min(), rows.max() + 1) == (46, 54)
 
 
-def test_percentiles_of_ties_one_tile_and_nan():
+def testpercentiles_of_ties_one_tile_and_nan():
     """Ties share their mean rank (0.5 for all-equal scores); a bag of one tile was painted 0 (the coldest colour,
     though it holds all the attention) and is 0.5 like any tie; one NaN score made every percentile NaN (an empty
     map) and now only that tile is left unpainted."""
-    from gigaslide.mil.heatmap import _percentile
+    from gigaslide.mil.heatmap import percentile
 
-    assert _percentile(np.array([0.7])).tolist() == [0.5]
-    assert _percentile(np.array([0.2, 0.2, 0.2])).tolist() == [0.5, 0.5, 0.5]
-    assert _percentile(np.array([3.0, 1.0, 1.0, 5.0])).tolist() == [2 / 3, 1 / 6, 1 / 6, 1.0]
-    p = _percentile(np.array([0.1, np.nan, 0.3]))
+    assert percentile(np.array([0.7])).tolist() == [0.5]
+    assert percentile(np.array([0.2, 0.2, 0.2])).tolist() == [0.5, 0.5, 0.5]
+    assert percentile(np.array([3.0, 1.0, 1.0, 5.0])).tolist() == [2 / 3, 1 / 6, 1 / 6, 1.0]
+    p = percentile(np.array([0.1, np.nan, 0.3]))
     assert p[0] == 0.0 and np.isnan(p[1]) and p[2] == 1.0
 
 
@@ -333,6 +333,6 @@ def test_a_multi_class_mean_pooling_heatmap_shows_the_predicted_classs_tile_marg
     m, _ = load_model(tmp_path / "fold0")
     with torch.no_grad():
         inst = m(bags[0])["instance_logits"].numpy()
-    want = H._percentile(inst[:, k] - np.delete(inst, k, 1).max(1))
+    want = H.percentile(inst[:, k] - np.delete(inst, k, 1).max(1))
     assert np.allclose(vals[0], want)
-    assert not np.allclose(H._percentile(inst.max(1)), want)  # the old map differs on this bag
+    assert not np.allclose(H.percentile(inst.max(1)), want)  # the old map differs on this bag

@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 
 from gigaslide.errors import GigaslideError
 from gigaslide.evaluation.slides import read_predictions
 from gigaslide.export.once import Once
+from gigaslide.mil.heatmap import percentile
 from gigaslide.mil.train import check_features_fit, load_model, predict
 from gigaslide.ssl.slide.export import KINDS as SSL_KINDS
 
@@ -196,7 +196,3 @@ class TileScorer:
         self._scores.forget(lambda key: key[1] != str(ff.path))
 
 
-def percentile(s: np.ndarray) -> np.ndarray:
-    """Rank of each value in [0, 1] (ties share their mean rank), as the heatmaps show attention."""
-    s = np.asarray(s, np.float64)
-    return (rankdata(s) - 1) / max(1, len(s) - 1)

@@ -44,7 +44,7 @@ def find_ground_truth(slide: str | os.PathLike) -> Path | None:
     return cand if cand.is_file() else None
 
 
-def _percentile(s: np.ndarray) -> np.ndarray:
+def percentile(s: np.ndarray) -> np.ndarray:
     """Scores as percentiles in [0, 1] (ties share their mean rank, so equal scores -- and a bag of one tile --
     are 0.5); a NaN score stays NaN (left unpainted) instead of turning every percentile into NaN."""
     from scipy.stats import rankdata
@@ -167,7 +167,7 @@ def heatmap(slide: str | os.PathLike, features: str | os.PathLike, model_dir: st
         if not np.isnan(la):
             title += f"  attention AUC vs tumour = {la:.3f}"
     kind = "attention" if res["attention"] is not None else "tile score"
-    draw_heatmap(thumb, ds, ff.coords, _percentile(scores), tile0, out, title=title, label=f"{kind} (percentile)",
+    draw_heatmap(thumb, ds, ff.coords, percentile(scores), tile0, out, title=title, label=f"{kind} (percentile)",
                  tumor_coords=tumor_xy, tumor_size0=gt_size0)
     return out_info
 

@@ -63,7 +63,7 @@ def streaming_heatmap(slide: str | os.PathLike, run: str | os.PathLike, out: str
     ``slide_mpp``: the slide's level-0 µm/px or a CSV slide_id,mpp (default: the run's ``--slide-mpp``, if any);
     ``background``: ``auto`` (detected), ``bright`` or ``dark`` (default: the run's ``--background``, ``auto`` for a
     run made before the option)."""
-    from gigaslide.mil.heatmap import _percentile, draw_heatmap
+    from gigaslide.mil.heatmap import percentile, draw_heatmap
     from gigaslide.slides import open_slide
 
     if background is not None:
@@ -103,7 +103,7 @@ def streaming_heatmap(slide: str | os.PathLike, run: str | os.PathLike, out: str
     shown = len(probs) - 1 if len(probs) == 2 else int(probs.argmax())
     title = f"{Path(slide).stem}  StreamingCLAM  " + (f"P(class {shown}) = {float(probs[shown]):.3f}" if len(probs) == 2
                                                       else f"predicted class {shown} (P = {float(probs[shown]):.3f})")
-    draw_heatmap(thumb, ds, coords, _percentile(att.ravel()), s * canvas.level0_per_px, out, title=title)
+    draw_heatmap(thumb, ds, coords, percentile(att.ravel()), s * canvas.level0_per_px, out, title=title)
     grid, err = None, None
     try:
         grid = str(save_grid(run, AttentionGrid(canvas.slide_id, fold, coords, att.ravel(), s * canvas.level0_per_px,

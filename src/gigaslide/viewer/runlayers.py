@@ -17,7 +17,8 @@ import numpy as np
 
 from gigaslide.errors import GigaslideError
 from gigaslide.export.once import Once
-from gigaslide.export.runs import Run, percentile
+from gigaslide.export.runs import Run
+from gigaslide.mil.heatmap import percentile
 from gigaslide.viewer.overlays import TileLattice, palette
 
 
