@@ -406,3 +406,18 @@ def test_transmil_attention_on_a_large_bag_is_chunked_and_exact(monkeypatch):
     torch.manual_seed(1)
     d2, g2 = run()
     assert torch.equal(d1, d2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+@pytest.mark.parametrize("pool", ["mean", "max"])
+def test_multi_class_pooling_scores_are_the_predicted_classs_margin(pool):
+    """Three classes: a tile's score was its largest logit of any class, so attention.h5, the viewer and the
+    localisation AUC ranked tiles by whatever class each liked best; it is the predicted class's margin now."""
+    torch.manual_seed(0)
+    m = build_model(pool, 8, 3, hidden=16).eval()
+    bag = torch.randn(20, 8)
+    with torch.no_grad():
+        out = m(bag)
+    inst, k = out["instance_logits"], int(out["logits"].argmax())
+    want = torch.stack([inst[i, k] - max(inst[i, c] for c in range(3) if c != k) for i in range(20)])
+    torch.testing.assert_close(out["instance_scores"], want)
+    assert not torch.allclose(inst.max(1).values, want)

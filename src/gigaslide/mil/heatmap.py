@@ -152,10 +152,6 @@ def heatmap(slide: str | os.PathLike, features: str | os.PathLike, model_dir: st
     shown = len(probs) - 1 if len(probs) == 2 else int(np.argmax(probs))
     names = meta.get("class_names")  # a run on a labels.csv of class names (label c = class_names[c])
     cls = names[shown] if names and len(names) == len(probs) else f"class {shown}"
-    inst = res.get("instance_logits")
-    if inst is not None and len(probs) > 2:  # mean / max: the shown class's margin, not the largest logit of any class
-        inst = inst.float().numpy()
-        scores = inst[:, shown] - np.delete(inst, shown, 1).max(1)
     title = f"{Path(slide).stem}  {meta['model']}  " + (f"P({cls}) = {probs[shown]:.3f}" if len(probs) == 2 else
                                                         f"predicted {cls} (P = {probs[shown]:.3f})")
     if gt_path is not None:

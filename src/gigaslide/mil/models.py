@@ -5,8 +5,8 @@ Every model is built as ``MIL_MODELS.get(name)(in_dim, n_classes, **kw)`` and ma
 
 * ``logits`` [C] -- slide logits;
 * ``attention`` [N] or None -- attention over tiles (softmax-normalised, sums to 1);
-* ``instance_scores`` [N] -- a per-tile score for heatmaps (attention, or the tile's
-  positive-class / top-class logit for the pooling models);
+* ``instance_scores`` [N] -- a per-tile score for heatmaps (attention, or for the pooling models the tile's
+  logit margin of the positive class -- with more classes, of the predicted class over the best other one);
 * ``instance_loss`` (scalar tensor, CLAM only, when ``label`` is given in training).
 
 Models:
@@ -96,7 +96,12 @@ class MeanMIL(nn.Module):
         bag = _check_bag(bag)
         inst = self.classifier(self.fc(bag))  # [N, C]
         logits = inst.mean(0) if self.pool == "mean" else inst.max(0).values
-        score = inst[:, 1] - inst[:, 0] if self.n_classes == 2 else inst.max(1).values
+        if self.n_classes == 2:
+            score = inst[:, 1] - inst[:, 0]
+        else:  # the predicted class's margin over the best other class (not the top logit of any class)
+            k = int(logits.argmax())
+            others = torch.cat([inst[:, :k], inst[:, k + 1:]], 1)
+            score = inst[:, k] - others.max(1).values
         return {"logits": logits, "attention": None, "instance_scores": score, "instance_logits": inst}
 
 
