@@ -259,7 +259,10 @@ class Slide:
         return Image.fromarray(arr)
 
     def thumbnail(self, max_size: int = 1024) -> tuple[np.ndarray, float]:
-        """RGB thumbnail whose longer side is at most ``max_size``; returns (array, level-0 px per thumb px)."""
+        """RGB thumbnail whose longer side is at most ``max_size``; returns (array, level-0 px per thumb px).
+
+        The sizes are rounded per axis, so each axis has its own exact scale, ``W / width`` and ``H / height`` (up to
+        half a thumbnail px apart over the image from the one returned): painting on it, use both, as heatmaps do."""
         W, H = self.dimensions
         ds = max(W, H) / max_size
         ds = max(ds, 1.0)
