@@ -279,6 +279,41 @@ def test_a_second_slide_of_a_taken_id_fails_instead_of_counting_as_cached(slides
     assert "slide id 's0' also used by" in res.failed[str(other)] and "\n" not in res.failed[str(other)]
 
 
+def test_another_slide_file_under_a_cached_id_is_cached_again_and_a_moved_one_is_not(slides, tmp_path):
+    """A later run given another file named s0 (another scan, a new cohort) caches it again -- with its own tile grid,
+    as a fresh cache of it would be -- instead of counting the old slide's views as done; the same file moved to
+    another folder is still done."""
+    import shutil
+
+    other = tmp_path / "other" / "s0.tiff"
+    other.parent.mkdir()
+    shutil.copy(slides[1], other)
+    moved = tmp_path / "moved" / "s0.tiff"
+    moved.parent.mkdir()
+    shutil.copy(slides[0], moved)
+    out = tmp_path / "c"
+    build_augment_cache(slides[:1], out, **KW)
+    assert build_augment_cache([str(moved)], out, **KW).skipped == ["s0"]
+    res = build_augment_cache([str(other)], out, **KW)
+    assert res.done == ["s0"] and res.skipped == []
+    build_augment_cache([str(other)], tmp_path / "fresh", **KW)
+    with h5py.File(out / "features" / "s0.h5") as f, h5py.File(tmp_path / "fresh" / "features" / "s0.h5") as g:
+        for k in ("coords", "features", "views", "view_tiles"):
+            np.testing.assert_array_equal(f[k][:], g[k][:])
+    assert build_augment_cache([str(other)], out, **KW).skipped == ["s0"]  # and now it is done
+
+
+def test_a_corrected_slide_mpp_caches_the_slide_again(slides, tmp_path):
+    """The slide was cached at a wrong --slide-mpp; the re-run with the right one must not count the old views as
+    done (they are tiles of another physical size)."""
+    out = tmp_path / "c"
+    build_augment_cache(slides[:1], out, **{**KW, "slide_mpp": 1.0})
+    res = build_augment_cache(slides[:1], out, **KW)
+    assert res.done == ["s0"] and res.skipped == []
+    with h5py.File(out / "features" / "s0.h5") as f:
+        assert f.attrs["slide_mpp"] == 2.0
+
+
 def _fluo(x0, y0, w, h, ds):  # noqa: ANN001, ANN202
     """A fluorescence-like slide: green tissue over the lower two thirds, black elsewhere."""
     X, Y = np.meshgrid(x0 + (np.arange(w) + 0.5) * ds, y0 + (np.arange(h) + 0.5) * ds)

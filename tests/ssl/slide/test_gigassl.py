@@ -244,6 +244,17 @@ def test_bad_caches(tmp_path, make_fake_cache):
         load_cache(plain)
 
 
+def test_a_cache_mixing_two_recipes_is_refused_before_training(tmp_path, make_fake_cache):
+    """Files of a cache of another --views / --tiles-per-view (same encoder) copied into the folder: one line naming
+    a slide of the other shape, no run started (the run would record the first slide's tiles per view for all)."""
+    make_fake_cache(tmp_path / "mixed", n_slides=3, views=4, tiles=6)
+    make_fake_cache(tmp_path / "other", n_slides=4, views=3, tiles=5)
+    (tmp_path / "other" / "features" / "slide3.h5").rename(tmp_path / "mixed" / "features" / "slide3.h5")
+    with pytest.raises(GigaslideError, match=r"mixes recipes: .*slide 'slide3' another shape .*3x5, 4x6") as e:
+        pretrain_gigassl(tmp_path / "mixed", tmp_path / "run", epochs=1, **KW)
+    assert "\n" not in e.value.one_line() and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("name", ["abmil", "mean"])
 def test_other_slide_encoders_train(fake_cache, tmp_path, name):
     res = pretrain_gigassl(fake_cache, tmp_path / name, encoder=name, epochs=2, **KW)

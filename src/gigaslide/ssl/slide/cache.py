@@ -16,7 +16,9 @@ provenance record (tile mpp, tile size, encoder, encoder weights sha256, seed; `
 
 Slides with fewer tissue tiles than ``tiles_per_view`` are **kept**: their views are drawn with
 replacement (a warning names them and ``attrs['with_replacement']`` is set); slides with no tiles
-are skipped and listed. Each slide is written atomically; a re-run skips finished slides (a dark-background slide
+are skipped and listed. Each slide is written atomically; a re-run skips finished slides (another slide file
+under a cached id -- other size, level-0 size or resolution -- is cached again, with its own tile grid; a
+dark-background slide
 cached before edge tiles were padded black, with no ``edge_fill``, is cached again, and so is one cached with another
 ``--background``); a disk budget stops the run with
 a clear message before the slide that would exceed it.
@@ -44,8 +46,9 @@ from gigaslide.features import store
 from gigaslide.features.extract import _edge_fill
 from gigaslide.provenance import decode_attrs
 from gigaslide.slides import by_slide_id, open_slide
-from gigaslide.tiling import TilingParams, layout, load_grid, tile_slide
+from gigaslide.tiling import Scan, TilingParams, layout, load_grid, tile_slide
 from gigaslide.tiling.annotations import classes_attr, tissue_attrs
+from gigaslide.tiling.store import level0_dimensions
 from gigaslide.tiling.tissue import check_background
 
 CACHE_JSON = "cache.json"
@@ -205,11 +208,13 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
             continue
         try:
             with open_slide(path, mpp=slide_mpp) as s:
-                sid = s.id
+                sid, scan = s.id, Scan.of(s)
             target = feat_dir / f"{sid}.h5"
-            if _finished(target, params, tiling, out, path, slide_mpp):
+            if _finished(target, params, tiling, out, path, slide_mpp, scan=scan, size=_size(path)):
                 res.skipped.append(sid)
                 continue
+            if _other_slide(target, _size(path)):  # another file under this id: its tile grid is not this slide's
+                layout(out, sid)["coords"].unlink(missing_ok=True)
             try:
                 grid = tile_slide(path, out, tiling, slide_mpp=slide_mpp, overlays=False)
             except GigaslideError as e:
@@ -256,14 +261,17 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
                             choice.resolved)
                 view_feats[v0:v0 + group] = f.reshape(-1, tiles_per_view, enc.embed_dim).astype(np.float16)
             del tiles
-            attrs = {**params, "run": str(out), "slide_id": sid, "slide_path": str(path), "slide_mpp": grid.slide_mpp,
+            attrs = {**params, "run": str(out), "slide_id": sid, "slide_path": str(path), "slide_bytes": _size(path),
+                     "slide_mpp": grid.slide_mpp,
                      "with_replacement": int(with_repl), "precision": choice.resolved,
                      "precision_requested": choice.requested, "bf16_cosine": choice.bf16_cosine,
                      "precision_basis": choice.basis, "cache_kind": "gigassl_views", "complete": 1,
                      "background": background, "edge_fill": _edge_fill(grid), "background_option": tiling.background,
                      **tissue_attrs(grid.extra)}
             coords_attrs = {"patch_size": tile_size, "patch_size_level0": grid.tile_size_level0,
-                            "patch_level": grid.read_level, "target_mpp": float(mpp), "level0_mpp": grid.slide_mpp}
+                            "patch_level": grid.read_level, "target_mpp": float(mpp), "level0_mpp": grid.slide_mpp,
+                            "level0_width": int(grid.slide_dimensions[0]),
+                            "level0_height": int(grid.slide_dimensions[1])}
             store.save(target, plain.astype(np.float32), grid.coords, attrs=attrs, coords_attrs=coords_attrs,
                        extra={"views": view_feats, "view_coords": grid.coords[idx], "view_tiles": idx})
             size = target.stat().st_size
@@ -281,11 +289,16 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
 
 
 def _finished(path: Path, params: dict, tiling: TilingParams, out: Path | None = None,
-              slide: str | os.PathLike | None = None, slide_mpp: float | str | None = None) -> bool:
+              slide: str | os.PathLike | None = None, slide_mpp: float | str | None = None, *,
+              scan: Scan | None = None, size: int | None = None) -> bool:
     """A complete slide file of this recipe, its tiles from the same tissue (detected, or the same annotation file)
     at the same ``--background`` (``background_option``; a file without it was made at ``auto``), and its edge tiles
     padded as ``encode`` pads them: a file without ``edge_fill`` (cached before edge tiles were
-    padded black on dark-background slides) is finished only where the slide is not dark (see :func:`_was_dark`)."""
+    padded black on dark-background slides) is finished only where the slide is not dark (see :func:`_was_dark`).
+    ``scan``: the slide's resolution and level-0 size now; a file made from another scan (another slide file under
+    the same id, or a corrected ``--slide-mpp``: its ``slide_mpp`` or recorded level-0 size differ) is not finished, nor
+    is one whose recorded slide file size (``slide_bytes``) is not ``size`` (a slide of the same size and id moved
+    elsewhere is still finished)."""
     if not path.is_file():
         return False
     try:
@@ -294,7 +307,12 @@ def _finished(path: Path, params: dict, tiling: TilingParams, out: Path | None =
         with h5py.File(path, "r") as f:
             a = decode_attrs(f.attrs)
             ok = "views" in f and int(a.get("complete", 0)) == 1
+            dims = level0_dimensions(decode_attrs(f["coords"].attrs)) if "coords" in f else None
     except OSError:
+        return False
+    if ok and scan is not None and not scan.made(a.get("slide_mpp"), dims):
+        return False
+    if ok and size is not None and a.get("slide_bytes") is not None and int(a["slide_bytes"]) != size:
         return False
     return (ok and all(_same(a.get(k), params[k]) for k in ("encoder", "views", "tiles_per_view", "tile_size"))
             and _same(a.get("min_tissue", params["min_tissue"]), params["min_tissue"])
@@ -318,6 +336,29 @@ def _was_dark(out: Path | None, slide_id: str, slide: str | os.PathLike | None, 
         except GigaslideError:
             return False  # no tissue tiles: the slide is handled (skipped) as before
     return _edge_fill(grid) == "dark"
+
+
+def _other_slide(path: Path, size: int | None) -> bool:
+    """The cache file ``path`` was made from a slide file of another size than ``size`` (its ``slide_bytes``)."""
+    if size is None or not path.is_file():
+        return False
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            old = decode_attrs(f.attrs).get("slide_bytes")
+    except OSError:
+        return False
+    return old is not None and int(old) != size
+
+
+def _size(path: str | os.PathLike) -> int | None:
+    """The slide file's size in bytes (a folder slide, e.g. DICOM: the sum of its files; None: unreadable)."""
+    try:
+        p = Path(path)
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+    except OSError:
+        return None
 
 
 def _same(a, b) -> bool:  # noqa: ANN001

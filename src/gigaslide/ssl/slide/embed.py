@@ -26,7 +26,7 @@ from gigaslide.devices import pick_device
 from gigaslide.errors import GigaslideError
 from gigaslide.features import store
 from gigaslide.provenance import provenance
-from gigaslide.ssl.slide.export import check_features, read_config
+from gigaslide.ssl.slide.export import MODEL, check_features, read_config
 from gigaslide.ssl.slide.views import tile_cells
 
 
@@ -83,7 +83,7 @@ def embed_slides(model: str | os.PathLike, features: str | os.PathLike, out: str
             vecs.append(emb.mean(0))
             ids.append(sid)
             if regions_out is not None:
-                _write_regions(Path(regions_out), sid, ff, emb, regs, data, model)
+                _write_regions(Path(regions_out), sid, ff, emb, regs, cfg, model)
     emb = np.stack(vecs).astype(np.float16 if fp16 else np.float32)
     collapse = (cfg.get("collapse") or {}).get("kind")
     attrs = provenance("slide_embeddings", method=method, run=str(model), encoder=data.get("tile_encoder"),
@@ -100,14 +100,22 @@ def embed_slides(model: str | os.PathLike, features: str | os.PathLike, out: str
     return Embeddings(ids, emb, attrs)
 
 
-def _write_regions(folder: Path, sid: str, ff, emb: np.ndarray, regs, data: dict, model) -> None:  # noqa: ANN001
+def _write_regions(folder: Path, sid: str, ff, emb: np.ndarray, regs, cfg: dict, model) -> None:  # noqa: ANN001
+    """One region feature file: its encoder is the SLPD run (``encoder_weights_sha256``: the sha256 of the run's
+    ``model.safetensors``, so region folders of two runs are not mixed), ``tile_encoder`` and
+    ``tile_encoder_weights_sha256`` the tile encoder's, ``seed`` the run's."""
+    from gigaslide.provenance import file_sha256
     from gigaslide.ssl.slide.regions import level0_mpp
+
+    data = cfg["data"]
 
     side0 = float(data["region_size"]) * float(data["region_mpp"]) / level0_mpp(ff)
     store.save(folder / "features" / f"{sid}.h5", emb.astype(np.float32), regs.origins,
                attrs={"slide_id": sid, "encoder": f"slpd:{Path(model).name}", "mpp": data["region_mpp"],
                       "tile_size": int(data["region_size"]), "tile_encoder": data.get("tile_encoder"),
-                      "encoder_weights_sha256": data.get("encoder_weights_sha256"), "run": str(model),
+                      "encoder_weights_sha256": file_sha256(Path(model) / MODEL),
+                      "tile_encoder_weights_sha256": data.get("encoder_weights_sha256"), "run": str(model),
+                      "seed": (cfg.get("train") or {}).get("seed"),
                       "unit": "region", "region_mpp": data["region_mpp"]},
                coords_attrs={"patch_size_level0": side0, "level0_mpp": level0_mpp(ff)})
 

@@ -124,6 +124,13 @@ def pretrain_gigassl(cache: str | os.PathLike, out: str | os.PathLike, cfg: Giga
     if len(vc) < 2:
         raise GigaslideError(f"SimCLR needs at least 2 slides, the cache has {len(vc)}", path=cache,
                              fix="cache more slides with augment-cache")
+    shapes = {tuple(v.shape[:2]) for v in vc.views}
+    if len(shapes) > 1:  # files of two caches (other --views / --tiles-per-view) copied into one folder
+        odd = next(s for s, v in zip(vc.slide_ids, vc.views) if tuple(v.shape[:2]) != tuple(vc.views[0].shape[:2]))
+        raise GigaslideError(f"the cache mixes recipes: slide '{vc.slide_ids[0]}' has {vc.views[0].shape[0]} views x "
+                             f"{vc.views[0].shape[1]} tiles, slide '{odd}' another shape (views x tiles per view: "
+                             f"{', '.join(f'{v}x{t}' for v, t in sorted(shapes))}); one cache holds one recipe",
+                             path=cache, fix="keep one augment-cache's files per folder (re-cache the odd slides)")
     if min(int(v.shape[0]) for v in vc.views) < 2:
         raise GigaslideError("each slide needs at least 2 cached views", path=cache, fix="rebuild with --views 2 or more")
     few = [s for s, v in zip(vc.slide_ids, vc.views) if v.shape[1] < cfg.tiles_per_step]
