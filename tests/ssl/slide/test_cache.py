@@ -433,3 +433,14 @@ def test_an_unknown_background_is_one_line_before_any_work(slides, tmp_path, cap
     with pytest.raises(GigaslideError, match="unknown background 'grey'"):
         build_augment_cache(slides[:1], out, **{**KW, "background": "grey"})
     assert not out.exists()
+
+
+def test_a_slide_given_by_a_relative_path_is_recorded_absolute(slides, tmp_path, monkeypatch):
+    """The cache recorded the slide's path as typed (``mos/slides/...``): meaningless from another folder, unlike
+    encode's feature files. It is absolute now."""
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(slides[0]).parent)
+    build_augment_cache([Path(slides[0]).name], tmp_path / "c", **KW)
+    with h5py.File(tmp_path / "c" / "features" / "s0.h5") as f:
+        assert f.attrs["slide_path"] == str(Path(slides[0]).resolve())

@@ -261,8 +261,8 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
                             choice.resolved)
                 view_feats[v0:v0 + group] = f.reshape(-1, tiles_per_view, enc.embed_dim).astype(np.float16)
             del tiles
-            attrs = {**params, "run": str(out), "slide_id": sid, "slide_path": str(path), "slide_bytes": _size(path),
-                     "slide_mpp": grid.slide_mpp,
+            attrs = {**params, "run": str(out), "slide_id": sid, "slide_path": os.path.abspath(path),  # as encode's
+                     "slide_bytes": _size(path), "slide_mpp": grid.slide_mpp,
                      "with_replacement": int(with_repl), "precision": choice.resolved,
                      "precision_requested": choice.requested, "bf16_cosine": choice.bf16_cosine,
                      "precision_basis": choice.basis, "cache_kind": "gigassl_views", "complete": 1,
