@@ -205,21 +205,29 @@ def test_a_heatmap_of_nan_features_is_refused_naming_the_file(mosaic_and_model, 
     assert not (tmp / "nan.png").exists()
 
 
-def test_a_multi_class_heatmap_is_titled_with_the_predicted_class(tmp_path, monkeypatch):
-    """Three classes: the title named the last class's probability ('P(class 2) = 0.35') above CLAM-MB's attention
-    branch of the predicted class (1): it names the predicted class."""
-    from gigaslide.mil import heatmap as H
+def _three_class_run(tmp_path, model: str) -> list[torch.Tensor]:  # noqa: ANN001
+    """A ``model`` fold trained on nine 6-tile bags of three classes (tmp_path/fold0), the first bag's features as
+    slide s (tmp_path/s.h5, 256 px tiles) and a slide to draw on (tmp_path/s.tiff); returns the bags."""
     from gigaslide.testing import make_slide
 
     r = np.random.default_rng(0)
     bags = [torch.from_numpy(r.normal(size=(6, 4)).astype(np.float32) + (i % 3)) for i in range(9)]
-    cfg = TrainConfig(model="clam_mb", epochs=5, hidden=16)
-    model, _ = train_fold(bags, np.arange(9) % 3, [], np.zeros(0, int), 4, 3, cfg)
-    save_model(tmp_path / "fold0", model, cfg, in_dim=4, n_classes=3)
+    cfg = TrainConfig(model=model, epochs=5, hidden=16)
+    trained, _ = train_fold(bags, np.arange(9) % 3, [], np.zeros(0, int), 4, 3, cfg)
+    save_model(tmp_path / "fold0", trained, cfg, in_dim=4, n_classes=3)
     coords = np.array([[x * 256, y * 256] for x in range(3) for y in range(2)])
     store.save(tmp_path / "s.h5", bags[0].numpy(), coords, attrs={"slide_id": "s"},
                coords_attrs={"patch_size_level0": 256})
     make_slide(tmp_path / "s.tiff", (1024, 768))
+    return bags
+
+
+def test_a_multi_class_heatmap_is_titled_with_the_predicted_class(tmp_path, monkeypatch):
+    """Three classes: the title named the last class's probability ('P(class 2) = 0.35') above CLAM-MB's attention
+    branch of the predicted class (1): it names the predicted class."""
+    from gigaslide.mil import heatmap as H
+
+    _three_class_run(tmp_path, "clam_mb")
     titles = []
     monkeypatch.setattr(H, "draw_heatmap", lambda *a, **k: titles.append(k["title"]))
     info = H.heatmap(tmp_path / "s.tiff", tmp_path / "s.h5", tmp_path / "fold0", tmp_path / "h.png")
@@ -297,7 +305,7 @@ def test_each_thumbnail_axis_has_its_own_downsample(mosaic_and_model, tmp_path, 
     assert (rows.min(), rows.max() + 1) == (46, 54)
 
 
-def testpercentiles_of_ties_one_tile_and_nan():
+def test_percentiles_of_ties_one_tile_and_nan():
     """Ties share their mean rank (0.5 for all-equal scores); a bag of one tile was painted 0 (the coldest colour,
     though it holds all the attention) and is 0.5 like any tie; one NaN score made every percentile NaN (an empty
     map) and now only that tile is left unpainted."""
@@ -315,17 +323,8 @@ def test_a_multi_class_mean_pooling_heatmap_shows_the_predicted_classs_tile_marg
     class; it is the predicted class's logit minus the best other class's, per tile."""
     from gigaslide.mil import heatmap as H
     from gigaslide.mil.train import load_model
-    from gigaslide.testing import make_slide
 
-    r = np.random.default_rng(0)
-    bags = [torch.from_numpy(r.normal(size=(6, 4)).astype(np.float32) + (i % 3)) for i in range(9)]
-    cfg = TrainConfig(model="mean", epochs=5, hidden=16)
-    model, _ = train_fold(bags, np.arange(9) % 3, [], np.zeros(0, int), 4, 3, cfg)
-    save_model(tmp_path / "fold0", model, cfg, in_dim=4, n_classes=3)
-    coords = np.array([[x * 256, y * 256] for x in range(3) for y in range(2)])
-    store.save(tmp_path / "s.h5", bags[0].numpy(), coords, attrs={"slide_id": "s"},
-               coords_attrs={"patch_size_level0": 256})
-    make_slide(tmp_path / "s.tiff", (1024, 768))
+    bags = _three_class_run(tmp_path, "mean")
     vals = []
     monkeypatch.setattr(H, "draw_heatmap", lambda thumb, ds, c, v, *a, **k: vals.append(v))
     info = H.heatmap(tmp_path / "s.tiff", tmp_path / "s.h5", tmp_path / "fold0", tmp_path / "h.png")

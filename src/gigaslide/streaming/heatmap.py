@@ -63,7 +63,7 @@ def streaming_heatmap(slide: str | os.PathLike, run: str | os.PathLike, out: str
     ``slide_mpp``: the slide's level-0 µm/px or a CSV slide_id,mpp (default: the run's ``--slide-mpp``, if any);
     ``background``: ``auto`` (detected), ``bright`` or ``dark`` (default: the run's ``--background``, ``auto`` for a
     run made before the option)."""
-    from gigaslide.mil.heatmap import percentile, draw_heatmap
+    from gigaslide.mil.heatmap import draw_heatmap, percentile
     from gigaslide.slides import open_slide
 
     if background is not None:
