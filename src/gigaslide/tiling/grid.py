@@ -28,6 +28,11 @@ from gigaslide.tiling.tissue import TissueMask
 GRID_RULE = 2
 
 
+#: ``TileGrid.extra`` key of the (w, h) of pyramid level ``read_level`` (CLAM's ``level_dim``): set by
+#: :func:`make_grid` from the slide it has open, and by ``load_grid`` from a coords file that recorded it.
+LEVEL_DIM_KEY = "patch_level_dim"
+
+
 @dataclass
 class TileGrid:
     """Tile coordinates of one slide plus everything needed to read them again."""
@@ -126,10 +131,11 @@ def make_grid(slide: Slide, tissue: TissueMask | None, *, target_mpp: float, til
             fix=f"use a smaller --tile-size (at most {int(min(W, H) / f)}){finer}",
         )
     coords, frac, pad = select_tiles(tissue, (W, H), tile0, stride0, min_tissue)
-    extra = {"grid_rule": GRID_RULE, **(tissue.info if tissue is not None else {})}
+    level = slide.choose_level(target_mpp).level
+    extra = {"grid_rule": GRID_RULE, **(tissue.info if tissue is not None else {}),
+             LEVEL_DIM_KEY: [int(d) for d in slide.level_dimensions[level]]}
     return TileGrid(
         coords=coords, tissue=frac, slide_id=slide.id, slide_path=os.path.abspath(slide.path),
         target_mpp=float(target_mpp), tile_size=int(tile_size), overlap=int(overlap), slide_mpp=float(slide.mpp),
-        slide_dimensions=(W, H), read_level=slide.choose_level(target_mpp).level, min_tissue=float(min_tissue),
-        extra=extra, padding=pad,
+        slide_dimensions=(W, H), read_level=level, min_tissue=float(min_tissue), extra=extra, padding=pad,
     )

@@ -30,7 +30,7 @@ from gigaslide import atomic
 from gigaslide.provenance import decode_attrs, provenance
 from gigaslide.errors import GigaslideError
 from gigaslide.tiling.annotations import TISSUE_KEYS
-from gigaslide.tiling.grid import TileGrid
+from gigaslide.tiling.grid import LEVEL_DIM_KEY, TileGrid
 
 #: ``TileGrid.extra`` keys written as file attrs (scalars / strings only).
 EXTRA_KEYS = ("grid_rule", "background", "background_option", "stain", "stain_warning", *TISSUE_KEYS)
@@ -41,13 +41,10 @@ def _checksummed(a: np.ndarray) -> dict:
     return {"fletcher32": True, "chunks": True} if np.asarray(a).size else {}
 
 
-#: ``TileGrid.extra`` key of the (w, h) of pyramid level ``read_level`` that a coords file recorded (see load_grid).
-LEVEL_DIM_KEY = "patch_level_dim"
-
-
 def _patch_level_dim(grid: TileGrid) -> tuple[int, int] | None:
-    """The (w, h) of the grid's pyramid level ``read_level``: level 0's for level 0, else as a coords file recorded
-    it, else read from the slide (None when it cannot be opened: a slide moved since it was tiled)."""
+    """The (w, h) of the grid's pyramid level ``read_level``: level 0's for level 0, else as the grid records it
+    (:func:`~gigaslide.tiling.grid.make_grid`, or a coords file), else -- a grid loaded from a file written before it
+    was recorded -- read from the slide (None when it cannot be opened: a slide moved since it was tiled)."""
     if grid.read_level == 0:
         return (int(grid.slide_dimensions[0]), int(grid.slide_dimensions[1]))
     known = grid.extra.get(LEVEL_DIM_KEY)
