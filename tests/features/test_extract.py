@@ -412,12 +412,12 @@ def _features_listings(slides, out, encoder, monkeypatch):  # noqa: ANN001, ANN2
 def test_a_batch_lists_the_feature_folder_a_fixed_number_of_times_not_once_per_slide(tmp_path, encoder, monkeypatch):
     """Each slide's dead temporaries are removed before it is encoded, but features/ (n entries) is listed a fixed
     number of times per process, not once per slide: a batch of n slides was O(n^2)."""
-    from gigaslide.tiling import job
+    from gigaslide import atomic
 
     slides = [make_slide(tmp_path / "in" / f"s{i}.tiff", (512, 512), seed=i) for i in range(6)]
     counts = []
     for n in (2, 6):
-        monkeypatch.setattr(job, "_tmp_listings", {})  # a fresh process
+        monkeypatch.setattr(atomic, "_tmp_listings", {})  # a fresh process
         counts.append(_features_listings(slides[:n], tmp_path / f"out{n}", encoder, monkeypatch))
     assert counts[0] == counts[1], counts  # old code: 2 + n
 

@@ -51,7 +51,6 @@ from gigaslide.slides.pool import ReaderPool, ReadTask, pool_slots
 from gigaslide.slides.reader import DOWNSAMPLE_MODES
 from gigaslide.tiling import GRID_RULE, Scan, TileGrid, TilingParams, layout, reusable_grid
 from gigaslide.tiling.annotations import tissue_attrs
-from gigaslide.tiling.job import clean_stale_tmp_for
 from gigaslide.tiling.parallel import TileAhead, tile_many, tiling_workers
 from gigaslide.tiling.store import coords_attrs, level0_dimensions
 
@@ -196,11 +195,10 @@ def is_finished(path: Path, encoder: Encoder, params: TilingParams, *, stamp: Se
 
 def _clean_own_tmp(out: Path, slide_id: str, lock: ItemLock) -> None:
     """Temporary files of this slide left by a dead run (others' slides' temporaries may be in use). Each folder is
-    listed once per process (``tiling.job.clean_stale_tmp_for``), not once per slide, so a batch stays linear; a slide
-    taken over from a run that died after that listing is looked up afresh."""
+    listed once per process (``atomic.clean_stale_tmp_for(cached=True)``), not once per slide, so a batch stays
+    linear; a slide taken over from a run that died after that listing is looked up afresh."""
     for sub in ("features", "patches"):
-        target = out / sub / f"{slide_id}.h5"
-        atomic.clean_stale_tmp_for(target) if lock.took_over else clean_stale_tmp_for(target)
+        atomic.clean_stale_tmp_for(out / sub / f"{slide_id}.h5", cached=not lock.took_over)
 
 
 class _Run:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import threading
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -121,41 +119,6 @@ class Scan:
         return self.made(grid.slide_mpp, None if tuple(grid.slide_dimensions) == (0, 0) else grid.slide_dimensions)
 
 
-#: A folder's listing of temporary files is taken again after this many seconds (see :func:`clean_stale_tmp_for`).
-TMP_LISTING_TTL_S = 300.0
-_tmp_listings: dict[Path, tuple[float, set[str]]] = {}  # folder -> (monotonic time listed, temporary names then)
-_tmp_guard = threading.Lock()
-
-
-def clean_stale_tmp_for(target: str | os.PathLike) -> int:
-    """Remove the temporary files an interrupted run left for ``target`` (a slide's output), as
-    :func:`gigaslide.atomic.clean_stale_tmp_for`, without listing its folder for every slide: each process lists a
-    folder once per :data:`TMP_LISTING_TTL_S` and removes the names from that listing (files older than it, so never
-    a temporary file another live run made since). Listing per slide made a batch quadratic in its size: a folder of
-    n slides' outputs is O(n) to list (10 ms at 6,000 entries, 70 ms at 60,000 here, more on network storage), four
-    folders per slide. Returns how many were removed."""
-    t = Path(target)
-    folder, prefix = t.parent, atomic.TMP_PREFIX + t.name + "."
-    with _tmp_guard:
-        now = time.monotonic()
-        seen = _tmp_listings.get(folder)
-        if seen is None or now - seen[0] > TMP_LISTING_TTL_S:
-            try:
-                with os.scandir(folder) as it:
-                    names = {e.name for e in it if e.name.startswith(atomic.TMP_PREFIX)}
-            except OSError:  # no folder yet: nothing left behind in it
-                names = set()
-            seen = _tmp_listings[folder] = (now, names)
-        mine = [n for n in seen[1] if n.startswith(prefix)]
-        seen[1].difference_update(mine)
-    n = 0
-    for name in mine:
-        with contextlib.suppress(OSError):
-            (folder / name).unlink()
-            n += 1
-    return n
-
-
 def layout(out: str | os.PathLike, slide_id: str) -> dict[str, Path]:
     o = Path(out)
     return {
@@ -205,9 +168,9 @@ def tile_slide(path: str | os.PathLike | Slide, out: str | os.PathLike, params: 
         slide.check_target_mpp(params.mpp)  # no scan resolution, or one too coarse: the fix that applies
         # a killed run's temporary files, this slide only; a slide tiled before (its grid damaged or made for other
         # settings) is looked up afresh: its last run may have died after this process listed the folders
-        clean = atomic.clean_stale_tmp_for if paths["coords"].exists() else clean_stale_tmp_for
+        again = paths["coords"].exists()
         for key in ("coords", "tissue_png", "tissue_geojson", "grid_png"):
-            clean(paths[key])
+            atomic.clean_stale_tmp_for(paths[key], cached=not again)
         tissue, thumb = _tissue(slide, params)
         grid = make_grid(slide, tissue, target_mpp=params.mpp, tile_size=params.tile_size, overlap=params.overlap,
                          min_tissue=params.min_tissue)
@@ -241,7 +204,7 @@ def _refresh_outline(slide: Slide, params: TilingParams, path: Path) -> None:
     again for it. Otherwise only the file's first bytes are read."""
     if path.is_file() and (saved_tolerance(path) or 0.0) == params.outline_tolerance:
         return
-    clean_stale_tmp_for(path)
+    atomic.clean_stale_tmp_for(path, cached=True)
     tissue, _ = _tissue(slide, params)
     save_geojson(tissue, path, tolerance=params.outline_tolerance)
 
