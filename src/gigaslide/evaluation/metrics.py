@@ -163,6 +163,15 @@ def percentile_ci(replicates: np.ndarray, alpha: float = 0.05) -> tuple[float, f
     return float(lo), float(hi)
 
 
+def ci_fields(replicates: np.ndarray, alpha: float = 0.05) -> dict[str, float]:
+    """``ci_low`` / ``ci_high`` of one metric's replicates (:func:`percentile_ci`), plus ``undefined_replicates``
+    (how many were NaN, left out of the CI) when there are any: the fields every reported CI carries."""
+    r = np.asarray(replicates, np.float64)
+    lo, hi = percentile_ci(r, alpha)
+    n_nan = int(np.isnan(r).sum())
+    return {"ci_low": float(lo), "ci_high": float(hi), **({"undefined_replicates": n_nan} if n_nan else {})}
+
+
 def bootstrap_ci(fn: MetricFn, y: np.ndarray, probs: np.ndarray, *, n_bootstrap: int = 1000, seed: int = 0,
                  strata: np.ndarray | None = None, alpha: float = 0.05,
                  groups: Sequence[Any] | np.ndarray | None = None) -> tuple[float, float]:
@@ -185,11 +194,7 @@ def summarize(y: np.ndarray, probs: np.ndarray, *, n_bootstrap: int = 1000, seed
     reps = bootstrap_replicates(lambda i: [METRICS[m](y[i], p[i]) for m in metrics], len(y),
                                 n_bootstrap=n_bootstrap, seed=seed, strata=strata, groups=groups)
     for k, m in enumerate(metrics):
-        lo, hi = percentile_ci(reps[:, k]) if len(reps) else (float("nan"), float("nan"))
-        out[m].update(ci_low=float(lo), ci_high=float(hi))
-        n_nan = int(np.isnan(reps[:, k]).sum()) if len(reps) else 0
-        if n_nan:
-            out[m]["undefined_replicates"] = n_nan
+        out[m].update(ci_fields(reps[:, k] if len(reps) else reps))
     return out
 
 
@@ -244,17 +249,17 @@ def paired_difference(y: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, m
         return _mean_over_draws(fn, y, da, i) - _mean_over_draws(fn, y, db, i)
 
     reps = bootstrap_replicates(stat, len(y), n_bootstrap=n_bootstrap, seed=seed, strata=strata, groups=groups)
-    n_nan = int(np.isnan(reps).sum()) if len(reps) else 0
-    reps = reps[~np.isnan(reps)] if len(reps) else reps
-    lo, hi = percentile_ci(reps) if len(reps) else (float("nan"), float("nan"))
+    ci = ci_fields(reps)
+    reps = reps[~np.isnan(reps)]
     if len(reps):
         p = min(1.0, 2 * min(np.mean(reps <= 0), np.mean(reps >= 0)))
         p = max(p, 1.0 / len(reps))
     else:
         p = float("nan")
-    return {"metric": metric, "diff": float(diff), "ci_low": float(lo), "ci_high": float(hi), "p_value": float(p),
-            "n": int(len(y)), "n_bootstrap": int(n_bootstrap), "draws": draws or "fixed",
-            "resampled": "items" if groups is None else "groups", **({"undefined_replicates": n_nan} if n_nan else {})}
+    return {"metric": metric, "diff": float(diff), "ci_low": ci["ci_low"], "ci_high": ci["ci_high"],
+            "p_value": float(p), "n": int(len(y)), "n_bootstrap": int(n_bootstrap), "draws": draws or "fixed",
+            "resampled": "items" if groups is None else "groups",
+            **({"undefined_replicates": ci["undefined_replicates"]} if "undefined_replicates" in ci else {})}
 
 
 def fmt_diff(d: dict[str, float], p: bool = True) -> str:

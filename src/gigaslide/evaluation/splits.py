@@ -153,7 +153,7 @@ def _parse_labels(rows: list[dict[str, str]], p: Path) -> tuple[list[int], list[
                                  fix="spell each class one way in the label column")
         code = {n: i for i, n in enumerate(names)}
         return [code[v] for v in values], names
-    if any(numeric) and not all(numeric):
+    if not all(numeric):
         named = [f"{r['slide_id']}={r['label']!r}" for r, ok in zip(rows, numeric) if not ok]
         nums = [f"{r['slide_id']}={r['label']!r}" for r, ok in zip(rows, numeric) if ok]
         raise GigaslideError(f"label column mixes numbers ({_preview(nums, 2)}) and non-numeric class names "

@@ -37,7 +37,7 @@ import numpy as np
 from gigaslide import atomic
 from gigaslide.provenance import provenance
 from gigaslide.errors import GigaslideError
-from gigaslide.evaluation.metrics import METRICS, bootstrap_replicates, fmt_ci, percentile_ci, summarize
+from gigaslide.evaluation.metrics import METRICS, bootstrap_replicates, ci_fields, fmt_ci, summarize
 
 PROTOCOLS = ("linear", "knn", "fewshot")
 #: how few-shot draws are seeded (recorded in reports: results of other draw schemes never count as the same draws)
@@ -202,11 +202,8 @@ def few_shot(Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.ndarray,
                 return float(np.average(v[ok], weights=counts[ok])) if ok.any() else float("nan")
 
             reps = bootstrap_replicates(stat, len(yte), n_bootstrap=n_bootstrap, seed=seed, strata=yte)
-            lo, hi = percentile_ci(reps)
-            res[m] = {"value": float(np.mean(per_draw)), "std": float(np.std(per_draw)),
-                      "ci_low": float(lo), "ci_high": float(hi), "per_draw": [float(v) for v in per_draw]}
-            if int(np.isnan(reps).sum()):
-                res[m]["undefined_replicates"] = int(np.isnan(reps).sum())
+            res[m] = {"value": float(np.mean(per_draw)), "std": float(np.std(per_draw)), **ci_fields(reps),
+                      "per_draw": [float(v) for v in per_draw]}
         out[setting] = res
         if draws is not None:
             draws[setting] = np.stack(probs).astype(np.float32)
