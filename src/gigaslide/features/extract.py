@@ -140,15 +140,10 @@ def _feature_attrs(encoder: Encoder, params: TilingParams, grid: TileGrid, choic
         "reader": _reader_name(info), "grid_rule": grid.extra.get("grid_rule"),
         "downsample_option": downsample, "downsample": info.get("downsample", "box"),
         "background_option": params.background, "background": grid.extra.get("background"),
-        "edge_fill": _edge_fill(grid),
+        "edge_fill": grid.edge_fill,
         "stain": grid.extra.get("stain"), "stain_warning": grid.extra.get("stain_warning"),
         **tissue_attrs(grid.extra),
     }
-
-
-def _edge_fill(grid: TileGrid) -> str:
-    """What the outside of the slide reads as in edge tiles: black on dark-background (fluorescence) slides."""
-    return "dark" if grid.extra.get("background") == "dark" else "bright"
 
 
 def file_stamp(path: Path) -> list[int]:
@@ -536,7 +531,7 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
             stop = min(start + batch_size, job.n)
             pool.submit(ReadTask((len(held) - 1, start), job.path, job.grid.coords[start:stop], params.tile_size, params.mpp,
                                  slide_mpp, job.slide_id, direct=direct, downsample=downsample,
-                                 background=_edge_fill(job.grid)))
+                                 background=job.grid.edge_fill))
             cur[1] = stop
 
     choice: PrecisionChoice | None = None

@@ -59,6 +59,12 @@ class TileGrid:
     def tile_size_level0(self) -> float:
         return self.tile_size * self.target_mpp / self.slide_mpp
 
+    @property
+    def edge_fill(self) -> str:
+        """What the outside of the slide reads as in edge tiles: ``dark`` (black) on a dark-background (fluorescence)
+        slide, else ``bright`` (white glass) -- the ``background=`` every reader of these tiles passes."""
+        return "dark" if self.extra.get("background") == "dark" else "bright"
+
     def __len__(self) -> int:
         return int(self.coords.shape[0])
 

@@ -43,7 +43,6 @@ from gigaslide.encoders import Encoder, build_encoder
 from gigaslide.encoders.inference import for_inference
 from gigaslide.errors import GigaslideError
 from gigaslide.features import store
-from gigaslide.features.extract import _edge_fill
 from gigaslide.provenance import decode_attrs
 from gigaslide.slides import by_slide_id, open_slide
 from gigaslide.tiling import Scan, TilingParams, layout, load_grid, tile_slide
@@ -209,11 +208,11 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
         try:
             with open_slide(path, mpp=slide_mpp) as s:
                 sid, scan = s.id, Scan.of(s)
-            target = feat_dir / f"{sid}.h5"
-            if _finished(target, params, tiling, out, path, slide_mpp, scan=scan, size=_size(path)):
+            target, size = feat_dir / f"{sid}.h5", _size(path)
+            if _finished(target, params, tiling, out, path, slide_mpp, scan=scan, size=size):
                 res.skipped.append(sid)
                 continue
-            if _other_slide(target, _size(path)):  # another file under this id: its tile grid is not this slide's
+            if _other_slide(target, size):  # another file under this id: its tile grid is not this slide's
                 layout(out, sid)["coords"].unlink(missing_ok=True)
             try:
                 grid = tile_slide(path, out, tiling, slide_mpp=slide_mpp, overlays=False)
@@ -262,11 +261,11 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
                 view_feats[v0:v0 + group] = f.reshape(-1, tiles_per_view, enc.embed_dim).astype(np.float16)
             del tiles
             attrs = {**params, "run": str(out), "slide_id": sid, "slide_path": os.path.abspath(path),  # as encode's
-                     "slide_bytes": _size(path), "slide_mpp": grid.slide_mpp,
+                     "slide_bytes": size, "slide_mpp": grid.slide_mpp,
                      "with_replacement": int(with_repl), "precision": choice.resolved,
                      "precision_requested": choice.requested, "bf16_cosine": choice.bf16_cosine,
                      "precision_basis": choice.basis, "cache_kind": "gigassl_views", "complete": 1,
-                     "background": background, "edge_fill": _edge_fill(grid), "background_option": tiling.background,
+                     "background": background, "edge_fill": grid.edge_fill, "background_option": tiling.background,
                      **tissue_attrs(grid.extra)}
             coords_attrs = {"patch_size": tile_size, "patch_size_level0": grid.tile_size_level0,
                             "patch_level": grid.read_level, "target_mpp": float(mpp), "level0_mpp": grid.slide_mpp,
@@ -335,7 +334,7 @@ def _was_dark(out: Path | None, slide_id: str, slide: str | os.PathLike | None, 
             grid = tile_slide(slide, out, tiling, slide_mpp=slide_mpp, overlays=False)
         except GigaslideError:
             return False  # no tissue tiles: the slide is handled (skipped) as before
-    return _edge_fill(grid) == "dark"
+    return grid.edge_fill == "dark"
 
 
 def _other_slide(path: Path, size: int | None) -> bool:
