@@ -48,7 +48,7 @@ from gigaslide.nuclei.infer import MODEL_WEIGHTS, load_model, model_dir, segment
 from gigaslide.slides import open_slide, slide_id_from_path
 from gigaslide.slides.slide import fill_value
 from gigaslide.tiling import Scan, StainWarning, grid_positions, make_grid, segment_tissue
-from gigaslide.tiling.tissue import check_background, thumbnail_info
+from gigaslide.tiling.tissue import check_background, slide_background, thumbnail_info
 
 #: The outputs' format: a record of another one is segmented again. 2: a nucleus in pieces is every piece (a
 #: MultiPolygon; was its largest) with its holes, outlines are cut to the slide (were up to a pixel past its edge on a
@@ -161,12 +161,8 @@ def _is_done(rec_path: Path, key: dict[str, Any], scan: Scan | None, slide: str 
     done = (rec.get("format") == SLIDE_FORMAT and rec.get("key") == key
             and rec.get("background_option", "auto") == background) and all(
         (rec_path.parent / f).is_file() for f in rec.get("files", []))
-    if done and "edge_fill" not in rec and slide is not None:
-        try:
-            with open_slide(slide, mpp=slide_mpp) as s:
-                return _look(s, None, background)["background"] != "dark"
-        except GigaslideError:  # segmented again, which reports what is wrong with the slide
-            return False
+    if done and "edge_fill" not in rec and slide is not None:  # a slide that cannot be opened is segmented again
+        return slide_background(slide, slide_mpp, background) == "bright"  # (which reports what is wrong with it)
     return done
 
 

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from gigaslide import atomic
-from gigaslide.errors import GigaslideError
 from gigaslide.slides.slide import fill_value
 
 GLASS = 245  # padding value on bright-field slides (white glass, as background)
@@ -178,16 +177,10 @@ def cached_canvas(path: str | os.PathLike, cache_dir: str | os.PathLike, mpp: fl
 def _edge_fill_ok(meta: dict, path: str | os.PathLike, slide_mpp: float | None) -> bool:
     """A cached canvas padded as :func:`read_canvas` pads it now: one that records its ``edge_fill``, or one cached
     before it was recorded on a slide whose background is not dark (those were padded white glass, as now)."""
-    from gigaslide.slides import open_slide
-    from gigaslide.tiling.tissue import thumbnail_info
+    from gigaslide.tiling.tissue import slide_background
 
-    if "edge_fill" in meta:
-        return True
-    try:
-        with open_slide(path, mpp=slide_mpp) as slide:
-            return thumbnail_info(slide, None, "auto")[2]["background"] != "dark"
-    except GigaslideError:  # read again, which reports what is wrong with the slide
-        return False
+    # a slide that cannot be opened (None) is read again, which reports what is wrong with it
+    return "edge_fill" in meta or slide_background(path, slide_mpp) == "bright"
 
 
 @dataclass(frozen=True)

@@ -160,6 +160,20 @@ def thumbnail_info(slide: Slide, thumb_size: int | None, background: str) -> tup
     return thumb, ds, {**detect_stain(thumb, bg).as_attrs(), "background": bg, "background_option": background}
 
 
+def slide_background(path: str | os.PathLike, slide_mpp: float | str | None = None,
+                     background: str = "auto") -> str | None:
+    """The background of slide ``path`` as tissue detection takes it (``bright`` or ``dark``; ``background`` when it
+    is not ``auto``), found on its thumbnail; None when the slide cannot be opened. For a stage asking whether a
+    result recorded before its edge fill was (``edge_fill``) was made on a dark slide, padded white then."""
+    from gigaslide.slides import open_slide
+
+    try:
+        with open_slide(path, mpp=slide_mpp) as slide:
+            return thumbnail_info(slide, None, background)[2]["background"]
+    except GigaslideError:
+        return None
+
+
 def detect_on_thumbnail(slide: Slide, thumb: np.ndarray, downsample: float, background: str,
                         min_area_um2: float = DEFAULT_MIN_AREA_UM2) -> np.ndarray:
     """Detected tissue of ``slide`` on its thumbnail ``thumb`` (level-0 px per thumbnail px: ``downsample``);
