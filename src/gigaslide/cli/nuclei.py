@@ -5,17 +5,6 @@ from __future__ import annotations
 from gigaslide.cli.main import Command
 
 
-def _check_precision(precision: str) -> None:
-    """A ``--precision`` no stage knows is one line before any model or slide is opened (``nuclei`` used to record it
-    as a failure of every slide)."""
-    from gigaslide.devices import PRECISIONS
-    from gigaslide.errors import GigaslideError
-
-    if precision not in PRECISIONS:
-        raise GigaslideError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}",
-                             fix="use e.g. --precision auto")
-
-
 def nuclei_train(images: str, annotations: str, out: str, *, backbone: str = "resnet18", weights: str = "default",
                  mpp: float = 0.25, fraction: float = 1.0, budget: str | None = None, epochs: int | None = None,
                  freeze_encoder: bool = False, steps_per_epoch: int = 50, batch_size: int = 4, crop: int = 256,
@@ -56,7 +45,6 @@ def nuclei_train(images: str, annotations: str, out: str, *, backbone: str = "re
 
     from gigaslide.cli.progress import progress_bar
 
-    _check_precision(precision)
     cfg = NucleiTrainConfig(images=images, annotations=annotations, out=out, mpp=mpp, backbone=backbone, weights=weights,
                             freeze_encoder=freeze_encoder, fraction=fraction, epochs=epochs, budget_s=parse_duration(budget),
                             steps_per_epoch=steps_per_epoch, batch_size=batch_size, crop=crop, lr=lr, select=select,
@@ -90,7 +78,6 @@ def nuclei_eval(model: str, images: str, annotations: str, out: str, *, subset: 
     from gigaslide.cli.progress import progress_bar
     from gigaslide.nuclei.evaluate import evaluate
 
-    _check_precision(precision)
     with progress_bar("nuclei-eval") as update:
         r = evaluate(model, images, annotations, out, subset=subset, image_mpp=image_mpp, n_bootstrap=bootstrap,
                      precision=precision, seed=seed, progress=update)
@@ -134,7 +121,6 @@ def nuclei(slides: list[str], model: str, out: str, *, mpp: float | None = None,
     from gigaslide.nuclei.slide import SlideParams, segment_slides
     from gigaslide.slides import find_slides
 
-    _check_precision(precision)
     spec, _ = read_spec(model)
     if mpp is not None and abs(mpp - spec.mpp) > 0.01 * spec.mpp:
         raise GigaslideError(f"--mpp {mpp} differs from the model's {spec.mpp} µm/px", path=model,

@@ -255,8 +255,6 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
     from gigaslide.features.extract import encode_slides
     from gigaslide.slides import find_slides
 
-    if precision not in ("auto", "bf16", "fp16", "fp32"):
-        raise GigaslideError(f"unknown precision '{precision}'", fix="use auto, bf16, fp16 or fp32")
 
     def params_at(mpp: float, tile_size: int):  # noqa: ANN202 - TilingParams (lazy import)
         return _with_outline(tiling_params(mpp, tile_size, overlap, min_tissue, background, tissue_from,

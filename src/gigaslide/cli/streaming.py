@@ -59,13 +59,9 @@ def train_streaming(slides: str, labels: str, out: str, *, mpp: float = 0.5, ima
             what the canvas reads outside the slide and is padded with (black for dark). A canvas cached with another
             value is read again
     """
-    from gigaslide.devices import PRECISIONS
-    from gigaslide.errors import GigaslideError
     from gigaslide.streaming.cv import run_training
     from gigaslide.streaming.train import TrainConfig
 
-    if precision not in PRECISIONS:
-        raise GigaslideError(f"--precision {precision}", fix=f"use one of: {', '.join(PRECISIONS)}")
     cfg = TrainConfig(mpp=mpp, image_size=image_size, tile_size=tile_size, encoder=encoder, weights=weights, head=head,
                       pool_kernel=pool_kernel, folds=folds, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr,
                       trunk_lr=trunk_lr, accumulate=accumulate, patience=patience, precision=precision, seed=seed,

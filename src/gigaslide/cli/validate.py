@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from gigaslide.devices import PRECISIONS
 from gigaslide.errors import GigaslideError
 
 #: Integers that must be >= 1.
@@ -40,7 +41,7 @@ NON_NEGATIVE_FLOAT = frozenset({"trunk_lr", "weight_decay", "dropout_rate", "pat
 FRACTION = frozenset({"min_tissue", "positive_fraction", "layer_decay", "dropout", "fraction", "val_fraction",
                       "warmup_frac", "drop_path"})
 #: Strings with a closed set of values.
-CHOICES: dict[str, tuple[str, ...]] = {"background": ("auto", "bright", "dark")}
+CHOICES: dict[str, tuple[str, ...]] = {"background": ("auto", "bright", "dark"), "precision": PRECISIONS}
 #: Larger integers overflow torch / numpy (seeds, sizes) deep inside a stage.
 MAX_INT = 2**31 - 1
 #: An example value for the fix line when the option's default cannot serve as one.
