@@ -111,3 +111,18 @@ def test_an_output_folder_path_through_a_file_names_that_file(tmp_path, sub):
     with pytest.raises(GigaslideError, match=f"{tmp_path / 'afile'} is a file, not a folder"):
         atomic.ensure_writable_dir(target)
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_a_ctrl_c_right_after_the_temporary_is_created_leaves_nothing(tmp_path, monkeypatch):
+    # the KeyboardInterrupt arrives between mkstemp and the write (here: inside the descriptor's close)
+    real_close = os.close
+
+    def interrupted_close(fd):
+        real_close(fd)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic.os, "close", interrupted_close)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.atomic_path(tmp_path / "a.h5"):
+            pass
+    assert os.listdir(tmp_path) == []

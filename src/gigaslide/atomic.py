@@ -118,23 +118,19 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     mode; writers that truncate it in place (``open(tmp, "w")``, ``h5py.File(tmp, "w")``) keep that mode."""
     target = Path(target)
     ensure_writable_dir(target.parent)
-    try:
+    tmp_path: Path | None = None
+    try:  # from the file's creation on: a Ctrl-C right after mkstemp must not leave an empty temporary behind
         fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + target.name + ".", suffix=suffix, dir=target.parent)
+        tmp_path = Path(tmp)
         os.close(fd)
-    except OSError as e:
-        err = storage_error(e, target)
-        if err is None:
-            raise
-        raise err from None
-    tmp_path = Path(tmp)
-    try:
         os.chmod(tmp_path, file_mode())
         yield tmp_path
         _fsync(tmp_path)  # the bytes reach the disk before the name does: a power cut never leaves an empty target
         os.replace(tmp_path, target)
     except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp_path.unlink()
+        if tmp_path is not None:
+            with contextlib.suppress(OSError):
+                tmp_path.unlink()
         err = storage_error(e, target)
         if err is None:
             raise

@@ -56,3 +56,38 @@ def test_the_command_list_shows_each_commands_whole_summary(capsys: pytest.Captu
 
 def _commands() -> list[tuple[tuple[str, ...], Command]]:
     return [((name,), c) for name, c in _collect().items() if isinstance(c, Command)]
+
+
+def test_a_ctrl_c_that_surfaces_as_another_error_is_one_interrupted_line(monkeypatch, capsys):
+    # e.g. numpy half-imported when Ctrl-C came: its next import fails with RecursionError, the interrupt as context
+    import gigaslide.cli.main as cli_main
+
+    def run(argv):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RecursionError("maximum recursion depth exceeded while importing numpy.exceptions") from None
+
+    def run_os(argv):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise OSError("callback failed")
+
+    monkeypatch.setattr(cli_main, "run", run)
+    assert main(["info", "x"]) == 130  # `from None` hides the context from the traceback but keeps __context__
+    assert capsys.readouterr().err.strip() == cli_main.INTERRUPTED
+    monkeypatch.setattr(cli_main, "run", run_os)
+    assert main(["info", "x"]) == 130
+    assert capsys.readouterr().err.strip() == cli_main.INTERRUPTED
+
+
+def test_other_errors_are_not_taken_for_an_interrupt(monkeypatch):
+    import gigaslide.cli.main as cli_main
+
+    def run(argv):
+        raise RecursionError("a real bug")
+
+    monkeypatch.setattr(cli_main, "run", run)
+    with pytest.raises(RecursionError):
+        main(["info", "x"])

@@ -360,6 +360,23 @@ def _set_threads(value: str | None) -> None:
     torch.set_num_threads(int(value))
 
 
+INTERRUPTED = "interrupted; finished outputs are kept and a re-run resumes"
+
+
+def _interrupted(e: BaseException) -> bool:
+    """``e`` was raised while a Ctrl-C was being handled: e.g. a module half-imported when the KeyboardInterrupt
+    arrived fails again on its next import (numpy's RecursionError), or a library's callback turned it into its own
+    error. The interrupt is in ``e``'s chain of causes and contexts."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, KeyboardInterrupt):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         _set_threads(os.environ.get("GIGASLIDE_THREADS"))
@@ -379,11 +396,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         msg = _storage_error(e)
         if msg is None:
+            if _interrupted(e):
+                print(INTERRUPTED, file=sys.stderr)
+                return 130
             raise
         print(f"error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; finished outputs are kept and a re-run resumes", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not _interrupted(e):
+            raise
+        print(INTERRUPTED, file=sys.stderr)  # Ctrl-C inside an import or a callback surfaced as another error
         return 130
     return 0
 
