@@ -11,11 +11,7 @@ slide label and fold are categorical; a run name's ``/`` is stored as ``:``, whi
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +21,9 @@ from gigaslide import atomic
 from gigaslide.errors import GigaslideError
 from gigaslide.features import store
 from gigaslide.export.catalog import list_slides
+from gigaslide.export.guard import clean_stale_tmp, exclusive, stops_on_signals
 from gigaslide.export.runs import TileScorer, load_runs
-from gigaslide.export.tables import encoded_slides, run_columns, tissue_fraction
+from gigaslide.export.tables import encoded_slides, nothing_to_export, run_columns, tissue_fraction
 from gigaslide.provenance import provenance
 
 
@@ -107,8 +104,7 @@ def build_anndata(out_dirs: list[str | os.PathLike], runs: list[str | os.PathLik
                              "tile_size_level0": ff.tile_size_level0, "n_tiles": len(ff)}
         del ff
     if not obs_parts:
-        raise GigaslideError("no encoded slides to export", path=where,
-                             fix="run `gigaslide encode SLIDES --out OUT_DIR` and pass OUT_DIR")
+        raise nothing_to_export(out_dirs, len(entries), problems)
     obs = pd.concat(obs_parts, ignore_index=True)
     obs["slide_id"] = obs["slide_id"].astype("category")
     for r in run_list:
@@ -129,26 +125,20 @@ def build_anndata(out_dirs: list[str | os.PathLike], runs: list[str | os.PathLik
 
 def export_anndata(out_dirs: list[str | os.PathLike], out: str | os.PathLike, runs: list[str | os.PathLike] = (),
                    tile_probability: bool = False) -> tuple[Path, Any, list[str]]:
-    """Write the AnnData atomically to ``out`` (.h5ad); returns (path, adata, problems)."""
-    adata, problems = build_anndata(out_dirs, runs, tile_probability)
-    with _sigterm_exits(), atomic.atomic_path(out, suffix=".h5ad") as tmp:
-        adata.write_h5ad(tmp)
-    return Path(out), adata, problems
-
-
-@contextlib.contextmanager
-def _sigterm_exits() -> Iterator[None]:
-    """SIGTERM (``kill``, a batch system's time limit) as ``SystemExit(143)`` while the .h5ad is written, so that the
-    temporary file (as large as the features) is removed, as on Ctrl-C; Python's default would leave it behind."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    before = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
+    """Write the AnnData atomically to ``out`` (.h5ad); returns (path, adata, problems). One export at a time writes
+    ``out`` (a second one is refused: :func:`~gigaslide.export.guard.exclusive`), which removes the temporary file a
+    killed one left for it; Ctrl-C / SIGTERM stop it without a file
+    (:func:`~gigaslide.export.guard.stops_on_signals`)."""
+    if Path(out).is_dir() or str(out).endswith(("/", os.sep)):  # the rename failed with a traceback after the work
+        raise GigaslideError("is a folder: --out names the .h5ad file to write", path=out,
+                             fix=f"pass a file name, e.g. --out {Path(out) / 'features.h5ad'}")
+    out = Path(out)
+    folder = atomic.ensure_writable_dir(out.parent)  # before the work: an unwritable --out is said at once
+    with stops_on_signals() as stop, exclusive(folder / f".{out.name}.lock", out) as held:
+        if held:
+            clean_stale_tmp(folder, [out.name], suffix=".h5ad")
+        adata, problems = build_anndata(out_dirs, runs, tile_probability)
+        stop.check()
+        with atomic.atomic_path(out, suffix=".h5ad") as tmp, stop.deferred():  # stopped after it, before the rename
+            adata.write_h5ad(tmp)
+    return out, adata, problems

@@ -155,16 +155,27 @@ def scan_out_dir(out: str | os.PathLike) -> tuple[list[SlideEntry], list[str]]:
 
 
 def list_slides(out_dirs: list[str | os.PathLike]) -> tuple[dict[str, SlideEntry], list[str]]:
-    """:func:`list_out_dir` of several output folders keyed by a unique key (``id``, or ``id@k`` when folders share
-    an id); nothing is opened: complete an entry with :func:`complete_entry` before using what its files record."""
+    """:func:`list_out_dir` of several output folders keyed by a unique key (``id``, or ``id@k`` when the k-th folder
+    shares an id with an earlier one; ``id@k.2``, ... where an earlier folder holds a slide called ``id@k`` itself);
+    nothing is opened: complete an entry with :func:`complete_entry` before using what its files record. A folder given
+    twice (the same one by a relative, absolute or symlinked path) is listed once, with a note: each of its tiles
+    would otherwise be exported twice."""
     out: dict[str, SlideEntry] = {}
     problems: list[str] = []
+    seen: dict[str, str] = {}  # real path -> the folder as given first
     for k, d in enumerate(out_dirs):
+        real = os.path.realpath(d)
+        if real in seen:
+            problems.append(f"{d}: the same folder as {seen[real]} -- listed once")
+            continue
+        seen[real] = str(d)
         entries, probs = list_out_dir(d)
         problems += probs
         for e in entries:
             if e.key in out:
-                e.key = f"{e.slide_id}@{k}"
+                e.key, n = f"{e.slide_id}@{k}", 2
+                while e.key in out:  # an earlier folder holds a slide called id@k itself: never replace it
+                    e.key, n = f"{e.slide_id}@{k}.{n}", n + 1
             out[e.key] = e
     return out, problems
 

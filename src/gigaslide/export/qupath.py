@@ -20,8 +20,9 @@ from gigaslide import atomic
 from gigaslide.errors import GigaslideError
 from gigaslide.mil.heatmap import tile_size_of
 from gigaslide.export.catalog import list_slides
+from gigaslide.export.guard import clean_stale_tmp, exclusive, stops_on_signals
 from gigaslide.export.runs import TileScorer, load_runs
-from gigaslide.export.tables import encoded_slides, run_columns, tissue_fraction
+from gigaslide.export.tables import encoded_slides, nothing_to_export, run_columns, tissue_fraction
 
 
 def tile_size_level0(ff: Any) -> float:
@@ -56,13 +57,24 @@ def export_qupath(out_dirs: list[str | os.PathLike], out: str | os.PathLike, run
     scorer = TileScorer()
     out_d = atomic.ensure_writable_dir(out)
     written = []
-    for e, ff in encoded_slides(entries.values(), problems):
-        cols, probs = run_columns(e, ff, run_list, scorer, tile_probability)
-        problems += probs
-        meas = {"tissue fraction": tissue_fraction(e, ff.coords), **cols}
-        gj = tiles_geojson(ff.coords, tile_size_level0(ff), meas, object_type)
-        written.append(atomic.write_text(out_d / f"{e.key}.geojson", json.dumps(gj)))
+    with stops_on_signals() as stop, exclusive(out_d / ".qupath-export.lock", out_d) as held:
+        if held:  # what a killed export left: temporary files as large as the slide's GeoJSON
+            clean_stale_tmp(out_d, [f"{k}.geojson" for k in entries])
+        for e, ff in encoded_slides(entries.values(), problems):
+            cols, probs = run_columns(e, ff, run_list, scorer, tile_probability)
+            problems += probs
+            meas = {"tissue fraction": tissue_fraction(e, ff.coords), **cols}
+            gj = tiles_geojson(ff.coords, tile_size_level0(ff), meas, object_type)
+            with atomic.atomic_path(out_d / f"{e.key}.geojson") as tmp:
+                tmp.write_bytes(json.dumps(gj).encode("utf-8"))
+                stop.check()  # a Ctrl-C swallowed inside a library's callback: this slide's file is not written
+            written.append(out_d / f"{e.key}.geojson")
+    done = {p.name for p in written}
+    for key in entries:  # left out now, its file from an earlier export would pass for this one's
+        stale = out_d / f"{key}.geojson"
+        if stale.name not in done and stale.is_file():
+            problems.append(f"{stale}: from an earlier export, not rewritten ({key} was left out now) -- delete it, "
+                            "or re-run once the slide is fixed")
     if not written:
-        raise GigaslideError("no encoded slides to export", path=", ".join(map(str, out_dirs)),
-                             fix="run `gigaslide encode SLIDES --out OUT_DIR` and pass OUT_DIR")
+        raise nothing_to_export(out_dirs, len(entries), problems)
     return written, problems

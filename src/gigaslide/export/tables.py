@@ -34,6 +34,19 @@ def encoded_slides(entries: Any, problems: list[str], *, arrays: bool = True):  
         yield e, ff
 
 
+def nothing_to_export(out_dirs: Any, n_listed: int, problems: list[str]) -> GigaslideError:
+    """The error of an export that found no slide to write: the folders hold none, or every slide was left out (then
+    the first reason: the notes saying each are not printed when the export stops)."""
+    where = ", ".join(map(str, out_dirs))
+    left = [p for p in problems if p.endswith("-- left out")]
+    if not n_listed or not left:
+        return GigaslideError("no encoded slides to export", path=where,
+                              fix="run `gigaslide encode SLIDES --out OUT_DIR` and pass OUT_DIR")
+    first = left[0].removesuffix(" -- left out")
+    return GigaslideError(f"no encoded slides to export: all {n_listed} slide(s) left out, e.g. {first}", path=where,
+                          fix="re-run `gigaslide encode` for them (its manifest.json says why each failed)")
+
+
 def tissue_fraction(entry: SlideEntry, coords: np.ndarray) -> np.ndarray:
     """Tissue fraction of each tile from ``patches/<id>.h5`` (matched by coordinates; NaN where unknown). NaN too when
     the coords file holds tiles of another size than the features (the slide was tiled again into the folder at other

@@ -110,12 +110,16 @@ def build_app(state: ViewerState):  # noqa: ANN201, C901 - one place that lists 
         rgba = np.concatenate([lut(name), np.full((256, 1), 255, np.uint8)], 1)[None]
         return Response(to_png(rgba), media_type="image/png", headers=cache)
 
-    @app.get("/api/slides/{key}.dzi")
     def dzi(key: str) -> Response:
         return Response(state.tiles(key_of(key)).geometry.dzi(), media_type="application/xml")
 
-    @app.get("/api/slides/{key}")
-    def slide(key: str) -> dict[str, Any]:
+    @app.get("/api/slides/{key}", response_model=None)
+    def slide(key: str) -> dict[str, Any] | Response:
+        """The slide's details; ``/api/slides/<key>.dzi`` its Deep Zoom descriptor. One route, so that a slide whose
+        id ends in ``.dzi`` is found (a route of its own for ``{key}.dzi`` took ``x.dzi`` for the descriptor of
+        ``x``); a slide's own key comes first."""
+        if key not in state.entries and key.endswith(".dzi") and key[:-4] in state.entries:
+            return dzi(key[:-4])
         t = state.tiles(key_of(key))
         g = t.geometry
         mpp, src = state.mpp(key)

@@ -348,7 +348,7 @@ class ViewerState:
         ff = self.features(key)
         lat = self.lattice(key)
         if not 0 <= i < len(ff):
-            raise IndexError(i)
+            raise IndexError(f"tile {i} (slide has {len(ff)})")  # not "not found: 0"
         e = self.entry(key)
         scores, clusters = [], []
         cx, cy = float(ff.coords[i, 0]) + lat.size0 / 2, float(ff.coords[i, 1]) + lat.size0 / 2
