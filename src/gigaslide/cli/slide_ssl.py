@@ -15,7 +15,8 @@ def augment_cache(slides: list[str], out: str, encoder: str = "resnet18", weight
                   tissue_classes: str | None = None, tissue_detect: bool = False, background: str = "auto") -> None:
     """Build the Giga-SSL augmented-view feature cache (one shared augmentation per view) plus plain features.
 
-    Resumable: finished slides are skipped on a re-run; each slide's file is written atomically.
+    Resumable: finished slides are skipped on a re-run; each slide's file is written atomically. One process writes
+    a cache at a time: a second one on the same --out is refused (naming the first).
     Slides with fewer tissue tiles than --tiles-per-view get views drawn with replacement (warned).
 
     Example: gigaslide augment-cache slides/*.svs --encoder resnet18 --views 25 --tiles-per-view 25 --out cache/
@@ -94,7 +95,8 @@ def pretrain_slides(method: str = "gigassl", out: str = "slide_ssl_run", cache: 
     """Pre-train a slide encoder without labels: Giga-SSL (on an augment cache) or SLPD (on tile features).
 
     Re-running the same command resumes bit-exactly from RUN/checkpoint (gigaslide.runs); other options
-    in an existing RUN are refused. Stops cleanly on Ctrl-C / SIGTERM / --budget. Exports RUN/model.safetensors.
+    in an existing RUN are refused. Stops cleanly on Ctrl-C / SIGTERM (exit status 130 / 143) or --budget (exit
+    status 0). Exports RUN/model.safetensors once training finished.
 
     Example: gigaslide pretrain-slides --method gigassl --cache cache/ --out runs/gigassl --tiles-per-step 16
 
@@ -156,6 +158,12 @@ def pretrain_slides(method: str = "gigassl", out: str = "slide_ssl_run", cache: 
         raise GigaslideError(f"unknown --method '{method}'", fix="use --method gigassl or --method slpd")
     state = "finished" if res["finished"] else f"stopped ({res.get('stopped')}; re-run the same command to resume)"
     print(f"{m}: {state}; {len(res['history'])} epochs in {res['seconds']:.1f} s -> {res['run']}")
+    if res.get("stopped") in INTERRUPTED:  # Ctrl-C / SIGTERM: not a success (`pretrain-slides && embed-slides`, a
+        raise SystemExit(INTERRUPTED[res["stopped"]])  # batch system's job state); a --budget stop is one
+
+
+#: Exit status of a training stopped by Ctrl-C (``interrupt``) or SIGTERM (``signal``): 128 + the signal, as a shell's.
+INTERRUPTED = {"interrupt": 130, "signal": 143}
 
 
 def embed_slides(model: str, features: str, out: str = "embeddings.h5", ensemble: int = 20,

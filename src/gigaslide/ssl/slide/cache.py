@@ -21,7 +21,9 @@ under a cached id -- other size, level-0 size or resolution -- is cached again, 
 dark-background slide
 cached before edge tiles were padded black, with no ``edge_fill``, is cached again, and so is one cached with another
 ``--background``); a disk budget stops the run with
-a clear message before the slide that would exceed it.
+a clear message before the slide that would exceed it. One process writes a cache at a time
+(``CACHE/.augment-cache.lock``, taken over when its holder died): a second one on the same ``--out`` is refused with
+one line naming the first.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from gigaslide.encoders import Encoder, build_encoder
 from gigaslide.encoders.inference import for_inference
 from gigaslide.errors import GigaslideError
 from gigaslide.features import store
+from gigaslide.locks import ItemLock
 from gigaslide.provenance import decode_attrs
 from gigaslide.slides import by_slide_id, open_slide
 from gigaslide.tiling import Scan, TilingParams, layout, load_grid, tile_slide
@@ -51,6 +54,8 @@ from gigaslide.tiling.store import level0_dimensions
 from gigaslide.tiling.tissue import check_background
 
 CACHE_JSON = "cache.json"
+#: The cache's writer lock (``CACHE/.augment-cache.lock``; hidden, so not part of the cache's fingerprint).
+CACHE_LOCK = ".augment-cache"
 #: Parameters that must agree between runs writing into one cache.
 CACHE_KEYS = ("encoder", "encoder_weights_sha256", "mpp", "tile_size", "views", "tiles_per_view", "seed", "augment",
               "min_tissue", "tissue_source", "tissue_classes")  # the last three: absent from caches built before them
@@ -163,8 +168,7 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
     CPU only where the CPU computes it natively and it agrees with fp32. The choice is recorded in every
     slide file written (``precision``, ``precision_requested``, ``bf16_cosine``, ``precision_basis``, as
     ``encode`` does) and returned in :attr:`CacheResult.precision`."""
-    from gigaslide.devices import PrecisionChoice, choose_precision, pick_device
-    from gigaslide.provenance import provenance
+    from gigaslide.devices import pick_device
 
     if views < 2:
         raise GigaslideError(f"--views {views}: SimCLR needs at least 2 views per slide", fix="use e.g. --views 25")
@@ -177,8 +181,32 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
     dev = pick_device(device)
     enc = for_inference(enc.to(dev))  # batch norms folded: inference only
     out = atomic.ensure_writable_dir(out)
+    lock = ItemLock(out, CACHE_LOCK)
+    if not lock.acquire():  # a second writer would delete the first one's temporary files (which then failed with a
+        # traceback) and cache the same slides again
+        raise GigaslideError(f"another augment-cache ({lock.describe()}) is writing this cache", path=out,
+                             fix="wait for it to finish and re-run the same command (it resumes), or use another --out")
+    try:
+        return _build(slides, out, enc, dev, views=views, tiles_per_view=tiles_per_view, mpp=mpp, tile_size=tile_size,
+                      min_tissue=min_tissue, seed=seed, max_gb=max_gb, batch_size=batch_size, precision=precision,
+                      slide_mpp=slide_mpp, tissue_from=tissue_from, tissue_classes=tissue_classes,
+                      tissue_detect=tissue_detect, background=background, log=log, beat=lock.refresh)
+    finally:
+        lock.release()
+
+
+def _build(slides: Sequence[str | os.PathLike], out: Path, enc: Encoder, dev: torch.device, *, views: int,
+           tiles_per_view: int, mpp: float, tile_size: int, min_tissue: float, seed: int, max_gb: float | None,
+           batch_size: int, precision: str, slide_mpp: float | str | None, tissue_from: str | os.PathLike | None,
+           tissue_classes: Sequence[str] | None, tissue_detect: bool, background: str, log,  # noqa: ANN001
+           beat=lambda: None) -> CacheResult:  # noqa: ANN001
+    """:func:`build_augment_cache` once it holds the cache's lock; ``beat`` is its heartbeat, called every batch (a
+    process on another host takes over a lock not refreshed for :data:`gigaslide.locks.STALE_AFTER_S`)."""
+    from gigaslide.devices import PrecisionChoice, choose_precision
+    from gigaslide.provenance import provenance
+
     feat_dir = atomic.ensure_writable_dir(out / "features")
-    atomic.clean_stale_tmp(feat_dir)
+    atomic.clean_stale_tmp(feat_dir)  # no other live writer (the lock): these are a killed run's
     tiling = TilingParams(mpp=mpp, tile_size=tile_size, min_tissue=min_tissue, background=background,
                           tissue_from=None if tissue_from is None else str(tissue_from),
                           tissue_classes=tuple(tissue_classes) if tissue_classes else None,
@@ -219,7 +247,7 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
             except GigaslideError as e:
                 if "no tissue tiles" not in e.what:
                     raise
-                warnings.warn(f"{sid}: no tissue tiles, skipped", stacklevel=2)
+                warnings.warn(f"{sid}: no tissue tiles, skipped", stacklevel=3)  # the caller of build_augment_cache
                 res.empty.append(sid)
                 continue
             need = cache_bytes(len(grid), enc.embed_dim, views, tiles_per_view)
@@ -232,7 +260,7 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
             idx, with_repl = draw_views(len(grid), views, tiles_per_view, rng)
             if with_repl:
                 warnings.warn(f"{sid}: {len(grid)} tiles < --tiles-per-view {tiles_per_view}; views drawn with replacement",
-                              stacklevel=2)
+                              stacklevel=3)  # the caller of build_augment_cache
                 res.with_replacement.append(sid)
             g = torch.Generator().manual_seed(int(rng.integers(2**62)))
             # tiles are read a batch at a time (a whole slide's 224 px tiles are ~7 GB at 50,000 tiles); the views'
@@ -241,6 +269,7 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
             background = grid.extra.get("background")
             with open_slide(path, mpp=slide_mpp) as s:
                 for j in range(0, len(grid), batch_size):
+                    beat()
                     batch = torch.from_numpy(_read(s, grid.coords[j:j + batch_size], tile_size, mpp, background))
                     if choice is None:  # the first batch of the invocation is the probe (fp32 and bf16 by auto)
                         first = batch.to(dev)
@@ -254,6 +283,7 @@ def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathL
             view_feats = np.empty((views, tiles_per_view, enc.embed_dim), np.float16)
             group = max(1, batch_size // tiles_per_view)  # views encoded together (fills the batch)
             for v0 in range(0, views, group):
+                beat()
                 augmented = torch.cat([aug(torch.from_numpy(tiles[where[v]]), g)
                                        for v in range(v0, min(v0 + group, views))])
                 f = _encode(enc, [augmented[j:j + batch_size] for j in range(0, len(augmented), batch_size)], dev,

@@ -40,7 +40,9 @@ class Embeddings:
 def embed_slides(model: str | os.PathLike, features: str | os.PathLike, out: str | os.PathLike, *, ensemble: int = 20,
                  tiles_per_view: int | None = None, fp16: bool = False, seed: int = 0, device: str = "auto",
                  regions_out: str | os.PathLike | None = None) -> Embeddings:
-    """Embed every feature file under ``features`` with the run ``model``; writes ``out`` atomically."""
+    """Embed every feature file under ``features`` with the run ``model``; writes ``out`` atomically. The outputs record
+    the run by its absolute path (``--model .`` recorded ``run: .`` and named the region encoder ``slpd:``)."""
+    model = Path(model).resolve()
     cfg = read_config(model)
     method = cfg["method"]
     dev = pick_device(device)

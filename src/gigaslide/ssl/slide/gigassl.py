@@ -120,6 +120,7 @@ def pretrain_gigassl(cache: str | os.PathLike, out: str | os.PathLike, cfg: Giga
 
     cfg = GigaSSLConfig(**{**asdict(cfg or GigaSSLConfig()), **overrides})
     check_config(cfg)
+    budget_s = runs.parse_duration(budget)  # a bad --budget is one line before a run folder is made
     vc = load_cache(cache)
     if len(vc) < 2:
         raise GigaslideError(f"SimCLR needs at least 2 slides, the cache has {len(vc)}", path=cache,
@@ -188,7 +189,7 @@ def pretrain_gigassl(cache: str | os.PathLike, out: str | os.PathLike, cfg: Giga
                   "elapsed": stopper.elapsed})
 
     done_now, stopped = 0, None
-    with runs.Stopper(runs.parse_duration(budget), elapsed_s=elapsed) as stopper:
+    with runs.Stopper(budget_s, elapsed_s=elapsed) as stopper:
         while epoch < cfg.epochs and not sel.stop:
             if order is None:
                 order, pos_in_epoch, losses = rng.permutation(len(vc)), 0, []

@@ -219,6 +219,7 @@ def pretrain_slpd(features: str | os.PathLike, out: str | os.PathLike, cfg: SLPD
     for opt, t in (("--teacher-temp", cfg.teacher_temp), ("warmup_teacher_temp", cfg.warmup_teacher_temp)):
         if not t > 0:  # the teacher's softmax divides by it
             raise GigaslideError(f"{opt} {t} must be positive", fix="use e.g. --teacher-temp 0.06")
+    budget_s = runs.parse_duration(budget)  # a bad --budget is one line before a run folder is made
     files, slides = load_slides(features, cfg.region_size, cfg.region_mpp)
     ff0 = next(iter(files.values()))
     grid = max(r.grid for _, _, r in slides)
@@ -256,7 +257,7 @@ def pretrain_slpd(features: str | os.PathLike, out: str | os.PathLike, cfg: SLPD
     if ck is None and (use["intra"] or use["inter"]):
         _warn_prototype_losses(run, slides, cfg, log)
     stopped, done_now = None, 0
-    with runs.Stopper(runs.parse_duration(budget), elapsed_s=history[-1]["seconds"] if history else 0.0) as stopper:
+    with runs.Stopper(budget_s, elapsed_s=history[-1]["seconds"] if history else 0.0) as stopper:
         while epoch < cfg.epochs:
             if stop_after is not None and done_now >= stop_after:
                 stopped = "stop_after"
