@@ -30,7 +30,8 @@ def train_streaming(slides: str, labels: str, out: str, *, mpp: float = 0.5, ima
         mpp: resolution the whole slide is read at (µm/px).
         image_size: largest canvas side in px (the tissue box is centre-cropped to it).
         tile_size: streaming tile size in px (at least the trunk's receptive field + pool kernel x stride:
-            1184 px for resnet34 with --pool-kernel 8); as large as memory allows (speed only, same results).
+            1184 px for resnet34 with --pool-kernel 8); as large as memory allows (speed only: the same results up to
+            float rounding, so a run resumes with its own tile size, bit-exactly).
         encoder: a registry CNN (`gigaslide encoders`: resnet18, resnet34, resnet50 ...) or an exported
             encoder folder (RUN/encoder of `gigaslide pretrain`): architecture, weights and mean/std come from it.
         weights: default (the entry's / export's own weights; hub weights from the local cache), random
@@ -45,7 +46,8 @@ def train_streaming(slides: str, labels: str, out: str, *, mpp: float = 0.5, ima
         trunk_lr: trunk learning rate after unfreezing.
         accumulate: slides per optimiser step (gradient accumulation).
         patience: early stopping after this many epochs without a better validation loss (counted once the trunk trains).
-        precision: auto (bf16, else fp16 AMP on CUDA; on CPU bf16 only when it agrees with fp32), fp32, bf16 or fp16.
+        precision: auto (bf16, else fp16 AMP on CUDA; fp32 on a CPU: training has no forward pass to check bf16
+            against fp32 with), fp32, bf16 or fp16.
         seed: seed for folds, augmentation and initialisation.
         device: auto, cpu or cuda (memory/speed only: a run may resume on another device).
         slide_mpp: level-0 resolution (µm/px) for slides without it in their metadata: a number (every slide, their
@@ -54,7 +56,8 @@ def train_streaming(slides: str, labels: str, out: str, *, mpp: float = 0.5, ima
             (activation checkpointing): lower peak memory for about one extra forward; gradients unchanged.
         trim_memory: return buffers freed between tiles to the OS at once (Linux/glibc mallopt) instead of
             letting malloc cache them: ~1 GB lower peak RSS on CPU for ~10 % more time.
-        budget: wall-clock budget (e.g. 12h): stops cleanly at an optimizer step; re-run to continue.
+        budget: wall-clock budget (e.g. 12h): stops cleanly at an optimizer step; re-run to continue. (Ctrl-C and
+            SIGTERM stop cleanly too, with exit status 130 / 143: a script does not go on as if training had finished.)
         background: auto (detected from the thumbnail), bright (bright-field glass) or dark (fluorescence); also
             what the canvas reads outside the slide and is padded with (black for dark). A canvas cached with another
             value is read again
@@ -67,7 +70,14 @@ def train_streaming(slides: str, labels: str, out: str, *, mpp: float = 0.5, ima
                       trunk_lr=trunk_lr, accumulate=accumulate, patience=patience, precision=precision, seed=seed,
                       device=device, slide_mpp=slide_mpp, checkpoint_blocks=checkpoint_blocks, trim_memory=trim_memory,
                       budget=budget)
-    return run_training(slides, labels, out, cfg, background=background)
+    res = run_training(slides, labels, out, cfg, background=background)
+    if res.get("stopped") in _STOP_STATUS:  # the checkpoint is saved and the stop line printed: only the status is left
+        raise SystemExit(_STOP_STATUS[res["stopped"]])
+    return res
+
+
+#: exit status of a run stopped by Ctrl-C / SIGTERM (128 + the signal, as the shell reports it); a --budget stop is 0
+_STOP_STATUS = {"interrupt": 130, "signal": 143}
 
 
 def heatmap_streaming(slide: str, run: str, out: str, *, fold: int = 0, thumb_size: int = 1024, device: str = "auto",

@@ -48,6 +48,16 @@ def _precision(run: runs.Run, model: Any, canvas: Canvas, cfg: TrainConfig, devi
     return choice
 
 
+def _check_slides(paths: list[Any], cfg: TrainConfig) -> None:
+    """Refuse a slide that cannot be opened or read at ``cfg.mpp`` (no resolution: the fix is ``--slide-mpp``), before
+    the run folder is made (cheap: the metadata only; the canvases are read later)."""
+    from gigaslide.slides import open_slide
+
+    for p in paths:
+        with open_slide(p, mpp=cfg.slide_mpp) as slide:
+            slide.check_target_mpp(cfg.mpp)
+
+
 def run_training(slides: str, labels: str, out: str, cfg: TrainConfig, log: Any = print,
                  background: str = "auto") -> dict[str, Any]:
     """Cross-validated StreamingCLAM training; returns the pooled evaluation (AUC, balanced accuracy with CIs),
@@ -72,6 +82,13 @@ def run_training(slides: str, labels: str, out: str, cfg: TrainConfig, log: Any 
                              fix="check --slides and the slide_id column (file name without extension)")
     device = pick_device(cfg.device)
     probe_model = build_model(cfg, table.n_classes, torch.device("cpu"))  # refuses bad encoders/weights/tiles early
+    y = table.labels.astype(int)
+    groups = table.patient_ids if table.has_patients else None
+    # everything that can refuse the labels or the slides does so before the run folder is made: a folder left by a
+    # refused run pinned its options and inputs, so following the error's fix (--slide-mpp, more slides of a class)
+    # on the same --out was refused as 'another run'
+    folds = make_folds(y, groups, cfg.folds, cfg.seed, where=labels, class_names=table.class_names)
+    _check_slides([paths[s] for s in table.slide_ids], cfg)
     identity = {k: v for k, v in asdict(cfg).items() if k not in MEMORY_ONLY}
     identity["weights_id"] = probe_model.weights_id
     if background != "auto":
@@ -84,13 +101,11 @@ def run_training(slides: str, labels: str, out: str, cfg: TrainConfig, log: Any 
                                     "pool_kernel": cfg.pool_kernel, "encoder_mean": list(probe_model.spec.mean),
                                     "encoder_std": list(probe_model.spec.std)})
     out_dir = run.dir
+    atomic.clean_stale_tmp(out_dir / "canvases")  # a canvas being written when a run was killed (the lock is ours)
     stride = probe_model.stream.stride
     log(f"reading {len(table)} canvases at {cfg.mpp} µm/px (cache: {out_dir / 'canvases'})")
     canvases = [cached_canvas(paths[s], out_dir / "canvases", cfg.mpp, cfg.image_size, stride, slide_mpp=cfg.slide_mpp,
                               background=background) for s in table.slide_ids]
-    y = table.labels.astype(int)
-    groups = table.patient_ids if table.has_patients else None
-    folds = make_folds(y, groups, cfg.folds, cfg.seed, where=labels, class_names=table.class_names)
     if table.class_names is not None:  # label c = class_names[c], as MIL runs record it
         run.update(class_names=table.class_names)
     atomic.write_json(out_dir / "splits.json", splits_record(table, folds))
@@ -101,6 +116,7 @@ def run_training(slides: str, labels: str, out: str, cfg: TrainConfig, log: Any 
     with runs.Stopper(runs.parse_duration(cfg.budget), elapsed_s=float(run.record.get("elapsed_s", 0.0))) as stopper:
         for k, (tr, te) in enumerate(folds):
             fold_dir = atomic.ensure_writable_dir(out_dir / f"fold{k}")
+            atomic.clean_stale_tmp(fold_dir)  # best weights / predictions being written when a run was killed
             pred_path = fold_dir / "predictions.csv"
             if pred_path.is_file():
                 log(f"fold {k}: done (skipped)")
@@ -127,7 +143,8 @@ def run_training(slides: str, labels: str, out: str, cfg: TrainConfig, log: Any 
     write_predictions(out_dir / "predictions.csv", pred.slide_ids, pred.labels, pred.probs, pred.folds,
                       patient_ids=[patients[s] for s in pred.slide_ids] if patients else None,
                       class_names=table.class_names)
-    res = evaluate_predictions(out_dir / "predictions.csv", out=out_dir)  # with its patients
+    # the file named: an --out folder named '*.json' was taken for the evaluation file itself (IsADirectoryError)
+    res = evaluate_predictions(out_dir / "predictions.csv", out=out_dir / "evaluation.json")  # with its patients
     auc = res["metrics"]["auc"]
     run.finish(auc=auc["value"], auc_ci=[auc["ci_low"], auc["ci_high"]], n_slides=res["n_slides"])
     log(f"AUC {auc['value']:.3f} [{auc['ci_low']:.3f}, {auc['ci_high']:.3f}]")

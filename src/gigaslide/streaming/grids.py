@@ -57,6 +57,7 @@ def save_grid(run: str | os.PathLike, g: AttentionGrid) -> Path:
         arrays["instance_probs"] = np.asarray(g.instance_probs, np.float32)
     if len(arrays["coords"]) != len(arrays["attention"]):
         raise ValueError("coords and attention differ in length")
+    atomic.clean_stale_tmp_for(out)  # this grid's temporary file left by a killed heatmap-streaming (no run lock)
     with atomic.atomic_path(out, suffix=".npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
