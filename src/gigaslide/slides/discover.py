@@ -13,12 +13,43 @@ from gigaslide.slides.ids import SLIDE_EXTENSIONS
 WSI_EXTENSIONS = tuple(e for e in SLIDE_EXTENSIONS if e not in (".png", ".jpg", ".jpeg"))
 
 
+def walk_files(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """The files under folder ``root`` (only its own with ``recursive=False``), sorted, each by its path under
+    ``root``. Symlinked sub-folders are followed (a cohort or a class folder linked in from other storage;
+    ``Path.rglob`` skips them), except a link back to a folder it lies in (a cycle)."""
+    root = Path(root)
+    if not recursive:
+        return sorted(f for f in root.iterdir() if f.is_file())
+    out: list[Path] = []
+
+    def walk(d: Path, above: frozenset[str]) -> None:
+        try:
+            with os.scandir(d) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:  # an unreadable sub-folder, as rglob: skipped
+            return
+        for e in entries:
+            try:
+                is_dir = e.is_dir()  # follows links
+            except OSError:
+                continue
+            if is_dir:
+                real = os.path.realpath(e.path)
+                if real not in above:
+                    walk(Path(e.path), above | {real})
+            elif e.is_file():
+                out.append(Path(e.path))
+
+    walk(root, frozenset({os.path.realpath(root)}))
+    return sorted(out)
+
+
 def _is_slide(p: Path) -> bool:
     return p.is_file() and p.name.lower().endswith(WSI_EXTENSIONS) and not p.name.startswith(".")
 
 
 def find_slides(inputs: Iterable[str | os.PathLike], recursive: bool = True) -> list[Path]:
-    """Files are taken as they are; folders are searched for slide files.
+    """Files are taken as they are; folders are searched for slide files (symlinked sub-folders included).
 
     A DICOM WSI is a folder of ``.dcm`` files; only its first file (sorted) is listed, since
     OpenSlide opens the whole series from any of them.
@@ -31,7 +62,7 @@ def find_slides(inputs: Iterable[str | os.PathLike], recursive: bool = True) -> 
         if p.is_file():
             out.append(p)
             continue
-        found = sorted(f for f in (p.rglob("*") if recursive else p.iterdir()) if _is_slide(f))
+        found = [f for f in walk_files(p, recursive) if _is_slide(f)]
         dicom_dirs: set[Path] = set()
         n_before = len(out)
         for f in found:

@@ -13,19 +13,20 @@ from pathlib import Path
 import numpy as np
 
 from gigaslide.errors import GigaslideError
+from gigaslide.slides.discover import walk_files
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 
 
 def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
-    """Image files under ``folder`` (sorted); a clear error when it is missing or holds none."""
+    """Image files under ``folder`` (sorted; symlinked sub-folders, e.g. class folders linked in, are followed); a
+    clear error when it is missing or holds none."""
     d = Path(folder)
     if not d.exists():
         raise GigaslideError("image folder not found", path=d, fix="check the --data path")
     if not d.is_dir():
         raise GigaslideError("not a folder", path=d, fix="pass a folder of tiles (jpg/png/tif) or of slides")
-    it = d.rglob("*") if recursive else d.iterdir()
-    files = sorted(p for p in it if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith("."))
+    files = [p for p in walk_files(d, recursive) if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
     if not files:
         raise GigaslideError("no images (jpg/png/tif) in this folder", path=d,
                              fix="point --data at a folder of tiles, or at a folder of slides")

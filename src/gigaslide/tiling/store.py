@@ -32,8 +32,9 @@ from gigaslide.errors import GigaslideError
 from gigaslide.tiling.annotations import TISSUE_KEYS
 from gigaslide.tiling.grid import LEVEL_DIM_KEY, TileGrid
 
-#: ``TileGrid.extra`` keys written as file attrs (scalars / strings only).
-EXTRA_KEYS = ("grid_rule", "background", "background_option", "stain", "stain_warning", *TISSUE_KEYS)
+#: ``TileGrid.extra`` keys written as file attrs (scalars / strings only); ``slide_identity``: the slide file's
+#: identity (``gigaslide.tiling.job.slide_identity``), written in the same atomic write as the grid.
+EXTRA_KEYS = ("grid_rule", "background", "background_option", "stain", "stain_warning", *TISSUE_KEYS, "slide_identity")
 
 
 def _checksummed(a: np.ndarray) -> dict:
