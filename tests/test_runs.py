@@ -93,6 +93,7 @@ def test_changed_identity_or_input_content_is_refused_naming_the_key(tmp_path: P
     data.mkdir()
     (data / "a.txt").write_text("1")
     runs.open_run(tmp_path / "run", "toy", {"lr": 0.1, "mpp": 0.5}, inputs={"data": data})
+    runs.save_checkpoint(tmp_path / "run", {"step": 1})  # it trained: another run there would mix with it
     runs.open_run(tmp_path / "run", "toy", {"lr": 0.1, "mpp": 0.5}, inputs={"data": data})  # same: resumes
     with pytest.raises(GigaslideError, match=r"another run \(mpp: 0.5 -> 1.0\)") as e:
         runs.open_run(tmp_path / "run", "toy", {"lr": 0.1, "mpp": 1.0}, inputs={"data": data})
@@ -101,6 +102,7 @@ def test_changed_identity_or_input_content_is_refused_naming_the_key(tmp_path: P
     with pytest.raises(GigaslideError, match=r"input:data"):
         runs.open_run(tmp_path / "run", "toy", {"lr": 0.1, "mpp": 0.5}, inputs={"data": data})
     runs.open_run(tmp_path / "run2", "toy", {}, inputs={"data": data})
+    runs.save_checkpoint(tmp_path / "run2", {"step": 1})
     (data / "b.txt").write_text("33")  # same name, same size, other bytes
     with pytest.raises(GigaslideError, match=r"another run \(input:data.listing_sha256: "):
         runs.open_run(tmp_path / "run2", "toy", {}, inputs={"data": data})
@@ -116,6 +118,7 @@ def test_weights_file_hash_joins_the_identity(tmp_path: Path) -> None:
     w = tmp_path / "w.bin"
     w.write_bytes(b"\x00" * 10)
     runs.open_run(tmp_path / "run", "toy", {}, inputs={"weights": w})
+    runs.save_checkpoint(tmp_path / "run", {"step": 1})
     w.write_bytes(b"\x01" * 10)  # same size, other bytes
     with pytest.raises(GigaslideError, match="input:weights"):
         runs.open_run(tmp_path / "run", "toy", {}, inputs={"weights": w})
@@ -341,6 +344,7 @@ def _resumes_then_a_changed_feature_is_refused(tmp_path, out) -> None:  # noqa: 
 
     run = open_run(tmp_path / "run", "mil", {"lr": 1}, inputs={"features": out})
     assert run.resumed
+    run.save({"step": 1})  # it trained
     del run
     (out / "features" / "a.h5").write_bytes(b"B" * 100)
     with pytest.raises(GigaslideError, match="holds another run"):
@@ -361,3 +365,33 @@ def test_a_run_recorded_with_the_whole_encode_folders_fingerprint_still_resumes(
     rec["identity"]["input:features"] = _content_key(_listing(out))  # as the older code recorded it
     (tmp_path / "run" / "run.json").write_text(json.dumps(rec))
     _resumes_then_a_changed_feature_is_refused(tmp_path, out)
+
+
+def test_a_run_that_stopped_before_writing_anything_is_replaced_by_its_fix(tmp_path: Path) -> None:
+    # e.g. refused by an input check after run.json was written: the corrected command must run on the same --out
+    run_dir = tmp_path / "run"
+    first = runs.open_run(run_dir, "toy", {"lr": 0.1, "slide_mpp": None})
+    del first
+    (run_dir / "cache").mkdir()
+    (run_dir / "cache" / "s0.npy").write_bytes(b"x")  # a content-keyed cache the command names
+    (run_dir / ".tmp-best.safetensors.abc").write_bytes(b"")  # a killed write's temporary
+    run = runs.open_run(run_dir, "toy", {"lr": 0.1, "slide_mpp": 0.5}, caches=("cache",))
+    assert not run.resumed and run.identity["slide_mpp"] == 0.5
+    rec = runs.read_run(run_dir)
+    assert rec["replaced_identity"] == {"lr": 0.1, "slide_mpp": None}
+    assert len(rec["invocations"]) == 2 and rec["status"] == "running"
+    del run
+    (run_dir / "cache" / "s0.npy").unlink()
+    (run_dir / "cache").rmdir()
+    (run_dir / "fold0").mkdir()
+    (run_dir / "fold0" / "model.safetensors").write_bytes(b"x")  # a result: never replaced
+    with pytest.raises(GigaslideError, match=r"another run \(slide_mpp: 0.5 -> 1.0\)"):
+        runs.open_run(run_dir, "toy", {"lr": 0.1, "slide_mpp": 1.0})
+
+
+def test_a_finished_run_is_never_replaced(tmp_path: Path) -> None:
+    run = runs.open_run(tmp_path / "run", "toy", {"lr": 0.1})
+    run.finish()
+    del run
+    with pytest.raises(GigaslideError, match="another run"):
+        runs.open_run(tmp_path / "run", "toy", {"lr": 0.2})

@@ -48,7 +48,7 @@ import subprocess
 import sys
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -531,17 +531,23 @@ def read_run(run_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 def open_run(out: str | os.PathLike, kind: str, identity: Mapping[str, Any], config: Mapping[str, Any] | None = None,
              *, seed: int | None = None, inputs: Mapping[str, str | os.PathLike | None] | None = None,
-             provenance: Mapping[str, Any] | None = None) -> Run:
+             provenance: Mapping[str, Any] | None = None, caches: Sequence[str] = ()) -> Run:
     """Create or resume the run folder ``out`` for a ``kind`` of training.
 
     ``identity``: the options that must match to resume; ``inputs``: named input paths, fingerprinted,
     whose *content* joins the identity (moving a data folder is fine, changing it is refused);
     ``provenance``: facts of the run's artifacts (mpp, tile size, encoder, weights hash) for run.json.
+
+    A run of the same kind that stopped before it wrote anything -- the folder holds only run.json, its lock,
+    killed writes' temporaries and the sub-folders named in ``caches`` (content-keyed caches, valid for any run) --
+    is replaced by a run of another identity instead of refused: the usual case is a run refused by an input check
+    after run.json was written, whose fix (another option, a corrected input) must be able to run on the same --out.
     """
     run_dir = atomic.ensure_writable_dir(out)
     key = _lock_run_dir(run_dir)  # before anything is cleaned or read: another live process may be writing
     try:
-        run = _open_locked(run_dir, kind, identity, config, seed=seed, inputs=inputs, provenance=provenance)
+        run = _open_locked(run_dir, kind, identity, config, seed=seed, inputs=inputs, provenance=provenance,
+                           caches=tuple(caches))
     except BaseException:
         _unlock_run_dir(key)
         raise
@@ -550,14 +556,26 @@ def open_run(out: str | os.PathLike, kind: str, identity: Mapping[str, Any], con
     return run
 
 
+def _holds_results(run_dir: Path, caches: tuple[str, ...]) -> bool:
+    """``run_dir`` holds a file other than run.json, its lock and killed writes' temporaries outside ``caches``."""
+    for root, dirs, files in os.walk(run_dir):
+        if Path(root) == run_dir:
+            dirs[:] = [d for d in dirs if d not in caches]
+        for f in files:
+            if f.startswith(atomic.TMP_PREFIX) or (Path(root) == run_dir and f in (RUN_JSON, RUN_LOCK)):
+                continue
+            return True
+    return False
+
+
 def _open_locked(run_dir: Path, kind: str, identity: Mapping[str, Any], config: Mapping[str, Any] | None, *,
                  seed: int | None, inputs: Mapping[str, str | os.PathLike | None] | None,
-                 provenance: Mapping[str, Any] | None) -> Run:
+                 provenance: Mapping[str, Any] | None, caches: tuple[str, ...] = ()) -> Run:
     atomic.clean_stale_tmp(run_dir)
     atomic.clean_stale_tmp(checkpoint_dir(run_dir))
     fps = {k: fingerprint(v) for k, v in (inputs or {}).items() if v is not None}
     ident = _jsonable({**identity, **{f"input:{k}": _content_key(fp) for k, fp in fps.items()}})
-    old = read_run(run_dir)
+    old, replaced = read_run(run_dir), None
     if old is not None:
         if old.get("run_kind") != kind:
             raise GigaslideError(f"run folder holds a run of another kind ({old.get('run_kind')!r}, not {kind!r})",
@@ -567,13 +585,19 @@ def _open_locked(run_dir: Path, kind: str, identity: Mapping[str, Any], config: 
             if fp.get("hashed") == "features/" and was is not None and was != ident[key] \
                     and _jsonable(_content_key(_listing(Path(inputs[k])))) == was:  # type: ignore[index]
                 ident[key] = was
-        check_identity(run_dir, old.get("identity", {}), ident)
+        if old.get("status") != "finished" and identity_diff(old.get("identity", {}), ident) \
+                and not _holds_results(run_dir, caches):  # stopped before writing anything: nothing to resume
+            replaced = old
+        else:
+            check_identity(run_dir, old.get("identity", {}), ident)
     prov = Provenance(kind="run", seed=seed, **{k: v for k, v in (provenance or {}).items()
                                                 if k in ("mpp", "tile_size", "encoder", "encoder_weights_sha256")},
                       extra={k: v for k, v in (provenance or {}).items()
                              if k not in ("mpp", "tile_size", "encoder", "encoder_weights_sha256")})
     record = dict(old or {})
     invocations = list(record.get("invocations", []))
+    if replaced is not None:  # a fresh run (its own provenance, nothing resumed); the record keeps what it replaced
+        record, old = {"replaced_identity": replaced.get("identity", {})}, None
     invocations.append({"command": list(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                         "environment": environment()})
     record.update(_jsonable({

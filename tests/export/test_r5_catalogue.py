@@ -119,3 +119,16 @@ def test_a_geojson_of_a_slide_left_out_now_is_named_as_from_an_earlier_export(tm
     assert [p for p in problems if "earlier export" in p] == [
         f"{gj / 'b.geojson'}: from an earlier export, not rewritten (b was left out now) -- delete it, "
         "or re-run once the slide is fixed"]
+
+
+def test_a_streaming_run_whose_only_grid_is_a_killed_temporary_says_it_has_no_grids(tmp_path):
+    import json
+
+    from gigaslide.export.runs import load_run
+
+    (tmp_path / "heatmaps" / "fold0").mkdir(parents=True)
+    (tmp_path / "run.json").write_text(json.dumps({"run_kind": "streaming"}))
+    (tmp_path / "heatmaps" / "fold0" / ".tmp-s0.npz.abc123.npz").write_bytes(b"")
+    run = load_run(tmp_path)
+    assert run.kind == "streaming"
+    assert any("without attention grids" in p for p in run.problems)

@@ -92,7 +92,7 @@ def load_run(path: str | os.PathLike, name: str | None = None) -> Run:
             run.problems.append(f"{p / run.folds[0] / 'config.json'}: unreadable")
     elif run.meta.get("run_kind") == "streaming" or list(p.glob("fold*/best.safetensors")):
         run.kind = "streaming"
-        if not list(p.glob("heatmaps/fold*/*.npz")):
+        if not [g for g in p.glob("heatmaps/fold*/*.npz") if not g.name.startswith(".")]:  # not a killed write's
             run.problems.append("StreamingCLAM run without attention grids: run `gigaslide heatmap-streaming SLIDE "
                                 f"--run {p} --fold K --out PNG` for the slides to show its attention")
     elif run.meta.get("run_kind") in SSL_KINDS:

@@ -94,6 +94,7 @@ def run_training(slides: str, labels: str, out: str, cfg: TrainConfig, log: Any 
     if background != "auto":
         identity["background"] = background
     run = runs.open_run(out, "streaming", identity, {**asdict(cfg), "background": background}, seed=cfg.seed,
+                        caches=("canvases",),  # keyed by each slide's content and the read: valid for any run
                         inputs={"slides": slides, "labels": labels, "weights": weights_input(cfg),
                                 "slide_mpp": cfg.slide_mpp if isinstance(cfg.slide_mpp, str) else None},
                         provenance={"mpp": cfg.mpp, "tile_size": cfg.tile_size, "encoder": probe_model.spec.name,
