@@ -91,9 +91,10 @@ def pretrain(data: str, out: str, method: str = "dino", backbone: str = "resnet1
     steps fit, and the lr warm-up + cosine span exactly those (logged). A label-free monitor (RankMe
     effective rank and same-tile view retrieval on a fixed set of tiles) is logged ~8 times per run
     into OUT/run.json, so you see whether the run still improves. Stops cleanly at --budget /
-    --steps / Ctrl-C / SIGTERM, leaving OUT/checkpoint (re-run the same command to resume exactly;
-    a changed --data, --mpp, --init weights or option is refused) and OUT/encoder, which
-    `gigaslide encode --encoder OUT/encoder` and `gigaslide embed-tiles --encoder OUT/encoder` load.
+    --steps / Ctrl-C / SIGTERM (these two exit with status 130 / 143: not finished), leaving
+    OUT/checkpoint (re-run the same command to resume exactly; a changed --data, --mpp, --init
+    weights or option is refused) and OUT/encoder, which `gigaslide encode --encoder OUT/encoder`
+    and `gigaslide embed-tiles --encoder OUT/encoder` load.
 
     Args:
         data: folder of slides (or one slide file), or folder of image tiles (jpg/png/tif, searched recursively)
@@ -170,6 +171,14 @@ def pretrain(data: str, out: str, method: str = "dino", backbone: str = "resnet1
     tail = f"; RankMe {mon['rankme']}, view top-1 {mon['view_top1']}" if mon else ""
     print(f"{s['method']} {s['backbone']}: {s['steps']} steps in {s['elapsed_s']} s ({s.get('images_per_s')} img/s), "
           f"stopped by {s.get('stopped_by', 'steps')}{tail}; encoder -> {s.get('encoder', out + '/encoder')}")
+    if s.get("stopped_by") in STOP_STATUS:  # not finished: a script must not go on as if it were (`pretrain && embed`)
+        print(f"stopped at step {s['steps']} of {s.get('planned_steps')} by {s['stopped_by']}: checkpoint and encoder "
+              "saved; re-run the same command to resume", file=sys.stderr)
+        raise SystemExit(STOP_STATUS[s["stopped_by"]])
+
+
+#: Exit status of a run stopped before its --steps / --budget: Ctrl-C 130, SIGTERM (a batch system's limit) 143.
+STOP_STATUS = {"interrupt": 130, "signal": 143}
 
 
 def _slide_mpp(v: str | float | None) -> float | str | None:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from gigaslide.errors import GigaslideError
+from gigaslide.slides.discover import walk_files
 from gigaslide.tiling.folders import IMAGE_EXTENSIONS, list_images, read_image  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -29,17 +30,21 @@ class ImageFolderSource:
         self.files = list_images(folder)
         self.tile_size = tile_size
         self._bad: set[int] = set()
-        first = read_image(self.files[0])  # fail fast on an obviously broken folder
+        # fail fast on an obviously broken folder: the first readable of its first images (an unreadable first
+        # file is skipped, as every other one is, not the end of the run)
+        first = self.load(0, torch.Generator())
+        i = next(i for i in range(len(self.files)) if i not in self._bad)
         h, w = first.shape[:2]
         if tile_size and (h, w) != (tile_size, tile_size):  # e.g. PCam's 96 px tiles under the default 224
             log.warning("tiles in %s are %dx%d px (the first, %s) but --tile-size is %d: training crops resample them "
                         "and the exported encoder embeds at %d px; give --tile-size %d to train and embed at the "
-                        "tiles' own size", self.folder, w, h, self.files[0].name, tile_size, tile_size, max(h, w))
+                        "tiles' own size", self.folder, w, h, self.files[i].name, tile_size, tile_size, max(h, w))
 
     def __len__(self) -> int:
         return len(self.files)
 
     def load(self, idx: int, g: torch.Generator) -> np.ndarray:
+        first = None
         for k in range(min(20, len(self.files))):
             i = (idx + k) % len(self.files)
             if i in self._bad:
@@ -48,8 +53,11 @@ class ImageFolderSource:
                 return read_image(self.files[i])
             except GigaslideError as e:
                 self._bad.add(i)
+                first = first or e
                 log.warning("skipping %s", e.one_line())
-        raise GigaslideError("too many unreadable images in a row", path=self.folder, fix="check the folder's files")
+        why = f" (the first: {Path(first.path or '').name}: {first.what})" if first is not None else ""
+        raise GigaslideError(f"too many unreadable images in a row{why}", path=self.folder,
+                             fix="delete or re-export the unreadable files")
 
     def describe(self) -> dict:
         return {"kind": "image_folder", "path": str(self.folder), "n_images": len(self.files)}
@@ -167,7 +175,7 @@ def build_source(data: str | os.PathLike, mpps: Sequence[float], tile_size: int,
         return SlideSource([p], mpps, tile_size, min_tissue, slide_mpp, background)
     if kind == "tiles":
         return ImageFolderSource(p, tile_size)
-    slides = sorted(f for f in p.rglob("*") if f.is_file() and looks_like_slide(f))
+    slides = [f for f in walk_files(p) if looks_like_slide(f)]  # symlinked sub-folders too (a cohort linked in)
     if slides or kind == "slides":
         if not slides:
             raise GigaslideError("no slide files in this folder", path=p, fix="pass a folder of slides or use --data-kind tiles")

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,9 @@ from gigaslide.evaluation.compare import Diffs
 from gigaslide.evaluation.metrics import METRICS, summarize
 from gigaslide.evaluation.tiles import write_report
 from gigaslide.features.tiles import read_tile
+from gigaslide.locks import ItemLock
 from gigaslide.ssl.tile.augment import random_flip_rotate, random_stain_jitter, to_float
+from gigaslide.ssl.tile.session import clean_stale_temporaries
 from gigaslide.tiling.folders import file_digest, labelled_images, subsample, tiles_fingerprint
 
 AUGMENTS = ("pathology", "none")
@@ -190,9 +193,10 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 
 def finetune_fraction(encoder: str, weights: str, train: tuple[list[Path], np.ndarray], val: tuple[list[Path], np.ndarray],
                       test: tuple[list[Path], np.ndarray], n_classes: int, cfg: FinetuneConfig, run_dir: Path,
-                      key: str | None = None) -> dict[str, Any]:
+                      key: str | None = None, heartbeat: Callable[[], None] | None = None) -> dict[str, Any]:
     """Fine-tune one model on ``train``, select on ``val``, test on ``test``; resumes from ``run_dir/checkpoint``
-    when it was made by the same training (``key``: :func:`run_key`, by default without the tiles' fingerprint)."""
+    when it was made by the same training (``key``: :func:`run_key`, by default without the tiles' fingerprint);
+    ``heartbeat`` is called after each epoch (the OUT folder's lock)."""
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     enc = build_encoder(encoder, weights, seed=cfg.seed)
@@ -253,6 +257,8 @@ def finetune_fraction(encoder: str, weights: str, train: tuple[list[Path], np.nd
         state["epoch"] += 1
         runs.save_checkpoint(run_dir, {"model": runs.module_state(model), "optimizer": opt.state_dict(), "state": state,
                                        "scaler": scaler.state_dict()})
+        if heartbeat is not None:  # the folder's lock stays fresh for processes on other hosts
+            heartbeat()
     sd = load_file(str(best_file), device="cpu")
     model.load_state_dict({k: v for k, v in sd.items() if "::" not in k})
     spec = dataclasses.replace(enc.spec, name=f"{enc.spec.name}_finetuned", hub=None,
@@ -298,21 +304,39 @@ def finetune_tiles(train_folder: str | os.PathLike, test_folder: str | os.PathLi
     te_digests = [file_digest(f) for f in te_files]
     _check_no_leak(train_folder, files, test_folder, te_files, te_digests)
     probe = build_encoder(encoder, weights, seed=cfg.seed)  # fail early on a bad encoder / weights
+    enc_info = {"encoder": probe.spec.name, "encoder_weights": probe.weights_id, "dim": probe.embed_dim}
+    del probe
     out = atomic.ensure_writable_dir(out)
+    lock = ItemLock(out, ".finetune")  # two processes on one OUT wrote each other's checkpoint files
+    if not lock.acquire():
+        raise GigaslideError(f"the folder is in use by {lock.describe()} (another fine-tune run writes it)", path=out,
+                             fix="wait for it to finish (or stop it), then re-run to resume; or choose another --out")
+    try:
+        return _finetune_locked(files, labels, classes, te_files, te_labels, te_digests, train_folder, test_folder,
+                                encoder, out, weights, cfg, enc_info, lock)
+    finally:
+        lock.release()
+
+
+def _finetune_locked(files: list[Path], labels: np.ndarray, classes: list[str], te_files: list[Path],
+                     te_labels: np.ndarray, te_digests: list[bytes], train_folder: str | os.PathLike,
+                     test_folder: str | os.PathLike, encoder: str, out: Path, weights: str, cfg: FinetuneConfig,
+                     enc_info: dict[str, Any], lock: ItemLock) -> dict[str, Any]:
+    """:func:`finetune_tiles` once it holds ``out``'s lock."""
     n_classes = len(classes)
     report: dict[str, Any] = {
-        "train": {"path": str(train_folder), "encoder": probe.spec.name, "encoder_weights": probe.weights_id, "dim": probe.embed_dim,
-                  "n": len(labels), "class_counts": np.bincount(labels, minlength=n_classes).tolist()},
+        "train": {"path": str(train_folder), **enc_info, "n": len(labels),
+                  "class_counts": np.bincount(labels, minlength=n_classes).tolist()},
         "test": {"path": str(test_folder), "n": len(te_labels),
                  "class_counts": np.bincount(te_labels, minlength=n_classes).tolist(),
                  "fingerprint": tiles_fingerprint(Path(test_folder), te_files, te_labels, te_digests)},
         "classes": classes, "n_classes": n_classes, "n_bootstrap": cfg.n_bootstrap, "seed": cfg.seed,
         "config": dataclasses.asdict(cfg), "protocols": {}}
-    del probe
     probs: dict[str, np.ndarray] = {}  # per protocol, for paired comparisons on the same test tiles
     for frac in cfg.fractions:
         name = f"finetune_{frac * 100:g}%"
         run_dir = atomic.ensure_writable_dir(_fraction_dir(out, name))
+        clean_stale_temporaries(run_dir)  # what a killed run left (best.safetensors, checkpoint/, encoder/)
         sub = label_subset(labels, frac, cfg.seed)
         tr, va = _val_split(labels[sub], cfg.val_fraction, cfg.seed)
         tr, va = sub[tr], sub[va]
@@ -326,7 +350,7 @@ def finetune_tiles(train_folder: str | os.PathLike, test_folder: str | os.PathLi
             # a finished checkpoint of the same training (a result from before test predictions or the test tiles'
             # fingerprint were kept, or one tested on another --test folder) only predicts the test tiles again
             res = finetune_fraction(encoder, weights, ([files[i] for i in tr], labels[tr]), ([files[i] for i in va], labels[va]),
-                                    (te_files, te_labels), n_classes, cfg, run_dir, key=key)
+                                    (te_files, te_labels), n_classes, cfg, run_dir, key=key, heartbeat=lock.refresh)
             res["test_fingerprint"] = report["test"]["fingerprint"]
             atomic.write_json(result_file, res)
         elif res.get("key") != key or res.get("bootstrap") != BOOTSTRAP:  # only --bootstrap (or how CIs are drawn)

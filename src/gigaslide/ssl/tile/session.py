@@ -13,18 +13,20 @@ CNN's BatchNorm statistics can be re-measured (on a copy) on ``export_bn_tiles``
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gigaslide import __version__, runs
+from gigaslide import __version__, atomic, runs
 from gigaslide.devices import PrecisionChoice, choose_precision, device_name, loader_workers, pick_device
 from gigaslide.encoders import export_encoder
 from gigaslide.errors import GigaslideError
@@ -54,6 +56,28 @@ def check_tile_count(n: int, batch_size: int, data: str | os.PathLike) -> None:
         log.warning("--data holds %d tiles, fewer than one batch (%d): every batch repeats tiles, and contrastive "
                     "methods then take copies of a tile as its negatives; use more tiles or a smaller --batch-size",
                     n, batch_size)
+
+
+#: The temporary file safetensors (0.5 and later) writes beside its target before renaming it onto the target:
+#: ``.tmp`` and 6 letters or digits (Rust's tempfile), not gigaslide's ``.tmp-<name>.*``.
+_SAFETENSORS_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
+
+
+def clean_stale_temporaries(out: str | os.PathLike) -> int:
+    """Remove the temporary files a killed export or checkpoint left in the run folder ``out``, ``out/encoder``
+    and ``out/checkpoint`` (call with the run's lock held): gigaslide's ``.tmp-*`` and safetensors' own
+    ``.tmpXXXXXX``, each as large as the weights (with the optimiser state, three times that). Returns how many
+    were removed."""
+    n = 0
+    for d in (Path(out), Path(out) / "encoder", runs.checkpoint_dir(out)):
+        n += atomic.clean_stale_tmp(d)
+        if d.is_dir():
+            for f in d.iterdir():
+                if _SAFETENSORS_TMP.fullmatch(f.name) and f.is_file():
+                    with contextlib.suppress(OSError):
+                        f.unlink()
+                        n += 1
+    return n
 
 
 @dataclass
@@ -215,6 +239,7 @@ def open_session(cfg: PretrainConfig, *, write: bool = True, device: torch.devic
                             inputs={"data": cfg.data, "init": init_file(cfg.init)},
                             provenance={"mpp": float(cfg.mpp[0]), "tile_size": cfg.tile_size, "encoder": spec.name,
                                         "method": cfg.method})
+        clean_stale_temporaries(cfg.out)  # the run lock is held: no live process writes them
     ck = runs.load_checkpoint(cfg.out) if has_ckpt else None
     model.to(device)
     opt = torch.optim.AdamW(param_groups(model, cfg, spec.family), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -267,4 +292,4 @@ def open_session(cfg: PretrainConfig, *, write: bool = True, device: torch.devic
     return s
 
 
-__all__ = ["RUN_KIND", "Session", "open_session"]
+__all__ = ["RUN_KIND", "Session", "clean_stale_temporaries", "open_session"]
