@@ -126,3 +126,25 @@ def test_a_ctrl_c_right_after_the_temporary_is_created_leaves_nothing(tmp_path, 
         with atomic.atomic_path(tmp_path / "a.h5"):
             pass
     assert os.listdir(tmp_path) == []
+
+
+def test_a_safetensors_file_gets_the_mode_the_umask_gives(tmp_path, umask):
+    # safetensors' save_file writes its own temporary and renames it onto the path it was given: 0600 whatever the umask
+    import torch
+    from safetensors.torch import save_file
+
+    from gigaslide import runs
+
+    umask(0o022)
+    with atomic.atomic_path(tmp_path / "w.safetensors") as tmp:
+        save_file({"a": torch.zeros(3)}, str(tmp))
+    ck = runs.save_checkpoint(tmp_path / "run", {"w": torch.ones(2)})
+    for p in [tmp_path / "w.safetensors", *ck.parent.glob("*.safetensors")]:
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o644, p
+
+
+def test_clean_stale_tmp_removes_the_temporaries_safetensors_leaves_when_killed(tmp_path):
+    for name in (".tmp-a.h5.x1y2.h5", ".tmp94cQsE", ".tmpAB12cd", "keep.h5", ".tmpfile.txt", ".tmp12"):
+        (tmp_path / name).write_bytes(b"")
+    assert atomic.clean_stale_tmp(tmp_path) == 3
+    assert sorted(os.listdir(tmp_path)) == [".tmp12", ".tmpfile.txt", "keep.h5"]

@@ -125,6 +125,7 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         os.close(fd)
         os.chmod(tmp_path, file_mode())
         yield tmp_path
+        os.chmod(tmp_path, file_mode())  # again: a writer that replaced the file (safetensors' save_file) made it 0600
         _fsync(tmp_path)  # the bytes reach the disk before the name does: a power cut never leaves an empty target
         os.replace(tmp_path, target)
     except BaseException as e:
@@ -221,13 +222,20 @@ def clean_stale_tmp_for(target: str | os.PathLike, *, cached: bool = False) -> i
     return n
 
 
+#: safetensors' ``save_file`` writes its own temporary (Rust's tempfile: ``.tmp`` + 6 letters or digits) beside the
+#: file it was given, then renames it there: a kill during that write leaves one as large as the tensors.
+_SAFETENSORS_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
+
+
 def clean_stale_tmp(directory: str | os.PathLike) -> int:
-    """Remove temporary files left by an interrupted run; returns how many were removed."""
+    """Remove temporary files left by an interrupted run (ours and safetensors' own); returns how many were
+    removed."""
     n = 0
     d = Path(directory)
     if d.is_dir():
-        for f in d.glob(TMP_PREFIX + "*"):
-            with contextlib.suppress(OSError):
-                f.unlink()
-                n += 1
+        for f in d.glob(".tmp*"):
+            if f.name.startswith(TMP_PREFIX) or _SAFETENSORS_TMP.fullmatch(f.name):
+                with contextlib.suppress(OSError):
+                    f.unlink()
+                    n += 1
     return n
