@@ -395,3 +395,19 @@ def test_a_finished_run_is_never_replaced(tmp_path: Path) -> None:
     del run
     with pytest.raises(GigaslideError, match="another run"):
         runs.open_run(tmp_path / "run", "toy", {"lr": 0.2})
+
+
+def test_an_input_folder_with_symlinked_sub_folders_is_fingerprinted_through_them(tmp_path: Path) -> None:
+    other = tmp_path / "storage" / "cohort_b"
+    other.mkdir(parents=True)
+    (other / "t.png").write_bytes(b"1")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "cohort_b").symlink_to(other, target_is_directory=True)
+    fp = runs.fingerprint(data)
+    assert fp["files"] == 1
+    runs.open_run(tmp_path / "run", "toy", {}, inputs={"data": data})
+    runs.save_checkpoint(tmp_path / "run", {"step": 1})
+    (other / "t.png").write_bytes(b"2")  # a tile changed in the linked folder
+    with pytest.raises(GigaslideError, match="input:data"):
+        runs.open_run(tmp_path / "run", "toy", {}, inputs={"data": data})

@@ -58,6 +58,7 @@ import torch
 
 from gigaslide import __version__, atomic
 from gigaslide.errors import GigaslideError
+from gigaslide.files import walk_files
 from gigaslide.provenance import Provenance, check_format, file_sha256
 
 RUN_JSON = "run.json"
@@ -103,7 +104,7 @@ def _listing(p: Path) -> dict[str, Any]:
     """A folder's fingerprint by the listing of all its files (see :func:`fingerprint`)."""
     h = hashlib.sha256()
     n = size = 0
-    for f in sorted(q for q in p.rglob("*") if q.is_file()):
+    for f in walk_files(p):  # symlinked sub-folders included (rglob skips them: their files were not fingerprinted)
         rel = f.relative_to(p)
         if any(part.startswith(".") for part in rel.parts):
             continue
