@@ -49,7 +49,9 @@ def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, ov
     """Segment tissue and tile slides at a physical resolution; writes coords (level-0 px), overlays, GeoJSON.
 
     Several slides are tiled at once, one per CPU core (each slide's files are written atomically). A re-run
-    reuses a slide's coords made at the same settings from the same scan (level-0 mpp and size); a second slide
+    reuses a slide's coords made at the same settings from the same scan (level-0 mpp and size, and the same slide
+    file: its size and a hash of sampled blocks, so a re-exported or colour-normalised file put in place under the
+    name is tiled again, a copy moved elsewhere is not); a second slide
     with an id already taken (the same file name in another folder) fails, and the others go on.
     With --tissue-from the tissue is read from annotations (e.g. drawn in QuPath) instead of detected.
 
@@ -141,8 +143,10 @@ def _raise_if_failed(failures: dict[str, str], n: int, manifest: Path, left: int
     if n == 1 and n_fail == 1:  # a single slide: its own reason is the most useful line
         raise GigaslideError(next(iter(failures.values())))
     if n_fail:
-        rest = f"{left} left to another process, the others finished" if left else "the others finished"
-        raise GigaslideError(f"{n_fail} of {n} slides failed ({rest})", path=manifest,
+        done = n - n_fail - left
+        rest = ([f"{left} left to another process"] if left else []) + [
+            "none finished" if done <= 0 else "the others finished" if not left else f"{done} finished"]
+        raise GigaslideError(f"{n_fail} of {n} slides failed ({', '.join(rest)})", path=manifest,
                              fix="see each slide's error in the manifest; fix or remove those slides and re-run (finished slides are skipped)")
 
 
@@ -195,8 +199,9 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
     Output: OUT/features/<slide>.h5 (features [N,D], coords [N,2] level-0 px, provenance attrs),
     OUT/patches/, OUT/tissue/, OUT/grid/ and OUT/manifest.json (status, error and timing per slide).
     A re-run skips finished slides (a slide whose scan changed -- a corrected --slide-mpp, another file under its
-    name: level-0 mpp or size differ -- is tiled and encoded again); a broken slide is reported and the others go
-    on. A re-run with another encoder, weights or tiling setting encodes the slides again and replaces their
+    name, even one of the same size and mpp: its size and a hash of sampled blocks differ -- is tiled and encoded
+    again; the same file moved or copied elsewhere is not); a broken slide is reported and the others go on.
+    A re-run with another encoder, weights or tiling setting encodes the slides again and replaces their
     features: give each encoder its own OUT. Several runs (or
     `torchrun --nproc-per-node N -m gigaslide encode ...`, or SLURM tasks) may share one OUT: slides are
     locked one by one (OUT/locks/), split longest first, and a dead run's slides are taken over.
@@ -217,7 +222,8 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
         min_tissue: keep tiles whose tissue fraction is at least this
         batch_size: tiles per forward pass
         workers: reader processes decoding tiles (0 = in the main process; default: on CPU 1 when a core is left beside the torch threads, else 0; on CUDA the spare cores up to 16)
-        precision: auto (bf16 on CPU when it matches fp32 to cosine 0.999; AMP on CUDA), bf16, fp16 or fp32
+        precision: auto (bf16 on CPU when it matches fp32 to cosine 0.999; AMP on CUDA), bf16, fp16 or fp32;
+            a re-run with bf16, fp16 or fp32 encodes again the slides encoded in another precision (auto keeps them)
         device: auto, cpu, cuda or cuda:N
         slide_mpp: scan resolution override (µm/px at level 0), or a CSV slide_id,mpp
         threads: torch CPU threads for the model

@@ -25,7 +25,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,6 +53,7 @@ from gigaslide.slides.pool import ReaderPool, ReadTask, pool_slots
 from gigaslide.slides.reader import DOWNSAMPLE_MODES
 from gigaslide.tiling import GRID_RULE, Scan, TileGrid, TilingParams, layout, reusable_grid
 from gigaslide.tiling.annotations import tissue_attrs
+from gigaslide.tiling.job import IDENTITY_KEY
 from gigaslide.tiling.parallel import TileAhead, tile_many, tiling_workers
 from gigaslide.tiling.store import coords_attrs, level0_dimensions
 
@@ -126,15 +129,17 @@ def _reader_name(info: dict[str, Any]) -> str:
 
 
 def _feature_attrs(encoder: Encoder, params: TilingParams, grid: TileGrid, choice: PrecisionChoice, seed: int | None,
-                   info: dict[str, Any], downsample: str, *, slide_path: str | os.PathLike, bn_folded: bool) -> dict:
+                   info: dict[str, Any], downsample: str, *, slide_path: str | os.PathLike, bn_folded: bool,
+                   identity: str | None = None) -> dict:
     """The feature file's attributes. ``slide_path``: the file the tiles were read from (recorded absolute: the
-    grid's may be older); ``bn_folded``: the encoder ran with its batch norms folded."""
+    grid's may be older); ``bn_folded``: the encoder ran with its batch norms folded; ``identity``: that file's
+    :func:`~gigaslide.tiling.job.slide_identity` (``slide_identity``; None: not recorded)."""
     return {
         "encoder": encoder.spec.name, "encoder_weights_sha256": encoder.weights_id, "embed_dim": encoder.embed_dim,
         "mpp": params.mpp, "read_mpp": info.get("read_mpp"), "tile_size": params.tile_size, "overlap": params.overlap,
         "min_tissue": params.min_tissue, "slide_id": grid.slide_id,
         "slide_path": os.path.abspath(slide_path),
-        "slide_mpp": grid.slide_mpp, "bn_folded": bn_folded,
+        "slide_mpp": grid.slide_mpp, IDENTITY_KEY: identity, "bn_folded": bn_folded,
         "precision": choice.resolved, "precision_requested": choice.requested,
         "bf16_cosine": choice.bf16_cosine, "encoder_input_size": encoder.spec.input_size, "seed": seed,
         "reader": _reader_name(info), "grid_rule": grid.extra.get("grid_rule"),
@@ -153,7 +158,7 @@ def file_stamp(path: Path) -> list[int]:
 
 
 def is_finished(path: Path, encoder: Encoder, params: TilingParams, *, stamp: Sequence[int] | None = None,
-                downsample: str = "box", scan: Scan | None = None) -> bool:
+                downsample: str = "box", scan: Scan | None = None, precision: str = "auto") -> bool:
     """``path`` holds this encoder's features at these tiling settings (of this scan, with ``scan``).
 
     ``stamp``: the :func:`file_stamp` this job's manifest recorded when encode wrote the file. A file that still
@@ -164,9 +169,15 @@ def is_finished(path: Path, encoder: Encoder, params: TilingParams, *, stamp: Se
     checksum error naming the file and the fix).
 
     ``scan``: the slide's resolution and dimensions now (:class:`~gigaslide.tiling.Scan`); features made from another
-    scan (their ``slide_mpp`` or level-0 size -- coords ``level0_width``/``level0_height`` -- differ: a corrected
-    ``--slide-mpp``, another file under the same name) are not finished. An attribute the file lacks is not
-    compared (None: neither is)."""
+    scan (their ``slide_mpp``, level-0 size -- coords ``level0_width``/``level0_height`` -- or ``slide_identity``
+    differ: a corrected ``--slide-mpp``, another file under the same name, even one of the same size and resolution)
+    are not finished. An attribute the file lacks is not compared (None: neither is); a file without
+    ``slide_identity`` (written before it was recorded) is finished only where the slide file has not changed or been
+    put in place since the feature file was written (:meth:`~gigaslide.tiling.Scan.made`).
+
+    ``precision``: the ``--precision`` asked for; one other than ``auto`` must be the one the features were computed
+    in (their ``precision`` attribute, when recorded): a re-run with ``--precision fp32`` does not keep bf16
+    features (``auto`` keeps whatever an earlier run resolved)."""
     if not path.is_file():
         return False
     try:
@@ -175,9 +186,11 @@ def is_finished(path: Path, encoder: Encoder, params: TilingParams, *, stamp: Se
         else:
             ff = store.load(path)
             a, ca = ff.attrs, ff.coords_attrs
+        written = path.stat().st_mtime
     except (GigaslideError, OSError):
         return False
-    if scan is not None and not scan.made(a.get("slide_mpp", ca.get("level0_mpp")), level0_dimensions(ca)):
+    if scan is not None and not scan.made(a.get("slide_mpp", ca.get("level0_mpp")), level0_dimensions(ca),
+                                          a.get(IDENTITY_KEY), written=written):
         return False
     return (a.get("encoder") == encoder.spec.name and a.get("encoder_weights_sha256") == encoder.weights_id
             and abs(float(a.get("mpp", -1)) - params.mpp) < 1e-9 and int(a.get("tile_size", -1)) == params.tile_size
@@ -185,6 +198,7 @@ def is_finished(path: Path, encoder: Encoder, params: TilingParams, *, stamp: Se
             and a.get("grid_rule") == GRID_RULE and a.get("background_option", "auto") == params.background
             and (a.get("background") != "dark" or a.get("edge_fill") == "dark")  # white-padded before the fix
             and a.get("downsample_option", "box") == downsample
+            and (precision == "auto" or a.get("precision") in (None, precision))
             and params.tissue_matches(a, str(a.get("slide_id", path.stem)), a.get("slide_path")))
 
 
@@ -201,9 +215,9 @@ class _Run:
 
     def __init__(self, out: Path, encoder: Encoder, params: TilingParams, manifest: Manifest, slide_mpp, overlays: bool,  # noqa: ANN001
                  rank: RankInfo, progress: Callable[[str, int, int], None] | None, tile_workers: int | None = None,
-                 downsample: str = "box"):
+                 downsample: str = "box", precision: str = "auto"):
         self.out, self.encoder, self.params, self.manifest = out, encoder, params, manifest
-        self.downsample = downsample
+        self.downsample, self.precision = downsample, precision
         self.tile_workers = tile_workers
         self.slide_mpp, self.overlays, self.rank, self.progress = slide_mpp, overlays, rank, progress
         self.res = EncodeResult(rank=rank.rank, world=rank.world)
@@ -264,7 +278,7 @@ class _Run:
         stamp = entry.get("file_stamp") if entry.get("status") == "done" else None
         scan = self.scan(job)
         return scan is not None and is_finished(path, self.encoder, self.params, stamp=stamp,
-                                                downsample=self.downsample, scan=scan)
+                                                downsample=self.downsample, scan=scan, precision=self.precision)
 
     def fail(self, job: SlideJob, msg: str) -> None:
         job.failed = True
@@ -436,6 +450,23 @@ def _check_batch_memory(batch_size: int, tile_size: int, workers: int, available
     raise GigaslideError(f"{gb}; {available / 1e9:.1f} GB of memory is available", fix=fix)
 
 
+@contextlib.contextmanager
+def _children_ignore_ctrl_c() -> Iterator[None]:
+    """Processes forked inside (the reader pool's) ignore SIGINT: Ctrl-C reaches the terminal's whole process group,
+    and a reader waiting for its next batch printed a ``KeyboardInterrupt`` traceback of its own beside the command's
+    one line. The main process, interrupted, stops them as it unwinds (``ReaderPool.close``). Only in the main thread
+    with Python's own handlers (elsewhere handlers cannot be changed: nothing changes)."""
+    old = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or old is None or old is signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def _prepare(encoder: Encoder, dev: torch.device, compile_model: bool, fold_bn: bool = True
              ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The encoder on ``dev`` for inference: batch norms folded (unless ``fold_bn`` is False), channels_last for
@@ -489,7 +520,7 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
         "batch_size": batch_size, "workers": workers, "precision": precision, "device": str(dev), "world": rank.world,
         "decode_device": decode_device, "downsample": downsample,
         "bn_folded": None})  # set below, once the model is prepared (an encoder without batch norms: False)
-    run = _Run(out, encoder, params, manifest, slide_mpp, overlays, rank, progress, tile_workers, downsample)
+    run = _Run(out, encoder, params, manifest, slide_mpp, overlays, rank, progress, tile_workers, downsample, precision)
     res = run.res
     # one rank only: ranks order slides by tile count (longest first), which needs every slide tiled first
     ahead = (dev.type == "cuda" and rank.world == 1) if tile_ahead is None else bool(tile_ahead)
@@ -509,7 +540,8 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
             1, tiling_workers(len(jobs), ranks_per_node=rank.local_world) // 2)
     claims = run.claims(jobs, tile_ahead=ahead_workers)
     held: list[SlideJob] = []  # claimed, by key
-    pool = ReaderPool(workers, slot_bytes=batch_size * params.tile_size**2 * 3, decode_device=dec)
+    with _children_ignore_ctrl_c():
+        pool = ReaderPool(workers, slot_bytes=batch_size * params.tile_size**2 * 3, decode_device=dec)
     inflight = pool.max_pending
     cur: list[Any] = [None, 0]  # job being submitted, next start
     waiting = False  # the claims said: others still hold slides (rank 0 of several)
@@ -593,8 +625,9 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
 
 def _finish(run: _Run, job: SlideJob, feats: np.ndarray, choice: PrecisionChoice, seed: int | None) -> None:
     grid = job.grid
+    scan = run.scan(job)  # the identity the slide's grid and features were checked against
     attrs = _feature_attrs(run.encoder, run.params, grid, choice, seed, job.info, run.downsample, slide_path=job.path,
-                           bn_folded=run.res.bn_folded)
+                           bn_folded=run.res.bn_folded, identity=None if scan is None else scan.identity)
     path = store.save(layout(run.out, job.slide_id)["features"], feats, grid.coords, attrs=attrs,
                       coords_attrs=coords_attrs(grid))
     secs = time.perf_counter() - job.t0

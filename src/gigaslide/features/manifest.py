@@ -80,6 +80,8 @@ class Manifest:
         atomic.ensure_writable_dir(self.path.parent)
         with file_lock(_lock_path(self.path)):
             self.data["slides"] = read_slides(self.path)
+            # manifest.json is rewritten only under this lock: a temporary file of it now is a killed run's
+            atomic.clean_stale_tmp_for(self.path)
 
     def set(self, slide_id: str, status: str, *, keep_done: bool = False, **info: Any) -> None:
         """Record one slide; ``keep_done`` leaves an existing ``done`` entry (e.g. another process's) as it is."""

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from gigaslide import atomic
@@ -71,15 +74,78 @@ class TilingParams:
         return asdict(self)
 
 
+#: File attribute of tile grids and feature files holding :func:`slide_identity` of the slide file they were made from.
+IDENTITY_KEY = "slide_identity"
+#: :func:`slide_identity` hashes this many blocks of this many bytes, spread evenly over the slide's bytes.
+IDENTITY_BLOCKS, IDENTITY_BLOCK_BYTES = 16, 64 * 1024
+
+
+def _slide_files(path: Path) -> list[tuple[str, Path]]:
+    """(name, file) of every file holding the slide at ``path``: the file; a folder slide's (e.g. DICOM) files, by
+    their path inside it; a MIRAX ``.mrxs`` index and the files of its companion folder (``<stem>/``)."""
+    if path.is_dir():
+        return sorted((f.relative_to(path).as_posix(), f) for f in path.rglob("*") if f.is_file())
+    files = [("", path)]
+    companion = path.with_suffix("")
+    if path.suffix.lower() == ".mrxs" and companion.is_dir():
+        files += sorted((f.relative_to(companion).as_posix(), f) for f in companion.rglob("*") if f.is_file())
+    return files
+
+
+def slide_identity(path: str | os.PathLike) -> str | None:
+    """A cheap identity of the slide file(s) at ``path``: ``v1:<bytes>:<hash>``, the total size and a SHA-256 of
+    :data:`IDENTITY_BLOCKS` blocks of 64 KiB spread evenly over the bytes (the first and the last included; the whole
+    file when it is smaller), plus a folder slide's file names and sizes. About 1 MB is read whatever the slide's size
+    (milliseconds on a multi-GB file); it does not depend on the file's name, folder or times, so a slide copied or
+    moved elsewhere keeps it, while another file put in place under the same name -- a re-export, a colour-normalised
+    copy: every pixel's bytes differ -- gets another (a change confined to bytes no block reads is not seen; the
+    full :func:`~gigaslide.provenance.file_sha256` would read the whole slide). None when it cannot be read."""
+    try:
+        files = [(name, f, f.stat().st_size) for name, f in _slide_files(Path(path))]
+        total = sum(n for _, _, n in files)
+        h = hashlib.sha256()
+        if len(files) > 1 or files[0][0]:
+            for name, _, n in files:
+                h.update(f"{name}\0{n}\0".encode())
+        span = IDENTITY_BLOCKS * IDENTITY_BLOCK_BYTES
+        starts = ([0] if total <= span else
+                  [round(i * (total - IDENTITY_BLOCK_BYTES) / (IDENTITY_BLOCKS - 1)) for i in range(IDENTITY_BLOCKS)])
+        size = total if total <= span else IDENTITY_BLOCK_BYTES
+        for start in starts:  # each block read from the files laid end to end
+            begin = 0
+            for _, f, n in files:
+                lo, hi = max(start, begin), min(start + size, begin + n)
+                if lo < hi:
+                    with open(f, "rb") as fh:
+                        fh.seek(lo - begin)
+                        h.update(fh.read(hi - lo))
+                begin += n
+    except (OSError, IndexError):  # unreadable, or a folder without files
+        return None
+    return f"v1:{total}:{h.hexdigest()[:32]}"
+
+
+def _changed_at(path: str | os.PathLike) -> float | None:
+    """When the slide file(s) at ``path`` last changed or were put there (the latest mtime or ctime: a ``mv`` of an
+    older file changes only the ctime); None when they cannot be read."""
+    try:
+        return max(max(st.st_mtime, st.st_ctime) for st in (f.stat() for _, f in _slide_files(Path(path))))
+    except (OSError, ValueError):
+        return None
+
+
 @dataclass(frozen=True)
 class Scan:
-    """A slide's level-0 resolution now (after any ``--slide-mpp``; None: unknown) and its level-0 dimensions.
+    """A slide's level-0 resolution now (after any ``--slide-mpp``; None: unknown), its level-0 dimensions, and the
+    file it was read from (``path``, for :attr:`identity`; None: unknown, identities are not compared).
 
-    A tile grid or feature file records both (``level0_mpp`` / ``slide_mpp``, ``level_dim``); one made from another
-    scan -- a corrected ``--slide-mpp``, or another file put in place under the same name -- is made again."""
+    A tile grid or feature file records all three (``level0_mpp`` / ``slide_mpp``, ``level_dim``, ``slide_identity``:
+    :func:`slide_identity`); one made from another scan -- a corrected ``--slide-mpp``, or another file put in place
+    under the same name, even one of the same size and resolution -- is made again."""
 
     mpp: float | None
     dimensions: tuple[int, int]
+    path: str | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, slide: Slide) -> Scan:
@@ -88,8 +154,8 @@ class Scan:
         try:
             slide.check_square()
         except GigaslideError:
-            return cls(None, slide.dimensions)
-        return cls(float(slide.mpp) if slide.has_mpp else None, slide.dimensions)
+            return cls(None, slide.dimensions, str(slide.path))
+        return cls(float(slide.mpp) if slide.has_mpp else None, slide.dimensions, str(slide.path))
 
     @classmethod
     def read(cls, path: str | os.PathLike, slide_mpp: float | str | None = None) -> Scan | None:
@@ -101,22 +167,47 @@ class Scan:
         except Exception:  # noqa: BLE001 - a damaged slide is reported where it is tiled
             return None
 
-    def made(self, mpp: float | None, dimensions: Sequence[int] | None) -> bool:
+    @functools.cached_property
+    def identity(self) -> str | None:
+        """:func:`slide_identity` of the slide file (read once, when first compared or recorded); None: no ``path``,
+        or the file cannot be read."""
+        return None if self.path is None else slide_identity(self.path)
+
+    def made(self, mpp: float | None, dimensions: Sequence[int] | None, identity: str | None = None, *,
+             written: float | None = None) -> bool:
         """Something recording level-0 ``mpp`` and ``dimensions`` ((w, h)) was made from this scan. Either may be None
         (not recorded, e.g. by another tool): it is not compared. Never when this scan's mpp is unknown, or when a
-        recorded value is not a number."""
+        recorded value is not a number.
+
+        ``identity``: the :func:`slide_identity` recorded; it must be this slide file's (a scan without ``path`` does
+        not compare it). A record without one, made before identities were recorded, is compared as before (mpp and
+        dimensions) and, given ``written`` (when the record was written: its file's mtime), also by time: it was
+        made from this file only when the file has not changed or been put in place since (see :func:`_changed_at`);
+        a slide copied since (``cp`` without ``-p``, a new ctime) is then made again once, which records the identity.
+        """
         if self.mpp is None:
             return False
         try:
             if mpp is not None and not math.isclose(float(mpp), self.mpp, rel_tol=1e-9):
                 return False
-            return dimensions is None or [int(d) for d in dimensions] == list(self.dimensions)
+            if dimensions is not None and [int(d) for d in dimensions] != list(self.dimensions):
+                return False
         except (TypeError, ValueError):
             return False
+        if self.path is None:
+            return True
+        if identity is not None:
+            return self.identity is not None and str(identity) == self.identity
+        if written is None:
+            return True
+        changed = _changed_at(self.path)
+        return changed is not None and changed <= written
 
-    def made_grid(self, grid: TileGrid) -> bool:
-        """``grid`` was made from this scan (a grid without recorded dimensions, ``(0, 0)``, is compared by mpp)."""
-        return self.made(grid.slide_mpp, None if tuple(grid.slide_dimensions) == (0, 0) else grid.slide_dimensions)
+    def made_grid(self, grid: TileGrid, written: float | None = None) -> bool:
+        """``grid`` was made from this scan (a grid without recorded dimensions, ``(0, 0)``, is compared by mpp);
+        ``written``: when its file was written (see :meth:`made`)."""
+        return self.made(grid.slide_mpp, None if tuple(grid.slide_dimensions) == (0, 0) else grid.slide_dimensions,
+                         grid.extra.get(IDENTITY_KEY), written=written)
 
 
 def layout(out: str | os.PathLike, slide_id: str) -> dict[str, Path]:
@@ -133,7 +224,7 @@ def layout(out: str | os.PathLike, slide_id: str) -> dict[str, Path]:
 def reusable_grid(coords: Path, params: TilingParams, scan: Callable[[], Scan | None]) -> TileGrid | None:
     """The tile grid in ``coords`` when it was made at ``params`` from the slide's scan as it is now (``scan()``,
     called only when there is a grid of these settings to compare); None when there is none, it cannot be read, or
-    the settings or the scan differ."""
+    the settings or the scan differ (another slide file under the name: :meth:`Scan.made_grid`)."""
     if not coords.is_file():
         return None
     try:
@@ -143,13 +234,17 @@ def reusable_grid(coords: Path, params: TilingParams, scan: Callable[[], Scan | 
     if not params.matches(grid):
         return None
     now = scan()
-    return grid if now is not None and now.made_grid(grid) else None
+    try:
+        written = coords.stat().st_mtime
+    except OSError:
+        return None
+    return grid if now is not None and now.made_grid(grid, written) else None
 
 
 def tile_slide(path: str | os.PathLike | Slide, out: str | os.PathLike, params: TilingParams, *,
                slide_mpp: float | str | None = None, overlays: bool = True, reuse: bool = True) -> TileGrid:
     """Tile ``path`` into ``out`` (see :func:`layout`); reuses an existing coords file made with the same params from
-    the same scan (the slide's level-0 mpp, after ``slide_mpp``, and dimensions: see :class:`Scan`).
+    the same scan (the slide's level-0 mpp, after ``slide_mpp``, dimensions and file identity: see :class:`Scan`).
 
     ``path`` may be a slide that is already open (it stays open; ``slide_mpp`` is then ignored).
     A slide that does not look like bright-field H&E gets one :class:`StainWarning` (also stored in
@@ -159,7 +254,8 @@ def tile_slide(path: str | os.PathLike | Slide, out: str | os.PathLike, params: 
     opened = contextlib.nullcontext(path) if isinstance(path, Slide) else open_slide(path, mpp=slide_mpp)
     with opened as slide:
         paths = layout(out, slide.id)
-        grid = reusable_grid(paths["coords"], params, lambda: Scan.of(slide)) if reuse else None
+        scan = functools.cache(lambda: Scan.of(slide))  # once, when needed (its identity: when first compared)
+        grid = reusable_grid(paths["coords"], params, scan) if reuse else None
         if grid is not None:
             if overlays:
                 _refresh_outline(slide, params, paths["tissue_geojson"])
@@ -171,6 +267,7 @@ def tile_slide(path: str | os.PathLike | Slide, out: str | os.PathLike, params: 
         again = paths["coords"].exists()
         for key in ("coords", "tissue_png", "tissue_geojson", "grid_png"):
             atomic.clean_stale_tmp_for(paths[key], cached=not again)
+        atomic.clean_stale_tmp_for(_inner_tmp(paths["coords"]), cached=not again)  # see _inner_tmp
         tissue, thumb = _tissue(slide, params)
         grid = make_grid(slide, tissue, target_mpp=params.mpp, tile_size=params.tile_size, overlap=params.overlap,
                          min_tissue=params.min_tissue)
@@ -194,8 +291,17 @@ def tile_slide(path: str | os.PathLike | Slide, out: str | os.PathLike, params: 
                 path=slide.path, fix="check the slide is not blank; lower --min-tissue or use a smaller --tile-size",
             )
         _warn_stain(grid)
-        save_grid(grid, paths["coords"])
+        if scan().identity is not None:
+            grid.extra[IDENTITY_KEY] = scan().identity
+        save_grid(grid, paths["coords"])  # the identity with it, in one atomic write
         return grid
+
+
+def _inner_tmp(path: Path) -> Path:
+    """The name a grid write nested in another atomic write took its temporary files after (``.tmp-.tmp-<name>.*``,
+    left by a run killed inside it before ``save_grid`` recorded the slide identity itself): not ``path``'s own
+    temporaries, so :func:`tile_slide` cleans them explicitly."""
+    return path.with_name(atomic.TMP_PREFIX + path.name)
 
 
 def _refresh_outline(slide: Slide, params: TilingParams, path: Path) -> None:
