@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from gigaslide.cli.main import Command
 
 
@@ -55,7 +57,17 @@ def nuclei_train(images: str, annotations: str, out: str, *, backbone: str = "re
     for p in s["problems"]:
         print(f"warning: {p}")
     print(f"{out}: {s['status']} after {s['epochs']} epochs, best epoch {s['best_epoch']} ({s['selection']} {s['best_value']})")
+    if s["status"] == "stopped" and s.get("stop_reason") in STOP_STATUS:  # not finished, no model/: a script must not
+        # go on as if it were (`nuclei-train && nuclei-eval`)
+        print(f"stopped by {s['stop_reason']} after epoch {s['epochs']}: the checkpoint is saved; re-run the same "
+              "command to resume", file=sys.stderr)
+        raise SystemExit(STOP_STATUS[s["stop_reason"]])
     return s
+
+
+#: Exit status of a training stopped by Ctrl-C (``interrupt``) or SIGTERM (``signal``): 128 + the signal, as a shell's
+#: (a --budget stop is a finished run: 0).
+STOP_STATUS = {"interrupt": 130, "signal": 143}
 
 
 def nuclei_eval(model: str, images: str, annotations: str, out: str, *, subset: str = "auto",
@@ -99,11 +111,13 @@ def nuclei(slides: list[str], model: str, out: str, *, mpp: float | None = None,
     Args:
         slides: slide files or folders of slides.
         model: a finished nuclei-train run folder.
-        out: output folder (an encode OUT folder puts the per-tile counts on its features' coordinates).
+        out: output folder (an encode OUT folder puts the per-tile counts on its features' coordinates); several
+            processes may share one (each slide is segmented by one of them).
         mpp: resolution to segment at (µm/px); must be the model's (the default).
         tissue_only: segment only where the tissue mask has tissue.
         region: region side in px at the model's mpp (memory is one region at a time).
-        margin: context px read around each region (wider than a nucleus; at least 16).
+        margin: context px read around each region (wider than a nucleus; at least 16; 64 or more: the nuclei found
+            do not depend on --region, apart from the network's context at its window borders).
         tile_mpp: resolution (µm/px) of the count grid when OUT has no feature files.
         tile_size: tile size in px (at --tile-mpp) of the count grid when OUT has no feature files.
         slide_mpp: level-0 µm/px for slides without it in their metadata: a number (every slide, their metadata
