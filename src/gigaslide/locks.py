@@ -14,7 +14,9 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,4 +162,26 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-__all__ = ["STALE_AFTER_S", "ItemLock", "file_lock", "owner_record"]
+
+#: How often a worker process looks whether the process that started it is still there (:func:`exit_with_parent`).
+PARENT_POLL_S = 1.0
+
+
+def exit_with_parent(parent: int) -> None:
+    """In a worker process: exit once ``parent`` is gone, and leave Ctrl-C to it. A parent killed outright
+    (``kill -9``, the OOM killer) runs no cleanup, and a forked worker holds the write end of its own task queue, so it
+    never sees the queue close: it waited forever, holding its memory (a slide reader ~450 MB) and the parent's stdout
+    (``gigaslide tile ... | tee log`` never ended). Ctrl-C reaches the whole process group: the parent stops the
+    workers, which would otherwise each print a KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if os.getppid() != parent:  # gone already, before this thread could watch
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="gigaslide-parent-watch", daemon=True).start()
+
+__all__ = ["PARENT_POLL_S", "exit_with_parent", "STALE_AFTER_S", "ItemLock", "file_lock", "owner_record"]

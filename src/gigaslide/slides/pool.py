@@ -27,6 +27,7 @@ import torch
 import torch.multiprocessing as tmp
 
 from gigaslide.errors import GigaslideError
+from gigaslide.locks import exit_with_parent
 from gigaslide.memory import set_malloc_thresholds
 from gigaslide.slides.device_decode import DeviceTileReader
 from gigaslide.slides.reader import TileReader
@@ -112,7 +113,8 @@ def _keep_heap() -> None:
     set_malloc_thresholds(64 << 20, 512 << 20)  # Linux / glibc only; elsewhere a no-op
 
 
-def _worker(tasks, results, slots) -> None:  # noqa: ANN001 - multiprocessing queues, shared tensors
+def _worker(tasks, results, slots, parent: int) -> None:  # noqa: ANN001 - multiprocessing queues, shared tensors
+    exit_with_parent(parent)  # a reader left by a killed encode held ~450 MB, waiting for tasks, for good
     torch.set_num_threads(1)  # readers decode JPEG; they need no torch threads of their own
     _keep_heap()
     readers = _Readers()
@@ -171,7 +173,8 @@ class ReaderPool:
             self._procs = [self._start(i) for i in range(self.workers)]
 
     def _start(self, i: int):  # noqa: ANN202
-        p = self._ctx.Process(target=_worker, args=(self._queues[i], self._results, self._slots), daemon=True)
+        p = self._ctx.Process(target=_worker, args=(self._queues[i], self._results, self._slots, os.getpid()),
+                              daemon=True)
         p.start()
         return p
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -23,32 +22,13 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from gigaslide.errors import GigaslideError
+from gigaslide.locks import exit_with_parent
 from gigaslide.slides import slide_id_from_path
 from gigaslide.tiling.grid import TileGrid
 from gigaslide.tiling.job import TilingParams, _warn_stain, layout, tile_slide
 from gigaslide.tiling.store import load_grid
 
 T = TypeVar("T")
-
-
-#: A tiling worker checks this often (seconds) whether the process that started it still runs.
-PARENT_POLL_S = 1.0
-
-
-def _exit_with_parent(parent: int) -> None:
-    """Worker initializer: the worker exits once ``parent`` is gone. A parent killed outright (``kill -9``, the OOM
-    killer) runs no cleanup, and a forked worker holds the write end of its own task queue, so it never saw the queue
-    close: it waited forever, holding its memory and the parent's stdout (``gigaslide tile ... | tee log`` never
-    ended). A slide it was tiling is left as a killed run leaves one (temporaries only; the next run redoes it)."""
-    if os.getppid() != parent:  # gone already, before this thread could watch
-        os._exit(1)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_POLL_S)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="gigaslide-parent-watch", daemon=True).start()
 
 
 def _tile_quietly(path: str, out: str, params: TilingParams, slide_mpp: float | str | None, overlays: bool) -> str | None:
@@ -96,7 +76,7 @@ def tile_many(items: Iterable[T], path_of: Callable[[T], str | os.PathLike], out
     pending: dict[Future, T] = {}
     left: list[T] = []  # drawn, not finished when the pool broke: tiled here instead
     ctx = mp.get_context(start if os.name == "posix" else "spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
         while True:
             while len(pending) < 2 * workers and not left and (item := next(it, _END)) is not _END:
                 try:
