@@ -487,3 +487,25 @@ def test_an_unknown_background_is_refused_before_the_model_is_loaded(tmp_path: P
         nslide.segment_slides([tmp_path / "s.tiff"], tmp_path / "no_model", tmp_path / "out",
                               nslide.SlideParams(background="grey"))
     assert "--background auto, bright or dark" in e.value.one_line() and not (tmp_path / "out").exists()
+
+
+def test_another_slide_of_the_same_size_and_mpp_under_the_name_is_segmented_again(tiny_run: Path, tmp_path: Path,
+                                                                                   oracle: None) -> None:
+    """Level-0 mpp and dimensions alike (a re-export, a colour-normalised copy): the file's identity tells them apart;
+    the same file copied elsewhere is still done."""
+    p = nslide.SlideParams(region=128, margin=24, tissue_only=False, window=128, tile_size=64)
+    _disc_slide(tmp_path / "s.tiff", size=400)
+    out = tmp_path / "out"
+    first = nslide.segment_slides([tmp_path / "s.tiff"], tiny_run / "run", out, p)
+    assert first.done == ["s"]
+    table = (out / "nuclei" / "s.csv").read_text()
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (tmp_path / "s.tiff").rename(moved / "s.tiff")
+    assert nslide.segment_slides([moved / "s.tiff"], tiny_run / "run", out, p).skipped == ["s"]
+    img, _, _ = disc_image(400, 80, radius=(5, 8), seed=11)  # other nuclei, same size and mpp
+    write_pyramidal_tiff(moved / "s.tiff", 400, 400, lambda x0, y0, w, h, ds: img[int(y0):int(y0) + h * int(ds):int(ds),
+                                                                               int(x0):int(x0) + w * int(ds):int(ds)],
+                         mpp=0.25, compression="zlib", tile=128)
+    again = nslide.segment_slides([moved / "s.tiff"], tiny_run / "run", out, p)
+    assert again.done == ["s"] and (out / "nuclei" / "s.csv").read_text() != table  # other nuclei, other places

@@ -54,7 +54,7 @@ from gigaslide.nuclei.infer import MODEL_WEIGHTS, load_model, model_dir, segment
 from gigaslide.nuclei.postprocess import PostParams
 from gigaslide.slides import open_slide, slide_id_from_path
 from gigaslide.slides.slide import fill_value
-from gigaslide.tiling import Scan, StainWarning, grid_positions, make_grid, segment_tissue
+from gigaslide.tiling import IDENTITY_KEY, Scan, StainWarning, grid_positions, make_grid, segment_tissue
 from gigaslide.tiling.tissue import check_background, slide_background, thumbnail_info
 
 #: The outputs' format: a record of another one is segmented again. 2: a nucleus in pieces is every piece (a
@@ -168,7 +168,8 @@ def _is_done(rec_path: Path, key: dict[str, Any], scan: Scan | None, slide: str 
         rec = json.loads(rec_path.read_text())
     except (OSError, ValueError):
         return False
-    if scan is None or not scan.made(rec.get("slide_mpp"), rec.get("slide_dimensions")):
+    if scan is None or not scan.made(rec.get("slide_mpp"), rec.get("slide_dimensions"), rec.get(IDENTITY_KEY),
+                                     written=rec_path.stat().st_mtime):  # (another file of the same size too)
         return False
     done = (rec.get("format") == SLIDE_FORMAT and rec.get("key") == key
             and rec.get("background_option", "auto") == background) and all(
@@ -337,6 +338,7 @@ def segment_slide(path: str | os.PathLike, out: Path, model, p: SlideParams, *, 
         rec = {"format": SLIDE_FORMAT, "key": _key(model, p), "slide": str(path), "slide_id": sid, "nuclei": n_id,
                "regions": len(grid.coords), "megapixels": megapixels, "seconds": round(time.perf_counter() - t0, 3),
                "mpp": mpp, "slide_mpp": float(s.mpp), "slide_dimensions": [int(W), int(H)],
+               IDENTITY_KEY: Scan.of(s).identity,
                "background": background, "edge_fill": background, "background_option": p.background,
                "stain": look.get("stain"),
                "files": [files[k].name for k in ("geojson", "table", "tiles")],
