@@ -444,3 +444,20 @@ def test_a_slide_given_by_a_relative_path_is_recorded_absolute(slides, tmp_path,
     build_augment_cache([Path(slides[0]).name], tmp_path / "c", **KW)
     with h5py.File(tmp_path / "c" / "features" / "s0.h5") as f:
         assert f.attrs["slide_path"] == str(Path(slides[0]).resolve())
+
+
+def test_another_slide_file_of_the_same_byte_size_under_a_cached_id_is_cached_again(tmp_path):
+    """Same id, level-0 size, mpp and byte size (uncompressed: a re-export, a colour-normalised copy): the file's
+    identity (sampled blocks' hash) tells the two apart."""
+    a = make_slide(tmp_path / "a" / "s0.tiff", (640, 448), mpp=2.0, seed=0, compression="none")
+    b = make_slide(tmp_path / "b" / "s0.tiff", (640, 448), mpp=2.0, seed=1, compression="none")
+    assert a.stat().st_size == b.stat().st_size
+    out = tmp_path / "c"
+    build_augment_cache([str(a)], out, **KW)
+    with h5py.File(out / "features" / "s0.h5") as f:
+        before = f["features"][:]
+    res = build_augment_cache([str(b)], out, **KW)
+    assert res.done == ["s0"] and res.skipped == []
+    with h5py.File(out / "features" / "s0.h5") as f:
+        assert f["features"].shape != before.shape or not np.array_equal(f["features"][:], before)
+    assert build_augment_cache([str(b)], out, **KW).skipped == ["s0"]

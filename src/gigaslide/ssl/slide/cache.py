@@ -48,7 +48,7 @@ from gigaslide.features import store
 from gigaslide.locks import ItemLock
 from gigaslide.provenance import decode_attrs
 from gigaslide.slides import by_slide_id, open_slide
-from gigaslide.tiling import Scan, TilingParams, layout, load_grid, tile_slide
+from gigaslide.tiling import IDENTITY_KEY, Scan, TilingParams, layout, load_grid, tile_slide
 from gigaslide.tiling.annotations import classes_attr, tissue_attrs
 from gigaslide.tiling.store import level0_dimensions
 from gigaslide.tiling.tissue import check_background
@@ -291,7 +291,7 @@ def _build(slides: Sequence[str | os.PathLike], out: Path, enc: Encoder, dev: to
                 view_feats[v0:v0 + group] = f.reshape(-1, tiles_per_view, enc.embed_dim).astype(np.float16)
             del tiles
             attrs = {**params, "run": str(out), "slide_id": sid, "slide_path": os.path.abspath(path),  # as encode's
-                     "slide_bytes": size, "slide_mpp": grid.slide_mpp,
+                     "slide_bytes": size, "slide_mpp": grid.slide_mpp, IDENTITY_KEY: scan.identity or "",
                      "with_replacement": int(with_repl), "precision": choice.resolved,
                      "precision_requested": choice.requested, "bf16_cosine": choice.bf16_cosine,
                      "precision_basis": choice.basis, "cache_kind": "gigassl_views", "complete": 1,
@@ -339,7 +339,8 @@ def _finished(path: Path, params: dict, tiling: TilingParams, out: Path | None =
             dims = level0_dimensions(decode_attrs(f["coords"].attrs)) if "coords" in f else None
     except OSError:
         return False
-    if ok and scan is not None and not scan.made(a.get("slide_mpp"), dims):
+    if ok and scan is not None and not scan.made(a.get("slide_mpp"), dims, a.get(IDENTITY_KEY) or None,
+                                                 written=path.stat().st_mtime):  # another file of the same size too
         return False
     if ok and size is not None and a.get("slide_bytes") is not None and int(a["slide_bytes"]) != size:
         return False
