@@ -103,6 +103,10 @@ CHANGES = [
      "were dropped unreported), and few-shot CIs resampled the test tiles only, not the label draws (far too narrow: "
      "a 1-per-class CI excluded 3 of its 5 draws)", "tile-level CI columns (tile_ssl, tile_ablation, tile_precision, "
      "dinov2, encoder_leaderboard patch level), most of all the few-shot ones; point estimates are unchanged"),
+    ("12edd09", "nuclei post-processing scaled the HV derivatives by their min/max over the whole region, so one steep "
+     "nucleus moved every other nucleus's markers and the nuclei found depended on --region (now scaled within "
+     "40 px of each pixel)", "the nuclei "
+     "section's PQ / AJI / Dice / F1 / SQ rows and its whole-slide nuclei counts"),
 ]
 
 
