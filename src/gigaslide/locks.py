@@ -162,6 +162,34 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def exclusive_file(path: str | os.PathLike) -> Iterator[None]:
+    """A blocking ``flock`` on ``path`` (created if needed) held for one item's work across processes, and removed
+    when released, so no lock files pile up: a waiter that locked the file just removed (its inode is no longer the
+    path's) tries again on the new one."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.fstat(fd).st_ino == os.stat(p).st_ino
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(p)  # while still held: a process waiting on this inode sees it is gone
+        os.close(fd)
+
 
 #: How often a worker process looks whether the process that started it is still there (:func:`exit_with_parent`).
 PARENT_POLL_S = 1.0
@@ -184,4 +212,4 @@ def exit_with_parent(parent: int) -> None:
 
     threading.Thread(target=watch, name="gigaslide-parent-watch", daemon=True).start()
 
-__all__ = ["PARENT_POLL_S", "exit_with_parent", "STALE_AFTER_S", "ItemLock", "file_lock", "owner_record"]
+__all__ = ["PARENT_POLL_S", "exclusive_file", "exit_with_parent", "STALE_AFTER_S", "ItemLock", "file_lock", "owner_record"]

@@ -17,6 +17,7 @@ import numpy as np
 
 from gigaslide import atomic
 from gigaslide.errors import GigaslideError
+from gigaslide.locks import exclusive_file
 from gigaslide.slides import Slide, open_slide
 from gigaslide.provenance import file_sha256
 from gigaslide.tiling.annotations import SOURCES, annotation_path, annotation_tissue, classes_attr
@@ -256,45 +257,55 @@ def tile_slide(path: str | os.PathLike | Slide, out: str | os.PathLike, params: 
         paths = layout(out, slide.id)
         scan = functools.cache(lambda: Scan.of(slide))  # once, when needed (its identity: when first compared)
         grid = reusable_grid(paths["coords"], params, scan) if reuse else None
-        if grid is not None:
-            if overlays:
-                _refresh_outline(slide, params, paths["tissue_geojson"])
-            _warn_stain(grid)
-            return grid
-        slide.check_target_mpp(params.mpp)  # no scan resolution, or one too coarse: the fix that applies
-        # a killed run's temporary files, this slide only; a slide tiled before (its grid damaged or made for other
-        # settings) is looked up afresh: its last run may have died after this process listed the folders
-        again = paths["coords"].exists()
-        for key in ("coords", "tissue_png", "tissue_geojson", "grid_png"):
-            atomic.clean_stale_tmp_for(paths[key], cached=not again)
-        atomic.clean_stale_tmp_for(_inner_tmp(paths["coords"]), cached=not again)  # see _inner_tmp
-        tissue, thumb = _tissue(slide, params)
-        grid = make_grid(slide, tissue, target_mpp=params.mpp, tile_size=params.tile_size, overlap=params.overlap,
-                         min_tissue=params.min_tissue)
+        if grid is None:  # tiled under the slide's lock: another process tiling it into `out` is waited for
+            with exclusive_file(Path(out) / "locks" / "tile" / f"{slide.id}.lock"):
+                grid = reusable_grid(paths["coords"], params, scan) if reuse else None  # it may have just finished
+                if grid is None:
+                    return _tile_locked(slide, paths, params, scan, overlays)
         if overlays:
-            overlay_png(thumb, tissue.mask, paths["tissue_png"])
-            save_geojson(tissue, paths["tissue_geojson"], tolerance=params.outline_tolerance)
-            grid_overlay_png(thumb, tissue.downsample, grid, paths["grid_png"])
-        if len(grid) == 0 and params.tissue_from is not None:
-            where = "detected tissue within the tissue annotations" if params.tissue_detect else "tissue annotations"
-            raise GigaslideError(
-                f"no tile is at least {params.min_tissue:.0%} inside the {where} "
-                f"({'it covers' if params.tissue_detect else 'they cover'} {100 * tissue.fraction:.1f}% of the thumbnail)",
-                path=tissue.info["tissue_annotations"], fix="check the polygons are in level-0 pixels of this slide; "
-                "lower --min-tissue or use a smaller --tile-size" + ("; or leave out --tissue-detect" if params.tissue_detect
-                                                                     else ""))
-        if len(grid) == 0 and tissue.fraction == 0 and params.tissue_from is None:
-            _no_tissue_detected(slide, thumb, tissue)
-        if len(grid) == 0:
-            raise GigaslideError(
-                f"no tissue tiles found (tissue covers {100 * tissue.fraction:.1f}% of the thumbnail; min tissue {params.min_tissue})",
-                path=slide.path, fix="check the slide is not blank; lower --min-tissue or use a smaller --tile-size",
-            )
+            _refresh_outline(slide, params, paths["tissue_geojson"])
         _warn_stain(grid)
-        if scan().identity is not None:
-            grid.extra[IDENTITY_KEY] = scan().identity
-        save_grid(grid, paths["coords"])  # the identity with it, in one atomic write
         return grid
+
+
+def _tile_locked(slide: Slide, paths: dict[str, Path], params: TilingParams, scan: Callable[[], Scan],
+                 overlays: bool) -> TileGrid:
+    """:func:`tile_slide`'s work once no reusable grid is there, the slide's lock held: any temporary of this slide
+    in ``out`` is a dead run's."""
+    slide.check_target_mpp(params.mpp)  # no scan resolution, or one too coarse: the fix that applies
+    # a killed run's temporary files, this slide only; a slide tiled before (its grid damaged or made for other
+    # settings) is looked up afresh: its last run may have died after this process listed the folders
+    again = paths["coords"].exists()
+    for key in ("coords", "tissue_png", "tissue_geojson", "grid_png"):
+        atomic.clean_stale_tmp_for(paths[key], cached=not again)
+    atomic.clean_stale_tmp_for(_inner_tmp(paths["coords"]), cached=not again)  # see _inner_tmp
+    tissue, thumb = _tissue(slide, params)
+    grid = make_grid(slide, tissue, target_mpp=params.mpp, tile_size=params.tile_size, overlap=params.overlap,
+                     min_tissue=params.min_tissue)
+    if overlays:
+        overlay_png(thumb, tissue.mask, paths["tissue_png"])
+        save_geojson(tissue, paths["tissue_geojson"], tolerance=params.outline_tolerance)
+        grid_overlay_png(thumb, tissue.downsample, grid, paths["grid_png"])
+    if len(grid) == 0 and params.tissue_from is not None:
+        where = "detected tissue within the tissue annotations" if params.tissue_detect else "tissue annotations"
+        raise GigaslideError(
+            f"no tile is at least {params.min_tissue:.0%} inside the {where} "
+            f"({'it covers' if params.tissue_detect else 'they cover'} {100 * tissue.fraction:.1f}% of the thumbnail)",
+            path=tissue.info["tissue_annotations"], fix="check the polygons are in level-0 pixels of this slide; "
+            "lower --min-tissue or use a smaller --tile-size" + ("; or leave out --tissue-detect" if params.tissue_detect
+                                                                 else ""))
+    if len(grid) == 0 and tissue.fraction == 0 and params.tissue_from is None:
+        _no_tissue_detected(slide, thumb, tissue)
+    if len(grid) == 0:
+        raise GigaslideError(
+            f"no tissue tiles found (tissue covers {100 * tissue.fraction:.1f}% of the thumbnail; min tissue {params.min_tissue})",
+            path=slide.path, fix="check the slide is not blank; lower --min-tissue or use a smaller --tile-size",
+        )
+    _warn_stain(grid)
+    if scan().identity is not None:
+        grid.extra[IDENTITY_KEY] = scan().identity
+    save_grid(grid, paths["coords"])  # the identity with it, in one atomic write
+    return grid
 
 
 def _inner_tmp(path: Path) -> Path:
