@@ -210,6 +210,8 @@ def test_tile_fails_the_second_of_two_slides_with_one_id_and_goes_on(tmp_path, c
     assert sorted(p.name for p in (out / "patches").iterdir()) == ["s1.h5", "s2.h5"]
     slides = json.loads((out / "tile_manifest.json").read_text())["slides"]
     assert slides["s1"] == {**slides["s1"], "status": "done", "path": str(a)} and slides["s2"]["status"] == "done"
+    # the failure the error line points to is in the manifest too (it was overwritten by the first slide's 'done')
+    assert slides[str(b)] == {**slides[str(b)], "status": "failed", "path": str(b)}
 
 
 @pytest.mark.parametrize("value", ["0", "-1"])

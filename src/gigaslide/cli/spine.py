@@ -100,16 +100,16 @@ def tile(slides: list[str], out: str, mpp: float = 0.5, tile_size: int = 224, ov
     man = Manifest(outp / "tile_manifest.json", {"command": "tile", **params.as_dict()})
     failures: dict[str, str] = {}  # by slide file: two files with one id fail apart
 
-    def failed(f: Path, err: str) -> None:
+    def failed(f: Path, err: str, key: str | None = None) -> None:
         failures[str(f)] = err
-        man.set(slide_id_from_path(Path(f)), "failed", path=str(f), error=err)
+        man.set(key or slide_id_from_path(Path(f)), "failed", path=str(f), error=err)
         print(f"failed: {err}", file=sys.stderr)
 
     try:
         todo = []
         for f, _, taken in by_slide_id(files):  # one coords file per slide id
-            if taken:
-                failed(f, taken)
+            if taken:  # under its file's path: the slide of that id that is tiled keeps the id's entry
+                failed(f, taken, key=str(f))
             else:
                 todo.append(f)
         n_workers = tiling_workers(len(todo)) if workers is None else workers
