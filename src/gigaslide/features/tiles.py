@@ -38,7 +38,7 @@ def embed_arrays(encoder, images: np.ndarray | list[np.ndarray], batch_size: int
         with autocast_ctx(device, "auto"):
             if isinstance(chunk, list):
                 if len({a.shape for a in chunk}) > 1:  # mixed sizes: resize via the encoder one by one
-                    feats = [encoder(torch.from_numpy(np.ascontiguousarray(a))[None].to(device)).float() for a in chunk]
+                    feats = [encoder(torch.from_numpy(np.array(a))[None].to(device)).float() for a in chunk]  # writable
                     out.append(torch.cat(feats).cpu().numpy())
                     continue
                 chunk = np.stack(chunk)

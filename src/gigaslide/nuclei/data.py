@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from gigaslide.errors import GigaslideError
+from gigaslide.tiling import folders
 from gigaslide.nuclei.annotations import ANNOTATION_SUFFIXES, class_names, read_annotation, type_codes
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
@@ -79,29 +80,11 @@ def dataset_type_codes(pairs: list[Pair]) -> dict[str, int]:
     return type_codes(class_names(p.annotation for p in pairs if p.annotation is not None))
 
 
-#: PIL modes of images with samples deeper than 8 bits (16-bit PNG / TIFF, 32-bit integer or float images).
-DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
-
-
 def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 [H, W, 3]: grayscale as three equal channels, RGBA composited on white (transparent = glass, as the
-    slide readers do; dropping alpha made a transparent background black, which reads as nuclei). An image with
-    samples deeper than 8 bits is refused (PIL clipped a 16-bit PNG to white)."""
-    from PIL import Image
-
-    from gigaslide.slides.slide import to_rgb
-
-    try:
-        with Image.open(path) as im:
-            mode = im.mode
-            if mode not in DEEP_MODES:
-                alpha = mode in ("LA", "PA", "La") or (mode == "P" and "transparency" in im.info)
-                return to_rgb(im.convert("RGBA") if alpha else im)
-    except Exception as e:  # noqa: BLE001
-        raise GigaslideError(f"cannot read image ({type(e).__name__})", path=path, fix="give a PNG/TIFF/JPEG RGB image") from None
-    raise GigaslideError(f"image with samples deeper than 8 bits (PIL mode {mode}) would be read clipped to white",
-                         path=path, fix="convert it to 8 bits with its intensity range scaled to 0-255 "
-                                        "(e.g. `vips scale IN OUT.png`) and use the converted file")
+    """RGB uint8 [H, W, 3] (:func:`gigaslide.tiling.folders.read_image`: grayscale as three equal channels, RGBA
+    composited on white -- transparent is glass, as the slide readers do; dropping alpha made a transparent background
+    black, which reads as nuclei; images deeper than 8 bits refused: PIL clipped a 16-bit PNG to white)."""
+    return folders.read_image(path)
 
 
 def read_organs(images: str | os.PathLike, organs: str | os.PathLike | None = None) -> dict[str, str]:

@@ -98,7 +98,7 @@ def check_tiff(path: Path) -> None:
 
 
 #: PIL modes of images whose samples are deeper than 8 bits (16-bit PNG, 32-bit integer or float images).
-_DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 def _check_plain_image(path: Path) -> None:
@@ -111,7 +111,7 @@ def _check_plain_image(path: Path) -> None:
             mode = im.mode
     except Exception:  # noqa: BLE001 - not a plain image
         return
-    if mode in _DEEP_MODES:
+    if mode in DEEP_MODES:
         raise GigaslideError(
             f"image with samples deeper than 8 bits (PIL mode {mode}): the slide readers take 8-bit samples, so its "
             "tiles would be wrong (a 16-bit PNG read all white)", path=path,

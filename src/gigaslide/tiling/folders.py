@@ -34,15 +34,30 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """RGB uint8 [H, W, 3]; GigaslideError naming the file when it cannot be decoded."""
+    """RGB uint8 [H, W, 3]: grayscale as three equal channels, transparency composited on white (glass, as the slide
+    readers do; dropping alpha made a transparent background black). GigaslideError naming the file when it cannot be
+    decoded, is larger than PIL's decompression-bomb limit, or has samples deeper than 8 bits (PIL read a 16-bit
+    grayscale PNG as nearly white)."""
     from PIL import Image, UnidentifiedImageError
+
+    from gigaslide.slides.backend import DEEP_MODES
+    from gigaslide.slides.slide import to_rgb
 
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            mode = im.mode
+            if mode not in DEEP_MODES:
+                alpha = mode in ("LA", "PA", "La") or (mode == "P" and "transparency" in im.info)
+                return to_rgb(im.convert("RGBA") if alpha else im)
+    except Image.DecompressionBombError as e:
+        raise GigaslideError(f"image too large for a tile ({str(e).splitlines()[0][:120]})", path=path,
+                             fix="cut it into tiles first (a slide: `gigaslide tile`), or leave it out") from None
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise GigaslideError(f"cannot read image ({str(e).splitlines()[0][:120]})", path=path,
                              fix="delete or re-export the file") from None
+    raise GigaslideError(f"image with samples deeper than 8 bits (PIL mode {mode}) would be read clipped to white",
+                         path=path, fix="convert it to 8 bits with its intensity range scaled to 0-255 "
+                                        "(e.g. `vips scale IN OUT.png`) and use the converted file")
 
 
 def labelled_images(folder: str | os.PathLike) -> tuple[list[Path], np.ndarray | None, list[str]]:
