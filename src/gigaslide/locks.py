@@ -212,4 +212,5 @@ def exit_with_parent(parent: int) -> None:
 
     threading.Thread(target=watch, name="gigaslide-parent-watch", daemon=True).start()
 
-__all__ = ["PARENT_POLL_S", "exclusive_file", "exit_with_parent", "STALE_AFTER_S", "ItemLock", "file_lock", "owner_record"]
+__all__ = ["PARENT_POLL_S", "STALE_AFTER_S", "ItemLock", "exclusive_file", "exit_with_parent", "file_lock",
+           "owner_record"]
