@@ -50,3 +50,21 @@ def test_exclusive_file_serialises_and_leaves_no_file(tmp_path):
     assert len(order) == 8 and all(order[k][0] == "in" and order[k + 1] == ("out", order[k][1])
                                    for k in range(0, 8, 2))
     assert not path.exists()
+
+
+def test_a_grayscale_slide_without_detected_tissue_says_why(tmp_path):
+    import numpy as np
+    import pytest
+
+    from gigaslide.errors import GigaslideError
+    from gigaslide.slides.writer import write_pyramidal_tiff
+
+    def gray(x0, y0, w, h, ds):  # noqa: ANN001, ANN202 - dark gray blobs on light gray: contrast, no colour
+        yy, xx = np.mgrid[y0:y0 + h * ds:ds, x0:x0 + w * ds:ds]
+        v = np.where((xx - 500) ** 2 + (yy - 400) ** 2 < 250 ** 2, 90, 235).astype(np.uint8)
+        return np.repeat(v[..., None], 3, -1)
+
+    path = write_pyramidal_tiff(tmp_path / "g.tiff", 1024, 768, gray, mpp=0.5, compression="zlib")
+    with pytest.raises(GigaslideError, match="grayscale slide") as e:
+        tile_slide(path, tmp_path / "out", TilingParams(0.5, 224))
+    assert "--tissue-from" in str(e.value) and "not blank" not in str(e.value)

@@ -344,6 +344,12 @@ def _no_tissue_detected(slide: Slide, thumb: np.ndarray, tissue: TissueMask) -> 
     too fine makes every piece look small); returns when it found nothing (the caller's blank-slide error)."""
     largest = largest_speck_um2(slide, thumb, tissue.downsample, tissue.info.get("background", "bright"))
     if largest is None:
+        rgb = np.asarray(thumb)[..., :3].astype(np.int16)
+        if rgb.size and int(np.abs(rgb - rgb[..., :1]).max()) <= 2 and int(rgb.max()) - int(rgb.min()) > 20:
+            raise GigaslideError(  # (not blank: it has contrast; "check the slide is not blank" misled)
+                "no tissue detected on a grayscale slide: tissue detection looks for stain colour (saturation), "
+                "which a grayscale image has none of", path=slide.path,
+                fix="draw the tissue (QuPath) and pass it with --tissue-from, or tile a colour (RGB) export")
         return
     least = min_area_px(slide, tissue.downsample) * (tissue.downsample * slide.mpp) ** 2
     raise GigaslideError(
