@@ -68,3 +68,15 @@ def test_a_grayscale_slide_without_detected_tissue_says_why(tmp_path):
     with pytest.raises(GigaslideError, match="grayscale slide") as e:
         tile_slide(path, tmp_path / "out", TilingParams(0.5, 224))
     assert "--tissue-from" in str(e.value) and "not blank" not in str(e.value)
+
+
+def test_deleted_overlay_pictures_are_made_again_on_a_re_run(tmp_path):
+    slide = make_slide(tmp_path / "s0.tiff", (1024, 768), mpp=0.5)
+    out = tmp_path / "out"
+    tile_slide(slide, out, TilingParams(0.5, 224))
+    pngs = [out / "tissue" / "s0.png", out / "grid" / "s0.png"]
+    before = [p.read_bytes() for p in pngs]
+    for p in pngs:
+        p.unlink()
+    tile_slide(slide, out, TilingParams(0.5, 224))  # the grid is reused; its pictures are drawn again
+    assert [p.read_bytes() for p in pngs] == before

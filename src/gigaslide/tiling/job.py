@@ -263,7 +263,7 @@ def tile_slide(path: str | os.PathLike | Slide, out: str | os.PathLike, params: 
                 if grid is None:
                     return _tile_locked(slide, paths, params, scan, overlays)
         if overlays:
-            _refresh_outline(slide, params, paths["tissue_geojson"])
+            _refresh_outline(slide, params, paths, grid)
         _warn_stain(grid)
         return grid
 
@@ -315,15 +315,25 @@ def _inner_tmp(path: Path) -> Path:
     return path.with_name(atomic.TMP_PREFIX + path.name)
 
 
-def _refresh_outline(slide: Slide, params: TilingParams, path: Path) -> None:
+def _refresh_outline(slide: Slide, params: TilingParams, paths: dict[str, Path], grid: TileGrid) -> None:
     """A reused grid's tissue GeoJSON is written again when it is missing or was written at another outline tolerance
-    (``--outline-tolerance`` changed on a re-run; a file recording none counts as exact, 0): the tissue is found
-    again for it. Otherwise only the file's first bytes are read."""
-    if path.is_file() and (saved_tolerance(path) or 0.0) == params.outline_tolerance:
+    (``--outline-tolerance`` changed on a re-run; a file recording none counts as exact, 0), and its overlay PNGs when
+    they are missing (deleted since): the tissue is found again for them. Otherwise only the GeoJSON's first bytes are
+    read."""
+    path = paths["tissue_geojson"]
+    outline = not (path.is_file() and (saved_tolerance(path) or 0.0) == params.outline_tolerance)
+    pngs = [k for k in ("tissue_png", "grid_png") if not paths[k].is_file()]
+    if not outline and not pngs:
         return
-    atomic.clean_stale_tmp_for(path, cached=True)
-    tissue, _ = _tissue(slide, params)
-    save_geojson(tissue, path, tolerance=params.outline_tolerance)
+    for key in ["tissue_geojson"] * outline + pngs:
+        atomic.clean_stale_tmp_for(paths[key], cached=True)
+    tissue, thumb = _tissue(slide, params)
+    if outline:
+        save_geojson(tissue, path, tolerance=params.outline_tolerance)
+    if "tissue_png" in pngs:
+        overlay_png(thumb, tissue.mask, paths["tissue_png"])
+    if "grid_png" in pngs:
+        grid_overlay_png(thumb, tissue.downsample, grid, paths["grid_png"])
 
 
 def _tissue(slide: Slide, params: TilingParams) -> tuple[TissueMask, np.ndarray]:
