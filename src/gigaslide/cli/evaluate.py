@@ -129,6 +129,25 @@ def evaluate_finetune(train: str, test: str, encoder: str, out: str, weights: st
         _write_comparison(out, baseline, compare_runs(rep, baseline, n_bootstrap=bootstrap, seed=seed))
 
 
+def _finished(predictions: str | None) -> str | None:
+    """``predictions`` unless it is the folder of a run that is not finished: its ``fold*/predictions.csv`` hold the
+    folds done so far (a killed or running train-mil), which evaluated as if they were the whole cohort."""
+    from gigaslide.runs import read_run
+
+    p = Path(predictions) if predictions else None
+    if p is None or not p.is_dir() or (p / "predictions.csv").is_file():
+        return predictions
+    rec = read_run(p)
+    status = rec.get("status") if isinstance(rec, dict) else None
+    if rec is not None and status != "finished":
+        n = len(list(p.glob("fold*/predictions.csv")))
+        raise GigaslideError(f"the run in this folder is not finished (run.json status {status!r}): its {n} "
+                             "fold*/predictions.csv hold only the folds done so far", path=p,
+                             fix="re-run its training command to finish it (it resumes), or pass one fold's "
+                                 "predictions.csv to evaluate that fold alone")
+    return predictions
+
+
 def evaluate_slides(predictions: str, bootstrap: int = 1000, seed: int = 0, out: str | None = None,
                     baseline: str | None = None, labels: str | None = None) -> None:
     """Slide-level AUC / balanced accuracy with bootstrap 95 % CIs from a run's prediction CSVs.
@@ -156,8 +175,8 @@ def evaluate_slides(predictions: str, bootstrap: int = 1000, seed: int = 0, out:
     if out is None:
         p = Path(predictions)
         out = str(p if p.is_dir() else p.parent)
-    base = read_predictions(baseline) if baseline else None  # a wrong baseline is refused before any work
-    pred = read_predictions(predictions)
+    base = read_predictions(_finished(baseline)) if baseline else None  # a wrong baseline: refused before any work
+    pred = read_predictions(_finished(predictions))
     if labels:
         pred = with_patients(pred, labels)
     diffs = compare_predictions(pred, base, n_bootstrap=bootstrap, seed=seed) if base is not None else None
@@ -206,7 +225,7 @@ def evaluate_embeddings(embeddings: str, labels: str, out: str, folds: int = 5, 
     from gigaslide.evaluation.slides import read_predictions
     from gigaslide.ssl.slide.embed import load_embeddings
 
-    base = read_predictions(baseline) if baseline else None  # a wrong baseline is refused before any work
+    base = read_predictions(_finished(baseline)) if baseline else None  # a wrong baseline: refused before any work
     e = load_embeddings(embeddings)
     dup = sorted({s for s in e.slide_ids if e.slide_ids.count(s) > 1})
     if len(e.slide_ids) != len(e.embeddings) or dup:  # a dict of them kept the last row of a slide, zip the shorter

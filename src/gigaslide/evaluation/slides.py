@@ -548,7 +548,7 @@ def probe_run(embeddings: dict[str, np.ndarray], labels: str | os.PathLike, out:
                              fix=f"use a comma-separated subset of {','.join(PROBES)}")
     table = S.read_labels(labels)
     m = S.match_features(table, list(embeddings), on_missing=on_missing)
-    t = m.table
+    t = S.in_id_order(m.table)  # labels.csv's row order changes no fold, draw or prediction
     dims = {np.asarray(embeddings[s]).reshape(-1).shape[0] for s in t.slide_ids}
     if len(dims) > 1:
         raise GigaslideError(f"slide embeddings have different sizes {sorted(dims)}",

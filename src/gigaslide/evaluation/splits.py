@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -55,6 +56,18 @@ class LabelTable:
         return LabelTable([self.slide_ids[i] for i in idx], self.labels[idx],
                           [self.patient_ids[i] for i in idx], self.path, self.has_patients,
                           class_names=self.class_names)
+
+
+def id_key(slide_id: str) -> tuple[list[Any], str]:
+    """Sort key of a slide id: its digit runs as numbers (``s2`` before ``s10``; TCGA and CLAM ids keep their order),
+    ties (``s01`` / ``s1``) by the text."""
+    return [int(x) if x.isdecimal() else x for x in re.split(r"(\d+)", slide_id)], slide_id
+
+
+def in_id_order(table: LabelTable) -> LabelTable:
+    """``table`` with its slides in :func:`id_key` order: folds, few-shot draws, training order and prediction files
+    made from it do not depend on the order of labels.csv's rows."""
+    return table.subset(sorted(table.slide_ids, key=id_key))
 
 
 def _preview(items: list[str], n: int = 5) -> str:

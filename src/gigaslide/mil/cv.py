@@ -78,7 +78,9 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
            on_missing: str = "error", val_fraction: float = 0.2, n_bootstrap: int = 1000,
            bag_memory_gb: float | str | None = "auto", verbose: bool = True,
            fold_seed: int | None = None) -> dict[str, Any]:
-    """Train ``cfg.model`` with stratified, patient-grouped ``folds``-fold CV; returns the evaluation.
+    """Train ``cfg.model`` with stratified, patient-grouped ``folds``-fold CV; returns the evaluation. The slides are
+    taken in order of their ids (:func:`~gigaslide.evaluation.splits.id_key`): the order of labels.csv's rows changes
+    no fold, draw or prediction.
 
     ``bag_memory_gb``: memory the slides' features may take (:class:`~gigaslide.mil.bags.Bags`; ``auto``: half of
     what is available); bags beyond it are read from their files at every use. It does not change the result.
@@ -86,14 +88,15 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
     ``train_slides`` (few-shot): each of ``repeats`` draws of that many slides from a training fold trains a model; see
     :func:`_train_val_parts` for its validation split."""
     cfg = cfg or TrainConfig()
-    out_d = atomic.ensure_writable_dir(out)
-    atomic.clean_stale_tmp(out_d)
+    out_d = atomic.ensure_writable_dir(out)  # (its stale temporaries: cleaned by open_run, under the run's lock)
     table = S.read_labels(labels)
     files, meta = load_bags(features)
     matched = S.match_features(table, list(files), on_missing=on_missing, features_dir=features)
     if matched.report() and verbose:
         print(f"warning: {matched.report()} (left out; listed in {out_d / 'run.json'})")
     t = matched.table
+    ordered = S.in_id_order(t)  # labels.csv's row order changes no fold, draw or prediction
+    in_order, t = ordered.slide_ids == t.slide_ids, ordered
     fold_seed = cfg.seed if fold_seed is None else int(fold_seed)
     fold_idx = S.make_folds(t.labels, t.patient_ids, folds, fold_seed, where=labels, class_names=t.class_names)
     n_classes = t.n_classes
@@ -104,6 +107,8 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
                 "train_slides": train_slides, "repeats": repeats, "val_fraction": val_fraction, "on_missing": on_missing}
     if train_slides:  # few-shot runs recorded before this rule could validate some draws and not others
         identity["few_shot_validation"] = "all draws or none"
+    if not in_order:  # (absent for a labels.csv in id order: its runs, recorded before the ids were ordered, resume)
+        identity["slide_order"] = "ids"
     if fold_seed != cfg.seed:  # (absent otherwise: runs recorded before fold_seed existed still resume)
         identity["fold_seed"] = fold_seed
     arch = arch_version(cfg.model, cfg.model_kwargs)
@@ -116,6 +121,9 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
                **({} if t.class_names is None else {"class_names": t.class_names}),  # label c = class_names[c]
                left_out={"labeled_without_features": matched.skipped_missing,
                          "features_without_label": matched.skipped_unlabeled})
+    for fd in out_d.glob("fold*"):  # a killed fold's temporaries (safe: the run's lock keeps other writers out)
+        if fd.is_dir():
+            atomic.clean_stale_tmp(fd)
     done = set(run.record.get("folds_done", []))
     pred_record = {k: v for k, v in meta.items() if k in ("encoder", "encoder_weights_sha256", "mpp", "tile_size")}
     pred_record.update(seed=cfg.seed, run=str(out_d), model=cfg.model)

@@ -308,6 +308,8 @@ def build_mosaic(tiles: str | os.PathLike, out: str | os.PathLike, cfg: MosaicCo
     for sub in ("slides", "ground_truth", "tissue"):
         atomic.ensure_writable_dir(out_d / sub)
         atomic.clean_stale_tmp(out_d / sub)
+    for name in ("labels.csv", "mosaic.json"):  # written last: a kill there left their temporaries for good
+        atomic.clean_stale_tmp_for(out_d / name)
     kinds = tissue_kinds(normal, cfg.tissue_kinds, cfg.seed) if cfg.slide_composition > 0 else None
     n_kinds = int(kinds.max()) + 1 if kinds is not None else 0
     half = np.random.default_rng([cfg.seed, 3]).permutation(n_kinds)[: n_kinds // 2] if by_mix else None
