@@ -141,7 +141,7 @@ def test_load_model_missing(tmp_path):
 def test_model_settings_include_base_class_keywords():
     from gigaslide.mil.models import model_settings
 
-    assert model_settings("transmil") == ["heads", "layers", "ppeg", "layout", "ffn"]
+    assert model_settings("transmil") == ["heads", "layers", "ppeg", "layout", "ffn", "attention", "landmarks"]
     assert model_settings("clam_sb") == ["attn_dim", "k_sample", "subtyping"]  # k_sample reaches _CLAMBase via **kw
     assert model_settings("mean") == []
 

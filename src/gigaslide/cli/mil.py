@@ -43,7 +43,9 @@ def train_mil(features: str, labels: str, out: str, model: str = "abmil", folds:
             bags beyond it are read from their files at every use (same result, more disk reads)
         model_args: JSON object of model settings, e.g. '{"layout": "grid"}' (TransMIL's position encoding on
             the slide's tiling grid instead of the paper's square of tiles in file order), '{"ppeg": false}'
-            (TransMIL without it: tile-order invariant) or '{"k_sample": 16}' (CLAM)
+            (TransMIL without it: tile-order invariant), '{"attention": "nystrom"}' (TransMIL with the paper's
+            Nystrom attention, linear in the bag; default exact attention; "landmarks": default hidden // 2) or
+            '{"k_sample": 16}' (CLAM)
     """
     from gigaslide.cli.validate import json_object
     from gigaslide.errors import GigaslideError

@@ -20,8 +20,9 @@ Models:
   tiles of the other branches negative); cross-entropy instead of CLAM's smooth top-1 SVM.
 * ``transmil`` -- TransMIL (Shao et al., 2021): linear projection, class token, two pre-norm multi-head
   self-attention layers with the **PPEG** (depth-wise 7/5/3 convolutions over the tokens laid out in 2-D)
-  between them; exact attention via ``scaled_dot_product_attention`` instead of Nystrom attention. The class
-  token's last-layer attention is returned. Each attention layer is followed by a pre-norm feed-forward block
+  between them; exact attention via ``scaled_dot_product_attention`` by default, or ``attention="nystrom"``:
+  the paper's Nystrom approximation (:mod:`gigaslide.mil.nystrom`: linear in the bag, ``landmarks`` default
+  ``hidden // 2``). The class token's last-layer attention is returned. Each attention layer is followed by a pre-norm feed-forward block
   (``x + MLP(LayerNorm(x))``, width 2x hidden): gigaslide's default, which the recorded benchmarks used; the
   paper's ``TransLayer`` has none (``x + attention(LayerNorm(x))`` only): ``ffn=False`` builds that.
   ``layout`` says how PPEG lays the tokens out:
@@ -276,10 +277,17 @@ class TransMIL(nn.Module):
         return (2 if ppeg else 1) if ffn else (4 if ppeg else 3)
 
     def __init__(self, in_dim: int, n_classes: int = 2, hidden: int = 128, heads: int = 4, layers: int = 2,
-                 dropout: float = 0.1, ppeg: bool = True, layout: str = "sequence", ffn: bool = True, **_: Any):
+                 dropout: float = 0.1, ppeg: bool = True, layout: str = "sequence", ffn: bool = True,
+                 attention: str = "exact", landmarks: int | None = None, **_: Any):
         super().__init__()
         if layout not in ("sequence", "grid"):
             raise GigaslideError(f"TransMIL layout {layout!r}", fix="use sequence (the paper's) or grid")
+        if attention not in ("exact", "nystrom"):
+            raise GigaslideError(f"TransMIL attention {attention!r}",
+                                 fix="use exact (default) or nystrom (the paper's Nystrom approximation)")
+        if landmarks is not None and (attention != "nystrom" or int(landmarks) < 1):
+            raise GigaslideError(f"TransMIL landmarks {landmarks!r}",
+                                 fix="give landmarks (1 or more) only with attention nystrom; default hidden // 2")
         if heads < 1 or hidden % heads:  # (was a reshape error at the first bag)
             raise GigaslideError(f"TransMIL's hidden width {hidden} is not a multiple of its {heads} attention heads",
                                  fix=f"use --hidden {max(heads, hidden // heads * heads)} (a multiple of {heads}), or "
@@ -287,7 +295,13 @@ class TransMIL(nn.Module):
         self.layout = layout
         self.fc = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU())
         self.cls_token = nn.Parameter(torch.randn(1, hidden) * 0.02)
-        self.layers = nn.ModuleList([_SelfAttention(hidden, heads, dropout) for _ in range(layers)])
+        if attention == "nystrom":
+            from gigaslide.mil.nystrom import NystromSelfAttention
+
+            self.layers = nn.ModuleList([NystromSelfAttention(hidden, heads, dropout, landmarks)
+                                         for _ in range(layers)])
+        else:
+            self.layers = nn.ModuleList([_SelfAttention(hidden, heads, dropout) for _ in range(layers)])
         self.ff = nn.ModuleList([nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 2 * hidden), nn.GELU(),
                                                nn.Linear(2 * hidden, hidden)) for _ in range(layers)]) if ffn else None
         self.ppeg = PPEG(hidden) if ppeg else None
