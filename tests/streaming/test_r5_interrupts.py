@@ -148,7 +148,8 @@ def test_a_heatmap_grid_removes_the_temporary_a_killed_heatmap_left(tmp_path) ->
 def test_a_canvas_is_read_again_for_another_scan_of_the_same_size_under_the_same_name(tmp_path: Path) -> None:
     """The canvas cache knew a replaced slide by its dimensions only: another scan of the same size put in place under
     the same name gave back the old slide's canvas (measured: cached == old canvas, != a fresh read). It records the
-    file's bytes (size, first and last 64 KiB) now; a cache written before them is still reused as before."""
+    file's identity now (size, hash of sampled blocks); a cache written before is reused while the slide file has not
+    changed since it was written."""
     from gigaslide.streaming.data import cached_canvas, read_canvas
 
     s, cache = tmp_path / "s.tif", tmp_path / "cache"
@@ -161,9 +162,9 @@ def test_a_canvas_is_read_again_for_another_scan_of_the_same_size_under_the_same
     assert not (new.image.shape == first.image.shape and np.array_equal(np.asarray(new.image), np.asarray(first.image)))
     again = cached_canvas(s, cache, 2.0, 4096, 32)
     assert again.path == new.path and np.array_equal(np.asarray(again.image), want.image)
-    meta = cache / "s.json"  # an older cache, without the key: reused (its dimensions and mpp match), not read again
+    meta = cache / "s.json"  # an older cache, without the key, written after the slide: reused, not read again
     m = json.loads(meta.read_text())
-    del m["source_sha256"]
+    del m["slide_identity"]
     meta.write_text(json.dumps(m))
     np.save(cache / "s.npy", np.zeros_like(want.image))  # marks the cached pixels: a re-read would restore them
     assert not np.asarray(cached_canvas(s, cache, 2.0, 4096, 32).image).any()

@@ -20,7 +20,6 @@ normalisation (:class:`Normalize`, mean/std from the encoder spec). All of it is
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -143,14 +142,14 @@ def cached_canvas(path: str | os.PathLike, cache_dir: str | os.PathLike, mpp: fl
                   *, slide_mpp: float | None = None, background: str = "auto") -> Canvas:
     """:func:`read_canvas`, cached as ``<cache>/<slide_id>.npy`` + ``.json`` (atomic; keyed by mpp/size/multiple and
     the slide's scan: a cache read at another level-0 mpp -- a new ``slide_mpp`` -- or from another file under the
-    same name (other dimensions, or other bytes: ``source_sha256``, :func:`source_key`) is read again; so is a
+    same name (other dimensions, or another file of the same size: its identity, ``slide_identity``) is read again; so is a
     dark-background slide's canvas cached before it was padded black: one without ``edge_fill``; and one cached with
     another ``background`` option: ``background_option``).
 
     The returned image is memory-mapped from the cache, so a training set of large canvases does not
     have to fit in RAM (one slide is copied in per step)."""
     from gigaslide.slides import slide_id_from_path
-    from gigaslide.tiling import Scan
+    from gigaslide.tiling import IDENTITY_KEY, Scan
     from gigaslide.tiling.tissue import check_background
 
     check_background(background)
@@ -158,15 +157,11 @@ def cached_canvas(path: str | os.PathLike, cache_dir: str | os.PathLike, mpp: fl
     npy, meta = Path(cache_dir) / f"{sid}.npy", Path(cache_dir) / f"{sid}.json"
     key = {"mpp": float(mpp), "image_size": int(image_size), "multiple": int(multiple)}
     scan = Scan.read(path, slide_mpp)  # None: unreadable (read_canvas says why)
-    try:
-        source: str | None = source_key(path)
-    except OSError:  # unreadable: read again (read_canvas says why)
-        source = None
     if npy.is_file() and meta.is_file():
         m = json.loads(meta.read_text())
         if (all(m.get(k) == v for k, v in key.items()) and scan is not None
-                and scan.made(m.get("slide_mpp"), m.get("slide_dimensions"))
-                and source is not None and m.get("source_sha256", source) == source  # none (older cache): as before
+                and scan.made(m.get("slide_mpp"), m.get("slide_dimensions"), m.get(IDENTITY_KEY),
+                              written=meta.stat().st_mtime)  # the same file (an older cache: unchanged since)
                 and m.get("background_option", "auto") == background and _edge_fill_ok(m, path, slide_mpp)):
             return Canvas(m["slide_id"], np.load(npy, mmap_mode="r"), tuple(m["origin"]), m["mpp"], m["slide_mpp"],
                           tuple(m["content_size"]), npy, m.get("read_mpp"), m.get("background", "bright"))
@@ -177,27 +172,9 @@ def cached_canvas(path: str | os.PathLike, cache_dir: str | os.PathLike, mpp: fl
                              "content_size": list(c.content_size), "read_mpp": c.read_mpp,
                              "slide_dimensions": list(scan.dimensions) if scan is not None else None,
                              "background": c.background, "edge_fill": c.background, "background_option": background,
-                             "source_sha256": source})
+                             IDENTITY_KEY: scan.identity if scan is not None else None})
     c.image, c.path = np.load(npy, mmap_mode="r"), npy
     return c
-
-
-def source_key(path: str | os.PathLike, chunk: int = 1 << 16) -> str:
-    """sha256 of a slide file's size and its first and last 64 KiB (a folder slide: of each of its files, by relative
-    name): another scan put in place under the same name -- also one of the same dimensions -- has another key. Cheap:
-    128 KiB read per file, however large the slide."""
-    p = Path(path)
-    files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
-    h = hashlib.sha256()
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.relative_to(p).as_posix() if p.is_dir() else ''}\0{size}\0".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(chunk))
-            if size > 2 * chunk:
-                fh.seek(size - chunk)
-            h.update(fh.read(chunk))
-    return h.hexdigest()
 
 
 def _edge_fill_ok(meta: dict, path: str | os.PathLike, slide_mpp: float | None) -> bool:
