@@ -188,3 +188,12 @@ def vit_checkpoint(model, layout: str) -> dict:  # noqa: ANN001 - a timm VisionT
         out["pooler.dense.bias"] = torch.zeros(model.embed_dim)
         return {"vit." + k: v for k, v in out.items()}
     return {"dinov2." + k: v for k, v in out.items()}
+
+
+def pid_alive(pid: int) -> bool:
+    """Process ``pid`` runs (Linux ``/proc``; a zombie or a dead process does not): for tests of worker processes."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False

@@ -12,20 +12,13 @@ import numpy as np
 import pytest
 
 from gigaslide.errors import GigaslideError
-from gigaslide.features import store
+
+from .test_exports import _cohort as _feature_cohort
 
 
 def _cohort(out: Path, n_slides: int = 3, n_tiles: int = 20, dim: int = 16) -> dict[str, np.ndarray]:
     """Feature files written directly (seeded): what the exports read."""
-    rng = np.random.default_rng(0)
-    feats = {}
-    for i in range(n_slides):
-        sid = f"c{i:03d}"
-        feats[sid] = rng.standard_normal((n_tiles, dim)).astype(np.float32)
-        coords = np.stack([np.arange(n_tiles) * 64, np.full(n_tiles, 64 * i)], 1)
-        store.save(out / "features" / f"{sid}.h5", feats[sid], coords, coords_attrs={"patch_size_level0": 64},
-                   attrs={"encoder": "toy", "mpp": 1.0, "tile_size": 64, "slide_id": sid})
-    return feats
+    return _feature_cohort(out, n_slides, n_tiles, dim)
 
 
 def _child(code: str, *args: str) -> subprocess.CompletedProcess:

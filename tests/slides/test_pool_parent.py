@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from gigaslide.testing import pid_alive
+
 _KILLED_PARENT = """
 import sys
 from gigaslide.slides.pool import ReaderPool
@@ -17,14 +19,6 @@ pool = ReaderPool(workers=1)
 print(pool._procs[0].pid, flush=True)
 sys.stdin.read()
 """
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc to see the reader process")
@@ -35,15 +29,15 @@ def test_a_reader_process_exits_when_the_process_reading_is_killed():
     reader = 0
     try:
         reader = int(proc.stdout.readline())
-        assert _alive(reader)
+        assert pid_alive(reader)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         deadline = time.monotonic() + 60  # a generous bound on an event, not a speed check
-        while time.monotonic() < deadline and _alive(reader):
+        while time.monotonic() < deadline and pid_alive(reader):
             time.sleep(0.2)
-        assert not _alive(reader)
+        assert not pid_alive(reader)
     finally:
-        if reader and _alive(reader):  # on the old code: the orphan this test made
+        if reader and pid_alive(reader):  # on the old code: the orphan this test made
             os.kill(reader, signal.SIGKILL)
         proc.kill()
 

@@ -16,21 +16,12 @@ import torch
 from gigaslide.cli.main import main
 from gigaslide.testing import make_slide
 
+from .test_train import slides  # noqa: F401 - the fixture: the same six generated slides and labels.csv
+
 # as tests/streaming/test_train.py, one epoch (the trunk trains in it): canvases of 2 tiles and of one
 ARGS = ["--mpp", "1.5", "--image-size", "320", "--tile-size", "256", "--encoder", "test_resnet", "--weights", "random",
         "--pool-kernel", "2", "--folds", "2", "--epochs", "1", "--freeze-epochs", "0", "--accumulate", "1",
         "--seed", "0", "--checkpoint-blocks", "false"]
-
-
-@pytest.fixture(scope="module")
-def slides(tmp_path_factory):  # noqa: ANN001, ANN201
-    d = tmp_path_factory.mktemp("slides")
-    rows = ["slide_id,label"]
-    for i in range(6):
-        make_slide(d / f"s{i}.tif", (1024, 768), mpp=0.5, seed=i, blobs=1 + i % 2)
-        rows.append(f"s{i},{i % 2}")
-    (d / "labels.csv").write_text("\n".join(rows) + "\n")
-    return d
 
 
 def _args(slides: Path, out: Path, *extra: str, labels: Path | None = None) -> list[str]:

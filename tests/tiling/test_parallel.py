@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from gigaslide.testing import make_slide
+from gigaslide.testing import make_slide, pid_alive
 from gigaslide.tiling import TilingParams, load_grid, tile_slide
 from gigaslide.tiling import parallel
 from gigaslide.tiling.parallel import tile_many, tiling_workers
@@ -129,19 +129,11 @@ def test_workers_exit_when_the_process_tiling_is_killed(slides, tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         deadline = time.monotonic() + 60  # a generous bound on an event, not a speed check
-        while time.monotonic() < deadline and any(_alive(w) for w in workers):
+        while time.monotonic() < deadline and any(pid_alive(w) for w in workers):
             time.sleep(0.2)
-        assert not [w for w in workers if _alive(w)]
+        assert not [w for w in workers if pid_alive(w)]
     finally:
         for w in workers:  # on the old code: the orphans this test made
-            if _alive(w):
+            if pid_alive(w):
                 os.kill(w, signal.SIGKILL)
         proc.kill()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
