@@ -301,7 +301,7 @@ def _tile_locked(slide: Slide, paths: dict[str, Path], params: TilingParams, sca
             f"no tissue tiles found (tissue covers {100 * tissue.fraction:.1f}% of the thumbnail; min tissue {params.min_tissue})",
             path=slide.path, fix="check the slide is not blank; lower --min-tissue or use a smaller --tile-size",
         )
-    _warn_stain(grid)
+    _warn_stain(grid, stacklevel=4)  # (at tile_slide's caller)
     if scan().identity is not None:
         grid.extra[IDENTITY_KEY] = scan().identity
     save_grid(grid, paths["coords"])  # the identity with it, in one atomic write
@@ -369,7 +369,7 @@ def _no_tissue_detected(slide: Slide, thumb: np.ndarray, tissue: TissueMask) -> 
                              "or draw the tissue and pass it with --tissue-from")
 
 
-def _warn_stain(grid: TileGrid) -> None:
+def _warn_stain(grid: TileGrid, stacklevel: int = 3) -> None:
     msg = grid.extra.get("stain_warning")
     if msg:
-        warnings.warn(f"{grid.slide_id}: {msg}", StainWarning, stacklevel=3)
+        warnings.warn(f"{grid.slide_id}: {msg}", StainWarning, stacklevel=stacklevel)
