@@ -445,6 +445,12 @@ def parse_duration(text: str | float | int | None) -> float | None:
     return value
 
 
+#: Exit status of a command whose training a signal stopped (checkpoint saved; :meth:`Stopper.reason`): Ctrl-C 130,
+#: SIGTERM (a batch system's limit) 143, as a shell reports them -- a script must not go on as if it had finished
+#: (``pretrain && embed-tiles``). A ``--budget`` stop is a success (0).
+STOP_EXIT_STATUS = {"interrupt": 130, "signal": 143}
+
+
 # --------------------------------------------------------------------------- the run folder
 @dataclass
 class Run:
@@ -610,6 +616,6 @@ def _open_locked(run_dir: Path, kind: str, identity: Mapping[str, Any], config: 
     return Run(run_dir, kind, ident, record, resumed=old is not None)
 
 
-__all__ = ["Run", "Selection", "Stopper", "check_identity", "checkpoint_dir", "environment", "file_sha256",
-           "fingerprint", "identity_diff", "load_checkpoint", "load_module_state", "module_state", "open_run",
+__all__ = ["STOP_EXIT_STATUS", "Run", "Selection", "Stopper", "check_identity", "checkpoint_dir", "environment",
+           "file_sha256", "fingerprint", "identity_diff", "load_checkpoint", "load_module_state", "module_state", "open_run",
            "parse_duration", "read_run", "rng_state", "save_checkpoint", "set_rng_state"]

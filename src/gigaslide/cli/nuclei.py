@@ -57,17 +57,14 @@ def nuclei_train(images: str, annotations: str, out: str, *, backbone: str = "re
     for p in s["problems"]:
         print(f"warning: {p}")
     print(f"{out}: {s['status']} after {s['epochs']} epochs, best epoch {s['best_epoch']} ({s['selection']} {s['best_value']})")
-    if s["status"] == "stopped" and s.get("stop_reason") in STOP_STATUS:  # not finished, no model/: a script must not
-        # go on as if it were (`nuclei-train && nuclei-eval`)
+    from gigaslide.runs import STOP_EXIT_STATUS
+
+    if s["status"] == "stopped" and s.get("stop_reason") in STOP_EXIT_STATUS:  # not finished, no model/: a script
+        # must not go on as if it were (`nuclei-train && nuclei-eval`)
         print(f"stopped by {s['stop_reason']} after epoch {s['epochs']}: the checkpoint is saved; re-run the same "
               "command to resume", file=sys.stderr)
-        raise SystemExit(STOP_STATUS[s["stop_reason"]])
+        raise SystemExit(STOP_EXIT_STATUS[s["stop_reason"]])
     return s
-
-
-#: Exit status of a training stopped by Ctrl-C (``interrupt``) or SIGTERM (``signal``): 128 + the signal, as a shell's
-#: (a --budget stop is a finished run: 0).
-STOP_STATUS = {"interrupt": 130, "signal": 143}
 
 
 def nuclei_eval(model: str, images: str, annotations: str, out: str, *, subset: str = "auto",

@@ -158,12 +158,10 @@ def pretrain_slides(method: str = "gigassl", out: str = "slide_ssl_run", cache: 
         raise GigaslideError(f"unknown --method '{method}'", fix="use --method gigassl or --method slpd")
     state = "finished" if res["finished"] else f"stopped ({res.get('stopped')}; re-run the same command to resume)"
     print(f"{m}: {state}; {len(res['history'])} epochs in {res['seconds']:.1f} s -> {res['run']}")
-    if res.get("stopped") in INTERRUPTED:  # Ctrl-C / SIGTERM: not a success (`pretrain-slides && embed-slides`, a
-        raise SystemExit(INTERRUPTED[res["stopped"]])  # batch system's job state); a --budget stop is one
+    from gigaslide.runs import STOP_EXIT_STATUS
 
-
-#: Exit status of a training stopped by Ctrl-C (``interrupt``) or SIGTERM (``signal``): 128 + the signal, as a shell's.
-INTERRUPTED = {"interrupt": 130, "signal": 143}
+    if res.get("stopped") in STOP_EXIT_STATUS:  # Ctrl-C / SIGTERM: not a success (`pretrain-slides && embed-slides`, a
+        raise SystemExit(STOP_EXIT_STATUS[res["stopped"]])  # batch system's job state); a --budget stop is one
 
 
 def embed_slides(model: str, features: str, out: str = "embeddings.h5", ensemble: int = 20,

@@ -171,14 +171,12 @@ def pretrain(data: str, out: str, method: str = "dino", backbone: str = "resnet1
     tail = f"; RankMe {mon['rankme']}, view top-1 {mon['view_top1']}" if mon else ""
     print(f"{s['method']} {s['backbone']}: {s['steps']} steps in {s['elapsed_s']} s ({s.get('images_per_s')} img/s), "
           f"stopped by {s.get('stopped_by', 'steps')}{tail}; encoder -> {s.get('encoder', out + '/encoder')}")
-    if s.get("stopped_by") in STOP_STATUS:  # not finished: a script must not go on as if it were (`pretrain && embed`)
+    from gigaslide.runs import STOP_EXIT_STATUS
+
+    if s.get("stopped_by") in STOP_EXIT_STATUS:  # not finished: a script must not go on (`pretrain && embed-tiles`)
         print(f"stopped at step {s['steps']} of {s.get('planned_steps')} by {s['stopped_by']}: checkpoint and encoder "
               "saved; re-run the same command to resume", file=sys.stderr)
-        raise SystemExit(STOP_STATUS[s["stopped_by"]])
-
-
-#: Exit status of a run stopped before its --steps / --budget: Ctrl-C 130, SIGTERM (a batch system's limit) 143.
-STOP_STATUS = {"interrupt": 130, "signal": 143}
+        raise SystemExit(STOP_EXIT_STATUS[s["stopped_by"]])
 
 
 def _slide_mpp(v: str | float | None) -> float | str | None:

@@ -71,13 +71,11 @@ def train_streaming(slides: str, labels: str, out: str, *, mpp: float = 0.5, ima
                       device=device, slide_mpp=slide_mpp, checkpoint_blocks=checkpoint_blocks, trim_memory=trim_memory,
                       budget=budget)
     res = run_training(slides, labels, out, cfg, background=background)
-    if res.get("stopped") in _STOP_STATUS:  # the checkpoint is saved and the stop line printed: only the status is left
-        raise SystemExit(_STOP_STATUS[res["stopped"]])
+    from gigaslide.runs import STOP_EXIT_STATUS
+
+    if res.get("stopped") in STOP_EXIT_STATUS:  # checkpoint saved and the stop line printed: only the status is left
+        raise SystemExit(STOP_EXIT_STATUS[res["stopped"]])
     return res
-
-
-#: exit status of a run stopped by Ctrl-C / SIGTERM (128 + the signal, as the shell reports it); a --budget stop is 0
-_STOP_STATUS = {"interrupt": 130, "signal": 143}
 
 
 def heatmap_streaming(slide: str, run: str, out: str, *, fold: int = 0, thumb_size: int = 1024, device: str = "auto",
