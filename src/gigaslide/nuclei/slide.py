@@ -47,7 +47,7 @@ from gigaslide import atomic, runs
 from gigaslide.devices import PrecisionChoice, choose_precision, pick_device
 from gigaslide.errors import GigaslideError
 from gigaslide.features.manifest import Manifest
-from gigaslide.locks import ItemLock, file_lock
+from gigaslide.locks import ItemLock
 from gigaslide.nuclei.export import (TABLE_COLUMNS, GeoJSONWriter, Nucleus, clip_polygons, polygons_of, table_row,
                                      tile_counts, write_tiles_h5)
 from gigaslide.nuclei.infer import MODEL_WEIGHTS, load_model, model_dir, segment
@@ -395,8 +395,6 @@ def segment_slides(slides: Sequence[str | os.PathLike], model_path: str | os.Pat
     model.weights_sha256 = runs.file_sha256(model_dir(model_path) / MODEL_WEIGHTS)
     manifest = Manifest(out / "nuclei" / "manifest.json", {"command": "nuclei", "model": model.source,
                                                            "model_sha256": model.weights_sha256, **params.as_dict()})
-    with file_lock(manifest.path.with_name(f".{manifest.path.name}.lock")):  # the manifest's own lock: no live
-        atomic.clean_stale_tmp_for(manifest.path)  # process is rewriting it, so a temporary one is a killed run's
     res = NucleiResult()
     t = time.perf_counter()
 
