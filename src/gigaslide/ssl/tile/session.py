@@ -13,13 +13,11 @@ CNN's BatchNorm statistics can be re-measured (on a copy) on ``export_bn_tiles``
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,26 +56,12 @@ def check_tile_count(n: int, batch_size: int, data: str | os.PathLike) -> None:
                     n, batch_size)
 
 
-#: The temporary file safetensors (0.5 and later) writes beside its target before renaming it onto the target:
-#: ``.tmp`` and 6 letters or digits (Rust's tempfile), not gigaslide's ``.tmp-<name>.*``.
-_SAFETENSORS_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
-
-
 def clean_stale_temporaries(out: str | os.PathLike) -> int:
     """Remove the temporary files a killed export or checkpoint left in the run folder ``out``, ``out/encoder``
     and ``out/checkpoint`` (call with the run's lock held): gigaslide's ``.tmp-*`` and safetensors' own
-    ``.tmpXXXXXX``, each as large as the weights (with the optimiser state, three times that). Returns how many
-    were removed."""
-    n = 0
-    for d in (Path(out), Path(out) / "encoder", runs.checkpoint_dir(out)):
-        n += atomic.clean_stale_tmp(d)
-        if d.is_dir():
-            for f in d.iterdir():
-                if _SAFETENSORS_TMP.fullmatch(f.name) and f.is_file():
-                    with contextlib.suppress(OSError):
-                        f.unlink()
-                        n += 1
-    return n
+    ``.tmpXXXXXX`` (:func:`gigaslide.atomic.clean_stale_tmp`), each as large as the weights (with the optimiser state,
+    three times that). Returns how many were removed."""
+    return sum(atomic.clean_stale_tmp(d) for d in (Path(out), Path(out) / "encoder", runs.checkpoint_dir(out)))
 
 
 @dataclass
