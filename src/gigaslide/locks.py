@@ -11,6 +11,7 @@ happen under an ``flock`` on ``<dir>/.guard`` so two processes never both take i
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -162,21 +163,39 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+class LockBusy(Exception):
+    """:func:`exclusive_file` without waiting found the lock held; ``holder`` names the process (its record)."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
 @contextlib.contextmanager
-def exclusive_file(path: str | os.PathLike) -> Iterator[None]:
-    """A blocking ``flock`` on ``path`` (created if needed) held for one item's work across processes, and removed
-    when released, so no lock files pile up: a waiter that locked the file just removed (its inode is no longer the
-    path's) tries again on the new one."""
+def exclusive_file(path: str | os.PathLike, *, wait: bool = True) -> Iterator[bool]:
+    """A ``flock`` on ``path`` (created if needed) held for one item's work across processes (and threads: each call
+    opens its own descriptor), with the holder's pid and host written in it, and removed when released, so no lock
+    files pile up: a process that locked the file just removed (its inode is no longer the path's) tries again on the
+    new one. ``wait=False``: :class:`LockBusy` naming the holder instead of waiting. Yields True, or False on a file
+    system without locks (nothing is then held)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             try:
-                same = os.fstat(fd).st_ino == os.stat(p).st_ino
+                same = os.path.samestat(os.fstat(fd), os.stat(p))
             except FileNotFoundError:
                 same = False
+        except OSError as e:
+            busy = e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() if busy else ""
+            os.close(fd)
+            if busy:
+                raise LockBusy(holder or "another process") from None
+            yield False  # no locks on this file system (ENOLCK, ENOTSUP): unguarded, as the run folders' lock
+            return
         except BaseException:
             os.close(fd)
             raise
@@ -184,7 +203,9 @@ def exclusive_file(path: str | os.PathLike) -> Iterator[None]:
             break
         os.close(fd)
     try:
-        yield
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield True
     finally:
         with contextlib.suppress(OSError):
             os.unlink(p)  # while still held: a process waiting on this inode sees it is gone
@@ -212,5 +233,5 @@ def exit_with_parent(parent: int) -> None:
 
     threading.Thread(target=watch, name="gigaslide-parent-watch", daemon=True).start()
 
-__all__ = ["PARENT_POLL_S", "STALE_AFTER_S", "ItemLock", "exclusive_file", "exit_with_parent", "file_lock",
+__all__ = ["PARENT_POLL_S", "STALE_AFTER_S", "ItemLock", "LockBusy", "exclusive_file", "exit_with_parent", "file_lock",
            "owner_record"]

@@ -1,9 +1,9 @@
 """What an export holds while it writes: its output (one export at a time) and the signals that stop it.
 
-:func:`exclusive` holds a ``lockf`` lock on a hidden ``.<name>.lock`` file beside the output, so a second export
-into the same place is refused in one line instead of racing the first; holding it, the temporary files an
-export killed with SIGKILL left for the same outputs (as large as what it wrote: an ``.h5ad`` holds every feature)
-are its own to remove. :func:`stops_on_signals` makes Ctrl-C / SIGTERM stop the export even where Python swallowed
+:func:`exclusive` holds a lock on a hidden ``.<name>.lock`` file beside the output, so a second export into the
+same place is refused in one line instead of racing the first; holding it, the temporary files an export killed with
+SIGKILL left for the same outputs (as large as what it wrote: an ``.h5ad`` holds every feature) are its own to remove
+(:func:`clean_stale_tmp`). :func:`stops_on_signals` makes Ctrl-C / SIGTERM stop the export even where Python swallowed
 their exception (raised inside a weakref callback of h5py / anndata: printed as "Exception ignored" with a traceback,
 and the export went on to write its file and exit 0).
 """
@@ -11,10 +11,7 @@ and the export went on to write its file and exit 0).
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import os
-import platform
 import signal
 import threading
 from collections.abc import Iterable, Iterator
@@ -23,41 +20,22 @@ from typing import Any
 
 from gigaslide import atomic
 from gigaslide.errors import GigaslideError
+from gigaslide.locks import LockBusy, exclusive_file
 
 
 @contextlib.contextmanager
 def exclusive(lock: Path, what: str | os.PathLike) -> Iterator[bool]:
-    """Hold ``lock`` (created, and removed again when done) for this process, or a one-line error naming the process
-    that holds it. Yields whether the lock is held: False on a file system without locks (the export then runs
-    unguarded, and must not remove temporary files, which may be another live export's)."""
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, atomic.file_mode())
+    """Hold ``lock`` (:func:`gigaslide.locks.exclusive_file` without waiting: created, and removed again when done)
+    for this process, or a one-line error naming the process that holds it. Yields whether the lock is held: False on
+    a file system without locks (the export then runs unguarded, and must not remove temporary files, which may be
+    another live export's)."""
+    with contextlib.ExitStack() as stack:
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                os.close(fd)  # no locks on this file system (ENOLCK, ENOTSUP)
-                yield False
-                return
-            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
-            os.close(fd)
-            raise GigaslideError(f"another export is writing there ({holder}): two exports would race", path=what,
+            held = stack.enter_context(exclusive_file(lock, wait=False))
+        except LockBusy as e:
+            raise GigaslideError(f"another export is writing there ({e.holder}): two exports would race", path=what,
                                  fix="wait for it to finish (or stop it), or choose another --out") from None
-        try:  # the file a holder removed on its way out (locked after it was opened here): take the new one
-            same = os.path.samestat(os.fstat(fd), os.stat(lock))
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}\n".encode(), 0)
-        yield True
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(lock)  # while still held: no lock file stays beside the output
-        os.close(fd)  # closing releases the lock (kill -9 too; its file then stays, and is taken by the next)
+        yield held
 
 
 def clean_stale_tmp(folder: Path, names: Iterable[str], suffix: str = "") -> int:
