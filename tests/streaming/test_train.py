@@ -371,6 +371,19 @@ def test_a_training_step_holds_the_canvas_once(tmp_path) -> None:
     assert 0.9 <= ratio <= 1.2, ratio
 
 
+def _record_background(monkeypatch, module, name: str) -> list[str]:  # noqa: ANN001
+    """``module.name`` wrapped to record the ``background`` of each call (the list returned)."""
+    seen: list[str] = []
+    real = getattr(module, name)
+
+    def keeping(*a, background="auto", **kw):  # noqa: ANN002, ANN003, ANN202
+        seen.append(background)
+        return real(*a, background=background, **kw)
+
+    monkeypatch.setattr(module, name, keeping)
+    return seen
+
+
 def test_a_forced_background_reaches_the_canvases_and_the_run(slides, tmp_path, capsys,  # noqa: ANN001
                                                               monkeypatch) -> None:
     """train-streaming had no ``--background``: a mis-detected slide could not be forced. Forced, it reaches every
@@ -378,14 +391,7 @@ def test_a_forced_background_reaches_the_canvases_and_the_run(slides, tmp_path, 
     with another ``--background``."""
     import gigaslide.streaming.cv as cv
 
-    seen: list[str] = []
-    real = cv.cached_canvas
-
-    def keeping(*a, background="auto", **kw):  # noqa: ANN002, ANN003, ANN202
-        seen.append(background)
-        return real(*a, background=background, **kw)
-
-    monkeypatch.setattr(cv, "cached_canvas", keeping)
+    seen = _record_background(monkeypatch, cv, "cached_canvas")
     out = tmp_path / "run"
     assert main(_args(slides, out, "--background", "dark", "--budget", "0.01s")) == 0  # stops at the first step
     assert seen == ["dark"] * 6
@@ -407,14 +413,7 @@ def test_heatmap_reads_the_canvas_on_the_forced_or_the_runs_background(slides, r
                                                                         monkeypatch) -> None:
     import gigaslide.streaming.heatmap as hm
 
-    seen: list[str] = []
-    real = hm.read_canvas
-
-    def keeping(*a, background="auto", **kw):  # noqa: ANN002, ANN003, ANN202
-        seen.append(background)
-        return real(*a, background=background, **kw)
-
-    monkeypatch.setattr(hm, "read_canvas", keeping)
+    seen = _record_background(monkeypatch, hm, "read_canvas")
     cmd = ["heatmap-streaming", str(slides / "s1.tif"), "--run", str(ref_run), "--out", str(tmp_path / "a.png"),
            "--device", "cpu"]
     assert main(cmd) == 0 and main(cmd + ["--background", "dark"]) == 0
