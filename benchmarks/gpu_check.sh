@@ -59,6 +59,13 @@ fi
 # embedding and two probes with 1,000 bootstrap resamples, measured here on CPU: ~7 s per probe); taken mostly from
 # streaming (310 -> 245; its default --budget 300 -> 235 s, so the part-2 experiment shrinks, and its report says when
 # it does not fit), and 25 s from encode, whose report keeps every row measured before its limit.
+# every section's scratch files (generated slides, tile folders, runs: up to ~250 MB) in one folder, removed at exit
+# (each section made its own under /tmp and left it there; a section stopped by its time limit cannot clean up)
+scratch=$(mktemp -d "${TMPDIR:-/tmp}/gigaslide-gpu-check.XXXXXX")
+trap 'rm -rf "$scratch"' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+export TMPDIR="$scratch"
 declare -A limit_full=([encode]=170 [streaming]=245 [dinov2]=55 [tile_ssl]=90)
 declare -A limit_tiny=([encode]=120 [streaming]=120 [dinov2]=120 [tile_ssl]=120)
 report="$out/gpu_check.md"

@@ -19,9 +19,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_gpu_check_tiny_mode_runs_every_section(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable, "GIGASLIDE_THREADS": "1"}
-    p = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--tiny", str(tmp_path)], env=env,
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "PYTHON": sys.executable, "GIGASLIDE_THREADS": "1", "TMPDIR": str(scratch)}
+    p = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--tiny", str(tmp_path / "out")], env=env,
                        capture_output=True, text=True, timeout=300)
+    tmp_path = tmp_path / "out"
+    # the sections' scratch files (generated slides, tile folders, runs) are removed when the check ends
+    assert list(scratch.iterdir()) == []
     report = (tmp_path / "gpu_check.md").read_text()
     assert p.returncode == 0, report + p.stderr[-2000:]
     assert "# GPU check (tiny mode)" in report

@@ -116,3 +116,49 @@ def test_lock_of_an_exited_process_not_yet_reaped_is_taken_over(tmp_path):
         assert json.loads(lock.path.read_text())["pid"] == os.getpid()
     finally:
         p.wait()
+
+
+def _deep(tmp_path: Path) -> Path:
+    """A TMPDIR whose multiprocessing sockets would be longer than AF_UNIX allows."""
+    from gigaslide.locks import AF_UNIX_PATH_MAX
+
+    deep = tmp_path / ("d" * (AF_UNIX_PATH_MAX - len(str(tmp_path))))
+    deep.mkdir()
+    return deep
+
+
+def test_socket_safe_tempdir_moves_multiprocessings_folder_only_where_its_sockets_would_not_fit(tmp_path, monkeypatch):
+    import multiprocessing.process as mp_process
+    import tempfile
+
+    from gigaslide.locks import AF_UNIX_PATH_MAX, socket_safe_tempdir
+
+    config = mp_process.current_process()._config
+    monkeypatch.delitem(config, "tempdir", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # short enough (pytest's own): left alone
+    if len(str(tmp_path)) + 32 <= AF_UNIX_PATH_MAX:
+        assert socket_safe_tempdir() is None and "tempdir" not in config
+    monkeypatch.setattr(tempfile, "tempdir", str(_deep(tmp_path)))
+    folder = socket_safe_tempdir()
+    assert folder is not None and config["tempdir"] == folder and Path(folder).is_dir()
+    assert len(f"{folder}/listener-XXXXXXXX") <= AF_UNIX_PATH_MAX
+    assert socket_safe_tempdir() is None  # chosen once per process
+    import multiprocessing.connection as mpc
+
+    with mpc.Listener(family="AF_UNIX"):  # a socket there binds (under the deep TMPDIR: AF_UNIX path too long)
+        pass  # (the folder is removed at exit, by the finaliser multiprocessing runs for its own)
+
+
+def test_worker_processes_run_under_a_deep_tmpdir(tmp_path):
+    """`pretrain --workers 1` under a TMPDIR of ~100 characters: its data-loader worker died with 'AF_UNIX path too
+    long' and the job hung, then failed with a DataLoader traceback."""
+    from gigaslide.testing import make_tile_folder
+
+    tiles = make_tile_folder(tmp_path / "tiles", 4, size=32)
+    env = {**os.environ, "TMPDIR": str(_deep(tmp_path)), "OMP_NUM_THREADS": "1"}
+    cli = [sys.executable, "-m", "gigaslide"]
+    p = subprocess.run([*cli, "pretrain", "--data", str(tiles), "--out", str(tmp_path / "run"), "--method", "simclr",
+                        "--backbone", "test_resnet", "--tile-size", "32", "--steps", "2", "--batch-size", "4",
+                        "--workers", "1"], env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path / "run" / "encoder" / "encoder.json").is_file()

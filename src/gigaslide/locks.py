@@ -233,5 +233,44 @@ def exit_with_parent(parent: int) -> None:
 
     threading.Thread(target=watch, name="gigaslide-parent-watch", daemon=True).start()
 
-__all__ = ["PARENT_POLL_S", "STALE_AFTER_S", "ItemLock", "LockBusy", "exclusive_file", "exit_with_parent", "file_lock",
-           "owner_record"]
+
+#: Longest path a Unix socket may have on Linux (``sun_path`` holds 108 bytes with its terminating NUL).
+AF_UNIX_PATH_MAX = 107
+#: What multiprocessing appends to its temp folder's parent for a socket: ``/pymp-XXXXXXXX/listener-XXXXXXXX``.
+_MP_SOCKET_SUFFIX = len("/pymp-XXXXXXXX/listener-XXXXXXXX")
+
+
+def socket_safe_tempdir() -> str | None:
+    """Before starting worker processes: make sure multiprocessing's temp folder is short enough for its sockets.
+
+    Workers hand tensors back (data loaders; a slide reader's oversized batch) through a Unix socket that
+    multiprocessing makes in ``TMPDIR/pymp-XXXXXXXX/`` (so does a forkserver). Under a ``TMPDIR`` longer than about
+    75 characters (a deep scratch folder, a test's ``tmp_path``) that path exceeds what AF_UNIX allows: each worker
+    died with ``OSError: AF_UNIX path too long`` and the job failed after a minute-long wait with a DataLoader
+    traceback. There, the folder is made in the first of ``/tmp``, ``/var/tmp``, ``/usr/tmp`` that is writable (what
+    Python 3.13 does by itself) and removed at exit as multiprocessing removes its own. Returns the folder chosen
+    (None: nothing to do -- not Linux/macOS, already chosen, or ``TMPDIR`` short enough)."""
+    import multiprocessing.process as mp_process
+    import multiprocessing.util as mp_util
+    import shutil
+    import tempfile
+
+    if os.name != "posix":
+        return None
+    config = mp_process.current_process()._config  # noqa: SLF001 - where multiprocessing.util.get_temp_dir keeps it
+    if config.get("tempdir") is not None:
+        return None
+    if len(os.fsencode(tempfile.gettempdir())) + _MP_SOCKET_SUFFIX <= AF_UNIX_PATH_MAX:
+        return None
+    for base in ("/tmp", "/var/tmp", "/usr/tmp"):
+        if os.path.isdir(base) and os.access(base, os.W_OK | os.X_OK):
+            folder = tempfile.mkdtemp(prefix="pymp-", dir=base)
+            mp_util.Finalize(None, mp_util._remove_temp_dir, args=(shutil.rmtree, folder),  # noqa: SLF001
+                             exitpriority=-100)
+            config["tempdir"] = folder
+            return folder
+    return None
+
+
+__all__ = ["AF_UNIX_PATH_MAX", "PARENT_POLL_S", "STALE_AFTER_S", "ItemLock", "LockBusy", "exclusive_file",
+           "exit_with_parent", "file_lock", "owner_record", "socket_safe_tempdir"]

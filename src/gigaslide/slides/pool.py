@@ -27,7 +27,7 @@ import torch
 import torch.multiprocessing as tmp
 
 from gigaslide.errors import GigaslideError
-from gigaslide.locks import exit_with_parent
+from gigaslide.locks import exit_with_parent, socket_safe_tempdir
 from gigaslide.memory import set_malloc_thresholds
 from gigaslide.slides.device_decode import DeviceTileReader
 from gigaslide.slides.reader import TileReader
@@ -167,6 +167,7 @@ class ReaderPool:
         if self.workers:
             for t in self._slots:
                 t.share_memory_()  # before the workers fork: they write into these very pages
+            socket_safe_tempdir()  # a batch too large for a slot comes back through a socket in its temp folder
             self._ctx = tmp.get_context("fork" if os.name == "posix" else "spawn")
             self._results = self._ctx.Queue()
             self._queues = [self._ctx.Queue() for _ in range(self.workers)]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from gigaslide.errors import GigaslideError
-from gigaslide.locks import exit_with_parent
+from gigaslide.locks import exit_with_parent, socket_safe_tempdir
 from gigaslide.slides import slide_id_from_path
 from gigaslide.tiling.grid import TileGrid
 from gigaslide.tiling.job import TilingParams, _warn_stain, layout, tile_slide
@@ -76,6 +76,7 @@ def tile_many(items: Iterable[T], path_of: Callable[[T], str | os.PathLike], out
     pending: dict[Future, T] = {}
     left: list[T] = []  # drawn, not finished when the pool broke: tiled here instead
     ctx = mp.get_context(start if os.name == "posix" else "spawn")
+    socket_safe_tempdir()  # a forkserver listens on a socket in multiprocessing's temp folder
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
         while True:
             while len(pending) < 2 * workers and not left and (item := next(it, _END)) is not _END:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from gigaslide.errors import GigaslideError
+from gigaslide.locks import socket_safe_tempdir
 from gigaslide.slides.discover import walk_files
 from gigaslide.tiling.folders import IMAGE_EXTENSIONS, list_images, read_image  # noqa: F401  (re-exported)
 
@@ -243,5 +244,7 @@ def collate_views(batch: list[list[torch.Tensor]]) -> list[torch.Tensor]:
 
 def make_loader(dataset: ViewDataset, sampler: StepSampler, workers: int = 0) -> torch.utils.data.DataLoader:
     kw = {"persistent_workers": False, "prefetch_factor": 4} if workers > 0 else {}
+    if workers > 0:
+        socket_safe_tempdir()  # the workers hand batches back through sockets in multiprocessing's temp folder
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_views,
                                        pin_memory=torch.cuda.is_available(), **kw)

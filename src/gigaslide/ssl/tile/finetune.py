@@ -48,7 +48,7 @@ from gigaslide.evaluation.compare import Diffs
 from gigaslide.evaluation.metrics import METRICS, summarize
 from gigaslide.evaluation.tiles import write_report
 from gigaslide.features.tiles import read_tile
-from gigaslide.locks import ItemLock
+from gigaslide.locks import ItemLock, socket_safe_tempdir
 from gigaslide.ssl.tile.augment import random_flip_rotate, random_stain_jitter, to_float
 from gigaslide.ssl.tile.session import clean_stale_temporaries
 from gigaslide.tiling.folders import file_digest, labelled_images, subsample, tiles_fingerprint
@@ -138,6 +138,8 @@ def _val_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarr
 
 def _loader(ds: TileImages, cfg: FinetuneConfig, shuffle: bool, seed: int = 0) -> torch.utils.data.DataLoader:
     g = torch.Generator().manual_seed(seed)
+    if cfg.workers:
+        socket_safe_tempdir()  # the workers hand batches back through sockets in multiprocessing's temp folder
     return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=shuffle, generator=g,
                                        num_workers=cfg.workers, persistent_workers=False)
 
