@@ -98,16 +98,12 @@ CHANGES = [
     ("26f8712", "SwAV's prototypes carried a trained bias (lightly's SwaVPrototypes; the paper's scores are z.c_k over "
      "unit prototypes), and DINOv2's layer-wise lr decay was one layer short (last block 1.0, not 0.9; mask token "
      "at the heads' rate) with drop-path rising over the blocks instead of uniform", "`swav` rows (tile_ssl "
-     "sections other than `recheck3`, which was trained after it; tile_precision, encoder_leaderboard, nuclei) and the "
+     "sections other than `recheck3`, which was trained after it; tile_precision, encoder_leaderboard) and the "
      "dinov2 sections' continued pre-training rows"),
     ("27d69a0", "tile-level bootstrap CIs resampled the test tiles without regard to class (resamples missing a class "
      "were dropped unreported), and few-shot CIs resampled the test tiles only, not the label draws (far too narrow: "
      "a 1-per-class CI excluded 3 of its 5 draws)", "tile-level CI columns (tile_ssl, tile_ablation, tile_precision, "
      "dinov2, encoder_leaderboard patch level), most of all the few-shot ones; point estimates are unchanged"),
-    ("12edd09", "nuclei post-processing scaled the HV derivatives by their min/max over the whole region, so one steep "
-     "nucleus moved every other nucleus's markers and the nuclei found depended on --region (now scaled within "
-     "40 px of each pixel)", "the nuclei "
-     "section's PQ / AJI / Dice / F1 / SQ rows and its whole-slide nuclei counts"),
 ]
 
 
