@@ -11,6 +11,8 @@
    and few-shot n = 50 training slides (3 draws per fold), AUC and balanced accuracy with 95 %
    bootstrap CIs, attention-localisation AUC against the mosaic ground truth, seconds per fold.
 4. Tile level for the same encoder: linear probe and 20-NN on PCam train -> valid.
+5. TransMIL with the paper's Nystrom attention (``--model-args '{"attention": "nystrom"}'``, model name
+   ``transmil:nystrom`` here) against exact attention, paired on the same out-of-fold test slides.
 
 Writes benchmarks/results/mil.md. Intermediate artefacts go to --work (default /tmp/gigaslide_bench_mil)
 and are reused when the script is re-run.
@@ -35,7 +37,17 @@ sys.path.insert(0, str(ROOT / "src"))
 from gigaslide.evaluation.metrics import fmt_ci  # noqa: E402
 from gigaslide.testing import shared_data_dir  # noqa: E402
 
-MODELS = ["mean", "max", "abmil", "clam_sb", "clam_mb", "transmil"]
+MODELS = ["mean", "max", "abmil", "clam_sb", "clam_mb", "transmil", "transmil:nystrom"]
+#: The exact-vs-approximate pair compared paired on the same test slides (model names as in --models).
+ATTENTION_PAIR = ("transmil:nystrom", "transmil")
+
+
+def train_config(model: str, **kw) -> "TrainConfig":  # noqa: ANN003, F821
+    """``name`` or ``name:attention`` (TransMIL's attention kind, as ``--model-args '{"attention": ...}'``)."""
+    from gigaslide.mil.train import TrainConfig
+
+    name, _, attention = model.partition(":")
+    return TrainConfig(model=name, model_kwargs={"attention": attention} if attention else {}, **kw)
 
 
 def cpu_name() -> str:
@@ -115,7 +127,6 @@ def main() -> None:
     from gigaslide.mil.cv import run_cv
     from gigaslide.mil.heatmap import run_localisation
     from gigaslide.mil.mosaic import MosaicConfig, build_mosaic
-    from gigaslide.mil.train import TrainConfig
     from gigaslide.slides import find_slides
     from gigaslide.tiling import TilingParams
 
@@ -154,14 +165,14 @@ def main() -> None:
         print(f"mosaic {frac:.0%}: encoded {res.tiles} tiles in {timings[f'encode {frac:.0%}']:.0f}s ({res.precision})")
         for model in a.models.split(","):
             for n in (None, a.few_shot):
-                cfg = TrainConfig(model=model, epochs=a.epochs, patience=a.patience, seed=0)
-                run = mdir / "runs" / f"{model}_{'full' if n is None else f'n{n}'}"
+                cfg = train_config(model, epochs=a.epochs, patience=a.patience, seed=0)
+                run = mdir / "runs" / f"{model.replace(':', '-')}_{'full' if n is None else f'n{n}'}"
                 t0 = time.perf_counter()
                 ev = run_cv(mdir / "encoded" / "features", mdir / "labels.csv", run, cfg=cfg, folds=a.folds,
                             train_slides=n, repeats=1 if n is None else a.repeats, n_bootstrap=a.bootstrap, verbose=False)
                 loc = run_localisation(run, mdir / "ground_truth", n_bootstrap=a.bootstrap)
                 secs = ev["seconds_per_fold"]
-                results.append({"fraction": frac, "model": model, "n": n, "auc": ev["metrics"]["auc"],
+                results.append({"fraction": frac, "model": model, "n": n, "auc": ev["metrics"]["auc"], "run": run,
                                  "bacc": ev["metrics"]["balanced_accuracy"], "loc": loc,
                                  "sec_fold": statistics.median(secs) if secs else float("nan"),
                                  "wall": time.perf_counter() - t0})
@@ -214,11 +225,53 @@ def write_report(a, results, tile_rep, timings, total, enc) -> None:  # noqa: AN
             lines.append(f"| {r['model']} | {'full' if r['n'] is None else 'n=' + str(r['n'])} | {fmt_ci(r['auc'])} | "
                          f"{fmt_ci(r['bacc'])} | {fmt_ci(r['loc'])} | {r['sec_fold']:.1f} |")
         lines.append("")
+    lines += attention_pair_lines(a, results)
     lines += ["## Timings (wall, s)", "", "| step | s |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
     lines += [""]
     write_text(a.out, "\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def attention_pair_lines(a, results: list[dict]) -> list[str]:  # noqa: ANN001
+    """TransMIL Nystrom minus exact: slide AUC difference paired on the same pooled out-of-fold test slides (full
+    training folds; one resample of the slides, stratified by label, for both), per tumour fraction."""
+    import numpy as np
+
+    from gigaslide.evaluation.metrics import paired_difference
+    from gigaslide.evaluation.slides import read_predictions
+
+    approx, exact = ATTENTION_PAIR
+    runs = {(r["fraction"], r["model"]): r for r in results if r["n"] is None}
+    fracs = sorted(f for f, m in runs if m == approx and (f, exact) in runs)
+    if not fracs:
+        return []
+    out = ["## TransMIL: Nystrom vs exact attention (paired)", "",
+           f"`{approx}` minus `{exact}`, full training folds: slide AUC difference on the same pooled out-of-fold "
+           f"test slides, 95 % paired bootstrap CI (B={a.bootstrap}, one resample of the slides for both, stratified by "
+           "label) and two-sided p; time per fold from the rows above.", "",
+           "| tumour fraction | slides | AUC exact | AUC Nystrom | Δ AUC (Nystrom − exact) [95 % CI], p | s / fold exact | "
+           "s / fold Nystrom |", "|---|---|---|---|---|---|---|"]
+    verdicts = []
+    for f in fracs:
+        pe, pn = (read_predictions(runs[(f, m)]["run"] / "predictions.csv") for m in (exact, approx))
+        order = {s: i for i, s in enumerate(pn.slide_ids)}
+        idx = np.array([order[s] for s in pe.slide_ids])
+        assert np.array_equal(pn.labels[idx], pe.labels)  # the same slides with the same labels
+        y = pe.labels
+        d = paired_difference(y, pn.probs[idx], pe.probs, "auc", n_bootstrap=a.bootstrap, seed=0, strata=y)
+        re, rn = runs[(f, exact)], runs[(f, approx)]
+        out.append(f"| {f:.0%} | {len(y)} | {re['auc']['value']:.3f} | {rn['auc']['value']:.3f} | "
+                   f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], p={d['p_value']:.3g} | "
+                   f"{re['sec_fold']:.1f} | {rn['sec_fold']:.1f} |")
+        if d["ci_low"] > 0:
+            verdicts.append(f"{f:.0%}: Nystrom better")
+        elif d["ci_high"] < 0:
+            verdicts.append(f"{f:.0%}: Nystrom worse")
+        else:
+            verdicts.append(f"{f:.0%}: not distinguishable")
+    out += ["", "Verdict (from the paired CIs above, 0 inside = not distinguishable): " + "; ".join(verdicts) + ".", ""]
+    return out
 
 
 if __name__ == "__main__":
