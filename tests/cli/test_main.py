@@ -4,6 +4,8 @@ the command list's summaries (gigaslide.cli.main)."""
 from __future__ import annotations
 
 import inspect
+import os
+import sys
 
 import pytest
 
@@ -91,3 +93,25 @@ def test_other_errors_are_not_taken_for_an_interrupt(monkeypatch):
     monkeypatch.setattr(cli_main, "run", run)
     with pytest.raises(RecursionError):
         main(["info", "x"])
+
+
+def test_info_prints_under_an_ascii_locale(synthetic_slide, tmp_path):
+    """With an ASCII stdout (LC_ALL=C where Python does not coerce the locale to UTF-8), `info` ended in a
+    UnicodeEncodeError traceback at 'µm/px'; characters the stream cannot encode are now written as escapes."""
+    import subprocess
+
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONIOENCODING": ""}
+    p = subprocess.run([sys.executable, "-m", "gigaslide", "info", str(synthetic_slide)], env=env,
+                       capture_output=True, timeout=120)
+    assert p.returncode == 0, p.stderr.decode(errors="replace")[-2000:]
+    out = p.stdout.decode("ascii")  # nothing but ASCII on an ASCII stream
+    assert "\\xb5m/px" in out and "Traceback" not in p.stderr.decode(errors="replace")
+
+
+def test_console_error_handler_writes_file_name_bytes_back_and_escapes_the_rest():
+    from gigaslide.cli.main import _printable_streams
+
+    _printable_streams()
+    assert "caf\udce9.tiff".encode("utf-8", "gigaslide-print") == b"caf\xe9.tiff"  # the name's own bytes
+    assert "0.5 µm/px".encode("ascii", "gigaslide-print") == b"0.5 \\xb5m/px"

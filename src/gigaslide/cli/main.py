@@ -8,6 +8,7 @@ with dashes or underscores (``--tile-size`` == ``--tile_size``).
 
 from __future__ import annotations
 
+import codecs
 import importlib
 import inspect
 import os
@@ -377,7 +378,32 @@ def _interrupted(e: BaseException) -> bool:
     return False
 
 
+def _print_errors(err: UnicodeError) -> tuple[str | bytes, int]:
+    """Encoding errors of the console streams: a file name's undecodable bytes (lone surrogates) written back as the
+    bytes they were, any other character the stream cannot encode as a backslash escape (``\\xb5``)."""
+    if not isinstance(err, UnicodeEncodeError):
+        raise err
+    part = err.object[err.start:err.end]
+    if all("\udc80" <= c <= "\udcff" for c in part):
+        return bytes(ord(c) - 0xDC00 for c in part), err.end
+    return codecs.backslashreplace_errors(err)
+
+
+def _printable_streams() -> None:
+    """stdout and stderr that cannot fail on a character: under an ASCII locale (``LC_ALL=C`` where Python does not
+    coerce it to UTF-8, e.g. ``PYTHONCOERCECLOCALE=0``) ``info`` ended in a UnicodeEncodeError traceback at
+    ``µm/px``. Characters the stream cannot encode are written as escapes, a file name's bytes as they are."""
+    codecs.register_error("gigaslide-print", _print_errors)
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) in ("strict", "surrogateescape") and hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="gigaslide-print")
+            except (ValueError, OSError):  # a stream in use that cannot change now: left as it is
+                pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _printable_streams()
     try:
         _set_threads(os.environ.get("GIGASLIDE_THREADS"))
         with warnings.catch_warnings():
