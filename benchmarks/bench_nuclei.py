@@ -92,7 +92,11 @@ def paired(a: dict, b: dict, n_boot: int) -> dict:
     """Mean per-image PQ difference b - a on the same test images, with a bootstrap CI over images."""
     from gigaslide.evaluation.metrics import bootstrap_ci
 
-    d = np.array(b["per_image_pq"]) - np.array(a["per_image_pq"])
+    # images where PQ is undefined on either side (no nucleus in truth or prediction: None) are left out
+    both = [(x, y) for x, y in zip(a["per_image_pq"], b["per_image_pq"]) if x is not None and y is not None]
+    if not both:
+        return {"mean": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "wins": 0, "n": 0}
+    d = np.array([y for _, y in both]) - np.array([x for x, _ in both])
     idx = np.arange(len(d))
     lo, hi = bootstrap_ci(lambda y, _p: float(d[y].mean()), idx, np.zeros(len(d)), n_bootstrap=n_boot)
     return {"mean": float(d.mean()), "ci_low": lo, "ci_high": hi, "wins": int((d > 0).sum()), "n": len(d)}
@@ -143,7 +147,7 @@ def outline_png(run: Path, mon: Path, image_id: str, path: Path) -> None:
 
 def fmt(d: dict) -> str:
     v = d["value"]
-    return "n/a" if v != v else f"{v:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]"
+    return "n/a" if v is None or v != v else f"{v:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]"
 
 
 def main() -> None:  # noqa: C901
