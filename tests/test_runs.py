@@ -411,3 +411,23 @@ def test_an_input_folder_with_symlinked_sub_folders_is_fingerprinted_through_the
     (other / "t.png").write_bytes(b"2")  # a tile changed in the linked folder
     with pytest.raises(GigaslideError, match="input:data"):
         runs.open_run(tmp_path / "run", "toy", {}, inputs={"data": data})
+
+
+def test_a_folders_fingerprint_is_the_one_recorded_runs_hold(tmp_path):
+    """Golden: the listing hash of a fixed tree (names whose string order differs from their path order, non-ASCII,
+    hidden files, a file larger than the two hashed 64 KiB blocks). Runs record it; a change to how folders are
+    walked or hashed would refuse every recorded run's resume."""
+    from gigaslide.files import walk_file_paths, walk_files
+
+    r = tmp_path / "golden"
+    for d in ["a", "a-b", "a b", "ä", "a/b-c", ".hid"]:
+        (r / d).mkdir(parents=True, exist_ok=True)
+        for n in ["x", "x-1", ".h", "é"]:
+            (r / d / n).write_bytes(f"{d}/{n}".encode() * 50)
+    (r / "big").write_bytes(bytes(range(256)) * 1024)
+    fp = runs.fingerprint(r)
+    assert (fp["files"], fp["bytes"]) == (16, 266494)
+    assert fp["listing_sha256"] == "a95eec3b9db1b444b0f4d3177bd39651251d4c195f40716e855ba3a32b8a9104"
+    # the strings come in the order sorting the paths gives ("a/b-c/x" before "a-b/x", unlike plain string order)
+    paths = walk_file_paths(r)
+    assert paths == [str(p) for p in sorted(walk_files(r))] and paths != sorted(paths)

@@ -58,7 +58,7 @@ import torch
 
 from gigaslide import __version__, atomic
 from gigaslide.errors import GigaslideError
-from gigaslide.files import walk_files
+from gigaslide.files import walk_file_paths
 from gigaslide.provenance import Provenance, check_format, file_sha256
 
 RUN_JSON = "run.json"
@@ -69,7 +69,7 @@ BUFFER_PREFIX = "buffer::"
 
 
 # --------------------------------------------------------------------------- fingerprints
-def _sample_hash(f: Path, size: int, chunk: int = 1 << 16) -> str:
+def _sample_hash(f: str | os.PathLike, size: int, chunk: int = 1 << 16) -> str:
     """sha256 of a file's first and last 64 KiB (the whole file when smaller): cheap, and catches rewrites."""
     h = hashlib.sha256()
     with open(f, "rb") as fh:
@@ -104,12 +104,15 @@ def _listing(p: Path) -> dict[str, Any]:
     """A folder's fingerprint by the listing of all its files (see :func:`fingerprint`)."""
     h = hashlib.sha256()
     n = size = 0
-    for f in walk_files(p):  # symlinked sub-folders included (rglob skips them: their files were not fingerprinted)
-        rel = f.relative_to(p)
-        if any(part.startswith(".") for part in rel.parts):
+    root = str(p).rstrip(os.sep) + os.sep
+    # symlinked sub-folders included (rglob skipped them: their files were not fingerprinted); plain strings, not a
+    # Path per file: a folder of a million tiles is fingerprinted on every start and resume
+    for f in walk_file_paths(p):
+        rel = f[len(root):] if f.startswith(root) else os.path.relpath(f, p)
+        if any(part.startswith(".") for part in rel.split(os.sep)):
             continue
-        s = f.stat().st_size
-        h.update(f"{rel.as_posix()}\0{s}\0{_sample_hash(f, s)}\n".encode())
+        s = os.stat(f).st_size
+        h.update(f"{rel.replace(os.sep, '/')}\0{s}\0{_sample_hash(f, s)}\n".encode())
         n, size = n + 1, size + s
     return {"path": str(p.resolve()), "files": n, "bytes": size, "listing_sha256": h.hexdigest()}
 
