@@ -78,13 +78,14 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
 #: errno of a storage fault -> how to fix it. Raised while writing, they become one GigaslideError line
 #: naming the file (the half-written temporary file is removed; the old target, if any, is untouched).
 STORAGE_FIXES = {
-    errno.ENOSPC: "free disk space (or write to another --out) and re-run: finished files are kept and skipped",
+    errno.ENOSPC: "free disk space (or write to another --out) and re-run (files written completely are kept)",
     errno.EDQUOT: "free space within your disk quota (or write to another --out) and re-run",
     errno.EFBIG: "the file system cannot hold a file this large; write to another --out",
     errno.EROFS: "the file system is read-only: choose a writable --out",
     errno.EACCES: "check the folder's permissions, or choose an output folder you can write to",
     errno.EPERM: "check the folder's permissions, or choose an output folder you can write to",
-    errno.EIO: "the disk or network share reported an I/O error: check it, then re-run (finished files are kept)",
+    errno.EIO: ("the disk or network share reported an I/O error: check it, then re-run (files written completely "
+                "are kept)"),
 }
 
 

@@ -115,3 +115,25 @@ def test_console_error_handler_writes_file_name_bytes_back_and_escapes_the_rest(
     _printable_streams()
     assert "caf\udce9.tiff".encode("utf-8", "gigaslide-print") == b"caf\xe9.tiff"  # the name's own bytes
     assert "0.5 µm/px".encode("ascii", "gigaslide-print") == b"0.5 \\xb5m/px"
+
+
+@pytest.mark.parametrize("value", ["abc", "0", ""])
+def test_an_omp_num_threads_openmp_cannot_use_is_one_warning(value, synthetic_slide):
+    """OpenMP printed 'libgomp: Invalid value for environment variable OMP_NUM_THREADS' on every command."""
+    import subprocess
+
+    p = subprocess.run([sys.executable, "-m", "gigaslide", "info", str(synthetic_slide)],
+                       env={**os.environ, "OMP_NUM_THREADS": value}, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "libgomp" not in p.stderr
+    assert p.stderr.count(f"warning: OMP_NUM_THREADS={value!r} is not a positive whole number") == 1
+
+
+def test_a_usable_omp_num_threads_is_left_alone(monkeypatch, capsys):
+    from gigaslide.cli.main import _check_omp_threads
+
+    for value in ("2", "4,2", " 8 "):
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+        _check_omp_threads()
+        assert os.environ["OMP_NUM_THREADS"] == value
+    assert capsys.readouterr().err == ""

@@ -12,6 +12,7 @@ import codecs
 import importlib
 import inspect
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -361,6 +362,17 @@ def _set_threads(value: str | None) -> None:
     torch.set_num_threads(int(value))
 
 
+def _check_omp_threads() -> None:
+    """An ``OMP_NUM_THREADS`` that OpenMP cannot use (``0``, ``abc``, empty) is dropped with one warning before torch
+    loads OpenMP, which printed its own ``libgomp: Invalid value ...`` line on every command and then ignored it."""
+    value = os.environ.get("OMP_NUM_THREADS")
+    if value is None or re.fullmatch(r"\s*[1-9]\d*\s*(,\s*\d+\s*)*", value):  # "4", or per nesting level "4,2"
+        return
+    del os.environ["OMP_NUM_THREADS"]
+    print(f"warning: OMP_NUM_THREADS={value!r} is not a positive whole number: ignored (torch chooses its threads; "
+          "set GIGASLIDE_THREADS=N or OMP_NUM_THREADS=N to choose)", file=sys.stderr)
+
+
 INTERRUPTED = "interrupted; finished outputs are kept and a re-run resumes"
 
 
@@ -404,6 +416,7 @@ def _printable_streams() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     _printable_streams()
+    _check_omp_threads()
     try:
         _set_threads(os.environ.get("GIGASLIDE_THREADS"))
         with warnings.catch_warnings():
