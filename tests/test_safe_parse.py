@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -158,3 +159,20 @@ def test_deeply_nested_yaml_is_a_one_line_error_not_a_recursion_error(tmp_path, 
     with pytest.raises(GigaslideError, match="deep.yaml.*nested too deeply"):
         check_config_arg(str(f))
     assert load_yaml_text("[" * 20 + "]" * 20) == [[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]  # ordinary nesting is fine
+
+
+def test_a_non_ascii_id_under_an_ascii_locale_names_the_locale_not_the_id(tmp_path):
+    """Under an ASCII file-system encoding (LC_ALL=C without UTF-8 coercion) 'José' was called unsafe with the fix
+    'rename it to letters, digits ...'; the cause is the locale."""
+    import subprocess
+    import sys
+
+    code = ("from gigaslide.safe_parse import check_slide_id\nfrom gigaslide.errors import GigaslideError\n"
+            "import sys\nprint(sys.getfilesystemencoding())\n"
+            "try:\n    check_slide_id('Jos\\u00e9_01')\nexcept GigaslideError as e:\n    print(ascii(e.one_line()))\n")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    enc, line = p.stdout.splitlines()[:2]
+    if enc == "utf-8":
+        pytest.skip("this Python uses UTF-8 file names under the C locale")
+    assert "cannot be a file name under this locale" in line and "PYTHONUTF8=1" in line and "unsafe" not in line

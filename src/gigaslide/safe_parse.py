@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -129,8 +130,12 @@ def check_slide_id(slide_id: str, *, path: str | os.PathLike | None = None, what
     sid = str(slide_id)
     try:  # the length that counts is the file name's, in bytes: "é" is two
         n_bytes = len(os.fsencode(sid))
-    except UnicodeError:  # a lone surrogate: no file name
-        n_bytes = MAX_ID_LENGTH + 1
+    except UnicodeError:
+        if not any("\ud800" <= c <= "\udfff" for c in sid):  # a fine name this locale cannot spell (ASCII)
+            raise GigaslideError(f"{what} {sid[:60]!r} cannot be a file name under this locale (file names are "
+                                 f"{sys.getfilesystemencoding()})", path=path,
+                                 fix="run with a UTF-8 locale (LANG=C.UTF-8, or PYTHONUTF8=1)") from None
+        n_bytes = MAX_ID_LENGTH + 1  # a lone surrogate: no file name
     if (not sid or sid in (".", "..") or _BAD_ID.search(sid) or n_bytes > MAX_ID_LENGTH
             or sid != sid.strip() or os.path.isabs(sid)):
         raise GigaslideError(f"unsafe {what} {sid[:60]!r}: ids become file names and may not contain path separators, "

@@ -87,24 +87,36 @@ def test_disk_full_while_writing_features(slides, reference, tmp_path, capsys, m
     _same_as_reference(out, reference)
 
 
-def test_disk_full_on_a_real_tiny_file_system(slides, tmp_path, capsys):
-    """A 200 kB tmpfs (root only): the real ENOSPC from HDF5 / the kernel."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
+def test_disk_full_on_a_real_tiny_file_system(tmp_path):
+    """A 200 kB tmpfs: the real ENOSPC from HDF5 / the kernel. Mounted in a private mount namespace (``unshare -m``),
+    so nothing changes for the rest of the machine (it was mounted machine-wide, as root)."""
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode:
+        pytest.skip("a private tmpfs needs root and unshare")
     mnt = tmp_path / "tiny"
     mnt.mkdir()
-    if os.system(f"mount -t tmpfs -o size=200k tmpfs '{mnt}' 2>/dev/null") != 0:
+    big = make_slide(tmp_path / "big.tiff", (2048, 1536), seed=3)
+    check = tmp_path / "check.py"  # run inside the namespace, where the tmpfs is: what the encode left behind
+    check.write_text(
+        "import sys\nfrom pathlib import Path\nfrom gigaslide import atomic\nfrom gigaslide.features import store\n"
+        "out = Path(sys.argv[1])\nprint('tmp', len(list(out.rglob(atomic.TMP_PREFIX + '*'))))\n"
+        "for f in sorted((out / 'features').glob('*.h5')) if (out / 'features').is_dir() else []:\n"
+        "    store.load(f)\nprint('checked')\n")
+    py = sys.executable
+    cmd = (f"mount -t tmpfs -o size=200k tmpfs '{mnt}' || exit 99; '{py}' -m gigaslide encode '{big}' --out '{mnt}/o' "
+           f"{' '.join(ENC[:6])} --mpp 1.0 --tile-size 16 --workers 0; echo rc=$?; '{py}' '{check}' '{mnt}/o'")
+    p = subprocess.run(["unshare", "-m", "sh", "-c", cmd], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if p.returncode == 99:
         pytest.skip("cannot mount a tmpfs here")
-    try:
-        big = make_slide(tmp_path / "big.tiff", (2048, 1536), seed=3)
-        code = main(["encode", str(big), "--out", str(mnt / "o"), *ENC[:6], "--mpp", "1.0", "--tile-size", "16",
-                     "--workers", "0"])
-        assert code == 2
-        line = _error_line(capsys)
-        assert "No space left on device" in line and str(mnt) in line
-        _no_partial(mnt / "o")
-    finally:
-        os.system(f"umount '{mnt}'")
+    assert "rc=2" in p.stdout and "tmp 0" in p.stdout and "checked" in p.stdout, p.stdout + p.stderr[-2000:]
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0] and str(mnt) in errors[0], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert not any(mnt.iterdir())  # the tmpfs was private: here the folder stayed empty
 
 
 def test_read_only_output_folder(slides, tmp_path, capsys, monkeypatch):
