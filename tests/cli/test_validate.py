@@ -51,3 +51,21 @@ def test_a_bad_tile_mpp_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFix
     err = capsys.readouterr().err
     assert "Traceback" not in err and "--tile-mpp 0.0 must be positive" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("inf", "--slide-mpp inf is not a finite number"),  # a float|str option: "inf" stayed text and was accepted
+    ("nan", "--slide-mpp nan is not a finite number"),  # read as a CSV path: "nan: mpp table not found"
+    ("1e-7", "1e-07 µm/px is outside"),  # in m: tiling failed every slide with "use --tile-size at most 0"
+    ("250", "250 µm/px is outside"),  # in nm
+])
+def test_a_slide_mpp_that_is_no_scan_resolution_is_refused_once_before_any_slide(value: str, message: str) -> None:
+    for argv in (["info", "s.svs", "--slide-mpp", value], ["tile", "s.svs", "--out", "o", "--slide-mpp", value]):
+        with pytest.raises(GigaslideError) as e:
+            parse(argv)
+        assert message in e.value.one_line() and "fix:" in e.value.one_line()
+
+
+def test_a_slide_mpp_csv_path_and_plausible_numbers_pass() -> None:
+    for value in ("0.25", "0.5", "mpp.csv", "12"):
+        parse(["info", "s.svs", "--slide-mpp", value])

@@ -140,7 +140,7 @@ def test_mpp_override_number_and_csv(tmp_path, synthetic_slide):
     assert load_mpp_table(csv) == {"synth": 0.3}
     bad = tmp_path / "bad.csv"
     bad.write_text("slide_id,mpp\nx,abc\n")
-    with pytest.raises(GigaslideError, match="not a positive number"):
+    with pytest.raises(GigaslideError, match="not a positive finite number"):
         load_mpp_table(bad)
 
 

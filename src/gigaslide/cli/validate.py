@@ -90,6 +90,14 @@ def _check_number(name: str, v: Any, default: Any) -> None:
             raise bad("must be between 0 and 1")
 
 
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def check_options(func: Callable[..., Any], kwargs: dict[str, Any]) -> None:
     """Raise a one-line :class:`GigaslideError` for the first value no command could use."""
     params = inspect.signature(func).parameters
@@ -97,8 +105,14 @@ def check_options(func: Callable[..., Any], kwargs: dict[str, Any]) -> None:
         default = params[name].default if name in params else None
         values: Sequence[Any] = v if isinstance(v, (list, tuple)) else [v]
         for item in values:
+            if isinstance(item, str) and name in POSITIVE and _is_float(item) and not float(item) <= 0:
+                item = float(item)  # "inf" / "nan" / "1e-7" of a str option (--slide-mpp: a number or a CSV path)
             if isinstance(item, (int, float)):
                 _check_number(name, item, default)
+                if name == "slide_mpp" and not isinstance(item, bool):  # once, not once per slide
+                    from gigaslide.slides.mpp import check_override
+
+                    check_override(float(item), _flag(name))
             elif isinstance(item, str):
                 if "\x00" in item:
                     raise GigaslideError(f"{_flag(name)} contains a NUL character", fix="pass a plain path or value")

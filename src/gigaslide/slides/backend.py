@@ -119,6 +119,12 @@ def _check_plain_image(path: Path) -> None:
                 "and use the converted file")
 
 
+def _close_quietly(handle: Any) -> None:
+    if handle is not None:
+        with contextlib.suppress(Exception):
+            handle.close()
+
+
 def open_backend(path: str | os.PathLike) -> tuple[Any, str]:
     """Return ``(handle, backend_name)``; raise a one-line error when no reader can open the file."""
     p = Path(path)
@@ -129,6 +135,7 @@ def open_backend(path: str | os.PathLike) -> tuple[Any, str]:
     check_tiff(p)
     errors: list[str] = []
     for name, opener in (("openslide", _open_openslide), ("tiffslide", _open_tiffslide), ("image", _open_image)):
+        handle = None
         try:
             with _quiet_tifffile():
                 handle = opener(p)
@@ -137,6 +144,7 @@ def open_backend(path: str | os.PathLike) -> tuple[Any, str]:
                     handle.read_region((0, 0), last, (1, 1))
         except Exception as e:  # noqa: BLE001 - every reader's failure is collected
             errors.append(f"{name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            _close_quietly(handle)  # its file stayed open until a garbage collection: one descriptor per slide
             continue
         return handle, name
     raise GigaslideError(

@@ -15,7 +15,7 @@ WSI_EXTENSIONS = tuple(e for e in SLIDE_EXTENSIONS if e not in (".png", ".jpg", 
 
 
 def _is_slide(p: Path) -> bool:
-    return p.is_file() and p.name.lower().endswith(WSI_EXTENSIONS) and not p.name.startswith(".")
+    return p.name.lower().endswith(WSI_EXTENSIONS) and not p.name.startswith(".") and p.is_file()
 
 
 def find_slides(inputs: Iterable[str | os.PathLike], recursive: bool = True) -> list[Path]:
@@ -46,8 +46,14 @@ def find_slides(inputs: Iterable[str | os.PathLike], recursive: bool = True) -> 
                                  fix=f"put slides ({', '.join(WSI_EXTENSIONS[:6])}, ...) there or pass files directly")
     seen: set[Path] = set()
     unique = []
+    folders: dict[Path, Path] = {}  # each folder resolved once: resolving every file lstat-ed each part of its path
     for f in out:
-        r = f.resolve()
+        if os.path.islink(f):
+            r = f.resolve()
+        else:
+            if f.parent not in folders:
+                folders[f.parent] = f.parent.resolve()
+            r = folders[f.parent] / f.name
         if r not in seen:
             seen.add(r)
             unique.append(f)

@@ -24,12 +24,33 @@ def slide_id_from_path(path: Path) -> str:
     return path.stem if path.stem not in ("", ".", "..") else name
 
 
+def not_text_path_error(path: str | os.PathLike) -> str | None:
+    """The error line for a path that is not valid UTF-8 text (a Latin-1 name from an old share, which Python holds
+    with a lone surrogate per undecodable byte), else None: the slide's id and path are recorded in HDF5 attributes
+    and JSON, which store text only (writing one failed with a UnicodeEncodeError deep inside tiling)."""
+    s = os.fspath(path)
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")  # caf\xe9.svs
+        return GigaslideError("the path is not valid UTF-8 (its undecodable bytes shown as \\xNN), so it cannot be "
+                              "recorded in the outputs", path=shown,
+                              fix="rename the file (or folder) to UTF-8, e.g. `convmv -f latin1 -t utf8 --notest -r "
+                                  "FOLDER`, or link it under a UTF-8 name (`ln -s`) and pass the link").one_line()
+    return None
+
+
 def by_slide_id(paths: Iterable[str | os.PathLike]) -> Iterator[tuple[str | os.PathLike, str, str | None]]:
     """``(path, slide id, None)`` for each of ``paths`` in order, or ``(path, slide id, error line)`` for a path whose
-    id an earlier path already has (one output file per id: the second slide would overwrite the first's)."""
+    id an earlier path already has (one output file per id: the second slide would overwrite the first's), or whose
+    path is not UTF-8 text (:func:`not_text_path_error`)."""
     seen: dict[str, str] = {}
     for p in paths:
         sid = slide_id_from_path(Path(p))
+        bad = not_text_path_error(os.path.abspath(p))
+        if bad:  # the id as it is shown (caf\xe9): manifests record it, and JSON readers refuse a lone surrogate
+            yield p, sid.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), bad
+            continue
         if sid in seen:
             yield p, sid, GigaslideError(f"slide id '{sid}' also used by {seen[sid]}", path=p,
                                          fix="rename one of the slides; ids come from file names").one_line()
@@ -38,4 +59,4 @@ def by_slide_id(paths: Iterable[str | os.PathLike]) -> Iterator[tuple[str | os.P
         yield p, sid, None
 
 
-__all__ = ["SLIDE_EXTENSIONS", "by_slide_id", "slide_id_from_path"]
+__all__ = ["SLIDE_EXTENSIONS", "by_slide_id", "not_text_path_error", "slide_id_from_path"]

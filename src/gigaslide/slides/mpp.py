@@ -8,6 +8,7 @@ default of ordinary TIFF writers is ignored).
 from __future__ import annotations
 
 import csv
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,6 +18,11 @@ from gigaslide.errors import GigaslideError
 from gigaslide.slides.ids import slide_id_from_path
 
 PLAUSIBLE_MPP = (0.05, 20.0)
+#: A resolution given by hand (``--slide-mpp``, a CSV row) outside this range is refused: it is a unit mistake (a value
+#: in mm or m, 0.00025 or 2.5e-7 for 0.25 µm/px; in nm, 250), which read tiles of absurd sizes or failed deep inside
+#: tiling ("use --tile-size at most 0").
+OVERRIDE_MPP = (0.01, 100.0)
+_UNITS_FIX = "give the scan resolution in µm per pixel at level 0, e.g. 0.25 (40x) or 0.5 (20x), not in mm or nm"
 
 
 @dataclass(frozen=True)
@@ -31,11 +37,31 @@ class Mpp:
 
 
 def _f(v: object) -> float | None:
+    """``v`` as a positive finite number, else None (``nan``, ``inf``, ``0``, text)."""
     try:
         f = float(str(v))
     except (TypeError, ValueError):
         return None
-    return f if f > 0 else None
+    return f if math.isfinite(f) and f > 0 else None
+
+
+def _is_number(v: object) -> bool:
+    """Whether ``v`` reads as a float at all (``nan``, ``-1`` and ``inf`` included): a number, not a CSV path."""
+    try:
+        float(str(v))
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def check_override(v: float, what: str, path: str | os.PathLike | None = None) -> float:
+    """``v`` when it is a plausible hand-given resolution (:data:`OVERRIDE_MPP`), else a one-line error naming
+    ``what`` (``--slide-mpp``, or the CSV row's slide)."""
+    lo, hi = OVERRIDE_MPP
+    if not lo <= v <= hi:
+        raise GigaslideError(f"{what}: {v:g} µm/px is outside the resolutions slides are scanned at ({lo:g}-{hi:g}"
+                             " µm/px): a value in another unit?", path=path, fix=_UNITS_FIX)
+    return v
 
 
 def _plausible(v: float | None) -> bool:
@@ -63,6 +89,22 @@ def mpp_from_properties(props: Mapping[str, str]) -> Mpp | None:
     return None
 
 
+def ignored_mpp(props: Mapping[str, str]) -> str | None:
+    """The resolution the metadata states but :func:`mpp_from_properties` does not use (outside
+    :data:`PLAUSIBLE_MPP`, not finite, or 0), as ``openslide.mpp-x 1e+07 µm/px``; None when it states none."""
+    for k in ("openslide.mpp-x", "tiffslide.mpp-x", "aperio.MPP"):
+        v = props.get(k)
+        if v not in (None, ""):
+            try:
+                return f"{k} {float(v):.4g} µm/px"
+            except ValueError:
+                return f"{k} '{str(v)[:20]}'"
+    unit, rx = str(props.get("tiff.ResolutionUnit", "")).lower(), props.get("tiff.XResolution")
+    if rx not in (None, "") and unit not in ("", "none", "1"):
+        return f"tiff.XResolution {str(rx)[:20]} px per {unit}"
+    return None
+
+
 def load_mpp_table(path: str | os.PathLike) -> dict[str, float]:
     """Read ``slide_id,mpp`` (or ``slide,mpp`` / ``path,mpp`` / ``filename,mpp``) rows into ``{slide_id: mpp}``.
 
@@ -86,8 +128,9 @@ def load_mpp_table(path: str | os.PathLike) -> dict[str, float]:
     for r in rows:
         v = _f(r["mpp"])
         if v is None:
-            raise GigaslideError(f"mpp '{r['mpp']}' for {r[key]} is not a positive number", path=p,
+            raise GigaslideError(f"mpp '{r['mpp']}' for {r[key]} is not a positive finite number", path=p,
                                  fix="write the scan resolution in µm per pixel, e.g. 0.25")
+        check_override(v, f"mpp of {r[key]}", path=p)
         table[slide_id_from_path(Path(r[key])) if key in ("path", "filename") else r[key]] = v
     return table
 
@@ -96,8 +139,32 @@ def resolve_override(slide_mpp: float | str | None, slide_id: str) -> float | No
     """``--slide-mpp`` may be a number (all slides) or a CSV path (per slide)."""
     if slide_mpp is None or slide_mpp == "":
         return None
-    v = _f(slide_mpp)
-    if v is not None:
-        return v
-    table = load_mpp_table(str(slide_mpp))
-    return table.get(slide_id)
+    if _is_number(slide_mpp):  # "nan" or "inf" is no CSV path: it was read as one ("mpp table not found: nan")
+        v = _f(slide_mpp)
+        if v is None:
+            raise GigaslideError(f"--slide-mpp {slide_mpp} is not a positive finite number", fix=f"{_UNITS_FIX}, "
+                                 "or a CSV with columns slide_id,mpp")
+        return check_override(v, "--slide-mpp")
+    return _table(str(slide_mpp)).get(slide_id)
+
+
+#: Tables read by :func:`_table`, by the CSV's path and stat (an edited file is read again); the last few only.
+_TABLES: dict[tuple, dict[str, float]] = {}
+
+
+def _table(path: str) -> dict[str, float]:
+    """:func:`load_mpp_table` of ``path``, read once per version of the file: every slide opened (in tiling, in
+    reader processes, once per check) read and parsed the whole CSV again -- with one row per slide 67 ms a slide
+    at 10,000 rows, 11 minutes for the batch, growing with the square of the slides."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return load_mpp_table(path)  # says that it is not there
+    key = (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    table = _TABLES.get(key)
+    if table is None:
+        table = load_mpp_table(path)
+        while len(_TABLES) >= 4:
+            _TABLES.pop(next(iter(_TABLES)))
+        _TABLES[key] = table
+    return table

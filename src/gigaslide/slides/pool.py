@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import queue
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -130,6 +131,23 @@ def _worker(tasks, results, slots, parent: int) -> None:  # noqa: ANN001 - multi
     readers.close()
 
 
+#: Where the reader processes' shared batch buffers live (POSIX shared memory, as torch makes it on Linux).
+SHM_DIR = "/dev/shm"
+#: Share of :data:`SHM_DIR`'s free space left to others (data-loader workers, other ranks) when buffers are made.
+SHM_HEADROOM = 0.1
+_SHM_FIX = ("give the container more shared memory (docker run --shm-size 1g; Kubernetes: an emptyDir with medium "
+            "Memory at /dev/shm), or use a smaller --batch-size or fewer --workers")
+
+
+def shm_free_bytes(path: str = SHM_DIR) -> int | None:
+    """Bytes free in the shared-memory file system at ``path`` (None where there is none to measure)."""
+    try:
+        st = os.statvfs(path)
+    except (OSError, AttributeError):  # no /dev/shm (macOS), or no statvfs (Windows)
+        return None
+    return int(st.f_bavail) * int(st.f_frsize)
+
+
 def max_pending(workers: int) -> int:
     """Batches a :class:`ReaderPool` of ``workers`` reader processes keeps in flight (1 when reading inline)."""
     return 1 if workers == 0 else 2 * workers + 2
@@ -153,6 +171,8 @@ class ReaderPool:
         slot_bytes = 0 if decode_device is not None else slot_bytes  # batches are made on the device
         self.max_pending = max_pending(self.workers)
         n_slots = pool_slots(self.workers) if slots is None else slots
+        if self.workers and slot_bytes and n_slots:
+            n_slots = self._fit_shared_memory(n_slots, slot_bytes)
         self._slots = [torch.empty(slot_bytes, dtype=torch.uint8) for _ in range(n_slots if slot_bytes else 0)]
         self._free = list(range(len(self._slots)))
         self._seq = 0
@@ -165,13 +185,43 @@ class ReaderPool:
         self._local = _Readers(decode_device=decode_device) if self.workers == 0 else None
         self._procs: list[Any] = []
         if self.workers:
-            for t in self._slots:
-                t.share_memory_()  # before the workers fork: they write into these very pages
+            try:
+                for t in self._slots:
+                    t.share_memory_()  # before the workers fork: they write into these very pages
+            except RuntimeError as e:  # /dev/shm filled by another process since it was measured
+                self._slots = []
+                raise GigaslideError(f"no shared memory for the reader processes' batches ({str(e).splitlines()[0]})",
+                                     path=SHM_DIR, fix=_SHM_FIX) from None
             socket_safe_tempdir()  # a batch too large for a slot comes back through a socket in its temp folder
             self._ctx = tmp.get_context("fork" if os.name == "posix" else "spawn")
             self._results = self._ctx.Queue()
             self._queues = [self._ctx.Queue() for _ in range(self.workers)]
             self._procs = [self._start(i) for i in range(self.workers)]
+
+    def _fit_shared_memory(self, n_slots: int, slot_bytes: int) -> int:
+        """How many of ``n_slots`` batch buffers to make in shared memory: all when they fit in what
+        :data:`SHM_DIR` has free (less :data:`SHM_HEADROOM`); else as many as fit, fewer batches kept in flight
+        (``max_pending``) by as many reader processes at most, with a warning; fewer than two: the tiles are read in
+        this process instead (``workers`` 0). Docker gives a container 64 MB of ``/dev/shm`` by default, and 15
+        readers' buffers of 64-tile batches of 224 px take 320 MB: allocating them failed with a torch traceback."""
+        free = shm_free_bytes()
+        if free is None or n_slots * slot_bytes <= free * (1 - SHM_HEADROOM):
+            return n_slots
+        fit = int(free * (1 - SHM_HEADROOM) // slot_bytes)
+        mb = (f"{n_slots} batches of {slot_bytes / 2**20:.1f} MB need {n_slots * slot_bytes / 2**20:.1f} MB of shared "
+              f"memory, {SHM_DIR} has {free / 2**20:.1f} MB free")
+        if fit < 2:
+            warnings.warn(f"{mb}: tiles are read in this process, not in {self.workers} reader processes (slower); "
+                          f"{_SHM_FIX}", stacklevel=3)
+            self.workers = 0
+            self.max_pending = max_pending(0)
+            return pool_slots(0)
+        workers = min(self.workers, fit - 1)  # more would wait for a buffer, each holding its open slides
+        warnings.warn(f"{mb}: {fit - 1} batches are read ahead by {workers} reader processes instead of "
+                      f"{self.max_pending} by {self.workers}; {_SHM_FIX}", stacklevel=3)
+        self.workers = workers
+        self.max_pending = min(self.max_pending, fit - 1)
+        return fit
 
     def _start(self, i: int):  # noqa: ANN202
         p = self._ctx.Process(target=_worker, args=(self._queues[i], self._results, self._slots, os.getpid()),

@@ -19,7 +19,7 @@ from gigaslide.errors import GigaslideError
 from gigaslide.safe_parse import check_slide_id
 from gigaslide.slides.backend import open_backend
 from gigaslide.slides.ids import slide_id_from_path
-from gigaslide.slides.mpp import Mpp, mpp_from_properties, resolve_override
+from gigaslide.slides.mpp import PLAUSIBLE_MPP, Mpp, ignored_mpp, mpp_from_properties, resolve_override
 
 #: A target resolution may be this much finer than the scan before it is refused (rounding in metadata).
 MPP_TOLERANCE = 0.1
@@ -154,7 +154,10 @@ class Slide:
         else:
             hint = ("give --slide-mpp with its scan resolution from the scanner's report (µm/px at level 0: ~0.25 for "
                     "a 40x scan, ~0.5 for 20x; e.g. --slide-mpp 0.25)")
-        return GigaslideError(f"slide has no resolution (mpp) in its metadata{need}", path=self.path,
+        ignored = ignored_mpp(self.properties)
+        why = (f"; its {ignored} is not a microscope's ({PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} µm/px), so it is "
+               "not used" if ignored else "")
+        return GigaslideError(f"slide has no resolution (mpp) in its metadata{need}{why}", path=self.path,
                               fix=f"{hint}, or a CSV with columns slide_id,mpp for many slides")
 
     @property
@@ -320,6 +323,7 @@ class Slide:
             "level_downsamples": self.level_downsamples,
             "mpp": None if mpp is None else [mpp.x, mpp.y],
             "mpp_source": None if mpp is None else mpp.source,
+            "mpp_ignored": None if mpp is not None else ignored_mpp(self.properties),  # stated, not plausible
             "objective_power": self.properties.get("openslide.objective-power"),
             "associated_images": self.associated_images,
         }
