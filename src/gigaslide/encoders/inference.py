@@ -10,10 +10,15 @@ and ``embed-tiles`` run their encoder through :func:`for_inference`.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 from torch import nn
 
 from gigaslide.encoders.model import Encoder
+from gigaslide.errors import GigaslideError
 
 
 def _batchnorms(m: nn.Module) -> int:
@@ -52,3 +57,25 @@ def for_inference(encoder: Encoder, fold: bool = True) -> Encoder:
         out = out.to(memory_format=torch.channels_last)
     out.bn_folded = fused is not None
     return out
+
+
+def nonfinite_error(feats: np.ndarray, precision: str, *, what: str, path: str | None = None,
+                    coords: np.ndarray | None = None, names: Sequence[str | os.PathLike] | None = None,
+                    in_fp32: str = "run with --precision fp32") -> GigaslideError | None:
+    """A one-line error when ``feats`` ([N, D], an encoder's output for ``what``, e.g. "slide a") holds NaN or Inf
+    values, else None: such features must never be written (every mean, attention weight and AUC made from them
+    turns NaN). ``precision``: the one the encoder ran in (fp16 overflows: the fix is another precision);
+    ``coords``: the tiles' level-0 (x, y), or ``names``: their files, to name the first bad tile; ``in_fp32``: how
+    the command runs the encoder in fp32 (the fix after fp16 / bf16)."""
+    finite = np.isfinite(feats).reshape(len(feats), -1).all(1)
+    if finite.all():
+        return None
+    bad = np.flatnonzero(~finite)
+    first = (str(names[bad[0]]) if names is not None else
+             f"tile {bad[0]}" + ("" if coords is None else f" at level-0 ({coords[bad[0]][0]}, {coords[bad[0]][1]})"))
+    kind = "/".join(k for k, has in (("NaN", np.isnan(feats).any()), ("Inf", np.isinf(feats).any())) if has)
+    fix = (f"{in_fp32} (the encoder overflows in {precision}), or check its weights"
+           if precision in ("fp16", "bf16") else
+           "check the encoder's weights (--weights: a damaged or diverged checkpoint gives NaN) and re-run")
+    return GigaslideError(f"the encoder gave {kind} features for {len(bad)} of {len(feats)} tiles of {what} (first: "
+                          f"{first}, precision {precision}); nothing was written", path=path, fix=fix)

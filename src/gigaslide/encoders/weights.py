@@ -103,9 +103,11 @@ def cache_dirs() -> list[Path]:
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         if os.environ.get(var):
             dirs.append(Path(os.environ[var]).expanduser())
-    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
-    hf_home = Path(os.environ.get("HF_HOME") or cache_home / "huggingface").expanduser()
-    dirs.append(hf_home / "hub")
+    hf_home = os.environ.get("HF_HOME") or (os.environ.get("XDG_CACHE_HOME") or "~/.cache") + "/huggingface"
+    try:
+        dirs.append(Path(hf_home).expanduser() / "hub")
+    except RuntimeError:  # "~" with HOME unset and a user without a passwd entry (a container's arbitrary uid)
+        pass
     return list(dict.fromkeys(dirs))
 
 
@@ -136,7 +138,8 @@ def resolve_hub_weights(hub: str) -> Path:
                     return c / n
         looked.append(str(d))
     raise GigaslideError(
-        f"weights for {hub} are not in the local cache (looked in {', '.join(looked)})",
+        f"weights for {hub} are not in the local cache (looked in {', '.join(looked)})" if looked else
+        f"weights for {hub}: no local cache to look in (HOME is unset and this user has no home folder)",
         fix=f"on a machine with internet run `huggingface-cli download {repo_id}` and copy the cache here "
             "(or set GIGASLIDE_WEIGHTS to a folder holding <org>/<name>/model.safetensors), or pass --weights PATH",
     )

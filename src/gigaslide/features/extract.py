@@ -41,7 +41,7 @@ import torch
 from gigaslide import atomic
 from gigaslide.devices import PrecisionChoice, autocast_ctx, choose_precision, pick_device
 from gigaslide.encoders import Encoder
-from gigaslide.encoders.inference import for_inference
+from gigaslide.encoders.inference import for_inference, nonfinite_error
 from gigaslide.errors import GigaslideError
 from gigaslide.features import store
 from gigaslide.features.manifest import Manifest
@@ -605,6 +605,11 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
             if start + len(px) >= job.n:  # written by a thread while the next slide is encoded
                 feats = torch.cat(job.feats).float().cpu().numpy()
                 job.feats.clear()
+                bad = nonfinite_error(feats, choice.resolved, what=f"slide {job.slide_id}", path=job.path,
+                                      coords=job.grid.coords)
+                if bad is not None:  # NaN / Inf features are never written: the slide fails, the others go on
+                    run.fail(job, bad.one_line())
+                    continue
                 for f in [f for f in writes if f.done()]:
                     writes.remove(f)
                     f.result()  # a write that failed (e.g. a full disk) stops the job here

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from gigaslide.devices import cpu_cores, loader_workers, pick_device
+from gigaslide.errors import GigaslideError
 
 #: Most reader processes per rank on CUDA (beyond this the decoder is rarely the limit).
 MAX_GPU_READERS = 16
@@ -32,16 +33,46 @@ class RankInfo:
     source: str = "single"  # single | torchrun | slurm
 
 
+def _env_int(e: Mapping[str, str], name: str, default: int | None = None, *, launcher: str) -> int:
+    """The integer environment variable ``name`` (``default`` when unset or empty), or a one-line error naming it."""
+    raw = str(e.get(name, "")).strip()
+    if not raw and default is not None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise GigaslideError(f"environment variable {name}={e.get(name)!r} is not a whole number ({launcher} sets it)",
+                             fix=f"unset it to run as one process, or launch with {launcher}") from None
+
+
+def _checked(info: RankInfo, names: str, launcher: str) -> RankInfo:
+    """``info`` when its rank lies in its world (and the local ones too), else a one-line error naming ``names``."""
+    if info.world < 1 or not 0 <= info.rank < info.world or info.local_world < 1 \
+            or not 0 <= info.local_rank < max(info.local_world, info.world):
+        raise GigaslideError(f"environment variables {names} give rank {info.rank} of {info.world} (local rank "
+                             f"{info.local_rank} of {info.local_world}): a rank must lie in 0 .. world - 1",
+                             fix=f"unset them to run as one process, or launch with {launcher} (which sets them)")
+    return info
+
+
 def rank_info(env: Mapping[str, str] | None = None) -> RankInfo:
+    """This process's rank: from torchrun (``RANK`` and ``WORLD_SIZE`` both set), else from SLURM (``SLURM_PROCID``
+    set and ``SLURM_NTASKS`` > 1: an interactive ``srun`` shell of one task is one process), else rank 0 of 1. A
+    value that is not a whole number, or a rank outside its world, is a one-line error naming the variables."""
     e = os.environ if env is None else env
     if "RANK" in e and "WORLD_SIZE" in e:
-        return RankInfo(int(e["RANK"]), int(e["WORLD_SIZE"]), int(e.get("LOCAL_RANK", 0)),
-                        int(e.get("LOCAL_WORLD_SIZE", e["WORLD_SIZE"])), "torchrun")
-    if int(e.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in e:
-        n = int(e["SLURM_NTASKS"])
+        world = _env_int(e, "WORLD_SIZE", launcher="torchrun")
+        return _checked(RankInfo(_env_int(e, "RANK", launcher="torchrun"), world,
+                                 _env_int(e, "LOCAL_RANK", 0, launcher="torchrun"),
+                                 _env_int(e, "LOCAL_WORLD_SIZE", world, launcher="torchrun"), "torchrun"),
+                        "RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE", "torchrun")
+    if _env_int(e, "SLURM_NTASKS", 1, launcher="srun") > 1 and "SLURM_PROCID" in e:
+        n = _env_int(e, "SLURM_NTASKS", launcher="srun")
         per_node = e.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
-        return RankInfo(int(e["SLURM_PROCID"]), n, int(e.get("SLURM_LOCALID", 0)),
-                        int(per_node) if per_node.isdigit() else n, "slurm")
+        return _checked(RankInfo(_env_int(e, "SLURM_PROCID", launcher="srun"), n,
+                                 _env_int(e, "SLURM_LOCALID", 0, launcher="srun"),
+                                 int(per_node) if per_node.isdigit() else n, "slurm"),
+                        "SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NTASKS_PER_NODE", "srun")
     return RankInfo()
 
 

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from gigaslide.devices import autocast_ctx, resolve_precision
-from gigaslide.encoders.inference import for_inference
+from gigaslide.encoders.inference import for_inference, nonfinite_error
 from gigaslide.errors import GigaslideError
 from gigaslide.tiling.folders import file_digest, labelled_images, read_image, subsample, tiles_fingerprint
 
@@ -133,8 +133,13 @@ def embed_tile_folder(encoder, folder: str | os.PathLike, out: str | os.PathLike
     # listing fingerprint of the next run, which reads every file
     fingerprint = tiles_fingerprint(folder, files, labels, [digests[j] for j in kept]) if skipped \
         else attrs["listing_fingerprint"]
+    precision = resolve_precision(next(encoder.parameters()).device, "auto")  # embed_arrays' autocast
+    bad = nonfinite_error(feats, precision, what="the folder", path=folder, names=files,
+                          in_fp32="run on a GPU with native bf16 (Ampere or later) or on the CPU")
+    if bad is not None:  # NaN / Inf features are never written
+        raise bad
     attrs.update(tile_size=int(h) if h == w else None, n_tiles=len(files), n_skipped=len(skipped),
-                 precision=resolve_precision(next(encoder.parameters()).device, "auto"),  # embed_arrays' autocast
+                 precision=precision,
                  tiles_fingerprint=fingerprint,
                  skipped_files=json.dumps(dict(list(skipped.items())[:MAX_SKIPPED_NAMES])) if skipped else None)
     store.save(out, feats, attrs={k: v for k, v in attrs.items() if v is not None}, labels=labels)

@@ -77,7 +77,15 @@ def tile_many(items: Iterable[T], path_of: Callable[[T], str | os.PathLike], out
     left: list[T] = []  # drawn, not finished when the pool broke: tiled here instead
     ctx = mp.get_context(start if os.name == "posix" else "spawn")
     socket_safe_tempdir()  # a forkserver listens on a socket in multiprocessing's temp folder
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
+    try:
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=exit_with_parent, initargs=(os.getpid(),))
+    except OSError as e:  # its queues' semaphores live in /dev/shm: full (a container's 64 MB) or not writable
+        warnings.warn(f"cannot start {workers} tiling processes ({e.strerror or e}: their semaphores live in "
+                      "/dev/shm, full or not writable): the slides are tiled one after another in this process "
+                      "(slower); give the container more shared memory (docker run --shm-size 1g)", stacklevel=2)
+        yield from tile_many(it, path_of, out, params, slide_mpp=slide_mpp, overlays=overlays, workers=1)
+        return
+    with pool:
         while True:
             while len(pending) < 2 * workers and not left and (item := next(it, _END)) is not _END:
                 try:

@@ -20,7 +20,9 @@ file-level provenance attrs, among them
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -88,18 +90,35 @@ def level0_dimensions(attrs: dict) -> list[int] | None:
 
 
 def save_grid(grid: TileGrid, path: str | os.PathLike, *, seed: int | None = None) -> Path:
-    with atomic.atomic_path(path, suffix=".h5") as tmp:
-        with h5py.File(tmp, "w") as f:
-            d = f.create_dataset("coords", data=grid.coords.astype(np.int64), **_checksummed(grid.coords))
-            d.attrs.update(coords_attrs(grid))
-            f.create_dataset("tissue", data=grid.tissue.astype(np.float32), **_checksummed(grid.tissue))
-            f.create_dataset("padding", data=np.asarray(grid.padding, np.float32), **_checksummed(grid.tissue))
-            f.attrs.update(provenance(
-                kind="tile_coords", slide_id=grid.slide_id, slide_path=grid.slide_path, mpp=grid.target_mpp,
-                tile_size=grid.tile_size, overlap=grid.overlap, min_tissue=grid.min_tissue, slide_mpp=grid.slide_mpp,
-                seed=seed, **{k: grid.extra[k] for k in EXTRA_KEYS if grid.extra.get(k) is not None},
-            ))
+    with _h5_written_whole(path) as f:
+        d = f.create_dataset("coords", data=grid.coords.astype(np.int64), **_checksummed(grid.coords))
+        d.attrs.update(coords_attrs(grid))
+        f.create_dataset("tissue", data=grid.tissue.astype(np.float32), **_checksummed(grid.tissue))
+        f.create_dataset("padding", data=np.asarray(grid.padding, np.float32), **_checksummed(grid.tissue))
+        f.attrs.update(provenance(
+            kind="tile_coords", slide_id=grid.slide_id, slide_path=grid.slide_path, mpp=grid.target_mpp,
+            tile_size=grid.tile_size, overlap=grid.overlap, min_tissue=grid.min_tissue, slide_mpp=grid.slide_mpp,
+            seed=seed, **{k: grid.extra[k] for k in EXTRA_KEYS if grid.extra.get(k) is not None},
+        ))
     return Path(path)
+
+
+@contextlib.contextmanager
+def _h5_written_whole(path: str | os.PathLike) -> Iterator[h5py.File]:
+    """An HDF5 file built in memory, its bytes then written to ``path`` atomically
+    (:func:`gigaslide.atomic.atomic_path`).
+
+    The HDF5 library never writes to the disk itself: a disk that filled up under it (ENOSPC inside ``H5Fclose``)
+    raised a multi-line RuntimeError traceback, h5py's own "Exception ignored" tracebacks and then a segmentation
+    fault at exit; a plain write of the bytes fails with an OSError that ``atomic_path`` turns into one line naming
+    the file (the temporary removed). Costs one in-memory copy of the file while it is written."""
+    with atomic.atomic_path(path, suffix=".h5") as tmp:
+        with h5py.File(tmp, "w", driver="core", backing_store=False) as f:  # in memory: HDF5 never opens ``tmp``
+            yield f
+            f.flush()
+            image = f.id.get_file_image()
+        with open(tmp, "wb") as fh:
+            fh.write(image)
 
 
 def _positive(v: object) -> float | None:
