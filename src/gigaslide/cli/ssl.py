@@ -129,7 +129,7 @@ def pretrain(data: str, out: str, method: str = "dino", backbone: str = "resnet1
         method_args: JSON object overriding method settings, e.g. '{"out_dim": 8192, "temperature": 0.1}'
         devices: number of GPUs; more than 1 runs DDP through PyTorch Lightning
         precision: auto (bf16 on CUDA; on a CPU with native bf16, bf16 for the methods measured as good in it per step, see benchmarks/results/tile_precision.md, else fp32; recorded in run.json), bf16, fp16 or fp32
-        workers: data-loader worker processes (default: on CPU the cores the torch threads leave free, at most 4, so 0 = the main process when the model uses every core; on CUDA the cores but one, at most 8)
+        workers: data-loader worker processes (default: on CPU the cores the torch threads leave free, at most 4, so 0 = the main process when the model uses every core; on CUDA the cores but one, at most 8; fewer, or 0, with a warning, when /dev/shm cannot hold their batches)
         seed: random seed (model init, tile order, augmentations)
         checkpoint_every: checkpoint interval in wall-clock time (e.g. 10m)
         monitor_every: steps between label-free monitor points (default ~8 per run; 0 = off)

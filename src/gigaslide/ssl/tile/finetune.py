@@ -51,6 +51,7 @@ from gigaslide.features.tiles import read_tile
 from gigaslide.locks import ItemLock, socket_safe_tempdir
 from gigaslide.ssl.tile.augment import random_flip_rotate, random_stain_jitter, to_float
 from gigaslide.ssl.tile.session import clean_stale_temporaries
+from gigaslide.ssl.tile.step import check_finite_gradient
 from gigaslide.tiling.folders import file_digest, labelled_images, subsample, tiles_fingerprint
 
 AUGMENTS = ("pathology", "none")
@@ -240,6 +241,10 @@ def finetune_fraction(encoder: str, weights: str, train: tuple[list[Path], np.nd
             check_finite_loss(loss, f"epoch {state['epoch']} step {state['step']}", run_dir)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if not scaler.is_enabled():  # fp16's scaler skips a step with a non-finite gradient (and lowers its scale)
+                check_finite_gradient(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()
+                                                                    if p.grad is not None]),
+                                      f"epoch {state['epoch']} step {state['step']}", loss, run_dir)
             scaler.step(opt)
             scaler.update()
             state["step"] += 1
@@ -247,6 +252,9 @@ def finetune_fraction(encoder: str, weights: str, train: tuple[list[Path], np.nd
             losses.append(loss.item())
         state["train_seconds"] += time.perf_counter() - t0
         p_va, val_loss = predict_tiles(model, ds_va, cfg, device)
+        if not math.isfinite(val_loss):  # not kept as the best model, nor tested: a NaN encoder and NaN metrics
+            raise GigaslideError(f"the validation loss became {val_loss} after epoch {state['epoch']}", path=run_dir,
+                                 fix="lower --lr; the last good checkpoint is kept and a re-run resumes from it")
         state["history"].append({"epoch": state["epoch"], "train_loss": float(np.mean(losses)) if losses else None,
                                  "val_loss": val_loss, "val_balanced_accuracy": METRICS["balanced_accuracy"](val[1], p_va),
                                  "images_per_s": round(seen / max(1e-9, time.perf_counter() - t0), 1)})

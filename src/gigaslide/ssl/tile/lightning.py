@@ -81,8 +81,24 @@ def _module_class():  # noqa: ANN202
     return SSLModule
 
 
+#: The launchers' rank variables Lightning (and torchmetrics, on import) read as integers.
+RANK_VARIABLES = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK")
+
+
+def check_rank_variables(env: dict[str, str] | None = None) -> None:
+    """A one-line error for a rank variable that is set but no whole number (``LOCAL_RANK=`` left empty by a job
+    script): importing Lightning failed on it with a torchmetrics traceback."""
+    e = os.environ if env is None else env
+    for name in RANK_VARIABLES:
+        if name in e and not e[name].strip().isdigit():
+            raise GigaslideError(f"environment variable {name}={e[name]!r} is not a whole number (torchrun sets it)",
+                                 fix=f"unset {name} (the engine starts its own processes for --devices), or launch "
+                                     "with torchrun")
+
+
 def pretrain_lightning(cfg: PretrainConfig) -> dict[str, Any]:
     """DDP pre-training over ``cfg.devices`` GPUs (or CPU processes when no GPU is present)."""
+    check_rank_variables()
     try:
         import pytorch_lightning as pl  # optional heavy dependency
     except ImportError:  # pragma: no cover
@@ -129,4 +145,4 @@ def pretrain_lightning(cfg: PretrainConfig) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["pretrain_lightning"]
+__all__ = ["RANK_VARIABLES", "check_rank_variables", "pretrain_lightning"]

@@ -64,6 +64,16 @@ def clean_stale_temporaries(out: str | os.PathLike) -> int:
     return sum(atomic.clean_stale_tmp(d) for d in (Path(out), Path(out) / "encoder", runs.checkpoint_dir(out)))
 
 
+def warn_if_blank(tiles: torch.Tensor, data: str | os.PathLike) -> bool:
+    """Warn when every one of ``tiles`` (float [N, 3, S, S], the monitor's sample of ``--data``) is one flat colour
+    (blank glass, black padding): the run trains without error, on nothing (RankMe 1). True when it warned."""
+    if not len(tiles) or not bool((tiles.flatten(1).std(1) < 1 / 255).all()):
+        return False
+    log.warning("all %d tiles sampled from %s for the monitor are blank (one flat colour each): the encoder has "
+                "nothing to learn from them; check --data (slides: --min-tissue, --background)", len(tiles), data)
+    return True
+
+
 @dataclass
 class Session:
     cfg: PretrainConfig  # resolved
@@ -142,9 +152,21 @@ class Session:
                 "monitor": self.monitor_log[-500:], "init": self.init_source, "precision": self.precision.record(),
                 "export_prefix": self.export_prefix(), "spec": json.loads(self.spec.to_json()), "reason": reason}
 
+    def check_finite_weights(self) -> None:
+        """Refuse to checkpoint or export NaN/inf weights (a one-line error naming the step and the first bad
+        tensor): the last checkpoint stays the last good one, and no NaN encoder is written."""
+        bad = [k for k, v in self.model.state_dict().items()
+               if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise GigaslideError(f"{len(bad)} weight tensor(s) became NaN/inf by step {self.step} (the first: "
+                                 f"{bad[0]}); no checkpoint or encoder was written", path=self.out,
+                                 fix="lower --lr or use --precision fp32; the last good checkpoint is kept and a "
+                                     "re-run resumes from it")
+
     def save(self, reason: str) -> None:
         if self.run is None:
             return
+        self.check_finite_weights()
         self.run.save(self.payload(reason))
         self.run.update(history=self.history[-2000:], monitor=self.monitor_log, planned_steps=self.plan.planned,
                         precision=self.precision.record())
@@ -253,6 +275,7 @@ def open_session(cfg: PretrainConfig, *, write: bool = True, device: torch.devic
     monitor = None
     if write and cfg.monitor_every != 0 and cfg.monitor_size > 1:  # rank 0 monitors
         monitor = Monitor(source, recipes, cfg.tile_size, cfg.monitor_size, cfg.seed)
+        warn_if_blank(monitor.native, cfg.data)
     s = Session(cfg, run, model, spec, device, precision, opt, scaler, plan, source, dataset, monitor, init_source)
     if ck is not None:
         s.step, s.images, s.elapsed = int(ck["step"]), int(ck["images"]), float(ck["elapsed_s"])
@@ -276,4 +299,4 @@ def open_session(cfg: PretrainConfig, *, write: bool = True, device: torch.devic
     return s
 
 
-__all__ = ["RUN_KIND", "Session", "clean_stale_temporaries", "open_session"]
+__all__ = ["RUN_KIND", "Session", "clean_stale_temporaries", "open_session", "warn_if_blank"]

@@ -4,7 +4,8 @@ and the step plan of a ``--budget``.
 :func:`train_step` is the one optimisation step of both the native loop (:mod:`.train`) and the
 Lightning wrapper (:mod:`.lightning`): lr of each group (``lr_scale``: layer decay and the patch
 embedding's multiplier), the method's loss under the run's autocast, the non-finite-loss guard,
-backward through the AMP scaler, gradient clipping, the method's gradient surgery and momentum updates.
+backward through the AMP scaler, gradient clipping (a non-finite gradient norm stops the run before the weights
+change, unless fp16's scaler skips the step), the method's gradient surgery and momentum updates.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
 from gigaslide.devices import autocast_ctx, guard_bf16_convs
 from gigaslide.encoders import create_trunk, trunk_width, with_embed_dim
-from gigaslide.errors import check_finite_loss
+from gigaslide.errors import GigaslideError, check_finite_loss
 from gigaslide.ssl.tile.config import PretrainConfig
 from gigaslide.ssl.tile.init import load_init_weights, patch_size_of, run_spec
 from gigaslide.ssl.tile.methods import SSL_METHODS
@@ -134,6 +135,18 @@ def lr_at(progress: float, base: float, warmup: float) -> float:
     return base * (0.5 * (1 + math.cos(math.pi * min(p, 1.0))) * 0.99 + 0.01)
 
 
+def check_finite_gradient(norm: torch.Tensor, at: str, loss: torch.Tensor, run_dir: Any) -> None:
+    """Stop before the optimiser step when the gradient norm is NaN/inf although the loss was finite: clipping
+    would spread the NaN to every gradient, the step to every weight, and the next checkpoint and the export
+    would hold NaN weights (the loss guard only sees it one step later, after they were saved)."""
+    value = float(norm)
+    if not math.isfinite(value):
+        raise GigaslideError(f"the gradients became {value} at {at} (loss {float(loss.detach()):.5g}); "
+                             "the weights were not updated", path=run_dir,
+                             fix="lower --lr or use --precision fp32; the last good checkpoint is kept and a re-run "
+                                 "resumes from it")
+
+
 def train_step(model: torch.nn.Module, batch: list[torch.Tensor], opt: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, step: int, progress: float, *, base_lr: float, warmup_frac: float,
                device: torch.device, precision: str, run_dir: Any,
@@ -152,7 +165,9 @@ def train_step(model: torch.nn.Module, batch: list[torch.Tensor], opt: torch.opt
     scaled = scaler.scale(loss)
     (backward or torch.Tensor.backward)(scaled)
     scaler.unscale_(opt)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_GRAD_NORM)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_GRAD_NORM)
+    if not scaler.is_enabled():  # fp16's scaler skips a step with a non-finite gradient (and lowers its scale)
+        check_finite_gradient(norm, f"step {step}", loss, run_dir)
     model.before_optimizer_step(step)
     scaler.step(opt)
     scaler.update()
@@ -211,4 +226,5 @@ class StepPlan:
         return sum(self.step_times) / len(self.step_times) if self.step_times else None
 
 
-__all__ = ["CLIP_GRAD_NORM", "StepPlan", "build_model", "lr_at", "param_groups", "train_step", "trunk_patch_size"]
+__all__ = ["CLIP_GRAD_NORM", "StepPlan", "build_model", "check_finite_gradient", "lr_at", "param_groups", "train_step",
+           "trunk_patch_size"]
