@@ -42,7 +42,7 @@ import torch
 
 from gigaslide import atomic
 from gigaslide.encoders import Encoder, build_encoder
-from gigaslide.encoders.inference import for_inference
+from gigaslide.encoders.inference import for_inference, nonfinite_error
 from gigaslide.errors import GigaslideError
 from gigaslide.features import store
 from gigaslide.locks import ItemLock
@@ -54,8 +54,12 @@ from gigaslide.tiling.store import level0_dimensions
 from gigaslide.tiling.tissue import check_background
 
 CACHE_JSON = "cache.json"
+#: How augment-cache runs its encoder in fp32 (the fix of features that overflowed in fp16 / bf16).
+FP32 = "re-run augment-cache with --precision fp32"
 #: The cache's writer lock (``CACHE/.augment-cache.lock``; hidden, so not part of the cache's fingerprint).
 CACHE_LOCK = ".augment-cache"
+#: Free space kept beyond a slide's estimated file (:func:`cache_bytes`): HDF5 metadata, its tile grid.
+FREE_MARGIN = 1 << 20
 #: Parameters that must agree between runs writing into one cache.
 CACHE_KEYS = ("encoder", "encoder_weights_sha256", "mpp", "tile_size", "views", "tiles_per_view", "seed", "augment",
               "min_tissue", "tissue_source", "tissue_classes")  # the last three: absent from caches built before them
@@ -256,6 +260,14 @@ def _build(slides: Sequence[str | os.PathLike], out: Path, enc: Encoder, dev: to
                     f"disk budget of {max_gb} GB reached: {len(res.done) + len(res.skipped)} slides cached, the next "
                     f"({sid}, ~{need / 1e6:.1f} MB) would exceed it; finished slides are kept",
                     path=out, fix="raise --max-gb (or free space) and re-run the same command: it resumes")
+            free = _free_bytes(feat_dir)
+            if free is not None and free < need + FREE_MARGIN:  # h5py hitting a full disk mid-write printed pages of
+                # tracebacks and crashed the process (segmentation fault); every next slide would fail the same way
+                raise GigaslideError(
+                    f"disk full: {free / 1e6:.1f} MB free, the next slide ({sid}) needs ~{need / 1e6:.2f} MB and "
+                    f"{FREE_MARGIN / 1e6:.0f} MB of headroom; "
+                    f"{len(res.done) + len(res.skipped)} slides cached, finished slides are kept", path=feat_dir,
+                    fix="free disk space (or use another --out) and re-run the same command: it resumes")
             rng = slide_rng(seed, sid)
             idx, with_repl = draw_views(len(grid), views, tiles_per_view, rng)
             if with_repl:
@@ -277,6 +289,10 @@ def _build(slides: Sequence[str | os.PathLike], out: Path, enc: Encoder, dev: to
                         res.precision = choice.record()
                         del first
                     plain[j:j + len(batch)] = _encode(enc, [batch], dev, choice.resolved)
+                bad = nonfinite_error(plain, choice.resolved, what=f"slide {sid}", path=str(path), coords=grid.coords,
+                                      in_fp32=FP32)
+                if bad is not None:  # NaN features must never be cached (pretraining's loss, every embedding: NaN)
+                    raise bad
                 used_tiles, where = np.unique(idx, return_inverse=True)
                 tiles = _read(s, grid.coords[used_tiles], tile_size, mpp, background)
             where = where.reshape(idx.shape)
@@ -288,7 +304,17 @@ def _build(slides: Sequence[str | os.PathLike], out: Path, enc: Encoder, dev: to
                                        for v in range(v0, min(v0 + group, views))])
                 f = _encode(enc, [augmented[j:j + batch_size] for j in range(0, len(augmented), batch_size)], dev,
                             choice.resolved)
-                view_feats[v0:v0 + group] = f.reshape(-1, tiles_per_view, enc.embed_dim).astype(np.float16)
+                bad = nonfinite_error(f, choice.resolved, what=f"the augmented views of slide {sid}", path=str(path),
+                                      in_fp32=FP32)
+                if bad is not None:
+                    raise bad
+                with np.errstate(over="ignore"):  # said below, in one line (not as a numpy warning)
+                    view_feats[v0:v0 + group] = f.reshape(-1, tiles_per_view, enc.embed_dim).astype(np.float16)
+                if not np.isfinite(view_feats[v0:v0 + group]).all():  # finite in fp32, inf as the cache's float16
+                    raise GigaslideError(f"slide {sid}: view features exceed float16's range (+-65504, the dtype of "
+                                         f"cached views; largest {np.abs(f).max():.3g}); nothing was written",
+                                         path=str(path), fix="use an encoder whose features stay within float16's "
+                                                             "range (or scale its output)")
             del tiles
             attrs = {**params, "run": str(out), "slide_id": sid, "slide_path": os.path.abspath(path),  # as encode's
                      "slide_bytes": size, "slide_mpp": grid.slide_mpp, IDENTITY_KEY: scan.identity or "",
@@ -309,7 +335,7 @@ def _build(slides: Sequence[str | os.PathLike], out: Path, enc: Encoder, dev: to
             res.done.append(sid)
             log(f"[{i + 1}/{len(slides)}] {sid}: {len(grid)} tiles, {views}x{tiles_per_view} views, {size / 1e6:.2f} MB")
         except GigaslideError as e:
-            if e.what.startswith("disk budget"):
+            if e.what.startswith(("disk budget", "disk full")):
                 raise  # the batch stops by design; finished slides are kept
             res.failed[sid] = e.one_line()  # a broken slide is reported, the batch goes on
             log(f"[{i + 1}/{len(slides)}] {sid}: failed -- {e.one_line()}")
@@ -380,6 +406,15 @@ def _other_slide(path: Path, size: int | None) -> bool:
     except OSError:
         return False
     return old is not None and int(old) != size
+
+
+def _free_bytes(folder: Path) -> int | None:
+    """Bytes the current user may still write in ``folder``'s file system (None: unknown)."""
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):  # no statvfs (Windows)
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 def _size(path: str | os.PathLike) -> int | None:

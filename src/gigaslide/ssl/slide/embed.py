@@ -27,7 +27,7 @@ from gigaslide.errors import GigaslideError
 from gigaslide.features import store
 from gigaslide.provenance import provenance
 from gigaslide.ssl.slide.export import MODEL, check_features, read_config
-from gigaslide.ssl.slide.views import tile_cells
+from gigaslide.ssl.slide.views import NONFINITE_FIX, nonfinite_rows, refuse_nonfinite, tile_cells
 
 
 @dataclass
@@ -63,7 +63,8 @@ def embed_slides(model: str | os.PathLike, features: str | os.PathLike, out: str
         raise GigaslideError("feature file has no tiles: a slide without tiles has no embedding",
                              path=empty.path or empty.slide_id,
                              fix="remove it from the features folder (or re-encode that slide with tissue found)")
-    ids, vecs = [], []
+    ids, vecs, bad = [], [], []
+    slides = _finite(slides, bad)  # a NaN tile made that slide's embedding NaN, written without a word
     if method == "gigassl":
         from gigaslide.ssl.slide.gigassl import embed_views, load_encoder
 
@@ -82,11 +83,20 @@ def embed_slides(model: str | os.PathLike, features: str | os.PathLike, out: str
         enc = enc.to(dev)
         for sid, ff in slides:
             emb, regs = embed_regions(enc, ff, cfg, dev, per_region=True)
+            _check_model_output(emb, sid, model)  # before a region file of NaN is written
             vecs.append(emb.mean(0))
             ids.append(sid)
             if regions_out is not None:
                 _write_regions(Path(regions_out), sid, ff, emb, regs, cfg, model)
-    emb = np.stack(vecs).astype(np.float16 if fp16 else np.float32)
+    refuse_nonfinite(bad, features, fix=f"{NONFINITE_FIX}; {out} was not written")
+    emb = np.stack(vecs).astype(np.float32)
+    for sid, row in zip(ids, emb):
+        _check_model_output(row, sid, model)
+    if fp16:
+        with np.errstate(over="ignore"):  # said in one line below, not as a numpy warning
+            emb = emb.astype(np.float16)
+        for sid, row in zip(ids, emb):
+            _check_model_output(row, sid, model, fp16=True)
     collapse = (cfg.get("collapse") or {}).get("kind")
     attrs = provenance("slide_embeddings", method=method, run=str(model), encoder=data.get("tile_encoder"),
                        encoder_weights_sha256=data.get("encoder_weights_sha256"), mpp=data.get("mpp"),
@@ -100,6 +110,30 @@ def embed_slides(model: str | os.PathLike, features: str | os.PathLike, out: str
             f.create_dataset("embeddings", data=emb)
             f.attrs.update(attrs)
     return Embeddings(ids, emb, attrs)
+
+
+def _check_model_output(emb: np.ndarray, sid: str, model: Path, fp16: bool = False) -> None:
+    """One line for a NaN / inf embedding of a slide whose features are finite: the model's weights are NaN, or the
+    value is beyond float16's range (``--fp16``)."""
+    if np.isfinite(emb).all():
+        return
+    if fp16:
+        raise GigaslideError(f"slide '{sid}': its embedding exceeds float16's range (65504)", path=model,
+                             fix="embed without --fp16; nothing was written")
+    raise GigaslideError(f"slide '{sid}': the model embeds finite features as NaN/inf (its weights are not finite?)",
+                         path=model, fix="re-train the model (or re-export it from a good checkpoint); "
+                                         "nothing was written")
+
+
+def _finite(slides, bad: list):  # noqa: ANN001, ANN202
+    """The (slide id, file) pairs of ``slides`` whose features are all finite; the others go to ``bad`` as (path, rows
+    with NaN / inf), so that one error names every such file (after one pass, not one re-run per file)."""
+    for sid, ff in slides:
+        n = nonfinite_rows(ff.features)
+        if n:
+            bad.append((ff.path or sid, n))
+        else:
+            yield sid, ff
 
 
 def _write_regions(folder: Path, sid: str, ff, emb: np.ndarray, regs, cfg: dict, model) -> None:  # noqa: ANN001

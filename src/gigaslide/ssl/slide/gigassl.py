@@ -97,6 +97,21 @@ def check_config(cfg: GigaSSLConfig) -> None:
             raise GigaslideError(f"{opt} {v} must be >= {least}", fix=f"use e.g. {opt} {eg}")
 
 
+#: What to do about a loss that became NaN / inf: an existing run keeps its options (another --lr is refused), and
+#: re-running the same command resumes bit-exactly from the last checkpoint, so meets the same NaN.
+NAN_LOSS_FIX = ("start again with a lower --lr in a new --out (a run keeps its options, and re-running this command "
+                "resumes from its last checkpoint, before the NaN, only to meet it again)")
+
+
+def check_loss(loss: torch.Tensor, at: str, run_dir: str | os.PathLike) -> None:
+    """:func:`gigaslide.errors.check_finite_loss` with a fix the slide-SSL runs can follow (its "lower --lr ... a
+    re-run resumes" could not be: a re-run with another --lr is refused, the same one meets the same NaN)."""
+    try:
+        check_finite_loss(loss, at, run_dir)
+    except GigaslideError as e:
+        raise GigaslideError(e.what, path=run_dir, fix=NAN_LOSS_FIX) from None
+
+
 def make_encoder(cfg: dict[str, Any], in_dim: int) -> nn.Module:
     return build_slide_encoder(cfg["encoder"], in_dim, out_dim=cfg["out_dim"], hidden=cfg["hidden"],
                                blocks=cfg["blocks"], norm=cfg["norm"], downsample=cfg["downsample"])
@@ -208,7 +223,7 @@ def pretrain_gigassl(cache: str | os.PathLike, out: str | os.PathLike, cfg: Giga
                 with autocast_ctx(dev, prec.resolved):
                     z = model(torch.cat([f0, f1]).to(dev), torch.cat([p0, p1]).to(dev)).float()
                 loss = loss_fn(z[: len(batch)], z[len(batch):])
-                check_finite_loss(loss, f"epoch {epoch}", run.dir)
+                check_loss(loss, f"epoch {epoch + 1} step {pos_in_epoch + 1}", run.dir)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)

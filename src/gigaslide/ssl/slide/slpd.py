@@ -44,13 +44,14 @@ from torch import nn
 
 from gigaslide import runs
 from gigaslide.devices import pick_device
-from gigaslide.errors import GigaslideError, check_finite_loss
+from gigaslide.errors import GigaslideError
 from gigaslide.features import store
-from gigaslide.features.stats import feature_stats
+from gigaslide.features.stats import STD_FLOOR, feature_stats
 from gigaslide.ssl.slide.export import data_record, export_model, read_config
-from gigaslide.ssl.slide.gigassl import lr_at
+from gigaslide.ssl.slide.gigassl import check_loss, lr_at
 from gigaslide.ssl.slide.prototypes import assign_nearest, nearest_slides, prototype_distill_loss, slide_prototypes
 from gigaslide.ssl.slide.regions import SlideRegions, compact, grid_crop, pack, regions_of
+from gigaslide.ssl.slide.views import nonfinite_rows, refuse_nonfinite
 from gigaslide.ssl.tile.methods import weight_norm_head
 
 LOSSES = ("dino", "dino+intra", "dino+intra+inter")
@@ -111,6 +112,8 @@ class RegionViT(nn.Module):
 def load_slides(features: str | os.PathLike, region_size: int, region_mpp: float):  # noqa: ANN201
     files = store.load_dir(features)  # refuses mixed encoders / weights / mpp / tile size
     slides: list[tuple[str, np.ndarray, SlideRegions]] = []
+    bad = [(ff.path or sid, n) for sid, ff in files.items() if (n := nonfinite_rows(ff.features))]
+    refuse_nonfinite(bad, features)  # a NaN tile made the loss NaN at epoch 0 ("lower --lr")
     for sid, ff in files.items():
         regs = regions_of(ff, region_size, region_mpp)
         if len(regs):
@@ -224,6 +227,11 @@ def pretrain_slpd(features: str | os.PathLike, out: str | os.PathLike, cfg: SLPD
     ff0 = next(iter(files.values()))
     grid = max(r.grid for _, _, r in slides)
     stats = feature_stats(f for _, f, _ in slides)  # one pass: no second copy of the cohort
+    if (stats[1] <= STD_FLOOR).all():  # every tile of every slide the same: every slide was embedded alike, unflagged
+        raise GigaslideError(f"every tile feature is the same in all {len(slides)} slides (std 0 in every dimension): "
+                             "there is nothing to learn and every slide would get the same embedding", path=features,
+                             fix="check the tile encoder (a broken --weights file gives one output for every tile) "
+                                 "and re-encode the slides")
     data = {**data_record(ff0.provenance), "dim": ff0.dim, "region_size": cfg.region_size, "region_mpp": cfg.region_mpp,
             "n_slides": len(slides), "n_regions": sum(len(r) for _, _, r in slides)}
     enc = {"name": "region_vit", "in_dim": ff0.dim, "dim": cfg.dim, "depth": cfg.depth, "heads": cfg.heads, "grid": grid}
@@ -295,7 +303,7 @@ def pretrain_slpd(features: str | os.PathLike, out: str | os.PathLike, cfg: SLPD
                                  for v in range(cfg.n_global)) / cfg.n_global
                         loss = loss + weight[name] * li
                         sums[name].append(float(li.detach()))
-                check_finite_loss(loss, f"epoch {epoch}", run.dir)
+                check_loss(loss, f"epoch {epoch + 1} step {b + 1}", run.dir)
                 for g in opt.param_groups:
                     g["lr"] = lr_at(epoch * steps_per_epoch + b, total, warm, cfg.lr)
                 opt.zero_grad(set_to_none=True)

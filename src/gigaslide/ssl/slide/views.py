@@ -19,6 +19,33 @@ from gigaslide.features import store
 from gigaslide.provenance import Provenance
 
 
+def nonfinite_rows(a: np.ndarray, rows: int = 8192) -> int:
+    """How many rows (tiles; the last axis is the feature) of ``a`` hold a NaN / inf, checked ``rows`` at a time (bounds
+    the temporaries)."""
+    a = np.asarray(a)
+    a2 = a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1)
+    return sum(int((~np.isfinite(a2[j:j + rows])).any(-1).sum()) for j in range(0, len(a2), rows))
+
+
+#: The fix of tile features holding NaN / inf.
+NONFINITE_FIX = "re-encode those slides (the encoder overflowed: try fp32) or remove their files"
+
+
+def refuse_nonfinite(bad: list[tuple[Path | str | None, int]], where: str | os.PathLike | None, what: str = "tile(s)",
+                     fix: str = NONFINITE_FIX) -> None:
+    """One line naming the feature files in ``bad`` (path, rows with NaN / inf): they would make a slide embedding, or
+    the loss and then every weight, NaN (a NaN embedding written without a word, or a run stopped at "loss became nan"
+    with the advice to lower --lr)."""
+    if not bad:
+        return
+    if len(bad) == 1:
+        path, n = bad[0]
+        raise GigaslideError(f"{n} {what} have NaN/inf features", path=path or where, fix=fix)
+    listed = "; ".join(f"{Path(p).name if p else '?'}: {n} {what}" for p, n in bad[:5])
+    more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
+    raise GigaslideError(f"{len(bad)} feature files have NaN/inf features: {listed}{more}", path=where, fix=fix)
+
+
 def tile_cells(ff: store.FeatureFile, coords: np.ndarray | None = None) -> np.ndarray:
     """Grid cells of a slide's tiles for the sparse slide encoders (:meth:`~gigaslide.features.store.FeatureFile.grid_cells`
     of ``coords``, default the file's tiles: overlap and fractional strides undone), or a one-line error for
@@ -44,18 +71,20 @@ class ViewCache:
 
 
 def load_cache(directory: str | os.PathLike) -> ViewCache:
-    """All ``features/*.h5`` of a cache with their ``views``; refuses empty caches and mixed encoders."""
+    """All ``features/*.h5`` of a cache with their ``views``; refuses empty caches, mixed encoders and views holding
+    NaN / inf (naming the files). Only the views are read: the plain features (a cohort's can be 100s of GB; the
+    views a few MB per slide) are not loaded."""
     d = Path(directory)
     if not d.exists():
         raise GigaslideError("cache folder not found", path=d, fix="build it with `gigaslide augment-cache SLIDES --out CACHE`")
     try:
-        files = store.load_dir(d)
+        files = store.load_dir(d, arrays=False)
     except GigaslideError as e:
         if "no feature files" not in e.what:
             raise
         raise GigaslideError("empty cache: no slide files (features/*.h5)", path=d,
                              fix="build it with `gigaslide augment-cache SLIDES --out CACHE` (or check the path)") from None
-    ids, views, pos, few = [], [], [], []
+    ids, views, pos, few, bad = [], [], [], [], []
     for sid, ff in files.items():
         try:
             with h5py.File(ff.path, "r") as h:
@@ -67,10 +96,16 @@ def load_cache(directory: str | os.PathLike) -> ViewCache:
         except OSError as e:
             raise GigaslideError(f"cannot read cache file ({str(e).splitlines()[0]})", path=ff.path,
                                  fix="delete this file and re-run augment-cache (it resumes)") from None
+        n_bad = nonfinite_rows(v)
+        if n_bad:
+            bad.append((ff.path, n_bad))
         ids.append(sid)
         views.append(v)
         pos.append(tile_cells(ff, vc))
         if int(ff.attrs.get("with_replacement", 0)):
             few.append(sid)
+    refuse_nonfinite(bad, d, "cached view tile(s)",
+                     fix="delete those files and re-run augment-cache (it resumes; with --precision fp32 if the "
+                         "encoder overflowed in half precision)")
     first = next(iter(files.values()))
     return ViewCache(ids, views, pos, first.provenance, int(views[0].shape[-1]), few)
