@@ -312,10 +312,12 @@ def test_nan_features_are_named_without_standardisation_too(tmp_path, model):
 def test_a_diverged_model_stops_training_with_the_fix_not_retrain(tmp_path):
     """--lr 1e9: the weights went NaN in the first epoch; the fold was saved as finished with NaN predictions and the
     run ended 'predictions contain NaN ... the model diverged; retrain' -- which diverges again, deterministically.
-    It stops at the first NaN validation score, saying to lower the learning rate, with no fold written."""
+    It stops at the first NaN training loss (round 6; before, at the first NaN validation score), saying to lower the
+    learning rate, with no fold written."""
     feats, lab = _make(tmp_path, n=12)
     out = tmp_path / "run"
-    with pytest.raises(GigaslideError, match=r"outputs NaN/inf on finite features: training diverged.*lower --lr"):
+    with pytest.raises(GigaslideError, match=r"training loss is nan at epoch 0, step \d+ \(bag s\d+\.h5\): training "
+                                             r"diverged.*lower --lr"):
         run_cv(feats, lab, out, cfg=TrainConfig(model="transmil", **{**FAST, "lr": 1e9}), folds=2, n_bootstrap=0,
                verbose=False)
     assert not (out / "fold0" / "predictions.csv").exists()

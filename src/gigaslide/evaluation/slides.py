@@ -333,6 +333,7 @@ def compare_predictions(pred: Predictions | str | os.PathLike, base: Predictions
     patients``). Refused in one line when they predict other slides, labels, classes or patients."""
     pred = pred if isinstance(pred, Predictions) else read_predictions(pred)
     base = base if isinstance(base, Predictions) else read_predictions(base)
+    _one_class(pred)
     fix = "compare runs cross-validated on the same slides (the same labels.csv)"
     (ids, rows), (base_ids, base_rows) = _per_repeat(pred), _per_repeat(base)
     if ids != base_ids:
@@ -378,6 +379,7 @@ def evaluate_predictions(pred: Predictions | str | os.PathLike, *, n_bootstrap: 
     slides where the predictions name them), per-fold mean ± std."""
     if not isinstance(pred, Predictions):
         pred = read_predictions(pred)
+    _one_class(pred)
     _, per_rep = _per_repeat(pred)
     first = per_rep[0]
     strata = pred.folds[first]
@@ -417,6 +419,17 @@ def evaluate_predictions(pred: Predictions | str | os.PathLike, *, n_bootstrap: 
     return res
 
 
+def _one_class(pred: Predictions) -> None:
+    """Refuse, in one line, predictions whose slides are all of one class: AUC is undefined on them (it was reported
+    as ``nan``, and ``NaN`` in evaluation.json)."""
+    present = np.unique(pred.labels)
+    if len(present) == 1:
+        label = _named(int(present[0]), pred.class_names)
+        raise GigaslideError(f"every predicted slide ({len(pred.labels)} rows) has label {label}: "
+                             "AUC is undefined on one class", path=pred.source,
+                             fix="evaluate the predictions of a whole cross-validation (every class), not a subset")
+
+
 def evaluation_markdown(res: dict[str, Any], title: str = "Slide-level evaluation") -> str:
     m = res["metrics"]
     over = (f"patients within folds, each with all its slides ({res.get('n_patients')} patients)"
@@ -428,8 +441,14 @@ def evaluation_markdown(res: dict[str, Any], title: str = "Slide-level evaluatio
     return (f"# {title}\n\n{res['n_slides']} slides {counts}, {res['n_folds']} folds, "
             f"{res['n_repeats']} repeat(s); 95 % bootstrap CI over {over} (B={res['n_bootstrap']})\n\n"
             "| metric | pooled [95 % CI] | per-fold mean ± std |\n|---|---|---|\n"
-            + "".join(f"| {k} | {fmt_ci(v)} | {v['fold_mean']:.3f} ± {v['fold_std']:.3f}{_folds_left_out(v)} |\n"
-                      for k, v in m.items()))
+            + "".join(f"| {k} | {fmt_ci(v)} | {_fold_cell(v)} |\n" for k, v in m.items()))
+
+
+def _fold_cell(v: dict[str, Any]) -> str:
+    """``0.812 ± 0.034``, or what leaves it undefined (was ``nan ± nan`` where every test fold has one class)."""
+    if not v.get("fold_n", 1) or np.isnan(v["fold_mean"]):
+        return "undefined: every test fold has one class"
+    return f"{v['fold_mean']:.3f} ± {v['fold_std']:.3f}{_folds_left_out(v)}"
 
 
 def _folds_left_out(v: dict[str, Any]) -> str:
@@ -485,6 +504,8 @@ def linear_probe_slides(embeddings: np.ndarray, labels: np.ndarray, folds: list[
 
 #: neighbours of the slide k-NN probe (as the tile probe; SLPD reports a k-NN probe beside the linear one)
 KNN_K = 20
+#: test x training similarities the slide k-NN probe holds at a time (32 MB of float64)
+KNN_CHUNK = 1 << 22
 
 
 def knn_k(k: int, n_train: int) -> int:
@@ -498,7 +519,8 @@ def knn_probe_slides(embeddings: np.ndarray, labels: np.ndarray, folds: list[tup
                      n_classes: int | None = None) -> Predictions:
     """Cross-validated k-NN probe on slide embeddings [N, D]: each test slide's :func:`knn_k` (``k``, at most half
     the training slides) nearest training slides by cosine similarity (dot product of L2-normalised embeddings,
-    brute force; equal similarities: the earlier training slide), class probabilities = their vote fractions
+    brute force, a block of test slides at a time; similarities equal to 12 decimals: the earlier training slide),
+    class probabilities = their vote fractions
     (unweighted, as sklearn's ``KNeighborsClassifier(metric="cosine")``: with unequal classes the arg-max leans to
     the larger class, where the linear probe is class-balanced; AUC, which ranks the vote fractions, does not). No
     fitting: scaling an embedding changes nothing."""
@@ -515,10 +537,19 @@ def knn_probe_slides(embeddings: np.ndarray, labels: np.ndarray, folds: list[tup
     for f, (tr, te) in enumerate(folds):
         tr, te = np.asarray(tr), np.asarray(te)
         kk = knn_k(k, len(tr))
-        sim = Xn[te] @ Xn[tr].T  # [n_test, n_train]
-        nn = np.argsort(-sim, axis=1, kind="stable")[:, :kk]
-        votes = y[tr][nn]  # [n_test, kk]
-        probs[te] = np.stack([np.bincount(v, minlength=n_classes) for v in votes]) / kk
+        onehot = np.eye(n_classes)[y[tr]]  # [n_train, C]
+        rows = max(1, KNN_CHUNK // max(1, len(tr)))
+        for a in range(0, len(te), rows):  # a block of test slides at a time: the [n_test, n_train] similarities of
+            t = te[a:a + rows]  # a cohort of 20,000 slides took 2 GB (and a full sort of each row, 2 minutes)
+            # equal to 12 decimals counts as equal: the last bits of a dot product depend on the BLAS and the block
+            sim = np.round(Xn[t] @ Xn[tr].T, 12)
+            # the kk most similar training slides -- equal similarities: the earlier one, as a stable sort of -sim
+            # takes them -- without sorting: those above the kk-th largest, then the first of those equal to it
+            kth = np.partition(sim, len(tr) - kk, axis=1)[:, len(tr) - kk, None]
+            above, tied = sim > kth, sim == kth
+            need = kk - above.sum(1, keepdims=True)
+            chosen = above | (tied & (np.cumsum(tied, axis=1) <= need))
+            probs[t] = (chosen @ onehot) / kk
         fold_of[te] = f
     return _fold_predictions(ids, y, probs, fold_of, repeat)
 

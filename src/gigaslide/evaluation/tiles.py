@@ -243,6 +243,10 @@ def evaluate_tile_features(train: TileInput, test: TileInput, protocols: Sequenc
     yte = _align_classes(mtr, mte, yte)
     if len(np.unique(ytr)) < 2:
         raise GigaslideError("training tiles have a single class", path=mtr["path"], fix="use a tile folder with at least two classes")
+    if len(np.unique(yte)) < 2:  # (every AUC was reported as nan)
+        what = f"every test tile ({len(yte)}) has label {int(yte[0])}" if len(yte) else "there are no test tiles"
+        raise GigaslideError(f"{what}: AUC is undefined on one class", path=mte["path"],
+                             fix="use a test tile folder with tiles of at least two classes")
     _check_apart(mtr, mte)
     for X, meta in ((Xtr, mtr), (Xte, mte)):  # the file that has them (the training file was named for both)
         bad = int((~np.isfinite(X)).any(axis=1).sum())

@@ -105,6 +105,8 @@ def benchmark_encoder(name: str, out: Path, *, tiles: Path | None, slides: Path 
 
 
 def _cell(d: dict | None) -> str:
+    if d and d.get("n_slides") == 0:  # localisation without a test slide of tumour and normal tiles (was "nan")
+        return "undefined: no test slide has both tumour and normal tiles"
     return fmt_ci(d) if d else "-"
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ from gigaslide.provenance import provenance
 from gigaslide.devices import autocast_ctx, grad_scaler, pick_device
 from gigaslide.errors import GigaslideError
 from gigaslide.evaluation.metrics import auc as auc_metric
+from gigaslide.features.stats import STD_FLOOR
 from gigaslide.features.stats import feature_stats as cohort_stats
 from gigaslide.mil.models import build_model
 from gigaslide.runs import Selection
@@ -83,11 +85,14 @@ def _numpy(b: Any) -> Any:
 
 def feature_stats(bags: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean / std over all tiles of ``bags`` (:func:`gigaslide.features.stats.feature_stats`:
-    one pass, float64 accumulation, std floored at 1e-6; bags may be read from disk)."""
+    one pass, float64 accumulation; bags may be read from disk). A dimension constant over them (std at the floor,
+    e.g. a ReLU unit that never fires on the training tiles) gets std 1, as sklearn's ``StandardScaler`` gives it:
+    divided by the floor (1e-6), a test tile where that unit fires at 1.0 became 1e6 and set every prediction."""
     mean, std = cohort_stats(_numpy(b) for b in bags)
     if not (np.isfinite(mean).all() and np.isfinite(std).all()):  # one NaN tile made every prediction NaN
         for i, b in enumerate(bags):
             _check_finite(bags, i, b)
+    std = np.where(std <= STD_FLOOR, np.float32(1.0), std).astype(np.float32)
     return torch.from_numpy(mean), torch.from_numpy(std)
 
 
@@ -221,7 +226,7 @@ def _train_fold(bags_tr: Sequence[torch.Tensor], y_tr: np.ndarray, bags_va: Sequ
     for epoch in range(cfg.epochs):
         model.train()
         total = 0.0
-        for i in rng.permutation(len(bags_tr)):
+        for step, i in enumerate(rng.permutation(len(bags_tr))):
             bag, cells = bags_tr[i], cells_tr(i)
             if epoch == 0 and not cfg.standardize:  # (standardising checks them all first, in feature_stats)
                 _check_finite(bags_tr, i, bag)  # a NaN tile made the loss, then every weight, NaN: a silent NaN model
@@ -238,11 +243,19 @@ def _train_fold(bags_tr: Sequence[torch.Tensor], y_tr: np.ndarray, bags_va: Sequ
                 loss = w[label] * F.cross_entropy(out["logits"].float()[None], torch.tensor([label], device=device))
                 if "instance_loss" in out:
                     loss = cfg.bag_weight * loss + (1 - cfg.bag_weight) * out["instance_loss"].float()
+                value = float(loss.detach())
+                if not math.isfinite(value) and not scaler.is_enabled():  # (fp16: the scaler skips that step)
+                    # the features are finite (checked above): the weights diverged. Training on went on for every
+                    # epoch left (without a validation split nothing looked at the model before the test slides)
+                    path = bags_tr.path(i) if callable(getattr(bags_tr, "path", None)) else None
+                    raise GigaslideError(f"the training loss is {value} at epoch {epoch}, step {step} (bag "
+                                         f"{getattr(path, 'name', path) or i}): training diverged",
+                                         fix="train with a lower --lr (e.g. 10x lower)")
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            total += float(loss.detach())
+            total += value
         rec = {"epoch": epoch, "train_loss": total / max(1, len(bags_tr))}
         if len(bags_va):
             vl, va = _val_scores(model, bags_va, y_va, device, cfg.bf16, cells_va)
