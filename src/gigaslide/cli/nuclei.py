@@ -93,7 +93,14 @@ def nuclei_eval(model: str, images: str, annotations: str, out: str, *, subset: 
     for p in r["problems"]:
         print(f"warning: {p}")
     pq = r["metrics"]["image_mean"]["pq"]
-    print(f"{out}/report.md: {len(r['images'])} images, PQ {pq['value']:.3f} [{pq['ci_low']:.3f}, {pq['ci_high']:.3f}]")
+    if pq["value"] is None:  # 0 / 0 on every image: no nucleus in their ground truth nor in the predictions
+        print(f"{out}/report.md: {len(r['images'])} images, PQ undefined (no nucleus in the ground truth nor in the "
+              "predictions of any image)")
+    elif pq["ci_low"] is None:
+        print(f"{out}/report.md: {len(r['images'])} images, PQ {pq['value']:.3f}")
+    else:
+        print(f"{out}/report.md: {len(r['images'])} images, PQ {pq['value']:.3f} [{pq['ci_low']:.3f}, "
+              f"{pq['ci_high']:.3f}]")
     return r
 
 

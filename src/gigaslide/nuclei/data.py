@@ -17,7 +17,7 @@ import numpy as np
 
 from gigaslide.errors import GigaslideError
 from gigaslide.tiling import folders
-from gigaslide.nuclei.annotations import ANNOTATION_SUFFIXES, class_names, read_annotation, type_codes
+from gigaslide.nuclei.annotations import ANNOTATION_SUFFIXES, annotation_note, class_names, read_annotation, type_codes
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 #: Images within this relative difference of the model's mpp are not resampled.
@@ -133,6 +133,9 @@ def load_item(pair: Pair, model_mpp: float, image_mpp: float | None = None, orga
     img = read_image(pair.image)
     h, w = img.shape[:2]
     ann = read_annotation(pair.annotation, (h, w), codes) if pair.annotation else None
+    note = annotation_note(ann) if ann is not None else None
+    if note and problems is not None:  # degenerate polygons are dropped: the user hears how many, per file
+        problems.append(f"{pair.annotation}: {note}")
     mpp = image_mpp or (ann.mpp if ann else None)
     if image_mpp and ann is not None and ann.mpp and abs(image_mpp / ann.mpp - 1) > MPP_RESAMPLE_TOLERANCE:
         msg = (f"{pair.annotation}: --image-mpp {image_mpp:g} used, the file says {ann.mpp:g} µm/px "

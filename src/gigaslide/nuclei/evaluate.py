@@ -35,11 +35,33 @@ def score_items(model: HoVerNet, items: list[Item], precision: str = "fp32") -> 
     return out
 
 
-def _fmt(d: dict[str, float]) -> str:
-    v, lo, hi = d["value"], d["ci_low"], d["ci_high"]
+#: What an undefined metric (0 / 0: no nucleus in the ground truth nor in the prediction) is written as.
+UNDEFINED_NOTE = ("n/a / empty / null: undefined -- Dice, AJI, DQ (F1) and PQ are 0 / 0 on an image with no nucleus in "
+                  "its ground truth nor in the prediction, SQ where no nucleus matched; such an image is left out of "
+                  "that metric's mean over images (`images`: how many it averages)")
+
+
+def finite_or_none(obj: Any) -> Any:  # noqa: ANN401
+    """``obj`` with every NaN / infinite float replaced by None (JSON null): a report keeps no NaN, which strict JSON
+    readers refuse."""
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    if isinstance(obj, (float, np.floating)) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def _fmt(d: dict[str, float | None]) -> str:
+    v, lo, hi = (np.nan if d.get(k) is None else d[k] for k in ("value", "ci_low", "ci_high"))
     if np.isnan(v):
         return "n/a"
     return f"{v:.3f}" if np.isnan(lo) else f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _cell(v: Any) -> str:  # noqa: ANN401
+    return "" if v is None else str(v)
 
 
 def evaluate(model_path: str | os.PathLike, images: str | os.PathLike, annotations: str | os.PathLike,
@@ -94,22 +116,23 @@ def evaluate(model_path: str | os.PathLike, images: str | os.PathLike, annotatio
         st = score_items(model, [item], precision)[0]
         stats.append(st)
         rows.append({"image_id": p.id, "organ": item.organ, "nuclei_true": st.tp + st.fn, "nuclei_pred": st.tp + st.fp,
-                     **{m: round(v, 6) for m, v in metrics.per_image(st).items()}})
+                     **{m: None if np.isnan(v) else round(v, 6) for m, v in metrics.per_image(st).items()}})
         if progress:
             progress(p.id, k + 1, len(pairs))
     if not stats:
         raise GigaslideError("no image could be evaluated", path=images, fix="; ".join(problems[:3]) or None)
-    summary = metrics.summarize(stats, n_bootstrap=n_bootstrap, seed=seed)
+    summary = finite_or_none(metrics.summarize(stats, n_bootstrap=n_bootstrap, seed=seed))
     out = atomic.ensure_writable_dir(out)
     cols = list(rows[0])
-    atomic.write_text(out / "per_image.csv", "\n".join([",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in rows]) + "\n")
+    atomic.write_text(out / "per_image.csv", "\n".join([",".join(cols)] + [",".join(_cell(r[c]) for c in cols)
+                                                                            for r in rows]) + "\n")
     report = {"model": str(Path(model_path).resolve()), "backbone": spec.encoder_spec.name, "mpp": spec.mpp,
               "images": [r["image_id"] for r in rows], "subset": subset if not (subset == "auto" and seen) else "test",
               "metrics": summary, "per_image": rows, "problems": problems, "bootstrap": n_bootstrap,
               "stats": [s.to_dict() for s in stats],
               "definitions": "PQ/DQ/SQ at IoU>0.5 (F1 == DQ); image_mean: mean over images of per-image values "
                              "(undefined ones left out); pooled: statistics summed over images (CoNIC mPQ+ style); "
-                             "CIs: percentile bootstrap over images"}
+                             "CIs: percentile bootstrap over images", "undefined": UNDEFINED_NOTE}
     atomic.write_json(out / "report.json", report)
     lines = [f"# Nuclei evaluation: {len(rows)} images, backbone {spec.encoder_spec.name}, {spec.mpp} µm/px", "",
              "| metric | mean over images [95 % CI] | pooled [95 % CI] |", "|---|---|---|"]
@@ -117,9 +140,13 @@ def evaluate(model_path: str | os.PathLike, images: str | os.PathLike, annotatio
         lines.append(f"| {m} | {_fmt(summary['image_mean'][m])} | {_fmt(summary['pooled'][m])} |")
     if "mpq" in summary["pooled"]:
         lines.append(f"| mPQ+ | | {_fmt(summary['pooled']['mpq'])} |")
-    lines += ["", report["definitions"] + ".", ""] + [f"- {p}" for p in problems]
+    pq_n = summary["image_mean"]["pq"].get("images", len(rows))
+    lines += ["", report["definitions"] + ".", ""]
+    if any(v is None for r in rows for v in r.values()) or pq_n < len(rows):
+        lines += [f"PQ is defined on {pq_n} of {len(rows)} images; {UNDEFINED_NOTE}.", ""]
+    lines += [f"- {p}" for p in problems]
     atomic.write_text(out / "report.md", "\n".join(lines) + "\n")
     return report
 
 
-__all__ = ["evaluate", "predict_item", "score_items"]
+__all__ = ["UNDEFINED_NOTE", "evaluate", "finite_or_none", "predict_item", "score_items"]

@@ -99,6 +99,12 @@ def predict_maps(model: HoVerNet, image: np.ndarray, *, tile: int = 512, margin:
         npb = out["np"].float().softmax(1)[:, 1, c, c].cpu().numpy()
         hvb = out["hv"].float()[:, :, c, c].cpu().numpy()
         ncb = out["nc"].float().softmax(1)[:, :, c, c].cpu().numpy() if nc_out is not None else None
+        if not (np.isfinite(npb).all() and np.isfinite(hvb).all()):  # NaN probabilities are below every threshold:
+            # the windows would read as having no nucleus at all, and a whole slide came out empty without a word
+            raise GigaslideError(f"the nuclei model's output is not finite (NaN / inf) at precision {precision}",
+                                 path=getattr(model, "source", None) or None,
+                                 fix="run with --precision fp32; if that fails too the model's weights are broken: "
+                                     "train or export it again with `gigaslide nuclei-train`")
         for k, (iy, ix) in enumerate(chunk):
             ys, xs = slice(iy * step, (iy + 1) * step), slice(ix * step, (ix + 1) * step)
             np_out[ys, xs] = npb[k]

@@ -205,7 +205,12 @@ def train_nuclei(cfg: NucleiTrainConfig, progress=None) -> dict[str, Any]:  # no
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
-    sel = runs.Selection("max" if cfg.select == "pq" and items["val"] else "min", patience=cfg.patience)
+    val_nuclei = sum(int(it.inst_orig.max(initial=0) > 0) for it in items["val"])
+    if cfg.select == "pq" and items["val"] and not val_nuclei:  # PQ is 0 / 0 on images without a nucleus: every
+        # epoch's validation PQ was undefined, stood in for by -1, and the first epoch was kept whatever followed
+        problems.append(f"no validation image has an annotated nucleus ({len(items['val'])} images): the best epoch "
+                        "is selected by training loss (give validation images with nuclei to select by PQ)")
+    sel = runs.Selection("max" if cfg.select == "pq" and val_nuclei else "min", patience=cfg.patience)
     epoch, elapsed, history, done = 0, 0.0, [], False
     prec = choose_precision(dev, cfg.precision)  # training: no forward probe: auto is fp32 on CPU (gigaslide.devices)
     scaler = grad_scaler(dev, prec.resolved)  # fp16 (auto on GPUs without native bf16): loss scaling
@@ -257,6 +262,7 @@ def train_nuclei(cfg: NucleiTrainConfig, progress=None) -> dict[str, Any]:  # no
                 rec.update(val_pq=image_mean(st, "pq"), val_dice=image_mean(st, "dice"), val_aji=image_mean(st, "aji"))
             value = rec.get("val_pq", float("nan")) if sel.mode == "max" else rec["train_loss"]
             value = -1.0 if sel.mode == "max" and math.isnan(value) else value
+            rec = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in rec.items()}  # JSON null
             improved = sel.update(value, epoch)
             history.append(rec)
             epoch += 1
