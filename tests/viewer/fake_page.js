@@ -40,9 +40,9 @@ const viewer = {
   },
   addTiledImage(o) { const it = item(o.tileSource); world.items.push(it); setTimeout(() => o.success({item: it}), 0); },
 };
-const slowUrls = new Set(process.argv[3] === "race" ? ["/api/slides/B"] : []);
+const slowUrls = new Set(process.argv[3] === "race" ? ["api/slides/B"] : []);
 function fetch(url) {
-  const body = url === "/api/state" ? state : details(decodeURIComponent(url.split("/")[3]));
+  const body = url === "api/state" ? state : details(decodeURIComponent(url.split("/")[2]));
   const answer = {ok: true, json: async () => body};
   if (slowUrls.has(url)) return new Promise(resolve => { slow[url] = () => resolve(answer); });
   return Promise.resolve(answer);
@@ -73,7 +73,7 @@ const scenarios = {
     open("B");  // B: its details are slow
     await tick();
     await open("C"); await tick();  // C: before B's details arrive
-    slow["/api/slides/B"](); await tick(); await tick();  // then they do
+    slow["api/slides/B"](); await tick(); await tick();  // then they do
     return {slide: G.slide && G.slide.key, ready: G.ready, status: statusText,
             shown: world.items.map(it => it.src.getTileUrl(10, 0, 0))};
   },

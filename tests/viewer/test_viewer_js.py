@@ -31,9 +31,9 @@ def test_tile_urls_carry_the_servers_version():
     port with other runs from showing the earlier one's attention under the new run's name."""
     got = _run("urls")
     v = got["version"]
-    assert got["slide"] == f"/api/slides/s%200/dz/10/1_2.jpeg?v={v}"
+    assert got["slide"] == f"api/slides/s%200/dz/10/1_2.jpeg?v={v}"
     parts = urlsplit(got["overlay"])
-    assert parts.path == "/api/slides/s%200/overlay/run0-attention/10/3_1.png"
+    assert parts.path == "api/slides/s%200/overlay/run0-attention/10/3_1.png"
     assert parse_qs(parts.query) == {"threshold": ["0.5"], "cmap": ["jet"], "v": [v], "fold": ["fold1"]}
 
 
@@ -43,5 +43,5 @@ def test_a_slow_slide_does_not_land_on_the_slide_opened_after_it():
     clicks asked B for C's coordinates)."""
     got = _run("race")
     assert got["slide"] == "C" and got["ready"]
-    assert got["shown"] == ["/api/slides/C/dz/10/0_0.jpeg?v=v1"]  # C alone: no overlay of B (nor of A)
+    assert got["shown"] == ["api/slides/C/dz/10/0_0.jpeg?v=v1"]  # C alone: no overlay of B (nor of A)
     assert got["status"].startswith("C: 512×768 px")

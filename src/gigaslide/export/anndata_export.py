@@ -20,7 +20,7 @@ import numpy as np
 from gigaslide import atomic
 from gigaslide.errors import GigaslideError
 from gigaslide.features import store
-from gigaslide.export.catalog import list_slides
+from gigaslide.export.catalog import list_slides, text
 from gigaslide.export.guard import clean_stale_tmp, exclusive, stops_on_signals
 from gigaslide.export.runs import TileScorer, load_runs
 from gigaslide.export.tables import encoded_slides, nothing_to_export, run_columns, tissue_fraction
@@ -28,15 +28,15 @@ from gigaslide.provenance import provenance
 
 
 def _clean(obj: Any) -> Any:
-    """Drop None (h5ad cannot store it) and make everything plain."""
+    """Drop None (h5ad cannot store it) and make everything plain (strings valid UTF-8)."""
     if isinstance(obj, dict):
         return {str(k): _clean(v) for k, v in obj.items() if v is not None}
     if isinstance(obj, (list, tuple)):
         if any(isinstance(v, dict) for v in obj):  # h5ad stores no lists of mappings
             return {str(i): _clean(v) for i, v in enumerate(obj) if v is not None}
         return [_clean(v) for v in obj if v is not None]
-    if isinstance(obj, Path):
-        return str(obj)
+    if isinstance(obj, (str, Path)):  # a file name that is not UTF-8: HDF5 stores text only
+        return text(str(obj))
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
@@ -89,6 +89,10 @@ def build_anndata(out_dirs: list[str | os.PathLike], runs: list[str | os.PathLik
         first = lazy if first is None else first
         rows = slice(n, n + len(ff))
         X[rows] = ff.features
+        bad = int((~np.isfinite(X[rows]).all(1)).sum())
+        if bad:  # kept as they are (X is what the files hold), but said: scanpy's PCA / neighbours stop on them
+            problems.append(f"{e.slide_id}: {bad} of {len(ff)} tile(s) have NaN/inf features ({e.features}) -- kept "
+                            "in X; drop them with adata[np.isfinite(adata.X).all(1)] or re-encode the slide (fp32)")
         spatial[rows] = ff.coords
         n += len(ff)
         cols, probs = run_columns(e, ff, run_list, scorer, tile_probability)
@@ -140,5 +144,22 @@ def export_anndata(out_dirs: list[str | os.PathLike], out: str | os.PathLike, ru
         adata, problems = build_anndata(out_dirs, runs, tile_probability)
         stop.check()
         with atomic.atomic_path(out, suffix=".h5ad") as tmp, stop.deferred():  # stopped after it, before the rename
-            adata.write_h5ad(tmp)
+            write_h5ad(adata, tmp)
     return out, adata, problems
+
+
+def write_h5ad(adata: Any, path: Path) -> None:
+    """``adata.write_h5ad(path)``, the same file, written through a Python file object: a full disk (or quota) is then
+    the OSError of that write (one line naming the file, :func:`gigaslide.atomic.atomic_path`). Written by HDF5 itself,
+    a full disk surfaced as a RuntimeError from h5py's close (not seen as a storage fault: a traceback), dozens of
+    "Exception ignored" tracebacks, and a segmentation fault when the interpreter exited."""
+    import h5py
+    from anndata.io import write_elem
+
+    adata.strings_to_categoricals()  # as write_h5ad does
+    with open(path, "w+b") as fh, h5py.File(fh, "w") as f:  # the fileobj driver reads back what it wrote: w+
+        f.attrs["encoding-type"], f.attrs["encoding-version"] = "anndata", "0.1.0"
+        for key, elem in (("X", adata.X), ("obs", adata.obs), ("var", adata.var), ("obsm", dict(adata.obsm)),
+                          ("varm", dict(adata.varm)), ("obsp", dict(adata.obsp)), ("varp", dict(adata.varp)),
+                          ("layers", dict(adata.layers)), ("uns", dict(adata.uns))):
+            write_elem(f, key, elem)

@@ -80,6 +80,17 @@ def _slide_path(recorded: list[str | None], out_dir: Path) -> Path | None:
     return next((p for p in paths if p.exists()), paths[0] if paths else None)
 
 
+def text(s: str) -> str:
+    """``s`` as valid UTF-8 text: the undecodable bytes of a file name (which Python holds as lone surrogates) written
+    ``\\xNN``, as ``gigaslide encode`` shows them. A slide whose file name is not UTF-8 is listed in ``manifest.json``
+    under such a name (encode refused it); JSON answers, HDF5 strings and URLs cannot hold a lone surrogate (the
+    viewer's slide list failed with a 500, the AnnData export with a UnicodeEncodeError traceback)."""
+    try:
+        return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that is not an undecodable byte (from JSON's \ud800)
+        return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 #: (folder, SlideEntry field, suffix) of the files a slide may have
 _FILES = (("features", "features", ".h5"), ("patches", "patches", ".h5"),
           ("tissue", "tissue_geojson", ".geojson"), ("nuclei", "nuclei_geojson", ".geojson"))
@@ -116,8 +127,9 @@ def list_out_dir(out: str | os.PathLike) -> tuple[list[SlideEntry], list[str]]:
     entries = []
     for sid in sorted(ids):
         m = manifest.get(sid, {})
-        e = SlideEntry(key=sid, slide_id=sid, out_dir=d, encode_status=m.get("status"), error=m.get("error"),
-                       manifest_path=m.get("path"))
+        shown = text(sid)  # the files keep their names; the id is what JSON, HDF5 and URLs can hold
+        e = SlideEntry(key=shown, slide_id=shown, out_dir=d, encode_status=m.get("status"),
+                       error=None if m.get("error") is None else text(str(m["error"])), manifest_path=m.get("path"))
         for sub, attr, ext in _FILES:
             if sid in files[sub]:
                 setattr(e, attr, d / sub / f"{sid}{ext}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,21 +30,52 @@ def tile_size_level0(ff: Any) -> float:
     return float(tile_size_of(ff))
 
 
+def _tile_features(coords: np.ndarray, size0: float, measurements: dict[str, np.ndarray],
+                   object_type: str) -> Iterator[dict[str, Any]]:
+    """The ``Feature`` of each tile, one at a time (the columns read into Python floats once, not per value)."""
+    names = list(measurements)
+    cols = [np.asarray(measurements[k], np.float64).tolist() for k in names]
+    for i, (x, y) in enumerate(np.asarray(coords, np.float64).reshape(-1, 2).tolist()):
+        x1, y1 = x + size0, y + size0
+        yield {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x1, y], [x1, y1], [x, y1], [x, y]]]},
+            "properties": {"objectType": object_type, "name": f"tile {i}",
+                           "measurements": {k: c[i] for k, c in zip(names, cols) if math.isfinite(c[i])}},
+        }
+
+
 def tiles_geojson(coords: np.ndarray, size0: float, measurements: dict[str, np.ndarray],
                   object_type: str = "tile") -> dict[str, Any]:
     """FeatureCollection of the tiles ``coords`` (top-left, level-0 px) of side ``size0`` level-0 px."""
-    feats = []
-    names = list(measurements)
-    cols = [np.asarray(measurements[k], np.float64) for k in names]
-    for i, (x, y) in enumerate(np.asarray(coords, np.float64)):
-        x1, y1 = x + size0, y + size0
-        m = {k: float(c[i]) for k, c in zip(names, cols) if math.isfinite(c[i])}
-        feats.append({
-            "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x1, y], [x1, y1], [x, y1], [x, y]]]},
-            "properties": {"objectType": object_type, "name": f"tile {i}", "measurements": m},
-        })
-    return {"type": "FeatureCollection", "features": feats}
+    return {"type": "FeatureCollection", "features": list(_tile_features(coords, float(size0), measurements,
+                                                                         object_type))}
+
+
+def write_tiles_geojson(path: str | os.PathLike, coords: np.ndarray, size0: float,
+                        measurements: dict[str, np.ndarray], object_type: str = "tile") -> None:
+    """``json.dumps(tiles_geojson(...))`` written to ``path`` tile by tile, the same bytes (a test checks it): the whole
+    collection held as Python objects and then as one string cost about 2 kB a tile (a slide of 10^6 tiles: GBs), and
+    each tile is formatted directly (json writes a float as its ``repr``) instead of through the JSON encoder."""
+    esc = json.encoder.encode_basestring_ascii  # how json.dumps writes a string
+    names = [esc(k) for k in measurements]
+    cols = [np.asarray(v, np.float64).tolist() for v in measurements.values()]
+    head = '{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[['
+    mid = f']]]}}, "properties": {{"objectType": {esc(object_type)}, "name": "tile '
+    size0 = float(size0)
+    with open(path, "w", encoding="ascii") as fh:
+        fh.write('{"type": "FeatureCollection", "features": [')
+        part: list[str] = []
+        for i, (x, y) in enumerate(np.asarray(coords, np.float64).reshape(-1, 2).tolist()):
+            x1, y1 = repr(x + size0), repr(y + size0)
+            x, y = repr(x), repr(y)
+            m = ", ".join(f"{k}: {c[i]!r}" for k, c in zip(names, cols) if math.isfinite(c[i]))
+            part.append(f'{", " if i else ""}{head}{x}, {y}], [{x1}, {y}], [{x1}, {y1}], [{x}, {y1}], [{x}, {y}'
+                        f'{mid}{i}", "measurements": {{{m}}}}}}}')
+            if len(part) == 4096:
+                fh.write("".join(part))
+                part.clear()
+        fh.write("".join(part) + "]}")
 
 
 def export_qupath(out_dirs: list[str | os.PathLike], out: str | os.PathLike, runs: list[str | os.PathLike] = (),
@@ -64,9 +96,8 @@ def export_qupath(out_dirs: list[str | os.PathLike], out: str | os.PathLike, run
             cols, probs = run_columns(e, ff, run_list, scorer, tile_probability)
             problems += probs
             meas = {"tissue fraction": tissue_fraction(e, ff.coords), **cols}
-            gj = tiles_geojson(ff.coords, tile_size_level0(ff), meas, object_type)
             with atomic.atomic_path(out_d / f"{e.key}.geojson") as tmp:
-                tmp.write_bytes(json.dumps(gj).encode("utf-8"))
+                write_tiles_geojson(tmp, ff.coords, tile_size_level0(ff), meas, object_type)
                 stop.check()  # a Ctrl-C swallowed inside a library's callback: this slide's file is not written
             written.append(out_d / f"{e.key}.geojson")
     done = {p.name for p in written}

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from gigaslide.errors import GigaslideError
+from gigaslide.export.catalog import text
 from gigaslide.viewer.deepzoom import Geometry, TileOutside
 from gigaslide.viewer.overlays import COLORMAPS, lut, render_categories, render_grid, render_scores, to_png
 from gigaslide.viewer.state import Activity, ViewerState
@@ -26,6 +27,18 @@ log = logging.getLogger("gigaslide.viewer")
 
 class NotFound(LookupError):
     pass
+
+
+def _texts(obj: Any) -> Any:
+    """``obj`` with every string valid UTF-8 (:func:`gigaslide.export.catalog.text`): a path or message naming a file
+    whose name is not UTF-8 made the whole answer fail (the slide list: a 500, an empty page)."""
+    if isinstance(obj, str):
+        return text(obj)
+    if isinstance(obj, dict):
+        return {text(str(k)): _texts(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_texts(v) for v in obj]
+    return obj
 
 
 def _tile_address(tile: str) -> tuple[int, int]:
@@ -65,17 +78,17 @@ def build_app(state: ViewerState):  # noqa: ANN201, C901 - one place that lists 
     @app.exception_handler(KeyError)
     @app.exception_handler(IndexError)
     async def not_found(request: Request, exc: Exception) -> JSONResponse:  # noqa: ARG001
-        return JSONResponse({"detail": f"not found: {exc}".replace("'", "")}, status_code=404)
+        return JSONResponse({"detail": text(f"not found: {exc}".replace("'", ""))}, status_code=404)
 
     @app.exception_handler(GigaslideError)
     async def unavailable(request: Request, exc: GigaslideError) -> JSONResponse:  # noqa: ARG001
-        return JSONResponse({"detail": exc.one_line()}, status_code=404)
+        return JSONResponse({"detail": text(exc.one_line())}, status_code=404)
 
     @app.exception_handler(Exception)
     async def failed(request: Request, exc: Exception) -> JSONResponse:
         line = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
         log.warning("%s -> %s", request.url.path, line)
-        return JSONResponse({"detail": line}, status_code=500)
+        return JSONResponse({"detail": text(line)}, status_code=500)
 
     def key_of(key: str) -> str:
         if key not in state.entries:
@@ -91,16 +104,17 @@ def build_app(state: ViewerState):  # noqa: ANN201, C901 - one place that lists 
         """Everything the page starts with; no slide is opened for it (rows of slides not opened yet are "pending",
         :func:`slides_known` brings them as they are opened)."""
         checked = len(state.checked)  # before the rows: a slide opened meanwhile comes again with the next rows
-        return {"slides": [state.slide_row(k) for k in state.entries], "runs": [r.summary() for r in state.runs],
-                "problems": state.problems, "out_dirs": state.out_dirs, "colormaps": list(COLORMAPS),
-                "version": state.version, "checked": checked, "pending": state.pending()}
+        return _texts({"slides": [state.slide_row(k) for k in state.entries], "runs": [r.summary() for r in state.runs],
+                       "problems": state.problems, "out_dirs": state.out_dirs, "colormaps": list(COLORMAPS),
+                       "version": state.version, "checked": checked, "pending": state.pending()})
 
     @app.get("/api/slides")
     def slides_known(since: int = Query(0, ge=0)) -> dict[str, Any]:
         """Rows of the slides whose status became known since the page's ``since``-th one (``checked`` counts
         them), for the page to fill in its list while the slides are opened in the background."""
         keys = state.checked[since:]
-        return {"slides": [state.slide_row(k) for k in keys], "checked": since + len(keys), "pending": state.pending()}
+        return _texts({"slides": [state.slide_row(k) for k in keys], "checked": since + len(keys),
+                       "pending": state.pending()})
 
     @app.get("/api/colormaps/{name}.png")
     def colormap(name: str) -> Response:
@@ -128,10 +142,10 @@ def build_app(state: ViewerState):  # noqa: ANN201, C901 - one place that lists 
             size0, n_tiles = lat.size0, len(lat.coords)
         except GigaslideError:
             size0, n_tiles = None, 0
-        return {**state.slide_row(key), "width": g.width, "height": g.height, "levels": g.level_count,
-                "tile_size": g.tile_size, "overlap": g.overlap, "overlay_tile_size": OVERLAY_TILE, "mpp": mpp,
-                "mpp_source": src, "backend": t.backend, "tile_size0": size0, "n_tiles": n_tiles,
-                "layers": state.layers(key)}
+        return _texts({**state.slide_row(key), "width": g.width, "height": g.height, "levels": g.level_count,
+                       "tile_size": g.tile_size, "overlap": g.overlap, "overlay_tile_size": OVERLAY_TILE, "mpp": mpp,
+                       "mpp_source": src, "backend": t.backend, "tile_size0": size0, "n_tiles": n_tiles,
+                       "layers": state.layers(key)})
 
     @app.get("/api/slides/{key}/dz/{level}/{tile}.jpeg")
     def slide_tile(key: str, level: int, tile: str) -> Response:
@@ -165,7 +179,7 @@ def build_app(state: ViewerState):  # noqa: ANN201, C901 - one place that lists 
         i = state.lattice(key_of(key)).at(x, y)
         if i < 0:
             raise NotFound(f"no tile at ({x:.0f}, {y:.0f})")
-        return state.tile_info(key, i)
+        return _texts(state.tile_info(key, i))
 
     @app.get("/api/slides/{key}/tiles/{i}.jpeg")
     def tile_thumb(key: str, i: int, px: int = Query(96, ge=16, le=512)) -> Response:
@@ -179,7 +193,7 @@ def build_app(state: ViewerState):  # noqa: ANN201, C901 - one place that lists 
 
     @app.get("/api/slides/{key}/tiles/{i}")
     def tile_info(key: str, i: int) -> dict[str, Any]:
-        return state.tile_info(key_of(key), i)
+        return _texts(state.tile_info(key_of(key), i))
 
     @app.get("/api/slides/{key}/tiles/{i}/neighbours")
     def neighbours(key: str, i: int, k: int = Query(8, ge=1, le=100)) -> dict[str, Any]:
@@ -190,6 +204,9 @@ def build_app(state: ViewerState):  # noqa: ANN201, C901 - one place that lists 
         if not idx.has(key):  # left out of the index: say why, not "not found: <key>"
             _, why = state.status(key)
             raise NotFound(f"slide '{key}' is not searched ({why or 'its features are unreadable'})")
+        if not idx.searchable(key, i):  # NaN / inf features: similar to nothing (not a list of arbitrary tiles)
+            raise NotFound(f"tile {i} of slide '{key}' has NaN/inf features: not searched "
+                           "(re-encode the slide in fp32)")
         out = []
         for n in idx.query(key, i, k):
             c = state.features(n.slide).coords[n.index]

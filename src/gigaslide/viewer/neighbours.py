@@ -43,29 +43,43 @@ class FeatureIndex:
         self.starts = np.asarray(starts + [n], np.int64)
         self.offset = {k: int(s) for k, s in zip(self.slides, starts)}
         m = np.zeros((n, dim or 1), np.float32)
+        self.dead = np.zeros(n, bool)  # tiles never returned nor searched from
         self.unreadable: list[str] = []  # slides whose features could not be read: never returned
         for key, s, e in zip(self.slides, starts, starts[1:] + [n]):
             try:
                 m[s:e] = np.asarray(features[key], np.float32)
             except GigaslideError:  # a damaged file: the other slides are searched
                 self.unreadable.append(key)
+                self.dead[s:e] = True
                 continue
-            m[s:e] /= np.maximum(np.linalg.norm(m[s:e], axis=1, keepdims=True), 1e-12)
+            with np.errstate(invalid="ignore"):  # inf / inf: NaN, left out just below
+                m[s:e] /= np.maximum(np.linalg.norm(m[s:e], axis=1, keepdims=True), 1e-12)
+            # a tile with NaN / inf features (an encoder that overflowed) is similar to nothing: its NaN row made every
+            # similarity of a search from it NaN (the tile itself came first, then arbitrary tiles), and NaN sorts last
+            # in the other tiles' searches, so a large k returned it as well
+            bad = ~np.isfinite(m[s:e]).all(1)
+            if bad.any():
+                m[s:e][bad] = 0.0
+                self.dead[s:e] = bad
         self.matrix = m
-        self.dead = np.zeros(n, bool)
-        for key in self.unreadable:
-            self.dead[self.offset[key]:self.starts[self.slides.index(key) + 1]] = True
 
     def __len__(self) -> int:
-        """Tiles searched (those of unreadable slides left out)."""
+        """Tiles searched (those of unreadable slides and those with NaN / inf features left out)."""
         return int(self.matrix.shape[0] - self.dead.sum())
 
     def has(self, slide: str) -> bool:
         return slide in self.offset
 
+    def searchable(self, slide: str, index: int) -> bool:
+        """Whether tile ``index`` of ``slide`` is searched (not: its slide is unreadable, or its features NaN / inf)."""
+        return slide in self.offset and not self.dead[self.offset[slide] + int(index)]
+
     def query(self, slide: str, index: int, k: int = 8) -> list[Neighbour]:
-        """The ``k`` tiles most similar to tile ``index`` of ``slide`` (itself excluded), best first."""
+        """The ``k`` tiles most similar to tile ``index`` of ``slide`` (itself excluded), best first; none for a tile
+        that is not :meth:`searchable`."""
         row = self.offset[slide] + int(index)
+        if self.dead[row]:
+            return []
         sims = self.matrix @ self.matrix[row]
         sims[row] = -np.inf
         sims[self.dead] = -np.inf

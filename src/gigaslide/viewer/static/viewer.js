@@ -101,7 +101,7 @@ async function fillSlides() {
   let checked = G.state.checked || 0, pending = G.state.pending || 0;
   while (pending > 0) {
     await new Promise(r => setTimeout(r, 1000));
-    const res = await getJSON(`/api/slides?since=${checked}`);
+    const res = await getJSON(`api/slides?since=${checked}`);
     res.slides.forEach(updateSlide);
     checked = res.checked; pending = res.pending;
   }
@@ -112,7 +112,7 @@ function slideSource(info) {
   return {width: info.width, height: info.height, tileSize: info.tile_size, tileOverlap: info.overlap,
           minLevel: 0, maxLevel: info.levels - 1,
           getTileUrl: (level, x, y) =>
-            `/api/slides/${enc(info.key)}/dz/${level}/${x}_${y}.jpeg?v=${enc(G.state.version)}`};
+            `api/slides/${enc(info.key)}/dz/${level}/${x}_${y}.jpeg?v=${enc(G.state.version)}`};
 }
 
 function overlaySource(info, layer) {
@@ -121,7 +121,7 @@ function overlaySource(info, layer) {
   if (layer.fold) q.set("fold", layer.fold);
   return {width: info.width, height: info.height, tileSize: info.overlay_tile_size, tileOverlap: 0,
           minLevel: 0, maxLevel: info.levels - 1,
-          getTileUrl: (level, x, y) => `/api/slides/${enc(info.key)}/overlay/${enc(layer.id)}/${level}/${x}_${y}.png?${q}`};
+          getTileUrl: (level, x, y) => `api/slides/${enc(info.key)}/overlay/${enc(layer.id)}/${level}/${x}_${y}.png?${q}`};
 }
 
 function makeViewer() {
@@ -156,7 +156,7 @@ function openSlide(key) {
   }));
   const early = row && row.width;
   if (early) G.viewer.open(slideSource(row));
-  return getJSON(`/api/slides/${enc(key)}`).then(info => {
+  return getJSON(`api/slides/${enc(key)}`).then(info => {
     if (gen !== G.opening) return null;
     if (!early) G.viewer.open(slideSource(info));
     G.slide = info;
@@ -278,7 +278,7 @@ function colourBar(layer) {
 }
 function updateColourBar(layer) {
   if (!layer.bar) return;
-  layer.bar.img.src = `/api/colormaps/${enc(layer.cmap)}.png?v=${enc(G.state.version)}`;
+  layer.bar.img.src = `api/colormaps/${enc(layer.cmap)}.png?v=${enc(G.state.version)}`;
   layer.bar.img.alt = layer.cmap;
   layer.bar.cut.style.width = `${100 * layer.threshold}%`;
 }
@@ -302,7 +302,7 @@ function clickAt(pixel) {
   if (!G.slideItem || !G.slide) return;
   const p = G.slideItem.viewportToImageCoordinates(G.viewer.viewport.pointFromPixel(pixel));
   const key = G.slide.key;
-  fetch(`/api/slides/${enc(key)}/tile_at?x=${p.x.toFixed(1)}&y=${p.y.toFixed(1)}`).then(async r => {
+  fetch(`api/slides/${enc(key)}/tile_at?x=${p.x.toFixed(1)}&y=${p.y.toFixed(1)}`).then(async r => {
     const body = await r.json();
     if (!G.slide || G.slide.key !== key) return;  // another slide was opened meanwhile
     if (!r.ok) { $("#tile").replaceChildren(el("p", {class: "hint"}, `No tile at (${Math.round(p.x)}, ${Math.round(p.y)}).`)); return; }
@@ -334,11 +334,11 @@ function showTile(t) {
   $("#tile").replaceChildren(el("table", {class: "tile-info"}, ...rows.map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", {}, v)))),
                              el("h3", {}, "Most similar tiles (cosine)"), nb);
   $("#tile").scrollIntoView({block: "nearest"});
-  getJSON(`/api/slides/${enc(t.slide)}/tiles/${t.index}/neighbours?k=8`).then(res => {
+  getJSON(`api/slides/${enc(t.slide)}/tiles/${t.index}/neighbours?k=8`).then(res => {
     if (!G.selected || G.selected.index !== t.index || G.selected.slide !== t.slide) return;
     nb.replaceChildren(...res.neighbours.map(n => el("div", {class: "neighbour", "data-slide": n.slide, "data-index": n.index,
         title: `${n.slide} tile ${n.index}`, onclick: () => jumpTo(n.slide, n.index)},
-      el("img", {src: `/api/slides/${enc(n.slide)}/tiles/${n.index}.jpeg?v=${enc(G.state.version)}`,
+      el("img", {src: `api/slides/${enc(n.slide)}/tiles/${n.index}.jpeg?v=${enc(G.state.version)}`,
                  alt: `${n.slide} #${n.index}`}),
       `${n.slide} #${n.index}`, el("br"), `cos ${fmt(n.similarity, 3)}`)));
     nb.scrollIntoView({block: "nearest"});
@@ -347,7 +347,7 @@ function showTile(t) {
 
 async function jumpTo(slide, index) {
   if (!G.slide || G.slide.key !== slide) await openSlide(slide);
-  const t = await getJSON(`/api/slides/${enc(slide)}/tiles/${index}`);
+  const t = await getJSON(`api/slides/${enc(slide)}/tiles/${index}`);
   if (!G.slide || G.slide.key !== slide) return;  // another slide was opened meanwhile
   const pad = t.size0 * 3;
   G.viewer.viewport.fitBounds(G.slideItem.imageToViewportRectangle(t.x - pad, t.y - pad, t.size0 + 2 * pad, t.size0 + 2 * pad));
@@ -357,7 +357,7 @@ async function jumpTo(slide, index) {
 // -- start ---------------------------------------------------------------------------------------
 async function main() {
   makeViewer();
-  G.state = await getJSON("/api/state");  // preloaded by the page's <link rel="preload">
+  G.state = await getJSON("api/state");  // preloaded by the page's <link rel="preload">
   renderProblems(G.state.problems);
   renderSlides();
   $("#filter").addEventListener("input", applyFilter);
