@@ -104,7 +104,8 @@ def heatmap_streaming(slide: str, run: str, out: str, *, fold: int = 0, thumb_si
     res = streaming_heatmap(slide, run, out, fold=fold, thumb_size=thumb_size, device=device, slide_mpp=slide_mpp,
                             background=background)
     print(f"{out}: P = {[round(p, 3) for p in res['probs']]}, feature map {res['fmap_size']}; "
-          + (f"grid -> {res['grid']}" if res["grid"] else f"grid not saved ({res['grid_error']})"))
+          + (f"grid -> {res['grid']}" if res["grid"] else f"grid not saved ({res['grid_error']})")
+          + ("" if res.get("tissue", True) else "; no tissue found on the slide: it was read whole"))
     return res
 
 

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from gigaslide import atomic, runs
@@ -107,6 +108,10 @@ def run_training(slides: str, labels: str, out: str, cfg: TrainConfig, log: Any 
     log(f"reading {len(table)} canvases at {cfg.mpp} µm/px (cache: {out_dir / 'canvases'})")
     canvases = [cached_canvas(paths[s], out_dir / "canvases", cfg.mpp, cfg.image_size, stride, slide_mpp=cfg.slide_mpp,
                               background=background) for s in table.slide_ids]
+    blank = [c.slide_id for c in canvases if not c.tissue]
+    if blank:  # said, not silent: a blank scan (or a failed detection) trains on glass
+        log(f"no tissue found on {len(blank)} slide(s) ({', '.join(blank[:5])}{', ...' if len(blank) > 5 else ''}): "
+            "each is read whole (its box centre-cropped to --image-size)")
     if table.class_names is not None:  # label c = class_names[c], as MIL runs record it
         run.update(class_names=table.class_names)
     atomic.write_json(out_dir / "splits.json", splits_record(table, folds))
@@ -134,6 +139,13 @@ def run_training(slides: str, labels: str, out: str, cfg: TrainConfig, log: Any 
                 return {"stopped": state["stopped"], "fold": k, "epoch": state["epoch"]}
             load_weights(model, fold_dir / "best.safetensors")
             _, probs = evaluate(model, [canvases[i] for i in te], [int(y[i]) for i in te], cfg, device, dtype)
+            bad = [table.slide_ids[i] for i, p in zip(te, probs) if not np.isfinite(p).all()]
+            if bad:  # not written as a finished fold: its NaN made every re-run fail at the pooled evaluation
+                raise GigaslideError(f"fold {k}'s model predicts NaN/inf on {len(bad)} test slide(s) (e.g. {bad[0]})",
+                                     path=fold_dir / "best.safetensors",
+                                     fix="train with --precision fp32 (fp16 activations overflow) or a lower --lr, "
+                                         "into a new --out" if dtype is torch.float16 else
+                                         "train with a lower --lr / --trunk-lr into a new --out")
             write_predictions(pred_path, [table.slide_ids[i] for i in te], y[te], probs, k,
                               patient_ids=[table.patient_ids[i] for i in te] if table.has_patients else None,
                               class_names=table.class_names)

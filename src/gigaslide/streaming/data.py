@@ -40,7 +40,7 @@ class Canvas:
     """A slide region read at ``mpp``; ``origin`` is its top-left in level-0 px."""
 
     slide_id: str
-    image: np.ndarray  # uint8 [3, H, W]
+    array: np.ndarray | None  # uint8 [3, H, W] in memory; None: held by the cache file ``path`` (see :attr:`image`)
     origin: tuple[int, int]
     mpp: float
     slide_mpp: float
@@ -48,6 +48,7 @@ class Canvas:
     path: Path | None = None  # the cached .npy, when the canvas comes from the cache
     read_mpp: float | None = None  # the pixels' own µm/px (:meth:`Slide.read_mpp`, within 1 % of ``mpp``); None: mpp
     background: str = "bright"  # the slide's (tissue detection's): ``dark`` pads black, outside the slide and after
+    tissue: bool = True  # tissue was found; False: none (a blank slide), the canvas is the whole slide's box
 
     def pixels(self) -> torch.Tensor:
         """The canvas as a uint8 tensor [3, H, W], held once: read from the cache file (no memory map), or
@@ -60,9 +61,23 @@ class Canvas:
     tensor = pixels  # older name
 
     @property
+    def image(self) -> np.ndarray:
+        """uint8 [3, H, W]: the array in memory, or the cache file memory-mapped anew at each use. (A memory map
+        holds a file descriptor while it lives: a cohort's canvases each keeping theirs open ran a run out of
+        descriptors -- 'Too many open files' from about 1000 slides on with the common ``ulimit -n 1024``.)"""
+        if self.array is None:
+            return np.load(self.path, mmap_mode="r")  # type: ignore[arg-type]
+        return self.array
+
+    @image.setter
+    def image(self, value: np.ndarray | None) -> None:
+        self.array = value
+
+    @property
     def shape(self) -> tuple[int, int]:
         """(H, W) of the padded canvas."""
-        return int(self.image.shape[1]), int(self.image.shape[2])
+        shape = self.image.shape
+        return int(shape[1]), int(shape[2])
 
     @property
     def level0_per_px(self) -> float:
@@ -87,23 +102,23 @@ def tissue_box(slide, pad_frac: float = 0.02, background: str = "auto") -> tuple
 
 
 def _tissue_box(slide, pad_frac: float = 0.02,  # noqa: ANN001
-                background: str = "auto") -> tuple[tuple[int, int, int, int], str]:
+                background: str = "auto") -> tuple[tuple[int, int, int, int], str, bool]:
     """(:func:`tissue_box`, the slide's background as tissue detection used it: ``bright`` or ``dark``; ``background``
-    ``auto`` detects it)."""
+    ``auto`` detects it; whether any tissue was found)."""
     from gigaslide.tiling import segment_tissue
 
     tm, _ = segment_tissue(slide, background=background)
     bg = tm.info["background"]
     W, H = slide.dimensions
     if not tm.mask.any():
-        return (0, 0, W, H), bg
+        return (0, 0, W, H), bg, False
     rows = np.flatnonzero(tm.mask.any(1))
     cols = np.flatnonzero(tm.mask.any(0))
     d = tm.downsample
     pad = pad_frac * max(W, H)
     x0, x1 = max(0, cols[0] * d - pad), min(W, (cols[-1] + 1) * d + pad)
     y0, y1 = max(0, rows[0] * d - pad), min(H, (rows[-1] + 1) * d + pad)
-    return (int(x0), int(y0), int(math.ceil(x1)), int(math.ceil(y1))), bg
+    return (int(x0), int(y0), int(math.ceil(x1)), int(math.ceil(y1))), bg, True
 
 
 def read_canvas(path: str | os.PathLike, mpp: float, image_size: int, multiple: int, *, slide_mpp: float | None = None,
@@ -116,7 +131,7 @@ def read_canvas(path: str | os.PathLike, mpp: float, image_size: int, multiple: 
     check_background(background)
     with open_slide(path, mpp=slide_mpp) as slide:
         slide.check_target_mpp(mpp)
-        (x0, y0, x1, y1), bg = _tissue_box(slide, background=background)
+        (x0, y0, x1, y1), bg, found = _tissue_box(slide, background=background)
         scale = slide.mpp / mpp  # target px per level-0 px
         w, h = max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale))
         if w > image_size:  # centre-crop the tissue box to image_size
@@ -131,7 +146,8 @@ def read_canvas(path: str | os.PathLike, mpp: float, image_size: int, multiple: 
     ph, pw = _round_up(h, multiple), _round_up(w, multiple)
     img = np.full((3, ph, pw), fill_value(bg) if bg == "dark" else GLASS, np.uint8)
     img[:, :h, :w] = rgb.transpose(2, 0, 1)
-    return Canvas(sid, img, (x0, y0), float(mpp), float(smpp), (h, w), read_mpp=float(rmpp), background=bg)
+    return Canvas(sid, img, (x0, y0), float(mpp), float(smpp), (h, w), read_mpp=float(rmpp), background=bg,
+                  tissue=found)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -146,8 +162,8 @@ def cached_canvas(path: str | os.PathLike, cache_dir: str | os.PathLike, mpp: fl
     dark-background slide's canvas cached before it was padded black: one without ``edge_fill``; and one cached with
     another ``background`` option: ``background_option``).
 
-    The returned image is memory-mapped from the cache, so a training set of large canvases does not
-    have to fit in RAM (one slide is copied in per step)."""
+    The returned image is memory-mapped from the cache when used, so a training set of large canvases does not
+    have to fit in RAM (one slide is copied in per step), nor hold a file descriptor per slide."""
     from gigaslide.slides import slide_id_from_path
     from gigaslide.tiling import IDENTITY_KEY, Scan
     from gigaslide.tiling.tissue import check_background
@@ -162,19 +178,41 @@ def cached_canvas(path: str | os.PathLike, cache_dir: str | os.PathLike, mpp: fl
         if (all(m.get(k) == v for k, v in key.items()) and scan is not None
                 and scan.made(m.get("slide_mpp"), m.get("slide_dimensions"), m.get(IDENTITY_KEY),
                               written=meta.stat().st_mtime)  # the same file (an older cache: unchanged since)
-                and m.get("background_option", "auto") == background and _edge_fill_ok(m, path, slide_mpp)):
-            return Canvas(m["slide_id"], np.load(npy, mmap_mode="r"), tuple(m["origin"]), m["mpp"], m["slide_mpp"],
-                          tuple(m["content_size"]), npy, m.get("read_mpp"), m.get("background", "bright"))
+                and m.get("background_option", "auto") == background and _edge_fill_ok(m, path, slide_mpp)
+                and _readable(npy)):
+            return Canvas(m["slide_id"], None, tuple(m["origin"]), m["mpp"], m["slide_mpp"],
+                          tuple(m["content_size"]), npy, m.get("read_mpp"), m.get("background", "bright"),
+                          bool(m.get("tissue", True)))
     c = read_canvas(path, mpp, image_size, multiple, slide_mpp=slide_mpp, background=background)
-    with atomic.atomic_path(npy, suffix=".npy") as tmp:
-        np.save(tmp, c.image)
+    with atomic.atomic_path(npy, suffix=".npy") as tmp, open(tmp, "wb") as f:
+        np.save(_Writes(f), c.image)  # a full disk: the file's own OSError (ENOSPC), one line naming the cache file
     atomic.write_json(meta, {**key, "slide_id": c.slide_id, "origin": list(c.origin), "mpp": c.mpp, "slide_mpp": c.slide_mpp,
                              "content_size": list(c.content_size), "read_mpp": c.read_mpp,
                              "slide_dimensions": list(scan.dimensions) if scan is not None else None,
                              "background": c.background, "edge_fill": c.background, "background_option": background,
+                             "tissue": c.tissue,
                              IDENTITY_KEY: scan.identity if scan is not None else None})
-    c.image, c.path = np.load(npy, mmap_mode="r"), npy
+    c.array, c.path = None, npy  # memory-mapped from the cache when used (:attr:`Canvas.image`): no descriptor held
     return c
+
+
+def _readable(npy: Path) -> bool:
+    """The cached canvas opens whole (uint8 [3, H, W] of its full size): a truncated or damaged file (a disk fault, a
+    half copy) is read again -- it was a ValueError traceback ('mmap length is greater than file size')."""
+    try:
+        a = np.load(npy, mmap_mode="r")  # the header and the file's size only; closed when dropped
+    except (OSError, ValueError):
+        return False
+    return a.dtype == np.uint8 and a.ndim == 3 and a.shape[0] == 3
+
+
+class _Writes:
+    """Only ``write`` of a file: :func:`numpy.save` then writes the array in buffered chunks through it, so a full disk
+    raises the file's ``OSError`` (ENOSPC) -- into a real file numpy writes with ``tofile``, whose short write on a
+    full disk is an ``OSError`` without an errno ('36864 requested and 36736 written'): a traceback."""
+
+    def __init__(self, f) -> None:  # noqa: ANN001
+        self.write = f.write
 
 
 def _edge_fill_ok(meta: dict, path: str | os.PathLike, slide_mpp: float | None) -> bool:

@@ -55,6 +55,19 @@ def load_run_model(run: str | os.PathLike, fold: int = 0, device: str = "auto") 
     return model, cfg, n_classes
 
 
+def _check_finite(model: Any, probs: np.ndarray, att: torch.Tensor, slide: str | os.PathLike, ckpt: Path,
+                  dtype: torch.dtype | None) -> None:
+    """Refuse a prediction or attention that is NaN/inf (it was printed as 'P = [nan, nan]' and saved in the grid)."""
+    if np.isfinite(probs).all() and bool(torch.isfinite(att.float()).all()):
+        return
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise GigaslideError("the checkpoint holds NaN/inf weights (a diverged or damaged model)", path=ckpt,
+                             fix="train the run again (a lower --lr), or pass another --fold")
+    fix = ("predict in fp32: --device cpu (this run trains in fp16, whose activations overflowed on this slide)"
+           if dtype is torch.float16 else "check the slide (its canvas gave a NaN/inf prediction)")
+    raise GigaslideError(f"the model's prediction is NaN/inf on this slide ({ckpt.parent.name})", path=slide, fix=fix)
+
+
 def streaming_heatmap(slide: str | os.PathLike, run: str | os.PathLike, out: str | os.PathLike, *, fold: int = 0,
                       thumb_size: int = 1024, device: str = "auto",
                       slide_mpp: float | str | None = None, background: str | None = None) -> dict[str, Any]:
@@ -81,6 +94,7 @@ def streaming_heatmap(slide: str | os.PathLike, run: str | os.PathLike, out: str
     probs = torch.softmax(res["logits"].float().reshape(-1), 0).cpu().numpy()
     h, w = res["fmap_size"]
     att = res["attention"] if res.get("attention") is not None else res["instance_scores"]  # mean / max: logit margin
+    _check_finite(model, probs, att, slide, Path(run) / f"fold{fold}" / "best.safetensors", dtype)
     if res.get("attention") is None and res.get("instance_logits") is not None and len(probs) > 2:
         il = res["instance_logits"].float().cpu().numpy()  # the predicted class's margin, not any class's top logit
         k = int(probs.argmax())
@@ -111,4 +125,4 @@ def streaming_heatmap(slide: str | os.PathLike, run: str | os.PathLike, out: str
     except GigaslideError as e:  # a read-only run folder: the PNG is still made
         err = e.one_line()
     return {"probs": probs.tolist(), "fmap_size": [h, w], "out": str(out), "coords": coords.tolist(),
-            "box_level0_px": s * canvas.level0_per_px, "grid": grid, "grid_error": err}
+            "box_level0_px": s * canvas.level0_per_px, "grid": grid, "grid_error": err, "tissue": canvas.tissue}

@@ -12,6 +12,7 @@ optimizer step where a SIGTERM / Ctrl-C / ``--budget`` stops the run), so a resu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from gigaslide import atomic, runs
+from gigaslide.errors import GigaslideError
 from gigaslide.streaming.data import Augment, AugmentedImage, Canvas, Normalize
 from gigaslide.streaming.head import StreamingMIL, build_trunk
 from gigaslide.streaming.stream import StreamingCNN
@@ -113,6 +115,18 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     runs.load_module_state(model, load_file(str(path)), path)
 
 
+def _check_finite(value: float, at: str, run_dir: Path, dtype: torch.dtype | None, what: str = "") -> None:
+    """Stop a fold whose loss (or weights) became NaN/inf, before it is back-propagated or saved: a diverged model
+    never recovers, and its epochs went on printing 'train nan' until a traceback (no best checkpoint to test)."""
+    if math.isfinite(value):
+        return
+    fix = "train with a lower --lr / --trunk-lr (e.g. 10x lower) into a new --out (they are part of the run)"
+    if dtype is torch.float16:
+        fix += ", or with --precision bf16 / fp32 (fp16 activations overflow)"
+    raise GigaslideError(f"{what or f'the loss became {value}'} at {at}: training diverged; the checkpoints kept "
+                         "hold no NaN weights", path=run_dir, fix=fix)
+
+
 def train_fold(run: runs.Run, fold: int, model: StreamingMIL, train: list[tuple[Canvas, int]],
                val: list[tuple[Canvas, int]], cfg: TrainConfig, device: torch.device, dtype: torch.dtype | None,
                stopper: runs.Stopper, log: Any = print) -> dict[str, Any]:
@@ -137,7 +151,9 @@ def train_fold(run: runs.Run, fold: int, model: StreamingMIL, train: list[tuple[
         st = {k: ck[k] for k in st}
         log(f"  resuming at epoch {st['epoch']}" + (f", slide {st['pos']}" if st["pos"] else ""))
 
-    def save() -> None:
+    def save(at: str) -> None:
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # never saved as a checkpoint
+            _check_finite(float("nan"), f"fold {fold}, {at}", run.dir, dtype, what="the weights became NaN/inf")
         run.save({"model": runs.module_state(model), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                   "rng": runs.rng_state(), "gen": rng.bit_generator.state, "selection": sel.state(), **st},
                  name=f"fold{fold}")
@@ -155,18 +171,21 @@ def train_fold(run: runs.Run, fold: int, model: StreamingMIL, train: list[tuple[
         for i in range(st["pos"], len(order)):
             c, y = train[int(order[i])]
             loss, _ = step_loss(model, c, y, cfg, device, dtype, Augment.draw(rng))
+            value = float(loss.detach())
+            _check_finite(value, f"fold {fold}, epoch {epoch}, slide {c.slide_id}", run.dir, dtype)  # before backward
             scaler.scale(loss / cfg.accumulate).backward()
-            st["losses"].append(float(loss.detach()))
+            st["losses"].append(value)
             if (i + 1) % cfg.accumulate == 0 or i + 1 == len(order):
                 scaler.step(opt)
                 scaler.update()
                 opt.zero_grad(set_to_none=True)
                 st["pos"] = i + 1
                 if i + 1 < len(order) and stopper.reason():  # a clean stop at an optimizer step
-                    save()
+                    save(f"epoch {epoch}, the optimizer step after slide {c.slide_id}")
                     return {**st, "selection": sel.state(), "stopped": stopper.reason()}
         val_loss, _ = (evaluate(model, [c for c, _ in val], [y for _, y in val], cfg, device, dtype) if val
                        else (float(np.mean(st["losses"])), None))
+        _check_finite(val_loss, f"fold {fold}, epoch {epoch}, on the validation slides", run.dir, dtype)
         # the frozen epochs warm the head up: selection and patience start once the trunk trains,
         # so the model kept is trained end to end (unless the trunk never unfreezes)
         selecting = not frozen or cfg.freeze_epochs >= cfg.epochs
@@ -176,7 +195,7 @@ def train_fold(run: runs.Run, fold: int, model: StreamingMIL, train: list[tuple[
         train_loss = float(np.mean(st["losses"]))
         st["history"].append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "trunk_frozen": frozen})
         st.update(epoch=epoch + 1, order=None, pos=0, losses=[])
-        save()
+        save(f"the end of epoch {epoch}")
         # without validation slides the loss selected on is the training loss: said so, not printed as 'val'
         shown = f"val {val_loss:.4f}" if val else "(no val slides: selected on it)"
         log(f"  epoch {epoch}: train {train_loss:.4f} {shown}{' *' if improved else ''}"
