@@ -509,3 +509,21 @@ def test_another_slide_of_the_same_size_and_mpp_under_the_name_is_segmented_agai
                          mpp=0.25, compression="zlib", tile=128)
     again = nslide.segment_slides([moved / "s.tiff"], tiny_run / "run", out, p)
     assert again.done == ["s"] and (out / "nuclei" / "s.csv").read_text() != table  # other nuclei, other places
+
+
+def test_a_slide_whose_path_is_not_utf8_fails_alone_before_any_work(tiny_run: Path, tmp_path: Path,
+                                                                     oracle: None) -> None:
+    """Its id and path cannot be written to the GeoJSON, table and record (a Latin-1 name from an old share)."""
+    import os
+    import shutil
+
+    _disc_slide(tmp_path / "s.tiff")
+    shutil.copy(tmp_path / "s.tiff", tmp_path / os.fsdecode(b"caf\xe9.tiff"))
+    out = tmp_path / "out"
+    res = nslide.segment_slides([tmp_path / os.fsdecode(b"caf\xe9.tiff"), tmp_path / "s.tiff"], tiny_run / "run", out,
+                                nslide.SlideParams(region=256, margin=24, tissue_only=False, window=128))
+    assert res.done == ["s"] and list(res.failed) == ["caf\\xe9"]
+    assert "not valid UTF-8" in res.failed["caf\\xe9"] and "fix: rename" in res.failed["caf\\xe9"]
+    raw = (out / "nuclei" / "manifest.json").read_bytes()
+    assert b"\\udc" not in raw and json.loads(raw)["slides"]["caf\\xe9"]["status"] == "failed"
+    assert sorted(p.name for p in (out / "nuclei").glob("caf*")) == []  # nothing written for it

@@ -115,3 +115,18 @@ def test_a_slide_path_that_is_not_utf8_fails_alone_with_one_line(tmp_path):
     err.encode("utf-8")  # the line itself can be printed and stored anywhere
     folder = tmp_path / os.fsdecode(b"f\xf6lder") / "x.svs"  # a folder above it counts too: the path is recorded
     assert next(by_slide_id([folder]))[2] is not None
+
+
+def test_tifffile_logs_nothing_while_a_reader_tries_a_file_and_its_level_is_untouched(caplog):
+    import logging
+
+    from gigaslide.slides.backend import _quiet_tifffile
+
+    log = logging.getLogger("tifffile")
+    with caplog.at_level(logging.DEBUG, logger="tifffile"):
+        level = log.level
+        with _quiet_tifffile():
+            log.warning("<tifffile.TiffPages @8> invalid page offset")
+        assert caplog.records == [] and log.level == level
+        log.warning("after")  # logging again once the reader is done
+        assert [r.getMessage() for r in caplog.records] == ["after"]

@@ -53,6 +53,7 @@ from gigaslide.nuclei.export import (TABLE_COLUMNS, GeoJSONWriter, Nucleus, clip
 from gigaslide.nuclei.infer import MODEL_WEIGHTS, load_model, model_dir, segment
 from gigaslide.nuclei.postprocess import PostParams
 from gigaslide.slides import open_slide, slide_id_from_path
+from gigaslide.slides.ids import not_text_path_error
 from gigaslide.slides.slide import fill_value
 from gigaslide.tiling import IDENTITY_KEY, Scan, StainWarning, grid_positions, make_grid, segment_tissue
 from gigaslide.tiling.tissue import check_background, slide_background, thumbnail_info
@@ -408,6 +409,12 @@ def segment_slides(slides: Sequence[str | os.PathLike], model_path: str | os.Pat
             held = []  # slides another live process is segmenting: looked at again once this one's are done
             for pth in pending:
                 sid = slide_id_from_path(Path(pth))
+                bad = not_text_path_error(os.path.abspath(pth))
+                if bad:  # its id and path cannot be written to the GeoJSON / table / record: fails alone, at once
+                    sid = sid.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                    res.failed[sid] = bad
+                    manifest.set(sid, "failed", path=str(pth), error=bad)
+                    continue
                 if done(pth, sid):
                     res.skipped.append(sid)
                     continue

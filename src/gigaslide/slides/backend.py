@@ -36,12 +36,12 @@ def _quiet_tifffile() -> Iterator[None]:
     """tifffile's log lines (e.g. ``<tifffile.TiffPages @8> invalid page offset`` on a truncated file) off while a
     reader tries the file: they were printed beside the one-line error (or none: the file is then read)."""
     log = logging.getLogger("tifffile")
-    level = log.level
-    log.setLevel(logging.CRITICAL)
+    was = log.disabled  # not setLevel: each call clears the cache of every logger (torch has hundreds): ~1.5 ms
+    log.disabled = True
     try:
         yield
     finally:
-        log.setLevel(level)
+        log.disabled = was
 
 
 def _open_tiffslide(path: Path) -> Any:
