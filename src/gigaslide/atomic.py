@@ -164,6 +164,25 @@ def write_json(target: str | os.PathLike, obj: Any) -> Path:
     return write_text(target, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
+@contextlib.contextmanager
+def h5_file(target: str | os.PathLike) -> Iterator[Any]:
+    """An ``h5py.File`` built in memory, its bytes then written to ``target`` atomically (:func:`atomic_path`).
+
+    The HDF5 library never writes to the disk itself: a disk that filled up under it (ENOSPC inside ``H5Fclose``)
+    raised a multi-line RuntimeError traceback, h5py's own "Exception ignored" tracebacks and then a segmentation
+    fault at exit; a plain write of the bytes fails with an OSError that ``atomic_path`` turns into one line naming
+    the file (the temporary removed). Costs one in-memory copy of the file while it is written."""
+    import h5py
+
+    with atomic_path(target, suffix=".h5") as tmp:
+        with h5py.File(tmp, "w", driver="core", backing_store=False) as f:  # in memory: HDF5 never opens ``tmp``
+            yield f
+            f.flush()
+            image = f.id.get_file_image()
+        with open(tmp, "wb") as fh:
+            fh.write(image)
+
+
 def _json_default(o: Any) -> Any:
     import numpy as np
 

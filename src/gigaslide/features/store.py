@@ -10,10 +10,8 @@ optional ``labels`` [N] (tile folders) and file attrs: ``encoder``, ``encoder_we
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -129,7 +127,7 @@ def save(path: str | os.PathLike, features: np.ndarray, coords: np.ndarray | Non
     coords = np.zeros((n, 2), np.int64) if coords is None else np.asarray(coords, dtype=np.int64)
     if coords.shape != (n, 2):
         raise ValueError(f"coords must be [{n}, 2], got {coords.shape}")
-    with _h5_written_whole(path) as f:
+    with atomic.h5_file(path) as f:
         f.create_dataset("features", data=features, **_checksummed(features))
         c = f.create_dataset("coords", data=coords, **_checksummed(coords))
         c.attrs.update({k: v for k, v in (coords_attrs or {}).items() if v is not None})
@@ -139,24 +137,6 @@ def save(path: str | os.PathLike, features: np.ndarray, coords: np.ndarray | Non
             f.create_dataset(k, data=v)
         f.attrs.update(provenance(kind="features", **(attrs or {})))
     return Path(path)
-
-
-@contextlib.contextmanager
-def _h5_written_whole(path: str | os.PathLike) -> Iterator[h5py.File]:
-    """An HDF5 file built in memory, its bytes then written to ``path`` atomically
-    (:func:`gigaslide.atomic.atomic_path`).
-
-    The HDF5 library never writes to the disk itself: a disk that filled up under it (ENOSPC inside ``H5Fclose``)
-    raised a multi-line RuntimeError traceback, h5py's own "Exception ignored" tracebacks and then a segmentation
-    fault at exit; a plain write of the bytes fails with an OSError that ``atomic_path`` turns into one line naming
-    the file (the temporary removed). Costs one in-memory copy of the file while it is written."""
-    with atomic.atomic_path(path, suffix=".h5") as tmp:
-        with h5py.File(tmp, "w", driver="core", backing_store=False) as f:  # in memory: HDF5 never opens ``tmp``
-            yield f
-            f.flush()
-            image = f.id.get_file_image()
-        with open(tmp, "wb") as fh:
-            fh.write(image)
 
 
 def _checksummed(a: np.ndarray) -> dict[str, Any]:

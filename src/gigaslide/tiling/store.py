@@ -20,9 +20,7 @@ file-level provenance attrs, among them
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -90,7 +88,7 @@ def level0_dimensions(attrs: dict) -> list[int] | None:
 
 
 def save_grid(grid: TileGrid, path: str | os.PathLike, *, seed: int | None = None) -> Path:
-    with _h5_written_whole(path) as f:
+    with atomic.h5_file(path) as f:
         d = f.create_dataset("coords", data=grid.coords.astype(np.int64), **_checksummed(grid.coords))
         d.attrs.update(coords_attrs(grid))
         f.create_dataset("tissue", data=grid.tissue.astype(np.float32), **_checksummed(grid.tissue))
@@ -101,24 +99,6 @@ def save_grid(grid: TileGrid, path: str | os.PathLike, *, seed: int | None = Non
             seed=seed, **{k: grid.extra[k] for k in EXTRA_KEYS if grid.extra.get(k) is not None},
         ))
     return Path(path)
-
-
-@contextlib.contextmanager
-def _h5_written_whole(path: str | os.PathLike) -> Iterator[h5py.File]:
-    """An HDF5 file built in memory, its bytes then written to ``path`` atomically
-    (:func:`gigaslide.atomic.atomic_path`).
-
-    The HDF5 library never writes to the disk itself: a disk that filled up under it (ENOSPC inside ``H5Fclose``)
-    raised a multi-line RuntimeError traceback, h5py's own "Exception ignored" tracebacks and then a segmentation
-    fault at exit; a plain write of the bytes fails with an OSError that ``atomic_path`` turns into one line naming
-    the file (the temporary removed). Costs one in-memory copy of the file while it is written."""
-    with atomic.atomic_path(path, suffix=".h5") as tmp:
-        with h5py.File(tmp, "w", driver="core", backing_store=False) as f:  # in memory: HDF5 never opens ``tmp``
-            yield f
-            f.flush()
-            image = f.id.get_file_image()
-        with open(tmp, "wb") as fh:
-            fh.write(image)
 
 
 def _positive(v: object) -> float | None:
