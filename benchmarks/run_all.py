@@ -81,8 +81,8 @@ CHANGES = [
      "Giga-SSL rows of the slide_ssl* sections (other random views, same protocol); SLPD rows only where a cohort's "
      "lattice sides differ"),
     ("bd76aac", "prediction CSVs rounded probabilities to 6 significant digits, which tied very confident slides in the "
-     "AUC and could flip calls within 5e-7 of 0.5", "MIL and slide-SSL rows scored from prediction files (mil, "
-     "slide_ssl*, encoder_leaderboard), where predictions were that confident"),
+     "AUC and could flip calls within 5e-7 of 0.5", "MIL and slide-SSL rows scored from prediction files "
+     "(slide_ssl*, encoder_leaderboard; the mil section was measured after it), where predictions were that confident"),
     ("7d87f07", "a read resized to a target mpp that is neither within 1 % of a pyramid level's nor 2, 4 or 8 times "
      "one covered up to one level px more than asked, stretched onto the tile", "the dinov2 sections' foundation "
      "tiles cut from CMU-1 (0.499 µm/px) at 0.97 µm/px (the whole region read in one call, so by at most one px at "
