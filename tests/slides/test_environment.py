@@ -117,12 +117,14 @@ def test_a_slide_path_that_is_not_utf8_fails_alone_with_one_line(tmp_path):
     assert next(by_slide_id([folder]))[2] is not None
 
 
-def test_tifffile_logs_nothing_while_a_reader_tries_a_file_and_its_level_is_untouched(caplog):
+def test_tifffile_logs_nothing_while_a_reader_tries_a_file_and_its_level_is_untouched(caplog, monkeypatch):
     import logging
 
     from gigaslide.slides.backend import _quiet_tifffile
 
     log = logging.getLogger("tifffile")
+    monkeypatch.setattr(log, "disabled", False)  # as a fresh process has it (a library's logging config may not)
+    monkeypatch.setattr(log, "propagate", True)
     with caplog.at_level(logging.DEBUG, logger="tifffile"):
         level = log.level
         with _quiet_tifffile():
