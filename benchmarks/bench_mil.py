@@ -248,10 +248,10 @@ def attention_pair_lines(a, results: list[dict]) -> list[str]:  # noqa: ANN001
         return []
     out = ["## TransMIL: Nystrom vs exact attention (paired)", "",
            f"`{approx}` minus `{exact}`, full training folds: slide AUC difference on the same pooled out-of-fold "
-           f"test slides, 95 % paired bootstrap CI (B={a.bootstrap}, one resample of the slides for both, stratified by "
-           "label) and two-sided p; time per fold from the rows above.", "",
-           "| tumour fraction | slides | AUC exact | AUC Nystrom | Δ AUC (Nystrom − exact) [95 % CI], p | s / fold exact | "
-           "s / fold Nystrom |", "|---|---|---|---|---|---|---|"]
+           f"test slides, 95 % paired bootstrap CI (B={a.bootstrap}, one resample of the slides for both, "
+           "stratified by label) and two-sided p; time per fold from the rows above.", "",
+           "| tumour fraction | slides | AUC exact | AUC Nystrom | Δ AUC (Nystrom − exact) [95 % CI], p "
+           "| s / fold exact | s / fold Nystrom |", "|---|---|---|---|---|---|---|"]
     verdicts = []
     for f in fracs:
         pe, pn = (read_predictions(runs[(f, m)]["run"] / "predictions.csv") for m in (exact, approx))

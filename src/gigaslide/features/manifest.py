@@ -70,7 +70,8 @@ def read_slides(path: str | os.PathLike, problems: list[str] | None = None) -> d
 
 def _text(s: str) -> str:
     """``s`` as valid UTF-8 text: a path that is not UTF-8 (its undecodable bytes held as lone surrogates, e.g. a
-    slide refused for its Latin-1 name) written ``\\xNN`` -- JSON readers other than Python's refuse a lone surrogate."""
+    slide refused for its Latin-1 name) written ``\\xNN`` -- JSON readers other than Python's refuse a lone
+    surrogate."""
     try:
         s.encode("utf-8")
         return s

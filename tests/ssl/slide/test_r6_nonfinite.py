@@ -161,7 +161,8 @@ def test_embed_fp16_refuses_embeddings_beyond_its_range(tmp_path, make_fake_cach
     cache = make_fake_cache(tmp_path / "c", n_slides=4)
     pretrain_gigassl(cache, tmp_path / "run", **dict(GIGA, encoder="mean"))
     w = load_file(tmp_path / "run" / "model.safetensors")
-    save_file({k: v * 1e4 if v.is_floating_point() else v for k, v in w.items()}, tmp_path / "run" / "model.safetensors")
+    save_file({k: v * 1e4 if v.is_floating_point() else v for k, v in w.items()},
+              tmp_path / "run" / "model.safetensors")
     e = embed_slides(tmp_path / "run", cache, tmp_path / "e32.h5", ensemble=2, device="cpu")
     assert np.isfinite(e.embeddings).all() and np.abs(e.embeddings).max() > 65504  # fine in float32
     with pytest.raises(GigaslideError, match=r"its embedding exceeds float16's range.*embed without --fp16"):
