@@ -135,7 +135,8 @@ def _worker(tasks, results, slots, parent: int) -> None:  # noqa: ANN001 - multi
 SHM_DIR = "/dev/shm"
 #: Share of :data:`SHM_DIR`'s free space left to others (data-loader workers, other ranks) when buffers are made.
 SHM_HEADROOM = 0.1
-_SHM_FIX = ("give the container more shared memory (docker run --shm-size 1g; Kubernetes: an emptyDir with medium "
+#: The fix named wherever worker processes' batches do not fit in the shared memory.
+SHM_FIX = ("give the container more shared memory (docker run --shm-size 1g; Kubernetes: an emptyDir with medium "
             "Memory at /dev/shm), or use a smaller --batch-size or fewer --workers")
 
 
@@ -191,7 +192,7 @@ class ReaderPool:
             except RuntimeError as e:  # /dev/shm filled by another process since it was measured
                 self._slots = []
                 raise GigaslideError(f"no shared memory for the reader processes' batches ({str(e).splitlines()[0]})",
-                                     path=SHM_DIR, fix=_SHM_FIX) from None
+                                     path=SHM_DIR, fix=SHM_FIX) from None
             socket_safe_tempdir()  # a batch too large for a slot comes back through a socket in its temp folder
             self._ctx = tmp.get_context("fork" if os.name == "posix" else "spawn")
             self._results = self._ctx.Queue()
@@ -212,13 +213,13 @@ class ReaderPool:
               f"memory, {SHM_DIR} has {free / 2**20:.1f} MB free")
         if fit < 2:
             warnings.warn(f"{mb}: tiles are read in this process, not in {self.workers} reader processes (slower); "
-                          f"{_SHM_FIX}", stacklevel=3)
+                          f"{SHM_FIX}", stacklevel=3)
             self.workers = 0
             self.max_pending = max_pending(0)
             return pool_slots(0)
         workers = min(self.workers, fit - 1)  # more would wait for a buffer, each holding its open slides
         warnings.warn(f"{mb}: {fit - 1} batches are read ahead by {workers} reader processes instead of "
-                      f"{self.max_pending} by {self.workers}; {_SHM_FIX}", stacklevel=3)
+                      f"{self.max_pending} by {self.workers}; {SHM_FIX}", stacklevel=3)
         self.workers = workers
         self.max_pending = min(self.max_pending, fit - 1)
         return fit

@@ -252,8 +252,6 @@ def collate_views(batch: list[list[torch.Tensor]]) -> list[torch.Tensor]:
 
 #: Batches each data-loader worker reads ahead.
 PREFETCH = 4
-_SHM_FIX = ("give the container more shared memory (docker run --shm-size 1g; Kubernetes: an emptyDir with medium "
-            "Memory at /dev/shm), or use a smaller --batch-size or fewer --workers")
 
 
 def fit_shared_memory(workers: int, prefetch: int, batch_bytes: int) -> tuple[int, int]:
@@ -264,7 +262,7 @@ def fit_shared_memory(workers: int, prefetch: int, batch_bytes: int) -> tuple[in
     batch there died in torch's queue thread while the main process waited for that batch forever (a hang).
     Fewer batches read ahead (then fewer workers) when they do not fit, none (``workers`` 0: read in this process)
     when not even one does, with a warning naming ``/dev/shm`` and the fix."""
-    from gigaslide.slides.pool import SHM_DIR, SHM_HEADROOM, shm_free_bytes
+    from gigaslide.slides.pool import SHM_DIR, SHM_FIX, SHM_HEADROOM, shm_free_bytes
 
     free = shm_free_bytes() if workers > 0 and batch_bytes > 0 else None
     if free is None:
@@ -277,12 +275,12 @@ def fit_shared_memory(workers: int, prefetch: int, batch_bytes: int) -> tuple[in
             f"memory, {SHM_DIR} has {free / 2**20:.0f} MB free")
     if fit < 1:
         log.warning("%s: tiles are read in this process, not in %d data-loader workers (slower); %s", what, workers,
-                    _SHM_FIX)
+                    SHM_FIX)
         return 0, prefetch
     new_workers = min(workers, fit)
     new_prefetch = max(1, min(prefetch, fit // new_workers))
     log.warning("%s: %d batches are read ahead by %d data-loader workers instead of %d by %d; %s",
-                what, new_workers * new_prefetch, new_workers, workers * prefetch, workers, _SHM_FIX)
+                what, new_workers * new_prefetch, new_workers, workers * prefetch, workers, SHM_FIX)
     return new_workers, new_prefetch
 
 
