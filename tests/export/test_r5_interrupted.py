@@ -22,6 +22,9 @@ def _cohort(out: Path, n_slides: int = 3, n_tiles: int = 20, dim: int = 16) -> d
 
 
 def _child(code: str, *args: str) -> subprocess.CompletedProcess:
+    # Ctrl-C as in a terminal: a test run started as a background job passes SIGINT on ignored, and the export
+    # rightly keeps an ignored SIGINT ignored
+    code = "import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n" + code
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, timeout=300)
 
 
