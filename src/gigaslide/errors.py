@@ -26,11 +26,11 @@ class GigaslideError(Exception):
         return " -- ".join(parts).replace("\n", " ")
 
 
-def check_finite_loss(loss, at: str, run: str | os.PathLike) -> None:  # noqa: ANN001
-    """Stop a training run whose loss became NaN/inf, saying that the last checkpoint is kept."""
+def check_finite_loss(loss, at: str, run: str | os.PathLike, *,  # noqa: ANN001
+                      fix: str = "lower --lr; the last good checkpoint is kept and a re-run resumes from it") -> None:
+    """Stop a training run whose loss became NaN/inf, with ``fix`` (default: the last checkpoint is kept)."""
     import math
 
     value = float(loss.detach() if hasattr(loss, "detach") else loss)
     if not math.isfinite(value):
-        raise GigaslideError(f"loss became {value} at {at}", path=run,
-                             fix="lower --lr; the last good checkpoint is kept and a re-run resumes from it")
+        raise GigaslideError(f"loss became {value} at {at}", path=run, fix=fix)

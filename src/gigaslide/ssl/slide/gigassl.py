@@ -106,10 +106,7 @@ NAN_LOSS_FIX = ("start again with a lower --lr in a new --out (a run keeps its o
 def check_loss(loss: torch.Tensor, at: str, run_dir: str | os.PathLike) -> None:
     """:func:`gigaslide.errors.check_finite_loss` with a fix the slide-SSL runs can follow (its "lower --lr ... a
     re-run resumes" could not be: a re-run with another --lr is refused, the same one meets the same NaN)."""
-    try:
-        check_finite_loss(loss, at, run_dir)
-    except GigaslideError as e:
-        raise GigaslideError(e.what, path=run_dir, fix=NAN_LOSS_FIX) from None
+    check_finite_loss(loss, at, run_dir, fix=NAN_LOSS_FIX)
 
 
 def make_encoder(cfg: dict[str, Any], in_dim: int) -> nn.Module:
