@@ -6,6 +6,21 @@ import os
 from pathlib import Path
 
 
+def shown_name(s: str) -> str:
+    """``s`` as valid UTF-8 text: the undecodable bytes of a file name (which Python holds as lone surrogates, e.g. a
+    Latin-1 name from an old share) written ``\\xNN`` (``caf\\xe9.svs``). JSON readers other than Python's, HDF5
+    strings and URLs cannot hold a lone surrogate; manifests, error lines, the viewer and the exports show such a name
+    this way."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        try:
+            return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a surrogate that is no undecodable byte (from JSON's \\ud800)
+            return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _path_order(path: str) -> list[str]:
     """The order ``sorted`` gives :class:`~pathlib.Path` objects on POSIX (part by part), for plain strings."""
     return path.split(os.sep)
@@ -56,4 +71,4 @@ def walk_files(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
     return [Path(f) for f in walk_file_paths(root, recursive)]
 
 
-__all__ = ["walk_file_paths", "walk_files"]
+__all__ = ["shown_name", "walk_file_paths", "walk_files"]

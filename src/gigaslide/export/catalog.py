@@ -17,6 +17,7 @@ import h5py
 
 from gigaslide.errors import GigaslideError
 from gigaslide.features.manifest import read_slides
+from gigaslide.files import shown_name as text  # (the viewer and the AnnData export import it from here)
 from gigaslide.provenance import decode_attrs
 
 
@@ -78,17 +79,6 @@ def _slide_path(recorded: list[str | None], out_dir: Path) -> Path | None:
     recorded = [p for p in recorded if Path(p).is_absolute()] + [p for p in recorded if not Path(p).is_absolute()]
     paths = [resolve_path(p, out_dir) for p in recorded]
     return next((p for p in paths if p.exists()), paths[0] if paths else None)
-
-
-def text(s: str) -> str:
-    """``s`` as valid UTF-8 text: the undecodable bytes of a file name (which Python holds as lone surrogates) written
-    ``\\xNN``, as ``gigaslide encode`` shows them. A slide whose file name is not UTF-8 is listed in ``manifest.json``
-    under such a name (encode refused it); JSON answers, HDF5 strings and URLs cannot hold a lone surrogate (the
-    viewer's slide list failed with a 500, the AnnData export with a UnicodeEncodeError traceback)."""
-    try:
-        return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a surrogate that is not an undecodable byte (from JSON's \ud800)
-        return s.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 #: (folder, SlideEntry field, suffix) of the files a slide may have

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from gigaslide import __version__, atomic
+from gigaslide.files import shown_name
 from gigaslide.locks import file_lock
 
 #: At most this share of a job's wall time goes to rewriting manifest.json (appends to the journal are O(1)).
@@ -68,20 +69,6 @@ def read_slides(path: str | os.PathLike, problems: list[str] | None = None) -> d
     return slides
 
 
-def _text(s: str) -> str:
-    """``s`` as valid UTF-8 text: a path that is not UTF-8 (its undecodable bytes held as lone surrogates, e.g. a
-    slide refused for its Latin-1 name) written ``\\xNN`` -- JSON readers other than Python's refuse a lone
-    surrogate."""
-    try:
-        s.encode("utf-8")
-        return s
-    except UnicodeEncodeError:
-        try:
-            return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        except UnicodeEncodeError:  # a surrogate that is no undecodable byte
-            return s.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 class Manifest:
     def __init__(self, path: str | os.PathLike, config: dict[str, Any]):
         self.path = Path(path)
@@ -100,7 +87,7 @@ class Manifest:
     def set(self, slide_id: str, status: str, *, keep_done: bool = False, **info: Any) -> None:
         """Record one slide; ``keep_done`` leaves an existing ``done`` entry (e.g. another process's) as it is."""
         entry = {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                 **{k: _text(v) if isinstance(v, str) else v for k, v in info.items()}}
+                 **{k: shown_name(v) if isinstance(v, str) else v for k, v in info.items()}}
         line = json.dumps({"id": slide_id, "entry": entry, "keep_done": keep_done}, default=str) + "\n"
         with file_lock(_lock_path(self.path)):
             try:

@@ -47,6 +47,7 @@ from gigaslide import atomic, runs
 from gigaslide.devices import PrecisionChoice, choose_precision, pick_device
 from gigaslide.errors import GigaslideError
 from gigaslide.features.manifest import Manifest
+from gigaslide.files import shown_name
 from gigaslide.locks import ItemLock
 from gigaslide.nuclei.export import (TABLE_COLUMNS, GeoJSONWriter, Nucleus, clip_polygons, polygons_of, table_row,
                                      tile_counts, write_tiles_h5)
@@ -411,7 +412,7 @@ def segment_slides(slides: Sequence[str | os.PathLike], model_path: str | os.Pat
                 sid = slide_id_from_path(Path(pth))
                 bad = not_text_path_error(os.path.abspath(pth))
                 if bad:  # its id and path cannot be written to the GeoJSON / table / record: fails alone, at once
-                    sid = sid.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                    sid = shown_name(sid)
                     res.failed[sid] = bad
                     manifest.set(sid, "failed", path=str(pth), error=bad)
                     continue

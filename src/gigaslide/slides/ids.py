@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from gigaslide.errors import GigaslideError
+from gigaslide.files import shown_name
 
 SLIDE_EXTENSIONS = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
@@ -32,7 +33,7 @@ def not_text_path_error(path: str | os.PathLike) -> str | None:
     try:
         s.encode("utf-8")
     except UnicodeEncodeError:
-        shown = s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")  # caf\xe9.svs
+        shown = shown_name(s)  # caf\xe9.svs
         return GigaslideError("the path is not valid UTF-8 (its undecodable bytes shown as \\xNN), so it cannot be "
                               "recorded in the outputs", path=shown,
                               fix="rename the file (or folder) to UTF-8, e.g. `convmv -f latin1 -t utf8 --notest -r "
@@ -49,7 +50,7 @@ def by_slide_id(paths: Iterable[str | os.PathLike]) -> Iterator[tuple[str | os.P
         sid = slide_id_from_path(Path(p))
         bad = not_text_path_error(os.path.abspath(p))
         if bad:  # the id as it is shown (caf\xe9): manifests record it, and JSON readers refuse a lone surrogate
-            yield p, sid.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), bad
+            yield p, shown_name(sid), bad
             continue
         if sid in seen:
             yield p, sid, GigaslideError(f"slide id '{sid}' also used by {seen[sid]}", path=p,

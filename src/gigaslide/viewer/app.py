@@ -30,7 +30,7 @@ class NotFound(LookupError):
 
 
 def _texts(obj: Any) -> Any:
-    """``obj`` with every string valid UTF-8 (:func:`gigaslide.export.catalog.text`): a path or message naming a file
+    """``obj`` with every string valid UTF-8 (:func:`gigaslide.files.shown_name`): a path or message naming a file
     whose name is not UTF-8 made the whole answer fail (the slide list: a 500, an empty page)."""
     if isinstance(obj, str):
         return text(obj)
