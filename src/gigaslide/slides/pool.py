@@ -149,6 +149,13 @@ def shm_free_bytes(path: str = SHM_DIR) -> int | None:
     return int(st.f_bavail) * int(st.f_frsize)
 
 
+def shm_batches(batch_bytes: int) -> tuple[int, int] | None:
+    """``(bytes free in SHM_DIR, batches of batch_bytes that fit in them less SHM_HEADROOM)``; None where there is
+    nothing to measure. What reader pools and data loaders size their batches in flight by."""
+    free = shm_free_bytes()
+    return None if free is None else (free, int(free * (1 - SHM_HEADROOM) // batch_bytes))
+
+
 def max_pending(workers: int) -> int:
     """Batches a :class:`ReaderPool` of ``workers`` reader processes keeps in flight (1 when reading inline)."""
     return 1 if workers == 0 else 2 * workers + 2
@@ -205,10 +212,10 @@ class ReaderPool:
         (``max_pending``) by as many reader processes at most, with a warning; fewer than two: the tiles are read in
         this process instead (``workers`` 0). Docker gives a container 64 MB of ``/dev/shm`` by default, and 15
         readers' buffers of 64-tile batches of 224 px take 320 MB: allocating them failed with a torch traceback."""
-        free = shm_free_bytes()
-        if free is None or n_slots * slot_bytes <= free * (1 - SHM_HEADROOM):
+        room = shm_batches(slot_bytes)
+        if room is None or n_slots <= room[1]:
             return n_slots
-        fit = int(free * (1 - SHM_HEADROOM) // slot_bytes)
+        free, fit = room
         mb = (f"{n_slots} batches of {slot_bytes / 2**20:.1f} MB need {n_slots * slot_bytes / 2**20:.1f} MB of shared "
               f"memory, {SHM_DIR} has {free / 2**20:.1f} MB free")
         if fit < 2:

@@ -262,12 +262,12 @@ def fit_shared_memory(workers: int, prefetch: int, batch_bytes: int) -> tuple[in
     batch there died in torch's queue thread while the main process waited for that batch forever (a hang).
     Fewer batches read ahead (then fewer workers) when they do not fit, none (``workers`` 0: read in this process)
     when not even one does, with a warning naming ``/dev/shm`` and the fix."""
-    from gigaslide.slides.pool import SHM_DIR, SHM_FIX, SHM_HEADROOM, shm_free_bytes
+    from gigaslide.slides.pool import SHM_DIR, SHM_FIX, shm_batches
 
-    free = shm_free_bytes() if workers > 0 and batch_bytes > 0 else None
-    if free is None:
+    room = shm_batches(batch_bytes) if workers > 0 and batch_bytes > 0 else None
+    if room is None:
         return workers, prefetch
-    fit = int(free * (1 - SHM_HEADROOM) // batch_bytes) - 1  # batches that may be read ahead beside the one in use
+    free, fit = room[0], room[1] - 1  # batches that may be read ahead beside the one in use
     if fit >= workers * prefetch:
         return workers, prefetch
     need = (workers * prefetch + 1) * batch_bytes
