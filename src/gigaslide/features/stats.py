@@ -33,3 +33,12 @@ def feature_stats(arrays: Iterable[Any]) -> tuple[np.ndarray, np.ndarray]:
     mean = s1 / n
     std = np.sqrt(np.maximum(s2 / n - mean**2, 0.0))
     return mean.astype(np.float32), np.maximum(std, STD_FLOOR).astype(np.float32)
+
+
+def nonfinite_rows(a: np.ndarray, rows: int = 8192) -> int:
+    """How many rows (tiles; the last axis is the feature) of ``a`` hold a NaN / inf, checked ``rows`` at a time (bounds
+    the temporaries)."""
+    a = np.asarray(a)
+    a2 = a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1)
+    return sum(int((~np.isfinite(a2[j:j + rows])).any(-1).sum()) for j in range(0, len(a2), rows))
+

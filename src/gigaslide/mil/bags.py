@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from gigaslide.errors import GigaslideError
+from gigaslide.features.stats import nonfinite_rows
 from gigaslide.memory import available_memory, malloc_trim, rss_bytes
 
 #: Share of the memory available at start that ``budget="auto"`` lets bags take.
@@ -130,7 +131,7 @@ class Bags(Sequence[torch.Tensor]):
             except GigaslideError as e:
                 bad.append((i, e))
                 continue
-            n_bad = sum(int((~np.isfinite(a[j:j + rows])).any(-1).sum()) for j in range(0, len(a), rows))
+            n_bad = nonfinite_rows(a, rows)
             if n_bad:
                 bad.append((i, GigaslideError(f"{n_bad} tile(s) have NaN/inf features", path=self.path(i),
                                               fix="re-encode that slide (the encoder overflowed: try fp32) or "

@@ -25,9 +25,10 @@ from gigaslide import atomic
 from gigaslide.devices import pick_device
 from gigaslide.errors import GigaslideError
 from gigaslide.features import store
+from gigaslide.features.stats import nonfinite_rows
 from gigaslide.provenance import provenance
 from gigaslide.ssl.slide.export import MODEL, check_features, read_config
-from gigaslide.ssl.slide.views import NONFINITE_FIX, nonfinite_rows, refuse_nonfinite, tile_cells
+from gigaslide.ssl.slide.views import NONFINITE_FIX, refuse_nonfinite, tile_cells
 
 
 @dataclass

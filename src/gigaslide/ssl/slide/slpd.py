@@ -46,12 +46,12 @@ from gigaslide import runs
 from gigaslide.devices import pick_device
 from gigaslide.errors import GigaslideError
 from gigaslide.features import store
-from gigaslide.features.stats import STD_FLOOR, feature_stats
+from gigaslide.features.stats import STD_FLOOR, feature_stats, nonfinite_rows
 from gigaslide.ssl.slide.export import data_record, export_model, read_config
 from gigaslide.ssl.slide.gigassl import check_loss, lr_at
 from gigaslide.ssl.slide.prototypes import assign_nearest, nearest_slides, prototype_distill_loss, slide_prototypes
 from gigaslide.ssl.slide.regions import SlideRegions, compact, grid_crop, pack, regions_of
-from gigaslide.ssl.slide.views import nonfinite_rows, refuse_nonfinite
+from gigaslide.ssl.slide.views import refuse_nonfinite
 from gigaslide.ssl.tile.methods import weight_norm_head
 
 LOSSES = ("dino", "dino+intra", "dino+intra+inter")

@@ -16,15 +16,8 @@ import numpy as np
 
 from gigaslide.errors import GigaslideError
 from gigaslide.features import store
+from gigaslide.features.stats import nonfinite_rows
 from gigaslide.provenance import Provenance
-
-
-def nonfinite_rows(a: np.ndarray, rows: int = 8192) -> int:
-    """How many rows (tiles; the last axis is the feature) of ``a`` hold a NaN / inf, checked ``rows`` at a time (bounds
-    the temporaries)."""
-    a = np.asarray(a)
-    a2 = a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1)
-    return sum(int((~np.isfinite(a2[j:j + rows])).any(-1).sum()) for j in range(0, len(a2), rows))
 
 
 #: The fix of tile features holding NaN / inf.
