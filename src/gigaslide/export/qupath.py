@@ -55,23 +55,12 @@ def tiles_geojson(coords: np.ndarray, size0: float, measurements: dict[str, np.n
 def write_tiles_geojson(path: str | os.PathLike, coords: np.ndarray, size0: float,
                         measurements: dict[str, np.ndarray], object_type: str = "tile") -> None:
     """``json.dumps(tiles_geojson(...))`` written to ``path`` tile by tile, the same bytes (a test checks it): the whole
-    collection held as Python objects and then as one string cost about 2 kB a tile (a slide of 10^6 tiles: GBs), and
-    each tile is formatted directly (json writes a float as its ``repr``) instead of through the JSON encoder."""
-    esc = json.encoder.encode_basestring_ascii  # how json.dumps writes a string
-    names = [esc(k) for k in measurements]
-    cols = [np.asarray(v, np.float64).tolist() for v in measurements.values()]
-    head = '{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[['
-    mid = f']]]}}, "properties": {{"objectType": {esc(object_type)}, "name": "tile '
-    size0 = float(size0)
+    collection held as Python objects and then as one string cost about 2 kB a tile (a slide of 10^6 tiles: GBs)."""
     with open(path, "w", encoding="ascii") as fh:
         fh.write('{"type": "FeatureCollection", "features": [')
         part: list[str] = []
-        for i, (x, y) in enumerate(np.asarray(coords, np.float64).reshape(-1, 2).tolist()):
-            x1, y1 = repr(x + size0), repr(y + size0)
-            x, y = repr(x), repr(y)
-            m = ", ".join(f"{k}: {c[i]!r}" for k, c in zip(names, cols) if math.isfinite(c[i]))
-            part.append(f'{", " if i else ""}{head}{x}, {y}], [{x1}, {y}], [{x1}, {y1}], [{x}, {y1}], [{x}, {y}'
-                        f'{mid}{i}", "measurements": {{{m}}}}}}}')
+        for i, feature in enumerate(_tile_features(coords, float(size0), measurements, object_type)):
+            part.append((", " if i else "") + json.dumps(feature))
             if len(part) == 4096:
                 fh.write("".join(part))
                 part.clear()
