@@ -38,3 +38,17 @@ def test_one_hash_function_for_runs_encoders_and_tissue_annotations() -> None:
 def test_file_sha256_of_a_missing_file_is_a_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(GigaslideError, match="cannot read"):
         provenance.file_sha256(tmp_path / "missing.h5")
+
+
+@pytest.mark.parametrize(("key", "value"), [("tile_size", "abc"), ("seed", 2.5), ("format_version", [1])])
+def test_a_record_field_of_the_wrong_type_is_one_line_naming_the_file(tmp_path, key, value):
+    """Runs, exports and CSV sidecars read through read_provenance raised a bare ValueError / TypeError."""
+    import json
+
+    f = tmp_path / "encoder.json"
+    f.write_text(json.dumps({"kind": "encoder", "tile_size": 224, key: value}))
+    with pytest.raises(GigaslideError, match=rf"encoder.json: provenance field {key} = .* is not a whole number"):
+        provenance.read_provenance(f)
+    f.write_text(json.dumps({"kind": "encoder", "tile_size": 224.0, "seed": "7"}))
+    rec = provenance.read_provenance(f)
+    assert (rec.tile_size, rec.seed) == (224, 7)  # whole numbers however spelled

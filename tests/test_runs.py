@@ -431,3 +431,41 @@ def test_a_folders_fingerprint_is_the_one_recorded_runs_hold(tmp_path):
     # the strings come in the order sorting the paths gives ("a/b-c/x" before "a-b/x", unlike plain string order)
     paths = walk_file_paths(r)
     assert paths == [str(p) for p in sorted(walk_files(r))] and paths != sorted(paths)
+
+
+def test_isolated_rng_seeds_the_block_and_gives_the_callers_streams_back():
+    import random
+
+    import numpy as np
+    import torch
+
+    from gigaslide import runs
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    expected_after = draws()  # what the caller's streams give next without the call in between
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    with runs.isolated_rng(7):
+        inside = draws()
+    assert draws() == expected_after
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    assert inside == draws()  # the block ran as after the three seed calls
+
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    try:
+        with runs.isolated_rng(3):
+            draws()
+            raise KeyError("boom")
+    except KeyError:
+        pass
+    assert draws() == expected_after  # given back on an exception too

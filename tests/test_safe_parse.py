@@ -96,7 +96,43 @@ def test_cli_config_is_loaded_safely(kind, tmp_path, capsys):
     assert not flag.exists() and not (tmp_path / "o").exists()
 
 
+def _pipe_with(text: str) -> str:
+    """A pipe holding ``text`` (as ``--config <(...)`` passes one: /dev/fd/N), its write end closed."""
+    r, w = os.pipe()
+    os.write(w, text.encode())
+    os.close(w)
+    return f"/dev/fd/{r}"
+
+
+def test_cli_config_from_a_pipe_is_checked_once_and_still_read(tmp_path, capsys):
+    """``--config <(...)`` is a pipe: it bypassed the file check (an alias bomb hung), and a pipe read to check it
+    would be empty for jsonargparse: read once, checked, handed on as text (dashed keys too)."""
+    t = time.perf_counter()
+    argv = ["tile", str(tmp_path / "x.svs"), "--out", str(tmp_path / "o"), "--config", _pipe_with(_yaml_bomb())]
+    assert main(argv) == 2
+    assert time.perf_counter() - t < 10
+    err = capsys.readouterr().err
+    assert "aliases expand" in err and len(err.strip().splitlines()) == 1
+    from gigaslide.cli.main import parse
+
+    cmd, kw = parse(["train-mil", "--config", _pipe_with("features: f\nlabels: l.csv\nout: o\nmax-tiles: 7\n")])
+    assert (cmd.func.__name__, kw["features"], kw["labels"], kw["max_tiles"]) == ("train_mil", "f", "l.csv", 7)
+
+
+def test_config_files_over_the_size_limit_are_refused(tmp_path, monkeypatch):
+    import gigaslide.safe_parse as sp
+
+    monkeypatch.setattr(sp, "MAX_CONFIG_BYTES", 64)
+    big = tmp_path / "big.yaml"
+    big.write_text("mpp: 0.5\n" * 10)  # 90 bytes
+    with pytest.raises(GigaslideError, match="big.yaml: YAML refused: larger than"):
+        sp.check_config_arg(str(big))
+    big.write_text("mpp: 0.5\n" * 7)  # 63 bytes: read
+    assert sp.check_config_arg(str(big)) == ({"mpp": 0.5}, big)
+
+
 @pytest.mark.parametrize("sid", ["../../etc/x", "/abs/path", "a/b", "a\\b", "..", ".", "", "x\x00y", "tab\tid", " pad",
+                                 ".tmp-x",
                                  "x" * 201])
 def test_unsafe_slide_ids_are_refused(sid):
     assert not is_safe_slide_id(sid)

@@ -34,3 +34,24 @@ def check_finite_loss(loss, at: str, run: str | os.PathLike, *,  # noqa: ANN001
     value = float(loss.detach() if hasattr(loss, "detach") else loss)
     if not math.isfinite(value):
         raise GigaslideError(f"loss became {value} at {at}", path=run, fix=fix)
+
+
+def nonfinite_weights(model) -> list[str]:  # noqa: ANN001
+    """The names of ``model``'s floating tensors holding NaN/inf: a module's ``state_dict()`` (parameters *and*
+    buffers such as BatchNorm's running statistics) or a mapping of named tensors."""
+    import torch
+
+    named = model.state_dict() if hasattr(model, "state_dict") else model
+    return [k for k, v in named.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def check_finite_weights(model, at: str, run: str | os.PathLike, *,  # noqa: ANN001
+                         fix: str = "lower --lr; the last good checkpoint is kept and a re-run resumes from it",
+                         then: str = "no checkpoint was written") -> None:
+    """Stop before a model whose weights became NaN/inf (:func:`nonfinite_weights`) is checkpointed, exported or
+    used, with the count, the first bad tensor's name and ``then`` (what was not done) in the one line."""
+    bad = nonfinite_weights(model)
+    if bad:
+        raise GigaslideError(f"{len(bad)} weight tensor(s) became NaN/inf by {at} (the first: {bad[0]}); {then}",
+                             path=run, fix=fix)

@@ -63,8 +63,10 @@ class Provenance:
         return {k: v for k, v in out.items() if v is not None}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Provenance:
-        """The record of a flat dict written by :meth:`to_dict` (or by an older gigaslide / another tool)."""
+    def from_dict(cls, d: Mapping[str, Any], path: str | os.PathLike | None = None) -> Provenance:
+        """The record of a flat dict written by :meth:`to_dict` (or by an older gigaslide / another tool); a field
+        of the wrong type (``tile_size = "abc"``, ``seed = 2.5``: a hand-edited or another tool's record) is one
+        :class:`GigaslideError` naming the field and ``path``."""
         std = {f.name for f in fields(cls)} - {"extra"}
         kw: dict[str, Any] = {k: d[k] for k in std if k in d and d[k] is not None}
         kw.setdefault("kind", "unknown")
@@ -75,7 +77,7 @@ class Provenance:
             kw["mpp"] = float(kw["mpp"])
         for k in ("tile_size", "seed", "format_version"):
             if k in kw:
-                kw[k] = int(kw[k])
+                kw[k] = _whole(kw[k], k, path)
         extra = {k: v for k, v in d.items() if k not in std and v is not None}
         return cls(**kw, extra=extra)
 
@@ -101,6 +103,17 @@ def check_format(record: Mapping[str, Any], path: str | os.PathLike) -> None:
         raise GigaslideError(f"written in format version {v!r}; this gigaslide {__version__} reads format "
                              f"{FORMAT_VERSION} and older", path=path,
                              fix="upgrade gigaslide (pip install -U gigaslide) to read it, or re-make it with this one")
+
+
+def _whole(v: Any, key: str, path: str | os.PathLike | None) -> int:
+    try:
+        f = float(v)
+        if f.is_integer():
+            return int(f)
+    except (TypeError, ValueError, OverflowError):
+        pass
+    raise GigaslideError(f"provenance field {key} = {str(v)[:40]!r} is not a whole number", path=path,
+                         fix="re-make the file with gigaslide (its record was edited or written by another tool)")
 
 
 def _finite(v: Any) -> bool:
@@ -185,7 +198,7 @@ def read_provenance(path: str | os.PathLike) -> Provenance:
 
         try:
             with h5py.File(p, "r") as f:
-                return Provenance.from_dict(decode_attrs(f.attrs))
+                return Provenance.from_dict(decode_attrs(f.attrs), p)
         except OSError as e:
             raise GigaslideError(f"cannot read HDF5 ({str(e).splitlines()[0]})", path=p,
                                  fix="the file is truncated or not HDF5; re-create it") from None
@@ -198,7 +211,7 @@ def read_provenance(path: str | os.PathLike) -> Provenance:
             d = d["provenance"]
         if not isinstance(d, dict):
             raise GigaslideError("JSON holds no provenance record", path=p, fix="pass a file written by gigaslide")
-        return Provenance.from_dict(d)
+        return Provenance.from_dict(d, p)
     if sidecar(p).is_file():
         return read_provenance(sidecar(p))
     raise GigaslideError("no provenance record for this file", path=p,

@@ -48,10 +48,10 @@ import subprocess
 import sys
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -66,6 +66,8 @@ RUN_LOCK = "run.lock"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FORMAT = "gigaslide.checkpoint/1"
 BUFFER_PREFIX = "buffer::"
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -338,6 +340,34 @@ def set_rng_state(st: Mapping[str, Any]) -> None:
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(st["cuda"]))
 
+
+
+@contextlib.contextmanager
+def isolated_rng(seed: int | None = None) -> Iterator[None]:
+    """Run a block on its own Python / NumPy (global) / torch RNG streams, seeded with ``seed`` (as
+    ``random.seed``, ``np.random.seed`` and ``torch.manual_seed`` would), and give the caller's streams back
+    afterwards, also on an exception: a library call that trains or draws with a seed must neither reset nor consume
+    the random state of the notebook or script that called it. ``seed=None`` only isolates."""
+    saved = rng_state()
+    try:
+        if seed is not None:
+            random.seed(int(seed))
+            np.random.seed(int(seed) % 2**32)
+            torch.manual_seed(int(seed))
+        yield
+    finally:
+        set_rng_state(saved)
+
+
+def keeps_caller_rng(fn: F) -> F:
+    """Decorator: ``fn`` runs inside :func:`isolated_rng` (isolation only; the function seeds what it draws)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with isolated_rng():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 # --------------------------------------------------------------------------- selection and stopping
 @dataclass

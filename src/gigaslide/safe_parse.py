@@ -19,10 +19,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gigaslide.atomic import TMP_PREFIX
 from gigaslide.errors import GigaslideError
 
 #: A YAML document may expand (through aliases) to at most this many nodes.
 MAX_YAML_NODES = 100_000
+#: the largest YAML file (or pipe) read as a ``--config``: options, not data
+MAX_CONFIG_BYTES = 16 << 20
 #: Longest slide id in bytes, as a file name (file names are limited to 255 bytes; room is left for suffixes).
 MAX_ID_LENGTH = 200
 _BAD_ID = re.compile(r"[/\\\x00-\x1f\x7f]")
@@ -82,7 +85,12 @@ def load_yaml(path: str | os.PathLike) -> Any:
 
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with open(p, "rb") as f:  # a file, or a pipe (``--config <(...)``) read once, at most MAX_CONFIG_BYTES
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise GigaslideError(f"YAML refused: larger than {MAX_CONFIG_BYTES >> 20} MiB", path=p,
+                                 fix="a config holds options; put data (lists of slides, labels) in files it names")
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise GigaslideError("YAML file not found", path=p, fix="check the path") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -120,9 +128,22 @@ def check_config_arg(value: str) -> tuple[Any, Path | None] | None:
         is_file = False
     if is_file:
         return load_yaml(p), p
+    if is_pipe(value):
+        raise GigaslideError("a pipe must be read once: pass its text (gigaslide.cli.main does)", path=p,
+                             fix="pass a file")
     if any(c in value for c in ":\n{["):  # inline YAML (jsonargparse accepts it)
         return load_yaml_text(value, where="--config"), None
     return None
+
+
+def is_pipe(value: str) -> bool:
+    """Whether ``value`` names a pipe (``--config <(...)`` passes ``/dev/fd/63``; a FIFO): it can be read only once."""
+    import stat
+
+    try:
+        return stat.S_ISFIFO(os.stat(value).st_mode)
+    except (OSError, ValueError):
+        return False
 
 
 def check_slide_id(slide_id: str, *, path: str | os.PathLike | None = None, what: str = "slide_id") -> str:
@@ -137,9 +158,10 @@ def check_slide_id(slide_id: str, *, path: str | os.PathLike | None = None, what
                                  fix="run with a UTF-8 locale (LANG=C.UTF-8, or PYTHONUTF8=1)") from None
         n_bytes = MAX_ID_LENGTH + 1  # a lone surrogate: no file name
     if (not sid or sid in (".", "..") or _BAD_ID.search(sid) or n_bytes > MAX_ID_LENGTH
-            or sid != sid.strip() or os.path.isabs(sid)):
+            or sid != sid.strip() or os.path.isabs(sid) or sid.startswith(TMP_PREFIX)):
         raise GigaslideError(f"unsafe {what} {sid[:60]!r}: ids become file names and may not contain path separators, "
-                             f"'..', control characters or edge spaces, or be longer than {MAX_ID_LENGTH} bytes",
+                             f"'..', control characters or edge spaces, start with {TMP_PREFIX!r} (the prefix of "
+                             f"temporary files, skipped and cleaned up), or be longer than {MAX_ID_LENGTH} bytes",
                              path=path,
                              fix="rename it to letters, digits, '-', '_' and '.' (as in the slide's file name)")
     return sid
@@ -153,5 +175,5 @@ def is_safe_slide_id(slide_id: str) -> bool:
     return True
 
 
-__all__ = ["MAX_YAML_NODES", "check_config_arg", "check_slide_id", "is_safe_slide_id", "load_yaml", "load_yaml_text",
-           "parse_xml"]
+__all__ = ["MAX_CONFIG_BYTES", "MAX_YAML_NODES", "check_config_arg", "check_slide_id", "is_pipe", "is_safe_slide_id",
+           "load_yaml", "load_yaml_text", "parse_xml"]

@@ -69,3 +69,14 @@ def test_a_slide_mpp_that_is_no_scan_resolution_is_refused_once_before_any_slide
 def test_a_slide_mpp_csv_path_and_plausible_numbers_pass() -> None:
     for value in ("0.25", "0.5", "mpp.csv", "12"):
         parse(["info", "s.svs", "--slide-mpp", value])
+
+
+def test_the_fix_line_of_every_checked_option_suggests_a_value_the_same_check_accepts():
+    """`--image-mpp -0.25` said "use e.g. --image-mpp 0", which the same check refuses."""
+    from gigaslide.cli import validate as v
+
+    names = v.AT_LEAST_ONE | v.NON_NEGATIVE | v.POSITIVE | v.NON_NEGATIVE_FLOAT | v.FRACTION
+    for name in sorted(names):
+        text = v._example(name, None).removeprefix(f"use e.g. {v._flag(name)} ")
+        value = float(text) if name in v.POSITIVE | v.NON_NEGATIVE_FLOAT | v.FRACTION else int(text)
+        v._check_number(name, value, None)  # raises for a suggestion the check itself refuses

@@ -17,6 +17,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from gigaslide.errors import GigaslideError
@@ -197,18 +198,20 @@ def _check_configs(args: Sequence[str]) -> list[str]:
 
 def _undashed_config(value: str) -> str:
     """``value`` (checked by :func:`~gigaslide.safe_parse.check_config_arg`) unchanged unless it is a YAML mapping
-    with a top-level key spelled with dashes; then the mapping as YAML text with those keys spelled with
-    underscores (one key given both ways is refused)."""
+    with a top-level key spelled with dashes, or a pipe (``--config <(...)``: read once here and checked, so
+    handed on as YAML text); then the mapping as YAML text, keys with dashes spelled with underscores (one key given
+    both ways is refused)."""
     import yaml
 
-    from gigaslide.safe_parse import check_config_arg
+    from gigaslide.safe_parse import check_config_arg, is_pipe, load_yaml
 
-    loaded = check_config_arg(value)
+    piped = is_pipe(value)
+    loaded = (load_yaml(value), Path(value)) if piped else check_config_arg(value)
     if loaded is None:
         return value  # a missing path: jsonargparse's own error names it
     data, path = loaded
     if not isinstance(data, dict) or not any(isinstance(k, str) and "-" in k for k in data):
-        return value
+        return (yaml.safe_dump(data, sort_keys=False) if data is not None else "{}") if piped else value
     fixed: dict[Any, Any] = {}
     for k, v in data.items():
         key = k.replace("-", "_") if isinstance(k, str) else k

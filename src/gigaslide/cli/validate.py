@@ -46,7 +46,7 @@ CHOICES: dict[str, tuple[str, ...]] = {"background": ("auto", "bright", "dark"),
 MAX_INT = 2**31 - 1
 #: An example value for the fix line when the option's default cannot serve as one.
 EXAMPLES = {"batch_size": 64, "tile_size": 224, "epochs": 10, "steps": 100, "folds": 5, "mpp": 0.5, "lr": 0.001,
-            "threads": 2, "workers": 1, "seed": 0, "slide_mpp": 0.25}
+            "threads": 2, "workers": 1, "seed": 0, "slide_mpp": 0.25, "image_mpp": 0.25}
 
 
 def _flag(name: str) -> str:
@@ -56,7 +56,7 @@ def _flag(name: str) -> str:
 def _example(name: str, default: Any) -> str:
     good = EXAMPLES.get(name, default)
     if good is None or good is inspect.Parameter.empty or isinstance(good, bool):
-        good = {True: 1}.get(name in AT_LEAST_ONE, 0)
+        good = 1 if name in AT_LEAST_ONE | POSITIVE else 0  # a value the same checks accept
     return f"use e.g. {_flag(name)} {good}"
 
 
