@@ -32,6 +32,9 @@ def find_slides(inputs: Iterable[str | os.PathLike], recursive: bool = True) -> 
         if p.is_file():
             out.append(p)
             continue
+        if not p.is_dir():  # was searched as a folder: "no slide files in this folder"
+            raise GigaslideError("input is not a regular file or a folder (a named pipe, socket or device)", path=p,
+                                 fix="pass slide files or folders of them")
         found = [f for f in walk_files(p, recursive) if _is_slide(f)]
         dicom_dirs: set[Path] = set()
         n_before = len(out)

@@ -15,8 +15,9 @@ SLIDE_EXTENSIONS = (
 )
 
 
-def slide_id_from_path(path: Path) -> str:
+def slide_id_from_path(path: str | os.PathLike) -> str:
     """The id of the slide at ``path``: its name less the longest slide extension it ends with (else its stem)."""
+    path = Path(path)  # a str raised AttributeError
     name = path.name
     for ext in sorted(SLIDE_EXTENSIONS, key=len, reverse=True):
         if name.lower().endswith(ext):

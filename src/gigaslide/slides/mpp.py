@@ -131,7 +131,11 @@ def load_mpp_table(path: str | os.PathLike) -> dict[str, float]:
             raise GigaslideError(f"mpp '{r['mpp']}' for {r[key]} is not a positive finite number", path=p,
                                  fix="write the scan resolution in µm per pixel, e.g. 0.25")
         check_override(v, f"mpp of {r[key]}", path=p)
-        table[slide_id_from_path(Path(r[key])) if key in ("path", "filename") else r[key]] = v
+        sid = slide_id_from_path(Path(r[key])) if key in ("path", "filename") else r[key]
+        if table.get(sid, v) != v:  # the last row won without a word: half a cohort's tiles at the wrong scale
+            raise GigaslideError(f"mpp table gives slide {sid} two resolutions, {table[sid]:g} and {v:g} µm/px", path=p,
+                                 fix="keep one row per slide with its scan resolution")
+        table[sid] = v
     return table
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from gigaslide.errors import GigaslideError
-from gigaslide.slides.slide import SCALE_TOLERANCE, Slide, box_reduce, fill_value
+from gigaslide.slides.slide import SCALE_TOLERANCE, Slide, box_reduce, check_size, fill_value
 from gigaslide.slides.tiled import TiffLevel, open_tiff_level, shift_bilinear, split_offset
 
 #: OpenSlide vendors whose levels are plain tiled TIFF pages painted without overlap.
@@ -50,7 +50,9 @@ class TileReader:
     """Reads ``tile_size`` x ``tile_size`` tiles at ``mpp`` whose top-left corners are level-0 coords.
 
     ``background``: ``bright`` (default; outside the slide is white glass) or ``dark`` (fluorescence: black), as
-    the tile grid records it (``grid.extra["background"]``)."""
+    the tile grid records it (``grid.extra["background"]``). A ``mpp`` the slide cannot give (no scan resolution,
+    finer than the scan by more than :data:`~gigaslide.slides.slide.MPP_TOLERANCE`, not positive and finite) or a
+    ``tile_size`` under 1 px is refused with a :class:`GigaslideError`, as tiling refuses it."""
 
     def __init__(self, slide: Slide, tile_size: int, mpp: float, *, tolerance: float = SCALE_TOLERANCE,
                  direct: bool = True, downsample: str = "box", background: str | None = "bright"):
@@ -58,6 +60,8 @@ class TileReader:
             raise GigaslideError(f"unknown downsample '{downsample}'", fix="use box (the default) or dct")
         self.fill = fill_value(background)
         self.background = "dark" if self.fill == 0 else "bright"
+        check_size((tile_size, tile_size), "tile size")
+        slide.check_target_mpp(mpp)  # 0.01 on a 0.5 µm/px scan read 1 px per 50 and upsampled it without a word
         self.slide, self.tile_size, self.mpp, self.tolerance = slide, int(tile_size), float(mpp), tolerance
         self.level = slide.choose_level(mpp, tolerance)
         self.factor = self.level.factor(tolerance)
@@ -196,7 +200,12 @@ def iter_tiles(slide: Slide | str | Path, coords: Iterable, tile_size: int, mpp:
     """
     own = not isinstance(slide, Slide)
     s = Slide(slide) if own else slide
-    reader = TileReader(s, tile_size, mpp, tolerance=tolerance, downsample=downsample, background=background)
+    try:
+        reader = TileReader(s, tile_size, mpp, tolerance=tolerance, downsample=downsample, background=background)
+    except BaseException:  # refused arguments: the slide opened here is closed (it stayed open until a collection)
+        if own:
+            s.close()
+        raise
     try:
         for x, y in coords:
             yield reader.read(x, y)

@@ -29,6 +29,17 @@ MPP_TOLERANCE = 0.1
 #: band by band, :data:`THUMB_BAND_PX` px at a time (see :meth:`Slide.thumbnail`).
 THUMB_READ_PX = 64e6
 THUMB_BAND_PX = 16e6
+#: Largest level a thumbnail is read from (3.4e10 px, e.g. 185,000 px square; in bands, ~2,000 reads of ~0.5 s): beyond,
+#: no level is small enough and the header is damaged or hostile -- a 500 KB TIFF claiming one sparse 10^6 x 10^6 px
+#: level read 62,500 blocks at ~0.5 s each (about 9 hours, estimated from the first 29) before tissue detection.
+THUMB_MAX_SOURCE_PX = 2**35
+
+
+#: Most level px one :meth:`Slide.read_region` reads (4 bytes each in OpenSlide's buffer: 16 GiB; a streaming canvas
+#: of 16384 px read at /4 of a level is this much): a target mpp far coarser than the slide's coarsest level read
+#: ``(size x scale)^2`` px -- 224 px at 500 µm/px on a 0.5 µm/px slide of two levels, 50 GB -- and failed with a
+#: MemoryError said to be a damaged file, or an OverflowError at 1e308.
+MAX_READ_PX = 2**32
 
 
 #: A read is not resampled when its scale is this close (relative) to 1, 2, 4 or 8 (see :meth:`LevelChoice.factor`).
@@ -38,6 +49,36 @@ BOX_FACTORS = (1, 2, 4, 8)
 #: The value pixels outside the slide (and sparse, never-scanned tiles) are read as, per background: white glass for
 #: bright-field, black for fluorescence (a white band on a dark image is an edge the tissue does not have).
 FILL = {"bright": 255, "dark": 0}
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of ``e``'s message, or its type's name when it has none (``MemoryError()``)."""
+    lines = str(e).splitlines()
+    return lines[0] if lines and lines[0].strip() else type(e).__name__
+
+
+def check_mpp_value(target_mpp: float) -> float:
+    """``target_mpp`` as a float when it is a positive finite resolution, else a one-line error (0, negative, NaN and
+    inf read 1 px tiles upsampled without a word, or failed deep inside PIL with a ValueError or OverflowError)."""
+    try:
+        v = float(target_mpp)
+    except (TypeError, ValueError):
+        v = math.nan
+    if not (math.isfinite(v) and v > 0):
+        raise GigaslideError(f"target mpp {target_mpp!r} is not a positive finite resolution",
+                             fix="give it in µm per pixel, e.g. 0.5 (20x) or 0.25 (40x)")
+    return v
+
+
+def check_size(size: tuple[int, int], what: str = "region size") -> tuple[int, int]:
+    """``size`` (w, h) as ints when both are at least 1 px, else a one-line error (0 failed inside PIL)."""
+    try:
+        w, h = (int(v) for v in size)
+    except (TypeError, ValueError):
+        w = h = 0
+    if w < 1 or h < 1:
+        raise GigaslideError(f"{what} {size!r} must be at least 1 x 1 px", fix="give a positive width and height")
+    return w, h
 
 
 def fill_value(background: str | None) -> int:
@@ -82,14 +123,29 @@ def _objective_power(props: dict[str, str]) -> float | None:
     return None
 
 
+class _Closed:
+    """Stands in for a closed slide's reader: any use is one GigaslideError line (OpenSlide raised a ctypes
+    ``ArgumentError: Passing closed slide object``, even from ``repr``)."""
+
+    def __init__(self, path: Path):
+        self._path = path
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        raise GigaslideError("the slide was closed", path=self._path,
+                             fix="read it inside its `with open_slide(...)` block, or open it again")
+
+    def close(self) -> None:
+        pass
+
+
 class Slide:
     """An open slide. Use as a context manager or call :meth:`close`."""
 
     def __init__(self, path: str | os.PathLike, *, mpp: float | str | None = None, slide_id: str | None = None):
         self.path = Path(path)
         self.id = check_slide_id(slide_id, path=self.path) if slide_id else slide_id_from_path(self.path)
+        override = resolve_override(mpp, self.id)  # first: refused after opening, the reader's file stayed open
         self._handle, self.backend = open_backend(self.path)
-        override = resolve_override(mpp, self.id)
         if override is not None:
             self._mpp: Mpp | None = Mpp(override, override, "override")
         else:
@@ -168,8 +224,8 @@ class Slide:
         """Refuse a target resolution this slide cannot give: no scan resolution (the fix: ``--slide-mpp``), or finer
         than the scan by more than :data:`MPP_TOLERANCE` (the fix names the scan's own mpp and the finest one that
         works, or the ``--slide-mpp`` value to correct when the resolution came from it)."""
-        if target_mpp <= 0:
-            raise GigaslideError(f"target mpp {target_mpp} must be positive", fix="use e.g. --mpp 0.5")
+        if not (math.isfinite(target_mpp) and target_mpp > 0):  # NaN passed both checks below
+            raise GigaslideError(f"target mpp {target_mpp} must be positive and finite", fix="use e.g. --mpp 0.5")
         if self._mpp is None:
             raise self._no_mpp_error(target_mpp)
         self.check_square()
@@ -201,7 +257,7 @@ class Slide:
 
     def choose_level(self, target_mpp: float, tolerance: float = SCALE_TOLERANCE) -> LevelChoice:
         """Coarsest level that is still at least as fine as ``target_mpp`` (or coarser by at most ``tolerance``)."""
-        want = target_mpp / self.mpp  # level-0 px per target px
+        want = check_mpp_value(target_mpp) / self.mpp  # level-0 px per target px
         best = 0
         for i, d in enumerate(self.level_downsamples):
             if d <= want * (1 + max(tolerance, 1e-3)):
@@ -227,15 +283,22 @@ class Slide:
         black (``dark``: a fluorescence slide's tiles at its edges are padded black, see :data:`FILL`).
         """
         fill = fill_value(background)
+        w, h = check_size(size)
         ch = level or self.choose_level(target_mpp, tolerance)
-        w, h = size
         k = ch.factor(tolerance)
-        lw, lh = (w * k, h * k) if k else (max(1, math.ceil(w * ch.scale - 1e-6)), max(1, math.ceil(h * ch.scale - 1e-6)))
+        fw, fh = (w * k, h * k) if k else (w * ch.scale, h * ch.scale)
+        if not fw * fh <= MAX_READ_PX:  # inf too
+            raise GigaslideError(
+                f"reading {w} x {h} px at {target_mpp:g} µm/px needs {fw:.4g} x {fh:.4g} px of level {ch.level} "
+                f"(downsample {ch.level_downsample:g}), more than the {MAX_READ_PX:,} px read at once", path=self.path,
+                fix="read smaller regions or at a finer mpp (the slide has no level near this one); for an overview "
+                    "use Slide.thumbnail")
+        lw, lh = (w * k, h * k) if k else (max(1, math.ceil(fw - 1e-6)), max(1, math.ceil(fh - 1e-6)))
         try:
             img = self._handle.read_region((int(location[0]), int(location[1])), ch.level, (lw, lh))
         except Exception as e:  # noqa: BLE001
             raise GigaslideError(
-                f"cannot read pixels at {tuple(location)} level {ch.level} ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+                f"cannot read pixels at {tuple(location)} level {ch.level} ({_first_line(e)})",
                 path=self.path,
                 fix="the file is damaged or incomplete; re-copy or re-scan it, or exclude it from the batch",
             ) from None
@@ -273,6 +336,9 @@ class Slide:
         The sizes are rounded per axis, so each axis has its own exact scale, ``W / width`` and ``H / height`` (up to
         half a thumbnail px apart over the image from the one returned): painting on it, use both, as heatmaps do."""
         W, H = self.dimensions
+        if not isinstance(max_size, (int, np.integer)) or max_size < 1:
+            raise GigaslideError(f"thumbnail size {max_size!r} must be a whole number of px, at least 1",
+                                 path=self.path, fix="give e.g. max_size=1024")
         ds = max(W, H) / max_size
         ds = max(ds, 1.0)
         tw, th = max(1, round(W / ds)), max(1, round(H / ds))
@@ -281,13 +347,20 @@ class Slide:
             if d <= ds * (1 + 1e-3):
                 level = i
         lw, lh = self.level_dimensions[level]
+        if lw * lh > THUMB_MAX_SOURCE_PX:
+            raise GigaslideError(
+                f"no level of the slide is small enough for a {max_size} px thumbnail: the smallest it can be made "
+                f"from is level {level}, {lw:,} x {lh:,} px ({lw * lh:.3g} px, more than the "
+                f"{THUMB_MAX_SOURCE_PX:.3g} read for one; reading it would take hours)", path=self.path,
+                fix="convert it to a pyramidal TIFF (`vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`); "
+                    "if no scan is that large, its header is damaged: re-copy or re-export it")
         try:
             if lw * lh <= THUMB_READ_PX:
                 img = self._handle.read_region((0, 0), level, (lw, lh))
             else:  # a non-pyramidal (or sparse-pyramid) slide: its level is read band by band, never whole
                 img = self._banded_reduce(level, max(1, int(min(lw / tw, lh / th))))
         except Exception as e:  # noqa: BLE001
-            raise GigaslideError(f"cannot read the slide's pixels ({str(e).splitlines()[0]})", path=self.path,
+            raise GigaslideError(f"cannot read the slide's pixels ({_first_line(e)})", path=self.path,
                                  fix="the file is damaged or incomplete; re-copy or re-scan it") from None
         if img.size != (tw, th):
             factor = int(min(img.size[0] / tw, img.size[1] / th))
@@ -300,14 +373,20 @@ class Slide:
         """Level ``level`` box-averaged by ``f`` (RGB, on white where transparent), read in bands of about
         :data:`THUMB_BAND_PX` px (a multiple of ``f`` rows each): memory stays at one band, where reading the level
         whole (OpenSlide's ``get_thumbnail`` does) took 1.7 GB for a 1024 px thumbnail of a non-pyramidal
-        16384 x 12288 TIFF (0.2 GB in bands)."""
+        16384 x 12288 TIFF (0.2 GB in bands). A band of ``f`` rows wider than that is read in blocks of a multiple
+        of ``f`` columns: a header claiming a 10^6 px wide level made every band 3.9 GB (``f`` = 977 rows)."""
         lw, lh = self.level_dimensions[level]
         ds = self.level_downsamples[level]
         rows = max(f, int(THUMB_BAND_PX // lw) // f * f)
+        cols = lw if rows * lw <= THUMB_BAND_PX else max(f, int(THUMB_BAND_PX // rows) // f * f)
         parts = []
         for y in range(0, lh, rows):
-            band = self._handle.read_region((0, int(round(y * ds))), level, (lw, min(rows, lh - y)))
-            parts.append(to_rgb(band.reduce(f) if f > 1 else band))  # RGBA reduced first, as a level read whole
+            h = min(rows, lh - y)
+            blocks = []
+            for x in range(0, lw, cols):
+                band = self._handle.read_region((int(round(x * ds)), int(round(y * ds))), level, (min(cols, lw - x), h))
+                blocks.append(to_rgb(band.reduce(f) if f > 1 else band))  # RGBA reduced first, as a level read whole
+            parts.append(blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1))
         return Image.fromarray(np.concatenate(parts, axis=0))
 
     def info(self) -> dict[str, Any]:
@@ -333,6 +412,7 @@ class Slide:
             self._handle.close()
         except Exception:  # noqa: BLE001
             pass
+        self._handle = _Closed(self.path)
 
     def __enter__(self) -> Slide:
         return self
@@ -341,6 +421,8 @@ class Slide:
         self.close()
 
     def __repr__(self) -> str:
+        if isinstance(self._handle, _Closed):
+            return f"Slide({str(self.path)!r}, closed)"
         return f"Slide({str(self.path)!r}, {self.dimensions[0]}x{self.dimensions[1]}, mpp={self._mpp and round(self._mpp.mean, 4)})"
 
 

@@ -34,6 +34,22 @@ DCT_FACTORS = (2, 4, 8)
 ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 
 
+class PageCycleError(ValueError):
+    """A TIFF whose chain of image directories (IFDs) points back to one it has passed (a damaged file)."""
+
+
+def tiff_pages(tif):  # noqa: ANN001, ANN201 - a tifffile TiffFile; its pages
+    """The pages of ``tif`` in order; :class:`PageCycleError` at a page whose IFD was seen already. tifffile follows
+    the chain without a check: iterating a 300 byte file whose IFD points to itself never ended."""
+    seen: set[int] = set()
+    for page in tif.pages:
+        offset = int(page.offset)
+        if offset in seen:
+            raise PageCycleError(f"page {len(seen)} is the IFD at byte {offset:,} again: the IFD chain is a cycle")
+        seen.add(offset)
+        yield page
+
+
 class TiffLevel:
     """One tiled TIFF page; :meth:`region` returns level pixels (RGB uint8, white or ``fill`` outside the page)."""
 
@@ -160,7 +176,7 @@ def open_tiff_level(path: str | Path, size: tuple[int, int], read_w: int) -> Tif
     except Exception:  # noqa: BLE001 - not a TIFF: the caller falls back to OpenSlide
         return None
     try:
-        for page in tif.pages:
+        for page in tiff_pages(tif):
             if (int(page.imagewidth), int(page.imagelength)) != tuple(size) or not page.is_tiled:
                 continue
             if (page.photometric not in _DECODABLE_PHOTOMETRIC or page.planarconfig != 1 or page.bitspersample != 8
