@@ -224,3 +224,31 @@ def test_encode_exit_status_comes_from_rank0(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(GigaslideError):
         encode([str(broken)], str(tmp_path / "o0"), encoder="test_resnet", weights="random", mpp=1.0, tile_size=64)
+
+
+def test_failure_marks_are_judged_by_the_launchers_job_id_not_by_clocks(tmp_path, slides, reference):
+    """A mark's mtime comes from the clock of the node (or file server) that wrote it: with a job id from the
+    launcher, a mark of this job counts however old it looks, and one of an earlier job is tried again however
+    new it looks."""
+    _pretiled(tmp_path, reference)
+    (tmp_path / "locks").mkdir()
+    ours = tmp_path / "locks" / "s0.failed"  # this job's rank 1, whose clock is a minute behind
+    ours.write_text(json.dumps({"error": "s0: unreadable on rank 1", "pid": -1, "job": "slurm-7.0.0"}))
+    os.utime(ours, (time.time() - 60, time.time() - 60))
+    earlier = tmp_path / "locks" / "s1.failed"  # an earlier job's mark, dated ahead by a skewed clock
+    earlier.write_text(json.dumps({"error": "old", "pid": -1, "job": "slurm-6.0.0"}))
+    os.utime(earlier, (time.time() + 3600, time.time() + 3600))
+    res = encode_slides(slides, tmp_path, build_encoder("test_resnet", "random", seed=0), PARAMS, batch_size=8,
+                        workers=0, precision="fp32", overlays=False, rank=RankInfo(0, 2, job="slurm-7.0.0"))
+    assert res.failed_elsewhere == {"s0": "s0: unreadable on rank 1"} and not res.failed
+    assert sorted(res.done) == ["s1", "s2", "s3"] and not earlier.exists()
+
+
+def test_the_launchers_job_id_is_read_from_torchrun_and_slurm():
+    from gigaslide.features.parallel import rank_info
+
+    assert rank_info({"RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "abc"}).job == "torchrun-abc"
+    assert rank_info({"RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "none"}).job is None  # its default
+    env = {"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_JOB_ID": "42", "SLURM_STEP_ID": "3"}
+    assert rank_info(env).job == "slurm-42.3.0"
+    assert rank_info({**env, "SLURM_RESTART_COUNT": "1"}).job == "slurm-42.3.1"  # a requeued job is a new job

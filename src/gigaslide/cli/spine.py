@@ -271,10 +271,11 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
     files = find_slides(slides)
     enc = build_encoder(encoder, weights)
     if mpp is None or tile_size is None:  # the encoder's own field of view (an export's pretrain --mpp/--tile-size)
+        own = mpp is not None or enc.spec.native_mpp is not None
         mpp = (enc.spec.native_mpp or 0.5) if mpp is None else mpp
         tile_size = enc.spec.input_size if tile_size is None else tile_size
-        print(f"tiles of {tile_size} px at {mpp} µm/px (the encoder's own; --tile-size / --mpp to choose)",
-              file=sys.stderr)
+        whose = "the encoder's own" if own else "the default: the encoder records no µm/px of its training tiles"
+        print(f"tiles of {tile_size} px at {mpp} µm/px ({whose}; --tile-size / --mpp to choose)", file=sys.stderr)
     params = params_at(mpp, tile_size)
     if weights == "random":
         print("note: random weights -- features are for tests and benchmarks only", file=sys.stderr)
@@ -295,6 +296,12 @@ def encode(slides: list[str], out: str, encoder: str = "resnet18", weights: str 
         print(f"failed {sid}: {err}", file=sys.stderr)
     for sid, err in res.failed_elsewhere.items():
         print(f"failed {sid} (on another rank): {err}", file=sys.stderr)
+    if res.mixed and res.rank == 0:
+        sid, what = next(iter(res.mixed.items()))
+        more = f" and {len(res.mixed) - 1} more slide(s)" if len(res.mixed) > 1 else ""
+        print(f"warning: {Path(out) / 'features'} also holds features of slides not in this job made otherwise "
+              f"({sid}: {what}){more}; train-mil and slide SSL refuse a mixed folder -- encode those slides again "
+              "with these settings, or encode into another --out", file=sys.stderr)
     if res.world > 1 and res.rank != 0:  # torchrun stops every rank when one exits with an error: rank 0 reports
         if res.failed:
             print(f"note: rank {res.rank}: {len(res.failed)} slide(s) failed here; rank 0 gives the job's exit status "

@@ -16,7 +16,7 @@ from gigaslide.encoders.specs import ENCODERS, EncoderSpec
 from gigaslide.encoders.vit_layout import to_timm_layout
 from gigaslide.encoders.weights import read_state_dict, resolve_hub_weights, strip_prefixes, weights_file
 from gigaslide.errors import GigaslideError
-from gigaslide.provenance import file_sha256
+from gigaslide.provenance import check_format, file_sha256
 
 EXPORT_SPEC = "encoder.json"
 EXPORT_WEIGHTS = "weights.safetensors"
@@ -216,9 +216,14 @@ def assignable(trunk: nn.Module) -> bool:
 
 
 def _spec_from_export(folder: Path) -> EncoderSpec:
+    """The export's spec; one a newer gigaslide wrote (its provenance's ``format_version``) is refused: keys this
+    version does not know were dropped without a word, and the encoder ran as something else."""
     try:
-        return EncoderSpec.from_dict(json.loads((folder / EXPORT_SPEC).read_text()))
-    except (OSError, ValueError, TypeError) as e:
+        d = json.loads((folder / EXPORT_SPEC).read_text())
+        rec = d.get("provenance") if isinstance(d, dict) else None
+        check_format(rec if isinstance(rec, dict) else d if isinstance(d, dict) else {}, folder / EXPORT_SPEC)
+        return EncoderSpec.from_dict(d)
+    except (OSError, ValueError, TypeError, AttributeError) as e:
         raise GigaslideError(f"bad encoder export ({e})", path=folder / EXPORT_SPEC, fix="re-export the encoder") from None
 
 
@@ -251,21 +256,23 @@ def build_encoder(name: str, weights: str | None = "default", *, seed: int = 0) 
     elif weights != "random":
         path = weights_file(weights)  # a folder of a hub download: its weights file
     sd = None if path is None else read_state_dict(path)
-    torch.manual_seed(seed)
-    trunk = None
-    if sd is not None:  # made on the meta device and the checkpoint assigned: no random init (~10 s and a second copy
-        with torch.device("meta"):  # of the weights for a 1B-parameter ViT)
-            meta = create_trunk(spec)
-        if assignable(meta):
-            load_weights_into(meta, sd, str(path), spec, assign=True)
-            trunk = meta
-    if trunk is None:
-        trunk = create_trunk(spec)
-        if sd is not None:
-            load_weights_into(trunk, sd, str(path), spec)
-    del sd
-    if spec.embed_dim == 0:  # tiny test architectures: read the size off the model
-        spec = with_embed_dim(spec, trunk)
+    # the trunk is made on the CPU, from the CPU generator seeded here; the caller's stream (and CUDA's) is left as is
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        trunk = None
+        if sd is not None:  # made on the meta device and the checkpoint assigned: no random init (~10 s and a second
+            with torch.device("meta"):  # copy of the weights for a 1B-parameter ViT)
+                meta = create_trunk(spec)
+            if assignable(meta):
+                load_weights_into(meta, sd, str(path), spec, assign=True)
+                trunk = meta
+        if trunk is None:
+            trunk = create_trunk(spec)
+            if sd is not None:
+                load_weights_into(trunk, sd, str(path), spec)
+        del sd
+        if spec.embed_dim == 0:  # tiny test architectures: read the size off the model
+            spec = with_embed_dim(spec, trunk)
     weights_id = f"random-seed{seed}" if path is None else "sha256:" + file_sha256(path)
     enc = Encoder(spec, trunk, weights_id).eval()
     return enc

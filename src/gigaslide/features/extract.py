@@ -107,6 +107,9 @@ class EncodeResult:
     bf16_cosine: float | None = None
     precision_choice: dict[str, Any] = field(default_factory=dict)
     bn_folded: bool = False  # the encoder ran with its batch norms folded into its convolutions
+    #: slides not in this job whose features in the folder another encoder, weights, mpp or tile size made (as the
+    #: manifest records them): what made them. MIL and slide SSL refuse such a mixed folder.
+    mixed: dict[str, str] = field(default_factory=dict)
 
 
 def _decode_device(name: str, dev: torch.device) -> torch.device:
@@ -189,12 +192,17 @@ def is_finished(path: Path, encoder: Encoder, params: TilingParams, *, stamp: Se
         written = path.stat().st_mtime
     except (GigaslideError, OSError):
         return False
-    if scan is not None and not scan.made(a.get("slide_mpp", ca.get("level0_mpp")), level0_dimensions(ca),
-                                          a.get(IDENTITY_KEY), written=written):
+    try:  # attrs of the wrong type (another tool's, hand-edited: tile_size "abc"): not this job's, encoded again
+        if scan is not None and not scan.made(a.get("slide_mpp", ca.get("level0_mpp")), level0_dimensions(ca),
+                                              a.get(IDENTITY_KEY), written=written):
+            return False
+        same_grid = (abs(float(a.get("mpp", -1)) - params.mpp) < 1e-9
+                     and int(a.get("tile_size", -1)) == params.tile_size and int(a.get("overlap", -1)) == params.overlap
+                     and abs(float(a.get("min_tissue", -1)) - params.min_tissue) < 1e-9)
+    except (TypeError, ValueError):
         return False
-    return (a.get("encoder") == encoder.spec.name and a.get("encoder_weights_sha256") == encoder.weights_id
-            and abs(float(a.get("mpp", -1)) - params.mpp) < 1e-9 and int(a.get("tile_size", -1)) == params.tile_size
-            and int(a.get("overlap", -1)) == params.overlap and abs(float(a.get("min_tissue", -1)) - params.min_tissue) < 1e-9
+    return (same_grid and a.get("encoder") == encoder.spec.name
+            and a.get("encoder_weights_sha256") == encoder.weights_id
             and a.get("grid_rule") == GRID_RULE and a.get("background_option", "auto") == params.background
             and (a.get("background") != "dark" or a.get("edge_fill") == "dark")  # white-padded before the fix
             and a.get("downsample_option", "box") == downsample
@@ -238,19 +246,25 @@ class _Run:
         """With several ranks: whether another rank of this job has failed the slide (then recorded in the result).
 
         A rank that fails a slide leaves a mark beside its lock (``locks/<slide_id>.failed``, removed when the slide
-        is encoded later); a mark newer than this process's start is this job's. A rank that starts after another
-        has already failed a slide (a node that came up late) tries it again, as a new job does."""
+        is encoded later) naming the launcher's job id (:class:`RankInfo` ``job``): a mark of the same id is this
+        job's, of another id an earlier job's (tried again), whatever the clocks of the nodes and the file server
+        say. Where the launcher gives no id, a mark newer than this process's start is this job's (then a rank that
+        starts after another has already failed a slide, a node that came up late, tries it again, as a new job
+        does; and clocks skewed across nodes can misjudge a mark)."""
         if self.rank.world == 1:
             return False
         mark = self.failed_mark(slide_id)
+        newer = True  # a mark that cannot be looked at counts, as one of this job's
         try:
-            if mark.stat().st_mtime <= self.started:
-                return False
+            newer = mark.stat().st_mtime > self.started
             rec = json.loads(mark.read_text())
         except FileNotFoundError:
             return False
         except (OSError, ValueError):
             rec = {}
+        rec = rec if isinstance(rec, dict) else {}
+        if not (rec.get("job") == self.rank.job if self.rank.job and rec.get("job") else newer):
+            return False
         if (rec.get("pid"), rec.get("host")) == (os.getpid(), socket.gethostname()):  # this process's own
             return False
         self.res.failed_elsewhere[slide_id] = str(rec.get("error") or f"failed on another rank (see {mark})")
@@ -288,7 +302,8 @@ class _Run:
         if self.rank.world > 1:  # marked before the lock is released, so no other rank of this job tries it again
             with contextlib.suppress(OSError):
                 atomic.write_json(self.failed_mark(job.slide_id), {"error": msg, "rank": self.rank.rank,
-                                                                   "pid": os.getpid(), "host": socket.gethostname()})
+                                                                   "pid": os.getpid(), "host": socket.gethostname(),
+                                                                   "job": self.rank.job})
         if job.lock is not None:
             job.lock.release()
         if self.progress:
@@ -296,7 +311,25 @@ class _Run:
 
     def skip(self, job: SlideJob, note: str) -> None:
         self.res.skipped.append(job.slide_id)
-        self.manifest.set(job.slide_id, "done", keep_done=True, path=job.path, note=note)
+        self.manifest.set(job.slide_id, "done", keep_done=True, path=job.path, note=note, made_with=self.made_with)
+
+    @property
+    def made_with(self) -> dict[str, Any]:
+        """What makes this job's features (recorded in each slide's manifest entry: the config is the last job's)."""
+        return {"encoder": self.encoder.spec.name, "weights": self.encoder.weights_id, "mpp": self.params.mpp,
+                "tile_size": self.params.tile_size}
+
+    def find_mixed(self) -> None:
+        """Slides outside this job whose features on disk another encoder / weights / mpp / tile size made
+        (``EncodeResult.mixed``); entries of manifests written before ``made_with`` was recorded are not judged."""
+        ours, ids = self.made_with, set(self.ids)
+        for sid, entry in sorted(self.manifest.data["slides"].items()):
+            other = entry.get("made_with") if isinstance(entry, dict) and entry.get("status") == "done" else None
+            if sid in ids or not isinstance(other, dict) or not layout(self.out, sid)["features"].is_file():
+                continue
+            diff = [k for k in ours if other.get(k) != ours[k]]
+            if diff:
+                self.res.mixed[sid] = ", ".join(f"{k} {other.get(k)} (this job: {ours[k]})" for k in diff)
 
     def tile(self, job: SlideJob) -> bool:
         """Tile ``job`` (its lock held); False when the slide failed."""
@@ -624,6 +657,7 @@ def encode_slides(slides: Sequence[str | os.PathLike], out: str | os.PathLike, e
         manifest.flush()
     if run.waits:
         run.settle()
+    run.find_mixed()
     res.seconds = time.perf_counter() - t_start
     return res
 
@@ -639,7 +673,7 @@ def _finish(run: _Run, job: SlideJob, feats: np.ndarray, choice: PrecisionChoice
     run.manifest.set(job.slide_id, "done", path=job.path, tiles=len(feats), seconds=round(secs, 3), file_stamp=file_stamp(path),
                      precision=choice.record(), read_mpp=job.info.get("read_mpp"), reader=_reader_name(job.info),
                      rank=run.rank.rank, stain=grid.extra.get("stain"), background=grid.extra.get("background"),
-                     stain_warning=grid.extra.get("stain_warning"))
+                     stain_warning=grid.extra.get("stain_warning"), made_with=run.made_with)
     with contextlib.suppress(FileNotFoundError):
         run.failed_mark(job.slide_id).unlink()  # an earlier job's failure of this slide
     job.lock.release()

@@ -31,6 +31,19 @@ class RankInfo:
     local_rank: int = 0
     local_world: int = 1
     source: str = "single"  # single | torchrun | slurm
+    job: str | None = None  # the launcher's id of this job (torchrun's run id, SLURM's job/step/restart), or None
+
+
+def _job_id(e: Mapping[str, str], source: str) -> str | None:
+    """The id every rank of one launch shares and no other launch does: torchrun's ``TORCHELASTIC_RUN_ID`` (not its
+    default ``none``), SLURM's job id, step and restart count; None where the launcher gives none."""
+    if source == "torchrun":
+        run = e.get("TORCHELASTIC_RUN_ID", "").strip()
+        return f"torchrun-{run}" if run and run != "none" else None
+    if source == "slurm" and e.get("SLURM_JOB_ID", "").strip():
+        return "slurm-{}.{}.{}".format(e["SLURM_JOB_ID"].strip(), e.get("SLURM_STEP_ID", e.get("SLURM_STEPID", "")),
+                                       e.get("SLURM_RESTART_COUNT", "0"))
+    return None
 
 
 def _env_int(e: Mapping[str, str], name: str, default: int | None = None, *, launcher: str) -> int:
@@ -64,14 +77,15 @@ def rank_info(env: Mapping[str, str] | None = None) -> RankInfo:
         world = _env_int(e, "WORLD_SIZE", launcher="torchrun")
         return _checked(RankInfo(_env_int(e, "RANK", launcher="torchrun"), world,
                                  _env_int(e, "LOCAL_RANK", 0, launcher="torchrun"),
-                                 _env_int(e, "LOCAL_WORLD_SIZE", world, launcher="torchrun"), "torchrun"),
+                                 _env_int(e, "LOCAL_WORLD_SIZE", world, launcher="torchrun"), "torchrun",
+                                 _job_id(e, "torchrun")),
                         "RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE", "torchrun")
     if _env_int(e, "SLURM_NTASKS", 1, launcher="srun") > 1 and "SLURM_PROCID" in e:
         n = _env_int(e, "SLURM_NTASKS", launcher="srun")
         per_node = e.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
         return _checked(RankInfo(_env_int(e, "SLURM_PROCID", launcher="srun"), n,
                                  _env_int(e, "SLURM_LOCALID", 0, launcher="srun"),
-                                 int(per_node) if per_node.isdigit() else n, "slurm"),
+                                 int(per_node) if per_node.isdigit() else n, "slurm", _job_id(e, "slurm")),
                         "SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NTASKS_PER_NODE", "srun")
     return RankInfo()
 

@@ -20,9 +20,10 @@ import h5py
 import numpy as np
 
 from gigaslide import atomic
-from gigaslide.provenance import COMPAT_KEYS, Provenance, check_format, check_same, decode_attrs, provenance
+from gigaslide.provenance import COMPAT_KEYS, Provenance, check_format, check_same, provenance
 from gigaslide.errors import GigaslideError
 from gigaslide.safe_parse import is_safe_slide_id
+from gigaslide.tiling.store import h5_attrs
 
 
 @dataclass
@@ -106,7 +107,9 @@ class FeatureFile:
 
     @property
     def provenance(self) -> Provenance:
-        return Provenance.from_dict(self.attrs)
+        """The file's provenance record; a field of the wrong type (``tile_size = "abc"``: another tool's or a
+        hand-edited file) is a one-line error naming the file (:meth:`Provenance.from_dict`)."""
+        return Provenance.from_dict(self.attrs, self.path)
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -220,20 +223,22 @@ def load(path: str | os.PathLike, *, arrays: bool = True) -> FeatureFile:
             if "features" not in f:
                 raise GigaslideError("HDF5 file has no 'features' dataset", path=p,
                                      fix="pass a feature file written by gigaslide encode, CLAM or TRIDENT")
+            fd = f["features"]
             if arrays:
-                raw = np.asarray(f["features"][:])
+                raw = np.asarray(fd[:])
                 feats = raw.reshape(_shape_2d(raw.shape))
             else:
-                feats = LazyFeatures(p, _shape_2d(f["features"].shape), f["features"].dtype)
-            if "coords" in f:
-                coords = np.asarray(f["coords"][:])
+                feats = LazyFeatures(p, _shape_2d(fd.shape), fd.dtype)
+            cd = f.get("coords")
+            if cd is not None:
+                coords = np.asarray(cd[:])
                 if coords.ndim == 3 and coords.shape[0] == 1:
                     coords = coords[0]
-                coords_attrs = decode_attrs(f["coords"].attrs)
+                coords_attrs = h5_attrs(cd)
             else:
                 coords, coords_attrs = np.zeros((len(feats), 2), np.int64), {}
             labels = np.asarray(f["labels"][:]) if "labels" in f else None
-            attrs = decode_attrs(f.attrs)
+            attrs = h5_attrs(f)
     except GigaslideError:
         raise
     except (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:  # damaged file
@@ -257,7 +262,7 @@ def read_all_attrs(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
             if "features" not in f or "coords" not in f or len(f["features"]) != len(f["coords"]):
                 raise GigaslideError("not a complete gigaslide feature file (features / coords)", path=p,
                                      fix="delete it and re-run encode")
-            return decode_attrs(f.attrs), decode_attrs(f["coords"].attrs)
+            return h5_attrs(f), h5_attrs(f["coords"])
     except GigaslideError:
         raise
     except (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError) as e:

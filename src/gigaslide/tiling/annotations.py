@@ -99,14 +99,29 @@ def _polygons(geometry: dict | None) -> Iterator[list]:
             yield from _polygons(g)
 
 
+#: largest |coordinate| accepted (level-0 px): far beyond any slide, and where rasterising stops being exact
+MAX_COORD = 1e12
+
+
 def read_polygons(path: str | os.PathLike, classes: Sequence[str] | None = None) -> list[list[np.ndarray]]:
-    """The polygons of a GeoJSON file as lists of rings (``[n, 2]`` float level-0 x, y), filtered by ``classes``."""
+    """The polygons of a GeoJSON file as lists of rings (``[n, 2]`` float level-0 x, y), filtered by ``classes``.
+    Coordinates that are not finite (``NaN``, which Python's JSON reader accepts) or beyond :data:`MAX_COORD`, and
+    documents nested too deeply to read, are refused in one line (they rasterised to no tissue without a word)."""
     p = Path(path)
     try:
         doc = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise GigaslideError(f"not a readable GeoJSON file ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})",
                              path=p, fix="export the annotations as GeoJSON (QuPath: File > Export objects as GeoJSON)") from None
+    try:
+        return _read_polygons(doc, p, classes)
+    except RecursionError:
+        raise GigaslideError("GeoJSON nested too deeply to read", path=p,
+                             fix="export the annotations as GeoJSON (QuPath: File > Export objects as GeoJSON)"
+                             ) from None
+
+
+def _read_polygons(doc: object, p: Path, classes: Sequence[str] | None) -> list[list[np.ndarray]]:
     keep = None if classes is None else {str(c) for c in classes}
     out, seen = [], set()
     for feat in _features(doc):
@@ -120,6 +135,11 @@ def read_polygons(path: str | os.PathLike, classes: Sequence[str] | None = None)
             except (TypeError, ValueError, IndexError):
                 raise GigaslideError("a polygon's coordinates are not [x, y] pairs", path=p,
                                      fix="write each ring as a list of [x, y] level-0 pixel pairs") from None
+            bad = next((r for r in rings if not (np.abs(r) <= MAX_COORD).all()), None)  # NaN fails the test too
+            if bad is not None:
+                v = bad[~(np.abs(bad) <= MAX_COORD)][0]
+                raise GigaslideError(f"a polygon has the coordinate {float(v)!r}: not a level-0 pixel position", path=p,
+                                     fix="write finite level-0 pixel coordinates (as QuPath exports them)")
             if rings and len(rings[0]) >= 3:
                 out.append([r for r in rings if len(r) >= 3])
     if not out:

@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 
 from gigaslide import atomic
-from gigaslide.provenance import decode_attrs, provenance
+from gigaslide.provenance import check_format, decode_attrs, provenance
 from gigaslide.errors import GigaslideError
 from gigaslide.tiling.annotations import TISSUE_KEYS
 from gigaslide.tiling.grid import LEVEL_DIM_KEY, TileGrid
@@ -35,6 +35,48 @@ from gigaslide.tiling.grid import LEVEL_DIM_KEY, TileGrid
 #: ``TileGrid.extra`` keys written as file attrs (scalars / strings only); ``slide_identity``: the slide file's
 #: identity (``gigaslide.tiling.job.slide_identity``), written in the same atomic write as the grid.
 EXTRA_KEYS = ("grid_rule", "background", "background_option", "stain", "stain_warning", *TISSUE_KEYS, "slide_identity")
+
+
+_STR = np.dtype(object)
+_VSTR, _VSTR_ASCII = h5py.string_dtype(), h5py.string_dtype("ascii")
+_MTYPES: dict[tuple, h5py.h5t.TypeID] = {}
+
+
+def _mtype(dt: np.dtype) -> h5py.h5t.TypeID:
+    """h5py's memory type of ``dt``, made once per dtype (metadata included: enum values, string encoding)."""
+    key = (dt, repr(dt.metadata))
+    m = _MTYPES.get(key)
+    if m is None:
+        m = _MTYPES[key] = h5py.h5t.py_create(dt)
+    return m
+
+
+def h5_attrs(obj: h5py.HLObject) -> dict:
+    """``decode_attrs(obj.attrs)`` (the same dict), faster: scalar strings and numeric scalars and arrays -- every
+    attr gigaslide writes -- are read through h5py's low-level calls (one open, type and space each) instead of
+    ``attrs[name]`` (which makes each type twice and reads the space twice); any other attr (empty, compound,
+    fixed-length strings or string arrays: other tools' files) is read as h5py reads it."""
+    oid, out = obj.id, {}
+    for name in obj.attrs:  # h5py's order and name decoding
+        raw = name if isinstance(name, bytes) else name.encode("utf-8", "surrogateescape")
+        aid = h5py.h5a.open(oid, raw)
+        ft = aid.get_type()
+        cls = ft.get_class()
+        space = aid.get_space()
+        kind = space.get_simple_extent_type()
+        if kind == h5py.h5s.SCALAR and cls == h5py.h5t.STRING and ft.is_variable_str():
+            buf = np.empty((), _STR)
+            aid.read(buf, mtype=_mtype(_VSTR_ASCII if ft.get_cset() == h5py.h5t.CSET_ASCII else _VSTR))
+            v = buf[()]
+            out[name] = v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v
+        elif kind in (h5py.h5s.SCALAR, h5py.h5s.SIMPLE) and cls in (h5py.h5t.INTEGER, h5py.h5t.FLOAT, h5py.h5t.ENUM):
+            dt = ft.dtype
+            buf = np.zeros(space.shape, dt)
+            aid.read(buf, mtype=_mtype(dt))
+            out[name] = buf.tolist()  # a Python scalar for a scalar, nested lists for an array (as decode_attrs)
+        else:
+            out.update(decode_attrs({name: obj.attrs[name]}))
+    return out
 
 
 def _checksummed(a: np.ndarray) -> dict:
@@ -114,13 +156,14 @@ def load_grid(path: str | os.PathLike) -> TileGrid:
     try:
         with h5py.File(p, "r") as f:
             coords = np.asarray(f["coords"][:], dtype=np.int64)
-            ca = decode_attrs(f["coords"].attrs)
-            fa = decode_attrs(f.attrs)
+            ca = h5_attrs(f["coords"])
+            fa = h5_attrs(f)
             tissue = np.asarray(f["tissue"][:], np.float32) if "tissue" in f else np.ones(len(coords), np.float32)
             padding = np.asarray(f["padding"][:], np.float32) if "padding" in f else None
     except (OSError, KeyError, ValueError, RuntimeError, TypeError) as e:  # truncated / damaged / another tool's file
         raise GigaslideError(f"not a readable tile-coordinate file ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})",
                              path=p, fix="delete it and re-run `gigaslide tile` (or encode)") from None
+    check_format(fa, p)  # a newer gigaslide's layout: refused here, tiled again by `tile` / `encode`
     n = len(coords) if coords.ndim == 2 and coords.shape[1:] == (2,) else -1
     if n < 0 or len(tissue) != n or (padding is not None and len(padding) != n):
         raise GigaslideError(f"inconsistent tile-coordinate file (coords {coords.shape}, tissue {tissue.shape})", path=p,
