@@ -70,7 +70,8 @@ def recipe_flags(teacher_temp: str | None = None, mask_ratio: str | None = None,
     return out
 
 
-def pretrain(data: str, out: str, method: str = "dino", backbone: str = "resnet18", mpp: str = "0.5", tile_size: int = 224,
+def pretrain(data: str, out: str, method: str = "dino", backbone: str = "resnet18", mpp: str | None = None,
+             tile_size: int = 224,
              init: str | None = None, budget: str | None = None, steps: int | None = None, augment: str = "pathology",
              batch_size: int | None = None, crop_size: int | None = None, lr: float | None = None,
              weight_decay: float | None = None, warmup_frac: float | None = None, layer_decay: float | None = None,
@@ -101,7 +102,9 @@ def pretrain(data: str, out: str, method: str = "dino", backbone: str = "resnet1
         out: run folder (run.json, checkpoint/, encoder/)
         method: simclr, mocov2, barlowtwins, swav or dino (or another registered method, e.g. dinov2)
         backbone: encoder architecture from `gigaslide encoders` (resnet18, resnet50, vit_small, vit_small_dinov2, ...)
-        mpp: resolution(s) in µm/px to sample slides at, comma-separated for several magnifications (recorded for tile folders)
+        mpp: resolution(s) in µm/px to sample slides at (default 0.5), comma-separated for several magnifications; for a
+            tile folder the tiles' µm/px, recorded in the export so `encode` tiles slides at it (without it, none is
+            recorded)
         tile_size: the tiles' native size in px: the exported encoder's input size
         init: start from an encoder: registry name (local hub cache), RUN_DIR or RUN_DIR/encoder, or a weights file
         budget: wall-clock training budget, e.g. 2h, 15m, 90s (with or instead of --steps)
@@ -155,8 +158,9 @@ def pretrain(data: str, out: str, method: str = "dino", backbone: str = "resnet1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if steps is None and not budget:
         steps = 2000
-    cfg = PretrainConfig(data=data, out=out, method=method, backbone=backbone, mpp=parse_mpps(mpp), tile_size=tile_size,
-                         init=init, steps=steps, budget_s=parse_duration(budget), augment=augment, batch_size=batch_size,
+    cfg = PretrainConfig(data=data, out=out, method=method, backbone=backbone,
+                         mpp=None if mpp is None else parse_mpps(mpp), tile_size=tile_size, init=init, steps=steps,
+                         budget_s=parse_duration(budget), augment=augment, batch_size=batch_size,
                          crop_size=crop_size, lr=lr, weight_decay=weight_decay, warmup_frac=warmup_frac,
                          layer_decay=layer_decay, patch_embed_lr_mult=patch_embed_lr_mult, drop_path=drop_path,
                          n_local=n_local, local_size=local_size, method_args=margs,

@@ -72,7 +72,8 @@ def test_run_exports_a_registry_encoder_with_provenance(tiles, tmp_path):
     assert enc(torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)).shape == (2, enc.embed_dim)
     prov = read_provenance(tmp_path / "run" / "encoder")
     assert prov.seed == 0 and prov.get("steps") == 3 and prov.run == str((tmp_path / "run").resolve())
-    assert prov.tile_size == 32 and prov.mpp == 0.5 and prov.get("gigaslide") and prov.get("bn_recalibrated_on_tiles") == 16
+    assert prov.tile_size == 32 and prov.get("gigaslide") and prov.get("bn_recalibrated_on_tiles") == 16
+    assert prov.mpp is None and enc.spec.native_mpp is None  # a tile folder without --mpp: its µm/px is unknown
     rec = runs.read_run(tmp_path / "run")
     assert rec["run_kind"] == "tile_ssl" and rec["status"] == "finished" and rec["summary"]["images"] == 12
     assert rec["identity"]["lr"] == 1e-3 and rec["identity"]["mpp"] == [0.5] and "input:data" in rec["identity"]
@@ -393,3 +394,14 @@ def test_a_checkpoint_whose_optimiser_groups_differ_is_a_one_line_error(tiles, t
     with pytest.raises(GigaslideError, match="optimiser state does not fit") as e:
         pretrain(_cfg(tiles, tmp_path / "run", steps=4))
     assert "use a new --out" in e.value.one_line()
+
+
+def test_a_tile_folders_mpp_is_recorded_only_when_given_and_old_runs_resume(tiles, tmp_path):
+    """A tile folder's µm/px was recorded as the --mpp default 0.5 (`encode --encoder RUN/encoder` then tiled slides
+    at 0.5 as the encoder's own): now only a given --mpp is recorded, and a run made under the old default resumes."""
+    pretrain(_cfg(tiles, tmp_path / "given", steps=1, mpp=[1.0]))
+    assert build_encoder(str(tmp_path / "given" / "encoder")).spec.native_mpp == 1.0
+    assert read_provenance(tmp_path / "given" / "encoder").mpp == 1.0
+    pretrain(_cfg(tiles, tmp_path / "old", steps=1, mpp=[0.5]))  # as every tile-folder run was made before
+    s = pretrain(_cfg(tiles, tmp_path / "old", steps=2))  # the same command without --mpp resumes it
+    assert s["steps"] == 2

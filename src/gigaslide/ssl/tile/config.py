@@ -10,6 +10,8 @@ what the run records and what its identity holds, so a re-run with other effecti
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,14 @@ from gigaslide.errors import GigaslideError
 from gigaslide.tiling.tissue import check_background
 
 ENGINES = ("auto", "native", "lightning")
+#: Longest --budget a run plans for (a year); above it the step plan overflowed (``--budget 1e308``).
+MAX_BUDGET_S = 365 * 86400.0
+#: µm/px slides are sampled at without --mpp. A tile folder without --mpp has no known µm/px: its export records
+#: none (it was recorded as this default, and `encode --encoder RUN/encoder` then tiled slides at it as the
+#: encoder's own resolution).
+DEFAULT_SLIDE_MPP = 0.5
+#: Coarsest --mpp (µm/px): a 224-px tile at it spans 2.24 cm, wider than a slide.
+MAX_MPP = 100.0
 
 #: Fallbacks for fields neither the user nor the method's recipe set. Not tuned: the values of the
 #: papers' recipes that fit a single device (batch 64, AdamW weight decay 0.04, 5 % warm-up).
@@ -32,7 +42,7 @@ class PretrainConfig:
     out: str
     method: str = "dino"
     backbone: str = "resnet18"
-    mpp: list[float] = field(default_factory=lambda: [0.5])
+    mpp: list[float] | None = None  # slides: sampled at these (None: [DEFAULT_SLIDE_MPP]); tile folders: recorded
     tile_size: int = 224  # the tiles' native size: the exported encoder's input size
     crop_size: int | None = None  # global training crop (None: tile_size for ViTs, ~2/3 of it for CNNs)
     init: str | None = None
@@ -93,7 +103,62 @@ def check_config(cfg: PretrainConfig) -> None:
         raise GigaslideError(f"unknown engine '{cfg.engine}'", fix=f"use {', '.join(ENGINES)}")
     if cfg.devices < 1:
         raise GigaslideError(f"--devices {cfg.devices} must be at least 1")
+    check_numbers(cfg)
     check_background(cfg.background)
+
+
+#: (field, flag, lowest, highest, lowest allowed itself, example) of the float options; None: no bound on that side.
+_FLOAT_RANGES = (("lr", "--lr", 0.0, None, False, "0.001"), ("weight_decay", "--weight-decay", 0.0, None, True, "0.04"),
+                 ("warmup_frac", "--warmup-frac", 0.0, 1.0, True, "0.05"),
+                 ("layer_decay", "--layer-decay", 0.0, 1.0, False, "0.75"),
+                 ("patch_embed_lr_mult", "--patch-embed-lr-mult", 0.0, None, True, "1"),
+                 ("drop_path", "--drop-path", 0.0, 1.0, True, "0.1"),
+                 ("min_tissue", "--min-tissue", 0.0, 1.0, True, "0.5"),
+                 ("checkpoint_every_s", "--checkpoint-every (seconds)", 0.0, None, True, "600"),
+                 ("budget_s", "--budget (seconds)", 0.0, MAX_BUDGET_S, False, "7200"))
+
+
+def check_numbers(cfg: PretrainConfig) -> None:
+    """One line for a number no run can use (NaN, inf, 1e308, a negative rate, a seed torch cannot take), before
+    any work: from a config file or the Python API they reached the optimiser or the step plan as a bare
+    ``ValueError`` / ``OverflowError``, or trained (``layer_decay: .nan``) without a word."""
+    def bad(flag: str, v: Any, why: str, example: str) -> GigaslideError:
+        return GigaslideError(f"{flag} {v!r} {why}", fix=f"use e.g. {flag.split()[0]} {example}")
+
+    for name, flag, lo, hi, lo_ok, example in _FLOAT_RANGES:
+        v = getattr(cfg, name)
+        if v is None:
+            continue
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise bad(flag, v, "is not a number", example) from None
+        if not math.isfinite(f):
+            raise bad(flag, v, "is not a finite number", example)
+        if (f < lo if lo_ok else f <= lo) or (hi is not None and f > hi):
+            where = f"{'at least' if lo_ok else 'above'} {lo:g}" + ("" if hi is None else f" and at most {hi:g}")
+            raise bad(flag, v, f"must be {where}", example)
+    for m in cfg.mpp or []:
+        try:
+            ok = math.isfinite(float(m)) and 0 < float(m) <= MAX_MPP
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise bad("--mpp", m, f"must be a positive µm/px value of at most {MAX_MPP:g}", "0.5")
+    try:
+        seed = None if isinstance(cfg.seed, bool) else operator.index(cfg.seed)
+    except TypeError:
+        seed = None
+    if seed is None or not 0 <= seed < 2**63:
+        raise bad("--seed", cfg.seed, "must be a whole number from 0 to 2**63 - 1", "0")
+    for name in ("n_local", "monitor_size", "export_bn_tiles"):
+        v = getattr(cfg, name)
+        if v is not None and v < 0:
+            raise bad(f"--{name.replace('_', '-')}", v, "must not be negative", "0")
+    if cfg.local_size is not None:
+        top = cfg.crop_size or cfg.tile_size
+        if not 8 <= cfg.local_size <= top:
+            raise bad("--local-size", cfg.local_size, f"must be between 8 and the crop size {top}", str(min(top, 96)))
 
 
 def _round_to(x: float, multiple: int) -> int:
@@ -127,6 +192,9 @@ def resolve_config(cfg: PretrainConfig, method_cls: type, family: str, patch: in
         # Checked on PCam (tile_ssl.md, sections tune and crop96): full 96-px crops beat 64 px for mocov2 at 5 min,
         # not at 15 min (linear Δ -0.002 [-0.014, +0.010], 597 vs 1,055 steps), so the default stays.
         upd["crop_size"] = cfg.tile_size if family == "vit" else min(cfg.tile_size, _round_to(cfg.tile_size * 2 / 3, 8))
+    for k in ("data", "out", "init"):  # a pathlib.Path from the Python API: the strings the run records and compares
+        if getattr(cfg, k) is not None:
+            upd[k] = os.fspath(getattr(cfg, k))
     for k in ("local_scale", "global_scale"):
         v = upd.get(k, getattr(cfg, k))
         if v is not None:
@@ -147,6 +215,8 @@ def identity(cfg: PretrainConfig, method_hparams: dict[str, Any] | None = None) 
         del d["method_args"]
     if cfg.init and not init_file(cfg.init):
         d["init"] = cfg.init  # a registry name / hub id: compared by value
+    if d.get("mpp") is None:
+        d["mpp"] = [DEFAULT_SLIDE_MPP]  # runs made when a tile folder's mpp defaulted to it resume unchanged
     if d.get("slide_mpp") is None:
         d.pop("slide_mpp", None)  # runs made before --slide-mpp existed resume unchanged
     if d.get("background") == "auto":
@@ -179,5 +249,5 @@ def config_dict(cfg: PretrainConfig) -> dict[str, Any]:
     return d
 
 
-__all__ = ["DEFAULTS", "ENGINES", "PretrainConfig", "check_config", "config_dict", "identity", "init_file",
-           "method_settings", "resolve_config"]
+__all__ = ["DEFAULTS", "ENGINES", "MAX_BUDGET_S", "MAX_MPP", "PretrainConfig", "check_config", "check_numbers",
+           "config_dict", "identity", "init_file", "method_settings", "resolve_config"]

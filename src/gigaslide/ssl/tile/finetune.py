@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import time
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from gigaslide import atomic, runs
+from gigaslide import __version__, atomic, runs
 from gigaslide.devices import autocast_ctx, grad_scaler, guard_bf16_convs, pick_device
 from gigaslide.encoders import build_encoder
 from gigaslide.encoders.model import export_encoder
@@ -49,11 +50,14 @@ from gigaslide.evaluation.metrics import METRICS, summarize
 from gigaslide.evaluation.tiles import write_report
 from gigaslide.features.tiles import read_tile
 from gigaslide.locks import ItemLock, socket_safe_tempdir
+from gigaslide.provenance import Provenance
 from gigaslide.ssl.tile.augment import random_flip_rotate, random_stain_jitter, to_float
+from gigaslide.ssl.tile.embed import warn_resized
 from gigaslide.ssl.tile.session import clean_stale_temporaries
 from gigaslide.ssl.tile.step import check_finite_gradient
 from gigaslide.tiling.folders import file_digest, labelled_images, subsample, tiles_fingerprint
 
+log = logging.getLogger("gigaslide.ssl.tile")
 AUGMENTS = ("pathology", "none")
 #: how a result's CIs were drawn (a result kept from another scheme has them drawn again from its test predictions)
 BOOTSTRAP = "test tiles within each class"
@@ -76,6 +80,40 @@ class FinetuneConfig:
     workers: int = 1
     seed: int = 0
     n_bootstrap: int = 1000
+
+
+def check_finetune_config(cfg: FinetuneConfig) -> None:
+    """One line for a setting no fine-tuning can use, before any work: from the Python API a NaN weight decay, a
+    NaN validation fraction, a batch size of 0, 0 epochs or a patience of 0, a negative seed, ``max_train`` or worker
+    count were a bare ValueError / ZeroDivisionError / FileNotFoundError (no best model written), and a negative
+    ``head_lr`` or a validation fraction of 2 trained without a word."""
+    def bad(flag: str, v: Any, why: str, example: str) -> GigaslideError:
+        return GigaslideError(f"{flag} {v!r} {why}", fix=f"use e.g. {flag} {example}")
+
+    def finite(v: Any) -> bool:
+        try:
+            return math.isfinite(float(v))
+        except (TypeError, ValueError):
+            return False
+
+    if cfg.augment not in AUGMENTS:
+        raise GigaslideError(f"unknown augmentation '{cfg.augment}'", fix=f"use one of: {', '.join(AUGMENTS)}")
+    for f in cfg.fractions:
+        if not (finite(f) and 0 < float(f) <= 1):
+            raise GigaslideError(f"label fraction {f} is outside (0, 1]", fix="use e.g. 0.01,0.1,1.0")
+    for flag, v in (("--lr", cfg.lr), ("--head-lr", cfg.head_lr)):
+        if not (finite(v) and float(v) > 0):
+            raise bad(flag, v, "must be a positive number", "0.0001" if flag == "--lr" else "0.001")
+    if not (finite(cfg.weight_decay) and float(cfg.weight_decay) >= 0):  # (no CLI flags: FinetuneConfig's names)
+        raise bad("weight_decay", cfg.weight_decay, "must be a number >= 0", "0.0001")
+    if not (finite(cfg.val_fraction) and 0 < float(cfg.val_fraction) < 1):
+        raise bad("val_fraction", cfg.val_fraction, "must lie between 0 and 1", "0.2")
+    for flag, v, lo, example in (("--epochs", cfg.epochs, 1, "10"), ("--batch-size", cfg.batch_size, 2, "64"),
+                                 ("patience", cfg.patience, 1, "3"), ("--bootstrap", cfg.n_bootstrap, 0, "1000"),
+                                 ("--workers", cfg.workers, 0, "1"), ("--seed", cfg.seed, 0, "0"),
+                                 ("--max-train", 2 if cfg.max_train is None else cfg.max_train, 2, "1000")):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= int(v) < 2**63:
+            raise bad(flag, v, f"must be a whole number of at least {lo}", example)
 
 
 class Classifier(nn.Module):
@@ -158,11 +196,16 @@ def predict_tiles(model: Classifier, ds: TileImages, cfg: FinetuneConfig, device
     return np.concatenate(probs), loss_sum / max(1, len(ds))
 
 
-def run_key(cfg: FinetuneConfig, encoder: str, weights: str, n_train: int, train_tiles: str | None = None) -> str:
+def run_key(cfg: FinetuneConfig, encoder: str, weights: str, n_train: int, train_tiles: str | None = None,
+            weights_id: str | None = None) -> str:
     """What a fraction's result and checkpoint depend on (not the list of fractions or the worker count);
-    ``train_tiles``: the fingerprint of the fraction's training + validation tiles (names, labels, content)."""
+    ``train_tiles``: the fingerprint of the fraction's training + validation tiles (names, labels, content);
+    ``weights_id``: the encoder's weights as built (``sha256:...``), so a re-exported ``RUN/encoder`` under the same
+    path is fine-tuned again, not answered from the old weights' result."""
     d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("fractions", "workers")}
     extra = {"train_tiles": train_tiles} if train_tiles else {}
+    if weights_id:
+        extra["weights_id"] = weights_id
     return json.dumps({**d, "encoder": str(encoder), "weights": str(weights), "n_train": n_train, **extra},
                       sort_keys=True)
 
@@ -170,15 +213,16 @@ def run_key(cfg: FinetuneConfig, encoder: str, weights: str, n_train: int, train
 def same_training(stored: str | None, key: str) -> bool:
     """Whether a checkpoint / result made under ``stored`` trained the model ``key`` describes: the keys agree but
     for ``n_bootstrap`` (it only scores the test predictions). A key from before the training tiles were
-    fingerprinted is taken on its other settings, as it was then."""
+    fingerprinted (or the encoder's weights hashed) is taken on its other settings, as it was then."""
     try:
         a, b = json.loads(stored or ""), json.loads(key)
     except (TypeError, ValueError):
         return False
     for d in (a, b):
         d.pop("n_bootstrap", None)
-    if "train_tiles" not in a:
-        b.pop("train_tiles", None)
+    for k in ("train_tiles", "weights_id"):  # keys made before these were recorded
+        if k not in a:
+            b.pop(k, None)
     return a == b
 
 
@@ -194,12 +238,14 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
+@runs.keeps_caller_rng
 def finetune_fraction(encoder: str, weights: str, train: tuple[list[Path], np.ndarray], val: tuple[list[Path], np.ndarray],
                       test: tuple[list[Path], np.ndarray], n_classes: int, cfg: FinetuneConfig, run_dir: Path,
                       key: str | None = None, heartbeat: Callable[[], None] | None = None) -> dict[str, Any]:
     """Fine-tune one model on ``train``, select on ``val``, test on ``test``; resumes from ``run_dir/checkpoint``
     when it was made by the same training (``key``: :func:`run_key`, by default without the tiles' fingerprint);
     ``heartbeat`` is called after each epoch (the OUT folder's lock)."""
+    check_finetune_config(cfg)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     enc = build_encoder(encoder, weights, seed=cfg.seed)
@@ -273,7 +319,15 @@ def finetune_fraction(encoder: str, weights: str, train: tuple[list[Path], np.nd
     model.load_state_dict({k: v for k, v in sd.items() if "::" not in k})
     spec = dataclasses.replace(enc.spec, name=f"{enc.spec.name}_finetuned", hub=None,
                                weight_source=f"gigaslide evaluate finetune of {encoder} on {len(train[1])} labelled tiles")
-    export_encoder(run_dir / "encoder", model.encoder.trunk, spec)
+    # the fine-tuned encoder names what it was made from: the encoder and weights it started from, the tiles it
+    # trained on (the fingerprint of its training + validation tiles, in the key), seed and epochs
+    prov = Provenance(kind="encoder", seed=cfg.seed, tile_size=spec.input_size, mpp=spec.native_mpp, encoder=spec.name,
+                      run=str(Path(run_dir).resolve()),
+                      extra={"gigaslide": __version__, "run_kind": "tile_finetune", "base_encoder": str(encoder),
+                             "base_weights": enc.weights_id, "train_tiles": _train_tiles(key),
+                             "n_train": len(train[1]), "n_val": len(val[1]), "epochs_run": state["epoch"],
+                             "best_epoch": state["best_epoch"]})
+    export_encoder(run_dir / "encoder", model.encoder.trunk, spec, provenance=prov.to_dict())
     probs, _ = predict_tiles(model, ds_te, cfg, device)
     ips = [h["images_per_s"] for h in state["history"]]
     return {**summarize(test[1], probs, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed, strata=test[1]),
@@ -284,6 +338,14 @@ def finetune_fraction(encoder: str, weights: str, train: tuple[list[Path], np.nd
             "key": key, "test_probs": probs.tolist(), "bootstrap": BOOTSTRAP}
 
 
+def _train_tiles(key: str) -> str | None:
+    """The training tiles' fingerprint a :func:`run_key` holds (None for a key made without it)."""
+    try:
+        return json.loads(key).get("train_tiles")
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
 def _folder(path: str | os.PathLike, role: str) -> tuple[list[Path], np.ndarray, list[str]]:
     files, labels, classes = labelled_images(path)
     if labels is None:
@@ -292,6 +354,7 @@ def _folder(path: str | os.PathLike, role: str) -> tuple[list[Path], np.ndarray,
     return files, labels, classes
 
 
+@runs.keeps_caller_rng
 def finetune_tiles(train_folder: str | os.PathLike, test_folder: str | os.PathLike, encoder: str,
                    out: str | os.PathLike, *, weights: str = "default", cfg: FinetuneConfig | None = None) -> dict[str, Any]:
     """Fine-tune ``encoder`` at each label fraction of ``cfg`` and write ``out/report.{json,md,png}``.
@@ -300,8 +363,7 @@ def finetune_tiles(train_folder: str | os.PathLike, test_folder: str | os.PathLi
     fraction's ``result.json``) and ``test_labels``, so two encoders can be compared paired on the same test tiles
     (:func:`compare_reports`)."""
     cfg = cfg or FinetuneConfig()
-    if cfg.augment not in AUGMENTS:
-        raise GigaslideError(f"unknown augmentation '{cfg.augment}'", fix=f"use one of: {', '.join(AUGMENTS)}")
+    check_finetune_config(cfg)
     files, labels, classes = _folder(train_folder, "training")
     te_files, te_labels, te_classes = _folder(test_folder, "test")
     if te_classes != classes:
@@ -315,6 +377,7 @@ def finetune_tiles(train_folder: str | os.PathLike, test_folder: str | os.PathLi
     _check_no_leak(train_folder, files, test_folder, te_files, te_digests)
     probe = build_encoder(encoder, weights, seed=cfg.seed)  # fail early on a bad encoder / weights
     enc_info = {"encoder": probe.spec.name, "encoder_weights": probe.weights_id, "dim": probe.embed_dim}
+    warn_resized(files[0], probe.spec)
     del probe
     out = atomic.ensure_writable_dir(out)
     lock = ItemLock(out, ".finetune")  # two processes on one OUT wrote each other's checkpoint files
@@ -354,7 +417,7 @@ def _finetune_locked(files: list[Path], labels: np.ndarray, classes: list[str], 
         res = json.loads(result_file.read_text()) if result_file.is_file() else None
         used = sorted(np.concatenate([tr, va]).tolist())
         train_fp = tiles_fingerprint(Path(train_folder), [files[i] for i in used], labels[used])
-        key = run_key(cfg, encoder, weights, len(tr), train_fp)
+        key = run_key(cfg, encoder, weights, len(tr), train_fp, enc_info["encoder_weights"])
         if (res is None or not same_training(res.get("key"), key) or "test_probs" not in res
                 or res.get("test_fingerprint") != report["test"]["fingerprint"]):
             # a finished checkpoint of the same training (a result from before test predictions or the test tiles'
@@ -470,5 +533,6 @@ def compare_runs(report: dict[str, Any], baseline: str | os.PathLike, *, n_boots
                            n_bootstrap=n_bootstrap, seed=seed, path=baseline)
 
 
-__all__ = ["AUGMENTS", "Classifier", "FinetuneConfig", "check_baseline", "check_same_draws", "compare_reports",
-           "compare_runs", "finetune_fraction", "finetune_tiles", "label_subset", "predict_tiles", "saved_predictions"]
+__all__ = ["AUGMENTS", "Classifier", "FinetuneConfig", "check_baseline", "check_finetune_config", "check_same_draws",
+           "compare_reports", "compare_runs", "finetune_fraction", "finetune_tiles", "label_subset", "predict_tiles",
+           "saved_predictions"]

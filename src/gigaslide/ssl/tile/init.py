@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,11 +27,15 @@ import torch
 from torch import nn
 
 from gigaslide import runs
-from gigaslide.encoders import ENCODERS, EncoderSpec, read_state_dict, resolve_hub_weights
+from gigaslide.encoders import ENCODERS, EncoderSpec, resolve_hub_weights
+from gigaslide.encoders import read_state_dict as _read_state_dict
 from gigaslide.errors import GigaslideError
+from gigaslide.provenance import check_format, file_sha256
+from gigaslide.ssl.tile.config import init_file
 from gigaslide.ssl.tile.vit_layout import check_vit_state, patch_size_of
 
-__all__ = ["init_mask_token", "load_init", "load_init_weights", "patch_size_of", "resolve_init", "run_spec"]
+__all__ = ["INIT_EXTRA_ELEMENTS", "INIT_SIZE_FACTOR", "check_init_size", "init_mask_token", "init_weights_sha256",
+           "load_init", "load_init_weights", "patch_size_of", "resolve_init", "run_spec"]
 
 
 def run_spec(backbone: str, method: str, tile_size: int, mpps: Sequence[float] | None, augment: str) -> EncoderSpec:
@@ -50,11 +56,16 @@ def run_spec(backbone: str, method: str, tile_size: int, mpps: Sequence[float] |
 
 
 def _arch_of_export(folder: Path) -> tuple[str, dict]:
+    """(arch, timm kwargs) of an export folder; an export a newer gigaslide wrote (its provenance's
+    ``format_version``) is refused in one line, not read as this version's layout."""
     try:
         d = json.loads((folder / "encoder.json").read_text())
-        return d["arch"], dict(d.get("timm_kwargs") or {})
-    except (OSError, ValueError, KeyError) as e:
+        arch, kw = d["arch"], dict(d.get("timm_kwargs") or {})
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise GigaslideError(f"bad encoder export ({e})", path=folder / "encoder.json", fix="re-export the encoder") from None
+    if isinstance(d.get("provenance"), dict):
+        check_format(d["provenance"], folder / "encoder.json")
+    return arch, kw
 
 
 def _check_arch(init: str, arch: str, spec: EncoderSpec, backbone: str) -> None:
@@ -65,8 +76,55 @@ def _check_arch(init: str, arch: str, spec: EncoderSpec, backbone: str) -> None:
                              fix=f"use {hint}, or an --init trained with {spec.arch}")
 
 
-def resolve_init(init: str, spec: EncoderSpec, backbone: str) -> tuple[dict[str, torch.Tensor], str]:
-    """(state_dict, source description) for ``--init``; refuses another architecture."""
+#: An ``--init`` safetensors file may hold at most this many times the trunk's weights (a DINO / DINOv2 training
+#: checkpoint holds a teacher, a student and their heads: about 4x) plus :data:`INIT_EXTRA_ELEMENTS`.
+INIT_SIZE_FACTOR = 16
+#: ... elements (2^28: 1 GiB of fp32; DINO heads of 65,536 prototypes on a small trunk fit easily).
+INIT_EXTRA_ELEMENTS = 1 << 28
+#: Longest safetensors header read (the format's own limit is 100 MB).
+MAX_HEADER_BYTES = 100_000_000
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def check_init_size(path: str | os.PathLike, trunk: nn.Module, backbone: str) -> None:
+    """Refuse, from its header alone, a safetensors ``--init`` whose tensors are far larger than ``trunk`` (absurd
+    shapes, e.g. a header claiming a [10^6, 10^6] tensor over a sparse file): loading it was an out-of-memory abort
+    (``std::bad_alloc``) or a machine swapping, not a one-line error. Other formats and unreadable headers are left to
+    the loader."""
+    if Path(path).suffix != ".safetensors":
+        return
+    try:  # the header itself (8-byte length, JSON), not safe_open: it maps the whole file, which can fail on its own
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n)) if 0 < n <= MAX_HEADER_BYTES else None
+        shapes = {k: [int(d) for d in v["shape"]] for k, v in header.items() if k != "__metadata__"}
+        itemsize = {k: _DTYPE_BYTES.get(str(v.get("dtype")), 4) for k, v in header.items() if k != "__metadata__"}
+    except Exception:  # noqa: BLE001 - a damaged file: read_state_dict names it
+        return
+    sizes = {k: math.prod(int(d) for d in v) for k, v in shapes.items()}
+    total = sum(sizes.values())
+    nbytes = sum(sizes[k] * itemsize[k] for k in sizes)
+    own = sum(t.numel() for t in trunk.state_dict().values())
+    if total > INIT_SIZE_FACTOR * own + INIT_EXTRA_ELEMENTS:
+        big = max(sizes, key=sizes.get)
+        raise GigaslideError(f"--init holds {total:,} weights (the largest, {big}: {shapes[big]}) but --backbone "
+                             f"{backbone} has {own:,}: these are no weights of it, and loading them would take "
+                             f"{nbytes / 2**30:,.1f} GiB", path=path,
+                             fix=f"pass the weights of a {backbone} encoder (or the --backbone they were trained with)")
+
+
+def resolve_init(init: str | os.PathLike, spec: EncoderSpec, backbone: str,
+                 trunk: nn.Module | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """(state_dict, source description) for ``--init``; refuses another architecture, and (given ``trunk``) a
+    safetensors file far larger than it before reading it (:func:`check_init_size`)."""
+
+    def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+        if trunk is not None:
+            check_init_size(path, trunk, backbone)
+        return _read_state_dict(path)
+
+    init = os.fspath(init)
     p = Path(init)
     if init.startswith(("hf-hub:", "hf_hub:")):
         return read_state_dict(resolve_hub_weights(init)), init
@@ -108,6 +166,26 @@ def resolve_init(init: str, spec: EncoderSpec, backbone: str) -> tuple[dict[str,
     return read_state_dict(path), f"{init} ({path})"
 
 
+def init_weights_sha256(init: str | os.PathLike | None) -> str | None:
+    """The sha256 of the weights file ``--init`` names (a file, an export or run folder's ``encoder``, a Hugging Face
+    snapshot, a registry name or hub id in the local cache): what the exported encoder's provenance records as
+    ``init_sha256``, so it names the weights it continued from, not only a path or a name whose file may change.
+    None without ``--init``, for a run folder with a checkpoint but no export, or when the file cannot be found."""
+    if not init:
+        return None
+    init = os.fspath(init)
+    path = init_file(init)
+    if path is None:
+        try:
+            if init.startswith(("hf-hub:", "hf_hub:")):
+                path = resolve_hub_weights(init)
+            elif init in ENCODERS and ENCODERS.get(init).hub:
+                path = resolve_hub_weights(ENCODERS.get(init).hub)
+        except GigaslideError:
+            return None
+    return file_sha256(path) if path is not None and Path(path).is_file() else None
+
+
 def init_mask_token(sd: dict[str, torch.Tensor], trunk: nn.Module) -> torch.Tensor | None:
     """The trained DINOv2 mask token ``[1, 1, D]`` an ``--init`` checkpoint carries (the original DINOv2 layout, its
     training checkpoints and ``transformers``' ``embeddings.mask_token``), or None (timm's layout and exports keep
@@ -130,7 +208,7 @@ def load_init_weights(trunk: nn.Module, spec: EncoderSpec, init: str, backbone: 
     """:func:`load_init`, plus the checkpoint's DINOv2 mask token (:func:`init_mask_token`) or None."""
     from gigaslide.encoders.model import load_weights_into
 
-    sd, source = resolve_init(init, spec, backbone)
+    sd, source = resolve_init(init, spec, backbone, trunk)
     if spec.family == "vit":  # the shape refusal names the backbones that fit; the layout is converted while loading
         check_vit_state(sd, trunk, source, backbone)
     try:

@@ -13,16 +13,21 @@ rank 0 and broadcast, so every rank follows one schedule; the budget itself is L
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from gigaslide import runs
 from gigaslide.errors import GigaslideError
 from gigaslide.ssl.tile.config import PretrainConfig, check_config
 from gigaslide.ssl.tile.session import Session, open_session
 from gigaslide.ssl.tile.step import StepPlan, train_step
+
+log = logging.getLogger("gigaslide.ssl.tile")
 
 
 def _module_class():  # noqa: ANN202
@@ -96,9 +101,48 @@ def check_rank_variables(env: dict[str, str] | None = None) -> None:
                                      "with torchrun")
 
 
+def _slurm_int(e: Mapping[str, str], name: str, default: int) -> int:
+    text = e.get(name, "").split("(")[0].split(",")[0].strip()  # SLURM_NTASKS_PER_NODE may read "2(x3)" or "2,1"
+    return int(text) if text.isdigit() else default
+
+
+def slurm_layout(devices: int, env: Mapping[str, str] | None = None) -> tuple[bool, int]:
+    """How ``--devices N`` runs inside a SLURM job: ``(own_processes, num_nodes)``.
+
+    Lightning takes any SLURM job (``SLURM_NTASKS`` set, job name not ``bash``/``interactive``) for processes started
+    by ``srun``: a one-task job (``sbatch --gres=gpu:2`` running ``gigaslide pretrain --devices 2``) failed with a
+    Lightning traceback ("devices=2 ... ntasks-per-node=1 does not match"), and a job of N tasks per node run without
+    ``srun`` waited for its other ranks forever. Here a job of one task starts its ``--devices`` processes itself (as
+    outside SLURM); a job of several tasks is ``srun``'s (one process per device, ``num_nodes`` from the job) when its
+    tasks per node equal ``--devices``, else one line saying how to launch it. torchrun's variables win."""
+    e = os.environ if env is None else env
+    if "RANK" in e and "WORLD_SIZE" in e:
+        return False, 1  # torchrun (or Lightning's own child processes): Lightning reads them
+    if "SLURM_NTASKS" not in e or e.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return True, 1
+    ntasks = _slurm_int(e, "SLURM_NTASKS", 1)
+    if ntasks <= 1:
+        return True, 1
+    per_node = _slurm_int(e, "SLURM_NTASKS_PER_NODE", ntasks)
+    if per_node != devices:
+        raise GigaslideError(f"this SLURM job runs {per_node} task(s) per node (SLURM_NTASKS_PER_NODE) but --devices "
+                             f"is {devices}: each srun task is one process of the run",
+                             fix=f"launch `srun gigaslide pretrain --devices {per_node} ...` in a job of "
+                                 f"--ntasks-per-node={per_node} (one task per GPU), or run one task (--ntasks=1) "
+                                 f"with --devices {devices}")
+    return False, _slurm_int(e, "SLURM_NNODES", 1)
+
+
 def pretrain_lightning(cfg: PretrainConfig) -> dict[str, Any]:
-    """DDP pre-training over ``cfg.devices`` GPUs (or CPU processes when no GPU is present)."""
+    """DDP pre-training over ``cfg.devices`` GPUs (or CPU processes when no GPU is present), on its own random
+    streams seeded with ``cfg.seed`` (the caller's are given back: :func:`gigaslide.runs.isolated_rng`)."""
     check_rank_variables()
+    slurm_layout(cfg.devices)  # a SLURM task layout this run cannot use: one line before any work
+    with runs.isolated_rng(cfg.seed):
+        return _pretrain_lightning(cfg)
+
+
+def _pretrain_lightning(cfg: PretrainConfig) -> dict[str, Any]:
     try:
         import pytorch_lightning as pl  # optional heavy dependency
     except ImportError:  # pragma: no cover
@@ -113,7 +157,15 @@ def pretrain_lightning(cfg: PretrainConfig) -> dict[str, Any]:
     if cfg.stop_after_steps is not None:
         remaining = cfg.stop_after_steps if remaining is None else min(remaining, cfg.stop_after_steps)
     left_s = None if cfg.budget_s is None else max(1.0, cfg.budget_s - s.elapsed)
-    trainer = pl.Trainer(accelerator="gpu" if cuda else "cpu", devices=cfg.devices,
+    own_processes, num_nodes = slurm_layout(cfg.devices)
+    if not own_processes and num_nodes * cfg.devices > 1 and "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
+        log.info("SLURM job of %s tasks: this process is task %s; the others must be started by srun "
+                 "(`srun gigaslide pretrain ...`), or it waits for them", os.environ.get("SLURM_NTASKS"),
+                 os.environ.get("SLURM_PROCID"))
+    from lightning_fabric.plugins.environments import LightningEnvironment
+
+    trainer = pl.Trainer(accelerator="gpu" if cuda else "cpu", devices=cfg.devices, num_nodes=num_nodes,
+                         plugins=[LightningEnvironment()] if own_processes and cfg.devices > 1 else None,
                          strategy="ddp_find_unused_parameters_true" if cfg.devices > 1 else "auto",
                          precision="32-true", max_steps=remaining if remaining is not None else -1,
                          max_time={"seconds": left_s} if left_s else None, enable_checkpointing=False, logger=False,

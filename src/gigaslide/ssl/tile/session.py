@@ -27,12 +27,13 @@ import torch
 from gigaslide import __version__, atomic, runs
 from gigaslide.devices import PrecisionChoice, choose_precision, device_name, loader_workers, pick_device
 from gigaslide.encoders import export_encoder
-from gigaslide.errors import GigaslideError
+from gigaslide.errors import GigaslideError, check_finite_weights
 from gigaslide.provenance import Provenance
 from gigaslide.ssl.tile.augment import MultiView, view_recipes
-from gigaslide.ssl.tile.config import PretrainConfig, config_dict, identity, init_file, method_settings, resolve_config
-from gigaslide.ssl.tile.data import StepSampler, ViewDataset, build_source, make_loader
-from gigaslide.ssl.tile.init import run_spec
+from gigaslide.ssl.tile.config import (DEFAULT_SLIDE_MPP, PretrainConfig, config_dict, identity, init_file,
+                                      method_settings, resolve_config)
+from gigaslide.ssl.tile.data import SlideSource, StepSampler, ViewDataset, build_source, make_loader
+from gigaslide.ssl.tile.init import init_weights_sha256, run_spec
 from gigaslide.ssl.tile.methods import SSL_METHODS
 from gigaslide.ssl.tile.monitor import Monitor, native_tiles, recalibrate_bn
 from gigaslide.ssl.tile.step import StepPlan, build_model, param_groups, trunk_patch_size
@@ -95,6 +96,7 @@ class Session:
     history: list[dict] = field(default_factory=list)
     monitor_log: list[dict] = field(default_factory=list)
     rng: dict | None = None  # RNG states to restore once the data iterator exists
+    init_sha256: str | None = None  # sha256 of the --init weights file (init.init_weights_sha256)
 
     @property
     def out(self) -> Path:
@@ -149,19 +151,16 @@ class Session:
         return {"model": runs.module_state(self.model), "optimizer": self.opt.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng": runs.rng_state(), "step": self.step, "images": self.images,
                 "elapsed_s": self.elapsed, "planned_steps": self.plan.planned, "history": self.history[-2000:],
-                "monitor": self.monitor_log[-500:], "init": self.init_source, "precision": self.precision.record(),
+                "monitor": self.monitor_log[-500:], "init": self.init_source, "init_sha256": self.init_sha256,
+                "precision": self.precision.record(),
                 "export_prefix": self.export_prefix(), "spec": json.loads(self.spec.to_json()), "reason": reason}
 
     def check_finite_weights(self) -> None:
         """Refuse to checkpoint or export NaN/inf weights (a one-line error naming the step and the first bad
         tensor): the last checkpoint stays the last good one, and no NaN encoder is written."""
-        bad = [k for k, v in self.model.state_dict().items()
-               if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        if bad:
-            raise GigaslideError(f"{len(bad)} weight tensor(s) became NaN/inf by step {self.step} (the first: "
-                                 f"{bad[0]}); no checkpoint or encoder was written", path=self.out,
-                                 fix="lower --lr or use --precision fp32; the last good checkpoint is kept and a "
-                                     "re-run resumes from it")
+        check_finite_weights(self.model, f"step {self.step}", self.out, then="no checkpoint or encoder was written",
+                             fix="lower --lr or use --precision fp32; the last good checkpoint is kept and a re-run "
+                                 "resumes from it")
 
     def save(self, reason: str) -> None:
         if self.run is None:
@@ -171,12 +170,23 @@ class Session:
         self.run.update(history=self.history[-2000:], monitor=self.monitor_log, planned_steps=self.plan.planned,
                         precision=self.precision.record())
 
+    def data_record(self) -> dict[str, Any]:
+        """What the exported encoder's provenance says it learned from: ``--data`` (path and kind), its content hash
+        as the run fingerprinted it (``data_sha256``: a file's sha256, a folder's listing hash) and file count, and for
+        slides the tiles sampled from them -- so the export alone names its training data, not only its run folder."""
+        desc = self.source.describe()
+        fp = ((self.run.record.get("inputs") or {}).get("data") or {}) if self.run is not None else {}
+        return {"data": fp.get("path") or os.fspath(self.cfg.data), "data_kind": desc.get("kind"),
+                "data_sha256": fp.get("sha256") or fp.get("listing_sha256"), "data_files": fp.get("files"),
+                "data_tiles": desc.get("n_tiles", desc.get("n_images"))}
+
     def export(self) -> Any:
-        prov = Provenance(kind="encoder", seed=self.cfg.seed, mpp=float(self.cfg.mpp[0]), tile_size=self.cfg.tile_size,
+        prov = Provenance(kind="encoder", seed=self.cfg.seed, mpp=first_mpp(self.cfg), tile_size=self.cfg.tile_size,
                           encoder=self.spec.name, run=str(self.out.resolve()),
                           extra={"gigaslide": __version__, "run_kind": RUN_KIND, "method": self.cfg.method,
                                  "backbone": self.cfg.backbone, "steps": self.step, "images": self.images,
-                                 "init": self.init_source, "precision": self.precision.resolved})
+                                 "init": self.init_source, "init_sha256": self.init_sha256,
+                                 "precision": self.precision.resolved, **self.data_record()})
         trunk = self.model.export_trunk()
         n_bn_tiles = 0
         if self.cfg.export_bn_tiles > 0 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in trunk.modules()):
@@ -215,6 +225,11 @@ class Session:
         return summary
 
 
+def first_mpp(cfg: PretrainConfig) -> float | None:
+    """The µm/px the run's tiles are at (the first of several), or None: a tile folder given without --mpp."""
+    return float(cfg.mpp[0]) if cfg.mpp else None
+
+
 def open_session(cfg: PretrainConfig, *, write: bool = True, device: torch.device | None = None) -> Session:
     """Resolve, build and open (or resume) the run ``cfg.out``; ``write=False`` for DDP ranks > 0."""
     cls = SSL_METHODS.get(cfg.method)
@@ -223,8 +238,10 @@ def open_session(cfg: PretrainConfig, *, write: bool = True, device: torch.devic
     device = device or pick_device("auto")
     if cfg.workers is None:
         cfg = dataclasses.replace(cfg, workers=loader_workers(device))
-    source = build_source(cfg.data, cfg.mpp, cfg.tile_size, cfg.min_tissue, cfg.data_kind, cfg.slide_mpp,
-                          cfg.background)
+    source = build_source(cfg.data, cfg.mpp or [DEFAULT_SLIDE_MPP], cfg.tile_size, cfg.min_tissue, cfg.data_kind,
+                          cfg.slide_mpp, cfg.background)
+    if cfg.mpp is None and isinstance(source, SlideSource):
+        cfg = dataclasses.replace(cfg, mpp=[DEFAULT_SLIDE_MPP])  # slides: the mpp in effect; tile folders: unknown
     check_tile_count(len(source), cfg.batch_size, cfg.data)
     has_ckpt = runs.read_checkpoint_record(cfg.out) is not None if os.path.isdir(cfg.out) else False
     model, spec, init_source = build_model(cfg, load=not has_ckpt)  # --init is checked before the folder is touched
@@ -243,7 +260,7 @@ def open_session(cfg: PretrainConfig, *, write: bool = True, device: torch.devic
                                  fix="choose a new --out (or resume it with the gigaslide version that made it)")
         run = runs.open_run(cfg.out, RUN_KIND, identity(cfg, cls.hparams), config_dict(cfg), seed=cfg.seed,
                             inputs={"data": cfg.data, "init": init_file(cfg.init)},
-                            provenance={"mpp": float(cfg.mpp[0]), "tile_size": cfg.tile_size, "encoder": spec.name,
+                            provenance={"mpp": first_mpp(cfg), "tile_size": cfg.tile_size, "encoder": spec.name,
                                         "method": cfg.method})
         clean_stale_temporaries(cfg.out)  # the run lock is held: no live process writes them
     ck = runs.load_checkpoint(cfg.out) if has_ckpt else None
@@ -277,6 +294,9 @@ def open_session(cfg: PretrainConfig, *, write: bool = True, device: torch.devic
         monitor = Monitor(source, recipes, cfg.tile_size, cfg.monitor_size, cfg.seed)
         warn_if_blank(monitor.native, cfg.data)
     s = Session(cfg, run, model, spec, device, precision, opt, scaler, plan, source, dataset, monitor, init_source)
+    # the --init weights the run started from (a checkpoint made before this was recorded: --init's file, which the
+    # run's identity holds to the same content)
+    s.init_sha256 = ck.get("init_sha256") if ck is not None and "init_sha256" in ck else init_weights_sha256(cfg.init)
     if ck is not None:
         s.step, s.images, s.elapsed = int(ck["step"]), int(ck["images"]), float(ck["elapsed_s"])
         s.history, s.monitor_log, s.rng = list(ck.get("history", [])), list(ck.get("monitor", [])), ck["rng"]

@@ -31,8 +31,15 @@ def _log_step(s: Session, loss: float, images_this_run: int, train_s: float) -> 
 
 
 def pretrain_native(cfg: PretrainConfig) -> dict[str, Any]:
-    """Train (or resume) the run ``cfg.out`` in this process; returns the summary written to ``run.json``."""
+    """Train (or resume) the run ``cfg.out`` in this process; returns the summary written to ``run.json``. The run
+    draws on its own random streams, seeded with ``cfg.seed``; the caller's are as they were
+    (:func:`gigaslide.runs.isolated_rng`)."""
     check_config(cfg)
+    with runs.isolated_rng(cfg.seed):
+        return _pretrain_native(cfg)
+
+
+def _pretrain_native(cfg: PretrainConfig) -> dict[str, Any]:
     s = open_session(cfg)
     cfg = s.cfg
     it = iter(s.loader())
