@@ -3,21 +3,16 @@ import csv
 
 import numpy as np
 import pytest
-from PIL import Image
 from scipy import ndimage
 
 from gigaslide.cli.main import main
 from gigaslide.errors import GigaslideError
 from gigaslide.mil.mosaic import MosaicConfig, build_mosaic, read_ground_truth, scatter_region, tissue_mask
+from gigaslide.testing import make_tile_folder
 
 
 def _tiles(tmp_path, size=16):
-    d = tmp_path / "tiles"
-    for cls, col in {"0": (230, 120, 180), "1": (90, 40, 140)}.items():
-        (d / cls).mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray(np.full((size, size, 3), col, np.uint8)).save(d / cls / f"t{i}.png")
-    return d
+    return make_tile_folder(tmp_path / "tiles", 3, size=size, classes=("0", "1"), noise=0)
 
 
 def _pieces(gt):

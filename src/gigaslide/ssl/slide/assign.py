@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gigaslide import runs
 from gigaslide.errors import GigaslideError
 from gigaslide.ssl.slide.export import check_features, read_config
 from gigaslide.ssl.slide.views import tile_cells
@@ -51,6 +52,7 @@ def check_slide(run_dir: str | os.PathLike, cfg: dict[str, Any], ff: Any) -> Non
         raise GigaslideError(f"slide has {len(ff)} tiles, fewer than {k} clusters", path=ff.path, fix="nothing to show")
 
 
+@runs.keeps_caller_rng
 def tile_clusters(run_dir: str | os.PathLike, ff: Any, model: torch.nn.Module | None = None) -> TileClusters:
     """Per-tile ids of feature file ``ff`` under the slide-SSL run ``run_dir`` (``model``: its loaded encoder)."""
     cfg = read_config(run_dir)

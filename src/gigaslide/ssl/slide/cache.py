@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gigaslide import atomic
+from gigaslide import atomic, runs
 from gigaslide.encoders import Encoder, build_encoder
 from gigaslide.encoders.inference import for_inference, nonfinite_error
 from gigaslide.errors import GigaslideError
@@ -63,6 +63,13 @@ FREE_MARGIN = 1 << 20
 #: Parameters that must agree between runs writing into one cache.
 CACHE_KEYS = ("encoder", "encoder_weights_sha256", "mpp", "tile_size", "views", "tiles_per_view", "seed", "augment",
               "min_tissue", "tissue_source", "tissue_classes")  # the last three: absent from caches built before them
+
+
+#: A slide file's recipe besides its encoder name and shape: a file of other weights, mpp, seed or augmentation is not
+#: finished (cache.json refuses such a rebuild, but a cache without one -- deleted, or built before it -- skipped the
+#: slides cached with other weights and cached the others with the new ones: a mixed cache, and a cache.json naming the
+#: new weights for every slide).
+RECIPE_KEYS = ("encoder_weights_sha256", "mpp", "seed", "augment")
 
 
 @dataclass
@@ -153,6 +160,7 @@ def cache_bytes(n_tiles: int, dim: int, views: int, tiles_per_view: int) -> int:
     return n_tiles * (dim * 4 + 16) + views * tiles_per_view * (dim * 2 + 16 + 8) + 16_384
 
 
+@runs.keeps_caller_rng
 def build_augment_cache(slides: Sequence[str | os.PathLike], out: str | os.PathLike, encoder: Encoder | str, *,
                         weights: str = "default", views: int = 25, tiles_per_view: int = 25, mpp: float = 0.5,
                         tile_size: int = 224, min_tissue: float = 0.25, seed: int = 0, max_gb: float | None = None,
@@ -251,7 +259,8 @@ def _build(slides: Sequence[str | os.PathLike], out: Path, enc: Encoder, dev: to
             except GigaslideError as e:
                 if "no tissue tiles" not in e.what:
                     raise
-                warnings.warn(f"{sid}: no tissue tiles, skipped", stacklevel=3)  # the caller of build_augment_cache
+                # stacklevel: the caller of build_augment_cache (3 is its RNG wrapper, keeps_caller_rng)
+                warnings.warn(f"{sid}: no tissue tiles, skipped", stacklevel=4)
                 res.empty.append(sid)
                 continue
             need = cache_bytes(len(grid), enc.embed_dim, views, tiles_per_view)
@@ -272,7 +281,7 @@ def _build(slides: Sequence[str | os.PathLike], out: Path, enc: Encoder, dev: to
             idx, with_repl = draw_views(len(grid), views, tiles_per_view, rng)
             if with_repl:
                 warnings.warn(f"{sid}: {len(grid)} tiles < --tiles-per-view {tiles_per_view}; views drawn with replacement",
-                              stacklevel=3)  # the caller of build_augment_cache
+                              stacklevel=4)  # the caller of build_augment_cache (its RNG wrapper: 3)
                 res.with_replacement.append(sid)
             g = torch.Generator().manual_seed(int(rng.integers(2**62)))
             # tiles are read a batch at a time (a whole slide's 224 px tiles are ~7 GB at 50,000 tiles); the views'
@@ -371,6 +380,7 @@ def _finished(path: Path, params: dict, tiling: TilingParams, out: Path | None =
     if ok and size is not None and a.get("slide_bytes") is not None and int(a["slide_bytes"]) != size:
         return False
     return (ok and all(_same(a.get(k), params[k]) for k in ("encoder", "views", "tiles_per_view", "tile_size"))
+            and all(_same(a.get(k, params[k]), params[k]) for k in RECIPE_KEYS)  # absent from older files: as now
             and _same(a.get("min_tissue", params["min_tissue"]), params["min_tissue"])
             and tiling.tissue_matches(a, str(a.get("slide_id", path.stem)), a.get("slide_path"))
             and a.get("background_option", "auto") == tiling.background

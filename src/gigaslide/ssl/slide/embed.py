@@ -1,8 +1,10 @@
 """``embed-slides``: one vector per slide (and, for SLPD, per region) from a pre-trained slide-SSL run.
 
 Output HDF5: ``slide_ids`` [N] (UTF-8 strings), ``embeddings`` [N, D] float32 (or float16 with
-``fp16``), attrs: the full provenance (tile encoder, its weights sha256, tile mpp, tile size, seed,
-run) + method, ensemble, ``bytes_per_slide`` (D x item size), and the run's collapse verdict.
+``fp16``), attrs: the full provenance (tile encoder, its weights sha256, tile mpp, tile size, the views' seed
+(Giga-SSL), run) + the slide encoder's sha256 (``slide_encoder_sha256``: its ``model.safetensors``), the run's
+``train_seed``, the ``features`` folder, method, ensemble, ``bytes_per_slide`` (D x item size), and the run's collapse
+verdict.
 Giga-SSL: mean over ``ensemble`` random views of ``tiles_per_view`` plain tiles; SLPD: mean of the
 region embeddings. ``regions_out`` (SLPD): a feature folder with one file per slide whose rows are
 its region embeddings and whose coords are the regions' level-0 corners (``patch_size_level0`` =
@@ -21,14 +23,17 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from gigaslide import atomic
+from gigaslide import atomic, runs
 from gigaslide.devices import pick_device
 from gigaslide.errors import GigaslideError
 from gigaslide.features import store
 from gigaslide.features.stats import nonfinite_rows
-from gigaslide.provenance import provenance
+from gigaslide.provenance import file_sha256, provenance
 from gigaslide.ssl.slide.export import MODEL, check_features, read_config
 from gigaslide.ssl.slide.views import NONFINITE_FIX, refuse_nonfinite, tile_cells
+
+#: Most views embed-slides averages per slide (Giga-SSL; their outputs are kept until averaged).
+MAX_ENSEMBLE = 100_000
 
 
 @dataclass
@@ -38,6 +43,7 @@ class Embeddings:
     attrs: dict
 
 
+@runs.keeps_caller_rng
 def embed_slides(model: str | os.PathLike, features: str | os.PathLike, out: str | os.PathLike, *, ensemble: int = 20,
                  tiles_per_view: int | None = None, fp16: bool = False, seed: int = 0, device: str = "auto",
                  regions_out: str | os.PathLike | None = None) -> Embeddings:
@@ -47,8 +53,11 @@ def embed_slides(model: str | os.PathLike, features: str | os.PathLike, out: str
     cfg = read_config(model)
     method = cfg["method"]
     dev = pick_device(device)
-    if ensemble < 1:
-        raise GigaslideError(f"--ensemble {ensemble} must be >= 1", fix="use e.g. --ensemble 20")
+    if not 1 <= ensemble <= MAX_ENSEMBLE:
+        raise GigaslideError(f"--ensemble {ensemble} must be in [1, {MAX_ENSEMBLE}]", fix="use e.g. --ensemble 20")
+    if tiles_per_view is not None and tiles_per_view < 1:  # 0 meant the default, a negative failed inside numpy
+        raise GigaslideError(f"--tiles-per-view {tiles_per_view} must be >= 1",
+                             fix="use e.g. --tiles-per-view 16, or omit it (the run's --tiles-per-step)")
     if regions_out is not None and method != "slpd":
         raise GigaslideError("--regions-out needs an SLPD run (Giga-SSL embeds whole slides)", path=model,
                              fix="drop --regions-out, or pass an SLPD run")
@@ -99,11 +108,15 @@ def embed_slides(model: str | os.PathLike, features: str | os.PathLike, out: str
         for sid, row in zip(ids, emb):
             _check_model_output(row, sid, model, fp16=True)
     collapse = (cfg.get("collapse") or {}).get("kind")
+    # the slide encoder itself (a run re-trained in the same folder embeds otherwise), its training seed and the
+    # features; ``seed`` is the views' (Giga-SSL); SLPD embeds without drawing, so it records none
     attrs = provenance("slide_embeddings", method=method, run=str(model), encoder=data.get("tile_encoder"),
                        encoder_weights_sha256=data.get("encoder_weights_sha256"), mpp=data.get("mpp"),
                        tile_size=data.get("tile_size"), tile_encoder=data.get("tile_encoder"),
+                       slide_encoder_sha256=file_sha256(model / MODEL), train_seed=(cfg.get("train") or {}).get("seed"),
+                       features=str(Path(features).resolve()),
                        ensemble=ensemble if method == "gigassl" else None, dim=int(emb.shape[1]), dtype=str(emb.dtype),
-                       bytes_per_slide=int(emb.shape[1] * emb.itemsize), seed=seed,
+                       bytes_per_slide=int(emb.shape[1] * emb.itemsize), seed=seed if method == "gigassl" else None,
                        collapsed=None if method != "slpd" else int(collapse is not None), collapse_kind=collapse)
     with atomic.atomic_path(out, suffix=".h5") as tmp:
         with h5py.File(tmp, "w") as f:
@@ -141,7 +154,6 @@ def _write_regions(folder: Path, sid: str, ff, emb: np.ndarray, regs, cfg: dict,
     """One region feature file: its encoder is the SLPD run (``encoder_weights_sha256``: the sha256 of the run's
     ``model.safetensors``, so region folders of two runs are not mixed), ``tile_encoder`` and
     ``tile_encoder_weights_sha256`` the tile encoder's, ``seed`` the run's."""
-    from gigaslide.provenance import file_sha256
     from gigaslide.ssl.slide.regions import level0_mpp
 
     data = cfg["data"]

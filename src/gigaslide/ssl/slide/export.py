@@ -19,6 +19,7 @@ from gigaslide import atomic, runs
 from gigaslide.errors import GigaslideError
 from gigaslide.provenance import COMPAT_KEYS, Provenance, check_same
 
+
 MODEL = "model.safetensors"
 HISTORY = "history.json"
 KINDS = ("gigassl", "slpd")
@@ -73,4 +74,12 @@ def check_features(run_dir: str | os.PathLike, data: Mapping[str, Any], feature_
                           encoder_weights_sha256=data.get("encoder_weights_sha256"), mpp=data.get("mpp"),
                           tile_size=data.get("tile_size"))
     keys = [k for k in COMPAT_KEYS if run_prov.get(k) is not None and feature_prov.get(k) is not None]
-    check_same([(Path(run_dir) / "run.json", run_prov), (feature_path, feature_prov)], keys, where=feature_path)
+    try:
+        check_same([(Path(run_dir) / "run.json", run_prov), (feature_path, feature_prov)], keys, where=feature_path)
+    except GigaslideError as e:  # its fix ("one encoder per folder") was about a folder; here the run is the other side
+        sha = str(run_prov.encoder_weights_sha256 or "?")[:12]
+        raise GigaslideError(f"{e.what} (the slide-SSL run {run_dir} was trained on other tile features)",
+                             path=feature_path,
+                             fix=f"embed features made as the run's were (tile encoder {run_prov.encoder}, weights "
+                                 f"sha256 {sha}..., {run_prov.mpp} µm/px, {run_prov.tile_size} px tiles), or "
+                                 "pre-train a run on these features") from None

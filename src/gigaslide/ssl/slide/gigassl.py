@@ -92,9 +92,21 @@ def check_config(cfg: GigaSSLConfig) -> None:
                               ("--width", cfg.hidden, 1, "256"), ("--out-dim", cfg.out_dim, 1, "512"),
                               ("--blocks", cfg.blocks, 0, "2 (0: no geometry)"),
                               ("--warmup-epochs", cfg.warmup_epochs, 0, "5"),
-                              ("--patience", 1 if cfg.patience is None else cfg.patience, 1, "10 (omitted: never)")):
+                              ("--patience", 1 if cfg.patience is None else cfg.patience, 1, "10 (omitted: never)"),
+                              ("--epochs", cfg.epochs, 1, "50"), ("proj_dim", cfg.proj_dim, 1, "128")):
         if v < least:
             raise GigaslideError(f"{opt} {v} must be >= {least}", fix=f"use e.g. {opt} {eg}")
+    # --epochs 0 exported the untrained encoder as a finished run; a zero / NaN temperature or learning rate failed
+    # inside lightly / torch as a bare ValueError
+    if not (math.isfinite(cfg.temperature) and cfg.temperature > 0):
+        raise GigaslideError(f"--temperature {cfg.temperature} must be a positive number",
+                             fix="use e.g. --temperature 0.05")
+    if not (math.isfinite(cfg.lr) and cfg.lr >= 0):  # 0: a run that does not learn (a control)
+        raise GigaslideError(f"--lr {cfg.lr} must be a number >= 0", fix="use e.g. --lr 1e-3")
+    lo, hi = cfg.scale
+    if not 0 < lo <= hi:
+        raise GigaslideError(f"scale ({lo}, {hi}) must be 0 < low <= high (the view grid's zoom)",
+                             fix="use e.g. scale (0.8, 1.25)")
 
 
 #: What to do about a loss that became NaN / inf: an existing run keeps its options (another --lr is refused), and
@@ -121,6 +133,7 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
     return 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+@runs.keeps_caller_rng
 def pretrain_gigassl(cache: str | os.PathLike, out: str | os.PathLike, cfg: GigaSSLConfig | None = None, *,
                      device: str = "auto", budget: str | float | None = None, stop_after_steps: int | None = None,
                      log=print, **overrides: Any) -> dict[str, Any]:  # noqa: ANN001
@@ -292,6 +305,7 @@ def learned_over(exported: dict[str, float] | None, untrained: dict[str, float] 
     return exported["cosine_gap"] - untrained["cosine_gap"] >= MIN_GAP_GAIN
 
 
+@runs.keeps_caller_rng
 def load_encoder(run: str | os.PathLike) -> tuple[nn.Module, dict]:
     from gigaslide.ssl.slide.export import load_weights
 
@@ -310,8 +324,16 @@ def embed_views(encoder: nn.Module, feats: np.ndarray, pos: np.ndarray, *, ensem
     n = len(feats)
     t = min(tiles_per_view, n)
     order = np.lexsort((pos[:, 0], pos[:, 1])) if n else np.zeros(0, np.int64)
-    idx = order[np.stack([rng.choice(n, size=t, replace=False) for _ in range(max(1, ensemble))])]
-    f = torch.as_tensor(feats[idx], dtype=torch.float32, device=device)
-    p = pos[idx]
-    p = torch.as_tensor(p - p.min(axis=1, keepdims=True), dtype=torch.long, device=device)
-    return encoder.eval()(f, p).mean(0).float().cpu().numpy()
+    encoder.eval()
+    outs, views = [], max(1, ensemble)
+    for v0 in range(0, views, VIEW_BATCH):  # the views' tiles a batch at a time (--ensemble 10^7 took every byte)
+        idx = order[np.stack([rng.choice(n, size=t, replace=False) for _ in range(min(VIEW_BATCH, views - v0))])]
+        f = torch.as_tensor(feats[idx], dtype=torch.float32, device=device)
+        p = pos[idx]
+        p = torch.as_tensor(p - p.min(axis=1, keepdims=True), dtype=torch.long, device=device)
+        outs.append(encoder(f, p))
+    return torch.cat(outs).mean(0).float().cpu().numpy()
+
+
+#: Views :func:`embed_views` encodes at once (the default --ensemble 20 is one batch).
+VIEW_BATCH = 256

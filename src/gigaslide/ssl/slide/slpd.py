@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -109,18 +111,98 @@ class RegionViT(nn.Module):
         return self.norm(self.blocks(x, src_key_padding_mask=pad)[:, 0])
 
 
-def load_slides(features: str | os.PathLike, region_size: int, region_mpp: float):  # noqa: ANN201
-    files = store.load_dir(features)  # refuses mixed encoders / weights / mpp / tile size
-    slides: list[tuple[str, np.ndarray, SlideRegions]] = []
-    bad = [(ff.path or sid, n) for sid, ff in files.items() if (n := nonfinite_rows(ff.features))]
+#: The run folder's sub-folder holding the memory-mapped copy of the cohort's tile features while a run trains.
+SPILL = ".features-mmap"
+#: Free space kept beyond the memory-mapped copy (:func:`mapped`).
+SPILL_MARGIN = 64 << 20
+
+
+def scan_slides(features: str | os.PathLike, region_size: int, region_mpp: float):  # noqa: ANN201
+    """(files, slides, (mean, std)) of a feature folder in one pass that holds one slide's features at a time: the
+    files (features not loaded), ``slides`` = [(slide id, its features, read when used, regions)] of the slides with
+    regions, and the input standardisation over their tiles; refuses NaN / inf tiles (naming every such file) and a
+    folder without regions. SLPD held every slide's features in memory from here on (the cohort's size: 157 MB of
+    features, +218 MB peak at 400 slides); training reads them from :func:`mapped`."""
+    files = store.load_dir(features, arrays=False)  # refuses mixed encoders / weights / mpp / tile size
+    regs = {sid: regions_of(ff, region_size, region_mpp) for sid, ff in files.items()}  # coords only
+    slides = [(sid, ff.features, regs[sid]) for sid, ff in files.items() if len(regs[sid])]
+    bad: list[tuple[Any, int]] = []
+
+    def arrays():  # noqa: ANN202
+        for sid, ff in files.items():
+            a = np.asarray(ff.features)  # stored dtype (float16 costs half); pack() makes float32
+            if n := nonfinite_rows(a):
+                bad.append((ff.path or sid, n))
+            if len(regs[sid]):
+                yield a
+
+    if slides:
+        stats = feature_stats(arrays())
+    else:  # still every file's NaN check, which is said first
+        stats = None
+        for _ in arrays():
+            pass
     refuse_nonfinite(bad, features)  # a NaN tile made the loss NaN at epoch 0 ("lower --lr")
-    for sid, ff in files.items():
-        regs = regions_of(ff, region_size, region_mpp)
-        if len(regs):
-            slides.append((sid, ff.features, regs))  # stored dtype (float16 costs half); pack() makes float32
     if not slides:
         raise GigaslideError("no regions in these feature files", path=features, fix="check --features")
+    return files, slides, stats
+
+
+def load_slides(features: str | os.PathLike, region_size: int, region_mpp: float):  # noqa: ANN201
+    """(files, slides) of :func:`scan_slides` (each slide's features read when used)."""
+    files, slides, _ = scan_slides(features, region_size, region_mpp)
     return files, slides
+
+
+def mapped(run_dir: Path, slides, log) -> list:  # noqa: ANN001
+    """``slides`` with their features memory-mapped from a copy in ``RUN/.features-mmap`` (one file per dtype,
+    written one slide at a time, then unlinked: the mapping keeps it until the process ends, even killed; a copy a
+    kill left mid-write is removed by the next run): the cohort's features are paged in from disk as batches need
+    them and given back under memory pressure, instead of all held in the process's memory. The same arrays (stored
+    dtype, same values), so the same run. Without room for the copy on the run's disk, the features are held in
+    memory as before (said in one line)."""
+    folder = run_dir / SPILL
+    shutil.rmtree(folder, ignore_errors=True)  # a killed run's (the run's lock is held: no other live writer)
+    need = sum(f.nbytes for _, f, _ in slides)
+    try:
+        st = os.statvfs(run_dir)
+        room = st.f_bavail * st.f_frsize >= need + SPILL_MARGIN
+    except (OSError, AttributeError):
+        room = False
+    why = f"no room for it ({need / 1e9:.2f} GB) in {run_dir}"
+    if room:
+        try:
+            return _map(folder, slides)
+        except OSError as e:  # the disk filled up after all, or the folder cannot be written
+            why = f"{str(e).splitlines()[0] if str(e) else type(e).__name__} in {folder}"
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # the mapped files are unlinked: their pages stay mapped
+    log(f"warning: cannot memory-map a copy of the tile features ({why}): they are held in memory")
+    return [(sid, np.asarray(f), regs) for sid, f, regs in slides]
+
+
+def _map(folder: Path, slides) -> list:  # noqa: ANN001
+    """:func:`mapped`'s copy: each dtype's slides one after another in ``folder/<dtype>.bin``, mapped read-only."""
+    folder.mkdir()
+    by_dtype: dict[np.dtype, list[int]] = {}
+    for k, (_, f, _) in enumerate(slides):
+        by_dtype.setdefault(np.dtype(f.dtype), []).append(k)
+    out = list(slides)
+    for dt, ks in by_dtype.items():
+        path, rows = folder / f"{dt.name}.bin", []
+        with open(path, "wb") as fh:
+            for k in ks:  # one slide in memory at a time
+                a = np.ascontiguousarray(np.asarray(slides[k][1]))
+                rows.append(len(a))
+                a.tofile(fh)
+        d = int(slides[ks[0]][1].shape[1])
+        mm = np.memmap(path, dtype=dt, mode="r", shape=(sum(rows), d))  # every slide here has regions: rows > 0
+        start = 0
+        for k, n in zip(ks, rows):
+            sid, _, regs = slides[k]
+            out[k] = (sid, mm[start:start + n], regs)
+            start += n
+    return out
 
 
 @torch.no_grad()
@@ -206,6 +288,49 @@ def _make(in_dim: int, cfg: SLPDConfig, grid: int, dev: torch.device, stats: tup
     return m.to(dev)
 
 
+#: Largest region lattice (cells per side) a run takes: its position embedding is cells^2 x dim (HIPT: 16 x 16;
+#: 256: 50 MB at dim 192, 16 px tiles in a 4096 px region).
+MAX_GRID = 256
+
+
+def check_config(cfg: SLPDConfig) -> None:
+    """One line for an option the run could not use, before any work: each of these failed deep inside as a bare
+    error (sklearn's KMeans for ``--prototypes 0``, a division by zero for ``--batch-size 0``, torch's assertion for a
+    width not divisible by the heads, "cannot convert float NaN to integer" for a NaN region mpp), or trained a
+    nonsense run without a word (``--epochs 0`` exported the untrained encoder as finished; a teacher momentum above
+    1 moves the teacher away from the student)."""
+    if cfg.losses not in LOSSES:
+        raise GigaslideError(f"--losses {cfg.losses!r}", fix=f"use one of {', '.join(LOSSES)}")
+    if cfg.head_dim < 2:  # the collapse monitor divides by log K; one output is collapse by construction
+        raise GigaslideError(f"--head-dim {cfg.head_dim} must be >= 2", fix="use e.g. --head-dim 1024")
+    for opt, t in (("--teacher-temp", cfg.teacher_temp), ("warmup_teacher_temp", cfg.warmup_teacher_temp)):
+        if not t > 0:  # the teacher's softmax divides by it
+            raise GigaslideError(f"{opt} {t} must be positive", fix="use e.g. --teacher-temp 0.06")
+    for opt, v, least, eg in (("--prototypes", cfg.prototypes, 1, "4 (NSCLC; 2 BRCA)"),
+                              ("--epochs", cfg.epochs, 1, "20"), ("--batch-size", cfg.batch_size, 1, "64"),
+                              ("--region-size", cfg.region_size, 1, "4096"), ("dim", cfg.dim, 1, "192"),
+                              ("depth", cfg.depth, 1, "2"), ("heads", cfg.heads, 1, "3"),
+                              ("n_global", cfg.n_global, 1, "2"), ("--n-local", cfg.n_local, 0, "8"),
+                              ("--warmup", cfg.warmup, 0, "5"),
+                              ("teacher_temp_epochs", cfg.teacher_temp_epochs, 0, "5")):
+        if v < least:
+            raise GigaslideError(f"{opt} {v} must be >= {least}", fix=f"use e.g. {opt} {eg}")
+    if cfg.dim % cfg.heads:
+        raise GigaslideError(f"dim {cfg.dim} is not divisible by heads {cfg.heads}", fix="use e.g. dim 192, heads 3")
+    if not (math.isfinite(cfg.region_mpp) and cfg.region_mpp > 0):
+        raise GigaslideError(f"--region-mpp {cfg.region_mpp} must be a positive number",
+                             fix="use e.g. --region-mpp 0.5")
+    if not (math.isfinite(cfg.lr) and cfg.lr >= 0):  # 0: a run that does not learn (a control)
+        raise GigaslideError(f"--lr {cfg.lr} must be a number >= 0", fix="use e.g. --lr 5e-4")
+    if not 0 <= cfg.momentum <= 1:
+        raise GigaslideError(f"momentum {cfg.momentum} must be in [0, 1] (teacher EMA)", fix="use e.g. momentum 0.99")
+    for opt, (lo, hi) in (("global_crop", cfg.global_crop), ("local_crop", cfg.local_crop)):
+        if not 0 < lo <= hi <= 1:
+            raise GigaslideError(f"{opt} ({lo}, {hi}) must be fractions 0 < low <= high <= 1 of the region side",
+                                 fix=f"use e.g. {opt} (0.5, 1.0)")
+
+
+@runs.keeps_caller_rng
 def pretrain_slpd(features: str | os.PathLike, out: str | os.PathLike, cfg: SLPDConfig | None = None, *,
                   device: str = "auto", budget: str | float | None = None, stop_after: int | None = None,
                   log=print, **overrides: Any) -> dict[str, Any]:  # noqa: ANN001
@@ -215,18 +340,15 @@ def pretrain_slpd(features: str | os.PathLike, out: str | os.PathLike, cfg: SLPD
     from lightly.models.utils import update_momentum
 
     cfg = SLPDConfig(**{**asdict(cfg or SLPDConfig()), **overrides})
-    if cfg.losses not in LOSSES:
-        raise GigaslideError(f"--losses {cfg.losses!r}", fix=f"use one of {', '.join(LOSSES)}")
-    if cfg.head_dim < 2:  # the collapse monitor divides by log K; one output is collapse by construction
-        raise GigaslideError(f"--head-dim {cfg.head_dim} must be >= 2", fix="use e.g. --head-dim 1024")
-    for opt, t in (("--teacher-temp", cfg.teacher_temp), ("warmup_teacher_temp", cfg.warmup_teacher_temp)):
-        if not t > 0:  # the teacher's softmax divides by it
-            raise GigaslideError(f"{opt} {t} must be positive", fix="use e.g. --teacher-temp 0.06")
+    check_config(cfg)
     budget_s = runs.parse_duration(budget)  # a bad --budget is one line before a run folder is made
-    files, slides = load_slides(features, cfg.region_size, cfg.region_mpp)
+    files, slides, stats = scan_slides(features, cfg.region_size, cfg.region_mpp)  # one slide in memory at a time
     ff0 = next(iter(files.values()))
     grid = max(r.grid for _, _, r in slides)
-    stats = feature_stats(f for _, f, _ in slides)  # one pass: no second copy of the cohort
+    if grid > MAX_GRID:  # the position embedding alone was grid^2 x dim (--region-size 1e9: 15 PB asked for)
+        raise GigaslideError(f"a region of --region-size {cfg.region_size} px at {cfg.region_mpp} µm/px is {grid} "
+                             f"tiles wide (at most {MAX_GRID})", path=features,
+                             fix="use a region of a few thousand px (SLPD / HIPT: --region-size 4096 at 0.5 µm/px)")
     if (stats[1] <= STD_FLOOR).all():  # every tile of every slide the same: every slide was embedded alike, unflagged
         raise GigaslideError(f"every tile feature is the same in all {len(slides)} slides (std 0 in every dimension): "
                              "there is nothing to learn and every slide would get the same embedding", path=features,
@@ -237,7 +359,9 @@ def pretrain_slpd(features: str | os.PathLike, out: str | os.PathLike, cfg: SLPD
     enc = {"name": "region_vit", "in_dim": ff0.dim, "dim": cfg.dim, "depth": cfg.depth, "heads": cfg.heads, "grid": grid}
     config = {"encoder": enc, "data": data, "train": asdict(cfg), "features": str(features)}
     run = runs.open_run(out, "slpd", {"encoder": enc, "data": data, "train": asdict(cfg)}, config, seed=cfg.seed,
-                        inputs={"features": features}, provenance={**ff0.provenance.to_dict(), "run": str(out)})
+                        inputs={"features": features}, provenance={**ff0.provenance.to_dict(), "run": str(out)},
+                        caches=(SPILL,))  # a killed run's memory-mapped features are not results
+    slides = mapped(run.dir, slides, log)  # memory-mapped: not the cohort in memory
     dev = pick_device(device)
     student, teacher = _make(ff0.dim, cfg, grid, dev, stats), _make(ff0.dim, cfg, grid, dev, stats)
     for p in teacher.parameters():
@@ -371,6 +495,7 @@ def _warn_prototype_losses(run: runs.Run, slides, cfg: SLPDConfig, log) -> None:
             "DINO only (as --losses dino); use more --epochs or a shorter --warmup")
 
 
+@runs.keeps_caller_rng
 def load_encoder(run: str | os.PathLike) -> tuple[nn.Module, dict]:
     from gigaslide.ssl.slide.export import load_weights
 
