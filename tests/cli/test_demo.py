@@ -3,20 +3,14 @@ mosaic is kept (it resumes)."""
 
 from __future__ import annotations
 
-import numpy as np
-from PIL import Image
 
 from gigaslide.cli.demo import _replace_other_mosaic
 from gigaslide.mil.mosaic import MosaicConfig, build_mosaic, parse_range
+from gigaslide.testing import make_tile_folder
 
 
 def _tiles(tmp_path):
-    d = tmp_path / "tiles"
-    for cls, col in {"0": (230, 120, 180), "1": (90, 40, 140)}.items():
-        (d / cls).mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray(np.full((16, 16, 3), col, np.uint8)).save(d / cls / f"t{i}.png")
-    return d
+    return make_tile_folder(tmp_path / "tiles", 3, size=16, classes=("0", "1"), noise=0)
 
 
 def test_mosaic_of_other_settings_is_rebuilt_same_is_kept(tmp_path):

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from gigaslide import atomic
-from gigaslide.provenance import provenance, write_sidecar
+from gigaslide.provenance import check_format, provenance, sidecar, write_sidecar
 from gigaslide.errors import GigaslideError
 from gigaslide.evaluation.compare import COMPARE_METRICS
 from gigaslide.evaluation.metrics import METRICS, bootstrap_replicates, fmt_ci, paired_difference, percentile_ci
@@ -159,6 +159,20 @@ def _csv_files(source: str | os.PathLike) -> list[Path]:
     return files
 
 
+def _check_sidecar_format(path: Path) -> None:
+    """Refuse predictions whose record (``<stem>.provenance.json``, where there is one: other tools write none) says
+    a newer gigaslide wrote them, in one line, rather than read a layout this one does not know."""
+    import json
+
+    side = sidecar(path)
+    try:
+        rec = json.loads(side.read_text())
+    except (OSError, ValueError):  # none (other tools), or unreadable: the CSV's own checks decide
+        return
+    if isinstance(rec, dict):
+        check_format(rec, side)
+
+
 def read_predictions(source: str | os.PathLike) -> Predictions:
     """Read a run directory or CSV in the contract above, validating every row."""
     ids: list[str] = []
@@ -167,6 +181,7 @@ def read_predictions(source: str | os.PathLike) -> Predictions:
     names: dict[int, str] | None = {}  # label -> class name, from the class_name columns
     n_classes = None
     for f in _csv_files(source):
+        _check_sidecar_format(f)
         with open(f, newline="", encoding="utf-8-sig") as fh, utf8_or_error(f):  # -sig: Excel's BOM
             reader = csv.DictReader(fh)
             cols = [c.strip() for c in reader.fieldnames or []]

@@ -58,7 +58,8 @@ def _as_arrays(x: TileInput, role: str) -> tuple[np.ndarray, np.ndarray, dict[st
         attrs = getattr(x, "attrs", None) or {}
         meta = {"path": str(x.path) if x.path else None, "encoder": x.encoder, "dim": x.dim,
                 "fingerprint": attrs.get("tiles_fingerprint"), "classes": _class_names(attrs.get("classes")),
-                "source_folder": attrs.get("source_folder")}
+                "source_folder": attrs.get("source_folder"),
+                "encoder_weights_sha256": attrs.get("encoder_weights_sha256")}
         return np.asarray(x.features, np.float32), np.asarray(x.labels).astype(np.int64), meta
     feats, labels = x
     feats = np.asarray(feats, np.float32)
@@ -66,7 +67,7 @@ def _as_arrays(x: TileInput, role: str) -> tuple[np.ndarray, np.ndarray, dict[st
     if feats.ndim != 2 or len(feats) != len(labels):
         raise GigaslideError(f"{role}: features must be [N, D] with N labels, got {feats.shape} and {labels.shape}")
     return feats, labels, {"path": None, "encoder": None, "dim": int(feats.shape[1]), "fingerprint": None,
-                           "classes": None, "source_folder": None}
+                           "classes": None, "source_folder": None, "encoder_weights_sha256": None}
 
 
 def _class_names(v: Any) -> list[str] | None:
@@ -102,6 +103,11 @@ def _check_pair(tr: dict[str, Any], te: dict[str, Any]) -> None:
     if tr["encoder"] and te["encoder"] and tr["encoder"] != te["encoder"]:
         raise GigaslideError(f"train encoder '{tr['encoder']}' differs from test encoder '{te['encoder']}'",
                              path=te["path"], fix="encode train and test with the same encoder")
+    w_tr, w_te = tr.get("encoder_weights_sha256"), te.get("encoder_weights_sha256")
+    if w_tr and w_te and str(w_tr) != str(w_te):  # same architecture, other weights: a probe of one on the other
+        raise GigaslideError(f"train and test features come from other weights of encoder '{te['encoder'] or '?'}' "
+                             f"({str(w_tr)[:16]} vs {str(w_te)[:16]})", path=te["path"],
+                             fix="encode train and test with the same encoder weights")
 
 
 def _check_apart(tr: dict[str, Any], te: dict[str, Any]) -> None:
@@ -299,14 +305,14 @@ def report_markdown(report: dict[str, Any]) -> str:
 
 
 def plot_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     names = list(report["protocols"])
     metrics = ["auc", "balanced_accuracy", "macro_f1"]
-    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(names)), 3.5))
+    fig = Figure(figsize=(max(5, 1.3 * len(names)), 3.5))  # not pyplot's: the caller's backend stays as it was
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     w = 0.8 / len(metrics)
     for j, m in enumerate(metrics):
         v = np.array([report["protocols"][n][m]["value"] for n in names])
@@ -321,7 +327,6 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
     fig.tight_layout()
     with atomic.atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
     return Path(path)
 
 

@@ -127,16 +127,16 @@ def leaderboard_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def plot_leaderboard(rows: list[dict[str, Any]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     cols = [("tile linear AUC", lambda r: r.get("tile", {}).get("linear", {}).get("auc")),
             ("tile 20-NN AUC", lambda r: r.get("tile", {}).get("knn", {}).get("auc")),
             (f"slide {_mil_name(rows)} AUC", lambda r: r.get("slide", {}).get("auc")),
             ("attention loc. AUC", lambda r: r.get("localisation"))]
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows) + 2), 3.6))
+    fig = Figure(figsize=(max(5, 1.6 * len(rows) + 2), 3.6))  # not pyplot's: the caller's backend stays as it was
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     w = 0.8 / len(cols)
     for j, (label, get) in enumerate(cols):
         v, lo, hi = [], [], []
@@ -156,7 +156,6 @@ def plot_leaderboard(rows: list[dict[str, Any]], path: Path) -> Path:
     fig.tight_layout()
     with atomic.atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
     return path
 
 

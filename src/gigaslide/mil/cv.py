@@ -127,6 +127,10 @@ def run_cv(features: str | os.PathLike, labels: str | os.PathLike, out: str | os
     done = set(run.record.get("folds_done", []))
     pred_record = {k: v for k, v in meta.items() if k in ("encoder", "encoder_weights_sha256", "mpp", "tile_size")}
     pred_record.update(seed=cfg.seed, run=str(out_d), model=cfg.model)
+    if fold_seed != cfg.seed:  # the folds' own seed: the record named only cfg.seed, which did not draw them
+        pred_record["fold_seed"] = fold_seed
+    if cfg.model_kwargs:  # (TransMIL's layout, CLAM's k_sample ...: another model than the name alone says)
+        pred_record["model_args"] = dict(cfg.model_kwargs)
     rec = S.splits_record(t, fold_idx)
     rec["per_fold"] = {}
     ids = t.slide_ids

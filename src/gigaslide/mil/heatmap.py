@@ -87,19 +87,20 @@ def draw_heatmap(thumb: np.ndarray, downsample: float | tuple[float, float], coo
     colour bar, in the format ``out``'s extension names (.png, .jpg, .pdf, .svg, ...: the PNG bytes were written
     whatever the name); ``tumor_coords`` (level-0 top-left corners of ground-truth cells of side ``tumor_size0``,
     default the tiles') are outlined."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     fmt = Path(out).suffix.lower().lstrip(".") or "png"
-    if fmt not in FigureCanvasAgg(plt.Figure()).get_supported_filetypes():
+    if fmt not in FigureCanvasAgg(Figure()).get_supported_filetypes():
         raise GigaslideError(f"cannot write a heatmap as .{fmt}", path=out, fix="name it .png, .jpg, .pdf or .svg")
 
     h, w = thumb.shape[:2]
     grid = paint_tiles((h, w), coords, values, tile_size0, downsample)
-    fig, ax = plt.subplots(figsize=(7, 7 * h / max(w, 1) + 0.4))
+    # a Figure of its own, not pyplot's: the caller's matplotlib backend (a notebook's inline one) and open figures
+    # stay as they were (matplotlib.use("Agg") switched a notebook's plots off for the rest of its session)
+    fig = Figure(figsize=(7, 7 * h / max(w, 1) + 0.4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     ax.imshow(thumb)
     im = ax.imshow(np.ma.masked_invalid(grid), cmap="jet", alpha=alpha, vmin=0, vmax=1, interpolation="nearest")
     if tumor_coords is not None and len(tumor_coords):
@@ -111,7 +112,6 @@ def draw_heatmap(thumb: np.ndarray, downsample: float | tuple[float, float], coo
     fig.tight_layout()
     with atomic.atomic_path(out, suffix=f".{fmt}") as tmp:
         fig.savefig(tmp, format=fmt, dpi=110)
-    plt.close(fig)
     return Path(out)
 
 

@@ -46,15 +46,18 @@ Output (``OUT/``): ``slides/{slide_id}.tiff`` (OpenSlide-readable pyramidal TIFF
 ``tissue/{slide_id}.geojson`` (the exact tissue cells as a ``Tissue`` polygon and the tumour cells as a ``Tumor``
 one, level-0 px: QuPath opens it, and ``gigaslide tile --tissue-from OUT/tissue`` tiles exactly the tissue cells,
 with no tissue detection whose result could depend on the tiles' content or arrangement) and ``mosaic.json``
-(provenance and settings). Existing slides are kept, so a re-run resumes.
+(provenance and settings). Existing slides are kept, so a re-run resumes (only with the same settings, also after a
+build killed before its end); a second build of the same folder at once waits for the first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +67,7 @@ import numpy as np
 from gigaslide import atomic
 from gigaslide.provenance import provenance
 from gigaslide.errors import GigaslideError
+from gigaslide.locks import LockBusy, exclusive_file
 from gigaslide.tiling.folders import IMAGE_EXTENSIONS
 
 
@@ -172,10 +176,27 @@ def scatter_region(mask: np.ndarray, n: int, rng: np.random.Generator) -> np.nda
     return region
 
 
+@contextlib.contextmanager
+def _tile_image(path: Path) -> Iterator[Any]:
+    """A tile opened with PIL; one that cannot be decoded (truncated, not an image) or whose header claims a
+    decompression bomb is one line naming it (a bare OSError / DecompressionBombError, after the slides before it)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            yield im
+    except Image.DecompressionBombError as e:
+        raise GigaslideError(f"tile image too large ({str(e).splitlines()[0][:100]})", path=path,
+                             fix="use tiles of a few hundred px (e.g. PCam's 96 px), or leave that file out") from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError) as e:  # (PIL's plugins raise these)
+        raise GigaslideError(f"cannot read tile image ({str(e).splitlines()[0][:100] or type(e).__name__})",
+                             path=path, fix="delete or re-export the file") from None
+
+
 def _read_tile(path: Path, size: int, rng: np.random.Generator) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(path) as im:
+    with _tile_image(path) as im:
         a = np.asarray(im.convert("RGB"))
     if a.shape[:2] != (size, size):
         a = np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR))
@@ -186,9 +207,7 @@ def _read_tile(path: Path, size: int, rng: np.random.Generator) -> np.ndarray:
 def tile_descriptor(path: Path) -> np.ndarray:
     """Colour statistics of one tile: mean and standard deviation of R, G, B (0-1) and the share of near-white
     (glass / fat) pixels."""
-    from PIL import Image
-
-    with Image.open(path) as im:
+    with _tile_image(path) as im:
         a = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
     px = a.reshape(-1, 3)
     return np.concatenate([px.mean(0), px.std(0), [(px.min(1) > 0.85).mean()]])
@@ -264,17 +283,33 @@ def build_slide(normal: list[Path], tumor: list[Path], *, positive: bool, tumor_
 
 
 def _tile_size(path: Path) -> int:
-    from PIL import Image
-
-    with Image.open(path) as im:
+    with _tile_image(path) as im:
         return int(im.size[0])
+
+
+#: Copies of a slide's RGB array building it takes at most (the array, the stain's float32 copy and its result,
+#: the TIFF writer's pyramid).
+SLIDE_COPIES, SLIDE_COPIES_STAINED = 2, 10
+
+
+def _check_slide_memory(cfg: MosaicConfig, t: int, first: Path) -> None:
+    """Refuse, before any slide, a mosaic whose slides do not fit in memory: its tile side is the first normal tile's,
+    so one tile of 5,000 px (or a header claiming it) made 120,000 px slides that asked for 43 GB each."""
+    from gigaslide.memory import available_memory
+
+    side = cfg.grid * t
+    need = side * side * 3 * (SLIDE_COPIES_STAINED if cfg.slide_stain > 0 else SLIDE_COPIES)
+    avail = available_memory()
+    if avail is not None and need > avail:
+        raise GigaslideError(f"{cfg.grid} x {cfg.grid} tiles of {t} px (the size of {first.name}) make "
+                             f"{side} x {side} px slides, which need about {need / 1e9:.1f} GB to build "
+                             f"({avail / 1e9:.1f} GB available)", path=first,
+                             fix="use smaller tiles (e.g. PCam's 96 px) or a smaller --grid")
 
 
 def build_mosaic(tiles: str | os.PathLike, out: str | os.PathLike, cfg: MosaicConfig | None = None,
                  verbose: bool = True) -> dict[str, Any]:
     """Write ``cfg.slides`` mosaic slides + labels + ground truth into ``out`` (resumable)."""
-    from gigaslide.slides.writer import write_array_as_slide
-
     cfg = cfg or MosaicConfig()
     if cfg.slides < 2:
         raise GigaslideError(f"--slides {cfg.slides}: need at least 2", fix="use --slides 2 or more")
@@ -300,15 +335,52 @@ def build_mosaic(tiles: str | os.PathLike, out: str | os.PathLike, cfg: MosaicCo
     if cfg.task == "composition" and cfg.slide_composition <= 0:
         raise GigaslideError("--task composition labels slides by their tissue mix, which needs --slide-composition",
                              fix="add e.g. --slide-composition 0.3")
-    context, by_mix = cfg.task == "context", cfg.task == "composition"
     normal, tumor = list_tiles(tiles, cfg.normal_class), list_tiles(tiles, cfg.tumor_class)
-    t = _tile_size(normal[0])
     out_d = atomic.ensure_writable_dir(out)
+    with _building(out_d, verbose):
+        return _build_locked(tiles, out_d, cfg, normal, tumor, verbose)
+
+
+#: Beside ``mosaic.json`` (written last): the settings of a mosaic being built, so that a build killed half-way is
+#: resumed only with the same settings; removed once ``mosaic.json`` is written.
+BUILDING = ".mosaic-building.json"
+#: The lock file one build of a mosaic folder holds (:func:`gigaslide.locks.exclusive_file`; removed when released).
+LOCK = ".mosaic.lock"
+
+
+@contextlib.contextmanager
+def _building(out_d: Path, verbose: bool) -> Iterator[None]:
+    """Hold the mosaic folder's lock for the whole build. Two processes building one folder at once (two jobs of a
+    pipeline) raced: the second's clean-up of stale temporaries removed the first's slide being written (its rename
+    then failed with a bare FileNotFoundError), and one started with other settings before the first had written
+    ``mosaic.json`` mixed two mosaics in the folder (slides of one seed under the labels of the other). The second
+    now waits for the first, then resumes its mosaic (nothing left to do) or refuses other settings."""
+    try:
+        with exclusive_file(out_d / LOCK, wait=False):
+            yield
+        return
+    except LockBusy as e:
+        if verbose:
+            print(f"another process is building the mosaic in {out_d} ({e.holder}): waiting for it", flush=True)
+    with exclusive_file(out_d / LOCK):
+        yield
+
+
+def _build_locked(tiles: str | os.PathLike, out_d: Path, cfg: MosaicConfig, normal: list[Path], tumor: list[Path],
+                  verbose: bool) -> dict[str, Any]:
+    """:func:`build_mosaic`'s work, the folder's lock held: temporaries in it are a dead build's."""
+    from gigaslide.slides.writer import write_array_as_slide
+
+    context, by_mix = cfg.task == "context", cfg.task == "composition"
+    t = _tile_size(normal[0])
+    _check_slide_memory(cfg, t, normal[0])
     _check_same_settings(out_d / "mosaic.json", cfg)
+    if not (out_d / "mosaic.json").is_file():  # a build killed before its end resumes only with these settings
+        atomic.write_json(out_d / BUILDING, {"config": asdict(cfg)})
     for sub in ("slides", "ground_truth", "tissue"):
         atomic.ensure_writable_dir(out_d / sub)
         atomic.clean_stale_tmp(out_d / sub)
-    for name in ("labels.csv", "mosaic.json"):  # written last: a kill there left their temporaries for good
+    for name in ("labels.csv", "mosaic.json", BUILDING):  # written last: a kill there left their temporaries for good
         atomic.clean_stale_tmp_for(out_d / name)
     kinds = tissue_kinds(normal, cfg.tissue_kinds, cfg.seed) if cfg.slide_composition > 0 else None
     n_kinds = int(kinds.max()) + 1 if kinds is not None else 0
@@ -376,6 +448,7 @@ def build_mosaic(tiles: str | os.PathLike, out: str | os.PathLike, cfg: MosaicCo
                                                   "0": sorted(set(range(n_kinds)) - {int(k) for k in half})}}
                          if by_mix else {}))
     atomic.write_json(out_d / "mosaic.json", meta)
+    (out_d / BUILDING).unlink(missing_ok=True)
     return meta
 
 
@@ -405,12 +478,14 @@ def cells_geojson(gt: np.ndarray) -> dict:
 
 
 def settings_diff(meta_path: Path, cfg: MosaicConfig) -> dict[str, tuple[Any, Any]]:
-    """Settings (old, new) in which the mosaic recorded at ``meta_path`` differs from ``cfg``; empty when it is the
-    same mosaic or there is none yet."""
+    """Settings (old, new) in which the mosaic recorded at ``meta_path`` (or, before it is written, the one being
+    built beside it: :data:`BUILDING`) differs from ``cfg``; empty when it is the same mosaic or there is none yet."""
     import json
 
     if not meta_path.is_file():
-        return {}
+        meta_path = meta_path.parent / BUILDING
+        if not meta_path.is_file():
+            return {}
     try:
         old = json.loads(meta_path.read_text()).get("config", {})
     except (OSError, ValueError):
@@ -430,7 +505,9 @@ def _check_same_settings(meta_path: Path, cfg: MosaicConfig) -> None:
     diff = settings_diff(meta_path, cfg)
     if diff:
         shown = ", ".join(f"{k} {o!r} -> {n!r}" for k, (o, n) in diff.items())
-        raise GigaslideError(f"this folder holds a mosaic built with other settings ({shown})", path=meta_path,
+        partial = not meta_path.is_file()
+        raise GigaslideError(f"this folder holds a mosaic {'partly built' if partial else 'built'} with other settings "
+                             f"({shown})", path=meta_path.parent / BUILDING if partial else meta_path,
                              fix="use another --out for the new settings, or the same settings to resume")
 
 

@@ -29,14 +29,14 @@ import torch
 import torch.nn.functional as F
 
 from gigaslide import atomic
-from gigaslide.provenance import provenance
+from gigaslide.provenance import check_format, provenance
 from gigaslide.devices import autocast_ctx, grad_scaler, pick_device
 from gigaslide.errors import GigaslideError
 from gigaslide.evaluation.metrics import auc as auc_metric
 from gigaslide.features.stats import STD_FLOOR
 from gigaslide.features.stats import feature_stats as cohort_stats
 from gigaslide.mil.models import build_model
-from gigaslide.runs import Selection
+from gigaslide.runs import Selection, isolated_rng
 
 
 @dataclass
@@ -202,8 +202,11 @@ def train_fold(bags_tr: Sequence[torch.Tensor], y_tr: np.ndarray, bags_va: Seque
                in_dim: int, n_classes: int, cfg: TrainConfig, *, cells_tr: Sequence[np.ndarray | None] | None = None,
                cells_va: Sequence[np.ndarray | None] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train ``cfg.model``; returns the best model (on CPU) and its training history. ``cells_tr`` / ``cells_va``:
-    each bag's tiles on their slide's grid, for models that see the layout (default: the bags' own, if any)."""
-    with cpu_threads(pick_device(cfg.device)):
+    each bag's tiles on their slide's grid, for models that see the layout (default: the bags' own, if any).
+    Seeded with ``cfg.seed`` on streams of its own: the caller's torch / NumPy / Python RNG states are given back
+    (its ``torch.manual_seed`` reset the caller's torch generator to the fold's seed: a notebook's later draws
+    repeated after each call)."""
+    with cpu_threads(pick_device(cfg.device)), isolated_rng():
         return _train_fold(bags_tr, y_tr, bags_va, y_va, in_dim, n_classes, cfg, cells_tr, cells_va)
 
 
@@ -306,6 +309,12 @@ def check_features_fit(meta: dict[str, Any], ff: Any, where: str | os.PathLike,
     if mpp_model and mpp_feat and abs(float(mpp_feat) - float(mpp_model)) > 1e-6 * float(mpp_model):
         raise GigaslideError(f"features are at {float(mpp_feat):g} µm/px, the model was trained at "
                              f"{float(mpp_model):g} µm/px", path=where, fix="encode the slide at the model's --mpp")
+    # tiles of another size see another field of view (train-mil refuses a cohort that mixes them: so here)
+    size_model = meta.get("tile_size")
+    size_feat = ff.attrs.get("tile_size", getattr(ff, "coords_attrs", {}).get("patch_size"))
+    if size_model and size_feat and int(size_feat) != int(size_model):
+        raise GigaslideError(f"features are of {int(size_feat)} px tiles, the model was trained on {int(size_model)} "
+                             "px tiles", path=where, fix="encode the slide with the model's --tile-size")
 
 
 def load_model(fold_dir: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -317,13 +326,51 @@ def load_model(fold_dir: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, 
     if not cfg_p.is_file() or not w_p.is_file():
         raise GigaslideError("no trained MIL model here (config.json + model.safetensors)", path=d,
                              fix="pass RUN_DIR/foldK of a finished `gigaslide train-mil` run")
-    meta = json.loads(cfg_p.read_text())
-    tc = dict(meta["train_config"])
-    cfg = TrainConfig(**{k: v for k, v in tc.items() if k in TrainConfig.__dataclass_fields__})
-    state = load_file(str(w_p))
+    refit = "pass the fold folder as `gigaslide train-mil` wrote it (or re-run train-mil: the fold is retrained)"
+    try:
+        meta = json.loads(cfg_p.read_text())
+        tc = dict(meta["train_config"])
+        cfg = TrainConfig(**{k: v for k, v in tc.items() if k in TrainConfig.__dataclass_fields__})
+        in_dim, n_classes = int(meta["in_dim"]), int(meta["n_classes"])
+        cfg.model_kwargs = dict(cfg.model_kwargs)
+        for key in ("mpp", "tile_size"):  # compared with the features' (check_features_fit): numbers or absent
+            if meta.get(key) is not None and not float(meta[key]) > 0:
+                raise ValueError(f"{key} {meta[key]!r}")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise GigaslideError(f"not a MIL model's config.json ({type(e).__name__}: {str(e)[:120]})", path=cfg_p,
+                             fix=refit) from None
+    check_format(meta, cfg_p)  # written by a newer gigaslide: refused, not misread
+    stored = _stored_shapes(w_p, refit)
     if cfg.model == "transmil" and "ppeg" not in cfg.model_kwargs and not any(".ppeg." in k or k.startswith("ppeg.")
-                                                                               for k in state):
+                                                                               for k in stored):
         cfg.model_kwargs = {**cfg.model_kwargs, "ppeg": False}  # saved before TransMIL had its PPEG
-    model = _build(cfg, int(meta["in_dim"]), int(meta["n_classes"]))
-    model.load_state_dict(state)
+    # the shapes config.json gives, without allocating them (a config.json saying in_dim 10^9 asked for 32 GB and
+    # failed in the allocator, or filled the memory), against the tensors stored: one line where they differ
+    try:
+        with torch.device("meta"):
+            want = {k: tuple(v.shape) for k, v in _build(cfg, in_dim, n_classes).state_dict().items()}
+    except GigaslideError:
+        raise
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise GigaslideError(f"config.json describes no model that can be built ({str(e)[:120]})", path=cfg_p,
+                             fix=refit) from None
+    if want != stored:
+        k = next((k for k in sorted(set(want) | set(stored)) if want.get(k) != stored.get(k)))
+        raise GigaslideError(f"model.safetensors does not hold the model config.json describes ({k}: "
+                             f"{list(stored[k]) if k in stored else 'missing'} stored, "
+                             f"{list(want[k]) if k in want else 'none'} expected)", path=d, fix=refit)
+    model = _build(cfg, in_dim, n_classes)
+    model.load_state_dict(load_file(str(w_p)))
     return model.eval(), meta
+
+
+def _stored_shapes(path: Path, fix: str) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the tensors of a safetensors file, from its header (no tensor is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+        why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise GigaslideError(f"model.safetensors cannot be read ({why})", path=path, fix=fix) from None
