@@ -64,7 +64,13 @@ def run_training(slides: str, labels: str, out: str, cfg: TrainConfig, log: Any 
     """Cross-validated StreamingCLAM training; returns the pooled evaluation (AUC, balanced accuracy with CIs),
     or ``{"stopped": reason}`` after a clean stop (SIGTERM, Ctrl-C, ``budget``). ``background``: the slides'
     background (``auto``: detected; ``bright`` or ``dark`` forced, as ``tile --background``), recorded in run.json
-    (``config``; and in the identity when forced, so runs made before the option resume at ``auto``)."""
+    (``config``; and in the identity when forced, so runs made before the option resume at ``auto``).
+    The caller's global RNG streams are given back afterwards (:func:`gigaslide.runs.isolated_rng`)."""
+    with runs.isolated_rng():
+        return _run_training(slides, labels, out, cfg, log, background)
+
+
+def _run_training(slides: str, labels: str, out: str, cfg: TrainConfig, log: Any, background: str) -> dict[str, Any]:
     check_background(background)
     if cfg.patience < 1:  # patience 0 stops before the first epoch: no model to test (a FileNotFoundError traceback)
         raise GigaslideError(f"--patience {cfg.patience} must be >= 1 (epochs without a better validation loss)",
@@ -114,6 +120,7 @@ def run_training(slides: str, labels: str, out: str, cfg: TrainConfig, log: Any 
             "each is read whole (its box centre-cropped to --image-size)")
     if table.class_names is not None:  # label c = class_names[c], as MIL runs record it
         run.update(class_names=table.class_names)
+    run.update(n_classes=table.n_classes)  # what heatmap-streaming checks a checkpoint's head against
     atomic.write_json(out_dir / "splits.json", splits_record(table, folds))
     choice = _precision(run, probe_model, canvases[0], cfg, torch.device("cpu") if device.type == "cpu" else device)
     dtype = autocast_dtype(device, choice.resolved)

@@ -3,8 +3,9 @@
 ``RUN/heatmaps/fold<k>/<slide_id>.npz`` holds, for every (pooled) feature-map position over slide
 content: ``coords`` [n, 2] (level-0 top-left, row-major), ``attention`` [n] (raw head attention),
 ``box_level0_px`` (side of one position in level-0 px), ``fmap_size`` (h, w), ``probs`` [C] (slide
-prediction), ``slide_size`` (level-0 width, height) and, for heads with per-instance logits (mean /
-max), ``instance_probs`` [n, C].
+prediction), ``slide_size`` (level-0 width, height), ``checkpoint_sha256`` (the ``fold<k>/best.safetensors`` it was
+computed with: a grid of a fold trained further or again since is refused when read) and, for heads with per-instance
+logits (mean / max), ``instance_probs`` [n, C].
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ class AttentionGrid:
     probs: np.ndarray
     slide_size: tuple[int, int]
     instance_probs: np.ndarray | None = None
+    checkpoint_sha256: str | None = None  # of the fold's best.safetensors the grid was computed with
+
+
+def checkpoint_path(run: str | os.PathLike, fold: int) -> Path:
+    return Path(run) / f"fold{int(fold)}" / "best.safetensors"
 
 
 def grid_path(run: str | os.PathLike, slide_id: str, fold: int) -> Path:
@@ -55,6 +61,8 @@ def save_grid(run: str | os.PathLike, g: AttentionGrid) -> Path:
               "slide_id": np.array(g.slide_id), "fold": np.int64(g.fold)}
     if g.instance_probs is not None:
         arrays["instance_probs"] = np.asarray(g.instance_probs, np.float32)
+    if g.checkpoint_sha256 is not None:
+        arrays["checkpoint_sha256"] = np.array(g.checkpoint_sha256)
     if len(arrays["coords"]) != len(arrays["attention"]):
         raise ValueError("coords and attention differ in length")
     atomic.clean_stale_tmp_for(out)  # this grid's temporary file left by a killed heatmap-streaming (no run lock)
@@ -65,13 +73,25 @@ def save_grid(run: str | os.PathLike, g: AttentionGrid) -> Path:
 
 
 def load_grid(run: str | os.PathLike, slide_id: str, fold: int) -> AttentionGrid:
+    """The saved grid; refused (one line) when unreadable, or when the fold's checkpoint is no longer the one the grid
+    was computed with (a grid saved while the fold trained, then trained further on resume: the viewer showed the
+    old model's attention as the run's)."""
     p = grid_path(run, slide_id, fold)
+    fix = f"re-run `gigaslide heatmap-streaming SLIDE --run {run} --fold {fold} --out PNG`"
     try:
         with np.load(p, allow_pickle=False) as z:
-            return AttentionGrid(str(z["slide_id"]), int(z["fold"]), z["coords"], z["attention"].astype(np.float64),
-                                 float(z["box_level0_px"]), tuple(int(v) for v in z["fmap_size"]), z["probs"],
-                                 tuple(int(v) for v in z["slide_size"]),
-                                 z["instance_probs"] if "instance_probs" in z.files else None)
+            g = AttentionGrid(str(z["slide_id"]), int(z["fold"]), z["coords"], z["attention"].astype(np.float64),
+                              float(z["box_level0_px"]), tuple(int(v) for v in z["fmap_size"]), z["probs"],
+                              tuple(int(v) for v in z["slide_size"]),
+                              z["instance_probs"] if "instance_probs" in z.files else None,
+                              str(z["checkpoint_sha256"]) if "checkpoint_sha256" in z.files else None)
     except (OSError, ValueError, KeyError) as e:
-        raise GigaslideError(f"unreadable attention grid ({type(e).__name__})", path=p,
-                             fix=f"re-run `gigaslide heatmap-streaming SLIDE --run {run} --fold {fold} --out PNG`") from None
+        raise GigaslideError(f"unreadable attention grid ({type(e).__name__})", path=p, fix=fix) from None
+    ckpt = checkpoint_path(run, fold)
+    if g.checkpoint_sha256 is not None and ckpt.is_file():  # grids saved before it was recorded: not checked
+        from gigaslide.provenance import file_sha256
+
+        if file_sha256(ckpt) != g.checkpoint_sha256:
+            raise GigaslideError(f"attention grid computed with another fold{int(fold)}/best.safetensors than the "
+                                 "run's now (the fold was trained further or again since)", path=p, fix=fix)
+    return g

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from gigaslide import atomic, runs
-from gigaslide.errors import GigaslideError
+from gigaslide.errors import GigaslideError, check_finite_weights
 from gigaslide.streaming.data import Augment, AugmentedImage, Canvas, Normalize
 from gigaslide.streaming.head import StreamingMIL, build_trunk
 from gigaslide.streaming.stream import StreamingCNN
@@ -64,7 +64,12 @@ class TrainConfig:
 
 
 def build_model(cfg: TrainConfig, n_classes: int, device: torch.device) -> StreamingMIL:
-    """The streamed trunk (from the encoder registry, seeded) + head; ``model.spec`` is the encoder spec."""
+    """The streamed trunk (from the encoder registry, seeded) + head; ``model.spec`` is the encoder spec.
+
+    Seeds torch's global RNG with ``cfg.seed`` (the initialisation and the training stream that follows it come from
+    the seed, whatever the encoder builder does with the global stream): callers keep theirs with
+    :func:`gigaslide.runs.isolated_rng`."""
+    torch.manual_seed(cfg.seed)
     trunk, spec, weights_id = build_trunk(cfg.encoder, cfg.weights, seed=cfg.seed)
     stream = StreamingCNN(trunk, cfg.tile_size, transform=Normalize(spec.mean, spec.std), channels_last=True,
                           checkpoint_blocks=cfg.checkpoint_blocks, trim_memory=cfg.trim_memory,
@@ -110,9 +115,15 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    runs.load_module_state(model, load_file(str(path)), path)
+    try:
+        sd = load_file(str(path))
+    except (SafetensorError, OSError) as e:  # a damaged or truncated file: a SafetensorError traceback
+        raise GigaslideError(f"unreadable weights ({str(e).splitlines()[0][:120]})", path=path,
+                             fix="train this fold again into a new --out (or pass another --fold)") from None
+    runs.load_module_state(model, sd, path)
 
 
 def _check_finite(value: float, at: str, run_dir: Path, dtype: torch.dtype | None, what: str = "") -> None:
@@ -120,11 +131,19 @@ def _check_finite(value: float, at: str, run_dir: Path, dtype: torch.dtype | Non
     never recovers, and its epochs went on printing 'train nan' until a traceback (no best checkpoint to test)."""
     if math.isfinite(value):
         return
+    raise GigaslideError(f"{what or f'the loss became {value}'} at {at}: {DIVERGED}", path=run_dir,
+                         fix=_diverged_fix(dtype))
+
+
+#: what a stop for NaN/inf (loss or weights) says happened
+DIVERGED = "training diverged; the checkpoints kept hold no NaN weights"
+
+
+def _diverged_fix(dtype: torch.dtype | None) -> str:
     fix = "train with a lower --lr / --trunk-lr (e.g. 10x lower) into a new --out (they are part of the run)"
     if dtype is torch.float16:
         fix += ", or with --precision bf16 / fp32 (fp16 activations overflow)"
-    raise GigaslideError(f"{what or f'the loss became {value}'} at {at}: training diverged; the checkpoints kept "
-                         "hold no NaN weights", path=run_dir, fix=fix)
+    return fix
 
 
 def train_fold(run: runs.Run, fold: int, model: StreamingMIL, train: list[tuple[Canvas, int]],
@@ -152,8 +171,7 @@ def train_fold(run: runs.Run, fold: int, model: StreamingMIL, train: list[tuple[
         log(f"  resuming at epoch {st['epoch']}" + (f", slide {st['pos']}" if st["pos"] else ""))
 
     def save(at: str) -> None:
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # never saved as a checkpoint
-            _check_finite(float("nan"), f"fold {fold}, {at}", run.dir, dtype, what="the weights became NaN/inf")
+        check_finite_weights(model, f"fold {fold}, {at}", run.dir, then=DIVERGED, fix=_diverged_fix(dtype))
         run.save({"model": runs.module_state(model), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                   "rng": runs.rng_state(), "gen": rng.bit_generator.state, "selection": sel.state(), **st},
                  name=f"fold{fold}")
