@@ -21,6 +21,12 @@ from gigaslide.errors import GigaslideError
 from gigaslide.safe_parse import parse_xml
 
 ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json", ".png", ".tif", ".tiff", ".npy", ".mat")
+#: Most vertices a polygon ring may have: a nucleus outline has tens to hundreds (MoNuSeg: 277 at most). Rasterising
+#: and checking a ring costs its box's pixels times its vertices (a ring of 100 000 vertices took 30 s, one of millions
+#: hours), so a file with a longer ring is refused, naming it.
+MAX_RING_VERTICES = 10_000
+#: Largest coordinate (px) read as a position: past it (1e308 ...) arithmetic on the ring overflows.
+MAX_COORDINATE = 1e9
 
 
 @dataclass
@@ -85,7 +91,7 @@ def _ring_pixels(xy: object, shape: tuple[int, int], notes: dict[str, int]) -> t
 
     h, w = shape
     xy = np.asarray(xy, np.float64)
-    if xy.ndim != 2 or len(xy) < 3 or not np.isfinite(xy).all():
+    if xy.ndim != 2 or len(xy) < 3 or not np.isfinite(xy).all() or np.abs(xy).max() > MAX_COORDINATE:
         return "dropped_degenerate"
     if (xy[:, 0].max() < -0.5 or xy[:, 1].max() < -0.5 or xy[:, 0].min() > w - 0.5 or xy[:, 1].min() > h - 0.5):
         return "dropped_outside"
@@ -104,6 +110,7 @@ def rasterise(polygons: list, shape: tuple[int, int], types: list[int] | None = 
     nucleus, its holes left out). Later nuclei overwrite earlier ones where they overlap; a nucleus left with no
     pixel is dropped."""
     h, w = shape
+    _check_ring_sizes(polygons, path)
     inst = np.zeros((h, w), np.int32)
     notes = {"polygons": len(polygons), "dropped_degenerate": 0, "dropped_outside": 0, "clipped": 0,
              "self_intersecting": 0}
@@ -149,6 +156,24 @@ def rasterise(polygons: list, shape: tuple[int, int], types: list[int] | None = 
     return Annotation(inst, t, notes=notes)
 
 
+def _ring_lengths(item: object) -> list[int]:
+    """Vertex counts of the rings of one :func:`rasterise` item (a ring, or pieces of rings)."""
+    if isinstance(item, np.ndarray) or not (isinstance(item, (list, tuple)) and len(item)
+                                            and isinstance(item[0], (list, tuple))):
+        return [len(item) if hasattr(item, "__len__") else 0]
+    return [len(r) if hasattr(r, "__len__") else 0 for rings in item for r in rings]
+
+
+def _check_ring_sizes(polygons: list, path: str | os.PathLike | None) -> None:
+    """Refuse a polygon ring of more than :data:`MAX_RING_VERTICES` vertices, naming the file and the polygon."""
+    for k, item in enumerate(polygons):
+        n = max(_ring_lengths(item), default=0)
+        if n > MAX_RING_VERTICES:
+            raise GigaslideError(f"polygon {k + 1} has {n} vertices (more than {MAX_RING_VERTICES}: no nucleus outline "
+                                 "has that many)", path=path,
+                                 fix="simplify the outline, or leave region annotations out of the nuclei file")
+
+
 def _compact(inst: np.ndarray) -> tuple[np.ndarray, dict[int, int]]:
     ids = np.unique(inst)
     ids = ids[ids > 0]
@@ -157,13 +182,14 @@ def _compact(inst: np.ndarray) -> tuple[np.ndarray, dict[int, int]]:
     return lut[inst], {int(o): int(n) for o, n in zip(ids, lut[ids])}
 
 
-def read_aperio_xml(path: Path, shape: tuple[int, int]) -> Annotation:
+def read_aperio_xml(path: str | os.PathLike, shape: tuple[int, int]) -> Annotation:
+    path = Path(path)
     try:
         tree = _parse_xml(path)
         root = tree.getroot() if hasattr(tree, "getroot") else tree
     except GigaslideError as e:
         raise GigaslideError(f"cannot read annotation XML ({e.what})", path=path,
-                             fix="give an Aperio / MoNuSeg XML file without DTD entities") from None
+                             fix=e.fix or "give an Aperio / MoNuSeg XML file without DTD entities") from None
     except Exception as e:  # noqa: BLE001 - malformed or unsafe XML (entities) is a bad file for the user
         raise GigaslideError(f"cannot read annotation XML ({type(e).__name__}: {str(e)[:120]})", path=path,
                              fix="give an Aperio / MoNuSeg XML file without DTD entities") from None
@@ -177,30 +203,81 @@ def read_aperio_xml(path: Path, shape: tuple[int, int]) -> Annotation:
         # images the nuclei' stain sits 0.5 px up-left of polygons read as pixel centres; rasterise takes centres
         polys.append(np.array(xy, np.float64).reshape(-1, 2) - 0.5)
     ann = rasterise(polys, shape, path=path)
-    mpp = root.get("MicronsPerPixel")
-    try:
-        ann.mpp = float(mpp) if mpp else None
-    except ValueError:
-        ann.mpp = None
+    ann.mpp = positive_mpp(root.get("MicronsPerPixel"))
     return ann
 
 
-def _geojson_features(obj: object) -> list[dict]:
-    if isinstance(obj, list):
-        return [f for o in obj for f in _geojson_features(o)]
-    if isinstance(obj, dict):
-        if obj.get("type") == "FeatureCollection":
-            return list(obj.get("features", []))
-        if obj.get("type") == "Feature":
-            return [obj]
-    return []
+def positive_mpp(value: object) -> float | None:
+    """``value`` as a resolution (µm/px): None unless a finite number above 0 (a file's ``MicronsPerPixel`` of
+    ``nan``, ``-0.25`` or ``1e999`` says nothing: a negative one shrank every image to 1 x 1 px)."""
+    try:
+        v = float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+    return v if v is not None and np.isfinite(v) and v > 0 else None
+
+
+def _malformed(path: Path, what: str) -> GigaslideError:
+    return GigaslideError(f"not QuPath GeoJSON: {what}", path=path, fix="export the annotations from QuPath as GeoJSON")
+
+
+def _geojson_features(obj: object, path: Path) -> list[dict]:
+    """The Features of a GeoJSON object (a FeatureCollection, a Feature, or a list of them, as QuPath writes); a
+    feature that is not an object, or whose ``geometry`` / ``properties`` is neither an object nor null, is refused
+    naming the file (it was an AttributeError)."""
+    feats: list = []
+    todo = [obj]
+    while todo:
+        o = todo.pop()
+        if isinstance(o, list):
+            todo.extend(reversed(o))
+        elif isinstance(o, dict) and o.get("type") == "FeatureCollection":
+            fs = o.get("features", [])
+            if not isinstance(fs, list):
+                raise _malformed(path, f"'features' is a {type(fs).__name__}, not a list")
+            feats.extend(fs)
+        elif isinstance(o, dict) and o.get("type") == "Feature":
+            feats.append(o)
+    for k, f in enumerate(feats):
+        if not isinstance(f, dict):
+            raise _malformed(path, f"feature {k + 1} is a {type(f).__name__}, not an object")
+        for key in ("geometry", "properties"):
+            if not isinstance(f.get(key) or {}, dict):
+                raise _malformed(path, f"feature {k + 1}'s {key} is a {type(f[key]).__name__}, not an object")
+    return feats
+
+
+#: QuPath object types that are nuclei when a file also has annotations: a file with any of them is an export of
+#: detected (or hand-made) detections, and its ``annotation`` objects are the regions they were detected in.
+DETECTION_TYPES = ("detection", "cell")
+
+
+def _object_type(f: dict) -> str:
+    return str((f.get("properties") or {}).get("objectType", "")).lower()
+
+
+def _nuclei_features(feats: list[dict]) -> tuple[list[dict], int]:
+    """(the features that are nuclei, how many region annotations were left out): in a QuPath export with detections
+    or cells, its ``annotation`` objects are the regions they were found in (one was rasterised as a nucleus the size
+    of the region, under the others); a file of annotations only (nuclei drawn by hand) is all nuclei."""
+    if not any(_object_type(f) in DETECTION_TYPES for f in feats):
+        return feats, 0
+    kept = [f for f in feats if _object_type(f) != "annotation"]
+    return kept, len(feats) - len(kept)
+
+
+def _nucleus_geometry(f: dict) -> dict:
+    """A feature's nucleus outline: a QuPath cell's ``nucleusGeometry`` (its ``geometry`` is the whole cell, the
+    nucleus grown by a few µm), else its ``geometry``."""
+    g = f.get("nucleusGeometry") if _object_type(f) == "cell" else None
+    return g if isinstance(g, dict) else (f.get("geometry") or {})
 
 
 def _geojson_obj(path: Path) -> object:
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise GigaslideError(f"cannot read GeoJSON ({e})", path=path,
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
+        raise GigaslideError(f"cannot read GeoJSON ({str(e)[:120]})", path=path,
                              fix="export the annotations from QuPath as GeoJSON") from None
 
 
@@ -221,7 +298,11 @@ def class_names(paths: Iterable[str | os.PathLike]) -> dict[str, Path]:
                 obj = _geojson_obj(p)
             except GigaslideError:
                 continue
-            for f in _geojson_features(obj):
+            try:
+                feats = _nuclei_features(_geojson_features(obj, p))[0]
+            except GigaslideError:
+                continue
+            for f in feats:
                 name = _class_name(f)
                 if name is not None:
                     found.setdefault(name, p)
@@ -256,35 +337,45 @@ def annotation_note(ann: Annotation) -> str | None:
     """What reading an annotation left out, for the user (None when nothing): polygons dropped as degenerate (under 3
     points or no area), outside the image, or covered by later ones. Repairs are usual and not mentioned (they stay in
     ``notes``): polygons clipped at the image border, self-intersecting ones filled by the even-odd rule (every
-    MoNuSeg file has a few)."""
+    MoNuSeg file has a few). A QuPath export's region annotations left out beside its detections are named too."""
     n = ann.notes
     said = [f"{n[k]} {what}" for k, what in (
         ("dropped_degenerate", "dropped as degenerate (under 3 points, no area or unreadable coordinates)"),
         ("dropped_outside", "dropped as outside the image"),
         ("dropped_overlapped", "dropped as covered by later polygons")) if n.get(k)]
-    return f"{', '.join(said)} of {n['polygons']} polygons" if said and "polygons" in n else None
+    out = f"{', '.join(said)} of {n['polygons']} polygons" if said and "polygons" in n else None
+    if n.get("regions_left_out"):  # a QuPath export's region annotations next to its detections / cells
+        left = (f"{n['regions_left_out']} QuPath region annotation(s) left out (the file's detections / cells are "
+                "its nuclei)")
+        out = f"{out}; {left}" if out else left
+    return out
 
 
-def read_geojson(path: Path, shape: tuple[int, int], codes: dict[str, int] | None = None) -> Annotation:
+def read_geojson(path: str | os.PathLike, shape: tuple[int, int], codes: dict[str, int] | None = None) -> Annotation:
     """QuPath GeoJSON polygons; a feature's ``classification.name`` becomes its type through ``codes`` (the data
     set's map, :func:`type_codes` of :func:`class_names` over all its files, or a model's stored names). A class
     missing from ``codes`` is refused naming the file and the class. Without ``codes`` (None or empty) the file's
     own names are numbered 1..T in sorted order (for one file on its own: another file may number a class
     differently).
     Features without a class are nuclei without a type."""
+    path = Path(path)
     polys, names = [], []
-    for f in _geojson_features(_geojson_obj(path)):
-        geom = f.get("geometry") or {}
+    feats, regions = _nuclei_features(_geojson_features(_geojson_obj(path), path))
+    for k, f in enumerate(feats):
+        geom = _nucleus_geometry(f)
         name = _class_name(f)
         pieces = []  # one nucleus per feature: every piece of a MultiPolygon, holes (inner rings) left out
+        coords = geom.get("coordinates")
+        if geom.get("type") in ("Polygon", "MultiPolygon") and coords and not isinstance(coords, list):
+            raise _malformed(path, f"feature {k + 1}'s coordinates are a {type(coords).__name__}, not a list")
         if geom.get("type") == "Polygon":
-            pieces = [geom["coordinates"]] if geom.get("coordinates") else []
+            pieces = [coords] if coords else []
         elif geom.get("type") == "MultiPolygon":
-            pieces = [p for p in geom.get("coordinates", []) if p]
+            pieces = [p for p in coords or [] if p]
         if not pieces:
             continue
         # pixel centres at integer coordinates; QuPath uses corner coordinates
-        rings = [[_position_array(r) - 0.5 for r in p] for p in pieces]
+        rings = [[_position_array(r) - 0.5 for r in (p if isinstance(p, list) else [p])] for p in pieces]
         polys.append(rings[0][0] if len(rings) == 1 and len(rings[0]) == 1 else rings)
         names.append(name)
     if any(n is not None for n in names):
@@ -295,12 +386,46 @@ def read_geojson(path: Path, shape: tuple[int, int], codes: dict[str, int] | Non
         ann = rasterise(polys, shape, [code.get(n, 0) for n in names], path=path)
         ann.type_names = {v: k for k, v in code.items()}
         ann.types = {k: v for k, v in (ann.types or {}).items() if v > 0}
-        return ann
-    return rasterise(polys, shape, path=path)
+    else:
+        ann = rasterise(polys, shape, path=path)
+    if regions:
+        ann.notes["regions_left_out"] = regions
+    return ann
 
 
-def read_label_image(path: Path) -> Annotation:
+def _claimed_shape(path: Path, suffix: str) -> tuple[int, ...]:
+    """The array shape a label file's header claims, read without decoding the pixels."""
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+
+        with tifffile.TiffFile(str(path)) as t:
+            return tuple(int(n) for n in t.series[0].shape)
+    if suffix == ".npy":
+        fmt = np.lib.format
+        with open(path, "rb") as f:
+            version = fmt.read_magic(f)
+            header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            return tuple(int(n) for n in header(f)[0])
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return int(im.size[1]), int(im.size[0])
+
+
+def read_label_image(path: str | os.PathLike, shape: tuple[int, int] | None = None) -> Annotation:
+    """An instance label image (PNG / TIFF, or HoVer-Net's ``.npy``); with ``shape`` (its image's h, w) a file whose
+    header claims another size is refused before its pixels are decoded (a TIFF header claiming 60 000 x 60 000 px
+    allocated gigabytes for a file of a few hundred bytes)."""
+    path = Path(path)
     suffix = path.suffix.lower()
+    try:
+        claimed = _claimed_shape(path, suffix) if shape is not None else None
+    except Exception as e:  # noqa: BLE001 - an unreadable header is a bad file for the user
+        raise GigaslideError(f"cannot read label image ({type(e).__name__}: {str(e)[:120]})", path=path,
+                             fix="give an instance label image (one integer id per nucleus, 0 = background)") from None
+    if claimed is not None and tuple(shape) not in (claimed[:2], claimed[-2:]):
+        raise GigaslideError(f"annotation is {'x'.join(map(str, claimed[::-1]))} px but its image is "
+                             f"{shape[1]}x{shape[0]} px", path=path, fix="pair each image with its own annotation file")
     try:
         if suffix in (".tif", ".tiff"):
             import tifffile
@@ -351,7 +476,7 @@ def _types_from_map(inst: np.ndarray, tmap: np.ndarray) -> dict[int, int]:
     return out
 
 
-def read_mat(path: Path) -> Annotation:
+def read_mat(path: str | os.PathLike) -> Annotation:
     from scipy.io import loadmat
 
     try:
@@ -379,7 +504,7 @@ def read_annotation(path: str | os.PathLike, shape: tuple[int, int], codes: dict
     elif s == ".mat":
         ann = read_mat(p)
     elif s in (".png", ".tif", ".tiff", ".npy"):
-        ann = read_label_image(p)
+        ann = read_label_image(p, shape)
     else:
         raise GigaslideError(f"unknown annotation format '{s}'", path=p, fix=f"use one of {', '.join(ANNOTATION_SUFFIXES)}")
     if ann.inst.shape != tuple(shape):
@@ -389,4 +514,5 @@ def read_annotation(path: str | os.PathLike, shape: tuple[int, int], codes: dict
 
 
 __all__ = ["ANNOTATION_SUFFIXES", "Annotation", "annotation_note", "class_names", "rasterise", "read_annotation",
-           "read_aperio_xml", "read_geojson", "read_label_image", "read_mat", "type_codes", "unknown_class"]
+           "positive_mpp", "read_aperio_xml", "read_geojson", "read_label_image", "read_mat", "type_codes",
+           "unknown_class"]

@@ -99,6 +99,16 @@ def read_organs(images: str | os.PathLike, organs: str | os.PathLike | None = No
     return {}
 
 
+def check_resolution(value: float | None, option: str) -> None:
+    """Refuse a resolution option (``--image-mpp``, ``--mpp``) that is given but not a finite number above 0: a
+    negative ``--image-mpp`` resampled every image to 1 x 1 px and trained on that; NaN failed with a ValueError."""
+    import math
+
+    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise GigaslideError(f"{option} {value} is not a resolution (µm/px must be a finite number above 0)",
+                             fix=f"give {option} like 0.25 (40x) or 0.5 (20x), or leave it out")
+
+
 def check_mpp(image_mpp: float, model_mpp: float, path: str | os.PathLike) -> float:
     """Scale factor image px -> model px; refuses an image coarser than the model's mpp."""
     if image_mpp > model_mpp * (1 + MPP_COARSER_TOLERANCE):
@@ -130,6 +140,8 @@ def load_item(pair: Pair, model_mpp: float, image_mpp: float | None = None, orga
     MicronsPerPixel): an explicit value corrects a file that is wrong. Where the two differ by more than
     :data:`MPP_RESAMPLE_TOLERANCE` a warning naming both is appended to ``problems`` (the commands print them and
     the report / run keeps them), so a flag meant for other images does not silently rescale these."""
+    check_resolution(image_mpp, "--image-mpp")
+    check_resolution(model_mpp, "--mpp")
     img = read_image(pair.image)
     h, w = img.shape[:2]
     ann = read_annotation(pair.annotation, (h, w), codes) if pair.annotation else None
@@ -250,6 +262,7 @@ def type_map(inst: np.ndarray, types: dict[int, int] | None) -> np.ndarray:
     return t
 
 
-__all__ = ["IMAGE_SUFFIXES", "Item", "Pair", "check_mpp", "dataset_type_codes", "find_pairs", "hv_maps", "load_item",
+__all__ = ["IMAGE_SUFFIXES", "Item", "Pair", "check_mpp", "check_resolution", "dataset_type_codes", "find_pairs",
+           "hv_maps", "load_item",
            "make_split", "read_image", "read_organs", "read_split", "resize", "subset_fraction", "type_map",
            "write_split"]

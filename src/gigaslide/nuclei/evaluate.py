@@ -8,14 +8,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from gigaslide import atomic
+from gigaslide import atomic, runs
+from gigaslide.devices import autocast_dtype
 from gigaslide.errors import GigaslideError
 from gigaslide.nuclei import metrics
 from gigaslide.nuclei.annotations import class_names, unknown_class
-from gigaslide.nuclei.data import Item, dataset_type_codes, find_pairs, load_item, read_organs, read_split, resize
-from gigaslide.nuclei.infer import load_model, model_dir, read_spec, segment
+from gigaslide.nuclei.data import (Item, check_resolution, dataset_type_codes, find_pairs, load_item, read_organs,
+                                   read_split, resize)
+from gigaslide.nuclei.infer import MODEL_WEIGHTS, fixed_window, load_model, model_dir, read_spec, segment
 from gigaslide.nuclei.model import HoVerNet
+from gigaslide.nuclei.postprocess import PostParams
+from gigaslide.provenance import provenance
 
 
 def predict_item(model: HoVerNet, item: Item, precision: str = "fp32") -> tuple[np.ndarray, dict[int, int]]:
@@ -77,6 +82,7 @@ def evaluate(model_path: str | os.PathLike, images: str | os.PathLike, annotatio
     the file and the class. A model without stored names (one trained on numeric types, or exported before
     names were stored) reads them numbered 1..T in sorted order over the evaluated files, as training did when
     every file had every class."""
+    check_resolution(image_mpp, "--image-mpp")
     model = load_model(model_path)
     spec, rec = read_spec(model_path)
     pairs, problems = find_pairs(images, annotations)
@@ -126,7 +132,16 @@ def evaluate(model_path: str | os.PathLike, images: str | os.PathLike, annotatio
     cols = list(rows[0])
     atomic.write_text(out / "per_image.csv", "\n".join([",".join(cols)] + [",".join(_cell(r[c]) for c in cols)
                                                                             for r in rows]) + "\n")
-    report = {"model": str(Path(model_path).resolve()), "backbone": spec.encoder_spec.name, "mpp": spec.mpp,
+    weights = model_dir(model_path) / MODEL_WEIGHTS
+    dtype = autocast_dtype(torch.device("cpu"), precision)
+    used = {"model_weights_sha256": runs.file_sha256(weights),
+            "postprocess": PostParams.from_dict(spec.postprocess).to_dict(), "window": fixed_window(model),
+            "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"),
+            "image_mpp": image_mpp}  # what scored: a report
+    # named the model's folder only, not which weights (a re-trained run) nor the settings the maps were made with
+    report = {"model": str(Path(model_path).resolve()), "backbone": spec.encoder_spec.name, "mpp": spec.mpp, **used,
+              "provenance": provenance("nuclei-eval", mpp=spec.mpp, encoder=spec.encoder_spec.name,
+                                       encoder_weights_sha256=spec.backbone_weights, seed=seed, **used),
               "images": [r["image_id"] for r in rows], "subset": subset if not (subset == "auto" and seen) else "test",
               "metrics": summary, "per_image": rows, "problems": problems, "bootstrap": n_bootstrap,
               "stats": [s.to_dict() for s in stats],

@@ -13,7 +13,7 @@ import torch
 from gigaslide import runs
 from gigaslide.devices import autocast_ctx
 from gigaslide.errors import GigaslideError
-from gigaslide.nuclei.model import MODEL_FORMAT, HoVerNet, ModelSpec
+from gigaslide.nuclei.model import MODEL_FORMAT, HoVerNet, ModelSpec, ViTPyramid
 from gigaslide.nuclei.postprocess import PostParams, instance_types, instances
 
 MODEL_DIR = "model"
@@ -37,19 +37,24 @@ def read_spec(path: str | os.PathLike) -> tuple[ModelSpec, dict]:
         rec = json.loads((d / MODEL_JSON).read_text())
         if rec.get("format") != MODEL_FORMAT:
             raise ValueError(f"format {rec.get('format')!r}")
-        return ModelSpec.from_dict(rec["spec"]), rec
+        spec = ModelSpec.from_dict(rec["spec"])
+        spec.check()
+        return spec, rec
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise GigaslideError(f"bad nuclei model record ({e})", path=d / MODEL_JSON,
                              fix="re-run `gigaslide nuclei-train` to export the model again") from None
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> HoVerNet:
-    """The exported model of a nuclei run (``NUC_RUN`` or ``NUC_RUN/model``), in eval mode."""
+    """The exported model of a nuclei run (``NUC_RUN`` or ``NUC_RUN/model``), in eval mode. Building the network
+    draws its (then overwritten) initial weights from a stream of its own: the caller's torch random stream is left
+    as it was."""
     from safetensors.torch import load_file
 
     spec, _ = read_spec(path)
     d = model_dir(path)
-    model = HoVerNet(spec)
+    with runs.isolated_rng():
+        model = HoVerNet(spec)
     try:
         sd = load_file(str(d / MODEL_WEIGHTS), device="cpu")
     except Exception as e:  # noqa: BLE001
@@ -59,6 +64,14 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> H
                            fix=f"the weights were trained on another backbone than model.json's "
                                f"'{spec.encoder_spec.name}'; keep model.json and model.safetensors of one run together")
     return model.to(device).eval()
+
+
+def fixed_window(model: HoVerNet) -> int | None:
+    """The window side (px) ``model`` must be run on, or None where any multiple of 32 does: a ViT backbone resizes
+    each window to its input size, so it sees nuclei at the size it trained on only in windows of its training crop
+    (``spec.crop``; unknown for a model exported before it was recorded)."""
+    crop = getattr(model.spec, "crop", None)
+    return int(crop) if crop and isinstance(model.encoder, ViTPyramid) else None
 
 
 def _pad_amounts(n: int, step: int, margin: int) -> tuple[int, int]:
@@ -73,9 +86,14 @@ def predict_maps(model: HoVerNet, image: np.ndarray, *, tile: int = 512, margin:
     """(NP probability [H, W], HV [2, H, W], NC probabilities [T+1, H, W] or None) of an RGB uint8 image.
 
     ``pad_mode="constant"`` pads the windows past the image's edge with ``fill`` (255: bright-field glass; a
-    fluorescence slide's reader passes 0, its black background)."""
+    fluorescence slide's reader passes 0, its black background). A ViT-backed model runs on windows of its training
+    crop whatever ``tile`` is (:func:`fixed_window`; the margin then at most a quarter of it)."""
     h, w = image.shape[:2]
-    tile = min(tile, 32 * -(-(max(h, w) + 2 * margin) // 32))  # a small image needs no larger window
+    fixed = fixed_window(model)
+    if fixed:
+        tile, margin = fixed, min(margin, fixed // 4)
+    else:
+        tile = min(tile, 32 * -(-(max(h, w) + 2 * margin) // 32))  # a small image needs no larger window
     if tile % 32 or tile <= 2 * margin:
         raise GigaslideError(f"window {tile} px must be a multiple of 32 and larger than twice the margin {margin}")
     dev = next(model.parameters()).device
@@ -122,4 +140,5 @@ def segment(model: HoVerNet, image: np.ndarray, *, precision: str = "fp32", **kw
     return inst, instance_types(inst, nc), npp
 
 
-__all__ = ["MODEL_DIR", "MODEL_JSON", "MODEL_WEIGHTS", "load_model", "model_dir", "predict_maps", "read_spec", "segment"]
+__all__ = ["MODEL_DIR", "MODEL_JSON", "MODEL_WEIGHTS", "fixed_window", "load_model", "model_dir", "predict_maps",
+           "read_spec", "segment"]

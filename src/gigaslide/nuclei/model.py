@@ -24,6 +24,10 @@ from torch import nn
 from gigaslide.encoders import EncoderSpec, create_trunk
 
 MODEL_FORMAT = "gigaslide.nuclei-model/1"
+#: Bounds :meth:`ModelSpec.check` holds a ``model.json`` to (``nuclei-train`` writes 128 .. 16 and the data set's
+#: class count): the network is built from the record before its weights are read.
+MAX_DECODER_CHANNELS = 1024
+MAX_TYPES = 1000
 
 
 @dataclass
@@ -38,6 +42,8 @@ class ModelSpec:
     type_names: dict[str, str] = field(default_factory=dict)  # "1" -> "tumor"
     decoder_channels: tuple[int, ...] = (128, 64, 32, 16)
     postprocess: dict[str, float] = field(default_factory=dict)
+    crop: int | None = None  # training crop side (px at mpp): a ViT backbone sees each window resized to its input
+    # size, so it is run on windows of this side (a 512 px window showed it nuclei at half their trained size)
     format: str = MODEL_FORMAT
 
     def to_dict(self) -> dict[str, Any]:
@@ -51,6 +57,29 @@ class ModelSpec:
         d["decoder_channels"] = tuple(d.get("decoder_channels", (128, 64, 32, 16)))
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
+
+    def check(self) -> None:
+        """Raise ValueError naming the first field that no ``nuclei-train`` writes: a ``model.json`` from elsewhere
+        with ``mpp: "abc"`` or NaN was used as is (a ValueError deep in a slide), ``n_types: -3`` failed building
+        the network, and ``decoder_channels: [200000, ...]`` allocated gigabytes before the weights were read."""
+        import math
+
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not (isinstance(self.mpp, (int, float)) and not isinstance(self.mpp, bool) and math.isfinite(self.mpp)
+                and self.mpp > 0):
+            raise ValueError(f"mpp {self.mpp!r} is not a resolution")
+        if not (is_int(self.n_types) and 0 <= self.n_types <= MAX_TYPES):
+            raise ValueError(f"n_types {self.n_types!r} is not a count of 0..{MAX_TYPES}")
+        if not (1 <= len(self.decoder_channels) <= 8
+                and all(is_int(c) and 1 <= c <= MAX_DECODER_CHANNELS for c in self.decoder_channels)):
+            raise ValueError(f"decoder_channels {list(self.decoder_channels)!r} are not 1..8 widths of "
+                             f"1..{MAX_DECODER_CHANNELS}")
+        if self.crop is not None and not (is_int(self.crop) and 32 <= self.crop <= 8192 and self.crop % 32 == 0):
+            raise ValueError(f"crop {self.crop!r} is not a multiple of 32 px")
+        if not isinstance(self.type_names, dict) or not isinstance(self.postprocess, dict):
+            raise ValueError("type_names and postprocess must be objects")
 
     @property
     def encoder_spec(self) -> EncoderSpec:

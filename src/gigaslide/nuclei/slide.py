@@ -36,7 +36,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +51,9 @@ from gigaslide.files import shown_name
 from gigaslide.locks import ItemLock
 from gigaslide.nuclei.export import (TABLE_COLUMNS, GeoJSONWriter, Nucleus, clip_polygons, polygons_of, table_row,
                                      tile_counts, write_tiles_h5)
-from gigaslide.nuclei.infer import MODEL_WEIGHTS, load_model, model_dir, segment
+from gigaslide.nuclei.infer import MODEL_WEIGHTS, fixed_window, load_model, model_dir, segment
 from gigaslide.nuclei.postprocess import PostParams
+from gigaslide.provenance import provenance
 from gigaslide.slides import open_slide, slide_id_from_path
 from gigaslide.slides.ids import not_text_path_error
 from gigaslide.slides.slide import fill_value
@@ -153,8 +154,8 @@ class NucleiResult:
     seconds: float = 0.0
 
 
-def outputs(out: Path, sid: str) -> dict[str, Path]:
-    d = out / "nuclei"
+def outputs(out: str | os.PathLike, sid: str) -> dict[str, Path]:
+    d = Path(out) / "nuclei"
     return {"geojson": d / f"{sid}.geojson", "table": d / f"{sid}.csv", "tiles": d / f"{sid}_tiles.h5",
             "record": d / f"{sid}.json"}
 
@@ -188,16 +189,24 @@ def _look(slide, tissue, background: str = "auto") -> dict[str, Any]:  # noqa: A
 
 
 def _count_coords(out: Path, sid: str, slide, tissue, p: SlideParams) -> tuple[np.ndarray, float, str]:  # noqa: ANN001
-    """Tile coordinates and side (level-0 px) for the per-tile counts: the feature store's, else an own grid."""
+    """Tile coordinates and side (level-0 px) for the per-tile counts: the feature store's (gigaslide's, CLAM's or
+    TRIDENT's layout: a CLAM file has neither ``patch_size_level0`` nor ``tile_size`` and failed the whole run with a
+    KeyError), else an own grid. A feature file made from another scan of the slide (its recorded level-0 mpp, size or
+    file identity differ) is refused: its tiles are not this scan's."""
     f = out / "features" / f"{sid}.h5"
     if f.is_file():
-        import h5py
+        from gigaslide.features import store
+        from gigaslide.tiling.store import level0_dimensions
 
-        with h5py.File(f, "r") as h:
-            coords = np.asarray(h["coords"][:], np.int64)
-            a = dict(h["coords"].attrs)
-            tile0 = float(a.get("patch_size_level0") or (float(h.attrs["tile_size"]) * float(h.attrs["mpp"]) / slide.mpp))
-        return coords, tile0, str(f)
+        ff = store.load(f, arrays=False)
+        a, ca = ff.attrs, ff.coords_attrs
+        made_from = (a.get("slide_mpp", ca.get("level0_mpp")), level0_dimensions(ca), a.get(IDENTITY_KEY))
+        if not Scan.of(slide).made(*made_from):
+            raise GigaslideError(f"the feature file was made from another scan of {sid} (its level-0 mpp, size or "
+                                 "file differ from this slide's): its tiles are not this slide's", path=f,
+                                 fix="encode this slide again (gigaslide encode, same --out), or segment into an --out "
+                                     "without its features")
+        return np.asarray(ff.coords, np.int64).reshape(-1, 2), ff.require_tile_size_level0(), str(f)
     g = make_grid(slide, tissue, target_mpp=p.tile_mpp, tile_size=p.tile_size, min_tissue=0.0 if not p.tissue_only else 0.25)
     return g.coords, g.tile_size_level0, f"grid {p.tile_size} px at {p.tile_mpp} µm/px"
 
@@ -252,7 +261,7 @@ def choose_region_precision(model, img: np.ndarray, p: SlideParams,  # noqa: ANN
     """``p.precision`` resolved on one region: under ``auto`` the NP and HV logits of the region's most stained window
     (:func:`probe_window`) in bf16 are compared with fp32 (:func:`gigaslide.devices.choose_precision`); background
     (glass, or black on a ``dark`` slide) says nothing about precision."""
-    crop = probe_window(img, p.window, background)
+    crop = probe_window(img, fixed_window(model) or p.window, background)
     dev = next(model.parameters()).device
     x = torch.from_numpy(np.ascontiguousarray(crop)).to(dev).permute(2, 0, 1)[None].float().div_(255.0)
 
@@ -263,9 +272,11 @@ def choose_region_precision(model, img: np.ndarray, p: SlideParams,  # noqa: ANN
     return choose_precision(dev, p.precision, probe=probe)
 
 
-def segment_slide(path: str | os.PathLike, out: Path, model, p: SlideParams, *, slide_mpp=None,  # noqa: ANN001, C901
+def segment_slide(path: str | os.PathLike, out: str | os.PathLike, model, p: SlideParams, *,  # noqa: ANN001, C901
+                  slide_mpp=None,  # noqa: ANN001
                   progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     p.check()
+    out = Path(out)
     spec = model.spec
     mpp = float(spec.mpp)
     with open_slide(path, mpp=slide_mpp) as s:
@@ -331,11 +342,13 @@ def segment_slide(path: str | os.PathLike, out: Path, model, p: SlideParams, *, 
             c_arr = np.asarray(cents, np.float64).reshape(-1, 2)
             stats = tile_counts(coords, ctile0, c_arr, np.asarray(areas, np.float64), np.asarray(tys, np.int64),
                                 spec.n_types)
-            write_tiles_h5(files["tiles"], coords, ctile0, s.mpp, stats, {
-                "kind": "nuclei-tiles", "slide_id": sid, "coords_source": source, "nuclei_mpp": mpp,
-                "encoder": spec.encoder_spec.name, "nuclei_model": str(model_dir_of(model)),
-                "type_names": spec.type_names or None, "background": background, "edge_fill": background},
-                           dimensions=(int(W), int(H)))
+            write_tiles_h5(files["tiles"], coords, ctile0, s.mpp, stats, provenance(
+                "nuclei-tiles", slide_id=sid, coords_source=source, nuclei_mpp=mpp, encoder=spec.encoder_spec.name,
+                nuclei_model=str(model_dir_of(model)), type_names=spec.type_names or None, background=background,
+                edge_fill=background, nuclei_model_sha256=getattr(model, "weights_sha256", None) or None,
+                postprocess=PostParams.from_dict(spec.postprocess).to_dict(),  # the counts' model and settings, so
+                window=fixed_window(model) or p.window,  # a table of counts names what made it
+                precision=choice.resolved if choice is not None else None), dimensions=(int(W), int(H)))
         megapixels = len(grid.coords) * region * region / 1e6
         rec = {"format": SLIDE_FORMAT, "key": _key(model, p), "slide": str(path), "slide_id": sid, "nuclei": n_id,
                "regions": len(grid.coords), "megapixels": megapixels, "seconds": round(time.perf_counter() - t0, 3),
@@ -395,6 +408,8 @@ def segment_slides(slides: Sequence[str | os.PathLike], model_path: str | os.Pat
     model = load_model(model_path, dev)
     model.source = str(model_dir(model_path))
     model.weights_sha256 = runs.file_sha256(model_dir(model_path) / MODEL_WEIGHTS)
+    if fixed_window(model) and fixed_window(model) != params.window:  # a ViT runs on its training crop: the records
+        params = replace(params, window=fixed_window(model))  # name the window used, not the one asked for
     manifest = Manifest(out / "nuclei" / "manifest.json", {"command": "nuclei", "model": model.source,
                                                            "model_sha256": model.weights_sha256, **params.as_dict()})
     res = NucleiResult()

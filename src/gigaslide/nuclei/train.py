@@ -24,8 +24,8 @@ import torch
 from gigaslide import atomic, runs
 from gigaslide.devices import autocast_ctx, choose_precision, grad_scaler, guard_bf16_convs, pick_device
 from gigaslide.errors import GigaslideError, check_finite_loss
-from gigaslide.nuclei.data import (Item, dataset_type_codes, find_pairs, hv_maps, load_item, make_split, read_organs,
-                                   read_split, subset_fraction, type_map, write_split)
+from gigaslide.nuclei.data import (Item, check_resolution, dataset_type_codes, find_pairs, hv_maps, load_item,
+                                   make_split, read_organs, read_split, subset_fraction, type_map, write_split)
 from gigaslide.nuclei.evaluate import score_items
 from gigaslide.nuclei.infer import MODEL_DIR, MODEL_JSON, MODEL_WEIGHTS
 from gigaslide.nuclei.losses import hovernet_loss
@@ -122,6 +122,14 @@ def _load_items(cfg: NucleiTrainConfig) -> tuple[dict[str, list[Item]], dict[str
     recorded = read_split(out_split) if out_split.is_file() else {}
     if cfg.split:
         split = read_split(Path(cfg.split))
+        was, new = ({k: "train" if v == "unused" else v for k, v in d.items()} for d in (recorded, split))
+        if recorded and new != was:  # the run's model trained and selected on the recorded images: another split
+            # rewrote split.csv and model.json's image lists, and nuclei-eval scored training images as test images
+            moved = sorted(k for k in set(new) | set(was) if new.get(k) != was.get(k))
+            raise GigaslideError(f"--split {cfg.split} differs from the run's split.csv for {len(moved)} image(s) "
+                                 f"(e.g. {moved[0]}: {was.get(moved[0], 'absent')} -> {new.get(moved[0], 'absent')})",
+                                 path=out_split, fix="give the run's own split (or leave --split out to keep it), or "
+                                                     "train with the new split into a new --out folder")
     elif recorded:  # the run's own split ("unused": train images left out by --fraction)
         split = {k: "train" if v == "unused" else v for k, v in recorded.items()}
     else:
@@ -157,7 +165,7 @@ def _build(cfg: NucleiTrainConfig, n_types: int, type_names: dict[str, str]) -> 
 
     enc = build_encoder(cfg.backbone, weights=cfg.weights, seed=cfg.seed)
     spec = ModelSpec(backbone=asdict(enc.spec), backbone_source=cfg.backbone, backbone_weights=enc.weights_id, mpp=cfg.mpp,
-                     n_types=n_types, type_names=type_names, postprocess=PostParams().to_dict())
+                     n_types=n_types, type_names=type_names, postprocess=PostParams().to_dict(), crop=cfg.crop)
     torch.manual_seed(cfg.seed)
     model = HoVerNet(spec, trunk=enc.trunk.train())
     if cfg.freeze_encoder:
@@ -180,8 +188,15 @@ def export_model(run: runs.Run, model: HoVerNet, spec: ModelSpec, extra: dict[st
     return d
 
 
-def train_nuclei(cfg: NucleiTrainConfig, progress=None) -> dict[str, Any]:  # noqa: ANN001, C901
-    """Train (or resume) a nuclei run; returns its summary."""
+def train_nuclei(cfg: NucleiTrainConfig, progress=None) -> dict[str, Any]:  # noqa: ANN001
+    """Train (or resume) a nuclei run; returns its summary. The caller's Python / NumPy / torch random streams are
+    left as they were (:func:`gigaslide.runs.isolated_rng`): training seeds torch with ``cfg.seed`` and a resume sets
+    the checkpoint's streams, which reset a notebook's own stream."""
+    with runs.isolated_rng():
+        return _train_nuclei(cfg, progress)
+
+
+def _train_nuclei(cfg: NucleiTrainConfig, progress=None) -> dict[str, Any]:  # noqa: ANN001, C901
     if cfg.epochs is None and cfg.budget_s is None:
         cfg.epochs = 20
     if cfg.epochs is not None and cfg.epochs < 1:
@@ -190,6 +205,8 @@ def train_nuclei(cfg: NucleiTrainConfig, progress=None) -> dict[str, Any]:  # no
         raise GigaslideError(f"--crop {cfg.crop} must be a multiple of 32", fix="use e.g. --crop 256")
     if cfg.select not in ("pq", "loss"):
         raise GigaslideError(f"--select {cfg.select}", fix="use pq or loss")
+    check_resolution(cfg.mpp, "--mpp")
+    check_resolution(cfg.image_mpp, "--image-mpp")
     items, split, organs, problems, codes = _load_items(cfg)
     types = [t for it in items["train"] for t in (it.types or {}).values()]
     n_types = max(int(max(types)) if types else 0, max(codes.values(), default=0))
