@@ -70,8 +70,13 @@ def test_damaged_slide_thumbnail_is_one_line_naming_the_file(real_slides, tiny_c
     man = json.loads((t.out / "manifest.json").read_text())
     man["slides"]["s0"]["path"] = str(bad)
     (t.out / "manifest.json").write_text(json.dumps(man))
+    import openslide
+
     with h5py.File(t.out / "features" / "s0.h5", "r+") as f:
         f["coords"][0] = (0, 0)  # a tile over the slide's (undecodable) pixels
+        # features of this slide (another one under the name is refused before its pixels are read: test_r7_provenance)
+        f["coords"].attrs["level0_width"], f["coords"].attrs["level0_height"] = openslide.OpenSlide(bad).dimensions
+        f.attrs["slide_path"] = str(bad)
     c = TestClient(build_app(ViewerState([t.out])), raise_server_exceptions=False)
     for url in ("/api/slides/s0/dz/4/0_0.jpeg", "/api/slides/s0/tiles/0.jpeg"):
         r = c.get(url)

@@ -13,7 +13,8 @@ def _paths(v: list[str] | str | None) -> list[str]:
     return [p for item in items for p in str(item).split(",") if p]
 
 
-def view(out_dirs: list[str], runs: list[str] | str | None = None, port: int = 8765, host: str = "127.0.0.1") -> None:
+def view(out_dirs: list[str], runs: list[str] | str | None = None, port: int = 8765, host: str = "127.0.0.1",
+         allow_host: list[str] | str | None = None) -> None:
     """Serve a read-only slide viewer (deep-zoom slides, attention / tissue / grid / nuclei overlays) until Ctrl-C.
 
     Example: gigaslide view OUT_DIR --runs RUN_DIR --port 8765
@@ -24,11 +25,15 @@ def view(out_dirs: list[str], runs: list[str] | str | None = None, port: int = 8
             grids `heatmap-streaming` saved), `pretrain-slides` (SLPD prototype / Giga-SSL cluster per tile); several: --runs A,B
         port: TCP port (0 picks a free one)
         host: address to listen on; 127.0.0.1 keeps the viewer on this machine
+        allow_host: host names answered on 127.0.0.1 besides localhost: the name of a proxy the viewer is reached
+            through (JupyterHub's jupyter-server-proxy passes the hub's name on), '*' any; other names are refused, so
+            that a web page of another site cannot read the viewer (DNS rebinding)
     """
     from gigaslide.viewer import Server, ViewerState, build_app  # heavy (torch, FastAPI): only when the command runs
 
     state = ViewerState(out_dirs, _paths(runs))
-    server = Server(build_app(state), host=host, port=port)
+    # --host's own name too: the URL printed below (a machine name Debian maps to 127.0.1.1)
+    server = Server(build_app(state, [*_paths(allow_host), host]), host=host, port=port)
     import threading
 
     # no slide is opened before the page is served (thousands of slides: seconds); the first slide is opened while

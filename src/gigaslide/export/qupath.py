@@ -8,6 +8,7 @@ it) and ``properties.name`` = ``"tile <row>"``. Non-finite values are left out (
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -67,6 +68,14 @@ def write_tiles_geojson(path: str | os.PathLike, coords: np.ndarray, size0: floa
         fh.write("".join(part) + "]}")
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a name the file system cannot hold (too long: ``is_file`` raises then)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def export_qupath(out_dirs: list[str | os.PathLike], out: str | os.PathLike, runs: list[str | os.PathLike] = (),
                   object_type: str = "tile", tile_probability: bool = True) -> tuple[list[Path], list[str]]:
     """Write ``out/<slide>.geojson`` for every encoded slide; returns (files, problems)."""
@@ -85,14 +94,21 @@ def export_qupath(out_dirs: list[str | os.PathLike], out: str | os.PathLike, run
             cols, probs = run_columns(e, ff, run_list, scorer, tile_probability)
             problems += probs
             meas = {"tissue fraction": tissue_fraction(e, ff.coords), **cols}
-            with atomic.atomic_path(out_d / f"{e.key}.geojson") as tmp:
-                write_tiles_geojson(tmp, ff.coords, tile_size_level0(ff), meas, object_type)
-                stop.check()  # a Ctrl-C swallowed inside a library's callback: this slide's file is not written
+            try:
+                with atomic.atomic_path(out_d / f"{e.key}.geojson") as tmp:
+                    write_tiles_geojson(tmp, ff.coords, tile_size_level0(ff), meas, object_type)
+                    stop.check()  # a Ctrl-C swallowed inside a library's callback: this slide's file is not written
+            except OSError as err:  # an id of ~240+ bytes (a peer's file name): the other slides are written
+                if err.errno != errno.ENAMETOOLONG:
+                    raise
+                problems.append(f"{e.slide_id}: the name {e.key}.geojson (with its temporary file's prefix) is longer "
+                                f"than {out_d} allows (255 bytes on most file systems) -- left out")
+                continue
             written.append(out_d / f"{e.key}.geojson")
     done = {p.name for p in written}
     for key in entries:  # left out now, its file from an earlier export would pass for this one's
         stale = out_d / f"{key}.geojson"
-        if stale.name not in done and stale.is_file():
+        if stale.name not in done and _is_file(stale):
             problems.append(f"{stale}: from an earlier export, not rewritten ({key} was left out now) -- delete it, "
                             "or re-run once the slide is fixed")
     if not written:

@@ -31,6 +31,7 @@ from gigaslide.evaluation.slides import read_predictions
 from gigaslide.export.once import Once
 from gigaslide.mil.heatmap import percentile
 from gigaslide.mil.train import check_features_fit, load_model, predict
+from gigaslide.runs import keeps_caller_rng
 from gigaslide.ssl.slide.export import KINDS as SSL_KINDS
 
 
@@ -158,7 +159,7 @@ class TileScorer:
         self._scores = Once()
 
     def model(self, fold_dir: Path) -> tuple[Any, dict[str, Any]]:
-        return self._models.get(fold_dir, lambda: load_model(fold_dir))
+        return self._models.get(fold_dir, keeps_caller_rng(lambda: load_model(fold_dir)))
 
     def _check(self, meta: dict[str, Any], ff: Any, fold_dir: Path) -> None:
         check_features_fit(meta, ff, fold_dir, fix="view the run with the OUT_DIR whose encoder it was trained on")

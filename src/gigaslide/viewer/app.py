@@ -3,12 +3,16 @@
 Every route addresses slides by their key in the catalogue, never by a file path, so nothing but
 the deep-zoom / overlay renderings of the slides named by the given folders and the packaged
 static files can be fetched (the static folder is served by Starlette, which refuses ``..``).
+A request that reached a loopback address must name a loopback host (:class:`_LoopbackHost`): a web page
+the user visits cannot read the viewer through DNS rebinding.
 """
 
 from __future__ import annotations
 
 import io
+import ipaddress
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +53,67 @@ def _tile_address(tile: str) -> tuple[int, int]:
         raise NotFound(f"bad tile address '{tile}' (want COL_ROW)") from None
 
 
+def _is_loopback(host: str) -> bool:
+    """``localhost`` (and ``*.localhost``, which browsers resolve to this machine themselves) or a loopback address."""
+    h = host.strip().lower().rstrip(".")
+    if h == "localhost" or h.endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(h.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return False
+    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
+
+
+def _not_rebindable(name: str) -> bool:
+    """A Host no other site's page can send: a loopback name, or an address typed as such (``0.0.0.0`` of ``--host
+    0.0.0.0``, ``127.0.1.1``, a LAN address): DNS rebinding needs a domain name the attacker controls."""
+    if _is_loopback(name):
+        return True
+    try:
+        ipaddress.ip_address(name.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _host_name(header: str) -> str:
+    """The name of a Host header (``name``, ``name:port``, ``[::1]:port``) without its port."""
+    if header.startswith("["):
+        return header[:header.find("]") + 1] if "]" in header else header
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+class _LoopbackHost:
+    """ASGI middleware: a request that came in on a loopback address (the default ``--host 127.0.0.1``, or a local
+    browser's connection to ``--host 0.0.0.0``) is answered only when its Host header is a loopback name or an IP
+    address (:func:`_not_rebindable`), or a name in ``allow``.
+    Without it a web page the user visits could read every slide, path and tile through DNS rebinding (its own
+    domain re-pointed at 127.0.0.1: the browser then treats the viewer as that site). Connections that came in on
+    another address (a viewer shared with ``--host 0.0.0.0``) are not checked: they may use any name of the machine.
+    ``allow``: more host names to answer (a proxy in front of the viewer -- JupyterHub's jupyter-server-proxy passes the
+    browser's Host on, the hub's name); ``*`` answers any."""
+
+    def __init__(self, app, allow: Sequence[str] = ()):  # noqa: ANN001
+        self.app = app
+        self.allow = {_host_name(h.strip()).lower().rstrip(".") for h in allow if h.strip()}
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        server = scope.get("server") if scope["type"] in ("http", "websocket") else None
+        if server and _is_loopback(str(server[0])):
+            host = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"host"), "")
+            name = _host_name(host).lower().rstrip(".")
+            if host and not _not_rebindable(name) and name not in self.allow and "*" not in self.allow:
+                from starlette.responses import JSONResponse
+
+                url = f"http://127.0.0.1:{server[1]}/"
+                detail = (f"Host '{text(host[:100])}' is not this viewer's address (a page of another site asking "
+                          f"through DNS rebinding is refused) -- fix: open {url}; behind a proxy (JupyterHub, Open "
+                          f"OnDemand) start the viewer with --allow-host {text(name[:100])}")
+                return await JSONResponse({"detail": detail}, status_code=403)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 class _Counted:
     """ASGI middleware: every HTTP request is counted in ``activity`` while it is served."""
 
@@ -62,7 +127,8 @@ class _Counted:
             return await self.app(scope, receive, send)
 
 
-def build_app(state: ViewerState):  # noqa: ANN201, C901 - one place that lists every route
+def build_app(state: ViewerState, allow_hosts: Sequence[str] = ()):  # noqa: ANN201, C901 - one place for every route
+    """The viewer's FastAPI app; ``allow_hosts``: Host names answered besides loopback ones (:class:`_LoopbackHost`)."""
     # FastAPI is imported when a viewer is built, not whenever the CLI lists its commands
     from fastapi import FastAPI, Query, Request
     from fastapi.responses import FileResponse, JSONResponse, Response
@@ -70,6 +136,7 @@ def build_app(state: ViewerState):  # noqa: ANN201, C901 - one place that lists 
 
     app = FastAPI(title="gigaslide viewer", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_Counted, activity=state.activity)
+    app.add_middleware(_LoopbackHost, allow=tuple(allow_hosts))  # added last: runs first
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     cache = {"Cache-Control": "max-age=600"}
 

@@ -191,23 +191,68 @@ class TissueRaster:
 
 
 class NucleiOutlines:
-    """Nuclei polygons (QuPath GeoJSON detections) with their bounding boxes for per-tile selection."""
+    """Nuclei polygons (QuPath GeoJSON detections): their outer rings in one flat vertex array (``vertices`` [V, 2],
+    ring ``i`` = ``vertices[starts[i]:starts[i + 1]]``), with bounding boxes and centres, bucketed by centre
+    (:attr:`BUCKET` level-0 px) so that a screen tile looks only at the nuclei near it. A slide holds 10^5-10^6 nuclei:
+    a NumPy array per ring, and the whole file parsed as one JSON tree, cost about 4 GB and minutes for 10^6 before
+    the first tile was drawn (:func:`_nuclei_rings` reads the nuclei stage's one-feature-per-line files line by
+    line)."""
+
+    BUCKET = 512.0
 
     def __init__(self, geojson: Path):
-        self.rings = [r for r in _read_rings(geojson) if len(r) >= 3]
+        self.vertices, self.starts = _nuclei_rings(geojson)
+        n = np.diff(self.starts)
         self.boxes, self.centres = np.zeros((0, 4)), np.zeros((0, 2))
-        if self.rings:  # in one pass over all vertices (a slide holds 10^5-10^6 nuclei)
-            n = np.array([len(r) for r in self.rings])
-            start, end = np.r_[0, np.cumsum(n)[:-1]], np.cumsum(n) - 1
-            v = np.concatenate(self.rings)
+        self._keys, self._order, self._rows = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        if len(n):  # in one pass over all vertices
+            v, start, end = self.vertices, self.starts[:-1], self.starts[1:] - 1
             self.boxes = np.stack([np.minimum.reduceat(v[:, 0], start), np.minimum.reduceat(v[:, 1], start),
                                    np.maximum.reduceat(v[:, 0], start), np.maximum.reduceat(v[:, 1], start)], 1)
             # vertex means (a closed ring's repeated first vertex counted once): the dots of the zoomed-out views
             closed = (n > 3) & (v[start] == v[end]).all(1)
             self.centres = (np.add.reduceat(v, start) - v[end] * closed[:, None]) / (n - closed)[:, None]
+            # how far a nucleus reaches from its centre's bucket: the buckets a tile looks at are widened by it
+            self._reach = float(np.max(np.abs(self.boxes - np.tile(self.centres, 2)))) if len(n) else 0.0
+            cell = self._cell(self.centres)
+            self._c0, self._r0 = cell.min(0)
+            self._span = int(cell[:, 0].max() - self._c0 + 1)
+            keys = (cell[:, 1] - self._r0) * self._span + (cell[:, 0] - self._c0)
+            self._order = np.argsort(keys, kind="stable")
+            self._keys = keys[self._order]
+            self._rows = np.unique(cell[:, 1])
 
     def __len__(self) -> int:
-        return len(self.rings)
+        return len(self.starts) - 1
+
+    def ring(self, i: int) -> np.ndarray:
+        """The outer ring [k, 2] (level-0 x, y) of nucleus ``i`` (file order)."""
+        return self.vertices[self.starts[i]:self.starts[i + 1]]
+
+    def _cell(self, xy: np.ndarray) -> np.ndarray:
+        """Bucket (column, row) of level-0 points (far-off ones clipped: an absurd coordinate is one bucket too)."""
+        return np.floor(np.clip(np.asarray(xy, np.float64), -2.0 ** 31, 2.0 ** 31) / self.BUCKET).astype(np.int64)
+
+    def near(self, x0: float, y0: float, x1: float, y1: float, pad: float = 0.0, ordered: bool = True) -> np.ndarray:
+        """Indices (``ordered``: ascending, file order) of every nucleus whose centre lies in [x0 - pad, x1 + pad] x
+        [y0 - pad, y1 + pad] (level-0 px), and of some nuclei near it: the caller tests each exactly."""
+        if not len(self):
+            return np.zeros(0, np.int64)
+        (c0, r0), (c1, r1) = self._cell([[x0 - pad, y0 - pad], [x1 + pad, y1 + pad]])
+        c0, c1 = max(c0, self._c0), min(c1, self._c0 + self._span - 1)
+        rows = self._rows[(self._rows >= r0) & (self._rows <= r1)]
+        if c0 > c1 or not len(rows):
+            return np.zeros(0, np.int64)
+        if len(rows) == len(self._rows) and c0 == self._c0 and c1 == self._c0 + self._span - 1:
+            return np.arange(len(self))  # the tile holds every bucket (zoomed out on the whole slide)
+        base = (rows - self._r0) * self._span
+        lo = np.searchsorted(self._keys, base + (c0 - self._c0), "left")
+        hi = np.searchsorted(self._keys, base + (c1 - self._c0), "right")
+        count = hi - lo
+        total = int(count.sum())
+        # positions lo[k] .. hi[k] - 1 of every row k, in one array
+        pos = np.arange(total) + np.repeat(lo - np.concatenate([[0], np.cumsum(count)[:-1]]), count)
+        return np.sort(self._order[pos]) if ordered else self._order[pos]
 
     def render(self, box: tuple[int, int, int, int], scale: float, colour=(255, 255, 0), limit: int = 20000) -> np.ndarray:
         """Outlines (at most ``limit`` per tile: a tile at these zooms covers at most 1024 level-0 px a side), or
@@ -217,21 +262,129 @@ class NucleiOutlines:
         bx0, by0, bx1, by1 = x0 * scale, y0 * scale, x1 * scale, y1 * scale
         if scale > 4:
             rgba = np.zeros((y1 - y0, x1 - x0, 4), np.uint8)
-            px = np.floor((self.centres - (bx0, by0)) / scale).astype(np.int64)
+            c = self.centres[self.near(bx0, by0, bx1, by1, ordered=False)]
+            px = np.floor((c - (bx0, by0)) / scale).astype(np.int64)
             ok = (px[:, 0] >= 0) & (px[:, 0] < x1 - x0) & (px[:, 1] >= 0) & (px[:, 1] < y1 - y0)
             rgba[px[ok, 1], px[ok, 0]] = (*colour, 255)
             return rgba
         img = Image.new("RGBA", (x1 - x0, y1 - y0), (0, 0, 0, 0))
-        if len(self.boxes):
-            hit = np.flatnonzero((self.boxes[:, 2] >= bx0) & (self.boxes[:, 0] <= bx1) & (self.boxes[:, 3] >= by0)
-                                 & (self.boxes[:, 1] <= by1))
+        if len(self):
+            cand = self.near(bx0, by0, bx1, by1, pad=self._reach)
+            b = self.boxes[cand]
+            hit = cand[(b[:, 2] >= bx0) & (b[:, 0] <= bx1) & (b[:, 3] >= by0) & (b[:, 1] <= by1)]
             draw = ImageDraw.Draw(img)
             for i in hit[:limit]:
                 # the px holding each vertex (floored here: PIL truncates towards 0, which drew a vertex up to 1 px left
                 # of / above the tile in its first column / row as well: a nucleus on a tile edge drawn twice)
-                pts = np.floor((self.rings[i] - (bx0, by0)) / scale)
+                pts = np.floor((self.ring(i) - (bx0, by0)) / scale)
                 draw.line([tuple(p) for p in pts] + [tuple(pts[0])], fill=(*colour, 255), width=1)
         return np.asarray(img)
+
+
+def _flat_rings(rings: list, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(vertices [V, 2] float64, starts [n + 1]) of GeoJSON rings (lists of [x, y] or [x, y, z]) with >= 3 vertices
+    each; any other shape is one line naming ``path``."""
+    rings = [r for r in rings if len(r) >= 3]
+    if not rings:
+        return np.zeros((0, 2)), np.zeros(1, np.int64)
+    try:  # every vertex [x, y] (or every one [x, y, z]): one conversion for all rings
+        v = (np.concatenate(rings) if all(isinstance(r, np.ndarray) for r in rings)
+             else np.array([p for r in rings for p in r], np.float64))
+        ok = v.ndim == 2 and v.shape[1] >= 2
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        def xy(ring) -> np.ndarray:  # noqa: ANN001
+            a = np.asarray(ring, np.float64)
+            if a.ndim != 2 or a.shape[1] < 2:
+                raise ValueError(f"a ring of shape {a.shape}, not [n, 2]")
+            return a[:, :2]
+
+        try:
+            v = np.concatenate([xy(r) for r in rings])
+        except (TypeError, ValueError) as e:
+            raise GigaslideError(f"not GeoJSON polygons ({type(e).__name__}: {str(e)[:120]})", path=path,
+                                 fix="re-run the job that wrote it (a FeatureCollection of Polygon features)") from None
+    return np.ascontiguousarray(v[:, :2]), np.concatenate([[0], np.cumsum([len(r) for r in rings])]).astype(np.int64)
+
+
+#: A nucleus as the nuclei stage writes it (:func:`gigaslide.nuclei.export.feature`, compact separators): one ring
+_POLYGON = b'"geometry":{"type":"Polygon","coordinates":[[['
+
+
+def _chunk_rings(entries: list, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(vertices, starts) of ``entries`` in order: each the text ``x,y],[x,y],...,[x,y`` of a one-ring Polygon (read
+    here as numbers, not as a JSON tree: 5 times faster) or a list of rings JSON gave (any other geometry)."""
+    texts = [e for e in entries if isinstance(e, bytes)]
+    if not texts:
+        return _flat_rings([r for e in entries for r in e], path)
+    counts = np.array([t.count(b"],[") + 1 for t in texts], np.int64)
+    nums = np.fromstring(b",".join(texts).replace(b"],[", b","), sep=",")  # noqa: NPY201 - text mode, not deprecated
+    if nums.size != 2 * counts.sum():  # stopped at something not a number (an altitude, a damaged line)
+        raise ValueError("not [x, y] numbers")
+    v = nums.reshape(-1, 2)
+    if len(texts) == len(entries) and (counts >= 3).all():
+        return v, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    parts = iter(np.split(v, np.cumsum(counts)[:-1]))
+    return _flat_rings([r for e in entries for r in ([next(parts)] if isinstance(e, bytes) else e)], path)
+
+
+def _feature_lines(path: Path, chunk: int = 4096):  # noqa: ANN202
+    """(vertices, starts) of the outer rings of a FeatureCollection written one feature per line (the nuclei stage's
+    :class:`~gigaslide.nuclei.export.GeoJSONWriter`), read line by line, about ``chunk`` features at a time; raises
+    ``ValueError`` for a file of any other layout (or damaged): then it is read whole (:func:`_read_geojson`)."""
+    with open(path, "rb") as fh:
+        head = fh.readline().strip()
+        if not (head.startswith(b"{") and head.endswith(b"[") and b'"features"' in head):
+            raise ValueError("not one feature per line")
+        entries: list = []
+        closed = False
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            if closed or line in (b"]}", b"] }"):
+                if closed or not line.startswith(b"]"):  # anything after the collection's end
+                    raise ValueError("text after the collection")
+                closed = True
+                continue
+            i = line.find(_POLYGON)
+            j = line.find(b"]]", i) if i >= 0 else -1
+            if j > 0 and line[j:j + 3] == b"]]]" and line.count(b'"geometry"') == 1:  # one feature of one ring
+                entries.append(line[i + len(_POLYGON):j])
+            else:
+                f = json.loads(line[:-1] if line.endswith(b",") else line)
+                if not (isinstance(f, dict) and f.get("type") == "Feature"):
+                    raise ValueError("not a feature")
+                entries.append(list(_rings(f)))
+            if len(entries) >= chunk:
+                yield _chunk_rings(entries, path)
+                entries = []
+        if not closed:
+            raise ValueError("no end of the collection")
+        yield _chunk_rings(entries, path)
+
+
+def _nuclei_rings(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(vertices, starts) of the outer rings (>= 3 vertices, every coordinate finite) of a GeoJSON file: a file of one
+    feature per line is read line by line, any other as a whole (:func:`_read_rings`)."""
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
+    try:
+        parts = list(_feature_lines(Path(path)))
+    except (ValueError, AttributeError, TypeError, UnicodeDecodeError):  # another layout: read whole
+        parts = [_flat_rings(_read_rings(path), path)]
+    except OSError as e:
+        raise GigaslideError(f"unreadable GeoJSON ({e})", path=path, fix="re-run the job that wrote it") from None
+    v = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, 2))
+    n = np.concatenate([np.diff(p[1]) for p in parts]) if parts else np.zeros(0, np.int64)
+    starts = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
+    finite = np.isfinite(v).all(1)
+    if not finite.all():  # a ring with a NaN / inf vertex was never drawn (its box and centre NaN): left out
+        good = np.logical_and.reduceat(finite, starts[:-1]) if len(n) else np.zeros(0, bool)
+        keep = np.repeat(good, n)
+        v, n = v[keep], n[good]
+        starts = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
+    return v, starts
 
 
 def _read_geojson(path: Path) -> dict:

@@ -19,6 +19,7 @@ from gigaslide.errors import GigaslideError
 from gigaslide.export.once import Once
 from gigaslide.export.runs import Run
 from gigaslide.mil.heatmap import percentile
+from gigaslide.runs import keeps_caller_rng
 from gigaslide.viewer.overlays import TileLattice, palette
 
 
@@ -186,7 +187,7 @@ class ClusterLayers:
                 from gigaslide.ssl.slide.gigassl import load_encoder
             return load_encoder(run.path)[0]
 
-        enc = self._once.get(("model", str(run.path)), model)
+        enc = self._once.get(("model", str(run.path)), keeps_caller_rng(model))
         return self._once.get(("ids", str(run.path), key), lambda: tile_clusters(run.path, ff, enc))
 
     def info(self, run: Run, key: str, ff: Any, i: int) -> dict[str, Any]:

@@ -25,6 +25,29 @@ from gigaslide.viewer.overlays import NucleiOutlines, TileLattice, TissueRaster
 from gigaslide.viewer.runlayers import ClusterLayers, LayerData, StreamingLayers, layer as _layer
 
 
+def _same_scan(e: SlideEntry, t: SlideTiles) -> None:
+    """Refuse a slide file that is not the scan ``features/<id>.h5`` was cut from: its level-0 size, and where the file
+    is not the one the features record (a relative path of the manifest found from another folder, a guess), its
+    :func:`~gigaslide.tiling.job.slide_identity` -- another slide under the same name had every layer drawn over it."""
+    from gigaslide.tiling.job import IDENTITY_KEY, slide_identity
+    from gigaslide.tiling.store import level0_dimensions
+
+    fa = e.feature_attrs or {}
+    dims, g = level0_dimensions(fa.get("coords") or {}), t.geometry
+    what = None
+    if dims is not None and tuple(dims) != (g.width, g.height):
+        what = f"is {g.width}x{g.height} px, the slide features/{e.slide_id}.h5 was cut from {dims[0]}x{dims[1]} px"
+    elif fa.get(IDENTITY_KEY) and str(fa.get("slide_path")) != str(e.slide_path):
+        now = slide_identity(e.slide_path)
+        if now is not None and now != fa[IDENTITY_KEY]:
+            what = f"is not the file features/{e.slide_id}.h5 was cut from (other bytes, same size in px)"
+    if what:
+        raise GigaslideError(f"{what}: another slide under this name", path=e.slide_path,
+                             fix=f"put the slide the features record ({fa.get('slide_path')}) back, or run the viewer "
+                                 f"from the folder the encode job ran in ({e.out_dir / 'manifest.json'} records the "
+                                 "slides' paths relative to it)")
+
+
 class Activity:
     """Requests in flight, so that background work (:meth:`ViewerState.warm`) waits while the page is served."""
 
@@ -96,7 +119,13 @@ class ViewerState:
         if e.slide_path is None:
             raise GigaslideError("no slide file recorded for this slide", path=e.out_dir,
                                  fix="re-run `gigaslide encode` (its manifest records each slide's path)")
-        return SlideTiles(e.slide_path, e.slide_mpp)
+        t = SlideTiles(e.slide_path, e.slide_mpp)
+        try:
+            _same_scan(e, t)
+        except GigaslideError:
+            t.close()
+            raise
+        return t
 
     def tiles(self, key: str) -> SlideTiles:
         """The slide's deep-zoom tiles, opened on first use and kept."""
