@@ -53,7 +53,11 @@ def test_qupath_geojson_round_trip(tiny, tmp_path):
 
     out = tmp_path / "geojson"
     assert main(["export", "qupath", str(tiny.out), "--runs", str(tiny.run), "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == [f"s{i}.geojson" for i in range(6)]
+    assert sorted(p.name for p in out.iterdir()) == ["provenance.json", *[f"s{i}.geojson" for i in range(6)]]
+    rec = json.loads((out / "provenance.json").read_text())  # GeoJSON has no place for it that QuPath keeps
+    assert rec["kind"] == "qupath_export" and rec["encoder"] == "test_resnet" and rec["mpp"] == 1.0
+    assert rec["runs"]["run"]["model"] == "abmil" and rec["slides"]["s3"]["n_tiles"] == len(store.load(
+        tiny.out / "features" / "s3.h5"))
     gj = json.loads((out / "s3.geojson").read_text())
     ff = store.load(tiny.out / "features" / "s3.h5")
     assert gj["type"] == "FeatureCollection" and len(gj["features"]) == len(ff)

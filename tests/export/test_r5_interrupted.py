@@ -93,7 +93,8 @@ def test_a_rerun_removes_what_a_qupath_export_killed_with_sigkill_left(tmp_path)
     keep = gj / ".tmp-notes.txt.abcdefgh"  # not one of the export's files
     keep.write_text("mine")
     files, _ = export_qupath([out], gj)
-    assert sorted(p.name for p in gj.iterdir()) == [keep.name, "c000.geojson", "c001.geojson", "c002.geojson"]
+    assert sorted(p.name for p in gj.iterdir()) == [keep.name, "c000.geojson", "c001.geojson", "c002.geojson",
+                                                     "provenance.json"]
     ref = tmp_path / "ref"
     export_qupath([out], ref)
     for f in files:

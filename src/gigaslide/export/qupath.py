@@ -20,11 +20,12 @@ import numpy as np
 
 from gigaslide import atomic
 from gigaslide.errors import GigaslideError
-from gigaslide.mil.heatmap import tile_size_of
 from gigaslide.export.catalog import list_slides
 from gigaslide.export.guard import clean_stale_tmp, exclusive, stops_on_signals
 from gigaslide.export.runs import TileScorer, load_runs
 from gigaslide.export.tables import encoded_slides, nothing_to_export, run_columns, tissue_fraction
+from gigaslide.mil.heatmap import tile_size_of
+from gigaslide.provenance import provenance
 
 
 def tile_size_level0(ff: Any) -> float:
@@ -76,9 +77,15 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+#: the export's record beside the GeoJSON files
+PROVENANCE = "provenance.json"
+
+
 def export_qupath(out_dirs: list[str | os.PathLike], out: str | os.PathLike, runs: list[str | os.PathLike] = (),
                   object_type: str = "tile", tile_probability: bool = True) -> tuple[list[Path], list[str]]:
-    """Write ``out/<slide>.geojson`` for every encoded slide; returns (files, problems)."""
+    """Write ``out/<slide>.geojson`` for every encoded slide, and ``out/provenance.json`` (the features' encoder,
+    weights, mpp and tile size, the runs whose columns it holds, each slide's source files: GeoJSON has no place for
+    it that QuPath keeps); returns (files, problems)."""
     if object_type not in ("tile", "detection", "annotation"):
         raise GigaslideError(f"object type '{object_type}' is not one QuPath imports here",
                              fix="use --object-type tile (or detection)")
@@ -86,7 +93,7 @@ def export_qupath(out_dirs: list[str | os.PathLike], out: str | os.PathLike, run
     run_list = load_runs(list(runs))
     scorer = TileScorer()
     out_d = atomic.ensure_writable_dir(out)
-    written = []
+    written, made, slides_rec = [], None, {}
     with stops_on_signals() as stop, exclusive(out_d / ".qupath-export.lock", out_d) as held:
         if held:  # what a killed export left: temporary files as large as the slide's GeoJSON
             clean_stale_tmp(out_d, [f"{k}.geojson" for k in entries])
@@ -105,6 +112,16 @@ def export_qupath(out_dirs: list[str | os.PathLike], out: str | os.PathLike, run
                                 f"than {out_d} allows (255 bytes on most file systems) -- left out")
                 continue
             written.append(out_d / f"{e.key}.geojson")
+            made = ff if made is None else made
+            slides_rec[e.key] = {"slide_path": e.slide_path, "features": e.features, "slide_mpp": e.slide_mpp,
+                                 "n_tiles": len(ff)}
+        if made is not None:
+            atomic.write_json(out_d / PROVENANCE, provenance(
+                "qupath_export", encoder=made.encoder, encoder_weights_sha256=made.attrs.get("encoder_weights_sha256"),
+                mpp=made.mpp, tile_size=made.attrs.get("tile_size"), sources=[str(d) for d in out_dirs],
+                runs={r.name: {"path": str(r.path), "kind": r.kind, "model": r.model} for r in run_list},
+                object_type=object_type, coordinates="polygon vertices in level-0 px", slides=slides_rec,
+                problems=problems))
     done = {p.name for p in written}
     for key in entries:  # left out now, its file from an earlier export would pass for this one's
         stale = out_d / f"{key}.geojson"
