@@ -345,3 +345,19 @@ def test_opening_slides_from_threads_leaves_the_tifffile_logger_as_it_was(caplog
     with caplog.at_level(logging.WARNING, logger="tifffile"):
         log.warning("after")  # everyone is outside: records pass
     assert [r.getMessage() for r in caplog.records] == ["after"]
+
+
+def test_ids_that_differ_only_in_case_are_both_kept_with_a_warning_naming_both(tmp_path):
+    """A.svs and a.svs are two slides on Linux but one output file on macOS / Windows / SMB shares."""
+    import warnings
+
+    from gigaslide.slides.ids import by_slide_id
+
+    paths = [tmp_path / "A.svs", tmp_path / "b.svs", tmp_path / "sub" / "a.svs"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = [(sid, err) for _, sid, err in by_slide_id(paths)]
+    assert got == [("A", None), ("b", None), ("a", None)]
+    msgs = [str(w.message) for w in caught]
+    assert len(msgs) == 1 and "'a' differs from 'A'" in msgs[0] and str(paths[0]) in msgs[0]
+    assert msgs[0].startswith(str(paths[2]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -45,8 +46,11 @@ def not_text_path_error(path: str | os.PathLike) -> str | None:
 def by_slide_id(paths: Iterable[str | os.PathLike]) -> Iterator[tuple[str | os.PathLike, str, str | None]]:
     """``(path, slide id, None)`` for each of ``paths`` in order, or ``(path, slide id, error line)`` for a path whose
     id an earlier path already has (one output file per id: the second slide would overwrite the first's), or whose
-    path is not UTF-8 text (:func:`not_text_path_error`)."""
+    path is not UTF-8 text (:func:`not_text_path_error`). Two ids that differ only in letter case (``A.svs`` and
+    ``a.svs``) are two slides here, but one output file on a case-insensitive file system (macOS, Windows, SMB or
+    exFAT shares), where the second silently replaced the first: a warning names both."""
     seen: dict[str, str] = {}
+    folded: dict[str, str] = {}
     for p in paths:
         sid = slide_id_from_path(Path(p))
         bad = not_text_path_error(os.path.abspath(p))
@@ -58,6 +62,11 @@ def by_slide_id(paths: Iterable[str | os.PathLike]) -> Iterator[tuple[str | os.P
                                          fix="rename one of the slides; ids come from file names").one_line()
             continue
         seen[sid] = str(p)
+        other = folded.setdefault(sid.casefold(), sid)
+        if other != sid:
+            warnings.warn(f"{p}: slide id '{sid}' differs from '{other}' ({seen[other]}) only in letter case: on a "
+                          "case-insensitive file system (macOS, Windows, SMB / exFAT shares) their outputs are one "
+                          "file -- rename one of the slides", stacklevel=2)
         yield p, sid, None
 
 
