@@ -3,6 +3,8 @@ gigaslide checkpoints, and hub ids resolved from a local cache (never downloaded
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import torch
 
 from gigaslide.errors import GigaslideError
+from gigaslide.memory import available_memory
 
 #: Prefixes stripped from checkpoint keys (DDP, ``torch.compile``, SSL wrappers, timm/lightly backbones, the query
 #: encoder of the official MoCo v2 / v3 checkpoints).
@@ -39,6 +42,41 @@ def weights_file(path: str | os.PathLike) -> Path:
     return found
 
 
+#: Largest safetensors header read (the JSON before the tensors; real ones are kilobytes).
+MAX_HEADER_BYTES = 100_000_000
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[list[int], int]] | None:
+    """``{name: (shape, bytes per element)}`` from a safetensors file's header alone (its 8-byte length and JSON:
+    not ``safe_open``, which maps the whole file), or None for a header that cannot be read (the loader names it)."""
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n)) if 0 < n <= MAX_HEADER_BYTES else None
+        return {k: ([int(d) for d in v["shape"]], _DTYPE_BYTES.get(str(v.get("dtype")), 4))
+                for k, v in header.items() if k != "__metadata__"}
+    except Exception:  # noqa: BLE001 - a damaged file: read_state_dict names it
+        return None
+
+
+def check_fits_in_memory(path: Path) -> None:
+    """Refuse, from its header, a safetensors file whose tensors would not fit in the memory available now (a header
+    claiming a [10^5, 10^5] tensor over a sparse file aborted the process with ``std::bad_alloc``, no message)."""
+    shapes = safetensors_shapes(path)
+    avail = available_memory()
+    if not shapes or avail is None:
+        return
+    nbytes = sum(math.prod(shape) * size for shape, size in shapes.values())
+    if nbytes > avail:
+        big = max(shapes, key=lambda k: math.prod(shapes[k][0]))
+        raise GigaslideError(f"weights file claims {nbytes / 2**30:,.1f} GiB of tensors (the largest, {big}: "
+                             f"{shapes[big][0]}), more than the {avail / 2**30:,.1f} GiB of memory available",
+                             path=path, fix="check the file: no encoder's weights are that large (a damaged or "
+                                            "hostile header?)")
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A flat ``{name: tensor}`` from a safetensors or torch file (``weights_only=True``)."""
     p = Path(path)
@@ -50,6 +88,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
+
+            check_fits_in_memory(p)
 
             sd = load_file(str(p), device="cpu")
         else:

@@ -29,6 +29,7 @@ from torch import nn
 from gigaslide import runs
 from gigaslide.encoders import ENCODERS, EncoderSpec, resolve_hub_weights
 from gigaslide.encoders import read_state_dict as _read_state_dict
+from gigaslide.encoders.weights import safetensors_shapes
 from gigaslide.errors import GigaslideError
 from gigaslide.provenance import check_format, file_sha256
 from gigaslide.ssl.tile.config import init_file
@@ -81,12 +82,6 @@ def _check_arch(init: str, arch: str, spec: EncoderSpec, backbone: str) -> None:
 INIT_SIZE_FACTOR = 16
 #: ... elements (2^28: 1 GiB of fp32; DINO heads of 65,536 prototypes on a small trunk fit easily).
 INIT_EXTRA_ELEMENTS = 1 << 28
-#: Longest safetensors header read (the format's own limit is 100 MB).
-MAX_HEADER_BYTES = 100_000_000
-_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
 def check_init_size(path: str | os.PathLike, trunk: nn.Module, backbone: str) -> None:
     """Refuse, from its header alone, a safetensors ``--init`` whose tensors are far larger than ``trunk`` (absurd
     shapes, e.g. a header claiming a [10^6, 10^6] tensor over a sparse file): loading it was an out-of-memory abort
@@ -94,17 +89,13 @@ def check_init_size(path: str | os.PathLike, trunk: nn.Module, backbone: str) ->
     the loader."""
     if Path(path).suffix != ".safetensors":
         return
-    try:  # the header itself (8-byte length, JSON), not safe_open: it maps the whole file, which can fail on its own
-        with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n)) if 0 < n <= MAX_HEADER_BYTES else None
-        shapes = {k: [int(d) for d in v["shape"]] for k, v in header.items() if k != "__metadata__"}
-        itemsize = {k: _DTYPE_BYTES.get(str(v.get("dtype")), 4) for k, v in header.items() if k != "__metadata__"}
-    except Exception:  # noqa: BLE001 - a damaged file: read_state_dict names it
-        return
-    sizes = {k: math.prod(int(d) for d in v) for k, v in shapes.items()}
+    header = safetensors_shapes(path)
+    if not header:
+        return  # a damaged file: read_state_dict names it
+    shapes = {k: shape for k, (shape, _) in header.items()}
+    sizes = {k: math.prod(v) for k, v in shapes.items()}
     total = sum(sizes.values())
-    nbytes = sum(sizes[k] * itemsize[k] for k in sizes)
+    nbytes = sum(sizes[k] * header[k][1] for k in sizes)
     own = sum(t.numel() for t in trunk.state_dict().values())
     if total > INIT_SIZE_FACTOR * own + INIT_EXTRA_ELEMENTS:
         big = max(sizes, key=sizes.get)
