@@ -169,3 +169,14 @@ def test_the_predictions_record_names_the_fold_seed_and_model_settings_in_effect
     for side in (run / "predictions.provenance.json", run / "fold0" / "predictions.provenance.json"):
         rec = json.loads(side.read_text())
         assert rec["seed"] == 0 and rec["fold_seed"] == 3 and rec["model_args"] == {"k_sample": 2}
+
+
+def test_load_model_leaves_the_callers_torch_stream(tmp_path):
+    """Building the model before its weights are loaded drew its random initialisation from the caller's stream."""
+    cfg = TrainConfig(model="abmil", epochs=1)
+    save_model(tmp_path / "fold0", _build(cfg, 8, 2), cfg, in_dim=8, n_classes=2)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    load_model(tmp_path / "fold0")
+    assert torch.equal(torch.rand(3), expected)

@@ -359,7 +359,8 @@ def load_model(fold_dir: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, 
         raise GigaslideError(f"model.safetensors does not hold the model config.json describes ({k}: "
                              f"{list(stored[k]) if k in stored else 'missing'} stored, "
                              f"{list(want[k]) if k in want else 'none'} expected)", path=d, fix=refit)
-    model = _build(cfg, in_dim, n_classes)
+    with isolated_rng():  # its random initialisation, replaced by the weights, leaves the caller's stream alone
+        model = _build(cfg, in_dim, n_classes)
     model.load_state_dict(load_file(str(w_p)))
     return model.eval(), meta
 
