@@ -77,6 +77,50 @@ def check_fits_in_memory(path: Path) -> None:
                                             "hostile header?)")
 
 
+def _torch_load(p: Path) -> object:
+    """``torch.load(weights_only=True)`` that first maps a zip-format file (``mmap=True``: no tensor is read) and
+    refuses tensors larger than the memory available (a pickle claiming [10^5, 10^5] over a sparse file was read
+    whole); then the tensors are copied into memory as before (a mapping would tie the model to the file's bytes).
+    Legacy (pre-zip) files are loaded as before."""
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(str(p), map_location="cpu", weights_only=True)
+    tensors = _tensors_in(obj)
+    avail = available_memory()
+    nbytes = sum(t.untyped_storage().nbytes() for t in {id(t.untyped_storage()): t for t in tensors}.values())
+    if avail is not None and nbytes > avail:
+        big = max(tensors, key=lambda t: t.numel())
+        raise GigaslideError(f"weights file claims {nbytes / 2**30:,.1f} GiB of tensors (the largest: "
+                             f"{list(big.shape)}), more than the {avail / 2**30:,.1f} GiB of memory available",
+                             path=p, fix="check the file: no encoder's weights are that large (a damaged or hostile "
+                                         "file?)")
+    return _copied(obj)
+
+
+def _tensors_in(obj: object) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors_in(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors_in(v)]
+    return []
+
+
+def _copied(obj: object) -> object:
+    """``obj`` with every tensor copied out of the file's mapping (a view: only its own elements)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: _copied(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copied(v) for v in obj)
+    return obj
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A flat ``{name: tensor}`` from a safetensors or torch file (``weights_only=True``)."""
     p = Path(path)
@@ -93,7 +137,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
             sd = load_file(str(p), device="cpu")
         else:
-            obj = torch.load(str(p), map_location="cpu", weights_only=True)
+            obj = _torch_load(p)
             sd = obj
             for key in ("state_dict", "model", "teacher", "student"):
                 if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
