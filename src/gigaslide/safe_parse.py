@@ -126,14 +126,20 @@ def check_config_arg(value: str) -> tuple[Any, Path | None] | None:
         is_file = p.is_file()
     except (OSError, ValueError):
         is_file = False
-    if is_file:
+    if is_file or is_pipe(value):  # a pipe (``--config <(...)``) can be read only once: the caller hands on its text
         return load_yaml(p), p
-    if is_pipe(value):
-        raise GigaslideError("a pipe must be read once: pass its text (gigaslide.cli.main does)", path=p,
-                             fix="pass a file")
     if any(c in value for c in ":\n{["):  # inline YAML (jsonargparse accepts it)
         return load_yaml_text(value, where="--config"), None
     return None
+
+
+def is_number(v: object) -> bool:
+    """Whether ``v`` reads as a float at all (``nan``, ``-1`` and ``inf`` included): a number, not a path or a name."""
+    try:
+        float(str(v))
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def is_pipe(value: str) -> bool:
@@ -175,5 +181,5 @@ def is_safe_slide_id(slide_id: str) -> bool:
     return True
 
 
-__all__ = ["MAX_CONFIG_BYTES", "MAX_YAML_NODES", "check_config_arg", "check_slide_id", "is_pipe", "is_safe_slide_id",
+__all__ = ["MAX_CONFIG_BYTES", "MAX_YAML_NODES", "check_config_arg", "check_slide_id", "is_number", "is_pipe", "is_safe_slide_id",
            "load_yaml", "load_yaml_text", "parse_xml"]

@@ -17,7 +17,6 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from gigaslide.errors import GigaslideError
@@ -203,10 +202,10 @@ def _undashed_config(value: str) -> str:
     both ways is refused)."""
     import yaml
 
-    from gigaslide.safe_parse import check_config_arg, is_pipe, load_yaml
+    from gigaslide.safe_parse import check_config_arg, is_pipe
 
     piped = is_pipe(value)
-    loaded = (load_yaml(value), Path(value)) if piped else check_config_arg(value)
+    loaded = check_config_arg(value)
     if loaded is None:
         return value  # a missing path: jsonargparse's own error names it
     data, path = loaded

@@ -18,6 +18,7 @@ from typing import Any
 
 from gigaslide.devices import PRECISIONS
 from gigaslide.errors import GigaslideError
+from gigaslide.safe_parse import is_number
 
 #: Integers that must be >= 1.
 AT_LEAST_ONE = frozenset({
@@ -90,14 +91,6 @@ def _check_number(name: str, v: Any, default: Any) -> None:
             raise bad("must be between 0 and 1")
 
 
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def check_options(func: Callable[..., Any], kwargs: dict[str, Any]) -> None:
     """Raise a one-line :class:`GigaslideError` for the first value no command could use."""
     params = inspect.signature(func).parameters
@@ -105,7 +98,7 @@ def check_options(func: Callable[..., Any], kwargs: dict[str, Any]) -> None:
         default = params[name].default if name in params else None
         values: Sequence[Any] = v if isinstance(v, (list, tuple)) else [v]
         for item in values:
-            if isinstance(item, str) and name in POSITIVE and _is_float(item) and not float(item) <= 0:
+            if isinstance(item, str) and name in POSITIVE and is_number(item) and not float(item) <= 0:
                 item = float(item)  # "inf" / "nan" / "1e-7" of a str option (--slide-mpp: a number or a CSV path)
             if isinstance(item, (int, float)):
                 _check_number(name, item, default)

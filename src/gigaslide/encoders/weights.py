@@ -77,7 +77,7 @@ def check_fits_in_memory(path: Path) -> None:
                                             "hostile header?)")
 
 
-def _torch_load(p: Path) -> object:
+def _load_torch_file(p: Path) -> object:
     """``torch.load(weights_only=True)`` that first maps a zip-format file (``mmap=True``: no tensor is read) and
     refuses tensors larger than the memory available (a pickle claiming [10^5, 10^5] over a sparse file was read
     whole); then the tensors are copied into memory as before (a mapping would tie the model to the file's bytes).
@@ -137,7 +137,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
             sd = load_file(str(p), device="cpu")
         else:
-            obj = _torch_load(p)
+            obj = _load_torch_file(p)
             sd = obj
             for key in ("state_dict", "model", "teacher", "student"):
                 if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from gigaslide.errors import GigaslideError
-from gigaslide.safe_parse import check_slide_id
+from gigaslide.safe_parse import check_slide_id, is_number
 
 
 @dataclass
@@ -136,14 +136,6 @@ def read_labels(path: str | os.PathLike, *, min_classes: int = 2) -> LabelTable:
     return LabelTable(ids, y, pats, p, has_pat, class_names=names)
 
 
-def _is_number(v: str) -> bool:
-    try:
-        float(v)
-    except ValueError:
-        return False
-    return True
-
-
 _MISSING = {"", "na", "n/a", "nan", "none", "null"}  # casefolded spellings of a missing value
 
 
@@ -154,7 +146,7 @@ def _parse_labels(rows: list[dict[str, str]], p: Path) -> tuple[list[int], list[
     if empty:  # (pandas / R write a missing value as NA or nan: it would have been a class of its own)
         raise GigaslideError(f"missing label on slide(s) {_preview(empty)}", path=p,
                              fix="give every row a label (or remove the rows of unlabelled slides)")
-    numeric = [_is_number(v) for v in values]
+    numeric = [is_number(v) for v in values]
     if not any(numeric):  # class names: sorted -> 0..C-1
         names = sorted(set(values))
         norm: dict[str, list[str]] = {}

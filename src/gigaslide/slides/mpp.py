@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gigaslide.errors import GigaslideError
+from gigaslide.safe_parse import is_number
 from gigaslide.slides.ids import slide_id_from_path
 
 PLAUSIBLE_MPP = (0.05, 20.0)
@@ -43,15 +44,6 @@ def _f(v: object) -> float | None:
     except (TypeError, ValueError):
         return None
     return f if math.isfinite(f) and f > 0 else None
-
-
-def _is_number(v: object) -> bool:
-    """Whether ``v`` reads as a float at all (``nan``, ``-1`` and ``inf`` included): a number, not a CSV path."""
-    try:
-        float(str(v))
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def check_override(v: float, what: str, path: str | os.PathLike | None = None) -> float:
@@ -143,7 +135,7 @@ def resolve_override(slide_mpp: float | str | None, slide_id: str) -> float | No
     """``--slide-mpp`` may be a number (all slides) or a CSV path (per slide)."""
     if slide_mpp is None or slide_mpp == "":
         return None
-    if _is_number(slide_mpp):  # "nan" or "inf" is no CSV path: it was read as one ("mpp table not found: nan")
+    if is_number(slide_mpp):  # "nan" or "inf" is no CSV path: it was read as one ("mpp table not found: nan")
         v = _f(slide_mpp)
         if v is None:
             raise GigaslideError(f"--slide-mpp {slide_mpp} is not a positive finite number", fix=f"{_UNITS_FIX}, "

@@ -137,12 +137,12 @@ def pretrain_lightning(cfg: PretrainConfig) -> dict[str, Any]:
     """DDP pre-training over ``cfg.devices`` GPUs (or CPU processes when no GPU is present), on its own random
     streams seeded with ``cfg.seed`` (the caller's are given back: :func:`gigaslide.runs.isolated_rng`)."""
     check_rank_variables()
-    slurm_layout(cfg.devices)  # a SLURM task layout this run cannot use: one line before any work
+    layout = slurm_layout(cfg.devices)  # a SLURM task layout this run cannot use: one line before any work
     with runs.isolated_rng(cfg.seed):
-        return _pretrain_lightning(cfg)
+        return _pretrain_lightning(cfg, *layout)
 
 
-def _pretrain_lightning(cfg: PretrainConfig) -> dict[str, Any]:
+def _pretrain_lightning(cfg: PretrainConfig, own_processes: bool, num_nodes: int) -> dict[str, Any]:
     try:
         import pytorch_lightning as pl  # optional heavy dependency
     except ImportError:  # pragma: no cover
@@ -157,7 +157,6 @@ def _pretrain_lightning(cfg: PretrainConfig) -> dict[str, Any]:
     if cfg.stop_after_steps is not None:
         remaining = cfg.stop_after_steps if remaining is None else min(remaining, cfg.stop_after_steps)
     left_s = None if cfg.budget_s is None else max(1.0, cfg.budget_s - s.elapsed)
-    own_processes, num_nodes = slurm_layout(cfg.devices)
     if not own_processes and num_nodes * cfg.devices > 1 and "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
         log.info("SLURM job of %s tasks: this process is task %s; the others must be started by srun "
                  "(`srun gigaslide pretrain ...`), or it waits for them", os.environ.get("SLURM_NTASKS"),
