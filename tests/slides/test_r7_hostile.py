@@ -19,6 +19,8 @@ from gigaslide.errors import GigaslideError
 from gigaslide.slides import Slide, iter_tiles, open_slide
 from gigaslide.testing import make_slide, tissue_fn
 
+from .test_thumbnail_banded import _Recorder  # records the px of every read
+
 
 def _tiff(path, width: int, height: int, *, tile: int | None, data: bytes, compression: int = 8):
     """A little-endian RGB TIFF with one IFD whose chunks (tiles, or strips of ``height`` rows) all point at ``data``:
@@ -87,18 +89,6 @@ def test_a_thumbnail_read_that_runs_out_of_memory_is_one_line(synthetic_slide):
         s._handle.read_region = no_memory
         with pytest.raises(GigaslideError, match=r"cannot read the slide's pixels \(MemoryError\)"):
             s.thumbnail(256)
-
-
-class _Recorder:
-    def __init__(self, handle):  # noqa: ANN001
-        self._h, self.reads = handle, []
-
-    def read_region(self, loc, level, size):  # noqa: ANN001, ANN201
-        self.reads.append(size[0] * size[1])
-        return self._h.read_region(loc, level, size)
-
-    def __getattr__(self, name):  # noqa: ANN001, ANN204
-        return getattr(self._h, name)
 
 
 def test_a_wide_level_is_read_for_its_thumbnail_in_blocks_not_whole_bands(tmp_path, monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
@@ -27,3 +29,15 @@ def narrow_resnet(name: str, seed: int = 0, width: int = 4) -> torch.nn.Module:
             mod.bias.data.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
     return m.eval()
 
+
+
+def labelled_slides(d: Path, n: int, size: tuple[int, int] = (1024, 768), **slide_kw) -> Path:
+    """``n`` generated slides ``s0..`` in ``d`` (one or two tissue blobs, label = i % 2) and ``d/labels.csv``."""
+    from gigaslide.testing import make_slide
+
+    rows = ["slide_id,label"]
+    for i in range(n):
+        make_slide(d / f"s{i}.tif", size, mpp=0.5, seed=i, blobs=1 + i % 2, **slide_kw)
+        rows.append(f"s{i},{i % 2}")
+    (d / "labels.csv").write_text("\n".join(rows) + "\n")
+    return d

@@ -11,6 +11,8 @@ import pytest
 from gigaslide.streaming.data import cached_canvas
 from gigaslide.testing import make_slide
 
+from .conftest import labelled_slides
+
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc/self/fd (Linux)")
 def test_cached_canvases_hold_no_file_descriptor(tmp_path) -> None:  # noqa: ANN001
@@ -35,13 +37,7 @@ ARGS = ["--mpp", "1.0", "--image-size", "320", "--tile-size", "256", "--encoder"
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):  # noqa: ANN001, ANN201
-    d = tmp_path_factory.mktemp("slides")
-    rows = ["slide_id,label"]
-    for i in range(8):
-        make_slide(d / f"s{i}.tif", (256, 256), mpp=0.5, seed=i, blobs=1 + i % 2, tile=128)
-        rows.append(f"s{i},{i % 2}")
-    (d / "labels.csv").write_text("\n".join(rows) + "\n")
-    return d
+    return labelled_slides(tmp_path_factory.mktemp("slides"), 8, (256, 256), tile=128)
 
 
 def _train(slides, out, *extra: str) -> int:  # noqa: ANN001

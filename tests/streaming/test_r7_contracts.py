@@ -17,7 +17,8 @@ from gigaslide.errors import GigaslideError
 from gigaslide.streaming.cv import run_training
 from gigaslide.streaming.heatmap import load_run_model, streaming_heatmap
 from gigaslide.streaming.train import TrainConfig
-from gigaslide.testing import make_slide
+
+from .conftest import labelled_slides
 
 SMALL = {"encoder": "test_resnet", "weights": "random", "mpp": 1.5, "image_size": 320, "tile_size": 256,
          "pool_kernel": 2, "folds": 2, "epochs": 2, "freeze_epochs": 1, "accumulate": 1, "precision": "fp32", "seed": 0,
@@ -36,12 +37,7 @@ def _export(folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):  # noqa: ANN001, ANN201
-    d = tmp_path_factory.mktemp("r7slides")
-    rows = ["slide_id,label"]
-    for i in range(4):
-        make_slide(d / f"s{i}.tif", (1024, 768), mpp=0.5, seed=i, blobs=1 + i % 2)
-        rows.append(f"s{i},{i % 2}")
-    (d / "labels.csv").write_text("\n".join(rows) + "\n")
+    d = labelled_slides(tmp_path_factory.mktemp("r7slides"), 4)
     (d / "mpp.csv").write_text("slide_id,mpp\n" + "".join(f"s{i},0.5\n" for i in range(4)))
     return d
 

@@ -22,6 +22,8 @@ from gigaslide.cli.main import main
 from gigaslide.streaming.data import cached_canvas, read_canvas, tissue_box
 from gigaslide.testing import make_slide
 
+from .conftest import labelled_slides
+
 # test_resnet (tiny timm ResNet, stride 32), pool kernel 2: the two-blob slides' canvases (256 x 320 px) stream
 # over 2 tiles of 256 px; the one-blob slides give canvases smaller than one tile (a single dense pass)
 ARGS = ["--mpp", "1.5", "--image-size", "320", "--tile-size", "256", "--encoder", "test_resnet", "--weights", "random",
@@ -31,13 +33,7 @@ ARGS = ["--mpp", "1.5", "--image-size", "320", "--tile-size", "256", "--encoder"
 
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory):  # noqa: ANN001, ANN201
-    d = tmp_path_factory.mktemp("slides")
-    rows = ["slide_id,label"]
-    for i in range(6):
-        make_slide(d / f"s{i}.tif", (1024, 768), mpp=0.5, seed=i, blobs=1 + i % 2)
-        rows.append(f"s{i},{i % 2}")
-    (d / "labels.csv").write_text("\n".join(rows) + "\n")
-    return d
+    return labelled_slides(tmp_path_factory.mktemp("slides"), 6)
 
 
 def _args(slides: Path, out: Path, *extra: str) -> list[str]:
