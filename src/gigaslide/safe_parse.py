@@ -181,5 +181,5 @@ def is_safe_slide_id(slide_id: str) -> bool:
     return True
 
 
-__all__ = ["MAX_CONFIG_BYTES", "MAX_YAML_NODES", "check_config_arg", "check_slide_id", "is_number", "is_pipe", "is_safe_slide_id",
-           "load_yaml", "load_yaml_text", "parse_xml"]
+__all__ = ["MAX_CONFIG_BYTES", "MAX_YAML_NODES", "check_config_arg", "check_slide_id", "is_number",
+           "is_pipe", "is_safe_slide_id", "load_yaml", "load_yaml_text", "parse_xml"]
