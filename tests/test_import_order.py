@@ -14,7 +14,7 @@ import gigaslide
 
 ROOT = Path(gigaslide.__file__).parent
 BASE = ("errors", "files", "atomic", "registry", "devices", "layers", "provenance", "runs", "locks", "safe_parse", "memory",
-        "evaluation")
+        "precisions", "evaluation")
 ORDER = [BASE, ("slides",), ("tiling",), ("encoders",), ("features",), ("ssl", "ssl.tile"), ("ssl.slide",), ("mil",),
          ("streaming",), ("nuclei",), ("viewer", "export"), ("testing",), ("cli", "__main__")]
 

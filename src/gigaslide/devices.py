@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from gigaslide.errors import GigaslideError
+from gigaslide.precisions import PRECISIONS
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: bf16 is used on CPU under ``auto`` only when it agrees with fp32 at least this well (min cosine).
 BF16_MIN_COSINE = 0.999
 #: the ``basis`` of an ``auto`` that stayed fp32 on CPU although bf16 was a candidate

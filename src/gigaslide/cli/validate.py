@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gigaslide.devices import PRECISIONS
 from gigaslide.errors import GigaslideError
+from gigaslide.precisions import PRECISIONS
 from gigaslide.safe_parse import is_number
 
 #: Integers that must be >= 1.
