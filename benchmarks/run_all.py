@@ -20,9 +20,18 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 #: Sections in data-flow order; any other bench_<name>.py / results/<name>.md follows alphabetically.
-ORDER = ["reader", "downsample", "encode", "encode_precision", "encoder_load", "manifest", "feature_load", "tiling", "tiling_parallel", "startup", "tile_ssl", "tile_finetune", "tile_precision", "tile_ablation", "dinov2",
-         "nuclei", "mil", "mil_memory", "transmil_attention", "encoder_leaderboard", "slide_ssl", "slide_ssl_stain", "slide_ssl_composition", "slide_ssl_composition_task", "slide_ssl_tumour_full",
-         "slide_ssl_composition_full", "slide_ssl_context_full", "slide_ssl_context_slpd_seeds", "slide_ssl_context_grid14", "slide_ssl_context_s120", "slide_ssl_context_s120g14", "slide_ssl_context_nocomp", "slide_ssl_context_annotated", "slide_ssl_context_annotated30", "slide_ssl_context_full_annotated", "slide_ssl_context_tissue_pair", "slide_ssl_context_nocomp_pair", "slide_ssl_context_ppeg", "slide_pretrain_speed", "slide_context", "streaming", "viewer", "reliability"]  # tile_finetune: into tile_ssl.md
+#: (bench_tile_finetune writes into tile_ssl.md)
+ORDER = [
+    "reader", "downsample", "encode", "encode_precision", "encoder_load", "manifest", "feature_load", "tiling",
+    "tiling_parallel", "startup", "tile_ssl", "tile_finetune", "tile_precision", "tile_ablation", "dinov2",
+    "nuclei", "mil", "mil_memory", "transmil_attention", "encoder_leaderboard", "slide_ssl", "slide_ssl_stain",
+    "slide_ssl_composition", "slide_ssl_composition_task", "slide_ssl_tumour_full", "slide_ssl_composition_full",
+    "slide_ssl_context_full", "slide_ssl_context_slpd_seeds", "slide_ssl_context_grid14", "slide_ssl_context_s120",
+    "slide_ssl_context_s120g14", "slide_ssl_context_nocomp", "slide_ssl_context_annotated",
+    "slide_ssl_context_annotated30", "slide_ssl_context_full_annotated", "slide_ssl_context_tissue_pair",
+    "slide_ssl_context_nocomp_pair", "slide_ssl_context_ppeg", "slide_pretrain_speed", "slide_context", "streaming",
+    "viewer", "reliability",
+]
 
 
 def scripts() -> list[str]:
