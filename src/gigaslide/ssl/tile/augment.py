@@ -60,8 +60,8 @@ def hed_to_rgb(hed: torch.Tensor) -> torch.Tensor:
 
 
 def stain_weight(od_sum: torch.Tensor) -> torch.Tensor:
-    """How much a pixel is stained, from its total optical density: 0 for glass (lighter than ~225
-    grey), 1 for tissue (OD sum >= 0.6), linear in between."""
+    """How much a pixel is stained, from its total optical density: 0 for glass (OD sum <= 0.2: grey
+    lighter than ~239), 1 for tissue (OD sum >= 0.6: grey ~209 or darker), linear in between."""
     return ((od_sum - 0.2) / 0.4).clamp(0.0, 1.0)
 
 
