@@ -394,7 +394,9 @@ def pretrain_slpd(features: str | os.PathLike, out: str | os.PathLike, cfg: SLPD
             if stop_after is not None and done_now >= stop_after:
                 stopped = "stop_after"
                 break
-            temp = float(dino.teacher_temp_schedule[epoch]) if epoch < dino.warmup_teacher_temp_epochs else cfg.teacher_temp
+            # DINO's schedule (linspace over teacher_temp_epochs, then constant); 0 epochs: no warm-up (lightly's
+            # schedule of max(1, 0) = 1 epoch ran epoch 0 at warmup_teacher_temp)
+            temp = float(dino.teacher_temp_schedule[epoch]) if epoch < cfg.teacher_temp_epochs else cfg.teacher_temp
             targets = (prototype_targets(teacher["backbone"], slides, cfg.prototypes, dev, cfg.seed)
                        if epoch >= cfg.warmup and (use["intra"] or use["inter"]) else None)
             student.train()
