@@ -65,3 +65,32 @@ def test_an_unknown_background_is_one_line_before_any_work(tmp_path: Path, capsy
     assert len(lines) == 1 and "Traceback" not in err, err
     assert "--background 'grey' is not one of auto, bright, dark" in lines[0] and "fix:" in lines[0]
     assert not out.exists()
+
+
+def test_nuclei_passes_every_slide_option_to_the_segmentation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each option given on the command line reaches :func:`segment_slides` unchanged (none falls back to its
+    default), and an ``--mpp`` other than the model's is refused before any slide is read."""
+    import types
+
+    import gigaslide.nuclei.infer as infer
+    import gigaslide.nuclei.slide as nslide
+    from gigaslide.testing import make_slide
+
+    slide = make_slide(tmp_path / "s.tiff", (256, 256), mpp=0.25)
+    got: list[tuple] = []
+
+    def fake(paths, model, out, params, **kw):  # noqa: ANN001, ANN003, ANN202
+        got.append((params, kw))
+        return nslide.NucleiResult(done=["s"])
+
+    monkeypatch.setattr(infer, "read_spec", lambda model: (types.SimpleNamespace(mpp=0.25), None))
+    monkeypatch.setattr(nslide, "segment_slides", fake)
+    assert main(["nuclei", str(slide), "--model", "m", "--out", str(tmp_path / "o"), "--region", "300",
+                 "--margin", "40", "--tissue-only", "false", "--tile-mpp", "1.0", "--tile-size", "128",
+                 "--precision", "fp32", "--slide-mpp", "0.26", "--device", "cpu", "--mpp", "0.25"]) == 0
+    params, kw = got[-1]
+    got_params = (params.region, params.margin, params.tissue_only, params.tile_mpp, params.tile_size, params.precision)
+    assert got_params == (300, 40, False, 1.0, 128, "fp32")
+    assert kw["slide_mpp"] == 0.26 and kw["device"] == "cpu"
+    assert main(["nuclei", str(slide), "--model", "m", "--out", str(tmp_path / "o"), "--mpp", "0.5"]) == 2
+    assert len(got) == 1

@@ -57,10 +57,12 @@ def test_aji_ties_and_unpaired_nuclei_on_sparse_pairs() -> None:
     gt[0:4, 2:6] = 5  # 16 px
     gt[8:10, 15:17] = 9  # 4 px, no prediction
     pred = np.zeros_like(gt)
-    pred[0:4, 0:4] = 3  # 8 px in common, union 24
-    pred[0:4, 4:8] = 2  # 8 px in common, union 24: the tie goes to id 2
+    pred[0:4, 0:3] = 3  # 12 px, 4 in common: IoU 4 / 24
+    pred[0:4, 4:14] = 2  # 40 px, 8 in common: IoU 8 / 48, the same: the tie goes to id 2
     c, u = M._aji(M.sparse_overlaps(gt, pred))
-    assert (c, u) == (8, 24 + 16 + 4)
+    assert (c, u) == (8, 48 + 12 + 4)  # (pairing id 3 instead: C 4, U 24 + 40 + 4)
+    swapped = np.where(pred == 3, 2, np.where(pred == 2, 3, 0))  # the lower id on the smaller one: it is paired
+    assert M._aji(M.sparse_overlaps(gt, swapped)) == (4, 24 + 40 + 4)
 
 
 def test_rasterise_makes_no_image_sized_array_per_polygon(monkeypatch: pytest.MonkeyPatch) -> None:

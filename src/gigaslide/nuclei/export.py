@@ -37,12 +37,57 @@ class Nucleus:
     probability: float | None = None
 
 
+def _approximate_polygon(coords: np.ndarray, tolerance: float) -> np.ndarray:
+    """:func:`skimage.measure.approximate_polygon` (Douglas-Peucker): the same points, chosen by the same arithmetic,
+    with the segments of one depth of the recursion handled together. skimage takes one segment per loop pass (a
+    dozen NumPy calls per kept point), which was two thirds of the time of exporting a slide's nuclei."""
+    coords = np.asarray(coords)
+    if tolerance <= 0:
+        return coords
+    n = coords.shape[0]
+    chain = np.zeros(n, bool)
+    chain[0] = chain[-1] = True
+    starts, ends = np.array([0]), np.array([n - 1])
+    while len(starts):
+        r0, c0 = coords[starts, 0], coords[starts, 1]
+        r1, c1 = coords[ends, 0], coords[ends, 1]
+        dr, dc = r1 - r0, c1 - c0
+        angle = -np.arctan2(dr, dc)
+        sin, cos = np.sin(angle), np.cos(angle)
+        seg_dist = c0 * sin + r0 * cos
+        counts = np.maximum(ends - starts - 1, 0)
+        keep = counts > 0
+        if not keep.any():
+            break
+        starts, ends, counts = starts[keep], ends[keep], counts[keep]
+        r0, c0, r1, c1, dr, dc = r0[keep], c0[keep], r1[keep], c1[keep], dr[keep], dc[keep]
+        sin, cos, seg_dist = sin[keep], cos[keep], seg_dist[keep]
+        seg = np.repeat(np.arange(len(starts)), counts)
+        offsets = np.cumsum(counts) - counts
+        idx = starts[seg] + 1 + (np.arange(len(seg)) - offsets[seg])
+        pr, pc = coords[idx, 0], coords[idx, 1]
+        dr0, dc0 = pr - r0[seg], pc - c0[seg]
+        dr1, dc1 = pr - r1[seg], pc - c1[seg]
+        proj0 = dr0 * dr[seg] + dc0 * dc[seg]
+        proj1 = -dr1 * dr[seg] - dc1 * dc[seg]
+        perp = (proj0 > 0) & (proj1 > 0)
+        d = np.where(perp, np.abs(pr * cos[seg] + pc * sin[seg] - seg_dist[seg]),
+                     np.minimum(np.sqrt(dc0 ** 2 + dr0 ** 2), np.sqrt(dc1 ** 2 + dr1 ** 2)))
+        dmax = np.maximum.reduceat(d, offsets)
+        split = dmax > tolerance
+        at_max = np.where(d == dmax[seg], np.arange(len(d)), len(d))
+        first = np.minimum.reduceat(at_max, offsets)  # the first point of largest distance, as argmax
+        new = idx[first[split]]
+        chain[new] = True
+        starts = np.concatenate([starts[split], new])
+        ends = np.concatenate([new, ends[split]])
+    return coords[chain, :]
+
+
 def _ring(contour: np.ndarray) -> np.ndarray:
     """A marching-squares contour (row, col) of a once-padded mask as a closed ring (x, y) in the mask's pixel-index
     coordinates, simplified within 0.5 px (kept whole where that leaves under 4 points)."""
-    from skimage.measure import approximate_polygon
-
-    c = approximate_polygon(contour, tolerance=0.5)
+    c = _approximate_polygon(contour, tolerance=0.5)
     if len(c) < 4:
         c = contour
     c = c[:, ::-1] - 1.0  # (row, col) -> (x, y), undo the pad
