@@ -1,5 +1,5 @@
 // Runs the viewer's page script (argv[2]) in node with a fake DOM, OpenSeadragon and fetch (test_viewer_js.py);
-// argv[3] names a scenario; prints one JSON line of what the page did.
+// argv[3] names a scenario (argv[4]: its input, JSON); prints one JSON line of what the page did.
 "use strict";
 const vm = require("vm");
 const fs = require("fs");
@@ -47,9 +47,11 @@ function fetch(url) {
   if (slowUrls.has(url)) return new Promise(resolve => { slow[url] = () => resolve(answer); });
   return Promise.resolve(answer);
 }
+const shown = {};  // the scale bar's elements, read by the "scalebar" scenario
+for (const id of ["#scalebar", "#scalebar-bar", "#scalebar-label"]) shown[id] = {style: {}, textContent: ""};
 const document = new Proxy({}, {
   get: (t, k) => (k === "querySelector"
-    ? sel => (sel === "#status" ? {set textContent(v) { statusText = v; }} : stub())
+    ? sel => (sel === "#status" ? {set textContent(v) { statusText = v; }} : shown[sel] || stub())
     : stub()),
 });
 const ctx = vm.createContext({window: {}, document, Node: function Node() {}, OpenSeadragon: () => viewer,
@@ -65,6 +67,26 @@ const scenarios = {
     const att = {id: "run0-attention", threshold: 0.5, cmap: "jet", fold: "fold1"};
     return {version: "a1b2c3", slide: vm.runInContext("slideSource", ctx)(info).getTileUrl(10, 1, 2),
             overlay: vm.runInContext("overlaySource", ctx)(info, att).getTileUrl(10, 3, 1)};
+  },
+  async sources() {  // the OpenSeadragon tile sources of the slide and of an overlay, for the details in argv[4]
+    G.state = {version: "v1"};
+    const info = JSON.parse(process.argv[4]);
+    const plain = src => Object.fromEntries(Object.entries(src).filter(([, v]) => typeof v !== "function"));
+    return {slide: plain(vm.runInContext("slideSource", ctx)(info)),
+            overlay: plain(vm.runInContext("overlaySource", ctx)(info, {id: "grid", threshold: 0, cmap: "jet"}))};
+  },
+  async scalebar() {  // the scale bar for each [mpp, screen px per level-0 px] of argv[4]
+    await tick(); await tick();  // the page has opened slide A
+    const update = vm.runInContext("updateScaleBar", ctx);
+    const out = [];
+    for (const [mpp, zoom] of JSON.parse(process.argv[4])) {
+      G.slide = {...G.slide, mpp};
+      viewer.viewport = {getZoom: () => 1};
+      world.items[0].viewportToImageZoom = z => z * zoom;
+      update();
+      out.push([shown["#scalebar-bar"].style.width, shown["#scalebar-label"].textContent]);
+    }
+    return {bars: out};
   },
   async race() {
     await tick(); await tick();  // the page has opened slide A
