@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import io
+import sys
 
 import numpy as np
 import torch
-from PIL import Image
 from scipy.stats import rankdata
 
 from gigaslide.features import store
@@ -16,14 +15,8 @@ from gigaslide.viewer.overlays import lut
 
 
 def _colours(c, layer: str, query: str) -> np.ndarray:  # noqa: ANN001
-    """The whole 1024 x 768 slide's overlay at level-0 resolution (top level, 4 x 3 tiles of 256 px), RGBA."""
-    out = np.zeros((768, 1024, 4), np.uint8)
-    for col in range(4):
-        for row in range(3):
-            r = c.get(f"/api/slides/s2/overlay/{layer}/10/{col}_{row}.png{query}")
-            assert r.status_code == 200, r.text
-            out[row * 256:(row + 1) * 256, col * 256:(col + 1) * 256] = np.asarray(Image.open(io.BytesIO(r.content)))
-    return out
+    """Slide s2's whole overlay at level-0 resolution, RGBA."""
+    return sys.modules["gigaslide_tiny_project"].overlay_screen(c, "s2", layer, query)
 
 
 def test_attention_layer_is_the_attention_percentile_and_prob_layer_the_tile_alone(tiny):

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from gigaslide.viewer import ViewerState, build_app
 from gigaslide.viewer.overlays import lut, palette
@@ -43,15 +41,9 @@ def project(tiny, tmp_path_factory):
     return TestClient(build_app(state)), state, root, tile, cell
 
 
-def _screen(c, layer: str, query: str = "") -> np.ndarray:
-    """The whole slide's overlay at level-0 resolution (4 x 3 overlay tiles of 256 px), RGBA."""
-    out = np.zeros((768, 1024, 4), np.uint8)
-    for col in range(4):
-        for row in range(3):
-            r = c.get(f"/api/slides/s0/overlay/{layer}/{TOP}/{col}_{row}.png{query}")
-            assert r.status_code == 200, r.text
-            out[row * 256:(row + 1) * 256, col * 256:(col + 1) * 256] = np.asarray(Image.open(io.BytesIO(r.content)))
-    return out
+def _screen(c, layer: str, query: str = "") -> np.ndarray:  # noqa: ANN001
+    """Slide s0's whole overlay at level-0 resolution, RGBA."""
+    return sys.modules["gigaslide_tiny_project"].overlay_screen(c, "s0", layer, query)
 
 
 def _box(cell: tuple[int, int]) -> tuple[slice, slice]:

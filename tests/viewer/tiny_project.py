@@ -100,3 +100,20 @@ def streaming_run(dest: Path, planted: dict[tuple[str, int], tuple[int, int]], h
         probs = np.stack([1 - cols.ravel() / 8, cols.ravel() / 8], 1) if with_probs else None
         save_grid(dest, AttentionGrid(sid, fold, coords, att, STEP, (7, 9), np.array([0.3, 0.7]), size, probs))
     return dest
+
+
+def overlay_screen(c, slide: str, layer: str, query: str = ""):  # noqa: ANN001, ANN201
+    """A tiny slide's whole overlay ``layer`` at level-0 resolution (top Deep Zoom level 10, 4 x 3 overlay tiles of
+    256 px), RGBA, fetched through the viewer's test client ``c``."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    out = np.zeros((768, 1024, 4), np.uint8)
+    for col in range(4):
+        for row in range(3):
+            r = c.get(f"/api/slides/{slide}/overlay/{layer}/10/{col}_{row}.png{query}")
+            assert r.status_code == 200, r.text
+            out[row * 256:(row + 1) * 256, col * 256:(col + 1) * 256] = np.asarray(Image.open(io.BytesIO(r.content)))
+    return out
