@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -142,6 +143,16 @@ def is_number(v: object) -> bool:
     return True
 
 
+def positive_number(v: object) -> float | None:
+    """``v`` (text from a file's metadata, or a number) as a finite number above 0, else None (``nan``, ``inf``,
+    ``0``, ``-0.25``, text): a resolution or size a file states, where an unusable one means "not stated"."""
+    try:
+        f = float(str(v))
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) and f > 0 else None
+
+
 def is_pipe(value: str) -> bool:
     """Whether ``value`` names a pipe (``--config <(...)`` passes ``/dev/fd/63``; a FIFO): it can be read only once."""
     import stat
@@ -182,4 +193,4 @@ def is_safe_slide_id(slide_id: str) -> bool:
 
 
 __all__ = ["MAX_CONFIG_BYTES", "MAX_YAML_NODES", "check_config_arg", "check_slide_id", "is_number",
-           "is_pipe", "is_safe_slide_id", "load_yaml", "load_yaml_text", "parse_xml"]
+           "is_pipe", "is_safe_slide_id", "load_yaml", "load_yaml_text", "parse_xml", "positive_number"]

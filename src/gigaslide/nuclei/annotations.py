@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from gigaslide.errors import GigaslideError
-from gigaslide.safe_parse import parse_xml
+from gigaslide.safe_parse import parse_xml, positive_number
 
 ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json", ".png", ".tif", ".tiff", ".npy", ".mat")
 #: Most vertices a polygon ring may have: a nucleus outline has tens to hundreds (MoNuSeg: 277 at most). Rasterising
@@ -203,18 +203,8 @@ def read_aperio_xml(path: str | os.PathLike, shape: tuple[int, int]) -> Annotati
         # images the nuclei' stain sits 0.5 px up-left of polygons read as pixel centres; rasterise takes centres
         polys.append(np.array(xy, np.float64).reshape(-1, 2) - 0.5)
     ann = rasterise(polys, shape, path=path)
-    ann.mpp = positive_mpp(root.get("MicronsPerPixel"))
+    ann.mpp = positive_number(root.get("MicronsPerPixel"))  # nan, -0.25, 1e999: not stated
     return ann
-
-
-def positive_mpp(value: object) -> float | None:
-    """``value`` as a resolution (µm/px): None unless a finite number above 0 (a file's ``MicronsPerPixel`` of
-    ``nan``, ``-0.25`` or ``1e999`` says nothing: a negative one shrank every image to 1 x 1 px)."""
-    try:
-        v = float(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
-    return v if v is not None and np.isfinite(v) and v > 0 else None
 
 
 def _malformed(path: Path, what: str) -> GigaslideError:
@@ -514,5 +504,5 @@ def read_annotation(path: str | os.PathLike, shape: tuple[int, int], codes: dict
 
 
 __all__ = ["ANNOTATION_SUFFIXES", "Annotation", "annotation_note", "class_names", "rasterise", "read_annotation",
-           "positive_mpp", "read_aperio_xml", "read_geojson", "read_label_image", "read_mat", "type_codes",
+           "read_aperio_xml", "read_geojson", "read_label_image", "read_mat", "type_codes",
            "unknown_class"]

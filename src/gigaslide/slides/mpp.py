@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gigaslide.errors import GigaslideError
-from gigaslide.safe_parse import is_number
+from gigaslide.safe_parse import is_number, positive_number
 from gigaslide.slides.ids import slide_id_from_path
 
 PLAUSIBLE_MPP = (0.05, 20.0)
@@ -35,15 +35,6 @@ class Mpp:
     @property
     def mean(self) -> float:
         return (self.x + self.y) / 2
-
-
-def _f(v: object) -> float | None:
-    """``v`` as a positive finite number, else None (``nan``, ``inf``, ``0``, text)."""
-    try:
-        f = float(str(v))
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) and f > 0 else None
 
 
 def check_override(v: float, what: str, path: str | os.PathLike | None = None) -> float:
@@ -66,13 +57,13 @@ def mpp_from_properties(props: Mapping[str, str]) -> Mpp | None:
         ("tiffslide.mpp-x", "tiffslide.mpp-y", "tiffslide.mpp"),
         ("aperio.MPP", "aperio.MPP", "aperio.MPP"),
     ):
-        x, y = _f(props.get(kx)), _f(props.get(ky))
+        x, y = positive_number(props.get(kx)), positive_number(props.get(ky))
         if _plausible(x):
             return Mpp(x, y if _plausible(y) else x, src)  # type: ignore[arg-type]
     # TIFF resolution tags: pixels per unit
     unit = str(props.get("tiff.ResolutionUnit", "")).lower()
     per_um = {"centimeter": 1e4, "cm": 1e4, "3": 1e4, "inch": 25400.0, "2": 25400.0}.get(unit)
-    rx, ry = _f(props.get("tiff.XResolution")), _f(props.get("tiff.YResolution"))
+    rx, ry = positive_number(props.get("tiff.XResolution")), positive_number(props.get("tiff.YResolution"))
     if per_um and rx:
         x = per_um / rx
         y = per_um / ry if ry else x
@@ -118,7 +109,7 @@ def load_mpp_table(path: str | os.PathLike) -> dict[str, float]:
         raise GigaslideError("mpp table has no 'slide_id' column", path=p, fix="give a CSV with columns slide_id,mpp")
     table: dict[str, float] = {}
     for r in rows:
-        v = _f(r["mpp"])
+        v = positive_number(r["mpp"])
         if v is None:
             raise GigaslideError(f"mpp '{r['mpp']}' for {r[key]} is not a positive finite number", path=p,
                                  fix="write the scan resolution in µm per pixel, e.g. 0.25")
@@ -136,7 +127,7 @@ def resolve_override(slide_mpp: float | str | None, slide_id: str) -> float | No
     if slide_mpp is None or slide_mpp == "":
         return None
     if is_number(slide_mpp):  # "nan" or "inf" is no CSV path: it was read as one ("mpp table not found: nan")
-        v = _f(slide_mpp)
+        v = positive_number(slide_mpp)
         if v is None:
             raise GigaslideError(f"--slide-mpp {slide_mpp} is not a positive finite number", fix=f"{_UNITS_FIX}, "
                                  "or a CSV with columns slide_id,mpp")
