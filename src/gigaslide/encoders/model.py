@@ -17,6 +17,7 @@ from gigaslide.encoders.vit_layout import to_timm_layout
 from gigaslide.encoders.weights import read_state_dict, resolve_hub_weights, strip_prefixes, weights_file
 from gigaslide.errors import GigaslideError
 from gigaslide.provenance import check_format, file_sha256
+from gigaslide.runs import isolated_rng
 
 EXPORT_SPEC = "encoder.json"
 EXPORT_WEIGHTS = "weights.safetensors"
@@ -256,9 +257,7 @@ def build_encoder(name: str, weights: str | None = "default", *, seed: int = 0) 
     elif weights != "random":
         path = weights_file(weights)  # a folder of a hub download: its weights file
     sd = None if path is None else read_state_dict(path)
-    # the trunk is made on the CPU, from the CPU generator seeded here; the caller's stream (and CUDA's) is left as is
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(seed)
+    with isolated_rng(seed):  # the trunk's random init from ``seed``; the caller's streams are left as they were
         trunk = None
         if sd is not None:  # made on the meta device and the checkpoint assigned: no random init (~10 s and a second
             with torch.device("meta"):  # copy of the weights for a 1B-parameter ViT)

@@ -71,10 +71,14 @@ def check_fits_in_memory(path: Path) -> None:
     nbytes = sum(math.prod(shape) * size for shape, size in shapes.values())
     if nbytes > avail:
         big = max(shapes, key=lambda k: math.prod(shapes[k][0]))
-        raise GigaslideError(f"weights file claims {nbytes / 2**30:,.1f} GiB of tensors (the largest, {big}: "
-                             f"{shapes[big][0]}), more than the {avail / 2**30:,.1f} GiB of memory available",
-                             path=path, fix="check the file: no encoder's weights are that large (a damaged or "
-                                            "hostile header?)")
+        raise _too_large(path, nbytes, f"the largest, {big}: {shapes[big][0]}", avail, "header")
+
+
+def _too_large(path: Path, nbytes: int, largest: str, avail: int, what: str) -> GigaslideError:
+    """The one-line refusal of a weights file claiming more tensor bytes than the memory available."""
+    return GigaslideError(f"weights file claims {nbytes / 2**30:,.1f} GiB of tensors ({largest}), "
+                          f"more than the {avail / 2**30:,.1f} GiB of memory available", path=path,
+                          fix=f"check the file: no encoder's weights are that large (a damaged or hostile {what}?)")
 
 
 def _load_torch_file(p: Path) -> object:
@@ -93,10 +97,7 @@ def _load_torch_file(p: Path) -> object:
     nbytes = sum(t.untyped_storage().nbytes() for t in {id(t.untyped_storage()): t for t in tensors}.values())
     if avail is not None and nbytes > avail:
         big = max(tensors, key=lambda t: t.numel())
-        raise GigaslideError(f"weights file claims {nbytes / 2**30:,.1f} GiB of tensors (the largest: "
-                             f"{list(big.shape)}), more than the {avail / 2**30:,.1f} GiB of memory available",
-                             path=p, fix="check the file: no encoder's weights are that large (a damaged or hostile "
-                                         "file?)")
+        raise _too_large(p, nbytes, f"the largest: {list(big.shape)}", avail, "file")
     return _copied(obj)
 
 
