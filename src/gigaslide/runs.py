@@ -341,7 +341,6 @@ def set_rng_state(st: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(list(st["cuda"]))
 
 
-
 @contextlib.contextmanager
 def isolated_rng(seed: int | None = None) -> Iterator[None]:
     """Run a block on its own Python / NumPy (global) / torch RNG streams, seeded with ``seed`` (as
@@ -368,6 +367,7 @@ def keeps_caller_rng(fn: F) -> F:
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
 
 # --------------------------------------------------------------------------- selection and stopping
 @dataclass
