@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 #: (bench_tile_finetune writes into tile_ssl.md)
 ORDER = [
     "reader", "downsample", "encode", "encode_precision", "encoder_load", "manifest", "feature_load", "tiling",
-    "tiling_parallel", "startup", "tile_ssl", "tile_finetune", "tile_precision", "tile_ablation", "dinov2",
+    "tiling_parallel", "startup", "cpu_paths", "tile_ssl", "tile_finetune", "tile_precision", "tile_ablation", "dinov2",
     "nuclei", "mil", "mil_memory", "transmil_attention", "encoder_leaderboard", "slide_ssl", "slide_ssl_stain",
     "slide_ssl_composition", "slide_ssl_composition_task", "slide_ssl_tumour_full", "slide_ssl_composition_full",
     "slide_ssl_context_full", "slide_ssl_context_slpd_seeds", "slide_ssl_context_grid14", "slide_ssl_context_s120",
